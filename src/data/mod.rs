@@ -1,0 +1,1 @@
+//! Datasets, encoders, augmentation and the prefetching loader.
