@@ -2,4 +2,17 @@
 //! backpropagation through time on the CPU (the reference engine) and on NVIDIA GPUs (fused
 //! NVRTC kernels).
 
+pub mod cpu;
 pub mod data;
+pub mod error;
+pub mod optim;
+pub mod real;
+pub mod rng;
+pub mod spec;
+
+pub use cpu::loss::Loss;
+pub use cpu::network::{Network, ParamSlot, StepStats};
+pub use error::{BackeiError, Result};
+pub use optim::{Optimizer, OptimizerConfig, StepLr};
+pub use real::Real;
+pub use spec::{FeedbackConfig, FiringMode, LayerSpec, NetworkSpec, NeuronConfig, Surrogate};
