@@ -4,6 +4,7 @@
 
 pub mod cpu;
 pub mod data;
+pub mod gpu;
 pub mod error;
 pub mod optim;
 pub mod real;

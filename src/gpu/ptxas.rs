@@ -1,0 +1,112 @@
+//! Resource use of every kernel without a GPU: NVRTC's PTX assembled by `ptxas -v` for an
+//! architecture, its report parsed into registers, shared memory and spills per kernel.
+//! `backei kernels --arch sm_90` prints it; CI fails on any spill.
+
+use super::kernels::{compile_module, module_names};
+use crate::error::{BackeiError, Result};
+use std::path::PathBuf;
+use std::process::Command;
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KernelStats {
+    pub module: String,
+    pub kernel: String,
+    pub registers: u32,
+    pub shared_bytes: u32,
+    pub stack_bytes: u32,
+    pub spill_stores: u32,
+    pub spill_loads: u32,
+}
+
+/// `$PTXAS`, else `ptxas` on PATH, else the pip package nvidia-cuda-nvcc-cu12's copy, else CUDA's.
+pub fn find_ptxas() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os("PTXAS") {
+        return Some(PathBuf::from(p));
+    }
+    let mut candidates: Vec<PathBuf> = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).map(|d| d.join("ptxas")).collect())
+        .unwrap_or_default();
+    if let Ok(out) = Command::new("python3").args(["-c", "import nvidia, os; print(os.path.join(list(nvidia.__path__)[0], 'cuda_nvcc', 'bin', 'ptxas'))"]).output() {
+        candidates.push(PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()));
+    }
+    candidates.push(PathBuf::from("/usr/local/cuda/bin/ptxas"));
+    candidates.into_iter().find(|p| p.is_file())
+}
+
+/// Parses `ptxas -v` output into one entry per kernel.
+pub fn parse_ptxas_report(module: &str, text: &str) -> Vec<KernelStats> {
+    let mut out: Vec<KernelStats> = Vec::new();
+    let num_before = |s: &str, unit: &str| -> u32 {
+        s.find(unit)
+            .and_then(|i| s[..i].split_whitespace().last())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0)
+    };
+    for line in text.lines() {
+        if let Some(i) = line.find("Compiling entry function '") {
+            let rest = &line[i + "Compiling entry function '".len()..];
+            let name = rest.split('\'').next().unwrap_or("").to_string();
+            out.push(KernelStats { module: module.into(), kernel: name, registers: 0, shared_bytes: 0, stack_bytes: 0, spill_stores: 0, spill_loads: 0 });
+        } else if let Some(k) = out.last_mut() {
+            if line.contains("bytes stack frame") {
+                k.stack_bytes = num_before(line, "bytes stack frame");
+                k.spill_stores = num_before(line, "bytes spill stores");
+                k.spill_loads = num_before(line, "bytes spill loads");
+            } else if line.contains("Used") && line.contains("registers") {
+                k.registers = num_before(line, "registers");
+                k.shared_bytes = num_before(line, "bytes smem");
+            }
+        }
+    }
+    out
+}
+
+/// Compiles every module for `arch` and reports each kernel's resources.
+pub fn kernel_report(arch: &str) -> Result<Vec<KernelStats>> {
+    let ptxas = find_ptxas().ok_or_else(|| {
+        BackeiError::Cuda("ptxas not found: set PTXAS, put it on PATH, or pip install nvidia-cuda-nvcc-cu12".into())
+    })?;
+    let dir = std::env::temp_dir().join(format!("backei-ptxas-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).map_err(|e| BackeiError::Io { path: dir.display().to_string(), problem: e.to_string() })?;
+    let mut all = Vec::new();
+    for module in module_names() {
+        let ptx = compile_module(module, arch)?;
+        let file = dir.join(format!("{module}.ptx"));
+        std::fs::write(&file, ptx).map_err(|e| BackeiError::Io { path: file.display().to_string(), problem: e.to_string() })?;
+        let out = Command::new(&ptxas)
+            .args(["-v", &format!("-arch={arch}"), "-o"])
+            .arg(dir.join(format!("{module}.cubin")))
+            .arg(&file)
+            .output()
+            .map_err(|e| BackeiError::Io { path: ptxas.display().to_string(), problem: e.to_string() })?;
+        let text = String::from_utf8_lossy(&out.stderr).into_owned() + &String::from_utf8_lossy(&out.stdout);
+        if !out.status.success() {
+            return Err(BackeiError::Cuda(format!("ptxas failed on module {module} for {arch}:\n{text}")));
+        }
+        all.extend(parse_ptxas_report(module, &text));
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(all)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_ptxas_verbose_output() {
+        let text = "ptxas info    : 0 bytes gmem\n\
+ptxas info    : Compiling entry function 'backei_forward_f32' for 'sm_90'\n\
+ptxas info    : Function properties for backei_forward_f32\n\
+    8 bytes stack frame, 4 bytes spill stores, 12 bytes spill loads\n\
+ptxas info    : Used 40 registers, used 1 barriers, 4096 bytes smem, 400 bytes cmem[0]\n\
+ptxas info    : Compiling entry function 'fill_f32' for 'sm_90'\n\
+ptxas info    : Function properties for fill_f32\n\
+    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads\n\
+ptxas info    : Used 8 registers, used 0 barriers, 364 bytes cmem[0]\n";
+        let k = parse_ptxas_report("m", text);
+        assert_eq!(k.len(), 2);
+        assert_eq!((k[0].registers, k[0].shared_bytes, k[0].stack_bytes, k[0].spill_stores, k[0].spill_loads), (40, 4096, 8, 4, 12));
+        assert_eq!((k[1].kernel.as_str(), k[1].registers, k[1].shared_bytes), ("fill_f32", 8, 0));
+    }
+}
