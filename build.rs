@@ -41,7 +41,12 @@ fn main() {
         let module = name.trim_end_matches(".cu");
         let path = Path::new(&out_dir).join(format!("{module}.inlined.cu"));
         fs::write(&path, &src).unwrap();
-        writeln!(table, "    ({module:?}, {name:?}, include_str!({:?})),", path.display().to_string()).unwrap();
+        writeln!(
+            table,
+            "    ({module:?}, {name:?}, include_str!({:?})),",
+            path.display().to_string()
+        )
+        .unwrap();
         println!("cargo:rerun-if-changed=cuda/{name}");
     }
     table.push_str("];\n");
@@ -56,7 +61,12 @@ fn main() {
     table.push_str("/// (file, original text)\npub const KERNEL_FILES: &[(&str, &str)] = &[\n");
     for f in &files {
         let abs = fs::canonicalize(dir.join(f)).unwrap();
-        writeln!(table, "    ({f:?}, include_str!({:?})),", abs.display().to_string()).unwrap();
+        writeln!(
+            table,
+            "    ({f:?}, include_str!({:?})),",
+            abs.display().to_string()
+        )
+        .unwrap();
     }
     table.push_str("];\n");
     fs::write(Path::new(&out_dir).join("kernel_sources.rs"), table).unwrap();

@@ -4,8 +4,8 @@
 
 pub mod cpu;
 pub mod data;
-pub mod gpu;
 pub mod error;
+pub mod gpu;
 pub mod optim;
 pub mod real;
 pub mod rng;

@@ -19,8 +19,23 @@ fn every_kernel_compiles_for_sm80_and_sm90_without_spills() {
         let stats = kernel_report(arch).unwrap_or_else(|e| panic!("{e}"));
         assert!(stats.len() >= module_names().count(), "{stats:?}");
         for k in &stats {
-            println!("{arch} {:<14} {:<36} regs {:>3} smem {:>6} stack {:>4} spills {}/{}", k.module, k.kernel, k.registers, k.shared_bytes, k.stack_bytes, k.spill_stores, k.spill_loads);
-            assert_eq!((k.spill_stores, k.spill_loads), (0, 0), "{arch} {}::{} spills registers", k.module, k.kernel);
+            println!(
+                "{arch} {:<14} {:<36} regs {:>3} smem {:>6} stack {:>4} spills {}/{}",
+                k.module,
+                k.kernel,
+                k.registers,
+                k.shared_bytes,
+                k.stack_bytes,
+                k.spill_stores,
+                k.spill_loads
+            );
+            assert_eq!(
+                (k.spill_stores, k.spill_loads),
+                (0, 0),
+                "{arch} {}::{} spills registers",
+                k.module,
+                k.kernel
+            );
             assert!(k.registers > 0 && k.registers <= 255, "{k:?}");
         }
     }
@@ -33,6 +48,8 @@ fn a_compile_error_names_file_line_and_source() {
     for m in module_names() {
         compile_module(m, "sm_90").unwrap_or_else(|e| panic!("{e}"));
     }
-    let err = compile_module("no_such_module", "sm_90").unwrap_err().to_string();
+    let err = compile_module("no_such_module", "sm_90")
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("no kernel module `no_such_module`"), "{err}");
 }

@@ -24,7 +24,10 @@ pub fn forward<F: Real>(key: u64, p: f32, step_len: usize, x: &[F], y: &mut [F],
 
 pub fn backward<F: Real>(p: f32, dy: &[F], mask: &[u8], dx: &mut [F]) {
     let scale = F::from_f64(1.0 / (1.0 - p as f64));
-    dx.par_iter_mut().zip(dy.par_iter()).zip(mask.par_iter()).for_each(|((dx, dy), m)| {
-        *dx = if *m != 0 { *dy * scale } else { F::ZERO };
-    });
+    dx.par_iter_mut()
+        .zip(dy.par_iter())
+        .zip(mask.par_iter())
+        .for_each(|((dx, dy), m)| {
+            *dx = if *m != 0 { *dy * scale } else { F::ZERO };
+        });
 }

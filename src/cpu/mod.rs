@@ -9,3 +9,4 @@ pub mod loss;
 pub mod network;
 pub mod neuron;
 pub mod pool;
+pub mod scratch;

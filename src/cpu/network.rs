@@ -26,13 +26,33 @@ pub struct ParamSlot {
 }
 
 enum Op<F: Real> {
-    Conv { geom: ConvGeom, w: Range<usize>, b: Range<usize> },
-    Linear { n_in: usize, n_out: usize, w: Range<usize>, b: Range<usize> },
-    Pool { c: usize, h: usize, w: usize },
-    Dropout { p: f32, index: u32, mask: Vec<u8> },
+    Conv {
+        geom: ConvGeom,
+        w: Range<usize>,
+        b: Range<usize>,
+    },
+    Linear {
+        n_in: usize,
+        n_out: usize,
+        w: Range<usize>,
+        b: Range<usize>,
+    },
+    Pool {
+        c: usize,
+        h: usize,
+        w: usize,
+    },
+    Dropout {
+        p: f32,
+        index: u32,
+        mask: Vec<u8>,
+    },
     Flatten,
     /// BackEI or plain spiking; `params` = W_b, b_b, W_e, b_e (empty ranges when disabled).
-    Spike { layer: Box<BackEiLayer<F>>, params: [Range<usize>; 4] },
+    Spike {
+        layer: Box<BackEiLayer<F>>,
+        params: [Range<usize>; 4],
+    },
 }
 
 struct Layer<F: Real> {
@@ -83,41 +103,85 @@ impl<F: Real> Network<F> {
         let plan = spec.plan()?;
         let mut slots = Vec::new();
         let mut total = 0usize;
-        let mut add = |slots: &mut Vec<ParamSlot>, name: String, shape: Vec<usize>, fan_in: usize| {
-            let len: usize = shape.iter().product();
-            let range = total..total + len;
-            total += len;
-            slots.push(ParamSlot { name, shape, range: range.clone(), init_bound: 1.0 / (fan_in as f64).sqrt() });
-            range
-        };
+        let mut add =
+            |slots: &mut Vec<ParamSlot>, name: String, shape: Vec<usize>, fan_in: usize| {
+                let len: usize = shape.iter().product();
+                let range = total..total + len;
+                total += len;
+                slots.push(ParamSlot {
+                    name,
+                    shape,
+                    range: range.clone(),
+                    init_bound: 1.0 / (fan_in as f64).sqrt(),
+                });
+                range
+            };
         let mut layers = Vec::with_capacity(plan.len());
         let mut dropouts = 0u32;
         for (i, lp) in plan.iter().enumerate() {
             let [c, h, w] = lp.input;
             let op = match lp.spec {
-                LayerSpec::Conv { out_channels, kernel, padding } => {
+                LayerSpec::Conv {
+                    out_channels,
+                    kernel,
+                    padding,
+                } => {
                     let geom = ConvGeom::new(c, out_channels, h, w, kernel, padding);
                     let fan_in = c * kernel * kernel;
-                    let wr = add(&mut slots, format!("layers.{i}.weight"), vec![out_channels, c, kernel, kernel], fan_in);
-                    let br = add(&mut slots, format!("layers.{i}.bias"), vec![out_channels], fan_in);
+                    let wr = add(
+                        &mut slots,
+                        format!("layers.{i}.weight"),
+                        vec![out_channels, c, kernel, kernel],
+                        fan_in,
+                    );
+                    let br = add(
+                        &mut slots,
+                        format!("layers.{i}.bias"),
+                        vec![out_channels],
+                        fan_in,
+                    );
                     Op::Conv { geom, w: wr, b: br }
                 }
                 LayerSpec::Linear { out_features } => {
-                    let wr = add(&mut slots, format!("layers.{i}.weight"), vec![out_features, c], c);
-                    let br = add(&mut slots, format!("layers.{i}.bias"), vec![out_features], c);
-                    Op::Linear { n_in: c, n_out: out_features, w: wr, b: br }
+                    let wr = add(
+                        &mut slots,
+                        format!("layers.{i}.weight"),
+                        vec![out_features, c],
+                        c,
+                    );
+                    let br = add(
+                        &mut slots,
+                        format!("layers.{i}.bias"),
+                        vec![out_features],
+                        c,
+                    );
+                    Op::Linear {
+                        n_in: c,
+                        n_out: out_features,
+                        w: wr,
+                        b: br,
+                    }
                 }
                 LayerSpec::AvgPool => Op::Pool { c, h, w },
                 LayerSpec::Dropout { p } => {
                     dropouts += 1;
-                    Op::Dropout { p: p as f32, index: i as u32, mask: Vec::new() }
+                    Op::Dropout {
+                        p: p as f32,
+                        index: i as u32,
+                        mask: Vec::new(),
+                    }
                 }
                 LayerSpec::Flatten => Op::Flatten,
                 LayerSpec::BackEi | LayerSpec::Spiking => {
                     let fb = if lp.spec == LayerSpec::BackEi {
                         spec.feedback
                     } else {
-                        FeedbackConfig { back: false, ei: false, radius: 0, delay: 1 }
+                        FeedbackConfig {
+                            back: false,
+                            ei: false,
+                            radius: 0,
+                            delay: 1,
+                        }
                     };
                     let layer = BackEiLayer::<F>::new(lp.input, fb, &spec.neuron);
                     let k = 2 * fb.radius + 1;
@@ -125,14 +189,28 @@ impl<F: Real> Network<F> {
                     let fan_in = c * k * k;
                     let mut params: [Range<usize>; 4] = [0..0, 0..0, 0..0, 0..0];
                     if fb.back {
-                        params[0] = add(&mut slots, format!("layers.{i}.back.weight"), wshape.clone(), fan_in);
-                        params[1] = add(&mut slots, format!("layers.{i}.back.bias"), vec![c], fan_in);
+                        params[0] = add(
+                            &mut slots,
+                            format!("layers.{i}.back.weight"),
+                            wshape.clone(),
+                            fan_in,
+                        );
+                        params[1] =
+                            add(&mut slots, format!("layers.{i}.back.bias"), vec![c], fan_in);
                     }
                     if fb.ei {
-                        params[2] = add(&mut slots, format!("layers.{i}.ei.weight"), wshape.clone(), fan_in);
+                        params[2] = add(
+                            &mut slots,
+                            format!("layers.{i}.ei.weight"),
+                            wshape.clone(),
+                            fan_in,
+                        );
                         params[3] = add(&mut slots, format!("layers.{i}.ei.bias"), vec![c], fan_in);
                     }
-                    Op::Spike { layer: Box::new(layer), params }
+                    Op::Spike {
+                        layer: Box::new(layer),
+                        params,
+                    }
                 }
             };
             layers.push(Layer {
@@ -183,7 +261,10 @@ impl<F: Real> Network<F> {
 
     /// The parameter tensor called `name`.
     pub fn param(&self, name: &str) -> Option<&[F]> {
-        self.slots.iter().find(|s| s.name == name).map(|s| &self.params[s.range.clone()])
+        self.slots
+            .iter()
+            .find(|s| s.name == name)
+            .map(|s| &self.params[s.range.clone()])
     }
 
     /// Checks an input batch: `x` is [T_in][B][C][H][W] with T_in = 1 (direct encoding) or T.
@@ -194,22 +275,38 @@ impl<F: Real> Network<F> {
             return Err(config_err("batch", "batch size 0"));
         }
         if t_in != 1 && t_in != t {
-            return Err(shape_err("network input", format!("T_in = 1 or T = {t} frames"), format!("T_in = {t_in}")));
+            return Err(shape_err(
+                "network input",
+                format!("T_in = 1 or T = {t} frames"),
+                format!("T_in = {t_in}"),
+            ));
         }
         if x.len() != t_in * batch * frame {
             return Err(shape_err(
                 "network input",
-                format!("{t_in}×{batch}×{:?} = {} values", self.spec.input, t_in * batch * frame),
+                format!(
+                    "{t_in}×{batch}×{:?} = {} values",
+                    self.spec.input,
+                    t_in * batch * frame
+                ),
                 format!("{} values", x.len()),
             ));
         }
-        check_finite("network input", x, "the input batch holds NaN or Inf: check the data and its normalisation")
+        check_finite(
+            "network input",
+            x,
+            "the input batch holds NaN or Inf: check the data and its normalisation",
+        )
     }
 
     /// Runs the network over all T steps and returns the readout [B][classes].
     pub fn forward(&mut self, x: &[F], t_in: usize, batch: usize) -> Result<&[F]> {
         self.check_input(x, t_in, batch)?;
-        check_finite("parameters", &self.params, "a parameter is NaN or Inf: the run diverged; lower the learning rate")?;
+        check_finite(
+            "parameters",
+            &self.params,
+            "a parameter is NaN or Inf: the run diverged; lower the learning rate",
+        )?;
         let steps = self.spec.steps;
         self.input.clear();
         self.input.extend_from_slice(x);
@@ -232,11 +329,24 @@ impl<F: Real> Network<F> {
             }
             let p = &self.params;
             match &mut layer.op {
-                Op::Conv { geom, w, b } => conv::forward(geom, &p[w.clone()], &p[b.clone()], src, &mut layer.out),
-                Op::Linear { n_in, n_out, w, b } => linear::forward(*n_in, *n_out, &p[w.clone()], &p[b.clone()], src, &mut layer.out),
+                Op::Conv { geom, w, b } => {
+                    conv::forward(geom, &p[w.clone()], &p[b.clone()], src, &mut layer.out)
+                }
+                Op::Linear { n_in, n_out, w, b } => linear::forward(
+                    *n_in,
+                    *n_out,
+                    &p[w.clone()],
+                    &p[b.clone()],
+                    src,
+                    &mut layer.out,
+                ),
                 Op::Pool { c, h, w } => pool::forward(*c, *h, *w, src, &mut layer.out),
                 Op::Flatten => {}
-                Op::Dropout { p: prob, index, mask } => {
+                Op::Dropout {
+                    p: prob,
+                    index,
+                    mask,
+                } => {
                     let step = batch * layer.in_len;
                     let expanded;
                     let src = if prev_t == 1 {
@@ -247,14 +357,20 @@ impl<F: Real> Network<F> {
                     };
                     if self.training {
                         mask.resize(out_total, 0);
-                        let key = crate::rng::dropout_key(self.dropout_seed, self.iteration, *index);
+                        let key =
+                            crate::rng::dropout_key(self.dropout_seed, self.iteration, *index);
                         dropout::forward(key, *prob, step, src, &mut layer.out, mask);
                     } else {
                         layer.out.copy_from_slice(src);
                     }
                 }
                 Op::Spike { layer: sl, params } => {
-                    let bp = BackEiParams { w_b: &p[params[0].clone()], b_b: &p[params[1].clone()], w_e: &p[params[2].clone()], b_e: &p[params[3].clone()] };
+                    let bp = BackEiParams {
+                        w_b: &p[params[0].clone()],
+                        b_b: &p[params[1].clone()],
+                        w_e: &p[params[2].clone()],
+                        b_e: &p[params[3].clone()],
+                    };
                     sl.forward(&bp, src, prev_t, batch, steps);
                 }
             }
@@ -275,7 +391,11 @@ impl<F: Real> Network<F> {
             return Err(config_err("backward", "backward called before forward"));
         }
         if d_readout.len() != batch * self.classes {
-            return Err(shape_err("readout gradient", format!("{}", batch * self.classes), format!("{}", d_readout.len())));
+            return Err(shape_err(
+                "readout gradient",
+                format!("{}", batch * self.classes),
+                format!("{}", d_readout.len()),
+            ));
         }
         let n = self.layers.len();
         let last_t = self.layers[n - 1].t_out;
@@ -292,7 +412,11 @@ impl<F: Real> Network<F> {
             let (before, rest) = self.layers.split_at_mut(i);
             let (layer, after) = rest.split_first_mut().unwrap();
             let src: &[F] = source(before, &self.input);
-            let dy: &[F] = if i + 1 == n { &upstream } else { grad_of_output(after) };
+            let dy: &[F] = if i + 1 == n {
+                &upstream
+            } else {
+                grad_of_output(after)
+            };
             let in_total = layer.t_in * batch * layer.in_len;
             if layer.grad_in.len() != in_total && !matches!(layer.op, Op::Flatten) {
                 layer.grad_in = vec![F::ZERO; in_total];
@@ -336,7 +460,12 @@ impl<F: Real> Network<F> {
                 }
                 Op::Spike { layer: sl, params } => {
                     let gr = split4(g, params);
-                    let bp = BackEiParams { w_b: &p[params[0].clone()], b_b: &p[params[1].clone()], w_e: &p[params[2].clone()], b_e: &p[params[3].clone()] };
+                    let bp = BackEiParams {
+                        w_b: &p[params[0].clone()],
+                        b_b: &p[params[1].clone()],
+                        w_e: &p[params[2].clone()],
+                        b_e: &p[params[3].clone()],
+                    };
                     let [w_b, b_b, w_e, b_e] = gr;
                     let mut bg = BackEiGrads { w_b, b_b, w_e, b_e };
                     sl.backward(&bp, &mut bg, src, layer.t_in, dy, &mut layer.grad_in);
@@ -355,7 +484,14 @@ impl<F: Real> Network<F> {
     }
 
     /// Forward, loss, backward, optimizer step: one training iteration.
-    pub fn train_step(&mut self, x: &[F], t_in: usize, labels: &[u8], loss: Loss, opt: &mut Optimizer) -> Result<StepStats> {
+    pub fn train_step(
+        &mut self,
+        x: &[F],
+        t_in: usize,
+        labels: &[u8],
+        loss: Loss,
+        opt: &mut Optimizer,
+    ) -> Result<StepStats> {
         let batch = labels.len();
         self.check_labels(labels)?;
         self.training = true;
@@ -371,26 +507,52 @@ impl<F: Real> Network<F> {
                 hint: "training diverged; lower the learning rate".into(),
             });
         }
-        let correct = loss::argmax_rows(&self.readout, self.classes).iter().zip(labels).filter(|(p, l)| **p == **l as usize).count();
+        let correct = loss::argmax_rows(&self.readout, self.classes)
+            .iter()
+            .zip(labels)
+            .filter(|(p, l)| **p == **l as usize)
+            .count();
         self.zero_grads();
         self.backward(&dy, false)?;
         self.readout_grad = dy;
-        check_finite("gradients", &self.grads, "a gradient is NaN or Inf: lower the learning rate")?;
+        check_finite(
+            "gradients",
+            &self.grads,
+            "a gradient is NaN or Inf: lower the learning rate",
+        )?;
         opt.update(&mut self.params, &self.grads);
         self.iteration += 1;
-        Ok(StepStats { loss: l.to_f64(), correct, batch })
+        Ok(StepStats {
+            loss: l.to_f64(),
+            correct,
+            batch,
+        })
     }
 
     /// Loss (and readout) without updating anything.
-    pub fn evaluate(&mut self, x: &[F], t_in: usize, labels: &[u8], loss: Loss) -> Result<StepStats> {
+    pub fn evaluate(
+        &mut self,
+        x: &[F],
+        t_in: usize,
+        labels: &[u8],
+        loss: Loss,
+    ) -> Result<StepStats> {
         let batch = labels.len();
         self.check_labels(labels)?;
         self.training = false;
         self.forward(x, t_in, batch)?;
         let mut dy = vec![F::ZERO; batch * self.classes];
         let l = loss::loss_and_grad(loss, &self.readout, labels, self.classes, &mut dy);
-        let correct = loss::argmax_rows(&self.readout, self.classes).iter().zip(labels).filter(|(p, l)| **p == **l as usize).count();
-        Ok(StepStats { loss: l.to_f64(), correct, batch })
+        let correct = loss::argmax_rows(&self.readout, self.classes)
+            .iter()
+            .zip(labels)
+            .filter(|(p, l)| **p == **l as usize)
+            .count();
+        Ok(StepStats {
+            loss: l.to_f64(),
+            correct,
+            batch,
+        })
     }
 
     /// Predicted classes (inference mode: dropout off).
@@ -405,8 +567,18 @@ impl<F: Real> Network<F> {
         if labels.is_empty() {
             return Err(config_err("labels", "an empty batch"));
         }
-        if let Some((i, l)) = labels.iter().enumerate().find(|(_, &l)| l as usize >= self.classes) {
-            return Err(config_err("labels", format!("label {l} of sample {i} is not below the {} classes", self.classes)));
+        if let Some((i, l)) = labels
+            .iter()
+            .enumerate()
+            .find(|(_, &l)| l as usize >= self.classes)
+        {
+            return Err(config_err(
+                "labels",
+                format!(
+                    "label {l} of sample {i} is not below the {} classes",
+                    self.classes
+                ),
+            ));
         }
         Ok(())
     }
@@ -418,7 +590,11 @@ impl<F: Real> Network<F> {
             .iter()
             .enumerate()
             .filter_map(|(i, l)| match &l.op {
-                Op::Spike { layer, .. } => Some((i, layer.firing_rate(), layer.feedback.ei.then(|| layer.inhibitory_fraction()))),
+                Op::Spike { layer, .. } => Some((
+                    i,
+                    layer.firing_rate(),
+                    layer.feedback.ei.then(|| layer.inhibitory_fraction()),
+                )),
                 _ => None,
             })
             .collect()
@@ -432,7 +608,8 @@ impl<F: Real> Network<F> {
 
 impl<F: Real> Layer<F> {
     fn has_params(&self) -> bool {
-        matches!(self.op, Op::Conv { .. } | Op::Linear { .. }) || matches!(&self.op, Op::Spike { params, .. } if !params[0].is_empty() || !params[2].is_empty())
+        matches!(self.op, Op::Conv { .. } | Op::Linear { .. })
+            || matches!(&self.op, Op::Spike { params, .. } if !params[0].is_empty() || !params[2].is_empty())
     }
 }
 
