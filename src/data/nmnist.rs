@@ -54,16 +54,16 @@ pub fn parse_events(bytes: &[u8], path: &Path) -> Result<Vec<Event>, DataError> 
     let mut prev_raw: Option<u64> = None;
     for (i, r) in bytes.chunks_exact(5).enumerate() {
         let raw = (((r[2] & 0x7f) as u64) << 16) | ((r[3] as u64) << 8) | r[4] as u64;
+        if r[1] == 240 {
+            marker_offset += 1 << 13;
+            continue;
+        }
         if let Some(prev) = prev_raw {
             if raw + (1 << 22) < prev {
                 wrap_offset += 1 << 23;
             }
         }
         prev_raw = Some(raw);
-        if r[1] == 240 {
-            marker_offset += 1 << 13;
-            continue;
-        }
         for (v, name) in [(r[0], "x"), (r[1], "y")] {
             if v as usize >= SIZE {
                 return Err(DataError::format(
