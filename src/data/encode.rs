@@ -78,9 +78,13 @@ pub fn thresholds() -> [u64; 256] {
 /// Rate-encodes one step: `out[i] = 1.0` with probability `intensity[i] / 255`, else 0.
 /// `key` = `stream_key(seed, PURPOSE_RATE, epoch, sample, t)`.
 pub fn rate_step(intensity: &[u8], key: u64, thresh: &[u64; 256], out: &mut [f32]) {
-    for (i, (o, &b)) in out.iter_mut().zip(intensity).enumerate() {
-        let h = draw(key, i as u64) >> 32;
-        *o = if h < thresh[b as usize] { 1.0 } else { 0.0 };
+    // One 64-bit draw serves two pixels: pixel 2k uses its low 32 bits, 2k+1 the high ones.
+    for (k, (o, px)) in out.chunks_mut(2).zip(intensity.chunks(2)).enumerate() {
+        let h = draw(key, k as u64);
+        for (j, (o, &b)) in o.iter_mut().zip(px).enumerate() {
+            let u = (h >> (32 * j)) & 0xffff_ffff;
+            *o = if u < thresh[b as usize] { 1.0 } else { 0.0 };
+        }
     }
 }
 
