@@ -1,0 +1,95 @@
+//! The data subsystem's error type. Every message names the file, the offset or field, and
+//! what was expected; "not found" errors list where we looked and how to get the data.
+
+use std::path::PathBuf;
+
+/// Errors of the data subsystem. None of the readers panic on bad input; they return one of
+/// these.
+#[derive(Debug, thiserror::Error)]
+pub enum DataError {
+    /// A file could not be opened or read (including "file not found").
+    #[error("{}: cannot read file: {source} (expected {expected})", path.display())]
+    Io {
+        path: PathBuf,
+        expected: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The bytes of a file do not have the expected format.
+    #[error("{}: at byte offset {offset}, field `{field}`: expected {expected}, found {found}", path.display())]
+    Format {
+        path: PathBuf,
+        offset: u64,
+        field: String,
+        expected: String,
+        found: String,
+    },
+    /// A `.gz` file whose gzip stream is corrupt or truncated.
+    #[error("{}: corrupt gzip stream ({detail}); expected a complete gzip file (re-download it)", path.display())]
+    Gzip { path: PathBuf, detail: String },
+    /// Two files that must agree (an IDX image file and its label file) do not.
+    #[error("{}: field `{field}` is {found}, but {} says {expected}; expected the two to match", path.display(), other.display())]
+    Mismatch {
+        path: PathBuf,
+        other: PathBuf,
+        field: String,
+        expected: String,
+        found: String,
+    },
+    /// A folder that should hold samples holds none.
+    #[error("{}: folder holds no samples; expected {expected}", path.display())]
+    EmptyDir { path: PathBuf, expected: String },
+    /// The dataset was not found anywhere we looked.
+    #[error("dataset `{dataset}` not found; looked in:\n{}\nexpected {expected}.\nTo get it: {how}",
+        looked.iter().map(|p| format!("  - {}", p.display())).collect::<Vec<_>>().join("\n"))]
+    NotFound {
+        dataset: String,
+        looked: Vec<PathBuf>,
+        expected: String,
+        how: String,
+    },
+    /// A downloaded file whose checksum does not match the one in the code.
+    #[error("{}: SHA-256 mismatch: expected {expected}, found {found}; the partial file was deleted, run the fetch again", path.display())]
+    Checksum {
+        path: PathBuf,
+        expected: String,
+        found: String,
+    },
+    /// A download failed (HTTP error status, connection error, or an interrupted transfer).
+    #[error("{url} -> {}: download failed: {detail}", path.display())]
+    Download {
+        url: String,
+        path: PathBuf,
+        detail: String,
+    },
+}
+
+impl DataError {
+    pub(crate) fn io(
+        path: impl Into<PathBuf>,
+        expected: impl Into<String>,
+        source: std::io::Error,
+    ) -> Self {
+        DataError::Io {
+            path: path.into(),
+            expected: expected.into(),
+            source,
+        }
+    }
+
+    pub(crate) fn format(
+        path: impl Into<PathBuf>,
+        offset: u64,
+        field: impl Into<String>,
+        expected: impl Into<String>,
+        found: impl Into<String>,
+    ) -> Self {
+        DataError::Format {
+            path: path.into(),
+            offset,
+            field: field.into(),
+            expected: expected.into(),
+            found: found.into(),
+        }
+    }
+}
