@@ -500,11 +500,15 @@ impl<F: Real> Network<F> {
         dy.resize(batch * self.classes, F::ZERO);
         let l = loss::loss_and_grad(loss, &self.readout, labels, self.classes, &mut dy);
         if !l.is_finite() {
+            let layer = match self.first_nonfinite_layer() {
+                Some((i, kind)) => format!("; first non-finite output in layer {i} ({kind})"),
+                None => String::new(),
+            };
             return Err(crate::BackeiError::NonFinite {
-                place: format!("loss at iteration {}", self.iteration),
+                place: format!("loss at iteration {}{layer}", self.iteration),
                 index: 0,
                 value: l.to_f64(),
-                hint: "training diverged; lower the learning rate".into(),
+                hint: "training diverged; lower the learning rate (--lr) or check the input data".into(),
             });
         }
         let correct = loss::argmax_rows(&self.readout, self.classes)
@@ -561,6 +565,34 @@ impl<F: Real> Network<F> {
         let classes = self.classes;
         let y = self.forward(x, t_in, batch)?;
         Ok(loss::argmax_rows(y, classes))
+    }
+
+    /// The predicted classes of the last forward's readout.
+    pub fn last_predictions(&self) -> Vec<usize> {
+        loss::argmax_rows(&self.readout, self.classes)
+    }
+
+    /// The readout [B][classes] of the last forward.
+    pub fn readout(&self) -> &[F] {
+        &self.readout
+    }
+
+    /// Replaces every parameter (same layout as `params`), validating length and finiteness.
+    pub fn load_params(&mut self, params: &[F]) -> Result<()> {
+        if params.len() != self.params.len() {
+            return Err(shape_err("parameters", format!("{} values for network {}", self.params.len(), self.spec.name), format!("{}", params.len())));
+        }
+        check_finite("loaded parameters", params, "the parameters hold NaN or Inf")?;
+        self.params.copy_from_slice(params);
+        Ok(())
+    }
+
+    /// The first layer (index and kind) whose last output holds NaN or Inf, for error messages.
+    pub fn first_nonfinite_layer(&self) -> Option<(usize, String)> {
+        (0..self.layers.len()).find_map(|i| {
+            let out = self.layer_output(i)?;
+            out.iter().any(|x| !x.is_finite()).then(|| (i, format!("{:?}", self.spec.layers[i])))
+        })
     }
 
     fn check_labels(&self, labels: &[u8]) -> Result<()> {
