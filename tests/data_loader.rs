@@ -96,6 +96,7 @@ fn direct_layout_and_scaling() {
 }
 
 #[test]
+#[allow(clippy::needless_range_loop)]
 fn rate_encoding_is_time_major_reproducible_and_calibrated() {
     let ds = synth(DatasetKind::Mnist, Split::Train, 64);
     let o = LoaderOptions {
@@ -377,7 +378,7 @@ fn custom_allocator_and_buffer_reuse() {
     }
     // 60 batches served from a handful of buffers.
     let n = alloc.0.load(Ordering::SeqCst);
-    assert!(n >= 1 && n <= 8, "allocated {n} buffers");
+    assert!((1..=8).contains(&n), "allocated {n} buffers");
 }
 
 #[test]

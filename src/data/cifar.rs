@@ -48,7 +48,7 @@ pub fn parse_batch(
             "an empty file",
         ));
     }
-    if bytes.len() % RECORD != 0 {
+    if !bytes.len().is_multiple_of(RECORD) {
         let n = bytes.len() / RECORD;
         return Err(DataError::format(
             path,

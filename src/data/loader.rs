@@ -179,6 +179,7 @@ impl Encoder {
     }
 
     /// Writes sample `idx` as batch element `b` of a batch of `batch` samples.
+    #[allow(clippy::too_many_arguments)]
     fn write(
         &self,
         ds: &Dataset,

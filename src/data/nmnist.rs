@@ -38,7 +38,7 @@ pub struct Event {
 
 /// Parses the events of one `.bin` file. Never panics.
 pub fn parse_events(bytes: &[u8], path: &Path) -> Result<Vec<Event>, DataError> {
-    if bytes.len() % 5 != 0 {
+    if !bytes.len().is_multiple_of(5) {
         let off = bytes.len() - bytes.len() % 5;
         return Err(DataError::format(
             path,
