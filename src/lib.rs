@@ -10,6 +10,7 @@ pub mod optim;
 pub mod real;
 pub mod rng;
 pub mod spec;
+pub mod train;
 
 pub use cpu::loss::Loss;
 pub use cpu::network::{Network, ParamSlot, StepStats};

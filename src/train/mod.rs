@@ -1,0 +1,12 @@
+//! The training loop and everything around it: run configuration, checkpoints, metrics,
+//! progress display, evaluation.
+
+pub mod checkpoint;
+pub mod config;
+pub mod engine;
+pub mod metrics;
+pub mod progress;
+pub mod run;
+
+pub use config::TrainConfig;
+pub use engine::{CpuEngine, TrainEngine};

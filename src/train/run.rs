@@ -1,0 +1,258 @@
+//! The training loop: epochs of shuffled batches through an engine, evaluation, metrics,
+//! checkpoints after every epoch (and on Ctrl-C), exact resume.
+
+use super::checkpoint::{self, Checkpoint, Progress};
+use super::config::TrainConfig;
+use super::engine::TrainEngine;
+use super::metrics::{EpochRow, MetricsWriter};
+use super::progress::EpochProgress;
+use crate::cpu::loss::Loss;
+use crate::data::loader::epoch_order;
+use crate::data::{Dataset, DatasetKind, LoadOptions, Loader, LoaderOptions, Split};
+use crate::error::{config_err, BackeiError, Result};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+/// The datasets of a run: training (after --train-limit and --val-split), validation, test.
+pub struct RunData {
+    pub train: Arc<Dataset>,
+    pub val: Option<Arc<Dataset>>,
+    pub test: Arc<Dataset>,
+}
+
+/// Loads and splits the data as the configuration says. The training subset and the validation
+/// split are drawn with a permutation of the seed, so a resumed run sees the very same samples.
+pub fn load_data(cfg: &TrainConfig) -> Result<RunData> {
+    let kind = cfg.dataset_kind()?;
+    let opts = LoadOptions { data_dir: cfg.data_dir.clone(), steps: cfg.network.steps, cache_dir: None };
+    let data_err = |e: crate::data::DataError| BackeiError::Io { path: kind.name().into(), problem: e.to_string() };
+    let full_train = Dataset::load(kind, Split::Train, &opts).map_err(data_err)?;
+    let mut test = Dataset::load(kind, Split::Test, &opts).map_err(data_err)?;
+    if full_train.shape() != cfg.network.input && kind != DatasetKind::Nmnist {
+        return Err(config_err("network.input", format!("{:?} does not match the data's {:?}", cfg.network.input, full_train.shape())));
+    }
+    let mut order = epoch_order(full_train.len(), cfg.seed ^ 0x5eed_da7a, 0, true);
+    if let Some(limit) = cfg.train_limit {
+        order.truncate(limit.max(1));
+    }
+    let n_val = (order.len() as f64 * cfg.val_split).round() as usize;
+    let val = (n_val > 0).then(|| Arc::new(full_train.subset(&order[..n_val])));
+    let mut train_idx = order[n_val..].to_vec();
+    train_idx.sort_unstable();
+    let train = if cfg.train_limit.is_none() && n_val == 0 { full_train } else { full_train.subset(&train_idx) };
+    if train.is_empty() {
+        return Err(config_err("--train-limit/--val-split", "no training samples left"));
+    }
+    if let Some(limit) = cfg.test_limit {
+        let idx: Vec<usize> = (0..limit.min(test.len())).collect();
+        test = test.subset(&idx);
+    }
+    Ok(RunData { train: Arc::new(train), val, test: Arc::new(test) })
+}
+
+pub fn loader_options(cfg: &TrainConfig, train: bool) -> Result<LoaderOptions> {
+    Ok(LoaderOptions {
+        batch_size: cfg.batch_size,
+        steps: cfg.network.steps,
+        encoding: cfg.encoding()?,
+        shuffle: train,
+        seed: cfg.seed,
+        drop_last: false,
+        augment: train && cfg.dataset_kind()? == DatasetKind::Cifar10,
+        workers: cfg.workers,
+        prefetch: 4,
+    })
+}
+
+/// Accuracy, loss and confusion matrix of an engine over a whole dataset.
+pub struct Evaluation {
+    pub accuracy: f64,
+    pub loss: f64,
+    /// confusion[true][predicted]
+    pub confusion: Vec<Vec<usize>>,
+    pub spike_stats: super::engine::SpikeStats,
+    pub samples: usize,
+}
+
+pub fn evaluate(engine: &mut dyn TrainEngine, data: Arc<Dataset>, cfg: &TrainConfig) -> Result<Evaluation> {
+    let classes = data.num_classes();
+    let loader = Loader::new(data, loader_options(cfg, false)?);
+    let mut confusion = vec![vec![0usize; classes]; classes];
+    let (mut loss_sum, mut n, mut correct) = (0.0, 0usize, 0usize);
+    let mut rates: Vec<(usize, f64, Option<f64>)> = Vec::new();
+    for batch in loader.epoch(0) {
+        let (s, preds) = engine.evaluate(&batch.x, batch.t_in, &batch.labels, cfg.loss)?;
+        loss_sum += s.loss * s.batch as f64;
+        n += s.batch;
+        correct += s.correct;
+        for (p, l) in preds.iter().zip(&batch.labels) {
+            confusion[*l as usize][*p] += 1;
+        }
+        let st = engine.spike_stats();
+        if rates.is_empty() {
+            rates = st.iter().map(|&(i, _, inh)| (i, 0.0, inh.map(|_| 0.0))).collect();
+        }
+        for (acc, cur) in rates.iter_mut().zip(&st) {
+            acc.1 += cur.1 * s.batch as f64;
+            if let (Some(a), Some(c)) = (acc.2.as_mut(), cur.2) {
+                *a += c * s.batch as f64;
+            }
+        }
+        loader.recycle(batch);
+    }
+    for r in &mut rates {
+        r.1 /= n.max(1) as f64;
+        if let Some(a) = r.2.as_mut() {
+            *a /= n.max(1) as f64;
+        }
+    }
+    Ok(Evaluation { accuracy: correct as f64 / n.max(1) as f64, loss: loss_sum / n.max(1) as f64, confusion, spike_stats: rates, samples: n })
+}
+
+pub enum RunOutcome {
+    Finished { final_test_accuracy: f64, best_accuracy: f64, best_epoch: usize },
+    Interrupted { checkpoint: PathBuf },
+}
+
+pub struct RunOptions<'a> {
+    pub config: TrainConfig,
+    pub out: PathBuf,
+    pub resume: Option<Checkpoint>,
+    pub quiet: bool,
+    /// Set by the Ctrl-C handler: the loop saves a checkpoint and stops after the current step.
+    pub interrupt: Arc<AtomicBool>,
+    /// Extra lines for config.json (engine, device).
+    pub engine_line: &'a str,
+}
+
+fn write_config(out: &Path, cfg: &TrainConfig, engine_line: &str) -> Result<()> {
+    let v = serde_json::json!({
+        "backei_version": env!("CARGO_PKG_VERSION"),
+        "commit": option_env!("BACKEI_GIT_COMMIT").unwrap_or("unknown"),
+        "engine": engine_line,
+        "config": cfg,
+    });
+    let path = out.join("config.json");
+    crate::gpu::kernels::write_atomically(&path, serde_json::to_string_pretty(&v).expect("plain data").as_bytes())
+        .map_err(|e| BackeiError::Io { path: path.display().to_string(), problem: e.to_string() })
+}
+
+/// Trains as the configuration says, printing one summary line per epoch.
+pub fn train(opts: RunOptions, engine: &mut dyn TrainEngine, slots: &[crate::ParamSlot]) -> Result<RunOutcome> {
+    let cfg = &opts.config;
+    cfg.validate()?;
+    std::fs::create_dir_all(&opts.out).map_err(|e| BackeiError::Io { path: opts.out.display().to_string(), problem: format!("cannot create the run folder: {e}") })?;
+    let data = load_data(cfg)?;
+    write_config(&opts.out, cfg, opts.engine_line)?;
+    let mut progress = Progress { epoch: 0, batches_done: 0, iteration: 0, partial: [0.0; 4], best_accuracy: -1.0, best_epoch: 0 };
+    if let Some(ck) = opts.resume {
+        engine.load_params(&ck.params)?;
+        engine.load_optimizer(ck.optimizer)?;
+        engine.set_iteration(ck.progress.iteration);
+        progress = ck.progress;
+    }
+    let metrics = MetricsWriter::open(&opts.out, progress.epoch)?;
+    let loader = Loader::new(data.train.clone(), loader_options(cfg, true)?);
+    let batches = loader.batches_per_epoch();
+    let last_path = opts.out.join("checkpoint-last.safetensors");
+    let best_path = opts.out.join("checkpoint-best.safetensors");
+    let base_lr = cfg.optimizer.lr();
+    let save = |path: &Path, engine: &dyn TrainEngine, progress: &Progress| -> Result<()> {
+        let ck = Checkpoint { config: cfg.clone(), progress: progress.clone(), params: engine.params()?, optimizer: engine.optimizer()? };
+        checkpoint::save(path, &ck, slots)
+    };
+    let mut final_acc = 0.0;
+    for epoch in progress.epoch..cfg.epochs {
+        let lr = cfg.lr_schedule.lr_at(base_lr, epoch);
+        engine.set_lr(lr);
+        let mut bar = EpochProgress::new(epoch, cfg.epochs, batches, opts.quiet);
+        let started = Instant::now();
+        let [mut loss_sum, mut correct, mut seen, secs_before] = progress.partial;
+        for (k, batch) in loader.epoch(epoch).enumerate() {
+            if k < progress.batches_done {
+                loader.recycle(batch);
+                continue;
+            }
+            let s = engine.train_step(&batch.x, batch.t_in, &batch.labels, cfg.loss).map_err(|e| match e {
+                BackeiError::NonFinite { place, index, value, hint } => BackeiError::NonFinite { place: format!("{place} (epoch {}, batch {})", epoch + 1, k + 1), index, value, hint },
+                other => other,
+            })?;
+            loader.recycle(batch);
+            loss_sum += s.loss * s.batch as f64;
+            correct += s.correct as f64;
+            seen += s.batch as f64;
+            progress.batches_done = k + 1;
+            progress.iteration = engine.iteration();
+            let secs = secs_before + started.elapsed().as_secs_f64();
+            bar.update(k + 1, seen / secs.max(1e-9), loss_sum / seen, correct / seen);
+            if opts.interrupt.load(Ordering::SeqCst) && k + 1 < batches {
+                progress.partial = [loss_sum, correct, seen, secs];
+                bar.finish();
+                save(&last_path, engine, &progress)?;
+                return Ok(RunOutcome::Interrupted { checkpoint: last_path });
+            }
+        }
+        bar.finish();
+        let seconds = secs_before + started.elapsed().as_secs_f64();
+        let stats = engine.spike_stats();
+        let val = match &data.val {
+            Some(v) => Some(evaluate(engine, v.clone(), cfg)?.accuracy),
+            None => None,
+        };
+        let test = evaluate(engine, data.test.clone(), cfg)?;
+        final_acc = test.accuracy;
+        let row = EpochRow {
+            epoch: epoch + 1,
+            train_loss: loss_sum / seen.max(1.0),
+            train_accuracy: correct / seen.max(1.0),
+            val_accuracy: val,
+            test_accuracy: Some(test.accuracy),
+            test_loss: Some(test.loss),
+            lr,
+            seconds,
+            samples_per_second: seen / seconds.max(1e-9),
+            firing_rates: stats.iter().map(|s| s.1).collect(),
+            inhibitory_fractions: stats.iter().filter_map(|s| s.2).collect(),
+        };
+        metrics.append(&row)?;
+        // selection by validation accuracy when there is a validation split, else by test
+        let score = val.unwrap_or(test.accuracy);
+        progress.epoch = epoch + 1;
+        progress.batches_done = 0;
+        progress.partial = [0.0; 4];
+        progress.iteration = engine.iteration();
+        let improved = score > progress.best_accuracy;
+        if improved {
+            progress.best_accuracy = score;
+            progress.best_epoch = epoch + 1;
+        }
+        save(&last_path, engine, &progress)?;
+        if improved {
+            save(&best_path, engine, &progress)?;
+        }
+        eprintln!(
+            "epoch {}/{}: train loss {:.4} acc {:.2}% | {}test acc {:.2}% | lr {:.1e} | {:.1}s, {:.0} samples/s{}",
+            epoch + 1,
+            cfg.epochs,
+            row.train_loss,
+            row.train_accuracy * 100.0,
+            val.map(|v| format!("val acc {:.2}% | ", v * 100.0)).unwrap_or_default(),
+            test.accuracy * 100.0,
+            lr,
+            seconds,
+            row.samples_per_second,
+            if improved { " (best)" } else { "" }
+        );
+        if opts.interrupt.load(Ordering::SeqCst) && epoch + 1 < cfg.epochs {
+            return Ok(RunOutcome::Interrupted { checkpoint: last_path });
+        }
+    }
+    Ok(RunOutcome::Finished { final_test_accuracy: final_acc, best_accuracy: progress.best_accuracy, best_epoch: progress.best_epoch })
+}
+
+/// A loss parsed from the command line.
+pub fn parse_loss(s: &str) -> Result<Loss> {
+    s.parse().map_err(|e: String| config_err("--loss", e))
+}
