@@ -309,14 +309,17 @@ backei_backward_v1_f32(const float* __restrict__ params, float* grads, const flo
 // The separate weight-gradient reduction (shapes whose dW does not fit in shared memory):
 //   dW[c][ci][ky][kx] += Σ_{t ≥ t0} Σ_b Σ_{y,x} dY_t[b][c][y][x]·X_{t−shift}[b][ci][y+ky−r][x+kx−r]
 //   db[c] += Σ_{t ≥ 0} Σ_b Σ_{y,x} dY_t[b][c][y][x]                       (only blocks with ci = 0)
-// W_e: dY = dz, X = v, shift = 0. W_b: dY = da, X = s, shift = D (t0 = D).
+// W_e: dY = dz, X = v, shift = 0. W_b: dY = da, X = s, shift = D (t0 = D). dW and db are at
+// grads + off_w and grads + off_b (the layer's slots in the flat gradient buffer).
 // grid = (C_in, C_out): block (ci, c) owns the k² weights of one (c, ci) pair, so it writes them
 // with a plain read-add-write (no atomics). block = 256 threads = 8 warps; warp w handles taps
 // w, w+8, ...; its lanes stride over the pixels of every (t, b) plane (coalesced), then a warp
 // shuffle reduces. Biases: the ci = 0 blocks, all warps, reduced through shared memory.
 extern "C" __global__ void __launch_bounds__(256)
-backei_wgrad_v1_f32(float* __restrict__ grad_w, float* __restrict__ grad_b, const float* __restrict__ dY,
+backei_wgrad_v1_f32(float* __restrict__ grads, long long off_w, long long off_b, const float* __restrict__ dY,
                     const float* __restrict__ X, int shift, LayerDims d) {
+    float* grad_w = grads + off_w;
+    float* grad_b = grads + off_b;
     const int ci = blockIdx.x, c = blockIdx.y;
     const int HW = d.H * d.W, N = d.C * HW, k = 2 * d.r + 1, kk = k * k;
     const long long BN = (long long)d.B * N;
