@@ -7,16 +7,401 @@
 //!   a layer is told where its tensors are by `BackEiSlots` = [W_b, b_b, W_e, b_e] ranges
 //!   (empty ranges when a gate is off), exactly as `cpu::network` lays them out.
 //! - every tensor is time-major [T][B][C][H][W] f32; the input current may have T_in = 1.
+//!
+//! # Which shape takes which path (see [`plan`], a pure function tested without a GPU)
+//! - **Plain** (back and ei both off — the spiking layers after linear layers, or an ablation):
+//!   `spiking_forward_v1_f32` / `spiking_backward_v1_f32`, one thread per neuron over B·N
+//!   neurons, the time loop inside the thread; saves only v_t. Memory-bound, every access
+//!   coalesced.
+//! - **Fused** (back or ei on): `backei_forward_v1_f32` / `backei_backward_v1_f32`, ONE BLOCK PER
+//!   SAMPLE (grid = B), up to 1024 threads looping over the sample's N = C·H·W neurons; the gate
+//!   convolutions need every neighbour of the previous phase, and a block owning the whole sample
+//!   needs only `__syncthreads()` between phases. This one path serves every shape of the four
+//!   networks (N from 6 400 to 131 072): the state lives in global memory (L1/L2-resident), the
+//!   membrane u is recomputed from the thread's own v_{t−1}. The gate weights (C²k² floats per
+//!   gate) are copied to shared memory when they fit the device's opt-in limit (mnist, nmnist,
+//!   fashion; not the cifar10 layers, whose W is 0.6–9.4 MB) and read through L1 otherwise.
+//! - **Weight gradients**: `OnChip` when the per-sample accumulators (C²k² + C per gate) fit in
+//!   shared memory — each block sums its sample's dW over all T in shared memory and does one
+//!   atomicAdd pass at the end (mnist layer 1 C = 15 r = 2, nmnist layer 1, fashion layer 1
+//!   C = 32 r = 1 on A100/H100); `Separate` otherwise (mnist/nmnist layer 2 C = 40 r = 2, fashion
+//!   layer 2 C = 64, all cifar10 layers): the backward kernel saves da_t and dz_t for every step
+//!   and `backei_wgrad_v1_f32` reduces them over (t, b, pixel), one block per (c, ci) weight pair.
+//!
+//! Buffers are sized once per (batch, steps) and reused; all settings and shapes are validated
+//! and returned as errors, never panics.
 
 use super::device::GpuDevice;
-use crate::error::{BackeiError, Result};
-use crate::spec::{FeedbackConfig, NeuronConfig};
-use cudarc::driver::{CudaSlice, CudaView, CudaViewMut};
+use crate::error::{config_err, shape_err, BackeiError, Result};
+use crate::spec::{FeedbackConfig, FiringMode, NeuronConfig, Surrogate};
+use cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute_enum};
+use cudarc::driver::{
+    CudaFunction, CudaSlice, CudaView, CudaViewMut, DeviceRepr, LaunchConfig, PushKernelArg,
+};
 use std::ops::Range;
 use std::sync::Arc;
 
 /// Where W_b, b_b, W_e, b_e sit in the flat parameter (and gradient) buffer.
 pub type BackEiSlots = [Range<usize>; 4];
+
+/// The device's `NeuronParams` (`cuda/common.cuh`), field for field.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct NeuronParams {
+    pub leak: f32,
+    pub threshold: f32,
+    pub surrogate: i32,
+    pub width: f32,
+    pub smooth: i32,
+    pub k: f32,
+}
+// SAFETY: plain-old-data with the C layout of cuda/common.cuh's NeuronParams.
+unsafe impl DeviceRepr for NeuronParams {}
+
+impl NeuronParams {
+    pub fn from_config(cfg: &NeuronConfig) -> Self {
+        let (surrogate, width) = match cfg.surrogate {
+            Surrogate::Rectangle { width } => (0, width),
+            Surrogate::Sigmoid { alpha } => (1, alpha),
+            Surrogate::Atan { alpha } => (2, alpha),
+        };
+        let (smooth, k) = match cfg.mode {
+            FiringMode::Exact => (0, 0.0),
+            FiringMode::Smooth { k } => (1, k),
+        };
+        NeuronParams {
+            leak: cfg.leak as f32,
+            threshold: cfg.threshold as f32,
+            surrogate,
+            width: width as f32,
+            smooth,
+            k: k as f32,
+        }
+    }
+}
+
+/// The device's `LayerDims` (`cuda/backei_layer.cu`), field for field.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LayerDims {
+    pub off_wb: i64,
+    pub off_bb: i64,
+    pub off_we: i64,
+    pub off_be: i64,
+    pub c: i32,
+    pub h: i32,
+    pub w: i32,
+    pub r: i32,
+    pub t: i32,
+    pub b: i32,
+    pub t_in: i32,
+    pub d: i32,
+    pub back: i32,
+    pub ei: i32,
+    pub w_smem: i32,
+    pub wgrad_fused: i32,
+}
+// SAFETY: plain-old-data with the C layout of cuda/backei_layer.cu's LayerDims.
+unsafe impl DeviceRepr for LayerDims {}
+
+/// What the plan needs to know about a device.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DeviceLimits {
+    pub sm_count: u32,
+    /// Dynamic shared memory one block may opt in to (bytes).
+    pub max_smem_per_block: u32,
+}
+
+impl DeviceLimits {
+    /// NVIDIA A100 (sm_80): 108 SMs, 163 KiB opt-in shared memory per block.
+    pub const A100: DeviceLimits = DeviceLimits {
+        sm_count: 108,
+        max_smem_per_block: 166_912,
+    };
+    /// NVIDIA H100 SXM (sm_90): 132 SMs, 227 KiB opt-in shared memory per block.
+    pub const H100: DeviceLimits = DeviceLimits {
+        sm_count: 132,
+        max_smem_per_block: 232_448,
+    };
+
+    pub fn of(dev: &GpuDevice) -> Result<Self> {
+        let attr = |a| {
+            dev.ctx
+                .attribute(a)
+                .map_err(|e| BackeiError::Cuda(format!("device attribute {a:?}: {e:?}")))
+        };
+        Ok(DeviceLimits {
+            sm_count: attr(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?.max(1)
+                as u32,
+            max_smem_per_block: attr(
+                CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN,
+            )?
+            .max(0) as u32,
+        })
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LayerPath {
+    /// back and ei off: `spiking.cu`, one thread per neuron.
+    Plain,
+    /// back and/or ei on: `backei_layer.cu`, one block per sample.
+    Fused,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WgradPath {
+    /// No gate weights (plain layer).
+    None,
+    /// Accumulated per block in shared memory over all T, one atomicAdd pass at the end.
+    OnChip,
+    /// da_t / dz_t saved per step, reduced afterwards by `backei_wgrad_v1_f32`.
+    Separate,
+}
+
+/// One kernel launch of a plan.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KernelLaunch {
+    pub module: &'static str,
+    pub kernel: &'static str,
+    pub grid: (u32, u32, u32),
+    pub block: u32,
+    pub smem_bytes: u32,
+}
+
+impl KernelLaunch {
+    pub fn config(&self) -> LaunchConfig {
+        LaunchConfig {
+            grid_dim: self.grid,
+            block_dim: (self.block, 1, 1),
+            shared_mem_bytes: self.smem_bytes,
+        }
+    }
+}
+
+/// Device buffer lengths (f32 elements) of a layer for one batch shape.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BufferSizes {
+    /// s [T][B][N] (the output)
+    pub out: usize,
+    /// v [T][B][N]
+    pub v: usize,
+    /// g [T][B][N] (back)
+    pub g: usize,
+    /// z [T][B][N] (ei)
+    pub z: usize,
+    /// backward scratch: dv [B][N]
+    pub dv: usize,
+    /// backward scratch: the feedback ring [min(D, T)][B][N] (back, D < T)
+    pub fb: usize,
+    /// backward scratch: dz, [B][N] (OnChip) or [T][B][N] (Separate)
+    pub dz: usize,
+    /// backward scratch: da, [B][N] (OnChip) or [T][B][N] (Separate)
+    pub da: usize,
+}
+
+impl BufferSizes {
+    pub fn total_bytes(&self) -> usize {
+        4 * (self.out + self.v + self.g + self.z + self.dv + self.fb + self.dz + self.da)
+    }
+}
+
+/// How a layer of a given shape runs on a given device.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LaunchPlan {
+    pub path: LayerPath,
+    pub forward: KernelLaunch,
+    pub backward: KernelLaunch,
+    pub wgrad: WgradPath,
+    /// The separate weight-gradient reduction, launched once per enabled gate.
+    pub wgrad_launch: Option<KernelLaunch>,
+    pub weights_in_smem_forward: bool,
+    pub weights_in_smem_backward: bool,
+    pub buffers: BufferSizes,
+}
+
+const FUSED_MAX_THREADS: usize = 1024;
+const PLAIN_THREADS: u32 = 256;
+const WGRAD_THREADS: u32 = 256;
+/// Beyond this, dynamic shared memory needs an explicit opt-in attribute.
+const SMEM_DEFAULT_LIMIT: u32 = 48 * 1024;
+
+fn to_i32(what: &str, x: usize) -> Result<i32> {
+    i32::try_from(x).map_err(|_| {
+        config_err(
+            what,
+            format!("{x} exceeds the kernels' 32-bit index range ({})", i32::MAX),
+        )
+    })
+}
+
+/// Validates a layer's settings (independent of the device).
+pub fn validate(shape: [usize; 3], fb: &FeedbackConfig, batch: usize, steps: usize) -> Result<()> {
+    if shape.contains(&0) {
+        return Err(config_err(
+            "shape",
+            format!("layer shape {shape:?} has a zero dimension"),
+        ));
+    }
+    if batch == 0 {
+        return Err(config_err(
+            "batch",
+            "batch = 0: a launch needs at least one sample",
+        ));
+    }
+    if steps == 0 {
+        return Err(config_err(
+            "steps",
+            "T = 0: a spiking layer needs at least one time step",
+        ));
+    }
+    if fb.delay == 0 {
+        return Err(config_err(
+            "delay",
+            "D = 0: the feedback delay must be at least 1 step",
+        ));
+    }
+    let n = shape[0]
+        .checked_mul(shape[1])
+        .and_then(|x| x.checked_mul(shape[2]));
+    let n = n.ok_or_else(|| config_err("shape", format!("{shape:?} overflows")))?;
+    to_i32("neurons per sample C·H·W", n)?;
+    to_i32("batch", batch)?;
+    to_i32("steps", steps)?;
+    if fb.back || fb.ei {
+        let k = 2usize.saturating_mul(fb.radius).saturating_add(1);
+        let wlen = shape[0]
+            .saturating_mul(shape[0])
+            .saturating_mul(k)
+            .saturating_mul(k);
+        to_i32(
+            "gate weights C·C·(2r+1)² (reduce the radius or the channels)",
+            wlen,
+        )?;
+        if shape[0] > 65_535 {
+            return Err(config_err(
+                "channels",
+                format!("C = {} > 65535 (the weight-gradient grid)", shape[0]),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The launch plan of a layer: path, grid/block/shared memory of every kernel, buffer sizes.
+/// A pure function of the shape, the switches, the batch shape and the device's limits.
+pub fn plan(
+    shape: [usize; 3],
+    fb: &FeedbackConfig,
+    batch: usize,
+    steps: usize,
+    limits: &DeviceLimits,
+) -> Result<LaunchPlan> {
+    validate(shape, fb, batch, steps)?;
+    let n = shape.iter().product::<usize>();
+    let bn = batch * n;
+    let all = steps * bn;
+    if !(fb.back || fb.ei) {
+        let blocks = bn.div_ceil(PLAIN_THREADS as usize).clamp(1, 1 << 20) as u32;
+        let l = |kernel| KernelLaunch {
+            module: "spiking",
+            kernel,
+            grid: (blocks, 1, 1),
+            block: PLAIN_THREADS,
+            smem_bytes: 0,
+        };
+        return Ok(LaunchPlan {
+            path: LayerPath::Plain,
+            forward: l("spiking_forward_v1_f32"),
+            backward: l("spiking_backward_v1_f32"),
+            wgrad: WgradPath::None,
+            wgrad_launch: None,
+            weights_in_smem_forward: false,
+            weights_in_smem_backward: false,
+            buffers: BufferSizes {
+                out: all,
+                v: all,
+                ..Default::default()
+            },
+        });
+    }
+    let c = shape[0];
+    let k = 2 * fb.radius + 1;
+    let wlen = c * c * k * k;
+    let gates = fb.back as usize + fb.ei as usize;
+    let budget = limits.max_smem_per_block as usize;
+    let w_bytes = 4 * gates * wlen;
+    let acc_bytes = 4 * gates * (wlen + c);
+    let w_fwd = w_bytes <= budget;
+    let onchip = acc_bytes <= budget;
+    let used = if onchip { acc_bytes } else { 0 };
+    let w_bwd = used + w_bytes <= budget;
+    let threads = n.div_ceil(32).clamp(1, FUSED_MAX_THREADS / 32) as u32 * 32;
+    let fused = |kernel, smem| KernelLaunch {
+        module: "backei_layer",
+        kernel,
+        grid: (batch as u32, 1, 1),
+        block: threads,
+        smem_bytes: smem as u32,
+    };
+    let per_step = if onchip { bn } else { all };
+    Ok(LaunchPlan {
+        path: LayerPath::Fused,
+        forward: fused("backei_forward_v1_f32", if w_fwd { w_bytes } else { 0 }),
+        backward: fused(
+            "backei_backward_v1_f32",
+            used + if w_bwd { w_bytes } else { 0 },
+        ),
+        wgrad: if onchip {
+            WgradPath::OnChip
+        } else {
+            WgradPath::Separate
+        },
+        wgrad_launch: (!onchip).then_some(KernelLaunch {
+            module: "backei_layer",
+            kernel: "backei_wgrad_v1_f32",
+            grid: (c as u32, c as u32, 1),
+            block: WGRAD_THREADS,
+            smem_bytes: 0,
+        }),
+        weights_in_smem_forward: w_fwd,
+        weights_in_smem_backward: w_bwd,
+        buffers: BufferSizes {
+            out: all,
+            v: all,
+            g: if fb.back { all } else { 0 },
+            z: if fb.ei { all } else { 0 },
+            dv: bn,
+            fb: if fb.back && fb.delay < steps {
+                fb.delay * bn
+            } else {
+                0
+            },
+            dz: if fb.ei { per_step } else { 0 },
+            da: if fb.back { per_step } else { 0 },
+        },
+    })
+}
+
+fn cuda_err(what: &'static str) -> impl Fn(cudarc::driver::DriverError) -> BackeiError {
+    move |e| BackeiError::Cuda(format!("{what}: {e:?}"))
+}
+
+/// A device buffer of `n` floats, or None for n = 0.
+fn alloc(dev: &GpuDevice, n: usize) -> Result<Option<CudaSlice<f32>>> {
+    if n == 0 {
+        return Ok(None);
+    }
+    // SAFETY: every element is written by a kernel before it is read (see the kernels' docs);
+    // tests poison these buffers with NaN to prove it.
+    let b = unsafe { dev.stream.alloc::<f32>(n) }.map_err(|e| {
+        BackeiError::Cuda(format!(
+            "allocating {} MiB for a BackEI layer: {e:?} (reduce the batch or T)",
+            n * 4 >> 20
+        ))
+    })?;
+    Ok(Some(b))
+}
 
 pub struct GpuBackEiLayer {
     pub dev: Arc<GpuDevice>,
@@ -24,6 +409,27 @@ pub struct GpuBackEiLayer {
     pub neuron: NeuronConfig,
     /// [C, H, W]
     pub shape: [usize; 3],
+    pub limits: DeviceLimits,
+    /// The plan of the current batch shape (after `prepare` or `forward`).
+    pub plan: Option<LaunchPlan>,
+    batch: usize,
+    steps: usize,
+    /// s [T][B][N] of the last forward.
+    pub out: Option<CudaSlice<f32>>,
+    /// v [T][B][N] of the last forward.
+    pub v: Option<CudaSlice<f32>>,
+    /// g [T][B][N] (back on).
+    pub g: Option<CudaSlice<f32>>,
+    /// z [T][B][N] (ei on).
+    pub z: Option<CudaSlice<f32>>,
+    dv: Option<CudaSlice<f32>>,
+    fb: Option<CudaSlice<f32>>,
+    dz: Option<CudaSlice<f32>>,
+    da: Option<CudaSlice<f32>>,
+    /// Stands in for an absent buffer in a kernel's argument list (never dereferenced).
+    dummy: CudaSlice<f32>,
+    /// T_in of the last forward.
+    t_in: usize,
 }
 
 impl GpuBackEiLayer {
@@ -33,27 +439,225 @@ impl GpuBackEiLayer {
         feedback: FeedbackConfig,
         neuron: &NeuronConfig,
     ) -> Result<Self> {
+        validate(shape, &feedback, 1, 1)?;
+        let limits = DeviceLimits::of(dev)?;
+        let dummy = dev
+            .stream
+            .alloc_zeros::<f32>(1)
+            .map_err(cuda_err("allocating"))?;
         Ok(GpuBackEiLayer {
             dev: dev.clone(),
             feedback,
             neuron: *neuron,
             shape,
+            limits,
+            plan: None,
+            batch: 0,
+            steps: 0,
+            out: None,
+            v: None,
+            g: None,
+            z: None,
+            dv: None,
+            fb: None,
+            dz: None,
+            da: None,
+            dummy,
+            t_in: 0,
         })
+    }
+
+    /// Neurons per sample.
+    pub fn neurons(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    /// Length of W_b (and of W_e): C·C·(2r+1)².
+    pub fn gate_weight_len(&self) -> usize {
+        let k = 2 * self.feedback.radius + 1;
+        self.shape[0] * self.shape[0] * k * k
+    }
+
+    /// Plans and sizes every buffer for a batch shape (a no-op when unchanged).
+    pub fn prepare(&mut self, batch: usize, steps: usize) -> Result<&LaunchPlan> {
+        if self.plan.is_none() || self.batch != batch || self.steps != steps {
+            let p = plan(self.shape, &self.feedback, batch, steps, &self.limits)?;
+            let b = p.buffers;
+            // free the old buffers before allocating the new ones
+            (
+                self.out, self.v, self.g, self.z, self.dv, self.fb, self.dz, self.da,
+            ) = (None, None, None, None, None, None, None, None);
+            self.out = alloc(&self.dev, b.out)?;
+            self.v = alloc(&self.dev, b.v)?;
+            self.g = alloc(&self.dev, b.g)?;
+            self.z = alloc(&self.dev, b.z)?;
+            self.dv = alloc(&self.dev, b.dv)?;
+            self.fb = alloc(&self.dev, b.fb)?;
+            self.dz = alloc(&self.dev, b.dz)?;
+            self.da = alloc(&self.dev, b.da)?;
+            self.plan = Some(p);
+            self.batch = batch;
+            self.steps = steps;
+        }
+        self.plan
+            .as_ref()
+            .ok_or_else(|| BackeiError::Cuda("BackEI layer: no plan".into()))
+    }
+
+    fn dims(
+        &self,
+        slots: &BackEiSlots,
+        t_in: usize,
+        w_smem: bool,
+        wgrad_fused: bool,
+    ) -> Result<LayerDims> {
+        Ok(LayerDims {
+            off_wb: slots[0].start as i64,
+            off_bb: slots[1].start as i64,
+            off_we: slots[2].start as i64,
+            off_be: slots[3].start as i64,
+            c: to_i32("C", self.shape[0])?,
+            h: to_i32("H", self.shape[1])?,
+            w: to_i32("W", self.shape[2])?,
+            r: to_i32("radius", self.feedback.radius)?,
+            t: to_i32("steps", self.steps)?,
+            b: to_i32("batch", self.batch)?,
+            t_in: to_i32("T_in", t_in)?,
+            d: to_i32("delay", self.feedback.delay)?,
+            back: self.feedback.back as i32,
+            ei: self.feedback.ei as i32,
+            w_smem: w_smem as i32,
+            wgrad_fused: wgrad_fused as i32,
+        })
+    }
+
+    /// Checks the slots against the layer's tensors and the buffer's length.
+    fn check_slots(&self, slots: &BackEiSlots, buffer_len: usize, what: &str) -> Result<()> {
+        let (wl, c) = (self.gate_weight_len(), self.shape[0]);
+        let want = [
+            (self.feedback.back, wl, "W_b"),
+            (self.feedback.back, c, "b_b"),
+            (self.feedback.ei, wl, "W_e"),
+            (self.feedback.ei, c, "b_e"),
+        ];
+        for (slot, (on, len, name)) in slots.iter().zip(want) {
+            if on && slot.len() != len {
+                return Err(shape_err(
+                    format!("BackEI layer {what} slot {name}"),
+                    format!("{len} elements"),
+                    format!("{slot:?} ({} elements)", slot.len()),
+                ));
+            }
+            if on && slot.end > buffer_len {
+                return Err(shape_err(
+                    format!("BackEI layer {what} slot {name}"),
+                    format!("a range inside the {buffer_len}-element buffer"),
+                    format!("{slot:?}"),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn function(&self, l: &KernelLaunch) -> Result<CudaFunction> {
+        let f = self.dev.kernels.function(l.module, l.kernel)?;
+        if l.smem_bytes > SMEM_DEFAULT_LIMIT {
+            f.set_attribute(
+                CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                l.smem_bytes as i32,
+            )
+            .map_err(|e| {
+                BackeiError::Cuda(format!(
+                    "{}: opting in to {} bytes of shared memory: {e:?}",
+                    l.kernel, l.smem_bytes
+                ))
+            })?;
+        }
+        Ok(f)
     }
 
     /// All T steps for a batch; the output s [T][B][C][H][W] is then `self.output()`.
     pub fn forward(
         &mut self,
-        _params: &CudaSlice<f32>,
-        _slots: &BackEiSlots,
-        _input: &CudaView<f32>,
-        _t_in: usize,
-        _batch: usize,
-        _steps: usize,
+        params: &CudaSlice<f32>,
+        slots: &BackEiSlots,
+        input: &CudaView<f32>,
+        t_in: usize,
+        batch: usize,
+        steps: usize,
     ) -> Result<()> {
-        Err(BackeiError::Cuda(
-            "GpuBackEiLayer::forward: not implemented yet".into(),
-        ))
+        if t_in != 1 && t_in != steps {
+            return Err(config_err("T_in", format!("the input current has T_in = {t_in} steps; it must be 1 (direct encoding) or T = {steps}")));
+        }
+        let plan = self.prepare(batch, steps)?.clone();
+        let n = self.neurons();
+        if input.len() != t_in * batch * n {
+            return Err(shape_err(
+                "BackEI layer forward input",
+                format!("T_in·B·C·H·W = {t_in}·{batch}·{n} = {}", t_in * batch * n),
+                input.len().to_string(),
+            ));
+        }
+        self.check_slots(slots, params.len(), "parameter")?;
+        self.t_in = t_in;
+        let np = NeuronParams::from_config(&self.neuron);
+        let l = plan.forward;
+        let f = self.function(&l)?;
+        let stream = self.dev.stream.clone();
+        let dims = self.dims(
+            slots,
+            t_in,
+            plan.weights_in_smem_forward,
+            plan.wgrad == WgradPath::OnChip,
+        )?;
+        let (out, v) = match (self.out.as_mut(), self.v.as_mut()) {
+            (Some(o), Some(v)) => (o, v),
+            _ => {
+                return Err(BackeiError::Cuda(
+                    "BackEI layer: output buffers missing".into(),
+                ))
+            }
+        };
+        match plan.path {
+            LayerPath::Plain => {
+                let (nn, t, ti) = ((batch * n) as i64, steps as i32, t_in as i32);
+                // SAFETY: the argument list matches spiking_forward_v1_f32; lengths checked above.
+                unsafe {
+                    stream
+                        .launch_builder(&f)
+                        .arg(input)
+                        .arg(out)
+                        .arg(v)
+                        .arg(&nn)
+                        .arg(&t)
+                        .arg(&ti)
+                        .arg(&np)
+                        .launch(l.config())
+                }
+                .map_err(cuda_err("launching spiking_forward_v1_f32"))?;
+            }
+            LayerPath::Fused => {
+                // the dummy stands in for a disabled gate's buffer, which the kernel never touches
+                let g = self.g.as_ref().unwrap_or(&self.dummy);
+                let z = self.z.as_ref().unwrap_or(&self.dummy);
+                // SAFETY: the argument list matches backei_forward_v1_f32; lengths checked above.
+                unsafe {
+                    stream
+                        .launch_builder(&f)
+                        .arg(params)
+                        .arg(input)
+                        .arg(out)
+                        .arg(v)
+                        .arg(g)
+                        .arg(z)
+                        .arg(&dims)
+                        .arg(&np)
+                        .launch(l.config())
+                }
+                .map_err(cuda_err("launching backei_forward_v1_f32"))?;
+            }
+        }
+        Ok(())
     }
 
     /// BPTT: ∂L/∂s [T][B][..] in, ∂L/∂I out ([T_in][B][..], summed over t when T_in = 1),
@@ -61,30 +665,445 @@ impl GpuBackEiLayer {
     #[allow(clippy::too_many_arguments)]
     pub fn backward(
         &mut self,
-        _params: &CudaSlice<f32>,
-        _grads: &mut CudaSlice<f32>,
-        _slots: &BackEiSlots,
-        _input: &CudaView<f32>,
-        _t_in: usize,
-        _grad_out: &CudaView<f32>,
-        _grad_in: &mut CudaViewMut<f32>,
+        params: &CudaSlice<f32>,
+        grads: &mut CudaSlice<f32>,
+        slots: &BackEiSlots,
+        input: &CudaView<f32>,
+        t_in: usize,
+        grad_out: &CudaView<f32>,
+        grad_in: &mut CudaViewMut<f32>,
     ) -> Result<()> {
-        Err(BackeiError::Cuda(
-            "GpuBackEiLayer::backward: not implemented yet".into(),
-        ))
+        let plan = self
+            .plan
+            .clone()
+            .ok_or_else(|| config_err("backward", "BackEI layer backward called before forward"))?;
+        let (batch, steps, n) = (self.batch, self.steps, self.neurons());
+        if t_in != self.t_in {
+            return Err(config_err(
+                "T_in",
+                format!(
+                    "backward got T_in = {t_in}, the last forward had T_in = {}",
+                    self.t_in
+                ),
+            ));
+        }
+        let all = steps * batch * n;
+        if grad_out.len() != all {
+            return Err(shape_err(
+                "BackEI layer backward ∂L/∂s",
+                format!("T·B·C·H·W = {all}"),
+                grad_out.len().to_string(),
+            ));
+        }
+        if grad_in.len() != t_in * batch * n {
+            return Err(shape_err(
+                "BackEI layer backward ∂L/∂I",
+                format!("T_in·B·C·H·W = {}", t_in * batch * n),
+                grad_in.len().to_string(),
+            ));
+        }
+        if input.len() != t_in * batch * n {
+            return Err(shape_err(
+                "BackEI layer backward input",
+                format!("T_in·B·C·H·W = {}", t_in * batch * n),
+                input.len().to_string(),
+            ));
+        }
+        self.check_slots(slots, params.len(), "parameter")?;
+        self.check_slots(slots, grads.len(), "gradient")?;
+        if grads.len() != params.len() {
+            return Err(shape_err(
+                "BackEI layer backward gradient buffer",
+                format!("{} elements (as the parameters)", params.len()),
+                grads.len().to_string(),
+            ));
+        }
+        let np = NeuronParams::from_config(&self.neuron);
+        let stream = self.dev.stream.clone();
+        let l = plan.backward;
+        let f = self.function(&l)?;
+        let v = self
+            .v
+            .as_ref()
+            .ok_or_else(|| BackeiError::Cuda("BackEI layer: v missing".into()))?;
+        match plan.path {
+            LayerPath::Plain => {
+                let (nn, t, ti) = ((batch * n) as i64, steps as i32, t_in as i32);
+                // SAFETY: the argument list matches spiking_backward_v1_f32; lengths checked above.
+                unsafe {
+                    stream
+                        .launch_builder(&f)
+                        .arg(grad_out)
+                        .arg(v)
+                        .arg(grad_in)
+                        .arg(&nn)
+                        .arg(&t)
+                        .arg(&ti)
+                        .arg(&np)
+                        .launch(l.config())
+                }
+                .map_err(cuda_err("launching spiking_backward_v1_f32"))?;
+            }
+            LayerPath::Fused => {
+                let onchip = plan.wgrad == WgradPath::OnChip;
+                let dims = self.dims(slots, t_in, plan.weights_in_smem_backward, onchip)?;
+                let d = &self.dummy;
+                let out = self.out.as_ref().unwrap_or(d);
+                let g = self.g.as_ref().unwrap_or(d);
+                let z = self.z.as_ref().unwrap_or(d);
+                let dv = self.dv.as_ref().unwrap_or(d);
+                let fb = self.fb.as_ref().unwrap_or(d);
+                let dz = self.dz.as_ref().unwrap_or(d);
+                let da = self.da.as_ref().unwrap_or(d);
+                // SAFETY: the argument list matches backei_backward_v1_f32; lengths checked above.
+                // The scratch buffers are written by the kernel through pointers; cudarc's shared
+                // references only pass their addresses, and no other work touches them meanwhile.
+                unsafe {
+                    stream
+                        .launch_builder(&f)
+                        .arg(params)
+                        .arg(&mut *grads)
+                        .arg(input)
+                        .arg(out)
+                        .arg(v)
+                        .arg(g)
+                        .arg(z)
+                        .arg(grad_out)
+                        .arg(&mut *grad_in)
+                        .arg(dv)
+                        .arg(fb)
+                        .arg(dz)
+                        .arg(da)
+                        .arg(&dims)
+                        .arg(&np)
+                        .launch(l.config())
+                }
+                .map_err(cuda_err("launching backei_backward_v1_f32"))?;
+                if let Some(w) = plan.wgrad_launch {
+                    let wf = self.function(&w)?;
+                    let passes = [
+                        (
+                            self.feedback.back,
+                            slots[0].start,
+                            slots[1].start,
+                            da,
+                            out,
+                            self.feedback.delay as i32,
+                        ),
+                        (self.feedback.ei, slots[2].start, slots[3].start, dz, v, 0),
+                    ];
+                    for (on, ow, ob, dy, x, shift) in passes {
+                        if !on {
+                            continue;
+                        }
+                        let (ow, ob) = (ow as i64, ob as i64);
+                        // SAFETY: the argument list matches backei_wgrad_v1_f32; dy and x hold
+                        // [T][B][N] (the Separate plan sizes da and dz for every step).
+                        unsafe {
+                            stream
+                                .launch_builder(&wf)
+                                .arg(&mut *grads)
+                                .arg(&ow)
+                                .arg(&ob)
+                                .arg(dy)
+                                .arg(x)
+                                .arg(&shift)
+                                .arg(&dims)
+                                .launch(w.config())
+                        }
+                        .map_err(cuda_err("launching backei_wgrad_v1_f32"))?;
+                    }
+                }
+            }
+        }
+        Ok(())
     }
 
     /// s of the last forward.
     pub fn output(&self) -> Result<&CudaSlice<f32>> {
-        Err(BackeiError::Cuda(
-            "GpuBackEiLayer::output: not implemented yet".into(),
-        ))
+        self.out.as_ref().ok_or_else(|| {
+            config_err(
+                "output",
+                "the BackEI layer has no output yet: run forward first",
+            )
+        })
     }
 
     /// (firing rate, inhibitory fraction among fired) of the last forward, reduced on the GPU.
     pub fn spike_stats(&self) -> Result<(f64, f64)> {
-        Err(BackeiError::Cuda(
-            "GpuBackEiLayer::spike_stats: not implemented yet".into(),
+        let out = self.output()?;
+        let n = out.len();
+        let stream = &self.dev.stream;
+        let mut counts = stream
+            .alloc_zeros::<u64>(2)
+            .map_err(cuda_err("allocating the spike counters"))?;
+        let f = self.dev.kernels.function("spiking", "spike_counts_f32")?;
+        let blocks = n.div_ceil(256).clamp(1, 4096) as u32;
+        let nn = n as i64;
+        let cfg = LaunchConfig {
+            grid_dim: (blocks, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: the argument list matches spike_counts_f32.
+        unsafe {
+            stream
+                .launch_builder(&f)
+                .arg(out)
+                .arg(&nn)
+                .arg(&mut counts)
+                .launch(cfg)
+        }
+        .map_err(cuda_err("launching spike_counts_f32"))?;
+        let c = stream
+            .clone_dtoh(&counts)
+            .map_err(cuda_err("reading the spike counters"))?;
+        let rate = c[0] as f64 / n.max(1) as f64;
+        let inh = if c[0] == 0 {
+            0.0
+        } else {
+            c[1] as f64 / c[0] as f64
+        };
+        Ok((rate, inh))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::spec::{LayerSpec, NetworkSpec};
+
+    /// (network, layer index, shape, feedback) of every spiking layer of the four networks.
+    fn spiking_layers() -> Vec<(String, usize, [usize; 3], FeedbackConfig)> {
+        let mut v = Vec::new();
+        for spec in [
+            NetworkSpec::mnist(),
+            NetworkSpec::fashion_mnist(),
+            NetworkSpec::cifar10(),
+            NetworkSpec::nmnist(),
+        ] {
+            for (i, l) in spec.plan().unwrap().iter().enumerate() {
+                let fb = match l.spec {
+                    LayerSpec::BackEi => spec.feedback,
+                    LayerSpec::Spiking => FeedbackConfig {
+                        back: false,
+                        ei: false,
+                        radius: 0,
+                        delay: 1,
+                    },
+                    _ => continue,
+                };
+                v.push((spec.name.clone(), i, l.output, fb));
+            }
+        }
+        v
+    }
+
+    #[test]
+    fn device_structs_have_the_c_layout_of_the_kernels() {
+        // LayerDims: 4 × i64 + 12 × i32 = 80 bytes (the PTX shows `.param .align 8 .b8 [80]`).
+        assert_eq!(std::mem::size_of::<LayerDims>(), 80);
+        assert_eq!(std::mem::align_of::<LayerDims>(), 8);
+        assert_eq!(std::mem::size_of::<NeuronParams>(), 24);
+        let np = NeuronParams::from_config(&NeuronConfig {
+            mode: FiringMode::Smooth { k: 3.0 },
+            surrogate: Surrogate::Atan { alpha: 2.0 },
+            ..Default::default()
+        });
+        assert_eq!(
+            np,
+            NeuronParams {
+                leak: 0.2,
+                threshold: 0.5,
+                surrogate: 2,
+                width: 2.0,
+                smooth: 1,
+                k: 3.0
+            }
+        );
+    }
+
+    #[test]
+    fn every_spiking_layer_of_the_four_networks_has_a_plan_that_fits_the_device() {
+        let layers = spiking_layers();
+        assert_eq!(
+            layers.iter().filter(|l| l.3.back).count(),
+            2 + 2 + 3 + 2,
+            "BackEI layers found: {layers:?}"
+        );
+        for limits in [DeviceLimits::A100, DeviceLimits::H100] {
+            for (net, i, shape, fb) in &layers {
+                for batch in [1, 100, 256] {
+                    for steps in [1, 20, 64] {
+                        let p = plan(*shape, fb, batch, steps, &limits)
+                            .unwrap_or_else(|e| panic!("{net} layer {i}: {e}"));
+                        let n: usize = shape.iter().product();
+                        let all = steps * batch * n;
+                        assert_eq!((p.buffers.out, p.buffers.v), (all, all));
+                        if !fb.back && !fb.ei {
+                            assert_eq!(p.path, LayerPath::Plain);
+                            assert_eq!(p.wgrad, WgradPath::None);
+                            assert_eq!(p.forward.block, 256);
+                            assert!(p.forward.grid.0 as usize * 256 >= (batch * n).min(256 << 20));
+                            assert_eq!(
+                                p.buffers.total_bytes(),
+                                8 * all,
+                                "plain saves only s and v"
+                            );
+                            continue;
+                        }
+                        assert_eq!(p.path, LayerPath::Fused, "{net} {i}");
+                        for l in [p.forward, p.backward] {
+                            assert_eq!(l.grid, (batch as u32, 1, 1), "one block per sample");
+                            assert!(
+                                l.block % 32 == 0
+                                    && l.block <= 1024
+                                    && l.block as usize <= n.div_ceil(32) * 32
+                            );
+                            assert!(l.smem_bytes <= limits.max_smem_per_block);
+                        }
+                        let (c, k) = (shape[0], 2 * fb.radius + 1);
+                        let wlen = c * c * k * k;
+                        assert_eq!(
+                            p.weights_in_smem_forward,
+                            8 * wlen <= limits.max_smem_per_block as usize
+                        );
+                        assert_eq!(
+                            p.forward.smem_bytes as usize,
+                            if p.weights_in_smem_forward {
+                                8 * wlen
+                            } else {
+                                0
+                            }
+                        );
+                        let onchip = 8 * (wlen + c) <= limits.max_smem_per_block as usize;
+                        assert_eq!(
+                            p.wgrad,
+                            if onchip {
+                                WgradPath::OnChip
+                            } else {
+                                WgradPath::Separate
+                            }
+                        );
+                        assert_eq!(p.wgrad_launch.is_some(), !onchip);
+                        if let Some(w) = p.wgrad_launch {
+                            assert_eq!((w.grid, w.block), ((c as u32, c as u32, 1), 256));
+                        }
+                        let per_step = if onchip { batch * n } else { all };
+                        assert_eq!(
+                            (p.buffers.g, p.buffers.z, p.buffers.dz, p.buffers.da),
+                            (all, all, per_step, per_step)
+                        );
+                        assert_eq!(p.buffers.fb, if steps > 1 { batch * n } else { 0 });
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn the_paths_of_the_reference_shapes_are_the_documented_ones() {
+        let fb = |r| FeedbackConfig {
+            radius: r,
+            ..Default::default()
+        };
+        let h = DeviceLimits::H100;
+        let path = |shape, r| {
+            let p = plan(shape, &fb(r), 100, 20, &h).unwrap();
+            (p.wgrad, p.weights_in_smem_forward)
+        };
+        // mnist / nmnist layer 1: dW of both gates (2·(15²·25 + 15)·4 = 45 KB) on chip
+        assert_eq!(path([15, 24, 24], 2), (WgradPath::OnChip, true));
+        assert_eq!(path([15, 30, 30], 2), (WgradPath::OnChip, true));
+        // mnist layer 2: 2·40²·25·4 = 320 KB: neither weights nor dW fit
+        assert_eq!(path([40, 8, 8], 2), (WgradPath::Separate, false));
+        // fashion layer 1: 2·(32²·9 + 32)·4 = 74 KB on chip; layer 2: 295 KB separate
+        assert_eq!(path([32, 28, 28], 1), (WgradPath::OnChip, true));
+        assert_eq!(path([64, 14, 14], 1), (WgradPath::Separate, false));
+        // cifar10: all separate
+        for s in [[128, 32, 32], [256, 16, 16], [512, 8, 8]] {
+            assert_eq!(path(s, 1), (WgradPath::Separate, false));
+        }
+        // on an A100 (163 KB) fashion layer 1 still fits
+        assert_eq!(
+            plan([32, 28, 28], &fb(1), 100, 20, &DeviceLimits::A100)
+                .unwrap()
+                .wgrad,
+            WgradPath::OnChip
+        );
+        // a device with 48 KB only: fashion layer 1 falls back
+        let small = DeviceLimits {
+            sm_count: 80,
+            max_smem_per_block: 48 * 1024,
+        };
+        assert_eq!(
+            plan([32, 28, 28], &fb(1), 100, 20, &small).unwrap().wgrad,
+            WgradPath::Separate
+        );
+        // one gate only: fashion layer 2's W_e alone (147 KB) fits in the forward
+        let ei_only = FeedbackConfig {
+            back: false,
+            ..fb(1)
+        };
+        let p = plan([64, 14, 14], &ei_only, 100, 20, &h).unwrap();
+        assert!(p.weights_in_smem_forward);
+        assert_eq!((p.buffers.g, p.buffers.da, p.buffers.fb), (0, 0, 0));
+        // block size: min(1024, N rounded up to 32)
+        assert_eq!(plan([1, 3, 5], &fb(1), 2, 3, &h).unwrap().forward.block, 32);
+        assert_eq!(
+            plan([15, 24, 24], &fb(2), 2, 3, &h).unwrap().forward.block,
+            1024
+        );
+        // the delay ring: D slots when D < T, none when the feedback never arrives
+        assert_eq!(
+            plan([2, 7, 9], &FeedbackConfig { delay: 3, ..fb(1) }, 2, 5, &h)
+                .unwrap()
+                .buffers
+                .fb,
+            3 * 2 * 126
+        );
+        assert_eq!(
+            plan([2, 7, 9], &FeedbackConfig { delay: 5, ..fb(1) }, 2, 5, &h)
+                .unwrap()
+                .buffers
+                .fb,
+            0
+        );
+    }
+
+    #[test]
+    fn the_plain_layer_of_the_benchmark_is_one_grid_over_all_neurons() {
+        let off = FeedbackConfig {
+            back: false,
+            ei: false,
+            radius: 0,
+            delay: 1,
+        };
+        let p = plan([64 * 65_536, 1, 1], &off, 1, 32, &DeviceLimits::H100).unwrap();
+        assert_eq!(p.path, LayerPath::Plain);
+        assert_eq!(p.forward.grid, (16_384, 1, 1));
+        assert_eq!(p.forward.kernel, "spiking_forward_v1_f32");
+        assert_eq!(p.buffers.total_bytes(), 2 * 32 * 64 * 65_536 * 4);
+    }
+
+    #[test]
+    fn bad_settings_are_errors_not_panics() {
+        let fb = FeedbackConfig::default();
+        let h = DeviceLimits::H100;
+        let msg = |r: Result<LaunchPlan>| r.unwrap_err().to_string();
+        assert!(msg(plan([4, 4, 4], &fb, 0, 5, &h)).contains("batch"));
+        assert!(msg(plan([4, 4, 4], &fb, 2, 0, &h)).contains("T = 0"));
+        assert!(msg(plan([4, 0, 4], &fb, 2, 5, &h)).contains("zero dimension"));
+        assert!(msg(plan(
+            [4, 4, 4],
+            &FeedbackConfig { delay: 0, ..fb },
+            2,
+            5,
+            &h
         ))
+        .contains("delay"));
+        assert!(msg(plan([70_000, 1, 1], &fb, 2, 5, &h)).contains("exceeds"));
+        assert!(msg(plan([1 << 16, 1 << 16, 1], &fb, 1, 1, &h)).contains("exceeds"));
+        assert!(msg(plan([usize::MAX, 2, 2], &fb, 1, 1, &h)).contains("overflows"));
     }
 }
