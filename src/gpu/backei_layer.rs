@@ -27,64 +27,29 @@ pub struct GpuBackEiLayer {
 }
 
 impl GpuBackEiLayer {
-    pub fn new(
-        dev: &Arc<GpuDevice>,
-        shape: [usize; 3],
-        feedback: FeedbackConfig,
-        neuron: &NeuronConfig,
-    ) -> Result<Self> {
-        Ok(GpuBackEiLayer {
-            dev: dev.clone(),
-            feedback,
-            neuron: *neuron,
-            shape,
-        })
+    pub fn new(dev: &Arc<GpuDevice>, shape: [usize; 3], feedback: FeedbackConfig, neuron: &NeuronConfig) -> Result<Self> {
+        Ok(GpuBackEiLayer { dev: dev.clone(), feedback, neuron: *neuron, shape })
     }
 
     /// All T steps for a batch; the output s [T][B][C][H][W] is then `self.output()`.
-    pub fn forward(
-        &mut self,
-        _params: &CudaSlice<f32>,
-        _slots: &BackEiSlots,
-        _input: &CudaView<f32>,
-        _t_in: usize,
-        _batch: usize,
-        _steps: usize,
-    ) -> Result<()> {
-        Err(BackeiError::Cuda(
-            "GpuBackEiLayer::forward: not implemented yet".into(),
-        ))
+    pub fn forward(&mut self, _params: &CudaSlice<f32>, _slots: &BackEiSlots, _input: &CudaView<f32>, _t_in: usize, _batch: usize, _steps: usize) -> Result<()> {
+        Err(BackeiError::Cuda("GpuBackEiLayer::forward: not implemented yet".into()))
     }
 
     /// BPTT: ∂L/∂s [T][B][..] in, ∂L/∂I out ([T_in][B][..], summed over t when T_in = 1),
     /// parameter gradients ACCUMULATED into `grads` at `slots`.
     #[allow(clippy::too_many_arguments)]
-    pub fn backward(
-        &mut self,
-        _params: &CudaSlice<f32>,
-        _grads: &mut CudaSlice<f32>,
-        _slots: &BackEiSlots,
-        _input: &CudaView<f32>,
-        _t_in: usize,
-        _grad_out: &CudaView<f32>,
-        _grad_in: &mut CudaViewMut<f32>,
-    ) -> Result<()> {
-        Err(BackeiError::Cuda(
-            "GpuBackEiLayer::backward: not implemented yet".into(),
-        ))
+    pub fn backward(&mut self, _params: &CudaSlice<f32>, _grads: &mut CudaSlice<f32>, _slots: &BackEiSlots, _input: &CudaView<f32>, _t_in: usize, _grad_out: &CudaView<f32>, _grad_in: &mut CudaViewMut<f32>) -> Result<()> {
+        Err(BackeiError::Cuda("GpuBackEiLayer::backward: not implemented yet".into()))
     }
 
     /// s of the last forward.
     pub fn output(&self) -> Result<&CudaSlice<f32>> {
-        Err(BackeiError::Cuda(
-            "GpuBackEiLayer::output: not implemented yet".into(),
-        ))
+        Err(BackeiError::Cuda("GpuBackEiLayer::output: not implemented yet".into()))
     }
 
     /// (firing rate, inhibitory fraction among fired) of the last forward, reduced on the GPU.
     pub fn spike_stats(&self) -> Result<(f64, f64)> {
-        Err(BackeiError::Cuda(
-            "GpuBackEiLayer::spike_stats: not implemented yet".into(),
-        ))
+        Err(BackeiError::Cuda("GpuBackEiLayer::spike_stats: not implemented yet".into()))
     }
 }

@@ -46,15 +46,7 @@ pub fn parse_ptxas_report(module: &str, text: &str) -> Vec<KernelStats> {
         if let Some(i) = line.find("Compiling entry function '") {
             let rest = &line[i + "Compiling entry function '".len()..];
             let name = rest.split('\'').next().unwrap_or("").to_string();
-            out.push(KernelStats {
-                module: module.into(),
-                kernel: name,
-                registers: 0,
-                shared_bytes: 0,
-                stack_bytes: 0,
-                spill_stores: 0,
-                spill_loads: 0,
-            });
+            out.push(KernelStats { module: module.into(), kernel: name, registers: 0, shared_bytes: 0, stack_bytes: 0, spill_stores: 0, spill_loads: 0 });
         } else if let Some(k) = out.last_mut() {
             if line.contains("bytes stack frame") {
                 k.stack_bytes = num_before(line, "bytes stack frame");
@@ -72,39 +64,24 @@ pub fn parse_ptxas_report(module: &str, text: &str) -> Vec<KernelStats> {
 /// Compiles every module for `arch` and reports each kernel's resources.
 pub fn kernel_report(arch: &str) -> Result<Vec<KernelStats>> {
     let ptxas = find_ptxas().ok_or_else(|| {
-        BackeiError::Cuda(
-            "ptxas not found: set PTXAS, put it on PATH, or pip install nvidia-cuda-nvcc-cu12"
-                .into(),
-        )
+        BackeiError::Cuda("ptxas not found: set PTXAS, put it on PATH, or pip install nvidia-cuda-nvcc-cu12".into())
     })?;
     let dir = std::env::temp_dir().join(format!("backei-ptxas-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).map_err(|e| BackeiError::Io {
-        path: dir.display().to_string(),
-        problem: e.to_string(),
-    })?;
+    std::fs::create_dir_all(&dir).map_err(|e| BackeiError::Io { path: dir.display().to_string(), problem: e.to_string() })?;
     let mut all = Vec::new();
     for module in module_names() {
         let ptx = compile_module(module, arch)?;
         let file = dir.join(format!("{module}.ptx"));
-        std::fs::write(&file, ptx).map_err(|e| BackeiError::Io {
-            path: file.display().to_string(),
-            problem: e.to_string(),
-        })?;
+        std::fs::write(&file, ptx).map_err(|e| BackeiError::Io { path: file.display().to_string(), problem: e.to_string() })?;
         let out = Command::new(&ptxas)
             .args(["-v", &format!("-arch={arch}"), "-o"])
             .arg(dir.join(format!("{module}.cubin")))
             .arg(&file)
             .output()
-            .map_err(|e| BackeiError::Io {
-                path: ptxas.display().to_string(),
-                problem: e.to_string(),
-            })?;
-        let text = String::from_utf8_lossy(&out.stderr).into_owned()
-            + &String::from_utf8_lossy(&out.stdout);
+            .map_err(|e| BackeiError::Io { path: ptxas.display().to_string(), problem: e.to_string() })?;
+        let text = String::from_utf8_lossy(&out.stderr).into_owned() + &String::from_utf8_lossy(&out.stdout);
         if !out.status.success() {
-            return Err(BackeiError::Cuda(format!(
-                "ptxas failed on module {module} for {arch}:\n{text}"
-            )));
+            return Err(BackeiError::Cuda(format!("ptxas failed on module {module} for {arch}:\n{text}")));
         }
         all.extend(parse_ptxas_report(module, &text));
     }
@@ -129,19 +106,7 @@ ptxas info    : Function properties for fill_f32\n\
 ptxas info    : Used 8 registers, used 0 barriers, 364 bytes cmem[0]\n";
         let k = parse_ptxas_report("m", text);
         assert_eq!(k.len(), 2);
-        assert_eq!(
-            (
-                k[0].registers,
-                k[0].shared_bytes,
-                k[0].stack_bytes,
-                k[0].spill_stores,
-                k[0].spill_loads
-            ),
-            (40, 4096, 8, 4, 12)
-        );
-        assert_eq!(
-            (k[1].kernel.as_str(), k[1].registers, k[1].shared_bytes),
-            ("fill_f32", 8, 0)
-        );
+        assert_eq!((k[0].registers, k[0].shared_bytes, k[0].stack_bytes, k[0].spill_stores, k[0].spill_loads), (40, 4096, 8, 4, 12));
+        assert_eq!((k[1].kernel.as_str(), k[1].registers, k[1].shared_bytes), ("fill_f32", 8, 0));
     }
 }
