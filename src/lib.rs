@@ -4,6 +4,7 @@
 
 pub mod cpu;
 pub mod data;
+pub mod engine;
 pub mod gpu;
 pub mod error;
 pub mod optim;
@@ -13,6 +14,7 @@ pub mod spec;
 
 pub use cpu::loss::Loss;
 pub use cpu::network::{Network, ParamSlot, StepStats};
+pub use engine::Engine;
 pub use error::{BackeiError, Result};
 pub use optim::{Optimizer, OptimizerConfig, StepLr};
 pub use real::Real;

@@ -1074,3 +1074,99 @@ impl GpuNetwork {
 fn w_of(lp: &LayerPlan) -> usize {
     lp.input[2]
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GB40: usize = 40_000_000_000;
+
+    #[test]
+    fn memory_plan_of_the_four_networks() {
+        for spec in [
+            NetworkSpec::mnist(),
+            NetworkSpec::fashion_mnist(),
+            NetworkSpec::cifar10(),
+            NetworkSpec::nmnist(),
+        ] {
+            let direct = memory_plan_for(&spec, 100, 20, 1).unwrap();
+            let rate = memory_plan(&spec, 100, 20).unwrap();
+            println!(
+                "{:<14} direct {direct}\n{:<14} rate   {rate}",
+                spec.name, ""
+            );
+            // the parameter count is the CPU engine's
+            let n = Network::<f32>::new(&spec, 1).unwrap().num_params();
+            assert_eq!(direct.params, 4 * n, "{}", spec.name);
+            assert_eq!((direct.grads, direct.optimizer), (4 * n, 8 * n));
+            // T_in = T holds every frame and the first conv over all steps: never smaller
+            assert!(rate.total() >= direct.total());
+            assert!(rate.activations > direct.activations);
+            // the spiking layers hold at least s and v over all T steps of every neuron
+            let plan = spec.plan().unwrap();
+            let neurons: usize = plan
+                .iter()
+                .filter(|l| matches!(l.spec, LayerSpec::BackEi | LayerSpec::Spiking))
+                .map(|l| l.input.iter().product::<usize>())
+                .sum();
+            assert!(direct.spiking >= 4 * 2 * 20 * 100 * neurons);
+            // twice the batch needs more, but less than twice (the parameters do not grow)
+            let double = memory_plan_for(&spec, 200, 20, 1).unwrap();
+            assert!(double.total() > direct.total() && double.total() < 2 * direct.total());
+            assert!(
+                direct.total() < GB40,
+                "{} does not fit 40 GB: {direct}",
+                spec.name
+            );
+        }
+    }
+
+    #[test]
+    fn cifar10_at_b100_t20_fits_40_gb_in_both_encodings() {
+        let spec = NetworkSpec::cifar10();
+        let direct = memory_plan_for(&spec, 100, 20, 1).unwrap();
+        let rate = memory_plan(&spec, 100, 20).unwrap();
+        assert!(rate.total() < GB40, "{rate}");
+        assert!(direct.total() < GB40, "{direct}");
+        // the first BackEI layer alone keeps s, v, g, z and ∂L/∂s over 20×100×128×32×32 neurons
+        let first = 20 * 100 * 128 * 32 * 32;
+        assert!(direct.spiking >= 4 * 5 * first, "{direct}");
+        // and the plan is not vacuous: more than 8 GB at this size
+        assert!(direct.total() > 8_000_000_000, "{direct}");
+    }
+
+    #[test]
+    fn memory_plan_refuses_bad_shapes_and_finds_a_batch_that_fits() {
+        let spec = NetworkSpec::cifar10();
+        assert!(memory_plan(&spec, 0, 20)
+            .unwrap_err()
+            .to_string()
+            .contains("batch"));
+        assert!(memory_plan_for(&spec, 10, 20, 3)
+            .unwrap_err()
+            .to_string()
+            .contains("T_in = 3"));
+        assert!(memory_plan(&spec, 10, 0).is_err());
+        let one = memory_plan_for(&spec, 1, 20, 1).unwrap().total();
+        let b = batch_that_fits(&spec, 100, 20, 1, 8_000_000_000).unwrap();
+        assert!(b >= 1 && b < 100);
+        assert!(memory_plan_for(&spec, b, 20, 1).unwrap().total() <= 8_000_000_000);
+        assert!(memory_plan_for(&spec, b + 1, 20, 1).unwrap().total() > 8_000_000_000);
+        assert_eq!(batch_that_fits(&spec, 100, 20, 1, one - 1), None);
+        assert_eq!(
+            batch_that_fits(&spec, 100, 20, 1, usize::MAX / 2),
+            Some(100)
+        );
+    }
+
+    #[test]
+    fn layer_steps_compute_the_first_conv_once_under_direct_encoding() {
+        let spec = NetworkSpec::cifar10();
+        let plan = spec.plan().unwrap();
+        let ts = layer_steps(&plan, 20, 1);
+        assert_eq!(ts[0], (1, 1), "conv 1 runs once");
+        assert_eq!(ts[1], (1, 20), "the BackEI layer broadcasts its current");
+        assert!(ts[2..].iter().all(|&t| t == (20, 20)));
+        assert!(layer_steps(&plan, 20, 20).iter().all(|&t| t == (20, 20)));
+    }
+}
