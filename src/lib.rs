@@ -4,6 +4,7 @@
 
 pub mod cpu;
 pub mod data;
+pub mod engine;
 pub mod error;
 pub mod gpu;
 pub mod optim;
@@ -14,6 +15,7 @@ pub mod train;
 
 pub use cpu::loss::Loss;
 pub use cpu::network::{Network, ParamSlot, StepStats};
+pub use engine::Engine;
 pub use error::{BackeiError, Result};
 pub use optim::{Optimizer, OptimizerConfig, StepLr};
 pub use real::Real;

@@ -2,8 +2,18 @@
 //! the same name in `src/cpu/` (the reference) and in `cuda/` (the kernels).
 
 pub mod backei_layer;
+pub mod conv;
 pub mod device;
+pub mod dropout;
 pub mod kernels;
+pub mod linear;
+pub mod loss;
+pub mod network;
+pub mod optim;
+pub mod pool;
 pub mod ptxas;
+pub mod util;
 
 pub use device::{choose, DeviceChoice, GpuDevice};
+pub use network::{memory_plan, GpuNetwork, MemoryPlan};
+pub use optim::GpuOptimizer;

@@ -1,0 +1,34 @@
+// pool.cu — 2×2 average pooling, stride 2, floor on odd sizes (PyTorch's AvgPool2d(2)).
+// Host side: src/gpu/pool.rs; CPU twin: src/cpu/pool.rs.
+//
+// Math:  y[m][oy][ox] = (x[m][2oy][2ox] + x[m][2oy][2ox+1] + x[m][2oy+1][2ox] + x[m][2oy+1][2ox+1]) · 0.25
+//        dx[m][iy][ix] = dy[m][iy/2][ix/2] · 0.25 if iy < 2·ho and ix < 2·wo, else 0 (rows/columns
+//        dropped by the floor get no gradient).
+// Layout: x [m][h][w], y [m][ho][wo], m = samples·channels (every plane is independent).
+// Work mapping: one thread per output element (forward) / per input element (backward, a gather:
+// no atomics, every element written exactly once); grid-stride loops.
+
+extern "C" __global__ void avgpool2_forward_f32(const float* __restrict__ x, float* __restrict__ y, long long planes, int h, int w) {
+    const int ho = h / 2, wo = w / 2;
+    const long long total = planes * ho * wo;
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total; i += (long long)gridDim.x * blockDim.x) {
+        int ox = (int)(i % wo);
+        int oy = (int)((i / wo) % ho);
+        long long m = i / ((long long)wo * ho);
+        const float* r0 = x + (m * h + 2 * oy) * w;
+        const float* r1 = r0 + w;
+        y[i] = (r0[2 * ox] + r0[2 * ox + 1] + r1[2 * ox] + r1[2 * ox + 1]) * 0.25f;
+    }
+}
+
+extern "C" __global__ void avgpool2_backward_f32(const float* __restrict__ dy, float* __restrict__ dx, long long planes, int h, int w) {
+    const int ho = h / 2, wo = w / 2;
+    const long long total = planes * h * w;
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total; i += (long long)gridDim.x * blockDim.x) {
+        int ix = (int)(i % w);
+        int iy = (int)((i / w) % h);
+        long long m = i / ((long long)w * h);
+        int oy = iy / 2, ox = ix / 2;
+        dx[i] = (oy < ho && ox < wo) ? dy[(m * ho + oy) * wo + ox] * 0.25f : 0.0f;
+    }
+}

@@ -1,0 +1,317 @@
+//! One interface over both engines, so the trainer need not care which one runs: a network and
+//! its optimizer, on the CPU (`cpu::Network<f32>` + `optim::Optimizer`) or on a GPU
+//! (`gpu::GpuNetwork` + `gpu::GpuOptimizer`). Both start from the same weights for the same seed.
+//! The optimizer state travels as an `optim::Optimizer` (host vectors), which checkpoints save.
+
+use crate::cpu::loss::Loss;
+use crate::cpu::network::{Network, ParamSlot, StepStats};
+use crate::error::{shape_err, Result};
+use crate::gpu::{choose, DeviceChoice, GpuNetwork, GpuOptimizer};
+use crate::optim::{Optimizer, OptimizerConfig};
+use crate::spec::NetworkSpec;
+
+pub enum Engine {
+    Cpu {
+        net: Box<Network<f32>>,
+        opt: Optimizer,
+    },
+    Gpu {
+        net: Box<GpuNetwork>,
+        opt: GpuOptimizer,
+    },
+}
+
+impl Engine {
+    /// Builds the network of `spec` (PyTorch's initialisation from `seed`) and its optimizer on
+    /// the engine `choice` resolves to. Returns the engine and a line saying which engine runs
+    /// and why (`auto` falls back to the CPU and says so; `cuda` without a GPU is an error).
+    pub fn new(
+        spec: &NetworkSpec,
+        seed: u64,
+        choice: DeviceChoice,
+        opt: OptimizerConfig,
+    ) -> Result<(Engine, String)> {
+        opt.validate()?;
+        let cpu = Network::<f32>::new(spec, seed)?;
+        let (dev, line) = choose(choice)?;
+        let engine = match dev {
+            None => {
+                let o = Optimizer::new(opt, cpu.num_params())?;
+                Engine::Cpu {
+                    net: Box::new(cpu),
+                    opt: o,
+                }
+            }
+            Some(dev) => {
+                let net = GpuNetwork::from_cpu(&dev, &cpu)?;
+                let o = GpuOptimizer::new(&dev, opt, net.num_params())?;
+                Engine::Gpu {
+                    net: Box::new(net),
+                    opt: o,
+                }
+            }
+        };
+        Ok((engine, line))
+    }
+
+    pub fn is_gpu(&self) -> bool {
+        matches!(self, Engine::Gpu { .. })
+    }
+
+    /// "cpu" or "cuda:N <name>".
+    pub fn device_name(&self) -> String {
+        match self {
+            Engine::Cpu { .. } => "cpu".into(),
+            Engine::Gpu { net, .. } => format!("cuda:{} {}", net.dev.ordinal, net.dev.name),
+        }
+    }
+
+    pub fn spec(&self) -> &NetworkSpec {
+        match self {
+            Engine::Cpu { net, .. } => &net.spec,
+            Engine::Gpu { net, .. } => &net.spec,
+        }
+    }
+
+    pub fn slots(&self) -> &[ParamSlot] {
+        match self {
+            Engine::Cpu { net, .. } => &net.slots,
+            Engine::Gpu { net, .. } => &net.slots,
+        }
+    }
+
+    pub fn num_params(&self) -> usize {
+        match self {
+            Engine::Cpu { net, .. } => net.num_params(),
+            Engine::Gpu { net, .. } => net.num_params(),
+        }
+    }
+
+    /// One training iteration: forward, loss, BPTT, optimizer step.
+    pub fn train_step(
+        &mut self,
+        x: &[f32],
+        t_in: usize,
+        labels: &[u8],
+        loss: Loss,
+    ) -> Result<StepStats> {
+        match self {
+            Engine::Cpu { net, opt } => net.train_step(x, t_in, labels, loss, opt),
+            Engine::Gpu { net, opt } => net.train_step(x, t_in, labels, loss, opt),
+        }
+    }
+
+    /// Loss and correct count without updating anything (dropout off).
+    pub fn evaluate(
+        &mut self,
+        x: &[f32],
+        t_in: usize,
+        labels: &[u8],
+        loss: Loss,
+    ) -> Result<StepStats> {
+        match self {
+            Engine::Cpu { net, .. } => net.evaluate(x, t_in, labels, loss),
+            Engine::Gpu { net, .. } => net.evaluate(x, t_in, labels, loss),
+        }
+    }
+
+    pub fn predict(&mut self, x: &[f32], t_in: usize, batch: usize) -> Result<Vec<usize>> {
+        match self {
+            Engine::Cpu { net, .. } => net.predict(x, t_in, batch),
+            Engine::Gpu { net, .. } => net.predict(x, t_in, batch),
+        }
+    }
+
+    /// The parameters (host copy, the flat layout of `slots()`).
+    pub fn params(&self) -> Result<Vec<f32>> {
+        match self {
+            Engine::Cpu { net, .. } => Ok(net.params.clone()),
+            Engine::Gpu { net, .. } => net.params_to_host(),
+        }
+    }
+
+    pub fn load_params(&mut self, params: &[f32]) -> Result<()> {
+        match self {
+            Engine::Cpu { net, .. } => {
+                if params.len() != net.params.len() {
+                    return Err(shape_err(
+                        "parameters",
+                        format!("{} values", net.params.len()),
+                        format!("{}", params.len()),
+                    ));
+                }
+                crate::error::check_finite(
+                    "parameters",
+                    params,
+                    "a parameter to load is NaN or Inf",
+                )?;
+                net.params.copy_from_slice(params);
+                Ok(())
+            }
+            Engine::Gpu { net, .. } => net.load_params(params),
+        }
+    }
+
+    /// (layer, firing rate, inhibitory fraction) of every spiking layer in the last forward.
+    pub fn spike_stats(&self) -> Result<Vec<(usize, f64, Option<f64>)>> {
+        match self {
+            Engine::Cpu { net, .. } => Ok(net.spike_stats()),
+            Engine::Gpu { net, .. } => net.spike_stats(),
+        }
+    }
+
+    /// The optimizer's state (config, lr, step, m, v) as host vectors, for checkpoints.
+    pub fn optimizer_state(&self) -> Result<Optimizer> {
+        match self {
+            Engine::Cpu { opt, .. } => Ok(opt.clone()),
+            Engine::Gpu { opt, .. } => opt.to_host(),
+        }
+    }
+
+    /// Restores the optimizer's state (from a checkpoint).
+    pub fn set_optimizer_state(&mut self, state: &Optimizer) -> Result<()> {
+        let n = self.num_params();
+        state.config.validate()?;
+        if state.m.len() != n
+            || (matches!(state.config, OptimizerConfig::Adam { .. }) && state.v.len() != n)
+        {
+            return Err(shape_err(
+                "optimizer state",
+                format!("m and v of {n} values"),
+                format!("m {}, v {}", state.m.len(), state.v.len()),
+            ));
+        }
+        match self {
+            Engine::Cpu { opt, .. } => {
+                *opt = state.clone();
+                Ok(())
+            }
+            Engine::Gpu { opt, .. } => opt.load(state),
+        }
+    }
+
+    /// The learning rate in force.
+    pub fn lr(&self) -> f64 {
+        match self {
+            Engine::Cpu { opt, .. } => opt.lr,
+            Engine::Gpu { opt, .. } => opt.lr,
+        }
+    }
+
+    /// Sets the learning rate (StepLR).
+    pub fn set_lr(&mut self, lr: f64) {
+        match self {
+            Engine::Cpu { opt, .. } => opt.lr = lr,
+            Engine::Gpu { opt, .. } => opt.lr = lr,
+        }
+    }
+
+    /// Training iterations done (keys the dropout masks).
+    pub fn iteration(&self) -> u64 {
+        match self {
+            Engine::Cpu { net, .. } => net.iteration,
+            Engine::Gpu { net, .. } => net.iteration,
+        }
+    }
+
+    pub fn set_iteration(&mut self, it: u64) {
+        match self {
+            Engine::Cpu { net, .. } => net.iteration = it,
+            Engine::Gpu { net, .. } => net.iteration = it,
+        }
+    }
+
+    pub fn dropout_seed(&self) -> u64 {
+        match self {
+            Engine::Cpu { net, .. } => net.dropout_seed,
+            Engine::Gpu { net, .. } => net.dropout_seed,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gpu::device::driver_present;
+
+    #[test]
+    fn auto_falls_back_to_the_cpu_without_a_driver_and_says_so() {
+        let mut spec = NetworkSpec::mnist();
+        spec.steps = 2;
+        let (mut e, line) =
+            Engine::new(&spec, 7, DeviceChoice::Auto, OptimizerConfig::adam(1e-3)).unwrap();
+        if driver_present() {
+            // a machine with a driver: auto takes the GPU when one opens, else falls back
+            assert!(
+                line.starts_with("engine: GPU") || line.contains("found no usable GPU"),
+                "{line}"
+            );
+            return;
+        }
+        assert!(!e.is_gpu());
+        assert!(
+            line.contains("CPU") && line.contains("no usable GPU"),
+            "{line}"
+        );
+        // the CPU engine works through the Engine interface, from the CPU network's weights
+        let reference = Network::<f32>::new(&spec, 7).unwrap();
+        assert!(e.params().unwrap() == reference.params);
+        let x = vec![0.5f32; 2 * 28 * 28];
+        let s = e.train_step(&x, 1, &[3, 4], Loss::Mse).unwrap();
+        assert_eq!(s.batch, 2);
+        assert!(s.loss.is_finite());
+        assert_eq!(e.iteration(), 1);
+        let st = e.optimizer_state().unwrap();
+        assert_eq!(st.step, 1);
+        // exactly what the CPU network and optimizer give by themselves
+        let mut direct = Network::<f32>::new(&spec, 7).unwrap();
+        let mut o = Optimizer::new(OptimizerConfig::adam(1e-3), direct.num_params()).unwrap();
+        let s2 = direct
+            .train_step(&x, 1, &[3, 4], Loss::Mse, &mut o)
+            .unwrap();
+        assert_eq!(s2, s);
+        assert!(
+            e.params().unwrap() == direct.params,
+            "the engine's step differs from the CPU network's"
+        );
+        assert!(st.m == o.m && st.v == o.v);
+        // the optimizer state and the parameters round-trip
+        let mut st2 = st.clone();
+        st2.step = 41;
+        e.set_optimizer_state(&st2).unwrap();
+        assert_eq!(e.optimizer_state().unwrap().step, 41);
+        e.load_params(&reference.params).unwrap();
+        assert!(e.params().unwrap() == reference.params);
+        assert!(e
+            .load_params(&[1.0])
+            .unwrap_err()
+            .to_string()
+            .contains("parameters"));
+        let mut bad = st.clone();
+        bad.m.pop();
+        assert!(e.set_optimizer_state(&bad).is_err());
+        assert_eq!(e.predict(&x, 1, 2).unwrap().len(), 2);
+        assert_eq!(e.spike_stats().unwrap().len(), 4);
+    }
+
+    #[test]
+    fn device_cuda_without_a_gpu_is_a_clear_error_not_a_panic() {
+        if driver_present() {
+            return; // this check is for machines without a driver (CI)
+        }
+        let spec = NetworkSpec::mnist();
+        let r = std::panic::catch_unwind(|| {
+            Engine::new(&spec, 1, DeviceChoice::Cuda(0), OptimizerConfig::adam(1e-3)).map(|_| ())
+        });
+        let err = r
+            .expect("no panic")
+            .expect_err("cuda without a driver must fail");
+        let msg = err.to_string();
+        assert!(
+            msg.contains("CUDA")
+                && msg.contains("no NVIDIA driver")
+                && msg.contains("--device cpu"),
+            "{msg}"
+        );
+    }
+}

@@ -1,0 +1,224 @@
+//! The fused optimizers on the GPU: one launch updates every parameter of the network in the one
+//! flat buffer, with PyTorch's exact formulas (evaluated in f64 per element like the CPU twin
+//! `src/optim.rs`; kernels in `cuda/optim.cu`). The bias corrections are computed on the host.
+//! The state converts to and from `optim::Optimizer` (host), which checkpoints save.
+
+use super::device::GpuDevice;
+use super::util::{check_len, cuda_err, grid};
+use crate::error::Result;
+use crate::optim::{Optimizer, OptimizerConfig};
+use cudarc::driver::{CudaSlice, PushKernelArg};
+use std::sync::Arc;
+
+pub struct GpuOptimizer {
+    pub dev: Arc<GpuDevice>,
+    pub config: OptimizerConfig,
+    /// The learning rate in force (StepLR changes it).
+    pub lr: f64,
+    /// Steps taken (Adam's t).
+    pub step: u64,
+    /// Adam: first moment; SGD: momentum buffer.
+    pub m: CudaSlice<f32>,
+    /// Adam: second moment (one element for SGD, unused).
+    pub v: CudaSlice<f32>,
+    len: usize,
+}
+
+impl GpuOptimizer {
+    pub fn new(dev: &Arc<GpuDevice>, config: OptimizerConfig, len: usize) -> Result<Self> {
+        config.validate()?;
+        let vlen = if matches!(config, OptimizerConfig::Adam { .. }) {
+            len
+        } else {
+            1
+        };
+        let m = dev
+            .stream
+            .alloc_zeros(len.max(1))
+            .map_err(cuda_err("allocating the optimizer state"))?;
+        let v = dev
+            .stream
+            .alloc_zeros(vlen.max(1))
+            .map_err(cuda_err("allocating the optimizer state"))?;
+        Ok(GpuOptimizer {
+            dev: dev.clone(),
+            config,
+            lr: config.lr(),
+            step: 0,
+            m,
+            v,
+            len,
+        })
+    }
+
+    /// The state copied from a host optimizer (a checkpoint, or the CPU engine's).
+    pub fn from_host(dev: &Arc<GpuDevice>, host: &Optimizer) -> Result<Self> {
+        let mut o = GpuOptimizer::new(dev, host.config, host.m.len())?;
+        o.load(host)?;
+        Ok(o)
+    }
+
+    /// Replaces config, lr, step, m and v by a host optimizer's.
+    pub fn load(&mut self, host: &Optimizer) -> Result<()> {
+        host.config.validate()?;
+        check_len("optimizer state m", host.m.len(), self.len)?;
+        let adam = matches!(host.config, OptimizerConfig::Adam { .. });
+        if adam {
+            check_len("optimizer state v", host.v.len(), self.len)?;
+            if self.v.len() != self.len.max(1) {
+                self.v = self
+                    .dev
+                    .stream
+                    .alloc_zeros(self.len.max(1))
+                    .map_err(cuda_err("allocating the optimizer state"))?;
+            }
+        }
+        if self.len > 0 {
+            self.dev
+                .stream
+                .memcpy_htod(&host.m, &mut self.m)
+                .map_err(cuda_err("uploading the optimizer state"))?;
+            if adam {
+                self.dev
+                    .stream
+                    .memcpy_htod(&host.v, &mut self.v)
+                    .map_err(cuda_err("uploading the optimizer state"))?;
+            }
+        }
+        self.config = host.config;
+        self.lr = host.lr;
+        self.step = host.step;
+        Ok(())
+    }
+
+    /// The state as a host optimizer (for checkpoints and comparisons).
+    pub fn to_host(&self) -> Result<Optimizer> {
+        let mut m = self
+            .dev
+            .stream
+            .clone_dtoh(&self.m)
+            .map_err(cuda_err("reading the optimizer state"))?;
+        m.truncate(self.len);
+        let v = if matches!(self.config, OptimizerConfig::Adam { .. }) {
+            let mut v = self
+                .dev
+                .stream
+                .clone_dtoh(&self.v)
+                .map_err(cuda_err("reading the optimizer state"))?;
+            v.truncate(self.len);
+            v
+        } else {
+            Vec::new()
+        };
+        Ok(Optimizer {
+            config: self.config,
+            lr: self.lr,
+            step: self.step,
+            m,
+            v,
+        })
+    }
+
+    /// One update of every parameter, one launch.
+    pub fn update(&mut self, params: &mut CudaSlice<f32>, grads: &CudaSlice<f32>) -> Result<()> {
+        check_len("parameters", params.len(), self.len)?;
+        check_len("gradients", grads.len(), self.len)?;
+        self.step += 1;
+        if self.len == 0 {
+            return Ok(());
+        }
+        let n = self.len as i64;
+        let cfg = grid(self.len);
+        match self.config {
+            OptimizerConfig::Adam {
+                beta1,
+                beta2,
+                eps,
+                weight_decay,
+                ..
+            } => {
+                let bc1 = 1.0 - beta1.powi(self.step as i32);
+                let bc2 = 1.0 - beta2.powi(self.step as i32);
+                let step_size = self.lr / bc1;
+                let bc2_sqrt = bc2.sqrt();
+                let f = self.dev.kernels.function("optim", "adam_f32")?;
+                // SAFETY: params, grads, m and v hold len values.
+                unsafe {
+                    self.dev
+                        .stream
+                        .launch_builder(&f)
+                        .arg(params)
+                        .arg(grads)
+                        .arg(&mut self.m)
+                        .arg(&mut self.v)
+                        .arg(&n)
+                        .arg(&beta1)
+                        .arg(&beta2)
+                        .arg(&eps)
+                        .arg(&weight_decay)
+                        .arg(&step_size)
+                        .arg(&bc2_sqrt)
+                        .launch(cfg)
+                }
+                .map_err(cuda_err("adam_f32"))?;
+            }
+            OptimizerConfig::Sgd {
+                momentum,
+                weight_decay,
+                ..
+            } => {
+                let first = (self.step == 1) as i32;
+                let lr = self.lr;
+                let f = self.dev.kernels.function("optim", "sgd_f32")?;
+                // SAFETY: params, grads and m hold len values.
+                unsafe {
+                    self.dev
+                        .stream
+                        .launch_builder(&f)
+                        .arg(params)
+                        .arg(grads)
+                        .arg(&mut self.m)
+                        .arg(&n)
+                        .arg(&lr)
+                        .arg(&momentum)
+                        .arg(&weight_decay)
+                        .arg(&first)
+                        .launch(cfg)
+                }
+                .map_err(cuda_err("sgd_f32"))?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// How many elements of `x` are NaN or Inf (one reduction on the device, one u32 back).
+pub fn count_nonfinite(
+    dev: &GpuDevice,
+    x: &CudaSlice<f32>,
+    count: &mut CudaSlice<u32>,
+) -> Result<u32> {
+    dev.stream
+        .memset_zeros(count)
+        .map_err(cuda_err("clearing a counter"))?;
+    if x.is_empty() {
+        return Ok(0);
+    }
+    let f = dev.kernels.function("optim", "count_nonfinite_f32")?;
+    let n = x.len() as i64;
+    let cfg = grid(x.len().min(1 << 22));
+    // SAFETY: x holds n values, count one.
+    unsafe {
+        dev.stream
+            .launch_builder(&f)
+            .arg(x)
+            .arg(&n)
+            .arg(&mut *count)
+            .launch(cfg)
+    }
+    .map_err(cuda_err("count_nonfinite_f32"))?;
+    Ok(dev
+        .stream
+        .clone_dtoh(count)
+        .map_err(cuda_err("reading a counter"))?[0])
+}
