@@ -152,6 +152,19 @@ impl Engine {
         }
     }
 
+    /// The predicted class of each sample of the last forward.
+    pub fn last_predictions(&self) -> Result<Vec<usize>> {
+        match self {
+            Engine::Cpu { net, .. } => Ok(net.last_predictions()),
+            Engine::Gpu { net, .. } => Ok(crate::cpu::loss::argmax_rows(&net.readout_to_host()?, net.classes())),
+        }
+    }
+
+    /// The engine a training configuration asks for: its network from its seed, its optimizer.
+    pub fn for_config(cfg: &crate::train::TrainConfig, choice: DeviceChoice) -> Result<(Engine, String)> {
+        Engine::new(&cfg.network, cfg.seed, choice, cfg.optimizer)
+    }
+
     /// (layer, firing rate, inhibitory fraction) of every spiking layer in the last forward.
     pub fn spike_stats(&self) -> Result<Vec<(usize, f64, Option<f64>)>> {
         match self {

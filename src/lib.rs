@@ -8,6 +8,7 @@ pub mod engine;
 pub mod error;
 pub mod gpu;
 pub mod optim;
+pub mod plot;
 pub mod real;
 pub mod rng;
 pub mod spec;

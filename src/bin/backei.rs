@@ -295,7 +295,7 @@ fn train(a: TrainArgs) -> anyhow::Result<ExitCode> {
     let _ = std::fs::remove_file(&probe);
 
     let choice: DeviceChoice = cfg.device.parse().map_err(usage)?;
-    let (mut engine, line) = backei::engine::build_engine(&cfg, choice)?;
+    let (mut engine, line) = backei::Engine::for_config(&cfg, choice)?;
     eprintln!("{line}");
     eprintln!("run folder: {}", out.display());
     let interrupt = Arc::new(AtomicBool::new(false));
@@ -309,9 +309,8 @@ fn train(a: TrainArgs) -> anyhow::Result<ExitCode> {
             eprintln!("\nCtrl-C: finishing the current step and writing a checkpoint (Ctrl-C again to abort)");
         });
     }
-    let slots = engine.slots().to_vec();
     let opts = RunOptions { config: cfg, out: out.clone(), resume, quiet: a.quiet, interrupt, engine_line: &line };
-    match backei::train::run::train(opts, engine.as_mut(), &slots)? {
+    match backei::train::run::train(opts, &mut engine)? {
         RunOutcome::Finished { final_test_accuracy, best_accuracy, best_epoch } => {
             eprintln!(
                 "done: final test accuracy {:.2}%, best {:.2}% (epoch {best_epoch}); run folder {}",
@@ -336,10 +335,10 @@ fn eval(a: EvalArgs) -> anyhow::Result<ExitCode> {
     }
     cfg.test_limit = a.test_limit;
     let choice: DeviceChoice = a.device.parse().map_err(usage)?;
-    let (mut engine, line) = backei::engine::build_engine(&cfg, choice)?;
+    let (mut engine, line) = backei::Engine::for_config(&cfg, choice)?;
     engine.load_params(&ck.params)?;
     let data = backei::train::run::load_data(&cfg)?;
-    let ev = backei::train::run::evaluate(engine.as_mut(), data.test.clone(), &cfg)?;
+    let ev = backei::train::run::evaluate(&mut engine, data.test.clone(), &cfg)?;
     let per_class: Vec<f64> = ev.confusion.iter().enumerate().map(|(c, row)| row[c] as f64 / row.iter().sum::<usize>().max(1) as f64).collect();
     if a.json {
         let v = serde_json::json!({

@@ -3,10 +3,8 @@
 
 pub mod checkpoint;
 pub mod config;
-pub mod engine;
 pub mod metrics;
 pub mod progress;
 pub mod run;
 
 pub use config::TrainConfig;
-pub use engine::{CpuEngine, TrainEngine};

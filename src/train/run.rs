@@ -3,10 +3,10 @@
 
 use super::checkpoint::{self, Checkpoint, Progress};
 use super::config::TrainConfig;
-use super::engine::TrainEngine;
 use super::metrics::{EpochRow, MetricsWriter};
 use super::progress::EpochProgress;
 use crate::cpu::loss::Loss;
+use crate::engine::Engine;
 use crate::data::loader::epoch_order;
 use crate::data::{Dataset, DatasetKind, LoadOptions, Loader, LoaderOptions, Split};
 use crate::error::{config_err, BackeiError, Result};
@@ -72,25 +72,26 @@ pub struct Evaluation {
     pub loss: f64,
     /// confusion[true][predicted]
     pub confusion: Vec<Vec<usize>>,
-    pub spike_stats: super::engine::SpikeStats,
+    pub spike_stats: Vec<(usize, f64, Option<f64>)>,
     pub samples: usize,
 }
 
-pub fn evaluate(engine: &mut dyn TrainEngine, data: Arc<Dataset>, cfg: &TrainConfig) -> Result<Evaluation> {
+pub fn evaluate(engine: &mut Engine, data: Arc<Dataset>, cfg: &TrainConfig) -> Result<Evaluation> {
     let classes = data.num_classes();
     let loader = Loader::new(data, loader_options(cfg, false)?);
     let mut confusion = vec![vec![0usize; classes]; classes];
     let (mut loss_sum, mut n, mut correct) = (0.0, 0usize, 0usize);
     let mut rates: Vec<(usize, f64, Option<f64>)> = Vec::new();
     for batch in loader.epoch(0) {
-        let (s, preds) = engine.evaluate(&batch.x, batch.t_in, &batch.labels, cfg.loss)?;
+        let s = engine.evaluate(&batch.x, batch.t_in, &batch.labels, cfg.loss)?;
+        let preds = engine.last_predictions()?;
         loss_sum += s.loss * s.batch as f64;
         n += s.batch;
         correct += s.correct;
         for (p, l) in preds.iter().zip(&batch.labels) {
             confusion[*l as usize][*p] += 1;
         }
-        let st = engine.spike_stats();
+        let st = engine.spike_stats()?;
         if rates.is_empty() {
             rates = st.iter().map(|&(i, _, inh)| (i, 0.0, inh.map(|_| 0.0))).collect();
         }
@@ -140,7 +141,9 @@ fn write_config(out: &Path, cfg: &TrainConfig, engine_line: &str) -> Result<()> 
 }
 
 /// Trains as the configuration says, printing one summary line per epoch.
-pub fn train(opts: RunOptions, engine: &mut dyn TrainEngine, slots: &[crate::ParamSlot]) -> Result<RunOutcome> {
+pub fn train(opts: RunOptions, engine: &mut Engine) -> Result<RunOutcome> {
+    let slots = engine.slots().to_vec();
+    let slots = &slots[..];
     let cfg = &opts.config;
     cfg.validate()?;
     std::fs::create_dir_all(&opts.out).map_err(|e| BackeiError::Io { path: opts.out.display().to_string(), problem: format!("cannot create the run folder: {e}") })?;
@@ -149,7 +152,7 @@ pub fn train(opts: RunOptions, engine: &mut dyn TrainEngine, slots: &[crate::Par
     let mut progress = Progress { epoch: 0, batches_done: 0, iteration: 0, partial: [0.0; 4], best_accuracy: -1.0, best_epoch: 0 };
     if let Some(ck) = opts.resume {
         engine.load_params(&ck.params)?;
-        engine.load_optimizer(ck.optimizer)?;
+        engine.set_optimizer_state(&ck.optimizer)?;
         engine.set_iteration(ck.progress.iteration);
         progress = ck.progress;
     }
@@ -159,8 +162,8 @@ pub fn train(opts: RunOptions, engine: &mut dyn TrainEngine, slots: &[crate::Par
     let last_path = opts.out.join("checkpoint-last.safetensors");
     let best_path = opts.out.join("checkpoint-best.safetensors");
     let base_lr = cfg.optimizer.lr();
-    let save = |path: &Path, engine: &dyn TrainEngine, progress: &Progress| -> Result<()> {
-        let ck = Checkpoint { config: cfg.clone(), progress: progress.clone(), params: engine.params()?, optimizer: engine.optimizer()? };
+    let save = |path: &Path, engine: &Engine, progress: &Progress| -> Result<()> {
+        let ck = Checkpoint { config: cfg.clone(), progress: progress.clone(), params: engine.params()?, optimizer: engine.optimizer_state()? };
         checkpoint::save(path, &ck, slots)
     };
     let mut final_acc = 0.0;
@@ -196,7 +199,7 @@ pub fn train(opts: RunOptions, engine: &mut dyn TrainEngine, slots: &[crate::Par
         }
         bar.finish();
         let seconds = secs_before + started.elapsed().as_secs_f64();
-        let stats = engine.spike_stats();
+        let stats = engine.spike_stats()?;
         let val = match &data.val {
             Some(v) => Some(evaluate(engine, v.clone(), cfg)?.accuracy),
             None => None,
