@@ -227,6 +227,7 @@ fn validate(
     Ok(e.into_iter().fold(0.0, f64::max))
 }
 
+#[allow(clippy::too_many_arguments)]
 fn layer_workload(
     bench: &mut Bench,
     name: &str,
@@ -341,7 +342,17 @@ fn run(dev: Arc<GpuDevice>, filter: Option<String>) -> Res<()> {
         radius: 0,
         delay: 1,
     };
-    let workloads: Vec<(&str, [usize; 3], FeedbackConfig, usize, usize, usize, usize)> = vec![
+    // (name, shape, switches, B, T, B and T of the CPU validation)
+    type Workload = (
+        &'static str,
+        [usize; 3],
+        FeedbackConfig,
+        usize,
+        usize,
+        usize,
+        usize,
+    );
+    let workloads: Vec<Workload> = vec![
         ("mnist L1 15x24x24 r2", [15, 24, 24], fb(2), 100, 20, 2, 4),
         ("mnist L2 40x8x8 r2", [40, 8, 8], fb(2), 100, 20, 2, 4),
         ("fashion L1 32x28x28 r1", [32, 28, 28], fb(1), 100, 20, 2, 4),

@@ -42,6 +42,7 @@ struct Case {
     want_wgrad: Option<WgradPath>,
 }
 
+#[allow(clippy::too_many_arguments)]
 fn case(
     name: &str,
     shape: [usize; 3],
