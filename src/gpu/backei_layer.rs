@@ -19,8 +19,9 @@
 //!   needs only `__syncthreads()` between phases. This one path serves every shape of the four
 //!   networks (N from 6 400 to 131 072): the state lives in global memory (L1/L2-resident), the
 //!   membrane u is recomputed from the thread's own v_{t−1}. The gate weights (C²k² floats per
-//!   gate) are copied to shared memory when they fit the device's opt-in limit (mnist, nmnist,
-//!   fashion; not the cifar10 layers, whose W is 0.6–9.4 MB) and read through L1 otherwise.
+//!   gate) are copied to shared memory when they fit the device's opt-in limit (layer 1 of mnist,
+//!   nmnist and fashion: 45–74 KB for both gates; not their layer 2, 295–320 KB, nor the cifar10
+//!   layers, 1.2–19 MB) and read through L1 otherwise.
 //! - **Weight gradients**: `OnChip` when the per-sample accumulators (C²k² + C per gate) fit in
 //!   shared memory — each block sums its sample's dW over all T in shared memory and does one
 //!   atomicAdd pass at the end (mnist layer 1 C = 15 r = 2, nmnist layer 1, fashion layer 1
@@ -397,7 +398,7 @@ fn alloc(dev: &GpuDevice, n: usize) -> Result<Option<CudaSlice<f32>>> {
     let b = unsafe { dev.stream.alloc::<f32>(n) }.map_err(|e| {
         BackeiError::Cuda(format!(
             "allocating {} MiB for a BackEI layer: {e:?} (reduce the batch or T)",
-            n * 4 >> 20
+            (n * 4) >> 20
         ))
     })?;
     Ok(Some(b))

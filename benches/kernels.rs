@@ -1,0 +1,406 @@
+//! Kernel benchmark in the manner of llm.c's dev/cuda: every workload is first checked against
+//! the CPU engine, then timed with CUDA events (warm-up, ≥ 20 repetitions, the median; the L2 is
+//! flushed between repetitions by writing a 256 MB buffer) and reported as time, achieved GB/s and
+//! GFLOP/s, and the fraction of two ceilings measured at start: device-to-device copy bandwidth
+//! and the FP32 FMA rate (`fma_loop_f32` in cuda/smoke.cu).
+//!
+//! Workloads: the BackEI layer forward and backward at the first and second spiking layers of the
+//! mnist, fashion-mnist and cifar10 networks (B = 100, T = 20, back + ei; validated against the
+//! CPU at B = 2, T = 4 in the smooth mode, where the comparison is exact up to rounding), and the
+//! plain spiking layer on [T = 32, 64 × 65 536] f32 (validated at B = 2).
+//! The byte and flop counts are models: bytes = every saved/read tensor once; flops = 2 per
+//! multiply-add of the gate convolutions (forward: W_b ⊛ s and W_e ⊛ v; backward: the two adjoint
+//! convolutions and the two weight gradients), pointwise work not counted.
+//!
+//! Writes a CSV to `$BACKEI_BENCH_CSV` or `bench/kernels.csv`. Without a GPU it says the GPU part
+//! was skipped and exits 0. `cargo bench --bench kernels [-- FILTER]`.
+
+use backei::cpu::backei_layer::{BackEiGrads, BackEiLayer, BackEiParams};
+use backei::gpu::backei_layer::{BackEiSlots, GpuBackEiLayer};
+use backei::gpu::GpuDevice;
+use backei::spec::{FeedbackConfig, FiringMode, NeuronConfig};
+use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use std::sync::Arc;
+
+const REPS: usize = 21;
+const WARMUP: usize = 3;
+
+struct Bench {
+    dev: Arc<GpuDevice>,
+    flush: CudaSlice<u8>,
+    copy_gbs: f64,
+    fma_gflops: f64,
+    rows: Vec<String>,
+    failed: Vec<String>,
+}
+
+type Res<T> = Result<T, Box<dyn std::error::Error>>;
+
+impl Bench {
+    /// Median milliseconds of `f` over REPS runs, L2 flushed before each.
+    fn time(&mut self, mut f: impl FnMut() -> Res<()>) -> Res<f64> {
+        let s = self.dev.stream.clone();
+        let flags = Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT);
+        let (a, b) = (
+            self.dev.ctx.new_event(flags)?,
+            self.dev.ctx.new_event(flags)?,
+        );
+        for _ in 0..WARMUP {
+            f()?;
+        }
+        let mut ms = Vec::with_capacity(REPS);
+        for _ in 0..REPS {
+            s.memset_zeros(&mut self.flush)?;
+            a.record(&s)?;
+            f()?;
+            b.record(&s)?;
+            ms.push(a.elapsed_ms(&b)? as f64);
+        }
+        ms.sort_by(|x, y| x.total_cmp(y));
+        Ok(ms[REPS / 2])
+    }
+
+    fn report(&mut self, name: &str, kernel: &str, ms: f64, bytes: f64, flops: f64, valid: &str) {
+        let gbs = bytes / ms / 1e6;
+        let gfl = flops / ms / 1e6;
+        println!(
+            "{name:<34} {kernel:<9} {ms:>9.3} ms {gbs:>8.1} GB/s ({:>5.1}% of copy) {gfl:>9.1} GFLOP/s ({:>5.1}% of FMA) [{valid}]",
+            100.0 * gbs / self.copy_gbs,
+            100.0 * gfl / self.fma_gflops
+        );
+        self.rows.push(format!(
+            "{name},{kernel},{ms:.4},{gbs:.2},{gfl:.2},{:.4},{:.4},{valid}",
+            gbs / self.copy_gbs,
+            gfl / self.fma_gflops
+        ));
+    }
+}
+
+fn ceilings(dev: &Arc<GpuDevice>, flush: &mut CudaSlice<u8>) -> Res<(f64, f64)> {
+    let s = &dev.stream;
+    let flags = Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT);
+    let (a, b) = (dev.ctx.new_event(flags)?, dev.ctx.new_event(flags)?);
+    let n = 256usize << 20;
+    let src = s.alloc_zeros::<f32>(n / 4)?;
+    let mut dst = s.alloc_zeros::<f32>(n / 4)?;
+    let mut best = f64::MAX;
+    for _ in 0..10 {
+        s.memset_zeros(flush)?;
+        a.record(s)?;
+        s.memcpy_dtod(&src, &mut dst)?;
+        b.record(s)?;
+        best = best.min(a.elapsed_ms(&b)? as f64);
+    }
+    let copy = 2.0 * n as f64 / best / 1e6;
+    let f = dev.kernels.function("smoke", "fma_loop_f32")?;
+    let (blocks, threads, iters) = (132 * 64u32, 256u32, 4096i32);
+    let mut y = s.alloc_zeros::<f32>((blocks * threads) as usize)?;
+    let cfg = LaunchConfig {
+        grid_dim: (blocks, 1, 1),
+        block_dim: (threads, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let (x, c) = (0.999f32, 0.001f32);
+    let mut best = f64::MAX;
+    for _ in 0..5 {
+        a.record(s)?;
+        unsafe {
+            s.launch_builder(&f)
+                .arg(&mut y)
+                .arg(&iters)
+                .arg(&x)
+                .arg(&c)
+                .launch(cfg)?
+        };
+        b.record(s)?;
+        best = best.min(a.elapsed_ms(&b)? as f64);
+    }
+    let flops = 2.0 * 8.0 * iters as f64 * (blocks * threads) as f64;
+    Ok((copy, flops / best / 1e6))
+}
+
+fn uniform(rng: &mut ChaCha8Rng, n: usize, lo: f32, hi: f32) -> Vec<f32> {
+    (0..n).map(|_| rng.random_range(lo..hi)).collect()
+}
+
+fn max_rel(a: &[f32], b: &[f32]) -> f64 {
+    let scale = b.iter().fold(0f64, |m, x| m.max(x.abs() as f64));
+    let floor = (1e-3 * scale).max(1e-6);
+    a.iter().zip(b).fold(0f64, |e, (x, y)| {
+        e.max((*x as f64 - *y as f64).abs() / (y.abs() as f64).max(floor))
+    })
+}
+
+/// Random parameters and the flat layout [W_b][b_b][W_e][b_e] (empty when off).
+fn setup(shape: [usize; 3], fb: &FeedbackConfig, seed: u64) -> (Vec<f32>, BackEiSlots) {
+    let c = shape[0];
+    let k = 2 * fb.radius + 1;
+    let wl = c * c * k * k;
+    let mut at = 0;
+    let mut slot = |len: usize, on: bool| {
+        let r = at..at + if on { len } else { 0 };
+        at = r.end;
+        r
+    };
+    let slots = [
+        slot(wl, fb.back),
+        slot(c, fb.back),
+        slot(wl, fb.ei),
+        slot(c, fb.ei),
+    ];
+    let bound = 1.5 / ((c * k * k) as f32).sqrt();
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    (uniform(&mut rng, at.max(1), -bound, bound), slots)
+}
+
+/// GPU vs CPU at (batch, steps) in the smooth mode: the max relative error over s, v, ∂I, grads.
+fn validate(
+    dev: &Arc<GpuDevice>,
+    shape: [usize; 3],
+    fb: FeedbackConfig,
+    batch: usize,
+    steps: usize,
+) -> Res<f64> {
+    let neuron = NeuronConfig {
+        mode: FiringMode::Smooth { k: 4.0 },
+        ..Default::default()
+    };
+    let n: usize = shape.iter().product();
+    let (params, slots) = setup(shape, &fb, 7);
+    let mut rng = ChaCha8Rng::seed_from_u64(8);
+    let input = uniform(&mut rng, steps * batch * n, -0.6, 1.6);
+    let gout = uniform(&mut rng, steps * batch * n, -1.0, 1.0);
+    let mut cpu = BackEiLayer::<f32>::new(shape, fb, &neuron);
+    let p = BackEiParams {
+        w_b: &params[slots[0].clone()],
+        b_b: &params[slots[1].clone()],
+        w_e: &params[slots[2].clone()],
+        b_e: &params[slots[3].clone()],
+    };
+    cpu.forward(&p, &input, steps, batch, steps);
+    let mut cg = vec![0f32; params.len()];
+    let mut cgin = vec![0f32; input.len()];
+    {
+        let (wb, rest) = cg.split_at_mut(slots[0].len());
+        let (bb, rest) = rest.split_at_mut(slots[1].len());
+        let (we, rest) = rest.split_at_mut(slots[2].len());
+        let (be, _) = rest.split_at_mut(slots[3].len());
+        cpu.backward(
+            &p,
+            &mut BackEiGrads {
+                w_b: wb,
+                b_b: bb,
+                w_e: we,
+                b_e: be,
+            },
+            &input,
+            steps,
+            &gout,
+            &mut cgin,
+        );
+    }
+    let s = &dev.stream;
+    let mut g = GpuBackEiLayer::new(dev, shape, fb, &neuron)?;
+    let dp = s.clone_htod(&params)?;
+    let mut dg = s.alloc_zeros::<f32>(params.len())?;
+    let di = s.clone_htod(&input)?;
+    let dgo = s.clone_htod(&gout)?;
+    let mut dgin = s.alloc_zeros::<f32>(input.len())?;
+    g.forward(&dp, &slots, &di.slice(..), steps, batch, steps)?;
+    g.backward(
+        &dp,
+        &mut dg,
+        &slots,
+        &di.slice(..),
+        steps,
+        &dgo.slice(..),
+        &mut dgin.slice_mut(..),
+    )?;
+    let e = [
+        max_rel(&s.clone_dtoh(g.output()?)?, &cpu.out),
+        max_rel(&s.clone_dtoh(g.v.as_ref().ok_or("no v")?)?, &cpu.v),
+        max_rel(&s.clone_dtoh(&dgin)?, &cgin),
+        max_rel(&s.clone_dtoh(&dg)?, &cg),
+    ];
+    Ok(e.into_iter().fold(0.0, f64::max))
+}
+
+#[allow(clippy::too_many_arguments)]
+fn layer_workload(
+    bench: &mut Bench,
+    name: &str,
+    shape: [usize; 3],
+    fb: FeedbackConfig,
+    batch: usize,
+    steps: usize,
+    vb: usize,
+    vt: usize,
+) -> Res<()> {
+    let err = validate(&bench.dev, shape, fb, vb, vt)?;
+    let valid = if err < 1e-4 {
+        format!("valid (max rel err {err:.1e})")
+    } else {
+        format!("INVALID (max rel err {err:.1e})")
+    };
+    if err >= 1e-4 || err.is_nan() {
+        bench.failed.push(name.to_string());
+    }
+    let dev = bench.dev.clone();
+    let s = dev.stream.clone();
+    let n: usize = shape.iter().product();
+    let all = (steps * batch * n) as f64;
+    let (params, slots) = setup(shape, &fb, 9);
+    let mut rng = ChaCha8Rng::seed_from_u64(10);
+    let input = s.clone_htod(&uniform(&mut rng, steps * batch * n, -0.6, 1.6))?;
+    let gout = s.clone_htod(&uniform(&mut rng, steps * batch * n, -1.0, 1.0))?;
+    let dp = s.clone_htod(&params)?;
+    let mut dg = s.alloc_zeros::<f32>(params.len())?;
+    let mut gin = s.alloc_zeros::<f32>(steps * batch * n)?;
+    let mut layer = GpuBackEiLayer::new(&dev, shape, fb, &NeuronConfig::default())?;
+    let plan = layer.prepare(batch, steps)?.clone();
+    let gates = fb.back as usize + fb.ei as usize;
+    let k = 2 * fb.radius + 1;
+    let conv_flops = 2.0 * all * (shape[0] * k * k) as f64;
+    let plain = gates == 0;
+    let fwd_bytes = 4.0 * all * if plain { 3.0 } else { 3.0 + gates as f64 + 1.0 };
+    let ms =
+        bench.time(|| Ok(layer.forward(&dp, &slots, &input.slice(..), steps, batch, steps)?))?;
+    let kname = if plain { "plain" } else { "fused" };
+    bench.report(
+        &format!("{name} fwd {:?}", plan.wgrad),
+        kname,
+        ms,
+        fwd_bytes,
+        gates as f64 * conv_flops,
+        &valid,
+    );
+    let bwd_bytes = 4.0 * all * if plain { 3.0 } else { 5.0 + 2.0 * gates as f64 };
+    let ms = bench.time(|| {
+        Ok(layer.backward(
+            &dp,
+            &mut dg,
+            &slots,
+            &input.slice(..),
+            steps,
+            &gout.slice(..),
+            &mut gin.slice_mut(..),
+        )?)
+    })?;
+    bench.report(
+        &format!("{name} bwd {:?}", plan.wgrad),
+        kname,
+        ms,
+        bwd_bytes,
+        2.0 * gates as f64 * conv_flops,
+        &valid,
+    );
+    Ok(())
+}
+
+fn main() {
+    let filter = std::env::args().skip(1).find(|a| !a.starts_with('-'));
+    let dev = match GpuDevice::open(0) {
+        Ok(d) => d,
+        Err(e) => {
+            println!("kernels bench: GPU part skipped ({e})");
+            return;
+        }
+    };
+    if let Err(e) = run(dev, filter) {
+        eprintln!("kernels bench failed: {e}");
+        std::process::exit(1);
+    }
+}
+
+fn run(dev: Arc<GpuDevice>, filter: Option<String>) -> Res<()> {
+    let mut flush = dev.stream.alloc_zeros::<u8>(256 << 20)?;
+    let (copy_gbs, fma_gflops) = ceilings(&dev, &mut flush)?;
+    println!(
+        "device {} ({}): copy {copy_gbs:.0} GB/s, FP32 FMA {fma_gflops:.0} GFLOP/s",
+        dev.name,
+        dev.kernels.arch()
+    );
+    let mut bench = Bench {
+        dev,
+        flush,
+        copy_gbs,
+        fma_gflops,
+        rows: Vec::new(),
+        failed: Vec::new(),
+    };
+    let fb = |r| FeedbackConfig {
+        back: true,
+        ei: true,
+        radius: r,
+        delay: 1,
+    };
+    let plain = FeedbackConfig {
+        back: false,
+        ei: false,
+        radius: 0,
+        delay: 1,
+    };
+    // (name, shape, switches, B, T, B and T of the CPU validation)
+    type Workload = (
+        &'static str,
+        [usize; 3],
+        FeedbackConfig,
+        usize,
+        usize,
+        usize,
+        usize,
+    );
+    let workloads: Vec<Workload> = vec![
+        ("mnist L1 15x24x24 r2", [15, 24, 24], fb(2), 100, 20, 2, 4),
+        ("mnist L2 40x8x8 r2", [40, 8, 8], fb(2), 100, 20, 2, 4),
+        ("fashion L1 32x28x28 r1", [32, 28, 28], fb(1), 100, 20, 2, 4),
+        ("fashion L2 64x14x14 r1", [64, 14, 14], fb(1), 100, 20, 2, 4),
+        (
+            "cifar10 L1 128x32x32 r1",
+            [128, 32, 32],
+            fb(1),
+            100,
+            20,
+            1,
+            3,
+        ),
+        (
+            "cifar10 L2 256x16x16 r1",
+            [256, 16, 16],
+            fb(1),
+            100,
+            20,
+            1,
+            3,
+        ),
+        ("plain 64x65536 T32", [65_536, 1, 1], plain, 64, 32, 2, 32),
+    ];
+    for (name, shape, f, b, t, vb, vt) in workloads {
+        if filter.as_deref().is_some_and(|x| !name.contains(x)) {
+            continue;
+        }
+        layer_workload(&mut bench, name, shape, f, b, t, vb, vt)?;
+    }
+    let path = std::env::var("BACKEI_BENCH_CSV").unwrap_or_else(|_| "bench/kernels.csv".into());
+    if let Some(dir) = std::path::Path::new(&path).parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let mut csv =
+        String::from("workload,kernel,ms,gb_per_s,gflop_per_s,frac_copy_bw,frac_fma,validation\n");
+    for r in &bench.rows {
+        csv.push_str(r);
+        csv.push('\n');
+    }
+    std::fs::write(&path, csv)?;
+    println!("wrote {path}");
+    if !bench.failed.is_empty() {
+        return Err(format!(
+            "GPU result differs from the CPU for: {}",
+            bench.failed.join(", ")
+        )
+        .into());
+    }
+    Ok(())
+}
