@@ -128,7 +128,7 @@ impl ConvWorkspace {
                         .alloc_zeros::<f32>(len)
                         .map_err(cuda_err(format!(
                             "allocating the conv workspace ({} MiB)",
-                            4 * len >> 20
+                            (4 * len) >> 20
                         )))?,
                 );
             }

@@ -1149,7 +1149,7 @@ mod tests {
         assert!(memory_plan(&spec, 10, 0).is_err());
         let one = memory_plan_for(&spec, 1, 20, 1).unwrap().total();
         let b = batch_that_fits(&spec, 100, 20, 1, 8_000_000_000).unwrap();
-        assert!(b >= 1 && b < 100);
+        assert!((1..100).contains(&b));
         assert!(memory_plan_for(&spec, b, 20, 1).unwrap().total() <= 8_000_000_000);
         assert!(memory_plan_for(&spec, b + 1, 20, 1).unwrap().total() > 8_000_000_000);
         assert_eq!(batch_that_fits(&spec, 100, 20, 1, one - 1), None);

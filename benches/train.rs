@@ -1,0 +1,118 @@
+//! One full training step (forward over T, loss, BPTT, Adam) of each network at the reference
+//! size B = 100, T = 20, on the GPU (every network) and on the CPU (mnist and fashion-mnist, one
+//! repetition: it takes seconds). Prints samples/s and the GPU memory the step held
+//! (`mem_get_info` before and after) beside `memory_plan`'s figure. Without a GPU it prints the
+//! CPU figures and says the GPU part was skipped.
+//!
+//! cargo bench --bench train            (BACKEI_BENCH_REPS=N for more GPU repetitions)
+
+use backei::gpu::{memory_plan, GpuDevice, GpuNetwork, GpuOptimizer};
+use backei::{Loss, Network, NetworkSpec, Optimizer, OptimizerConfig};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use std::time::Instant;
+
+const B: usize = 100;
+const T: usize = 20;
+
+fn batch(spec: &NetworkSpec) -> (Vec<f32>, Vec<u8>) {
+    let mut rng = ChaCha8Rng::seed_from_u64(1);
+    let frame: usize = spec.input.iter().product();
+    (
+        (0..B * frame)
+            .map(|_| rng.random_range(0.0f32..1.0))
+            .collect(),
+        (0..B).map(|_| rng.random_range(0..10u8)).collect(),
+    )
+}
+
+fn gib(b: usize) -> f64 {
+    b as f64 / (1u64 << 30) as f64
+}
+
+fn gpu_step(
+    dev: &std::sync::Arc<GpuDevice>,
+    spec: &NetworkSpec,
+    reps: usize,
+) -> Result<(f64, usize), String> {
+    let (free0, _) = dev.ctx.mem_get_info().map_err(|e| format!("{e:?}"))?;
+    let mut net = GpuNetwork::new(dev, spec, 4150).map_err(|e| e.to_string())?;
+    let mut opt = GpuOptimizer::new(dev, OptimizerConfig::adam(1e-3), net.num_params())
+        .map_err(|e| e.to_string())?;
+    let (x, labels) = batch(spec);
+    // the first step allocates the buffers and compiles/loads the kernels
+    net.train_step(&x, 1, &labels, Loss::Mse, &mut opt)
+        .map_err(|e| e.to_string())?;
+    dev.synchronize().map_err(|e| e.to_string())?;
+    let (free1, _) = dev.ctx.mem_get_info().map_err(|e| format!("{e:?}"))?;
+    let t0 = Instant::now();
+    for _ in 0..reps {
+        net.train_step(&x, 1, &labels, Loss::Mse, &mut opt)
+            .map_err(|e| e.to_string())?;
+    }
+    dev.synchronize().map_err(|e| e.to_string())?;
+    let secs = t0.elapsed().as_secs_f64() / reps as f64;
+    let (free2, _) = dev.ctx.mem_get_info().map_err(|e| format!("{e:?}"))?;
+    Ok((secs, free0.saturating_sub(free1.min(free2))))
+}
+
+fn main() {
+    let reps: usize = std::env::var("BACKEI_BENCH_REPS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(3);
+    let nets = [
+        NetworkSpec::mnist(),
+        NetworkSpec::fashion_mnist(),
+        NetworkSpec::cifar10(),
+        NetworkSpec::nmnist(),
+    ];
+    println!("one training step, B = {B}, T = {T}, direct encoding, MSE, Adam");
+    match GpuDevice::open(0) {
+        Ok(dev) => {
+            println!("GPU: {} ({})", dev.name, dev.kernels.arch());
+            for spec in &nets {
+                let mut spec = spec.clone();
+                spec.steps = T;
+                let plan = memory_plan(&spec, B, T).map(|p| p.total()).unwrap_or(0);
+                match gpu_step(&dev, &spec, reps) {
+                    Ok((secs, held)) => println!(
+                        "  gpu {:<14} {:>9.2} ms/step {:>9.1} samples/s   device memory held {:>6.2} GiB (memory_plan {:.2} GiB)",
+                        spec.name,
+                        secs * 1e3,
+                        B as f64 / secs,
+                        gib(held),
+                        gib(plan)
+                    ),
+                    Err(e) => println!("  gpu {:<14} failed: {e}", spec.name),
+                }
+            }
+        }
+        Err(e) => println!("GPU part skipped: {e}"),
+    }
+    for spec in nets
+        .iter()
+        .filter(|s| s.name == "mnist" || s.name == "fashion-mnist")
+    {
+        let mut spec = spec.clone();
+        spec.steps = T;
+        let mut net = Network::<f32>::new(&spec, 4150).expect("network");
+        let mut opt =
+            Optimizer::new(OptimizerConfig::adam(1e-3), net.num_params()).expect("optimizer");
+        let (x, labels) = batch(&spec);
+        let t0 = Instant::now();
+        match net.train_step(&x, 1, &labels, Loss::Mse, &mut opt) {
+            Ok(_) => {
+                let secs = t0.elapsed().as_secs_f64();
+                println!(
+                    "  cpu {:<14} {:>9.2} ms/step {:>9.1} samples/s   ({} threads)",
+                    spec.name,
+                    secs * 1e3,
+                    B as f64 / secs,
+                    rayon::current_num_threads()
+                );
+            }
+            Err(e) => println!("  cpu {:<14} failed: {e}", spec.name),
+        }
+    }
+}
