@@ -5,6 +5,29 @@
 
 use crate::Real;
 use rayon::prelude::*;
+use std::cell::RefCell;
+
+thread_local! {
+    /// Per-thread im2col scratch, reused across calls. A fresh `vec![0; kk·p]` per call and per
+    /// rayon split (up to ~1 MB: above malloc's mmap threshold) cost a page-fault + page-clear
+    /// storm: ~9 % of a fashion-mnist training step under `perf` (benches/train_cpu.rs).
+    static SCRATCH: RefCell<Vec<u64>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Runs `f` with this thread's scratch as `len` elements of F (stale contents: `f` must write
+/// before it reads). `f` must not call back into rayon-parallel conv code (it does not: im2col,
+/// GEMM and col2im are sequential), or the RefCell would be borrowed twice.
+fn with_scratch<F: Real, R>(len: usize, f: impl FnOnce(&mut [F]) -> R) -> R {
+    SCRATCH.with(|cell| {
+        let mut words = cell.borrow_mut();
+        let need = (len * std::mem::size_of::<F>()).div_ceil(8);
+        if words.len() < need {
+            words.resize(need, 0);
+        }
+        let buf: &mut [F] = bytemuck::cast_slice_mut(&mut words[..need]);
+        f(&mut buf[..len])
+    })
+}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ConvGeom {
@@ -96,10 +119,9 @@ fn col2im_add<F: Real>(g: &ConvGeom, col: &[F], dx: &mut [F]) {
 pub fn forward<F: Real>(g: &ConvGeom, weight: &[F], bias: &[F], x: &[F], y: &mut [F]) {
     let (kk, p) = (g.col_rows(), g.out_pixels());
     debug_assert_eq!(x.len() / g.in_len(), y.len() / g.out_len());
-    y.par_chunks_mut(g.out_len()).zip(x.par_chunks(g.in_len())).for_each_init(
-        || vec![F::ZERO; kk * p],
-        |col, (y, x)| {
-            im2col(g, x, col);
+    y.par_chunks_mut(g.out_len()).zip(x.par_chunks(g.in_len())).for_each(|(y, x)| {
+        with_scratch(kk * p, |col: &mut [F]| {
+            im2col(g, x, col); // writes every element of col
             for (co, row) in y.chunks_mut(p).enumerate() {
                 row.fill(bias[co]);
             }
@@ -107,16 +129,16 @@ pub fn forward<F: Real>(g: &ConvGeom, weight: &[F], bias: &[F], x: &[F], y: &mut
             unsafe {
                 F::gemm(g.cout, kk, p, F::ONE, weight.as_ptr(), kk as isize, 1, col.as_ptr(), p as isize, 1, F::ONE, y.as_mut_ptr(), p as isize, 1);
             }
-        },
-    );
+        })
+    });
 }
 
 /// dx (+)= Wᵀ ⊛ dy for n samples; `accumulate` adds to dx instead of overwriting it.
 pub fn backward_data<F: Real>(g: &ConvGeom, weight: &[F], dy: &[F], dx: &mut [F], accumulate: bool) {
     let (kk, p) = (g.col_rows(), g.out_pixels());
-    dx.par_chunks_mut(g.in_len()).zip(dy.par_chunks(g.out_len())).for_each_init(
-        || vec![F::ZERO; kk * p],
-        |col, (dx, dy)| {
+    dx.par_chunks_mut(g.in_len()).zip(dy.par_chunks(g.out_len())).for_each(|(dx, dy)| {
+        with_scratch(kk * p, |col: &mut [F]| {
+            // beta = 0: the GEMM overwrites col without reading it (matrixmultiply's contract)
             // col[kk×p] = Wᵀ[kk×cout] · dy[cout×p]
             unsafe {
                 F::gemm(kk, g.cout, p, F::ONE, weight.as_ptr(), 1, kk as isize, dy.as_ptr(), p as isize, 1, F::ZERO, col.as_mut_ptr(), p as isize, 1);
@@ -125,8 +147,8 @@ pub fn backward_data<F: Real>(g: &ConvGeom, weight: &[F], dy: &[F], dx: &mut [F]
                 dx.fill(F::ZERO);
             }
             col2im_add(g, col, dx);
-        },
-    );
+        })
+    });
 }
 
 /// dW += Σ_n dy_n · im2col(x_n)ᵀ and db += Σ_n Σ_p dy_n over n samples.
@@ -142,21 +164,22 @@ pub fn backward_weights<F: Real>(g: &ConvGeom, x: &[F], dy: &[F], dw: &mut [F], 
         .step_by(chunk)
         .map(|start| {
             let end = (start + chunk).min(n);
-            let mut col = vec![F::ZERO; kk * p];
             let mut dwl = vec![F::ZERO; g.weight_len()];
             let mut dbl = vec![F::ZERO; g.cout];
-            for s in start..end {
-                let xs = &x[s * g.in_len()..(s + 1) * g.in_len()];
-                let dys = &dy[s * g.out_len()..(s + 1) * g.out_len()];
-                im2col(g, xs, &mut col);
-                // dW[cout×kk] += dy[cout×p] · colᵀ[p×kk]
-                unsafe {
-                    F::gemm(g.cout, p, kk, F::ONE, dys.as_ptr(), p as isize, 1, col.as_ptr(), 1, p as isize, F::ONE, dwl.as_mut_ptr(), kk as isize, 1);
+            with_scratch(kk * p, |col: &mut [F]| {
+                for s in start..end {
+                    let xs = &x[s * g.in_len()..(s + 1) * g.in_len()];
+                    let dys = &dy[s * g.out_len()..(s + 1) * g.out_len()];
+                    im2col(g, xs, col); // writes every element of col
+                    // dW[cout×kk] += dy[cout×p] · colᵀ[p×kk]
+                    unsafe {
+                        F::gemm(g.cout, p, kk, F::ONE, dys.as_ptr(), p as isize, 1, col.as_ptr(), 1, p as isize, F::ONE, dwl.as_mut_ptr(), kk as isize, 1);
+                    }
+                    for (co, row) in dys.chunks(p).enumerate() {
+                        dbl[co] += row.iter().copied().sum::<F>();
+                    }
                 }
-                for (co, row) in dys.chunks(p).enumerate() {
-                    dbl[co] += row.iter().copied().sum::<F>();
-                }
-            }
+            });
             (dwl, dbl)
         })
         .collect();
