@@ -397,6 +397,8 @@ impl<F: Real> Network<F> {
                 format!("{}", d_readout.len()),
             ));
         }
+        // A NaN/Inf here would silently poison every gradient (found by tests/bad_input.rs).
+        check_finite("readout gradient", d_readout, "∂L/∂readout holds NaN or Inf: check the loss")?;
         let n = self.layers.len();
         let last_t = self.layers[n - 1].t_out;
         // ∂L/∂s_t = ∂L/∂y / T for every t
@@ -494,6 +496,15 @@ impl<F: Real> Network<F> {
     ) -> Result<StepStats> {
         let batch = labels.len();
         self.check_labels(labels)?;
+        // An optimizer sized for another network made `Optimizer::update` index out of bounds
+        // (a panic; found by tests/bad_input.rs): refuse it here instead.
+        if opt.m.len() != self.params.len() {
+            return Err(shape_err(
+                "optimizer state",
+                format!("an optimizer for this network's {} parameters", self.params.len()),
+                format!("one for {} parameters (Optimizer::new(cfg, net.num_params()))", opt.m.len()),
+            ));
+        }
         self.training = true;
         self.forward(x, t_in, batch)?;
         let mut dy = std::mem::take(&mut self.readout_grad);
