@@ -34,19 +34,15 @@ fn main() {
         .collect();
     names.sort();
     let out_dir = env::var("OUT_DIR").unwrap();
-    let mut table = String::from("/// (module name, file, full source with headers inlined)\npub const KERNEL_SOURCES: &[(&str, &str, &str)] = &[\n");
+    let mut table =
+        String::from("/// (module name, file, full source with headers inlined)\npub const KERNEL_SOURCES: &[(&str, &str, &str)] = &[\n");
     for name in &names {
         let mut src = String::new();
         inline(dir, name, 0, &mut src);
         let module = name.trim_end_matches(".cu");
         let path = Path::new(&out_dir).join(format!("{module}.inlined.cu"));
         fs::write(&path, &src).unwrap();
-        writeln!(
-            table,
-            "    ({module:?}, {name:?}, include_str!({:?})),",
-            path.display().to_string()
-        )
-        .unwrap();
+        writeln!(table, "    ({module:?}, {name:?}, include_str!({:?})),", path.display().to_string()).unwrap();
         println!("cargo:rerun-if-changed=cuda/{name}");
     }
     table.push_str("];\n");
@@ -61,12 +57,7 @@ fn main() {
     table.push_str("/// (file, original text)\npub const KERNEL_FILES: &[(&str, &str)] = &[\n");
     for f in &files {
         let abs = fs::canonicalize(dir.join(f)).unwrap();
-        writeln!(
-            table,
-            "    ({f:?}, include_str!({:?})),",
-            abs.display().to_string()
-        )
-        .unwrap();
+        writeln!(table, "    ({f:?}, include_str!({:?})),", abs.display().to_string()).unwrap();
     }
     table.push_str("];\n");
     fs::write(Path::new(&out_dir).join("kernel_sources.rs"), table).unwrap();

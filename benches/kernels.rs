@@ -43,10 +43,7 @@ impl Bench {
     fn time(&mut self, mut f: impl FnMut() -> Res<()>) -> Res<f64> {
         let s = self.dev.stream.clone();
         let flags = Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT);
-        let (a, b) = (
-            self.dev.ctx.new_event(flags)?,
-            self.dev.ctx.new_event(flags)?,
-        );
+        let (a, b) = (self.dev.ctx.new_event(flags)?, self.dev.ctx.new_event(flags)?);
         for _ in 0..WARMUP {
             f()?;
         }
@@ -97,23 +94,12 @@ fn ceilings(dev: &Arc<GpuDevice>, flush: &mut CudaSlice<u8>) -> Res<(f64, f64)> 
     let f = dev.kernels.function("smoke", "fma_loop_f32")?;
     let (blocks, threads, iters) = (132 * 64u32, 256u32, 4096i32);
     let mut y = s.alloc_zeros::<f32>((blocks * threads) as usize)?;
-    let cfg = LaunchConfig {
-        grid_dim: (blocks, 1, 1),
-        block_dim: (threads, 1, 1),
-        shared_mem_bytes: 0,
-    };
+    let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 };
     let (x, c) = (0.999f32, 0.001f32);
     let mut best = f64::MAX;
     for _ in 0..5 {
         a.record(s)?;
-        unsafe {
-            s.launch_builder(&f)
-                .arg(&mut y)
-                .arg(&iters)
-                .arg(&x)
-                .arg(&c)
-                .launch(cfg)?
-        };
+        unsafe { s.launch_builder(&f).arg(&mut y).arg(&iters).arg(&x).arg(&c).launch(cfg)? };
         b.record(s)?;
         best = best.min(a.elapsed_ms(&b)? as f64);
     }
@@ -128,9 +114,7 @@ fn uniform(rng: &mut ChaCha8Rng, n: usize, lo: f32, hi: f32) -> Vec<f32> {
 fn max_rel(a: &[f32], b: &[f32]) -> f64 {
     let scale = b.iter().fold(0f64, |m, x| m.max(x.abs() as f64));
     let floor = (1e-3 * scale).max(1e-6);
-    a.iter().zip(b).fold(0f64, |e, (x, y)| {
-        e.max((*x as f64 - *y as f64).abs() / (y.abs() as f64).max(floor))
-    })
+    a.iter().zip(b).fold(0f64, |e, (x, y)| e.max((*x as f64 - *y as f64).abs() / (y.abs() as f64).max(floor)))
 }
 
 /// Random parameters and the flat layout [W_b][b_b][W_e][b_e] (empty when off).
@@ -144,29 +128,15 @@ fn setup(shape: [usize; 3], fb: &FeedbackConfig, seed: u64) -> (Vec<f32>, BackEi
         at = r.end;
         r
     };
-    let slots = [
-        slot(wl, fb.back),
-        slot(c, fb.back),
-        slot(wl, fb.ei),
-        slot(c, fb.ei),
-    ];
+    let slots = [slot(wl, fb.back), slot(c, fb.back), slot(wl, fb.ei), slot(c, fb.ei)];
     let bound = 1.5 / ((c * k * k) as f32).sqrt();
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     (uniform(&mut rng, at.max(1), -bound, bound), slots)
 }
 
 /// GPU vs CPU at (batch, steps) in the smooth mode: the max relative error over s, v, ∂I, grads.
-fn validate(
-    dev: &Arc<GpuDevice>,
-    shape: [usize; 3],
-    fb: FeedbackConfig,
-    batch: usize,
-    steps: usize,
-) -> Res<f64> {
-    let neuron = NeuronConfig {
-        mode: FiringMode::Smooth { k: 4.0 },
-        ..Default::default()
-    };
+fn validate(dev: &Arc<GpuDevice>, shape: [usize; 3], fb: FeedbackConfig, batch: usize, steps: usize) -> Res<f64> {
+    let neuron = NeuronConfig { mode: FiringMode::Smooth { k: 4.0 }, ..Default::default() };
     let n: usize = shape.iter().product();
     let (params, slots) = setup(shape, &fb, 7);
     let mut rng = ChaCha8Rng::seed_from_u64(8);
@@ -187,19 +157,7 @@ fn validate(
         let (bb, rest) = rest.split_at_mut(slots[1].len());
         let (we, rest) = rest.split_at_mut(slots[2].len());
         let (be, _) = rest.split_at_mut(slots[3].len());
-        cpu.backward(
-            &p,
-            &mut BackEiGrads {
-                w_b: wb,
-                b_b: bb,
-                w_e: we,
-                b_e: be,
-            },
-            &input,
-            steps,
-            &gout,
-            &mut cgin,
-        );
+        cpu.backward(&p, &mut BackEiGrads { w_b: wb, b_b: bb, w_e: we, b_e: be }, &input, steps, &gout, &mut cgin);
     }
     let s = &dev.stream;
     let mut g = GpuBackEiLayer::new(dev, shape, fb, &neuron)?;
@@ -209,15 +167,7 @@ fn validate(
     let dgo = s.clone_htod(&gout)?;
     let mut dgin = s.alloc_zeros::<f32>(input.len())?;
     g.forward(&dp, &slots, &di.slice(..), steps, batch, steps)?;
-    g.backward(
-        &dp,
-        &mut dg,
-        &slots,
-        &di.slice(..),
-        steps,
-        &dgo.slice(..),
-        &mut dgin.slice_mut(..),
-    )?;
+    g.backward(&dp, &mut dg, &slots, &di.slice(..), steps, &dgo.slice(..), &mut dgin.slice_mut(..))?;
     let e = [
         max_rel(&s.clone_dtoh(g.output()?)?, &cpu.out),
         max_rel(&s.clone_dtoh(g.v.as_ref().ok_or("no v")?)?, &cpu.v),
@@ -239,11 +189,7 @@ fn layer_workload(
     vt: usize,
 ) -> Res<()> {
     let err = validate(&bench.dev, shape, fb, vb, vt)?;
-    let valid = if err < 1e-4 {
-        format!("valid (max rel err {err:.1e})")
-    } else {
-        format!("INVALID (max rel err {err:.1e})")
-    };
+    let valid = if err < 1e-4 { format!("valid (max rel err {err:.1e})") } else { format!("INVALID (max rel err {err:.1e})") };
     if err >= 1e-4 || err.is_nan() {
         bench.failed.push(name.to_string());
     }
@@ -265,37 +211,13 @@ fn layer_workload(
     let conv_flops = 2.0 * all * (shape[0] * k * k) as f64;
     let plain = gates == 0;
     let fwd_bytes = 4.0 * all * if plain { 3.0 } else { 3.0 + gates as f64 + 1.0 };
-    let ms =
-        bench.time(|| Ok(layer.forward(&dp, &slots, &input.slice(..), steps, batch, steps)?))?;
+    let ms = bench.time(|| Ok(layer.forward(&dp, &slots, &input.slice(..), steps, batch, steps)?))?;
     let kname = if plain { "plain" } else { "fused" };
-    bench.report(
-        &format!("{name} fwd {:?}", plan.wgrad),
-        kname,
-        ms,
-        fwd_bytes,
-        gates as f64 * conv_flops,
-        &valid,
-    );
+    bench.report(&format!("{name} fwd {:?}", plan.wgrad), kname, ms, fwd_bytes, gates as f64 * conv_flops, &valid);
     let bwd_bytes = 4.0 * all * if plain { 3.0 } else { 5.0 + 2.0 * gates as f64 };
-    let ms = bench.time(|| {
-        Ok(layer.backward(
-            &dp,
-            &mut dg,
-            &slots,
-            &input.slice(..),
-            steps,
-            &gout.slice(..),
-            &mut gin.slice_mut(..),
-        )?)
-    })?;
-    bench.report(
-        &format!("{name} bwd {:?}", plan.wgrad),
-        kname,
-        ms,
-        bwd_bytes,
-        2.0 * gates as f64 * conv_flops,
-        &valid,
-    );
+    let ms =
+        bench.time(|| Ok(layer.backward(&dp, &mut dg, &slots, &input.slice(..), steps, &gout.slice(..), &mut gin.slice_mut(..))?))?;
+    bench.report(&format!("{name} bwd {:?}", plan.wgrad), kname, ms, bwd_bytes, 2.0 * gates as f64 * conv_flops, &valid);
     Ok(())
 }
 
@@ -317,64 +239,19 @@ fn main() {
 fn run(dev: Arc<GpuDevice>, filter: Option<String>) -> Res<()> {
     let mut flush = dev.stream.alloc_zeros::<u8>(256 << 20)?;
     let (copy_gbs, fma_gflops) = ceilings(&dev, &mut flush)?;
-    println!(
-        "device {} ({}): copy {copy_gbs:.0} GB/s, FP32 FMA {fma_gflops:.0} GFLOP/s",
-        dev.name,
-        dev.kernels.arch()
-    );
-    let mut bench = Bench {
-        dev,
-        flush,
-        copy_gbs,
-        fma_gflops,
-        rows: Vec::new(),
-        failed: Vec::new(),
-    };
-    let fb = |r| FeedbackConfig {
-        back: true,
-        ei: true,
-        radius: r,
-        delay: 1,
-    };
-    let plain = FeedbackConfig {
-        back: false,
-        ei: false,
-        radius: 0,
-        delay: 1,
-    };
+    println!("device {} ({}): copy {copy_gbs:.0} GB/s, FP32 FMA {fma_gflops:.0} GFLOP/s", dev.name, dev.kernels.arch());
+    let mut bench = Bench { dev, flush, copy_gbs, fma_gflops, rows: Vec::new(), failed: Vec::new() };
+    let fb = |r| FeedbackConfig { back: true, ei: true, radius: r, delay: 1 };
+    let plain = FeedbackConfig { back: false, ei: false, radius: 0, delay: 1 };
     // (name, shape, switches, B, T, B and T of the CPU validation)
-    type Workload = (
-        &'static str,
-        [usize; 3],
-        FeedbackConfig,
-        usize,
-        usize,
-        usize,
-        usize,
-    );
+    type Workload = (&'static str, [usize; 3], FeedbackConfig, usize, usize, usize, usize);
     let workloads: Vec<Workload> = vec![
         ("mnist L1 15x24x24 r2", [15, 24, 24], fb(2), 100, 20, 2, 4),
         ("mnist L2 40x8x8 r2", [40, 8, 8], fb(2), 100, 20, 2, 4),
         ("fashion L1 32x28x28 r1", [32, 28, 28], fb(1), 100, 20, 2, 4),
         ("fashion L2 64x14x14 r1", [64, 14, 14], fb(1), 100, 20, 2, 4),
-        (
-            "cifar10 L1 128x32x32 r1",
-            [128, 32, 32],
-            fb(1),
-            100,
-            20,
-            1,
-            3,
-        ),
-        (
-            "cifar10 L2 256x16x16 r1",
-            [256, 16, 16],
-            fb(1),
-            100,
-            20,
-            1,
-            3,
-        ),
+        ("cifar10 L1 128x32x32 r1", [128, 32, 32], fb(1), 100, 20, 1, 3),
+        ("cifar10 L2 256x16x16 r1", [256, 16, 16], fb(1), 100, 20, 1, 3),
         ("plain 64x65536 T32", [65_536, 1, 1], plain, 64, 32, 2, 32),
     ];
     for (name, shape, f, b, t, vb, vt) in workloads {
@@ -387,8 +264,7 @@ fn run(dev: Arc<GpuDevice>, filter: Option<String>) -> Res<()> {
     if let Some(dir) = std::path::Path::new(&path).parent() {
         std::fs::create_dir_all(dir)?;
     }
-    let mut csv =
-        String::from("workload,kernel,ms,gb_per_s,gflop_per_s,frac_copy_bw,frac_fma,validation\n");
+    let mut csv = String::from("workload,kernel,ms,gb_per_s,gflop_per_s,frac_copy_bw,frac_fma,validation\n");
     for r in &bench.rows {
         csv.push_str(r);
         csv.push('\n');
@@ -396,11 +272,7 @@ fn run(dev: Arc<GpuDevice>, filter: Option<String>) -> Res<()> {
     std::fs::write(&path, csv)?;
     println!("wrote {path}");
     if !bench.failed.is_empty() {
-        return Err(format!(
-            "GPU result differs from the CPU for: {}",
-            bench.failed.join(", ")
-        )
-        .into());
+        return Err(format!("GPU result differs from the CPU for: {}", bench.failed.join(", ")).into());
     }
     Ok(())
 }

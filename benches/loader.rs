@@ -46,18 +46,12 @@ fn run(name: &str, ds: Arc<Dataset>, opts: LoaderOptions, epochs: usize) -> f64 
 }
 
 fn main() {
-    let workers: usize = std::env::var("BACKEI_LOADER_WORKERS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(2);
+    let workers: usize = std::env::var("BACKEI_LOADER_WORKERS").ok().and_then(|v| v.parse().ok()).unwrap_or(2);
     println!("loader benchmark: {workers} workers, batch 128, prefetch 4");
     let fashion = match Dataset::load(
         DatasetKind::FashionMnist,
         Split::Train,
-        &LoadOptions {
-            data_dir: Some("/usr/share/datasets/fashion-mnist".into()),
-            ..Default::default()
-        },
+        &LoadOptions { data_dir: Some("/usr/share/datasets/fashion-mnist".into()), ..Default::default() },
     ) {
         Ok(d) => {
             println!("Fashion-MNIST: real files, {} images", d.len());
@@ -69,34 +63,11 @@ fn main() {
         }
     };
     let fashion = Arc::new(fashion);
-    let base = LoaderOptions {
-        batch_size: 128,
-        workers,
-        prefetch: 4,
-        seed: 1,
-        ..Default::default()
-    };
+    let base = LoaderOptions { batch_size: 128, workers, prefetch: 4, seed: 1, ..Default::default() };
     let f = run("fashion-mnist direct", fashion.clone(), base.clone(), 3);
-    run(
-        "fashion-mnist rate T=8",
-        fashion,
-        LoaderOptions {
-            encoding: Encoding::Rate,
-            steps: 8,
-            ..base.clone()
-        },
-        1,
-    );
+    run("fashion-mnist rate T=8", fashion, LoaderOptions { encoding: Encoding::Rate, steps: 8, ..base.clone() }, 1);
     let cifar = Arc::new(synth(DatasetKind::Cifar10, 50000));
-    let c = run(
-        "cifar10 direct + augmentation (synthetic)",
-        cifar,
-        LoaderOptions {
-            augment: true,
-            ..base
-        },
-        2,
-    );
+    let c = run("cifar10 direct + augmentation (synthetic)", cifar, LoaderOptions { augment: true, ..base }, 2);
     println!(
         "targets: fashion-mnist ≥ 50000/s: {}; augmented cifar10 ≥ 20000/s: {}",
         if f >= 50000.0 { "met" } else { "NOT met" },

@@ -18,37 +18,25 @@ const T: usize = 20;
 fn batch(spec: &NetworkSpec) -> (Vec<f32>, Vec<u8>) {
     let mut rng = ChaCha8Rng::seed_from_u64(1);
     let frame: usize = spec.input.iter().product();
-    (
-        (0..B * frame)
-            .map(|_| rng.random_range(0.0f32..1.0))
-            .collect(),
-        (0..B).map(|_| rng.random_range(0..10u8)).collect(),
-    )
+    ((0..B * frame).map(|_| rng.random_range(0.0f32..1.0)).collect(), (0..B).map(|_| rng.random_range(0..10u8)).collect())
 }
 
 fn gib(b: usize) -> f64 {
     b as f64 / (1u64 << 30) as f64
 }
 
-fn gpu_step(
-    dev: &std::sync::Arc<GpuDevice>,
-    spec: &NetworkSpec,
-    reps: usize,
-) -> Result<(f64, usize), String> {
+fn gpu_step(dev: &std::sync::Arc<GpuDevice>, spec: &NetworkSpec, reps: usize) -> Result<(f64, usize), String> {
     let (free0, _) = dev.ctx.mem_get_info().map_err(|e| format!("{e:?}"))?;
     let mut net = GpuNetwork::new(dev, spec, 4150).map_err(|e| e.to_string())?;
-    let mut opt = GpuOptimizer::new(dev, OptimizerConfig::adam(1e-3), net.num_params())
-        .map_err(|e| e.to_string())?;
+    let mut opt = GpuOptimizer::new(dev, OptimizerConfig::adam(1e-3), net.num_params()).map_err(|e| e.to_string())?;
     let (x, labels) = batch(spec);
     // the first step allocates the buffers and compiles/loads the kernels
-    net.train_step(&x, 1, &labels, Loss::Mse, &mut opt)
-        .map_err(|e| e.to_string())?;
+    net.train_step(&x, 1, &labels, Loss::Mse, &mut opt).map_err(|e| e.to_string())?;
     dev.synchronize().map_err(|e| e.to_string())?;
     let (free1, _) = dev.ctx.mem_get_info().map_err(|e| format!("{e:?}"))?;
     let t0 = Instant::now();
     for _ in 0..reps {
-        net.train_step(&x, 1, &labels, Loss::Mse, &mut opt)
-            .map_err(|e| e.to_string())?;
+        net.train_step(&x, 1, &labels, Loss::Mse, &mut opt).map_err(|e| e.to_string())?;
     }
     dev.synchronize().map_err(|e| e.to_string())?;
     let secs = t0.elapsed().as_secs_f64() / reps as f64;
@@ -57,16 +45,8 @@ fn gpu_step(
 }
 
 fn main() {
-    let reps: usize = std::env::var("BACKEI_BENCH_REPS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(3);
-    let nets = [
-        NetworkSpec::mnist(),
-        NetworkSpec::fashion_mnist(),
-        NetworkSpec::cifar10(),
-        NetworkSpec::nmnist(),
-    ];
+    let reps: usize = std::env::var("BACKEI_BENCH_REPS").ok().and_then(|s| s.parse().ok()).unwrap_or(3);
+    let nets = [NetworkSpec::mnist(), NetworkSpec::fashion_mnist(), NetworkSpec::cifar10(), NetworkSpec::nmnist()];
     println!("one training step, B = {B}, T = {T}, direct encoding, MSE, Adam");
     match GpuDevice::open(0) {
         Ok(dev) => {
@@ -90,15 +70,11 @@ fn main() {
         }
         Err(e) => println!("GPU part skipped: {e}"),
     }
-    for spec in nets
-        .iter()
-        .filter(|s| s.name == "mnist" || s.name == "fashion-mnist")
-    {
+    for spec in nets.iter().filter(|s| s.name == "mnist" || s.name == "fashion-mnist") {
         let mut spec = spec.clone();
         spec.steps = T;
         let mut net = Network::<f32>::new(&spec, 4150).expect("network");
-        let mut opt =
-            Optimizer::new(OptimizerConfig::adam(1e-3), net.num_params()).expect("optimizer");
+        let mut opt = Optimizer::new(OptimizerConfig::adam(1e-3), net.num_params()).expect("optimizer");
         let (x, labels) = batch(&spec);
         let t0 = Instant::now();
         match net.train_step(&x, 1, &labels, Loss::Mse, &mut opt) {

@@ -12,10 +12,7 @@ use rand::{Rng, SeedableRng};
 use std::time::Instant;
 
 fn env(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
+    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
 }
 
 fn main() {
@@ -48,11 +45,7 @@ fn main() {
         let t2 = Instant::now();
         opt.update(&mut net.params, &net.grads);
         let t3 = Instant::now();
-        let (f, b, o) = (
-            (t1 - t0).as_secs_f64(),
-            (t2 - t1).as_secs_f64(),
-            (t3 - t2).as_secs_f64(),
-        );
+        let (f, b, o) = ((t1 - t0).as_secs_f64(), (t2 - t1).as_secs_f64(), (t3 - t2).as_secs_f64());
         let total = f + b + o;
         if rep == 0 {
             println!("warm-up: {total:.3} s (loss {loss:.4})");

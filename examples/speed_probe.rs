@@ -15,11 +15,6 @@ fn main() {
     for _ in 0..3 {
         let t0 = Instant::now();
         let s = net.train_step(&x, 1, &labels, Loss::Mse, &mut opt).unwrap();
-        println!(
-            "{name} B={b} T={t}: {:.3}s loss {:.4} stats {:?}",
-            t0.elapsed().as_secs_f64(),
-            s.loss,
-            net.spike_stats()
-        );
+        println!("{name} B={b} T={t}: {:.3}s loss {:.4} stats {:?}", t0.elapsed().as_secs_f64(), s.loss, net.spike_stats());
     }
 }

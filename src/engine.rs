@@ -11,44 +11,27 @@ use crate::optim::{Optimizer, OptimizerConfig};
 use crate::spec::NetworkSpec;
 
 pub enum Engine {
-    Cpu {
-        net: Box<Network<f32>>,
-        opt: Optimizer,
-    },
-    Gpu {
-        net: Box<GpuNetwork>,
-        opt: GpuOptimizer,
-    },
+    Cpu { net: Box<Network<f32>>, opt: Optimizer },
+    Gpu { net: Box<GpuNetwork>, opt: GpuOptimizer },
 }
 
 impl Engine {
     /// Builds the network of `spec` (PyTorch's initialisation from `seed`) and its optimizer on
     /// the engine `choice` resolves to. Returns the engine and a line saying which engine runs
     /// and why (`auto` falls back to the CPU and says so; `cuda` without a GPU is an error).
-    pub fn new(
-        spec: &NetworkSpec,
-        seed: u64,
-        choice: DeviceChoice,
-        opt: OptimizerConfig,
-    ) -> Result<(Engine, String)> {
+    pub fn new(spec: &NetworkSpec, seed: u64, choice: DeviceChoice, opt: OptimizerConfig) -> Result<(Engine, String)> {
         opt.validate()?;
         let cpu = Network::<f32>::new(spec, seed)?;
         let (dev, line) = choose(choice)?;
         let engine = match dev {
             None => {
                 let o = Optimizer::new(opt, cpu.num_params())?;
-                Engine::Cpu {
-                    net: Box::new(cpu),
-                    opt: o,
-                }
+                Engine::Cpu { net: Box::new(cpu), opt: o }
             }
             Some(dev) => {
                 let net = GpuNetwork::from_cpu(&dev, &cpu)?;
                 let o = GpuOptimizer::new(&dev, opt, net.num_params())?;
-                Engine::Gpu {
-                    net: Box::new(net),
-                    opt: o,
-                }
+                Engine::Gpu { net: Box::new(net), opt: o }
             }
         };
         Ok((engine, line))
@@ -88,13 +71,7 @@ impl Engine {
     }
 
     /// One training iteration: forward, loss, BPTT, optimizer step.
-    pub fn train_step(
-        &mut self,
-        x: &[f32],
-        t_in: usize,
-        labels: &[u8],
-        loss: Loss,
-    ) -> Result<StepStats> {
+    pub fn train_step(&mut self, x: &[f32], t_in: usize, labels: &[u8], loss: Loss) -> Result<StepStats> {
         match self {
             Engine::Cpu { net, opt } => net.train_step(x, t_in, labels, loss, opt),
             Engine::Gpu { net, opt } => net.train_step(x, t_in, labels, loss, opt),
@@ -102,13 +79,7 @@ impl Engine {
     }
 
     /// Loss and correct count without updating anything (dropout off).
-    pub fn evaluate(
-        &mut self,
-        x: &[f32],
-        t_in: usize,
-        labels: &[u8],
-        loss: Loss,
-    ) -> Result<StepStats> {
+    pub fn evaluate(&mut self, x: &[f32], t_in: usize, labels: &[u8], loss: Loss) -> Result<StepStats> {
         match self {
             Engine::Cpu { net, .. } => net.evaluate(x, t_in, labels, loss),
             Engine::Gpu { net, .. } => net.evaluate(x, t_in, labels, loss),
@@ -134,17 +105,9 @@ impl Engine {
         match self {
             Engine::Cpu { net, .. } => {
                 if params.len() != net.params.len() {
-                    return Err(shape_err(
-                        "parameters",
-                        format!("{} values", net.params.len()),
-                        format!("{}", params.len()),
-                    ));
+                    return Err(shape_err("parameters", format!("{} values", net.params.len()), format!("{}", params.len())));
                 }
-                crate::error::check_finite(
-                    "parameters",
-                    params,
-                    "a parameter to load is NaN or Inf",
-                )?;
+                crate::error::check_finite("parameters", params, "a parameter to load is NaN or Inf")?;
                 net.params.copy_from_slice(params);
                 Ok(())
             }
@@ -185,9 +148,7 @@ impl Engine {
     pub fn set_optimizer_state(&mut self, state: &Optimizer) -> Result<()> {
         let n = self.num_params();
         state.config.validate()?;
-        if state.m.len() != n
-            || (matches!(state.config, OptimizerConfig::Adam { .. }) && state.v.len() != n)
-        {
+        if state.m.len() != n || (matches!(state.config, OptimizerConfig::Adam { .. }) && state.v.len() != n) {
             return Err(shape_err(
                 "optimizer state",
                 format!("m and v of {n} values"),
@@ -251,21 +212,14 @@ mod tests {
     fn auto_falls_back_to_the_cpu_without_a_driver_and_says_so() {
         let mut spec = NetworkSpec::mnist();
         spec.steps = 2;
-        let (mut e, line) =
-            Engine::new(&spec, 7, DeviceChoice::Auto, OptimizerConfig::adam(1e-3)).unwrap();
+        let (mut e, line) = Engine::new(&spec, 7, DeviceChoice::Auto, OptimizerConfig::adam(1e-3)).unwrap();
         if driver_present() {
             // a machine with a driver: auto takes the GPU when one opens, else falls back
-            assert!(
-                line.starts_with("engine: GPU") || line.contains("found no usable GPU"),
-                "{line}"
-            );
+            assert!(line.starts_with("engine: GPU") || line.contains("found no usable GPU"), "{line}");
             return;
         }
         assert!(!e.is_gpu());
-        assert!(
-            line.contains("CPU") && line.contains("no usable GPU"),
-            "{line}"
-        );
+        assert!(line.contains("CPU") && line.contains("no usable GPU"), "{line}");
         // the CPU engine works through the Engine interface, from the CPU network's weights
         let reference = Network::<f32>::new(&spec, 7).unwrap();
         assert!(e.params().unwrap() == reference.params);
@@ -279,14 +233,9 @@ mod tests {
         // exactly what the CPU network and optimizer give by themselves
         let mut direct = Network::<f32>::new(&spec, 7).unwrap();
         let mut o = Optimizer::new(OptimizerConfig::adam(1e-3), direct.num_params()).unwrap();
-        let s2 = direct
-            .train_step(&x, 1, &[3, 4], Loss::Mse, &mut o)
-            .unwrap();
+        let s2 = direct.train_step(&x, 1, &[3, 4], Loss::Mse, &mut o).unwrap();
         assert_eq!(s2, s);
-        assert!(
-            e.params().unwrap() == direct.params,
-            "the engine's step differs from the CPU network's"
-        );
+        assert!(e.params().unwrap() == direct.params, "the engine's step differs from the CPU network's");
         assert!(st.m == o.m && st.v == o.v);
         // the optimizer state and the parameters round-trip
         let mut st2 = st.clone();
@@ -295,11 +244,7 @@ mod tests {
         assert_eq!(e.optimizer_state().unwrap().step, 41);
         e.load_params(&reference.params).unwrap();
         assert!(e.params().unwrap() == reference.params);
-        assert!(e
-            .load_params(&[1.0])
-            .unwrap_err()
-            .to_string()
-            .contains("parameters"));
+        assert!(e.load_params(&[1.0]).unwrap_err().to_string().contains("parameters"));
         let mut bad = st.clone();
         bad.m.pop();
         assert!(e.set_optimizer_state(&bad).is_err());
@@ -313,18 +258,9 @@ mod tests {
             return; // this check is for machines without a driver (CI)
         }
         let spec = NetworkSpec::mnist();
-        let r = std::panic::catch_unwind(|| {
-            Engine::new(&spec, 1, DeviceChoice::Cuda(0), OptimizerConfig::adam(1e-3)).map(|_| ())
-        });
-        let err = r
-            .expect("no panic")
-            .expect_err("cuda without a driver must fail");
+        let r = std::panic::catch_unwind(|| Engine::new(&spec, 1, DeviceChoice::Cuda(0), OptimizerConfig::adam(1e-3)).map(|_| ()));
+        let err = r.expect("no panic").expect_err("cuda without a driver must fail");
         let msg = err.to_string();
-        assert!(
-            msg.contains("CUDA")
-                && msg.contains("no NVIDIA driver")
-                && msg.contains("--device cpu"),
-            "{msg}"
-        );
+        assert!(msg.contains("CUDA") && msg.contains("no NVIDIA driver") && msg.contains("--device cpu"), "{msg}");
     }
 }

@@ -9,37 +9,17 @@ use serde::{Deserialize, Serialize};
 #[serde(tag = "kind", rename_all = "lowercase")]
 pub enum OptimizerConfig {
     /// torch.optim.Adam: bias-corrected, eps added after the square root.
-    Adam {
-        lr: f64,
-        beta1: f64,
-        beta2: f64,
-        eps: f64,
-        weight_decay: f64,
-    },
+    Adam { lr: f64, beta1: f64, beta2: f64, eps: f64, weight_decay: f64 },
     /// torch.optim.SGD with momentum (dampening 0, not Nesterov).
-    Sgd {
-        lr: f64,
-        momentum: f64,
-        weight_decay: f64,
-    },
+    Sgd { lr: f64, momentum: f64, weight_decay: f64 },
 }
 
 impl OptimizerConfig {
     pub fn adam(lr: f64) -> Self {
-        OptimizerConfig::Adam {
-            lr,
-            beta1: 0.9,
-            beta2: 0.999,
-            eps: 1e-8,
-            weight_decay: 0.0,
-        }
+        OptimizerConfig::Adam { lr, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0 }
     }
     pub fn sgd(lr: f64, momentum: f64) -> Self {
-        OptimizerConfig::Sgd {
-            lr,
-            momentum,
-            weight_decay: 0.0,
-        }
+        OptimizerConfig::Sgd { lr, momentum, weight_decay: 0.0 }
     }
     pub fn lr(&self) -> f64 {
         match *self {
@@ -49,13 +29,7 @@ impl OptimizerConfig {
     pub fn validate(&self) -> Result<()> {
         let ok = |x: f64| x.is_finite() && x >= 0.0;
         match *self {
-            OptimizerConfig::Adam {
-                lr,
-                beta1,
-                beta2,
-                eps,
-                weight_decay,
-            } => {
+            OptimizerConfig::Adam { lr, beta1, beta2, eps, weight_decay } => {
                 if !(ok(lr) && lr > 0.0) {
                     return Err(config_err("lr", format!("{lr} must be a positive number")));
                 }
@@ -66,19 +40,12 @@ impl OptimizerConfig {
                     return Err(config_err("eps/weight_decay", "must be finite and ≥ 0"));
                 }
             }
-            OptimizerConfig::Sgd {
-                lr,
-                momentum,
-                weight_decay,
-            } => {
+            OptimizerConfig::Sgd { lr, momentum, weight_decay } => {
                 if !(ok(lr) && lr > 0.0) {
                     return Err(config_err("lr", format!("{lr} must be a positive number")));
                 }
                 if !(ok(momentum) && ok(weight_decay)) {
-                    return Err(config_err(
-                        "momentum/weight_decay",
-                        "must be finite and ≥ 0",
-                    ));
+                    return Err(config_err("momentum/weight_decay", "must be finite and ≥ 0"));
                 }
             }
         }
@@ -107,13 +74,7 @@ impl Optimizer {
             OptimizerConfig::Adam { .. } => vec![0.0; len],
             OptimizerConfig::Sgd { .. } => Vec::new(),
         };
-        Ok(Optimizer {
-            config,
-            lr: config.lr(),
-            step: 0,
-            m: vec![0.0; len],
-            v,
-        })
+        Ok(Optimizer { config, lr: config.lr(), step: 0, m: vec![0.0; len], v })
     }
 
     /// One update of `params` from `grads` (PyTorch's formulas, computed in f64 per element and
@@ -122,13 +83,7 @@ impl Optimizer {
         self.step += 1;
         let lr = self.lr;
         match self.config {
-            OptimizerConfig::Adam {
-                beta1,
-                beta2,
-                eps,
-                weight_decay,
-                ..
-            } => {
+            OptimizerConfig::Adam { beta1, beta2, eps, weight_decay, .. } => {
                 let bc1 = 1.0 - beta1.powi(self.step as i32);
                 let bc2 = 1.0 - beta2.powi(self.step as i32);
                 let step_size = lr / bc1;
@@ -144,21 +99,13 @@ impl Optimizer {
                     params[i] = F::from_f64(p - step_size * m / denom);
                 }
             }
-            OptimizerConfig::Sgd {
-                momentum,
-                weight_decay,
-                ..
-            } => {
+            OptimizerConfig::Sgd { momentum, weight_decay, .. } => {
                 let first = self.step == 1;
                 for i in 0..params.len() {
                     let p = params[i].to_f64();
                     let g = grads[i].to_f64() + weight_decay * p;
                     let d = if momentum != 0.0 {
-                        let b = if first {
-                            g
-                        } else {
-                            momentum * self.m[i] as f64 + g
-                        };
+                        let b = if first { g } else { momentum * self.m[i] as f64 + g };
                         self.m[i] = b as f32;
                         b
                     } else {
@@ -212,13 +159,6 @@ mod tests {
         o.update(&mut p, &[1.0]); // buf = 1 → p = 0.9
         o.update(&mut p, &[1.0]); // buf = 1.9 → p = 0.71
         assert!((p[0] - 0.71).abs() < 1e-7);
-        assert_eq!(
-            StepLr {
-                step_size: 40,
-                gamma: 0.1
-            }
-            .lr_at(1e-3, 80),
-            1e-3 * 0.1f64.powi(2)
-        );
+        assert_eq!(StepLr { step_size: 40, gamma: 0.1 }.lr_at(1e-3, 80), 1e-3 * 0.1f64.powi(2));
     }
 }

@@ -16,8 +16,10 @@ pub struct RunCurves {
 /// A legend label from a run folder's config.json: dataset, the mechanisms on, T.
 pub fn run_label(dir: &Path) -> Result<String> {
     let path = dir.join("config.json");
-    let text = std::fs::read_to_string(&path).map_err(|e| BackeiError::Io { path: path.display().to_string(), problem: format!("{e} (is this a run folder?)") })?;
-    let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| BackeiError::Io { path: path.display().to_string(), problem: e.to_string() })?;
+    let text = std::fs::read_to_string(&path)
+        .map_err(|e| BackeiError::Io { path: path.display().to_string(), problem: format!("{e} (is this a run folder?)") })?;
+    let v: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| BackeiError::Io { path: path.display().to_string(), problem: e.to_string() })?;
     let c = &v["config"];
     let fb = &c["network"]["feedback"];
     let mech = match (fb["back"].as_bool(), fb["ei"].as_bool()) {
@@ -34,7 +36,10 @@ pub fn load_runs(dirs: &[PathBuf]) -> Result<Vec<RunCurves>> {
         .map(|d| {
             let rows = MetricsWriter::read(d)?;
             if rows.is_empty() {
-                return Err(BackeiError::Io { path: d.join("metrics.jsonl").display().to_string(), problem: "no epochs recorded yet".into() });
+                return Err(BackeiError::Io {
+                    path: d.join("metrics.jsonl").display().to_string(),
+                    problem: "no epochs recorded yet".into(),
+                });
             }
             Ok(RunCurves { label: run_label(d)?, rows })
         })
@@ -74,7 +79,12 @@ where
             .label(r.label.clone())
             .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2)));
     }
-    ch.configure_series_labels().background_style(WHITE.mix(0.8)).border_style(BLACK).position(SeriesLabelPosition::LowerRight).draw().map_err(e)?;
+    ch.configure_series_labels()
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .position(SeriesLabelPosition::LowerRight)
+        .draw()
+        .map_err(e)?;
     let mut ch = ChartBuilder::on(&right)
         .caption("training loss", ("sans-serif", 20))
         .margin(12)

@@ -44,14 +44,10 @@ mod tests {
         let kept = (0..n).filter(|&i| dropout_keep(key, 2, i, 0.5)).count() as f64 / n as f64;
         assert!((kept - 0.5).abs() < 0.01, "kept {kept}");
         // another step, layer or iteration gives another mask
-        let same_t = (0..1000)
-            .filter(|&i| dropout_keep(key, 2, i, 0.5) == dropout_keep(key, 3, i, 0.5))
-            .count();
+        let same_t = (0..1000).filter(|&i| dropout_keep(key, 2, i, 0.5) == dropout_keep(key, 3, i, 0.5)).count();
         assert!(same_t < 600, "{same_t}");
         let other = dropout_key(4150, 8, 3);
-        let same_it = (0..1000)
-            .filter(|&i| dropout_keep(key, 2, i, 0.5) == dropout_keep(other, 2, i, 0.5))
-            .count();
+        let same_it = (0..1000).filter(|&i| dropout_keep(key, 2, i, 0.5) == dropout_keep(other, 2, i, 0.5)).count();
         assert!(same_it < 600, "{same_it}");
         // fixed values, pinned so that the CUDA twin can be checked against them
         assert_eq!(mix64(0), 0xE220_A839_7B1D_CDAF);

@@ -50,12 +50,7 @@ pub struct NeuronConfig {
 
 impl Default for NeuronConfig {
     fn default() -> Self {
-        NeuronConfig {
-            leak: 0.2,
-            threshold: 0.5,
-            surrogate: Surrogate::default(),
-            mode: FiringMode::Exact,
-        }
+        NeuronConfig { leak: 0.2, threshold: 0.5, surrogate: Surrogate::default(), mode: FiringMode::Exact }
     }
 }
 
@@ -74,12 +69,7 @@ pub struct FeedbackConfig {
 
 impl Default for FeedbackConfig {
     fn default() -> Self {
-        FeedbackConfig {
-            back: true,
-            ei: true,
-            radius: 1,
-            delay: 1,
-        }
+        FeedbackConfig { back: true, ei: true, radius: 1, delay: 1 }
     }
 }
 
@@ -88,11 +78,7 @@ impl Default for FeedbackConfig {
 #[serde(tag = "kind", rename_all = "lowercase")]
 pub enum LayerSpec {
     /// Conv2d, stride 1, zero padding, with bias.
-    Conv {
-        out_channels: usize,
-        kernel: usize,
-        padding: usize,
-    },
+    Conv { out_channels: usize, kernel: usize, padding: usize },
     /// Fully connected, with bias.
     Linear { out_features: usize },
     /// 2×2 average pooling, stride 2 (odd sizes floor, as PyTorch).
@@ -129,15 +115,7 @@ pub struct LayerPlan {
 }
 
 fn block(out: usize, kernel: usize, padding: usize) -> [LayerSpec; 3] {
-    [
-        LayerSpec::Conv {
-            out_channels: out,
-            kernel,
-            padding,
-        },
-        LayerSpec::BackEi,
-        LayerSpec::AvgPool,
-    ]
+    [LayerSpec::Conv { out_channels: out, kernel, padding }, LayerSpec::BackEi, LayerSpec::AvgPool]
 }
 
 impl NetworkSpec {
@@ -166,10 +144,7 @@ impl NetworkSpec {
             name: name.into(),
             input,
             layers,
-            feedback: FeedbackConfig {
-                radius: 2,
-                ..Default::default()
-            },
+            feedback: FeedbackConfig { radius: 2, ..Default::default() },
             neuron: NeuronConfig::default(),
             steps: 20,
         }
@@ -191,10 +166,7 @@ impl NetworkSpec {
             name: "fashion-mnist".into(),
             input: [1, 28, 28],
             layers,
-            feedback: FeedbackConfig {
-                radius: 1,
-                ..Default::default()
-            },
+            feedback: FeedbackConfig { radius: 1, ..Default::default() },
             neuron: NeuronConfig::default(),
             steps: 20,
         }
@@ -205,11 +177,7 @@ impl NetworkSpec {
         let mut layers = Vec::new();
         for out in [128, 256, 512] {
             layers.extend([
-                LayerSpec::Conv {
-                    out_channels: out,
-                    kernel: 3,
-                    padding: 1,
-                },
+                LayerSpec::Conv { out_channels: out, kernel: 3, padding: 1 },
                 LayerSpec::BackEi,
                 LayerSpec::Dropout { p: 0.5 },
                 LayerSpec::AvgPool,
@@ -227,10 +195,7 @@ impl NetworkSpec {
             name: "cifar10".into(),
             input: [3, 32, 32],
             layers,
-            feedback: FeedbackConfig {
-                radius: 1,
-                ..Default::default()
-            },
+            feedback: FeedbackConfig { radius: 1, ..Default::default() },
             neuron: NeuronConfig::default(),
             steps: 20,
         }
@@ -243,10 +208,9 @@ impl NetworkSpec {
             "fashion-mnist" => Ok(Self::fashion_mnist()),
             "cifar10" => Ok(Self::cifar10()),
             "nmnist" => Ok(Self::nmnist()),
-            other => Err(config_err(
-                "network",
-                format!("unknown network `{other}`; expected one of mnist, fashion-mnist, cifar10, nmnist"),
-            )),
+            other => {
+                Err(config_err("network", format!("unknown network `{other}`; expected one of mnist, fashion-mnist, cifar10, nmnist")))
+            }
         }
     }
 
@@ -262,62 +226,33 @@ impl NetworkSpec {
         let fb = &self.feedback;
         let n = &self.neuron;
         if self.steps == 0 {
-            return Err(config_err(
-                "steps",
-                "T = 0: a spiking network needs at least one time step",
-            ));
+            return Err(config_err("steps", "T = 0: a spiking network needs at least one time step"));
         }
         if self.input.contains(&0) {
-            return Err(config_err(
-                "input",
-                format!("input shape {:?} has a zero dimension", self.input),
-            ));
+            return Err(config_err("input", format!("input shape {:?} has a zero dimension", self.input)));
         }
         if fb.delay == 0 {
-            return Err(config_err(
-                "delay",
-                "D = 0: the feedback delay must be at least 1 step",
-            ));
+            return Err(config_err("delay", "D = 0: the feedback delay must be at least 1 step"));
         }
         if fb.back && fb.delay > self.steps {
-            return Err(config_err(
-                "delay",
-                format!(
-                    "D = {} > T = {}: the feedback would never arrive; use D ≤ T",
-                    fb.delay, self.steps
-                ),
-            ));
+            return Err(config_err("delay", format!("D = {} > T = {}: the feedback would never arrive; use D ≤ T", fb.delay, self.steps)));
         }
         if !(n.leak.is_finite() && (0.0..=1.0).contains(&n.leak)) {
-            return Err(config_err(
-                "leak",
-                format!("λ = {} must lie in [0, 1]", n.leak),
-            ));
+            return Err(config_err("leak", format!("λ = {} must lie in [0, 1]", n.leak)));
         }
         if !n.threshold.is_finite() {
             return Err(config_err("threshold", "θ must be finite"));
         }
         let width_ok = match n.surrogate {
             Surrogate::Rectangle { width } => width.is_finite() && width > 0.0,
-            Surrogate::Sigmoid { alpha } | Surrogate::Atan { alpha } => {
-                alpha.is_finite() && alpha > 0.0
-            }
+            Surrogate::Sigmoid { alpha } | Surrogate::Atan { alpha } => alpha.is_finite() && alpha > 0.0,
         };
         if !width_ok {
-            return Err(config_err(
-                "surrogate",
-                format!(
-                    "{:?}: its width/alpha must be a positive number",
-                    n.surrogate
-                ),
-            ));
+            return Err(config_err("surrogate", format!("{:?}: its width/alpha must be a positive number", n.surrogate)));
         }
         if let FiringMode::Smooth { k } = n.mode {
             if !(k.is_finite() && k > 0.0) {
-                return Err(config_err(
-                    "mode",
-                    "smooth firing needs a positive steepness k",
-                ));
+                return Err(config_err("mode", "smooth firing needs a positive steepness k"));
             }
         }
         if self.layers.is_empty() {
@@ -329,16 +264,9 @@ impl NetworkSpec {
             let [c, h, w] = shape;
             let at = |what: &str| format!("layers[{i}] ({layer:?}): {what}");
             let out = match *layer {
-                LayerSpec::Conv {
-                    out_channels,
-                    kernel,
-                    padding,
-                } => {
+                LayerSpec::Conv { out_channels, kernel, padding } => {
                     if out_channels == 0 || kernel == 0 {
-                        return Err(config_err(
-                            at("conv"),
-                            "out_channels and kernel must be positive",
-                        ));
+                        return Err(config_err(at("conv"), "out_channels and kernel must be positive"));
                     }
                     if h + 2 * padding < kernel || w + 2 * padding < kernel {
                         return Err(config_err(
@@ -346,60 +274,50 @@ impl NetworkSpec {
                             format!("a {kernel}×{kernel} kernel does not fit a {h}×{w} map with padding {padding}"),
                         ));
                     }
-                    [
-                        out_channels,
-                        h + 2 * padding - kernel + 1,
-                        w + 2 * padding - kernel + 1,
-                    ]
+                    [out_channels, h + 2 * padding - kernel + 1, w + 2 * padding - kernel + 1]
                 }
                 LayerSpec::Linear { out_features } => {
                     if out_features == 0 {
                         return Err(config_err(at("out_features"), "must be positive"));
                     }
                     if h != 1 || w != 1 {
-                        return Err(config_err(at("input"), format!("Linear needs a flat input; insert Flatten before it (input is {c}×{h}×{w})")));
+                        return Err(config_err(
+                            at("input"),
+                            format!("Linear needs a flat input; insert Flatten before it (input is {c}×{h}×{w})"),
+                        ));
                     }
                     [out_features, 1, 1]
                 }
                 LayerSpec::AvgPool => {
                     if h < 2 || w < 2 {
-                        return Err(config_err(
-                            at("input"),
-                            format!("2×2 pooling needs a map of at least 2×2, got {h}×{w}"),
-                        ));
+                        return Err(config_err(at("input"), format!("2×2 pooling needs a map of at least 2×2, got {h}×{w}")));
                     }
                     [c, h / 2, w / 2]
                 }
                 LayerSpec::Dropout { p } => {
                     if !(0.0..1.0).contains(&p) {
-                        return Err(config_err(
-                            at("p"),
-                            format!("dropout probability {p} must lie in [0, 1)"),
-                        ));
+                        return Err(config_err(at("p"), format!("dropout probability {p} must lie in [0, 1)")));
                     }
                     shape
                 }
                 LayerSpec::Flatten => [c * h * w, 1, 1],
                 LayerSpec::BackEi => {
                     let k = 2 * fb.radius + 1;
-                    if (fb.back || fb.ei)
-                        && (k > h || k > w)
-                        && !(h == 1 && w == 1 && fb.radius == 0)
-                    {
+                    if (fb.back || fb.ei) && (k > h || k > w) && !(h == 1 && w == 1 && fb.radius == 0) {
                         return Err(config_err(
                             at("radius"),
-                            format!("r = {} gives a {k}×{k} gate kernel that does not fit the {h}×{w} map; use r ≤ {}", fb.radius, (h.min(w) - 1) / 2),
+                            format!(
+                                "r = {} gives a {k}×{k} gate kernel that does not fit the {h}×{w} map; use r ≤ {}",
+                                fb.radius,
+                                (h.min(w) - 1) / 2
+                            ),
                         ));
                     }
                     shape
                 }
                 LayerSpec::Spiking => shape,
             };
-            plans.push(LayerPlan {
-                spec: layer.clone(),
-                input: shape,
-                output: out,
-            });
+            plans.push(LayerPlan { spec: layer.clone(), input: shape, output: out });
             shape = out;
         }
         Ok(plans)
@@ -424,12 +342,7 @@ mod tests {
         let n = NetworkSpec::nmnist().plan().unwrap();
         assert_eq!(n[0].output, [15, 30, 30]);
         assert_eq!(n[6].output, [1000, 1, 1]);
-        for s in [
-            NetworkSpec::mnist(),
-            NetworkSpec::fashion_mnist(),
-            NetworkSpec::cifar10(),
-            NetworkSpec::nmnist(),
-        ] {
+        for s in [NetworkSpec::mnist(), NetworkSpec::fashion_mnist(), NetworkSpec::cifar10(), NetworkSpec::nmnist()] {
             assert_eq!(s.classes().unwrap(), 10);
         }
     }

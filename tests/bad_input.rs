@@ -10,18 +10,7 @@ fn small() -> NetworkSpec {
     NetworkSpec {
         name: "small".into(),
         input: [2, 5, 5],
-        layers: vec![
-            Conv {
-                out_channels: 3,
-                kernel: 3,
-                padding: 1,
-            },
-            BackEi,
-            AvgPool,
-            Flatten,
-            Linear { out_features: 3 },
-            Spiking,
-        ],
+        layers: vec![Conv { out_channels: 3, kernel: 3, padding: 1 }, BackEi, AvgPool, Flatten, Linear { out_features: 3 }, Spiking],
         feedback: FeedbackConfig::default(),
         neuron: NeuronConfig::default(),
         steps: 4,
@@ -30,17 +19,11 @@ fn small() -> NetworkSpec {
 
 /// The error of building `spec` (as a network, too), with every `needles` in its message.
 fn rejects(spec: &NetworkSpec, needles: &[&str]) {
-    let e = spec
-        .plan()
-        .expect_err("the spec should be rejected")
-        .to_string();
+    let e = spec.plan().expect_err("the spec should be rejected").to_string();
     for n in needles {
         assert!(e.contains(n), "message `{e}` lacks `{n}`");
     }
-    let e2 = Network::<f32>::new(spec, 1)
-        .err()
-        .expect("Network::new should reject it")
-        .to_string();
+    let e2 = Network::<f32>::new(spec, 1).err().expect("Network::new should reject it").to_string();
     assert_eq!(e, e2);
 }
 
@@ -89,13 +72,7 @@ fn radius_that_does_not_fit_the_map() {
     rejects(&s, &["radius", "layers[1]", "7×7", "5×5", "r ≤ 2"]);
     // after a linear layer (1×1) only r = 0 fits
     let mut s = small();
-    s.layers = vec![
-        Flatten,
-        Linear { out_features: 4 },
-        BackEi,
-        Linear { out_features: 3 },
-        Spiking,
-    ];
+    s.layers = vec![Flatten, Linear { out_features: 4 }, BackEi, Linear { out_features: 3 }, Spiking];
     rejects(&s, &["radius", "layers[2]", "1×1"]);
     s.feedback.radius = 0;
     s.plan().unwrap();
@@ -104,18 +81,10 @@ fn radius_that_does_not_fit_the_map() {
 #[test]
 fn kernel_linear_pool_dropout_and_empty_layers() {
     let mut s = small();
-    s.layers[0] = Conv {
-        out_channels: 3,
-        kernel: 9,
-        padding: 1,
-    };
+    s.layers[0] = Conv { out_channels: 3, kernel: 9, padding: 1 };
     rejects(&s, &["layers[0]", "kernel", "9×9", "5×5"]);
     let mut s = small();
-    s.layers[0] = Conv {
-        out_channels: 0,
-        kernel: 3,
-        padding: 1,
-    };
+    s.layers[0] = Conv { out_channels: 0, kernel: 3, padding: 1 };
     rejects(&s, &["layers[0]", "out_channels"]);
     let mut s = small();
     s.layers.remove(3); // no Flatten before the Linear
@@ -149,11 +118,7 @@ fn neuron_settings() {
         s.neuron.threshold = th;
         rejects(&s, &["threshold", "finite"]);
     }
-    for sur in [
-        Surrogate::Rectangle { width: 0.0 },
-        Surrogate::Sigmoid { alpha: f64::NAN },
-        Surrogate::Atan { alpha: -1.0 },
-    ] {
+    for sur in [Surrogate::Rectangle { width: 0.0 }, Surrogate::Sigmoid { alpha: f64::NAN }, Surrogate::Atan { alpha: -1.0 }] {
         let mut s = small();
         s.neuron.surrogate = sur;
         rejects(&s, &["surrogate", "positive"]);
@@ -179,20 +144,11 @@ fn input_length_batch_and_frames() {
     // one value too few for B = 2
     let mut x = input(2, 1);
     x.pop();
-    assert_has(
-        &msg(net.forward(&x, 1, 2)),
-        &["network input", "99 values", "100 values"],
-    );
+    assert_has(&msg(net.forward(&x, 1, 2)), &["network input", "99 values", "100 values"]);
     // the right length for B = 3 but B = 2 claimed
-    assert_has(
-        &msg(net.forward(&input(3, 1), 1, 2)),
-        &["network input", "150 values"],
-    );
+    assert_has(&msg(net.forward(&input(3, 1), 1, 2)), &["network input", "150 values"]);
     // T_in neither 1 nor T
-    assert_has(
-        &msg(net.forward(&input(2, 3), 3, 2)),
-        &["network input", "T_in = 3", "T = 4"],
-    );
+    assert_has(&msg(net.forward(&input(2, 3), 3, 2)), &["network input", "T_in = 3", "T = 4"]);
     assert_has(&msg(net.forward(&[], 1, 0)), &["batch", "0"]);
     net.forward(&input(2, 4), 4, 2).unwrap();
     net.forward(&input(2, 1), 1, 2).unwrap();
@@ -203,23 +159,14 @@ fn non_finite_input_and_parameters() {
     let mut net = Network::<f32>::new(&small(), 1).unwrap();
     let mut x = input(2, 1);
     x[7] = f32::NAN;
-    assert_has(
-        &msg(net.forward(&x, 1, 2)),
-        &["network input", "element 7", "NaN"],
-    );
+    assert_has(&msg(net.forward(&x, 1, 2)), &["network input", "element 7", "NaN"]);
     x[7] = f32::INFINITY;
-    assert_has(
-        &msg(net.forward(&x, 1, 2)),
-        &["network input", "element 7", "inf"],
-    );
+    assert_has(&msg(net.forward(&x, 1, 2)), &["network input", "element 7", "inf"]);
     let x = input(2, 1);
     net.params[11] = f32::NEG_INFINITY;
     assert_has(&msg(net.forward(&x, 1, 2)), &["parameters", "element 11"]);
     let mut opt = Optimizer::new(OptimizerConfig::adam(1e-3), net.num_params()).unwrap();
-    assert_has(
-        &msg(net.train_step(&x, 1, &[0, 1], Loss::Mse, &mut opt)),
-        &["parameters", "element 11"],
-    );
+    assert_has(&msg(net.train_step(&x, 1, &[0, 1], Loss::Mse, &mut opt)), &["parameters", "element 11"]);
 }
 
 #[test]
@@ -227,65 +174,32 @@ fn labels() {
     let mut net = Network::<f32>::new(&small(), 1).unwrap();
     let mut opt = Optimizer::new(OptimizerConfig::adam(1e-3), net.num_params()).unwrap();
     let x = input(2, 1);
-    assert_has(
-        &msg(net.train_step(&x, 1, &[0, 3], Loss::Mse, &mut opt)),
-        &["labels", "label 3 of sample 1", "3 classes"],
-    );
-    assert_has(
-        &msg(net.evaluate(&x, 1, &[7, 0], Loss::Ce)),
-        &["label 7 of sample 0"],
-    );
-    assert_has(
-        &msg(net.train_step(&[], 1, &[], Loss::Mse, &mut opt)),
-        &["labels", "empty"],
-    );
+    assert_has(&msg(net.train_step(&x, 1, &[0, 3], Loss::Mse, &mut opt)), &["labels", "label 3 of sample 1", "3 classes"]);
+    assert_has(&msg(net.evaluate(&x, 1, &[7, 0], Loss::Ce)), &["label 7 of sample 0"]);
+    assert_has(&msg(net.train_step(&[], 1, &[], Loss::Mse, &mut opt)), &["labels", "empty"]);
     // three labels for a batch of two images: the input length no longer matches B = 3
-    assert_has(
-        &msg(net.train_step(&x, 1, &[0, 1, 2], Loss::Mse, &mut opt)),
-        &["network input", "150 values", "100 values"],
-    );
+    assert_has(&msg(net.train_step(&x, 1, &[0, 1, 2], Loss::Mse, &mut opt)), &["network input", "150 values", "100 values"]);
     net.train_step(&x, 1, &[0, 2], Loss::Mse, &mut opt).unwrap();
 }
 
 #[test]
 fn backward_misuse() {
     let mut net = Network::<f64>::new(&small(), 1).unwrap();
-    assert_has(
-        &msg(net.backward(&[0.0; 6], false)),
-        &["backward", "before forward"],
-    );
+    assert_has(&msg(net.backward(&[0.0; 6], false)), &["backward", "before forward"]);
     net.forward(&vec![0.5; 100], 1, 2).unwrap();
-    assert_has(
-        &msg(net.backward(&[0.0; 5], false)),
-        &["readout gradient", "6", "5"],
-    );
+    assert_has(&msg(net.backward(&[0.0; 5], false)), &["readout gradient", "6", "5"]);
     let mut dy = vec![0.1; 6];
     dy[4] = f64::NAN;
-    assert_has(
-        &msg(net.backward(&dy, false)),
-        &["readout gradient", "element 4"],
-    );
+    assert_has(&msg(net.backward(&dy, false)), &["readout gradient", "element 4"]);
 }
 
 #[test]
 fn optimizer_settings_and_size() {
     assert_has(&msg(Optimizer::new(OptimizerConfig::adam(0.0), 3)), &["lr"]);
-    assert_has(
-        &msg(Optimizer::new(OptimizerConfig::adam(f64::NAN), 3)),
-        &["lr"],
-    );
-    let bad_beta = OptimizerConfig::Adam {
-        lr: 1e-3,
-        beta1: 1.0,
-        beta2: 0.999,
-        eps: 1e-8,
-        weight_decay: 0.0,
-    };
+    assert_has(&msg(Optimizer::new(OptimizerConfig::adam(f64::NAN), 3)), &["lr"]);
+    let bad_beta = OptimizerConfig::Adam { lr: 1e-3, beta1: 1.0, beta2: 0.999, eps: 1e-8, weight_decay: 0.0 };
     assert_has(&msg(Optimizer::new(bad_beta, 3)), &["betas"]);
-    assert_has(
-        &msg(Optimizer::new(OptimizerConfig::sgd(0.1, -0.5), 3)),
-        &["momentum"],
-    );
+    assert_has(&msg(Optimizer::new(OptimizerConfig::sgd(0.1, -0.5), 3)), &["momentum"]);
     // an optimizer made for another network
     let mut net = Network::<f32>::new(&small(), 1).unwrap();
     let mut opt = Optimizer::new(OptimizerConfig::adam(1e-3), net.num_params() - 1).unwrap();

@@ -14,14 +14,8 @@ struct Cli {
 fn inspect_embedded_sample_writes_grid_png() {
     let d = tempfile::tempdir().unwrap();
     let out = d.path().join("grid.png");
-    run(DataCommand::Inspect {
-        dataset: DatasetKind::MnistSample,
-        data_dir: None,
-        grid: Some(out.clone()),
-        steps: 8,
-        cache_dir: None,
-    })
-    .unwrap();
+    run(DataCommand::Inspect { dataset: DatasetKind::MnistSample, data_dir: None, grid: Some(out.clone()), steps: 8, cache_dir: None })
+        .unwrap();
     let dec = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(&out).unwrap()));
     let r = dec.read_info().unwrap();
     let info = r.info();
@@ -32,66 +26,27 @@ fn inspect_embedded_sample_writes_grid_png() {
 #[test]
 fn inspect_missing_dataset_fails_with_hint() {
     let d = tempfile::tempdir().unwrap();
-    let e = run(DataCommand::Inspect {
-        dataset: DatasetKind::Cifar10,
-        data_dir: Some(d.path().into()),
-        grid: None,
-        steps: 8,
-        cache_dir: None,
-    })
-    .unwrap_err();
-    assert!(
-        format!("{e}").contains("backei data fetch cifar10 --dir DIR"),
-        "{e}"
-    );
+    let e =
+        run(DataCommand::Inspect { dataset: DatasetKind::Cifar10, data_dir: Some(d.path().into()), grid: None, steps: 8, cache_dir: None })
+            .unwrap_err();
+    assert!(format!("{e}").contains("backei data fetch cifar10 --dir DIR"), "{e}");
 }
 
 #[test]
 fn parses_fetch_and_inspect() {
-    let c = Cli::try_parse_from([
-        "x",
-        "fetch",
-        "fashion-mnist",
-        "--dir",
-        "/tmp/f",
-        "--no-progress",
-    ])
-    .unwrap();
-    assert!(matches!(
-        c.cmd,
-        DataCommand::Fetch {
-            dataset: DatasetKind::FashionMnist,
-            no_progress: true,
-            ..
-        }
-    ));
-    let c = Cli::try_parse_from(["x", "inspect", "nmnist", "--steps", "10", "--grid", "g.png"])
-        .unwrap();
-    assert!(matches!(
-        c.cmd,
-        DataCommand::Inspect {
-            dataset: DatasetKind::Nmnist,
-            steps: 10,
-            ..
-        }
-    ));
+    let c = Cli::try_parse_from(["x", "fetch", "fashion-mnist", "--dir", "/tmp/f", "--no-progress"]).unwrap();
+    assert!(matches!(c.cmd, DataCommand::Fetch { dataset: DatasetKind::FashionMnist, no_progress: true, .. }));
+    let c = Cli::try_parse_from(["x", "inspect", "nmnist", "--steps", "10", "--grid", "g.png"]).unwrap();
+    assert!(matches!(c.cmd, DataCommand::Inspect { dataset: DatasetKind::Nmnist, steps: 10, .. }));
     assert!(Cli::try_parse_from(["x", "inspect", "imagenet"]).is_err());
 }
 
 #[test]
 fn nmnist_fetch_without_zips_explains_manual_download() {
     let d = tempfile::tempdir().unwrap();
-    let e = run(DataCommand::Fetch {
-        dataset: DatasetKind::Nmnist,
-        dir: Some(d.path().into()),
-        no_progress: true,
-    })
-    .unwrap_err();
+    let e = run(DataCommand::Fetch { dataset: DatasetKind::Nmnist, dir: Some(d.path().into()), no_progress: true }).unwrap_err();
     let m = format!("{e}");
-    assert!(
-        m.contains("Train.zip") && m.contains("cannot be fetched automatically"),
-        "{m}"
-    );
+    assert!(m.contains("Train.zip") && m.contains("cannot be fetched automatically"), "{m}");
 }
 
 #[test]
@@ -108,12 +63,7 @@ fn nmnist_fetch_unpacks_zips_and_inspect_reads_them() {
         }
         z.finish().unwrap();
     }
-    run(DataCommand::Fetch {
-        dataset: DatasetKind::Nmnist,
-        dir: Some(d.path().into()),
-        no_progress: true,
-    })
-    .unwrap();
+    run(DataCommand::Fetch { dataset: DatasetKind::Nmnist, dir: Some(d.path().into()), no_progress: true }).unwrap();
     assert!(d.path().join("Train/1/00001.bin").is_file());
     let out = d.path().join("g.png");
     run(DataCommand::Inspect {

@@ -49,29 +49,17 @@ fn handle(s: TcpStream, log: &Mutex<Vec<String>>) {
         }
     }
     log.lock().unwrap().push(format!("{path} range={range:?}"));
-    let data = if path.ends_with(".gz") {
-        gz(&body())
-    } else {
-        body()
-    };
+    let data = if path.ends_with(".gz") { gz(&body()) } else { body() };
     let n = data.len();
     if path.starts_with("/missing/") {
-        return respond(
-            s,
-            "404 Not Found",
-            &["Content-Length: 9".into()],
-            b"not found",
-        );
+        return respond(s, "404 Not Found", &["Content-Length: 9".into()], b"not found");
     }
     if let Some(start) = range {
         let rest = &data[start..];
         return respond(
             s,
             "206 Partial Content",
-            &[
-                format!("Content-Length: {}", rest.len()),
-                format!("Content-Range: bytes {start}-{}/{n}", n - 1),
-            ],
+            &[format!("Content-Length: {}", rest.len()), format!("Content-Range: bytes {start}-{}/{n}", n - 1)],
             rest,
         );
     }
@@ -103,22 +91,11 @@ fn server() -> Server {
 }
 
 fn file(name: &str, urls: Vec<String>, sha: Option<String>) -> RemoteFile {
-    RemoteFile {
-        name: name.into(),
-        urls,
-        checksum: sha.map(|h| Checksum {
-            of: ChecksumOf::File,
-            sha256: h,
-        }),
-        unpack: Unpack::None,
-    }
+    RemoteFile { name: name.into(), urls, checksum: sha.map(|h| Checksum { of: ChecksumOf::File, sha256: h }), unpack: Unpack::None }
 }
 
 fn names(dir: &Path) -> Vec<String> {
-    let mut v: Vec<String> = std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .collect();
+    let mut v: Vec<String> = std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
     v.sort();
     v
 }
@@ -128,11 +105,7 @@ fn good_file_verified() {
     let s = server();
     let d = tempfile::tempdir().unwrap();
     let sha = fetch::sha256_bytes(&body());
-    let f = file(
-        "good.bin",
-        vec![format!("{}/ok/good.bin", s.base)],
-        Some(sha.clone()),
-    );
+    let f = file("good.bin", vec![format!("{}/ok/good.bin", s.base)], Some(sha.clone()));
     let r = fetch::fetch_file(&f, d.path(), false).unwrap();
     assert!(r.verified && !r.already_present);
     assert_eq!(r.sha256, sha);
@@ -160,18 +133,11 @@ fn wrong_checksum_leaves_nothing() {
     let s = server();
     let d = tempfile::tempdir().unwrap();
     let bad = "00".repeat(32);
-    let f = file(
-        "good.bin",
-        vec![format!("{}/ok/good.bin", s.base)],
-        Some(bad.clone()),
-    );
+    let f = file("good.bin", vec![format!("{}/ok/good.bin", s.base)], Some(bad.clone()));
     let e = fetch::fetch_file(&f, d.path(), false).unwrap_err();
     assert!(matches!(e, DataError::Checksum { .. }), "{e}");
     let m = e.to_string();
-    assert!(
-        m.contains("good.bin") && m.contains(&bad) && m.contains(&fetch::sha256_bytes(&body())),
-        "{m}"
-    );
+    assert!(m.contains("good.bin") && m.contains(&bad) && m.contains(&fetch::sha256_bytes(&body())), "{m}");
     assert!(names(d.path()).is_empty(), "{:?}", names(d.path()));
 }
 
@@ -180,11 +146,7 @@ fn cut_connection_keeps_part_and_resumes() {
     let s = server();
     let d = tempfile::tempdir().unwrap();
     let sha = fetch::sha256_bytes(&body());
-    let f = file(
-        "big.bin",
-        vec![format!("{}/cut/big.bin", s.base)],
-        Some(sha.clone()),
-    );
+    let f = file("big.bin", vec![format!("{}/cut/big.bin", s.base)], Some(sha.clone()));
     let e = fetch::fetch_file(&f, d.path(), false).unwrap_err();
     let m = e.to_string();
     assert!(m.contains("resume"), "{m}");
@@ -206,14 +168,8 @@ fn cut_connection_keeps_part_and_resumes() {
 fn not_found_404() {
     let s = server();
     let d = tempfile::tempdir().unwrap();
-    let f = file(
-        "gone.bin",
-        vec![format!("{}/missing/gone.bin", s.base)],
-        None,
-    );
-    let m = fetch::fetch_file(&f, d.path(), false)
-        .unwrap_err()
-        .to_string();
+    let f = file("gone.bin", vec![format!("{}/missing/gone.bin", s.base)], None);
+    let m = fetch::fetch_file(&f, d.path(), false).unwrap_err().to_string();
     assert!(m.contains("404") && m.contains("/missing/gone.bin"), "{m}");
     assert!(names(d.path()).is_empty());
 }
@@ -222,14 +178,7 @@ fn not_found_404() {
 fn mirror_fallback_after_404() {
     let s = server();
     let d = tempfile::tempdir().unwrap();
-    let f = file(
-        "m.bin",
-        vec![
-            format!("{}/missing/m.bin", s.base),
-            format!("{}/ok/m.bin", s.base),
-        ],
-        Some(fetch::sha256_bytes(&body())),
-    );
+    let f = file("m.bin", vec![format!("{}/missing/m.bin", s.base), format!("{}/ok/m.bin", s.base)], Some(fetch::sha256_bytes(&body())));
     assert!(fetch::fetch_file(&f, d.path(), false).unwrap().verified);
 }
 
@@ -240,10 +189,7 @@ fn checksum_of_gzip_content() {
     let f = RemoteFile {
         name: "a.gz".into(),
         urls: vec![format!("{}/ok/a.gz", s.base)],
-        checksum: Some(Checksum {
-            of: ChecksumOf::Gunzipped,
-            sha256: fetch::sha256_bytes(&body()),
-        }),
+        checksum: Some(Checksum { of: ChecksumOf::Gunzipped, sha256: fetch::sha256_bytes(&body()) }),
         unpack: Unpack::None,
     };
     assert!(fetch::fetch_file(&f, d.path(), false).unwrap().verified);
@@ -254,15 +200,10 @@ fn remote_file_table() {
     use backei::data::DatasetKind;
     let f = fetch::remote_files(DatasetKind::FashionMnist);
     assert_eq!(f.len(), 4);
-    assert!(f
-        .iter()
-        .all(|x| x.checksum.as_ref().is_some_and(|c| c.sha256.len() == 64)));
+    assert!(f.iter().all(|x| x.checksum.as_ref().is_some_and(|c| c.sha256.len() == 64)));
     let m = fetch::remote_files(DatasetKind::Mnist);
     assert!(m.iter().all(|x| x.urls.len() >= 2 && x.checksum.is_none()));
-    assert_eq!(
-        fetch::remote_files(DatasetKind::Cifar10)[0].unpack,
-        Unpack::TarGz
-    );
+    assert_eq!(fetch::remote_files(DatasetKind::Cifar10)[0].unpack, Unpack::TarGz);
 }
 
 /// The Fashion-MNIST checksums in the code match the installed Debian files' content.
@@ -304,9 +245,6 @@ fn tar_gz_unpacking() {
     let out = d.path().join("out");
     let files = fetch::extract_tar_gz(&a, &out).unwrap();
     assert_eq!(files.len(), 2);
-    assert_eq!(
-        std::fs::read(out.join("cifar-10-batches-bin/test_batch.bin")).unwrap(),
-        vec![1, 2, 3]
-    );
+    assert_eq!(std::fs::read(out.join("cifar-10-batches-bin/test_batch.bin")).unwrap(), vec![1, 2, 3]);
     assert!(!d.path().join("evil.bin").exists());
 }

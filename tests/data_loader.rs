@@ -3,10 +3,7 @@
 mod data_fixtures;
 use backei::data::augment::{self, CropFlip};
 use backei::data::loader::epoch_order;
-use backei::data::{
-    Batch, BufferAllocator, Dataset, DatasetKind, Encoding, LoadOptions, Loader, LoaderOptions,
-    Split,
-};
+use backei::data::{Batch, BufferAllocator, Dataset, DatasetKind, Encoding, LoadOptions, Loader, LoaderOptions, Split};
 use data_fixtures::pix;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -14,27 +11,13 @@ use std::sync::Arc;
 fn synth(kind: DatasetKind, split: Split, n: usize) -> Arc<Dataset> {
     let shape = kind.shape();
     let per: usize = shape.iter().product();
-    let data: Vec<u8> = (0..n)
-        .flat_map(|i| (0..per).map(move |p| pix(i, p)))
-        .collect();
+    let data: Vec<u8> = (0..n).flat_map(|i| (0..per).map(move |p| pix(i, p))).collect();
     let labels = (0..n).map(|i| (i % 10) as u8).collect();
-    Arc::new(Dataset::from_raw(
-        kind,
-        split,
-        shape,
-        1,
-        data,
-        labels,
-        vec![],
-    ))
+    Arc::new(Dataset::from_raw(kind, split, shape, 1, data, labels, vec![]))
 }
 
 fn opts(batch: usize) -> LoaderOptions {
-    LoaderOptions {
-        batch_size: batch,
-        seed: 7,
-        ..Default::default()
-    }
+    LoaderOptions { batch_size: batch, seed: 7, ..Default::default() }
 }
 
 fn collect(l: &Loader, epoch: usize) -> Vec<Batch> {
@@ -64,13 +47,7 @@ fn batches_cover_epoch_and_partial_batch_option() {
     assert_eq!(b[10].x.len(), 3 * 784);
     let idx: Vec<usize> = b.iter().flat_map(|b| b.indices.clone()).collect();
     assert_eq!(idx, keep.order(0));
-    let drop = Loader::new(
-        ds,
-        LoaderOptions {
-            drop_last: true,
-            ..opts(10)
-        },
-    );
+    let drop = Loader::new(ds, LoaderOptions { drop_last: true, ..opts(10) });
     assert_eq!(drop.batches_per_epoch(), 10);
     let b = collect(&drop, 0);
     assert_eq!(b.len(), 10);
@@ -80,13 +57,7 @@ fn batches_cover_epoch_and_partial_batch_option() {
 #[test]
 fn direct_layout_and_scaling() {
     let ds = synth(DatasetKind::FashionMnist, Split::Train, 20);
-    let l = Loader::new(
-        ds.clone(),
-        LoaderOptions {
-            shuffle: false,
-            ..opts(8)
-        },
-    );
+    let l = Loader::new(ds.clone(), LoaderOptions { shuffle: false, ..opts(8) });
     let b = collect(&l, 0);
     assert_eq!((b[0].t_in, b[0].batch, b[0].shape), (1, 8, [1, 28, 28]));
     let (bi, i, p) = (1, 3, 400); // batch 1, element 3 = sample 11
@@ -99,32 +70,9 @@ fn direct_layout_and_scaling() {
 #[allow(clippy::needless_range_loop)]
 fn rate_encoding_is_time_major_reproducible_and_calibrated() {
     let ds = synth(DatasetKind::Mnist, Split::Train, 64);
-    let o = LoaderOptions {
-        encoding: Encoding::Rate,
-        steps: 5,
-        ..opts(16)
-    };
-    let a = collect(
-        &Loader::new(
-            ds.clone(),
-            LoaderOptions {
-                workers: 0,
-                ..o.clone()
-            },
-        ),
-        2,
-    );
-    let b = collect(
-        &Loader::new(
-            ds.clone(),
-            LoaderOptions {
-                workers: 3,
-                prefetch: 2,
-                ..o.clone()
-            },
-        ),
-        2,
-    );
+    let o = LoaderOptions { encoding: Encoding::Rate, steps: 5, ..opts(16) };
+    let a = collect(&Loader::new(ds.clone(), LoaderOptions { workers: 0, ..o.clone() }), 2);
+    let b = collect(&Loader::new(ds.clone(), LoaderOptions { workers: 3, prefetch: 2, ..o.clone() }), 2);
     assert_eq!(a.len(), b.len());
     for (x, y) in a.iter().zip(&b) {
         assert_eq!(x.indices, y.indices);
@@ -156,25 +104,13 @@ fn rate_encoding_is_time_major_reproducible_and_calibrated() {
             }
         }
     }
-    assert!(
-        ((got - want) / n as f64).abs() < 0.005,
-        "rate {} vs intensity {}",
-        got / n as f64,
-        want / n as f64
-    );
+    assert!(((got - want) / n as f64).abs() < 0.005, "rate {} vs intensity {}", got / n as f64, want / n as f64);
 }
 
 #[test]
 fn cifar_test_split_gets_normalisation_only() {
     let ds = synth(DatasetKind::Cifar10, Split::Test, 4);
-    let l = Loader::new(
-        ds.clone(),
-        LoaderOptions {
-            shuffle: false,
-            augment: true,
-            ..opts(4)
-        },
-    );
+    let l = Loader::new(ds.clone(), LoaderOptions { shuffle: false, augment: true, ..opts(4) });
     let b = collect(&l, 0);
     for c in 0..3 {
         let p = c * 1024 + 77;
@@ -186,30 +122,9 @@ fn cifar_test_split_gets_normalisation_only() {
 #[test]
 fn cifar_train_augmentation_crop_flip_deterministic() {
     let ds = synth(DatasetKind::Cifar10, Split::Train, 40);
-    let o = LoaderOptions {
-        augment: true,
-        ..opts(8)
-    };
-    let a = collect(
-        &Loader::new(
-            ds.clone(),
-            LoaderOptions {
-                workers: 0,
-                ..o.clone()
-            },
-        ),
-        1,
-    );
-    let b = collect(
-        &Loader::new(
-            ds.clone(),
-            LoaderOptions {
-                workers: 2,
-                ..o.clone()
-            },
-        ),
-        1,
-    );
+    let o = LoaderOptions { augment: true, ..opts(8) };
+    let a = collect(&Loader::new(ds.clone(), LoaderOptions { workers: 0, ..o.clone() }), 1);
+    let b = collect(&Loader::new(ds.clone(), LoaderOptions { workers: 2, ..o.clone() }), 1);
     for (x, y) in a.iter().zip(&b) {
         assert_eq!(x.x, y.x);
     }
@@ -238,71 +153,22 @@ fn crop_flip_geometry() {
     // 1×2×3 image 1..6; pad 1; shift by (dy=0, dx=2) = up-left pad row, 1 px right; flip.
     let src = [1u8, 2, 3, 4, 5, 6];
     let mut dst = [0u8; 6];
-    augment::crop_flip(
-        &src,
-        &mut dst,
-        [1, 2, 3],
-        1,
-        CropFlip {
-            dy: 1,
-            dx: 1,
-            flip: false,
-        },
-    );
+    augment::crop_flip(&src, &mut dst, [1, 2, 3], 1, CropFlip { dy: 1, dx: 1, flip: false });
     assert_eq!(dst, src);
-    augment::crop_flip(
-        &src,
-        &mut dst,
-        [1, 2, 3],
-        1,
-        CropFlip {
-            dy: 1,
-            dx: 1,
-            flip: true,
-        },
-    );
+    augment::crop_flip(&src, &mut dst, [1, 2, 3], 1, CropFlip { dy: 1, dx: 1, flip: true });
     assert_eq!(dst, [3, 2, 1, 6, 5, 4]);
-    augment::crop_flip(
-        &src,
-        &mut dst,
-        [1, 2, 3],
-        1,
-        CropFlip {
-            dy: 0,
-            dx: 2,
-            flip: false,
-        },
-    );
+    augment::crop_flip(&src, &mut dst, [1, 2, 3], 1, CropFlip { dy: 0, dx: 2, flip: false });
     assert_eq!(dst, [0, 0, 0, 2, 3, 0]);
 }
 
 #[test]
 fn mnist_family_not_augmented_unless_asked() {
     let ds = synth(DatasetKind::Mnist, Split::Train, 16);
-    let plain = collect(
-        &Loader::new(
-            ds.clone(),
-            LoaderOptions {
-                shuffle: false,
-                ..opts(16)
-            },
-        ),
-        0,
-    );
+    let plain = collect(&Loader::new(ds.clone(), LoaderOptions { shuffle: false, ..opts(16) }), 0);
     for (bi, &i) in plain[0].indices.iter().enumerate() {
         assert_eq!(plain[0].x[bi * 784 + 300], pix(i, 300) as f32 / 255.0);
     }
-    let aug = collect(
-        &Loader::new(
-            ds,
-            LoaderOptions {
-                shuffle: false,
-                augment: true,
-                ..opts(16)
-            },
-        ),
-        0,
-    );
+    let aug = collect(&Loader::new(ds, LoaderOptions { shuffle: false, augment: true, ..opts(16) }), 0);
     assert_ne!(plain[0].x, aug[0].x);
 }
 
@@ -312,33 +178,15 @@ fn nmnist_frames_are_time_major() {
     let t = 3;
     let n = 5;
     let data: Vec<u8> = (0..n * t * per).map(|k| (k % 7) as u8).collect();
-    let ds = Arc::new(Dataset::from_raw(
-        DatasetKind::Nmnist,
-        Split::Train,
-        [2, 34, 34],
-        t,
-        data,
-        vec![1; n],
-        vec![],
-    ));
-    let l = Loader::new(
-        ds.clone(),
-        LoaderOptions {
-            shuffle: false,
-            encoding: Encoding::Rate,
-            ..opts(2)
-        },
-    );
+    let ds = Arc::new(Dataset::from_raw(DatasetKind::Nmnist, Split::Train, [2, 34, 34], t, data, vec![1; n], vec![]));
+    let l = Loader::new(ds.clone(), LoaderOptions { shuffle: false, encoding: Encoding::Rate, ..opts(2) });
     assert_eq!(l.t_in(), 3);
     let b = collect(&l, 0);
     let bt = &b[1]; // samples 2, 3
     for tt in 0..t {
         for bi in 0..2 {
             for p in [0, 1000, per - 1] {
-                assert_eq!(
-                    bt.x[(tt * 2 + bi) * per + p],
-                    ds.sample(2 + bi)[tt * per + p] as f32
-                );
+                assert_eq!(bt.x[(tt * 2 + bi) * per + p], ds.sample(2 + bi)[tt * per + p] as f32);
             }
         }
     }
@@ -359,15 +207,7 @@ impl BufferAllocator for Counting {
 fn custom_allocator_and_buffer_reuse() {
     let ds = synth(DatasetKind::Mnist, Split::Train, 200);
     let alloc = Arc::new(Counting(AtomicUsize::new(0), AtomicUsize::new(0)));
-    let l = Loader::with_allocator(
-        ds,
-        LoaderOptions {
-            workers: 1,
-            prefetch: 2,
-            ..opts(10)
-        },
-        alloc.clone(),
-    );
+    let l = Loader::with_allocator(ds, LoaderOptions { workers: 1, prefetch: 2, ..opts(10) }, alloc.clone());
     for e in 0..3 {
         let mut ptrs = Vec::new();
         for b in l.epoch(e) {
@@ -384,14 +224,7 @@ fn custom_allocator_and_buffer_reuse() {
 #[test]
 fn dropping_an_epoch_midway_does_not_hang() {
     let ds = synth(DatasetKind::Mnist, Split::Train, 500);
-    let l = Loader::new(
-        ds,
-        LoaderOptions {
-            workers: 2,
-            prefetch: 2,
-            ..opts(5)
-        },
-    );
+    let l = Loader::new(ds, LoaderOptions { workers: 2, prefetch: 2, ..opts(5) });
     let mut it = l.epoch(0);
     let first = it.next().unwrap();
     drop(it);
@@ -403,21 +236,8 @@ fn dropping_an_epoch_midway_does_not_hang() {
 
 #[test]
 fn embedded_sample_full_epoch() {
-    let ds = Arc::new(
-        Dataset::load(
-            DatasetKind::MnistSample,
-            Split::Train,
-            &LoadOptions::default(),
-        )
-        .unwrap(),
-    );
-    let l = Loader::new(
-        ds.clone(),
-        LoaderOptions {
-            batch_size: 128,
-            ..Default::default()
-        },
-    );
+    let ds = Arc::new(Dataset::load(DatasetKind::MnistSample, Split::Train, &LoadOptions::default()).unwrap());
+    let l = Loader::new(ds.clone(), LoaderOptions { batch_size: 128, ..Default::default() });
     let mut seen = vec![false; ds.len()];
     let mut count = 0;
     for b in l.epoch(0) {

@@ -8,11 +8,7 @@ use data_fixtures::*;
 use std::path::{Path, PathBuf};
 
 fn opts(dir: &Path) -> LoadOptions {
-    LoadOptions {
-        data_dir: Some(dir.to_path_buf()),
-        steps: 4,
-        cache_dir: None,
-    }
+    LoadOptions { data_dir: Some(dir.to_path_buf()), steps: 4, cache_dir: None }
 }
 
 #[test]
@@ -41,10 +37,7 @@ fn idx_dotted_names_and_dataset_subfolder() {
     let d = tempfile::tempdir().unwrap();
     let sub = d.path().join("fashion-mnist");
     let labels: Vec<u8> = (0..5).collect();
-    write(
-        &sub.join("train-images.idx3-ubyte"),
-        &idx_images(5, 28, 28, pix),
-    );
+    write(&sub.join("train-images.idx3-ubyte"), &idx_images(5, 28, 28, pix));
     write(&sub.join("train-labels.idx1-ubyte"), &idx_labels(&labels));
     // --data-dir may name the parent of <dataset>/.
     let ds = Dataset::load(DatasetKind::FashionMnist, Split::Train, &opts(d.path())).unwrap();
@@ -75,25 +68,14 @@ const FASHION: &str = "/usr/share/datasets/fashion-mnist";
 #[test]
 fn real_fashion_mnist() {
     assert!(
-        Path::new(FASHION)
-            .join("train-images-idx3-ubyte.gz")
-            .is_file(),
+        Path::new(FASHION).join("train-images-idx3-ubyte.gz").is_file(),
         "Fashion-MNIST missing: apt-get install dataset-fashion-mnist"
     );
     // Found without flags (BACKEI_DATA / ./data do not hold it in CI; the system folder does).
-    let found = locate::locate_with(
-        DatasetKind::FashionMnist,
-        None,
-        None,
-        Path::new("/nonexistent"),
-        Path::new(locate::SYSTEM_DIR),
-    )
-    .unwrap();
+    let found =
+        locate::locate_with(DatasetKind::FashionMnist, None, None, Path::new("/nonexistent"), Path::new(locate::SYSTEM_DIR)).unwrap();
     assert_eq!(found, PathBuf::from(FASHION));
-    let o = LoadOptions {
-        data_dir: Some(FASHION.into()),
-        ..Default::default()
-    };
+    let o = LoadOptions { data_dir: Some(FASHION.into()), ..Default::default() };
     let tr = Dataset::load(DatasetKind::FashionMnist, Split::Train, &o).unwrap();
     let te = Dataset::load(DatasetKind::FashionMnist, Split::Test, &o).unwrap();
     assert_eq!((tr.len(), te.len()), (60000, 10000));
@@ -102,21 +84,14 @@ fn real_fashion_mnist() {
     assert_eq!(te.labels()[0], 9);
     let st = backei::data::inspect::stats(&tr);
     assert_eq!(st.per_class, [6000; 10]);
-    assert!(
-        (st.mean[0] - 0.2860).abs() < 1e-3 && (st.std[0] - 0.3530).abs() < 1e-3,
-        "{st:?}"
-    );
+    assert!((st.mean[0] - 0.2860).abs() < 1e-3 && (st.std[0] - 0.3530).abs() < 1e-3, "{st:?}");
 }
 
 #[test]
 fn cifar_flat_and_in_batches_folder() {
     for inner in [false, true] {
         let d = tempfile::tempdir().unwrap();
-        let dir = if inner {
-            d.path().join("cifar-10-batches-bin")
-        } else {
-            d.path().to_path_buf()
-        };
+        let dir = if inner { d.path().join("cifar-10-batches-bin") } else { d.path().to_path_buf() };
         write_cifar(&dir, 3);
         let tr = Dataset::load(DatasetKind::Cifar10, Split::Train, &opts(d.path())).unwrap();
         let te = Dataset::load(DatasetKind::Cifar10, Split::Test, &opts(d.path())).unwrap();
@@ -136,24 +111,8 @@ fn nmnist_event_decoding() {
     let b = events(&[(3, 4, 1, 0x7A_BCDE), (33, 0, 0, 5)]);
     // (5 < 0x7ABCDE - 2^22: treated as a wrap of the 23-bit counter.)
     let ev = nmnist::parse_events(&b, Path::new("x.bin")).unwrap();
-    assert_eq!(
-        ev[0],
-        Event {
-            x: 3,
-            y: 4,
-            p: 1,
-            t: 0x7A_BCDE
-        }
-    );
-    assert_eq!(
-        ev[1],
-        Event {
-            x: 33,
-            y: 0,
-            p: 0,
-            t: (1 << 23) + 5
-        }
-    );
+    assert_eq!(ev[0], Event { x: 3, y: 4, p: 1, t: 0x7A_BCDE });
+    assert_eq!(ev[1], Event { x: 33, y: 0, p: 0, t: (1 << 23) + 5 });
 }
 
 #[test]
@@ -167,20 +126,13 @@ fn nmnist_overflow_marker_adds_2_pow_13() {
 
 #[test]
 fn nmnist_binning_equal_time() {
-    let ev: Vec<Event> = [
-        (0u8, 0u8, 0u8, 0u64),
-        (1, 0, 1, 99),
-        (1, 0, 1, 50),
-        (1, 0, 1, 50),
-        (2, 3, 0, 24),
-    ]
-    .iter()
-    .map(|&(x, y, p, t)| Event { x, y, p, t })
-    .collect();
+    let ev: Vec<Event> = [(0u8, 0u8, 0u8, 0u64), (1, 0, 1, 99), (1, 0, 1, 50), (1, 0, 1, 50), (2, 3, 0, 24)]
+        .iter()
+        .map(|&(x, y, p, t)| Event { x, y, p, t })
+        .collect();
     let mut out = vec![0u8; 4 * nmnist::FRAME];
     nmnist::bin_events(&ev, 4, &mut out);
-    let at =
-        |t: usize, p: usize, y: usize, x: usize| out[t * nmnist::FRAME + p * 34 * 34 + y * 34 + x];
+    let at = |t: usize, p: usize, y: usize, x: usize| out[t * nmnist::FRAME + p * 34 * 34 + y * 34 + x];
     // span 0..=99 (100 µs) cut into 4 bins of 25 µs.
     assert_eq!(at(0, 0, 0, 0), 1);
     assert_eq!(at(0, 0, 3, 2), 1); // t = 24
@@ -194,11 +146,7 @@ fn nmnist_load_and_cache_keyed_by_t_and_rule() {
     let d = tempfile::tempdir().unwrap();
     write_nmnist(d.path(), 2);
     let cache = d.path().join("cache");
-    let o = |t| LoadOptions {
-        data_dir: Some(d.path().into()),
-        steps: t,
-        cache_dir: Some(cache.clone()),
-    };
+    let o = |t| LoadOptions { data_dir: Some(d.path().into()), steps: t, cache_dir: Some(cache.clone()) };
     let a = Dataset::load(DatasetKind::Nmnist, Split::Train, &o(4)).unwrap();
     assert_eq!((a.len(), a.frames(), a.shape()), (6, 4, [2, 34, 34]));
     assert_eq!(a.labels(), &[0, 0, 1, 1, 2, 2]);
@@ -227,10 +175,7 @@ fn nmnist_load_and_cache_keyed_by_t_and_rule() {
     let e = Dataset::load(DatasetKind::Nmnist, Split::Train, &o(4)).unwrap();
     assert_eq!(e.raw(), a.raw());
     // Changed sources (a file added) rebuild too.
-    write(
-        &d.path().join("Train/2/00009.bin"),
-        &events(&[(1, 1, 1, 1)]),
-    );
+    write(&d.path().join("Train/2/00009.bin"), &events(&[(1, 1, 1, 1)]));
     let f = Dataset::load(DatasetKind::Nmnist, Split::Train, &o(4)).unwrap();
     assert_eq!(f.len(), 7);
 }
@@ -252,36 +197,14 @@ fn locate_search_order_and_not_found_message() {
     write_mnist(&explicit, 1, 1, false);
     assert_eq!(f(Some(&explicit)).unwrap(), explicit);
     // Nothing found: lists where it looked and how to get the data.
-    let e = locate::locate_with(DatasetKind::FashionMnist, None, Some(&env), &cwd, &sys)
-        .unwrap_err()
-        .to_string();
-    for p in [
-        env.join("fashion-mnist"),
-        cwd.join("data/fashion-mnist"),
-        sys.join("fashion-mnist"),
-    ] {
+    let e = locate::locate_with(DatasetKind::FashionMnist, None, Some(&env), &cwd, &sys).unwrap_err().to_string();
+    for p in [env.join("fashion-mnist"), cwd.join("data/fashion-mnist"), sys.join("fashion-mnist")] {
         assert!(e.contains(&p.display().to_string()), "{e}");
     }
-    assert!(
-        e.contains("backei data fetch fashion-mnist --dir DIR"),
-        "{e}"
-    );
+    assert!(e.contains("backei data fetch fashion-mnist --dir DIR"), "{e}");
     assert!(e.contains("apt-get install dataset-fashion-mnist"), "{e}");
-    let e = locate::locate_with(
-        DatasetKind::Cifar10,
-        Some(&d.path().join("nope")),
-        None,
-        &cwd,
-        &sys,
-    )
-    .unwrap_err()
-    .to_string();
-    assert!(
-        e.contains("nope")
-            && e.contains("backei data fetch cifar10 --dir DIR")
-            && e.contains("data_batch_1.bin"),
-        "{e}"
-    );
+    let e = locate::locate_with(DatasetKind::Cifar10, Some(&d.path().join("nope")), None, &cwd, &sys).unwrap_err().to_string();
+    assert!(e.contains("nope") && e.contains("backei data fetch cifar10 --dir DIR") && e.contains("data_batch_1.bin"), "{e}");
 }
 
 #[test]
@@ -289,9 +212,6 @@ fn kind_names_roundtrip() {
     for k in DatasetKind::ALL {
         assert_eq!(k.to_string().parse::<DatasetKind>().unwrap(), k);
     }
-    assert_eq!(
-        "fashion-mnist".parse::<DatasetKind>().unwrap(),
-        DatasetKind::FashionMnist
-    );
+    assert_eq!("fashion-mnist".parse::<DatasetKind>().unwrap(), DatasetKind::FashionMnist);
     assert!("imagenet".parse::<DatasetKind>().is_err());
 }

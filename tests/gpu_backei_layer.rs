@@ -43,37 +43,18 @@ struct Case {
 }
 
 #[allow(clippy::too_many_arguments)]
-fn case(
-    name: &str,
-    shape: [usize; 3],
-    back: bool,
-    ei: bool,
-    radius: usize,
-    delay: usize,
-    batch: usize,
-    steps: usize,
-    t_in: usize,
-) -> Case {
+fn case(name: &str, shape: [usize; 3], back: bool, ei: bool, radius: usize, delay: usize, batch: usize, steps: usize, t_in: usize) -> Case {
     let fused = back || ei;
     Case {
         name: name.into(),
         shape,
-        fb: FeedbackConfig {
-            back,
-            ei,
-            radius,
-            delay,
-        },
+        fb: FeedbackConfig { back, ei, radius, delay },
         neuron: NeuronConfig::default(),
         batch,
         steps,
         t_in,
         smem_limit: None,
-        want_path: if fused {
-            LayerPath::Fused
-        } else {
-            LayerPath::Plain
-        },
+        want_path: if fused { LayerPath::Fused } else { LayerPath::Plain },
         want_wgrad: None,
     }
 }
@@ -95,15 +76,7 @@ fn nan_fill(dev: &GpuDevice, buf: &mut CudaSlice<f32>) {
     let f = dev.kernels.function("smoke", "fill_f32").unwrap();
     let n = buf.len() as i32;
     let nan = f32::NAN;
-    unsafe {
-        dev.stream
-            .launch_builder(&f)
-            .arg(buf)
-            .arg(&nan)
-            .arg(&n)
-            .launch(LaunchConfig::for_num_elems(n as u32))
-            .unwrap()
-    };
+    unsafe { dev.stream.launch_builder(&f).arg(buf).arg(&nan).arg(&n).launch(LaunchConfig::for_num_elems(n as u32)).unwrap() };
 }
 
 fn uniform(rng: &mut ChaCha8Rng, n: usize, lo: f32, hi: f32) -> Vec<f32> {
@@ -125,11 +98,7 @@ fn rel_err(a: &[f32], b: &[f32], keep: impl Fn(usize) -> bool) -> f64 {
 
 fn all_written(name: &str, xs: &[f32]) {
     if let Some(i) = xs.iter().position(|x| !x.is_finite()) {
-        panic!(
-            "{name}: element {i} of {} was not written (still NaN/Inf: {})",
-            xs.len(),
-            xs[i]
-        );
+        panic!("{name}: element {i} of {} was not written (still NaN/Inf: {})", xs.len(), xs[i]);
     }
 }
 
@@ -154,12 +123,7 @@ fn run(dev: &Arc<GpuDevice>, c: &Case, seed: u64) -> Outcome {
         at = r.end;
         r
     };
-    let slots: BackEiSlots = [
-        slot(wl, c.fb.back),
-        slot(ch, c.fb.back),
-        slot(wl, c.fb.ei),
-        slot(ch, c.fb.ei),
-    ];
+    let slots: BackEiSlots = [slot(wl, c.fb.back), slot(ch, c.fb.back), slot(wl, c.fb.ei), slot(ch, c.fb.ei)];
     let total = at + 2;
     let bound = 1.5 / ((ch * k * k) as f32).sqrt();
     let params = uniform(&mut rng, total, -bound, bound);
@@ -185,12 +149,7 @@ fn run(dev: &Arc<GpuDevice>, c: &Case, seed: u64) -> Outcome {
         let (bb, rest) = rest.split_at_mut(slots[1].len());
         let (we, rest) = rest.split_at_mut(slots[2].len());
         let (be, _) = rest.split_at_mut(slots[3].len());
-        let mut grads = BackEiGrads {
-            w_b: wb,
-            b_b: bb,
-            w_e: we,
-            b_e: be,
-        };
+        let mut grads = BackEiGrads { w_b: wb, b_b: bb, w_e: we, b_e: be };
         cpu.backward(&p, &mut grads, &input, c.t_in, &grad_out, &mut cpu_gin);
     }
 
@@ -198,20 +157,14 @@ fn run(dev: &Arc<GpuDevice>, c: &Case, seed: u64) -> Outcome {
     let s = &dev.stream;
     let mut layer = GpuBackEiLayer::new(dev, c.shape, c.fb, &c.neuron).unwrap();
     if let Some(lim) = c.smem_limit {
-        layer.limits = DeviceLimits {
-            max_smem_per_block: lim,
-            ..layer.limits
-        };
+        layer.limits = DeviceLimits { max_smem_per_block: lim, ..layer.limits };
     }
     let plan = layer.prepare(b, t).unwrap().clone();
     assert_eq!(plan.path, c.want_path, "{}: {plan:?}", c.name);
     if let Some(w) = c.want_wgrad {
         assert_eq!(plan.wgrad, w, "{}", c.name);
     }
-    for buf in [&mut layer.out, &mut layer.v, &mut layer.g, &mut layer.z]
-        .into_iter()
-        .flatten()
-    {
+    for buf in [&mut layer.out, &mut layer.v, &mut layer.g, &mut layer.z].into_iter().flatten() {
         nan_fill(dev, buf);
     }
     let d_params = s.clone_htod(&params).unwrap();
@@ -220,9 +173,7 @@ fn run(dev: &Arc<GpuDevice>, c: &Case, seed: u64) -> Outcome {
     let d_gout = s.clone_htod(&grad_out).unwrap();
     let mut d_gin = s.alloc_zeros::<f32>(c.t_in * b * n).unwrap();
     nan_fill(dev, &mut d_gin);
-    layer
-        .forward(&d_params, &slots, &d_input.slice(..), c.t_in, b, t)
-        .unwrap();
+    layer.forward(&d_params, &slots, &d_input.slice(..), c.t_in, b, t).unwrap();
     let out = s.clone_dtoh(layer.output().unwrap()).unwrap();
     let v = s.clone_dtoh(layer.v.as_ref().unwrap()).unwrap();
     let g = layer.g.as_ref().map(|x| s.clone_dtoh(x).unwrap());
@@ -235,17 +186,7 @@ fn run(dev: &Arc<GpuDevice>, c: &Case, seed: u64) -> Outcome {
     if c.fb.ei {
         all_written("z", z.as_ref().unwrap());
     }
-    layer
-        .backward(
-            &d_params,
-            &mut d_grads,
-            &slots,
-            &d_input.slice(..),
-            c.t_in,
-            &d_gout.slice(..),
-            &mut d_gin.slice_mut(..),
-        )
-        .unwrap();
+    layer.backward(&d_params, &mut d_grads, &slots, &d_input.slice(..), c.t_in, &d_gout.slice(..), &mut d_gin.slice_mut(..)).unwrap();
     let gin = s.clone_dtoh(&d_gin).unwrap();
     let grads = s.clone_dtoh(&d_grads).unwrap();
     all_written("∂I", &gin);
@@ -271,11 +212,7 @@ fn run(dev: &Arc<GpuDevice>, c: &Case, seed: u64) -> Outcome {
                     let near = |x: f32| (x.abs() - h).abs() < 1e-5;
                     kink[bb] |= near(cpu.v[e] - theta) || (c.fb.ei && near(cpu.z[e]));
                 }
-                let differs = if exact {
-                    out[e] != cpu.out[e]
-                } else {
-                    (out[e] - cpu.out[e]).abs() > 1e-4 * cpu.out[e].abs().max(1e-2)
-                };
+                let differs = if exact { out[e] != cpu.out[e] } else { (out[e] - cpu.out[e]).abs() > 1e-4 * cpu.out[e].abs().max(1e-2) };
                 if differs {
                     raw += 1;
                     if first_flip[bb] == usize::MAX {
@@ -297,17 +234,9 @@ fn run(dev: &Arc<GpuDevice>, c: &Case, seed: u64) -> Outcome {
         }
     }
     let flips = first_flip.iter().filter(|f| **f != usize::MAX).count();
-    assert!(
-        (flips as f64) / (all as f64) < 1e-4 || flips == 0,
-        "{}: {flips} flips in {all} outputs",
-        c.name
-    );
+    assert!((flips as f64) / (all as f64) < 1e-4 || flips == 0, "{}: {flips} flips in {all} outputs", c.name);
     if !exact {
-        assert_eq!(
-            raw, 0,
-            "{}: in the smooth mode s must agree within 1e-4 everywhere",
-            c.name
-        );
+        assert_eq!(raw, 0, "{}: in the smooth mode s must agree within 1e-4 everywhere", c.name);
     }
     // gradients are compared on samples without a flip or a kink
     for (f, k) in first_flip.iter_mut().zip(&kink) {
@@ -320,14 +249,8 @@ fn run(dev: &Arc<GpuDevice>, c: &Case, seed: u64) -> Outcome {
         tt < first_flip[bb]
     };
     let ev = rel_err(&v, &cpu.v, before_flip);
-    let eg = g
-        .as_ref()
-        .map(|g| rel_err(g, &cpu.g, before_flip))
-        .unwrap_or(0.0);
-    let ez = z
-        .as_ref()
-        .map(|z| rel_err(z, &cpu.z, before_flip))
-        .unwrap_or(0.0);
+    let eg = g.as_ref().map(|g| rel_err(g, &cpu.g, before_flip)).unwrap_or(0.0);
+    let ez = z.as_ref().map(|z| rel_err(z, &cpu.z, before_flip)).unwrap_or(0.0);
     let ein = rel_err(&gin, &cpu_gin, |e| first_flip[(e / n) % b] == usize::MAX);
     let flips_or_kinks = first_flip.iter().filter(|f| **f != usize::MAX).count();
     let names = ["dW_b", "db_b", "dW_e", "db_e"];
@@ -337,18 +260,8 @@ fn run(dev: &Arc<GpuDevice>, c: &Case, seed: u64) -> Outcome {
         for (j, r) in slots.iter().enumerate() {
             ew[j] = rel_err(&grads[r.clone()], &g_cpu[r.clone()], |_| true);
         }
-        assert_eq!(
-            grads[..3],
-            g_cpu[..3],
-            "{}: the padding of the gradient buffer was touched",
-            c.name
-        );
-        assert_eq!(
-            grads[total - 2..],
-            g_cpu[total - 2..],
-            "{}: the padding of the gradient buffer was touched",
-            c.name
-        );
+        assert_eq!(grads[..3], g_cpu[..3], "{}: the padding of the gradient buffer was touched", c.name);
+        assert_eq!(grads[total - 2..], g_cpu[total - 2..], "{}: the padding of the gradient buffer was touched", c.name);
     }
     println!(
         "{:<48} plan {:?}/{:?} smem fwd {} bwd {} | mismatch {:.2e} flips {flips} | max rel err v {ev:.1e} g {eg:.1e} z {ez:.1e} dI {ein:.1e} {}",
@@ -360,37 +273,16 @@ fn run(dev: &Arc<GpuDevice>, c: &Case, seed: u64) -> Outcome {
         raw as f64 / all as f64,
         if strict { names.iter().zip(ew).map(|(n, e)| format!("{n} {e:.1e}")).collect::<Vec<_>>().join(" ") } else { "(weights skipped: a flip or a surrogate kink)".into() }
     );
-    for (what, e) in [("v", ev), ("g", eg), ("z", ez), ("∂I", ein)]
-        .into_iter()
-        .chain(names.into_iter().zip(ew))
-    {
-        assert!(
-            e < 1e-4,
-            "{}: {what} differs from the CPU by {e:.2e} (relative)",
-            c.name
-        );
+    for (what, e) in [("v", ev), ("g", eg), ("z", ez), ("∂I", ein)].into_iter().chain(names.into_iter().zip(ew)) {
+        assert!(e < 1e-4, "{}: {what} differs from the CPU by {e:.2e} (relative)", c.name);
     }
     // the layer's statistics equal the CPU's
     let (rate, inh) = layer.spike_stats().unwrap();
-    assert!(
-        (rate - cpu.firing_rate()).abs() <= raw as f64 / all as f64 + 1e-12,
-        "{}: firing rate {rate} vs {}",
-        c.name,
-        cpu.firing_rate()
-    );
+    assert!((rate - cpu.firing_rate()).abs() <= raw as f64 / all as f64 + 1e-12, "{}: firing rate {rate} vs {}", c.name, cpu.firing_rate());
     if raw == 0 {
-        assert!(
-            (inh - cpu.inhibitory_fraction()).abs() < 1e-12,
-            "{}: inhibitory fraction {inh} vs {}",
-            c.name,
-            cpu.inhibitory_fraction()
-        );
+        assert!((inh - cpu.inhibitory_fraction()).abs() < 1e-12, "{}: inhibitory fraction {inh} vs {}", c.name, cpu.inhibitory_fraction());
     }
-    Outcome {
-        raw_mismatch: raw as f64 / all as f64,
-        flips,
-        strict_grads: strict,
-    }
+    Outcome { raw_mismatch: raw as f64 / all as f64, flips, strict_grads: strict }
 }
 
 fn device() -> Arc<GpuDevice> {
@@ -405,10 +297,7 @@ fn run_all(cases: &[Case]) {
         strict += o.strict_grads as usize;
         let _ = (o.raw_mismatch, o.flips);
     }
-    assert!(
-        strict * 2 >= cases.len(),
-        "fewer than half of the cases compared their weight gradients strictly"
-    );
+    assert!(strict * 2 >= cases.len(), "fewer than half of the cases compared their weight gradients strictly");
 }
 
 #[test]
@@ -423,39 +312,9 @@ fn fused_layer_matches_the_cpu_on_odd_shapes_and_every_switch() {
             }
         }
     }
-    cases.push(case(
-        "1×1×1 back+ei B 3",
-        [1, 1, 1],
-        true,
-        true,
-        1,
-        1,
-        3,
-        5,
-        5,
-    ));
-    cases.push(case(
-        "2×5×3 back+ei D > T",
-        [2, 5, 3],
-        true,
-        true,
-        1,
-        7,
-        2,
-        4,
-        4,
-    ));
-    cases.push(case(
-        "4×9×7 back+ei T 1",
-        [4, 9, 7],
-        true,
-        true,
-        2,
-        1,
-        2,
-        1,
-        1,
-    ));
+    cases.push(case("1×1×1 back+ei B 3", [1, 1, 1], true, true, 1, 1, 3, 5, 5));
+    cases.push(case("2×5×3 back+ei D > T", [2, 5, 3], true, true, 1, 7, 2, 4, 4));
+    cases.push(case("4×9×7 back+ei T 1", [4, 9, 7], true, true, 2, 1, 2, 1, 1));
     run_all(&cases);
 }
 
@@ -465,17 +324,7 @@ fn fused_layer_gradients_match_in_smooth_mode_on_both_weight_gradient_paths() {
     let mut cases = Vec::new();
     for (back, ei) in [(true, true), (true, false), (false, true)] {
         for (r, d, t_in) in [(1, 1, 5), (2, 3, 1)] {
-            let c = smooth(case(
-                &format!("5×7×9 back {back} ei {ei} r {r} D {d} T_in {t_in} B 2"),
-                [5, 7, 9],
-                back,
-                ei,
-                r,
-                d,
-                2,
-                5,
-                t_in,
-            ));
+            let c = smooth(case(&format!("5×7×9 back {back} ei {ei} r {r} D {d} T_in {t_in} B 2"), [5, 7, 9], back, ei, r, d, 2, 5, t_in));
             cases.push(c.clone());
             cases.push(global_mem(c));
         }
@@ -493,40 +342,10 @@ fn fused_layer_gradients_match_in_smooth_mode_on_both_weight_gradient_paths() {
 fn plain_layer_matches_the_cpu() {
     let mut cases = Vec::new();
     for t_in in [1, 7] {
-        cases.push(case(
-            &format!("plain 5×7×9 T_in {t_in} B 3"),
-            [5, 7, 9],
-            false,
-            false,
-            0,
-            1,
-            3,
-            7,
-            t_in,
-        ));
-        cases.push(smooth(case(
-            &format!("plain 300 T_in {t_in} B 4"),
-            [300, 1, 1],
-            false,
-            false,
-            0,
-            1,
-            4,
-            7,
-            t_in,
-        )));
+        cases.push(case(&format!("plain 5×7×9 T_in {t_in} B 3"), [5, 7, 9], false, false, 0, 1, 3, 7, t_in));
+        cases.push(smooth(case(&format!("plain 300 T_in {t_in} B 4"), [300, 1, 1], false, false, 0, 1, 4, 7, t_in)));
     }
-    cases.push(case(
-        "plain 1 neuron T 1",
-        [1, 1, 1],
-        false,
-        false,
-        0,
-        1,
-        1,
-        1,
-        1,
-    ));
+    cases.push(case("plain 1 neuron T 1", [1, 1, 1], false, false, 0, 1, 1, 1, 1));
     run_all(&cases);
 }
 
@@ -534,12 +353,7 @@ fn plain_layer_matches_the_cpu() {
 #[ignore = "needs a CUDA GPU"]
 fn every_backei_shape_of_the_four_networks_matches_the_cpu() {
     let mut cases = Vec::new();
-    for spec in [
-        NetworkSpec::mnist(),
-        NetworkSpec::fashion_mnist(),
-        NetworkSpec::cifar10(),
-        NetworkSpec::nmnist(),
-    ] {
+    for spec in [NetworkSpec::mnist(), NetworkSpec::fashion_mnist(), NetworkSpec::cifar10(), NetworkSpec::nmnist()] {
         for (i, l) in spec.plan().unwrap().iter().enumerate() {
             if l.spec != LayerSpec::BackEi {
                 continue;
@@ -547,17 +361,7 @@ fn every_backei_shape_of_the_four_networks_matches_the_cpu() {
             let big = l.output[0] >= 128;
             let (b, t) = if big { (1, 3) } else { (2, 4) };
             let fb = spec.feedback;
-            let c = case(
-                &format!("{} layer {i} {:?}", spec.name, l.output),
-                l.output,
-                fb.back,
-                fb.ei,
-                fb.radius,
-                fb.delay,
-                b,
-                t,
-                t,
-            );
+            let c = case(&format!("{} layer {i} {:?}", spec.name, l.output), l.output, fb.back, fb.ei, fb.radius, fb.delay, b, t, t);
             cases.push(smooth(c.clone()));
             cases.push(c);
         }
@@ -574,40 +378,20 @@ fn bad_calls_are_errors() {
     let params = dev.stream.alloc_zeros::<f32>(2 * (4 * 9 + 2)).unwrap();
     let slots: BackEiSlots = [0..36, 36..38, 38..74, 74..76];
     let input = dev.stream.alloc_zeros::<f32>(18 * 2).unwrap();
-    let e = layer
-        .forward(&params, &slots, &input.slice(..), 2, 1, 3)
-        .unwrap_err()
-        .to_string();
+    let e = layer.forward(&params, &slots, &input.slice(..), 2, 1, 3).unwrap_err().to_string();
     assert!(e.contains("T_in"), "{e}");
-    let e = layer
-        .forward(&params, &slots, &input.slice(..), 1, 1, 3)
-        .unwrap_err()
-        .to_string();
+    let e = layer.forward(&params, &slots, &input.slice(..), 1, 1, 3).unwrap_err().to_string();
     assert!(e.contains("input"), "{e}");
     let bad: BackEiSlots = [0..35, 36..38, 38..74, 74..76];
-    let e = layer
-        .forward(&params, &bad, &input.slice(..18), 1, 1, 3)
-        .unwrap_err()
-        .to_string();
+    let e = layer.forward(&params, &bad, &input.slice(..18), 1, 1, 3).unwrap_err().to_string();
     assert!(e.contains("W_b"), "{e}");
-    assert!(
-        layer.output().is_ok(),
-        "prepared buffers exist after a rejected call"
-    );
+    assert!(layer.output().is_ok(), "prepared buffers exist after a rejected call");
     let mut fresh = GpuBackEiLayer::new(&dev, [2, 3, 3], fb, &NeuronConfig::default()).unwrap();
     let mut grads = dev.stream.alloc_zeros::<f32>(76).unwrap();
     let mut gin = dev.stream.alloc_zeros::<f32>(18).unwrap();
     let gout = dev.stream.alloc_zeros::<f32>(54).unwrap();
     let e = fresh
-        .backward(
-            &params,
-            &mut grads,
-            &slots,
-            &input.slice(..18),
-            1,
-            &gout.slice(..),
-            &mut gin.slice_mut(..),
-        )
+        .backward(&params, &mut grads, &slots, &input.slice(..18), 1, &gout.slice(..), &mut gin.slice_mut(..))
         .unwrap_err()
         .to_string();
     assert!(e.contains("before forward"), "{e}");

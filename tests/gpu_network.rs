@@ -42,27 +42,14 @@ fn assert_close(what: &str, gpu: &[f32], cpu: &[f32], rel: f64) {
     let floor = 1e-3 * scale.max(1e-30);
     let mut worst = (0usize, 0f64);
     for (i, (&g, &c)) in gpu.iter().zip(cpu).enumerate() {
-        assert!(
-            g.is_finite(),
-            "{what}: element {i} not written or not finite ({g})"
-        );
+        assert!(g.is_finite(), "{what}: element {i} not written or not finite ({g})");
         let err = (g as f64 - c as f64).abs() / (c as f64).abs().max(floor);
         if err > worst.1 {
             worst = (i, err);
         }
     }
-    println!(
-        "{what}: worst relative error {:.2e} at {} (max |cpu| {scale:.3e})",
-        worst.1, worst.0
-    );
-    assert!(
-        worst.1 <= rel,
-        "{what}: element {} gpu {} cpu {} (relative {:.3e} > {rel:e})",
-        worst.0,
-        gpu[worst.0],
-        cpu[worst.0],
-        worst.1
-    );
+    println!("{what}: worst relative error {:.2e} at {} (max |cpu| {scale:.3e})", worst.1, worst.0);
+    assert!(worst.1 <= rel, "{what}: element {} gpu {} cpu {} (relative {:.3e} > {rel:e})", worst.0, gpu[worst.0], cpu[worst.0], worst.1);
 }
 
 #[test]
@@ -73,7 +60,7 @@ fn conv_matches_the_cpu_with_padding_odd_sizes_and_chunks() {
     for (g, samples, ws_bytes) in [
         (ConvGeom::new(3, 5, 9, 11, 3, 1), 6, DEFAULT_WORKSPACE_BYTES),
         (ConvGeom::new(2, 4, 7, 7, 5, 0), 5, DEFAULT_WORKSPACE_BYTES),
-        (ConvGeom::new(1, 6, 8, 5, 5, 2), 7, 3000), // one sample per chunk
+        (ConvGeom::new(1, 6, 8, 5, 5, 2), 7, 3000),                   // one sample per chunk
         (ConvGeom::new(4, 3, 10, 9, 3, 1), 9, 4 * (36 + 3) * 90 * 2), // two samples per chunk
     ] {
         let w = rand_vec(&mut rng, g.weight_len(), 0.5);
@@ -92,17 +79,7 @@ fn conv_matches_the_cpu_with_padding_odd_sizes_and_chunks() {
         let mut ws = ConvWorkspace::new(ws_bytes);
         let (wg, bg, xg, dyg) = (up(&d, &w), up(&d, &b), up(&d, &x), up(&d, &dy));
         let mut yg = poisoned(&d, y.len());
-        conv::forward(
-            &d,
-            &mut ws,
-            &g,
-            samples,
-            &wg.as_view(),
-            &bg.as_view(),
-            &xg.as_view(),
-            &mut yg.as_view_mut(),
-        )
-        .unwrap();
+        conv::forward(&d, &mut ws, &g, samples, &wg.as_view(), &bg.as_view(), &xg.as_view(), &mut yg.as_view_mut()).unwrap();
         let (mut dwg, mut dbg, mut dxg) = (up(&d, &dw0), up(&d, &db0), poisoned(&d, dx.len()));
         conv::backward(
             &d,
@@ -145,17 +122,7 @@ fn linear_matches_the_cpu() {
     clin::backward_data(n_in, n_out, &w, &dy, &mut dx);
     let (wg, bg, xg, dyg) = (up(&d, &w), up(&d, &b), up(&d, &x), up(&d, &dy));
     let mut yg = poisoned(&d, y.len());
-    linear::forward(
-        &d,
-        n_in,
-        n_out,
-        rows,
-        &wg.as_view(),
-        &bg.as_view(),
-        &xg.as_view(),
-        &mut yg.as_view_mut(),
-    )
-    .unwrap();
+    linear::forward(&d, n_in, n_out, rows, &wg.as_view(), &bg.as_view(), &xg.as_view(), &mut yg.as_view_mut()).unwrap();
     let (mut dwg, mut dbg, mut dxg) = (up(&d, &dw0), up(&d, &db0), poisoned(&d, dx.len()));
     linear::backward(
         &d,
@@ -194,11 +161,7 @@ fn pool_matches_the_cpu_on_odd_sizes() {
         pool::backward(&d, n * c, h, w, &dyg.as_view(), &mut dxg.as_view_mut()).unwrap();
         // the same four additions and one multiplication: bit for bit
         assert_eq!(down(&d, &yg), y, "pool forward {n}×{c}×{h}×{w}");
-        assert_eq!(
-            down(&d, &dxg),
-            dx,
-            "pool backward {n}×{c}×{h}×{w} (dropped rows/columns must be 0)"
-        );
+        assert_eq!(down(&d, &dxg), dx, "pool backward {n}×{c}×{h}×{w} (dropped rows/columns must be 0)");
     }
 }
 
@@ -211,57 +174,23 @@ fn dropout_masks_are_identical_to_the_cpu() {
     let key = backei::rng::dropout_key(4150, 12, 3);
     for t_in in [1, steps] {
         // strictly nonzero inputs, so a zero output means a dropped element
-        let x: Vec<f32> = (0..t_in * len)
-            .map(|_| rng.random_range(0.5f32..1.5) * if rng.random::<bool>() { 1.0 } else { -1.0 })
-            .collect();
+        let x: Vec<f32> = (0..t_in * len).map(|_| rng.random_range(0.5f32..1.5) * if rng.random::<bool>() { 1.0 } else { -1.0 }).collect();
         let dy = rand_vec(&mut rng, steps * len, 1.0);
-        let xs = if t_in == 1 {
-            x.repeat(steps)
-        } else {
-            x.clone()
-        };
+        let xs = if t_in == 1 { x.repeat(steps) } else { x.clone() };
         let mut y = vec![0f32; steps * len];
         let mut mask = vec![0u8; steps * len];
         cdrop::forward(key, p, len, &xs, &mut y, &mut mask);
         let mut full = vec![0f32; steps * len];
         cdrop::backward(p, &dy, &mask, &mut full);
-        let dx: Vec<f32> = if t_in == 1 {
-            (0..len)
-                .map(|i| (0..steps).fold(0f32, |a, t| a + full[t * len + i]))
-                .collect()
-        } else {
-            full.clone()
-        };
+        let dx: Vec<f32> =
+            if t_in == 1 { (0..len).map(|i| (0..steps).fold(0f32, |a, t| a + full[t * len + i])).collect() } else { full.clone() };
         let (xg, dyg) = (up(&d, &x), up(&d, &dy));
         let (mut yg, mut dxg) = (poisoned(&d, y.len()), poisoned(&d, dx.len()));
-        dropout::forward(
-            &d,
-            Some(key),
-            p,
-            len,
-            steps,
-            t_in,
-            &xg.as_view(),
-            &mut yg.as_view_mut(),
-        )
-        .unwrap();
-        dropout::backward(
-            &d,
-            Some(key),
-            p,
-            len,
-            steps,
-            t_in,
-            &dyg.as_view(),
-            &mut dxg.as_view_mut(),
-        )
-        .unwrap();
+        dropout::forward(&d, Some(key), p, len, steps, t_in, &xg.as_view(), &mut yg.as_view_mut()).unwrap();
+        dropout::backward(&d, Some(key), p, len, steps, t_in, &dyg.as_view(), &mut dxg.as_view_mut()).unwrap();
         let yh = down(&d, &yg);
         let gpu_mask: Vec<u8> = yh.iter().map(|&v| (v != 0.0) as u8).collect();
-        assert_eq!(
-            gpu_mask, mask,
-            "T_in = {t_in}: the GPU's mask differs from the CPU's"
-        );
+        assert_eq!(gpu_mask, mask, "T_in = {t_in}: the GPU's mask differs from the CPU's");
         assert_eq!(yh, y, "T_in = {t_in}: outputs");
         assert_eq!(down(&d, &dxg), dx, "T_in = {t_in}: input gradient");
         let kept = mask.iter().filter(|&&m| m == 1).count() as f64 / mask.len() as f64;
@@ -275,9 +204,7 @@ fn readout_and_losses_match_the_cpu() {
     let d = dev();
     let mut rng = ChaCha8Rng::seed_from_u64(5);
     let (t, b, k) = (4usize, 5usize, 10usize);
-    let s: Vec<f32> = (0..t * b * k)
-        .map(|_| [-1.0f32, 0.0, 1.0][rng.random_range(0..3)])
-        .collect();
+    let s: Vec<f32> = (0..t * b * k).map(|_| [-1.0f32, 0.0, 1.0][rng.random_range(0..3)]).collect();
     let labels: Vec<u8> = (0..b).map(|_| rng.random_range(0..k as u8)).collect();
     let mut y = vec![0f32; b * k];
     closs::readout(&s, t, b, k, &mut y);
@@ -288,29 +215,18 @@ fn readout_and_losses_match_the_cpu() {
     let mut ds = poisoned(&d, t * b * k);
     let dyr = rand_vec(&mut rng, b * k, 1.0);
     loss::readout_backward(&d, t, b * k, &up(&d, &dyr).as_view(), &mut ds.as_view_mut()).unwrap();
-    let expect: Vec<f32> = (0..t)
-        .flat_map(|_| dyr.iter().map(|&g| g * (1.0 / t as f32)))
-        .collect();
+    let expect: Vec<f32> = (0..t).flat_map(|_| dyr.iter().map(|&g| g * (1.0 / t as f32))).collect();
     assert_eq!(down(&d, &ds), expect, "readout backward");
     for kind in [Loss::Mse, Loss::Ce] {
         let mut dy = vec![0f32; b * k];
         let l = closs::loss_and_grad(kind, &y, &labels, k, &mut dy);
         let mut lb = LossBuffers::new(&d, b, k).unwrap();
-        d.stream
-            .memcpy_htod(&vec![f32::NAN; b * k], &mut lb.dy)
-            .unwrap();
+        d.stream.memcpy_htod(&vec![f32::NAN; b * k], &mut lb.dy).unwrap();
         let (lg, pred) = lb.compute(&d, kind, &yg.as_view(), &labels).unwrap();
-        assert!(
-            (lg - l as f64).abs() <= 1e-6 * (l as f64).abs().max(1e-6),
-            "{kind:?}: loss {lg} vs {l}"
-        );
+        assert!((lg - l as f64).abs() <= 1e-6 * (l as f64).abs().max(1e-6), "{kind:?}: loss {lg} vs {l}");
         assert_close(&format!("{kind:?} dy"), &down(&d, &lb.dy), &dy, 1e-5);
         assert_eq!(pred, closs::argmax_rows(&y, k), "{kind:?}: predictions");
-        assert!(
-            lb.compute(&d, kind, &yg.as_view(), &[10, 0, 0, 0, 0])
-                .is_err(),
-            "a label ≥ classes is an error"
-        );
+        assert!(lb.compute(&d, kind, &yg.as_view(), &[10, 0, 0, 0, 0]).is_err(), "a label ≥ classes is an error");
     }
 }
 
@@ -322,19 +238,9 @@ fn fused_adam_and_sgd_equal_the_cpu_optimizer() {
     let n = 100_003;
     for cfg in [
         OptimizerConfig::adam(1e-3),
-        OptimizerConfig::Adam {
-            lr: 0.01,
-            beta1: 0.8,
-            beta2: 0.99,
-            eps: 1e-6,
-            weight_decay: 0.01,
-        },
+        OptimizerConfig::Adam { lr: 0.01, beta1: 0.8, beta2: 0.99, eps: 1e-6, weight_decay: 0.01 },
         OptimizerConfig::sgd(0.1, 0.9),
-        OptimizerConfig::Sgd {
-            lr: 0.05,
-            momentum: 0.0,
-            weight_decay: 1e-3,
-        },
+        OptimizerConfig::Sgd { lr: 0.05, momentum: 0.0, weight_decay: 1e-3 },
     ] {
         let mut p = rand_vec(&mut rng, n, 1.0);
         let mut cpu = Optimizer::new(cfg, n).unwrap();
@@ -344,12 +250,7 @@ fn fused_adam_and_sgd_equal_the_cpu_optimizer() {
             let g = rand_vec(&mut rng, n, 1.0);
             cpu.update(&mut p, &g);
             gpu.update(&mut pg, &up(&d, &g)).unwrap();
-            assert_close(
-                &format!("{cfg:?} step {step} params"),
-                &down(&d, &pg),
-                &p,
-                1e-6,
-            );
+            assert_close(&format!("{cfg:?} step {step} params"), &down(&d, &pg), &p, 1e-6);
         }
         let host = gpu.to_host().unwrap();
         assert_eq!(host.step, cpu.step);
@@ -376,9 +277,7 @@ fn small(spec: NetworkSpec, mode: FiringMode) -> NetworkSpec {
 fn batch_for(spec: &NetworkSpec, b: usize, seed: u64) -> (Vec<f32>, Vec<u8>) {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let frame: usize = spec.input.iter().product();
-    let x = (0..b * frame)
-        .map(|_| rng.random_range(0.0f32..1.0))
-        .collect();
+    let x = (0..b * frame).map(|_| rng.random_range(0.0f32..1.0)).collect();
     let labels = (0..b).map(|_| rng.random_range(0..10u8)).collect();
     (x, labels)
 }
@@ -395,40 +294,25 @@ fn one_step(spec: &NetworkSpec, batch: usize, loss: Loss) -> (Network<f32>, GpuN
     let d = dev();
     let mut cpu = Network::<f32>::new(spec, 4150).unwrap();
     let mut gpu = GpuNetwork::from_cpu(&d, &cpu).unwrap();
-    assert!(
-        gpu.params_to_host().unwrap() == cpu.params,
-        "identical starting weights"
-    );
+    assert!(gpu.params_to_host().unwrap() == cpu.params, "identical starting weights");
     let cfg = OptimizerConfig::adam(1e-3);
     let mut oc = Optimizer::new(cfg, cpu.num_params()).unwrap();
     let mut og = GpuOptimizer::new(&d, cfg, gpu.num_params()).unwrap();
     let (x, labels) = batch_for(spec, batch, 9);
     let sc = cpu.train_step(&x, 1, &labels, loss, &mut oc).unwrap();
     let sg = gpu.train_step(&x, 1, &labels, loss, &mut og).unwrap();
-    println!(
-        "{}: loss cpu {} gpu {}, correct {} / {}",
-        spec.name, sc.loss, sg.loss, sc.correct, sg.correct
-    );
+    println!("{}: loss cpu {} gpu {}, correct {} / {}", spec.name, sc.loss, sg.loss, sc.correct, sg.correct);
     (cpu, gpu, sc.loss, sg.loss)
 }
 
 #[test]
 #[ignore = "needs a CUDA GPU"]
 fn a_training_step_of_each_network_matches_the_cpu_in_smooth_mode() {
-    for spec in [
-        NetworkSpec::mnist(),
-        NetworkSpec::fashion_mnist(),
-        NetworkSpec::cifar10(),
-        NetworkSpec::nmnist(),
-    ] {
+    for spec in [NetworkSpec::mnist(), NetworkSpec::fashion_mnist(), NetworkSpec::cifar10(), NetworkSpec::nmnist()] {
         let spec = small(spec, FiringMode::Smooth { k: 4.0 });
         for loss in [Loss::Mse, Loss::Ce] {
             let (cpu, gpu, lc, lg) = one_step(&spec, 3, loss);
-            assert!(
-                (lc - lg).abs() <= 1e-4 * lc.abs(),
-                "{} {loss:?}: loss {lg} vs {lc}",
-                spec.name
-            );
+            assert!((lc - lg).abs() <= 1e-4 * lc.abs(), "{} {loss:?}: loss {lg} vs {lc}", spec.name);
             let grads = gpu.grads_to_host().unwrap();
             for s in &cpu.slots {
                 assert_close(
@@ -441,16 +325,8 @@ fn a_training_step_of_each_network_matches_the_cpu_in_smooth_mode() {
             // the Adam step moved both engines' weights the same way: Adam's step is at most
             // ~lr per element, whatever the gradient, so compare within a fraction of it
             let p = gpu.params_to_host().unwrap();
-            let worst = p
-                .iter()
-                .zip(&cpu.params)
-                .map(|(a, b)| (a - b).abs())
-                .fold(0f32, f32::max);
-            assert!(
-                worst <= 2.1e-3,
-                "{} {loss:?}: parameters after the step differ by {worst}",
-                spec.name
-            );
+            let worst = p.iter().zip(&cpu.params).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+            assert!(worst <= 2.1e-3, "{} {loss:?}: parameters after the step differ by {worst}", spec.name);
             assert_eq!(gpu.iteration, cpu.iteration);
             let (rc, rg) = (cpu.spike_stats(), gpu.spike_stats().unwrap());
             assert_eq!(rc.len(), rg.len());
@@ -461,50 +337,27 @@ fn a_training_step_of_each_network_matches_the_cpu_in_smooth_mode() {
 #[test]
 #[ignore = "needs a CUDA GPU"]
 fn a_training_step_of_each_network_is_close_to_the_cpu_in_exact_mode() {
-    for spec in [
-        NetworkSpec::mnist(),
-        NetworkSpec::fashion_mnist(),
-        NetworkSpec::cifar10(),
-        NetworkSpec::nmnist(),
-    ] {
+    for spec in [NetworkSpec::mnist(), NetworkSpec::fashion_mnist(), NetworkSpec::cifar10(), NetworkSpec::nmnist()] {
         let spec = small(spec, FiringMode::Exact);
         let (cpu, gpu, lc, lg) = one_step(&spec, 4, Loss::Mse);
         // spikes may flip where v lands within rounding of θ: a looser check
-        assert!(
-            (lc - lg).abs() <= 1e-2 * lc.abs().max(1e-3),
-            "{}: loss {lg} vs {lc}",
-            spec.name
-        );
+        assert!((lc - lg).abs() <= 1e-2 * lc.abs().max(1e-3), "{}: loss {lg} vs {lc}", spec.name);
         let grads = gpu.grads_to_host().unwrap();
         assert!(grads.iter().all(|g| g.is_finite()));
         for s in &cpu.slots {
             let (a, b) = (&grads[s.range.clone()], &cpu.grads[s.range.clone()]);
             if b.iter().all(|&x| x == 0.0) {
-                assert!(
-                    a.iter().all(|&x| x.abs() < 1e-6),
-                    "{} {}: the CPU gradient is 0",
-                    spec.name,
-                    s.name
-                );
+                assert!(a.iter().all(|&x| x.abs() < 1e-6), "{} {}: the CPU gradient is 0", spec.name, s.name);
                 continue;
             }
             let c = cosine(a, b);
             println!("{} {}: cosine {c:.6}", spec.name, s.name);
-            assert!(
-                c > 0.99,
-                "{} {}: gradient direction differs (cosine {c})",
-                spec.name,
-                s.name
-            );
+            assert!(c > 0.99, "{} {}: gradient direction differs (cosine {c})", spec.name, s.name);
         }
         let (rc, rg) = (cpu.spike_stats(), gpu.spike_stats().unwrap());
         for ((i, fc, _), (j, fg, _)) in rc.iter().zip(&rg) {
             assert_eq!(i, j);
-            assert!(
-                (fc - fg).abs() < 1e-2,
-                "{}: layer {i} firing rate {fg} vs {fc}",
-                spec.name
-            );
+            assert!((fc - fg).abs() < 1e-2, "{}: layer {i} firing rate {fg} vs {fc}", spec.name);
         }
     }
 }
@@ -520,61 +373,31 @@ fn predict_and_evaluate_match_the_cpu_and_buffers_follow_the_batch_shape() {
         let (x, labels) = batch_for(&spec, b, b as u64);
         let ec = cpu.evaluate(&x, 1, &labels, Loss::Ce).unwrap();
         let eg = gpu.evaluate(&x, 1, &labels, Loss::Ce).unwrap();
-        assert!(
-            (ec.loss - eg.loss).abs() <= 1e-4 * ec.loss.abs(),
-            "B = {b}: {} vs {}",
-            eg.loss,
-            ec.loss
-        );
-        assert_eq!(
-            cpu.predict(&x, 1, b).unwrap(),
-            gpu.predict(&x, 1, b).unwrap(),
-            "B = {b}"
-        );
+        assert!((ec.loss - eg.loss).abs() <= 1e-4 * ec.loss.abs(), "B = {b}: {} vs {}", eg.loss, ec.loss);
+        assert_eq!(cpu.predict(&x, 1, b).unwrap(), gpu.predict(&x, 1, b).unwrap(), "B = {b}");
         // T_in = T (rate-coded input) as well
         let xt = x.repeat(spec.steps);
         let ec = cpu.evaluate(&xt, spec.steps, &labels, Loss::Mse).unwrap();
         let eg = gpu.evaluate(&xt, spec.steps, &labels, Loss::Mse).unwrap();
-        assert!(
-            (ec.loss - eg.loss).abs() <= 1e-4 * ec.loss.abs(),
-            "B = {b}, T_in = T: {} vs {}",
-            eg.loss,
-            ec.loss
-        );
+        assert!((ec.loss - eg.loss).abs() <= 1e-4 * ec.loss.abs(), "B = {b}, T_in = T: {} vs {}", eg.loss, ec.loss);
     }
     // bad input is an error, never a panic
     assert!(gpu.forward(&[0.0; 7], 1, 2).is_err());
-    assert!(gpu
-        .evaluate(&vec![0.0; 3 * 32 * 32], 1, &[11], Loss::Mse)
-        .is_err());
+    assert!(gpu.evaluate(&vec![0.0; 3 * 32 * 32], 1, &[11], Loss::Mse).is_err());
     assert!(gpu.forward(&vec![f32::NAN; 3 * 32 * 32], 1, 1).is_err());
 }
 
 fn read_idx(path: &str) -> (Vec<usize>, Vec<u8>) {
     use std::io::Read;
-    let f = std::fs::File::open(path).unwrap_or_else(|e| {
-        panic!(
-            "{path}: {e} (the Fashion-MNIST files must be in /usr/share/datasets/fashion-mnist/)"
-        )
-    });
+    let f = std::fs::File::open(path)
+        .unwrap_or_else(|e| panic!("{path}: {e} (the Fashion-MNIST files must be in /usr/share/datasets/fashion-mnist/)"));
     let mut bytes = Vec::new();
-    flate2::read::GzDecoder::new(f)
-        .read_to_end(&mut bytes)
-        .unwrap_or_else(|e| panic!("{path}: {e}"));
-    assert!(
-        bytes.len() >= 4 && bytes[0] == 0 && bytes[1] == 0 && bytes[2] == 8,
-        "{path}: not an IDX file of u8"
-    );
+    flate2::read::GzDecoder::new(f).read_to_end(&mut bytes).unwrap_or_else(|e| panic!("{path}: {e}"));
+    assert!(bytes.len() >= 4 && bytes[0] == 0 && bytes[1] == 0 && bytes[2] == 8, "{path}: not an IDX file of u8");
     let nd = bytes[3] as usize;
-    let dims: Vec<usize> = (0..nd)
-        .map(|i| u32::from_be_bytes(bytes[4 + 4 * i..8 + 4 * i].try_into().unwrap()) as usize)
-        .collect();
+    let dims: Vec<usize> = (0..nd).map(|i| u32::from_be_bytes(bytes[4 + 4 * i..8 + 4 * i].try_into().unwrap()) as usize).collect();
     let data = bytes[4 + 4 * nd..].to_vec();
-    assert_eq!(
-        data.len(),
-        dims.iter().product::<usize>(),
-        "{path}: truncated"
-    );
+    assert_eq!(data.len(), dims.iter().product::<usize>(), "{path}: truncated");
     (dims, data)
 }
 
@@ -596,10 +419,7 @@ fn hundred_fashion_mnist_steps_follow_the_cpu_loss_curve() {
     let (mut lc, mut lg) = (Vec::new(), Vec::new());
     for it in 0..steps {
         let start = it * b;
-        let x: Vec<f32> = images[start * 784..(start + b) * 784]
-            .iter()
-            .map(|&p| p as f32 / 255.0)
-            .collect();
+        let x: Vec<f32> = images[start * 784..(start + b) * 784].iter().map(|&p| p as f32 / 255.0).collect();
         let y = &labels[start..start + b];
         lc.push(cpu.train_step(&x, 1, y, Loss::Mse, &mut oc).unwrap().loss);
         lg.push(gpu.train_step(&x, 1, y, Loss::Mse, &mut og).unwrap().loss);
@@ -608,22 +428,10 @@ fn hundred_fashion_mnist_steps_follow_the_cpu_loss_curve() {
     for (i, (c, g)) in lc.iter().zip(&lg).enumerate() {
         println!("{i:>4}  {c:.6}  {g:.6}");
     }
-    let mean_rel = lc
-        .iter()
-        .zip(&lg)
-        .map(|(c, g)| (c - g).abs() / c.abs().max(1e-12))
-        .sum::<f64>()
-        / steps as f64;
+    let mean_rel = lc.iter().zip(&lg).map(|(c, g)| (c - g).abs() / c.abs().max(1e-12)).sum::<f64>() / steps as f64;
     println!("mean relative difference {:.3} %", 100.0 * mean_rel);
-    assert!(
-        mean_rel < 0.01,
-        "the GPU loss curve departs from the CPU's by {:.3} % on average",
-        100.0 * mean_rel
-    );
+    assert!(mean_rel < 0.01, "the GPU loss curve departs from the CPU's by {:.3} % on average", 100.0 * mean_rel);
     let first: f64 = lc[..10].iter().sum::<f64>() / 10.0;
     let last: f64 = lc[steps - 10..].iter().sum::<f64>() / 10.0;
-    assert!(
-        last < first,
-        "the loss must fall over 100 steps ({first} → {last})"
-    );
+    assert!(last < first, "the loss must fall over 100 steps ({first} → {last})");
 }

@@ -15,22 +15,11 @@ fn rng_twin_matches_the_cpu_bit_for_bit() {
     let mut y = dev.stream.alloc_zeros::<f32>(n).unwrap();
     let n_i32 = n as i32;
     unsafe {
-        dev.stream
-            .launch_builder(&f)
-            .arg(&mut y)
-            .arg(&key)
-            .arg(&t)
-            .arg(&n_i32)
-            .launch(LaunchConfig::for_num_elems(n as u32))
-            .unwrap();
+        dev.stream.launch_builder(&f).arg(&mut y).arg(&key).arg(&t).arg(&n_i32).launch(LaunchConfig::for_num_elems(n as u32)).unwrap();
     }
     let got = dev.stream.clone_dtoh(&y).unwrap();
     for (i, g) in got.iter().enumerate() {
-        assert_eq!(
-            g.to_bits(),
-            backei::rng::uniform24(key, t, i as u64).to_bits(),
-            "element {i}"
-        );
+        assert_eq!(g.to_bits(), backei::rng::uniform24(key, t, i as u64).to_bits(), "element {i}");
     }
 }
 

@@ -21,39 +21,18 @@ use common::Rng;
 use LayerSpec::*;
 
 fn conv(out: usize, k: usize, p: usize) -> LayerSpec {
-    Conv {
-        out_channels: out,
-        kernel: k,
-        padding: p,
-    }
+    Conv { out_channels: out, kernel: k, padding: p }
 }
 fn linear(out: usize) -> LayerSpec {
     Linear { out_features: out }
 }
 
-fn spec(
-    input: [usize; 3],
-    layers: Vec<LayerSpec>,
-    feedback: FeedbackConfig,
-    steps: usize,
-) -> NetworkSpec {
-    NetworkSpec {
-        name: "test".into(),
-        input,
-        layers,
-        feedback,
-        neuron: NeuronConfig::default(),
-        steps,
-    }
+fn spec(input: [usize; 3], layers: Vec<LayerSpec>, feedback: FeedbackConfig, steps: usize) -> NetworkSpec {
+    NetworkSpec { name: "test".into(), input, layers, feedback, neuron: NeuronConfig::default(), steps }
 }
 
 fn fb(back: bool, ei: bool, radius: usize, delay: usize) -> FeedbackConfig {
-    FeedbackConfig {
-        back,
-        ei,
-        radius,
-        delay,
-    }
+    FeedbackConfig { back, ei, radius, delay }
 }
 
 /// The objective: L = Σ c·readout (c fixed random), or one of the engine's losses.
@@ -75,15 +54,7 @@ struct Setup {
 
 impl Setup {
     /// A network with parameters drawn uniformly in ±gain·(PyTorch bound), input in [0, x_max).
-    fn new(
-        spec: &NetworkSpec,
-        t_in: usize,
-        batch: usize,
-        obj: Objective,
-        seed: u64,
-        gain: f64,
-        x_max: f64,
-    ) -> Setup {
+    fn new(spec: &NetworkSpec, t_in: usize, batch: usize, obj: Objective, seed: u64, gain: f64, x_max: f64) -> Setup {
         let mut net = Network::<f64>::new(spec, seed).unwrap();
         let mut rng = Rng(seed ^ 0xABCDEF);
         for s in net.slots.clone() {
@@ -96,29 +67,14 @@ impl Setup {
         let classes = spec.classes().unwrap();
         let c = rng.vec(batch * classes, -1.0, 1.0);
         let labels = (0..batch).map(|_| rng.below(classes) as u8).collect();
-        Setup {
-            net,
-            x,
-            t_in,
-            batch,
-            c,
-            labels,
-            obj,
-        }
+        Setup { net, x, t_in, batch, c, labels, obj }
     }
 
     /// Forward; returns L and ∂L/∂readout.
     fn loss(&mut self) -> (f64, Vec<f64>) {
-        let y = self
-            .net
-            .forward(&self.x, self.t_in, self.batch)
-            .unwrap()
-            .to_vec();
+        let y = self.net.forward(&self.x, self.t_in, self.batch).unwrap().to_vec();
         match self.obj {
-            Objective::Linear => (
-                y.iter().zip(&self.c).map(|(a, b)| a * b).sum(),
-                self.c.clone(),
-            ),
+            Objective::Linear => (y.iter().zip(&self.c).map(|(a, b)| a * b).sum(), self.c.clone()),
             Objective::Engine(loss) => {
                 let mut dy = vec![0.0; y.len()];
                 let l = loss_and_grad(loss, &y, &self.labels, self.net.classes(), &mut dy);
@@ -158,14 +114,7 @@ fn within(a: f64, n: f64) -> bool {
 
 /// BPTT vs finite differences for every parameter tensor (≤ 400 elements each, else a random
 /// 400) and every input element. Also checks that every tensor's gradient is not trivially 0.
-fn smooth_check(
-    name: &str,
-    spec: NetworkSpec,
-    t_in: usize,
-    batch: usize,
-    obj: Objective,
-    seed: u64,
-) {
+fn smooth_check(name: &str, spec: NetworkSpec, t_in: usize, batch: usize, obj: Objective, seed: u64) {
     let mut spec = spec;
     spec.neuron.mode = FiringMode::Smooth { k: 5.0 };
     let mut s = Setup::new(&spec, t_in, batch, obj, seed, 1.5, 1.5);
@@ -187,11 +136,7 @@ fn smooth_check(
     };
     for slot in s.net.slots.clone() {
         let len = slot.range.len();
-        let idx: Vec<usize> = if len <= 400 {
-            (0..len).collect()
-        } else {
-            (0..400).map(|_| rng.below(len)).collect()
-        };
+        let idx: Vec<usize> = if len <= 400 { (0..len).collect() } else { (0..400).map(|_| rng.below(len)).collect() };
         let max_g = slot.range.clone().map(|i| gp[i].abs()).fold(0.0, f64::max);
         assert!(max_g > 1e-4, "{name}: gradient of {} is (nearly) zero everywhere (max {max_g:e}): the check would be empty", slot.name);
         for k in idx {
@@ -209,10 +154,7 @@ fn smooth_check(
             checked += 1;
         }
     }
-    assert!(
-        gx.iter().any(|g| g.abs() > 1e-4),
-        "{name}: input gradient is zero"
-    );
+    assert!(gx.iter().any(|g| g.abs() > 1e-4), "{name}: input gradient is zero");
     for i in 0..s.x.len() {
         let x0 = s.x[i];
         let n = richardson(
@@ -226,7 +168,10 @@ fn smooth_check(
         check(format!("input[{i}]"), gx[i], n, &mut failures);
         checked += 1;
     }
-    eprintln!("{name}: {checked} derivatives checked, worst relative error (|g| > 1e-4) {:.2e} at {}, worst absolute error {worst_abs:.2e}", worst.0, worst.1);
+    eprintln!(
+        "{name}: {checked} derivatives checked, worst relative error (|g| > 1e-4) {:.2e} at {}, worst absolute error {worst_abs:.2e}",
+        worst.0, worst.1
+    );
     assert!(
         failures.is_empty(),
         "{name}: {} of {checked} derivatives disagree:\n{}",
@@ -237,95 +182,43 @@ fn smooth_check(
 
 /// conv → BackEI (or plain) → flatten → linear → plain spiking, on a 2×5×5 input.
 fn conv_net(feedback: FeedbackConfig, steps: usize, first: LayerSpec) -> NetworkSpec {
-    spec(
-        [2, 5, 5],
-        vec![conv(3, 3, 1), first, Flatten, linear(4), Spiking],
-        feedback,
-        steps,
-    )
+    spec([2, 5, 5], vec![conv(3, 3, 1), first, Flatten, linear(4), Spiking], feedback, steps)
 }
 
 #[test]
 fn smooth_gradcheck_plain_spiking() {
-    smooth_check(
-        "plain",
-        conv_net(fb(false, false, 1, 1), 4, Spiking),
-        1,
-        2,
-        Objective::Linear,
-        1,
-    );
+    smooth_check("plain", conv_net(fb(false, false, 1, 1), 4, Spiking), 1, 2, Objective::Linear, 1);
 }
 
 #[test]
 fn smooth_gradcheck_back_only() {
-    smooth_check(
-        "back only",
-        conv_net(fb(true, false, 1, 1), 4, BackEi),
-        1,
-        2,
-        Objective::Linear,
-        2,
-    );
+    smooth_check("back only", conv_net(fb(true, false, 1, 1), 4, BackEi), 1, 2, Objective::Linear, 2);
 }
 
 #[test]
 fn smooth_gradcheck_ei_only() {
-    smooth_check(
-        "ei only",
-        conv_net(fb(false, true, 1, 1), 4, BackEi),
-        1,
-        2,
-        Objective::Linear,
-        3,
-    );
+    smooth_check("ei only", conv_net(fb(false, true, 1, 1), 4, BackEi), 1, 2, Objective::Linear, 3);
 }
 
 #[test]
 fn smooth_gradcheck_back_ei() {
-    smooth_check(
-        "back+ei",
-        conv_net(fb(true, true, 1, 1), 4, BackEi),
-        1,
-        2,
-        Objective::Linear,
-        4,
-    );
+    smooth_check("back+ei", conv_net(fb(true, true, 1, 1), 4, BackEi), 1, 2, Objective::Linear, 4);
 }
 
 #[test]
 fn smooth_gradcheck_back_ei_delay2() {
-    smooth_check(
-        "back+ei D=2",
-        conv_net(fb(true, true, 1, 2), 5, BackEi),
-        1,
-        2,
-        Objective::Linear,
-        5,
-    );
+    smooth_check("back+ei D=2", conv_net(fb(true, true, 1, 2), 5, BackEi), 1, 2, Objective::Linear, 5);
 }
 
 #[test]
 fn smooth_gradcheck_back_ei_radius2() {
-    smooth_check(
-        "back+ei r=2",
-        conv_net(fb(true, true, 2, 1), 4, BackEi),
-        1,
-        2,
-        Objective::Linear,
-        6,
-    );
+    smooth_check("back+ei r=2", conv_net(fb(true, true, 2, 1), 4, BackEi), 1, 2, Objective::Linear, 6);
 }
 
 #[test]
 fn smooth_gradcheck_after_linear() {
     // BackEI after a Linear layer: a 1×1 map with radius 0.
-    let s = spec(
-        [2, 3, 3],
-        vec![Flatten, linear(5), BackEi, linear(4), Spiking],
-        fb(true, true, 0, 1),
-        4,
-    );
+    let s = spec([2, 3, 3], vec![Flatten, linear(5), BackEi, linear(4), Spiking], fb(true, true, 0, 1), 4);
     smooth_check("after linear", s, 1, 3, Objective::Linear, 7);
 }
 
@@ -334,17 +227,7 @@ fn smooth_gradcheck_two_layers_with_pooling() {
     // 6×6 → BackEI → pool 3×3 → conv → BackEI (r = 1 on 3×3) → pool (odd: 1×1) → linear.
     let s = spec(
         [2, 6, 6],
-        vec![
-            conv(3, 3, 1),
-            BackEi,
-            AvgPool,
-            conv(4, 3, 1),
-            BackEi,
-            AvgPool,
-            Flatten,
-            linear(4),
-            Spiking,
-        ],
+        vec![conv(3, 3, 1), BackEi, AvgPool, conv(4, 3, 1), BackEi, AvgPool, Flatten, linear(4), Spiking],
         fb(true, true, 1, 1),
         4,
     );
@@ -353,14 +236,7 @@ fn smooth_gradcheck_two_layers_with_pooling() {
 
 #[test]
 fn smooth_gradcheck_per_step_input() {
-    smooth_check(
-        "per-step input",
-        conv_net(fb(true, true, 1, 1), 4, BackEi),
-        4,
-        2,
-        Objective::Linear,
-        9,
-    );
+    smooth_check("per-step input", conv_net(fb(true, true, 1, 1), 4, BackEi), 4, 2, Objective::Linear, 9);
 }
 
 #[test]
@@ -389,63 +265,32 @@ fn smooth_gradcheck_dropout() {
 
 #[test]
 fn smooth_gradcheck_mse_loss() {
-    smooth_check(
-        "mse",
-        conv_net(fb(true, true, 1, 1), 4, BackEi),
-        1,
-        3,
-        Objective::Engine(Loss::Mse),
-        11,
-    );
+    smooth_check("mse", conv_net(fb(true, true, 1, 1), 4, BackEi), 1, 3, Objective::Engine(Loss::Mse), 11);
 }
 
 #[test]
 fn smooth_gradcheck_ce_loss() {
-    smooth_check(
-        "ce",
-        conv_net(fb(true, true, 1, 2), 4, BackEi),
-        4,
-        3,
-        Objective::Engine(Loss::Ce),
-        12,
-    );
+    smooth_check("ce", conv_net(fb(true, true, 1, 2), 4, BackEi), 4, 3, Objective::Engine(Loss::Ce), 12);
 }
 
 // ---------------------------------------------------------------------------------------------
 // Reference twin
 
 /// Engine (exact firing, surrogate backward) vs the twin: readout and every gradient.
-fn reference_check(
-    name: &str,
-    spec: NetworkSpec,
-    t_in: usize,
-    batch: usize,
-    seed: u64,
-    gain: f64,
-    x_max: f64,
-) {
+fn reference_check(name: &str, spec: NetworkSpec, t_in: usize, batch: usize, seed: u64, gain: f64, x_max: f64) {
     assert_eq!(spec.neuron.mode, FiringMode::Exact);
     // The test must exercise something: every spiking layer both fires and stays silent, and
     // BackEI layers with E/I emit inhibitory (−1) as well as excitatory spikes. Random draws
     // that leave a layer silent are skipped (deterministically: the first good seed is used).
     let active = |stats: &[(usize, f64, Option<f64>)]| {
         stats.iter().all(|(layer, rate, inh)| {
-            let ok_inh = !(spec.feedback.ei && spec.layers[*layer] == BackEi)
-                || inh.is_some_and(|f| f > 0.02 && f < 0.98);
+            let ok_inh = !(spec.feedback.ei && spec.layers[*layer] == BackEi) || inh.is_some_and(|f| f > 0.02 && f < 0.98);
             *rate > 0.02 && *rate < 0.98 && ok_inh
         })
     };
     let mut found = None;
     for k in 0..50 {
-        let mut s = Setup::new(
-            &spec,
-            t_in,
-            batch,
-            Objective::Linear,
-            seed + 1000 * k,
-            gain,
-            x_max,
-        );
+        let mut s = Setup::new(&spec, t_in, batch, Objective::Linear, seed + 1000 * k, gain, x_max);
         let readout = s.net.forward(&s.x, t_in, batch).unwrap().to_vec();
         let stats = s.net.spike_stats();
         if active(&stats) {
@@ -453,26 +298,12 @@ fn reference_check(
             break;
         }
     }
-    let (mut s, readout, stats) =
-        found.unwrap_or_else(|| panic!("{name}: no seed gives activity in every layer"));
+    let (mut s, readout, stats) = found.unwrap_or_else(|| panic!("{name}: no seed gives activity in every layer"));
     let (gp, gx) = s.bptt();
-    let twin = common::twin::run(
-        &spec,
-        &s.net.slots,
-        &s.net.params,
-        &s.x,
-        t_in,
-        batch,
-        &s.c,
-        s.net.dropout_seed,
-        s.net.iteration,
-    );
+    let twin = common::twin::run(&spec, &s.net.slots, &s.net.params, &s.x, t_in, batch, &s.c, s.net.dropout_seed, s.net.iteration);
     // the forward must be the same function (a tie at a threshold would be a 1e-16 accident)
     for (i, (a, b)) in readout.iter().zip(&twin.readout).enumerate() {
-        assert!(
-            (a - b).abs() < 1e-12,
-            "{name}: readout[{i}] engine {a} vs twin {b}"
-        );
+        assert!((a - b).abs() < 1e-12, "{name}: readout[{i}] engine {a} vs twin {b}");
     }
     let mut worst = 0.0f64;
     let mut nonzero = 0;
@@ -486,26 +317,13 @@ fn reference_check(
             }
             // 1e-9 relative; 1e-13 absolute floor for sums that cancel to ~0 (both sides sum
             // the same O(1) terms in different orders: round-off ≈ 1e-16 per term).
-            assert!(
-                err <= 1e-9 * scale + 1e-13,
-                "{name}: {what}[{i}] engine {x:e} vs twin {y:e}"
-            );
+            assert!(err <= 1e-9 * scale + 1e-13, "{name}: {what}[{i}] engine {x:e} vs twin {y:e}");
         }
     };
     for slot in &s.net.slots {
         let before = nonzero;
-        cmp(
-            &slot.name,
-            &gp[slot.range.clone()],
-            &twin.param_grad[slot.range.clone()],
-            &mut worst,
-            &mut nonzero,
-        );
-        assert!(
-            nonzero > before,
-            "{name}: the gradient of {} is zero in both: nothing checked",
-            slot.name
-        );
+        cmp(&slot.name, &gp[slot.range.clone()], &twin.param_grad[slot.range.clone()], &mut worst, &mut nonzero);
+        assert!(nonzero > before, "{name}: the gradient of {} is zero in both: nothing checked", slot.name);
     }
     cmp("input", &gx, &twin.input_grad, &mut worst, &mut nonzero);
     eprintln!("{name}: {nonzero} nonzero gradients agree, worst relative error {worst:.2e}; spike stats {stats:?}");
@@ -518,87 +336,32 @@ fn with_surrogate(mut s: NetworkSpec, sur: Surrogate) -> NetworkSpec {
 
 #[test]
 fn reference_gradcheck_plain() {
-    reference_check(
-        "plain",
-        conv_net(fb(false, false, 1, 1), 5, Spiking),
-        1,
-        3,
-        21,
-        2.0,
-        2.0,
-    );
+    reference_check("plain", conv_net(fb(false, false, 1, 1), 5, Spiking), 1, 3, 21, 2.0, 2.0);
 }
 
 #[test]
 fn reference_gradcheck_back_ei_delay1_r1() {
-    reference_check(
-        "back+ei D1 r1",
-        conv_net(fb(true, true, 1, 1), 6, BackEi),
-        1,
-        3,
-        22,
-        2.0,
-        2.0,
-    );
+    reference_check("back+ei D1 r1", conv_net(fb(true, true, 1, 1), 6, BackEi), 1, 3, 22, 2.0, 2.0);
 }
 
 #[test]
 fn reference_gradcheck_back_ei_delay2_r2() {
-    reference_check(
-        "back+ei D2 r2",
-        conv_net(fb(true, true, 2, 2), 6, BackEi),
-        6,
-        2,
-        23,
-        2.0,
-        2.0,
-    );
+    reference_check("back+ei D2 r2", conv_net(fb(true, true, 2, 2), 6, BackEi), 6, 2, 23, 2.0, 2.0);
 }
 
 #[test]
 fn reference_gradcheck_back_only_and_ei_only() {
-    reference_check(
-        "back only",
-        conv_net(fb(true, false, 1, 1), 5, BackEi),
-        1,
-        3,
-        24,
-        2.0,
-        2.0,
-    );
-    reference_check(
-        "ei only",
-        conv_net(fb(false, true, 1, 1), 5, BackEi),
-        1,
-        3,
-        25,
-        2.0,
-        2.0,
-    );
+    reference_check("back only", conv_net(fb(true, false, 1, 1), 5, BackEi), 1, 3, 24, 2.0, 2.0);
+    reference_check("ei only", conv_net(fb(false, true, 1, 1), 5, BackEi), 1, 3, 25, 2.0, 2.0);
 }
 
 #[test]
 fn reference_gradcheck_linear_and_pooling() {
-    let s = spec(
-        [2, 3, 3],
-        vec![Flatten, linear(6), BackEi, linear(4), Spiking],
-        fb(true, true, 0, 2),
-        5,
-    );
+    let s = spec([2, 3, 3], vec![Flatten, linear(6), BackEi, linear(4), Spiking], fb(true, true, 0, 2), 5);
     reference_check("after linear", s, 1, 8, 26, 1.5, 2.0);
     let s = spec(
         [2, 6, 6],
-        vec![
-            conv(3, 3, 1),
-            BackEi,
-            AvgPool,
-            conv(4, 3, 1),
-            BackEi,
-            AvgPool,
-            Flatten,
-            linear(4),
-            Spiking,
-        ],
+        vec![conv(3, 3, 1), BackEi, AvgPool, conv(4, 3, 1), BackEi, AvgPool, Flatten, linear(4), Spiking],
         fb(true, true, 1, 1),
         5,
     );
@@ -609,18 +372,7 @@ fn reference_gradcheck_linear_and_pooling() {
 fn reference_gradcheck_dropout() {
     let s = spec(
         [2, 5, 5],
-        vec![
-            conv(3, 3, 1),
-            BackEi,
-            Dropout { p: 0.5 },
-            AvgPool,
-            Flatten,
-            linear(6),
-            Spiking,
-            Dropout { p: 0.25 },
-            linear(4),
-            Spiking,
-        ],
+        vec![conv(3, 3, 1), BackEi, Dropout { p: 0.5 }, AvgPool, Flatten, linear(6), Spiking, Dropout { p: 0.25 }, linear(4), Spiking],
         fb(true, true, 1, 1),
         5,
     );
@@ -630,33 +382,9 @@ fn reference_gradcheck_dropout() {
 #[test]
 fn reference_gradcheck_surrogates() {
     let base = conv_net(fb(true, true, 1, 1), 5, BackEi);
-    reference_check(
-        "rectangle w=0.5",
-        with_surrogate(base.clone(), Surrogate::Rectangle { width: 0.5 }),
-        1,
-        3,
-        29,
-        2.0,
-        2.0,
-    );
-    reference_check(
-        "sigmoid α=4",
-        with_surrogate(base.clone(), Surrogate::Sigmoid { alpha: 4.0 }),
-        1,
-        3,
-        30,
-        2.0,
-        2.0,
-    );
-    reference_check(
-        "atan α=2",
-        with_surrogate(base, Surrogate::Atan { alpha: 2.0 }),
-        5,
-        3,
-        31,
-        2.0,
-        2.0,
-    );
+    reference_check("rectangle w=0.5", with_surrogate(base.clone(), Surrogate::Rectangle { width: 0.5 }), 1, 3, 29, 2.0, 2.0);
+    reference_check("sigmoid α=4", with_surrogate(base.clone(), Surrogate::Sigmoid { alpha: 4.0 }), 1, 3, 30, 2.0, 2.0);
+    reference_check("atan α=2", with_surrogate(base, Surrogate::Atan { alpha: 2.0 }), 5, 3, 31, 2.0, 2.0);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -684,12 +412,7 @@ fn reference_gradcheck_surrogates() {
 fn forward_by_hand_backei_two_channels() {
     let nc = NeuronConfig::default();
     let mut layer = BackEiLayer::<f64>::new([2, 1, 1], fb(true, true, 0, 1), &nc);
-    let p = BackEiParams {
-        w_b: &[1.0, -2.0, 0.5, 1.0],
-        b_b: &[0.0, 0.5],
-        w_e: &[1.0, -1.0, -0.5, 0.25],
-        b_e: &[0.0, 0.0],
-    };
+    let p = BackEiParams { w_b: &[1.0, -2.0, 0.5, 1.0], b_b: &[0.0, 0.5], w_e: &[1.0, -1.0, -0.5, 0.25], b_e: &[0.0, 0.0] };
     let input = [1.5, 0.75, 1.5, 0.75, 1.0, 0.75];
     layer.forward(&p, &input, 3, 1, 3);
     #[rustfmt::skip]
@@ -702,38 +425,15 @@ fn forward_by_hand_backei_two_channels() {
     for (t, (g, v, z, s)) in table.iter().enumerate() {
         for c in 0..2 {
             let i = t * 2 + c;
-            assert!(
-                (layer.g[i] - g[c]).abs() < 1e-14,
-                "g[t={}][{c}] = {} ≠ {}",
-                t + 1,
-                layer.g[i],
-                g[c]
-            );
-            assert!(
-                (layer.v[i] - v[c]).abs() < 1e-14,
-                "v[t={}][{c}] = {} ≠ {}",
-                t + 1,
-                layer.v[i],
-                v[c]
-            );
-            assert!(
-                (layer.z[i] - z[c]).abs() < 1e-14,
-                "z[t={}][{c}] = {} ≠ {}",
-                t + 1,
-                layer.z[i],
-                z[c]
-            );
+            assert!((layer.g[i] - g[c]).abs() < 1e-14, "g[t={}][{c}] = {} ≠ {}", t + 1, layer.g[i], g[c]);
+            assert!((layer.v[i] - v[c]).abs() < 1e-14, "v[t={}][{c}] = {} ≠ {}", t + 1, layer.v[i], v[c]);
+            assert!((layer.z[i] - z[c]).abs() < 1e-14, "z[t={}][{c}] = {} ≠ {}", t + 1, layer.z[i], z[c]);
             assert_eq!(layer.out[i], s[c], "s[t={}][{c}]", t + 1);
         }
     }
     // the same layer without the gate (back off): channel 1 fires at t = 3 instead.
     let mut plain_gate = BackEiLayer::<f64>::new([2, 1, 1], fb(false, true, 0, 1), &nc);
-    let p2 = BackEiParams {
-        w_b: &[],
-        b_b: &[],
-        w_e: p.w_e,
-        b_e: p.b_e,
-    };
+    let p2 = BackEiParams { w_b: &[], b_b: &[], w_e: p.w_e, b_e: p.b_e };
     plain_gate.forward(&p2, &input, 3, 1, 3);
     // t = 1: v = I = [1.5, 0.75] both fire; z = [0.75, −0.5625] → s = [1, −1]; u = 0
     assert_eq!(&plain_gate.out[0..2], &[1.0, -1.0]);

@@ -21,21 +21,9 @@ fn every_kernel_compiles_for_sm80_and_sm90_without_spills() {
         for k in &stats {
             println!(
                 "{arch} {:<14} {:<36} regs {:>3} smem {:>6} stack {:>4} spills {}/{}",
-                k.module,
-                k.kernel,
-                k.registers,
-                k.shared_bytes,
-                k.stack_bytes,
-                k.spill_stores,
-                k.spill_loads
+                k.module, k.kernel, k.registers, k.shared_bytes, k.stack_bytes, k.spill_stores, k.spill_loads
             );
-            assert_eq!(
-                (k.spill_stores, k.spill_loads),
-                (0, 0),
-                "{arch} {}::{} spills registers",
-                k.module,
-                k.kernel
-            );
+            assert_eq!((k.spill_stores, k.spill_loads), (0, 0), "{arch} {}::{} spills registers", k.module, k.kernel);
             assert!(k.registers > 0 && k.registers <= 255, "{k:?}");
         }
     }
@@ -48,8 +36,6 @@ fn a_compile_error_names_file_line_and_source() {
     for m in module_names() {
         compile_module(m, "sm_90").unwrap_or_else(|e| panic!("{e}"));
     }
-    let err = compile_module("no_such_module", "sm_90")
-        .unwrap_err()
-        .to_string();
+    let err = compile_module("no_such_module", "sm_90").unwrap_err().to_string();
     assert!(err.contains("no kernel module `no_such_module`"), "{err}");
 }

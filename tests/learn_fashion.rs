@@ -42,10 +42,7 @@ fn fashion_mnist_network_learns_512_real_images() {
         }
         let (mut loss, mut correct) = (0.0, 0);
         for chunk in order.chunks(BATCH) {
-            let x: Vec<f32> = chunk
-                .iter()
-                .flat_map(|&i| images[i * px..(i + 1) * px].iter().copied())
-                .collect();
+            let x: Vec<f32> = chunk.iter().flat_map(|&i| images[i * px..(i + 1) * px].iter().copied()).collect();
             let y: Vec<u8> = chunk.iter().map(|&i| labels[i]).collect();
             let st = net.train_step(&x, 1, &y, Loss::Mse, &mut opt).unwrap();
             loss += st.loss * chunk.len() as f64;
@@ -63,22 +60,12 @@ fn fashion_mnist_network_learns_512_real_images() {
     }
     let mut correct = 0;
     for c in (0..N).collect::<Vec<_>>().chunks(128) {
-        let x: Vec<f32> = c
-            .iter()
-            .flat_map(|&i| images[i * px..(i + 1) * px].iter().copied())
-            .collect();
+        let x: Vec<f32> = c.iter().flat_map(|&i| images[i * px..(i + 1) * px].iter().copied()).collect();
         let y: Vec<u8> = c.iter().map(|&i| labels[i]).collect();
         correct += net.evaluate(&x, 1, &y, Loss::Mse).unwrap().correct;
     }
     let acc = correct as f64 / N as f64;
-    eprintln!(
-        "after {EPOCHS} epochs: training-set accuracy {:.1} %, total {:.0} s",
-        100.0 * acc,
-        start.elapsed().as_secs_f64()
-    );
-    assert!(
-        epoch_loss[EPOCHS - 1] < 0.7 * epoch_loss[0],
-        "the loss did not fall: {epoch_loss:?}"
-    );
+    eprintln!("after {EPOCHS} epochs: training-set accuracy {:.1} %, total {:.0} s", 100.0 * acc, start.elapsed().as_secs_f64());
+    assert!(epoch_loss[EPOCHS - 1] < 0.7 * epoch_loss[0], "the loss did not fall: {epoch_loss:?}");
     assert!(acc >= 0.60, "training accuracy {:.1} % < 60 %", 100.0 * acc);
 }

@@ -10,10 +10,7 @@ use common::Rng;
 fn close(a: &[f64], b: &[f64], what: &str) {
     assert_eq!(a.len(), b.len(), "{what}: lengths");
     for (i, (x, y)) in a.iter().zip(b).enumerate() {
-        assert!(
-            (x - y).abs() <= 1e-12 * (1.0 + y.abs()),
-            "{what}[{i}]: {x} vs naive {y}"
-        );
+        assert!((x - y).abs() <= 1e-12 * (1.0 + y.abs()), "{what}[{i}]: {x} vs naive {y}");
     }
 }
 
@@ -28,16 +25,10 @@ fn naive_conv(g: &ConvGeom, w: &[f64], b: &[f64], x: &[f64], n: usize) -> Vec<f6
                     for ci in 0..g.cin {
                         for ky in 0..g.k {
                             for kx in 0..g.k {
-                                let (iy, ix) = (
-                                    oy as isize + ky as isize - g.pad as isize,
-                                    ox as isize + kx as isize - g.pad as isize,
-                                );
-                                if iy >= 0 && ix >= 0 && (iy as usize) < g.h && (ix as usize) < g.w
-                                {
+                                let (iy, ix) = (oy as isize + ky as isize - g.pad as isize, ox as isize + kx as isize - g.pad as isize);
+                                if iy >= 0 && ix >= 0 && (iy as usize) < g.h && (ix as usize) < g.w {
                                     acc += w[((co * g.cin + ci) * g.k + ky) * g.k + kx]
-                                        * x[s * g.in_len()
-                                            + (ci * g.h + iy as usize) * g.w
-                                            + ix as usize];
+                                        * x[s * g.in_len() + (ci * g.h + iy as usize) * g.w + ix as usize];
                                 }
                             }
                         }
@@ -51,13 +42,7 @@ fn naive_conv(g: &ConvGeom, w: &[f64], b: &[f64], x: &[f64], n: usize) -> Vec<f6
 }
 
 /// Naive adjoints of the conv: dx and (dW, db), by the same loops with the product's roles swapped.
-fn naive_conv_back(
-    g: &ConvGeom,
-    w: &[f64],
-    x: &[f64],
-    dy: &[f64],
-    n: usize,
-) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
+fn naive_conv_back(g: &ConvGeom, w: &[f64], x: &[f64], dy: &[f64], n: usize) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
     let mut dx = vec![0.0; n * g.in_len()];
     let mut dw = vec![0.0; g.weight_len()];
     let mut db = vec![0.0; g.cout];
@@ -70,15 +55,9 @@ fn naive_conv_back(
                     for ci in 0..g.cin {
                         for ky in 0..g.k {
                             for kx in 0..g.k {
-                                let (iy, ix) = (
-                                    oy as isize + ky as isize - g.pad as isize,
-                                    ox as isize + kx as isize - g.pad as isize,
-                                );
-                                if iy >= 0 && ix >= 0 && (iy as usize) < g.h && (ix as usize) < g.w
-                                {
-                                    let xi = s * g.in_len()
-                                        + (ci * g.h + iy as usize) * g.w
-                                        + ix as usize;
+                                let (iy, ix) = (oy as isize + ky as isize - g.pad as isize, ox as isize + kx as isize - g.pad as isize);
+                                if iy >= 0 && ix >= 0 && (iy as usize) < g.h && (ix as usize) < g.w {
+                                    let xi = s * g.in_len() + (ci * g.h + iy as usize) * g.w + ix as usize;
                                     let wi = ((co * g.cin + ci) * g.k + ky) * g.k + kx;
                                     dx[xi] += w[wi] * d;
                                     dw[wi] += x[xi] * d;
@@ -114,11 +93,7 @@ fn conv_matches_naive_loops() {
             let what = format!("conv {cin}→{cout} {h}×{w} k{k} p{pad} n{n}");
             let mut y = vec![f64::NAN; n * g.out_len()];
             conv::forward(&g, &wt, &b, &x, &mut y);
-            close(
-                &y,
-                &naive_conv(&g, &wt, &b, &x, n),
-                &format!("{what} forward"),
-            );
+            close(&y, &naive_conv(&g, &wt, &b, &x, n), &format!("{what} forward"));
             let dy = rng.vec(n * g.out_len(), -1.0, 1.0);
             let (ndx, ndw, ndb) = naive_conv_back(&g, &wt, &x, &dy, n);
             // overwrite mode
@@ -135,16 +110,8 @@ fn conv_matches_naive_loops() {
             let (w0, b0) = (rng.vec(g.weight_len(), -1.0, 1.0), rng.vec(cout, -1.0, 1.0));
             let (mut dw, mut db) = (w0.clone(), b0.clone());
             conv::backward_weights(&g, &x, &dy, &mut dw, &mut db);
-            close(
-                &dw,
-                &w0.iter().zip(&ndw).map(|(a, b)| a + b).collect::<Vec<_>>(),
-                &format!("{what} dW"),
-            );
-            close(
-                &db,
-                &b0.iter().zip(&ndb).map(|(a, b)| a + b).collect::<Vec<_>>(),
-                &format!("{what} db"),
-            );
+            close(&dw, &w0.iter().zip(&ndw).map(|(a, b)| a + b).collect::<Vec<_>>(), &format!("{what} dW"));
+            close(&db, &b0.iter().zip(&ndb).map(|(a, b)| a + b).collect::<Vec<_>>(), &format!("{what} db"));
         }
     }
 }
@@ -161,10 +128,7 @@ fn linear_matches_naive_loops() {
         let mut ny = vec![0.0; rows * n_out];
         for r in 0..rows {
             for o in 0..n_out {
-                ny[r * n_out + o] = b[o]
-                    + (0..n_in)
-                        .map(|i| w[o * n_in + i] * x[r * n_in + i])
-                        .sum::<f64>();
+                ny[r * n_out + o] = b[o] + (0..n_in).map(|i| w[o * n_in + i] * x[r * n_in + i]).sum::<f64>();
             }
         }
         close(&y, &ny, "linear forward");

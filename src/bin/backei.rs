@@ -199,7 +199,8 @@ fn main() -> ExitCode {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");
-            let is_usage = e.downcast_ref::<Usage>().is_some() || matches!(e.downcast_ref::<BackeiError>(), Some(BackeiError::Config { .. }));
+            let is_usage =
+                e.downcast_ref::<Usage>().is_some() || matches!(e.downcast_ref::<BackeiError>(), Some(BackeiError::Config { .. }));
             ExitCode::from(if is_usage { 2 } else { 1 })
         }
     }
@@ -339,7 +340,8 @@ fn eval(a: EvalArgs) -> anyhow::Result<ExitCode> {
     engine.load_params(&ck.params)?;
     let data = backei::train::run::load_data(&cfg)?;
     let ev = backei::train::run::evaluate(&mut engine, data.test.clone(), &cfg)?;
-    let per_class: Vec<f64> = ev.confusion.iter().enumerate().map(|(c, row)| row[c] as f64 / row.iter().sum::<usize>().max(1) as f64).collect();
+    let per_class: Vec<f64> =
+        ev.confusion.iter().enumerate().map(|(c, row)| row[c] as f64 / row.iter().sum::<usize>().max(1) as f64).collect();
     if a.json {
         let v = serde_json::json!({
             "checkpoint": a.checkpoint.display().to_string(),
@@ -394,12 +396,20 @@ fn info(a: InfoArgs) -> anyhow::Result<ExitCode> {
     for (i, (name, cc, mem)) in r.devices.iter().enumerate() {
         println!("cuda:{i}: {name}, compute capability {}.{}, {:.1} GiB", cc.0, cc.1, *mem as f64 / (1u64 << 30) as f64);
     }
-    println!("kernel cache: {}", backei::gpu::kernels::cache_dir().map(|p| p.display().to_string()).unwrap_or_else(|| "none (no HOME)".into()));
+    println!(
+        "kernel cache: {}",
+        backei::gpu::kernels::cache_dir().map(|p| p.display().to_string()).unwrap_or_else(|| "none (no HOME)".into())
+    );
     if let Some(m) = a.model {
         let mut spec = backei::NetworkSpec::preset(&m).map_err(|e| usage(e.to_string()))?;
         spec.steps = a.steps;
         let bytes = backei::gpu::network::memory_plan(&spec, a.batch_size, a.steps)?;
-        println!("{m} at batch {} and T = {}: a training step needs {:.2} GiB of device memory", a.batch_size, a.steps, bytes.total() as f64 / (1u64 << 30) as f64);
+        println!(
+            "{m} at batch {} and T = {}: a training step needs {:.2} GiB of device memory",
+            a.batch_size,
+            a.steps,
+            bytes.total() as f64 / (1u64 << 30) as f64
+        );
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -408,7 +418,10 @@ fn kernels(arch: &str) -> anyhow::Result<ExitCode> {
     let stats = backei::gpu::ptxas::kernel_report(arch)?;
     println!("{:<16} {:<40} {:>5} {:>8} {:>6} {:>13}", "module", "kernel", "regs", "smem B", "stack", "spills st/ld");
     for k in &stats {
-        println!("{:<16} {:<40} {:>5} {:>8} {:>6} {:>6}/{:<6}", k.module, k.kernel, k.registers, k.shared_bytes, k.stack_bytes, k.spill_stores, k.spill_loads);
+        println!(
+            "{:<16} {:<40} {:>5} {:>8} {:>6} {:>6}/{:<6}",
+            k.module, k.kernel, k.registers, k.shared_bytes, k.stack_bytes, k.spill_stores, k.spill_loads
+        );
     }
     let spills = stats.iter().filter(|k| k.spill_stores + k.spill_loads > 0).count();
     if spills > 0 {

@@ -112,16 +112,8 @@ impl<F: Real> BackEiLayer<F> {
         let all = steps * bn;
         self.out = vec![F::ZERO; all];
         self.v = vec![F::ZERO; all];
-        self.g = if self.feedback.back {
-            vec![F::ZERO; all]
-        } else {
-            Vec::new()
-        };
-        self.z = if self.feedback.ei {
-            vec![F::ZERO; all]
-        } else {
-            Vec::new()
-        };
+        self.g = if self.feedback.back { vec![F::ZERO; all] } else { Vec::new() };
+        self.z = if self.feedback.ei { vec![F::ZERO; all] } else { Vec::new() };
         self.u = vec![F::ZERO; bn];
         self.gs = Vec::new();
         for s in [&mut self.dv, &mut self.dz, &mut self.da, &mut self.du] {
@@ -132,14 +124,7 @@ impl<F: Real> BackEiLayer<F> {
     }
 
     /// Runs all T steps for a batch; the output is `self.out`.
-    pub fn forward(
-        &mut self,
-        p: &BackEiParams<F>,
-        input: &[F],
-        t_in: usize,
-        batch: usize,
-        steps: usize,
-    ) {
+    pub fn forward(&mut self, p: &BackEiParams<F>, input: &[F], t_in: usize, batch: usize, steps: usize) {
         self.size_for(batch, steps);
         let bn = batch * self.neurons();
         let hw = self.shape[1] * self.shape[2];
@@ -163,35 +148,21 @@ impl<F: Real> BackEiLayer<F> {
                 a_t.par_iter_mut().for_each(|a| *a = a.sigmoid());
             }
             let v_t = &mut self.v[t * bn..(t + 1) * bn];
-            let g_t: &[F] = if back {
-                &self.g[t * bn..(t + 1) * bn]
-            } else {
-                &[]
-            };
-            v_t.par_iter_mut()
-                .zip(self.u.par_iter())
-                .enumerate()
-                .for_each(|(i, (v, u))| {
-                    let cur = if back { g_t[i] * i_t[i] } else { i_t[i] };
-                    *v = nr.leak * *u + cur;
-                });
+            let g_t: &[F] = if back { &self.g[t * bn..(t + 1) * bn] } else { &[] };
+            v_t.par_iter_mut().zip(self.u.par_iter()).enumerate().for_each(|(i, (v, u))| {
+                let cur = if back { g_t[i] * i_t[i] } else { i_t[i] };
+                *v = nr.leak * *u + cur;
+            });
             if ei {
                 conv::forward(&gate, p.w_e, p.b_e, v_t, &mut self.z[t * bn..(t + 1) * bn]);
             }
-            let z_t: &[F] = if ei {
-                &self.z[t * bn..(t + 1) * bn]
-            } else {
-                &[]
-            };
-            s_t.par_iter_mut()
-                .zip(self.u.par_iter_mut())
-                .enumerate()
-                .for_each(|(i, (s, u))| {
-                    let v = v_t[i];
-                    let o = nr.fire(v - nr.threshold);
-                    *u = v * (F::ONE - o);
-                    *s = if ei { nr.sign(z_t[i]) * o } else { o };
-                });
+            let z_t: &[F] = if ei { &self.z[t * bn..(t + 1) * bn] } else { &[] };
+            s_t.par_iter_mut().zip(self.u.par_iter_mut()).enumerate().for_each(|(i, (s, u))| {
+                let v = v_t[i];
+                let o = nr.fire(v - nr.threshold);
+                *u = v * (F::ONE - o);
+                *s = if ei { nr.sign(z_t[i]) * o } else { o };
+            });
         }
     }
 
@@ -221,73 +192,51 @@ impl<F: Real> BackEiLayer<F> {
         }
         for t in (0..steps).rev() {
             let v_t = &self.v[t * bn..(t + 1) * bn];
-            let z_t: &[F] = if ei {
-                &self.z[t * bn..(t + 1) * bn]
-            } else {
-                &[]
-            };
+            let z_t: &[F] = if ei { &self.z[t * bn..(t + 1) * bn] } else { &[] };
             let (gs_past, gs_rest) = self.gs.split_at_mut(t * bn);
             let ds_t = &gs_rest[..bn];
             let du = &self.du;
-            self.dv
-                .par_iter_mut()
-                .zip(self.dz.par_iter_mut())
-                .enumerate()
-                .for_each(|(i, (dv, dz))| {
-                    let v = v_t[i];
-                    let x = v - nr.threshold;
-                    let o = nr.fire(x);
-                    let ds = ds_t[i];
-                    let mut d_o = ds;
-                    if ei {
-                        let z = z_t[i];
-                        d_o = ds * nr.sign(z);
-                        *dz = ds * o * nr.sign_grad(z);
-                    }
-                    d_o -= du[i] * v;
-                    *dv = du[i] * (F::ONE - o) + d_o * nr.fire_grad(x);
-                });
+            self.dv.par_iter_mut().zip(self.dz.par_iter_mut()).enumerate().for_each(|(i, (dv, dz))| {
+                let v = v_t[i];
+                let x = v - nr.threshold;
+                let o = nr.fire(x);
+                let ds = ds_t[i];
+                let mut d_o = ds;
+                if ei {
+                    let z = z_t[i];
+                    d_o = ds * nr.sign(z);
+                    *dz = ds * o * nr.sign_grad(z);
+                }
+                d_o -= du[i] * v;
+                *dv = du[i] * (F::ONE - o) + d_o * nr.fire_grad(x);
+            });
             if ei {
                 conv::backward_data(&gate, p.w_e, &self.dz, &mut self.dv, true);
                 conv::backward_weights(&gate, v_t, &self.dz, grads.w_e, grads.b_e);
             }
             let i_t = &input[if t_in == 1 { 0 } else { t * bn }..][..bn];
-            let g_t: &[F] = if back {
-                &self.g[t * bn..(t + 1) * bn]
-            } else {
-                &[]
-            };
+            let g_t: &[F] = if back { &self.g[t * bn..(t + 1) * bn] } else { &[] };
             let dv = &self.dv;
             let di = &mut grad_in[if t_in == 1 { 0 } else { t * bn }..][..bn];
-            di.par_iter_mut()
-                .zip(self.du.par_iter_mut())
-                .zip(self.da.par_iter_mut())
-                .enumerate()
-                .for_each(|(i, ((di, du), da))| {
-                    let dvi = dv[i];
-                    let dcur = if back { dvi * g_t[i] } else { dvi };
-                    if t_in == 1 {
-                        *di += dcur;
-                    } else {
-                        *di = dcur;
-                    }
-                    *du = nr.leak * dvi;
-                    if back {
-                        let g = g_t[i];
-                        *da = dvi * i_t[i] * g * (F::ONE - g);
-                    }
-                });
+            di.par_iter_mut().zip(self.du.par_iter_mut()).zip(self.da.par_iter_mut()).enumerate().for_each(|(i, ((di, du), da))| {
+                let dvi = dv[i];
+                let dcur = if back { dvi * g_t[i] } else { dvi };
+                if t_in == 1 {
+                    *di += dcur;
+                } else {
+                    *di = dcur;
+                }
+                *du = nr.leak * dvi;
+                if back {
+                    let g = g_t[i];
+                    *da = dvi * i_t[i] * g * (F::ONE - g);
+                }
+            });
             if back {
                 if t >= d {
                     let s_past = &self.out[(t - d) * bn..][..bn];
                     conv::backward_weights(&gate, s_past, &self.da, grads.w_b, grads.b_b);
-                    conv::backward_data(
-                        &gate,
-                        p.w_b,
-                        &self.da,
-                        &mut gs_past[(t - d) * bn..][..bn],
-                        true,
-                    );
+                    conv::backward_data(&gate, p.w_b, &self.da, &mut gs_past[(t - d) * bn..][..bn], true);
                 } else {
                     for (i, da) in self.da.iter().enumerate() {
                         grads.b_b[(i / hw) % c] += *da;

@@ -21,16 +21,7 @@ pub struct ConvGeom {
 
 impl ConvGeom {
     pub fn new(cin: usize, cout: usize, h: usize, w: usize, k: usize, pad: usize) -> Self {
-        ConvGeom {
-            cin,
-            cout,
-            h,
-            w,
-            k,
-            pad,
-            ho: h + 2 * pad + 1 - k,
-            wo: w + 2 * pad + 1 - k,
-        }
+        ConvGeom { cin, cout, h, w, k, pad, ho: h + 2 * pad + 1 - k, wo: w + 2 * pad + 1 - k }
     }
     pub fn in_len(&self) -> usize {
         self.cin * self.h * self.w
@@ -117,75 +108,65 @@ fn col2im_add<F: Real>(g: &ConvGeom, col: &[F], dx: &mut [F]) {
 pub fn forward<F: Real>(g: &ConvGeom, weight: &[F], bias: &[F], x: &[F], y: &mut [F]) {
     let (kk, p) = (g.col_rows(), g.out_pixels());
     debug_assert_eq!(x.len() / g.in_len(), y.len() / g.out_len());
-    y.par_chunks_mut(g.out_len())
-        .zip(x.par_chunks(g.in_len()))
-        .for_each(|(y, x)| {
-            with_scratch(kk * p, |col: &mut [F]| {
-                im2col(g, x, col);
-                for (co, row) in y.chunks_mut(p).enumerate() {
-                    row.fill(bias[co]);
-                }
-                // y[cout×p] += W[cout×kk] · col[kk×p]
-                unsafe {
-                    F::gemm(
-                        g.cout,
-                        kk,
-                        p,
-                        F::ONE,
-                        weight.as_ptr(),
-                        kk as isize,
-                        1,
-                        col.as_ptr(),
-                        p as isize,
-                        1,
-                        F::ONE,
-                        y.as_mut_ptr(),
-                        p as isize,
-                        1,
-                    );
-                }
-            })
-        });
+    y.par_chunks_mut(g.out_len()).zip(x.par_chunks(g.in_len())).for_each(|(y, x)| {
+        with_scratch(kk * p, |col: &mut [F]| {
+            im2col(g, x, col);
+            for (co, row) in y.chunks_mut(p).enumerate() {
+                row.fill(bias[co]);
+            }
+            // y[cout×p] += W[cout×kk] · col[kk×p]
+            unsafe {
+                F::gemm(
+                    g.cout,
+                    kk,
+                    p,
+                    F::ONE,
+                    weight.as_ptr(),
+                    kk as isize,
+                    1,
+                    col.as_ptr(),
+                    p as isize,
+                    1,
+                    F::ONE,
+                    y.as_mut_ptr(),
+                    p as isize,
+                    1,
+                );
+            }
+        })
+    });
 }
 
 /// dx (+)= Wᵀ ⊛ dy for n samples; `accumulate` adds to dx instead of overwriting it.
-pub fn backward_data<F: Real>(
-    g: &ConvGeom,
-    weight: &[F],
-    dy: &[F],
-    dx: &mut [F],
-    accumulate: bool,
-) {
+pub fn backward_data<F: Real>(g: &ConvGeom, weight: &[F], dy: &[F], dx: &mut [F], accumulate: bool) {
     let (kk, p) = (g.col_rows(), g.out_pixels());
-    dx.par_chunks_mut(g.in_len())
-        .zip(dy.par_chunks(g.out_len()))
-        .for_each(|(dx, dy)| {
-            with_scratch(kk * p, |col: &mut [F]| {
-                // col[kk×p] = Wᵀ[kk×cout] · dy[cout×p]
-                unsafe {
-                    F::gemm(
-                        kk,
-                        g.cout,
-                        p,
-                        F::ONE,
-                        weight.as_ptr(),
-                        1,
-                        kk as isize,
-                        dy.as_ptr(),
-                        p as isize,
-                        1,
-                        F::ZERO,
-                        col.as_mut_ptr(),
-                        p as isize,
-                        1,
-                    );
-                }
-                if !accumulate {
-                    dx.fill(F::ZERO);
-                }
-                col2im_add(g, col, dx);
-            })
-        });
+    dx.par_chunks_mut(g.in_len()).zip(dy.par_chunks(g.out_len())).for_each(|(dx, dy)| {
+        with_scratch(kk * p, |col: &mut [F]| {
+            // col[kk×p] = Wᵀ[kk×cout] · dy[cout×p]
+            unsafe {
+                F::gemm(
+                    kk,
+                    g.cout,
+                    p,
+                    F::ONE,
+                    weight.as_ptr(),
+                    1,
+                    kk as isize,
+                    dy.as_ptr(),
+                    p as isize,
+                    1,
+                    F::ZERO,
+                    col.as_mut_ptr(),
+                    p as isize,
+                    1,
+                );
+            }
+            if !accumulate {
+                dx.fill(F::ZERO);
+            }
+            col2im_add(g, col, dx);
+        })
+    });
 }
 
 /// dW += Σ_n dy_n · im2col(x_n)ᵀ and db += Σ_n Σ_p dy_n over n samples.

@@ -36,24 +36,14 @@ pub fn readout<F: Real>(s: &[F], t: usize, batch: usize, classes: usize, y: &mut
 }
 
 /// The loss of readout `y` [B][K] against `labels`, and ∂L/∂y into `dy`.
-pub fn loss_and_grad<F: Real>(
-    loss: Loss,
-    y: &[F],
-    labels: &[u8],
-    classes: usize,
-    dy: &mut [F],
-) -> F {
+pub fn loss_and_grad<F: Real>(loss: Loss, y: &[F], labels: &[u8], classes: usize, dy: &mut [F]) -> F {
     let b = labels.len();
     let mut total = F::ZERO;
     match loss {
         Loss::Mse => {
             let scale = F::from_f64(1.0 / (b * classes) as f64);
             for (i, (&yi, d)) in y.iter().zip(dy.iter_mut()).enumerate() {
-                let target = if labels[i / classes] as usize == i % classes {
-                    F::ONE
-                } else {
-                    F::ZERO
-                };
+                let target = if labels[i / classes] as usize == i % classes { F::ONE } else { F::ZERO };
                 let e = yi - target;
                 total += e * e * scale;
                 *d = F::from_f64(2.0) * e * scale;
@@ -62,10 +52,7 @@ pub fn loss_and_grad<F: Real>(
         Loss::Ce => {
             let inv_b = F::from_f64(1.0 / b as f64);
             for (row, (yb, db)) in y.chunks(classes).zip(dy.chunks_mut(classes)).enumerate() {
-                let m = yb
-                    .iter()
-                    .copied()
-                    .fold(yb[0], |a, x| if x > a { x } else { a });
+                let m = yb.iter().copied().fold(yb[0], |a, x| if x > a { x } else { a });
                 let z: F = yb.iter().map(|&x| (x - m).exp()).sum();
                 let lse = m + F::from_f64(z.to_f64().ln());
                 let label = labels[row] as usize;
@@ -82,11 +69,5 @@ pub fn loss_and_grad<F: Real>(
 
 /// The predicted class of each row: the largest readout, ties to the lowest index.
 pub fn argmax_rows<F: Real>(y: &[F], classes: usize) -> Vec<usize> {
-    y.chunks(classes)
-        .map(|r| {
-            r.iter()
-                .enumerate()
-                .fold(0, |best, (k, &x)| if x > r[best] { k } else { best })
-        })
-        .collect()
+    y.chunks(classes).map(|r| r.iter().enumerate().fold(0, |best, (k, &x)| if x > r[best] { k } else { best })).collect()
 }

@@ -103,85 +103,41 @@ impl<F: Real> Network<F> {
         let plan = spec.plan()?;
         let mut slots = Vec::new();
         let mut total = 0usize;
-        let mut add =
-            |slots: &mut Vec<ParamSlot>, name: String, shape: Vec<usize>, fan_in: usize| {
-                let len: usize = shape.iter().product();
-                let range = total..total + len;
-                total += len;
-                slots.push(ParamSlot {
-                    name,
-                    shape,
-                    range: range.clone(),
-                    init_bound: 1.0 / (fan_in as f64).sqrt(),
-                });
-                range
-            };
+        let mut add = |slots: &mut Vec<ParamSlot>, name: String, shape: Vec<usize>, fan_in: usize| {
+            let len: usize = shape.iter().product();
+            let range = total..total + len;
+            total += len;
+            slots.push(ParamSlot { name, shape, range: range.clone(), init_bound: 1.0 / (fan_in as f64).sqrt() });
+            range
+        };
         let mut layers = Vec::with_capacity(plan.len());
         let mut dropouts = 0u32;
         for (i, lp) in plan.iter().enumerate() {
             let [c, h, w] = lp.input;
             let op = match lp.spec {
-                LayerSpec::Conv {
-                    out_channels,
-                    kernel,
-                    padding,
-                } => {
+                LayerSpec::Conv { out_channels, kernel, padding } => {
                     let geom = ConvGeom::new(c, out_channels, h, w, kernel, padding);
                     let fan_in = c * kernel * kernel;
-                    let wr = add(
-                        &mut slots,
-                        format!("layers.{i}.weight"),
-                        vec![out_channels, c, kernel, kernel],
-                        fan_in,
-                    );
-                    let br = add(
-                        &mut slots,
-                        format!("layers.{i}.bias"),
-                        vec![out_channels],
-                        fan_in,
-                    );
+                    let wr = add(&mut slots, format!("layers.{i}.weight"), vec![out_channels, c, kernel, kernel], fan_in);
+                    let br = add(&mut slots, format!("layers.{i}.bias"), vec![out_channels], fan_in);
                     Op::Conv { geom, w: wr, b: br }
                 }
                 LayerSpec::Linear { out_features } => {
-                    let wr = add(
-                        &mut slots,
-                        format!("layers.{i}.weight"),
-                        vec![out_features, c],
-                        c,
-                    );
-                    let br = add(
-                        &mut slots,
-                        format!("layers.{i}.bias"),
-                        vec![out_features],
-                        c,
-                    );
-                    Op::Linear {
-                        n_in: c,
-                        n_out: out_features,
-                        w: wr,
-                        b: br,
-                    }
+                    let wr = add(&mut slots, format!("layers.{i}.weight"), vec![out_features, c], c);
+                    let br = add(&mut slots, format!("layers.{i}.bias"), vec![out_features], c);
+                    Op::Linear { n_in: c, n_out: out_features, w: wr, b: br }
                 }
                 LayerSpec::AvgPool => Op::Pool { c, h, w },
                 LayerSpec::Dropout { p } => {
                     dropouts += 1;
-                    Op::Dropout {
-                        p: p as f32,
-                        index: i as u32,
-                        mask: Vec::new(),
-                    }
+                    Op::Dropout { p: p as f32, index: i as u32, mask: Vec::new() }
                 }
                 LayerSpec::Flatten => Op::Flatten,
                 LayerSpec::BackEi | LayerSpec::Spiking => {
                     let fb = if lp.spec == LayerSpec::BackEi {
                         spec.feedback
                     } else {
-                        FeedbackConfig {
-                            back: false,
-                            ei: false,
-                            radius: 0,
-                            delay: 1,
-                        }
+                        FeedbackConfig { back: false, ei: false, radius: 0, delay: 1 }
                     };
                     let layer = BackEiLayer::<F>::new(lp.input, fb, &spec.neuron);
                     let k = 2 * fb.radius + 1;
@@ -189,28 +145,14 @@ impl<F: Real> Network<F> {
                     let fan_in = c * k * k;
                     let mut params: [Range<usize>; 4] = [0..0, 0..0, 0..0, 0..0];
                     if fb.back {
-                        params[0] = add(
-                            &mut slots,
-                            format!("layers.{i}.back.weight"),
-                            wshape.clone(),
-                            fan_in,
-                        );
-                        params[1] =
-                            add(&mut slots, format!("layers.{i}.back.bias"), vec![c], fan_in);
+                        params[0] = add(&mut slots, format!("layers.{i}.back.weight"), wshape.clone(), fan_in);
+                        params[1] = add(&mut slots, format!("layers.{i}.back.bias"), vec![c], fan_in);
                     }
                     if fb.ei {
-                        params[2] = add(
-                            &mut slots,
-                            format!("layers.{i}.ei.weight"),
-                            wshape.clone(),
-                            fan_in,
-                        );
+                        params[2] = add(&mut slots, format!("layers.{i}.ei.weight"), wshape.clone(), fan_in);
                         params[3] = add(&mut slots, format!("layers.{i}.ei.bias"), vec![c], fan_in);
                     }
-                    Op::Spike {
-                        layer: Box::new(layer),
-                        params,
-                    }
+                    Op::Spike { layer: Box::new(layer), params }
                 }
             };
             layers.push(Layer {
@@ -261,10 +203,7 @@ impl<F: Real> Network<F> {
 
     /// The parameter tensor called `name`.
     pub fn param(&self, name: &str) -> Option<&[F]> {
-        self.slots
-            .iter()
-            .find(|s| s.name == name)
-            .map(|s| &self.params[s.range.clone()])
+        self.slots.iter().find(|s| s.name == name).map(|s| &self.params[s.range.clone()])
     }
 
     /// Checks an input batch: `x` is [T_in][B][C][H][W] with T_in = 1 (direct encoding) or T.
@@ -275,38 +214,22 @@ impl<F: Real> Network<F> {
             return Err(config_err("batch", "batch size 0"));
         }
         if t_in != 1 && t_in != t {
-            return Err(shape_err(
-                "network input",
-                format!("T_in = 1 or T = {t} frames"),
-                format!("T_in = {t_in}"),
-            ));
+            return Err(shape_err("network input", format!("T_in = 1 or T = {t} frames"), format!("T_in = {t_in}")));
         }
         if x.len() != t_in * batch * frame {
             return Err(shape_err(
                 "network input",
-                format!(
-                    "{t_in}×{batch}×{:?} = {} values",
-                    self.spec.input,
-                    t_in * batch * frame
-                ),
+                format!("{t_in}×{batch}×{:?} = {} values", self.spec.input, t_in * batch * frame),
                 format!("{} values", x.len()),
             ));
         }
-        check_finite(
-            "network input",
-            x,
-            "the input batch holds NaN or Inf: check the data and its normalisation",
-        )
+        check_finite("network input", x, "the input batch holds NaN or Inf: check the data and its normalisation")
     }
 
     /// Runs the network over all T steps and returns the readout [B][classes].
     pub fn forward(&mut self, x: &[F], t_in: usize, batch: usize) -> Result<&[F]> {
         self.check_input(x, t_in, batch)?;
-        check_finite(
-            "parameters",
-            &self.params,
-            "a parameter is NaN or Inf: the run diverged; lower the learning rate",
-        )?;
+        check_finite("parameters", &self.params, "a parameter is NaN or Inf: the run diverged; lower the learning rate")?;
         let steps = self.spec.steps;
         self.input.clear();
         self.input.extend_from_slice(x);
@@ -329,24 +252,11 @@ impl<F: Real> Network<F> {
             }
             let p = &self.params;
             match &mut layer.op {
-                Op::Conv { geom, w, b } => {
-                    conv::forward(geom, &p[w.clone()], &p[b.clone()], src, &mut layer.out)
-                }
-                Op::Linear { n_in, n_out, w, b } => linear::forward(
-                    *n_in,
-                    *n_out,
-                    &p[w.clone()],
-                    &p[b.clone()],
-                    src,
-                    &mut layer.out,
-                ),
+                Op::Conv { geom, w, b } => conv::forward(geom, &p[w.clone()], &p[b.clone()], src, &mut layer.out),
+                Op::Linear { n_in, n_out, w, b } => linear::forward(*n_in, *n_out, &p[w.clone()], &p[b.clone()], src, &mut layer.out),
                 Op::Pool { c, h, w } => pool::forward(*c, *h, *w, src, &mut layer.out),
                 Op::Flatten => {}
-                Op::Dropout {
-                    p: prob,
-                    index,
-                    mask,
-                } => {
+                Op::Dropout { p: prob, index, mask } => {
                     let step = batch * layer.in_len;
                     let expanded;
                     let src = if prev_t == 1 {
@@ -357,8 +267,7 @@ impl<F: Real> Network<F> {
                     };
                     if self.training {
                         mask.resize(out_total, 0);
-                        let key =
-                            crate::rng::dropout_key(self.dropout_seed, self.iteration, *index);
+                        let key = crate::rng::dropout_key(self.dropout_seed, self.iteration, *index);
                         dropout::forward(key, *prob, step, src, &mut layer.out, mask);
                     } else {
                         layer.out.copy_from_slice(src);
@@ -391,11 +300,7 @@ impl<F: Real> Network<F> {
             return Err(config_err("backward", "backward called before forward"));
         }
         if d_readout.len() != batch * self.classes {
-            return Err(shape_err(
-                "readout gradient",
-                format!("{}", batch * self.classes),
-                format!("{}", d_readout.len()),
-            ));
+            return Err(shape_err("readout gradient", format!("{}", batch * self.classes), format!("{}", d_readout.len())));
         }
         // A NaN/Inf here would silently poison every gradient (found by tests/bad_input.rs).
         check_finite("readout gradient", d_readout, "∂L/∂readout holds NaN or Inf: check the loss")?;
@@ -414,11 +319,7 @@ impl<F: Real> Network<F> {
             let (before, rest) = self.layers.split_at_mut(i);
             let (layer, after) = rest.split_first_mut().unwrap();
             let src: &[F] = source(before, &self.input);
-            let dy: &[F] = if i + 1 == n {
-                &upstream
-            } else {
-                grad_of_output(after)
-            };
+            let dy: &[F] = if i + 1 == n { &upstream } else { grad_of_output(after) };
             let in_total = layer.t_in * batch * layer.in_len;
             if layer.grad_in.len() != in_total && !matches!(layer.op, Op::Flatten) {
                 layer.grad_in = vec![F::ZERO; in_total];
@@ -486,14 +387,7 @@ impl<F: Real> Network<F> {
     }
 
     /// Forward, loss, backward, optimizer step: one training iteration.
-    pub fn train_step(
-        &mut self,
-        x: &[F],
-        t_in: usize,
-        labels: &[u8],
-        loss: Loss,
-        opt: &mut Optimizer,
-    ) -> Result<StepStats> {
+    pub fn train_step(&mut self, x: &[F], t_in: usize, labels: &[u8], loss: Loss, opt: &mut Optimizer) -> Result<StepStats> {
         let batch = labels.len();
         self.check_labels(labels)?;
         // An optimizer sized for another network made `Optimizer::update` index out of bounds
@@ -522,52 +416,26 @@ impl<F: Real> Network<F> {
                 hint: "training diverged; lower the learning rate (--lr) or check the input data".into(),
             });
         }
-        let correct = loss::argmax_rows(&self.readout, self.classes)
-            .iter()
-            .zip(labels)
-            .filter(|(p, l)| **p == **l as usize)
-            .count();
+        let correct = loss::argmax_rows(&self.readout, self.classes).iter().zip(labels).filter(|(p, l)| **p == **l as usize).count();
         self.zero_grads();
         self.backward(&dy, false)?;
         self.readout_grad = dy;
-        check_finite(
-            "gradients",
-            &self.grads,
-            "a gradient is NaN or Inf: lower the learning rate",
-        )?;
+        check_finite("gradients", &self.grads, "a gradient is NaN or Inf: lower the learning rate")?;
         opt.update(&mut self.params, &self.grads);
         self.iteration += 1;
-        Ok(StepStats {
-            loss: l.to_f64(),
-            correct,
-            batch,
-        })
+        Ok(StepStats { loss: l.to_f64(), correct, batch })
     }
 
     /// Loss (and readout) without updating anything.
-    pub fn evaluate(
-        &mut self,
-        x: &[F],
-        t_in: usize,
-        labels: &[u8],
-        loss: Loss,
-    ) -> Result<StepStats> {
+    pub fn evaluate(&mut self, x: &[F], t_in: usize, labels: &[u8], loss: Loss) -> Result<StepStats> {
         let batch = labels.len();
         self.check_labels(labels)?;
         self.training = false;
         self.forward(x, t_in, batch)?;
         let mut dy = vec![F::ZERO; batch * self.classes];
         let l = loss::loss_and_grad(loss, &self.readout, labels, self.classes, &mut dy);
-        let correct = loss::argmax_rows(&self.readout, self.classes)
-            .iter()
-            .zip(labels)
-            .filter(|(p, l)| **p == **l as usize)
-            .count();
-        Ok(StepStats {
-            loss: l.to_f64(),
-            correct,
-            batch,
-        })
+        let correct = loss::argmax_rows(&self.readout, self.classes).iter().zip(labels).filter(|(p, l)| **p == **l as usize).count();
+        Ok(StepStats { loss: l.to_f64(), correct, batch })
     }
 
     /// Predicted classes (inference mode: dropout off).
@@ -591,7 +459,11 @@ impl<F: Real> Network<F> {
     /// Replaces every parameter (same layout as `params`), validating length and finiteness.
     pub fn load_params(&mut self, params: &[F]) -> Result<()> {
         if params.len() != self.params.len() {
-            return Err(shape_err("parameters", format!("{} values for network {}", self.params.len(), self.spec.name), format!("{}", params.len())));
+            return Err(shape_err(
+                "parameters",
+                format!("{} values for network {}", self.params.len(), self.spec.name),
+                format!("{}", params.len()),
+            ));
         }
         check_finite("loaded parameters", params, "the parameters hold NaN or Inf")?;
         self.params.copy_from_slice(params);
@@ -610,18 +482,8 @@ impl<F: Real> Network<F> {
         if labels.is_empty() {
             return Err(config_err("labels", "an empty batch"));
         }
-        if let Some((i, l)) = labels
-            .iter()
-            .enumerate()
-            .find(|(_, &l)| l as usize >= self.classes)
-        {
-            return Err(config_err(
-                "labels",
-                format!(
-                    "label {l} of sample {i} is not below the {} classes",
-                    self.classes
-                ),
-            ));
+        if let Some((i, l)) = labels.iter().enumerate().find(|(_, &l)| l as usize >= self.classes) {
+            return Err(config_err("labels", format!("label {l} of sample {i} is not below the {} classes", self.classes)));
         }
         Ok(())
     }
@@ -633,11 +495,7 @@ impl<F: Real> Network<F> {
             .iter()
             .enumerate()
             .filter_map(|(i, l)| match &l.op {
-                Op::Spike { layer, .. } => Some((
-                    i,
-                    layer.firing_rate(),
-                    layer.feedback.ei.then(|| layer.inhibitory_fraction()),
-                )),
+                Op::Spike { layer, .. } => Some((i, layer.firing_rate(), layer.feedback.ei.then(|| layer.inhibitory_fraction()))),
                 _ => None,
             })
             .collect()

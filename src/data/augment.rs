@@ -23,11 +23,7 @@ pub struct CropFlip {
 impl CropFlip {
     /// The identity (no shift, no flip) for padding `pad`.
     pub fn identity(pad: usize) -> Self {
-        CropFlip {
-            dy: pad,
-            dx: pad,
-            flip: false,
-        }
+        CropFlip { dy: pad, dx: pad, flip: false }
     }
 
     /// Draws offsets and flip for a sample.
@@ -35,11 +31,7 @@ impl CropFlip {
         let key = stream_key(seed, PURPOSE_AUGMENT, epoch, sample, 0);
         let r = draw(key, 0);
         let m = 2 * pad as u64 + 1;
-        CropFlip {
-            dy: (r % m) as usize,
-            dx: ((r >> 16) % m) as usize,
-            flip: allow_flip && (r >> 63) == 1,
-        }
+        CropFlip { dy: (r % m) as usize, dx: ((r >> 16) % m) as usize, flip: allow_flip && (r >> 63) == 1 }
     }
 }
 
@@ -60,11 +52,7 @@ pub fn crop_flip(src: &[u8], dst: &mut [u8], shape: [usize; 3], pad: usize, cf: 
             for (x, o) in row.iter_mut().enumerate() {
                 let xx = if cf.flip { w - 1 - x } else { x };
                 let sx = xx as isize + cf.dx as isize - pad as isize;
-                *o = if sx < 0 || sx >= w as isize {
-                    0
-                } else {
-                    srow[sx as usize]
-                };
+                *o = if sx < 0 || sx >= w as isize { 0 } else { srow[sx as usize] };
             }
         }
     }

@@ -11,13 +11,7 @@ pub const PIXELS: usize = 3072;
 /// File names of a split.
 pub fn file_names(split: Split) -> Vec<&'static str> {
     match split {
-        Split::Train => vec![
-            "data_batch_1.bin",
-            "data_batch_2.bin",
-            "data_batch_3.bin",
-            "data_batch_4.bin",
-            "data_batch_5.bin",
-        ],
+        Split::Train => vec!["data_batch_1.bin", "data_batch_2.bin", "data_batch_3.bin", "data_batch_4.bin", "data_batch_5.bin"],
         Split::Test => vec!["test_batch.bin"],
     }
 }
@@ -33,20 +27,9 @@ pub fn batches_dir(dir: &Path) -> PathBuf {
 }
 
 /// Parses one batch file, appending pixels (CHW) and labels. Never panics.
-pub fn parse_batch(
-    bytes: &[u8],
-    path: &Path,
-    pixels: &mut Vec<u8>,
-    labels: &mut Vec<u8>,
-) -> Result<usize, DataError> {
+pub fn parse_batch(bytes: &[u8], path: &Path, pixels: &mut Vec<u8>, labels: &mut Vec<u8>) -> Result<usize, DataError> {
     if bytes.is_empty() {
-        return Err(DataError::format(
-            path,
-            0,
-            "record 0",
-            "3073-byte records (1 label + 3072 pixels)",
-            "an empty file",
-        ));
+        return Err(DataError::format(path, 0, "record 0", "3073-byte records (1 label + 3072 pixels)", "an empty file"));
     }
     if !bytes.len().is_multiple_of(RECORD) {
         let n = bytes.len() / RECORD;
@@ -55,11 +38,7 @@ pub fn parse_batch(
             (n * RECORD) as u64,
             format!("record {n}"),
             "a whole number of 3073-byte records (1 label + 3×32×32 pixels)",
-            format!(
-                "{} bytes left over (truncated record; file is {} bytes)",
-                bytes.len() % RECORD,
-                bytes.len()
-            ),
+            format!("{} bytes left over (truncated record; file is {} bytes)", bytes.len() % RECORD, bytes.len()),
         ));
     }
     let n = bytes.len() / RECORD;
@@ -93,13 +72,5 @@ pub fn load_dir(dir: &Path, split: Split) -> Result<Dataset, DataError> {
         parse_batch(&bytes, &p, &mut pixels, &mut labels)?;
         sources.push(p);
     }
-    Ok(Dataset::from_raw(
-        DatasetKind::Cifar10,
-        split,
-        [3, 32, 32],
-        1,
-        pixels,
-        labels,
-        sources,
-    ))
+    Ok(Dataset::from_raw(DatasetKind::Cifar10, split, [3, 32, 32], 1, pixels, labels, sources))
 }

@@ -51,11 +51,7 @@ pub fn default_fetch_dir(kind: DatasetKind) -> PathBuf {
 /// Runs a `data` subcommand.
 pub fn run(cmd: DataCommand) -> anyhow::Result<()> {
     match cmd {
-        DataCommand::Fetch {
-            dataset,
-            dir,
-            no_progress,
-        } => {
+        DataCommand::Fetch { dataset, dir, no_progress } => {
             let dir = dir.unwrap_or_else(|| default_fetch_dir(dataset));
             let progress = !no_progress;
             fetch::fetch(dataset, &dir, progress, &mut |line| println!("{line}"))?;
@@ -64,27 +60,13 @@ pub fn run(cmd: DataCommand) -> anyhow::Result<()> {
                     "{dataset} is in {}; found by `--data-dir {}`{}",
                     dir.display(),
                     dir.display(),
-                    if locate::has_dataset(dataset, &dir) {
-                        ""
-                    } else {
-                        " (files incomplete?)"
-                    }
+                    if locate::has_dataset(dataset, &dir) { "" } else { " (files incomplete?)" }
                 );
             }
             Ok(())
         }
-        DataCommand::Inspect {
-            dataset,
-            data_dir,
-            grid,
-            steps,
-            cache_dir,
-        } => {
-            let opts = LoadOptions {
-                data_dir,
-                steps,
-                cache_dir,
-            };
+        DataCommand::Inspect { dataset, data_dir, grid, steps, cache_dir } => {
+            let opts = LoadOptions { data_dir, steps, cache_dir };
             let (report, train) = inspect::inspect(dataset, &opts)?;
             print!("{report}");
             if let Some(out) = grid {

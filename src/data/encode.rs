@@ -90,11 +90,7 @@ pub fn rate_step(intensity: &[u8], key: u64, thresh: &[u64; 256], out: &mut [f32
 
 /// Direct encoding with a per-channel lookup table (byte → f32); `plane` = H·W.
 pub fn direct(src: &[u8], lut: &[[f32; 256]], plane: usize, out: &mut [f32]) {
-    for (c, (o, s)) in out
-        .chunks_exact_mut(plane)
-        .zip(src.chunks_exact(plane))
-        .enumerate()
-    {
+    for (c, (o, s)) in out.chunks_exact_mut(plane).zip(src.chunks_exact(plane)).enumerate() {
         let l = &lut[c.min(lut.len() - 1)];
         for (o, &b) in o.iter_mut().zip(s) {
             *o = l[b as usize];

@@ -17,64 +17,31 @@ pub enum DataError {
     },
     /// The bytes of a file do not have the expected format.
     #[error("{}: at byte offset {offset}, field `{field}`: expected {expected}, found {found}", path.display())]
-    Format {
-        path: PathBuf,
-        offset: u64,
-        field: String,
-        expected: String,
-        found: String,
-    },
+    Format { path: PathBuf, offset: u64, field: String, expected: String, found: String },
     /// A `.gz` file whose gzip stream is corrupt or truncated.
     #[error("{}: corrupt gzip stream ({detail}); expected a complete gzip file (re-download it)", path.display())]
     Gzip { path: PathBuf, detail: String },
     /// Two files that must agree (an IDX image file and its label file) do not.
     #[error("{}: field `{field}` is {found}, but {} says {expected}; expected the two to match", path.display(), other.display())]
-    Mismatch {
-        path: PathBuf,
-        other: PathBuf,
-        field: String,
-        expected: String,
-        found: String,
-    },
+    Mismatch { path: PathBuf, other: PathBuf, field: String, expected: String, found: String },
     /// A folder that should hold samples holds none.
     #[error("{}: folder holds no samples; expected {expected}", path.display())]
     EmptyDir { path: PathBuf, expected: String },
     /// The dataset was not found anywhere we looked.
     #[error("dataset `{dataset}` not found; looked in:\n{}\nexpected {expected}.\nTo get it: {how}",
         looked.iter().map(|p| format!("  - {}", p.display())).collect::<Vec<_>>().join("\n"))]
-    NotFound {
-        dataset: String,
-        looked: Vec<PathBuf>,
-        expected: String,
-        how: String,
-    },
+    NotFound { dataset: String, looked: Vec<PathBuf>, expected: String, how: String },
     /// A downloaded file whose checksum does not match the one in the code.
     #[error("{}: SHA-256 mismatch: expected {expected}, found {found}; the partial file was deleted, run the fetch again", path.display())]
-    Checksum {
-        path: PathBuf,
-        expected: String,
-        found: String,
-    },
+    Checksum { path: PathBuf, expected: String, found: String },
     /// A download failed (HTTP error status, connection error, or an interrupted transfer).
     #[error("{url} -> {}: download failed: {detail}", path.display())]
-    Download {
-        url: String,
-        path: PathBuf,
-        detail: String,
-    },
+    Download { url: String, path: PathBuf, detail: String },
 }
 
 impl DataError {
-    pub(crate) fn io(
-        path: impl Into<PathBuf>,
-        expected: impl Into<String>,
-        source: std::io::Error,
-    ) -> Self {
-        DataError::Io {
-            path: path.into(),
-            expected: expected.into(),
-            source,
-        }
+    pub(crate) fn io(path: impl Into<PathBuf>, expected: impl Into<String>, source: std::io::Error) -> Self {
+        DataError::Io { path: path.into(), expected: expected.into(), source }
     }
 
     pub(crate) fn format(
@@ -84,12 +51,6 @@ impl DataError {
         expected: impl Into<String>,
         found: impl Into<String>,
     ) -> Self {
-        DataError::Format {
-            path: path.into(),
-            offset,
-            field: field.into(),
-            expected: expected.into(),
-            found: found.into(),
-        }
+        DataError::Format { path: path.into(), offset, field: field.into(), expected: expected.into(), found: found.into() }
     }
 }

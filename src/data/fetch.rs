@@ -64,30 +64,14 @@ pub const NMNIST_PAGE: &str = "https://www.garrickorchard.com/datasets/n-mnist";
 
 /// SHA-256 of the decompressed Fashion-MNIST files (from Debian's `dataset-fashion-mnist`).
 const FASHION_SHA256: [(&str, &str); 4] = [
-    (
-        "train-images-idx3-ubyte.gz",
-        "c59f468a2f672dc815687fe0f83887768d799fd8a3f3276145d20f83aa44d888",
-    ),
-    (
-        "train-labels-idx1-ubyte.gz",
-        "bad3541b69d912435c50bb6ba87bec294ff4f6a2e1246121d8633921760443d9",
-    ),
-    (
-        "t10k-images-idx3-ubyte.gz",
-        "5b4141f0afbad91edebe8549f8fcffe087ea10ca49f1dbef5c9a5cd8815ce37b",
-    ),
-    (
-        "t10k-labels-idx1-ubyte.gz",
-        "0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34",
-    ),
+    ("train-images-idx3-ubyte.gz", "c59f468a2f672dc815687fe0f83887768d799fd8a3f3276145d20f83aa44d888"),
+    ("train-labels-idx1-ubyte.gz", "bad3541b69d912435c50bb6ba87bec294ff4f6a2e1246121d8633921760443d9"),
+    ("t10k-images-idx3-ubyte.gz", "5b4141f0afbad91edebe8549f8fcffe087ea10ca49f1dbef5c9a5cd8815ce37b"),
+    ("t10k-labels-idx1-ubyte.gz", "0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34"),
 ];
 
-const IDX_NAMES: [&str; 4] = [
-    "train-images-idx3-ubyte.gz",
-    "train-labels-idx1-ubyte.gz",
-    "t10k-images-idx3-ubyte.gz",
-    "t10k-labels-idx1-ubyte.gz",
-];
+const IDX_NAMES: [&str; 4] =
+    ["train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"];
 
 /// The files `fetch` downloads for a dataset (empty for the embedded sample and N-MNIST).
 pub fn remote_files(kind: DatasetKind) -> Vec<RemoteFile> {
@@ -107,19 +91,13 @@ pub fn remote_files(kind: DatasetKind) -> Vec<RemoteFile> {
             .map(|(n, h)| RemoteFile {
                 name: n.to_string(),
                 urls: vec![format!("{FASHION_URL}{n}")],
-                checksum: Some(Checksum {
-                    of: ChecksumOf::Gunzipped,
-                    sha256: h.to_string(),
-                }),
+                checksum: Some(Checksum { of: ChecksumOf::Gunzipped, sha256: h.to_string() }),
                 unpack: Unpack::None,
             })
             .collect(),
-        DatasetKind::Cifar10 => vec![RemoteFile {
-            name: "cifar-10-binary.tar.gz".into(),
-            urls: vec![CIFAR_URL.into()],
-            checksum: None,
-            unpack: Unpack::TarGz,
-        }],
+        DatasetKind::Cifar10 => {
+            vec![RemoteFile { name: "cifar-10-binary.tar.gz".into(), urls: vec![CIFAR_URL.into()], checksum: None, unpack: Unpack::TarGz }]
+        }
     }
 }
 
@@ -145,9 +123,7 @@ pub fn sha256_file(path: &Path) -> Result<String, DataError> {
     let mut h = Sha256::new();
     let mut buf = vec![0u8; 1 << 16];
     loop {
-        let n = f
-            .read(&mut buf)
-            .map_err(|e| DataError::io(path, "a readable file", e))?;
+        let n = f.read(&mut buf).map_err(|e| DataError::io(path, "a readable file", e))?;
         if n == 0 {
             break;
         }
@@ -170,10 +146,7 @@ fn sha256_of(path: &Path, of: ChecksumOf) -> Result<String, DataError> {
             let mut h = Sha256::new();
             let mut buf = vec![0u8; 1 << 16];
             loop {
-                let n = d.read(&mut buf).map_err(|e| DataError::Gzip {
-                    path: path.to_path_buf(),
-                    detail: e.to_string(),
-                })?;
+                let n = d.read(&mut buf).map_err(|e| DataError::Gzip { path: path.to_path_buf(), detail: e.to_string() })?;
                 if n == 0 {
                     break;
                 }
@@ -203,71 +176,41 @@ fn agent() -> ureq::Agent {
 /// Downloads `url` into `part`, resuming from its current length. Ok(()) when the server
 /// says the whole body has been received.
 fn download(url: &str, part: &Path, progress: bool) -> Result<(), DataError> {
-    let derr = |detail: String| DataError::Download {
-        url: url.to_string(),
-        path: part.to_path_buf(),
-        detail,
-    };
+    let derr = |detail: String| DataError::Download { url: url.to_string(), path: part.to_path_buf(), detail };
     let offset = std::fs::metadata(part).map(|m| m.len()).unwrap_or(0);
     let mut req = agent().get(url);
     if offset > 0 {
         req = req.header("Range", format!("bytes={offset}-"));
     }
-    let resp = req
-        .call()
-        .map_err(|e| derr(format!("request failed: {e}")))?;
+    let resp = req.call().map_err(|e| derr(format!("request failed: {e}")))?;
     let status = resp.status().as_u16();
-    let header = |n: &str| {
-        resp.headers()
-            .get(n)
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_string)
-    };
+    let header = |n: &str| resp.headers().get(n).and_then(|v| v.to_str().ok()).map(str::to_string);
     let len = header("content-length").and_then(|v| v.parse::<u64>().ok());
     let (append, start, total) = match status {
         200 => (false, 0, len),
         206 => {
             // Content-Range: bytes START-END/TOTAL
             let cr = header("content-range").unwrap_or_default();
-            let start = cr
-                .strip_prefix("bytes ")
-                .and_then(|r| r.split('-').next())
-                .and_then(|s| s.trim().parse::<u64>().ok());
+            let start = cr.strip_prefix("bytes ").and_then(|r| r.split('-').next()).and_then(|s| s.trim().parse::<u64>().ok());
             if start != Some(offset) {
-                return Err(derr(format!(
-                    "server answered range `{cr}`, expected one starting at byte {offset}"
-                )));
+                return Err(derr(format!("server answered range `{cr}`, expected one starting at byte {offset}")));
             }
             let total = cr.rsplit('/').next().and_then(|t| t.parse::<u64>().ok());
             (true, offset, total)
         }
         416 if offset > 0 => return Ok(()), // nothing left to fetch; verification decides
-        _ => {
-            return Err(derr(format!(
-                "HTTP status {status}, expected 200 (or 206 when resuming)"
-            )))
-        }
+        _ => return Err(derr(format!("HTTP status {status}, expected 200 (or 206 when resuming)"))),
     };
-    let mut file = if append {
-        OpenOptions::new().append(true).open(part)
-    } else {
-        File::create(part)
-    }
-    .map_err(|e| DataError::io(part, "a writable file", e))?;
+    let mut file = if append { OpenOptions::new().append(true).open(part) } else { File::create(part) }
+        .map_err(|e| DataError::io(part, "a writable file", e))?;
     let pb = if progress {
         let pb = indicatif::ProgressBar::new(total.unwrap_or(0));
         pb.set_style(
-            indicatif::ProgressStyle::with_template(
-                "{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
-            )
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
-            .progress_chars("=> "),
+            indicatif::ProgressStyle::with_template("{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}")
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+                .progress_chars("=> "),
         );
-        pb.set_message(
-            part.file_name()
-                .map(|n| n.to_string_lossy().trim_end_matches(".part").to_string())
-                .unwrap_or_default(),
-        );
+        pb.set_message(part.file_name().map(|n| n.to_string_lossy().trim_end_matches(".part").to_string()).unwrap_or_default());
         pb.set_position(start);
         pb
     } else {
@@ -291,13 +234,11 @@ fn download(url: &str, part: &Path, progress: bool) -> Result<(), DataError> {
         if n == 0 {
             break;
         }
-        file.write_all(&buf[..n])
-            .map_err(|e| DataError::io(part, "a writable file", e))?;
+        file.write_all(&buf[..n]).map_err(|e| DataError::io(part, "a writable file", e))?;
         got += n as u64;
         pb.set_position(got);
     }
-    file.flush()
-        .map_err(|e| DataError::io(part, "a writable file", e))?;
+    file.flush().map_err(|e| DataError::io(part, "a writable file", e))?;
     pb.finish();
     if let Some(t) = total {
         if got < t {
@@ -313,30 +254,12 @@ fn download(url: &str, part: &Path, progress: bool) -> Result<(), DataError> {
 pub fn fetch_file(file: &RemoteFile, dir: &Path, progress: bool) -> Result<Fetched, DataError> {
     std::fs::create_dir_all(dir).map_err(|e| DataError::io(dir, "a folder we can create", e))?;
     let final_path = dir.join(&file.name);
-    let of = file
-        .checksum
-        .as_ref()
-        .map(|c| c.of)
-        .unwrap_or(ChecksumOf::File);
+    let of = file.checksum.as_ref().map(|c| c.of).unwrap_or(ChecksumOf::File);
     if final_path.is_file() {
         let got = sha256_of(&final_path, of);
         match (&file.checksum, got) {
-            (Some(c), Ok(h)) if h == c.sha256 => {
-                return Ok(Fetched {
-                    path: final_path,
-                    sha256: h,
-                    verified: true,
-                    already_present: true,
-                })
-            }
-            (None, Ok(h)) => {
-                return Ok(Fetched {
-                    path: final_path,
-                    sha256: h,
-                    verified: false,
-                    already_present: true,
-                })
-            }
+            (Some(c), Ok(h)) if h == c.sha256 => return Ok(Fetched { path: final_path, sha256: h, verified: true, already_present: true }),
+            (None, Ok(h)) => return Ok(Fetched { path: final_path, sha256: h, verified: false, already_present: true }),
             _ => {} // bad copy: download again; it is replaced only once the new one verifies
         }
     }
@@ -352,8 +275,7 @@ pub fn fetch_file(file: &RemoteFile, dir: &Path, progress: bool) -> Result<Fetch
             Err(e) => {
                 // A transfer that started and broke is resumable: stop here so the next run
                 // resumes from the same mirror. Errors before any byte: try the next mirror.
-                let resumable =
-                    matches!(&e, DataError::Download { detail, .. } if detail.contains("resume"));
+                let resumable = matches!(&e, DataError::Download { detail, .. } if detail.contains("resume"));
                 last_err = Some(e);
                 if resumable {
                     break;
@@ -378,23 +300,13 @@ pub fn fetch_file(file: &RemoteFile, dir: &Path, progress: bool) -> Result<Fetch
     let verified = match &file.checksum {
         Some(c) if c.sha256 != h => {
             let _ = std::fs::remove_file(&part);
-            return Err(DataError::Checksum {
-                path: final_path,
-                expected: c.sha256.clone(),
-                found: h,
-            });
+            return Err(DataError::Checksum { path: final_path, expected: c.sha256.clone(), found: h });
         }
         Some(_) => true,
         None => false,
     };
-    std::fs::rename(&part, &final_path)
-        .map_err(|e| DataError::io(&final_path, "a writable destination", e))?;
-    Ok(Fetched {
-        path: final_path,
-        sha256: h,
-        verified,
-        already_present: false,
-    })
+    std::fs::rename(&part, &final_path).map_err(|e| DataError::io(&final_path, "a writable destination", e))?;
+    Ok(Fetched { path: final_path, sha256: h, verified, already_present: false })
 }
 
 /// Extracts the regular files of a `.tar.gz` into `dir` (relative paths only; each file is
@@ -404,16 +316,11 @@ pub fn extract_tar_gz(archive: &Path, dir: &Path) -> Result<Vec<PathBuf>, DataEr
     let mut r = flate2::read::MultiGzDecoder::new(std::io::BufReader::new(f));
     let mut out = Vec::new();
     let mut offset: u64 = 0;
-    let bad = |offset: u64, what: String| {
-        DataError::format(archive, offset, "tar header", "a ustar archive", what)
-    };
+    let bad = |offset: u64, what: String| DataError::format(archive, offset, "tar header", "a ustar archive", what);
     loop {
         let mut hdr = [0u8; 512];
         if let Err(e) = r.read_exact(&mut hdr) {
-            return Err(DataError::Gzip {
-                path: archive.to_path_buf(),
-                detail: format!("{e} at tar offset {offset}"),
-            });
+            return Err(DataError::Gzip { path: archive.to_path_buf(), detail: format!("{e} at tar offset {offset}") });
         }
         if hdr.iter().all(|&b| b == 0) {
             break;
@@ -432,37 +339,25 @@ pub fn extract_tar_gz(archive: &Path, dir: &Path) -> Result<Vec<PathBuf>, DataEr
                 format!("{prefix}/{n}")
             }
         };
-        let size = u64::from_str_radix(&field(124, 136), 8)
-            .map_err(|_| bad(offset + 124, "a bad size field".into()))?;
+        let size = u64::from_str_radix(&field(124, 136), 8).map_err(|_| bad(offset + 124, "a bad size field".into()))?;
         let typ = hdr[156];
         offset += 512;
         let padded = size.div_ceil(512) * 512;
         let rel = Path::new(&name);
-        let safe = rel
-            .components()
-            .all(|c| matches!(c, std::path::Component::Normal(_)));
+        let safe = rel.components().all(|c| matches!(c, std::path::Component::Normal(_)));
         if (typ == b'0' || typ == 0) && safe {
             let dest = dir.join(rel);
             if let Some(p) = dest.parent() {
-                std::fs::create_dir_all(p)
-                    .map_err(|e| DataError::io(p, "a folder we can create", e))?;
+                std::fs::create_dir_all(p).map_err(|e| DataError::io(p, "a folder we can create", e))?;
             }
             let tmp = part_path(&dest);
-            let mut w =
-                File::create(&tmp).map_err(|e| DataError::io(&tmp, "a writable file", e))?;
-            let n =
-                std::io::copy(&mut (&mut r).take(size), &mut w).map_err(|e| DataError::Gzip {
-                    path: archive.to_path_buf(),
-                    detail: format!("{e} inside member {name}"),
-                })?;
+            let mut w = File::create(&tmp).map_err(|e| DataError::io(&tmp, "a writable file", e))?;
+            let n = std::io::copy(&mut (&mut r).take(size), &mut w)
+                .map_err(|e| DataError::Gzip { path: archive.to_path_buf(), detail: format!("{e} inside member {name}") })?;
             if n != size {
-                return Err(bad(
-                    offset,
-                    format!("member {name} truncated ({n} of {size} bytes)"),
-                ));
+                return Err(bad(offset, format!("member {name} truncated ({n} of {size} bytes)")));
             }
-            std::fs::rename(&tmp, &dest)
-                .map_err(|e| DataError::io(&dest, "a writable destination", e))?;
+            std::fs::rename(&tmp, &dest).map_err(|e| DataError::io(&dest, "a writable destination", e))?;
             out.push(dest);
             std::io::copy(&mut (&mut r).take(padded - size), &mut std::io::sink()).ok();
         } else {
@@ -476,35 +371,15 @@ pub fn extract_tar_gz(archive: &Path, dir: &Path) -> Result<Vec<PathBuf>, DataEr
 /// Extracts a `.zip` into `dir` (paths outside `dir` are refused by the `zip` crate).
 pub fn extract_zip(archive: &Path, dir: &Path) -> Result<(), DataError> {
     let f = File::open(archive).map_err(|e| DataError::io(archive, "a .zip archive", e))?;
-    let mut z = zip::ZipArchive::new(std::io::BufReader::new(f)).map_err(|e| {
-        DataError::format(
-            archive,
-            0,
-            "zip directory",
-            "a valid .zip archive",
-            e.to_string(),
-        )
-    })?;
-    z.extract(dir).map_err(|e| {
-        DataError::format(
-            archive,
-            0,
-            "zip member",
-            "a valid .zip archive",
-            e.to_string(),
-        )
-    })
+    let mut z = zip::ZipArchive::new(std::io::BufReader::new(f))
+        .map_err(|e| DataError::format(archive, 0, "zip directory", "a valid .zip archive", e.to_string()))?;
+    z.extract(dir).map_err(|e| DataError::format(archive, 0, "zip member", "a valid .zip archive", e.to_string()))
 }
 
 /// Fetches a dataset into `dir`: downloads, verifies, unpacks. N-MNIST cannot be
 /// downloaded automatically: put `Train.zip` and `Test.zip` into `dir` and this unpacks them.
 /// `log` receives one line per file.
-pub fn fetch(
-    kind: DatasetKind,
-    dir: &Path,
-    progress: bool,
-    log: &mut dyn FnMut(String),
-) -> Result<Vec<Fetched>, DataError> {
+pub fn fetch(kind: DatasetKind, dir: &Path, progress: bool, log: &mut dyn FnMut(String)) -> Result<Vec<Fetched>, DataError> {
     match kind {
         DatasetKind::MnistSample => {
             log("mnist-sample is embedded in the binary; nothing to fetch".into());
@@ -519,12 +394,7 @@ pub fn fetch(
                     let sha = sha256_file(&p)?;
                     extract_zip(&p, dir)?;
                     log(format!("{}: unpacked into {}; SHA-256 {sha} (not verified: no checksum in the code)", p.display(), dir.display()));
-                    done.push(Fetched {
-                        path: p,
-                        sha256: sha,
-                        verified: false,
-                        already_present: true,
-                    });
+                    done.push(Fetched { path: p, sha256: sha, verified: false, already_present: true });
                 } else {
                     missing.push(p);
                 }
@@ -544,41 +414,16 @@ pub fn fetch(
     let mut done = Vec::new();
     for f in remote_files(kind) {
         let r = fetch_file(&f, dir, progress)?;
-        let what = if f
-            .checksum
-            .as_ref()
-            .is_some_and(|c| c.of == ChecksumOf::Gunzipped)
-        {
-            " (of the decompressed content)"
-        } else {
-            ""
-        };
-        let state = if r.already_present {
-            "already present"
-        } else {
-            "downloaded"
-        };
+        let what = if f.checksum.as_ref().is_some_and(|c| c.of == ChecksumOf::Gunzipped) { " (of the decompressed content)" } else { "" };
+        let state = if r.already_present { "already present" } else { "downloaded" };
         if r.verified {
-            log(format!(
-                "{}: {state}, SHA-256{what} verified {}",
-                r.path.display(),
-                r.sha256
-            ));
+            log(format!("{}: {state}, SHA-256{what} verified {}", r.path.display(), r.sha256));
         } else {
-            log(format!(
-                "{}: {state}, SHA-256 {} (NOT verified: no checksum in the code)",
-                r.path.display(),
-                r.sha256
-            ));
+            log(format!("{}: {state}, SHA-256 {} (NOT verified: no checksum in the code)", r.path.display(), r.sha256));
         }
         if f.unpack == Unpack::TarGz {
             let files = extract_tar_gz(&r.path, dir)?;
-            log(format!(
-                "{}: unpacked {} files into {}",
-                r.path.display(),
-                files.len(),
-                dir.display()
-            ));
+            log(format!("{}: unpacked {} files into {}", r.path.display(), files.len(), dir.display()));
         }
         done.push(r);
     }

@@ -13,11 +13,7 @@ pub struct IdxArray {
 /// Parses an (already decompressed) IDX file of u8 with `ndims` dimensions. `path` is used
 /// in error messages only. Never panics.
 pub fn parse_idx(bytes: &[u8], path: &Path, ndims: usize) -> Result<IdxArray, DataError> {
-    let what = if ndims == 3 {
-        "images (idx3)"
-    } else {
-        "labels (idx1)"
-    };
+    let what = if ndims == 3 { "images (idx3)" } else { "labels (idx1)" };
     if bytes.len() < 4 {
         return Err(DataError::format(
             path,
@@ -34,14 +30,8 @@ pub fn parse_idx(bytes: &[u8], path: &Path, ndims: usize) -> Result<IdxArray, Da
             path,
             0,
             "magic number",
-            format!(
-                "0x{:08X} (IDX {what}, unsigned bytes)",
-                u32::from_be_bytes(want)
-            ),
-            format!(
-                "0x{:08X}",
-                u32::from_be_bytes([magic[0], magic[1], magic[2], magic[3]])
-            ),
+            format!("0x{:08X} (IDX {what}, unsigned bytes)", u32::from_be_bytes(want)),
+            format!("0x{:08X}", u32::from_be_bytes([magic[0], magic[1], magic[2], magic[3]])),
         ));
     }
     let header = 4 + 4 * ndims;
@@ -67,10 +57,7 @@ pub fn parse_idx(bytes: &[u8], path: &Path, ndims: usize) -> Result<IdxArray, Da
         let (field, found) = if body < total {
             ("data", format!("{body} bytes (truncated body)"))
         } else {
-            (
-                "data",
-                format!("{body} bytes ({} trailing bytes)", body - total),
-            )
+            ("data", format!("{body} bytes ({} trailing bytes)", body - total))
         };
         return Err(DataError::format(
             path,
@@ -80,10 +67,7 @@ pub fn parse_idx(bytes: &[u8], path: &Path, ndims: usize) -> Result<IdxArray, Da
             found,
         ));
     }
-    Ok(IdxArray {
-        dims,
-        data: bytes[header..].to_vec(),
-    })
+    Ok(IdxArray { dims, data: bytes[header..].to_vec() })
 }
 
 /// Checks an image/label IDX pair: 28×28 images, equal counts, labels < 10.
@@ -137,12 +121,7 @@ pub fn base_names(split: Split) -> (&'static str, &'static str) {
 /// Returns the path to report if none exists (`<base>.gz`).
 pub fn find_file(dir: &Path, base: &str) -> (PathBuf, bool) {
     let dotted = base.replacen("-idx", ".idx", 1);
-    for name in [
-        format!("{base}.gz"),
-        base.to_string(),
-        format!("{dotted}.gz"),
-        dotted,
-    ] {
+    for name in [format!("{base}.gz"), base.to_string(), format!("{dotted}.gz"), dotted] {
         let p = dir.join(&name);
         if p.is_file() {
             return (p, true);
@@ -153,11 +132,7 @@ pub fn find_file(dir: &Path, base: &str) -> (PathBuf, bool) {
 
 /// Reads, decompresses if needed, and parses an IDX file.
 pub fn read_idx(path: &Path, ndims: usize) -> Result<IdxArray, DataError> {
-    let what = if ndims == 3 {
-        "an IDX image file (idx3-ubyte, raw or .gz)"
-    } else {
-        "an IDX label file (idx1-ubyte, raw or .gz)"
-    };
+    let what = if ndims == 3 { "an IDX image file (idx3-ubyte, raw or .gz)" } else { "an IDX label file (idx1-ubyte, raw or .gz)" };
     let bytes = maybe_gunzip(path, read_file(path, what)?)?;
     parse_idx(&bytes, path, ndims)
 }
@@ -170,38 +145,16 @@ pub fn load_dir(kind: DatasetKind, dir: &Path, split: Split) -> Result<Dataset, 
     let images = read_idx(&ip, 3)?;
     let labels = read_idx(&lp, 1)?;
     let (px, lab) = check_pair(images, &ip, labels, &lp, (28, 28))?;
-    Ok(Dataset::from_raw(
-        kind,
-        split,
-        [1, 28, 28],
-        1,
-        px,
-        lab,
-        vec![ip, lp],
-    ))
+    Ok(Dataset::from_raw(kind, split, [1, 28, 28], 1, px, lab, vec![ip, lp]))
 }
 
 /// Parses an image/label pair from in-memory (possibly gzipped) bytes; `names` are used in
 /// error messages.
-pub fn load_bytes(
-    kind: DatasetKind,
-    split: Split,
-    images: &[u8],
-    labels: &[u8],
-    names: (&Path, &Path),
-) -> Result<Dataset, DataError> {
+pub fn load_bytes(kind: DatasetKind, split: Split, images: &[u8], labels: &[u8], names: (&Path, &Path)) -> Result<Dataset, DataError> {
     let ib = maybe_gunzip(names.0, images.to_vec())?;
     let lb = maybe_gunzip(names.1, labels.to_vec())?;
     let i = parse_idx(&ib, names.0, 3)?;
     let l = parse_idx(&lb, names.1, 1)?;
     let (px, lab) = check_pair(i, names.0, l, names.1, (28, 28))?;
-    Ok(Dataset::from_raw(
-        kind,
-        split,
-        [1, 28, 28],
-        1,
-        px,
-        lab,
-        vec![],
-    ))
+    Ok(Dataset::from_raw(kind, split, [1, 28, 28], 1, px, lab, vec![]))
 }

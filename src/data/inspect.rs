@@ -43,11 +43,7 @@ pub fn stats(ds: &Dataset) -> SplitStats {
     }
     let [c, h, w] = ds.shape();
     let plane = h * w;
-    let scale = if ds.is_event_counts() {
-        1.0
-    } else {
-        1.0 / 255.0
-    };
+    let scale = if ds.is_event_counts() { 1.0 } else { 1.0 / 255.0 };
     // Histogram per channel: exact and fast.
     let mut hist = vec![[0u64; 256]; c];
     for s in ds.raw().chunks_exact(c * plane) {
@@ -63,28 +59,12 @@ pub fn stats(ds: &Dataset) -> SplitStats {
     for hh in &hist {
         let n: u64 = hh.iter().sum();
         let n = n.max(1) as f64;
-        let m: f64 = hh
-            .iter()
-            .enumerate()
-            .map(|(b, &k)| b as f64 * scale * k as f64)
-            .sum::<f64>()
-            / n;
-        let v: f64 = hh
-            .iter()
-            .enumerate()
-            .map(|(b, &k)| (b as f64 * scale - m).powi(2) * k as f64)
-            .sum::<f64>()
-            / n;
+        let m: f64 = hh.iter().enumerate().map(|(b, &k)| b as f64 * scale * k as f64).sum::<f64>() / n;
+        let v: f64 = hh.iter().enumerate().map(|(b, &k)| (b as f64 * scale - m).powi(2) * k as f64).sum::<f64>() / n;
         mean.push(m);
         std.push(v.sqrt());
     }
-    SplitStats {
-        split: ds.split(),
-        count: ds.len(),
-        per_class,
-        mean,
-        std,
-    }
+    SplitStats { split: ds.split(), count: ds.len(), per_class, mean, std }
 }
 
 /// Loads both splits, computes statistics and checksums. Returns the report and the train
@@ -96,60 +76,30 @@ pub fn inspect(kind: DatasetKind, opts: &LoadOptions) -> Result<(Report, Dataset
     if kind == DatasetKind::MnistSample {
         for s in [Split::Train, Split::Test] {
             for (name, bytes) in embedded::files(s) {
-                files.push(FileSum {
-                    name: name.into(),
-                    sha256: sha256_bytes(bytes),
-                });
+                files.push(FileSum { name: name.into(), sha256: sha256_bytes(bytes) });
             }
         }
     } else {
         for p in train.sources().iter().chain(test.sources()) {
             if p.is_file() {
-                files.push(FileSum {
-                    name: p.display().to_string(),
-                    sha256: sha256_file(p)?,
-                });
+                files.push(FileSum { name: p.display().to_string(), sha256: sha256_file(p)? });
             }
         }
     }
-    let report = Report {
-        kind,
-        shape: train.shape(),
-        frames: train.frames(),
-        splits: vec![stats(&train), stats(&test)],
-        files,
-    };
+    let report = Report { kind, shape: train.shape(), frames: train.frames(), splits: vec![stats(&train), stats(&test)], files };
     Ok((report, train))
 }
 
 impl fmt::Display for Report {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let [c, h, w] = self.shape;
-        writeln!(
-            f,
-            "dataset {}: samples of {c}×{h}×{w}, {} frame(s)",
-            self.kind, self.frames
-        )?;
-        let unit = if self.kind == DatasetKind::Nmnist {
-            "event counts per pixel per frame"
-        } else {
-            "pixels scaled to [0,1]"
-        };
+        writeln!(f, "dataset {}: samples of {c}×{h}×{w}, {} frame(s)", self.kind, self.frames)?;
+        let unit = if self.kind == DatasetKind::Nmnist { "event counts per pixel per frame" } else { "pixels scaled to [0,1]" };
         for s in &self.splits {
             writeln!(f, "{}: {} samples", s.split, s.count)?;
-            let pc: Vec<String> = s
-                .per_class
-                .iter()
-                .enumerate()
-                .map(|(k, n)| format!("{k}:{n}"))
-                .collect();
+            let pc: Vec<String> = s.per_class.iter().enumerate().map(|(k, n)| format!("{k}:{n}")).collect();
             writeln!(f, "  per class: {}", pc.join(" "))?;
-            let ms: Vec<String> = s
-                .mean
-                .iter()
-                .zip(&s.std)
-                .map(|(m, d)| format!("{m:.4}±{d:.4}"))
-                .collect();
+            let ms: Vec<String> = s.mean.iter().zip(&s.std).map(|(m, d)| format!("{m:.4}±{d:.4}")).collect();
             writeln!(f, "  mean±std ({unit}, per channel): {}", ms.join(", "))?;
         }
         if !self.files.is_empty() {
@@ -185,23 +135,13 @@ pub fn render_grid(ds: &Dataset, n: usize, out: &Path) -> Result<(), DataError> 
                     }
                 }
             }
-            let max = sum
-                .iter()
-                .flat_map(|v| v.iter())
-                .copied()
-                .max()
-                .unwrap_or(0)
-                .max(1);
+            let max = sum.iter().flat_map(|v| v.iter()).copied().max().unwrap_or(0).max(1);
             for (o, v) in rgb.iter_mut().zip(&sum) {
                 *o = [(v[0] * 255 / max) as u8, (v[1] * 255 / max) as u8, 0];
             }
         } else {
             for (k, o) in rgb.iter_mut().enumerate() {
-                *o = if c == 3 {
-                    [s[k], s[plane + k], s[2 * plane + k]]
-                } else {
-                    [s[k]; 3]
-                };
+                *o = if c == 3 { [s[k], s[plane + k], s[2 * plane + k]] } else { [s[k]; 3] };
             }
         }
         for y in 0..h {
@@ -211,13 +151,11 @@ pub fn render_grid(ds: &Dataset, n: usize, out: &Path) -> Result<(), DataError> 
             }
         }
     }
-    let file =
-        std::fs::File::create(out).map_err(|e| DataError::io(out, "a writable PNG path", e))?;
+    let file = std::fs::File::create(out).map_err(|e| DataError::io(out, "a writable PNG path", e))?;
     let mut enc = png::Encoder::new(std::io::BufWriter::new(file), gw as u32, gh as u32);
     enc.set_color(png::ColorType::Rgb);
     enc.set_depth(png::BitDepth::Eight);
-    let io =
-        |e: png::EncodingError| DataError::io(out, "a writable PNG path", std::io::Error::other(e));
+    let io = |e: png::EncodingError| DataError::io(out, "a writable PNG path", std::io::Error::other(e));
     let mut wr = enc.write_header().map_err(io)?;
     wr.write_image_data(&img).map_err(io)?;
     wr.finish().map_err(io)?;

@@ -148,19 +148,11 @@ impl Encoder {
             1
         };
         let augment = if o.augment && !nm && ds.split() == Split::Train {
-            Some(if kind == DatasetKind::Cifar10 {
-                (augment::CIFAR_PAD, true)
-            } else {
-                (augment::MNIST_PAD, false)
-            })
+            Some(if kind == DatasetKind::Cifar10 { (augment::CIFAR_PAD, true) } else { (augment::MNIST_PAD, false) })
         } else {
             None
         };
-        let lut = if kind == DatasetKind::Cifar10 {
-            augment::cifar_norm_lut()
-        } else {
-            vec![encode::unit_lut()]
-        };
+        let lut = if kind == DatasetKind::Cifar10 { augment::cifar_norm_lut() } else { vec![encode::unit_lut()] };
         Encoder {
             kind,
             shape: ds.shape(),
@@ -180,16 +172,7 @@ impl Encoder {
 
     /// Writes sample `idx` as batch element `b` of a batch of `batch` samples.
     #[allow(clippy::too_many_arguments)]
-    fn write(
-        &self,
-        ds: &Dataset,
-        epoch: u64,
-        idx: usize,
-        b: usize,
-        batch: usize,
-        x: &mut [f32],
-        scratch: &mut Vec<u8>,
-    ) {
+    fn write(&self, ds: &Dataset, epoch: u64, idx: usize, b: usize, batch: usize, x: &mut [f32], scratch: &mut Vec<u8>) {
         let chw = self.per_step();
         let src = ds.sample(idx);
         if self.kind == DatasetKind::Nmnist {
@@ -217,13 +200,7 @@ impl Encoder {
             }
             Encoding::Rate => {
                 for t in 0..self.t_in {
-                    let key = encode::stream_key(
-                        self.seed,
-                        encode::PURPOSE_RATE,
-                        epoch,
-                        idx as u64,
-                        t as u64,
-                    );
+                    let key = encode::stream_key(self.seed, encode::PURPOSE_RATE, epoch, idx as u64, t as u64);
                     let o = &mut x[(t * batch + b) * chw..(t * batch + b + 1) * chw];
                     encode::rate_step(img, key, &self.thresh, o);
                 }
@@ -248,8 +225,7 @@ impl Shared {
         let chw = self.enc.per_step();
         let mut x = self.pool.take(self.enc.t_in * batch * chw);
         for (b, &i) in idx.iter().enumerate() {
-            self.enc
-                .write(&self.ds, epoch, i, b, batch, &mut x, scratch);
+            self.enc.write(&self.ds, epoch, i, b, batch, &mut x, scratch);
         }
         Batch {
             x,
@@ -290,30 +266,18 @@ impl Loader {
     }
 
     /// Like [`Loader::new`], with buffers from `alloc` (e.g. page-locked memory).
-    pub fn with_allocator(
-        dataset: Arc<Dataset>,
-        mut opts: LoaderOptions,
-        alloc: Arc<dyn BufferAllocator>,
-    ) -> Loader {
+    pub fn with_allocator(dataset: Arc<Dataset>, mut opts: LoaderOptions, alloc: Arc<dyn BufferAllocator>) -> Loader {
         opts.batch_size = opts.batch_size.max(1);
         opts.prefetch = opts.prefetch.max(2);
         let enc = Encoder::new(&dataset, &opts);
         let full_len = enc.t_in * opts.batch_size * enc.per_step();
         let shared = Shared {
             ds: dataset,
-            pool: Pool {
-                alloc,
-                free: Mutex::new(Vec::new()),
-                max_free: opts.prefetch + opts.workers + 2,
-                full_len,
-            },
+            pool: Pool { alloc, free: Mutex::new(Vec::new()), max_free: opts.prefetch + opts.workers + 2, full_len },
             enc,
             batch_size: opts.batch_size,
         };
-        Loader {
-            shared: Arc::new(shared),
-            opts,
-        }
+        Loader { shared: Arc::new(shared), opts }
     }
 
     pub fn options(&self) -> &LoaderOptions {
@@ -339,12 +303,7 @@ impl Loader {
 
     /// The sample order of `epoch`.
     pub fn order(&self, epoch: usize) -> Vec<usize> {
-        epoch_order(
-            self.shared.ds.len(),
-            self.opts.seed,
-            epoch,
-            self.opts.shuffle,
-        )
+        epoch_order(self.shared.ds.len(), self.opts.seed, epoch, self.opts.shuffle)
     }
 
     /// Returns a batch's buffer to the pool for reuse.
@@ -418,10 +377,7 @@ impl Iterator for EpochIter {
         let k = self.next;
         self.next += 1;
         if self.receivers.is_empty() {
-            return Some(
-                self.shared
-                    .make_batch(self.epoch, &self.order, k, &mut self.scratch),
-            );
+            return Some(self.shared.make_batch(self.epoch, &self.order, k, &mut self.scratch));
         }
         let w = k % self.receivers.len();
         match self.receivers[w].recv() {

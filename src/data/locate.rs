@@ -12,28 +12,19 @@ pub const SYSTEM_DIR: &str = "/usr/share/datasets";
 pub fn has_dataset(kind: DatasetKind, dir: &Path) -> bool {
     match kind {
         DatasetKind::MnistSample => true,
-        DatasetKind::Mnist | DatasetKind::FashionMnist => [Split::Train, Split::Test]
-            .iter()
-            .any(|&s| idx::find_file(dir, idx::base_names(s).0).1),
+        DatasetKind::Mnist | DatasetKind::FashionMnist => {
+            [Split::Train, Split::Test].iter().any(|&s| idx::find_file(dir, idx::base_names(s).0).1)
+        }
         DatasetKind::Cifar10 => {
             let b = cifar::batches_dir(dir);
             b.join("test_batch.bin").is_file() || b.join("data_batch_1.bin").is_file()
         }
-        DatasetKind::Nmnist => {
-            nmnist::split_dir(dir, Split::Train).is_dir()
-                || nmnist::split_dir(dir, Split::Test).is_dir()
-        }
+        DatasetKind::Nmnist => nmnist::split_dir(dir, Split::Train).is_dir() || nmnist::split_dir(dir, Split::Test).is_dir(),
     }
 }
 
 /// The folders searched, in order. With `data_dir`, only it and `data_dir/<dataset>`.
-pub fn candidates_with(
-    kind: DatasetKind,
-    data_dir: Option<&Path>,
-    env: Option<&Path>,
-    cwd: &Path,
-    system: &Path,
-) -> Vec<PathBuf> {
+pub fn candidates_with(kind: DatasetKind, data_dir: Option<&Path>, env: Option<&Path>, cwd: &Path, system: &Path) -> Vec<PathBuf> {
     let name = kind.name();
     if let Some(d) = data_dir {
         return vec![d.to_path_buf(), d.join(name)];
@@ -49,9 +40,13 @@ pub fn candidates_with(
 
 /// How to get the data, for error messages.
 pub fn how_to_get(kind: DatasetKind) -> String {
-    let fetch = format!("run `backei data fetch {kind} --dir DIR` and pass `--data-dir DIR` (or set BACKEI_DATA so that DIR is $BACKEI_DATA/{kind})");
+    let fetch = format!(
+        "run `backei data fetch {kind} --dir DIR` and pass `--data-dir DIR` (or set BACKEI_DATA so that DIR is $BACKEI_DATA/{kind})"
+    );
     match kind {
-        DatasetKind::FashionMnist => format!("{fetch}, or `apt-get install dataset-fashion-mnist` (installs into {SYSTEM_DIR}/fashion-mnist)"),
+        DatasetKind::FashionMnist => {
+            format!("{fetch}, or `apt-get install dataset-fashion-mnist` (installs into {SYSTEM_DIR}/fashion-mnist)")
+        }
         DatasetKind::Nmnist => format!("download Train.zip and Test.zip of N-MNIST, then {fetch} to unpack them"),
         _ => fetch,
     }
@@ -83,20 +78,13 @@ pub fn locate_with(
             return Ok(c.clone());
         }
     }
-    Err(DataError::NotFound {
-        dataset: kind.name().to_string(),
-        looked,
-        expected: expected_files(kind).to_string(),
-        how: how_to_get(kind),
-    })
+    Err(DataError::NotFound { dataset: kind.name().to_string(), looked, expected: expected_files(kind).to_string(), how: how_to_get(kind) })
 }
 
 /// Finds the dataset's folder using `--data-dir`, `$BACKEI_DATA`, the current directory and
 /// [`SYSTEM_DIR`].
 pub fn locate(kind: DatasetKind, data_dir: Option<&Path>) -> Result<PathBuf, DataError> {
-    let env = std::env::var_os("BACKEI_DATA")
-        .filter(|s| !s.is_empty())
-        .map(PathBuf::from);
+    let env = std::env::var_os("BACKEI_DATA").filter(|s| !s.is_empty()).map(PathBuf::from);
     let cwd = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("."));
     locate_with(kind, data_dir, env.as_deref(), &cwd, Path::new(SYSTEM_DIR))
 }

@@ -47,13 +47,8 @@ pub enum DatasetKind {
 }
 
 impl DatasetKind {
-    pub const ALL: [DatasetKind; 5] = [
-        DatasetKind::MnistSample,
-        DatasetKind::Mnist,
-        DatasetKind::FashionMnist,
-        DatasetKind::Cifar10,
-        DatasetKind::Nmnist,
-    ];
+    pub const ALL: [DatasetKind; 5] =
+        [DatasetKind::MnistSample, DatasetKind::Mnist, DatasetKind::FashionMnist, DatasetKind::Cifar10, DatasetKind::Nmnist];
 
     /// The canonical name (also the folder name under `$BACKEI_DATA` and `./data`).
     pub fn name(self) -> &'static str {
@@ -69,9 +64,7 @@ impl DatasetKind {
     /// Per-time-step sample shape (C, H, W).
     pub fn shape(self) -> [usize; 3] {
         match self {
-            DatasetKind::MnistSample | DatasetKind::Mnist | DatasetKind::FashionMnist => {
-                [1, 28, 28]
-            }
+            DatasetKind::MnistSample | DatasetKind::Mnist | DatasetKind::FashionMnist => [1, 28, 28],
             DatasetKind::Cifar10 => [3, 32, 32],
             DatasetKind::Nmnist => [2, 34, 34],
         }
@@ -93,9 +86,7 @@ impl FromStr for DatasetKind {
             "fashion-mnist" | "fashion" | "fashionmnist" => Ok(DatasetKind::FashionMnist),
             "cifar10" | "cifar-10" => Ok(DatasetKind::Cifar10),
             "nmnist" | "n-mnist" => Ok(DatasetKind::Nmnist),
-            _ => Err(format!(
-                "unknown dataset `{s}`; expected one of mnist-sample, mnist, fashion-mnist, cifar10, nmnist"
-            )),
+            _ => Err(format!("unknown dataset `{s}`; expected one of mnist-sample, mnist, fashion-mnist, cifar10, nmnist")),
         }
     }
 }
@@ -142,11 +133,7 @@ pub struct LoadOptions {
 
 impl Default for LoadOptions {
     fn default() -> Self {
-        LoadOptions {
-            data_dir: None,
-            steps: 8,
-            cache_dir: None,
-        }
+        LoadOptions { data_dir: None, steps: 8, cache_dir: None }
     }
 }
 
@@ -198,24 +185,9 @@ impl Dataset {
         sources: Vec<PathBuf>,
     ) -> Dataset {
         let per = frames * shape.iter().product::<usize>();
-        assert_eq!(
-            data.len(),
-            labels.len() * per,
-            "Dataset::from_raw: data size"
-        );
-        assert!(
-            labels.iter().all(|&l| l < 10),
-            "Dataset::from_raw: label >= 10"
-        );
-        Dataset {
-            kind,
-            split,
-            shape,
-            frames,
-            data,
-            labels,
-            sources,
-        }
+        assert_eq!(data.len(), labels.len() * per, "Dataset::from_raw: data size");
+        assert!(labels.iter().all(|&l| l < 10), "Dataset::from_raw: label >= 10");
+        Dataset { kind, split, shape, frames, data, labels, sources }
     }
 
     pub fn len(&self) -> usize {
@@ -276,15 +248,7 @@ impl Dataset {
             data.extend_from_slice(self.sample(i));
             labels.push(self.labels[i]);
         }
-        Dataset {
-            kind: self.kind,
-            split: self.split,
-            shape: self.shape,
-            frames: self.frames,
-            data,
-            labels,
-            sources: self.sources.clone(),
-        }
+        Dataset { kind: self.kind, split: self.split, shape: self.shape, frames: self.frames, data, labels, sources: self.sources.clone() }
     }
 }
 
@@ -309,14 +273,10 @@ pub(crate) fn gunzip(path: &Path, bytes: &[u8]) -> Result<Vec<u8>, DataError> {
     let mut out = Vec::with_capacity(bytes.len() * 4);
     let dec = flate2::read::MultiGzDecoder::new(bytes);
     match dec.take(MAX_GUNZIP + 1).read_to_end(&mut out) {
-        Ok(_) if out.len() as u64 > MAX_GUNZIP => Err(DataError::Gzip {
-            path: path.to_path_buf(),
-            detail: format!("decompresses to more than {MAX_GUNZIP} bytes"),
-        }),
+        Ok(_) if out.len() as u64 > MAX_GUNZIP => {
+            Err(DataError::Gzip { path: path.to_path_buf(), detail: format!("decompresses to more than {MAX_GUNZIP} bytes") })
+        }
         Ok(_) => Ok(out),
-        Err(e) => Err(DataError::Gzip {
-            path: path.to_path_buf(),
-            detail: format!("{e} after {} decompressed bytes", out.len()),
-        }),
+        Err(e) => Err(DataError::Gzip { path: path.to_path_buf(), detail: format!("{e} after {} decompressed bytes", out.len()) }),
     }
 }

@@ -75,12 +75,7 @@ pub fn parse_events(bytes: &[u8], path: &Path) -> Result<Vec<Event>, DataError> 
                 ));
             }
         }
-        out.push(Event {
-            x: r[0],
-            y: r[1],
-            p: r[2] >> 7,
-            t: raw + marker_offset + wrap_offset,
-        });
+        out.push(Event { x: r[0], y: r[1], p: r[2] >> 7, t: raw + marker_offset + wrap_offset });
     }
     Ok(out)
 }
@@ -126,11 +121,7 @@ pub fn list_files(dir: &Path) -> Result<Vec<(PathBuf, u8, u64)>, DataError> {
     for ent in rd {
         let ent = ent.map_err(|e| DataError::io(dir, expected, e))?;
         let name = ent.file_name();
-        let Some(label) = name
-            .to_str()
-            .and_then(|s| s.parse::<u8>().ok())
-            .filter(|&d| d < 10)
-        else {
+        let Some(label) = name.to_str().and_then(|s| s.parse::<u8>().ok()).filter(|&d| d < 10) else {
             continue;
         };
         let sub = ent.path();
@@ -148,10 +139,7 @@ pub fn list_files(dir: &Path) -> Result<Vec<(PathBuf, u8, u64)>, DataError> {
         }
     }
     if files.is_empty() {
-        return Err(DataError::EmptyDir {
-            path: dir.to_path_buf(),
-            expected: format!("{expected} (e.g. {}/0/00002.bin)", dir.display()),
-        });
+        return Err(DataError::EmptyDir { path: dir.to_path_buf(), expected: format!("{expected} (e.g. {}/0/00002.bin)", dir.display()) });
     }
     files.sort();
     Ok(files)
@@ -222,59 +210,30 @@ fn write_cache(path: &Path, header: &[u8], labels: &[u8], frames: &[u8]) -> std:
 
 /// Loads a split of N-MNIST from `root` (holding `Train/` and `Test/`), binned into `steps`
 /// frames, using (and refreshing) the cache in `cache_dir` (default `root/backei-cache`).
-pub fn load_dir(
-    root: &Path,
-    split: Split,
-    steps: usize,
-    cache_dir: Option<&Path>,
-) -> Result<Dataset, DataError> {
+pub fn load_dir(root: &Path, split: Split, steps: usize, cache_dir: Option<&Path>) -> Result<Dataset, DataError> {
     let steps = steps.max(1);
     let dir = split_dir(root, split);
     let files = list_files(&dir)?;
     let n = files.len();
     let fp = fingerprint(&files, &dir);
     let header = cache_header(steps, n, fp);
-    let cdir = cache_dir
-        .map(Path::to_path_buf)
-        .unwrap_or_else(|| root.join("backei-cache"));
+    let cdir = cache_dir.map(Path::to_path_buf).unwrap_or_else(|| root.join("backei-cache"));
     let cpath = cache_path(&cdir, split, steps);
     let sources: Vec<PathBuf> = vec![dir.clone()];
     if let Some((labels, frames)) = read_cache(&cpath, &header, n, steps) {
-        return Ok(Dataset::from_raw(
-            DatasetKind::Nmnist,
-            split,
-            [2, SIZE, SIZE],
-            steps,
-            frames,
-            labels,
-            sources,
-        ));
+        return Ok(Dataset::from_raw(DatasetKind::Nmnist, split, [2, SIZE, SIZE], steps, frames, labels, sources));
     }
     let per = steps * FRAME;
     let mut frames = vec![0u8; n * per];
-    frames
-        .par_chunks_mut(per)
-        .zip(files.par_iter())
-        .try_for_each(|(out, (p, _, _))| -> Result<(), DataError> {
-            let bytes = read_file(p, "an N-MNIST .bin event file (40-bit records)")?;
-            let ev = parse_events(&bytes, p)?;
-            bin_events(&ev, steps, out);
-            Ok(())
-        })?;
+    frames.par_chunks_mut(per).zip(files.par_iter()).try_for_each(|(out, (p, _, _))| -> Result<(), DataError> {
+        let bytes = read_file(p, "an N-MNIST .bin event file (40-bit records)")?;
+        let ev = parse_events(&bytes, p)?;
+        bin_events(&ev, steps, out);
+        Ok(())
+    })?;
     let labels: Vec<u8> = files.iter().map(|f| f.1).collect();
     if let Err(e) = write_cache(&cpath, &header, &labels, &frames) {
-        eprintln!(
-            "warning: could not write N-MNIST frame cache {}: {e}",
-            cpath.display()
-        );
+        eprintln!("warning: could not write N-MNIST frame cache {}: {e}", cpath.display());
     }
-    Ok(Dataset::from_raw(
-        DatasetKind::Nmnist,
-        split,
-        [2, SIZE, SIZE],
-        steps,
-        frames,
-        labels,
-        sources,
-    ))
+    Ok(Dataset::from_raw(DatasetKind::Nmnist, split, [2, SIZE, SIZE], steps, frames, labels, sources))
 }

@@ -36,9 +36,7 @@ use super::device::GpuDevice;
 use crate::error::{config_err, shape_err, BackeiError, Result};
 use crate::spec::{FeedbackConfig, FiringMode, NeuronConfig, Surrogate};
 use cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute_enum};
-use cudarc::driver::{
-    CudaFunction, CudaSlice, CudaView, CudaViewMut, DeviceRepr, LaunchConfig, PushKernelArg,
-};
+use cudarc::driver::{CudaFunction, CudaSlice, CudaView, CudaViewMut, DeviceRepr, LaunchConfig, PushKernelArg};
 use std::ops::Range;
 use std::sync::Arc;
 
@@ -70,14 +68,7 @@ impl NeuronParams {
             FiringMode::Exact => (0, 0.0),
             FiringMode::Smooth { k } => (1, k),
         };
-        NeuronParams {
-            leak: cfg.leak as f32,
-            threshold: cfg.threshold as f32,
-            surrogate,
-            width: width as f32,
-            smooth,
-            k: k as f32,
-        }
+        NeuronParams { leak: cfg.leak as f32, threshold: cfg.threshold as f32, surrogate, width: width as f32, smooth, k: k as f32 }
     }
 }
 
@@ -115,29 +106,15 @@ pub struct DeviceLimits {
 
 impl DeviceLimits {
     /// NVIDIA A100 (sm_80): 108 SMs, 163 KiB opt-in shared memory per block.
-    pub const A100: DeviceLimits = DeviceLimits {
-        sm_count: 108,
-        max_smem_per_block: 166_912,
-    };
+    pub const A100: DeviceLimits = DeviceLimits { sm_count: 108, max_smem_per_block: 166_912 };
     /// NVIDIA H100 SXM (sm_90): 132 SMs, 227 KiB opt-in shared memory per block.
-    pub const H100: DeviceLimits = DeviceLimits {
-        sm_count: 132,
-        max_smem_per_block: 232_448,
-    };
+    pub const H100: DeviceLimits = DeviceLimits { sm_count: 132, max_smem_per_block: 232_448 };
 
     pub fn of(dev: &GpuDevice) -> Result<Self> {
-        let attr = |a| {
-            dev.ctx
-                .attribute(a)
-                .map_err(|e| BackeiError::Cuda(format!("device attribute {a:?}: {e:?}")))
-        };
+        let attr = |a| dev.ctx.attribute(a).map_err(|e| BackeiError::Cuda(format!("device attribute {a:?}: {e:?}")));
         Ok(DeviceLimits {
-            sm_count: attr(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?.max(1)
-                as u32,
-            max_smem_per_block: attr(
-                CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN,
-            )?
-            .max(0) as u32,
+            sm_count: attr(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?.max(1) as u32,
+            max_smem_per_block: attr(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)?.max(0) as u32,
         })
     }
 }
@@ -172,11 +149,7 @@ pub struct KernelLaunch {
 
 impl KernelLaunch {
     pub fn config(&self) -> LaunchConfig {
-        LaunchConfig {
-            grid_dim: self.grid,
-            block_dim: (self.block, 1, 1),
-            shared_mem_bytes: self.smem_bytes,
-        }
+        LaunchConfig { grid_dim: self.grid, block_dim: (self.block, 1, 1), shared_mem_bytes: self.smem_bytes }
     }
 }
 
@@ -228,62 +201,34 @@ const WGRAD_THREADS: u32 = 256;
 const SMEM_DEFAULT_LIMIT: u32 = 48 * 1024;
 
 fn to_i32(what: &str, x: usize) -> Result<i32> {
-    i32::try_from(x).map_err(|_| {
-        config_err(
-            what,
-            format!("{x} exceeds the kernels' 32-bit index range ({})", i32::MAX),
-        )
-    })
+    i32::try_from(x).map_err(|_| config_err(what, format!("{x} exceeds the kernels' 32-bit index range ({})", i32::MAX)))
 }
 
 /// Validates a layer's settings (independent of the device).
 pub fn validate(shape: [usize; 3], fb: &FeedbackConfig, batch: usize, steps: usize) -> Result<()> {
     if shape.contains(&0) {
-        return Err(config_err(
-            "shape",
-            format!("layer shape {shape:?} has a zero dimension"),
-        ));
+        return Err(config_err("shape", format!("layer shape {shape:?} has a zero dimension")));
     }
     if batch == 0 {
-        return Err(config_err(
-            "batch",
-            "batch = 0: a launch needs at least one sample",
-        ));
+        return Err(config_err("batch", "batch = 0: a launch needs at least one sample"));
     }
     if steps == 0 {
-        return Err(config_err(
-            "steps",
-            "T = 0: a spiking layer needs at least one time step",
-        ));
+        return Err(config_err("steps", "T = 0: a spiking layer needs at least one time step"));
     }
     if fb.delay == 0 {
-        return Err(config_err(
-            "delay",
-            "D = 0: the feedback delay must be at least 1 step",
-        ));
+        return Err(config_err("delay", "D = 0: the feedback delay must be at least 1 step"));
     }
-    let n = shape[0]
-        .checked_mul(shape[1])
-        .and_then(|x| x.checked_mul(shape[2]));
+    let n = shape[0].checked_mul(shape[1]).and_then(|x| x.checked_mul(shape[2]));
     let n = n.ok_or_else(|| config_err("shape", format!("{shape:?} overflows")))?;
     to_i32("neurons per sample C·H·W", n)?;
     to_i32("batch", batch)?;
     to_i32("steps", steps)?;
     if fb.back || fb.ei {
         let k = 2usize.saturating_mul(fb.radius).saturating_add(1);
-        let wlen = shape[0]
-            .saturating_mul(shape[0])
-            .saturating_mul(k)
-            .saturating_mul(k);
-        to_i32(
-            "gate weights C·C·(2r+1)² (reduce the radius or the channels)",
-            wlen,
-        )?;
+        let wlen = shape[0].saturating_mul(shape[0]).saturating_mul(k).saturating_mul(k);
+        to_i32("gate weights C·C·(2r+1)² (reduce the radius or the channels)", wlen)?;
         if shape[0] > 65_535 {
-            return Err(config_err(
-                "channels",
-                format!("C = {} > 65535 (the weight-gradient grid)", shape[0]),
-            ));
+            return Err(config_err("channels", format!("C = {} > 65535 (the weight-gradient grid)", shape[0])));
         }
     }
     Ok(())
@@ -291,26 +236,14 @@ pub fn validate(shape: [usize; 3], fb: &FeedbackConfig, batch: usize, steps: usi
 
 /// The launch plan of a layer: path, grid/block/shared memory of every kernel, buffer sizes.
 /// A pure function of the shape, the switches, the batch shape and the device's limits.
-pub fn plan(
-    shape: [usize; 3],
-    fb: &FeedbackConfig,
-    batch: usize,
-    steps: usize,
-    limits: &DeviceLimits,
-) -> Result<LaunchPlan> {
+pub fn plan(shape: [usize; 3], fb: &FeedbackConfig, batch: usize, steps: usize, limits: &DeviceLimits) -> Result<LaunchPlan> {
     validate(shape, fb, batch, steps)?;
     let n = shape.iter().product::<usize>();
     let bn = batch * n;
     let all = steps * bn;
     if !(fb.back || fb.ei) {
         let blocks = bn.div_ceil(PLAIN_THREADS as usize).clamp(1, 1 << 20) as u32;
-        let l = |kernel| KernelLaunch {
-            module: "spiking",
-            kernel,
-            grid: (blocks, 1, 1),
-            block: PLAIN_THREADS,
-            smem_bytes: 0,
-        };
+        let l = |kernel| KernelLaunch { module: "spiking", kernel, grid: (blocks, 1, 1), block: PLAIN_THREADS, smem_bytes: 0 };
         return Ok(LaunchPlan {
             path: LayerPath::Plain,
             forward: l("spiking_forward_v1_f32"),
@@ -319,11 +252,7 @@ pub fn plan(
             wgrad_launch: None,
             weights_in_smem_forward: false,
             weights_in_smem_backward: false,
-            buffers: BufferSizes {
-                out: all,
-                v: all,
-                ..Default::default()
-            },
+            buffers: BufferSizes { out: all, v: all, ..Default::default() },
         });
     }
     let c = shape[0];
@@ -338,26 +267,14 @@ pub fn plan(
     let used = if onchip { acc_bytes } else { 0 };
     let w_bwd = used + w_bytes <= budget;
     let threads = n.div_ceil(32).clamp(1, FUSED_MAX_THREADS / 32) as u32 * 32;
-    let fused = |kernel, smem| KernelLaunch {
-        module: "backei_layer",
-        kernel,
-        grid: (batch as u32, 1, 1),
-        block: threads,
-        smem_bytes: smem as u32,
-    };
+    let fused =
+        |kernel, smem| KernelLaunch { module: "backei_layer", kernel, grid: (batch as u32, 1, 1), block: threads, smem_bytes: smem as u32 };
     let per_step = if onchip { bn } else { all };
     Ok(LaunchPlan {
         path: LayerPath::Fused,
         forward: fused("backei_forward_v1_f32", if w_fwd { w_bytes } else { 0 }),
-        backward: fused(
-            "backei_backward_v1_f32",
-            used + if w_bwd { w_bytes } else { 0 },
-        ),
-        wgrad: if onchip {
-            WgradPath::OnChip
-        } else {
-            WgradPath::Separate
-        },
+        backward: fused("backei_backward_v1_f32", used + if w_bwd { w_bytes } else { 0 }),
+        wgrad: if onchip { WgradPath::OnChip } else { WgradPath::Separate },
         wgrad_launch: (!onchip).then_some(KernelLaunch {
             module: "backei_layer",
             kernel: "backei_wgrad_v1_f32",
@@ -373,11 +290,7 @@ pub fn plan(
             g: if fb.back { all } else { 0 },
             z: if fb.ei { all } else { 0 },
             dv: bn,
-            fb: if fb.back && fb.delay < steps {
-                fb.delay * bn
-            } else {
-                0
-            },
+            fb: if fb.back && fb.delay < steps { fb.delay * bn } else { 0 },
             dz: if fb.ei { per_step } else { 0 },
             da: if fb.back { per_step } else { 0 },
         },
@@ -395,12 +308,8 @@ fn alloc(dev: &GpuDevice, n: usize) -> Result<Option<CudaSlice<f32>>> {
     }
     // SAFETY: every element is written by a kernel before it is read (see the kernels' docs);
     // tests poison these buffers with NaN to prove it.
-    let b = unsafe { dev.stream.alloc::<f32>(n) }.map_err(|e| {
-        BackeiError::Cuda(format!(
-            "allocating {} MiB for a BackEI layer: {e:?} (reduce the batch or T)",
-            (n * 4) >> 20
-        ))
-    })?;
+    let b = unsafe { dev.stream.alloc::<f32>(n) }
+        .map_err(|e| BackeiError::Cuda(format!("allocating {} MiB for a BackEI layer: {e:?} (reduce the batch or T)", (n * 4) >> 20)))?;
     Ok(Some(b))
 }
 
@@ -434,18 +343,10 @@ pub struct GpuBackEiLayer {
 }
 
 impl GpuBackEiLayer {
-    pub fn new(
-        dev: &Arc<GpuDevice>,
-        shape: [usize; 3],
-        feedback: FeedbackConfig,
-        neuron: &NeuronConfig,
-    ) -> Result<Self> {
+    pub fn new(dev: &Arc<GpuDevice>, shape: [usize; 3], feedback: FeedbackConfig, neuron: &NeuronConfig) -> Result<Self> {
         validate(shape, &feedback, 1, 1)?;
         let limits = DeviceLimits::of(dev)?;
-        let dummy = dev
-            .stream
-            .alloc_zeros::<f32>(1)
-            .map_err(cuda_err("allocating"))?;
+        let dummy = dev.stream.alloc_zeros::<f32>(1).map_err(cuda_err("allocating"))?;
         Ok(GpuBackEiLayer {
             dev: dev.clone(),
             feedback,
@@ -485,9 +386,7 @@ impl GpuBackEiLayer {
             let p = plan(self.shape, &self.feedback, batch, steps, &self.limits)?;
             let b = p.buffers;
             // free the old buffers before allocating the new ones
-            (
-                self.out, self.v, self.g, self.z, self.dv, self.fb, self.dz, self.da,
-            ) = (None, None, None, None, None, None, None, None);
+            (self.out, self.v, self.g, self.z, self.dv, self.fb, self.dz, self.da) = (None, None, None, None, None, None, None, None);
             self.out = alloc(&self.dev, b.out)?;
             self.v = alloc(&self.dev, b.v)?;
             self.g = alloc(&self.dev, b.g)?;
@@ -500,18 +399,10 @@ impl GpuBackEiLayer {
             self.batch = batch;
             self.steps = steps;
         }
-        self.plan
-            .as_ref()
-            .ok_or_else(|| BackeiError::Cuda("BackEI layer: no plan".into()))
+        self.plan.as_ref().ok_or_else(|| BackeiError::Cuda("BackEI layer: no plan".into()))
     }
 
-    fn dims(
-        &self,
-        slots: &BackEiSlots,
-        t_in: usize,
-        w_smem: bool,
-        wgrad_fused: bool,
-    ) -> Result<LayerDims> {
+    fn dims(&self, slots: &BackEiSlots, t_in: usize, w_smem: bool, wgrad_fused: bool) -> Result<LayerDims> {
         Ok(LayerDims {
             off_wb: slots[0].start as i64,
             off_bb: slots[1].start as i64,
@@ -535,12 +426,8 @@ impl GpuBackEiLayer {
     /// Checks the slots against the layer's tensors and the buffer's length.
     fn check_slots(&self, slots: &BackEiSlots, buffer_len: usize, what: &str) -> Result<()> {
         let (wl, c) = (self.gate_weight_len(), self.shape[0]);
-        let want = [
-            (self.feedback.back, wl, "W_b"),
-            (self.feedback.back, c, "b_b"),
-            (self.feedback.ei, wl, "W_e"),
-            (self.feedback.ei, c, "b_e"),
-        ];
+        let want =
+            [(self.feedback.back, wl, "W_b"), (self.feedback.back, c, "b_b"), (self.feedback.ei, wl, "W_e"), (self.feedback.ei, c, "b_e")];
         for (slot, (on, len, name)) in slots.iter().zip(want) {
             if on && slot.len() != len {
                 return Err(shape_err(
@@ -563,16 +450,8 @@ impl GpuBackEiLayer {
     fn function(&self, l: &KernelLaunch) -> Result<CudaFunction> {
         let f = self.dev.kernels.function(l.module, l.kernel)?;
         if l.smem_bytes > SMEM_DEFAULT_LIMIT {
-            f.set_attribute(
-                CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                l.smem_bytes as i32,
-            )
-            .map_err(|e| {
-                BackeiError::Cuda(format!(
-                    "{}: opting in to {} bytes of shared memory: {e:?}",
-                    l.kernel, l.smem_bytes
-                ))
-            })?;
+            f.set_attribute(CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, l.smem_bytes as i32)
+                .map_err(|e| BackeiError::Cuda(format!("{}: opting in to {} bytes of shared memory: {e:?}", l.kernel, l.smem_bytes)))?;
         }
         Ok(f)
     }
@@ -588,7 +467,10 @@ impl GpuBackEiLayer {
         steps: usize,
     ) -> Result<()> {
         if t_in != 1 && t_in != steps {
-            return Err(config_err("T_in", format!("the input current has T_in = {t_in} steps; it must be 1 (direct encoding) or T = {steps}")));
+            return Err(config_err(
+                "T_in",
+                format!("the input current has T_in = {t_in} steps; it must be 1 (direct encoding) or T = {steps}"),
+            ));
         }
         let plan = self.prepare(batch, steps)?.clone();
         let n = self.neurons();
@@ -605,37 +487,17 @@ impl GpuBackEiLayer {
         let l = plan.forward;
         let f = self.function(&l)?;
         let stream = self.dev.stream.clone();
-        let dims = self.dims(
-            slots,
-            t_in,
-            plan.weights_in_smem_forward,
-            plan.wgrad == WgradPath::OnChip,
-        )?;
+        let dims = self.dims(slots, t_in, plan.weights_in_smem_forward, plan.wgrad == WgradPath::OnChip)?;
         let (out, v) = match (self.out.as_mut(), self.v.as_mut()) {
             (Some(o), Some(v)) => (o, v),
-            _ => {
-                return Err(BackeiError::Cuda(
-                    "BackEI layer: output buffers missing".into(),
-                ))
-            }
+            _ => return Err(BackeiError::Cuda("BackEI layer: output buffers missing".into())),
         };
         match plan.path {
             LayerPath::Plain => {
                 let (nn, t, ti) = ((batch * n) as i64, steps as i32, t_in as i32);
                 // SAFETY: the argument list matches spiking_forward_v1_f32; lengths checked above.
-                unsafe {
-                    stream
-                        .launch_builder(&f)
-                        .arg(input)
-                        .arg(out)
-                        .arg(v)
-                        .arg(&nn)
-                        .arg(&t)
-                        .arg(&ti)
-                        .arg(&np)
-                        .launch(l.config())
-                }
-                .map_err(cuda_err("launching spiking_forward_v1_f32"))?;
+                unsafe { stream.launch_builder(&f).arg(input).arg(out).arg(v).arg(&nn).arg(&t).arg(&ti).arg(&np).launch(l.config()) }
+                    .map_err(cuda_err("launching spiking_forward_v1_f32"))?;
             }
             LayerPath::Fused => {
                 // the dummy stands in for a disabled gate's buffer, which the kernel never touches
@@ -643,17 +505,7 @@ impl GpuBackEiLayer {
                 let z = self.z.as_ref().unwrap_or(&self.dummy);
                 // SAFETY: the argument list matches backei_forward_v1_f32; lengths checked above.
                 unsafe {
-                    stream
-                        .launch_builder(&f)
-                        .arg(params)
-                        .arg(input)
-                        .arg(out)
-                        .arg(v)
-                        .arg(g)
-                        .arg(z)
-                        .arg(&dims)
-                        .arg(&np)
-                        .launch(l.config())
+                    stream.launch_builder(&f).arg(params).arg(input).arg(out).arg(v).arg(g).arg(z).arg(&dims).arg(&np).launch(l.config())
                 }
                 .map_err(cuda_err("launching backei_forward_v1_f32"))?;
             }
@@ -674,27 +526,14 @@ impl GpuBackEiLayer {
         grad_out: &CudaView<f32>,
         grad_in: &mut CudaViewMut<f32>,
     ) -> Result<()> {
-        let plan = self
-            .plan
-            .clone()
-            .ok_or_else(|| config_err("backward", "BackEI layer backward called before forward"))?;
+        let plan = self.plan.clone().ok_or_else(|| config_err("backward", "BackEI layer backward called before forward"))?;
         let (batch, steps, n) = (self.batch, self.steps, self.neurons());
         if t_in != self.t_in {
-            return Err(config_err(
-                "T_in",
-                format!(
-                    "backward got T_in = {t_in}, the last forward had T_in = {}",
-                    self.t_in
-                ),
-            ));
+            return Err(config_err("T_in", format!("backward got T_in = {t_in}, the last forward had T_in = {}", self.t_in)));
         }
         let all = steps * batch * n;
         if grad_out.len() != all {
-            return Err(shape_err(
-                "BackEI layer backward ∂L/∂s",
-                format!("T·B·C·H·W = {all}"),
-                grad_out.len().to_string(),
-            ));
+            return Err(shape_err("BackEI layer backward ∂L/∂s", format!("T·B·C·H·W = {all}"), grad_out.len().to_string()));
         }
         if grad_in.len() != t_in * batch * n {
             return Err(shape_err(
@@ -704,11 +543,7 @@ impl GpuBackEiLayer {
             ));
         }
         if input.len() != t_in * batch * n {
-            return Err(shape_err(
-                "BackEI layer backward input",
-                format!("T_in·B·C·H·W = {}", t_in * batch * n),
-                input.len().to_string(),
-            ));
+            return Err(shape_err("BackEI layer backward input", format!("T_in·B·C·H·W = {}", t_in * batch * n), input.len().to_string()));
         }
         self.check_slots(slots, params.len(), "parameter")?;
         self.check_slots(slots, grads.len(), "gradient")?;
@@ -723,25 +558,13 @@ impl GpuBackEiLayer {
         let stream = self.dev.stream.clone();
         let l = plan.backward;
         let f = self.function(&l)?;
-        let v = self
-            .v
-            .as_ref()
-            .ok_or_else(|| BackeiError::Cuda("BackEI layer: v missing".into()))?;
+        let v = self.v.as_ref().ok_or_else(|| BackeiError::Cuda("BackEI layer: v missing".into()))?;
         match plan.path {
             LayerPath::Plain => {
                 let (nn, t, ti) = ((batch * n) as i64, steps as i32, t_in as i32);
                 // SAFETY: the argument list matches spiking_backward_v1_f32; lengths checked above.
                 unsafe {
-                    stream
-                        .launch_builder(&f)
-                        .arg(grad_out)
-                        .arg(v)
-                        .arg(grad_in)
-                        .arg(&nn)
-                        .arg(&t)
-                        .arg(&ti)
-                        .arg(&np)
-                        .launch(l.config())
+                    stream.launch_builder(&f).arg(grad_out).arg(v).arg(grad_in).arg(&nn).arg(&t).arg(&ti).arg(&np).launch(l.config())
                 }
                 .map_err(cuda_err("launching spiking_backward_v1_f32"))?;
             }
@@ -783,14 +606,7 @@ impl GpuBackEiLayer {
                 if let Some(w) = plan.wgrad_launch {
                     let wf = self.function(&w)?;
                     let passes = [
-                        (
-                            self.feedback.back,
-                            slots[0].start,
-                            slots[1].start,
-                            da,
-                            out,
-                            self.feedback.delay as i32,
-                        ),
+                        (self.feedback.back, slots[0].start, slots[1].start, da, out, self.feedback.delay as i32),
                         (self.feedback.ei, slots[2].start, slots[3].start, dz, v, 0),
                     ];
                     for (on, ow, ob, dy, x, shift) in passes {
@@ -822,12 +638,7 @@ impl GpuBackEiLayer {
 
     /// s of the last forward.
     pub fn output(&self) -> Result<&CudaSlice<f32>> {
-        self.out.as_ref().ok_or_else(|| {
-            config_err(
-                "output",
-                "the BackEI layer has no output yet: run forward first",
-            )
-        })
+        self.out.as_ref().ok_or_else(|| config_err("output", "the BackEI layer has no output yet: run forward first"))
     }
 
     /// (firing rate, inhibitory fraction among fired) of the last forward, reduced on the GPU.
@@ -835,36 +646,17 @@ impl GpuBackEiLayer {
         let out = self.output()?;
         let n = out.len();
         let stream = &self.dev.stream;
-        let mut counts = stream
-            .alloc_zeros::<u64>(2)
-            .map_err(cuda_err("allocating the spike counters"))?;
+        let mut counts = stream.alloc_zeros::<u64>(2).map_err(cuda_err("allocating the spike counters"))?;
         let f = self.dev.kernels.function("spiking", "spike_counts_f32")?;
         let blocks = n.div_ceil(256).clamp(1, 4096) as u32;
         let nn = n as i64;
-        let cfg = LaunchConfig {
-            grid_dim: (blocks, 1, 1),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
-        };
+        let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
         // SAFETY: the argument list matches spike_counts_f32.
-        unsafe {
-            stream
-                .launch_builder(&f)
-                .arg(out)
-                .arg(&nn)
-                .arg(&mut counts)
-                .launch(cfg)
-        }
-        .map_err(cuda_err("launching spike_counts_f32"))?;
-        let c = stream
-            .clone_dtoh(&counts)
-            .map_err(cuda_err("reading the spike counters"))?;
+        unsafe { stream.launch_builder(&f).arg(out).arg(&nn).arg(&mut counts).launch(cfg) }
+            .map_err(cuda_err("launching spike_counts_f32"))?;
+        let c = stream.clone_dtoh(&counts).map_err(cuda_err("reading the spike counters"))?;
         let rate = c[0] as f64 / n.max(1) as f64;
-        let inh = if c[0] == 0 {
-            0.0
-        } else {
-            c[1] as f64 / c[0] as f64
-        };
+        let inh = if c[0] == 0 { 0.0 } else { c[1] as f64 / c[0] as f64 };
         Ok((rate, inh))
     }
 }
@@ -877,21 +669,11 @@ mod tests {
     /// (network, layer index, shape, feedback) of every spiking layer of the four networks.
     fn spiking_layers() -> Vec<(String, usize, [usize; 3], FeedbackConfig)> {
         let mut v = Vec::new();
-        for spec in [
-            NetworkSpec::mnist(),
-            NetworkSpec::fashion_mnist(),
-            NetworkSpec::cifar10(),
-            NetworkSpec::nmnist(),
-        ] {
+        for spec in [NetworkSpec::mnist(), NetworkSpec::fashion_mnist(), NetworkSpec::cifar10(), NetworkSpec::nmnist()] {
             for (i, l) in spec.plan().unwrap().iter().enumerate() {
                 let fb = match l.spec {
                     LayerSpec::BackEi => spec.feedback,
-                    LayerSpec::Spiking => FeedbackConfig {
-                        back: false,
-                        ei: false,
-                        radius: 0,
-                        delay: 1,
-                    },
+                    LayerSpec::Spiking => FeedbackConfig { back: false, ei: false, radius: 0, delay: 1 },
                     _ => continue,
                 };
                 v.push((spec.name.clone(), i, l.output, fb));
@@ -911,33 +693,18 @@ mod tests {
             surrogate: Surrogate::Atan { alpha: 2.0 },
             ..Default::default()
         });
-        assert_eq!(
-            np,
-            NeuronParams {
-                leak: 0.2,
-                threshold: 0.5,
-                surrogate: 2,
-                width: 2.0,
-                smooth: 1,
-                k: 3.0
-            }
-        );
+        assert_eq!(np, NeuronParams { leak: 0.2, threshold: 0.5, surrogate: 2, width: 2.0, smooth: 1, k: 3.0 });
     }
 
     #[test]
     fn every_spiking_layer_of_the_four_networks_has_a_plan_that_fits_the_device() {
         let layers = spiking_layers();
-        assert_eq!(
-            layers.iter().filter(|l| l.3.back).count(),
-            2 + 2 + 3 + 2,
-            "BackEI layers found: {layers:?}"
-        );
+        assert_eq!(layers.iter().filter(|l| l.3.back).count(), 2 + 2 + 3 + 2, "BackEI layers found: {layers:?}");
         for limits in [DeviceLimits::A100, DeviceLimits::H100] {
             for (net, i, shape, fb) in &layers {
                 for batch in [1, 100, 256] {
                     for steps in [1, 20, 64] {
-                        let p = plan(*shape, fb, batch, steps, &limits)
-                            .unwrap_or_else(|e| panic!("{net} layer {i}: {e}"));
+                        let p = plan(*shape, fb, batch, steps, &limits).unwrap_or_else(|e| panic!("{net} layer {i}: {e}"));
                         let n: usize = shape.iter().product();
                         let all = steps * batch * n;
                         assert_eq!((p.buffers.out, p.buffers.v), (all, all));
@@ -946,55 +713,27 @@ mod tests {
                             assert_eq!(p.wgrad, WgradPath::None);
                             assert_eq!(p.forward.block, 256);
                             assert!(p.forward.grid.0 as usize * 256 >= (batch * n).min(256 << 20));
-                            assert_eq!(
-                                p.buffers.total_bytes(),
-                                8 * all,
-                                "plain saves only s and v"
-                            );
+                            assert_eq!(p.buffers.total_bytes(), 8 * all, "plain saves only s and v");
                             continue;
                         }
                         assert_eq!(p.path, LayerPath::Fused, "{net} {i}");
                         for l in [p.forward, p.backward] {
                             assert_eq!(l.grid, (batch as u32, 1, 1), "one block per sample");
-                            assert!(
-                                l.block % 32 == 0
-                                    && l.block <= 1024
-                                    && l.block as usize <= n.div_ceil(32) * 32
-                            );
+                            assert!(l.block % 32 == 0 && l.block <= 1024 && l.block as usize <= n.div_ceil(32) * 32);
                             assert!(l.smem_bytes <= limits.max_smem_per_block);
                         }
                         let (c, k) = (shape[0], 2 * fb.radius + 1);
                         let wlen = c * c * k * k;
-                        assert_eq!(
-                            p.weights_in_smem_forward,
-                            8 * wlen <= limits.max_smem_per_block as usize
-                        );
-                        assert_eq!(
-                            p.forward.smem_bytes as usize,
-                            if p.weights_in_smem_forward {
-                                8 * wlen
-                            } else {
-                                0
-                            }
-                        );
+                        assert_eq!(p.weights_in_smem_forward, 8 * wlen <= limits.max_smem_per_block as usize);
+                        assert_eq!(p.forward.smem_bytes as usize, if p.weights_in_smem_forward { 8 * wlen } else { 0 });
                         let onchip = 8 * (wlen + c) <= limits.max_smem_per_block as usize;
-                        assert_eq!(
-                            p.wgrad,
-                            if onchip {
-                                WgradPath::OnChip
-                            } else {
-                                WgradPath::Separate
-                            }
-                        );
+                        assert_eq!(p.wgrad, if onchip { WgradPath::OnChip } else { WgradPath::Separate });
                         assert_eq!(p.wgrad_launch.is_some(), !onchip);
                         if let Some(w) = p.wgrad_launch {
                             assert_eq!((w.grid, w.block), ((c as u32, c as u32, 1), 256));
                         }
                         let per_step = if onchip { batch * n } else { all };
-                        assert_eq!(
-                            (p.buffers.g, p.buffers.z, p.buffers.dz, p.buffers.da),
-                            (all, all, per_step, per_step)
-                        );
+                        assert_eq!((p.buffers.g, p.buffers.z, p.buffers.dz, p.buffers.da), (all, all, per_step, per_step));
                         assert_eq!(p.buffers.fb, if steps > 1 { batch * n } else { 0 });
                     }
                 }
@@ -1004,10 +743,7 @@ mod tests {
 
     #[test]
     fn the_paths_of_the_reference_shapes_are_the_documented_ones() {
-        let fb = |r| FeedbackConfig {
-            radius: r,
-            ..Default::default()
-        };
+        let fb = |r| FeedbackConfig { radius: r, ..Default::default() };
         let h = DeviceLimits::H100;
         let path = |shape, r| {
             let p = plan(shape, &fb(r), 100, 20, &h).unwrap();
@@ -1026,60 +762,26 @@ mod tests {
             assert_eq!(path(s, 1), (WgradPath::Separate, false));
         }
         // on an A100 (163 KB) fashion layer 1 still fits
-        assert_eq!(
-            plan([32, 28, 28], &fb(1), 100, 20, &DeviceLimits::A100)
-                .unwrap()
-                .wgrad,
-            WgradPath::OnChip
-        );
+        assert_eq!(plan([32, 28, 28], &fb(1), 100, 20, &DeviceLimits::A100).unwrap().wgrad, WgradPath::OnChip);
         // a device with 48 KB only: fashion layer 1 falls back
-        let small = DeviceLimits {
-            sm_count: 80,
-            max_smem_per_block: 48 * 1024,
-        };
-        assert_eq!(
-            plan([32, 28, 28], &fb(1), 100, 20, &small).unwrap().wgrad,
-            WgradPath::Separate
-        );
+        let small = DeviceLimits { sm_count: 80, max_smem_per_block: 48 * 1024 };
+        assert_eq!(plan([32, 28, 28], &fb(1), 100, 20, &small).unwrap().wgrad, WgradPath::Separate);
         // one gate only: fashion layer 2's W_e alone (147 KB) fits in the forward
-        let ei_only = FeedbackConfig {
-            back: false,
-            ..fb(1)
-        };
+        let ei_only = FeedbackConfig { back: false, ..fb(1) };
         let p = plan([64, 14, 14], &ei_only, 100, 20, &h).unwrap();
         assert!(p.weights_in_smem_forward);
         assert_eq!((p.buffers.g, p.buffers.da, p.buffers.fb), (0, 0, 0));
         // block size: min(1024, N rounded up to 32)
         assert_eq!(plan([1, 3, 5], &fb(1), 2, 3, &h).unwrap().forward.block, 32);
-        assert_eq!(
-            plan([15, 24, 24], &fb(2), 2, 3, &h).unwrap().forward.block,
-            1024
-        );
+        assert_eq!(plan([15, 24, 24], &fb(2), 2, 3, &h).unwrap().forward.block, 1024);
         // the delay ring: D slots when D < T, none when the feedback never arrives
-        assert_eq!(
-            plan([2, 7, 9], &FeedbackConfig { delay: 3, ..fb(1) }, 2, 5, &h)
-                .unwrap()
-                .buffers
-                .fb,
-            3 * 2 * 126
-        );
-        assert_eq!(
-            plan([2, 7, 9], &FeedbackConfig { delay: 5, ..fb(1) }, 2, 5, &h)
-                .unwrap()
-                .buffers
-                .fb,
-            0
-        );
+        assert_eq!(plan([2, 7, 9], &FeedbackConfig { delay: 3, ..fb(1) }, 2, 5, &h).unwrap().buffers.fb, 3 * 2 * 126);
+        assert_eq!(plan([2, 7, 9], &FeedbackConfig { delay: 5, ..fb(1) }, 2, 5, &h).unwrap().buffers.fb, 0);
     }
 
     #[test]
     fn the_plain_layer_of_the_benchmark_is_one_grid_over_all_neurons() {
-        let off = FeedbackConfig {
-            back: false,
-            ei: false,
-            radius: 0,
-            delay: 1,
-        };
+        let off = FeedbackConfig { back: false, ei: false, radius: 0, delay: 1 };
         let p = plan([64 * 65_536, 1, 1], &off, 1, 32, &DeviceLimits::H100).unwrap();
         assert_eq!(p.path, LayerPath::Plain);
         assert_eq!(p.forward.grid, (16_384, 1, 1));
@@ -1095,14 +797,7 @@ mod tests {
         assert!(msg(plan([4, 4, 4], &fb, 0, 5, &h)).contains("batch"));
         assert!(msg(plan([4, 4, 4], &fb, 2, 0, &h)).contains("T = 0"));
         assert!(msg(plan([4, 0, 4], &fb, 2, 5, &h)).contains("zero dimension"));
-        assert!(msg(plan(
-            [4, 4, 4],
-            &FeedbackConfig { delay: 0, ..fb },
-            2,
-            5,
-            &h
-        ))
-        .contains("delay"));
+        assert!(msg(plan([4, 4, 4], &FeedbackConfig { delay: 0, ..fb }, 2, 5, &h)).contains("delay"));
         assert!(msg(plan([70_000, 1, 1], &fb, 2, 5, &h)).contains("exceeds"));
         assert!(msg(plan([1 << 16, 1 << 16, 1], &fb, 1, 1, &h)).contains("exceeds"));
         assert!(msg(plan([usize::MAX, 2, 2], &fb, 1, 1, &h)).contains("overflows"));

@@ -39,13 +39,7 @@ impl ConvPlan {
         let by_bytes = max_bytes / (4 * per_sample.max(1));
         let by_int = (i32::MAX as usize) / (g.col_rows().max(g.cout) * p).max(1);
         let chunk = by_bytes.min(by_int).clamp(1, samples.max(1));
-        ConvPlan {
-            samples,
-            chunk,
-            chunks: samples.div_ceil(chunk),
-            col_floats: g.col_rows() * p * chunk,
-            t_floats: g.cout * p * chunk,
-        }
+        ConvPlan { samples, chunk, chunks: samples.div_ceil(chunk), col_floats: g.col_rows() * p * chunk, t_floats: g.cout * p * chunk }
     }
 
     pub fn workspace_bytes(&self) -> usize {
@@ -58,36 +52,9 @@ impl ConvPlan {
 pub fn gemm_shapes(g: &ConvGeom, n: usize) -> [GemmShape; 3] {
     let (kk, cout, np) = (g.col_rows(), g.cout, n * g.out_pixels());
     [
-        GemmShape {
-            m: cout,
-            n: np,
-            k: kk,
-            ta: false,
-            tb: false,
-            lda: kk,
-            ldb: np,
-            ldc: np,
-        },
-        GemmShape {
-            m: cout,
-            n: kk,
-            k: np,
-            ta: false,
-            tb: true,
-            lda: np,
-            ldb: np,
-            ldc: kk,
-        },
-        GemmShape {
-            m: kk,
-            n: np,
-            k: cout,
-            ta: true,
-            tb: false,
-            lda: kk,
-            ldb: np,
-            ldc: np,
-        },
+        GemmShape { m: cout, n: np, k: kk, ta: false, tb: false, lda: kk, ldb: np, ldc: np },
+        GemmShape { m: cout, n: kk, k: np, ta: false, tb: true, lda: np, ldb: np, ldc: kk },
+        GemmShape { m: kk, n: np, k: cout, ta: true, tb: false, lda: kk, ldb: np, ldc: np },
     ]
 }
 
@@ -100,11 +67,7 @@ pub struct ConvWorkspace {
 
 impl ConvWorkspace {
     pub fn new(max_bytes: usize) -> Self {
-        ConvWorkspace {
-            max_bytes,
-            col: None,
-            t: None,
-        }
+        ConvWorkspace { max_bytes, col: None, t: None }
     }
 
     /// Device bytes held.
@@ -112,24 +75,14 @@ impl ConvWorkspace {
         4 * (self.col.as_ref().map_or(0, |c| c.len()) + self.t.as_ref().map_or(0, |c| c.len()))
     }
 
-    fn ensure(
-        &mut self,
-        dev: &GpuDevice,
-        plan: &ConvPlan,
-    ) -> Result<(&mut CudaSlice<f32>, &mut CudaSlice<f32>)> {
-        for (buf, len) in [
-            (&mut self.col, plan.col_floats),
-            (&mut self.t, plan.t_floats),
-        ] {
+    fn ensure(&mut self, dev: &GpuDevice, plan: &ConvPlan) -> Result<(&mut CudaSlice<f32>, &mut CudaSlice<f32>)> {
+        for (buf, len) in [(&mut self.col, plan.col_floats), (&mut self.t, plan.t_floats)] {
             if buf.as_ref().is_none_or(|b| b.len() < len) {
                 *buf = None;
                 *buf = Some(
                     dev.stream
                         .alloc_zeros::<f32>(len)
-                        .map_err(cuda_err(format!(
-                            "allocating the conv workspace ({} MiB)",
-                            (4 * len) >> 20
-                        )))?,
+                        .map_err(cuda_err(format!("allocating the conv workspace ({} MiB)", (4 * len) >> 20)))?,
                 );
             }
         }
@@ -141,40 +94,13 @@ fn i(x: usize) -> i32 {
     x as i32
 }
 
-fn im2col(
-    dev: &GpuDevice,
-    g: &ConvGeom,
-    n: usize,
-    x: &CudaView<f32>,
-    col: &mut CudaViewMut<f32>,
-) -> Result<()> {
+fn im2col(dev: &GpuDevice, g: &ConvGeom, n: usize, x: &CudaView<f32>, col: &mut CudaViewMut<f32>) -> Result<()> {
     let f = dev.kernels.function("conv", "im2col_f32")?;
-    let (nn, cin, h, w, k, pad, ho, wo) = (
-        i(n),
-        i(g.cin),
-        i(g.h),
-        i(g.w),
-        i(g.k),
-        i(g.pad),
-        i(g.ho),
-        i(g.wo),
-    );
+    let (nn, cin, h, w, k, pad, ho, wo) = (i(n), i(g.cin), i(g.h), i(g.w), i(g.k), i(g.pad), i(g.ho), i(g.wo));
     let cfg = grid(g.col_rows() * g.out_pixels() * n);
     // SAFETY: x holds n·in_len values, col n·KK·P (checked by the callers).
     unsafe {
-        dev.stream
-            .launch_builder(&f)
-            .arg(x)
-            .arg(col)
-            .arg(&nn)
-            .arg(&cin)
-            .arg(&h)
-            .arg(&w)
-            .arg(&k)
-            .arg(&pad)
-            .arg(&ho)
-            .arg(&wo)
-            .launch(cfg)
+        dev.stream.launch_builder(&f).arg(x).arg(col).arg(&nn).arg(&cin).arg(&h).arg(&w).arg(&k).arg(&pad).arg(&ho).arg(&wo).launch(cfg)
     }
     .map_err(cuda_err("im2col_f32"))?;
     Ok(())
@@ -204,13 +130,7 @@ pub fn forward(
         let n = plan.chunk.min(samples - s0);
         let [fwd, _, _] = gemm_shapes(g, n);
         let mut colv = col.slice_mut(0..g.col_rows() * p * n);
-        im2col(
-            dev,
-            g,
-            n,
-            &x.slice(s0 * g.in_len()..(s0 + n) * g.in_len()),
-            &mut colv,
-        )?;
+        im2col(dev, g, n, &x.slice(s0 * g.in_len()..(s0 + n) * g.in_len()), &mut colv)?;
         let mut ytv = yt.slice_mut(0..g.cout * p * n);
         sgemm_rm(dev, &fwd, 1.0, w, &colv, 0.0, &mut ytv)?;
         let mut yc = y.slice_mut(s0 * g.out_len()..(s0 + n) * g.out_len());
@@ -233,35 +153,14 @@ pub fn forward(
 }
 
 /// db[co] += Σ_s Σ_p dy[s][co][p] over `n` samples of `cout`×`p` (the linear layer: p = 1).
-pub fn bias_grad(
-    dev: &GpuDevice,
-    n: usize,
-    cout: usize,
-    p: usize,
-    dy: &CudaView<f32>,
-    db: &mut CudaViewMut<f32>,
-) -> Result<()> {
+pub fn bias_grad(dev: &GpuDevice, n: usize, cout: usize, p: usize, dy: &CudaView<f32>, db: &mut CudaViewMut<f32>) -> Result<()> {
     check_len("bias gradient", db.len(), cout)?;
     check_len("bias gradient's dy", dy.len(), n * cout * p)?;
     let f = dev.kernels.function("conv", "bias_grad_f32")?;
-    let cfg = LaunchConfig {
-        grid_dim: (cout as u32, 1, 1),
-        block_dim: (256, 1, 1),
-        shared_mem_bytes: 0,
-    };
+    let cfg = LaunchConfig { grid_dim: (cout as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
     let (nn, c, pp) = (i(n), i(cout), i(p));
     // SAFETY: lengths checked above; the kernel needs 256 threads per block.
-    unsafe {
-        dev.stream
-            .launch_builder(&f)
-            .arg(dy)
-            .arg(db)
-            .arg(&nn)
-            .arg(&c)
-            .arg(&pp)
-            .launch(cfg)
-    }
-    .map_err(cuda_err("bias_grad_f32"))?;
+    unsafe { dev.stream.launch_builder(&f).arg(dy).arg(db).arg(&nn).arg(&c).arg(&pp).launch(cfg) }.map_err(cuda_err("bias_grad_f32"))?;
     Ok(())
 }
 
@@ -296,42 +195,18 @@ pub fn backward(
         let n = plan.chunk.min(samples - s0);
         let [_, wgrad, dgrad] = gemm_shapes(g, n);
         let mut colv = col.slice_mut(0..g.col_rows() * p * n);
-        im2col(
-            dev,
-            g,
-            n,
-            &x.slice(s0 * g.in_len()..(s0 + n) * g.in_len()),
-            &mut colv,
-        )?;
+        im2col(dev, g, n, &x.slice(s0 * g.in_len()..(s0 + n) * g.in_len()), &mut colv)?;
         let mut dytv = dyt.slice_mut(0..g.cout * p * n);
         let dyc = dy.slice(s0 * g.out_len()..(s0 + n) * g.out_len());
         let (nn, cout, pp) = (i(n), i(g.cout), i(p));
         // SAFETY: dy chunk and dyT hold n·cout·P values.
-        unsafe {
-            dev.stream
-                .launch_builder(&tr)
-                .arg(&dyc)
-                .arg(&mut dytv)
-                .arg(&nn)
-                .arg(&cout)
-                .arg(&pp)
-                .launch(grid(n * g.out_len()))
-        }
-        .map_err(cuda_err("conv_dy_t_f32"))?;
+        unsafe { dev.stream.launch_builder(&tr).arg(&dyc).arg(&mut dytv).arg(&nn).arg(&cout).arg(&pp).launch(grid(n * g.out_len())) }
+            .map_err(cuda_err("conv_dy_t_f32"))?;
         sgemm_rm(dev, &wgrad, 1.0, &dytv, &colv, 1.0, dw)?;
         if let Some(dx) = dx.as_mut() {
             sgemm_rm(dev, &dgrad, 1.0, w, &dytv, 0.0, &mut colv)?;
             let mut dxc = dx.slice_mut(s0 * g.in_len()..(s0 + n) * g.in_len());
-            let (cin, h, wd, k, pad, ho, wo, acc) = (
-                i(g.cin),
-                i(g.h),
-                i(g.w),
-                i(g.k),
-                i(g.pad),
-                i(g.ho),
-                i(g.wo),
-                0i32,
-            );
+            let (cin, h, wd, k, pad, ho, wo, acc) = (i(g.cin), i(g.h), i(g.w), i(g.k), i(g.pad), i(g.ho), i(g.wo), 0i32);
             // SAFETY: col holds KK·n·P values, the dx chunk n·in_len.
             unsafe {
                 dev.stream
@@ -364,17 +239,10 @@ mod tests {
         // cifar10's second conv over T·B = 2000 samples: 1152·256 + 256·256 floats per sample
         let g = ConvGeom::new(128, 256, 16, 16, 3, 1);
         let plan = ConvPlan::new(&g, 2000, DEFAULT_WORKSPACE_BYTES);
-        assert_eq!(
-            plan.chunk,
-            DEFAULT_WORKSPACE_BYTES / (4 * (1152 + 256) * 256)
-        );
+        assert_eq!(plan.chunk, DEFAULT_WORKSPACE_BYTES / (4 * (1152 + 256) * 256));
         assert!(plan.workspace_bytes() <= DEFAULT_WORKSPACE_BYTES);
         assert_eq!(plan.chunks, 2000usize.div_ceil(plan.chunk));
-        assert!(
-            plan.chunks > 1
-                && plan.chunk * plan.chunks >= 2000
-                && plan.chunk * (plan.chunks - 1) < 2000
-        );
+        assert!(plan.chunks > 1 && plan.chunk * plan.chunks >= 2000 && plan.chunk * (plan.chunks - 1) < 2000);
         // a small conv runs in one chunk
         let g1 = ConvGeom::new(3, 128, 32, 32, 3, 1);
         let p1 = ConvPlan::new(&g1, 100, DEFAULT_WORKSPACE_BYTES);
@@ -387,11 +255,7 @@ mod tests {
 
     #[test]
     fn gemm_shapes_are_consistent_with_the_buffers() {
-        for g in [
-            ConvGeom::new(1, 32, 28, 28, 5, 2),
-            ConvGeom::new(15, 40, 12, 12, 5, 0),
-            ConvGeom::new(3, 7, 9, 11, 3, 1),
-        ] {
+        for g in [ConvGeom::new(1, 32, 28, 28, 5, 2), ConvGeom::new(15, 40, 12, 12, 5, 0), ConvGeom::new(3, 7, 9, 11, 3, 1)] {
             let n = 7;
             let [f, wg, dg] = gemm_shapes(&g, n);
             let (kk, np) = (g.col_rows(), n * g.out_pixels());
@@ -405,16 +269,7 @@ mod tests {
             // data gradient: Wᵀ [KK×cout] · dyT [cout×N] → col [KK×N]
             assert_eq!(dg.extents(), (g.weight_len(), g.cout * np, kk * np));
         }
-        let bad = GemmShape {
-            m: 2,
-            n: 3,
-            k: 4,
-            ta: false,
-            tb: false,
-            lda: 3,
-            ldb: 3,
-            ldc: 3,
-        };
+        let bad = GemmShape { m: 2, n: 3, k: 4, ta: false, tb: false, lda: 3, ldb: 3, ldc: 3 };
         assert!(bad.validate().is_err(), "lda < k must be refused");
     }
 }

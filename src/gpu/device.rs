@@ -33,45 +33,31 @@ fn cuda_err(what: &str) -> impl Fn(cudarc::driver::DriverError) -> BackeiError +
 /// Every CUDA fact this machine can tell, without failing.
 pub fn report() -> CudaReport {
     let driver = if driver_present() {
-        cudarc::driver::result::init()
-            .map_err(|e| format!("{e:?}"))
-            .and_then(|_| {
-                let mut v = 0;
-                // SAFETY: the library is loaded and initialised; v is a valid out-pointer.
-                let r = unsafe { cudarc::driver::sys::cuDriverGetVersion(&mut v) };
-                if r == cudarc::driver::sys::CUresult::CUDA_SUCCESS {
-                    Ok(v)
-                } else {
-                    Err(format!("cuDriverGetVersion: {r:?}"))
-                }
-            })
+        cudarc::driver::result::init().map_err(|e| format!("{e:?}")).and_then(|_| {
+            let mut v = 0;
+            // SAFETY: the library is loaded and initialised; v is a valid out-pointer.
+            let r = unsafe { cudarc::driver::sys::cuDriverGetVersion(&mut v) };
+            if r == cudarc::driver::sys::CUresult::CUDA_SUCCESS {
+                Ok(v)
+            } else {
+                Err(format!("cuDriverGetVersion: {r:?}"))
+            }
+        })
     } else {
         Err("libcuda.so not found (no NVIDIA driver)".into())
     };
-    let nvrtc = if nvrtc_present() {
-        super::kernels::nvrtc_version().map_err(|e| e.to_string())
-    } else {
-        Err("libnvrtc.so not found".into())
-    };
+    let nvrtc =
+        if nvrtc_present() { super::kernels::nvrtc_version().map_err(|e| e.to_string()) } else { Err("libnvrtc.so not found".into()) };
     let mut devices = Vec::new();
     if driver.is_ok() {
         let n = CudaContext::device_count().unwrap_or(0);
         for i in 0..n.max(0) as usize {
             if let Ok(ctx) = CudaContext::new(i) {
-                devices.push((
-                    ctx.name().unwrap_or_default(),
-                    ctx.compute_capability().unwrap_or((0, 0)),
-                    ctx.total_mem().unwrap_or(0),
-                ));
+                devices.push((ctx.name().unwrap_or_default(), ctx.compute_capability().unwrap_or((0, 0)), ctx.total_mem().unwrap_or(0)));
             }
         }
     }
-    CudaReport {
-        driver,
-        nvrtc,
-        cublas: cublas_present(),
-        devices,
-    }
+    CudaReport { driver, nvrtc, cublas: cublas_present(), devices }
 }
 
 /// One GPU: its context and stream, the kernel registry, and cuBLAS.
@@ -95,9 +81,7 @@ impl GpuDevice {
     /// Opens GPU `ordinal`, or says plainly why it cannot.
     pub fn open(ordinal: usize) -> Result<Arc<GpuDevice>> {
         if !driver_present() {
-            return Err(BackeiError::Cuda(
-                "no NVIDIA driver: libcuda.so could not be loaded (use --device cpu)".into(),
-            ));
+            return Err(BackeiError::Cuda("no NVIDIA driver: libcuda.so could not be loaded (use --device cpu)".into()));
         }
         if !nvrtc_present() {
             return Err(BackeiError::Cuda("NVRTC (libnvrtc.so) not found: install the CUDA toolkit or pip nvidia-cuda-nvrtc-cu12 and add its lib folder to LD_LIBRARY_PATH".into()));
@@ -108,28 +92,15 @@ impl GpuDevice {
             return Err(BackeiError::Cuda("the driver found no CUDA device".into()));
         }
         if ordinal >= n as usize {
-            return Err(BackeiError::Cuda(format!(
-                "cuda:{ordinal} asked for, but this machine has {n} device(s): cuda:0..cuda:{}",
-                n - 1
-            )));
+            return Err(BackeiError::Cuda(format!("cuda:{ordinal} asked for, but this machine has {n} device(s): cuda:0..cuda:{}", n - 1)));
         }
         let ctx = CudaContext::new(ordinal).map_err(cuda_err("creating the context"))?;
-        let capability = ctx
-            .compute_capability()
-            .map_err(cuda_err("compute capability"))?;
+        let capability = ctx.compute_capability().map_err(cuda_err("compute capability"))?;
         let name = ctx.name().unwrap_or_else(|_| "unknown GPU".into());
         let stream = ctx.default_stream();
         let arch = format!("sm_{}{}", capability.0, capability.1);
         let kernels = KernelRegistry::new(ctx.clone(), arch);
-        Ok(Arc::new(GpuDevice {
-            ctx,
-            stream,
-            ordinal,
-            name,
-            capability,
-            kernels,
-            blas: OnceLock::new(),
-        }))
+        Ok(Arc::new(GpuDevice { ctx, stream, ordinal, name, capability, kernels, blas: OnceLock::new() }))
     }
 
     /// cuBLAS on this device's stream (loaded at first use).
@@ -140,8 +111,7 @@ impl GpuDevice {
         if !cublas_present() {
             return Err(BackeiError::Cuda("cuBLAS (libcublas.so) not found: install the CUDA toolkit or pip nvidia-cublas-cu12".into()));
         }
-        let b = CudaBlas::new(self.stream.clone())
-            .map_err(|e| BackeiError::Cuda(format!("cublasCreate: {e:?}")))?;
+        let b = CudaBlas::new(self.stream.clone()).map_err(|e| BackeiError::Cuda(format!("cublasCreate: {e:?}")))?;
         Ok(self.blas.get_or_init(|| b))
     }
 
@@ -186,17 +156,10 @@ pub fn choose(choice: DeviceChoice) -> Result<(Option<Arc<GpuDevice>>, String)> 
         }
         DeviceChoice::Auto => match GpuDevice::open(0) {
             Ok(d) => {
-                let line = format!(
-                    "engine: GPU cuda:0 {} ({}) — chosen by --device auto",
-                    d.name,
-                    d.kernels.arch()
-                );
+                let line = format!("engine: GPU cuda:0 {} ({}) — chosen by --device auto", d.name, d.kernels.arch());
                 Ok((Some(d), line))
             }
-            Err(e) => Ok((
-                None,
-                format!("engine: CPU — --device auto found no usable GPU ({e})"),
-            )),
+            Err(e) => Ok((None, format!("engine: CPU — --device auto found no usable GPU ({e})"))),
         },
     }
 }
@@ -208,13 +171,7 @@ mod tests {
     #[test]
     fn device_choices_parse() {
         assert_eq!("auto".parse::<DeviceChoice>().unwrap(), DeviceChoice::Auto);
-        assert_eq!(
-            "cuda:3".parse::<DeviceChoice>().unwrap(),
-            DeviceChoice::Cuda(3)
-        );
-        assert!("gpu"
-            .parse::<DeviceChoice>()
-            .unwrap_err()
-            .contains("expected auto"));
+        assert_eq!("cuda:3".parse::<DeviceChoice>().unwrap(), DeviceChoice::Cuda(3));
+        assert!("gpu".parse::<DeviceChoice>().unwrap_err().contains("expected auto"));
     }
 }

@@ -35,38 +35,18 @@ pub fn forward(
             let sc = scale(p);
             // SAFETY: lengths checked above.
             unsafe {
-                dev.stream
-                    .launch_builder(&f)
-                    .arg(x)
-                    .arg(y)
-                    .arg(&key)
-                    .arg(&p)
-                    .arg(&sc)
-                    .arg(&l)
-                    .arg(&st)
-                    .arg(&ti)
-                    .launch(grid(steps * len))
+                dev.stream.launch_builder(&f).arg(x).arg(y).arg(&key).arg(&p).arg(&sc).arg(&l).arg(&st).arg(&ti).launch(grid(steps * len))
             }
             .map_err(cuda_err("dropout_forward_f32"))?;
         }
         None if t_in == steps => {
-            dev.stream
-                .memcpy_dtod(x, y)
-                .map_err(cuda_err("dropout (eval) copy"))?;
+            dev.stream.memcpy_dtod(x, y).map_err(cuda_err("dropout (eval) copy"))?;
         }
         None => {
             let f = dev.kernels.function("dropout", "broadcast_steps_f32")?;
             // SAFETY: lengths checked above.
-            unsafe {
-                dev.stream
-                    .launch_builder(&f)
-                    .arg(x)
-                    .arg(y)
-                    .arg(&l)
-                    .arg(&st)
-                    .launch(grid(steps * len))
-            }
-            .map_err(cuda_err("broadcast_steps_f32"))?;
+            unsafe { dev.stream.launch_builder(&f).arg(x).arg(y).arg(&l).arg(&st).launch(grid(steps * len)) }
+                .map_err(cuda_err("broadcast_steps_f32"))?;
         }
     }
     Ok(())
@@ -93,38 +73,18 @@ pub fn backward(
             let sc = scale(p);
             // SAFETY: lengths checked above.
             unsafe {
-                dev.stream
-                    .launch_builder(&f)
-                    .arg(dy)
-                    .arg(dx)
-                    .arg(&key)
-                    .arg(&p)
-                    .arg(&sc)
-                    .arg(&l)
-                    .arg(&st)
-                    .arg(&ti)
-                    .launch(grid(steps * len))
+                dev.stream.launch_builder(&f).arg(dy).arg(dx).arg(&key).arg(&p).arg(&sc).arg(&l).arg(&st).arg(&ti).launch(grid(steps * len))
             }
             .map_err(cuda_err("dropout_backward_f32"))?;
         }
         None if t_in == steps => {
-            dev.stream
-                .memcpy_dtod(dy, dx)
-                .map_err(cuda_err("dropout (eval) gradient copy"))?;
+            dev.stream.memcpy_dtod(dy, dx).map_err(cuda_err("dropout (eval) gradient copy"))?;
         }
         None => {
             let f = dev.kernels.function("dropout", "sum_steps_f32")?;
             // SAFETY: lengths checked above.
-            unsafe {
-                dev.stream
-                    .launch_builder(&f)
-                    .arg(dy)
-                    .arg(dx)
-                    .arg(&l)
-                    .arg(&st)
-                    .launch(grid(len))
-            }
-            .map_err(cuda_err("sum_steps_f32"))?;
+            unsafe { dev.stream.launch_builder(&f).arg(dy).arg(dx).arg(&l).arg(&st).launch(grid(len)) }
+                .map_err(cuda_err("sum_steps_f32"))?;
         }
     }
     Ok(())

@@ -19,16 +19,9 @@ pub fn module_names() -> impl Iterator<Item = &'static str> {
 }
 
 fn source_of(module: &str) -> Result<(&'static str, &'static str)> {
-    KERNEL_SOURCES
-        .iter()
-        .find(|(m, _, _)| *m == module)
-        .map(|(_, f, s)| (*f, *s))
-        .ok_or_else(|| {
-            BackeiError::Cuda(format!(
-                "no kernel module `{module}` (modules: {})",
-                module_names().collect::<Vec<_>>().join(", ")
-            ))
-        })
+    KERNEL_SOURCES.iter().find(|(m, _, _)| *m == module).map(|(_, f, s)| (*f, *s)).ok_or_else(|| {
+        BackeiError::Cuda(format!("no kernel module `{module}` (modules: {})", module_names().collect::<Vec<_>>().join(", ")))
+    })
 }
 
 /// Whether the NVRTC library can be loaded (never panics).
@@ -65,31 +58,20 @@ pub fn nvrtc_version() -> Result<(i32, i32)> {
 /// The options every module is compiled with. Precise division, square root and denormals keep
 /// the GPU's arithmetic close to the CPU engine's, so spikes flip only within rounding.
 pub fn compile_options(arch: &str) -> Vec<String> {
-    vec![
-        format!("--gpu-architecture={arch}"),
-        "-std=c++17".into(),
-        "-lineinfo".into(),
-    ]
+    vec![format!("--gpu-architecture={arch}"), "-std=c++17".into(), "-lineinfo".into()]
 }
 
 /// Compiles one module to PTX for `arch` (e.g. `sm_90`) — no GPU needed, only NVRTC.
 pub fn compile_module(module: &str, arch: &str) -> Result<String> {
     require_nvrtc()?;
     let (file, source) = source_of(module)?;
-    let opts = CompileOptions {
-        options: compile_options(arch),
-        name: Some(file.to_string()),
-        ..Default::default()
-    };
+    let opts = CompileOptions { options: compile_options(arch), name: Some(file.to_string()), ..Default::default() };
     match compile_ptx_with_opts(source, opts) {
         Ok(ptx) => Ok(ptx.to_src()),
-        Err(CompileError::CompileError { log, .. }) => Err(BackeiError::Cuda(format!(
-            "NVRTC failed to compile cuda/{file} for {arch}:\n{}",
-            explain_log(&log.to_string_lossy())
-        ))),
-        Err(e) => Err(BackeiError::Cuda(format!(
-            "NVRTC failed on cuda/{file}: {e:?}"
-        ))),
+        Err(CompileError::CompileError { log, .. }) => {
+            Err(BackeiError::Cuda(format!("NVRTC failed to compile cuda/{file} for {arch}:\n{}", explain_log(&log.to_string_lossy()))))
+        }
+        Err(e) => Err(BackeiError::Cuda(format!("NVRTC failed on cuda/{file}: {e:?}"))),
     }
 }
 
@@ -138,13 +120,7 @@ pub fn cache_key(module: &str, arch: &str, nvrtc: (i32, i32)) -> Result<String> 
     h.update(format!("{nvrtc:?}").as_bytes());
     h.update(compile_options(arch).join(" ").as_bytes());
     let d = h.finalize();
-    Ok(format!(
-        "{module}-{arch}-{}",
-        d.iter()
-            .take(8)
-            .map(|b| format!("{b:02x}"))
-            .collect::<String>()
-    ))
+    Ok(format!("{module}-{arch}-{}", d.iter().take(8).map(|b| format!("{b:02x}")).collect::<String>()))
 }
 
 /// PTX for a module, from the disk cache or freshly compiled (and then cached, atomically).
@@ -190,13 +166,7 @@ pub struct KernelRegistry {
 
 impl KernelRegistry {
     pub fn new(ctx: Arc<CudaContext>, arch: String) -> Self {
-        KernelRegistry {
-            ctx,
-            arch,
-            cache: cache_dir(),
-            modules: Mutex::default(),
-            functions: Mutex::default(),
-        }
+        KernelRegistry { ctx, arch, cache: cache_dir(), modules: Mutex::default(), functions: Mutex::default() }
     }
 
     pub fn arch(&self) -> &str {
@@ -209,31 +179,22 @@ impl KernelRegistry {
             return Ok(m.clone());
         }
         let (ptx, _) = cached_ptx(module, &self.arch, self.cache.as_deref())?;
-        let m = self.ctx.load_module(Ptx::from_src(ptx)).map_err(|e| {
-            BackeiError::Cuda(format!("loading module {module} for {}: {e:?}", self.arch))
-        })?;
+        let m = self
+            .ctx
+            .load_module(Ptx::from_src(ptx))
+            .map_err(|e| BackeiError::Cuda(format!("loading module {module} for {}: {e:?}", self.arch)))?;
         mods.insert(module, m.clone());
         Ok(m)
     }
 
     /// The kernel `name` of `module` (e.g. `("backei_layer", "backei_forward_f32")`).
     pub fn function(&self, module: &'static str, name: &'static str) -> Result<CudaFunction> {
-        if let Some(f) = self
-            .functions
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(&(module, name))
-        {
+        if let Some(f) = self.functions.lock().unwrap_or_else(|e| e.into_inner()).get(&(module, name)) {
             return Ok(f.clone());
         }
-        let f = self
-            .module(module)?
-            .load_function(name)
-            .map_err(|e| BackeiError::Cuda(format!("kernel {name} in module {module}: {e:?}")))?;
-        self.functions
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert((module, name), f.clone());
+        let f =
+            self.module(module)?.load_function(name).map_err(|e| BackeiError::Cuda(format!("kernel {name} in module {module}: {e:?}")))?;
+        self.functions.lock().unwrap_or_else(|e| e.into_inner()).insert((module, name), f.clone());
         Ok(f)
     }
 }
@@ -247,10 +208,7 @@ mod tests {
         assert!(module_names().any(|m| m == "smoke"));
         for (m, file, src) in KERNEL_SOURCES {
             assert!(src.starts_with(&format!("#line 1 \"{file}\"")), "{m}");
-            assert!(
-                !src.contains("#include \""),
-                "{m}: an include was not inlined"
-            );
+            assert!(!src.contains("#include \""), "{m}: an include was not inlined");
         }
     }
 
@@ -258,17 +216,7 @@ mod tests {
     fn compile_errors_quote_the_source_line() {
         let log = "common.cuh(24): error: identifier \"x\" is undefined";
         let text = explain_log(log);
-        let line24 = KERNEL_FILES
-            .iter()
-            .find(|(f, _)| *f == "common.cuh")
-            .unwrap()
-            .1
-            .lines()
-            .nth(23)
-            .unwrap();
-        assert!(
-            text.contains(&format!("cuda/common.cuh:24 | {}", line24.trim_end())),
-            "{text}"
-        );
+        let line24 = KERNEL_FILES.iter().find(|(f, _)| *f == "common.cuh").unwrap().1.lines().nth(23).unwrap();
+        assert!(text.contains(&format!("cuda/common.cuh:24 | {}", line24.trim_end())), "{text}");
     }
 }

@@ -11,36 +11,9 @@ use cudarc::driver::{CudaView, CudaViewMut, PushKernelArg};
 /// Row-major GEMMs: forward y = x·Wᵀ, data gradient dx = dy·W, weight gradient dW += dyᵀ·x.
 pub fn gemm_shapes(n_in: usize, n_out: usize, rows: usize) -> [GemmShape; 3] {
     [
-        GemmShape {
-            m: rows,
-            n: n_out,
-            k: n_in,
-            ta: false,
-            tb: true,
-            lda: n_in,
-            ldb: n_in,
-            ldc: n_out,
-        },
-        GemmShape {
-            m: rows,
-            n: n_in,
-            k: n_out,
-            ta: false,
-            tb: false,
-            lda: n_out,
-            ldb: n_in,
-            ldc: n_in,
-        },
-        GemmShape {
-            m: n_out,
-            n: n_in,
-            k: rows,
-            ta: true,
-            tb: false,
-            lda: n_out,
-            ldb: n_in,
-            ldc: n_in,
-        },
+        GemmShape { m: rows, n: n_out, k: n_in, ta: false, tb: true, lda: n_in, ldb: n_in, ldc: n_out },
+        GemmShape { m: rows, n: n_in, k: n_out, ta: false, tb: false, lda: n_out, ldb: n_in, ldc: n_in },
+        GemmShape { m: n_out, n: n_in, k: rows, ta: true, tb: false, lda: n_out, ldb: n_in, ldc: n_in },
     ]
 }
 
@@ -62,17 +35,8 @@ pub fn forward(
     let f = dev.kernels.function("conv", "bias_fill_f32")?;
     let (total, cout, p) = ((rows * n_out) as i64, n_out as i32, 1i32);
     // SAFETY: y holds rows·n_out values, b n_out.
-    unsafe {
-        dev.stream
-            .launch_builder(&f)
-            .arg(&mut *y)
-            .arg(b)
-            .arg(&total)
-            .arg(&cout)
-            .arg(&p)
-            .launch(grid(rows * n_out))
-    }
-    .map_err(cuda_err("bias_fill_f32"))?;
+    unsafe { dev.stream.launch_builder(&f).arg(&mut *y).arg(b).arg(&total).arg(&cout).arg(&p).launch(grid(rows * n_out)) }
+        .map_err(cuda_err("bias_fill_f32"))?;
     let [fwd, _, _] = gemm_shapes(n_in, n_out, rows);
     sgemm_rm(dev, &fwd, 1.0, x, w, 1.0, y)
 }

@@ -101,12 +101,7 @@ fn spike_feedback(spec: &NetworkSpec, l: &LayerSpec) -> FeedbackConfig {
     if *l == LayerSpec::BackEi {
         spec.feedback
     } else {
-        FeedbackConfig {
-            back: false,
-            ei: false,
-            radius: 0,
-            delay: 1,
-        }
+        FeedbackConfig { back: false, ei: false, radius: 0, delay: 1 }
     }
 }
 
@@ -136,13 +131,7 @@ pub struct MemoryPlan {
 
 impl MemoryPlan {
     pub fn total(&self) -> usize {
-        self.params
-            + self.grads
-            + self.optimizer
-            + self.activations
-            + self.spiking
-            + self.gradients
-            + self.workspaces
+        self.params + self.grads + self.optimizer + self.activations + self.spiking + self.gradients + self.workspaces
     }
 }
 
@@ -174,12 +163,7 @@ pub fn memory_plan(spec: &NetworkSpec, batch: usize, steps: usize) -> Result<Mem
 }
 
 /// `memory_plan` for an input of `t_in` frames (1: direct encoding, or T).
-pub fn memory_plan_for(
-    spec: &NetworkSpec,
-    batch: usize,
-    steps: usize,
-    t_in: usize,
-) -> Result<MemoryPlan> {
+pub fn memory_plan_for(spec: &NetworkSpec, batch: usize, steps: usize, t_in: usize) -> Result<MemoryPlan> {
     let mut spec = spec.clone();
     spec.steps = steps;
     let plan = spec.plan()?;
@@ -187,20 +171,12 @@ pub fn memory_plan_for(
         return Err(config_err("batch", "batch size 0"));
     }
     if t_in != 1 && t_in != steps {
-        return Err(config_err(
-            "t_in",
-            format!("T_in = {t_in}: must be 1 or T = {steps}"),
-        ));
+        return Err(config_err("t_in", format!("T_in = {t_in}: must be 1 or T = {steps}")));
     }
     let f = 4usize;
     let classes = spec.classes()?;
     let ts = layer_steps(&plan, steps, t_in);
-    let mut mp = MemoryPlan {
-        batch,
-        steps,
-        t_in,
-        ..Default::default()
-    };
+    let mut mp = MemoryPlan { batch, steps, t_in, ..Default::default() };
     let mut nparams = 0usize;
     let mut has_params = Vec::with_capacity(plan.len());
     let mut ws = 0usize;
@@ -210,14 +186,9 @@ pub fn memory_plan_for(
         let in_len = c * h * w;
         let out_len: usize = lp.output.iter().product();
         let p = match lp.spec {
-            LayerSpec::Conv {
-                out_channels,
-                kernel,
-                padding,
-            } => {
+            LayerSpec::Conv { out_channels, kernel, padding } => {
                 let g = ConvGeom::new(c, out_channels, h, w, kernel, padding);
-                ws = ws
-                    .max(ConvPlan::new(&g, ti * batch, DEFAULT_WORKSPACE_BYTES).workspace_bytes());
+                ws = ws.max(ConvPlan::new(&g, ti * batch, DEFAULT_WORKSPACE_BYTES).workspace_bytes());
                 g.weight_len() + out_channels
             }
             LayerSpec::Linear { out_features } => c * out_features + out_features,
@@ -226,25 +197,19 @@ pub fn memory_plan_for(
                 let k = 2 * fb.radius + 1;
                 let per_gate = c * c * k * k + c;
                 let all = to * batch * in_len;
-                mp.spiking +=
-                    f * ((3 + fb.back as usize + fb.ei as usize) * all + 4 * batch * in_len);
+                mp.spiking += f * ((3 + fb.back as usize + fb.ei as usize) * all + 4 * batch * in_len);
                 per_gate * (fb.back as usize + fb.ei as usize)
             }
             _ => 0,
         };
         nparams += p;
-        has_params
-            .push(p > 0 || matches!(lp.spec, LayerSpec::Conv { .. } | LayerSpec::Linear { .. }));
-        if !matches!(
-            lp.spec,
-            LayerSpec::Flatten | LayerSpec::BackEi | LayerSpec::Spiking
-        ) {
+        has_params.push(p > 0 || matches!(lp.spec, LayerSpec::Conv { .. } | LayerSpec::Linear { .. }));
+        if !matches!(lp.spec, LayerSpec::Flatten | LayerSpec::BackEi | LayerSpec::Spiking) {
             mp.activations += f * to * batch * out_len;
         }
     }
     for (i, (lp, &(ti, _))) in plan.iter().zip(&ts).enumerate() {
-        let needs = has_params[..i].iter().any(|&x| x)
-            || matches!(lp.spec, LayerSpec::BackEi | LayerSpec::Spiking);
+        let needs = has_params[..i].iter().any(|&x| x) || matches!(lp.spec, LayerSpec::BackEi | LayerSpec::Spiking);
         if needs && lp.spec != LayerSpec::Flatten {
             mp.gradients += f * ti * batch * lp.input.iter().product::<usize>();
         }
@@ -258,18 +223,8 @@ pub fn memory_plan_for(
 }
 
 /// The largest batch ≤ `batch` whose training step fits `bytes` (None: not even one sample).
-pub fn batch_that_fits(
-    spec: &NetworkSpec,
-    batch: usize,
-    steps: usize,
-    t_in: usize,
-    bytes: usize,
-) -> Option<usize> {
-    let fits = |b: usize| {
-        memory_plan_for(spec, b, steps, t_in)
-            .map(|p| p.total() <= bytes)
-            .unwrap_or(false)
-    };
+pub fn batch_that_fits(spec: &NetworkSpec, batch: usize, steps: usize, t_in: usize, bytes: usize) -> Option<usize> {
+    let fits = |b: usize| memory_plan_for(spec, b, steps, t_in).map(|p| p.total() <= bytes).unwrap_or(false);
     if !fits(1) {
         return None;
     }
@@ -310,17 +265,11 @@ pub struct GpuNetwork {
 }
 
 fn missing(what: &str) -> BackeiError {
-    BackeiError::Cuda(format!(
-        "internal: {what} used before it was allocated (call forward first)"
-    ))
+    BackeiError::Cuda(format!("internal: {what} used before it was allocated (call forward first)"))
 }
 
 /// The input of the layer after `before`: the output of the last layer that holds one.
-fn source<'a>(
-    before: &'a [Layer],
-    input: &'a CudaSlice<f32>,
-    batch: usize,
-) -> Result<CudaView<'a, f32>> {
+fn source<'a>(before: &'a [Layer], input: &'a CudaSlice<f32>, batch: usize) -> Result<CudaView<'a, f32>> {
     for l in before.iter().rev() {
         let len = l.t_out * batch * l.out_len;
         let buf = match &l.op {
@@ -328,31 +277,18 @@ fn source<'a>(
             Op::Spike { layer, .. } => layer.output()?,
             _ => l.out.as_ref().ok_or_else(|| missing("a layer output"))?,
         };
-        return buf.try_slice(0..len).ok_or_else(|| {
-            shape_err(
-                "layer output",
-                format!("≥ {len} values"),
-                format!("{}", buf.len()),
-            )
-        });
+        return buf.try_slice(0..len).ok_or_else(|| shape_err("layer output", format!("≥ {len} values"), format!("{}", buf.len())));
     }
     Ok(input.as_view())
 }
 
 /// ∂L/∂(output of the layer before `after`): the grad_in of the next layer that holds one.
-fn grad_of_output<'a>(
-    after: &'a [Layer],
-    upstream: &'a CudaSlice<f32>,
-) -> Result<CudaView<'a, f32>> {
+fn grad_of_output<'a>(after: &'a [Layer], upstream: &'a CudaSlice<f32>) -> Result<CudaView<'a, f32>> {
     for l in after {
         if matches!(l.op, Op::Flatten) {
             continue;
         }
-        return Ok(l
-            .grad_in
-            .as_ref()
-            .ok_or_else(|| missing("a layer's input gradient"))?
-            .as_view());
+        return Ok(l.grad_in.as_ref().ok_or_else(|| missing("a layer's input gradient"))?.as_view());
     }
     Ok(upstream.as_view())
 }
@@ -370,39 +306,17 @@ impl GpuNetwork {
         let spec = cpu.spec.clone();
         let plan = spec.plan()?;
         let slots = cpu.slots.clone();
-        let find = |name: String| {
-            slots
-                .iter()
-                .find(|s| s.name == name)
-                .map(|s| s.range.clone())
-        };
-        let need = |name: String| {
-            find(name.clone()).ok_or_else(|| {
-                config_err(
-                    "parameters",
-                    format!("the CPU network has no slot `{name}`"),
-                )
-            })
-        };
+        let find = |name: String| slots.iter().find(|s| s.name == name).map(|s| s.range.clone());
+        let need =
+            |name: String| find(name.clone()).ok_or_else(|| config_err("parameters", format!("the CPU network has no slot `{name}`")));
         let ts = layer_steps(&plan, spec.steps, 1);
         let mut layers = Vec::with_capacity(plan.len());
         for (i, (lp, &(t_in, t_out))) in plan.iter().zip(&ts).enumerate() {
             let [c, h, w] = lp.input;
             let op = match lp.spec {
-                LayerSpec::Conv {
-                    out_channels,
-                    kernel,
-                    padding,
-                } => {
-                    let (w, b) = (
-                        need(format!("layers.{i}.weight"))?,
-                        need(format!("layers.{i}.bias"))?,
-                    );
-                    Op::Conv {
-                        geom: ConvGeom::new(c, out_channels, h, w_of(lp), kernel, padding),
-                        w,
-                        b,
-                    }
+                LayerSpec::Conv { out_channels, kernel, padding } => {
+                    let (w, b) = (need(format!("layers.{i}.weight"))?, need(format!("layers.{i}.bias"))?);
+                    Op::Conv { geom: ConvGeom::new(c, out_channels, h, w_of(lp), kernel, padding), w, b }
                 }
                 LayerSpec::Linear { out_features } => Op::Linear {
                     n_in: c,
@@ -411,33 +325,18 @@ impl GpuNetwork {
                     b: need(format!("layers.{i}.bias"))?,
                 },
                 LayerSpec::AvgPool => Op::Pool { c, h, w },
-                LayerSpec::Dropout { p } => Op::Dropout {
-                    p: p as f32,
-                    index: i as u32,
-                    key: None,
-                },
+                LayerSpec::Dropout { p } => Op::Dropout { p: p as f32, index: i as u32, key: None },
                 LayerSpec::Flatten => Op::Flatten,
                 LayerSpec::BackEi | LayerSpec::Spiking => {
                     let fb = spike_feedback(&spec, &lp.spec);
                     let get = |s: &str| find(format!("layers.{i}.{s}")).unwrap_or(0..0);
-                    let params: BackEiSlots = [
-                        get("back.weight"),
-                        get("back.bias"),
-                        get("ei.weight"),
-                        get("ei.bias"),
-                    ];
-                    Op::Spike {
-                        layer: Box::new(GpuBackEiLayer::new(dev, lp.input, fb, &spec.neuron)?),
-                        params,
-                    }
+                    let params: BackEiSlots = [get("back.weight"), get("back.bias"), get("ei.weight"), get("ei.bias")];
+                    Op::Spike { layer: Box::new(GpuBackEiLayer::new(dev, lp.input, fb, &spec.neuron)?), params }
                 }
             };
             if let Op::Conv { w, b, .. } | Op::Linear { w, b, .. } = &op {
                 if w.end != b.start {
-                    return Err(config_err(
-                        "parameters",
-                        format!("layer {i}: the bias must follow the weight in the flat buffer"),
-                    ));
+                    return Err(config_err("parameters", format!("layer {i}: the bias must follow the weight in the flat buffer")));
                 }
             }
             layers.push(Layer {
@@ -450,18 +349,9 @@ impl GpuNetwork {
                 grad_in: None,
             });
         }
-        let params = dev
-            .stream
-            .clone_htod(&cpu.params)
-            .map_err(cuda_err("uploading the parameters"))?;
-        let grads = dev
-            .stream
-            .alloc_zeros::<f32>(cpu.params.len().max(1))
-            .map_err(cuda_err("allocating the gradients"))?;
-        let counter = dev
-            .stream
-            .alloc_zeros::<u32>(1)
-            .map_err(cuda_err("allocating a counter"))?;
+        let params = dev.stream.clone_htod(&cpu.params).map_err(cuda_err("uploading the parameters"))?;
+        let grads = dev.stream.alloc_zeros::<f32>(cpu.params.len().max(1)).map_err(cuda_err("allocating the gradients"))?;
+        let counter = dev.stream.alloc_zeros::<u32>(1).map_err(cuda_err("allocating a counter"))?;
         Ok(GpuNetwork {
             dev: dev.clone(),
             classes: spec.classes()?,
@@ -493,22 +383,14 @@ impl GpuNetwork {
 
     /// The parameters, copied to the host (the CPU engine's layout).
     pub fn params_to_host(&self) -> Result<Vec<f32>> {
-        let mut v = self
-            .dev
-            .stream
-            .clone_dtoh(&self.params)
-            .map_err(cuda_err("reading the parameters"))?;
+        let mut v = self.dev.stream.clone_dtoh(&self.params).map_err(cuda_err("reading the parameters"))?;
         v.truncate(self.num_params());
         Ok(v)
     }
 
     /// The gradients of the last backward, copied to the host.
     pub fn grads_to_host(&self) -> Result<Vec<f32>> {
-        let mut v = self
-            .dev
-            .stream
-            .clone_dtoh(&self.grads)
-            .map_err(cuda_err("reading the gradients"))?;
+        let mut v = self.dev.stream.clone_dtoh(&self.grads).map_err(cuda_err("reading the gradients"))?;
         v.truncate(self.num_params());
         Ok(v)
     }
@@ -516,18 +398,11 @@ impl GpuNetwork {
     /// Replaces every parameter (a checkpoint, or the CPU engine's weights).
     pub fn load_params(&mut self, params: &[f32]) -> Result<()> {
         if params.len() != self.num_params() {
-            return Err(shape_err(
-                "parameters",
-                format!("{} values", self.num_params()),
-                format!("{}", params.len()),
-            ));
+            return Err(shape_err("parameters", format!("{} values", self.num_params()), format!("{}", params.len())));
         }
         check_finite("parameters", params, "a parameter to load is NaN or Inf")?;
         if !params.is_empty() {
-            self.dev
-                .stream
-                .memcpy_htod(params, &mut self.params)
-                .map_err(cuda_err("uploading the parameters"))?;
+            self.dev.stream.memcpy_htod(params, &mut self.params).map_err(cuda_err("uploading the parameters"))?;
         }
         Ok(())
     }
@@ -548,9 +423,7 @@ impl GpuNetwork {
         let ts = layer_steps(&plan, self.spec.steps, t_in);
         let mut param_before = false;
         let alloc = |len: usize, what: &str| {
-            stream
-                .alloc_zeros::<f32>(len.max(1))
-                .map_err(cuda_err(format!("allocating {what} for batch {batch}")))
+            stream.alloc_zeros::<f32>(len.max(1)).map_err(cuda_err(format!("allocating {what} for batch {batch}")))
         };
         for (l, &(ti, to)) in self.layers.iter_mut().zip(&ts) {
             l.out = None;
@@ -572,10 +445,7 @@ impl GpuNetwork {
         let last_t = ts.last().map_or(t_in, |x| x.1);
         self.input = Some(alloc(t_in * batch * frame, "the input batch")?);
         self.readout = Some(alloc(batch * self.classes, "the readout")?);
-        self.upstream = Some(alloc(
-            last_t * batch * self.classes,
-            "the readout gradient",
-        )?);
+        self.upstream = Some(alloc(last_t * batch * self.classes, "the readout gradient")?);
         self.loss = Some(LossBuffers::new(&self.dev, batch, self.classes)?);
         self.shape = (batch, t_in);
         Ok(())
@@ -588,18 +458,13 @@ impl GpuNetwork {
         }
         let steps = self.spec.steps;
         let total = self.dev.ctx.total_mem().unwrap_or(0);
-        let need = memory_plan_for(&self.spec, batch, steps, t_in)
-            .map(|p| p.to_string())
-            .unwrap_or_default();
+        let need = memory_plan_for(&self.spec, batch, steps, t_in).map(|p| p.to_string()).unwrap_or_default();
         let fit = batch_that_fits(&self.spec, batch, steps, t_in, total / 10 * 9);
         let advice = match fit {
-            Some(b) if b < batch => format!(
-                "use --batch {b} (the largest that fits 90 % of the {:.1} GiB)",
-                total as f64 / (1u64 << 30) as f64
-            ),
-            Some(_) => {
-                "other processes hold GPU memory: free it or lower the batch size".to_string()
+            Some(b) if b < batch => {
+                format!("use --batch {b} (the largest that fits 90 % of the {:.1} GiB)", total as f64 / (1u64 << 30) as f64)
             }
+            Some(_) => "other processes hold GPU memory: free it or lower the batch size".to_string(),
             None => format!("not even batch 1 fits at T = {steps}: lower T or use --device cpu"),
         };
         BackeiError::Cuda(format!("out of GPU memory at batch size {batch}, T = {steps}: the step needs {need}; {advice} ({e})"))
@@ -612,20 +477,12 @@ impl GpuNetwork {
             return Err(config_err("batch", "batch size 0"));
         }
         if t_in != 1 && t_in != t {
-            return Err(shape_err(
-                "network input",
-                format!("T_in = 1 or T = {t} frames"),
-                format!("T_in = {t_in}"),
-            ));
+            return Err(shape_err("network input", format!("T_in = 1 or T = {t} frames"), format!("T_in = {t_in}")));
         }
         if len != t_in * batch * frame {
             return Err(shape_err(
                 "network input",
-                format!(
-                    "{t_in}×{batch}×{:?} = {} values",
-                    self.spec.input,
-                    t_in * batch * frame
-                ),
+                format!("{t_in}×{batch}×{:?} = {} values", self.spec.input, t_in * batch * frame),
                 format!("{len} values"),
             ));
         }
@@ -636,40 +493,20 @@ impl GpuNetwork {
     /// [B][classes] stays on the device (`readout_to_host` copies it).
     pub fn forward(&mut self, x: &[f32], t_in: usize, batch: usize) -> Result<()> {
         self.check_input_shape(x.len(), t_in, batch)?;
-        check_finite(
-            "network input",
-            x,
-            "the input batch holds NaN or Inf: check the data and its normalisation",
-        )?;
-        self.ensure_buffers(batch, t_in)
-            .map_err(|e| self.explain_oom(e, batch, t_in))?;
-        let input = self
-            .input
-            .as_mut()
-            .ok_or_else(|| missing("the input buffer"))?;
-        self.dev
-            .stream
-            .memcpy_htod(x, input)
-            .map_err(cuda_err("uploading the input batch"))?;
-        self.run_forward(batch)
-            .map_err(|e| self.explain_oom(e, batch, t_in))
+        check_finite("network input", x, "the input batch holds NaN or Inf: check the data and its normalisation")?;
+        self.ensure_buffers(batch, t_in).map_err(|e| self.explain_oom(e, batch, t_in))?;
+        let input = self.input.as_mut().ok_or_else(|| missing("the input buffer"))?;
+        self.dev.stream.memcpy_htod(x, input).map_err(cuda_err("uploading the input batch"))?;
+        self.run_forward(batch).map_err(|e| self.explain_oom(e, batch, t_in))
     }
 
     /// `forward` on a batch already on this device.
     pub fn forward_device(&mut self, x: &CudaView<f32>, t_in: usize, batch: usize) -> Result<()> {
         self.check_input_shape(x.len(), t_in, batch)?;
-        self.ensure_buffers(batch, t_in)
-            .map_err(|e| self.explain_oom(e, batch, t_in))?;
-        let input = self
-            .input
-            .as_mut()
-            .ok_or_else(|| missing("the input buffer"))?;
-        self.dev
-            .stream
-            .memcpy_dtod(x, input)
-            .map_err(cuda_err("copying the input batch"))?;
-        self.run_forward(batch)
-            .map_err(|e| self.explain_oom(e, batch, t_in))
+        self.ensure_buffers(batch, t_in).map_err(|e| self.explain_oom(e, batch, t_in))?;
+        let input = self.input.as_mut().ok_or_else(|| missing("the input buffer"))?;
+        self.dev.stream.memcpy_dtod(x, input).map_err(cuda_err("copying the input batch"))?;
+        self.run_forward(batch).map_err(|e| self.explain_oom(e, batch, t_in))
     }
 
     fn run_forward(&mut self, batch: usize) -> Result<()> {
@@ -684,10 +521,7 @@ impl GpuNetwork {
         let dev = self.dev.clone();
         let steps = self.spec.steps;
         let (seed, iteration, training) = (self.dropout_seed, self.iteration, self.training);
-        let input = self
-            .input
-            .as_ref()
-            .ok_or_else(|| missing("the input buffer"))?;
+        let input = self.input.as_ref().ok_or_else(|| missing("the input buffer"))?;
         let p = &self.params;
         for i in 0..self.layers.len() {
             let (before, rest) = self.layers.split_at_mut(i);
@@ -697,56 +531,21 @@ impl GpuNetwork {
             let rows = t_in * batch;
             match &mut layer.op {
                 Op::Flatten => {}
-                Op::Spike { layer: sl, params } => {
-                    sl.forward(p, params, &src, t_in, batch, steps)?
-                }
+                Op::Spike { layer: sl, params } => sl.forward(p, params, &src, t_in, batch, steps)?,
                 op => {
-                    let out = layer
-                        .out
-                        .as_mut()
-                        .ok_or_else(|| missing("a layer output"))?;
+                    let out = layer.out.as_mut().ok_or_else(|| missing("a layer output"))?;
                     let mut y = out.as_view_mut();
                     match op {
-                        Op::Conv { geom, w, b } => conv::forward(
-                            &dev,
-                            &mut self.conv_ws,
-                            geom,
-                            rows,
-                            &p.slice(w.clone()),
-                            &p.slice(b.clone()),
-                            &src,
-                            &mut y,
-                        )?,
-                        Op::Linear { n_in, n_out, w, b } => linear::forward(
-                            &dev,
-                            *n_in,
-                            *n_out,
-                            rows,
-                            &p.slice(w.clone()),
-                            &p.slice(b.clone()),
-                            &src,
-                            &mut y,
-                        )?,
-                        Op::Pool { c, h, w } => {
-                            pool::forward(&dev, rows * *c, *h, *w, &src, &mut y)?
+                        Op::Conv { geom, w, b } => {
+                            conv::forward(&dev, &mut self.conv_ws, geom, rows, &p.slice(w.clone()), &p.slice(b.clone()), &src, &mut y)?
                         }
-                        Op::Dropout {
-                            p: prob,
-                            index,
-                            key,
-                        } => {
-                            *key =
-                                training.then(|| crate::rng::dropout_key(seed, iteration, *index));
-                            dropout::forward(
-                                &dev,
-                                *key,
-                                *prob,
-                                batch * layer.in_len,
-                                t_out,
-                                t_in,
-                                &src,
-                                &mut y,
-                            )?
+                        Op::Linear { n_in, n_out, w, b } => {
+                            linear::forward(&dev, *n_in, *n_out, rows, &p.slice(w.clone()), &p.slice(b.clone()), &src, &mut y)?
+                        }
+                        Op::Pool { c, h, w } => pool::forward(&dev, rows * *c, *h, *w, &src, &mut y)?,
+                        Op::Dropout { p: prob, index, key } => {
+                            *key = training.then(|| crate::rng::dropout_key(seed, iteration, *index));
+                            dropout::forward(&dev, *key, *prob, batch * layer.in_len, t_out, t_in, &src, &mut y)?
                         }
                         Op::Flatten | Op::Spike { .. } => {}
                     }
@@ -755,29 +554,14 @@ impl GpuNetwork {
         }
         let last_t = self.layers.last().map_or(1, |l| l.t_out);
         let out = source(&self.layers, input, batch)?;
-        let y = self
-            .readout
-            .as_mut()
-            .ok_or_else(|| missing("the readout"))?;
-        gloss::readout(
-            &dev,
-            last_t,
-            batch * self.classes,
-            &out,
-            &mut y.as_view_mut(),
-        )
+        let y = self.readout.as_mut().ok_or_else(|| missing("the readout"))?;
+        gloss::readout(&dev, last_t, batch * self.classes, &out, &mut y.as_view_mut())
     }
 
     /// The readout [B][classes] of the last forward.
     pub fn readout_to_host(&self) -> Result<Vec<f32>> {
-        let y = self
-            .readout
-            .as_ref()
-            .ok_or_else(|| missing("the readout"))?;
-        self.dev
-            .stream
-            .clone_dtoh(y)
-            .map_err(cuda_err("reading the readout"))
+        let y = self.readout.as_ref().ok_or_else(|| missing("the readout"))?;
+        self.dev.stream.clone_dtoh(y).map_err(cuda_err("reading the readout"))
     }
 
     /// BPTT from a host ∂L/∂readout [B][classes]; ACCUMULATES into `grads` (call `zero_grads`).
@@ -787,29 +571,15 @@ impl GpuNetwork {
             return Err(config_err("backward", "backward called before forward"));
         }
         if d_readout.len() != batch * self.classes {
-            return Err(shape_err(
-                "readout gradient",
-                format!("{}", batch * self.classes),
-                format!("{}", d_readout.len()),
-            ));
+            return Err(shape_err("readout gradient", format!("{}", batch * self.classes), format!("{}", d_readout.len())));
         }
-        let lb = self
-            .loss
-            .as_mut()
-            .ok_or_else(|| missing("the loss buffers"))?;
-        self.dev
-            .stream
-            .memcpy_htod(d_readout, &mut lb.dy)
-            .map_err(cuda_err("uploading the readout gradient"))?;
-        self.run_backward()
-            .map_err(|e| self.explain_oom(e, batch, t_in))
+        let lb = self.loss.as_mut().ok_or_else(|| missing("the loss buffers"))?;
+        self.dev.stream.memcpy_htod(d_readout, &mut lb.dy).map_err(cuda_err("uploading the readout gradient"))?;
+        self.run_backward().map_err(|e| self.explain_oom(e, batch, t_in))
     }
 
     pub fn zero_grads(&mut self) -> Result<()> {
-        self.dev
-            .stream
-            .memset_zeros(&mut self.grads)
-            .map_err(cuda_err("clearing the gradients"))
+        self.dev.stream.memset_zeros(&mut self.grads).map_err(cuda_err("clearing the gradients"))
     }
 
     /// BPTT from the ∂L/∂readout in the loss buffers.
@@ -819,29 +589,14 @@ impl GpuNetwork {
         let n = self.layers.len();
         let last_t = self.layers.last().map_or(1, |l| l.t_out);
         let bk = batch * self.classes;
-        let lb = self
-            .loss
-            .as_ref()
-            .ok_or_else(|| missing("the loss buffers"))?;
-        let upstream = self
-            .upstream
-            .as_mut()
-            .ok_or_else(|| missing("the readout gradient"))?;
-        gloss::readout_backward(
-            &dev,
-            last_t,
-            bk,
-            &lb.dy.as_view(),
-            &mut upstream.as_view_mut(),
-        )?;
+        let lb = self.loss.as_ref().ok_or_else(|| missing("the loss buffers"))?;
+        let upstream = self.upstream.as_mut().ok_or_else(|| missing("the readout gradient"))?;
+        gloss::readout_backward(&dev, last_t, bk, &lb.dy.as_view(), &mut upstream.as_view_mut())?;
         let upstream = &*upstream;
         let Some(first) = self.layers.iter().position(|l| l.has_params()) else {
             return Ok(());
         };
-        let input = self
-            .input
-            .as_ref()
-            .ok_or_else(|| missing("the input buffer"))?;
+        let input = self.input.as_ref().ok_or_else(|| missing("the input buffer"))?;
         let (p, g) = (&self.params, &mut self.grads);
         for i in (first..n).rev() {
             let (before, rest) = self.layers.split_at_mut(i);
@@ -859,62 +614,18 @@ impl GpuNetwork {
                 Op::Conv { geom, w, b } => {
                     let mut gv = g.slice_mut(w.start..b.end);
                     let (mut gw, mut gb) = gv.split_at_mut(w.len());
-                    conv::backward(
-                        &dev,
-                        &mut self.conv_ws,
-                        geom,
-                        rows,
-                        &p.slice(w.clone()),
-                        &src,
-                        &dy,
-                        &mut gw,
-                        &mut gb,
-                        dx.as_mut(),
-                    )?;
+                    conv::backward(&dev, &mut self.conv_ws, geom, rows, &p.slice(w.clone()), &src, &dy, &mut gw, &mut gb, dx.as_mut())?;
                 }
                 Op::Linear { n_in, n_out, w, b } => {
                     let mut gv = g.slice_mut(w.start..b.end);
                     let (mut gw, mut gb) = gv.split_at_mut(w.len());
-                    linear::backward(
-                        &dev,
-                        *n_in,
-                        *n_out,
-                        rows,
-                        &p.slice(w.clone()),
-                        &src,
-                        &dy,
-                        &mut gw,
-                        &mut gb,
-                        dx.as_mut(),
-                    )?;
+                    linear::backward(&dev, *n_in, *n_out, rows, &p.slice(w.clone()), &src, &dy, &mut gw, &mut gb, dx.as_mut())?;
                 }
-                Op::Pool { c, h, w } => pool::backward(
-                    &dev,
-                    rows * *c,
-                    *h,
-                    *w,
-                    &dy,
-                    dx.as_mut().ok_or_else(need_dx)?,
-                )?,
-                Op::Dropout { p: prob, key, .. } => dropout::backward(
-                    &dev,
-                    *key,
-                    *prob,
-                    batch * layer.in_len,
-                    t_out,
-                    t_in,
-                    &dy,
-                    dx.as_mut().ok_or_else(need_dx)?,
-                )?,
-                Op::Spike { layer: sl, params } => sl.backward(
-                    p,
-                    g,
-                    params,
-                    &src,
-                    t_in,
-                    &dy,
-                    dx.as_mut().ok_or_else(need_dx)?,
-                )?,
+                Op::Pool { c, h, w } => pool::backward(&dev, rows * *c, *h, *w, &dy, dx.as_mut().ok_or_else(need_dx)?)?,
+                Op::Dropout { p: prob, key, .. } => {
+                    dropout::backward(&dev, *key, *prob, batch * layer.in_len, t_out, t_in, &dy, dx.as_mut().ok_or_else(need_dx)?)?
+                }
+                Op::Spike { layer: sl, params } => sl.backward(p, g, params, &src, t_in, &dy, dx.as_mut().ok_or_else(need_dx)?)?,
                 Op::Flatten => {}
             }
         }
@@ -925,49 +636,22 @@ impl GpuNetwork {
         if labels.is_empty() {
             return Err(config_err("labels", "an empty batch"));
         }
-        if let Some((i, l)) = labels
-            .iter()
-            .enumerate()
-            .find(|(_, &l)| l as usize >= self.classes)
-        {
-            return Err(config_err(
-                "labels",
-                format!(
-                    "label {l} of sample {i} is not below the {} classes",
-                    self.classes
-                ),
-            ));
+        if let Some((i, l)) = labels.iter().enumerate().find(|(_, &l)| l as usize >= self.classes) {
+            return Err(config_err("labels", format!("label {l} of sample {i} is not below the {} classes", self.classes)));
         }
         Ok(())
     }
 
     fn loss_of_readout(&mut self, loss: Loss, labels: &[u8]) -> Result<(f64, usize)> {
-        let y = self
-            .readout
-            .as_ref()
-            .ok_or_else(|| missing("the readout"))?;
-        let lb = self
-            .loss
-            .as_mut()
-            .ok_or_else(|| missing("the loss buffers"))?;
+        let y = self.readout.as_ref().ok_or_else(|| missing("the readout"))?;
+        let lb = self.loss.as_mut().ok_or_else(|| missing("the loss buffers"))?;
         let (l, pred) = lb.compute(&self.dev, loss, &y.as_view(), labels)?;
-        let correct = pred
-            .iter()
-            .zip(labels)
-            .filter(|(p, l)| **p == **l as usize)
-            .count();
+        let correct = pred.iter().zip(labels).filter(|(p, l)| **p == **l as usize).count();
         Ok((l, correct))
     }
 
     /// Forward, loss, backward, optimizer step: one training iteration (as the CPU engine's).
-    pub fn train_step(
-        &mut self,
-        x: &[f32],
-        t_in: usize,
-        labels: &[u8],
-        loss: Loss,
-        opt: &mut GpuOptimizer,
-    ) -> Result<StepStats> {
+    pub fn train_step(&mut self, x: &[f32], t_in: usize, labels: &[u8], loss: Loss, opt: &mut GpuOptimizer) -> Result<StepStats> {
         let batch = labels.len();
         self.check_labels(labels)?;
         self.training = true;
@@ -982,8 +666,7 @@ impl GpuNetwork {
             });
         }
         self.zero_grads()?;
-        self.run_backward()
-            .map_err(|e| self.explain_oom(e, batch, t_in))?;
+        self.run_backward().map_err(|e| self.explain_oom(e, batch, t_in))?;
         let bad = count_nonfinite(&self.dev, &self.grads, &mut self.counter)?;
         if bad > 0 {
             return Err(BackeiError::NonFinite {
@@ -995,41 +678,24 @@ impl GpuNetwork {
         }
         opt.update(&mut self.params, &self.grads)?;
         self.iteration += 1;
-        Ok(StepStats {
-            loss: l,
-            correct,
-            batch,
-        })
+        Ok(StepStats { loss: l, correct, batch })
     }
 
     /// Loss and accuracy without updating anything (dropout off).
-    pub fn evaluate(
-        &mut self,
-        x: &[f32],
-        t_in: usize,
-        labels: &[u8],
-        loss: Loss,
-    ) -> Result<StepStats> {
+    pub fn evaluate(&mut self, x: &[f32], t_in: usize, labels: &[u8], loss: Loss) -> Result<StepStats> {
         let batch = labels.len();
         self.check_labels(labels)?;
         self.training = false;
         self.forward(x, t_in, batch)?;
         let (l, correct) = self.loss_of_readout(loss, labels)?;
-        Ok(StepStats {
-            loss: l,
-            correct,
-            batch,
-        })
+        Ok(StepStats { loss: l, correct, batch })
     }
 
     /// Predicted classes (inference: dropout off).
     pub fn predict(&mut self, x: &[f32], t_in: usize, batch: usize) -> Result<Vec<usize>> {
         self.training = false;
         self.forward(x, t_in, batch)?;
-        let y = self
-            .readout
-            .as_ref()
-            .ok_or_else(|| missing("the readout"))?;
+        let y = self.readout.as_ref().ok_or_else(|| missing("the readout"))?;
         LossBuffers::predict(&self.dev, &y.as_view(), self.classes)
     }
 
@@ -1049,20 +715,11 @@ impl GpuNetwork {
     /// The output [T][B][...] of layer `i` in the last forward, copied to the host.
     pub fn layer_output_to_host(&self, i: usize) -> Result<Vec<f32>> {
         if i >= self.layers.len() {
-            return Err(config_err(
-                "layer",
-                format!("layer {i} of {}", self.layers.len()),
-            ));
+            return Err(config_err("layer", format!("layer {i} of {}", self.layers.len())));
         }
-        let input = self
-            .input
-            .as_ref()
-            .ok_or_else(|| missing("the input buffer"))?;
+        let input = self.input.as_ref().ok_or_else(|| missing("the input buffer"))?;
         let v = source(&self.layers[..=i], input, self.shape.0)?;
-        self.dev
-            .stream
-            .clone_dtoh(&v)
-            .map_err(cuda_err("reading a layer output"))
+        self.dev.stream.clone_dtoh(&v).map_err(cuda_err("reading a layer output"))
     }
 
     /// The memory plan of this network at a batch shape.
@@ -1083,18 +740,10 @@ mod tests {
 
     #[test]
     fn memory_plan_of_the_four_networks() {
-        for spec in [
-            NetworkSpec::mnist(),
-            NetworkSpec::fashion_mnist(),
-            NetworkSpec::cifar10(),
-            NetworkSpec::nmnist(),
-        ] {
+        for spec in [NetworkSpec::mnist(), NetworkSpec::fashion_mnist(), NetworkSpec::cifar10(), NetworkSpec::nmnist()] {
             let direct = memory_plan_for(&spec, 100, 20, 1).unwrap();
             let rate = memory_plan(&spec, 100, 20).unwrap();
-            println!(
-                "{:<14} direct {direct}\n{:<14} rate   {rate}",
-                spec.name, ""
-            );
+            println!("{:<14} direct {direct}\n{:<14} rate   {rate}", spec.name, "");
             // the parameter count is the CPU engine's
             let n = Network::<f32>::new(&spec, 1).unwrap().num_params();
             assert_eq!(direct.params, 4 * n, "{}", spec.name);
@@ -1113,11 +762,7 @@ mod tests {
             // twice the batch needs more, but less than twice (the parameters do not grow)
             let double = memory_plan_for(&spec, 200, 20, 1).unwrap();
             assert!(double.total() > direct.total() && double.total() < 2 * direct.total());
-            assert!(
-                direct.total() < GB40,
-                "{} does not fit 40 GB: {direct}",
-                spec.name
-            );
+            assert!(direct.total() < GB40, "{} does not fit 40 GB: {direct}", spec.name);
         }
     }
 
@@ -1138,14 +783,8 @@ mod tests {
     #[test]
     fn memory_plan_refuses_bad_shapes_and_finds_a_batch_that_fits() {
         let spec = NetworkSpec::cifar10();
-        assert!(memory_plan(&spec, 0, 20)
-            .unwrap_err()
-            .to_string()
-            .contains("batch"));
-        assert!(memory_plan_for(&spec, 10, 20, 3)
-            .unwrap_err()
-            .to_string()
-            .contains("T_in = 3"));
+        assert!(memory_plan(&spec, 0, 20).unwrap_err().to_string().contains("batch"));
+        assert!(memory_plan_for(&spec, 10, 20, 3).unwrap_err().to_string().contains("T_in = 3"));
         assert!(memory_plan(&spec, 10, 0).is_err());
         let one = memory_plan_for(&spec, 1, 20, 1).unwrap().total();
         let b = batch_that_fits(&spec, 100, 20, 1, 8_000_000_000).unwrap();
@@ -1153,10 +792,7 @@ mod tests {
         assert!(memory_plan_for(&spec, b, 20, 1).unwrap().total() <= 8_000_000_000);
         assert!(memory_plan_for(&spec, b + 1, 20, 1).unwrap().total() > 8_000_000_000);
         assert_eq!(batch_that_fits(&spec, 100, 20, 1, one - 1), None);
-        assert_eq!(
-            batch_that_fits(&spec, 100, 20, 1, usize::MAX / 2),
-            Some(100)
-        );
+        assert_eq!(batch_that_fits(&spec, 100, 20, 1, usize::MAX / 2), Some(100));
     }
 
     #[test]

@@ -27,28 +27,10 @@ pub struct GpuOptimizer {
 impl GpuOptimizer {
     pub fn new(dev: &Arc<GpuDevice>, config: OptimizerConfig, len: usize) -> Result<Self> {
         config.validate()?;
-        let vlen = if matches!(config, OptimizerConfig::Adam { .. }) {
-            len
-        } else {
-            1
-        };
-        let m = dev
-            .stream
-            .alloc_zeros(len.max(1))
-            .map_err(cuda_err("allocating the optimizer state"))?;
-        let v = dev
-            .stream
-            .alloc_zeros(vlen.max(1))
-            .map_err(cuda_err("allocating the optimizer state"))?;
-        Ok(GpuOptimizer {
-            dev: dev.clone(),
-            config,
-            lr: config.lr(),
-            step: 0,
-            m,
-            v,
-            len,
-        })
+        let vlen = if matches!(config, OptimizerConfig::Adam { .. }) { len } else { 1 };
+        let m = dev.stream.alloc_zeros(len.max(1)).map_err(cuda_err("allocating the optimizer state"))?;
+        let v = dev.stream.alloc_zeros(vlen.max(1)).map_err(cuda_err("allocating the optimizer state"))?;
+        Ok(GpuOptimizer { dev: dev.clone(), config, lr: config.lr(), step: 0, m, v, len })
     }
 
     /// The state copied from a host optimizer (a checkpoint, or the CPU engine's).
@@ -66,23 +48,13 @@ impl GpuOptimizer {
         if adam {
             check_len("optimizer state v", host.v.len(), self.len)?;
             if self.v.len() != self.len.max(1) {
-                self.v = self
-                    .dev
-                    .stream
-                    .alloc_zeros(self.len.max(1))
-                    .map_err(cuda_err("allocating the optimizer state"))?;
+                self.v = self.dev.stream.alloc_zeros(self.len.max(1)).map_err(cuda_err("allocating the optimizer state"))?;
             }
         }
         if self.len > 0 {
-            self.dev
-                .stream
-                .memcpy_htod(&host.m, &mut self.m)
-                .map_err(cuda_err("uploading the optimizer state"))?;
+            self.dev.stream.memcpy_htod(&host.m, &mut self.m).map_err(cuda_err("uploading the optimizer state"))?;
             if adam {
-                self.dev
-                    .stream
-                    .memcpy_htod(&host.v, &mut self.v)
-                    .map_err(cuda_err("uploading the optimizer state"))?;
+                self.dev.stream.memcpy_htod(&host.v, &mut self.v).map_err(cuda_err("uploading the optimizer state"))?;
             }
         }
         self.config = host.config;
@@ -93,30 +65,16 @@ impl GpuOptimizer {
 
     /// The state as a host optimizer (for checkpoints and comparisons).
     pub fn to_host(&self) -> Result<Optimizer> {
-        let mut m = self
-            .dev
-            .stream
-            .clone_dtoh(&self.m)
-            .map_err(cuda_err("reading the optimizer state"))?;
+        let mut m = self.dev.stream.clone_dtoh(&self.m).map_err(cuda_err("reading the optimizer state"))?;
         m.truncate(self.len);
         let v = if matches!(self.config, OptimizerConfig::Adam { .. }) {
-            let mut v = self
-                .dev
-                .stream
-                .clone_dtoh(&self.v)
-                .map_err(cuda_err("reading the optimizer state"))?;
+            let mut v = self.dev.stream.clone_dtoh(&self.v).map_err(cuda_err("reading the optimizer state"))?;
             v.truncate(self.len);
             v
         } else {
             Vec::new()
         };
-        Ok(Optimizer {
-            config: self.config,
-            lr: self.lr,
-            step: self.step,
-            m,
-            v,
-        })
+        Ok(Optimizer { config: self.config, lr: self.lr, step: self.step, m, v })
     }
 
     /// One update of every parameter, one launch.
@@ -130,13 +88,7 @@ impl GpuOptimizer {
         let n = self.len as i64;
         let cfg = grid(self.len);
         match self.config {
-            OptimizerConfig::Adam {
-                beta1,
-                beta2,
-                eps,
-                weight_decay,
-                ..
-            } => {
+            OptimizerConfig::Adam { beta1, beta2, eps, weight_decay, .. } => {
                 let bc1 = 1.0 - beta1.powi(self.step as i32);
                 let bc2 = 1.0 - beta2.powi(self.step as i32);
                 let step_size = self.lr / bc1;
@@ -162,11 +114,7 @@ impl GpuOptimizer {
                 }
                 .map_err(cuda_err("adam_f32"))?;
             }
-            OptimizerConfig::Sgd {
-                momentum,
-                weight_decay,
-                ..
-            } => {
+            OptimizerConfig::Sgd { momentum, weight_decay, .. } => {
                 let first = (self.step == 1) as i32;
                 let lr = self.lr;
                 let f = self.dev.kernels.function("optim", "sgd_f32")?;
@@ -193,14 +141,8 @@ impl GpuOptimizer {
 }
 
 /// How many elements of `x` are NaN or Inf (one reduction on the device, one u32 back).
-pub fn count_nonfinite(
-    dev: &GpuDevice,
-    x: &CudaSlice<f32>,
-    count: &mut CudaSlice<u32>,
-) -> Result<u32> {
-    dev.stream
-        .memset_zeros(count)
-        .map_err(cuda_err("clearing a counter"))?;
+pub fn count_nonfinite(dev: &GpuDevice, x: &CudaSlice<f32>, count: &mut CudaSlice<u32>) -> Result<u32> {
+    dev.stream.memset_zeros(count).map_err(cuda_err("clearing a counter"))?;
     if x.is_empty() {
         return Ok(0);
     }
@@ -208,17 +150,6 @@ pub fn count_nonfinite(
     let n = x.len() as i64;
     let cfg = grid(x.len().min(1 << 22));
     // SAFETY: x holds n values, count one.
-    unsafe {
-        dev.stream
-            .launch_builder(&f)
-            .arg(x)
-            .arg(&n)
-            .arg(&mut *count)
-            .launch(cfg)
-    }
-    .map_err(cuda_err("count_nonfinite_f32"))?;
-    Ok(dev
-        .stream
-        .clone_dtoh(count)
-        .map_err(cuda_err("reading a counter"))?[0])
+    unsafe { dev.stream.launch_builder(&f).arg(x).arg(&n).arg(&mut *count).launch(cfg) }.map_err(cuda_err("count_nonfinite_f32"))?;
+    Ok(dev.stream.clone_dtoh(count).map_err(cuda_err("reading a counter"))?[0])
 }

@@ -7,59 +7,27 @@ use crate::error::Result;
 use cudarc::driver::{CudaView, CudaViewMut, PushKernelArg};
 
 /// y [planes][h/2][w/2] from x [planes][h][w] (planes = samples·channels).
-pub fn forward(
-    dev: &GpuDevice,
-    planes: usize,
-    h: usize,
-    w: usize,
-    x: &CudaView<f32>,
-    y: &mut CudaViewMut<f32>,
-) -> Result<()> {
+pub fn forward(dev: &GpuDevice, planes: usize, h: usize, w: usize, x: &CudaView<f32>, y: &mut CudaViewMut<f32>) -> Result<()> {
     check_len("pool input", x.len(), planes * h * w)?;
     check_len("pool output", y.len(), planes * (h / 2) * (w / 2))?;
     let f = dev.kernels.function("pool", "avgpool2_forward_f32")?;
     let (pl, hh, ww) = (planes as i64, h as i32, w as i32);
     let cfg = grid(y.len());
     // SAFETY: lengths checked above.
-    unsafe {
-        dev.stream
-            .launch_builder(&f)
-            .arg(x)
-            .arg(&mut *y)
-            .arg(&pl)
-            .arg(&hh)
-            .arg(&ww)
-            .launch(cfg)
-    }
-    .map_err(cuda_err("avgpool2_forward_f32"))?;
+    unsafe { dev.stream.launch_builder(&f).arg(x).arg(&mut *y).arg(&pl).arg(&hh).arg(&ww).launch(cfg) }
+        .map_err(cuda_err("avgpool2_forward_f32"))?;
     Ok(())
 }
 
 /// dx (overwritten, 0 on the rows/columns the floor dropped) from dy.
-pub fn backward(
-    dev: &GpuDevice,
-    planes: usize,
-    h: usize,
-    w: usize,
-    dy: &CudaView<f32>,
-    dx: &mut CudaViewMut<f32>,
-) -> Result<()> {
+pub fn backward(dev: &GpuDevice, planes: usize, h: usize, w: usize, dy: &CudaView<f32>, dx: &mut CudaViewMut<f32>) -> Result<()> {
     check_len("pool output gradient", dy.len(), planes * (h / 2) * (w / 2))?;
     check_len("pool input gradient", dx.len(), planes * h * w)?;
     let f = dev.kernels.function("pool", "avgpool2_backward_f32")?;
     let (pl, hh, ww) = (planes as i64, h as i32, w as i32);
     let cfg = grid(dx.len());
     // SAFETY: lengths checked above.
-    unsafe {
-        dev.stream
-            .launch_builder(&f)
-            .arg(dy)
-            .arg(&mut *dx)
-            .arg(&pl)
-            .arg(&hh)
-            .arg(&ww)
-            .launch(cfg)
-    }
-    .map_err(cuda_err("avgpool2_backward_f32"))?;
+    unsafe { dev.stream.launch_builder(&f).arg(dy).arg(&mut *dx).arg(&pl).arg(&hh).arg(&ww).launch(cfg) }
+        .map_err(cuda_err("avgpool2_backward_f32"))?;
     Ok(())
 }

@@ -23,10 +23,12 @@ pub fn find_ptxas() -> Option<PathBuf> {
     if let Some(p) = std::env::var_os("PTXAS") {
         return Some(PathBuf::from(p));
     }
-    let mut candidates: Vec<PathBuf> = std::env::var_os("PATH")
-        .map(|p| std::env::split_paths(&p).map(|d| d.join("ptxas")).collect())
-        .unwrap_or_default();
-    if let Ok(out) = Command::new("python3").args(["-c", "import nvidia, os; print(os.path.join(list(nvidia.__path__)[0], 'cuda_nvcc', 'bin', 'ptxas'))"]).output() {
+    let mut candidates: Vec<PathBuf> =
+        std::env::var_os("PATH").map(|p| std::env::split_paths(&p).map(|d| d.join("ptxas")).collect()).unwrap_or_default();
+    if let Ok(out) = Command::new("python3")
+        .args(["-c", "import nvidia, os; print(os.path.join(list(nvidia.__path__)[0], 'cuda_nvcc', 'bin', 'ptxas'))"])
+        .output()
+    {
         candidates.push(PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()));
     }
     candidates.push(PathBuf::from("/usr/local/cuda/bin/ptxas"));
@@ -37,10 +39,7 @@ pub fn find_ptxas() -> Option<PathBuf> {
 pub fn parse_ptxas_report(module: &str, text: &str) -> Vec<KernelStats> {
     let mut out: Vec<KernelStats> = Vec::new();
     let num_before = |s: &str, unit: &str| -> u32 {
-        s.find(unit)
-            .and_then(|i| s[..i].split_whitespace().last())
-            .and_then(|n| n.parse().ok())
-            .unwrap_or(0)
+        s.find(unit).and_then(|i| s[..i].split_whitespace().last()).and_then(|n| n.parse().ok()).unwrap_or(0)
     };
     for line in text.lines() {
         if let Some(i) = line.find("Compiling entry function '") {
@@ -71,40 +70,24 @@ pub fn parse_ptxas_report(module: &str, text: &str) -> Vec<KernelStats> {
 
 /// Compiles every module for `arch` and reports each kernel's resources.
 pub fn kernel_report(arch: &str) -> Result<Vec<KernelStats>> {
-    let ptxas = find_ptxas().ok_or_else(|| {
-        BackeiError::Cuda(
-            "ptxas not found: set PTXAS, put it on PATH, or pip install nvidia-cuda-nvcc-cu12"
-                .into(),
-        )
-    })?;
+    let ptxas = find_ptxas()
+        .ok_or_else(|| BackeiError::Cuda("ptxas not found: set PTXAS, put it on PATH, or pip install nvidia-cuda-nvcc-cu12".into()))?;
     let dir = std::env::temp_dir().join(format!("backei-ptxas-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).map_err(|e| BackeiError::Io {
-        path: dir.display().to_string(),
-        problem: e.to_string(),
-    })?;
+    std::fs::create_dir_all(&dir).map_err(|e| BackeiError::Io { path: dir.display().to_string(), problem: e.to_string() })?;
     let mut all = Vec::new();
     for module in module_names() {
         let ptx = compile_module(module, arch)?;
         let file = dir.join(format!("{module}.ptx"));
-        std::fs::write(&file, ptx).map_err(|e| BackeiError::Io {
-            path: file.display().to_string(),
-            problem: e.to_string(),
-        })?;
+        std::fs::write(&file, ptx).map_err(|e| BackeiError::Io { path: file.display().to_string(), problem: e.to_string() })?;
         let out = Command::new(&ptxas)
             .args(["-v", &format!("-arch={arch}"), "-o"])
             .arg(dir.join(format!("{module}.cubin")))
             .arg(&file)
             .output()
-            .map_err(|e| BackeiError::Io {
-                path: ptxas.display().to_string(),
-                problem: e.to_string(),
-            })?;
-        let text = String::from_utf8_lossy(&out.stderr).into_owned()
-            + &String::from_utf8_lossy(&out.stdout);
+            .map_err(|e| BackeiError::Io { path: ptxas.display().to_string(), problem: e.to_string() })?;
+        let text = String::from_utf8_lossy(&out.stderr).into_owned() + &String::from_utf8_lossy(&out.stdout);
         if !out.status.success() {
-            return Err(BackeiError::Cuda(format!(
-                "ptxas failed on module {module} for {arch}:\n{text}"
-            )));
+            return Err(BackeiError::Cuda(format!("ptxas failed on module {module} for {arch}:\n{text}")));
         }
         all.extend(parse_ptxas_report(module, &text));
     }
@@ -129,19 +112,7 @@ ptxas info    : Function properties for fill_f32\n\
 ptxas info    : Used 8 registers, used 0 barriers, 364 bytes cmem[0]\n";
         let k = parse_ptxas_report("m", text);
         assert_eq!(k.len(), 2);
-        assert_eq!(
-            (
-                k[0].registers,
-                k[0].shared_bytes,
-                k[0].stack_bytes,
-                k[0].spill_stores,
-                k[0].spill_loads
-            ),
-            (40, 4096, 8, 4, 12)
-        );
-        assert_eq!(
-            (k[1].kernel.as_str(), k[1].registers, k[1].shared_bytes),
-            ("fill_f32", 8, 0)
-        );
+        assert_eq!((k[0].registers, k[0].shared_bytes, k[0].stack_bytes, k[0].spill_stores, k[0].spill_loads), (40, 4096, 8, 4, 12));
+        assert_eq!((k[1].kernel.as_str(), k[1].registers, k[1].shared_bytes), ("fill_f32", 8, 0));
     }
 }

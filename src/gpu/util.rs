@@ -14,11 +14,7 @@ pub const BLOCK: u32 = 256;
 /// loop covers the rest).
 pub fn grid(total: usize) -> LaunchConfig {
     let blocks = total.div_ceil(BLOCK as usize).clamp(1, 1 << 20) as u32;
-    LaunchConfig {
-        grid_dim: (blocks, 1, 1),
-        block_dim: (BLOCK, 1, 1),
-        shared_mem_bytes: 0,
-    }
+    LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 }
 }
 
 /// A CUDA driver error as a value naming what failed.
@@ -37,11 +33,7 @@ pub fn check_len(place: &str, len: usize, expected: usize) -> Result<()> {
     if len == expected {
         Ok(())
     } else {
-        Err(shape_err(
-            place,
-            format!("{expected} f32 values"),
-            format!("{len}"),
-        ))
+        Err(shape_err(place, format!("{expected} f32 values"), format!("{len}")))
     }
 }
 
@@ -62,21 +54,9 @@ pub struct GemmShape {
 impl GemmShape {
     /// Elements of A, B and C the call touches (the buffers must hold at least these).
     pub fn extents(&self) -> (usize, usize, usize) {
-        let (ar, ac) = if self.ta {
-            (self.k, self.m)
-        } else {
-            (self.m, self.k)
-        };
-        let (br, bc) = if self.tb {
-            (self.n, self.k)
-        } else {
-            (self.k, self.n)
-        };
-        (
-            (ar - 1) * self.lda + ac,
-            (br - 1) * self.ldb + bc,
-            (self.m - 1) * self.ldc + self.n,
-        )
+        let (ar, ac) = if self.ta { (self.k, self.m) } else { (self.m, self.k) };
+        let (br, bc) = if self.tb { (self.n, self.k) } else { (self.k, self.n) };
+        ((ar - 1) * self.lda + ac, (br - 1) * self.ldb + bc, (self.m - 1) * self.ldc + self.n)
     }
 
     /// Leading dimensions at least the row lengths, and every size within cuBLAS's `int`.
@@ -84,17 +64,8 @@ impl GemmShape {
         let ac = if self.ta { self.m } else { self.k };
         let bc = if self.tb { self.k } else { self.n };
         let dims = [self.m, self.n, self.k, self.lda, self.ldb, self.ldc];
-        if dims.contains(&0)
-            || self.lda < ac
-            || self.ldb < bc
-            || self.ldc < self.n
-            || dims.iter().any(|&d| d > i32::MAX as usize)
-        {
-            return Err(shape_err(
-                "GEMM",
-                "positive sizes that fit an int, leading dimensions ≥ row lengths",
-                format!("{self:?}"),
-            ));
+        if dims.contains(&0) || self.lda < ac || self.ldb < bc || self.ldc < self.n || dims.iter().any(|&d| d > i32::MAX as usize) {
+            return Err(shape_err("GEMM", "positive sizes that fit an int, leading dimensions ≥ row lengths", format!("{self:?}")));
         }
         Ok(())
     }
@@ -141,6 +112,5 @@ pub fn sgemm_rm<A: DevicePtr<f32>, B: DevicePtr<f32>, C: DevicePtrMut<f32>>(
         ldc: s.ldc as i32,
     };
     // SAFETY: the extents of every operand were checked against the buffers above.
-    unsafe { dev.blas()?.gemm(cfg, b, a, c) }
-        .map_err(|e| BackeiError::Cuda(format!("cublasSgemm {s:?}: {e:?}")))
+    unsafe { dev.blas()?.gemm(cfg, b, a, c) }.map_err(|e| BackeiError::Cuda(format!("cublasSgemm {s:?}: {e:?}")))
 }

@@ -69,12 +69,17 @@ pub fn save(path: &Path, ck: &Checkpoint, slots: &[ParamSlot]) -> Result<()> {
     meta.insert("format".to_string(), FORMAT.to_string());
     meta.insert("config".into(), json(serde_json::to_string(&ck.config)));
     meta.insert("progress".into(), json(serde_json::to_string(&ck.progress)));
-    meta.insert("optimizer".into(), serde_json::json!({"config": opt_state.config, "lr": opt_state.lr, "step": opt_state.step}).to_string());
+    meta.insert(
+        "optimizer".into(),
+        serde_json::json!({"config": opt_state.config, "lr": opt_state.lr, "step": opt_state.step}).to_string(),
+    );
     meta.insert("version".into(), env!("CARGO_PKG_VERSION").into());
     meta.insert("sha256".into(), digest(&tensors));
     let views: Vec<(String, TensorView)> = tensors
         .iter()
-        .map(|(n, shape, bytes)| (n.clone(), TensorView::new(Dtype::F32, shape.clone(), bytes).expect("shape matches bytes by construction")))
+        .map(|(n, shape, bytes)| {
+            (n.clone(), TensorView::new(Dtype::F32, shape.clone(), bytes).expect("shape matches bytes by construction"))
+        })
         .collect();
     let bytes = safetensors::serialize(views, Some(meta)).map_err(|e| io_err(path, e))?;
     write_atomically(path, &bytes).map_err(|e| io_err(path, format!("cannot write checkpoint: {e}")))
@@ -84,7 +89,9 @@ pub fn save(path: &Path, ck: &Checkpoint, slots: &[ParamSlot]) -> Result<()> {
 /// against it when given.
 pub fn load(path: &Path) -> Result<(Checkpoint, Vec<(String, Vec<usize>)>)> {
     let bytes = std::fs::read(path).map_err(|e| io_err(path, format!("cannot read checkpoint: {e}")))?;
-    let bad = |what: String| io_err(path, format!("not a valid backei checkpoint: {what} (the file may be truncated or corrupted; use checkpoint-best.safetensors or an earlier copy)"));
+    let bad = |what: String| {
+        io_err(path, format!("not a valid backei checkpoint: {what} (the file may be truncated or corrupted; use checkpoint-best.safetensors or an earlier copy)"))
+    };
     let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| bad(e.to_string()))?;
     let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| bad(e.to_string()))?;
     let meta = header.metadata().clone().ok_or_else(|| bad("no metadata".into()))?;

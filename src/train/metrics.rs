@@ -41,9 +41,7 @@ impl MetricsWriter {
     /// at or after `from_epoch` are dropped, so the files match an uninterrupted run.
     pub fn open(dir: &Path, from_epoch: usize) -> Result<Self> {
         let w = MetricsWriter { csv: dir.join("metrics.csv"), jsonl: dir.join("metrics.jsonl") };
-        let keep = |line: &str| -> bool {
-            line.split(',').next().and_then(|e| e.parse::<usize>().ok()).is_some_and(|e| e <= from_epoch)
-        };
+        let keep = |line: &str| -> bool { line.split(',').next().and_then(|e| e.parse::<usize>().ok()).is_some_and(|e| e <= from_epoch) };
         let old_csv = std::fs::read_to_string(&w.csv).unwrap_or_default();
         let mut csv = String::from(Self::HEADER);
         csv.push('\n');
@@ -100,7 +98,8 @@ impl MetricsWriter {
         text.lines()
             .enumerate()
             .map(|(i, l)| {
-                serde_json::from_str(l).map_err(|e| BackeiError::Io { path: path.display().to_string(), problem: format!("line {}: {e}", i + 1) })
+                serde_json::from_str(l)
+                    .map_err(|e| BackeiError::Io { path: path.display().to_string(), problem: format!("line {}: {e}", i + 1) })
             })
             .collect()
     }

@@ -6,9 +6,9 @@ use super::config::TrainConfig;
 use super::metrics::{EpochRow, MetricsWriter};
 use super::progress::EpochProgress;
 use crate::cpu::loss::Loss;
-use crate::engine::Engine;
 use crate::data::loader::epoch_order;
 use crate::data::{Dataset, DatasetKind, LoadOptions, Loader, LoaderOptions, Split};
+use crate::engine::Engine;
 use crate::error::{config_err, BackeiError, Result};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -109,7 +109,13 @@ pub fn evaluate(engine: &mut Engine, data: Arc<Dataset>, cfg: &TrainConfig) -> R
             *a /= n.max(1) as f64;
         }
     }
-    Ok(Evaluation { accuracy: correct as f64 / n.max(1) as f64, loss: loss_sum / n.max(1) as f64, confusion, spike_stats: rates, samples: n })
+    Ok(Evaluation {
+        accuracy: correct as f64 / n.max(1) as f64,
+        loss: loss_sum / n.max(1) as f64,
+        confusion,
+        spike_stats: rates,
+        samples: n,
+    })
 }
 
 pub enum RunOutcome {
@@ -146,7 +152,8 @@ pub fn train(opts: RunOptions, engine: &mut Engine) -> Result<RunOutcome> {
     let slots = &slots[..];
     let cfg = &opts.config;
     cfg.validate()?;
-    std::fs::create_dir_all(&opts.out).map_err(|e| BackeiError::Io { path: opts.out.display().to_string(), problem: format!("cannot create the run folder: {e}") })?;
+    std::fs::create_dir_all(&opts.out)
+        .map_err(|e| BackeiError::Io { path: opts.out.display().to_string(), problem: format!("cannot create the run folder: {e}") })?;
     let data = load_data(cfg)?;
     write_config(&opts.out, cfg, opts.engine_line)?;
     let mut progress = Progress { epoch: 0, batches_done: 0, iteration: 0, partial: [0.0; 4], best_accuracy: -1.0, best_epoch: 0 };
@@ -163,7 +170,8 @@ pub fn train(opts: RunOptions, engine: &mut Engine) -> Result<RunOutcome> {
     let best_path = opts.out.join("checkpoint-best.safetensors");
     let base_lr = cfg.optimizer.lr();
     let save = |path: &Path, engine: &Engine, progress: &Progress| -> Result<()> {
-        let ck = Checkpoint { config: cfg.clone(), progress: progress.clone(), params: engine.params()?, optimizer: engine.optimizer_state()? };
+        let ck =
+            Checkpoint { config: cfg.clone(), progress: progress.clone(), params: engine.params()?, optimizer: engine.optimizer_state()? };
         checkpoint::save(path, &ck, slots)
     };
     let mut final_acc = 0.0;
@@ -179,7 +187,9 @@ pub fn train(opts: RunOptions, engine: &mut Engine) -> Result<RunOutcome> {
                 continue;
             }
             let s = engine.train_step(&batch.x, batch.t_in, &batch.labels, cfg.loss).map_err(|e| match e {
-                BackeiError::NonFinite { place, index, value, hint } => BackeiError::NonFinite { place: format!("{place} (epoch {}, batch {})", epoch + 1, k + 1), index, value, hint },
+                BackeiError::NonFinite { place, index, value, hint } => {
+                    BackeiError::NonFinite { place: format!("{place} (epoch {}, batch {})", epoch + 1, k + 1), index, value, hint }
+                }
                 other => other,
             })?;
             loader.recycle(batch);

@@ -11,9 +11,7 @@ fn read_gz(path: &str) -> Vec<u8> {
         panic!("{path}: {e}; install the Debian package `dataset-fashion-mnist` (apt-get install -y dataset-fashion-mnist)")
     });
     let mut out = Vec::new();
-    GzDecoder::new(f)
-        .read_to_end(&mut out)
-        .unwrap_or_else(|e| panic!("{path}: not a valid gzip file: {e}"));
+    GzDecoder::new(f).read_to_end(&mut out).unwrap_or_else(|e| panic!("{path}: not a valid gzip file: {e}"));
     out
 }
 
@@ -32,10 +30,7 @@ pub fn fashion(split: &str, n: usize) -> (Vec<f32>, Vec<u8>, usize, usize) {
     assert_eq!(be32(&lab[4..8]), count, "image and label counts differ");
     assert!(n <= count, "asked for {n} images, the file has {count}");
     let px = rows * cols;
-    let images = img[16..16 + n * px]
-        .iter()
-        .map(|&p| p as f32 / 255.0)
-        .collect();
+    let images = img[16..16 + n * px].iter().map(|&p| p as f32 / 255.0).collect();
     let labels = lab[8..8 + n].to_vec();
     (images, labels, rows, cols)
 }

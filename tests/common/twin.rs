@@ -55,11 +55,7 @@ struct Ctx<'a> {
 
 impl Ctx<'_> {
     fn p(&self, name: &str) -> &[V] {
-        let s = self
-            .slots
-            .iter()
-            .find(|s| s.name == name)
-            .unwrap_or_else(|| panic!("no parameter {name}"));
+        let s = self.slots.iter().find(|s| s.name == name).unwrap_or_else(|| panic!("no parameter {name}"));
         &self.params[s.range.clone()]
     }
 }
@@ -92,12 +88,7 @@ fn conv(ctx: &mut Ctx, w: &[V], b: &[V], cout: usize, k: usize, pad: usize, m: &
             }
         }
     }
-    Map {
-        c: cout,
-        h: ho,
-        w: wo,
-        x: out,
-    }
+    Map { c: cout, h: ho, w: wo, x: out }
 }
 
 /// State of one spiking layer for one sample.
@@ -125,18 +116,11 @@ pub fn run(
     let mut tape = Tape::new();
     let pv: Vec<V> = params.iter().map(|&p| tape.leaf(p)).collect();
     let xv: Vec<V> = x.iter().map(|&v| tape.leaf(v)).collect();
-    let mut ctx = Ctx {
-        tape,
-        params: pv,
-        slots,
-    };
+    let mut ctx = Ctx { tape, params: pv, slots };
     let (lam, th) = (spec.neuron.leak, spec.neuron.threshold);
     let fb = spec.feedback;
     let sur = spec.neuron.surrogate;
-    assert!(
-        spec.neuron.mode == FiringMode::Exact,
-        "the twin implements the model (exact firing) only"
-    );
+    assert!(spec.neuron.mode == FiringMode::Exact, "the twin implements the model (exact firing) only");
     let out_len = spec.classes().unwrap();
     let mut readout_nodes: Vec<Vec<Vec<V>>> = vec![Vec::new(); batch]; // [b][t] -> output
     for b in 0..batch {
@@ -144,19 +128,10 @@ pub fn run(
         for t in 0..steps {
             let t0 = if t_in == 1 { 0 } else { t };
             let off = (t0 * batch + b) * frame;
-            let mut m = Map {
-                c: ci,
-                h: hi,
-                w: wi,
-                x: xv[off..off + frame].to_vec(),
-            };
+            let mut m = Map { c: ci, h: hi, w: wi, x: xv[off..off + frame].to_vec() };
             for (li, layer) in spec.layers.iter().enumerate() {
                 m = match *layer {
-                    LayerSpec::Conv {
-                        out_channels,
-                        kernel,
-                        padding,
-                    } => {
+                    LayerSpec::Conv { out_channels, kernel, padding } => {
                         let w = ctx.p(&format!("layers.{li}.weight")).to_vec();
                         let bi = ctx.p(&format!("layers.{li}.bias")).to_vec();
                         conv(&mut ctx, &w, &bi, out_channels, kernel, padding, &m)
@@ -174,12 +149,7 @@ pub fn run(
                             }
                             out.push(acc);
                         }
-                        Map {
-                            c: out_features,
-                            h: 1,
-                            w: 1,
-                            x: out,
-                        }
+                        Map { c: out_features, h: 1, w: 1, x: out }
                     }
                     LayerSpec::AvgPool => {
                         let (ho, wo) = (m.h / 2, m.w / 2);
@@ -201,12 +171,7 @@ pub fn run(
                                 }
                             }
                         }
-                        Map {
-                            c: m.c,
-                            h: ho,
-                            w: wo,
-                            x: out,
-                        }
+                        Map { c: m.c, h: ho, w: wo, x: out }
                     }
                     LayerSpec::Dropout { p } => {
                         let p32 = p as f32;
@@ -215,47 +180,27 @@ pub fn run(
                         let scale = 1.0 / (1.0 - p32 as f64);
                         let mut out = Vec::new();
                         for (i, &xv) in m.x.iter().enumerate() {
-                            let keep =
-                                backei::rng::dropout_keep(key, t as u32, (b * len + i) as u64, p32);
+                            let keep = backei::rng::dropout_keep(key, t as u32, (b * len + i) as u64, p32);
                             out.push(ctx.tape.scale(xv, if keep { scale } else { 0.0 }));
                         }
                         Map { x: out, ..m }
                     }
-                    LayerSpec::Flatten => Map {
-                        c: m.c * m.h * m.w,
-                        h: 1,
-                        w: 1,
-                        x: m.x,
-                    },
+                    LayerSpec::Flatten => Map { c: m.c * m.h * m.w, h: 1, w: 1, x: m.x },
                     LayerSpec::BackEi | LayerSpec::Spiking => {
                         let plain = *layer == LayerSpec::Spiking;
-                        let (back, ei) = if plain {
-                            (false, false)
-                        } else {
-                            (fb.back, fb.ei)
-                        };
+                        let (back, ei) = if plain { (false, false) } else { (fb.back, fb.ei) };
                         let (r, d) = (fb.radius, fb.delay);
                         let n = m.x.len();
-                        let st = states.entry(li).or_insert(SpikeState {
-                            u: None,
-                            s: Vec::new(),
-                        });
+                        let st = states.entry(li).or_insert(SpikeState { u: None, s: Vec::new() });
                         let u_prev = st.u.clone();
-                        let s_past: Option<Vec<V>> = if t >= d {
-                            Some(st.s[t - d].clone())
-                        } else {
-                            None
-                        };
+                        let s_past: Option<Vec<V>> = if t >= d { Some(st.s[t - d].clone()) } else { None };
                         let k = 2 * r + 1;
                         // 1. gate
                         let g: Option<Vec<V>> = if back {
                             let wb = ctx.p(&format!("layers.{li}.back.weight")).to_vec();
                             let bb = ctx.p(&format!("layers.{li}.back.bias")).to_vec();
                             let a = match s_past {
-                                Some(sp) => {
-                                    conv(&mut ctx, &wb, &bb, m.c, k, r, &Map { x: sp, ..m.clone() })
-                                        .x
-                                }
+                                Some(sp) => conv(&mut ctx, &wb, &bb, m.c, k, r, &Map { x: sp, ..m.clone() }).x,
                                 None => (0..n).map(|i| bb[i / (m.h * m.w)]).collect(),
                             };
                             Some(a.into_iter().map(|a| ctx.tape.sigmoid(a)).collect())
@@ -289,24 +234,8 @@ pub fn run(
                         let e: Option<Vec<V>> = if ei {
                             let we = ctx.p(&format!("layers.{li}.ei.weight")).to_vec();
                             let be = ctx.p(&format!("layers.{li}.ei.bias")).to_vec();
-                            let z = conv(
-                                &mut ctx,
-                                &we,
-                                &be,
-                                m.c,
-                                k,
-                                r,
-                                &Map {
-                                    x: v.clone(),
-                                    ..m.clone()
-                                },
-                            )
-                            .x;
-                            Some(
-                                z.into_iter()
-                                    .map(|z| ctx.tape.sign(z, |x| surrogate(sur, x)))
-                                    .collect(),
-                            )
+                            let z = conv(&mut ctx, &we, &be, m.c, k, r, &Map { x: v.clone(), ..m.clone() }).x;
+                            Some(z.into_iter().map(|z| ctx.tape.sign(z, |x| surrogate(sur, x))).collect())
                         } else {
                             None
                         };
@@ -347,9 +276,5 @@ pub fn run(
     }
     let l = ctx.tape.sum(&terms).unwrap();
     let g = ctx.tape.grad(l);
-    TwinResult {
-        readout,
-        param_grad: ctx.params.iter().map(|v| g[v.0]).collect(),
-        input_grad: xv.iter().map(|v| g[v.0]).collect(),
-    }
+    TwinResult { readout, param_grad: ctx.params.iter().map(|v| g[v.0]).collect(), input_grad: xv.iter().map(|v| g[v.0]).collect() }
 }

@@ -48,11 +48,7 @@ pub fn write_mnist(dir: &Path, n_train: usize, n_test: usize, gzip: bool) {
     for (stem, n) in [("train", n_train), ("t10k", n_test)] {
         let labels: Vec<u8> = (0..n).map(|i| (i % 10) as u8).collect();
         let (im, lb) = (idx_images(n, 28, 28, pix), idx_labels(&labels));
-        let (im, lb, ext) = if gzip {
-            (gz(&im), gz(&lb), ".gz")
-        } else {
-            (im, lb, "")
-        };
+        let (im, lb, ext) = if gzip { (gz(&im), gz(&lb), ".gz") } else { (im, lb, "") };
         write(&dir.join(format!("{stem}-images-idx3-ubyte{ext}")), &im);
         write(&dir.join(format!("{stem}-labels-idx1-ubyte{ext}")), &lb);
     }
@@ -72,29 +68,18 @@ pub fn cifar_records(n: usize, first: usize) -> Vec<u8> {
 /// Writes CIFAR-10 batch files: `per` records each, 5 train batches + test.
 pub fn write_cifar(dir: &Path, per: usize) {
     for b in 1..=5 {
-        write(
-            &dir.join(format!("data_batch_{b}.bin")),
-            &cifar_records(per, (b - 1) * per),
-        );
+        write(&dir.join(format!("data_batch_{b}.bin")), &cifar_records(per, (b - 1) * per));
     }
     write(&dir.join("test_batch.bin"), &cifar_records(per, 1000));
 }
 
 /// One N-MNIST event record.
 pub fn event(x: u8, y: u8, p: u8, t: u32) -> [u8; 5] {
-    [
-        x,
-        y,
-        (p << 7) | ((t >> 16) & 0x7f) as u8,
-        (t >> 8) as u8,
-        t as u8,
-    ]
+    [x, y, (p << 7) | ((t >> 16) & 0x7f) as u8, (t >> 8) as u8, t as u8]
 }
 
 pub fn events(ev: &[(u8, u8, u8, u32)]) -> Vec<u8> {
-    ev.iter()
-        .flat_map(|&(x, y, p, t)| event(x, y, p, t))
-        .collect()
+    ev.iter().flat_map(|&(x, y, p, t)| event(x, y, p, t)).collect()
 }
 
 /// Writes an N-MNIST tree: for each split, `per_digit` files per digit 0..3.
@@ -102,23 +87,9 @@ pub fn write_nmnist(root: &Path, per_digit: usize) {
     for split in ["Train", "Test"] {
         for d in 0..3u8 {
             for k in 0..per_digit {
-                let ev: Vec<(u8, u8, u8, u32)> = (0..20u32)
-                    .map(|j| {
-                        (
-                            ((j as usize + k) % 34) as u8,
-                            d * 5 + (j % 3) as u8,
-                            (j % 2) as u8,
-                            j * 1000,
-                        )
-                    })
-                    .collect();
-                write(
-                    &root
-                        .join(split)
-                        .join(d.to_string())
-                        .join(format!("{k:05}.bin")),
-                    &events(&ev),
-                );
+                let ev: Vec<(u8, u8, u8, u32)> =
+                    (0..20u32).map(|j| (((j as usize + k) % 34) as u8, d * 5 + (j % 3) as u8, (j % 2) as u8, j * 1000)).collect();
+                write(&root.join(split).join(d.to_string()).join(format!("{k:05}.bin")), &events(&ev));
             }
         }
     }
