@@ -81,28 +81,51 @@ class BackEI(nn.Module):
         self.threshold = threshold
         self.width = width
 
+    def step(self, u, s_prev, i_t):
+        """One time step: (u_{t-1}, s_{t-D} or None when t <= D, I_t) -> (s_t, u_t)."""
+        if self.back is not None:
+            if s_prev is not None:
+                a = self.back(s_prev)
+            else:  # s_{t-D} = 0: the convolution gives its bias alone
+                a = self.back.bias.view(1, -1, 1, 1).expand_as(i_t)
+            i_t = torch.sigmoid(a) * i_t
+        v = self.leak * u + i_t
+        o = Heaviside.apply(v - self.threshold, self.width)
+        if self.ei is not None:
+            s = Sign.apply(self.ei(v), self.width) * o  # E/I gate on v before the reset
+        else:
+            s = o
+        return s, v * (1.0 - o)
+
     def forward(self, current, steps):
         t_in = current.shape[0]
         assert t_in in (1, steps), f"input has T_in = {t_in}, expected 1 or {steps}"
+        # compile_steps() may swap in a torch.compile'd step; the math is the same
+        cell = self.__dict__.get("compiled_step") or self.step
         u = torch.zeros_like(current[0])
         outs = []
         for t in range(steps):
             i_t = current[0] if t_in == 1 else current[t]
-            if self.back is not None:
-                if t >= self.delay:
-                    a = self.back(outs[t - self.delay])
-                else:  # s_{t-D} = 0: the convolution gives its bias alone
-                    a = self.back.bias.view(1, -1, 1, 1).expand_as(i_t)
-                i_t = torch.sigmoid(a) * i_t
-            v = self.leak * u + i_t
-            o = Heaviside.apply(v - self.threshold, self.width)
-            if self.ei is not None:
-                s = Sign.apply(self.ei(v), self.width) * o
-            else:
-                s = o
-            u = v * (1.0 - o)
+            s_prev = outs[t - self.delay] if t >= self.delay else None
+            s, u = cell(u, s_prev, i_t)
             outs.append(s)
         return torch.stack(outs)
+
+
+def compile_steps(model, **compile_kwargs):
+    """torch.compile the per-step cell of every BackEI layer in `model` (the loop over T stays in
+    Python: compiling the unrolled 20-step graph takes minutes)."""
+    for m in model.modules():
+        if isinstance(m, BackEI):
+            m.__dict__["compiled_step"] = torch.compile(m.step, **compile_kwargs)
+    return model
+
+
+def uncompile_steps(model):
+    for m in model.modules():
+        if isinstance(m, BackEI):
+            m.__dict__.pop("compiled_step", None)
+    return model
 
 
 class StepDropout(nn.Module):
