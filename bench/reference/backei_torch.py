@@ -18,10 +18,14 @@ Parameter names follow backei's `ParamSlot` names (`layers.1.back.weight`, ...),
 from a backei case loads with strict=True.
 """
 
+import os
+import sys
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # for specs.py
 from specs import network_layers, spiking_layer_inputs  # noqa: F401 (re-exported)
 
 LEAK = 0.2

@@ -265,9 +265,13 @@ def main():
     torch.backends.cudnn.benchmark = True
     torch.manual_seed(4150)
     # every BackEI layer instance (and shape) is a recompile of its step cell: raise the limit
-    for key in ("cache_size_limit", "recompile_limit"):
-        if hasattr(torch._dynamo.config, key):
-            setattr(torch._dynamo.config, key, 256)
+    try:
+        import torch._dynamo
+        for key in ("cache_size_limit", "recompile_limit"):
+            if hasattr(torch._dynamo.config, key):
+                setattr(torch._dynamo.config, key, 256)
+    except Exception as e:
+        log(f"could not raise the dynamo recompile limit ({e}); compiled cells may fall back to eager")
     gpu = torch.cuda.get_device_name(0)
     log(f"torch {torch.__version__}, CUDA {torch.version.cuda}, {gpu}, TF32 {'on' if args.tf32 else 'off'}")
 
