@@ -13,7 +13,7 @@ python3 bench/reference/check_cases.py bench/reference/cases 2>&1 | tee "$out/ch
 [ "${PIPESTATUS[0]}" = 0 ] || status=1
 csv_arg=()
 [ -n "${BACKEI_CSV:-}" ] && csv_arg=(--backei-csv "$BACKEI_CSV")
-python3 bench/reference/run.py "${csv_arg[@]}" --out "$out/reference.md" 2>&1 | tee "$out/run.log"
+python3 bench/reference/run.py ${csv_arg[@]+"${csv_arg[@]}"} --out "$out/reference.md" 2>&1 | tee "$out/run.log"
 [ "${PIPESTATUS[0]}" = 0 ] || status=1
 echo "gpu_run.sh: exit $status"
 exit $status
