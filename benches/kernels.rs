@@ -181,6 +181,7 @@ fn validate(dev: &Arc<GpuDevice>, shape: [usize; 3], fb: FeedbackConfig, batch: 
 fn layer_workload(
     bench: &mut Bench,
     name: &str,
+    ref_name: &str,
     shape: [usize; 3],
     fb: FeedbackConfig,
     batch: usize,
@@ -212,12 +213,15 @@ fn layer_workload(
     let plain = gates == 0;
     let fwd_bytes = 4.0 * all * if plain { 3.0 } else { 3.0 + gates as f64 + 1.0 };
     let ms = bench.time(|| Ok(layer.forward(&dp, &slots, &input.slice(..), steps, batch, steps)?))?;
+    let fwd_ms = ms;
     let kname = if plain { "plain" } else { "fused" };
     bench.report(&format!("{name} fwd {:?}", plan.wgrad), kname, ms, fwd_bytes, gates as f64 * conv_flops, &valid);
     let bwd_bytes = 4.0 * all * if plain { 3.0 } else { 5.0 + 2.0 * gates as f64 };
     let ms =
         bench.time(|| Ok(layer.backward(&dp, &mut dg, &slots, &input.slice(..), steps, &gout.slice(..), &mut gin.slice_mut(..))?))?;
     bench.report(&format!("{name} bwd {:?}", plan.wgrad), kname, ms, bwd_bytes, 2.0 * gates as f64 * conv_flops, &valid);
+    // the row bench/reference/run.py joins on (its workload names)
+    bench.report(ref_name, "fwd+bwd", fwd_ms + ms, fwd_bytes + bwd_bytes, 3.0 * gates as f64 * conv_flops, &valid);
     Ok(())
 }
 
@@ -244,21 +248,21 @@ fn run(dev: Arc<GpuDevice>, filter: Option<String>) -> Res<()> {
     let fb = |r| FeedbackConfig { back: true, ei: true, radius: r, delay: 1 };
     let plain = FeedbackConfig { back: false, ei: false, radius: 0, delay: 1 };
     // (name, shape, switches, B, T, B and T of the CPU validation)
-    type Workload = (&'static str, [usize; 3], FeedbackConfig, usize, usize, usize, usize);
+    type Workload = (&'static str, [usize; 3], FeedbackConfig, usize, usize, usize, usize, &'static str);
     let workloads: Vec<Workload> = vec![
-        ("mnist L1 15x24x24 r2", [15, 24, 24], fb(2), 100, 20, 2, 4),
-        ("mnist L2 40x8x8 r2", [40, 8, 8], fb(2), 100, 20, 2, 4),
-        ("fashion L1 32x28x28 r1", [32, 28, 28], fb(1), 100, 20, 2, 4),
-        ("fashion L2 64x14x14 r1", [64, 14, 14], fb(1), 100, 20, 2, 4),
-        ("cifar10 L1 128x32x32 r1", [128, 32, 32], fb(1), 100, 20, 1, 3),
-        ("cifar10 L2 256x16x16 r1", [256, 16, 16], fb(1), 100, 20, 1, 3),
-        ("plain 64x65536 T32", [65_536, 1, 1], plain, 64, 32, 2, 32),
+        ("mnist L1 15x24x24 r2", [15, 24, 24], fb(2), 100, 20, 2, 4, "backei_fwd_bwd/mnist/L1"),
+        ("mnist L2 40x8x8 r2", [40, 8, 8], fb(2), 100, 20, 2, 4, "backei_fwd_bwd/mnist/L2"),
+        ("fashion L1 32x28x28 r1", [32, 28, 28], fb(1), 100, 20, 2, 4, "backei_fwd_bwd/fashion-mnist/L1"),
+        ("fashion L2 64x14x14 r1", [64, 14, 14], fb(1), 100, 20, 2, 4, "backei_fwd_bwd/fashion-mnist/L2"),
+        ("cifar10 L1 128x32x32 r1", [128, 32, 32], fb(1), 100, 20, 1, 3, "backei_fwd_bwd/cifar10/L1"),
+        ("cifar10 L2 256x16x16 r1", [256, 16, 16], fb(1), 100, 20, 1, 3, "backei_fwd_bwd/cifar10/L2"),
+        ("plain 64x65536 T32", [65_536, 1, 1], plain, 64, 32, 2, 32, "plain_lif_fwd_bwd/T32x64x65536"),
     ];
-    for (name, shape, f, b, t, vb, vt) in workloads {
+    for (name, shape, f, b, t, vb, vt, ref_name) in workloads {
         if filter.as_deref().is_some_and(|x| !name.contains(x)) {
             continue;
         }
-        layer_workload(&mut bench, name, shape, f, b, t, vb, vt)?;
+        layer_workload(&mut bench, name, ref_name, shape, f, b, t, vb, vt)?;
     }
     let path = std::env::var("BACKEI_BENCH_CSV").unwrap_or_else(|_| "bench/kernels.csv".into());
     if let Some(dir) = std::path::Path::new(&path).parent() {

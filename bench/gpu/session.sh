@@ -1,0 +1,77 @@
+#!/usr/bin/env bash
+# One lent-GPU session in one call (issue 7), run from the repository root on the device:
+#   run  command="bash bench/gpu/session.sh [STAGES]"  carry=[".gpu", ".whl"]
+# after `../shared/gpu/pack --data /usr/share/datasets/fashion-mnist` (and, for the reference
+# stage, `bench/reference/fetch_wheels.sh`). STAGES (default all, in this order): tests sanitizer
+# kernels train-bench reference train. Every stage has its own time limit and the whole run a
+# deadline ($BUDGET seconds, default 420), so one hung kernel cannot eat the device time.
+# Logs come back in $OUT: gpu.txt, one <stage>.log each, and results.tgz (CSV, metrics).
+set -u
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+cd "$here"
+out=${OUT:-/tmp/backei-out}
+mkdir -p "$out" /tmp/backei-results
+start=$(date +%s)
+budget=${BUDGET:-420}
+stages=${*:-tests sanitizer kernels train-bench reference train}
+
+# the environment .gpu/run.sh sets up: the build path linked to this copy, CUDA's libraries found
+built=$(cat .gpu/built-at)
+[ -e "$built" ] || { mkdir -p "$(dirname "$built")" && ln -s "$here" "$built"; }
+dirs=""
+for d in /usr/local/nvidia/lib64 /usr/local/nvidia/lib /usr/lib/x86_64-linux-gnu /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib; do
+  [ -d "$d" ] && dirs="$dirs:$d"
+done
+for d in $(find /usr/local /opt -maxdepth 10 \( -name 'libnvrtc.so*' -o -name 'libcublas.so*' \) 2>/dev/null | xargs -r -n1 dirname | awk '!seen[$0]++'); do
+  dirs="$dirs:$d"
+done
+export LD_LIBRARY_PATH="${LD_LIBRARY_PATH:-}$dirs"
+export PATH="$PATH:/usr/local/cuda/bin"
+export BACKEI_KERNEL_CACHE=/tmp/backei-kernels
+{ nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv; nvcc --version 2>/dev/null | tail -n 1; echo "commit $(cat .gpu/commit 2>/dev/null || git rev-parse HEAD 2>/dev/null || echo unknown)"; } > "$out/gpu.txt" 2>&1
+cat "$out/gpu.txt"
+
+# run NAME LIMIT CMD...: a stage step, cut at LIMIT seconds or at the deadline, whichever is first
+run() {
+  local name=$1 limit=$2; shift 2
+  local left=$(( budget - ($(date +%s) - start) ))
+  (( left < limit )) && limit=$left
+  if (( limit < 10 )); then echo "== $name: skipped, deadline reached" | tee -a "$out/$stage.log"; return; fi
+  echo "== $name (limit ${limit}s): $*" | tee -a "$out/$stage.log"
+  local t0=$(date +%s)
+  timeout -s INT -k 10 "$limit" "$@" >> "$out/$stage.log" 2>&1
+  local rc=$?
+  echo "== $name: exit $rc after $(( $(date +%s) - t0 ))s" | tee -a "$out/$stage.log"
+  tail -n 4 "$out/$stage.log" | sed 's/^/   /'
+}
+
+for stage in $stages; do
+  case $stage in
+    tests)
+      for t in .gpu/bin/test-*; do run "$(basename "$t")" 150 "$t" --ignored --test-threads=1; done ;;
+    sanitizer)
+      if command -v compute-sanitizer >/dev/null; then
+        run memcheck-smoke 40 compute-sanitizer --tool memcheck --error-exitcode 9 .gpu/bin/test-gpu_smoke --ignored --test-threads=1
+        run memcheck-layer 80 compute-sanitizer --tool memcheck --error-exitcode 9 .gpu/bin/test-gpu_backei_layer --ignored --test-threads=1 plain_layer
+        run racecheck-layer 80 compute-sanitizer --tool racecheck --error-exitcode 9 .gpu/bin/test-gpu_backei_layer --ignored --test-threads=1 odd_shapes
+      else
+        echo "compute-sanitizer not found" > "$out/sanitizer.log"
+      fi ;;
+    kernels)
+      export BACKEI_BENCH_CSV=/tmp/backei-results/kernels.csv
+      run bench-kernels 120 .gpu/bin/bench-kernels ;;
+    train-bench)
+      run bench-train 90 .gpu/bin/bench-train ;;
+    reference)
+      run reference 150 env BACKEI_CSV=/tmp/backei-results/kernels.csv OUT=/tmp/backei-results bash bench/reference/gpu_run.sh ;;
+    train)
+      rm -rf /tmp/run-fmnist
+      run train-fashion "${TRAIN_SECONDS:-120}" .gpu/bin/backei train --dataset fashion-mnist --data-dir .gpu/data/fashion-mnist \
+        --device cuda --steps 20 --batch-size 100 --epochs 200 --quiet --out /tmp/run-fmnist
+      mkdir -p /tmp/backei-results/run-fmnist
+      cp /tmp/run-fmnist/*.csv /tmp/run-fmnist/*.jsonl /tmp/run-fmnist/config.json /tmp/backei-results/run-fmnist/ 2>/dev/null ;;
+    *) echo "unknown stage $stage" ;;
+  esac
+done
+tar -czf "$out/results.tgz" -C /tmp backei-results 2>/dev/null
+echo "session.sh: done after $(( $(date +%s) - start ))s"
