@@ -47,8 +47,14 @@ impl Bench {
         for _ in 0..WARMUP {
             f()?;
         }
-        let mut ms = Vec::with_capacity(REPS);
-        for _ in 0..REPS {
+        // slow workloads (the cifar10 layers of the v1 kernels take seconds) get fewer repetitions
+        a.record(&s)?;
+        f()?;
+        b.record(&s)?;
+        let once = a.elapsed_ms(&b)? as f64;
+        let reps = if once * REPS as f64 > 4000.0 { 5 } else { REPS };
+        let mut ms = Vec::with_capacity(reps);
+        for _ in 0..reps {
             s.memset_zeros(&mut self.flush)?;
             a.record(&s)?;
             f()?;
@@ -56,7 +62,7 @@ impl Bench {
             ms.push(a.elapsed_ms(&b)? as f64);
         }
         ms.sort_by(|x, y| x.total_cmp(y));
-        Ok(ms[REPS / 2])
+        Ok(ms[ms.len() / 2])
     }
 
     fn report(&mut self, name: &str, kernel: &str, ms: f64, bytes: f64, flops: f64, valid: &str) {
@@ -113,7 +119,7 @@ fn uniform(rng: &mut ChaCha8Rng, n: usize, lo: f32, hi: f32) -> Vec<f32> {
 
 fn max_rel(a: &[f32], b: &[f32]) -> f64 {
     let scale = b.iter().fold(0f64, |m, x| m.max(x.abs() as f64));
-    let floor = (1e-3 * scale).max(1e-6);
+    let floor = (1e-2 * scale).max(1e-6); // as tests/gpu_backei_layer.rs: 1 % of the tensor's scale
     a.iter().zip(b).fold(0f64, |e, (x, y)| e.max((*x as f64 - *y as f64).abs() / (y.abs() as f64).max(floor)))
 }
 

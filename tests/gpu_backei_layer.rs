@@ -83,10 +83,14 @@ fn uniform(rng: &mut ChaCha8Rng, n: usize, lo: f32, hi: f32) -> Vec<f32> {
     (0..n).map(|_| rng.random_range(lo..hi)).collect()
 }
 
-/// max over elements of |a − b| / max(|b|, 1e-3·max|b|, 1e-6), over the elements `keep` admits.
+/// max over elements of |a − b| / max(|b|, 1e-2·max|b|, 1e-6), over the elements `keep` admits.
+/// The floor is 1 % of the tensor's largest value: the gate convolutions sum up to
+/// C·(2r+1)² = 1,152 f32 products, and where such a sum cancels to nearly zero both engines'
+/// rounding (~1e-7 of the terms' scale) is all that is left; first GPU run: z of mnist layer 1
+/// was off by 1.3e-4 against a floor of 1e-3·max, i.e. by 1.3e-7 of the tensor's scale.
 fn rel_err(a: &[f32], b: &[f32], keep: impl Fn(usize) -> bool) -> f64 {
     let scale = b.iter().fold(0f64, |m, x| m.max(x.abs() as f64));
-    let floor = (1e-3 * scale).max(1e-6);
+    let floor = (1e-2 * scale).max(1e-6);
     let mut e = 0f64;
     for i in 0..a.len() {
         if keep(i) {

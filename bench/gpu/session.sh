@@ -48,7 +48,8 @@ run() {
 for stage in $stages; do
   case $stage in
     tests)
-      for t in .gpu/bin/test-*; do run "$(basename "$t")" 150 "$t" --ignored --test-threads=1; done ;;
+      # TEST_FILTERS (libtest name filters) narrows a rerun to what failed before
+      for t in .gpu/bin/test-*; do run "$(basename "$t")" 150 "$t" --ignored --test-threads=1 ${TEST_FILTERS:-}; done ;;
     sanitizer)
       if command -v compute-sanitizer >/dev/null; then
         run memcheck-smoke 40 compute-sanitizer --tool memcheck --error-exitcode 9 .gpu/bin/test-gpu_smoke --ignored --test-threads=1
@@ -59,7 +60,7 @@ for stage in $stages; do
       fi ;;
     kernels)
       export BACKEI_BENCH_CSV=/tmp/backei-results/kernels.csv
-      run bench-kernels 120 .gpu/bin/bench-kernels ;;
+      run bench-kernels 120 .gpu/bin/bench-kernels ${KERNEL_FILTER:-} ;;
     train-bench)
       run bench-train 90 .gpu/bin/bench-train ;;
     reference)
@@ -67,7 +68,7 @@ for stage in $stages; do
     train)
       rm -rf /tmp/run-fmnist
       run train-fashion "${TRAIN_SECONDS:-120}" .gpu/bin/backei train --dataset fashion-mnist --data-dir .gpu/data/fashion-mnist \
-        --device cuda --steps 20 --batch-size 100 --epochs 200 --quiet --out /tmp/run-fmnist
+        --device cuda --steps 20 --batch-size 100 --epochs "${TRAIN_EPOCHS:-200}" ${TRAIN_ARGS:-} --quiet --out /tmp/run-fmnist
       mkdir -p /tmp/backei-results/run-fmnist
       cp /tmp/run-fmnist/*.csv /tmp/run-fmnist/*.jsonl /tmp/run-fmnist/config.json /tmp/backei-results/run-fmnist/ 2>/dev/null ;;
     *) echo "unknown stage $stage" ;;

@@ -8,4 +8,6 @@ cd "$(dirname "$0")/../.."
 mkdir -p .whl/sj2
 python3 -m pip download -q --no-deps --only-binary=:all: spikingjelly==0.0.0.0.14 -d .whl
 python3 -m pip download -q --no-deps --only-binary=:all: spikingjelly==2.0.0 -d .whl/sj2
+# 2.0.0 imports loguru at start (the first GPU run failed without it); pure Python too
+python3 -m pip download -q --no-deps --only-binary=:all: 'loguru>=0.7,<1' -d .whl/sj2
 ls -l .whl .whl/sj2

@@ -37,6 +37,12 @@ def main():
     args = ap.parse_args()
 
     import torch
+    import numpy as np
+    # SpikingJelly 0.0.0.0.14's CuPy path still says np.int / np.float / np.bool, removed in
+    # NumPy 1.24; the first GPU run failed on it. The builtins are what those aliases were.
+    for alias, builtin in (("int", int), ("float", float), ("bool", bool)):
+        if alias not in np.__dict__:
+            setattr(np, alias, builtin)
     import spikingjelly
     from spikingjelly.activation_based import neuron
 
