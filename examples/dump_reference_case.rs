@@ -52,11 +52,8 @@ impl Case {
     }
 
     fn write(self, path: &Path) -> anyhow::Result<()> {
-        let views: Vec<(String, TensorView)> = self
-            .tensors
-            .iter()
-            .map(|(n, d, s, b)| Ok((n.clone(), TensorView::new(*d, s.clone(), b)?)))
-            .collect::<anyhow::Result<_>>()?;
+        let views: Vec<(String, TensorView)> =
+            self.tensors.iter().map(|(n, d, s, b)| Ok((n.clone(), TensorView::new(*d, s.clone(), b)?))).collect::<anyhow::Result<_>>()?;
         safetensors::tensor::serialize_to_file(views, Some(self.meta), path)?;
         let size = std::fs::metadata(path)?.len();
         println!("{}  {:.1} KiB", path.display(), size as f64 / 1024.0);
@@ -197,7 +194,8 @@ fn network_case(name: &str, mut spec: NetworkSpec, steps: usize, seed: u64, gain
             let out = net.layer_output(i).expect("layer exists");
             let [oc, oh, ow] = lp.output;
             // [T, B, features] after a linear layer, [T, B, C, H, W] after a convolution
-            let shape = if lp.spec == backei::LayerSpec::Spiking { vec![steps, batch, oc * oh * ow] } else { vec![steps, batch, oc, oh, ow] };
+            let shape =
+                if lp.spec == backei::LayerSpec::Spiking { vec![steps, batch, oc * oh * ow] } else { vec![steps, batch, oc, oh, ow] };
             case.f64(&format!("out.layers.{i}"), &shape, out);
         }
     }
@@ -211,7 +209,8 @@ fn network_case(name: &str, mut spec: NetworkSpec, steps: usize, seed: u64, gain
 }
 
 fn main() -> anyhow::Result<()> {
-    let out_dir: PathBuf = std::env::args().nth(1).map(PathBuf::from).ok_or_else(|| anyhow::anyhow!("usage: dump_reference_case OUT_DIR"))?;
+    let out_dir: PathBuf =
+        std::env::args().nth(1).map(PathBuf::from).ok_or_else(|| anyhow::anyhow!("usage: dump_reference_case OUT_DIR"))?;
     std::fs::create_dir_all(&out_dir)?;
     let shape = [4, 6, 7];
     let cases = [

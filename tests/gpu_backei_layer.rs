@@ -208,6 +208,9 @@ fn run(dev: &Arc<GpuDevice>, c: &Case, seed: u64) -> Outcome {
         backei::spec::Surrogate::Rectangle { width } => Some(width as f32 / 2.0),
         _ => None,
     };
+    // smooth mode: s is continuous; compare it against 1e-4 of its scale (the second GPU run
+    // found s = tanh(k·z)·σ(k·(v − θ)) off by 1.1e-6 where z ≈ 0.003 had cancelled)
+    let s_scale = cpu.out.iter().fold(0f32, |m, x| m.max(x.abs())).max(1e-6);
     for tt in 0..t {
         for bb in 0..b {
             for i in 0..n {
@@ -216,7 +219,7 @@ fn run(dev: &Arc<GpuDevice>, c: &Case, seed: u64) -> Outcome {
                     let near = |x: f32| (x.abs() - h).abs() < 1e-5;
                     kink[bb] |= near(cpu.v[e] - theta) || (c.fb.ei && near(cpu.z[e]));
                 }
-                let differs = if exact { out[e] != cpu.out[e] } else { (out[e] - cpu.out[e]).abs() > 1e-4 * cpu.out[e].abs().max(1e-2) };
+                let differs = if exact { out[e] != cpu.out[e] } else { (out[e] - cpu.out[e]).abs() > 1e-4 * s_scale };
                 if differs {
                     raw += 1;
                     if first_flip[bb] == usize::MAX {

@@ -428,9 +428,15 @@ fn hundred_fashion_mnist_steps_follow_the_cpu_loss_curve() {
     let (dims, images) = read_idx(&format!("{dir}/train-images-idx3-ubyte.gz"));
     let (_, labels) = read_idx(&format!("{dir}/train-labels-idx1-ubyte.gz"));
     assert_eq!(&dims[1..], &[28, 28]);
+    // Smooth firing (k = 4): with the exact step functions a spike that flips on rounding sends
+    // the two engines down different trajectories (the second GPU run, exact mode, B = 8: loss
+    // curves 8.7 % apart on average though both learned); smooth firing has no flips, so the
+    // curves must agree to rounding. The exact mode's agreement is checked per step in
+    // a_training_step_of_each_network_is_close_to_the_cpu_in_exact_mode.
     let mut spec = NetworkSpec::fashion_mnist();
     spec.steps = 4;
-    let (b, steps) = (8usize, 100usize);
+    spec.neuron.mode = FiringMode::Smooth { k: 4.0 };
+    let (b, steps) = (16usize, 100usize);
     let mut cpu = Network::<f32>::new(&spec, 4150).unwrap();
     let mut gpu = GpuNetwork::from_cpu(&d, &cpu).unwrap();
     let cfg = OptimizerConfig::adam(1e-3);
