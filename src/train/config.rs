@@ -45,7 +45,7 @@ pub fn defaults_for(kind: DatasetKind) -> DatasetDefaults {
     match kind {
         // Sized so that a bare `backei train` ends on a two-core CPU within 5 minutes with
         // ≥ 95 % test accuracy (see README: measured figures).
-        DatasetKind::MnistSample => DatasetDefaults { epochs: 4, batch_size: 32, lr: 1e-3, steps: 4, train_limit: None },
+        DatasetKind::MnistSample => DatasetDefaults { epochs: 3, batch_size: 16, lr: 1e-3, steps: 4, train_limit: None },
         // The paper's recipe: Adam 1e-3, StepLR ×0.1 every 40 epochs, 200 epochs, batch 100, T = 20.
         _ => DatasetDefaults { epochs: 200, batch_size: 100, lr: 1e-3, steps: 20, train_limit: None },
     }

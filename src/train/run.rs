@@ -174,6 +174,9 @@ pub fn train(opts: RunOptions, engine: &mut Engine) -> Result<RunOutcome> {
             Checkpoint { config: cfg.clone(), progress: progress.clone(), params: engine.params()?, optimizer: engine.optimizer_state()? };
         checkpoint::save(path, &ck, slots)
     };
+    // A test hook: behave as if Ctrl-C came after this many training batches of this process.
+    let interrupt_after: Option<usize> = std::env::var("BACKEI_INTERRUPT_AFTER_BATCHES").ok().and_then(|v| v.parse().ok());
+    let mut batches_this_process = 0usize;
     let mut final_acc = 0.0;
     for epoch in progress.epoch..cfg.epochs {
         let lr = cfg.lr_schedule.lr_at(base_lr, epoch);
@@ -198,6 +201,10 @@ pub fn train(opts: RunOptions, engine: &mut Engine) -> Result<RunOutcome> {
             seen += s.batch as f64;
             progress.batches_done = k + 1;
             progress.iteration = engine.iteration();
+            batches_this_process += 1;
+            if interrupt_after == Some(batches_this_process) {
+                opts.interrupt.store(true, Ordering::SeqCst);
+            }
             let secs = secs_before + started.elapsed().as_secs_f64();
             bar.update(k + 1, seen / secs.max(1e-9), loss_sum / seen, correct / seen);
             if opts.interrupt.load(Ordering::SeqCst) && k + 1 < batches {

@@ -1,0 +1,35 @@
+//! The library API in a few lines: build a network from a spec, train it on the embedded MNIST
+//! sample for a few steps, read predictions. CI runs this example.
+//!
+//!   cargo run --release --example train_api
+
+use backei::data::{Dataset, DatasetKind, LoadOptions, Loader, LoaderOptions, Split};
+use backei::{Engine, Loss, NetworkSpec, OptimizerConfig};
+use std::sync::Arc;
+
+fn main() -> anyhow::Result<()> {
+    // the paper's MNIST network, shortened to T = 4 steps so this runs in seconds on a CPU
+    let mut spec = NetworkSpec::mnist();
+    spec.steps = 4;
+    // the GPU engine when there is one, else the CPU engine (the line says which)
+    let (mut engine, line) = Engine::new(&spec, 4150, "auto".parse().map_err(anyhow::Error::msg)?, OptimizerConfig::adam(1e-3))?;
+    println!("{line}");
+
+    let train = Arc::new(Dataset::load(DatasetKind::MnistSample, Split::Train, &LoadOptions::default())?);
+    let loader = Loader::new(train, LoaderOptions { batch_size: 32, steps: spec.steps, ..Default::default() });
+    for (i, batch) in loader.epoch(0).take(8).enumerate() {
+        let stats = engine.train_step(&batch.x, batch.t_in, &batch.labels, Loss::Mse)?;
+        println!("step {i}: loss {:.4}, {}/{} correct", stats.loss, stats.correct, stats.batch);
+        loader.recycle(batch);
+    }
+
+    let test = Dataset::load(DatasetKind::MnistSample, Split::Test, &LoadOptions::default())?;
+    let batch = Loader::new(Arc::new(test), LoaderOptions { batch_size: 16, steps: spec.steps, shuffle: false, ..Default::default() })
+        .epoch(0)
+        .next()
+        .expect("a test batch");
+    let predicted = engine.predict(&batch.x, batch.t_in, batch.batch)?;
+    println!("predicted {predicted:?}\nlabels    {:?}", batch.labels);
+    assert_eq!(predicted.len(), batch.batch);
+    Ok(())
+}
