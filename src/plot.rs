@@ -44,7 +44,17 @@ pub fn load_runs(dirs: &[PathBuf]) -> Result<Vec<RunCurves>> {
             }
             Ok(RunCurves { label, rows })
         })
-        .collect()
+        .collect::<Result<Vec<_>>>()
+        .map(|mut runs| {
+            // runs that differ only in settings the label leaves out are told apart by folder
+            let labels: Vec<String> = runs.iter().map(|r| r.label.clone()).collect();
+            for (r, d) in runs.iter_mut().zip(dirs) {
+                if labels.iter().filter(|l| **l == r.label).count() > 1 {
+                    r.label = format!("{} ({})", r.label, d.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default());
+                }
+            }
+            runs
+        })
 }
 
 fn register_font() {

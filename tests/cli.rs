@@ -20,8 +20,24 @@ fn tmp(name: &str) -> PathBuf {
 /// A short CPU run of the MNIST network on 96 training and 32 test digits.
 fn small_run(out: &Path) -> Command {
     let mut c = backei();
-    c.args(["train", "--device", "cpu", "--steps", "2", "--batch-size", "16", "--epochs", "2", "--train-limit", "96", "--test-limit", "32", "--quiet", "--out"])
-        .arg(out);
+    c.args([
+        "train",
+        "--device",
+        "cpu",
+        "--steps",
+        "2",
+        "--batch-size",
+        "16",
+        "--epochs",
+        "2",
+        "--train-limit",
+        "96",
+        "--test-limit",
+        "32",
+        "--quiet",
+        "--out",
+    ])
+    .arg(out);
     c
 }
 
