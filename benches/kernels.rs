@@ -155,7 +155,7 @@ fn validate(dev: &Arc<GpuDevice>, shape: [usize; 3], fb: FeedbackConfig, batch: 
         w_e: &params[slots[2].clone()],
         b_e: &params[slots[3].clone()],
     };
-    cpu.forward(&p, &input, steps, batch, steps);
+    cpu.forward(&p, &input, steps, batch, steps)?;
     let mut cg = vec![0f32; params.len()];
     let mut cgin = vec![0f32; input.len()];
     {
@@ -163,7 +163,7 @@ fn validate(dev: &Arc<GpuDevice>, shape: [usize; 3], fb: FeedbackConfig, batch: 
         let (bb, rest) = rest.split_at_mut(slots[1].len());
         let (we, rest) = rest.split_at_mut(slots[2].len());
         let (be, _) = rest.split_at_mut(slots[3].len());
-        cpu.backward(&p, &mut BackEiGrads { w_b: wb, b_b: bb, w_e: we, b_e: be }, &input, steps, &gout, &mut cgin);
+        cpu.backward(&p, &mut BackEiGrads { w_b: wb, b_b: bb, w_e: we, b_e: be }, &input, steps, &gout, &mut cgin)?;
     }
     let s = &dev.stream;
     let mut g = GpuBackEiLayer::new(dev, shape, fb, &neuron)?;

@@ -100,12 +100,12 @@ fn layer_case(lc: &LayerCase, seed: u64, out_dir: &Path) -> anyhow::Result<()> {
 
     let mut layer = BackEiLayer::<f64>::new(lc.shape, fb, &neuron);
     let p = BackEiParams { w_b: &w_b, b_b: &b_b, w_e: &w_e, b_e: &b_e };
-    layer.forward(&p, &input, t_in, BATCH, STEPS);
+    layer.forward(&p, &input, t_in, BATCH, STEPS).expect("valid case");
     let (mut gw_b, mut gb_b, mut gw_e, mut gb_e) = (vec![0.0; w_b.len()], vec![0.0; b_b.len()], vec![0.0; w_e.len()], vec![0.0; b_e.len()]);
     let mut grad_in = vec![0.0; input.len()];
     {
         let mut g = BackEiGrads { w_b: &mut gw_b, b_b: &mut gb_b, w_e: &mut gw_e, b_e: &mut gb_e };
-        layer.backward(&p, &mut g, &input, t_in, &grad_out, &mut grad_in);
+        layer.backward(&p, &mut g, &input, t_in, &grad_out, &mut grad_in).expect("valid case");
     }
 
     let mut case = Case::default();

@@ -206,3 +206,29 @@ fn optimizer_settings_and_size() {
     let e = msg(net.train_step(&input(2, 1), 1, &[0, 1], Loss::Mse, &mut opt));
     assert_has(&e, &["optimizer", &format!("{}", net.num_params())]);
 }
+
+#[test]
+fn the_backei_layer_alone_validates_its_calls() {
+    use backei::cpu::backei_layer::{BackEiGrads, BackEiLayer, BackEiParams};
+    let fb = FeedbackConfig { back: true, ei: true, radius: 1, delay: 1 };
+    let mut layer = BackEiLayer::<f64>::new([2, 3, 3], fb, &NeuronConfig::default());
+    let w = vec![0.1; 2 * 2 * 9];
+    let b = vec![0.0; 2];
+    let p = BackEiParams { w_b: &w, b_b: &b, w_e: &w, b_e: &b };
+    let (mut gw, mut gb, mut gw2, mut gb2) = (vec![0.0; 36], vec![0.0; 2], vec![0.0; 36], vec![0.0; 2]);
+    let mut g = BackEiGrads { w_b: &mut gw, b_b: &mut gb, w_e: &mut gw2, b_e: &mut gb2 };
+    let x = vec![0.7; 4 * 18];
+    let err = |r: backei::Result<()>| r.unwrap_err().to_string();
+    assert!(err(layer.backward(&p, &mut g, &x, 4, &x, &mut vec![0.0; 72])).contains("before forward"));
+    assert!(err(layer.forward(&p, &x[..70], 4, 1, 4)).contains("4×1×18 values"));
+    assert!(err(layer.forward(&p, &x, 3, 1, 4)).contains("T_in = 1 or T = 4"));
+    assert!(err(layer.forward(&p, &x, 4, 1, 0)).contains("T = 0"));
+    let short = BackEiParams { w_b: &w[..35], b_b: &b, w_e: &w, b_e: &b };
+    assert!(err(layer.forward(&short, &x, 4, 1, 4)).contains("W_b"));
+    layer.forward(&p, &x, 4, 1, 4).unwrap();
+    assert!(err(layer.backward(&p, &mut g, &x, 4, &x[..10], &mut vec![0.0; 72])).contains("∂L/∂s"));
+    let mut wide = BackEiLayer::<f64>::new([2, 3, 3], FeedbackConfig { radius: 2, ..fb }, &NeuronConfig::default());
+    let w5 = vec![0.1; 2 * 2 * 25];
+    let p5 = BackEiParams { w_b: &w5, b_b: &b, w_e: &w5, b_e: &b };
+    assert!(err(wide.forward(&p5, &x, 4, 1, 4)).contains("does not fit the 3×3 map"));
+}

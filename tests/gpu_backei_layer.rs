@@ -143,7 +143,7 @@ fn run(dev: &Arc<GpuDevice>, c: &Case, seed: u64) -> Outcome {
         w_e: &params[slots[2].clone()],
         b_e: &params[slots[3].clone()],
     };
-    cpu.forward(&p, &input, c.t_in, b, t);
+    cpu.forward(&p, &input, c.t_in, b, t).unwrap();
     let mut g_cpu = grads0.clone();
     let mut cpu_gin = vec![0f32; c.t_in * b * n];
     {
@@ -154,7 +154,7 @@ fn run(dev: &Arc<GpuDevice>, c: &Case, seed: u64) -> Outcome {
         let (we, rest) = rest.split_at_mut(slots[2].len());
         let (be, _) = rest.split_at_mut(slots[3].len());
         let mut grads = BackEiGrads { w_b: wb, b_b: bb, w_e: we, b_e: be };
-        cpu.backward(&p, &mut grads, &input, c.t_in, &grad_out, &mut cpu_gin);
+        cpu.backward(&p, &mut grads, &input, c.t_in, &grad_out, &mut cpu_gin).unwrap();
     }
 
     // GPU

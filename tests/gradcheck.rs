@@ -414,7 +414,7 @@ fn forward_by_hand_backei_two_channels() {
     let mut layer = BackEiLayer::<f64>::new([2, 1, 1], fb(true, true, 0, 1), &nc);
     let p = BackEiParams { w_b: &[1.0, -2.0, 0.5, 1.0], b_b: &[0.0, 0.5], w_e: &[1.0, -1.0, -0.5, 0.25], b_e: &[0.0, 0.0] };
     let input = [1.5, 0.75, 1.5, 0.75, 1.0, 0.75];
-    layer.forward(&p, &input, 3, 1, 3);
+    layer.forward(&p, &input, 3, 1, 3).unwrap();
     #[rustfmt::skip]
     let table: [([f64; 2], [f64; 2], [f64; 2], [f64; 2]); 3] = [
         // g                                        v                                          z                                              s
@@ -434,7 +434,7 @@ fn forward_by_hand_backei_two_channels() {
     // the same layer without the gate (back off): channel 1 fires at t = 3 instead.
     let mut plain_gate = BackEiLayer::<f64>::new([2, 1, 1], fb(false, true, 0, 1), &nc);
     let p2 = BackEiParams { w_b: &[], b_b: &[], w_e: p.w_e, b_e: p.b_e };
-    plain_gate.forward(&p2, &input, 3, 1, 3);
+    plain_gate.forward(&p2, &input, 3, 1, 3).unwrap();
     // t = 1: v = I = [1.5, 0.75] both fire; z = [0.75, −0.5625] → s = [1, −1]; u = 0
     assert_eq!(&plain_gate.out[0..2], &[1.0, -1.0]);
     assert_eq!(&plain_gate.v[0..2], &[1.5, 0.75]);

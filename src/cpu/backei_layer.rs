@@ -23,6 +23,7 @@
 
 use super::conv::{self, ConvGeom};
 use super::neuron::Neuron;
+use crate::error::{config_err, shape_err, Result};
 use crate::spec::{FeedbackConfig, NeuronConfig};
 use crate::Real;
 use rayon::prelude::*;
@@ -123,8 +124,47 @@ impl<F: Real> BackEiLayer<F> {
         self.steps = steps;
     }
 
+    /// Checks the settings, the parameter lengths and the input's shape before a forward.
+    fn validate(&self, p: &BackEiParams<F>, input_len: usize, t_in: usize, batch: usize, steps: usize) -> Result<()> {
+        let fb = &self.feedback;
+        let [c, h, w] = self.shape;
+        if c * h * w == 0 {
+            return Err(config_err("BackEI layer shape", format!("{:?} has a zero dimension", self.shape)));
+        }
+        if steps == 0 || batch == 0 {
+            return Err(config_err("BackEI layer", format!("T = {steps}, batch = {batch}: both must be at least 1")));
+        }
+        if fb.back && fb.delay == 0 {
+            return Err(config_err("delay", "D = 0: the feedback delay must be at least 1 step"));
+        }
+        let k = 2 * fb.radius + 1;
+        if (fb.back || fb.ei) && (k > h || k > w) {
+            return Err(config_err("radius", format!("r = {} gives a {k}×{k} gate kernel that does not fit the {h}×{w} map", fb.radius)));
+        }
+        if t_in != 1 && t_in != steps {
+            return Err(shape_err("BackEI input current", format!("T_in = 1 or T = {steps}"), format!("T_in = {t_in}")));
+        }
+        let n = c * h * w;
+        if input_len != t_in * batch * n {
+            return Err(shape_err("BackEI input current", format!("{t_in}×{batch}×{n} values"), format!("{input_len}")));
+        }
+        let wl = self.gate.weight_len();
+        for (name, on, got, want) in [
+            ("W_b", fb.back, p.w_b.len(), wl),
+            ("b_b", fb.back, p.b_b.len(), c),
+            ("W_e", fb.ei, p.w_e.len(), wl),
+            ("b_e", fb.ei, p.b_e.len(), c),
+        ] {
+            if on && got != want {
+                return Err(shape_err(format!("BackEI parameter {name}"), format!("{want} values"), format!("{got}")));
+            }
+        }
+        Ok(())
+    }
+
     /// Runs all T steps for a batch; the output is `self.out`.
-    pub fn forward(&mut self, p: &BackEiParams<F>, input: &[F], t_in: usize, batch: usize, steps: usize) {
+    pub fn forward(&mut self, p: &BackEiParams<F>, input: &[F], t_in: usize, batch: usize, steps: usize) -> Result<()> {
+        self.validate(p, input.len(), t_in, batch, steps)?;
         self.size_for(batch, steps);
         let bn = batch * self.neurons();
         let hw = self.shape[1] * self.shape[2];
@@ -164,6 +204,7 @@ impl<F: Real> BackEiLayer<F> {
                 *s = if ei { nr.sign(z_t[i]) * o } else { o };
             });
         }
+        Ok(())
     }
 
     /// BPTT over all T steps. `grad_out` is ∂L/∂s [T][B][...]; writes ∂L/∂I into `grad_in`
@@ -176,9 +217,32 @@ impl<F: Real> BackEiLayer<F> {
         t_in: usize,
         grad_out: &[F],
         grad_in: &mut [F],
-    ) {
+    ) -> Result<()> {
         let (batch, steps) = (self.batch, self.steps);
+        if batch == 0 {
+            return Err(config_err("BackEI backward", "backward called before forward"));
+        }
+        self.validate(p, input.len(), t_in, batch, steps)?;
         let bn = batch * self.neurons();
+        if grad_out.len() != steps * bn || grad_in.len() != t_in * bn {
+            return Err(shape_err(
+                "BackEI gradients",
+                format!("∂L/∂s of {} and ∂L/∂I of {} values", steps * bn, t_in * bn),
+                format!("{} and {}", grad_out.len(), grad_in.len()),
+            ));
+        }
+        let (c_, wl) = (self.shape[0], self.gate.weight_len());
+        let fb = self.feedback;
+        for (name, on, got, want) in [
+            ("W_b", fb.back, grads.w_b.len(), wl),
+            ("b_b", fb.back, grads.b_b.len(), c_),
+            ("W_e", fb.ei, grads.w_e.len(), wl),
+            ("b_e", fb.ei, grads.b_e.len(), c_),
+        ] {
+            if on && got != want {
+                return Err(shape_err(format!("BackEI gradient {name}"), format!("{want} values"), format!("{got}")));
+            }
+        }
         let hw = self.shape[1] * self.shape[2];
         let c = self.shape[0];
         let (back, ei, d) = (self.feedback.back, self.feedback.ei, self.feedback.delay);
@@ -244,6 +308,7 @@ impl<F: Real> BackEiLayer<F> {
                 }
             }
         }
+        Ok(())
     }
 
     /// Fraction of neurons that fired, over all steps and samples of the last forward.

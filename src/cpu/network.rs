@@ -280,7 +280,7 @@ impl<F: Real> Network<F> {
                         w_e: &p[params[2].clone()],
                         b_e: &p[params[3].clone()],
                     };
-                    sl.forward(&bp, src, prev_t, batch, steps);
+                    sl.forward(&bp, src, prev_t, batch, steps)?;
                 }
             }
             prev_t = t_out;
@@ -371,7 +371,7 @@ impl<F: Real> Network<F> {
                     };
                     let [w_b, b_b, w_e, b_e] = gr;
                     let mut bg = BackEiGrads { w_b, b_b, w_e, b_e };
-                    sl.backward(&bp, &mut bg, src, layer.t_in, dy, &mut layer.grad_in);
+                    sl.backward(&bp, &mut bg, src, layer.t_in, dy, &mut layer.grad_in)?;
                 }
             }
         }
