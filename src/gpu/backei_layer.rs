@@ -102,19 +102,22 @@ pub struct DeviceLimits {
     pub sm_count: u32,
     /// Dynamic shared memory one block may opt in to (bytes).
     pub max_smem_per_block: u32,
+    /// Shared memory of one SM (bytes): bounds the co-resident blocks of the v2 kernels.
+    pub max_smem_per_sm: u32,
 }
 
 impl DeviceLimits {
     /// NVIDIA A100 (sm_80): 108 SMs, 163 KiB opt-in shared memory per block.
-    pub const A100: DeviceLimits = DeviceLimits { sm_count: 108, max_smem_per_block: 166_912 };
+    pub const A100: DeviceLimits = DeviceLimits { sm_count: 108, max_smem_per_block: 166_912, max_smem_per_sm: 167_936 };
     /// NVIDIA H100 SXM (sm_90): 132 SMs, 227 KiB opt-in shared memory per block.
-    pub const H100: DeviceLimits = DeviceLimits { sm_count: 132, max_smem_per_block: 232_448 };
+    pub const H100: DeviceLimits = DeviceLimits { sm_count: 132, max_smem_per_block: 232_448, max_smem_per_sm: 233_472 };
 
     pub fn of(dev: &GpuDevice) -> Result<Self> {
         let attr = |a| dev.ctx.attribute(a).map_err(|e| BackeiError::Cuda(format!("device attribute {a:?}: {e:?}")));
         Ok(DeviceLimits {
             sm_count: attr(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?.max(1) as u32,
             max_smem_per_block: attr(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)?.max(0) as u32,
+            max_smem_per_sm: attr(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_MULTIPROCESSOR)?.max(0) as u32,
         })
     }
 }
@@ -135,7 +138,59 @@ pub enum WgradPath {
     OnChip,
     /// da_t / dz_t saved per step, reduced afterwards by `backei_wgrad_v1_f32`.
     Separate,
+    /// v2: da_t / dz_t saved per step, reduced afterwards by the tiled `backei_wgrad_v2_r{1,2}_f32`.
+    Tiled,
 }
+
+/// Which generation of the fused BackEI kernels a layer runs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum KernelVersion {
+    /// One block per sample (`backei_*_v1_f32`): the reference version, the default.
+    #[default]
+    V1,
+    /// Cooperative persistent kernels with tiled convolutions over the whole batch
+    /// (`backei_*_v2_r{1,2}_f32`); radius 1 and 2 only, else the plan falls back to v1.
+    V2,
+}
+
+/// The environment variable that selects the fused kernels: `v1` (default) or `v2`.
+pub const KERNEL_ENV: &str = "BACKEI_BACKEI_KERNEL";
+
+impl KernelVersion {
+    /// Parses `v1` / `v2` (case-insensitive); anything else is an error.
+    pub fn parse(s: &str) -> Result<Self> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "v1" | "1" => Ok(KernelVersion::V1),
+            "v2" | "2" => Ok(KernelVersion::V2),
+            other => Err(config_err(KERNEL_ENV, format!("`{other}` is not a BackEI kernel version (v1 or v2)"))),
+        }
+    }
+
+    /// `$BACKEI_BACKEI_KERNEL`, V1 when unset.
+    pub fn from_env() -> Result<Self> {
+        match std::env::var(KERNEL_ENV) {
+            Ok(s) => Self::parse(&s),
+            Err(std::env::VarError::NotPresent) => Ok(KernelVersion::V1),
+            Err(e) => Err(config_err(KERNEL_ENV, format!("{e}"))),
+        }
+    }
+}
+
+/// The device's `TileDims` (`cuda/backei_layer.cu`, v2), field for field.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TileDims {
+    pub co_t: i32,
+    pub rows: i32,
+    pub row_groups: i32,
+    pub ch_groups: i32,
+    pub jobs: i32,
+    pub wg_rows: i32,
+    pub wg_row_groups: i32,
+    pub wg_split: i32,
+}
+// SAFETY: plain-old-data with the C layout of cuda/backei_layer.cu's TileDims.
+unsafe impl DeviceRepr for TileDims {}
 
 /// One kernel launch of a plan.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -145,6 +200,8 @@ pub struct KernelLaunch {
     pub grid: (u32, u32, u32),
     pub block: u32,
     pub smem_bytes: u32,
+    /// Launched with cuLaunchCooperativeKernel (v2's persistent kernels: grid ≤ co-resident).
+    pub cooperative: bool,
 }
 
 impl KernelLaunch {
@@ -192,6 +249,12 @@ pub struct LaunchPlan {
     pub weights_in_smem_forward: bool,
     pub weights_in_smem_backward: bool,
     pub buffers: BufferSizes,
+    /// The kernels this plan runs (V1 when V2 was asked for but is impossible for the shape).
+    pub version: KernelVersion,
+    /// v2's tiling (None for v1).
+    pub tile: Option<TileDims>,
+    /// Why a V2 request fell back to V1.
+    pub fallback: Option<String>,
 }
 
 const FUSED_MAX_THREADS: usize = 1024;
@@ -243,7 +306,14 @@ pub fn plan(shape: [usize; 3], fb: &FeedbackConfig, batch: usize, steps: usize, 
     let all = steps * bn;
     if !(fb.back || fb.ei) {
         let blocks = bn.div_ceil(PLAIN_THREADS as usize).clamp(1, 1 << 20) as u32;
-        let l = |kernel| KernelLaunch { module: "spiking", kernel, grid: (blocks, 1, 1), block: PLAIN_THREADS, smem_bytes: 0 };
+        let l = |kernel| KernelLaunch {
+            module: "spiking",
+            kernel,
+            grid: (blocks, 1, 1),
+            block: PLAIN_THREADS,
+            smem_bytes: 0,
+            cooperative: false,
+        };
         return Ok(LaunchPlan {
             path: LayerPath::Plain,
             forward: l("spiking_forward_v1_f32"),
@@ -253,6 +323,9 @@ pub fn plan(shape: [usize; 3], fb: &FeedbackConfig, batch: usize, steps: usize, 
             weights_in_smem_forward: false,
             weights_in_smem_backward: false,
             buffers: BufferSizes { out: all, v: all, ..Default::default() },
+            version: KernelVersion::V1,
+            tile: None,
+            fallback: None,
         });
     }
     let c = shape[0];
@@ -267,8 +340,14 @@ pub fn plan(shape: [usize; 3], fb: &FeedbackConfig, batch: usize, steps: usize, 
     let used = if onchip { acc_bytes } else { 0 };
     let w_bwd = used + w_bytes <= budget;
     let threads = n.div_ceil(32).clamp(1, FUSED_MAX_THREADS / 32) as u32 * 32;
-    let fused =
-        |kernel, smem| KernelLaunch { module: "backei_layer", kernel, grid: (batch as u32, 1, 1), block: threads, smem_bytes: smem as u32 };
+    let fused = |kernel, smem| KernelLaunch {
+        module: "backei_layer",
+        kernel,
+        grid: (batch as u32, 1, 1),
+        block: threads,
+        smem_bytes: smem as u32,
+        cooperative: false,
+    };
     let per_step = if onchip { bn } else { all };
     Ok(LaunchPlan {
         path: LayerPath::Fused,
@@ -281,6 +360,7 @@ pub fn plan(shape: [usize; 3], fb: &FeedbackConfig, batch: usize, steps: usize, 
             grid: (c as u32, c as u32, 1),
             block: WGRAD_THREADS,
             smem_bytes: 0,
+            cooperative: false,
         }),
         weights_in_smem_forward: w_fwd,
         weights_in_smem_backward: w_bwd,
@@ -294,7 +374,195 @@ pub fn plan(shape: [usize; 3], fb: &FeedbackConfig, batch: usize, steps: usize, 
             dz: if fb.ei { per_step } else { 0 },
             da: if fb.back { per_step } else { 0 },
         },
+        version: KernelVersion::V1,
+        tile: None,
+        fallback: None,
     })
+}
+
+/// v2: threads per block (`V2_THREADS` in the .cu).
+pub const V2_THREADS: u32 = 256;
+/// v2: input channels staged per chunk (`V2_CI`).
+pub const V2_CI: usize = 8;
+/// v2: co-resident blocks per SM the kernels are built for (`__launch_bounds__(256, 2)`).
+pub const V2_BLOCKS_PER_SM: u32 = 2;
+/// v2 weight gradient: pixels per (t, b, row group) chunk, at least one full row.
+const V2_WG_PIXELS: usize = 128;
+/// Shared memory the driver reserves per resident block (1 KiB on sm_80 / sm_90).
+const SMEM_RESERVED_PER_BLOCK: usize = 1024;
+/// v2 weight gradient: blocks aimed for per SM (an ordinary launch).
+const V2_WG_BLOCKS_PER_SM: usize = 8;
+
+/// Dynamic shared memory of a v2 forward/backward tile (bytes): the input halo chunk
+/// [V2_CI][rows + 2r][W + 2r] padded to 4 floats, then the weights [V2_CI][k²][co_t].
+pub fn v2_tile_smem_bytes(w: usize, r: usize, rows: usize, co_t: usize) -> usize {
+    let k = 2 * r + 1;
+    4 * (v2_tile_in_floats(w, r, rows) + V2_CI * k * k * co_t)
+}
+
+/// Floats of a tile's input halo chunk, padded to a float4 boundary (`tile_in_floats`).
+pub fn v2_tile_in_floats(w: usize, r: usize, rows: usize) -> usize {
+    (V2_CI * (rows + 2 * r) * (w + 2 * r) + 3) & !3
+}
+
+/// The odd plane stride of the weight gradient's X halo (`wg_plane`).
+pub fn v2_wgrad_plane(w: usize, r: usize, wg_rows: usize) -> usize {
+    ((wg_rows + 2 * r) * (w + 2 * r)) | 1
+}
+
+/// Dynamic shared memory of `backei_wgrad_v2` (bytes): dY [16][wg_rows·W], X [16][plane].
+pub fn v2_wgrad_smem_bytes(w: usize, r: usize, wg_rows: usize) -> usize {
+    4 * (16 * wg_rows * w + 16 * v2_wgrad_plane(w, r, wg_rows))
+}
+
+/// v2's tiling of a layer, or why v2 cannot run it. Returns (tile, cooperative grid, tile smem,
+/// weight-gradient grid, weight-gradient smem).
+pub fn v2_tiling(
+    shape: [usize; 3],
+    fb: &FeedbackConfig,
+    batch: usize,
+    steps: usize,
+    limits: &DeviceLimits,
+) -> std::result::Result<(TileDims, u32, usize, (u32, u32), usize), String> {
+    let [c, h, w] = shape;
+    let r = fb.radius;
+    if r != 1 && r != 2 {
+        return Err(format!("radius {r}: the v2 kernels are built for r = 1 and r = 2"));
+    }
+    // (cost in tile slots, co_t, rows, row groups); ties go to the larger channel tile (more reuse)
+    let mut best: Option<(usize, usize, usize, usize)> = None;
+    for co_t in [16usize, 32, 64] {
+        let pix = 4096 / co_t;
+        if w > pix {
+            continue;
+        }
+        let rmax = (pix / w).min(h).max(1);
+        let rg = h.div_ceil(rmax);
+        let rows = h.div_ceil(rg);
+        let cost = c.div_ceil(co_t) * rg;
+        if best.map_or(true, |b| cost <= b.0) {
+            best = Some((cost, co_t, rows, rg));
+        }
+    }
+    let (_, co_t, rows, rg) = best.ok_or_else(|| format!("W = {w} > 256: a v2 tile holds whole rows of at most 256 pixels"))?;
+    let cg = c.div_ceil(co_t);
+    let jobs = batch.checked_mul(cg).and_then(|x| x.checked_mul(rg)).filter(|&j| j <= i32::MAX as usize);
+    let jobs = jobs.ok_or_else(|| format!("{batch}·{cg}·{rg} tile jobs exceed the 32-bit range"))?;
+    let smem = v2_tile_smem_bytes(w, r, rows, co_t);
+    if smem > limits.max_smem_per_block as usize {
+        return Err(format!("a tile needs {smem} B of shared memory, the device allows {}", limits.max_smem_per_block));
+    }
+    let per_sm = (limits.max_smem_per_sm as usize / (smem + SMEM_RESERVED_PER_BLOCK)).min(V2_BLOCKS_PER_SM as usize);
+    if per_sm == 0 || limits.sm_count == 0 {
+        return Err(format!("no block of {smem} B shared memory is resident on this device"));
+    }
+    let grid = jobs.min(per_sm * limits.sm_count as usize).max(1) as u32;
+    let wg_rows0 = (V2_WG_PIXELS / w).clamp(1, h);
+    let wg_rg = h.div_ceil(wg_rows0);
+    let wg_rows = h.div_ceil(wg_rg);
+    let wg_smem = v2_wgrad_smem_bytes(w, r, wg_rows);
+    if wg_smem > limits.max_smem_per_block as usize {
+        return Err(format!("the weight gradient needs {wg_smem} B of shared memory, the device allows {}", limits.max_smem_per_block));
+    }
+    let g = c.div_ceil(16);
+    let tiles = g * g;
+    let chunks = steps.saturating_mul(batch).saturating_mul(wg_rg);
+    let split = (V2_WG_BLOCKS_PER_SM * limits.sm_count as usize).div_ceil(tiles).clamp(1, chunks.clamp(1, 65_535));
+    let td = TileDims {
+        co_t: co_t as i32,
+        rows: rows as i32,
+        row_groups: rg as i32,
+        ch_groups: cg as i32,
+        jobs: jobs as i32,
+        wg_rows: wg_rows as i32,
+        wg_row_groups: wg_rg as i32,
+        wg_split: split as i32,
+    };
+    Ok((td, grid, smem, (tiles as u32, split as u32), wg_smem))
+}
+
+/// The launch plan for a kernel version: `plan` for V1 (and for the plain layer); for V2 the
+/// cooperative tiled kernels when [`v2_tiling`] finds a tiling, else the V1 plan with the reason
+/// in `fallback`.
+pub fn plan_version(
+    shape: [usize; 3],
+    fb: &FeedbackConfig,
+    batch: usize,
+    steps: usize,
+    limits: &DeviceLimits,
+    version: KernelVersion,
+) -> Result<LaunchPlan> {
+    let mut p = plan(shape, fb, batch, steps, limits)?;
+    if version == KernelVersion::V1 || p.path == LayerPath::Plain {
+        return Ok(p);
+    }
+    let (td, grid, smem, wg_grid, wg_smem) = match v2_tiling(shape, fb, batch, steps, limits) {
+        Ok(x) => x,
+        Err(why) => {
+            p.fallback = Some(why);
+            return Ok(p);
+        }
+    };
+    let r1 = fb.radius == 1;
+    let coop = |kernel| KernelLaunch {
+        module: "backei_layer",
+        kernel,
+        grid: (grid, 1, 1),
+        block: V2_THREADS,
+        smem_bytes: smem as u32,
+        cooperative: true,
+    };
+    p.forward = coop(if r1 { "backei_forward_v2_r1_f32" } else { "backei_forward_v2_r2_f32" });
+    p.backward = coop(if r1 { "backei_backward_v2_r1_f32" } else { "backei_backward_v2_r2_f32" });
+    p.wgrad = WgradPath::Tiled;
+    p.wgrad_launch = Some(KernelLaunch {
+        module: "backei_layer",
+        kernel: if r1 { "backei_wgrad_v2_r1_f32" } else { "backei_wgrad_v2_r2_f32" },
+        grid: (wg_grid.0, wg_grid.1, 1),
+        block: V2_THREADS,
+        smem_bytes: wg_smem as u32,
+        cooperative: false,
+    });
+    p.weights_in_smem_forward = false;
+    p.weights_in_smem_backward = false;
+    let all = p.buffers.out;
+    p.buffers.dz = if fb.ei { all } else { 0 };
+    p.buffers.da = if fb.back { all } else { 0 };
+    p.version = KernelVersion::V2;
+    p.tile = Some(td);
+    Ok(p)
+}
+
+/// One v2 tile job as the device's `tile_job` computes it, for the pixel thread `tp`: (sample,
+/// first channel, first row, per j < 4 the pixel y·W + x or None past the tile, per j the halo
+/// index of tap (0, 0)). The CPU mirror of the kernel's index arithmetic (tested below).
+pub fn v2_tile_job(
+    shape: [usize; 3],
+    r: usize,
+    td: &TileDims,
+    job: usize,
+    tp: usize,
+) -> (usize, usize, usize, [Option<usize>; 4], [usize; 4]) {
+    let [_, h, w] = shape;
+    let (rows, rgs, cgs, co_t) = (td.rows as usize, td.row_groups as usize, td.ch_groups as usize, td.co_t as usize);
+    let np_threads = V2_THREADS as usize / (co_t / 4);
+    let rg = job % rgs;
+    let rest = job / rgs;
+    let b = rest / cgs;
+    let co0 = (rest - b * cgs) * co_t;
+    let y0 = rg * rows;
+    let npix = rows.min(h.saturating_sub(y0)) * w;
+    let hs = w + 2 * r;
+    let mut pix = [None; 4];
+    let mut base = [0; 4];
+    for j in 0..4 {
+        let p = tp + j * np_threads;
+        if p < npix {
+            pix[j] = Some(y0 * w + p);
+            base[j] = (p / w) * hs + p % w;
+        }
+    }
+    (b, co0, y0, pix, base)
 }
 
 fn cuda_err(what: &'static str) -> impl Fn(cudarc::driver::DriverError) -> BackeiError {
@@ -340,11 +608,19 @@ pub struct GpuBackEiLayer {
     dummy: CudaSlice<f32>,
     /// T_in of the last forward.
     t_in: usize,
+    /// The fused kernels asked for (`$BACKEI_BACKEI_KERNEL` at construction, V1 by default); the
+    /// plan says which ones run (`plan.version`: V2 falls back to V1 where it cannot run).
+    pub version: KernelVersion,
+    /// The version the current plan was made for.
+    planned_version: KernelVersion,
+    /// v2's grid barrier word (zeroed before every cooperative launch).
+    bar: Option<CudaSlice<u32>>,
 }
 
 impl GpuBackEiLayer {
     pub fn new(dev: &Arc<GpuDevice>, shape: [usize; 3], feedback: FeedbackConfig, neuron: &NeuronConfig) -> Result<Self> {
         validate(shape, &feedback, 1, 1)?;
+        let version = KernelVersion::from_env()?;
         let limits = DeviceLimits::of(dev)?;
         let dummy = dev.stream.alloc_zeros::<f32>(1).map_err(cuda_err("allocating"))?;
         Ok(GpuBackEiLayer {
@@ -366,6 +642,9 @@ impl GpuBackEiLayer {
             da: None,
             dummy,
             t_in: 0,
+            version,
+            planned_version: version,
+            bar: None,
         })
     }
 
@@ -382,8 +661,8 @@ impl GpuBackEiLayer {
 
     /// Plans and sizes every buffer for a batch shape (a no-op when unchanged).
     pub fn prepare(&mut self, batch: usize, steps: usize) -> Result<&LaunchPlan> {
-        if self.plan.is_none() || self.batch != batch || self.steps != steps {
-            let p = plan(self.shape, &self.feedback, batch, steps, &self.limits)?;
+        if self.plan.is_none() || self.batch != batch || self.steps != steps || self.planned_version != self.version {
+            let p = plan_version(self.shape, &self.feedback, batch, steps, &self.limits, self.version)?;
             let b = p.buffers;
             // free the old buffers before allocating the new ones
             (self.out, self.v, self.g, self.z, self.dv, self.fb, self.dz, self.da) = (None, None, None, None, None, None, None, None);
@@ -395,9 +674,13 @@ impl GpuBackEiLayer {
             self.fb = alloc(&self.dev, b.fb)?;
             self.dz = alloc(&self.dev, b.dz)?;
             self.da = alloc(&self.dev, b.da)?;
+            if p.version == KernelVersion::V2 && self.bar.is_none() {
+                self.bar = Some(self.dev.stream.alloc_zeros::<u32>(1).map_err(cuda_err("allocating the grid barrier"))?);
+            }
             self.plan = Some(p);
             self.batch = batch;
             self.steps = steps;
+            self.planned_version = self.version;
         }
         self.plan.as_ref().ok_or_else(|| BackeiError::Cuda("BackEI layer: no plan".into()))
     }
@@ -456,6 +739,24 @@ impl GpuBackEiLayer {
         Ok(f)
     }
 
+    /// The launch configuration of a cooperative kernel: the plan's grid, clamped to the blocks the
+    /// occupancy API says are co-resident (the driver refuses a larger cooperative grid).
+    fn coop_config(&self, f: &CudaFunction, l: &KernelLaunch) -> Result<LaunchConfig> {
+        let per_sm = f
+            .occupancy_max_active_blocks_per_multiprocessor(l.block, l.smem_bytes as usize, None)
+            .map_err(|e| BackeiError::Cuda(format!("{}: occupancy query: {e:?}", l.kernel)))?;
+        let resident = per_sm.saturating_mul(self.limits.sm_count);
+        if resident == 0 {
+            return Err(BackeiError::Cuda(format!(
+                "{}: no block of {} threads with {} B shared memory can be resident (use {KERNEL_ENV}=v1)",
+                l.kernel, l.block, l.smem_bytes
+            )));
+        }
+        let mut cfg = l.config();
+        cfg.grid_dim.0 = cfg.grid_dim.0.min(resident).max(1);
+        Ok(cfg)
+    }
+
     /// All T steps for a batch; the output s [T][B][C][H][W] is then `self.output()`.
     pub fn forward(
         &mut self,
@@ -488,6 +789,7 @@ impl GpuBackEiLayer {
         let f = self.function(&l)?;
         let stream = self.dev.stream.clone();
         let dims = self.dims(slots, t_in, plan.weights_in_smem_forward, plan.wgrad == WgradPath::OnChip)?;
+        let coop_cfg = if l.cooperative { Some(self.coop_config(&f, &l)?) } else { None };
         let (out, v) = match (self.out.as_mut(), self.v.as_mut()) {
             (Some(o), Some(v)) => (o, v),
             _ => return Err(BackeiError::Cuda("BackEI layer: output buffers missing".into())),
@@ -498,6 +800,32 @@ impl GpuBackEiLayer {
                 // SAFETY: the argument list matches spiking_forward_v1_f32; lengths checked above.
                 unsafe { stream.launch_builder(&f).arg(input).arg(out).arg(v).arg(&nn).arg(&t).arg(&ti).arg(&np).launch(l.config()) }
                     .map_err(cuda_err("launching spiking_forward_v1_f32"))?;
+            }
+            LayerPath::Fused if plan.version == KernelVersion::V2 => {
+                let td = plan.tile.ok_or_else(|| BackeiError::Cuda("BackEI layer: v2 plan without a tiling".into()))?;
+                let cfg = coop_cfg.ok_or_else(|| BackeiError::Cuda("BackEI layer: v2 launch not cooperative".into()))?;
+                let bar = self.bar.as_mut().ok_or_else(|| BackeiError::Cuda("BackEI layer: grid barrier missing".into()))?;
+                stream.memset_zeros(bar).map_err(cuda_err("zeroing the grid barrier"))?;
+                let g = self.g.as_ref().unwrap_or(&self.dummy);
+                let z = self.z.as_ref().unwrap_or(&self.dummy);
+                // SAFETY: the argument list matches backei_forward_v2_r{1,2}_f32; lengths checked
+                // above; a cooperative launch (grid ≤ co-resident blocks), as grid_sync requires.
+                unsafe {
+                    stream
+                        .launch_builder(&f)
+                        .arg(params)
+                        .arg(input)
+                        .arg(out)
+                        .arg(v)
+                        .arg(g)
+                        .arg(z)
+                        .arg(&*bar)
+                        .arg(&dims)
+                        .arg(&np)
+                        .arg(&td)
+                        .launch_cooperative(cfg)
+                }
+                .map_err(cuda_err("launching backei_forward_v2"))?;
             }
             LayerPath::Fused => {
                 // the dummy stands in for a disabled gate's buffer, which the kernel never touches
@@ -567,6 +895,76 @@ impl GpuBackEiLayer {
                     stream.launch_builder(&f).arg(grad_out).arg(v).arg(grad_in).arg(&nn).arg(&t).arg(&ti).arg(&np).launch(l.config())
                 }
                 .map_err(cuda_err("launching spiking_backward_v1_f32"))?;
+            }
+            LayerPath::Fused if plan.version == KernelVersion::V2 => {
+                let td = plan.tile.ok_or_else(|| BackeiError::Cuda("BackEI layer: v2 plan without a tiling".into()))?;
+                let dims = self.dims(slots, t_in, false, false)?;
+                let cfg = self.coop_config(&f, &l)?;
+                let bar = self.bar.as_mut().ok_or_else(|| BackeiError::Cuda("BackEI layer: grid barrier missing".into()))?;
+                stream.memset_zeros(bar).map_err(cuda_err("zeroing the grid barrier"))?;
+                let bar = &*bar;
+                let d = &self.dummy;
+                let out = self.out.as_ref().unwrap_or(d);
+                let g = self.g.as_ref().unwrap_or(d);
+                let z = self.z.as_ref().unwrap_or(d);
+                let dv = self.dv.as_ref().unwrap_or(d);
+                let fb = self.fb.as_ref().unwrap_or(d);
+                let dz = self.dz.as_ref().unwrap_or(d);
+                let da = self.da.as_ref().unwrap_or(d);
+                // SAFETY: the argument list matches backei_backward_v2_r{1,2}_f32; lengths checked
+                // above (the V2 plan sizes dz and da for every step); a cooperative launch.
+                unsafe {
+                    stream
+                        .launch_builder(&f)
+                        .arg(params)
+                        .arg(&mut *grads)
+                        .arg(input)
+                        .arg(out)
+                        .arg(v)
+                        .arg(g)
+                        .arg(z)
+                        .arg(grad_out)
+                        .arg(&mut *grad_in)
+                        .arg(dv)
+                        .arg(fb)
+                        .arg(dz)
+                        .arg(da)
+                        .arg(bar)
+                        .arg(&dims)
+                        .arg(&np)
+                        .arg(&td)
+                        .launch_cooperative(cfg)
+                }
+                .map_err(cuda_err("launching backei_backward_v2"))?;
+                let w =
+                    plan.wgrad_launch.ok_or_else(|| BackeiError::Cuda("BackEI layer: v2 plan without a weight-gradient launch".into()))?;
+                let wf = self.function(&w)?;
+                let passes = [
+                    (self.feedback.back, slots[0].start, slots[1].start, da, out, self.feedback.delay as i32),
+                    (self.feedback.ei, slots[2].start, slots[3].start, dz, v, 0),
+                ];
+                for (on, ow, ob, dy, x, shift) in passes {
+                    if !on {
+                        continue;
+                    }
+                    let (ow, ob) = (ow as i64, ob as i64);
+                    // SAFETY: the argument list matches backei_wgrad_v2_r{1,2}_f32; dy and x hold
+                    // [T][B][N].
+                    unsafe {
+                        stream
+                            .launch_builder(&wf)
+                            .arg(&mut *grads)
+                            .arg(&ow)
+                            .arg(&ob)
+                            .arg(dy)
+                            .arg(x)
+                            .arg(&shift)
+                            .arg(&dims)
+                            .arg(&td)
+                            .launch(w.config())
+                    }
+                    .map_err(cuda_err("launching backei_wgrad_v2"))?;
+                }
             }
             LayerPath::Fused => {
                 let onchip = plan.wgrad == WgradPath::OnChip;
