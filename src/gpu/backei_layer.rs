@@ -1162,7 +1162,7 @@ mod tests {
         // on an A100 (163 KB) fashion layer 1 still fits
         assert_eq!(plan([32, 28, 28], &fb(1), 100, 20, &DeviceLimits::A100).unwrap().wgrad, WgradPath::OnChip);
         // a device with 48 KB only: fashion layer 1 falls back
-        let small = DeviceLimits { sm_count: 80, max_smem_per_block: 48 * 1024 };
+        let small = DeviceLimits { sm_count: 80, max_smem_per_block: 48 * 1024, max_smem_per_sm: 64 * 1024 };
         assert_eq!(plan([32, 28, 28], &fb(1), 100, 20, &small).unwrap().wgrad, WgradPath::Separate);
         // one gate only: fashion layer 2's W_e alone (147 KB) fits in the forward
         let ei_only = FeedbackConfig { back: false, ..fb(1) };
@@ -1199,5 +1199,216 @@ mod tests {
         assert!(msg(plan([70_000, 1, 1], &fb, 2, 5, &h)).contains("exceeds"));
         assert!(msg(plan([1 << 16, 1 << 16, 1], &fb, 1, 1, &h)).contains("exceeds"));
         assert!(msg(plan([usize::MAX, 2, 2], &fb, 1, 1, &h)).contains("overflows"));
+    }
+
+    /// Every output (b, c, pixel) of a v2 tiling is computed by exactly one (job, thread, i, j),
+    /// every tap a thread reads lies in the staged halo at the right image position, the float4
+    /// weight loads are aligned and in the chunk, and the weight gradient's blocks cover every
+    /// (c, ci) pair and every (t, b, pixel) exactly once with in-plane window reads.
+    fn check_v2_coverage(shape: [usize; 3], r: usize, batch: usize, steps: usize, td: &TileDims, wg_grid: (u32, u32)) {
+        let [c, h, w] = shape;
+        let (k, hw) = (2 * r + 1, h * w);
+        let co_t = td.co_t as usize;
+        assert!(matches!(co_t, 16 | 32 | 64));
+        let ntc = co_t / 4;
+        let npt = V2_THREADS as usize / ntc;
+        assert_eq!(ntc * npt, V2_THREADS as usize);
+        let rows = td.rows as usize;
+        assert!(rows >= 1 && rows * w <= 4 * npt, "a tile's pixels fit its threads");
+        assert_eq!(td.row_groups as usize, h.div_ceil(rows));
+        assert!((td.row_groups as usize - 1) * rows < h, "no empty row group");
+        assert_eq!(td.ch_groups as usize, c.div_ceil(co_t));
+        assert_eq!(td.jobs as usize, batch * td.ch_groups as usize * td.row_groups as usize);
+        let (hs, hsz) = (w + 2 * r, (rows + 2 * r) * (w + 2 * r));
+        let in_f = v2_tile_in_floats(w, r, rows);
+        assert!(in_f % 4 == 0 && in_f >= V2_CI * hsz);
+        let mut seen = vec![0u8; batch * c * hw];
+        for job in 0..td.jobs as usize {
+            for tid in 0..V2_THREADS as usize {
+                let (tc, tp) = (tid / npt, tid % npt);
+                let (b, co0, y0, pix, base) = v2_tile_job(shape, r, td, job, tp);
+                assert!(b < batch && co0 < c && y0 < h);
+                // float4 weight loads: (ci·k² + tap)·co_t + 4·tc, aligned, inside the chunk
+                for ci in [0, V2_CI - 1] {
+                    for tap in [0, k * k - 1] {
+                        let at = (ci * k * k + tap) * co_t + 4 * tc;
+                        assert!(at % 4 == 0 && at + 3 < V2_CI * k * k * co_t);
+                    }
+                }
+                for j in 0..4 {
+                    let Some(p) = pix[j] else {
+                        assert_eq!(base[j], 0);
+                        continue;
+                    };
+                    let (y, x) = (p / w, p % w);
+                    assert!(y >= y0 && y < (y0 + rows).min(h) && x < w);
+                    for ky in 0..k {
+                        for kx in 0..k {
+                            let hidx = base[j] + ky * hs + kx;
+                            assert!(hidx < hsz, "halo read out of the staged plane");
+                            // the staging's map: halo (hy, hx) holds image (y0 + hy − r, hx − r)
+                            let (hy, hx) = (hidx / hs, hidx % hs);
+                            assert_eq!((y0 + hy, hx), (y + ky, x + kx), "the halo read is the tap's input");
+                        }
+                    }
+                    for i in 0..4 {
+                        let ch = co0 + 4 * tc + i;
+                        if ch < c {
+                            seen[(b * c + ch) * hw + p] += 1;
+                        }
+                    }
+                }
+            }
+        }
+        assert!(
+            seen.iter().all(|&n| n == 1),
+            "{shape:?} B {batch}: an output is computed {} times",
+            seen.iter().find(|&&n| n != 1).unwrap()
+        );
+        // weight gradient
+        let g = c.div_ceil(16);
+        assert_eq!(wg_grid.0 as usize, g * g);
+        let mut pairs = vec![0u8; c * c];
+        for bx in 0..g * g {
+            for tid in 0..V2_THREADS as usize {
+                let (c0, i0) = ((bx / g) * 16, (bx % g) * 16);
+                let (cc, ci) = (c0 + tid / 16, i0 + tid % 16);
+                if cc < c && ci < c {
+                    pairs[cc * c + ci] += 1;
+                }
+            }
+        }
+        assert!(pairs.iter().all(|&n| n == 1));
+        let (wr, wrg) = (td.wg_rows as usize, td.wg_row_groups as usize);
+        assert!(wr * w <= 256 && wrg == h.div_ceil(wr) && (wrg - 1) * wr < h);
+        let plane = v2_wgrad_plane(w, r, wr);
+        assert!(plane % 2 == 1 && plane >= (wr + 2 * r) * hs);
+        // windows: the last read of a chunk's row py, tap (ky, kx) at x = W − 1
+        assert!((wr - 1 + k - 1) * hs + (w - 1) + k - 1 < plane);
+        let split = wg_grid.1 as usize;
+        assert!(split >= 1 && split <= 65_535 && split as u32 == td.wg_split as u32);
+        let chunks = steps * batch * wrg;
+        let mut px = vec![0u8; steps * batch * hw];
+        for by in 0..split {
+            for ch in (by..chunks).step_by(split) {
+                let rg = ch % wrg;
+                let tb = ch / wrg;
+                let (t, b) = (tb / batch, tb % batch);
+                let y0 = rg * wr;
+                let rows_here = wr.min(h - y0);
+                for q in 0..rows_here * w {
+                    px[(t * batch + b) * hw + y0 * w + q] += 1;
+                }
+            }
+        }
+        assert!(px.iter().all(|&n| n == 1), "the weight gradient's chunks cover every (t, b, pixel) once");
+    }
+
+    #[test]
+    fn v2_plans_every_backei_shape_within_the_device_limits_and_covers_every_output_once() {
+        for limits in [DeviceLimits::A100, DeviceLimits::H100] {
+            for (net, i, shape, fb) in spiking_layers() {
+                if !fb.back && !fb.ei {
+                    let p = plan_version(shape, &fb, 100, 20, &limits, KernelVersion::V2).unwrap();
+                    assert_eq!((p.path, p.version), (LayerPath::Plain, KernelVersion::V1), "the plain layer has no v2");
+                    continue;
+                }
+                for batch in [1, 100, 256] {
+                    for steps in [1, 20, 64] {
+                        let p = plan_version(shape, &fb, batch, steps, &limits, KernelVersion::V2).unwrap();
+                        assert_eq!(p.version, KernelVersion::V2, "{net} layer {i} {shape:?}: fell back: {:?}", p.fallback);
+                        assert_eq!(p.wgrad, WgradPath::Tiled);
+                        let td = p.tile.unwrap();
+                        let per_sm = (limits.max_smem_per_sm as usize / (p.forward.smem_bytes as usize + SMEM_RESERVED_PER_BLOCK))
+                            .min(V2_BLOCKS_PER_SM as usize);
+                        for l in [p.forward, p.backward] {
+                            assert!(l.cooperative && l.block == V2_THREADS);
+                            assert!(l.smem_bytes <= limits.max_smem_per_block, "{net} {i}: {l:?}");
+                            assert!(l.grid.0 >= 1 && l.grid.0 as usize <= per_sm * limits.sm_count as usize, "grid ≤ co-resident blocks");
+                            assert!(l.grid.0 as i32 <= td.jobs, "no block without a job");
+                        }
+                        let w = p.wgrad_launch.unwrap();
+                        assert!(!w.cooperative && w.smem_bytes <= limits.max_smem_per_block);
+                        let all = steps * batch * shape.iter().product::<usize>();
+                        assert_eq!((p.buffers.dz, p.buffers.da), (all, all), "v2 keeps dz and da of every step");
+                        // exact coverage on a small batch and T (the index arithmetic does not depend on them
+                        // beyond the job count, which is checked for every batch above)
+                        if batch == 1 && steps == 1 || (batch, steps) == (100, 20) && shape[0] <= 64 && limits == DeviceLimits::H100 {
+                            let (b, t) = (batch.min(2), steps.min(3));
+                            let q = plan_version(shape, &fb, b, t, &limits, KernelVersion::V2).unwrap();
+                            let wg = q.wgrad_launch.unwrap().grid;
+                            check_v2_coverage(shape, fb.radius, b, t, &q.tile.unwrap(), (wg.0, wg.1));
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn v2_covers_odd_shapes_and_falls_back_where_it_cannot_run() {
+        let h = DeviceLimits::H100;
+        for (shape, r) in [
+            ([3, 7, 9], 1),
+            ([3, 7, 9], 2),
+            ([1, 1, 1], 1),
+            ([2, 5, 3], 1),
+            ([4, 9, 7], 2),
+            ([5, 7, 9], 2),
+            ([17, 3, 65], 1),
+            ([65, 2, 130], 2),
+            ([33, 40, 1], 1),
+            ([70, 1, 256], 1),
+        ] {
+            for back_ei in [(true, true), (true, false), (false, true)] {
+                let fb = FeedbackConfig { back: back_ei.0, ei: back_ei.1, radius: r, delay: 2 };
+                for (b, t) in [(1, 1), (3, 4)] {
+                    let p = plan_version(shape, &fb, b, t, &h, KernelVersion::V2).unwrap();
+                    assert_eq!(p.version, KernelVersion::V2, "{shape:?} r {r}: {:?}", p.fallback);
+                    let wg = p.wgrad_launch.unwrap().grid;
+                    check_v2_coverage(shape, r, b, t, &p.tile.unwrap(), (wg.0, wg.1));
+                }
+            }
+        }
+        let fb = |r| FeedbackConfig { radius: r, ..Default::default() };
+        // radius 0 or 3, a row wider than 256, a tiny shared memory: v1 with the reason
+        for (shape, r, lim) in
+            [([4, 4, 4], 0, h), ([4, 4, 4], 3, h), ([4, 2, 300], 1, h), ([4, 8, 8], 1, DeviceLimits { max_smem_per_block: 1024, ..h })]
+        {
+            let p = plan_version(shape, &fb(r), 2, 3, &lim, KernelVersion::V2).unwrap();
+            assert_eq!(p.version, KernelVersion::V1);
+            assert!(p.fallback.is_some() && p.tile.is_none());
+            assert_eq!(
+                p,
+                plan_version(shape, &fb(r), 2, 3, &lim, KernelVersion::V1)
+                    .map(|mut q| {
+                        q.fallback = p.fallback.clone();
+                        q
+                    })
+                    .unwrap()
+            );
+        }
+        // the default is v1 and the plans of V1 are those of `plan`
+        assert_eq!(KernelVersion::default(), KernelVersion::V1);
+        assert_eq!(
+            plan_version([32, 28, 28], &fb(1), 100, 20, &h, KernelVersion::V1).unwrap(),
+            plan([32, 28, 28], &fb(1), 100, 20, &h).unwrap()
+        );
+        assert_eq!(KernelVersion::parse(" V2 ").unwrap(), KernelVersion::V2);
+        assert!(KernelVersion::parse("v3").unwrap_err().to_string().contains("v3"));
+        // the reference shapes: tile choice and kernel names
+        let p = plan_version([32, 28, 28], &fb(1), 100, 20, &h, KernelVersion::V2).unwrap();
+        let td = p.tile.unwrap();
+        assert_eq!((td.co_t, td.rows, td.row_groups, td.ch_groups, td.jobs), (32, 4, 7, 1, 700));
+        assert_eq!(p.forward.grid.0, 2 * 132);
+        assert_eq!(p.forward.kernel, "backei_forward_v2_r1_f32");
+        let p = plan_version([15, 24, 24], &fb(2), 100, 20, &h, KernelVersion::V2).unwrap();
+        assert_eq!((p.backward.kernel, p.wgrad_launch.unwrap().kernel), ("backei_backward_v2_r2_f32", "backei_wgrad_v2_r2_f32"));
+    }
+
+    #[test]
+    fn tile_dims_have_the_c_layout_of_the_kernels() {
+        assert_eq!(std::mem::size_of::<TileDims>(), 32);
+        assert_eq!(std::mem::align_of::<TileDims>(), 4);
     }
 }
