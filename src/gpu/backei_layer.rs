@@ -600,10 +600,14 @@ pub struct GpuBackEiLayer {
     pub g: Option<CudaSlice<f32>>,
     /// z [T][B][N] (ei on).
     pub z: Option<CudaSlice<f32>>,
-    dv: Option<CudaSlice<f32>>,
-    fb: Option<CudaSlice<f32>>,
-    dz: Option<CudaSlice<f32>>,
-    da: Option<CudaSlice<f32>>,
+    /// Backward scratch (public so that tests can poison it): dv [B][N].
+    pub dv: Option<CudaSlice<f32>>,
+    /// Backward scratch: the feedback ring [min(D, T)][B][N].
+    pub fb: Option<CudaSlice<f32>>,
+    /// Backward scratch: dz, [B][N] or [T][B][N] (`BufferSizes::dz`).
+    pub dz: Option<CudaSlice<f32>>,
+    /// Backward scratch: da, [B][N] or [T][B][N] (`BufferSizes::da`).
+    pub da: Option<CudaSlice<f32>>,
     /// Stands in for an absent buffer in a kernel's argument list (never dereferenced).
     dummy: CudaSlice<f32>,
     /// T_in of the last forward.
