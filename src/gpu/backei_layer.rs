@@ -29,6 +29,17 @@
 //!   layer 2 C = 64, all cifar10 layers): the backward kernel saves da_t and dz_t for every step
 //!   and `backei_wgrad_v1_f32` reduces them over (t, b, pixel), one block per (c, ci) weight pair.
 //!
+//! - **v2** (`KernelVersion::V2`, opt-in: `BACKEI_BACKEI_KERNEL=v2` or `layer.version`; v1 stays
+//!   the default until v2 is validated on a GPU): `backei_{forward,backward}_v2_r{1,2}_f32`,
+//!   persistent kernels under a cooperative launch (grid = min(jobs, 2 blocks/SM · SMs), clamped
+//!   by the occupancy API at launch) with a grid barrier between phases; every phase spreads the
+//!   batch's tiles (sample × 16/32/64 channels × full rows) over the GPU, the gate convolutions
+//!   tiled in FP32 (4 channels × 4 pixels per thread). dz_t and da_t are kept for every step and
+//!   `backei_wgrad_v2_r{1,2}_f32` reduces the weight gradients afterwards. [`plan_version`] falls
+//!   back to v1 (saying why in `fallback`) for r ∉ {1, 2}, W > 256 or too little shared memory.
+//!   [`v2_tile_job`] mirrors the kernel's index arithmetic; the unit tests check with it that the
+//!   tiles cover every output exactly once and read only inside the staged halo.
+//!
 //! Buffers are sized once per (batch, steps) and reused; all settings and shapes are validated
 //! and returned as errors, never panics.
 
