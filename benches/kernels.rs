@@ -12,11 +12,14 @@
 //! multiply-add of the gate convolutions (forward: W_b ⊛ s and W_e ⊛ v; backward: the two adjoint
 //! convolutions and the two weight gradients), pointwise work not counted.
 //!
+//! Every fused workload runs with the v1 kernels and the v2 kernels (`KernelVersion`), each
+//! validated against the CPU before it is timed; v2's reference row is named `<workload>@v2`.
+//!
 //! Writes a CSV to `$BACKEI_BENCH_CSV` or `bench/kernels.csv`. Without a GPU it says the GPU part
 //! was skipped and exits 0. `cargo bench --bench kernels [-- FILTER]`.
 
 use backei::cpu::backei_layer::{BackEiGrads, BackEiLayer, BackEiParams};
-use backei::gpu::backei_layer::{BackEiSlots, GpuBackEiLayer};
+use backei::gpu::backei_layer::{BackEiSlots, GpuBackEiLayer, KernelVersion};
 use backei::gpu::GpuDevice;
 use backei::spec::{FeedbackConfig, FiringMode, NeuronConfig};
 use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
@@ -141,7 +144,7 @@ fn setup(shape: [usize; 3], fb: &FeedbackConfig, seed: u64) -> (Vec<f32>, BackEi
 }
 
 /// GPU vs CPU at (batch, steps) in the smooth mode: the max relative error over s, v, ∂I, grads.
-fn validate(dev: &Arc<GpuDevice>, shape: [usize; 3], fb: FeedbackConfig, batch: usize, steps: usize) -> Res<f64> {
+fn validate(dev: &Arc<GpuDevice>, shape: [usize; 3], fb: FeedbackConfig, batch: usize, steps: usize, version: KernelVersion) -> Res<f64> {
     let neuron = NeuronConfig { mode: FiringMode::Smooth { k: 4.0 }, ..Default::default() };
     let n: usize = shape.iter().product();
     let (params, slots) = setup(shape, &fb, 7);
@@ -167,6 +170,11 @@ fn validate(dev: &Arc<GpuDevice>, shape: [usize; 3], fb: FeedbackConfig, batch: 
     }
     let s = &dev.stream;
     let mut g = GpuBackEiLayer::new(dev, shape, fb, &neuron)?;
+    g.version = version;
+    let vplan = g.prepare(batch, steps)?.clone();
+    if vplan.path == backei::gpu::backei_layer::LayerPath::Fused && vplan.version != version {
+        return Err(format!("{shape:?}: {version:?} fell back to {:?}: {:?}", vplan.version, vplan.fallback).into());
+    }
     let dp = s.clone_htod(&params)?;
     let mut dg = s.alloc_zeros::<f32>(params.len())?;
     let di = s.clone_htod(&input)?;
@@ -194,11 +202,12 @@ fn layer_workload(
     steps: usize,
     vb: usize,
     vt: usize,
+    version: KernelVersion,
 ) -> Res<()> {
-    let err = validate(&bench.dev, shape, fb, vb, vt)?;
+    let err = validate(&bench.dev, shape, fb, vb, vt, version)?;
     let valid = if err < 1e-4 { format!("valid (max rel err {err:.1e})") } else { format!("INVALID (max rel err {err:.1e})") };
     if err >= 1e-4 || err.is_nan() {
-        bench.failed.push(name.to_string());
+        bench.failed.push(format!("{name} {version:?}"));
     }
     let dev = bench.dev.clone();
     let s = dev.stream.clone();
@@ -212,6 +221,7 @@ fn layer_workload(
     let mut dg = s.alloc_zeros::<f32>(params.len())?;
     let mut gin = s.alloc_zeros::<f32>(steps * batch * n)?;
     let mut layer = GpuBackEiLayer::new(&dev, shape, fb, &NeuronConfig::default())?;
+    layer.version = version;
     let plan = layer.prepare(batch, steps)?.clone();
     let gates = fb.back as usize + fb.ei as usize;
     let k = 2 * fb.radius + 1;
@@ -220,14 +230,20 @@ fn layer_workload(
     let fwd_bytes = 4.0 * all * if plain { 3.0 } else { 3.0 + gates as f64 + 1.0 };
     let ms = bench.time(|| Ok(layer.forward(&dp, &slots, &input.slice(..), steps, batch, steps)?))?;
     let fwd_ms = ms;
-    let kname = if plain { "plain" } else { "fused" };
+    let kname = match (plain, plan.version) {
+        (true, _) => "plain",
+        (false, KernelVersion::V1) => "fused-v1",
+        (false, KernelVersion::V2) => "fused-v2",
+    };
     bench.report(&format!("{name} fwd {:?}", plan.wgrad), kname, ms, fwd_bytes, gates as f64 * conv_flops, &valid);
     let bwd_bytes = 4.0 * all * if plain { 3.0 } else { 5.0 + 2.0 * gates as f64 };
     let ms =
         bench.time(|| Ok(layer.backward(&dp, &mut dg, &slots, &input.slice(..), steps, &gout.slice(..), &mut gin.slice_mut(..))?))?;
     bench.report(&format!("{name} bwd {:?}", plan.wgrad), kname, ms, bwd_bytes, 2.0 * gates as f64 * conv_flops, &valid);
     // the row bench/reference/run.py joins on (its workload names)
-    bench.report(ref_name, "fwd+bwd", fwd_ms + ms, fwd_bytes + bwd_bytes, 3.0 * gates as f64 * conv_flops, &valid);
+    // v1 keeps the reference's workload name (run.py takes a workload's first row); v2 gets `@v2`
+    let row = if version == KernelVersion::V2 { format!("{ref_name}@v2") } else { ref_name.to_string() };
+    bench.report(&row, "fwd+bwd", fwd_ms + ms, fwd_bytes + bwd_bytes, 3.0 * gates as f64 * conv_flops, &valid);
     Ok(())
 }
 
@@ -268,7 +284,15 @@ fn run(dev: Arc<GpuDevice>, filter: Option<String>) -> Res<()> {
         if filter.as_deref().is_some_and(|x| !name.contains(x)) {
             continue;
         }
-        layer_workload(&mut bench, name, ref_name, shape, f, b, t, vb, vt)?;
+        // v1 and v2 side by side (both validated against the CPU first); the plain layer has no v2
+        let versions: &[KernelVersion] = if f.back || f.ei { &[KernelVersion::V1, KernelVersion::V2] } else { &[KernelVersion::V1] };
+        for &version in versions {
+            if let Err(e) = layer_workload(&mut bench, name, ref_name, shape, f, b, t, vb, vt, version) {
+                // one version failing (e.g. a v2 launch error) must not hide the other's timings
+                println!("{name} {version:?}: FAILED: {e}");
+                bench.failed.push(format!("{name} {version:?}: {e}"));
+            }
+        }
     }
     let path = std::env::var("BACKEI_BENCH_CSV").unwrap_or_else(|_| "bench/kernels.csv".into());
     if let Some(dir) = std::path::Path::new(&path).parent() {

@@ -361,3 +361,489 @@ backei_wgrad_v1_f32(float* __restrict__ grads, long long off_w, long long off_b,
         grad_b[c] += s;
     }
 }
+
+// ================================================================================================
+// v2: the same computation as v1, spread over the whole GPU (host: `KernelVersion::V2` in
+// src/gpu/backei_layer.rs, opt-in with BACKEI_BACKEI_KERNEL=v2 until validated on a GPU).
+//
+// Forward and backward are PERSISTENT kernels launched with cuLaunchCooperativeKernel (the driver
+// then guarantees that every block is co-resident, or refuses the launch), grid ≤ co-resident
+// blocks. Each step is split into phases; between two phases every block passes grid_sync()
+// (below), so a phase may read anything the previous phases wrote, anywhere in the batch.
+// Within a phase the work is a list of TILE JOBS over the whole batch (job = (sample b, output
+// channel group, row group), td.jobs of them), handed out round-robin: job = blockIdx.x +
+// k·gridDim.x. The job → block → thread mapping is the same in every phase and step, so a thread
+// also owns the same neurons throughout (own-element chains such as dv_{t+1} → dv_t need no sync,
+// though there is one anyway).
+//
+// Tile (tile_conv): 256 threads compute td.co_t output channels (16, 32 or 64) × td.rows full
+// image rows (rows·W ≤ 4096/co_t pixels) of one sample. Thread (tc, tp), tc < co_t/4,
+// tp < NP = 1024/co_t, owns channels co0 + 4·tc + [0, 4) and pixels tp + j·NP, j < 4, i.e.
+// 16 accumulators. The input channels are consumed in chunks of V2_CI = 8: the chunk's halo
+// (rows + 2r) × (W + 2r) per channel (zero outside the image: the zero padding) and the matching
+// weights [ci][tap][co] are staged in shared memory, then per (ci, tap) a thread does one float4
+// weight load (broadcast within the warp), 4 input loads and 16 FMAs. The adjoint convolution
+// Wᵀ ⊛ dY is the same loop with the weights staged transposed and flipped:
+//   w_s[i][tap][o] = W[i][o][k²−1−tap]  (tap (ky, kx) ↦ (2r−ky, 2r−kx)).
+// Every conv output is summed over ci ascending, taps ascending (the CPU's order for W ⊛ X; the
+// adjoint runs the taps in the opposite order of v1/CPU: rounding-level differences only).
+//
+// Forward, step t:  phase A (all tiles): a = b_b + W_b ⊛ s_{t−D} (back), g, v_t, and s_t when ei
+//                   is off; grid_sync; phase B (ei): z = b_e + W_e ⊛ v_t, s_t; grid_sync.
+// Backward, step t: phase 2 (all tiles): the v1 phases 1 and 2 in one: the tile's halo of dz_t is
+//                   computed on the fly from the saved tensors (dz = ds·o·sign′(z), pointwise, with
+//                   ds = ∂L/∂s + fb), so no sync is needed between them; the epilogue stores dz_t,
+//                   dv_t, ∂I_t, da_t of the tile's own neurons; grid_sync;
+//                   phase 3 (back, t ≥ D): fb_{t−D} = W_bᵀ ⊛ da_t; grid_sync.
+// Weight gradients: the backward kernel keeps da_t and dz_t for every step ([T][B][N]) and
+// backei_wgrad_v2 reduces them afterwards (an ordinary launch): block (c group of 16, ci group of
+// 16, K split) stages 16 planes of dY and 16 halo planes of X per (t, b, row group) chunk; thread
+// (c, ci) owns all k² taps of its weight pair in registers (a sliding k×k window along x), and
+// adds them to the gradient buffer with one atomicAdd per weight at the end.
+//
+// Coherence: every buffer that the kernel itself writes and another thread later reads (s, v in
+// the forward; fb, da, dv in the backward) is read with __ldcg (L2, never a stale L1 line).
+// ================================================================================================
+
+#define V2_THREADS 256
+#define V2_CI 8
+
+// Host twin: TileDims in src/gpu/backei_layer.rs (#[repr(C)], the same field order).
+struct TileDims {
+    int co_t;           // output channels per tile: 16, 32 or 64
+    int rows;           // image rows per tile (full width), rows·W ≤ 4096 / co_t
+    int row_groups;     // ceil(H / rows)
+    int ch_groups;      // ceil(C / co_t)
+    int jobs;           // B · ch_groups · row_groups
+    int wg_rows;        // weight gradient: rows per chunk (wg_rows·W ≤ 256)
+    int wg_row_groups;  // ceil(H / wg_rows)
+    int wg_split;       // weight gradient: blocks along the (t, b, row group) chunks (grid.y)
+};
+
+// Grid-wide barrier, valid only under a cooperative launch (all blocks co-resident). The scheme of
+// cooperative_groups' grid sync (NVRTC here ships without <cooperative_groups.h>): one counter;
+// block 0 adds 2^31 − (nblocks − 1), every other block adds 1, so each barrier adds exactly 2^31:
+// bit 31 flips once all blocks have arrived, the low bits return to their value (0 when the host
+// zeroes the word before the launch). Every block must call it the same number of times.
+__device__ __forceinline__ void grid_sync(unsigned int* bar) {
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        const unsigned int add = blockIdx.x == 0 ? 0x80000000u - (gridDim.x - 1u) : 1u;
+        __threadfence();  // this block's writes (ordered before by __syncthreads) before arriving
+        const unsigned int old = atomicAdd(bar, add);
+        volatile unsigned int* vb = bar;
+        while (((old ^ *vb) & 0x80000000u) == 0u) __nanosleep(32);
+        __threadfence();
+    }
+    __syncthreads();
+}
+
+// Sources of a tile's input planes; idx is an element of one sample's [C][H][W].
+struct PlainSrc {
+    const float* p;  // the sample's plane base (written earlier in the same kernel: read from L2)
+    __device__ __forceinline__ float operator()(long long idx) const { return __ldcg(p + idx); }
+};
+
+// dz = (∂L/∂s + fb)·H(v − θ)·sign′(z), evaluated where it is staged (v1's phase 1, pointwise).
+struct DzSrc {
+    const float* gout;  // the sample's ∂L/∂s_t
+    const float* fb;    // the sample's feedback slot of step t, or null
+    const float* v;
+    const float* z;
+    NeuronParams np;
+    __device__ __forceinline__ float operator()(long long idx) const {
+        float ds = gout[idx];
+        if (fb) ds += __ldcg(fb + idx);
+        const float o = fire(np, v[idx] - np.threshold);
+        return ds * o * sign_grad(np, z[idx]);
+    }
+};
+
+// Dynamic shared memory of tile_conv (floats): the input halo chunk (padded to a float4
+// boundary), then the weight chunk [V2_CI][k²][co_t]. Host twin: v2_tile_smem_bytes.
+__device__ __forceinline__ int tile_in_floats(const LayerDims& d, const TileDims& td, int r) {
+    return (V2_CI * (td.rows + 2 * r) * (d.W + 2 * r) + 3) & ~3;
+}
+
+// acc[i][j] += Σ_ci Σ_tap w_s[ci][tap][4·tc + i] · X[ci][halo of pixel j]. Block-uniform call
+// (contains __syncthreads). base[j]: the halo index of pixel j's tap (0, 0).
+template <int K, bool TRANS, class Src>
+__device__ __forceinline__ void tile_conv(float (&acc)[4][4], float* smem, const float* __restrict__ w, const Src& src,
+                                          const LayerDims& d, const TileDims& td, int co0, int y0, const int (&base)[4], int tc) {
+    constexpr int R = K / 2, KK = K * K;
+    const int HS = d.W + 2 * R, HSZ = (td.rows + 2 * R) * HS, HW = d.H * d.W;
+    const int in_len = V2_CI * HSZ, w_len = V2_CI * KK * td.co_t;
+    float* in_s = smem;
+    float* w_s = smem + tile_in_floats(d, td, R);
+    for (int ci0 = 0; ci0 < d.C; ci0 += V2_CI) {
+        __syncthreads();  // the previous chunk (or job) is consumed
+        for (int j = threadIdx.x; j < in_len; j += V2_THREADS) {
+            const int ci = j / HSZ, q = j - ci * HSZ, hy = q / HS, hx = q - hy * HS;
+            const int gc = ci0 + ci, gy = y0 + hy - R, gx = hx - R;
+            float val = 0.0f;
+            if (gc < d.C && gy >= 0 && gy < d.H && gx >= 0 && gx < d.W) val = src((long long)gc * HW + gy * d.W + gx);
+            in_s[j] = val;
+        }
+        for (int j = threadIdx.x; j < w_len; j += V2_THREADS) {
+            const int co = j % td.co_t, rest = j / td.co_t, tap = rest % KK, ci = rest / KK;
+            const int gi = ci0 + ci, go = co0 + co;
+            float val = 0.0f;
+            if (gi < d.C && go < d.C)
+                val = TRANS ? w[((long long)gi * d.C + go) * KK + (KK - 1 - tap)] : w[((long long)go * d.C + gi) * KK + tap];
+            w_s[j] = val;
+        }
+        __syncthreads();
+        const int nci = min(V2_CI, d.C - ci0);
+        for (int ci = 0; ci < nci; ++ci) {
+            const float* xin = in_s + ci * HSZ;
+            const float* wc = w_s + ci * KK * td.co_t + 4 * tc;
+#pragma unroll
+            for (int ky = 0; ky < K; ++ky) {
+#pragma unroll
+                for (int kx = 0; kx < K; ++kx) {
+                    const float4 w4 = *reinterpret_cast<const float4*>(wc + (ky * K + kx) * td.co_t);
+#pragma unroll
+                    for (int j = 0; j < 4; ++j) {
+                        const float xv = xin[base[j] + ky * HS + kx];
+                        acc[0][j] += w4.x * xv;
+                        acc[1][j] += w4.y * xv;
+                        acc[2][j] += w4.z * xv;
+                        acc[3][j] += w4.w * xv;
+                    }
+                }
+            }
+        }
+    }
+}
+
+// The job's place: sample b, first channel co0, first row y0; and this thread's pixels: pix[j]
+// (index within the image, −1 when past the tile) and base[j] (halo index, 0 when past it).
+struct TileJob {
+    int b, co0, y0;
+    int pix[4];
+    int base[4];
+};
+
+__device__ __forceinline__ TileJob tile_job(int job, const LayerDims& d, const TileDims& td, int tp, int np_threads, int r) {
+    TileJob J;
+    const int rg = job % td.row_groups, rest = job / td.row_groups;
+    J.b = rest / td.ch_groups;
+    J.co0 = (rest - J.b * td.ch_groups) * td.co_t;
+    J.y0 = rg * td.rows;
+    const int npix = min(td.rows, d.H - J.y0) * d.W;
+    const int HS = d.W + 2 * r;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+        const int p = tp + j * np_threads;
+        const bool ok = p < npix;
+        const int py = ok ? p / d.W : 0, px = ok ? p - py * d.W : 0;
+        J.pix[j] = ok ? J.y0 * d.W + p : -1;
+        J.base[j] = py * HS + px;
+    }
+    return J;
+}
+
+template <int K>
+__device__ __forceinline__ void forward_v2(const float* __restrict__ params, const float* __restrict__ input, float* out, float* v,
+                                           float* __restrict__ g, float* z, unsigned int* bar, const LayerDims& d,
+                                           const NeuronParams& np, const TileDims& td) {
+    extern __shared__ float4 smem4[];
+    float* smem = reinterpret_cast<float*>(smem4);
+    constexpr int R = K / 2;
+    const int NPT = V2_THREADS / (td.co_t / 4);  // pixel threads
+    const int tc = threadIdx.x / NPT, tp = threadIdx.x - tc * NPT;
+    const int HW = d.H * d.W, N = d.C * HW;
+    const long long BN = (long long)d.B * N;
+    const float* wb = params + d.off_wb;
+    const float* bb = params + d.off_bb;
+    const float* we = params + d.off_we;
+    const float* be = params + d.off_be;
+    for (int t = 0; t < d.T; ++t) {
+        const long long ot = (long long)t * BN;
+        const float* in_t = input + (d.t_in == 1 ? 0 : ot);
+        // phase A: gate, integrate (and fire when ei is off)
+        for (int job = blockIdx.x; job < td.jobs; job += gridDim.x) {
+            const TileJob J = tile_job(job, d, td, tp, NPT, R);
+            const long long sb = (long long)J.b * N;
+            float acc[4][4] = {};
+            if (d.back && t >= d.D) tile_conv<K, false>(acc, smem, wb, PlainSrc{out + (long long)(t - d.D) * BN + sb}, d, td, J.co0, J.y0, J.base, tc);
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+                const int c = J.co0 + 4 * tc + i;
+                if (c >= d.C) continue;
+#pragma unroll
+                for (int j = 0; j < 4; ++j) {
+                    if (J.pix[j] < 0) continue;
+                    const long long e = sb + (long long)c * HW + J.pix[j];
+                    float cur = in_t[e];
+                    if (d.back) {
+                        const float gt = sigmoidf_(bb[c] + acc[i][j]);
+                        g[ot + e] = gt;
+                        cur = gt * cur;
+                    }
+                    float u = 0.0f;
+                    if (t > 0) {
+                        const float vp = __ldcg(v + ot - BN + e);
+                        u = vp * (1.0f - fire(np, vp - np.threshold));
+                    }
+                    const float vt = np.leak * u + cur;
+                    v[ot + e] = vt;
+                    if (!d.ei) out[ot + e] = fire(np, vt - np.threshold);
+                }
+            }
+        }
+        grid_sync(bar);  // v_t (and s_t) of the whole batch are written
+        if (d.ei) {
+            // phase B: z = b_e + W_e ⊛ v_t, s_t = sign(z)·H(v_t − θ)
+            for (int job = blockIdx.x; job < td.jobs; job += gridDim.x) {
+                const TileJob J = tile_job(job, d, td, tp, NPT, R);
+                const long long sb = (long long)J.b * N;
+                float acc[4][4] = {};
+                tile_conv<K, false>(acc, smem, we, PlainSrc{v + ot + sb}, d, td, J.co0, J.y0, J.base, tc);
+#pragma unroll
+                for (int i = 0; i < 4; ++i) {
+                    const int c = J.co0 + 4 * tc + i;
+                    if (c >= d.C) continue;
+#pragma unroll
+                    for (int j = 0; j < 4; ++j) {
+                        if (J.pix[j] < 0) continue;
+                        const long long e = sb + (long long)c * HW + J.pix[j];
+                        const float zt = be[c] + acc[i][j];
+                        z[ot + e] = zt;
+                        const float o = fire(np, __ldcg(v + ot + e) - np.threshold);
+                        out[ot + e] = sign_(np, zt) * o;
+                    }
+                }
+            }
+            grid_sync(bar);  // s_t complete before a later step's gate reads it
+        }
+    }
+}
+
+// Forward v2. Cooperative launch: grid ≤ co-resident blocks, block = 256, dynamic smem =
+// v2_tile_smem_bytes. bar: one zeroed u32 (the host zeroes it before every launch).
+extern "C" __global__ void __launch_bounds__(V2_THREADS, 2)
+backei_forward_v2_r1_f32(const float* __restrict__ params, const float* __restrict__ input, float* out, float* v,
+                         float* __restrict__ g, float* z, unsigned int* bar, LayerDims d, NeuronParams np, TileDims td) {
+    forward_v2<3>(params, input, out, v, g, z, bar, d, np, td);
+}
+extern "C" __global__ void __launch_bounds__(V2_THREADS, 2)
+backei_forward_v2_r2_f32(const float* __restrict__ params, const float* __restrict__ input, float* out, float* v,
+                         float* __restrict__ g, float* z, unsigned int* bar, LayerDims d, NeuronParams np, TileDims td) {
+    forward_v2<5>(params, input, out, v, g, z, bar, d, np, td);
+}
+
+template <int K>
+__device__ __forceinline__ void backward_v2(const float* __restrict__ params, const float* __restrict__ input, const float* __restrict__ out,
+                                            const float* __restrict__ v, const float* __restrict__ g, const float* __restrict__ z,
+                                            const float* __restrict__ grad_out, float* grad_in, float* dvbuf, float* fb, float* dz,
+                                            float* da, unsigned int* bar, const LayerDims& d, const NeuronParams& np,
+                                            const TileDims& td) {
+    extern __shared__ float4 smem4[];
+    float* smem = reinterpret_cast<float*>(smem4);
+    constexpr int R = K / 2;
+    const int NPT = V2_THREADS / (td.co_t / 4);
+    const int tc = threadIdx.x / NPT, tp = threadIdx.x - tc * NPT;
+    const int HW = d.H * d.W, N = d.C * HW;
+    const long long BN = (long long)d.B * N;
+    const float* wb = params + d.off_wb;
+    const float* we = params + d.off_we;
+    (void)out;
+    for (int t = d.T - 1; t >= 0; --t) {
+        const long long ot = (long long)t * BN;
+        const bool has_fb = d.back && t + d.D < d.T;
+        float* fb_t = has_fb ? fb + (long long)(t % d.D) * BN : nullptr;
+        // phase 2: dz (on the fly), dv = … + W_eᵀ ⊛ dz, ∂I, da
+        for (int job = blockIdx.x; job < td.jobs; job += gridDim.x) {
+            const TileJob J = tile_job(job, d, td, tp, NPT, R);
+            const long long sb = (long long)J.b * N;
+            float acc[4][4] = {};
+            if (d.ei) {
+                const DzSrc src{grad_out + ot + sb, has_fb ? fb_t + sb : nullptr, v + ot + sb, z + ot + sb, np};
+                tile_conv<K, true>(acc, smem, we, src, d, td, J.co0, J.y0, J.base, tc);
+            }
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+                const int c = J.co0 + 4 * tc + i;
+                if (c >= d.C) continue;
+#pragma unroll
+                for (int j = 0; j < 4; ++j) {
+                    if (J.pix[j] < 0) continue;
+                    const long long e = sb + (long long)c * HW + J.pix[j];
+                    const float vt = v[ot + e];
+                    const float x = vt - np.threshold;
+                    const float o = fire(np, x);
+                    float ds = grad_out[ot + e];
+                    if (has_fb) ds += __ldcg(fb_t + e);
+                    const float du = t == d.T - 1 ? 0.0f : np.leak * __ldcg(dvbuf + e);
+                    float d_o = ds;
+                    if (d.ei) {
+                        const float zt = z[ot + e];
+                        d_o = ds * sign_(np, zt);
+                        dz[ot + e] = ds * o * sign_grad(np, zt);
+                    }
+                    d_o -= du * vt;
+                    float dv = du * (1.0f - o) + d_o * fire_grad(np, x);
+                    if (d.ei) dv += acc[i][j];
+                    dvbuf[e] = dv;
+                    const float gi = d.back ? g[ot + e] : 1.0f;
+                    const float dcur = d.back ? dv * gi : dv;
+                    if (d.t_in == 1) {
+                        if (t == d.T - 1) grad_in[e] = dcur;
+                        else grad_in[e] = __ldcg(grad_in + e) + dcur;
+                    } else {
+                        grad_in[ot + e] = dcur;
+                    }
+                    if (d.back) {
+                        const float cur = input[(d.t_in == 1 ? 0 : ot) + e];
+                        da[ot + e] = dv * cur * gi * (1.0f - gi);
+                    }
+                }
+            }
+        }
+        grid_sync(bar);  // da_t, dv_t of the whole batch are written; the fb slot of step t is read
+        if (d.back && t >= d.D) {
+            // phase 3: the feedback to step t − D
+            float* fb_slot = fb + (long long)((t - d.D) % d.D) * BN;
+            for (int job = blockIdx.x; job < td.jobs; job += gridDim.x) {
+                const TileJob J = tile_job(job, d, td, tp, NPT, R);
+                const long long sb = (long long)J.b * N;
+                float acc[4][4] = {};
+                tile_conv<K, true>(acc, smem, wb, PlainSrc{da + ot + sb}, d, td, J.co0, J.y0, J.base, tc);
+#pragma unroll
+                for (int i = 0; i < 4; ++i) {
+                    const int c = J.co0 + 4 * tc + i;
+                    if (c >= d.C) continue;
+#pragma unroll
+                    for (int j = 0; j < 4; ++j) {
+                        if (J.pix[j] < 0) continue;
+                        fb_slot[sb + (long long)c * HW + J.pix[j]] = acc[i][j];
+                    }
+                }
+            }
+            grid_sync(bar);  // the fb slot is complete before step t − D reads it
+        }
+    }
+}
+
+// Backward v2 (BPTT). Cooperative launch as the forward. Scratch: dvbuf [B][N], fb
+// [min(D,T)][B][N], dz and da [T][B][N] (all steps: backei_wgrad_v2 reads them afterwards).
+// grads is not touched here (the argument list mirrors v1's).
+extern "C" __global__ void __launch_bounds__(V2_THREADS, 2)
+backei_backward_v2_r1_f32(const float* __restrict__ params, float* grads, const float* __restrict__ input, const float* __restrict__ out,
+                          const float* __restrict__ v, const float* __restrict__ g, const float* __restrict__ z,
+                          const float* __restrict__ grad_out, float* grad_in, float* dvbuf, float* fb, float* dz, float* da,
+                          unsigned int* bar, LayerDims d, NeuronParams np, TileDims td) {
+    (void)grads;
+    backward_v2<3>(params, input, out, v, g, z, grad_out, grad_in, dvbuf, fb, dz, da, bar, d, np, td);
+}
+extern "C" __global__ void __launch_bounds__(V2_THREADS, 2)
+backei_backward_v2_r2_f32(const float* __restrict__ params, float* grads, const float* __restrict__ input, const float* __restrict__ out,
+                          const float* __restrict__ v, const float* __restrict__ g, const float* __restrict__ z,
+                          const float* __restrict__ grad_out, float* grad_in, float* dvbuf, float* fb, float* dz, float* da,
+                          unsigned int* bar, LayerDims d, NeuronParams np, TileDims td) {
+    (void)grads;
+    backward_v2<5>(params, input, out, v, g, z, grad_out, grad_in, dvbuf, fb, dz, da, bar, d, np, td);
+}
+
+// Weight gradient v2 (an ordinary launch after backward v2):
+//   dW[c][ci][tap] += Σ_{t ≥ shift} Σ_b Σ_p dY_t[b][c][p]·X_{t−shift}[b][ci][p + tap − r],  db[c] += Σ_{t ≥ 0} Σ_b Σ_p dY_t[b][c][p]
+// grid = (G·G, td.wg_split), G = ceil(C/16): block (cg, ig) owns c ∈ [16·cg, +16), ci ∈ [16·ig, +16)
+// and walks the chunks (t, b, row group) blockIdx.y, + gridDim.y, … ; block = 256 threads, thread
+// (c = tid / 16, ci = tid % 16). Dynamic smem: dY [16][wg_rows·W], X halo [16][odd plane stride]
+// (host twin: v2_wgrad_smem_bytes).
+__device__ __forceinline__ int wg_plane(const LayerDims& d, const TileDims& td, int r) {
+    return ((td.wg_rows + 2 * r) * (d.W + 2 * r)) | 1;  // odd: the 16 ci planes fall in 16 banks
+}
+
+template <int K>
+__device__ __forceinline__ void wgrad_v2(float* __restrict__ grads, long long off_w, long long off_b, const float* __restrict__ dY,
+                                         const float* __restrict__ X, int shift, const LayerDims& d, const TileDims& td) {
+    extern __shared__ float4 smem4[];
+    float* smem = reinterpret_cast<float*>(smem4);
+    constexpr int R = K / 2, KK = K * K;
+    const int G = (d.C + 15) / 16;
+    const int c0 = (blockIdx.x / G) * 16, i0 = (blockIdx.x % G) * 16;
+    const int tcc = threadIdx.x / 16, tci = threadIdx.x % 16;
+    const int HW = d.H * d.W, N = d.C * HW;
+    const long long BN = (long long)d.B * N;
+    const int HS = d.W + 2 * R, HR = td.wg_rows + 2 * R, PW = td.wg_rows * d.W, PL = wg_plane(d, td, R);
+    float* dy_s = smem;
+    float* x_s = smem + 16 * PW;
+    float acc[K][K] = {};
+    float accb = 0.0f;
+    const bool bias_thread = i0 == 0 && tci == 0;
+    const long long chunks = (long long)d.T * d.B * td.wg_row_groups;
+    for (long long ch = blockIdx.y; ch < chunks; ch += gridDim.y) {
+        const int rg = (int)(ch % td.wg_row_groups);
+        const long long tb = ch / td.wg_row_groups;
+        const int t = (int)(tb / d.B), b = (int)(tb % d.B);
+        const int y0 = rg * td.wg_rows, rows_here = min(td.wg_rows, d.H - y0);
+        const bool with_x = t >= shift;
+        __syncthreads();  // the previous chunk is consumed
+        const float* dyb = dY + (long long)t * BN + (long long)b * N;
+        for (int j = threadIdx.x; j < 16 * PW; j += V2_THREADS) {
+            const int cc = j / PW, q = j - cc * PW;
+            float val = 0.0f;
+            if (c0 + cc < d.C && q < rows_here * d.W) val = dyb[(long long)(c0 + cc) * HW + y0 * d.W + q];
+            dy_s[j] = val;
+        }
+        if (with_x) {
+            const float* xb = X + (long long)(t - shift) * BN + (long long)b * N;
+            for (int j = threadIdx.x; j < 16 * HR * HS; j += V2_THREADS) {
+                const int cc = j / (HR * HS), q = j - cc * (HR * HS), hy = q / HS, hx = q - hy * HS;
+                const int gy = y0 + hy - R, gx = hx - R;
+                float val = 0.0f;
+                if (i0 + cc < d.C && gy >= 0 && gy < d.H && gx >= 0 && gx < d.W) val = xb[(long long)(i0 + cc) * HW + gy * d.W + gx];
+                x_s[cc * PL + q] = val;
+            }
+        }
+        __syncthreads();
+        const float* dyc = dy_s + tcc * PW;
+        if (bias_thread)
+            for (int q = 0; q < rows_here * d.W; ++q) accb += dyc[q];
+        if (with_x) {
+            const float* xc = x_s + tci * PL;
+            for (int py = 0; py < rows_here; ++py) {
+                float win[K][K];
+#pragma unroll
+                for (int ky = 0; ky < K; ++ky)
+#pragma unroll
+                    for (int kx = 0; kx < K - 1; ++kx) win[ky][kx] = xc[(py + ky) * HS + kx];
+                for (int px = 0; px < d.W; ++px) {
+#pragma unroll
+                    for (int ky = 0; ky < K; ++ky) win[ky][K - 1] = xc[(py + ky) * HS + px + K - 1];
+                    const float dyv = dyc[py * d.W + px];
+#pragma unroll
+                    for (int ky = 0; ky < K; ++ky)
+#pragma unroll
+                        for (int kx = 0; kx < K; ++kx) acc[ky][kx] += dyv * win[ky][kx];
+#pragma unroll
+                    for (int ky = 0; ky < K; ++ky)
+#pragma unroll
+                        for (int kx = 0; kx < K - 1; ++kx) win[ky][kx] = win[ky][kx + 1];
+                }
+            }
+        }
+    }
+    const int c = c0 + tcc, ci = i0 + tci;
+    if (c < d.C && ci < d.C) {
+        float* gw = grads + off_w + ((long long)c * d.C + ci) * KK;
+#pragma unroll
+        for (int ky = 0; ky < K; ++ky)
+#pragma unroll
+            for (int kx = 0; kx < K; ++kx) atomicAdd(gw + ky * K + kx, acc[ky][kx]);
+    }
+    if (bias_thread && c < d.C) atomicAdd(grads + off_b + c, accb);
+}
+
+extern "C" __global__ void __launch_bounds__(V2_THREADS)
+backei_wgrad_v2_r1_f32(float* __restrict__ grads, long long off_w, long long off_b, const float* __restrict__ dY,
+                       const float* __restrict__ X, int shift, LayerDims d, TileDims td) {
+    wgrad_v2<3>(grads, off_w, off_b, dY, X, shift, d, td);
+}
+extern "C" __global__ void __launch_bounds__(V2_THREADS)
+backei_wgrad_v2_r2_f32(float* __restrict__ grads, long long off_w, long long off_b, const float* __restrict__ dY,
+                       const float* __restrict__ X, int shift, LayerDims d, TileDims td) {
+    wgrad_v2<5>(grads, off_w, off_b, dY, X, shift, d, td);
+}

@@ -15,10 +15,14 @@
 //!   random starting values) within 1e-4 relative when no sample flipped. The smooth firing mode
 //!   (no step functions, so no flips) makes every gradient comparison strict.
 //!
+//! Every case runs twice: with the v1 kernels (one block per sample) and with the v2 kernels
+//! (cooperative, tiled; `KernelVersion::V2`), whose plan must not fall back to v1 here; the
+//! backward scratch buffers are NaN-poisoned too (every element read must have been written).
+//!
 //! These tests need a CUDA GPU; without one they FAIL when run with `--ignored`.
 
 use backei::cpu::backei_layer::{BackEiGrads, BackEiLayer, BackEiParams};
-use backei::gpu::backei_layer::{BackEiSlots, DeviceLimits, GpuBackEiLayer, LayerPath, WgradPath};
+use backei::gpu::backei_layer::{BackEiSlots, DeviceLimits, GpuBackEiLayer, KernelVersion, LayerPath, WgradPath};
 use backei::gpu::GpuDevice;
 use backei::spec::{FeedbackConfig, FiringMode, LayerSpec, NetworkSpec, NeuronConfig};
 use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
@@ -112,7 +116,7 @@ struct Outcome {
     strict_grads: bool,
 }
 
-fn run(dev: &Arc<GpuDevice>, c: &Case, seed: u64) -> Outcome {
+fn run(dev: &Arc<GpuDevice>, c: &Case, seed: u64, version: KernelVersion) -> Outcome {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let [ch, _, _] = c.shape;
     let n: usize = c.shape.iter().product();
@@ -163,10 +167,21 @@ fn run(dev: &Arc<GpuDevice>, c: &Case, seed: u64) -> Outcome {
     if let Some(lim) = c.smem_limit {
         layer.limits = DeviceLimits { max_smem_per_block: lim, ..layer.limits };
     }
+    layer.version = version;
     let plan = layer.prepare(b, t).unwrap().clone();
     assert_eq!(plan.path, c.want_path, "{}: {plan:?}", c.name);
-    if let Some(w) = c.want_wgrad {
-        assert_eq!(plan.wgrad, w, "{}", c.name);
+    if version == KernelVersion::V1 {
+        assert_eq!(plan.version, KernelVersion::V1);
+        if let Some(w) = c.want_wgrad {
+            assert_eq!(plan.wgrad, w, "{}", c.name);
+        }
+    } else if plan.path == LayerPath::Fused && c.smem_limit.is_none() {
+        // every case here has r ∈ {1, 2} and W ≤ 256: v2 must not fall back
+        assert_eq!(plan.version, KernelVersion::V2, "{}: v2 fell back: {:?}", c.name, plan.fallback);
+        assert_eq!(plan.wgrad, WgradPath::Tiled);
+    }
+    for buf in [&mut layer.dv, &mut layer.fb, &mut layer.dz, &mut layer.da].into_iter().flatten() {
+        nan_fill(dev, buf);
     }
     for buf in [&mut layer.out, &mut layer.v, &mut layer.g, &mut layer.z].into_iter().flatten() {
         nan_fill(dev, buf);
@@ -271,8 +286,9 @@ fn run(dev: &Arc<GpuDevice>, c: &Case, seed: u64) -> Outcome {
         assert_eq!(grads[total - 2..], g_cpu[total - 2..], "{}: the padding of the gradient buffer was touched", c.name);
     }
     println!(
-        "{:<48} plan {:?}/{:?} smem fwd {} bwd {} | mismatch {:.2e} flips {flips} | max rel err v {ev:.1e} g {eg:.1e} z {ez:.1e} dI {ein:.1e} {}",
+        "{:<48} {:?} plan {:?}/{:?} smem fwd {} bwd {} | mismatch {:.2e} flips {flips} | max rel err v {ev:.1e} g {eg:.1e} z {ez:.1e} dI {ein:.1e} {}",
         c.name,
+        plan.version,
         plan.path,
         plan.wgrad,
         plan.forward.smem_bytes,
@@ -298,13 +314,16 @@ fn device() -> Arc<GpuDevice> {
 
 fn run_all(cases: &[Case]) {
     let dev = device();
-    let mut strict = 0;
-    for (i, c) in cases.iter().enumerate() {
-        let o = run(&dev, c, 4150 + i as u64);
-        strict += o.strict_grads as usize;
-        let _ = (o.raw_mismatch, o.flips);
+    // every case with the v1 kernels AND the v2 kernels (same seed: the same data)
+    for version in [KernelVersion::V1, KernelVersion::V2] {
+        let mut strict = 0;
+        for (i, c) in cases.iter().enumerate() {
+            let o = run(&dev, c, 4150 + i as u64, version);
+            strict += o.strict_grads as usize;
+            let _ = (o.raw_mismatch, o.flips);
+        }
+        assert!(strict * 2 >= cases.len(), "{version:?}: fewer than half of the cases compared their weight gradients strictly");
     }
-    assert!(strict * 2 >= cases.len(), "fewer than half of the cases compared their weight gradients strictly");
 }
 
 #[test]

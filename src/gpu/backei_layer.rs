@@ -29,6 +29,17 @@
 //!   layer 2 C = 64, all cifar10 layers): the backward kernel saves da_t and dz_t for every step
 //!   and `backei_wgrad_v1_f32` reduces them over (t, b, pixel), one block per (c, ci) weight pair.
 //!
+//! - **v2** (`KernelVersion::V2`, opt-in: `BACKEI_BACKEI_KERNEL=v2` or `layer.version`; v1 stays
+//!   the default until v2 is validated on a GPU): `backei_{forward,backward}_v2_r{1,2}_f32`,
+//!   persistent kernels under a cooperative launch (grid = min(jobs, 2 blocks/SM · SMs), clamped
+//!   by the occupancy API at launch) with a grid barrier between phases; every phase spreads the
+//!   batch's tiles (sample × 16/32/64 channels × full rows) over the GPU, the gate convolutions
+//!   tiled in FP32 (4 channels × 4 pixels per thread). dz_t and da_t are kept for every step and
+//!   `backei_wgrad_v2_r{1,2}_f32` reduces the weight gradients afterwards. [`plan_version`] falls
+//!   back to v1 (saying why in `fallback`) for r ∉ {1, 2}, W > 256 or too little shared memory.
+//!   [`v2_tile_job`] mirrors the kernel's index arithmetic; the unit tests check with it that the
+//!   tiles cover every output exactly once and read only inside the staged halo.
+//!
 //! Buffers are sized once per (batch, steps) and reused; all settings and shapes are validated
 //! and returned as errors, never panics.
 
@@ -102,19 +113,22 @@ pub struct DeviceLimits {
     pub sm_count: u32,
     /// Dynamic shared memory one block may opt in to (bytes).
     pub max_smem_per_block: u32,
+    /// Shared memory of one SM (bytes): bounds the co-resident blocks of the v2 kernels.
+    pub max_smem_per_sm: u32,
 }
 
 impl DeviceLimits {
     /// NVIDIA A100 (sm_80): 108 SMs, 163 KiB opt-in shared memory per block.
-    pub const A100: DeviceLimits = DeviceLimits { sm_count: 108, max_smem_per_block: 166_912 };
+    pub const A100: DeviceLimits = DeviceLimits { sm_count: 108, max_smem_per_block: 166_912, max_smem_per_sm: 167_936 };
     /// NVIDIA H100 SXM (sm_90): 132 SMs, 227 KiB opt-in shared memory per block.
-    pub const H100: DeviceLimits = DeviceLimits { sm_count: 132, max_smem_per_block: 232_448 };
+    pub const H100: DeviceLimits = DeviceLimits { sm_count: 132, max_smem_per_block: 232_448, max_smem_per_sm: 233_472 };
 
     pub fn of(dev: &GpuDevice) -> Result<Self> {
         let attr = |a| dev.ctx.attribute(a).map_err(|e| BackeiError::Cuda(format!("device attribute {a:?}: {e:?}")));
         Ok(DeviceLimits {
             sm_count: attr(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?.max(1) as u32,
             max_smem_per_block: attr(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)?.max(0) as u32,
+            max_smem_per_sm: attr(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_MULTIPROCESSOR)?.max(0) as u32,
         })
     }
 }
@@ -135,7 +149,59 @@ pub enum WgradPath {
     OnChip,
     /// da_t / dz_t saved per step, reduced afterwards by `backei_wgrad_v1_f32`.
     Separate,
+    /// v2: da_t / dz_t saved per step, reduced afterwards by the tiled `backei_wgrad_v2_r{1,2}_f32`.
+    Tiled,
 }
+
+/// Which generation of the fused BackEI kernels a layer runs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum KernelVersion {
+    /// One block per sample (`backei_*_v1_f32`): the reference version, the default.
+    #[default]
+    V1,
+    /// Cooperative persistent kernels with tiled convolutions over the whole batch
+    /// (`backei_*_v2_r{1,2}_f32`); radius 1 and 2 only, else the plan falls back to v1.
+    V2,
+}
+
+/// The environment variable that selects the fused kernels: `v1` (default) or `v2`.
+pub const KERNEL_ENV: &str = "BACKEI_BACKEI_KERNEL";
+
+impl KernelVersion {
+    /// Parses `v1` / `v2` (case-insensitive); anything else is an error.
+    pub fn parse(s: &str) -> Result<Self> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "v1" | "1" => Ok(KernelVersion::V1),
+            "v2" | "2" => Ok(KernelVersion::V2),
+            other => Err(config_err(KERNEL_ENV, format!("`{other}` is not a BackEI kernel version (v1 or v2)"))),
+        }
+    }
+
+    /// `$BACKEI_BACKEI_KERNEL`, V1 when unset.
+    pub fn from_env() -> Result<Self> {
+        match std::env::var(KERNEL_ENV) {
+            Ok(s) => Self::parse(&s),
+            Err(std::env::VarError::NotPresent) => Ok(KernelVersion::V1),
+            Err(e) => Err(config_err(KERNEL_ENV, format!("{e}"))),
+        }
+    }
+}
+
+/// The device's `TileDims` (`cuda/backei_layer.cu`, v2), field for field.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TileDims {
+    pub co_t: i32,
+    pub rows: i32,
+    pub row_groups: i32,
+    pub ch_groups: i32,
+    pub jobs: i32,
+    pub wg_rows: i32,
+    pub wg_row_groups: i32,
+    pub wg_split: i32,
+}
+// SAFETY: plain-old-data with the C layout of cuda/backei_layer.cu's TileDims.
+unsafe impl DeviceRepr for TileDims {}
 
 /// One kernel launch of a plan.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -145,6 +211,8 @@ pub struct KernelLaunch {
     pub grid: (u32, u32, u32),
     pub block: u32,
     pub smem_bytes: u32,
+    /// Launched with cuLaunchCooperativeKernel (v2's persistent kernels: grid ≤ co-resident).
+    pub cooperative: bool,
 }
 
 impl KernelLaunch {
@@ -192,6 +260,12 @@ pub struct LaunchPlan {
     pub weights_in_smem_forward: bool,
     pub weights_in_smem_backward: bool,
     pub buffers: BufferSizes,
+    /// The kernels this plan runs (V1 when V2 was asked for but is impossible for the shape).
+    pub version: KernelVersion,
+    /// v2's tiling (None for v1).
+    pub tile: Option<TileDims>,
+    /// Why a V2 request fell back to V1.
+    pub fallback: Option<String>,
 }
 
 const FUSED_MAX_THREADS: usize = 1024;
@@ -243,7 +317,14 @@ pub fn plan(shape: [usize; 3], fb: &FeedbackConfig, batch: usize, steps: usize, 
     let all = steps * bn;
     if !(fb.back || fb.ei) {
         let blocks = bn.div_ceil(PLAIN_THREADS as usize).clamp(1, 1 << 20) as u32;
-        let l = |kernel| KernelLaunch { module: "spiking", kernel, grid: (blocks, 1, 1), block: PLAIN_THREADS, smem_bytes: 0 };
+        let l = |kernel| KernelLaunch {
+            module: "spiking",
+            kernel,
+            grid: (blocks, 1, 1),
+            block: PLAIN_THREADS,
+            smem_bytes: 0,
+            cooperative: false,
+        };
         return Ok(LaunchPlan {
             path: LayerPath::Plain,
             forward: l("spiking_forward_v1_f32"),
@@ -253,6 +334,9 @@ pub fn plan(shape: [usize; 3], fb: &FeedbackConfig, batch: usize, steps: usize, 
             weights_in_smem_forward: false,
             weights_in_smem_backward: false,
             buffers: BufferSizes { out: all, v: all, ..Default::default() },
+            version: KernelVersion::V1,
+            tile: None,
+            fallback: None,
         });
     }
     let c = shape[0];
@@ -267,8 +351,14 @@ pub fn plan(shape: [usize; 3], fb: &FeedbackConfig, batch: usize, steps: usize, 
     let used = if onchip { acc_bytes } else { 0 };
     let w_bwd = used + w_bytes <= budget;
     let threads = n.div_ceil(32).clamp(1, FUSED_MAX_THREADS / 32) as u32 * 32;
-    let fused =
-        |kernel, smem| KernelLaunch { module: "backei_layer", kernel, grid: (batch as u32, 1, 1), block: threads, smem_bytes: smem as u32 };
+    let fused = |kernel, smem| KernelLaunch {
+        module: "backei_layer",
+        kernel,
+        grid: (batch as u32, 1, 1),
+        block: threads,
+        smem_bytes: smem as u32,
+        cooperative: false,
+    };
     let per_step = if onchip { bn } else { all };
     Ok(LaunchPlan {
         path: LayerPath::Fused,
@@ -281,6 +371,7 @@ pub fn plan(shape: [usize; 3], fb: &FeedbackConfig, batch: usize, steps: usize, 
             grid: (c as u32, c as u32, 1),
             block: WGRAD_THREADS,
             smem_bytes: 0,
+            cooperative: false,
         }),
         weights_in_smem_forward: w_fwd,
         weights_in_smem_backward: w_bwd,
@@ -294,7 +385,195 @@ pub fn plan(shape: [usize; 3], fb: &FeedbackConfig, batch: usize, steps: usize, 
             dz: if fb.ei { per_step } else { 0 },
             da: if fb.back { per_step } else { 0 },
         },
+        version: KernelVersion::V1,
+        tile: None,
+        fallback: None,
     })
+}
+
+/// v2: threads per block (`V2_THREADS` in the .cu).
+pub const V2_THREADS: u32 = 256;
+/// v2: input channels staged per chunk (`V2_CI`).
+pub const V2_CI: usize = 8;
+/// v2: co-resident blocks per SM the kernels are built for (`__launch_bounds__(256, 2)`).
+pub const V2_BLOCKS_PER_SM: u32 = 2;
+/// v2 weight gradient: pixels per (t, b, row group) chunk, at least one full row.
+const V2_WG_PIXELS: usize = 128;
+/// Shared memory the driver reserves per resident block (1 KiB on sm_80 / sm_90).
+const SMEM_RESERVED_PER_BLOCK: usize = 1024;
+/// v2 weight gradient: blocks aimed for per SM (an ordinary launch).
+const V2_WG_BLOCKS_PER_SM: usize = 8;
+
+/// Dynamic shared memory of a v2 forward/backward tile (bytes): the input halo chunk
+/// [V2_CI][rows + 2r][W + 2r] padded to 4 floats, then the weights [V2_CI][k²][co_t].
+pub fn v2_tile_smem_bytes(w: usize, r: usize, rows: usize, co_t: usize) -> usize {
+    let k = 2 * r + 1;
+    4 * (v2_tile_in_floats(w, r, rows) + V2_CI * k * k * co_t)
+}
+
+/// Floats of a tile's input halo chunk, padded to a float4 boundary (`tile_in_floats`).
+pub fn v2_tile_in_floats(w: usize, r: usize, rows: usize) -> usize {
+    (V2_CI * (rows + 2 * r) * (w + 2 * r) + 3) & !3
+}
+
+/// The odd plane stride of the weight gradient's X halo (`wg_plane`).
+pub fn v2_wgrad_plane(w: usize, r: usize, wg_rows: usize) -> usize {
+    ((wg_rows + 2 * r) * (w + 2 * r)) | 1
+}
+
+/// Dynamic shared memory of `backei_wgrad_v2` (bytes): dY [16][wg_rows·W], X [16][plane].
+pub fn v2_wgrad_smem_bytes(w: usize, r: usize, wg_rows: usize) -> usize {
+    4 * (16 * wg_rows * w + 16 * v2_wgrad_plane(w, r, wg_rows))
+}
+
+/// v2's tiling of a layer, or why v2 cannot run it. Returns (tile, cooperative grid, tile smem,
+/// weight-gradient grid, weight-gradient smem).
+pub fn v2_tiling(
+    shape: [usize; 3],
+    fb: &FeedbackConfig,
+    batch: usize,
+    steps: usize,
+    limits: &DeviceLimits,
+) -> std::result::Result<(TileDims, u32, usize, (u32, u32), usize), String> {
+    let [c, h, w] = shape;
+    let r = fb.radius;
+    if r != 1 && r != 2 {
+        return Err(format!("radius {r}: the v2 kernels are built for r = 1 and r = 2"));
+    }
+    // (cost in tile slots, co_t, rows, row groups); ties go to the larger channel tile (more reuse)
+    let mut best: Option<(usize, usize, usize, usize)> = None;
+    for co_t in [16usize, 32, 64] {
+        let pix = 4096 / co_t;
+        if w > pix {
+            continue;
+        }
+        let rmax = (pix / w).min(h).max(1);
+        let rg = h.div_ceil(rmax);
+        let rows = h.div_ceil(rg);
+        let cost = c.div_ceil(co_t) * rg;
+        if best.map_or(true, |b| cost <= b.0) {
+            best = Some((cost, co_t, rows, rg));
+        }
+    }
+    let (_, co_t, rows, rg) = best.ok_or_else(|| format!("W = {w} > 256: a v2 tile holds whole rows of at most 256 pixels"))?;
+    let cg = c.div_ceil(co_t);
+    let jobs = batch.checked_mul(cg).and_then(|x| x.checked_mul(rg)).filter(|&j| j <= i32::MAX as usize);
+    let jobs = jobs.ok_or_else(|| format!("{batch}·{cg}·{rg} tile jobs exceed the 32-bit range"))?;
+    let smem = v2_tile_smem_bytes(w, r, rows, co_t);
+    if smem > limits.max_smem_per_block as usize {
+        return Err(format!("a tile needs {smem} B of shared memory, the device allows {}", limits.max_smem_per_block));
+    }
+    let per_sm = (limits.max_smem_per_sm as usize / (smem + SMEM_RESERVED_PER_BLOCK)).min(V2_BLOCKS_PER_SM as usize);
+    if per_sm == 0 || limits.sm_count == 0 {
+        return Err(format!("no block of {smem} B shared memory is resident on this device"));
+    }
+    let grid = jobs.min(per_sm * limits.sm_count as usize).max(1) as u32;
+    let wg_rows0 = (V2_WG_PIXELS / w).clamp(1, h);
+    let wg_rg = h.div_ceil(wg_rows0);
+    let wg_rows = h.div_ceil(wg_rg);
+    let wg_smem = v2_wgrad_smem_bytes(w, r, wg_rows);
+    if wg_smem > limits.max_smem_per_block as usize {
+        return Err(format!("the weight gradient needs {wg_smem} B of shared memory, the device allows {}", limits.max_smem_per_block));
+    }
+    let g = c.div_ceil(16);
+    let tiles = g * g;
+    let chunks = steps.saturating_mul(batch).saturating_mul(wg_rg);
+    let split = (V2_WG_BLOCKS_PER_SM * limits.sm_count as usize).div_ceil(tiles).clamp(1, chunks.clamp(1, 65_535));
+    let td = TileDims {
+        co_t: co_t as i32,
+        rows: rows as i32,
+        row_groups: rg as i32,
+        ch_groups: cg as i32,
+        jobs: jobs as i32,
+        wg_rows: wg_rows as i32,
+        wg_row_groups: wg_rg as i32,
+        wg_split: split as i32,
+    };
+    Ok((td, grid, smem, (tiles as u32, split as u32), wg_smem))
+}
+
+/// The launch plan for a kernel version: `plan` for V1 (and for the plain layer); for V2 the
+/// cooperative tiled kernels when [`v2_tiling`] finds a tiling, else the V1 plan with the reason
+/// in `fallback`.
+pub fn plan_version(
+    shape: [usize; 3],
+    fb: &FeedbackConfig,
+    batch: usize,
+    steps: usize,
+    limits: &DeviceLimits,
+    version: KernelVersion,
+) -> Result<LaunchPlan> {
+    let mut p = plan(shape, fb, batch, steps, limits)?;
+    if version == KernelVersion::V1 || p.path == LayerPath::Plain {
+        return Ok(p);
+    }
+    let (td, grid, smem, wg_grid, wg_smem) = match v2_tiling(shape, fb, batch, steps, limits) {
+        Ok(x) => x,
+        Err(why) => {
+            p.fallback = Some(why);
+            return Ok(p);
+        }
+    };
+    let r1 = fb.radius == 1;
+    let coop = |kernel| KernelLaunch {
+        module: "backei_layer",
+        kernel,
+        grid: (grid, 1, 1),
+        block: V2_THREADS,
+        smem_bytes: smem as u32,
+        cooperative: true,
+    };
+    p.forward = coop(if r1 { "backei_forward_v2_r1_f32" } else { "backei_forward_v2_r2_f32" });
+    p.backward = coop(if r1 { "backei_backward_v2_r1_f32" } else { "backei_backward_v2_r2_f32" });
+    p.wgrad = WgradPath::Tiled;
+    p.wgrad_launch = Some(KernelLaunch {
+        module: "backei_layer",
+        kernel: if r1 { "backei_wgrad_v2_r1_f32" } else { "backei_wgrad_v2_r2_f32" },
+        grid: (wg_grid.0, wg_grid.1, 1),
+        block: V2_THREADS,
+        smem_bytes: wg_smem as u32,
+        cooperative: false,
+    });
+    p.weights_in_smem_forward = false;
+    p.weights_in_smem_backward = false;
+    let all = p.buffers.out;
+    p.buffers.dz = if fb.ei { all } else { 0 };
+    p.buffers.da = if fb.back { all } else { 0 };
+    p.version = KernelVersion::V2;
+    p.tile = Some(td);
+    Ok(p)
+}
+
+/// One v2 tile job as the device's `tile_job` computes it, for the pixel thread `tp`: (sample,
+/// first channel, first row, per j < 4 the pixel y·W + x or None past the tile, per j the halo
+/// index of tap (0, 0)). The CPU mirror of the kernel's index arithmetic (tested below).
+pub fn v2_tile_job(
+    shape: [usize; 3],
+    r: usize,
+    td: &TileDims,
+    job: usize,
+    tp: usize,
+) -> (usize, usize, usize, [Option<usize>; 4], [usize; 4]) {
+    let [_, h, w] = shape;
+    let (rows, rgs, cgs, co_t) = (td.rows as usize, td.row_groups as usize, td.ch_groups as usize, td.co_t as usize);
+    let np_threads = V2_THREADS as usize / (co_t / 4);
+    let rg = job % rgs;
+    let rest = job / rgs;
+    let b = rest / cgs;
+    let co0 = (rest - b * cgs) * co_t;
+    let y0 = rg * rows;
+    let npix = rows.min(h.saturating_sub(y0)) * w;
+    let hs = w + 2 * r;
+    let mut pix = [None; 4];
+    let mut base = [0; 4];
+    for j in 0..4 {
+        let p = tp + j * np_threads;
+        if p < npix {
+            pix[j] = Some(y0 * w + p);
+            base[j] = (p / w) * hs + p % w;
+        }
+    }
+    (b, co0, y0, pix, base)
 }
 
 fn cuda_err(what: &'static str) -> impl Fn(cudarc::driver::DriverError) -> BackeiError {
@@ -332,19 +611,31 @@ pub struct GpuBackEiLayer {
     pub g: Option<CudaSlice<f32>>,
     /// z [T][B][N] (ei on).
     pub z: Option<CudaSlice<f32>>,
-    dv: Option<CudaSlice<f32>>,
-    fb: Option<CudaSlice<f32>>,
-    dz: Option<CudaSlice<f32>>,
-    da: Option<CudaSlice<f32>>,
+    /// Backward scratch (public so that tests can poison it): dv [B][N].
+    pub dv: Option<CudaSlice<f32>>,
+    /// Backward scratch: the feedback ring [min(D, T)][B][N].
+    pub fb: Option<CudaSlice<f32>>,
+    /// Backward scratch: dz, [B][N] or [T][B][N] (`BufferSizes::dz`).
+    pub dz: Option<CudaSlice<f32>>,
+    /// Backward scratch: da, [B][N] or [T][B][N] (`BufferSizes::da`).
+    pub da: Option<CudaSlice<f32>>,
     /// Stands in for an absent buffer in a kernel's argument list (never dereferenced).
     dummy: CudaSlice<f32>,
     /// T_in of the last forward.
     t_in: usize,
+    /// The fused kernels asked for (`$BACKEI_BACKEI_KERNEL` at construction, V1 by default); the
+    /// plan says which ones run (`plan.version`: V2 falls back to V1 where it cannot run).
+    pub version: KernelVersion,
+    /// The version the current plan was made for.
+    planned_version: KernelVersion,
+    /// v2's grid barrier word (zeroed before every cooperative launch).
+    bar: Option<CudaSlice<u32>>,
 }
 
 impl GpuBackEiLayer {
     pub fn new(dev: &Arc<GpuDevice>, shape: [usize; 3], feedback: FeedbackConfig, neuron: &NeuronConfig) -> Result<Self> {
         validate(shape, &feedback, 1, 1)?;
+        let version = KernelVersion::from_env()?;
         let limits = DeviceLimits::of(dev)?;
         let dummy = dev.stream.alloc_zeros::<f32>(1).map_err(cuda_err("allocating"))?;
         Ok(GpuBackEiLayer {
@@ -366,6 +657,9 @@ impl GpuBackEiLayer {
             da: None,
             dummy,
             t_in: 0,
+            version,
+            planned_version: version,
+            bar: None,
         })
     }
 
@@ -382,8 +676,8 @@ impl GpuBackEiLayer {
 
     /// Plans and sizes every buffer for a batch shape (a no-op when unchanged).
     pub fn prepare(&mut self, batch: usize, steps: usize) -> Result<&LaunchPlan> {
-        if self.plan.is_none() || self.batch != batch || self.steps != steps {
-            let p = plan(self.shape, &self.feedback, batch, steps, &self.limits)?;
+        if self.plan.is_none() || self.batch != batch || self.steps != steps || self.planned_version != self.version {
+            let p = plan_version(self.shape, &self.feedback, batch, steps, &self.limits, self.version)?;
             let b = p.buffers;
             // free the old buffers before allocating the new ones
             (self.out, self.v, self.g, self.z, self.dv, self.fb, self.dz, self.da) = (None, None, None, None, None, None, None, None);
@@ -395,9 +689,13 @@ impl GpuBackEiLayer {
             self.fb = alloc(&self.dev, b.fb)?;
             self.dz = alloc(&self.dev, b.dz)?;
             self.da = alloc(&self.dev, b.da)?;
+            if p.version == KernelVersion::V2 && self.bar.is_none() {
+                self.bar = Some(self.dev.stream.alloc_zeros::<u32>(1).map_err(cuda_err("allocating the grid barrier"))?);
+            }
             self.plan = Some(p);
             self.batch = batch;
             self.steps = steps;
+            self.planned_version = self.version;
         }
         self.plan.as_ref().ok_or_else(|| BackeiError::Cuda("BackEI layer: no plan".into()))
     }
@@ -456,6 +754,24 @@ impl GpuBackEiLayer {
         Ok(f)
     }
 
+    /// The launch configuration of a cooperative kernel: the plan's grid, clamped to the blocks the
+    /// occupancy API says are co-resident (the driver refuses a larger cooperative grid).
+    fn coop_config(&self, f: &CudaFunction, l: &KernelLaunch) -> Result<LaunchConfig> {
+        let per_sm = f
+            .occupancy_max_active_blocks_per_multiprocessor(l.block, l.smem_bytes as usize, None)
+            .map_err(|e| BackeiError::Cuda(format!("{}: occupancy query: {e:?}", l.kernel)))?;
+        let resident = per_sm.saturating_mul(self.limits.sm_count);
+        if resident == 0 {
+            return Err(BackeiError::Cuda(format!(
+                "{}: no block of {} threads with {} B shared memory can be resident (use {KERNEL_ENV}=v1)",
+                l.kernel, l.block, l.smem_bytes
+            )));
+        }
+        let mut cfg = l.config();
+        cfg.grid_dim.0 = cfg.grid_dim.0.min(resident).max(1);
+        Ok(cfg)
+    }
+
     /// All T steps for a batch; the output s [T][B][C][H][W] is then `self.output()`.
     pub fn forward(
         &mut self,
@@ -488,6 +804,7 @@ impl GpuBackEiLayer {
         let f = self.function(&l)?;
         let stream = self.dev.stream.clone();
         let dims = self.dims(slots, t_in, plan.weights_in_smem_forward, plan.wgrad == WgradPath::OnChip)?;
+        let coop_cfg = if l.cooperative { Some(self.coop_config(&f, &l)?) } else { None };
         let (out, v) = match (self.out.as_mut(), self.v.as_mut()) {
             (Some(o), Some(v)) => (o, v),
             _ => return Err(BackeiError::Cuda("BackEI layer: output buffers missing".into())),
@@ -498,6 +815,32 @@ impl GpuBackEiLayer {
                 // SAFETY: the argument list matches spiking_forward_v1_f32; lengths checked above.
                 unsafe { stream.launch_builder(&f).arg(input).arg(out).arg(v).arg(&nn).arg(&t).arg(&ti).arg(&np).launch(l.config()) }
                     .map_err(cuda_err("launching spiking_forward_v1_f32"))?;
+            }
+            LayerPath::Fused if plan.version == KernelVersion::V2 => {
+                let td = plan.tile.ok_or_else(|| BackeiError::Cuda("BackEI layer: v2 plan without a tiling".into()))?;
+                let cfg = coop_cfg.ok_or_else(|| BackeiError::Cuda("BackEI layer: v2 launch not cooperative".into()))?;
+                let bar = self.bar.as_mut().ok_or_else(|| BackeiError::Cuda("BackEI layer: grid barrier missing".into()))?;
+                stream.memset_zeros(bar).map_err(cuda_err("zeroing the grid barrier"))?;
+                let g = self.g.as_ref().unwrap_or(&self.dummy);
+                let z = self.z.as_ref().unwrap_or(&self.dummy);
+                // SAFETY: the argument list matches backei_forward_v2_r{1,2}_f32; lengths checked
+                // above; a cooperative launch (grid ≤ co-resident blocks), as grid_sync requires.
+                unsafe {
+                    stream
+                        .launch_builder(&f)
+                        .arg(params)
+                        .arg(input)
+                        .arg(out)
+                        .arg(v)
+                        .arg(g)
+                        .arg(z)
+                        .arg(&*bar)
+                        .arg(&dims)
+                        .arg(&np)
+                        .arg(&td)
+                        .launch_cooperative(cfg)
+                }
+                .map_err(cuda_err("launching backei_forward_v2"))?;
             }
             LayerPath::Fused => {
                 // the dummy stands in for a disabled gate's buffer, which the kernel never touches
@@ -567,6 +910,76 @@ impl GpuBackEiLayer {
                     stream.launch_builder(&f).arg(grad_out).arg(v).arg(grad_in).arg(&nn).arg(&t).arg(&ti).arg(&np).launch(l.config())
                 }
                 .map_err(cuda_err("launching spiking_backward_v1_f32"))?;
+            }
+            LayerPath::Fused if plan.version == KernelVersion::V2 => {
+                let td = plan.tile.ok_or_else(|| BackeiError::Cuda("BackEI layer: v2 plan without a tiling".into()))?;
+                let dims = self.dims(slots, t_in, false, false)?;
+                let cfg = self.coop_config(&f, &l)?;
+                let bar = self.bar.as_mut().ok_or_else(|| BackeiError::Cuda("BackEI layer: grid barrier missing".into()))?;
+                stream.memset_zeros(bar).map_err(cuda_err("zeroing the grid barrier"))?;
+                let bar = &*bar;
+                let d = &self.dummy;
+                let out = self.out.as_ref().unwrap_or(d);
+                let g = self.g.as_ref().unwrap_or(d);
+                let z = self.z.as_ref().unwrap_or(d);
+                let dv = self.dv.as_ref().unwrap_or(d);
+                let fb = self.fb.as_ref().unwrap_or(d);
+                let dz = self.dz.as_ref().unwrap_or(d);
+                let da = self.da.as_ref().unwrap_or(d);
+                // SAFETY: the argument list matches backei_backward_v2_r{1,2}_f32; lengths checked
+                // above (the V2 plan sizes dz and da for every step); a cooperative launch.
+                unsafe {
+                    stream
+                        .launch_builder(&f)
+                        .arg(params)
+                        .arg(&mut *grads)
+                        .arg(input)
+                        .arg(out)
+                        .arg(v)
+                        .arg(g)
+                        .arg(z)
+                        .arg(grad_out)
+                        .arg(&mut *grad_in)
+                        .arg(dv)
+                        .arg(fb)
+                        .arg(dz)
+                        .arg(da)
+                        .arg(bar)
+                        .arg(&dims)
+                        .arg(&np)
+                        .arg(&td)
+                        .launch_cooperative(cfg)
+                }
+                .map_err(cuda_err("launching backei_backward_v2"))?;
+                let w =
+                    plan.wgrad_launch.ok_or_else(|| BackeiError::Cuda("BackEI layer: v2 plan without a weight-gradient launch".into()))?;
+                let wf = self.function(&w)?;
+                let passes = [
+                    (self.feedback.back, slots[0].start, slots[1].start, da, out, self.feedback.delay as i32),
+                    (self.feedback.ei, slots[2].start, slots[3].start, dz, v, 0),
+                ];
+                for (on, ow, ob, dy, x, shift) in passes {
+                    if !on {
+                        continue;
+                    }
+                    let (ow, ob) = (ow as i64, ob as i64);
+                    // SAFETY: the argument list matches backei_wgrad_v2_r{1,2}_f32; dy and x hold
+                    // [T][B][N].
+                    unsafe {
+                        stream
+                            .launch_builder(&wf)
+                            .arg(&mut *grads)
+                            .arg(&ow)
+                            .arg(&ob)
+                            .arg(dy)
+                            .arg(x)
+                            .arg(&shift)
+                            .arg(&dims)
+                            .arg(&td)
+                            .launch(w.config())
+                    }
+                    .map_err(cuda_err("launching backei_wgrad_v2"))?;
+                }
             }
             LayerPath::Fused => {
                 let onchip = plan.wgrad == WgradPath::OnChip;
@@ -764,7 +1177,7 @@ mod tests {
         // on an A100 (163 KB) fashion layer 1 still fits
         assert_eq!(plan([32, 28, 28], &fb(1), 100, 20, &DeviceLimits::A100).unwrap().wgrad, WgradPath::OnChip);
         // a device with 48 KB only: fashion layer 1 falls back
-        let small = DeviceLimits { sm_count: 80, max_smem_per_block: 48 * 1024 };
+        let small = DeviceLimits { sm_count: 80, max_smem_per_block: 48 * 1024, max_smem_per_sm: 64 * 1024 };
         assert_eq!(plan([32, 28, 28], &fb(1), 100, 20, &small).unwrap().wgrad, WgradPath::Separate);
         // one gate only: fashion layer 2's W_e alone (147 KB) fits in the forward
         let ei_only = FeedbackConfig { back: false, ..fb(1) };
@@ -801,5 +1214,216 @@ mod tests {
         assert!(msg(plan([70_000, 1, 1], &fb, 2, 5, &h)).contains("exceeds"));
         assert!(msg(plan([1 << 16, 1 << 16, 1], &fb, 1, 1, &h)).contains("exceeds"));
         assert!(msg(plan([usize::MAX, 2, 2], &fb, 1, 1, &h)).contains("overflows"));
+    }
+
+    /// Every output (b, c, pixel) of a v2 tiling is computed by exactly one (job, thread, i, j),
+    /// every tap a thread reads lies in the staged halo at the right image position, the float4
+    /// weight loads are aligned and in the chunk, and the weight gradient's blocks cover every
+    /// (c, ci) pair and every (t, b, pixel) exactly once with in-plane window reads.
+    fn check_v2_coverage(shape: [usize; 3], r: usize, batch: usize, steps: usize, td: &TileDims, wg_grid: (u32, u32)) {
+        let [c, h, w] = shape;
+        let (k, hw) = (2 * r + 1, h * w);
+        let co_t = td.co_t as usize;
+        assert!(matches!(co_t, 16 | 32 | 64));
+        let ntc = co_t / 4;
+        let npt = V2_THREADS as usize / ntc;
+        assert_eq!(ntc * npt, V2_THREADS as usize);
+        let rows = td.rows as usize;
+        assert!(rows >= 1 && rows * w <= 4 * npt, "a tile's pixels fit its threads");
+        assert_eq!(td.row_groups as usize, h.div_ceil(rows));
+        assert!((td.row_groups as usize - 1) * rows < h, "no empty row group");
+        assert_eq!(td.ch_groups as usize, c.div_ceil(co_t));
+        assert_eq!(td.jobs as usize, batch * td.ch_groups as usize * td.row_groups as usize);
+        let (hs, hsz) = (w + 2 * r, (rows + 2 * r) * (w + 2 * r));
+        let in_f = v2_tile_in_floats(w, r, rows);
+        assert!(in_f % 4 == 0 && in_f >= V2_CI * hsz);
+        let mut seen = vec![0u8; batch * c * hw];
+        for job in 0..td.jobs as usize {
+            for tid in 0..V2_THREADS as usize {
+                let (tc, tp) = (tid / npt, tid % npt);
+                let (b, co0, y0, pix, base) = v2_tile_job(shape, r, td, job, tp);
+                assert!(b < batch && co0 < c && y0 < h);
+                // float4 weight loads: (ci·k² + tap)·co_t + 4·tc, aligned, inside the chunk
+                for ci in [0, V2_CI - 1] {
+                    for tap in [0, k * k - 1] {
+                        let at = (ci * k * k + tap) * co_t + 4 * tc;
+                        assert!(at % 4 == 0 && at + 3 < V2_CI * k * k * co_t);
+                    }
+                }
+                for j in 0..4 {
+                    let Some(p) = pix[j] else {
+                        assert_eq!(base[j], 0);
+                        continue;
+                    };
+                    let (y, x) = (p / w, p % w);
+                    assert!(y >= y0 && y < (y0 + rows).min(h) && x < w);
+                    for ky in 0..k {
+                        for kx in 0..k {
+                            let hidx = base[j] + ky * hs + kx;
+                            assert!(hidx < hsz, "halo read out of the staged plane");
+                            // the staging's map: halo (hy, hx) holds image (y0 + hy − r, hx − r)
+                            let (hy, hx) = (hidx / hs, hidx % hs);
+                            assert_eq!((y0 + hy, hx), (y + ky, x + kx), "the halo read is the tap's input");
+                        }
+                    }
+                    for i in 0..4 {
+                        let ch = co0 + 4 * tc + i;
+                        if ch < c {
+                            seen[(b * c + ch) * hw + p] += 1;
+                        }
+                    }
+                }
+            }
+        }
+        assert!(
+            seen.iter().all(|&n| n == 1),
+            "{shape:?} B {batch}: an output is computed {} times",
+            seen.iter().find(|&&n| n != 1).unwrap()
+        );
+        // weight gradient
+        let g = c.div_ceil(16);
+        assert_eq!(wg_grid.0 as usize, g * g);
+        let mut pairs = vec![0u8; c * c];
+        for bx in 0..g * g {
+            for tid in 0..V2_THREADS as usize {
+                let (c0, i0) = ((bx / g) * 16, (bx % g) * 16);
+                let (cc, ci) = (c0 + tid / 16, i0 + tid % 16);
+                if cc < c && ci < c {
+                    pairs[cc * c + ci] += 1;
+                }
+            }
+        }
+        assert!(pairs.iter().all(|&n| n == 1));
+        let (wr, wrg) = (td.wg_rows as usize, td.wg_row_groups as usize);
+        assert!(wr * w <= 256 && wrg == h.div_ceil(wr) && (wrg - 1) * wr < h);
+        let plane = v2_wgrad_plane(w, r, wr);
+        assert!(plane % 2 == 1 && plane >= (wr + 2 * r) * hs);
+        // windows: the last read of a chunk's row py, tap (ky, kx) at x = W − 1
+        assert!((wr - 1 + k - 1) * hs + (w - 1) + k - 1 < plane);
+        let split = wg_grid.1 as usize;
+        assert!(split >= 1 && split <= 65_535 && split as u32 == td.wg_split as u32);
+        let chunks = steps * batch * wrg;
+        let mut px = vec![0u8; steps * batch * hw];
+        for by in 0..split {
+            for ch in (by..chunks).step_by(split) {
+                let rg = ch % wrg;
+                let tb = ch / wrg;
+                let (t, b) = (tb / batch, tb % batch);
+                let y0 = rg * wr;
+                let rows_here = wr.min(h - y0);
+                for q in 0..rows_here * w {
+                    px[(t * batch + b) * hw + y0 * w + q] += 1;
+                }
+            }
+        }
+        assert!(px.iter().all(|&n| n == 1), "the weight gradient's chunks cover every (t, b, pixel) once");
+    }
+
+    #[test]
+    fn v2_plans_every_backei_shape_within_the_device_limits_and_covers_every_output_once() {
+        for limits in [DeviceLimits::A100, DeviceLimits::H100] {
+            for (net, i, shape, fb) in spiking_layers() {
+                if !fb.back && !fb.ei {
+                    let p = plan_version(shape, &fb, 100, 20, &limits, KernelVersion::V2).unwrap();
+                    assert_eq!((p.path, p.version), (LayerPath::Plain, KernelVersion::V1), "the plain layer has no v2");
+                    continue;
+                }
+                for batch in [1, 100, 256] {
+                    for steps in [1, 20, 64] {
+                        let p = plan_version(shape, &fb, batch, steps, &limits, KernelVersion::V2).unwrap();
+                        assert_eq!(p.version, KernelVersion::V2, "{net} layer {i} {shape:?}: fell back: {:?}", p.fallback);
+                        assert_eq!(p.wgrad, WgradPath::Tiled);
+                        let td = p.tile.unwrap();
+                        let per_sm = (limits.max_smem_per_sm as usize / (p.forward.smem_bytes as usize + SMEM_RESERVED_PER_BLOCK))
+                            .min(V2_BLOCKS_PER_SM as usize);
+                        for l in [p.forward, p.backward] {
+                            assert!(l.cooperative && l.block == V2_THREADS);
+                            assert!(l.smem_bytes <= limits.max_smem_per_block, "{net} {i}: {l:?}");
+                            assert!(l.grid.0 >= 1 && l.grid.0 as usize <= per_sm * limits.sm_count as usize, "grid ≤ co-resident blocks");
+                            assert!(l.grid.0 as i32 <= td.jobs, "no block without a job");
+                        }
+                        let w = p.wgrad_launch.unwrap();
+                        assert!(!w.cooperative && w.smem_bytes <= limits.max_smem_per_block);
+                        let all = steps * batch * shape.iter().product::<usize>();
+                        assert_eq!((p.buffers.dz, p.buffers.da), (all, all), "v2 keeps dz and da of every step");
+                        // exact coverage on a small batch and T (the index arithmetic does not depend on them
+                        // beyond the job count, which is checked for every batch above)
+                        if batch == 1 && steps == 1 || (batch, steps) == (100, 20) && shape[0] <= 64 && limits == DeviceLimits::H100 {
+                            let (b, t) = (batch.min(2), steps.min(3));
+                            let q = plan_version(shape, &fb, b, t, &limits, KernelVersion::V2).unwrap();
+                            let wg = q.wgrad_launch.unwrap().grid;
+                            check_v2_coverage(shape, fb.radius, b, t, &q.tile.unwrap(), (wg.0, wg.1));
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn v2_covers_odd_shapes_and_falls_back_where_it_cannot_run() {
+        let h = DeviceLimits::H100;
+        for (shape, r) in [
+            ([3, 7, 9], 1),
+            ([3, 7, 9], 2),
+            ([1, 1, 1], 1),
+            ([2, 5, 3], 1),
+            ([4, 9, 7], 2),
+            ([5, 7, 9], 2),
+            ([17, 3, 65], 1),
+            ([65, 2, 130], 2),
+            ([33, 40, 1], 1),
+            ([70, 1, 256], 1),
+        ] {
+            for back_ei in [(true, true), (true, false), (false, true)] {
+                let fb = FeedbackConfig { back: back_ei.0, ei: back_ei.1, radius: r, delay: 2 };
+                for (b, t) in [(1, 1), (3, 4)] {
+                    let p = plan_version(shape, &fb, b, t, &h, KernelVersion::V2).unwrap();
+                    assert_eq!(p.version, KernelVersion::V2, "{shape:?} r {r}: {:?}", p.fallback);
+                    let wg = p.wgrad_launch.unwrap().grid;
+                    check_v2_coverage(shape, r, b, t, &p.tile.unwrap(), (wg.0, wg.1));
+                }
+            }
+        }
+        let fb = |r| FeedbackConfig { radius: r, ..Default::default() };
+        // radius 0 or 3, a row wider than 256, a tiny shared memory: v1 with the reason
+        for (shape, r, lim) in
+            [([4, 4, 4], 0, h), ([4, 4, 4], 3, h), ([4, 2, 300], 1, h), ([4, 8, 8], 1, DeviceLimits { max_smem_per_block: 1024, ..h })]
+        {
+            let p = plan_version(shape, &fb(r), 2, 3, &lim, KernelVersion::V2).unwrap();
+            assert_eq!(p.version, KernelVersion::V1);
+            assert!(p.fallback.is_some() && p.tile.is_none());
+            assert_eq!(
+                p,
+                plan_version(shape, &fb(r), 2, 3, &lim, KernelVersion::V1)
+                    .map(|mut q| {
+                        q.fallback = p.fallback.clone();
+                        q
+                    })
+                    .unwrap()
+            );
+        }
+        // the default is v1 and the plans of V1 are those of `plan`
+        assert_eq!(KernelVersion::default(), KernelVersion::V1);
+        assert_eq!(
+            plan_version([32, 28, 28], &fb(1), 100, 20, &h, KernelVersion::V1).unwrap(),
+            plan([32, 28, 28], &fb(1), 100, 20, &h).unwrap()
+        );
+        assert_eq!(KernelVersion::parse(" V2 ").unwrap(), KernelVersion::V2);
+        assert!(KernelVersion::parse("v3").unwrap_err().to_string().contains("v3"));
+        // the reference shapes: tile choice and kernel names
+        let p = plan_version([32, 28, 28], &fb(1), 100, 20, &h, KernelVersion::V2).unwrap();
+        let td = p.tile.unwrap();
+        assert_eq!((td.co_t, td.rows, td.row_groups, td.ch_groups, td.jobs), (32, 4, 7, 1, 700));
+        assert_eq!(p.forward.grid.0, 2 * 132);
+        assert_eq!(p.forward.kernel, "backei_forward_v2_r1_f32");
+        let p = plan_version([15, 24, 24], &fb(2), 100, 20, &h, KernelVersion::V2).unwrap();
+        assert_eq!((p.backward.kernel, p.wgrad_launch.unwrap().kernel), ("backei_backward_v2_r2_f32", "backei_wgrad_v2_r2_f32"));
+    }
+
+    #[test]
+    fn tile_dims_have_the_c_layout_of_the_kernels() {
+        assert_eq!(std::mem::size_of::<TileDims>(), 32);
+        assert_eq!(std::mem::align_of::<TileDims>(), 4);
     }
 }
