@@ -70,19 +70,25 @@ const FASHION_SHA256: [(&str, &str); 4] = [
     ("t10k-labels-idx1-ubyte.gz", "0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34"),
 ];
 
-const IDX_NAMES: [&str; 4] =
-    ["train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"];
+/// SHA-256 of the standard MNIST .gz files as published (the same four values appear in
+/// torchvision's dataset definitions and many independent download scripts).
+const MNIST_SHA256: [(&str, &str); 4] = [
+    ("train-images-idx3-ubyte.gz", "440fcabf73cc546fa21475e81ea370265605f56be210a4024d2ca8f203523609"),
+    ("train-labels-idx1-ubyte.gz", "3552534a0a558bbed6aed32b30c495cca23d567ec52cac8be1a0730e8010255c"),
+    ("t10k-images-idx3-ubyte.gz", "8d422c7b0a1c1c79245a5bcf07fe86e33eeafee792b84584aec276f5a2dbc4e6"),
+    ("t10k-labels-idx1-ubyte.gz", "f7ae60f92e00ec6debd23a6088c31dbd2371eca3ffa0defaefb259924204aec6"),
+];
 
 /// The files `fetch` downloads for a dataset (empty for the embedded sample and N-MNIST).
 pub fn remote_files(kind: DatasetKind) -> Vec<RemoteFile> {
     match kind {
         DatasetKind::MnistSample | DatasetKind::Nmnist => vec![],
-        DatasetKind::Mnist => IDX_NAMES
+        DatasetKind::Mnist => MNIST_SHA256
             .iter()
-            .map(|n| RemoteFile {
+            .map(|(n, h)| RemoteFile {
                 name: n.to_string(),
                 urls: MNIST_URLS.iter().map(|u| format!("{u}{n}")).collect(),
-                checksum: None,
+                checksum: Some(Checksum { of: ChecksumOf::File, sha256: h.to_string() }),
                 unpack: Unpack::None,
             })
             .collect(),
