@@ -16,20 +16,25 @@ fn main() -> anyhow::Result<()> {
     println!("{line}");
 
     let train = Arc::new(Dataset::load(DatasetKind::MnistSample, Split::Train, &LoadOptions::default())?);
-    let loader = Loader::new(train, LoaderOptions { batch_size: 32, steps: spec.steps, ..Default::default() });
-    for (i, batch) in loader.epoch(0).take(8).enumerate() {
+    let loader = Loader::new(train, LoaderOptions { batch_size: 16, steps: spec.steps, ..Default::default() });
+    // 80 steps: the freshly initialised network is nearly silent at first, then learns
+    for (i, batch) in loader.epoch(0).take(80).enumerate() {
         let stats = engine.train_step(&batch.x, batch.t_in, &batch.labels, Loss::Mse)?;
-        println!("step {i}: loss {:.4}, {}/{} correct", stats.loss, stats.correct, stats.batch);
+        if i % 10 == 9 {
+            println!("step {}: loss {:.4}, {}/{} correct", i + 1, stats.loss, stats.correct, stats.batch);
+        }
         loader.recycle(batch);
     }
 
     let test = Dataset::load(DatasetKind::MnistSample, Split::Test, &LoadOptions::default())?;
-    let batch = Loader::new(Arc::new(test), LoaderOptions { batch_size: 16, steps: spec.steps, shuffle: false, ..Default::default() })
+    let batch = Loader::new(Arc::new(test), LoaderOptions { batch_size: 20, steps: spec.steps, shuffle: false, ..Default::default() })
         .epoch(0)
         .next()
         .expect("a test batch");
     let predicted = engine.predict(&batch.x, batch.t_in, batch.batch)?;
     println!("predicted {predicted:?}\nlabels    {:?}", batch.labels);
+    let right = predicted.iter().zip(&batch.labels).filter(|(p, l)| **p == **l as usize).count();
+    println!("{right}/{} test digits right", batch.batch);
     assert_eq!(predicted.len(), batch.batch);
     Ok(())
 }
