@@ -125,7 +125,14 @@ impl Engine {
 
     /// The engine a training configuration asks for: its network from its seed, its optimizer.
     pub fn for_config(cfg: &crate::train::TrainConfig, choice: DeviceChoice) -> Result<(Engine, String)> {
-        Engine::new(&cfg.network, cfg.seed, choice, cfg.optimizer)
+        let (mut engine, mut line) = Engine::new(&cfg.network, cfg.seed, choice, cfg.optimizer)?;
+        if cfg.deterministic {
+            if let Engine::Gpu { net, .. } = &mut engine {
+                net.set_deterministic(true);
+                line.push_str(" — deterministic: v1 kernels, no float atomics");
+            }
+        }
+        Ok((engine, line))
     }
 
     /// (layer, firing rate, inhibitory fraction) of every spiking layer in the last forward.

@@ -461,3 +461,26 @@ fn hundred_fashion_mnist_steps_follow_the_cpu_loss_curve() {
     let last: f64 = lc[steps - 10..].iter().sum::<f64>() / 10.0;
     assert!(last < first, "the loss must fall over 100 steps ({first} → {last})");
 }
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn deterministic_training_is_bit_reproducible() {
+    // --deterministic: the same steps from the same weights give bit-identical parameters, so a
+    // resumed GPU run equals an uninterrupted one (as on the CPU)
+    let d = dev();
+    let mut spec = NetworkSpec::fashion_mnist();
+    spec.steps = 4;
+    let cpu = Network::<f32>::new(&spec, 4150).unwrap();
+    let (x, labels) = batch_for(&spec, 6, 11);
+    let run = || {
+        let mut g = GpuNetwork::from_cpu(&d, &cpu).unwrap();
+        g.set_deterministic(true);
+        let mut o = GpuOptimizer::new(&d, OptimizerConfig::adam(1e-3), g.num_params()).unwrap();
+        let losses: Vec<f64> = (0..3).map(|_| g.train_step(&x, 1, &labels, Loss::Mse, &mut o).unwrap().loss).collect();
+        (g.params_to_host().unwrap(), losses)
+    };
+    let (p1, l1) = run();
+    let (p2, l2) = run();
+    assert_eq!(l1, l2);
+    assert!(p1.iter().zip(&p2).all(|(a, b)| a.to_bits() == b.to_bits()), "parameters differ between two deterministic runs");
+}

@@ -311,6 +311,25 @@ pub fn validate(shape: [usize; 3], fb: &FeedbackConfig, batch: usize, steps: usi
 /// The launch plan of a layer: path, grid/block/shared memory of every kernel, buffer sizes.
 /// A pure function of the shape, the switches, the batch shape and the device's limits.
 pub fn plan(shape: [usize; 3], fb: &FeedbackConfig, batch: usize, steps: usize, limits: &DeviceLimits) -> Result<LaunchPlan> {
+    plan_with(shape, fb, batch, steps, limits, true)
+}
+
+/// The plan for `--deterministic` runs: v1 with the Separate weight-gradient path everywhere.
+/// The OnChip path adds each block's (sample's) dW with atomicAdd, so the order of the float
+/// additions, and with it the last bits of the gradient, changes from run to run; the Separate
+/// reduction (`backei_wgrad_v1_f32`) gives every weight to one block that sums in a fixed order.
+pub fn plan_deterministic(shape: [usize; 3], fb: &FeedbackConfig, batch: usize, steps: usize, limits: &DeviceLimits) -> Result<LaunchPlan> {
+    plan_with(shape, fb, batch, steps, limits, false)
+}
+
+fn plan_with(
+    shape: [usize; 3],
+    fb: &FeedbackConfig,
+    batch: usize,
+    steps: usize,
+    limits: &DeviceLimits,
+    allow_onchip: bool,
+) -> Result<LaunchPlan> {
     validate(shape, fb, batch, steps)?;
     let n = shape.iter().product::<usize>();
     let bn = batch * n;
@@ -347,7 +366,7 @@ pub fn plan(shape: [usize; 3], fb: &FeedbackConfig, batch: usize, steps: usize, 
     let w_bytes = 4 * gates * wlen;
     let acc_bytes = 4 * gates * (wlen + c);
     let w_fwd = w_bytes <= budget;
-    let onchip = acc_bytes <= budget;
+    let onchip = allow_onchip && acc_bytes <= budget;
     let used = if onchip { acc_bytes } else { 0 };
     let w_bwd = used + w_bytes <= budget;
     let threads = n.div_ceil(32).clamp(1, FUSED_MAX_THREADS / 32) as u32 * 32;
@@ -601,6 +620,9 @@ pub struct GpuBackEiLayer {
     pub limits: DeviceLimits,
     /// The plan of the current batch shape (after `prepare` or `forward`).
     pub plan: Option<LaunchPlan>,
+    /// Bit-reproducible gradients (`--deterministic`): v1 with the Separate weight-gradient path.
+    pub deterministic: bool,
+    planned_deterministic: bool,
     batch: usize,
     steps: usize,
     /// s [T][B][N] of the last forward.
@@ -659,6 +681,8 @@ impl GpuBackEiLayer {
             t_in: 0,
             version,
             planned_version: version,
+            deterministic: false,
+            planned_deterministic: false,
             bar: None,
         })
     }
@@ -676,8 +700,17 @@ impl GpuBackEiLayer {
 
     /// Plans and sizes every buffer for a batch shape (a no-op when unchanged).
     pub fn prepare(&mut self, batch: usize, steps: usize) -> Result<&LaunchPlan> {
-        if self.plan.is_none() || self.batch != batch || self.steps != steps || self.planned_version != self.version {
-            let p = plan_version(self.shape, &self.feedback, batch, steps, &self.limits, self.version)?;
+        if self.plan.is_none()
+            || self.batch != batch
+            || self.steps != steps
+            || self.planned_version != self.version
+            || self.planned_deterministic != self.deterministic
+        {
+            let p = if self.deterministic {
+                plan_deterministic(self.shape, &self.feedback, batch, steps, &self.limits)?
+            } else {
+                plan_version(self.shape, &self.feedback, batch, steps, &self.limits, self.version)?
+            };
             let b = p.buffers;
             // free the old buffers before allocating the new ones
             (self.out, self.v, self.g, self.z, self.dv, self.fb, self.dz, self.da) = (None, None, None, None, None, None, None, None);
@@ -696,6 +729,7 @@ impl GpuBackEiLayer {
             self.batch = batch;
             self.steps = steps;
             self.planned_version = self.version;
+            self.planned_deterministic = self.deterministic;
         }
         self.plan.as_ref().ok_or_else(|| BackeiError::Cuda("BackEI layer: no plan".into()))
     }
@@ -1076,6 +1110,22 @@ impl GpuBackEiLayer {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn deterministic_plans_never_use_float_atomics() {
+        let fb = |r| FeedbackConfig { back: true, ei: true, radius: r, delay: 1 };
+        let shapes = [([15, 24, 24], 2), ([40, 8, 8], 2), ([32, 28, 28], 1), ([64, 14, 14], 1), ([128, 32, 32], 1), ([15, 30, 30], 2)];
+        for (shape, r) in shapes {
+            let p = plan_deterministic(shape, &fb(r), 100, 20, &DeviceLimits::H100).unwrap();
+            assert_eq!(p.version, KernelVersion::V1, "{shape:?}");
+            assert_eq!(p.wgrad, WgradPath::Separate, "{shape:?}: OnChip adds per-block partials with atomicAdd");
+            assert!(p.wgrad_launch.is_some());
+            let n: usize = shape.iter().product();
+            assert_eq!(p.buffers.da, 20 * 100 * n, "{shape:?}: da saved for every step");
+        }
+        // the default plan of fashion layer 1 is the OnChip one, so the switch matters
+        assert_eq!(plan([32, 28, 28], &fb(1), 100, 20, &DeviceLimits::H100).unwrap().wgrad, WgradPath::OnChip);
+    }
     use super::*;
     use crate::spec::{LayerSpec, NetworkSpec};
 

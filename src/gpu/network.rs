@@ -699,6 +699,17 @@ impl GpuNetwork {
         LossBuffers::predict(&self.dev, &y.as_view(), self.classes)
     }
 
+    /// Bit-reproducible steps (`--deterministic`): every BackEI layer takes the v1 kernels with
+    /// the Separate weight-gradient reduction, the one path without float atomics (the other ops
+    /// are cuBLAS GEMMs and kernels without atomics, deterministic on a given card).
+    pub fn set_deterministic(&mut self, on: bool) {
+        for l in &mut self.layers {
+            if let Op::Spike { layer, .. } = &mut l.op {
+                layer.deterministic = on;
+            }
+        }
+    }
+
     /// (layer index, firing rate, inhibitory fraction or None without E/I) of every spiking
     /// layer in the last forward, as `cpu::Network::spike_stats`.
     pub fn spike_stats(&self) -> Result<Vec<(usize, f64, Option<f64>)>> {
