@@ -3,7 +3,7 @@
 #   run  command="bash bench/gpu/session.sh [STAGES]"  carry=[".gpu", ".whl"]
 # after `../shared/gpu/pack --data /usr/share/datasets/fashion-mnist` (and, for the reference
 # stage, `bench/reference/fetch_wheels.sh`). STAGES (default all, in this order): tests sanitizer
-# kernels train-bench reference train. Every stage has its own time limit and the whole run a
+# kernels train-bench reference resume train. Every stage has its own time limit and the whole run a
 # deadline ($BUDGET seconds, default 420), so one hung kernel cannot eat the device time.
 # Logs come back in $OUT: gpu.txt, one <stage>.log each, and results.tgz (CSV, metrics).
 set -u
@@ -13,7 +13,7 @@ out=${OUT:-/tmp/backei-out}
 mkdir -p "$out" /tmp/backei-results
 start=$(date +%s)
 budget=${BUDGET:-420}
-stages=${*:-tests sanitizer kernels train-bench reference train}
+stages=${*:-tests sanitizer kernels train-bench reference resume train}
 
 # the environment .gpu/run.sh sets up: the build path linked to this copy, CUDA's libraries found
 built=$(cat .gpu/built-at)
@@ -71,6 +71,23 @@ for stage in $stages; do
         --device cuda --steps 20 --batch-size 100 --epochs "${TRAIN_EPOCHS:-200}" ${TRAIN_ARGS:-} --quiet --out /tmp/run-fmnist
       mkdir -p /tmp/backei-results/run-fmnist
       cp /tmp/run-fmnist/*.csv /tmp/run-fmnist/*.jsonl /tmp/run-fmnist/config.json /tmp/backei-results/run-fmnist/ 2>/dev/null ;;
+    resume)
+      # --deterministic on the GPU: an interrupted and resumed run's metrics equal an uninterrupted
+      # run's (timing columns aside), as tests/cli.rs checks for the CPU engine
+      small=(.gpu/bin/backei train --dataset fashion-mnist --data-dir .gpu/data/fashion-mnist --device cuda --deterministic
+             --steps 4 --batch-size 50 --epochs 2 --train-limit 1000 --test-limit 500 --quiet)
+      rm -rf /tmp/det-whole /tmp/det-cut
+      run det-whole 60 "${small[@]}" --out /tmp/det-whole
+      run det-cut 60 env BACKEI_INTERRUPT_AFTER_BATCHES=7 "${small[@]}" --out /tmp/det-cut
+      run det-resume 60 .gpu/bin/backei train --resume /tmp/det-cut --quiet
+      strip_time() { cut -d, -f1-7,10- "$1"; }
+      if [ ! -s /tmp/det-whole/metrics.csv ] || [ ! -s /tmp/det-cut/metrics.csv ]; then
+        echo "== resume: FAILED, a run left no metrics" | tee -a "$out/$stage.log"
+      elif diff <(strip_time /tmp/det-whole/metrics.csv) <(strip_time /tmp/det-cut/metrics.csv) >> "$out/$stage.log" 2>&1; then
+        echo "== resume: metrics identical" | tee -a "$out/$stage.log"
+      else
+        echo "== resume: metrics DIFFER" | tee -a "$out/$stage.log"
+      fi ;;
     *) echo "unknown stage $stage" ;;
   esac
 done
