@@ -24,6 +24,13 @@ fn inline(dir: &Path, file: &str, depth: usize, out: &mut String) {
 }
 
 fn main() {
+    // the commit a binary was built from, for config.json and `backei info` (absent outside git)
+    if let Ok(out) = std::process::Command::new("git").args(["rev-parse", "--short=12", "HEAD"]).output() {
+        if out.status.success() {
+            println!("cargo:rustc-env=BACKEI_GIT_COMMIT={}", String::from_utf8_lossy(&out.stdout).trim());
+        }
+    }
+    println!("cargo:rerun-if-changed=.git/HEAD");
     let dir = Path::new("cuda");
     println!("cargo:rerun-if-changed=cuda");
     let mut names: Vec<String> = fs::read_dir(dir)

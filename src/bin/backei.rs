@@ -187,6 +187,12 @@ fn usage(msg: impl Into<String>) -> anyhow::Error {
 }
 
 fn main() -> ExitCode {
+    // `backei info | head` and the like: a closed pipe ends the program quietly, as for any
+    // Unix tool, instead of a panic in println!
+    // SAFETY: restoring the default disposition of SIGPIPE before any thread starts.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let cli = Cli::parse();
     let result = match cli.cmd {
         Cmd::Train(a) => train(*a),
