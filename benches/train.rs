@@ -25,7 +25,23 @@ fn gib(b: usize) -> f64 {
     b as f64 / (1u64 << 30) as f64
 }
 
+/// Hands the memory that freed buffers left in the driver's stream-ordered pool back to the
+/// device, so that `mem_get_info` before a network sees what the network will really take (the
+/// first GPU run read 0 GiB for nmnist: it had reused the pool cifar10 left behind).
+fn trim_pool(dev: &GpuDevice) {
+    use cudarc::driver::sys;
+    let _ = dev.synchronize();
+    let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+    // SAFETY: a valid device handle and out-pointer; trimming only releases unused pool memory.
+    unsafe {
+        if sys::cuDeviceGetDefaultMemPool(&mut pool, dev.ctx.cu_device()) == sys::CUresult::CUDA_SUCCESS {
+            sys::cuMemPoolTrimTo(pool, 0);
+        }
+    }
+}
+
 fn gpu_step(dev: &std::sync::Arc<GpuDevice>, spec: &NetworkSpec, reps: usize) -> Result<(f64, usize), String> {
+    trim_pool(dev);
     let (free0, _) = dev.ctx.mem_get_info().map_err(|e| format!("{e:?}"))?;
     let mut net = GpuNetwork::new(dev, spec, 4150).map_err(|e| e.to_string())?;
     let mut opt = GpuOptimizer::new(dev, OptimizerConfig::adam(1e-3), net.num_params()).map_err(|e| e.to_string())?;
