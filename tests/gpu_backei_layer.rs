@@ -338,7 +338,8 @@ fn fused_layer_matches_the_cpu_on_odd_shapes_and_every_switch() {
             }
         }
     }
-    cases.push(case("1×1×1 back+ei B 3", [1, 1, 1], true, true, 1, 1, 3, 5, 5));
+    // a 1×1 map takes r = 0 (a 3×3 gate does not fit it: the CPU layer and the spec refuse that)
+    cases.push(case("1×1×1 back+ei r 0 B 3", [1, 1, 1], true, true, 0, 1, 3, 5, 5));
     cases.push(case("2×5×3 back+ei D > T", [2, 5, 3], true, true, 1, 7, 2, 4, 4));
     cases.push(case("4×9×7 back+ei T 1", [4, 9, 7], true, true, 2, 1, 2, 1, 1));
     run_all(&cases);
