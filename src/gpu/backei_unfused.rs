@@ -665,7 +665,7 @@ mod tests {
         vec![f32::NAN; n]
     }
 
-    #[allow(clippy::too_many_arguments)]
+    #[allow(clippy::too_many_arguments, clippy::needless_range_loop)]
     fn simulate(
         plan: &UnfusedPlan,
         shape: [usize; 3],
