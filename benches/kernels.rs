@@ -14,12 +14,17 @@
 //!
 //! Every fused workload runs with the v1 kernels and the v2 kernels (`KernelVersion`), each
 //! validated against the CPU before it is timed; v2's reference row is named `<workload>@v2`.
+//! Then the UNFUSED baseline (`gpu::backei_unfused`: a few pointwise kernels per step, the gate
+//! convolutions through cuBLAS), validated and timed the same way: rows labelled `unfused` and
+//! the reference row `<workload>@unfused`; the speed ratio fused/unfused (unfused time over
+//! fused time, > 1 when fusion wins) is printed per fused version.
 //!
 //! Writes a CSV to `$BACKEI_BENCH_CSV` or `bench/kernels.csv`. Without a GPU it says the GPU part
 //! was skipped and exits 0. `cargo bench --bench kernels [-- FILTER]`.
 
 use backei::cpu::backei_layer::{BackEiGrads, BackEiLayer, BackEiParams};
 use backei::gpu::backei_layer::{BackEiSlots, GpuBackEiLayer, KernelVersion};
+use backei::gpu::backei_unfused::UnfusedBackEiLayer;
 use backei::gpu::GpuDevice;
 use backei::spec::{FeedbackConfig, FiringMode, NeuronConfig};
 use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
@@ -143,15 +148,26 @@ fn setup(shape: [usize; 3], fb: &FeedbackConfig, seed: u64) -> (Vec<f32>, BackEi
     (uniform(&mut rng, at.max(1), -bound, bound), slots)
 }
 
-/// GPU vs CPU at (batch, steps) in the smooth mode: the max relative error over s, v, ∂I, grads.
-fn validate(dev: &Arc<GpuDevice>, shape: [usize; 3], fb: FeedbackConfig, batch: usize, steps: usize, version: KernelVersion) -> Res<f64> {
-    let neuron = NeuronConfig { mode: FiringMode::Smooth { k: 4.0 }, ..Default::default() };
+/// The CPU reference of a validation: the data and the CPU layer's results.
+struct Reference {
+    params: Vec<f32>,
+    slots: BackEiSlots,
+    input: Vec<f32>,
+    gout: Vec<f32>,
+    out: Vec<f32>,
+    v: Vec<f32>,
+    grads: Vec<f32>,
+    gin: Vec<f32>,
+}
+
+/// The CPU layer at (batch, steps) in the smooth mode (T_in = T), forward and backward.
+fn cpu_reference(shape: [usize; 3], fb: FeedbackConfig, batch: usize, steps: usize, neuron: &NeuronConfig) -> Res<Reference> {
     let n: usize = shape.iter().product();
     let (params, slots) = setup(shape, &fb, 7);
     let mut rng = ChaCha8Rng::seed_from_u64(8);
     let input = uniform(&mut rng, steps * batch * n, -0.6, 1.6);
     let gout = uniform(&mut rng, steps * batch * n, -1.0, 1.0);
-    let mut cpu = BackEiLayer::<f32>::new(shape, fb, &neuron);
+    let mut cpu = BackEiLayer::<f32>::new(shape, fb, neuron);
     let p = BackEiParams {
         w_b: &params[slots[0].clone()],
         b_b: &params[slots[1].clone()],
@@ -168,6 +184,15 @@ fn validate(dev: &Arc<GpuDevice>, shape: [usize; 3], fb: FeedbackConfig, batch: 
         let (be, _) = rest.split_at_mut(slots[3].len());
         cpu.backward(&p, &mut BackEiGrads { w_b: wb, b_b: bb, w_e: we, b_e: be }, &input, steps, &gout, &mut cgin)?;
     }
+    let (out, v) = (std::mem::take(&mut cpu.out), std::mem::take(&mut cpu.v));
+    Ok(Reference { params, slots, input, gout, out, v, grads: cg, gin: cgin })
+}
+
+/// GPU vs CPU at (batch, steps) in the smooth mode: the max relative error over s, v, ∂I, grads.
+fn validate(dev: &Arc<GpuDevice>, shape: [usize; 3], fb: FeedbackConfig, batch: usize, steps: usize, version: KernelVersion) -> Res<f64> {
+    let neuron = NeuronConfig { mode: FiringMode::Smooth { k: 4.0 }, ..Default::default() };
+    let r = cpu_reference(shape, fb, batch, steps, &neuron)?;
+    let (params, slots, input, gout) = (&r.params, &r.slots, &r.input, &r.gout);
     let s = &dev.stream;
     let mut g = GpuBackEiLayer::new(dev, shape, fb, &neuron)?;
     g.version = version;
@@ -175,20 +200,101 @@ fn validate(dev: &Arc<GpuDevice>, shape: [usize; 3], fb: FeedbackConfig, batch: 
     if vplan.path == backei::gpu::backei_layer::LayerPath::Fused && vplan.version != version {
         return Err(format!("{shape:?}: {version:?} fell back to {:?}: {:?}", vplan.version, vplan.fallback).into());
     }
-    let dp = s.clone_htod(&params)?;
+    let dp = s.clone_htod(params)?;
     let mut dg = s.alloc_zeros::<f32>(params.len())?;
-    let di = s.clone_htod(&input)?;
-    let dgo = s.clone_htod(&gout)?;
+    let di = s.clone_htod(input)?;
+    let dgo = s.clone_htod(gout)?;
     let mut dgin = s.alloc_zeros::<f32>(input.len())?;
-    g.forward(&dp, &slots, &di.slice(..), steps, batch, steps)?;
-    g.backward(&dp, &mut dg, &slots, &di.slice(..), steps, &dgo.slice(..), &mut dgin.slice_mut(..))?;
+    g.forward(&dp, slots, &di.slice(..), steps, batch, steps)?;
+    g.backward(&dp, &mut dg, slots, &di.slice(..), steps, &dgo.slice(..), &mut dgin.slice_mut(..))?;
     let e = [
-        max_rel(&s.clone_dtoh(g.output()?)?, &cpu.out),
-        max_rel(&s.clone_dtoh(g.v.as_ref().ok_or("no v")?)?, &cpu.v),
-        max_rel(&s.clone_dtoh(&dgin)?, &cgin),
-        max_rel(&s.clone_dtoh(&dg)?, &cg),
+        max_rel(&s.clone_dtoh(g.output()?)?, &r.out),
+        max_rel(&s.clone_dtoh(g.v.as_ref().ok_or("no v")?)?, &r.v),
+        max_rel(&s.clone_dtoh(&dgin)?, &r.gin),
+        max_rel(&s.clone_dtoh(&dg)?, &r.grads),
     ];
     Ok(e.into_iter().fold(0.0, f64::max))
+}
+
+/// The unfused layer vs the CPU, as `validate`.
+fn validate_unfused(dev: &Arc<GpuDevice>, shape: [usize; 3], fb: FeedbackConfig, batch: usize, steps: usize) -> Res<f64> {
+    let neuron = NeuronConfig { mode: FiringMode::Smooth { k: 4.0 }, ..Default::default() };
+    let r = cpu_reference(shape, fb, batch, steps, &neuron)?;
+    let (params, slots, input, gout) = (&r.params, &r.slots, &r.input, &r.gout);
+    let s = &dev.stream;
+    let mut g = UnfusedBackEiLayer::new(dev, shape, fb, &neuron)?;
+    let dp = s.clone_htod(params)?;
+    let mut dg = s.alloc_zeros::<f32>(params.len())?;
+    let di = s.clone_htod(input)?;
+    let dgo = s.clone_htod(gout)?;
+    let mut dgin = s.alloc_zeros::<f32>(input.len())?;
+    g.forward(&dp, slots, &di.slice(..), steps, batch, steps)?;
+    g.backward(&dp, &mut dg, slots, &di.slice(..), steps, &dgo.slice(..), &mut dgin.slice_mut(..))?;
+    let e = [
+        max_rel(&s.clone_dtoh(g.output()?)?, &r.out),
+        max_rel(&s.clone_dtoh(g.v.as_ref().ok_or("no v")?)?, &r.v),
+        max_rel(&s.clone_dtoh(&dgin)?, &r.gin),
+        max_rel(&s.clone_dtoh(&dg)?, &r.grads),
+    ];
+    Ok(e.into_iter().fold(0.0, f64::max))
+}
+
+/// Byte and flop models of a workload (see the file's header): (forward bytes, backward bytes,
+/// flops of one gate conv over all steps, gates).
+fn models(shape: [usize; 3], fb: &FeedbackConfig, batch: usize, steps: usize) -> (f64, f64, f64, usize) {
+    let n: usize = shape.iter().product();
+    let all = (steps * batch * n) as f64;
+    let gates = fb.back as usize + fb.ei as usize;
+    let k = 2 * fb.radius + 1;
+    let conv_flops = 2.0 * all * (shape[0] * k * k) as f64;
+    let plain = gates == 0;
+    let fwd_bytes = 4.0 * all * if plain { 3.0 } else { 3.0 + gates as f64 + 1.0 };
+    let bwd_bytes = 4.0 * all * if plain { 3.0 } else { 5.0 + 2.0 * gates as f64 };
+    (fwd_bytes, bwd_bytes, conv_flops, gates)
+}
+
+/// The unfused layer (per-step pointwise kernels, gate convs through cuBLAS) at a workload:
+/// validated against the CPU, then timed; rows `<name> fwd/bwd` (`unfused`) and
+/// `<ref_name>@unfused` (`fwd+bwd`). Returns the fwd+bwd milliseconds.
+#[allow(clippy::too_many_arguments)]
+fn unfused_workload(
+    bench: &mut Bench,
+    name: &str,
+    ref_name: &str,
+    shape: [usize; 3],
+    fb: FeedbackConfig,
+    batch: usize,
+    steps: usize,
+    vb: usize,
+    vt: usize,
+) -> Res<f64> {
+    let err = validate_unfused(&bench.dev, shape, fb, vb, vt)?;
+    let valid = if err < 1e-4 { format!("valid (max rel err {err:.1e})") } else { format!("INVALID (max rel err {err:.1e})") };
+    if err >= 1e-4 || err.is_nan() {
+        bench.failed.push(format!("{name} unfused"));
+    }
+    let dev = bench.dev.clone();
+    let s = dev.stream.clone();
+    let n: usize = shape.iter().product();
+    let (params, slots) = setup(shape, &fb, 9);
+    let mut rng = ChaCha8Rng::seed_from_u64(10);
+    let input = s.clone_htod(&uniform(&mut rng, steps * batch * n, -0.6, 1.6))?;
+    let gout = s.clone_htod(&uniform(&mut rng, steps * batch * n, -1.0, 1.0))?;
+    let dp = s.clone_htod(&params)?;
+    let mut dg = s.alloc_zeros::<f32>(params.len())?;
+    let mut gin = s.alloc_zeros::<f32>(steps * batch * n)?;
+    let mut layer = UnfusedBackEiLayer::new(&dev, shape, fb, &NeuronConfig::default())?;
+    let plan = layer.prepare(batch, steps)?.clone();
+    let (fwd_bytes, bwd_bytes, conv_flops, gates) = models(shape, &fb, batch, steps);
+    let (lf, lb) = plan.launches();
+    let chunks = plan.conv.map_or(0, |p| p.chunks);
+    let fwd_ms = bench.time(|| Ok(layer.forward(&dp, &slots, &input.slice(..), steps, batch, steps)?))?;
+    bench.report(&format!("{name} fwd {lf} launches {chunks} chunks"), "unfused", fwd_ms, fwd_bytes, gates as f64 * conv_flops, &valid);
+    let ms =
+        bench.time(|| Ok(layer.backward(&dp, &mut dg, &slots, &input.slice(..), steps, &gout.slice(..), &mut gin.slice_mut(..))?))?;
+    bench.report(&format!("{name} bwd {lb} launches"), "unfused", ms, bwd_bytes, 2.0 * gates as f64 * conv_flops, &valid);
+    bench.report(&format!("{ref_name}@unfused"), "fwd+bwd", fwd_ms + ms, fwd_bytes + bwd_bytes, 3.0 * gates as f64 * conv_flops, &valid);
+    Ok(fwd_ms + ms)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -203,7 +309,7 @@ fn layer_workload(
     vb: usize,
     vt: usize,
     version: KernelVersion,
-) -> Res<()> {
+) -> Res<f64> {
     let err = validate(&bench.dev, shape, fb, vb, vt, version)?;
     let valid = if err < 1e-4 { format!("valid (max rel err {err:.1e})") } else { format!("INVALID (max rel err {err:.1e})") };
     if err >= 1e-4 || err.is_nan() {
@@ -244,7 +350,7 @@ fn layer_workload(
     // v1 keeps the reference's workload name (run.py takes a workload's first row); v2 gets `@v2`
     let row = if version == KernelVersion::V2 { format!("{ref_name}@v2") } else { ref_name.to_string() };
     bench.report(&row, "fwd+bwd", fwd_ms + ms, fwd_bytes + bwd_bytes, 3.0 * gates as f64 * conv_flops, &valid);
-    Ok(())
+    Ok(fwd_ms + ms)
 }
 
 fn main() {
@@ -286,11 +392,32 @@ fn run(dev: Arc<GpuDevice>, filter: Option<String>) -> Res<()> {
         }
         // v1 and v2 side by side (both validated against the CPU first); the plain layer has no v2
         let versions: &[KernelVersion] = if f.back || f.ei { &[KernelVersion::V1, KernelVersion::V2] } else { &[KernelVersion::V1] };
+        let mut fused_ms = Vec::new();
         for &version in versions {
-            if let Err(e) = layer_workload(&mut bench, name, ref_name, shape, f, b, t, vb, vt, version) {
-                // one version failing (e.g. a v2 launch error) must not hide the other's timings
-                println!("{name} {version:?}: FAILED: {e}");
-                bench.failed.push(format!("{name} {version:?}: {e}"));
+            match layer_workload(&mut bench, name, ref_name, shape, f, b, t, vb, vt, version) {
+                Ok(ms) => fused_ms.push((version, ms)),
+                Err(e) => {
+                    // one version failing (e.g. a v2 launch error) must not hide the other's timings
+                    println!("{name} {version:?}: FAILED: {e}");
+                    bench.failed.push(format!("{name} {version:?}: {e}"));
+                }
+            }
+        }
+        // the unfused baseline (fused workloads only): what fusion buys
+        if f.back || f.ei {
+            match unfused_workload(&mut bench, name, ref_name, shape, f, b, t, vb, vt) {
+                Ok(un_ms) => {
+                    for (version, ms) in fused_ms {
+                        println!(
+                            "{name}: fused {version:?} {ms:.3} ms vs unfused {un_ms:.3} ms: speed ratio fused/unfused {:.2}x",
+                            un_ms / ms
+                        );
+                    }
+                }
+                Err(e) => {
+                    println!("{name} unfused: FAILED: {e}");
+                    bench.failed.push(format!("{name} unfused: {e}"));
+                }
             }
         }
     }

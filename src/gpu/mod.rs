@@ -2,6 +2,7 @@
 //! the same name in `src/cpu/` (the reference) and in `cuda/` (the kernels).
 
 pub mod backei_layer;
+pub mod backei_unfused;
 pub mod conv;
 pub mod device;
 pub mod dropout;
