@@ -308,6 +308,25 @@ pub fn validate(shape: [usize; 3], fb: &FeedbackConfig, batch: usize, steps: usi
     Ok(())
 }
 
+/// The input current of a forward: T_in = 1 (direct encoding) or T, and T_in·B·C·H·W values.
+/// Shared by the fused and the unfused layer.
+pub(crate) fn check_forward_input(t_in: usize, batch: usize, steps: usize, n: usize, len: usize) -> Result<()> {
+    if t_in != 1 && t_in != steps {
+        return Err(config_err(
+            "T_in",
+            format!("the input current has T_in = {t_in} steps; it must be 1 (direct encoding) or T = {steps}"),
+        ));
+    }
+    if len != t_in * batch * n {
+        return Err(shape_err(
+            "BackEI layer forward input",
+            format!("T_in·B·C·H·W = {t_in}·{batch}·{n} = {}", t_in * batch * n),
+            len.to_string(),
+        ));
+    }
+    Ok(())
+}
+
 /// The launch plan of a layer: path, grid/block/shared memory of every kernel, buffer sizes.
 /// A pure function of the shape, the switches, the batch shape and the device's limits.
 pub fn plan(shape: [usize; 3], fb: &FeedbackConfig, batch: usize, steps: usize, limits: &DeviceLimits) -> Result<LaunchPlan> {
@@ -816,21 +835,9 @@ impl GpuBackEiLayer {
         batch: usize,
         steps: usize,
     ) -> Result<()> {
-        if t_in != 1 && t_in != steps {
-            return Err(config_err(
-                "T_in",
-                format!("the input current has T_in = {t_in} steps; it must be 1 (direct encoding) or T = {steps}"),
-            ));
-        }
-        let plan = self.prepare(batch, steps)?.clone();
         let n = self.neurons();
-        if input.len() != t_in * batch * n {
-            return Err(shape_err(
-                "BackEI layer forward input",
-                format!("T_in·B·C·H·W = {t_in}·{batch}·{n} = {}", t_in * batch * n),
-                input.len().to_string(),
-            ));
-        }
+        check_forward_input(t_in, batch, steps, n, input.len())?;
+        let plan = self.prepare(batch, steps)?.clone();
         self.check_slots(slots, params.len(), "parameter")?;
         self.t_in = t_in;
         let np = NeuronParams::from_config(&self.neuron);

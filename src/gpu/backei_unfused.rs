@@ -19,7 +19,7 @@
 //! (t < D: db_b only). The feedback of step t − D is kept in ring slot (t − D) mod D = t mod D:
 //! written at step t, read by step t − D's `BwdPoint`, and no step in between uses that slot.
 
-use super::backei_layer::{validate, BackEiSlots, NeuronParams};
+use super::backei_layer::{check_forward_input, validate, BackEiSlots, NeuronParams};
 use super::conv::{self, ConvPlan, ConvWorkspace, DEFAULT_WORKSPACE_BYTES};
 use super::device::GpuDevice;
 use super::util::{cuda_err, grid};
@@ -369,21 +369,9 @@ impl UnfusedBackEiLayer {
         batch: usize,
         steps: usize,
     ) -> Result<()> {
-        if t_in != 1 && t_in != steps {
-            return Err(config_err(
-                "T_in",
-                format!("the input current has T_in = {t_in} steps; it must be 1 (direct encoding) or T = {steps}"),
-            ));
-        }
-        let plan = self.prepare(batch, steps)?.clone();
         let n = self.neurons();
-        if input.len() != t_in * batch * n {
-            return Err(shape_err(
-                "BackEI layer forward input",
-                format!("T_in·B·C·H·W = {t_in}·{batch}·{n} = {}", t_in * batch * n),
-                input.len().to_string(),
-            ));
-        }
+        check_forward_input(t_in, batch, steps, n, input.len())?;
+        let plan = self.prepare(batch, steps)?.clone();
         check_slots(self.shape, &self.feedback, slots, params.len(), "parameter")?;
         // a rejected call leaves no half-made output behind: t_in is set only once checked
         self.t_in = t_in;
