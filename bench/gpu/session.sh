@@ -55,6 +55,8 @@ for stage in $stages; do
         run memcheck-smoke 40 compute-sanitizer --tool memcheck --error-exitcode 9 .gpu/bin/test-gpu_smoke --ignored --test-threads=1
         run memcheck-layer 80 compute-sanitizer --tool memcheck --error-exitcode 9 .gpu/bin/test-gpu_backei_layer --ignored --test-threads=1 plain_layer
         run racecheck-layer 80 compute-sanitizer --tool racecheck --error-exitcode 9 .gpu/bin/test-gpu_backei_layer --ignored --test-threads=1 odd_shapes
+        run memcheck-ops 80 compute-sanitizer --tool memcheck --error-exitcode 9 .gpu/bin/test-gpu_network --ignored --test-threads=1 conv_ linear_ pool_ dropout_ readout_ fused_adam
+        [ -x .gpu/bin/test-gpu_backei_unfused ] && run memcheck-unfused 80 compute-sanitizer --tool memcheck --error-exitcode 9 .gpu/bin/test-gpu_backei_unfused --ignored --test-threads=1
       else
         echo "compute-sanitizer not found" > "$out/sanitizer.log"
       fi ;;
