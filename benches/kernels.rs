@@ -359,12 +359,42 @@ fn main() {
         Ok(d) => d,
         Err(e) => {
             println!("kernels bench: GPU part skipped ({e})");
+            cpu_figures(filter.as_deref());
             return;
         }
     };
     if let Err(e) = run(dev, filter) {
         eprintln!("kernels bench failed: {e}");
         std::process::exit(1);
+    }
+}
+
+/// Without a GPU: the CPU engine's BackEI layer, forward + backward, on the same layer shapes at
+/// B = 2, T = 20 (one run each, its random setup included), so the bench still says something.
+fn cpu_figures(filter: Option<&str>) {
+    let fb = |r| FeedbackConfig { back: true, ei: true, radius: r, delay: 1 };
+    let shapes = [
+        ("mnist L1 15x24x24 r2", [15, 24, 24], 2),
+        ("mnist L2 40x8x8 r2", [40, 8, 8], 2),
+        ("fashion L1 32x28x28 r1", [32, 28, 28], 1),
+        ("fashion L2 64x14x14 r1", [64, 14, 14], 1),
+        ("cifar10 L1 128x32x32 r1", [128, 32, 32], 1),
+        ("cifar10 L2 256x16x16 r1", [256, 16, 16], 1),
+    ];
+    let (b, t) = (2, 20);
+    println!("CPU engine ({} threads), BackEI layer forward + backward, B = {b}, T = {t}, back + ei:", rayon::current_num_threads());
+    for (name, shape, r) in shapes {
+        if filter.is_some_and(|f| !name.contains(f)) {
+            continue;
+        }
+        let t0 = std::time::Instant::now();
+        match cpu_reference(shape, fb(r), b, t, &NeuronConfig::default()) {
+            Ok(_) => {
+                let ms = t0.elapsed().as_secs_f64() * 1e3;
+                println!("  {name:<26} {ms:>10.1} ms  ({:.1} ms per sample)", ms / b as f64);
+            }
+            Err(e) => println!("  {name:<26} failed: {e}"),
+        }
     }
 }
 
