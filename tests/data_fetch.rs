@@ -203,8 +203,7 @@ fn remote_file_table() {
     assert!(f.iter().all(|x| x.checksum.as_ref().is_some_and(|c| c.sha256.len() == 64)));
     let m = fetch::remote_files(DatasetKind::Mnist);
     assert!(m.iter().all(|x| x.urls.len() >= 2 && x.checksum.as_ref().is_some_and(|c| c.sha256.len() == 64)));
-    // CIFAR-10's binary archive has no published SHA-256 we could confirm: fetched unverified, said so
-    assert!(fetch::remote_files(DatasetKind::Cifar10)[0].checksum.is_none());
+    assert!(fetch::remote_files(DatasetKind::Cifar10)[0].checksum.as_ref().is_some_and(|c| c.sha256.len() == 64));
     assert_eq!(fetch::remote_files(DatasetKind::Cifar10)[0].unpack, Unpack::TarGz);
 }
 
