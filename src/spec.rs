@@ -67,6 +67,21 @@ pub struct FeedbackConfig {
     pub delay: usize,
 }
 
+impl FeedbackConfig {
+    /// Why the (2r+1)×(2r+1) gate kernels do not fit an h×w map, or None when they do (or when
+    /// both gates are off). The one rule of the spec and the CPU layer.
+    pub fn gate_misfit(&self, h: usize, w: usize) -> Option<String> {
+        let k = 2 * self.radius + 1;
+        ((self.back || self.ei) && (k > h || k > w)).then(|| {
+            format!(
+                "r = {} gives a {k}×{k} gate kernel that does not fit the {h}×{w} map; use r ≤ {}",
+                self.radius,
+                (h.min(w).max(1) - 1) / 2
+            )
+        })
+    }
+}
+
 impl Default for FeedbackConfig {
     fn default() -> Self {
         FeedbackConfig { back: true, ei: true, radius: 1, delay: 1 }
@@ -302,16 +317,8 @@ impl NetworkSpec {
                 }
                 LayerSpec::Flatten => [c * h * w, 1, 1],
                 LayerSpec::BackEi => {
-                    let k = 2 * fb.radius + 1;
-                    if (fb.back || fb.ei) && (k > h || k > w) && !(h == 1 && w == 1 && fb.radius == 0) {
-                        return Err(config_err(
-                            at("radius"),
-                            format!(
-                                "r = {} gives a {k}×{k} gate kernel that does not fit the {h}×{w} map; use r ≤ {}",
-                                fb.radius,
-                                (h.min(w) - 1) / 2
-                            ),
-                        ));
+                    if let Some(problem) = fb.gate_misfit(h, w) {
+                        return Err(config_err(at("radius"), problem));
                     }
                     shape
                 }

@@ -137,9 +137,8 @@ impl<F: Real> BackEiLayer<F> {
         if fb.back && fb.delay == 0 {
             return Err(config_err("delay", "D = 0: the feedback delay must be at least 1 step"));
         }
-        let k = 2 * fb.radius + 1;
-        if (fb.back || fb.ei) && (k > h || k > w) {
-            return Err(config_err("radius", format!("r = {} gives a {k}×{k} gate kernel that does not fit the {h}×{w} map", fb.radius)));
+        if let Some(problem) = fb.gate_misfit(h, w) {
+            return Err(config_err("radius", problem));
         }
         if t_in != 1 && t_in != steps {
             return Err(shape_err("BackEI input current", format!("T_in = 1 or T = {steps}"), format!("T_in = {t_in}")));
@@ -148,15 +147,16 @@ impl<F: Real> BackEiLayer<F> {
         if input_len != t_in * batch * n {
             return Err(shape_err("BackEI input current", format!("{t_in}×{batch}×{n} values"), format!("{input_len}")));
         }
-        let wl = self.gate.weight_len();
-        for (name, on, got, want) in [
-            ("W_b", fb.back, p.w_b.len(), wl),
-            ("b_b", fb.back, p.b_b.len(), c),
-            ("W_e", fb.ei, p.w_e.len(), wl),
-            ("b_e", fb.ei, p.b_e.len(), c),
-        ] {
+        self.check_gate_lengths("parameter", [p.w_b.len(), p.b_b.len(), p.w_e.len(), p.b_e.len()])
+    }
+
+    /// The lengths of W_b, b_b, W_e, b_e (parameters or gradients) for the gates that are on.
+    fn check_gate_lengths(&self, what: &str, lens: [usize; 4]) -> Result<()> {
+        let (fb, c, wl) = (self.feedback, self.shape[0], self.gate.weight_len());
+        let want = [("W_b", fb.back, wl), ("b_b", fb.back, c), ("W_e", fb.ei, wl), ("b_e", fb.ei, c)];
+        for ((name, on, want), got) in want.into_iter().zip(lens) {
             if on && got != want {
-                return Err(shape_err(format!("BackEI parameter {name}"), format!("{want} values"), format!("{got}")));
+                return Err(shape_err(format!("BackEI {what} {name}"), format!("{want} values"), format!("{got}")));
             }
         }
         Ok(())
@@ -231,18 +231,7 @@ impl<F: Real> BackEiLayer<F> {
                 format!("{} and {}", grad_out.len(), grad_in.len()),
             ));
         }
-        let (c_, wl) = (self.shape[0], self.gate.weight_len());
-        let fb = self.feedback;
-        for (name, on, got, want) in [
-            ("W_b", fb.back, grads.w_b.len(), wl),
-            ("b_b", fb.back, grads.b_b.len(), c_),
-            ("W_e", fb.ei, grads.w_e.len(), wl),
-            ("b_e", fb.ei, grads.b_e.len(), c_),
-        ] {
-            if on && got != want {
-                return Err(shape_err(format!("BackEI gradient {name}"), format!("{want} values"), format!("{got}")));
-            }
-        }
+        self.check_gate_lengths("gradient", [grads.w_b.len(), grads.b_b.len(), grads.w_e.len(), grads.b_e.len()])?;
         let hw = self.shape[1] * self.shape[2];
         let c = self.shape[0];
         let (back, ei, d) = (self.feedback.back, self.feedback.ei, self.feedback.delay);

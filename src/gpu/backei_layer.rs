@@ -308,6 +308,72 @@ pub fn validate(shape: [usize; 3], fb: &FeedbackConfig, batch: usize, steps: usi
     Ok(())
 }
 
+/// Checks the slots against the layer's tensors and the buffer's length; W and b of a gate must
+/// not overlap (their gradients are written through two disjoint views).
+pub(crate) fn check_slots(shape: [usize; 3], fb: &FeedbackConfig, slots: &BackEiSlots, buffer_len: usize, what: &str) -> Result<()> {
+    let k = 2 * fb.radius + 1;
+    let (wl, c) = (shape[0] * shape[0] * k * k, shape[0]);
+    let want = [(fb.back, wl, "W_b"), (fb.back, c, "b_b"), (fb.ei, wl, "W_e"), (fb.ei, c, "b_e")];
+    for (slot, (on, len, name)) in slots.iter().zip(want) {
+        if on && slot.len() != len {
+            return Err(shape_err(
+                format!("BackEI layer {what} slot {name}"),
+                format!("{len} elements"),
+                format!("{slot:?} ({} elements)", slot.len()),
+            ));
+        }
+        if on && slot.end > buffer_len {
+            return Err(shape_err(
+                format!("BackEI layer {what} slot {name}"),
+                format!("a range inside the {buffer_len}-element buffer"),
+                format!("{slot:?}"),
+            ));
+        }
+    }
+    for (on, w, b, name) in [(fb.back, &slots[0], &slots[1], "W_b / b_b"), (fb.ei, &slots[2], &slots[3], "W_e / b_e")] {
+        if on && !(w.end <= b.start || b.end <= w.start) {
+            return Err(shape_err(format!("BackEI layer {what} slots {name}"), "two disjoint ranges", format!("{w:?} and {b:?}")));
+        }
+    }
+    Ok(())
+}
+/// The buffers of a backward: ∂L/∂s of T·B·N, ∂L/∂I and the input current of T_in·B·N, slots
+/// inside both flat buffers, and a gradient buffer as long as the parameters. Shared by the fused
+/// and the unfused layer.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn check_backward_args(
+    shape: [usize; 3],
+    fb: &FeedbackConfig,
+    slots: &BackEiSlots,
+    (batch, steps, t_in): (usize, usize, usize),
+    grad_out_len: usize,
+    grad_in_len: usize,
+    input_len: usize,
+    (params_len, grads_len): (usize, usize),
+) -> Result<()> {
+    let bn = batch * shape.iter().product::<usize>();
+    let all = steps * bn;
+    if grad_out_len != all {
+        return Err(shape_err("BackEI layer backward ∂L/∂s", format!("T·B·C·H·W = {all}"), grad_out_len.to_string()));
+    }
+    if grad_in_len != t_in * bn {
+        return Err(shape_err("BackEI layer backward ∂L/∂I", format!("T_in·B·C·H·W = {}", t_in * bn), grad_in_len.to_string()));
+    }
+    if input_len != t_in * bn {
+        return Err(shape_err("BackEI layer backward input", format!("T_in·B·C·H·W = {}", t_in * bn), input_len.to_string()));
+    }
+    check_slots(shape, fb, slots, params_len, "parameter")?;
+    check_slots(shape, fb, slots, grads_len, "gradient")?;
+    if grads_len != params_len {
+        return Err(shape_err(
+            "BackEI layer backward gradient buffer",
+            format!("{params_len} elements (as the parameters)"),
+            grads_len.to_string(),
+        ));
+    }
+    Ok(())
+}
+
 /// The input current of a forward: T_in = 1 (direct encoding) or T, and T_in·B·C·H·W values.
 /// Shared by the fused and the unfused layer.
 pub(crate) fn check_forward_input(t_in: usize, batch: usize, steps: usize, n: usize, len: usize) -> Result<()> {
@@ -774,30 +840,6 @@ impl GpuBackEiLayer {
         })
     }
 
-    /// Checks the slots against the layer's tensors and the buffer's length.
-    fn check_slots(&self, slots: &BackEiSlots, buffer_len: usize, what: &str) -> Result<()> {
-        let (wl, c) = (self.gate_weight_len(), self.shape[0]);
-        let want =
-            [(self.feedback.back, wl, "W_b"), (self.feedback.back, c, "b_b"), (self.feedback.ei, wl, "W_e"), (self.feedback.ei, c, "b_e")];
-        for (slot, (on, len, name)) in slots.iter().zip(want) {
-            if on && slot.len() != len {
-                return Err(shape_err(
-                    format!("BackEI layer {what} slot {name}"),
-                    format!("{len} elements"),
-                    format!("{slot:?} ({} elements)", slot.len()),
-                ));
-            }
-            if on && slot.end > buffer_len {
-                return Err(shape_err(
-                    format!("BackEI layer {what} slot {name}"),
-                    format!("a range inside the {buffer_len}-element buffer"),
-                    format!("{slot:?}"),
-                ));
-            }
-        }
-        Ok(())
-    }
-
     fn function(&self, l: &KernelLaunch) -> Result<CudaFunction> {
         let f = self.dev.kernels.function(l.module, l.kernel)?;
         if l.smem_bytes > SMEM_DEFAULT_LIMIT {
@@ -838,7 +880,7 @@ impl GpuBackEiLayer {
         let n = self.neurons();
         check_forward_input(t_in, batch, steps, n, input.len())?;
         let plan = self.prepare(batch, steps)?.clone();
-        self.check_slots(slots, params.len(), "parameter")?;
+        check_slots(self.shape, &self.feedback, slots, params.len(), "parameter")?;
         self.t_in = t_in;
         let np = NeuronParams::from_config(&self.neuron);
         let l = plan.forward;
@@ -915,29 +957,16 @@ impl GpuBackEiLayer {
         if t_in != self.t_in {
             return Err(config_err("T_in", format!("backward got T_in = {t_in}, the last forward had T_in = {}", self.t_in)));
         }
-        let all = steps * batch * n;
-        if grad_out.len() != all {
-            return Err(shape_err("BackEI layer backward ∂L/∂s", format!("T·B·C·H·W = {all}"), grad_out.len().to_string()));
-        }
-        if grad_in.len() != t_in * batch * n {
-            return Err(shape_err(
-                "BackEI layer backward ∂L/∂I",
-                format!("T_in·B·C·H·W = {}", t_in * batch * n),
-                grad_in.len().to_string(),
-            ));
-        }
-        if input.len() != t_in * batch * n {
-            return Err(shape_err("BackEI layer backward input", format!("T_in·B·C·H·W = {}", t_in * batch * n), input.len().to_string()));
-        }
-        self.check_slots(slots, params.len(), "parameter")?;
-        self.check_slots(slots, grads.len(), "gradient")?;
-        if grads.len() != params.len() {
-            return Err(shape_err(
-                "BackEI layer backward gradient buffer",
-                format!("{} elements (as the parameters)", params.len()),
-                grads.len().to_string(),
-            ));
-        }
+        check_backward_args(
+            self.shape,
+            &self.feedback,
+            slots,
+            (batch, steps, t_in),
+            grad_out.len(),
+            grad_in.len(),
+            input.len(),
+            (params.len(), grads.len()),
+        )?;
         let np = NeuronParams::from_config(&self.neuron);
         let stream = self.dev.stream.clone();
         let l = plan.backward;

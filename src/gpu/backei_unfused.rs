@@ -19,7 +19,7 @@
 //! (t < D: db_b only). The feedback of step t − D is kept in ring slot (t − D) mod D = t mod D:
 //! written at step t, read by step t − D's `BwdPoint`, and no step in between uses that slot.
 
-use super::backei_layer::{check_forward_input, validate, BackEiSlots, NeuronParams};
+use super::backei_layer::{check_backward_args, check_forward_input, check_slots, validate, BackEiSlots, NeuronParams};
 use super::conv::{self, ConvPlan, ConvWorkspace, DEFAULT_WORKSPACE_BYTES};
 use super::device::GpuDevice;
 use super::util::{cuda_err, grid};
@@ -176,36 +176,6 @@ impl UnfusedPlan {
         };
         (count(&self.forward), count(&self.backward))
     }
-}
-
-/// Checks the slots against the layer's tensors and the buffer's length; W and b of a gate must
-/// not overlap (their gradients are written through two disjoint views).
-fn check_slots(shape: [usize; 3], fb: &FeedbackConfig, slots: &BackEiSlots, buffer_len: usize, what: &str) -> Result<()> {
-    let k = 2 * fb.radius + 1;
-    let (wl, c) = (shape[0] * shape[0] * k * k, shape[0]);
-    let want = [(fb.back, wl, "W_b"), (fb.back, c, "b_b"), (fb.ei, wl, "W_e"), (fb.ei, c, "b_e")];
-    for (slot, (on, len, name)) in slots.iter().zip(want) {
-        if on && slot.len() != len {
-            return Err(shape_err(
-                format!("BackEI layer {what} slot {name}"),
-                format!("{len} elements"),
-                format!("{slot:?} ({} elements)", slot.len()),
-            ));
-        }
-        if on && slot.end > buffer_len {
-            return Err(shape_err(
-                format!("BackEI layer {what} slot {name}"),
-                format!("a range inside the {buffer_len}-element buffer"),
-                format!("{slot:?}"),
-            ));
-        }
-    }
-    for (on, w, b, name) in [(fb.back, &slots[0], &slots[1], "W_b / b_b"), (fb.ei, &slots[2], &slots[3], "W_e / b_e")] {
-        if on && !(w.end <= b.start || b.end <= w.start) {
-            return Err(shape_err(format!("BackEI layer {what} slots {name}"), "two disjoint ranges", format!("{w:?} and {b:?}")));
-        }
-    }
-    Ok(())
 }
 
 /// Calls `f` with two disjoint mutable views of `buf` (the ranges must not overlap; checked).
@@ -465,26 +435,17 @@ impl UnfusedBackEiLayer {
         if t_in != self.t_in {
             return Err(config_err("T_in", format!("backward got T_in = {t_in}, the last forward had T_in = {}", self.t_in)));
         }
+        check_backward_args(
+            self.shape,
+            &self.feedback,
+            slots,
+            (batch, steps, t_in),
+            grad_out.len(),
+            grad_in.len(),
+            input.len(),
+            (params.len(), grads.len()),
+        )?;
         let bn = batch * n;
-        let all = steps * bn;
-        if grad_out.len() != all {
-            return Err(shape_err("BackEI layer backward ∂L/∂s", format!("T·B·C·H·W = {all}"), grad_out.len().to_string()));
-        }
-        if grad_in.len() != t_in * bn {
-            return Err(shape_err("BackEI layer backward ∂L/∂I", format!("T_in·B·C·H·W = {}", t_in * bn), grad_in.len().to_string()));
-        }
-        if input.len() != t_in * bn {
-            return Err(shape_err("BackEI layer backward input", format!("T_in·B·C·H·W = {}", t_in * bn), input.len().to_string()));
-        }
-        check_slots(self.shape, &self.feedback, slots, params.len(), "parameter")?;
-        check_slots(self.shape, &self.feedback, slots, grads.len(), "gradient")?;
-        if grads.len() != params.len() {
-            return Err(shape_err(
-                "BackEI layer backward gradient buffer",
-                format!("{} elements (as the parameters)", params.len()),
-                grads.len().to_string(),
-            ));
-        }
         let np = NeuronParams::from_config(&self.neuron);
         let (back, ei) = (self.feedback.back, self.feedback.ei);
         let (c, hw) = (self.shape[0], self.shape[1] * self.shape[2]);
