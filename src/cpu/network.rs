@@ -111,7 +111,6 @@ impl<F: Real> Network<F> {
             range
         };
         let mut layers = Vec::with_capacity(plan.len());
-        let mut dropouts = 0u32;
         for (i, lp) in plan.iter().enumerate() {
             let [c, h, w] = lp.input;
             let op = match lp.spec {
@@ -128,10 +127,7 @@ impl<F: Real> Network<F> {
                     Op::Linear { n_in: c, n_out: out_features, w: wr, b: br }
                 }
                 LayerSpec::AvgPool => Op::Pool { c, h, w },
-                LayerSpec::Dropout { p } => {
-                    dropouts += 1;
-                    Op::Dropout { p: p as f32, index: i as u32, mask: Vec::new() }
-                }
+                LayerSpec::Dropout { p } => Op::Dropout { p: p as f32, index: i as u32, mask: Vec::new() },
                 LayerSpec::Flatten => Op::Flatten,
                 LayerSpec::BackEi | LayerSpec::Spiking => {
                     let fb = if lp.spec == LayerSpec::BackEi {
@@ -165,7 +161,6 @@ impl<F: Real> Network<F> {
                 t_out: 0,
             });
         }
-        let _ = dropouts;
         let mut params = vec![F::ZERO; total];
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
         for s in &slots {
@@ -319,7 +314,7 @@ impl<F: Real> Network<F> {
             let (before, rest) = self.layers.split_at_mut(i);
             let (layer, after) = rest.split_first_mut().unwrap();
             let src: &[F] = source(before, &self.input);
-            let dy: &[F] = if i + 1 == n { &upstream } else { grad_of_output(after) };
+            let dy: &[F] = if i + 1 == n { &upstream } else { &after[0].grad_in };
             let in_total = layer.t_in * batch * layer.in_len;
             if layer.grad_in.len() != in_total && !matches!(layer.op, Op::Flatten) {
                 layer.grad_in = vec![F::ZERO; in_total];
@@ -524,11 +519,6 @@ fn source<'a, F: Real>(before: &'a [Layer<F>], input: &'a [F]) -> &'a [F] {
         }
     }
     input
-}
-
-/// ∂L/∂(output of the layer before `after`): the grad_in of the next layer.
-fn grad_of_output<F: Real>(after: &[Layer<F>]) -> &[F] {
-    &after[0].grad_in
 }
 
 fn sum_steps<F: Real>(full: &[F], out: &mut [F]) {
