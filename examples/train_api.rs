@@ -16,7 +16,9 @@ fn main() -> anyhow::Result<()> {
     println!("{line}");
 
     let train = Arc::new(Dataset::load(DatasetKind::MnistSample, Split::Train, &LoadOptions::default())?);
-    let loader = Loader::new(train, LoaderOptions { batch_size: 16, steps: spec.steps, ..Default::default() });
+    // batches in buffers the engine asks for (page-locked on the GPU: direct uploads)
+    let opts = LoaderOptions { batch_size: 16, steps: spec.steps, ..Default::default() };
+    let loader = Loader::with_allocator(train, opts, engine.buffer_allocator());
     // 80 steps: the freshly initialised network is nearly silent at first, then learns
     for (i, batch) in loader.epoch(0).take(80).enumerate() {
         let stats = engine.train_step(&batch.x, batch.t_in, &batch.labels, Loss::Mse)?;

@@ -5,10 +5,12 @@
 
 use crate::cpu::loss::Loss;
 use crate::cpu::network::{Network, ParamSlot, StepStats};
+use crate::data::{BufferAllocator, VecAllocator};
 use crate::error::{shape_err, Result};
-use crate::gpu::{choose, DeviceChoice, GpuNetwork, GpuOptimizer};
+use crate::gpu::{choose, DeviceChoice, GpuNetwork, GpuOptimizer, PinnedAllocator};
 use crate::optim::{Optimizer, OptimizerConfig};
 use crate::spec::NetworkSpec;
+use std::sync::Arc;
 
 pub enum Engine {
     Cpu { net: Box<Network<f32>>, opt: Optimizer },
@@ -39,6 +41,16 @@ impl Engine {
 
     pub fn is_gpu(&self) -> bool {
         matches!(self, Engine::Gpu { .. })
+    }
+
+    /// The allocator for this engine's loader buffers: page-locked host memory on the GPU
+    /// engine (a direct DMA per upload; falls back to pageable memory with one warning when it
+    /// cannot pin), plain `Vec`s on the CPU engine. Give it to `Loader::with_allocator`.
+    pub fn buffer_allocator(&self) -> Arc<dyn BufferAllocator> {
+        match self {
+            Engine::Cpu { .. } => Arc::new(VecAllocator),
+            Engine::Gpu { net, .. } => Arc::new(PinnedAllocator::new(net.dev.ctx.clone())),
+        }
     }
 
     /// "cpu" or "cuda:N <name>".

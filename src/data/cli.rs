@@ -7,8 +7,9 @@ use std::path::PathBuf;
 #[derive(clap::Subcommand, Debug, Clone)]
 #[command(after_help = EMBEDDED_SAMPLE_NOTICE)]
 pub enum DataCommand {
-    /// Download a dataset's standard files (SHA-256 verified, resumable). N-MNIST: unpacks
-    /// Train.zip/Test.zip that you downloaded into DIR.
+    /// Download a dataset's standard files (checksum verified, resumable) and unpack the
+    /// archives. Files already in DIR (e.g. N-MNIST's Train.zip/Test.zip downloaded by hand) are
+    /// verified and unpacked, not downloaded again.
     #[command(after_help = EMBEDDED_SAMPLE_NOTICE)]
     Fetch {
         /// mnist, fashion-mnist, cifar10 or nmnist.
@@ -16,6 +17,10 @@ pub enum DataCommand {
         /// Destination folder [default: $BACKEI_DATA/<dataset>, else ./data/<dataset>].
         #[arg(long)]
         dir: Option<PathBuf>,
+        /// Download URL/<file name> instead of the usual locations (same checksums), e.g. your
+        /// institution's copy [default: $BACKEI_MIRROR].
+        #[arg(long, value_name = "URL")]
+        mirror: Option<String>,
         /// Do not draw progress bars.
         #[arg(long)]
         no_progress: bool,
@@ -48,13 +53,22 @@ pub fn default_fetch_dir(kind: DatasetKind) -> PathBuf {
     }
 }
 
+/// Default of `fetch --mirror`: `$BACKEI_MIRROR` when set and not empty.
+pub fn default_mirror() -> Option<String> {
+    std::env::var("BACKEI_MIRROR").ok().filter(|s| !s.is_empty())
+}
+
 /// Runs a `data` subcommand.
 pub fn run(cmd: DataCommand) -> anyhow::Result<()> {
     match cmd {
-        DataCommand::Fetch { dataset, dir, no_progress } => {
+        DataCommand::Fetch { dataset, dir, mirror, no_progress } => {
             let dir = dir.unwrap_or_else(|| default_fetch_dir(dataset));
-            let progress = !no_progress;
-            fetch::fetch(dataset, &dir, progress, &mut |line| println!("{line}"))?;
+            let mirror = mirror.or_else(default_mirror).filter(|m| !m.is_empty());
+            if let Some(m) = &mirror {
+                println!("fetching from the mirror {m} (not the usual locations)");
+            }
+            let opts = fetch::FetchOptions { progress: !no_progress, mirror };
+            fetch::fetch(dataset, &dir, &opts, &mut |line| println!("{line}"))?;
             if dataset != DatasetKind::MnistSample {
                 println!(
                     "{dataset} is in {}; found by `--data-dir {}`{}",

@@ -31,9 +31,10 @@ pub enum DataError {
     #[error("dataset `{dataset}` not found; looked in:\n{}\nexpected {expected}.\nTo get it: {how}",
         looked.iter().map(|p| format!("  - {}", p.display())).collect::<Vec<_>>().join("\n"))]
     NotFound { dataset: String, looked: Vec<PathBuf>, expected: String, how: String },
-    /// A downloaded file whose checksum does not match the one in the code.
-    #[error("{}: SHA-256 mismatch: expected {expected}, found {found}; the partial file was deleted, run the fetch again", path.display())]
-    Checksum { path: PathBuf, expected: String, found: String },
+    /// A downloaded file whose checksum does not match the one in the code. `algorithm` is
+    /// "SHA-256" or "MD5".
+    #[error("{}: {algorithm} mismatch: expected {expected}, found {found}; the downloaded file was deleted, run the fetch again (with --mirror: check the mirror's copy)", path.display())]
+    Checksum { path: PathBuf, algorithm: String, expected: String, found: String },
     /// A download failed (HTTP error status, connection error, or an interrupted transfer).
     #[error("{url} -> {}: download failed: {detail}", path.display())]
     Download { url: String, path: PathBuf, detail: String },

@@ -1,15 +1,28 @@
 //! `backei data fetch`: downloads the standard files from their usual public locations
-//! (trying mirrors in order), with a progress bar; verifies SHA-256 against the checksums
-//! below; resumes a partial download (`<name>.part`, HTTP `Range`); never leaves a half file
-//! under the final name (the `.part` file is renamed only after verification).
+//! (trying them in order) with a progress bar; verifies each against the checksum in the code;
+//! resumes a partial download (`<name>.part`, HTTP `Range`); never leaves a half file under the
+//! final name (the `.part` file is renamed only after verification). A mirror (`--mirror URL`,
+//! `$BACKEI_MIRROR`) replaces the usual locations of every file by `<URL>/<file name>`, checked
+//! against the same checksums: for institutions with their own copy, and for the tests, which
+//! never reach outside hosts.
 //!
-//! Checksums: Fashion-MNIST's are the SHA-256 of the *decompressed* IDX content, computed
-//! from the Debian package `dataset-fashion-mnist` (its `.gz` files are recompressed, so the
-//! compressed bytes differ from upstream while the content is the same). For MNIST, CIFAR-10
-//! and N-MNIST no SHA-256 could be verified when this was written: fetch prints the computed
-//! SHA-256 and says it was not verified.
+//! A checksum is a SHA-256 or, where the publisher gives nothing else, an MD5; the SHA-256 of
+//! every file is computed and printed whichever algorithm verified it. Files already in the
+//! folder (a previous fetch, or downloaded by hand) are verified the same way and not fetched
+//! again; a copy that does not verify is downloaded anew and replaced only once the new one
+//! verifies.
+//!
+//! Checksums in the code:
+//! * MNIST: the published SHA-256 of each `.gz` file (the values torchvision uses).
+//! * Fashion-MNIST: the SHA-256 of the *decompressed* IDX content, computed from the Debian
+//!   package `dataset-fashion-mnist` (its `.gz` files are recompressed, so the compressed bytes
+//!   differ from upstream while the content is the same).
+//! * CIFAR-10: the SHA-256 of `cifar-10-binary.tar.gz`, recorded next to the publisher's MD5.
+//! * N-MNIST: its publisher distributes `Train.zip` and `Test.zip` through Mendeley Data
+//!   (dataset 468j46mzdv) with MD5 checksums only; the code has those MD5s.
 
 use super::{DataError, DatasetKind};
+use md5::Md5;
 use sha2::{Digest, Sha256};
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
@@ -25,11 +38,67 @@ pub enum ChecksumOf {
     Gunzipped,
 }
 
+/// A checksum's hash function.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Algorithm {
+    Sha256,
+    /// Only where the publisher gives nothing stronger (N-MNIST).
+    Md5,
+}
+
+impl Algorithm {
+    /// "SHA-256" or "MD5", as messages print it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Algorithm::Sha256 => "SHA-256",
+            Algorithm::Md5 => "MD5",
+        }
+    }
+
+    /// Hex digits of a digest.
+    pub fn hex_len(self) -> usize {
+        match self {
+            Algorithm::Sha256 => 64,
+            Algorithm::Md5 => 32,
+        }
+    }
+}
+
+impl std::fmt::Display for Algorithm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// The checksum a file must have.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Checksum {
     pub of: ChecksumOf,
-    /// Lowercase hex SHA-256.
-    pub sha256: String,
+    pub algorithm: Algorithm,
+    /// Hex digest (compared case-insensitively).
+    pub hex: String,
+}
+
+impl Checksum {
+    pub fn sha256(of: ChecksumOf, hex: impl Into<String>) -> Checksum {
+        Checksum { of, algorithm: Algorithm::Sha256, hex: hex.into().to_ascii_lowercase() }
+    }
+
+    pub fn md5(of: ChecksumOf, hex: impl Into<String>) -> Checksum {
+        Checksum { of, algorithm: Algorithm::Md5, hex: hex.into().to_ascii_lowercase() }
+    }
+
+    /// The digest of this checksum's algorithm among `d`.
+    fn found(&self, d: &Digests) -> String {
+        match self.algorithm {
+            Algorithm::Sha256 => d.sha256.clone(),
+            Algorithm::Md5 => d.md5.clone().unwrap_or_default(),
+        }
+    }
+
+    fn matches(&self, d: &Digests) -> bool {
+        self.found(d).eq_ignore_ascii_case(&self.hex)
+    }
 }
 
 /// What to do with a file after download.
@@ -59,8 +128,19 @@ const MNIST_URLS: [&str; 2] = [
 ];
 const FASHION_URL: &str = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/";
 const CIFAR_URL: &str = "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz";
-/// Where N-MNIST is published (Train.zip and Test.zip must be downloaded by hand).
+/// Where N-MNIST is described and linked from: the manual route (put `Train.zip` and `Test.zip`
+/// from there into the folder; `fetch` verifies and unpacks them without downloading).
 pub const NMNIST_PAGE: &str = "https://www.garrickorchard.com/datasets/n-mnist";
+/// Where N-MNIST's files are distributed (Mendeley Data, dataset 468j46mzdv).
+const NMNIST_URL: &str = "https://data.mendeley.com/public-files/datasets/468j46mzdv/files/";
+/// (file name, file id on Mendeley Data, MD5) of N-MNIST's two archives. The publisher gives
+/// MD5s only; these URLs and MD5s are the values the `tonic` library uses for N-MNIST. Each zip
+/// holds one top-level folder (`Train/`, `Test/`) of `<digit>/*.bin`, the layout
+/// `nmnist::load_dir` reads once it is unpacked into the dataset folder.
+const NMNIST_MD5: [(&str, &str, &str); 2] = [
+    ("Train.zip", "39c25547-014b-4137-a934-9d29fa53c7a0", "20959b8e626244a1b502305a9e6e2031"),
+    ("Test.zip", "05a4d654-7e03-4c15-bdfa-9bb2bcbea494", "69ca8762b2fe404d9b9bad1103e97832"),
+];
 
 /// SHA-256 of the decompressed Fashion-MNIST files (from Debian's `dataset-fashion-mnist`).
 const FASHION_SHA256: [(&str, &str); 4] = [
@@ -84,16 +164,16 @@ const MNIST_SHA256: [(&str, &str); 4] = [
     ("t10k-labels-idx1-ubyte.gz", "f7ae60f92e00ec6debd23a6088c31dbd2371eca3ffa0defaefb259924204aec6"),
 ];
 
-/// The files `fetch` downloads for a dataset (empty for the embedded sample and N-MNIST).
+/// The files `fetch` downloads for a dataset (none for the embedded sample).
 pub fn remote_files(kind: DatasetKind) -> Vec<RemoteFile> {
     match kind {
-        DatasetKind::MnistSample | DatasetKind::Nmnist => vec![],
+        DatasetKind::MnistSample => vec![],
         DatasetKind::Mnist => MNIST_SHA256
             .iter()
             .map(|(n, h)| RemoteFile {
                 name: n.to_string(),
                 urls: MNIST_URLS.iter().map(|u| format!("{u}{n}")).collect(),
-                checksum: Some(Checksum { of: ChecksumOf::File, sha256: h.to_string() }),
+                checksum: Some(Checksum::sha256(ChecksumOf::File, *h)),
                 unpack: Unpack::None,
             })
             .collect(),
@@ -102,7 +182,7 @@ pub fn remote_files(kind: DatasetKind) -> Vec<RemoteFile> {
             .map(|(n, h)| RemoteFile {
                 name: n.to_string(),
                 urls: vec![format!("{FASHION_URL}{n}")],
-                checksum: Some(Checksum { of: ChecksumOf::Gunzipped, sha256: h.to_string() }),
+                checksum: Some(Checksum::sha256(ChecksumOf::Gunzipped, *h)),
                 unpack: Unpack::None,
             })
             .collect(),
@@ -110,21 +190,38 @@ pub fn remote_files(kind: DatasetKind) -> Vec<RemoteFile> {
             vec![RemoteFile {
                 name: "cifar-10-binary.tar.gz".into(),
                 urls: vec![CIFAR_URL.into()],
-                checksum: Some(Checksum { of: ChecksumOf::File, sha256: CIFAR_SHA256.into() }),
+                checksum: Some(Checksum::sha256(ChecksumOf::File, CIFAR_SHA256)),
                 unpack: Unpack::TarGz,
             }]
         }
+        DatasetKind::Nmnist => NMNIST_MD5
+            .iter()
+            .map(|(n, id, h)| RemoteFile {
+                name: n.to_string(),
+                urls: vec![format!("{NMNIST_URL}{id}/file_downloaded")],
+                checksum: Some(Checksum::md5(ChecksumOf::File, *h)),
+                unpack: Unpack::Zip,
+            })
+            .collect(),
     }
+}
+
+/// `file` fetched from `mirror` instead of its usual locations: `<mirror>/<file name>`, with
+/// the same checksum.
+pub fn mirrored(file: &RemoteFile, mirror: &str) -> RemoteFile {
+    RemoteFile { urls: vec![format!("{}/{}", mirror.trim_end_matches('/'), file.name)], ..file.clone() }
 }
 
 /// Result of fetching one file.
 #[derive(Clone, Debug)]
 pub struct Fetched {
     pub path: PathBuf,
-    /// SHA-256 of what was checked (see [`ChecksumOf`]).
+    /// SHA-256 of what was checked (see [`ChecksumOf`]), whichever algorithm verified it.
     pub sha256: String,
     /// True if it matched a checksum in the code; false if there was none to check.
     pub verified: bool,
+    /// The algorithm that verified it (None when not verified).
+    pub algorithm: Option<Algorithm>,
     /// True if the file was already there (and verified, when possible).
     pub already_present: bool,
 }
@@ -133,19 +230,37 @@ fn hex(d: &[u8]) -> String {
     d.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// SHA-256 of a file's bytes.
-pub fn sha256_file(path: &Path) -> Result<String, DataError> {
-    let mut f = File::open(path).map_err(|e| DataError::io(path, "a readable file", e))?;
-    let mut h = Sha256::new();
+/// The digests of one pass over some bytes: SHA-256 always, MD5 when asked for.
+struct Digests {
+    sha256: String,
+    md5: Option<String>,
+}
+
+fn digest_reader(r: &mut dyn Read, md5: bool, err: &dyn Fn(std::io::Error) -> DataError) -> Result<Digests, DataError> {
+    let mut sha = Sha256::new();
+    let mut m = md5.then(Md5::new);
     let mut buf = vec![0u8; 1 << 16];
     loop {
-        let n = f.read(&mut buf).map_err(|e| DataError::io(path, "a readable file", e))?;
+        let n = r.read(&mut buf).map_err(err)?;
         if n == 0 {
             break;
         }
-        h.update(&buf[..n]);
+        sha.update(&buf[..n]);
+        if let Some(m) = m.as_mut() {
+            m.update(&buf[..n]);
+        }
     }
-    Ok(hex(&h.finalize()))
+    Ok(Digests { sha256: hex(&sha.finalize()), md5: m.map(|m| hex(&m.finalize())) })
+}
+
+/// SHA-256 of a file's bytes.
+pub fn sha256_file(path: &Path) -> Result<String, DataError> {
+    digests_of(path, ChecksumOf::File, false).map(|d| d.sha256)
+}
+
+/// MD5 of a file's bytes.
+pub fn md5_file(path: &Path) -> Result<String, DataError> {
+    digests_of(path, ChecksumOf::File, true).map(|d| d.md5.unwrap_or_default())
 }
 
 /// SHA-256 of bytes.
@@ -153,22 +268,21 @@ pub fn sha256_bytes(b: &[u8]) -> String {
     hex(&Sha256::digest(b))
 }
 
-fn sha256_of(path: &Path, of: ChecksumOf) -> Result<String, DataError> {
+/// MD5 of bytes.
+pub fn md5_bytes(b: &[u8]) -> String {
+    hex(&Md5::digest(b))
+}
+
+fn digests_of(path: &Path, of: ChecksumOf, md5: bool) -> Result<Digests, DataError> {
     match of {
-        ChecksumOf::File => sha256_file(path),
+        ChecksumOf::File => {
+            let mut f = File::open(path).map_err(|e| DataError::io(path, "a readable file", e))?;
+            digest_reader(&mut f, md5, &|e| DataError::io(path, "a readable file", e))
+        }
         ChecksumOf::Gunzipped => {
             let f = File::open(path).map_err(|e| DataError::io(path, "a gzip file", e))?;
             let mut d = flate2::read::MultiGzDecoder::new(std::io::BufReader::new(f));
-            let mut h = Sha256::new();
-            let mut buf = vec![0u8; 1 << 16];
-            loop {
-                let n = d.read(&mut buf).map_err(|e| DataError::Gzip { path: path.to_path_buf(), detail: e.to_string() })?;
-                if n == 0 {
-                    break;
-                }
-                h.update(&buf[..n]);
-            }
-            Ok(hex(&h.finalize()))
+            digest_reader(&mut d, md5, &|e| DataError::Gzip { path: path.to_path_buf(), detail: e.to_string() })
         }
     }
 }
@@ -271,14 +385,29 @@ pub fn fetch_file(file: &RemoteFile, dir: &Path, progress: bool) -> Result<Fetch
     std::fs::create_dir_all(dir).map_err(|e| DataError::io(dir, "a folder we can create", e))?;
     let final_path = dir.join(&file.name);
     let of = file.checksum.as_ref().map(|c| c.of).unwrap_or(ChecksumOf::File);
+    let want_md5 = file.checksum.as_ref().is_some_and(|c| c.algorithm == Algorithm::Md5);
+    let algorithm = file.checksum.as_ref().map(|c| c.algorithm);
+    // Why a copy already there is not used, for the error if the download fails too.
+    let mut present_problem = None;
     if final_path.is_file() {
-        let got = sha256_of(&final_path, of);
-        match (&file.checksum, got) {
-            (Some(c), Ok(h)) if h == c.sha256 => return Ok(Fetched { path: final_path, sha256: h, verified: true, already_present: true }),
-            (None, Ok(h)) => return Ok(Fetched { path: final_path, sha256: h, verified: false, already_present: true }),
-            _ => {} // bad copy: download again; it is replaced only once the new one verifies
+        match (&file.checksum, digests_of(&final_path, of, want_md5)) {
+            (Some(c), Ok(d)) if c.matches(&d) => {
+                return Ok(Fetched { path: final_path, sha256: d.sha256, verified: true, algorithm, already_present: true })
+            }
+            (None, Ok(d)) => {
+                return Ok(Fetched { path: final_path, sha256: d.sha256, verified: false, algorithm: None, already_present: true })
+            }
+            // A bad copy: download again; it is replaced only once the new one verifies.
+            (Some(c), Ok(d)) => {
+                present_problem = Some(format!("the {} already there has {} {}, expected {}", file.name, c.algorithm, c.found(&d), c.hex))
+            }
+            (_, Err(e)) => present_problem = Some(format!("the {} already there is unreadable ({e})", file.name)),
         }
     }
+    let with_present = |e: DataError| match (e, &present_problem) {
+        (DataError::Download { url, path, detail }, Some(p)) => DataError::Download { url, path, detail: format!("{detail}; {p}") },
+        (e, _) => e,
+    };
     let part = part_path(&final_path);
     let mut last_err = None;
     let mut ok = false;
@@ -300,29 +429,34 @@ pub fn fetch_file(file: &RemoteFile, dir: &Path, progress: bool) -> Result<Fetch
         }
     }
     if !ok {
-        return Err(last_err.unwrap_or_else(|| DataError::Download {
+        return Err(with_present(last_err.unwrap_or_else(|| DataError::Download {
             url: String::new(),
             path: final_path.clone(),
             detail: "no download location known".into(),
-        }));
+        })));
     }
-    let h = match sha256_of(&part, of) {
-        Ok(h) => h,
+    let d = match digests_of(&part, of, want_md5) {
+        Ok(d) => d,
         Err(e) => {
             let _ = std::fs::remove_file(&part);
             return Err(e);
         }
     };
     let verified = match &file.checksum {
-        Some(c) if c.sha256 != h => {
+        Some(c) if !c.matches(&d) => {
             let _ = std::fs::remove_file(&part);
-            return Err(DataError::Checksum { path: final_path, expected: c.sha256.clone(), found: h });
+            return Err(DataError::Checksum {
+                path: final_path,
+                algorithm: c.algorithm.name().into(),
+                expected: c.hex.clone(),
+                found: c.found(&d),
+            });
         }
         Some(_) => true,
         None => false,
     };
     std::fs::rename(&part, &final_path).map_err(|e| DataError::io(&final_path, "a writable destination", e))?;
-    Ok(Fetched { path: final_path, sha256: h, verified, already_present: false })
+    Ok(Fetched { path: final_path, sha256: d.sha256, verified, algorithm: algorithm.filter(|_| verified), already_present: false })
 }
 
 /// Extracts the regular files of a `.tar.gz` into `dir` (relative paths only; each file is
@@ -384,62 +518,80 @@ pub fn extract_tar_gz(archive: &Path, dir: &Path) -> Result<Vec<PathBuf>, DataEr
     Ok(out)
 }
 
-/// Extracts a `.zip` into `dir` (paths outside `dir` are refused by the `zip` crate).
-pub fn extract_zip(archive: &Path, dir: &Path) -> Result<(), DataError> {
+/// Extracts a `.zip` into `dir` (paths outside `dir` are refused by the `zip` crate). Returns
+/// the number of entries (files and folders).
+pub fn extract_zip(archive: &Path, dir: &Path) -> Result<usize, DataError> {
     let f = File::open(archive).map_err(|e| DataError::io(archive, "a .zip archive", e))?;
     let mut z = zip::ZipArchive::new(std::io::BufReader::new(f))
         .map_err(|e| DataError::format(archive, 0, "zip directory", "a valid .zip archive", e.to_string()))?;
-    z.extract(dir).map_err(|e| DataError::format(archive, 0, "zip member", "a valid .zip archive", e.to_string()))
+    let n = z.len();
+    z.extract(dir).map_err(|e| DataError::format(archive, 0, "zip member", "a valid .zip archive", e.to_string()))?;
+    Ok(n)
 }
 
-/// Fetches a dataset into `dir`: downloads, verifies, unpacks. N-MNIST cannot be
-/// downloaded automatically: put `Train.zip` and `Test.zip` into `dir` and this unpacks them.
-/// `log` receives one line per file.
-pub fn fetch(kind: DatasetKind, dir: &Path, progress: bool, log: &mut dyn FnMut(String)) -> Result<Vec<Fetched>, DataError> {
-    match kind {
-        DatasetKind::MnistSample => {
-            log("mnist-sample is embedded in the binary; nothing to fetch".into());
-            return Ok(vec![]);
-        }
-        DatasetKind::Nmnist => {
-            let mut done = Vec::new();
-            let mut missing = Vec::new();
-            for z in ["Train.zip", "Test.zip"] {
-                let p = dir.join(z);
-                if p.is_file() {
-                    let sha = sha256_file(&p)?;
-                    extract_zip(&p, dir)?;
-                    log(format!("{}: unpacked into {}; SHA-256 {sha} (not verified: no checksum in the code)", p.display(), dir.display()));
-                    done.push(Fetched { path: p, sha256: sha, verified: false, already_present: true });
-                } else {
-                    missing.push(p);
-                }
-            }
-            if !missing.is_empty() {
-                return Err(DataError::NotFound {
-                    dataset: kind.name().into(),
-                    looked: missing,
-                    expected: "Train.zip and Test.zip of N-MNIST".into(),
-                    how: format!("N-MNIST cannot be fetched automatically; download Train.zip and Test.zip from {NMNIST_PAGE} into {} and run this command again to unpack them", dir.display()),
-                });
-            }
-            return Ok(done);
-        }
-        _ => {}
+/// Options of [`fetch`] and [`fetch_files`].
+#[derive(Clone, Debug, Default)]
+pub struct FetchOptions {
+    /// Draw progress bars.
+    pub progress: bool,
+    /// Download `<mirror>/<file name>` instead of the usual locations (same checksums).
+    pub mirror: Option<String>,
+}
+
+/// Fetches a dataset into `dir`: downloads (or finds already there), verifies, unpacks.
+/// `log` receives one line per file and per unpacked archive.
+pub fn fetch(kind: DatasetKind, dir: &Path, opts: &FetchOptions, log: &mut dyn FnMut(String)) -> Result<Vec<Fetched>, DataError> {
+    if kind == DatasetKind::MnistSample {
+        log("mnist-sample is embedded in the binary; nothing to fetch".into());
+        return Ok(vec![]);
     }
+    let r = fetch_files(&remote_files(kind), dir, opts, log);
+    if kind != DatasetKind::Nmnist {
+        return r;
+    }
+    // N-MNIST's host may refuse automated downloads: say how to get it by hand.
+    r.map_err(|e| match e {
+        DataError::Download { url, path, detail } => DataError::Download {
+            url,
+            path,
+            detail: format!(
+                "{detail}. To fetch N-MNIST by hand: download Train.zip and Test.zip (linked from {NMNIST_PAGE}) into {} and run this command again; it verifies and unpacks them",
+                dir.display()
+            ),
+        },
+        e => e,
+    })
+}
+
+/// Fetches `files` into `dir` (from `opts.mirror` when set), verifies each and unpacks the
+/// archives. `log` receives one line per file and per unpacked archive.
+pub fn fetch_files(files: &[RemoteFile], dir: &Path, opts: &FetchOptions, log: &mut dyn FnMut(String)) -> Result<Vec<Fetched>, DataError> {
     let mut done = Vec::new();
-    for f in remote_files(kind) {
-        let r = fetch_file(&f, dir, progress)?;
-        let what = if f.checksum.as_ref().is_some_and(|c| c.of == ChecksumOf::Gunzipped) { " (of the decompressed content)" } else { "" };
+    for f in files {
+        let f = match &opts.mirror {
+            Some(m) => mirrored(f, m),
+            None => f.clone(),
+        };
+        let r = fetch_file(&f, dir, opts.progress)?;
         let state = if r.already_present { "already present" } else { "downloaded" };
-        if r.verified {
-            log(format!("{}: {state}, SHA-256{what} verified {}", r.path.display(), r.sha256));
-        } else {
-            log(format!("{}: {state}, SHA-256 {} (NOT verified: no checksum in the code)", r.path.display(), r.sha256));
+        match (&f.checksum, r.algorithm) {
+            (Some(c), Some(alg)) => {
+                let what = if c.of == ChecksumOf::Gunzipped { " (of the decompressed content)" } else { "" };
+                let sha = if alg == Algorithm::Sha256 { String::new() } else { format!("; SHA-256{what} {}", r.sha256) };
+                log(format!("{}: {state}, {alg}{what} verified {}{sha}", r.path.display(), c.hex));
+            }
+            _ => log(format!("{}: {state}, SHA-256 {} (NOT verified: no checksum in the code)", r.path.display(), r.sha256)),
         }
-        if f.unpack == Unpack::TarGz {
-            let files = extract_tar_gz(&r.path, dir)?;
-            log(format!("{}: unpacked {} files into {}", r.path.display(), files.len(), dir.display()));
+        match f.unpack {
+            Unpack::None => {}
+            Unpack::TarGz => {
+                let files = extract_tar_gz(&r.path, dir)?;
+                log(format!("{}: unpacked {} files into {}", r.path.display(), files.len(), dir.display()));
+            }
+            Unpack::Zip => {
+                let n = extract_zip(&r.path, dir)?;
+                log(format!("{}: unpacked {n} entries into {}", r.path.display(), dir.display()));
+            }
         }
         done.push(r);
     }

@@ -4,8 +4,12 @@
 //! background threads (batch k by worker k mod W) into reusable buffers and handed over
 //! through bounded queues, in order; the result does not depend on the number of workers or
 //! on scheduling. Buffers come from a [`BufferAllocator`] (plain `Vec` by default; the GPU
-//! engine can supply page-locked buffers) and return to the loader's pool through
-//! [`Loader::recycle`].
+//! engine supplies page-locked buffers) and return to the loader's pool when the batch holding
+//! them is dropped or recycled ([`Loader::recycle`]), wherever that happens: in the training
+//! loop, on an early return, or in a prefetch queue dropped mid-epoch. The pool gives every
+//! buffer back to the allocator's `release` before it is freed (when it has more than it keeps,
+//! and when the last batch, epoch iterator and loader using it are gone), so memory an allocator
+//! registered (`cuMemHostRegister`) is never freed while still registered.
 
 use super::augment::{self, CropFlip};
 use super::encode::{self, Encoding};
@@ -53,7 +57,8 @@ impl Default for LoaderOptions {
 /// One batch. `x` is time-major: `x[((t * batch + b) * C + c) * H * W + h * W + w]`.
 #[derive(Clone, Debug)]
 pub struct Batch {
-    pub x: Vec<f32>,
+    /// The input, in a buffer lent by the loader (it derefs to `[f32]`).
+    pub x: BatchBuffer,
     /// 1 for direct encoding of static images; T for rate encoding and N-MNIST frames.
     pub t_in: usize,
     pub batch: usize,
@@ -65,9 +70,12 @@ pub struct Batch {
 }
 
 /// Supplies the loader's `x` buffers. Implement it to hand out page-locked memory (e.g. a
-/// `Vec<f32>` registered with `cuMemHostRegister`, unregistered in `release`). The loader
-/// never grows a buffer beyond the capacity it was allocated with, so registered memory stays
-/// valid while the buffer is reused.
+/// `Vec<f32>` registered with `cuMemHostRegister`, unregistered in `release`; see
+/// `gpu::pinned::PinnedAllocator`). The loader never grows a buffer beyond the capacity it was
+/// allocated with, so registered memory stays valid while the buffer is reused, and every
+/// buffer `allocate` returned goes back through `release` exactly once before it is freed;
+/// `release` never receives a buffer `allocate` did not return. Both may be called from any
+/// thread (the loader's background threads included).
 pub trait BufferAllocator: Send + Sync {
     /// A buffer with capacity for at least `len` f32 (its length and contents are free).
     fn allocate(&self, len: usize) -> Vec<f32>;
@@ -87,6 +95,82 @@ impl BufferAllocator for VecAllocator {
     }
 }
 
+/// A batch's input buffer, lent by its loader; derefs to `[f32]`. Dropping it (or the
+/// [`Batch`] holding it) returns it to the loader's pool, which gives it back to the
+/// [`BufferAllocator`] when it is no longer needed. A clone is a plain copy that belongs to no
+/// loader; `From<Vec<f32>>` makes one too.
+pub struct BatchBuffer {
+    data: Vec<f32>,
+    /// The pool the buffer returns to (None: plain memory, freed on drop).
+    home: Option<Arc<Pool>>,
+}
+
+impl BatchBuffer {
+    /// True if the buffer came from a loader's allocator (and returns there on drop).
+    pub fn is_lent(&self) -> bool {
+        self.home.is_some()
+    }
+}
+
+impl std::ops::Deref for BatchBuffer {
+    type Target = [f32];
+    fn deref(&self) -> &[f32] {
+        &self.data
+    }
+}
+
+impl std::ops::DerefMut for BatchBuffer {
+    fn deref_mut(&mut self) -> &mut [f32] {
+        &mut self.data
+    }
+}
+
+impl Drop for BatchBuffer {
+    fn drop(&mut self) {
+        if let Some(pool) = self.home.take() {
+            pool.put(std::mem::take(&mut self.data));
+        }
+    }
+}
+
+impl Clone for BatchBuffer {
+    fn clone(&self) -> Self {
+        BatchBuffer { data: self.data.clone(), home: None }
+    }
+}
+
+impl std::fmt::Debug for BatchBuffer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Debug::fmt(&self.data, f)
+    }
+}
+
+impl From<Vec<f32>> for BatchBuffer {
+    fn from(data: Vec<f32>) -> Self {
+        BatchBuffer { data, home: None }
+    }
+}
+
+impl PartialEq for BatchBuffer {
+    fn eq(&self, o: &BatchBuffer) -> bool {
+        self.data == o.data
+    }
+}
+
+impl PartialEq<[f32]> for BatchBuffer {
+    fn eq(&self, o: &[f32]) -> bool {
+        self.data[..] == *o
+    }
+}
+
+impl PartialEq<Vec<f32>> for BatchBuffer {
+    fn eq(&self, o: &Vec<f32>) -> bool {
+        self.data == *o
+    }
+}
+
+/// The loader's reusable buffers. Every buffer in `free` came from `alloc` and goes back
+/// through `alloc.release` when the pool has more than `max_free` or is dropped.
 struct Pool {
     alloc: Arc<dyn BufferAllocator>,
     free: Mutex<Vec<Vec<f32>>>,
@@ -95,20 +179,29 @@ struct Pool {
 }
 
 impl Pool {
-    fn take(&self, len: usize) -> Vec<f32> {
-        let mut buf = {
+    fn take(self: &Arc<Self>, len: usize) -> BatchBuffer {
+        let pooled = {
             let mut f = self.free.lock().unwrap_or_else(|e| e.into_inner());
             f.pop()
-        }
-        .unwrap_or_else(|| self.alloc.allocate(self.full_len));
+        };
+        let mut buf = match pooled {
+            Some(b) if b.capacity() >= len => b,
+            other => {
+                if let Some(small) = other {
+                    self.alloc.release(small);
+                }
+                self.alloc.allocate(self.full_len.max(len))
+            }
+        };
         if buf.capacity() < len {
-            // A foreign or too-small buffer: give it back and allocate a proper one.
-            self.alloc.release(std::mem::take(&mut buf));
-            buf = self.alloc.allocate(self.full_len.max(len));
+            // The allocator handed out less than asked: growing it would reallocate (and free
+            // memory it may have registered), so give it back and use plain memory instead.
+            self.alloc.release(buf);
+            return BatchBuffer { data: vec![0.0; len], home: None };
         }
-        // Within capacity: no reallocation.
+        // Within capacity: no reallocation. (Every element is written by the encoder.)
         buf.resize(len, 0.0);
-        buf
+        BatchBuffer { data: buf, home: Some(self.clone()) }
     }
 
     fn put(&self, buf: Vec<f32>) {
@@ -117,6 +210,15 @@ impl Pool {
             f.push(buf);
         } else {
             drop(f);
+            self.alloc.release(buf);
+        }
+    }
+}
+
+impl Drop for Pool {
+    fn drop(&mut self) {
+        let free = std::mem::take(self.free.get_mut().unwrap_or_else(|e| e.into_inner()));
+        for buf in free {
             self.alloc.release(buf);
         }
     }
@@ -212,7 +314,7 @@ impl Encoder {
 struct Shared {
     ds: Arc<Dataset>,
     enc: Encoder,
-    pool: Pool,
+    pool: Arc<Pool>,
     batch_size: usize,
 }
 
@@ -273,7 +375,7 @@ impl Loader {
         let full_len = enc.t_in * opts.batch_size * enc.per_step();
         let shared = Shared {
             ds: dataset,
-            pool: Pool { alloc, free: Mutex::new(Vec::new()), max_free: opts.prefetch + opts.workers + 2, full_len },
+            pool: Arc::new(Pool { alloc, free: Mutex::new(Vec::new()), max_free: opts.prefetch + opts.workers + 2, full_len }),
             enc,
             batch_size: opts.batch_size,
         };
@@ -306,9 +408,10 @@ impl Loader {
         epoch_order(self.shared.ds.len(), self.opts.seed, epoch, self.opts.shuffle)
     }
 
-    /// Returns a batch's buffer to the pool for reuse.
+    /// Returns a batch's buffer to its loader's pool for reuse (dropping the batch does the
+    /// same; this says so where it happens).
     pub fn recycle(&self, batch: Batch) {
-        self.shared.pool.put(batch.x);
+        drop(batch);
     }
 
     /// The batches of `epoch`, in order, prepared in the background.

@@ -47,7 +47,10 @@ pub fn how_to_get(kind: DatasetKind) -> String {
         DatasetKind::FashionMnist => {
             format!("{fetch}, or `apt-get install dataset-fashion-mnist` (installs into {SYSTEM_DIR}/fashion-mnist)")
         }
-        DatasetKind::Nmnist => format!("download Train.zip and Test.zip of N-MNIST, then {fetch} to unpack them"),
+        DatasetKind::Nmnist => format!(
+            "{fetch} (downloads, verifies and unpacks Train.zip and Test.zip; if the download is refused, put the two zips, linked from {}, into DIR by hand first)",
+            super::fetch::NMNIST_PAGE
+        ),
         _ => fetch,
     }
 }

@@ -25,7 +25,7 @@ pub mod nmnist;
 
 pub use encode::Encoding;
 pub use error::DataError;
-pub use loader::{Batch, BufferAllocator, Loader, LoaderOptions, VecAllocator};
+pub use loader::{Batch, BatchBuffer, BufferAllocator, Loader, LoaderOptions, VecAllocator};
 
 use std::fmt;
 use std::io::Read;

@@ -297,6 +297,9 @@ pub fn validate(shape: [usize; 3], fb: &FeedbackConfig, batch: usize, steps: usi
     to_i32("neurons per sample C·H·W", n)?;
     to_i32("batch", batch)?;
     to_i32("steps", steps)?;
+    if let Some(why) = fb.gate_misfit(shape[1], shape[2]) {
+        return Err(config_err("radius", why));
+    }
     if fb.back || fb.ei {
         let k = 2usize.saturating_mul(fb.radius).saturating_add(1);
         let wlen = shape[0].saturating_mul(shape[0]).saturating_mul(k).saturating_mul(k);
@@ -680,6 +683,40 @@ pub fn v2_tile_job(
     (b, co0, y0, pix, base)
 }
 
+/// The kernels' `LayerDims` for a layer, a batch shape and the parameter slots (`w_smem`: the gate
+/// weights are staged in shared memory; `wgrad_fused`: the OnChip weight-gradient path). Used by
+/// the launches below and by the CPU emulation of the kernels in the tests.
+#[allow(clippy::too_many_arguments)]
+pub fn layer_dims(
+    shape: [usize; 3],
+    fb: &FeedbackConfig,
+    batch: usize,
+    steps: usize,
+    slots: &BackEiSlots,
+    t_in: usize,
+    w_smem: bool,
+    wgrad_fused: bool,
+) -> Result<LayerDims> {
+    Ok(LayerDims {
+        off_wb: slots[0].start as i64,
+        off_bb: slots[1].start as i64,
+        off_we: slots[2].start as i64,
+        off_be: slots[3].start as i64,
+        c: to_i32("C", shape[0])?,
+        h: to_i32("H", shape[1])?,
+        w: to_i32("W", shape[2])?,
+        r: to_i32("radius", fb.radius)?,
+        t: to_i32("steps", steps)?,
+        b: to_i32("batch", batch)?,
+        t_in: to_i32("T_in", t_in)?,
+        d: to_i32("delay", fb.delay)?,
+        back: fb.back as i32,
+        ei: fb.ei as i32,
+        w_smem: w_smem as i32,
+        wgrad_fused: wgrad_fused as i32,
+    })
+}
+
 fn cuda_err(what: &'static str) -> impl Fn(cudarc::driver::DriverError) -> BackeiError {
     move |e| BackeiError::Cuda(format!("{what}: {e:?}"))
 }
@@ -820,24 +857,7 @@ impl GpuBackEiLayer {
     }
 
     fn dims(&self, slots: &BackEiSlots, t_in: usize, w_smem: bool, wgrad_fused: bool) -> Result<LayerDims> {
-        Ok(LayerDims {
-            off_wb: slots[0].start as i64,
-            off_bb: slots[1].start as i64,
-            off_we: slots[2].start as i64,
-            off_be: slots[3].start as i64,
-            c: to_i32("C", self.shape[0])?,
-            h: to_i32("H", self.shape[1])?,
-            w: to_i32("W", self.shape[2])?,
-            r: to_i32("radius", self.feedback.radius)?,
-            t: to_i32("steps", self.steps)?,
-            b: to_i32("batch", self.batch)?,
-            t_in: to_i32("T_in", t_in)?,
-            d: to_i32("delay", self.feedback.delay)?,
-            back: self.feedback.back as i32,
-            ei: self.feedback.ei as i32,
-            w_smem: w_smem as i32,
-            wgrad_fused: wgrad_fused as i32,
-        })
+        layer_dims(self.shape, &self.feedback, self.batch, self.steps, slots, t_in, w_smem, wgrad_fused)
     }
 
     fn function(&self, l: &KernelLaunch) -> Result<CudaFunction> {
@@ -1297,8 +1317,12 @@ mod tests {
         assert!(msg(plan([4, 4, 4], &fb, 2, 0, &h)).contains("T = 0"));
         assert!(msg(plan([4, 0, 4], &fb, 2, 5, &h)).contains("zero dimension"));
         assert!(msg(plan([4, 4, 4], &FeedbackConfig { delay: 0, ..fb }, 2, 5, &h)).contains("delay"));
-        assert!(msg(plan([70_000, 1, 1], &fb, 2, 5, &h)).contains("exceeds"));
-        assert!(msg(plan([1 << 16, 1 << 16, 1], &fb, 1, 1, &h)).contains("exceeds"));
+        let r0 = FeedbackConfig { radius: 0, ..fb };
+        assert!(msg(plan([70_000, 1, 1], &r0, 2, 5, &h)).contains("exceeds"));
+        assert!(msg(plan([1 << 16, 1 << 16, 1], &r0, 1, 1, &h)).contains("exceeds"));
+        // a gate kernel larger than the map: refused, as the spec and the CPU layer refuse it
+        assert!(msg(plan([4, 2, 9], &fb, 1, 1, &h)).contains("does not fit"));
+        assert!(msg(plan([4, 9, 4], &FeedbackConfig { radius: 2, ..fb }, 1, 1, &h)).contains("r ≤ 1"));
         assert!(msg(plan([usize::MAX, 2, 2], &fb, 1, 1, &h)).contains("overflows"));
     }
 
@@ -1452,14 +1476,14 @@ mod tests {
         for (shape, r) in [
             ([3, 7, 9], 1),
             ([3, 7, 9], 2),
-            ([1, 1, 1], 1),
+            ([1, 3, 3], 1),
             ([2, 5, 3], 1),
             ([4, 9, 7], 2),
             ([5, 7, 9], 2),
             ([17, 3, 65], 1),
-            ([65, 2, 130], 2),
-            ([33, 40, 1], 1),
-            ([70, 1, 256], 1),
+            ([65, 5, 130], 2),
+            ([33, 40, 3], 1),
+            ([70, 3, 256], 1),
         ] {
             for back_ei in [(true, true), (true, false), (false, true)] {
                 let fb = FeedbackConfig { back: back_ei.0, ei: back_ei.1, radius: r, delay: 2 };
@@ -1474,7 +1498,7 @@ mod tests {
         let fb = |r| FeedbackConfig { radius: r, ..Default::default() };
         // radius 0 or 3, a row wider than 256, a tiny shared memory: v1 with the reason
         for (shape, r, lim) in
-            [([4, 4, 4], 0, h), ([4, 4, 4], 3, h), ([4, 2, 300], 1, h), ([4, 8, 8], 1, DeviceLimits { max_smem_per_block: 1024, ..h })]
+            [([4, 4, 4], 0, h), ([4, 8, 8], 3, h), ([4, 3, 300], 1, h), ([4, 8, 8], 1, DeviceLimits { max_smem_per_block: 1024, ..h })]
         {
             let p = plan_version(shape, &fb(r), 2, 3, &lim, KernelVersion::V2).unwrap();
             assert_eq!(p.version, KernelVersion::V1);

@@ -18,7 +18,8 @@ pub fn module_names() -> impl Iterator<Item = &'static str> {
     KERNEL_SOURCES.iter().map(|(m, _, _)| *m)
 }
 
-fn source_of(module: &str) -> Result<(&'static str, &'static str)> {
+/// A module's file name and full source (headers inlined), exactly as NVRTC compiles it.
+pub fn module_source(module: &str) -> Result<(&'static str, &'static str)> {
     KERNEL_SOURCES.iter().find(|(m, _, _)| *m == module).map(|(_, f, s)| (*f, *s)).ok_or_else(|| {
         BackeiError::Cuda(format!("no kernel module `{module}` (modules: {})", module_names().collect::<Vec<_>>().join(", ")))
     })
@@ -64,7 +65,7 @@ pub fn compile_options(arch: &str) -> Vec<String> {
 /// Compiles one module to PTX for `arch` (e.g. `sm_90`) — no GPU needed, only NVRTC.
 pub fn compile_module(module: &str, arch: &str) -> Result<String> {
     require_nvrtc()?;
-    let (file, source) = source_of(module)?;
+    let (file, source) = module_source(module)?;
     let opts = CompileOptions { options: compile_options(arch), name: Some(file.to_string()), ..Default::default() };
     match compile_ptx_with_opts(source, opts) {
         Ok(ptx) => Ok(ptx.to_src()),
@@ -113,7 +114,7 @@ pub fn cache_dir() -> Option<PathBuf> {
 
 /// The cache key of a module: source, architecture, NVRTC version and options.
 pub fn cache_key(module: &str, arch: &str, nvrtc: (i32, i32)) -> Result<String> {
-    let (_, source) = source_of(module)?;
+    let (_, source) = module_source(module)?;
     let mut h = Sha256::new();
     h.update(source.as_bytes());
     h.update(arch.as_bytes());

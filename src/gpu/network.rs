@@ -497,7 +497,22 @@ impl GpuNetwork {
         self.ensure_buffers(batch, t_in).map_err(|e| self.explain_oom(e, batch, t_in))?;
         let input = self.input.as_mut().ok_or_else(|| missing("the input buffer"))?;
         self.dev.stream.memcpy_htod(x, input).map_err(cuda_err("uploading the input batch"))?;
-        self.run_forward(batch).map_err(|e| self.explain_oom(e, batch, t_in))
+        // `x` may be page-locked (the loader's buffers on this engine, `gpu::pinned`); then the
+        // copy above is truly asynchronous and returns before the DMA has read `x`. The caller
+        // may drop the batch as soon as this returns, and a loader thread then refills the same
+        // buffer, so wait for an event recorded right after the upload before returning, on
+        // success and on error alike. The forward's own read-backs have usually waited for the
+        // upload by then, so this costs nothing; it makes the guarantee independent of them.
+        let uploaded = match self.dev.stream.record_event(None) {
+            Ok(ev) => ev,
+            Err(e) => {
+                let _ = self.dev.stream.synchronize();
+                return Err(cuda_err("recording the input upload")(e));
+            }
+        };
+        let r = self.run_forward(batch).map_err(|e| self.explain_oom(e, batch, t_in));
+        let waited = uploaded.synchronize().map_err(cuda_err("waiting for the input upload"));
+        r.and(waited)
     }
 
     /// `forward` on a batch already on this device.

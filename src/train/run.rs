@@ -78,7 +78,7 @@ pub struct Evaluation {
 
 pub fn evaluate(engine: &mut Engine, data: Arc<Dataset>, cfg: &TrainConfig) -> Result<Evaluation> {
     let classes = data.num_classes();
-    let loader = Loader::new(data, loader_options(cfg, false)?);
+    let loader = Loader::with_allocator(data, loader_options(cfg, false)?, engine.buffer_allocator());
     let mut confusion = vec![vec![0usize; classes]; classes];
     let (mut loss_sum, mut n, mut correct) = (0.0, 0usize, 0usize);
     let mut rates: Vec<(usize, f64, Option<f64>)> = Vec::new();
@@ -164,7 +164,8 @@ pub fn train(opts: RunOptions, engine: &mut Engine) -> Result<RunOutcome> {
         progress = ck.progress;
     }
     let metrics = MetricsWriter::open(&opts.out, progress.epoch)?;
-    let loader = Loader::new(data.train.clone(), loader_options(cfg, true)?);
+    // Page-locked buffers on the GPU engine: each batch's upload is a direct DMA.
+    let loader = Loader::with_allocator(data.train.clone(), loader_options(cfg, true)?, engine.buffer_allocator());
     let batches = loader.batches_per_epoch();
     let last_path = opts.out.join("checkpoint-last.safetensors");
     let best_path = opts.out.join("checkpoint-best.safetensors");

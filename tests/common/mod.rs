@@ -2,7 +2,9 @@
 //! autodiff tape and the reference twin.
 #![allow(dead_code)]
 
+pub mod emu;
 pub mod idx;
+pub mod layer_check;
 pub mod tape;
 pub mod twin;
 

@@ -1,0 +1,312 @@
+//! The CUDA kernels, run on the CPU by the emulator of `tests/emu/cuda_emu.h` (see
+//! `tests/common/emu.rs`): CI has no GPU, so this is where the kernels' own code — index
+//! arithmetic, tiling, shared-memory staging, barriers, shuffles, atomics, the cooperative
+//! kernels' grid barrier — is executed and compared with the CPU engine on every commit. The
+//! same comparisons run on a real GPU in the `gpu_*` tests.
+mod common;
+
+use common::emu::{self, Args};
+
+#[test]
+fn every_module_translates_and_compiles_for_the_emulator() {
+    for m in backei::gpu::kernels::module_names() {
+        let em = emu::module(m);
+        assert!(!em.kernels.is_empty(), "{m}: no kernels found");
+    }
+}
+
+#[test]
+fn rng_twin_is_bit_exact_and_fill_writes_every_element() {
+    let m = emu::module("smoke");
+    let n = 1000usize;
+    let mut y = vec![0f32; n];
+    let (key, t) = (0x1234_5678_9abc_def0u64, 7u32);
+    m.launch_raw("rng_uniform24", (4, 1, 1), (256, 1, 1), 0, false, 1, Args::new().buf_mut(&mut y).val(key).val(t).val(n as i32)).unwrap();
+    for (i, &x) in y.iter().enumerate() {
+        assert_eq!(x.to_bits(), backei::rng::uniform24(key, t, i as u64).to_bits(), "element {i}");
+    }
+    m.launch_raw("fill_f32", (4, 1, 1), (256, 1, 1), 0, false, 2, Args::new().buf_mut(&mut y).val(2.5f32).val(n as i32)).unwrap();
+    assert!(y.iter().all(|&x| x == 2.5));
+}
+
+// ---- the BackEI layer: v1 and v2 kernels, run as the host plan launches them ------------------------
+
+use backei::gpu::backei_layer::{
+    layer_dims, plan_deterministic, plan_version, DeviceLimits, KernelVersion, LaunchPlan, LayerPath, NeuronParams, WgradPath,
+};
+use backei::spec::{LayerSpec, NetworkSpec};
+use common::layer_check::{
+    case, compare, cpu_reference, inputs, odd_shape_cases, plain_cases, smooth, smooth_wgrad_cases, Case, DeviceOut,
+};
+
+/// Guard floats on both sides of every emulated device buffer: a kernel that writes outside its
+/// buffer changes them.
+const GUARD: usize = 64;
+const GUARD_VALUE: f32 = -7.25e30;
+
+/// A host buffer standing in for a device allocation: NaN-poisoned (every element the test reads
+/// must have been written), with guards.
+struct DevBuf {
+    data: Vec<f32>,
+    name: &'static str,
+}
+
+impl DevBuf {
+    fn new(name: &'static str, len: usize) -> Self {
+        let mut data = vec![f32::NAN; len.max(1) + 2 * GUARD];
+        data[..GUARD].fill(GUARD_VALUE);
+        let n = data.len();
+        data[n - GUARD..].fill(GUARD_VALUE);
+        DevBuf { data, name }
+    }
+    fn from(name: &'static str, xs: &[f32]) -> Self {
+        let mut b = Self::new(name, xs.len());
+        b.data[GUARD..GUARD + xs.len()].copy_from_slice(xs);
+        b
+    }
+    fn ptr(&mut self) -> *mut f32 {
+        self.data[GUARD..].as_mut_ptr()
+    }
+    fn host(&self) -> Vec<f32> {
+        self.data[GUARD..self.data.len() - GUARD].to_vec()
+    }
+    fn check_guards(&self) {
+        let n = self.data.len();
+        assert!(
+            self.data[..GUARD].iter().chain(&self.data[n - GUARD..]).all(|&x| x == GUARD_VALUE),
+            "a kernel wrote outside the buffer `{}`",
+            self.name
+        );
+    }
+}
+
+/// The case on the emulated device, launched exactly as `GpuBackEiLayer::forward`/`backward`
+/// launch it: the host plan's kernels, grids, blocks, shared memory and `LayerDims`.
+fn emulate(c: &Case, seed: u64, plan: &LaunchPlan) -> common::layer_check::Outcome {
+    let x = inputs(c, seed);
+    let cpu = cpu_reference(c, &x);
+    let n: usize = c.shape.iter().product();
+    let (b, t) = (c.batch, c.steps);
+    let bs = plan.buffers;
+    let np = NeuronParams::from_config(&c.neuron);
+    let m = emu::module(plan.forward.module);
+    let mut params = DevBuf::from("params", &x.params);
+    let mut grads = DevBuf::from("grads", &x.grads0);
+    let mut input = DevBuf::from("input", &x.input);
+    let mut gout = DevBuf::from("grad_out", &x.grad_out);
+    let mut gin = DevBuf::new("grad_in", c.t_in * b * n);
+    let mut out = DevBuf::new("out", bs.out);
+    let mut v = DevBuf::new("v", bs.v);
+    let mut g = DevBuf::new("g", bs.g);
+    let mut z = DevBuf::new("z", bs.z);
+    let mut dv = DevBuf::new("dv", bs.dv);
+    let mut fbuf = DevBuf::new("fb", bs.fb);
+    let mut dz = DevBuf::new("dz", bs.dz);
+    let mut da = DevBuf::new("da", bs.da);
+    let mut bar = vec![0u32; 1];
+    let sched = seed ^ 0x5eed;
+    let onchip = plan.wgrad == WgradPath::OnChip;
+    match plan.path {
+        LayerPath::Plain => {
+            let (nn, tt, ti) = ((b * n) as i64, t as i32, c.t_in as i32);
+            let mut a = Args::new();
+            a.val(input.ptr()).val(out.ptr()).val(v.ptr()).val(nn).val(tt).val(ti).val(np);
+            m.launch(&plan.forward, sched, &mut a).unwrap();
+            let mut a = Args::new();
+            a.val(gout.ptr()).val(v.ptr()).val(gin.ptr()).val(nn).val(tt).val(ti).val(np);
+            m.launch(&plan.backward, sched + 1, &mut a).unwrap();
+        }
+        LayerPath::Fused => {
+            let v2 = plan.version == KernelVersion::V2;
+            let fwd_dims = layer_dims(c.shape, &c.fb, b, t, &x.slots, c.t_in, plan.weights_in_smem_forward, onchip).unwrap();
+            let mut a = Args::new();
+            a.val(params.ptr()).val(input.ptr()).val(out.ptr()).val(v.ptr()).val(g.ptr()).val(z.ptr());
+            if v2 {
+                a.buf_u32(&mut bar);
+            }
+            a.val(fwd_dims).val(np);
+            if v2 {
+                a.val(plan.tile.expect("v2 tiling"));
+            }
+            m.launch(&plan.forward, sched, &mut a).unwrap();
+            let bwd_dims = if v2 {
+                layer_dims(c.shape, &c.fb, b, t, &x.slots, c.t_in, false, false).unwrap()
+            } else {
+                layer_dims(c.shape, &c.fb, b, t, &x.slots, c.t_in, plan.weights_in_smem_backward, onchip).unwrap()
+            };
+            bar[0] = 0;
+            let mut a = Args::new();
+            a.val(params.ptr()).val(grads.ptr()).val(input.ptr()).val(out.ptr()).val(v.ptr()).val(g.ptr()).val(z.ptr());
+            a.val(gout.ptr()).val(gin.ptr()).val(dv.ptr()).val(fbuf.ptr()).val(dz.ptr()).val(da.ptr());
+            if v2 {
+                a.buf_u32(&mut bar);
+            }
+            a.val(bwd_dims).val(np);
+            if v2 {
+                a.val(plan.tile.expect("v2 tiling"));
+            }
+            m.launch(&plan.backward, sched + 1, &mut a).unwrap();
+            if let Some(w) = plan.wgrad_launch {
+                let passes = [
+                    (c.fb.back, x.slots[0].start, x.slots[1].start, da.ptr(), out.ptr(), c.fb.delay as i32),
+                    (c.fb.ei, x.slots[2].start, x.slots[3].start, dz.ptr(), v.ptr(), 0),
+                ];
+                for (on, ow, ob, dy, xx, shift) in passes {
+                    if !on {
+                        continue;
+                    }
+                    let mut a = Args::new();
+                    a.val(grads.ptr()).val(ow as i64).val(ob as i64).val(dy).val(xx).val(shift).val(bwd_dims);
+                    if v2 {
+                        a.val(plan.tile.expect("v2 tiling"));
+                    }
+                    m.launch(&w, sched + 2, &mut a).unwrap();
+                }
+            }
+        }
+    }
+    for buf in [&params, &grads, &input, &gout, &gin, &out, &v, &g, &z, &dv, &fbuf, &dz, &da] {
+        buf.check_guards();
+    }
+    assert_eq!(params.host(), x.params, "{}: the parameters were written", c.name);
+    let label = format!("emulated {:?} {:?}/{:?} grid {:?}", plan.version, plan.path, plan.wgrad, plan.forward.grid);
+    let d = DeviceOut {
+        out: out.host(),
+        v: v.host(),
+        g: c.fb.back.then(|| g.host()),
+        z: c.fb.ei.then(|| z.host()),
+        gin: gin.host(),
+        grads: grads.host(),
+    };
+    compare(c, &label, &x, &cpu, &d)
+}
+
+/// A small device: the v2 grid is then smaller than its jobs, so every block loops over several
+/// tiles (the persistent path), and several blocks meet at every grid barrier.
+const SMALL: DeviceLimits = DeviceLimits { sm_count: 2, max_smem_per_block: 232_448, max_smem_per_sm: 233_472 };
+
+fn plans(c: &Case, limits: DeviceLimits) -> Vec<LaunchPlan> {
+    let lim = match c.smem_limit {
+        Some(s) => DeviceLimits { max_smem_per_block: s, ..limits },
+        None => limits,
+    };
+    let v1 = plan_version(c.shape, &c.fb, c.batch, c.steps, &lim, KernelVersion::V1).unwrap();
+    assert_eq!(v1.path, c.want_path, "{}", c.name);
+    if let Some(w) = c.want_wgrad {
+        assert_eq!(v1.wgrad, w, "{}", c.name);
+    }
+    let mut ps = vec![v1];
+    if c.want_path == LayerPath::Fused {
+        let v2 = plan_version(c.shape, &c.fb, c.batch, c.steps, &limits, KernelVersion::V2).unwrap();
+        if c.fb.radius == 1 || c.fb.radius == 2 {
+            assert_eq!(v2.version, KernelVersion::V2, "{}: v2 fell back: {:?}", c.name, v2.fallback);
+        }
+        ps.push(v2);
+        // --deterministic: v1 with the separate (atomic-free) weight-gradient reduction
+        ps.push(plan_deterministic(c.shape, &c.fb, c.batch, c.steps, &lim).unwrap());
+    }
+    ps
+}
+
+fn run_all(cases: &[Case], limits: DeviceLimits) {
+    let mut strict = 0;
+    let mut runs = 0;
+    for (i, c) in cases.iter().enumerate() {
+        for p in plans(c, limits) {
+            let o = emulate(c, 4150 + i as u64, &p);
+            strict += o.strict_grads as usize;
+            runs += 1;
+        }
+    }
+    assert!(strict * 2 >= runs, "fewer than half of the runs compared their weight gradients strictly");
+}
+
+#[test]
+fn emulated_fused_layer_matches_the_cpu_on_odd_shapes_and_every_switch() {
+    run_all(&odd_shape_cases(2), SMALL);
+}
+
+#[test]
+fn emulated_fused_layer_gradients_match_in_smooth_mode_on_every_weight_gradient_path() {
+    let mut cases = smooth_wgrad_cases();
+    // more channels than one v2 channel tile (16) and input chunk (8), more rows than one row group
+    cases.push(smooth(case("19×40×37 back+ei r 1 B 2", [19, 40, 37], true, true, 1, 1, 2, 3, 3)));
+    run_all(&cases, SMALL);
+}
+
+#[test]
+fn emulated_plain_layer_matches_the_cpu() {
+    run_all(&plain_cases(), DeviceLimits::H100);
+}
+
+#[test]
+fn emulated_backei_shapes_of_the_mnist_fashion_and_nmnist_networks_match_the_cpu() {
+    let mut cases = Vec::new();
+    for spec in [NetworkSpec::mnist(), NetworkSpec::fashion_mnist(), NetworkSpec::nmnist()] {
+        for (i, l) in spec.plan().unwrap().iter().enumerate() {
+            if l.spec != LayerSpec::BackEi {
+                continue;
+            }
+            let fb = spec.feedback;
+            let c = case(&format!("{} layer {i} {:?}", spec.name, l.output), l.output, fb.back, fb.ei, fb.radius, fb.delay, 1, 2, 2);
+            cases.push(smooth(c));
+        }
+    }
+    run_all(&cases, DeviceLimits::H100);
+}
+
+// ---- dropout: the masks are the CPU engine's, element for element ----------------------------------
+
+#[test]
+fn emulated_dropout_draws_the_cpu_masks_and_backward_matches() {
+    let m = emu::module("dropout");
+    let (len, steps, p) = (1237usize, 3usize, 0.5f32);
+    let key = backei::rng::dropout_key(4150, 17, 2);
+    let mut rng = common::Rng(9);
+    let x: Vec<f32> = rng.vec(steps * len, -1.0, 1.0).into_iter().map(|v| v as f32).collect();
+    let sc = backei::gpu::dropout::scale(p);
+    for t_in in [1usize, steps] {
+        // CPU: T_in = 1 is the frame broadcast to every step first
+        let xb: Vec<f32> = (0..steps * len).map(|j| x[if t_in == 1 { j % len } else { j }]).collect();
+        let mut y = vec![0f32; steps * len];
+        let mut mask = vec![0u8; steps * len];
+        backei::cpu::dropout::forward(key, p, len, &xb, &mut y, &mut mask);
+        let mut yd = DevBuf::new("y", steps * len);
+        let mut xd = DevBuf::from("x", &x[..t_in * len]);
+        let mut a = Args::new();
+        a.val(xd.ptr()).val(yd.ptr()).val(key).val(p).val(sc).val(len as i64).val(steps as i32).val(t_in as i32);
+        m.launch_raw("dropout_forward_f32", (3, 1, 1), (256, 1, 1), 0, false, 5, &mut a).unwrap();
+        yd.check_guards();
+        assert_eq!(yd.host(), y, "T_in {t_in}: forward differs from the CPU");
+        // backward: the mask drawn again; T_in = 1 sums over the steps
+        let dy: Vec<f32> = rng.vec(steps * len, -1.0, 1.0).into_iter().map(|v| v as f32).collect();
+        let mut dx = vec![0f32; steps * len];
+        backei::cpu::dropout::backward(p, &dy, &mask, &mut dx);
+        let want: Vec<f32> = if t_in == 1 { (0..len).map(|i| (0..steps).fold(0f32, |acc, t| acc + dx[t * len + i])).collect() } else { dx };
+        let mut dyd = DevBuf::from("dy", &dy);
+        let mut dxd = DevBuf::new("dx", t_in * len);
+        let mut a = Args::new();
+        a.val(dyd.ptr()).val(dxd.ptr()).val(key).val(p).val(sc).val(len as i64).val(steps as i32).val(t_in as i32);
+        m.launch_raw("dropout_backward_f32", (2, 1, 1), (128, 1, 1), 0, false, 6, &mut a).unwrap();
+        dxd.check_guards();
+        assert_eq!(dxd.host(), want, "T_in {t_in}: backward differs from the CPU");
+    }
+}
+
+// ---- the spike statistics: warp shuffles, a static shared array, one atomic per block ---------------
+
+#[test]
+fn emulated_spike_counts_equal_a_plain_count() {
+    let m = emu::module("spiking");
+    let mut rng = common::Rng(3);
+    let n = 5003usize;
+    let s: Vec<f32> = (0..n).map(|_| [-1.0f32, 0.0, 0.0, 1.0][rng.below(4)]).collect();
+    let mut counts = [0u64; 2];
+    let mut sd = DevBuf::from("s", &s);
+    let mut a = Args::new();
+    a.val(sd.ptr()).val(n as i64).val(counts.as_mut_ptr());
+    m.launch_raw("spike_counts_f32", (3, 1, 1), (256, 1, 1), 0, false, 11, &mut a).unwrap();
+    let fired = s.iter().filter(|&&x| x != 0.0).count() as u64;
+    let inh = s.iter().filter(|&&x| x < 0.0).count() as u64;
+    assert_eq!(counts, [fired, inh]);
+}
