@@ -12,8 +12,8 @@
 //! multiply-add of the gate convolutions (forward: W_b ⊛ s and W_e ⊛ v; backward: the two adjoint
 //! convolutions and the two weight gradients), pointwise work not counted.
 //!
-//! Every fused workload runs with the v1 kernels and the v2 kernels (`KernelVersion`), each
-//! validated against the CPU before it is timed; v2's reference row is named `<workload>@v2`.
+//! Every fused workload runs with the v1, v2 and v3 kernels (`KernelVersion`), each validated
+//! against the CPU before it is timed; v2's and v3's reference rows are `<workload>@v2`/`@v3`.
 //! Then the UNFUSED baseline (`gpu::backei_unfused`: a few pointwise kernels per step, the gate
 //! convolutions through cuBLAS), validated and timed the same way: rows labelled `unfused` and
 //! the reference row `<workload>@unfused`; the speed ratio fused/unfused (unfused time over
@@ -340,6 +340,7 @@ fn layer_workload(
         (true, _) => "plain",
         (false, KernelVersion::V1) => "fused-v1",
         (false, KernelVersion::V2) => "fused-v2",
+        (false, KernelVersion::V3) => "fused-v3",
     };
     bench.report(&format!("{name} fwd {:?}", plan.wgrad), kname, ms, fwd_bytes, gates as f64 * conv_flops, &valid);
     let bwd_bytes = 4.0 * all * if plain { 3.0 } else { 5.0 + 2.0 * gates as f64 };
@@ -347,8 +348,13 @@ fn layer_workload(
         bench.time(|| Ok(layer.backward(&dp, &mut dg, &slots, &input.slice(..), steps, &gout.slice(..), &mut gin.slice_mut(..))?))?;
     bench.report(&format!("{name} bwd {:?}", plan.wgrad), kname, ms, bwd_bytes, 2.0 * gates as f64 * conv_flops, &valid);
     // the row bench/reference/run.py joins on (its workload names)
-    // v1 keeps the reference's workload name (run.py takes a workload's first row); v2 gets `@v2`
-    let row = if version == KernelVersion::V2 { format!("{ref_name}@v2") } else { ref_name.to_string() };
+    // v1 keeps the reference's workload name (run.py takes a workload's first row); v2 and v3 get
+    // `@v2` / `@v3`
+    let row = match version {
+        KernelVersion::V1 => ref_name.to_string(),
+        KernelVersion::V2 => format!("{ref_name}@v2"),
+        KernelVersion::V3 => format!("{ref_name}@v3"),
+    };
     bench.report(&row, "fwd+bwd", fwd_ms + ms, fwd_bytes + bwd_bytes, 3.0 * gates as f64 * conv_flops, &valid);
     Ok(fwd_ms + ms)
 }
@@ -420,8 +426,9 @@ fn run(dev: Arc<GpuDevice>, filter: Option<String>) -> Res<()> {
         if filter.as_deref().is_some_and(|x| !name.contains(x)) {
             continue;
         }
-        // v1 and v2 side by side (both validated against the CPU first); the plain layer has no v2
-        let versions: &[KernelVersion] = if f.back || f.ei { &[KernelVersion::V1, KernelVersion::V2] } else { &[KernelVersion::V1] };
+        // v1, v2 and v3 side by side (each validated against the CPU first); the plain layer has one
+        let versions: &[KernelVersion] =
+            if f.back || f.ei { &[KernelVersion::V1, KernelVersion::V2, KernelVersion::V3] } else { &[KernelVersion::V1] };
         let mut fused_ms = Vec::new();
         for &version in versions {
             match layer_workload(&mut bench, name, ref_name, shape, f, b, t, vb, vt, version) {

@@ -377,12 +377,12 @@ backei_wgrad_v1_f32(float* __restrict__ grads, long long off_w, long long off_b,
 // though there is one anyway).
 //
 // Tile (tile_conv): 256 threads compute td.co_t output channels (16, 32 or 64) × td.rows full
-// image rows (rows·W ≤ 4096/co_t pixels) of one sample. Thread (tc, tp), tc < co_t/4,
-// tp < NP = 1024/co_t, owns channels co0 + 4·tc + [0, 4) and pixels tp + j·NP, j < 4, i.e.
-// 16 accumulators. The input channels are consumed in chunks of V2_CI = 8: the chunk's halo
+// image rows (rows·W ≤ 1024·CPT/co_t pixels) of one sample. Thread (tc, tp), tc < co_t/CPT,
+// tp < NP = 256·CPT/co_t, owns channels co0 + CPT·tc + [0, CPT) and pixels tp + j·NP, j < 4, i.e.
+// CPT·4 accumulators; CPT (channels per thread) is 4 in v2 and 8 in v3 (below). The input channels are consumed in chunks of V2_CI = 8: the chunk's halo
 // (rows + 2r) × (W + 2r) per channel (zero outside the image: the zero padding) and the matching
-// weights [ci][tap][co] are staged in shared memory, then per (ci, tap) a thread does one float4
-// weight load (broadcast within the warp), 4 input loads and 16 FMAs. The adjoint convolution
+// weights [ci][tap][co] are staged in shared memory, then per (ci, tap) a thread does CPT/4 float4
+// weight loads (broadcast within the warp), 4 input loads and 4·CPT FMAs. The adjoint convolution
 // Wᵀ ⊛ dY is the same loop with the weights staged transposed and flipped:
 //   w_s[i][tap][o] = W[i][o][k²−1−tap]  (tap (ky, kx) ↦ (2r−ky, 2r−kx)).
 // Every conv output is summed over ci ascending, taps ascending (the CPU's order for W ⊛ X; the
@@ -418,6 +418,7 @@ struct TileDims {
     int wg_rows;        // weight gradient: rows per chunk (wg_rows·W ≤ 256)
     int wg_row_groups;  // ceil(H / wg_rows)
     int wg_split;       // weight gradient: blocks along the (t, b, row group) chunks (grid.y)
+    int cpt;            // channels per thread: 4 (v2) or 8 (v3); the kernels' template parameter
 };
 
 // Grid-wide barrier, valid only under a cooperative launch (all blocks co-resident). The scheme of
@@ -467,8 +468,8 @@ __device__ __forceinline__ int tile_in_floats(const LayerDims& d, const TileDims
 
 // acc[i][j] += Σ_ci Σ_tap w_s[ci][tap][4·tc + i] · X[ci][halo of pixel j]. Block-uniform call
 // (contains __syncthreads). base[j]: the halo index of pixel j's tap (0, 0).
-template <int K, bool TRANS, class Src>
-__device__ __forceinline__ void tile_conv(float (&acc)[4][4], float* smem, const float* __restrict__ w, const Src& src,
+template <int K, bool TRANS, int CPT, class Src>
+__device__ __forceinline__ void tile_conv(float (&acc)[CPT][4], float* smem, const float* __restrict__ w, const Src& src,
                                           const LayerDims& d, const TileDims& td, int co0, int y0, const int (&base)[4], int tc) {
     constexpr int R = K / 2, KK = K * K;
     const int HS = d.W + 2 * R, HSZ = (td.rows + 2 * R) * HS, HW = d.H * d.W;
@@ -496,19 +497,24 @@ __device__ __forceinline__ void tile_conv(float (&acc)[4][4], float* smem, const
         const int nci = min(V2_CI, d.C - ci0);
         for (int ci = 0; ci < nci; ++ci) {
             const float* xin = in_s + ci * HSZ;
-            const float* wc = w_s + ci * KK * td.co_t + 4 * tc;
+            const float* wc = w_s + ci * KK * td.co_t + CPT * tc;
 #pragma unroll
             for (int ky = 0; ky < K; ++ky) {
 #pragma unroll
                 for (int kx = 0; kx < K; ++kx) {
-                    const float4 w4 = *reinterpret_cast<const float4*>(wc + (ky * K + kx) * td.co_t);
+                    float4 w4[CPT / 4];
+#pragma unroll
+                    for (int q = 0; q < CPT / 4; ++q) w4[q] = *reinterpret_cast<const float4*>(wc + (ky * K + kx) * td.co_t + 4 * q);
 #pragma unroll
                     for (int j = 0; j < 4; ++j) {
                         const float xv = xin[base[j] + ky * HS + kx];
-                        acc[0][j] += w4.x * xv;
-                        acc[1][j] += w4.y * xv;
-                        acc[2][j] += w4.z * xv;
-                        acc[3][j] += w4.w * xv;
+#pragma unroll
+                        for (int q = 0; q < CPT / 4; ++q) {
+                            acc[4 * q + 0][j] += w4[q].x * xv;
+                            acc[4 * q + 1][j] += w4[q].y * xv;
+                            acc[4 * q + 2][j] += w4[q].z * xv;
+                            acc[4 * q + 3][j] += w4[q].w * xv;
+                        }
                     }
                 }
             }
@@ -543,14 +549,14 @@ __device__ __forceinline__ TileJob tile_job(int job, const LayerDims& d, const T
     return J;
 }
 
-template <int K>
+template <int K, int CPT>
 __device__ __forceinline__ void forward_v2(const float* __restrict__ params, const float* __restrict__ input, float* out, float* v,
                                            float* __restrict__ g, float* z, unsigned int* bar, const LayerDims& d,
                                            const NeuronParams& np, const TileDims& td) {
     extern __shared__ float4 smem4[];
     float* smem = reinterpret_cast<float*>(smem4);
     constexpr int R = K / 2;
-    const int NPT = V2_THREADS / (td.co_t / 4);  // pixel threads
+    const int NPT = V2_THREADS / (td.co_t / CPT);  // pixel threads
     const int tc = threadIdx.x / NPT, tp = threadIdx.x - tc * NPT;
     const int HW = d.H * d.W, N = d.C * HW;
     const long long BN = (long long)d.B * N;
@@ -565,11 +571,11 @@ __device__ __forceinline__ void forward_v2(const float* __restrict__ params, con
         for (int job = blockIdx.x; job < td.jobs; job += gridDim.x) {
             const TileJob J = tile_job(job, d, td, tp, NPT, R);
             const long long sb = (long long)J.b * N;
-            float acc[4][4] = {};
-            if (d.back && t >= d.D) tile_conv<K, false>(acc, smem, wb, PlainSrc{out + (long long)(t - d.D) * BN + sb}, d, td, J.co0, J.y0, J.base, tc);
+            float acc[CPT][4] = {};
+            if (d.back && t >= d.D) tile_conv<K, false, CPT>(acc, smem, wb, PlainSrc{out + (long long)(t - d.D) * BN + sb}, d, td, J.co0, J.y0, J.base, tc);
 #pragma unroll
-            for (int i = 0; i < 4; ++i) {
-                const int c = J.co0 + 4 * tc + i;
+            for (int i = 0; i < CPT; ++i) {
+                const int c = J.co0 + CPT * tc + i;
                 if (c >= d.C) continue;
 #pragma unroll
                 for (int j = 0; j < 4; ++j) {
@@ -598,11 +604,11 @@ __device__ __forceinline__ void forward_v2(const float* __restrict__ params, con
             for (int job = blockIdx.x; job < td.jobs; job += gridDim.x) {
                 const TileJob J = tile_job(job, d, td, tp, NPT, R);
                 const long long sb = (long long)J.b * N;
-                float acc[4][4] = {};
-                tile_conv<K, false>(acc, smem, we, PlainSrc{v + ot + sb}, d, td, J.co0, J.y0, J.base, tc);
+                float acc[CPT][4] = {};
+                tile_conv<K, false, CPT>(acc, smem, we, PlainSrc{v + ot + sb}, d, td, J.co0, J.y0, J.base, tc);
 #pragma unroll
-                for (int i = 0; i < 4; ++i) {
-                    const int c = J.co0 + 4 * tc + i;
+                for (int i = 0; i < CPT; ++i) {
+                    const int c = J.co0 + CPT * tc + i;
                     if (c >= d.C) continue;
 #pragma unroll
                     for (int j = 0; j < 4; ++j) {
@@ -625,15 +631,15 @@ __device__ __forceinline__ void forward_v2(const float* __restrict__ params, con
 extern "C" __global__ void __launch_bounds__(V2_THREADS, 2)
 backei_forward_v2_r1_f32(const float* __restrict__ params, const float* __restrict__ input, float* out, float* v,
                          float* __restrict__ g, float* z, unsigned int* bar, LayerDims d, NeuronParams np, TileDims td) {
-    forward_v2<3>(params, input, out, v, g, z, bar, d, np, td);
+    forward_v2<3, 4>(params, input, out, v, g, z, bar, d, np, td);
 }
 extern "C" __global__ void __launch_bounds__(V2_THREADS, 2)
 backei_forward_v2_r2_f32(const float* __restrict__ params, const float* __restrict__ input, float* out, float* v,
                          float* __restrict__ g, float* z, unsigned int* bar, LayerDims d, NeuronParams np, TileDims td) {
-    forward_v2<5>(params, input, out, v, g, z, bar, d, np, td);
+    forward_v2<5, 4>(params, input, out, v, g, z, bar, d, np, td);
 }
 
-template <int K>
+template <int K, int CPT>
 __device__ __forceinline__ void backward_v2(const float* __restrict__ params, const float* __restrict__ input, const float* __restrict__ out,
                                             const float* __restrict__ v, const float* __restrict__ g, const float* __restrict__ z,
                                             const float* __restrict__ grad_out, float* grad_in, float* dvbuf, float* fb, float* dz,
@@ -642,7 +648,7 @@ __device__ __forceinline__ void backward_v2(const float* __restrict__ params, co
     extern __shared__ float4 smem4[];
     float* smem = reinterpret_cast<float*>(smem4);
     constexpr int R = K / 2;
-    const int NPT = V2_THREADS / (td.co_t / 4);
+    const int NPT = V2_THREADS / (td.co_t / CPT);
     const int tc = threadIdx.x / NPT, tp = threadIdx.x - tc * NPT;
     const int HW = d.H * d.W, N = d.C * HW;
     const long long BN = (long long)d.B * N;
@@ -657,14 +663,14 @@ __device__ __forceinline__ void backward_v2(const float* __restrict__ params, co
         for (int job = blockIdx.x; job < td.jobs; job += gridDim.x) {
             const TileJob J = tile_job(job, d, td, tp, NPT, R);
             const long long sb = (long long)J.b * N;
-            float acc[4][4] = {};
+            float acc[CPT][4] = {};
             if (d.ei) {
                 const DzSrc src{grad_out + ot + sb, has_fb ? fb_t + sb : nullptr, v + ot + sb, z + ot + sb, np};
-                tile_conv<K, true>(acc, smem, we, src, d, td, J.co0, J.y0, J.base, tc);
+                tile_conv<K, true, CPT>(acc, smem, we, src, d, td, J.co0, J.y0, J.base, tc);
             }
 #pragma unroll
-            for (int i = 0; i < 4; ++i) {
-                const int c = J.co0 + 4 * tc + i;
+            for (int i = 0; i < CPT; ++i) {
+                const int c = J.co0 + CPT * tc + i;
                 if (c >= d.C) continue;
 #pragma unroll
                 for (int j = 0; j < 4; ++j) {
@@ -708,11 +714,11 @@ __device__ __forceinline__ void backward_v2(const float* __restrict__ params, co
             for (int job = blockIdx.x; job < td.jobs; job += gridDim.x) {
                 const TileJob J = tile_job(job, d, td, tp, NPT, R);
                 const long long sb = (long long)J.b * N;
-                float acc[4][4] = {};
-                tile_conv<K, true>(acc, smem, wb, PlainSrc{da + ot + sb}, d, td, J.co0, J.y0, J.base, tc);
+                float acc[CPT][4] = {};
+                tile_conv<K, true, CPT>(acc, smem, wb, PlainSrc{da + ot + sb}, d, td, J.co0, J.y0, J.base, tc);
 #pragma unroll
-                for (int i = 0; i < 4; ++i) {
-                    const int c = J.co0 + 4 * tc + i;
+                for (int i = 0; i < CPT; ++i) {
+                    const int c = J.co0 + CPT * tc + i;
                     if (c >= d.C) continue;
 #pragma unroll
                     for (int j = 0; j < 4; ++j) {
@@ -735,7 +741,7 @@ backei_backward_v2_r1_f32(const float* __restrict__ params, float* grads, const 
                           const float* __restrict__ grad_out, float* grad_in, float* dvbuf, float* fb, float* dz, float* da,
                           unsigned int* bar, LayerDims d, NeuronParams np, TileDims td) {
     (void)grads;
-    backward_v2<3>(params, input, out, v, g, z, grad_out, grad_in, dvbuf, fb, dz, da, bar, d, np, td);
+    backward_v2<3, 4>(params, input, out, v, g, z, grad_out, grad_in, dvbuf, fb, dz, da, bar, d, np, td);
 }
 extern "C" __global__ void __launch_bounds__(V2_THREADS, 2)
 backei_backward_v2_r2_f32(const float* __restrict__ params, float* grads, const float* __restrict__ input, const float* __restrict__ out,
@@ -743,7 +749,38 @@ backei_backward_v2_r2_f32(const float* __restrict__ params, float* grads, const 
                           const float* __restrict__ grad_out, float* grad_in, float* dvbuf, float* fb, float* dz, float* da,
                           unsigned int* bar, LayerDims d, NeuronParams np, TileDims td) {
     (void)grads;
-    backward_v2<5>(params, input, out, v, g, z, grad_out, grad_in, dvbuf, fb, dz, da, bar, d, np, td);
+    backward_v2<5, 4>(params, input, out, v, g, z, grad_out, grad_in, dvbuf, fb, dz, da, bar, d, np, td);
+}
+
+// v3: the v2 kernels with 8-channel register tiles (CPT = 8: a thread owns 8 channels × 4 pixels,
+// 32 accumulators; per (ci, tap) two float4 weight loads and 4 input loads feed 32 FMAs instead of
+// 5 loads for 16, so the inner loop is bound by the FMA rate, not by shared-memory loads). A tile
+// then holds 1024·8/co_t pixels. Same arguments, launch and weight-gradient kernels as v2.
+extern "C" __global__ void __launch_bounds__(V2_THREADS, 2)
+backei_forward_v3_r1_f32(const float* __restrict__ params, const float* __restrict__ input, float* out, float* v,
+                         float* __restrict__ g, float* z, unsigned int* bar, LayerDims d, NeuronParams np, TileDims td) {
+    forward_v2<3, 8>(params, input, out, v, g, z, bar, d, np, td);
+}
+extern "C" __global__ void __launch_bounds__(V2_THREADS, 2)
+backei_forward_v3_r2_f32(const float* __restrict__ params, const float* __restrict__ input, float* out, float* v,
+                         float* __restrict__ g, float* z, unsigned int* bar, LayerDims d, NeuronParams np, TileDims td) {
+    forward_v2<5, 8>(params, input, out, v, g, z, bar, d, np, td);
+}
+extern "C" __global__ void __launch_bounds__(V2_THREADS, 2)
+backei_backward_v3_r1_f32(const float* __restrict__ params, float* grads, const float* __restrict__ input, const float* __restrict__ out,
+                          const float* __restrict__ v, const float* __restrict__ g, const float* __restrict__ z,
+                          const float* __restrict__ grad_out, float* grad_in, float* dvbuf, float* fb, float* dz, float* da,
+                          unsigned int* bar, LayerDims d, NeuronParams np, TileDims td) {
+    (void)grads;
+    backward_v2<3, 8>(params, input, out, v, g, z, grad_out, grad_in, dvbuf, fb, dz, da, bar, d, np, td);
+}
+extern "C" __global__ void __launch_bounds__(V2_THREADS, 2)
+backei_backward_v3_r2_f32(const float* __restrict__ params, float* grads, const float* __restrict__ input, const float* __restrict__ out,
+                          const float* __restrict__ v, const float* __restrict__ g, const float* __restrict__ z,
+                          const float* __restrict__ grad_out, float* grad_in, float* dvbuf, float* fb, float* dz, float* da,
+                          unsigned int* bar, LayerDims d, NeuronParams np, TileDims td) {
+    (void)grads;
+    backward_v2<5, 8>(params, input, out, v, g, z, grad_out, grad_in, dvbuf, fb, dz, da, bar, d, np, td);
 }
 
 // Weight gradient v2 (an ordinary launch after backward v2):

@@ -117,7 +117,7 @@ fn emulate(c: &Case, seed: u64, plan: &LaunchPlan) -> common::layer_check::Outco
             m.launch(&plan.backward, sched + 1, &mut a).unwrap();
         }
         LayerPath::Fused => {
-            let v2 = plan.version == KernelVersion::V2;
+            let v2 = plan.version.is_tiled();
             let fwd_dims = layer_dims(c.shape, &c.fb, b, t, &x.slots, c.t_in, plan.weights_in_smem_forward, onchip).unwrap();
             let mut a = Args::new();
             a.val(params.ptr()).val(input.ptr()).val(out.ptr()).val(v.ptr()).val(g.ptr()).val(z.ptr());
@@ -197,11 +197,13 @@ fn plans(c: &Case, limits: DeviceLimits) -> Vec<LaunchPlan> {
     }
     let mut ps = vec![v1];
     if c.want_path == LayerPath::Fused {
-        let v2 = plan_version(c.shape, &c.fb, c.batch, c.steps, &limits, KernelVersion::V2).unwrap();
-        if c.fb.radius == 1 || c.fb.radius == 2 {
-            assert_eq!(v2.version, KernelVersion::V2, "{}: v2 fell back: {:?}", c.name, v2.fallback);
+        for version in [KernelVersion::V2, KernelVersion::V3] {
+            let p = plan_version(c.shape, &c.fb, c.batch, c.steps, &limits, version).unwrap();
+            if c.fb.radius == 1 || c.fb.radius == 2 {
+                assert_eq!(p.version, version, "{}: {version:?} fell back: {:?}", c.name, p.fallback);
+            }
+            ps.push(p);
         }
-        ps.push(v2);
         // --deterministic: v1 with the separate (atomic-free) weight-gradient reduction
         ps.push(plan_deterministic(c.shape, &c.fb, c.batch, c.steps, &lim).unwrap());
     }

@@ -7,8 +7,8 @@
 //! How it compares: `tests/common/layer_check.rs` (the same comparison runs on the CPU emulation
 //! of these kernels in `tests/emu_kernels.rs`, in CI).
 //!
-//! Every case runs twice: with the v1 kernels (one block per sample) and with the v2 kernels
-//! (cooperative, tiled; `KernelVersion::V2`), whose plan must not fall back to v1 here; the
+//! Every case runs three times: with the v1 kernels (one block per sample) and with the v2 and v3
+//! kernels (cooperative, tiled; `KernelVersion::V2`/`V3`), whose plans must not fall back here; the
 //! backward scratch buffers are NaN-poisoned too (every element read must have been written).
 //!
 //! These tests need a CUDA GPU; without one they FAIL when run with `--ignored`.
@@ -52,9 +52,9 @@ fn run(dev: &Arc<GpuDevice>, c: &Case, seed: u64, version: KernelVersion) -> Out
         if let Some(w) = c.want_wgrad {
             assert_eq!(plan.wgrad, w, "{}", c.name);
         }
-    } else if plan.path == LayerPath::Fused && c.smem_limit.is_none() {
-        // every case here has r ∈ {1, 2} and W ≤ 256: v2 must not fall back
-        assert_eq!(plan.version, KernelVersion::V2, "{}: v2 fell back: {:?}", c.name, plan.fallback);
+    } else if plan.path == LayerPath::Fused && c.smem_limit.is_none() && (c.fb.radius == 1 || c.fb.radius == 2) {
+        // every case here with r ∈ {1, 2} has W ≤ 256: v2 and v3 must not fall back
+        assert_eq!(plan.version, version, "{}: {version:?} fell back: {:?}", c.name, plan.fallback);
         assert_eq!(plan.wgrad, WgradPath::Tiled);
     }
     for buf in [&mut layer.dv, &mut layer.fb, &mut layer.dz, &mut layer.da].into_iter().flatten() {
@@ -98,8 +98,8 @@ fn device() -> Arc<GpuDevice> {
 
 fn run_all(cases: &[Case]) {
     let dev = device();
-    // every case with the v1 kernels AND the v2 kernels (same seed: the same data)
-    for version in [KernelVersion::V1, KernelVersion::V2] {
+    // every case with the v1, v2 and v3 kernels (same seed: the same data)
+    for version in [KernelVersion::V1, KernelVersion::V2, KernelVersion::V3] {
         let mut strict = 0;
         for (i, c) in cases.iter().enumerate() {
             let o = run(&dev, c, 4150 + i as u64, version);

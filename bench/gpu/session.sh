@@ -65,8 +65,9 @@ for stage in $stages; do
       run bench-kernels 120 .gpu/bin/bench-kernels ${KERNEL_FILTER:-} ;;
     train-bench)
       run bench-train 90 .gpu/bin/bench-train
-      # the v2 kernels (verified on the CPU emulator in CI, never timed on a GPU before)
-      run bench-train-v2 90 env BACKEI_BACKEI_KERNEL=v2 .gpu/bin/bench-train ;;
+      # the v2 and v3 kernels (verified on the CPU emulator in CI, never timed on a GPU before)
+      run bench-train-v2 90 env BACKEI_BACKEI_KERNEL=v2 .gpu/bin/bench-train
+      run bench-train-v3 90 env BACKEI_BACKEI_KERNEL=v3 .gpu/bin/bench-train ;;
     reference)
       run reference 150 env BACKEI_CSV=/tmp/backei-results/kernels.csv OUT=/tmp/backei-results bash bench/reference/gpu_run.sh ;;
     train)

@@ -17,7 +17,8 @@ repetitions (fewer, at least --min-reps, for workloads slower than --seconds-per
 measured with CUDA events after warm-up. TF32 is off (true fp32) unless --tf32.
 
 --backei-csv: a CSV with at least the columns `workload,ms` (more columns are ignored; the first
-row of a workload counts), with the workload names above. Ratios are PyTorch ms / backei ms,
+row of a workload counts), with the workload names above; `<workload>@v2` and `<workload>@v3` rows
+(the tiled BackEI kernels) compete with the plain name, and the table shows the fastest. Ratios are PyTorch ms / backei ms,
 so > 1 means backei is faster.
 
 Every workload runs inside try/except: an error is printed and the run goes on.
@@ -204,17 +205,24 @@ def fmt(x, digits=3):
     return "—" if x is None else f"{x:.{digits}g}" if digits else str(x)
 
 
+def best_backei(backei, name):
+    """The fastest backei row of a workload: `name` (v1) or `name@v2` / `name@v3` (the tiled
+    kernels), as (ms, version)."""
+    found = [(backei[k], v) for k, v in ((name, "v1"), (f"{name}@v2", "v2"), (f"{name}@v3", "v3")) if k in backei]
+    return min(found) if found else (None, None)
+
+
 def build_table(results, backei, sj_columns):
-    cols = ["backei ms", "eager ms", "compile ms"] + [f"{c} ms" for c in sj_columns]
+    cols = ["backei ms", "kernels", "eager ms", "compile ms"] + [f"{c} ms" for c in sj_columns]
     ratio_cols = ["eager/backei", "compile/backei"] + [f"{c}/backei" for c in sj_columns]
     header = ["workload"] + cols + ratio_cols
     rows = []
     for name in all_workloads():
         r = results.get(name, {})
-        b = backei.get(name)
-        vals = [b, r.get("eager"), r.get("compile")] + [r.get(c) for c in sj_columns]
-        ratios = [(v / b) if (v is not None and b) else None for v in vals[1:]]
-        rows.append([name] + [fmt(v, 4) for v in vals] + [fmt(v, 3) for v in ratios])
+        b, version = best_backei(backei, name)
+        others = [r.get("eager"), r.get("compile")] + [r.get(c) for c in sj_columns]
+        ratios = [(v / b) if (v is not None and b) else None for v in others]
+        rows.append([name, fmt(b, 4), version or "—"] + [fmt(v, 4) for v in others] + [fmt(v, 3) for v in ratios])
     return header, rows
 
 

@@ -39,6 +39,12 @@
 //!   back to v1 (saying why in `fallback`) for r ∉ {1, 2}, W > 256 or too little shared memory.
 //!   [`v2_tile_job`] mirrors the kernel's index arithmetic; the unit tests check with it that the
 //!   tiles cover every output exactly once and read only inside the staged halo.
+//! - **v3** (`KernelVersion::V3`, opt-in: `BACKEI_BACKEI_KERNEL=v3`): the v2 kernels with 8-channel
+//!   register tiles (`TileDims::cpt` = 8: 32 accumulators per thread, 32 FMAs per 6 shared-memory
+//!   loads instead of 16 per 5) and twice the pixels per tile; the same weight-gradient kernel.
+//!   Which of v2 and v3 is faster depends on the shape (a larger tile means fewer jobs to balance
+//!   over the SMs): `cargo bench --bench kernels` times v1, v2 and v3 side by side. Both are
+//!   executed on the CPU emulator in CI (`tests/emu_kernels.rs`) against the CPU engine.
 //!
 //! Buffers are sized once per (batch, steps) and reused; all settings and shapes are validated
 //! and returned as errors, never panics.
@@ -162,9 +168,12 @@ pub enum KernelVersion {
     /// Cooperative persistent kernels with tiled convolutions over the whole batch
     /// (`backei_*_v2_r{1,2}_f32`); radius 1 and 2 only, else the plan falls back to v1.
     V2,
+    /// v2 with 8-channel register tiles (`backei_*_v3_r{1,2}_f32`): 32 FMAs per 6 shared-memory
+    /// loads in the inner loop instead of 16 per 5.
+    V3,
 }
 
-/// The environment variable that selects the fused kernels: `v1` (default) or `v2`.
+/// The environment variable that selects the fused kernels: `v1` (default), `v2` or `v3`.
 pub const KERNEL_ENV: &str = "BACKEI_BACKEI_KERNEL";
 
 impl KernelVersion {
@@ -173,7 +182,22 @@ impl KernelVersion {
         match s.trim().to_ascii_lowercase().as_str() {
             "v1" | "1" => Ok(KernelVersion::V1),
             "v2" | "2" => Ok(KernelVersion::V2),
-            other => Err(config_err(KERNEL_ENV, format!("`{other}` is not a BackEI kernel version (v1 or v2)"))),
+            "v3" | "3" => Ok(KernelVersion::V3),
+            other => Err(config_err(KERNEL_ENV, format!("`{other}` is not a BackEI kernel version (v1, v2 or v3)"))),
+        }
+    }
+
+    /// The cooperative tiled kernels (v2 and v3).
+    pub fn is_tiled(self) -> bool {
+        matches!(self, KernelVersion::V2 | KernelVersion::V3)
+    }
+
+    /// Channels per thread of the tiled kernels' register tile.
+    pub fn channels_per_thread(self) -> usize {
+        if self == KernelVersion::V3 {
+            8
+        } else {
+            4
         }
     }
 
@@ -199,6 +223,8 @@ pub struct TileDims {
     pub wg_rows: i32,
     pub wg_row_groups: i32,
     pub wg_split: i32,
+    /// Channels per thread: 4 (v2) or 8 (v3).
+    pub cpt: i32,
 }
 // SAFETY: plain-old-data with the C layout of cuda/backei_layer.cu's TileDims.
 unsafe impl DeviceRepr for TileDims {}
@@ -541,6 +567,7 @@ pub fn v2_tiling(
     batch: usize,
     steps: usize,
     limits: &DeviceLimits,
+    cpt: usize,
 ) -> std::result::Result<(TileDims, u32, usize, (u32, u32), usize), String> {
     let [c, h, w] = shape;
     let r = fb.radius;
@@ -550,7 +577,8 @@ pub fn v2_tiling(
     // (cost in tile slots, co_t, rows, row groups); ties go to the larger channel tile (more reuse)
     let mut best: Option<(usize, usize, usize, usize)> = None;
     for co_t in [16usize, 32, 64] {
-        let pix = 4096 / co_t;
+        // pixel threads 256·cpt/co_t, 4 pixels each
+        let pix = V2_THREADS as usize * cpt * 4 / co_t;
         if w > pix {
             continue;
         }
@@ -562,7 +590,8 @@ pub fn v2_tiling(
             best = Some((cost, co_t, rows, rg));
         }
     }
-    let (_, co_t, rows, rg) = best.ok_or_else(|| format!("W = {w} > 256: a v2 tile holds whole rows of at most 256 pixels"))?;
+    let (_, co_t, rows, rg) =
+        best.ok_or_else(|| format!("W = {w} > {}: a tile holds whole rows of at most that many pixels", 256 * cpt / 4))?;
     let cg = c.div_ceil(co_t);
     let jobs = batch.checked_mul(cg).and_then(|x| x.checked_mul(rg)).filter(|&j| j <= i32::MAX as usize);
     let jobs = jobs.ok_or_else(|| format!("{batch}·{cg}·{rg} tile jobs exceed the 32-bit range"))?;
@@ -595,13 +624,14 @@ pub fn v2_tiling(
         wg_rows: wg_rows as i32,
         wg_row_groups: wg_rg as i32,
         wg_split: split as i32,
+        cpt: cpt as i32,
     };
     Ok((td, grid, smem, (tiles as u32, split as u32), wg_smem))
 }
 
-/// The launch plan for a kernel version: `plan` for V1 (and for the plain layer); for V2 the
-/// cooperative tiled kernels when [`v2_tiling`] finds a tiling, else the V1 plan with the reason
-/// in `fallback`.
+/// The launch plan for a kernel version: `plan` for V1 (and for the plain layer); for V2 and V3
+/// the cooperative tiled kernels when [`v2_tiling`] finds a tiling, else the V1 plan with the
+/// reason in `fallback`.
 pub fn plan_version(
     shape: [usize; 3],
     fb: &FeedbackConfig,
@@ -614,7 +644,7 @@ pub fn plan_version(
     if version == KernelVersion::V1 || p.path == LayerPath::Plain {
         return Ok(p);
     }
-    let (td, grid, smem, wg_grid, wg_smem) = match v2_tiling(shape, fb, batch, steps, limits) {
+    let (td, grid, smem, wg_grid, wg_smem) = match v2_tiling(shape, fb, batch, steps, limits, version.channels_per_thread()) {
         Ok(x) => x,
         Err(why) => {
             p.fallback = Some(why);
@@ -630,8 +660,19 @@ pub fn plan_version(
         smem_bytes: smem as u32,
         cooperative: true,
     };
-    p.forward = coop(if r1 { "backei_forward_v2_r1_f32" } else { "backei_forward_v2_r2_f32" });
-    p.backward = coop(if r1 { "backei_backward_v2_r1_f32" } else { "backei_backward_v2_r2_f32" });
+    let v3 = version == KernelVersion::V3;
+    p.forward = coop(match (v3, r1) {
+        (false, true) => "backei_forward_v2_r1_f32",
+        (false, false) => "backei_forward_v2_r2_f32",
+        (true, true) => "backei_forward_v3_r1_f32",
+        (true, false) => "backei_forward_v3_r2_f32",
+    });
+    p.backward = coop(match (v3, r1) {
+        (false, true) => "backei_backward_v2_r1_f32",
+        (false, false) => "backei_backward_v2_r2_f32",
+        (true, true) => "backei_backward_v3_r1_f32",
+        (true, false) => "backei_backward_v3_r2_f32",
+    });
     p.wgrad = WgradPath::Tiled;
     p.wgrad_launch = Some(KernelLaunch {
         module: "backei_layer",
@@ -646,7 +687,7 @@ pub fn plan_version(
     let all = p.buffers.out;
     p.buffers.dz = if fb.ei { all } else { 0 };
     p.buffers.da = if fb.back { all } else { 0 };
-    p.version = KernelVersion::V2;
+    p.version = version;
     p.tile = Some(td);
     Ok(p)
 }
@@ -663,7 +704,7 @@ pub fn v2_tile_job(
 ) -> (usize, usize, usize, [Option<usize>; 4], [usize; 4]) {
     let [_, h, w] = shape;
     let (rows, rgs, cgs, co_t) = (td.rows as usize, td.row_groups as usize, td.ch_groups as usize, td.co_t as usize);
-    let np_threads = V2_THREADS as usize / (co_t / 4);
+    let np_threads = V2_THREADS as usize / (co_t / td.cpt as usize);
     let rg = job % rgs;
     let rest = job / rgs;
     let b = rest / cgs;
@@ -844,7 +885,7 @@ impl GpuBackEiLayer {
             self.fb = alloc(&self.dev, b.fb)?;
             self.dz = alloc(&self.dev, b.dz)?;
             self.da = alloc(&self.dev, b.da)?;
-            if p.version == KernelVersion::V2 && self.bar.is_none() {
+            if p.version.is_tiled() && self.bar.is_none() {
                 self.bar = Some(self.dev.stream.alloc_zeros::<u32>(1).map_err(cuda_err("allocating the grid barrier"))?);
             }
             self.plan = Some(p);
@@ -919,7 +960,7 @@ impl GpuBackEiLayer {
                 unsafe { stream.launch_builder(&f).arg(input).arg(out).arg(v).arg(&nn).arg(&t).arg(&ti).arg(&np).launch(l.config()) }
                     .map_err(cuda_err("launching spiking_forward_v1_f32"))?;
             }
-            LayerPath::Fused if plan.version == KernelVersion::V2 => {
+            LayerPath::Fused if plan.version.is_tiled() => {
                 let td = plan.tile.ok_or_else(|| BackeiError::Cuda("BackEI layer: v2 plan without a tiling".into()))?;
                 let cfg = coop_cfg.ok_or_else(|| BackeiError::Cuda("BackEI layer: v2 launch not cooperative".into()))?;
                 let bar = self.bar.as_mut().ok_or_else(|| BackeiError::Cuda("BackEI layer: grid barrier missing".into()))?;
@@ -1001,7 +1042,7 @@ impl GpuBackEiLayer {
                 }
                 .map_err(cuda_err("launching spiking_backward_v1_f32"))?;
             }
-            LayerPath::Fused if plan.version == KernelVersion::V2 => {
+            LayerPath::Fused if plan.version.is_tiled() => {
                 let td = plan.tile.ok_or_else(|| BackeiError::Cuda("BackEI layer: v2 plan without a tiling".into()))?;
                 let dims = self.dims(slots, t_in, false, false)?;
                 let cfg = self.coop_config(&f, &l)?;
@@ -1335,7 +1376,9 @@ mod tests {
         let (k, hw) = (2 * r + 1, h * w);
         let co_t = td.co_t as usize;
         assert!(matches!(co_t, 16 | 32 | 64));
-        let ntc = co_t / 4;
+        let cpt = td.cpt as usize;
+        assert!(cpt == 4 || cpt == 8);
+        let ntc = co_t / cpt;
         let npt = V2_THREADS as usize / ntc;
         assert_eq!(ntc * npt, V2_THREADS as usize);
         let rows = td.rows as usize;
@@ -1353,11 +1396,13 @@ mod tests {
                 let (tc, tp) = (tid / npt, tid % npt);
                 let (b, co0, y0, pix, base) = v2_tile_job(shape, r, td, job, tp);
                 assert!(b < batch && co0 < c && y0 < h);
-                // float4 weight loads: (ci·k² + tap)·co_t + 4·tc, aligned, inside the chunk
+                // float4 weight loads: (ci·k² + tap)·co_t + cpt·tc + 4·q, aligned, inside the chunk
                 for ci in [0, V2_CI - 1] {
                     for tap in [0, k * k - 1] {
-                        let at = (ci * k * k + tap) * co_t + 4 * tc;
-                        assert!(at % 4 == 0 && at + 3 < V2_CI * k * k * co_t);
+                        for q in 0..cpt / 4 {
+                            let at = (ci * k * k + tap) * co_t + cpt * tc + 4 * q;
+                            assert!(at % 4 == 0 && at + 3 < V2_CI * k * k * co_t);
+                        }
                     }
                 }
                 for j in 0..4 {
@@ -1376,8 +1421,8 @@ mod tests {
                             assert_eq!((y0 + hy, hx), (y + ky, x + kx), "the halo read is the tap's input");
                         }
                     }
-                    for i in 0..4 {
-                        let ch = co0 + 4 * tc + i;
+                    for i in 0..cpt {
+                        let ch = co0 + cpt * tc + i;
                         if ch < c {
                             seen[(b * c + ch) * hw + p] += 1;
                         }
@@ -1431,17 +1476,20 @@ mod tests {
 
     #[test]
     fn v2_plans_every_backei_shape_within_the_device_limits_and_covers_every_output_once() {
-        for limits in [DeviceLimits::A100, DeviceLimits::H100] {
+        for (version, limits) in
+            [KernelVersion::V2, KernelVersion::V3].into_iter().flat_map(|v| [(v, DeviceLimits::A100), (v, DeviceLimits::H100)])
+        {
             for (net, i, shape, fb) in spiking_layers() {
                 if !fb.back && !fb.ei {
-                    let p = plan_version(shape, &fb, 100, 20, &limits, KernelVersion::V2).unwrap();
-                    assert_eq!((p.path, p.version), (LayerPath::Plain, KernelVersion::V1), "the plain layer has no v2");
+                    let p = plan_version(shape, &fb, 100, 20, &limits, version).unwrap();
+                    assert_eq!((p.path, p.version), (LayerPath::Plain, KernelVersion::V1), "the plain layer has no v2/v3");
                     continue;
                 }
                 for batch in [1, 100, 256] {
                     for steps in [1, 20, 64] {
-                        let p = plan_version(shape, &fb, batch, steps, &limits, KernelVersion::V2).unwrap();
-                        assert_eq!(p.version, KernelVersion::V2, "{net} layer {i} {shape:?}: fell back: {:?}", p.fallback);
+                        let p = plan_version(shape, &fb, batch, steps, &limits, version).unwrap();
+                        assert_eq!(p.version, version, "{net} layer {i} {shape:?}: fell back: {:?}", p.fallback);
+                        assert_eq!(p.tile.unwrap().cpt as usize, version.channels_per_thread());
                         assert_eq!(p.wgrad, WgradPath::Tiled);
                         let td = p.tile.unwrap();
                         let per_sm = (limits.max_smem_per_sm as usize / (p.forward.smem_bytes as usize + SMEM_RESERVED_PER_BLOCK))
@@ -1460,7 +1508,7 @@ mod tests {
                         // beyond the job count, which is checked for every batch above)
                         if batch == 1 && steps == 1 || (batch, steps) == (100, 20) && shape[0] <= 64 && limits == DeviceLimits::H100 {
                             let (b, t) = (batch.min(2), steps.min(3));
-                            let q = plan_version(shape, &fb, b, t, &limits, KernelVersion::V2).unwrap();
+                            let q = plan_version(shape, &fb, b, t, &limits, version).unwrap();
                             let wg = q.wgrad_launch.unwrap().grid;
                             check_v2_coverage(shape, fb.radius, b, t, &q.tile.unwrap(), (wg.0, wg.1));
                         }
@@ -1487,9 +1535,9 @@ mod tests {
         ] {
             for back_ei in [(true, true), (true, false), (false, true)] {
                 let fb = FeedbackConfig { back: back_ei.0, ei: back_ei.1, radius: r, delay: 2 };
-                for (b, t) in [(1, 1), (3, 4)] {
-                    let p = plan_version(shape, &fb, b, t, &h, KernelVersion::V2).unwrap();
-                    assert_eq!(p.version, KernelVersion::V2, "{shape:?} r {r}: {:?}", p.fallback);
+                for ((b, t), version) in [(1, 1), (3, 4)].into_iter().flat_map(|bt| [(bt, KernelVersion::V2), (bt, KernelVersion::V3)]) {
+                    let p = plan_version(shape, &fb, b, t, &h, version).unwrap();
+                    assert_eq!(p.version, version, "{shape:?} r {r}: {:?}", p.fallback);
                     let wg = p.wgrad_launch.unwrap().grid;
                     check_v2_coverage(shape, r, b, t, &p.tile.unwrap(), (wg.0, wg.1));
                 }
@@ -1520,7 +1568,8 @@ mod tests {
             plan([32, 28, 28], &fb(1), 100, 20, &h).unwrap()
         );
         assert_eq!(KernelVersion::parse(" V2 ").unwrap(), KernelVersion::V2);
-        assert!(KernelVersion::parse("v3").unwrap_err().to_string().contains("v3"));
+        assert_eq!(KernelVersion::parse("v3").unwrap(), KernelVersion::V3);
+        assert!(KernelVersion::parse("v4").unwrap_err().to_string().contains("v4"));
         // the reference shapes: tile choice and kernel names
         let p = plan_version([32, 28, 28], &fb(1), 100, 20, &h, KernelVersion::V2).unwrap();
         let td = p.tile.unwrap();
@@ -1529,11 +1578,21 @@ mod tests {
         assert_eq!(p.forward.kernel, "backei_forward_v2_r1_f32");
         let p = plan_version([15, 24, 24], &fb(2), 100, 20, &h, KernelVersion::V2).unwrap();
         assert_eq!((p.backward.kernel, p.wgrad_launch.unwrap().kernel), ("backei_backward_v2_r2_f32", "backei_wgrad_v2_r2_f32"));
+        // v3: twice the pixels per tile at the same channel tile (fashion-mnist layer 1: 32
+        // channels × 9 rows of 28, 4 row groups of 7 rows), the v3 kernels, the v2 weight gradient
+        let p = plan_version([32, 28, 28], &fb(1), 100, 20, &h, KernelVersion::V3).unwrap();
+        let td = p.tile.unwrap();
+        assert_eq!((td.co_t, td.rows, td.row_groups, td.cpt), (32, 7, 4, 8));
+        assert_eq!((p.forward.kernel, p.backward.kernel), ("backei_forward_v3_r1_f32", "backei_backward_v3_r1_f32"));
+        assert_eq!(p.wgrad_launch.unwrap().kernel, "backei_wgrad_v2_r1_f32");
+        // a row of 300 fits a v3 tile (up to 512 pixels), not a v2 tile (up to 256)
+        let wide = |v| plan_version([4, 3, 300], &fb(1), 2, 3, &h, v).unwrap().version;
+        assert_eq!((wide(KernelVersion::V2), wide(KernelVersion::V3)), (KernelVersion::V1, KernelVersion::V3));
     }
 
     #[test]
     fn tile_dims_have_the_c_layout_of_the_kernels() {
-        assert_eq!(std::mem::size_of::<TileDims>(), 32);
+        assert_eq!(std::mem::size_of::<TileDims>(), 36);
         assert_eq!(std::mem::align_of::<TileDims>(), 4);
     }
 }
