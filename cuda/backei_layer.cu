@@ -783,7 +783,8 @@ backei_backward_v3_r2_f32(const float* __restrict__ params, float* grads, const 
     backward_v2<5, 8>(params, input, out, v, g, z, grad_out, grad_in, dvbuf, fb, dz, da, bar, d, np, td);
 }
 
-// Weight gradient v2 (an ordinary launch after backward v2):
+// Weight gradient v2 (an ordinary launch after backward v2; partials = null: atomicAdd into grads,
+// else each block writes its sums to partials[blockIdx.y] for backei_wgrad_reduce_f32):
 //   dW[c][ci][tap] += Σ_{t ≥ shift} Σ_b Σ_p dY_t[b][c][p]·X_{t−shift}[b][ci][p + tap − r],  db[c] += Σ_{t ≥ 0} Σ_b Σ_p dY_t[b][c][p]
 // grid = (G·G, td.wg_split), G = ceil(C/16): block (cg, ig) owns c ∈ [16·cg, +16), ci ∈ [16·ig, +16)
 // and walks the chunks (t, b, row group) blockIdx.y, + gridDim.y, … ; block = 256 threads, thread
@@ -795,7 +796,8 @@ __device__ __forceinline__ int wg_plane(const LayerDims& d, const TileDims& td, 
 
 template <int K>
 __device__ __forceinline__ void wgrad_v2(float* __restrict__ grads, long long off_w, long long off_b, const float* __restrict__ dY,
-                                         const float* __restrict__ X, int shift, const LayerDims& d, const TileDims& td) {
+                                         const float* __restrict__ X, int shift, const LayerDims& d, const TileDims& td,
+                                         float* __restrict__ partials) {
     extern __shared__ float4 smem4[];
     float* smem = reinterpret_cast<float*>(smem4);
     constexpr int R = K / 2, KK = K * K;
@@ -864,6 +866,19 @@ __device__ __forceinline__ void wgrad_v2(float* __restrict__ grads, long long of
         }
     }
     const int c = c0 + tcc, ci = i0 + tci;
+    if (partials) {
+        // deterministic: this block's sums go to its own slice; backei_wgrad_reduce_f32 adds the
+        // slices in order (every weight and bias of a slice has exactly one writer block)
+        float* slice = partials + (long long)blockIdx.y * ((long long)d.C * d.C * KK + d.C);
+        if (c < d.C && ci < d.C) {
+#pragma unroll
+            for (int ky = 0; ky < K; ++ky)
+#pragma unroll
+                for (int kx = 0; kx < K; ++kx) slice[((long long)c * d.C + ci) * KK + ky * K + kx] = acc[ky][kx];
+        }
+        if (bias_thread && c < d.C) slice[(long long)d.C * d.C * KK + c] = accb;
+        return;
+    }
     if (c < d.C && ci < d.C) {
         float* gw = grads + off_w + ((long long)c * d.C + ci) * KK;
 #pragma unroll
@@ -874,13 +889,28 @@ __device__ __forceinline__ void wgrad_v2(float* __restrict__ grads, long long of
     if (bias_thread && c < d.C) atomicAdd(grads + off_b + c, accb);
 }
 
+// Deterministic reduction of backei_wgrad_v2's slices: grads[W][j] += Σ_{s < splits} slice_s[j] and
+// grads[b][c] += Σ_s slice_s[C²k² + c], s ascending (a fixed order: bit-reproducible). One thread
+// per weight or bias element, grid-stride. partials: [splits][C·C·k² + C].
+extern "C" __global__ void __launch_bounds__(256)
+backei_wgrad_reduce_f32(float* __restrict__ grads, long long off_w, long long off_b, const float* __restrict__ partials, int splits,
+                        long long wlen, int C) {
+    const long long len = wlen + C;
+    for (long long j = blockIdx.x * (long long)blockDim.x + threadIdx.x; j < len; j += (long long)gridDim.x * blockDim.x) {
+        float acc = 0.0f;
+        for (int s2 = 0; s2 < splits; ++s2) acc += partials[(long long)s2 * len + j];
+        float* dst = j < wlen ? grads + off_w + j : grads + off_b + (j - wlen);
+        *dst += acc;
+    }
+}
+
 extern "C" __global__ void __launch_bounds__(V2_THREADS)
 backei_wgrad_v2_r1_f32(float* __restrict__ grads, long long off_w, long long off_b, const float* __restrict__ dY,
-                       const float* __restrict__ X, int shift, LayerDims d, TileDims td) {
-    wgrad_v2<3>(grads, off_w, off_b, dY, X, shift, d, td);
+                       const float* __restrict__ X, int shift, LayerDims d, TileDims td, float* __restrict__ partials) {
+    wgrad_v2<3>(grads, off_w, off_b, dY, X, shift, d, td, partials);
 }
 extern "C" __global__ void __launch_bounds__(V2_THREADS)
 backei_wgrad_v2_r2_f32(float* __restrict__ grads, long long off_w, long long off_b, const float* __restrict__ dY,
-                       const float* __restrict__ X, int shift, LayerDims d, TileDims td) {
-    wgrad_v2<5>(grads, off_w, off_b, dY, X, shift, d, td);
+                       const float* __restrict__ X, int shift, LayerDims d, TileDims td, float* __restrict__ partials) {
+    wgrad_v2<5>(grads, off_w, off_b, dY, X, shift, d, td, partials);
 }

@@ -141,7 +141,7 @@ impl Engine {
         if cfg.deterministic {
             if let Engine::Gpu { net, .. } = &mut engine {
                 net.set_deterministic(true);
-                line.push_str(" — deterministic: v1 kernels, no float atomics");
+                line.push_str(" — deterministic: no float atomics in the gradients");
             }
         }
         Ok((engine, line))

@@ -85,6 +85,14 @@ impl DevBuf {
 fn emulate(c: &Case, seed: u64, plan: &LaunchPlan) -> common::layer_check::Outcome {
     let x = inputs(c, seed);
     let cpu = cpu_reference(c, &x);
+    let d = emulate_on(c, &x, plan, seed ^ 0x5eed);
+    let label = format!("emulated {:?} {:?}/{:?} grid {:?}", plan.version, plan.path, plan.wgrad, plan.forward.grid);
+    compare(c, &label, &x, &cpu, &d)
+}
+
+/// The launches of one forward and backward on the emulator; `sched` seeds the block and thread
+/// order.
+fn emulate_on(c: &Case, x: &common::layer_check::Inputs, plan: &LaunchPlan, sched: u64) -> DeviceOut {
     let n: usize = c.shape.iter().product();
     let (b, t) = (c.batch, c.steps);
     let bs = plan.buffers;
@@ -104,7 +112,7 @@ fn emulate(c: &Case, seed: u64, plan: &LaunchPlan) -> common::layer_check::Outco
     let mut dz = DevBuf::new("dz", bs.dz);
     let mut da = DevBuf::new("da", bs.da);
     let mut bar = vec![0u32; 1];
-    let sched = seed ^ 0x5eed;
+    let mut partials = DevBuf::new("wg_partials", bs.wg_partials);
     let onchip = plan.wgrad == WgradPath::OnChip;
     match plan.path {
         LayerPath::Plain => {
@@ -159,26 +167,33 @@ fn emulate(c: &Case, seed: u64, plan: &LaunchPlan) -> common::layer_check::Outco
                     a.val(grads.ptr()).val(ow as i64).val(ob as i64).val(dy).val(xx).val(shift).val(bwd_dims);
                     if v2 {
                         a.val(plan.tile.expect("v2 tiling"));
+                        a.val(if plan.wgrad_reduce.is_some() { partials.ptr() } else { std::ptr::null_mut() });
                     }
                     m.launch(&w, sched + 2, &mut a).unwrap();
+                    if let Some(r) = plan.wgrad_reduce {
+                        let k = 2 * c.fb.radius + 1;
+                        let wlen = (c.shape[0] * c.shape[0] * k * k) as i64;
+                        let mut a = Args::new();
+                        a.val(grads.ptr()).val(ow as i64).val(ob as i64).val(partials.ptr()).val(plan.tile.unwrap().wg_split);
+                        a.val(wlen).val(c.shape[0] as i32);
+                        m.launch(&r, sched + 3, &mut a).unwrap();
+                    }
                 }
             }
         }
     }
-    for buf in [&params, &grads, &input, &gout, &gin, &out, &v, &g, &z, &dv, &fbuf, &dz, &da] {
+    for buf in [&params, &grads, &input, &gout, &gin, &out, &v, &g, &z, &dv, &fbuf, &dz, &da, &partials] {
         buf.check_guards();
     }
     assert_eq!(params.host(), x.params, "{}: the parameters were written", c.name);
-    let label = format!("emulated {:?} {:?}/{:?} grid {:?}", plan.version, plan.path, plan.wgrad, plan.forward.grid);
-    let d = DeviceOut {
+    DeviceOut {
         out: out.host(),
         v: v.host(),
         g: c.fb.back.then(|| g.host()),
         z: c.fb.ei.then(|| z.host()),
         gin: gin.host(),
         grads: grads.host(),
-    };
-    compare(c, &label, &x, &cpu, &d)
+    }
 }
 
 /// A small device: the v2 grid is then smaller than its jobs, so every block loops over several
@@ -204,8 +219,11 @@ fn plans(c: &Case, limits: DeviceLimits) -> Vec<LaunchPlan> {
             }
             ps.push(p);
         }
-        // --deterministic: v1 with the separate (atomic-free) weight-gradient reduction
-        ps.push(plan_deterministic(c.shape, &c.fb, c.batch, c.steps, &lim).unwrap());
+        // --deterministic: v1 with the separate (atomic-free) weight-gradient reduction; v2/v3 with
+        // partial sums reduced in order
+        for version in [KernelVersion::V1, KernelVersion::V2, KernelVersion::V3] {
+            ps.push(plan_deterministic(c.shape, &c.fb, c.batch, c.steps, &limits, version).unwrap());
+        }
     }
     ps
 }
@@ -311,4 +329,29 @@ fn emulated_spike_counts_equal_a_plain_count() {
     let fired = s.iter().filter(|&&x| x != 0.0).count() as u64;
     let inh = s.iter().filter(|&&x| x < 0.0).count() as u64;
     assert_eq!(counts, [fired, inh]);
+}
+
+// ---- --deterministic: the same bits whatever order the blocks run in ---------------------------------
+
+/// (The default plans do not: their float atomicAdds land in the order the blocks finish, and the
+/// emulator, which shuffles that order, gives other last bits for another seed.)
+#[test]
+fn emulated_deterministic_plans_give_the_same_bits_under_any_block_order() {
+    // a shape whose weight gradient is split over several blocks per (c, ci) group
+    let c = smooth(case("9×12×10 back+ei r 1 B 3", [9, 12, 10], true, true, 1, 1, 3, 4, 4));
+    let x = inputs(&c, 77);
+    for version in [KernelVersion::V1, KernelVersion::V2, KernelVersion::V3] {
+        let p = plan_deterministic(c.shape, &c.fb, c.batch, c.steps, &SMALL, version).unwrap();
+        if version != KernelVersion::V1 {
+            assert!(p.tile.unwrap().wg_split > 1 && p.wgrad_reduce.is_some(), "{version:?}: {p:?}");
+        }
+        let a = emulate_on(&c, &x, &p, 1);
+        for sched in [2, 3] {
+            let b = emulate_on(&c, &x, &p, sched);
+            let differ = |x: &[f32], y: &[f32]| x.iter().zip(y).filter(|(p, q)| p.to_bits() != q.to_bits()).count();
+            assert_eq!(differ(&a.grads, &b.grads), 0, "{version:?}: gradient elements differ between block orders");
+            assert_eq!(differ(&a.gin, &b.gin), 0, "{version:?}: ∂I elements differ between block orders");
+            assert_eq!(differ(&a.out, &b.out), 0, "{version:?}: outputs differ between block orders");
+        }
+    }
 }

@@ -266,11 +266,13 @@ pub struct BufferSizes {
     pub dz: usize,
     /// backward scratch: da, [B][N] (OnChip) or [T][B][N] (Separate)
     pub da: usize,
+    /// deterministic tiled plans: the weight-gradient blocks' partial sums [wg_split][C²k² + C]
+    pub wg_partials: usize,
 }
 
 impl BufferSizes {
     pub fn total_bytes(&self) -> usize {
-        4 * (self.out + self.v + self.g + self.z + self.dv + self.fb + self.dz + self.da)
+        4 * (self.out + self.v + self.g + self.z + self.dv + self.fb + self.dz + self.da + self.wg_partials)
     }
 }
 
@@ -283,6 +285,9 @@ pub struct LaunchPlan {
     pub wgrad: WgradPath,
     /// The separate weight-gradient reduction, launched once per enabled gate.
     pub wgrad_launch: Option<KernelLaunch>,
+    /// Deterministic tiled plans: `backei_wgrad_reduce_f32`, after each weight-gradient launch,
+    /// adds the blocks' partial sums in a fixed order (instead of their atomicAdd).
+    pub wgrad_reduce: Option<KernelLaunch>,
     pub weights_in_smem_forward: bool,
     pub weights_in_smem_backward: bool,
     pub buffers: BufferSizes,
@@ -428,11 +433,41 @@ pub fn plan(shape: [usize; 3], fb: &FeedbackConfig, batch: usize, steps: usize, 
     plan_with(shape, fb, batch, steps, limits, true)
 }
 
-/// The plan for `--deterministic` runs: v1 with the Separate weight-gradient path everywhere.
-/// The OnChip path adds each block's (sample's) dW with atomicAdd, so the order of the float
-/// additions, and with it the last bits of the gradient, changes from run to run; the Separate
-/// reduction (`backei_wgrad_v1_f32`) gives every weight to one block that sums in a fixed order.
-pub fn plan_deterministic(shape: [usize; 3], fb: &FeedbackConfig, batch: usize, steps: usize, limits: &DeviceLimits) -> Result<LaunchPlan> {
+/// The plan for `--deterministic` runs: bit-reproducible gradients. For V1 the Separate
+/// weight-gradient path everywhere: the OnChip path adds each block's (sample's) dW with
+/// atomicAdd, so the order of the float additions, and with it the last bits of the gradient,
+/// changes from run to run; the Separate reduction (`backei_wgrad_v1_f32`) gives every weight to
+/// one block that sums in a fixed order. For V2/V3 the tiled plan whose weight-gradient blocks
+/// write their partial sums to a scratch buffer (`wg_partials`, one slice per split of the
+/// (t, b, rows) chunks) instead of adding them with atomicAdd, and `backei_wgrad_reduce_f32` then
+/// adds the slices in order; the cooperative kernels themselves use no data atomics (every
+/// element has one owner thread).
+pub fn plan_deterministic(
+    shape: [usize; 3],
+    fb: &FeedbackConfig,
+    batch: usize,
+    steps: usize,
+    limits: &DeviceLimits,
+    version: KernelVersion,
+) -> Result<LaunchPlan> {
+    if version.is_tiled() {
+        let mut p = plan_version(shape, fb, batch, steps, limits, version)?;
+        if let (true, Some(td)) = (p.version.is_tiled(), p.tile) {
+            let c = shape[0];
+            let k = 2 * fb.radius + 1;
+            let len = c * c * k * k + c;
+            p.buffers.wg_partials = td.wg_split as usize * len;
+            p.wgrad_reduce = Some(KernelLaunch {
+                module: "backei_layer",
+                kernel: "backei_wgrad_reduce_f32",
+                grid: (len.div_ceil(WGRAD_THREADS as usize).min(4096) as u32, 1, 1),
+                block: WGRAD_THREADS,
+                smem_bytes: 0,
+                cooperative: false,
+            });
+            return Ok(p);
+        }
+    }
     plan_with(shape, fb, batch, steps, limits, false)
 }
 
@@ -464,6 +499,7 @@ fn plan_with(
             backward: l("spiking_backward_v1_f32"),
             wgrad: WgradPath::None,
             wgrad_launch: None,
+            wgrad_reduce: None,
             weights_in_smem_forward: false,
             weights_in_smem_backward: false,
             buffers: BufferSizes { out: all, v: all, ..Default::default() },
@@ -498,6 +534,7 @@ fn plan_with(
         forward: fused("backei_forward_v1_f32", if w_fwd { w_bytes } else { 0 }),
         backward: fused("backei_backward_v1_f32", used + if w_bwd { w_bytes } else { 0 }),
         wgrad: if onchip { WgradPath::OnChip } else { WgradPath::Separate },
+        wgrad_reduce: None,
         wgrad_launch: (!onchip).then_some(KernelLaunch {
             module: "backei_layer",
             kernel: "backei_wgrad_v1_f32",
@@ -517,6 +554,7 @@ fn plan_with(
             fb: if fb.back && fb.delay < steps { fb.delay * bn } else { 0 },
             dz: if fb.ei { per_step } else { 0 },
             da: if fb.back { per_step } else { 0 },
+            wg_partials: 0,
         },
         version: KernelVersion::V1,
         tile: None,
@@ -783,7 +821,7 @@ pub struct GpuBackEiLayer {
     pub limits: DeviceLimits,
     /// The plan of the current batch shape (after `prepare` or `forward`).
     pub plan: Option<LaunchPlan>,
-    /// Bit-reproducible gradients (`--deterministic`): v1 with the Separate weight-gradient path.
+    /// Bit-reproducible gradients (`--deterministic`): see [`plan_deterministic`].
     pub deterministic: bool,
     planned_deterministic: bool,
     batch: usize,
@@ -804,6 +842,8 @@ pub struct GpuBackEiLayer {
     pub dz: Option<CudaSlice<f32>>,
     /// Backward scratch: da, [B][N] or [T][B][N] (`BufferSizes::da`).
     pub da: Option<CudaSlice<f32>>,
+    /// Deterministic tiled plans: the weight-gradient partial sums [wg_split][C²k² + C].
+    pub wg_partials: Option<CudaSlice<f32>>,
     /// Stands in for an absent buffer in a kernel's argument list (never dereferenced).
     dummy: CudaSlice<f32>,
     /// T_in of the last forward.
@@ -840,6 +880,7 @@ impl GpuBackEiLayer {
             fb: None,
             dz: None,
             da: None,
+            wg_partials: None,
             dummy,
             t_in: 0,
             version,
@@ -870,13 +911,14 @@ impl GpuBackEiLayer {
             || self.planned_deterministic != self.deterministic
         {
             let p = if self.deterministic {
-                plan_deterministic(self.shape, &self.feedback, batch, steps, &self.limits)?
+                plan_deterministic(self.shape, &self.feedback, batch, steps, &self.limits, self.version)?
             } else {
                 plan_version(self.shape, &self.feedback, batch, steps, &self.limits, self.version)?
             };
             let b = p.buffers;
             // free the old buffers before allocating the new ones
             (self.out, self.v, self.g, self.z, self.dv, self.fb, self.dz, self.da) = (None, None, None, None, None, None, None, None);
+            self.wg_partials = None;
             self.out = alloc(&self.dev, b.out)?;
             self.v = alloc(&self.dev, b.v)?;
             self.g = alloc(&self.dev, b.g)?;
@@ -885,6 +927,7 @@ impl GpuBackEiLayer {
             self.fb = alloc(&self.dev, b.fb)?;
             self.dz = alloc(&self.dev, b.dz)?;
             self.da = alloc(&self.dev, b.da)?;
+            self.wg_partials = alloc(&self.dev, b.wg_partials)?;
             if p.version.is_tiled() && self.bar.is_none() {
                 self.bar = Some(self.dev.stream.alloc_zeros::<u32>(1).map_err(cuda_err("allocating the grid barrier"))?);
             }
@@ -1085,6 +1128,14 @@ impl GpuBackEiLayer {
                 let w =
                     plan.wgrad_launch.ok_or_else(|| BackeiError::Cuda("BackEI layer: v2 plan without a weight-gradient launch".into()))?;
                 let wf = self.function(&w)?;
+                // deterministic plans: partial sums into wg_partials, then the ordered reduction
+                let reduce = match (plan.wgrad_reduce, self.wg_partials.as_ref()) {
+                    (Some(l), Some(buf)) => Some((l, self.function(&l)?, buf)),
+                    (None, _) => None,
+                    (Some(_), None) => return Err(BackeiError::Cuda("BackEI layer: the partial-sum buffer is missing".into())),
+                };
+                let k = 2 * self.feedback.radius + 1;
+                let (wlen, c) = ((self.shape[0] * self.shape[0] * k * k) as i64, self.shape[0] as i32);
                 let passes = [
                     (self.feedback.back, slots[0].start, slots[1].start, da, out, self.feedback.delay as i32),
                     (self.feedback.ei, slots[2].start, slots[3].start, dz, v, 0),
@@ -1094,22 +1145,34 @@ impl GpuBackEiLayer {
                         continue;
                     }
                     let (ow, ob) = (ow as i64, ob as i64);
+                    let mut b = stream.launch_builder(&wf);
+                    b.arg(&mut *grads).arg(&ow).arg(&ob).arg(dy).arg(x).arg(&shift).arg(&dims).arg(&td);
+                    let null = 0u64;
+                    match &reduce {
+                        Some((_, _, buf)) => b.arg(*buf),
+                        None => b.arg(&null),
+                    };
                     // SAFETY: the argument list matches backei_wgrad_v2_r{1,2}_f32; dy and x hold
-                    // [T][B][N].
-                    unsafe {
-                        stream
-                            .launch_builder(&wf)
-                            .arg(&mut *grads)
-                            .arg(&ow)
-                            .arg(&ob)
-                            .arg(dy)
-                            .arg(x)
-                            .arg(&shift)
-                            .arg(&dims)
-                            .arg(&td)
-                            .launch(w.config())
+                    // [T][B][N]; partials (or null) holds wg_split slices of C²k² + C.
+                    unsafe { b.launch(w.config()) }.map_err(cuda_err("launching backei_wgrad_v2"))?;
+                    if let Some((rl, rf, buf)) = &reduce {
+                        let splits = td.wg_split;
+                        // SAFETY: the argument list matches backei_wgrad_reduce_f32; the slices
+                        // were written by the launch above (same stream).
+                        unsafe {
+                            stream
+                                .launch_builder(rf)
+                                .arg(&mut *grads)
+                                .arg(&ow)
+                                .arg(&ob)
+                                .arg(*buf)
+                                .arg(&splits)
+                                .arg(&wlen)
+                                .arg(&c)
+                                .launch(rl.config())
+                        }
+                        .map_err(cuda_err("launching backei_wgrad_reduce_f32"))?;
                     }
-                    .map_err(cuda_err("launching backei_wgrad_v2"))?;
                 }
             }
             LayerPath::Fused => {
@@ -1213,12 +1276,25 @@ mod tests {
         let fb = |r| FeedbackConfig { back: true, ei: true, radius: r, delay: 1 };
         let shapes = [([15, 24, 24], 2), ([40, 8, 8], 2), ([32, 28, 28], 1), ([64, 14, 14], 1), ([128, 32, 32], 1), ([15, 30, 30], 2)];
         for (shape, r) in shapes {
-            let p = plan_deterministic(shape, &fb(r), 100, 20, &DeviceLimits::H100).unwrap();
+            let p = plan_deterministic(shape, &fb(r), 100, 20, &DeviceLimits::H100, KernelVersion::V1).unwrap();
             assert_eq!(p.version, KernelVersion::V1, "{shape:?}");
             assert_eq!(p.wgrad, WgradPath::Separate, "{shape:?}: OnChip adds per-block partials with atomicAdd");
             assert!(p.wgrad_launch.is_some());
             let n: usize = shape.iter().product();
             assert_eq!(p.buffers.da, 20 * 100 * n, "{shape:?}: da saved for every step");
+            // the tiled kernels: one weight-gradient block per (c, ci) group, nothing else changes
+            for v in [KernelVersion::V2, KernelVersion::V3] {
+                let d = plan_deterministic(shape, &fb(r), 100, 20, &DeviceLimits::H100, v).unwrap();
+                let q = plan_version(shape, &fb(r), 100, 20, &DeviceLimits::H100, v).unwrap();
+                assert_eq!(d.version, v, "{shape:?}");
+                assert!(q.wgrad_reduce.is_none() && q.buffers.wg_partials == 0, "{shape:?} {v:?}");
+                let k = 2 * r + 1;
+                let len = shape[0] * shape[0] * k * k + shape[0];
+                assert_eq!(d.buffers.wg_partials, d.tile.unwrap().wg_split as usize * len, "{shape:?} {v:?}: one slice per split");
+                let red = d.wgrad_reduce.unwrap();
+                assert!(red.grid.0 as usize * red.block as usize >= len.min(4096 * 256), "{shape:?}: the reduction covers every element");
+                assert_eq!((d.forward, d.backward, d.wgrad_launch), (q.forward, q.backward, q.wgrad_launch));
+            }
         }
         // the default plan of fashion layer 1 is the OnChip one, so the switch matters
         assert_eq!(plan([32, 28, 28], &fb(1), 100, 20, &DeviceLimits::H100).unwrap().wgrad, WgradPath::OnChip);

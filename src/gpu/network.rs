@@ -714,9 +714,10 @@ impl GpuNetwork {
         LossBuffers::predict(&self.dev, &y.as_view(), self.classes)
     }
 
-    /// Bit-reproducible steps (`--deterministic`): every BackEI layer takes the v1 kernels with
-    /// the Separate weight-gradient reduction, the one path without float atomics (the other ops
-    /// are cuBLAS GEMMs and kernels without atomics, deterministic on a given card).
+    /// Bit-reproducible steps (`--deterministic`): every BackEI layer takes the plan without float
+    /// atomics of its kernel version (`gpu::backei_layer::plan_deterministic`: v1 with the Separate
+    /// weight-gradient reduction; v2/v3 with partial sums reduced in order); the other ops are
+    /// cuBLAS GEMMs and kernels without atomics, deterministic on a given card.
     pub fn set_deterministic(&mut self, on: bool) {
         for l in &mut self.layers {
             if let Op::Spike { layer, .. } = &mut l.op {
