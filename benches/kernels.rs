@@ -422,15 +422,26 @@ fn run(dev: Arc<GpuDevice>, filter: Option<String>) -> Res<()> {
         ("cifar10 L2 256x16x16 r1", [256, 16, 16], fb(1), 100, 20, 1, 3, "backei_fwd_bwd/cifar10/L2"),
         ("plain 64x65536 T32", [65_536, 1, 1], plain, 64, 32, 2, 32, "plain_lif_fwd_bwd/T32x64x65536"),
     ];
+    let fused_versions = match std::env::var("BACKEI_BENCH_VERSIONS") {
+        Ok(list) => match list.split(',').map(KernelVersion::parse).collect::<backei::Result<Vec<_>>>() {
+            Ok(v) if !v.is_empty() => v,
+            Ok(_) => vec![KernelVersion::V1, KernelVersion::V2, KernelVersion::V3],
+            Err(e) => {
+                eprintln!("BACKEI_BENCH_VERSIONS: {e}");
+                std::process::exit(2);
+            }
+        },
+        Err(_) => vec![KernelVersion::V1, KernelVersion::V2, KernelVersion::V3],
+    };
     for (name, shape, f, b, t, vb, vt, ref_name) in workloads {
         if filter.as_deref().is_some_and(|x| !name.contains(x)) {
             continue;
         }
-        // v1, v2 and v3 side by side (each validated against the CPU first); the plain layer has one
-        let versions: &[KernelVersion] =
-            if f.back || f.ei { &[KernelVersion::V1, KernelVersion::V2, KernelVersion::V3] } else { &[KernelVersion::V1] };
+        // v1, v2 and v3 side by side (each validated against the CPU first; $BACKEI_BENCH_VERSIONS,
+        // e.g. `v2,v3`, narrows the list); the plain layer has one version
+        let versions: Vec<KernelVersion> = if f.back || f.ei { fused_versions.clone() } else { vec![KernelVersion::V1] };
         let mut fused_ms = Vec::new();
-        for &version in versions {
+        for &version in &versions {
             match layer_workload(&mut bench, name, ref_name, shape, f, b, t, vb, vt, version) {
                 Ok(ms) => fused_ms.push((version, ms)),
                 Err(e) => {

@@ -2,10 +2,13 @@
 //! size B = 100, T = 20, on the GPU (every network) and on the CPU (mnist and fashion-mnist, one
 //! repetition: it takes seconds). Prints samples/s and the GPU memory the step held
 //! (`mem_get_info` before and after) beside `memory_plan`'s figure. Without a GPU it prints the
-//! CPU figures and says the GPU part was skipped.
+//! CPU figures and says the GPU part was skipped. After the timed steps, one more GPU step runs
+//! with CUDA events between its ops and prints where its time goes (per layer, forward and
+//! backward, loss, gradient check, optimizer).
 //!
 //! cargo bench --bench train            (BACKEI_BENCH_REPS=N for more GPU repetitions)
 
+use backei::gpu::profile::merge;
 use backei::gpu::{memory_plan, GpuDevice, GpuNetwork, GpuOptimizer};
 use backei::{Loss, Network, NetworkSpec, Optimizer, OptimizerConfig};
 use rand::{Rng, SeedableRng};
@@ -57,6 +60,16 @@ fn gpu_step(dev: &std::sync::Arc<GpuDevice>, spec: &NetworkSpec, reps: usize) ->
     dev.synchronize().map_err(|e| e.to_string())?;
     let secs = t0.elapsed().as_secs_f64() / reps as f64;
     let (free2, _) = dev.ctx.mem_get_info().map_err(|e| format!("{e:?}"))?;
+    // one more step with an event between every two ops: where the step's time goes
+    net.set_profiling(true).map_err(|e| e.to_string())?;
+    net.train_step(&x, 1, &labels, Loss::Mse, &mut opt).map_err(|e| e.to_string())?;
+    let rows = net.take_profile().map_err(|e| e.to_string())?;
+    net.set_profiling(false).map_err(|e| e.to_string())?;
+    let total: f64 = rows.iter().map(|r| r.1).sum();
+    println!("    {} step profile (one step, events between ops; total {total:.2} ms):", spec.name);
+    for (label, ms, _) in merge(&rows) {
+        println!("      {label:<44} {ms:>9.3} ms {:>5.1} %", 100.0 * ms / total.max(1e-9));
+    }
     Ok((secs, free0.saturating_sub(free1.min(free2))))
 }
 

@@ -355,3 +355,230 @@ fn emulated_deterministic_plans_give_the_same_bits_under_any_block_order() {
         }
     }
 }
+
+/// More channels than the largest channel tile (64) and the weight gradient's 16-channel groups:
+/// several channel groups per sample, a partial last group, C·C·k² weights far beyond a block
+/// (the v1 kernels, one weight-gradient block per (c, ci) pair, are too slow to emulate here).
+#[test]
+fn emulated_tiled_kernels_match_the_cpu_beyond_one_channel_group() {
+    let c = smooth(case("130×6×5 back+ei r 1 B 1 smooth", [130, 6, 5], true, true, 1, 1, 1, 2, 2));
+    let mut runs = 0;
+    for version in [KernelVersion::V2, KernelVersion::V3] {
+        let p = plan_version(c.shape, &c.fb, c.batch, c.steps, &SMALL, version).unwrap();
+        assert_eq!(p.version, version, "{:?}", p.fallback);
+        assert!(p.tile.unwrap().ch_groups >= 3, "{p:?}");
+        let d = plan_deterministic(c.shape, &c.fb, c.batch, c.steps, &SMALL, version).unwrap();
+        for plan in [p, d] {
+            let o = emulate(&c, 4242, &plan);
+            assert!(o.strict_grads);
+            runs += 1;
+        }
+    }
+    assert_eq!(runs, 4);
+}
+
+// ---- pooling, readout and the losses: the CPU engine's values ---------------------------------------
+
+fn host_vec(rng: &mut common::Rng, n: usize, lo: f64, hi: f64) -> Vec<f32> {
+    rng.vec(n, lo, hi).into_iter().map(|v| v as f32).collect()
+}
+
+#[test]
+fn emulated_pooling_matches_the_cpu_on_odd_maps() {
+    let m = emu::module("pool");
+    let mut rng = common::Rng(21);
+    for (planes, h, w) in [(6usize, 7usize, 5usize), (3, 28, 28), (1, 2, 3)] {
+        let (ho, wo) = (h / 2, w / 2);
+        let x = host_vec(&mut rng, planes * h * w, -1.0, 1.0);
+        let mut y = vec![0f32; planes * ho * wo];
+        backei::cpu::pool::forward(1, h, w, &x, &mut y);
+        let (mut xd, mut yd) = (DevBuf::from("x", &x), DevBuf::new("y", y.len()));
+        let mut a = Args::new();
+        a.val(xd.ptr()).val(yd.ptr()).val(planes as i64).val(h as i32).val(w as i32);
+        m.launch_raw("avgpool2_forward_f32", (2, 1, 1), (64, 1, 1), 0, false, 1, &mut a).unwrap();
+        yd.check_guards();
+        assert_eq!(yd.host(), y, "{planes}×{h}×{w}: forward");
+        let dy = host_vec(&mut rng, y.len(), -1.0, 1.0);
+        let mut dx = vec![0f32; x.len()];
+        backei::cpu::pool::backward(1, h, w, &dy, &mut dx);
+        let (mut dyd, mut dxd) = (DevBuf::from("dy", &dy), DevBuf::new("dx", dx.len()));
+        let mut a = Args::new();
+        a.val(dyd.ptr()).val(dxd.ptr()).val(planes as i64).val(h as i32).val(w as i32);
+        m.launch_raw("avgpool2_backward_f32", (3, 1, 1), (32, 1, 1), 0, false, 2, &mut a).unwrap();
+        dxd.check_guards();
+        assert_eq!(dxd.host(), dx, "{planes}×{h}×{w}: backward (every input written, the dropped rows 0)");
+    }
+}
+
+#[test]
+fn emulated_readout_and_losses_match_the_cpu() {
+    use backei::cpu::loss::{self, Loss};
+    let m = emu::module("loss");
+    let mut rng = common::Rng(5);
+    let (t, batch, classes) = (4usize, 7usize, 10usize);
+    let bk = batch * classes;
+    let s: Vec<f32> = (0..t * bk).map(|_| [0.0f32, 1.0, -1.0, 0.0][rng.below(4)]).collect();
+    let mut y = vec![0f32; bk];
+    loss::readout(&s, t, batch, classes, &mut y);
+    let (mut sd, mut yd) = (DevBuf::from("s", &s), DevBuf::new("y", bk));
+    let mut a = Args::new();
+    a.val(sd.ptr()).val(yd.ptr()).val(t as i32).val(bk as i32);
+    m.launch_raw("readout_f32", (1, 1, 1), (128, 1, 1), 0, false, 3, &mut a).unwrap();
+    yd.check_guards();
+    let got = yd.host();
+    assert!(got.iter().zip(&y).all(|(a, b)| (a - b).abs() <= 1e-6), "readout: {got:?} vs {y:?}");
+    let labels: Vec<u8> = (0..batch).map(|_| rng.below(classes) as u8).collect();
+    let labels_i32: Vec<i32> = labels.iter().map(|&l| l as i32).collect();
+    for (kind, lf) in [(0i32, Loss::Mse), (1, Loss::Ce)] {
+        let mut dy = vec![0f32; bk];
+        let total = loss::loss_and_grad(lf, &y, &labels, classes, &mut dy);
+        let mut yd = DevBuf::from("y", &y);
+        let mut dyd = DevBuf::new("dy", bk);
+        let mut row = DevBuf::new("row_loss", batch);
+        let mut lab = labels_i32.clone();
+        let mut pred = vec![-1i32; batch];
+        let mut a = Args::new();
+        a.val(yd.ptr()).val(lab.as_mut_ptr()).val(dyd.ptr()).val(row.ptr()).val(pred.as_mut_ptr());
+        a.val(batch as i32).val(classes as i32).val(kind);
+        m.launch_raw("loss_grad_f32", (1, 1, 1), (32, 1, 1), 0, false, 4, &mut a).unwrap();
+        for b in [&dyd, &row] {
+            b.check_guards();
+        }
+        let g = dyd.host();
+        assert!(g.iter().zip(&dy).all(|(a, b)| (a - b).abs() <= 1e-6 * (1.0 + b.abs())), "{lf:?}: ∂y {g:?} vs {dy:?}");
+        let sum: f32 = row.host().iter().sum();
+        assert!((sum - total).abs() <= 1e-5 * (1.0 + total.abs()), "{lf:?}: loss {sum} vs {total}");
+        let want: Vec<i32> = loss::argmax_rows(&y, classes).into_iter().map(|p| p as i32).collect();
+        assert_eq!(pred, want, "{lf:?}: predictions");
+    }
+}
+
+// ---- the fused optimizers: the CPU optimizer's bits ---------------------------------------------------
+
+#[test]
+fn emulated_adam_and_sgd_steps_equal_the_cpu_optimizer_bit_for_bit() {
+    use backei::optim::{Optimizer, OptimizerConfig};
+    let m = emu::module("optim");
+    let mut rng = common::Rng(8);
+    let n = 1001usize;
+    let p0 = host_vec(&mut rng, n, -1.0, 1.0);
+    let adam = OptimizerConfig::Adam { lr: 1e-3, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 1e-4 };
+    let sgd = OptimizerConfig::Sgd { lr: 0.05, momentum: 0.9, weight_decay: 1e-4 };
+    for config in [adam, sgd] {
+        let mut cpu = Optimizer::new(config, n).unwrap();
+        let mut p_cpu = p0.clone();
+        let mut p = DevBuf::from("params", &p0);
+        let mut mom = DevBuf::from("m", &vec![0f32; n]);
+        let mut var = DevBuf::from("v", &vec![0f32; n]);
+        for step in 1..=3u64 {
+            let g = host_vec(&mut rng, n, -0.5, 0.5);
+            cpu.update(&mut p_cpu, &g);
+            let mut gd = DevBuf::from("grads", &g);
+            let mut a = Args::new();
+            let kernel = match config {
+                OptimizerConfig::Adam { beta1, beta2, eps, weight_decay, lr } => {
+                    let (step_size, bc2_sqrt) = backei::gpu::optim::adam_step_scalars(beta1, beta2, lr, step);
+                    a.val(p.ptr()).val(gd.ptr()).val(mom.ptr()).val(var.ptr()).val(n as i64);
+                    a.val(beta1).val(beta2).val(eps).val(weight_decay).val(step_size).val(bc2_sqrt);
+                    "adam_f32"
+                }
+                OptimizerConfig::Sgd { lr, momentum, weight_decay } => {
+                    a.val(p.ptr()).val(gd.ptr()).val(mom.ptr()).val(n as i64).val(lr).val(momentum).val(weight_decay);
+                    a.val((step == 1) as i32);
+                    "sgd_f32"
+                }
+            };
+            m.launch_raw(kernel, (3, 1, 1), (128, 1, 1), 0, false, step, &mut a).unwrap();
+            for b in [&p, &mom, &var, &gd] {
+                b.check_guards();
+            }
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert!(bits(&p.host()) == bits(&p_cpu), "{kernel} step {step}: parameters differ from the CPU optimizer");
+            assert!(bits(&mom.host()) == bits(&cpu.m), "{kernel} step {step}: first moment / momentum differs");
+            if kernel == "adam_f32" {
+                assert!(bits(&var.host()) == bits(&cpu.v), "{kernel} step {step}: second moment differs");
+            }
+        }
+    }
+}
+
+// ---- the convolution's data movement around the GEMMs (cuBLAS on a GPU; a plain loop here) --------
+
+/// c[m][n] = Σ_k a[m][k]·b[k][n] (row-major), or with `ta` a stored as [k][m].
+fn gemm(a: &[f32], b: &[f32], m: usize, k: usize, n: usize, ta: bool) -> Vec<f32> {
+    let mut c = vec![0f32; m * n];
+    for i in 0..m {
+        for kk in 0..k {
+            let av = if ta { a[kk * m + i] } else { a[i * k + kk] };
+            for j in 0..n {
+                c[i * n + j] += av * b[kk * n + j];
+            }
+        }
+    }
+    c
+}
+
+#[test]
+fn emulated_convolution_kernels_compose_to_the_cpu_convolution() {
+    use backei::cpu::conv::{self, ConvGeom};
+    let m = emu::module("conv");
+    let mut rng = common::Rng(13);
+    for (cin, cout, h, w, k, pad, n) in
+        [(3usize, 5usize, 7usize, 6usize, 3usize, 1usize, 2usize), (2, 4, 9, 9, 5, 0, 3), (1, 3, 5, 5, 5, 2, 1)]
+    {
+        let g = ConvGeom::new(cin, cout, h, w, k, pad);
+        let (ho, wo) = (g.ho, g.wo);
+        let (pp, kk) = (ho * wo, cin * k * k);
+        let x = host_vec(&mut rng, n * cin * h * w, -1.0, 1.0);
+        let wt = host_vec(&mut rng, cout * kk, -0.5, 0.5);
+        let bias = host_vec(&mut rng, cout, -0.5, 0.5);
+        let (ni, ci, hi, wi, ki, padi, hoi, woi) = (n as i32, cin as i32, h as i32, w as i32, k as i32, pad as i32, ho as i32, wo as i32);
+        // forward: im2col, yT = W·col, conv_out
+        let mut xd = DevBuf::from("x", &x);
+        let mut col = DevBuf::new("col", kk * n * pp);
+        let mut a = Args::new();
+        a.val(xd.ptr()).val(col.ptr()).val(ni).val(ci).val(hi).val(wi).val(ki).val(padi).val(hoi).val(woi);
+        m.launch_raw("im2col_f32", (3, 1, 1), (128, 1, 1), 0, false, 1, &mut a).unwrap();
+        col.check_guards();
+        let mut yt = DevBuf::from("yT", &gemm(&wt, &col.host(), cout, kk, n * pp, false));
+        let mut bd = DevBuf::from("bias", &bias);
+        let mut y = DevBuf::new("y", n * cout * pp);
+        let mut a = Args::new();
+        a.val(yt.ptr()).val(bd.ptr()).val(y.ptr()).val(ni).val(cout as i32).val(pp as i32);
+        m.launch_raw("conv_out_f32", (2, 1, 1), (64, 1, 1), 0, false, 2, &mut a).unwrap();
+        y.check_guards();
+        let mut y_cpu = vec![0f32; n * cout * pp];
+        conv::forward(&g, &wt, &bias, &x, &mut y_cpu);
+        let err = y.host().iter().zip(&y_cpu).fold(0f32, |e, (a, b)| e.max((a - b).abs()));
+        assert!(err < 1e-5, "{cin}→{cout} k{k} p{pad}: forward off by {err}");
+        // backward data: dyT, colgrad = Wᵀ·dyT, col2im (accumulating onto a starting dx)
+        let dy = host_vec(&mut rng, n * cout * pp, -1.0, 1.0);
+        let mut dyd = DevBuf::from("dy", &dy);
+        let mut dyt = DevBuf::new("dyT", dy.len());
+        let mut a = Args::new();
+        a.val(dyd.ptr()).val(dyt.ptr()).val(ni).val(cout as i32).val(pp as i32);
+        m.launch_raw("conv_dy_t_f32", (2, 1, 1), (64, 1, 1), 0, false, 3, &mut a).unwrap();
+        let mut colg = DevBuf::from("colgrad", &gemm(&wt, &dyt.host(), kk, cout, n * pp, true));
+        let dx0 = host_vec(&mut rng, x.len(), -1.0, 1.0);
+        let mut dx = DevBuf::from("dx", &dx0);
+        let mut a = Args::new();
+        a.val(colg.ptr()).val(dx.ptr()).val(ni).val(ci).val(hi).val(wi).val(ki).val(padi).val(hoi).val(woi).val(1i32);
+        m.launch_raw("col2im_f32", (3, 1, 1), (96, 1, 1), 0, false, 4, &mut a).unwrap();
+        dx.check_guards();
+        let mut dx_cpu = dx0.clone();
+        conv::backward_data(&g, &wt, &dy, &mut dx_cpu, true);
+        let err = dx.host().iter().zip(&dx_cpu).fold(0f32, |e, (a, b)| e.max((a - b).abs()));
+        assert!(err < 1e-5, "{cin}→{cout} k{k} p{pad}: backward data off by {err}");
+        // bias gradient: one block per output channel, accumulated onto db
+        let mut dw_cpu = vec![0f32; cout * kk];
+        let mut db_cpu = vec![0.25f32; cout];
+        conv::backward_weights(&g, &x, &dy, &mut dw_cpu, &mut db_cpu);
+        let mut db = DevBuf::from("db", &vec![0.25f32; cout]);
+        let mut a = Args::new();
+        a.val(dyd.ptr()).val(db.ptr()).val(ni).val(cout as i32).val(pp as i32);
+        m.launch_raw("bias_grad_f32", (cout as u32, 1, 1), (256, 1, 1), 0, false, 5, &mut a).unwrap();
+        db.check_guards();
+        let err = db.host().iter().zip(&db_cpu).fold(0f32, |e, (a, b)| e.max((a - b).abs()));
+        assert!(err < 1e-5, "{cin}→{cout} k{k} p{pad}: bias gradient off by {err}");
+    }
+}

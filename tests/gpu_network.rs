@@ -484,3 +484,28 @@ fn deterministic_training_is_bit_reproducible() {
     assert_eq!(l1, l2);
     assert!(p1.iter().zip(&p2).all(|(a, b)| a.to_bits() == b.to_bits()), "parameters differ between two deterministic runs");
 }
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn a_profiled_step_names_every_op_and_changes_nothing() {
+    let d = dev();
+    let spec = small(NetworkSpec::fashion_mnist(), FiringMode::Exact);
+    let (x, labels) = batch_for(&spec, 4, 3);
+    let cfg = OptimizerConfig::adam(1e-3);
+    // two identical networks, one profiled: the same parameters after a step
+    let cpu = Network::<f32>::new(&spec, 4150).unwrap();
+    let (mut a, mut b) = (GpuNetwork::from_cpu(&d, &cpu).unwrap(), GpuNetwork::from_cpu(&d, &cpu).unwrap());
+    let (mut oa, mut ob) = (GpuOptimizer::new(&d, cfg, a.num_params()).unwrap(), GpuOptimizer::new(&d, cfg, b.num_params()).unwrap());
+    b.set_profiling(true).unwrap();
+    a.train_step(&x, 1, &labels, Loss::Mse, &mut oa).unwrap();
+    b.train_step(&x, 1, &labels, Loss::Mse, &mut ob).unwrap();
+    let rows = b.take_profile().unwrap();
+    assert!(a.params_to_host().unwrap() == b.params_to_host().unwrap(), "profiling changed the step");
+    let labels_seen: Vec<&str> = rows.iter().map(|r| r.0.as_str()).collect();
+    for want in ["forward layer 0 conv", "forward layer 1 backei v1", "backward layer 1 backei v1", "readout and loss", "optimizer"] {
+        assert!(labels_seen.contains(&want), "no `{want}` in {labels_seen:?}");
+    }
+    assert!(rows.iter().all(|r| r.1 >= 0.0) && rows.iter().map(|r| r.1).sum::<f64>() > 0.0, "{rows:?}");
+    b.set_profiling(false).unwrap();
+    assert!(b.take_profile().unwrap().is_empty());
+}

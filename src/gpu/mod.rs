@@ -13,6 +13,7 @@ pub mod network;
 pub mod optim;
 pub mod pinned;
 pub mod pool;
+pub mod profile;
 pub mod ptxas;
 pub mod util;
 

@@ -17,6 +17,7 @@ use super::conv::{self, ConvPlan, ConvWorkspace, DEFAULT_WORKSPACE_BYTES};
 use super::device::GpuDevice;
 use super::loss::{self as gloss, LossBuffers};
 use super::optim::{count_nonfinite, GpuOptimizer};
+use super::profile::OpTimer;
 use super::util::{cuda_err, is_oom};
 use super::{dropout, linear, pool};
 use crate::cpu::conv::ConvGeom;
@@ -262,6 +263,27 @@ pub struct GpuNetwork {
     /// Training iterations done.
     pub iteration: u64,
     pub training: bool,
+    /// Per-op timing of the steps (`set_profiling`), read with `take_profile`.
+    timer: Option<OpTimer>,
+}
+
+/// A layer's label in a profile: its index and kind (`backei v1`, `spiking`, `conv`, …).
+fn op_label(i: usize, op: &Op) -> String {
+    let kind = match op {
+        Op::Conv { .. } => "conv".to_string(),
+        Op::Linear { .. } => "linear".to_string(),
+        Op::Pool { .. } => "pool".to_string(),
+        Op::Dropout { .. } => "dropout".to_string(),
+        Op::Flatten => "flatten".to_string(),
+        Op::Spike { layer, .. } => {
+            if layer.feedback.back || layer.feedback.ei {
+                format!("backei {:?}", layer.version).to_lowercase()
+            } else {
+                "spiking".to_string()
+            }
+        }
+    };
+    format!("layer {i} {kind}")
 }
 
 fn missing(what: &str) -> BackeiError {
@@ -365,6 +387,7 @@ impl GpuNetwork {
             upstream: None,
             loss: None,
             conv_ws: ConvWorkspace::new(DEFAULT_WORKSPACE_BYTES),
+            timer: None,
             counter,
             shape: (0, 0),
             dropout_seed: cpu.dropout_seed,
@@ -536,6 +559,9 @@ impl GpuNetwork {
         let dev = self.dev.clone();
         let steps = self.spec.steps;
         let (seed, iteration, training) = (self.dropout_seed, self.iteration, self.training);
+        if let Some(t) = self.timer.as_mut() {
+            t.mark("input upload, parameter check, host gaps")?;
+        }
         let input = self.input.as_ref().ok_or_else(|| missing("the input buffer"))?;
         let p = &self.params;
         for i in 0..self.layers.len() {
@@ -565,6 +591,9 @@ impl GpuNetwork {
                         Op::Flatten | Op::Spike { .. } => {}
                     }
                 }
+            }
+            if let (Some(t), false) = (self.timer.as_mut(), matches!(layer.op, Op::Flatten)) {
+                t.mark(format!("forward {}", op_label(i, &layer.op)))?;
             }
         }
         let last_t = self.layers.last().map_or(1, |l| l.t_out);
@@ -643,6 +672,9 @@ impl GpuNetwork {
                 Op::Spike { layer: sl, params } => sl.backward(p, g, params, &src, t_in, &dy, dx.as_mut().ok_or_else(need_dx)?)?,
                 Op::Flatten => {}
             }
+            if let Some(t) = self.timer.as_mut() {
+                t.mark(format!("backward {}", op_label(i, &layer.op)))?;
+            }
         }
         Ok(())
     }
@@ -680,9 +712,15 @@ impl GpuNetwork {
                 hint: "training diverged; lower the learning rate".into(),
             });
         }
+        if let Some(t) = self.timer.as_mut() {
+            t.mark("readout and loss")?;
+        }
         self.zero_grads()?;
         self.run_backward().map_err(|e| self.explain_oom(e, batch, t_in))?;
         let bad = count_nonfinite(&self.dev, &self.grads, &mut self.counter)?;
+        if let Some(t) = self.timer.as_mut() {
+            t.mark("gradient check")?;
+        }
         if bad > 0 {
             return Err(BackeiError::NonFinite {
                 place: "gradients (GPU)".into(),
@@ -692,8 +730,33 @@ impl GpuNetwork {
             });
         }
         opt.update(&mut self.params, &self.grads)?;
+        if let Some(t) = self.timer.as_mut() {
+            t.mark("optimizer")?;
+        }
         self.iteration += 1;
         Ok(StepStats { loss: l, correct, batch })
+    }
+
+    /// Per-op timing from now on (on) or no more (off): CUDA events between the ops of every
+    /// step; `take_profile` reads them.
+    pub fn set_profiling(&mut self, on: bool) -> Result<()> {
+        self.timer = if on {
+            let mut t = OpTimer::new(self.dev.stream.clone());
+            t.mark("start")?;
+            Some(t)
+        } else {
+            None
+        };
+        Ok(())
+    }
+
+    /// The per-op durations (ms) recorded since `set_profiling(true)` or the last call, in order
+    /// (see `gpu::profile::merge` to sum them per op); empty when profiling is off.
+    pub fn take_profile(&mut self) -> Result<Vec<(String, f64)>> {
+        let Some(t) = self.timer.as_mut() else { return Ok(Vec::new()) };
+        let rows = t.take()?;
+        t.mark("start")?;
+        Ok(rows)
     }
 
     /// Loss and accuracy without updating anything (dropout off).

@@ -89,10 +89,7 @@ impl GpuOptimizer {
         let cfg = grid(self.len);
         match self.config {
             OptimizerConfig::Adam { beta1, beta2, eps, weight_decay, .. } => {
-                let bc1 = 1.0 - beta1.powi(self.step as i32);
-                let bc2 = 1.0 - beta2.powi(self.step as i32);
-                let step_size = self.lr / bc1;
-                let bc2_sqrt = bc2.sqrt();
+                let (step_size, bc2_sqrt) = adam_step_scalars(beta1, beta2, self.lr, self.step);
                 let f = self.dev.kernels.function("optim", "adam_f32")?;
                 // SAFETY: params, grads, m and v hold len values.
                 unsafe {
@@ -152,4 +149,12 @@ pub fn count_nonfinite(dev: &GpuDevice, x: &CudaSlice<f32>, count: &mut CudaSlic
     // SAFETY: x holds n values, count one.
     unsafe { dev.stream.launch_builder(&f).arg(x).arg(&n).arg(&mut *count).launch(cfg) }.map_err(cuda_err("count_nonfinite_f32"))?;
     Ok(dev.stream.clone_dtoh(count).map_err(cuda_err("reading a counter"))?[0])
+}
+
+/// `adam_f32`'s bias-corrected scalars for step `step` (1-based): (lr / (1 − β1^t), sqrt(1 − β2^t)),
+/// in f64 as the CPU optimizer computes them.
+pub fn adam_step_scalars(beta1: f64, beta2: f64, lr: f64, step: u64) -> (f64, f64) {
+    let bc1 = 1.0 - beta1.powi(step as i32);
+    let bc2 = 1.0 - beta2.powi(step as i32);
+    (lr / bc1, bc2.sqrt())
 }
