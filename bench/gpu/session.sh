@@ -5,6 +5,9 @@
 # stage, `bench/reference/fetch_wheels.sh`). STAGES (default all, in this order): tests sanitizer
 # kernels train-bench reference resume train. Every stage has its own time limit and the whole run a
 # deadline ($BUDGET seconds, default 420), so one hung kernel cannot eat the device time.
+# Narrowing env: TEST_FILTERS (test names), KERNEL_FILTER (kernel bench workloads),
+# BACKEI_BENCH_VERSIONS=v2,v3 (kernel bench versions), TRAIN_SECONDS/TRAIN_EPOCHS/TRAIN_ARGS.
+# docs/gpu.md says what each stage checks and what to record.
 # Logs come back in $OUT: gpu.txt, one <stage>.log each, and results.tgz (CSV, metrics).
 set -u
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
