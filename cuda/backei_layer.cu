@@ -388,6 +388,9 @@ backei_wgrad_v1_f32(float* __restrict__ grads, long long off_w, long long off_b,
 // Every conv output is summed over ci ascending, taps ascending (the CPU's order for W ⊛ X; the
 // adjoint runs the taps in the opposite order of v1/CPU: rounding-level differences only).
 //
+// Weights: phase 0 of every launch writes the two gates' weights into the scratch ws in the
+// staging layout [i][tap][o] over the whole layer (forward: W; backward: Wᵀ with the taps flipped;
+// build_staging_layout), then a grid_sync, so the per-chunk staging is a coalesced copy.
 // Forward, step t:  phase A (all tiles): a = b_b + W_b ⊛ s_{t−D} (back), g, v_t, and s_t when ei
 //                   is off; grid_sync; phase B (ei): z = b_e + W_e ⊛ v_t, s_t; grid_sync.
 // Backward, step t: phase 2 (all tiles): the v1 phases 1 and 2 in one: the tile's halo of dz_t is
@@ -468,8 +471,8 @@ __device__ __forceinline__ int tile_in_floats(const LayerDims& d, const TileDims
 
 // acc[i][j] += Σ_ci Σ_tap w_s[ci][tap][4·tc + i] · X[ci][halo of pixel j]. Block-uniform call
 // (contains __syncthreads). base[j]: the halo index of pixel j's tap (0, 0).
-template <int K, bool TRANS, int CPT, class Src>
-__device__ __forceinline__ void tile_conv(float (&acc)[CPT][4], float* smem, const float* __restrict__ w, const Src& src,
+template <int K, int CPT, class Src>
+__device__ __forceinline__ void tile_conv(float (&acc)[CPT][4], float* smem, const float* ws, const Src& src,
                                           const LayerDims& d, const TileDims& td, int co0, int y0, const int (&base)[4], int tc) {
     constexpr int R = K / 2, KK = K * K;
     const int HS = d.W + 2 * R, HSZ = (td.rows + 2 * R) * HS, HW = d.H * d.W;
@@ -486,11 +489,11 @@ __device__ __forceinline__ void tile_conv(float (&acc)[CPT][4], float* smem, con
             in_s[j] = val;
         }
         for (int j = threadIdx.x; j < w_len; j += V2_THREADS) {
+            // consecutive j: consecutive output channels, consecutive floats of ws (coalesced)
             const int co = j % td.co_t, rest = j / td.co_t, tap = rest % KK, ci = rest / KK;
             const int gi = ci0 + ci, go = co0 + co;
             float val = 0.0f;
-            if (gi < d.C && go < d.C)
-                val = TRANS ? w[((long long)gi * d.C + go) * KK + (KK - 1 - tap)] : w[((long long)go * d.C + gi) * KK + tap];
+            if (gi < d.C && go < d.C) val = __ldcg(ws + ((long long)gi * KK + tap) * d.C + go);
             w_s[j] = val;
         }
         __syncthreads();
@@ -519,6 +522,23 @@ __device__ __forceinline__ void tile_conv(float (&acc)[CPT][4], float* smem, con
                 }
             }
         }
+    }
+}
+
+// The gate weights in the staging layout ws[(i·k² + tap)·C + o] (i: the convolution's input
+// channel, o: its output channel), built by all blocks at the start of a launch (then a grid_sync),
+// so that staging a tile's chunk reads consecutive floats and stores them to consecutive banks;
+// staging straight from W[o][i][tap] would read one float per 32-byte sector, C·k² floats apart.
+//   forward (W ⊛ X):        ws[(i·k² + tap)·C + o] = W[o][i][tap]
+//   backward (Wᵀ ⊛ dY):     ws[(i·k² + tap)·C + o] = W[i][o][k² − 1 − tap]  (transposed, taps flipped)
+template <bool TRANS>
+__device__ __forceinline__ void build_staging_layout(float* ws, const float* __restrict__ w, const LayerDims& d, int KK) {
+    const long long len = (long long)d.C * d.C * KK;
+    for (long long j = blockIdx.x * (long long)blockDim.x + threadIdx.x; j < len; j += (long long)gridDim.x * blockDim.x) {
+        const int o = (int)(j % d.C);
+        const long long rest = j / d.C;
+        const int tap = (int)(rest % KK), i = (int)(rest / KK);
+        ws[j] = TRANS ? w[((long long)i * d.C + o) * KK + (KK - 1 - tap)] : w[((long long)o * d.C + i) * KK + tap];
     }
 }
 
@@ -551,7 +571,7 @@ __device__ __forceinline__ TileJob tile_job(int job, const LayerDims& d, const T
 
 template <int K, int CPT>
 __device__ __forceinline__ void forward_v2(const float* __restrict__ params, const float* __restrict__ input, float* out, float* v,
-                                           float* __restrict__ g, float* z, unsigned int* bar, const LayerDims& d,
+                                           float* __restrict__ g, float* z, unsigned int* bar, float* ws, const LayerDims& d,
                                            const NeuronParams& np, const TileDims& td) {
     extern __shared__ float4 smem4[];
     float* smem = reinterpret_cast<float*>(smem4);
@@ -560,10 +580,15 @@ __device__ __forceinline__ void forward_v2(const float* __restrict__ params, con
     const int tc = threadIdx.x / NPT, tp = threadIdx.x - tc * NPT;
     const int HW = d.H * d.W, N = d.C * HW;
     const long long BN = (long long)d.B * N;
-    const float* wb = params + d.off_wb;
     const float* bb = params + d.off_bb;
-    const float* we = params + d.off_we;
     const float* be = params + d.off_be;
+    // phase 0: the gate weights in the staging layout, [W_b][W_e]
+    const long long wlen = (long long)d.C * d.C * K * K;
+    float* wsb = ws;
+    float* wse = ws + wlen;
+    if (d.back) build_staging_layout<false>(wsb, params + d.off_wb, d, K * K);
+    if (d.ei) build_staging_layout<false>(wse, params + d.off_we, d, K * K);
+    grid_sync(bar);
     for (int t = 0; t < d.T; ++t) {
         const long long ot = (long long)t * BN;
         const float* in_t = input + (d.t_in == 1 ? 0 : ot);
@@ -572,7 +597,7 @@ __device__ __forceinline__ void forward_v2(const float* __restrict__ params, con
             const TileJob J = tile_job(job, d, td, tp, NPT, R);
             const long long sb = (long long)J.b * N;
             float acc[CPT][4] = {};
-            if (d.back && t >= d.D) tile_conv<K, false, CPT>(acc, smem, wb, PlainSrc{out + (long long)(t - d.D) * BN + sb}, d, td, J.co0, J.y0, J.base, tc);
+            if (d.back && t >= d.D) tile_conv<K, CPT>(acc, smem, wsb, PlainSrc{out + (long long)(t - d.D) * BN + sb}, d, td, J.co0, J.y0, J.base, tc);
 #pragma unroll
             for (int i = 0; i < CPT; ++i) {
                 const int c = J.co0 + CPT * tc + i;
@@ -605,7 +630,7 @@ __device__ __forceinline__ void forward_v2(const float* __restrict__ params, con
                 const TileJob J = tile_job(job, d, td, tp, NPT, R);
                 const long long sb = (long long)J.b * N;
                 float acc[CPT][4] = {};
-                tile_conv<K, false, CPT>(acc, smem, we, PlainSrc{v + ot + sb}, d, td, J.co0, J.y0, J.base, tc);
+                tile_conv<K, CPT>(acc, smem, wse, PlainSrc{v + ot + sb}, d, td, J.co0, J.y0, J.base, tc);
 #pragma unroll
                 for (int i = 0; i < CPT; ++i) {
                     const int c = J.co0 + CPT * tc + i;
@@ -630,20 +655,20 @@ __device__ __forceinline__ void forward_v2(const float* __restrict__ params, con
 // v2_tile_smem_bytes. bar: one zeroed u32 (the host zeroes it before every launch).
 extern "C" __global__ void __launch_bounds__(V2_THREADS, 2)
 backei_forward_v2_r1_f32(const float* __restrict__ params, const float* __restrict__ input, float* out, float* v,
-                         float* __restrict__ g, float* z, unsigned int* bar, LayerDims d, NeuronParams np, TileDims td) {
-    forward_v2<3, 4>(params, input, out, v, g, z, bar, d, np, td);
+                         float* __restrict__ g, float* z, unsigned int* bar, float* ws, LayerDims d, NeuronParams np, TileDims td) {
+    forward_v2<3, 4>(params, input, out, v, g, z, bar, ws, d, np, td);
 }
 extern "C" __global__ void __launch_bounds__(V2_THREADS, 2)
 backei_forward_v2_r2_f32(const float* __restrict__ params, const float* __restrict__ input, float* out, float* v,
-                         float* __restrict__ g, float* z, unsigned int* bar, LayerDims d, NeuronParams np, TileDims td) {
-    forward_v2<5, 4>(params, input, out, v, g, z, bar, d, np, td);
+                         float* __restrict__ g, float* z, unsigned int* bar, float* ws, LayerDims d, NeuronParams np, TileDims td) {
+    forward_v2<5, 4>(params, input, out, v, g, z, bar, ws, d, np, td);
 }
 
 template <int K, int CPT>
 __device__ __forceinline__ void backward_v2(const float* __restrict__ params, const float* __restrict__ input, const float* __restrict__ out,
                                             const float* __restrict__ v, const float* __restrict__ g, const float* __restrict__ z,
                                             const float* __restrict__ grad_out, float* grad_in, float* dvbuf, float* fb, float* dz,
-                                            float* da, unsigned int* bar, const LayerDims& d, const NeuronParams& np,
+                                            float* da, unsigned int* bar, float* ws, const LayerDims& d, const NeuronParams& np,
                                             const TileDims& td) {
     extern __shared__ float4 smem4[];
     float* smem = reinterpret_cast<float*>(smem4);
@@ -652,8 +677,13 @@ __device__ __forceinline__ void backward_v2(const float* __restrict__ params, co
     const int tc = threadIdx.x / NPT, tp = threadIdx.x - tc * NPT;
     const int HW = d.H * d.W, N = d.C * HW;
     const long long BN = (long long)d.B * N;
-    const float* wb = params + d.off_wb;
-    const float* we = params + d.off_we;
+    // phase 0: the gate weights in the adjoint's staging layout, [W_bᵀ][W_eᵀ]
+    const long long wlen = (long long)d.C * d.C * K * K;
+    float* wsb = ws;
+    float* wse = ws + wlen;
+    if (d.back) build_staging_layout<true>(wsb, params + d.off_wb, d, K * K);
+    if (d.ei) build_staging_layout<true>(wse, params + d.off_we, d, K * K);
+    grid_sync(bar);
     (void)out;
     for (int t = d.T - 1; t >= 0; --t) {
         const long long ot = (long long)t * BN;
@@ -666,7 +696,7 @@ __device__ __forceinline__ void backward_v2(const float* __restrict__ params, co
             float acc[CPT][4] = {};
             if (d.ei) {
                 const DzSrc src{grad_out + ot + sb, has_fb ? fb_t + sb : nullptr, v + ot + sb, z + ot + sb, np};
-                tile_conv<K, true, CPT>(acc, smem, we, src, d, td, J.co0, J.y0, J.base, tc);
+                tile_conv<K, CPT>(acc, smem, wse, src, d, td, J.co0, J.y0, J.base, tc);
             }
 #pragma unroll
             for (int i = 0; i < CPT; ++i) {
@@ -715,7 +745,7 @@ __device__ __forceinline__ void backward_v2(const float* __restrict__ params, co
                 const TileJob J = tile_job(job, d, td, tp, NPT, R);
                 const long long sb = (long long)J.b * N;
                 float acc[CPT][4] = {};
-                tile_conv<K, true, CPT>(acc, smem, wb, PlainSrc{da + ot + sb}, d, td, J.co0, J.y0, J.base, tc);
+                tile_conv<K, CPT>(acc, smem, wsb, PlainSrc{da + ot + sb}, d, td, J.co0, J.y0, J.base, tc);
 #pragma unroll
                 for (int i = 0; i < CPT; ++i) {
                     const int c = J.co0 + CPT * tc + i;
@@ -739,17 +769,17 @@ extern "C" __global__ void __launch_bounds__(V2_THREADS, 2)
 backei_backward_v2_r1_f32(const float* __restrict__ params, float* grads, const float* __restrict__ input, const float* __restrict__ out,
                           const float* __restrict__ v, const float* __restrict__ g, const float* __restrict__ z,
                           const float* __restrict__ grad_out, float* grad_in, float* dvbuf, float* fb, float* dz, float* da,
-                          unsigned int* bar, LayerDims d, NeuronParams np, TileDims td) {
+                          unsigned int* bar, float* ws, LayerDims d, NeuronParams np, TileDims td) {
     (void)grads;
-    backward_v2<3, 4>(params, input, out, v, g, z, grad_out, grad_in, dvbuf, fb, dz, da, bar, d, np, td);
+    backward_v2<3, 4>(params, input, out, v, g, z, grad_out, grad_in, dvbuf, fb, dz, da, bar, ws, d, np, td);
 }
 extern "C" __global__ void __launch_bounds__(V2_THREADS, 2)
 backei_backward_v2_r2_f32(const float* __restrict__ params, float* grads, const float* __restrict__ input, const float* __restrict__ out,
                           const float* __restrict__ v, const float* __restrict__ g, const float* __restrict__ z,
                           const float* __restrict__ grad_out, float* grad_in, float* dvbuf, float* fb, float* dz, float* da,
-                          unsigned int* bar, LayerDims d, NeuronParams np, TileDims td) {
+                          unsigned int* bar, float* ws, LayerDims d, NeuronParams np, TileDims td) {
     (void)grads;
-    backward_v2<5, 4>(params, input, out, v, g, z, grad_out, grad_in, dvbuf, fb, dz, da, bar, d, np, td);
+    backward_v2<5, 4>(params, input, out, v, g, z, grad_out, grad_in, dvbuf, fb, dz, da, bar, ws, d, np, td);
 }
 
 // v3: the v2 kernels with 8-channel register tiles (CPT = 8: a thread owns 8 channels × 4 pixels,
@@ -758,29 +788,29 @@ backei_backward_v2_r2_f32(const float* __restrict__ params, float* grads, const 
 // then holds 1024·8/co_t pixels. Same arguments, launch and weight-gradient kernels as v2.
 extern "C" __global__ void __launch_bounds__(V2_THREADS, 2)
 backei_forward_v3_r1_f32(const float* __restrict__ params, const float* __restrict__ input, float* out, float* v,
-                         float* __restrict__ g, float* z, unsigned int* bar, LayerDims d, NeuronParams np, TileDims td) {
-    forward_v2<3, 8>(params, input, out, v, g, z, bar, d, np, td);
+                         float* __restrict__ g, float* z, unsigned int* bar, float* ws, LayerDims d, NeuronParams np, TileDims td) {
+    forward_v2<3, 8>(params, input, out, v, g, z, bar, ws, d, np, td);
 }
 extern "C" __global__ void __launch_bounds__(V2_THREADS, 2)
 backei_forward_v3_r2_f32(const float* __restrict__ params, const float* __restrict__ input, float* out, float* v,
-                         float* __restrict__ g, float* z, unsigned int* bar, LayerDims d, NeuronParams np, TileDims td) {
-    forward_v2<5, 8>(params, input, out, v, g, z, bar, d, np, td);
+                         float* __restrict__ g, float* z, unsigned int* bar, float* ws, LayerDims d, NeuronParams np, TileDims td) {
+    forward_v2<5, 8>(params, input, out, v, g, z, bar, ws, d, np, td);
 }
 extern "C" __global__ void __launch_bounds__(V2_THREADS, 2)
 backei_backward_v3_r1_f32(const float* __restrict__ params, float* grads, const float* __restrict__ input, const float* __restrict__ out,
                           const float* __restrict__ v, const float* __restrict__ g, const float* __restrict__ z,
                           const float* __restrict__ grad_out, float* grad_in, float* dvbuf, float* fb, float* dz, float* da,
-                          unsigned int* bar, LayerDims d, NeuronParams np, TileDims td) {
+                          unsigned int* bar, float* ws, LayerDims d, NeuronParams np, TileDims td) {
     (void)grads;
-    backward_v2<3, 8>(params, input, out, v, g, z, grad_out, grad_in, dvbuf, fb, dz, da, bar, d, np, td);
+    backward_v2<3, 8>(params, input, out, v, g, z, grad_out, grad_in, dvbuf, fb, dz, da, bar, ws, d, np, td);
 }
 extern "C" __global__ void __launch_bounds__(V2_THREADS, 2)
 backei_backward_v3_r2_f32(const float* __restrict__ params, float* grads, const float* __restrict__ input, const float* __restrict__ out,
                           const float* __restrict__ v, const float* __restrict__ g, const float* __restrict__ z,
                           const float* __restrict__ grad_out, float* grad_in, float* dvbuf, float* fb, float* dz, float* da,
-                          unsigned int* bar, LayerDims d, NeuronParams np, TileDims td) {
+                          unsigned int* bar, float* ws, LayerDims d, NeuronParams np, TileDims td) {
     (void)grads;
-    backward_v2<5, 8>(params, input, out, v, g, z, grad_out, grad_in, dvbuf, fb, dz, da, bar, d, np, td);
+    backward_v2<5, 8>(params, input, out, v, g, z, grad_out, grad_in, dvbuf, fb, dz, da, bar, ws, d, np, td);
 }
 
 // Weight gradient v2 (an ordinary launch after backward v2; partials = null: atomicAdd into grads,

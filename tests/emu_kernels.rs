@@ -113,6 +113,7 @@ fn emulate_on(c: &Case, x: &common::layer_check::Inputs, plan: &LaunchPlan, sche
     let mut da = DevBuf::new("da", bs.da);
     let mut bar = vec![0u32; 1];
     let mut partials = DevBuf::new("wg_partials", bs.wg_partials);
+    let mut staged = DevBuf::new("staged_weights", bs.staged_weights);
     let onchip = plan.wgrad == WgradPath::OnChip;
     match plan.path {
         LayerPath::Plain => {
@@ -130,7 +131,7 @@ fn emulate_on(c: &Case, x: &common::layer_check::Inputs, plan: &LaunchPlan, sche
             let mut a = Args::new();
             a.val(params.ptr()).val(input.ptr()).val(out.ptr()).val(v.ptr()).val(g.ptr()).val(z.ptr());
             if v2 {
-                a.buf_u32(&mut bar);
+                a.buf_u32(&mut bar).val(staged.ptr());
             }
             a.val(fwd_dims).val(np);
             if v2 {
@@ -147,7 +148,7 @@ fn emulate_on(c: &Case, x: &common::layer_check::Inputs, plan: &LaunchPlan, sche
             a.val(params.ptr()).val(grads.ptr()).val(input.ptr()).val(out.ptr()).val(v.ptr()).val(g.ptr()).val(z.ptr());
             a.val(gout.ptr()).val(gin.ptr()).val(dv.ptr()).val(fbuf.ptr()).val(dz.ptr()).val(da.ptr());
             if v2 {
-                a.buf_u32(&mut bar);
+                a.buf_u32(&mut bar).val(staged.ptr());
             }
             a.val(bwd_dims).val(np);
             if v2 {
@@ -182,7 +183,7 @@ fn emulate_on(c: &Case, x: &common::layer_check::Inputs, plan: &LaunchPlan, sche
             }
         }
     }
-    for buf in [&params, &grads, &input, &gout, &gin, &out, &v, &g, &z, &dv, &fbuf, &dz, &da, &partials] {
+    for buf in [&params, &grads, &input, &gout, &gin, &out, &v, &g, &z, &dv, &fbuf, &dz, &da, &partials, &staged] {
         buf.check_guards();
     }
     assert_eq!(params.host(), x.params, "{}: the parameters were written", c.name);

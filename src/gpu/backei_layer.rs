@@ -268,11 +268,13 @@ pub struct BufferSizes {
     pub da: usize,
     /// deterministic tiled plans: the weight-gradient blocks' partial sums [wg_split][C²k² + C]
     pub wg_partials: usize,
+    /// tiled plans: the gate weights in the staging layout, [W_b][W_e] (C²k² each)
+    pub staged_weights: usize,
 }
 
 impl BufferSizes {
     pub fn total_bytes(&self) -> usize {
-        4 * (self.out + self.v + self.g + self.z + self.dv + self.fb + self.dz + self.da + self.wg_partials)
+        4 * (self.out + self.v + self.g + self.z + self.dv + self.fb + self.dz + self.da + self.wg_partials + self.staged_weights)
     }
 }
 
@@ -555,6 +557,7 @@ fn plan_with(
             dz: if fb.ei { per_step } else { 0 },
             da: if fb.back { per_step } else { 0 },
             wg_partials: 0,
+            staged_weights: 0,
         },
         version: KernelVersion::V1,
         tile: None,
@@ -725,6 +728,8 @@ pub fn plan_version(
     let all = p.buffers.out;
     p.buffers.dz = if fb.ei { all } else { 0 };
     p.buffers.da = if fb.back { all } else { 0 };
+    let k = 2 * fb.radius + 1;
+    p.buffers.staged_weights = 2 * shape[0] * shape[0] * k * k;
     p.version = version;
     p.tile = Some(td);
     Ok(p)
@@ -844,6 +849,8 @@ pub struct GpuBackEiLayer {
     pub da: Option<CudaSlice<f32>>,
     /// Deterministic tiled plans: the weight-gradient partial sums [wg_split][C²k² + C].
     pub wg_partials: Option<CudaSlice<f32>>,
+    /// Tiled plans: the gate weights in the kernels' staging layout (rebuilt by every launch).
+    pub staged_weights: Option<CudaSlice<f32>>,
     /// Stands in for an absent buffer in a kernel's argument list (never dereferenced).
     dummy: CudaSlice<f32>,
     /// T_in of the last forward.
@@ -881,6 +888,7 @@ impl GpuBackEiLayer {
             dz: None,
             da: None,
             wg_partials: None,
+            staged_weights: None,
             dummy,
             t_in: 0,
             version,
@@ -919,6 +927,7 @@ impl GpuBackEiLayer {
             // free the old buffers before allocating the new ones
             (self.out, self.v, self.g, self.z, self.dv, self.fb, self.dz, self.da) = (None, None, None, None, None, None, None, None);
             self.wg_partials = None;
+            self.staged_weights = None;
             self.out = alloc(&self.dev, b.out)?;
             self.v = alloc(&self.dev, b.v)?;
             self.g = alloc(&self.dev, b.g)?;
@@ -928,6 +937,7 @@ impl GpuBackEiLayer {
             self.dz = alloc(&self.dev, b.dz)?;
             self.da = alloc(&self.dev, b.da)?;
             self.wg_partials = alloc(&self.dev, b.wg_partials)?;
+            self.staged_weights = alloc(&self.dev, b.staged_weights)?;
             if p.version.is_tiled() && self.bar.is_none() {
                 self.bar = Some(self.dev.stream.alloc_zeros::<u32>(1).map_err(cuda_err("allocating the grid barrier"))?);
             }
@@ -1010,6 +1020,7 @@ impl GpuBackEiLayer {
                 stream.memset_zeros(bar).map_err(cuda_err("zeroing the grid barrier"))?;
                 let g = self.g.as_ref().unwrap_or(&self.dummy);
                 let z = self.z.as_ref().unwrap_or(&self.dummy);
+                let ws = self.staged_weights.as_ref().ok_or_else(|| BackeiError::Cuda("BackEI layer: staged weights missing".into()))?;
                 // SAFETY: the argument list matches backei_forward_v2_r{1,2}_f32; lengths checked
                 // above; a cooperative launch (grid ≤ co-resident blocks), as grid_sync requires.
                 unsafe {
@@ -1022,6 +1033,7 @@ impl GpuBackEiLayer {
                         .arg(g)
                         .arg(z)
                         .arg(&*bar)
+                        .arg(ws)
                         .arg(&dims)
                         .arg(&np)
                         .arg(&td)
@@ -1100,6 +1112,7 @@ impl GpuBackEiLayer {
                 let fb = self.fb.as_ref().unwrap_or(d);
                 let dz = self.dz.as_ref().unwrap_or(d);
                 let da = self.da.as_ref().unwrap_or(d);
+                let ws = self.staged_weights.as_ref().ok_or_else(|| BackeiError::Cuda("BackEI layer: staged weights missing".into()))?;
                 // SAFETY: the argument list matches backei_backward_v2_r{1,2}_f32; lengths checked
                 // above (the V2 plan sizes dz and da for every step); a cooperative launch.
                 unsafe {
@@ -1119,6 +1132,7 @@ impl GpuBackEiLayer {
                         .arg(dz)
                         .arg(da)
                         .arg(bar)
+                        .arg(ws)
                         .arg(&dims)
                         .arg(&np)
                         .arg(&td)
