@@ -542,6 +542,16 @@ __device__ __forceinline__ void build_staging_layout(float* ws, const float* __r
     }
 }
 
+// Phase 0 of a v2/v3 launch: both gates' weights into ws = [W_b][W_e] (C²k² each), then a grid
+// barrier (every block must pass it).
+template <bool TRANS, int K>
+__device__ __forceinline__ void stage_gate_weights(float* ws, const float* __restrict__ params, const LayerDims& d, unsigned int* bar) {
+    const long long wlen = (long long)d.C * d.C * K * K;
+    if (d.back) build_staging_layout<TRANS>(ws, params + d.off_wb, d, K * K);
+    if (d.ei) build_staging_layout<TRANS>(ws + wlen, params + d.off_we, d, K * K);
+    grid_sync(bar);
+}
+
 // The job's place: sample b, first channel co0, first row y0; and this thread's pixels: pix[j]
 // (index within the image, −1 when past the tile) and base[j] (halo index, 0 when past it).
 struct TileJob {
@@ -583,12 +593,9 @@ __device__ __forceinline__ void forward_v2(const float* __restrict__ params, con
     const float* bb = params + d.off_bb;
     const float* be = params + d.off_be;
     // phase 0: the gate weights in the staging layout, [W_b][W_e]
-    const long long wlen = (long long)d.C * d.C * K * K;
-    float* wsb = ws;
-    float* wse = ws + wlen;
-    if (d.back) build_staging_layout<false>(wsb, params + d.off_wb, d, K * K);
-    if (d.ei) build_staging_layout<false>(wse, params + d.off_we, d, K * K);
-    grid_sync(bar);
+    stage_gate_weights<false, K>(ws, params, d, bar);
+    const float* wsb = ws;
+    const float* wse = ws + (long long)d.C * d.C * K * K;
     for (int t = 0; t < d.T; ++t) {
         const long long ot = (long long)t * BN;
         const float* in_t = input + (d.t_in == 1 ? 0 : ot);
@@ -678,12 +685,9 @@ __device__ __forceinline__ void backward_v2(const float* __restrict__ params, co
     const int HW = d.H * d.W, N = d.C * HW;
     const long long BN = (long long)d.B * N;
     // phase 0: the gate weights in the adjoint's staging layout, [W_bᵀ][W_eᵀ]
-    const long long wlen = (long long)d.C * d.C * K * K;
-    float* wsb = ws;
-    float* wse = ws + wlen;
-    if (d.back) build_staging_layout<true>(wsb, params + d.off_wb, d, K * K);
-    if (d.ei) build_staging_layout<true>(wse, params + d.off_we, d, K * K);
-    grid_sync(bar);
+    stage_gate_weights<true, K>(ws, params, d, bar);
+    const float* wsb = ws;
+    const float* wse = ws + (long long)d.C * d.C * K * K;
     (void)out;
     for (int t = d.T - 1; t >= 0; --t) {
         const long long ot = (long long)t * BN;
