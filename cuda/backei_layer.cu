@@ -399,10 +399,11 @@ backei_wgrad_v1_f32(float* __restrict__ grads, long long off_w, long long off_b,
 //                   dv_t, ∂I_t, da_t of the tile's own neurons; grid_sync;
 //                   phase 3 (back, t ≥ D): fb_{t−D} = W_bᵀ ⊛ da_t; grid_sync.
 // Weight gradients: the backward kernel keeps da_t and dz_t for every step ([T][B][N]) and
-// backei_wgrad_v2 reduces them afterwards (an ordinary launch): block (c group of 16, ci group of
-// 16, K split) stages 16 planes of dY and 16 halo planes of X per (t, b, row group) chunk; thread
-// (c, ci) owns all k² taps of its weight pair in registers (a sliding k×k window along x), and
-// adds them to the gradient buffer with one atomicAdd per weight at the end.
+// backei_wgrad_v{2,3} reduce them afterwards (an ordinary launch): block (group of 16·cw output
+// channels, group of 16 input channels, K split) stages 16·cw planes of dY and 16 halo planes of X
+// per (t, b, row group) chunk; a thread owns all k² taps of its cw weight pairs in registers (a
+// sliding k×k window along x) and adds them to the gradient buffer with one atomicAdd per weight at
+// the end (v2: cw = 1; v3: cw = 1, 2 or 4).
 //
 // Coherence: every buffer that the kernel itself writes and another thread later reads (s, v in
 // the forward; fb, da, dv in the backward) is read with __ldcg (L2, never a stale L1 line).
@@ -422,6 +423,7 @@ struct TileDims {
     int wg_row_groups;  // ceil(H / wg_rows)
     int wg_split;       // weight gradient: blocks along the (t, b, row group) chunks (grid.y)
     int cpt;            // channels per thread: 4 (v2) or 8 (v3); the kernels' template parameter
+    int wg_cw;          // weight gradient: output channels per thread (v2: 1; v3: 1, 2 or 4, ≤ WG_CWMAX)
 };
 
 // Grid-wide barrier, valid only under a cooperative launch (all blocks co-resident). The scheme of
@@ -817,34 +819,56 @@ backei_backward_v3_r2_f32(const float* __restrict__ params, float* grads, const 
     backward_v2<5, 8>(params, input, out, v, g, z, grad_out, grad_in, dvbuf, fb, dz, da, bar, ws, d, np, td);
 }
 
-// Weight gradient v2 (an ordinary launch after backward v2; partials = null: atomicAdd into grads,
-// else each block writes its sums to partials[blockIdx.y] for backei_wgrad_reduce_f32):
+// Weight gradient of v2 and v3 (an ordinary launch after the backward; partials = null: atomicAdd
+// into grads, else each block writes its sums to partials[blockIdx.y] for backei_wgrad_reduce_f32):
 //   dW[c][ci][tap] += Σ_{t ≥ shift} Σ_b Σ_p dY_t[b][c][p]·X_{t−shift}[b][ci][p + tap − r],  db[c] += Σ_{t ≥ 0} Σ_b Σ_p dY_t[b][c][p]
-// grid = (G·G, td.wg_split), G = ceil(C/16): block (cg, ig) owns c ∈ [16·cg, +16), ci ∈ [16·ig, +16)
-// and walks the chunks (t, b, row group) blockIdx.y, + gridDim.y, … ; block = 256 threads, thread
-// (c = tid / 16, ci = tid % 16). Dynamic smem: dY [16][wg_rows·W], X halo [16][odd plane stride]
-// (host twin: v2_wgrad_smem_bytes).
+// Blocks walk the chunks (t, b, row group) blockIdx.y, + gridDim.y, …; block = 256 threads. The
+// mapping of (c, ci) to blocks and threads: wgrad_tiled below.
 __device__ __forceinline__ int wg_plane(const LayerDims& d, const TileDims& td, int r) {
     return ((td.wg_rows + 2 * r) * (d.W + 2 * r)) | 1;  // odd: the 16 ci planes fall in 16 banks
 }
 
+// Deterministic reduction of the weight gradient's slices: grads[W][j] += Σ_{s < splits} slice_s[j] and
+// grads[b][c] += Σ_s slice_s[C²k² + c], s ascending (a fixed order: bit-reproducible). One thread
+// per weight or bias element, grid-stride. partials: [splits][C·C·k² + C].
+extern "C" __global__ void __launch_bounds__(256)
+backei_wgrad_reduce_f32(float* __restrict__ grads, long long off_w, long long off_b, const float* __restrict__ partials, int splits,
+                        long long wlen, int C) {
+    const long long len = wlen + C;
+    for (long long j = blockIdx.x * (long long)blockDim.x + threadIdx.x; j < len; j += (long long)gridDim.x * blockDim.x) {
+        float acc = 0.0f;
+        for (int s2 = 0; s2 < splits; ++s2) acc += partials[(long long)s2 * len + j];
+        float* dst = j < wlen ? grads + off_w + j : grads + off_b + (j - wlen);
+        *dst += acc;
+    }
+}
+
+// The tiled weight gradient, generalised to td.wg_cw output channels per thread (v2: 1; v3: 1, 2 or 4,
+// the most that C fills): a block owns 16·cw output channels × 16 input channels, thread
+// (tcc = tid / 16, tci = tid % 16) the channels c0 + cw·tcc + [0, cw) against ci = i0 + tci. Per
+// pixel a thread loads cw values of dY (broadcast within the warp) and one new window column of X,
+// for cw·k² FMAs: with cw = 4 and k = 3, 7 shared loads feed 36 FMAs (cw = 1: 4 feed 9).
+// grid = (ceil(C / (16·cw)) · ceil(C / 16), td.wg_split); dynamic smem: dY [16·cw][wg_rows·W], X halo
+// [16][odd plane stride] (host twin: v2_wgrad_smem_bytes). partials: as described above.
 template <int K>
-__device__ __forceinline__ void wgrad_v2(float* __restrict__ grads, long long off_w, long long off_b, const float* __restrict__ dY,
+__device__ __forceinline__ void wgrad_tiled(float* __restrict__ grads, long long off_w, long long off_b, const float* __restrict__ dY,
                                          const float* __restrict__ X, int shift, const LayerDims& d, const TileDims& td,
                                          float* __restrict__ partials) {
     extern __shared__ float4 smem4[];
     float* smem = reinterpret_cast<float*>(smem4);
-    constexpr int R = K / 2, KK = K * K;
-    const int G = (d.C + 15) / 16;
-    const int c0 = (blockIdx.x / G) * 16, i0 = (blockIdx.x % G) * 16;
+    constexpr int R = K / 2, KK = K * K, CWMAX = K == 3 ? 4 : 2;
+    const int cw = min(td.wg_cw, CWMAX);
+    const int GI = (d.C + 15) / 16;
+    const int c0 = (blockIdx.x / GI) * 16 * cw, i0 = (blockIdx.x % GI) * 16;
     const int tcc = threadIdx.x / 16, tci = threadIdx.x % 16;
     const int HW = d.H * d.W, N = d.C * HW;
     const long long BN = (long long)d.B * N;
     const int HS = d.W + 2 * R, HR = td.wg_rows + 2 * R, PW = td.wg_rows * d.W, PL = wg_plane(d, td, R);
+    const int NC = 16 * cw;
     float* dy_s = smem;
-    float* x_s = smem + 16 * PW;
-    float acc[K][K] = {};
-    float accb = 0.0f;
+    float* x_s = smem + NC * PW;
+    float acc[CWMAX][K][K] = {};
+    float accb[CWMAX] = {};
     const bool bias_thread = i0 == 0 && tci == 0;
     const long long chunks = (long long)d.T * d.B * td.wg_row_groups;
     for (long long ch = blockIdx.y; ch < chunks; ch += gridDim.y) {
@@ -855,7 +879,7 @@ __device__ __forceinline__ void wgrad_v2(float* __restrict__ grads, long long of
         const bool with_x = t >= shift;
         __syncthreads();  // the previous chunk is consumed
         const float* dyb = dY + (long long)t * BN + (long long)b * N;
-        for (int j = threadIdx.x; j < 16 * PW; j += V2_THREADS) {
+        for (int j = threadIdx.x; j < NC * PW; j += V2_THREADS) {
             const int cc = j / PW, q = j - cc * PW;
             float val = 0.0f;
             if (c0 + cc < d.C && q < rows_here * d.W) val = dyb[(long long)(c0 + cc) * HW + y0 * d.W + q];
@@ -872,9 +896,13 @@ __device__ __forceinline__ void wgrad_v2(float* __restrict__ grads, long long of
             }
         }
         __syncthreads();
-        const float* dyc = dy_s + tcc * PW;
-        if (bias_thread)
-            for (int q = 0; q < rows_here * d.W; ++q) accb += dyc[q];
+        const float* dyc = dy_s + tcc * cw * PW;
+        if (bias_thread) {
+#pragma unroll
+            for (int u = 0; u < CWMAX; ++u)
+                if (u < cw)
+                    for (int q = 0; q < rows_here * d.W; ++q) accb[u] += dyc[u * PW + q];
+        }
         if (with_x) {
             const float* xc = x_s + tci * PL;
             for (int py = 0; py < rows_here; ++py) {
@@ -886,11 +914,16 @@ __device__ __forceinline__ void wgrad_v2(float* __restrict__ grads, long long of
                 for (int px = 0; px < d.W; ++px) {
 #pragma unroll
                     for (int ky = 0; ky < K; ++ky) win[ky][K - 1] = xc[(py + ky) * HS + px + K - 1];
-                    const float dyv = dyc[py * d.W + px];
 #pragma unroll
-                    for (int ky = 0; ky < K; ++ky)
+                    for (int u = 0; u < CWMAX; ++u) {
+                        if (u < cw) {
+                            const float dyv = dyc[u * PW + py * d.W + px];
 #pragma unroll
-                        for (int kx = 0; kx < K; ++kx) acc[ky][kx] += dyv * win[ky][kx];
+                            for (int ky = 0; ky < K; ++ky)
+#pragma unroll
+                                for (int kx = 0; kx < K; ++kx) acc[u][ky][kx] += dyv * win[ky][kx];
+                        }
+                    }
 #pragma unroll
                     for (int ky = 0; ky < K; ++ky)
 #pragma unroll
@@ -899,52 +932,47 @@ __device__ __forceinline__ void wgrad_v2(float* __restrict__ grads, long long of
             }
         }
     }
-    const int c = c0 + tcc, ci = i0 + tci;
-    if (partials) {
-        // deterministic: this block's sums go to its own slice; backei_wgrad_reduce_f32 adds the
-        // slices in order (every weight and bias of a slice has exactly one writer block)
-        float* slice = partials + (long long)blockIdx.y * ((long long)d.C * d.C * KK + d.C);
-        if (c < d.C && ci < d.C) {
+    const int ci = i0 + tci;
+    float* slice = partials ? partials + (long long)blockIdx.y * ((long long)d.C * d.C * KK + d.C) : nullptr;
+#pragma unroll
+    for (int u = 0; u < CWMAX; ++u) {
+        const int c = c0 + tcc * cw + u;
+        if (u >= cw || c >= d.C) continue;
+        if (ci < d.C) {
+            const long long at = ((long long)c * d.C + ci) * KK;
 #pragma unroll
             for (int ky = 0; ky < K; ++ky)
 #pragma unroll
-                for (int kx = 0; kx < K; ++kx) slice[((long long)c * d.C + ci) * KK + ky * K + kx] = acc[ky][kx];
+                for (int kx = 0; kx < K; ++kx) {
+                    if (slice) slice[at + ky * K + kx] = acc[u][ky][kx];
+                    else atomicAdd(grads + off_w + at + ky * K + kx, acc[u][ky][kx]);
+                }
         }
-        if (bias_thread && c < d.C) slice[(long long)d.C * d.C * KK + c] = accb;
-        return;
+        if (bias_thread) {
+            if (slice) slice[(long long)d.C * d.C * KK + c] = accb[u];
+            else atomicAdd(grads + off_b + c, accb[u]);
+        }
     }
-    if (c < d.C && ci < d.C) {
-        float* gw = grads + off_w + ((long long)c * d.C + ci) * KK;
-#pragma unroll
-        for (int ky = 0; ky < K; ++ky)
-#pragma unroll
-            for (int kx = 0; kx < K; ++kx) atomicAdd(gw + ky * K + kx, acc[ky][kx]);
-    }
-    if (bias_thread && c < d.C) atomicAdd(grads + off_b + c, accb);
 }
 
-// Deterministic reduction of backei_wgrad_v2's slices: grads[W][j] += Σ_{s < splits} slice_s[j] and
-// grads[b][c] += Σ_s slice_s[C²k² + c], s ascending (a fixed order: bit-reproducible). One thread
-// per weight or bias element, grid-stride. partials: [splits][C·C·k² + C].
-extern "C" __global__ void __launch_bounds__(256)
-backei_wgrad_reduce_f32(float* __restrict__ grads, long long off_w, long long off_b, const float* __restrict__ partials, int splits,
-                        long long wlen, int C) {
-    const long long len = wlen + C;
-    for (long long j = blockIdx.x * (long long)blockDim.x + threadIdx.x; j < len; j += (long long)gridDim.x * blockDim.x) {
-        float acc = 0.0f;
-        for (int s2 = 0; s2 < splits; ++s2) acc += partials[(long long)s2 * len + j];
-        float* dst = j < wlen ? grads + off_w + j : grads + off_b + (j - wlen);
-        *dst += acc;
-    }
+extern "C" __global__ void __launch_bounds__(V2_THREADS)
+backei_wgrad_v3_r1_f32(float* __restrict__ grads, long long off_w, long long off_b, const float* __restrict__ dY,
+                       const float* __restrict__ X, int shift, LayerDims d, TileDims td, float* __restrict__ partials) {
+    wgrad_tiled<3>(grads, off_w, off_b, dY, X, shift, d, td, partials);
+}
+extern "C" __global__ void __launch_bounds__(V2_THREADS)
+backei_wgrad_v3_r2_f32(float* __restrict__ grads, long long off_w, long long off_b, const float* __restrict__ dY,
+                       const float* __restrict__ X, int shift, LayerDims d, TileDims td, float* __restrict__ partials) {
+    wgrad_tiled<5>(grads, off_w, off_b, dY, X, shift, d, td, partials);
 }
 
 extern "C" __global__ void __launch_bounds__(V2_THREADS)
 backei_wgrad_v2_r1_f32(float* __restrict__ grads, long long off_w, long long off_b, const float* __restrict__ dY,
                        const float* __restrict__ X, int shift, LayerDims d, TileDims td, float* __restrict__ partials) {
-    wgrad_v2<3>(grads, off_w, off_b, dY, X, shift, d, td, partials);
+    wgrad_tiled<3>(grads, off_w, off_b, dY, X, shift, d, td, partials);
 }
 extern "C" __global__ void __launch_bounds__(V2_THREADS)
 backei_wgrad_v2_r2_f32(float* __restrict__ grads, long long off_w, long long off_b, const float* __restrict__ dY,
                        const float* __restrict__ X, int shift, LayerDims d, TileDims td, float* __restrict__ partials) {
-    wgrad_v2<5>(grads, off_w, off_b, dY, X, shift, d, td, partials);
+    wgrad_tiled<5>(grads, off_w, off_b, dY, X, shift, d, td, partials);
 }

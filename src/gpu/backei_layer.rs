@@ -41,7 +41,9 @@
 //!   tiles cover every output exactly once and read only inside the staged halo.
 //! - **v3** (`KernelVersion::V3`, opt-in: `BACKEI_BACKEI_KERNEL=v3`): the v2 kernels with 8-channel
 //!   register tiles (`TileDims::cpt` = 8: 32 accumulators per thread, 32 FMAs per 6 shared-memory
-//!   loads instead of 16 per 5) and twice the pixels per tile; the same weight-gradient kernel.
+//!   loads instead of 16 per 5) and twice the pixels per tile; its weight gradient
+//!   (`backei_wgrad_v3_r{1,2}_f32`) gives each thread 1, 2 or 4 output channels
+//!   ([`v3_wgrad_channels_per_thread`]) where v2's gives one (c, ci) pair.
 //!   Which of v2 and v3 is faster depends on the shape (a larger tile means fewer jobs to balance
 //!   over the SMs): `cargo bench --bench kernels` times v1, v2 and v3 side by side. Both are
 //!   executed on the CPU emulator in CI (`tests/emu_kernels.rs`) against the CPU engine.
@@ -225,6 +227,8 @@ pub struct TileDims {
     pub wg_split: i32,
     /// Channels per thread: 4 (v2) or 8 (v3).
     pub cpt: i32,
+    /// Weight gradient: output channels per thread (v2: 1; v3: 1, 2 or 4).
+    pub wg_cw: i32,
 }
 // SAFETY: plain-old-data with the C layout of cuda/backei_layer.cu's TileDims.
 unsafe impl DeviceRepr for TileDims {}
@@ -595,9 +599,17 @@ pub fn v2_wgrad_plane(w: usize, r: usize, wg_rows: usize) -> usize {
     ((wg_rows + 2 * r) * (w + 2 * r)) | 1
 }
 
-/// Dynamic shared memory of `backei_wgrad_v2` (bytes): dY [16][wg_rows·W], X [16][plane].
-pub fn v2_wgrad_smem_bytes(w: usize, r: usize, wg_rows: usize) -> usize {
-    4 * (16 * wg_rows * w + 16 * v2_wgrad_plane(w, r, wg_rows))
+/// Dynamic shared memory of `backei_wgrad_v2` (cw = 1) and `backei_wgrad_v3` (bytes):
+/// dY [16·cw][wg_rows·W], X [16][plane].
+pub fn v2_wgrad_smem_bytes(w: usize, r: usize, wg_rows: usize, cw: usize) -> usize {
+    4 * (16 * cw * wg_rows * w + 16 * v2_wgrad_plane(w, r, wg_rows))
+}
+
+/// `backei_wgrad_v3`'s output channels per thread: the most of 4 (r = 1) or 2 (r = 2, the
+/// kernel's register budget) that the C channels fill, so no block is mostly idle.
+pub fn v3_wgrad_channels_per_thread(c: usize, r: usize) -> usize {
+    let max = if r == 1 { 4 } else { 2 };
+    [4, 2, 1].into_iter().find(|&cw| cw <= max && c >= 16 * cw).unwrap_or(1)
 }
 
 /// v2's tiling of a layer, or why v2 cannot run it. Returns (tile, cooperative grid, tile smem,
@@ -648,12 +660,12 @@ pub fn v2_tiling(
     let wg_rows0 = (V2_WG_PIXELS / w).clamp(1, h);
     let wg_rg = h.div_ceil(wg_rows0);
     let wg_rows = h.div_ceil(wg_rg);
-    let wg_smem = v2_wgrad_smem_bytes(w, r, wg_rows);
+    let cw = if cpt == 8 { v3_wgrad_channels_per_thread(c, r) } else { 1 };
+    let wg_smem = v2_wgrad_smem_bytes(w, r, wg_rows, cw);
     if wg_smem > limits.max_smem_per_block as usize {
         return Err(format!("the weight gradient needs {wg_smem} B of shared memory, the device allows {}", limits.max_smem_per_block));
     }
-    let g = c.div_ceil(16);
-    let tiles = g * g;
+    let tiles = c.div_ceil(16 * cw) * c.div_ceil(16);
     let chunks = steps.saturating_mul(batch).saturating_mul(wg_rg);
     let split = (V2_WG_BLOCKS_PER_SM * limits.sm_count as usize).div_ceil(tiles).clamp(1, chunks.clamp(1, 65_535));
     let td = TileDims {
@@ -666,6 +678,7 @@ pub fn v2_tiling(
         wg_row_groups: wg_rg as i32,
         wg_split: split as i32,
         cpt: cpt as i32,
+        wg_cw: cw as i32,
     };
     Ok((td, grid, smem, (tiles as u32, split as u32), wg_smem))
 }
@@ -717,7 +730,12 @@ pub fn plan_version(
     p.wgrad = WgradPath::Tiled;
     p.wgrad_launch = Some(KernelLaunch {
         module: "backei_layer",
-        kernel: if r1 { "backei_wgrad_v2_r1_f32" } else { "backei_wgrad_v2_r2_f32" },
+        kernel: match (v3, r1) {
+            (false, true) => "backei_wgrad_v2_r1_f32",
+            (false, false) => "backei_wgrad_v2_r2_f32",
+            (true, true) => "backei_wgrad_v3_r1_f32",
+            (true, false) => "backei_wgrad_v3_r2_f32",
+        },
         grid: (wg_grid.0, wg_grid.1, 1),
         block: V2_THREADS,
         smem_bytes: wg_smem as u32,
@@ -1526,19 +1544,32 @@ mod tests {
             seen.iter().find(|&&n| n != 1).unwrap()
         );
         // weight gradient
-        let g = c.div_ceil(16);
-        assert_eq!(wg_grid.0 as usize, g * g);
+        // weight-gradient blocks (kernel: gi = ceil(C/16), c0 = (bx / gi)·16·cw, i0 = (bx % gi)·16,
+        // thread (tcc, tci) owns c0 + cw·tcc + [0, cw) × i0 + tci)
+        let cw = td.wg_cw as usize;
+        assert!(cw == 1 || (td.cpt == 8 && matches!(cw, 2 | 4)), "{td:?}");
+        let gi = c.div_ceil(16);
+        assert_eq!(wg_grid.0 as usize, c.div_ceil(16 * cw) * gi);
         let mut pairs = vec![0u8; c * c];
-        for bx in 0..g * g {
+        let mut biases = vec![0u8; c];
+        for bx in 0..wg_grid.0 as usize {
             for tid in 0..V2_THREADS as usize {
-                let (c0, i0) = ((bx / g) * 16, (bx % g) * 16);
-                let (cc, ci) = (c0 + tid / 16, i0 + tid % 16);
-                if cc < c && ci < c {
-                    pairs[cc * c + ci] += 1;
+                let (c0, i0) = ((bx / gi) * 16 * cw, (bx % gi) * 16);
+                let (tcc, tci) = (tid / 16, tid % 16);
+                for u in 0..cw {
+                    let (cc, ci) = (c0 + tcc * cw + u, i0 + tci);
+                    if cc < c && ci < c {
+                        pairs[cc * c + ci] += 1;
+                    }
+                    if cc < c && i0 == 0 && tci == 0 {
+                        biases[cc] += 1;
+                    }
                 }
             }
         }
-        assert!(pairs.iter().all(|&n| n == 1));
+        assert!(pairs.iter().all(|&n| n == 1), "every (c, ci) weight pair has one owner thread");
+        assert!(biases.iter().all(|&n| n == 1), "every bias has one owner thread");
+        assert!(v2_wgrad_smem_bytes(w, r, td.wg_rows as usize, cw) >= 4 * 16 * cw * td.wg_rows as usize * w);
         let (wr, wrg) = (td.wg_rows as usize, td.wg_row_groups as usize);
         assert!(wr * w <= 256 && wrg == h.div_ceil(wr) && (wrg - 1) * wr < h);
         let plane = v2_wgrad_plane(w, r, wr);
@@ -1669,12 +1700,17 @@ mod tests {
         let p = plan_version([15, 24, 24], &fb(2), 100, 20, &h, KernelVersion::V2).unwrap();
         assert_eq!((p.backward.kernel, p.wgrad_launch.unwrap().kernel), ("backei_backward_v2_r2_f32", "backei_wgrad_v2_r2_f32"));
         // v3: twice the pixels per tile at the same channel tile (fashion-mnist layer 1: 32
-        // channels × 9 rows of 28, 4 row groups of 7 rows), the v3 kernels, the v2 weight gradient
+        // channels × 9 rows of 28, 4 row groups of 7 rows), the v3 kernels and weight gradient
         let p = plan_version([32, 28, 28], &fb(1), 100, 20, &h, KernelVersion::V3).unwrap();
         let td = p.tile.unwrap();
         assert_eq!((td.co_t, td.rows, td.row_groups, td.cpt), (32, 7, 4, 8));
         assert_eq!((p.forward.kernel, p.backward.kernel), ("backei_forward_v3_r1_f32", "backei_backward_v3_r1_f32"));
-        assert_eq!(p.wgrad_launch.unwrap().kernel, "backei_wgrad_v2_r1_f32");
+        assert_eq!(p.wgrad_launch.unwrap().kernel, "backei_wgrad_v3_r1_f32");
+        assert_eq!((td.wg_cw, p.wgrad_launch.unwrap().grid.0), (2, 2), "C = 32: 2 channels per thread, one c-block × 2 ci-blocks");
+        assert_eq!(
+            (v3_wgrad_channels_per_thread(64, 1), v3_wgrad_channels_per_thread(64, 2), v3_wgrad_channels_per_thread(15, 2)),
+            (4, 2, 1)
+        );
         // a row of 300 fits a v3 tile (up to 512 pixels), not a v2 tile (up to 256)
         let wide = |v| plan_version([4, 3, 300], &fb(1), 2, 3, &h, v).unwrap().version;
         assert_eq!((wide(KernelVersion::V2), wide(KernelVersion::V3)), (KernelVersion::V1, KernelVersion::V3));
@@ -1682,7 +1718,7 @@ mod tests {
 
     #[test]
     fn tile_dims_have_the_c_layout_of_the_kernels() {
-        assert_eq!(std::mem::size_of::<TileDims>(), 36);
+        assert_eq!(std::mem::size_of::<TileDims>(), 40);
         assert_eq!(std::mem::align_of::<TileDims>(), 4);
     }
 }
