@@ -399,7 +399,7 @@ backei_wgrad_v1_f32(float* __restrict__ grads, long long off_w, long long off_b,
 //                   dv_t, ∂I_t, da_t of the tile's own neurons; grid_sync;
 //                   phase 3 (back, t ≥ D): fb_{t−D} = W_bᵀ ⊛ da_t; grid_sync.
 // Weight gradients: the backward kernel keeps da_t and dz_t for every step ([T][B][N]) and
-// backei_wgrad_v{2,3} reduce them afterwards (an ordinary launch): block (group of 16·cw output
+// backei_wgrad_tiled_r{1,2}_f32 reduces them afterwards (an ordinary launch): block (group of 16·cw output
 // channels, group of 16 input channels, K split) stages 16·cw planes of dY and 16 halo planes of X
 // per (t, b, row group) chunk; a thread owns all k² taps of its cw weight pairs in registers (a
 // sliding k×k window along x) and adds them to the gradient buffer with one atomicAdd per weight at
@@ -769,7 +769,7 @@ __device__ __forceinline__ void backward_v2(const float* __restrict__ params, co
 }
 
 // Backward v2 (BPTT). Cooperative launch as the forward. Scratch: dvbuf [B][N], fb
-// [min(D,T)][B][N], dz and da [T][B][N] (all steps: backei_wgrad_v2 reads them afterwards).
+// [min(D,T)][B][N], dz and da [T][B][N] (all steps: backei_wgrad_tiled reads them afterwards).
 // grads is not touched here (the argument list mirrors v1's).
 extern "C" __global__ void __launch_bounds__(V2_THREADS, 2)
 backei_backward_v2_r1_f32(const float* __restrict__ params, float* grads, const float* __restrict__ input, const float* __restrict__ out,
@@ -956,23 +956,12 @@ __device__ __forceinline__ void wgrad_tiled(float* __restrict__ grads, long long
 }
 
 extern "C" __global__ void __launch_bounds__(V2_THREADS)
-backei_wgrad_v3_r1_f32(float* __restrict__ grads, long long off_w, long long off_b, const float* __restrict__ dY,
+backei_wgrad_tiled_r1_f32(float* __restrict__ grads, long long off_w, long long off_b, const float* __restrict__ dY,
                        const float* __restrict__ X, int shift, LayerDims d, TileDims td, float* __restrict__ partials) {
     wgrad_tiled<3>(grads, off_w, off_b, dY, X, shift, d, td, partials);
 }
 extern "C" __global__ void __launch_bounds__(V2_THREADS)
-backei_wgrad_v3_r2_f32(float* __restrict__ grads, long long off_w, long long off_b, const float* __restrict__ dY,
-                       const float* __restrict__ X, int shift, LayerDims d, TileDims td, float* __restrict__ partials) {
-    wgrad_tiled<5>(grads, off_w, off_b, dY, X, shift, d, td, partials);
-}
-
-extern "C" __global__ void __launch_bounds__(V2_THREADS)
-backei_wgrad_v2_r1_f32(float* __restrict__ grads, long long off_w, long long off_b, const float* __restrict__ dY,
-                       const float* __restrict__ X, int shift, LayerDims d, TileDims td, float* __restrict__ partials) {
-    wgrad_tiled<3>(grads, off_w, off_b, dY, X, shift, d, td, partials);
-}
-extern "C" __global__ void __launch_bounds__(V2_THREADS)
-backei_wgrad_v2_r2_f32(float* __restrict__ grads, long long off_w, long long off_b, const float* __restrict__ dY,
+backei_wgrad_tiled_r2_f32(float* __restrict__ grads, long long off_w, long long off_b, const float* __restrict__ dY,
                        const float* __restrict__ X, int shift, LayerDims d, TileDims td, float* __restrict__ partials) {
     wgrad_tiled<5>(grads, off_w, off_b, dY, X, shift, d, td, partials);
 }

@@ -35,14 +35,14 @@
 //!   by the occupancy API at launch) with a grid barrier between phases; every phase spreads the
 //!   batch's tiles (sample × 16/32/64 channels × full rows) over the GPU, the gate convolutions
 //!   tiled in FP32 (4 channels × 4 pixels per thread). dz_t and da_t are kept for every step and
-//!   `backei_wgrad_v2_r{1,2}_f32` reduces the weight gradients afterwards. [`plan_version`] falls
+//!   `backei_wgrad_tiled_r{1,2}_f32` reduces the weight gradients afterwards. [`plan_version`] falls
 //!   back to v1 (saying why in `fallback`) for r ∉ {1, 2}, W > 256 or too little shared memory.
 //!   [`v2_tile_job`] mirrors the kernel's index arithmetic; the unit tests check with it that the
 //!   tiles cover every output exactly once and read only inside the staged halo.
 //! - **v3** (`KernelVersion::V3`, opt-in: `BACKEI_BACKEI_KERNEL=v3`): the v2 kernels with 8-channel
 //!   register tiles (`TileDims::cpt` = 8: 32 accumulators per thread, 32 FMAs per 6 shared-memory
 //!   loads instead of 16 per 5) and twice the pixels per tile; its weight gradient
-//!   (`backei_wgrad_v3_r{1,2}_f32`) gives each thread 1, 2 or 4 output channels
+//!   (the same `backei_wgrad_tiled_r{1,2}_f32` with `TileDims::wg_cw` > 1) gives each thread 1, 2 or 4 output channels
 //!   ([`v3_wgrad_channels_per_thread`]) where v2's gives one (c, ci) pair.
 //!   Which of v2 and v3 is faster depends on the shape (a larger tile means fewer jobs to balance
 //!   over the SMs): `cargo bench --bench kernels` times v1, v2 and v3 side by side. Both are
@@ -157,7 +157,7 @@ pub enum WgradPath {
     OnChip,
     /// da_t / dz_t saved per step, reduced afterwards by `backei_wgrad_v1_f32`.
     Separate,
-    /// v2: da_t / dz_t saved per step, reduced afterwards by the tiled `backei_wgrad_v2_r{1,2}_f32`.
+    /// v2: da_t / dz_t saved per step, reduced afterwards by `backei_wgrad_tiled_r{1,2}_f32`.
     Tiled,
 }
 
@@ -599,13 +599,13 @@ pub fn v2_wgrad_plane(w: usize, r: usize, wg_rows: usize) -> usize {
     ((wg_rows + 2 * r) * (w + 2 * r)) | 1
 }
 
-/// Dynamic shared memory of `backei_wgrad_v2` (cw = 1) and `backei_wgrad_v3` (bytes):
+/// Dynamic shared memory of `backei_wgrad_tiled` (bytes; cw = 1 for v2):
 /// dY [16·cw][wg_rows·W], X [16][plane].
 pub fn v2_wgrad_smem_bytes(w: usize, r: usize, wg_rows: usize, cw: usize) -> usize {
     4 * (16 * cw * wg_rows * w + 16 * v2_wgrad_plane(w, r, wg_rows))
 }
 
-/// `backei_wgrad_v3`'s output channels per thread: the most of 4 (r = 1) or 2 (r = 2, the
+/// v3's weight-gradient output channels per thread: the most of 4 (r = 1) or 2 (r = 2, the
 /// kernel's register budget) that the C channels fill, so no block is mostly idle.
 pub fn v3_wgrad_channels_per_thread(c: usize, r: usize) -> usize {
     let max = if r == 1 { 4 } else { 2 };
@@ -730,12 +730,7 @@ pub fn plan_version(
     p.wgrad = WgradPath::Tiled;
     p.wgrad_launch = Some(KernelLaunch {
         module: "backei_layer",
-        kernel: match (v3, r1) {
-            (false, true) => "backei_wgrad_v2_r1_f32",
-            (false, false) => "backei_wgrad_v2_r2_f32",
-            (true, true) => "backei_wgrad_v3_r1_f32",
-            (true, false) => "backei_wgrad_v3_r2_f32",
-        },
+        kernel: if r1 { "backei_wgrad_tiled_r1_f32" } else { "backei_wgrad_tiled_r2_f32" },
         grid: (wg_grid.0, wg_grid.1, 1),
         block: V2_THREADS,
         smem_bytes: wg_smem as u32,
@@ -1184,9 +1179,9 @@ impl GpuBackEiLayer {
                         Some((_, _, buf)) => b.arg(*buf),
                         None => b.arg(&null),
                     };
-                    // SAFETY: the argument list matches backei_wgrad_v2_r{1,2}_f32; dy and x hold
+                    // SAFETY: the argument list matches backei_wgrad_tiled_r{1,2}_f32; dy and x hold
                     // [T][B][N]; partials (or null) holds wg_split slices of C²k² + C.
-                    unsafe { b.launch(w.config()) }.map_err(cuda_err("launching backei_wgrad_v2"))?;
+                    unsafe { b.launch(w.config()) }.map_err(cuda_err("launching backei_wgrad_tiled"))?;
                     if let Some((rl, rf, buf)) = &reduce {
                         let splits = td.wg_split;
                         // SAFETY: the argument list matches backei_wgrad_reduce_f32; the slices
@@ -1698,14 +1693,14 @@ mod tests {
         assert_eq!(p.forward.grid.0, 2 * 132);
         assert_eq!(p.forward.kernel, "backei_forward_v2_r1_f32");
         let p = plan_version([15, 24, 24], &fb(2), 100, 20, &h, KernelVersion::V2).unwrap();
-        assert_eq!((p.backward.kernel, p.wgrad_launch.unwrap().kernel), ("backei_backward_v2_r2_f32", "backei_wgrad_v2_r2_f32"));
+        assert_eq!((p.backward.kernel, p.wgrad_launch.unwrap().kernel), ("backei_backward_v2_r2_f32", "backei_wgrad_tiled_r2_f32"));
         // v3: twice the pixels per tile at the same channel tile (fashion-mnist layer 1: 32
         // channels × 9 rows of 28, 4 row groups of 7 rows), the v3 kernels and weight gradient
         let p = plan_version([32, 28, 28], &fb(1), 100, 20, &h, KernelVersion::V3).unwrap();
         let td = p.tile.unwrap();
         assert_eq!((td.co_t, td.rows, td.row_groups, td.cpt), (32, 7, 4, 8));
         assert_eq!((p.forward.kernel, p.backward.kernel), ("backei_forward_v3_r1_f32", "backei_backward_v3_r1_f32"));
-        assert_eq!(p.wgrad_launch.unwrap().kernel, "backei_wgrad_v3_r1_f32");
+        assert_eq!(p.wgrad_launch.unwrap().kernel, "backei_wgrad_tiled_r1_f32");
         assert_eq!((td.wg_cw, p.wgrad_launch.unwrap().grid.0), (2, 2), "C = 32: 2 channels per thread, one c-block × 2 ci-blocks");
         assert_eq!(
             (v3_wgrad_channels_per_thread(64, 1), v3_wgrad_channels_per_thread(64, 2), v3_wgrad_channels_per_thread(15, 2)),
