@@ -23,7 +23,7 @@
 //! was skipped and exits 0. `cargo bench --bench kernels [-- FILTER]`.
 
 use backei::cpu::backei_layer::{BackEiGrads, BackEiLayer, BackEiParams};
-use backei::gpu::backei_layer::{BackEiSlots, GpuBackEiLayer, KernelVersion};
+use backei::gpu::backei_layer::{BackEiSlots, GpuBackEiLayer, GpuLayer, KernelVersion};
 use backei::gpu::backei_unfused::UnfusedBackEiLayer;
 use backei::gpu::GpuDevice;
 use backei::spec::{FeedbackConfig, FiringMode, NeuronConfig};
@@ -188,55 +188,50 @@ fn cpu_reference(shape: [usize; 3], fb: FeedbackConfig, batch: usize, steps: usi
     Ok(Reference { params, slots, input, gout, out, v, grads: cg, gin: cgin })
 }
 
-/// GPU vs CPU at (batch, steps) in the smooth mode: the max relative error over s, v, ∂I, grads.
-fn validate(dev: &Arc<GpuDevice>, shape: [usize; 3], fb: FeedbackConfig, batch: usize, steps: usize, version: KernelVersion) -> Res<f64> {
-    let neuron = NeuronConfig { mode: FiringMode::Smooth { k: 4.0 }, ..Default::default() };
-    let r = cpu_reference(shape, fb, batch, steps, &neuron)?;
+/// A device layer vs the CPU reference `r` at (batch, steps): the max relative error over s, v,
+/// ∂I and the gradients.
+fn compare_layer(dev: &Arc<GpuDevice>, layer: &mut impl GpuLayer, r: &Reference, batch: usize, steps: usize) -> Res<f64> {
     let (params, slots, input, gout) = (&r.params, &r.slots, &r.input, &r.gout);
     let s = &dev.stream;
-    let mut g = GpuBackEiLayer::new(dev, shape, fb, &neuron)?;
-    g.version = version;
-    let vplan = g.prepare(batch, steps)?.clone();
-    if vplan.path == backei::gpu::backei_layer::LayerPath::Fused && vplan.version != version {
-        return Err(format!("{shape:?}: {version:?} fell back to {:?}: {:?}", vplan.version, vplan.fallback).into());
-    }
     let dp = s.clone_htod(params)?;
     let mut dg = s.alloc_zeros::<f32>(params.len())?;
     let di = s.clone_htod(input)?;
     let dgo = s.clone_htod(gout)?;
     let mut dgin = s.alloc_zeros::<f32>(input.len())?;
-    g.forward(&dp, slots, &di.slice(..), steps, batch, steps)?;
-    g.backward(&dp, &mut dg, slots, &di.slice(..), steps, &dgo.slice(..), &mut dgin.slice_mut(..))?;
+    layer.forward(&dp, slots, &di.slice(..), steps, batch, steps)?;
+    layer.backward(&dp, &mut dg, slots, &di.slice(..), steps, &dgo.slice(..), &mut dgin.slice_mut(..))?;
+    let (out, v, _, _) = layer.saved()?;
     let e = [
-        max_rel(&s.clone_dtoh(g.output()?)?, &r.out),
-        max_rel(&s.clone_dtoh(g.v.as_ref().ok_or("no v")?)?, &r.v),
+        max_rel(&s.clone_dtoh(out)?, &r.out),
+        max_rel(&s.clone_dtoh(v)?, &r.v),
         max_rel(&s.clone_dtoh(&dgin)?, &r.gin),
         max_rel(&s.clone_dtoh(&dg)?, &r.grads),
     ];
     Ok(e.into_iter().fold(0.0, f64::max))
 }
 
+fn smooth_neuron() -> NeuronConfig {
+    NeuronConfig { mode: FiringMode::Smooth { k: 4.0 }, ..Default::default() }
+}
+
+/// The fused layer (`version`) vs the CPU at (batch, steps) in the smooth mode.
+fn validate(dev: &Arc<GpuDevice>, shape: [usize; 3], fb: FeedbackConfig, batch: usize, steps: usize, version: KernelVersion) -> Res<f64> {
+    let neuron = smooth_neuron();
+    let r = cpu_reference(shape, fb, batch, steps, &neuron)?;
+    let mut g = GpuBackEiLayer::new(dev, shape, fb, &neuron)?;
+    g.version = version;
+    let vplan = g.prepare(batch, steps)?.clone();
+    if vplan.path == backei::gpu::backei_layer::LayerPath::Fused && vplan.version != version {
+        return Err(format!("{shape:?}: {version:?} fell back to {:?}: {:?}", vplan.version, vplan.fallback).into());
+    }
+    compare_layer(dev, &mut g, &r, batch, steps)
+}
+
 /// The unfused layer vs the CPU, as `validate`.
 fn validate_unfused(dev: &Arc<GpuDevice>, shape: [usize; 3], fb: FeedbackConfig, batch: usize, steps: usize) -> Res<f64> {
-    let neuron = NeuronConfig { mode: FiringMode::Smooth { k: 4.0 }, ..Default::default() };
+    let neuron = smooth_neuron();
     let r = cpu_reference(shape, fb, batch, steps, &neuron)?;
-    let (params, slots, input, gout) = (&r.params, &r.slots, &r.input, &r.gout);
-    let s = &dev.stream;
-    let mut g = UnfusedBackEiLayer::new(dev, shape, fb, &neuron)?;
-    let dp = s.clone_htod(params)?;
-    let mut dg = s.alloc_zeros::<f32>(params.len())?;
-    let di = s.clone_htod(input)?;
-    let dgo = s.clone_htod(gout)?;
-    let mut dgin = s.alloc_zeros::<f32>(input.len())?;
-    g.forward(&dp, slots, &di.slice(..), steps, batch, steps)?;
-    g.backward(&dp, &mut dg, slots, &di.slice(..), steps, &dgo.slice(..), &mut dgin.slice_mut(..))?;
-    let e = [
-        max_rel(&s.clone_dtoh(g.output()?)?, &r.out),
-        max_rel(&s.clone_dtoh(g.v.as_ref().ok_or("no v")?)?, &r.v),
-        max_rel(&s.clone_dtoh(&dgin)?, &r.gin),
-        max_rel(&s.clone_dtoh(&dg)?, &r.grads),
-    ];
-    Ok(e.into_iter().fold(0.0, f64::max))
+    compare_layer(dev, &mut UnfusedBackEiLayer::new(dev, shape, fb, &neuron)?, &r, batch, steps)
 }
 
 /// Byte and flop models of a workload (see the file's header): (forward bytes, backward bytes,

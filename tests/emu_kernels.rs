@@ -505,17 +505,15 @@ fn emulated_adam_and_sgd_steps_equal_the_cpu_optimizer_bit_for_bit() {
 
 // ---- the convolution's data movement around the GEMMs (cuBLAS on a GPU; a plain loop here) --------
 
-/// c[m][n] = Σ_k a[m][k]·b[k][n] (row-major), or with `ta` a stored as [k][m].
+/// c[m][n] = Σ_k a[m][k]·b[k][n] (row-major), or with `ta` a stored as [k][m]: the CPU engine's
+/// GEMM (`Real::gemm`), standing in for cuBLAS.
 fn gemm(a: &[f32], b: &[f32], m: usize, k: usize, n: usize, ta: bool) -> Vec<f32> {
+    use backei::Real;
+    assert!(a.len() == m * k && b.len() == k * n);
     let mut c = vec![0f32; m * n];
-    for i in 0..m {
-        for kk in 0..k {
-            let av = if ta { a[kk * m + i] } else { a[i * k + kk] };
-            for j in 0..n {
-                c[i * n + j] += av * b[kk * n + j];
-            }
-        }
-    }
+    let (rsa, csa) = if ta { (1, m as isize) } else { (k as isize, 1) };
+    // SAFETY: a is m×k (or k×m with ta), b k×n, c m×n, all row-major with the strides above.
+    unsafe { f32::gemm(m, k, n, 1.0, a.as_ptr(), rsa, csa, b.as_ptr(), n as isize, 1, 0.0, c.as_mut_ptr(), n as isize, 1) };
     c
 }
 

@@ -15,8 +15,8 @@ use backei::gpu::backei_layer::BackEiSlots;
 use backei::gpu::backei_unfused::UnfusedBackEiLayer;
 use backei::gpu::GpuDevice;
 use backei::spec::{FeedbackConfig, NeuronConfig};
-use common::layer_check::{self, compare, cpu_reference, inputs, smooth, DeviceOut};
-use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+use common::gpu_layer::{forward_backward, nan_fill};
+use common::layer_check::{self, compare, cpu_reference, inputs, smooth};
 use std::sync::Arc;
 
 struct Case {
@@ -32,21 +32,11 @@ fn case(shape: [usize; 3], back: bool, ei: bool, radius: usize, delay: usize, ba
     Case { base: smooth(layer_check::case(&name, shape, back, ei, radius, delay, batch, steps, t_in)), ws_bytes: None }
 }
 
-fn nan_fill(dev: &GpuDevice, buf: &mut CudaSlice<f32>) {
-    let f = dev.kernels.function("smoke", "fill_f32").unwrap();
-    let n = buf.len() as i32;
-    let nan = f32::NAN;
-    unsafe { dev.stream.launch_builder(&f).arg(buf).arg(&nan).arg(&n).launch(LaunchConfig::for_num_elems(n as u32)).unwrap() };
-}
-
 fn run(dev: &Arc<GpuDevice>, c: &Case, seed: u64) {
     let lc = &c.base;
     let x = inputs(lc, seed);
     let cpu = cpu_reference(lc, &x);
-    let n: usize = lc.shape.iter().product();
     let (b, t) = (lc.batch, lc.steps);
-    let slots = &x.slots;
-    let s = &dev.stream;
     let mut layer = UnfusedBackEiLayer::new(dev, lc.shape, lc.fb, &lc.neuron).unwrap();
     if let Some(w) = c.ws_bytes {
         layer.ws.max_bytes = w;
@@ -73,22 +63,9 @@ fn run(dev: &Arc<GpuDevice>, c: &Case, seed: u64) {
     {
         nan_fill(dev, buf);
     }
-    let d_params = s.clone_htod(&x.params).unwrap();
-    let mut d_grads = s.clone_htod(&x.grads0).unwrap();
-    let d_input = s.clone_htod(&x.input).unwrap();
-    let d_gout = s.clone_htod(&x.grad_out).unwrap();
-    let mut d_gin = s.alloc_zeros::<f32>(lc.t_in * b * n).unwrap();
-    nan_fill(dev, &mut d_gin);
-    layer.forward(&d_params, slots, &d_input.slice(..), lc.t_in, b, t).unwrap();
-    let out = s.clone_dtoh(layer.output().unwrap()).unwrap();
-    let v = s.clone_dtoh(layer.v.as_ref().unwrap()).unwrap();
-    let g = layer.g.as_ref().map(|x| s.clone_dtoh(x).unwrap());
-    let z = layer.z.as_ref().map(|x| s.clone_dtoh(x).unwrap());
-    layer.backward(&d_params, &mut d_grads, slots, &d_input.slice(..), lc.t_in, &d_gout.slice(..), &mut d_gin.slice_mut(..)).unwrap();
-    let gin = s.clone_dtoh(&d_gin).unwrap();
-    let grads = s.clone_dtoh(&d_grads).unwrap();
+    let d = forward_backward(dev, &mut layer, lc, &x);
     let label = format!("unfused, launches {:?}", plan.launches());
-    compare(lc, &label, &x, &cpu, &DeviceOut { out, v, g, z, gin, grads });
+    compare(lc, &label, &x, &cpu, &d);
 }
 
 fn device() -> Arc<GpuDevice> {

@@ -55,7 +55,7 @@ use super::device::GpuDevice;
 use crate::error::{config_err, shape_err, BackeiError, Result};
 use crate::spec::{FeedbackConfig, FiringMode, NeuronConfig, Surrogate};
 use cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute_enum};
-use cudarc::driver::{CudaFunction, CudaSlice, CudaView, CudaViewMut, DeviceRepr, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaFunction, CudaSlice, CudaStream, CudaView, CudaViewMut, DeviceRepr, LaunchConfig, PushKernelArg};
 use std::ops::Range;
 use std::sync::Arc;
 
@@ -381,16 +381,23 @@ pub(crate) fn check_slots(shape: [usize; 3], fb: &FeedbackConfig, slots: &BackEi
 /// inside both flat buffers, and a gradient buffer as long as the parameters. Shared by the fused
 /// and the unfused layer.
 #[allow(clippy::too_many_arguments)]
+/// Checks a backward call against the layer, the last forward's batch shape (`forward_t_in`: its
+/// T_in) and the buffers.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn check_backward_args(
     shape: [usize; 3],
     fb: &FeedbackConfig,
     slots: &BackEiSlots,
     (batch, steps, t_in): (usize, usize, usize),
+    forward_t_in: usize,
     grad_out_len: usize,
     grad_in_len: usize,
     input_len: usize,
     (params_len, grads_len): (usize, usize),
 ) -> Result<()> {
+    if t_in != forward_t_in {
+        return Err(config_err("T_in", format!("backward got T_in = {t_in}, the last forward had T_in = {forward_t_in}")));
+    }
     let bn = batch * shape.iter().product::<usize>();
     let all = steps * bn;
     if grad_out_len != all {
@@ -830,6 +837,56 @@ fn alloc(dev: &GpuDevice, n: usize) -> Result<Option<CudaSlice<f32>>> {
     Ok(Some(b))
 }
 
+/// The interface of a GPU BackEI layer, kept by the fused layer ([`GpuBackEiLayer`]) and the
+/// unfused baseline (`gpu::backei_unfused::UnfusedBackEiLayer`), so that tests and benchmarks drive
+/// either with one body.
+pub trait GpuLayer {
+    /// All T steps for a batch (see [`GpuBackEiLayer::forward`]).
+    fn forward(
+        &mut self,
+        params: &CudaSlice<f32>,
+        slots: &BackEiSlots,
+        input: &CudaView<f32>,
+        t_in: usize,
+        batch: usize,
+        steps: usize,
+    ) -> Result<()>;
+    /// BPTT, gradients accumulated into `grads` (see [`GpuBackEiLayer::backward`]).
+    #[allow(clippy::too_many_arguments)]
+    fn backward(
+        &mut self,
+        params: &CudaSlice<f32>,
+        grads: &mut CudaSlice<f32>,
+        slots: &BackEiSlots,
+        input: &CudaView<f32>,
+        t_in: usize,
+        grad_out: &CudaView<f32>,
+        grad_in: &mut CudaViewMut<f32>,
+    ) -> Result<()>;
+    /// (s, v, g, z) of the last forward; g and z when their gates are on.
+    fn saved(&self) -> Result<(&CudaSlice<f32>, &CudaSlice<f32>, Option<&CudaSlice<f32>>, Option<&CudaSlice<f32>>)>;
+}
+
+/// The extra arguments of the cooperative tiled kernels (v2/v3), or None for the other plans: the
+/// grid barrier (zeroed here, before the launch, as grid_sync requires), the staged-weights
+/// scratch and the tiling.
+fn tiled_args<'a>(
+    plan: &LaunchPlan,
+    stream: &Arc<CudaStream>,
+    bar: Option<&'a mut CudaSlice<u32>>,
+    staged_weights: Option<&'a CudaSlice<f32>>,
+) -> Result<Option<(&'a CudaSlice<u32>, &'a CudaSlice<f32>, TileDims)>> {
+    if !plan.version.is_tiled() || plan.path != LayerPath::Fused {
+        return Ok(None);
+    }
+    let missing = |what: &str| BackeiError::Cuda(format!("BackEI layer: {what} missing for the tiled kernels"));
+    let td = plan.tile.ok_or_else(|| missing("the tiling"))?;
+    let bar = bar.ok_or_else(|| missing("the grid barrier"))?;
+    stream.memset_zeros(bar).map_err(cuda_err("zeroing the grid barrier"))?;
+    let ws = staged_weights.ok_or_else(|| missing("the staged weights"))?;
+    Ok(Some((&*bar, ws, td)))
+}
+
 pub struct GpuBackEiLayer {
     pub dev: Arc<GpuDevice>,
     pub feedback: FeedbackConfig,
@@ -1026,43 +1083,31 @@ impl GpuBackEiLayer {
                 unsafe { stream.launch_builder(&f).arg(input).arg(out).arg(v).arg(&nn).arg(&t).arg(&ti).arg(&np).launch(l.config()) }
                     .map_err(cuda_err("launching spiking_forward_v1_f32"))?;
             }
-            LayerPath::Fused if plan.version.is_tiled() => {
-                let td = plan.tile.ok_or_else(|| BackeiError::Cuda("BackEI layer: v2 plan without a tiling".into()))?;
-                let cfg = coop_cfg.ok_or_else(|| BackeiError::Cuda("BackEI layer: v2 launch not cooperative".into()))?;
-                let bar = self.bar.as_mut().ok_or_else(|| BackeiError::Cuda("BackEI layer: grid barrier missing".into()))?;
-                stream.memset_zeros(bar).map_err(cuda_err("zeroing the grid barrier"))?;
-                let g = self.g.as_ref().unwrap_or(&self.dummy);
-                let z = self.z.as_ref().unwrap_or(&self.dummy);
-                let ws = self.staged_weights.as_ref().ok_or_else(|| BackeiError::Cuda("BackEI layer: staged weights missing".into()))?;
-                // SAFETY: the argument list matches backei_forward_v2_r{1,2}_f32; lengths checked
-                // above; a cooperative launch (grid ≤ co-resident blocks), as grid_sync requires.
-                unsafe {
-                    stream
-                        .launch_builder(&f)
-                        .arg(params)
-                        .arg(input)
-                        .arg(out)
-                        .arg(v)
-                        .arg(g)
-                        .arg(z)
-                        .arg(&*bar)
-                        .arg(ws)
-                        .arg(&dims)
-                        .arg(&np)
-                        .arg(&td)
-                        .launch_cooperative(cfg)
-                }
-                .map_err(cuda_err("launching backei_forward_v2"))?;
-            }
             LayerPath::Fused => {
+                let tiled = tiled_args(&plan, &stream, self.bar.as_mut(), self.staged_weights.as_ref())?;
                 // the dummy stands in for a disabled gate's buffer, which the kernel never touches
                 let g = self.g.as_ref().unwrap_or(&self.dummy);
                 let z = self.z.as_ref().unwrap_or(&self.dummy);
-                // SAFETY: the argument list matches backei_forward_v1_f32; lengths checked above.
-                unsafe {
-                    stream.launch_builder(&f).arg(params).arg(input).arg(out).arg(v).arg(g).arg(z).arg(&dims).arg(&np).launch(l.config())
+                let mut b = stream.launch_builder(&f);
+                b.arg(params).arg(input).arg(&mut *out).arg(&mut *v).arg(g).arg(z);
+                if let Some((bar, ws, _)) = &tiled {
+                    b.arg(*bar).arg(*ws);
                 }
-                .map_err(cuda_err("launching backei_forward_v1_f32"))?;
+                b.arg(&dims).arg(&np);
+                if let Some((_, _, td)) = &tiled {
+                    b.arg(td);
+                }
+                // SAFETY: the argument list matches backei_forward_v1_f32 and, with the barrier,
+                // the staged weights and the tiling, backei_forward_v{2,3}_r{1,2}_f32; lengths
+                // checked above; the tiled kernels get a cooperative launch (grid ≤ co-resident
+                // blocks), as their grid_sync requires.
+                unsafe {
+                    match coop_cfg {
+                        Some(cfg) => b.launch_cooperative(cfg),
+                        None => b.launch(l.config()),
+                    }
+                }
+                .map_err(cuda_err(l.kernel))?;
             }
         }
         Ok(())
@@ -1083,14 +1128,12 @@ impl GpuBackEiLayer {
     ) -> Result<()> {
         let plan = self.plan.clone().ok_or_else(|| config_err("backward", "BackEI layer backward called before forward"))?;
         let (batch, steps, n) = (self.batch, self.steps, self.neurons());
-        if t_in != self.t_in {
-            return Err(config_err("T_in", format!("backward got T_in = {t_in}, the last forward had T_in = {}", self.t_in)));
-        }
         check_backward_args(
             self.shape,
             &self.feedback,
             slots,
             (batch, steps, t_in),
+            self.t_in,
             grad_out.len(),
             grad_in.len(),
             input.len(),
@@ -1110,13 +1153,21 @@ impl GpuBackEiLayer {
                 }
                 .map_err(cuda_err("launching spiking_backward_v1_f32"))?;
             }
-            LayerPath::Fused if plan.version.is_tiled() => {
-                let td = plan.tile.ok_or_else(|| BackeiError::Cuda("BackEI layer: v2 plan without a tiling".into()))?;
-                let dims = self.dims(slots, t_in, false, false)?;
-                let cfg = self.coop_config(&f, &l)?;
-                let bar = self.bar.as_mut().ok_or_else(|| BackeiError::Cuda("BackEI layer: grid barrier missing".into()))?;
-                stream.memset_zeros(bar).map_err(cuda_err("zeroing the grid barrier"))?;
-                let bar = &*bar;
+            LayerPath::Fused => {
+                let onchip = plan.wgrad == WgradPath::OnChip;
+                let dims = self.dims(slots, t_in, plan.weights_in_smem_backward, onchip)?;
+                let coop_cfg = if l.cooperative { Some(self.coop_config(&f, &l)?) } else { None };
+                let wgrad = match plan.wgrad_launch {
+                    Some(w) => Some((w, self.function(&w)?)),
+                    None => None,
+                };
+                // deterministic tiled plans: partial sums into wg_partials, then the ordered reduction
+                let reduce = match (plan.wgrad_reduce, self.wg_partials.as_ref()) {
+                    (Some(rl), Some(buf)) => Some((rl, self.function(&rl)?, buf)),
+                    (None, _) => None,
+                    (Some(_), None) => return Err(BackeiError::Cuda("BackEI layer: the partial-sum buffer is missing".into())),
+                };
+                let tiled = tiled_args(&plan, &stream, self.bar.as_mut(), self.staged_weights.as_ref())?;
                 let d = &self.dummy;
                 let out = self.out.as_ref().unwrap_or(d);
                 let g = self.g.as_ref().unwrap_or(d);
@@ -1125,64 +1176,55 @@ impl GpuBackEiLayer {
                 let fb = self.fb.as_ref().unwrap_or(d);
                 let dz = self.dz.as_ref().unwrap_or(d);
                 let da = self.da.as_ref().unwrap_or(d);
-                let ws = self.staged_weights.as_ref().ok_or_else(|| BackeiError::Cuda("BackEI layer: staged weights missing".into()))?;
-                // SAFETY: the argument list matches backei_backward_v2_r{1,2}_f32; lengths checked
-                // above (the V2 plan sizes dz and da for every step); a cooperative launch.
-                unsafe {
-                    stream
-                        .launch_builder(&f)
-                        .arg(params)
-                        .arg(&mut *grads)
-                        .arg(input)
-                        .arg(out)
-                        .arg(v)
-                        .arg(g)
-                        .arg(z)
-                        .arg(grad_out)
-                        .arg(&mut *grad_in)
-                        .arg(dv)
-                        .arg(fb)
-                        .arg(dz)
-                        .arg(da)
-                        .arg(bar)
-                        .arg(ws)
-                        .arg(&dims)
-                        .arg(&np)
-                        .arg(&td)
-                        .launch_cooperative(cfg)
+                let mut b = stream.launch_builder(&f);
+                b.arg(params).arg(&mut *grads).arg(input).arg(out).arg(v).arg(g).arg(z).arg(grad_out).arg(&mut *grad_in);
+                b.arg(dv).arg(fb).arg(dz).arg(da);
+                if let Some((bar, ws, _)) = &tiled {
+                    b.arg(*bar).arg(*ws);
                 }
-                .map_err(cuda_err("launching backei_backward_v2"))?;
-                let w =
-                    plan.wgrad_launch.ok_or_else(|| BackeiError::Cuda("BackEI layer: v2 plan without a weight-gradient launch".into()))?;
-                let wf = self.function(&w)?;
-                // deterministic plans: partial sums into wg_partials, then the ordered reduction
-                let reduce = match (plan.wgrad_reduce, self.wg_partials.as_ref()) {
-                    (Some(l), Some(buf)) => Some((l, self.function(&l)?, buf)),
-                    (None, _) => None,
-                    (Some(_), None) => return Err(BackeiError::Cuda("BackEI layer: the partial-sum buffer is missing".into())),
-                };
+                b.arg(&dims).arg(&np);
+                if let Some((_, _, td)) = &tiled {
+                    b.arg(td);
+                }
+                // SAFETY: the argument list matches backei_backward_v1_f32 and, with the barrier,
+                // the staged weights and the tiling, backei_backward_v{2,3}_r{1,2}_f32; lengths
+                // checked above (the Separate and tiled plans size dz and da for every step). The
+                // scratch buffers are written by the kernel through pointers; cudarc's shared
+                // references only pass their addresses, and no other work touches them meanwhile.
+                unsafe {
+                    match coop_cfg {
+                        Some(cfg) => b.launch_cooperative(cfg),
+                        None => b.launch(l.config()),
+                    }
+                }
+                .map_err(cuda_err(l.kernel))?;
+                let Some((w, wf)) = wgrad else { return Ok(()) };
                 let k = 2 * self.feedback.radius + 1;
                 let (wlen, c) = ((self.shape[0] * self.shape[0] * k * k) as i64, self.shape[0] as i32);
                 let passes = [
                     (self.feedback.back, slots[0].start, slots[1].start, da, out, self.feedback.delay as i32),
                     (self.feedback.ei, slots[2].start, slots[3].start, dz, v, 0),
                 ];
+                let null = 0u64;
                 for (on, ow, ob, dy, x, shift) in passes {
                     if !on {
                         continue;
                     }
                     let (ow, ob) = (ow as i64, ob as i64);
                     let mut b = stream.launch_builder(&wf);
-                    b.arg(&mut *grads).arg(&ow).arg(&ob).arg(dy).arg(x).arg(&shift).arg(&dims).arg(&td);
-                    let null = 0u64;
-                    match &reduce {
-                        Some((_, _, buf)) => b.arg(*buf),
-                        None => b.arg(&null),
-                    };
-                    // SAFETY: the argument list matches backei_wgrad_tiled_r{1,2}_f32; dy and x hold
-                    // [T][B][N]; partials (or null) holds wg_split slices of C²k² + C.
-                    unsafe { b.launch(w.config()) }.map_err(cuda_err("launching backei_wgrad_tiled"))?;
-                    if let Some((rl, rf, buf)) = &reduce {
+                    b.arg(&mut *grads).arg(&ow).arg(&ob).arg(dy).arg(x).arg(&shift).arg(&dims);
+                    if let Some((_, _, td)) = &tiled {
+                        b.arg(td);
+                        match &reduce {
+                            Some((_, _, buf)) => b.arg(*buf),
+                            None => b.arg(&null),
+                        };
+                    }
+                    // SAFETY: the argument list matches backei_wgrad_v1_f32 and, with the tiling and
+                    // the partial sums (or null), backei_wgrad_tiled_r{1,2}_f32; dy and x hold
+                    // [T][B][N]; partials hold wg_split slices of C²k² + C.
+                    unsafe { b.launch(w.config()) }.map_err(cuda_err(w.kernel))?;
+                    if let (Some((rl, rf, buf)), Some((_, _, td))) = (&reduce, &tiled) {
                         let splits = td.wg_split;
                         // SAFETY: the argument list matches backei_wgrad_reduce_f32; the slices
                         // were written by the launch above (same stream).
@@ -1198,71 +1240,7 @@ impl GpuBackEiLayer {
                                 .arg(&c)
                                 .launch(rl.config())
                         }
-                        .map_err(cuda_err("launching backei_wgrad_reduce_f32"))?;
-                    }
-                }
-            }
-            LayerPath::Fused => {
-                let onchip = plan.wgrad == WgradPath::OnChip;
-                let dims = self.dims(slots, t_in, plan.weights_in_smem_backward, onchip)?;
-                let d = &self.dummy;
-                let out = self.out.as_ref().unwrap_or(d);
-                let g = self.g.as_ref().unwrap_or(d);
-                let z = self.z.as_ref().unwrap_or(d);
-                let dv = self.dv.as_ref().unwrap_or(d);
-                let fb = self.fb.as_ref().unwrap_or(d);
-                let dz = self.dz.as_ref().unwrap_or(d);
-                let da = self.da.as_ref().unwrap_or(d);
-                // SAFETY: the argument list matches backei_backward_v1_f32; lengths checked above.
-                // The scratch buffers are written by the kernel through pointers; cudarc's shared
-                // references only pass their addresses, and no other work touches them meanwhile.
-                unsafe {
-                    stream
-                        .launch_builder(&f)
-                        .arg(params)
-                        .arg(&mut *grads)
-                        .arg(input)
-                        .arg(out)
-                        .arg(v)
-                        .arg(g)
-                        .arg(z)
-                        .arg(grad_out)
-                        .arg(&mut *grad_in)
-                        .arg(dv)
-                        .arg(fb)
-                        .arg(dz)
-                        .arg(da)
-                        .arg(&dims)
-                        .arg(&np)
-                        .launch(l.config())
-                }
-                .map_err(cuda_err("launching backei_backward_v1_f32"))?;
-                if let Some(w) = plan.wgrad_launch {
-                    let wf = self.function(&w)?;
-                    let passes = [
-                        (self.feedback.back, slots[0].start, slots[1].start, da, out, self.feedback.delay as i32),
-                        (self.feedback.ei, slots[2].start, slots[3].start, dz, v, 0),
-                    ];
-                    for (on, ow, ob, dy, x, shift) in passes {
-                        if !on {
-                            continue;
-                        }
-                        let (ow, ob) = (ow as i64, ob as i64);
-                        // SAFETY: the argument list matches backei_wgrad_v1_f32; dy and x hold
-                        // [T][B][N] (the Separate plan sizes da and dz for every step).
-                        unsafe {
-                            stream
-                                .launch_builder(&wf)
-                                .arg(&mut *grads)
-                                .arg(&ow)
-                                .arg(&ob)
-                                .arg(dy)
-                                .arg(x)
-                                .arg(&shift)
-                                .arg(&dims)
-                                .launch(w.config())
-                        }
-                        .map_err(cuda_err("launching backei_wgrad_v1_f32"))?;
+                        .map_err(cuda_err(rl.kernel))?;
                     }
                 }
             }
@@ -1294,6 +1272,45 @@ impl GpuBackEiLayer {
         Ok((rate, inh))
     }
 }
+
+/// Implements [`GpuLayer`] by the type's inherent methods of the same names (both layers keep the
+/// interface contract at the top of this file).
+macro_rules! impl_gpu_layer {
+    ($t:ty) => {
+        impl $crate::gpu::backei_layer::GpuLayer for $t {
+            fn forward(
+                &mut self,
+                params: &CudaSlice<f32>,
+                slots: &BackEiSlots,
+                input: &CudaView<f32>,
+                t_in: usize,
+                batch: usize,
+                steps: usize,
+            ) -> Result<()> {
+                <$t>::forward(self, params, slots, input, t_in, batch, steps)
+            }
+            fn backward(
+                &mut self,
+                params: &CudaSlice<f32>,
+                grads: &mut CudaSlice<f32>,
+                slots: &BackEiSlots,
+                input: &CudaView<f32>,
+                t_in: usize,
+                grad_out: &CudaView<f32>,
+                grad_in: &mut CudaViewMut<f32>,
+            ) -> Result<()> {
+                <$t>::backward(self, params, grads, slots, input, t_in, grad_out, grad_in)
+            }
+            fn saved(&self) -> Result<(&CudaSlice<f32>, &CudaSlice<f32>, Option<&CudaSlice<f32>>, Option<&CudaSlice<f32>>)> {
+                let v = self.v.as_ref().ok_or_else(|| config_err("v", "the layer has no v yet: run forward first"))?;
+                Ok((self.output()?, v, self.g.as_ref(), self.z.as_ref()))
+            }
+        }
+    };
+}
+pub(crate) use impl_gpu_layer;
+
+impl_gpu_layer!(GpuBackEiLayer);
 
 #[cfg(test)]
 mod tests {

@@ -19,7 +19,7 @@
 //! (t < D: db_b only). The feedback of step t − D is kept in ring slot (t − D) mod D = t mod D:
 //! written at step t, read by step t − D's `BwdPoint`, and no step in between uses that slot.
 
-use super::backei_layer::{check_backward_args, check_forward_input, check_slots, validate, BackEiSlots, NeuronParams};
+use super::backei_layer::{check_backward_args, check_forward_input, check_slots, impl_gpu_layer, validate, BackEiSlots, NeuronParams};
 use super::conv::{self, ConvPlan, ConvWorkspace, DEFAULT_WORKSPACE_BYTES};
 use super::device::GpuDevice;
 use super::util::{cuda_err, grid};
@@ -432,14 +432,12 @@ impl UnfusedBackEiLayer {
     ) -> Result<()> {
         let plan = self.plan.clone().ok_or_else(|| config_err("backward", "BackEI layer backward called before forward"))?;
         let (batch, steps, n) = (plan.batch, plan.steps, self.neurons());
-        if t_in != self.t_in {
-            return Err(config_err("T_in", format!("backward got T_in = {t_in}, the last forward had T_in = {}", self.t_in)));
-        }
         check_backward_args(
             self.shape,
             &self.feedback,
             slots,
             (batch, steps, t_in),
+            self.t_in,
             grad_out.len(),
             grad_in.len(),
             input.len(),
@@ -584,6 +582,8 @@ impl UnfusedBackEiLayer {
         self.out.as_ref().ok_or_else(|| config_err("output", "the BackEI layer has no output yet: run forward first"))
     }
 }
+
+impl_gpu_layer!(UnfusedBackEiLayer);
 
 #[cfg(test)]
 mod tests {

@@ -25,7 +25,7 @@ use crate::cpu::loss::Loss;
 use crate::cpu::network::{Network, ParamSlot, StepStats};
 use crate::error::{check_finite, config_err, shape_err, BackeiError, Result};
 use crate::spec::{FeedbackConfig, LayerPlan, LayerSpec, NetworkSpec};
-use cudarc::driver::{CudaSlice, CudaView};
+use cudarc::driver::{CudaEvent, CudaSlice, CudaView};
 use std::ops::Range;
 use std::sync::Arc;
 
@@ -265,6 +265,8 @@ pub struct GpuNetwork {
     pub training: bool,
     /// Per-op timing of the steps (`set_profiling`), read with `take_profile`.
     timer: Option<OpTimer>,
+    /// Recorded after each input upload (see `forward`).
+    uploaded: CudaEvent,
 }
 
 /// A layer's label in a profile: its index and kind (`backei v1`, `spiking`, `conv`, …).
@@ -388,6 +390,7 @@ impl GpuNetwork {
             loss: None,
             conv_ws: ConvWorkspace::new(DEFAULT_WORKSPACE_BYTES),
             timer: None,
+            uploaded: dev.ctx.new_event(None).map_err(cuda_err("creating the upload event"))?,
             counter,
             shape: (0, 0),
             dropout_seed: cpu.dropout_seed,
@@ -526,15 +529,13 @@ impl GpuNetwork {
         // buffer, so wait for an event recorded right after the upload before returning, on
         // success and on error alike. The forward's own read-backs have usually waited for the
         // upload by then, so this costs nothing; it makes the guarantee independent of them.
-        let uploaded = match self.dev.stream.record_event(None) {
-            Ok(ev) => ev,
-            Err(e) => {
-                let _ = self.dev.stream.synchronize();
-                return Err(cuda_err("recording the input upload")(e));
-            }
-        };
+        // (one event, created with the network and recorded again for every batch)
+        if let Err(e) = self.uploaded.record(&self.dev.stream) {
+            let _ = self.dev.stream.synchronize();
+            return Err(cuda_err("recording the input upload")(e));
+        }
         let r = self.run_forward(batch).map_err(|e| self.explain_oom(e, batch, t_in));
-        let waited = uploaded.synchronize().map_err(cuda_err("waiting for the input upload"));
+        let waited = self.uploaded.synchronize().map_err(cuda_err("waiting for the input upload"));
         r.and(waited)
     }
 

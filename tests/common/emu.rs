@@ -47,9 +47,6 @@ impl Args {
         self
     }
     /// A device pointer: here, the host buffer itself.
-    pub fn buf(&mut self, v: &[f32]) -> &mut Self {
-        self.val(v.as_ptr())
-    }
     pub fn buf_mut(&mut self, v: &mut [f32]) -> &mut Self {
         self.val(v.as_mut_ptr())
     }
@@ -59,7 +56,7 @@ impl Args {
 }
 
 /// The C++ translation of a module's CUDA source, with the dispatch table appended.
-pub fn translate(cuda: &str) -> (String, Vec<String>) {
+fn translate(cuda: &str) -> (String, Vec<String>) {
     let mut out = String::with_capacity(cuda.len() + HEADER.len() + 4096);
     out.push_str("#line 1 \"cuda_emu.h\"\n");
     out.push_str(HEADER);
@@ -130,11 +127,12 @@ fn build(module: &str) -> Result<EmuModule, String> {
     flags.hash(&mut h);
     let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("cuda-emu");
     std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-    let lib = dir.join(format!("{module}-{:016x}.so", h.finish()));
+    let key = format!("{module}-{:016x}", h.finish());
+    let lib = dir.join(format!("{key}.so"));
     if !lib.exists() {
-        let src = dir.join(format!("{module}-{:016x}.{}.cpp", h.finish(), std::process::id()));
+        let src = dir.join(format!("{key}.{}.cpp", std::process::id()));
         std::fs::write(&src, &cpp).map_err(|e| format!("{}: {e}", src.display()))?;
-        let tmp = dir.join(format!("{module}-{:016x}.{}.so", h.finish(), std::process::id()));
+        let tmp = dir.join(format!("{key}.{}.so", std::process::id()));
         let out = std::process::Command::new(compiler())
             .args(flags)
             .arg("-o")
