@@ -379,7 +379,8 @@ backei_wgrad_v1_f32(float* __restrict__ grads, long long off_w, long long off_b,
 // Tile (tile_conv): 256 threads compute td.co_t output channels (16, 32 or 64) × td.rows full
 // image rows (rows·W ≤ 1024·CPT/co_t pixels) of one sample. Thread (tc, tp), tc < co_t/CPT,
 // tp < NP = 256·CPT/co_t, owns channels co0 + CPT·tc + [0, CPT) and pixels tp + j·NP, j < 4, i.e.
-// CPT·4 accumulators; CPT (channels per thread) is 4 in v2 and 8 in v3 (below). The input channels are consumed in chunks of V2_CI = 8: the chunk's halo
+// CPT·4 accumulators; CPT (channels per thread) is 4 in v2 and 8 in v3 (below). The input
+// channels are consumed in chunks of V2_CI = 8: the chunk's halo
 // (rows + 2r) × (W + 2r) per channel (zero outside the image: the zero padding) and the matching
 // weights [ci][tap][co] are staged in shared memory, then per (ci, tap) a thread does CPT/4 float4
 // weight loads (broadcast within the warp), 4 input loads and 4·CPT FMAs. The adjoint convolution
@@ -399,11 +400,11 @@ backei_wgrad_v1_f32(float* __restrict__ grads, long long off_w, long long off_b,
 //                   dv_t, ∂I_t, da_t of the tile's own neurons; grid_sync;
 //                   phase 3 (back, t ≥ D): fb_{t−D} = W_bᵀ ⊛ da_t; grid_sync.
 // Weight gradients: the backward kernel keeps da_t and dz_t for every step ([T][B][N]) and
-// backei_wgrad_tiled_r{1,2}_f32 reduces them afterwards (an ordinary launch): block (group of 16·cw output
-// channels, group of 16 input channels, K split) stages 16·cw planes of dY and 16 halo planes of X
-// per (t, b, row group) chunk; a thread owns all k² taps of its cw weight pairs in registers (a
-// sliding k×k window along x) and adds them to the gradient buffer with one atomicAdd per weight at
-// the end (v2: cw = 1; v3: cw = 1, 2 or 4).
+// backei_wgrad_tiled_r{1,2}_f32 reduces them afterwards (an ordinary launch): block (group of
+// 16·cw output channels, group of 16 input channels, K split) stages 16·cw planes of dY and 16 halo
+// planes of X per (t, b, row group) chunk; a thread owns all k² taps of its cw weight pairs in
+// registers (a sliding k×k window along x) and adds them to the gradient buffer with one atomicAdd
+// per weight at the end (v2: cw = 1; v3: cw = 1, 2 or 4).
 //
 // Coherence: every buffer that the kernel itself writes and another thread later reads (s, v in
 // the forward; fb, da, dv in the backward) is read with __ldcg (L2, never a stale L1 line).
@@ -423,7 +424,7 @@ struct TileDims {
     int wg_row_groups;  // ceil(H / wg_rows)
     int wg_split;       // weight gradient: blocks along the (t, b, row group) chunks (grid.y)
     int cpt;            // channels per thread: 4 (v2) or 8 (v3); the kernels' template parameter
-    int wg_cw;          // weight gradient: output channels per thread (v2: 1; v3: 1, 2 or 4, ≤ WG_CWMAX)
+    int wg_cw;          // weight gradient: output channels per thread (v2: 1; v3: 1, 2 or 4; at most 2 for r = 2)
 };
 
 // Grid-wide barrier, valid only under a cooperative launch (all blocks co-resident). The scheme of
