@@ -2,6 +2,7 @@
 //! backpropagation through time on the CPU (the reference engine) and on NVIDIA GPUs (fused
 //! NVRTC kernels).
 
+pub mod atomic_file;
 pub mod cpu;
 pub mod data;
 pub mod engine;

@@ -5,6 +5,10 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+#[path = "common/run_dir.rs"]
+mod run_dir;
+use run_dir::metrics_without_time;
+
 fn backei() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_backei"));
     c.env_remove("BACKEI_INTERRUPT_AFTER_BATCHES");
@@ -43,18 +47,6 @@ fn small_run(out: &Path) -> Command {
 
 fn text(o: &Output) -> String {
     format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
-}
-
-/// metrics.csv without the timing columns (seconds, samples/s), which no two runs share.
-fn metrics_without_time(dir: &Path) -> Vec<String> {
-    std::fs::read_to_string(dir.join("metrics.csv"))
-        .unwrap()
-        .lines()
-        .map(|l| {
-            let f: Vec<&str> = l.split(',').collect();
-            [&f[..7], &f[9..]].concat().join(",")
-        })
-        .collect()
 }
 
 #[test]

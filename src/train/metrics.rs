@@ -49,7 +49,7 @@ impl MetricsWriter {
             csv.push_str(line);
             csv.push('\n');
         }
-        std::fs::write(&w.csv, csv).map_err(|e| io(&w.csv, e))?;
+        crate::atomic_file::write(&w.csv, csv.as_bytes()).map_err(|e| io(&w.csv, e))?;
         let old_jsonl = std::fs::read_to_string(&w.jsonl).unwrap_or_default();
         let mut jsonl = String::new();
         for line in old_jsonl.lines() {
@@ -60,7 +60,7 @@ impl MetricsWriter {
                 }
             }
         }
-        std::fs::write(&w.jsonl, jsonl).map_err(|e| io(&w.jsonl, e))?;
+        crate::atomic_file::write(&w.jsonl, jsonl.as_bytes()).map_err(|e| io(&w.jsonl, e))?;
         Ok(w)
     }
 

@@ -6,5 +6,7 @@ pub mod config;
 pub mod metrics;
 pub mod progress;
 pub mod run;
+pub mod run_folder;
+pub mod signals;
 
 pub use config::TrainConfig;

@@ -5,6 +5,7 @@ use super::checkpoint::{self, Checkpoint, Progress};
 use super::config::TrainConfig;
 use super::metrics::{EpochRow, MetricsWriter};
 use super::progress::EpochProgress;
+use super::run_folder::RunFolder;
 use crate::cpu::loss::Loss;
 use crate::data::loader::epoch_order;
 use crate::data::{Dataset, DatasetKind, LoadOptions, Loader, LoaderOptions, Split};
@@ -33,9 +34,14 @@ pub fn load_data(cfg: &TrainConfig) -> Result<RunData> {
     if full_train.shape() != cfg.network.input && kind != DatasetKind::Nmnist {
         return Err(config_err("network.input", format!("{:?} does not match the data's {:?}", cfg.network.input, full_train.shape())));
     }
+    for d in [&full_train, &test] {
+        if d.is_empty() {
+            return Err(empty_split(d));
+        }
+    }
     let mut order = epoch_order(full_train.len(), cfg.seed ^ 0x5eed_da7a, 0, true);
     if let Some(limit) = cfg.train_limit {
-        order.truncate(limit.max(1));
+        order.truncate(limit);
     }
     let n_val = (order.len() as f64 * cfg.val_split).round() as usize;
     let val = (n_val > 0).then(|| Arc::new(full_train.subset(&order[..n_val])));
@@ -43,13 +49,31 @@ pub fn load_data(cfg: &TrainConfig) -> Result<RunData> {
     train_idx.sort_unstable();
     let train = if cfg.train_limit.is_none() && n_val == 0 { full_train } else { full_train.subset(&train_idx) };
     if train.is_empty() {
-        return Err(config_err("--train-limit/--val-split", "no training samples left"));
+        let of = match cfg.train_limit {
+            Some(l) => format!("--train-limit {l}"),
+            None => format!("all {} training samples", order.len()),
+        };
+        return Err(config_err("--val-split", format!("{} holds out {n_val} of {of}, leaving none to train on", cfg.val_split)));
     }
     if let Some(limit) = cfg.test_limit {
         let idx: Vec<usize> = (0..limit.min(test.len())).collect();
         test = test.subset(&idx);
     }
     Ok(RunData { train: Arc::new(train), val, test: Arc::new(test) })
+}
+
+/// The error for a split that holds no samples, naming the files it was read from.
+fn empty_split(d: &Dataset) -> BackeiError {
+    let files: Vec<String> = d.sources().iter().map(|p| p.display().to_string()).collect();
+    BackeiError::Io {
+        path: if files.is_empty() { d.kind().name().to_string() } else { files.join(", ") },
+        problem: format!(
+            "the {} split of {} holds 0 samples; a run needs at least one to {} (is this the right file, or was it cut short?)",
+            d.split(),
+            d.kind(),
+            if d.split() == Split::Train { "train on" } else { "evaluate on" }
+        ),
+    }
 }
 
 pub fn loader_options(cfg: &TrainConfig, train: bool) -> Result<LoaderOptions> {
@@ -103,6 +127,9 @@ pub fn evaluate(engine: &mut Engine, data: Arc<Dataset>, cfg: &TrainConfig) -> R
         }
         loader.recycle(batch);
     }
+    if n == 0 {
+        return Err(config_err("--test-limit", "nothing to evaluate: the data set holds 0 samples"));
+    }
     for r in &mut rates {
         r.1 /= n.max(1) as f64;
         if let Some(a) = r.2.as_mut() {
@@ -119,8 +146,22 @@ pub fn evaluate(engine: &mut Engine, data: Arc<Dataset>, cfg: &TrainConfig) -> R
 }
 
 pub enum RunOutcome {
-    Finished { final_test_accuracy: f64, best_accuracy: f64, best_epoch: usize },
-    Interrupted { checkpoint: PathBuf },
+    Finished {
+        final_test_accuracy: f64,
+        best_accuracy: f64,
+        best_epoch: usize,
+    },
+    Interrupted {
+        checkpoint: PathBuf,
+    },
+    /// `--resume` of a run that has already done the epochs asked for: nothing was run or written.
+    AlreadyFinished {
+        epochs_done: usize,
+        batches_done: usize,
+        epochs: usize,
+        best_accuracy: f64,
+        best_epoch: usize,
+    },
 }
 
 pub struct RunOptions<'a> {
@@ -142,7 +183,7 @@ fn write_config(out: &Path, cfg: &TrainConfig, engine_line: &str) -> Result<()> 
         "config": cfg,
     });
     let path = out.join("config.json");
-    crate::gpu::kernels::write_atomically(&path, serde_json::to_string_pretty(&v).expect("plain data").as_bytes())
+    crate::atomic_file::write(&path, serde_json::to_string_pretty(&v).expect("plain data").as_bytes())
         .map_err(|e| BackeiError::Io { path: path.display().to_string(), problem: e.to_string() })
 }
 
@@ -152,8 +193,26 @@ pub fn train(opts: RunOptions, engine: &mut Engine) -> Result<RunOutcome> {
     let slots = &slots[..];
     let cfg = &opts.config;
     cfg.validate()?;
-    std::fs::create_dir_all(&opts.out)
-        .map_err(|e| BackeiError::Io { path: opts.out.display().to_string(), problem: format!("cannot create the run folder: {e}") })?;
+    // locked for the whole run; temporary files of killed runs removed; the checkpoint pair made whole
+    let (folder, notes) = RunFolder::open(&opts.out)?;
+    for n in notes {
+        eprintln!("{n}");
+    }
+    if let Some(ck) = &opts.resume {
+        if let Some(line) = folder.reconcile_best()? {
+            eprintln!("{line}");
+        }
+        let p = &ck.progress;
+        if p.epoch >= cfg.epochs {
+            return Ok(RunOutcome::AlreadyFinished {
+                epochs_done: p.epoch,
+                batches_done: p.batches_done,
+                epochs: cfg.epochs,
+                best_accuracy: p.best_accuracy,
+                best_epoch: p.best_epoch,
+            });
+        }
+    }
     let data = load_data(cfg)?;
     write_config(&opts.out, cfg, opts.engine_line)?;
     let mut progress = Progress { epoch: 0, batches_done: 0, iteration: 0, partial: [0.0; 4], best_accuracy: -1.0, best_epoch: 0 };
@@ -167,8 +226,8 @@ pub fn train(opts: RunOptions, engine: &mut Engine) -> Result<RunOutcome> {
     // Page-locked buffers on the GPU engine: each batch's upload is a direct DMA.
     let loader = Loader::with_allocator(data.train.clone(), loader_options(cfg, true)?, engine.buffer_allocator());
     let batches = loader.batches_per_epoch();
-    let last_path = opts.out.join("checkpoint-last.safetensors");
-    let best_path = opts.out.join("checkpoint-best.safetensors");
+    let last_path = folder.last();
+    let best_path = folder.best();
     let base_lr = cfg.optimizer.lr();
     let save = |path: &Path, engine: &Engine, progress: &Progress| -> Result<()> {
         let ck =
@@ -249,9 +308,12 @@ pub fn train(opts: RunOptions, engine: &mut Engine) -> Result<RunOutcome> {
             progress.best_accuracy = score;
             progress.best_epoch = epoch + 1;
         }
+        // last first, then best as its copy: `last` records the best epoch, so a kill between the
+        // two is repaired from it when the folder is opened again (RunFolder::reconcile_best)
         save(&last_path, engine, &progress)?;
         if improved {
-            save(&best_path, engine, &progress)?;
+            crate::atomic_file::copy(&last_path, &best_path)
+                .map_err(|e| BackeiError::Io { path: best_path.display().to_string(), problem: format!("cannot write checkpoint: {e}") })?;
         }
         eprintln!(
             "epoch {}/{}: train loss {:.4} acc {:.2}% | {}test acc {:.2}% | lr {:.1e} | {:.1}s, {:.0} samples/s{}",
