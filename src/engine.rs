@@ -53,6 +53,14 @@ impl Engine {
         }
     }
 
+    /// Free device memory in bytes (None on the CPU engine, or when the driver cannot say).
+    pub fn device_memory_free(&self) -> Option<u64> {
+        match self {
+            Engine::Cpu { .. } => None,
+            Engine::Gpu { net, .. } => net.dev.ctx.mem_get_info().ok().map(|(free, _)| free as u64),
+        }
+    }
+
     /// "cpu" or "cuda:N <name>".
     pub fn device_name(&self) -> String {
         match self {

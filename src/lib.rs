@@ -8,6 +8,7 @@ pub mod data;
 pub mod engine;
 pub mod error;
 pub mod gpu;
+pub mod memory;
 pub mod optim;
 pub mod plot;
 pub mod precision;

@@ -7,14 +7,17 @@ use std::path::PathBuf;
 /// these.
 #[derive(Debug, thiserror::Error)]
 pub enum DataError {
-    /// A file could not be opened or read (including "file not found").
-    #[error("{}: cannot read file: {source} (expected {expected})", path.display())]
-    Io {
-        path: PathBuf,
-        expected: String,
-        #[source]
-        source: std::io::Error,
-    },
+    /// A file could not be opened or read (including "file not found"). The cause is part of the
+    /// message (and not a `source`, so that it is not printed twice).
+    #[error("{}: cannot read file: {cause} (expected {expected})", path.display())]
+    Io { path: PathBuf, expected: String, cause: std::io::Error },
+    /// Something other than a regular file where a data file should be: a directory, a FIFO, a
+    /// device, a socket, a symbolic link loop or a broken link.
+    #[error("{}: is {what}, not a regular file (expected {expected})", path.display())]
+    NotAFile { path: PathBuf, what: String, expected: String },
+    /// A file could not be written (an output such as `--grid out.png`).
+    #[error("{}: cannot write {what}: {cause}", path.display())]
+    Write { path: PathBuf, what: String, cause: String },
     /// The bytes of a file do not have the expected format.
     #[error("{}: at byte offset {offset}, field `{field}`: expected {expected}, found {found}", path.display())]
     Format { path: PathBuf, offset: u64, field: String, expected: String, found: String },
@@ -41,8 +44,8 @@ pub enum DataError {
 }
 
 impl DataError {
-    pub(crate) fn io(path: impl Into<PathBuf>, expected: impl Into<String>, source: std::io::Error) -> Self {
-        DataError::Io { path: path.into(), expected: expected.into(), source }
+    pub(crate) fn io(path: impl Into<PathBuf>, expected: impl Into<String>, cause: std::io::Error) -> Self {
+        DataError::Io { path: path.into(), expected: expected.into(), cause }
     }
 
     pub(crate) fn format(

@@ -151,13 +151,15 @@ pub fn render_grid(ds: &Dataset, n: usize, out: &Path) -> Result<(), DataError> 
             }
         }
     }
-    let file = std::fs::File::create(out).map_err(|e| DataError::io(out, "a writable PNG path", e))?;
-    let mut enc = png::Encoder::new(std::io::BufWriter::new(file), gw as u32, gh as u32);
-    enc.set_color(png::ColorType::Rgb);
-    enc.set_depth(png::BitDepth::Eight);
-    let io = |e: png::EncodingError| DataError::io(out, "a writable PNG path", std::io::Error::other(e));
-    let mut wr = enc.write_header().map_err(io)?;
-    wr.write_image_data(&img).map_err(io)?;
-    wr.finish().map_err(io)?;
-    Ok(())
+    let fail = |cause: String| DataError::Write { path: out.to_path_buf(), what: "the PNG grid".into(), cause };
+    let mut png_bytes = Vec::new();
+    {
+        let mut enc = png::Encoder::new(&mut png_bytes, gw as u32, gh as u32);
+        enc.set_color(png::ColorType::Rgb);
+        enc.set_depth(png::BitDepth::Eight);
+        let mut wr = enc.write_header().map_err(|e| fail(e.to_string()))?;
+        wr.write_image_data(&img).map_err(|e| fail(e.to_string()))?;
+        wr.finish().map_err(|e| fail(e.to_string()))?;
+    }
+    crate::atomic_file::write(out, &png_bytes).map_err(|e| fail(e.to_string()))
 }

@@ -252,13 +252,57 @@ impl Dataset {
     }
 }
 
+/// What stands at `path` when it is not a regular file ("a directory", "a FIFO (named pipe)", …);
+/// None for a regular file (or a link to one) and for nothing at all.
+pub fn describe_non_file(path: &Path) -> Option<String> {
+    use std::os::unix::fs::FileTypeExt;
+    match std::fs::metadata(path) {
+        Ok(m) => {
+            let t = m.file_type();
+            let what = if t.is_file() {
+                return None;
+            } else if t.is_dir() {
+                "a directory"
+            } else if t.is_fifo() {
+                "a FIFO (named pipe)"
+            } else if t.is_char_device() {
+                "a character device"
+            } else if t.is_block_device() {
+                "a block device"
+            } else if t.is_socket() {
+                "a socket"
+            } else {
+                "not a regular file"
+            };
+            Some(what.to_string())
+        }
+        Err(e) if e.raw_os_error() == Some(libc::ELOOP) => Some("a symbolic link loop".into()),
+        Err(_) => match std::fs::read_link(path) {
+            Ok(target) => Some(format!("a broken symbolic link (to {}, which does not exist)", target.display())),
+            Err(_) => None,
+        },
+    }
+}
+
+/// Opens a data file for reading, after checking that it is a regular file (opening a FIFO would
+/// block, and "No such file or directory" for a directory or a link loop names the wrong cause).
+pub(crate) fn open_file(path: &Path, expected: &str) -> Result<std::fs::File, DataError> {
+    if let Some(what) = describe_non_file(path) {
+        return Err(DataError::NotAFile { path: path.to_path_buf(), what, expected: expected.to_string() });
+    }
+    std::fs::File::open(path).map_err(|e| DataError::io(path, expected, e))
+}
+
 /// Reads a whole file; a missing file gives an error naming it and what it should hold.
 pub(crate) fn read_file(path: &Path, expected: &str) -> Result<Vec<u8>, DataError> {
-    std::fs::read(path).map_err(|e| DataError::io(path, expected, e))
+    let mut f = open_file(path, expected)?;
+    let mut bytes = Vec::new();
+    f.read_to_end(&mut bytes).map_err(|e| DataError::io(path, expected, e))?;
+    Ok(bytes)
 }
 
 /// Largest decompressed size we accept from one `.gz` file (guards against gzip bombs).
-const MAX_GUNZIP: u64 = 1 << 31;
+pub(crate) const MAX_GUNZIP: u64 = 1 << 31;
 
 /// Decompresses `bytes` if they start with the gzip magic (or the name ends in `.gz`).
 pub(crate) fn maybe_gunzip(path: &Path, bytes: Vec<u8>) -> Result<Vec<u8>, DataError> {

@@ -132,8 +132,11 @@ pub fn list_files(dir: &Path) -> Result<Vec<(PathBuf, u8, u64)>, DataError> {
         for f in rd2 {
             let f = f.map_err(|e| DataError::io(&sub, expected, e))?;
             let p = f.path();
-            if p.extension().is_some_and(|e| e == "bin") && p.is_file() {
-                let size = f.metadata().map(|m| m.len()).unwrap_or(0);
+            if p.extension().is_some_and(|e| e == "bin") {
+                if let Some(what) = super::describe_non_file(&p) {
+                    return Err(DataError::NotAFile { path: p, what, expected: "an N-MNIST .bin event file (40-bit records)".into() });
+                }
+                let size = std::fs::metadata(&p).map(|m| m.len()).unwrap_or(0);
                 files.push((p, label, size));
             }
         }

@@ -174,6 +174,7 @@ pub fn memory_plan_for(spec: &NetworkSpec, batch: usize, steps: usize, t_in: usi
     if t_in != 1 && t_in != steps {
         return Err(config_err("t_in", format!("T_in = {t_in}: must be 1 or T = {steps}")));
     }
+    check_plan_fits_usize(&plan, batch, steps)?;
     let f = 4usize;
     let classes = spec.classes()?;
     let ts = layer_steps(&plan, steps, t_in);
@@ -221,6 +222,40 @@ pub fn memory_plan_for(spec: &NetworkSpec, batch: usize, steps: usize, t_in: usi
     let last_t = ts.last().map_or(t_in, |x| x.1);
     mp.workspaces = ws + f * (2 * batch * classes + last_t * batch * classes) + 16 * batch;
     Ok(mp)
+}
+
+/// Refuses a batch and T whose memory plan would overflow `usize` (`backei info` printed 0.25 GiB
+/// for usize::MAX). Every term of the plan is at most 64·T·B·W per layer, W the largest number of
+/// values one sample has in a layer (a conv's column buffer included), plus the parameters and the
+/// fixed workspace, so checking that bound in u128 first keeps all the usize arithmetic exact.
+fn check_plan_fits_usize(plan: &[LayerPlan], batch: usize, steps: usize) -> Result<()> {
+    let mut widest: u128 = 1;
+    let mut params: u128 = 0;
+    for lp in plan {
+        let [c, h, w] = lp.input;
+        let (i, o) = ((c * h * w) as u128, lp.output.iter().map(|&d| d as u128).product::<u128>());
+        let mut wide = i.max(o);
+        if let LayerSpec::Conv { out_channels, kernel, padding } = lp.spec {
+            let g = ConvGeom::new(c, out_channels, h, w, kernel, padding);
+            wide = wide.max(((g.col_rows() + g.cout) * g.out_pixels()) as u128);
+            params += g.weight_len() as u128 + out_channels as u128;
+        }
+        // a BackEI gate or linear layer: at most in × out (or C²k²) weights
+        params += i.saturating_mul(o.max(9 * c as u128));
+        widest = widest.max(wide);
+    }
+    let bound = (batch as u128)
+        .checked_mul(steps as u128)
+        .and_then(|x| x.checked_mul(widest))
+        .and_then(|x| x.checked_mul(64 * (plan.len() as u128 + 2)))
+        .and_then(|x| x.checked_add(16 * params + DEFAULT_WORKSPACE_BYTES as u128));
+    match bound {
+        Some(b) if b <= usize::MAX as u128 => Ok(()),
+        _ => Err(config_err(
+            "--batch-size/--steps",
+            format!("batch {batch} at T = {steps}: the memory a training step needs does not fit in 64 bits"),
+        )),
+    }
 }
 
 /// The largest batch ≤ `batch` whose training step fits `bytes` (None: not even one sample).

@@ -76,6 +76,17 @@ fn empty_split(d: &Dataset) -> BackeiError {
     }
 }
 
+/// Batches the loader prepares ahead.
+const PREFETCH: usize = 4;
+
+/// Checks, before anything is allocated, that the run's batch size and T fit the memory there is
+/// (the network's state on the device or in host memory, the loader's buffers in host memory).
+pub fn check_memory(cfg: &TrainConfig, engine: &Engine) -> Result<()> {
+    let room = crate::memory::Room { device_free: engine.device_memory_free(), host: crate::memory::host_available() };
+    let frames_each_step = cfg.encoding()? == crate::data::Encoding::Rate || cfg.dataset_kind()? == DatasetKind::Nmnist;
+    crate::memory::check_run(&cfg.network, cfg.batch_size, cfg.network.steps, frames_each_step, PREFETCH, cfg.workers, &room)
+}
+
 pub fn loader_options(cfg: &TrainConfig, train: bool) -> Result<LoaderOptions> {
     Ok(LoaderOptions {
         batch_size: cfg.batch_size,
@@ -86,7 +97,7 @@ pub fn loader_options(cfg: &TrainConfig, train: bool) -> Result<LoaderOptions> {
         drop_last: false,
         augment: train && cfg.dataset_kind()? == DatasetKind::Cifar10,
         workers: cfg.workers,
-        prefetch: 4,
+        prefetch: PREFETCH,
     })
 }
 
@@ -213,6 +224,7 @@ pub fn train(opts: RunOptions, engine: &mut Engine) -> Result<RunOutcome> {
             });
         }
     }
+    check_memory(cfg, engine)?;
     let data = load_data(cfg)?;
     write_config(&opts.out, cfg, opts.engine_line)?;
     let mut progress = Progress { epoch: 0, batches_done: 0, iteration: 0, partial: [0.0; 4], best_accuracy: -1.0, best_epoch: 0 };
