@@ -5,7 +5,7 @@
 //! same comparisons run on a real GPU in the `gpu_*` tests.
 mod common;
 
-use common::emu::{self, Args};
+use common::emu::{self, Args, DevBuf};
 
 #[test]
 fn every_module_translates_and_compiles_for_the_emulator() {
@@ -38,47 +38,6 @@ use backei::spec::{LayerSpec, NetworkSpec};
 use common::layer_check::{
     case, compare, cpu_reference, inputs, odd_shape_cases, plain_cases, smooth, smooth_wgrad_cases, Case, DeviceOut,
 };
-
-/// Guard floats on both sides of every emulated device buffer: a kernel that writes outside its
-/// buffer changes them.
-const GUARD: usize = 64;
-const GUARD_VALUE: f32 = -7.25e30;
-
-/// A host buffer standing in for a device allocation: NaN-poisoned (every element the test reads
-/// must have been written), with guards.
-struct DevBuf {
-    data: Vec<f32>,
-    name: &'static str,
-}
-
-impl DevBuf {
-    fn new(name: &'static str, len: usize) -> Self {
-        let mut data = vec![f32::NAN; len.max(1) + 2 * GUARD];
-        data[..GUARD].fill(GUARD_VALUE);
-        let n = data.len();
-        data[n - GUARD..].fill(GUARD_VALUE);
-        DevBuf { data, name }
-    }
-    fn from(name: &'static str, xs: &[f32]) -> Self {
-        let mut b = Self::new(name, xs.len());
-        b.data[GUARD..GUARD + xs.len()].copy_from_slice(xs);
-        b
-    }
-    fn ptr(&mut self) -> *mut f32 {
-        self.data[GUARD..].as_mut_ptr()
-    }
-    fn host(&self) -> Vec<f32> {
-        self.data[GUARD..self.data.len() - GUARD].to_vec()
-    }
-    fn check_guards(&self) {
-        let n = self.data.len();
-        assert!(
-            self.data[..GUARD].iter().chain(&self.data[n - GUARD..]).all(|&x| x == GUARD_VALUE),
-            "a kernel wrote outside the buffer `{}`",
-            self.name
-        );
-    }
-}
 
 /// The case on the emulated device, launched exactly as `GpuBackEiLayer::forward`/`backward`
 /// launch it: the host plan's kernels, grids, blocks, shared memory and `LayerDims`.

@@ -51,8 +51,10 @@
 //! Buffers are sized once per (batch, steps) and reused; all settings and shapes are validated
 //! and returned as errors, never panics.
 
+use super::backei_v4::{plan_v4, V4_MODULE, V4_THREADS};
 use super::device::GpuDevice;
 use crate::error::{config_err, shape_err, BackeiError, Result};
+use crate::precision::Precision;
 use crate::spec::{FeedbackConfig, FiringMode, NeuronConfig, Surrogate};
 use cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute_enum};
 use cudarc::driver::{CudaFunction, CudaSlice, CudaStream, CudaView, CudaViewMut, DeviceRepr, LaunchConfig, PushKernelArg};
@@ -159,6 +161,8 @@ pub enum WgradPath {
     Separate,
     /// v2: da_t / dz_t saved per step, reduced afterwards by `backei_wgrad_tiled_r{1,2}_f32`.
     Tiled,
+    /// v4: accumulated per block inside the backward's time loop, reduced in a fixed order at its end.
+    Fused,
 }
 
 /// Which generation of the fused BackEI kernels a layer runs.
@@ -173,9 +177,14 @@ pub enum KernelVersion {
     /// v2 with 8-channel register tiles (`backei_*_v3_r{1,2}_f32`): 32 FMAs per 6 shared-memory
     /// loads in the inner loop instead of 16 per 5.
     V3,
+    /// Tensor cores (`backei_{forward,backward}_v4_r{1,2}_{fp32,tf32,bf16}`, `cuda/backei_v4.cu`):
+    /// implicit-GEMM gate convolutions on mma.sync, weight gradients fused into the backward;
+    /// the precision is the layer's (`GpuBackEiLayer::precision`). Falls back to v3 (then v1) where
+    /// `backei_v4::plan_v4` says it cannot run.
+    V4,
 }
 
-/// The environment variable that selects the fused kernels: `v1` (default), `v2` or `v3`.
+/// The environment variable that selects the fused kernels: `v1` (default), `v2`, `v3` or `v4`.
 pub const KERNEL_ENV: &str = "BACKEI_BACKEI_KERNEL";
 
 impl KernelVersion {
@@ -185,7 +194,8 @@ impl KernelVersion {
             "v1" | "1" => Ok(KernelVersion::V1),
             "v2" | "2" => Ok(KernelVersion::V2),
             "v3" | "3" => Ok(KernelVersion::V3),
-            other => Err(config_err(KERNEL_ENV, format!("`{other}` is not a BackEI kernel version (v1, v2 or v3)"))),
+            "v4" | "4" => Ok(KernelVersion::V4),
+            other => Err(config_err(KERNEL_ENV, format!("`{other}` is not a BackEI kernel version (v1, v2, v3 or v4)"))),
         }
     }
 
@@ -274,11 +284,28 @@ pub struct BufferSizes {
     pub wg_partials: usize,
     /// tiled plans: the gate weights in the staging layout, [W_b][W_e] (C²k² each)
     pub staged_weights: usize,
+    /// v4: the gate weights in mma B-fragment order ([gate][group][slice], as f32 words), their
+    /// inverse scales [gate][group], and the per-range partial weight gradients
+    pub v4_wfrag: usize,
+    pub v4_winv: usize,
+    pub v4_dw_part: usize,
 }
 
 impl BufferSizes {
     pub fn total_bytes(&self) -> usize {
-        4 * (self.out + self.v + self.g + self.z + self.dv + self.fb + self.dz + self.da + self.wg_partials + self.staged_weights)
+        4 * (self.out
+            + self.v
+            + self.g
+            + self.z
+            + self.dv
+            + self.fb
+            + self.dz
+            + self.da
+            + self.wg_partials
+            + self.staged_weights
+            + self.v4_wfrag
+            + self.v4_winv
+            + self.v4_dw_part)
     }
 }
 
@@ -301,8 +328,10 @@ pub struct LaunchPlan {
     pub version: KernelVersion,
     /// v2's tiling (None for v1).
     pub tile: Option<TileDims>,
-    /// Why a V2 request fell back to V1.
+    /// Why a V2/V3 request fell back to V1, or a V4 request to V3 (or V1).
     pub fallback: Option<String>,
+    /// v4's plan (tile, shared-memory layout, module constants), when the plan runs v4.
+    pub v4: Option<super::backei_v4::V4Plan>,
 }
 
 const FUSED_MAX_THREADS: usize = 1024;
@@ -519,6 +548,7 @@ fn plan_with(
             version: KernelVersion::V1,
             tile: None,
             fallback: None,
+            v4: None,
         });
     }
     let c = shape[0];
@@ -569,10 +599,14 @@ fn plan_with(
             da: if fb.back { per_step } else { 0 },
             wg_partials: 0,
             staged_weights: 0,
+            v4_wfrag: 0,
+            v4_winv: 0,
+            v4_dw_part: 0,
         },
         version: KernelVersion::V1,
         tile: None,
         fallback: None,
+        v4: None,
     })
 }
 
@@ -701,6 +735,9 @@ pub fn plan_version(
     limits: &DeviceLimits,
     version: KernelVersion,
 ) -> Result<LaunchPlan> {
+    if version == KernelVersion::V4 {
+        return plan_tensor_cores(shape, fb, batch, steps, limits, Precision::Fp32);
+    }
     let mut p = plan(shape, fb, batch, steps, limits)?;
     if version == KernelVersion::V1 || p.path == LayerPath::Plain {
         return Ok(p);
@@ -752,6 +789,60 @@ pub fn plan_version(
     p.buffers.staged_weights = 2 * shape[0] * shape[0] * k * k;
     p.version = version;
     p.tile = Some(td);
+    Ok(p)
+}
+
+/// The v4 plan (tensor cores, `precision`) when [`plan_v4`] finds one for the shape and device,
+/// else v3's plan (itself falling back to v1 where it must) with v4's reason in `fallback`. The
+/// plain layer (back and ei off) keeps its own kernels. v4 is deterministic by construction (its
+/// weight gradients are reduced in a fixed order), so `--deterministic` takes the same plan.
+pub fn plan_tensor_cores(
+    shape: [usize; 3],
+    fb: &FeedbackConfig,
+    batch: usize,
+    steps: usize,
+    limits: &DeviceLimits,
+    precision: Precision,
+) -> Result<LaunchPlan> {
+    let mut p = plan(shape, fb, batch, steps, limits)?;
+    if p.path == LayerPath::Plain {
+        return Ok(p);
+    }
+    let v = match plan_v4(shape, fb, batch, steps, limits, precision) {
+        Ok(v) => v,
+        Err(why) => {
+            let mut q = plan_version(shape, fb, batch, steps, limits, KernelVersion::V3)?;
+            q.fallback = Some(match q.fallback {
+                Some(more) => format!("v4: {why}; v3: {more}"),
+                None => format!("v4: {why}"),
+            });
+            return Ok(q);
+        }
+    };
+    let coop = |kernel| KernelLaunch {
+        module: V4_MODULE,
+        kernel,
+        grid: (v.grid, 1, 1),
+        block: V4_THREADS,
+        smem_bytes: v.smem_bytes,
+        cooperative: true,
+    };
+    p.forward = coop(v.forward);
+    p.backward = coop(v.backward);
+    p.wgrad = WgradPath::Fused;
+    p.wgrad_launch = None;
+    p.wgrad_reduce = None;
+    p.weights_in_smem_forward = v.dims.w_resident == 1;
+    p.weights_in_smem_backward = v.dims.w_resident == 1;
+    let bn = p.buffers.dv;
+    p.buffers.dz = 0;
+    p.buffers.da = if fb.back { bn } else { 0 };
+    p.buffers.v4_wfrag = v.wfrag_bytes / 4;
+    p.buffers.v4_winv = v.winv;
+    p.buffers.v4_dw_part = v.dw_part;
+    p.version = KernelVersion::V4;
+    p.tile = None;
+    p.v4 = Some(v);
     Ok(p)
 }
 
@@ -887,6 +978,15 @@ fn tiled_args<'a>(
     Ok(Some((&*bar, ws, td)))
 }
 
+/// Opts a kernel in to more than the default 48 KiB of dynamic shared memory when its launch needs it.
+pub(crate) fn opt_in_smem(f: &CudaFunction, l: &KernelLaunch) -> Result<()> {
+    if l.smem_bytes > SMEM_DEFAULT_LIMIT {
+        f.set_attribute(CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, l.smem_bytes as i32)
+            .map_err(|e| BackeiError::Cuda(format!("{}: opting in to {} bytes of shared memory: {e:?}", l.kernel, l.smem_bytes)))?;
+    }
+    Ok(())
+}
+
 pub struct GpuBackEiLayer {
     pub dev: Arc<GpuDevice>,
     pub feedback: FeedbackConfig,
@@ -922,7 +1022,7 @@ pub struct GpuBackEiLayer {
     /// Tiled plans: the gate weights in the kernels' staging layout (rebuilt by every launch).
     pub staged_weights: Option<CudaSlice<f32>>,
     /// Stands in for an absent buffer in a kernel's argument list (never dereferenced).
-    dummy: CudaSlice<f32>,
+    pub(crate) dummy: CudaSlice<f32>,
     /// T_in of the last forward.
     t_in: usize,
     /// The fused kernels asked for (`$BACKEI_BACKEI_KERNEL` at construction, V1 by default); the
@@ -931,7 +1031,15 @@ pub struct GpuBackEiLayer {
     /// The version the current plan was made for.
     planned_version: KernelVersion,
     /// v2's grid barrier word (zeroed before every cooperative launch).
-    bar: Option<CudaSlice<u32>>,
+    pub(crate) bar: Option<CudaSlice<u32>>,
+    /// The tensor-core products' precision (v4; the other versions compute in f32).
+    pub precision: Precision,
+    planned_precision: Precision,
+    /// v4 scratch (public so that tests can poison it): the weight fragments, their inverse
+    /// scales, the per-range partial weight gradients (`BufferSizes::v4_*`).
+    pub v4_wfrag: Option<CudaSlice<f32>>,
+    pub v4_winv: Option<CudaSlice<f32>>,
+    pub v4_dw_part: Option<CudaSlice<f32>>,
 }
 
 impl GpuBackEiLayer {
@@ -966,6 +1074,11 @@ impl GpuBackEiLayer {
             deterministic: false,
             planned_deterministic: false,
             bar: None,
+            precision: Precision::Fp32,
+            planned_precision: Precision::Fp32,
+            v4_wfrag: None,
+            v4_winv: None,
+            v4_dw_part: None,
         })
     }
 
@@ -987,8 +1100,11 @@ impl GpuBackEiLayer {
             || self.steps != steps
             || self.planned_version != self.version
             || self.planned_deterministic != self.deterministic
+            || self.planned_precision != self.precision
         {
-            let p = if self.deterministic {
+            let p = if self.version == KernelVersion::V4 {
+                plan_tensor_cores(self.shape, &self.feedback, batch, steps, &self.limits, self.precision)?
+            } else if self.deterministic {
                 plan_deterministic(self.shape, &self.feedback, batch, steps, &self.limits, self.version)?
             } else {
                 plan_version(self.shape, &self.feedback, batch, steps, &self.limits, self.version)?
@@ -998,6 +1114,7 @@ impl GpuBackEiLayer {
             (self.out, self.v, self.g, self.z, self.dv, self.fb, self.dz, self.da) = (None, None, None, None, None, None, None, None);
             self.wg_partials = None;
             self.staged_weights = None;
+            (self.v4_wfrag, self.v4_winv, self.v4_dw_part) = (None, None, None);
             self.out = alloc(&self.dev, b.out)?;
             self.v = alloc(&self.dev, b.v)?;
             self.g = alloc(&self.dev, b.g)?;
@@ -1008,7 +1125,10 @@ impl GpuBackEiLayer {
             self.da = alloc(&self.dev, b.da)?;
             self.wg_partials = alloc(&self.dev, b.wg_partials)?;
             self.staged_weights = alloc(&self.dev, b.staged_weights)?;
-            if p.version.is_tiled() && self.bar.is_none() {
+            self.v4_wfrag = alloc(&self.dev, b.v4_wfrag)?;
+            self.v4_winv = alloc(&self.dev, b.v4_winv)?;
+            self.v4_dw_part = alloc(&self.dev, b.v4_dw_part)?;
+            if (p.version.is_tiled() || p.version == KernelVersion::V4) && self.bar.is_none() {
                 self.bar = Some(self.dev.stream.alloc_zeros::<u32>(1).map_err(cuda_err("allocating the grid barrier"))?);
             }
             self.plan = Some(p);
@@ -1016,6 +1136,7 @@ impl GpuBackEiLayer {
             self.steps = steps;
             self.planned_version = self.version;
             self.planned_deterministic = self.deterministic;
+            self.planned_precision = self.precision;
         }
         self.plan.as_ref().ok_or_else(|| BackeiError::Cuda("BackEI layer: no plan".into()))
     }
@@ -1026,20 +1147,22 @@ impl GpuBackEiLayer {
 
     fn function(&self, l: &KernelLaunch) -> Result<CudaFunction> {
         let f = self.dev.kernels.function(l.module, l.kernel)?;
-        if l.smem_bytes > SMEM_DEFAULT_LIMIT {
-            f.set_attribute(CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, l.smem_bytes as i32)
-                .map_err(|e| BackeiError::Cuda(format!("{}: opting in to {} bytes of shared memory: {e:?}", l.kernel, l.smem_bytes)))?;
-        }
+        opt_in_smem(&f, l)?;
         Ok(f)
+    }
+
+    /// The blocks of a cooperative kernel that can be co-resident on the device (occupancy API).
+    pub(crate) fn resident_blocks(&self, f: &CudaFunction, l: &KernelLaunch) -> Result<u32> {
+        let per_sm = f
+            .occupancy_max_active_blocks_per_multiprocessor(l.block, l.smem_bytes as usize, None)
+            .map_err(|e| BackeiError::Cuda(format!("{}: occupancy query: {e:?}", l.kernel)))?;
+        Ok(per_sm.saturating_mul(self.limits.sm_count))
     }
 
     /// The launch configuration of a cooperative kernel: the plan's grid, clamped to the blocks the
     /// occupancy API says are co-resident (the driver refuses a larger cooperative grid).
     fn coop_config(&self, f: &CudaFunction, l: &KernelLaunch) -> Result<LaunchConfig> {
-        let per_sm = f
-            .occupancy_max_active_blocks_per_multiprocessor(l.block, l.smem_bytes as usize, None)
-            .map_err(|e| BackeiError::Cuda(format!("{}: occupancy query: {e:?}", l.kernel)))?;
-        let resident = per_sm.saturating_mul(self.limits.sm_count);
+        let resident = self.resident_blocks(f, l)?;
         if resident == 0 {
             return Err(BackeiError::Cuda(format!(
                 "{}: no block of {} threads with {} B shared memory can be resident (use {KERNEL_ENV}=v1)",
@@ -1067,6 +1190,10 @@ impl GpuBackEiLayer {
         check_slots(self.shape, &self.feedback, slots, params.len(), "parameter")?;
         self.t_in = t_in;
         let np = NeuronParams::from_config(&self.neuron);
+        if let Some(v4) = &plan.v4 {
+            let dims = self.dims(slots, t_in, false, false)?;
+            return super::backei_v4::launch_forward(self, v4, params, input, dims, np);
+        }
         let l = plan.forward;
         let f = self.function(&l)?;
         let stream = self.dev.stream.clone();
@@ -1140,6 +1267,10 @@ impl GpuBackEiLayer {
             (params.len(), grads.len()),
         )?;
         let np = NeuronParams::from_config(&self.neuron);
+        if let Some(v4) = &plan.v4 {
+            let dims = self.dims(slots, t_in, false, false)?;
+            return super::backei_v4::launch_backward(self, v4, params, grads, input, grad_out, grad_in, dims, np);
+        }
         let stream = self.dev.stream.clone();
         let l = plan.backward;
         let f = self.function(&l)?;

@@ -3,6 +3,7 @@
 
 pub mod backei_layer;
 pub mod backei_unfused;
+pub mod backei_v4;
 pub mod conv;
 pub mod device;
 pub mod dropout;

@@ -55,12 +55,16 @@ impl Args {
     }
 }
 
-/// The C++ translation of a module's CUDA source, with the dispatch table appended.
-fn translate(cuda: &str) -> (String, Vec<String>) {
+/// The C++ translation of a module's CUDA source, with the dispatch table appended; `defines`
+/// are the module's compile-time constants (NVRTC's -D options).
+fn translate(cuda: &str, defines: &[(String, String)]) -> (String, Vec<String>) {
     let mut out = String::with_capacity(cuda.len() + HEADER.len() + 4096);
     out.push_str("#line 1 \"cuda_emu.h\"\n");
     out.push_str(HEADER);
     out.push('\n');
+    for (k, v) in defines {
+        out.push_str(&format!("#define {k} {v}\n"));
+    }
     let mut kernels = Vec::new();
     let mut static_id = 0;
     for line in cuda.lines() {
@@ -73,7 +77,11 @@ fn translate(cuda: &str) -> (String, Vec<String>) {
             continue;
         }
         if let Some(rest) = t.strip_prefix("__shared__ ") {
-            // __shared__ T name[n]...;
+            // __shared__ [__align__(n)] T name[n]...; (static shared arrays are 16-byte aligned here)
+            let rest = match rest.strip_prefix("__align__(") {
+                Some(r) => r.split_once(')').map_or(r, |(_, tail)| tail).trim_start(),
+                None => rest,
+            };
             let decl = rest.trim_end().trim_end_matches(';');
             let open = decl.find('[').expect("__shared__ arrays only");
             let (head, dims) = decl.split_at(open);
@@ -103,7 +111,7 @@ fn translate(cuda: &str) -> (String, Vec<String>) {
     }
     out.push_str("\n#line 1 \"emu_dispatch\"\nstatic bool emu_dispatch(const char* name, void** args) {\n");
     for k in &kernels {
-        out.push_str(&format!("    if (!strcmp(name, \"{k}\")) {{ emu::bind_kernel({k}, args); return true; }}\n"));
+        out.push_str(&format!("    if (!strcmp(name, EMU_XSTR({k}))) {{ emu::bind_kernel({k}, args); return true; }}\n"));
     }
     out.push_str(
         "    return false;\n}\n\
@@ -118,10 +126,10 @@ fn compiler() -> String {
     std::env::var("CXX").unwrap_or_else(|_| "c++".into())
 }
 
-fn build(module: &str) -> Result<EmuModule, String> {
+fn build(module: &str, defines: &[(String, String)]) -> Result<EmuModule, String> {
     let (_, cuda) = backei::gpu::kernels::module_source(module).map_err(|e| e.to_string())?;
-    let (cpp, kernels) = translate(cuda);
-    let flags = ["-std=c++17", "-O2", "-fPIC", "-shared", "-fno-strict-aliasing", "-w"];
+    let (cpp, kernels) = translate(cuda, defines);
+    let flags = ["-std=c++17", "-O2", "-fPIC", "-shared", "-fno-strict-aliasing", "-U_FORTIFY_SOURCE", "-w"];
     let mut h = std::collections::hash_map::DefaultHasher::new();
     cpp.hash(&mut h);
     flags.hash(&mut h);
@@ -130,9 +138,12 @@ fn build(module: &str) -> Result<EmuModule, String> {
     let key = format!("{module}-{:016x}", h.finish());
     let lib = dir.join(format!("{key}.so"));
     if !lib.exists() {
-        let src = dir.join(format!("{key}.{}.cpp", std::process::id()));
+        // a unique scratch name per build: test threads (and processes) may build the same module at once
+        static BUILDS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let tag = format!("{}.{}", std::process::id(), BUILDS.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
+        let src = dir.join(format!("{key}.{tag}.cpp"));
         std::fs::write(&src, &cpp).map_err(|e| format!("{}: {e}", src.display()))?;
-        let tmp = dir.join(format!("{key}.{}.so", std::process::id()));
+        let tmp = dir.join(format!("{key}.{tag}.so"));
         let out = std::process::Command::new(compiler())
             .args(flags)
             .arg("-o")
@@ -154,14 +165,20 @@ fn build(module: &str) -> Result<EmuModule, String> {
 
 /// The emulated module, compiled once per process.
 pub fn module(name: &str) -> Arc<EmuModule> {
+    module_with(name, &[])
+}
+
+/// The emulated module built with compile-time constants (as NVRTC's `-D NAME=VALUE`), compiled
+/// once per process and set of constants.
+pub fn module_with(name: &str, defines: &[(String, String)]) -> Arc<EmuModule> {
     static CACHE: OnceLock<Mutex<HashMap<String, Arc<EmuModule>>>> = OnceLock::new();
-    let mut c = CACHE.get_or_init(Default::default).lock().unwrap_or_else(|e| e.into_inner());
-    if let Some(m) = c.get(name) {
+    let key = format!("{name}{defines:?}");
+    if let Some(m) = CACHE.get_or_init(Default::default).lock().unwrap_or_else(|e| e.into_inner()).get(&key) {
         return m.clone();
     }
-    let m = Arc::new(build(name).unwrap_or_else(|e| panic!("{e}")));
-    c.insert(name.to_string(), m.clone());
-    m
+    // built outside the lock: test threads build different modules in parallel
+    let m = Arc::new(build(name, defines).unwrap_or_else(|e| panic!("{e}")));
+    CACHE.get_or_init(Default::default).lock().unwrap_or_else(|e| e.into_inner()).entry(key).or_insert(m).clone()
 }
 
 impl EmuModule {
@@ -208,5 +225,46 @@ impl EmuModule {
     /// Launches a plan's kernel with the plan's own grid, block, shared memory and cooperativeness.
     pub fn launch(&self, l: &KernelLaunch, seed: u64, args: &mut Args) -> Result<(), String> {
         self.launch_raw(l.kernel, l.grid, (l.block, 1, 1), l.smem_bytes, l.cooperative, seed, args)
+    }
+}
+
+/// Guard floats on both sides of every emulated device buffer: a kernel that writes outside its
+/// buffer changes them.
+pub const GUARD: usize = 64;
+pub const GUARD_VALUE: f32 = -7.25e30;
+
+/// A host buffer standing in for a device allocation: NaN-poisoned (every element the test reads
+/// must have been written), with guards.
+pub struct DevBuf {
+    data: Vec<f32>,
+    name: &'static str,
+}
+
+impl DevBuf {
+    pub fn new(name: &'static str, len: usize) -> Self {
+        let mut data = vec![f32::NAN; len.max(1) + 2 * GUARD];
+        data[..GUARD].fill(GUARD_VALUE);
+        let n = data.len();
+        data[n - GUARD..].fill(GUARD_VALUE);
+        DevBuf { data, name }
+    }
+    pub fn from(name: &'static str, xs: &[f32]) -> Self {
+        let mut b = Self::new(name, xs.len());
+        b.data[GUARD..GUARD + xs.len()].copy_from_slice(xs);
+        b
+    }
+    pub fn ptr(&mut self) -> *mut f32 {
+        self.data[GUARD..].as_mut_ptr()
+    }
+    pub fn host(&self) -> Vec<f32> {
+        self.data[GUARD..self.data.len() - GUARD].to_vec()
+    }
+    pub fn check_guards(&self) {
+        let n = self.data.len();
+        assert!(
+            self.data[..GUARD].iter().chain(&self.data[n - GUARD..]).all(|&x| x == GUARD_VALUE),
+            "a kernel wrote outside the buffer `{}`",
+            self.name
+        );
     }
 }

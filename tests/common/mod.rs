@@ -6,6 +6,7 @@ pub mod emu;
 pub mod gpu_layer;
 pub mod idx;
 pub mod layer_check;
+pub mod mma_check;
 pub mod tape;
 pub mod twin;
 

@@ -17,9 +17,12 @@
 // thread is sequentially consistent), FMA contraction, warp-synchronous code without __syncwarp
 // (wrong on Volta and later anyway), performance.
 #pragma once
+// cuda/mma.cuh then takes the tensor-core wrappers from here instead of its inline PTX.
+#define BACKEI_EMU 1
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
+#include <setjmp.h>
 #include <sys/mman.h>
 #include <ucontext.h>
 
@@ -53,6 +56,12 @@ struct alignas(16) float4 {
 struct alignas(8) float2 {
     float x, y;
 };
+struct alignas(8) uint2 {
+    unsigned int x, y;
+};
+// The dispatch table names a kernel by the string of its (possibly macro-generated) name.
+#define EMU_STR(x) #x
+#define EMU_XSTR(x) EMU_STR(x)
 inline float4 make_float4(float x, float y, float z, float w) { return float4{x, y, z, w}; }
 inline float2 make_float2(float x, float y) { return float2{x, y}; }
 
@@ -75,13 +84,29 @@ enum State : int { RUNNABLE, AT_BLOCK, AT_WARP, DONE };
 
 struct Block;
 
+// One cp.async copy: performed (and its destination un-poisoned) only at the wait that covers it.
+struct AsyncCopy {
+    void* dst;
+    const void* src;
+    unsigned bytes;
+};
+
 struct Fiber {
-    ucontext_t ctx;
+    ucontext_t ctx;  // first entry only
+    jmp_buf jb;      // every later switch (_setjmp/_longjmp: no signal-mask system call)
+    bool started;
     uint3 tid;
     int lin;  // linear thread index in the block
     Block* block;
     State state;
     char* stack;
+    std::vector<AsyncCopy> cp_open;                 // cp.async issued since the last commit
+    std::vector<std::vector<AsyncCopy>> cp_groups;  // committed, not yet waited for
+};
+
+// What a lane contributes to a warp-collective operation (mma.sync, ldmatrix).
+struct WarpSlot {
+    unsigned char bytes[64];
 };
 
 struct Block {
@@ -90,6 +115,7 @@ struct Block {
     std::vector<float4> dyn;
     std::map<int, std::vector<float4>> statics;
     std::vector<unsigned long long> xchg;  // one slot per thread: warp shuffles
+    std::vector<WarpSlot> xbig;            // one slot per thread: mma, ldmatrix
 };
 
 struct Launch {
@@ -99,10 +125,12 @@ struct Launch {
     std::vector<Block> blocks;
     std::vector<Fiber> fibers;  // the running set: one block, or all blocks (cooperative)
     ucontext_t sched;
+    jmp_buf sched_jb;
     Fiber* cur = nullptr;
     std::function<void()> body;
     unsigned long long rng;
     std::string error;
+    bool aborted = false;  // a fiber faulted (emu::fault)
     std::vector<char*> stacks;
 };
 
@@ -121,7 +149,7 @@ inline unsigned long long next_rand() {
 
 inline void yield_to_scheduler() {
     Fiber* f = g->cur;
-    swapcontext(&f->ctx, &g->sched);
+    if (!_setjmp(f->jb)) _longjmp(g->sched_jb, 1);
 }
 
 inline void block_barrier() {
@@ -166,7 +194,7 @@ inline void fiber_main() {
     Launch* L = g;
     L->body();
     L->cur->state = DONE;
-    // returning continues at uc_link: the scheduler
+    _longjmp(L->sched_jb, 1);  // never returns into the ucontext machinery
 }
 
 inline char* new_stack() {
@@ -197,6 +225,7 @@ inline bool run_blocks(const std::vector<int>& blocks) {
         memset(b.dyn.data(), 0xFF, b.dyn.size() * 16);
         b.statics.clear();
         b.xchg.assign(T, 0);
+        b.xbig.assign(T, WarpSlot{});
         for (int t = 0; t < T; ++t) {
             Fiber& f = L->fibers[bi * T + t];
             f.lin = t;
@@ -204,6 +233,7 @@ inline bool run_blocks(const std::vector<int>& blocks) {
             f.block = &b;
             f.state = RUNNABLE;
             f.stack = L->stacks[bi * T + t];
+            f.started = false;
             getcontext(&f.ctx);
             f.ctx.uc_stack.ss_sp = f.stack + PAGE;
             f.ctx.uc_stack.ss_size = STACK;
@@ -222,7 +252,15 @@ inline bool run_blocks(const std::vector<int>& blocks) {
             Fiber& f = L->fibers[i];
             if (f.state != RUNNABLE) continue;
             L->cur = &f;
-            swapcontext(&L->sched, &f.ctx);
+            if (!_setjmp(L->sched_jb)) {
+                if (!f.started) {
+                    f.started = true;
+                    setcontext(&f.ctx);
+                } else {
+                    _longjmp(f.jb, 1);
+                }
+            }
+            if (L->aborted) return false;
             ran = true;
         }
         // open the barriers every live thread (lane) has reached
@@ -363,6 +401,230 @@ inline T atomicCAS(T* p, T cmp, T v) {
     T old = *p;
     if (old == cmp) *p = v;
     return old;
+}
+
+inline float __uint_as_float(unsigned int u) {
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+inline unsigned int __float_as_uint(float f) {
+    unsigned int u;
+    memcpy(&u, &f, 4);
+    return u;
+}
+
+// ---- tensor cores: conversions, mma.sync, ldmatrix, cp.async (the wrappers of cuda/mma.cuh) ------
+// Arithmetic: the operands are decoded exactly (fp16, bf16, tf32 are all exact in double), the
+// products and their sum are formed in double and rounded once to f32 — the "infinitely precise
+// then rounded" model; real tensor cores truncate the aligned partial sums slightly differently,
+// within f32 rounding of the result. Fragment layouts as the PTX ISA documents them (cuda/mma.cuh).
+typedef unsigned int u32;
+
+// f32 → fp16, round to nearest even, with subnormals, overflow to ±inf and NaN kept (cvt.rn.f16.f32).
+inline unsigned short f32_to_f16_bits(float x) {
+    const u32 f = __float_as_uint(x);
+    const u32 sign = (f >> 16) & 0x8000u;
+    const u32 exp = (f >> 23) & 0xFFu;
+    u32 man = f & 0x7FFFFFu;
+    if (exp == 0xFF) return (unsigned short)(sign | 0x7C00u | (man ? 0x200u | (man >> 13) : 0u));
+    const int e = (int)exp - 127 + 15;
+    if (e >= 0x1F) return (unsigned short)(sign | 0x7C00u);
+    if (e <= 0) {
+        if (e < -10) return (unsigned short)sign;  // below half the smallest subnormal: ±0
+        man |= 0x800000u;
+        const int shift = 14 - e;  // 14..24
+        u32 h = man >> shift;
+        const u32 rem = man & ((1u << shift) - 1u), half = 1u << (shift - 1);
+        if (rem > half || (rem == half && (h & 1u))) ++h;
+        return (unsigned short)(sign | h);
+    }
+    u32 h = ((u32)e << 10) | (man >> 13);
+    const u32 rem = man & 0x1FFFu;
+    if (rem > 0x1000u || (rem == 0x1000u && (h & 1u))) ++h;  // may carry into the exponent: correct
+    return (unsigned short)(sign | h);
+}
+inline float f16_bits_to_f32(unsigned short h) {
+    const u32 sign = (u32)(h & 0x8000u) << 16;
+    const u32 exp = (h >> 10) & 0x1Fu, man = h & 0x3FFu;
+    if (exp == 0x1F) return __uint_as_float(sign | 0x7F800000u | (man << 13));
+    if (exp == 0) {
+        const float v = ldexpf((float)man, -24);
+        return sign ? -v : v;
+    }
+    return __uint_as_float(sign | ((exp - 15 + 127) << 23) | (man << 13));
+}
+// f32 → bf16, round to nearest even (cvt.rn.bf16.f32).
+inline unsigned short f32_to_bf16_bits(float x) {
+    const u32 f = __float_as_uint(x);
+    if ((f & 0x7F800000u) == 0x7F800000u && (f & 0x7FFFFFu)) return (unsigned short)((f >> 16) | 0x40u);
+    const u32 r = f + 0x7FFFu + ((f >> 16) & 1u);
+    return (unsigned short)(r >> 16);
+}
+// f32 → tf32 (19 significant bits, the low 13 of the f32 pattern zero), nearest, ties away (cvt.rna.tf32.f32).
+inline u32 f32_to_tf32_bits(float x) {
+    const u32 f = __float_as_uint(x);
+    if ((f & 0x7F800000u) == 0x7F800000u) return f & (f & 0x7FFFFFu ? 0xFFFFE000u | 0x400000u : 0xFFFFFFFFu);
+    return (f + 0x1000u) & 0xFFFFE000u;
+}
+
+namespace emu {
+
+inline bool in_smem(const void* p, size_t n) {
+    const char* c = static_cast<const char*>(p);
+    Block* b = g->cur->block;
+    const char* d = reinterpret_cast<const char*>(b->dyn.data());
+    if (c >= d && c + n <= d + b->dyn.size() * sizeof(float4)) return true;
+    for (auto& kv : b->statics) {
+        const char* s = reinterpret_cast<const char*>(kv.second.data());
+        if (c >= s && c + n <= s + kv.second.size() * sizeof(float4)) return true;
+    }
+    return false;
+}
+
+// A device fault (a misaligned or out-of-bounds tensor-core access): the launch stops and fails
+// with this message; the faulting fiber is abandoned.
+[[noreturn]] inline void fault(const char* what) {
+    char msg[256];
+    snprintf(msg, sizeof msg, "%s (block %u,%u,%u thread %d)", what, g->cur->block->bid.x, g->cur->block->bid.y, g->cur->block->bid.z,
+             g->cur->lin);
+    g->error = msg;
+    g->aborted = true;
+    g->cur->state = DONE;
+    _longjmp(g->sched_jb, 1);
+}
+
+// Every lane of the warp deposits `mine`; returns the warp's 32 slots (lane order). Two warp
+// barriers, as a shuffle: the whole warp must take part (mma.sync and ldmatrix are .aligned).
+template <class T>
+const Block* warp_gather(const T& mine) {
+    static_assert(sizeof(T) <= sizeof(WarpSlot), "warp slot too small");
+    Fiber* f = g->cur;
+    if (g->threads % 32 != 0) fault("a warp-collective tensor-core instruction in a partial warp");
+    memcpy(f->block->xbig[f->lin].bytes, &mine, sizeof(T));
+    warp_barrier();
+    return f->block;
+}
+template <class T>
+T warp_slot(const Block* b, int lane) {
+    T v;
+    memcpy(&v, b->xbig[(g->cur->lin & ~31) + lane].bytes, sizeof(T));
+    return v;
+}
+
+enum class MmaKind { F16, BF16, TF32 };
+
+struct MmaSlot {
+    u32 a[4];
+    u32 b[2];
+};
+
+inline double mma_elem(MmaKind k, u32 reg, int half) {
+    if (k == MmaKind::TF32) return (double)__uint_as_float(reg & 0xFFFFE000u);  // the tensor core reads 19 bits
+    const unsigned short h = (unsigned short)(half ? reg >> 16 : reg & 0xFFFFu);
+    return k == MmaKind::F16 ? (double)f16_bits_to_f32(h) : (double)__uint_as_float((u32)h << 16);
+}
+
+// A[row][k] and B[k][col] of the warp's operands, read from the lane that holds them.
+inline double mma_a(MmaKind k, const Block* b, int row, int col) {
+    if (k == MmaKind::TF32) {  // a0 (g, t) a1 (g+8, t) a2 (g, t+4) a3 (g+8, t+4)
+        const int lane = (row % 8) * 4 + col % 4, reg = row / 8 + 2 * (col / 4);
+        return mma_elem(k, warp_slot<MmaSlot>(b, lane).a[reg], 0);
+    }
+    const int lane = (row % 8) * 4 + (col % 8) / 2, reg = row / 8 + 2 * (col / 8);
+    return mma_elem(k, warp_slot<MmaSlot>(b, lane).a[reg], col % 2);
+}
+inline double mma_b(MmaKind k, const Block* b, int row, int col) {
+    if (k == MmaKind::TF32) {  // b0 (t, g) b1 (t+4, g)
+        const int lane = col * 4 + row % 4, reg = row / 4;
+        return mma_elem(k, warp_slot<MmaSlot>(b, lane).b[reg], 0);
+    }
+    const int lane = col * 4 + (row % 8) / 2, reg = row / 8;
+    return mma_elem(k, warp_slot<MmaSlot>(b, lane).b[reg], row % 2);
+}
+
+inline void mma(MmaKind k, float (&d)[4], const u32 (&a)[4], const u32 (&b)[2]) {
+    MmaSlot mine;
+    memcpy(mine.a, a, sizeof mine.a);
+    memcpy(mine.b, b, sizeof mine.b);
+    const Block* blk = warp_gather(mine);
+    const int lane = g->cur->lin & 31, gid = lane / 4, tig = lane % 4;
+    const int K = k == MmaKind::TF32 ? 8 : 16;
+    float out[4];
+    for (int i = 0; i < 4; ++i) {
+        const int row = gid + 8 * (i / 2), col = 2 * tig + (i % 2);
+        double acc = (double)d[i];
+        for (int kk = 0; kk < K; ++kk) acc += mma_a(k, blk, row, kk) * mma_b(k, blk, kk, col);
+        out[i] = (float)acc;
+    }
+    warp_barrier();  // every lane has read the slots before any lane writes them again
+    for (int i = 0; i < 4; ++i) d[i] = out[i];
+}
+
+// ldmatrix .xN (.trans): lanes 8j..8j+7 address matrix j's rows.
+template <int N, bool TRANS>
+inline void ldmatrix(u32 (&r)[N], const void* row) {
+    const int lane = g->cur->lin & 31;
+    if (lane < 8 * N) {
+        if (reinterpret_cast<uintptr_t>(row) % 16 != 0) fault("ldmatrix: a row address is not 16-byte aligned");
+        if (!in_smem(row, 16)) fault("ldmatrix: a row address is outside the block's shared memory");
+    }
+    const Block* blk = warp_gather(row);
+    u32 out[N];
+    for (int j = 0; j < N; ++j) {
+        unsigned short e[2];
+        for (int h = 0; h < 2; ++h) {
+            const int mrow = TRANS ? 2 * (lane % 4) + h : lane / 4, mcol = TRANS ? lane / 4 : 2 * (lane % 4) + h;
+            const unsigned short* p = static_cast<const unsigned short*>(warp_slot<const void*>(blk, 8 * j + mrow));
+            e[h] = p[mcol];
+        }
+        out[j] = (u32)e[0] | ((u32)e[1] << 16);
+    }
+    warp_barrier();
+    for (int j = 0; j < N; ++j) r[j] = out[j];
+}
+
+inline void cp_async_complete(std::vector<AsyncCopy>& copies) {
+    for (auto& c : copies) memcpy(c.dst, c.src, c.bytes);
+    copies.clear();
+}
+
+}  // namespace emu
+
+inline void mma_f16_m16n8k16(float (&d)[4], const u32 (&a)[4], const u32 (&b)[2]) { emu::mma(emu::MmaKind::F16, d, a, b); }
+inline void mma_bf16_m16n8k16(float (&d)[4], const u32 (&a)[4], const u32 (&b)[2]) { emu::mma(emu::MmaKind::BF16, d, a, b); }
+inline void mma_tf32_m16n8k8(float (&d)[4], const u32 (&a)[4], const u32 (&b)[2]) { emu::mma(emu::MmaKind::TF32, d, a, b); }
+inline void ldmatrix_x1(u32 (&r)[1], const void* row) { emu::ldmatrix<1, false>(r, row); }
+inline void ldmatrix_x2(u32 (&r)[2], const void* row) { emu::ldmatrix<2, false>(r, row); }
+inline void ldmatrix_x4(u32 (&r)[4], const void* row) { emu::ldmatrix<4, false>(r, row); }
+inline void ldmatrix_x2_trans(u32 (&r)[2], const void* row) { emu::ldmatrix<2, true>(r, row); }
+inline void ldmatrix_x4_trans(u32 (&r)[4], const void* row) { emu::ldmatrix<4, true>(r, row); }
+
+// cp.async: the destination is poisoned (NaN bytes) at issue and written only at the wait that
+// covers the copy, so reading it early — a missing wait, or a missing barrier after another
+// thread's wait — shows as NaN in the result.
+inline void cp_async16(void* dst, const void* src) {
+    if (reinterpret_cast<uintptr_t>(dst) % 16 || reinterpret_cast<uintptr_t>(src) % 16) emu::fault("cp.async: an address is not 16-byte aligned");
+    if (!emu::in_smem(dst, 16)) emu::fault("cp.async: the destination is outside the block's shared memory");
+    memset(dst, 0xFF, 16);
+    emu::g->cur->cp_open.push_back(emu::AsyncCopy{dst, src, 16});
+}
+inline void cp_async_commit() {
+    auto* f = emu::g->cur;
+    f->cp_groups.push_back(std::move(f->cp_open));
+    f->cp_open.clear();
+}
+template <int N>
+inline void cp_async_wait() {
+    auto* f = emu::g->cur;
+    while ((int)f->cp_groups.size() > N) {
+        emu::cp_async_complete(f->cp_groups.front());
+        f->cp_groups.erase(f->cp_groups.begin());
+    }
+}
+inline void cp_async_wait_all() {
+    cp_async_commit();
+    cp_async_wait<0>();
 }
 
 // ---- the launch entry point ----------------------------------------------------------------------

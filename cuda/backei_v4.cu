@@ -1,0 +1,841 @@
+// backei_v4.cu — the fused BackEI layer on tensor cores (v4). Host side: src/gpu/backei_v4.rs
+// (the plan: tiles, shared memory, buffers; the launches); the math is that of backei_layer.cu
+// (v1, whose header gives the equations) and of the CPU twin src/cpu/backei_layer.rs.
+//
+// What v4 changes. Every gate convolution of a step — W_b ⊛ s_{t−D} and W_e ⊛ v_t forward, their
+// adjoints W_eᵀ ⊛ dz_t and W_bᵀ ⊛ da_t backward — is an implicit GEMM on mma.sync, and the weight
+// gradients dW_e += dz_t ⋆ v_t, dW_b += da_t ⋆ s_{t−D} are GEMMs fused into the backward's time loop
+// (no T-sized dz/da buffers, no second pass, no float atomics: bit-reproducible by construction).
+//
+// Implicit GEMM of a convolution (no im2col buffer). For a chunk of P ≤ 128·MT pixels of one sample:
+//   out[p][n] = Σ_{tap, c} X[c][p + off(tap)] · Wt[tap·c_pad + c][n],   p < P, n < CO_T,
+// M = pixels, N = the block's CO_T output channels, K = k²·c_pad (taps outer, 16-channel slabs inner).
+// A = the input's halo, staged CHANNEL-LAST in shared memory (pixel (hy, hx) → 16-byte rows of
+// channels, so ldmatrix.x4 reads an A fragment with one instruction: lane l addresses pixel
+// p0 + l%16, channels k0 + 8·(l/16)); a pixel's stride is c_pad·EB + 16 bytes, which puts the 8 rows
+// of every ldmatrix matrix in 8 different 4-bank groups (conflict-free). B = the weights,
+// pre-arranged in global memory at the start of each launch in the mma B-fragment order
+// [plane][k-step][n-tile][lane][2 × u32] (one 8-byte shared load per lane per fragment) and copied
+// into shared memory with cp.async.
+//   forward:   Wt[tap·c_pad + ci][n] = W[co0 + n][ci][tap]
+//   backward:  Wt[tap·c_pad + co][n] = W[co][ci0 + n][k² − 1 − tap]   (the adjoint: transposed, flipped)
+// Weight gradient of a chunk (M = the block's CO_T channels of dY, N = k²·c_pad (tap, ci), K = P pixels):
+//   dW[co][tap·c_pad + ci] += Σ_p dY[co][p] · X[ci][p + off(tap)]
+// both operands read from the same channel-last halos with ldmatrix.trans (fp16/bf16) or scalar
+// loads (tf32), accumulated per chunk in registers and folded into per-block f32 accumulators
+// (shared memory, or the block's slice of dw_part when they do not fit); at the end every block's
+// partial sums are added in a fixed order (range 0, 1, …) into the gradient buffer.
+//
+// Precision (V4_PREC; src/precision.rs): state, gradients and every sum are f32 in every mode.
+//   PREC_FP32: fp16 operands split into hi + lo (Ootomo & Yokota 2022) after a power-of-two scaling
+//     that puts the largest |x| of the staged operand at [2^13, 2^14): x·S ≈ hi + lo carries ~22
+//     bits; real × real = hi·hi + hi·lo + lo·hi (3 MMAs), spike × real = s·hi + s·lo (2: s ∈ {−1,0,1}
+//     is exact). Scales: per launch, gate and channel group for the weights; per chunk for the
+//     activations and gradients (a block-wide max); the results are multiplied by the inverse
+//     scales (powers of two: exact).
+//   PREC_TF32: one m16n8k8 TF32 product (10-bit mantissa, f32 range: no scaling).
+//   PREC_BF16: one m16n8k16 bf16 product (7-bit mantissa, f32 range: no scaling).
+//
+// Work mapping. A persistent cooperative kernel (grid = groups · ranges blocks, all co-resident;
+// block (range r, group gi) = blockIdx.x (r · groups + gi)): the block owns output channels
+// [gi·CO_T, (gi+1)·CO_T) and the pixels [r·B·HW/ranges, (r+1)·B·HW/ranges) of the flattened
+// (sample, pixel) space — a balanced contiguous range — for the whole launch, in chunks that do not
+// cross samples. 256 threads = 8 warps; warp w owns the chunk's m-tiles w, w+8, … (MT of them) and
+// all CO_T channels, so a thread owns the same neurons at every step (its own dv, grad_in, u chains
+// need no barrier). Phases are separated by grid_sync (backei_common.cuh):
+//   forward  step t:  A (back: stage s_{t−D}, a = W_b ⊛ s; every t: g, v_t, and s_t when ei is off) | sync |
+//                     B (ei: stage v_t, z = W_e ⊛ v_t, s_t) | sync
+//   backward step t:  2 (stage dz_t = (∂L/∂s + fb)·H(v−θ)·sign′(z), computed on the fly, and v_t;
+//                     dv = … + W_eᵀ ⊛ dz, ∂I, da_t → da; dW_e, db_e, db_b) | sync |
+//                     3 (back, t ≥ D: stage da_t and s_{t−D}; fb_{t−D} = W_bᵀ ⊛ da; dW_b) | sync
+// Saved by the forward (the backward's contract with v1–v3): s, v, g (back), z (ei), f32 [T][B][N].
+// Buffers written inside a launch and read by other blocks (s, v, da, fb) are read through L2
+// (__ldcg), never a stale L1 line.
+#include "common.cuh"
+#include "mma.cuh"
+#include "backei_common.cuh"
+
+#define PREC_FP32 0
+#define PREC_TF32 1
+#define PREC_BF16 2
+
+// A module instance is specialised at NVRTC compile time (src/gpu/backei_v4.rs passes -D…): the
+// radius, the precision, the channel tile and the m-tiles per warp always; C, H and W when the
+// shape is known (the GPU), else read from LayerDims at run time (the emulator, one build for
+// every shape). These defaults make the module compile on its own (kernels_compile, emulator).
+#ifndef V4_R
+#define V4_R 1
+#endif
+#ifndef V4_PREC
+#define V4_PREC PREC_FP32
+#endif
+#ifndef V4_CO_T
+#define V4_CO_T 32
+#endif
+#ifndef V4_MT
+#define V4_MT 2
+#endif
+#ifdef V4_C
+#define DIM_C V4_C
+#define DIM_CPAD ((V4_C + 15) / 16 * 16)
+#else
+#define DIM_C d.C
+#define DIM_CPAD vd.c_pad
+#endif
+#ifdef V4_H
+#define DIM_H V4_H
+#else
+#define DIM_H d.H
+#endif
+#ifdef V4_W
+#define DIM_W V4_W
+#else
+#define DIM_W d.W
+#endif
+
+namespace v4 {
+constexpr int R = V4_R, K = 2 * R + 1, KK = K * K;
+constexpr int PREC = V4_PREC;
+constexpr int CO_T = V4_CO_T;  // output channels of a block: 16, 32 or 64
+constexpr int MT = V4_MT;      // m-tiles (16 pixels) per warp: a chunk is 128·MT pixels
+constexpr int NT = CO_T / 8;   // n-tiles of the convolution GEMMs
+constexpr int MW = CO_T / 16;  // m-tiles of the weight-gradient GEMM
+constexpr int WARPS = 8, THREADS = 32 * WARPS;
+constexpr int P_CH = 16 * WARPS * MT;
+constexpr int EB = PREC == PREC_TF32 ? 4 : 2;      // bytes per operand element
+constexpr int PLANES = PREC == PREC_FP32 ? 2 : 1;  // a real operand: hi and lo (fp32 mode)
+constexpr int KPIX = PREC == PREC_TF32 ? 8 : 16;   // pixels per k-step of the weight gradient
+constexpr int NTG = 4;                             // n-tiles per weight-gradient register tile
+static_assert(CO_T % 16 == 0 && CO_T <= 64, "CO_T is 16, 32 or 64");
+}  // namespace v4
+
+// Host twin: V4Dims in src/gpu/backei_v4.rs (#[repr(C)], the same field order).
+struct V4Dims {
+    int c_pad;         // C rounded up to 16 (whole 16-channel K slabs)
+    int groups;        // channel groups: ceil(C / CO_T)
+    int ranges;        // pixel ranges (blocks per group); grid = groups · ranges
+    int halo_rows;     // rows of the tallest chunk halo
+    int pstride;       // bytes per halo pixel: c_pad·EB + 16
+    int plane_bytes;   // one halo plane (halo_rows·(W + 2r)·pstride, a multiple of 16)
+    int wslice_bytes;  // one gate's weight slice, every plane (k²·c_pad·CO_T·EB·PLANES)
+    int w_resident;    // both gates' slices stay in shared memory (else one, reloaded per phase)
+    int dw_smem;       // the weight-gradient accumulators in shared memory (else in dw_part)
+    int smem_dw;       // byte offsets in dynamic shared memory: dW accumulators,
+    int smem_halo;     //   halo planes,
+    int smem_misc;     //   the zero row and the reduction scratch
+};
+
+namespace v4 {
+
+struct Chunk {
+    int b, q0, len;  // sample, first pixel (within the sample), pixels
+    int y_first;     // first image row of the chunk
+};
+
+// Inverse of the power of two that puts max|x| at [2^13, 2^14) (1 when max is 0 or not finite).
+__device__ __forceinline__ float pow2_scale(float maxabs, float& inv) {
+    if (!(maxabs > 0.0f) || !(maxabs < 3.0e38f)) {
+        inv = 1.0f;
+        return 1.0f;
+    }
+    int e;
+    frexpf(maxabs, &e);               // maxabs = m·2^e, m ∈ [0.5, 1)
+    const int s = min(14 - e, 100);   // maxabs·2^s ∈ [2^13, 2^14)
+    inv = ldexpf(1.0f, -s);
+    return ldexpf(1.0f, s);
+}
+
+// Block-wide max (every thread gets it). red: WARPS floats of shared memory.
+__device__ __forceinline__ float block_max(float x, float* red) {
+    for (int o = 16; o > 0; o >>= 1) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, o));
+    __syncthreads();  // red is free
+    if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = x;
+    __syncthreads();
+    float m = red[0];
+    for (int w = 1; w < WARPS; ++w) m = fmaxf(m, red[w]);
+    return m;
+}
+
+// One element into the staged planes (EB bytes each): exact operands (spikes) in one plane; real
+// ones scaled and split (fp32 mode) or rounded (tf32, bf16).
+template <bool REAL>
+__device__ __forceinline__ void store_operand(char* p0, int plane_bytes, float x, float scale) {
+    if (PREC == PREC_TF32) {
+        *reinterpret_cast<u32*>(p0) = f32_to_tf32_bits(x);
+    } else if (PREC == PREC_BF16) {
+        *reinterpret_cast<unsigned short*>(p0) = f32_to_bf16_bits(x);
+    } else if (REAL) {
+        unsigned short hi, lo;
+        split_f16(x * scale, hi, lo);
+        *reinterpret_cast<unsigned short*>(p0) = hi;
+        *reinterpret_cast<unsigned short*>(p0 + plane_bytes) = lo;
+    } else {
+        *reinterpret_cast<unsigned short*>(p0) = f32_to_f16_bits(x);
+    }
+}
+
+// Stages the chunk's halo of one tensor (rows y_first − r … y_last + r, columns −r … W + r − 1, all
+// c_pad channels; zero outside the image and beyond C) channel-last into `planes`. src(idx) reads
+// element idx of the sample's [C][H][W]. Returns the inverse scale (fp32 mode, REAL), else 1.
+// Block-uniform (barriers inside); the caller syncs before the planes are read.
+template <bool REAL, class Src>
+__device__ __forceinline__ float stage_halo(char* planes, const Src& src, const Chunk& ch, const LayerDims& d, const V4Dims& vd,
+                                            float* red) {
+    const int W = DIM_W, H = DIM_H, C = DIM_C, HS = W + 2 * R, HW = H * W;
+    const int hr = (ch.q0 + ch.len - 1) / W - ch.y_first + 1 + 2 * R;
+    const int rows = DIM_CPAD * hr;  // (channel, halo row) pairs: a warp per pair, lanes along x
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    auto value = [&](int c, int hy, int hx) -> float {
+        const int gy = ch.y_first + hy - R, gx = hx - R;
+        if (c >= C || gy < 0 || gy >= H || gx < 0 || gx >= W) return 0.0f;
+        return src(c * HW + gy * W + gx);
+    };
+    float scale = 1.0f, inv = 1.0f;
+    if (REAL && PREC == PREC_FP32) {
+        float m = 0.0f;
+        for (int rr = warp; rr < rows; rr += WARPS) {
+            const int c = rr / hr, hy = rr - c * hr;
+            for (int hx = lane; hx < HS; hx += 32) m = fmaxf(m, fabsf(value(c, hy, hx)));
+        }
+        scale = pow2_scale(block_max(m, red), inv);
+    }
+    for (int rr = warp; rr < rows; rr += WARPS) {
+        const int c = rr / hr, hy = rr - c * hr;
+        for (int hx = lane; hx < HS; hx += 32)
+            store_operand<REAL>(planes + (hy * HS + hx) * vd.pstride + c * EB, vd.plane_bytes, value(c, hy, hx), scale);
+    }
+    return inv;
+}
+
+// The chunk's convolution GEMM: acc[mi][ni] += A·B over k²·c_pad, A from the staged halo (APL
+// planes: 1 exact, PLANES real), B from the weight slice (PLANES planes). Warp-uniform skips of
+// m-tiles past the chunk.
+template <int APL>
+__device__ __forceinline__ void conv_gemm(float (&acc)[MT][NT][4], const char* halo, const char* wsl, const Chunk& ch,
+                                          const LayerDims& d, const V4Dims& vd) {
+    const int W = DIM_W, HS = W + 2 * R, CPAD = DIM_CPAD;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int ks_tap = CPAD * EB / 32;  // k-steps per tap (32 bytes of channels each)
+    const int wplane = vd.wslice_bytes / PLANES;
+    int off[MT];
+    bool live[MT];
+#pragma unroll
+    for (int mi = 0; mi < MT; ++mi) {
+        const int m0 = (warp + WARPS * mi) * 16;
+        live[mi] = m0 < ch.len;
+        const int pm = min(m0 + (lane & 15), ch.len - 1);
+        const int q = ch.q0 + pm, y = q / W - ch.y_first, x = q - (q / W) * W;
+        off[mi] = (y * HS + x) * vd.pstride + (lane >> 4) * 16;
+    }
+#pragma unroll
+    for (int ky = 0; ky < K; ++ky) {
+#pragma unroll
+        for (int kx = 0; kx < K; ++kx) {
+            const int tap_off = (ky * HS + kx) * vd.pstride;
+            const int ks0 = (ky * K + kx) * ks_tap;
+            for (int ks = 0; ks < ks_tap; ++ks) {
+                u32 a[APL][MT][4];
+#pragma unroll
+                for (int p = 0; p < APL; ++p)
+#pragma unroll
+                    for (int mi = 0; mi < MT; ++mi)
+                        if (live[mi]) ldmatrix_x4(a[p][mi], halo + p * vd.plane_bytes + off[mi] + tap_off + ks * 32);
+                u32 b[PLANES][NT][2];
+#pragma unroll
+                for (int p = 0; p < PLANES; ++p)
+#pragma unroll
+                    for (int ni = 0; ni < NT; ++ni) {
+                        const uint2 v = *reinterpret_cast<const uint2*>(wsl + p * wplane + (((ks0 + ks) * NT + ni) * 32 + lane) * 8);
+                        b[p][ni][0] = v.x;
+                        b[p][ni][1] = v.y;
+                    }
+#pragma unroll
+                for (int mi = 0; mi < MT; ++mi) {
+                    if (!live[mi]) continue;
+#pragma unroll
+                    for (int ni = 0; ni < NT; ++ni) {
+                        if (PREC == PREC_TF32) {
+                            mma_tf32_m16n8k8(acc[mi][ni], a[0][mi], b[0][ni]);
+                        } else if (PREC == PREC_BF16) {
+                            mma_bf16_m16n8k16(acc[mi][ni], a[0][mi], b[0][ni]);
+                        } else {
+                            mma_f16_m16n8k16(acc[mi][ni], a[0][mi], b[0][ni]);
+                            mma_f16_m16n8k16(acc[mi][ni], a[0][mi], b[1][ni]);
+                            if (APL == 2) mma_f16_m16n8k16(acc[mi][ni], a[APL - 1][mi], b[0][ni]);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+// The chunk's weight-gradient GEMM, folded into dw (f32, CO_T rows of k²·c_pad, `pitch` apart):
+//   dw[co][tap·c_pad + ci] += inv · Σ_p dY[co0 + co][p] · X[ci][p + off(tap)]
+// dY from its staged halo (YPL planes, real), X from its staged halo (XPL planes). Warp w takes the
+// n-tile groups w, w + 8, …; rows of pixels past the chunk read a zero row of dY.
+template <int YPL, int XPL>
+__device__ __forceinline__ void wgrad_gemm(float* dw, int pitch, float inv, const char* dy_halo, const char* x_halo, int co0, const char* zero_row,
+                                           const Chunk& ch, const LayerDims& d, const V4Dims& vd) {
+    const int W = DIM_W, HS = W + 2 * R, CPAD = DIM_CPAD;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    const int n_all = KK * CPAD, ntiles = n_all / 8, groups = (ntiles + NTG - 1) / NTG;
+    const int ksteps = (ch.len + KPIX - 1) / KPIX;
+    static_assert(YPL == PLANES, "dY is a real operand");
+    // the halo byte offset of chunk pixel p at tap (0, 0) (the interior pixel: + r rows, + r columns)
+    auto pix_off = [&](int p) {
+        const int q = ch.q0 + p, y = q / W - ch.y_first, x = q - (q / W) * W;
+        return (y * HS + x) * vd.pstride;
+    };
+    const int interior = (R * HS + R) * vd.pstride;
+    for (int grp = warp; grp < groups; grp += WARPS) {
+        float acc[MW][NTG][4];
+#pragma unroll
+        for (int mw = 0; mw < MW; ++mw)
+#pragma unroll
+            for (int j = 0; j < NTG; ++j)
+#pragma unroll
+                for (int i = 0; i < 4; ++i) acc[mw][j][i] = 0.0f;
+        for (int kst = 0; kst < ksteps; ++kst) {
+            const int p0 = kst * KPIX;
+            u32 a[YPL][MW][4];
+            u32 b[XPL][NTG][2];
+            if (PREC == PREC_TF32) {
+                // scalar fragments: a = dY[co g (+8)][pixel t (+4)], b = X[pixel t (+4) + tap][ci g]
+#pragma unroll
+                for (int mw = 0; mw < MW; ++mw)
+#pragma unroll
+                    for (int j = 0; j < 4; ++j) {
+                        const int p = p0 + t + 4 * (j >> 1), co = co0 + 16 * mw + g + 8 * (j & 1);
+                        a[0][mw][j] = p < ch.len && co < CPAD ? *reinterpret_cast<const u32*>(dy_halo + pix_off(p) + interior + co * EB) : 0u;
+                    }
+#pragma unroll
+                for (int j = 0; j < NTG; ++j) {
+                    const int nt = min(grp * NTG + j, ntiles - 1), n = 8 * nt, tap = n / CPAD, ci = n - tap * CPAD + g;
+                    const int toff = ((tap / K) * HS + tap % K) * vd.pstride;
+#pragma unroll
+                    for (int h = 0; h < 2; ++h) {
+                        const int p = min(p0 + t + 4 * h, ch.len - 1);
+                        b[0][j][h] = *reinterpret_cast<const u32*>(x_halo + pix_off(p) + toff + ci * EB);
+                    }
+                }
+            } else {
+                // ldmatrix.trans: matrix j of A = pixels 8·(j/2) + 0..7, channels 8·(j%2) + 0..7
+                const int pa = p0 + (lane & 7) + 8 * (lane >> 4);
+                const int ca = co0 + 8 * ((lane >> 3) & 1);
+#pragma unroll
+                for (int p = 0; p < YPL; ++p)
+#pragma unroll
+                    for (int mw = 0; mw < MW; ++mw) {
+                        // rows past the chunk, and channels past c_pad (a last group wider than C), read zeros
+                        const bool in = pa < ch.len && ca + 16 * mw < CPAD;
+                        const char* row = in ? dy_halo + p * vd.plane_bytes + pix_off(pa) + interior + (ca + 16 * mw) * EB : zero_row;
+                        ldmatrix_x4_trans(a[p][mw], row);
+                    }
+                // matrix j of B (two n-tiles per ldmatrix.x4): pixels 8·(j%2) + 0..7, n-tile 2·pair + j/2
+                const int pb = min(p0 + (lane & 7) + 8 * ((lane >> 3) & 1), ch.len - 1);
+                const int boff = pix_off(pb);
+#pragma unroll
+                for (int pair = 0; pair < NTG / 2; ++pair) {
+                    const int nt = min(grp * NTG + 2 * pair + (lane >> 4), ntiles - 1), n = 8 * nt, tap = n / CPAD, ci = n - tap * CPAD;
+                    const int toff = ((tap / K) * HS + tap % K) * vd.pstride;
+#pragma unroll
+                    for (int p = 0; p < XPL; ++p) {
+                        u32 r4[4];
+                        ldmatrix_x4_trans(r4, x_halo + p * vd.plane_bytes + boff + toff + ci * EB);
+                        b[p][2 * pair][0] = r4[0];
+                        b[p][2 * pair][1] = r4[1];
+                        b[p][2 * pair + 1][0] = r4[2];
+                        b[p][2 * pair + 1][1] = r4[3];
+                    }
+                }
+            }
+#pragma unroll
+            for (int mw = 0; mw < MW; ++mw)
+#pragma unroll
+                for (int j = 0; j < NTG; ++j) {
+                    if (PREC == PREC_TF32) {
+                        mma_tf32_m16n8k8(acc[mw][j], a[0][mw], b[0][j]);
+                    } else if (PREC == PREC_BF16) {
+                        mma_bf16_m16n8k16(acc[mw][j], a[0][mw], b[0][j]);
+                    } else {
+                        mma_f16_m16n8k16(acc[mw][j], a[0][mw], b[0][j]);
+                        mma_f16_m16n8k16(acc[mw][j], a[YPL - 1][mw], b[0][j]);
+                        if (XPL == 2) mma_f16_m16n8k16(acc[mw][j], a[0][mw], b[XPL - 1][j]);
+                    }
+                }
+        }
+        // fold: this warp owns these dw elements alone (no race, a fixed order)
+#pragma unroll
+        for (int j = 0; j < NTG; ++j) {
+            const int nt = grp * NTG + j;
+            if (nt >= ntiles) continue;
+#pragma unroll
+            for (int mw = 0; mw < MW; ++mw)
+#pragma unroll
+                for (int i = 0; i < 4; ++i) {
+                    const int row = 16 * mw + g + 8 * (i >> 1), n = 8 * nt + 2 * t + (i & 1);
+                    dw[row * pitch + n] += acc[mw][j][i] * inv;
+                }
+        }
+    }
+}
+
+// The chunks of this block's pixel range, in order: fn(chunk) for each.
+template <class F>
+__device__ __forceinline__ void for_each_chunk(const LayerDims& d, const V4Dims& vd, F fn) {
+    const int HW = DIM_H * DIM_W;
+    const long long total = (long long)d.B * HW;
+    const int range = blockIdx.x / vd.groups;
+    const long long start = total * range / vd.ranges, end = total * (range + 1) / vd.ranges;
+    for (long long p = start; p < end;) {
+        Chunk ch;
+        ch.b = (int)(p / HW);
+        ch.q0 = (int)(p - (long long)ch.b * HW);
+        ch.len = (int)min((long long)P_CH, min(end - p, (long long)(HW - ch.q0)));
+        ch.y_first = ch.q0 / DIM_W;
+        fn(ch);
+        p += ch.len;
+    }
+}
+
+// fn(mi, ni, i, pixel within the sample, channel) for every accumulator element this thread owns
+// in the chunk (pixels past the chunk and channels past C skipped).
+template <class F>
+__device__ __forceinline__ void for_each_owned(const Chunk& ch, int co0, const LayerDims& d, F fn) {
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+#pragma unroll
+    for (int mi = 0; mi < MT; ++mi)
+#pragma unroll
+        for (int ni = 0; ni < NT; ++ni)
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+                const int pm = (warp + WARPS * mi) * 16 + g + 8 * (i >> 1), c = co0 + 8 * ni + 2 * t + (i & 1);
+                if (pm < ch.len && c < DIM_C) fn(mi, ni, i, ch.q0 + pm, c);
+            }
+}
+
+// Phase 0 of a launch: the gate weights in the B-fragment order of every channel group, with
+// their scales (fp32 mode): wfrag [gate][group][wslice_bytes], winv [gate][group] = 1/S. One
+// (gate, group) slice per block (grid-stride), then a grid barrier.
+template <bool TRANS>
+__device__ __forceinline__ void build_weight_fragments(char* wfrag, float* winv, const float* __restrict__ params, const LayerDims& d,
+                                                       const V4Dims& vd, unsigned int* bar, float* red) {
+    const int C = DIM_C, CPAD = DIM_CPAD;
+    const int ks_all = KK * CPAD / (PREC == PREC_TF32 ? 8 : 16);
+    const int words = ks_all * NT * 64;  // u32 per plane: [k-step][n-tile][lane][2]
+    const int wplane = vd.wslice_bytes / PLANES;
+    for (int job = blockIdx.x; job < 2 * vd.groups; job += gridDim.x) {
+        const int gate = job / vd.groups, gi = job - gate * vd.groups;
+        if (gate == 0 ? !d.back : !d.ei) continue;  // block-uniform
+        const float* w = params + (gate == 0 ? d.off_wb : d.off_we);
+        const int n0 = gi * CO_T;
+        // B[k][n]: k = tap·c_pad + c (c: the convolution's input channel), n < CO_T
+        auto bval = [&](int k, int n) -> float {
+            const int tap = k / CPAD, c = k - tap * CPAD, o = n0 + n;
+            if (c >= C || o >= C) return 0.0f;
+            return TRANS ? w[((long long)c * C + o) * KK + (KK - 1 - tap)] : w[((long long)o * C + c) * KK + tap];
+        };
+        float scale = 1.0f, inv = 1.0f;
+        if (PREC == PREC_FP32) {
+            float m = 0.0f;
+            for (int j = threadIdx.x; j < KK * CPAD * CO_T; j += THREADS) m = fmaxf(m, fabsf(bval(j / CO_T, j % CO_T)));
+            scale = pow2_scale(block_max(m, red), inv);
+        }
+        char* slice = wfrag + ((long long)gate * vd.groups + gi) * vd.wslice_bytes;
+        for (int j = threadIdx.x; j < words; j += THREADS) {
+            const int reg = j & 1, lane = (j >> 1) & 31, ni = (j >> 6) % NT, ks = (j >> 6) / NT;
+            const int gq = lane >> 2, tq = lane & 3, n = 8 * ni + gq;
+            u32 hi, lo = 0;
+            if (PREC == PREC_TF32) {
+                hi = f32_to_tf32_bits(bval(8 * ks + tq + 4 * reg, n));
+            } else {
+                const int k0 = 16 * ks + 2 * tq + 8 * reg;
+                const float x0 = bval(k0, n) * scale, x1 = bval(k0 + 1, n) * scale;
+                if (PREC == PREC_BF16) {
+                    hi = pack2(f32_to_bf16_bits(x0), f32_to_bf16_bits(x1));
+                } else {
+                    unsigned short h0, l0, h1, l1;
+                    split_f16(x0, h0, l0);
+                    split_f16(x1, h1, l1);
+                    hi = pack2(h0, h1);
+                    lo = pack2(l0, l1);
+                }
+            }
+            reinterpret_cast<u32*>(slice)[j] = hi;
+            if (PLANES == 2) reinterpret_cast<u32*>(slice + wplane)[j] = lo;
+        }
+        if (threadIdx.x == 0) winv[gate * vd.groups + gi] = inv;
+    }
+    grid_sync(bar);
+}
+
+// Copies this block's slice of `gate` into shared memory with cp.async (commit; the caller waits).
+__device__ __forceinline__ void load_weight_slice(char* dst, const char* wfrag, int gate, const V4Dims& vd) {
+    const int gi = blockIdx.x % vd.groups;
+    const char* src = wfrag + ((long long)gate * vd.groups + gi) * vd.wslice_bytes;
+    for (int j = threadIdx.x * 16; j < vd.wslice_bytes; j += THREADS * 16) cp_async16(dst + j, src + j);
+    cp_async_commit();
+}
+
+}  // namespace v4
+
+using namespace v4;
+
+// The element reader of a staged tensor: one sample's plane of a buffer written earlier in this
+// launch (read through L2).
+struct V4Plain {
+    const float* p;
+    __device__ __forceinline__ float operator()(int idx) const { return __ldcg(p + idx); }
+};
+
+// dz = (∂L/∂s + fb)·H(v − θ)·sign′(z), pointwise from the saved tensors (the backward's phase 2).
+struct V4Dz {
+    const float* gout;
+    const float* fb;  // this step's feedback slot, or null
+    const float* v;
+    const float* z;
+    NeuronParams np;
+    __device__ __forceinline__ float operator()(int idx) const {
+        float ds = gout[idx];
+        if (fb) ds += __ldcg(fb + idx);
+        return ds * fire(np, v[idx] - np.threshold) * sign_grad(np, z[idx]);
+    }
+};
+
+// The shared-memory regions of a launch.
+struct V4Smem {
+    char* wb;  // W_b's slice (forward or adjoint layout)
+    char* we;  // W_e's slice (the same address as wb when the slices are not resident)
+    float* dw; // [2][CO_T][k²·c_pad] accumulators (dw_smem), else null
+    char* halo;
+    char* zero_row;  // 16 zero bytes
+    float* red;      // reduction scratch: WARPS·CO_T floats
+};
+
+__device__ __forceinline__ V4Smem v4_smem(char* base, const LayerDims& d, const V4Dims& vd) {
+    V4Smem s;
+    s.wb = base;
+    s.we = base + (vd.w_resident && d.back ? vd.wslice_bytes : 0);
+    s.dw = vd.dw_smem ? reinterpret_cast<float*>(base + vd.smem_dw) : nullptr;
+    s.halo = base + vd.smem_halo;
+    s.zero_row = base + vd.smem_misc;
+    s.red = reinterpret_cast<float*>(base + vd.smem_misc + 16);
+    return s;
+}
+
+// Forward. Cooperative launch: grid = groups · ranges, 256 threads, dynamic smem as V4Dims says.
+// bar: one zeroed u32. wfrag/winv: the weight-fragment scratch (rebuilt by every launch).
+__device__ __forceinline__ void forward_v4(const float* __restrict__ params, const float* __restrict__ input, float* out, float* v,
+                                           float* __restrict__ g, float* z, unsigned int* bar, char* wfrag, float* winv,
+                                           const LayerDims& d, const NeuronParams& np, const V4Dims& vd) {
+    extern __shared__ float4 smem4[];
+    const V4Smem sm = v4_smem(reinterpret_cast<char*>(smem4), d, vd);
+    const int HW = DIM_H * DIM_W, N = DIM_C * HW;
+    const long long BN = (long long)d.B * N;
+    const int gi = blockIdx.x % vd.groups, co0 = gi * CO_T;
+    const float* bb = params + d.off_bb;
+    const float* be = params + d.off_be;
+    build_weight_fragments<false>(wfrag, winv, params, d, vd, bar, sm.red);
+    const float winv_b = d.back ? __ldcg(winv + gi) : 1.0f, winv_e = d.ei ? __ldcg(winv + vd.groups + gi) : 1.0f;
+    if (vd.w_resident) {
+        if (d.back) load_weight_slice(sm.wb, wfrag, 0, vd);
+        if (d.ei) load_weight_slice(sm.we, wfrag, 1, vd);
+        cp_async_wait_all();
+        __syncthreads();
+    }
+    for (int t = 0; t < d.T; ++t) {
+        const long long ot = (long long)t * BN;
+        const float* in_t = input + (d.t_in == 1 ? 0 : ot);
+        // phase A: a = W_b ⊛ s_{t−D} + b_b, g, v_t (and s_t when ei is off)
+        const bool conv_b = d.back && t >= d.D;
+        if (conv_b && !vd.w_resident) load_weight_slice(sm.wb, wfrag, 0, vd);
+        bool waited = !conv_b || vd.w_resident;
+        for_each_chunk(d, vd, [&](const Chunk& ch) {
+            const long long sb = (long long)ch.b * N;
+            float acc[MT][NT][4] = {};
+            float inv_s = 1.0f;
+            if (conv_b) {
+                __syncthreads();  // the halo of the previous chunk is consumed
+                // spikes are exact in every format; the smooth mode's s (gradient checks) is real
+                const V4Plain s_past{out + ot - (long long)d.D * BN + sb};
+                if (np.smooth) inv_s = stage_halo<true>(sm.halo, s_past, ch, d, vd, sm.red);
+                else stage_halo<false>(sm.halo, s_past, ch, d, vd, sm.red);
+                if (!waited) {
+                    cp_async_wait_all();
+                    waited = true;
+                }
+                __syncthreads();
+                if (np.smooth) conv_gemm<PLANES>(acc, sm.halo, sm.wb, ch, d, vd);
+                else conv_gemm<1>(acc, sm.halo, sm.wb, ch, d, vd);
+            }
+            const float sc_b = winv_b * inv_s;
+            for_each_owned(ch, co0, d, [&](int mi, int ni, int i, int q, int c) {
+                const long long e = sb + (long long)c * HW + q;
+                float cur = in_t[e];
+                if (d.back) {
+                    const float gt = sigmoidf_(bb[c] + acc[mi][ni][i] * sc_b);
+                    g[ot + e] = gt;
+                    cur = gt * cur;
+                }
+                float u = 0.0f;
+                if (t > 0) {
+                    const float vp = v[ot - BN + e];  // this thread's own v_{t−1}
+                    u = vp * (1.0f - fire(np, vp - np.threshold));
+                }
+                const float vt = np.leak * u + cur;
+                v[ot + e] = vt;
+                if (!d.ei) out[ot + e] = fire(np, vt - np.threshold);
+            });
+        });
+        if (!waited) cp_async_wait_all();  // a block without chunks
+        grid_sync(bar);  // v_t (and s_t) of the whole batch are written
+        if (!d.ei) continue;
+        // phase B: z = W_e ⊛ v_t + b_e, s_t = sign(z)·H(v_t − θ)
+        if (!vd.w_resident) load_weight_slice(sm.we, wfrag, 1, vd);
+        waited = vd.w_resident;
+        for_each_chunk(d, vd, [&](const Chunk& ch) {
+            const long long sb = (long long)ch.b * N;
+            float acc[MT][NT][4] = {};
+            __syncthreads();
+            const float inv_v = stage_halo<true>(sm.halo, V4Plain{v + ot + sb}, ch, d, vd, sm.red);
+            if (!waited) {
+                cp_async_wait_all();
+                waited = true;
+            }
+            __syncthreads();
+            conv_gemm<PLANES>(acc, sm.halo, sm.we, ch, d, vd);
+            const float sc = winv_e * inv_v;
+            for_each_owned(ch, co0, d, [&](int mi, int ni, int i, int q, int c) {
+                const long long e = sb + (long long)c * HW + q;
+                const float zt = be[c] + acc[mi][ni][i] * sc;
+                z[ot + e] = zt;
+                out[ot + e] = sign_(np, zt) * fire(np, v[ot + e] - np.threshold);
+            });
+        });
+        if (!waited) cp_async_wait_all();
+        grid_sync(bar);  // s_t is complete before a later step's gate reads it
+    }
+}
+
+// Backward (BPTT). Cooperative launch as the forward. Scratch: dvbuf [B][N], fb [min(D,T)][B][N],
+// da [B][N] (one step), dw_part [ranges][2][groups·CO_T][k²·c_pad + 1] (each block's partial
+// weight and bias gradients: its accumulators themselves when dw_smem is 0).
+__device__ __forceinline__ void backward_v4(const float* __restrict__ params, float* grads, const float* __restrict__ input,
+                                            const float* __restrict__ out, const float* __restrict__ v, const float* __restrict__ g,
+                                            const float* __restrict__ z, const float* __restrict__ grad_out, float* grad_in, float* dvbuf,
+                                            float* fb, float* da, float* dw_part, unsigned int* bar, char* wfrag, float* winv,
+                                            const LayerDims& d, const NeuronParams& np, const V4Dims& vd) {
+    extern __shared__ float4 smem4[];
+    const V4Smem sm = v4_smem(reinterpret_cast<char*>(smem4), d, vd);
+    const int HW = DIM_H * DIM_W, N = DIM_C * HW, CPAD = DIM_CPAD;
+    const long long BN = (long long)d.B * N;
+    const int gi = blockIdx.x % vd.groups, range = blockIdx.x / vd.groups, co0 = gi * CO_T;
+    const int n_all = KK * CPAD;
+    // this block's accumulators: rows co0 … co0 + CO_T − 1 of each gate's [groups·CO_T][n_all + 1]
+    // slab (the last column: the bias) in dw_part's slice of this range
+    const long long slab = (long long)vd.groups * CO_T * (n_all + 1);
+    float* part = dw_part + (long long)range * 2 * slab;
+    float* dw_b;
+    float* dw_e;
+    const int dw_pitch = vd.dw_smem ? n_all : n_all + 1;  // the smem accumulators have no bias column
+    if (vd.dw_smem) {
+        dw_b = sm.dw;
+        dw_e = sm.dw + CO_T * n_all;
+    } else {
+        dw_b = part + (long long)co0 * (n_all + 1);
+        dw_e = part + slab + (long long)co0 * (n_all + 1);
+    }
+    for (int j = threadIdx.x; j < CO_T * n_all; j += THREADS) {
+        const int row = j / n_all, n = j - row * n_all;
+        dw_b[row * dw_pitch + n] = 0.0f;
+        dw_e[row * dw_pitch + n] = 0.0f;
+    }
+    if (threadIdx.x < 4) reinterpret_cast<u32*>(sm.zero_row)[threadIdx.x] = 0u;
+    float db_b[NT][2] = {}, db_e[NT][2] = {};
+    build_weight_fragments<true>(wfrag, winv, params, d, vd, bar, sm.red);
+    const float winv_b = d.back ? __ldcg(winv + gi) : 1.0f, winv_e = d.ei ? __ldcg(winv + vd.groups + gi) : 1.0f;
+    if (vd.w_resident) {
+        if (d.back) load_weight_slice(sm.wb, wfrag, 0, vd);
+        if (d.ei) load_weight_slice(sm.we, wfrag, 1, vd);
+        cp_async_wait_all();
+    }
+    __syncthreads();
+    for (int t = d.T - 1; t >= 0; --t) {
+        const long long ot = (long long)t * BN;
+        const bool has_fb = d.back && t + d.D < d.T;
+        const float* fb_t = has_fb ? fb + (long long)(t % d.D) * BN : nullptr;
+        // phase 2: dz (staged on the fly), dv = … + W_eᵀ ⊛ dz, ∂I, da; dW_e += dz ⋆ v_t
+        if (d.ei && !vd.w_resident) load_weight_slice(sm.we, wfrag, 1, vd);
+        bool waited = !d.ei || vd.w_resident;
+        for_each_chunk(d, vd, [&](const Chunk& ch) {
+            const long long sb = (long long)ch.b * N;
+            float acc[MT][NT][4] = {};
+            float inv_dz = 1.0f, inv_v = 1.0f;
+            char* dz_halo = sm.halo;
+            char* v_halo = sm.halo + PLANES * vd.plane_bytes;
+            if (d.ei) {
+                __syncthreads();
+                inv_dz = stage_halo<true>(dz_halo, V4Dz{grad_out + ot + sb, has_fb ? fb_t + sb : nullptr, v + ot + sb, z + ot + sb, np}, ch, d,
+                                          vd, sm.red);
+                inv_v = stage_halo<true>(v_halo, V4Plain{v + ot + sb}, ch, d, vd, sm.red);
+                if (!waited) {
+                    cp_async_wait_all();
+                    waited = true;
+                }
+                __syncthreads();
+                conv_gemm<PLANES>(acc, dz_halo, sm.we, ch, d, vd);
+            }
+            const float sc = winv_e * inv_dz;
+            for_each_owned(ch, co0, d, [&](int mi, int ni, int i, int q, int c) {
+                const long long e = sb + (long long)c * HW + q;
+                const float vt = v[ot + e];
+                const float x = vt - np.threshold;
+                const float o = fire(np, x);
+                float ds = grad_out[ot + e];
+                if (has_fb) ds += __ldcg(fb_t + e);
+                const float du = t == d.T - 1 ? 0.0f : np.leak * dvbuf[e];
+                float d_o = ds;
+                if (d.ei) {
+                    const float zt = z[ot + e];
+                    d_o = ds * sign_(np, zt);
+                    db_e[ni][i & 1] += ds * o * sign_grad(np, zt);
+                }
+                d_o -= du * vt;
+                float dv = du * (1.0f - o) + d_o * fire_grad(np, x);
+                if (d.ei) dv += acc[mi][ni][i] * sc;
+                dvbuf[e] = dv;
+                const float gt = d.back ? g[ot + e] : 1.0f;
+                const float dcur = dv * gt;
+                if (d.t_in == 1) {
+                    if (t == d.T - 1) grad_in[e] = dcur;
+                    else grad_in[e] += dcur;
+                } else {
+                    grad_in[ot + e] = dcur;
+                }
+                if (d.back) {
+                    const float a_grad = dv * input[(d.t_in == 1 ? 0 : ot) + e] * gt * (1.0f - gt);
+                    da[e] = a_grad;
+                    db_b[ni][i & 1] += a_grad;
+                }
+            });
+            if (d.ei) wgrad_gemm<PLANES, PLANES>(dw_e, dw_pitch, inv_dz * inv_v, dz_halo, v_halo, co0, sm.zero_row, ch, d, vd);
+        });
+        if (!waited) cp_async_wait_all();
+        grid_sync(bar);  // da_t of the whole batch is written; the fb slot of step t is read
+        if (!(d.back && t >= d.D)) continue;
+        // phase 3: fb_{t−D} = W_bᵀ ⊛ da_t; dW_b += da_t ⋆ s_{t−D}
+        float* fb_slot = fb + (long long)((t - d.D) % d.D) * BN;
+        if (!vd.w_resident) load_weight_slice(sm.wb, wfrag, 0, vd);
+        waited = vd.w_resident;
+        for_each_chunk(d, vd, [&](const Chunk& ch) {
+            const long long sb = (long long)ch.b * N;
+            float acc[MT][NT][4] = {};
+            char* da_halo = sm.halo;
+            char* s_halo = sm.halo + PLANES * vd.plane_bytes;
+            __syncthreads();
+            const float inv_da = stage_halo<true>(da_halo, V4Plain{da + sb}, ch, d, vd, sm.red);
+            const V4Plain s_past{out + ot - (long long)d.D * BN + sb};
+            const float inv_s = np.smooth ? stage_halo<true>(s_halo, s_past, ch, d, vd, sm.red) : stage_halo<false>(s_halo, s_past, ch, d, vd, sm.red);
+            if (!waited) {
+                cp_async_wait_all();
+                waited = true;
+            }
+            __syncthreads();
+            conv_gemm<PLANES>(acc, da_halo, sm.wb, ch, d, vd);
+            const float sc = winv_b * inv_da;
+            for_each_owned(ch, co0, d, [&](int mi, int ni, int i, int q, int c) { fb_slot[sb + (long long)c * HW + q] = acc[mi][ni][i] * sc; });
+            if (np.smooth) wgrad_gemm<PLANES, PLANES>(dw_b, dw_pitch, inv_da * inv_s, da_halo, s_halo, co0, sm.zero_row, ch, d, vd);
+            else wgrad_gemm<PLANES, 1>(dw_b, dw_pitch, inv_da, da_halo, s_halo, co0, sm.zero_row, ch, d, vd);
+        });
+        if (!waited) cp_async_wait_all();
+        grid_sync(bar);  // the fb slot is complete before step t − D reads it
+    }
+    // the bias partials: lanes of one t share channels (xor over g), then the warps in order
+    __syncthreads();
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+#pragma unroll
+    for (int gate = 0; gate < 2; ++gate) {
+        float(&db)[NT][2] = gate == 0 ? db_b : db_e;
+#pragma unroll
+        for (int ni = 0; ni < NT; ++ni)
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                float x = db[ni][h];
+                for (int o = 4; o < 32; o <<= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
+                if (lane < 4) sm.red[warp * CO_T + 8 * ni + 2 * lane + h] = x;
+            }
+        __syncthreads();
+        if (threadIdx.x < CO_T) {
+            float s = 0.0f;
+            for (int w = 0; w < WARPS; ++w) s += sm.red[w * CO_T + threadIdx.x];
+            part[gate * slab + (long long)(co0 + threadIdx.x) * (n_all + 1) + n_all] = s;
+        }
+        __syncthreads();
+    }
+    if (vd.dw_smem) {
+        for (int j = threadIdx.x; j < CO_T * n_all; j += THREADS) {
+            const int row = j / n_all, n = j - row * n_all;
+            part[(long long)(co0 + row) * (n_all + 1) + n] = dw_b[j];
+            part[slab + (long long)(co0 + row) * (n_all + 1) + n] = dw_e[j];
+        }
+    }
+    grid_sync(bar);  // every block's partial sums are written
+    // the fixed-order reduction: element j of both slabs, summed over the ranges 0, 1, …
+    const int C = DIM_C;
+    for (long long j = blockIdx.x * (long long)THREADS + threadIdx.x; j < 2 * slab; j += (long long)gridDim.x * THREADS) {
+        const int gate = (int)(j / slab);
+        if (gate == 0 ? !d.back : !d.ei) continue;
+        const long long e = j - gate * slab;
+        const int co = (int)(e / (n_all + 1)), n = (int)(e - (long long)co * (n_all + 1));
+        if (co >= C) continue;
+        int tap = 0, ci = 0;
+        if (n < n_all) {
+            tap = n / CPAD;
+            ci = n - tap * CPAD;
+            if (ci >= C) continue;
+        }
+        float s = 0.0f;
+        for (int r = 0; r < vd.ranges; ++r) s += __ldcg(dw_part + (long long)r * 2 * slab + j);
+        if (n == n_all) grads[(gate == 0 ? d.off_bb : d.off_be) + co] += s;
+        else grads[(gate == 0 ? d.off_wb : d.off_we) + ((long long)co * C + ci) * KK + tap] += s;
+    }
+}
+
+// The kernels: one radius and one precision per module instance (V4_R, V4_PREC; the names say
+// which), so the host asks for exactly the name its plan compiled.
+#if V4_R == 1 && V4_PREC == PREC_FP32
+#define V4_FORWARD backei_forward_v4_r1_fp32
+#define V4_BACKWARD backei_backward_v4_r1_fp32
+#elif V4_R == 1 && V4_PREC == PREC_TF32
+#define V4_FORWARD backei_forward_v4_r1_tf32
+#define V4_BACKWARD backei_backward_v4_r1_tf32
+#elif V4_R == 1 && V4_PREC == PREC_BF16
+#define V4_FORWARD backei_forward_v4_r1_bf16
+#define V4_BACKWARD backei_backward_v4_r1_bf16
+#elif V4_R == 2 && V4_PREC == PREC_FP32
+#define V4_FORWARD backei_forward_v4_r2_fp32
+#define V4_BACKWARD backei_backward_v4_r2_fp32
+#elif V4_R == 2 && V4_PREC == PREC_TF32
+#define V4_FORWARD backei_forward_v4_r2_tf32
+#define V4_BACKWARD backei_backward_v4_r2_tf32
+#elif V4_R == 2 && V4_PREC == PREC_BF16
+#define V4_FORWARD backei_forward_v4_r2_bf16
+#define V4_BACKWARD backei_backward_v4_r2_bf16
+#else
+#error "v4 is built for radius 1 and 2 and the precisions fp32, tf32, bf16"
+#endif
+
+extern "C" __global__ void __launch_bounds__(256, 1)
+V4_FORWARD(const float* __restrict__ params, const float* __restrict__ input, float* out, float* v, float* __restrict__ g, float* z,
+           unsigned int* bar, char* wfrag, float* winv, LayerDims d, NeuronParams np, V4Dims vd) {
+    forward_v4(params, input, out, v, g, z, bar, wfrag, winv, d, np, vd);
+}
+
+extern "C" __global__ void __launch_bounds__(256, 1)
+V4_BACKWARD(const float* __restrict__ params, float* grads, const float* __restrict__ input, const float* __restrict__ out,
+            const float* __restrict__ v, const float* __restrict__ g, const float* __restrict__ z, const float* __restrict__ grad_out,
+            float* grad_in, float* dvbuf, float* fb, float* da, float* dw_part, unsigned int* bar, char* wfrag, float* winv, LayerDims d,
+            NeuronParams np, V4Dims vd) {
+    backward_v4(params, grads, input, out, v, g, z, grad_out, grad_in, dvbuf, fb, da, dw_part, bar, wfrag, winv, d, np, vd);
+}

@@ -1,0 +1,145 @@
+// mma_probe.cu — small kernels that pin down the tensor-core wrappers of mma.cuh: the fragment
+// layouts of mma.sync (A, B, C as the PTX ISA documents them), ldmatrix with and without .trans,
+// cp.async, the conversions and the hi/lo split. The same kernels run on a GPU
+// (tests/gpu_mma.rs: the hardware agrees with the documented layouts) and on the CPU emulator
+// (tests/emu_mma.rs: the emulator agrees with them), so the emulator that checks the BackEI v4
+// kernels in CI is itself checked against the hardware. Also the tensor-core ceiling of the
+// kernel bench (mma_peak_*): a register-only loop of independent mma.sync.
+#include "common.cuh"
+#include "mma.cuh"
+
+// The precision kinds of the probes (PREC_* of backei_v4.cu).
+#define PROBE_F16 0
+#define PROBE_BF16 1
+#define PROBE_TF32 2
+
+__device__ __forceinline__ u32 probe_pack(int kind, float lo, float hi) {
+    return kind == PROBE_F16 ? pack2(f32_to_f16_bits(lo), f32_to_f16_bits(hi)) : pack2(f32_to_bf16_bits(lo), f32_to_bf16_bits(hi));
+}
+
+// D = A·B + C for one warp. a: [16][K] row-major, b: [K][8] row-major, c and d: [16][8] f32; K = 16
+// (f16, bf16) or 8 (tf32). Every lane builds its fragments from the documented layout, element by
+// element, so a wrong layout (in the wrapper, the emulator or this comment) gives a wrong D.
+extern "C" __global__ void mma_probe(const float* __restrict__ a, const float* __restrict__ b, const float* __restrict__ c,
+                                     float* __restrict__ d, int kind) {
+    const int lane = threadIdx.x & 31, g = lane / 4, t = lane % 4;
+    u32 ra[4], rb[2];
+    float acc[4] = {c[g * 8 + 2 * t], c[g * 8 + 2 * t + 1], c[(g + 8) * 8 + 2 * t], c[(g + 8) * 8 + 2 * t + 1]};
+    if (kind == PROBE_TF32) {
+        ra[0] = f32_to_tf32_bits(a[g * 8 + t]);
+        ra[1] = f32_to_tf32_bits(a[(g + 8) * 8 + t]);
+        ra[2] = f32_to_tf32_bits(a[g * 8 + t + 4]);
+        ra[3] = f32_to_tf32_bits(a[(g + 8) * 8 + t + 4]);
+        rb[0] = f32_to_tf32_bits(b[t * 8 + g]);
+        rb[1] = f32_to_tf32_bits(b[(t + 4) * 8 + g]);
+        mma_tf32_m16n8k8(acc, ra, rb);
+    } else {
+        ra[0] = probe_pack(kind, a[g * 16 + 2 * t], a[g * 16 + 2 * t + 1]);
+        ra[1] = probe_pack(kind, a[(g + 8) * 16 + 2 * t], a[(g + 8) * 16 + 2 * t + 1]);
+        ra[2] = probe_pack(kind, a[g * 16 + 2 * t + 8], a[g * 16 + 2 * t + 9]);
+        ra[3] = probe_pack(kind, a[(g + 8) * 16 + 2 * t + 8], a[(g + 8) * 16 + 2 * t + 9]);
+        rb[0] = probe_pack(kind, b[(2 * t) * 8 + g], b[(2 * t + 1) * 8 + g]);
+        rb[1] = probe_pack(kind, b[(2 * t + 8) * 8 + g], b[(2 * t + 9) * 8 + g]);
+        if (kind == PROBE_F16) mma_f16_m16n8k16(acc, ra, rb);
+        else mma_bf16_m16n8k16(acc, ra, rb);
+    }
+    d[g * 8 + 2 * t] = acc[0];
+    d[g * 8 + 2 * t + 1] = acc[1];
+    d[(g + 8) * 8 + 2 * t] = acc[2];
+    d[(g + 8) * 8 + 2 * t + 1] = acc[3];
+}
+
+// ldmatrix: shared memory holds the 16-bit values 0, 1, 2, … (32 rows of 8, 16 bytes each); lane l
+// addresses row rows[l]. out: [5][32][4] u32 — x1, x2, x4, x2.trans, x4.trans, the registers of every lane
+// (unused registers 0). cp.async stages the rows (with a wait and a barrier) first.
+extern "C" __global__ void ldmatrix_probe(const unsigned short* __restrict__ src, const int* __restrict__ rows, u32* __restrict__ out) {
+    __shared__ __align__(16) unsigned short tile[32 * 8];
+    const int lane = threadIdx.x & 31;
+    cp_async16(tile + 8 * lane, src + 8 * lane);
+    cp_async_commit();
+    cp_async_wait<0>();
+    __syncwarp();
+    const unsigned short* row = tile + 8 * rows[lane];
+    u32* o = out + lane * 4;
+    {
+        u32 r[1];
+        ldmatrix_x1(r, row);
+        o[0] = r[0];
+        o[1] = o[2] = o[3] = 0;
+    }
+    o += 128;
+    {
+        u32 r[2];
+        ldmatrix_x2(r, row);
+        o[0] = r[0];
+        o[1] = r[1];
+        o[2] = o[3] = 0;
+    }
+    o += 128;
+    {
+        u32 r[4];
+        ldmatrix_x4(r, row);
+        for (int j = 0; j < 4; ++j) o[j] = r[j];
+    }
+    o += 128;
+    {
+        u32 r[2];
+        ldmatrix_x2_trans(r, row);
+        o[0] = r[0];
+        o[1] = r[1];
+        o[2] = o[3] = 0;
+    }
+    o += 128;
+    {
+        u32 r[4];
+        ldmatrix_x4_trans(r, row);
+        for (int j = 0; j < 4; ++j) o[j] = r[j];
+    }
+}
+
+// The conversions and the fp16 split, element-wise: out[5][n] = f16 bits, bf16 bits, tf32 bits,
+// split hi, split lo (each as a u32).
+extern "C" __global__ void convert_probe(const float* __restrict__ x, u32* __restrict__ out, int n) {
+    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) {
+        unsigned short hi, lo;
+        split_f16(x[i], hi, lo);
+        out[i] = f32_to_f16_bits(x[i]);
+        out[n + i] = f32_to_bf16_bits(x[i]);
+        out[2 * n + i] = f32_to_tf32_bits(x[i]);
+        out[3 * n + i] = hi;
+        out[4 * n + i] = lo;
+    }
+}
+
+// The tensor-core ceiling: every warp runs `iters` rounds of 8 independent m16n8k16 (or m16n8k8)
+// MMAs on register operands (no memory traffic), so the loop is bound by the tensor cores alone.
+// One round is 8 · 2·16·8·K flops. sink keeps the results alive.
+template <int KIND>
+__device__ __forceinline__ void mma_peak(float* sink, int iters) {
+    u32 a[4] = {threadIdx.x, threadIdx.x ^ 5u, threadIdx.x * 3u, 7u};
+    u32 b[2] = {threadIdx.x + 1u, 9u};
+    if (KIND == PROBE_TF32) {
+        for (int j = 0; j < 4; ++j) a[j] = f32_to_tf32_bits(1e-3f * (float)(a[j] & 255u));
+        for (int j = 0; j < 2; ++j) b[j] = f32_to_tf32_bits(1e-3f * (float)(b[j] & 255u));
+    } else {
+        for (int j = 0; j < 4; ++j) a[j] &= 0x3C003C00u;  // small finite halves
+        for (int j = 0; j < 2; ++j) b[j] &= 0x3C003C00u;
+    }
+    float acc[8][4] = {};
+    for (int it = 0; it < iters; ++it) {
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+            if (KIND == PROBE_F16) mma_f16_m16n8k16(acc[j], a, b);
+            else if (KIND == PROBE_BF16) mma_bf16_m16n8k16(acc[j], a, b);
+            else mma_tf32_m16n8k8(acc[j], a, b);
+        }
+    }
+    float s = 0.0f;
+#pragma unroll
+    for (int j = 0; j < 8; ++j) s += acc[j][0] + acc[j][1] + acc[j][2] + acc[j][3];
+    if (s == 12345.678f) sink[blockIdx.x] = s;  // practically never: keeps the MMAs from being removed
+}
+
+extern "C" __global__ void __launch_bounds__(256) mma_peak_f16(float* sink, int iters) { mma_peak<PROBE_F16>(sink, iters); }
+extern "C" __global__ void __launch_bounds__(256) mma_peak_bf16(float* sink, int iters) { mma_peak<PROBE_BF16>(sink, iters); }
+extern "C" __global__ void __launch_bounds__(256) mma_peak_tf32(float* sink, int iters) { mma_peak<PROBE_TF32>(sink, iters); }

@@ -1,0 +1,412 @@
+//! Host side of the tensor-core BackEI kernels, v4 (`cuda/backei_v4.cu`: the equations, the
+//! implicit-GEMM layout, the precision modes and the work mapping are described there). This file
+//! is the pure plan — which channel tile, chunk size and shared-memory layout a shape gets on a
+//! device, and why a shape cannot run (then the layer falls back to v3 and says why) — and the
+//! module's compile-time constants. The launches live with the other versions' in
+//! `backei_layer.rs`.
+//!
+//! Shared memory of a block (one block per SM; every offset a multiple of 16):
+//!   [weight slices: both gates' (resident) or one, reloaded per phase][dW accumulators, both gates,
+//!   f32 CO_T × k²·c_pad (or in the global dw_part)][halo planes][zero row (16 B), reduction scratch]
+//! The plan prefers, in order: resident weights and on-chip dW (no traffic but the halos), on-chip
+//! dW with the weights streamed from L2 per phase (cp.async of a pre-arranged slice), resident
+//! weights with dW in global memory, both in global memory; the largest channel tile (fewer
+//! groups: each group stages the same halos again) and two m-tiles per warp (256-pixel chunks)
+//! first.
+
+use super::backei_layer::{opt_in_smem, DeviceLimits, GpuBackEiLayer, KernelLaunch, LayerDims, NeuronParams};
+use crate::error::{BackeiError, Result};
+use crate::precision::Precision;
+use crate::spec::FeedbackConfig;
+use cudarc::driver::{CudaFunction, CudaSlice, CudaView, CudaViewMut, DeviceRepr, LaunchConfig, PushKernelArg};
+
+/// The kernel module of v4 (`cuda/backei_v4.cu`), compiled per instance with `V4Plan::defines`.
+pub const V4_MODULE: &str = "backei_v4";
+/// Threads per block (`WARPS` · 32 in the .cu).
+pub const V4_THREADS: u32 = 256;
+const WARPS: usize = 8;
+/// Shared memory the driver reserves per resident block (1 KiB on sm_80 / sm_90).
+const SMEM_RESERVED_PER_BLOCK: usize = 1024;
+
+/// The device's `V4Dims` (`cuda/backei_v4.cu`), field for field.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct V4Dims {
+    pub c_pad: i32,
+    pub groups: i32,
+    pub ranges: i32,
+    pub halo_rows: i32,
+    pub pstride: i32,
+    pub plane_bytes: i32,
+    pub wslice_bytes: i32,
+    pub w_resident: i32,
+    pub dw_smem: i32,
+    pub smem_dw: i32,
+    pub smem_halo: i32,
+    pub smem_misc: i32,
+}
+// SAFETY: plain-old-data with the C layout of cuda/backei_v4.cu's V4Dims.
+unsafe impl DeviceRepr for V4Dims {}
+
+/// How a layer runs on the v4 kernels.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct V4Plan {
+    pub precision: Precision,
+    /// Output channels per block (16, 32 or 64) and m-tiles per warp (chunks of 128·mt pixels).
+    pub co_t: usize,
+    pub mt: usize,
+    pub dims: V4Dims,
+    /// groups · ranges blocks, all co-resident (one per SM).
+    pub grid: u32,
+    pub smem_bytes: u32,
+    pub forward: &'static str,
+    pub backward: &'static str,
+    /// The module's compile-time constants (NVRTC `-D`): radius, precision, tile; C, H, W.
+    pub defines: Vec<(String, String)>,
+    /// Scratch: the weight fragments (bytes), their inverse scales (floats), the per-range partial
+    /// weight gradients (floats).
+    pub wfrag_bytes: usize,
+    pub winv: usize,
+    pub dw_part: usize,
+}
+
+impl V4Plan {
+    /// The constants without C, H and W: one emulator build serves every shape of a tile.
+    pub fn tile_defines(&self) -> Vec<(String, String)> {
+        self.defines.iter().filter(|(k, _)| !matches!(k.as_str(), "V4_C" | "V4_H" | "V4_W")).cloned().collect()
+    }
+}
+
+/// Bytes per operand element and planes of a real operand (hi, lo in fp32 mode).
+pub fn operand_format(p: Precision) -> (usize, usize) {
+    match p {
+        Precision::Fp32 => (2, 2),
+        Precision::Tf32 => (4, 1),
+        Precision::Bf16 => (2, 1),
+    }
+}
+
+fn round16(x: usize) -> usize {
+    x.div_ceil(16) * 16
+}
+
+/// The kernel names of a radius and precision (they say version, radius and precision).
+pub fn kernel_names(r: usize, p: Precision) -> Option<(&'static str, &'static str)> {
+    Some(match (r, p) {
+        (1, Precision::Fp32) => ("backei_forward_v4_r1_fp32", "backei_backward_v4_r1_fp32"),
+        (1, Precision::Tf32) => ("backei_forward_v4_r1_tf32", "backei_backward_v4_r1_tf32"),
+        (1, Precision::Bf16) => ("backei_forward_v4_r1_bf16", "backei_backward_v4_r1_bf16"),
+        (2, Precision::Fp32) => ("backei_forward_v4_r2_fp32", "backei_backward_v4_r2_fp32"),
+        (2, Precision::Tf32) => ("backei_forward_v4_r2_tf32", "backei_backward_v4_r2_tf32"),
+        (2, Precision::Bf16) => ("backei_forward_v4_r2_bf16", "backei_backward_v4_r2_bf16"),
+        _ => return None,
+    })
+}
+
+/// The shared-memory layout of one (tile, placement) choice, or None when it exceeds `budget`.
+#[allow(clippy::too_many_arguments)]
+fn layout(
+    shape: [usize; 3],
+    fb: &FeedbackConfig,
+    p: Precision,
+    co_t: usize,
+    mt: usize,
+    w_resident: bool,
+    dw_smem: bool,
+    budget: usize,
+) -> Option<(V4Dims, usize)> {
+    let [c, h, w] = shape;
+    let r = fb.radius;
+    let kk = (2 * r + 1) * (2 * r + 1);
+    let (eb, planes) = operand_format(p);
+    let c_pad = c.div_ceil(16) * 16;
+    let groups = c.div_ceil(co_t);
+    let p_ch = 16 * WARPS * mt;
+    let halo_rows = h.min((p_ch - 1) / w + 2) + 2 * r;
+    let pstride = c_pad * eb + 16;
+    let plane = round16(halo_rows * (w + 2 * r) * pstride);
+    let wslice = kk * c_pad * co_t * eb * planes;
+    let gates = fb.back as usize + fb.ei as usize;
+    // the backward stages two tensors at once: dz and v (ei), da and s (back; s is real in the
+    // smooth firing mode of the gradient checks)
+    let n_planes = 2 * planes;
+    let w_bytes = if w_resident { gates } else { 1 } * wslice;
+    let dw_bytes = if dw_smem { 2 * co_t * kk * c_pad * 4 } else { 0 };
+    let misc = 16 + 4 * WARPS * co_t;
+    let smem_dw = round16(w_bytes);
+    let smem_halo = smem_dw + round16(dw_bytes);
+    let smem_misc = smem_halo + n_planes * plane;
+    let total = smem_misc + misc;
+    let fits = |x: usize| i32::try_from(x).ok();
+    if total > budget {
+        return None;
+    }
+    let dims = V4Dims {
+        c_pad: fits(c_pad)?,
+        groups: fits(groups)?,
+        ranges: 0,
+        halo_rows: fits(halo_rows)?,
+        pstride: fits(pstride)?,
+        plane_bytes: fits(plane)?,
+        wslice_bytes: fits(wslice)?,
+        w_resident: w_resident as i32,
+        dw_smem: dw_smem as i32,
+        smem_dw: fits(smem_dw)?,
+        smem_halo: fits(smem_halo)?,
+        smem_misc: fits(smem_misc)?,
+    };
+    Some((dims, total))
+}
+
+/// The v4 plan of a layer on a device, or why v4 cannot run it (the layer then falls back).
+pub fn plan_v4(
+    shape: [usize; 3],
+    fb: &FeedbackConfig,
+    batch: usize,
+    steps: usize,
+    limits: &DeviceLimits,
+    precision: Precision,
+) -> std::result::Result<V4Plan, String> {
+    let [c, h, w] = shape;
+    let r = fb.radius;
+    let Some((forward, backward)) = kernel_names(r, precision) else {
+        return Err(format!("radius {r}: the v4 kernels are built for r = 1 and r = 2"));
+    };
+    if !(fb.back || fb.ei) {
+        return Err("back and ei are off: the plain spiking layer has no gate convolution".into());
+    }
+    if h < 2 * r + 1 || w < 2 * r + 1 {
+        return Err(format!("a {h}×{w} map is smaller than the {0}×{0} gate", 2 * r + 1));
+    }
+    let budget = limits.max_smem_per_block as usize;
+    let mut chosen = None;
+    'search: for (w_resident, dw_smem) in [(true, true), (false, true), (true, false), (false, false)] {
+        for co_t in [64usize, 32, 16] {
+            // a tile wider than the padded channels only adds zero columns
+            if co_t > 16 && co_t > c.div_ceil(16) * 16 {
+                continue;
+            }
+            for mt in [2usize, 1] {
+                if let Some(l) = layout(shape, fb, precision, co_t, mt, w_resident, dw_smem, budget) {
+                    chosen = Some((co_t, mt, l));
+                    break 'search;
+                }
+            }
+        }
+    }
+    let Some((co_t, mt, (mut dims, smem))) = chosen else {
+        return Err(format!(
+            "no channel tile of 16 or more fits {budget} B of shared memory (C = {c}, r = {r}, {precision}): the weights stream \
+             from L2 only in whole 16-channel slices"
+        ));
+    };
+    let groups = dims.groups as usize;
+    let per_sm = (limits.max_smem_per_sm as usize / (smem + SMEM_RESERVED_PER_BLOCK)).min(1);
+    let resident = per_sm * limits.sm_count as usize;
+    if groups > resident {
+        return Err(format!("{groups} channel groups need {groups} co-resident blocks; the device holds {resident}"));
+    }
+    let pixels = batch.checked_mul(h * w).ok_or("B·H·W overflows")?;
+    let ranges = (resident / groups).clamp(1, pixels.div_ceil(16).max(1));
+    dims.ranges = i32::try_from(ranges).map_err(|_| "too many ranges")?;
+    let kk = (2 * r + 1) * (2 * r + 1);
+    let n_all = kk * dims.c_pad as usize;
+    let dw_part = ranges * 2 * groups * co_t * (n_all + 1);
+    let prec_id = match precision {
+        Precision::Fp32 => 0,
+        Precision::Tf32 => 1,
+        Precision::Bf16 => 2,
+    };
+    let defines = [("V4_R", r), ("V4_PREC", prec_id), ("V4_CO_T", co_t), ("V4_MT", mt), ("V4_C", c), ("V4_H", h), ("V4_W", w)]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    let _ = steps;
+    Ok(V4Plan {
+        precision,
+        co_t,
+        mt,
+        grid: (groups * ranges) as u32,
+        smem_bytes: smem as u32,
+        forward,
+        backward,
+        defines,
+        wfrag_bytes: 2 * groups * dims.wslice_bytes as usize,
+        winv: 2 * groups,
+        dw_part,
+        dims,
+    })
+}
+
+/// The plan's dims for a grid the driver can make co-resident (`resident` blocks): fewer ranges
+/// when the occupancy API allows fewer blocks than planned (the partial-sum buffer, sized for the
+/// plan's ranges, is then large enough).
+pub fn dims_for_resident(plan: &V4Plan, resident: u32) -> Option<(V4Dims, u32)> {
+    let groups = plan.dims.groups as u32;
+    if resident < groups {
+        return None;
+    }
+    let ranges = (resident / groups).min(plan.dims.ranges as u32);
+    Some((V4Dims { ranges: ranges as i32, ..plan.dims }, ranges * groups))
+}
+
+fn cuda_err(what: &'static str) -> impl Fn(cudarc::driver::DriverError) -> BackeiError {
+    move |e| BackeiError::Cuda(format!("{what}: {e:?}"))
+}
+
+fn missing(what: &str) -> BackeiError {
+    BackeiError::Cuda(format!("BackEI layer (v4): {what} missing"))
+}
+
+/// The kernel of a module instance, opted in to its shared memory, and the launch configuration
+/// and dims of the grid the device can make co-resident; the barrier word zeroed.
+fn prepare_launch(layer: &mut GpuBackEiLayer, plan: &V4Plan, kernel: &'static str) -> Result<(CudaFunction, LaunchConfig, V4Dims)> {
+    let f = layer.dev.kernels.function_with(V4_MODULE, &plan.defines, kernel)?;
+    let l = KernelLaunch {
+        module: V4_MODULE,
+        kernel,
+        grid: (plan.grid, 1, 1),
+        block: V4_THREADS,
+        smem_bytes: plan.smem_bytes,
+        cooperative: true,
+    };
+    opt_in_smem(&f, &l)?;
+    let resident = layer.resident_blocks(&f, &l)?;
+    let (vd, grid) = dims_for_resident(plan, resident).ok_or_else(|| {
+        BackeiError::Cuda(format!(
+            "{kernel}: {} channel groups need as many co-resident blocks, the device holds {resident}",
+            plan.dims.groups
+        ))
+    })?;
+    let bar = layer.bar.as_mut().ok_or_else(|| missing("the grid barrier"))?;
+    layer.dev.stream.memset_zeros(bar).map_err(cuda_err("zeroing the grid barrier"))?;
+    let cfg = LaunchConfig { grid_dim: (grid, 1, 1), block_dim: (V4_THREADS, 1, 1), shared_mem_bytes: plan.smem_bytes };
+    Ok((f, cfg, vd))
+}
+
+/// The forward launch (all T steps); `GpuBackEiLayer::forward` checked the buffers.
+pub(crate) fn launch_forward(
+    layer: &mut GpuBackEiLayer,
+    plan: &V4Plan,
+    params: &CudaSlice<f32>,
+    input: &CudaView<f32>,
+    dims: LayerDims,
+    np: NeuronParams,
+) -> Result<()> {
+    let (f, cfg, vd) = prepare_launch(layer, plan, plan.forward)?;
+    let stream = layer.dev.stream.clone();
+    let d = &layer.dummy;
+    let (out, v) = (layer.out.as_ref().ok_or_else(|| missing("s"))?, layer.v.as_ref().ok_or_else(|| missing("v"))?);
+    let g = layer.g.as_ref().unwrap_or(d);
+    let z = layer.z.as_ref().unwrap_or(d);
+    let bar = layer.bar.as_ref().ok_or_else(|| missing("the grid barrier"))?;
+    let wfrag = layer.v4_wfrag.as_ref().ok_or_else(|| missing("the weight fragments"))?;
+    let winv = layer.v4_winv.as_ref().ok_or_else(|| missing("the weight scales"))?;
+    let mut b = stream.launch_builder(&f);
+    b.arg(params).arg(input).arg(out).arg(v).arg(g).arg(z).arg(bar).arg(wfrag).arg(winv).arg(&dims).arg(&np).arg(&vd);
+    // SAFETY: the argument list matches backei_forward_v4_*; the buffers were sized by the plan
+    // (out, v, g, z: T·B·N; wfrag: 2·groups slices; winv: 2·groups); the grid is co-resident
+    // (occupancy-clamped above), as the kernel's grid barrier requires.
+    unsafe { b.launch_cooperative(cfg) }.map_err(cuda_err(plan.forward))?;
+    Ok(())
+}
+
+/// The backward launch (BPTT and the weight gradients, accumulated into `grads`).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn launch_backward(
+    layer: &mut GpuBackEiLayer,
+    plan: &V4Plan,
+    params: &CudaSlice<f32>,
+    grads: &mut CudaSlice<f32>,
+    input: &CudaView<f32>,
+    grad_out: &CudaView<f32>,
+    grad_in: &mut CudaViewMut<f32>,
+    dims: LayerDims,
+    np: NeuronParams,
+) -> Result<()> {
+    let (f, cfg, vd) = prepare_launch(layer, plan, plan.backward)?;
+    let stream = layer.dev.stream.clone();
+    let d = &layer.dummy;
+    let (out, v) = (layer.out.as_ref().ok_or_else(|| missing("s"))?, layer.v.as_ref().ok_or_else(|| missing("v"))?);
+    let g = layer.g.as_ref().unwrap_or(d);
+    let z = layer.z.as_ref().unwrap_or(d);
+    let dv = layer.dv.as_ref().ok_or_else(|| missing("dv"))?;
+    let fb = layer.fb.as_ref().unwrap_or(d);
+    let da = layer.da.as_ref().unwrap_or(d);
+    let bar = layer.bar.as_ref().ok_or_else(|| missing("the grid barrier"))?;
+    let wfrag = layer.v4_wfrag.as_ref().ok_or_else(|| missing("the weight fragments"))?;
+    let winv = layer.v4_winv.as_ref().ok_or_else(|| missing("the weight scales"))?;
+    let part = layer.v4_dw_part.as_ref().ok_or_else(|| missing("the partial weight gradients"))?;
+    let mut b = stream.launch_builder(&f);
+    b.arg(params).arg(&mut *grads).arg(input).arg(out).arg(v).arg(g).arg(z).arg(grad_out).arg(&mut *grad_in);
+    b.arg(dv).arg(fb).arg(da).arg(part).arg(bar).arg(wfrag).arg(winv).arg(&dims).arg(&np).arg(&vd);
+    // SAFETY: the argument list matches backei_backward_v4_*; dv, da: B·N, fb: min(D, T)·B·N,
+    // dw_part: ranges·2·groups·CO_T·(k²·c_pad + 1) for the plan's ranges (≥ vd.ranges); the
+    // scratch buffers are written by the kernel alone; the grid is co-resident.
+    unsafe { b.launch_cooperative(cfg) }.map_err(cuda_err(plan.backward))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fb(r: usize) -> FeedbackConfig {
+        FeedbackConfig { back: true, ei: true, radius: r, delay: 1 }
+    }
+
+    #[test]
+    fn the_fashion_and_mnist_layers_get_resident_weights_and_on_chip_weight_gradients() {
+        for (shape, r) in [([32usize, 28, 28], 1usize), ([64, 14, 14], 1), ([15, 24, 24], 2)] {
+            let p = plan_v4(shape, &fb(r), 100, 20, &DeviceLimits::H100, Precision::Fp32).unwrap();
+            assert!(p.smem_bytes as usize <= DeviceLimits::H100.max_smem_per_block as usize, "{shape:?}: {p:?}");
+            assert!(p.dims.dw_smem == 1, "{shape:?}: {p:?}");
+            assert_eq!(p.grid as usize, p.dims.groups as usize * p.dims.ranges as usize);
+            assert!(p.grid <= DeviceLimits::H100.sm_count, "{shape:?}");
+        }
+        let l1 = plan_v4([32, 28, 28], &fb(1), 100, 20, &DeviceLimits::H100, Precision::Fp32).unwrap();
+        assert_eq!((l1.co_t, l1.dims.groups, l1.dims.w_resident), (32, 1, 1), "{l1:?}");
+    }
+
+    #[test]
+    fn every_offset_is_16_byte_aligned_and_the_regions_do_not_overlap() {
+        for c in [1usize, 15, 16, 33, 64, 128] {
+            for p in Precision::ALL {
+                for r in [1usize, 2] {
+                    let Ok(pl) = plan_v4([c, 9, 11], &fb(r), 3, 4, &DeviceLimits::A100, p) else { continue };
+                    let d = pl.dims;
+                    for x in [d.smem_dw, d.smem_halo, d.smem_misc, d.plane_bytes, d.pstride, d.wslice_bytes] {
+                        assert_eq!(x % 16, 0, "{c} {p} {r}: {d:?}");
+                    }
+                    let gates = if d.w_resident == 1 { 2 } else { 1 };
+                    assert!(d.smem_dw >= gates * d.wslice_bytes && d.smem_halo >= d.smem_dw && d.smem_misc > d.smem_halo, "{d:?}");
+                    assert!(d.c_pad as usize >= c && d.c_pad % 16 == 0);
+                    // conflict-free ldmatrix rows: an odd number of 16-byte units per pixel
+                    assert_eq!((d.pstride / 16) % 2, 1, "{d:?}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn shapes_v4_cannot_run_say_why() {
+        let e = plan_v4([8, 9, 9], &fb(3), 2, 2, &DeviceLimits::H100, Precision::Fp32).unwrap_err();
+        assert!(e.contains("radius 3"), "{e}");
+        let tiny = DeviceLimits { max_smem_per_block: 4096, ..DeviceLimits::H100 };
+        let e = plan_v4([64, 14, 14], &fb(1), 2, 2, &tiny, Precision::Fp32).unwrap_err();
+        assert!(e.contains("shared memory"), "{e}");
+        let few = DeviceLimits { sm_count: 2, ..DeviceLimits::H100 };
+        let e = plan_v4([512, 8, 8], &fb(1), 2, 2, &few, Precision::Bf16).unwrap_err();
+        assert!(e.contains("co-resident"), "{e}");
+    }
+
+    #[test]
+    fn fewer_resident_blocks_shrink_the_ranges_not_the_groups() {
+        let p = plan_v4([64, 14, 14], &fb(1), 100, 20, &DeviceLimits::H100, Precision::Fp32).unwrap();
+        let (d, grid) = dims_for_resident(&p, 50).unwrap();
+        assert_eq!(d.groups, p.dims.groups);
+        assert_eq!(grid as i32, d.groups * d.ranges);
+        assert!(grid <= 50 && d.ranges <= p.dims.ranges);
+        assert!(dims_for_resident(&p, p.dims.groups as u32 - 1).is_none());
+    }
+}

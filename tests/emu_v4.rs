@@ -1,0 +1,169 @@
+//! The tensor-core BackEI kernels (v4, `cuda/backei_v4.cu`) executed on the CPU emulator
+//! (`tests/emu/cuda_emu.h`, whose mma.sync, ldmatrix and cp.async follow the PTX ISA and are
+//! themselves checked against a GPU by `tests/gpu_mma.rs`), launched exactly as the host plans
+//! them (`backei::gpu::backei_v4::plan_v4` through `plan_tensor_cores`) and compared with the CPU
+//! engine by `tests/common/layer_check.rs` — forward, every gradient, every switch, D = 1..3,
+//! r = 1 and 2, odd shapes and the BackEI shapes of the networks, in each precision mode.
+//!
+//! Tolerances per mode (docs/gpu.md says why): fp32 (split fp16 hi + lo) the f32 kernels' own
+//! (1e-4, or 4× the f32 CPU engine's error); tf32 and bf16 (one rounded product each) compared in
+//! the smooth firing mode, where a rounding cannot flip a spike, at 2e-3 and 2e-2.
+mod common;
+
+use backei::gpu::backei_layer::{layer_dims, plan_tensor_cores, DeviceLimits, KernelVersion, LaunchPlan, NeuronParams, WgradPath};
+use backei::precision::Precision;
+use backei::spec::{LayerSpec, NetworkSpec};
+use common::emu::{self, Args, DevBuf};
+use common::layer_check::{case, compare_within, cpu_reference, inputs, odd_shape_cases, smooth, Case, DeviceOut, Inputs, Tolerance};
+
+/// A device with few SMs, so that several pixel ranges (blocks) meet at every grid barrier and a
+/// block owns several chunks, without emulating 132 blocks of 256 threads.
+const SMALL: DeviceLimits = DeviceLimits { sm_count: 3, max_smem_per_block: 232_448, max_smem_per_sm: 233_472 };
+
+fn tolerance(p: Precision) -> Tolerance {
+    match p {
+        Precision::Fp32 => Tolerance::F32,
+        Precision::Tf32 => Tolerance { rel: 2e-3, f32_ratio: 0.0, flip_window: 2e-3, flip_fraction: 2e-2 },
+        Precision::Bf16 => Tolerance { rel: 2e-2, f32_ratio: 0.0, flip_window: 2e-2, flip_fraction: 5e-2 },
+    }
+}
+
+/// One forward and backward of the plan's v4 kernels on the emulator.
+fn emulate_v4(c: &Case, x: &Inputs, plan: &LaunchPlan, sched: u64) -> DeviceOut {
+    let v4 = plan.v4.as_ref().unwrap_or_else(|| panic!("{}: not a v4 plan: {:?}", c.name, plan.fallback));
+    let n: usize = c.shape.iter().product();
+    let (b, t) = (c.batch, c.steps);
+    let bs = plan.buffers;
+    let np = NeuronParams::from_config(&c.neuron);
+    let m = emu::module_with("backei_v4", &v4.tile_defines());
+    let mut params = DevBuf::from("params", &x.params);
+    let mut grads = DevBuf::from("grads", &x.grads0);
+    let mut input = DevBuf::from("input", &x.input);
+    let mut gout = DevBuf::from("grad_out", &x.grad_out);
+    let mut gin = DevBuf::new("grad_in", c.t_in * b * n);
+    let mut out = DevBuf::new("out", bs.out);
+    let mut v = DevBuf::new("v", bs.v);
+    let mut g = DevBuf::new("g", bs.g);
+    let mut z = DevBuf::new("z", bs.z);
+    let mut dv = DevBuf::new("dv", bs.dv);
+    let mut fbuf = DevBuf::new("fb", bs.fb);
+    let mut da = DevBuf::new("da", bs.da);
+    let mut wfrag = DevBuf::new("wfrag", bs.v4_wfrag);
+    let mut winv = DevBuf::new("winv", bs.v4_winv);
+    let mut part = DevBuf::new("dw_part", bs.v4_dw_part);
+    let mut bar = vec![0u32; 1];
+    let dims = layer_dims(c.shape, &c.fb, b, t, &x.slots, c.t_in, false, false).unwrap();
+    let mut a = Args::new();
+    a.val(params.ptr()).val(input.ptr()).val(out.ptr()).val(v.ptr()).val(g.ptr()).val(z.ptr());
+    a.buf_u32(&mut bar).val(wfrag.ptr()).val(winv.ptr()).val(dims).val(np).val(v4.dims);
+    m.launch(&plan.forward, sched, &mut a).unwrap_or_else(|e| panic!("{}: {e}", c.name));
+    bar[0] = 0;
+    let mut a = Args::new();
+    a.val(params.ptr()).val(grads.ptr()).val(input.ptr()).val(out.ptr()).val(v.ptr()).val(g.ptr()).val(z.ptr());
+    a.val(gout.ptr()).val(gin.ptr()).val(dv.ptr()).val(fbuf.ptr()).val(da.ptr()).val(part.ptr());
+    a.buf_u32(&mut bar).val(wfrag.ptr()).val(winv.ptr()).val(dims).val(np).val(v4.dims);
+    m.launch(&plan.backward, sched + 1, &mut a).unwrap_or_else(|e| panic!("{}: {e}", c.name));
+    for buf in [&params, &grads, &input, &gout, &gin, &out, &v, &g, &z, &dv, &fbuf, &da, &wfrag, &winv, &part] {
+        buf.check_guards();
+    }
+    assert_eq!(params.host(), x.params, "{}: the parameters were written", c.name);
+    DeviceOut {
+        out: out.host(),
+        v: v.host(),
+        g: c.fb.back.then(|| g.host()),
+        z: c.fb.ei.then(|| z.host()),
+        gin: gin.host(),
+        grads: grads.host(),
+    }
+}
+
+fn v4_plan(c: &Case, limits: &DeviceLimits, p: Precision) -> LaunchPlan {
+    let plan = plan_tensor_cores(c.shape, &c.fb, c.batch, c.steps, limits, p).unwrap();
+    assert_eq!(plan.version, KernelVersion::V4, "{}: fell back: {:?}", c.name, plan.fallback);
+    assert_eq!(plan.wgrad, WgradPath::Fused);
+    plan
+}
+
+/// Runs every case in precision `p`; returns how many compared their weight gradients strictly.
+fn run(cases: &[Case], limits: &DeviceLimits, p: Precision) -> usize {
+    let mut strict = 0;
+    for (i, c) in cases.iter().enumerate() {
+        let x = inputs(c, 4150 + i as u64);
+        let cpu = cpu_reference(c, &x);
+        let plan = v4_plan(c, limits, p);
+        let d = emulate_v4(c, &x, &plan, 17 + i as u64);
+        let v4 = plan.v4.as_ref().unwrap();
+        let label = format!("v4/{p} co_t {} mt {} grid {} smem {}", v4.co_t, v4.mt, v4.grid, v4.smem_bytes);
+        strict += compare_within(c, &label, &x, &cpu, &d, tolerance(p)).strict_grads as usize;
+    }
+    strict
+}
+
+/// The fused cases of the shared odd-shape list (back/ei on and off, r = 1 with D = 1, r = 2 with
+/// D = 3, T_in = 1 and T, D > T, T = 1); the 1×1 map with r = 0 is v4's to refuse.
+fn odd_fused_cases() -> Vec<Case> {
+    odd_shape_cases(2).into_iter().filter(|c| c.fb.radius >= 1).collect()
+}
+
+#[test]
+fn v4_fp32_matches_the_cpu_on_odd_shapes_and_every_switch() {
+    let cases = odd_fused_cases();
+    let strict = run(&cases, &SMALL, Precision::Fp32);
+    assert!(strict * 2 >= cases.len(), "fewer than half of the cases compared their weight gradients strictly");
+}
+
+#[test]
+fn v4_fp32_gradients_match_in_smooth_mode_beyond_one_chunk_and_one_channel_group() {
+    let mut cases = Vec::new();
+    for (back, ei) in [(true, true), (true, false), (false, true)] {
+        for (r, d, t_in) in [(1, 1, 4), (2, 2, 1)] {
+            cases.push(smooth(case(&format!("5×7×9 back {back} ei {ei} r {r} D {d} T_in {t_in}"), [5, 7, 9], back, ei, r, d, 2, 4, t_in)));
+        }
+    }
+    // 40 channels: three 16-channel groups (the last partial) and c_pad 48; 19×21 maps: a sample
+    // spans several 256-pixel chunks and a chunk several rows
+    cases.push(smooth(case("40×19×21 back+ei r 1 D 1", [40, 19, 21], true, true, 1, 1, 2, 3, 3)));
+    cases.push(smooth(case("17×13×11 back+ei r 2 D 3", [17, 13, 11], true, true, 2, 3, 3, 4, 1)));
+    assert_eq!(run(&cases, &SMALL, Precision::Fp32), cases.len(), "smooth mode compares every gradient");
+}
+
+#[test]
+fn v4_tf32_and_bf16_match_the_cpu_within_their_precision() {
+    let cases: Vec<Case> = [
+        case("6×9×8 back+ei r 1 D 1", [6, 9, 8], true, true, 1, 1, 2, 4, 4),
+        case("6×9×8 back r 2 D 2 T_in 1", [6, 9, 8], true, false, 2, 2, 2, 4, 1),
+        case("6×9×8 ei r 1", [6, 9, 8], false, true, 1, 1, 2, 4, 4),
+        case("33×10×7 back+ei r 1 D 1", [33, 10, 7], true, true, 1, 1, 2, 3, 3),
+    ]
+    .into_iter()
+    .map(smooth)
+    .collect();
+    for p in [Precision::Tf32, Precision::Bf16] {
+        assert_eq!(run(&cases, &SMALL, p), cases.len(), "{p}: smooth mode compares every gradient");
+    }
+}
+
+#[test]
+fn v4_matches_the_cpu_on_the_backei_shapes_of_the_mnist_fashion_and_nmnist_networks() {
+    let mut cases = Vec::new();
+    for spec in [NetworkSpec::mnist(), NetworkSpec::fashion_mnist(), NetworkSpec::nmnist()] {
+        for (i, l) in spec.plan().unwrap().iter().enumerate() {
+            if l.spec != LayerSpec::BackEi {
+                continue;
+            }
+            let fb = spec.feedback;
+            cases.push(smooth(case(
+                &format!("{} layer {i} {:?}", spec.name, l.output),
+                l.output,
+                fb.back,
+                fb.ei,
+                fb.radius,
+                fb.delay,
+                1,
+                2,
+                2,
+            )));
+        }
+    }
+    assert_eq!(run(&cases, &DeviceLimits::H100, Precision::Fp32), cases.len());
+}
