@@ -93,6 +93,19 @@
 #define DIM_W d.W
 #endif
 
+// The neuron's firing mode and surrogate (NeuronParams.smooth, .surrogate) as compile-time
+// constants when the host knows them (the GPU build: every epilogue then holds one surrogate's
+// code instead of all of them, unrolled over a thread's 8·MT·NT/… elements), else read at run time.
+__device__ __forceinline__ NeuronParams v4_neuron(NeuronParams np) {
+#ifdef V4_SMOOTH
+    np.smooth = V4_SMOOTH;
+#endif
+#ifdef V4_SURR
+    np.surrogate = V4_SURR;
+#endif
+    return np;
+}
+
 namespace v4 {
 constexpr int R = V4_R, K = 2 * R + 1, KK = K * K;
 constexpr int PREC = V4_PREC;
@@ -227,12 +240,14 @@ __device__ __forceinline__ void conv_gemm(float (&acc)[MT][NT][4], const char* h
         const int q = ch.q0 + pm, y = q / W - ch.y_first, x = q - (q / W) * W;
         off[mi] = (y * HS + x) * vd.pstride + (lane >> 4) * 16;
     }
-#pragma unroll
-    for (int ky = 0; ky < K; ++ky) {
-#pragma unroll
-        for (int kx = 0; kx < K; ++kx) {
+    // taps not unrolled: one k-step already holds MT·NT·(1–3) independent MMAs, and unrolling k²
+    // copies of it multiplies the code (and NVRTC's time) for no more parallelism
+#pragma unroll 1
+    for (int tap = 0; tap < KK; ++tap) {
+        const int ky = tap / K, kx = tap - ky * K;
+        {
             const int tap_off = (ky * HS + kx) * vd.pstride;
-            const int ks0 = (ky * K + kx) * ks_tap;
+            const int ks0 = tap * ks_tap;
             for (int ks = 0; ks < ks_tap; ++ks) {
                 u32 a[APL][MT][4];
 #pragma unroll
@@ -829,7 +844,7 @@ __device__ __forceinline__ void backward_v4(const float* __restrict__ params, fl
 extern "C" __global__ void __launch_bounds__(256, 1)
 V4_FORWARD(const float* __restrict__ params, const float* __restrict__ input, float* out, float* v, float* __restrict__ g, float* z,
            unsigned int* bar, char* wfrag, float* winv, LayerDims d, NeuronParams np, V4Dims vd) {
-    forward_v4(params, input, out, v, g, z, bar, wfrag, winv, d, np, vd);
+    forward_v4(params, input, out, v, g, z, bar, wfrag, winv, d, v4_neuron(np), vd);
 }
 
 extern "C" __global__ void __launch_bounds__(256, 1)
@@ -837,5 +852,5 @@ V4_BACKWARD(const float* __restrict__ params, float* grads, const float* __restr
             const float* __restrict__ v, const float* __restrict__ g, const float* __restrict__ z, const float* __restrict__ grad_out,
             float* grad_in, float* dvbuf, float* fb, float* da, float* dw_part, unsigned int* bar, char* wfrag, float* winv, LayerDims d,
             NeuronParams np, V4Dims vd) {
-    backward_v4(params, grads, input, out, v, g, z, grad_out, grad_in, dvbuf, fb, da, dw_part, bar, wfrag, winv, d, np, vd);
+    backward_v4(params, grads, input, out, v, g, z, grad_out, grad_in, dvbuf, fb, da, dw_part, bar, wfrag, winv, d, v4_neuron(np), vd);
 }

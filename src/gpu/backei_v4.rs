@@ -395,8 +395,11 @@ mod tests {
         let tiny = DeviceLimits { max_smem_per_block: 4096, ..DeviceLimits::H100 };
         let e = plan_v4([64, 14, 14], &fb(1), 2, 2, &tiny, Precision::Fp32).unwrap_err();
         assert!(e.contains("shared memory"), "{e}");
+        // cifar10's layer 3: one gate's 16-channel slice and the halos of 512 channels exceed it
+        let e = plan_v4([512, 8, 8], &fb(1), 2, 2, &DeviceLimits::H100, Precision::Fp32).unwrap_err();
+        assert!(e.contains("shared memory"), "{e}");
         let few = DeviceLimits { sm_count: 2, ..DeviceLimits::H100 };
-        let e = plan_v4([512, 8, 8], &fb(1), 2, 2, &few, Precision::Bf16).unwrap_err();
+        let e = plan_v4([256, 8, 8], &fb(1), 2, 2, &few, Precision::Bf16).unwrap_err();
         assert!(e.contains("co-resident"), "{e}");
     }
 
@@ -408,5 +411,41 @@ mod tests {
         assert_eq!(grid as i32, d.groups * d.ranges);
         assert!(grid <= 50 && d.ranges <= p.dims.ranges);
         assert!(dims_for_resident(&p, p.dims.groups as u32 - 1).is_none());
+    }
+}
+
+#[cfg(test)]
+mod network_tests {
+    use super::*;
+    use crate::spec::{LayerSpec, NetworkSpec};
+
+    /// Every BackEI layer of mnist, fashion-mnist and N-MNIST runs on v4 in every precision on an
+    /// H100/H200; the plans (printed) are the ones docs/gpu.md describes, cifar10's included.
+    #[test]
+    fn plans_of_the_four_networks() {
+        for spec in [NetworkSpec::mnist(), NetworkSpec::fashion_mnist(), NetworkSpec::nmnist(), NetworkSpec::cifar10()] {
+            for l in spec.plan().unwrap().iter().filter(|l| l.spec == LayerSpec::BackEi) {
+                for p in Precision::ALL {
+                    match plan_v4(l.output, &spec.feedback, 100, 20, &DeviceLimits::H100, p) {
+                        Ok(v) => println!(
+                            "{:<14} {:?} {p}: co_t {} mt {} groups {} ranges {} smem {} resident weights {} dW on chip {}",
+                            spec.name,
+                            l.output,
+                            v.co_t,
+                            v.mt,
+                            v.dims.groups,
+                            v.dims.ranges,
+                            v.smem_bytes,
+                            v.dims.w_resident,
+                            v.dims.dw_smem
+                        ),
+                        Err(why) => {
+                            println!("{:<14} {:?} {p}: falls back: {why}", spec.name, l.output);
+                            assert_eq!(spec.name, "cifar10", "{:?} {p}: {why}", l.output);
+                        }
+                    }
+                }
+            }
+        }
     }
 }

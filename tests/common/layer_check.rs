@@ -178,8 +178,15 @@ pub fn cpu_reference(c: &Case, x: &Inputs) -> CpuRef {
 
 /// max over admitted elements of |a − exact| / max(|exact|, 1e-2·max|exact|, 1e-6).
 pub fn err_vs_exact(a: &[f32], exact: &[f64], keep: impl Fn(usize) -> bool) -> f64 {
+    err_vs_exact_floor(a, exact, 1e-2, keep)
+}
+
+/// [`err_vs_exact`] with the denominator's floor at `floor` × max|exact| (1: the error relative to
+/// the tensor's scale, the measure for products rounded to 10 or 7 bits, whose error follows the
+/// magnitudes summed, not the sum).
+pub fn err_vs_exact_floor(a: &[f32], exact: &[f64], floor: f64, keep: impl Fn(usize) -> bool) -> f64 {
     let scale = exact.iter().fold(0f64, |m, x| m.max(x.abs()));
-    let floor = (1e-2 * scale).max(1e-6);
+    let floor = (floor * scale).max(1e-6);
     let mut e = 0f64;
     for i in 0..a.len() {
         if keep(i) {
@@ -218,11 +225,13 @@ pub struct Tolerance {
     pub flip_window: f32,
     /// The largest fraction of outputs that may flip.
     pub flip_fraction: f64,
+    /// The floor of the relative error's denominator, as a fraction of the tensor's scale.
+    pub floor: f64,
 }
 
 impl Tolerance {
     /// f32 arithmetic in another order (v1–v3; v4 in fp32 mode): see the module comment.
-    pub const F32: Tolerance = Tolerance { rel: 1e-4, f32_ratio: 4.0, flip_window: 1e-4, flip_fraction: 1e-4 };
+    pub const F32: Tolerance = Tolerance { rel: 1e-4, f32_ratio: 4.0, flip_window: 1e-4, flip_fraction: 1e-4, floor: 1e-2 };
 }
 
 /// Compares and panics with the case's name on any disagreement; `label` (the kernel version and
@@ -325,8 +334,9 @@ pub fn compare_within(c: &Case, label: &str, x: &Inputs, r: &CpuRef, d: &DeviceO
     };
     let ex = &r.exact;
     // (device error, the f32 CPU engine's error), both against the f64 run
-    let pair =
-        |dev: &[f32], c32: &[f32], c64: &[f64], keep: &dyn Fn(usize) -> bool| (err_vs_exact(dev, c64, keep), err_vs_exact(c32, c64, keep));
+    let pair = |dev: &[f32], c32: &[f32], c64: &[f64], keep: &dyn Fn(usize) -> bool| {
+        (err_vs_exact_floor(dev, c64, tol.floor, keep), err_vs_exact_floor(c32, c64, tol.floor, keep))
+    };
     let no_flip = |e: usize| first_flip[(e / n) % b] == usize::MAX;
     let ev = pair(&d.v, &cpu.v, &ex.v, &before_flip);
     let eg = d.g.as_ref().map(|g| pair(g, &cpu.g, &ex.g, &before_flip)).unwrap_or((0.0, 0.0));
