@@ -258,10 +258,24 @@ fn missing(what: &str) -> BackeiError {
     BackeiError::Cuda(format!("BackEI layer (v4): {what} missing"))
 }
 
+/// The module instance's constants for a neuron: the plan's, and the firing mode and surrogate
+/// (one surrogate's code in the epilogues instead of all of them).
+pub fn instance_defines(plan: &V4Plan, np: &NeuronParams) -> Vec<(String, String)> {
+    let mut d = plan.defines.clone();
+    d.push(("V4_SMOOTH".into(), np.smooth.to_string()));
+    d.push(("V4_SURR".into(), np.surrogate.to_string()));
+    d
+}
+
 /// The kernel of a module instance, opted in to its shared memory, and the launch configuration
 /// and dims of the grid the device can make co-resident; the barrier word zeroed.
-fn prepare_launch(layer: &mut GpuBackEiLayer, plan: &V4Plan, kernel: &'static str) -> Result<(CudaFunction, LaunchConfig, V4Dims)> {
-    let f = layer.dev.kernels.function_with(V4_MODULE, &plan.defines, kernel)?;
+fn prepare_launch(
+    layer: &mut GpuBackEiLayer,
+    plan: &V4Plan,
+    kernel: &'static str,
+    np: &NeuronParams,
+) -> Result<(CudaFunction, LaunchConfig, V4Dims)> {
+    let f = layer.dev.kernels.function_with(V4_MODULE, &instance_defines(plan, np), kernel)?;
     let l = KernelLaunch {
         module: V4_MODULE,
         kernel,
@@ -293,7 +307,7 @@ pub(crate) fn launch_forward(
     dims: LayerDims,
     np: NeuronParams,
 ) -> Result<()> {
-    let (f, cfg, vd) = prepare_launch(layer, plan, plan.forward)?;
+    let (f, cfg, vd) = prepare_launch(layer, plan, plan.forward, &np)?;
     let stream = layer.dev.stream.clone();
     let d = &layer.dummy;
     let (out, v) = (layer.out.as_ref().ok_or_else(|| missing("s"))?, layer.v.as_ref().ok_or_else(|| missing("v"))?);
@@ -324,7 +338,7 @@ pub(crate) fn launch_backward(
     dims: LayerDims,
     np: NeuronParams,
 ) -> Result<()> {
-    let (f, cfg, vd) = prepare_launch(layer, plan, plan.backward)?;
+    let (f, cfg, vd) = prepare_launch(layer, plan, plan.backward, &np)?;
     let stream = layer.dev.stream.clone();
     let d = &layer.dummy;
     let (out, v) = (layer.out.as_ref().ok_or_else(|| missing("s"))?, layer.v.as_ref().ok_or_else(|| missing("v"))?);
