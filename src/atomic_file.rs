@@ -30,16 +30,25 @@ pub fn is_temp_name(name: &str) -> bool {
 /// Writes `bytes` to `path` atomically: temporary file, fsync, rename, fsync of the folder. On
 /// any error the temporary file is removed and the old `path` (if any) is untouched.
 pub fn write(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    write_with(path, |w| {
+        let half = bytes.len() / 2;
+        w.write_all(&bytes[..half])?;
+        crash_point();
+        w.write_all(&bytes[half..])
+    })
+}
+
+/// [`write`] for content produced piece by piece: `fill` writes it (buffered) into the temporary
+/// file.
+pub fn write_with(path: &Path, fill: impl FnOnce(&mut dyn Write) -> std::io::Result<()>) -> std::io::Result<()> {
     if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
         std::fs::create_dir_all(parent)?;
     }
     let tmp = temp_path(path);
     let result = (|| {
-        let mut f = std::fs::File::create(&tmp)?;
-        let half = bytes.len() / 2;
-        f.write_all(&bytes[..half])?;
-        crash_point();
-        f.write_all(&bytes[half..])?;
+        let mut w = std::io::BufWriter::with_capacity(1 << 20, std::fs::File::create(&tmp)?);
+        fill(&mut w)?;
+        let f = w.into_inner().map_err(|e| e.into_error())?;
         f.sync_all()?;
         crash_point();
         std::fs::rename(&tmp, path)
@@ -71,9 +80,23 @@ fn sync_parent(path: &Path) {
 }
 
 /// Removes the temporary files (`*.tmp<digits>`) that killed writers left in `dir` and returns
-/// their names. Call it only where no other process writes (a locked run folder, a cache folder
-/// whose files are all rewritten whole).
+/// their paths. Call it only where no other process writes (a locked run folder); elsewhere use
+/// [`remove_temps_of_dead_processes`].
 pub fn remove_stale_temps(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
+    remove_temps_where(dir, |_| true)
+}
+
+/// Removes the temporary files in `dir` whose writer (the pid in the name) no longer runs: for
+/// folders several processes may write (a shared cache).
+pub fn remove_temps_of_dead_processes(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
+    remove_temps_where(dir, |name| {
+        let pid = name.rsplit_once(".tmp").and_then(|(_, d)| d.parse::<i32>().ok()).unwrap_or(0);
+        // SAFETY: kill(2) with signal 0 only checks that the process exists.
+        pid > 0 && unsafe { libc::kill(pid, 0) } != 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH)
+    })
+}
+
+fn remove_temps_where(dir: &Path, stale: impl Fn(&str) -> bool) -> std::io::Result<Vec<PathBuf>> {
     let mut removed = Vec::new();
     let rd = match std::fs::read_dir(dir) {
         Ok(rd) => rd,
@@ -83,7 +106,7 @@ pub fn remove_stale_temps(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
     for ent in rd {
         let ent = ent?;
         let is_file = ent.file_type().map(|t| t.is_file()).unwrap_or(false);
-        if is_file && ent.file_name().to_str().is_some_and(is_temp_name) {
+        if is_file && ent.file_name().to_str().is_some_and(|n| is_temp_name(n) && stale(n)) {
             std::fs::remove_file(ent.path())?;
             removed.push(ent.path());
         }

@@ -7,7 +7,11 @@ use data_fixtures::*;
 use std::path::Path;
 
 fn load(kind: DatasetKind, dir: &Path, split: Split) -> Result<Dataset, DataError> {
-    Dataset::load(kind, split, &LoadOptions { data_dir: Some(dir.into()), steps: 4, cache_dir: Some(dir.join("cache")) })
+    Dataset::load(
+        kind,
+        split,
+        &LoadOptions { data_dir: Some(dir.into()), steps: 4, cache_dir: Some(dir.join("cache")), ..Default::default() },
+    )
 }
 
 fn err(kind: DatasetKind, dir: &Path, split: Split) -> String {
@@ -210,7 +214,7 @@ fn property_parsers_never_panic() {
             nmnist::parse_events(&b, p)
                 .map(|ev| {
                     let mut out = vec![0u8; 3 * nmnist::FRAME];
-                    nmnist::bin_events(&ev, 3, &mut out);
+                    nmnist::bin_events(&ev, 3, nmnist::Binning::default(), &mut out);
                 })
                 .is_ok(),
             idx::load_bytes(DatasetKind::Mnist, Split::Train, &b, &b, (p, p)).is_ok(),

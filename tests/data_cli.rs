@@ -14,8 +14,15 @@ struct Cli {
 fn inspect_embedded_sample_writes_grid_png() {
     let d = tempfile::tempdir().unwrap();
     let out = d.path().join("grid.png");
-    run(DataCommand::Inspect { dataset: DatasetKind::MnistSample, data_dir: None, grid: Some(out.clone()), steps: 8, cache_dir: None })
-        .unwrap();
+    run(DataCommand::Inspect {
+        dataset: DatasetKind::MnistSample,
+        data_dir: None,
+        grid: Some(out.clone()),
+        steps: 8,
+        cache_dir: None,
+        binning: Default::default(),
+    })
+    .unwrap();
     let dec = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(&out).unwrap()));
     let r = dec.read_info().unwrap();
     let info = r.info();
@@ -26,9 +33,15 @@ fn inspect_embedded_sample_writes_grid_png() {
 #[test]
 fn inspect_missing_dataset_fails_with_hint() {
     let d = tempfile::tempdir().unwrap();
-    let e =
-        run(DataCommand::Inspect { dataset: DatasetKind::Cifar10, data_dir: Some(d.path().into()), grid: None, steps: 8, cache_dir: None })
-            .unwrap_err();
+    let e = run(DataCommand::Inspect {
+        dataset: DatasetKind::Cifar10,
+        data_dir: Some(d.path().into()),
+        grid: None,
+        steps: 8,
+        cache_dir: None,
+        binning: Default::default(),
+    })
+    .unwrap_err();
     assert!(format!("{e}").contains("backei data fetch cifar10 --dir DIR"), "{e}");
 }
 
@@ -106,6 +119,7 @@ fn nmnist_zips_put_by_hand_are_verified_unpacked_and_read() {
         grid: Some(out.clone()),
         steps: 4,
         cache_dir: None,
+        binning: Default::default(),
     })
     .unwrap();
     assert!(out.is_file());

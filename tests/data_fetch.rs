@@ -355,7 +355,7 @@ fn nmnist_md5_verified_download_unpacks_and_loads() {
     assert!(text.contains("Test.zip: unpacked"), "{text}");
     assert!(d.path().join("Train/3/00000.bin").is_file() && d.path().join("Test/1/00001.bin").is_file());
     // The N-MNIST reader loads what was unpacked.
-    let lo = LoadOptions { data_dir: Some(d.path().into()), steps: 4, cache_dir: Some(d.path().join("cache")) };
+    let lo = LoadOptions { data_dir: Some(d.path().into()), steps: 4, cache_dir: Some(d.path().join("cache")), ..Default::default() };
     let tr = Dataset::load(DatasetKind::Nmnist, Split::Train, &lo).unwrap();
     let mut labels = tr.labels().to_vec();
     labels.sort();

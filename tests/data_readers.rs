@@ -2,13 +2,14 @@
 //! binning, cache), the embedded sample, the real Fashion-MNIST files, and `locate`.
 
 mod data_fixtures;
-use backei::data::nmnist::{self, Event};
+use backei::data::nmnist::{self, Binning, Event};
+use backei::data::nmnist_cache;
 use backei::data::{locate, Dataset, DatasetKind, LoadOptions, Split};
 use data_fixtures::*;
 use std::path::{Path, PathBuf};
 
 fn opts(dir: &Path) -> LoadOptions {
-    LoadOptions { data_dir: Some(dir.to_path_buf()), steps: 4, cache_dir: None }
+    LoadOptions { data_dir: Some(dir.to_path_buf()), steps: 4, cache_dir: None, ..Default::default() }
 }
 
 #[test]
@@ -131,7 +132,7 @@ fn nmnist_binning_equal_time() {
         .map(|&(x, y, p, t)| Event { x, y, p, t })
         .collect();
     let mut out = vec![0u8; 4 * nmnist::FRAME];
-    nmnist::bin_events(&ev, 4, &mut out);
+    nmnist::bin_events(&ev, 4, nmnist::Binning::EqualTime, &mut out);
     let at = |t: usize, p: usize, y: usize, x: usize| out[t * nmnist::FRAME + p * 34 * 34 + y * 34 + x];
     // span 0..=99 (100 µs) cut into 4 bins of 25 µs.
     assert_eq!(at(0, 0, 0, 0), 1);
@@ -142,42 +143,83 @@ fn nmnist_binning_equal_time() {
 }
 
 #[test]
-fn nmnist_load_and_cache_keyed_by_t_and_rule() {
+fn nmnist_cache_is_keyed_by_t_binning_and_sources_and_checksummed() {
     let d = tempfile::tempdir().unwrap();
     write_nmnist(d.path(), 2);
     let cache = d.path().join("cache");
-    let o = |t| LoadOptions { data_dir: Some(d.path().into()), steps: t, cache_dir: Some(cache.clone()) };
+    let o = |t| LoadOptions { data_dir: Some(d.path().into()), steps: t, cache_dir: Some(cache.clone()), ..Default::default() };
     let a = Dataset::load(DatasetKind::Nmnist, Split::Train, &o(4)).unwrap();
     assert_eq!((a.len(), a.frames(), a.shape()), (6, 4, [2, 34, 34]));
     assert_eq!(a.labels(), &[0, 0, 1, 1, 2, 2]);
-    assert_eq!(a.sample(0).iter().map(|&v| v as usize).sum::<usize>(), 20);
-    let c4 = nmnist::cache_path(&cache, Split::Train, 4);
+    // tonic's half-open windows drop the last event of each sample
+    assert_eq!(a.sample(0).iter().map(|&v| v as usize).sum::<usize>(), 19);
+    let c4 = nmnist_cache::cache_path(&cache, Split::Train, 4, Binning::TonicTime);
     assert!(c4.is_file());
-    assert!(c4.to_string_lossy().contains(nmnist::BINNING_RULE));
-    // Second load reads the cache: same content even with the sources gone... (sizes kept)
-    let b = Dataset::load(DatasetKind::Nmnist, Split::Train, &o(4)).unwrap();
+    assert!(c4.to_string_lossy().contains("tonic-time"));
+    // the second load reads the cache: with the sources' bytes gone (same size and time), it still
+    // gives the frames, so they came from the cache
+    let src = d.path().join("Train/1/00000.bin");
+    let len = std::fs::metadata(&src).unwrap().len();
+    let aged = std::time::SystemTime::now() - std::time::Duration::from_secs(3600);
+    let age = |p: &Path| std::fs::File::options().write(true).open(p).unwrap().set_modified(aged).unwrap();
+    // files older than the cache's build (not "racy") are trusted by size and time
+    for entry in walk(&d.path().join("Train")) {
+        age(&entry);
+    }
+    let b = Dataset::load(DatasetKind::Nmnist, Split::Train, &o(4)).unwrap(); // rebuilt: times changed
     assert_eq!(a.raw(), b.raw());
-    // Prove the cache is used: tamper with a frame byte, keep the header.
-    let mut bytes = std::fs::read(&c4).unwrap();
-    let last = bytes.len() - 1;
-    bytes[last] = 77;
-    std::fs::write(&c4, &bytes).unwrap();
+    let original = std::fs::read(&src).unwrap();
+    std::fs::write(&src, vec![0u8; len as usize]).unwrap();
+    std::fs::File::options().write(true).open(&src).unwrap().set_modified(aged).unwrap();
     let c = Dataset::load(DatasetKind::Nmnist, Split::Train, &o(4)).unwrap();
-    assert_eq!(*c.raw().last().unwrap(), 77);
-    // Another T: a new cache file, rebuilt from the events.
-    let t2 = Dataset::load(DatasetKind::Nmnist, Split::Train, &o(2)).unwrap();
-    assert_eq!(t2.frames(), 2);
-    assert!(nmnist::cache_path(&cache, Split::Train, 2).is_file());
-    // A cache whose header does not match (e.g. other rule/T written under this name) is rebuilt.
+    assert_eq!(a.raw(), c.raw(), "size and time unchanged and older than the build: the cache is used");
+    std::fs::write(&src, &original).unwrap();
+    // a byte of the cache overwritten: detected by the checksum and rebuilt, never used
     let mut bytes = std::fs::read(&c4).unwrap();
-    bytes[8] ^= 0xff; // version field
+    let k = bytes.len() - 100;
+    bytes[k] ^= 0x40;
     std::fs::write(&c4, &bytes).unwrap();
     let e = Dataset::load(DatasetKind::Nmnist, Split::Train, &o(4)).unwrap();
     assert_eq!(e.raw(), a.raw());
-    // Changed sources (a file added) rebuild too.
+    assert_ne!(std::fs::read(&c4).unwrap(), bytes, "the damaged cache was rewritten");
+    // another T or binning: another cache file, built from the events
+    let t2 = Dataset::load(DatasetKind::Nmnist, Split::Train, &o(2)).unwrap();
+    assert_eq!(t2.frames(), 2);
+    assert!(nmnist_cache::cache_path(&cache, Split::Train, 2, Binning::TonicTime).is_file());
+    let sj = LoadOptions { binning: Binning::SpikingjellyNumber, ..o(4) };
+    let s = Dataset::load(DatasetKind::Nmnist, Split::Train, &sj).unwrap();
+    assert_eq!(s.sample(0).iter().map(|&v| v as usize).sum::<usize>(), 20, "split_by='number' keeps every event");
+    assert!(nmnist_cache::cache_path(&cache, Split::Train, 4, Binning::SpikingjellyNumber).is_file());
+    // a source rewritten with the same size right after the build (same clock tick, same time):
+    // its content is hashed again, and the cache rebuilt
+    let fresh = Dataset::load(DatasetKind::Nmnist, Split::Train, &o(4)).unwrap();
+    let stamp = std::fs::metadata(&src).unwrap().modified().unwrap();
+    let mut other = events(&[(5, 5, 1, 0); 20]);
+    other.truncate(len as usize);
+    std::fs::write(&src, &other).unwrap();
+    std::fs::File::options().write(true).open(&src).unwrap().set_modified(stamp).unwrap();
+    let g = Dataset::load(DatasetKind::Nmnist, Split::Train, &o(4)).unwrap();
+    assert_ne!(g.raw(), fresh.raw(), "the changed source was hidden by the old cache");
+    // files added: rebuilt
     write(&d.path().join("Train/2/00009.bin"), &events(&[(1, 1, 1, 1)]));
     let f = Dataset::load(DatasetKind::Nmnist, Split::Train, &o(4)).unwrap();
     assert_eq!(f.len(), 7);
+    // no temporary files left in the cache folder
+    assert!(std::fs::read_dir(&cache).unwrap().all(|e| !e.unwrap().file_name().to_string_lossy().contains(".tmp")));
+}
+
+/// Every file under `dir`.
+fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
 }
 
 #[test]

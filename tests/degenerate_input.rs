@@ -25,7 +25,11 @@ fn has_all(msg: &str, parts: &[&str]) {
 }
 
 fn load(kind: DatasetKind, dir: &Path, split: Split) -> Result<Dataset, DataError> {
-    Dataset::load(kind, split, &LoadOptions { data_dir: Some(dir.into()), steps: 4, cache_dir: Some(dir.join("cache")) })
+    Dataset::load(
+        kind,
+        split,
+        &LoadOptions { data_dir: Some(dir.into()), steps: 4, cache_dir: Some(dir.join("cache")), ..Default::default() },
+    )
 }
 
 #[test]

@@ -8,6 +8,8 @@ fuzz_target!(|data: &[u8]| {
         assert!(ev.iter().all(|e| (e.x as usize) < nmnist::SIZE && (e.y as usize) < nmnist::SIZE && e.p < 2));
         let steps = 1 + data.first().copied().unwrap_or(0) as usize % 16;
         let mut out = vec![0u8; steps * nmnist::FRAME];
-        nmnist::bin_events(&ev, steps, &mut out);
+        for binning in nmnist::Binning::ALL {
+            nmnist::bin_events(&ev, steps, binning, &mut out);
+        }
     }
 });

@@ -103,6 +103,11 @@ struct TrainArgs {
     /// Gate kernel radius r (kernel 2r+1) [default: the network's, mnist 2, others 1].
     #[arg(long)]
     radius: Option<usize>,
+    /// N-MNIST: how events are cut into the T frames: tonic-time (tonic's ToFrame(n_time_bins=T)),
+    /// tonic-events (ToFrame(n_event_bins=T)), spikingjelly-time, spikingjelly-number
+    /// (integrate_events_by_fixed_frames_number's split_by) or equal-time; see docs/data.md.
+    #[arg(long, default_value_t = backei::data::nmnist::Binning::default())]
+    binning: backei::data::nmnist::Binning,
     /// direct (the image is the input current at every step) or rate (Bernoulli spikes).
     #[arg(long, default_value = "direct")]
     encoding: String,
@@ -267,6 +272,7 @@ fn config_from_args(a: &TrainArgs) -> anyhow::Result<TrainConfig> {
         deterministic: a.deterministic,
         workers: a.workers,
         network,
+        binning: a.binning,
     };
     cfg.validate().map_err(|e| usage(e.to_string()))?;
     Ok(cfg)

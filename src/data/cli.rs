@@ -42,6 +42,10 @@ pub enum DataCommand {
         /// N-MNIST: where binned frames are cached [default: <dataset folder>/backei-cache].
         #[arg(long)]
         cache_dir: Option<PathBuf>,
+        /// N-MNIST: how events are cut into frames: tonic-time (tonic's ToFrame(n_time_bins=T)),
+        /// tonic-events, spikingjelly-time, spikingjelly-number or equal-time (docs/data.md).
+        #[arg(long, default_value_t = super::nmnist::Binning::default())]
+        binning: super::nmnist::Binning,
     },
 }
 
@@ -79,8 +83,8 @@ pub fn run(cmd: DataCommand) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        DataCommand::Inspect { dataset, data_dir, grid, steps, cache_dir } => {
-            let opts = LoadOptions { data_dir, steps, cache_dir };
+        DataCommand::Inspect { dataset, data_dir, grid, steps, cache_dir, binning } => {
+            let opts = LoadOptions { data_dir, steps, cache_dir, binning };
             let (report, train) = inspect::inspect(dataset, &opts)?;
             print!("{report}");
             if let Some(out) = grid {

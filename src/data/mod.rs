@@ -22,6 +22,7 @@ pub mod inspect;
 pub mod loader;
 pub mod locate;
 pub mod nmnist;
+pub mod nmnist_cache;
 
 pub use encode::Encoding;
 pub use error::DataError;
@@ -129,11 +130,13 @@ pub struct LoadOptions {
     pub steps: usize,
     /// Where N-MNIST binned frames are cached; default `<dataset folder>/backei-cache`.
     pub cache_dir: Option<PathBuf>,
+    /// How N-MNIST events are cut into frames (ignored for static images).
+    pub binning: nmnist::Binning,
 }
 
 impl Default for LoadOptions {
     fn default() -> Self {
-        LoadOptions { data_dir: None, steps: 8, cache_dir: None }
+        LoadOptions { data_dir: None, steps: 8, cache_dir: None, binning: nmnist::Binning::default() }
     }
 }
 
@@ -166,7 +169,7 @@ impl Dataset {
             }
             DatasetKind::Nmnist => {
                 let dir = locate::locate(kind, opts.data_dir.as_deref())?;
-                nmnist::load_dir(&dir, split, opts.steps, opts.cache_dir.as_deref())
+                nmnist::load_dir(&dir, split, opts.steps, opts.binning, opts.cache_dir.as_deref())
             }
         }
     }

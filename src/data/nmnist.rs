@@ -8,22 +8,89 @@
 //! 2^13 µs to all later timestamps; (2) if the 23-bit timestamp jumps backwards by more than
 //! half its range (2^22 µs), it wrapped, and 2^23 µs are added from there on.
 //!
-//! Binning rule [`BINNING_RULE`] (`equal-time-v1`): the span from the sample's first to last
-//! event timestamp is cut into T equal bins; frame t, channel p (0 = OFF, 1 = ON) counts the
-//! events at each pixel (saturating at 255). Frames are cached on disk, keyed by T and the
-//! rule, and rebuilt when either (or the source file list) changes.
+//! Binning ([`Binning`], `--binning`): the events of a sample become T frames (channel 0 = OFF,
+//! 1 = ON, per-pixel counts saturating at 255) by one of the conventions PyTorch users compare
+//! against — tonic's `ToFrame(n_time_bins=T)` (the default) or `ToFrame(n_event_bins=T)`,
+//! SpikingJelly's `integrate_events_by_fixed_frames_number(split_by='time'|'number')` — or by
+//! this crate's first rule, `equal-time` (kept so that older runs resume as they were). Each
+//! convention is checked against the library itself on the same event files in CI
+//! (`scripts/check_binning.py`). Frames are cached on disk ([`super::nmnist_cache`]).
 
+use super::nmnist_cache::{self, SourceFile};
 use super::{read_file, DataError, Dataset, DatasetKind, Split};
 use rayon::prelude::*;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 pub const SIZE: usize = 34;
 pub const FRAME: usize = 2 * SIZE * SIZE;
-/// Identifies the binning rule in the cache key; change it when the rule changes.
-pub const BINNING_RULE: &str = "equal-time-v1";
-const CACHE_MAGIC: &[u8; 8] = b"BKEINMNC";
-const CACHE_VERSION: u32 = 1;
+
+/// How a sample's events are cut into T frames. With the events e_0 … e_{N-1} in file order (time
+/// order), t_0 and t_{N-1} the first and last timestamps, and integer division:
+///
+/// * `tonic-time` — tonic `ToFrame(sensor_size, n_time_bins=T)`: w = (t_{N-1} − t_0) div T; frame i
+///   holds the events with t_0 + i·w ≤ t < t_0 + (i+1)·w (half-open windows: the events at and after
+///   t_0 + T·w, the last one included, are dropped; w = 0 gives T empty frames).
+/// * `tonic-events` — tonic `ToFrame(n_event_bins=T)`: c = N div T; frame i holds e_{i·c} …
+///   e_{(i+1)·c − 1} (the last N mod T events are dropped).
+/// * `spikingjelly-time` — SpikingJelly `split_by='time'`: dt = (t_{N-1} − t_0) div T; frame i < T−1
+///   holds t_0 + i·dt ≤ t < t_0 + (i+1)·dt, the last frame everything from t_0 + (T−1)·dt on.
+///   (SpikingJelly raises IndexError where a window is empty; here that frame is empty.)
+/// * `spikingjelly-number` — SpikingJelly `split_by='number'`: d = N div T; frame i < T−1 holds
+///   e_{i·d} … e_{(i+1)·d − 1}, the last frame e_{(T−1)·d} … e_{N−1}.
+/// * `equal-time` — this crate's first rule: the span from the earliest to the latest event, one
+///   µs longer, cut into T equal float bins (no event dropped).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Binning {
+    TonicTime,
+    TonicEvents,
+    SpikingjellyTime,
+    SpikingjellyNumber,
+    EqualTime,
+}
+
+impl Binning {
+    pub const ALL: [Binning; 5] =
+        [Binning::TonicTime, Binning::TonicEvents, Binning::SpikingjellyTime, Binning::SpikingjellyNumber, Binning::EqualTime];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Binning::TonicTime => "tonic-time",
+            Binning::TonicEvents => "tonic-events",
+            Binning::SpikingjellyTime => "spikingjelly-time",
+            Binning::SpikingjellyNumber => "spikingjelly-number",
+            Binning::EqualTime => "equal-time",
+        }
+    }
+
+    /// The rule runs recorded before `--binning` existed used.
+    pub fn legacy() -> Binning {
+        Binning::EqualTime
+    }
+}
+
+/// The default: tonic's `ToFrame(n_time_bins=T)`, what most published N-MNIST results used.
+impl Default for Binning {
+    fn default() -> Self {
+        Binning::TonicTime
+    }
+}
+
+impl std::fmt::Display for Binning {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for Binning {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Binning::ALL
+            .into_iter()
+            .find(|b| b.name() == s)
+            .ok_or_else(|| format!("unknown binning `{s}`; expected one of {}", Binning::ALL.map(|b| b.name()).join(", ")))
+    }
+}
 
 /// One event.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -80,20 +147,55 @@ pub fn parse_events(bytes: &[u8], path: &Path) -> Result<Vec<Event>, DataError> 
     Ok(out)
 }
 
-/// Bins events into `steps` frames of 2×34×34 saturating counts (rule [`BINNING_RULE`]).
+/// Bins events (in file order) into `steps` frames of 2×34×34 saturating counts by `binning`.
 /// `out` must hold `steps * 2 * 34 * 34` bytes and is overwritten.
-pub fn bin_events(events: &[Event], steps: usize, out: &mut [u8]) {
+pub fn bin_events(events: &[Event], steps: usize, binning: Binning, out: &mut [u8]) {
     out.fill(0);
-    if events.is_empty() || steps == 0 {
+    let n = events.len();
+    if n == 0 || steps == 0 {
         return;
     }
-    let t0 = events.iter().map(|e| e.t).min().unwrap_or(0);
-    let t1 = events.iter().map(|e| e.t).max().unwrap_or(0);
-    let span = (t1 - t0 + 1) as u128;
-    for e in events {
-        let bin = (((e.t - t0) as u128 * steps as u128) / span).min(steps as u128 - 1) as usize;
-        let idx = bin * FRAME + e.p as usize * SIZE * SIZE + e.y as usize * SIZE + e.x as usize;
+    let mut put = |frame: usize, e: &Event| {
+        let idx = frame * FRAME + e.p as usize * SIZE * SIZE + e.y as usize * SIZE + e.x as usize;
         out[idx] = out[idx].saturating_add(1);
+    };
+    let (first, last) = (events[0].t, events[n - 1].t);
+    // the libraries' integer division of a span that is negative only for unsorted events
+    let span = last.saturating_sub(first);
+    match binning {
+        Binning::TonicTime | Binning::SpikingjellyTime => {
+            let w = span / steps as u64;
+            for e in events {
+                if e.t < first {
+                    continue;
+                }
+                let k = if w == 0 { u64::MAX } else { (e.t - first) / w };
+                if k < steps as u64 {
+                    put(k as usize, e);
+                } else if binning == Binning::SpikingjellyTime && (w == 0 || k >= steps as u64 - 1) {
+                    put(steps - 1, e); // the last frame runs to the end
+                }
+            }
+        }
+        Binning::TonicEvents | Binning::SpikingjellyNumber => {
+            let c = n / steps;
+            for (i, e) in events.iter().enumerate() {
+                let k = if c == 0 { usize::MAX } else { i / c };
+                if k < steps {
+                    put(k, e);
+                } else if binning == Binning::SpikingjellyNumber {
+                    put(steps - 1, e);
+                }
+            }
+        }
+        Binning::EqualTime => {
+            let t0 = events.iter().map(|e| e.t).min().unwrap_or(0);
+            let t1 = events.iter().map(|e| e.t).max().unwrap_or(0);
+            let span = (t1 - t0 + 1) as u128;
+            for e in events {
+                put((((e.t - t0) as u128 * steps as u128) / span).min(steps as u128 - 1) as usize, e);
+            }
+        }
     }
 }
 
@@ -148,95 +250,56 @@ pub fn list_files(dir: &Path) -> Result<Vec<(PathBuf, u8, u64)>, DataError> {
     Ok(files)
 }
 
-fn fingerprint(files: &[(PathBuf, u8, u64)], dir: &Path) -> u64 {
-    // FNV-1a over relative names and sizes.
-    let mut h: u64 = 0xcbf29ce484222325;
-    let mut eat = |b: &[u8]| {
-        for &x in b {
-            h ^= x as u64;
-            h = h.wrapping_mul(0x100000001b3);
-        }
-    };
-    for (p, l, s) in files {
-        let rel = p.strip_prefix(dir).unwrap_or(p);
-        eat(rel.to_string_lossy().as_bytes());
-        eat(&[*l]);
-        eat(&s.to_le_bytes());
-    }
-    h
-}
-
-/// Path of the cache file for a split, T and the current rule.
-pub fn cache_path(cache_dir: &Path, split: Split, steps: usize) -> PathBuf {
-    cache_dir.join(format!("nmnist-{split}-T{steps}-{BINNING_RULE}.bin"))
-}
-
-fn cache_header(steps: usize, n: usize, fp: u64) -> Vec<u8> {
-    let mut h = Vec::new();
-    h.extend_from_slice(CACHE_MAGIC);
-    h.extend_from_slice(&CACHE_VERSION.to_le_bytes());
-    h.extend_from_slice(&(steps as u64).to_le_bytes());
-    h.extend_from_slice(&(BINNING_RULE.len() as u64).to_le_bytes());
-    h.extend_from_slice(BINNING_RULE.as_bytes());
-    h.extend_from_slice(&(n as u64).to_le_bytes());
-    h.extend_from_slice(&fp.to_le_bytes());
-    h
-}
-
-fn read_cache(path: &Path, header: &[u8], n: usize, steps: usize) -> Option<(Vec<u8>, Vec<u8>)> {
-    let bytes = std::fs::read(path).ok()?;
-    let want = header.len() + n + n * steps * FRAME;
-    if bytes.len() != want || &bytes[..header.len()] != header {
-        return None;
-    }
-    let labels = bytes[header.len()..header.len() + n].to_vec();
-    if labels.iter().any(|&l| l >= 10) {
-        return None;
-    }
-    Some((labels, bytes[header.len() + n..].to_vec()))
-}
-
-fn write_cache(path: &Path, header: &[u8], labels: &[u8], frames: &[u8]) -> std::io::Result<()> {
-    if let Some(d) = path.parent() {
-        std::fs::create_dir_all(d)?;
-    }
-    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
-    {
-        let mut f = std::io::BufWriter::new(std::fs::File::create(&tmp)?);
-        f.write_all(header)?;
-        f.write_all(labels)?;
-        f.write_all(frames)?;
-        f.flush()?;
-    }
-    std::fs::rename(&tmp, path)
-}
-
 /// Loads a split of N-MNIST from `root` (holding `Train/` and `Test/`), binned into `steps`
-/// frames, using (and refreshing) the cache in `cache_dir` (default `root/backei-cache`).
-pub fn load_dir(root: &Path, split: Split, steps: usize, cache_dir: Option<&Path>) -> Result<Dataset, DataError> {
+/// frames by `binning`, using (and refreshing) the cache in `cache_dir` (default
+/// `root/backei-cache`).
+pub fn load_dir(root: &Path, split: Split, steps: usize, binning: Binning, cache_dir: Option<&Path>) -> Result<Dataset, DataError> {
     let steps = steps.max(1);
     let dir = split_dir(root, split);
     let files = list_files(&dir)?;
     let n = files.len();
-    let fp = fingerprint(&files, &dir);
-    let header = cache_header(steps, n, fp);
+    let per = steps.checked_mul(FRAME).and_then(|p| p.checked_mul(n));
+    let bytes = per
+        .ok_or_else(|| DataError::format(&dir, 0, "frames", "frames that fit in memory", format!("{n} samples × T = {steps} overflow")))?;
+    crate::memory::ensure_host(bytes as u128, &format!("{n} N-MNIST samples of {steps} frames"), "use a smaller T (--steps)")
+        .map_err(|m| DataError::format(&dir, 0, "frames", "frames that fit in memory", m))?;
     let cdir = cache_dir.map(Path::to_path_buf).unwrap_or_else(|| root.join("backei-cache"));
-    let cpath = cache_path(&cdir, split, steps);
-    let sources: Vec<PathBuf> = vec![dir.clone()];
-    if let Some((labels, frames)) = read_cache(&cpath, &header, n, steps) {
-        return Ok(Dataset::from_raw(DatasetKind::Nmnist, split, [2, SIZE, SIZE], steps, frames, labels, sources));
+    let cpath = nmnist_cache::cache_path(&cdir, split, steps, binning);
+    let sources = vec![dir.clone()];
+    let build = |why: Option<String>| -> Result<Dataset, DataError> {
+        if let Some(why) = why {
+            eprintln!("rebuilding the N-MNIST frame cache {}: {why}", cpath.display());
+        }
+        let started = std::time::SystemTime::now();
+        let per = steps * FRAME;
+        let mut frames = vec![0u8; n * per];
+        let mut manifest: Vec<SourceFile> = Vec::with_capacity(n);
+        let results: Vec<Result<SourceFile, DataError>> = frames
+            .par_chunks_mut(per)
+            .zip(files.par_iter())
+            .map(|(out, (p, label, _))| {
+                // the stat before the read: a file changed while it is read is rebuilt next time
+                let stat = nmnist_cache::stat(p);
+                let bytes = read_file(p, "an N-MNIST .bin event file (40-bit records)")?;
+                let ev = parse_events(&bytes, p)?;
+                bin_events(&ev, steps, binning, out);
+                Ok(SourceFile::new(&dir, p, *label, stat, &bytes))
+            })
+            .collect();
+        for r in results {
+            manifest.push(r?);
+        }
+        let labels: Vec<u8> = files.iter().map(|f| f.1).collect();
+        if let Err(e) = nmnist_cache::write(&cpath, steps, binning, started, &manifest, &labels, &frames) {
+            eprintln!("warning: could not write the N-MNIST frame cache {}: {e}", cpath.display());
+        }
+        Ok(Dataset::from_raw(DatasetKind::Nmnist, split, [2, SIZE, SIZE], steps, frames, labels, sources.clone()))
+    };
+    match nmnist_cache::read(&cpath, &dir, steps, binning, &files) {
+        nmnist_cache::Lookup::Hit { labels, frames } => {
+            Ok(Dataset::from_raw(DatasetKind::Nmnist, split, [2, SIZE, SIZE], steps, frames, labels, sources))
+        }
+        nmnist_cache::Lookup::Missing => build(None),
+        nmnist_cache::Lookup::Stale(why) => build(Some(why)),
     }
-    let per = steps * FRAME;
-    let mut frames = vec![0u8; n * per];
-    frames.par_chunks_mut(per).zip(files.par_iter()).try_for_each(|(out, (p, _, _))| -> Result<(), DataError> {
-        let bytes = read_file(p, "an N-MNIST .bin event file (40-bit records)")?;
-        let ev = parse_events(&bytes, p)?;
-        bin_events(&ev, steps, out);
-        Ok(())
-    })?;
-    let labels: Vec<u8> = files.iter().map(|f| f.1).collect();
-    if let Err(e) = write_cache(&cpath, &header, &labels, &frames) {
-        eprintln!("warning: could not write N-MNIST frame cache {}: {e}", cpath.display());
-    }
-    Ok(Dataset::from_raw(DatasetKind::Nmnist, split, [2, SIZE, SIZE], steps, frames, labels, sources))
 }

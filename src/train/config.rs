@@ -3,6 +3,7 @@
 //! whose defaults are sized for a two-core CPU.
 
 use crate::cpu::loss::Loss;
+use crate::data::nmnist::Binning;
 use crate::data::{DatasetKind, Encoding};
 use crate::error::{config_err, Result};
 use crate::optim::{OptimizerConfig, StepLr};
@@ -30,6 +31,10 @@ pub struct TrainConfig {
     pub workers: usize,
     /// The network, with T, back/ei, D and r folded in.
     pub network: NetworkSpec,
+    /// How N-MNIST events are cut into frames (`--binning`); runs recorded before it existed used
+    /// `equal-time`.
+    #[serde(default = "Binning::legacy")]
+    pub binning: Binning,
 }
 
 /// The defaults of a dataset (before command-line overrides).

@@ -27,7 +27,7 @@ pub struct RunData {
 /// split are drawn with a permutation of the seed, so a resumed run sees the very same samples.
 pub fn load_data(cfg: &TrainConfig) -> Result<RunData> {
     let kind = cfg.dataset_kind()?;
-    let opts = LoadOptions { data_dir: cfg.data_dir.clone(), steps: cfg.network.steps, cache_dir: None };
+    let opts = LoadOptions { data_dir: cfg.data_dir.clone(), steps: cfg.network.steps, cache_dir: None, binning: cfg.binning };
     let data_err = |e: crate::data::DataError| BackeiError::Io { path: kind.name().into(), problem: e.to_string() };
     let full_train = Dataset::load(kind, Split::Train, &opts).map_err(data_err)?;
     let mut test = Dataset::load(kind, Split::Test, &opts).map_err(data_err)?;
