@@ -238,3 +238,39 @@ fn an_idx_file_larger_than_its_header_says_is_refused_before_it_is_read() {
     let m = load(DatasetKind::Mnist, d.path(), Split::Train).unwrap_err().to_string();
     has_all(&m, &["train-images-idx3-ubyte", "truncated body"]);
 }
+
+/// On the GPU engine the network's state is checked against the device's free memory.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn on_a_gpu_an_oversize_batch_names_device_memory_and_what_fits() {
+    use backei::train::config::{defaults_for, network_for, TrainConfig};
+    let (engine, _) =
+        backei::Engine::new(&backei::NetworkSpec::mnist(), 1, backei::gpu::DeviceChoice::Cuda(0), backei::OptimizerConfig::adam(1e-3))
+            .unwrap();
+    let d = defaults_for(DatasetKind::Mnist);
+    let mut network = network_for(DatasetKind::Mnist);
+    network.steps = 20;
+    let cfg = |batch_size| TrainConfig {
+        dataset: "mnist".into(),
+        data_dir: None,
+        device: "cuda".into(),
+        epochs: 1,
+        batch_size,
+        optimizer: backei::OptimizerConfig::adam(d.lr),
+        lr_schedule: backei::StepLr { step_size: 40, gamma: 0.1 },
+        encoding: "direct".into(),
+        loss: backei::Loss::Mse,
+        seed: 1,
+        train_limit: None,
+        test_limit: None,
+        val_split: 0.0,
+        deterministic: false,
+        workers: 2,
+        network: network.clone(),
+        binning: Default::default(),
+    };
+    let e = backei::train::run::check_memory(&cfg(1_000_000_000), &engine).unwrap_err().to_string();
+    has_all(&e, &["device memory", "largest batch that fits is"]);
+    let fits: usize = e.split("(--batch-size ").nth(1).unwrap().split(')').next().unwrap().parse().unwrap();
+    backei::train::run::check_memory(&cfg(fits), &engine).unwrap();
+}
