@@ -1,15 +1,17 @@
 //! One full training step (forward over T, loss, BPTT, Adam) of each network at the reference
 //! size B = 100, T = 20, on the GPU (every network) and on the CPU (mnist and fashion-mnist, one
-//! repetition: it takes seconds). Prints samples/s and the GPU memory the step held
-//! (`mem_get_info` before and after) beside `memory_plan`'s figure. Without a GPU it prints the
-//! CPU figures and says the GPU part was skipped. After the timed steps, one more GPU step runs
-//! with CUDA events between its ops and prints where its time goes (per layer, forward and
-//! backward, loss, gradient check, optimizer).
+//! repetition: it takes seconds). The GPU steps run as the trainer runs them: pipelined, one
+//! CUDA graph per step (`BACKEI_CUDA_GRAPHS=0` for launches one by one). Prints samples/s and the
+//! GPU memory the step held (`mem_get_info` before and after) beside `memory_plan`'s figure and
+//! the bytes the network allocated. Without a GPU it prints the CPU figures and says the GPU
+//! part was skipped. After the timed steps, one more GPU step runs eagerly with CUDA events
+//! between its ops and prints where its time goes (per layer, forward and backward, loss,
+//! gradient check, optimizer).
 //!
 //! cargo bench --bench train            (BACKEI_BENCH_REPS=N for more GPU repetitions)
 
 use backei::gpu::profile::merge;
-use backei::gpu::{memory_plan, GpuDevice, GpuNetwork, GpuOptimizer};
+use backei::gpu::{GpuDevice, GpuNetwork, GpuOptimizer};
 use backei::{Loss, Network, NetworkSpec, Optimizer, OptimizerConfig};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -43,22 +45,33 @@ fn trim_pool(dev: &GpuDevice) {
     }
 }
 
-fn gpu_step(dev: &std::sync::Arc<GpuDevice>, spec: &NetworkSpec, reps: usize) -> Result<(f64, usize), String> {
+/// (seconds per step, bytes held per mem_get_info, memory plan bytes, bytes the network allocated)
+fn gpu_step(dev: &std::sync::Arc<GpuDevice>, spec: &NetworkSpec, reps: usize) -> Result<(f64, usize, usize, usize), String> {
     trim_pool(dev);
     let (free0, _) = dev.ctx.mem_get_info().map_err(|e| format!("{e:?}"))?;
     let mut net = GpuNetwork::new(dev, spec, 4150).map_err(|e| e.to_string())?;
     let mut opt = GpuOptimizer::new(dev, OptimizerConfig::adam(1e-3), net.num_params()).map_err(|e| e.to_string())?;
     let (x, labels) = batch(spec);
-    // the first step allocates the buffers and compiles/loads the kernels
-    net.train_step(&x, 1, &labels, Loss::Mse, &mut opt).map_err(|e| e.to_string())?;
+    // the first step allocates the buffers and compiles/loads the kernels, the second captures
+    // the step graph
+    for _ in 0..2 {
+        net.train_step(&x, 1, &labels, Loss::Mse, &mut opt).map_err(|e| e.to_string())?;
+    }
     dev.synchronize().map_err(|e| e.to_string())?;
     let (free1, _) = dev.ctx.mem_get_info().map_err(|e| format!("{e:?}"))?;
     let t0 = Instant::now();
     for _ in 0..reps {
-        net.train_step(&x, 1, &labels, Loss::Mse, &mut opt).map_err(|e| e.to_string())?;
+        net.train_step_pipelined(&x, 1, &labels, Loss::Mse, &mut opt).map_err(|e| e.to_string())?;
     }
+    net.finish_steps().map_err(|e| e.to_string())?;
     dev.synchronize().map_err(|e| e.to_string())?;
     let secs = t0.elapsed().as_secs_f64() / reps as f64;
+    let (graphs, off) = net.graph_status();
+    println!("    {}: {graphs} step graph(s){}", spec.name, off.map(|w| format!(" (graphs off: {w})")).unwrap_or_default());
+    let plan = net.memory_plan(B, 1).map(|p| p.total()).unwrap_or(0);
+    let allocated = net.allocated_bytes()
+        + backei::gpu::GpuOptimizer::device_bytes(&opt.config, net.num_params())
+        + backei::gpu::device::CUBLAS_WORKSPACE_BYTES;
     let (free2, _) = dev.ctx.mem_get_info().map_err(|e| format!("{e:?}"))?;
     // one more step with an event between every two ops: where the step's time goes
     net.set_profiling(true).map_err(|e| e.to_string())?;
@@ -70,7 +83,7 @@ fn gpu_step(dev: &std::sync::Arc<GpuDevice>, spec: &NetworkSpec, reps: usize) ->
     for (label, ms, _) in merge(&rows) {
         println!("      {label:<44} {ms:>9.3} ms {:>5.1} %", 100.0 * ms / total.max(1e-9));
     }
-    Ok((secs, free0.saturating_sub(free1.min(free2))))
+    Ok((secs, free0.saturating_sub(free1.min(free2)), plan, allocated))
 }
 
 fn main() {
@@ -83,15 +96,15 @@ fn main() {
             for spec in &nets {
                 let mut spec = spec.clone();
                 spec.steps = T;
-                let plan = memory_plan(&spec, B, T).map(|p| p.total()).unwrap_or(0);
                 match gpu_step(&dev, &spec, reps) {
-                    Ok((secs, held)) => println!(
-                        "  gpu {:<14} {:>9.2} ms/step {:>9.1} samples/s   device memory held {:>6.2} GiB (memory_plan {:.2} GiB)",
+                    Ok((secs, held, plan, allocated)) => println!(
+                        "  gpu {:<14} {:>9.2} ms/step {:>9.1} samples/s   device memory held {:>6.2} GiB (memory_plan {:.2} GiB, allocated {:.2} GiB)",
                         spec.name,
                         secs * 1e3,
                         B as f64 / secs,
                         gib(held),
-                        gib(plan)
+                        gib(plan),
+                        gib(allocated)
                     ),
                     Err(e) => println!("  gpu {:<14} failed: {e}", spec.name),
                 }

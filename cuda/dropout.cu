@@ -2,7 +2,9 @@
 // common.cuh (the twin of crate::rng), so the masks equal the CPU engine's element for element.
 // Host side: src/gpu/dropout.rs; CPU twin: src/cpu/dropout.rs.
 //
-// Math: keep(t, i) = uniform24(key, t, i) ≥ p, key = dropout_key(seed, iteration, layer) (host);
+// Math: keep(t, i) = uniform24(key, t, i) ≥ p, key = dropout_key(seed, iteration, layer) (host),
+//       read from device memory (keys[slot], staged by the host before each step, so that one
+//       captured CUDA graph serves every step);
 //       y[t][i] = keep ? x[t'][i] · scale : 0,  scale = 1/(1−p) rounded to f32 on the host,
 //       t' = 0 when the input has T_in = 1 (direct encoding: one frame broadcast to every step), else t.
 //       Backward: dx[t][i] = keep ? dy[t][i] · scale : 0, or with T_in = 1 the sum over t in
@@ -14,7 +16,8 @@
 
 __device__ __forceinline__ bool keep_(u64 key, u32 t, u64 i, float p) { return uniform24(key, t, i) >= p; }
 
-extern "C" __global__ void dropout_forward_f32(const float* __restrict__ x, float* __restrict__ y, u64 key, float p, float scale, long long len, int steps, int t_in) {
+extern "C" __global__ void dropout_forward_f32(const float* __restrict__ x, float* __restrict__ y, const u64* __restrict__ keys, int slot, float p, float scale, long long len, int steps, int t_in) {
+    const u64 key = keys[slot];
     const long long total = len * steps;
     for (long long j = blockIdx.x * (long long)blockDim.x + threadIdx.x; j < total; j += (long long)gridDim.x * blockDim.x) {
         u32 t = (u32)(j / len);
@@ -24,7 +27,8 @@ extern "C" __global__ void dropout_forward_f32(const float* __restrict__ x, floa
     }
 }
 
-extern "C" __global__ void dropout_backward_f32(const float* __restrict__ dy, float* __restrict__ dx, u64 key, float p, float scale, long long len, int steps, int t_in) {
+extern "C" __global__ void dropout_backward_f32(const float* __restrict__ dy, float* __restrict__ dx, const u64* __restrict__ keys, int slot, float p, float scale, long long len, int steps, int t_in) {
+    const u64 key = keys[slot];
     if (t_in == 1) {
         for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < len; i += (long long)gridDim.x * blockDim.x) {
             float acc = 0.0f;

@@ -7,10 +7,23 @@
 //   p = p − step_size · m / (sqrt(v)/bc2_sqrt + eps),  step_size = lr/(1−β1^t), bc2_sqrt = sqrt(1−β2^t)
 // SGD with momentum (dampening 0, not Nesterov):
 //   g = grad + wd·p;  buf = first ? g : μ·buf + g (μ ≠ 0; buf stored as f32);  p = p − lr·buf
-// count_nonfinite_f32: *count += number of NaN/Inf in x (the host's gradient check).
+// The per-step scalars come from device memory (`scalars`: Adam [step_size, bc2_sqrt], SGD
+// [lr, first]), written by the host before each step, so that one captured CUDA graph serves
+// every step. `status` holds the step's non-finite counts (count_nonfinite_f32 below): when any
+// of its `nstatus` words is non-zero the update is skipped, so a step whose loss or gradients
+// are NaN/Inf never reaches the parameters, although the host learns of it only afterwards.
+// count_nonfinite_f32: *count += number of NaN/Inf in x.
 // Layout: p, grad, m, v flat [n] f32. Work mapping: one thread per element, grid-stride loop.
 
-extern "C" __global__ void adam_f32(float* __restrict__ p, const float* __restrict__ grad, float* __restrict__ m, float* __restrict__ v, long long n, double beta1, double beta2, double eps, double weight_decay, double step_size, double bc2_sqrt) {
+__device__ __forceinline__ bool step_is_bad(const unsigned* __restrict__ status, int nstatus) {
+    unsigned any = 0;
+    for (int i = 0; i < nstatus; ++i) any |= status[i];
+    return any != 0;
+}
+
+extern "C" __global__ void adam_f32(float* __restrict__ p, const float* __restrict__ grad, float* __restrict__ m, float* __restrict__ v, long long n, double beta1, double beta2, double eps, double weight_decay, const double* __restrict__ scalars, const unsigned* __restrict__ status, int nstatus) {
+    if (step_is_bad(status, nstatus)) return;
+    const double step_size = scalars[0], bc2_sqrt = scalars[1];
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) {
         double pv = (double)p[i];
         double g = (double)grad[i] + weight_decay * pv;
@@ -23,7 +36,10 @@ extern "C" __global__ void adam_f32(float* __restrict__ p, const float* __restri
     }
 }
 
-extern "C" __global__ void sgd_f32(float* __restrict__ p, const float* __restrict__ grad, float* __restrict__ buf, long long n, double lr, double momentum, double weight_decay, int first) {
+extern "C" __global__ void sgd_f32(float* __restrict__ p, const float* __restrict__ grad, float* __restrict__ buf, long long n, double momentum, double weight_decay, const double* __restrict__ scalars, const unsigned* __restrict__ status, int nstatus) {
+    if (step_is_bad(status, nstatus)) return;
+    const double lr = scalars[0];
+    const bool first = scalars[1] != 0.0;
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) {
         double pv = (double)p[i];
         double g = (double)grad[i] + weight_decay * pv;

@@ -3,6 +3,7 @@
 //! (`gpu::GpuNetwork` + `gpu::GpuOptimizer`). Both start from the same weights for the same seed.
 //! The optimizer state travels as an `optim::Optimizer` (host vectors), which checkpoints save.
 
+use crate::cpu::backei_layer::SavedState;
 use crate::cpu::loss::Loss;
 use crate::cpu::network::{Network, ParamSlot, StepStats};
 use crate::data::{BufferAllocator, VecAllocator};
@@ -14,7 +15,7 @@ use std::sync::Arc;
 
 pub enum Engine {
     Cpu { net: Box<Network<f32>>, opt: Optimizer },
-    Gpu { net: Box<GpuNetwork>, opt: GpuOptimizer },
+    Gpu { net: Box<GpuNetwork>, opt: Box<GpuOptimizer> },
 }
 
 impl Engine {
@@ -33,7 +34,7 @@ impl Engine {
             Some(dev) => {
                 let net = GpuNetwork::from_cpu(&dev, &cpu)?;
                 let o = GpuOptimizer::new(&dev, opt, net.num_params())?;
-                Engine::Gpu { net: Box::new(net), opt: o }
+                Engine::Gpu { net: Box::new(net), opt: Box::new(o) }
             }
         };
         Ok((engine, line))
@@ -58,6 +59,15 @@ impl Engine {
         match self {
             Engine::Cpu { .. } => None,
             Engine::Gpu { net, .. } => net.dev.ctx.mem_get_info().ok().map(|(free, _)| free as u64),
+        }
+    }
+
+    /// The settings a step's memory plan is made for: the GPU engine's own; for the CPU engine,
+    /// whose state is the same tensors, `StepSettings::cpu_proxy`.
+    pub fn step_settings(&self) -> crate::gpu::StepSettings {
+        match self {
+            Engine::Cpu { .. } => crate::gpu::StepSettings::cpu_proxy(),
+            Engine::Gpu { net, .. } => *net.settings(),
         }
     }
 
@@ -95,6 +105,24 @@ impl Engine {
         match self {
             Engine::Cpu { net, opt } => net.train_step(x, t_in, labels, loss, opt),
             Engine::Gpu { net, opt } => net.train_step(x, t_in, labels, loss, opt),
+        }
+    }
+
+    /// One training iteration launched without waiting for it where the engine can (the GPU: one
+    /// CUDA graph, no host synchronisation); returns the results of the step before it (the GPU)
+    /// or of this one (the CPU), if any. `finish_steps` returns the last one's.
+    pub fn train_step_pipelined(&mut self, x: &[f32], t_in: usize, labels: &[u8], loss: Loss) -> Result<Option<StepStats>> {
+        match self {
+            Engine::Cpu { net, opt } => net.train_step(x, t_in, labels, loss, opt).map(Some),
+            Engine::Gpu { net, opt } => net.train_step_pipelined(x, t_in, labels, loss, opt),
+        }
+    }
+
+    /// Waits for the last step launched by `train_step_pipelined` and returns its results.
+    pub fn finish_steps(&mut self) -> Result<Option<StepStats>> {
+        match self {
+            Engine::Cpu { .. } => Ok(None),
+            Engine::Gpu { net, .. } => net.finish_steps(),
         }
     }
 
@@ -146,11 +174,23 @@ impl Engine {
     /// The engine a training configuration asks for: its network from its seed, its optimizer.
     pub fn for_config(cfg: &crate::train::TrainConfig, choice: DeviceChoice) -> Result<(Engine, String)> {
         let (mut engine, mut line) = Engine::new(&cfg.network, cfg.seed, choice, cfg.optimizer)?;
-        if cfg.deterministic {
-            if let Engine::Gpu { net, .. } = &mut engine {
-                net.set_deterministic(true);
-                line.push_str(" — deterministic: no float atomics in the gradients");
+        match &mut engine {
+            Engine::Cpu { net, .. } => {
+                net.set_saved_state(SavedState::lean(cfg.recompute))?;
+                line.push_str(" — computes in f32 (--precision applies to the GPU engine)");
             }
+            Engine::Gpu { net, .. } => {
+                net.set_recompute(cfg.recompute)?;
+                net.set_precision(cfg.precision);
+                line.push_str(&format!(" — precision {}", cfg.precision));
+                if cfg.deterministic {
+                    net.set_deterministic(true);
+                    line.push_str(" — deterministic: no float atomics in the gradients");
+                }
+            }
+        }
+        if let Some(k) = cfg.recompute {
+            line.push_str(&format!(" — recompute: state kept every {k} steps"));
         }
         Ok((engine, line))
     }

@@ -5,7 +5,7 @@
 //! an aborted allocation.
 
 use crate::error::{config_err, Result};
-use crate::gpu::network::{memory_plan_for, MemoryPlan};
+use crate::gpu::memory::{buffer_plan, MemoryPlan, StepSettings};
 use crate::spec::NetworkSpec;
 
 /// Bytes as people read them (GiB, TiB, …).
@@ -96,8 +96,17 @@ fn loader_buffers(prefetch: usize, workers: usize) -> u128 {
 }
 
 /// The memory a training run needs (an error where the sizes overflow 64 bits).
-pub fn run_needs(spec: &NetworkSpec, batch: usize, steps: usize, t_in: usize, prefetch: usize, workers: usize) -> Result<RunNeeds> {
-    let plan = memory_plan_for(spec, batch, steps, t_in)?;
+/// `settings`: the GPU engine's, or for the CPU engine (which holds the same state) any.
+pub fn run_needs(
+    spec: &NetworkSpec,
+    batch: usize,
+    steps: usize,
+    t_in: usize,
+    prefetch: usize,
+    workers: usize,
+    settings: &StepSettings,
+) -> Result<RunNeeds> {
+    let plan = buffer_plan(spec, batch, steps, t_in, settings)?.memory();
     let per_batch = 4u128 * t_in as u128 * batch as u128 * spec.input.iter().map(|&d| d as u128).product::<u128>();
     Ok(RunNeeds { plan, loader: per_batch * loader_buffers(prefetch, workers) })
 }
@@ -121,8 +130,9 @@ impl RunNeeds {
 }
 
 /// Checks that a training run of `spec` at `batch` and T = `steps` (input frames `t_in`) fits
-/// `room`; if not, the error says what it needs, what there is, and the largest batch and T that
+/// `room` under `settings` (see `run_needs`); if not, the error says what it needs, what there is, and the largest batch and T that
 /// fit.
+#[allow(clippy::too_many_arguments)]
 pub fn check_run(
     spec: &NetworkSpec,
     batch: usize,
@@ -131,9 +141,10 @@ pub fn check_run(
     prefetch: usize,
     workers: usize,
     room: &Room,
+    settings: &StepSettings,
 ) -> Result<()> {
     let t_in = |t: usize| if t_in_is_t { t } else { 1 };
-    let needs = |b: usize, t: usize| run_needs(spec, b, t, t_in(t), prefetch, workers);
+    let needs = |b: usize, t: usize| run_needs(spec, b, t, t_in(t), prefetch, workers, settings);
     let fits = |b: usize, t: usize| needs(b, t).is_ok_and(|n| n.fits(room));
     let n = match needs(batch, steps) {
         Ok(n) => n,
@@ -217,18 +228,19 @@ mod tests {
     #[test]
     fn what_fits_is_found_and_fits() {
         let spec = NetworkSpec::mnist();
+        let settings = StepSettings::cpu_proxy();
         let room = Room { device_free: None, host: Some(4 << 30) };
-        let e = check_run(&spec, 1_000_000_000, 4, false, 4, 2, &room).unwrap_err().to_string();
+        let e = check_run(&spec, 1_000_000_000, 4, false, 4, 2, &room, &settings).unwrap_err().to_string();
         assert!(e.contains("largest batch that fits is"), "{e}");
         let b: usize = e.split("--batch-size ").nth(1).unwrap().split(')').next().unwrap().parse().unwrap();
-        check_run(&spec, b, 4, false, 4, 2, &room).unwrap();
-        assert!(check_run(&spec, b + 1, 4, false, 4, 2, &room).is_err());
+        check_run(&spec, b, 4, false, 4, 2, &room, &settings).unwrap();
+        assert!(check_run(&spec, b + 1, 4, false, 4, 2, &room, &settings).is_err());
         // the GPU engine: the state on the device, the buffers on the host
         let gpu = Room { device_free: Some(1 << 30), host: Some(64 << 30) };
-        let e = check_run(&spec, 100, 1_000_000, true, 4, 2, &gpu).unwrap_err().to_string();
+        let e = check_run(&spec, 100, 1_000_000, true, 4, 2, &gpu, &settings).unwrap_err().to_string();
         assert!(e.contains("device memory") && e.contains("largest T that fits"), "{e}");
         // sizes past 64 bits are an error, not a wrapped small number
-        let e = check_run(&spec, usize::MAX, usize::MAX / 2, true, 4, 2, &room).unwrap_err().to_string();
+        let e = check_run(&spec, usize::MAX, usize::MAX / 2, true, 4, 2, &room, &settings).unwrap_err().to_string();
         assert!(e.contains("64 bits"), "{e}");
     }
 }

@@ -185,3 +185,63 @@ fn plot_draws_several_runs_into_png_and_svg() {
     assert_eq!(o.status.code(), Some(1));
     assert!(text(&o).contains("config.json"), "{}", text(&o));
 }
+
+#[test]
+fn precision_and_recompute_are_recorded_and_change_nothing_on_the_cpu() {
+    let plain = tmp("plain");
+    let o = small_run(&plain).output().unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    // bf16 and state kept every step only (T = 2, K = 1: everything else recomputed)
+    let lean = tmp("lean");
+    let o = small_run(&lean).args(["--precision", "bf16", "--recompute", "1"]).output().unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("computes in f32"), "the CPU engine must say it ignores --precision: {}", text(&o));
+    let cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(lean.join("config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["config"]["precision"], "bf16");
+    assert_eq!(cfg["config"]["recompute"], 1);
+    // the CPU computes in f32 whatever --precision says, and recomputing gives the same bits
+    assert_eq!(metrics_without_time(&lean), metrics_without_time(&plain));
+    // the checkpoint records the precision, and loads in any other
+    let ck = lean.join("checkpoint-last.safetensors");
+    let bytes = std::fs::read(&ck).unwrap();
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+    let config = meta.metadata().as_ref().unwrap()["config"].clone();
+    assert!(config.contains("\"precision\":\"bf16\""), "{config}");
+    let o =
+        backei().args(["eval", "--device", "cpu", "--precision", "tf32", "--test-limit", "32", "--checkpoint"]).arg(&ck).output().unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    let o = backei()
+        .args(["train", "--resume"])
+        .arg(&lean)
+        .args(["--precision", "fp32", "--recompute", "2", "--epochs", "3", "--quiet"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    let cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(lean.join("config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["config"]["precision"], "fp32");
+    // bad values are usage errors naming the flag
+    let o = backei().args(["train", "--device", "cpu", "--recompute", "0"]).output().unwrap();
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(text(&o).contains("--recompute"), "{}", text(&o));
+    let o = backei().args(["train", "--device", "cpu", "--precision", "fp16"]).output().unwrap();
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(text(&o).contains("tf32"), "{}", text(&o));
+}
+
+#[test]
+fn info_reports_the_memory_of_each_setting() {
+    let o = backei().args(["info", "--model", "cifar10"]).output().unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    let t = text(&o);
+    assert!(t.contains("cifar10 at batch 100, T = 20, direct encoding, precision fp32") && t.contains("spiking layers"), "{t}");
+    let o = backei()
+        .args(["info", "--model", "fashion-mnist", "--encoding", "rate", "--precision", "bf16", "--deterministic"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("rate encoding, precision bf16") && text(&o).contains("deterministic"), "{}", text(&o));
+    // the GPU engine cannot recompute yet: info says so instead of a figure
+    let o = backei().args(["info", "--model", "fashion-mnist", "--steps", "100", "--recompute", "10"]).output().unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("cannot recompute yet"), "{}", text(&o));
+}

@@ -265,6 +265,8 @@ fn on_a_gpu_an_oversize_batch_names_device_memory_and_what_fits() {
         test_limit: None,
         val_split: 0.0,
         deterministic: false,
+        precision: Default::default(),
+        recompute: None,
         workers: 2,
         network: network.clone(),
         binning: Default::default(),

@@ -249,24 +249,25 @@ fn emulated_dropout_draws_the_cpu_masks_and_backward_matches() {
         // CPU: T_in = 1 is the frame broadcast to every step first
         let xb: Vec<f32> = (0..steps * len).map(|j| x[if t_in == 1 { j % len } else { j }]).collect();
         let mut y = vec![0f32; steps * len];
-        let mut mask = vec![0u8; steps * len];
-        backei::cpu::dropout::forward(key, p, len, &xb, &mut y, &mut mask);
+        backei::cpu::dropout::forward(key, p, len, &xb, &mut y);
         let mut yd = DevBuf::new("y", steps * len);
         let mut xd = DevBuf::from("x", &x[..t_in * len]);
         let mut a = Args::new();
-        a.val(xd.ptr()).val(yd.ptr()).val(key).val(p).val(sc).val(len as i64).val(steps as i32).val(t_in as i32);
+        // the key from device memory: the second slot of a table
+        let mut keys = vec![0u64, key, 0];
+        a.val(xd.ptr()).val(yd.ptr()).val(keys.as_mut_ptr()).val(1i32).val(p).val(sc).val(len as i64).val(steps as i32).val(t_in as i32);
         m.launch_raw("dropout_forward_f32", (3, 1, 1), (256, 1, 1), 0, false, 5, &mut a).unwrap();
         yd.check_guards();
         assert_eq!(yd.host(), y, "T_in {t_in}: forward differs from the CPU");
         // backward: the mask drawn again; T_in = 1 sums over the steps
         let dy: Vec<f32> = rng.vec(steps * len, -1.0, 1.0).into_iter().map(|v| v as f32).collect();
         let mut dx = vec![0f32; steps * len];
-        backei::cpu::dropout::backward(p, &dy, &mask, &mut dx);
+        backei::cpu::dropout::backward(key, p, len, &dy, &mut dx);
         let want: Vec<f32> = if t_in == 1 { (0..len).map(|i| (0..steps).fold(0f32, |acc, t| acc + dx[t * len + i])).collect() } else { dx };
         let mut dyd = DevBuf::from("dy", &dy);
         let mut dxd = DevBuf::new("dx", t_in * len);
         let mut a = Args::new();
-        a.val(dyd.ptr()).val(dxd.ptr()).val(key).val(p).val(sc).val(len as i64).val(steps as i32).val(t_in as i32);
+        a.val(dyd.ptr()).val(dxd.ptr()).val(keys.as_mut_ptr()).val(1i32).val(p).val(sc).val(len as i64).val(steps as i32).val(t_in as i32);
         m.launch_raw("dropout_backward_f32", (2, 1, 1), (128, 1, 1), 0, false, 6, &mut a).unwrap();
         dxd.check_guards();
         assert_eq!(dxd.host(), want, "T_in {t_in}: backward differs from the CPU");
@@ -434,21 +435,37 @@ fn emulated_adam_and_sgd_steps_equal_the_cpu_optimizer_bit_for_bit() {
             let g = host_vec(&mut rng, n, -0.5, 0.5);
             cpu.update(&mut p_cpu, &g);
             let mut gd = DevBuf::from("grads", &g);
-            let mut a = Args::new();
-            let kernel = match config {
-                OptimizerConfig::Adam { beta1, beta2, eps, weight_decay, lr } => {
+            // the step's scalars and status words from device memory, as the GPU step stages them
+            let mut status = vec![0u32; 3];
+            let (kernel, mut scalars) = match config {
+                OptimizerConfig::Adam { beta1, beta2, lr, .. } => {
                     let (step_size, bc2_sqrt) = backei::gpu::optim::adam_step_scalars(beta1, beta2, lr, step);
-                    a.val(p.ptr()).val(gd.ptr()).val(mom.ptr()).val(var.ptr()).val(n as i64);
-                    a.val(beta1).val(beta2).val(eps).val(weight_decay).val(step_size).val(bc2_sqrt);
-                    "adam_f32"
+                    ("adam_f32", vec![step_size, bc2_sqrt])
                 }
-                OptimizerConfig::Sgd { lr, momentum, weight_decay } => {
-                    a.val(p.ptr()).val(gd.ptr()).val(mom.ptr()).val(n as i64).val(lr).val(momentum).val(weight_decay);
-                    a.val((step == 1) as i32);
-                    "sgd_f32"
-                }
+                OptimizerConfig::Sgd { lr, .. } => ("sgd_f32", vec![lr, (step == 1) as u8 as f64]),
             };
-            m.launch_raw(kernel, (3, 1, 1), (128, 1, 1), 0, false, step, &mut a).unwrap();
+            let launch =
+                |p: &mut DevBuf, gd: &mut DevBuf, mom: &mut DevBuf, var: &mut DevBuf, scalars: &mut Vec<f64>, status: &mut Vec<u32>| {
+                    let mut a = Args::new();
+                    match config {
+                        OptimizerConfig::Adam { beta1, beta2, eps, weight_decay, .. } => {
+                            a.val(p.ptr()).val(gd.ptr()).val(mom.ptr()).val(var.ptr()).val(n as i64);
+                            a.val(beta1).val(beta2).val(eps).val(weight_decay);
+                        }
+                        OptimizerConfig::Sgd { momentum, weight_decay, .. } => {
+                            a.val(p.ptr()).val(gd.ptr()).val(mom.ptr()).val(n as i64).val(momentum).val(weight_decay);
+                        }
+                    }
+                    a.val(scalars.as_mut_ptr()).val(status.as_mut_ptr()).val(3i32);
+                    m.launch_raw(kernel, (3, 1, 1), (128, 1, 1), 0, false, step, &mut a).unwrap();
+                };
+            // a step whose status says NaN/Inf leaves every parameter and moment as it was
+            let before = (p.host(), mom.host(), var.host());
+            status[1] = 2;
+            launch(&mut p, &mut gd, &mut mom, &mut var, &mut scalars, &mut status);
+            assert!(before == (p.host(), mom.host(), var.host()), "{kernel}: a bad step's update was not skipped");
+            status[1] = 0;
+            launch(&mut p, &mut gd, &mut mom, &mut var, &mut scalars, &mut status);
             for b in [&p, &mom, &var, &gd] {
                 b.check_guards();
             }

@@ -180,16 +180,19 @@ fn dropout_masks_are_identical_to_the_cpu() {
         let dy = rand_vec(&mut rng, steps * len, 1.0);
         let xs = if t_in == 1 { x.repeat(steps) } else { x.clone() };
         let mut y = vec![0f32; steps * len];
-        let mut mask = vec![0u8; steps * len];
-        cdrop::forward(key, p, len, &xs, &mut y, &mut mask);
+        cdrop::forward(key, p, len, &xs, &mut y);
+        let mask = cdrop::mask(key, p, len, steps);
         let mut full = vec![0f32; steps * len];
-        cdrop::backward(p, &dy, &mask, &mut full);
+        cdrop::backward(key, p, len, &dy, &mut full);
         let dx: Vec<f32> =
             if t_in == 1 { (0..len).map(|i| (0..steps).fold(0f32, |a, t| a + full[t * len + i])).collect() } else { full.clone() };
         let (xg, dyg) = (up(&d, &x), up(&d, &dy));
         let (mut yg, mut dxg) = (poisoned(&d, y.len()), poisoned(&d, dx.len()));
-        dropout::forward(&d, Some(key), p, len, steps, t_in, &xg.as_view(), &mut yg.as_view_mut()).unwrap();
-        dropout::backward(&d, Some(key), p, len, steps, t_in, &dyg.as_view(), &mut dxg.as_view_mut()).unwrap();
+        let mut table = dropout::DropoutKeys::new(&d, 2).unwrap();
+        table.stage(&d, &[0, key]).unwrap();
+        let key_mask = dropout::Mask::Key { keys: &table.keys, slot: 1 };
+        dropout::forward(&d, key_mask, p, len, steps, t_in, &xg.as_view(), &mut yg.as_view_mut()).unwrap();
+        dropout::backward(&d, key_mask, p, len, steps, t_in, &dyg.as_view(), &mut dxg.as_view_mut()).unwrap();
         let yh = down(&d, &yg);
         let gpu_mask: Vec<u8> = yh.iter().map(|&v| (v != 0.0) as u8).collect();
         assert_eq!(gpu_mask, mask, "T_in = {t_in}: the GPU's mask differs from the CPU's");

@@ -5,7 +5,8 @@
 # stage, `bench/reference/fetch_wheels.sh`). STAGES (default all, in this order): tests sanitizer
 # kernels train-bench reference resume train. Every stage has its own time limit and the whole run a
 # deadline ($BUDGET seconds, default 420), so one hung kernel cannot eat the device time.
-# Narrowing env: TEST_FILTERS (test names), KERNEL_FILTER (kernel bench workloads),
+# Narrowing env: TEST_FILTERS (test names; tests/gpu_step.rs holds the step-graph, pipelining
+# and memory-plan checks of issue 12), KERNEL_FILTER (kernel bench workloads),
 # BACKEI_BENCH_VERSIONS=v2,v3 (kernel bench versions), TRAIN_SECONDS/TRAIN_EPOCHS/TRAIN_ARGS.
 # docs/gpu.md says what each stage checks and what to record.
 # Logs come back in $OUT: gpu.txt, one <stage>.log each, and results.tgz (CSV, metrics).
@@ -59,6 +60,8 @@ for stage in $stages; do
         run memcheck-layer 80 compute-sanitizer --tool memcheck --error-exitcode 9 .gpu/bin/test-gpu_backei_layer --ignored --test-threads=1 plain_layer
         run racecheck-layer 80 compute-sanitizer --tool racecheck --error-exitcode 9 .gpu/bin/test-gpu_backei_layer --ignored --test-threads=1 odd_shapes
         run memcheck-ops 80 compute-sanitizer --tool memcheck --error-exitcode 9 .gpu/bin/test-gpu_network --ignored --test-threads=1 conv_ linear_ pool_ dropout_ readout_ fused_adam
+        # the training step as one CUDA graph (issue 12): capture, replay, the pipelined read-back
+        run memcheck-step 80 compute-sanitizer --tool memcheck --error-exitcode 9 .gpu/bin/test-gpu_step --ignored --test-threads=1 graph_replay pipelined
         [ -x .gpu/bin/test-gpu_backei_unfused ] && run memcheck-unfused 80 compute-sanitizer --tool memcheck --error-exitcode 9 .gpu/bin/test-gpu_backei_unfused --ignored --test-threads=1
       else
         echo "compute-sanitizer not found" > "$out/sanitizer.log"
@@ -68,6 +71,8 @@ for stage in $stages; do
       run bench-kernels 120 .gpu/bin/bench-kernels ${KERNEL_FILTER:-} ;;
     train-bench)
       run bench-train 90 .gpu/bin/bench-train
+      # the same steps launched one by one: what one CUDA graph per step saves
+      run bench-train-eager 90 env BACKEI_CUDA_GRAPHS=0 .gpu/bin/bench-train
       # the v2 and v3 kernels (verified on the CPU emulator in CI, never timed on a GPU before)
       run bench-train-v2 90 env BACKEI_BACKEI_KERNEL=v2 .gpu/bin/bench-train
       run bench-train-v3 90 env BACKEI_BACKEI_KERNEL=v3 .gpu/bin/bench-train ;;

@@ -148,6 +148,15 @@ struct TrainArgs {
     /// Bit-reproducible GPU runs (the CPU engine always is, for a fixed thread count).
     #[arg(long)]
     deterministic: bool,
+    /// How the GPU rounds the operands of the convolutions' and linear layers' products: fp32
+    /// (near-FP32 results), tf32 or bf16. Master weights, optimizer state and checkpoints stay f32
+    /// in every mode, so a checkpoint loads in any mode. The CPU engine computes in f32 regardless.
+    #[arg(long, default_value = "fp32")]
+    precision: backei::Precision,
+    /// Keep the spiking layers' state every K steps and recompute the rest in the backward, for
+    /// long T: less memory, the same gradients bit for bit, a little more time (CPU engine).
+    #[arg(long, value_name = "K")]
+    recompute: Option<usize>,
     /// Loader threads.
     #[arg(long, default_value_t = 2)]
     workers: usize,
@@ -166,6 +175,9 @@ struct EvalArgs {
     device: String,
     #[arg(long)]
     test_limit: Option<usize>,
+    /// fp32, tf32 or bf16 (GPU) [default: the run's]; the checkpoint is f32 either way.
+    #[arg(long)]
+    precision: Option<backei::Precision>,
     /// Machine-readable output.
     #[arg(long)]
     json: bool,
@@ -194,6 +206,18 @@ struct InfoArgs {
     batch_size: usize,
     #[arg(long, default_value_t = 20)]
     steps: usize,
+    /// direct (one input frame per sample) or rate (T frames).
+    #[arg(long, default_value = "direct")]
+    encoding: String,
+    /// fp32, tf32 or bf16.
+    #[arg(long, default_value = "fp32")]
+    precision: backei::Precision,
+    /// The deterministic kernel plans.
+    #[arg(long)]
+    deterministic: bool,
+    /// Keep the spiking state every K steps.
+    #[arg(long, value_name = "K")]
+    recompute: Option<usize>,
 }
 
 /// A usage error (exit 2) as opposed to a runtime error (exit 1).
@@ -270,6 +294,8 @@ fn config_from_args(a: &TrainArgs) -> anyhow::Result<TrainConfig> {
         test_limit: a.test_limit,
         val_split: a.val_split,
         deterministic: a.deterministic,
+        precision: a.precision,
+        recompute: a.recompute,
         workers: a.workers,
         network,
         binning: a.binning,
@@ -289,13 +315,25 @@ fn train(a: TrainArgs) -> anyhow::Result<ExitCode> {
             let file = if path.is_dir() { path.join("checkpoint-last.safetensors") } else { path.clone() };
             let (ck, _) = checkpoint::load(&file)?;
             // everything but where to read data, which device, and how to show progress comes from the run
-            let allowed = ["--resume", "--data-dir", "--device", "--quiet", "--workers", "--epochs", "--allow-foreign-checkpoint"];
+            // --precision and --recompute change how, not what, the run computes: a checkpoint
+            // continues in any precision, and recomputing gives the same gradients
+            let allowed = [
+                "--resume",
+                "--data-dir",
+                "--device",
+                "--quiet",
+                "--workers",
+                "--epochs",
+                "--allow-foreign-checkpoint",
+                "--precision",
+                "--recompute",
+            ];
             if let Some(f) = explicit_flags().iter().find(|f| !allowed.contains(&f.as_str())) {
                 if f == "--dataset" && a.dataset.name() == ck.config.dataset {
                     // the same dataset again is harmless
                 } else {
                     return Err(usage(format!(
-                        "{f} conflicts with --resume: a resumed run keeps the settings of {} (dataset {}); only --data-dir, --device, --epochs, --workers and --quiet may be given",
+                        "{f} conflicts with --resume: a resumed run keeps the settings of {} (dataset {}); only --data-dir, --device, --epochs, --precision, --recompute, --workers and --quiet may be given",
                         file.display(),
                         ck.config.dataset
                     )));
@@ -312,6 +350,12 @@ fn train(a: TrainArgs) -> anyhow::Result<ExitCode> {
             }
             cfg.device = a.device.clone();
             cfg.workers = a.workers;
+            if explicit_flags().iter().any(|f| f == "--precision") {
+                cfg.precision = a.precision;
+            }
+            if a.recompute.is_some() {
+                cfg.recompute = a.recompute;
+            }
             (cfg, Some(ck), out)
         }
         None => {
@@ -385,6 +429,9 @@ fn eval(a: EvalArgs) -> anyhow::Result<ExitCode> {
         cfg.data_dir = Some(dd);
     }
     cfg.test_limit = a.test_limit;
+    if let Some(p) = a.precision {
+        cfg.precision = p;
+    }
     let choice: DeviceChoice = a.device.parse().map_err(usage)?;
     let (mut engine, line) = backei::Engine::for_config(&cfg, choice)?;
     engine.load_params(&ck.params)?;
@@ -453,13 +500,37 @@ fn info(a: InfoArgs) -> anyhow::Result<ExitCode> {
     if let Some(m) = a.model {
         let mut spec = backei::NetworkSpec::preset(&m).map_err(|e| usage(e.to_string()))?;
         spec.steps = a.steps;
-        let bytes = backei::gpu::network::memory_plan(&spec, a.batch_size, a.steps)?;
-        println!(
-            "{m} at batch {} and T = {}: a training step needs {:.2} GiB of device memory",
+        let t_in = match a.encoding.as_str() {
+            "direct" => 1,
+            "rate" => a.steps,
+            other => return Err(usage(format!("--encoding `{other}`: expected direct or rate"))),
+        };
+        // the kernels' plans depend on the device: this one's, else an H100's
+        let (limits, device) = match backei::gpu::GpuDevice::open(0) {
+            Ok(d) => (backei::gpu::backei_layer::DeviceLimits::of(&d)?, format!("cuda:0 {}", d.name)),
+            Err(_) => (backei::gpu::backei_layer::DeviceLimits::H100, "an H100 (no GPU here)".to_string()),
+        };
+        let mut settings = backei::gpu::StepSettings::new(limits)?;
+        settings.precision = a.precision;
+        settings.deterministic = a.deterministic;
+        settings.recompute = a.recompute;
+        let what = format!(
+            "{m} at batch {}, T = {}, {} encoding, precision {}, BackEI kernels {:?}{} on {device}",
             a.batch_size,
             a.steps,
-            bytes.total() as f64 / (1u64 << 30) as f64
+            a.encoding,
+            a.precision,
+            settings.version,
+            if a.deterministic { ", deterministic" } else { "" }
         );
+        match backei::gpu::memory_plan(&spec, a.batch_size, a.steps, t_in, &settings) {
+            Ok(plan) => {
+                println!("{what}: a training step needs {:.2} GiB of device memory", plan.total() as f64 / (1u64 << 30) as f64);
+                println!("  {plan}");
+            }
+            Err(e) if a.recompute.is_some() => println!("{what}: {e}"),
+            Err(e) => return Err(e.into()),
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

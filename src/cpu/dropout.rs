@@ -1,26 +1,33 @@
 //! Dropout with a new mask at every time step, drawn from the counter-based RNG (`crate::rng`),
 //! so the GPU engine draws the very same masks. Kept elements are scaled by 1/(1−p) (PyTorch).
+//! No mask is stored: the backward draws it again from the same key (as the GPU's kernels do).
 //! Layout: x [T][B·C·H·W]; the element index is the position inside one step's block.
 
 use crate::rng::dropout_keep;
 use crate::Real;
 use rayon::prelude::*;
 
-/// y = x·mask/(1−p); `mask` (kept as 0/1 bytes) is what backward needs.
-pub fn forward<F: Real>(key: u64, p: f32, step_len: usize, x: &[F], y: &mut [F], mask: &mut [u8]) {
+/// y = x·mask/(1−p), mask drawn from `key`.
+pub fn forward<F: Real>(key: u64, p: f32, step_len: usize, x: &[F], y: &mut [F]) {
     let scale = F::from_f64(1.0 / (1.0 - p as f64));
-    y.par_chunks_mut(step_len).zip(x.par_chunks(step_len)).zip(mask.par_chunks_mut(step_len)).enumerate().for_each(|(t, ((y, x), m))| {
+    y.par_chunks_mut(step_len).zip(x.par_chunks(step_len)).enumerate().for_each(|(t, (y, x))| {
         for i in 0..x.len() {
-            let keep = dropout_keep(key, t as u32, i as u64, p);
-            m[i] = keep as u8;
-            y[i] = if keep { x[i] * scale } else { F::ZERO };
+            y[i] = if dropout_keep(key, t as u32, i as u64, p) { x[i] * scale } else { F::ZERO };
         }
     });
 }
 
-pub fn backward<F: Real>(p: f32, dy: &[F], mask: &[u8], dx: &mut [F]) {
+/// dx = dy·mask/(1−p), the forward's mask drawn again from `key`.
+pub fn backward<F: Real>(key: u64, p: f32, step_len: usize, dy: &[F], dx: &mut [F]) {
     let scale = F::from_f64(1.0 / (1.0 - p as f64));
-    dx.par_iter_mut().zip(dy.par_iter()).zip(mask.par_iter()).for_each(|((dx, dy), m)| {
-        *dx = if *m != 0 { *dy * scale } else { F::ZERO };
+    dx.par_chunks_mut(step_len).zip(dy.par_chunks(step_len)).enumerate().for_each(|(t, (dx, dy))| {
+        for i in 0..dy.len() {
+            dx[i] = if dropout_keep(key, t as u32, i as u64, p) { dy[i] * scale } else { F::ZERO };
+        }
     });
+}
+
+/// The mask [T][step_len] (1: kept) of `key`, for tests and inspection.
+pub fn mask(key: u64, p: f32, step_len: usize, steps: usize) -> Vec<u8> {
+    (0..steps * step_len).map(|j| dropout_keep(key, (j / step_len) as u32, (j % step_len) as u64, p) as u8).collect()
 }

@@ -2,7 +2,7 @@
 //! parameter buffer (the optimizer's view) and one flat gradient buffer, forward over T, loss,
 //! BPTT backward and the optimizer step.
 
-use super::backei_layer::{BackEiGrads, BackEiLayer, BackEiParams};
+use super::backei_layer::{BackEiGrads, BackEiLayer, BackEiParams, SavedState};
 use super::conv::{self, ConvGeom};
 use super::loss::{self, Loss};
 use super::{dropout, linear, pool};
@@ -42,10 +42,12 @@ enum Op<F: Real> {
         h: usize,
         w: usize,
     },
+    /// `key`: the RNG key of the last training forward (None: evaluation, no dropout); the
+    /// backward draws the mask again from it.
     Dropout {
         p: f32,
         index: u32,
-        mask: Vec<u8>,
+        key: Option<u64>,
     },
     Flatten,
     /// BackEI or plain spiking; `params` = W_b, b_b, W_e, b_e (empty ranges when disabled).
@@ -127,7 +129,7 @@ impl<F: Real> Network<F> {
                     Op::Linear { n_in: c, n_out: out_features, w: wr, b: br }
                 }
                 LayerSpec::AvgPool => Op::Pool { c, h, w },
-                LayerSpec::Dropout { p } => Op::Dropout { p: p as f32, index: i as u32, mask: Vec::new() },
+                LayerSpec::Dropout { p } => Op::Dropout { p: p as f32, index: i as u32, key: None },
                 LayerSpec::Flatten => Op::Flatten,
                 LayerSpec::BackEi | LayerSpec::Spiking => {
                     let fb = if lp.spec == LayerSpec::BackEi {
@@ -135,7 +137,8 @@ impl<F: Real> Network<F> {
                     } else {
                         FeedbackConfig { back: false, ei: false, radius: 0, delay: 1 }
                     };
-                    let layer = BackEiLayer::<F>::new(lp.input, fb, &spec.neuron);
+                    let mut layer = BackEiLayer::<F>::new(lp.input, fb, &spec.neuron);
+                    layer.saved = SavedState::lean(None);
                     let k = 2 * fb.radius + 1;
                     let wshape = vec![c, c, k, k];
                     let fan_in = c * k * k;
@@ -196,6 +199,33 @@ impl<F: Real> Network<F> {
         self.params.len()
     }
 
+    /// What the spiking layers keep for the backward (default: `SavedState::lean(None)`, every
+    /// step, z coded where exact); `recompute = Some(K)` keeps windows of K steps and recomputes
+    /// the rest in the backward, with bit-identical gradients.
+    pub fn set_saved_state(&mut self, saved: SavedState) -> Result<()> {
+        saved.validate()?;
+        for l in &mut self.layers {
+            if let Op::Spike { layer, .. } = &mut l.op {
+                layer.saved = saved;
+            }
+        }
+        Ok(())
+    }
+
+    /// Bytes the last forward left for the backward: every layer's output (the input gradients
+    /// and backward scratch are not counted) and the spiking layers' saved state.
+    pub fn state_bytes(&self) -> usize {
+        let f = std::mem::size_of::<F>();
+        self.layers
+            .iter()
+            .map(|l| match &l.op {
+                Op::Spike { layer, .. } => layer.state_bytes(),
+                _ => f * l.out.len(),
+            })
+            .sum::<usize>()
+            + f * self.input.len()
+    }
+
     /// The parameter tensor called `name`.
     pub fn param(&self, name: &str) -> Option<&[F]> {
         self.slots.iter().find(|s| s.name == name).map(|s| &self.params[s.range.clone()])
@@ -251,7 +281,7 @@ impl<F: Real> Network<F> {
                 Op::Linear { n_in, n_out, w, b } => linear::forward(*n_in, *n_out, &p[w.clone()], &p[b.clone()], src, &mut layer.out),
                 Op::Pool { c, h, w } => pool::forward(*c, *h, *w, src, &mut layer.out),
                 Op::Flatten => {}
-                Op::Dropout { p: prob, index, mask } => {
+                Op::Dropout { p: prob, index, key } => {
                     let step = batch * layer.in_len;
                     let expanded;
                     let src = if prev_t == 1 {
@@ -260,12 +290,10 @@ impl<F: Real> Network<F> {
                     } else {
                         src
                     };
-                    if self.training {
-                        mask.resize(out_total, 0);
-                        let key = crate::rng::dropout_key(self.dropout_seed, self.iteration, *index);
-                        dropout::forward(key, *prob, step, src, &mut layer.out, mask);
-                    } else {
-                        layer.out.copy_from_slice(src);
+                    *key = self.training.then(|| crate::rng::dropout_key(self.dropout_seed, self.iteration, *index));
+                    match key {
+                        Some(key) => dropout::forward(*key, *prob, step, src, &mut layer.out),
+                        None => layer.out.copy_from_slice(src),
                     }
                 }
                 Op::Spike { layer: sl, params } => {
@@ -341,13 +369,14 @@ impl<F: Real> Network<F> {
                     layer.grad_in.clear();
                     layer.grad_in.extend_from_slice(dy);
                 }
-                Op::Dropout { p: prob, mask, .. } => {
-                    if self.training {
+                Op::Dropout { p: prob, key, .. } => {
+                    let step = batch * layer.in_len;
+                    if let Some(key) = *key {
                         if layer.t_in == layer.t_out {
-                            dropout::backward(*prob, dy, mask, &mut layer.grad_in);
+                            dropout::backward(key, *prob, step, dy, &mut layer.grad_in);
                         } else {
                             let mut full = vec![F::ZERO; dy.len()];
-                            dropout::backward(*prob, dy, mask, &mut full);
+                            dropout::backward(key, *prob, step, dy, &mut full);
                             sum_steps(&full, &mut layer.grad_in);
                         }
                     } else if layer.t_in == layer.t_out {

@@ -83,6 +83,48 @@ impl<F: Real> Neuron<F> {
         }
     }
 
+    /// Whether sign(z) and d sign/dz are functions of a one-byte code of z ([`Neuron::z_code`]): with
+    /// the exact step functions and the rectangle surrogate, the backward needs only sign(z) and
+    /// whether z lies inside the rectangle, so the forward may keep that byte instead of z.
+    pub fn z_code_is_exact(&self) -> bool {
+        self.smooth_k.is_none() && matches!(self.surrogate, Surrogate::Rectangle { .. })
+    }
+
+    /// The one-byte code of z: bits 0–1 hold sign(z) + 1, bit 2 whether d sign/dz ≠ 0. Only
+    /// meaningful where [`Neuron::z_code_is_exact`].
+    #[inline(always)]
+    pub fn z_code(&self, z: F) -> u8 {
+        let sign = if z > F::ZERO {
+            2
+        } else if z < F::ZERO {
+            0
+        } else {
+            1
+        };
+        sign | (((self.sign_grad(z) != F::ZERO) as u8) << 2)
+    }
+
+    /// sign(z) from z's code: the very value `sign(z)` returns.
+    #[inline(always)]
+    pub fn sign_of_code(&self, code: u8) -> F {
+        match code & 3 {
+            2 => F::ONE,
+            0 => -F::ONE,
+            _ => F::ZERO,
+        }
+    }
+
+    /// d sign/dz from z's code: the rectangle's height (the surrogate at 0, inside the window, so
+    /// the very value `sign_grad(z)` returns) or 0.
+    #[inline(always)]
+    pub fn sign_grad_of_code(&self, code: u8) -> F {
+        if code & 4 != 0 {
+            self.surrogate_grad(F::ZERO)
+        } else {
+            F::ZERO
+        }
+    }
+
     #[inline(always)]
     fn surrogate_grad(&self, x: F) -> F {
         match self.surrogate {

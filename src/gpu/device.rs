@@ -60,7 +60,15 @@ pub fn report() -> CudaReport {
     CudaReport { driver, nvrtc, cublas: cublas_present(), devices }
 }
 
+/// Bytes of the workspace cuBLAS gets (`cublasSetWorkspace`): its GEMMs then never allocate,
+/// which a captured CUDA graph requires; 32 MiB is what NVIDIA recommends for Hopper.
+pub const CUBLAS_WORKSPACE_BYTES: usize = 32 << 20;
+
 /// One GPU: its context and stream, the kernel registry, and cuBLAS.
+///
+/// Everything runs on ONE stream of our own (not the legacy default stream, which cannot be
+/// captured into a CUDA graph), in order; cudarc's per-buffer event tracking, which orders work
+/// across streams, is off (there is one stream), so that a captured graph holds only our launches.
 pub struct GpuDevice {
     pub ctx: Arc<CudaContext>,
     pub stream: Arc<CudaStream>,
@@ -69,7 +77,7 @@ pub struct GpuDevice {
     /// (major, minor) compute capability.
     pub capability: (i32, i32),
     pub kernels: KernelRegistry,
-    blas: OnceLock<CudaBlas>,
+    blas: OnceLock<(CudaBlas, cudarc::driver::CudaSlice<u8>)>,
 }
 
 // SAFETY: CudaBlas holds a handle bound to our one stream; all use goes through &GpuDevice on the
@@ -97,22 +105,36 @@ impl GpuDevice {
         let ctx = CudaContext::new(ordinal).map_err(cuda_err("creating the context"))?;
         let capability = ctx.compute_capability().map_err(cuda_err("compute capability"))?;
         let name = ctx.name().unwrap_or_else(|_| "unknown GPU".into());
-        let stream = ctx.default_stream();
+        // SAFETY: before any buffer exists, and all work goes to the one stream below.
+        unsafe { ctx.disable_event_tracking() };
+        let stream = ctx.new_stream().map_err(cuda_err("creating the stream"))?;
         let arch = format!("sm_{}{}", capability.0, capability.1);
         let kernels = KernelRegistry::new(ctx.clone(), arch);
         Ok(Arc::new(GpuDevice { ctx, stream, ordinal, name, capability, kernels, blas: OnceLock::new() }))
     }
 
-    /// cuBLAS on this device's stream (loaded at first use).
+    /// cuBLAS on this device's stream with its own workspace (loaded at first use).
     pub fn blas(&self) -> Result<&CudaBlas> {
-        if let Some(b) = self.blas.get() {
+        if let Some((b, _)) = self.blas.get() {
             return Ok(b);
         }
         if !cublas_present() {
             return Err(BackeiError::Cuda("cuBLAS (libcublas.so) not found: install the CUDA toolkit or pip nvidia-cublas-cu12".into()));
         }
         let b = CudaBlas::new(self.stream.clone()).map_err(|e| BackeiError::Cuda(format!("cublasCreate: {e:?}")))?;
-        Ok(self.blas.get_or_init(|| b))
+        let mut ws = self.stream.alloc_zeros::<u8>(CUBLAS_WORKSPACE_BYTES).map_err(cuda_err("allocating the cuBLAS workspace"))?;
+        {
+            use cudarc::driver::DevicePtrMut;
+            let (ptr, _sync) = ws.device_ptr_mut(&self.stream);
+            // SAFETY: the workspace outlives the handle (both live in `self.blas`) and is used
+            // by this handle only, on its stream.
+            let r =
+                unsafe { cudarc::cublas::sys::cublasSetWorkspace_v2(*b.handle(), ptr as *mut std::ffi::c_void, CUBLAS_WORKSPACE_BYTES) };
+            if r != cudarc::cublas::sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS {
+                return Err(BackeiError::Cuda(format!("cublasSetWorkspace: {r:?}")));
+            }
+        }
+        Ok(&self.blas.get_or_init(|| (b, ws)).0)
     }
 
     pub fn synchronize(&self) -> Result<()> {

@@ -1,12 +1,51 @@
 //! Dropout on the GPU with a new mask at every time step, drawn from the counter-based RNG
 //! (`cuda/common.cuh`, twin of `crate::rng`): the same (seed, iteration, layer, step, element)
 //! gives the same mask as the CPU engine (`src/cpu/dropout.rs`). No mask is stored: the backward
-//! kernel draws it again. Kernels: `cuda/dropout.cu`.
+//! kernel draws it again. The key is read from device memory (a [`DropoutKeys`] table the host
+//! fills before each step), so the launches are the same every step and a CUDA graph replays
+//! them. Kernels: `cuda/dropout.cu`.
 
 use super::device::GpuDevice;
 use super::util::{check_len, cuda_err, grid};
 use crate::error::Result;
-use cudarc::driver::{CudaView, CudaViewMut, PushKernelArg};
+use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, PinnedHostSlice, PushKernelArg};
+
+/// The dropout keys of a network's layers on the device, one per dropout layer, staged from
+/// page-locked host memory before each step.
+pub struct DropoutKeys {
+    pub keys: CudaSlice<u64>,
+    host: PinnedHostSlice<u64>,
+}
+
+impl DropoutKeys {
+    /// A table of `slots` keys (at least one).
+    pub fn new(dev: &GpuDevice, slots: usize) -> Result<Self> {
+        let keys = dev.stream.alloc_zeros(slots.max(1)).map_err(cuda_err("allocating the dropout keys"))?;
+        // SAFETY: written in full by `stage` before every copy.
+        let host = unsafe { dev.ctx.alloc_pinned_with_flags::<u64>(slots.max(1), 0) }.map_err(cuda_err("allocating page-locked memory"))?;
+        Ok(DropoutKeys { keys, host })
+    }
+
+    /// Device bytes of a table of `slots` keys.
+    pub fn device_bytes(slots: usize) -> usize {
+        8 * slots.max(1)
+    }
+
+    /// Copies `keys` (one per slot) to the device, stream-ordered before the step's kernels.
+    pub fn stage(&mut self, dev: &GpuDevice, keys: &[u64]) -> Result<()> {
+        let host = self.host.as_mut_slice().map_err(cuda_err("waiting for the last key upload"))?;
+        check_len("dropout keys", keys.len().max(1), host.len())?;
+        host[..keys.len()].copy_from_slice(keys);
+        dev.stream.memcpy_htod(&self.host, &mut self.keys).map_err(cuda_err("uploading the dropout keys"))
+    }
+}
+
+/// Which mask a dropout launch applies: none (evaluation) or the key in `keys[slot]`.
+#[derive(Clone, Copy)]
+pub enum Mask<'a> {
+    Off,
+    Key { keys: &'a CudaSlice<u64>, slot: usize },
+}
 
 /// 1/(1−p) rounded to f32 exactly as the CPU engine does.
 pub fn scale(p: f32) -> f32 {
@@ -14,11 +53,11 @@ pub fn scale(p: f32) -> f32 {
 }
 
 /// Training: y [steps][len] = mask·x/(1−p), x [t_in][len] with t_in = 1 (broadcast) or steps.
-/// Evaluation (`key` = None): y = x broadcast over the steps.
+/// Evaluation (`Mask::Off`): y = x broadcast over the steps.
 #[allow(clippy::too_many_arguments)]
 pub fn forward(
     dev: &GpuDevice,
-    key: Option<u64>,
+    mask: Mask,
     p: f32,
     len: usize,
     steps: usize,
@@ -29,20 +68,31 @@ pub fn forward(
     check_len("dropout input", x.len(), t_in * len)?;
     check_len("dropout output", y.len(), steps * len)?;
     let (l, st, ti) = (len as i64, steps as i32, t_in as i32);
-    match key {
-        Some(key) => {
+    match mask {
+        Mask::Key { keys, slot } => {
             let f = dev.kernels.function("dropout", "dropout_forward_f32")?;
-            let sc = scale(p);
-            // SAFETY: lengths checked above.
+            let (sc, sl) = (scale(p), slot_index(keys, slot)?);
+            // SAFETY: lengths and the key slot checked above.
             unsafe {
-                dev.stream.launch_builder(&f).arg(x).arg(y).arg(&key).arg(&p).arg(&sc).arg(&l).arg(&st).arg(&ti).launch(grid(steps * len))
+                dev.stream
+                    .launch_builder(&f)
+                    .arg(x)
+                    .arg(y)
+                    .arg(keys)
+                    .arg(&sl)
+                    .arg(&p)
+                    .arg(&sc)
+                    .arg(&l)
+                    .arg(&st)
+                    .arg(&ti)
+                    .launch(grid(steps * len))
             }
             .map_err(cuda_err("dropout_forward_f32"))?;
         }
-        None if t_in == steps => {
+        Mask::Off if t_in == steps => {
             dev.stream.memcpy_dtod(x, y).map_err(cuda_err("dropout (eval) copy"))?;
         }
-        None => {
+        Mask::Off => {
             let f = dev.kernels.function("dropout", "broadcast_steps_f32")?;
             // SAFETY: lengths checked above.
             unsafe { dev.stream.launch_builder(&f).arg(x).arg(y).arg(&l).arg(&st).launch(grid(steps * len)) }
@@ -56,7 +106,7 @@ pub fn forward(
 #[allow(clippy::too_many_arguments)]
 pub fn backward(
     dev: &GpuDevice,
-    key: Option<u64>,
+    mask: Mask,
     p: f32,
     len: usize,
     steps: usize,
@@ -67,20 +117,31 @@ pub fn backward(
     check_len("dropout output gradient", dy.len(), steps * len)?;
     check_len("dropout input gradient", dx.len(), t_in * len)?;
     let (l, st, ti) = (len as i64, steps as i32, t_in as i32);
-    match key {
-        Some(key) => {
+    match mask {
+        Mask::Key { keys, slot } => {
             let f = dev.kernels.function("dropout", "dropout_backward_f32")?;
-            let sc = scale(p);
-            // SAFETY: lengths checked above.
+            let (sc, sl) = (scale(p), slot_index(keys, slot)?);
+            // SAFETY: lengths and the key slot checked above.
             unsafe {
-                dev.stream.launch_builder(&f).arg(dy).arg(dx).arg(&key).arg(&p).arg(&sc).arg(&l).arg(&st).arg(&ti).launch(grid(steps * len))
+                dev.stream
+                    .launch_builder(&f)
+                    .arg(dy)
+                    .arg(dx)
+                    .arg(keys)
+                    .arg(&sl)
+                    .arg(&p)
+                    .arg(&sc)
+                    .arg(&l)
+                    .arg(&st)
+                    .arg(&ti)
+                    .launch(grid(steps * len))
             }
             .map_err(cuda_err("dropout_backward_f32"))?;
         }
-        None if t_in == steps => {
+        Mask::Off if t_in == steps => {
             dev.stream.memcpy_dtod(dy, dx).map_err(cuda_err("dropout (eval) gradient copy"))?;
         }
-        None => {
+        Mask::Off => {
             let f = dev.kernels.function("dropout", "sum_steps_f32")?;
             // SAFETY: lengths checked above.
             unsafe { dev.stream.launch_builder(&f).arg(dy).arg(dx).arg(&l).arg(&st).launch(grid(len)) }
@@ -88,4 +149,11 @@ pub fn backward(
         }
     }
     Ok(())
+}
+
+fn slot_index(keys: &CudaSlice<u64>, slot: usize) -> Result<i32> {
+    if slot >= keys.len() {
+        return Err(crate::error::shape_err("dropout key slot", format!("< {}", keys.len()), format!("{slot}")));
+    }
+    Ok(slot as i32)
 }

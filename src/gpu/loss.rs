@@ -6,7 +6,7 @@ use super::device::GpuDevice;
 use super::util::{check_len, cuda_err, grid};
 use crate::cpu::loss::Loss;
 use crate::error::{config_err, Result};
-use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, PushKernelArg};
+use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, PinnedHostSlice, PushKernelArg};
 
 /// y [B·K] = (1/T)·Σ_t s[t] from s [T][B·K].
 pub fn readout(dev: &GpuDevice, steps: usize, bk: usize, s: &CudaView<f32>, y: &mut CudaViewMut<f32>) -> Result<()> {
@@ -31,42 +31,83 @@ pub fn readout_backward(dev: &GpuDevice, steps: usize, bk: usize, dy: &CudaView<
     Ok(())
 }
 
-/// The buffers of the loss for one batch size.
+/// The status words a training step leaves on the device: NaN/Inf counts of the loss rows, the
+/// gradients and the updated parameters (the optimizer skips its update when any is non-zero).
+pub const STATUS_WORDS: usize = 3;
+pub const STATUS_LOSS: usize = 0;
+pub const STATUS_GRADS: usize = 1;
+pub const STATUS_PARAMS: usize = 2;
+
+/// What a step's loss kernel and checks left on the device, read back by the host.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StepResults {
+    pub row_loss: Vec<f32>,
+    pub pred: Vec<i32>,
+    pub status: [u32; STATUS_WORDS],
+}
+
+/// The buffers of the loss for one batch size: the labels (staged through page-locked memory),
+/// ∂L/∂readout, the per-row losses and predictions, the step's status words, and the page-locked
+/// buffers their read-back lands in.
 pub struct LossBuffers {
     pub batch: usize,
     pub classes: usize,
     pub labels: CudaSlice<i32>,
+    labels_host: PinnedHostSlice<i32>,
     /// ∂L/∂readout [B][K].
     pub dy: CudaSlice<f32>,
     pub row_loss: CudaSlice<f32>,
     pub pred: CudaSlice<i32>,
+    /// [`STATUS_WORDS`] non-finite counts, cumulative until `clear_status`.
+    pub status: CudaSlice<u32>,
+    row_loss_host: PinnedHostSlice<f32>,
+    pred_host: PinnedHostSlice<i32>,
+    status_host: PinnedHostSlice<u32>,
 }
 
 impl LossBuffers {
     pub fn new(dev: &GpuDevice, batch: usize, classes: usize) -> Result<Self> {
         let a = |what: &str| cuda_err(format!("allocating the loss buffers ({what})"));
+        // SAFETY (the page-locked buffers below): each is written before it is read, by the host
+        // (labels) or by a copy from the device (results).
         Ok(LossBuffers {
             batch,
             classes,
             labels: dev.stream.alloc_zeros(batch).map_err(a("labels"))?,
+            labels_host: unsafe { dev.ctx.alloc_pinned_with_flags::<i32>(batch, 0) }.map_err(a("page-locked labels"))?,
             dy: dev.stream.alloc_zeros(batch * classes).map_err(a("dy"))?,
             row_loss: dev.stream.alloc_zeros(batch).map_err(a("loss"))?,
             pred: dev.stream.alloc_zeros(batch).map_err(a("predictions"))?,
+            status: dev.stream.alloc_zeros(STATUS_WORDS).map_err(a("status"))?,
+            row_loss_host: unsafe { dev.ctx.alloc_pinned_with_flags::<f32>(batch, 0) }.map_err(a("page-locked losses"))?,
+            pred_host: unsafe { dev.ctx.alloc_pinned_with_flags::<i32>(batch, 0) }.map_err(a("page-locked predictions"))?,
+            status_host: unsafe { dev.ctx.alloc_pinned_with_flags::<u32>(STATUS_WORDS, 0) }.map_err(a("page-locked status"))?,
         })
     }
 
-    /// The loss of readout `y` against `labels` (summed over the rows in f64) and the predicted
-    /// classes; ∂L/∂y is left in `self.dy`.
-    pub fn compute(&mut self, dev: &GpuDevice, loss: Loss, y: &CudaView<f32>, labels: &[u8]) -> Result<(f64, Vec<usize>)> {
+    /// Device bytes of the loss buffers for (batch, classes).
+    pub fn device_bytes(batch: usize, classes: usize) -> usize {
+        4 * (batch + batch * classes + batch + batch + STATUS_WORDS)
+    }
+
+    /// Checks `labels` and copies them to the device, stream-ordered before the step's kernels.
+    pub fn stage_labels(&mut self, dev: &GpuDevice, labels: &[u8]) -> Result<()> {
         if labels.len() != self.batch {
             return Err(config_err("labels", format!("{} labels for a batch of {}", labels.len(), self.batch)));
         }
-        check_len("readout", y.len(), self.batch * self.classes)?;
         if let Some((i, l)) = labels.iter().enumerate().find(|(_, &l)| l as usize >= self.classes) {
             return Err(config_err("labels", format!("label {l} of sample {i} is not below the {} classes", self.classes)));
         }
-        let lab: Vec<i32> = labels.iter().map(|&l| l as i32).collect();
-        dev.stream.memcpy_htod(&lab, &mut self.labels).map_err(cuda_err("uploading the labels"))?;
+        let host = self.labels_host.as_mut_slice().map_err(cuda_err("waiting for the last label upload"))?;
+        host.iter_mut().zip(labels).for_each(|(h, &l)| *h = l as i32);
+        dev.stream.memcpy_htod(&self.labels_host, &mut self.labels).map_err(cuda_err("uploading the labels"))
+    }
+
+    /// The loss kernel on readout `y` and the staged labels: ∂L/∂y into `dy`, per-row losses and
+    /// predictions; with `check` (training) the rows' NaN/Inf count is added to the loss status
+    /// word.
+    pub fn enqueue(&mut self, dev: &GpuDevice, loss: Loss, y: &CudaView<f32>, check: bool) -> Result<()> {
+        check_len("readout", y.len(), self.batch * self.classes)?;
         let f = dev.kernels.function("loss", "loss_grad_f32")?;
         let (b, k, kind) = (self.batch as i32, self.classes as i32, matches!(loss, Loss::Ce) as i32);
         // SAFETY: every buffer was sized for (batch, classes).
@@ -84,9 +125,46 @@ impl LossBuffers {
                 .launch(grid(self.batch))
         }
         .map_err(cuda_err("loss_grad_f32"))?;
-        let rows = dev.stream.clone_dtoh(&self.row_loss).map_err(cuda_err("reading the loss"))?;
-        let pred = dev.stream.clone_dtoh(&self.pred).map_err(cuda_err("reading the predictions"))?;
-        Ok((rows.iter().map(|&r| r as f64).sum(), pred.iter().map(|&p| p as usize).collect()))
+        if !check {
+            return Ok(());
+        }
+        let mut word = self.status.slice_mut(STATUS_LOSS..STATUS_LOSS + 1);
+        super::optim::count_nonfinite_into(dev, &self.row_loss.as_view(), &mut word)
+    }
+
+    /// Copies the per-row losses, the predictions and the status words to page-locked memory
+    /// (asynchronously; `results` waits for them).
+    pub fn enqueue_readback(&mut self, dev: &GpuDevice) -> Result<()> {
+        let e = || cuda_err("reading back the step's results");
+        dev.stream.memcpy_dtoh(&self.row_loss, &mut self.row_loss_host).map_err(e())?;
+        dev.stream.memcpy_dtoh(&self.pred, &mut self.pred_host).map_err(e())?;
+        dev.stream.memcpy_dtoh(&self.status, &mut self.status_host).map_err(e())
+    }
+
+    /// The results of the last `enqueue_readback`, once its copies are done.
+    pub fn results(&self) -> Result<StepResults> {
+        let e = || cuda_err("waiting for the step's results");
+        let status = self.status_host.as_slice().map_err(e())?;
+        Ok(StepResults {
+            row_loss: self.row_loss_host.as_slice().map_err(e())?.to_vec(),
+            pred: self.pred_host.as_slice().map_err(e())?.to_vec(),
+            status: [status[0], status[1], status[2]],
+        })
+    }
+
+    /// Zeroes the status words (after the host has reported a non-finite step).
+    pub fn clear_status(&mut self, dev: &GpuDevice) -> Result<()> {
+        dev.stream.memset_zeros(&mut self.status).map_err(cuda_err("clearing the step status"))
+    }
+
+    /// The loss of readout `y` against `labels` (summed over the rows in f64) and the predicted
+    /// classes, synchronously; ∂L/∂y is left in `self.dy`.
+    pub fn compute(&mut self, dev: &GpuDevice, loss: Loss, y: &CudaView<f32>, labels: &[u8]) -> Result<(f64, Vec<usize>)> {
+        self.stage_labels(dev, labels)?;
+        self.enqueue(dev, loss, y, false)?;
+        self.enqueue_readback(dev)?;
+        let r = self.results()?;
+        Ok((r.row_loss.iter().map(|&x| x as f64).sum(), r.pred.iter().map(|&p| p as usize).collect()))
     }
 
     /// Predicted classes only (no labels): argmax of each row, computed on the host from the

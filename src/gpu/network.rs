@@ -9,14 +9,28 @@
 //! T×B samples in one go (im2col + cuBLAS, chunked when the column buffer would exceed the
 //! workspace); the spiking layers are `GpuBackEiLayer`s (fused time loops).
 //!
-//! Buffers are allocated for a batch shape (B, T_in) once and reused; a new shape reallocates.
-//! `memory_plan` is the pure host function that says what a training step needs on the device.
+//! Buffers are allocated for a batch shape (B, T_in) once, from `memory::buffer_plan` (the same
+//! plan `memory_plan` adds up: outputs the backward does not read and the input gradients share
+//! two slots each), and reused; a new shape reallocates.
+//!
+//! A training step has no host synchronisation: its per-step values (input, labels, dropout keys,
+//! optimizer scalars) are copied in before its kernels and its results (per-row losses,
+//! predictions, non-finite counts) copied out after them, so the kernels themselves are the same
+//! every step and run as one CUDA graph (`graph.rs`). `train_step_pipelined` returns the results
+//! of the step before (reading them costs nothing then: the host is one step ahead of the GPU);
+//! `train_step` waits for its own. A step whose loss or gradients are NaN/Inf is reported by the
+//! host one step late, but never reaches the parameters: the optimizer kernel skips its update
+//! when the step's status words are non-zero, and they stay so (every later step reports the
+//! error too) until parameters are loaded (`load_params`).
 
 use super::backei_layer::{BackEiSlots, GpuBackEiLayer};
-use super::conv::{self, ConvPlan, ConvWorkspace, DEFAULT_WORKSPACE_BYTES};
+use super::conv::{self, ConvWorkspace, DEFAULT_WORKSPACE_BYTES};
 use super::device::GpuDevice;
-use super::loss::{self as gloss, LossBuffers};
-use super::optim::{count_nonfinite, GpuOptimizer};
+use super::dropout::{DropoutKeys, Mask};
+use super::graph::{Action, GraphBook, StepKey};
+use super::loss::{self as gloss, LossBuffers, STATUS_GRADS, STATUS_LOSS, STATUS_PARAMS, STATUS_WORDS};
+use super::memory::{batch_that_fits, buffer_plan, layer_steps, spike_feedback, BufferPlan, Place, StepSettings};
+use super::optim::{count_nonfinite, count_nonfinite_into, GpuOptimizer};
 use super::profile::OpTimer;
 use super::util::{cuda_err, is_oom};
 use super::{dropout, linear, pool};
@@ -24,10 +38,14 @@ use crate::cpu::conv::ConvGeom;
 use crate::cpu::loss::Loss;
 use crate::cpu::network::{Network, ParamSlot, StepStats};
 use crate::error::{check_finite, config_err, shape_err, BackeiError, Result};
-use crate::spec::{FeedbackConfig, LayerPlan, LayerSpec, NetworkSpec};
-use cudarc::driver::{CudaEvent, CudaSlice, CudaView};
+use crate::precision::Precision;
+use crate::spec::{LayerSpec, NetworkSpec};
+use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
+use cudarc::driver::{CudaEvent, CudaGraph, CudaSlice, CudaView, CudaViewMut};
 use std::ops::Range;
 use std::sync::Arc;
+
+pub use super::memory::{memory_plan, MemoryPlan};
 
 enum Op {
     Conv {
@@ -46,11 +64,11 @@ enum Op {
         h: usize,
         w: usize,
     },
-    /// `key`: the RNG key of the last training forward (None: evaluation, no dropout).
+    /// `key_slot`: where this layer's key sits in the network's `DropoutKeys`.
     Dropout {
         p: f32,
         index: u32,
-        key: Option<u64>,
+        key_slot: usize,
     },
     Flatten,
     Spike {
@@ -65,10 +83,12 @@ struct Layer {
     out_len: usize,
     t_in: usize,
     t_out: usize,
-    /// Output [T_out][B][out_len] (None for Flatten and Spike, whose output lives elsewhere).
+    /// Where the output lives (`Place::Own`: in `out`; a forward slot; None for flatten and
+    /// spiking layers, whose output lives elsewhere).
+    out_place: Place,
     out: Option<CudaSlice<f32>>,
-    /// ∂L/∂input [T_in][B][in_len] (None where no gradient has to flow further up).
-    grad_in: Option<CudaSlice<f32>>,
+    /// Where ∂L/∂input lives (a gradient slot, or None).
+    grad_place: Place,
 }
 
 impl Layer {
@@ -81,202 +101,13 @@ impl Layer {
     }
 }
 
-/// (T_in, T_out) of every layer for an input of `t_in` frames: spiking and dropout layers run all
-/// T steps, every other layer keeps the steps of its input (T_in = 1 stays 1: computed once).
-pub fn layer_steps(plan: &[LayerPlan], steps: usize, t_in: usize) -> Vec<(usize, usize)> {
-    let mut prev = t_in;
-    plan.iter()
-        .map(|lp| {
-            let out = match lp.spec {
-                LayerSpec::BackEi | LayerSpec::Spiking | LayerSpec::Dropout { .. } => steps,
-                _ => prev,
-            };
-            let r = (prev, out);
-            prev = out;
-            r
-        })
-        .collect()
+/// A step launched whose results have not been read yet.
+struct Pending {
+    iteration: u64,
+    labels: Vec<u8>,
 }
 
-fn spike_feedback(spec: &NetworkSpec, l: &LayerSpec) -> FeedbackConfig {
-    if *l == LayerSpec::BackEi {
-        spec.feedback
-    } else {
-        FeedbackConfig { back: false, ei: false, radius: 0, delay: 1 }
-    }
-}
-
-/// The device memory of one training step, by kind, in bytes.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct MemoryPlan {
-    pub batch: usize,
-    pub steps: usize,
-    pub t_in: usize,
-    /// The flat parameter buffer.
-    pub params: usize,
-    /// The flat gradient buffer.
-    pub grads: usize,
-    /// Adam's m and v (the larger of the two optimizers).
-    pub optimizer: usize,
-    /// The input batch and the outputs of the conv, linear, pool and dropout layers.
-    pub activations: usize,
-    /// The spiking layers' outputs and the state their backward needs (v, g, z), plus their BPTT
-    /// scratch (an estimate of `GpuBackEiLayer`'s use: s, v, g if back, z if ei, ∂L/∂s over all
-    /// T, and four one-step buffers).
-    pub spiking: usize,
-    /// ∂L/∂input of every layer that passes a gradient on.
-    pub gradients: usize,
-    /// The conv workspace (column buffer + transposed output), readout and loss buffers.
-    pub workspaces: usize,
-}
-
-impl MemoryPlan {
-    pub fn total(&self) -> usize {
-        self.params + self.grads + self.optimizer + self.activations + self.spiking + self.gradients + self.workspaces
-    }
-}
-
-impl std::fmt::Display for MemoryPlan {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let g = |b: usize| b as f64 / (1u64 << 30) as f64;
-        write!(
-            f,
-            "B = {}, T = {}, T_in = {}: {:.2} GiB (params {:.2}, grads {:.2}, optimizer {:.2}, activations {:.2}, spiking layers {:.2}, input gradients {:.2}, workspaces {:.2})",
-            self.batch,
-            self.steps,
-            self.t_in,
-            g(self.total()),
-            g(self.params),
-            g(self.grads),
-            g(self.optimizer),
-            g(self.activations),
-            g(self.spiking),
-            g(self.gradients),
-            g(self.workspaces)
-        )
-    }
-}
-
-/// The device memory a training step of `spec` needs at batch `batch` and T = `steps`, in the
-/// worst case of the two encodings (T_in = T, e.g. rate coding). Pure host logic.
-pub fn memory_plan(spec: &NetworkSpec, batch: usize, steps: usize) -> Result<MemoryPlan> {
-    memory_plan_for(spec, batch, steps, steps)
-}
-
-/// `memory_plan` for an input of `t_in` frames (1: direct encoding, or T).
-pub fn memory_plan_for(spec: &NetworkSpec, batch: usize, steps: usize, t_in: usize) -> Result<MemoryPlan> {
-    let mut spec = spec.clone();
-    spec.steps = steps;
-    let plan = spec.plan()?;
-    if batch == 0 {
-        return Err(config_err("batch", "batch size 0"));
-    }
-    if t_in != 1 && t_in != steps {
-        return Err(config_err("t_in", format!("T_in = {t_in}: must be 1 or T = {steps}")));
-    }
-    check_plan_fits_usize(&plan, batch, steps)?;
-    let f = 4usize;
-    let classes = spec.classes()?;
-    let ts = layer_steps(&plan, steps, t_in);
-    let mut mp = MemoryPlan { batch, steps, t_in, ..Default::default() };
-    let mut nparams = 0usize;
-    let mut has_params = Vec::with_capacity(plan.len());
-    let mut ws = 0usize;
-    mp.activations += f * t_in * batch * spec.input.iter().product::<usize>();
-    for (lp, &(ti, to)) in plan.iter().zip(&ts) {
-        let [c, h, w] = lp.input;
-        let in_len = c * h * w;
-        let out_len: usize = lp.output.iter().product();
-        let p = match lp.spec {
-            LayerSpec::Conv { out_channels, kernel, padding } => {
-                let g = ConvGeom::new(c, out_channels, h, w, kernel, padding);
-                ws = ws.max(ConvPlan::new(&g, ti * batch, DEFAULT_WORKSPACE_BYTES).workspace_bytes());
-                g.weight_len() + out_channels
-            }
-            LayerSpec::Linear { out_features } => c * out_features + out_features,
-            LayerSpec::BackEi | LayerSpec::Spiking => {
-                let fb = spike_feedback(&spec, &lp.spec);
-                let k = 2 * fb.radius + 1;
-                let per_gate = c * c * k * k + c;
-                let all = to * batch * in_len;
-                mp.spiking += f * ((3 + fb.back as usize + fb.ei as usize) * all + 4 * batch * in_len);
-                per_gate * (fb.back as usize + fb.ei as usize)
-            }
-            _ => 0,
-        };
-        nparams += p;
-        has_params.push(p > 0 || matches!(lp.spec, LayerSpec::Conv { .. } | LayerSpec::Linear { .. }));
-        if !matches!(lp.spec, LayerSpec::Flatten | LayerSpec::BackEi | LayerSpec::Spiking) {
-            mp.activations += f * to * batch * out_len;
-        }
-    }
-    for (i, (lp, &(ti, _))) in plan.iter().zip(&ts).enumerate() {
-        let needs = has_params[..i].iter().any(|&x| x) || matches!(lp.spec, LayerSpec::BackEi | LayerSpec::Spiking);
-        if needs && lp.spec != LayerSpec::Flatten {
-            mp.gradients += f * ti * batch * lp.input.iter().product::<usize>();
-        }
-    }
-    mp.params = f * nparams;
-    mp.grads = f * nparams;
-    mp.optimizer = 2 * f * nparams;
-    let last_t = ts.last().map_or(t_in, |x| x.1);
-    mp.workspaces = ws + f * (2 * batch * classes + last_t * batch * classes) + 16 * batch;
-    Ok(mp)
-}
-
-/// Refuses a batch and T whose memory plan would overflow `usize` (`backei info` printed 0.25 GiB
-/// for usize::MAX). Every term of the plan is at most 64·T·B·W per layer, W the largest number of
-/// values one sample has in a layer (a conv's column buffer included), plus the parameters and the
-/// fixed workspace, so checking that bound in u128 first keeps all the usize arithmetic exact.
-fn check_plan_fits_usize(plan: &[LayerPlan], batch: usize, steps: usize) -> Result<()> {
-    let mut widest: u128 = 1;
-    let mut params: u128 = 0;
-    for lp in plan {
-        let [c, h, w] = lp.input;
-        let (i, o) = ((c * h * w) as u128, lp.output.iter().map(|&d| d as u128).product::<u128>());
-        let mut wide = i.max(o);
-        if let LayerSpec::Conv { out_channels, kernel, padding } = lp.spec {
-            let g = ConvGeom::new(c, out_channels, h, w, kernel, padding);
-            wide = wide.max(((g.col_rows() + g.cout) * g.out_pixels()) as u128);
-            params += g.weight_len() as u128 + out_channels as u128;
-        }
-        // a BackEI gate or linear layer: at most in × out (or C²k²) weights
-        params += i.saturating_mul(o.max(9 * c as u128));
-        widest = widest.max(wide);
-    }
-    let bound = (batch as u128)
-        .checked_mul(steps as u128)
-        .and_then(|x| x.checked_mul(widest))
-        .and_then(|x| x.checked_mul(64 * (plan.len() as u128 + 2)))
-        .and_then(|x| x.checked_add(16 * params + DEFAULT_WORKSPACE_BYTES as u128));
-    match bound {
-        Some(b) if b <= usize::MAX as u128 => Ok(()),
-        _ => Err(config_err(
-            "--batch-size/--steps",
-            format!("batch {batch} at T = {steps}: the memory a training step needs does not fit in 64 bits"),
-        )),
-    }
-}
-
-/// The largest batch ≤ `batch` whose training step fits `bytes` (None: not even one sample).
-pub fn batch_that_fits(spec: &NetworkSpec, batch: usize, steps: usize, t_in: usize, bytes: usize) -> Option<usize> {
-    let fits = |b: usize| memory_plan_for(spec, b, steps, t_in).map(|p| p.total() <= bytes).unwrap_or(false);
-    if !fits(1) {
-        return None;
-    }
-    let (mut lo, mut hi) = (1usize, batch.max(1));
-    while lo < hi {
-        let mid = (lo + hi).div_ceil(2);
-        if fits(mid) {
-            lo = mid;
-        } else {
-            hi = mid - 1;
-        }
-    }
-    Some(lo)
-}
-
-/// The network on the GPU engine (f32).
+/// The network on the GPU engine (f32 state, products in the precision of `settings`).
 pub struct GpuNetwork {
     pub dev: Arc<GpuDevice>,
     pub spec: NetworkSpec,
@@ -285,22 +116,33 @@ pub struct GpuNetwork {
     pub grads: CudaSlice<f32>,
     layers: Vec<Layer>,
     classes: usize,
+    settings: StepSettings,
+    /// The buffers of the current shape.
+    plan: Option<BufferPlan>,
     input: Option<CudaSlice<f32>>,
     readout: Option<CudaSlice<f32>>,
-    upstream: Option<CudaSlice<f32>>,
+    out_slots: [Option<CudaSlice<f32>>; 2],
+    grad_slots: [Option<CudaSlice<f32>>; 2],
     loss: Option<LossBuffers>,
+    keys: DropoutKeys,
     conv_ws: ConvWorkspace,
     counter: CudaSlice<u32>,
     /// (B, T_in) the buffers are sized for.
     shape: (usize, usize),
+    /// Bumped whenever buffers are reallocated or the launches change: keys the graphs.
+    generation: u64,
+    graphs: GraphBook<CudaGraph>,
+    pending: Option<Pending>,
+    /// The results of a step read before anyone asked for them (see `settle`).
+    settled: Option<Result<StepStats>>,
     /// Seed of the dropout masks; with `iteration` it keys every mask (as the CPU engine).
     pub dropout_seed: u64,
-    /// Training iterations done.
+    /// Training iterations launched.
     pub iteration: u64,
     pub training: bool,
     /// Per-op timing of the steps (`set_profiling`), read with `take_profile`.
     timer: Option<OpTimer>,
-    /// Recorded after each input upload (see `forward`).
+    /// Recorded after each input upload (see `upload_input`).
     uploaded: CudaEvent,
 }
 
@@ -327,29 +169,58 @@ fn missing(what: &str) -> BackeiError {
     BackeiError::Cuda(format!("internal: {what} used before it was allocated (call forward first)"))
 }
 
+/// The two shared slots, split for one layer: the readable ones and the one it writes (if any).
+fn slot_views(
+    slots: &mut [Option<CudaSlice<f32>>; 2],
+    write: Option<usize>,
+) -> ([Option<&CudaSlice<f32>>; 2], Option<&mut CudaSlice<f32>>) {
+    let [a, b] = slots;
+    match write {
+        None => ([a.as_ref(), b.as_ref()], None),
+        Some(0) => ([None, b.as_ref()], a.as_mut()),
+        Some(_) => ([a.as_ref(), None], b.as_mut()),
+    }
+}
+
+fn slot_of(place: Place) -> Option<usize> {
+    match place {
+        Place::Slot { slot, .. } => Some(slot),
+        _ => None,
+    }
+}
+
+/// The first `len` values of a buffer as a view.
+fn view<'a>(buf: &'a CudaSlice<f32>, len: usize, what: &str) -> Result<CudaView<'a, f32>> {
+    buf.try_slice(0..len).ok_or_else(|| shape_err(what, format!("≥ {len} values"), format!("{}", buf.len())))
+}
+
 /// The input of the layer after `before`: the output of the last layer that holds one.
-fn source<'a>(before: &'a [Layer], input: &'a CudaSlice<f32>, batch: usize) -> Result<CudaView<'a, f32>> {
+fn source<'a>(
+    before: &'a [Layer],
+    input: &'a CudaSlice<f32>,
+    slots: &[Option<&'a CudaSlice<f32>>; 2],
+    batch: usize,
+) -> Result<CudaView<'a, f32>> {
     for l in before.iter().rev() {
         let len = l.t_out * batch * l.out_len;
-        let buf = match &l.op {
-            Op::Flatten => continue,
-            Op::Spike { layer, .. } => layer.output()?,
-            _ => l.out.as_ref().ok_or_else(|| missing("a layer output"))?,
+        let buf = match (&l.op, l.out_place) {
+            (Op::Flatten, _) => continue,
+            (Op::Spike { layer, .. }, _) => layer.output()?,
+            (_, Place::Own(_)) => l.out.as_ref().ok_or_else(|| missing("a layer output"))?,
+            (_, Place::Slot { slot, .. }) => {
+                slots[slot].ok_or_else(|| BackeiError::Cuda("internal: a layer reads the forward slot it writes".into()))?
+            }
+            (_, Place::None) => return Err(missing("a layer output")),
         };
-        return buf.try_slice(0..len).ok_or_else(|| shape_err("layer output", format!("≥ {len} values"), format!("{}", buf.len())));
+        return view(buf, len, "layer output");
     }
     Ok(input.as_view())
 }
 
-/// ∂L/∂(output of the layer before `after`): the grad_in of the next layer that holds one.
-fn grad_of_output<'a>(after: &'a [Layer], upstream: &'a CudaSlice<f32>) -> Result<CudaView<'a, f32>> {
-    for l in after {
-        if matches!(l.op, Op::Flatten) {
-            continue;
-        }
-        return Ok(l.grad_in.as_ref().ok_or_else(|| missing("a layer's input gradient"))?.as_view());
-    }
-    Ok(upstream.as_view())
+/// Where ∂L/∂(output of the layer before `after`) lives: the grad_in of the next layer that has
+/// one, or the readout's gradient.
+fn grad_of_output(after: &[Layer], upstream: Place) -> Place {
+    after.iter().find(|l| !matches!(l.op, Op::Flatten)).map_or(upstream, |l| l.grad_place)
 }
 
 impl GpuNetwork {
@@ -370,12 +241,13 @@ impl GpuNetwork {
             |name: String| find(name.clone()).ok_or_else(|| config_err("parameters", format!("the CPU network has no slot `{name}`")));
         let ts = layer_steps(&plan, spec.steps, 1);
         let mut layers = Vec::with_capacity(plan.len());
+        let mut dropouts = 0usize;
         for (i, (lp, &(t_in, t_out))) in plan.iter().zip(&ts).enumerate() {
             let [c, h, w] = lp.input;
             let op = match lp.spec {
                 LayerSpec::Conv { out_channels, kernel, padding } => {
-                    let (w, b) = (need(format!("layers.{i}.weight"))?, need(format!("layers.{i}.bias"))?);
-                    Op::Conv { geom: ConvGeom::new(c, out_channels, h, w_of(lp), kernel, padding), w, b }
+                    let (wr, br) = (need(format!("layers.{i}.weight"))?, need(format!("layers.{i}.bias"))?);
+                    Op::Conv { geom: ConvGeom::new(c, out_channels, h, w, kernel, padding), w: wr, b: br }
                 }
                 LayerSpec::Linear { out_features } => Op::Linear {
                     n_in: c,
@@ -384,7 +256,10 @@ impl GpuNetwork {
                     b: need(format!("layers.{i}.bias"))?,
                 },
                 LayerSpec::AvgPool => Op::Pool { c, h, w },
-                LayerSpec::Dropout { p } => Op::Dropout { p: p as f32, index: i as u32, key: None },
+                LayerSpec::Dropout { p } => {
+                    dropouts += 1;
+                    Op::Dropout { p: p as f32, index: i as u32, key_slot: dropouts - 1 }
+                }
                 LayerSpec::Flatten => Op::Flatten,
                 LayerSpec::BackEi | LayerSpec::Spiking => {
                     let fb = spike_feedback(&spec, &lp.spec);
@@ -404,30 +279,40 @@ impl GpuNetwork {
                 out_len: lp.output.iter().product(),
                 t_in,
                 t_out,
+                out_place: Place::None,
                 out: None,
-                grad_in: None,
+                grad_place: Place::None,
             });
         }
         let params = dev.stream.clone_htod(&cpu.params).map_err(cuda_err("uploading the parameters"))?;
         let grads = dev.stream.alloc_zeros::<f32>(cpu.params.len().max(1)).map_err(cuda_err("allocating the gradients"))?;
         let counter = dev.stream.alloc_zeros::<u32>(1).map_err(cuda_err("allocating a counter"))?;
+        let limits = super::backei_layer::DeviceLimits::of(dev)?;
         Ok(GpuNetwork {
             dev: dev.clone(),
             classes: spec.classes()?,
+            settings: StepSettings::new(limits)?,
+            keys: DropoutKeys::new(dev, dropouts)?,
             spec,
             slots,
             params,
             grads,
             layers,
+            plan: None,
             input: None,
             readout: None,
-            upstream: None,
+            out_slots: [None, None],
+            grad_slots: [None, None],
             loss: None,
             conv_ws: ConvWorkspace::new(DEFAULT_WORKSPACE_BYTES),
             timer: None,
             uploaded: dev.ctx.new_event(None).map_err(cuda_err("creating the upload event"))?,
             counter,
             shape: (0, 0),
+            generation: 0,
+            graphs: GraphBook::from_env()?,
+            pending: None,
+            settled: None,
             dropout_seed: cpu.dropout_seed,
             iteration: cpu.iteration,
             training: true,
@@ -440,6 +325,28 @@ impl GpuNetwork {
 
     pub fn num_params(&self) -> usize {
         self.slots.last().map_or(0, |s| s.range.end)
+    }
+
+    /// The settings the steps run under (precision, determinism, kernel version, device limits).
+    pub fn settings(&self) -> &StepSettings {
+        &self.settings
+    }
+
+    /// How the convolutions' and linear layers' products are rounded (state, master weights and
+    /// optimizer state stay f32 in every mode).
+    pub fn set_precision(&mut self, precision: Precision) {
+        if self.settings.precision != precision {
+            self.settings.precision = precision;
+            self.invalidate_launches();
+        }
+    }
+
+    /// `--recompute K`: refused on the GPU engine for now (see `StepSettings::check_gpu`).
+    pub fn set_recompute(&mut self, recompute: Option<usize>) -> Result<()> {
+        let settings = StepSettings { recompute, ..self.settings };
+        settings.check_gpu()?;
+        self.settings = settings;
+        Ok(())
     }
 
     /// The parameters, copied to the host (the CPU engine's layout).
@@ -456,60 +363,116 @@ impl GpuNetwork {
         Ok(v)
     }
 
-    /// Replaces every parameter (a checkpoint, or the CPU engine's weights).
+    /// Replaces every parameter (a checkpoint, or the CPU engine's weights), and forgets a
+    /// reported non-finite step.
     pub fn load_params(&mut self, params: &[f32]) -> Result<()> {
         if params.len() != self.num_params() {
             return Err(shape_err("parameters", format!("{} values", self.num_params()), format!("{}", params.len())));
         }
         check_finite("parameters", params, "a parameter to load is NaN or Inf")?;
+        self.settle()?;
         if !params.is_empty() {
             self.dev.stream.memcpy_htod(params, &mut self.params).map_err(cuda_err("uploading the parameters"))?;
+        }
+        if let Some(lb) = self.loss.as_mut() {
+            lb.clear_status(&self.dev)?;
         }
         Ok(())
     }
 
-    /// Sizes every buffer for (batch, t_in); a no-op when the shape is unchanged.
+    /// The graphs' state for a new set of launches (new buffers or settings).
+    fn invalidate_launches(&mut self) {
+        self.generation += 1;
+        self.graphs.retain_generation(self.generation);
+    }
+
+    /// Sizes every buffer for (batch, t_in) from `memory::buffer_plan`; a no-op when the shape is
+    /// unchanged. Reads the results of a launched step first (its buffers go).
     fn ensure_buffers(&mut self, batch: usize, t_in: usize) -> Result<()> {
-        if self.shape == (batch, t_in) {
+        if self.shape == (batch, t_in) && self.plan.is_some() {
             return Ok(());
         }
-        let stream = self.dev.stream.clone();
+        self.settle()?;
         // free the old shape's buffers first, so that the new ones can use their memory
         self.input = None;
         self.readout = None;
-        self.upstream = None;
+        self.out_slots = [None, None];
+        self.grad_slots = [None, None];
         self.loss = None;
+        self.plan = None;
         self.shape = (0, 0);
-        let plan = self.spec.plan()?;
-        let ts = layer_steps(&plan, self.spec.steps, t_in);
-        let mut param_before = false;
+        for l in &mut self.layers {
+            l.out = None;
+        }
+        self.invalidate_launches();
+        let bp = buffer_plan(&self.spec, batch, self.spec.steps, t_in, &self.settings)?;
+        let stream = self.dev.stream.clone();
         let alloc = |len: usize, what: &str| {
             stream.alloc_zeros::<f32>(len.max(1)).map_err(cuda_err(format!("allocating {what} for batch {batch}")))
         };
-        for (l, &(ti, to)) in self.layers.iter_mut().zip(&ts) {
-            l.out = None;
-            l.grad_in = None;
-            l.t_in = ti;
-            l.t_out = to;
-        }
-        for (l, &(ti, to)) in self.layers.iter_mut().zip(&ts) {
-            if !matches!(l.op, Op::Flatten | Op::Spike { .. }) {
-                l.out = Some(alloc(to * batch * l.out_len, "a layer output")?);
+        for (i, (l, lb)) in self.layers.iter_mut().zip(&bp.layers).enumerate() {
+            l.t_in = lb.t_in;
+            l.t_out = lb.t_out;
+            l.out_place = lb.output;
+            l.grad_place = lb.grad_in;
+            if let Place::Own(len) = lb.output {
+                l.out = Some(alloc(len, "a layer output")?);
             }
-            let is_spike = matches!(l.op, Op::Spike { .. });
-            if !matches!(l.op, Op::Flatten) && (param_before || is_spike) {
-                l.grad_in = Some(alloc(ti * batch * l.in_len, "a layer's input gradient")?);
+            if let Op::Spike { layer, .. } = &mut l.op {
+                // the layer allocates its own buffers, from the very plan the memory plan counted
+                layer.deterministic = self.settings.deterministic;
+                let made = layer.prepare(batch, self.spec.steps)?;
+                if Some(made) != lb.spiking.as_ref() {
+                    return Err(BackeiError::Cuda(format!("internal: layer {i}'s launch plan differs from the memory plan's")));
+                }
             }
-            param_before |= l.has_params();
         }
-        let frame: usize = self.spec.input.iter().product();
-        let last_t = ts.last().map_or(t_in, |x| x.1);
-        self.input = Some(alloc(t_in * batch * frame, "the input batch")?);
+        for k in 0..2 {
+            if bp.out_slots[k] > 0 {
+                self.out_slots[k] = Some(alloc(bp.out_slots[k], "a shared output slot")?);
+            }
+            if bp.grad_slots[k] > 0 {
+                self.grad_slots[k] = Some(alloc(bp.grad_slots[k], "a shared gradient slot")?);
+            }
+        }
+        self.input = Some(alloc(bp.input, "the input batch")?);
         self.readout = Some(alloc(batch * self.classes, "the readout")?);
-        self.upstream = Some(alloc(last_t * batch * self.classes, "the readout gradient")?);
         self.loss = Some(LossBuffers::new(&self.dev, batch, self.classes)?);
+        self.plan = Some(bp);
         self.shape = (batch, t_in);
         Ok(())
+    }
+
+    /// Device bytes this network holds (its own buffers, the spiking layers' plan buffers, the
+    /// conv workspace, cuBLAS's workspace not counted): what `memory_plan` predicts, for the GPU
+    /// tests.
+    pub fn allocated_bytes(&self) -> usize {
+        let f = |b: &Option<CudaSlice<f32>>| 4 * b.as_ref().map_or(0, |x| x.len());
+        let mut n = 4 * (self.params.len() + self.grads.len() + self.counter.len());
+        n += f(&self.input) + f(&self.readout);
+        n += self.out_slots.iter().chain(&self.grad_slots).map(f).sum::<usize>();
+        n += self.layers.iter().map(|l| f(&l.out)).sum::<usize>();
+        for l in &self.layers {
+            if let Op::Spike { layer, .. } = &l.op {
+                for b in [
+                    &layer.out,
+                    &layer.v,
+                    &layer.g,
+                    &layer.z,
+                    &layer.dv,
+                    &layer.fb,
+                    &layer.dz,
+                    &layer.da,
+                    &layer.wg_partials,
+                    &layer.staged_weights,
+                ] {
+                    n += f(b);
+                }
+            }
+        }
+        n += self.loss.as_ref().map_or(0, |l| LossBuffers::device_bytes(l.batch, l.classes));
+        n += 8 * self.keys.keys.len();
+        n + self.conv_ws.bytes()
     }
 
     /// Adds what to do about an out-of-memory error: the plan and a batch size that fits.
@@ -519,11 +482,11 @@ impl GpuNetwork {
         }
         let steps = self.spec.steps;
         let total = self.dev.ctx.total_mem().unwrap_or(0);
-        let need = memory_plan_for(&self.spec, batch, steps, t_in).map(|p| p.to_string()).unwrap_or_default();
-        let fit = batch_that_fits(&self.spec, batch, steps, t_in, total / 10 * 9);
+        let need = memory_plan(&self.spec, batch, steps, t_in, &self.settings).map(|p| p.to_string()).unwrap_or_default();
+        let fit = batch_that_fits(&self.spec, batch, steps, t_in, total / 10 * 9, &self.settings);
         let advice = match fit {
             Some(b) if b < batch => {
-                format!("use --batch {b} (the largest that fits 90 % of the {:.1} GiB)", total as f64 / (1u64 << 30) as f64)
+                format!("use --batch-size {b} (the largest that fits 90 % of the {:.1} GiB)", total as f64 / (1u64 << 30) as f64)
             }
             Some(_) => "other processes hold GPU memory: free it or lower the batch size".to_string(),
             None => format!("not even batch 1 fits at T = {steps}: lower T or use --device cpu"),
@@ -550,9 +513,9 @@ impl GpuNetwork {
         Ok(())
     }
 
-    /// Runs the network over all T steps on a host batch x [T_in][B][C][H][W]; the readout
-    /// [B][classes] stays on the device (`readout_to_host` copies it).
-    pub fn forward(&mut self, x: &[f32], t_in: usize, batch: usize) -> Result<()> {
+    /// Checks a host batch, sizes the buffers and copies it in (asynchronously when `x` is
+    /// page-locked; `wait_for_upload` must follow before the caller may reuse `x`).
+    fn upload_input(&mut self, x: &[f32], t_in: usize, batch: usize) -> Result<()> {
         self.check_input_shape(x.len(), t_in, batch)?;
         check_finite("network input", x, "the input batch holds NaN or Inf: check the data and its normalisation")?;
         self.ensure_buffers(batch, t_in).map_err(|e| self.explain_oom(e, batch, t_in))?;
@@ -560,30 +523,43 @@ impl GpuNetwork {
         self.dev.stream.memcpy_htod(x, input).map_err(cuda_err("uploading the input batch"))?;
         // `x` may be page-locked (the loader's buffers on this engine, `gpu::pinned`); then the
         // copy above is truly asynchronous and returns before the DMA has read `x`. The caller
-        // may drop the batch as soon as this returns, and a loader thread then refills the same
-        // buffer, so wait for an event recorded right after the upload before returning, on
-        // success and on error alike. The forward's own read-backs have usually waited for the
-        // upload by then, so this costs nothing; it makes the guarantee independent of them.
-        // (one event, created with the network and recorded again for every batch)
+        // may drop the batch as soon as we return, and a loader thread then refills the same
+        // buffer, so `wait_for_upload` waits for an event recorded right after the upload before
+        // returning, on success and on error alike. (one event, recorded again for every batch)
         if let Err(e) = self.uploaded.record(&self.dev.stream) {
             let _ = self.dev.stream.synchronize();
             return Err(cuda_err("recording the input upload")(e));
         }
-        let r = self.run_forward(batch).map_err(|e| self.explain_oom(e, batch, t_in));
-        let waited = self.uploaded.synchronize().map_err(cuda_err("waiting for the input upload"));
+        Ok(())
+    }
+
+    fn wait_for_upload(&self) -> Result<()> {
+        self.uploaded.synchronize().map_err(cuda_err("waiting for the input upload"))
+    }
+
+    /// Runs the network over all T steps on a host batch x [T_in][B][C][H][W]; the readout
+    /// [B][classes] stays on the device (`readout_to_host` copies it).
+    pub fn forward(&mut self, x: &[f32], t_in: usize, batch: usize) -> Result<()> {
+        self.settle()?;
+        self.upload_input(x, t_in, batch)?;
+        let r = self.checked_forward(batch).map_err(|e| self.explain_oom(e, batch, t_in));
+        let waited = self.wait_for_upload();
         r.and(waited)
     }
 
     /// `forward` on a batch already on this device.
     pub fn forward_device(&mut self, x: &CudaView<f32>, t_in: usize, batch: usize) -> Result<()> {
+        self.settle()?;
         self.check_input_shape(x.len(), t_in, batch)?;
         self.ensure_buffers(batch, t_in).map_err(|e| self.explain_oom(e, batch, t_in))?;
         let input = self.input.as_mut().ok_or_else(|| missing("the input buffer"))?;
         self.dev.stream.memcpy_dtod(x, input).map_err(cuda_err("copying the input batch"))?;
-        self.run_forward(batch).map_err(|e| self.explain_oom(e, batch, t_in))
+        self.checked_forward(batch).map_err(|e| self.explain_oom(e, batch, t_in))
     }
 
-    fn run_forward(&mut self, batch: usize) -> Result<()> {
+    /// The forward after a check that the parameters are finite (outside training steps, whose
+    /// optimizer never writes non-finite values: see the module docs).
+    fn checked_forward(&mut self, batch: usize) -> Result<()> {
         if count_nonfinite(&self.dev, &self.params, &mut self.counter)? > 0 {
             return Err(BackeiError::NonFinite {
                 place: "parameters (GPU)".into(),
@@ -592,26 +568,51 @@ impl GpuNetwork {
                 hint: "a parameter is NaN or Inf: the run diverged; lower the learning rate".into(),
             });
         }
-        let dev = self.dev.clone();
-        let steps = self.spec.steps;
-        let (seed, iteration, training) = (self.dropout_seed, self.iteration, self.training);
+        if self.training {
+            self.stage_dropout_keys()?;
+        }
         if let Some(t) = self.timer.as_mut() {
             t.mark("input upload, parameter check, host gaps")?;
         }
+        self.enqueue_forward(batch)
+    }
+
+    /// The keys of this iteration's dropout masks, copied to the device.
+    fn stage_dropout_keys(&mut self) -> Result<()> {
+        let keys: Vec<u64> = self
+            .layers
+            .iter()
+            .filter_map(|l| match l.op {
+                Op::Dropout { index, .. } => Some(crate::rng::dropout_key(self.dropout_seed, self.iteration, index)),
+                _ => None,
+            })
+            .collect();
+        self.keys.stage(&self.dev, &keys)
+    }
+
+    /// The forward's launches (no host synchronisation): every layer, then the readout.
+    fn enqueue_forward(&mut self, batch: usize) -> Result<()> {
+        let dev = self.dev.clone();
+        let steps = self.spec.steps;
+        let training = self.training;
         let input = self.input.as_ref().ok_or_else(|| missing("the input buffer"))?;
         let p = &self.params;
         for i in 0..self.layers.len() {
             let (before, rest) = self.layers.split_at_mut(i);
             let layer = &mut rest[0];
-            let src = source(before, input, batch)?;
+            let (readable, slot_out) = slot_views(&mut self.out_slots, slot_of(layer.out_place));
+            let src = source(before, input, &readable, batch)?;
             let (t_in, t_out) = (layer.t_in, layer.t_out);
             let rows = t_in * batch;
             match &mut layer.op {
                 Op::Flatten => {}
                 Op::Spike { layer: sl, params } => sl.forward(p, params, &src, t_in, batch, steps)?,
                 op => {
-                    let out = layer.out.as_mut().ok_or_else(|| missing("a layer output"))?;
-                    let mut y = out.as_view_mut();
+                    let mut y = match layer.out_place {
+                        Place::Own(len) => layer.out.as_mut().ok_or_else(|| missing("a layer output"))?.slice_mut(0..len),
+                        Place::Slot { len, .. } => slot_out.ok_or_else(|| missing("a forward slot"))?.slice_mut(0..len),
+                        Place::None => return Err(missing("a layer output")),
+                    };
                     match op {
                         Op::Conv { geom, w, b } => {
                             conv::forward(&dev, &mut self.conv_ws, geom, rows, &p.slice(w.clone()), &p.slice(b.clone()), &src, &mut y)?
@@ -620,9 +621,9 @@ impl GpuNetwork {
                             linear::forward(&dev, *n_in, *n_out, rows, &p.slice(w.clone()), &p.slice(b.clone()), &src, &mut y)?
                         }
                         Op::Pool { c, h, w } => pool::forward(&dev, rows * *c, *h, *w, &src, &mut y)?,
-                        Op::Dropout { p: prob, index, key } => {
-                            *key = training.then(|| crate::rng::dropout_key(seed, iteration, *index));
-                            dropout::forward(&dev, *key, *prob, batch * layer.in_len, t_out, t_in, &src, &mut y)?
+                        Op::Dropout { p: prob, key_slot, .. } => {
+                            let mask = if training { Mask::Key { keys: &self.keys.keys, slot: *key_slot } } else { Mask::Off };
+                            dropout::forward(&dev, mask, *prob, batch * layer.in_len, t_out, t_in, &src, &mut y)?
                         }
                         Op::Flatten | Op::Spike { .. } => {}
                     }
@@ -633,7 +634,8 @@ impl GpuNetwork {
             }
         }
         let last_t = self.layers.last().map_or(1, |l| l.t_out);
-        let out = source(&self.layers, input, batch)?;
+        let slots = [self.out_slots[0].as_ref(), self.out_slots[1].as_ref()];
+        let out = source(&self.layers, input, &slots, batch)?;
         let y = self.readout.as_mut().ok_or_else(|| missing("the readout"))?;
         gloss::readout(&dev, last_t, batch * self.classes, &out, &mut y.as_view_mut())
     }
@@ -653,30 +655,35 @@ impl GpuNetwork {
         if d_readout.len() != batch * self.classes {
             return Err(shape_err("readout gradient", format!("{}", batch * self.classes), format!("{}", d_readout.len())));
         }
+        self.settle()?;
         let lb = self.loss.as_mut().ok_or_else(|| missing("the loss buffers"))?;
         self.dev.stream.memcpy_htod(d_readout, &mut lb.dy).map_err(cuda_err("uploading the readout gradient"))?;
-        self.run_backward().map_err(|e| self.explain_oom(e, batch, t_in))
+        self.enqueue_backward().map_err(|e| self.explain_oom(e, batch, t_in))
     }
 
     pub fn zero_grads(&mut self) -> Result<()> {
         self.dev.stream.memset_zeros(&mut self.grads).map_err(cuda_err("clearing the gradients"))
     }
 
-    /// BPTT from the ∂L/∂readout in the loss buffers.
-    fn run_backward(&mut self) -> Result<()> {
+    /// BPTT's launches from the ∂L/∂readout in the loss buffers (no host synchronisation).
+    fn enqueue_backward(&mut self) -> Result<()> {
         let dev = self.dev.clone();
         let batch = self.shape.0;
         let n = self.layers.len();
         let last_t = self.layers.last().map_or(1, |l| l.t_out);
         let bk = batch * self.classes;
+        let upstream = self.plan.as_ref().ok_or_else(|| missing("the buffer plan"))?.upstream;
         let lb = self.loss.as_ref().ok_or_else(|| missing("the loss buffers"))?;
-        let upstream = self.upstream.as_mut().ok_or_else(|| missing("the readout gradient"))?;
-        gloss::readout_backward(&dev, last_t, bk, &lb.dy.as_view(), &mut upstream.as_view_mut())?;
-        let upstream = &*upstream;
+        {
+            let (_, ups) = slot_views(&mut self.grad_slots, slot_of(upstream));
+            let mut ups = ups.ok_or_else(|| missing("the readout gradient"))?.slice_mut(0..upstream.len());
+            gloss::readout_backward(&dev, last_t, bk, &lb.dy.as_view(), &mut ups)?;
+        }
         let Some(first) = self.layers.iter().position(|l| l.has_params()) else {
             return Ok(());
         };
         let input = self.input.as_ref().ok_or_else(|| missing("the input buffer"))?;
+        let out_slots = [self.out_slots[0].as_ref(), self.out_slots[1].as_ref()];
         let (p, g) = (&self.params, &mut self.grads);
         for i in (first..n).rev() {
             let (before, rest) = self.layers.split_at_mut(i);
@@ -684,28 +691,37 @@ impl GpuNetwork {
             if matches!(layer.op, Op::Flatten) {
                 continue;
             }
-            let src = source(before, input, batch)?;
-            let dy = grad_of_output(after, upstream)?;
+            let dy_place = grad_of_output(after, upstream);
+            let (readable, dx_slot) = slot_views(&mut self.grad_slots, slot_of(layer.grad_place));
+            let dy_buf = slot_of(dy_place).and_then(|s| readable[s]).ok_or_else(|| missing("an output gradient"))?;
+            let dy = view(dy_buf, dy_place.len(), "output gradient")?;
+            let mut dx: Option<CudaViewMut<f32>> = match dx_slot {
+                Some(b) => Some(b.slice_mut(0..layer.grad_place.len())),
+                None => None,
+            };
             let (t_in, t_out) = (layer.t_in, layer.t_out);
             let rows = t_in * batch;
-            let mut dx = layer.grad_in.as_mut().map(|b| b.as_view_mut());
             let need_dx = || missing("a layer's input gradient");
+            let reads_input = matches!(layer.op, Op::Conv { .. } | Op::Linear { .. } | Op::Spike { .. });
+            let src = if reads_input { Some(source(before, input, &out_slots, batch)?) } else { None };
+            let src = || src.as_ref().ok_or_else(|| missing("a layer input"));
             match &mut layer.op {
                 Op::Conv { geom, w, b } => {
                     let mut gv = g.slice_mut(w.start..b.end);
                     let (mut gw, mut gb) = gv.split_at_mut(w.len());
-                    conv::backward(&dev, &mut self.conv_ws, geom, rows, &p.slice(w.clone()), &src, &dy, &mut gw, &mut gb, dx.as_mut())?;
+                    conv::backward(&dev, &mut self.conv_ws, geom, rows, &p.slice(w.clone()), src()?, &dy, &mut gw, &mut gb, dx.as_mut())?;
                 }
                 Op::Linear { n_in, n_out, w, b } => {
                     let mut gv = g.slice_mut(w.start..b.end);
                     let (mut gw, mut gb) = gv.split_at_mut(w.len());
-                    linear::backward(&dev, *n_in, *n_out, rows, &p.slice(w.clone()), &src, &dy, &mut gw, &mut gb, dx.as_mut())?;
+                    linear::backward(&dev, *n_in, *n_out, rows, &p.slice(w.clone()), src()?, &dy, &mut gw, &mut gb, dx.as_mut())?;
                 }
                 Op::Pool { c, h, w } => pool::backward(&dev, rows * *c, *h, *w, &dy, dx.as_mut().ok_or_else(need_dx)?)?,
-                Op::Dropout { p: prob, key, .. } => {
-                    dropout::backward(&dev, *key, *prob, batch * layer.in_len, t_out, t_in, &dy, dx.as_mut().ok_or_else(need_dx)?)?
+                Op::Dropout { p: prob, key_slot, .. } => {
+                    let mask = if self.training { Mask::Key { keys: &self.keys.keys, slot: *key_slot } } else { Mask::Off };
+                    dropout::backward(&dev, mask, *prob, batch * layer.in_len, t_out, t_in, &dy, dx.as_mut().ok_or_else(need_dx)?)?
                 }
-                Op::Spike { layer: sl, params } => sl.backward(p, g, params, &src, t_in, &dy, dx.as_mut().ok_or_else(need_dx)?)?,
+                Op::Spike { layer: sl, params } => sl.backward(p, g, params, src()?, t_in, &dy, dx.as_mut().ok_or_else(need_dx)?)?,
                 Op::Flatten => {}
             }
             if let Some(t) = self.timer.as_mut() {
@@ -733,48 +749,167 @@ impl GpuNetwork {
         Ok((l, correct))
     }
 
-    /// Forward, loss, backward, optimizer step: one training iteration (as the CPU engine's).
-    pub fn train_step(&mut self, x: &[f32], t_in: usize, labels: &[u8], loss: Loss, opt: &mut GpuOptimizer) -> Result<StepStats> {
-        let batch = labels.len();
-        self.check_labels(labels)?;
-        self.training = true;
-        self.forward(x, t_in, batch)?;
-        let (l, correct) = self.loss_of_readout(loss, labels)?;
-        if !l.is_finite() {
-            return Err(BackeiError::NonFinite {
-                place: format!("loss at iteration {}", self.iteration),
-                index: 0,
-                value: l,
-                hint: "training diverged; lower the learning rate".into(),
-            });
+    /// The launches of one training step after its inputs are staged — what a step graph holds:
+    /// forward, loss, backward, the gradient check, the (guarded) optimizer update.
+    fn enqueue_train_body(&mut self, opt: &mut GpuOptimizer, loss: Loss) -> Result<()> {
+        let batch = self.shape.0;
+        self.enqueue_forward(batch)?;
+        {
+            let y = self.readout.as_ref().ok_or_else(|| missing("the readout"))?;
+            let lb = self.loss.as_mut().ok_or_else(|| missing("the loss buffers"))?;
+            lb.enqueue(&self.dev, loss, &y.as_view(), true)?;
         }
         if let Some(t) = self.timer.as_mut() {
             t.mark("readout and loss")?;
         }
         self.zero_grads()?;
-        self.run_backward().map_err(|e| self.explain_oom(e, batch, t_in))?;
-        let bad = count_nonfinite(&self.dev, &self.grads, &mut self.counter)?;
+        self.enqueue_backward()?;
+        let lb = self.loss.as_mut().ok_or_else(|| missing("the loss buffers"))?;
+        count_nonfinite_into(&self.dev, &self.grads.as_view(), &mut lb.status.slice_mut(STATUS_GRADS..STATUS_GRADS + 1))?;
         if let Some(t) = self.timer.as_mut() {
             t.mark("gradient check")?;
         }
-        if bad > 0 {
-            return Err(BackeiError::NonFinite {
-                place: "gradients (GPU)".into(),
-                index: 0,
-                value: f64::NAN,
-                hint: format!("{bad} gradients are NaN or Inf: lower the learning rate"),
-            });
-        }
-        opt.update(&mut self.params, &self.grads)?;
+        opt.enqueue(&mut self.params, &self.grads, &lb.status.as_view())?;
+        count_nonfinite_into(&self.dev, &self.params.as_view(), &mut lb.status.slice_mut(STATUS_PARAMS..STATUS_PARAMS + 1))?;
         if let Some(t) = self.timer.as_mut() {
             t.mark("optimizer")?;
         }
+        Ok(())
+    }
+
+    /// The step's launches: eagerly, captured into a graph, or replayed (see `graph.rs`).
+    fn run_train_body(&mut self, opt: &mut GpuOptimizer, loss: Loss, t_in: usize) -> Result<()> {
+        let key = StepKey {
+            batch: self.shape.0,
+            t_in,
+            loss,
+            generation: self.generation,
+            optimizer: StepKey::optimizer_bits(&opt.config),
+            optimizer_state: opt.state_addresses(),
+        };
+        match self.graphs.action(&key, self.timer.is_some()) {
+            Action::Eager => {
+                self.enqueue_train_body(opt, loss)?;
+                self.graphs.ran_eagerly(&key);
+            }
+            Action::Replay => {
+                let g = self.graphs.graph(&key).ok_or_else(|| BackeiError::Cuda("internal: no graph to replay".into()))?;
+                g.launch().map_err(cuda_err("launching the step graph"))?;
+            }
+            Action::Capture => {
+                let stream = self.dev.stream.clone();
+                stream.begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED).map_err(cuda_err("beginning a graph capture"))?;
+                let body = self.enqueue_train_body(opt, loss);
+                let end = stream.end_capture(CUgraphInstantiate_flags(0));
+                match (body, end) {
+                    (Ok(()), Ok(Some(graph))) => {
+                        graph.launch().map_err(cuda_err("launching the step graph"))?;
+                        self.graphs.captured(&key, graph);
+                    }
+                    (body, end) => {
+                        let why = match (body, end) {
+                            (Err(e), _) => e.to_string(),
+                            (_, Err(e)) => format!("{e:?}"),
+                            _ => "the capture was empty".to_string(),
+                        };
+                        if self.graphs.capture_failed(&key, why.clone()) {
+                            eprintln!("warning: capturing a training step into a CUDA graph failed ({why}); its kernels are launched one by one instead");
+                        }
+                        self.enqueue_train_body(opt, loss)?;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Launches one training step (forward, loss, backward, gradient check, optimizer) without
+    /// waiting for it, and returns the results of the step launched before it, if any: its loss
+    /// and correct count, or the error of a step whose loss or gradients were NaN/Inf (whose
+    /// update the device skipped). `finish_steps` returns the last step's.
+    pub fn train_step_pipelined(
+        &mut self,
+        x: &[f32],
+        t_in: usize,
+        labels: &[u8],
+        loss: Loss,
+        opt: &mut GpuOptimizer,
+    ) -> Result<Option<StepStats>> {
+        self.check_labels(labels)?;
+        self.training = true;
+        let r = self.launch_train_step(x, t_in, labels, loss, opt);
+        let waited = self.wait_for_upload();
+        r?;
+        waited?;
+        self.settled.take().transpose()
+    }
+
+    fn launch_train_step(&mut self, x: &[f32], t_in: usize, labels: &[u8], loss: Loss, opt: &mut GpuOptimizer) -> Result<()> {
+        let batch = labels.len();
+        self.upload_input(x, t_in, batch)?;
+        self.loss.as_mut().ok_or_else(|| missing("the loss buffers"))?.stage_labels(&self.dev, labels)?;
+        self.stage_dropout_keys()?;
+        opt.stage()?;
+        if let Some(t) = self.timer.as_mut() {
+            t.mark("input upload, staging, host gaps")?;
+        }
+        self.run_train_body(opt, loss, t_in).map_err(|e| self.explain_oom(e, batch, t_in))?;
+        // the step before this one is done once this one's inputs are in: read its results now,
+        // before this step's read-back reuses their page-locked buffers
+        self.settle()?;
+        self.loss.as_mut().ok_or_else(|| missing("the loss buffers"))?.enqueue_readback(&self.dev)?;
+        self.pending = Some(Pending { iteration: self.iteration, labels: labels.to_vec() });
         self.iteration += 1;
-        Ok(StepStats { loss: l, correct, batch })
+        Ok(())
+    }
+
+    /// Reads the results of a launched step (waiting for it) into `settled`.
+    fn settle(&mut self) -> Result<()> {
+        let Some(p) = self.pending.take() else { return Ok(()) };
+        let lb = self.loss.as_mut().ok_or_else(|| missing("the loss buffers"))?;
+        let r = lb.results()?;
+        let outcome = if r.status.iter().any(|&s| s != 0) {
+            let (place, hint) = if r.status[STATUS_LOSS] != 0 {
+                (format!("loss at iteration {}", p.iteration), "training diverged; lower the learning rate (--lr) or check the input data")
+            } else if r.status[STATUS_GRADS] != 0 {
+                (
+                    format!("gradients (GPU) at iteration {}: {} are NaN or Inf", p.iteration, r.status[STATUS_GRADS]),
+                    "lower the learning rate",
+                )
+            } else {
+                (format!("parameters after the update of iteration {}", p.iteration), "lower the learning rate")
+            };
+            let hint = format!("{hint} (this step's update was skipped, and every later one is until parameters are loaded)");
+            Err(BackeiError::NonFinite { place, index: 0, value: f64::NAN, hint })
+        } else {
+            let correct = r.pred.iter().zip(&p.labels).filter(|(a, b)| **a == **b as i32).count();
+            Ok(StepStats { loss: r.row_loss.iter().map(|&x| x as f64).sum(), correct, batch: p.labels.len() })
+        };
+        debug_assert!(self.settled.is_none(), "a step's results were never collected");
+        self.settled = Some(outcome);
+        debug_assert_eq!(STATUS_WORDS, r.status.len());
+        Ok(())
+    }
+
+    /// Waits for the last launched step and returns its results (None when none is pending).
+    pub fn finish_steps(&mut self) -> Result<Option<StepStats>> {
+        self.settle()?;
+        self.settled.take().transpose()
+    }
+
+    /// Forward, loss, backward, optimizer step: one training iteration (as the CPU engine's),
+    /// waiting for its results.
+    pub fn train_step(&mut self, x: &[f32], t_in: usize, labels: &[u8], loss: Loss, opt: &mut GpuOptimizer) -> Result<StepStats> {
+        // results of earlier pipelined steps belong to `finish_steps`; collect them first
+        if self.pending.is_some() || self.settled.is_some() {
+            return Err(config_err("train_step", "a pipelined step is still pending: call finish_steps first"));
+        }
+        self.train_step_pipelined(x, t_in, labels, loss, opt)?;
+        self.finish_steps()?.ok_or_else(|| BackeiError::Cuda("internal: a step left no results".into()))
     }
 
     /// Per-op timing from now on (on) or no more (off): CUDA events between the ops of every
-    /// step; `take_profile` reads them.
+    /// step, which then runs eagerly (not as a graph); `take_profile` reads them.
     pub fn set_profiling(&mut self, on: bool) -> Result<()> {
         self.timer = if on {
             let mut t = OpTimer::new(self.dev.stream.clone());
@@ -793,6 +928,18 @@ impl GpuNetwork {
         let rows = t.take()?;
         t.mark("start")?;
         Ok(rows)
+    }
+
+    /// CUDA graphs for the training steps on (the default, unless `BACKEI_CUDA_GRAPHS=0`) or off
+    /// (every launch one by one).
+    pub fn set_graphs(&mut self, on: bool) {
+        self.graphs = GraphBook::new(on);
+    }
+
+    /// How many step graphs this network holds, and why capturing failed (if it did) for the
+    /// current shape: for tests and `backei info`.
+    pub fn graph_status(&self) -> (usize, Option<String>) {
+        (self.graphs.captured_count(), self.graphs.disabled.clone())
     }
 
     /// Loss and accuracy without updating anything (dropout off).
@@ -818,6 +965,12 @@ impl GpuNetwork {
     /// weight-gradient reduction; v2/v3 with partial sums reduced in order); the other ops are
     /// cuBLAS GEMMs and kernels without atomics, deterministic on a given card.
     pub fn set_deterministic(&mut self, on: bool) {
+        if self.settings.deterministic != on {
+            self.settings.deterministic = on;
+            // the spiking layers' plans change: the buffers are planned again at the next step
+            self.plan = None;
+            self.invalidate_launches();
+        }
         for l in &mut self.layers {
             if let Op::Spike { layer, .. } = &mut l.op {
                 layer.deterministic = on;
@@ -838,97 +991,24 @@ impl GpuNetwork {
         Ok(out)
     }
 
-    /// The output [T][B][...] of layer `i` in the last forward, copied to the host.
+    /// The output [T][B][...] of layer `i` in the last forward, copied to the host. An output
+    /// that only fed pooling or dropout lives in a shared slot that later layers reuse: asking
+    /// for it is an error naming the layer.
     pub fn layer_output_to_host(&self, i: usize) -> Result<Vec<f32>> {
         if i >= self.layers.len() {
             return Err(config_err("layer", format!("layer {i} of {}", self.layers.len())));
         }
+        if let Place::Slot { .. } = self.layers[i].out_place {
+            return Err(config_err("layer", format!("layer {i}'s output is not kept after the forward (only the next layer reads it)")));
+        }
         let input = self.input.as_ref().ok_or_else(|| missing("the input buffer"))?;
-        let v = source(&self.layers[..=i], input, self.shape.0)?;
+        let slots = [self.out_slots[0].as_ref(), self.out_slots[1].as_ref()];
+        let v = source(&self.layers[..=i], input, &slots, self.shape.0)?;
         self.dev.stream.clone_dtoh(&v).map_err(cuda_err("reading a layer output"))
     }
 
-    /// The memory plan of this network at a batch shape.
+    /// The memory plan of this network at a batch shape, under its settings.
     pub fn memory_plan(&self, batch: usize, t_in: usize) -> Result<MemoryPlan> {
-        memory_plan_for(&self.spec, batch, self.spec.steps, t_in)
-    }
-}
-
-fn w_of(lp: &LayerPlan) -> usize {
-    lp.input[2]
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    const GB40: usize = 40_000_000_000;
-
-    #[test]
-    fn memory_plan_of_the_four_networks() {
-        for spec in [NetworkSpec::mnist(), NetworkSpec::fashion_mnist(), NetworkSpec::cifar10(), NetworkSpec::nmnist()] {
-            let direct = memory_plan_for(&spec, 100, 20, 1).unwrap();
-            let rate = memory_plan(&spec, 100, 20).unwrap();
-            println!("{:<14} direct {direct}\n{:<14} rate   {rate}", spec.name, "");
-            // the parameter count is the CPU engine's
-            let n = Network::<f32>::new(&spec, 1).unwrap().num_params();
-            assert_eq!(direct.params, 4 * n, "{}", spec.name);
-            assert_eq!((direct.grads, direct.optimizer), (4 * n, 8 * n));
-            // T_in = T holds every frame and the first conv over all steps: never smaller
-            assert!(rate.total() >= direct.total());
-            assert!(rate.activations > direct.activations);
-            // the spiking layers hold at least s and v over all T steps of every neuron
-            let plan = spec.plan().unwrap();
-            let neurons: usize = plan
-                .iter()
-                .filter(|l| matches!(l.spec, LayerSpec::BackEi | LayerSpec::Spiking))
-                .map(|l| l.input.iter().product::<usize>())
-                .sum();
-            assert!(direct.spiking >= 4 * 2 * 20 * 100 * neurons);
-            // twice the batch needs more, but less than twice (the parameters do not grow)
-            let double = memory_plan_for(&spec, 200, 20, 1).unwrap();
-            assert!(double.total() > direct.total() && double.total() < 2 * direct.total());
-            assert!(direct.total() < GB40, "{} does not fit 40 GB: {direct}", spec.name);
-        }
-    }
-
-    #[test]
-    fn cifar10_at_b100_t20_fits_40_gb_in_both_encodings() {
-        let spec = NetworkSpec::cifar10();
-        let direct = memory_plan_for(&spec, 100, 20, 1).unwrap();
-        let rate = memory_plan(&spec, 100, 20).unwrap();
-        assert!(rate.total() < GB40, "{rate}");
-        assert!(direct.total() < GB40, "{direct}");
-        // the first BackEI layer alone keeps s, v, g, z and ∂L/∂s over 20×100×128×32×32 neurons
-        let first = 20 * 100 * 128 * 32 * 32;
-        assert!(direct.spiking >= 4 * 5 * first, "{direct}");
-        // and the plan is not vacuous: more than 8 GB at this size
-        assert!(direct.total() > 8_000_000_000, "{direct}");
-    }
-
-    #[test]
-    fn memory_plan_refuses_bad_shapes_and_finds_a_batch_that_fits() {
-        let spec = NetworkSpec::cifar10();
-        assert!(memory_plan(&spec, 0, 20).unwrap_err().to_string().contains("batch"));
-        assert!(memory_plan_for(&spec, 10, 20, 3).unwrap_err().to_string().contains("T_in = 3"));
-        assert!(memory_plan(&spec, 10, 0).is_err());
-        let one = memory_plan_for(&spec, 1, 20, 1).unwrap().total();
-        let b = batch_that_fits(&spec, 100, 20, 1, 8_000_000_000).unwrap();
-        assert!((1..100).contains(&b));
-        assert!(memory_plan_for(&spec, b, 20, 1).unwrap().total() <= 8_000_000_000);
-        assert!(memory_plan_for(&spec, b + 1, 20, 1).unwrap().total() > 8_000_000_000);
-        assert_eq!(batch_that_fits(&spec, 100, 20, 1, one - 1), None);
-        assert_eq!(batch_that_fits(&spec, 100, 20, 1, usize::MAX / 2), Some(100));
-    }
-
-    #[test]
-    fn layer_steps_compute_the_first_conv_once_under_direct_encoding() {
-        let spec = NetworkSpec::cifar10();
-        let plan = spec.plan().unwrap();
-        let ts = layer_steps(&plan, 20, 1);
-        assert_eq!(ts[0], (1, 1), "conv 1 runs once");
-        assert_eq!(ts[1], (1, 20), "the BackEI layer broadcasts its current");
-        assert!(ts[2..].iter().all(|&t| t == (20, 20)));
-        assert!(layer_steps(&plan, 20, 20).iter().all(|&t| t == (20, 20)));
+        memory_plan(&self.spec, batch, self.spec.steps, t_in, &self.settings)
     }
 }

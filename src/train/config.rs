@@ -7,6 +7,7 @@ use crate::data::nmnist::Binning;
 use crate::data::{DatasetKind, Encoding};
 use crate::error::{config_err, Result};
 use crate::optim::{OptimizerConfig, StepLr};
+use crate::precision::Precision;
 use crate::spec::NetworkSpec;
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
@@ -28,6 +29,15 @@ pub struct TrainConfig {
     /// Fraction of the training set held out for validation (0 = none).
     pub val_split: f64,
     pub deterministic: bool,
+    /// How the GPU rounds the operands of the convolutions' and linear layers' products; master
+    /// weights, optimizer state and checkpoints are f32 in every mode, and the CPU engine computes
+    /// in f32 whatever this says. Absent in configs written before it existed: fp32.
+    #[serde(default)]
+    pub precision: Precision,
+    /// Keep the spiking layers' state every K steps and recompute the rest in the backward
+    /// (`--recompute K`; None keeps every step). Gradients are bit-identical either way.
+    #[serde(default)]
+    pub recompute: Option<usize>,
     pub workers: usize,
     /// The network, with T, back/ei, D and r folded in.
     pub network: NetworkSpec,
@@ -109,6 +119,7 @@ impl TrainConfig {
             return Err(config_err("--test-limit", "0: must be at least 1 (leave it out to evaluate on the whole test set)"));
         }
         self.optimizer.validate()?;
+        crate::cpu::backei_layer::SavedState::lean(self.recompute).validate()?;
         self.network.plan()?;
         Ok(())
     }

@@ -84,7 +84,8 @@ const PREFETCH: usize = 4;
 pub fn check_memory(cfg: &TrainConfig, engine: &Engine) -> Result<()> {
     let room = crate::memory::Room { device_free: engine.device_memory_free(), host: crate::memory::host_available() };
     let frames_each_step = cfg.encoding()? == crate::data::Encoding::Rate || cfg.dataset_kind()? == DatasetKind::Nmnist;
-    crate::memory::check_run(&cfg.network, cfg.batch_size, cfg.network.steps, frames_each_step, PREFETCH, cfg.workers, &room)
+    let settings = engine.step_settings();
+    crate::memory::check_run(&cfg.network, cfg.batch_size, cfg.network.steps, frames_each_step, PREFETCH, cfg.workers, &room, &settings)
 }
 
 pub fn loader_options(cfg: &TrainConfig, train: bool) -> Result<LoaderOptions> {
@@ -261,16 +262,17 @@ pub fn train(opts: RunOptions, engine: &mut Engine) -> Result<RunOutcome> {
                 loader.recycle(batch);
                 continue;
             }
-            let s = engine.train_step(&batch.x, batch.t_in, &batch.labels, cfg.loss).map_err(|e| match e {
-                BackeiError::NonFinite { place, index, value, hint } => {
-                    BackeiError::NonFinite { place: format!("{place} (epoch {}, batch {})", epoch + 1, k + 1), index, value, hint }
-                }
-                other => other,
-            })?;
+            // the GPU returns the step before this one's results (it runs one step ahead)
+            let done = engine.train_step_pipelined(&batch.x, batch.t_in, &batch.labels, cfg.loss).map_err(|e| in_epoch(e, epoch))?;
             loader.recycle(batch);
-            loss_sum += s.loss * s.batch as f64;
-            correct += s.correct as f64;
-            seen += s.batch as f64;
+            let interrupted = opts.interrupt.load(Ordering::SeqCst) || interrupt_after == Some(batches_this_process + 1);
+            // the last step of the epoch, or before a checkpoint: wait for its results too
+            let last = if k + 1 == batches || interrupted { engine.finish_steps().map_err(|e| in_epoch(e, epoch))? } else { None };
+            for s in done.iter().chain(&last) {
+                loss_sum += s.loss * s.batch as f64;
+                correct += s.correct as f64;
+                seen += s.batch as f64;
+            }
             progress.batches_done = k + 1;
             progress.iteration = engine.iteration();
             batches_this_process += 1;
@@ -278,8 +280,8 @@ pub fn train(opts: RunOptions, engine: &mut Engine) -> Result<RunOutcome> {
                 opts.interrupt.store(true, Ordering::SeqCst);
             }
             let secs = secs_before + started.elapsed().as_secs_f64();
-            bar.update(k + 1, seen / secs.max(1e-9), loss_sum / seen, correct / seen);
-            if opts.interrupt.load(Ordering::SeqCst) && k + 1 < batches {
+            bar.update(k + 1, seen / secs.max(1e-9), loss_sum / seen.max(1.0), correct / seen.max(1.0));
+            if interrupted && k + 1 < batches {
                 progress.partial = [loss_sum, correct, seen, secs];
                 bar.finish();
                 save(&last_path, engine, &progress)?;
@@ -287,6 +289,12 @@ pub fn train(opts: RunOptions, engine: &mut Engine) -> Result<RunOutcome> {
             }
         }
         bar.finish();
+        // (nothing is pending when the epoch ran to its last batch; this keeps it so otherwise)
+        if let Some(s) = engine.finish_steps().map_err(|e| in_epoch(e, epoch))? {
+            loss_sum += s.loss * s.batch as f64;
+            correct += s.correct as f64;
+            seen += s.batch as f64;
+        }
         let seconds = secs_before + started.elapsed().as_secs_f64();
         let stats = engine.spike_stats()?;
         let val = match &data.val {
@@ -345,6 +353,16 @@ pub fn train(opts: RunOptions, engine: &mut Engine) -> Result<RunOutcome> {
         }
     }
     Ok(RunOutcome::Finished { final_test_accuracy: final_acc, best_accuracy: progress.best_accuracy, best_epoch: progress.best_epoch })
+}
+
+/// A non-finite step's error, with the epoch it happened in.
+fn in_epoch(e: BackeiError, epoch: usize) -> BackeiError {
+    match e {
+        BackeiError::NonFinite { place, index, value, hint } => {
+            BackeiError::NonFinite { place: format!("{place} (epoch {})", epoch + 1), index, value, hint }
+        }
+        other => other,
+    }
 }
 
 /// A loss parsed from the command line.

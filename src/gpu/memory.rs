@@ -1,0 +1,652 @@
+//! What a training step holds on the device, decided before anything is allocated: where every
+//! buffer of `GpuNetwork` lives ([`buffer_plan`], which `GpuNetwork` allocates from) and what it
+//! all adds up to ([`memory_plan`], which `backei info` prints). Pure host logic, no GPU needed.
+//!
+//! The lean layout:
+//! - a layer's output is kept for the backward only where the next layer's backward reads its
+//!   input (conv, linear, spiking); an output that only feeds pooling or dropout (whose backward
+//!   does not read it: the dropout mask is drawn again from its key) lives in one of two shared
+//!   forward slots (the second only while the first is still to be read);
+//! - the input gradients (∂L/∂input of every layer, and the readout's ∂L/∂s) live in two shared
+//!   slots used alternately along the backward: a layer's backward reads one and writes the other;
+//! - each BackEI layer's buffers are its own launch plan's `BufferSizes` (the plan its
+//!   `GpuBackEiLayer::prepare` allocates from), never a second formula.
+
+use super::backei_layer::{plan_deterministic, plan_version, DeviceLimits, KernelVersion, LaunchPlan};
+use super::conv::{ConvPlan, DEFAULT_WORKSPACE_BYTES};
+use super::device::CUBLAS_WORKSPACE_BYTES;
+use super::dropout::DropoutKeys;
+use super::loss::LossBuffers;
+use super::optim::GpuOptimizer;
+use crate::cpu::conv::ConvGeom;
+use crate::error::{config_err, Result};
+use crate::optim::OptimizerConfig;
+use crate::precision::Precision;
+use crate::spec::{FeedbackConfig, LayerPlan, LayerSpec, NetworkSpec};
+
+/// Everything besides the network and the batch shape that decides what a step holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StepSettings {
+    pub precision: Precision,
+    /// `--recompute K` (the GPU engine refuses it until its BackEI kernels can recompute).
+    pub recompute: Option<usize>,
+    /// `--deterministic`: the BackEI layers' deterministic plans.
+    pub deterministic: bool,
+    /// The BackEI kernels asked for (`$BACKEI_BACKEI_KERNEL`).
+    pub version: KernelVersion,
+    /// The device the plans are made for.
+    pub limits: DeviceLimits,
+}
+
+impl StepSettings {
+    /// The defaults (fp32, no recompute, not deterministic, the kernels `$BACKEI_BACKEI_KERNEL`
+    /// names) on a device with `limits`.
+    pub fn new(limits: DeviceLimits) -> Result<Self> {
+        Ok(StepSettings { precision: Precision::Fp32, recompute: None, deterministic: false, version: KernelVersion::from_env()?, limits })
+    }
+
+    /// Settings for sizing the CPU engine's state with the GPU's plan (the same tensors): fp32,
+    /// v1 kernels, an H100's limits.
+    pub fn cpu_proxy() -> Self {
+        StepSettings {
+            precision: Precision::Fp32,
+            recompute: None,
+            deterministic: false,
+            version: KernelVersion::V1,
+            limits: DeviceLimits::H100,
+        }
+    }
+
+    /// Refuses what the GPU engine cannot do, naming the fix.
+    pub fn check_gpu(&self) -> Result<()> {
+        if let Some(k) = self.recompute {
+            return Err(config_err(
+                "--recompute",
+                format!(
+                    "K = {k}: the GPU engine cannot recompute yet (its fused BackEI kernels run the whole time loop in one launch); drop --recompute, or use --device cpu, where it works"
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// (T_in, T_out) of every layer for an input of `t_in` frames: spiking and dropout layers run all
+/// T steps, every other layer keeps the steps of its input (T_in = 1 stays 1: computed once).
+pub fn layer_steps(plan: &[LayerPlan], steps: usize, t_in: usize) -> Vec<(usize, usize)> {
+    let mut prev = t_in;
+    plan.iter()
+        .map(|lp| {
+            let out = match lp.spec {
+                LayerSpec::BackEi | LayerSpec::Spiking | LayerSpec::Dropout { .. } => steps,
+                _ => prev,
+            };
+            let r = (prev, out);
+            prev = out;
+            r
+        })
+        .collect()
+}
+
+/// The gates of a spiking layer: the network's for a BackEI layer, none for a plain one.
+pub fn spike_feedback(spec: &NetworkSpec, l: &LayerSpec) -> FeedbackConfig {
+    if *l == LayerSpec::BackEi {
+        spec.feedback
+    } else {
+        FeedbackConfig { back: false, ei: false, radius: 0, delay: 1 }
+    }
+}
+
+/// The launch plan a spiking layer of `shape` runs at a batch shape under `settings`: the plan
+/// `GpuBackEiLayer::prepare` makes (and allocates its buffers from).
+pub fn spiking_plan(shape: [usize; 3], fb: &FeedbackConfig, batch: usize, steps: usize, s: &StepSettings) -> Result<LaunchPlan> {
+    if s.deterministic {
+        plan_deterministic(shape, fb, batch, steps, &s.limits, s.version)
+    } else {
+        plan_version(shape, fb, batch, steps, &s.limits, s.version)
+    }
+}
+
+/// Where one buffer of the step lives (lengths in f32 values).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Place {
+    /// Not allocated (nothing reads it).
+    None,
+    /// Its own allocation.
+    Own(usize),
+    /// The first `len` values of one of two shared slots.
+    Slot { slot: usize, len: usize },
+}
+
+impl Place {
+    pub fn len(&self) -> usize {
+        match *self {
+            Place::None => 0,
+            Place::Own(len) | Place::Slot { len, .. } => len,
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// The buffers of one layer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LayerBuffers {
+    pub t_in: usize,
+    pub t_out: usize,
+    /// The output [T_out][B][out_len] of a conv, linear, pool or dropout layer (None for flatten
+    /// and spiking layers: a spiking layer's output is among its own buffers).
+    pub output: Place,
+    /// ∂L/∂input [T_in][B][in_len], a gradient slot (None where no gradient flows further up).
+    pub grad_in: Place,
+    /// A spiking layer's launch plan (its buffers are `plan.buffers`).
+    pub spiking: Option<LaunchPlan>,
+}
+
+/// Every buffer of a training step at one batch shape.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BufferPlan {
+    pub batch: usize,
+    pub steps: usize,
+    pub t_in: usize,
+    pub classes: usize,
+    pub params: usize,
+    pub layers: Vec<LayerBuffers>,
+    /// The input batch [T_in][B][C][H][W].
+    pub input: usize,
+    /// ∂L/∂s of the last layer [T][B][classes], a gradient slot.
+    pub upstream: Place,
+    /// The two shared forward slots (outputs nothing reads in the backward).
+    pub out_slots: [usize; 2],
+    /// The two shared gradient slots.
+    pub grad_slots: [usize; 2],
+    /// The conv workspace: column buffer and transposed-output buffer (f32 values).
+    pub conv_col: usize,
+    pub conv_t: usize,
+    /// Dropout layers (one key each).
+    pub dropouts: usize,
+}
+
+/// Whether layer `i`'s backward reads its input (the output of the layer before it).
+fn backward_reads_input(l: &LayerSpec) -> bool {
+    matches!(l, LayerSpec::Conv { .. } | LayerSpec::Linear { .. } | LayerSpec::BackEi | LayerSpec::Spiking)
+}
+
+/// Refuses a batch and T whose memory plan would overflow `usize` (`backei info` printed 0.25 GiB
+/// for usize::MAX). Every term of the plan is at most 64·T·B·W per layer, W the largest number of
+/// values one sample has in a layer (a conv's column buffer included), plus the parameters and the
+/// fixed workspaces, so checking that bound in u128 first keeps all the usize arithmetic exact
+/// (the spiking layers' launch plans included).
+fn check_plan_fits_usize(plan: &[LayerPlan], batch: usize, steps: usize) -> Result<()> {
+    let mut widest: u128 = 1;
+    let mut params: u128 = 0;
+    for lp in plan {
+        let [c, h, w] = lp.input;
+        let (i, o) = ((c * h * w) as u128, lp.output.iter().map(|&d| d as u128).product::<u128>());
+        let mut wide = i.max(o);
+        if let LayerSpec::Conv { out_channels, kernel, padding } = lp.spec {
+            let g = ConvGeom::new(c, out_channels, h, w, kernel, padding);
+            wide = wide.max(((g.col_rows() + g.cout) * g.out_pixels()) as u128);
+            params += g.weight_len() as u128 + out_channels as u128;
+        }
+        // a BackEI gate or linear layer: at most in × out (or C²k²) weights
+        params += i.saturating_mul(o.max(9 * c as u128));
+        widest = widest.max(wide);
+    }
+    let bound = (batch as u128)
+        .checked_mul(steps as u128)
+        .and_then(|x| x.checked_mul(widest))
+        .and_then(|x| x.checked_mul(64 * (plan.len() as u128 + 2)))
+        .and_then(|x| x.checked_add(16 * params + (DEFAULT_WORKSPACE_BYTES + CUBLAS_WORKSPACE_BYTES) as u128));
+    match bound {
+        Some(b) if b <= usize::MAX as u128 => Ok(()),
+        _ => Err(config_err(
+            "--batch-size/--steps",
+            format!("batch {batch} at T = {steps}: the memory a training step needs does not fit in 64 bits"),
+        )),
+    }
+}
+
+/// Where every buffer of a training step of `spec` lives at batch `batch`, T = `steps`, an input
+/// of `t_in` frames.
+pub fn buffer_plan(spec: &NetworkSpec, batch: usize, steps: usize, t_in: usize, settings: &StepSettings) -> Result<BufferPlan> {
+    let mut spec = spec.clone();
+    spec.steps = steps;
+    let plan = spec.plan()?;
+    if batch == 0 {
+        return Err(config_err("batch", "batch size 0"));
+    }
+    if t_in != 1 && t_in != steps {
+        return Err(config_err("t_in", format!("T_in = {t_in}: must be 1 or T = {steps}")));
+    }
+    check_plan_fits_usize(&plan, batch, steps)?;
+    let classes = spec.classes()?;
+    let ts = layer_steps(&plan, steps, t_in);
+    let n = plan.len();
+    let mut layers = Vec::with_capacity(n);
+    let (mut out_slots, mut grad_slots) = ([0usize; 2], [0usize; 2]);
+    let (mut conv_col, mut conv_t) = (0usize, 0usize);
+    let mut params = 0usize;
+    // (slot, reader) of the last output put in a forward slot
+    let mut last_transient: Option<(usize, usize)> = None;
+    for (i, (lp, &(ti, to))) in plan.iter().zip(&ts).enumerate() {
+        let [c, h, w] = lp.input;
+        let out_len = to * batch * lp.output.iter().product::<usize>();
+        let mut spiking = None;
+        match lp.spec {
+            LayerSpec::Conv { out_channels, kernel, padding } => {
+                let g = ConvGeom::new(c, out_channels, h, w, kernel, padding);
+                let cp = ConvPlan::new(&g, ti * batch, DEFAULT_WORKSPACE_BYTES);
+                conv_col = conv_col.max(cp.col_floats);
+                conv_t = conv_t.max(cp.t_floats);
+                params += g.weight_len() + out_channels;
+            }
+            LayerSpec::Linear { out_features } => params += c * out_features + out_features,
+            LayerSpec::BackEi | LayerSpec::Spiking => {
+                let fb = spike_feedback(&spec, &lp.spec);
+                let k = 2 * fb.radius + 1;
+                params += (c * c * k * k + c) * (fb.back as usize + fb.ei as usize);
+                spiking = Some(spiking_plan(lp.input, &fb, batch, steps, settings)?);
+            }
+            _ => {}
+        }
+        let output = match lp.spec {
+            LayerSpec::Flatten | LayerSpec::BackEi | LayerSpec::Spiking => Place::None,
+            _ => match (i + 1..n).find(|&j| plan[j].spec != LayerSpec::Flatten) {
+                Some(j) if !backward_reads_input(&plan[j].spec) => {
+                    // slot 0, unless the last output put in a slot is still to be read: by this
+                    // very layer (pooling after dropout after pooling …)
+                    let slot = match last_transient {
+                        Some((slot, reader)) if reader == i => 1 - slot,
+                        _ => 0,
+                    };
+                    last_transient = Some((slot, j));
+                    out_slots[slot] = out_slots[slot].max(out_len);
+                    Place::Slot { slot, len: out_len }
+                }
+                _ => Place::Own(out_len),
+            },
+        };
+        layers.push(LayerBuffers { t_in: ti, t_out: to, output, grad_in: Place::None, spiking });
+    }
+    // the gradients, in the order the backward writes them: the readout's, then the layers' from
+    // the last to the first; a layer passes one on when a layer before it has parameters, and a
+    // spiking layer always writes one
+    let last_t = ts.last().map_or(t_in, |x| x.1);
+    let upstream_len = last_t * batch * classes;
+    grad_slots[0] = upstream_len;
+    let upstream = Place::Slot { slot: 0, len: upstream_len };
+    let has_params = |lp: &LayerPlan| match lp.spec {
+        LayerSpec::Conv { .. } | LayerSpec::Linear { .. } => true,
+        LayerSpec::BackEi => spec.feedback.back || spec.feedback.ei,
+        _ => false,
+    };
+    let mut written = 1usize;
+    for i in (0..n).rev() {
+        let lp = &plan[i];
+        let param_before = plan[..i].iter().any(has_params);
+        let is_spike = matches!(lp.spec, LayerSpec::BackEi | LayerSpec::Spiking);
+        if lp.spec != LayerSpec::Flatten && (param_before || is_spike) {
+            let slot = written % 2;
+            written += 1;
+            let len = layers[i].t_in * batch * lp.input.iter().product::<usize>();
+            grad_slots[slot] = grad_slots[slot].max(len);
+            layers[i].grad_in = Place::Slot { slot, len };
+        }
+    }
+    Ok(BufferPlan {
+        batch,
+        steps,
+        t_in,
+        classes,
+        params,
+        layers,
+        input: t_in * batch * spec.input.iter().product::<usize>(),
+        upstream,
+        out_slots,
+        grad_slots,
+        conv_col,
+        conv_t,
+        dropouts: plan.iter().filter(|l| matches!(l.spec, LayerSpec::Dropout { .. })).count(),
+    })
+}
+
+/// Bytes of the network's counter word (the parameter check outside training steps).
+pub const COUNTER_BYTES: usize = 4;
+
+/// The device memory of one training step, by kind, in bytes.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct MemoryPlan {
+    pub batch: usize,
+    pub steps: usize,
+    pub t_in: usize,
+    /// The flat parameter buffer.
+    pub params: usize,
+    /// The flat gradient buffer.
+    pub grads: usize,
+    /// Adam's m and v and its step scalars (SGD needs less).
+    pub optimizer: usize,
+    /// The input batch, the kept outputs of the conv, linear, pool and dropout layers, and the
+    /// two forward slots.
+    pub activations: usize,
+    /// The spiking layers' buffers (their launch plans' `BufferSizes`): output, saved state,
+    /// backward scratch.
+    pub spiking: usize,
+    /// The two gradient slots.
+    pub gradients: usize,
+    /// The conv workspace, cuBLAS's workspace, the readout, the loss buffers (with the step's
+    /// status words), the dropout keys and a counter.
+    pub workspaces: usize,
+}
+
+impl MemoryPlan {
+    pub fn total(&self) -> usize {
+        self.params + self.grads + self.optimizer + self.activations + self.spiking + self.gradients + self.workspaces
+    }
+}
+
+impl std::fmt::Display for MemoryPlan {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let g = |b: usize| b as f64 / (1u64 << 30) as f64;
+        write!(
+            f,
+            "B = {}, T = {}, T_in = {}: {:.2} GiB (params {:.2}, grads {:.2}, optimizer {:.2}, activations {:.2}, spiking layers {:.2}, input gradients {:.2}, workspaces {:.2})",
+            self.batch,
+            self.steps,
+            self.t_in,
+            g(self.total()),
+            g(self.params),
+            g(self.grads),
+            g(self.optimizer),
+            g(self.activations),
+            g(self.spiking),
+            g(self.gradients),
+            g(self.workspaces)
+        )
+    }
+}
+
+impl BufferPlan {
+    /// The plan's bytes, by kind.
+    pub fn memory(&self) -> MemoryPlan {
+        let f = 4usize;
+        let own: usize = self.layers.iter().map(|l| if let Place::Own(n) = l.output { n } else { 0 }).sum();
+        MemoryPlan {
+            batch: self.batch,
+            steps: self.steps,
+            t_in: self.t_in,
+            params: f * self.params,
+            grads: f * self.params.max(1),
+            optimizer: GpuOptimizer::device_bytes(&OptimizerConfig::adam(1e-3), self.params),
+            activations: f * (self.input.max(1) + own + self.out_slots.iter().sum::<usize>()),
+            spiking: self.layers.iter().filter_map(|l| l.spiking.as_ref()).map(|s| s.buffers.total_bytes()).sum(),
+            gradients: f * self.grad_slots.iter().sum::<usize>(),
+            workspaces: f * (self.conv_col + self.conv_t + self.batch * self.classes)
+                + CUBLAS_WORKSPACE_BYTES
+                + LossBuffers::device_bytes(self.batch, self.classes)
+                + DropoutKeys::device_bytes(self.dropouts)
+                + COUNTER_BYTES,
+        }
+    }
+}
+
+/// The device memory a training step of `spec` needs at batch `batch`, T = `steps` and an input
+/// of `t_in` frames (1: direct encoding; T: rate coding, the larger), under `settings`.
+pub fn memory_plan(spec: &NetworkSpec, batch: usize, steps: usize, t_in: usize, settings: &StepSettings) -> Result<MemoryPlan> {
+    settings.check_gpu()?;
+    Ok(buffer_plan(spec, batch, steps, t_in, settings)?.memory())
+}
+
+/// The largest batch ≤ `batch` whose training step fits `bytes` (None: not even one sample).
+pub fn batch_that_fits(
+    spec: &NetworkSpec,
+    batch: usize,
+    steps: usize,
+    t_in: usize,
+    bytes: usize,
+    settings: &StepSettings,
+) -> Option<usize> {
+    let fits = |b: usize| memory_plan(spec, b, steps, t_in, settings).map(|p| p.total() <= bytes).unwrap_or(false);
+    if !fits(1) {
+        return None;
+    }
+    let (mut lo, mut hi) = (1usize, batch.max(1));
+    while lo < hi {
+        let mid = (lo + hi).div_ceil(2);
+        if fits(mid) {
+            lo = mid;
+        } else {
+            hi = mid - 1;
+        }
+    }
+    Some(lo)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cpu::network::Network;
+    use crate::spec::NeuronConfig;
+
+    const GB40: usize = 40_000_000_000;
+
+    /// fp32, v1, an H100
+    fn h100() -> StepSettings {
+        StepSettings::cpu_proxy()
+    }
+
+    fn four() -> [NetworkSpec; 4] {
+        [NetworkSpec::mnist(), NetworkSpec::fashion_mnist(), NetworkSpec::cifar10(), NetworkSpec::nmnist()]
+    }
+
+    /// Every layer kind, and pooling and dropout chained (two outputs in the forward slots at once).
+    fn chained() -> NetworkSpec {
+        NetworkSpec {
+            name: "chained".into(),
+            input: [2, 16, 16],
+            layers: vec![
+                LayerSpec::Conv { out_channels: 4, kernel: 3, padding: 1 },
+                LayerSpec::BackEi,
+                LayerSpec::Dropout { p: 0.5 },
+                LayerSpec::AvgPool,
+                LayerSpec::Dropout { p: 0.2 },
+                LayerSpec::AvgPool,
+                LayerSpec::Flatten,
+                LayerSpec::Dropout { p: 0.1 },
+                LayerSpec::Linear { out_features: 10 },
+                LayerSpec::Spiking,
+            ],
+            feedback: FeedbackConfig { back: true, ei: true, radius: 1, delay: 1 },
+            neuron: NeuronConfig::default(),
+            steps: 5,
+        }
+    }
+
+    #[test]
+    fn memory_plan_of_the_four_networks() {
+        for spec in four() {
+            let direct = memory_plan(&spec, 100, 20, 1, &h100()).unwrap();
+            let rate = memory_plan(&spec, 100, 20, 20, &h100()).unwrap();
+            println!("{:<14} direct {direct}\n{:<14} rate   {rate}", spec.name, "");
+            // the parameter count is the CPU engine's
+            let n = Network::<f32>::new(&spec, 1).unwrap().num_params();
+            assert_eq!(direct.params, 4 * n, "{}", spec.name);
+            assert_eq!(direct.grads, 4 * n);
+            assert_eq!(direct.optimizer, 8 * n + 8 * 2 + 4, "Adam's m and v, two f64 scalars, a status word");
+            // T_in = T holds every frame and the first conv over all steps: never smaller
+            assert!(rate.total() >= direct.total());
+            assert!(rate.activations > direct.activations);
+            // the spiking layers hold at least s and v over all T steps of every neuron
+            let plan = spec.plan().unwrap();
+            let neurons: usize = plan
+                .iter()
+                .filter(|l| matches!(l.spec, LayerSpec::BackEi | LayerSpec::Spiking))
+                .map(|l| l.input.iter().product::<usize>())
+                .sum();
+            assert!(direct.spiking >= 4 * 2 * 20 * 100 * neurons);
+            // twice the batch needs more, but less than twice (the parameters do not grow)
+            let double = memory_plan(&spec, 200, 20, 1, &h100()).unwrap();
+            assert!(double.total() > direct.total() && double.total() < 2 * direct.total());
+            assert!(direct.total() < GB40, "{} does not fit 40 GB: {direct}", spec.name);
+        }
+    }
+
+    #[test]
+    fn the_spiking_layers_count_exactly_their_launch_plans_in_every_setting() {
+        for spec in four() {
+            for (version, deterministic) in
+                [(KernelVersion::V1, false), (KernelVersion::V1, true), (KernelVersion::V3, false), (KernelVersion::V3, true)]
+            {
+                let s = StepSettings { version, deterministic, ..h100() };
+                let bp = buffer_plan(&spec, 50, 8, 1, &s).unwrap();
+                let mut want = 0;
+                for (lp, lb) in spec.plan().unwrap().iter().zip(&bp.layers) {
+                    if matches!(lp.spec, LayerSpec::BackEi | LayerSpec::Spiking) {
+                        let fb = spike_feedback(&spec, &lp.spec);
+                        let p = if deterministic {
+                            plan_deterministic(lp.input, &fb, 50, 8, &s.limits, version).unwrap()
+                        } else {
+                            plan_version(lp.input, &fb, 50, 8, &s.limits, version).unwrap()
+                        };
+                        assert_eq!(lb.spiking.as_ref(), Some(&p), "{} {:?}", spec.name, lp.spec);
+                        want += p.buffers.total_bytes();
+                    } else {
+                        assert!(lb.spiking.is_none());
+                    }
+                }
+                assert_eq!(bp.memory().spiking, want);
+            }
+        }
+    }
+
+    #[test]
+    fn the_precision_is_accepted_and_recompute_is_refused_with_the_fix() {
+        let spec = NetworkSpec::fashion_mnist();
+        for precision in Precision::ALL {
+            assert!(memory_plan(&spec, 100, 20, 1, &StepSettings { precision, ..h100() }).is_ok());
+        }
+        let e = memory_plan(&spec, 100, 100, 1, &StepSettings { recompute: Some(10), ..h100() }).unwrap_err().to_string();
+        assert!(e.contains("--recompute") && e.contains("--device cpu"), "{e}");
+    }
+
+    /// The two rules the shared slots rely on, checked by walking the forward and the backward.
+    fn check_slots(spec: &NetworkSpec, t_in: usize) {
+        let bp = buffer_plan(spec, 3, spec.steps, t_in, &h100()).unwrap();
+        let plan = spec.plan().unwrap();
+        let n = plan.len();
+        let next = |i: usize| (i + 1..n).find(|&j| plan[j].spec != LayerSpec::Flatten);
+        for i in 0..n {
+            let lb = &bp.layers[i];
+            if let Place::Slot { slot, len } = lb.output {
+                assert!(len <= bp.out_slots[slot]);
+                // its one reader is the next layer, whose backward does not read it, and which
+                // writes its own output elsewhere
+                let j = next(i).expect("a slot output has a reader");
+                assert!(!backward_reads_input(&plan[j].spec), "{}: layer {j} reads layer {i}'s slot in the backward", spec.name);
+                assert_ne!(bp.layers[j].output, lb.output, "{}: layer {j} overwrites its input", spec.name);
+                if let Place::Slot { slot: s2, .. } = bp.layers[j].output {
+                    assert_ne!(s2, slot, "{}: layer {j} writes the slot it reads", spec.name);
+                }
+            }
+            if matches!(lb.output, Place::Own(_)) {
+                assert!(next(i).is_none_or(|j| backward_reads_input(&plan[j].spec)), "{}: layer {i} kept for nothing", spec.name);
+            }
+        }
+        // backward: every layer reads ∂L/∂output from one gradient slot and writes ∂L/∂input to
+        // the other
+        let mut dy = bp.upstream;
+        let first = plan.iter().position(|l| match l.spec {
+            LayerSpec::Conv { .. } | LayerSpec::Linear { .. } => true,
+            LayerSpec::BackEi => spec.feedback.back || spec.feedback.ei,
+            _ => false,
+        });
+        for i in (first.unwrap_or(n)..n).rev() {
+            if plan[i].spec == LayerSpec::Flatten {
+                continue;
+            }
+            let dx = bp.layers[i].grad_in;
+            if let (Place::Slot { slot: a, len: la }, Place::Slot { slot: b, len: lb }) = (dy, dx) {
+                assert_ne!(a, b, "{}: layer {i} writes the gradient slot it reads", spec.name);
+                assert!(la <= bp.grad_slots[a] && lb <= bp.grad_slots[b]);
+            } else if i > first.unwrap() {
+                panic!("{}: layer {i} has no gradient slots: {dy:?} → {dx:?}", spec.name);
+            }
+            dy = dx;
+        }
+    }
+
+    #[test]
+    fn shared_slots_never_overwrite_what_is_still_read() {
+        for spec in four().into_iter().chain([chained()]) {
+            for t_in in [1, spec.steps] {
+                check_slots(&spec, t_in);
+            }
+        }
+        // the chain really puts two outputs in the forward slots at once
+        let bp = buffer_plan(&chained(), 3, 5, 1, &h100()).unwrap();
+        let slots: Vec<usize> = bp.layers.iter().filter_map(|l| slot_of(l.output)).collect();
+        assert_eq!(slots, vec![0, 1, 0, 1], "dropout, pool, dropout, pool (the dropout after flatten feeds a linear layer)");
+        // cifar10's three dropouts each feed a pooling layer and are read before the next one is
+        // written: one slot
+        let cifar = buffer_plan(&NetworkSpec::cifar10(), 3, 5, 1, &h100()).unwrap();
+        assert_eq!(cifar.layers.iter().filter_map(|l| slot_of(l.output)).collect::<Vec<_>>(), vec![0, 0, 0]);
+        assert_eq!(cifar.out_slots[1], 0);
+        assert!(matches!(bp.layers[5].output, Place::Slot { .. }));
+        assert!(matches!(bp.layers[7].output, Place::Own(_)));
+    }
+
+    fn slot_of(p: Place) -> Option<usize> {
+        match p {
+            Place::Slot { slot, .. } => Some(slot),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn cifar10_dropout_outputs_share_one_slot_and_gradients_two() {
+        let spec = NetworkSpec::cifar10();
+        let bp = buffer_plan(&spec, 100, 20, 1, &h100()).unwrap();
+        let m = bp.memory();
+        println!("{m}");
+        // the three dropouts before pooling: their outputs live in one forward slot, sized for the
+        // largest (after the first BackEI layer, 128×32×32)
+        let first = 20 * 100 * 128 * 32 * 32;
+        assert_eq!(bp.out_slots, [first, 0]);
+        // the gradients: two slots, the larger the dropout's ∂L/∂input of the same size
+        assert_eq!(bp.grad_slots.iter().max().copied(), Some(first));
+        assert_eq!(m.gradients, 4 * bp.grad_slots.iter().sum::<usize>());
+        assert!(m.gradients <= 2 * 4 * first);
+        // the first BackEI layer alone keeps s, v, g, z over 20×100×128×32×32 neurons
+        assert!(m.spiking >= 4 * 4 * first, "{m}");
+        assert!(m.total() < GB40, "{m}");
+    }
+
+    #[test]
+    fn memory_plan_refuses_bad_shapes_and_finds_a_batch_that_fits() {
+        let spec = NetworkSpec::cifar10();
+        let s = h100();
+        assert!(memory_plan(&spec, 0, 20, 1, &s).unwrap_err().to_string().contains("batch"));
+        assert!(memory_plan(&spec, 10, 20, 3, &s).unwrap_err().to_string().contains("T_in = 3"));
+        assert!(memory_plan(&spec, 10, 0, 1, &s).is_err());
+        let one = memory_plan(&spec, 1, 20, 1, &s).unwrap().total();
+        let b = batch_that_fits(&spec, 100, 20, 1, 4_000_000_000, &s).unwrap();
+        assert!((1..100).contains(&b));
+        assert!(memory_plan(&spec, b, 20, 1, &s).unwrap().total() <= 4_000_000_000);
+        assert!(memory_plan(&spec, b + 1, 20, 1, &s).unwrap().total() > 4_000_000_000);
+        assert_eq!(batch_that_fits(&spec, 100, 20, 1, one - 1, &s), None);
+        assert_eq!(batch_that_fits(&spec, 100, 20, 1, usize::MAX / 2, &s), Some(100));
+    }
+
+    #[test]
+    fn layer_steps_compute_the_first_conv_once_under_direct_encoding() {
+        let spec = NetworkSpec::cifar10();
+        let plan = spec.plan().unwrap();
+        let ts = layer_steps(&plan, 20, 1);
+        assert_eq!(ts[0], (1, 1), "conv 1 runs once");
+        assert_eq!(ts[1], (1, 20), "the BackEI layer broadcasts its current");
+        assert!(ts[2..].iter().all(|&t| t == (20, 20)));
+        assert!(layer_steps(&plan, 20, 20).iter().all(|&t| t == (20, 20)));
+    }
+}

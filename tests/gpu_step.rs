@@ -1,0 +1,196 @@
+//! The GPU training step as the trainer runs it: one CUDA graph per step replayed, pipelined
+//! (results one step late, no host synchronisation), a NaN step reported and kept away from the
+//! parameters, and the memory plan equal to what the network allocates. All need a CUDA GPU
+//! (`cargo test --test gpu_step -- --ignored`, staged in bench/gpu/session.sh); without one they
+//! FAIL.
+
+use backei::cpu::network::Network;
+use backei::gpu::device::CUBLAS_WORKSPACE_BYTES;
+use backei::gpu::{GpuDevice, GpuNetwork, GpuOptimizer};
+use backei::{BackeiError, FiringMode, Loss, NetworkSpec, OptimizerConfig, StepStats};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use std::sync::Arc;
+
+fn dev() -> Arc<GpuDevice> {
+    GpuDevice::open(0).expect("these tests need a CUDA GPU")
+}
+
+fn small(spec: NetworkSpec) -> NetworkSpec {
+    let mut s = spec;
+    s.steps = 4;
+    s.neuron.mode = FiringMode::Exact;
+    s
+}
+
+fn batches(spec: &NetworkSpec, b: usize, t_in: usize, n: usize) -> Vec<(Vec<f32>, Vec<u8>)> {
+    let mut rng = ChaCha8Rng::seed_from_u64(5);
+    let frame: usize = spec.input.iter().product();
+    (0..n)
+        .map(|_| {
+            ((0..t_in * b * frame).map(|_| rng.random_range(0.0f32..1.0)).collect(), (0..b).map(|_| rng.random_range(0..10u8)).collect())
+        })
+        .collect()
+}
+
+fn bits(x: &[f32]) -> Vec<u32> {
+    x.iter().map(|v| v.to_bits()).collect()
+}
+
+/// `steps` training steps of `spec` (deterministic plans: bit-reproducible), graphs on or off,
+/// pipelined or not; the statistics and the parameters after them.
+fn run(
+    d: &Arc<GpuDevice>,
+    spec: &NetworkSpec,
+    t_in: usize,
+    graphs: bool,
+    pipelined: bool,
+    opt: OptimizerConfig,
+) -> (Vec<StepStats>, Vec<u32>, usize) {
+    let cpu = Network::<f32>::new(spec, 4150).unwrap();
+    let mut net = GpuNetwork::from_cpu(d, &cpu).unwrap();
+    net.set_deterministic(true);
+    net.set_graphs(graphs);
+    let mut o = GpuOptimizer::new(d, opt, net.num_params()).unwrap();
+    let mut stats = Vec::new();
+    for (x, labels) in batches(spec, 5, t_in, 6) {
+        if pipelined {
+            stats.extend(net.train_step_pipelined(&x, t_in, &labels, Loss::Ce, &mut o).unwrap());
+        } else {
+            stats.push(net.train_step(&x, t_in, &labels, Loss::Ce, &mut o).unwrap());
+        }
+    }
+    stats.extend(net.finish_steps().unwrap());
+    (stats, bits(&net.params_to_host().unwrap()), net.graph_status().0)
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn graph_replay_equals_eager_launches_bit_for_bit() {
+    let d = dev();
+    for spec in [NetworkSpec::mnist(), NetworkSpec::fashion_mnist(), NetworkSpec::cifar10(), NetworkSpec::nmnist()] {
+        let spec = small(spec);
+        for t_in in [1, spec.steps] {
+            for opt in [OptimizerConfig::adam(1e-3), OptimizerConfig::sgd(0.05, 0.9)] {
+                let (eager, p_eager, g0) = run(&d, &spec, t_in, false, false, opt);
+                let (graph, p_graph, g1) = run(&d, &spec, t_in, true, false, opt);
+                let what = format!("{} T_in {t_in} {opt:?}", spec.name);
+                assert_eq!(g0, 0, "{what}: graphs off, yet a graph was captured");
+                assert_eq!(g1, 1, "{what}: one graph for the one shape (steps 3–6 replay it)");
+                assert_eq!(eager.len(), 6);
+                assert_eq!(graph, eager, "{what}: losses or accuracies differ");
+                assert!(p_graph == p_eager, "{what}: parameters after 6 steps differ");
+            }
+        }
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn pipelined_steps_return_the_same_results_one_step_late() {
+    let d = dev();
+    let spec = small(NetworkSpec::cifar10());
+    let (sync, p_sync, _) = run(&d, &spec, 1, true, false, OptimizerConfig::adam(1e-3));
+    let (piped, p_piped, _) = run(&d, &spec, 1, true, true, OptimizerConfig::adam(1e-3));
+    assert_eq!(piped, sync);
+    assert!(p_piped == p_sync);
+    // the first pipelined call has nothing to return yet; finish_steps returns the last step's
+    let cpu = Network::<f32>::new(&spec, 4150).unwrap();
+    let mut net = GpuNetwork::from_cpu(&d, &cpu).unwrap();
+    let mut o = GpuOptimizer::new(&d, OptimizerConfig::adam(1e-3), net.num_params()).unwrap();
+    let b = batches(&spec, 5, 1, 2);
+    assert!(net.train_step_pipelined(&b[0].0, 1, &b[0].1, Loss::Mse, &mut o).unwrap().is_none());
+    assert!(net.train_step_pipelined(&b[1].0, 1, &b[1].1, Loss::Mse, &mut o).unwrap().is_some());
+    // the synchronous step refuses to drop a pending one's results
+    assert!(net.train_step(&b[0].0, 1, &b[0].1, Loss::Mse, &mut o).is_err());
+    assert!(net.finish_steps().unwrap().is_some());
+    assert!(net.finish_steps().unwrap().is_none());
+    // an evaluation in between keeps the pending results for finish_steps
+    net.train_step_pipelined(&b[0].0, 1, &b[0].1, Loss::Mse, &mut o).unwrap();
+    net.evaluate(&b[1].0, 1, &b[1].1, Loss::Mse).unwrap();
+    assert!(net.finish_steps().unwrap().is_some());
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn a_nan_step_is_reported_and_never_reaches_the_parameters() {
+    let d = dev();
+    let spec = small(NetworkSpec::fashion_mnist());
+    let cpu = Network::<f32>::new(&spec, 4150).unwrap();
+    let mut net = GpuNetwork::from_cpu(&d, &cpu).unwrap();
+    let mut o = GpuOptimizer::new(&d, OptimizerConfig::adam(1e-3), net.num_params()).unwrap();
+    let b = batches(&spec, 5, 1, 4);
+    for (x, l) in &b[..3] {
+        net.train_step_pipelined(x, 1, l, Loss::Mse, &mut o).unwrap();
+    }
+    net.finish_steps().unwrap();
+    let good = net.params_to_host().unwrap();
+    // finite but huge first-conv weights: the currents overflow to Inf, the membrane to NaN, and
+    // the gradients with it
+    let mut bad = good.clone();
+    let w = &cpu.slots[0];
+    bad[w.range.clone()].iter_mut().for_each(|v| *v = 3e38);
+    net.load_params(&bad).unwrap();
+    let first = net.train_step_pipelined(&b[3].0, 1, &b[3].1, Loss::Mse, &mut o);
+    assert!(first.is_ok(), "the NaN step's results come one step late");
+    let second = net.train_step_pipelined(&b[0].0, 1, &b[0].1, Loss::Mse, &mut o);
+    match second {
+        Err(BackeiError::NonFinite { place, hint, .. }) => {
+            assert!(place.contains("iteration 3") && hint.contains("skipped"), "{place}: {hint}")
+        }
+        other => panic!("expected the NaN step's error, got {other:?}"),
+    }
+    // the step launched after it was skipped as well, and says so
+    assert!(net.finish_steps().is_err(), "a step after a NaN step reported success");
+    assert!(net.params_to_host().unwrap() == bad, "a NaN step (or the one after it) changed the parameters");
+    // loading good parameters clears the status: training goes on
+    net.load_params(&good).unwrap();
+    let s = net.train_step(&b[1].0, 1, &b[1].1, Loss::Mse, &mut o).unwrap();
+    assert!(s.loss.is_finite());
+    assert!(net.params_to_host().unwrap() != good);
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn the_memory_plan_is_what_the_network_allocates() {
+    let d = dev();
+    for spec in [NetworkSpec::mnist(), NetworkSpec::fashion_mnist(), NetworkSpec::cifar10(), NetworkSpec::nmnist()] {
+        let spec = small(spec);
+        for t_in in [1, spec.steps] {
+            for deterministic in [false, true] {
+                let cpu = Network::<f32>::new(&spec, 1).unwrap();
+                let mut net = GpuNetwork::from_cpu(&d, &cpu).unwrap();
+                net.set_deterministic(deterministic);
+                let cfg = OptimizerConfig::adam(1e-3);
+                let mut o = GpuOptimizer::new(&d, cfg, net.num_params()).unwrap();
+                let (x, labels) = batches(&spec, 7, t_in, 1).remove(0);
+                net.train_step(&x, t_in, &labels, Loss::Mse, &mut o).unwrap();
+                let plan = net.memory_plan(7, t_in).unwrap();
+                let held = net.allocated_bytes() + GpuOptimizer::device_bytes(&cfg, net.num_params()) + CUBLAS_WORKSPACE_BYTES;
+                assert_eq!(held, plan.total(), "{} T_in {t_in} deterministic {deterministic}: {plan}", spec.name);
+            }
+        }
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn profiled_steps_run_eagerly_between_graph_replays() {
+    let d = dev();
+    let spec = small(NetworkSpec::mnist());
+    let cpu = Network::<f32>::new(&spec, 4150).unwrap();
+    let mut net = GpuNetwork::from_cpu(&d, &cpu).unwrap();
+    let mut o = GpuOptimizer::new(&d, OptimizerConfig::adam(1e-3), net.num_params()).unwrap();
+    let b = batches(&spec, 4, 1, 5);
+    for (x, l) in &b[..3] {
+        net.train_step(x, 1, l, Loss::Mse, &mut o).unwrap();
+    }
+    assert_eq!(net.graph_status().0, 1);
+    net.set_profiling(true).unwrap();
+    net.train_step(&b[3].0, 1, &b[3].1, Loss::Mse, &mut o).unwrap();
+    let rows = net.take_profile().unwrap();
+    assert!(rows.iter().any(|r| r.0 == "optimizer") && rows.iter().any(|r| r.0.starts_with("backward layer")), "{rows:?}");
+    net.set_profiling(false).unwrap();
+    net.train_step(&b[4].0, 1, &b[4].1, Loss::Mse, &mut o).unwrap();
+    assert_eq!(net.graph_status().0, 1, "profiling neither captured nor dropped a graph");
+}
