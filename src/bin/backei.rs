@@ -55,10 +55,16 @@ enum Cmd {
     /// Version, threads, CUDA driver, devices, NVRTC and cuBLAS, the kernel cache; with
     /// --model, the device memory a training step needs.
     Info(InfoArgs),
-    /// Compile every kernel for an architecture and print registers, shared memory and spills.
+    /// Compile every kernel for an architecture and print registers, shared memory and spills
+    /// (no GPU needed: NVRTC and ptxas from the pip packages are enough).
     Kernels {
         #[arg(long, default_value = "sm_90")]
         arch: String,
+        /// Also disassemble what runs (NVRTC's CUBIN, nvdisasm from pip nvidia-cuda-nvdisasm):
+        /// every kernel's hot-loop instruction mix, and the tensor-core (v4) kernels of the
+        /// fashion-mnist and mnist BackEI layers in each precision with their occupancy.
+        #[arg(long)]
+        sass: bool,
     },
     /// Dataset tools (fetch, inspect).
     Data {
@@ -247,7 +253,7 @@ fn main() -> ExitCode {
         Cmd::Eval(a) => eval(a),
         Cmd::Plot(a) => backei::plot::plot_runs(&a.runs, &a.out).map(|_| ExitCode::SUCCESS).map_err(Into::into),
         Cmd::Info(a) => info(a),
-        Cmd::Kernels { arch } => kernels(&arch),
+        Cmd::Kernels { arch, sass } => kernels(&arch, sass),
         Cmd::Data { cmd } => backei::data::cli::run(cmd).map(|_| ExitCode::SUCCESS),
     };
     match result {
@@ -535,7 +541,7 @@ fn info(a: InfoArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn kernels(arch: &str) -> anyhow::Result<ExitCode> {
+fn kernels(arch: &str, sass: bool) -> anyhow::Result<ExitCode> {
     let stats = backei::gpu::ptxas::kernel_report(arch)?;
     println!("{:<16} {:<40} {:>5} {:>8} {:>6} {:>13}", "module", "kernel", "regs", "smem B", "stack", "spills st/ld");
     for k in &stats {
@@ -545,9 +551,52 @@ fn kernels(arch: &str) -> anyhow::Result<ExitCode> {
         );
     }
     let spills = stats.iter().filter(|k| k.spill_stores + k.spill_loads > 0).count();
+    let mut failed = spills > 0;
     if spills > 0 {
         eprintln!("{spills} kernel(s) spill registers on {arch}");
-        return Ok(ExitCode::from(1));
     }
-    Ok(ExitCode::SUCCESS)
+    if sass {
+        failed |= sass_report(arch)?;
+    }
+    Ok(if failed { ExitCode::from(1) } else { ExitCode::SUCCESS })
+}
+
+/// The SASS part of `backei kernels --sass`; true when a v4 instance fails its static check.
+fn sass_report(arch: &str) -> anyhow::Result<bool> {
+    use backei::gpu::backei_layer::DeviceLimits;
+    use backei::gpu::sass::{check_module, Mix};
+    let show = |m: &Option<Mix>| match m {
+        Some(m) => {
+            format!("{:>5} {:>5} {:>5} {:>5} {:>5} {:>5} {:>5} {:>5}", m.total, m.mma, m.ffma, m.lds, m.ldsm, m.ldg, m.local, m.idiv)
+        }
+        None => "(no loop)".into(),
+    };
+    let head = format!("{:>5} {:>5} {:>5} {:>5} {:>5} {:>5} {:>5} {:>5}", "instr", "HMMA", "FFMA", "LDS", "LDSM", "LDG", "local", "idiv");
+    println!("\nhot loop (the innermost loop with the most HMMA, else FFMA) of every kernel, {arch}, as NVRTC builds it:");
+    println!("{:<16} {:<40} {:>5} {head}", "module", "kernel", "regs");
+    for module in backei::gpu::kernels::module_names() {
+        for k in check_module(module, arch, &[])? {
+            println!("{:<16} {:<40} {:>5} {}", module, k.kernel, k.registers, show(&k.hot));
+        }
+    }
+    let limits = if arch == "sm_80" { DeviceLimits::A100 } else { DeviceLimits::H100 };
+    println!("\nv4 instances of the BackEI layers (B = 100, T = 20, a device like {limits:?}):");
+    println!("{:<30} {:<36} {:>5} {:>6} {:>7} {head}", "layer", "kernel", "regs", "blk/SM", "smem B");
+    let mut failed = false;
+    for spec in [backei::NetworkSpec::fashion_mnist(), backei::NetworkSpec::mnist()] {
+        for l in spec.plan()?.iter().filter(|l| l.spec == backei::LayerSpec::BackEi) {
+            for p in backei::Precision::ALL {
+                let c = backei::gpu::backei_v4::check_instance(l.output, &spec.feedback, 100, 20, &limits, p, arch)?;
+                for (k, per_sm) in c.kernels.iter().zip(&c.blocks_per_sm) {
+                    let name = format!("{} {:?}", spec.name, l.output);
+                    println!("{:<30} {:<36} {:>5} {:>6} {:>7} {}", name, k.kernel, k.registers, per_sm, c.plan.smem_bytes, show(&k.hot));
+                }
+                for problem in &c.problems {
+                    eprintln!("{} {:?} {p}: {problem}", spec.name, l.output);
+                    failed = true;
+                }
+            }
+        }
+    }
+    Ok(failed)
 }

@@ -250,6 +250,69 @@ pub fn dims_for_resident(plan: &V4Plan, resident: u32) -> Option<(V4Dims, u32)> 
     Some((V4Dims { ranges: ranges as i32, ..plan.dims }, ranges * groups))
 }
 
+/// The static check of one v4 module instance (`backei kernels --sass`, tests/kernels_compile.rs):
+/// the kernels' resources and hot loops as NVRTC compiled them for `arch`, and what is wrong.
+#[derive(Clone, Debug)]
+pub struct V4Check {
+    pub plan: V4Plan,
+    pub kernels: Vec<super::sass::KernelCheck>,
+    /// Resident blocks per SM of each kernel (registers, shared memory, threads).
+    pub blocks_per_sm: Vec<u32>,
+    /// Empty when the instance passes: a hot loop without HMMA, local memory, an integer
+    /// division in a hot loop, or a grid larger than the blocks that can be co-resident.
+    pub problems: Vec<String>,
+}
+
+/// Compiles the v4 instance of a layer (exact firing, the rectangle surrogate: the training
+/// configuration) for `arch` on a device like `limits` and checks it statically.
+pub fn check_instance(
+    shape: [usize; 3],
+    fb: &FeedbackConfig,
+    batch: usize,
+    steps: usize,
+    limits: &DeviceLimits,
+    precision: Precision,
+    arch: &str,
+) -> Result<V4Check> {
+    let plan = plan_v4(shape, fb, batch, steps, limits, precision).map_err(|why| BackeiError::Cuda(format!("{shape:?}: {why}")))?;
+    let np = NeuronParams::from_config(&crate::spec::NeuronConfig::default());
+    let kernels = super::sass::check_module(V4_MODULE, arch, &instance_defines(&plan, &np))?;
+    let mut problems = Vec::new();
+    let mut blocks_per_sm = Vec::new();
+    for k in &kernels {
+        let per_sm = super::sass::blocks_per_sm(k.registers, V4_THREADS, plan.smem_bytes + k.static_smem, limits.max_smem_per_sm);
+        blocks_per_sm.push(per_sm);
+        if per_sm * limits.sm_count < plan.grid {
+            problems.push(format!(
+                "{}: the cooperative plan launches {} blocks, but {} registers and {} B of shared memory leave {per_sm} per SM ({} in all)",
+                k.kernel,
+                plan.grid,
+                k.registers,
+                plan.smem_bytes + k.static_smem,
+                per_sm * limits.sm_count
+            ));
+        }
+        if k.local_bytes > 0 {
+            problems.push(format!("{}: {} bytes of local memory (spills or an indexed array)", k.kernel, k.local_bytes));
+        }
+        match k.hot {
+            None => problems.push(format!("{}: no loop found", k.kernel)),
+            Some(m) => {
+                if m.mma == 0 {
+                    problems.push(format!("{}: the hot loop has no tensor-core instruction (HMMA): {m:?}", k.kernel));
+                }
+                if m.local > 0 {
+                    problems.push(format!("{}: the hot loop touches local memory: {m:?}", k.kernel));
+                }
+                if m.idiv > 0 {
+                    problems.push(format!("{}: the hot loop divides integers: {m:?}", k.kernel));
+                }
+            }
+        }
+    }
+    Ok(V4Check { plan, kernels, blocks_per_sm, problems })
+}
+
 fn cuda_err(what: &'static str) -> impl Fn(cudarc::driver::DriverError) -> BackeiError {
     move |e| BackeiError::Cuda(format!("{what}: {e:?}"))
 }

@@ -18,6 +18,7 @@ pub mod pinned;
 pub mod pool;
 pub mod profile;
 pub mod ptxas;
+pub mod sass;
 pub mod util;
 
 pub use device::{choose, DeviceChoice, GpuDevice};

@@ -1,0 +1,332 @@
+//! SASS of what runs, without a GPU: the CUBIN NVRTC builds for an architecture (the image the
+//! registry loads, no PTX JIT in between) disassembled by `nvdisasm` (pip `nvidia-cuda-nvdisasm`),
+//! and per kernel the instruction mix of its hot loop and its theoretical occupancy.
+//! `backei kernels --arch sm_90 --sass` prints it; `tests/kernels_compile.rs` fails CI when a v4
+//! hot loop has no HMMA, touches local memory or divides, or when a cooperative plan assumes more
+//! resident blocks than the registers and shared memory allow.
+//!
+//! The hot loop is read off the control flow: every backward branch closes a loop (its target
+//! label up to the branch); among the innermost loops (those that contain no other), the one with
+//! the most tensor-core instructions (else FMAs) is the kernel's hot loop. These are predictions
+//! from the code, not measurements: a static count says what a compute-bound loop issues, not how
+//! long memory makes it wait.
+
+use crate::error::{BackeiError, Result};
+use std::path::PathBuf;
+use std::process::Command;
+
+/// `$NVDISASM`, else `nvdisasm` on PATH, else a pip package's copy, else CUDA's.
+pub fn find_nvdisasm() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os("NVDISASM") {
+        return Some(PathBuf::from(p));
+    }
+    let mut candidates: Vec<PathBuf> =
+        std::env::var_os("PATH").map(|p| std::env::split_paths(&p).map(|d| d.join("nvdisasm")).collect()).unwrap_or_default();
+    if let Ok(out) = Command::new("python3").args(["-c", "import nvidia; print(list(nvidia.__path__)[0])"]).output() {
+        let base = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+        for sub in ["cu13/bin", "cu12/bin", "cuda_nvdisasm/bin"] {
+            candidates.push(base.join(sub).join("nvdisasm"));
+        }
+    }
+    candidates.push(PathBuf::from("/usr/local/cuda/bin/nvdisasm"));
+    candidates.into_iter().find(|p| p.is_file())
+}
+
+/// Disassembles a CUBIN (all kernels) with nvdisasm.
+pub fn disassemble(cubin: &[u8]) -> Result<String> {
+    let tool = find_nvdisasm()
+        .ok_or_else(|| BackeiError::Cuda("nvdisasm not found: set NVDISASM, put it on PATH, or pip install nvidia-cuda-nvdisasm".into()))?;
+    let file = std::env::temp_dir().join(format!("backei-sass-{}-{:x}.cubin", std::process::id(), cubin.len() ^ cubin.as_ptr() as usize));
+    let io = |e: std::io::Error| BackeiError::Io { path: file.display().to_string(), problem: e.to_string() };
+    std::fs::write(&file, cubin).map_err(io)?;
+    let out = Command::new(&tool).arg(&file).output();
+    let _ = std::fs::remove_file(&file);
+    let out = out.map_err(|e| BackeiError::Io { path: tool.display().to_string(), problem: e.to_string() })?;
+    if !out.status.success() {
+        return Err(BackeiError::Cuda(format!("nvdisasm failed: {}", String::from_utf8_lossy(&out.stderr))));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// One instruction: its opcode (with modifiers, e.g. `HMMA.16816.F32`) and, for a branch, the
+/// target label.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Instr {
+    pub opcode: String,
+    pub target: Option<String>,
+}
+
+/// A kernel's instructions and the labels in between (label → index of the next instruction).
+#[derive(Clone, Debug, Default)]
+pub struct KernelSass {
+    pub name: String,
+    pub instrs: Vec<Instr>,
+    pub labels: Vec<(String, usize)>,
+}
+
+/// Splits nvdisasm's output into kernels.
+pub fn parse(sass: &str) -> Vec<KernelSass> {
+    let mut out: Vec<KernelSass> = Vec::new();
+    for line in sass.lines() {
+        let t = line.trim();
+        if let Some(name) = t.strip_prefix(".text.").and_then(|r| r.strip_suffix(':')) {
+            out.push(KernelSass { name: name.to_string(), ..Default::default() });
+            continue;
+        }
+        let Some(k) = out.last_mut() else { continue };
+        if t.starts_with(".L") && t.ends_with(':') {
+            k.labels.push((t.trim_end_matches(':').to_string(), k.instrs.len()));
+            continue;
+        }
+        // "/*0240*/   @!P2 BRA `(.L_x_0) ;"
+        let Some(rest) = t.strip_prefix("/*").and_then(|r| r.split_once("*/")).map(|(_, r)| r.trim()) else { continue };
+        let rest = rest.trim_start_matches('{').trim();
+        let mut words = rest.split_whitespace();
+        let Some(mut op) = words.next() else { continue };
+        if op.starts_with('@') {
+            match words.next() {
+                Some(o) => op = o,
+                None => continue,
+            }
+        }
+        if op.is_empty() || !op.chars().next().is_some_and(|c| c.is_ascii_uppercase()) {
+            continue;
+        }
+        let target = rest.find("`(").and_then(|i| rest[i + 2..].split(')').next()).map(|s| s.to_string());
+        k.instrs.push(Instr { opcode: op.trim_end_matches(';').to_string(), target });
+    }
+    out
+}
+
+/// The instruction mix of a stretch of code.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Mix {
+    pub total: usize,
+    /// Tensor-core MMAs (HMMA).
+    pub mma: usize,
+    /// FP32 fused multiply-adds (FFMA).
+    pub ffma: usize,
+    /// Shared-memory loads: LDS and LDSM (ldmatrix).
+    pub lds: usize,
+    pub ldsm: usize,
+    /// Global loads and stores (LDG, STG; LDGSTS = cp.async counts as a load).
+    pub ldg: usize,
+    pub stg: usize,
+    /// Local memory (LDL, STL): spills or dynamically indexed arrays.
+    pub local: usize,
+    /// Integer division or remainder by a run-time value: the reciprocal sequence's I2F.U32.RP,
+    /// or a call to the 64-bit division routine.
+    pub idiv: usize,
+}
+
+impl Mix {
+    pub fn of(instrs: &[Instr]) -> Mix {
+        let mut m = Mix { total: instrs.len(), ..Mix::default() };
+        for i in instrs {
+            let op = i.opcode.as_str();
+            let base = op.split('.').next().unwrap_or(op);
+            match base {
+                "HMMA" => m.mma += 1,
+                "FFMA" => m.ffma += 1,
+                "LDS" => m.lds += 1,
+                "LDSM" => {
+                    m.lds += 1;
+                    m.ldsm += 1
+                }
+                "LDG" | "LDGSTS" => m.ldg += 1,
+                "STG" => m.stg += 1,
+                "LDL" | "STL" => m.local += 1,
+                _ => {}
+            }
+            if op.starts_with("I2F.U32.RP") || op.starts_with("I2F.RP") {
+                m.idiv += 1;
+            }
+            if base == "CALL" && i.target.as_deref().is_some_and(|t| t.contains("div") || t.contains("rem")) {
+                m.idiv += 1;
+            }
+        }
+        m
+    }
+}
+
+/// The loops of a kernel: (first instruction, the backward branch) index pairs.
+pub fn loops(k: &KernelSass) -> Vec<(usize, usize)> {
+    let mut out = Vec::new();
+    for (j, ins) in k.instrs.iter().enumerate() {
+        let Some(t) = &ins.target else { continue };
+        if !ins.opcode.starts_with("BRA") {
+            continue;
+        }
+        if let Some(&(_, at)) = k.labels.iter().find(|(l, _)| l == t) {
+            if at <= j {
+                out.push((at, j));
+            }
+        }
+    }
+    out
+}
+
+/// The hot loop's range and instruction mix: the innermost loop with the most MMAs (else FFMAs).
+pub fn hot_loop(k: &KernelSass) -> Option<((usize, usize), Mix)> {
+    let ls = loops(k);
+    let innermost: Vec<(usize, usize)> =
+        ls.iter().copied().filter(|&(a, b)| !ls.iter().any(|&(c, d)| (c, d) != (a, b) && a <= c && d <= b)).collect();
+    innermost.into_iter().map(|r| (r, Mix::of(&k.instrs[r.0..=r.1]))).max_by_key(|(_, m)| (m.mma, m.ffma))
+}
+
+/// Resident blocks per SM of a kernel (the theoretical occupancy, as the CUDA occupancy
+/// calculator computes it for sm_80/sm_90: registers allocated per warp in units of 256, 64 K
+/// registers, 2048 threads, 32 blocks, and `smem_per_sm` bytes of shared memory with 1 KiB reserved
+/// per block).
+pub fn blocks_per_sm(registers: u32, threads: u32, smem_bytes: u32, smem_per_sm: u32) -> u32 {
+    if threads == 0 {
+        return 0;
+    }
+    let warps = threads.div_ceil(32);
+    let regs_per_warp = (registers.max(1) * 32).div_ceil(256) * 256;
+    let by_regs = 65_536 / (regs_per_warp * warps).max(1);
+    let by_threads = 2048 / (warps * 32);
+    let by_smem = if smem_bytes == 0 { 32 } else { smem_per_sm / (smem_bytes + 1024) };
+    by_regs.min(by_threads).min(by_smem).min(32)
+}
+
+/// `$CUOBJDUMP`, else `cuobjdump` on PATH, else a pip package's copy, else CUDA's.
+pub fn find_cuobjdump() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os("CUOBJDUMP") {
+        return Some(PathBuf::from(p));
+    }
+    find_nvdisasm().map(|p| p.with_file_name("cuobjdump")).filter(|p| p.is_file()).or_else(|| {
+        let p = PathBuf::from("/usr/local/cuda/bin/cuobjdump");
+        p.is_file().then_some(p)
+    })
+}
+
+/// Registers, static shared memory and local memory of every kernel in a CUBIN (cuobjdump
+/// -res-usage): (kernel, registers, shared bytes, local bytes).
+pub fn resource_usage(cubin: &[u8]) -> Result<Vec<(String, u32, u32, u32)>> {
+    let tool = find_cuobjdump().ok_or_else(|| {
+        BackeiError::Cuda("cuobjdump not found: set CUOBJDUMP, put it on PATH, or pip install nvidia-cuda-cuobjdump".into())
+    })?;
+    let file = std::env::temp_dir().join(format!("backei-res-{}-{:x}.cubin", std::process::id(), cubin.len() ^ cubin.as_ptr() as usize));
+    let io = |e: std::io::Error| BackeiError::Io { path: file.display().to_string(), problem: e.to_string() };
+    std::fs::write(&file, cubin).map_err(io)?;
+    let out = Command::new(&tool).arg("-res-usage").arg(&file).output();
+    let _ = std::fs::remove_file(&file);
+    let out = out.map_err(|e| BackeiError::Io { path: tool.display().to_string(), problem: e.to_string() })?;
+    if !out.status.success() {
+        return Err(BackeiError::Cuda(format!("cuobjdump failed: {}", String::from_utf8_lossy(&out.stderr))));
+    }
+    Ok(parse_resource_usage(&String::from_utf8_lossy(&out.stdout)))
+}
+
+pub fn parse_resource_usage(text: &str) -> Vec<(String, u32, u32, u32)> {
+    let mut out = Vec::new();
+    let mut name: Option<String> = None;
+    let field = |line: &str, key: &str| -> u32 {
+        line.split_whitespace().find_map(|w| w.strip_prefix(key)).and_then(|v| v.parse().ok()).unwrap_or(0)
+    };
+    for line in text.lines() {
+        let t = line.trim();
+        if let Some(n) = t.strip_prefix("Function ").and_then(|r| r.strip_suffix(':')) {
+            name = Some(n.to_string());
+        } else if let (Some(n), true) = (name.take(), t.starts_with("REG:")) {
+            out.push((n, field(t, "REG:"), field(t, "SHARED:"), field(t, "LOCAL:")));
+        }
+    }
+    out
+}
+
+/// What the static check reads off one kernel of one module instance.
+#[derive(Clone, Debug)]
+pub struct KernelCheck {
+    pub kernel: String,
+    pub registers: u32,
+    pub static_smem: u32,
+    pub local_bytes: u32,
+    /// The hot loop's mix (None: the kernel has no loop).
+    pub hot: Option<Mix>,
+    /// Instructions of the whole kernel.
+    pub total: usize,
+}
+
+/// Compiles a module instance for `arch` (a real architecture), disassembles its CUBIN and
+/// reads every kernel's resources and hot loop.
+pub fn check_module(module: &str, arch: &str, defines: &super::kernels::Defines) -> Result<Vec<KernelCheck>> {
+    let c = super::kernels::compile_module_with(module, arch, defines)?;
+    let cubin =
+        c.cubin.ok_or_else(|| BackeiError::Cuda(format!("NVRTC gave no CUBIN for {arch} (a real architecture, sm_XX, is needed)")))?;
+    let res = resource_usage(&cubin)?;
+    let sass = parse(&disassemble(&cubin)?);
+    Ok(sass
+        .iter()
+        .map(|k| {
+            let (_, registers, static_smem, local_bytes) = res.iter().find(|r| r.0 == k.name).cloned().unwrap_or_default();
+            KernelCheck {
+                kernel: k.name.clone(),
+                registers,
+                static_smem,
+                local_bytes,
+                hot: hot_loop(k).map(|(_, m)| m),
+                total: k.instrs.len(),
+            }
+        })
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SAMPLE: &str = "
+//--------------------- .text.k --------------------------
+.text.k:
+        /*0000*/                   LDC R1, c[0x0][0x28] ;
+.L_x_1:
+        /*0010*/                   LDSM.16.M88.4 R48, [R98] ;
+        /*0020*/                   HMMA.16816.F32 R88, R48.reuse, R92, R88 ;
+        /*0030*/                   FFMA R2, R9, R10, -1 ;
+.L_x_2:
+        /*0040*/                   LDS.64 R4, [R3] ;
+        /*0050*/                   HMMA.16816.F32 R84, R48, R94, R84 ;
+        /*0060*/                   HMMA.16816.F32 R80, R48, R96, R80 ;
+        /*0070*/               @P0 BRA `(.L_x_2) ;
+        /*0080*/                   LDL.64 R34, [R1+0x8] ;
+        /*0090*/                   I2F.U32.RP R34, UR18 ;
+        /*00a0*/              @!P1 BRA `(.L_x_1) ;
+        /*00b0*/                   EXIT ;
+";
+
+    #[test]
+    fn finds_the_innermost_loop_with_the_most_mmas_and_counts_its_mix() {
+        let ks = parse(SAMPLE);
+        assert_eq!(ks.len(), 1);
+        let k = &ks[0];
+        assert_eq!(k.name, "k");
+        assert_eq!(k.instrs.len(), 12);
+        assert_eq!(loops(k), vec![(4, 7), (1, 10)]);
+        let ((a, b), m) = hot_loop(k).unwrap();
+        assert_eq!((a, b), (4, 7));
+        assert_eq!((m.total, m.mma, m.lds, m.ldsm, m.local, m.idiv), (4, 2, 1, 0, 0, 0));
+        let outer = Mix::of(&k.instrs[1..=10]);
+        assert_eq!((outer.mma, outer.ffma, outer.ldsm, outer.local, outer.idiv), (3, 1, 1, 1, 1));
+    }
+
+    #[test]
+    fn reads_cuobjdump_resource_usage() {
+        let text = "\nResource usage:\n Common:\n  GLOBAL:60 CONSTANT[4]:120\n Function backei_backward_v4_r1_fp32:\n  REG:250 STACK:0 SHARED:1024 LOCAL:0 CONSTANT[0]:808 TEXTURE:0\n Function f:\n  REG:16 STACK:8 SHARED:0 LOCAL:24 CONSTANT[0]:8\n";
+        assert_eq!(
+            parse_resource_usage(text),
+            vec![("backei_backward_v4_r1_fp32".to_string(), 250, 1024, 0), ("f".to_string(), 16, 0, 24)]
+        );
+    }
+
+    #[test]
+    fn occupancy_follows_registers_threads_and_shared_memory() {
+        // 256 threads at 255 registers: 8 warps × 8192 registers = all 64 K: one block
+        assert_eq!(blocks_per_sm(255, 256, 0, 233_472), 1);
+        assert_eq!(blocks_per_sm(128, 256, 0, 233_472), 2);
+        assert_eq!(blocks_per_sm(32, 256, 0, 233_472), 8);
+        assert_eq!(blocks_per_sm(32, 256, 200_000, 233_472), 1);
+        assert_eq!(blocks_per_sm(32, 256, 240_000, 233_472), 0);
+    }
+}
