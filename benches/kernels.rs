@@ -12,8 +12,14 @@
 //! multiply-add of the gate convolutions (forward: W_b ⊛ s and W_e ⊛ v; backward: the two adjoint
 //! convolutions and the two weight gradients), pointwise work not counted.
 //!
-//! Every fused workload runs with the v1, v2 and v3 kernels (`KernelVersion`), each validated
-//! against the CPU before it is timed; v2's and v3's reference rows are `<workload>@v2`/`@v3`.
+//! Every fused workload runs with the v1, v2 and v3 kernels (`KernelVersion`) and the tensor-core
+//! v4 kernels in each precision (fp32 = split fp16 hi + lo, tf32, bf16), each validated against
+//! the CPU before it is timed (fp32 modes to 1e-4; tf32 and bf16 to 2e-3 and 2e-2 of each
+//! tensor's scale, their precision); reference rows `<workload>@v2`, `@v3`, `@v4/<precision>`.
+//! A third ceiling, the tensor cores' rate per precision, is measured by `mma_peak_*`
+//! (cuda/mma_probe.cu: independent mma.sync on registers); v4 rows also print the fraction of it
+//! their issued products reach (fp32 mode issues 3 products per real × real product, 2 per
+//! spike × real one).
 //! Then the UNFUSED baseline (`gpu::backei_unfused`: a few pointwise kernels per step, the gate
 //! convolutions through cuBLAS), validated and timed the same way: rows labelled `unfused` and
 //! the reference row `<workload>@unfused`; the speed ratio fused/unfused (unfused time over
@@ -27,6 +33,7 @@ use backei::gpu::backei_layer::{BackEiSlots, GpuBackEiLayer, GpuLayer, KernelVer
 use backei::gpu::backei_unfused::UnfusedBackEiLayer;
 use backei::gpu::GpuDevice;
 use backei::spec::{FeedbackConfig, FiringMode, NeuronConfig};
+use backei::Precision;
 use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -40,6 +47,8 @@ struct Bench {
     flush: CudaSlice<u8>,
     copy_gbs: f64,
     fma_gflops: f64,
+    /// The tensor cores' rate per precision (f16 for fp32 mode's products, tf32, bf16), GFLOP/s.
+    tc_gflops: [(Precision, f64); 3],
     rows: Vec<String>,
     failed: Vec<String>,
 }
@@ -121,13 +130,60 @@ fn ceilings(dev: &Arc<GpuDevice>, flush: &mut CudaSlice<u8>) -> Res<(f64, f64)> 
     Ok((copy, flops / best / 1e6))
 }
 
+/// The tensor cores' rate for each precision's products (fp32 mode issues fp16 products): the
+/// best of 5 launches of `mma_peak_*` (8 independent MMAs per round on register operands).
+fn tensor_ceilings(dev: &Arc<GpuDevice>) -> Res<[(Precision, f64); 3]> {
+    let s = &dev.stream;
+    let flags = Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT);
+    let (a, b) = (dev.ctx.new_event(flags)?, dev.ctx.new_event(flags)?);
+    let (blocks, threads, iters) = (132 * 8u32, 256u32, 2048i32);
+    let mut sink = s.alloc_zeros::<f32>(blocks as usize)?;
+    let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 };
+    let mut out = [(Precision::Fp32, 0.0), (Precision::Tf32, 0.0), (Precision::Bf16, 0.0)];
+    for (p, gflops) in out.iter_mut() {
+        let (kernel, k) = match p {
+            Precision::Fp32 => ("mma_peak_f16", 16.0),
+            Precision::Tf32 => ("mma_peak_tf32", 8.0),
+            Precision::Bf16 => ("mma_peak_bf16", 16.0),
+        };
+        let f = dev.kernels.function("mma_probe", kernel)?;
+        let mut best = f64::MAX;
+        for _ in 0..5 {
+            a.record(s)?;
+            // SAFETY: the argument list matches mma_peak_*; sink holds one float per block.
+            unsafe { s.launch_builder(&f).arg(&mut sink).arg(&iters).launch(cfg)? };
+            b.record(s)?;
+            best = best.min(a.elapsed_ms(&b)? as f64);
+        }
+        let warps = (blocks * threads / 32) as f64;
+        let flops = warps * iters as f64 * 8.0 * 2.0 * 16.0 * 8.0 * k;
+        *gflops = flops / best / 1e6;
+    }
+    Ok(out)
+}
+
+/// Tensor-core products issued per useful multiply-add of a workload's convolutions (fp32 mode's
+/// split: 3 per real × real product, 2 per spike × real one; forward: W_b ⊛ s (spikes), W_e ⊛ v;
+/// backward: W_eᵀ ⊛ dz, W_bᵀ ⊛ da, dz ⋆ v, da ⋆ s), averaged over the forward and backward's
+/// 3·gates convolutions; 1 in the other modes.
+fn products_per_mac(p: Precision, fb: &FeedbackConfig) -> f64 {
+    if p != Precision::Fp32 {
+        return 1.0;
+    }
+    let (b, e) = (fb.back as usize as f64, fb.ei as usize as f64);
+    // back: 2 (fwd) + 3 (adjoint) + 2 (wgrad); ei: 3 + 3 + 3
+    (b * 7.0 + e * 9.0) / (3.0 * (b + e)).max(1.0)
+}
+
 fn uniform(rng: &mut ChaCha8Rng, n: usize, lo: f32, hi: f32) -> Vec<f32> {
     (0..n).map(|_| rng.random_range(lo..hi)).collect()
 }
 
-fn max_rel(a: &[f32], b: &[f32]) -> f64 {
+/// Max relative error, the denominator floored at `floor` × the tensor's scale (1 %, as
+/// tests/common/layer_check.rs; 1 = relative to the scale, for tf32 and bf16).
+fn max_rel_floor(a: &[f32], b: &[f32], floor: f64) -> f64 {
     let scale = b.iter().fold(0f64, |m, x| m.max(x.abs() as f64));
-    let floor = (1e-2 * scale).max(1e-6); // as tests/gpu_backei_layer.rs: 1 % of the tensor's scale
+    let floor = (floor * scale).max(1e-6);
     a.iter().zip(b).fold(0f64, |e, (x, y)| e.max((*x as f64 - *y as f64).abs() / (y.abs() as f64).max(floor)))
 }
 
@@ -191,6 +247,11 @@ fn cpu_reference(shape: [usize; 3], fb: FeedbackConfig, batch: usize, steps: usi
 /// A device layer vs the CPU reference `r` at (batch, steps): the max relative error over s, v,
 /// ∂I and the gradients.
 fn compare_layer(dev: &Arc<GpuDevice>, layer: &mut impl GpuLayer, r: &Reference, batch: usize, steps: usize) -> Res<f64> {
+    compare_layer_floor(dev, layer, r, batch, steps, 1e-2)
+}
+
+fn compare_layer_floor(dev: &Arc<GpuDevice>, layer: &mut impl GpuLayer, r: &Reference, batch: usize, steps: usize, floor: f64) -> Res<f64> {
+    let max_rel = |a: &[f32], b: &[f32]| max_rel_floor(a, b, floor);
     let (params, slots, input, gout) = (&r.params, &r.slots, &r.input, &r.gout);
     let s = &dev.stream;
     let dp = s.clone_htod(params)?;
@@ -214,17 +275,30 @@ fn smooth_neuron() -> NeuronConfig {
     NeuronConfig { mode: FiringMode::Smooth { k: 4.0 }, ..Default::default() }
 }
 
+/// A kernel version and (v4) its precision.
+type Version = (KernelVersion, Precision);
+
+/// The validation bound of a version: fp32 arithmetic to 1e-4 (1 % floor), tf32 and bf16 to their
+/// precision relative to each tensor's scale (tests/common/layer_check.rs, `Tolerance::of`).
+fn bound((version, p): Version) -> (f64, f64) {
+    match (version, p) {
+        (KernelVersion::V4, Precision::Tf32) => (2e-3, 1.0),
+        (KernelVersion::V4, Precision::Bf16) => (2e-2, 1.0),
+        _ => (1e-4, 1e-2),
+    }
+}
+
 /// The fused layer (`version`) vs the CPU at (batch, steps) in the smooth mode.
-fn validate(dev: &Arc<GpuDevice>, shape: [usize; 3], fb: FeedbackConfig, batch: usize, steps: usize, version: KernelVersion) -> Res<f64> {
+fn validate(dev: &Arc<GpuDevice>, shape: [usize; 3], fb: FeedbackConfig, batch: usize, steps: usize, version: Version) -> Res<f64> {
     let neuron = smooth_neuron();
     let r = cpu_reference(shape, fb, batch, steps, &neuron)?;
     let mut g = GpuBackEiLayer::new(dev, shape, fb, &neuron)?;
-    g.version = version;
+    (g.version, g.precision) = version;
     let vplan = g.prepare(batch, steps)?.clone();
-    if vplan.path == backei::gpu::backei_layer::LayerPath::Fused && vplan.version != version {
+    if vplan.path == backei::gpu::backei_layer::LayerPath::Fused && vplan.version != version.0 {
         return Err(format!("{shape:?}: {version:?} fell back to {:?}: {:?}", vplan.version, vplan.fallback).into());
     }
-    compare_layer(dev, &mut g, &r, batch, steps)
+    compare_layer_floor(dev, &mut g, &r, batch, steps, bound(version).1)
 }
 
 /// The unfused layer vs the CPU, as `validate`.
@@ -303,11 +377,12 @@ fn layer_workload(
     steps: usize,
     vb: usize,
     vt: usize,
-    version: KernelVersion,
+    version: Version,
 ) -> Res<f64> {
     let err = validate(&bench.dev, shape, fb, vb, vt, version)?;
-    let valid = if err < 1e-4 { format!("valid (max rel err {err:.1e})") } else { format!("INVALID (max rel err {err:.1e})") };
-    if err >= 1e-4 || err.is_nan() {
+    let tol = bound(version).0;
+    let valid = if err < tol { format!("valid (max rel err {err:.1e})") } else { format!("INVALID (max rel err {err:.1e})") };
+    if err >= tol || err.is_nan() {
         bench.failed.push(format!("{name} {version:?}"));
     }
     let dev = bench.dev.clone();
@@ -322,7 +397,7 @@ fn layer_workload(
     let mut dg = s.alloc_zeros::<f32>(params.len())?;
     let mut gin = s.alloc_zeros::<f32>(steps * batch * n)?;
     let mut layer = GpuBackEiLayer::new(&dev, shape, fb, &NeuronConfig::default())?;
-    layer.version = version;
+    (layer.version, layer.precision) = version;
     let plan = layer.prepare(batch, steps)?.clone();
     let gates = fb.back as usize + fb.ei as usize;
     let k = 2 * fb.radius + 1;
@@ -332,11 +407,11 @@ fn layer_workload(
     let ms = bench.time(|| Ok(layer.forward(&dp, &slots, &input.slice(..), steps, batch, steps)?))?;
     let fwd_ms = ms;
     let kname = match (plain, plan.version) {
-        (true, _) => "plain",
-        (false, KernelVersion::V1) => "fused-v1",
-        (false, KernelVersion::V2) => "fused-v2",
-        (false, KernelVersion::V3) => "fused-v3",
+        (true, _) => "plain".to_string(),
+        (false, KernelVersion::V4) => format!("fused-v4/{}", version.1),
+        (false, v) => format!("fused-{}", format!("{v:?}").to_lowercase()),
     };
+    let kname = kname.as_str();
     bench.report(&format!("{name} fwd {:?}", plan.wgrad), kname, ms, fwd_bytes, gates as f64 * conv_flops, &valid);
     let bwd_bytes = 4.0 * all * if plain { 3.0 } else { 5.0 + 2.0 * gates as f64 };
     let ms =
@@ -345,12 +420,23 @@ fn layer_workload(
     // the row bench/reference/run.py joins on (its workload names)
     // v1 keeps the reference's workload name (run.py takes a workload's first row); v2 and v3 get
     // `@v2` / `@v3`
-    let row = match version {
+    let row = match version.0 {
         KernelVersion::V1 => ref_name.to_string(),
         KernelVersion::V2 => format!("{ref_name}@v2"),
         KernelVersion::V3 => format!("{ref_name}@v3"),
+        KernelVersion::V4 => format!("{ref_name}@v4/{}", version.1),
     };
-    bench.report(&row, "fwd+bwd", fwd_ms + ms, fwd_bytes + bwd_bytes, 3.0 * gates as f64 * conv_flops, &valid);
+    let useful = 3.0 * gates as f64 * conv_flops;
+    bench.report(&row, "fwd+bwd", fwd_ms + ms, fwd_bytes + bwd_bytes, useful, &valid);
+    if plan.version == KernelVersion::V4 {
+        let peak = bench.tc_gflops.iter().find(|(p, _)| *p == version.1).map_or(f64::NAN, |x| x.1);
+        let issued = useful * products_per_mac(version.1, &fb) / (fwd_ms + ms) / 1e6;
+        println!(
+            "{row}: {issued:.0} GFLOP/s of tensor-core products issued, {:.1}% of the measured {} rate",
+            100.0 * issued / peak,
+            version.1
+        );
+    }
     Ok(fwd_ms + ms)
 }
 
@@ -402,8 +488,16 @@ fn cpu_figures(filter: Option<&str>) {
 fn run(dev: Arc<GpuDevice>, filter: Option<String>) -> Res<()> {
     let mut flush = dev.stream.alloc_zeros::<u8>(256 << 20)?;
     let (copy_gbs, fma_gflops) = ceilings(&dev, &mut flush)?;
-    println!("device {} ({}): copy {copy_gbs:.0} GB/s, FP32 FMA {fma_gflops:.0} GFLOP/s", dev.name, dev.kernels.arch());
-    let mut bench = Bench { dev, flush, copy_gbs, fma_gflops, rows: Vec::new(), failed: Vec::new() };
+    let tc_gflops = tensor_ceilings(&dev)?;
+    println!(
+        "device {} ({}): copy {copy_gbs:.0} GB/s, FP32 FMA {fma_gflops:.0} GFLOP/s, tensor cores (mma.sync) f16 {:.0}, tf32 {:.0}, bf16 {:.0} GFLOP/s",
+        dev.name,
+        dev.kernels.arch(),
+        tc_gflops[0].1,
+        tc_gflops[1].1,
+        tc_gflops[2].1
+    );
+    let mut bench = Bench { dev, flush, copy_gbs, fma_gflops, tc_gflops, rows: Vec::new(), failed: Vec::new() };
     let fb = |r| FeedbackConfig { back: true, ei: true, radius: r, delay: 1 };
     let plain = FeedbackConfig { back: false, ei: false, radius: 0, delay: 1 };
     // (name, shape, switches, B, T, B and T of the CPU validation)
@@ -417,16 +511,32 @@ fn run(dev: Arc<GpuDevice>, filter: Option<String>) -> Res<()> {
         ("cifar10 L2 256x16x16 r1", [256, 16, 16], fb(1), 100, 20, 1, 3, "backei_fwd_bwd/cifar10/L2"),
         ("plain 64x65536 T32", [65_536, 1, 1], plain, 64, 32, 2, 32, "plain_lif_fwd_bwd/T32x64x65536"),
     ];
-    let fused_versions = match std::env::var("BACKEI_BENCH_VERSIONS") {
-        Ok(list) => match list.split(',').map(KernelVersion::parse).collect::<backei::Result<Vec<_>>>() {
-            Ok(v) if !v.is_empty() => v,
-            Ok(_) => vec![KernelVersion::V1, KernelVersion::V2, KernelVersion::V3],
+    // v1, v2, v3 and v4 in every precision; $BACKEI_BENCH_VERSIONS narrows it (`v2,v3`, `v4`,
+    // `v4/tf32`)
+    let all_versions = || -> Vec<Version> {
+        let mut v: Vec<Version> = [KernelVersion::V1, KernelVersion::V2, KernelVersion::V3].map(|k| (k, Precision::Fp32)).to_vec();
+        v.extend(Precision::ALL.map(|p| (KernelVersion::V4, p)));
+        v
+    };
+    let parse = |item: &str| -> backei::Result<Vec<Version>> {
+        let (v, p) = item.split_once('/').unwrap_or((item, ""));
+        let version = KernelVersion::parse(v)?;
+        Ok(match (version, p) {
+            (KernelVersion::V4, "") => Precision::ALL.map(|p| (version, p)).to_vec(),
+            (_, "") => vec![(version, Precision::Fp32)],
+            (_, p) => vec![(version, p.parse()?)],
+        })
+    };
+    let fused_versions: Vec<Version> = match std::env::var("BACKEI_BENCH_VERSIONS") {
+        Ok(list) => match list.split(',').map(parse).collect::<backei::Result<Vec<_>>>() {
+            Ok(v) if !v.is_empty() => v.into_iter().flatten().collect(),
+            Ok(_) => all_versions(),
             Err(e) => {
                 eprintln!("BACKEI_BENCH_VERSIONS: {e}");
                 std::process::exit(2);
             }
         },
-        Err(_) => vec![KernelVersion::V1, KernelVersion::V2, KernelVersion::V3],
+        Err(_) => all_versions(),
     };
     for (name, shape, f, b, t, vb, vt, ref_name) in workloads {
         if filter.as_deref().is_some_and(|x| !name.contains(x)) {
@@ -434,7 +544,7 @@ fn run(dev: Arc<GpuDevice>, filter: Option<String>) -> Res<()> {
         }
         // v1, v2 and v3 side by side (each validated against the CPU first; $BACKEI_BENCH_VERSIONS,
         // e.g. `v2,v3`, narrows the list); the plain layer has one version
-        let versions: Vec<KernelVersion> = if f.back || f.ei { fused_versions.clone() } else { vec![KernelVersion::V1] };
+        let versions: Vec<Version> = if f.back || f.ei { fused_versions.clone() } else { vec![(KernelVersion::V1, Precision::Fp32)] };
         let mut fused_ms = Vec::new();
         for &version in &versions {
             match layer_workload(&mut bench, name, ref_name, shape, f, b, t, vb, vt, version) {
@@ -451,6 +561,7 @@ fn run(dev: Arc<GpuDevice>, filter: Option<String>) -> Res<()> {
             match unfused_workload(&mut bench, name, ref_name, shape, f, b, t, vb, vt) {
                 Ok(un_ms) => {
                     for (version, ms) in fused_ms {
+                        let version = format!("{:?}/{}", version.0, version.1);
                         println!(
                             "{name}: fused {version:?} {ms:.3} ms vs unfused {un_ms:.3} ms: speed ratio fused/unfused {:.2}x",
                             un_ms / ms

@@ -5,10 +5,8 @@
 //! engine by `tests/common/layer_check.rs` — forward, every gradient, every switch, D = 1..3,
 //! r = 1 and 2, odd shapes and the BackEI shapes of the networks, in each precision mode.
 //!
-//! Tolerances per mode (docs/gpu.md says why): fp32 (split fp16 hi + lo) the f32 kernels' own
-//! (1e-4, or 4× the f32 CPU engine's error); tf32 and bf16 (one rounded product each) compared in
-//! the smooth firing mode, where a rounding cannot flip a spike, at 2e-3 and 2e-2 of each tensor's
-//! scale (one product rounded to 10 or 7 bits: 2^-11 and 2^-8 per operand).
+//! Tolerances per mode: `Tolerance::of` in tests/common/layer_check.rs (and docs/gpu.md) says
+//! which and why.
 mod common;
 
 use backei::gpu::backei_layer::{layer_dims, plan_tensor_cores, DeviceLimits, KernelVersion, LaunchPlan, NeuronParams, WgradPath};
@@ -20,14 +18,6 @@ use common::layer_check::{case, compare_within, cpu_reference, inputs, odd_shape
 /// A device with few SMs, so that several pixel ranges (blocks) meet at every grid barrier and a
 /// block owns several chunks, without emulating 132 blocks of 256 threads.
 const SMALL: DeviceLimits = DeviceLimits { sm_count: 3, max_smem_per_block: 232_448, max_smem_per_sm: 233_472 };
-
-fn tolerance(p: Precision) -> Tolerance {
-    match p {
-        Precision::Fp32 => Tolerance::F32,
-        Precision::Tf32 => Tolerance { rel: 2e-3, f32_ratio: 0.0, flip_window: 2e-3, flip_fraction: 2e-2, floor: 1.0 },
-        Precision::Bf16 => Tolerance { rel: 2e-2, f32_ratio: 0.0, flip_window: 2e-2, flip_fraction: 5e-2, floor: 1.0 },
-    }
-}
 
 /// One forward and backward of the plan's v4 kernels on the emulator.
 fn emulate_v4(c: &Case, x: &Inputs, plan: &LaunchPlan, sched: u64) -> DeviceOut {
@@ -95,7 +85,7 @@ fn run(cases: &[Case], limits: &DeviceLimits, p: Precision) -> usize {
         let d = emulate_v4(c, &x, &plan, 17 + i as u64);
         let v4 = plan.v4.as_ref().unwrap();
         let label = format!("v4/{p} co_t {} mt {} grid {} smem {}", v4.co_t, v4.mt, v4.grid, v4.smem_bytes);
-        strict += compare_within(c, &label, &x, &cpu, &d, tolerance(p)).strict_grads as usize;
+        strict += compare_within(c, &label, &x, &cpu, &d, Tolerance::of(p)).strict_grads as usize;
     }
     strict
 }

@@ -18,11 +18,19 @@ mod common;
 use backei::gpu::backei_layer::{BackEiSlots, DeviceLimits, GpuBackEiLayer, KernelVersion, LayerPath, WgradPath};
 use backei::gpu::GpuDevice;
 use backei::spec::{FeedbackConfig, LayerSpec, NetworkSpec, NeuronConfig};
+use backei::Precision;
 use common::gpu_layer::{forward_backward, nan_fill};
-use common::layer_check::{case, compare, cpu_reference, inputs, odd_shape_cases, plain_cases, smooth, smooth_wgrad_cases, Case, Outcome};
+use common::layer_check::{
+    case, compare_within, cpu_reference, inputs, odd_shape_cases, plain_cases, smooth, smooth_wgrad_cases, Case, Outcome, Tolerance,
+};
 use std::sync::Arc;
 
 fn run(dev: &Arc<GpuDevice>, c: &Case, seed: u64, version: KernelVersion) -> Outcome {
+    run_in(dev, c, seed, version, Precision::Fp32)
+}
+
+/// One case with a kernel version and (v4) a precision mode, compared within that mode's tolerance.
+fn run_in(dev: &Arc<GpuDevice>, c: &Case, seed: u64, version: KernelVersion, precision: Precision) -> Outcome {
     let x = inputs(c, seed);
     let cpu = cpu_reference(c, &x);
     let n: usize = c.shape.iter().product();
@@ -34,6 +42,7 @@ fn run(dev: &Arc<GpuDevice>, c: &Case, seed: u64, version: KernelVersion) -> Out
         layer.limits = DeviceLimits { max_smem_per_block: lim, ..layer.limits };
     }
     layer.version = version;
+    layer.precision = precision;
     let plan = layer.prepare(b, t).unwrap().clone();
     assert_eq!(plan.path, c.want_path, "{}: {plan:?}", c.name);
     if version == KernelVersion::V1 {
@@ -41,12 +50,19 @@ fn run(dev: &Arc<GpuDevice>, c: &Case, seed: u64, version: KernelVersion) -> Out
         if let Some(w) = c.want_wgrad {
             assert_eq!(plan.wgrad, w, "{}", c.name);
         }
+    } else if version == KernelVersion::V4 {
+        if plan.path == LayerPath::Fused && c.fb.radius >= 1 && c.smem_limit.is_none() {
+            assert_eq!(plan.version, KernelVersion::V4, "{}: v4 fell back: {:?}", c.name, plan.fallback);
+        }
     } else if plan.path == LayerPath::Fused && c.smem_limit.is_none() && (c.fb.radius == 1 || c.fb.radius == 2) {
         // every case here with r ∈ {1, 2} has W ≤ 256: v2 and v3 must not fall back
         assert_eq!(plan.version, version, "{}: {version:?} fell back: {:?}", c.name, plan.fallback);
         assert_eq!(plan.wgrad, WgradPath::Tiled);
     }
-    for buf in [&mut layer.dv, &mut layer.fb, &mut layer.dz, &mut layer.da].into_iter().flatten() {
+    for buf in [&mut layer.dv, &mut layer.fb, &mut layer.dz, &mut layer.da, &mut layer.v4_wfrag, &mut layer.v4_winv, &mut layer.v4_dw_part]
+        .into_iter()
+        .flatten()
+    {
         nan_fill(dev, buf);
     }
     for buf in [&mut layer.out, &mut layer.v, &mut layer.g, &mut layer.z].into_iter().flatten() {
@@ -54,10 +70,11 @@ fn run(dev: &Arc<GpuDevice>, c: &Case, seed: u64, version: KernelVersion) -> Out
     }
     let d = forward_backward(dev, &mut layer, c, &x);
     let label = format!(
-        "{:?} plan {:?}/{:?} smem fwd {} bwd {}",
+        "{:?}/{precision} plan {:?}/{:?} smem fwd {} bwd {}",
         plan.version, plan.path, plan.wgrad, plan.forward.smem_bytes, plan.backward.smem_bytes
     );
-    let o = compare(c, &label, &x, &cpu, &d);
+    let tol = if plan.version == KernelVersion::V4 { Tolerance::of(precision) } else { Tolerance::F32 };
+    let o = compare_within(c, &label, &x, &cpu, &d, tol);
     // the layer's statistics equal the CPU's
     let (rate, inh) = layer.spike_stats().unwrap();
     let cl = &cpu.layer;
@@ -74,8 +91,8 @@ fn device() -> Arc<GpuDevice> {
 
 fn run_all(cases: &[Case]) {
     let dev = device();
-    // every case with the v1, v2 and v3 kernels (same seed: the same data)
-    for version in [KernelVersion::V1, KernelVersion::V2, KernelVersion::V3] {
+    // every case with the v1, v2, v3 and v4 (fp32 mode) kernels (same seed: the same data)
+    for version in [KernelVersion::V1, KernelVersion::V2, KernelVersion::V3, KernelVersion::V4] {
         let mut strict = 0;
         for (i, c) in cases.iter().enumerate() {
             let o = run(&dev, c, 4150 + i as u64, version);
@@ -150,4 +167,32 @@ fn bad_calls_are_errors() {
         .to_string();
     assert!(e.contains("before forward"), "{e}");
     assert!(fresh.output().is_err());
+}
+
+/// v4 in its low-precision modes: smooth firing (every gradient compared) on odd shapes, several
+/// channel groups, and the BackEI shapes of mnist, fashion-mnist and N-MNIST; exact firing on the
+/// fashion-mnist layers (flips allowed within the mode's window).
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn v4_matches_the_cpu_in_tf32_and_bf16() {
+    let dev = device();
+    let mut cases: Vec<Case> = smooth_wgrad_cases().into_iter().filter(|c| c.smem_limit.is_none()).collect();
+    cases.push(smooth(case("40×19×21 back+ei r 1 D 1", [40, 19, 21], true, true, 1, 1, 2, 3, 3)));
+    let mut exact = Vec::new();
+    for spec in [NetworkSpec::mnist(), NetworkSpec::fashion_mnist(), NetworkSpec::nmnist()] {
+        for (i, l) in spec.plan().unwrap().iter().enumerate().filter(|(_, l)| l.spec == LayerSpec::BackEi) {
+            let fb = spec.feedback;
+            let c = case(&format!("{} layer {i} {:?}", spec.name, l.output), l.output, fb.back, fb.ei, fb.radius, fb.delay, 2, 4, 4);
+            cases.push(smooth(c.clone()));
+            exact.push(c);
+        }
+    }
+    for p in [Precision::Tf32, Precision::Bf16] {
+        for (i, c) in cases.iter().enumerate() {
+            assert!(run_in(&dev, c, 4150 + i as u64, KernelVersion::V4, p).strict_grads, "{}: smooth mode compares every gradient", c.name);
+        }
+        for (i, c) in exact.iter().enumerate() {
+            run_in(&dev, c, 77 + i as u64, KernelVersion::V4, p);
+        }
+    }
 }

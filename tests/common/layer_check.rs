@@ -232,6 +232,21 @@ pub struct Tolerance {
 impl Tolerance {
     /// f32 arithmetic in another order (v1–v3; v4 in fp32 mode): see the module comment.
     pub const F32: Tolerance = Tolerance { rel: 1e-4, f32_ratio: 4.0, flip_window: 1e-4, flip_fraction: 1e-4, floor: 1e-2 };
+
+    /// The tensor-core kernels (v4) in a precision mode. fp32 (split fp16 hi + lo, ~22 bits per
+    /// operand) is held to the f32 kernels' tolerance. tf32 and bf16 round each operand of a
+    /// product to 11 or 8 significant bits (a relative error up to 2^-11 or 2^-8 per operand), so
+    /// every tensor is compared relative to its scale (a rounded product's error follows the
+    /// magnitudes summed, not their sum, which may cancel) at about 4× and 5× one operand's
+    /// rounding: 2e-3 and 2e-2. Spike flips are then expected where |v − θ| or |z| is within that
+    /// much; the gradient comparisons use the smooth firing mode, where nothing flips.
+    pub fn of(p: backei::Precision) -> Tolerance {
+        match p {
+            backei::Precision::Fp32 => Tolerance::F32,
+            backei::Precision::Tf32 => Tolerance { rel: 2e-3, f32_ratio: 0.0, flip_window: 2e-3, flip_fraction: 2e-2, floor: 1.0 },
+            backei::Precision::Bf16 => Tolerance { rel: 2e-2, f32_ratio: 0.0, flip_window: 2e-2, flip_fraction: 5e-2, floor: 1.0 },
+        }
+    }
 }
 
 /// Compares and panics with the case's name on any disagreement; `label` (the kernel version and
