@@ -126,6 +126,62 @@ impl Engine {
         }
     }
 
+    /// The first part of a training step run eagerly: forward and loss (see
+    /// `cpu::Network::forward_loss`). With `backward_loss` and `apply_gradients` it is
+    /// `train_step`, split where data-parallel training agrees with the other ranks and reduces
+    /// the gradients.
+    pub fn forward_loss(&mut self, x: &[f32], t_in: usize, labels: &[u8], loss: Loss) -> Result<StepStats> {
+        match self {
+            Engine::Cpu { net, .. } => net.forward_loss(x, t_in, labels, loss),
+            Engine::Gpu { net, .. } => net.forward_loss(x, t_in, labels, loss),
+        }
+    }
+
+    /// The gradients of the last `forward_loss` times `scale` into the gradient buffer. The
+    /// GPU engine calls `ready(lo)` as soon as the gradients from flat index `lo` to the end are
+    /// enqueued (the CPU engine never calls it: its gradients are all final on return).
+    pub fn backward_loss(&mut self, scale: f64, ready: Option<&mut dyn FnMut(usize) -> Result<()>>) -> Result<()> {
+        match self {
+            Engine::Cpu { net, .. } => net.backward_loss(scale),
+            Engine::Gpu { net, .. } => net.backward_loss(scale, ready),
+        }
+    }
+
+    /// Zero gradients (a data-parallel rank with no sample in this step contributes these).
+    pub fn zero_grads(&mut self) -> Result<()> {
+        match self {
+            Engine::Cpu { net, .. } => {
+                net.zero_grads();
+                Ok(())
+            }
+            Engine::Gpu { net, .. } => net.zero_grads(),
+        }
+    }
+
+    /// The CPU engine's gradient buffer (None on the GPU engine), for reducing it across ranks.
+    pub fn cpu_grads_mut(&mut self) -> Option<&mut [f32]> {
+        match self {
+            Engine::Cpu { net, .. } => Some(&mut net.grads),
+            Engine::Gpu { .. } => None,
+        }
+    }
+
+    /// The GPU engine's network (None on the CPU engine).
+    pub fn gpu_network(&self) -> Option<&GpuNetwork> {
+        match self {
+            Engine::Cpu { .. } => None,
+            Engine::Gpu { net, .. } => Some(net),
+        }
+    }
+
+    /// The optimizer step from the gradient buffer; counts the iteration.
+    pub fn apply_gradients(&mut self) -> Result<()> {
+        match self {
+            Engine::Cpu { net, opt } => net.apply_gradients(opt),
+            Engine::Gpu { net, opt } => net.apply_gradients(opt),
+        }
+    }
+
     /// Loss and correct count without updating anything (dropout off).
     pub fn evaluate(&mut self, x: &[f32], t_in: usize, labels: &[u8], loss: Loss) -> Result<StepStats> {
         match self {

@@ -19,6 +19,9 @@ pub enum BackeiError {
     /// Anything reading or writing files.
     #[error("{path}: {problem}")]
     Io { path: String, problem: String },
+    /// Data-parallel training: MPI or NCCL missing or failing, or another rank's failure.
+    #[error("distributed training: {0}")]
+    Distributed(String),
 }
 
 pub type Result<T, E = BackeiError> = std::result::Result<T, E>;

@@ -5,6 +5,7 @@
 pub mod atomic_file;
 pub mod cpu;
 pub mod data;
+pub mod dist;
 pub mod engine;
 pub mod error;
 pub mod gpu;

@@ -5,7 +5,7 @@
 mod data_fixtures;
 use backei::data::augment::{self, CropFlip};
 use backei::data::loader::epoch_order;
-use backei::data::{Batch, BufferAllocator, Dataset, DatasetKind, Encoding, LoadOptions, Loader, LoaderOptions, Split};
+use backei::data::{Batch, BufferAllocator, Dataset, DatasetKind, Encoding, LoadOptions, Loader, LoaderOptions, Shard, Split};
 use data_fixtures::pix;
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -55,6 +55,35 @@ fn batches_cover_epoch_and_partial_batch_option() {
     let b = collect(&drop, 0);
     assert_eq!(b.len(), 10);
     assert!(b.iter().all(|b| b.batch == 10 && b.labels.len() == 10));
+}
+
+#[test]
+fn the_ranks_shards_of_every_batch_together_are_the_whole_batch() {
+    // data-parallel training: each of 3 ranks builds only its share of every global batch of 16
+    // (rate encoding and augmentation keyed by the sample, not by its place in the batch)
+    let ds = synth(DatasetKind::Mnist, Split::Train, 53);
+    let o = LoaderOptions { encoding: Encoding::Rate, steps: 3, augment: true, ..opts(16) };
+    let whole = collect(&Loader::new(ds.clone(), o.clone()), 2);
+    let shards: Vec<Vec<Batch>> =
+        (0..3).map(|rank| collect(&Loader::new(ds.clone(), LoaderOptions { shard: Shard { rank, ranks: 3 }, ..o.clone() }), 2)).collect();
+    for (k, w) in whole.iter().enumerate() {
+        let parts: Vec<&Batch> = shards.iter().map(|s| &s[k]).collect();
+        let indices: Vec<usize> = parts.iter().flat_map(|p| p.indices.clone()).collect();
+        assert_eq!(indices, w.indices, "batch {k}");
+        let mut offset = 0;
+        for p in &parts {
+            assert_eq!((p.offset, p.global_batch), (offset, w.batch));
+            // x is [T][B][784]: each step of a shard is the matching slice of the whole batch's step
+            for t in 0..3 {
+                let mine = &p.x[t * p.batch * 784..(t + 1) * p.batch * 784];
+                let theirs = &w.x[(t * w.batch + offset) * 784..(t * w.batch + offset + p.batch) * 784];
+                assert!(mine == theirs, "batch {k}, step {t}");
+            }
+            offset += p.batch;
+        }
+    }
+    // the last global batch holds 5 samples: shards of 2, 2 and 1
+    assert_eq!(shards.iter().map(|s| s[3].batch).collect::<Vec<_>>(), [2, 2, 1]);
 }
 
 #[test]

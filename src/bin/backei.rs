@@ -316,6 +316,14 @@ fn explicit_flags() -> Vec<String> {
 }
 
 fn train(a: TrainArgs) -> anyhow::Result<ExitCode> {
+    // one process, or every rank of a data-parallel run under mpirun/srun (src/dist/)
+    let world = backei::dist::init()?;
+    let result = train_in(a, &*world);
+    backei::dist::cli::finish(&*world, result)
+}
+
+/// The configuration, resumed checkpoint and run folder the arguments ask for.
+fn resolve_run(a: &TrainArgs) -> anyhow::Result<((TrainConfig, PathBuf), Option<checkpoint::Checkpoint>)> {
     let (cfg, resume, out) = match &a.resume {
         Some(path) => {
             let file = if path.is_dir() { path.join("checkpoint-last.safetensors") } else { path.clone() };
@@ -365,7 +373,7 @@ fn train(a: TrainArgs) -> anyhow::Result<ExitCode> {
             (cfg, Some(ck), out)
         }
         None => {
-            let cfg = config_from_args(&a)?;
+            let cfg = config_from_args(a)?;
             let out = a.out.clone().unwrap_or_else(|| {
                 let ts = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
                 PathBuf::from("runs").join(format!("{}-{ts}", cfg.dataset))
@@ -373,19 +381,41 @@ fn train(a: TrainArgs) -> anyhow::Result<ExitCode> {
             (cfg, None, out)
         }
     };
-    std::fs::create_dir_all(&out).with_context(|| format!("--out {}: cannot create the run folder", out.display()))?;
-    let probe = out.join(".write-test");
-    std::fs::write(&probe, b"").with_context(|| format!("--out {}: the folder is not writable", out.display()))?;
-    let _ = std::fs::remove_file(&probe);
+    Ok(((cfg, out), resume))
+}
 
-    let choice: DeviceChoice = cfg.device.parse().map_err(usage)?;
-    let (mut engine, line) = backei::Engine::for_config(&cfg, choice)?;
-    eprintln!("{line}");
-    eprintln!("run folder: {}", out.display());
+fn train_in(a: TrainArgs, world: &dyn backei::dist::Collective) -> anyhow::Result<ExitCode> {
+    // rank 0 reads the arguments (and a resumed checkpoint); every rank gets its decision
+    let is_usage = |e: &anyhow::Error| e.downcast_ref::<Usage>().is_some();
+    let ((cfg, out), resume) = backei::dist::cli::decided_by_lead(world, || resolve_run(&a), is_usage, usage)?;
+    let resume = resume.flatten();
+    let lead = world.rank() == 0;
+    if lead {
+        std::fs::create_dir_all(&out).with_context(|| format!("--out {}: cannot create the run folder", out.display()))?;
+        let probe = out.join(".write-test");
+        std::fs::write(&probe, b"").with_context(|| format!("--out {}: the folder is not writable", out.display()))?;
+        let _ = std::fs::remove_file(&probe);
+    }
+
+    let choice: DeviceChoice = backei::dist::cli::device_for_rank(&cfg.device, world).map_err(usage)?;
+    let (mut engine, line) =
+        backei::dist::cli::all_ok(world, backei::Engine::for_config(&cfg, choice).map_err(Into::into), "to open its engine")?;
+    if lead {
+        eprintln!("{line}");
+        eprintln!("run folder: {}", out.display());
+        if world.size() > 1 {
+            eprintln!("data-parallel: {}; --batch-size {} is the global batch", world.describe(), cfg.batch_size);
+        }
+    }
     let stop = backei::train::signals::StopSignals::install().context("cannot watch SIGINT and SIGTERM")?;
     let interrupt = stop.flag.clone();
-    let opts = RunOptions { config: cfg, out: out.clone(), resume, quiet: a.quiet, interrupt, engine_line: &line };
-    match backei::train::run::train(opts, &mut engine)? {
+    let opts = RunOptions { config: cfg, out: out.clone(), resume, quiet: a.quiet, interrupt, engine_line: &line, world };
+    let outcome = backei::train::run::train(opts, &mut engine)?;
+    if !lead {
+        let interrupted = matches!(outcome, RunOutcome::Interrupted { .. });
+        return Ok(ExitCode::from(if interrupted { stop.exit_code() } else { 0 }));
+    }
+    match outcome {
         RunOutcome::Finished { final_test_accuracy, best_accuracy, best_epoch } => {
             eprintln!(
                 "done: final test accuracy {:.2}%, best {:.2}% (epoch {best_epoch}); run folder {}",
@@ -396,7 +426,12 @@ fn train(a: TrainArgs) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         RunOutcome::Interrupted { checkpoint } => {
-            eprintln!("interrupted: checkpoint written to {}\nresume with: backei train --resume {}", checkpoint.display(), out.display());
+            let launcher = if world.size() > 1 { "mpirun -n N " } else { "" };
+            eprintln!(
+                "interrupted: checkpoint written to {}\nresume with: {launcher}backei train --resume {}",
+                checkpoint.display(),
+                out.display()
+            );
             Ok(ExitCode::from(stop.exit_code()))
         }
         RunOutcome::AlreadyFinished { epochs_done, batches_done, epochs, best_accuracy, best_epoch } => {

@@ -412,22 +412,26 @@ impl<F: Real> Network<F> {
 
     /// Forward, loss, backward, optimizer step: one training iteration.
     pub fn train_step(&mut self, x: &[F], t_in: usize, labels: &[u8], loss: Loss, opt: &mut Optimizer) -> Result<StepStats> {
+        self.check_labels(labels)?;
+        self.check_optimizer(opt)?;
+        let stats = self.forward_loss(x, t_in, labels, loss)?;
+        self.backward_loss(1.0)?;
+        self.apply_gradients(opt)?;
+        Ok(stats)
+    }
+
+    /// The first half of a training step: forward in training mode and the loss, with
+    /// ∂L/∂readout kept for `backward_loss`. Data-parallel training splits the step here (and
+    /// after the backward) to agree with the other ranks and to reduce the gradients.
+    pub fn forward_loss(&mut self, x: &[F], t_in: usize, labels: &[u8], loss: Loss) -> Result<StepStats> {
         let batch = labels.len();
         self.check_labels(labels)?;
-        // An optimizer sized for another network made `Optimizer::update` index out of bounds
-        // (a panic; found by tests/bad_input.rs): refuse it here instead.
-        if opt.m.len() != self.params.len() {
-            return Err(shape_err(
-                "optimizer state",
-                format!("an optimizer for this network's {} parameters", self.params.len()),
-                format!("one for {} parameters (Optimizer::new(cfg, net.num_params()))", opt.m.len()),
-            ));
-        }
         self.training = true;
         self.forward(x, t_in, batch)?;
         let mut dy = std::mem::take(&mut self.readout_grad);
         dy.resize(batch * self.classes, F::ZERO);
         let l = loss::loss_and_grad(loss, &self.readout, labels, self.classes, &mut dy);
+        self.readout_grad = dy;
         if !l.is_finite() {
             let layer = match self.first_nonfinite_layer() {
                 Some((i, kind)) => format!("; first non-finite output in layer {i} ({kind})"),
@@ -441,13 +445,45 @@ impl<F: Real> Network<F> {
             });
         }
         let correct = loss::argmax_rows(&self.readout, self.classes).iter().zip(labels).filter(|(p, l)| **p == **l as usize).count();
+        Ok(StepStats { loss: l.to_f64(), correct, batch })
+    }
+
+    /// The gradients of the last `forward_loss`'s loss times `scale` into `grads` (replacing
+    /// them). A rank of a data-parallel run passes its share of the global batch (b_r / B), so
+    /// that the sum over ranks is the gradient of the global batch's mean loss.
+    pub fn backward_loss(&mut self, scale: f64) -> Result<()> {
         self.zero_grads();
-        self.backward(&dy, false)?;
+        let mut dy = std::mem::take(&mut self.readout_grad);
+        if scale != 1.0 {
+            let s = F::from_f64(scale);
+            dy.iter_mut().for_each(|d| *d *= s);
+        }
+        let r = self.backward(&dy, false);
         self.readout_grad = dy;
+        r
+    }
+
+    /// The optimizer step from `grads` (refused when a gradient is NaN or Inf); counts the
+    /// iteration.
+    pub fn apply_gradients(&mut self, opt: &mut Optimizer) -> Result<()> {
+        self.check_optimizer(opt)?;
         check_finite("gradients", &self.grads, "a gradient is NaN or Inf: lower the learning rate")?;
         opt.update(&mut self.params, &self.grads);
         self.iteration += 1;
-        Ok(StepStats { loss: l.to_f64(), correct, batch })
+        Ok(())
+    }
+
+    fn check_optimizer(&self, opt: &Optimizer) -> Result<()> {
+        // An optimizer sized for another network made `Optimizer::update` index out of bounds
+        // (a panic; found by tests/bad_input.rs): refuse it here instead.
+        if opt.m.len() != self.params.len() {
+            return Err(shape_err(
+                "optimizer state",
+                format!("an optimizer for this network's {} parameters", self.params.len()),
+                format!("one for {} parameters (Optimizer::new(cfg, net.num_params()))", opt.m.len()),
+            ));
+        }
+        Ok(())
     }
 
     /// Loss (and readout) without updating anything.

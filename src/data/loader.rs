@@ -36,6 +36,39 @@ pub struct LoaderOptions {
     pub workers: usize,
     /// Batches prepared ahead (at least 2).
     pub prefetch: usize,
+    /// The part of every batch this process takes in data-parallel training: `batch_size` is
+    /// the global batch, and each batch holds this rank's contiguous share of it (see
+    /// [`Shard::range`]). `Shard::WHOLE` (the default) takes all of it.
+    pub shard: Shard,
+}
+
+/// One rank's share of every global batch: rank `rank` of `ranks` takes a contiguous slice,
+/// the slices are disjoint, cover the batch and differ in size by at most one sample. Every
+/// rank walks the same epoch order, so the union of the ranks' batches is the batch a single
+/// process would see (PyTorch's DistributedSampler with per-rank batch B/N, without padding).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Shard {
+    pub rank: usize,
+    pub ranks: usize,
+}
+
+impl Shard {
+    pub const WHOLE: Shard = Shard { rank: 0, ranks: 1 };
+
+    /// The positions of this rank's samples inside a global batch of `len` samples (empty
+    /// when the batch has fewer samples than there are ranks and this rank's turn is past).
+    pub fn range(&self, len: usize) -> std::ops::Range<usize> {
+        let ranks = self.ranks.max(1);
+        let (base, extra) = (len / ranks, len % ranks);
+        let start = self.rank * base + self.rank.min(extra);
+        start..start + base + usize::from(self.rank < extra)
+    }
+}
+
+impl Default for Shard {
+    fn default() -> Self {
+        Shard::WHOLE
+    }
 }
 
 impl Default for LoaderOptions {
@@ -50,6 +83,7 @@ impl Default for LoaderOptions {
             augment: false,
             workers: 2,
             prefetch: 4,
+            shard: Shard::WHOLE,
         }
     }
 }
@@ -67,6 +101,10 @@ pub struct Batch {
     pub labels: Vec<u8>,
     /// Dataset indices of the samples.
     pub indices: Vec<usize>,
+    /// Samples in the global batch this batch is a shard of (= `batch` without sharding).
+    pub global_batch: usize,
+    /// Position of this batch's first sample inside the global batch (0 without sharding).
+    pub offset: usize,
 }
 
 /// Supplies the loader's `x` buffers. Implement it to hand out page-locked memory (e.g. a
@@ -316,13 +354,17 @@ struct Shared {
     enc: Encoder,
     pool: Arc<Pool>,
     batch_size: usize,
+    shard: Shard,
 }
 
 impl Shared {
     fn make_batch(&self, epoch: u64, order: &[usize], k: usize, scratch: &mut Vec<u8>) -> Batch {
         let start = k * self.batch_size;
         let end = (start + self.batch_size).min(order.len());
-        let idx = &order[start..end];
+        let global = &order[start..end];
+        let mine = self.shard.range(global.len());
+        let offset = mine.start;
+        let idx = &global[mine];
         let batch = idx.len();
         let chw = self.enc.per_step();
         let mut x = self.pool.take(self.enc.t_in * batch * chw);
@@ -336,6 +378,8 @@ impl Shared {
             shape: self.enc.shape,
             labels: idx.iter().map(|&i| self.ds.labels()[i]).collect(),
             indices: idx.to_vec(),
+            global_batch: global.len(),
+            offset,
         }
     }
 }
@@ -372,12 +416,15 @@ impl Loader {
         opts.batch_size = opts.batch_size.max(1);
         opts.prefetch = opts.prefetch.max(2);
         let enc = Encoder::new(&dataset, &opts);
-        let full_len = enc.t_in * opts.batch_size * enc.per_step();
+        // the largest shard of a batch (rank 0's): no buffer need hold the whole global batch
+        let largest = Shard { rank: 0, ..opts.shard }.range(opts.batch_size).len().max(1);
+        let full_len = enc.t_in * largest * enc.per_step();
         let shared = Shared {
             ds: dataset,
             pool: Arc::new(Pool { alloc, free: Mutex::new(Vec::new()), max_free: opts.prefetch + opts.workers + 2, full_len }),
             enc,
             batch_size: opts.batch_size,
+            shard: opts.shard,
         };
         Loader { shared: Arc::new(shared), opts }
     }
@@ -510,5 +557,29 @@ impl Drop for EpochIter {
         for h in self.handles.drain(..) {
             let _ = h.join();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Shard;
+
+    #[test]
+    fn shards_split_a_batch_into_disjoint_contiguous_balanced_parts() {
+        for len in 0..40 {
+            for ranks in 1..7 {
+                let parts: Vec<_> = (0..ranks).map(|rank| Shard { rank, ranks }.range(len)).collect();
+                let mut next = 0;
+                for p in &parts {
+                    assert_eq!(p.start, next, "contiguous and in rank order");
+                    next = p.end;
+                }
+                assert_eq!(next, len, "they cover the batch");
+                let (lo, hi) = (parts.iter().map(|p| p.len()).min().unwrap(), parts.iter().map(|p| p.len()).max().unwrap());
+                assert!(hi - lo <= 1, "balanced: {parts:?}");
+            }
+        }
+        assert_eq!(Shard::WHOLE.range(7), 0..7);
+        assert_eq!(Shard { rank: 2, ranks: 3 }.range(16), 11..16);
     }
 }

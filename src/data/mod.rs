@@ -26,7 +26,7 @@ pub mod nmnist_cache;
 
 pub use encode::Encoding;
 pub use error::DataError;
-pub use loader::{Batch, BatchBuffer, BufferAllocator, Loader, LoaderOptions, VecAllocator};
+pub use loader::{Batch, BatchBuffer, BufferAllocator, Loader, LoaderOptions, Shard, VecAllocator};
 
 use std::fmt;
 use std::io::Read;

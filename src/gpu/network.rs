@@ -92,6 +92,15 @@ struct Layer {
 }
 
 impl Layer {
+    /// The first flat index of this layer's parameters (None without parameters).
+    fn param_start(&self) -> Option<usize> {
+        match &self.op {
+            Op::Conv { w, .. } | Op::Linear { w, .. } => Some(w.start),
+            Op::Spike { params, .. } => params.iter().filter(|r| !r.is_empty()).map(|r| r.start).min(),
+            _ => None,
+        }
+    }
+
     fn has_params(&self) -> bool {
         match &self.op {
             Op::Conv { .. } | Op::Linear { .. } => true,
@@ -321,6 +330,12 @@ impl GpuNetwork {
 
     pub fn classes(&self) -> usize {
         self.classes
+    }
+
+    /// The first flat parameter index of every layer with parameters, in layer order: the
+    /// points at which `enqueue_backward` reports gradients final.
+    pub fn layer_param_starts(&self) -> Vec<usize> {
+        self.layers.iter().filter_map(Layer::param_start).collect()
     }
 
     pub fn num_params(&self) -> usize {
@@ -658,7 +673,7 @@ impl GpuNetwork {
         self.settle()?;
         let lb = self.loss.as_mut().ok_or_else(|| missing("the loss buffers"))?;
         self.dev.stream.memcpy_htod(d_readout, &mut lb.dy).map_err(cuda_err("uploading the readout gradient"))?;
-        self.enqueue_backward().map_err(|e| self.explain_oom(e, batch, t_in))
+        self.enqueue_backward(None).map_err(|e| self.explain_oom(e, batch, t_in))
     }
 
     pub fn zero_grads(&mut self) -> Result<()> {
@@ -666,7 +681,11 @@ impl GpuNetwork {
     }
 
     /// BPTT's launches from the ∂L/∂readout in the loss buffers (no host synchronisation).
-    fn enqueue_backward(&mut self) -> Result<()> {
+    /// `ready`, when given, is called after the launches of every layer with parameters, with the
+    /// lowest flat index whose gradient is then enqueued in full (layers run last to first and own
+    /// ascending ranges of the flat buffer, so everything from there to the end is): data-parallel
+    /// training starts reducing those gradients while the earlier layers' backward still runs.
+    fn enqueue_backward(&mut self, mut ready: Option<&mut dyn FnMut(usize) -> Result<()>>) -> Result<()> {
         let dev = self.dev.clone();
         let batch = self.shape.0;
         let n = self.layers.len();
@@ -727,6 +746,9 @@ impl GpuNetwork {
             if let Some(t) = self.timer.as_mut() {
                 t.mark(format!("backward {}", op_label(i, &layer.op)))?;
             }
+            if let (Some(ready), Some(lo)) = (ready.as_mut(), layer.param_start()) {
+                ready(lo)?;
+            }
         }
         Ok(())
     }
@@ -763,7 +785,7 @@ impl GpuNetwork {
             t.mark("readout and loss")?;
         }
         self.zero_grads()?;
-        self.enqueue_backward()?;
+        self.enqueue_backward(None)?;
         let lb = self.loss.as_mut().ok_or_else(|| missing("the loss buffers"))?;
         count_nonfinite_into(&self.dev, &self.grads.as_view(), &mut lb.status.slice_mut(STATUS_GRADS..STATUS_GRADS + 1))?;
         if let Some(t) = self.timer.as_mut() {
@@ -906,6 +928,70 @@ impl GpuNetwork {
         }
         self.train_step_pipelined(x, t_in, labels, loss, opt)?;
         self.finish_steps()?.ok_or_else(|| BackeiError::Cuda("internal: a step left no results".into()))
+    }
+
+    /// The first part of a training step run eagerly, for data-parallel training (as
+    /// `cpu::Network::forward_loss`): forward in training mode and the loss, read back at once
+    /// (the ranks agree on it before the backward); ∂L/∂readout stays on the device.
+    pub fn forward_loss(&mut self, x: &[f32], t_in: usize, labels: &[u8], loss: Loss) -> Result<StepStats> {
+        if self.pending.is_some() || self.settled.is_some() {
+            return Err(config_err("forward_loss", "a pipelined step is still pending: call finish_steps first"));
+        }
+        let batch = labels.len();
+        self.check_labels(labels)?;
+        self.training = true;
+        self.forward(x, t_in, batch)?;
+        let (l, correct) = self.loss_of_readout(loss, labels)?;
+        if !l.is_finite() {
+            return Err(BackeiError::NonFinite {
+                place: format!("loss at iteration {}", self.iteration),
+                index: 0,
+                value: l,
+                hint: "training diverged; lower the learning rate (--lr) or check the input data".into(),
+            });
+        }
+        if let Some(t) = self.timer.as_mut() {
+            t.mark("readout and loss")?;
+        }
+        Ok(StepStats { loss: l, correct, batch })
+    }
+
+    /// The gradients of the last `forward_loss`'s loss times `scale` into `grads` (replacing
+    /// them), calling `ready` as each layer's gradients are enqueued (see `enqueue_backward`).
+    pub fn backward_loss(&mut self, scale: f64, ready: Option<&mut dyn FnMut(usize) -> Result<()>>) -> Result<()> {
+        let (batch, t_in) = self.shape;
+        if scale != 1.0 {
+            // B × classes values: scaled on the host rather than by one more kernel
+            let lb = self.loss.as_mut().ok_or_else(|| missing("the loss buffers"))?;
+            let mut dy = self.dev.stream.clone_dtoh(&lb.dy).map_err(cuda_err("reading the readout gradient"))?;
+            dy.iter_mut().for_each(|d| *d = (*d as f64 * scale) as f32);
+            self.dev.stream.memcpy_htod(&dy, &mut lb.dy).map_err(cuda_err("uploading the readout gradient"))?;
+        }
+        self.zero_grads()?;
+        self.enqueue_backward(ready).map_err(|e| self.explain_oom(e, batch, t_in))
+    }
+
+    /// The optimizer step from `grads` (refused when a gradient is NaN or Inf); counts the
+    /// iteration. The eager step's last part, after the gradients' reduction.
+    pub fn apply_gradients(&mut self, opt: &mut GpuOptimizer) -> Result<()> {
+        let bad = count_nonfinite(&self.dev, &self.grads, &mut self.counter)?;
+        if let Some(t) = self.timer.as_mut() {
+            t.mark("gradient check")?;
+        }
+        if bad > 0 {
+            return Err(BackeiError::NonFinite {
+                place: format!("gradients (GPU) at iteration {}: {bad} are NaN or Inf", self.iteration),
+                index: 0,
+                value: f64::NAN,
+                hint: "lower the learning rate".into(),
+            });
+        }
+        opt.update(&mut self.params, &self.grads)?;
+        if let Some(t) = self.timer.as_mut() {
+            t.mark("optimizer")?;
+        }
+        self.iteration += 1;
+        Ok(())
     }
 
     /// Per-op timing from now on (on) or no more (off): CUDA events between the ops of every

@@ -9,8 +9,10 @@ use super::run_folder::RunFolder;
 use crate::cpu::loss::Loss;
 use crate::data::loader::epoch_order;
 use crate::data::{Dataset, DatasetKind, LoadOptions, Loader, LoaderOptions, Split};
+use crate::dist::{fingerprint, Collective, Solo, Team};
 use crate::engine::Engine;
 use crate::error::{config_err, BackeiError, Result};
+use crate::spec::LayerSpec;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -99,6 +101,7 @@ pub fn loader_options(cfg: &TrainConfig, train: bool) -> Result<LoaderOptions> {
         augment: train && cfg.dataset_kind()? == DatasetKind::Cifar10,
         workers: cfg.workers,
         prefetch: PREFETCH,
+        shard: Default::default(),
     })
 }
 
@@ -113,47 +116,71 @@ pub struct Evaluation {
 }
 
 pub fn evaluate(engine: &mut Engine, data: Arc<Dataset>, cfg: &TrainConfig) -> Result<Evaluation> {
+    let solo = Solo::default();
+    evaluate_sharded(engine, data, cfg, &Team::new(&solo, engine)?)
+}
+
+/// `evaluate` with every batch shared among the ranks of `team` (each evaluates its shard) and
+/// the sums reduced: every rank gets the whole dataset's figures.
+pub fn evaluate_sharded(engine: &mut Engine, data: Arc<Dataset>, cfg: &TrainConfig, team: &Team) -> Result<Evaluation> {
     let classes = data.num_classes();
-    let loader = Loader::with_allocator(data, loader_options(cfg, false)?, engine.buffer_allocator());
-    let mut confusion = vec![vec![0usize; classes]; classes];
-    let (mut loss_sum, mut n, mut correct) = (0.0, 0usize, 0usize);
-    let mut rates: Vec<(usize, f64, Option<f64>)> = Vec::new();
-    for batch in loader.epoch(0) {
-        let s = engine.evaluate(&batch.x, batch.t_in, &batch.labels, cfg.loss)?;
-        let preds = engine.last_predictions()?;
-        loss_sum += s.loss * s.batch as f64;
-        n += s.batch;
-        correct += s.correct;
-        for (p, l) in preds.iter().zip(&batch.labels) {
-            confusion[*l as usize][*p] += 1;
-        }
-        let st = engine.spike_stats()?;
-        if rates.is_empty() {
-            rates = st.iter().map(|&(i, _, inh)| (i, 0.0, inh.map(|_| 0.0))).collect();
-        }
-        for (acc, cur) in rates.iter_mut().zip(&st) {
-            acc.1 += cur.1 * s.batch as f64;
-            if let (Some(a), Some(c)) = (acc.2.as_mut(), cur.2) {
-                *a += c * s.batch as f64;
+    // (layer, has an E/I gate) of every spiking layer: the same list on every rank, batches or not
+    let spiking: Vec<(usize, bool)> = engine
+        .spec()
+        .layers
+        .iter()
+        .enumerate()
+        .filter_map(|(i, l)| match l {
+            LayerSpec::BackEi => Some((i, engine.spec().feedback.ei)),
+            LayerSpec::Spiking => Some((i, false)),
+            _ => None,
+        })
+        .collect();
+    // sums: loss·samples, samples, correct, confusion[true][predicted], then per spiking layer
+    // rate·samples and inhibitory fraction·samples
+    let len = 3 + classes * classes + 2 * spiking.len();
+    let local = (|| -> Result<Vec<f64>> {
+        let mut sums = vec![0.0; len];
+        let mut opts = loader_options(cfg, false)?;
+        opts.shard = team.shard();
+        let loader = Loader::with_allocator(data, opts, engine.buffer_allocator());
+        for batch in loader.epoch(0) {
+            if batch.batch == 0 {
+                continue; // this rank's share of a small last batch is empty
             }
+            let s = engine.evaluate(&batch.x, batch.t_in, &batch.labels, cfg.loss)?;
+            let preds = engine.last_predictions()?;
+            let b = s.batch as f64;
+            sums[0] += s.loss * b;
+            sums[1] += b;
+            sums[2] += s.correct as f64;
+            for (p, l) in preds.iter().zip(&batch.labels) {
+                sums[3 + *l as usize * classes + *p] += 1.0;
+            }
+            let rates = &mut sums[3 + classes * classes..];
+            for (acc, cur) in rates.chunks_mut(2).zip(&engine.spike_stats()?) {
+                acc[0] += cur.1 * b;
+                acc[1] += cur.2.unwrap_or(0.0) * b;
+            }
+            loader.recycle(batch);
         }
-        loader.recycle(batch);
-    }
-    if n == 0 {
+        Ok(sums)
+    })();
+    let sums = team.sum_or_fail(local, len, "in the evaluation")?;
+    if sums[1] == 0.0 {
         return Err(config_err("--test-limit", "nothing to evaluate: the data set holds 0 samples"));
     }
-    for r in &mut rates {
-        r.1 /= n.max(1) as f64;
-        if let Some(a) = r.2.as_mut() {
-            *a /= n.max(1) as f64;
-        }
-    }
+    let n = sums[1];
     Ok(Evaluation {
-        accuracy: correct as f64 / n.max(1) as f64,
-        loss: loss_sum / n.max(1) as f64,
-        confusion,
-        spike_stats: rates,
-        samples: n,
+        accuracy: sums[2] / n,
+        loss: sums[0] / n,
+        confusion: sums[3..3 + classes * classes].chunks(classes).map(|r| r.iter().map(|&c| c as usize).collect()).collect(),
+        spike_stats: spiking
+            .iter()
+            .zip(sums[3 + classes * classes..].chunks(2))
+            .map(|(&(i, ei), acc)| (i, acc[0] / n, ei.then(|| acc[1] / n)))
+            .collect(),
+        samples: sums[1] as usize,
     })
 }
 
@@ -185,6 +212,8 @@ pub struct RunOptions<'a> {
     pub interrupt: Arc<AtomicBool>,
     /// Extra lines for config.json (engine, device).
     pub engine_line: &'a str,
+    /// The ranks of a data-parallel run (`dist::init()`), or a `dist::Solo` for one process.
+    pub world: &'a dyn Collective,
 }
 
 fn write_config(out: &Path, cfg: &TrainConfig, engine_line: &str) -> Result<()> {
@@ -199,35 +228,66 @@ fn write_config(out: &Path, cfg: &TrainConfig, engine_line: &str) -> Result<()> 
         .map_err(|e| BackeiError::Io { path: path.display().to_string(), problem: e.to_string() })
 }
 
-/// Trains as the configuration says, printing one summary line per epoch.
+/// Trains as the configuration says, printing one summary line per epoch. In a data-parallel
+/// run (`opts.world` of several ranks) every rank calls this with the same configuration; each
+/// trains on its shard of every batch, and rank 0 alone writes the run folder (`dist::team`).
 pub fn train(opts: RunOptions, engine: &mut Engine) -> Result<RunOutcome> {
     let slots = engine.slots().to_vec();
     let slots = &slots[..];
     let cfg = &opts.config;
     cfg.validate()?;
-    // locked for the whole run; temporary files of killed runs removed; the checkpoint pair made whole
-    let (folder, notes) = RunFolder::open(&opts.out)?;
-    for n in notes {
-        eprintln!("{n}");
+    let mut team = Team::new(opts.world, engine)?;
+    let lead = team.is_lead();
+    let several = opts.world.size() > 1;
+    // locked for the whole run; temporary files of killed runs removed; the checkpoint pair made
+    // whole (by rank 0, the one rank that writes there)
+    let folder = team.all_ok(
+        if lead {
+            RunFolder::open(&opts.out).and_then(|(folder, notes)| {
+                for n in notes {
+                    eprintln!("{n}");
+                }
+                if opts.resume.is_some() {
+                    if let Some(line) = folder.reconcile_best()? {
+                        eprintln!("{line}");
+                    }
+                }
+                Ok(Some(folder))
+            })
+        } else {
+            Ok(None)
+        },
+        "to open the run folder",
+    )?;
+    let finished = opts.resume.as_ref().map(|ck| &ck.progress).filter(|p| p.epoch >= cfg.epochs);
+    if team.any(finished.is_some())? {
+        // rank 0 decided (it alone read the checkpoint); the others report nothing
+        let p = finished.cloned().unwrap_or(Progress {
+            epoch: 0,
+            batches_done: 0,
+            iteration: 0,
+            partial: [0.0; 4],
+            best_accuracy: 0.0,
+            best_epoch: 0,
+        });
+        return Ok(RunOutcome::AlreadyFinished {
+            epochs_done: p.epoch,
+            batches_done: p.batches_done,
+            epochs: cfg.epochs,
+            best_accuracy: p.best_accuracy,
+            best_epoch: p.best_epoch,
+        });
     }
-    if let Some(ck) = &opts.resume {
-        if let Some(line) = folder.reconcile_best()? {
-            eprintln!("{line}");
-        }
-        let p = &ck.progress;
-        if p.epoch >= cfg.epochs {
-            return Ok(RunOutcome::AlreadyFinished {
-                epochs_done: p.epoch,
-                batches_done: p.batches_done,
-                epochs: cfg.epochs,
-                best_accuracy: p.best_accuracy,
-                best_epoch: p.best_epoch,
-            });
-        }
+    // each rank holds its shard of a batch: the largest shard is what must fit
+    let mut per_rank = cfg.clone();
+    per_rank.batch_size = team.shard().range(cfg.batch_size).len().max(1);
+    team.all_ok(check_memory(&per_rank, engine), "the memory check")?;
+    let data = load_data_agreed(cfg, &team)?;
+    if lead {
+        let engine_line =
+            if several { format!("{} | data-parallel: {}", opts.engine_line, team.describe()) } else { opts.engine_line.to_string() };
+        write_config(&opts.out, cfg, &engine_line)?;
     }
-    check_memory(cfg, engine)?;
-    let data = load_data(cfg)?;
-    write_config(&opts.out, cfg, opts.engine_line)?;
     let mut progress = Progress { epoch: 0, batches_done: 0, iteration: 0, partial: [0.0; 4], best_accuracy: -1.0, best_epoch: 0 };
     if let Some(ck) = opts.resume {
         engine.load_params(&ck.params)?;
@@ -235,14 +295,21 @@ pub fn train(opts: RunOptions, engine: &mut Engine) -> Result<RunOutcome> {
         engine.set_iteration(ck.progress.iteration);
         progress = ck.progress;
     }
-    let metrics = MetricsWriter::open(&opts.out, progress.epoch)?;
+    // every rank starts from rank 0's parameters, optimizer state and place in the run
+    team.sync_start(engine, &mut progress)?;
+    let metrics = if lead { Some(MetricsWriter::open(&opts.out, progress.epoch)?) } else { None };
     // Page-locked buffers on the GPU engine: each batch's upload is a direct DMA.
-    let loader = Loader::with_allocator(data.train.clone(), loader_options(cfg, true)?, engine.buffer_allocator());
+    let mut train_opts = loader_options(cfg, true)?;
+    train_opts.shard = team.shard();
+    let loader = Loader::with_allocator(data.train.clone(), train_opts, engine.buffer_allocator());
     let batches = loader.batches_per_epoch();
-    let last_path = folder.last();
-    let best_path = folder.best();
+    let last_path = folder.as_ref().map_or_else(|| opts.out.join("checkpoint-last.safetensors"), RunFolder::last);
+    let best_path = folder.as_ref().map_or_else(|| opts.out.join("checkpoint-best.safetensors"), RunFolder::best);
     let base_lr = cfg.optimizer.lr();
     let save = |path: &Path, engine: &Engine, progress: &Progress| -> Result<()> {
+        if !lead {
+            return Ok(());
+        }
         let ck =
             Checkpoint { config: cfg.clone(), progress: progress.clone(), params: engine.params()?, optimizer: engine.optimizer_state()? };
         checkpoint::save(path, &ck, slots)
@@ -254,7 +321,7 @@ pub fn train(opts: RunOptions, engine: &mut Engine) -> Result<RunOutcome> {
     for epoch in progress.epoch..cfg.epochs {
         let lr = cfg.lr_schedule.lr_at(base_lr, epoch);
         engine.set_lr(lr);
-        let mut bar = EpochProgress::new(epoch, cfg.epochs, batches, opts.quiet);
+        let mut bar = EpochProgress::new(epoch, cfg.epochs, batches, opts.quiet || !lead);
         let started = Instant::now();
         let [mut loss_sum, mut correct, mut seen, secs_before] = progress.partial;
         for (k, batch) in loader.epoch(epoch).enumerate() {
@@ -262,13 +329,31 @@ pub fn train(opts: RunOptions, engine: &mut Engine) -> Result<RunOutcome> {
                 loader.recycle(batch);
                 continue;
             }
-            // the GPU returns the step before this one's results (it runs one step ahead)
-            let done = engine.train_step_pipelined(&batch.x, batch.t_in, &batch.labels, cfg.loss).map_err(|e| in_epoch(e, epoch))?;
+            // this process asks to stop after this step (a signal, or the test hook's count)
+            let asked = opts.interrupt.load(Ordering::SeqCst) || interrupt_after == Some(batches_this_process + 1);
+            let report = match team.train_step(engine, &batch, cfg.loss, asked) {
+                Ok(r) => r,
+                Err(e) => {
+                    if several && opts.world.failure_is_shared() {
+                        // every rank stops here: rank 0 keeps the last finished step
+                        progress.partial = [loss_sum, correct, seen, secs_before + started.elapsed().as_secs_f64()];
+                        bar.finish();
+                        match save(&last_path, engine, &progress) {
+                            Err(save_err) => eprintln!("could not write the checkpoint of the last finished step: {save_err}"),
+                            Ok(()) if lead => eprintln!("checkpoint of the last finished step written to {}", last_path.display()),
+                            Ok(()) => {}
+                        }
+                    }
+                    return Err(in_epoch(e, epoch));
+                }
+            };
             loader.recycle(batch);
-            let interrupted = opts.interrupt.load(Ordering::SeqCst) || interrupt_after == Some(batches_this_process + 1);
+            // one process stops when it is asked to; the ranks of a data-parallel run stop
+            // together, after the step in which any of them was
+            let interrupted = report.interrupt;
             // the last step of the epoch, or before a checkpoint: wait for its results too
             let last = if k + 1 == batches || interrupted { engine.finish_steps().map_err(|e| in_epoch(e, epoch))? } else { None };
-            for s in done.iter().chain(&last) {
+            for s in report.done.iter().chain(&last) {
                 loss_sum += s.loss * s.batch as f64;
                 correct += s.correct as f64;
                 seen += s.batch as f64;
@@ -296,12 +381,24 @@ pub fn train(opts: RunOptions, engine: &mut Engine) -> Result<RunOutcome> {
             seen += s.batch as f64;
         }
         let seconds = secs_before + started.elapsed().as_secs_f64();
-        let stats = engine.spike_stats()?;
+        let mut stats = engine.spike_stats()?;
+        if several {
+            // the last batch's firing statistics, averaged over the ranks
+            let flat: Vec<f64> = stats.iter().flat_map(|s| [s.1, s.2.unwrap_or(0.0)]).collect();
+            let sums = team.sum_or_fail(Ok(flat), 2 * stats.len(), "in the firing statistics")?;
+            let n = opts.world.size() as f64;
+            for (s, sum) in stats.iter_mut().zip(sums.chunks(2)) {
+                s.1 = sum[0] / n;
+                s.2 = s.2.map(|_| sum[1] / n);
+            }
+            let params = engine.params()?;
+            team.expect_same(&format!("parameters after epoch {}", epoch + 1), fingerprint(params.iter().map(|p| p.to_bits() as u64)))?;
+        }
         let val = match &data.val {
-            Some(v) => Some(evaluate(engine, v.clone(), cfg)?.accuracy),
+            Some(v) => Some(evaluate_sharded(engine, v.clone(), cfg, &team)?.accuracy),
             None => None,
         };
-        let test = evaluate(engine, data.test.clone(), cfg)?;
+        let test = evaluate_sharded(engine, data.test.clone(), cfg, &team)?;
         final_acc = test.accuracy;
         let row = EpochRow {
             epoch: epoch + 1,
@@ -316,7 +413,9 @@ pub fn train(opts: RunOptions, engine: &mut Engine) -> Result<RunOutcome> {
             firing_rates: stats.iter().map(|s| s.1).collect(),
             inhibitory_fractions: stats.iter().filter_map(|s| s.2).collect(),
         };
-        metrics.append(&row)?;
+        if let Some(m) = &metrics {
+            m.append(&row)?;
+        }
         // selection by validation accuracy when there is a validation split, else by test
         let score = val.unwrap_or(test.accuracy);
         progress.epoch = epoch + 1;
@@ -331,28 +430,42 @@ pub fn train(opts: RunOptions, engine: &mut Engine) -> Result<RunOutcome> {
         // last first, then best as its copy: `last` records the best epoch, so a kill between the
         // two is repaired from it when the folder is opened again (RunFolder::reconcile_best)
         save(&last_path, engine, &progress)?;
-        if improved {
+        if improved && lead {
             crate::atomic_file::copy(&last_path, &best_path)
                 .map_err(|e| BackeiError::Io { path: best_path.display().to_string(), problem: format!("cannot write checkpoint: {e}") })?;
         }
-        eprintln!(
-            "epoch {}/{}: train loss {:.4} acc {:.2}% | {}test acc {:.2}% | lr {:.1e} | {:.1}s, {:.0} samples/s{}",
-            epoch + 1,
-            cfg.epochs,
-            row.train_loss,
-            row.train_accuracy * 100.0,
-            val.map(|v| format!("val acc {:.2}% | ", v * 100.0)).unwrap_or_default(),
-            test.accuracy * 100.0,
-            lr,
-            seconds,
-            row.samples_per_second,
-            if improved { " (best)" } else { "" }
-        );
-        if opts.interrupt.load(Ordering::SeqCst) && epoch + 1 < cfg.epochs {
+        if lead {
+            eprintln!(
+                "epoch {}/{}: train loss {:.4} acc {:.2}% | {}test acc {:.2}% | lr {:.1e} | {:.1}s, {:.0} samples/s{}",
+                epoch + 1,
+                cfg.epochs,
+                row.train_loss,
+                row.train_accuracy * 100.0,
+                val.map(|v| format!("val acc {:.2}% | ", v * 100.0)).unwrap_or_default(),
+                test.accuracy * 100.0,
+                lr,
+                seconds,
+                row.samples_per_second,
+                if improved { " (best)" } else { "" }
+            );
+        }
+        if team.any(opts.interrupt.load(Ordering::SeqCst))? && epoch + 1 < cfg.epochs {
             return Ok(RunOutcome::Interrupted { checkpoint: last_path });
         }
     }
     Ok(RunOutcome::Finished { final_test_accuracy: final_acc, best_accuracy: progress.best_accuracy, best_epoch: progress.best_epoch })
+}
+
+/// Loads the data on every rank; a rank that cannot stops them all, and ranks whose data differ
+/// (another copy on another node) stop with an error naming the rank.
+fn load_data_agreed(cfg: &TrainConfig, team: &Team) -> Result<RunData> {
+    let data = team.all_ok(load_data(cfg), "to load the data")?;
+    for (what, ds) in [("training data", Some(&data.train)), ("validation data", data.val.as_ref()), ("test data", Some(&data.test))] {
+        if let Some(ds) = ds {
+            team.expect_same(what, fingerprint([ds.len() as u64].into_iter().chain(ds.labels().iter().map(|&l| l as u64))))?;
+        }
+    }
+    Ok(data)
 }
 
 /// A non-finite step's error, with the epoch it happened in.
