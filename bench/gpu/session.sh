@@ -2,9 +2,10 @@
 # One lent-GPU session in one call (issue 7), run from the repository root on the device:
 #   run  command="bash bench/gpu/session.sh [STAGES]"  carry=[".gpu", ".whl"]
 # after `../shared/gpu/pack --data /usr/share/datasets/fashion-mnist` (and, for the reference
-# stage, `bench/reference/fetch_wheels.sh`). STAGES (default all, in this order): tests sanitizer
-# kernels train-bench reference resume train. Every stage has its own time limit and the whole run a
-# deadline ($BUDGET seconds, default 420), so one hung kernel cannot eat the device time.
+# stage, `bench/reference/fetch_wheels.sh`; for the ffi stage, `bench/gpu/pack_ffi.sh` after pack).
+# STAGES (default all, in this order): tests ffi sanitizer kernels train-bench reference resume
+# train. Every stage has its own time limit and the whole run a deadline ($BUDGET seconds, default
+# 420), so one hung kernel cannot eat the device time.
 # Narrowing env: TEST_FILTERS (test names; tests/gpu_step.rs holds the step-graph, pipelining
 # and memory-plan checks of issue 12), KERNEL_FILTER (kernel bench workloads),
 # BACKEI_BENCH_VERSIONS=v2,v3 (kernel bench versions), TRAIN_SECONDS/TRAIN_EPOCHS/TRAIN_ARGS.
@@ -17,7 +18,7 @@ out=${OUT:-/tmp/backei-out}
 mkdir -p "$out" /tmp/backei-results
 start=$(date +%s)
 budget=${BUDGET:-420}
-stages=${*:-tests sanitizer kernels train-bench reference resume train}
+stages=${*:-tests ffi sanitizer kernels train-bench reference resume train}
 
 # the environment .gpu/run.sh sets up: the build path linked to this copy, CUDA's libraries found
 built=$(cat .gpu/built-at)
@@ -54,6 +55,17 @@ for stage in $stages; do
     tests)
       # TEST_FILTERS (libtest name filters) narrows a rerun to what failed before
       for t in .gpu/bin/test-*; do run "$(basename "$t")" 150 "$t" --ignored --test-threads=1 ${TEST_FILTERS:-}; done ;;
+    ffi)
+      # issue 15: the C ABI on a stream of its own (every switch against the CPU engine), the
+      # PyTorch package on CUDA (against bench/reference/backei_torch.py; no wait for the default
+      # stream), and one timing row of a PyTorch model with backei's layers against its own
+      if [ ! -x .gpu/ffi/backei_test ]; then echo "== ffi: run bench/gpu/pack_ffi.sh first" | tee -a "$out/$stage.log"; continue; fi
+      run c-abi-cuda 60 .gpu/ffi/backei_test cuda
+      run torch-install 60 python3 -m pip install -q --no-index --no-deps --target /tmp/site-backei .gpu/ffi/backei-*.whl
+      run torch-cuda-tests 150 env PYTHONPATH=/tmp/site-backei python3 -m pytest -q -p no:cacheprovider python/tests/gpu
+      run torch-cpu-tests 90 env PYTHONPATH=/tmp/site-backei python3 -m pytest -q -p no:cacheprovider python/tests/test_torch_cpu.py
+      run torch-model-timing 120 env PYTHONPATH=/tmp/site-backei python3 python/bench/time_model.py --csv /tmp/backei-results/torch_layer.csv
+      run torch-example 90 env PYTHONPATH=/tmp/site-backei python3 python/examples/train_mnist_sample.py --device cuda --epochs 2 ;;
     sanitizer)
       if command -v compute-sanitizer >/dev/null; then
         run memcheck-smoke 40 compute-sanitizer --tool memcheck --error-exitcode 9 .gpu/bin/test-gpu_smoke --ignored --test-threads=1

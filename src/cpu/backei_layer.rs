@@ -166,8 +166,9 @@ impl<F: Real> BackEiLayer<F> {
     }
 
     /// Sizes every buffer for a batch shape and the saved-state setting; a no-op when neither
-    /// changed.
-    fn size_for(&mut self, batch: usize, steps: usize) {
+    /// changed. Public for a caller that keeps the saved state itself (the C ABI's workspace): with
+    /// `SavedState::FULL` it restores `out`, `v`, `g`, `z` after this and before a backward.
+    pub fn size_for(&mut self, batch: usize, steps: usize) {
         let window = self.saved.window(steps);
         let coded = self.feedback.ei && self.saved.compact && self.neuron.z_code_is_exact();
         if self.batch == batch && self.steps == steps && self.window == window && self.coded == coded {

@@ -928,6 +928,27 @@ fn alloc(dev: &GpuDevice, n: usize) -> Result<Option<CudaSlice<f32>>> {
     Ok(Some(b))
 }
 
+/// Where a layer's buffers come from: its own allocations ([`GpuBackEiLayer::prepare`]) or memory
+/// a caller lends for one call ([`GpuBackEiLayer::prepare_lent`]: the C ABI's workspace).
+pub trait BufferSource {
+    /// `n` floats for the buffer `which` (a field name of [`BufferSizes`]); None for n = 0.
+    fn floats(&mut self, which: &'static str, n: usize) -> Result<Option<CudaSlice<f32>>>;
+    /// The tiled kernels' grid-barrier word (zeroed before every launch that uses it).
+    fn barrier(&mut self) -> Result<CudaSlice<u32>>;
+}
+
+/// The layer's own buffers, allocated on its device's stream.
+struct OwnAllocations<'a>(&'a GpuDevice);
+
+impl BufferSource for OwnAllocations<'_> {
+    fn floats(&mut self, _which: &'static str, n: usize) -> Result<Option<CudaSlice<f32>>> {
+        alloc(self.0, n)
+    }
+    fn barrier(&mut self) -> Result<CudaSlice<u32>> {
+        self.0.stream.alloc_zeros::<u32>(1).map_err(cuda_err("allocating the grid barrier"))
+    }
+}
+
 /// The interface of a GPU BackEI layer, kept by the fused layer ([`GpuBackEiLayer`]) and the
 /// unfused baseline (`gpu::backei_unfused::UnfusedBackEiLayer`), so that tests and benchmarks drive
 /// either with one body.
@@ -1102,43 +1123,89 @@ impl GpuBackEiLayer {
             || self.planned_deterministic != self.deterministic
             || self.planned_precision != self.precision
         {
-            let p = if self.version == KernelVersion::V4 {
-                plan_tensor_cores(self.shape, &self.feedback, batch, steps, &self.limits, self.precision)?
-            } else if self.deterministic {
-                plan_deterministic(self.shape, &self.feedback, batch, steps, &self.limits, self.version)?
-            } else {
-                plan_version(self.shape, &self.feedback, batch, steps, &self.limits, self.version)?
-            };
-            let b = p.buffers;
-            // free the old buffers before allocating the new ones
-            (self.out, self.v, self.g, self.z, self.dv, self.fb, self.dz, self.da) = (None, None, None, None, None, None, None, None);
-            self.wg_partials = None;
-            self.staged_weights = None;
-            (self.v4_wfrag, self.v4_winv, self.v4_dw_part) = (None, None, None);
-            self.out = alloc(&self.dev, b.out)?;
-            self.v = alloc(&self.dev, b.v)?;
-            self.g = alloc(&self.dev, b.g)?;
-            self.z = alloc(&self.dev, b.z)?;
-            self.dv = alloc(&self.dev, b.dv)?;
-            self.fb = alloc(&self.dev, b.fb)?;
-            self.dz = alloc(&self.dev, b.dz)?;
-            self.da = alloc(&self.dev, b.da)?;
-            self.wg_partials = alloc(&self.dev, b.wg_partials)?;
-            self.staged_weights = alloc(&self.dev, b.staged_weights)?;
-            self.v4_wfrag = alloc(&self.dev, b.v4_wfrag)?;
-            self.v4_winv = alloc(&self.dev, b.v4_winv)?;
-            self.v4_dw_part = alloc(&self.dev, b.v4_dw_part)?;
-            if (p.version.is_tiled() || p.version == KernelVersion::V4) && self.bar.is_none() {
-                self.bar = Some(self.dev.stream.alloc_zeros::<u32>(1).map_err(cuda_err("allocating the grid barrier"))?);
-            }
-            self.plan = Some(p);
-            self.batch = batch;
-            self.steps = steps;
-            self.planned_version = self.version;
-            self.planned_deterministic = self.deterministic;
-            self.planned_precision = self.precision;
+            let dev = self.dev.clone();
+            self.install(batch, steps, &mut OwnAllocations(&dev))?;
         }
         self.plan.as_ref().ok_or_else(|| BackeiError::Cuda("BackEI layer: no plan".into()))
+    }
+
+    /// The plan `prepare` makes for a batch shape with this layer's version, determinism and
+    /// device limits (nothing is allocated).
+    pub fn plan_for(&self, batch: usize, steps: usize) -> Result<LaunchPlan> {
+        if self.version == KernelVersion::V4 {
+            plan_tensor_cores(self.shape, &self.feedback, batch, steps, &self.limits, self.precision)
+        } else if self.deterministic {
+            plan_deterministic(self.shape, &self.feedback, batch, steps, &self.limits, self.version)
+        } else {
+            plan_version(self.shape, &self.feedback, batch, steps, &self.limits, self.version)
+        }
+    }
+
+    /// `prepare` with every buffer lent by `source` for one call (the C ABI and the PyTorch
+    /// layers, whose callers own all memory), and `t_in` the T_in of the forward whose state the
+    /// lent buffers hold (a backward checks against it). Always re-plans. The lender must take the
+    /// buffers back with [`Self::take_buffers`] before the layer could drop them: a `CudaSlice`
+    /// frees its memory when dropped.
+    pub fn prepare_lent(&mut self, batch: usize, steps: usize, t_in: usize, source: &mut dyn BufferSource) -> Result<&LaunchPlan> {
+        self.install(batch, steps, source)?;
+        self.t_in = t_in;
+        self.plan.as_ref().ok_or_else(|| BackeiError::Cuda("BackEI layer: no plan".into()))
+    }
+
+    /// Takes every buffer out of the layer (lent ones go back to their lender), so the next
+    /// `prepare` re-plans and allocates.
+    pub fn take_buffers(&mut self) -> (Vec<CudaSlice<f32>>, Option<CudaSlice<u32>>) {
+        let floats = [
+            &mut self.out,
+            &mut self.v,
+            &mut self.g,
+            &mut self.z,
+            &mut self.dv,
+            &mut self.fb,
+            &mut self.dz,
+            &mut self.da,
+            &mut self.wg_partials,
+            &mut self.staged_weights,
+            &mut self.v4_wfrag,
+            &mut self.v4_winv,
+            &mut self.v4_dw_part,
+        ];
+        self.plan = None;
+        (floats.into_iter().filter_map(Option::take).collect(), self.bar.take())
+    }
+
+    /// Plans a batch shape and takes every buffer the plan needs from `source`.
+    fn install(&mut self, batch: usize, steps: usize, source: &mut dyn BufferSource) -> Result<()> {
+        let p = self.plan_for(batch, steps)?;
+        let b = p.buffers;
+        // free the old buffers before allocating the new ones
+        (self.out, self.v, self.g, self.z, self.dv, self.fb, self.dz, self.da) = (None, None, None, None, None, None, None, None);
+        self.wg_partials = None;
+        self.staged_weights = None;
+        (self.v4_wfrag, self.v4_winv, self.v4_dw_part) = (None, None, None);
+        self.out = source.floats("out", b.out)?;
+        self.v = source.floats("v", b.v)?;
+        self.g = source.floats("g", b.g)?;
+        self.z = source.floats("z", b.z)?;
+        self.dv = source.floats("dv", b.dv)?;
+        self.fb = source.floats("fb", b.fb)?;
+        self.dz = source.floats("dz", b.dz)?;
+        self.da = source.floats("da", b.da)?;
+        self.wg_partials = source.floats("wg_partials", b.wg_partials)?;
+        self.staged_weights = source.floats("staged_weights", b.staged_weights)?;
+        self.v4_wfrag = source.floats("v4_wfrag", b.v4_wfrag)?;
+        self.v4_winv = source.floats("v4_winv", b.v4_winv)?;
+        self.v4_dw_part = source.floats("v4_dw_part", b.v4_dw_part)?;
+        if (p.version.is_tiled() || p.version == KernelVersion::V4) && self.bar.is_none() {
+            self.bar = Some(source.barrier()?);
+        }
+        self.plan = Some(p);
+        self.batch = batch;
+        self.steps = steps;
+        self.planned_version = self.version;
+        self.planned_deterministic = self.deterministic;
+        self.planned_precision = self.precision;
+        Ok(())
     }
 
     fn dims(&self, slots: &BackEiSlots, t_in: usize, w_smem: bool, wgrad_fused: bool) -> Result<LayerDims> {

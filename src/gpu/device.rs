@@ -76,7 +76,8 @@ pub struct GpuDevice {
     pub name: String,
     /// (major, minor) compute capability.
     pub capability: (i32, i32),
-    pub kernels: KernelRegistry,
+    /// Shared by every [`GpuDevice::on_stream`] view of this device: modules load once.
+    pub kernels: Arc<KernelRegistry>,
     blas: OnceLock<(CudaBlas, cudarc::driver::CudaSlice<u8>)>,
 }
 
@@ -109,8 +110,23 @@ impl GpuDevice {
         unsafe { ctx.disable_event_tracking() };
         let stream = ctx.new_stream().map_err(cuda_err("creating the stream"))?;
         let arch = format!("sm_{}{}", capability.0, capability.1);
-        let kernels = KernelRegistry::new(ctx.clone(), arch);
+        let kernels = Arc::new(KernelRegistry::new(ctx.clone(), arch));
         Ok(Arc::new(GpuDevice { ctx, stream, ordinal, name, capability, kernels, blas: OnceLock::new() }))
+    }
+
+    /// This device's context and kernels driving another stream: the C ABI and the PyTorch layers
+    /// launch on the stream their caller gives them. cuBLAS is not shared (a handle binds to one
+    /// stream); the view loads its own at first use.
+    pub fn on_stream(&self, stream: Arc<CudaStream>) -> Arc<GpuDevice> {
+        Arc::new(GpuDevice {
+            ctx: self.ctx.clone(),
+            stream,
+            ordinal: self.ordinal,
+            name: self.name.clone(),
+            capability: self.capability,
+            kernels: self.kernels.clone(),
+            blas: OnceLock::new(),
+        })
     }
 
     /// cuBLAS on this device's stream with its own workspace (loaded at first use).
