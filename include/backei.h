@@ -35,6 +35,8 @@ typedef enum BackeiStatus {
   BACKEI_STATUS_IO = 6,
   // A bug in backei: it panicked; the panic was caught at the boundary.
   BACKEI_STATUS_PANIC = 7,
+  // Any other error of the library (none of the layer calls should meet one).
+  BACKEI_STATUS_OTHER = 8,
 } BackeiStatus;
 
 // Which engine a layer runs on.

@@ -29,6 +29,8 @@ pub enum BackeiStatus {
     Io = 6,
     /// A bug in backei: it panicked; the panic was caught at the boundary.
     Panic = 7,
+    /// Any other error of the library (none of the layer calls should meet one).
+    Other = 8,
 }
 
 /// An error of the C ABI or of the library under it.
@@ -56,6 +58,7 @@ impl CapiError {
                 BackeiError::NonFinite { .. } => BackeiStatus::NonFinite,
                 BackeiError::Cuda(_) => BackeiStatus::Cuda,
                 BackeiError::Io { .. } => BackeiStatus::Io,
+                BackeiError::Distributed(_) => BackeiStatus::Other,
             },
         }
     }
