@@ -147,6 +147,16 @@ impl Engine {
         }
     }
 
+    /// The position of the next batches' first sample in their global batch (a data-parallel
+    /// rank's shard; 0 otherwise): the dropout masks drawn are those of that place, so N ranks
+    /// draw the masks one process draws for the whole batch.
+    pub fn set_sample_offset(&mut self, offset: usize) {
+        match self {
+            Engine::Cpu { net, .. } => net.sample_offset = offset,
+            Engine::Gpu { net, .. } => net.sample_offset = offset,
+        }
+    }
+
     /// Zero gradients (a data-parallel rank with no sample in this step contributes these).
     pub fn zero_grads(&mut self) -> Result<()> {
         match self {

@@ -245,33 +245,46 @@ fn emulated_dropout_draws_the_cpu_masks_and_backward_matches() {
     let mut rng = common::Rng(9);
     let x: Vec<f32> = rng.vec(steps * len, -1.0, 1.0).into_iter().map(|v| v as f32).collect();
     let sc = backei::gpu::dropout::scale(p);
-    for t_in in [1usize, steps] {
+    // i0 > 0: a data-parallel rank's shard, drawing the masks of its place in the global batch
+    for (t_in, i0) in [(1usize, 0u64), (steps, 0), (1, 5 * 1237), (steps, 3 * 1237)] {
         // CPU: T_in = 1 is the frame broadcast to every step first
         let xb: Vec<f32> = (0..steps * len).map(|j| x[if t_in == 1 { j % len } else { j }]).collect();
         let mut y = vec![0f32; steps * len];
-        backei::cpu::dropout::forward(key, p, len, &xb, &mut y);
+        backei::cpu::dropout::forward(key, p, len, i0, &xb, &mut y);
         let mut yd = DevBuf::new("y", steps * len);
         let mut xd = DevBuf::from("x", &x[..t_in * len]);
-        let mut a = Args::new();
         // the key from device memory: the second slot of a table
         let mut keys = vec![0u64, key, 0];
-        a.val(xd.ptr()).val(yd.ptr()).val(keys.as_mut_ptr()).val(1i32).val(p).val(sc).val(len as i64).val(steps as i32).val(t_in as i32);
+        // forward and backward take the same arguments: (source, destination, keys, slot, i0, p, 1/(1-p), len, T, T_in)
+        let mut args = |src: *mut f32, dst: *mut f32| {
+            let mut a = Args::new();
+            a.val(src).val(dst).val(keys.as_mut_ptr()).val(1i32).val(i0).val(p).val(sc).val(len as i64).val(steps as i32).val(t_in as i32);
+            a
+        };
+        let mut a = args(xd.ptr(), yd.ptr());
         m.launch_raw("dropout_forward_f32", (3, 1, 1), (256, 1, 1), 0, false, 5, &mut a).unwrap();
         yd.check_guards();
-        assert_eq!(yd.host(), y, "T_in {t_in}: forward differs from the CPU");
+        assert_eq!(yd.host(), y, "T_in {t_in}, i0 {i0}: forward differs from the CPU");
         // backward: the mask drawn again; T_in = 1 sums over the steps
         let dy: Vec<f32> = rng.vec(steps * len, -1.0, 1.0).into_iter().map(|v| v as f32).collect();
         let mut dx = vec![0f32; steps * len];
-        backei::cpu::dropout::backward(key, p, len, &dy, &mut dx);
+        backei::cpu::dropout::backward(key, p, len, i0, &dy, &mut dx);
         let want: Vec<f32> = if t_in == 1 { (0..len).map(|i| (0..steps).fold(0f32, |acc, t| acc + dx[t * len + i])).collect() } else { dx };
         let mut dyd = DevBuf::from("dy", &dy);
         let mut dxd = DevBuf::new("dx", t_in * len);
-        let mut a = Args::new();
-        a.val(dyd.ptr()).val(dxd.ptr()).val(keys.as_mut_ptr()).val(1i32).val(p).val(sc).val(len as i64).val(steps as i32).val(t_in as i32);
+        let mut a = args(dyd.ptr(), dxd.ptr());
         m.launch_raw("dropout_backward_f32", (2, 1, 1), (128, 1, 1), 0, false, 6, &mut a).unwrap();
         dxd.check_guards();
-        assert_eq!(dxd.host(), want, "T_in {t_in}: backward differs from the CPU");
+        assert_eq!(dxd.host(), want, "T_in {t_in}, i0 {i0}: backward differs from the CPU");
     }
+    // a shard's masks are the slice of the whole batch's masks at its place
+    let (b, per) = (6usize, 97usize);
+    let ones = vec![1f32; b * per];
+    let mut whole = vec![0f32; b * per];
+    backei::cpu::dropout::forward(key, p, b * per, 0, &ones, &mut whole);
+    let mut part = vec![0f32; 2 * per];
+    backei::cpu::dropout::forward(key, p, 2 * per, (4 * per) as u64, &ones[..2 * per], &mut part);
+    assert_eq!(part, whole[4 * per..], "samples 4 and 5 of the batch");
 }
 
 // ---- the spike statistics: warp shuffles, a static shared array, one atomic per block ---------------

@@ -174,30 +174,31 @@ fn dropout_masks_are_identical_to_the_cpu() {
     let mut rng = ChaCha8Rng::seed_from_u64(4);
     let (len, steps, p) = (3001usize, 4usize, 0.5f32);
     let key = backei::rng::dropout_key(4150, 12, 3);
-    for t_in in [1, steps] {
+    // i0 > 0: a data-parallel shard's place in the global batch
+    for (t_in, i0) in [(1, 0u64), (steps, 0), (1, 3 * len as u64)] {
         // strictly nonzero inputs, so a zero output means a dropped element
         let x: Vec<f32> = (0..t_in * len).map(|_| rng.random_range(0.5f32..1.5) * if rng.random::<bool>() { 1.0 } else { -1.0 }).collect();
         let dy = rand_vec(&mut rng, steps * len, 1.0);
         let xs = if t_in == 1 { x.repeat(steps) } else { x.clone() };
         let mut y = vec![0f32; steps * len];
-        cdrop::forward(key, p, len, &xs, &mut y);
-        let mask = cdrop::mask(key, p, len, steps);
+        cdrop::forward(key, p, len, i0, &xs, &mut y);
+        let mask: Vec<u8> = y.iter().map(|&v| (v != 0.0) as u8).collect();
         let mut full = vec![0f32; steps * len];
-        cdrop::backward(key, p, len, &dy, &mut full);
+        cdrop::backward(key, p, len, i0, &dy, &mut full);
         let dx: Vec<f32> =
             if t_in == 1 { (0..len).map(|i| (0..steps).fold(0f32, |a, t| a + full[t * len + i])).collect() } else { full.clone() };
         let (xg, dyg) = (up(&d, &x), up(&d, &dy));
         let (mut yg, mut dxg) = (poisoned(&d, y.len()), poisoned(&d, dx.len()));
         let mut table = dropout::DropoutKeys::new(&d, 2).unwrap();
         table.stage(&d, &[0, key]).unwrap();
-        let key_mask = dropout::Mask::Key { keys: &table.keys, slot: 1 };
+        let key_mask = dropout::Mask::Key { keys: &table.keys, slot: 1, index0: i0 };
         dropout::forward(&d, key_mask, p, len, steps, t_in, &xg.as_view(), &mut yg.as_view_mut()).unwrap();
         dropout::backward(&d, key_mask, p, len, steps, t_in, &dyg.as_view(), &mut dxg.as_view_mut()).unwrap();
         let yh = down(&d, &yg);
         let gpu_mask: Vec<u8> = yh.iter().map(|&v| (v != 0.0) as u8).collect();
-        assert_eq!(gpu_mask, mask, "T_in = {t_in}: the GPU's mask differs from the CPU's");
-        assert_eq!(yh, y, "T_in = {t_in}: outputs");
-        assert_eq!(down(&d, &dxg), dx, "T_in = {t_in}: input gradient");
+        assert_eq!(gpu_mask, mask, "T_in = {t_in}, i0 = {i0}: the GPU's mask differs from the CPU's");
+        assert_eq!(yh, y, "T_in = {t_in}, i0 = {i0}: outputs");
+        assert_eq!(down(&d, &dxg), dx, "T_in = {t_in}, i0 = {i0}: input gradient");
         let kept = mask.iter().filter(|&&m| m == 1).count() as f64 / mask.len() as f64;
         assert!((kept - 0.5).abs() < 0.03, "{kept}");
     }

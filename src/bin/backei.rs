@@ -260,10 +260,18 @@ fn main() -> ExitCode {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");
-            let is_usage =
-                e.downcast_ref::<Usage>().is_some() || matches!(e.downcast_ref::<BackeiError>(), Some(BackeiError::Config { .. }));
-            ExitCode::from(if is_usage { 2 } else { 1 })
+            ExitCode::from(exit_code(&e))
         }
+    }
+}
+
+/// The exit status of an error: 2 for a usage error, 1 for any other.
+fn exit_code(e: &anyhow::Error) -> u8 {
+    let is_usage = e.downcast_ref::<Usage>().is_some() || matches!(e.downcast_ref::<BackeiError>(), Some(BackeiError::Config { .. }));
+    if is_usage {
+        2
+    } else {
+        1
     }
 }
 
@@ -319,7 +327,7 @@ fn train(a: TrainArgs) -> anyhow::Result<ExitCode> {
     // one process, or every rank of a data-parallel run under mpirun/srun (src/dist/)
     let world = backei::dist::init()?;
     let result = train_in(a, &*world);
-    backei::dist::cli::finish(&*world, result)
+    backei::dist::cli::finish(world, result, exit_code)
 }
 
 /// The configuration, resumed checkpoint and run folder the arguments ask for.

@@ -97,6 +97,9 @@ pub struct Network<F: Real> {
     /// Training iterations done (keys the dropout masks; the optimizer counts its own steps).
     pub iteration: u64,
     pub training: bool,
+    /// The position of the batch's first sample in the global batch it is a shard of (data-
+    /// parallel training; 0 otherwise): the dropout masks are those of that place.
+    pub sample_offset: usize,
 }
 
 impl<F: Real> Network<F> {
@@ -188,6 +191,7 @@ impl<F: Real> Network<F> {
             dropout_seed: seed,
             iteration: 0,
             training: true,
+            sample_offset: 0,
         })
     }
 
@@ -292,7 +296,7 @@ impl<F: Real> Network<F> {
                     };
                     *key = self.training.then(|| crate::rng::dropout_key(self.dropout_seed, self.iteration, *index));
                     match key {
-                        Some(key) => dropout::forward(*key, *prob, step, src, &mut layer.out),
+                        Some(key) => dropout::forward(*key, *prob, step, (self.sample_offset * layer.in_len) as u64, src, &mut layer.out),
                         None => layer.out.copy_from_slice(src),
                     }
                 }
@@ -371,12 +375,13 @@ impl<F: Real> Network<F> {
                 }
                 Op::Dropout { p: prob, key, .. } => {
                     let step = batch * layer.in_len;
+                    let index0 = (self.sample_offset * layer.in_len) as u64;
                     if let Some(key) = *key {
                         if layer.t_in == layer.t_out {
-                            dropout::backward(key, *prob, step, dy, &mut layer.grad_in);
+                            dropout::backward(key, *prob, step, index0, dy, &mut layer.grad_in);
                         } else {
                             let mut full = vec![F::ZERO; dy.len()];
-                            dropout::backward(key, *prob, step, dy, &mut full);
+                            dropout::backward(key, *prob, step, index0, dy, &mut full);
                             sum_steps(&full, &mut layer.grad_in);
                         }
                     } else if layer.t_in == layer.t_out {

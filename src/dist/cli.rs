@@ -7,6 +7,7 @@ use super::launch::gpu_for_rank;
 use crate::gpu::DeviceChoice;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
+use std::process::ExitCode;
 
 #[derive(Serialize, Deserialize)]
 enum Decision<S> {
@@ -50,14 +51,14 @@ where
     world.broadcast(&mut bytes)?;
     if let Some(result) = mine {
         if result.is_err() {
-            world.note_shared_failure();
+            world.note_shared_failure(true);
         }
         return result;
     }
     match serde_json::from_slice::<Decision<S>>(&bytes)? {
         Decision::Go(s) => Ok((s, None)),
         Decision::Stop { message, usage } => {
-            world.note_shared_failure();
+            world.note_shared_failure(false);
             let text = format!("rank 0 could not start the run: {message}");
             Err(if usage { usage_error(text) } else { anyhow::anyhow!(text) })
         }
@@ -73,7 +74,7 @@ pub fn all_ok<T>(world: &dyn Collective, result: anyhow::Result<T>, during: &str
     let mut v = [failed, failed * (world.rank() + 1) as f64];
     world.sum_f64(&mut v)?;
     if v[0] > 0.0 {
-        world.note_shared_failure();
+        world.note_shared_failure(result.is_err());
         return match result {
             Err(e) => Err(e),
             Ok(_) if v[0] == 1.0 => Err(anyhow::anyhow!("rank {} failed {during} (its error is in its output)", v[1] as usize - 1)),
@@ -83,21 +84,43 @@ pub fn all_ok<T>(world: &dyn Collective, result: anyhow::Result<T>, during: &str
     result
 }
 
-/// The end of a rank's command: an error the other ranks do not know about aborts the whole
-/// job (MPI_Abort), since they would otherwise wait for this rank for ever; any error of a
-/// multi-rank run names its rank.
-pub fn finish<T>(world: &dyn Collective, result: anyhow::Result<T>) -> anyhow::Result<T> {
-    match result {
-        Err(e) if world.size() > 1 => {
-            let e = e.context(format!("rank {} of {}", world.rank(), world.size()));
-            if !world.failure_is_shared() {
-                eprintln!("error: {e:#}\nrank {} is ending every rank (MPI_Abort): the others cannot know of this error", world.rank());
-                world.abort(1);
-            }
-            Err(e)
-        }
-        other => other,
+/// The end of a rank's command. One process: `result` as it is. A rank of several: an error
+/// the other ranks do not know about aborts the whole job (MPI_Abort), since they would wait for
+/// this rank for ever; otherwise the error is printed here, by the rank it concerns (`error:
+/// rank r of N: ...`), and every rank waits for the others before MPI is finalised: the launcher
+/// ends a job when its first process exits with a non-zero status, and rank 0 may still be
+/// writing the checkpoint then. `exit_code` gives an error's exit status.
+pub fn finish(
+    world: Box<dyn Collective>,
+    result: anyhow::Result<ExitCode>,
+    exit_code: impl Fn(&anyhow::Error) -> u8,
+) -> anyhow::Result<ExitCode> {
+    if world.size() == 1 {
+        return result;
     }
+    let code = match result {
+        Ok(code) => code,
+        Err(e) => {
+            let e = e.context(format!("rank {} of {}", world.rank(), world.size()));
+            match world.shared_failure() {
+                None => {
+                    eprintln!("error: {e:#}\nrank {} is ending every rank (MPI_Abort): the others cannot know of this error", world.rank());
+                    world.abort(1);
+                }
+                Some(report_here) => {
+                    if report_here || world.rank() == 0 {
+                        eprintln!("error: {e:#}");
+                    }
+                    ExitCode::from(exit_code(&e))
+                }
+            }
+        }
+    };
+    // every rank is done (rank 0's files written, its messages printed) before any exits
+    let mut nothing = [0.0];
+    world.sum_f64(&mut nothing)?;
+    drop(world); // MPI_Finalize
+    Ok(code)
 }
 
 /// The engine a rank asks for: `--device auto` or `cuda` give rank r the GPU of its local rank

@@ -2,7 +2,7 @@
 //! of one process, always built) and `dist::mpi::MpiWorld` (feature `distributed`).
 
 use crate::error::Result;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU8, Ordering};
 
 /// A group of processes ("ranks") that take part in every call together: each collective call
 /// must be made by every rank, in the same order, with buffers of the same length.
@@ -26,15 +26,34 @@ pub trait Collective {
     /// One line for the log and config.json: how many ranks, which library.
     fn describe(&self) -> String;
     /// Records that the error this process is about to return is known to every rank (they
-    /// all stop together), so ending the run needs no abort. See [`Collective::failure_is_shared`].
-    fn note_shared_failure(&self);
-    fn failure_is_shared(&self) -> bool;
+    /// all stop together), so ending the run needs no abort; `report_here`: this rank is the one
+    /// to print it (its own error, or rank 0 for an error every rank has), the others keep quiet.
+    /// The first call counts.
+    fn note_shared_failure(&self, report_here: bool);
+    /// Some(report_here) once a shared failure was noted.
+    fn shared_failure(&self) -> Option<bool>;
+}
+
+/// A once-settable record of a shared failure, for the worlds' implementations.
+#[derive(Debug, Default)]
+pub struct FailureNote(AtomicU8);
+
+impl FailureNote {
+    pub fn note(&self, report_here: bool) {
+        let _ = self.0.compare_exchange(0, 1 + report_here as u8, Ordering::SeqCst, Ordering::SeqCst);
+    }
+    pub fn get(&self) -> Option<bool> {
+        match self.0.load(Ordering::SeqCst) {
+            0 => None,
+            v => Some(v == 2),
+        }
+    }
 }
 
 /// The world of a single process: every collective is the identity.
 #[derive(Debug, Default)]
 pub struct Solo {
-    shared_failure: AtomicBool,
+    failure: FailureNote,
 }
 
 impl Collective for Solo {
@@ -65,11 +84,11 @@ impl Collective for Solo {
     fn describe(&self) -> String {
         "1 process".into()
     }
-    fn note_shared_failure(&self) {
-        self.shared_failure.store(true, Ordering::SeqCst);
+    fn note_shared_failure(&self, report_here: bool) {
+        self.failure.note(report_here);
     }
-    fn failure_is_shared(&self) -> bool {
-        // a single process: whatever it knows, everyone knows
-        true
+    fn shared_failure(&self) -> Option<bool> {
+        // a single process: whatever it knows, everyone knows, and it reports it
+        Some(self.failure.get().unwrap_or(true))
     }
 }

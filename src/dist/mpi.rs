@@ -2,14 +2,13 @@
 //! it (`mpirun`, `mpiexec`, `srun`), finalised when dropped. Only the main thread calls MPI
 //! (MPI_THREAD_FUNNELED): the loader's and rayon's threads never do.
 
-use super::collective::Collective;
+use super::collective::{Collective, FailureNote};
 use super::launch::local_rank_from_env;
 use crate::error::{BackeiError, Result};
 use mpi::collective::SystemOperation;
 use mpi::environment::Universe;
 use mpi::topology::SimpleCommunicator;
 use mpi::traits::*;
-use std::sync::atomic::{AtomicBool, Ordering};
 
 /// MPI counts are C ints: larger buffers travel in pieces of this many elements.
 const CHUNK: usize = 1 << 28;
@@ -24,7 +23,7 @@ pub struct MpiWorld {
     /// Where `local_rank` came from (an environment variable or the shared-memory split).
     pub local_rank_source: &'static str,
     library: String,
-    shared_failure: AtomicBool,
+    failure: FailureNote,
     // last: MPI_Finalize runs when the universe drops, after the communicators above
     _universe: Universe,
 }
@@ -58,7 +57,7 @@ impl MpiWorld {
             local_size,
             local_rank_source,
             library,
-            shared_failure: AtomicBool::new(false),
+            failure: FailureNote::default(),
             _universe: universe,
         })
     }
@@ -113,10 +112,10 @@ impl Collective for MpiWorld {
             self.size, self.library, self.rank, self.local_rank, self.local_size
         )
     }
-    fn note_shared_failure(&self) {
-        self.shared_failure.store(true, Ordering::SeqCst);
+    fn note_shared_failure(&self, report_here: bool) {
+        self.failure.note(report_here);
     }
-    fn failure_is_shared(&self) -> bool {
-        self.shared_failure.load(Ordering::SeqCst)
+    fn shared_failure(&self) -> Option<bool> {
+        self.failure.get()
     }
 }

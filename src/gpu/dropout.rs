@@ -40,11 +40,35 @@ impl DropoutKeys {
     }
 }
 
-/// Which mask a dropout launch applies: none (evaluation) or the key in `keys[slot]`.
+/// Which mask a dropout launch applies: none (evaluation) or the key in `keys[slot]`, for the
+/// elements from `index0` on (a data-parallel shard's place in the global batch: see
+/// `cpu::dropout`; 0 for a whole batch).
 #[derive(Clone, Copy)]
 pub enum Mask<'a> {
     Off,
-    Key { keys: &'a CudaSlice<u64>, slot: usize },
+    Key { keys: &'a CudaSlice<u64>, slot: usize, index0: u64 },
+}
+
+/// Launches the forward or the backward kernel (they take the same arguments) on `threads`.
+#[allow(clippy::too_many_arguments)]
+fn launch_masked(
+    dev: &GpuDevice,
+    name: &'static str,
+    src: &CudaView<f32>,
+    dst: &mut CudaViewMut<f32>,
+    (keys, slot, index0): (&CudaSlice<u64>, usize, u64),
+    p: f32,
+    (len, steps, t_in): (usize, usize, usize),
+    threads: usize,
+) -> Result<()> {
+    let f = dev.kernels.function("dropout", name)?;
+    let (sc, sl) = (scale(p), slot_index(keys, slot)?);
+    let (l, st, ti) = (len as i64, steps as i32, t_in as i32);
+    let mut b = dev.stream.launch_builder(&f);
+    b.arg(src).arg(dst).arg(keys).arg(&sl).arg(&index0).arg(&p).arg(&sc).arg(&l).arg(&st).arg(&ti);
+    // SAFETY: the callers checked the lengths; the key slot is checked above.
+    unsafe { b.launch(grid(threads)) }.map_err(cuda_err(name))?;
+    Ok(())
 }
 
 /// 1/(1−p) rounded to f32 exactly as the CPU engine does.
@@ -67,27 +91,10 @@ pub fn forward(
 ) -> Result<()> {
     check_len("dropout input", x.len(), t_in * len)?;
     check_len("dropout output", y.len(), steps * len)?;
-    let (l, st, ti) = (len as i64, steps as i32, t_in as i32);
+    let (l, st) = (len as i64, steps as i32);
     match mask {
-        Mask::Key { keys, slot } => {
-            let f = dev.kernels.function("dropout", "dropout_forward_f32")?;
-            let (sc, sl) = (scale(p), slot_index(keys, slot)?);
-            // SAFETY: lengths and the key slot checked above.
-            unsafe {
-                dev.stream
-                    .launch_builder(&f)
-                    .arg(x)
-                    .arg(y)
-                    .arg(keys)
-                    .arg(&sl)
-                    .arg(&p)
-                    .arg(&sc)
-                    .arg(&l)
-                    .arg(&st)
-                    .arg(&ti)
-                    .launch(grid(steps * len))
-            }
-            .map_err(cuda_err("dropout_forward_f32"))?;
+        Mask::Key { keys, slot, index0 } => {
+            launch_masked(dev, "dropout_forward_f32", x, y, (keys, slot, index0), p, (len, steps, t_in), steps * len)?
         }
         Mask::Off if t_in == steps => {
             dev.stream.memcpy_dtod(x, y).map_err(cuda_err("dropout (eval) copy"))?;
@@ -116,27 +123,10 @@ pub fn backward(
 ) -> Result<()> {
     check_len("dropout output gradient", dy.len(), steps * len)?;
     check_len("dropout input gradient", dx.len(), t_in * len)?;
-    let (l, st, ti) = (len as i64, steps as i32, t_in as i32);
+    let (l, st) = (len as i64, steps as i32);
     match mask {
-        Mask::Key { keys, slot } => {
-            let f = dev.kernels.function("dropout", "dropout_backward_f32")?;
-            let (sc, sl) = (scale(p), slot_index(keys, slot)?);
-            // SAFETY: lengths and the key slot checked above.
-            unsafe {
-                dev.stream
-                    .launch_builder(&f)
-                    .arg(dy)
-                    .arg(dx)
-                    .arg(keys)
-                    .arg(&sl)
-                    .arg(&p)
-                    .arg(&sc)
-                    .arg(&l)
-                    .arg(&st)
-                    .arg(&ti)
-                    .launch(grid(steps * len))
-            }
-            .map_err(cuda_err("dropout_backward_f32"))?;
+        Mask::Key { keys, slot, index0 } => {
+            launch_masked(dev, "dropout_backward_f32", dy, dx, (keys, slot, index0), p, (len, steps, t_in), steps * len)?
         }
         Mask::Off if t_in == steps => {
             dev.stream.memcpy_dtod(dy, dx).map_err(cuda_err("dropout (eval) gradient copy"))?;

@@ -149,6 +149,8 @@ pub struct GpuNetwork {
     /// Training iterations launched.
     pub iteration: u64,
     pub training: bool,
+    /// The position of the batch's first sample in the global batch (as the CPU engine's).
+    pub sample_offset: usize,
     /// Per-op timing of the steps (`set_profiling`), read with `take_profile`.
     timer: Option<OpTimer>,
     /// Recorded after each input upload (see `upload_input`).
@@ -325,6 +327,7 @@ impl GpuNetwork {
             dropout_seed: cpu.dropout_seed,
             iteration: cpu.iteration,
             training: true,
+            sample_offset: cpu.sample_offset,
         })
     }
 
@@ -609,7 +612,7 @@ impl GpuNetwork {
     fn enqueue_forward(&mut self, batch: usize) -> Result<()> {
         let dev = self.dev.clone();
         let steps = self.spec.steps;
-        let training = self.training;
+        let (training, offset) = (self.training, self.sample_offset);
         let input = self.input.as_ref().ok_or_else(|| missing("the input buffer"))?;
         let p = &self.params;
         for i in 0..self.layers.len() {
@@ -637,7 +640,8 @@ impl GpuNetwork {
                         }
                         Op::Pool { c, h, w } => pool::forward(&dev, rows * *c, *h, *w, &src, &mut y)?,
                         Op::Dropout { p: prob, key_slot, .. } => {
-                            let mask = if training { Mask::Key { keys: &self.keys.keys, slot: *key_slot } } else { Mask::Off };
+                            let index0 = (offset * layer.in_len) as u64;
+                            let mask = if training { Mask::Key { keys: &self.keys.keys, slot: *key_slot, index0 } } else { Mask::Off };
                             dropout::forward(&dev, mask, *prob, batch * layer.in_len, t_out, t_in, &src, &mut y)?
                         }
                         Op::Flatten | Op::Spike { .. } => {}
@@ -737,7 +741,8 @@ impl GpuNetwork {
                 }
                 Op::Pool { c, h, w } => pool::backward(&dev, rows * *c, *h, *w, &dy, dx.as_mut().ok_or_else(need_dx)?)?,
                 Op::Dropout { p: prob, key_slot, .. } => {
-                    let mask = if self.training { Mask::Key { keys: &self.keys.keys, slot: *key_slot } } else { Mask::Off };
+                    let index0 = (self.sample_offset * layer.in_len) as u64;
+                    let mask = if self.training { Mask::Key { keys: &self.keys.keys, slot: *key_slot, index0 } } else { Mask::Off };
                     dropout::backward(&dev, mask, *prob, batch * layer.in_len, t_out, t_in, &dy, dx.as_mut().ok_or_else(need_dx)?)?
                 }
                 Op::Spike { layer: sl, params } => sl.backward(p, g, params, src()?, t_in, &dy, dx.as_mut().ok_or_else(need_dx)?)?,

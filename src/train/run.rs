@@ -334,7 +334,7 @@ pub fn train(opts: RunOptions, engine: &mut Engine) -> Result<RunOutcome> {
             let report = match team.train_step(engine, &batch, cfg.loss, asked) {
                 Ok(r) => r,
                 Err(e) => {
-                    if several && opts.world.failure_is_shared() {
+                    if several && opts.world.shared_failure().is_some() {
                         // every rank stops here: rank 0 keeps the last finished step
                         progress.partial = [loss_sum, correct, seen, secs_before + started.elapsed().as_secs_f64()];
                         bar.finish();
