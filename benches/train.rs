@@ -12,7 +12,7 @@
 
 use backei::gpu::profile::merge;
 use backei::gpu::{GpuDevice, GpuNetwork, GpuOptimizer};
-use backei::{Loss, Network, NetworkSpec, Optimizer, OptimizerConfig};
+use backei::{Loss, Network, NetworkSpec, Optimizer, OptimizerConfig, Precision};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use std::time::Instant;
@@ -46,10 +46,20 @@ fn trim_pool(dev: &GpuDevice) {
 }
 
 /// (seconds per step, bytes held per mem_get_info, memory plan bytes, bytes the network allocated)
-fn gpu_step(dev: &std::sync::Arc<GpuDevice>, spec: &NetworkSpec, reps: usize) -> Result<(f64, usize, usize, usize), String> {
+/// `mode`: None for the run's defaults, else (precision, tensor-core GEMMs).
+fn gpu_step(
+    dev: &std::sync::Arc<GpuDevice>,
+    spec: &NetworkSpec,
+    reps: usize,
+    mode: Option<(Precision, bool)>,
+) -> Result<(f64, usize, usize, usize), String> {
     trim_pool(dev);
     let (free0, _) = dev.ctx.mem_get_info().map_err(|e| format!("{e:?}"))?;
     let mut net = GpuNetwork::new(dev, spec, 4150).map_err(|e| e.to_string())?;
+    if let Some((p, tc)) = mode {
+        net.set_precision(p).map_err(|e| e.to_string())?;
+        net.set_feedforward(tc).map_err(|e| e.to_string())?;
+    }
     let mut opt = GpuOptimizer::new(dev, OptimizerConfig::adam(1e-3), net.num_params()).map_err(|e| e.to_string())?;
     let (x, labels) = batch(spec);
     // the first step allocates the buffers and compiles/loads the kernels, the second captures
@@ -93,20 +103,34 @@ fn main() {
     match GpuDevice::open(0) {
         Ok(dev) => {
             println!("GPU: {} ({})", dev.name, dev.kernels.arch());
-            for spec in &nets {
+            // the defaults of every network, then fashion-mnist and cifar10 with the feed-forward
+            // layers on tensor cores in each precision (BACKEI_BENCH_PRECISIONS=none skips those)
+            let tc_modes: Vec<(Precision, bool)> = match std::env::var("BACKEI_BENCH_PRECISIONS").as_deref() {
+                Ok("none") => Vec::new(),
+                Ok(list) => list.split(',').filter_map(|p| p.parse().ok()).map(|p| (p, true)).collect(),
+                Err(_) => Precision::ALL.iter().map(|&p| (p, true)).collect(),
+            };
+            let mut runs: Vec<(NetworkSpec, Option<(Precision, bool)>)> = nets.iter().map(|s| (s.clone(), None)).collect();
+            for s in nets.iter().filter(|s| s.name == "fashion-mnist" || s.name == "cifar10") {
+                runs.extend(tc_modes.iter().map(|&m| (s.clone(), Some(m))));
+            }
+            for (spec, mode) in runs {
                 let mut spec = spec.clone();
                 spec.steps = T;
-                match gpu_step(&dev, &spec, reps) {
+                let label = match mode {
+                    None => spec.name.clone(),
+                    Some((p, _)) => format!("{} tc {p}", spec.name),
+                };
+                match gpu_step(&dev, &spec, reps, mode) {
                     Ok((secs, held, plan, allocated)) => println!(
-                        "  gpu {:<14} {:>9.2} ms/step {:>9.1} samples/s   device memory held {:>6.2} GiB (memory_plan {:.2} GiB, allocated {:.2} GiB)",
-                        spec.name,
+                        "  gpu {label:<22} {:>9.2} ms/step {:>9.1} samples/s   device memory held {:>6.2} GiB (memory_plan {:.2} GiB, allocated {:.2} GiB)",
                         secs * 1e3,
                         B as f64 / secs,
                         gib(held),
                         gib(plan),
                         gib(allocated)
                     ),
-                    Err(e) => println!("  gpu {:<14} failed: {e}", spec.name),
+                    Err(e) => println!("  gpu {label:<22} failed: {e}"),
                 }
             }
         }

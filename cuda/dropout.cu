@@ -58,3 +58,57 @@ extern "C" __global__ void sum_steps_f32(const float* __restrict__ dy, float* __
         dx[i] = acc;
     }
 }
+
+// Dropout then 2×2 average pooling in one pass (the GPU engine fuses a dropout layer into the
+// pooling layer after it; CPU twins: src/cpu/dropout.rs then src/cpu/pool.rs, whose rounding this
+// repeats: each kept element x·scale rounded on its own, then pool.cu's sum and · 0.25):
+//   y[t][m][oy][ox] = (d(2oy, 2ox) + d(2oy, 2ox+1) + d(2oy+1, 2ox) + d(2oy+1, 2ox+1)) · 0.25,
+//   d(iy, ix) = keep(t, i) ? x[t][m][iy][ix] · scale : 0, i = (m·h + iy)·w + ix inside step t's block;
+//   backward dx[t][m][iy][ix] = keep(t, i) ? (dy[t][m][iy/2][ix/2] · 0.25) · scale : 0 (0 on the
+//   rows/columns the floor dropped). `apply` = 0 (evaluation): no mask, plain pooling. As above,
+//   the mask of element i is that of index0 + i (a data-parallel shard's place in the batch).
+// Layout: x [T][B·C][h][w] (planes_per_step = B·C), y [T][B·C][h/2][w/2]; T_in = T only.
+// The dropout's output and the pooling's input gradient are never stored.
+// mul_rn: a product rounded on its own, never fused into an add (the CPU's order of rounding).
+#ifdef BACKEI_EMU
+inline float mul_rn(float a, float b) { return a * b; }
+#else
+__device__ __forceinline__ float mul_rn(float a, float b) { return __fmul_rn(a, b); }
+#endif
+
+extern "C" __global__ void dropout_avgpool2_forward_f32(const float* __restrict__ x, float* __restrict__ y, const u64* __restrict__ keys, int slot, u64 index0, int apply, float p, float scale, long long planes_per_step, int steps, int h, int w) {
+    const int ho = h / 2, wo = w / 2;
+    const u64 key = apply ? keys[slot] : 0;  // (evaluation passes no table)
+    const long long per_step = planes_per_step * ho * wo, total = per_step * steps;
+    for (long long j = blockIdx.x * (long long)blockDim.x + threadIdx.x; j < total; j += (long long)gridDim.x * blockDim.x) {
+        const u32 t = (u32)(j / per_step);
+        const long long r = j - (long long)t * per_step;
+        const int ox = (int)(r % wo), oy = (int)((r / wo) % ho);
+        const long long m = r / ((long long)wo * ho);
+        const long long i0 = (m * h + 2 * oy) * w + 2 * ox;  // inside the step's block
+        const float* xs = x + (long long)t * planes_per_step * h * w;
+        float d[4];
+        const long long at[4] = {i0, i0 + 1, i0 + w, i0 + w + 1};
+        for (int q = 0; q < 4; ++q) d[q] = !apply ? xs[at[q]] : (keep_(key, t, index0 + (u64)at[q], p) ? mul_rn(xs[at[q]], scale) : 0.0f);
+        y[j] = (d[0] + d[1] + d[2] + d[3]) * 0.25f;
+    }
+}
+
+extern "C" __global__ void dropout_avgpool2_backward_f32(const float* __restrict__ dy, float* __restrict__ dx, const u64* __restrict__ keys, int slot, u64 index0, int apply, float p, float scale, long long planes_per_step, int steps, int h, int w) {
+    const int ho = h / 2, wo = w / 2;
+    const u64 key = apply ? keys[slot] : 0;
+    const long long per_step = planes_per_step * h * w, total = per_step * steps;
+    for (long long j = blockIdx.x * (long long)blockDim.x + threadIdx.x; j < total; j += (long long)gridDim.x * blockDim.x) {
+        const u32 t = (u32)(j / per_step);
+        const long long i = j - (long long)t * per_step;
+        const int ix = (int)(i % w), iy = (int)((i / w) % h);
+        const long long m = i / ((long long)w * h);
+        const int oy = iy / 2, ox = ix / 2;
+        float g = 0.0f;
+        if (oy < ho && ox < wo) {
+            g = mul_rn(dy[((long long)t * planes_per_step + m) * ho * wo + (long long)oy * wo + ox], 0.25f);
+            if (apply) g = keep_(key, t, index0 + (u64)i, p) ? mul_rn(g, scale) : 0.0f;
+        }
+        dx[j] = g;
+    }
+}

@@ -247,8 +247,12 @@ impl Engine {
             }
             Engine::Gpu { net, .. } => {
                 net.set_recompute(cfg.recompute)?;
-                net.set_precision(cfg.precision);
-                line.push_str(&format!(" — precision {}", cfg.precision));
+                net.set_precision(cfg.precision)?;
+                let gemms = match net.settings().feedforward {
+                    crate::gpu::gemm_tc::FeedForward::Cublas => "cuBLAS FP32 GEMMs",
+                    crate::gpu::gemm_tc::FeedForward::TensorCore(_) => "tensor-core GEMMs",
+                };
+                line.push_str(&format!(" — precision {} ({gemms})", cfg.precision));
                 if cfg.deterministic {
                     net.set_deterministic(true);
                     line.push_str(" — deterministic: no float atomics in the gradients");

@@ -194,3 +194,53 @@ fn profiled_steps_run_eagerly_between_graph_replays() {
     net.train_step(&b[4].0, 1, &b[4].1, Loss::Mse, &mut o).unwrap();
     assert_eq!(net.graph_status().0, 1, "profiling neither captured nor dropped a graph");
 }
+
+/// max |a − b| over max |b|, and the cosine of the angle between a and b.
+fn rel_and_cosine(a: &[f32], b: &[f32]) -> (f64, f64) {
+    let scale = b.iter().fold(1e-30f64, |m, &x| m.max((x as f64).abs()));
+    let rel = a.iter().zip(b).map(|(&x, &y)| (x as f64 - y as f64).abs()).fold(0.0, f64::max) / scale;
+    let dot: f64 = a.iter().zip(b).map(|(&x, &y)| x as f64 * y as f64).sum();
+    let na: f64 = a.iter().map(|&x| (x as f64).powi(2)).sum::<f64>().sqrt();
+    let nb: f64 = b.iter().map(|&x| (x as f64).powi(2)).sum::<f64>().sqrt();
+    (rel, dot / (na * nb).max(1e-300))
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn every_network_in_every_precision_matches_the_cpu() {
+    use backei::Precision;
+    let d = dev();
+    // (tensor-core GEMMs, precision, largest error of a gradient tensor relative to its largest
+    // element, smallest cosine with the CPU's gradient): the bounds of a whole step through the
+    // spiking layers (smooth firing: differentiable, no spike flips), first set from the op-level
+    // tolerances (docs/gpu.md) — a GPU run confirms or tightens them
+    let modes = [
+        (false, Precision::Fp32, 1e-4, 0.99999),
+        (true, Precision::Fp32, 1e-4, 0.99999),
+        (true, Precision::Tf32, 3e-2, 0.999),
+        (true, Precision::Bf16, 1e-1, 0.99),
+    ];
+    for spec in [NetworkSpec::mnist(), NetworkSpec::fashion_mnist(), NetworkSpec::cifar10(), NetworkSpec::nmnist()] {
+        let mut spec = small(spec);
+        spec.neuron.mode = FiringMode::Smooth { k: 4.0 };
+        let (x, labels) = batches(&spec, 3, 1, 1).remove(0);
+        let mut cpu = Network::<f32>::new(&spec, 4150).unwrap();
+        let mut oc = backei::Optimizer::new(OptimizerConfig::adam(1e-3), cpu.num_params()).unwrap();
+        let sc = cpu.train_step(&x, 1, &labels, Loss::Mse, &mut oc).unwrap();
+        for (tc, p, max_rel, min_cos) in modes {
+            let mut net = GpuNetwork::from_cpu(&d, &Network::<f32>::new(&spec, 4150).unwrap()).unwrap();
+            net.set_precision(p).unwrap();
+            net.set_feedforward(tc).unwrap();
+            let mut o = GpuOptimizer::new(&d, OptimizerConfig::adam(1e-3), net.num_params()).unwrap();
+            let sg = net.train_step(&x, 1, &labels, Loss::Mse, &mut o).unwrap();
+            let what = format!("{} {p} {}", spec.name, if tc { "tensor cores" } else { "cuBLAS" });
+            assert!((sg.loss - sc.loss).abs() <= max_rel * sc.loss.abs(), "{what}: loss {} vs {}", sg.loss, sc.loss);
+            let grads = net.grads_to_host().unwrap();
+            for s in &cpu.slots {
+                let (rel, cos) = rel_and_cosine(&grads[s.range.clone()], &cpu.grads[s.range.clone()]);
+                println!("{what} {}: error {rel:.2e} of the largest element, cosine {cos:.7}", s.name);
+                assert!(rel <= max_rel && cos >= min_cos, "{what} {}: error {rel:.3e}, cosine {cos}", s.name);
+            }
+        }
+    }
+}

@@ -3,11 +3,13 @@
 #   run  command="bash bench/gpu/session.sh [STAGES]"  carry=[".gpu", ".whl"]
 # after `../shared/gpu/pack --data /usr/share/datasets/fashion-mnist` (and, for the reference
 # stage, `bench/reference/fetch_wheels.sh`; for the ffi stage, `bench/gpu/pack_ffi.sh` after pack).
-# STAGES (default all, in this order): tests ffi sanitizer kernels train-bench reference resume
-# train. Every stage has its own time limit and the whole run a deadline ($BUDGET seconds, default
-# 420), so one hung kernel cannot eat the device time.
+# STAGES (default all, in this order): tests ffi sanitizer kernels feedforward train-bench reference
+# resume train. Every stage has its own time limit and the whole run a deadline ($BUDGET seconds,
+# default 420), so one hung kernel cannot eat the device time.
 # Narrowing env: TEST_FILTERS (test names; tests/gpu_step.rs holds the step-graph, pipelining
-# and memory-plan checks of issue 12), KERNEL_FILTER (kernel bench workloads),
+# and memory-plan checks of issue 12, tests/gpu_feedforward.rs its tensor-core GEMMs),
+# KERNEL_FILTER (kernel bench workloads), BACKEI_BENCH_PRECISIONS (train bench tensor-core rows:
+# fp32,tf32,bf16 or none),
 # BACKEI_BENCH_VERSIONS=v2,v3 (kernel bench versions), TRAIN_SECONDS/TRAIN_EPOCHS/TRAIN_ARGS.
 # docs/gpu.md says what each stage checks and what to record.
 # Logs come back in $OUT: gpu.txt, one <stage>.log each, and results.tgz (CSV, metrics).
@@ -18,7 +20,7 @@ out=${OUT:-/tmp/backei-out}
 mkdir -p "$out" /tmp/backei-results
 start=$(date +%s)
 budget=${BUDGET:-420}
-stages=${*:-tests ffi sanitizer kernels train-bench reference resume train}
+stages=${*:-tests ffi sanitizer kernels feedforward train-bench reference resume train}
 
 # the environment .gpu/run.sh sets up: the build path linked to this copy, CUDA's libraries found
 built=$(cat .gpu/built-at)
@@ -71,9 +73,6 @@ for stage in $stages; do
         run memcheck-smoke 40 compute-sanitizer --tool memcheck --error-exitcode 9 .gpu/bin/test-gpu_smoke --ignored --test-threads=1
         run memcheck-layer 80 compute-sanitizer --tool memcheck --error-exitcode 9 .gpu/bin/test-gpu_backei_layer --ignored --test-threads=1 plain_layer
         run racecheck-layer 80 compute-sanitizer --tool racecheck --error-exitcode 9 .gpu/bin/test-gpu_backei_layer --ignored --test-threads=1 odd_shapes
-        # the tensor-core wrappers and kernels (v4 runs in odd_shapes beside v1–v3)
-        run memcheck-mma 40 compute-sanitizer --tool memcheck --error-exitcode 9 .gpu/bin/test-gpu_mma --ignored --test-threads=1
-        run memcheck-layer-versions 80 compute-sanitizer --tool memcheck --error-exitcode 9 .gpu/bin/test-gpu_backei_layer --ignored --test-threads=1 odd_shapes
         run memcheck-ops 80 compute-sanitizer --tool memcheck --error-exitcode 9 .gpu/bin/test-gpu_network --ignored --test-threads=1 conv_ linear_ pool_ dropout_ readout_ fused_adam
         # the training step as one CUDA graph (issue 12): capture, replay, the pipelined read-back
         run memcheck-step 80 compute-sanitizer --tool memcheck --error-exitcode 9 .gpu/bin/test-gpu_step --ignored --test-threads=1 graph_replay pipelined
@@ -84,15 +83,20 @@ for stage in $stages; do
     kernels)
       export BACKEI_BENCH_CSV=/tmp/backei-results/kernels.csv
       run bench-kernels 120 .gpu/bin/bench-kernels ${KERNEL_FILTER:-} ;;
+    feedforward)
+      # issue 12: the feed-forward layers' tensor-core GEMMs (racecheck: their shared-memory
+      # staging), then cuBLAS against them per precision and layer (validated before timed)
+      if command -v compute-sanitizer >/dev/null; then
+        run racecheck-gemm 80 compute-sanitizer --tool racecheck --error-exitcode 9 .gpu/bin/test-gpu_feedforward --ignored --test-threads=1 linear_layers
+      fi
+      run bench-feedforward 120 .gpu/bin/bench-feedforward ;;
     train-bench)
       run bench-train 90 .gpu/bin/bench-train
       # the same steps launched one by one: what one CUDA graph per step saves
       run bench-train-eager 90 env BACKEI_CUDA_GRAPHS=0 .gpu/bin/bench-train
       # the v2 and v3 kernels (verified on the CPU emulator in CI, never timed on a GPU before)
       run bench-train-v2 90 env BACKEI_BACKEI_KERNEL=v2 .gpu/bin/bench-train
-      run bench-train-v3 90 env BACKEI_BACKEI_KERNEL=v3 .gpu/bin/bench-train
-      # the tensor-core kernels (fp32 mode: split fp16 products)
-      run bench-train-v4 90 env BACKEI_BACKEI_KERNEL=v4 .gpu/bin/bench-train ;;
+      run bench-train-v3 90 env BACKEI_BACKEI_KERNEL=v3 .gpu/bin/bench-train ;;
     reference)
       run reference 150 env BACKEI_CSV=/tmp/backei-results/kernels.csv OUT=/tmp/backei-results bash bench/reference/gpu_run.sh ;;
     train)

@@ -7,8 +7,12 @@
 //!   backward: col = im2col(x);  dyT[cout×N] = transpose(dy);  dW += dyT·colᵀ;  db += Σ dy;
 //!             col ← Wᵀ·dyT (the same buffer);  dx = col2im(col)
 //! The workspace (col + yT) is shared by every conv layer of a network, sized once.
+//!
+//! `forward_with` / `backward_with` take the path a run chose (`gemm_tc::FeedForward`): these
+//! cuBLAS functions, or the tensor-core implicit GEMMs of `cuda/gemm_tc.cu` (no column buffer).
 
 use super::device::GpuDevice;
+use super::gemm_tc::{self, addr, FeedForward, FeedForwardWs};
 use super::util::{check_len, cuda_err, grid, sgemm_rm, GemmShape};
 use crate::cpu::conv::ConvGeom;
 use crate::error::Result;
@@ -226,6 +230,63 @@ pub fn backward(
             }
             .map_err(cuda_err("col2im_f32"))?;
         }
+    }
+    Ok(())
+}
+
+/// `forward` on the path of `ff`: cuBLAS, or the tensor-core implicit GEMM (`x_exact`: the input
+/// is spikes or averages of spikes, exact in fp16: one product fewer in fp32 mode).
+#[allow(clippy::too_many_arguments)]
+pub fn forward_with(
+    dev: &GpuDevice,
+    ff: &mut FeedForwardWs,
+    g: &ConvGeom,
+    samples: usize,
+    w: &CudaView<f32>,
+    b: &CudaView<f32>,
+    x: &CudaView<f32>,
+    y: &mut CudaViewMut<f32>,
+    x_exact: bool,
+) -> Result<()> {
+    let FeedForward::TensorCore(p) = ff.mode else { return forward(dev, &mut ff.conv, g, samples, w, b, x, y) };
+    check_len("conv weight", w.len(), g.weight_len())?;
+    check_len("conv bias", b.len(), g.cout)?;
+    check_len("conv input", x.len(), samples * g.in_len())?;
+    check_len("conv output", y.len(), samples * g.out_len())?;
+    let (wa, xa) = (addr(dev, w), addr(dev, x));
+    let d = gemm_tc::conv_forward(g, samples, wa, addr(dev, b), xa, addr(dev, y), x_exact);
+    gemm_tc::run(dev, &mut ff.tc, d, p, [(wa, w.len()), (xa, x.len())], &ff.limits)
+}
+
+/// `backward` on the path of `ff` (see `forward_with`): dW += Σ dy ⋆ x and db += Σ dy in one
+/// GEMM (the bias gradient is its column of ones), dx = Wᵀ ⊛ dy in another.
+#[allow(clippy::too_many_arguments)]
+pub fn backward_with(
+    dev: &GpuDevice,
+    ff: &mut FeedForwardWs,
+    g: &ConvGeom,
+    samples: usize,
+    w: &CudaView<f32>,
+    x: &CudaView<f32>,
+    dy: &CudaView<f32>,
+    dw: &mut CudaViewMut<f32>,
+    db: &mut CudaViewMut<f32>,
+    dx: Option<&mut CudaViewMut<f32>>,
+    x_exact: bool,
+) -> Result<()> {
+    let FeedForward::TensorCore(p) = ff.mode else { return backward(dev, &mut ff.conv, g, samples, w, x, dy, dw, db, dx) };
+    check_len("conv weight", w.len(), g.weight_len())?;
+    check_len("conv weight gradient", dw.len(), g.weight_len())?;
+    check_len("conv bias gradient", db.len(), g.cout)?;
+    check_len("conv input", x.len(), samples * g.in_len())?;
+    check_len("conv output gradient", dy.len(), samples * g.out_len())?;
+    let (wa, xa, dya) = (addr(dev, w), addr(dev, x), addr(dev, dy));
+    let d = gemm_tc::conv_weight_grad(g, samples, dya, xa, addr(dev, dw), addr(dev, db), x_exact);
+    gemm_tc::run(dev, &mut ff.tc, d, p, [(dya, dy.len()), (xa, x.len())], &ff.limits)?;
+    if let Some(dx) = dx {
+        check_len("conv input gradient", dx.len(), samples * g.in_len())?;
+        let d = gemm_tc::conv_backward_data(g, samples, wa, dya, addr(dev, &*dx));
+        gemm_tc::run(dev, &mut ff.tc, d, p, [(wa, w.len()), (dya, dy.len())], &ff.limits)?;
     }
     Ok(())
 }

@@ -147,3 +147,85 @@ fn slot_index(keys: &CudaSlice<u64>, slot: usize) -> Result<i32> {
     }
     Ok(slot as i32)
 }
+
+/// Dropout followed by 2×2 average pooling in one pass (`dropout_avgpool2_forward_f32`): y
+/// [steps][planes][h/2][w/2] from x [steps][planes][h][w] (planes = B·C per step), bit for bit
+/// what `forward` then `pool::forward` give; the dropout's output is never stored.
+#[allow(clippy::too_many_arguments)]
+pub fn forward_pooled(
+    dev: &GpuDevice,
+    mask: Mask,
+    p: f32,
+    planes: usize,
+    steps: usize,
+    h: usize,
+    w: usize,
+    x: &CudaView<f32>,
+    y: &mut CudaViewMut<f32>,
+) -> Result<()> {
+    check_len("dropout+pool input", x.len(), steps * planes * h * w)?;
+    check_len("dropout+pool output", y.len(), steps * planes * (h / 2) * (w / 2))?;
+    pooled(dev, "dropout_avgpool2_forward_f32", mask, p, planes, steps, h, w, x, y, y.len())
+}
+
+/// The gradient of `forward_pooled`: dx [steps][planes][h][w] from dy [steps][planes][h/2][w/2].
+#[allow(clippy::too_many_arguments)]
+pub fn backward_pooled(
+    dev: &GpuDevice,
+    mask: Mask,
+    p: f32,
+    planes: usize,
+    steps: usize,
+    h: usize,
+    w: usize,
+    dy: &CudaView<f32>,
+    dx: &mut CudaViewMut<f32>,
+) -> Result<()> {
+    check_len("dropout+pool output gradient", dy.len(), steps * planes * (h / 2) * (w / 2))?;
+    check_len("dropout+pool input gradient", dx.len(), steps * planes * h * w)?;
+    pooled(dev, "dropout_avgpool2_backward_f32", mask, p, planes, steps, h, w, dy, dx, dx.len())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn pooled(
+    dev: &GpuDevice,
+    kernel: &'static str,
+    mask: Mask,
+    p: f32,
+    planes: usize,
+    steps: usize,
+    h: usize,
+    w: usize,
+    src: &CudaView<f32>,
+    dst: &mut CudaViewMut<f32>,
+    threads: usize,
+) -> Result<()> {
+    use cudarc::driver::DevicePtr;
+    let f = dev.kernels.function("dropout", kernel)?;
+    let (keys, slot, index0, apply) = match mask {
+        Mask::Key { keys, slot, index0 } => (keys.device_ptr(&dev.stream).0, slot_index(keys, slot)?, index0, 1i32),
+        // evaluation: no mask, and the kernel reads no key
+        Mask::Off => (0u64, 0, 0u64, 0),
+    };
+    let (sc, pl, st, hh, ww) = (scale(p), planes as i64, steps as i32, h as i32, w as i32);
+    // SAFETY: lengths checked by the callers, the key slot above.
+    unsafe {
+        dev.stream
+            .launch_builder(&f)
+            .arg(src)
+            .arg(&mut *dst)
+            .arg(&keys)
+            .arg(&slot)
+            .arg(&index0)
+            .arg(&apply)
+            .arg(&p)
+            .arg(&sc)
+            .arg(&pl)
+            .arg(&st)
+            .arg(&hh)
+            .arg(&ww)
+            .launch(grid(threads))
+    }
+    .map_err(cuda_err(kernel))?;
+    Ok(())
+}

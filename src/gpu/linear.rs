@@ -1,9 +1,11 @@
 //! Linear layer on the GPU through cuBLAS: y[rows×out] = x[rows×in]·Wᵀ + b over all T×B rows at
 //! once, W [out][in] (PyTorch's layout). Twin of `src/cpu/linear.rs`; the bias kernels live in
-//! `cuda/conv.cu` (bias_fill_f32, bias_grad_f32 with P = 1).
+//! `cuda/conv.cu` (bias_fill_f32, bias_grad_f32 with P = 1). `forward_with` / `backward_with`
+//! take the path a run chose: these, or the tensor-core GEMMs of `cuda/gemm_tc.cu`.
 
 use super::conv::bias_grad;
 use super::device::GpuDevice;
+use super::gemm_tc::{self, addr, FeedForward, FeedForwardWs};
 use super::util::{check_len, cuda_err, grid, sgemm_rm, GemmShape};
 use crate::error::Result;
 use cudarc::driver::{CudaView, CudaViewMut, PushKernelArg};
@@ -64,6 +66,63 @@ pub fn backward(
     if let Some(dx) = dx {
         check_len("linear input gradient", dx.len(), rows * n_in)?;
         sgemm_rm(dev, &dgrad, 1.0, dy, w, 0.0, dx)?;
+    }
+    Ok(())
+}
+
+/// `forward` on the path of `ff` (`x_exact`: the input is spikes, exact in fp16).
+#[allow(clippy::too_many_arguments)]
+pub fn forward_with(
+    dev: &GpuDevice,
+    ff: &mut FeedForwardWs,
+    n_in: usize,
+    n_out: usize,
+    rows: usize,
+    w: &CudaView<f32>,
+    b: &CudaView<f32>,
+    x: &CudaView<f32>,
+    y: &mut CudaViewMut<f32>,
+    x_exact: bool,
+) -> Result<()> {
+    let FeedForward::TensorCore(p) = ff.mode else { return forward(dev, n_in, n_out, rows, w, b, x, y) };
+    check_len("linear weight", w.len(), n_in * n_out)?;
+    check_len("linear bias", b.len(), n_out)?;
+    check_len("linear input", x.len(), rows * n_in)?;
+    check_len("linear output", y.len(), rows * n_out)?;
+    let (wa, xa) = (addr(dev, w), addr(dev, x));
+    let d = gemm_tc::linear_forward(n_in, n_out, rows, xa, wa, addr(dev, b), addr(dev, y), x_exact);
+    gemm_tc::run(dev, &mut ff.tc, d, p, [(xa, x.len()), (wa, w.len())], &ff.limits)
+}
+
+/// `backward` on the path of `ff`: dW += dyᵀ·x and db += Σ dy in one GEMM (the bias gradient is
+/// its column of ones), dx = dy·W in another.
+#[allow(clippy::too_many_arguments)]
+pub fn backward_with(
+    dev: &GpuDevice,
+    ff: &mut FeedForwardWs,
+    n_in: usize,
+    n_out: usize,
+    rows: usize,
+    w: &CudaView<f32>,
+    x: &CudaView<f32>,
+    dy: &CudaView<f32>,
+    dw: &mut CudaViewMut<f32>,
+    db: &mut CudaViewMut<f32>,
+    dx: Option<&mut CudaViewMut<f32>>,
+    x_exact: bool,
+) -> Result<()> {
+    let FeedForward::TensorCore(p) = ff.mode else { return backward(dev, n_in, n_out, rows, w, x, dy, dw, db, dx) };
+    check_len("linear weight gradient", dw.len(), n_in * n_out)?;
+    check_len("linear bias gradient", db.len(), n_out)?;
+    check_len("linear input", x.len(), rows * n_in)?;
+    check_len("linear output gradient", dy.len(), rows * n_out)?;
+    let (wa, xa, dya) = (addr(dev, w), addr(dev, x), addr(dev, dy));
+    let d = gemm_tc::linear_weight_grad(n_in, n_out, rows, dya, xa, addr(dev, dw), addr(dev, db), x_exact);
+    gemm_tc::run(dev, &mut ff.tc, d, p, [(dya, dy.len()), (xa, x.len())], &ff.limits)?;
+    if let Some(dx) = dx {
+        check_len("linear input gradient", dx.len(), rows * n_in)?;
+        let d = gemm_tc::linear_backward_data(n_in, n_out, rows, dya, wa, addr(dev, &*dx));
+        gemm_tc::run(dev, &mut ff.tc, d, p, [(dya, dy.len()), (wa, w.len())], &ff.limits)?;
     }
     Ok(())
 }

@@ -12,10 +12,11 @@
 //! - each BackEI layer's buffers are its own launch plan's `BufferSizes` (the plan its
 //!   `GpuBackEiLayer::prepare` allocates from), never a second formula.
 
-use super::backei_layer::{plan_layer, DeviceLimits, KernelVersion, LaunchPlan};
+use super::backei_layer::{plan_deterministic, plan_version, DeviceLimits, KernelVersion, LaunchPlan};
 use super::conv::{ConvPlan, DEFAULT_WORKSPACE_BYTES};
 use super::device::CUBLAS_WORKSPACE_BYTES;
 use super::dropout::DropoutKeys;
+use super::gemm_tc::{self, FeedForward};
 use super::loss::LossBuffers;
 use super::optim::GpuOptimizer;
 use crate::cpu::conv::ConvGeom;
@@ -36,13 +37,29 @@ pub struct StepSettings {
     pub version: KernelVersion,
     /// The device the plans are made for.
     pub limits: DeviceLimits,
+    /// The feed-forward layers' GEMMs: cuBLAS or tensor cores (follows `precision` and
+    /// `BACKEI_FEEDFORWARD`; see `with_precision`).
+    pub feedforward: FeedForward,
 }
 
 impl StepSettings {
     /// The defaults (fp32, no recompute, not deterministic, the kernels `$BACKEI_BACKEI_KERNEL`
     /// names) on a device with `limits`.
     pub fn new(limits: DeviceLimits) -> Result<Self> {
-        Ok(StepSettings { precision: Precision::Fp32, recompute: None, deterministic: false, version: KernelVersion::from_env()?, limits })
+        StepSettings {
+            precision: Precision::Fp32,
+            recompute: None,
+            deterministic: false,
+            version: KernelVersion::from_env()?,
+            limits,
+            feedforward: FeedForward::Cublas,
+        }
+        .with_precision(Precision::Fp32)
+    }
+
+    /// These settings in `precision`, with the feed-forward path it takes (`FeedForward::from_env`).
+    pub fn with_precision(self, precision: Precision) -> Result<Self> {
+        Ok(StepSettings { precision, feedforward: FeedForward::from_env(precision)?, ..self })
     }
 
     /// Settings for sizing the CPU engine's state with the GPU's plan (the same tensors): fp32,
@@ -54,6 +71,7 @@ impl StepSettings {
             deterministic: false,
             version: KernelVersion::V1,
             limits: DeviceLimits::H100,
+            feedforward: FeedForward::Cublas,
         }
     }
 
@@ -100,7 +118,11 @@ pub fn spike_feedback(spec: &NetworkSpec, l: &LayerSpec) -> FeedbackConfig {
 /// The launch plan a spiking layer of `shape` runs at a batch shape under `settings`: the plan
 /// `GpuBackEiLayer::prepare` makes (and allocates its buffers from).
 pub fn spiking_plan(shape: [usize; 3], fb: &FeedbackConfig, batch: usize, steps: usize, s: &StepSettings) -> Result<LaunchPlan> {
-    plan_layer(shape, fb, batch, steps, &s.limits, s.version, s.precision, s.deterministic)
+    if s.deterministic {
+        plan_deterministic(shape, fb, batch, steps, &s.limits, s.version)
+    } else {
+        plan_version(shape, fb, batch, steps, &s.limits, s.version)
+    }
 }
 
 /// Where one buffer of the step lives (lengths in f32 values).
@@ -139,6 +161,9 @@ pub struct LayerBuffers {
     pub grad_in: Place,
     /// A spiking layer's launch plan (its buffers are `plan.buffers`).
     pub spiking: Option<LaunchPlan>,
+    /// A dropout layer run fused into the pooling layer after it ([`fuses_into_pool`]): it has no
+    /// output, and that pooling layer writes this layer's input gradient.
+    pub fused: bool,
 }
 
 /// Every buffer of a training step at one batch shape.
@@ -163,6 +188,15 @@ pub struct BufferPlan {
     pub conv_t: usize,
     /// Dropout layers (one key each).
     pub dropouts: usize,
+    /// The tensor-core GEMMs' split-K partial sums (f32 values; 0 on the cuBLAS path).
+    pub tc_partial: usize,
+}
+
+/// Whether layer `i` is a dropout layer that runs fused into the 2×2 pooling right after it
+/// (`dropout::forward_pooled`: its output is never stored, nor the pooling's input gradient).
+/// Its input must have all T steps (a T_in = 1 input would be broadcast first).
+pub fn fuses_into_pool(plan: &[LayerPlan], ts: &[(usize, usize)], i: usize) -> bool {
+    matches!(plan[i].spec, LayerSpec::Dropout { .. }) && plan.get(i + 1).is_some_and(|l| l.spec == LayerSpec::AvgPool) && ts[i].0 == ts[i].1
 }
 
 /// Whether layer `i`'s backward reads its input (the output of the layer before it).
@@ -234,9 +268,11 @@ pub fn buffer_plan(spec: &NetworkSpec, batch: usize, steps: usize, t_in: usize, 
         match lp.spec {
             LayerSpec::Conv { out_channels, kernel, padding } => {
                 let g = ConvGeom::new(c, out_channels, h, w, kernel, padding);
-                let cp = ConvPlan::new(&g, ti * batch, DEFAULT_WORKSPACE_BYTES);
-                conv_col = conv_col.max(cp.col_floats);
-                conv_t = conv_t.max(cp.t_floats);
+                if settings.feedforward == FeedForward::Cublas {
+                    let cp = ConvPlan::new(&g, ti * batch, DEFAULT_WORKSPACE_BYTES);
+                    conv_col = conv_col.max(cp.col_floats);
+                    conv_t = conv_t.max(cp.t_floats);
+                }
                 params += g.weight_len() + out_channels;
             }
             LayerSpec::Linear { out_features } => params += c * out_features + out_features,
@@ -248,9 +284,15 @@ pub fn buffer_plan(spec: &NetworkSpec, batch: usize, steps: usize, t_in: usize, 
             }
             _ => {}
         }
+        let fused = fuses_into_pool(&plan, &ts, i);
         let output = match lp.spec {
             LayerSpec::Flatten | LayerSpec::BackEi | LayerSpec::Spiking => Place::None,
-            _ => match (i + 1..n).find(|&j| plan[j].spec != LayerSpec::Flatten) {
+            _ if fused => Place::None,
+            // (a fused dropout's input is read by the pooling after it)
+            _ => match (i + 1..n)
+                .find(|&j| plan[j].spec != LayerSpec::Flatten)
+                .map(|j| if fuses_into_pool(&plan, &ts, j) { j + 1 } else { j })
+            {
                 Some(j) if !backward_reads_input(&plan[j].spec) => {
                     // slot 0, unless the last output put in a slot is still to be read: by this
                     // very layer (pooling after dropout after pooling …)
@@ -265,7 +307,7 @@ pub fn buffer_plan(spec: &NetworkSpec, batch: usize, steps: usize, t_in: usize, 
                 _ => Place::Own(out_len),
             },
         };
-        layers.push(LayerBuffers { t_in: ti, t_out: to, output, grad_in: Place::None, spiking });
+        layers.push(LayerBuffers { t_in: ti, t_out: to, output, grad_in: Place::None, spiking, fused });
     }
     // the gradients, in the order the backward writes them: the readout's, then the layers' from
     // the last to the first; a layer passes one on when a layer before it has parameters, and a
@@ -284,12 +326,45 @@ pub fn buffer_plan(spec: &NetworkSpec, batch: usize, steps: usize, t_in: usize, 
         let lp = &plan[i];
         let param_before = plan[..i].iter().any(has_params);
         let is_spike = matches!(lp.spec, LayerSpec::BackEi | LayerSpec::Spiking);
-        if lp.spec != LayerSpec::Flatten && (param_before || is_spike) {
+        // a pooling layer after a fused dropout writes the dropout's input gradient (below)
+        let pool_of_fused = i > 0 && layers[i - 1].fused;
+        if lp.spec != LayerSpec::Flatten && !pool_of_fused && (param_before || is_spike) {
             let slot = written % 2;
             written += 1;
             let len = layers[i].t_in * batch * lp.input.iter().product::<usize>();
             grad_slots[slot] = grad_slots[slot].max(len);
             layers[i].grad_in = Place::Slot { slot, len };
+            if layers[i].fused {
+                layers[i + 1].grad_in = layers[i].grad_in;
+            }
+        }
+    }
+    // the tensor-core GEMMs' split-K partial sums: the largest any GEMM of the step asks for, from
+    // the GEMMs' own descriptors (the data gradients only where a gradient flows further up)
+    let mut tc_partial = 0usize;
+    if let FeedForward::TensorCore(_) = settings.feedforward {
+        for (lp, lb) in plan.iter().zip(&layers) {
+            let [c, h, w] = lp.input;
+            let rows = lb.t_in * batch;
+            let descs = match lp.spec {
+                LayerSpec::Conv { out_channels, kernel, padding } => {
+                    let g = ConvGeom::new(c, out_channels, h, w, kernel, padding);
+                    vec![
+                        Some(gemm_tc::conv_forward(&g, rows, 0, 0, 0, 0, false)),
+                        Some(gemm_tc::conv_weight_grad(&g, rows, 0, 0, 0, 0, false)),
+                        (!lb.grad_in.is_empty()).then(|| gemm_tc::conv_backward_data(&g, rows, 0, 0, 0)),
+                    ]
+                }
+                LayerSpec::Linear { out_features } => vec![
+                    Some(gemm_tc::linear_forward(c, out_features, rows, 0, 0, 0, 0, false)),
+                    Some(gemm_tc::linear_weight_grad(c, out_features, rows, 0, 0, 0, 0, false)),
+                    (!lb.grad_in.is_empty()).then(|| gemm_tc::linear_backward_data(c, out_features, rows, 0, 0, 0)),
+                ],
+                _ => Vec::new(),
+            };
+            for d in descs.into_iter().flatten() {
+                tc_partial = tc_partial.max(gemm_tc::partial_of(&d, &settings.limits));
+            }
         }
     }
     Ok(BufferPlan {
@@ -299,6 +374,7 @@ pub fn buffer_plan(spec: &NetworkSpec, batch: usize, steps: usize, t_in: usize, 
         classes,
         params,
         layers,
+        tc_partial,
         input: t_in * batch * spec.input.iter().product::<usize>(),
         upstream,
         out_slots,
@@ -332,8 +408,9 @@ pub struct MemoryPlan {
     pub spiking: usize,
     /// The two gradient slots.
     pub gradients: usize,
-    /// The conv workspace, cuBLAS's workspace, the readout, the loss buffers (with the step's
-    /// status words), the dropout keys and a counter.
+    /// The conv workspace (cuBLAS path) or the tensor-core GEMMs' split-K sums and scales,
+    /// cuBLAS's workspace, the readout, the loss buffers (with the step's status words), the
+    /// dropout keys and a counter.
     pub workspaces: usize,
 }
 
@@ -380,6 +457,7 @@ impl BufferPlan {
             spiking: self.layers.iter().filter_map(|l| l.spiking.as_ref()).map(|s| s.buffers.total_bytes()).sum(),
             gradients: f * self.grad_slots.iter().sum::<usize>(),
             workspaces: f * (self.conv_col + self.conv_t + self.batch * self.classes)
+                + gemm_tc::workspace_bytes(self.tc_partial)
                 + CUBLAS_WORKSPACE_BYTES
                 + LossBuffers::device_bytes(self.batch, self.classes)
                 + DropoutKeys::device_bytes(self.dropouts)
@@ -424,7 +502,6 @@ pub fn batch_that_fits(
 mod tests {
     use super::*;
     use crate::cpu::network::Network;
-    use crate::gpu::backei_layer::{plan_deterministic, plan_version};
     use crate::spec::NeuronConfig;
 
     const GB40: usize = 40_000_000_000;
@@ -533,7 +610,8 @@ mod tests {
         let bp = buffer_plan(spec, 3, spec.steps, t_in, &h100()).unwrap();
         let plan = spec.plan().unwrap();
         let n = plan.len();
-        let next = |i: usize| (i + 1..n).find(|&j| plan[j].spec != LayerSpec::Flatten);
+        // the layer that reads layer i's output: the next one, or the pooling after a fused dropout
+        let next = |i: usize| (i + 1..n).find(|&j| plan[j].spec != LayerSpec::Flatten).map(|j| if bp.layers[j].fused { j + 1 } else { j });
         for i in 0..n {
             let lb = &bp.layers[i];
             if let Place::Slot { slot, len } = lb.output {
@@ -560,7 +638,8 @@ mod tests {
             _ => false,
         });
         for i in (first.unwrap_or(n)..n).rev() {
-            if plan[i].spec == LayerSpec::Flatten {
+            // (a fused dropout's input gradient is written by the pooling after it)
+            if plan[i].spec == LayerSpec::Flatten || bp.layers[i].fused {
                 continue;
             }
             let dx = bp.layers[i].grad_in;
@@ -581,17 +660,42 @@ mod tests {
                 check_slots(&spec, t_in);
             }
         }
-        // the chain really puts two outputs in the forward slots at once
+        // dropout fused into the pooling after it: the pooled maps go to the forward slots, two
+        // at once where a fused pair feeds another
         let bp = buffer_plan(&chained(), 3, 5, 1, &h100()).unwrap();
-        let slots: Vec<usize> = bp.layers.iter().filter_map(|l| slot_of(l.output)).collect();
-        assert_eq!(slots, vec![0, 1, 0, 1], "dropout, pool, dropout, pool (the dropout after flatten feeds a linear layer)");
-        // cifar10's three dropouts each feed a pooling layer and are read before the next one is
-        // written: one slot
-        let cifar = buffer_plan(&NetworkSpec::cifar10(), 3, 5, 1, &h100()).unwrap();
-        assert_eq!(cifar.layers.iter().filter_map(|l| slot_of(l.output)).collect::<Vec<_>>(), vec![0, 0, 0]);
-        assert_eq!(cifar.out_slots[1], 0);
-        assert!(matches!(bp.layers[5].output, Place::Slot { .. }));
+        let fused: Vec<usize> = (0..bp.layers.len()).filter(|&i| bp.layers[i].fused).collect();
+        assert_eq!(fused, vec![2, 4], "the dropouts before pooling (the one after flatten feeds a linear layer)");
+        let slots: Vec<(usize, usize)> = bp.layers.iter().enumerate().filter_map(|(i, l)| slot_of(l.output).map(|s| (i, s))).collect();
+        assert_eq!(slots, vec![(3, 0), (5, 1)]);
         assert!(matches!(bp.layers[7].output, Place::Own(_)));
+        // a fused pair's pooling writes the dropout's input gradient; neither has another
+        assert_eq!(bp.layers[3].grad_in, bp.layers[2].grad_in);
+        assert!(bp.layers[2].output.is_empty());
+        // a dropout of a one-frame input (direct encoding) is not fused: conv → dropout → pool
+        // puts two outputs in the slots
+        let unfusable = NetworkSpec {
+            name: "unfusable".into(),
+            input: [2, 12, 12],
+            layers: vec![
+                LayerSpec::Conv { out_channels: 4, kernel: 3, padding: 1 },
+                LayerSpec::Dropout { p: 0.5 },
+                LayerSpec::AvgPool,
+                LayerSpec::Conv { out_channels: 5, kernel: 3, padding: 1 },
+                LayerSpec::BackEi,
+                LayerSpec::Flatten,
+                LayerSpec::Linear { out_features: 10 },
+                LayerSpec::Spiking,
+            ],
+            feedback: FeedbackConfig { back: true, ei: true, radius: 1, delay: 1 },
+            neuron: NeuronConfig::default(),
+            steps: 3,
+        };
+        check_slots(&unfusable, 1);
+        check_slots(&unfusable, 3);
+        let direct = buffer_plan(&unfusable, 2, 3, 1, &h100()).unwrap();
+        assert!(!direct.layers[1].fused);
+        assert_eq!(direct.layers.iter().filter_map(|l| slot_of(l.output)).collect::<Vec<_>>(), vec![0, 1]);
+        assert!(buffer_plan(&unfusable, 2, 3, 3, &h100()).unwrap().layers[1].fused);
     }
 
     fn slot_of(p: Place) -> Option<usize> {
@@ -602,22 +706,28 @@ mod tests {
     }
 
     #[test]
-    fn cifar10_dropout_outputs_share_one_slot_and_gradients_two() {
+    fn cifar10_dropouts_are_fused_into_pooling_and_gradients_take_two_slots() {
         let spec = NetworkSpec::cifar10();
         let bp = buffer_plan(&spec, 100, 20, 1, &h100()).unwrap();
         let m = bp.memory();
         println!("{m}");
-        // the three dropouts before pooling: their outputs live in one forward slot, sized for the
-        // largest (after the first BackEI layer, 128×32×32)
+        // the three dropouts before pooling run fused into it: no dropout output anywhere
+        assert_eq!(bp.layers.iter().filter(|l| l.fused).count(), 3);
+        assert_eq!(bp.out_slots, [0, 0]);
+        // the gradients: two slots, the larger the first dropout's ∂L/∂input (128×32×32)
         let first = 20 * 100 * 128 * 32 * 32;
-        assert_eq!(bp.out_slots, [first, 0]);
-        // the gradients: two slots, the larger the dropout's ∂L/∂input of the same size
         assert_eq!(bp.grad_slots.iter().max().copied(), Some(first));
         assert_eq!(m.gradients, 4 * bp.grad_slots.iter().sum::<usize>());
-        assert!(m.gradients <= 2 * 4 * first);
+        assert!(m.gradients < 2 * 4 * first);
         // the first BackEI layer alone keeps s, v, g, z over 20×100×128×32×32 neurons
         assert!(m.spiking >= 4 * 4 * first, "{m}");
         assert!(m.total() < GB40, "{m}");
+        // the tensor cores need no column buffer
+        let tc = buffer_plan(&spec, 100, 20, 1, &StepSettings { feedforward: FeedForward::TensorCore(Precision::Bf16), ..h100() })
+            .unwrap()
+            .memory();
+        println!("tensor cores: {tc}");
+        assert!(tc.workspaces < m.workspaces, "{tc} vs {m}");
     }
 
     #[test]

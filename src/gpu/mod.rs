@@ -7,6 +7,7 @@ pub mod backei_v4;
 pub mod conv;
 pub mod device;
 pub mod dropout;
+pub mod gemm_tc;
 pub mod graph;
 pub mod kernels;
 pub mod linear;

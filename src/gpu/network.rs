@@ -24,9 +24,10 @@
 //! error too) until parameters are loaded (`load_params`).
 
 use super::backei_layer::{BackEiSlots, GpuBackEiLayer};
-use super::conv::{self, ConvWorkspace, DEFAULT_WORKSPACE_BYTES};
+use super::conv;
 use super::device::GpuDevice;
 use super::dropout::{DropoutKeys, Mask};
+use super::gemm_tc::{input_exact_in_fp16, FeedForward, FeedForwardWs};
 use super::graph::{Action, GraphBook, StepKey};
 use super::loss::{self as gloss, LossBuffers, STATUS_GRADS, STATUS_LOSS, STATUS_PARAMS, STATUS_WORDS};
 use super::memory::{batch_that_fits, buffer_plan, layer_steps, spike_feedback, BufferPlan, Place, StepSettings};
@@ -48,27 +49,35 @@ use std::sync::Arc;
 pub use super::memory::{memory_plan, MemoryPlan};
 
 enum Op {
+    /// `x_exact`: the input is spikes or their averages, exact in fp16 (one product fewer in
+    /// the tensor cores' fp32 mode).
     Conv {
         geom: ConvGeom,
         w: Range<usize>,
         b: Range<usize>,
+        x_exact: bool,
     },
     Linear {
         n_in: usize,
         n_out: usize,
         w: Range<usize>,
         b: Range<usize>,
+        x_exact: bool,
     },
+    /// `dropout`: the (p, key slot) of a dropout layer before it that runs fused into this one.
     Pool {
         c: usize,
         h: usize,
         w: usize,
+        dropout: Option<(f32, usize)>,
     },
-    /// `key_slot`: where this layer's key sits in the network's `DropoutKeys`.
+    /// `key_slot`: where this layer's key sits in the network's `DropoutKeys`; `fused`: it runs
+    /// inside the pooling layer after it (`memory::fuses_into_pool`).
     Dropout {
         p: f32,
         index: u32,
         key_slot: usize,
+        fused: bool,
     },
     Flatten,
     Spike {
@@ -134,7 +143,8 @@ pub struct GpuNetwork {
     grad_slots: [Option<CudaSlice<f32>>; 2],
     loss: Option<LossBuffers>,
     keys: DropoutKeys,
-    conv_ws: ConvWorkspace,
+    /// The convolutions' and linear layers' GEMMs: the path and its workspace.
+    ff: FeedForwardWs,
     counter: CudaSlice<u32>,
     /// (B, T_in) the buffers are sized for.
     shape: (usize, usize),
@@ -162,7 +172,8 @@ fn op_label(i: usize, op: &Op) -> String {
     let kind = match op {
         Op::Conv { .. } => "conv".to_string(),
         Op::Linear { .. } => "linear".to_string(),
-        Op::Pool { .. } => "pool".to_string(),
+        Op::Pool { dropout: None, .. } => "pool".to_string(),
+        Op::Pool { dropout: Some(_), .. } => "dropout+pool".to_string(),
         Op::Dropout { .. } => "dropout".to_string(),
         Op::Flatten => "flatten".to_string(),
         Op::Spike { layer, .. } => {
@@ -215,7 +226,7 @@ fn source<'a>(
     for l in before.iter().rev() {
         let len = l.t_out * batch * l.out_len;
         let buf = match (&l.op, l.out_place) {
-            (Op::Flatten, _) => continue,
+            (Op::Flatten, _) | (Op::Dropout { fused: true, .. }, _) => continue,
             (Op::Spike { layer, .. }, _) => layer.output()?,
             (_, Place::Own(_)) => l.out.as_ref().ok_or_else(|| missing("a layer output"))?,
             (_, Place::Slot { slot, .. }) => {
@@ -231,6 +242,7 @@ fn source<'a>(
 /// Where ∂L/∂(output of the layer before `after`) lives: the grad_in of the next layer that has
 /// one, or the readout's gradient.
 fn grad_of_output(after: &[Layer], upstream: Place) -> Place {
+    // (a fused dropout's grad_place is the one its pooling layer writes)
     after.iter().find(|l| !matches!(l.op, Op::Flatten)).map_or(upstream, |l| l.grad_place)
 }
 
@@ -258,18 +270,20 @@ impl GpuNetwork {
             let op = match lp.spec {
                 LayerSpec::Conv { out_channels, kernel, padding } => {
                     let (wr, br) = (need(format!("layers.{i}.weight"))?, need(format!("layers.{i}.bias"))?);
-                    Op::Conv { geom: ConvGeom::new(c, out_channels, h, w, kernel, padding), w: wr, b: br }
+                    let x_exact = input_exact_in_fp16(&spec, &plan, i);
+                    Op::Conv { geom: ConvGeom::new(c, out_channels, h, w, kernel, padding), w: wr, b: br, x_exact }
                 }
                 LayerSpec::Linear { out_features } => Op::Linear {
                     n_in: c,
                     n_out: out_features,
                     w: need(format!("layers.{i}.weight"))?,
                     b: need(format!("layers.{i}.bias"))?,
+                    x_exact: input_exact_in_fp16(&spec, &plan, i),
                 },
-                LayerSpec::AvgPool => Op::Pool { c, h, w },
+                LayerSpec::AvgPool => Op::Pool { c, h, w, dropout: None },
                 LayerSpec::Dropout { p } => {
                     dropouts += 1;
-                    Op::Dropout { p: p as f32, index: i as u32, key_slot: dropouts - 1 }
+                    Op::Dropout { p: p as f32, index: i as u32, key_slot: dropouts - 1, fused: false }
                 }
                 LayerSpec::Flatten => Op::Flatten,
                 LayerSpec::BackEi | LayerSpec::Spiking => {
@@ -299,10 +313,12 @@ impl GpuNetwork {
         let grads = dev.stream.alloc_zeros::<f32>(cpu.params.len().max(1)).map_err(cuda_err("allocating the gradients"))?;
         let counter = dev.stream.alloc_zeros::<u32>(1).map_err(cuda_err("allocating a counter"))?;
         let limits = super::backei_layer::DeviceLimits::of(dev)?;
+        let settings = StepSettings::new(limits)?;
         Ok(GpuNetwork {
             dev: dev.clone(),
             classes: spec.classes()?,
-            settings: StepSettings::new(limits)?,
+            ff: FeedForwardWs::new(dev, settings.feedforward, limits)?,
+            settings,
             keys: DropoutKeys::new(dev, dropouts)?,
             spec,
             slots,
@@ -315,7 +331,6 @@ impl GpuNetwork {
             out_slots: [None, None],
             grad_slots: [None, None],
             loss: None,
-            conv_ws: ConvWorkspace::new(DEFAULT_WORKSPACE_BYTES),
             timer: None,
             uploaded: dev.ctx.new_event(None).map_err(cuda_err("creating the upload event"))?,
             counter,
@@ -351,12 +366,35 @@ impl GpuNetwork {
     }
 
     /// How the convolutions' and linear layers' products are rounded (state, master weights and
-    /// optimizer state stay f32 in every mode).
-    pub fn set_precision(&mut self, precision: Precision) {
-        if self.settings.precision != precision {
-            self.settings.precision = precision;
+    /// optimizer state stay f32 in every mode), and so which GEMMs compute them
+    /// (`gemm_tc::FeedForward`).
+    pub fn set_precision(&mut self, precision: Precision) -> Result<()> {
+        let settings = self.settings.with_precision(precision)?;
+        if settings != self.settings {
+            self.settings = settings;
+            self.ff.mode = settings.feedforward;
+            // the conv workspace or the GEMM partial sums: planned again at the next step
+            self.plan = None;
             self.invalidate_launches();
         }
+        Ok(())
+    }
+
+    /// Which GEMMs the convolutions and linear layers run: cuBLAS (fp32 only) or the tensor-core
+    /// kernels in the current precision (what `BACKEI_FEEDFORWARD` picks, for tests and benches).
+    pub fn set_feedforward(&mut self, tensor_cores: bool) -> Result<()> {
+        let mode = match (tensor_cores, self.settings.precision) {
+            (true, p) => FeedForward::TensorCore(p),
+            (false, Precision::Fp32) => FeedForward::Cublas,
+            (false, p) => return Err(config_err("feed-forward GEMMs", format!("cuBLAS computes fp32 only, not {p}"))),
+        };
+        if mode != self.settings.feedforward {
+            self.settings.feedforward = mode;
+            self.ff.mode = mode;
+            self.plan = None;
+            self.invalidate_launches();
+        }
+        Ok(())
     }
 
     /// `--recompute K`: refused on the GPU engine for now (see `StepSettings::check_gpu`).
@@ -428,19 +466,26 @@ impl GpuNetwork {
         let alloc = |len: usize, what: &str| {
             stream.alloc_zeros::<f32>(len.max(1)).map_err(cuda_err(format!("allocating {what} for batch {batch}")))
         };
+        let mut fused_before: Option<(f32, usize)> = None;
         for (i, (l, lb)) in self.layers.iter_mut().zip(&bp.layers).enumerate() {
             l.t_in = lb.t_in;
             l.t_out = lb.t_out;
             l.out_place = lb.output;
             l.grad_place = lb.grad_in;
+            match &mut l.op {
+                Op::Dropout { p, key_slot, fused, .. } => {
+                    *fused = lb.fused;
+                    fused_before = lb.fused.then_some((*p, *key_slot));
+                }
+                Op::Pool { dropout, .. } => *dropout = fused_before.take(),
+                _ => fused_before = None,
+            }
             if let Place::Own(len) = lb.output {
                 l.out = Some(alloc(len, "a layer output")?);
             }
             if let Op::Spike { layer, .. } = &mut l.op {
                 // the layer allocates its own buffers, from the very plan the memory plan counted
                 layer.deterministic = self.settings.deterministic;
-                layer.precision = self.settings.precision;
-                layer.version = self.settings.version;
                 let made = layer.prepare(batch, self.spec.steps)?;
                 if Some(made) != lb.spiking.as_ref() {
                     return Err(BackeiError::Cuda(format!("internal: layer {i}'s launch plan differs from the memory plan's")));
@@ -492,7 +537,7 @@ impl GpuNetwork {
         }
         n += self.loss.as_ref().map_or(0, |l| LossBuffers::device_bytes(l.batch, l.classes));
         n += 8 * self.keys.keys.len();
-        n + self.conv_ws.bytes()
+        n + self.ff.bytes()
     }
 
     /// Adds what to do about an out-of-memory error: the plan and a batch size that fits.
@@ -625,7 +670,7 @@ impl GpuNetwork {
             let (t_in, t_out) = (layer.t_in, layer.t_out);
             let rows = t_in * batch;
             match &mut layer.op {
-                Op::Flatten => {}
+                Op::Flatten | Op::Dropout { fused: true, .. } => {}
                 Op::Spike { layer: sl, params } => sl.forward(p, params, &src, t_in, batch, steps)?,
                 op => {
                     let mut y = match layer.out_place {
@@ -634,13 +679,36 @@ impl GpuNetwork {
                         Place::None => return Err(missing("a layer output")),
                     };
                     match op {
-                        Op::Conv { geom, w, b } => {
-                            conv::forward(&dev, &mut self.conv_ws, geom, rows, &p.slice(w.clone()), &p.slice(b.clone()), &src, &mut y)?
+                        Op::Conv { geom, w, b, x_exact } => conv::forward_with(
+                            &dev,
+                            &mut self.ff,
+                            geom,
+                            rows,
+                            &p.slice(w.clone()),
+                            &p.slice(b.clone()),
+                            &src,
+                            &mut y,
+                            *x_exact,
+                        )?,
+                        Op::Linear { n_in, n_out, w, b, x_exact } => linear::forward_with(
+                            &dev,
+                            &mut self.ff,
+                            *n_in,
+                            *n_out,
+                            rows,
+                            &p.slice(w.clone()),
+                            &p.slice(b.clone()),
+                            &src,
+                            &mut y,
+                            *x_exact,
+                        )?,
+                        Op::Pool { c, h, w, dropout: None } => pool::forward(&dev, rows * *c, *h, *w, &src, &mut y)?,
+                        Op::Pool { c, h, w, dropout: Some((prob, key_slot)) } => {
+                            // the dropout's input: c planes of h·w per sample
+                            let index0 = (offset * *c * *h * *w) as u64;
+                            let mask = if training { Mask::Key { keys: &self.keys.keys, slot: *key_slot, index0 } } else { Mask::Off };
+                            dropout::forward_pooled(&dev, mask, *prob, batch * *c, t_out, *h, *w, &src, &mut y)?
                         }
-                        Op::Linear { n_in, n_out, w, b } => {
-                            linear::forward(&dev, *n_in, *n_out, rows, &p.slice(w.clone()), &p.slice(b.clone()), &src, &mut y)?
-                        }
-                        Op::Pool { c, h, w } => pool::forward(&dev, rows * *c, *h, *w, &src, &mut y)?,
                         Op::Dropout { p: prob, key_slot, .. } => {
                             let index0 = (offset * layer.in_len) as u64;
                             let mask = if training { Mask::Key { keys: &self.keys.keys, slot: *key_slot, index0 } } else { Mask::Off };
@@ -650,7 +718,7 @@ impl GpuNetwork {
                     }
                 }
             }
-            if let (Some(t), false) = (self.timer.as_mut(), matches!(layer.op, Op::Flatten)) {
+            if let (Some(t), false) = (self.timer.as_mut(), matches!(layer.op, Op::Flatten | Op::Dropout { fused: true, .. })) {
                 t.mark(format!("forward {}", op_label(i, &layer.op)))?;
             }
         }
@@ -713,7 +781,7 @@ impl GpuNetwork {
         for i in (first..n).rev() {
             let (before, rest) = self.layers.split_at_mut(i);
             let (layer, after) = rest.split_first_mut().ok_or_else(|| missing("a layer"))?;
-            if matches!(layer.op, Op::Flatten) {
+            if matches!(layer.op, Op::Flatten | Op::Dropout { fused: true, .. }) {
                 continue;
             }
             let dy_place = grad_of_output(after, upstream);
@@ -731,17 +799,37 @@ impl GpuNetwork {
             let src = if reads_input { Some(source(before, input, &out_slots, batch)?) } else { None };
             let src = || src.as_ref().ok_or_else(|| missing("a layer input"));
             match &mut layer.op {
-                Op::Conv { geom, w, b } => {
+                Op::Conv { geom, w, b, x_exact } => {
                     let mut gv = g.slice_mut(w.start..b.end);
                     let (mut gw, mut gb) = gv.split_at_mut(w.len());
-                    conv::backward(&dev, &mut self.conv_ws, geom, rows, &p.slice(w.clone()), src()?, &dy, &mut gw, &mut gb, dx.as_mut())?;
+                    let wv = p.slice(w.clone());
+                    conv::backward_with(&dev, &mut self.ff, geom, rows, &wv, src()?, &dy, &mut gw, &mut gb, dx.as_mut(), *x_exact)?;
                 }
-                Op::Linear { n_in, n_out, w, b } => {
+                Op::Linear { n_in, n_out, w, b, x_exact } => {
                     let mut gv = g.slice_mut(w.start..b.end);
                     let (mut gw, mut gb) = gv.split_at_mut(w.len());
-                    linear::backward(&dev, *n_in, *n_out, rows, &p.slice(w.clone()), src()?, &dy, &mut gw, &mut gb, dx.as_mut())?;
+                    let wv = p.slice(w.clone());
+                    linear::backward_with(
+                        &dev,
+                        &mut self.ff,
+                        *n_in,
+                        *n_out,
+                        rows,
+                        &wv,
+                        src()?,
+                        &dy,
+                        &mut gw,
+                        &mut gb,
+                        dx.as_mut(),
+                        *x_exact,
+                    )?;
                 }
-                Op::Pool { c, h, w } => pool::backward(&dev, rows * *c, *h, *w, &dy, dx.as_mut().ok_or_else(need_dx)?)?,
+                Op::Pool { c, h, w, dropout: None } => pool::backward(&dev, rows * *c, *h, *w, &dy, dx.as_mut().ok_or_else(need_dx)?)?,
+                Op::Pool { c, h, w, dropout: Some((prob, key_slot)) } => {
+                    let index0 = (self.sample_offset * *c * *h * *w) as u64;
+                    let mask = if self.training { Mask::Key { keys: &self.keys.keys, slot: *key_slot, index0 } } else { Mask::Off };
+                    dropout::backward_pooled(&dev, mask, *prob, batch * *c, t_out, *h, *w, &dy, dx.as_mut().ok_or_else(need_dx)?)?
+                }
                 Op::Dropout { p: prob, key_slot, .. } => {
                     let index0 = (self.sample_offset * layer.in_len) as u64;
                     let mask = if self.training { Mask::Key { keys: &self.keys.keys, slot: *key_slot, index0 } } else { Mask::Off };
@@ -1093,6 +1181,9 @@ impl GpuNetwork {
         }
         if let Place::Slot { .. } = self.layers[i].out_place {
             return Err(config_err("layer", format!("layer {i}'s output is not kept after the forward (only the next layer reads it)")));
+        }
+        if let Op::Dropout { fused: true, .. } = self.layers[i].op {
+            return Err(config_err("layer", format!("layer {i} (dropout) runs inside the pooling after it: its output is never stored")));
         }
         let input = self.input.as_ref().ok_or_else(|| missing("the input buffer"))?;
         let slots = [self.out_slots[0].as_ref(), self.out_slots[1].as_ref()];

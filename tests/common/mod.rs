@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod emu;
+pub mod ff_check;
 pub mod gpu_layer;
 pub mod idx;
 pub mod layer_check;

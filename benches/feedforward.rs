@@ -1,0 +1,248 @@
+//! The feed-forward layers' GEMMs at the reference size (B = 100, T = 20: 2000 samples or rows):
+//! cuBLAS's FP32 path (im2col for the convolutions) against the tensor-core kernels of
+//! `cuda/gemm_tc.cu` in each precision, per layer of the fashion-mnist and cifar10 networks,
+//! forward and backward (weight, bias and data gradients). Each tensor-core result is first
+//! checked against cuBLAS's to the precision's tolerance (`gemm_tc`'s docs), then both are timed
+//! with CUDA events (warm-up, the median of 11) and reported as ms and TFLOP/s (2 per
+//! multiply-add). The fastest correct path per precision is what `BACKEI_FEEDFORWARD` should
+//! default to: cuBLAS stays the fp32 default until these rows say otherwise (docs/gpu.md).
+//!
+//! Without a GPU it says so and exits 0. `cargo bench --bench feedforward [-- FILTER]`.
+
+use backei::cpu::conv::ConvGeom;
+use backei::gpu::backei_layer::DeviceLimits;
+use backei::gpu::gemm_tc::{FeedForward, FeedForwardWs};
+use backei::gpu::{conv, linear, GpuDevice};
+use backei::{NetworkSpec, Precision};
+use cudarc::driver::CudaSlice;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use std::sync::Arc;
+
+const SAMPLES: usize = 2000;
+const REPS: usize = 11;
+
+type Res<T> = Result<T, Box<dyn std::error::Error>>;
+
+/// One feed-forward layer of a network.
+#[derive(Clone, Copy)]
+enum Layer {
+    Conv(ConvGeom),
+    Linear { n_in: usize, n_out: usize },
+}
+
+fn layers(spec: &NetworkSpec) -> Vec<(String, Layer)> {
+    use backei::LayerSpec;
+    spec.plan()
+        .unwrap()
+        .iter()
+        .enumerate()
+        .filter_map(|(i, lp)| {
+            let [c, h, w] = lp.input;
+            match lp.spec {
+                LayerSpec::Conv { out_channels, kernel, padding } => {
+                    Some((format!("{} conv{i}", spec.name), Layer::Conv(ConvGeom::new(c, out_channels, h, w, kernel, padding))))
+                }
+                LayerSpec::Linear { out_features } => {
+                    Some((format!("{} linear{i}", spec.name), Layer::Linear { n_in: c, n_out: out_features }))
+                }
+                _ => None,
+            }
+        })
+        .collect()
+}
+
+struct Buffers {
+    w: CudaSlice<f32>,
+    b: CudaSlice<f32>,
+    x: CudaSlice<f32>,
+    y: CudaSlice<f32>,
+    dy: CudaSlice<f32>,
+    dw: CudaSlice<f32>,
+    db: CudaSlice<f32>,
+    dx: CudaSlice<f32>,
+}
+
+fn rand(dev: &GpuDevice, rng: &mut ChaCha8Rng, n: usize, spikes: bool) -> Res<CudaSlice<f32>> {
+    let v: Vec<f32> =
+        (0..n).map(|_| if spikes { [-1.0, 0.0, 0.0, 1.0][rng.random_range(0..4)] } else { rng.random_range(-1.0f32..1.0) }).collect();
+    Ok(dev.stream.clone_htod(&v)?)
+}
+
+/// (forward, backward) multiply-adds, input length, output length, weights, biases.
+fn dims(l: &Layer) -> (f64, f64, usize, usize, usize, usize) {
+    match *l {
+        Layer::Conv(g) => {
+            let mac = (SAMPLES * g.out_pixels() * g.cout * g.col_rows()) as f64;
+            (mac, 2.0 * mac, SAMPLES * g.in_len(), SAMPLES * g.out_len(), g.weight_len(), g.cout)
+        }
+        Layer::Linear { n_in, n_out } => {
+            let mac = (SAMPLES * n_in * n_out) as f64;
+            (mac, 2.0 * mac, SAMPLES * n_in, SAMPLES * n_out, n_in * n_out, n_out)
+        }
+    }
+}
+
+/// Forward (`fwd`) or backward of `l` with `ws`; `exact`: spike inputs.
+fn run(dev: &GpuDevice, ws: &mut FeedForwardWs, l: &Layer, bf: &mut Buffers, fwd: bool, exact: bool) -> Res<()> {
+    match *l {
+        Layer::Conv(g) => {
+            if fwd {
+                conv::forward_with(dev, ws, &g, SAMPLES, &bf.w.as_view(), &bf.b.as_view(), &bf.x.as_view(), &mut bf.y.as_view_mut(), exact)?
+            } else {
+                let mut dx = bf.dx.as_view_mut();
+                conv::backward_with(
+                    dev,
+                    ws,
+                    &g,
+                    SAMPLES,
+                    &bf.w.as_view(),
+                    &bf.x.as_view(),
+                    &bf.dy.as_view(),
+                    &mut bf.dw.as_view_mut(),
+                    &mut bf.db.as_view_mut(),
+                    Some(&mut dx),
+                    exact,
+                )?
+            }
+        }
+        Layer::Linear { n_in, n_out } => {
+            if fwd {
+                linear::forward_with(
+                    dev,
+                    ws,
+                    n_in,
+                    n_out,
+                    SAMPLES,
+                    &bf.w.as_view(),
+                    &bf.b.as_view(),
+                    &bf.x.as_view(),
+                    &mut bf.y.as_view_mut(),
+                    exact,
+                )?
+            } else {
+                let mut dx = bf.dx.as_view_mut();
+                linear::backward_with(
+                    dev,
+                    ws,
+                    n_in,
+                    n_out,
+                    SAMPLES,
+                    &bf.w.as_view(),
+                    &bf.x.as_view(),
+                    &bf.dy.as_view(),
+                    &mut bf.dw.as_view_mut(),
+                    &mut bf.db.as_view_mut(),
+                    Some(&mut dx),
+                    exact,
+                )?
+            }
+        }
+    }
+    Ok(())
+}
+
+fn median_ms(dev: &GpuDevice, mut f: impl FnMut() -> Res<()>) -> Res<f64> {
+    f()?;
+    let mut ms = Vec::new();
+    for _ in 0..REPS {
+        let a = dev.stream.record_event(None)?;
+        f()?;
+        let b = dev.stream.record_event(None)?;
+        ms.push(a.elapsed_ms(&b)? as f64);
+    }
+    ms.sort_by(|a, b| a.total_cmp(b));
+    Ok(ms[REPS / 2])
+}
+
+/// max |a − b| / max |b|.
+fn rel(a: &[f32], b: &[f32]) -> f64 {
+    let scale = b.iter().fold(1e-30f64, |m, &x| m.max((x as f64).abs()));
+    a.iter().zip(b).map(|(&x, &y)| (x as f64 - y as f64).abs()).fold(0.0, f64::max) / scale
+}
+
+fn tolerance(p: Precision) -> f64 {
+    // the op-level tolerances of tests/common/ff_check.rs, against cuBLAS (itself f32)
+    match p {
+        Precision::Fp32 => 1e-5,
+        Precision::Tf32 => 2e-3,
+        Precision::Bf16 => 1.5e-2,
+    }
+}
+
+fn bench_layer(dev: &Arc<GpuDevice>, name: &str, l: &Layer, exact: bool) -> Res<()> {
+    let mut rng = ChaCha8Rng::seed_from_u64(7);
+    let (mac_f, mac_b, nin, nout, nw, nb) = dims(l);
+    let mut bf = Buffers {
+        w: rand(dev, &mut rng, nw, false)?,
+        b: rand(dev, &mut rng, nb, false)?,
+        x: rand(dev, &mut rng, nin, exact)?,
+        y: dev.stream.alloc_zeros(nout)?,
+        dy: rand(dev, &mut rng, nout, false)?,
+        dw: dev.stream.alloc_zeros(nw)?,
+        db: dev.stream.alloc_zeros(nb)?,
+        dx: dev.stream.alloc_zeros(nin)?,
+    };
+    let limits = DeviceLimits::of(dev)?;
+    let mut results: Vec<(String, [Vec<f32>; 3])> = Vec::new();
+    for mode in [
+        FeedForward::Cublas,
+        FeedForward::TensorCore(Precision::Fp32),
+        FeedForward::TensorCore(Precision::Tf32),
+        FeedForward::TensorCore(Precision::Bf16),
+    ] {
+        let mut ws = FeedForwardWs::new(dev, mode, limits)?;
+        let label = match mode {
+            FeedForward::Cublas => "cublas fp32".to_string(),
+            FeedForward::TensorCore(p) => format!("tc {p}"),
+        };
+        // one forward and one backward from zeroed gradients, for the check
+        dev.stream.memset_zeros(&mut bf.dw)?;
+        dev.stream.memset_zeros(&mut bf.db)?;
+        run(dev, &mut ws, l, &mut bf, true, exact)?;
+        run(dev, &mut ws, l, &mut bf, false, exact)?;
+        let out = [dev.stream.clone_dtoh(&bf.y)?, dev.stream.clone_dtoh(&bf.dw)?, dev.stream.clone_dtoh(&bf.dx)?];
+        if let (FeedForward::TensorCore(p), Some((_, reference))) = (mode, results.first()) {
+            let err = (0..3).map(|k| rel(&out[k], &reference[k])).fold(0.0, f64::max);
+            if err > tolerance(p) {
+                println!("  {name:<22} {label:<12} WRONG: differs from cuBLAS by {err:.2e} of the scale (tolerance {:.0e})", tolerance(p));
+                continue;
+            }
+        }
+        let f = median_ms(dev, || run(dev, &mut ws, l, &mut bf, true, exact))?;
+        let b = median_ms(dev, || run(dev, &mut ws, l, &mut bf, false, exact))?;
+        println!(
+            "  {name:<22} {label:<12} forward {f:>8.3} ms {:>7.1} TFLOP/s   backward {b:>8.3} ms {:>7.1} TFLOP/s",
+            2.0 * mac_f / f / 1e9,
+            2.0 * mac_b / b / 1e9
+        );
+        results.push((label, out));
+    }
+    Ok(())
+}
+
+fn main() {
+    let filter = std::env::args().skip(1).find(|a| !a.starts_with('-'));
+    let dev = match GpuDevice::open(0) {
+        Ok(d) => d,
+        Err(e) => {
+            println!("feed-forward GEMM bench: GPU part skipped: {e}");
+            return;
+        }
+    };
+    println!("feed-forward GEMMs on {} ({}), {SAMPLES} samples/rows (B = 100, T = 20)", dev.name, dev.kernels.arch());
+    for spec in [NetworkSpec::fashion_mnist(), NetworkSpec::cifar10()] {
+        let plan = spec.plan().unwrap();
+        for (name, l) in layers(&spec) {
+            if filter.as_ref().is_some_and(|f| !name.contains(f.as_str())) {
+                continue;
+            }
+            // which inputs are spikes: as the network decides
+            let i: usize = name.rsplit(|c: char| !c.is_ascii_digit()).next().and_then(|s| s.parse().ok()).unwrap_or(0);
+            let exact = backei::gpu::gemm_tc::input_exact_in_fp16(&spec, &plan, i);
+            if let Err(e) = bench_layer(&dev, &name, &l, exact) {
+                println!("  {name}: failed: {e}");
+            }
+        }
+    }
+}

@@ -1,0 +1,409 @@
+// gemm_tc.cu — the feed-forward layers' GEMMs on tensor cores: every convolution (forward, data
+// gradient, weight gradient) as an implicit GEMM (no column buffer) and every linear layer, in
+// the precision of --precision. Host side: src/gpu/gemm_tc.rs (the descriptors of each op, the
+// grid, split-K); callers src/gpu/conv.rs, src/gpu/linear.rs; CPU twins src/cpu/conv.rs and
+// src/cpu/linear.rs.
+//
+// One kernel computes C[m][n] = Σ_k A[m][k] · B[k][n] for any of these ops, because each operand's
+// element address is SEPARABLE: addr(mn, k) = off(mn) + off(k), with an optional spatial bounds
+// check on y(mn) + y(k), x(mn) + x(k) (the zero padding of a convolution). An IndexMap says how an
+// index maps to (off, y, x):
+//   LINEAR        i → (i·stride, 0, 0)
+//   SAMPLE_PIXEL  i = (s, p), p = (y, x) on a map `width` wide → (s·stride + y·row_stride + x, y, x)
+//   CHANNEL_TAP   i = (c, tap), tap = (ky, kx) of a k×k kernel → (c·stride + y·row_stride + x, y, x)
+//                 with y = sign·(ky − origin), x = sign·(kx − origin)
+// so that, for a convolution of geometry (cin, cout, H, W, k, pad, ho, wo) over S samples:
+//   forward       C[co][(s,p)]   = Σ_(ci,tap) W[co][ci][tap] · X[s][ci][p + tap − pad]
+//   data grad.    C[ci][(s,q)]   = Σ_(co,tap) W[co][ci][tap] · dY[s][co][q + pad − tap]
+//   weight grad.  C[co][(ci,tap)] = Σ_(s,p) dY[s][co][p] · X[s][ci][p + tap − pad]
+// and for a linear layer (rows r = T·B, W [out][in]): y = x·Wᵀ, dx = dy·W, dW = dyᵀ·x. An operand
+// may carry a column of ones after its last index ("ones"): the weight gradients' GEMMs then give
+// the bias gradient Σ dY as column N (written to `ones_out`, added).
+//
+// Tiles: a block of 128 threads (4 warps, 2×2) computes a 64×64 tile of C in k-steps of 32; each
+// warp a 32×32 tile (2 m16 × 4 n8 mma tiles). Per k-step the block fills tables of the step's 32
+// k indices (and, once, of its 64 m and 64 n indices) in shared memory, loads its A and B tiles
+// from global memory through them (coalesced along the operand's contiguous index: `k_fast`), converts
+// them to the precision's operands and stores them [mn][k] in shared memory, rows padded so that
+// the fragment loads of a warp hit 32 different banks. The weight gradients' K (every pixel of every
+// sample) is split over blockIdx.z; each split writes its partial tile to `partial` and
+// gemm_tc_reduce_f32 adds the splits in a fixed order: bit-reproducible, no float atomics.
+//
+// Precision (src/precision.rs); every sum is f32 in every mode:
+//   fp32: an operand x is scaled by S = 2^(13 − e), e the exponent of the operand's largest |x|
+//         (absmax_f32, before the GEMM), and split into fp16 hi + lo (Ootomo & Yokota 2022; see
+//         split_f16): A·B = (hi_a·hi_b + hi_a·lo_b + lo_a·hi_b)/(S_a·S_b), three m16n8k16 products
+//         (the dropped lo·lo is below f32's rounding). An operand marked `exact` (spikes, and
+//         averages of spikes scaled by powers of two: exact in fp16) is not scaled and has no lo
+//         half, so spike × real takes two products.
+//   tf32: one m16n8k8 TF32 product (the operand rounded to 10 mantissa bits, f32's range).
+//   bf16: one m16n8k16 bf16 product (7 mantissa bits, f32's range).
+// Layout: every tensor f32 as the CPU engine's (time-major [T][B][C][H][W], weights [out][in…]).
+#include "common.cuh"
+#include "mma.cuh"
+
+#define TC_BM 64
+#define TC_BN 64
+#define TC_BK 32
+#define TC_THREADS 128
+// shared-memory rows: 16-bit operands 32 + 8 halves (20 words), 32-bit ones 32 + 4 words
+#define TC_ROW16 40
+#define TC_ROW32 36
+// words of one operand's tile buffer: two 16-bit planes (hi, lo) of 64 rows, or one 32-bit plane
+#define TC_TILE_WORDS (2 * TC_BM * TC_ROW16 / 2)
+
+#define IDX_LINEAR 0
+#define IDX_SAMPLE_PIXEL 1
+#define IDX_CHANNEL_TAP 2
+
+#define PREC_FP32 0
+#define PREC_TF32 1
+#define PREC_BF16 2
+
+// Host twins: the #[repr(C)] structs of src/gpu/gemm_tc.rs, field for field.
+struct IndexMap {
+    long long stride;  // LINEAR: element stride; SAMPLE_PIXEL: sample stride; CHANNEL_TAP: channel stride
+    int kind;          // IDX_*
+    int count;         // valid indices are [0, count)
+    int per;           // SAMPLE_PIXEL: pixels per sample; CHANNEL_TAP: taps per channel (k²)
+    int width;         // SAMPLE_PIXEL: the map's width; CHANNEL_TAP: the kernel's width k
+    int row_stride;    // SAMPLE_PIXEL, CHANNEL_TAP: the memory stride of one row
+    int origin;        // CHANNEL_TAP: y = sign·(ky − origin)
+    int sign;          // CHANNEL_TAP: +1 or −1
+    int pad_;          // (keeps the size a multiple of 8)
+};
+
+struct Operand {
+    const float* p;
+    IndexMap mn, k;
+    int sp_h, sp_w;  // spatial bounds of y(mn) + y(k), x(mn) + x(k); 0: no check
+    int ones;        // index mn.count of the mn side is a column of ones
+    int exact;       // fp32 mode: exact in fp16 unscaled (no lo half, scale 1)
+    int k_fast;      // load with consecutive threads along k (k is the contiguous index)
+    int scale_slot;  // fp32 mode: maxbits[scale_slot] holds the operand's largest |x| (−1: scale 1)
+};
+
+struct Output {
+    float* p;
+    IndexMap m, n;
+    const float* bias;  // added per m (bias_on 1) or per n (bias_on 2)
+    float* ones_out;    // where column N (the ones column's result) goes, added, per m
+    int bias_on;
+    int accumulate;     // C is added to the output (else written)
+};
+
+struct GemmDesc {
+    Operand a, b;
+    Output out;
+    float* partial;  // [splits][M][ncols] when splits > 1
+    int M, N, K;     // N excludes the ones column
+    int splits;      // blockIdx.z ranges over them
+    int kt_per_split;
+    int pad_;
+};
+
+// One index's place: its offset (which may be negative: a tap left of or above the centre) and
+// its (y, x), or that it is outside the valid range, or the ones column.
+struct Ent {
+    long long off;
+    int y, x;
+    int what;  // ENT_*
+    int pad_;
+};
+
+#define ENT_AT 0
+#define ENT_INVALID 1
+#define ENT_ONES 2
+
+__device__ __forceinline__ Ent index_entry(const IndexMap& im, int i, int ones) {
+    Ent e;
+    e.off = 0;
+    e.y = 0;
+    e.x = 0;
+    e.what = ENT_AT;
+    e.pad_ = 0;
+    if (i >= im.count) {
+        e.what = (ones && i == im.count) ? ENT_ONES : ENT_INVALID;
+        return e;
+    }
+    if (im.kind == IDX_LINEAR) {
+        e.off = (long long)i * im.stride;
+    } else if (im.kind == IDX_SAMPLE_PIXEL) {
+        const int s = i / im.per, p = i - s * im.per;
+        e.y = p / im.width;
+        e.x = p - e.y * im.width;
+        e.off = (long long)s * im.stride + (long long)e.y * im.row_stride + e.x;
+    } else {
+        const int c = i / im.per, t = i - c * im.per;
+        const int ky = t / im.width, kx = t - ky * im.width;
+        e.y = im.sign * (ky - im.origin);
+        e.x = im.sign * (kx - im.origin);
+        e.off = (long long)c * im.stride + (long long)e.y * im.row_stride + e.x;
+    }
+    return e;
+}
+
+// The operand's element at (mn entry, k entry): 0 outside the valid indices and the padding.
+__device__ __forceinline__ float operand_at(const Operand& o, const Ent& em, const Ent& ek) {
+    if (ek.what != ENT_AT || em.what == ENT_INVALID) return 0.0f;
+    if (em.what == ENT_ONES) return 1.0f;
+    if (o.sp_h) {
+        const int y = em.y + ek.y, x = em.x + ek.x;
+        if ((unsigned)y >= (unsigned)o.sp_h || (unsigned)x >= (unsigned)o.sp_w) return 0.0f;
+    }
+    return o.p[em.off + ek.off];
+}
+
+// The power-of-two scale that puts an operand's largest |x| (its f32 bits) in [2^13, 2^14), and
+// its inverse; 1 for an all-zero operand. Both are exact.
+__device__ __forceinline__ void pow2_scale(u32 maxbits, float& s, float& inv) {
+    if (maxbits == 0) {
+        s = inv = 1.0f;
+        return;
+    }
+    int e = (int)(maxbits >> 23) - 127;  // max ∈ [2^e, 2^(e+1))
+    int sh = 13 - e;
+    sh = sh < -120 ? -120 : (sh > 120 ? 120 : sh);
+    s = __uint_as_float((u32)(sh + 127) << 23);
+    inv = __uint_as_float((u32)(127 - sh) << 23);
+}
+
+// Element (m, n) of C into the output: the ones column to ones_out, bias, write or add.
+__device__ __forceinline__ void store_c(const GemmDesc& d, int m, int n, float v) {
+    const Output& o = d.out;
+    if (n == d.N) {
+        if (o.ones_out) o.ones_out[m] += v;
+        return;
+    }
+    if (o.bias_on == 1) v += o.bias[m];
+    if (o.bias_on == 2) v += o.bias[n];
+    const Ent em = index_entry(o.m, m, 0), en = index_entry(o.n, n, 0);
+    float* p = o.p + em.off + en.off;
+    *p = o.accumulate ? *p + v : v;
+}
+
+// A (16×16) and B (16×8) fragments of 16-bit operands stored [mn][k], rows TC_ROW16 halves apart:
+// `r0` points at (row g, column 2t) of the tile's rows.
+__device__ __forceinline__ void load_a16(u32 (&a)[4], const unsigned short* r0) {
+    a[0] = *reinterpret_cast<const u32*>(r0);
+    a[1] = *reinterpret_cast<const u32*>(r0 + 8 * TC_ROW16);
+    a[2] = *reinterpret_cast<const u32*>(r0 + 8);
+    a[3] = *reinterpret_cast<const u32*>(r0 + 8 * TC_ROW16 + 8);
+}
+__device__ __forceinline__ void load_b16(u32 (&b)[2], const unsigned short* c0) {
+    b[0] = *reinterpret_cast<const u32*>(c0);
+    b[1] = *reinterpret_cast<const u32*>(c0 + 8);
+}
+
+// One operand's 64×32 tile through the index tables, converted to the precision's operands and
+// stored [mn][k] (fp32 mode: the scaled hi half, and the lo half in the second plane unless exact).
+template <int PREC>
+__device__ __forceinline__ void stage_tile(const Operand& o, const Ent* tmn, const Ent* tk, u32* S32, float sc, bool lo_half, int tid) {
+    unsigned short* S16 = reinterpret_cast<unsigned short*>(S32);
+    const int plane16 = TC_BM * TC_ROW16;
+#pragma unroll 4
+    for (int j = 0; j < 16; ++j) {
+        int mn, k;
+        if (o.k_fast) {
+            k = tid & (TC_BK - 1);
+            mn = (tid >> 5) + 4 * j;
+        } else {
+            mn = tid & (TC_BM - 1);
+            k = (tid >> 6) + 2 * j;
+        }
+        const float v = operand_at(o, tmn[mn], tk[k]);
+        if (PREC == PREC_TF32) {
+            S32[mn * TC_ROW32 + k] = f32_to_tf32_bits(v);
+        } else if (PREC == PREC_BF16) {
+            S16[mn * TC_ROW16 + k] = f32_to_bf16_bits(v);
+        } else if (lo_half) {
+            unsigned short hi, lo;
+            split_f16(v * sc, hi, lo);
+            S16[mn * TC_ROW16 + k] = hi;
+            S16[plane16 + mn * TC_ROW16 + k] = lo;
+        } else {
+            S16[mn * TC_ROW16 + k] = f32_to_f16_bits(v);
+        }
+    }
+}
+
+template <int PREC>
+__device__ __forceinline__ void gemm_tc(const GemmDesc& d, const u32* __restrict__ maxbits) {
+    __shared__ Ent ta_m[TC_BM];
+    __shared__ Ent tb_n[TC_BN];
+    __shared__ Ent ta_k[TC_BK];
+    __shared__ Ent tb_k[TC_BK];
+    __shared__ u32 As[TC_TILE_WORDS];
+    __shared__ u32 Bs[TC_TILE_WORDS];
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int g = lane >> 2, t4 = lane & 3;
+    const int wm = warp >> 1, wn = warp & 1;
+    const int m0 = blockIdx.y * TC_BM, n0 = blockIdx.x * TC_BN;
+    const int ncols = d.N + d.b.ones;
+    const int ktiles = (d.K + TC_BK - 1) / TC_BK;
+    const int kt0 = blockIdx.z * d.kt_per_split;
+    const int kt1 = min(ktiles, kt0 + d.kt_per_split);
+    // the operands' scales (fp32 mode; exact operands keep 1)
+    float sa = 1.0f, ia = 1.0f, sb = 1.0f, ib = 1.0f;
+    if (PREC == PREC_FP32) {
+        if (!d.a.exact && d.a.scale_slot >= 0) pow2_scale(maxbits[d.a.scale_slot], sa, ia);
+        if (!d.b.exact && d.b.scale_slot >= 0) pow2_scale(maxbits[d.b.scale_slot], sb, ib);
+    }
+    if (tid < TC_BM) ta_m[tid] = index_entry(d.a.mn, m0 + tid, d.a.ones);
+    else tb_n[tid - TC_BM] = index_entry(d.b.mn, n0 + tid - TC_BM, d.b.ones);
+    float acc[2][4][4];
+#pragma unroll
+    for (int i = 0; i < 2; ++i)
+#pragma unroll
+        for (int j = 0; j < 4; ++j)
+#pragma unroll
+            for (int r = 0; r < 4; ++r) acc[i][j][r] = 0.0f;
+    unsigned short* A16 = reinterpret_cast<unsigned short*>(As);
+    unsigned short* B16 = reinterpret_cast<unsigned short*>(Bs);
+    const int plane16 = TC_BM * TC_ROW16;  // halves per 16-bit plane
+    const bool lo_a = PREC == PREC_FP32 && !d.a.exact, lo_b = PREC == PREC_FP32 && !d.b.exact;
+    for (int kt = kt0; kt < kt1; ++kt) {
+        __syncthreads();  // the last step's fragments are read; its tables may go
+        if (tid < TC_BK) ta_k[tid] = index_entry(d.a.k, kt * TC_BK + tid, 0);
+        else if (tid < 2 * TC_BK) tb_k[tid - TC_BK] = index_entry(d.b.k, kt * TC_BK + tid - TC_BK, 0);
+        __syncthreads();
+        // stage A and B: 64×32 elements each, 16 per thread, as the precision's operands
+        stage_tile<PREC>(d.a, ta_m, ta_k, As, sa, lo_a, tid);
+        stage_tile<PREC>(d.b, tb_n, tb_k, Bs, sb, lo_b, tid);
+        __syncthreads();
+        // the tile's products
+        if (PREC == PREC_TF32) {
+#pragma unroll
+            for (int ks = 0; ks < TC_BK; ks += 8) {
+                u32 a[2][4], b[4][2];
+#pragma unroll
+                for (int mi = 0; mi < 2; ++mi) {
+                    const u32* r0 = As + (wm * 32 + mi * 16 + g) * TC_ROW32 + ks + t4;
+                    a[mi][0] = r0[0];
+                    a[mi][1] = r0[8 * TC_ROW32];
+                    a[mi][2] = r0[4];
+                    a[mi][3] = r0[8 * TC_ROW32 + 4];
+                }
+#pragma unroll
+                for (int ni = 0; ni < 4; ++ni) {
+                    const u32* c0 = Bs + (wn * 32 + ni * 8 + g) * TC_ROW32 + ks + t4;
+                    b[ni][0] = c0[0];
+                    b[ni][1] = c0[4];
+                }
+#pragma unroll
+                for (int mi = 0; mi < 2; ++mi)
+#pragma unroll
+                    for (int ni = 0; ni < 4; ++ni) mma_tf32_m16n8k8(acc[mi][ni], a[mi], b[ni]);
+            }
+        } else {
+#pragma unroll
+            for (int ks = 0; ks < TC_BK; ks += 16) {
+                u32 a[2][4], al[2][4], b[4][2], bl[4][2];  // hi and lo halves
+#pragma unroll
+                for (int mi = 0; mi < 2; ++mi) {
+                    load_a16(a[mi], A16 + (wm * 32 + mi * 16 + g) * TC_ROW16 + ks + 2 * t4);
+                    if (lo_a) load_a16(al[mi], A16 + plane16 + (wm * 32 + mi * 16 + g) * TC_ROW16 + ks + 2 * t4);
+                }
+#pragma unroll
+                for (int ni = 0; ni < 4; ++ni) {
+                    load_b16(b[ni], B16 + (wn * 32 + ni * 8 + g) * TC_ROW16 + ks + 2 * t4);
+                    if (lo_b) load_b16(bl[ni], B16 + plane16 + (wn * 32 + ni * 8 + g) * TC_ROW16 + ks + 2 * t4);
+                }
+#pragma unroll
+                for (int mi = 0; mi < 2; ++mi)
+#pragma unroll
+                    for (int ni = 0; ni < 4; ++ni) {
+                        if (PREC == PREC_BF16) {
+                            mma_bf16_m16n8k16(acc[mi][ni], a[mi], b[ni]);
+                        } else {
+                            // the small products first: lo·hi, hi·lo, then hi·hi
+                            if (lo_a) mma_f16_m16n8k16(acc[mi][ni], al[mi], b[ni]);
+                            if (lo_b) mma_f16_m16n8k16(acc[mi][ni], a[mi], bl[ni]);
+                            mma_f16_m16n8k16(acc[mi][ni], a[mi], b[ni]);
+                        }
+                    }
+            }
+        }
+    }
+    // epilogue: undo the scales (powers of two: exact), then the split's partial tile or the output
+#pragma unroll
+    for (int mi = 0; mi < 2; ++mi)
+#pragma unroll
+        for (int ni = 0; ni < 4; ++ni)
+#pragma unroll
+            for (int r = 0; r < 4; ++r) {
+                const int m = m0 + wm * 32 + mi * 16 + g + (r >= 2 ? 8 : 0);
+                const int n = n0 + wn * 32 + ni * 8 + 2 * t4 + (r & 1);
+                if (m >= d.M || n >= ncols) continue;
+                const float v = acc[mi][ni][r] * ia * ib;
+                if (d.splits > 1) d.partial[((long long)blockIdx.z * d.M + m) * ncols + n] = v;
+                else store_c(d, m, n, v);
+            }
+}
+
+extern "C" __global__ void __launch_bounds__(TC_THREADS) gemm_tc_fp32(const GemmDesc d, const u32* __restrict__ maxbits) {
+    gemm_tc<PREC_FP32>(d, maxbits);
+}
+extern "C" __global__ void __launch_bounds__(TC_THREADS) gemm_tc_tf32(const GemmDesc d, const u32* __restrict__ maxbits) {
+    gemm_tc<PREC_TF32>(d, maxbits);
+}
+extern "C" __global__ void __launch_bounds__(TC_THREADS) gemm_tc_bf16(const GemmDesc d, const u32* __restrict__ maxbits) {
+    gemm_tc<PREC_BF16>(d, maxbits);
+}
+
+// C = Σ_split partial[split] in ascending split order, into the output (as gemm_tc's epilogue).
+// One thread per element of C, grid-stride.
+extern "C" __global__ void gemm_tc_reduce_f32(const GemmDesc d) {
+    const int ncols = d.N + d.b.ones;
+    const long long total = (long long)d.M * ncols;
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total; i += (long long)gridDim.x * blockDim.x) {
+        float v = 0.0f;
+        for (int s = 0; s < d.splits; ++s) v += d.partial[(long long)s * total + i];
+        store_c(d, (int)(i / ncols), (int)(i % ncols), v);
+    }
+}
+
+// *out = max(*out, the f32 bits of max |x|) over x [n] (bits of non-negative floats order as the
+// floats); *out must start at 0. Block-wide max through shared memory, one atomicMax per block.
+extern "C" __global__ void absmax_f32(const float* __restrict__ x, long long n, u32* __restrict__ out) {
+    __shared__ u32 part[8];
+    u32 local = 0;
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) {
+        const u32 b = __float_as_uint(fabsf(x[i]));
+        local = b > local ? b : local;
+    }
+    for (int o = 16; o > 0; o >>= 1) {
+        const u32 other = __shfl_xor_sync(0xFFFFFFFFu, local, o);
+        local = other > local ? other : local;
+    }
+    if ((threadIdx.x & 31) == 0) part[threadIdx.x >> 5] = local;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        u32 m = 0;
+        for (int w = 0; w < (int)(blockDim.x + 31) / 32; ++w) m = part[w] > m ? part[w] : m;
+        atomicMax(out, m);
+    }
+}
+
+// A probe of the structs' C layout, for the host twins' test: sizes and offsets of every field.
+extern "C" __global__ void gemm_tc_layout(long long* out) {
+    if (threadIdx.x != 0) return;
+    GemmDesc d;
+    const char* base = reinterpret_cast<const char*>(&d);
+    int i = 0;
+    out[i++] = sizeof(IndexMap);
+    out[i++] = sizeof(Operand);
+    out[i++] = sizeof(Output);
+    out[i++] = sizeof(GemmDesc);
+    out[i++] = reinterpret_cast<const char*>(&d.a.mn.kind) - base;
+    out[i++] = reinterpret_cast<const char*>(&d.a.k) - base;
+    out[i++] = reinterpret_cast<const char*>(&d.a.sp_h) - base;
+    out[i++] = reinterpret_cast<const char*>(&d.a.scale_slot) - base;
+    out[i++] = reinterpret_cast<const char*>(&d.b) - base;
+    out[i++] = reinterpret_cast<const char*>(&d.out) - base;
+    out[i++] = reinterpret_cast<const char*>(&d.out.n) - base;
+    out[i++] = reinterpret_cast<const char*>(&d.out.bias_on) - base;
+    out[i++] = reinterpret_cast<const char*>(&d.partial) - base;
+    out[i++] = reinterpret_cast<const char*>(&d.M) - base;
+    out[i++] = reinterpret_cast<const char*>(&d.kt_per_split) - base;
+}

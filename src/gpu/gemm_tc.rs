@@ -1,0 +1,792 @@
+//! Host side of the tensor-core GEMMs of the feed-forward layers (`cuda/gemm_tc.cu`, whose header
+//! gives the math): the descriptor of each op — a convolution's forward, data gradient and weight
+//! gradient as implicit GEMMs, a linear layer's three GEMMs — as pure functions of the shapes and
+//! the buffers' device addresses, the grid and split-K, and the launches. Twins:
+//! `src/cpu/conv.rs`, `src/cpu/linear.rs`; callers `src/gpu/conv.rs`, `src/gpu/linear.rs`.
+//!
+//! Which path a run takes ([`FeedForward`]): cuBLAS's FP32 GEMMs (im2col for the convolutions)
+//! stay the default in fp32 mode until a GPU run has timed both; tf32 and bf16 run these kernels
+//! (cuBLAS's SGEMM computes fp32 only); `BACKEI_FEEDFORWARD=tc` takes them in fp32 mode too.
+
+use super::backei_layer::DeviceLimits;
+use super::device::GpuDevice;
+use super::util::cuda_err;
+use crate::cpu::conv::ConvGeom;
+use crate::error::{config_err, shape_err, Result};
+use crate::precision::Precision;
+use cudarc::driver::{CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg};
+
+/// The environment variable that picks the feed-forward layers' GEMMs: `tc` or `cublas`.
+pub const FEEDFORWARD_ENV: &str = "BACKEI_FEEDFORWARD";
+
+/// How the convolutions and linear layers compute their products.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum FeedForward {
+    /// cuBLAS SGEMM (FP32), im2col for the convolutions.
+    Cublas,
+    /// `gemm_tc.cu` on tensor cores, in this precision.
+    TensorCore(Precision),
+}
+
+impl FeedForward {
+    /// The path for `precision` and the value of `BACKEI_FEEDFORWARD` (None: unset).
+    pub fn choose(precision: Precision, env: Option<&str>) -> Result<Self> {
+        match env.map(|s| s.trim().to_ascii_lowercase()).as_deref() {
+            None | Some("") => Ok(match precision {
+                Precision::Fp32 => FeedForward::Cublas,
+                p => FeedForward::TensorCore(p),
+            }),
+            Some("tc") => Ok(FeedForward::TensorCore(precision)),
+            Some("cublas") if precision == Precision::Fp32 => Ok(FeedForward::Cublas),
+            Some("cublas") => Err(config_err(
+                FEEDFORWARD_ENV,
+                format!("cublas computes fp32 only, not --precision {precision}: use --precision fp32 or {FEEDFORWARD_ENV}=tc"),
+            )),
+            Some(other) => Err(config_err(FEEDFORWARD_ENV, format!("`{other}`: use tc (tensor cores) or cublas (FP32)"))),
+        }
+    }
+
+    /// `choose` with the variable as it is set.
+    pub fn from_env(precision: Precision) -> Result<Self> {
+        Self::choose(precision, std::env::var(FEEDFORWARD_ENV).ok().as_deref())
+    }
+}
+
+pub const IDX_LINEAR: i32 = 0;
+pub const IDX_SAMPLE_PIXEL: i32 = 1;
+pub const IDX_CHANNEL_TAP: i32 = 2;
+
+/// Threads of a GEMM block and its tile (`TC_*` in the .cu).
+pub const TC_THREADS: u32 = 128;
+pub const TC_BM: usize = 64;
+pub const TC_BN: usize = 64;
+pub const TC_BK: usize = 32;
+
+/// How an index maps to a memory offset and a spatial place (`IndexMap` in the .cu).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct IndexMap {
+    pub stride: i64,
+    pub kind: i32,
+    pub count: i32,
+    pub per: i32,
+    pub width: i32,
+    pub row_stride: i32,
+    pub origin: i32,
+    pub sign: i32,
+    pub pad_: i32,
+}
+
+/// One GEMM operand (`Operand` in the .cu).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Operand {
+    pub p: u64,
+    pub mn: IndexMap,
+    pub k: IndexMap,
+    pub sp_h: i32,
+    pub sp_w: i32,
+    pub ones: i32,
+    pub exact: i32,
+    pub k_fast: i32,
+    pub scale_slot: i32,
+}
+
+/// Where C goes (`Output` in the .cu).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Output {
+    pub p: u64,
+    pub m: IndexMap,
+    pub n: IndexMap,
+    pub bias: u64,
+    pub ones_out: u64,
+    pub bias_on: i32,
+    pub accumulate: i32,
+}
+
+/// A whole GEMM (`GemmDesc` in the .cu).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GemmDesc {
+    pub a: Operand,
+    pub b: Operand,
+    pub out: Output,
+    pub partial: u64,
+    pub m: i32,
+    pub n: i32,
+    pub k: i32,
+    pub splits: i32,
+    pub kt_per_split: i32,
+    pub pad_: i32,
+}
+
+// SAFETY: plain-old-data with the C layout of cuda/gemm_tc.cu's structs (checked by the
+// emulator test `gemm_tc_structs_have_the_layout_of_the_kernels`).
+unsafe impl DeviceRepr for IndexMap {}
+unsafe impl DeviceRepr for Operand {}
+unsafe impl DeviceRepr for Output {}
+unsafe impl DeviceRepr for GemmDesc {}
+
+/// An index's place: its offset (None: outside the valid range), (y, x), or the ones column.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Entry {
+    Invalid,
+    Ones,
+    At { off: i64, y: i32, x: i32 },
+}
+
+impl IndexMap {
+    /// i → i·stride.
+    pub fn linear(count: usize, stride: usize) -> Self {
+        IndexMap { stride: stride as i64, kind: IDX_LINEAR, count: count as i32, ..Default::default() }
+    }
+
+    /// i = (sample, pixel) on a map `width` wide with `per` pixels → sample·stride + y·row_stride + x.
+    pub fn sample_pixel(count: usize, per: usize, width: usize, stride: usize, row_stride: usize) -> Self {
+        IndexMap {
+            stride: stride as i64,
+            kind: IDX_SAMPLE_PIXEL,
+            count: count as i32,
+            per: per as i32,
+            width: width as i32,
+            row_stride: row_stride as i32,
+            ..Default::default()
+        }
+    }
+
+    /// i = (channel, tap) of a k×k kernel → channel·stride + y·row_stride + x, (y, x) =
+    /// sign·((ky, kx) − origin).
+    pub fn channel_tap(count: usize, k: usize, stride: usize, row_stride: usize, origin: usize, sign: i32) -> Self {
+        IndexMap {
+            stride: stride as i64,
+            kind: IDX_CHANNEL_TAP,
+            count: count as i32,
+            per: (k * k) as i32,
+            width: k as i32,
+            row_stride: row_stride as i32,
+            origin: origin as i32,
+            sign,
+            pad_: 0,
+        }
+    }
+
+    /// The place of index `i` (`index_entry` in the .cu).
+    pub fn entry(&self, i: usize, ones: bool) -> Entry {
+        let i = i as i64;
+        if i >= self.count as i64 {
+            return if ones && i == self.count as i64 { Entry::Ones } else { Entry::Invalid };
+        }
+        match self.kind {
+            IDX_LINEAR => Entry::At { off: i * self.stride, y: 0, x: 0 },
+            IDX_SAMPLE_PIXEL => {
+                let (s, p) = (i / self.per as i64, i % self.per as i64);
+                let (y, x) = (p / self.width as i64, p % self.width as i64);
+                Entry::At { off: s * self.stride + y * self.row_stride as i64 + x, y: y as i32, x: x as i32 }
+            }
+            _ => {
+                let (c, t) = (i / self.per as i64, i % self.per as i64);
+                let (ky, kx) = (t / self.width as i64, t % self.width as i64);
+                let sign = self.sign as i64;
+                let (y, x) = (sign * (ky - self.origin as i64), sign * (kx - self.origin as i64));
+                Entry::At { off: c * self.stride + y * self.row_stride as i64 + x, y: y as i32, x: x as i32 }
+            }
+        }
+    }
+}
+
+impl Operand {
+    /// The offset of element (mn, k) from `p`, or None for a zero (padding, beyond the ends), or
+    /// Some(None) for the ones column: the host twin of `operand_at`.
+    pub fn element(&self, mn: usize, k: usize) -> Option<Option<i64>> {
+        let (em, ek) = (self.mn.entry(mn, self.ones != 0), self.k.entry(k, false));
+        match (em, ek) {
+            (_, Entry::Invalid | Entry::Ones) | (Entry::Invalid, _) => None,
+            (Entry::Ones, _) => Some(None),
+            (Entry::At { off: om, y: ym, x: xm }, Entry::At { off: ok, y: yk, x: xk }) => {
+                if self.sp_h != 0 {
+                    let (y, x) = (ym + yk, xm + xk);
+                    if y < 0 || y >= self.sp_h || x < 0 || x >= self.sp_w {
+                        return None;
+                    }
+                }
+                Some(Some(om + ok))
+            }
+        }
+    }
+}
+
+impl Output {
+    /// The offset of C[m][n] from `p`.
+    pub fn offset(&self, m: usize, n: usize) -> i64 {
+        match (self.m.entry(m, false), self.n.entry(n, false)) {
+            (Entry::At { off: a, .. }, Entry::At { off: b, .. }) => a + b,
+            _ => -1,
+        }
+    }
+}
+
+fn k_contiguous(im: &IndexMap) -> bool {
+    (im.kind == IDX_LINEAR && im.stride == 1) || (im.kind == IDX_SAMPLE_PIXEL && im.row_stride == im.width)
+}
+
+fn operand(p: u64, mn: IndexMap, k: IndexMap, spatial: Option<(usize, usize)>, exact: bool, slot: i32) -> Operand {
+    let (sp_h, sp_w) = spatial.map_or((0, 0), |(h, w)| (h as i32, w as i32));
+    Operand {
+        p,
+        mn,
+        k,
+        sp_h,
+        sp_w,
+        ones: 0,
+        exact: exact as i32,
+        k_fast: k_contiguous(&k) as i32,
+        scale_slot: if exact { -1 } else { slot },
+    }
+}
+
+/// Conv forward over `samples` samples: C[co][(s,p)] = Σ_(ci,tap) W[co][ci][tap]·X[s][ci][p+tap−pad],
+/// + b[co], written to y [samples][cout][ho][wo].
+pub fn conv_forward(g: &ConvGeom, samples: usize, w: u64, b: u64, x: u64, y: u64, x_exact: bool) -> GemmDesc {
+    let (kk, p, hw) = (g.col_rows(), g.out_pixels(), g.h * g.w);
+    let a = operand(w, IndexMap::linear(g.cout, kk), IndexMap::linear(kk, 1), None, false, 0);
+    let bo = operand(
+        x,
+        IndexMap::sample_pixel(samples * p, p, g.wo, g.in_len(), g.w),
+        IndexMap::channel_tap(kk, g.k, hw, g.w, g.pad, 1),
+        Some((g.h, g.w)),
+        x_exact,
+        1,
+    );
+    let out = Output {
+        p: y,
+        m: IndexMap::linear(g.cout, p),
+        n: IndexMap::sample_pixel(samples * p, p, g.wo, g.out_len(), g.wo),
+        bias: b,
+        bias_on: 1,
+        ..Default::default()
+    };
+    desc(a, bo, out, g.cout, samples * p, kk)
+}
+
+/// Conv data gradient: C[ci][(s,q)] = Σ_(co,tap) W[co][ci][tap]·dY[s][co][q+pad−tap], written to
+/// dx [samples][cin][h][w].
+pub fn conv_backward_data(g: &ConvGeom, samples: usize, w: u64, dy: u64, dx: u64) -> GemmDesc {
+    let (kk, p, hw) = (g.k * g.k, g.out_pixels(), g.h * g.w);
+    let kdim = g.cout * kk;
+    let a = operand(w, IndexMap::linear(g.cin, kk), IndexMap::channel_tap(kdim, g.k, g.cin * kk, g.k, 0, 1), None, false, 0);
+    let bo = operand(
+        dy,
+        IndexMap::sample_pixel(samples * hw, hw, g.w, g.out_len(), g.wo),
+        IndexMap::channel_tap(kdim, g.k, p, g.wo, g.pad, -1),
+        Some((g.ho, g.wo)),
+        false,
+        1,
+    );
+    let out = Output {
+        p: dx,
+        m: IndexMap::linear(g.cin, hw),
+        n: IndexMap::sample_pixel(samples * hw, hw, g.w, g.in_len(), g.w),
+        ..Default::default()
+    };
+    desc(a, bo, out, g.cin, samples * hw, kdim)
+}
+
+/// Conv weight gradient: dW[co][(ci,tap)] += Σ_(s,p) dY[s][co][p]·X[s][ci][p+tap−pad], and (the
+/// ones column) db[co] += Σ_(s,p) dY[s][co][p].
+pub fn conv_weight_grad(g: &ConvGeom, samples: usize, dy: u64, x: u64, dw: u64, db: u64, x_exact: bool) -> GemmDesc {
+    let (kk, p, hw) = (g.col_rows(), g.out_pixels(), g.h * g.w);
+    let kdim = samples * p;
+    let a = operand(dy, IndexMap::linear(g.cout, p), IndexMap::sample_pixel(kdim, p, g.wo, g.out_len(), g.wo), None, false, 0);
+    let mut bo = operand(
+        x,
+        IndexMap::channel_tap(kk, g.k, hw, g.w, g.pad, 1),
+        IndexMap::sample_pixel(kdim, p, g.wo, g.in_len(), g.w),
+        Some((g.h, g.w)),
+        x_exact,
+        1,
+    );
+    bo.ones = 1;
+    let out =
+        Output { p: dw, m: IndexMap::linear(g.cout, kk), n: IndexMap::linear(kk, 1), ones_out: db, accumulate: 1, ..Default::default() };
+    desc(a, bo, out, g.cout, kk, kdim)
+}
+
+/// Linear forward over `rows` rows: y[r][o] = Σ_i x[r][i]·W[o][i] + b[o].
+#[allow(clippy::too_many_arguments)]
+pub fn linear_forward(n_in: usize, n_out: usize, rows: usize, x: u64, w: u64, b: u64, y: u64, x_exact: bool) -> GemmDesc {
+    let a = operand(x, IndexMap::linear(rows, n_in), IndexMap::linear(n_in, 1), None, x_exact, 0);
+    let bo = operand(w, IndexMap::linear(n_out, n_in), IndexMap::linear(n_in, 1), None, false, 1);
+    let out = Output { p: y, m: IndexMap::linear(rows, n_out), n: IndexMap::linear(n_out, 1), bias: b, bias_on: 2, ..Default::default() };
+    desc(a, bo, out, rows, n_out, n_in)
+}
+
+/// Linear data gradient: dx[r][i] = Σ_o dy[r][o]·W[o][i].
+pub fn linear_backward_data(n_in: usize, n_out: usize, rows: usize, dy: u64, w: u64, dx: u64) -> GemmDesc {
+    let a = operand(dy, IndexMap::linear(rows, n_out), IndexMap::linear(n_out, 1), None, false, 0);
+    let bo = operand(w, IndexMap::linear(n_in, 1), IndexMap::linear(n_out, n_in), None, false, 1);
+    let out = Output { p: dx, m: IndexMap::linear(rows, n_in), n: IndexMap::linear(n_in, 1), ..Default::default() };
+    desc(a, bo, out, rows, n_in, n_out)
+}
+
+/// Linear weight gradient: dW[o][i] += Σ_r dy[r][o]·x[r][i], and db[o] += Σ_r dy[r][o].
+#[allow(clippy::too_many_arguments)]
+pub fn linear_weight_grad(n_in: usize, n_out: usize, rows: usize, dy: u64, x: u64, dw: u64, db: u64, x_exact: bool) -> GemmDesc {
+    let a = operand(dy, IndexMap::linear(n_out, 1), IndexMap::linear(rows, n_out), None, false, 0);
+    let mut bo = operand(x, IndexMap::linear(n_in, 1), IndexMap::linear(rows, n_in), None, x_exact, 1);
+    bo.ones = 1;
+    let out =
+        Output { p: dw, m: IndexMap::linear(n_out, n_in), n: IndexMap::linear(n_in, 1), ones_out: db, accumulate: 1, ..Default::default() };
+    desc(a, bo, out, n_out, n_in, rows)
+}
+
+fn desc(a: Operand, b: Operand, out: Output, m: usize, n: usize, k: usize) -> GemmDesc {
+    GemmDesc {
+        a,
+        b,
+        out,
+        m: m as i32,
+        n: n as i32,
+        k: k as i32,
+        splits: 1,
+        kt_per_split: k.div_ceil(TC_BK).max(1) as i32,
+        ..Default::default()
+    }
+}
+
+/// The grid and split-K of a GEMM on a device.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GemmPlan {
+    pub grid: (u32, u32, u32),
+    pub splits: usize,
+    pub kt_per_split: usize,
+    /// f32 values of the split partial sums (0 without split-K).
+    pub partial: usize,
+}
+
+/// Output tiles and k-steps of a GEMM; split-K (fixed-order partial sums) when the tiles alone
+/// would leave most SMs idle: aim for two blocks per SM.
+pub fn gemm_plan(m: usize, n_cols: usize, k: usize, limits: &DeviceLimits) -> GemmPlan {
+    let (tm, tn) = (m.div_ceil(TC_BM), n_cols.div_ceil(TC_BN));
+    let ktiles = k.div_ceil(TC_BK).max(1);
+    let want = 2 * limits.sm_count as usize;
+    let mut splits = if tm * tn >= want { 1 } else { want.div_ceil(tm * tn).min(ktiles) };
+    let kt_per_split = ktiles.div_ceil(splits.max(1));
+    splits = ktiles.div_ceil(kt_per_split);
+    GemmPlan {
+        grid: (tn as u32, tm as u32, splits as u32),
+        splits,
+        kt_per_split,
+        partial: if splits > 1 { splits * m * n_cols } else { 0 },
+    }
+}
+
+/// Whether the input of layer `i` of `spec` is exact in fp16 without scaling: the spikes of a
+/// spiking layer (−1, 0, 1; exact firing only), or their averages by pooling and dropout scalings
+/// that are powers of two (2×2 pooling halves the spacing twice: a few pools stay within fp16's
+/// 11 bits), through flattening.
+pub fn input_exact_in_fp16(spec: &crate::spec::NetworkSpec, plan: &[crate::spec::LayerPlan], i: usize) -> bool {
+    use crate::spec::{FiringMode, LayerSpec};
+    let mut pools = 0;
+    for lp in plan[..i].iter().rev() {
+        match lp.spec {
+            LayerSpec::Flatten => {}
+            LayerSpec::AvgPool => pools += 1,
+            LayerSpec::Dropout { p } => {
+                let scale = (1.0 / (1.0 - p)) as f32;
+                if scale.to_bits() & 0x007F_FFFF != 0 {
+                    return false;
+                }
+            }
+            LayerSpec::BackEi | LayerSpec::Spiking => return spec.neuron.mode == FiringMode::Exact && pools <= 4,
+            LayerSpec::Conv { .. } | LayerSpec::Linear { .. } => return false,
+        }
+    }
+    false
+}
+
+/// The f32 values of split-K partial sums a GEMM needs on a device (0 without split-K).
+pub fn partial_of(d: &GemmDesc, limits: &DeviceLimits) -> usize {
+    gemm_plan(d.m as usize, d.cols(), d.k as usize, limits).partial
+}
+
+impl GemmDesc {
+    /// Columns of C (N, and the ones column when there is one).
+    pub fn cols(&self) -> usize {
+        self.n as usize + self.b.ones as usize
+    }
+
+    /// Every dimension in the kernels' 32-bit range (the element offsets are 64-bit).
+    pub fn validate(&self) -> Result<()> {
+        if self.m <= 0 || self.n <= 0 || self.k <= 0 {
+            return Err(shape_err("tensor-core GEMM", "positive M, N, K within 2^31", format!("M {} N {} K {}", self.m, self.n, self.k)));
+        }
+        Ok(())
+    }
+}
+
+/// The device memory of the tensor-core GEMMs: the operands' largest |x| (two words) and the
+/// split-K partial sums (grown to the largest GEMM's).
+pub struct TcWorkspace {
+    pub maxbits: CudaSlice<u32>,
+    partial: Option<CudaSlice<f32>>,
+}
+
+/// Device bytes of a workspace whose partial sums hold `partial` values.
+pub fn workspace_bytes(partial: usize) -> usize {
+    8 + 4 * partial
+}
+
+impl TcWorkspace {
+    pub fn new(dev: &GpuDevice) -> Result<Self> {
+        Ok(TcWorkspace { maxbits: dev.stream.alloc_zeros(2).map_err(cuda_err("allocating the GEMM scales"))?, partial: None })
+    }
+
+    /// Device bytes held.
+    pub fn bytes(&self) -> usize {
+        workspace_bytes(self.partial.as_ref().map_or(0, |p| p.len()))
+    }
+}
+
+/// The feed-forward layers' GEMM state: which path, the device limits its plans need, and each
+/// path's workspace (cuBLAS: the im2col column buffer; tensor cores: scales and split-K sums).
+pub struct FeedForwardWs {
+    pub mode: FeedForward,
+    pub limits: DeviceLimits,
+    pub conv: super::conv::ConvWorkspace,
+    pub tc: TcWorkspace,
+}
+
+impl FeedForwardWs {
+    pub fn new(dev: &GpuDevice, mode: FeedForward, limits: DeviceLimits) -> Result<Self> {
+        Ok(FeedForwardWs {
+            mode,
+            limits,
+            conv: super::conv::ConvWorkspace::new(super::conv::DEFAULT_WORKSPACE_BYTES),
+            tc: TcWorkspace::new(dev)?,
+        })
+    }
+
+    /// Device bytes held.
+    pub fn bytes(&self) -> usize {
+        self.conv.bytes() + self.tc.bytes()
+    }
+}
+
+/// A view's device address (the GEMM descriptors hold addresses).
+pub fn addr<T>(dev: &GpuDevice, v: &impl cudarc::driver::DevicePtr<T>) -> u64 {
+    v.device_ptr(&dev.stream).0
+}
+
+/// One launch of a GEMM's sequence (see [`launches`]).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum TcLaunch {
+    /// Zero the two scale words at `maxbits` (fp32 mode).
+    ClearScales,
+    /// `absmax_f32` of `len` values at `ptr` into the word at `out`.
+    Absmax { ptr: u64, len: usize, out: u64, grid: u32 },
+    /// `gemm_tc_<precision>` over `grid`.
+    Gemm { kernel: &'static str, grid: (u32, u32, u32), desc: GemmDesc },
+    /// `gemm_tc_reduce_f32`: the splits' fixed-order sum.
+    Reduce { grid: u32, desc: GemmDesc },
+}
+
+/// Blocks of the grid-stride helper kernels (256 threads each).
+fn helper_blocks(n: usize) -> u32 {
+    n.div_ceil(256).clamp(1, 1 << 20) as u32
+}
+
+/// The launches of one GEMM under `plan`: (fp32 mode) the operands' scales, the product, (split-K)
+/// the fixed-order sum of the splits. `sources` are the operands' whole buffers (address, length)
+/// for their largest |x|, A's first; `maxbits` the two scale words, `partial` the split-K buffer
+/// (at least `plan.partial` values). The GPU runs this list (`run`) and so do the emulator tests.
+pub fn launches(
+    mut d: GemmDesc,
+    plan: &GemmPlan,
+    precision: Precision,
+    sources: [(u64, usize); 2],
+    maxbits: u64,
+    partial: u64,
+) -> Vec<TcLaunch> {
+    d.splits = plan.splits as i32;
+    d.kt_per_split = plan.kt_per_split as i32;
+    d.partial = if plan.splits > 1 { partial } else { 0 };
+    let mut out = Vec::new();
+    if precision == Precision::Fp32 {
+        out.push(TcLaunch::ClearScales);
+        for (slot, (op, (ptr, len))) in [d.a, d.b].iter().zip(sources).enumerate() {
+            if op.exact == 0 && len > 0 {
+                out.push(TcLaunch::Absmax { ptr, len, out: maxbits + 4 * slot as u64, grid: helper_blocks(len.min(1 << 28)) });
+            }
+        }
+    }
+    let kernel = match precision {
+        Precision::Fp32 => "gemm_tc_fp32",
+        Precision::Tf32 => "gemm_tc_tf32",
+        Precision::Bf16 => "gemm_tc_bf16",
+    };
+    out.push(TcLaunch::Gemm { kernel, grid: plan.grid, desc: d });
+    if plan.splits > 1 {
+        out.push(TcLaunch::Reduce { grid: helper_blocks(d.m as usize * d.cols()), desc: d });
+    }
+    out
+}
+
+/// Runs one GEMM on the device (see [`launches`]).
+pub fn run(
+    dev: &GpuDevice,
+    ws: &mut TcWorkspace,
+    d: GemmDesc,
+    precision: Precision,
+    sources: [(u64, usize); 2],
+    limits: &DeviceLimits,
+) -> Result<()> {
+    use cudarc::driver::DevicePtrMut;
+    d.validate()?;
+    let plan = gemm_plan(d.m as usize, d.cols(), d.k as usize, limits);
+    if plan.partial > 0 && ws.partial.as_ref().is_none_or(|p| p.len() < plan.partial) {
+        ws.partial = None;
+        ws.partial = Some(dev.stream.alloc_zeros(plan.partial).map_err(cuda_err("allocating the split-K partial sums"))?);
+    }
+    let partial = match ws.partial.as_mut() {
+        Some(p) => p.device_ptr_mut(&dev.stream).0,
+        None => 0,
+    };
+    let maxbits = ws.maxbits.device_ptr_mut(&dev.stream).0;
+    let helper = |n: u32| LaunchConfig { grid_dim: (n, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+    for l in launches(d, &plan, precision, sources, maxbits, partial) {
+        // SAFETY (every launch): the descriptor's addresses and extents come from the callers'
+        // checked buffers; the scale words and the partial sums are the workspace's, sized above.
+        match l {
+            TcLaunch::ClearScales => dev.stream.memset_zeros(&mut ws.maxbits).map_err(cuda_err("clearing the GEMM scales"))?,
+            TcLaunch::Absmax { ptr, len, out, grid } => {
+                let f = dev.kernels.function("gemm_tc", "absmax_f32")?;
+                let n = len as i64;
+                unsafe { dev.stream.launch_builder(&f).arg(&ptr).arg(&n).arg(&out).launch(helper(grid)) }
+                    .map_err(cuda_err("absmax_f32"))?;
+            }
+            TcLaunch::Gemm { kernel, grid, desc } => {
+                let f = dev.kernels.function("gemm_tc", kernel)?;
+                let cfg = LaunchConfig { grid_dim: grid, block_dim: (TC_THREADS, 1, 1), shared_mem_bytes: 0 };
+                unsafe { dev.stream.launch_builder(&f).arg(&desc).arg(&maxbits).launch(cfg) }.map_err(cuda_err(kernel))?;
+            }
+            TcLaunch::Reduce { grid, desc } => {
+                let f = dev.kernels.function("gemm_tc", "gemm_tc_reduce_f32")?;
+                unsafe { dev.stream.launch_builder(&f).arg(&desc).launch(helper(grid)) }.map_err(cuda_err("gemm_tc_reduce_f32"))?;
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cpu::{conv as cconv, linear as clin};
+    use rand::{Rng, SeedableRng};
+    use rand_chacha::ChaCha8Rng;
+
+    /// Fake device addresses: buffer j starts at j << 40, so an offset names the buffer.
+    const BUF: u64 = 1 << 40;
+
+    /// C of a descriptor, computed on the host from the descriptor alone (f64 sums), written into
+    /// the buffers as the kernel's epilogue would: the index algebra, checked without a GPU.
+    fn interpret(d: &GemmDesc, bufs: &mut [Vec<f32>]) {
+        let read = |bufs: &[Vec<f32>], base: u64, off: i64| -> f32 {
+            let addr = base as i64 + off;
+            let (j, i) = ((addr as u64 / BUF) as usize, (addr as u64 % BUF) as usize);
+            bufs[j][i]
+        };
+        let cols = d.cols();
+        let mut c = vec![0f64; d.m as usize * cols];
+        for m in 0..d.m as usize {
+            for n in 0..cols {
+                let mut s = 0f64;
+                for k in 0..d.k as usize {
+                    let av = d.a.element(m, k).map_or(0.0, |o| o.map_or(1.0, |off| read(bufs, d.a.p, off)));
+                    let bv = d.b.element(n, k).map_or(0.0, |o| o.map_or(1.0, |off| read(bufs, d.b.p, off)));
+                    s += av as f64 * bv as f64;
+                }
+                c[m * cols + n] = s;
+            }
+        }
+        for m in 0..d.m as usize {
+            for n in 0..cols {
+                let mut v = c[m * cols + n] as f32;
+                if n == d.n as usize {
+                    let j = (d.out.ones_out / BUF) as usize;
+                    bufs[j][m] += v;
+                    continue;
+                }
+                if d.out.bias_on == 1 {
+                    v += read(bufs, d.out.bias, m as i64);
+                }
+                if d.out.bias_on == 2 {
+                    v += read(bufs, d.out.bias, n as i64);
+                }
+                let addr = d.out.p as i64 + d.out.offset(m, n);
+                let (j, i) = ((addr as u64 / BUF) as usize, (addr as u64 % BUF) as usize);
+                bufs[j][i] = if d.out.accumulate != 0 { bufs[j][i] + v } else { v };
+            }
+        }
+    }
+
+    fn rand_vec(rng: &mut ChaCha8Rng, n: usize) -> Vec<f32> {
+        (0..n).map(|_| rng.random_range(-1.0f32..1.0)).collect()
+    }
+
+    fn close(what: &str, a: &[f32], b: &[f32]) {
+        assert_eq!(a.len(), b.len(), "{what}");
+        let scale = b.iter().fold(1e-6f32, |m, x| m.max(x.abs()));
+        for (i, (x, y)) in a.iter().zip(b).enumerate() {
+            assert!((x - y).abs() <= 1e-5 * scale, "{what}: element {i}: {x} vs {y}");
+        }
+    }
+
+    #[test]
+    fn the_conv_descriptors_compute_the_cpu_convolution() {
+        let mut rng = ChaCha8Rng::seed_from_u64(3);
+        for g in [
+            ConvGeom::new(3, 5, 7, 6, 3, 1),
+            ConvGeom::new(2, 4, 9, 9, 5, 0),
+            ConvGeom::new(1, 3, 5, 5, 5, 2),
+            ConvGeom::new(4, 2, 6, 8, 3, 2),
+        ] {
+            let s = 3;
+            let (w, b, x, dy) = (
+                rand_vec(&mut rng, g.weight_len()),
+                rand_vec(&mut rng, g.cout),
+                rand_vec(&mut rng, s * g.in_len()),
+                rand_vec(&mut rng, s * g.out_len()),
+            );
+            // buffers: 0 w, 1 b, 2 x, 3 y / dx, 4 dy, 5 dw, 6 db
+            let mut bufs = vec![
+                w.clone(),
+                b.clone(),
+                x.clone(),
+                vec![0.0; s * g.out_len()],
+                dy.clone(),
+                vec![0.5; g.weight_len()],
+                vec![0.25; g.cout],
+            ];
+            interpret(&conv_forward(&g, s, 0, BUF, 2 * BUF, 3 * BUF, false), &mut bufs);
+            let mut y = vec![0f32; s * g.out_len()];
+            cconv::forward(&g, &w, &b, &x, &mut y);
+            close(&format!("{g:?} forward"), &bufs[3], &y);
+            bufs[3] = vec![f32::NAN; s * g.in_len()];
+            interpret(&conv_backward_data(&g, s, 0, 4 * BUF, 3 * BUF), &mut bufs);
+            let mut dx = vec![0f32; s * g.in_len()];
+            cconv::backward_data(&g, &w, &dy, &mut dx, false);
+            close(&format!("{g:?} data gradient"), &bufs[3], &dx);
+            interpret(&conv_weight_grad(&g, s, 4 * BUF, 2 * BUF, 5 * BUF, 6 * BUF, false), &mut bufs);
+            let (mut dw, mut db) = (vec![0.5f32; g.weight_len()], vec![0.25f32; g.cout]);
+            cconv::backward_weights(&g, &x, &dy, &mut dw, &mut db);
+            close(&format!("{g:?} weight gradient"), &bufs[5], &dw);
+            close(&format!("{g:?} bias gradient"), &bufs[6], &db);
+        }
+    }
+
+    #[test]
+    fn the_linear_descriptors_compute_the_cpu_linear_layer() {
+        let mut rng = ChaCha8Rng::seed_from_u64(4);
+        let (n_in, n_out, rows) = (37, 11, 9);
+        let (w, b, x, dy) = (
+            rand_vec(&mut rng, n_in * n_out),
+            rand_vec(&mut rng, n_out),
+            rand_vec(&mut rng, rows * n_in),
+            rand_vec(&mut rng, rows * n_out),
+        );
+        let mut bufs = vec![
+            w.clone(),
+            b.clone(),
+            x.clone(),
+            vec![0.0; rows * n_out],
+            dy.clone(),
+            vec![0.5; n_in * n_out],
+            vec![0.25; n_out],
+            vec![0.0; rows * n_in],
+        ];
+        interpret(&linear_forward(n_in, n_out, rows, 2 * BUF, 0, BUF, 3 * BUF, false), &mut bufs);
+        let mut y = vec![0f32; rows * n_out];
+        clin::forward(n_in, n_out, &w, &b, &x, &mut y);
+        close("linear forward", &bufs[3], &y);
+        interpret(&linear_backward_data(n_in, n_out, rows, 4 * BUF, 0, 7 * BUF), &mut bufs);
+        let mut dx = vec![0f32; rows * n_in];
+        clin::backward_data(n_in, n_out, &w, &dy, &mut dx);
+        close("linear data gradient", &bufs[7], &dx);
+        interpret(&linear_weight_grad(n_in, n_out, rows, 4 * BUF, 2 * BUF, 5 * BUF, 6 * BUF, false), &mut bufs);
+        let (mut dw, mut db) = (vec![0.5f32; n_in * n_out], vec![0.25f32; n_out]);
+        clin::backward_weights(n_in, n_out, &x, &dy, &mut dw, &mut db);
+        close("linear weight gradient", &bufs[5], &dw);
+        close("linear bias gradient", &bufs[6], &db);
+    }
+
+    #[test]
+    fn split_k_fills_the_device_and_covers_every_k_step_once() {
+        let h100 = DeviceLimits::H100;
+        // fashion-mnist conv2's weight gradient: 64 × (32·25 + 1) outputs, K = 2000·196 pixels
+        let p = gemm_plan(64, 801, 2000 * 196, &h100);
+        assert_eq!((p.grid.0, p.grid.1), (13, 1));
+        assert!(p.splits > 1 && p.grid.0 as usize * p.splits >= 2 * 132, "{p:?}");
+        let ktiles = (2000usize * 196).div_ceil(TC_BK);
+        assert!(p.splits * p.kt_per_split >= ktiles && (p.splits - 1) * p.kt_per_split < ktiles, "{p:?}");
+        assert_eq!(p.partial, p.splits * 64 * 801);
+        // a large forward needs no split
+        let f = gemm_plan(64, 2000 * 196, 800, &h100);
+        assert_eq!((f.splits, f.partial), (1, 0));
+        // never more splits than k-steps
+        let tiny = gemm_plan(8, 8, 40, &h100);
+        assert_eq!(tiny.splits, 2);
+        assert_eq!(tiny.kt_per_split, 1);
+    }
+
+    #[test]
+    fn spikes_and_their_averages_are_exact_inputs_images_are_not() {
+        use crate::spec::{FiringMode, LayerSpec, NetworkSpec};
+        let exact_inputs = |spec: &NetworkSpec| -> Vec<usize> {
+            let plan = spec.plan().unwrap();
+            (0..plan.len())
+                .filter(|&i| {
+                    matches!(plan[i].spec, LayerSpec::Conv { .. } | LayerSpec::Linear { .. }) && input_exact_in_fp16(spec, &plan, i)
+                })
+                .collect()
+        };
+        // fashion-mnist: conv 0 reads the image; conv 3 a pooled spike map, linear 7 its flattening,
+        // linear 9 spikes
+        assert_eq!(exact_inputs(&NetworkSpec::fashion_mnist()), vec![3, 7, 9]);
+        // cifar10: dropout 0.5 scales by 2, a power of two
+        let cifar = NetworkSpec::cifar10();
+        let all: Vec<usize> = cifar
+            .plan()
+            .unwrap()
+            .iter()
+            .enumerate()
+            .filter(|(_, l)| matches!(l.spec, LayerSpec::Conv { .. } | LayerSpec::Linear { .. }))
+            .map(|(i, _)| i)
+            .collect();
+        assert_eq!(exact_inputs(&cifar), all[1..].to_vec());
+        // a dropout of 0.3 scales by 1/0.7: not exact
+        let mut odd = cifar.clone();
+        for l in &mut odd.layers {
+            if let LayerSpec::Dropout { p } = l {
+                *p = 0.3;
+            }
+        }
+        assert!(exact_inputs(&odd).len() < exact_inputs(&cifar).len());
+        // smooth firing: real-valued "spikes"
+        let mut smooth = NetworkSpec::fashion_mnist();
+        smooth.neuron.mode = FiringMode::Smooth { k: 4.0 };
+        assert!(exact_inputs(&smooth).is_empty());
+    }
+
+    #[test]
+    fn the_path_follows_the_precision_and_the_variable() {
+        assert_eq!(FeedForward::choose(Precision::Fp32, None).unwrap(), FeedForward::Cublas);
+        assert_eq!(FeedForward::choose(Precision::Bf16, None).unwrap(), FeedForward::TensorCore(Precision::Bf16));
+        assert_eq!(FeedForward::choose(Precision::Fp32, Some("tc")).unwrap(), FeedForward::TensorCore(Precision::Fp32));
+        assert_eq!(FeedForward::choose(Precision::Fp32, Some("cublas")).unwrap(), FeedForward::Cublas);
+        let e = FeedForward::choose(Precision::Tf32, Some("cublas")).unwrap_err().to_string();
+        assert!(e.contains("fp32 only") && e.contains(FEEDFORWARD_ENV), "{e}");
+        assert!(FeedForward::choose(Precision::Fp32, Some("fast")).is_err());
+    }
+}

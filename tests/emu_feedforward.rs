@@ -1,0 +1,265 @@
+//! The feed-forward layers' kernels executed on the CPU emulator (`tests/emu/cuda_emu.h`): the
+//! tensor-core GEMMs (`cuda/gemm_tc.cu`) through the host's own descriptors and launch lists
+//! (`gpu::gemm_tc`) against the CPU engine's convolutions and linear layers in every precision
+//! (`tests/common/ff_check.rs`: the f64 CPU run is the yardstick, each mode's error relative to a
+//! tensor's largest value within its stated tolerance; `tests/gpu_feedforward.rs` runs the same
+//! checks on a GPU), and dropout fused into pooling against the CPU's two layers, bit for bit.
+mod common;
+
+use backei::cpu::conv::ConvGeom;
+use backei::gpu::backei_layer::DeviceLimits;
+use backei::gpu::gemm_tc::{self, gemm_plan, launches, GemmDesc, TcLaunch};
+use backei::Precision;
+use common::emu::{self, Args, DevBuf};
+use common::ff_check::{check_convs, check_linears, host, FfDevice, Grads};
+
+/// A device with two SMs: the weight gradients' GEMMs split their K over several blocks.
+const SMALL: DeviceLimits = DeviceLimits { sm_count: 2, max_smem_per_block: 232_448, max_smem_per_sm: 233_472 };
+
+/// The launches of one GEMM on the emulator, as `gemm_tc::run` issues them on a GPU.
+fn emulate(d: GemmDesc, precision: Precision, sources: [(u64, usize); 2], limits: &DeviceLimits, seed: u64) {
+    let m = emu::module("gemm_tc");
+    let plan = gemm_plan(d.m as usize, d.cols(), d.k as usize, limits);
+    let mut partial = DevBuf::new("partial", plan.partial);
+    let mut maxbits = vec![0xFFFF_FFFFu32; 2];
+    let mb = maxbits.as_mut_ptr() as u64;
+    for (i, l) in launches(d, &plan, precision, sources, mb, partial.ptr() as u64).into_iter().enumerate() {
+        let s = seed + i as u64;
+        match l {
+            TcLaunch::ClearScales => maxbits.fill(0),
+            TcLaunch::Absmax { ptr, len, out, grid } => {
+                let mut a = Args::new();
+                a.val(ptr).val(len as i64).val(out);
+                m.launch_raw("absmax_f32", (grid, 1, 1), (256, 1, 1), 0, false, s, &mut a).unwrap();
+            }
+            TcLaunch::Gemm { kernel, grid, desc } => {
+                let mut a = Args::new();
+                a.val(desc).val(mb);
+                m.launch_raw(kernel, grid, (gemm_tc::TC_THREADS, 1, 1), 0, false, s, &mut a).unwrap();
+            }
+            TcLaunch::Reduce { grid, desc } => {
+                let mut a = Args::new();
+                a.val(desc);
+                m.launch_raw("gemm_tc_reduce_f32", (grid.min(4), 1, 1), (256, 1, 1), 0, false, s, &mut a).unwrap();
+            }
+        }
+    }
+    partial.check_guards();
+}
+
+/// The emulator as an `FfDevice`: host buffers stand in for device memory.
+struct Emulated;
+
+fn addr(b: &mut DevBuf) -> u64 {
+    b.ptr() as u64
+}
+
+impl FfDevice for Emulated {
+    fn conv_forward(&self, p: Precision, g: &ConvGeom, s: usize, w: &[f32], b: &[f32], x: &[f32], exact: bool) -> Vec<f32> {
+        let (mut wb, mut bb, mut xb, mut yb) =
+            (DevBuf::from("w", w), DevBuf::from("b", b), DevBuf::from("x", x), DevBuf::new("y", s * g.out_len()));
+        let d = gemm_tc::conv_forward(g, s, addr(&mut wb), addr(&mut bb), addr(&mut xb), addr(&mut yb), exact);
+        emulate(d, p, [(addr(&mut wb), w.len()), (addr(&mut xb), x.len())], &SMALL, 1);
+        for buf in [&wb, &bb, &xb, &yb] {
+            buf.check_guards();
+        }
+        yb.host()
+    }
+    fn conv_backward(
+        &self,
+        p: Precision,
+        g: &ConvGeom,
+        s: usize,
+        w: &[f32],
+        x: &[f32],
+        dy: &[f32],
+        dw0: &[f32],
+        db0: &[f32],
+        exact: bool,
+    ) -> Grads {
+        let (mut wb, mut xb, mut dyb) = (DevBuf::from("w", w), DevBuf::from("x", x), DevBuf::from("dy", dy));
+        let (mut dwb, mut dbb, mut dxb) = (DevBuf::from("dw", dw0), DevBuf::from("db", db0), DevBuf::new("dx", s * g.in_len()));
+        // as conv::backward_with: the weight (and bias) gradient, then the data gradient
+        let d = gemm_tc::conv_weight_grad(g, s, addr(&mut dyb), addr(&mut xb), addr(&mut dwb), addr(&mut dbb), exact);
+        emulate(d, p, [(addr(&mut dyb), dy.len()), (addr(&mut xb), x.len())], &SMALL, 2);
+        let d = gemm_tc::conv_backward_data(g, s, addr(&mut wb), addr(&mut dyb), addr(&mut dxb));
+        emulate(d, p, [(addr(&mut wb), w.len()), (addr(&mut dyb), dy.len())], &SMALL, 3);
+        for buf in [&wb, &xb, &dyb, &dwb, &dbb, &dxb] {
+            buf.check_guards();
+        }
+        Grads { dw: dwb.host(), db: dbb.host(), dx: dxb.host() }
+    }
+    fn linear_forward(
+        &self,
+        p: Precision,
+        n_in: usize,
+        n_out: usize,
+        rows: usize,
+        w: &[f32],
+        b: &[f32],
+        x: &[f32],
+        exact: bool,
+    ) -> Vec<f32> {
+        let (mut wb, mut bb, mut xb, mut yb) =
+            (DevBuf::from("w", w), DevBuf::from("b", b), DevBuf::from("x", x), DevBuf::new("y", rows * n_out));
+        let d = gemm_tc::linear_forward(n_in, n_out, rows, addr(&mut xb), addr(&mut wb), addr(&mut bb), addr(&mut yb), exact);
+        emulate(d, p, [(addr(&mut xb), x.len()), (addr(&mut wb), w.len())], &SMALL, 4);
+        for buf in [&wb, &bb, &xb, &yb] {
+            buf.check_guards();
+        }
+        yb.host()
+    }
+    fn linear_backward(
+        &self,
+        p: Precision,
+        n_in: usize,
+        n_out: usize,
+        rows: usize,
+        w: &[f32],
+        x: &[f32],
+        dy: &[f32],
+        dw0: &[f32],
+        db0: &[f32],
+        exact: bool,
+    ) -> Grads {
+        let (mut wb, mut xb, mut dyb) = (DevBuf::from("w", w), DevBuf::from("x", x), DevBuf::from("dy", dy));
+        let (mut dwb, mut dbb, mut dxb) = (DevBuf::from("dw", dw0), DevBuf::from("db", db0), DevBuf::new("dx", rows * n_in));
+        let d = gemm_tc::linear_weight_grad(n_in, n_out, rows, addr(&mut dyb), addr(&mut xb), addr(&mut dwb), addr(&mut dbb), exact);
+        emulate(d, p, [(addr(&mut dyb), dy.len()), (addr(&mut xb), x.len())], &SMALL, 5);
+        let d = gemm_tc::linear_backward_data(n_in, n_out, rows, addr(&mut dyb), addr(&mut wb), addr(&mut dxb));
+        emulate(d, p, [(addr(&mut dyb), dy.len()), (addr(&mut wb), w.len())], &SMALL, 6);
+        for buf in [&wb, &xb, &dyb, &dwb, &dbb, &dxb] {
+            buf.check_guards();
+        }
+        Grads { dw: dwb.host(), db: dbb.host(), dx: dxb.host() }
+    }
+}
+
+#[test]
+fn gemm_tc_structs_have_the_layout_of_the_kernels() {
+    use std::mem::{offset_of, size_of};
+    let mut out = vec![-1i64; 15];
+    let mut a = Args::new();
+    a.val(out.as_mut_ptr());
+    emu::module("gemm_tc").launch_raw("gemm_tc_layout", (1, 1, 1), (32, 1, 1), 0, false, 1, &mut a).unwrap();
+    let want = [
+        size_of::<gemm_tc::IndexMap>(),
+        size_of::<gemm_tc::Operand>(),
+        size_of::<gemm_tc::Output>(),
+        size_of::<GemmDesc>(),
+        offset_of!(GemmDesc, a) + offset_of!(gemm_tc::Operand, mn) + offset_of!(gemm_tc::IndexMap, kind),
+        offset_of!(GemmDesc, a) + offset_of!(gemm_tc::Operand, k),
+        offset_of!(GemmDesc, a) + offset_of!(gemm_tc::Operand, sp_h),
+        offset_of!(GemmDesc, a) + offset_of!(gemm_tc::Operand, scale_slot),
+        offset_of!(GemmDesc, b),
+        offset_of!(GemmDesc, out),
+        offset_of!(GemmDesc, out) + offset_of!(gemm_tc::Output, n),
+        offset_of!(GemmDesc, out) + offset_of!(gemm_tc::Output, bias_on),
+        offset_of!(GemmDesc, partial),
+        offset_of!(GemmDesc, m),
+        offset_of!(GemmDesc, kt_per_split),
+    ];
+    let got: Vec<usize> = out.iter().map(|&x| x as usize).collect();
+    assert_eq!(got, want, "sizes and offsets of IndexMap, Operand, Output, GemmDesc and their fields");
+}
+
+#[test]
+fn emulated_absmax_finds_the_largest_magnitude() {
+    let mut rng = common::Rng(5);
+    let mut x = host(&mut rng, 5000, false);
+    x[4321] = -3.75;
+    let mut xb = DevBuf::from("x", &x);
+    let mut out = vec![0u32; 1];
+    let mut a = Args::new();
+    a.val(xb.ptr()).val(x.len() as i64).val(out.as_mut_ptr());
+    emu::module("gemm_tc").launch_raw("absmax_f32", (3, 1, 1), (256, 1, 1), 0, false, 2, &mut a).unwrap();
+    assert_eq!(f32::from_bits(out[0]), 3.75);
+}
+
+#[test]
+fn emulated_tensor_core_convolutions_match_the_cpu_in_fp32_mode() {
+    check_convs(&Emulated, Precision::Fp32);
+}
+
+#[test]
+fn emulated_tensor_core_convolutions_match_the_cpu_in_tf32_mode() {
+    check_convs(&Emulated, Precision::Tf32);
+}
+
+#[test]
+fn emulated_tensor_core_convolutions_match_the_cpu_in_bf16_mode() {
+    check_convs(&Emulated, Precision::Bf16);
+}
+
+#[test]
+fn emulated_tensor_core_linear_layers_match_the_cpu_in_every_mode() {
+    check_linears(&Emulated);
+}
+
+// ---- dropout fused into the pooling after it: the CPU engine's dropout then pooling, bit for bit ----
+
+#[test]
+fn emulated_dropout_and_pooling_in_one_pass_equal_the_cpu_layers_bit_for_bit() {
+    use backei::cpu::{dropout as cdrop, pool as cpool};
+    let m = emu::module("dropout");
+    let mut rng = common::Rng(21);
+    // odd sizes (the floor drops a row and a column), two steps, planes = B·C
+    let (steps, planes, h, w) = (3usize, 5usize, 7usize, 9usize);
+    let (ho, wo) = (h / 2, w / 2);
+    let len = planes * h * w;
+    // (the second: a data-parallel shard whose elements start at 12 345 in the global batch)
+    for (p, index0) in [(0.5f32, 0u64), (0.3, 12_345)] {
+        let key = backei::rng::dropout_key(4150, 9, 2);
+        let sc = backei::gpu::dropout::scale(p);
+        let x = host(&mut rng, steps * len, false);
+        let dy = host(&mut rng, steps * planes * ho * wo, false);
+        for train in [true, false] {
+            // CPU: dropout (a new mask per step), then pooling over every plane of every step
+            let mut d = vec![0f32; steps * len];
+            if train {
+                cdrop::forward(key, p, len, index0, &x, &mut d);
+            } else {
+                d.copy_from_slice(&x);
+            }
+            let mut y = vec![0f32; steps * planes * ho * wo];
+            cpool::forward(steps * planes, h, w, &d, &mut y);
+            let mut dd = vec![0f32; steps * len];
+            cpool::backward(steps * planes, h, w, &dy, &mut dd);
+            let mut dx = vec![0f32; steps * len];
+            if train {
+                cdrop::backward(key, p, len, index0, &dd, &mut dx);
+            } else {
+                dx.copy_from_slice(&dd);
+            }
+            let mut keys = vec![7u64, key];
+            let (mut xb, mut yb, mut dyb, mut dxb) =
+                (DevBuf::from("x", &x), DevBuf::new("y", y.len()), DevBuf::from("dy", &dy), DevBuf::new("dx", dx.len()));
+            let args = |a: &mut Args, src: *mut f32, dst: *mut f32, keys: *mut u64| {
+                a.val(src)
+                    .val(dst)
+                    .val(keys)
+                    .val(1i32)
+                    .val(index0)
+                    .val(train as i32)
+                    .val(p)
+                    .val(sc)
+                    .val(planes as i64)
+                    .val(steps as i32)
+                    .val(h as i32)
+                    .val(w as i32);
+            };
+            let mut a = Args::new();
+            args(&mut a, xb.ptr(), yb.ptr(), if train { keys.as_mut_ptr() } else { std::ptr::null_mut() });
+            m.launch_raw("dropout_avgpool2_forward_f32", (2, 1, 1), (128, 1, 1), 0, false, 3, &mut a).unwrap();
+            let mut a = Args::new();
+            args(&mut a, dyb.ptr(), dxb.ptr(), if train { keys.as_mut_ptr() } else { std::ptr::null_mut() });
+            m.launch_raw("dropout_avgpool2_backward_f32", (3, 1, 1), (128, 1, 1), 0, false, 4, &mut a).unwrap();
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<u32>>();
+            assert!(bits(&yb.host()) == bits(&y), "p {p} train {train}: forward differs from dropout then pooling");
+            assert!(bits(&dxb.host()) == bits(&dx), "p {p} train {train}: backward differs");
+            for b in [&xb, &yb, &dyb, &dxb] {
+                b.check_guards();
+            }
+        }
+    }
+}
