@@ -128,13 +128,17 @@ struct V4Dims {
     int groups;        // channel groups: ceil(C / CO_T)
     int ranges;        // pixel ranges (blocks per group); grid = groups · ranges
     int halo_rows;     // rows of the tallest chunk halo
-    int pstride;       // bytes per halo pixel: c_pad·EB + 16
-    int plane_bytes;   // one halo plane (halo_rows·(W + 2r)·pstride, a multiple of 16)
+    int slab;          // channels staged at a time (a multiple of 16; c_pad when the halo fits whole)
+    int pstride;       // bytes per pixel of a staged slab: slab·EB + 16
+    int plane_bytes;   // one plane of a slab (halo_rows·(W + 2r)·pstride, a multiple of 16)
+    int own_pstride;   // the block's own CO_T channels (the weight gradient's dY): CO_T·EB + 16
+    int own_plane_bytes;
     int wslice_bytes;  // one gate's weight slice, every plane (k²·c_pad·CO_T·EB·PLANES)
     int w_resident;    // both gates' slices stay in shared memory (else one, reloaded per phase)
     int dw_smem;       // the weight-gradient accumulators in shared memory (else in dw_part)
     int smem_dw;       // byte offsets in dynamic shared memory: dW accumulators,
-    int smem_halo;     //   halo planes,
+    int smem_halo;     //   the slab planes (PLANES),
+    int smem_own;      //   the own-channel planes (PLANES),
     int smem_misc;     //   the zero row and the reduction scratch
 };
 
@@ -187,49 +191,85 @@ __device__ __forceinline__ void store_operand(char* p0, int plane_bytes, float x
     }
 }
 
-// Stages the chunk's halo of one tensor (rows y_first − r … y_last + r, columns −r … W + r − 1, all
-// c_pad channels; zero outside the image and beyond C) channel-last into `planes`. src(idx) reads
-// element idx of the sample's [C][H][W]. Returns the inverse scale (fp32 mode, REAL), else 1.
-// Block-uniform (barriers inside); the caller syncs before the planes are read.
-template <bool REAL, class Src>
-__device__ __forceinline__ float stage_halo(char* planes, const Src& src, const Chunk& ch, const LayerDims& d, const V4Dims& vd,
-                                            float* red) {
-    const int W = DIM_W, H = DIM_H, C = DIM_C, HS = W + 2 * R, HW = H * W;
-    const int hr = (ch.q0 + ch.len - 1) / W - ch.y_first + 1 + 2 * R;
-    const int rows = DIM_CPAD * hr;  // (channel, halo row) pairs: a warp per pair, lanes along x
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    auto value = [&](int c, int hy, int hx) -> float {
-        const int gy = ch.y_first + hy - R, gx = hx - R;
-        if (c >= C || gy < 0 || gy >= H || gx < 0 || gx >= W) return 0.0f;
-        return src(c * HW + gy * W + gx);
-    };
-    float scale = 1.0f, inv = 1.0f;
-    if (REAL && PREC == PREC_FP32) {
-        float m = 0.0f;
-        for (int rr = warp; rr < rows; rr += WARPS) {
-            const int c = rr / hr, hy = rr - c * hr;
-            for (int hx = lane; hx < HS; hx += 32) m = fmaxf(m, fabsf(value(c, hy, hx)));
-        }
-        scale = pow2_scale(block_max(m, red), inv);
-    }
-    for (int rr = warp; rr < rows; rr += WARPS) {
-        const int c = rr / hr, hy = rr - c * hr;
-        for (int hx = lane; hx < HS; hx += 32)
-            store_operand<REAL>(planes + (hy * HS + hx) * vd.pstride + c * EB, vd.plane_bytes, value(c, hy, hx), scale);
-    }
-    return inv;
+// The shared-memory regions of a launch.
+struct V4Smem {
+    char* wb;  // W_b's slice (forward or adjoint layout)
+    char* we;  // W_e's slice (the same address as wb when the slices are not resident)
+    float* dw; // [2][CO_T][k²·c_pad] accumulators (dw_smem), else null
+    char* halo;      // the slab planes
+    char* own;       // the own-channel planes (the weight gradient's dY)
+    char* zero_row;  // 16 zero bytes
+    float* red;      // reduction scratch: WARPS·CO_T floats
+};
+
+__device__ __forceinline__ V4Smem v4_smem(char* base, const LayerDims& d, const V4Dims& vd) {
+    V4Smem s;
+    s.wb = base;
+    s.we = base + (vd.w_resident && d.back ? vd.wslice_bytes : 0);
+    s.dw = vd.dw_smem ? reinterpret_cast<float*>(base + vd.smem_dw) : nullptr;
+    s.halo = base + vd.smem_halo;
+    s.own = base + vd.smem_own;
+    s.zero_row = base + vd.smem_misc;
+    s.red = reinterpret_cast<float*>(base + vd.smem_misc + 16);
+    return s;
 }
 
-// The chunk's convolution GEMM: acc[mi][ni] += A·B over k²·c_pad, A from the staged halo (APL
-// planes: 1 exact, PLANES real), B from the weight slice (PLANES planes). Warp-uniform skips of
-// m-tiles past the chunk.
-template <int APL>
-__device__ __forceinline__ void conv_gemm(float (&acc)[MT][NT][4], const char* halo, const char* wsl, const Chunk& ch,
-                                          const LayerDims& d, const V4Dims& vd) {
-    const int W = DIM_W, HS = W + 2 * R, CPAD = DIM_CPAD;
+// The chunk's halo: rows y_first − r … y_last + r, columns −r … W + r − 1 (zero outside the image
+// and beyond C). src(idx) reads element idx of the sample's [C][H][W].
+template <class Src>
+__device__ __forceinline__ float halo_value(const Src& src, const Chunk& ch, const LayerDims& d, int c, int hy, int hx) {
+    const int W = DIM_W, H = DIM_H;
+    const int gy = ch.y_first + hy - R, gx = hx - R;
+    if (c >= DIM_C || gy < 0 || gy >= H || gx < 0 || gx >= W) return 0.0f;
+    return src(c * (H * W) + gy * W + gx);
+}
+
+__device__ __forceinline__ int halo_rows_of(const Chunk& ch, const LayerDims& d) {
+    return (ch.q0 + ch.len - 1) / DIM_W - ch.y_first + 1 + 2 * R;
+}
+
+// The scale of a real operand in fp32 mode: the power of two for the largest |x| of the chunk's
+// whole halo (every channel: one scale for all the slabs one accumulator sums). Returns it, its
+// inverse in `inv`; 1 for exact operands and in the other modes. Block-uniform (barriers inside).
+template <bool REAL, class Src>
+__device__ __forceinline__ float halo_scale(const Src& src, const Chunk& ch, const LayerDims& d, float* red, float& inv) {
+    inv = 1.0f;
+    if (!(REAL && PREC == PREC_FP32)) return 1.0f;
+    const int HS = DIM_W + 2 * R, hr = halo_rows_of(ch, d), rows = DIM_C * hr;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    const int ks_tap = CPAD * EB / 32;  // k-steps per tap (32 bytes of channels each)
-    const int wplane = vd.wslice_bytes / PLANES;
+    float m = 0.0f;
+    for (int rr = warp; rr < rows; rr += WARPS) {
+        const int c = rr / hr, hy = rr - c * hr;
+        for (int hx = lane; hx < HS; hx += 32) m = fmaxf(m, fabsf(halo_value(src, ch, d, c, hy, hx)));
+    }
+    return pow2_scale(block_max(m, red), inv);
+}
+
+// Stages channels [c0, c0 + nch) of the chunk's halo channel-last into `planes` (channel c0 at
+// byte 0 of a pixel's row of `pstride` bytes; REAL operands in fp32 mode as hi and lo planes
+// `plane_bytes` apart, scaled by `scale`). The caller syncs before the planes are read.
+template <bool REAL, class Src>
+__device__ __forceinline__ void stage_slab(char* planes, int pstride, int plane_bytes, const Src& src, const Chunk& ch, int c0, int nch,
+                                           float scale, const LayerDims& d) {
+    const int HS = DIM_W + 2 * R, hr = halo_rows_of(ch, d), rows = nch * hr;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    for (int rr = warp; rr < rows; rr += WARPS) {  // (channel, halo row) per warp, lanes along x
+        const int c = rr / hr, hy = rr - c * hr;
+        for (int hx = lane; hx < HS; hx += 32)
+            store_operand<REAL>(planes + (hy * HS + hx) * pstride + c * EB, plane_bytes, halo_value(src, ch, d, c0 + c, hy, hx), scale);
+    }
+}
+
+// The chunk's convolution GEMM over one staged slab: acc[mi][ni] += A·B over the k² taps × the
+// slab's channels, A from the slab (APL planes: 1 exact, PLANES real), B from the weight fragments
+// at `wsl` (PLANES planes `wplane` bytes apart; the slab's k-step (tap, ks) at ks_base + tap·ks_slab
+// + ks: the slab-major order of build_weight_fragments). Warp-uniform skips of m-tiles past the chunk.
+template <int APL>
+__device__ __forceinline__ void conv_gemm(float (&acc)[MT][NT][4], const char* halo, const char* wsl, int wplane, int ks_base, int nch,
+                                          const Chunk& ch, const LayerDims& d, const V4Dims& vd) {
+    const int W = DIM_W, HS = W + 2 * R;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int ks_slab = nch * EB / 32;  // k-steps: 32 bytes of channels
     int off[MT];
     bool live[MT];
 #pragma unroll
@@ -245,39 +285,37 @@ __device__ __forceinline__ void conv_gemm(float (&acc)[MT][NT][4], const char* h
 #pragma unroll 1
     for (int tap = 0; tap < KK; ++tap) {
         const int ky = tap / K, kx = tap - ky * K;
-        {
-            const int tap_off = (ky * HS + kx) * vd.pstride;
-            const int ks0 = tap * ks_tap;
-            for (int ks = 0; ks < ks_tap; ++ks) {
-                u32 a[APL][MT][4];
+        const int tap_off = (ky * HS + kx) * vd.pstride;
+        const int ks0 = ks_base + tap * ks_slab;
+        for (int ks = 0; ks < ks_slab; ++ks) {
+            u32 a[APL][MT][4];
 #pragma unroll
-                for (int p = 0; p < APL; ++p)
+            for (int p = 0; p < APL; ++p)
 #pragma unroll
-                    for (int mi = 0; mi < MT; ++mi)
-                        if (live[mi]) ldmatrix_x4(a[p][mi], halo + p * vd.plane_bytes + off[mi] + tap_off + ks * 32);
-                u32 b[PLANES][NT][2];
+                for (int mi = 0; mi < MT; ++mi)
+                    if (live[mi]) ldmatrix_x4(a[p][mi], halo + p * vd.plane_bytes + off[mi] + tap_off + ks * 32);
+            u32 b[PLANES][NT][2];
 #pragma unroll
-                for (int p = 0; p < PLANES; ++p)
+            for (int p = 0; p < PLANES; ++p)
 #pragma unroll
-                    for (int ni = 0; ni < NT; ++ni) {
-                        const uint2 v = *reinterpret_cast<const uint2*>(wsl + p * wplane + (((ks0 + ks) * NT + ni) * 32 + lane) * 8);
-                        b[p][ni][0] = v.x;
-                        b[p][ni][1] = v.y;
-                    }
+                for (int ni = 0; ni < NT; ++ni) {
+                    const uint2 v = *reinterpret_cast<const uint2*>(wsl + p * wplane + (((ks0 + ks) * NT + ni) * 32 + lane) * 8);
+                    b[p][ni][0] = v.x;
+                    b[p][ni][1] = v.y;
+                }
 #pragma unroll
-                for (int mi = 0; mi < MT; ++mi) {
-                    if (!live[mi]) continue;
+            for (int mi = 0; mi < MT; ++mi) {
+                if (!live[mi]) continue;
 #pragma unroll
-                    for (int ni = 0; ni < NT; ++ni) {
-                        if (PREC == PREC_TF32) {
-                            mma_tf32_m16n8k8(acc[mi][ni], a[0][mi], b[0][ni]);
-                        } else if (PREC == PREC_BF16) {
-                            mma_bf16_m16n8k16(acc[mi][ni], a[0][mi], b[0][ni]);
-                        } else {
-                            mma_f16_m16n8k16(acc[mi][ni], a[0][mi], b[0][ni]);
-                            mma_f16_m16n8k16(acc[mi][ni], a[0][mi], b[1][ni]);
-                            if (APL == 2) mma_f16_m16n8k16(acc[mi][ni], a[APL - 1][mi], b[0][ni]);
-                        }
+                for (int ni = 0; ni < NT; ++ni) {
+                    if (PREC == PREC_TF32) {
+                        mma_tf32_m16n8k8(acc[mi][ni], a[0][mi], b[0][ni]);
+                    } else if (PREC == PREC_BF16) {
+                        mma_bf16_m16n8k16(acc[mi][ni], a[0][mi], b[0][ni]);
+                    } else {
+                        mma_f16_m16n8k16(acc[mi][ni], a[0][mi], b[0][ni]);
+                        mma_f16_m16n8k16(acc[mi][ni], a[0][mi], b[1][ni]);
+                        if (APL == 2) mma_f16_m16n8k16(acc[mi][ni], a[APL - 1][mi], b[0][ni]);
                     }
                 }
             }
@@ -285,24 +323,33 @@ __device__ __forceinline__ void conv_gemm(float (&acc)[MT][NT][4], const char* h
     }
 }
 
-// The chunk's weight-gradient GEMM, folded into dw (f32, CO_T rows of k²·c_pad, `pitch` apart):
-//   dw[co][tap·c_pad + ci] += inv · Σ_p dY[co0 + co][p] · X[ci][p + off(tap)]
-// dY from its staged halo (YPL planes, real), X from its staged halo (XPL planes). Warp w takes the
-// n-tile groups w, w + 8, …; rows of pixels past the chunk read a zero row of dY.
+// The chunk's weight-gradient GEMM over one staged slab of X (channels [c0, c0 + nch)), folded
+// into dw (f32, CO_T rows of k²·c_pad, `pitch` apart):
+//   dw[co][tap·c_pad + ci] += inv · Σ_p dY[co0 + co][p] · X[ci][p + off(tap)],  ci ∈ the slab
+// dY: the block's own CO_T channels, staged in the own planes (YPL planes, real); X: the slab
+// (XPL planes). Warp w takes the slab's n-tile groups w, w + 8, …; rows of pixels past the chunk
+// read a zero row of dY.
 template <int YPL, int XPL>
-__device__ __forceinline__ void wgrad_gemm(float* dw, int pitch, float inv, const char* dy_halo, const char* x_halo, int co0, const char* zero_row,
-                                           const Chunk& ch, const LayerDims& d, const V4Dims& vd) {
+__device__ __forceinline__ void wgrad_gemm(float* dw, int pitch, float inv, const char* dy_own, const char* x_slab, int c0, int nch,
+                                           const char* zero_row, const Chunk& ch, const LayerDims& d, const V4Dims& vd) {
     const int W = DIM_W, HS = W + 2 * R, CPAD = DIM_CPAD;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-    const int n_all = KK * CPAD, ntiles = n_all / 8, groups = (ntiles + NTG - 1) / NTG;
+    const int per_tap = nch / 8, ntiles = KK * per_tap, groups = (ntiles + NTG - 1) / NTG;
     const int ksteps = (ch.len + KPIX - 1) / KPIX;
     static_assert(YPL == PLANES, "dY is a real operand");
-    // the halo byte offset of chunk pixel p at tap (0, 0) (the interior pixel: + r rows, + r columns)
-    auto pix_off = [&](int p) {
+    // pixel p of the chunk at tap (0, 0) of the halo: row y − y_first, column x
+    auto pix = [&](int p) {
         const int q = ch.q0 + p, y = q / W - ch.y_first, x = q - (q / W) * W;
-        return (y * HS + x) * vd.pstride;
+        return y * HS + x;
     };
-    const int interior = (R * HS + R) * vd.pstride;
+    const int interior = R * HS + R;  // dY is read at the pixel itself: + r rows, + r columns
+    // n-tile j of the slab → (the halo offset of its tap, its first channel within the slab, its column of dw)
+    auto ntile = [&](int j, int& toff, int& ci, int& n) {
+        const int tap = j / per_tap;
+        ci = (j - tap * per_tap) * 8;
+        toff = (tap / K) * HS + tap % K;
+        n = tap * CPAD + c0 + ci;
+    };
     for (int grp = warp; grp < groups; grp += WARPS) {
         float acc[MW][NTG][4];
 #pragma unroll
@@ -311,6 +358,20 @@ __device__ __forceinline__ void wgrad_gemm(float* dw, int pitch, float inv, cons
             for (int j = 0; j < NTG; ++j)
 #pragma unroll
                 for (int i = 0; i < 4; ++i) acc[mw][j][i] = 0.0f;
+        // the group's n-tiles (divisions here, once per group, not in the k-loop): the halo offsets
+        // and first channels of the tiles this lane reads
+        int x_off[NTG];  // tf32: tile j's (tap offset, channel g); else: the ldmatrix pair's, for this lane
+#pragma unroll
+        for (int j = 0; j < NTG; ++j) {
+            int toff, ci, n;
+            if (PREC == PREC_TF32) {
+                ntile(min(grp * NTG + j, ntiles - 1), toff, ci, n);
+                x_off[j] = toff * vd.pstride + (ci + g) * EB;
+            } else {
+                ntile(min(grp * NTG + 2 * (j / 2) + (lane >> 4), ntiles - 1), toff, ci, n);
+                x_off[j] = toff * vd.pstride + ci * EB;
+            }
+        }
         for (int kst = 0; kst < ksteps; ++kst) {
             const int p0 = kst * KPIX;
             u32 a[YPL][MW][4];
@@ -321,43 +382,35 @@ __device__ __forceinline__ void wgrad_gemm(float* dw, int pitch, float inv, cons
                 for (int mw = 0; mw < MW; ++mw)
 #pragma unroll
                     for (int j = 0; j < 4; ++j) {
-                        const int p = p0 + t + 4 * (j >> 1), co = co0 + 16 * mw + g + 8 * (j & 1);
-                        a[0][mw][j] = p < ch.len && co < CPAD ? *reinterpret_cast<const u32*>(dy_halo + pix_off(p) + interior + co * EB) : 0u;
+                        const int p = p0 + t + 4 * (j >> 1), co = 16 * mw + g + 8 * (j & 1);
+                        a[0][mw][j] = p < ch.len ? *reinterpret_cast<const u32*>(dy_own + (pix(p) + interior) * vd.own_pstride + co * EB) : 0u;
                     }
 #pragma unroll
-                for (int j = 0; j < NTG; ++j) {
-                    const int nt = min(grp * NTG + j, ntiles - 1), n = 8 * nt, tap = n / CPAD, ci = n - tap * CPAD + g;
-                    const int toff = ((tap / K) * HS + tap % K) * vd.pstride;
+                for (int h = 0; h < 2; ++h) {
+                    const int pp = pix(min(p0 + t + 4 * h, ch.len - 1)) * vd.pstride;
 #pragma unroll
-                    for (int h = 0; h < 2; ++h) {
-                        const int p = min(p0 + t + 4 * h, ch.len - 1);
-                        b[0][j][h] = *reinterpret_cast<const u32*>(x_halo + pix_off(p) + toff + ci * EB);
-                    }
+                    for (int j = 0; j < NTG; ++j) b[0][j][h] = *reinterpret_cast<const u32*>(x_slab + pp + x_off[j]);
                 }
             } else {
                 // ldmatrix.trans: matrix j of A = pixels 8·(j/2) + 0..7, channels 8·(j%2) + 0..7
                 const int pa = p0 + (lane & 7) + 8 * (lane >> 4);
-                const int ca = co0 + 8 * ((lane >> 3) & 1);
+                const int ca = 8 * ((lane >> 3) & 1);
 #pragma unroll
                 for (int p = 0; p < YPL; ++p)
 #pragma unroll
                     for (int mw = 0; mw < MW; ++mw) {
-                        // rows past the chunk, and channels past c_pad (a last group wider than C), read zeros
-                        const bool in = pa < ch.len && ca + 16 * mw < CPAD;
-                        const char* row = in ? dy_halo + p * vd.plane_bytes + pix_off(pa) + interior + (ca + 16 * mw) * EB : zero_row;
+                        const char* row = pa < ch.len ? dy_own + p * vd.own_plane_bytes + (pix(pa) + interior) * vd.own_pstride + (ca + 16 * mw) * EB
+                                                      : zero_row;
                         ldmatrix_x4_trans(a[p][mw], row);
                     }
                 // matrix j of B (two n-tiles per ldmatrix.x4): pixels 8·(j%2) + 0..7, n-tile 2·pair + j/2
-                const int pb = min(p0 + (lane & 7) + 8 * ((lane >> 3) & 1), ch.len - 1);
-                const int boff = pix_off(pb);
+                const int pb = pix(min(p0 + (lane & 7) + 8 * ((lane >> 3) & 1), ch.len - 1));
 #pragma unroll
                 for (int pair = 0; pair < NTG / 2; ++pair) {
-                    const int nt = min(grp * NTG + 2 * pair + (lane >> 4), ntiles - 1), n = 8 * nt, tap = n / CPAD, ci = n - tap * CPAD;
-                    const int toff = ((tap / K) * HS + tap % K) * vd.pstride;
 #pragma unroll
                     for (int p = 0; p < XPL; ++p) {
                         u32 r4[4];
-                        ldmatrix_x4_trans(r4, x_halo + p * vd.plane_bytes + boff + toff + ci * EB);
+                        ldmatrix_x4_trans(r4, x_slab + p * vd.plane_bytes + pb * vd.pstride + x_off[2 * pair]);
                         b[p][2 * pair][0] = r4[0];
                         b[p][2 * pair][1] = r4[1];
                         b[p][2 * pair + 1][0] = r4[2];
@@ -383,16 +436,61 @@ __device__ __forceinline__ void wgrad_gemm(float* dw, int pitch, float inv, cons
         // fold: this warp owns these dw elements alone (no race, a fixed order)
 #pragma unroll
         for (int j = 0; j < NTG; ++j) {
-            const int nt = grp * NTG + j;
-            if (nt >= ntiles) continue;
+            if (grp * NTG + j >= ntiles) continue;
+            int toff, ci, n;
+            ntile(grp * NTG + j, toff, ci, n);
 #pragma unroll
             for (int mw = 0; mw < MW; ++mw)
 #pragma unroll
                 for (int i = 0; i < 4; ++i) {
-                    const int row = 16 * mw + g + 8 * (i >> 1), n = 8 * nt + 2 * t + (i & 1);
-                    dw[row * pitch + n] += acc[mw][j][i] * inv;
+                    const int row = 16 * mw + g + 8 * (i >> 1);
+                    dw[row * pitch + n + 2 * t + (i & 1)] += acc[mw][j][i] * inv;
                 }
         }
+    }
+}
+
+// A convolution of the chunk over every channel slab: acc += W ⊛ X, X staged slab by slab into the
+// slab planes with one scale (`scale`; REAL operands). The weights: `w_smem` holds this block's
+// whole slice of the gate (resident), or receives each slab's fragments from `w_global` (the
+// slice in wfrag) by cp.async while the slab is staged (streamed from L2). Block-uniform.
+template <bool REAL, int APL, class Src>
+__device__ __forceinline__ void conv_all_slabs(float (&acc)[MT][NT][4], char* halo, char* w_smem, const char* w_global, const Src& src,
+                                               float scale, const Chunk& ch, const LayerDims& d, const V4Dims& vd) {
+    const int full_plane = vd.wslice_bytes / PLANES;
+    for (int c0 = 0; c0 < DIM_CPAD; c0 += vd.slab) {
+        const int nch = min(vd.slab, DIM_CPAD - c0);
+        const int ks_c0 = c0 * EB / 32, slab_plane = KK * (nch * EB / 32) * NT * 256;  // bytes per plane of the slab's fragments
+        __syncthreads();  // the previous slab (or chunk) is consumed: its planes and weights
+        if (!vd.w_resident) {
+            for (int p = 0; p < PLANES; ++p) {
+                const char* from = w_global + p * full_plane + KK * ks_c0 * NT * 256;
+                for (int j = threadIdx.x * 16; j < slab_plane; j += THREADS * 16) cp_async16(w_smem + p * slab_plane + j, from + j);
+            }
+            cp_async_commit();
+        }
+        stage_slab<REAL>(halo, vd.pstride, vd.plane_bytes, src, ch, c0, nch, scale, d);
+        if (!vd.w_resident) cp_async_wait_all();
+        __syncthreads();
+        if (vd.w_resident) conv_gemm<APL>(acc, halo, w_smem, full_plane, KK * ks_c0, nch, ch, d, vd);
+        else conv_gemm<APL>(acc, halo, w_smem, slab_plane, 0, nch, ch, d, vd);
+    }
+}
+
+// The chunk's weight gradient over every channel slab of X: the block's own dY channels staged once
+// into the own planes, X slab by slab into the slab planes. Block-uniform.
+template <bool XREAL, int XPL, class YSrc, class XSrc>
+__device__ __forceinline__ void wgrad_all_slabs(float* dw, int pitch, const YSrc& ysrc, float yscale, float yinv, const XSrc& xsrc,
+                                                float xscale, float xinv, int co0, const V4Smem& sm, const Chunk& ch, const LayerDims& d,
+                                                const V4Dims& vd) {
+    __syncthreads();  // the slab and own planes are free
+    stage_slab<true>(sm.own, vd.own_pstride, vd.own_plane_bytes, ysrc, ch, co0, CO_T, yscale, d);
+    for (int c0 = 0; c0 < DIM_CPAD; c0 += vd.slab) {
+        const int nch = min(vd.slab, DIM_CPAD - c0);
+        if (c0 > 0) __syncthreads();
+        stage_slab<XREAL>(sm.halo, vd.pstride, vd.plane_bytes, xsrc, ch, c0, nch, xscale, d);
+        __syncthreads();
+        wgrad_gemm<PLANES, XPL>(dw, pitch, yinv * xinv, sm.own, sm.halo, c0, nch, sm.zero_row, ch, d, vd);
     }
 }
 
@@ -458,14 +556,20 @@ __device__ __forceinline__ void build_weight_fragments(char* wfrag, float* winv,
             scale = pow2_scale(block_max(m, red), inv);
         }
         char* slice = wfrag + ((long long)gate * vd.groups + gi) * vd.wslice_bytes;
+        // slab-major k-step order (so a slab's fragments are one contiguous range, which the
+        // streamed mode copies): position = k²·(c0·EB/32) + tap·(nch·EB/32) + ks for slab [c0, c0 + nch)
+        const int ks_tap = CPAD * EB / 32, slab_ks = vd.slab * EB / 32, slabs = (ks_tap + slab_ks - 1) / slab_ks;
         for (int j = threadIdx.x; j < words; j += THREADS) {
-            const int reg = j & 1, lane = (j >> 1) & 31, ni = (j >> 6) % NT, ks = (j >> 6) / NT;
+            const int reg = j & 1, lane = (j >> 1) & 31, ni = (j >> 6) % NT, pos = (j >> 6) / NT;
+            const int sl = min(pos / (KK * slab_ks), slabs - 1), c0ks = sl * slab_ks, nks = min(slab_ks, ks_tap - c0ks);
+            const int rem = pos - KK * c0ks, tap = rem / nks, ks = rem - tap * nks;
+            const int kbase = tap * CPAD + (c0ks + ks) * (32 / EB);  // the k-step's first K index
             const int gq = lane >> 2, tq = lane & 3, n = 8 * ni + gq;
             u32 hi, lo = 0;
             if (PREC == PREC_TF32) {
-                hi = f32_to_tf32_bits(bval(8 * ks + tq + 4 * reg, n));
+                hi = f32_to_tf32_bits(bval(kbase + tq + 4 * reg, n));
             } else {
-                const int k0 = 16 * ks + 2 * tq + 8 * reg;
+                const int k0 = kbase + 2 * tq + 8 * reg;
                 const float x0 = bval(k0, n) * scale, x1 = bval(k0 + 1, n) * scale;
                 if (PREC == PREC_BF16) {
                     hi = pack2(f32_to_bf16_bits(x0), f32_to_bf16_bits(x1));
@@ -518,27 +622,6 @@ struct V4Dz {
     }
 };
 
-// The shared-memory regions of a launch.
-struct V4Smem {
-    char* wb;  // W_b's slice (forward or adjoint layout)
-    char* we;  // W_e's slice (the same address as wb when the slices are not resident)
-    float* dw; // [2][CO_T][k²·c_pad] accumulators (dw_smem), else null
-    char* halo;
-    char* zero_row;  // 16 zero bytes
-    float* red;      // reduction scratch: WARPS·CO_T floats
-};
-
-__device__ __forceinline__ V4Smem v4_smem(char* base, const LayerDims& d, const V4Dims& vd) {
-    V4Smem s;
-    s.wb = base;
-    s.we = base + (vd.w_resident && d.back ? vd.wslice_bytes : 0);
-    s.dw = vd.dw_smem ? reinterpret_cast<float*>(base + vd.smem_dw) : nullptr;
-    s.halo = base + vd.smem_halo;
-    s.zero_row = base + vd.smem_misc;
-    s.red = reinterpret_cast<float*>(base + vd.smem_misc + 16);
-    return s;
-}
-
 // Forward. Cooperative launch: grid = groups · ranges, 256 threads, dynamic smem as V4Dims says.
 // bar: one zeroed u32. wfrag/winv: the weight-fragment scratch (rebuilt by every launch).
 __device__ __forceinline__ void forward_v4(const float* __restrict__ params, const float* __restrict__ input, float* out, float* v,
@@ -552,6 +635,8 @@ __device__ __forceinline__ void forward_v4(const float* __restrict__ params, con
     const float* bb = params + d.off_bb;
     const float* be = params + d.off_be;
     build_weight_fragments<false>(wfrag, winv, params, d, vd, bar, sm.red);
+    const char* wg_b = wfrag + (long long)gi * vd.wslice_bytes;  // this block's slices in wfrag
+    const char* wg_e = wfrag + ((long long)vd.groups + gi) * vd.wslice_bytes;
     const float winv_b = d.back ? __ldcg(winv + gi) : 1.0f, winv_e = d.ei ? __ldcg(winv + vd.groups + gi) : 1.0f;
     if (vd.w_resident) {
         if (d.back) load_weight_slice(sm.wb, wfrag, 0, vd);
@@ -564,25 +649,19 @@ __device__ __forceinline__ void forward_v4(const float* __restrict__ params, con
         const float* in_t = input + (d.t_in == 1 ? 0 : ot);
         // phase A: a = W_b ⊛ s_{t−D} + b_b, g, v_t (and s_t when ei is off)
         const bool conv_b = d.back && t >= d.D;
-        if (conv_b && !vd.w_resident) load_weight_slice(sm.wb, wfrag, 0, vd);
-        bool waited = !conv_b || vd.w_resident;
         for_each_chunk(d, vd, [&](const Chunk& ch) {
             const long long sb = (long long)ch.b * N;
             float acc[MT][NT][4] = {};
             float inv_s = 1.0f;
             if (conv_b) {
-                __syncthreads();  // the halo of the previous chunk is consumed
                 // spikes are exact in every format; the smooth mode's s (gradient checks) is real
                 const V4Plain s_past{out + ot - (long long)d.D * BN + sb};
-                if (np.smooth) inv_s = stage_halo<true>(sm.halo, s_past, ch, d, vd, sm.red);
-                else stage_halo<false>(sm.halo, s_past, ch, d, vd, sm.red);
-                if (!waited) {
-                    cp_async_wait_all();
-                    waited = true;
+                if (np.smooth) {
+                    const float scale = halo_scale<true>(s_past, ch, d, sm.red, inv_s);
+                    conv_all_slabs<true, PLANES>(acc, sm.halo, sm.wb, wg_b, s_past, scale, ch, d, vd);
+                } else {
+                    conv_all_slabs<false, 1>(acc, sm.halo, sm.wb, wg_b, s_past, 1.0f, ch, d, vd);
                 }
-                __syncthreads();
-                if (np.smooth) conv_gemm<PLANES>(acc, sm.halo, sm.wb, ch, d, vd);
-                else conv_gemm<1>(acc, sm.halo, sm.wb, ch, d, vd);
             }
             const float sc_b = winv_b * inv_s;
             for_each_owned(ch, co0, d, [&](int mi, int ni, int i, int q, int c) {
@@ -603,23 +682,16 @@ __device__ __forceinline__ void forward_v4(const float* __restrict__ params, con
                 if (!d.ei) out[ot + e] = fire(np, vt - np.threshold);
             });
         });
-        if (!waited) cp_async_wait_all();  // a block without chunks
         grid_sync(bar);  // v_t (and s_t) of the whole batch are written
         if (!d.ei) continue;
         // phase B: z = W_e ⊛ v_t + b_e, s_t = sign(z)·H(v_t − θ)
-        if (!vd.w_resident) load_weight_slice(sm.we, wfrag, 1, vd);
-        waited = vd.w_resident;
         for_each_chunk(d, vd, [&](const Chunk& ch) {
             const long long sb = (long long)ch.b * N;
             float acc[MT][NT][4] = {};
-            __syncthreads();
-            const float inv_v = stage_halo<true>(sm.halo, V4Plain{v + ot + sb}, ch, d, vd, sm.red);
-            if (!waited) {
-                cp_async_wait_all();
-                waited = true;
-            }
-            __syncthreads();
-            conv_gemm<PLANES>(acc, sm.halo, sm.we, ch, d, vd);
+            const V4Plain vt_src{v + ot + sb};
+            float inv_v;
+            const float scale = halo_scale<true>(vt_src, ch, d, sm.red, inv_v);
+            conv_all_slabs<true, PLANES>(acc, sm.halo, sm.we, wg_e, vt_src, scale, ch, d, vd);
             const float sc = winv_e * inv_v;
             for_each_owned(ch, co0, d, [&](int mi, int ni, int i, int q, int c) {
                 const long long e = sb + (long long)c * HW + q;
@@ -628,7 +700,6 @@ __device__ __forceinline__ void forward_v4(const float* __restrict__ params, con
                 out[ot + e] = sign_(np, zt) * fire(np, v[ot + e] - np.threshold);
             });
         });
-        if (!waited) cp_async_wait_all();
         grid_sync(bar);  // s_t is complete before a later step's gate reads it
     }
 }
@@ -669,6 +740,8 @@ __device__ __forceinline__ void backward_v4(const float* __restrict__ params, fl
     if (threadIdx.x < 4) reinterpret_cast<u32*>(sm.zero_row)[threadIdx.x] = 0u;
     float db_b[NT][2] = {}, db_e[NT][2] = {};
     build_weight_fragments<true>(wfrag, winv, params, d, vd, bar, sm.red);
+    const char* wg_b = wfrag + (long long)gi * vd.wslice_bytes;
+    const char* wg_e = wfrag + ((long long)vd.groups + gi) * vd.wslice_bytes;
     const float winv_b = d.back ? __ldcg(winv + gi) : 1.0f, winv_e = d.ei ? __ldcg(winv + vd.groups + gi) : 1.0f;
     if (vd.w_resident) {
         if (d.back) load_weight_slice(sm.wb, wfrag, 0, vd);
@@ -681,25 +754,16 @@ __device__ __forceinline__ void backward_v4(const float* __restrict__ params, fl
         const bool has_fb = d.back && t + d.D < d.T;
         const float* fb_t = has_fb ? fb + (long long)(t % d.D) * BN : nullptr;
         // phase 2: dz (staged on the fly), dv = … + W_eᵀ ⊛ dz, ∂I, da; dW_e += dz ⋆ v_t
-        if (d.ei && !vd.w_resident) load_weight_slice(sm.we, wfrag, 1, vd);
-        bool waited = !d.ei || vd.w_resident;
         for_each_chunk(d, vd, [&](const Chunk& ch) {
             const long long sb = (long long)ch.b * N;
             float acc[MT][NT][4] = {};
-            float inv_dz = 1.0f, inv_v = 1.0f;
-            char* dz_halo = sm.halo;
-            char* v_halo = sm.halo + PLANES * vd.plane_bytes;
+            float inv_dz = 1.0f, inv_v = 1.0f, sc_dz = 1.0f, sc_v = 1.0f;
+            const V4Dz dz_src{grad_out + ot + sb, has_fb ? fb_t + sb : nullptr, v + ot + sb, z + ot + sb, np};
+            const V4Plain vt_src{v + ot + sb};
             if (d.ei) {
-                __syncthreads();
-                inv_dz = stage_halo<true>(dz_halo, V4Dz{grad_out + ot + sb, has_fb ? fb_t + sb : nullptr, v + ot + sb, z + ot + sb, np}, ch, d,
-                                          vd, sm.red);
-                inv_v = stage_halo<true>(v_halo, V4Plain{v + ot + sb}, ch, d, vd, sm.red);
-                if (!waited) {
-                    cp_async_wait_all();
-                    waited = true;
-                }
-                __syncthreads();
-                conv_gemm<PLANES>(acc, dz_halo, sm.we, ch, d, vd);
+                sc_dz = halo_scale<true>(dz_src, ch, d, sm.red, inv_dz);
+                sc_v = halo_scale<true>(vt_src, ch, d, sm.red, inv_v);
+                conv_all_slabs<true, PLANES>(acc, sm.halo, sm.we, wg_e, dz_src, sc_dz, ch, d, vd);
             }
             const float sc = winv_e * inv_dz;
             for_each_owned(ch, co0, d, [&](int mi, int ni, int i, int q, int c) {
@@ -734,36 +798,26 @@ __device__ __forceinline__ void backward_v4(const float* __restrict__ params, fl
                     db_b[ni][i & 1] += a_grad;
                 }
             });
-            if (d.ei) wgrad_gemm<PLANES, PLANES>(dw_e, dw_pitch, inv_dz * inv_v, dz_halo, v_halo, co0, sm.zero_row, ch, d, vd);
+            if (d.ei) wgrad_all_slabs<true, PLANES>(dw_e, dw_pitch, dz_src, sc_dz, inv_dz, vt_src, sc_v, inv_v, co0, sm, ch, d, vd);
         });
-        if (!waited) cp_async_wait_all();
         grid_sync(bar);  // da_t of the whole batch is written; the fb slot of step t is read
         if (!(d.back && t >= d.D)) continue;
         // phase 3: fb_{t−D} = W_bᵀ ⊛ da_t; dW_b += da_t ⋆ s_{t−D}
         float* fb_slot = fb + (long long)((t - d.D) % d.D) * BN;
-        if (!vd.w_resident) load_weight_slice(sm.wb, wfrag, 0, vd);
-        waited = vd.w_resident;
         for_each_chunk(d, vd, [&](const Chunk& ch) {
             const long long sb = (long long)ch.b * N;
             float acc[MT][NT][4] = {};
-            char* da_halo = sm.halo;
-            char* s_halo = sm.halo + PLANES * vd.plane_bytes;
-            __syncthreads();
-            const float inv_da = stage_halo<true>(da_halo, V4Plain{da + sb}, ch, d, vd, sm.red);
+            const V4Plain da_src{da + sb};
             const V4Plain s_past{out + ot - (long long)d.D * BN + sb};
-            const float inv_s = np.smooth ? stage_halo<true>(s_halo, s_past, ch, d, vd, sm.red) : stage_halo<false>(s_halo, s_past, ch, d, vd, sm.red);
-            if (!waited) {
-                cp_async_wait_all();
-                waited = true;
-            }
-            __syncthreads();
-            conv_gemm<PLANES>(acc, da_halo, sm.wb, ch, d, vd);
+            float inv_da, inv_s = 1.0f;
+            const float sc_da = halo_scale<true>(da_src, ch, d, sm.red, inv_da);
+            const float sc_s = np.smooth ? halo_scale<true>(s_past, ch, d, sm.red, inv_s) : 1.0f;
+            conv_all_slabs<true, PLANES>(acc, sm.halo, sm.wb, wg_b, da_src, sc_da, ch, d, vd);
             const float sc = winv_b * inv_da;
             for_each_owned(ch, co0, d, [&](int mi, int ni, int i, int q, int c) { fb_slot[sb + (long long)c * HW + q] = acc[mi][ni][i] * sc; });
-            if (np.smooth) wgrad_gemm<PLANES, PLANES>(dw_b, dw_pitch, inv_da * inv_s, da_halo, s_halo, co0, sm.zero_row, ch, d, vd);
-            else wgrad_gemm<PLANES, 1>(dw_b, dw_pitch, inv_da, da_halo, s_halo, co0, sm.zero_row, ch, d, vd);
+            if (np.smooth) wgrad_all_slabs<true, PLANES>(dw_b, dw_pitch, da_src, sc_da, inv_da, s_past, sc_s, inv_s, co0, sm, ch, d, vd);
+            else wgrad_all_slabs<false, 1>(dw_b, dw_pitch, da_src, sc_da, inv_da, s_past, 1.0f, 1.0f, co0, sm, ch, d, vd);
         });
-        if (!waited) cp_async_wait_all();
         grid_sync(bar);  // the fb slot is complete before step t − D reads it
     }
     // the bias partials: lanes of one t share channels (xor over g), then the warps in order

@@ -118,6 +118,51 @@ fn v4_fp32_gradients_match_in_smooth_mode_beyond_one_chunk_and_one_channel_group
     assert_eq!(run(&cases, &SMALL, Precision::Fp32), cases.len(), "smooth mode compares every gradient");
 }
 
+/// The largest shared-memory budget (scanned down from SMALL's in 1 KB steps) whose v4 plan for
+/// `c` satisfies `want`: a way to reach each placement of the plan on purpose.
+fn limits_where(c: &Case, p: Precision, want: impl Fn(&backei::gpu::backei_v4::V4Plan) -> bool) -> DeviceLimits {
+    let mut smem = SMALL.max_smem_per_block;
+    while smem > 8192 {
+        let lim = DeviceLimits { max_smem_per_block: smem, ..SMALL };
+        if let Ok(v) = backei::gpu::backei_v4::plan_v4(c.shape, &c.fb, c.batch, c.steps, &lim, p) {
+            if want(&v) {
+                return lim;
+            }
+        }
+        smem -= 1024;
+    }
+    panic!("{}: no budget gives the wanted plan", c.name)
+}
+
+/// The halo staged in channel slabs (a partial last one), the weights streamed from L2 slab by slab,
+/// the weight-gradient accumulators in global memory (L2), each reached by a smaller budget.
+#[test]
+fn v4_fp32_matches_with_channel_slabs_streamed_weights_and_weight_gradients_in_l2() {
+    let c40 = smooth(case("40×9×11 back+ei r 1 D 2", [40, 9, 11], true, true, 1, 2, 2, 3, 3));
+    // 80 channels: c_pad 80, so slabs of 64 or 32 leave a partial last slab
+    let c80 = smooth(case("80×6×7 back+ei r 1 D 1", [80, 6, 7], true, true, 1, 1, 1, 2, 2));
+    // cifar10's widest tile: 64 channels per block (8 n-tiles, 4 weight-gradient m-tiles)
+    let c64 = smooth(case("72×5×6 back+ei r 1 D 1", [72, 5, 6], true, true, 1, 1, 2, 2, 2));
+    type Want = fn(&backei::gpu::backei_v4::V4Plan) -> bool;
+    let placements: [(&Case, &str, Want); 5] = [
+        (&c40, "resident weights, slabs, dW in L2", |v| v.dims.w_resident == 1 && v.dims.dw_smem == 0 && v.dims.slab < v.dims.c_pad),
+        (&c40, "streamed weights, dW on chip", |v| v.dims.w_resident == 0 && v.dims.dw_smem == 1),
+        (&c40, "slabs, streamed weights, dW in L2", |v| v.dims.slab < v.dims.c_pad && v.dims.w_resident == 0 && v.dims.dw_smem == 0),
+        (&c80, "a partial last slab", |v| v.dims.c_pad % v.dims.slab != 0),
+        (&c64, "64-channel tiles", |v| v.co_t == 64),
+    ];
+    for (i, (c, what, want)) in placements.into_iter().enumerate() {
+        let lim = limits_where(c, Precision::Fp32, want);
+        let x = inputs(c, 99 + i as u64);
+        let cpu = cpu_reference(c, &x);
+        let plan = v4_plan(c, &lim, Precision::Fp32);
+        let d = emulate_v4(c, &x, &plan, 5 + i as u64);
+        let v4 = plan.v4.as_ref().unwrap();
+        let label = format!("v4/fp32 {what}: slab {} of {} co_t {} smem {}", v4.dims.slab, v4.dims.c_pad, v4.co_t, v4.smem_bytes);
+        assert!(compare_within(c, &label, &x, &cpu, &d, Tolerance::F32).strict_grads);
+    }
+}
+
 #[test]
 fn v4_tf32_and_bf16_match_the_cpu_within_their_precision() {
     let cases: Vec<Case> = [

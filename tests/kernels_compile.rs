@@ -53,7 +53,8 @@ fn a_compile_error_names_file_line_and_source() {
 /// The v4 kernels as NVRTC builds them for sm_90 (the SASS that runs on an H100/H200): the hot loop
 /// of each forward and backward issues HMMA, touches no local memory and divides no integers, no
 /// kernel uses local memory, and the cooperative plan's grid fits the blocks that registers and
-/// shared memory leave resident. The fashion-mnist layers in every precision, mnist's layer 1 (r = 2).
+/// shared memory leave resident. The fashion-mnist layers in every precision, mnist's layer 1
+/// (r = 2), cifar10's layer 2 (the widest tile).
 #[test]
 fn v4_hot_loops_run_on_tensor_cores_without_local_memory_or_division() {
     require_nvrtc();
@@ -68,6 +69,8 @@ fn v4_hot_loops_run_on_tensor_cores_without_local_memory_or_division() {
         ([15, 24, 24], 2, Precision::Fp32),
         ([32, 28, 28], 1, Precision::Tf32),
         ([32, 28, 28], 1, Precision::Bf16),
+        // 64-channel tiles, channel slabs, weights streamed from L2 (cifar10's layer 2)
+        ([256, 16, 16], 1, Precision::Fp32),
     ];
     for (shape, r, p) in cases {
         let c = check_instance(shape, &fb(r), 100, 20, &DeviceLimits::H100, p, "sm_90").unwrap_or_else(|e| panic!("{e}"));

@@ -73,6 +73,9 @@ for stage in $stages; do
         run memcheck-smoke 40 compute-sanitizer --tool memcheck --error-exitcode 9 .gpu/bin/test-gpu_smoke --ignored --test-threads=1
         run memcheck-layer 80 compute-sanitizer --tool memcheck --error-exitcode 9 .gpu/bin/test-gpu_backei_layer --ignored --test-threads=1 plain_layer
         run racecheck-layer 80 compute-sanitizer --tool racecheck --error-exitcode 9 .gpu/bin/test-gpu_backei_layer --ignored --test-threads=1 odd_shapes
+        # the tensor-core wrappers and kernels (v4 runs in odd_shapes beside v1–v3)
+        run memcheck-mma 40 compute-sanitizer --tool memcheck --error-exitcode 9 .gpu/bin/test-gpu_mma --ignored --test-threads=1
+        run memcheck-layer-versions 80 compute-sanitizer --tool memcheck --error-exitcode 9 .gpu/bin/test-gpu_backei_layer --ignored --test-threads=1 odd_shapes
         run memcheck-ops 80 compute-sanitizer --tool memcheck --error-exitcode 9 .gpu/bin/test-gpu_network --ignored --test-threads=1 conv_ linear_ pool_ dropout_ readout_ fused_adam
         # the training step as one CUDA graph (issue 12): capture, replay, the pipelined read-back
         run memcheck-step 80 compute-sanitizer --tool memcheck --error-exitcode 9 .gpu/bin/test-gpu_step --ignored --test-threads=1 graph_replay pipelined
@@ -96,7 +99,9 @@ for stage in $stages; do
       run bench-train-eager 90 env BACKEI_CUDA_GRAPHS=0 .gpu/bin/bench-train
       # the v2 and v3 kernels (verified on the CPU emulator in CI, never timed on a GPU before)
       run bench-train-v2 90 env BACKEI_BACKEI_KERNEL=v2 .gpu/bin/bench-train
-      run bench-train-v3 90 env BACKEI_BACKEI_KERNEL=v3 .gpu/bin/bench-train ;;
+      run bench-train-v3 90 env BACKEI_BACKEI_KERNEL=v3 .gpu/bin/bench-train
+      # the tensor-core kernels (fp32 mode: split fp16 products)
+      run bench-train-v4 90 env BACKEI_BACKEI_KERNEL=v4 .gpu/bin/bench-train ;;
     reference)
       run reference 150 env BACKEI_CSV=/tmp/backei-results/kernels.csv OUT=/tmp/backei-results bash bench/reference/gpu_run.sh ;;
     train)

@@ -62,7 +62,7 @@ enum Cmd {
         arch: String,
         /// Also disassemble what runs (NVRTC's CUBIN, nvdisasm from pip nvidia-cuda-nvdisasm):
         /// every kernel's hot-loop instruction mix, and the tensor-core (v4) kernels of the
-        /// fashion-mnist and mnist BackEI layers in each precision with their occupancy.
+        /// fashion-mnist, mnist and cifar10 BackEI layers in each precision with their occupancy.
         #[arg(long)]
         sass: bool,
     },
@@ -626,7 +626,7 @@ fn sass_report(arch: &str) -> anyhow::Result<bool> {
     println!("\nv4 instances of the BackEI layers (B = 100, T = 20, a device like {limits:?}):");
     println!("{:<30} {:<36} {:>5} {:>6} {:>7} {head}", "layer", "kernel", "regs", "blk/SM", "smem B");
     let mut failed = false;
-    for spec in [backei::NetworkSpec::fashion_mnist(), backei::NetworkSpec::mnist()] {
+    for spec in [backei::NetworkSpec::fashion_mnist(), backei::NetworkSpec::mnist(), backei::NetworkSpec::cifar10()] {
         for l in spec.plan()?.iter().filter(|l| l.spec == backei::LayerSpec::BackEi) {
             for p in backei::Precision::ALL {
                 let c = backei::gpu::backei_v4::check_instance(l.output, &spec.feedback, 100, 20, &limits, p, arch)?;

@@ -792,6 +792,29 @@ pub fn plan_version(
     Ok(p)
 }
 
+/// THE plan of a layer: the version asked for (v4 in `precision`), deterministic or not. What
+/// `GpuBackEiLayer::prepare` allocates from and what the network's memory plan counts.
+#[allow(clippy::too_many_arguments)]
+pub fn plan_layer(
+    shape: [usize; 3],
+    fb: &FeedbackConfig,
+    batch: usize,
+    steps: usize,
+    limits: &DeviceLimits,
+    version: KernelVersion,
+    precision: Precision,
+    deterministic: bool,
+) -> Result<LaunchPlan> {
+    if version == KernelVersion::V4 {
+        // deterministic by construction
+        plan_tensor_cores(shape, fb, batch, steps, limits, precision)
+    } else if deterministic {
+        plan_deterministic(shape, fb, batch, steps, limits, version)
+    } else {
+        plan_version(shape, fb, batch, steps, limits, version)
+    }
+}
+
 /// The v4 plan (tensor cores, `precision`) when [`plan_v4`] finds one for the shape and device,
 /// else v3's plan (itself falling back to v1 where it must) with v4's reason in `fallback`. The
 /// plain layer (back and ei off) keeps its own kernels. v4 is deterministic by construction (its
@@ -1132,13 +1155,7 @@ impl GpuBackEiLayer {
     /// The plan `prepare` makes for a batch shape with this layer's version, determinism and
     /// device limits (nothing is allocated).
     pub fn plan_for(&self, batch: usize, steps: usize) -> Result<LaunchPlan> {
-        if self.version == KernelVersion::V4 {
-            plan_tensor_cores(self.shape, &self.feedback, batch, steps, &self.limits, self.precision)
-        } else if self.deterministic {
-            plan_deterministic(self.shape, &self.feedback, batch, steps, &self.limits, self.version)
-        } else {
-            plan_version(self.shape, &self.feedback, batch, steps, &self.limits, self.version)
-        }
+        plan_layer(self.shape, &self.feedback, batch, steps, &self.limits, self.version, self.precision, self.deterministic)
     }
 
     /// `prepare` with every buffer lent by `source` for one call (the C ABI and the PyTorch

@@ -12,7 +12,7 @@
 //! - each BackEI layer's buffers are its own launch plan's `BufferSizes` (the plan its
 //!   `GpuBackEiLayer::prepare` allocates from), never a second formula.
 
-use super::backei_layer::{plan_deterministic, plan_version, DeviceLimits, KernelVersion, LaunchPlan};
+use super::backei_layer::{plan_layer, DeviceLimits, KernelVersion, LaunchPlan};
 use super::conv::{ConvPlan, DEFAULT_WORKSPACE_BYTES};
 use super::device::CUBLAS_WORKSPACE_BYTES;
 use super::dropout::DropoutKeys;
@@ -118,11 +118,7 @@ pub fn spike_feedback(spec: &NetworkSpec, l: &LayerSpec) -> FeedbackConfig {
 /// The launch plan a spiking layer of `shape` runs at a batch shape under `settings`: the plan
 /// `GpuBackEiLayer::prepare` makes (and allocates its buffers from).
 pub fn spiking_plan(shape: [usize; 3], fb: &FeedbackConfig, batch: usize, steps: usize, s: &StepSettings) -> Result<LaunchPlan> {
-    if s.deterministic {
-        plan_deterministic(shape, fb, batch, steps, &s.limits, s.version)
-    } else {
-        plan_version(shape, fb, batch, steps, &s.limits, s.version)
-    }
+    plan_layer(shape, fb, batch, steps, &s.limits, s.version, s.precision, s.deterministic)
 }
 
 /// Where one buffer of the step lives (lengths in f32 values).
@@ -502,6 +498,7 @@ pub fn batch_that_fits(
 mod tests {
     use super::*;
     use crate::cpu::network::Network;
+    use crate::gpu::backei_layer::{plan_deterministic, plan_version};
     use crate::spec::NeuronConfig;
 
     const GB40: usize = 40_000_000_000;

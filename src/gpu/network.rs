@@ -486,6 +486,8 @@ impl GpuNetwork {
             if let Op::Spike { layer, .. } = &mut l.op {
                 // the layer allocates its own buffers, from the very plan the memory plan counted
                 layer.deterministic = self.settings.deterministic;
+                layer.precision = self.settings.precision;
+                layer.version = self.settings.version;
                 let made = layer.prepare(batch, self.spec.steps)?;
                 if Some(made) != lb.spiking.as_ref() {
                     return Err(BackeiError::Cuda(format!("internal: layer {i}'s launch plan differs from the memory plan's")));
