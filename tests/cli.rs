@@ -233,13 +233,16 @@ fn info_reports_the_memory_of_each_setting() {
     let o = backei().args(["info", "--model", "cifar10"]).output().unwrap();
     assert!(o.status.success(), "{}", text(&o));
     let t = text(&o);
-    assert!(t.contains("cifar10 at batch 100, T = 20, direct encoding, precision fp32") && t.contains("spiking layers"), "{t}");
+    assert!(
+        t.contains("cifar10 at batch 100, T = 20, direct encoding, precision fp32 (cuBLAS GEMMs)") && t.contains("spiking layers"),
+        "{t}"
+    );
     let o = backei()
         .args(["info", "--model", "fashion-mnist", "--encoding", "rate", "--precision", "bf16", "--deterministic"])
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", text(&o));
-    assert!(text(&o).contains("rate encoding, precision bf16") && text(&o).contains("deterministic"), "{}", text(&o));
+    assert!(text(&o).contains("rate encoding, precision bf16 (tensor-core GEMMs)") && text(&o).contains("deterministic"), "{}", text(&o));
     // the GPU engine cannot recompute yet: info says so instead of a figure
     let o = backei().args(["info", "--model", "fashion-mnist", "--steps", "100", "--recompute", "10"]).output().unwrap();
     assert!(o.status.success(), "{}", text(&o));

@@ -559,12 +559,16 @@ fn info(a: InfoArgs) -> anyhow::Result<ExitCode> {
             Ok(d) => (backei::gpu::backei_layer::DeviceLimits::of(&d)?, format!("cuda:0 {}", d.name)),
             Err(_) => (backei::gpu::backei_layer::DeviceLimits::H100, "an H100 (no GPU here)".to_string()),
         };
-        let mut settings = backei::gpu::StepSettings::new(limits)?;
-        settings.precision = a.precision;
+        let settings = backei::gpu::StepSettings::new(limits)?;
+        let mut settings = settings.with_precision(a.precision)?;
         settings.deterministic = a.deterministic;
         settings.recompute = a.recompute;
+        let gemms = match settings.feedforward {
+            backei::gpu::gemm_tc::FeedForward::Cublas => "cuBLAS",
+            backei::gpu::gemm_tc::FeedForward::TensorCore(_) => "tensor-core",
+        };
         let what = format!(
-            "{m} at batch {}, T = {}, {} encoding, precision {}, BackEI kernels {:?}{} on {device}",
+            "{m} at batch {}, T = {}, {} encoding, precision {} ({gemms} GEMMs), BackEI kernels {:?}{} on {device}",
             a.batch_size,
             a.steps,
             a.encoding,
