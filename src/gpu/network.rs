@@ -532,6 +532,9 @@ impl GpuNetwork {
                     &layer.da,
                     &layer.wg_partials,
                     &layer.staged_weights,
+                    &layer.v4_wfrag,
+                    &layer.v4_winv,
+                    &layer.v4_dw_part,
                 ] {
                     n += f(b);
                 }
