@@ -237,6 +237,15 @@ impl Engine {
         }
     }
 
+    /// The readout [B][classes] of the last forward: each output neuron's firing rate (spike
+    /// count / T), the scores the prediction is the argmax of.
+    pub fn last_readout(&self) -> Result<Vec<f32>> {
+        match self {
+            Engine::Cpu { net, .. } => Ok(net.readout().to_vec()),
+            Engine::Gpu { net, .. } => net.readout_to_host(),
+        }
+    }
+
     /// The engine a training configuration asks for: its network from its seed, its optimizer.
     pub fn for_config(cfg: &crate::train::TrainConfig, choice: DeviceChoice) -> Result<(Engine, String)> {
         let (mut engine, mut line) = Engine::new(&cfg.network, cfg.seed, choice, cfg.optimizer)?;

@@ -1,5 +1,7 @@
-//! `backei plot`: test accuracy and training loss against epoch for several runs in one figure,
-//! each run named from its config (dataset, back/ei, T) — the paper's ablation at a glance.
+//! `backei plot`: test accuracy, and training and test loss, against epoch for one or more runs
+//! in one figure, each run named from its config (dataset, back/ei, T) — the paper's ablation at
+//! a glance. Without `-o` the figure goes to `plot.png` in the run folder (one run) or in the
+//! folder holding the runs (several).
 //! Pure-Rust rendering (plotters + an embedded DejaVu font): no system font libraries.
 
 use crate::error::{BackeiError, Result};
@@ -74,7 +76,8 @@ where
     let max_epoch = runs.iter().flat_map(|r| r.rows.iter().map(|x| x.epoch)).max().unwrap_or(1).max(2);
     let acc = |r: &EpochRow| r.test_accuracy.unwrap_or(0.0) * 100.0;
     let (amin, amax) = runs.iter().flat_map(|r| r.rows.iter().map(acc)).fold((100.0f64, 0.0f64), |(lo, hi), a| (lo.min(a), hi.max(a)));
-    let lmax = runs.iter().flat_map(|r| r.rows.iter().map(|x| x.train_loss)).fold(0.0f64, f64::max).max(1e-6);
+    let lmax =
+        runs.iter().flat_map(|r| r.rows.iter().flat_map(|x| [Some(x.train_loss), x.test_loss]).flatten()).fold(0.0f64, f64::max).max(1e-6);
     let mut ch = ChartBuilder::on(&left)
         .caption("test accuracy (%)", ("sans-serif", 20))
         .margin(12)
@@ -97,7 +100,7 @@ where
         .draw()
         .map_err(e)?;
     let mut ch = ChartBuilder::on(&right)
-        .caption("training loss", ("sans-serif", 20))
+        .caption("loss (solid: training, dashed: test)", ("sans-serif", 20))
         .margin(12)
         .x_label_area_size(35)
         .y_label_area_size(55)
@@ -107,19 +110,52 @@ where
     for (i, r) in runs.iter().enumerate() {
         let color = Palette99::pick(i).to_rgba();
         ch.draw_series(LineSeries::new(r.rows.iter().map(|x| (x.epoch, x.train_loss)), color.stroke_width(2))).map_err(e)?;
+        let test: Vec<(usize, f64)> = r.rows.iter().filter_map(|x| x.test_loss.map(|l| (x.epoch, l))).collect();
+        ch.draw_series(DashedLineSeries::new(test, 8, 5, color.stroke_width(2))).map_err(e)?;
     }
     root.present().map_err(e)
 }
 
-/// Renders the runs' curves to `out` (.png or .svg).
+/// Where `plot` writes without `-o`: `plot.png` in the run folder of one run; for several, in
+/// the folder that holds them all (the current folder if none does).
+pub fn default_output(dirs: &[PathBuf]) -> PathBuf {
+    match dirs {
+        [one] => one.join("plot.png"),
+        _ => {
+            let parents: Vec<Option<&Path>> = dirs.iter().map(|d| d.parent()).collect();
+            match parents.first() {
+                Some(Some(p)) if parents.iter().all(|q| q == &Some(*p)) => p.join("plot.png"),
+                _ => PathBuf::from("plot.png"),
+            }
+        }
+    }
+}
+
+/// Renders the runs' curves to `out` (.png or .svg), written atomically.
 pub fn plot_runs(dirs: &[PathBuf], out: &Path) -> Result<()> {
     let runs = load_runs(dirs)?;
     register_font();
     let fail = |problem: String| BackeiError::Io { path: out.display().to_string(), problem };
-    let size = (1200, 480);
-    match out.extension().and_then(|e| e.to_str()) {
-        Some("png") => draw(BitMapBackend::new(out, size).into_drawing_area(), &runs).map_err(fail),
-        Some("svg") => draw(SVGBackend::new(out, size).into_drawing_area(), &runs).map_err(fail),
-        _ => Err(fail("the output must end in .png or .svg".into())),
-    }
+    let (w, h) = (1200u32, 480u32);
+    let bytes = match out.extension().and_then(|e| e.to_str()) {
+        Some("png") => {
+            let mut rgb = vec![0u8; (w * h * 3) as usize];
+            draw(BitMapBackend::with_buffer(&mut rgb, (w, h)).into_drawing_area(), &runs).map_err(fail)?;
+            let mut png_bytes = Vec::new();
+            let mut enc = png::Encoder::new(&mut png_bytes, w, h);
+            enc.set_color(png::ColorType::Rgb);
+            enc.set_depth(png::BitDepth::Eight);
+            let mut writer = enc.write_header().map_err(|e| fail(e.to_string()))?;
+            writer.write_image_data(&rgb).map_err(|e| fail(e.to_string()))?;
+            writer.finish().map_err(|e| fail(e.to_string()))?;
+            png_bytes
+        }
+        Some("svg") => {
+            let mut svg = String::new();
+            draw(SVGBackend::with_string(&mut svg, (w, h)).into_drawing_area(), &runs).map_err(fail)?;
+            svg.into_bytes()
+        }
+        _ => return Err(fail("the output must end in .png or .svg".into())),
+    };
+    crate::atomic_file::write(out, &bytes).map_err(|e| fail(format!("cannot write: {e}")))
 }

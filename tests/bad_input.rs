@@ -197,7 +197,8 @@ fn backward_misuse() {
 fn optimizer_settings_and_size() {
     assert_has(&msg(Optimizer::new(OptimizerConfig::adam(0.0), 3)), &["lr"]);
     assert_has(&msg(Optimizer::new(OptimizerConfig::adam(f64::NAN), 3)), &["lr"]);
-    let bad_beta = OptimizerConfig::Adam { lr: 1e-3, beta1: 1.0, beta2: 0.999, eps: 1e-8, weight_decay: 0.0 };
+    let bad_beta =
+        OptimizerConfig::Adam { lr: 1e-3, beta1: 1.0, beta2: 0.999, eps: 1e-8, weight_decay: 0.0, decoupled_weight_decay: false };
     assert_has(&msg(Optimizer::new(bad_beta, 3)), &["betas"]);
     assert_has(&msg(Optimizer::new(OptimizerConfig::sgd(0.1, -0.5), 3)), &["momentum"]);
     // an optimizer made for another network

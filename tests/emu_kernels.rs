@@ -430,15 +430,17 @@ fn emulated_readout_and_losses_match_the_cpu() {
 // ---- the fused optimizers: the CPU optimizer's bits ---------------------------------------------------
 
 #[test]
-fn emulated_adam_and_sgd_steps_equal_the_cpu_optimizer_bit_for_bit() {
+fn emulated_adam_adamw_and_sgd_steps_equal_the_cpu_optimizer_bit_for_bit() {
     use backei::optim::{Optimizer, OptimizerConfig};
     let m = emu::module("optim");
     let mut rng = common::Rng(8);
     let n = 1001usize;
     let p0 = host_vec(&mut rng, n, -1.0, 1.0);
-    let adam = OptimizerConfig::Adam { lr: 1e-3, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 1e-4 };
+    let adam = OptimizerConfig::Adam { lr: 1e-3, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 1e-4, decoupled_weight_decay: false };
+    // a large decoupled weight decay, so that every parameter's shrink shows in its bits
+    let adamw = OptimizerConfig::adamw(1e-3, 0.5);
     let sgd = OptimizerConfig::Sgd { lr: 0.05, momentum: 0.9, weight_decay: 1e-4 };
-    for config in [adam, sgd] {
+    for config in [adam, adamw, sgd] {
         let mut cpu = Optimizer::new(config, n).unwrap();
         let mut p_cpu = p0.clone();
         let mut p = DevBuf::from("params", &p0);
@@ -453,17 +455,19 @@ fn emulated_adam_and_sgd_steps_equal_the_cpu_optimizer_bit_for_bit() {
             let (kernel, mut scalars) = match config {
                 OptimizerConfig::Adam { beta1, beta2, lr, .. } => {
                     let (step_size, bc2_sqrt) = backei::gpu::optim::adam_step_scalars(beta1, beta2, lr, step);
-                    ("adam_f32", vec![step_size, bc2_sqrt])
+                    ("adam_f32", vec![step_size, bc2_sqrt, config.decay_factor(lr)])
                 }
-                OptimizerConfig::Sgd { lr, .. } => ("sgd_f32", vec![lr, (step == 1) as u8 as f64]),
+                OptimizerConfig::Sgd { lr, .. } => ("sgd_f32", vec![lr, (step == 1) as u8 as f64, 1.0]),
             };
             let launch =
                 |p: &mut DevBuf, gd: &mut DevBuf, mom: &mut DevBuf, var: &mut DevBuf, scalars: &mut Vec<f64>, status: &mut Vec<u32>| {
                     let mut a = Args::new();
                     match config {
-                        OptimizerConfig::Adam { beta1, beta2, eps, weight_decay, .. } => {
+                        OptimizerConfig::Adam { beta1, beta2, eps, weight_decay, decoupled_weight_decay, .. } => {
+                            // as src/gpu/optim.rs launches it: AdamW's decay is the staged factor
+                            let l2 = if decoupled_weight_decay { 0.0 } else { weight_decay };
                             a.val(p.ptr()).val(gd.ptr()).val(mom.ptr()).val(var.ptr()).val(n as i64);
-                            a.val(beta1).val(beta2).val(eps).val(weight_decay);
+                            a.val(beta1).val(beta2).val(eps).val(l2);
                         }
                         OptimizerConfig::Sgd { momentum, weight_decay, .. } => {
                             a.val(p.ptr()).val(gd.ptr()).val(mom.ptr()).val(n as i64).val(momentum).val(weight_decay);

@@ -238,13 +238,14 @@ fn readout_and_losses_match_the_cpu() {
 
 #[test]
 #[ignore = "needs a CUDA GPU"]
-fn fused_adam_and_sgd_equal_the_cpu_optimizer() {
+fn fused_adam_adamw_and_sgd_equal_the_cpu_optimizer() {
     let d = dev();
     let mut rng = ChaCha8Rng::seed_from_u64(6);
     let n = 100_003;
     for cfg in [
         OptimizerConfig::adam(1e-3),
-        OptimizerConfig::Adam { lr: 0.01, beta1: 0.8, beta2: 0.99, eps: 1e-6, weight_decay: 0.01 },
+        OptimizerConfig::Adam { lr: 0.01, beta1: 0.8, beta2: 0.99, eps: 1e-6, weight_decay: 0.01, decoupled_weight_decay: false },
+        OptimizerConfig::adamw(0.01, 0.05),
         OptimizerConfig::sgd(0.1, 0.9),
         OptimizerConfig::Sgd { lr: 0.05, momentum: 0.0, weight_decay: 1e-3 },
     ] {

@@ -3,12 +3,12 @@
 //! CPU engine on a few digits of the built-in sample, so each run takes about a second.
 
 use std::os::unix::process::{CommandExt, ExitStatusExt};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output};
 
 #[path = "common/run_dir.rs"]
 mod run_dir;
-use run_dir::metrics_without_time;
+use run_dir::{metrics_without_time, Scratch};
 
 fn backei() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_backei"));
@@ -16,10 +16,8 @@ fn backei() -> Command {
     c
 }
 
-fn tmp(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("backei-runfolder-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    d
+fn tmp(name: &str) -> Scratch {
+    Scratch::new("runfolder", name)
 }
 
 /// A CPU run of the MNIST network on 32 training and 16 test digits, 2 batches an epoch. The

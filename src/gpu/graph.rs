@@ -51,8 +51,8 @@ impl StepKey {
     /// The bits of an optimizer's constants (the learning rate excepted: it is staged per step).
     pub fn optimizer_bits(c: &OptimizerConfig) -> [u64; 5] {
         match *c {
-            OptimizerConfig::Adam { beta1, beta2, eps, weight_decay, .. } => {
-                [0, beta1.to_bits(), beta2.to_bits(), eps.to_bits(), weight_decay.to_bits()]
+            OptimizerConfig::Adam { beta1, beta2, eps, weight_decay, decoupled_weight_decay, .. } => {
+                [if decoupled_weight_decay { 2 } else { 0 }, beta1.to_bits(), beta2.to_bits(), eps.to_bits(), weight_decay.to_bits()]
             }
             OptimizerConfig::Sgd { momentum, weight_decay, .. } => [1, momentum.to_bits(), weight_decay.to_bits(), 0, 0],
         }

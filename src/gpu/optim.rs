@@ -24,8 +24,9 @@ pub struct GpuOptimizer {
     /// Adam: second moment (one element for SGD, unused).
     pub v: CudaSlice<f32>,
     len: usize,
-    /// The step's scalars on the device (Adam: step size and sqrt(1 − β2^t); SGD: lr and
-    /// whether it is the first step), staged from `scalars_host` before each step.
+    /// The step's scalars on the device (Adam: step size, sqrt(1 − β2^t) and AdamW's decay
+    /// factor 1 − lr·wd, 1 for Adam; SGD: lr and whether it is the first step), staged from
+    /// `scalars_host` before each step.
     scalars: CudaSlice<f64>,
     scalars_host: PinnedHostSlice<f64>,
     /// A zero status word for updates outside a network step (`update`).
@@ -33,7 +34,7 @@ pub struct GpuOptimizer {
 }
 
 /// f64 values of the per-step scalars.
-const SCALARS: usize = 2;
+const SCALARS: usize = 3;
 
 impl GpuOptimizer {
     pub fn new(dev: &Arc<GpuDevice>, config: OptimizerConfig, len: usize) -> Result<Self> {
@@ -114,9 +115,9 @@ impl GpuOptimizer {
         let values = match self.config {
             OptimizerConfig::Adam { beta1, beta2, .. } => {
                 let (step_size, bc2_sqrt) = adam_step_scalars(beta1, beta2, self.lr, self.step);
-                [step_size, bc2_sqrt]
+                [step_size, bc2_sqrt, self.config.decay_factor(self.lr)]
             }
-            OptimizerConfig::Sgd { .. } => [self.lr, (self.step == 1) as u8 as f64],
+            OptimizerConfig::Sgd { .. } => [self.lr, (self.step == 1) as u8 as f64, 1.0],
         };
         self.scalars_host.as_mut_slice().map_err(cuda_err("waiting for the last scalar upload"))?.copy_from_slice(&values);
         self.dev.stream.memcpy_htod(&self.scalars_host, &mut self.scalars).map_err(cuda_err("uploading the optimizer's step scalars"))
@@ -158,9 +159,11 @@ fn enqueue_update(
     let n = len as i64;
     let cfg = grid(len);
     match config {
-        OptimizerConfig::Adam { beta1, beta2, eps, weight_decay, .. } => {
+        OptimizerConfig::Adam { beta1, beta2, eps, weight_decay, decoupled_weight_decay, .. } => {
             let f = dev.kernels.function("optim", "adam_f32")?;
-            // SAFETY: params, grads, m and v hold len values, scalars two, status nstatus.
+            // AdamW's decay is the staged factor; the kernel's weight_decay is Adam's L2 term
+            let weight_decay = if decoupled_weight_decay { 0.0 } else { weight_decay };
+            // SAFETY: params, grads, m and v hold len values, scalars three, status nstatus.
             unsafe {
                 dev.stream
                     .launch_builder(&f)
@@ -182,7 +185,7 @@ fn enqueue_update(
         }
         OptimizerConfig::Sgd { momentum, weight_decay, .. } => {
             let f = dev.kernels.function("optim", "sgd_f32")?;
-            // SAFETY: params, grads and m hold len values, scalars two, status nstatus.
+            // SAFETY: params, grads and m hold len values, scalars three, status nstatus.
             unsafe {
                 dev.stream
                     .launch_builder(&f)

@@ -21,6 +21,13 @@ pub struct EpochRow {
     pub firing_rates: Vec<f64>,
     /// Fraction of inhibitory outputs among fired spikes, per BackEI layer with E/I.
     pub inhibitory_fractions: Vec<f64>,
+    /// Loss on the validation split (absent in rows written before it was recorded).
+    #[serde(default)]
+    pub val_loss: Option<f64>,
+    /// Seconds the epoch's evaluations took (validation and test); `seconds` is the training's.
+    /// Absent in rows written before it was recorded.
+    #[serde(default)]
+    pub eval_seconds: Option<f64>,
 }
 
 pub struct MetricsWriter {
@@ -41,35 +48,32 @@ impl MetricsWriter {
     /// at or after `from_epoch` are dropped, so the files match an uninterrupted run.
     pub fn open(dir: &Path, from_epoch: usize) -> Result<Self> {
         let w = MetricsWriter { csv: dir.join("metrics.csv"), jsonl: dir.join("metrics.jsonl") };
-        let keep = |line: &str| -> bool { line.split(',').next().and_then(|e| e.parse::<usize>().ok()).is_some_and(|e| e <= from_epoch) };
-        let old_csv = std::fs::read_to_string(&w.csv).unwrap_or_default();
-        let mut csv = String::from(Self::HEADER);
-        csv.push('\n');
-        for line in old_csv.lines().skip(1).filter(|l| keep(l)) {
-            csv.push_str(line);
-            csv.push('\n');
-        }
-        crate::atomic_file::write(&w.csv, csv.as_bytes()).map_err(|e| io(&w.csv, e))?;
+        // metrics.jsonl is the record; metrics.csv is rewritten from it (so its columns are this
+        // version's even for rows an earlier version wrote)
         let old_jsonl = std::fs::read_to_string(&w.jsonl).unwrap_or_default();
         let mut jsonl = String::new();
+        let mut csv = String::from(Self::HEADER);
+        csv.push('\n');
         for line in old_jsonl.lines() {
             if let Ok(row) = serde_json::from_str::<EpochRow>(line) {
                 if row.epoch <= from_epoch {
                     jsonl.push_str(line);
                     jsonl.push('\n');
+                    csv.push_str(&Self::csv_line(&row));
                 }
             }
         }
+        crate::atomic_file::write(&w.csv, csv.as_bytes()).map_err(|e| io(&w.csv, e))?;
         crate::atomic_file::write(&w.jsonl, jsonl.as_bytes()).map_err(|e| io(&w.jsonl, e))?;
         Ok(w)
     }
 
-    const HEADER: &'static str = "epoch,train_loss,train_accuracy,val_accuracy,test_accuracy,test_loss,lr,seconds,samples_per_second,firing_rates,inhibitory_fractions";
+    const HEADER: &'static str = "epoch,train_loss,train_accuracy,val_accuracy,test_accuracy,test_loss,lr,seconds,samples_per_second,firing_rates,inhibitory_fractions,val_loss,eval_seconds";
 
-    pub fn append(&self, row: &EpochRow) -> Result<()> {
+    fn csv_line(row: &EpochRow) -> String {
         let join = |v: &[f64]| v.iter().map(|x| format!("{x:.5}")).collect::<Vec<_>>().join(";");
-        let line = format!(
-            "{},{:.6},{:.6},{},{},{},{:e},{:.3},{:.1},{},{}\n",
+        format!(
+            "{},{:.6},{:.6},{},{},{},{:e},{:.3},{:.1},{},{},{},{}\n",
             row.epoch,
             row.train_loss,
             row.train_accuracy,
@@ -80,8 +84,14 @@ impl MetricsWriter {
             row.seconds,
             row.samples_per_second,
             join(&row.firing_rates),
-            join(&row.inhibitory_fractions)
-        );
+            join(&row.inhibitory_fractions),
+            opt(row.val_loss),
+            row.eval_seconds.map(|s| format!("{s:.3}")).unwrap_or_default(),
+        )
+    }
+
+    pub fn append(&self, row: &EpochRow) -> Result<()> {
+        let line = Self::csv_line(row);
         let append = |path: &Path, text: &str| -> Result<()> {
             let mut f = std::fs::OpenOptions::new().append(true).create(true).open(path).map_err(|e| io(path, e))?;
             f.write_all(text.as_bytes()).map_err(|e| io(path, e))?;

@@ -4,8 +4,10 @@
 use super::checkpoint::{self, Checkpoint, Progress};
 use super::config::TrainConfig;
 use super::metrics::{EpochRow, MetricsWriter};
-use super::progress::EpochProgress;
+use super::progress::{human, Display, PhaseProgress, Position, RunClock};
+use super::report::{cpu_duration_warning, silence_hint, summary};
 use super::run_folder::RunFolder;
+use super::tensorboard::EventWriter;
 use crate::cpu::loss::Loss;
 use crate::data::loader::epoch_order;
 use crate::data::{Dataset, DatasetKind, LoadOptions, Loader, LoaderOptions, Split};
@@ -113,17 +115,43 @@ pub struct Evaluation {
     pub confusion: Vec<Vec<usize>>,
     pub spike_stats: Vec<(usize, f64, Option<f64>)>,
     pub samples: usize,
+    /// Wall-clock seconds the evaluation took.
+    pub seconds: f64,
 }
 
 pub fn evaluate(engine: &mut Engine, data: Arc<Dataset>, cfg: &TrainConfig) -> Result<Evaluation> {
+    evaluate_with_progress(engine, data, cfg, &mut |_, _| {})
+}
+
+/// `evaluate`, calling `progress(batches done, samples done)` after every batch.
+pub fn evaluate_with_progress(
+    engine: &mut Engine,
+    data: Arc<Dataset>,
+    cfg: &TrainConfig,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<Evaluation> {
     let solo = Solo::default();
-    evaluate_sharded(engine, data, cfg, &Team::new(&solo, engine)?)
+    evaluate_sharded(engine, data, cfg, &Team::new(&solo, engine)?, progress)
+}
+
+/// The batches an evaluation of `samples` samples runs.
+pub fn eval_batches(samples: usize, cfg: &TrainConfig) -> usize {
+    samples.div_ceil(cfg.batch_size.max(1))
 }
 
 /// `evaluate` with every batch shared among the ranks of `team` (each evaluates its shard) and
-/// the sums reduced: every rank gets the whole dataset's figures.
-pub fn evaluate_sharded(engine: &mut Engine, data: Arc<Dataset>, cfg: &TrainConfig, team: &Team) -> Result<Evaluation> {
+/// the sums reduced: every rank gets the whole dataset's figures. `progress(batches, samples)`
+/// counts the whole batches (every rank's shards) done.
+pub fn evaluate_sharded(
+    engine: &mut Engine,
+    data: Arc<Dataset>,
+    cfg: &TrainConfig,
+    team: &Team,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<Evaluation> {
+    let started = Instant::now();
     let classes = data.num_classes();
+    let total = data.len();
     // (layer, has an E/I gate) of every spiking layer: the same list on every rank, batches or not
     let spiking: Vec<(usize, bool)> = engine
         .spec()
@@ -144,8 +172,10 @@ pub fn evaluate_sharded(engine: &mut Engine, data: Arc<Dataset>, cfg: &TrainConf
         let mut opts = loader_options(cfg, false)?;
         opts.shard = team.shard();
         let loader = Loader::with_allocator(data, opts, engine.buffer_allocator());
-        for batch in loader.epoch(0) {
+        for (k, batch) in loader.epoch(0).enumerate() {
+            let done = ((k + 1) * cfg.batch_size).min(total);
             if batch.batch == 0 {
+                progress(k + 1, done);
                 continue; // this rank's share of a small last batch is empty
             }
             let s = engine.evaluate(&batch.x, batch.t_in, &batch.labels, cfg.loss)?;
@@ -163,6 +193,7 @@ pub fn evaluate_sharded(engine: &mut Engine, data: Arc<Dataset>, cfg: &TrainConf
                 acc[1] += cur.2.unwrap_or(0.0) * b;
             }
             loader.recycle(batch);
+            progress(k + 1, done);
         }
         Ok(sums)
     })();
@@ -181,6 +212,7 @@ pub fn evaluate_sharded(engine: &mut Engine, data: Arc<Dataset>, cfg: &TrainConf
             .map(|(&(i, ei), acc)| (i, acc[0] / n, ei.then(|| acc[1] / n)))
             .collect(),
         samples: sums[1] as usize,
+        seconds: started.elapsed().as_secs_f64(),
     })
 }
 
@@ -189,17 +221,24 @@ pub enum RunOutcome {
         final_test_accuracy: f64,
         best_accuracy: f64,
         best_epoch: usize,
+        /// Why the run ended before its last epoch (early stopping), if it did.
+        stopped_early: Option<String>,
+        /// The closing lines: final, best-by-validation and best-over-epochs accuracies, time
+        /// (rank 0's; empty on the other ranks).
+        summary: Vec<String>,
     },
     Interrupted {
         checkpoint: PathBuf,
     },
-    /// `--resume` of a run that has already done the epochs asked for: nothing was run or written.
+    /// `--resume` of a run that has already done the epochs asked for (or stopped early):
+    /// nothing was run or written.
     AlreadyFinished {
         epochs_done: usize,
         batches_done: usize,
         epochs: usize,
         best_accuracy: f64,
         best_epoch: usize,
+        stopped_early: bool,
     },
 }
 
@@ -208,6 +247,8 @@ pub struct RunOptions<'a> {
     pub out: PathBuf,
     pub resume: Option<Checkpoint>,
     pub quiet: bool,
+    /// Seconds between two progress lines when stderr is not a terminal (0: every batch).
+    pub progress_every: f64,
     /// Set by the Ctrl-C handler: the loop saves a checkpoint and stops after the current step.
     pub interrupt: Arc<AtomicBool>,
     /// Extra lines for config.json (engine, device).
@@ -226,6 +267,77 @@ fn write_config(out: &Path, cfg: &TrainConfig, engine_line: &str) -> Result<()> 
     let path = out.join("config.json");
     crate::atomic_file::write(&path, serde_json::to_string_pretty(&v).expect("plain data").as_bytes())
         .map_err(|e| BackeiError::Io { path: path.display().to_string(), problem: e.to_string() })
+}
+
+/// True when early stopping ended the run at `p` (its patience ran out at an epoch's end).
+fn stopped_early(cfg: &TrainConfig, p: &Progress) -> bool {
+    cfg.early_stopping.is_some_and(|patience| p.batches_done == 0 && p.epoch > 0 && p.epoch - p.best_epoch >= patience)
+}
+
+/// One line on how the data were split: what trains, what chooses the best checkpoint, what reports.
+fn describe_split(cfg: &TrainConfig, data: &RunData) -> String {
+    let test = format!("{} test samples (for reporting)", data.test.len());
+    match &data.val {
+        Some(v) => format!(
+            "data: {} training samples; {} held out for validation (--val-split {}: they choose the best checkpoint{}); {test}",
+            data.train.len(),
+            v.len(),
+            cfg.val_split,
+            if cfg.early_stopping.is_some() { " and stop early" } else { "" }
+        ),
+        None => format!(
+            "data: {} training samples, no validation split (--val-split 0: the best checkpoint is chosen on the test set, as the paper reports); {test}",
+            data.train.len()
+        ),
+    }
+}
+
+/// A paper-recipe run: a dataset's own defaults (200 epochs), sized for a GPU.
+fn is_paper_recipe(cfg: &TrainConfig) -> bool {
+    let kind = cfg.dataset_kind().unwrap_or(DatasetKind::MnistSample);
+    kind != DatasetKind::MnistSample && cfg.epochs >= super::config::defaults_for(kind).epochs
+}
+
+/// Per-layer scalars for TensorBoard: `{prefix}/firing_rate/<layer>` and `…/inhibitory_fraction/<layer>`.
+fn layer_scalars(spec: &crate::spec::NetworkSpec, prefix: &str, stats: &[(usize, f64, Option<f64>)]) -> Vec<(String, f64)> {
+    let mut v = Vec::new();
+    for &(i, rate, inh) in stats {
+        let tag = super::report::layer_tag(spec, i);
+        v.push((format!("{prefix}/firing_rate/{tag}"), rate));
+        if let Some(f) = inh {
+            v.push((format!("{prefix}/inhibitory_fraction/{tag}"), f));
+        }
+    }
+    v
+}
+
+/// One evaluation phase of an epoch (validation or test) with its progress, counted in the clock.
+#[allow(clippy::too_many_arguments)]
+fn evaluate_phase(
+    engine: &mut Engine,
+    data: &Arc<Dataset>,
+    cfg: &TrainConfig,
+    team: &Team,
+    label: String,
+    display: Display,
+    clock: &mut RunClock,
+    epoch: usize,
+    done_before: &mut usize,
+) -> Result<Evaluation> {
+    let mut bar = PhaseProgress::new(label, eval_batches(data.len(), cfg), display);
+    let started = Instant::now();
+    let (mut tick, mut counted) = (Instant::now(), 0usize);
+    let before = *done_before;
+    let ev = evaluate_sharded(engine, data.clone(), cfg, team, &mut |k, n| {
+        clock.evaluated(n - counted, tick.elapsed().as_secs_f64());
+        tick = Instant::now();
+        counted = n;
+        let rate = n as f64 / started.elapsed().as_secs_f64().max(1e-9);
+        bar.update(k, &format!("{rate:.0} samples/s"), clock.left(Position::Eval { epoch, done: before + n }));
+    })?;
+    bar.finish();
+    *done_before += ev.samples;
+    Ok(ev)
 }
 
 /// Trains as the configuration says, printing one summary line per epoch. In a data-parallel
@@ -259,7 +371,7 @@ pub fn train(opts: RunOptions, engine: &mut Engine) -> Result<RunOutcome> {
         },
         "to open the run folder",
     )?;
-    let finished = opts.resume.as_ref().map(|ck| &ck.progress).filter(|p| p.epoch >= cfg.epochs);
+    let finished = opts.resume.as_ref().map(|ck| &ck.progress).filter(|p| p.epoch >= cfg.epochs || stopped_early(cfg, p));
     if team.any(finished.is_some())? {
         // rank 0 decided (it alone read the checkpoint); the others report nothing
         let p = finished.cloned().unwrap_or(Progress {
@@ -276,6 +388,7 @@ pub fn train(opts: RunOptions, engine: &mut Engine) -> Result<RunOutcome> {
             epochs: cfg.epochs,
             best_accuracy: p.best_accuracy,
             best_epoch: p.best_epoch,
+            stopped_early: p.epoch < cfg.epochs,
         });
     }
     // each rank holds its shard of a batch: the largest shard is what must fit
@@ -284,6 +397,9 @@ pub fn train(opts: RunOptions, engine: &mut Engine) -> Result<RunOutcome> {
     team.all_ok(check_memory(&per_rank, engine), "the memory check")?;
     let data = load_data_agreed(cfg, &team)?;
     if lead {
+        if !opts.quiet {
+            eprintln!("{}", describe_split(cfg, &data));
+        }
         let engine_line =
             if several { format!("{} | data-parallel: {}", opts.engine_line, team.describe()) } else { opts.engine_line.to_string() };
         write_config(&opts.out, cfg, &engine_line)?;
@@ -298,6 +414,7 @@ pub fn train(opts: RunOptions, engine: &mut Engine) -> Result<RunOutcome> {
     // every rank starts from rank 0's parameters, optimizer state and place in the run
     team.sync_start(engine, &mut progress)?;
     let metrics = if lead { Some(MetricsWriter::open(&opts.out, progress.epoch)?) } else { None };
+    let mut board = if lead { Some(EventWriter::create(&opts.out)?) } else { None };
     // Page-locked buffers on the GPU engine: each batch's upload is a direct DMA.
     let mut train_opts = loader_options(cfg, true)?;
     train_opts.shard = team.shard();
@@ -306,6 +423,14 @@ pub fn train(opts: RunOptions, engine: &mut Engine) -> Result<RunOutcome> {
     let last_path = folder.as_ref().map_or_else(|| opts.out.join("checkpoint-last.safetensors"), RunFolder::last);
     let best_path = folder.as_ref().map_or_else(|| opts.out.join("checkpoint-best.safetensors"), RunFolder::best);
     let base_lr = cfg.optimizer.lr();
+    let spec = engine.spec().clone();
+    let classes = data.test.num_classes();
+    let n_train = data.train.len();
+    let val_samples = data.val.as_ref().map_or(0, |v| v.len());
+    let mut clock = RunClock::new(cfg.epochs, n_train, val_samples + data.test.len());
+    let display = Display::new(opts.quiet || !lead, opts.progress_every);
+    // the warning for a run far too long for the CPU engine: once, when a rate is measured
+    let mut duration_checked = engine.is_gpu() || !lead;
     let save = |path: &Path, engine: &Engine, progress: &Progress| -> Result<()> {
         if !lead {
             return Ok(());
@@ -318,11 +443,16 @@ pub fn train(opts: RunOptions, engine: &mut Engine) -> Result<RunOutcome> {
     let interrupt_after: Option<usize> = std::env::var("BACKEI_INTERRUPT_AFTER_BATCHES").ok().and_then(|v| v.parse().ok());
     let mut batches_this_process = 0usize;
     let mut final_acc = 0.0;
+    let mut early = None;
     for epoch in progress.epoch..cfg.epochs {
-        let lr = cfg.lr_schedule.lr_at(base_lr, epoch);
+        let lr = cfg.lr_schedule.lr_at(base_lr, epoch, cfg.epochs);
         engine.set_lr(lr);
-        let mut bar = EpochProgress::new(epoch, cfg.epochs, batches, opts.quiet || !lead);
+        let label = |phase: &str| format!("epoch {}/{} {phase}", epoch + 1, cfg.epochs);
+        let mut bar = PhaseProgress::new(label("train"), batches, display);
         let started = Instant::now();
+        let mut tick = Instant::now();
+        // TensorBoard's per-step scalars: loss·samples, correct, samples since the last ones
+        let mut window = [0.0f64; 3];
         let [mut loss_sum, mut correct, mut seen, secs_before] = progress.partial;
         for (k, batch) in loader.epoch(epoch).enumerate() {
             if k < progress.batches_done {
@@ -357,19 +487,56 @@ pub fn train(opts: RunOptions, engine: &mut Engine) -> Result<RunOutcome> {
                 loss_sum += s.loss * s.batch as f64;
                 correct += s.correct as f64;
                 seen += s.batch as f64;
+                window[0] += s.loss * s.batch as f64;
+                window[1] += s.correct as f64;
+                window[2] += s.batch as f64;
             }
+            // the whole batch (every rank's shard) counts in the run's rate
+            let batch_samples = ((k + 1) * cfg.batch_size).min(n_train) - (k * cfg.batch_size).min(n_train);
+            clock.trained(batch_samples, tick.elapsed().as_secs_f64());
+            tick = Instant::now();
             progress.batches_done = k + 1;
             progress.iteration = engine.iteration();
             batches_this_process += 1;
             if interrupt_after == Some(batches_this_process) {
                 opts.interrupt.store(true, Ordering::SeqCst);
             }
+            if progress.iteration % cfg.log_interval as u64 == 0 && window[2] > 0.0 {
+                if let Some(board) = board.as_mut() {
+                    let mut scalars = vec![
+                        ("step/loss/train".to_string(), window[0] / window[2]),
+                        ("step/accuracy/train".to_string(), window[1] / window[2]),
+                        ("step/lr".to_string(), lr),
+                    ];
+                    scalars.extend(layer_scalars(&spec, "step", &engine.spike_stats()?));
+                    board.scalars(progress.iteration, &scalars)?;
+                    board.flush()?;
+                }
+                window = [0.0; 3];
+            }
             let secs = secs_before + started.elapsed().as_secs_f64();
-            bar.update(k + 1, seen / secs.max(1e-9), loss_sum / seen.max(1.0), correct / seen.max(1.0));
+            let left = clock.left(Position::Train { epoch, done: (k + 1) * cfg.batch_size });
+            let msg = format!(
+                "{:.0} samples/s loss {:.4} acc {:.2}%",
+                seen / secs.max(1e-9),
+                loss_sum / seen.max(1.0),
+                correct / seen.max(1.0) * 100.0
+            );
+            bar.update(k + 1, &msg, left);
+            // after two batches (the first one warms up): is this run too long for the CPU?
+            if !duration_checked && batches_this_process >= 2 {
+                duration_checked = true;
+                if let Some(w) = left.and_then(|(_, run)| cpu_duration_warning(&clock, epoch, run, is_paper_recipe(cfg))) {
+                    bar.println(&w);
+                }
+            }
             if interrupted && k + 1 < batches {
                 progress.partial = [loss_sum, correct, seen, secs];
                 bar.finish();
                 save(&last_path, engine, &progress)?;
+                if let Some(board) = board.as_mut() {
+                    board.flush()?;
+                }
                 return Ok(RunOutcome::Interrupted { checkpoint: last_path });
             }
         }
@@ -394,17 +561,21 @@ pub fn train(opts: RunOptions, engine: &mut Engine) -> Result<RunOutcome> {
             let params = engine.params()?;
             team.expect_same(&format!("parameters after epoch {}", epoch + 1), fingerprint(params.iter().map(|p| p.to_bits() as u64)))?;
         }
+        // validation, then test: each with its progress, both counted in the epoch's time
+        let eval_started = Instant::now();
+        let mut eval_done = 0usize;
         let val = match &data.val {
-            Some(v) => Some(evaluate_sharded(engine, v.clone(), cfg, &team)?.accuracy),
+            Some(v) => Some(evaluate_phase(engine, v, cfg, &team, label("val"), display, &mut clock, epoch, &mut eval_done)?),
             None => None,
         };
-        let test = evaluate_sharded(engine, data.test.clone(), cfg, &team)?;
+        let test = evaluate_phase(engine, &data.test, cfg, &team, label("test"), display, &mut clock, epoch, &mut eval_done)?;
+        let eval_seconds = eval_started.elapsed().as_secs_f64();
         final_acc = test.accuracy;
         let row = EpochRow {
             epoch: epoch + 1,
             train_loss: loss_sum / seen.max(1.0),
             train_accuracy: correct / seen.max(1.0),
-            val_accuracy: val,
+            val_accuracy: val.as_ref().map(|v| v.accuracy),
             test_accuracy: Some(test.accuracy),
             test_loss: Some(test.loss),
             lr,
@@ -412,12 +583,31 @@ pub fn train(opts: RunOptions, engine: &mut Engine) -> Result<RunOutcome> {
             samples_per_second: seen / seconds.max(1e-9),
             firing_rates: stats.iter().map(|s| s.1).collect(),
             inhibitory_fractions: stats.iter().filter_map(|s| s.2).collect(),
+            val_loss: val.as_ref().map(|v| v.loss),
+            eval_seconds: Some(eval_seconds),
         };
         if let Some(m) = &metrics {
             m.append(&row)?;
         }
+        if let Some(board) = board.as_mut() {
+            let mut scalars = vec![
+                ("epoch/loss/train".to_string(), row.train_loss),
+                ("epoch/loss/test".to_string(), test.loss),
+                ("epoch/accuracy/train".to_string(), row.train_accuracy),
+                ("epoch/accuracy/test".to_string(), test.accuracy),
+                ("epoch/lr".to_string(), lr),
+                ("epoch/seconds/train".to_string(), seconds),
+                ("epoch/seconds/eval".to_string(), eval_seconds),
+            ];
+            if let Some(v) = &val {
+                scalars.extend([("epoch/loss/val".to_string(), v.loss), ("epoch/accuracy/val".to_string(), v.accuracy)]);
+            }
+            scalars.extend(layer_scalars(&spec, "epoch", &stats));
+            board.scalars(row.epoch as u64, &scalars)?;
+            board.flush()?;
+        }
         // selection by validation accuracy when there is a validation split, else by test
-        let score = val.unwrap_or(test.accuracy);
+        let score = val.as_ref().map_or(test.accuracy, |v| v.accuracy);
         progress.epoch = epoch + 1;
         progress.batches_done = 0;
         progress.partial = [0.0; 4];
@@ -435,25 +625,56 @@ pub fn train(opts: RunOptions, engine: &mut Engine) -> Result<RunOutcome> {
                 .map_err(|e| BackeiError::Io { path: best_path.display().to_string(), problem: format!("cannot write checkpoint: {e}") })?;
         }
         if lead {
+            let run_left = if epoch + 1 < cfg.epochs {
+                clock
+                    .left(Position::Eval { epoch, done: clock.eval_per_epoch() })
+                    .map(|(_, r)| format!(" | run left {}", human(r)))
+                    .unwrap_or_default()
+            } else {
+                String::new()
+            };
             eprintln!(
-                "epoch {}/{}: train loss {:.4} acc {:.2}% | {}test acc {:.2}% | lr {:.1e} | {:.1}s, {:.0} samples/s{}",
+                "epoch {}/{}: train loss {:.4} acc {:.2}% | {}test loss {:.4} acc {:.2}% | lr {:.1e} | {} train + {} eval, {:.0} samples/s{run_left}{}",
                 epoch + 1,
                 cfg.epochs,
                 row.train_loss,
                 row.train_accuracy * 100.0,
-                val.map(|v| format!("val acc {:.2}% | ", v * 100.0)).unwrap_or_default(),
+                val.as_ref().map(|v| format!("val acc {:.2}% | ", v.accuracy * 100.0)).unwrap_or_default(),
+                test.loss,
                 test.accuracy * 100.0,
                 lr,
-                seconds,
+                human(seconds),
+                human(eval_seconds),
                 row.samples_per_second,
                 if improved { " (best)" } else { "" }
             );
+            if let Some(hint) = silence_hint(&spec, cfg.loss, classes, row.train_loss, &stats) {
+                eprintln!("{hint}");
+            }
+        }
+        // every rank holds the same (reduced) validation figures: they all stop here together
+        if stopped_early(cfg, &progress) && epoch + 1 < cfg.epochs {
+            early = Some(format!(
+                "stopped early after epoch {}: the validation accuracy has not improved for {} epochs (--early-stopping); the best is {:.2}% at epoch {}",
+                epoch + 1,
+                progress.epoch - progress.best_epoch,
+                progress.best_accuracy * 100.0,
+                progress.best_epoch
+            ));
+            break;
         }
         if team.any(opts.interrupt.load(Ordering::SeqCst))? && epoch + 1 < cfg.epochs {
             return Ok(RunOutcome::Interrupted { checkpoint: last_path });
         }
     }
-    Ok(RunOutcome::Finished { final_test_accuracy: final_acc, best_accuracy: progress.best_accuracy, best_epoch: progress.best_epoch })
+    let summary = if lead { summary(&MetricsWriter::read(&opts.out)?, cfg, progress.best_epoch, val_samples) } else { vec![] };
+    Ok(RunOutcome::Finished {
+        final_test_accuracy: final_acc,
+        best_accuracy: progress.best_accuracy,
+        best_epoch: progress.best_epoch,
+        stopped_early: early,
+        summary,
+    })
 }
 
 /// Loads the data on every rank; a rank that cannot stops them all, and ranks whose data differ
