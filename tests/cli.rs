@@ -656,3 +656,28 @@ fn a_cpu_run_far_longer_than_an_hour_is_warned_with_what_fits() {
     let w = t.lines().find(|l| l.starts_with("warning: at the rate measured so far")).unwrap_or_else(|| panic!("no warning:\n{t}"));
     assert!(w.contains("on the CPU engine") && w.contains("To finish within about an hour here: --epochs "), "{w}");
 }
+
+/// NVRTC from the pip wheel is found without LD_LIBRARY_PATH (in the active venv, or python3's
+/// site-packages), and where there is none the error says what to install.
+#[test]
+fn nvrtc_of_a_pip_wheel_is_found_by_itself() {
+    let o = backei().arg("info").env_remove("LD_LIBRARY_PATH").output().unwrap();
+    let t = text(&o);
+    assert!(
+        t.lines().any(|l| l.starts_with("NVRTC: 1")),
+        "NVRTC not found without LD_LIBRARY_PATH; `pip install nvidia-cuda-nvrtc-cu12` into the active venv (`bash .ci/run` puts it in target/python-ref):\n{t}"
+    );
+    // nowhere to look: the line says what to install (unless a CUDA toolkit is on the system's path)
+    let empty = tmp("no-python");
+    std::fs::create_dir_all(&empty).unwrap();
+    let o = backei()
+        .arg("info")
+        .env_remove("LD_LIBRARY_PATH")
+        .env_remove("VIRTUAL_ENV")
+        .env("PATH", &*empty)
+        .env("HOME", &*empty)
+        .output()
+        .unwrap();
+    let line = text(&o).lines().find(|l| l.starts_with("NVRTC:")).unwrap().to_string();
+    assert!(line.starts_with("NVRTC: 1") || line.contains("pip install nvidia-cuda-nvrtc-cu12"), "{line}");
+}

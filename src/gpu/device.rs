@@ -46,8 +46,11 @@ pub fn report() -> CudaReport {
     } else {
         Err("libcuda.so not found (no NVIDIA driver)".into())
     };
-    let nvrtc =
-        if nvrtc_present() { super::kernels::nvrtc_version().map_err(|e| e.to_string()) } else { Err("libnvrtc.so not found".into()) };
+    let nvrtc = if nvrtc_present() {
+        super::kernels::nvrtc_version().map_err(|e| e.to_string())
+    } else {
+        Err(format!("libnvrtc.so not found: {}", super::wheels::NVRTC_HELP))
+    };
     let mut devices = Vec::new();
     if driver.is_ok() {
         let n = CudaContext::device_count().unwrap_or(0);
@@ -93,7 +96,7 @@ impl GpuDevice {
             return Err(BackeiError::Cuda("no NVIDIA driver: libcuda.so could not be loaded (use --device cpu)".into()));
         }
         if !nvrtc_present() {
-            return Err(BackeiError::Cuda("NVRTC (libnvrtc.so) not found: install the CUDA toolkit or pip nvidia-cuda-nvrtc-cu12 and add its lib folder to LD_LIBRARY_PATH".into()));
+            return Err(BackeiError::Cuda(format!("NVRTC (libnvrtc.so) not found: {}", super::wheels::NVRTC_HELP)));
         }
         cudarc::driver::result::init().map_err(cuda_err("cuInit"))?;
         let n = CudaContext::device_count().map_err(cuda_err("cuDeviceGetCount"))?;

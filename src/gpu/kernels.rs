@@ -30,18 +30,16 @@ pub fn module_source(module: &str) -> Result<(&'static str, &'static str)> {
 /// Whether the NVRTC library can be loaded (never panics).
 pub fn nvrtc_present() -> bool {
     // SAFETY: only tries to dlopen the library.
-    unsafe { cudarc::nvrtc::sys::is_culib_present() }
+    let present = || unsafe { cudarc::nvrtc::sys::is_culib_present() };
+    // on the library path, else a pip wheel's, loaded by its path
+    present() || (super::wheels::preload_nvrtc().is_some() && present())
 }
 
 fn require_nvrtc() -> Result<()> {
     if nvrtc_present() {
         Ok(())
     } else {
-        Err(BackeiError::Cuda(
-            "the NVRTC library (libnvrtc.so) was not found: install the CUDA toolkit or the pip package \
-             nvidia-cuda-nvrtc-cu12 and put its lib folder on LD_LIBRARY_PATH"
-                .into(),
-        ))
+        Err(BackeiError::Cuda(format!("the NVRTC library (libnvrtc.so) was not found: {}", super::wheels::NVRTC_HELP)))
     }
 }
 

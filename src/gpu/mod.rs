@@ -21,6 +21,7 @@ pub mod profile;
 pub mod ptxas;
 pub mod sass;
 pub mod util;
+pub mod wheels;
 
 pub use device::{choose, DeviceChoice, GpuDevice};
 pub use memory::{memory_plan, MemoryPlan, StepSettings};

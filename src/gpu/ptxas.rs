@@ -25,12 +25,7 @@ pub fn find_ptxas() -> Option<PathBuf> {
     }
     let mut candidates: Vec<PathBuf> =
         std::env::var_os("PATH").map(|p| std::env::split_paths(&p).map(|d| d.join("ptxas")).collect()).unwrap_or_default();
-    if let Ok(out) = Command::new("python3")
-        .args(["-c", "import nvidia, os; print(os.path.join(list(nvidia.__path__)[0], 'cuda_nvcc', 'bin', 'ptxas'))"])
-        .output()
-    {
-        candidates.push(PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()));
-    }
+    candidates.extend(super::wheels::tool_candidates("ptxas"));
     candidates.push(PathBuf::from("/usr/local/cuda/bin/ptxas"));
     candidates.into_iter().find(|p| p.is_file())
 }

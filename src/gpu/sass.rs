@@ -22,12 +22,7 @@ pub fn find_nvdisasm() -> Option<PathBuf> {
     }
     let mut candidates: Vec<PathBuf> =
         std::env::var_os("PATH").map(|p| std::env::split_paths(&p).map(|d| d.join("nvdisasm")).collect()).unwrap_or_default();
-    if let Ok(out) = Command::new("python3").args(["-c", "import nvidia; print(list(nvidia.__path__)[0])"]).output() {
-        let base = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
-        for sub in ["cu13/bin", "cu12/bin", "cuda_nvdisasm/bin"] {
-            candidates.push(base.join(sub).join("nvdisasm"));
-        }
-    }
+    candidates.extend(super::wheels::tool_candidates("nvdisasm"));
     candidates.push(PathBuf::from("/usr/local/cuda/bin/nvdisasm"));
     candidates.into_iter().find(|p| p.is_file())
 }
