@@ -6,22 +6,13 @@
 //! says how to make it.
 
 mod data_fixtures;
+#[path = "common/ref_python.rs"]
+mod ref_python;
 use backei::data::nmnist::{self, Binning, Event};
 use backei::data::{Dataset, DatasetKind, LoadOptions, Split};
 use data_fixtures::*;
+use ref_python::reference_python;
 use std::path::{Path, PathBuf};
-
-fn reference_python() -> PathBuf {
-    let p = std::env::var_os("BACKEI_REF_PYTHON")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("target/python-ref/bin/python"));
-    assert!(
-        p.exists(),
-        "{} not found: run `bash scripts/install_reference_python.sh` (tonic and SpikingJelly in a venv; `bash .ci/run` does it) or set BACKEI_REF_PYTHON",
-        p.display()
-    );
-    p
-}
 
 /// Event files that exercise each convention's edges: counts and spans that T does not divide,
 /// several events on one timestamp at window edges, fewer events than frames, a span shorter

@@ -3,20 +3,10 @@
 //! its value. The package lives in the venv `scripts/install_reference_python.sh` makes (`.ci/run`
 //! runs it); without it this test fails and says how to make it.
 
-use std::path::{Path, PathBuf};
+#[path = "common/ref_python.rs"]
+mod ref_python;
+use ref_python::reference_python;
 use std::process::Command;
-
-fn reference_python() -> PathBuf {
-    let p = std::env::var_os("BACKEI_REF_PYTHON")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("target/python-ref/bin/python"));
-    assert!(
-        p.exists(),
-        "{} not found: run `bash scripts/install_reference_python.sh` (tensorboard in a venv; `bash .ci/run` does it) or set BACKEI_REF_PYTHON",
-        p.display()
-    );
-    p
-}
 
 const READ: &str = r#"
 import json, sys
@@ -39,16 +29,19 @@ fn tensorboard_reads_every_scalar_of_a_run() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let o = Command::new(&python).arg("-c").arg(READ).arg(run.path()).output().unwrap();
     assert!(o.status.success(), "tensorboard could not read the run: {}", String::from_utf8_lossy(&o.stderr));
+    // the values are f32 in the file: compared as f32 (the JSON's decimal digits are f64's)
     let seen: std::collections::BTreeMap<String, Vec<(i64, f64)>> = serde_json::from_slice(&o.stdout).unwrap();
+    let seen: std::collections::BTreeMap<String, Vec<(i64, f32)>> =
+        seen.into_iter().map(|(t, v)| (t, v.into_iter().map(|(s, x)| (s, x as f32)).collect())).collect();
     // what backei wrote, read by its own reader (which checks every record's CRC)
     let file = std::fs::read_dir(run.path())
         .unwrap()
         .map(|e| e.unwrap().path())
         .find(|p| p.file_name().unwrap().to_str().unwrap().starts_with("events.out.tfevents."))
         .expect("an event file");
-    let mut written: std::collections::BTreeMap<String, Vec<(i64, f64)>> = Default::default();
+    let mut written: std::collections::BTreeMap<String, Vec<(i64, f32)>> = Default::default();
     for (step, tag, value) in backei::train::tensorboard::read_scalars(&file).unwrap() {
-        written.entry(tag).or_default().push((step, value as f64));
+        written.entry(tag).or_default().push((step, value));
     }
     assert_eq!(seen, written, "TensorBoard reads what backei wrote");
     // and that is every scalar the issue asks for: per epoch and per 3 steps (6 batches an epoch)
@@ -75,6 +68,6 @@ fn tensorboard_reads_every_scalar_of_a_run() {
     let rows: Vec<serde_json::Value> =
         std::fs::read_to_string(run.path().join("metrics.jsonl")).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     for (row, (_, v)) in rows.iter().zip(&seen["epoch/accuracy/test"]) {
-        assert_eq!(*v, row["test_accuracy"].as_f64().unwrap() as f32 as f64);
+        assert_eq!(*v, row["test_accuracy"].as_f64().unwrap() as f32);
     }
 }
