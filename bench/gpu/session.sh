@@ -2,10 +2,11 @@
 # One lent-GPU session in one call (issue 7), run from the repository root on the device:
 #   run  command="bash bench/gpu/session.sh [STAGES]"  carry=[".gpu", ".whl"]
 # after `../shared/gpu/pack --data /usr/share/datasets/fashion-mnist` (and, for the reference
-# stage, `bench/reference/fetch_wheels.sh`; for the ffi stage, `bench/gpu/pack_ffi.sh` after pack).
-# STAGES (default all, in this order): tests ffi sanitizer kernels feedforward train-bench reference
-# resume train. Every stage has its own time limit and the whole run a deadline ($BUDGET seconds,
-# default 420), so one hung kernel cannot eat the device time.
+# stage, `bench/reference/fetch_wheels.sh`; for the ffi stage, `bench/gpu/pack_ffi.sh` after pack;
+# for the nccl stage, `bench/gpu/pack_nccl.sh` after pack).
+# STAGES (default all, in this order): tests ffi nccl sanitizer kernels feedforward train-bench
+# reference resume train. Every stage has its own time limit and the whole run a deadline ($BUDGET
+# seconds, default 420), so one hung kernel cannot eat the device time.
 # Narrowing env: TEST_FILTERS (test names; tests/gpu_step.rs holds the step-graph, pipelining
 # and memory-plan checks of issue 12, tests/gpu_feedforward.rs its tensor-core GEMMs),
 # KERNEL_FILTER (kernel bench workloads), BACKEI_BENCH_PRECISIONS (train bench tensor-core rows:
@@ -20,7 +21,7 @@ out=${OUT:-/tmp/backei-out}
 mkdir -p "$out" /tmp/backei-results
 start=$(date +%s)
 budget=${BUDGET:-420}
-stages=${*:-tests ffi sanitizer kernels feedforward train-bench reference resume train}
+stages=${*:-tests ffi nccl sanitizer kernels feedforward train-bench reference resume train}
 
 # the environment .gpu/run.sh sets up: the build path linked to this copy, CUDA's libraries found
 built=$(cat .gpu/built-at)
@@ -29,7 +30,7 @@ dirs=""
 for d in /usr/local/nvidia/lib64 /usr/local/nvidia/lib /usr/lib/x86_64-linux-gnu /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib; do
   [ -d "$d" ] && dirs="$dirs:$d"
 done
-for d in $(find /usr/local /opt -maxdepth 10 \( -name 'libnvrtc.so*' -o -name 'libcublas.so*' \) 2>/dev/null | xargs -r -n1 dirname | awk '!seen[$0]++'); do
+for d in $(find /usr/local /opt -maxdepth 10 \( -name 'libnvrtc.so*' -o -name 'libcublas.so*' -o -name 'libnccl.so*' \) 2>/dev/null | xargs -r -n1 dirname | awk '!seen[$0]++'); do
   dirs="$dirs:$d"
 done
 export LD_LIBRARY_PATH="${LD_LIBRARY_PATH:-}$dirs"
@@ -68,6 +69,12 @@ for stage in $stages; do
       run torch-cpu-tests 90 env PYTHONPATH=/tmp/site-backei python3 -m pytest -q -p no:cacheprovider python/tests/test_torch_cpu.py
       run torch-model-timing 120 env PYTHONPATH=/tmp/site-backei python3 python/bench/time_model.py --csv /tmp/backei-results/torch_layer.csv
       run torch-example 90 env PYTHONPATH=/tmp/site-backei python3 python/examples/train_mnist_sample.py --device cuda --epochs 2 ;;
+    nccl)
+      # issue 16: the data-parallel step's GPU path (NCCL refuses two ranks on one GPU, so a world
+      # of one): the split eager step with bucketed all-reduces overlapping the backward, against
+      # the engine's own graph step; a rank without samples. Record the max difference it prints.
+      if [ ! -x .gpu/nccl/test-gpu_distributed ]; then echo "== nccl: run bench/gpu/pack_nccl.sh first" | tee -a "$out/$stage.log"; continue; fi
+      run nccl-world-of-one 120 .gpu/nccl/test-gpu_distributed --ignored --test-threads=1 --nocapture ;;
     sanitizer)
       if command -v compute-sanitizer >/dev/null; then
         run memcheck-smoke 40 compute-sanitizer --tool memcheck --error-exitcode 9 .gpu/bin/test-gpu_smoke --ignored --test-threads=1

@@ -44,6 +44,32 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_scaling_model_uses_the_networks_parameter_counts() {
+        // docs/distributed.md and bench/distributed_model.py model the all-reduce of these buffers
+        let doc = include_str!("../../docs/distributed.md");
+        let model = include_str!("../../bench/distributed_model.py");
+        for spec in
+            [crate::NetworkSpec::mnist(), crate::NetworkSpec::fashion_mnist(), crate::NetworkSpec::cifar10(), crate::NetworkSpec::nmnist()]
+        {
+            let n = crate::Network::<f32>::new(&spec, 0).unwrap().num_params();
+            let digits = n.to_string();
+            let mut grouped = String::new();
+            for (i, c) in digits.chars().enumerate() {
+                if i > 0 && (digits.len() - i) % 3 == 0 {
+                    grouped.push(',');
+                }
+                grouped.push(c);
+            }
+            assert!(doc.contains(&format!("| {} | {grouped} |", spec.name)), "docs/distributed.md: {} has {grouped} parameters", spec.name);
+            assert!(
+                model.contains(&format!("\"{}\": {}", spec.name, grouped.replace(',', "_"))),
+                "bench/distributed_model.py: {} has {n}",
+                spec.name
+            );
+        }
+    }
+
+    #[test]
     fn buckets_cover_the_buffer_from_its_end_in_whole_layers() {
         // four layers of 10, 30, 5 and 55 values
         let starts = [0, 10, 40, 45];

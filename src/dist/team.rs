@@ -35,9 +35,10 @@ pub enum ReducerKind {
     Auto,
     /// MPI over host memory (the CPU engine's gradients).
     Host,
-    /// NCCL on the GPU (the GPU engine's gradients).
+    /// NCCL on the GPU (the GPU engine's gradients), in buckets of `bucket_bytes` (None:
+    /// BACKEI_BUCKET_MB, else 25 MiB as PyTorch DDP).
     #[cfg(feature = "nccl")]
-    Nccl,
+    Nccl { bucket_bytes: Option<usize> },
 }
 
 enum Reducer {
@@ -103,11 +104,11 @@ impl<'w> Team<'w> {
                 ))
             }
             #[cfg(feature = "nccl")]
-            (ReducerKind::Nccl, false) => {
+            (ReducerKind::Nccl { .. }, false) => {
                 return Err(BackeiError::Distributed("NCCL reduces GPU gradients; CPU ranks reduce with MPI".into()))
             }
             #[cfg(feature = "nccl")]
-            (ReducerKind::Nccl, true) | (ReducerKind::Auto, true) => {
+            (ReducerKind::Nccl { .. }, true) | (ReducerKind::Auto, true) => {
                 let net = engine.gpu_network().ok_or_else(|| BackeiError::Distributed("no GPU network".into()))?;
                 // every rank learns whether NCCL loads everywhere before any rank waits in its init
                 let missing = super::nccl::library().err();
@@ -117,7 +118,10 @@ impl<'w> Team<'w> {
                     world.note_shared_failure(missing.is_some());
                     return Err(missing.unwrap_or_else(|| peer_failed(v[0], v[1], "to load NCCL")));
                 }
-                let bucket = super::buckets::bucket_bytes_from_env();
+                let bucket = match kind {
+                    ReducerKind::Nccl { bucket_bytes: Some(b) } => b,
+                    _ => super::buckets::bucket_bytes_from_env(),
+                };
                 Reducer::Nccl(Box::new(super::nccl::NcclReducer::new(world, net, bucket)?))
             }
             #[cfg(not(feature = "nccl"))]
