@@ -298,3 +298,22 @@ fn nccl_is_found_under_the_wheels_name_or_its_absence_names_the_fix() {
         }
     }
 }
+
+#[test]
+fn gpu_ranks_that_find_no_gpu_stop_together_and_say_why() {
+    if backei::gpu::device::driver_present() {
+        return; // a machine with a driver opens its GPUs; this checks the refusal where there is none (CI)
+    }
+    let out = tmp("nogpu");
+    let mut a = train_args(16, 1, &out);
+    let i = a.iter().position(|x| x == "cpu").unwrap();
+    a[i] = "cuda".into();
+    let mut c = mpirun(2);
+    c.arg(BIN).args(a);
+    let o = run(c, LIMIT);
+    let t = text(&o);
+    assert_eq!(o.status.code(), Some(2), "a usage error on every rank: {t}");
+    assert!(t.contains("--device cuda: rank 0 sees no GPU") && t.contains("--device cuda: rank 1 sees no GPU"), "{t}");
+    assert!(!t.contains("MPI_ABORT"), "{t}");
+    let _ = std::fs::remove_dir_all(out);
+}

@@ -107,7 +107,8 @@ struct TrainArgs {
     /// Epochs to train [default: 3 for mnist-sample, 200 for the others (the paper's)].
     #[arg(long)]
     epochs: Option<usize>,
-    /// Samples per training step [default: 16 for mnist-sample, 100 for the others].
+    /// Samples per training step [default: 16 for mnist-sample, 100 for the others]; under
+    /// mpirun/srun the global batch, shared among the ranks (docs/distributed.md).
     #[arg(long)]
     batch_size: Option<usize>,
     /// Learning rate: the optimizer's base rate, which the schedule scales [default: 1e-3].
@@ -630,9 +631,11 @@ fn run_in_folder(
         let _ = std::fs::remove_file(&probe);
     }
 
-    let choice: DeviceChoice = backei::dist::cli::device_for_rank(&cfg.device, world).map_err(usage)?;
-    let (mut engine, line) =
-        backei::dist::cli::all_ok(world, backei::Engine::for_config(&cfg, choice).map_err(Into::into), "to open its engine")?;
+    // a rank that cannot open its engine (no GPU of its own, say) stops every rank
+    let engine = backei::dist::cli::device_for_rank(&cfg.device, world)
+        .map_err(usage)
+        .and_then(|choice: DeviceChoice| backei::Engine::for_config(&cfg, choice).map_err(Into::into));
+    let (mut engine, line) = backei::dist::cli::all_ok(world, engine, "to open its engine")?;
     if lead {
         eprintln!("{line}");
         eprintln!("run folder: {}", out.display());

@@ -17,9 +17,9 @@
 //! functions are never called. Results and reduction ops cross the boundary as plain integers
 //! (NCCL may return values a Rust enum does not list).
 //!
-//! The network's stream stays the only stream cudarc knows of (the NCCL stream is created
-//! through the driver API directly), so cudarc's per-buffer event tracking stays off and the
-//! ordering between the two streams is exactly the events below.
+//! The NCCL stream is created through the driver API, not as a cudarc stream, and the device
+//! runs without cudarc's per-buffer event tracking (`gpu::device`): the ordering between the
+//! network's stream and the NCCL stream is exactly the two events below.
 
 use super::buckets;
 use super::collective::Collective;
@@ -189,8 +189,8 @@ impl NcclReducer {
         let ready = cu::event::create(CUevent_flags::CU_EVENT_DISABLE_TIMING).map_err(cuda("creating an event"))?;
         let done = cu::event::create(CUevent_flags::CU_EVENT_DISABLE_TIMING).map_err(cuda("creating an event"))?;
         let compute = net.dev.stream.clone();
-        // The buffer lives as long as the network; with a single cudarc stream the returned
-        // guard records nothing.
+        // The buffer lives as long as the network; without event tracking the returned guard
+        // records nothing.
         let grads = net.grads.device_ptr(&compute).0;
         let len = net.num_params();
         let buckets = buckets::plan(&net.layer_param_starts(), len, (bucket_bytes / 4).max(1));

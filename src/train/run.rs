@@ -391,6 +391,14 @@ pub fn train(opts: RunOptions, engine: &mut Engine) -> Result<RunOutcome> {
             stopped_early: p.epoch < cfg.epochs,
         });
     }
+    if several && lead && cfg.batch_size < opts.world.size() {
+        eprintln!(
+            "warning: --batch-size {} is the global batch: {} of the {} ranks get no sample in any step (give at least one sample per rank)",
+            cfg.batch_size,
+            opts.world.size() - cfg.batch_size,
+            opts.world.size()
+        );
+    }
     // each rank holds its shard of a batch: the largest shard is what must fit
     let mut per_rank = cfg.clone();
     per_rank.batch_size = team.shard().range(cfg.batch_size).len().max(1);
