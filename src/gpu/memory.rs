@@ -545,7 +545,11 @@ mod tests {
             let n = Network::<f32>::new(&spec, 1).unwrap().num_params();
             assert_eq!(direct.params, 4 * n, "{}", spec.name);
             assert_eq!(direct.grads, 4 * n);
-            assert_eq!(direct.optimizer, 8 * n + 8 * 2 + 4, "Adam's m and v, two f64 scalars, a status word");
+            assert_eq!(
+                direct.optimizer,
+                8 * n + 8 * 3 + 4,
+                "Adam's m and v, three f64 scalars (learning rate, step, decoupled weight decay), a status word"
+            );
             // T_in = T holds every frame and the first conv over all steps: never smaller
             assert!(rate.total() >= direct.total());
             assert!(rate.activations > direct.activations);
