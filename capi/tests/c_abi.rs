@@ -13,15 +13,24 @@ fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("capi/ sits in the repository").to_path_buf()
 }
 
-/// target/<profile>/, where cargo put libbackei_capi.a (this test runs from target/<profile>/deps/).
-fn profile_dir() -> PathBuf {
+/// Where cargo put libbackei_capi.a: `cargo test` leaves it beside the test binaries in
+/// target/<profile>/deps/ (only `cargo build` copies it up to target/<profile>/).
+fn static_lib() -> PathBuf {
     let exe = std::env::current_exe().expect("the test's own path");
-    exe.parent().and_then(Path::parent).expect("target/<profile>/deps/<test>").to_path_buf()
+    let deps = exe.parent().expect("target/<profile>/deps/<test>");
+    let candidates = [deps.join("libbackei_capi.a"), deps.parent().unwrap_or(deps).join("libbackei_capi.a")];
+    let found = candidates.iter().find(|p| p.exists()).cloned();
+    found.unwrap_or_else(|| {
+        panic!(
+            "libbackei_capi.a is in neither {} nor {}: cargo builds it with this crate's tests",
+            candidates[0].display(),
+            candidates[1].display()
+        )
+    })
 }
 
 fn build_c_test() -> PathBuf {
-    let lib = profile_dir().join("libbackei_capi.a");
-    assert!(lib.exists(), "{} missing: cargo builds it with this crate's tests", lib.display());
+    let lib = static_lib();
     let out = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("backei_test");
     let cc = std::env::var("CC").unwrap_or_else(|_| "cc".into());
     let src = repo().join("capi/tests/c/backei_test.c");
