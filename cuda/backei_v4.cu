@@ -48,7 +48,8 @@
 //   backward step t:  2 (stage dz_t = (∂L/∂s + fb)·H(v−θ)·sign′(z), computed on the fly, and v_t;
 //                     dv = … + W_eᵀ ⊛ dz, ∂I, da_t → da; dW_e, db_e, db_b) | sync |
 //                     3 (back, t ≥ D: stage da_t and s_{t−D}; fb_{t−D} = W_bᵀ ⊛ da; dW_b) | sync
-// Saved by the forward (the backward's contract with v1–v3): s, v, g (back), z (ei), f32 [T][B][N].
+// Saved by the forward (the backward's contract with v1–v3): s, v, g (back), z (ei), f32 [T][B][N];
+// with --recompute K, v, g, z only for a window of K steps, and v at every window's end (V4Window).
 // Buffers written inside a launch and read by other blocks (s, v, da, fb) are read through L2
 // (__ldcg), never a stale L1 line.
 #include "common.cuh"
@@ -140,6 +141,20 @@ struct V4Dims {
     int smem_halo;     //   the slab planes (PLANES),
     int smem_own;      //   the own-channel planes (PLANES),
     int smem_misc;     //   the zero row and the reduction scratch
+};
+
+// Host twin: V4Window in src/gpu/backei_v4.rs. The steps [t0, t1) a launch runs (0 and T: the
+// whole loop). v, g and z are then the window's own buffers, step t at (t − t0)·B·N; s, the input,
+// ∂L/∂s and ∂L/∂I stay indexed by the absolute t. This is `--recompute K` (activation checkpointing
+// over time): the forward runs window after window and keeps v_{t1−1} of each (v_last); the
+// backward runs the windows in reverse, each after recomputing its window's v, g, z from the
+// kept v_{t0−1} (v_prev) with this same code — the same bits, so the gradients are those of
+// storing everything. The backward's carried state lives in global memory between its launches:
+// dv, the feedback ring and ∂L/∂I (indexed by the absolute t), the weight-gradient accumulators
+// (dw_part) and each thread's bias partial sums (db_carry); only the launch that ends at t0 = 0
+// reduces them into the gradients.
+struct V4Window {
+    int t0, t1;
 };
 
 namespace v4 {
@@ -624,9 +639,11 @@ struct V4Dz {
 
 // Forward. Cooperative launch: grid = groups · ranges, 256 threads, dynamic smem as V4Dims says.
 // bar: one zeroed u32. wfrag/winv: the weight-fragment scratch (rebuilt by every launch).
+// v_prev: v_{t0−1} [B][N] (read when t0 > 0); v_last: where v_{t1−1} is also written (or null).
 __device__ __forceinline__ void forward_v4(const float* __restrict__ params, const float* __restrict__ input, float* out, float* v,
-                                           float* __restrict__ g, float* z, unsigned int* bar, char* wfrag, float* winv,
-                                           const LayerDims& d, const NeuronParams& np, const V4Dims& vd) {
+                                           float* __restrict__ g, float* z, const float* __restrict__ v_prev, float* v_last,
+                                           unsigned int* bar, char* wfrag, float* winv, const LayerDims& d, const NeuronParams& np,
+                                           const V4Dims& vd, const V4Window& win) {
     extern __shared__ float4 smem4[];
     const V4Smem sm = v4_smem(reinterpret_cast<char*>(smem4), d, vd);
     const int HW = DIM_H * DIM_W, N = DIM_C * HW;
@@ -644,8 +661,9 @@ __device__ __forceinline__ void forward_v4(const float* __restrict__ params, con
         cp_async_wait_all();
         __syncthreads();
     }
-    for (int t = 0; t < d.T; ++t) {
-        const long long ot = (long long)t * BN;
+    for (int t = win.t0; t < win.t1; ++t) {
+        const long long ot = (long long)t * BN;            // s and the input: every step
+        const long long wt = (long long)(t - win.t0) * BN;  // v, g, z: the window's steps
         const float* in_t = input + (d.t_in == 1 ? 0 : ot);
         // phase A: a = W_b ⊛ s_{t−D} + b_b, g, v_t (and s_t when ei is off)
         const bool conv_b = d.back && t >= d.D;
@@ -669,16 +687,18 @@ __device__ __forceinline__ void forward_v4(const float* __restrict__ params, con
                 float cur = in_t[e];
                 if (d.back) {
                     const float gt = sigmoidf_(bb[c] + acc[mi][ni][i] * sc_b);
-                    g[ot + e] = gt;
+                    g[wt + e] = gt;
                     cur = gt * cur;
                 }
                 float u = 0.0f;
                 if (t > 0) {
-                    const float vp = v[ot - BN + e];  // this thread's own v_{t−1}
+                    // this thread's own v_{t−1}: the window's previous step, or the checkpoint
+                    const float vp = t > win.t0 ? v[wt - BN + e] : v_prev[e];
                     u = vp * (1.0f - fire(np, vp - np.threshold));
                 }
                 const float vt = np.leak * u + cur;
-                v[ot + e] = vt;
+                v[wt + e] = vt;
+                if (v_last && t == win.t1 - 1) v_last[e] = vt;
                 if (!d.ei) out[ot + e] = fire(np, vt - np.threshold);
             });
         });
@@ -688,7 +708,7 @@ __device__ __forceinline__ void forward_v4(const float* __restrict__ params, con
         for_each_chunk(d, vd, [&](const Chunk& ch) {
             const long long sb = (long long)ch.b * N;
             float acc[MT][NT][4] = {};
-            const V4Plain vt_src{v + ot + sb};
+            const V4Plain vt_src{v + wt + sb};
             float inv_v;
             const float scale = halo_scale<true>(vt_src, ch, d, sm.red, inv_v);
             conv_all_slabs<true, PLANES>(acc, sm.halo, sm.we, wg_e, vt_src, scale, ch, d, vd);
@@ -696,8 +716,8 @@ __device__ __forceinline__ void forward_v4(const float* __restrict__ params, con
             for_each_owned(ch, co0, d, [&](int mi, int ni, int i, int q, int c) {
                 const long long e = sb + (long long)c * HW + q;
                 const float zt = be[c] + acc[mi][ni][i] * sc;
-                z[ot + e] = zt;
-                out[ot + e] = sign_(np, zt) * fire(np, v[ot + e] - np.threshold);
+                z[wt + e] = zt;
+                out[ot + e] = sign_(np, zt) * fire(np, v[wt + e] - np.threshold);
             });
         });
         grid_sync(bar);  // s_t is complete before a later step's gate reads it
@@ -706,12 +726,15 @@ __device__ __forceinline__ void forward_v4(const float* __restrict__ params, con
 
 // Backward (BPTT). Cooperative launch as the forward. Scratch: dvbuf [B][N], fb [min(D,T)][B][N],
 // da [B][N] (one step), dw_part [ranges][2][groups·CO_T][k²·c_pad + 1] (each block's partial
-// weight and bias gradients: its accumulators themselves when dw_smem is 0).
+// weight and bias gradients: its accumulators themselves when dw_smem is 0), db_carry
+// [grid][4·NT][THREADS] (each thread's bias partial sums between the launches of a windowed
+// backward; unused when the window is the whole loop).
 __device__ __forceinline__ void backward_v4(const float* __restrict__ params, float* grads, const float* __restrict__ input,
                                             const float* __restrict__ out, const float* __restrict__ v, const float* __restrict__ g,
                                             const float* __restrict__ z, const float* __restrict__ grad_out, float* grad_in, float* dvbuf,
-                                            float* fb, float* da, float* dw_part, unsigned int* bar, char* wfrag, float* winv,
-                                            const LayerDims& d, const NeuronParams& np, const V4Dims& vd) {
+                                            float* fb, float* da, float* dw_part, float* db_carry, unsigned int* bar, char* wfrag,
+                                            float* winv, const LayerDims& d, const NeuronParams& np, const V4Dims& vd,
+                                            const V4Window& win) {
     extern __shared__ float4 smem4[];
     const V4Smem sm = v4_smem(reinterpret_cast<char*>(smem4), d, vd);
     const int HW = DIM_H * DIM_W, N = DIM_C * HW, CPAD = DIM_CPAD;
@@ -732,13 +755,32 @@ __device__ __forceinline__ void backward_v4(const float* __restrict__ params, fl
         dw_b = part + (long long)co0 * (n_all + 1);
         dw_e = part + slab + (long long)co0 * (n_all + 1);
     }
+    // the accumulators start at zero in the launch that begins at the last step; a later window's
+    // launch continues the sums where the previous one left them (dw_part, db_carry): the same
+    // additions in the same order as one launch over the whole loop
+    const bool first_launch = win.t1 == d.T, last_launch = win.t0 == 0;
     for (int j = threadIdx.x; j < CO_T * n_all; j += THREADS) {
         const int row = j / n_all, n = j - row * n_all;
-        dw_b[row * dw_pitch + n] = 0.0f;
-        dw_e[row * dw_pitch + n] = 0.0f;
+        if (first_launch) {
+            dw_b[row * dw_pitch + n] = 0.0f;
+            dw_e[row * dw_pitch + n] = 0.0f;
+        } else if (vd.dw_smem) {
+            dw_b[row * dw_pitch + n] = __ldcg(part + (long long)(co0 + row) * (n_all + 1) + n);
+            dw_e[row * dw_pitch + n] = __ldcg(part + slab + (long long)(co0 + row) * (n_all + 1) + n);
+        }
     }
     if (threadIdx.x < 4) reinterpret_cast<u32*>(sm.zero_row)[threadIdx.x] = 0u;
     float db_b[NT][2] = {}, db_e[NT][2] = {};
+    float* carry = db_carry + (long long)blockIdx.x * 4 * NT * THREADS + threadIdx.x;
+    if (!first_launch) {
+#pragma unroll
+        for (int ni = 0; ni < NT; ++ni)
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                db_b[ni][h] = carry[(2 * ni + h) * THREADS];
+                db_e[ni][h] = carry[(2 * NT + 2 * ni + h) * THREADS];
+            }
+    }
     build_weight_fragments<true>(wfrag, winv, params, d, vd, bar, sm.red);
     const char* wg_b = wfrag + (long long)gi * vd.wslice_bytes;
     const char* wg_e = wfrag + ((long long)vd.groups + gi) * vd.wslice_bytes;
@@ -749,8 +791,9 @@ __device__ __forceinline__ void backward_v4(const float* __restrict__ params, fl
         cp_async_wait_all();
     }
     __syncthreads();
-    for (int t = d.T - 1; t >= 0; --t) {
-        const long long ot = (long long)t * BN;
+    for (int t = win.t1 - 1; t >= win.t0; --t) {
+        const long long ot = (long long)t * BN;            // s, ∂L/∂s, ∂L/∂I, the input: every step
+        const long long wt = (long long)(t - win.t0) * BN;  // v, g, z: the window's steps
         const bool has_fb = d.back && t + d.D < d.T;
         const float* fb_t = has_fb ? fb + (long long)(t % d.D) * BN : nullptr;
         // phase 2: dz (staged on the fly), dv = … + W_eᵀ ⊛ dz, ∂I, da; dW_e += dz ⋆ v_t
@@ -758,8 +801,8 @@ __device__ __forceinline__ void backward_v4(const float* __restrict__ params, fl
             const long long sb = (long long)ch.b * N;
             float acc[MT][NT][4] = {};
             float inv_dz = 1.0f, inv_v = 1.0f, sc_dz = 1.0f, sc_v = 1.0f;
-            const V4Dz dz_src{grad_out + ot + sb, has_fb ? fb_t + sb : nullptr, v + ot + sb, z + ot + sb, np};
-            const V4Plain vt_src{v + ot + sb};
+            const V4Dz dz_src{grad_out + ot + sb, has_fb ? fb_t + sb : nullptr, v + wt + sb, z + wt + sb, np};
+            const V4Plain vt_src{v + wt + sb};
             if (d.ei) {
                 sc_dz = halo_scale<true>(dz_src, ch, d, sm.red, inv_dz);
                 sc_v = halo_scale<true>(vt_src, ch, d, sm.red, inv_v);
@@ -768,7 +811,7 @@ __device__ __forceinline__ void backward_v4(const float* __restrict__ params, fl
             const float sc = winv_e * inv_dz;
             for_each_owned(ch, co0, d, [&](int mi, int ni, int i, int q, int c) {
                 const long long e = sb + (long long)c * HW + q;
-                const float vt = v[ot + e];
+                const float vt = v[wt + e];
                 const float x = vt - np.threshold;
                 const float o = fire(np, x);
                 float ds = grad_out[ot + e];
@@ -776,7 +819,7 @@ __device__ __forceinline__ void backward_v4(const float* __restrict__ params, fl
                 const float du = t == d.T - 1 ? 0.0f : np.leak * dvbuf[e];
                 float d_o = ds;
                 if (d.ei) {
-                    const float zt = z[ot + e];
+                    const float zt = z[wt + e];
                     d_o = ds * sign_(np, zt);
                     db_e[ni][i & 1] += ds * o * sign_grad(np, zt);
                 }
@@ -784,7 +827,7 @@ __device__ __forceinline__ void backward_v4(const float* __restrict__ params, fl
                 float dv = du * (1.0f - o) + d_o * fire_grad(np, x);
                 if (d.ei) dv += acc[mi][ni][i] * sc;
                 dvbuf[e] = dv;
-                const float gt = d.back ? g[ot + e] : 1.0f;
+                const float gt = d.back ? g[wt + e] : 1.0f;
                 const float dcur = dv * gt;
                 if (d.t_in == 1) {
                     if (t == d.T - 1) grad_in[e] = dcur;
@@ -819,6 +862,25 @@ __device__ __forceinline__ void backward_v4(const float* __restrict__ params, fl
             else wgrad_all_slabs<false, 1>(dw_b, dw_pitch, da_src, sc_da, inv_da, s_past, 1.0f, 1.0f, co0, sm, ch, d, vd);
         });
         grid_sync(bar);  // the fb slot is complete before step t − D reads it
+    }
+    if (!last_launch) {
+        // an earlier window follows: keep the sums as they are (no reduction yet)
+#pragma unroll
+        for (int ni = 0; ni < NT; ++ni)
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                carry[(2 * ni + h) * THREADS] = db_b[ni][h];
+                carry[(2 * NT + 2 * ni + h) * THREADS] = db_e[ni][h];
+            }
+        if (vd.dw_smem) {
+            __syncthreads();
+            for (int j = threadIdx.x; j < CO_T * n_all; j += THREADS) {
+                const int row = j / n_all, n = j - row * n_all;
+                part[(long long)(co0 + row) * (n_all + 1) + n] = dw_b[j];
+                part[slab + (long long)(co0 + row) * (n_all + 1) + n] = dw_e[j];
+            }
+        }
+        return;
     }
     // the bias partials: lanes of one t share channels (xor over g), then the warps in order
     __syncthreads();
@@ -897,14 +959,16 @@ __device__ __forceinline__ void backward_v4(const float* __restrict__ params, fl
 
 extern "C" __global__ void __launch_bounds__(256, 1)
 V4_FORWARD(const float* __restrict__ params, const float* __restrict__ input, float* out, float* v, float* __restrict__ g, float* z,
-           unsigned int* bar, char* wfrag, float* winv, LayerDims d, NeuronParams np, V4Dims vd) {
-    forward_v4(params, input, out, v, g, z, bar, wfrag, winv, d, v4_neuron(np), vd);
+           const float* __restrict__ v_prev, float* v_last, unsigned int* bar, char* wfrag, float* winv, LayerDims d, NeuronParams np,
+           V4Dims vd, V4Window win) {
+    forward_v4(params, input, out, v, g, z, v_prev, v_last, bar, wfrag, winv, d, v4_neuron(np), vd, win);
 }
 
 extern "C" __global__ void __launch_bounds__(256, 1)
 V4_BACKWARD(const float* __restrict__ params, float* grads, const float* __restrict__ input, const float* __restrict__ out,
             const float* __restrict__ v, const float* __restrict__ g, const float* __restrict__ z, const float* __restrict__ grad_out,
-            float* grad_in, float* dvbuf, float* fb, float* da, float* dw_part, unsigned int* bar, char* wfrag, float* winv, LayerDims d,
-            NeuronParams np, V4Dims vd) {
-    backward_v4(params, grads, input, out, v, g, z, grad_out, grad_in, dvbuf, fb, da, dw_part, bar, wfrag, winv, d, v4_neuron(np), vd);
+            float* grad_in, float* dvbuf, float* fb, float* da, float* dw_part, float* db_carry, unsigned int* bar, char* wfrag,
+            float* winv, LayerDims d, NeuronParams np, V4Dims vd, V4Window win) {
+    backward_v4(params, grads, input, out, v, g, z, grad_out, grad_in, dvbuf, fb, da, dw_part, db_carry, bar, wfrag, winv, d,
+                v4_neuron(np), vd, win);
 }

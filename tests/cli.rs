@@ -241,10 +241,18 @@ fn info_reports_the_memory_of_each_setting() {
         .unwrap();
     assert!(o.status.success(), "{}", text(&o));
     assert!(text(&o).contains("rate encoding, precision bf16 (tensor-core GEMMs)") && text(&o).contains("deterministic"), "{}", text(&o));
-    // the GPU engine cannot recompute yet: info says so instead of a figure
-    let o = backei().args(["info", "--model", "fashion-mnist", "--steps", "100", "--recompute", "10"]).output().unwrap();
-    assert!(o.status.success(), "{}", text(&o));
-    assert!(text(&o).contains("cannot recompute yet"), "{}", text(&o));
+    // --recompute: the figure of the windowed state (v4 kernels), smaller than keeping every step
+    let gib = |args: &[&str]| -> f64 {
+        let o = backei().args(["info", "--model", "fashion-mnist", "--steps", "100"]).args(args).output().unwrap();
+        assert!(o.status.success(), "{}", text(&o));
+        let t = text(&o);
+        let at = t.find(" GiB of device memory").unwrap_or_else(|| panic!("{t}"));
+        t[..at].rsplit(' ').next().unwrap().parse().unwrap_or_else(|_| panic!("{t}"))
+    };
+    let (all, lean) = (gib(&[]), gib(&["--recompute", "10"]));
+    assert!(lean < all && lean <= 8.0, "--recompute 10: {lean} GiB, every step: {all} GiB");
+    let o = backei().args(["info", "--model", "fashion-mnist", "--recompute", "10"]).output().unwrap();
+    assert!(text(&o).contains("v4 (--recompute 10)"), "{}", text(&o));
 }
 
 // ---- the command surface (issue 17) -----------------------------------------------------------

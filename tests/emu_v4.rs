@@ -9,7 +9,10 @@
 //! which and why.
 mod common;
 
-use backei::gpu::backei_layer::{layer_dims, plan_tensor_cores, DeviceLimits, KernelVersion, LaunchPlan, NeuronParams, WgradPath};
+use backei::gpu::backei_layer::{
+    apply_recompute, layer_dims, plan_tensor_cores, DeviceLimits, KernelVersion, LaunchPlan, NeuronParams, WgradPath,
+};
+use backei::gpu::backei_v4::V4Window;
 use backei::precision::Precision;
 use backei::spec::{LayerSpec, NetworkSpec};
 use common::emu::{self, Args, DevBuf};
@@ -19,7 +22,11 @@ use common::layer_check::{case, compare_within, cpu_reference, inputs, odd_shape
 /// block owns several chunks, without emulating 132 blocks of 256 threads.
 const SMALL: DeviceLimits = DeviceLimits { sm_count: 3, max_smem_per_block: 232_448, max_smem_per_sm: 233_472 };
 
-/// One forward and backward of the plan's v4 kernels on the emulator.
+/// One forward and backward of the plan's v4 kernels on the emulator, launched as
+/// `gpu::backei_v4::{forward, backward}` launch them: one window over all T, or with the plan's
+/// `--recompute` window the forward window by window (keeping v at each window's end) and the
+/// backward in reverse, every window but the last recomputed first. v, g, z in the result are what
+/// the buffers hold at the end (the whole loop's only without a window).
 fn emulate_v4(c: &Case, x: &Inputs, plan: &LaunchPlan, sched: u64) -> DeviceOut {
     let v4 = plan.v4.as_ref().unwrap_or_else(|| panic!("{}: not a v4 plan: {:?}", c.name, plan.fallback));
     let n: usize = c.shape.iter().product();
@@ -42,19 +49,42 @@ fn emulate_v4(c: &Case, x: &Inputs, plan: &LaunchPlan, sched: u64) -> DeviceOut 
     let mut wfrag = DevBuf::new("wfrag", bs.v4_wfrag);
     let mut winv = DevBuf::new("winv", bs.v4_winv);
     let mut part = DevBuf::new("dw_part", bs.v4_dw_part);
+    let mut ckpt = DevBuf::new("v_ckpt", bs.v_ckpt);
+    let mut carry = DevBuf::new("db_carry", bs.v4_db_carry);
     let mut bar = vec![0u32; 1];
     let dims = layer_dims(c.shape, &c.fb, b, t, &x.slots, c.t_in, false, false).unwrap();
-    let mut a = Args::new();
-    a.val(params.ptr()).val(input.ptr()).val(out.ptr()).val(v.ptr()).val(g.ptr()).val(z.ptr());
-    a.buf_u32(&mut bar).val(wfrag.ptr()).val(winv.ptr()).val(dims).val(np).val(v4.dims);
-    m.launch(&plan.forward, sched, &mut a).unwrap_or_else(|e| panic!("{}: {e}", c.name));
-    bar[0] = 0;
-    let mut a = Args::new();
-    a.val(params.ptr()).val(grads.ptr()).val(input.ptr()).val(out.ptr()).val(v.ptr()).val(g.ptr()).val(z.ptr());
-    a.val(gout.ptr()).val(gin.ptr()).val(dv.ptr()).val(fbuf.ptr()).val(da.ptr()).val(part.ptr());
-    a.buf_u32(&mut bar).val(wfrag.ptr()).val(winv.ptr()).val(dims).val(np).val(v4.dims);
-    m.launch(&plan.backward, sched + 1, &mut a).unwrap_or_else(|e| panic!("{}: {e}", c.name));
-    for buf in [&params, &grads, &input, &gout, &gin, &out, &v, &g, &z, &dv, &fbuf, &da, &wfrag, &winv, &part] {
+    let ck = ckpt.ptr();
+    let slot = |i: Option<usize>| i.map_or(std::ptr::null_mut(), |i| ck.wrapping_add(i * b * n));
+    let windows = V4Window::all(t, plan.window);
+    let last = windows.len() - 1;
+    let (pp, pi, po, pv, pg, pz) = (params.ptr(), input.ptr(), out.ptr(), v.ptr(), g.ptr(), z.ptr());
+    let (pwf, pwi) = (wfrag.ptr(), winv.ptr());
+    let mut launches = 0u64;
+    let mut forward = |win: V4Window, ckpt_in: Option<usize>, ckpt_out: Option<usize>, bar: &mut Vec<u32>| {
+        bar[0] = 0;
+        let mut a = Args::new();
+        a.val(pp).val(pi).val(po).val(pv).val(pg).val(pz).val(slot(ckpt_in)).val(slot(ckpt_out));
+        a.buf_u32(bar).val(pwf).val(pwi).val(dims).val(np).val(v4.dims).val(win);
+        m.launch(&plan.forward, sched + launches, &mut a).unwrap_or_else(|e| panic!("{} forward {win:?}: {e}", c.name));
+        launches += 1;
+    };
+    for (w, &win) in windows.iter().enumerate() {
+        forward(win, w.checked_sub(1), (w < last).then_some(w), &mut bar);
+    }
+    let (pgr, pgo, pgi, pdv, pfb, pda, ppart, pcarry) =
+        (grads.ptr(), gout.ptr(), gin.ptr(), dv.ptr(), fbuf.ptr(), da.ptr(), part.ptr(), carry.ptr());
+    for (w, &win) in windows.iter().enumerate().rev() {
+        if w != last {
+            forward(win, w.checked_sub(1), None, &mut bar);
+        }
+        bar[0] = 0;
+        let mut a = Args::new();
+        a.val(pp).val(pgr).val(pi).val(po).val(pv).val(pg).val(pz);
+        a.val(pgo).val(pgi).val(pdv).val(pfb).val(pda).val(ppart).val(pcarry);
+        a.buf_u32(&mut bar).val(pwf).val(pwi).val(dims).val(np).val(v4.dims).val(win);
+        m.launch(&plan.backward, sched + 1000 + w as u64, &mut a).unwrap_or_else(|e| panic!("{} backward {win:?}: {e}", c.name));
+    }
+    for buf in [&params, &grads, &input, &gout, &gin, &out, &v, &g, &z, &dv, &fbuf, &da, &wfrag, &winv, &part, &ckpt, &carry] {
         buf.check_guards();
     }
     assert_eq!(params.host(), x.params, "{}: the parameters were written", c.name);
@@ -219,4 +249,41 @@ fn v4_matches_the_cpu_on_the_backei_shapes_of_the_cifar10_network() {
         cases.push(smooth(case(&format!("cifar10 layer {i} {:?}", l.output), l.output, fb.back, fb.ei, fb.radius, fb.delay, 1, 2, 2)));
     }
     assert_eq!(run(&cases, &DeviceLimits::H100, Precision::Fp32), cases.len());
+}
+
+/// `--recompute K`: the forward in windows of K steps (v kept at each window's end), the backward
+/// window by window in reverse with each earlier window recomputed from its checkpoint, gives the
+/// very bits of one launch over the whole loop — the spikes, ∂L/∂I and every weight and bias
+/// gradient — for K = 1, a K that divides T, one that does not, and K = T − 1; with the weight
+/// gradients' accumulators in shared memory and in L2 (dw_part), back and ei on and off, D > K.
+#[test]
+fn v4_recompute_windows_give_the_bits_of_the_whole_loop() {
+    let c = smooth(case("5×7×9 back+ei r 1 D 2 T 6", [5, 7, 9], true, true, 1, 2, 2, 6, 6));
+    let c_back = case("6×5×7 back r 2 D 3 T_in 1 T 5", [6, 5, 7], true, false, 2, 3, 2, 5, 1);
+    let c_ei = smooth(case("40×9×11 ei r 1 T 4", [40, 9, 11], false, true, 1, 1, 2, 4, 4));
+    let dw_l2 = limits_where(&c, Precision::Fp32, |v| v.dims.dw_smem == 0);
+    let runs: [(&Case, DeviceLimits, &[usize]); 4] =
+        [(&c, SMALL, &[1, 2, 4, 5]), (&c, dw_l2, &[3]), (&c_back, SMALL, &[1, 2]), (&c_ei, SMALL, &[3])];
+    for (i, (c, lim, ks)) in runs.into_iter().enumerate() {
+        let x = inputs(c, 770 + i as u64);
+        let whole_plan = v4_plan(c, &lim, Precision::Fp32);
+        let whole = emulate_v4(c, &x, &whole_plan, 3);
+        // the whole loop is itself right (so that equal bits mean right bits)
+        let cpu = cpu_reference(c, &x);
+        compare_within(c, "v4/fp32 whole loop", &x, &cpu, &whole, Tolerance::F32);
+        for &k in ks {
+            let mut plan = whole_plan.clone();
+            apply_recompute(&mut plan, c.shape, &c.fb, k, c.steps).unwrap();
+            assert_eq!(plan.window, Some(k), "{}: K = {k}", c.name);
+            let bn = c.batch * c.shape.iter().product::<usize>();
+            assert_eq!((plan.buffers.v, plan.buffers.v_ckpt), (k * bn, (c.steps.div_ceil(k) - 1) * bn), "{}: K = {k}", c.name);
+            let win = emulate_v4(c, &x, &plan, 40 + k as u64);
+            let bits = |xs: &[f32]| xs.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&win.out), bits(&whole.out), "{}: K = {k}: the spikes", c.name);
+            assert_eq!(bits(&win.gin), bits(&whole.gin), "{}: K = {k}: ∂L/∂I", c.name);
+            assert_eq!(bits(&win.grads), bits(&whole.grads), "{}: K = {k}: the parameter gradients", c.name);
+            // the window buffers end holding the first window: the whole loop's first K steps
+            assert_eq!(bits(&win.v), bits(&whole.v[..k * bn]), "{}: K = {k}: v of the first window", c.name);
+        }
+    }
 }

@@ -196,3 +196,46 @@ fn v4_matches_the_cpu_in_tf32_and_bf16() {
         }
     }
 }
+
+/// `--recompute K` on the GPU (v4 in windows of K steps, each earlier window recomputed in the
+/// backward from its checkpoint): the spikes, ∂L/∂I and every gradient are the very bits of one
+/// launch over the whole loop — odd shapes and the fashion-mnist layers, K = 1, dividing T and
+/// not, in every precision. The same check runs on the emulator in CI
+/// (`tests/emu_v4.rs::v4_recompute_windows_give_the_bits_of_the_whole_loop`).
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn v4_recompute_gives_the_bits_of_keeping_every_step() {
+    let dev = device();
+    let fm = NetworkSpec::fashion_mnist();
+    let mut cases = vec![
+        smooth(case("5×7×9 back+ei r 1 D 2", [5, 7, 9], true, true, 1, 2, 2, 7, 7)),
+        case("6×5×7 back r 2 D 3 T_in 1", [6, 5, 7], true, false, 2, 3, 2, 7, 1),
+    ];
+    for (i, l) in fm.plan().unwrap().iter().enumerate().filter(|(_, l)| l.spec == LayerSpec::BackEi) {
+        let fb = fm.feedback;
+        cases.push(case(&format!("fashion-mnist layer {i} {:?}", l.output), l.output, fb.back, fb.ei, fb.radius, fb.delay, 4, 7, 1));
+    }
+    let bits = |xs: &[f32]| xs.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    for p in Precision::ALL {
+        for (i, c) in cases.iter().enumerate() {
+            let x = inputs(c, 900 + i as u64);
+            let run_k = |k: Option<usize>| {
+                let mut layer = GpuBackEiLayer::new(&dev, c.shape, c.fb, &c.neuron).unwrap();
+                layer.version = KernelVersion::V4;
+                layer.precision = p;
+                layer.recompute = k;
+                let plan = layer.prepare(c.batch, c.steps).unwrap().clone();
+                assert_eq!(plan.version, KernelVersion::V4, "{}: {:?}", c.name, plan.fallback);
+                assert_eq!(plan.window, k.filter(|&k| k < c.steps));
+                forward_backward(&dev, &mut layer, c, &x)
+            };
+            let whole = run_k(None);
+            for k in [1, 3, 4] {
+                let w = run_k(Some(k));
+                assert_eq!(bits(&w.out), bits(&whole.out), "{} {p} K = {k}: the spikes", c.name);
+                assert_eq!(bits(&w.gin), bits(&whole.gin), "{} {p} K = {k}: ∂L/∂I", c.name);
+                assert_eq!(bits(&w.grads), bits(&whole.grads), "{} {p} K = {k}: the gradients", c.name);
+            }
+        }
+    }
+}

@@ -173,6 +173,42 @@ fn the_memory_plan_is_what_the_network_allocates() {
     }
 }
 
+/// `--recompute K` through the whole step (graphs on): six Adam steps of every network give the
+/// very losses and parameters of keeping every step on the same (v4) kernels, and the memory plan
+/// is again what the network allocates.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn recompute_steps_equal_keeping_every_step_bit_for_bit() {
+    let d = dev();
+    for spec in [NetworkSpec::mnist(), NetworkSpec::fashion_mnist(), NetworkSpec::cifar10(), NetworkSpec::nmnist()] {
+        let mut spec = small(spec);
+        spec.steps = 7;
+        let cfg = OptimizerConfig::adam(1e-3);
+        let go = |k: Option<usize>| {
+            let cpu = Network::<f32>::new(&spec, 4150).unwrap();
+            let mut net = GpuNetwork::from_cpu(&d, &cpu).unwrap();
+            net.set_kernel_version(backei::gpu::backei_layer::KernelVersion::V4);
+            net.set_recompute(k).unwrap();
+            let mut o = GpuOptimizer::new(&d, cfg, net.num_params()).unwrap();
+            let mut stats = Vec::new();
+            for (x, labels) in batches(&spec, 5, 1, 6) {
+                stats.push(net.train_step(&x, 1, &labels, Loss::Ce, &mut o).unwrap());
+            }
+            let plan = net.memory_plan(5, 1).unwrap();
+            let held = net.allocated_bytes() + GpuOptimizer::device_bytes(&cfg, net.num_params()) + CUBLAS_WORKSPACE_BYTES;
+            assert_eq!(held, plan.total(), "{} --recompute {k:?}: {plan}", spec.name);
+            (stats, bits(&net.params_to_host().unwrap()), plan.total())
+        };
+        let (s_all, p_all, m_all) = go(None);
+        for k in [1, 3] {
+            let (s, p, m) = go(Some(k));
+            assert_eq!(s, s_all, "{} --recompute {k}: losses or accuracies differ", spec.name);
+            assert!(p == p_all, "{} --recompute {k}: parameters after 6 steps differ", spec.name);
+            assert!(m < m_all, "{} --recompute {k}: {m} bytes, not less than {m_all}", spec.name);
+        }
+    }
+}
+
 #[test]
 #[ignore = "needs a CUDA GPU"]
 fn profiled_steps_run_eagerly_between_graph_replays() {

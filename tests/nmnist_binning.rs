@@ -12,7 +12,7 @@ use backei::data::nmnist::{self, Binning, Event};
 use backei::data::{Dataset, DatasetKind, LoadOptions, Split};
 use data_fixtures::*;
 use ref_python::reference_python;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 /// Event files that exercise each convention's edges: counts and spans that T does not divide,
 /// several events on one timestamp at window edges, fewer events than frames, a span shorter

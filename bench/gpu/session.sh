@@ -108,7 +108,17 @@ for stage in $stages; do
       run bench-train-v2 90 env BACKEI_BACKEI_KERNEL=v2 .gpu/bin/bench-train
       run bench-train-v3 90 env BACKEI_BACKEI_KERNEL=v3 .gpu/bin/bench-train
       # the tensor-core kernels (fp32 mode: split fp16 products)
-      run bench-train-v4 90 env BACKEI_BACKEI_KERNEL=v4 .gpu/bin/bench-train ;;
+      run bench-train-v4 90 env BACKEI_BACKEI_KERNEL=v4 .gpu/bin/bench-train
+      # issue 12: fashion-mnist at T = 100, B = 100 with --recompute 10 (target ≤ 8 GiB): the plan's
+      # figure, then 20 batches with the card's memory sampled each second (peak in the log)
+      run info-t100 20 .gpu/bin/backei info --model fashion-mnist --steps 100 --recompute 10
+      rm -rf /tmp/run-t100
+      ( while sleep 1; do nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits; done ) > /tmp/backei-results/t100-mem.txt 2>&1 &
+      sampler=$!
+      run train-t100-recompute 90 .gpu/bin/backei train --dataset fashion-mnist --data-dir .gpu/data/fashion-mnist --device cuda \
+        --steps 100 --batch-size 100 --recompute 10 --epochs 1 --train-limit 2000 --test-limit 500 --quiet --out /tmp/run-t100
+      kill $sampler 2>/dev/null
+      echo "== peak device memory during train-t100-recompute: $(sort -n /tmp/backei-results/t100-mem.txt | tail -n 1) MiB" | tee -a "$out/$stage.log" ;;
     reference)
       run reference 150 env BACKEI_CSV=/tmp/backei-results/kernels.csv OUT=/tmp/backei-results bash bench/reference/gpu_run.sh ;;
     train)

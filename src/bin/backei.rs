@@ -212,8 +212,8 @@ struct TrainArgs {
     #[arg(long, default_value = "fp32")]
     precision: backei::Precision,
     /// Keep the spiking layers' state every K steps and recompute the rest in the backward, for
-    /// long T: less memory, the same gradients bit for bit, a little more time (CPU engine)
-    /// [default: off, every step kept].
+    /// long T: less memory, the same gradients bit for bit, a little more time (the GPU engine
+    /// runs its BackEI layers on the v4 kernels for it) [default: off, every step kept].
     #[arg(long, value_name = "K")]
     recompute: Option<usize>,
     /// Loader threads.
@@ -885,12 +885,15 @@ fn info(a: InfoArgs) -> anyhow::Result<ExitCode> {
             backei::gpu::gemm_tc::FeedForward::TensorCore(_) => "tensor-core",
         };
         let what = format!(
-            "{m} at batch {}, T = {}, {} encoding, precision {} ({gemms} GEMMs), BackEI kernels {:?}{} on {device}",
+            "{m} at batch {}, T = {}, {} encoding, precision {} ({gemms} GEMMs), BackEI kernels {}{} on {device}",
             a.batch_size,
             a.steps,
             a.encoding,
             a.precision,
-            settings.version,
+            match a.recompute {
+                Some(k) => format!("v4 (--recompute {k})"),
+                None => format!("{:?}", settings.version),
+            },
             if a.deterministic { ", deterministic" } else { "" }
         );
         match backei::gpu::memory_plan(&spec, a.batch_size, a.steps, t_in, &settings) {

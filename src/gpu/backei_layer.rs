@@ -289,6 +289,12 @@ pub struct BufferSizes {
     pub v4_wfrag: usize,
     pub v4_winv: usize,
     pub v4_dw_part: usize,
+    /// `--recompute K` (v4): v_{t1−1} at the end of every window but the last, [⌈T/K⌉ − 1][B][N]
+    /// (v, g and z then hold K steps)
+    pub v_ckpt: usize,
+    /// `--recompute K` (v4): each thread's bias partial sums between the backward's launches,
+    /// [grid][CO_T/2][256]
+    pub v4_db_carry: usize,
 }
 
 impl BufferSizes {
@@ -305,7 +311,9 @@ impl BufferSizes {
             + self.staged_weights
             + self.v4_wfrag
             + self.v4_winv
-            + self.v4_dw_part)
+            + self.v4_dw_part
+            + self.v_ckpt
+            + self.v4_db_carry)
     }
 }
 
@@ -332,6 +340,10 @@ pub struct LaunchPlan {
     pub fallback: Option<String>,
     /// v4's plan (tile, shared-memory layout, module constants), when the plan runs v4.
     pub v4: Option<super::backei_v4::V4Plan>,
+    /// `--recompute K` with K < T (v4 only): the time loop runs in windows of K steps; v, g and z
+    /// are kept for one window, v at every window's end, and the backward recomputes each
+    /// earlier window before its BPTT ([`apply_recompute`]). None: every step is kept.
+    pub window: Option<usize>,
 }
 
 const FUSED_MAX_THREADS: usize = 1024;
@@ -549,6 +561,7 @@ fn plan_with(
             tile: None,
             fallback: None,
             v4: None,
+            window: None,
         });
     }
     let c = shape[0];
@@ -602,11 +615,14 @@ fn plan_with(
             v4_wfrag: 0,
             v4_winv: 0,
             v4_dw_part: 0,
+            v_ckpt: 0,
+            v4_db_carry: 0,
         },
         version: KernelVersion::V1,
         tile: None,
         fallback: None,
         v4: None,
+        window: None,
     })
 }
 
@@ -804,7 +820,14 @@ pub fn plan_layer(
     version: KernelVersion,
     precision: Precision,
     deterministic: bool,
+    recompute: Option<usize>,
 ) -> Result<LaunchPlan> {
+    if let Some(k) = recompute {
+        // only v4's launches start from a checkpoint: --recompute takes them, whatever was asked
+        let mut p = plan_tensor_cores(shape, fb, batch, steps, limits, precision)?;
+        apply_recompute(&mut p, shape, fb, k, steps)?;
+        return Ok(p);
+    }
     if version == KernelVersion::V4 {
         // deterministic by construction
         plan_tensor_cores(shape, fb, batch, steps, limits, precision)
@@ -813,6 +836,38 @@ pub fn plan_layer(
     } else {
         plan_version(shape, fb, batch, steps, limits, version)
     }
+}
+
+/// `--recompute K` on a plan: a fused layer keeps v, g, z for a window of K steps, v at the end of
+/// each window but the last (the next window's v_{t0−1}) and, for the backward's launches, each
+/// thread's bias partial sums. K ≥ T changes nothing (one window). A plain layer (back and ei
+/// off: the spiking layers after linear layers, a few thousand neurons) keeps its v for every
+/// step: its kernels have no windows and its state is a small part of the step's.
+pub fn apply_recompute(p: &mut LaunchPlan, shape: [usize; 3], fb: &FeedbackConfig, k: usize, steps: usize) -> Result<()> {
+    if k == 0 {
+        return Err(config_err("--recompute", "K = 0: K is the number of steps kept between checkpoints, at least 1"));
+    }
+    if p.path == LayerPath::Plain || k >= steps {
+        return Ok(());
+    }
+    let Some(v4) = &p.v4 else {
+        return Err(config_err(
+            "--recompute",
+            format!(
+                "the BackEI layer {shape:?} cannot run on the v4 kernels, the only ones that recompute ({}); drop --recompute",
+                p.fallback.as_deref().unwrap_or("no v4 plan")
+            ),
+        ));
+    };
+    let bn = p.buffers.dv;
+    let b = &mut p.buffers;
+    b.v = k * bn;
+    b.g = if fb.back { k * bn } else { 0 };
+    b.z = if fb.ei { k * bn } else { 0 };
+    b.v_ckpt = (steps.div_ceil(k) - 1) * bn;
+    b.v4_db_carry = v4.grid as usize * v4.co_t / 2 * super::backei_v4::V4_THREADS as usize;
+    p.window = Some(k);
+    Ok(())
 }
 
 /// The v4 plan (tensor cores, `precision`) when [`plan_v4`] finds one for the shape and device,
@@ -1084,6 +1139,13 @@ pub struct GpuBackEiLayer {
     pub v4_wfrag: Option<CudaSlice<f32>>,
     pub v4_winv: Option<CudaSlice<f32>>,
     pub v4_dw_part: Option<CudaSlice<f32>>,
+    /// `--recompute K` (None: every step kept): see [`apply_recompute`].
+    pub recompute: Option<usize>,
+    planned_recompute: Option<usize>,
+    /// `--recompute`: v at the end of every window but the last, and the backward's carried bias
+    /// partial sums (`BufferSizes::v_ckpt`, `v4_db_carry`).
+    pub v_ckpt: Option<CudaSlice<f32>>,
+    pub v4_db_carry: Option<CudaSlice<f32>>,
 }
 
 impl GpuBackEiLayer {
@@ -1123,6 +1185,10 @@ impl GpuBackEiLayer {
             v4_wfrag: None,
             v4_winv: None,
             v4_dw_part: None,
+            recompute: None,
+            planned_recompute: None,
+            v_ckpt: None,
+            v4_db_carry: None,
         })
     }
 
@@ -1145,6 +1211,7 @@ impl GpuBackEiLayer {
             || self.planned_version != self.version
             || self.planned_deterministic != self.deterministic
             || self.planned_precision != self.precision
+            || self.planned_recompute != self.recompute
         {
             let dev = self.dev.clone();
             self.install(batch, steps, &mut OwnAllocations(&dev))?;
@@ -1155,7 +1222,7 @@ impl GpuBackEiLayer {
     /// The plan `prepare` makes for a batch shape with this layer's version, determinism and
     /// device limits (nothing is allocated).
     pub fn plan_for(&self, batch: usize, steps: usize) -> Result<LaunchPlan> {
-        plan_layer(self.shape, &self.feedback, batch, steps, &self.limits, self.version, self.precision, self.deterministic)
+        plan_layer(self.shape, &self.feedback, batch, steps, &self.limits, self.version, self.precision, self.deterministic, self.recompute)
     }
 
     /// `prepare` with every buffer lent by `source` for one call (the C ABI and the PyTorch
@@ -1186,6 +1253,8 @@ impl GpuBackEiLayer {
             &mut self.v4_wfrag,
             &mut self.v4_winv,
             &mut self.v4_dw_part,
+            &mut self.v_ckpt,
+            &mut self.v4_db_carry,
         ];
         self.plan = None;
         (floats.into_iter().filter_map(Option::take).collect(), self.bar.take())
@@ -1199,7 +1268,7 @@ impl GpuBackEiLayer {
         (self.out, self.v, self.g, self.z, self.dv, self.fb, self.dz, self.da) = (None, None, None, None, None, None, None, None);
         self.wg_partials = None;
         self.staged_weights = None;
-        (self.v4_wfrag, self.v4_winv, self.v4_dw_part) = (None, None, None);
+        (self.v4_wfrag, self.v4_winv, self.v4_dw_part, self.v_ckpt, self.v4_db_carry) = (None, None, None, None, None);
         self.out = source.floats("out", b.out)?;
         self.v = source.floats("v", b.v)?;
         self.g = source.floats("g", b.g)?;
@@ -1213,6 +1282,8 @@ impl GpuBackEiLayer {
         self.v4_wfrag = source.floats("v4_wfrag", b.v4_wfrag)?;
         self.v4_winv = source.floats("v4_winv", b.v4_winv)?;
         self.v4_dw_part = source.floats("v4_dw_part", b.v4_dw_part)?;
+        self.v_ckpt = source.floats("v_ckpt", b.v_ckpt)?;
+        self.v4_db_carry = source.floats("v4_db_carry", b.v4_db_carry)?;
         if (p.version.is_tiled() || p.version == KernelVersion::V4) && self.bar.is_none() {
             self.bar = Some(source.barrier()?);
         }
@@ -1222,6 +1293,7 @@ impl GpuBackEiLayer {
         self.planned_version = self.version;
         self.planned_deterministic = self.deterministic;
         self.planned_precision = self.precision;
+        self.planned_recompute = self.recompute;
         Ok(())
     }
 
@@ -1276,7 +1348,7 @@ impl GpuBackEiLayer {
         let np = NeuronParams::from_config(&self.neuron);
         if let Some(v4) = &plan.v4 {
             let dims = self.dims(slots, t_in, false, false)?;
-            return super::backei_v4::launch_forward(self, v4, params, input, dims, np);
+            return super::backei_v4::forward(self, v4, plan.window, params, input, dims, np);
         }
         let l = plan.forward;
         let f = self.function(&l)?;
@@ -1353,7 +1425,7 @@ impl GpuBackEiLayer {
         let np = NeuronParams::from_config(&self.neuron);
         if let Some(v4) = &plan.v4 {
             let dims = self.dims(slots, t_in, false, false)?;
-            return super::backei_v4::launch_backward(self, v4, params, grads, input, grad_out, grad_in, dims, np);
+            return super::backei_v4::backward(self, v4, plan.window, params, grads, input, grad_out, grad_in, dims, np);
         }
         let stream = self.dev.stream.clone();
         let l = plan.backward;

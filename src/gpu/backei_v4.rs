@@ -53,6 +53,25 @@ pub struct V4Dims {
 // SAFETY: plain-old-data with the C layout of cuda/backei_v4.cu's V4Dims.
 unsafe impl DeviceRepr for V4Dims {}
 
+/// The device's `V4Window` (`cuda/backei_v4.cu`): the steps [t0, t1) of one launch.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct V4Window {
+    pub t0: i32,
+    pub t1: i32,
+}
+// SAFETY: plain-old-data with the C layout of cuda/backei_v4.cu's V4Window.
+unsafe impl DeviceRepr for V4Window {}
+
+impl V4Window {
+    /// The windows of `--recompute K` over T steps, in time order ([0, K), [K, 2K), …, the last
+    /// one shorter when K does not divide T); one window [0, T) without recompute.
+    pub fn all(steps: usize, k: Option<usize>) -> Vec<V4Window> {
+        let k = k.unwrap_or(steps).clamp(1, steps.max(1));
+        (0..steps.div_ceil(k)).map(|w| V4Window { t0: (w * k) as i32, t1: (steps.min((w + 1) * k)) as i32 }).collect()
+    }
+}
+
 /// How a layer runs on the v4 kernels.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct V4Plan {
@@ -379,14 +398,64 @@ fn prepare_launch(
     Ok((f, cfg, vd))
 }
 
-/// The forward launch (all T steps); `GpuBackEiLayer::forward` checked the buffers.
-pub(crate) fn launch_forward(
+/// The forward: one launch over all T steps, or with `--recompute K` one per window, each keeping
+/// v at its end for the next (`GpuBackEiLayer::forward` checked the buffers).
+pub(crate) fn forward(
+    layer: &mut GpuBackEiLayer,
+    plan: &V4Plan,
+    window: Option<usize>,
+    params: &CudaSlice<f32>,
+    input: &CudaView<f32>,
+    dims: LayerDims,
+    np: NeuronParams,
+) -> Result<()> {
+    let windows = V4Window::all(dims.t as usize, window);
+    let last = windows.len() - 1;
+    for (w, win) in windows.into_iter().enumerate() {
+        launch_forward(layer, plan, params, input, dims, np, win, w.checked_sub(1), (w < last).then_some(w))?;
+    }
+    Ok(())
+}
+
+/// The backward: one launch over all T steps, or with `--recompute K` the windows in reverse, each
+/// but the last (whose state the forward left in place) recomputed from its checkpoint first.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn backward(
+    layer: &mut GpuBackEiLayer,
+    plan: &V4Plan,
+    window: Option<usize>,
+    params: &CudaSlice<f32>,
+    grads: &mut CudaSlice<f32>,
+    input: &CudaView<f32>,
+    grad_out: &CudaView<f32>,
+    grad_in: &mut CudaViewMut<f32>,
+    dims: LayerDims,
+    np: NeuronParams,
+) -> Result<()> {
+    let windows = V4Window::all(dims.t as usize, window);
+    let last = windows.len() - 1;
+    for (w, win) in windows.into_iter().enumerate().rev() {
+        if w != last {
+            launch_forward(layer, plan, params, input, dims, np, win, w.checked_sub(1), None)?;
+        }
+        launch_backward(layer, plan, params, grads, input, grad_out, grad_in, dims, np, win)?;
+    }
+    Ok(())
+}
+
+/// One forward launch over the steps of `win`: v_{t0−1} from checkpoint `ckpt_in`, v_{t1−1} also
+/// into checkpoint `ckpt_out` (slots of `v_ckpt`, [B][N] each).
+#[allow(clippy::too_many_arguments)]
+fn launch_forward(
     layer: &mut GpuBackEiLayer,
     plan: &V4Plan,
     params: &CudaSlice<f32>,
     input: &CudaView<f32>,
     dims: LayerDims,
     np: NeuronParams,
+    win: V4Window,
+    ckpt_in: Option<usize>,
+    ckpt_out: Option<usize>,
 ) -> Result<()> {
     let (f, cfg, vd) = prepare_launch(layer, plan, plan.forward, &np)?;
     let stream = layer.dev.stream.clone();
@@ -397,18 +466,42 @@ pub(crate) fn launch_forward(
     let bar = layer.bar.as_ref().ok_or_else(|| missing("the grid barrier"))?;
     let wfrag = layer.v4_wfrag.as_ref().ok_or_else(|| missing("the weight fragments"))?;
     let winv = layer.v4_winv.as_ref().ok_or_else(|| missing("the weight scales"))?;
+    let bn = dims.b as usize * dims.c as usize * dims.h as usize * dims.w as usize;
+    let ckpt = |slot: Option<usize>| -> Result<Option<CudaView<f32>>> {
+        match slot {
+            None => Ok(None),
+            Some(i) => {
+                let c = layer.v_ckpt.as_ref().ok_or_else(|| missing("the v checkpoints"))?;
+                (c.len() >= (i + 1) * bn).then(|| c.slice(i * bn..(i + 1) * bn)).map(Some).ok_or_else(|| missing("a v checkpoint"))
+            }
+        }
+    };
+    let (v_prev, v_last) = (ckpt(ckpt_in)?, ckpt(ckpt_out)?);
+    let null = 0u64;
     let mut b = stream.launch_builder(&f);
-    b.arg(params).arg(input).arg(out).arg(v).arg(g).arg(z).arg(bar).arg(wfrag).arg(winv).arg(&dims).arg(&np).arg(&vd);
+    b.arg(params).arg(input).arg(out).arg(v).arg(g).arg(z);
+    match &v_prev {
+        Some(p) => b.arg(p),
+        None => b.arg(&null),
+    };
+    match &v_last {
+        Some(p) => b.arg(p),
+        None => b.arg(&null),
+    };
+    b.arg(bar).arg(wfrag).arg(winv).arg(&dims).arg(&np).arg(&vd).arg(&win);
     // SAFETY: the argument list matches backei_forward_v4_*; the buffers were sized by the plan
-    // (out, v, g, z: T·B·N; wfrag: 2·groups slices; winv: 2·groups); the grid is co-resident
-    // (occupancy-clamped above), as the kernel's grid barrier requires.
+    // (out: T·B·N; v, g, z: (t1 − t0)·B·N at least; the checkpoints B·N; wfrag: 2·groups slices;
+    // winv: 2·groups); v_last is written by this launch alone (cudarc's shared view only passes
+    // its address); the grid is co-resident (occupancy-clamped above), as the kernel's grid
+    // barrier requires.
     unsafe { b.launch_cooperative(cfg) }.map_err(cuda_err(plan.forward))?;
     Ok(())
 }
 
-/// The backward launch (BPTT and the weight gradients, accumulated into `grads`).
+/// One backward launch over the steps of `win` (BPTT and the weight gradients, accumulated into
+/// `grads` by the launch that ends at t0 = 0).
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn launch_backward(
+fn launch_backward(
     layer: &mut GpuBackEiLayer,
     plan: &V4Plan,
     params: &CudaSlice<f32>,
@@ -418,6 +511,7 @@ pub(crate) fn launch_backward(
     grad_in: &mut CudaViewMut<f32>,
     dims: LayerDims,
     np: NeuronParams,
+    win: V4Window,
 ) -> Result<()> {
     let (f, cfg, vd) = prepare_launch(layer, plan, plan.backward, &np)?;
     let stream = layer.dev.stream.clone();
@@ -432,12 +526,15 @@ pub(crate) fn launch_backward(
     let wfrag = layer.v4_wfrag.as_ref().ok_or_else(|| missing("the weight fragments"))?;
     let winv = layer.v4_winv.as_ref().ok_or_else(|| missing("the weight scales"))?;
     let part = layer.v4_dw_part.as_ref().ok_or_else(|| missing("the partial weight gradients"))?;
+    let whole = win.t0 == 0 && win.t1 == dims.t;
+    let carry = if whole { d } else { layer.v4_db_carry.as_ref().ok_or_else(|| missing("the carried bias sums"))? };
     let mut b = stream.launch_builder(&f);
     b.arg(params).arg(&mut *grads).arg(input).arg(out).arg(v).arg(g).arg(z).arg(grad_out).arg(&mut *grad_in);
-    b.arg(dv).arg(fb).arg(da).arg(part).arg(bar).arg(wfrag).arg(winv).arg(&dims).arg(&np).arg(&vd);
+    b.arg(dv).arg(fb).arg(da).arg(part).arg(carry).arg(bar).arg(wfrag).arg(winv).arg(&dims).arg(&np).arg(&vd).arg(&win);
     // SAFETY: the argument list matches backei_backward_v4_*; dv, da: B·N, fb: min(D, T)·B·N,
-    // dw_part: ranges·2·groups·CO_T·(k²·c_pad + 1) for the plan's ranges (≥ vd.ranges); the
-    // scratch buffers are written by the kernel alone; the grid is co-resident.
+    // dw_part: ranges·2·groups·CO_T·(k²·c_pad + 1) for the plan's ranges (≥ vd.ranges);
+    // db_carry: grid·CO_T/2·256 (read and written only when the window is not the whole loop);
+    // the scratch buffers are written by the kernel alone; the grid is co-resident.
     unsafe { b.launch_cooperative(cfg) }.map_err(cuda_err(plan.backward))?;
     Ok(())
 }

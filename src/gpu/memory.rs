@@ -29,7 +29,8 @@ use crate::spec::{FeedbackConfig, LayerPlan, LayerSpec, NetworkSpec};
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct StepSettings {
     pub precision: Precision,
-    /// `--recompute K` (the GPU engine refuses it until its BackEI kernels can recompute).
+    /// `--recompute K`: the BackEI layers keep v, g, z for windows of K steps and recompute the
+    /// earlier windows in the backward (v4 kernels; `backei_layer::apply_recompute`).
     pub recompute: Option<usize>,
     /// `--deterministic`: the BackEI layers' deterministic plans.
     pub deterministic: bool,
@@ -77,13 +78,8 @@ impl StepSettings {
 
     /// Refuses what the GPU engine cannot do, naming the fix.
     pub fn check_gpu(&self) -> Result<()> {
-        if let Some(k) = self.recompute {
-            return Err(config_err(
-                "--recompute",
-                format!(
-                    "K = {k}: the GPU engine cannot recompute yet (its fused BackEI kernels run the whole time loop in one launch); drop --recompute, or use --device cpu, where it works"
-                ),
-            ));
+        if self.recompute == Some(0) {
+            return Err(config_err("--recompute", "K = 0: K is the number of steps kept between checkpoints, at least 1"));
         }
         Ok(())
     }
@@ -118,7 +114,7 @@ pub fn spike_feedback(spec: &NetworkSpec, l: &LayerSpec) -> FeedbackConfig {
 /// The launch plan a spiking layer of `shape` runs at a batch shape under `settings`: the plan
 /// `GpuBackEiLayer::prepare` makes (and allocates its buffers from).
 pub fn spiking_plan(shape: [usize; 3], fb: &FeedbackConfig, batch: usize, steps: usize, s: &StepSettings) -> Result<LaunchPlan> {
-    plan_layer(shape, fb, batch, steps, &s.limits, s.version, s.precision, s.deterministic)
+    plan_layer(shape, fb, batch, steps, &s.limits, s.version, s.precision, s.deterministic, s.recompute)
 }
 
 /// Where one buffer of the step lives (lengths in f32 values).
@@ -597,13 +593,62 @@ mod tests {
     }
 
     #[test]
-    fn the_precision_is_accepted_and_recompute_is_refused_with_the_fix() {
+    fn every_precision_is_accepted() {
         let spec = NetworkSpec::fashion_mnist();
         for precision in Precision::ALL {
             assert!(memory_plan(&spec, 100, 20, 1, &StepSettings { precision, ..h100() }).is_ok());
         }
-        let e = memory_plan(&spec, 100, 100, 1, &StepSettings { recompute: Some(10), ..h100() }).unwrap_err().to_string();
-        assert!(e.contains("--recompute") && e.contains("--device cpu"), "{e}");
+    }
+
+    /// `--recompute K`: the BackEI layers keep v, g, z for K steps plus v at each window's end
+    /// (exactly `apply_recompute`'s buffers, added up by the plan); fashion-mnist at T = 100,
+    /// B = 100 fits 8 GiB (issue 12's target) where keeping every step does not.
+    #[test]
+    fn recompute_keeps_a_window_of_state_and_fits_fashion_mnist_at_t_100_in_8_gib() {
+        const GIB8: usize = 8 << 30;
+        let spec = NetworkSpec::fashion_mnist();
+        let all = memory_plan(&spec, 100, 100, 1, &h100()).unwrap();
+        let bp = buffer_plan(&spec, 100, 100, 1, &h100()).unwrap();
+        println!("fashion-mnist, every step kept: {all}");
+        assert!(all.total() > GIB8, "{all}");
+        for k in [1usize, 10, 20, 50] {
+            let s = StepSettings { recompute: Some(k), ..h100() };
+            let m = memory_plan(&spec, 100, 100, 1, &s).unwrap();
+            let rp = buffer_plan(&spec, 100, 100, 1, &s).unwrap();
+            println!("fashion-mnist, --recompute {k}: {m}");
+            assert!(m.total() <= GIB8, "K = {k}: {m}");
+            assert_eq!((m.params, m.activations, m.gradients, m.workspaces), (all.params, all.activations, all.gradients, all.workspaces));
+            // what changes is each BackEI layer's v, g, z (K steps instead of T) and the checkpoints
+            for (a, r) in bp.layers.iter().zip(&rp.layers) {
+                let (Some(a), Some(r)) = (&a.spiking, &r.spiking) else { continue };
+                if r.path == super::super::backei_layer::LayerPath::Plain {
+                    assert_eq!(r.buffers.v, a.buffers.v, "a plain layer keeps every step");
+                    continue;
+                }
+                let bn = r.buffers.dv;
+                assert_eq!(r.window, Some(k));
+                assert_eq!(r.version, KernelVersion::V4, "--recompute runs the v4 kernels");
+                assert_eq!((r.buffers.v, r.buffers.g, r.buffers.z), (k * bn, k * bn, k * bn));
+                assert_eq!(r.buffers.v_ckpt, (100usize.div_ceil(k) - 1) * bn);
+                assert_eq!(r.buffers.out, a.buffers.out, "s is the next layer's input: every step");
+            }
+        }
+        // K ≥ T is one window: the plan of keeping every step (on v4)
+        let v4 = StepSettings { version: KernelVersion::V4, ..h100() };
+        let once = memory_plan(&spec, 100, 20, 1, &StepSettings { recompute: Some(20), ..h100() }).unwrap();
+        assert_eq!(once, memory_plan(&spec, 100, 20, 1, &v4).unwrap());
+        let e = memory_plan(&spec, 100, 20, 1, &StepSettings { recompute: Some(0), ..h100() }).unwrap_err().to_string();
+        assert!(e.contains("--recompute") && e.contains("at least 1"), "{e}");
+    }
+
+    /// A BackEI layer v4 cannot run (radius 3) cannot recompute: the error names the layer, why,
+    /// and the fix.
+    #[test]
+    fn recompute_on_a_layer_v4_cannot_run_says_why() {
+        let mut spec = NetworkSpec::mnist();
+        spec.feedback.radius = 3;
+        let e = memory_plan(&spec, 4, 20, 1, &StepSettings { recompute: Some(5), ..h100() }).unwrap_err().to_string();
+        assert!(e.contains("--recompute") && e.contains("radius 3") && e.contains("drop --recompute"), "{e}");
     }
 
     /// The two rules the shared slots rely on, checked by walking the forward and the backward.

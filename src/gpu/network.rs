@@ -23,7 +23,7 @@
 //! when the step's status words are non-zero, and they stay so (every later step reports the
 //! error too) until parameters are loaded (`load_params`).
 
-use super::backei_layer::{BackEiSlots, GpuBackEiLayer};
+use super::backei_layer::{BackEiSlots, GpuBackEiLayer, KernelVersion};
 use super::conv;
 use super::device::GpuDevice;
 use super::dropout::{DropoutKeys, Mask};
@@ -397,11 +397,23 @@ impl GpuNetwork {
         Ok(())
     }
 
-    /// `--recompute K`: refused on the GPU engine for now (see `StepSettings::check_gpu`).
+    /// `--recompute K`: the BackEI layers keep their state for windows of K steps and recompute
+    /// the earlier windows in the backward, on the v4 kernels (`backei_layer::apply_recompute`);
+    /// the gradients are those of keeping every step, bit for bit.
     pub fn set_recompute(&mut self, recompute: Option<usize>) -> Result<()> {
         let settings = StepSettings { recompute, ..self.settings };
         settings.check_gpu()?;
-        self.settings = settings;
+        if self.settings.recompute != recompute {
+            self.settings = settings;
+            // the spiking layers' plans change: the buffers are planned again at the next step
+            self.plan = None;
+            self.invalidate_launches();
+        }
+        for l in &mut self.layers {
+            if let Op::Spike { layer, .. } = &mut l.op {
+                layer.recompute = recompute;
+            }
+        }
         Ok(())
     }
 
@@ -488,6 +500,7 @@ impl GpuNetwork {
                 layer.deterministic = self.settings.deterministic;
                 layer.precision = self.settings.precision;
                 layer.version = self.settings.version;
+                layer.recompute = self.settings.recompute;
                 let made = layer.prepare(batch, self.spec.steps)?;
                 if Some(made) != lb.spiking.as_ref() {
                     return Err(BackeiError::Cuda(format!("internal: layer {i}'s launch plan differs from the memory plan's")));
@@ -535,6 +548,8 @@ impl GpuNetwork {
                     &layer.v4_wfrag,
                     &layer.v4_winv,
                     &layer.v4_dw_part,
+                    &layer.v_ckpt,
+                    &layer.v4_db_carry,
                 ] {
                     n += f(b);
                 }
@@ -1144,6 +1159,21 @@ impl GpuNetwork {
         self.forward(x, t_in, batch)?;
         let y = self.readout.as_ref().ok_or_else(|| missing("the readout"))?;
         LossBuffers::predict(&self.dev, &y.as_view(), self.classes)
+    }
+
+    /// The fused BackEI kernels the layers ask for (`$BACKEI_BACKEI_KERNEL` at construction); a
+    /// layer whose shape a version cannot run falls back as its plan says.
+    pub fn set_kernel_version(&mut self, version: KernelVersion) {
+        if self.settings.version != version {
+            self.settings.version = version;
+            self.plan = None;
+            self.invalidate_launches();
+        }
+        for l in &mut self.layers {
+            if let Op::Spike { layer, .. } = &mut l.op {
+                layer.version = version;
+            }
+        }
     }
 
     /// Bit-reproducible steps (`--deterministic`): every BackEI layer takes the plan without float
