@@ -176,6 +176,31 @@ fn plot_draws_several_runs_into_png_and_svg() {
     assert!(o.status.success(), "{}", text(&o));
     let s = std::fs::read_to_string(&svg).unwrap();
     assert!(s.contains("mnist-sample back+ei T=2") && s.contains("mnist-sample plain T=2"), "legend from the configs");
+    // the test loss is drawn (dashed: one short line per dash): without its column, the lines go
+    assert!(s.contains("dashed: test"), "the loss panel's caption");
+    let lines = |svg: &str| svg.matches("<polyline").count() + svg.matches("<line").count();
+    let no_test_loss = tmp("plot-no-test-loss");
+    std::fs::create_dir_all(&no_test_loss).unwrap();
+    std::fs::copy(a.join("config.json"), no_test_loss.join("config.json")).unwrap();
+    let rows: Vec<String> = std::fs::read_to_string(a.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let mut row: serde_json::Value = serde_json::from_str(l).unwrap();
+            assert!(row["test_loss"].is_number(), "no test_loss in {l}");
+            row["test_loss"] = serde_json::Value::Null;
+            row.to_string()
+        })
+        .collect();
+    std::fs::write(no_test_loss.join("metrics.jsonl"), rows.join("\n") + "\n").unwrap();
+    let svg1 = tmp("plot-one").with_extension("svg");
+    let o = backei().arg("plot").arg(&a).arg("-o").arg(&svg1).output().unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    let svg0 = tmp("plot-zero").with_extension("svg");
+    let o = backei().arg("plot").arg(&no_test_loss).arg("-o").arg(&svg0).output().unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    let (with, without) = (lines(&std::fs::read_to_string(&svg1).unwrap()), lines(&std::fs::read_to_string(&svg0).unwrap()));
+    assert!(with >= without + 5, "the test loss adds its dashes: {with} lines with it, {without} without");
     // a folder that is not a run
     let empty = tmp("plot-empty");
     std::fs::create_dir_all(&empty).unwrap();

@@ -317,3 +317,45 @@ fn gpu_ranks_that_find_no_gpu_stop_together_and_say_why() {
     assert!(!t.contains("MPI_ABORT"), "{t}");
     let _ = std::fs::remove_dir_all(out);
 }
+
+/// A real Ctrl-C to the launcher: Open MPI's mpirun answers SIGINT by sending SIGTERM to every
+/// rank (and SIGKILL after `odls_base_sigkill_timeout`, raised here as the README advises); the
+/// ranks agree on the stop at the next step, rank 0 writes the checkpoint of the last finished
+/// step, and the run resumes from it to the end.
+#[test]
+fn ctrl_c_to_mpirun_stops_every_rank_with_a_checkpoint_that_resumes() {
+    let out = tmp("ctrl-c");
+    let mut c = mpirun(2);
+    c.args(["--mca", "odls_base_sigkill_timeout", "30"]).arg(BIN).args(train_args(16, 1000, &out));
+    let child = c.stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped()).spawn().expect("mpirun starts");
+    let started = Instant::now();
+    // running: rank 0 has finished an epoch (its metrics row is written)
+    while metric_rows_or_none(&out).is_none_or(|r| r.is_empty()) {
+        assert!(started.elapsed() < LIMIT, "the run did not get through an epoch");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // SAFETY: kill(2) on the launcher we started.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGINT) }, 0);
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    let o = rx.recv_timeout(LIMIT).expect("mpirun ended after Ctrl-C").expect("waits");
+    let t = text(&o);
+    assert!(!o.status.success(), "{t}");
+    assert!(t.matches("SIGTERM: finishing the current step").count() >= 1, "the ranks saw SIGTERM: {t}");
+    let p = progress(&out);
+    assert!(p.epoch < 1000, "stopped early: {p:?}");
+    // resumed by one process to a near end: the checkpoint is whole
+    let mut c = single();
+    c.args(["train", "--resume"]).arg(&out).args(["--quiet", "--workers", "1", "--epochs"]).arg((p.epoch + 2).to_string());
+    let o = run(c, LIMIT);
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(progress(&out).epoch, p.epoch + 2);
+    let _ = std::fs::remove_dir_all(out);
+}
+
+fn metric_rows_or_none(dir: &Path) -> Option<Vec<String>> {
+    let csv = std::fs::read_to_string(dir.join("metrics.csv")).ok()?;
+    Some(csv.lines().skip(1).map(String::from).collect())
+}

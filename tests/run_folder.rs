@@ -318,3 +318,58 @@ fn the_exit_codes_are_documented_in_the_help() {
         }
     }
 }
+
+/// A run folder another process is writing (it holds the folder's flock) is refused, for a new
+/// run and for a resume, with what to do; the folder is left as it was.
+#[test]
+fn a_run_folder_another_process_holds_is_refused() {
+    use std::os::unix::io::AsRawFd;
+    let run = tmp("locked");
+    run_ok(&mut tiny_run(&run, 1));
+    let before = snapshot(&run);
+    let dir = std::fs::File::open(&*run).unwrap();
+    // SAFETY: flock(2) on a descriptor we own; released when `dir` is dropped.
+    assert_eq!(unsafe { libc::flock(dir.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) }, 0);
+    for mut c in [tiny_run(&run, 2), {
+        let mut c = backei();
+        c.args(["train", "--device", "cpu", "--epochs", "2", "--resume"]).arg(&*run);
+        c
+    }] {
+        let o = c.output().unwrap();
+        assert!(!o.status.success(), "{}", text(&o));
+        let t = text(&o);
+        assert!(t.contains("another backei process is writing this run folder") && t.contains("--out"), "{t}");
+    }
+    assert_eq!(snapshot(&run), before, "a refused run changed the folder");
+    drop(dir);
+    // the lock gone, the resume runs
+    run_ok(backei().args(["train", "--device", "cpu", "--quiet", "--epochs", "2", "--resume"]).arg(&*run));
+}
+
+/// A second signal while the first one's checkpoint is on its way exits at once, with the
+/// second signal's status and a line saying no checkpoint was written for it.
+#[test]
+fn a_second_signal_exits_at_once() {
+    let out = tmp("second-signal");
+    let child = tiny_run(&out, 1000).stderr(std::process::Stdio::piped()).spawn().unwrap();
+    let t0 = std::time::Instant::now();
+    while !out.join("metrics.csv").exists() {
+        assert!(t0.elapsed().as_secs() < 60, "the run did not start");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    // SAFETY: kill(2) on our child, twice in a row (the second long before a step ends).
+    unsafe {
+        assert_eq!(libc::kill(child.id() as i32, libc::SIGTERM), 0);
+        assert_eq!(libc::kill(child.id() as i32, libc::SIGINT), 0);
+    }
+    let o = child.wait_with_output().unwrap();
+    let t = text(&o);
+    // both are pending at once, and the kernel may hand them over in either order: the one seen
+    // second names itself and gives the status
+    let second = match o.status.code() {
+        Some(130) => "Ctrl-C (SIGINT)",
+        Some(143) => "SIGTERM",
+        _ => panic!("{:?}: {t}", o.status),
+    };
+    assert!(t.contains(&format!("second signal ({second}): exiting without a checkpoint")), "{t}");
+}
