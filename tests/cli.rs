@@ -712,5 +712,11 @@ fn nvrtc_of_a_pip_wheel_is_found_by_itself() {
         .output()
         .unwrap();
     let line = text(&o).lines().find(|l| l.starts_with("NVRTC:")).unwrap().to_string();
-    assert!(line.starts_with("NVRTC: 1") || line.contains("pip install nvidia-cuda-nvrtc-cu12"), "{line}");
+    // a CUDA toolkit the dynamic linker knows of is found; without one, the line names the wheel
+    let system_nvrtc = std::fs::read("/etc/ld.so.cache").map(|b| b.windows(8).any(|w| w == b"libnvrtc")).unwrap_or(false);
+    if system_nvrtc {
+        assert!(line.starts_with("NVRTC: 1"), "{line}");
+    } else {
+        assert!(line.contains("pip install nvidia-cuda-nvrtc-cu12"), "{line}");
+    }
 }
