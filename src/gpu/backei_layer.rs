@@ -844,9 +844,7 @@ pub fn plan_layer(
 /// off: the spiking layers after linear layers, a few thousand neurons) keeps its v for every
 /// step: its kernels have no windows and its state is a small part of the step's.
 pub fn apply_recompute(p: &mut LaunchPlan, shape: [usize; 3], fb: &FeedbackConfig, k: usize, steps: usize) -> Result<()> {
-    if k == 0 {
-        return Err(config_err("--recompute", "K = 0: K is the number of steps kept between checkpoints, at least 1"));
-    }
+    check_recompute(Some(k))?;
     if p.path == LayerPath::Plain || k >= steps {
         return Ok(());
     }
@@ -867,6 +865,14 @@ pub fn apply_recompute(p: &mut LaunchPlan, shape: [usize; 3], fb: &FeedbackConfi
     b.v_ckpt = (steps.div_ceil(k) - 1) * bn;
     b.v4_db_carry = v4.grid as usize * v4.co_t / 2 * super::backei_v4::V4_THREADS as usize;
     p.window = Some(k);
+    Ok(())
+}
+
+/// `--recompute K` needs K ≥ 1 (None: every step kept).
+pub fn check_recompute(recompute: Option<usize>) -> Result<()> {
+    if recompute == Some(0) {
+        return Err(config_err("--recompute", "K = 0: K is the number of steps kept between checkpoints, at least 1"));
+    }
     Ok(())
 }
 

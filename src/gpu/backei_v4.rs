@@ -443,6 +443,31 @@ pub(crate) fn backward(
     Ok(())
 }
 
+/// What both launches read: the saved s, v, g, z (the dummy for a gate that is off), the grid
+/// barrier, the weight fragments and their inverse scales.
+struct Saved<'a> {
+    out: &'a CudaSlice<f32>,
+    v: &'a CudaSlice<f32>,
+    g: &'a CudaSlice<f32>,
+    z: &'a CudaSlice<f32>,
+    bar: &'a CudaSlice<u32>,
+    wfrag: &'a CudaSlice<f32>,
+    winv: &'a CudaSlice<f32>,
+}
+
+fn saved(layer: &GpuBackEiLayer) -> Result<Saved<'_>> {
+    let d = &layer.dummy;
+    Ok(Saved {
+        out: layer.out.as_ref().ok_or_else(|| missing("s"))?,
+        v: layer.v.as_ref().ok_or_else(|| missing("v"))?,
+        g: layer.g.as_ref().unwrap_or(d),
+        z: layer.z.as_ref().unwrap_or(d),
+        bar: layer.bar.as_ref().ok_or_else(|| missing("the grid barrier"))?,
+        wfrag: layer.v4_wfrag.as_ref().ok_or_else(|| missing("the weight fragments"))?,
+        winv: layer.v4_winv.as_ref().ok_or_else(|| missing("the weight scales"))?,
+    })
+}
+
 /// One forward launch over the steps of `win`: v_{t0−1} from checkpoint `ckpt_in`, v_{t1−1} also
 /// into checkpoint `ckpt_out` (slots of `v_ckpt`, [B][N] each).
 #[allow(clippy::too_many_arguments)]
@@ -459,22 +484,11 @@ fn launch_forward(
 ) -> Result<()> {
     let (f, cfg, vd) = prepare_launch(layer, plan, plan.forward, &np)?;
     let stream = layer.dev.stream.clone();
-    let d = &layer.dummy;
-    let (out, v) = (layer.out.as_ref().ok_or_else(|| missing("s"))?, layer.v.as_ref().ok_or_else(|| missing("v"))?);
-    let g = layer.g.as_ref().unwrap_or(d);
-    let z = layer.z.as_ref().unwrap_or(d);
-    let bar = layer.bar.as_ref().ok_or_else(|| missing("the grid barrier"))?;
-    let wfrag = layer.v4_wfrag.as_ref().ok_or_else(|| missing("the weight fragments"))?;
-    let winv = layer.v4_winv.as_ref().ok_or_else(|| missing("the weight scales"))?;
+    let Saved { out, v, g, z, bar, wfrag, winv } = saved(layer)?;
     let bn = dims.b as usize * dims.c as usize * dims.h as usize * dims.w as usize;
     let ckpt = |slot: Option<usize>| -> Result<Option<CudaView<f32>>> {
-        match slot {
-            None => Ok(None),
-            Some(i) => {
-                let c = layer.v_ckpt.as_ref().ok_or_else(|| missing("the v checkpoints"))?;
-                (c.len() >= (i + 1) * bn).then(|| c.slice(i * bn..(i + 1) * bn)).map(Some).ok_or_else(|| missing("a v checkpoint"))
-            }
-        }
+        let Some(i) = slot else { return Ok(None) };
+        layer.v_ckpt.as_ref().and_then(|c| c.try_slice(i * bn..(i + 1) * bn)).map(Some).ok_or_else(|| missing("a v checkpoint"))
     };
     let (v_prev, v_last) = (ckpt(ckpt_in)?, ckpt(ckpt_out)?);
     let null = 0u64;
@@ -515,16 +529,11 @@ fn launch_backward(
 ) -> Result<()> {
     let (f, cfg, vd) = prepare_launch(layer, plan, plan.backward, &np)?;
     let stream = layer.dev.stream.clone();
+    let Saved { out, v, g, z, bar, wfrag, winv } = saved(layer)?;
     let d = &layer.dummy;
-    let (out, v) = (layer.out.as_ref().ok_or_else(|| missing("s"))?, layer.v.as_ref().ok_or_else(|| missing("v"))?);
-    let g = layer.g.as_ref().unwrap_or(d);
-    let z = layer.z.as_ref().unwrap_or(d);
     let dv = layer.dv.as_ref().ok_or_else(|| missing("dv"))?;
     let fb = layer.fb.as_ref().unwrap_or(d);
     let da = layer.da.as_ref().unwrap_or(d);
-    let bar = layer.bar.as_ref().ok_or_else(|| missing("the grid barrier"))?;
-    let wfrag = layer.v4_wfrag.as_ref().ok_or_else(|| missing("the weight fragments"))?;
-    let winv = layer.v4_winv.as_ref().ok_or_else(|| missing("the weight scales"))?;
     let part = layer.v4_dw_part.as_ref().ok_or_else(|| missing("the partial weight gradients"))?;
     let whole = win.t0 == 0 && win.t1 == dims.t;
     let carry = if whole { d } else { layer.v4_db_carry.as_ref().ok_or_else(|| missing("the carried bias sums"))? };

@@ -78,10 +78,7 @@ impl StepSettings {
 
     /// Refuses what the GPU engine cannot do, naming the fix.
     pub fn check_gpu(&self) -> Result<()> {
-        if self.recompute == Some(0) {
-            return Err(config_err("--recompute", "K = 0: K is the number of steps kept between checkpoints, at least 1"));
-        }
-        Ok(())
+        super::backei_layer::check_recompute(self.recompute)
     }
 }
 

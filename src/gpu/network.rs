@@ -178,7 +178,8 @@ fn op_label(i: usize, op: &Op) -> String {
         Op::Flatten => "flatten".to_string(),
         Op::Spike { layer, .. } => {
             if layer.feedback.back || layer.feedback.ei {
-                format!("backei {:?}", layer.version).to_lowercase()
+                // the version that runs (--recompute takes v4, a shape v2–v4 cannot run falls back)
+                format!("backei {:?}", layer.plan.as_ref().map_or(layer.version, |p| p.version)).to_lowercase()
             } else {
                 "spiking".to_string()
             }
@@ -370,14 +371,19 @@ impl GpuNetwork {
     /// (`gemm_tc::FeedForward`).
     pub fn set_precision(&mut self, precision: Precision) -> Result<()> {
         let settings = self.settings.with_precision(precision)?;
+        self.change_settings(settings);
+        Ok(())
+    }
+
+    /// Takes new step settings; when they differ, every buffer and launch is planned again at the
+    /// next step (the spiking layers take their share of the settings there, in `ensure_buffers`).
+    fn change_settings(&mut self, settings: StepSettings) {
         if settings != self.settings {
             self.settings = settings;
             self.ff.mode = settings.feedforward;
-            // the conv workspace or the GEMM partial sums: planned again at the next step
             self.plan = None;
             self.invalidate_launches();
         }
-        Ok(())
     }
 
     /// Which GEMMs the convolutions and linear layers run: cuBLAS (fp32 only) or the tensor-core
@@ -388,12 +394,7 @@ impl GpuNetwork {
             (false, Precision::Fp32) => FeedForward::Cublas,
             (false, p) => return Err(config_err("feed-forward GEMMs", format!("cuBLAS computes fp32 only, not {p}"))),
         };
-        if mode != self.settings.feedforward {
-            self.settings.feedforward = mode;
-            self.ff.mode = mode;
-            self.plan = None;
-            self.invalidate_launches();
-        }
+        self.change_settings(StepSettings { feedforward: mode, ..self.settings });
         Ok(())
     }
 
@@ -403,17 +404,7 @@ impl GpuNetwork {
     pub fn set_recompute(&mut self, recompute: Option<usize>) -> Result<()> {
         let settings = StepSettings { recompute, ..self.settings };
         settings.check_gpu()?;
-        if self.settings.recompute != recompute {
-            self.settings = settings;
-            // the spiking layers' plans change: the buffers are planned again at the next step
-            self.plan = None;
-            self.invalidate_launches();
-        }
-        for l in &mut self.layers {
-            if let Op::Spike { layer, .. } = &mut l.op {
-                layer.recompute = recompute;
-            }
-        }
+        self.change_settings(settings);
         Ok(())
     }
 
@@ -1164,16 +1155,7 @@ impl GpuNetwork {
     /// The fused BackEI kernels the layers ask for (`$BACKEI_BACKEI_KERNEL` at construction); a
     /// layer whose shape a version cannot run falls back as its plan says.
     pub fn set_kernel_version(&mut self, version: KernelVersion) {
-        if self.settings.version != version {
-            self.settings.version = version;
-            self.plan = None;
-            self.invalidate_launches();
-        }
-        for l in &mut self.layers {
-            if let Op::Spike { layer, .. } = &mut l.op {
-                layer.version = version;
-            }
-        }
+        self.change_settings(StepSettings { version, ..self.settings });
     }
 
     /// Bit-reproducible steps (`--deterministic`): every BackEI layer takes the plan without float
@@ -1181,17 +1163,7 @@ impl GpuNetwork {
     /// weight-gradient reduction; v2/v3 with partial sums reduced in order); the other ops are
     /// cuBLAS GEMMs and kernels without atomics, deterministic on a given card.
     pub fn set_deterministic(&mut self, on: bool) {
-        if self.settings.deterministic != on {
-            self.settings.deterministic = on;
-            // the spiking layers' plans change: the buffers are planned again at the next step
-            self.plan = None;
-            self.invalidate_launches();
-        }
-        for l in &mut self.layers {
-            if let Op::Spike { layer, .. } = &mut l.op {
-                layer.deterministic = on;
-            }
-        }
+        self.change_settings(StepSettings { deterministic: on, ..self.settings });
     }
 
     /// (layer index, firing rate, inhibitory fraction or None without E/I) of every spiking
