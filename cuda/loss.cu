@@ -10,6 +10,9 @@
 // The per-row loss is written to row_loss[b]; the host sums the B rows (in f64).
 // Layout: s [T][B][K], y/dy [B][K], labels int [B].
 // Work mapping: readout one thread per (b, k); the loss one thread per row b (K is small: 10).
+// The row's expressions live in loss_row.cuh, shared with the last spiking layer's fused backward
+// (spiking.cu), which computes the same bits; these kernels serve the paths without that fusion.
+#include "loss_row.cuh"
 
 extern "C" __global__ void readout_f32(const float* __restrict__ s, float* __restrict__ y, int steps, int bk) {
     int i = blockIdx.x * blockDim.x + threadIdx.x;
@@ -29,33 +32,10 @@ extern "C" __global__ void loss_grad_f32(const float* __restrict__ y, const int*
     int b = blockIdx.x * blockDim.x + threadIdx.x;
     if (b >= batch) return;
     const float* yb = y + (long long)b * classes;
-    float* db = dy + (long long)b * classes;
-    int label = labels[b];
-    int best = 0;
-    for (int k = 1; k < classes; ++k)
-        if (yb[k] > yb[best]) best = k;
-    pred[b] = best;
-    float total = 0.0f;
-    if (kind == 0) {
-        float scale = (float)(1.0 / ((double)batch * (double)classes));
-        for (int k = 0; k < classes; ++k) {
-            float e = yb[k] - (k == label ? 1.0f : 0.0f);
-            total += e * e * scale;
-            db[k] = 2.0f * e * scale;
-        }
-    } else {
-        float inv_b = (float)(1.0 / (double)batch);
-        float m = yb[0];
-        for (int k = 0; k < classes; ++k)
-            if (yb[k] > m) m = yb[k];
-        float z = 0.0f;
-        for (int k = 0; k < classes; ++k) z += expf(yb[k] - m);
-        float lse = m + (float)log((double)z);
-        total = (lse - yb[label]) * inv_b;
-        for (int k = 0; k < classes; ++k) {
-            float p = expf(yb[k] - lse);
-            db[k] = (p - (k == label ? 1.0f : 0.0f)) * inv_b;
-        }
-    }
-    row_loss[b] = total;
+    const int label = labels[b];
+    const LossScales sc = loss_scales(batch, classes);
+    const LossRow r = loss_row(yb, label, sc, classes, kind);
+    pred[b] = r.pred;
+    for (int k = 0; k < classes; ++k) dy[(long long)b * classes + k] = loss_row_grad(yb, r, label, k, sc, kind);
+    row_loss[b] = r.total;
 }

@@ -427,6 +427,110 @@ fn emulated_readout_and_losses_match_the_cpu() {
     }
 }
 
+/// The last layer's fused kernels (readout in the forward; loss, its status word and the readout's
+/// gradient in the backward) against the five separate launches they replace: every output must
+/// be the same bits, in both firing modes, both losses, T_in = 1 and T, a grid-stride launch with
+/// fewer threads than neurons, and a batch whose NaN input makes one row's loss NaN.
+#[test]
+fn emulated_fused_readout_and_loss_give_the_bits_of_the_separate_kernels() {
+    use backei::gpu::loss::LossScales;
+    let (sm, lm, om) = (emu::module("spiking"), emu::module("loss"), emu::module("optim"));
+    let mut rng = common::Rng(17);
+    let (classes, grid, block) = (10usize, (2u32, 1, 1), (32u32, 1, 1));
+    for (batch, steps, t_in, smooth_mode, nan) in
+        [(7usize, 5usize, 5usize, false, false), (3, 4, 1, false, false), (5, 6, 6, true, false), (4, 3, 3, true, true)]
+    {
+        let mut c = case("readout", [classes, 1, 1], false, false, 0, 1, batch, steps, t_in);
+        if smooth_mode {
+            c = smooth(c);
+        }
+        let np = NeuronParams::from_config(&c.neuron);
+        let (n, bk) = (batch * classes, batch * classes);
+        let mut input = host_vec(&mut rng, t_in * n, -0.5, 1.5);
+        if nan {
+            input[classes + 3] = f32::NAN; // sample 1, class 3: its row's readout and loss are NaN
+        }
+        let labels: Vec<i32> = (0..batch).map(|_| rng.below(classes) as i32).collect();
+        for kind in [0i32, 1] {
+            let label = format!("B {batch} T {steps} T_in {t_in} smooth {smooth_mode} NaN {nan} loss {kind}");
+            let (nn, t, ti) = (n as i64, steps as i32, t_in as i32);
+            // the separate kernels
+            let mut x = DevBuf::from("input", &input);
+            let (mut out, mut v, mut y) = (DevBuf::new("out", steps * n), DevBuf::new("v", steps * n), DevBuf::new("y", bk));
+            let (mut dy, mut row, mut ds) = (DevBuf::new("dy", bk), DevBuf::new("row_loss", batch), DevBuf::new("ds", steps * bk));
+            let mut gin = DevBuf::new("grad_in", t_in * n);
+            let (mut lab, mut pred, mut status) = (labels.clone(), vec![-1i32; batch], vec![0u32; 1]);
+            let mut a = Args::new();
+            a.val(x.ptr()).val(out.ptr()).val(v.ptr()).val(nn).val(t).val(ti).val(np);
+            sm.launch_raw("spiking_forward_v1_f32", grid, block, 0, false, 1, &mut a).unwrap();
+            let mut a = Args::new();
+            a.val(out.ptr()).val(y.ptr()).val(t).val(bk as i32);
+            lm.launch_raw("readout_f32", (1, 1, 1), (128, 1, 1), 0, false, 2, &mut a).unwrap();
+            let mut a = Args::new();
+            a.val(y.ptr()).val(lab.as_mut_ptr()).val(dy.ptr()).val(row.ptr()).val(pred.as_mut_ptr());
+            a.val(batch as i32).val(classes as i32).val(kind);
+            lm.launch_raw("loss_grad_f32", (1, 1, 1), (32, 1, 1), 0, false, 3, &mut a).unwrap();
+            let mut a = Args::new();
+            a.val(row.ptr()).val(batch as i64).buf_u32(&mut status);
+            om.launch_raw("count_nonfinite_f32", (1, 1, 1), (32, 1, 1), 0, false, 4, &mut a).unwrap();
+            let mut a = Args::new();
+            a.val(dy.ptr()).val(ds.ptr()).val(t).val(bk as i32);
+            lm.launch_raw("readout_backward_f32", (1, 1, 1), (64, 1, 1), 0, false, 5, &mut a).unwrap();
+            let mut a = Args::new();
+            a.val(ds.ptr()).val(v.ptr()).val(gin.ptr()).val(nn).val(t).val(ti).val(np);
+            sm.launch_raw("spiking_backward_v1_f32", grid, block, 0, false, 6, &mut a).unwrap();
+            // the fused pair
+            let mut x2 = DevBuf::from("input", &input);
+            let (mut out2, mut v2, mut y2) = (DevBuf::new("out", steps * n), DevBuf::new("v", steps * n), DevBuf::new("y", bk));
+            let (mut dy2, mut row2, mut gin2) = (DevBuf::new("dy", bk), DevBuf::new("row_loss", batch), DevBuf::new("grad_in", t_in * n));
+            let (mut lab2, mut pred2, mut status2) = (labels.clone(), vec![-1i32; batch], vec![0u32; 1]);
+            let mut a = Args::new();
+            let (scales, inv_steps) = (LossScales::new(batch, classes), 1.0f32 / steps as f32);
+            // spiking_loss_backward_v1_f32's arguments after the loss buffers and the status word
+            let tail = |a: &mut Args, v: *mut f32, gin: *mut f32| {
+                a.val(v).val(gin).val(batch as i32).val(classes as i32).val(kind).val(scales).val(inv_steps).val(t).val(ti).val(np);
+            };
+            a.val(x2.ptr()).val(out2.ptr()).val(v2.ptr()).val(y2.ptr()).val(inv_steps).val(nn).val(t).val(ti).val(np);
+            sm.launch_raw("spiking_readout_forward_v1_f32", grid, block, 0, false, 7, &mut a).unwrap();
+            let mut a = Args::new();
+            a.val(y2.ptr()).val(lab2.as_mut_ptr()).val(dy2.ptr()).val(row2.ptr()).val(pred2.as_mut_ptr()).buf_u32(&mut status2);
+            tail(&mut a, v2.ptr(), gin2.ptr());
+            sm.launch_raw("spiking_loss_backward_v1_f32", grid, block, 0, false, 8, &mut a).unwrap();
+            for (name, sep, fused) in [
+                ("s", &out, &out2),
+                ("v", &v, &v2),
+                ("readout", &y, &y2),
+                ("∂L/∂y", &dy, &dy2),
+                ("row losses", &row, &row2),
+                ("∂L/∂I", &gin, &gin2),
+            ] {
+                sep.check_guards();
+                fused.check_guards();
+                let (a, b) = (sep.host(), fused.host());
+                // (a NaN's payload follows the host's operand order; a GPU's NaNs are canonical)
+                let differ = a.iter().zip(&b).position(|(p, q)| p.to_bits() != q.to_bits() && !(p.is_nan() && q.is_nan()));
+                assert_eq!(differ, None, "{label}: {name} differs at {differ:?}: {:?} vs {:?}", differ.map(|i| a[i]), differ.map(|i| b[i]));
+            }
+            assert_eq!(pred, pred2, "{label}: predictions");
+            let bad_rows = row.host().iter().filter(|l| !l.is_finite()).count() as u32;
+            assert_eq!(status, [bad_rows], "{label}: the separate count");
+            assert_eq!(status2, [bad_rows], "{label}: the fused count");
+            assert_eq!(bad_rows > 0, nan, "{label}: the NaN row, and only it, is counted");
+            // without a status word (evaluation-style launches) nothing is counted and the rest is the same
+            let mut a = Args::new();
+            let (mut dy3, mut row3, mut gin3) = (DevBuf::new("dy", bk), DevBuf::new("row_loss", batch), DevBuf::new("grad_in", t_in * n));
+            let mut pred3 = vec![-1i32; batch];
+            a.val(y2.ptr()).val(lab2.as_mut_ptr()).val(dy3.ptr()).val(row3.ptr()).val(pred3.as_mut_ptr()).val(std::ptr::null_mut::<u32>());
+            tail(&mut a, v2.ptr(), gin3.ptr());
+            sm.launch_raw("spiking_loss_backward_v1_f32", (1, 1, 1), (256, 1, 1), 0, false, 9, &mut a).unwrap();
+            let same = |p: &DevBuf, q: &DevBuf| {
+                p.host().iter().zip(q.host()).all(|(a, b)| a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan()))
+            };
+            assert!(same(&dy3, &dy) && same(&row3, &row) && same(&gin3, &gin) && pred3 == pred, "{label}: one block, no status word");
+        }
+    }
+}
+
 // ---- the fused optimizers: the CPU optimizer's bits ---------------------------------------------------
 
 #[test]

@@ -209,6 +209,47 @@ fn recompute_steps_equal_keeping_every_step_bit_for_bit() {
     }
 }
 
+/// The last layer's fused readout and loss (the default) against the separate kernels: whole
+/// training steps under CUDA graphs (deterministic plans), both losses, evaluation, and the
+/// profile's row for the fused launch. The emulator checks the kernels' bits in CI
+/// (`emu_kernels::emulated_fused_readout_and_loss_give_the_bits_of_the_separate_kernels`); this
+/// checks the host's wiring of them on a real device.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn fused_readout_and_loss_give_the_bits_of_the_separate_kernels() {
+    let d = dev();
+    for spec in [NetworkSpec::mnist(), NetworkSpec::fashion_mnist(), NetworkSpec::cifar10(), NetworkSpec::nmnist()] {
+        let spec = small(spec);
+        for loss in [Loss::Mse, Loss::Ce] {
+            let go = |fused: bool| {
+                let cpu = Network::<f32>::new(&spec, 4150).unwrap();
+                let mut net = GpuNetwork::from_cpu(&d, &cpu).unwrap();
+                net.set_deterministic(true);
+                net.set_fused_readout(fused);
+                let mut o = GpuOptimizer::new(&d, OptimizerConfig::adam(1e-3), net.num_params()).unwrap();
+                let b = batches(&spec, 5, 1, 6);
+                let mut stats = Vec::new();
+                for (x, labels) in &b[..5] {
+                    stats.push(net.train_step(x, 1, labels, loss, &mut o).unwrap());
+                }
+                net.set_profiling(true).unwrap();
+                stats.push(net.train_step(&b[5].0, 1, &b[5].1, loss, &mut o).unwrap());
+                let rows = net.take_profile().unwrap();
+                net.set_profiling(false).unwrap();
+                stats.push(net.evaluate(&b[0].0, 1, &b[0].1, loss).unwrap());
+                (stats, bits(&net.params_to_host().unwrap()), rows.iter().any(|r| r.0.ends_with("with the loss")), net.graph_status().0)
+            };
+            let what = format!("{} {loss:?}", spec.name);
+            let (s_sep, p_sep, row_sep, g_sep) = go(false);
+            let (s_fused, p_fused, row_fused, g_fused) = go(true);
+            assert_eq!(s_fused, s_sep, "{what}: losses or accuracies differ");
+            assert!(p_fused == p_sep, "{what}: parameters after 6 steps differ");
+            assert!(row_fused && !row_sep, "{what}: the profile names the fused launch only when it runs");
+            assert_eq!((g_sep, g_fused), (1, 1), "{what}: both capture one step graph");
+        }
+    }
+}
+
 #[test]
 #[ignore = "needs a CUDA GPU"]
 fn profiled_steps_run_eagerly_between_graph_replays() {

@@ -53,6 +53,8 @@
 
 use super::backei_v4::{plan_v4, V4_MODULE, V4_THREADS};
 use super::device::GpuDevice;
+use super::loss::{LossBuffers, LossScales};
+use crate::cpu::loss::Loss;
 use crate::error::{config_err, shape_err, BackeiError, Result};
 use crate::precision::Precision;
 use crate::spec::{FeedbackConfig, FiringMode, NeuronConfig, Surrogate};
@@ -142,6 +144,10 @@ impl DeviceLimits {
         })
     }
 }
+
+/// The last layer's kernels with the readout and the loss fused (`cuda/spiking.cu`).
+pub const READOUT_FORWARD: &str = "spiking_readout_forward_v1_f32";
+pub const LOSS_BACKWARD: &str = "spiking_loss_backward_v1_f32";
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum LayerPath {
@@ -1346,6 +1352,49 @@ impl GpuBackEiLayer {
         batch: usize,
         steps: usize,
     ) -> Result<()> {
+        self.forward_with(params, slots, input, t_in, batch, steps, None)
+    }
+
+    /// The network's last layer: `forward` and the readout y [B][N] = (1/T)·Σ_t s_t in one launch
+    /// (`spiking_readout_forward_v1_f32`: the bits of `forward` then `loss::readout`). Plain
+    /// layers only (the last layer of every network; see [`Self::fuses_readout`]).
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward_readout(
+        &mut self,
+        params: &CudaSlice<f32>,
+        slots: &BackEiSlots,
+        input: &CudaView<f32>,
+        t_in: usize,
+        batch: usize,
+        steps: usize,
+        y: &mut CudaViewMut<f32>,
+    ) -> Result<()> {
+        if !self.fuses_readout() {
+            return Err(config_err("readout", "only a plain spiking layer (back and ei off) computes the readout in its forward"));
+        }
+        if y.len() != batch * self.neurons() {
+            return Err(shape_err("readout", format!("{}", batch * self.neurons()), format!("{}", y.len())));
+        }
+        self.forward_with(params, slots, input, t_in, batch, steps, Some(y))
+    }
+
+    /// Whether this layer can run the readout and the loss inside its own kernels (a plain layer:
+    /// one thread per neuron owns its (b, k) output over all T).
+    pub fn fuses_readout(&self) -> bool {
+        !self.feedback.back && !self.feedback.ei
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn forward_with(
+        &mut self,
+        params: &CudaSlice<f32>,
+        slots: &BackEiSlots,
+        input: &CudaView<f32>,
+        t_in: usize,
+        batch: usize,
+        steps: usize,
+        readout: Option<&mut CudaViewMut<f32>>,
+    ) -> Result<()> {
         let n = self.neurons();
         check_forward_input(t_in, batch, steps, n, input.len())?;
         let plan = self.prepare(batch, steps)?.clone();
@@ -1353,6 +1402,9 @@ impl GpuBackEiLayer {
         self.t_in = t_in;
         let np = NeuronParams::from_config(&self.neuron);
         if let Some(v4) = &plan.v4 {
+            if readout.is_some() {
+                return Err(config_err("readout", "only a plain spiking layer computes the readout in its forward"));
+            }
             let dims = self.dims(slots, t_in, false, false)?;
             return super::backei_v4::forward(self, v4, plan.window, params, input, dims, np);
         }
@@ -1368,9 +1420,40 @@ impl GpuBackEiLayer {
         match plan.path {
             LayerPath::Plain => {
                 let (nn, t, ti) = ((batch * n) as i64, steps as i32, t_in as i32);
-                // SAFETY: the argument list matches spiking_forward_v1_f32; lengths checked above.
-                unsafe { stream.launch_builder(&f).arg(input).arg(out).arg(v).arg(&nn).arg(&t).arg(&ti).arg(&np).launch(l.config()) }
-                    .map_err(cuda_err("launching spiking_forward_v1_f32"))?;
+                match readout {
+                    // SAFETY: the argument list matches spiking_forward_v1_f32; lengths checked above.
+                    None => {
+                        unsafe {
+                            stream.launch_builder(&f).arg(input).arg(out).arg(v).arg(&nn).arg(&t).arg(&ti).arg(&np).launch(l.config())
+                        }
+                        .map_err(cuda_err("launching spiking_forward_v1_f32"))?;
+                    }
+                    Some(y) => {
+                        let inv_steps = 1.0f32 / steps as f32;
+                        let f = self.dev.kernels.function(l.module, READOUT_FORWARD)?;
+                        // SAFETY: the argument list matches spiking_readout_forward_v1_f32; y holds
+                        // B·N (checked by forward_readout), the rest as above. The same grid-stride
+                        // launch as the plain forward.
+                        unsafe {
+                            stream
+                                .launch_builder(&f)
+                                .arg(input)
+                                .arg(out)
+                                .arg(v)
+                                .arg(y)
+                                .arg(&inv_steps)
+                                .arg(&nn)
+                                .arg(&t)
+                                .arg(&ti)
+                                .arg(&np)
+                                .launch(l.config())
+                        }
+                        .map_err(cuda_err("launching spiking_readout_forward_v1_f32"))?;
+                    }
+                }
+            }
+            LayerPath::Fused if readout.is_some() => {
+                return Err(config_err("readout", "only a plain spiking layer computes the readout in its forward"));
             }
             LayerPath::Fused => {
                 let tiled = tiled_args(&plan, &stream, self.bar.as_mut(), self.staged_weights.as_ref())?;
@@ -1538,6 +1621,61 @@ impl GpuBackEiLayer {
                 }
             }
         }
+        Ok(())
+    }
+
+    /// The network's last layer, backward from the loss: per-row losses, predictions and
+    /// ∂L/∂y (into `lb`), the loss status word when `check`, and BPTT with ∂L/∂s_t = ∂L/∂y / T, in
+    /// one launch (`spiking_loss_backward_v1_f32`: the bits of `loss_grad_f32`,
+    /// `count_nonfinite_f32` on the rows, `readout_backward_f32` and `backward`). `y` is the
+    /// readout of this layer's last forward; `lb`'s labels are staged. Plain layers only.
+    pub fn backward_from_loss(
+        &mut self,
+        lb: &mut LossBuffers,
+        loss: Loss,
+        y: &CudaView<f32>,
+        check: bool,
+        grad_in: &mut CudaViewMut<f32>,
+    ) -> Result<()> {
+        let plan = self.plan.clone().ok_or_else(|| config_err("backward", "spiking layer backward called before forward"))?;
+        if !self.fuses_readout() || plan.path != LayerPath::Plain {
+            return Err(config_err("loss", "only a plain spiking layer computes the loss in its backward"));
+        }
+        let (batch, steps, n, t_in) = (self.batch, self.steps, self.neurons(), self.t_in);
+        if lb.batch != batch || lb.classes != n {
+            let want = format!("a batch of {batch} and {n} classes");
+            return Err(shape_err("loss buffers", want, format!("a batch of {} and {} classes", lb.batch, lb.classes)));
+        }
+        if y.len() != batch * n {
+            return Err(shape_err("readout", format!("{}", batch * n), format!("{}", y.len())));
+        }
+        if batch * n > i32::MAX as usize {
+            let why =
+                format!("{batch} samples × {n} classes: the fused loss indexes them in 32 bits (turn it off with BACKEI_FUSED_READOUT=0)");
+            return Err(config_err("loss", why));
+        }
+        if grad_in.len() != t_in * batch * n {
+            return Err(shape_err("spiking layer input gradient", format!("{}", t_in * batch * n), format!("{}", grad_in.len())));
+        }
+        let v = self.v.as_ref().ok_or_else(|| BackeiError::Cuda("spiking layer: v missing".into()))?;
+        let l = plan.backward;
+        let f = self.dev.kernels.function(l.module, LOSS_BACKWARD)?;
+        let np = NeuronParams::from_config(&self.neuron);
+        let (b, k, kind, t, ti) = (batch as i32, n as i32, matches!(loss, Loss::Ce) as i32, steps as i32, t_in as i32);
+        let null = 0u64;
+        let mut builder = self.dev.stream.launch_builder(&f);
+        builder.arg(y).arg(&lb.labels).arg(&mut lb.dy).arg(&mut lb.row_loss).arg(&mut lb.pred);
+        let mut word = lb.status.slice_mut(super::loss::STATUS_LOSS..super::loss::STATUS_LOSS + 1);
+        match check {
+            true => builder.arg(&mut word),
+            false => builder.arg(&null),
+        };
+        let (scales, inv_steps) = (LossScales::new(batch, n), 1.0f32 / steps as f32);
+        builder.arg(v).arg(grad_in).arg(&b).arg(&k).arg(&kind).arg(&scales).arg(&inv_steps).arg(&t).arg(&ti).arg(&np);
+        // SAFETY: the argument list matches spiking_loss_backward_v1_f32; the loss buffers hold B
+        // rows of N = K classes, y B·N, v T·B·N (this layer's forward), grad_in T_in·B·N (checked
+        // above). The plain backward's grid-stride launch over the same B·N neurons.
+        unsafe { builder.launch(l.config()) }.map_err(cuda_err("launching spiking_loss_backward_v1_f32"))?;
         Ok(())
     }
 

@@ -8,6 +8,25 @@ use crate::cpu::loss::Loss;
 use crate::error::{config_err, Result};
 use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, PinnedHostSlice, PushKernelArg};
 
+/// The loss's constant factors as the kernels use them (`cuda/loss_row.cuh`): 1/(B·K) for MSE and
+/// 1/B for cross-entropy, each the f32 rounding of the f64 quotient (what `loss_grad_f32`
+/// computes on the device, so the fused kernel that takes them from here gets the same bits).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct LossScales {
+    pub mse: f32,
+    pub inv_b: f32,
+}
+
+// SAFETY: two f32, laid out as the kernels' `struct LossScales`.
+unsafe impl cudarc::driver::DeviceRepr for LossScales {}
+
+impl LossScales {
+    pub fn new(batch: usize, classes: usize) -> Self {
+        LossScales { mse: (1.0 / (batch as f64 * classes as f64)) as f32, inv_b: (1.0 / batch as f64) as f32 }
+    }
+}
+
 /// y [B·K] = (1/T)·Σ_t s[t] from s [T][B·K].
 pub fn readout(dev: &GpuDevice, steps: usize, bk: usize, s: &CudaView<f32>, y: &mut CudaViewMut<f32>) -> Result<()> {
     check_len("readout input", s.len(), steps * bk)?;

@@ -163,6 +163,9 @@ pub struct GpuNetwork {
     pub sample_offset: usize,
     /// Per-op timing of the steps (`set_profiling`), read with `take_profile`.
     timer: Option<OpTimer>,
+    /// The last layer runs the readout and the training step's loss in its own kernels (see
+    /// `readout_fused`; `BACKEI_FUSED_READOUT=0` or `set_fused_readout` turns it off).
+    fused_readout: bool,
     /// Recorded after each input upload (see `upload_input`).
     uploaded: CudaEvent,
 }
@@ -245,6 +248,21 @@ fn source<'a>(
 fn grad_of_output(after: &[Layer], upstream: Place) -> Place {
     // (a fused dropout's grad_place is the one its pooling layer writes)
     after.iter().find(|l| !matches!(l.op, Op::Flatten)).map_or(upstream, |l| l.grad_place)
+}
+
+/// Turns off the last layer's fused readout and loss (`=0`; the default `1` fuses them).
+pub const FUSED_READOUT_ENV: &str = "BACKEI_FUSED_READOUT";
+
+/// `BACKEI_FUSED_READOUT`'s value: fused (unset, empty or 1) or not (0).
+pub fn fused_readout_from_env(value: Option<&str>) -> Result<bool> {
+    match value.map(str::trim) {
+        None | Some("") | Some("1") => Ok(true),
+        Some("0") => Ok(false),
+        Some(other) => Err(config_err(
+            FUSED_READOUT_ENV,
+            format!("`{other}`: use 1 (the last layer computes the readout and the loss, the default) or 0 (separate kernels)"),
+        )),
+    }
 }
 
 impl GpuNetwork {
@@ -333,6 +351,7 @@ impl GpuNetwork {
             grad_slots: [None, None],
             loss: None,
             timer: None,
+            fused_readout: fused_readout_from_env(std::env::var(FUSED_READOUT_ENV).ok().as_deref())?,
             uploaded: dev.ctx.new_event(None).map_err(cuda_err("creating the upload event"))?,
             counter,
             shape: (0, 0),
@@ -670,6 +689,8 @@ impl GpuNetwork {
     fn enqueue_forward(&mut self, batch: usize) -> Result<()> {
         let dev = self.dev.clone();
         let steps = self.spec.steps;
+        let fused = self.readout_fused();
+        let last = self.layers.len().saturating_sub(1);
         let (training, offset) = (self.training, self.sample_offset);
         let input = self.input.as_ref().ok_or_else(|| missing("the input buffer"))?;
         let p = &self.params;
@@ -682,6 +703,10 @@ impl GpuNetwork {
             let rows = t_in * batch;
             match &mut layer.op {
                 Op::Flatten | Op::Dropout { fused: true, .. } => {}
+                Op::Spike { layer: sl, params } if fused && i == last => {
+                    let y = self.readout.as_mut().ok_or_else(|| missing("the readout"))?;
+                    sl.forward_readout(p, params, &src, t_in, batch, steps, &mut y.as_view_mut())?
+                }
                 Op::Spike { layer: sl, params } => sl.forward(p, params, &src, t_in, batch, steps)?,
                 op => {
                     let mut y = match layer.out_place {
@@ -730,8 +755,12 @@ impl GpuNetwork {
                 }
             }
             if let (Some(t), false) = (self.timer.as_mut(), matches!(layer.op, Op::Flatten | Op::Dropout { fused: true, .. })) {
-                t.mark(format!("forward {}", op_label(i, &layer.op)))?;
+                let with = if fused && i == last { " with the readout" } else { "" };
+                t.mark(format!("forward {}{with}", op_label(i, &layer.op)))?;
             }
+        }
+        if fused {
+            return Ok(());
         }
         let last_t = self.layers.last().map_or(1, |l| l.t_out);
         let slots = [self.out_slots[0].as_ref(), self.out_slots[1].as_ref()];
@@ -758,7 +787,7 @@ impl GpuNetwork {
         self.settle()?;
         let lb = self.loss.as_mut().ok_or_else(|| missing("the loss buffers"))?;
         self.dev.stream.memcpy_htod(d_readout, &mut lb.dy).map_err(cuda_err("uploading the readout gradient"))?;
-        self.enqueue_backward(None).map_err(|e| self.explain_oom(e, batch, t_in))
+        self.enqueue_backward(None, None).map_err(|e| self.explain_oom(e, batch, t_in))
     }
 
     pub fn zero_grads(&mut self) -> Result<()> {
@@ -770,15 +799,19 @@ impl GpuNetwork {
     /// lowest flat index whose gradient is then enqueued in full (layers run last to first and own
     /// ascending ranges of the flat buffer, so everything from there to the end is): data-parallel
     /// training starts reducing those gradients while the earlier layers' backward still runs.
-    fn enqueue_backward(&mut self, mut ready: Option<&mut dyn FnMut(usize) -> Result<()>>) -> Result<()> {
+    /// With `fused_loss` (a training step whose forward fused the readout) the last layer
+    /// computes the loss from the readout and the staged labels itself (`backward_from_loss`);
+    /// otherwise ∂L/∂readout is already in the loss buffers.
+    fn enqueue_backward(&mut self, mut ready: Option<&mut dyn FnMut(usize) -> Result<()>>, fused_loss: Option<Loss>) -> Result<()> {
         let dev = self.dev.clone();
         let batch = self.shape.0;
         let n = self.layers.len();
         let last_t = self.layers.last().map_or(1, |l| l.t_out);
         let bk = batch * self.classes;
         let upstream = self.plan.as_ref().ok_or_else(|| missing("the buffer plan"))?.upstream;
-        let lb = self.loss.as_ref().ok_or_else(|| missing("the loss buffers"))?;
-        {
+        let fused_loss = if self.readout_fused() { fused_loss } else { None };
+        if fused_loss.is_none() {
+            let lb = self.loss.as_ref().ok_or_else(|| missing("the loss buffers"))?;
             let (_, ups) = slot_views(&mut self.grad_slots, slot_of(upstream));
             let mut ups = ups.ok_or_else(|| missing("the readout gradient"))?.slice_mut(0..upstream.len());
             gloss::readout_backward(&dev, last_t, bk, &lb.dy.as_view(), &mut ups)?;
@@ -793,6 +826,20 @@ impl GpuNetwork {
             let (before, rest) = self.layers.split_at_mut(i);
             let (layer, after) = rest.split_first_mut().ok_or_else(|| missing("a layer"))?;
             if matches!(layer.op, Op::Flatten | Op::Dropout { fused: true, .. }) {
+                continue;
+            }
+            if let (Some(loss), true) = (fused_loss, i + 1 == n) {
+                let Op::Spike { layer: sl, .. } = &mut layer.op else {
+                    return Err(BackeiError::Cuda("internal: the fused loss needs a spiking last layer".into()));
+                };
+                let (_, dx_slot) = slot_views(&mut self.grad_slots, slot_of(layer.grad_place));
+                let mut dx = dx_slot.ok_or_else(|| missing("a layer's input gradient"))?.slice_mut(0..layer.grad_place.len());
+                let y = self.readout.as_ref().ok_or_else(|| missing("the readout"))?;
+                let lb = self.loss.as_mut().ok_or_else(|| missing("the loss buffers"))?;
+                sl.backward_from_loss(lb, loss, &y.as_view(), true, &mut dx)?;
+                if let Some(t) = self.timer.as_mut() {
+                    t.mark(format!("backward {} with the loss", op_label(i, &layer.op)))?;
+                }
                 continue;
             }
             let dy_place = grad_of_output(after, upstream);
@@ -881,17 +928,18 @@ impl GpuNetwork {
     /// forward, loss, backward, the gradient check, the (guarded) optimizer update.
     fn enqueue_train_body(&mut self, opt: &mut GpuOptimizer, loss: Loss) -> Result<()> {
         let batch = self.shape.0;
+        let fused = self.readout_fused();
         self.enqueue_forward(batch)?;
-        {
+        if !fused {
             let y = self.readout.as_ref().ok_or_else(|| missing("the readout"))?;
             let lb = self.loss.as_mut().ok_or_else(|| missing("the loss buffers"))?;
             lb.enqueue(&self.dev, loss, &y.as_view(), true)?;
-        }
-        if let Some(t) = self.timer.as_mut() {
-            t.mark("readout and loss")?;
+            if let Some(t) = self.timer.as_mut() {
+                t.mark("readout and loss")?;
+            }
         }
         self.zero_grads()?;
-        self.enqueue_backward(None)?;
+        self.enqueue_backward(None, fused.then_some(loss))?;
         let lb = self.loss.as_mut().ok_or_else(|| missing("the loss buffers"))?;
         count_nonfinite_into(&self.dev, &self.grads.as_view(), &mut lb.status.slice_mut(STATUS_GRADS..STATUS_GRADS + 1))?;
         if let Some(t) = self.timer.as_mut() {
@@ -1074,7 +1122,7 @@ impl GpuNetwork {
             self.dev.stream.memcpy_htod(&dy, &mut lb.dy).map_err(cuda_err("uploading the readout gradient"))?;
         }
         self.zero_grads()?;
-        self.enqueue_backward(ready).map_err(|e| self.explain_oom(e, batch, t_in))
+        self.enqueue_backward(ready, None).map_err(|e| self.explain_oom(e, batch, t_in))
     }
 
     /// The optimizer step from `grads` (refused when a gradient is NaN or Inf); counts the
@@ -1152,6 +1200,27 @@ impl GpuNetwork {
         LossBuffers::predict(&self.dev, &y.as_view(), self.classes)
     }
 
+    /// The readout and the training step's loss inside the last spiking layer's kernels (on by
+    /// default) or in kernels of their own (`loss.cu`): the same bits either way.
+    pub fn set_fused_readout(&mut self, on: bool) {
+        if on != self.fused_readout {
+            self.fused_readout = on;
+            self.invalidate_launches();
+        }
+    }
+
+    /// Whether the last layer computes the readout in its forward and, in a training step, the
+    /// loss and ∂L/∂s in its backward: it must be a plain spiking layer (every network ends in
+    /// one) with one neuron per class over all T, and some layer must have parameters (else no
+    /// backward runs).
+    fn readout_fused(&self) -> bool {
+        let fusable = |l: &Layer| match &l.op {
+            Op::Spike { layer, .. } => layer.fuses_readout() && l.t_out == self.spec.steps && l.out_len == self.classes,
+            _ => false,
+        };
+        self.fused_readout && self.layers.last().is_some_and(fusable) && self.layers.iter().any(Layer::has_params)
+    }
+
     /// The fused BackEI kernels the layers ask for (`$BACKEI_BACKEI_KERNEL` at construction); a
     /// layer whose shape a version cannot run falls back as its plan says.
     pub fn set_kernel_version(&mut self, version: KernelVersion) {
@@ -1201,5 +1270,20 @@ impl GpuNetwork {
     /// The memory plan of this network at a batch shape, under its settings.
     pub fn memory_plan(&self, batch: usize, t_in: usize) -> Result<MemoryPlan> {
         memory_plan(&self.spec, batch, self.spec.steps, t_in, &self.settings)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fused_readout_env_takes_1_and_0_and_refuses_the_rest_naming_the_fix() {
+        for on in [None, Some(""), Some("1"), Some(" 1 ")] {
+            assert!(fused_readout_from_env(on).unwrap(), "{on:?}");
+        }
+        assert!(!fused_readout_from_env(Some("0")).unwrap());
+        let e = fused_readout_from_env(Some("yes")).unwrap_err().to_string();
+        assert!(e.contains(FUSED_READOUT_ENV) && e.contains("`yes`") && e.contains("use 1") && e.contains("or 0"), "{e}");
     }
 }
