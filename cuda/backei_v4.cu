@@ -49,12 +49,33 @@
 //                     dv = … + W_eᵀ ⊛ dz, ∂I, da_t → da; dW_e, db_e, db_b) | sync |
 //                     3 (back, t ≥ D: stage da_t and s_{t−D}; fb_{t−D} = W_bᵀ ⊛ da; dW_b) | sync
 // Saved by the forward (the backward's contract with v1–v3): s, v, g (back), z (ei), f32 [T][B][N];
+// z as a one-byte code instead (V4_ZCODE = 1, common.cuh's z_code: sign and surrogate window)
+// where that is exact — exact firing and the rectangle surrogate, which the host decides
+// (backei_layer.rs apply_compact_z) — a quarter of the bytes, the same bits everywhere else;
 // with --recompute K, v, g, z only for a window of K steps, and v at every window's end (V4Window).
 // Buffers written inside a launch and read by other blocks (s, v, da, fb) are read through L2
 // (__ldcg), never a stale L1 line.
 #include "common.cuh"
 #include "mma.cuh"
 #include "backei_common.cuh"
+
+#ifndef V4_ZCODE
+#define V4_ZCODE 0
+#endif
+
+// The saved z of the E/I gate: f32, or its one-byte code (V4_ZCODE). save_z stores, saved_sign
+// and saved_sign_grad return what sign_ and sign_grad return for the z it was saved from.
+#if V4_ZCODE
+typedef unsigned char V4Z;
+__device__ __forceinline__ V4Z save_z(const NeuronParams& np, float z) { return z_code(np, z); }
+__device__ __forceinline__ float saved_sign(const NeuronParams&, V4Z c) { return sign_of_code(c); }
+__device__ __forceinline__ float saved_sign_grad(const NeuronParams& np, V4Z c) { return sign_grad_of_code(np, c); }
+#else
+typedef float V4Z;
+__device__ __forceinline__ V4Z save_z(const NeuronParams&, float z) { return z; }
+__device__ __forceinline__ float saved_sign(const NeuronParams& np, V4Z z) { return sign_(np, z); }
+__device__ __forceinline__ float saved_sign_grad(const NeuronParams& np, V4Z z) { return sign_grad(np, z); }
+#endif
 
 #define PREC_FP32 0
 #define PREC_TF32 1
@@ -628,12 +649,12 @@ struct V4Dz {
     const float* gout;
     const float* fb;  // this step's feedback slot, or null
     const float* v;
-    const float* z;
+    const V4Z* z;
     NeuronParams np;
     __device__ __forceinline__ float operator()(int idx) const {
         float ds = gout[idx];
         if (fb) ds += __ldcg(fb + idx);
-        return ds * fire(np, v[idx] - np.threshold) * sign_grad(np, z[idx]);
+        return ds * fire(np, v[idx] - np.threshold) * saved_sign_grad(np, z[idx]);
     }
 };
 
@@ -641,7 +662,7 @@ struct V4Dz {
 // bar: one zeroed u32. wfrag/winv: the weight-fragment scratch (rebuilt by every launch).
 // v_prev: v_{t0−1} [B][N] (read when t0 > 0); v_last: where v_{t1−1} is also written (or null).
 __device__ __forceinline__ void forward_v4(const float* __restrict__ params, const float* __restrict__ input, float* out, float* v,
-                                           float* __restrict__ g, float* z, const float* __restrict__ v_prev, float* v_last,
+                                           float* __restrict__ g, V4Z* z, const float* __restrict__ v_prev, float* v_last,
                                            unsigned int* bar, char* wfrag, float* winv, const LayerDims& d, const NeuronParams& np,
                                            const V4Dims& vd, const V4Window& win) {
     extern __shared__ float4 smem4[];
@@ -716,7 +737,7 @@ __device__ __forceinline__ void forward_v4(const float* __restrict__ params, con
             for_each_owned(ch, co0, d, [&](int mi, int ni, int i, int q, int c) {
                 const long long e = sb + (long long)c * HW + q;
                 const float zt = be[c] + acc[mi][ni][i] * sc;
-                z[wt + e] = zt;
+                z[wt + e] = save_z(np, zt);
                 out[ot + e] = sign_(np, zt) * fire(np, v[wt + e] - np.threshold);
             });
         });
@@ -731,7 +752,7 @@ __device__ __forceinline__ void forward_v4(const float* __restrict__ params, con
 // backward; unused when the window is the whole loop).
 __device__ __forceinline__ void backward_v4(const float* __restrict__ params, float* grads, const float* __restrict__ input,
                                             const float* __restrict__ out, const float* __restrict__ v, const float* __restrict__ g,
-                                            const float* __restrict__ z, const float* __restrict__ grad_out, float* grad_in, float* dvbuf,
+                                            const V4Z* __restrict__ z, const float* __restrict__ grad_out, float* grad_in, float* dvbuf,
                                             float* fb, float* da, float* dw_part, float* db_carry, unsigned int* bar, char* wfrag,
                                             float* winv, const LayerDims& d, const NeuronParams& np, const V4Dims& vd,
                                             const V4Window& win) {
@@ -819,9 +840,9 @@ __device__ __forceinline__ void backward_v4(const float* __restrict__ params, fl
                 const float du = t == d.T - 1 ? 0.0f : np.leak * dvbuf[e];
                 float d_o = ds;
                 if (d.ei) {
-                    const float zt = z[wt + e];
-                    d_o = ds * sign_(np, zt);
-                    db_e[ni][i & 1] += ds * o * sign_grad(np, zt);
+                    const V4Z zt = z[wt + e];
+                    d_o = ds * saved_sign(np, zt);
+                    db_e[ni][i & 1] += ds * o * saved_sign_grad(np, zt);
                 }
                 d_o -= du * vt;
                 float dv = du * (1.0f - o) + d_o * fire_grad(np, x);
@@ -961,7 +982,8 @@ extern "C" __global__ void __launch_bounds__(256, 1)
 V4_FORWARD(const float* __restrict__ params, const float* __restrict__ input, float* out, float* v, float* __restrict__ g, float* z,
            const float* __restrict__ v_prev, float* v_last, unsigned int* bar, char* wfrag, float* winv, LayerDims d, NeuronParams np,
            V4Dims vd, V4Window win) {
-    forward_v4(params, input, out, v, g, z, v_prev, v_last, bar, wfrag, winv, d, v4_neuron(np), vd, win);
+    // z: f32 words, or (V4_ZCODE) the same buffer as bytes
+    forward_v4(params, input, out, v, g, reinterpret_cast<V4Z*>(z), v_prev, v_last, bar, wfrag, winv, d, v4_neuron(np), vd, win);
 }
 
 extern "C" __global__ void __launch_bounds__(256, 1)
@@ -969,6 +991,6 @@ V4_BACKWARD(const float* __restrict__ params, float* grads, const float* __restr
             const float* __restrict__ v, const float* __restrict__ g, const float* __restrict__ z, const float* __restrict__ grad_out,
             float* grad_in, float* dvbuf, float* fb, float* da, float* dw_part, float* db_carry, unsigned int* bar, char* wfrag,
             float* winv, LayerDims d, NeuronParams np, V4Dims vd, V4Window win) {
-    backward_v4(params, grads, input, out, v, g, z, grad_out, grad_in, dvbuf, fb, da, dw_part, db_carry, bar, wfrag, winv, d,
+    backward_v4(params, grads, input, out, v, g, reinterpret_cast<const V4Z*>(z), grad_out, grad_in, dvbuf, fb, da, dw_part, db_carry, bar, wfrag, winv, d,
                 v4_neuron(np), vd, win);
 }

@@ -62,6 +62,25 @@ __device__ __forceinline__ float sign_grad(const NeuronParams& p, float z) {
     return surrogate_grad(p, z);
 }
 
+// The E/I gate's z as one byte, where that is exact: with the exact step functions and the
+// rectangle surrogate the backward reads only sign(z) and whether z lies inside the rectangle.
+// Bits 0–1: sign(z) + 1; bit 2: d sign/dz ≠ 0. CPU twin: Neuron::z_code, sign_of_code,
+// sign_grad_of_code (src/cpu/neuron.rs); the decoders return the very values sign_ and sign_grad
+// return for z.
+__device__ __forceinline__ unsigned char z_code(const NeuronParams& p, float z) {
+    const unsigned char sign = z > 0.0f ? 2 : (z < 0.0f ? 0 : 1);
+    return sign | ((sign_grad(p, z) != 0.0f ? 1 : 0) << 2);
+}
+
+__device__ __forceinline__ float sign_of_code(unsigned char c) {
+    return (c & 3) == 2 ? 1.0f : ((c & 3) == 0 ? -1.0f : 0.0f);
+}
+
+// the rectangle's height (the surrogate at 0, inside the window) or 0
+__device__ __forceinline__ float sign_grad_of_code(const NeuronParams& p, unsigned char c) {
+    return (c & 4) ? surrogate_grad(p, 0.0f) : 0.0f;
+}
+
 // SplitMix64 finaliser — crate::rng::mix64.
 __device__ __forceinline__ u64 mix64(u64 z) {
     z += 0x9E3779B97F4A7C15ull;

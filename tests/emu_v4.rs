@@ -287,3 +287,59 @@ fn v4_recompute_windows_give_the_bits_of_the_whole_loop() {
         }
     }
 }
+
+/// z saved as a one-byte code (`apply_compact_z`, `V4_ZCODE`: exact firing and the rectangle
+/// surrogate) gives the bits of saving z in f32 — the spikes, v, g, ∂L/∂I and every gradient — and
+/// its bytes are the CPU engine's `Neuron::z_code` of the f32 run's z: back+ei and ei alone, a
+/// rectangle of width 1 and 0.7, fp32 and bf16 products, and with `--recompute` windows.
+#[test]
+fn v4_compact_z_gives_the_bits_of_saving_z_in_f32() {
+    use backei::cpu::neuron::Neuron;
+    use backei::gpu::backei_layer::{apply_compact_z, z_code_is_exact};
+    use backei::spec::Surrogate;
+    let mut narrow = case("5×7×9 back+ei r 1 D 2 T 6 rectangle 0.7", [5, 7, 9], true, true, 1, 2, 2, 6, 6);
+    narrow.neuron.surrogate = Surrogate::Rectangle { width: 0.7 };
+    let cases = [
+        (case("5×7×9 back+ei r 1 D 2 T 6", [5, 7, 9], true, true, 1, 2, 2, 6, 6), None),
+        (narrow, Some(4)),
+        (case("40×9×11 ei r 1 T 4 T_in 1", [40, 9, 11], false, true, 1, 1, 2, 4, 1), None),
+    ];
+    // the first element whose bits differ, not two whole tensors
+    let same = |a: &[f32], b: &[f32], what: String| {
+        assert_eq!(a.len(), b.len(), "{what}: lengths");
+        if let Some(e) = a.iter().zip(b).position(|(x, y)| x.to_bits() != y.to_bits()) {
+            panic!("{what}: element {e} is {} coded, {} in f32", a[e], b[e]);
+        }
+    };
+    for (i, (c, k)) in cases.iter().enumerate() {
+        assert!(z_code_is_exact(&c.neuron), "{}", c.name);
+        let x = inputs(c, 880 + i as u64);
+        let neuron = Neuron::<f32>::new(&c.neuron);
+        for p in [Precision::Fp32, Precision::Bf16] {
+            let mut plain = v4_plan(c, &SMALL, p);
+            if let Some(k) = *k {
+                apply_recompute(&mut plain, c.shape, &c.fb, k, c.steps).unwrap();
+            }
+            let mut coded = plain.clone();
+            apply_compact_z(&mut coded, &c.fb);
+            assert!(coded.v4.as_ref().unwrap().z_code, "{}", c.name);
+            assert_eq!(coded.buffers.z, plain.buffers.z.div_ceil(4), "{}: a byte per element", c.name);
+            let f = emulate_v4(c, &x, &plain, 5);
+            let d = emulate_v4(c, &x, &coded, 6);
+            let what = format!("{} {p} K {k:?}", c.name);
+            same(&d.out, &f.out, format!("{what}: the spikes"));
+            same(&d.v, &f.v, format!("{what}: v"));
+            same(d.g.as_deref().unwrap_or(&[]), f.g.as_deref().unwrap_or(&[]), format!("{what}: g"));
+            same(&d.gin, &f.gin, format!("{what}: ∂L/∂I"));
+            same(&d.grads, &f.grads, format!("{what}: the parameter gradients"));
+            let z = f.z.as_ref().unwrap();
+            let codes: Vec<u8> = d.z.as_ref().unwrap().iter().flat_map(|w| w.to_le_bytes()).take(z.len()).collect();
+            let want: Vec<u8> = z.iter().map(|&z| neuron.z_code(z)).collect();
+            if let Some(e) = codes.iter().zip(&want).position(|(a, b)| a != b) {
+                panic!("{what}: element {e}: code {} where Neuron::z_code of z = {} is {}", codes[e], z[e], want[e]);
+            }
+            let kinds: std::collections::BTreeSet<u8> = codes.iter().copied().collect();
+            assert!(kinds.len() >= 3, "{what}: the codes take only the values {kinds:?}: the test would not see a wrong decoder");
+        }
+    }
+}

@@ -43,6 +43,9 @@ fn run_in(dev: &Arc<GpuDevice>, c: &Case, seed: u64, version: KernelVersion, pre
     }
     layer.version = version;
     layer.precision = precision;
+    // z itself is compared with the CPU's (v4 would keep only its one-byte code:
+    // v4_compact_z_gives_the_bits_of_saving_z_in_f32 checks that)
+    layer.compact_z = false;
     let plan = layer.prepare(b, t).unwrap().clone();
     assert_eq!(plan.path, c.want_path, "{}: {plan:?}", c.name);
     if version == KernelVersion::V1 {
@@ -197,6 +200,61 @@ fn v4_matches_the_cpu_in_tf32_and_bf16() {
     }
 }
 
+/// `cases` and the BackEI layers of fashion-mnist (B = 4, T = 7, T_in = 1).
+fn with_fashion_layers(mut cases: Vec<Case>) -> Vec<Case> {
+    let fm = NetworkSpec::fashion_mnist();
+    for (i, l) in fm.plan().unwrap().iter().enumerate().filter(|(_, l)| l.spec == LayerSpec::BackEi) {
+        let fb = fm.feedback;
+        cases.push(case(&format!("fashion-mnist layer {i} {:?}", l.output), l.output, fb.back, fb.ei, fb.radius, fb.delay, 4, 7, 1));
+    }
+    cases
+}
+
+/// v4 keeping z as a one-byte code (the default with exact firing and the rectangle surrogate)
+/// against keeping z in f32: the spikes, v, g, ∂L/∂I and every gradient are the same bits, and the
+/// codes are the CPU engine's `Neuron::z_code` of the f32 run's z — odd shapes and the fashion-mnist
+/// layers, in every precision, with and without `--recompute`. The emulator runs the same check in
+/// CI (`tests/emu_v4.rs::v4_compact_z_gives_the_bits_of_saving_z_in_f32`).
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn v4_compact_z_gives_the_bits_of_saving_z_in_f32() {
+    let dev = device();
+    let cases = with_fashion_layers(vec![
+        case("5×7×9 back+ei r 1 D 2", [5, 7, 9], true, true, 1, 2, 2, 7, 7),
+        case("40×9×11 ei r 2", [40, 9, 11], false, true, 2, 1, 3, 5, 1),
+    ]);
+    let bits = |xs: &[f32]| xs.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    for p in Precision::ALL {
+        for (i, c) in cases.iter().enumerate() {
+            let x = inputs(c, 990 + i as u64);
+            let neuron = backei::cpu::neuron::Neuron::<f32>::new(&c.neuron);
+            for k in [None, Some(3)] {
+                let run = |compact: bool| {
+                    let mut layer = GpuBackEiLayer::new(&dev, c.shape, c.fb, &c.neuron).unwrap();
+                    layer.version = KernelVersion::V4;
+                    layer.precision = p;
+                    layer.recompute = k;
+                    layer.compact_z = compact;
+                    let plan = layer.prepare(c.batch, c.steps).unwrap().clone();
+                    assert_eq!(plan.v4.as_ref().map(|v| v.z_code), Some(compact), "{}: {:?}", c.name, plan.fallback);
+                    forward_backward(&dev, &mut layer, c, &x)
+                };
+                let (f, d) = (run(false), run(true));
+                let what = format!("{} {p} K {k:?}", c.name);
+                assert!(bits(&d.out) == bits(&f.out), "{what}: the spikes");
+                assert!(bits(&d.v) == bits(&f.v), "{what}: v");
+                assert!(d.g.as_deref().map(bits) == f.g.as_deref().map(bits), "{what}: g");
+                assert!(bits(&d.gin) == bits(&f.gin), "{what}: ∂L/∂I");
+                assert!(bits(&d.grads) == bits(&f.grads), "{what}: the gradients");
+                let z = f.z.as_ref().unwrap();
+                let codes: Vec<u8> = d.z.as_ref().unwrap().iter().flat_map(|w| w.to_le_bytes()).take(z.len()).collect();
+                let want: Vec<u8> = z.iter().map(|&z| neuron.z_code(z)).collect();
+                assert!(codes == want, "{what}: the codes are not Neuron::z_code of z");
+            }
+        }
+    }
+}
+
 /// `--recompute K` on the GPU (v4 in windows of K steps, each earlier window recomputed in the
 /// backward from its checkpoint): the spikes, ∂L/∂I and every gradient are the very bits of one
 /// launch over the whole loop — odd shapes and the fashion-mnist layers, K = 1, dividing T and
@@ -206,15 +264,10 @@ fn v4_matches_the_cpu_in_tf32_and_bf16() {
 #[ignore = "needs a CUDA GPU"]
 fn v4_recompute_gives_the_bits_of_keeping_every_step() {
     let dev = device();
-    let fm = NetworkSpec::fashion_mnist();
-    let mut cases = vec![
+    let cases = with_fashion_layers(vec![
         smooth(case("5×7×9 back+ei r 1 D 2", [5, 7, 9], true, true, 1, 2, 2, 7, 7)),
         case("6×5×7 back r 2 D 3 T_in 1", [6, 5, 7], true, false, 2, 3, 2, 7, 1),
-    ];
-    for (i, l) in fm.plan().unwrap().iter().enumerate().filter(|(_, l)| l.spec == LayerSpec::BackEi) {
-        let fb = fm.feedback;
-        cases.push(case(&format!("fashion-mnist layer {i} {:?}", l.output), l.output, fb.back, fb.ei, fb.radius, fb.delay, 4, 7, 1));
-    }
+    ]);
     let bits = |xs: &[f32]| xs.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
     for p in Precision::ALL {
         for (i, c) in cases.iter().enumerate() {

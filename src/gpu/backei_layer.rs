@@ -814,7 +814,8 @@ pub fn plan_version(
     Ok(p)
 }
 
-/// THE plan of a layer: the version asked for (v4 in `precision`), deterministic or not. What
+/// THE plan of a layer: the version asked for (v4 in `precision`), deterministic or not, and with
+/// `z_code` (v4 only: the caller has checked [`z_code_is_exact`]) z saved as a one-byte code. What
 /// `GpuBackEiLayer::prepare` allocates from and what the network's memory plan counts.
 #[allow(clippy::too_many_arguments)]
 pub fn plan_layer(
@@ -827,21 +828,25 @@ pub fn plan_layer(
     precision: Precision,
     deterministic: bool,
     recompute: Option<usize>,
+    z_code: bool,
 ) -> Result<LaunchPlan> {
-    if let Some(k) = recompute {
+    let mut p = if let Some(k) = recompute {
         // only v4's launches start from a checkpoint: --recompute takes them, whatever was asked
         let mut p = plan_tensor_cores(shape, fb, batch, steps, limits, precision)?;
         apply_recompute(&mut p, shape, fb, k, steps)?;
-        return Ok(p);
-    }
-    if version == KernelVersion::V4 {
+        p
+    } else if version == KernelVersion::V4 {
         // deterministic by construction
-        plan_tensor_cores(shape, fb, batch, steps, limits, precision)
+        plan_tensor_cores(shape, fb, batch, steps, limits, precision)?
     } else if deterministic {
-        plan_deterministic(shape, fb, batch, steps, limits, version)
+        plan_deterministic(shape, fb, batch, steps, limits, version)?
     } else {
-        plan_version(shape, fb, batch, steps, limits, version)
+        plan_version(shape, fb, batch, steps, limits, version)?
+    };
+    if z_code {
+        apply_compact_z(&mut p, fb);
     }
+    Ok(p)
 }
 
 /// `--recompute K` on a plan: a fused layer keeps v, g, z for a window of K steps, v at the end of
@@ -872,6 +877,26 @@ pub fn apply_recompute(p: &mut LaunchPlan, shape: [usize; 3], fb: &FeedbackConfi
     b.v4_db_carry = v4.grid as usize * v4.co_t / 2 * super::backei_v4::V4_THREADS as usize;
     p.window = Some(k);
     Ok(())
+}
+
+/// Whether z can be kept as a one-byte code (`z_code` in `cuda/common.cuh`, the CPU engine's
+/// `Neuron::z_code`): with the exact step functions and the rectangle surrogate the backward reads
+/// only sign(z) and whether z lies inside the rectangle.
+pub fn z_code_is_exact(neuron: &NeuronConfig) -> bool {
+    matches!(neuron.mode, FiringMode::Exact) && matches!(neuron.surrogate, Surrogate::Rectangle { .. })
+}
+
+/// The compact saved state of a v4 plan with the E/I gate on: z as a one-byte code (the caller
+/// has checked [`z_code_is_exact`]) in a quarter of the bytes — ⌈T·B·N / 4⌉ f32 words, or K steps'
+/// with `--recompute K` (apply this after [`apply_recompute`]). The kernels are then built with
+/// `V4_ZCODE = 1`; every other output is the same bits. Other versions keep z in f32.
+pub fn apply_compact_z(p: &mut LaunchPlan, fb: &FeedbackConfig) {
+    let Some(v4) = p.v4.as_mut() else { return };
+    if !fb.ei || v4.z_code {
+        return;
+    }
+    v4.code_z();
+    p.buffers.z = p.buffers.z.div_ceil(4);
 }
 
 /// `--recompute K` needs K ≥ 1 (None: every step kept).
@@ -1154,6 +1179,10 @@ pub struct GpuBackEiLayer {
     /// `--recompute K` (None: every step kept): see [`apply_recompute`].
     pub recompute: Option<usize>,
     planned_recompute: Option<usize>,
+    /// v4: keep z as a one-byte code where that is exact (the default; see [`apply_compact_z`]).
+    /// Off, z is saved in f32 as by v1–v3 (tests that compare z itself).
+    pub compact_z: bool,
+    planned_compact_z: bool,
     /// `--recompute`: v at the end of every window but the last, and the backward's carried bias
     /// partial sums (`BufferSizes::v_ckpt`, `v4_db_carry`).
     pub v_ckpt: Option<CudaSlice<f32>>,
@@ -1199,6 +1228,8 @@ impl GpuBackEiLayer {
             v4_dw_part: None,
             recompute: None,
             planned_recompute: None,
+            compact_z: true,
+            planned_compact_z: true,
             v_ckpt: None,
             v4_db_carry: None,
         })
@@ -1224,6 +1255,7 @@ impl GpuBackEiLayer {
             || self.planned_deterministic != self.deterministic
             || self.planned_precision != self.precision
             || self.planned_recompute != self.recompute
+            || self.planned_compact_z != self.compact_z
         {
             let dev = self.dev.clone();
             self.install(batch, steps, &mut OwnAllocations(&dev))?;
@@ -1234,7 +1266,19 @@ impl GpuBackEiLayer {
     /// The plan `prepare` makes for a batch shape with this layer's version, determinism and
     /// device limits (nothing is allocated).
     pub fn plan_for(&self, batch: usize, steps: usize) -> Result<LaunchPlan> {
-        plan_layer(self.shape, &self.feedback, batch, steps, &self.limits, self.version, self.precision, self.deterministic, self.recompute)
+        let z_code = self.compact_z && z_code_is_exact(&self.neuron);
+        plan_layer(
+            self.shape,
+            &self.feedback,
+            batch,
+            steps,
+            &self.limits,
+            self.version,
+            self.precision,
+            self.deterministic,
+            self.recompute,
+            z_code,
+        )
     }
 
     /// `prepare` with every buffer lent by `source` for one call (the C ABI and the PyTorch
@@ -1306,6 +1350,7 @@ impl GpuBackEiLayer {
         self.planned_deterministic = self.deterministic;
         self.planned_precision = self.precision;
         self.planned_recompute = self.recompute;
+        self.planned_compact_z = self.compact_z;
         Ok(())
     }
 

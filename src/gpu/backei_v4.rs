@@ -92,9 +92,20 @@ pub struct V4Plan {
     pub wfrag_bytes: usize,
     pub winv: usize,
     pub dw_part: usize,
+    /// z is saved as a one-byte code (`V4_ZCODE`; `backei_layer::apply_compact_z`).
+    pub z_code: bool,
 }
 
 impl V4Plan {
+    /// Builds the kernels to save z as a one-byte code (`V4_ZCODE`); the caller has checked that
+    /// the code is exact and sizes the z buffer (`backei_layer::apply_compact_z`).
+    pub fn code_z(&mut self) {
+        if !self.z_code {
+            self.z_code = true;
+            self.defines.push(("V4_ZCODE".to_string(), "1".to_string()));
+        }
+    }
+
     /// The constants without C, H and W: one emulator build serves every shape of a tile.
     pub fn tile_defines(&self) -> Vec<(String, String)> {
         self.defines.iter().filter(|(k, _)| !matches!(k.as_str(), "V4_C" | "V4_H" | "V4_W")).cloned().collect()
@@ -272,6 +283,7 @@ pub fn plan_v4(
         winv: 2 * groups,
         dw_part,
         dims,
+        z_code: false,
     })
 }
 
@@ -301,7 +313,8 @@ pub struct V4Check {
 }
 
 /// Compiles the v4 instance of a layer (exact firing, the rectangle surrogate: the training
-/// configuration) for `arch` on a device like `limits` and checks it statically.
+/// configuration, so z saved as its one-byte code when ei is on) for `arch` on a device like
+/// `limits` and checks it statically.
 pub fn check_instance(
     shape: [usize; 3],
     fb: &FeedbackConfig,
@@ -311,8 +324,12 @@ pub fn check_instance(
     precision: Precision,
     arch: &str,
 ) -> Result<V4Check> {
-    let plan = plan_v4(shape, fb, batch, steps, limits, precision).map_err(|why| BackeiError::Cuda(format!("{shape:?}: {why}")))?;
-    let np = NeuronParams::from_config(&crate::spec::NeuronConfig::default());
+    let mut plan = plan_v4(shape, fb, batch, steps, limits, precision).map_err(|why| BackeiError::Cuda(format!("{shape:?}: {why}")))?;
+    let neuron = crate::spec::NeuronConfig::default();
+    if fb.ei && super::backei_layer::z_code_is_exact(&neuron) {
+        plan.code_z();
+    }
+    let np = NeuronParams::from_config(&neuron);
     let kernels = super::sass::check_module(V4_MODULE, arch, &instance_defines(&plan, &np))?;
     let mut problems = Vec::new();
     let mut blocks_per_sm = Vec::new();

@@ -12,7 +12,7 @@
 //! - each BackEI layer's buffers are its own launch plan's `BufferSizes` (the plan its
 //!   `GpuBackEiLayer::prepare` allocates from), never a second formula.
 
-use super::backei_layer::{plan_layer, DeviceLimits, KernelVersion, LaunchPlan};
+use super::backei_layer::{plan_layer, z_code_is_exact, DeviceLimits, KernelVersion, LaunchPlan};
 use super::conv::{ConvPlan, DEFAULT_WORKSPACE_BYTES};
 use super::device::CUBLAS_WORKSPACE_BYTES;
 use super::dropout::DropoutKeys;
@@ -23,7 +23,7 @@ use crate::cpu::conv::ConvGeom;
 use crate::error::{config_err, Result};
 use crate::optim::OptimizerConfig;
 use crate::precision::Precision;
-use crate::spec::{FeedbackConfig, LayerPlan, LayerSpec, NetworkSpec};
+use crate::spec::{FeedbackConfig, LayerPlan, LayerSpec, NetworkSpec, NeuronConfig};
 
 /// Everything besides the network and the batch shape that decides what a step holds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -108,10 +108,17 @@ pub fn spike_feedback(spec: &NetworkSpec, l: &LayerSpec) -> FeedbackConfig {
     }
 }
 
-/// The launch plan a spiking layer of `shape` runs at a batch shape under `settings`: the plan
-/// `GpuBackEiLayer::prepare` makes (and allocates its buffers from).
-pub fn spiking_plan(shape: [usize; 3], fb: &FeedbackConfig, batch: usize, steps: usize, s: &StepSettings) -> Result<LaunchPlan> {
-    plan_layer(shape, fb, batch, steps, &s.limits, s.version, s.precision, s.deterministic, s.recompute)
+/// The launch plan a spiking layer of `shape` with `neuron` runs at a batch shape under
+/// `settings`: the plan `GpuBackEiLayer::prepare` makes (and allocates its buffers from).
+pub fn spiking_plan(
+    shape: [usize; 3],
+    fb: &FeedbackConfig,
+    neuron: &NeuronConfig,
+    batch: usize,
+    steps: usize,
+    s: &StepSettings,
+) -> Result<LaunchPlan> {
+    plan_layer(shape, fb, batch, steps, &s.limits, s.version, s.precision, s.deterministic, s.recompute, z_code_is_exact(neuron))
 }
 
 /// Where one buffer of the step lives (lengths in f32 values).
@@ -269,7 +276,7 @@ pub fn buffer_plan(spec: &NetworkSpec, batch: usize, steps: usize, t_in: usize, 
                 let fb = spike_feedback(&spec, &lp.spec);
                 let k = 2 * fb.radius + 1;
                 params += (c * c * k * k + c) * (fb.back as usize + fb.ei as usize);
-                spiking = Some(spiking_plan(lp.input, &fb, batch, steps, settings)?);
+                spiking = Some(spiking_plan(lp.input, &fb, &spec.neuron, batch, steps, settings)?);
             }
             _ => {}
         }
@@ -625,7 +632,9 @@ mod tests {
                 let bn = r.buffers.dv;
                 assert_eq!(r.window, Some(k));
                 assert_eq!(r.version, KernelVersion::V4, "--recompute runs the v4 kernels");
-                assert_eq!((r.buffers.v, r.buffers.g, r.buffers.z), (k * bn, k * bn, k * bn));
+                // z as its one-byte code (exact firing, rectangle surrogate: the default neuron)
+                assert_eq!((r.buffers.v, r.buffers.g, r.buffers.z), (k * bn, k * bn, (k * bn).div_ceil(4)));
+                assert!(r.v4.as_ref().is_some_and(|v| v.z_code));
                 assert_eq!(r.buffers.v_ckpt, (100usize.div_ceil(k) - 1) * bn);
                 assert_eq!(r.buffers.out, a.buffers.out, "s is the next layer's input: every step");
             }
@@ -636,6 +645,44 @@ mod tests {
         assert_eq!(once, memory_plan(&spec, 100, 20, 1, &v4).unwrap());
         let e = memory_plan(&spec, 100, 20, 1, &StepSettings { recompute: Some(0), ..h100() }).unwrap_err().to_string();
         assert!(e.contains("--recompute") && e.contains("at least 1"), "{e}");
+    }
+
+    /// v4 keeps z as a one-byte code exactly where the code is exact (exact firing and the
+    /// rectangle surrogate, `z_code_is_exact`): a quarter of z's bytes, counted by the plan;
+    /// smooth firing or another surrogate keeps z in f32, and so do v1–v3.
+    #[test]
+    fn v4_keeps_z_as_a_byte_where_that_is_exact() {
+        use crate::spec::{FiringMode, Surrogate};
+        let v4 = StepSettings { version: KernelVersion::V4, ..h100() };
+        let z_of = |spec: &NetworkSpec, s: &StepSettings| -> Vec<(usize, bool)> {
+            let bp = buffer_plan(spec, 100, 20, 1, s).unwrap();
+            let layers =
+                bp.layers.iter().filter_map(|l| l.spiking.as_ref()).filter(|p| p.path != super::super::backei_layer::LayerPath::Plain);
+            layers.map(|p| (p.buffers.z, p.v4.as_ref().is_some_and(|v| v.z_code))).collect()
+        };
+        let spec = NetworkSpec::fashion_mnist();
+        let coded = z_of(&spec, &v4);
+        let f32s = z_of(&spec, &h100());
+        assert_eq!(coded.len(), 2);
+        for ((zc, c), (zf, f)) in coded.iter().zip(&f32s) {
+            assert!(*c && !*f, "v4 codes z, v1 does not");
+            assert_eq!(*zc, zf.div_ceil(4));
+        }
+        for change in [0, 1, 2] {
+            let mut s2 = spec.clone();
+            match change {
+                0 => s2.neuron.mode = FiringMode::Smooth { k: 4.0 },
+                1 => s2.neuron.surrogate = Surrogate::Sigmoid { alpha: 4.0 },
+                _ => s2.neuron.surrogate = Surrogate::Atan { alpha: 2.0 },
+            }
+            assert!(z_of(&s2, &v4).iter().zip(&f32s).all(|(a, b)| a == b), "{:?}: z stays f32", s2.neuron);
+        }
+        let all = memory_plan(&spec, 100, 20, 1, &v4).unwrap();
+        let mut smooth = spec.clone();
+        smooth.neuron.mode = FiringMode::Smooth { k: 4.0 };
+        let f = memory_plan(&smooth, 100, 20, 1, &v4).unwrap();
+        let saved: usize = f32s.iter().map(|(z, _)| z - z.div_ceil(4)).sum::<usize>() * 4;
+        assert_eq!(f.total() - all.total(), saved, "the plan counts the bytes saved: {all} vs {f}");
     }
 
     /// A BackEI layer v4 cannot run (radius 3) cannot recompute: the error names the layer, why,
