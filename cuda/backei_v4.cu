@@ -51,7 +51,9 @@
 // Saved by the forward (the backward's contract with v1–v3): s, v, g (back), z (ei), f32 [T][B][N];
 // z as a one-byte code instead (V4_ZCODE = 1, common.cuh's z_code: sign and surrogate window)
 // where that is exact — exact firing and the rectangle surrogate, which the host decides
-// (backei_layer.rs apply_compact_z) — a quarter of the bytes, the same bits everywhere else;
+// (backei_layer.rs apply_compact) — a quarter of the bytes, the same bits everywhere else; s as
+// int8 (V4_S8 = 1: exact firing, s ∈ {−1, 0, 1}; where the layer's consumer reads int8: the
+// network's pooling, pool.cu / dropout.cu);
 // with --recompute K, v, g, z only for a window of K steps, and v at every window's end (V4Window).
 // Buffers written inside a launch and read by other blocks (s, v, da, fb) are read through L2
 // (__ldcg), never a stale L1 line.
@@ -75,6 +77,17 @@ typedef float V4Z;
 __device__ __forceinline__ V4Z save_z(const NeuronParams&, float z) { return z; }
 __device__ __forceinline__ float saved_sign(const NeuronParams& np, V4Z z) { return sign_(np, z); }
 __device__ __forceinline__ float saved_sign_grad(const NeuronParams& np, V4Z z) { return sign_grad(np, z); }
+#endif
+
+#ifndef V4_S8
+#define V4_S8 0
+#endif
+
+// The saved spikes s (the layer's output): f32, or int8 (V4_S8) — the spikes' values exactly.
+#if V4_S8
+typedef signed char V4S;
+#else
+typedef float V4S;
 #endif
 
 #define PREC_FP32 0
@@ -644,6 +657,12 @@ struct V4Plain {
     __device__ __forceinline__ float operator()(int idx) const { return __ldcg(p + idx); }
 };
 
+// The same for the saved spikes (f32, or int8 under V4_S8).
+struct V4Spikes {
+    const V4S* p;
+    __device__ __forceinline__ float operator()(int idx) const { return (float)__ldcg(p + idx); }
+};
+
 // dz = (∂L/∂s + fb)·H(v − θ)·sign′(z), pointwise from the saved tensors (the backward's phase 2).
 struct V4Dz {
     const float* gout;
@@ -661,7 +680,7 @@ struct V4Dz {
 // Forward. Cooperative launch: grid = groups · ranges, 256 threads, dynamic smem as V4Dims says.
 // bar: one zeroed u32. wfrag/winv: the weight-fragment scratch (rebuilt by every launch).
 // v_prev: v_{t0−1} [B][N] (read when t0 > 0); v_last: where v_{t1−1} is also written (or null).
-__device__ __forceinline__ void forward_v4(const float* __restrict__ params, const float* __restrict__ input, float* out, float* v,
+__device__ __forceinline__ void forward_v4(const float* __restrict__ params, const float* __restrict__ input, V4S* out, float* v,
                                            float* __restrict__ g, V4Z* z, const float* __restrict__ v_prev, float* v_last,
                                            unsigned int* bar, char* wfrag, float* winv, const LayerDims& d, const NeuronParams& np,
                                            const V4Dims& vd, const V4Window& win) {
@@ -694,7 +713,7 @@ __device__ __forceinline__ void forward_v4(const float* __restrict__ params, con
             float inv_s = 1.0f;
             if (conv_b) {
                 // spikes are exact in every format; the smooth mode's s (gradient checks) is real
-                const V4Plain s_past{out + ot - (long long)d.D * BN + sb};
+                const V4Spikes s_past{out + ot - (long long)d.D * BN + sb};
                 if (np.smooth) {
                     const float scale = halo_scale<true>(s_past, ch, d, sm.red, inv_s);
                     conv_all_slabs<true, PLANES>(acc, sm.halo, sm.wb, wg_b, s_past, scale, ch, d, vd);
@@ -720,7 +739,7 @@ __device__ __forceinline__ void forward_v4(const float* __restrict__ params, con
                 const float vt = np.leak * u + cur;
                 v[wt + e] = vt;
                 if (v_last && t == win.t1 - 1) v_last[e] = vt;
-                if (!d.ei) out[ot + e] = fire(np, vt - np.threshold);
+                if (!d.ei) out[ot + e] = (V4S)fire(np, vt - np.threshold);
             });
         });
         grid_sync(bar);  // v_t (and s_t) of the whole batch are written
@@ -738,7 +757,7 @@ __device__ __forceinline__ void forward_v4(const float* __restrict__ params, con
                 const long long e = sb + (long long)c * HW + q;
                 const float zt = be[c] + acc[mi][ni][i] * sc;
                 z[wt + e] = save_z(np, zt);
-                out[ot + e] = sign_(np, zt) * fire(np, v[wt + e] - np.threshold);
+                out[ot + e] = (V4S)(sign_(np, zt) * fire(np, v[wt + e] - np.threshold));
             });
         });
         grid_sync(bar);  // s_t is complete before a later step's gate reads it
@@ -751,7 +770,7 @@ __device__ __forceinline__ void forward_v4(const float* __restrict__ params, con
 // [grid][4·NT][THREADS] (each thread's bias partial sums between the launches of a windowed
 // backward; unused when the window is the whole loop).
 __device__ __forceinline__ void backward_v4(const float* __restrict__ params, float* grads, const float* __restrict__ input,
-                                            const float* __restrict__ out, const float* __restrict__ v, const float* __restrict__ g,
+                                            const V4S* __restrict__ out, const float* __restrict__ v, const float* __restrict__ g,
                                             const V4Z* __restrict__ z, const float* __restrict__ grad_out, float* grad_in, float* dvbuf,
                                             float* fb, float* da, float* dw_part, float* db_carry, unsigned int* bar, char* wfrag,
                                             float* winv, const LayerDims& d, const NeuronParams& np, const V4Dims& vd,
@@ -872,7 +891,7 @@ __device__ __forceinline__ void backward_v4(const float* __restrict__ params, fl
             const long long sb = (long long)ch.b * N;
             float acc[MT][NT][4] = {};
             const V4Plain da_src{da + sb};
-            const V4Plain s_past{out + ot - (long long)d.D * BN + sb};
+            const V4Spikes s_past{out + ot - (long long)d.D * BN + sb};
             float inv_da, inv_s = 1.0f;
             const float sc_da = halo_scale<true>(da_src, ch, d, sm.red, inv_da);
             const float sc_s = np.smooth ? halo_scale<true>(s_past, ch, d, sm.red, inv_s) : 1.0f;
@@ -983,7 +1002,8 @@ V4_FORWARD(const float* __restrict__ params, const float* __restrict__ input, fl
            const float* __restrict__ v_prev, float* v_last, unsigned int* bar, char* wfrag, float* winv, LayerDims d, NeuronParams np,
            V4Dims vd, V4Window win) {
     // z: f32 words, or (V4_ZCODE) the same buffer as bytes
-    forward_v4(params, input, out, v, g, reinterpret_cast<V4Z*>(z), v_prev, v_last, bar, wfrag, winv, d, v4_neuron(np), vd, win);
+    // s and z: f32 words, or (V4_S8, V4_ZCODE) the same buffers as bytes
+    forward_v4(params, input, reinterpret_cast<V4S*>(out), v, g, reinterpret_cast<V4Z*>(z), v_prev, v_last, bar, wfrag, winv, d, v4_neuron(np), vd, win);
 }
 
 extern "C" __global__ void __launch_bounds__(256, 1)
@@ -991,6 +1011,6 @@ V4_BACKWARD(const float* __restrict__ params, float* grads, const float* __restr
             const float* __restrict__ v, const float* __restrict__ g, const float* __restrict__ z, const float* __restrict__ grad_out,
             float* grad_in, float* dvbuf, float* fb, float* da, float* dw_part, float* db_carry, unsigned int* bar, char* wfrag,
             float* winv, LayerDims d, NeuronParams np, V4Dims vd, V4Window win) {
-    backward_v4(params, grads, input, out, v, g, reinterpret_cast<const V4Z*>(z), grad_out, grad_in, dvbuf, fb, da, dw_part, db_carry, bar, wfrag, winv, d,
+    backward_v4(params, grads, input, reinterpret_cast<const V4S*>(out), v, g, reinterpret_cast<const V4Z*>(z), grad_out, grad_in, dvbuf, fb, da, dw_part, db_carry, bar, wfrag, winv, d,
                 v4_neuron(np), vd, win);
 }

@@ -67,7 +67,8 @@ extern "C" __global__ void sum_steps_f32(const float* __restrict__ dy, float* __
 //   backward dx[t][m][iy][ix] = keep(t, i) ? (dy[t][m][iy/2][ix/2] · 0.25) · scale : 0 (0 on the
 //   rows/columns the floor dropped). `apply` = 0 (evaluation): no mask, plain pooling. As above,
 //   the mask of element i is that of index0 + i (a data-parallel shard's place in the batch).
-// Layout: x [T][B·C][h][w] (planes_per_step = B·C), y [T][B·C][h/2][w/2]; T_in = T only.
+// Layout: x [T][B·C][h][w] (planes_per_step = B·C; f32, or int8 spikes: _s8), y [T][B·C][h/2][w/2];
+// T_in = T only.
 // The dropout's output and the pooling's input gradient are never stored.
 // mul_rn: a product rounded on its own, never fused into an add (the CPU's order of rounding).
 #ifdef BACKEI_EMU
@@ -76,7 +77,8 @@ inline float mul_rn(float a, float b) { return a * b; }
 __device__ __forceinline__ float mul_rn(float a, float b) { return __fmul_rn(a, b); }
 #endif
 
-extern "C" __global__ void dropout_avgpool2_forward_f32(const float* __restrict__ x, float* __restrict__ y, const u64* __restrict__ keys, int slot, u64 index0, int apply, float p, float scale, long long planes_per_step, int steps, int h, int w) {
+template <class T>
+__device__ __forceinline__ void dropout_avgpool2_forward(const T* __restrict__ x, float* __restrict__ y, const u64* __restrict__ keys, int slot, u64 index0, int apply, float p, float scale, long long planes_per_step, int steps, int h, int w) {
     const int ho = h / 2, wo = w / 2;
     const u64 key = apply ? keys[slot] : 0;  // (evaluation passes no table)
     const long long per_step = planes_per_step * ho * wo, total = per_step * steps;
@@ -86,12 +88,25 @@ extern "C" __global__ void dropout_avgpool2_forward_f32(const float* __restrict_
         const int ox = (int)(r % wo), oy = (int)((r / wo) % ho);
         const long long m = r / ((long long)wo * ho);
         const long long i0 = (m * h + 2 * oy) * w + 2 * ox;  // inside the step's block
-        const float* xs = x + (long long)t * planes_per_step * h * w;
+        const T* xs = x + (long long)t * planes_per_step * h * w;
         float d[4];
         const long long at[4] = {i0, i0 + 1, i0 + w, i0 + w + 1};
-        for (int q = 0; q < 4; ++q) d[q] = !apply ? xs[at[q]] : (keep_(key, t, index0 + (u64)at[q], p) ? mul_rn(xs[at[q]], scale) : 0.0f);
+        for (int q = 0; q < 4; ++q) {
+            const float xq = (float)xs[at[q]];
+            d[q] = !apply ? xq : (keep_(key, t, index0 + (u64)at[q], p) ? mul_rn(xq, scale) : 0.0f);
+        }
         y[j] = (d[0] + d[1] + d[2] + d[3]) * 0.25f;
     }
+}
+
+extern "C" __global__ void dropout_avgpool2_forward_f32(const float* __restrict__ x, float* __restrict__ y, const u64* __restrict__ keys, int slot, u64 index0, int apply, float p, float scale, long long planes_per_step, int steps, int h, int w) {
+    dropout_avgpool2_forward(x, y, keys, slot, index0, apply, p, scale, planes_per_step, steps, h, w);
+}
+
+// The input as int8 spikes (a BackEI layer's compact output: backei_v4.cu with V4_S8): the same
+// values, so the bits of the f32 kernel.
+extern "C" __global__ void dropout_avgpool2_forward_s8(const signed char* __restrict__ x, float* __restrict__ y, const u64* __restrict__ keys, int slot, u64 index0, int apply, float p, float scale, long long planes_per_step, int steps, int h, int w) {
+    dropout_avgpool2_forward(x, y, keys, slot, index0, apply, p, scale, planes_per_step, steps, h, w);
 }
 
 extern "C" __global__ void dropout_avgpool2_backward_f32(const float* __restrict__ dy, float* __restrict__ dx, const u64* __restrict__ keys, int slot, u64 index0, int apply, float p, float scale, long long planes_per_step, int steps, int h, int w) {

@@ -4,21 +4,33 @@
 // Math:  y[m][oy][ox] = (x[m][2oy][2ox] + x[m][2oy][2ox+1] + x[m][2oy+1][2ox] + x[m][2oy+1][2ox+1]) · 0.25
 //        dx[m][iy][ix] = dy[m][iy/2][ix/2] · 0.25 if iy < 2·ho and ix < 2·wo, else 0 (rows/columns
 //        dropped by the floor get no gradient).
-// Layout: x [m][h][w], y [m][ho][wo], m = samples·channels (every plane is independent).
+// Layout: x [m][h][w], y [m][ho][wo], m = samples·channels (every plane is independent); x in f32,
+// or int8 spikes (avgpool2_forward_s8).
 // Work mapping: one thread per output element (forward) / per input element (backward, a gather:
 // no atomics, every element written exactly once); grid-stride loops.
 
-extern "C" __global__ void avgpool2_forward_f32(const float* __restrict__ x, float* __restrict__ y, long long planes, int h, int w) {
+template <class T>
+__device__ __forceinline__ void avgpool2_forward(const T* __restrict__ x, float* __restrict__ y, long long planes, int h, int w) {
     const int ho = h / 2, wo = w / 2;
     const long long total = planes * ho * wo;
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total; i += (long long)gridDim.x * blockDim.x) {
         int ox = (int)(i % wo);
         int oy = (int)((i / wo) % ho);
         long long m = i / ((long long)wo * ho);
-        const float* r0 = x + (m * h + 2 * oy) * w;
-        const float* r1 = r0 + w;
-        y[i] = (r0[2 * ox] + r0[2 * ox + 1] + r1[2 * ox] + r1[2 * ox + 1]) * 0.25f;
+        const T* r0 = x + (m * h + 2 * oy) * w;
+        const T* r1 = r0 + w;
+        y[i] = ((float)r0[2 * ox] + (float)r0[2 * ox + 1] + (float)r1[2 * ox] + (float)r1[2 * ox + 1]) * 0.25f;
     }
+}
+
+extern "C" __global__ void avgpool2_forward_f32(const float* __restrict__ x, float* __restrict__ y, long long planes, int h, int w) {
+    avgpool2_forward(x, y, planes, h, w);
+}
+
+// The input as int8 spikes (a BackEI layer's compact output: backei_v4.cu with V4_S8): the same
+// values (s ∈ {−1, 0, 1} is exact in both), summed in the same order, so the bits of the f32 kernel.
+extern "C" __global__ void avgpool2_forward_s8(const signed char* __restrict__ x, float* __restrict__ y, long long planes, int h, int w) {
+    avgpool2_forward(x, y, planes, h, w);
 }
 
 extern "C" __global__ void avgpool2_backward_f32(const float* __restrict__ dy, float* __restrict__ dx, long long planes, int h, int w) {

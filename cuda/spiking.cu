@@ -130,14 +130,15 @@ spiking_loss_backward_v1_f32(const float* __restrict__ y, const int* __restrict_
     }
 }
 
-// counts[0] += #(s ≠ 0), counts[1] += #(s < 0) over n outputs (block reduction, one atomic each).
-extern "C" __global__ void __launch_bounds__(256)
-spike_counts_f32(const float* __restrict__ s, long long n, unsigned long long* counts) {
+// counts[0] += #(s ≠ 0), counts[1] += #(s < 0) over n outputs (block reduction, one atomic each);
+// s in f32, or int8 (a BackEI layer's compact output: backei_v4.cu with V4_S8).
+template <class T>
+__device__ __forceinline__ void spike_counts(const T* __restrict__ s, long long n, unsigned long long* counts) {
     unsigned long long fired = 0, inh = 0;
     for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) {
-        const float x = s[i];
-        fired += x != 0.0f;
-        inh += x < 0.0f;
+        const T x = s[i];
+        fired += x != 0;
+        inh += x < 0;
     }
     for (int o = 16; o > 0; o >>= 1) {
         fired += __shfl_down_sync(0xffffffffu, fired, o);
@@ -159,4 +160,14 @@ spike_counts_f32(const float* __restrict__ s, long long n, unsigned long long* c
         atomicAdd(&counts[0], a);
         atomicAdd(&counts[1], b);
     }
+}
+
+extern "C" __global__ void __launch_bounds__(256)
+spike_counts_f32(const float* __restrict__ s, long long n, unsigned long long* counts) {
+    spike_counts(s, n, counts);
+}
+
+extern "C" __global__ void __launch_bounds__(256)
+spike_counts_s8(const signed char* __restrict__ s, long long n, unsigned long long* counts) {
+    spike_counts(s, n, counts);
 }

@@ -305,6 +305,62 @@ fn emulated_spike_counts_equal_a_plain_count() {
     assert_eq!(counts, [fired, inh]);
 }
 
+/// The readers of a v4 BackEI layer's int8 spikes (`V4_S8`): pooling, dropout+pooling (training
+/// and evaluation) and the spike statistics give the bits of their f32 kernels on the same spikes.
+#[test]
+fn emulated_int8_spike_readers_give_the_bits_of_their_f32_kernels() {
+    let (pm, dm, sm) = (emu::module("pool"), emu::module("dropout"), emu::module("spiking"));
+    let mut rng = common::Rng(29);
+    let (steps, planes, h, w) = (3usize, 5usize, 7usize, 9usize);
+    let n = steps * planes * h * w;
+    let mut s8: Vec<i8> = (0..n).map(|_| [-1i8, 0, 0, 1][rng.below(4)]).collect();
+    let s: Vec<f32> = s8.iter().map(|&x| x as f32).collect();
+    let out_len = steps * planes * (h / 2) * (w / 2);
+    let run_pool = |kernel: &str, x: *mut std::ffi::c_void| {
+        let mut y = DevBuf::new("y", out_len);
+        let mut a = Args::new();
+        a.val(x).val(y.ptr()).val((steps * planes) as i64).val(h as i32).val(w as i32);
+        pm.launch_raw(kernel, (2, 1, 1), (64, 1, 1), 0, false, 1, &mut a).unwrap();
+        y.check_guards();
+        y.host()
+    };
+    let mut sf = DevBuf::from("s", &s);
+    let want = run_pool("avgpool2_forward_f32", sf.ptr().cast());
+    assert!(want.iter().any(|&y| y < 0.0) && want.iter().any(|&y| y > 0.0));
+    assert_eq!(bits(&run_pool("avgpool2_forward_s8", s8.as_mut_ptr().cast())), bits(&want), "pooling");
+    let key = backei::rng::dropout_key(4150, 3, 1);
+    let p = 0.5f32;
+    let sc = backei::gpu::dropout::scale(p);
+    for train in [true, false] {
+        let run = |kernel: &str, x: *mut std::ffi::c_void| {
+            let mut keys = vec![7u64, key];
+            let mut y = DevBuf::new("y", out_len);
+            let mut a = Args::new();
+            a.val(x).val(y.ptr()).val(keys.as_mut_ptr()).val(1i32).val(0u64).val(train as i32).val(p).val(sc);
+            a.val(planes as i64).val(steps as i32).val(h as i32).val(w as i32);
+            dm.launch_raw(kernel, (3, 1, 1), (32, 1, 1), 0, false, 2, &mut a).unwrap();
+            y.check_guards();
+            y.host()
+        };
+        let want = run("dropout_avgpool2_forward_f32", sf.ptr().cast());
+        assert_eq!(bits(&run("dropout_avgpool2_forward_s8", s8.as_mut_ptr().cast())), bits(&want), "dropout+pooling, training {train}");
+    }
+    let count = |kernel: &str, x: *mut std::ffi::c_void| {
+        let mut counts = [0u64; 2];
+        let mut a = Args::new();
+        a.val(x).val(n as i64).val(counts.as_mut_ptr());
+        sm.launch_raw(kernel, (3, 1, 1), (256, 1, 1), 0, false, 11, &mut a).unwrap();
+        counts
+    };
+    let want = [s8.iter().filter(|&&x| x != 0).count() as u64, s8.iter().filter(|&&x| x < 0).count() as u64];
+    assert_eq!(count("spike_counts_f32", sf.ptr().cast()), want);
+    assert_eq!(count("spike_counts_s8", s8.as_mut_ptr().cast()), want);
+}
+
+fn bits(x: &[f32]) -> Vec<u32> {
+    x.iter().map(|v| v.to_bits()).collect()
+}
+
 // ---- --deterministic: the same bits whatever order the blocks run in ---------------------------------
 
 /// (The default plans do not: their float atomicAdds land in the order the blocks finish, and the

@@ -288,14 +288,15 @@ fn v4_recompute_windows_give_the_bits_of_the_whole_loop() {
     }
 }
 
-/// z saved as a one-byte code (`apply_compact_z`, `V4_ZCODE`: exact firing and the rectangle
-/// surrogate) gives the bits of saving z in f32 — the spikes, v, g, ∂L/∂I and every gradient — and
-/// its bytes are the CPU engine's `Neuron::z_code` of the f32 run's z: back+ei and ei alone, a
-/// rectangle of width 1 and 0.7, fp32 and bf16 products, and with `--recompute` windows.
+/// The compact saved state (`apply_compact`: z as a one-byte code, `V4_ZCODE`, exact firing and
+/// the rectangle surrogate; s as int8, `V4_S8`) gives the bits of saving them in f32 — the spikes,
+/// v, g, ∂L/∂I and every gradient — and its bytes are the CPU engine's `Neuron::z_code` of the f32
+/// run's z and the f32 run's spikes: each alone and both, back+ei and ei alone, a rectangle of
+/// width 1 and 0.7, fp32 and bf16 products, with `--recompute` windows.
 #[test]
-fn v4_compact_z_gives_the_bits_of_saving_z_in_f32() {
+fn v4_compact_state_gives_the_bits_of_saving_it_in_f32() {
     use backei::cpu::neuron::Neuron;
-    use backei::gpu::backei_layer::{apply_compact_z, z_code_is_exact};
+    use backei::gpu::backei_layer::{apply_compact, z_code_is_exact, CompactState};
     use backei::spec::Surrogate;
     let mut narrow = case("5×7×9 back+ei r 1 D 2 T 6 rectangle 0.7", [5, 7, 9], true, true, 1, 2, 2, 6, 6);
     narrow.neuron.surrogate = Surrogate::Rectangle { width: 0.7 };
@@ -303,14 +304,16 @@ fn v4_compact_z_gives_the_bits_of_saving_z_in_f32() {
         (case("5×7×9 back+ei r 1 D 2 T 6", [5, 7, 9], true, true, 1, 2, 2, 6, 6), None),
         (narrow, Some(4)),
         (case("40×9×11 ei r 1 T 4 T_in 1", [40, 9, 11], false, true, 1, 1, 2, 4, 1), None),
+        (case("6×5×7 back r 2 D 3 T 5", [6, 5, 7], true, false, 2, 3, 2, 5, 5), Some(2)),
     ];
     // the first element whose bits differ, not two whole tensors
     let same = |a: &[f32], b: &[f32], what: String| {
         assert_eq!(a.len(), b.len(), "{what}: lengths");
         if let Some(e) = a.iter().zip(b).position(|(x, y)| x.to_bits() != y.to_bits()) {
-            panic!("{what}: element {e} is {} coded, {} in f32", a[e], b[e]);
+            panic!("{what}: element {e} is {} compact, {} in f32", a[e], b[e]);
         }
     };
+    let bytes = |words: &[f32], n: usize| -> Vec<u8> { words.iter().flat_map(|w| w.to_le_bytes()).take(n).collect() };
     for (i, (c, k)) in cases.iter().enumerate() {
         assert!(z_code_is_exact(&c.neuron), "{}", c.name);
         let x = inputs(c, 880 + i as u64);
@@ -320,26 +323,45 @@ fn v4_compact_z_gives_the_bits_of_saving_z_in_f32() {
             if let Some(k) = *k {
                 apply_recompute(&mut plain, c.shape, &c.fb, k, c.steps).unwrap();
             }
-            let mut coded = plain.clone();
-            apply_compact_z(&mut coded, &c.fb);
-            assert!(coded.v4.as_ref().unwrap().z_code, "{}", c.name);
-            assert_eq!(coded.buffers.z, plain.buffers.z.div_ceil(4), "{}: a byte per element", c.name);
             let f = emulate_v4(c, &x, &plain, 5);
-            let d = emulate_v4(c, &x, &coded, 6);
-            let what = format!("{} {p} K {k:?}", c.name);
-            same(&d.out, &f.out, format!("{what}: the spikes"));
-            same(&d.v, &f.v, format!("{what}: v"));
-            same(d.g.as_deref().unwrap_or(&[]), f.g.as_deref().unwrap_or(&[]), format!("{what}: g"));
-            same(&d.gin, &f.gin, format!("{what}: ∂L/∂I"));
-            same(&d.grads, &f.grads, format!("{what}: the parameter gradients"));
-            let z = f.z.as_ref().unwrap();
-            let codes: Vec<u8> = d.z.as_ref().unwrap().iter().flat_map(|w| w.to_le_bytes()).take(z.len()).collect();
-            let want: Vec<u8> = z.iter().map(|&z| neuron.z_code(z)).collect();
-            if let Some(e) = codes.iter().zip(&want).position(|(a, b)| a != b) {
-                panic!("{what}: element {e}: code {} where Neuron::z_code of z = {} is {}", codes[e], z[e], want[e]);
+            for compact in [CompactState { z: true, s: false }, CompactState { z: false, s: true }, CompactState { z: true, s: true }] {
+                let mut plan = plain.clone();
+                apply_compact(&mut plan, &c.fb, compact);
+                let v4 = plan.v4.as_ref().unwrap();
+                assert_eq!((v4.z_code, v4.s8), (compact.z && c.fb.ei, compact.s), "{}", c.name);
+                let want_z = if v4.z_code { plain.buffers.z.div_ceil(4) } else { plain.buffers.z };
+                assert_eq!(plan.buffers.z, want_z, "{}: a byte per element of z", c.name);
+                let want_s = if compact.s { plain.buffers.out.div_ceil(4) } else { plain.buffers.out };
+                assert_eq!(plan.buffers.out, want_s, "{}: a byte per spike", c.name);
+                let d = emulate_v4(c, &x, &plan, 6);
+                let what = format!("{} {p} K {k:?} {compact:?}", c.name);
+                if compact.s {
+                    // int8 has no −0: a spike sign(z)·0 = −0 in f32 is 0 here (equal values; a
+                    // zero's sign never changes a sum that has a non-zero term)
+                    let s: Vec<f32> = bytes(&d.out, f.out.len()).iter().map(|&b| b as i8 as f32).collect();
+                    let unsigned = |v: &[f32]| v.iter().map(|&x| if x == 0.0 { 0.0 } else { x }).collect::<Vec<f32>>();
+                    same(&s, &unsigned(&f.out), format!("{what}: the spikes"));
+                } else {
+                    same(&d.out, &f.out, format!("{what}: the spikes"));
+                }
+                same(&d.v, &f.v, format!("{what}: v"));
+                same(d.g.as_deref().unwrap_or(&[]), f.g.as_deref().unwrap_or(&[]), format!("{what}: g"));
+                same(&d.gin, &f.gin, format!("{what}: ∂L/∂I"));
+                same(&d.grads, &f.grads, format!("{what}: the parameter gradients"));
+                if v4.z_code {
+                    let z = f.z.as_ref().unwrap();
+                    let codes = bytes(d.z.as_ref().unwrap(), z.len());
+                    let want: Vec<u8> = z.iter().map(|&z| neuron.z_code(z)).collect();
+                    if let Some(e) = codes.iter().zip(&want).position(|(a, b)| a != b) {
+                        panic!("{what}: element {e}: code {} where Neuron::z_code of z = {} is {}", codes[e], z[e], want[e]);
+                    }
+                    let kinds: std::collections::BTreeSet<u8> = codes.iter().copied().collect();
+                    assert!(kinds.len() >= 3, "{what}: the codes take only the values {kinds:?}: the test would not see a wrong decoder");
+                }
             }
-            let kinds: std::collections::BTreeSet<u8> = codes.iter().copied().collect();
-            assert!(kinds.len() >= 3, "{what}: the codes take only the values {kinds:?}: the test would not see a wrong decoder");
+            if c.fb.ei {
+                assert!(f.out.iter().any(|&s| s < 0.0), "{}: no inhibitory spike: int8 −1 untested", c.name);
+            }
         }
     }
 }

@@ -44,7 +44,7 @@ fn run_in(dev: &Arc<GpuDevice>, c: &Case, seed: u64, version: KernelVersion, pre
     layer.version = version;
     layer.precision = precision;
     // z itself is compared with the CPU's (v4 would keep only its one-byte code:
-    // v4_compact_z_gives_the_bits_of_saving_z_in_f32 checks that)
+    // v4_compact_state_gives_the_bits_of_saving_it_in_f32 checks that)
     layer.compact_z = false;
     let plan = layer.prepare(b, t).unwrap().clone();
     assert_eq!(plan.path, c.want_path, "{}: {plan:?}", c.name);
@@ -210,20 +210,22 @@ fn with_fashion_layers(mut cases: Vec<Case>) -> Vec<Case> {
     cases
 }
 
-/// v4 keeping z as a one-byte code (the default with exact firing and the rectangle surrogate)
-/// against keeping z in f32: the spikes, v, g, ∂L/∂I and every gradient are the same bits, and the
-/// codes are the CPU engine's `Neuron::z_code` of the f32 run's z — odd shapes and the fashion-mnist
-/// layers, in every precision, with and without `--recompute`. The emulator runs the same check in
-/// CI (`tests/emu_v4.rs::v4_compact_z_gives_the_bits_of_saving_z_in_f32`).
+/// v4's compact saved state — z as a one-byte code (the default with exact firing and the
+/// rectangle surrogate), s as int8 (what the network asks for before pooling) — against keeping
+/// both in f32: v, g, ∂L/∂I and every gradient are the same bits, the spikes the same values (int8
+/// has no −0), and the codes are the CPU engine's `Neuron::z_code` of the f32 run's z — odd shapes
+/// and the fashion-mnist layers, in every precision, with and without `--recompute`. The emulator
+/// runs the same check in CI (`tests/emu_v4.rs::v4_compact_state_gives_the_bits_of_saving_it_in_f32`).
 #[test]
 #[ignore = "needs a CUDA GPU"]
-fn v4_compact_z_gives_the_bits_of_saving_z_in_f32() {
+fn v4_compact_state_gives_the_bits_of_saving_it_in_f32() {
     let dev = device();
     let cases = with_fashion_layers(vec![
         case("5×7×9 back+ei r 1 D 2", [5, 7, 9], true, true, 1, 2, 2, 7, 7),
         case("40×9×11 ei r 2", [40, 9, 11], false, true, 2, 1, 3, 5, 1),
     ]);
     let bits = |xs: &[f32]| xs.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    let bytes = |words: &[f32], n: usize| -> Vec<u8> { words.iter().flat_map(|w| w.to_le_bytes()).take(n).collect() };
     for p in Precision::ALL {
         for (i, c) in cases.iter().enumerate() {
             let x = inputs(c, 990 + i as u64);
@@ -235,19 +237,25 @@ fn v4_compact_z_gives_the_bits_of_saving_z_in_f32() {
                     layer.precision = p;
                     layer.recompute = k;
                     layer.compact_z = compact;
+                    layer.compact_s = compact;
                     let plan = layer.prepare(c.batch, c.steps).unwrap().clone();
-                    assert_eq!(plan.v4.as_ref().map(|v| v.z_code), Some(compact), "{}: {:?}", c.name, plan.fallback);
-                    forward_backward(&dev, &mut layer, c, &x)
+                    let v4 = plan.v4.as_ref().unwrap_or_else(|| panic!("{}: {:?}", c.name, plan.fallback));
+                    assert_eq!((v4.z_code, v4.s8), (compact, compact), "{}", c.name);
+                    let d = forward_backward(&dev, &mut layer, c, &x);
+                    let (rate, inh) = layer.spike_stats().unwrap();
+                    (d, rate, inh)
                 };
-                let (f, d) = (run(false), run(true));
+                let ((f, rate_f, inh_f), (d, rate_d, inh_d)) = (run(false), run(true));
                 let what = format!("{} {p} K {k:?}", c.name);
-                assert!(bits(&d.out) == bits(&f.out), "{what}: the spikes");
+                let spikes: Vec<f32> = bytes(&d.out, f.out.len()).iter().map(|&b| b as i8 as f32).collect();
+                assert!(spikes == f.out, "{what}: the spikes (as values)");
+                assert_eq!((rate_d, inh_d), (rate_f, inh_f), "{what}: the spike statistics");
                 assert!(bits(&d.v) == bits(&f.v), "{what}: v");
                 assert!(d.g.as_deref().map(bits) == f.g.as_deref().map(bits), "{what}: g");
                 assert!(bits(&d.gin) == bits(&f.gin), "{what}: ∂L/∂I");
                 assert!(bits(&d.grads) == bits(&f.grads), "{what}: the gradients");
                 let z = f.z.as_ref().unwrap();
-                let codes: Vec<u8> = d.z.as_ref().unwrap().iter().flat_map(|w| w.to_le_bytes()).take(z.len()).collect();
+                let codes = bytes(d.z.as_ref().unwrap(), z.len());
                 let want: Vec<u8> = z.iter().map(|&z| neuron.z_code(z)).collect();
                 assert!(codes == want, "{what}: the codes are not Neuron::z_code of z");
             }

@@ -250,6 +250,36 @@ fn fused_readout_and_loss_give_the_bits_of_the_separate_kernels() {
     }
 }
 
+/// The v4 kernels' compact saved state (the default: z as a one-byte code, s as int8 before
+/// pooling) against keeping both in f32 (`set_compact_state(false)`): six Adam steps of the four
+/// networks under CUDA graphs give the same losses and parameters (compared as values: int8 has no
+/// −0, so an exactly-zero sum may change its sign, never its value), and less memory by the plan.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn compact_state_steps_equal_f32_state() {
+    let d = dev();
+    for spec in [NetworkSpec::mnist(), NetworkSpec::fashion_mnist(), NetworkSpec::cifar10(), NetworkSpec::nmnist()] {
+        let spec = small(spec);
+        let go = |compact: bool| {
+            let cpu = Network::<f32>::new(&spec, 4150).unwrap();
+            let mut net = GpuNetwork::from_cpu(&d, &cpu).unwrap();
+            net.set_kernel_version(backei::gpu::backei_layer::KernelVersion::V4);
+            net.set_compact_state(compact);
+            let mut o = GpuOptimizer::new(&d, OptimizerConfig::adam(1e-3), net.num_params()).unwrap();
+            let stats: Vec<StepStats> =
+                batches(&spec, 5, 1, 6).iter().map(|(x, l)| net.train_step(x, 1, l, Loss::Ce, &mut o).unwrap()).collect();
+            let rates = net.spike_stats().unwrap();
+            (stats, net.params_to_host().unwrap(), rates, net.memory_plan(5, 1).unwrap().total())
+        };
+        let (s_f, p_f, r_f, m_f) = go(false);
+        let (s_c, p_c, r_c, m_c) = go(true);
+        assert_eq!(s_c, s_f, "{}: losses or accuracies differ", spec.name);
+        assert!(p_c == p_f, "{}: parameters after 6 steps differ", spec.name);
+        assert_eq!(r_c, r_f, "{}: spike statistics differ", spec.name);
+        assert!(m_c < m_f, "{}: {m_c} bytes compact, {m_f} in f32", spec.name);
+    }
+}
+
 #[test]
 #[ignore = "needs a CUDA GPU"]
 fn profiled_steps_run_eagerly_between_graph_replays() {

@@ -814,9 +814,9 @@ pub fn plan_version(
     Ok(p)
 }
 
-/// THE plan of a layer: the version asked for (v4 in `precision`), deterministic or not, and with
-/// `z_code` (v4 only: the caller has checked [`z_code_is_exact`]) z saved as a one-byte code. What
-/// `GpuBackEiLayer::prepare` allocates from and what the network's memory plan counts.
+/// THE plan of a layer: the version asked for (v4 in `precision`), deterministic or not, and on
+/// v4 the `compact` state ([`CompactState::of`]). What `GpuBackEiLayer::prepare` allocates from
+/// and what the network's memory plan counts.
 #[allow(clippy::too_many_arguments)]
 pub fn plan_layer(
     shape: [usize; 3],
@@ -828,7 +828,7 @@ pub fn plan_layer(
     precision: Precision,
     deterministic: bool,
     recompute: Option<usize>,
-    z_code: bool,
+    compact: CompactState,
 ) -> Result<LaunchPlan> {
     let mut p = if let Some(k) = recompute {
         // only v4's launches start from a checkpoint: --recompute takes them, whatever was asked
@@ -843,9 +843,7 @@ pub fn plan_layer(
     } else {
         plan_version(shape, fb, batch, steps, limits, version)?
     };
-    if z_code {
-        apply_compact_z(&mut p, fb);
-    }
+    apply_compact(&mut p, fb, compact);
     Ok(p)
 }
 
@@ -886,17 +884,37 @@ pub fn z_code_is_exact(neuron: &NeuronConfig) -> bool {
     matches!(neuron.mode, FiringMode::Exact) && matches!(neuron.surrogate, Surrogate::Rectangle { .. })
 }
 
-/// The compact saved state of a v4 plan with the E/I gate on: z as a one-byte code (the caller
-/// has checked [`z_code_is_exact`]) in a quarter of the bytes — ⌈T·B·N / 4⌉ f32 words, or K steps'
-/// with `--recompute K` (apply this after [`apply_recompute`]). The kernels are then built with
-/// `V4_ZCODE = 1`; every other output is the same bits. Other versions keep z in f32.
-pub fn apply_compact_z(p: &mut LaunchPlan, fb: &FeedbackConfig) {
-    let Some(v4) = p.v4.as_mut() else { return };
-    if !fb.ei || v4.z_code {
-        return;
+/// Which saved tensors a v4 plan keeps compact ([`apply_compact`]); v1–v3 keep everything in f32.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CompactState {
+    /// z as its one-byte code (only where [`z_code_is_exact`]).
+    pub z: bool,
+    /// s, the layer's output, as int8 (only with exact firing, and where the output's reader
+    /// takes int8: the network's pooling after a BackEI layer).
+    pub s: bool,
+}
+
+impl CompactState {
+    /// What a layer with `neuron` may keep compact: z when `z` is asked and its code is exact, s
+    /// when `s8_reader` (the layer's output is read as int8) and the firing is exact.
+    pub fn of(neuron: &NeuronConfig, z: bool, s8_reader: bool) -> Self {
+        CompactState { z: z && z_code_is_exact(neuron), s: s8_reader && matches!(neuron.mode, FiringMode::Exact) }
     }
-    v4.code_z();
-    p.buffers.z = p.buffers.z.div_ceil(4);
+}
+
+/// The compact saved state of a v4 plan (apply after [`apply_recompute`]): with the E/I gate on,
+/// z as a one-byte code (`V4_ZCODE`) in ⌈len/4⌉ f32 words; s as int8 (`V4_S8`) in ⌈T·B·N/4⌉
+/// words. Every other output is the same bits; a plan of v1–v3 is left as it is.
+pub fn apply_compact(p: &mut LaunchPlan, fb: &FeedbackConfig, c: CompactState) {
+    let Some(v4) = p.v4.as_mut() else { return };
+    if c.z && fb.ei && !v4.z_code {
+        v4.code_z();
+        p.buffers.z = p.buffers.z.div_ceil(4);
+    }
+    if c.s && !v4.s8 {
+        v4.store_s8();
+        p.buffers.out = p.buffers.out.div_ceil(4);
+    }
 }
 
 /// `--recompute K` needs K ≥ 1 (None: every step kept).
@@ -1179,10 +1197,15 @@ pub struct GpuBackEiLayer {
     /// `--recompute K` (None: every step kept): see [`apply_recompute`].
     pub recompute: Option<usize>,
     planned_recompute: Option<usize>,
-    /// v4: keep z as a one-byte code where that is exact (the default; see [`apply_compact_z`]).
+    /// v4: keep z as a one-byte code where that is exact (the default; see [`apply_compact`]).
     /// Off, z is saved in f32 as by v1–v3 (tests that compare z itself).
     pub compact_z: bool,
     planned_compact_z: bool,
+    /// v4 with exact firing: write the output s as int8 ([`apply_compact`]) — only for a reader
+    /// that takes int8 (the network sets it for a BackEI layer followed by pooling); off by
+    /// default: `output()` is then f32, as the C ABI and the PyTorch layers hand it to their users.
+    pub compact_s: bool,
+    planned_compact_s: bool,
     /// `--recompute`: v at the end of every window but the last, and the backward's carried bias
     /// partial sums (`BufferSizes::v_ckpt`, `v4_db_carry`).
     pub v_ckpt: Option<CudaSlice<f32>>,
@@ -1230,6 +1253,8 @@ impl GpuBackEiLayer {
             planned_recompute: None,
             compact_z: true,
             planned_compact_z: true,
+            compact_s: false,
+            planned_compact_s: false,
             v_ckpt: None,
             v4_db_carry: None,
         })
@@ -1256,6 +1281,7 @@ impl GpuBackEiLayer {
             || self.planned_precision != self.precision
             || self.planned_recompute != self.recompute
             || self.planned_compact_z != self.compact_z
+            || self.planned_compact_s != self.compact_s
         {
             let dev = self.dev.clone();
             self.install(batch, steps, &mut OwnAllocations(&dev))?;
@@ -1266,7 +1292,7 @@ impl GpuBackEiLayer {
     /// The plan `prepare` makes for a batch shape with this layer's version, determinism and
     /// device limits (nothing is allocated).
     pub fn plan_for(&self, batch: usize, steps: usize) -> Result<LaunchPlan> {
-        let z_code = self.compact_z && z_code_is_exact(&self.neuron);
+        let compact = CompactState::of(&self.neuron, self.compact_z, self.compact_s);
         plan_layer(
             self.shape,
             &self.feedback,
@@ -1277,7 +1303,7 @@ impl GpuBackEiLayer {
             self.precision,
             self.deterministic,
             self.recompute,
-            z_code,
+            compact,
         )
     }
 
@@ -1351,6 +1377,7 @@ impl GpuBackEiLayer {
         self.planned_precision = self.precision;
         self.planned_recompute = self.recompute;
         self.planned_compact_z = self.compact_z;
+        self.planned_compact_s = self.compact_s;
         Ok(())
     }
 
@@ -1729,19 +1756,26 @@ impl GpuBackEiLayer {
         self.out.as_ref().ok_or_else(|| config_err("output", "the BackEI layer has no output yet: run forward first"))
     }
 
+    /// Whether the output s is int8 (the plan's compact state; see `compact_s`): T·B·N bytes in
+    /// the f32 words of `output()`.
+    pub fn spikes_s8(&self) -> bool {
+        self.plan.as_ref().and_then(|p| p.v4.as_ref()).is_some_and(|v| v.s8)
+    }
+
     /// (firing rate, inhibitory fraction among fired) of the last forward, reduced on the GPU.
     pub fn spike_stats(&self) -> Result<(f64, f64)> {
         let out = self.output()?;
-        let n = out.len();
+        let s8 = self.spikes_s8();
+        let n = if s8 { self.steps * self.batch * self.neurons() } else { out.len() };
         let stream = &self.dev.stream;
         let mut counts = stream.alloc_zeros::<u64>(2).map_err(cuda_err("allocating the spike counters"))?;
-        let f = self.dev.kernels.function("spiking", "spike_counts_f32")?;
+        let f = self.dev.kernels.function("spiking", if s8 { "spike_counts_s8" } else { "spike_counts_f32" })?;
         let blocks = n.div_ceil(256).clamp(1, 4096) as u32;
         let nn = n as i64;
         let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
-        // SAFETY: the argument list matches spike_counts_f32.
-        unsafe { stream.launch_builder(&f).arg(out).arg(&nn).arg(&mut counts).launch(cfg) }
-            .map_err(cuda_err("launching spike_counts_f32"))?;
+        // SAFETY: the argument list matches spike_counts_f32 and spike_counts_s8; out holds n
+        // floats, or n bytes (s8).
+        unsafe { stream.launch_builder(&f).arg(out).arg(&nn).arg(&mut counts).launch(cfg) }.map_err(cuda_err("launching spike_counts"))?;
         let c = stream.clone_dtoh(&counts).map_err(cuda_err("reading the spike counters"))?;
         let rate = c[0] as f64 / n.max(1) as f64;
         let inh = if c[0] == 0 { 0.0 } else { c[1] as f64 / c[0] as f64 };

@@ -92,17 +92,29 @@ pub struct V4Plan {
     pub wfrag_bytes: usize,
     pub winv: usize,
     pub dw_part: usize,
-    /// z is saved as a one-byte code (`V4_ZCODE`; `backei_layer::apply_compact_z`).
+    /// z is saved as a one-byte code (`V4_ZCODE`; `backei_layer::apply_compact`).
     pub z_code: bool,
+    /// s (the layer's output) is saved as int8 (`V4_S8`; `backei_layer::apply_compact`).
+    pub s8: bool,
 }
 
 impl V4Plan {
     /// Builds the kernels to save z as a one-byte code (`V4_ZCODE`); the caller has checked that
-    /// the code is exact and sizes the z buffer (`backei_layer::apply_compact_z`).
+    /// the code is exact and sizes the z buffer (`backei_layer::apply_compact`).
     pub fn code_z(&mut self) {
         if !self.z_code {
             self.z_code = true;
             self.defines.push(("V4_ZCODE".to_string(), "1".to_string()));
+        }
+    }
+
+    /// Builds the kernels to write and read s as int8 (`V4_S8`); the caller has checked that the
+    /// spikes are exact (exact firing) and that the output's reader takes int8, and sizes the
+    /// output buffer (`backei_layer::apply_compact`).
+    pub fn store_s8(&mut self) {
+        if !self.s8 {
+            self.s8 = true;
+            self.defines.push(("V4_S8".to_string(), "1".to_string()));
         }
     }
 
@@ -284,6 +296,7 @@ pub fn plan_v4(
         dw_part,
         dims,
         z_code: false,
+        s8: false,
     })
 }
 
@@ -312,9 +325,9 @@ pub struct V4Check {
     pub problems: Vec<String>,
 }
 
-/// Compiles the v4 instance of a layer (exact firing, the rectangle surrogate: the training
-/// configuration, so z saved as its one-byte code when ei is on) for `arch` on a device like
-/// `limits` and checks it statically.
+/// Compiles the v4 instance of a layer (exact firing, the rectangle surrogate, pooling after it:
+/// the training configuration, so z saved as its one-byte code when ei is on and s as int8) for
+/// `arch` on a device like `limits` and checks it statically.
 pub fn check_instance(
     shape: [usize; 3],
     fb: &FeedbackConfig,
@@ -329,6 +342,8 @@ pub fn check_instance(
     if fb.ei && super::backei_layer::z_code_is_exact(&neuron) {
         plan.code_z();
     }
+    // every BackEI layer of the four networks is followed by pooling: s as int8 in training
+    plan.store_s8();
     let np = NeuronParams::from_config(&neuron);
     let kernels = super::sass::check_module(V4_MODULE, arch, &instance_defines(&plan, &np))?;
     let mut problems = Vec::new();

@@ -150,7 +150,9 @@ fn slot_index(keys: &CudaSlice<u64>, slot: usize) -> Result<i32> {
 
 /// Dropout followed by 2×2 average pooling in one pass (`dropout_avgpool2_forward_f32`): y
 /// [steps][planes][h/2][w/2] from x [steps][planes][h][w] (planes = B·C per step), bit for bit
-/// what `forward` then `pool::forward` give; the dropout's output is never stored.
+/// what `forward` then `pool::forward` give; the dropout's output is never stored. With `x_s8`, x
+/// holds int8 spikes (steps·planes·h·w bytes in its f32 words: a v4 BackEI layer's compact output;
+/// `dropout_avgpool2_forward_s8`), and y is what the same spikes in f32 give.
 #[allow(clippy::too_many_arguments)]
 pub fn forward_pooled(
     dev: &GpuDevice,
@@ -161,11 +163,17 @@ pub fn forward_pooled(
     h: usize,
     w: usize,
     x: &CudaView<f32>,
+    x_s8: bool,
     y: &mut CudaViewMut<f32>,
 ) -> Result<()> {
-    check_len("dropout+pool input", x.len(), steps * planes * h * w)?;
+    let n = steps * planes * h * w;
+    match x_s8 {
+        true => check_len("dropout+pool input (int8 spikes, in f32 words)", x.len(), n.div_ceil(4))?,
+        false => check_len("dropout+pool input", x.len(), n)?,
+    }
     check_len("dropout+pool output", y.len(), steps * planes * (h / 2) * (w / 2))?;
-    pooled(dev, "dropout_avgpool2_forward_f32", mask, p, planes, steps, h, w, x, y, y.len())
+    let kernel = if x_s8 { "dropout_avgpool2_forward_s8" } else { "dropout_avgpool2_forward_f32" };
+    pooled(dev, kernel, mask, p, planes, steps, h, w, x, y, y.len())
 }
 
 /// The gradient of `forward_pooled`: dx [steps][planes][h][w] from dy [steps][planes][h/2][w/2].

@@ -12,7 +12,7 @@
 //! - each BackEI layer's buffers are its own launch plan's `BufferSizes` (the plan its
 //!   `GpuBackEiLayer::prepare` allocates from), never a second formula.
 
-use super::backei_layer::{plan_layer, z_code_is_exact, DeviceLimits, KernelVersion, LaunchPlan};
+use super::backei_layer::{plan_layer, CompactState, DeviceLimits, KernelVersion, LaunchPlan};
 use super::conv::{ConvPlan, DEFAULT_WORKSPACE_BYTES};
 use super::device::CUBLAS_WORKSPACE_BYTES;
 use super::dropout::DropoutKeys;
@@ -41,6 +41,9 @@ pub struct StepSettings {
     /// The feed-forward layers' GEMMs: cuBLAS or tensor cores (follows `precision` and
     /// `BACKEI_FEEDFORWARD`; see `with_precision`).
     pub feedforward: FeedForward,
+    /// The v4 kernels' compact saved state (`backei_layer::CompactState`): z as a one-byte code,
+    /// and s as int8 where pooling reads it. On by default; the same bits either way.
+    pub compact: bool,
 }
 
 impl StepSettings {
@@ -54,6 +57,7 @@ impl StepSettings {
             version: KernelVersion::from_env()?,
             limits,
             feedforward: FeedForward::Cublas,
+            compact: true,
         }
         .with_precision(Precision::Fp32)
     }
@@ -73,6 +77,7 @@ impl StepSettings {
             version: KernelVersion::V1,
             limits: DeviceLimits::H100,
             feedforward: FeedForward::Cublas,
+            compact: true,
         }
     }
 
@@ -110,6 +115,9 @@ pub fn spike_feedback(spec: &NetworkSpec, l: &LayerSpec) -> FeedbackConfig {
 
 /// The launch plan a spiking layer of `shape` with `neuron` runs at a batch shape under
 /// `settings`: the plan `GpuBackEiLayer::prepare` makes (and allocates its buffers from).
+/// `pooled`: the layer's output is read only by pooling ([`output_read_by_pool`]), whose kernels
+/// take int8 spikes.
+#[allow(clippy::too_many_arguments)]
 pub fn spiking_plan(
     shape: [usize; 3],
     fb: &FeedbackConfig,
@@ -117,8 +125,21 @@ pub fn spiking_plan(
     batch: usize,
     steps: usize,
     s: &StepSettings,
+    pooled: bool,
 ) -> Result<LaunchPlan> {
-    plan_layer(shape, fb, batch, steps, &s.limits, s.version, s.precision, s.deterministic, s.recompute, z_code_is_exact(neuron))
+    let compact = CompactState::of(neuron, s.compact, s.compact && pooled);
+    plan_layer(shape, fb, batch, steps, &s.limits, s.version, s.precision, s.deterministic, s.recompute, compact)
+}
+
+/// Whether layer `i`'s output is read only by a 2×2 pooling, directly or through a dropout fused
+/// into it: the GPU's pooling kernels read int8 spikes (`pool::forward_s8`,
+/// `dropout::forward_pooled` with `x_s8`), so a v4 BackEI layer there writes its spikes as int8.
+pub fn output_read_by_pool(plan: &[LayerPlan], ts: &[(usize, usize)], i: usize) -> bool {
+    match plan.get(i + 1).map(|l| &l.spec) {
+        Some(LayerSpec::AvgPool) => true,
+        Some(LayerSpec::Dropout { .. }) => fuses_into_pool(plan, ts, i + 1),
+        _ => false,
+    }
 }
 
 /// Where one buffer of the step lives (lengths in f32 values).
@@ -276,7 +297,8 @@ pub fn buffer_plan(spec: &NetworkSpec, batch: usize, steps: usize, t_in: usize, 
                 let fb = spike_feedback(&spec, &lp.spec);
                 let k = 2 * fb.radius + 1;
                 params += (c * c * k * k + c) * (fb.back as usize + fb.ei as usize);
-                spiking = Some(spiking_plan(lp.input, &fb, &spec.neuron, batch, steps, settings)?);
+                let pooled = output_read_by_pool(&plan, &ts, i);
+                spiking = Some(spiking_plan(lp.input, &fb, &spec.neuron, batch, steps, settings, pooled)?);
             }
             _ => {}
         }
@@ -636,7 +658,8 @@ mod tests {
                 assert_eq!((r.buffers.v, r.buffers.g, r.buffers.z), (k * bn, k * bn, (k * bn).div_ceil(4)));
                 assert!(r.v4.as_ref().is_some_and(|v| v.z_code));
                 assert_eq!(r.buffers.v_ckpt, (100usize.div_ceil(k) - 1) * bn);
-                assert_eq!(r.buffers.out, a.buffers.out, "s is the next layer's input: every step");
+                // s is the next layer's input: every step, as int8 (pooling reads it)
+                assert_eq!(r.buffers.out, a.buffers.out.div_ceil(4), "s: every step, a byte each");
             }
         }
         // K ≥ T is one window: the plan of keeping every step (on v4)
@@ -648,41 +671,53 @@ mod tests {
     }
 
     /// v4 keeps z as a one-byte code exactly where the code is exact (exact firing and the
-    /// rectangle surrogate, `z_code_is_exact`): a quarter of z's bytes, counted by the plan;
-    /// smooth firing or another surrogate keeps z in f32, and so do v1–v3.
+    /// rectangle surrogate, `z_code_is_exact`) and s as int8 where the firing is exact (every
+    /// BackEI layer of the networks is read by pooling), a quarter of their bytes, counted by the
+    /// plan; smooth firing keeps both in f32, the sigmoid and arctan surrogates keep z in f32, and
+    /// so do v1–v3 and `compact: false`.
     #[test]
-    fn v4_keeps_z_as_a_byte_where_that_is_exact() {
+    fn v4_keeps_z_and_s_as_bytes_where_that_is_exact() {
         use crate::spec::{FiringMode, Surrogate};
         let v4 = StepSettings { version: KernelVersion::V4, ..h100() };
-        let z_of = |spec: &NetworkSpec, s: &StepSettings| -> Vec<(usize, bool)> {
+        // per BackEI layer: (z words, z coded, s words, s int8)
+        let of = |spec: &NetworkSpec, s: &StepSettings| -> Vec<(usize, bool, usize, bool)> {
             let bp = buffer_plan(spec, 100, 20, 1, s).unwrap();
             let layers =
                 bp.layers.iter().filter_map(|l| l.spiking.as_ref()).filter(|p| p.path != super::super::backei_layer::LayerPath::Plain);
-            layers.map(|p| (p.buffers.z, p.v4.as_ref().is_some_and(|v| v.z_code))).collect()
+            layers
+                .map(|p| {
+                    let (zc, s8) = p.v4.as_ref().map_or((false, false), |v| (v.z_code, v.s8));
+                    (p.buffers.z, zc, p.buffers.out, s8)
+                })
+                .collect()
         };
-        let spec = NetworkSpec::fashion_mnist();
-        let coded = z_of(&spec, &v4);
-        let f32s = z_of(&spec, &h100());
-        assert_eq!(coded.len(), 2);
-        for ((zc, c), (zf, f)) in coded.iter().zip(&f32s) {
-            assert!(*c && !*f, "v4 codes z, v1 does not");
-            assert_eq!(*zc, zf.div_ceil(4));
-        }
-        for change in [0, 1, 2] {
-            let mut s2 = spec.clone();
-            match change {
-                0 => s2.neuron.mode = FiringMode::Smooth { k: 4.0 },
-                1 => s2.neuron.surrogate = Surrogate::Sigmoid { alpha: 4.0 },
-                _ => s2.neuron.surrogate = Surrogate::Atan { alpha: 2.0 },
+        for spec in four() {
+            let f32s = of(&spec, &h100());
+            for (exact, z_exact, compact) in [(true, true, true), (true, false, true), (false, false, true), (true, true, false)] {
+                let mut s2 = spec.clone();
+                if !exact {
+                    s2.neuron.mode = FiringMode::Smooth { k: 4.0 };
+                }
+                if !z_exact {
+                    s2.neuron.surrogate = Surrogate::Atan { alpha: 2.0 };
+                }
+                let got = of(&s2, &StepSettings { compact, ..v4 });
+                assert_eq!(got.len(), f32s.len());
+                for (&(z, zc, out, s8), &(zf, zcf, outf, s8f)) in got.iter().zip(&f32s) {
+                    assert!(!zcf && !s8f, "{}: v1 keeps f32", spec.name);
+                    let what = format!("{} exact {exact} rectangle {z_exact} compact {compact}", spec.name);
+                    assert_eq!((zc, s8), (compact && exact && z_exact, compact && exact), "{what}");
+                    assert_eq!(z, if zc { zf.div_ceil(4) } else { zf }, "{what}: z");
+                    assert_eq!(out, if s8 { outf.div_ceil(4) } else { outf }, "{what}: s");
+                }
             }
-            assert!(z_of(&s2, &v4).iter().zip(&f32s).all(|(a, b)| a == b), "{:?}: z stays f32", s2.neuron);
         }
-        let all = memory_plan(&spec, 100, 20, 1, &v4).unwrap();
-        let mut smooth = spec.clone();
-        smooth.neuron.mode = FiringMode::Smooth { k: 4.0 };
-        let f = memory_plan(&smooth, 100, 20, 1, &v4).unwrap();
-        let saved: usize = f32s.iter().map(|(z, _)| z - z.div_ceil(4)).sum::<usize>() * 4;
-        assert_eq!(f.total() - all.total(), saved, "the plan counts the bytes saved: {all} vs {f}");
+        let spec = NetworkSpec::fashion_mnist();
+        let lean = memory_plan(&spec, 100, 20, 1, &v4).unwrap();
+        let full = memory_plan(&spec, 100, 20, 1, &StepSettings { compact: false, ..v4 }).unwrap();
+        let saved: usize =
+            of(&spec, &h100()).iter().map(|&(z, _, out, _)| (z - z.div_ceil(4)) + (out - out.div_ceil(4))).sum::<usize>() * 4;
+        assert_eq!(full.total() - lean.total(), saved, "the plan counts the bytes saved: {lean} vs {full}");
     }
 
     /// A BackEI layer v4 cannot run (radius 3) cannot recompute: the error names the layer, why,

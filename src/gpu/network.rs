@@ -220,7 +220,17 @@ fn view<'a>(buf: &'a CudaSlice<f32>, len: usize, what: &str) -> Result<CudaView<
     buf.try_slice(0..len).ok_or_else(|| shape_err(what, format!("≥ {len} values"), format!("{}", buf.len())))
 }
 
-/// The input of the layer after `before`: the output of the last layer that holds one.
+/// Whether the input of the layer after `before` is int8 spikes (a v4 BackEI layer's compact
+/// output, which only pooling reads: `memory::output_read_by_pool`).
+fn source_is_s8(before: &[Layer]) -> bool {
+    match before.iter().rev().find(|l| !matches!(l.op, Op::Flatten | Op::Dropout { fused: true, .. })) {
+        Some(Layer { op: Op::Spike { layer, .. }, .. }) => layer.spikes_s8(),
+        _ => false,
+    }
+}
+
+/// The input of the layer after `before`: the output of the last layer that holds one (int8
+/// spikes in ⌈len/4⌉ f32 words where [`source_is_s8`]).
 fn source<'a>(
     before: &'a [Layer],
     input: &'a CudaSlice<f32>,
@@ -231,6 +241,7 @@ fn source<'a>(
         let len = l.t_out * batch * l.out_len;
         let buf = match (&l.op, l.out_place) {
             (Op::Flatten, _) | (Op::Dropout { fused: true, .. }, _) => continue,
+            (Op::Spike { layer, .. }, _) if layer.spikes_s8() => return view(layer.output()?, len.div_ceil(4), "int8 spikes"),
             (Op::Spike { layer, .. }, _) => layer.output()?,
             (_, Place::Own(_)) => l.out.as_ref().ok_or_else(|| missing("a layer output"))?,
             (_, Place::Slot { slot, .. }) => {
@@ -511,6 +522,9 @@ impl GpuNetwork {
                 layer.precision = self.settings.precision;
                 layer.version = self.settings.version;
                 layer.recompute = self.settings.recompute;
+                // the memory plan decided whether s is written as int8 (read by pooling only)
+                layer.compact_z = self.settings.compact;
+                layer.compact_s = lb.spiking.as_ref().and_then(|p| p.v4.as_ref()).is_some_and(|v| v.s8);
                 let made = layer.prepare(batch, self.spec.steps)?;
                 if Some(made) != lb.spiking.as_ref() {
                     return Err(BackeiError::Cuda(format!("internal: layer {i}'s launch plan differs from the memory plan's")));
@@ -699,6 +713,7 @@ impl GpuNetwork {
             let layer = &mut rest[0];
             let (readable, slot_out) = slot_views(&mut self.out_slots, slot_of(layer.out_place));
             let src = source(before, input, &readable, batch)?;
+            let s8 = source_is_s8(before);
             let (t_in, t_out) = (layer.t_in, layer.t_out);
             let rows = t_in * batch;
             match &mut layer.op {
@@ -738,12 +753,14 @@ impl GpuNetwork {
                             &mut y,
                             *x_exact,
                         )?,
+                        Op::Pool { c, h, w, dropout: None } if s8 => pool::forward_s8(&dev, rows * *c, *h, *w, &src, &mut y)?,
                         Op::Pool { c, h, w, dropout: None } => pool::forward(&dev, rows * *c, *h, *w, &src, &mut y)?,
                         Op::Pool { c, h, w, dropout: Some((prob, key_slot)) } => {
                             // the dropout's input: c planes of h·w per sample
                             let index0 = (offset * *c * *h * *w) as u64;
                             let mask = if training { Mask::Key { keys: &self.keys.keys, slot: *key_slot, index0 } } else { Mask::Off };
-                            dropout::forward_pooled(&dev, mask, *prob, batch * *c, t_out, *h, *w, &src, &mut y)?
+                            let planes = batch * *c;
+                            dropout::forward_pooled(&dev, mask, *prob, planes, t_out, *h, *w, &src, s8, &mut y)?
                         }
                         Op::Dropout { p: prob, key_slot, .. } => {
                             let index0 = (offset * layer.in_len) as u64;
@@ -1219,6 +1236,12 @@ impl GpuNetwork {
             _ => false,
         };
         self.fused_readout && self.layers.last().is_some_and(fusable) && self.layers.iter().any(Layer::has_params)
+    }
+
+    /// The v4 kernels' compact saved state (on by default: z as a one-byte code, s as int8 where
+    /// pooling reads it; `memory::StepSettings::compact`) or everything in f32: the same bits.
+    pub fn set_compact_state(&mut self, on: bool) {
+        self.change_settings(StepSettings { compact: on, ..self.settings });
     }
 
     /// The fused BackEI kernels the layers ask for (`$BACKEI_BACKEI_KERNEL` at construction); a
