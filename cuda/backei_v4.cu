@@ -677,11 +677,30 @@ struct V4Dz {
     }
 };
 
+// The network's 2×2 average pooling of one step's spikes s_t [B][C][H][W] into y_t [B][C][H/2][W/2]
+// (pool.cu's avgpool2_forward: the same sum in the same order, the same bits; floor on odd sizes),
+// by every block over a grid-stride share, after the step's last barrier: nothing later in the
+// launch writes s_t, and y is read only after the launch, so it needs no barrier of its own.
+// The layer's output is then read from L2 while it is hot, and the pooling needs no launch.
+__device__ __forceinline__ void pool_step(const V4S* s_t, float* y_t, const LayerDims& d) {  // (DIM_*: d's or constants)
+    const int ho = DIM_H / 2, wo = DIM_W / 2;
+    const long long total = (long long)d.B * DIM_C * ho * wo;
+    for (long long j = (long long)blockIdx.x * THREADS + threadIdx.x; j < total; j += (long long)gridDim.x * THREADS) {
+        const int ox = (int)(j % wo), oy = (int)((j / wo) % ho);
+        const long long m = j / ((long long)wo * ho);
+        const V4S* r0 = s_t + (m * DIM_H + 2 * oy) * DIM_W;
+        const V4S* r1 = r0 + DIM_W;
+        y_t[j] = ((float)__ldcg(r0 + 2 * ox) + (float)__ldcg(r0 + 2 * ox + 1) + (float)__ldcg(r1 + 2 * ox) + (float)__ldcg(r1 + 2 * ox + 1)) * 0.25f;
+    }
+}
+
 // Forward. Cooperative launch: grid = groups · ranges, 256 threads, dynamic smem as V4Dims says.
 // bar: one zeroed u32. wfrag/winv: the weight-fragment scratch (rebuilt by every launch).
 // v_prev: v_{t0−1} [B][N] (read when t0 > 0); v_last: where v_{t1−1} is also written (or null).
+// pooled: the 2×2 average pooling of every step's s, [T][B][C][H/2][W/2] (the network's pooling
+// layer after this one, fused), or null (the backward's recomputing launches pass null).
 __device__ __forceinline__ void forward_v4(const float* __restrict__ params, const float* __restrict__ input, V4S* out, float* v,
-                                           float* __restrict__ g, V4Z* z, const float* __restrict__ v_prev, float* v_last,
+                                           float* __restrict__ g, V4Z* z, const float* __restrict__ v_prev, float* v_last, float* pooled,
                                            unsigned int* bar, char* wfrag, float* winv, const LayerDims& d, const NeuronParams& np,
                                            const V4Dims& vd, const V4Window& win) {
     extern __shared__ float4 smem4[];
@@ -743,24 +762,26 @@ __device__ __forceinline__ void forward_v4(const float* __restrict__ params, con
             });
         });
         grid_sync(bar);  // v_t (and s_t) of the whole batch are written
-        if (!d.ei) continue;
-        // phase B: z = W_e ⊛ v_t + b_e, s_t = sign(z)·H(v_t − θ)
-        for_each_chunk(d, vd, [&](const Chunk& ch) {
-            const long long sb = (long long)ch.b * N;
-            float acc[MT][NT][4] = {};
-            const V4Plain vt_src{v + wt + sb};
-            float inv_v;
-            const float scale = halo_scale<true>(vt_src, ch, d, sm.red, inv_v);
-            conv_all_slabs<true, PLANES>(acc, sm.halo, sm.we, wg_e, vt_src, scale, ch, d, vd);
-            const float sc = winv_e * inv_v;
-            for_each_owned(ch, co0, d, [&](int mi, int ni, int i, int q, int c) {
-                const long long e = sb + (long long)c * HW + q;
-                const float zt = be[c] + acc[mi][ni][i] * sc;
-                z[wt + e] = save_z(np, zt);
-                out[ot + e] = (V4S)(sign_(np, zt) * fire(np, v[wt + e] - np.threshold));
+        if (d.ei) {
+            // phase B: z = W_e ⊛ v_t + b_e, s_t = sign(z)·H(v_t − θ)
+            for_each_chunk(d, vd, [&](const Chunk& ch) {
+                const long long sb = (long long)ch.b * N;
+                float acc[MT][NT][4] = {};
+                const V4Plain vt_src{v + wt + sb};
+                float inv_v;
+                const float scale = halo_scale<true>(vt_src, ch, d, sm.red, inv_v);
+                conv_all_slabs<true, PLANES>(acc, sm.halo, sm.we, wg_e, vt_src, scale, ch, d, vd);
+                const float sc = winv_e * inv_v;
+                for_each_owned(ch, co0, d, [&](int mi, int ni, int i, int q, int c) {
+                    const long long e = sb + (long long)c * HW + q;
+                    const float zt = be[c] + acc[mi][ni][i] * sc;
+                    z[wt + e] = save_z(np, zt);
+                    out[ot + e] = (V4S)(sign_(np, zt) * fire(np, v[wt + e] - np.threshold));
+                });
             });
-        });
-        grid_sync(bar);  // s_t is complete before a later step's gate reads it
+            grid_sync(bar);  // s_t is complete before a later step's gate reads it
+        }
+        if (pooled) pool_step(out + ot, pooled + (long long)t * d.B * DIM_C * (DIM_H / 2) * (DIM_W / 2), d);
     }
 }
 
@@ -999,11 +1020,11 @@ __device__ __forceinline__ void backward_v4(const float* __restrict__ params, fl
 
 extern "C" __global__ void __launch_bounds__(256, 1)
 V4_FORWARD(const float* __restrict__ params, const float* __restrict__ input, float* out, float* v, float* __restrict__ g, float* z,
-           const float* __restrict__ v_prev, float* v_last, unsigned int* bar, char* wfrag, float* winv, LayerDims d, NeuronParams np,
+           const float* __restrict__ v_prev, float* v_last, float* pooled, unsigned int* bar, char* wfrag, float* winv, LayerDims d, NeuronParams np,
            V4Dims vd, V4Window win) {
     // z: f32 words, or (V4_ZCODE) the same buffer as bytes
     // s and z: f32 words, or (V4_S8, V4_ZCODE) the same buffers as bytes
-    forward_v4(params, input, reinterpret_cast<V4S*>(out), v, g, reinterpret_cast<V4Z*>(z), v_prev, v_last, bar, wfrag, winv, d, v4_neuron(np), vd, win);
+    forward_v4(params, input, reinterpret_cast<V4S*>(out), v, g, reinterpret_cast<V4Z*>(z), v_prev, v_last, pooled, bar, wfrag, winv, d, v4_neuron(np), vd, win);
 }
 
 extern "C" __global__ void __launch_bounds__(256, 1)

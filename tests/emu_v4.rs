@@ -28,6 +28,12 @@ const SMALL: DeviceLimits = DeviceLimits { sm_count: 3, max_smem_per_block: 232_
 /// backward in reverse, every window but the last recomputed first. v, g, z in the result are what
 /// the buffers hold at the end (the whole loop's only without a window).
 fn emulate_v4(c: &Case, x: &Inputs, plan: &LaunchPlan, sched: u64) -> DeviceOut {
+    emulate_v4_pooling(c, x, plan, sched, std::ptr::null_mut())
+}
+
+/// [`emulate_v4`] with the forward also writing the 2×2 average pooling of s into `pooled`
+/// ([T][B][C][H/2][W/2]; null: none), as the network's fused pooling launches it.
+fn emulate_v4_pooling(c: &Case, x: &Inputs, plan: &LaunchPlan, sched: u64, pooled: *mut f32) -> DeviceOut {
     let v4 = plan.v4.as_ref().unwrap_or_else(|| panic!("{}: not a v4 plan: {:?}", c.name, plan.fallback));
     let n: usize = c.shape.iter().product();
     let (b, t) = (c.batch, c.steps);
@@ -60,22 +66,22 @@ fn emulate_v4(c: &Case, x: &Inputs, plan: &LaunchPlan, sched: u64) -> DeviceOut 
     let (pp, pi, po, pv, pg, pz) = (params.ptr(), input.ptr(), out.ptr(), v.ptr(), g.ptr(), z.ptr());
     let (pwf, pwi) = (wfrag.ptr(), winv.ptr());
     let mut launches = 0u64;
-    let mut forward = |win: V4Window, ckpt_in: Option<usize>, ckpt_out: Option<usize>, bar: &mut Vec<u32>| {
+    let mut forward = |win: V4Window, ckpt_in: Option<usize>, ckpt_out: Option<usize>, pooled: *mut f32, bar: &mut Vec<u32>| {
         bar[0] = 0;
         let mut a = Args::new();
-        a.val(pp).val(pi).val(po).val(pv).val(pg).val(pz).val(slot(ckpt_in)).val(slot(ckpt_out));
+        a.val(pp).val(pi).val(po).val(pv).val(pg).val(pz).val(slot(ckpt_in)).val(slot(ckpt_out)).val(pooled);
         a.buf_u32(bar).val(pwf).val(pwi).val(dims).val(np).val(v4.dims).val(win);
         m.launch(&plan.forward, sched + launches, &mut a).unwrap_or_else(|e| panic!("{} forward {win:?}: {e}", c.name));
         launches += 1;
     };
     for (w, &win) in windows.iter().enumerate() {
-        forward(win, w.checked_sub(1), (w < last).then_some(w), &mut bar);
+        forward(win, w.checked_sub(1), (w < last).then_some(w), pooled, &mut bar);
     }
     let (pgr, pgo, pgi, pdv, pfb, pda, ppart, pcarry) =
         (grads.ptr(), gout.ptr(), gin.ptr(), dv.ptr(), fbuf.ptr(), da.ptr(), part.ptr(), carry.ptr());
     for (w, &win) in windows.iter().enumerate().rev() {
         if w != last {
-            forward(win, w.checked_sub(1), None, &mut bar);
+            forward(win, w.checked_sub(1), None, std::ptr::null_mut(), &mut bar);
         }
         bar[0] = 0;
         let mut a = Args::new();
@@ -363,5 +369,47 @@ fn v4_compact_state_gives_the_bits_of_saving_it_in_f32() {
                 assert!(f.out.iter().any(|&s| s < 0.0), "{}: no inhibitory spike: int8 −1 untested", c.name);
             }
         }
+    }
+}
+
+/// The 2×2 average pooling fused into the v4 forward (`pooled`: the network's pooling layer after
+/// a BackEI layer) gives the bits of `cpu::pool::forward` on the layer's spikes (which the rest of
+/// the emulator tests compare with the CPU engine), and changes nothing else: odd maps (the floor
+/// drops a row and a column), f32 and int8 spikes, `--recompute` windows (each forward window
+/// pools its own steps; the backward's recomputing launches write nothing there).
+#[test]
+fn v4_forward_pools_its_spikes_as_the_pooling_layer_would() {
+    use backei::gpu::backei_layer::{apply_compact, CompactState};
+    let cases = [
+        (case("5×7×9 back+ei r 1 D 2 T 6", [5, 7, 9], true, true, 1, 2, 2, 6, 6), None, false),
+        (case("6×8×6 back r 2 D 1 T 5", [6, 8, 6], true, false, 2, 1, 3, 5, 1), Some(2), true),
+        (case("16×6×7 ei r 1 T 4", [16, 6, 7], false, true, 1, 1, 2, 4, 4), Some(3), true),
+    ];
+    for (i, (c, k, s8)) in cases.iter().enumerate() {
+        let x = inputs(c, 660 + i as u64);
+        let mut plan = v4_plan(c, &SMALL, Precision::Fp32);
+        if let Some(k) = *k {
+            apply_recompute(&mut plan, c.shape, &c.fb, k, c.steps).unwrap();
+        }
+        apply_compact(&mut plan, &c.fb, CompactState { z: true, s: *s8 });
+        let [ch, h, w] = c.shape;
+        let planes = c.steps * c.batch * ch;
+        let mut y = DevBuf::new("pooled", planes * (h / 2) * (w / 2));
+        let plain = emulate_v4(c, &x, &plan, 8);
+        let d = emulate_v4_pooling(c, &x, &plan, 8, y.ptr());
+        y.check_guards();
+        let bits = |xs: &[f32]| xs.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        for (name, a, b) in [("s", &d.out, &plain.out), ("∂L/∂I", &d.gin, &plain.gin), ("gradients", &d.grads, &plain.grads)] {
+            assert!(bits(a) == bits(b), "{} K {k:?}: {name} changed by pooling", c.name);
+        }
+        let s: Vec<f32> = if *s8 {
+            plain.out.iter().flat_map(|w| w.to_le_bytes()).take(planes * h * w).map(|b| b as i8 as f32).collect()
+        } else {
+            plain.out.clone()
+        };
+        let mut want = vec![0f32; y.host().len()];
+        backei::cpu::pool::forward(planes, h, w, &s, &mut want);
+        assert!(want.iter().any(|&v| v != 0.0), "{}: nothing fired", c.name);
+        assert_eq!(bits(&y.host()), bits(&want), "{} K {k:?} s8 {s8}: the pooled spikes", c.name);
     }
 }

@@ -280,6 +280,42 @@ fn compact_state_steps_equal_f32_state() {
     }
 }
 
+/// The pooling fused into the v4 BackEI forward (the default on v4) against its own launch: six
+/// Adam steps of the four networks under CUDA graphs (the last one profiled) and an evaluation
+/// give the same losses and parameter bits, and the profile names the fused launch. The emulator
+/// checks the kernel's pooled bits in CI (`emu_v4::v4_forward_pools_its_spikes_as_the_pooling_layer_would`).
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn fused_pooling_gives_the_bits_of_the_pooling_launch() {
+    let d = dev();
+    for spec in [NetworkSpec::mnist(), NetworkSpec::fashion_mnist(), NetworkSpec::cifar10(), NetworkSpec::nmnist()] {
+        let spec = small(spec);
+        let go = |fused: bool| {
+            let cpu = Network::<f32>::new(&spec, 4150).unwrap();
+            let mut net = GpuNetwork::from_cpu(&d, &cpu).unwrap();
+            net.set_kernel_version(backei::gpu::backei_layer::KernelVersion::V4);
+            net.set_fused_pool(fused);
+            let mut o = GpuOptimizer::new(&d, OptimizerConfig::adam(1e-3), net.num_params()).unwrap();
+            let b = batches(&spec, 5, 1, 6);
+            let mut stats: Vec<StepStats> = b[..5].iter().map(|(x, l)| net.train_step(x, 1, l, Loss::Mse, &mut o).unwrap()).collect();
+            net.set_profiling(true).unwrap();
+            stats.push(net.train_step(&b[5].0, 1, &b[5].1, Loss::Mse, &mut o).unwrap());
+            let rows = net.take_profile().unwrap();
+            net.set_profiling(false).unwrap();
+            stats.push(net.evaluate(&b[0].0, 1, &b[0].1, Loss::Mse).unwrap());
+            (stats, bits(&net.params_to_host().unwrap()), rows.iter().filter(|r| r.0.ends_with("with the pooling")).count())
+        };
+        let (s_sep, p_sep, n_sep) = go(false);
+        let (s_fused, p_fused, n_fused) = go(true);
+        assert_eq!(s_fused, s_sep, "{}: losses or accuracies differ", spec.name);
+        assert!(p_fused == p_sep, "{}: parameters after 6 steps differ", spec.name);
+        // mnist, fashion-mnist and N-MNIST pool right after both BackEI layers; cifar10 has a
+        // dropout between (fused into the pooling instead)
+        let want = if spec.name == "cifar10" { 0 } else { 2 };
+        assert_eq!((n_sep, n_fused), (0, want), "{}: the profile's fused rows", spec.name);
+    }
+}
+
 #[test]
 #[ignore = "needs a CUDA GPU"]
 fn profiled_steps_run_eagerly_between_graph_replays() {

@@ -145,6 +145,18 @@ impl DeviceLimits {
     }
 }
 
+/// What a spiking layer's forward also writes from its spikes, in the same launch
+/// (`GpuBackEiLayer::forward_with`).
+pub enum Epilogue<'a, 'b> {
+    None,
+    /// The network's readout y [B][N] = (1/T)·Σ_t s_t, as `loss::readout` computes it
+    /// (`spiking_readout_forward_v1_f32`; a plain layer: the network's last).
+    Readout(&'a mut CudaViewMut<'b, f32>),
+    /// The 2×2 average pooling of s, y [T][B][C][⌊H/2⌋][⌊W/2⌋], as `pool::forward` computes it (the
+    /// v4 kernels: `pool_step` in `cuda/backei_v4.cu`; the network's pooling layer after this one).
+    Pool(&'a mut CudaViewMut<'b, f32>),
+}
+
 /// The last layer's kernels with the readout and the loss fused (`cuda/spiking.cu`).
 pub const READOUT_FORWARD: &str = "spiking_readout_forward_v1_f32";
 pub const LOSS_BACKWARD: &str = "spiking_loss_backward_v1_f32";
@@ -1424,40 +1436,25 @@ impl GpuBackEiLayer {
         batch: usize,
         steps: usize,
     ) -> Result<()> {
-        self.forward_with(params, slots, input, t_in, batch, steps, None)
+        self.forward_with(params, slots, input, t_in, batch, steps, Epilogue::None)
     }
 
-    /// The network's last layer: `forward` and the readout y [B][N] = (1/T)·Σ_t s_t in one launch
-    /// (`spiking_readout_forward_v1_f32`: the bits of `forward` then `loss::readout`). Plain
-    /// layers only (the last layer of every network; see [`Self::fuses_readout`]).
-    #[allow(clippy::too_many_arguments)]
-    pub fn forward_readout(
-        &mut self,
-        params: &CudaSlice<f32>,
-        slots: &BackEiSlots,
-        input: &CudaView<f32>,
-        t_in: usize,
-        batch: usize,
-        steps: usize,
-        y: &mut CudaViewMut<f32>,
-    ) -> Result<()> {
-        if !self.fuses_readout() {
-            return Err(config_err("readout", "only a plain spiking layer (back and ei off) computes the readout in its forward"));
-        }
-        if y.len() != batch * self.neurons() {
-            return Err(shape_err("readout", format!("{}", batch * self.neurons()), format!("{}", y.len())));
-        }
-        self.forward_with(params, slots, input, t_in, batch, steps, Some(y))
+    /// Whether this layer's forward at a batch shape can also pool its output
+    /// ([`Epilogue::Pool`]: its plan runs the v4 kernels); call after `prepare`.
+    pub fn pools_in_forward(&self) -> bool {
+        self.plan.as_ref().is_some_and(|p| p.v4.is_some())
     }
 
-    /// Whether this layer can run the readout and the loss inside its own kernels (a plain layer:
-    /// one thread per neuron owns its (b, k) output over all T).
+    /// Whether this layer can run the readout and the loss inside its own kernels
+    /// ([`Epilogue::Readout`], `backward_from_loss`: a plain layer, whose thread owns one (b, k)
+    /// output over all T).
     pub fn fuses_readout(&self) -> bool {
         !self.feedback.back && !self.feedback.ei
     }
 
+    /// `forward`, and in the same launch what `epilogue` asks of its spikes.
     #[allow(clippy::too_many_arguments)]
-    fn forward_with(
+    pub fn forward_with(
         &mut self,
         params: &CudaSlice<f32>,
         slots: &BackEiSlots,
@@ -1465,8 +1462,28 @@ impl GpuBackEiLayer {
         t_in: usize,
         batch: usize,
         steps: usize,
-        readout: Option<&mut CudaViewMut<f32>>,
+        epilogue: Epilogue,
     ) -> Result<()> {
+        let (readout, pooled) = match epilogue {
+            Epilogue::None => (None, None),
+            Epilogue::Readout(y) => {
+                if !self.fuses_readout() {
+                    return Err(config_err("readout", "only a plain spiking layer (back and ei off) computes the readout in its forward"));
+                }
+                if y.len() != batch * self.neurons() {
+                    return Err(shape_err("readout", format!("{}", batch * self.neurons()), format!("{}", y.len())));
+                }
+                (Some(y), None)
+            }
+            Epilogue::Pool(y) => {
+                let [c, h, w] = self.shape;
+                let want = steps * batch * c * (h / 2) * (w / 2);
+                if y.len() != want {
+                    return Err(shape_err("pooled output", format!("{want}"), format!("{}", y.len())));
+                }
+                (None, Some(y))
+            }
+        };
         let n = self.neurons();
         check_forward_input(t_in, batch, steps, n, input.len())?;
         let plan = self.prepare(batch, steps)?.clone();
@@ -1478,7 +1495,10 @@ impl GpuBackEiLayer {
                 return Err(config_err("readout", "only a plain spiking layer computes the readout in its forward"));
             }
             let dims = self.dims(slots, t_in, false, false)?;
-            return super::backei_v4::forward(self, v4, plan.window, params, input, dims, np);
+            return super::backei_v4::forward(self, v4, plan.window, params, input, dims, np, pooled);
+        }
+        if pooled.is_some() {
+            return Err(config_err("pooling", "only the v4 kernels pool their output in the forward (see pools_in_forward)"));
         }
         let l = plan.forward;
         let f = self.function(&l)?;
@@ -1504,7 +1524,7 @@ impl GpuBackEiLayer {
                         let inv_steps = 1.0f32 / steps as f32;
                         let f = self.dev.kernels.function(l.module, READOUT_FORWARD)?;
                         // SAFETY: the argument list matches spiking_readout_forward_v1_f32; y holds
-                        // B·N (checked by forward_readout), the rest as above. The same grid-stride
+                        // B·N (checked by forward_with), the rest as above. The same grid-stride
                         // launch as the plain forward.
                         unsafe {
                             stream

@@ -431,7 +431,9 @@ fn prepare_launch(
 }
 
 /// The forward: one launch over all T steps, or with `--recompute K` one per window, each keeping
-/// v at its end for the next (`GpuBackEiLayer::forward` checked the buffers).
+/// v at its end for the next (`GpuBackEiLayer::forward` checked the buffers); with `pooled`, each
+/// launch also writes its steps' 2×2 average pooling of s there ([T][B][C][H/2][W/2]).
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn forward(
     layer: &mut GpuBackEiLayer,
     plan: &V4Plan,
@@ -440,11 +442,13 @@ pub(crate) fn forward(
     input: &CudaView<f32>,
     dims: LayerDims,
     np: NeuronParams,
+    mut pooled: Option<&mut CudaViewMut<f32>>,
 ) -> Result<()> {
     let windows = V4Window::all(dims.t as usize, window);
     let last = windows.len() - 1;
     for (w, win) in windows.into_iter().enumerate() {
-        launch_forward(layer, plan, params, input, dims, np, win, w.checked_sub(1), (w < last).then_some(w))?;
+        let y = pooled.as_deref_mut();
+        launch_forward(layer, plan, params, input, dims, np, win, w.checked_sub(1), (w < last).then_some(w), y)?;
     }
     Ok(())
 }
@@ -468,7 +472,8 @@ pub(crate) fn backward(
     let last = windows.len() - 1;
     for (w, win) in windows.into_iter().enumerate().rev() {
         if w != last {
-            launch_forward(layer, plan, params, input, dims, np, win, w.checked_sub(1), None)?;
+            // (the pooled output was written by the forward; its buffer may hold other data now)
+            launch_forward(layer, plan, params, input, dims, np, win, w.checked_sub(1), None, None)?;
         }
         launch_backward(layer, plan, params, grads, input, grad_out, grad_in, dims, np, win)?;
     }
@@ -513,6 +518,7 @@ fn launch_forward(
     win: V4Window,
     ckpt_in: Option<usize>,
     ckpt_out: Option<usize>,
+    pooled: Option<&mut CudaViewMut<f32>>,
 ) -> Result<()> {
     let (f, cfg, vd) = prepare_launch(layer, plan, plan.forward, &np)?;
     let stream = layer.dev.stream.clone();
@@ -534,9 +540,14 @@ fn launch_forward(
         Some(p) => b.arg(p),
         None => b.arg(&null),
     };
+    match pooled {
+        Some(y) => b.arg(y),
+        None => b.arg(&null),
+    };
     b.arg(bar).arg(wfrag).arg(winv).arg(&dims).arg(&np).arg(&vd).arg(&win);
     // SAFETY: the argument list matches backei_forward_v4_*; the buffers were sized by the plan
-    // (out: T·B·N; v, g, z: (t1 − t0)·B·N at least; the checkpoints B·N; wfrag: 2·groups slices;
+    // (out: T·B·N; v, g, z: (t1 − t0)·B·N at least; the checkpoints B·N; pooled: T·B·C·⌊H/2⌋·⌊W/2⌋,
+    // checked by GpuBackEiLayer::forward_with; wfrag: 2·groups slices;
     // winv: 2·groups); v_last is written by this launch alone (cudarc's shared view only passes
     // its address); the grid is co-resident (occupancy-clamped above), as the kernel's grid
     // barrier requires.

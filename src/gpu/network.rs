@@ -23,7 +23,7 @@
 //! when the step's status words are non-zero, and they stay so (every later step reports the
 //! error too) until parameters are loaded (`load_params`).
 
-use super::backei_layer::{BackEiSlots, GpuBackEiLayer, KernelVersion};
+use super::backei_layer::{BackEiSlots, Epilogue, GpuBackEiLayer, KernelVersion};
 use super::conv;
 use super::device::GpuDevice;
 use super::dropout::{DropoutKeys, Mask};
@@ -166,6 +166,9 @@ pub struct GpuNetwork {
     /// The last layer runs the readout and the training step's loss in its own kernels (see
     /// `readout_fused`; `BACKEI_FUSED_READOUT=0` or `set_fused_readout` turns it off).
     fused_readout: bool,
+    /// A BackEI layer on the v4 kernels writes the pooling after it in its forward
+    /// (`Epilogue::Pool`; `BACKEI_FUSED_POOL=0` or `set_fused_pool` turns it off).
+    fused_pool: bool,
     /// Recorded after each input upload (see `upload_input`).
     uploaded: CudaEvent,
 }
@@ -264,16 +267,27 @@ fn grad_of_output(after: &[Layer], upstream: Place) -> Place {
 /// Turns off the last layer's fused readout and loss (`=0`; the default `1` fuses them).
 pub const FUSED_READOUT_ENV: &str = "BACKEI_FUSED_READOUT";
 
-/// `BACKEI_FUSED_READOUT`'s value: fused (unset, empty or 1) or not (0).
-pub fn fused_readout_from_env(value: Option<&str>) -> Result<bool> {
+/// Turns off the pooling fused into the v4 BackEI forward (`=0`; the default `1` fuses it).
+pub const FUSED_POOL_ENV: &str = "BACKEI_FUSED_POOL";
+
+/// An on/off environment switch, on by default: unset, empty or 1 is on, 0 off; anything else is
+/// refused, naming what 1 and 0 mean.
+fn switch_from_env(name: &str, value: Option<&str>, on: &str, off: &str) -> Result<bool> {
     match value.map(str::trim) {
         None | Some("") | Some("1") => Ok(true),
         Some("0") => Ok(false),
-        Some(other) => Err(config_err(
-            FUSED_READOUT_ENV,
-            format!("`{other}`: use 1 (the last layer computes the readout and the loss, the default) or 0 (separate kernels)"),
-        )),
+        Some(other) => Err(config_err(name, format!("`{other}`: use 1 ({on}, the default) or 0 ({off})"))),
     }
+}
+
+/// `BACKEI_FUSED_READOUT`'s value: fused (unset, empty or 1) or not (0).
+pub fn fused_readout_from_env(value: Option<&str>) -> Result<bool> {
+    switch_from_env(FUSED_READOUT_ENV, value, "the last layer computes the readout and the loss", "separate kernels")
+}
+
+/// `BACKEI_FUSED_POOL`'s value: fused (unset, empty or 1) or not (0).
+pub fn fused_pool_from_env(value: Option<&str>) -> Result<bool> {
+    switch_from_env(FUSED_POOL_ENV, value, "a v4 BackEI layer pools its output in its forward", "a pooling launch of its own")
 }
 
 impl GpuNetwork {
@@ -363,6 +377,7 @@ impl GpuNetwork {
             loss: None,
             timer: None,
             fused_readout: fused_readout_from_env(std::env::var(FUSED_READOUT_ENV).ok().as_deref())?,
+            fused_pool: fused_pool_from_env(std::env::var(FUSED_POOL_ENV).ok().as_deref())?,
             uploaded: dev.ctx.new_event(None).map_err(cuda_err("creating the upload event"))?,
             counter,
             shape: (0, 0),
@@ -708,10 +723,21 @@ impl GpuNetwork {
         let (training, offset) = (self.training, self.sample_offset);
         let input = self.input.as_ref().ok_or_else(|| missing("the input buffer"))?;
         let p = &self.params;
+        let fuse_pools = self.fused_pool;
+        // the layer before pooled its output into this (pooling) layer's output already
+        let mut pooled_ahead = false;
         for i in 0..self.layers.len() {
             let (before, rest) = self.layers.split_at_mut(i);
-            let layer = &mut rest[0];
-            let (readable, slot_out) = slot_views(&mut self.out_slots, slot_of(layer.out_place));
+            let (layer, after) = rest.split_first_mut().ok_or_else(|| missing("a layer"))?;
+            if std::mem::take(&mut pooled_ahead) {
+                continue;
+            }
+            // a v4 BackEI layer followed by pooling (no dropout between) writes the pooling's output
+            let pool_next = fuse_pools
+                && matches!(&layer.op, Op::Spike { layer: sl, .. } if sl.pools_in_forward())
+                && matches!(after.first().map(|l| &l.op), Some(Op::Pool { dropout: None, .. }));
+            let writes = if pool_next { after[0].out_place } else { layer.out_place };
+            let (readable, slot_out) = slot_views(&mut self.out_slots, slot_of(writes));
             let src = source(before, input, &readable, batch)?;
             let s8 = source_is_s8(before);
             let (t_in, t_out) = (layer.t_in, layer.t_out);
@@ -720,7 +746,17 @@ impl GpuNetwork {
                 Op::Flatten | Op::Dropout { fused: true, .. } => {}
                 Op::Spike { layer: sl, params } if fused && i == last => {
                     let y = self.readout.as_mut().ok_or_else(|| missing("the readout"))?;
-                    sl.forward_readout(p, params, &src, t_in, batch, steps, &mut y.as_view_mut())?
+                    sl.forward_with(p, params, &src, t_in, batch, steps, Epilogue::Readout(&mut y.as_view_mut()))?
+                }
+                Op::Spike { layer: sl, params } if pool_next => {
+                    let next = &mut after[0];
+                    let mut y = match next.out_place {
+                        Place::Own(len) => next.out.as_mut().ok_or_else(|| missing("a pooling output"))?.slice_mut(0..len),
+                        Place::Slot { len, .. } => slot_out.ok_or_else(|| missing("a forward slot"))?.slice_mut(0..len),
+                        Place::None => return Err(missing("a pooling output")),
+                    };
+                    sl.forward_with(p, params, &src, t_in, batch, steps, Epilogue::Pool(&mut y))?;
+                    pooled_ahead = true;
                 }
                 Op::Spike { layer: sl, params } => sl.forward(p, params, &src, t_in, batch, steps)?,
                 op => {
@@ -772,7 +808,11 @@ impl GpuNetwork {
                 }
             }
             if let (Some(t), false) = (self.timer.as_mut(), matches!(layer.op, Op::Flatten | Op::Dropout { fused: true, .. })) {
-                let with = if fused && i == last { " with the readout" } else { "" };
+                let with = match (fused && i == last, pool_next) {
+                    (true, _) => " with the readout",
+                    (_, true) => " with the pooling",
+                    _ => "",
+                };
                 t.mark(format!("forward {}{with}", op_label(i, &layer.op)))?;
             }
         }
@@ -1226,6 +1266,15 @@ impl GpuNetwork {
         }
     }
 
+    /// The pooling after a v4 BackEI layer inside that layer's forward (on by default) or in a
+    /// launch of its own (`pool.cu`): the same bits either way.
+    pub fn set_fused_pool(&mut self, on: bool) {
+        if on != self.fused_pool {
+            self.fused_pool = on;
+            self.invalidate_launches();
+        }
+    }
+
     /// Whether the last layer computes the readout in its forward and, in a training step, the
     /// loss and ∂L/∂s in its backward: it must be a plain spiking layer (every network ends in
     /// one) with one neuron per class over all T, and some layer must have parameters (else no
@@ -1308,5 +1357,8 @@ mod tests {
         assert!(!fused_readout_from_env(Some("0")).unwrap());
         let e = fused_readout_from_env(Some("yes")).unwrap_err().to_string();
         assert!(e.contains(FUSED_READOUT_ENV) && e.contains("`yes`") && e.contains("use 1") && e.contains("or 0"), "{e}");
+        assert!(fused_pool_from_env(None).unwrap() && !fused_pool_from_env(Some("0")).unwrap());
+        let e = fused_pool_from_env(Some("2")).unwrap_err().to_string();
+        assert!(e.contains(FUSED_POOL_ENV) && e.contains("`2`") && e.contains("pools its output"), "{e}");
     }
 }
