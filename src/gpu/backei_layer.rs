@@ -436,12 +436,10 @@ pub(crate) fn check_slots(shape: [usize; 3], fb: &FeedbackConfig, slots: &BackEi
     }
     Ok(())
 }
-/// The buffers of a backward: ∂L/∂s of T·B·N, ∂L/∂I and the input current of T_in·B·N, slots
-/// inside both flat buffers, and a gradient buffer as long as the parameters. Shared by the fused
-/// and the unfused layer.
-#[allow(clippy::too_many_arguments)]
 /// Checks a backward call against the layer, the last forward's batch shape (`forward_t_in`: its
-/// T_in) and the buffers.
+/// T_in) and the buffers: ∂L/∂s of T·B·N, ∂L/∂I and the input current of T_in·B·N, slots inside
+/// both flat buffers, and a gradient buffer as long as the parameters. Shared by the fused and the
+/// unfused layer.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn check_backward_args(
     shape: [usize; 3],
