@@ -663,15 +663,67 @@ struct V4Spikes {
     __device__ __forceinline__ float operator()(int idx) const { return (float)__ldcg(p + idx); }
 };
 
+// How the backward reads ∂L/∂s (host twin: V4GradIn in src/gpu/backei_v4.rs).
+struct V4GradIn {
+    int pooled;   // 0: grad_out is ∂L/∂s [T][B][N]; 1: the output gradient of the network's 2×2
+                  // pooling after the layer, [T][B][C][H/2][W/2]
+    int dropout;  // pooled: a dropout between the layer and the pooling (its mask drawn again)
+    float p, scale;                   // the dropout's probability and 1/(1−p) (host-rounded)
+    unsigned long long index0;        // the batch's first element in the global batch
+    const unsigned long long* keys;   // the step's dropout keys (device memory): keys[slot]
+    int slot;
+};
+
+// ∂L/∂s_t of one sample's element idx = c·HW + q: the layer's output gradient g [C][H][W], or
+// (pooled) the gradient of the network's 2×2 average pooling after the layer, g [C][H/2][W/2],
+// taken through the pooling's backward on the fly — pool.cu's avgpool2_backward: dy·0.25 inside
+// the pooled rows and columns, 0 on those the floor dropped; with a dropout between, dropout.cu's
+// dropout_avgpool2_backward: that, then ·scale where the step's mask keeps the element — so ∂L/∂s
+// is never stored.
+struct V4Grad {
+    const float* g;
+    int pooled;
+    int H, W;
+    int dropout;
+    float p, scale;
+    unsigned long long key, i0;  // the mask's key; the sample's first element in the step's block
+    unsigned int t;
+    __device__ __forceinline__ float operator()(int idx) const {
+        if (!pooled) return g[idx];
+#ifdef V4_H  // (the GPU build: divisions by constants, which compile to multiplications)
+        const int h = V4_H, w = V4_W;
+#else
+        const int h = H, w = W;
+#endif
+        const int hw = h * w, c = idx / hw, q = idx - c * hw, y = q / w, x = q - y * w;
+        const int ho = h / 2, wo = w / 2;
+        if (y / 2 >= ho || x / 2 >= wo) return 0.0f;
+        // __fmul_rn: the products the pooling kernels store, never contracted into a later add
+        float ds = __fmul_rn(g[((long long)c * ho + y / 2) * wo + x / 2], 0.25f);
+        if (dropout) ds = uniform24(key, t, i0 + (unsigned long long)idx) >= p ? __fmul_rn(ds, scale) : 0.0f;
+        return ds;
+    }
+};
+
+// The reader of ∂L/∂s for sample b at step t: grad_out [T][B][C][H][W], or (pooled) the pooling's
+// output gradient [T][B][C][H/2][W/2].
+__device__ __forceinline__ V4Grad v4_grad(const float* grad_out, const V4GradIn& gi, int t, int b, const LayerDims& d) {
+    const long long n = (long long)DIM_C * DIM_H * DIM_W;
+    const long long plane = gi.pooled ? (long long)DIM_C * (DIM_H / 2) * (DIM_W / 2) : n;
+    const unsigned long long key = gi.pooled && gi.dropout ? gi.keys[gi.slot] : 0ull;
+    return V4Grad{grad_out + ((long long)t * d.B + b) * plane, gi.pooled, DIM_H, DIM_W, gi.pooled && gi.dropout, gi.p, gi.scale,
+                  key, gi.index0 + (unsigned long long)b * n, (unsigned int)t};
+}
+
 // dz = (∂L/∂s + fb)·H(v − θ)·sign′(z), pointwise from the saved tensors (the backward's phase 2).
 struct V4Dz {
-    const float* gout;
+    V4Grad gout;
     const float* fb;  // this step's feedback slot, or null
     const float* v;
     const V4Z* z;
     NeuronParams np;
     __device__ __forceinline__ float operator()(int idx) const {
-        float ds = gout[idx];
+        float ds = gout(idx);
         if (fb) ds += __ldcg(fb + idx);
         return ds * fire(np, v[idx] - np.threshold) * saved_sign_grad(np, z[idx]);
     }
@@ -792,7 +844,7 @@ __device__ __forceinline__ void forward_v4(const float* __restrict__ params, con
 // backward; unused when the window is the whole loop).
 __device__ __forceinline__ void backward_v4(const float* __restrict__ params, float* grads, const float* __restrict__ input,
                                             const V4S* __restrict__ out, const float* __restrict__ v, const float* __restrict__ g,
-                                            const V4Z* __restrict__ z, const float* __restrict__ grad_out, float* grad_in, float* dvbuf,
+                                            const V4Z* __restrict__ z, const float* __restrict__ grad_out, const V4GradIn& grad_in_of, float* grad_in, float* dvbuf,
                                             float* fb, float* da, float* dw_part, float* db_carry, unsigned int* bar, char* wfrag,
                                             float* winv, const LayerDims& d, const NeuronParams& np, const V4Dims& vd,
                                             const V4Window& win) {
@@ -862,7 +914,8 @@ __device__ __forceinline__ void backward_v4(const float* __restrict__ params, fl
             const long long sb = (long long)ch.b * N;
             float acc[MT][NT][4] = {};
             float inv_dz = 1.0f, inv_v = 1.0f, sc_dz = 1.0f, sc_v = 1.0f;
-            const V4Dz dz_src{grad_out + ot + sb, has_fb ? fb_t + sb : nullptr, v + wt + sb, z + wt + sb, np};
+            const V4Grad ds_src = v4_grad(grad_out, grad_in_of, t, ch.b, d);
+            const V4Dz dz_src{ds_src, has_fb ? fb_t + sb : nullptr, v + wt + sb, z + wt + sb, np};
             const V4Plain vt_src{v + wt + sb};
             if (d.ei) {
                 sc_dz = halo_scale<true>(dz_src, ch, d, sm.red, inv_dz);
@@ -875,7 +928,7 @@ __device__ __forceinline__ void backward_v4(const float* __restrict__ params, fl
                 const float vt = v[wt + e];
                 const float x = vt - np.threshold;
                 const float o = fire(np, x);
-                float ds = grad_out[ot + e];
+                float ds = ds_src(c * HW + q);
                 if (has_fb) ds += __ldcg(fb_t + e);
                 const float du = t == d.T - 1 ? 0.0f : np.leak * dvbuf[e];
                 float d_o = ds;
@@ -1029,9 +1082,9 @@ V4_FORWARD(const float* __restrict__ params, const float* __restrict__ input, fl
 
 extern "C" __global__ void __launch_bounds__(256, 1)
 V4_BACKWARD(const float* __restrict__ params, float* grads, const float* __restrict__ input, const float* __restrict__ out,
-            const float* __restrict__ v, const float* __restrict__ g, const float* __restrict__ z, const float* __restrict__ grad_out,
+            const float* __restrict__ v, const float* __restrict__ g, const float* __restrict__ z, const float* __restrict__ grad_out, V4GradIn grad_in_of,
             float* grad_in, float* dvbuf, float* fb, float* da, float* dw_part, float* db_carry, unsigned int* bar, char* wfrag,
             float* winv, LayerDims d, NeuronParams np, V4Dims vd, V4Window win) {
-    backward_v4(params, grads, input, reinterpret_cast<const V4S*>(out), v, g, reinterpret_cast<const V4Z*>(z), grad_out, grad_in, dvbuf, fb, da, dw_part, db_carry, bar, wfrag, winv, d,
+    backward_v4(params, grads, input, reinterpret_cast<const V4S*>(out), v, g, reinterpret_cast<const V4Z*>(z), grad_out, grad_in_of, grad_in, dvbuf, fb, da, dw_part, db_carry, bar, wfrag, winv, d,
                 v4_neuron(np), vd, win);
 }

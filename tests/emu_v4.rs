@@ -12,7 +12,7 @@ mod common;
 use backei::gpu::backei_layer::{
     apply_recompute, layer_dims, plan_tensor_cores, DeviceLimits, KernelVersion, LaunchPlan, NeuronParams, WgradPath,
 };
-use backei::gpu::backei_v4::V4Window;
+use backei::gpu::backei_v4::{V4GradIn, V4Window};
 use backei::precision::Precision;
 use backei::spec::{LayerSpec, NetworkSpec};
 use common::emu::{self, Args, DevBuf};
@@ -28,12 +28,21 @@ const SMALL: DeviceLimits = DeviceLimits { sm_count: 3, max_smem_per_block: 232_
 /// backward in reverse, every window but the last recomputed first. v, g, z in the result are what
 /// the buffers hold at the end (the whole loop's only without a window).
 fn emulate_v4(c: &Case, x: &Inputs, plan: &LaunchPlan, sched: u64) -> DeviceOut {
-    emulate_v4_pooling(c, x, plan, sched, std::ptr::null_mut())
+    emulate_v4_pooling(c, x, plan, sched, std::ptr::null_mut(), None)
 }
 
 /// [`emulate_v4`] with the forward also writing the 2×2 average pooling of s into `pooled`
-/// ([T][B][C][H/2][W/2]; null: none), as the network's fused pooling launches it.
-fn emulate_v4_pooling(c: &Case, x: &Inputs, plan: &LaunchPlan, sched: u64, pooled: *mut f32) -> DeviceOut {
+/// ([T][B][C][H/2][W/2]; null: none), and with `dy_pooled` the backward reading that pooling's
+/// output gradient (and its `V4GradIn`: a dropout between?) instead of `x.grad_out`, as the
+/// network's fused pooling launches them.
+fn emulate_v4_pooling(
+    c: &Case,
+    x: &Inputs,
+    plan: &LaunchPlan,
+    sched: u64,
+    pooled: *mut f32,
+    dy_pooled: Option<(&[f32], V4GradIn)>,
+) -> DeviceOut {
     let v4 = plan.v4.as_ref().unwrap_or_else(|| panic!("{}: not a v4 plan: {:?}", c.name, plan.fallback));
     let n: usize = c.shape.iter().product();
     let (b, t) = (c.batch, c.steps);
@@ -43,7 +52,8 @@ fn emulate_v4_pooling(c: &Case, x: &Inputs, plan: &LaunchPlan, sched: u64, poole
     let mut params = DevBuf::from("params", &x.params);
     let mut grads = DevBuf::from("grads", &x.grads0);
     let mut input = DevBuf::from("input", &x.input);
-    let mut gout = DevBuf::from("grad_out", &x.grad_out);
+    let mut gout = DevBuf::from("grad_out", dy_pooled.map_or(&x.grad_out[..], |d| d.0));
+    let grad_in_of = dy_pooled.map_or(V4GradIn::default(), |d| d.1);
     let mut gin = DevBuf::new("grad_in", c.t_in * b * n);
     let mut out = DevBuf::new("out", bs.out);
     let mut v = DevBuf::new("v", bs.v);
@@ -86,7 +96,7 @@ fn emulate_v4_pooling(c: &Case, x: &Inputs, plan: &LaunchPlan, sched: u64, poole
         bar[0] = 0;
         let mut a = Args::new();
         a.val(pp).val(pgr).val(pi).val(po).val(pv).val(pg).val(pz);
-        a.val(pgo).val(pgi).val(pdv).val(pfb).val(pda).val(ppart).val(pcarry);
+        a.val(pgo).val(grad_in_of).val(pgi).val(pdv).val(pfb).val(pda).val(ppart).val(pcarry);
         a.buf_u32(&mut bar).val(pwf).val(pwi).val(dims).val(np).val(v4.dims).val(win);
         m.launch(&plan.backward, sched + 1000 + w as u64, &mut a).unwrap_or_else(|e| panic!("{} backward {win:?}: {e}", c.name));
     }
@@ -396,7 +406,7 @@ fn v4_forward_pools_its_spikes_as_the_pooling_layer_would() {
         let planes = c.steps * c.batch * ch;
         let mut y = DevBuf::new("pooled", planes * (h / 2) * (w / 2));
         let plain = emulate_v4(c, &x, &plan, 8);
-        let d = emulate_v4_pooling(c, &x, &plan, 8, y.ptr());
+        let d = emulate_v4_pooling(c, &x, &plan, 8, y.ptr(), None);
         y.check_guards();
         let bits = |xs: &[f32]| xs.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
         for (name, a, b) in [("s", &d.out, &plain.out), ("∂L/∂I", &d.gin, &plain.gin), ("gradients", &d.grads, &plain.grads)] {
@@ -411,5 +421,61 @@ fn v4_forward_pools_its_spikes_as_the_pooling_layer_would() {
         backei::cpu::pool::forward(planes, h, w, &s, &mut want);
         assert!(want.iter().any(|&v| v != 0.0), "{}: nothing fired", c.name);
         assert_eq!(bits(&y.host()), bits(&want), "{} K {k:?} s8 {s8}: the pooled spikes", c.name);
+    }
+}
+
+/// The v4 backward taking the pooling's output gradient (`backward_from_pooled`: ∂L/∂s through the
+/// 2×2 pooling's backward on the fly, never stored; with a dropout between, its mask drawn again)
+/// gives the bits of `cpu::pool::backward` (then `cpu::dropout::backward`) then the backward from
+/// ∂L/∂s: odd maps (the rows and columns the floor dropped get 0), back+ei, back and ei alone, f32
+/// and int8 spikes, `--recompute` windows, a data-parallel shard's mask offset.
+#[test]
+fn v4_backward_from_the_pooling_gradient_gives_the_bits_of_the_pooling_backward() {
+    use backei::cpu::{dropout as cdrop, pool as cpool};
+    use backei::gpu::backei_layer::{apply_compact, CompactState};
+    let cases = [
+        (case("5×7×9 back+ei r 1 D 2 T 6", [5, 7, 9], true, true, 1, 2, 2, 6, 6), None, false),
+        (case("6×8×6 back r 2 D 1 T 5 T_in 1", [6, 8, 6], true, false, 2, 1, 3, 5, 1), Some(2), true),
+        (case("16×6×7 ei r 1 T 4", [16, 6, 7], false, true, 1, 1, 2, 4, 4), Some(3), true),
+    ];
+    let bits = |xs: &[f32]| xs.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    for (i, (c, k, s8)) in cases.iter().enumerate() {
+        let mut plan = v4_plan(c, &SMALL, Precision::Fp32);
+        if let Some(k) = *k {
+            apply_recompute(&mut plan, c.shape, &c.fb, k, c.steps).unwrap();
+        }
+        apply_compact(&mut plan, &c.fb, CompactState { z: true, s: *s8 });
+        let [ch, h, w] = c.shape;
+        let (steps, len) = (c.steps, c.batch * ch * h * w);
+        let planes = steps * c.batch * ch;
+        let mut rng = common::Rng(77 + i as u64);
+        let dy: Vec<f32> = (0..planes * (h / 2) * (w / 2)).map(|_| rng.below(2001) as f32 / 1000.0 - 1.0).collect();
+        let mut pooled = vec![0f32; planes * h * w];
+        cpool::backward(planes, h, w, &dy, &mut pooled);
+        // no dropout; a dropout (p 0.5) at a shard's offset
+        let key = backei::rng::dropout_key(4150, 11, 3);
+        let mut keys = vec![3u64, 5, key];
+        for (p, index0) in [(None, 0u64), (Some(0.5f32), 4_321)] {
+            let mut x = inputs(c, 550 + i as u64);
+            let mut gi = V4GradIn { pooled: 1, ..Default::default() };
+            x.grad_out = match p {
+                None => pooled.clone(),
+                Some(p) => {
+                    let mut full = vec![0f32; steps * len];
+                    cdrop::backward(key, p, len, index0, &pooled, &mut full);
+                    (gi.dropout, gi.p, gi.scale, gi.index0) = (1, p, backei::gpu::dropout::scale(p), index0);
+                    (gi.keys, gi.slot) = (keys.as_mut_ptr() as u64, 2);
+                    full
+                }
+            };
+            let want = emulate_v4(c, &x, &plan, 9);
+            let got = emulate_v4_pooling(c, &x, &plan, 9, std::ptr::null_mut(), Some((&dy, gi)));
+            for (name, a, b) in
+                [("∂L/∂I", &got.gin, &want.gin), ("the parameter gradients", &got.grads, &want.grads), ("s", &got.out, &want.out)]
+            {
+                assert!(bits(a) == bits(b), "{} K {k:?} s8 {s8} dropout {p:?}: {name} differ", c.name);
+            }
+            assert!(want.grads.iter().any(|&g| g != 0.0), "{}: no gradient", c.name);
+        }
     }
 }

@@ -145,6 +145,16 @@ impl DeviceLimits {
     }
 }
 
+/// The dropout between a BackEI layer and the pooling after it, for the layer's backward from the
+/// pooling's gradient (`GpuBackEiLayer::backward_from_pooled`): the step's key table (device
+/// memory), the layer's slot in it, its probability and the batch's first element.
+pub struct PoolDropout<'a> {
+    pub keys: &'a CudaSlice<u64>,
+    pub slot: usize,
+    pub p: f32,
+    pub index0: u64,
+}
+
 /// What a spiking layer's forward also writes from its spikes, in the same launch
 /// (`GpuBackEiLayer::forward_with`).
 pub enum Epilogue<'a, 'b> {
@@ -1604,7 +1614,8 @@ impl GpuBackEiLayer {
         let np = NeuronParams::from_config(&self.neuron);
         if let Some(v4) = &plan.v4 {
             let dims = self.dims(slots, t_in, false, false)?;
-            return super::backei_v4::backward(self, v4, plan.window, params, grads, input, grad_out, grad_in, dims, np);
+            let gi = super::backei_v4::V4GradIn::default();
+            return super::backei_v4::backward(self, v4, plan.window, params, grads, input, grad_out, gi, grad_in, dims, np);
         }
         let stream = self.dev.stream.clone();
         let l = plan.backward;
@@ -1712,6 +1723,61 @@ impl GpuBackEiLayer {
             }
         }
         Ok(())
+    }
+
+    /// BPTT from the gradient of the network's 2×2 average pooling after this layer, dy_pooled
+    /// [T][B][C][⌊H/2⌋][⌊W/2⌋], with `dropout` the dropout between them (its mask drawn again): the
+    /// kernel takes ∂L/∂s through their backward on the fly (the bits of `pool::backward` or
+    /// `dropout::backward_pooled`, then `backward`), so ∂L/∂s is never stored. The v4 kernels only
+    /// ([`Self::pools_in_forward`]); otherwise as `backward`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn backward_from_pooled(
+        &mut self,
+        params: &CudaSlice<f32>,
+        grads: &mut CudaSlice<f32>,
+        slots: &BackEiSlots,
+        input: &CudaView<f32>,
+        t_in: usize,
+        dy_pooled: &CudaView<f32>,
+        dropout: Option<PoolDropout>,
+        grad_in: &mut CudaViewMut<f32>,
+    ) -> Result<()> {
+        let plan = self.plan.clone().ok_or_else(|| config_err("backward", "BackEI layer backward called before forward"))?;
+        let Some(v4) = &plan.v4 else {
+            return Err(config_err("pooling", "only the v4 kernels take the pooling's gradient (see pools_in_forward)"));
+        };
+        let (batch, steps, n) = (self.batch, self.steps, self.neurons());
+        let [c, h, w] = self.shape;
+        let pooled = steps * batch * c * (h / 2) * (w / 2);
+        if dy_pooled.len() != pooled {
+            return Err(shape_err("pooling output gradient", format!("{pooled}"), format!("{}", dy_pooled.len())));
+        }
+        // the rest as `backward` checks it (∂L/∂s stands in at its full length)
+        let lens = (steps * batch * n, grad_in.len(), input.len());
+        check_backward_args(
+            self.shape,
+            &self.feedback,
+            slots,
+            (batch, steps, t_in),
+            self.t_in,
+            lens.0,
+            lens.1,
+            lens.2,
+            (params.len(), grads.len()),
+        )?;
+        let np = NeuronParams::from_config(&self.neuron);
+        let dims = self.dims(slots, t_in, false, false)?;
+        let mut gi = super::backei_v4::V4GradIn { pooled: 1, ..Default::default() };
+        if let Some(d) = dropout {
+            use cudarc::driver::DevicePtr;
+            if d.slot >= d.keys.len() {
+                return Err(shape_err("dropout key slot", format!("< {}", d.keys.len()), format!("{}", d.slot)));
+            }
+            gi.dropout = 1;
+            (gi.p, gi.scale, gi.index0, gi.slot) = (d.p, super::dropout::scale(d.p), d.index0, d.slot as i32);
+            gi.keys = d.keys.device_ptr(&self.dev.stream).0;
+        }
+        super::backei_v4::backward(self, v4, plan.window, params, grads, input, dy_pooled, gi, grad_in, dims, np)
     }
 
     /// The network's last layer, backward from the loss: per-row losses, predictions and

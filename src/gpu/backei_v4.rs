@@ -63,6 +63,27 @@ pub struct V4Window {
 // SAFETY: plain-old-data with the C layout of cuda/backei_v4.cu's V4Window.
 unsafe impl DeviceRepr for V4Window {}
 
+/// How the v4 backward reads ∂L/∂s (the kernels' `V4GradIn`): the layer's output gradient
+/// (`pooled` 0, the default), or the output gradient of the network's 2×2 pooling after the layer,
+/// taken through the pooling's backward on the fly — with a dropout between, its mask drawn again
+/// from `keys[slot]` (device memory: the step's staged keys) at `index0`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct V4GradIn {
+    pub pooled: i32,
+    pub dropout: i32,
+    pub p: f32,
+    /// 1/(1−p) rounded to f32 (`dropout::scale`)
+    pub scale: f32,
+    pub index0: u64,
+    /// the device address of the keys
+    pub keys: u64,
+    pub slot: i32,
+    pub _pad: i32,
+}
+// SAFETY: plain-old-data with the C layout of cuda/backei_v4.cu's V4GradIn (40 bytes).
+unsafe impl DeviceRepr for V4GradIn {}
+
 impl V4Window {
     /// The windows of `--recompute K` over T steps, in time order ([0, K), [K, 2K), …, the last
     /// one shorter when K does not divide T); one window [0, T) without recompute.
@@ -464,6 +485,7 @@ pub(crate) fn backward(
     grads: &mut CudaSlice<f32>,
     input: &CudaView<f32>,
     grad_out: &CudaView<f32>,
+    grad_in_of: V4GradIn,
     grad_in: &mut CudaViewMut<f32>,
     dims: LayerDims,
     np: NeuronParams,
@@ -475,7 +497,7 @@ pub(crate) fn backward(
             // (the pooled output was written by the forward; its buffer may hold other data now)
             launch_forward(layer, plan, params, input, dims, np, win, w.checked_sub(1), None, None)?;
         }
-        launch_backward(layer, plan, params, grads, input, grad_out, grad_in, dims, np, win)?;
+        launch_backward(layer, plan, params, grads, input, (grad_out, grad_in_of), grad_in, dims, np, win)?;
     }
     Ok(())
 }
@@ -564,7 +586,7 @@ fn launch_backward(
     params: &CudaSlice<f32>,
     grads: &mut CudaSlice<f32>,
     input: &CudaView<f32>,
-    grad_out: &CudaView<f32>,
+    (grad_out, grad_in_of): (&CudaView<f32>, V4GradIn),
     grad_in: &mut CudaViewMut<f32>,
     dims: LayerDims,
     np: NeuronParams,
@@ -581,9 +603,10 @@ fn launch_backward(
     let whole = win.t0 == 0 && win.t1 == dims.t;
     let carry = if whole { d } else { layer.v4_db_carry.as_ref().ok_or_else(|| missing("the carried bias sums"))? };
     let mut b = stream.launch_builder(&f);
-    b.arg(params).arg(&mut *grads).arg(input).arg(out).arg(v).arg(g).arg(z).arg(grad_out).arg(&mut *grad_in);
+    b.arg(params).arg(&mut *grads).arg(input).arg(out).arg(v).arg(g).arg(z).arg(grad_out).arg(&grad_in_of).arg(&mut *grad_in);
     b.arg(dv).arg(fb).arg(da).arg(part).arg(carry).arg(bar).arg(wfrag).arg(winv).arg(&dims).arg(&np).arg(&vd).arg(&win);
-    // SAFETY: the argument list matches backei_backward_v4_*; dv, da: B·N, fb: min(D, T)·B·N,
+    // SAFETY: the argument list matches backei_backward_v4_*; grad_out: T·B·N, or when pooled
+    // T·B·C·⌊H/2⌋·⌊W/2⌋ (checked by the layer), and the keys the step's key table (slot checked); dv, da: B·N, fb: min(D, T)·B·N,
     // dw_part: ranges·2·groups·CO_T·(k²·c_pad + 1) for the plan's ranges (≥ vd.ranges);
     // db_carry: grid·CO_T/2·256 (read and written only when the window is not the whole loop);
     // the scratch buffers are written by the kernel alone; the grid is co-resident.

@@ -44,6 +44,28 @@ pub struct StepSettings {
     /// The v4 kernels' compact saved state (`backei_layer::CompactState`): z as a one-byte code,
     /// and s as int8 where pooling reads it. On by default; the same bits either way.
     pub compact: bool,
+    /// A 2×2 pooling right after a v4 BackEI layer runs inside that layer's kernels: its forward in
+    /// the layer's forward, its backward in the layer's backward (∂L/∂s never stored). On by
+    /// default (`BACKEI_FUSED_POOL=0` turns it off); the same bits either way.
+    pub fused_pool: bool,
+}
+
+/// Turns off the pooling fused into the v4 BackEI kernels (`=0`; the default `1` fuses it).
+pub const FUSED_POOL_ENV: &str = "BACKEI_FUSED_POOL";
+
+/// An on/off environment switch, on by default: unset, empty or 1 is on, 0 off; anything else is
+/// refused, naming what 1 and 0 mean.
+pub(crate) fn switch_from_env(name: &str, value: Option<&str>, on: &str, off: &str) -> Result<bool> {
+    match value.map(str::trim) {
+        None | Some("") | Some("1") => Ok(true),
+        Some("0") => Ok(false),
+        Some(other) => Err(config_err(name, format!("`{other}`: use 1 ({on}, the default) or 0 ({off})"))),
+    }
+}
+
+/// `BACKEI_FUSED_POOL`'s value: fused (unset, empty or 1) or not (0).
+pub fn fused_pool_from_env(value: Option<&str>) -> Result<bool> {
+    switch_from_env(FUSED_POOL_ENV, value, "a v4 BackEI layer runs the pooling after it", "the pooling's own launches")
 }
 
 impl StepSettings {
@@ -58,6 +80,7 @@ impl StepSettings {
             limits,
             feedforward: FeedForward::Cublas,
             compact: true,
+            fused_pool: fused_pool_from_env(std::env::var(FUSED_POOL_ENV).ok().as_deref())?,
         }
         .with_precision(Precision::Fp32)
     }
@@ -78,6 +101,7 @@ impl StepSettings {
             limits: DeviceLimits::H100,
             feedforward: FeedForward::Cublas,
             compact: true,
+            fused_pool: true,
         }
     }
 
@@ -129,6 +153,12 @@ pub fn spiking_plan(
 ) -> Result<LaunchPlan> {
     let compact = CompactState::of(neuron, s.compact, s.compact && pooled);
     plan_layer(shape, fb, batch, steps, &s.limits, s.version, s.precision, s.deterministic, s.recompute, compact)
+}
+
+/// Whether the 2×2 pooling after a spiking layer with buffers `before` runs inside that layer's
+/// kernels (`StepSettings::fused_pool`, on the v4 kernels).
+pub fn pools_in_spiking_layer(before: &LayerBuffers, settings: &StepSettings) -> bool {
+    settings.fused_pool && before.spiking.as_ref().is_some_and(|p| p.v4.is_some())
 }
 
 /// Whether layer `i`'s output is read only by a 2×2 pooling, directly or through a dropout fused
@@ -346,7 +376,16 @@ pub fn buffer_plan(spec: &NetworkSpec, batch: usize, steps: usize, t_in: usize, 
         let is_spike = matches!(lp.spec, LayerSpec::BackEi | LayerSpec::Spiking);
         // a pooling layer after a fused dropout writes the dropout's input gradient (below)
         let pool_of_fused = i > 0 && layers[i - 1].fused;
-        if lp.spec != LayerSpec::Flatten && !pool_of_fused && (param_before || is_spike) {
+        // a pooling layer, or a dropout fused into one, whose backward runs inside the v4 BackEI
+        // layer before them writes nothing: that layer's backward reads the pooling's output
+        // gradient itself
+        let pool_in_spike =
+            match lp.spec {
+                LayerSpec::AvgPool => i > 0 && pools_in_spiking_layer(&layers[i - 1], settings),
+                LayerSpec::Dropout { .. } => layers[i].fused && i > 0 && pools_in_spiking_layer(&layers[i - 1], settings),
+                _ => false,
+            } || (lp.spec == LayerSpec::AvgPool && pool_of_fused && i > 1 && pools_in_spiking_layer(&layers[i - 2], settings));
+        if lp.spec != LayerSpec::Flatten && !pool_of_fused && !pool_in_spike && (param_before || is_spike) {
             let slot = written % 2;
             written += 1;
             let len = layers[i].t_in * batch * lp.input.iter().product::<usize>();
@@ -643,7 +682,9 @@ mod tests {
             let rp = buffer_plan(&spec, 100, 100, 1, &s).unwrap();
             println!("fashion-mnist, --recompute {k}: {m}");
             assert!(m.total() <= GIB8, "K = {k}: {m}");
-            assert_eq!((m.params, m.activations, m.gradients, m.workspaces), (all.params, all.activations, all.gradients, all.workspaces));
+            assert_eq!((m.params, m.activations, m.workspaces), (all.params, all.activations, all.workspaces));
+            // (v4 runs the pooling inside the BackEI layers: ∂L/∂s is not stored)
+            assert!(m.gradients < all.gradients, "K = {k}: {m} vs {all}");
             // what changes is each BackEI layer's v, g, z (K steps instead of T) and the checkpoints
             for (a, r) in bp.layers.iter().zip(&rp.layers) {
                 let (Some(a), Some(r)) = (&a.spiking, &r.spiking) else { continue };
@@ -718,6 +759,51 @@ mod tests {
         let saved: usize =
             of(&spec, &h100()).iter().map(|&(z, _, out, _)| (z - z.div_ceil(4)) + (out - out.div_ceil(4))).sum::<usize>() * 4;
         assert_eq!(full.total() - lean.total(), saved, "the plan counts the bytes saved: {lean} vs {full}");
+    }
+
+    /// The pooling after a v4 BackEI layer (directly, or after a dropout fused into it: cifar10)
+    /// runs its backward inside the layer: the pooling and the dropout write no input gradient
+    /// (∂L/∂s is never stored), the gradient slots alternate over the layers that do, and the plan
+    /// shrinks by what the largest ∂L/∂s took; v1 and `fused_pool: false` keep it.
+    #[test]
+    fn a_pooling_inside_the_v4_layer_stores_no_spike_gradient() {
+        let v4 = StepSettings { version: KernelVersion::V4, ..h100() };
+        for spec in four() {
+            let plan = spec.plan().unwrap();
+            let fused = buffer_plan(&spec, 100, 20, 1, &v4).unwrap();
+            let kept = buffer_plan(&spec, 100, 20, 1, &StepSettings { fused_pool: false, ..v4 }).unwrap();
+            let v1 = buffer_plan(&spec, 100, 20, 1, &h100()).unwrap();
+            let mut inside = 0;
+            for i in 1..plan.len() {
+                let pool = plan[i].spec == LayerSpec::AvgPool;
+                let after_backei = pool && plan[i - 1].spec == LayerSpec::BackEi;
+                let after_dropout = pool && i > 1 && fused.layers[i - 1].fused && plan[i - 2].spec == LayerSpec::BackEi;
+                if after_backei || after_dropout {
+                    inside += 1;
+                    assert!(fused.layers[i].grad_in.is_empty(), "{} layer {i}: the pooling writes no gradient", spec.name);
+                    assert!(!kept.layers[i].grad_in.is_empty() && !v1.layers[i].grad_in.is_empty());
+                }
+                if after_dropout {
+                    assert!(fused.layers[i - 1].grad_in.is_empty(), "{} layer {}: the dropout writes no gradient", spec.name, i - 1);
+                }
+                // the slots alternate: no layer writes the slot it reads (a fused dropout's slot is
+                // the one its pooling writes)
+                let next = (i + 1..plan.len()).find(|&j| plan[j].spec != LayerSpec::Flatten && !fused.layers[j].grad_in.is_empty());
+                let next = next.filter(|_| !fused.layers[i].fused);
+                if let (Place::Slot { slot, .. }, Some(j)) = (fused.layers[i].grad_in, next) {
+                    if let Place::Slot { slot: read, .. } = fused.layers[j].grad_in {
+                        assert_ne!(slot, read, "{} layer {i} writes the slot it reads", spec.name);
+                    }
+                }
+            }
+            let (mf, mk) = (
+                memory_plan(&spec, 100, 20, 1, &v4).unwrap(),
+                memory_plan(&spec, 100, 20, 1, &StepSettings { fused_pool: false, ..v4 }).unwrap(),
+            );
+            assert_eq!(inside, 3 - (spec.name != "cifar10") as usize, "{}: every BackEI layer is followed by pooling", spec.name);
+            assert!(mf.gradients < mk.gradients, "{}: {mf} vs {mk}", spec.name);
+            assert_eq!((mf.spiking, mf.activations), (mk.spiking, mk.activations));
+        }
     }
 
     /// A BackEI layer v4 cannot run (radius 3) cannot recompute: the error names the layer, why,

@@ -23,7 +23,7 @@
 //! when the step's status words are non-zero, and they stay so (every later step reports the
 //! error too) until parameters are loaded (`load_params`).
 
-use super::backei_layer::{BackEiSlots, Epilogue, GpuBackEiLayer, KernelVersion};
+use super::backei_layer::{BackEiSlots, Epilogue, GpuBackEiLayer, KernelVersion, PoolDropout};
 use super::conv;
 use super::device::GpuDevice;
 use super::dropout::{DropoutKeys, Mask};
@@ -166,9 +166,6 @@ pub struct GpuNetwork {
     /// The last layer runs the readout and the training step's loss in its own kernels (see
     /// `readout_fused`; `BACKEI_FUSED_READOUT=0` or `set_fused_readout` turns it off).
     fused_readout: bool,
-    /// A BackEI layer on the v4 kernels writes the pooling after it in its forward
-    /// (`Epilogue::Pool`; `BACKEI_FUSED_POOL=0` or `set_fused_pool` turns it off).
-    fused_pool: bool,
     /// Recorded after each input upload (see `upload_input`).
     uploaded: CudaEvent,
 }
@@ -223,6 +220,22 @@ fn view<'a>(buf: &'a CudaSlice<f32>, len: usize, what: &str) -> Result<CudaView<
     buf.try_slice(0..len).ok_or_else(|| shape_err(what, format!("≥ {len} values"), format!("{}", buf.len())))
 }
 
+/// Whether `l` is a spiking layer whose kernels can run the pooling after it (v4; see
+/// `memory::pools_in_spiking_layer`, which the memory plan decides by).
+fn pools_in_forward(l: &Layer) -> bool {
+    matches!(&l.op, Op::Spike { layer, .. } if layer.pools_in_forward())
+}
+
+/// Whether the pooling layer after `before` (directly, or after a dropout fused into it) belongs to
+/// the v4 BackEI layer before it.
+fn pool_of_spiking_layer(before: &[Layer]) -> bool {
+    match before {
+        [.., prev] if pools_in_forward(prev) => true,
+        [.., prev, Layer { op: Op::Dropout { fused: true, .. }, .. }] => pools_in_forward(prev),
+        _ => false,
+    }
+}
+
 /// Whether the input of the layer after `before` is int8 spikes (a v4 BackEI layer's compact
 /// output, which only pooling reads: `memory::output_read_by_pool`).
 fn source_is_s8(before: &[Layer]) -> bool {
@@ -267,27 +280,9 @@ fn grad_of_output(after: &[Layer], upstream: Place) -> Place {
 /// Turns off the last layer's fused readout and loss (`=0`; the default `1` fuses them).
 pub const FUSED_READOUT_ENV: &str = "BACKEI_FUSED_READOUT";
 
-/// Turns off the pooling fused into the v4 BackEI forward (`=0`; the default `1` fuses it).
-pub const FUSED_POOL_ENV: &str = "BACKEI_FUSED_POOL";
-
-/// An on/off environment switch, on by default: unset, empty or 1 is on, 0 off; anything else is
-/// refused, naming what 1 and 0 mean.
-fn switch_from_env(name: &str, value: Option<&str>, on: &str, off: &str) -> Result<bool> {
-    match value.map(str::trim) {
-        None | Some("") | Some("1") => Ok(true),
-        Some("0") => Ok(false),
-        Some(other) => Err(config_err(name, format!("`{other}`: use 1 ({on}, the default) or 0 ({off})"))),
-    }
-}
-
 /// `BACKEI_FUSED_READOUT`'s value: fused (unset, empty or 1) or not (0).
 pub fn fused_readout_from_env(value: Option<&str>) -> Result<bool> {
-    switch_from_env(FUSED_READOUT_ENV, value, "the last layer computes the readout and the loss", "separate kernels")
-}
-
-/// `BACKEI_FUSED_POOL`'s value: fused (unset, empty or 1) or not (0).
-pub fn fused_pool_from_env(value: Option<&str>) -> Result<bool> {
-    switch_from_env(FUSED_POOL_ENV, value, "a v4 BackEI layer pools its output in its forward", "a pooling launch of its own")
+    super::memory::switch_from_env(FUSED_READOUT_ENV, value, "the last layer computes the readout and the loss", "separate kernels")
 }
 
 impl GpuNetwork {
@@ -377,7 +372,6 @@ impl GpuNetwork {
             loss: None,
             timer: None,
             fused_readout: fused_readout_from_env(std::env::var(FUSED_READOUT_ENV).ok().as_deref())?,
-            fused_pool: fused_pool_from_env(std::env::var(FUSED_POOL_ENV).ok().as_deref())?,
             uploaded: dev.ctx.new_event(None).map_err(cuda_err("creating the upload event"))?,
             counter,
             shape: (0, 0),
@@ -723,7 +717,7 @@ impl GpuNetwork {
         let (training, offset) = (self.training, self.sample_offset);
         let input = self.input.as_ref().ok_or_else(|| missing("the input buffer"))?;
         let p = &self.params;
-        let fuse_pools = self.fused_pool;
+        let fuse_pools = self.settings.fused_pool;
         // the layer before pooled its output into this (pooling) layer's output already
         let mut pooled_ahead = false;
         for i in 0..self.layers.len() {
@@ -733,9 +727,8 @@ impl GpuNetwork {
                 continue;
             }
             // a v4 BackEI layer followed by pooling (no dropout between) writes the pooling's output
-            let pool_next = fuse_pools
-                && matches!(&layer.op, Op::Spike { layer: sl, .. } if sl.pools_in_forward())
-                && matches!(after.first().map(|l| &l.op), Some(Op::Pool { dropout: None, .. }));
+            let pool_next =
+                fuse_pools && pools_in_forward(layer) && matches!(after.first().map(|l| &l.op), Some(Op::Pool { dropout: None, .. }));
             let writes = if pool_next { after[0].out_place } else { layer.out_place };
             let (readable, slot_out) = slot_views(&mut self.out_slots, slot_of(writes));
             let src = source(before, input, &readable, batch)?;
@@ -867,6 +860,7 @@ impl GpuNetwork {
         let bk = batch * self.classes;
         let upstream = self.plan.as_ref().ok_or_else(|| missing("the buffer plan"))?.upstream;
         let fused_loss = if self.readout_fused() { fused_loss } else { None };
+        let fuse_pools = self.settings.fused_pool;
         if fused_loss.is_none() {
             let lb = self.loss.as_ref().ok_or_else(|| missing("the loss buffers"))?;
             let (_, ups) = slot_views(&mut self.grad_slots, slot_of(upstream));
@@ -885,6 +879,18 @@ impl GpuNetwork {
             if matches!(layer.op, Op::Flatten | Op::Dropout { fused: true, .. }) {
                 continue;
             }
+            // a pooling (and a dropout fused into it) whose backward runs inside the v4 BackEI layer
+            // before them: that layer's backward reads the pooling's output gradient
+            // (`memory::pools_in_spiking_layer`, which the memory plan decided by)
+            if fuse_pools && matches!(layer.op, Op::Pool { .. }) && pool_of_spiking_layer(before) {
+                continue;
+            }
+            // this layer's pooling: the layers it spans (1, or 2 with a fused dropout) and its dropout
+            let pools = match (fuse_pools && pools_in_forward(layer), after.first().map(|l| &l.op), after.get(1).map(|l| &l.op)) {
+                (true, Some(Op::Pool { dropout: None, .. }), _) => Some((1, None)),
+                (true, Some(Op::Dropout { fused: true, .. }), Some(Op::Pool { dropout: Some(d), .. })) => Some((2, Some(*d))),
+                _ => None,
+            };
             if let (Some(loss), true) = (fused_loss, i + 1 == n) {
                 let Op::Spike { layer: sl, .. } = &mut layer.op else {
                     return Err(BackeiError::Cuda("internal: the fused loss needs a spiking last layer".into()));
@@ -899,7 +905,7 @@ impl GpuNetwork {
                 }
                 continue;
             }
-            let dy_place = grad_of_output(after, upstream);
+            let dy_place = grad_of_output(&after[pools.map_or(0, |p| p.0)..], upstream);
             let (readable, dx_slot) = slot_views(&mut self.grad_slots, slot_of(layer.grad_place));
             let dy_buf = slot_of(dy_place).and_then(|s| readable[s]).ok_or_else(|| missing("an output gradient"))?;
             let dy = view(dy_buf, dy_place.len(), "output gradient")?;
@@ -950,11 +956,22 @@ impl GpuNetwork {
                     let mask = if self.training { Mask::Key { keys: &self.keys.keys, slot: *key_slot, index0 } } else { Mask::Off };
                     dropout::backward(&dev, mask, *prob, batch * layer.in_len, t_out, t_in, &dy, dx.as_mut().ok_or_else(need_dx)?)?
                 }
+                Op::Spike { layer: sl, params } if pools.is_some() => {
+                    let [c, h, w] = sl.shape;
+                    let index0 = (self.sample_offset * c * h * w) as u64;
+                    let keys = &self.keys.keys;
+                    let dropout = match pools {
+                        Some((_, Some((prob, slot)))) if self.training => Some(PoolDropout { keys, slot, p: prob, index0 }),
+                        _ => None,
+                    };
+                    sl.backward_from_pooled(p, g, params, src()?, t_in, &dy, dropout, dx.as_mut().ok_or_else(need_dx)?)?
+                }
                 Op::Spike { layer: sl, params } => sl.backward(p, g, params, src()?, t_in, &dy, dx.as_mut().ok_or_else(need_dx)?)?,
                 Op::Flatten => {}
             }
             if let Some(t) = self.timer.as_mut() {
-                t.mark(format!("backward {}", op_label(i, &layer.op)))?;
+                let with = if pools.is_some() { " with the pooling" } else { "" };
+                t.mark(format!("backward {}{with}", op_label(i, &layer.op)))?;
             }
             if let (Some(ready), Some(lo)) = (ready.as_mut(), layer.param_start()) {
                 ready(lo)?;
@@ -1266,13 +1283,11 @@ impl GpuNetwork {
         }
     }
 
-    /// The pooling after a v4 BackEI layer inside that layer's forward (on by default) or in a
-    /// launch of its own (`pool.cu`): the same bits either way.
+    /// The pooling after a v4 BackEI layer inside that layer's forward and backward (on by
+    /// default: `StepSettings::fused_pool`) or in launches of its own (`pool.cu`): the same bits
+    /// either way, and without ∂L/∂s stored.
     pub fn set_fused_pool(&mut self, on: bool) {
-        if on != self.fused_pool {
-            self.fused_pool = on;
-            self.invalidate_launches();
-        }
+        self.change_settings(StepSettings { fused_pool: on, ..self.settings });
     }
 
     /// Whether the last layer computes the readout in its forward and, in a training step, the
@@ -1357,8 +1372,9 @@ mod tests {
         assert!(!fused_readout_from_env(Some("0")).unwrap());
         let e = fused_readout_from_env(Some("yes")).unwrap_err().to_string();
         assert!(e.contains(FUSED_READOUT_ENV) && e.contains("`yes`") && e.contains("use 1") && e.contains("or 0"), "{e}");
+        use super::super::memory::{fused_pool_from_env, FUSED_POOL_ENV};
         assert!(fused_pool_from_env(None).unwrap() && !fused_pool_from_env(Some("0")).unwrap());
         let e = fused_pool_from_env(Some("2")).unwrap_err().to_string();
-        assert!(e.contains(FUSED_POOL_ENV) && e.contains("`2`") && e.contains("pools its output"), "{e}");
+        assert!(e.contains(FUSED_POOL_ENV) && e.contains("`2`") && e.contains("runs the pooling"), "{e}");
     }
 }
