@@ -90,8 +90,8 @@ spiking_backward_v1_f32(const float* __restrict__ grad_out, const float* __restr
         spiking_backward_neuron<false>(grad_out, 0.0f, 0.0f, v, grad_in, i, n, steps, t_in, np);
 }
 
-// ---- the network's last layer: readout and loss fused (host: GpuBackEiLayer::forward_readout,
-// backward_from_loss). n = B·K neurons, one per (sample b, class k), i = b·K + k.
+// ---- the network's last layer: readout and loss fused (host: GpuBackEiLayer::forward_with with
+// Epilogue::Readout, backward_from_loss). n = B·K neurons, one per (sample b, class k), i = b·K + k.
 //
 // inv_steps = 1.0f/T and the loss's scales (loss_row.cuh) are computed by the host.
 // Forward: the plain forward, plus y[i] = (Σ_t s_t)/T (replaces readout_f32).

@@ -1499,9 +1499,7 @@ impl GpuBackEiLayer {
         self.t_in = t_in;
         let np = NeuronParams::from_config(&self.neuron);
         if let Some(v4) = &plan.v4 {
-            if readout.is_some() {
-                return Err(config_err("readout", "only a plain spiking layer computes the readout in its forward"));
-            }
+            // (a readout passed the check above: a plain layer, whose plan is never v4)
             let dims = self.dims(slots, t_in, false, false)?;
             return super::backei_v4::forward(self, v4, plan.window, params, input, dims, np, pooled);
         }
@@ -1551,9 +1549,6 @@ impl GpuBackEiLayer {
                         .map_err(cuda_err("launching spiking_readout_forward_v1_f32"))?;
                     }
                 }
-            }
-            LayerPath::Fused if readout.is_some() => {
-                return Err(config_err("readout", "only a plain spiking layer computes the readout in its forward"));
             }
             LayerPath::Fused => {
                 let tiled = tiled_args(&plan, &stream, self.bar.as_mut(), self.staged_weights.as_ref())?;
@@ -1753,18 +1748,9 @@ impl GpuBackEiLayer {
             return Err(shape_err("pooling output gradient", format!("{pooled}"), format!("{}", dy_pooled.len())));
         }
         // the rest as `backward` checks it (∂L/∂s stands in at its full length)
-        let lens = (steps * batch * n, grad_in.len(), input.len());
-        check_backward_args(
-            self.shape,
-            &self.feedback,
-            slots,
-            (batch, steps, t_in),
-            self.t_in,
-            lens.0,
-            lens.1,
-            lens.2,
-            (params.len(), grads.len()),
-        )?;
+        let sizes = (params.len(), grads.len());
+        let (shape, fb) = (self.shape, self.feedback);
+        check_backward_args(shape, &fb, slots, (batch, steps, t_in), self.t_in, steps * batch * n, grad_in.len(), input.len(), sizes)?;
         let np = NeuronParams::from_config(&self.neuron);
         let dims = self.dims(slots, t_in, false, false)?;
         let mut gi = super::backei_v4::V4GradIn { pooled: 1, ..Default::default() };
@@ -1781,7 +1767,7 @@ impl GpuBackEiLayer {
     }
 
     /// The network's last layer, backward from the loss: per-row losses, predictions and
-    /// ∂L/∂y (into `lb`), the loss status word when `check`, and BPTT with ∂L/∂s_t = ∂L/∂y / T, in
+    /// ∂L/∂y (into `lb`), the NaN/Inf rows into the loss status word, and BPTT with ∂L/∂s_t = ∂L/∂y / T, in
     /// one launch (`spiking_loss_backward_v1_f32`: the bits of `loss_grad_f32`,
     /// `count_nonfinite_f32` on the rows, `readout_backward_f32` and `backward`). `y` is the
     /// readout of this layer's last forward; `lb`'s labels are staged. Plain layers only.
@@ -1790,7 +1776,6 @@ impl GpuBackEiLayer {
         lb: &mut LossBuffers,
         loss: Loss,
         y: &CudaView<f32>,
-        check: bool,
         grad_in: &mut CudaViewMut<f32>,
     ) -> Result<()> {
         let plan = self.plan.clone().ok_or_else(|| config_err("backward", "spiking layer backward called before forward"))?;
@@ -1818,14 +1803,10 @@ impl GpuBackEiLayer {
         let f = self.dev.kernels.function(l.module, LOSS_BACKWARD)?;
         let np = NeuronParams::from_config(&self.neuron);
         let (b, k, kind, t, ti) = (batch as i32, n as i32, matches!(loss, Loss::Ce) as i32, steps as i32, t_in as i32);
-        let null = 0u64;
         let mut builder = self.dev.stream.launch_builder(&f);
         builder.arg(y).arg(&lb.labels).arg(&mut lb.dy).arg(&mut lb.row_loss).arg(&mut lb.pred);
         let mut word = lb.status.slice_mut(super::loss::STATUS_LOSS..super::loss::STATUS_LOSS + 1);
-        match check {
-            true => builder.arg(&mut word),
-            false => builder.arg(&null),
-        };
+        builder.arg(&mut word);
         let (scales, inv_steps) = (LossScales::new(batch, n), 1.0f32 / steps as f32);
         builder.arg(v).arg(grad_in).arg(&b).arg(&k).arg(&kind).arg(&scales).arg(&inv_steps).arg(&t).arg(&ti).arg(&np);
         // SAFETY: the argument list matches spiking_loss_backward_v1_f32; the loss buffers hold B

@@ -16,7 +16,7 @@
 //! ops still time each op. `BACKEI_CUDA_GRAPHS=0` turns graphs off.
 
 use crate::cpu::loss::Loss;
-use crate::error::{config_err, Result};
+use crate::error::Result;
 use crate::optim::OptimizerConfig;
 use std::collections::HashMap;
 
@@ -25,11 +25,8 @@ pub const GRAPHS_ENV: &str = "BACKEI_CUDA_GRAPHS";
 
 /// Why `BACKEI_CUDA_GRAPHS` (its value, if set) turns graphs off, or None when it leaves them on.
 pub fn graphs_off(value: Option<&str>) -> Result<Option<String>> {
-    match value.map(str::trim) {
-        None | Some("1") | Some("") => Ok(None),
-        Some("0") => Ok(Some(format!("{GRAPHS_ENV}=0"))),
-        Some(other) => Err(config_err(GRAPHS_ENV, format!("`{other}`: use 1 (CUDA graphs, the default) or 0 (launch one by one)"))),
-    }
+    let on = super::util::switch_from_env(GRAPHS_ENV, value, "CUDA graphs", "launch one by one")?;
+    Ok((!on).then(|| format!("{GRAPHS_ENV}=0")))
 }
 
 /// Everything a captured training step bakes in.

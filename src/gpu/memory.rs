@@ -53,19 +53,9 @@ pub struct StepSettings {
 /// Turns off the pooling fused into the v4 BackEI kernels (`=0`; the default `1` fuses it).
 pub const FUSED_POOL_ENV: &str = "BACKEI_FUSED_POOL";
 
-/// An on/off environment switch, on by default: unset, empty or 1 is on, 0 off; anything else is
-/// refused, naming what 1 and 0 mean.
-pub(crate) fn switch_from_env(name: &str, value: Option<&str>, on: &str, off: &str) -> Result<bool> {
-    match value.map(str::trim) {
-        None | Some("") | Some("1") => Ok(true),
-        Some("0") => Ok(false),
-        Some(other) => Err(config_err(name, format!("`{other}`: use 1 ({on}, the default) or 0 ({off})"))),
-    }
-}
-
 /// `BACKEI_FUSED_POOL`'s value: fused (unset, empty or 1) or not (0).
 pub fn fused_pool_from_env(value: Option<&str>) -> Result<bool> {
-    switch_from_env(FUSED_POOL_ENV, value, "a v4 BackEI layer runs the pooling after it", "the pooling's own launches")
+    super::util::switch_from_env(FUSED_POOL_ENV, value, "a v4 BackEI layer runs the pooling after it", "the pooling's own launches")
 }
 
 impl StepSettings {
@@ -162,7 +152,7 @@ pub fn pools_in_spiking_layer(before: &LayerBuffers, settings: &StepSettings) ->
 }
 
 /// Whether layer `i`'s output is read only by a 2×2 pooling, directly or through a dropout fused
-/// into it: the GPU's pooling kernels read int8 spikes (`pool::forward_s8`,
+/// into it: the GPU's pooling kernels read int8 spikes (`pool::forward` with `x_s8`,
 /// `dropout::forward_pooled` with `x_s8`), so a v4 BackEI layer there writes its spikes as int8.
 pub fn output_read_by_pool(plan: &[LayerPlan], ts: &[(usize, usize)], i: usize) -> bool {
     match plan.get(i + 1).map(|l| &l.spec) {
@@ -376,15 +366,10 @@ pub fn buffer_plan(spec: &NetworkSpec, batch: usize, steps: usize, t_in: usize, 
         let is_spike = matches!(lp.spec, LayerSpec::BackEi | LayerSpec::Spiking);
         // a pooling layer after a fused dropout writes the dropout's input gradient (below)
         let pool_of_fused = i > 0 && layers[i - 1].fused;
-        // a pooling layer, or a dropout fused into one, whose backward runs inside the v4 BackEI
-        // layer before them writes nothing: that layer's backward reads the pooling's output
-        // gradient itself
-        let pool_in_spike =
-            match lp.spec {
-                LayerSpec::AvgPool => i > 0 && pools_in_spiking_layer(&layers[i - 1], settings),
-                LayerSpec::Dropout { .. } => layers[i].fused && i > 0 && pools_in_spiking_layer(&layers[i - 1], settings),
-                _ => false,
-            } || (lp.spec == LayerSpec::AvgPool && pool_of_fused && i > 1 && pools_in_spiking_layer(&layers[i - 2], settings));
+        // a pooling right after a v4 BackEI layer, or a dropout fused into a pooling there, has
+        // its backward run inside that layer and writes nothing: the layer reads the pooling's
+        // output gradient itself (the pooling after such a dropout is `pool_of_fused` already)
+        let pool_in_spike = (lp.spec == LayerSpec::AvgPool || layers[i].fused) && i > 0 && pools_in_spiking_layer(&layers[i - 1], settings);
         if lp.spec != LayerSpec::Flatten && !pool_of_fused && !pool_in_spike && (param_before || is_spike) {
             let slot = written % 2;
             written += 1;

@@ -220,19 +220,20 @@ fn view<'a>(buf: &'a CudaSlice<f32>, len: usize, what: &str) -> Result<CudaView<
     buf.try_slice(0..len).ok_or_else(|| shape_err(what, format!("≥ {len} values"), format!("{}", buf.len())))
 }
 
-/// Whether `l` is a spiking layer whose kernels can run the pooling after it (v4; see
-/// `memory::pools_in_spiking_layer`, which the memory plan decides by).
-fn pools_in_forward(l: &Layer) -> bool {
-    matches!(&l.op, Op::Spike { layer, .. } if layer.pools_in_forward())
-}
-
-/// Whether the pooling layer after `before` (directly, or after a dropout fused into it) belongs to
-/// the v4 BackEI layer before it.
-fn pool_of_spiking_layer(before: &[Layer]) -> bool {
-    match before {
-        [.., prev] if pools_in_forward(prev) => true,
-        [.., prev, Layer { op: Op::Dropout { fused: true, .. }, .. }] => pools_in_forward(prev),
-        _ => false,
+/// The pooling after `layer` that the layer's own v4 kernels run — the memory plan decided so
+/// (`memory::pools_in_spiking_layer`) and gave the pooling no input gradient — from the layers
+/// `after` it: how many layers it spans (1, or 2 with a dropout fused into it) and that dropout's
+/// (p, key slot).
+fn pooling_inside(layer: &Layer, after: &[Layer]) -> Option<(usize, Option<(f32, usize)>)> {
+    if !matches!(&layer.op, Op::Spike { layer, .. } if layer.pools_in_forward()) {
+        return None;
+    }
+    match after {
+        [Layer { op: Op::Pool { dropout: None, .. }, grad_place: Place::None, .. }, ..] => Some((1, None)),
+        [Layer { op: Op::Dropout { fused: true, .. }, .. }, Layer { op: Op::Pool { dropout: Some(d), .. }, grad_place: Place::None, .. }, ..] => {
+            Some((2, Some(*d)))
+        }
+        _ => None,
     }
 }
 
@@ -282,7 +283,7 @@ pub const FUSED_READOUT_ENV: &str = "BACKEI_FUSED_READOUT";
 
 /// `BACKEI_FUSED_READOUT`'s value: fused (unset, empty or 1) or not (0).
 pub fn fused_readout_from_env(value: Option<&str>) -> Result<bool> {
-    super::memory::switch_from_env(FUSED_READOUT_ENV, value, "the last layer computes the readout and the loss", "separate kernels")
+    super::util::switch_from_env(FUSED_READOUT_ENV, value, "the last layer computes the readout and the loss", "separate kernels")
 }
 
 impl GpuNetwork {
@@ -717,7 +718,6 @@ impl GpuNetwork {
         let (training, offset) = (self.training, self.sample_offset);
         let input = self.input.as_ref().ok_or_else(|| missing("the input buffer"))?;
         let p = &self.params;
-        let fuse_pools = self.settings.fused_pool;
         // the layer before pooled its output into this (pooling) layer's output already
         let mut pooled_ahead = false;
         for i in 0..self.layers.len() {
@@ -727,8 +727,8 @@ impl GpuNetwork {
                 continue;
             }
             // a v4 BackEI layer followed by pooling (no dropout between) writes the pooling's output
-            let pool_next =
-                fuse_pools && pools_in_forward(layer) && matches!(after.first().map(|l| &l.op), Some(Op::Pool { dropout: None, .. }));
+            // (with a dropout between, the forward stays the dropout+pooling kernel's)
+            let pool_next = pooling_inside(layer, after) == Some((1, None));
             let writes = if pool_next { after[0].out_place } else { layer.out_place };
             let (readable, slot_out) = slot_views(&mut self.out_slots, slot_of(writes));
             let src = source(before, input, &readable, batch)?;
@@ -782,8 +782,7 @@ impl GpuNetwork {
                             &mut y,
                             *x_exact,
                         )?,
-                        Op::Pool { c, h, w, dropout: None } if s8 => pool::forward_s8(&dev, rows * *c, *h, *w, &src, &mut y)?,
-                        Op::Pool { c, h, w, dropout: None } => pool::forward(&dev, rows * *c, *h, *w, &src, &mut y)?,
+                        Op::Pool { c, h, w, dropout: None } => pool::forward(&dev, rows * *c, *h, *w, &src, s8, &mut y)?,
                         Op::Pool { c, h, w, dropout: Some((prob, key_slot)) } => {
                             // the dropout's input: c planes of h·w per sample
                             let index0 = (offset * *c * *h * *w) as u64;
@@ -849,9 +848,9 @@ impl GpuNetwork {
     /// lowest flat index whose gradient is then enqueued in full (layers run last to first and own
     /// ascending ranges of the flat buffer, so everything from there to the end is): data-parallel
     /// training starts reducing those gradients while the earlier layers' backward still runs.
-    /// With `fused_loss` (a training step whose forward fused the readout) the last layer
-    /// computes the loss from the readout and the staged labels itself (`backward_from_loss`);
-    /// otherwise ∂L/∂readout is already in the loss buffers.
+    /// With `fused_loss` (a training step whose forward fused the readout: `readout_fused`) the
+    /// last layer computes the loss from the readout and the staged labels itself
+    /// (`backward_from_loss`); otherwise ∂L/∂readout is already in the loss buffers.
     fn enqueue_backward(&mut self, mut ready: Option<&mut dyn FnMut(usize) -> Result<()>>, fused_loss: Option<Loss>) -> Result<()> {
         let dev = self.dev.clone();
         let batch = self.shape.0;
@@ -859,8 +858,6 @@ impl GpuNetwork {
         let last_t = self.layers.last().map_or(1, |l| l.t_out);
         let bk = batch * self.classes;
         let upstream = self.plan.as_ref().ok_or_else(|| missing("the buffer plan"))?.upstream;
-        let fused_loss = if self.readout_fused() { fused_loss } else { None };
-        let fuse_pools = self.settings.fused_pool;
         if fused_loss.is_none() {
             let lb = self.loss.as_ref().ok_or_else(|| missing("the loss buffers"))?;
             let (_, ups) = slot_views(&mut self.grad_slots, slot_of(upstream));
@@ -879,18 +876,13 @@ impl GpuNetwork {
             if matches!(layer.op, Op::Flatten | Op::Dropout { fused: true, .. }) {
                 continue;
             }
-            // a pooling (and a dropout fused into it) whose backward runs inside the v4 BackEI layer
-            // before them: that layer's backward reads the pooling's output gradient
-            // (`memory::pools_in_spiking_layer`, which the memory plan decided by)
-            if fuse_pools && matches!(layer.op, Op::Pool { .. }) && pool_of_spiking_layer(before) {
+            // a pooling whose backward runs inside the v4 BackEI layer before it (`pooling_inside`):
+            // the only pooling here without an input gradient, since a layer with parameters
+            // comes before it
+            if matches!(layer.op, Op::Pool { .. }) && layer.grad_place == Place::None {
                 continue;
             }
-            // this layer's pooling: the layers it spans (1, or 2 with a fused dropout) and its dropout
-            let pools = match (fuse_pools && pools_in_forward(layer), after.first().map(|l| &l.op), after.get(1).map(|l| &l.op)) {
-                (true, Some(Op::Pool { dropout: None, .. }), _) => Some((1, None)),
-                (true, Some(Op::Dropout { fused: true, .. }), Some(Op::Pool { dropout: Some(d), .. })) => Some((2, Some(*d))),
-                _ => None,
-            };
+            let pools = pooling_inside(layer, after);
             if let (Some(loss), true) = (fused_loss, i + 1 == n) {
                 let Op::Spike { layer: sl, .. } = &mut layer.op else {
                     return Err(BackeiError::Cuda("internal: the fused loss needs a spiking last layer".into()));
@@ -899,7 +891,7 @@ impl GpuNetwork {
                 let mut dx = dx_slot.ok_or_else(|| missing("a layer's input gradient"))?.slice_mut(0..layer.grad_place.len());
                 let y = self.readout.as_ref().ok_or_else(|| missing("the readout"))?;
                 let lb = self.loss.as_mut().ok_or_else(|| missing("the loss buffers"))?;
-                sl.backward_from_loss(lb, loss, &y.as_view(), true, &mut dx)?;
+                sl.backward_from_loss(lb, loss, &y.as_view(), &mut dx)?;
                 if let Some(t) = self.timer.as_mut() {
                     t.mark(format!("backward {} with the loss", op_label(i, &layer.op)))?;
                 }

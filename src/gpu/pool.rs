@@ -6,30 +6,22 @@ use super::util::{check_len, cuda_err, grid};
 use crate::error::Result;
 use cudarc::driver::{CudaView, CudaViewMut, PushKernelArg};
 
-/// y [planes][h/2][w/2] from x [planes][h][w] (planes = samples·channels).
-pub fn forward(dev: &GpuDevice, planes: usize, h: usize, w: usize, x: &CudaView<f32>, y: &mut CudaViewMut<f32>) -> Result<()> {
-    check_len("pool input", x.len(), planes * h * w)?;
+/// y [planes][h/2][w/2] from x [planes][h][w] (planes = samples·channels). With `x_s8`, x holds
+/// int8 spikes (planes·h·w bytes in ⌈planes·h·w/4⌉ f32 words: a v4 BackEI layer's compact output;
+/// `avgpool2_forward_s8`), and y is what the same spikes in f32 give, bit for bit.
+pub fn forward(dev: &GpuDevice, planes: usize, h: usize, w: usize, x: &CudaView<f32>, x_s8: bool, y: &mut CudaViewMut<f32>) -> Result<()> {
+    let n = planes * h * w;
+    match x_s8 {
+        true => check_len("pool input (int8 spikes, in f32 words)", x.len(), n.div_ceil(4))?,
+        false => check_len("pool input", x.len(), n)?,
+    }
     check_len("pool output", y.len(), planes * (h / 2) * (w / 2))?;
-    let f = dev.kernels.function("pool", "avgpool2_forward_f32")?;
+    let kernel = if x_s8 { "avgpool2_forward_s8" } else { "avgpool2_forward_f32" };
+    let f = dev.kernels.function("pool", kernel)?;
     let (pl, hh, ww) = (planes as i64, h as i32, w as i32);
     let cfg = grid(y.len());
-    // SAFETY: lengths checked above.
-    unsafe { dev.stream.launch_builder(&f).arg(x).arg(&mut *y).arg(&pl).arg(&hh).arg(&ww).launch(cfg) }
-        .map_err(cuda_err("avgpool2_forward_f32"))?;
-    Ok(())
-}
-
-/// `forward` of int8 spikes x (planes·h·w bytes in ⌈planes·h·w/4⌉ f32 words: a v4 BackEI layer's
-/// compact output), bit for bit what `forward` gives on the same spikes in f32.
-pub fn forward_s8(dev: &GpuDevice, planes: usize, h: usize, w: usize, x: &CudaView<f32>, y: &mut CudaViewMut<f32>) -> Result<()> {
-    check_len("pool input (int8 spikes, in f32 words)", x.len(), (planes * h * w).div_ceil(4))?;
-    check_len("pool output", y.len(), planes * (h / 2) * (w / 2))?;
-    let f = dev.kernels.function("pool", "avgpool2_forward_s8")?;
-    let (pl, hh, ww) = (planes as i64, h as i32, w as i32);
-    let cfg = grid(y.len());
-    // SAFETY: lengths checked above (x holds planes·h·w bytes).
-    unsafe { dev.stream.launch_builder(&f).arg(x).arg(&mut *y).arg(&pl).arg(&hh).arg(&ww).launch(cfg) }
-        .map_err(cuda_err("avgpool2_forward_s8"))?;
+    // SAFETY: lengths checked above (x holds planes·h·w floats, or bytes with x_s8).
+    unsafe { dev.stream.launch_builder(&f).arg(x).arg(&mut *y).arg(&pl).arg(&hh).arg(&ww).launch(cfg) }.map_err(cuda_err(kernel))?;
     Ok(())
 }
 

@@ -2,7 +2,7 @@
 //! `BackeiError` values, and row-major SGEMM on top of column-major cuBLAS.
 
 use super::device::GpuDevice;
-use crate::error::{shape_err, BackeiError, Result};
+use crate::error::{config_err, shape_err, BackeiError, Result};
 use cudarc::cublas::sys::cublasOperation_t;
 use cudarc::cublas::{Gemm, GemmConfig};
 use cudarc::driver::{DevicePtr, DevicePtrMut, DriverError, LaunchConfig};
@@ -21,6 +21,16 @@ pub fn grid(total: usize) -> LaunchConfig {
 pub fn cuda_err(what: impl Into<String>) -> impl FnOnce(DriverError) -> BackeiError {
     let what = what.into();
     move |e| BackeiError::Cuda(format!("{what}: {e:?}"))
+}
+
+/// An on/off environment switch, on by default: unset, empty or 1 is on, 0 off; anything else is
+/// refused, naming what 1 and 0 mean (`on`, `off`).
+pub fn switch_from_env(name: &str, value: Option<&str>, on: &str, off: &str) -> Result<bool> {
+    match value.map(str::trim) {
+        None | Some("") | Some("1") => Ok(true),
+        Some("0") => Ok(false),
+        Some(other) => Err(config_err(name, format!("`{other}`: use 1 ({on}, the default) or 0 ({off})"))),
+    }
 }
 
 /// Whether an error is the device running out of memory.
