@@ -178,8 +178,8 @@ struct V4Dims {
 };
 
 // Host twin: V4Window in src/gpu/backei_v4.rs. The steps [t0, t1) a launch runs (0 and T: the
-// whole loop). v, g and z are then the window's own buffers, step t at (t − t0)·B·N; s, the input,
-// ∂L/∂s and ∂L/∂I stay indexed by the absolute t. This is `--recompute K` (activation checkpointing
+// whole loop). v, g and z are then the window's own buffers, step t at (t − t0)·B·N; s, ∂L/∂s and
+// ∂L/∂I stay indexed by the absolute t, the input by t − in_t0. This is `--recompute K` (activation checkpointing
 // over time): the forward runs window after window and keeps v_{t1−1} of each (v_last); the
 // backward runs the windows in reverse, each after recomputing its window's v, g, z from the
 // kept v_{t0−1} (v_prev) with this same code — the same bits, so the gradients are those of
@@ -187,8 +187,12 @@ struct V4Dims {
 // dv, the feedback ring and ∂L/∂I (indexed by the absolute t), the weight-gradient accumulators
 // (dw_part) and each thread's bias partial sums (db_carry); only the launch that ends at t0 = 0
 // reduces them into the gradients.
+// in_t0: the step the input buffer starts at — 0 when it holds every step, t0 when it holds this
+// window's steps alone (a convolution before the layer recomputed per window by the network, so
+// that its [T][B][N] output is never stored: memory::conv_output_window).
 struct V4Window {
     int t0, t1;
+    int in_t0;
 };
 
 namespace v4 {
@@ -773,9 +777,9 @@ __device__ __forceinline__ void forward_v4(const float* __restrict__ params, con
         __syncthreads();
     }
     for (int t = win.t0; t < win.t1; ++t) {
-        const long long ot = (long long)t * BN;            // s and the input: every step
+        const long long ot = (long long)t * BN;            // s: every step
         const long long wt = (long long)(t - win.t0) * BN;  // v, g, z: the window's steps
-        const float* in_t = input + (d.t_in == 1 ? 0 : ot);
+        const float* in_t = input + (d.t_in == 1 ? 0 : (long long)(t - win.in_t0) * BN);
         // phase A: a = W_b ⊛ s_{t−D} + b_b, g, v_t (and s_t when ei is off)
         const bool conv_b = d.back && t >= d.D;
         for_each_chunk(d, vd, [&](const Chunk& ch) {
@@ -950,7 +954,7 @@ __device__ __forceinline__ void backward_v4(const float* __restrict__ params, fl
                     grad_in[ot + e] = dcur;
                 }
                 if (d.back) {
-                    const float a_grad = dv * input[(d.t_in == 1 ? 0 : ot) + e] * gt * (1.0f - gt);
+                    const float a_grad = dv * input[(d.t_in == 1 ? 0 : (long long)(t - win.in_t0) * BN) + e] * gt * (1.0f - gt);
                     da[e] = a_grad;
                     db_b[ni][i & 1] += a_grad;
                 }

@@ -8,7 +8,7 @@ mod common;
 
 use backei::cpu::conv::ConvGeom;
 use backei::gpu::backei_layer::DeviceLimits;
-use backei::gpu::gemm_tc::{self, gemm_plan, launches, GemmDesc, TcLaunch};
+use backei::gpu::gemm_tc::{self, gemm_plan, launches, GemmDesc, GemmPlan, TcLaunch};
 use backei::Precision;
 use common::emu::{self, Args, DevBuf};
 use common::ff_check::{check_convs, check_linears, host, FfDevice, Grads};
@@ -18,8 +18,13 @@ const SMALL: DeviceLimits = DeviceLimits { sm_count: 2, max_smem_per_block: 232_
 
 /// The launches of one GEMM on the emulator, as `gemm_tc::run` issues them on a GPU.
 fn emulate(d: GemmDesc, precision: Precision, sources: [(u64, usize); 2], limits: &DeviceLimits, seed: u64) {
+    emulate_planned(d, &gemm_plan(d.m as usize, d.cols(), d.k as usize, limits), precision, sources, seed)
+}
+
+/// [`emulate`] under a given plan, as `gemm_tc::run_planned` issues it.
+fn emulate_planned(d: GemmDesc, plan: &GemmPlan, precision: Precision, sources: [(u64, usize); 2], seed: u64) {
     let m = emu::module("gemm_tc");
-    let plan = gemm_plan(d.m as usize, d.cols(), d.k as usize, limits);
+    let plan = *plan;
     let mut partial = DevBuf::new("partial", plan.partial);
     let mut maxbits = vec![0xFFFF_FFFFu32; 2];
     let mb = maxbits.as_mut_ptr() as u64;
@@ -194,6 +199,51 @@ fn emulated_tensor_core_convolutions_match_the_cpu_in_bf16_mode() {
 #[test]
 fn emulated_tensor_core_linear_layers_match_the_cpu_in_every_mode() {
     check_linears(&Emulated);
+}
+
+/// A convolution over a part of its samples (`gemm_tc::conv_forward_part`: how the network
+/// recomputes the input current of a BackEI layer per `--recompute` window) writes the very bits
+/// the convolution over every sample writes for those samples, in every mode, real and exact
+/// inputs — on a device small enough that the part alone would have split K differently (so the
+/// whole's plan is what makes the bits equal: the part's own plan is checked to differ).
+#[test]
+fn emulated_convolution_over_a_window_of_samples_gives_the_bits_of_the_whole_convolution() {
+    let mut rng = common::Rng(33);
+    let g = ConvGeom::new(8, 16, 4, 4, 3, 1);
+    let (samples, windows) = (12usize, [(0usize, 3usize), (3, 3), (9, 3), (6, 6)]);
+    let (kk, cols) = (g.col_rows(), samples * g.out_pixels());
+    let whole_plan = gemm_plan(g.cout, cols, kk, &SMALL);
+    for p in Precision::ALL {
+        for exact in [false, true] {
+            let w = host(&mut rng, g.weight_len(), false);
+            let b = host(&mut rng, g.cout, false);
+            let x = host(&mut rng, samples * g.in_len(), exact);
+            let whole = Emulated.conv_forward(p, &g, samples, &w, &b, &x, exact);
+            for (i, &(first, count)) in windows.iter().enumerate() {
+                let (mut wb, mut bb, mut xb, mut yb) =
+                    (DevBuf::from("w", &w), DevBuf::from("b", &b), DevBuf::from("x", &x), DevBuf::new("y", count * g.out_len()));
+                let bufs = (addr(&mut wb), addr(&mut bb), addr(&mut xb), addr(&mut yb));
+                let (d, plan) = gemm_tc::conv_forward_part(&g, samples, first, count, bufs, exact, &SMALL);
+                if count == 3 {
+                    let own = gemm_plan(d.m as usize, d.cols(), d.k as usize, &SMALL);
+                    assert_ne!(
+                        (own.splits, own.kt_per_split),
+                        (plan.splits, plan.kt_per_split),
+                        "the part alone would split K as the whole does"
+                    );
+                }
+                assert_eq!((plan.splits, plan.kt_per_split), (whole_plan.splits, whole_plan.kt_per_split));
+                emulate_planned(d, &plan, p, [(bufs.0, w.len()), (bufs.2, x.len())], 90 + i as u64);
+                for buf in [&wb, &bb, &xb, &yb] {
+                    buf.check_guards();
+                }
+                let want = &whole[first * g.out_len()..(first + count) * g.out_len()];
+                let got = yb.host();
+                let differ = got.iter().zip(want).position(|(a, b)| a.to_bits() != b.to_bits());
+                assert_eq!(differ, None, "{p} exact {exact}: samples {first}..{}: the first output that differs", first + count);
+            }
+        }
+    }
 }
 
 // ---- dropout fused into the pooling after it: the CPU engine's dropout then pooling, bit for bit ----

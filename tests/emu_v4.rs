@@ -28,13 +28,15 @@ const SMALL: DeviceLimits = DeviceLimits { sm_count: 3, max_smem_per_block: 232_
 /// backward in reverse, every window but the last recomputed first. v, g, z in the result are what
 /// the buffers hold at the end (the whole loop's only without a window).
 fn emulate_v4(c: &Case, x: &Inputs, plan: &LaunchPlan, sched: u64) -> DeviceOut {
-    emulate_v4_pooling(c, x, plan, sched, std::ptr::null_mut(), None)
+    emulate_v4_pooling(c, x, plan, sched, std::ptr::null_mut(), None, false)
 }
 
 /// [`emulate_v4`] with the forward also writing the 2×2 average pooling of s into `pooled`
 /// ([T][B][C][H/2][W/2]; null: none), and with `dy_pooled` the backward reading that pooling's
 /// output gradient (and its `V4GradIn`: a dropout between?) instead of `x.grad_out`, as the
-/// network's fused pooling launches them.
+/// network's fused pooling launches them. With `own_input` (T_in = T), every launch reads an
+/// input buffer that holds its window's steps alone (`V4Window::own_input`), refilled before each
+/// window as the network's convolution recomputed per window refills it.
 fn emulate_v4_pooling(
     c: &Case,
     x: &Inputs,
@@ -42,6 +44,7 @@ fn emulate_v4_pooling(
     sched: u64,
     pooled: *mut f32,
     dy_pooled: Option<(&[f32], V4GradIn)>,
+    own_input: bool,
 ) -> DeviceOut {
     let v4 = plan.v4.as_ref().unwrap_or_else(|| panic!("{}: not a v4 plan: {:?}", c.name, plan.fallback));
     let n: usize = c.shape.iter().product();
@@ -76,13 +79,28 @@ fn emulate_v4_pooling(
     let (pp, pi, po, pv, pg, pz) = (params.ptr(), input.ptr(), out.ptr(), v.ptr(), g.ptr(), z.ptr());
     let (pwf, pwi) = (wfrag.ptr(), winv.ptr());
     let mut launches = 0u64;
+    // the input of a window's launches: the whole buffer, or (own_input) a buffer of the window's
+    // steps alone, exactly as long (its guards and NaN tail catch a read of another step)
+    assert!(!own_input || c.t_in == t, "{}: a window's own input needs T_in = T", c.name);
+    let window_input = |win: V4Window| -> (V4Window, *mut f32, Option<DevBuf>) {
+        if !own_input {
+            return (win, pi, None);
+        }
+        let bn = b * n;
+        let mut buf = DevBuf::from("window input", &x.input[win.t0 as usize * bn..win.t1 as usize * bn]);
+        (win.own_input(), buf.ptr(), Some(buf))
+    };
     let mut forward = |win: V4Window, ckpt_in: Option<usize>, ckpt_out: Option<usize>, pooled: *mut f32, bar: &mut Vec<u32>| {
         bar[0] = 0;
+        let (win, pi, window_buf) = window_input(win);
         let mut a = Args::new();
         a.val(pp).val(pi).val(po).val(pv).val(pg).val(pz).val(slot(ckpt_in)).val(slot(ckpt_out)).val(pooled);
         a.buf_u32(bar).val(pwf).val(pwi).val(dims).val(np).val(v4.dims).val(win);
         m.launch(&plan.forward, sched + launches, &mut a).unwrap_or_else(|e| panic!("{} forward {win:?}: {e}", c.name));
         launches += 1;
+        if let Some(w) = window_buf {
+            w.check_guards();
+        }
     };
     for (w, &win) in windows.iter().enumerate() {
         forward(win, w.checked_sub(1), (w < last).then_some(w), pooled, &mut bar);
@@ -94,11 +112,15 @@ fn emulate_v4_pooling(
             forward(win, w.checked_sub(1), None, std::ptr::null_mut(), &mut bar);
         }
         bar[0] = 0;
+        let (win, pi, window_buf) = window_input(win);
         let mut a = Args::new();
         a.val(pp).val(pgr).val(pi).val(po).val(pv).val(pg).val(pz);
         a.val(pgo).val(grad_in_of).val(pgi).val(pdv).val(pfb).val(pda).val(ppart).val(pcarry);
         a.buf_u32(&mut bar).val(pwf).val(pwi).val(dims).val(np).val(v4.dims).val(win);
         m.launch(&plan.backward, sched + 1000 + w as u64, &mut a).unwrap_or_else(|e| panic!("{} backward {win:?}: {e}", c.name));
+        if let Some(w) = window_buf {
+            w.check_guards();
+        }
     }
     for buf in [&params, &grads, &input, &gout, &gin, &out, &v, &g, &z, &dv, &fbuf, &da, &wfrag, &winv, &part, &ckpt, &carry] {
         buf.check_guards();
@@ -271,7 +293,8 @@ fn v4_matches_the_cpu_on_the_backei_shapes_of_the_cifar10_network() {
 /// window by window in reverse with each earlier window recomputed from its checkpoint, gives the
 /// very bits of one launch over the whole loop — the spikes, ∂L/∂I and every weight and bias
 /// gradient — for K = 1, a K that divides T, one that does not, and K = T − 1; with the weight
-/// gradients' accumulators in shared memory and in L2 (dw_part), back and ei on and off, D > K.
+/// gradients' accumulators in shared memory and in L2 (dw_part), back and ei on and off, D > K;
+/// and so does each window reading an input buffer that holds its own steps alone.
 #[test]
 fn v4_recompute_windows_give_the_bits_of_the_whole_loop() {
     let c = smooth(case("5×7×9 back+ei r 1 D 2 T 6", [5, 7, 9], true, true, 1, 2, 2, 6, 6));
@@ -300,6 +323,14 @@ fn v4_recompute_windows_give_the_bits_of_the_whole_loop() {
             assert_eq!(bits(&win.grads), bits(&whole.grads), "{}: K = {k}: the parameter gradients", c.name);
             // the window buffers end holding the first window: the whole loop's first K steps
             assert_eq!(bits(&win.v), bits(&whole.v[..k * bn]), "{}: K = {k}: v of the first window", c.name);
+            // each window reading an input buffer of its own steps alone (the convolution before
+            // the layer recomputed per window: memory::conv_output_window) reads the same values
+            if c.t_in == c.steps {
+                let own = emulate_v4_pooling(c, &x, &plan, 60 + k as u64, std::ptr::null_mut(), None, true);
+                assert_eq!(bits(&own.out), bits(&whole.out), "{}: K = {k}, own window input: the spikes", c.name);
+                assert_eq!(bits(&own.gin), bits(&whole.gin), "{}: K = {k}, own window input: ∂L/∂I", c.name);
+                assert_eq!(bits(&own.grads), bits(&whole.grads), "{}: K = {k}, own window input: the gradients", c.name);
+            }
         }
     }
 }
@@ -406,7 +437,7 @@ fn v4_forward_pools_its_spikes_as_the_pooling_layer_would() {
         let planes = c.steps * c.batch * ch;
         let mut y = DevBuf::new("pooled", planes * (h / 2) * (w / 2));
         let plain = emulate_v4(c, &x, &plan, 8);
-        let d = emulate_v4_pooling(c, &x, &plan, 8, y.ptr(), None);
+        let d = emulate_v4_pooling(c, &x, &plan, 8, y.ptr(), None, false);
         y.check_guards();
         let bits = |xs: &[f32]| xs.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
         for (name, a, b) in [("s", &d.out, &plain.out), ("∂L/∂I", &d.gin, &plain.gin), ("gradients", &d.grads, &plain.grads)] {
@@ -469,7 +500,7 @@ fn v4_backward_from_the_pooling_gradient_gives_the_bits_of_the_pooling_backward(
                 }
             };
             let want = emulate_v4(c, &x, &plan, 9);
-            let got = emulate_v4_pooling(c, &x, &plan, 9, std::ptr::null_mut(), Some((&dy, gi)));
+            let got = emulate_v4_pooling(c, &x, &plan, 9, std::ptr::null_mut(), Some((&dy, gi)), false);
             for (name, a, b) in
                 [("∂L/∂I", &got.gin, &want.gin), ("the parameter gradients", &got.grads, &want.grads), ("s", &got.out, &want.out)]
             {

@@ -175,7 +175,9 @@ fn the_memory_plan_is_what_the_network_allocates() {
 
 /// `--recompute K` through the whole step (graphs on): six Adam steps of every network give the
 /// very losses and parameters of keeping every step on the same (v4) kernels, and the memory plan
-/// is again what the network allocates.
+/// is again what the network allocates — on cuBLAS, and on the tensor-core GEMMs, where the
+/// convolution before each BackEI layer over T steps is also run per window
+/// (`memory::conv_output_window`: the profile names it) instead of keeping its whole output.
 #[test]
 #[ignore = "needs a CUDA GPU"]
 fn recompute_steps_equal_keeping_every_step_bit_for_bit() {
@@ -184,27 +186,41 @@ fn recompute_steps_equal_keeping_every_step_bit_for_bit() {
         let mut spec = small(spec);
         spec.steps = 7;
         let cfg = OptimizerConfig::adam(1e-3);
-        let go = |k: Option<usize>| {
-            let cpu = Network::<f32>::new(&spec, 4150).unwrap();
-            let mut net = GpuNetwork::from_cpu(&d, &cpu).unwrap();
-            net.set_kernel_version(backei::gpu::backei_layer::KernelVersion::V4);
-            net.set_recompute(k).unwrap();
-            let mut o = GpuOptimizer::new(&d, cfg, net.num_params()).unwrap();
-            let mut stats = Vec::new();
-            for (x, labels) in batches(&spec, 5, 1, 6) {
-                stats.push(net.train_step(&x, 1, &labels, Loss::Ce, &mut o).unwrap());
+        for tc in [false, true] {
+            let go = |k: Option<usize>| {
+                let cpu = Network::<f32>::new(&spec, 4150).unwrap();
+                let mut net = GpuNetwork::from_cpu(&d, &cpu).unwrap();
+                net.set_kernel_version(backei::gpu::backei_layer::KernelVersion::V4);
+                net.set_feedforward(tc).unwrap();
+                net.set_recompute(k).unwrap();
+                let mut o = GpuOptimizer::new(&d, cfg, net.num_params()).unwrap();
+                let b = batches(&spec, 5, 1, 6);
+                let mut stats = Vec::new();
+                for (x, labels) in &b[..5] {
+                    stats.push(net.train_step(x, 1, labels, Loss::Ce, &mut o).unwrap());
+                }
+                net.set_profiling(true).unwrap();
+                stats.push(net.train_step(&b[5].0, 1, &b[5].1, Loss::Ce, &mut o).unwrap());
+                let rows = net.take_profile().unwrap();
+                net.set_profiling(false).unwrap();
+                let per_window = rows.iter().filter(|r| r.0.ends_with("convolution per window")).count();
+                let plan = net.memory_plan(5, 1).unwrap();
+                let held = net.allocated_bytes() + GpuOptimizer::device_bytes(&cfg, net.num_params()) + CUBLAS_WORKSPACE_BYTES;
+                assert_eq!(held, plan.total(), "{} tc {tc} --recompute {k:?}: {plan}", spec.name);
+                (stats, bits(&net.params_to_host().unwrap()), plan.total(), per_window)
+            };
+            let (s_all, p_all, m_all, w_all) = go(None);
+            assert_eq!(w_all, 0, "{}: no window, no convolution per window", spec.name);
+            for k in [1, 3] {
+                let (s, p, m, w) = go(Some(k));
+                let what = format!("{} tc {tc} --recompute {k}", spec.name);
+                assert_eq!(s, s_all, "{what}: losses or accuracies differ");
+                assert!(p == p_all, "{what}: parameters after 6 steps differ");
+                assert!(m < m_all, "{what}: {m} bytes, not less than {m_all}");
+                // (one forward and one backward row per BackEI layer whose convolution runs over T)
+                let convs_over_t = if spec.name == "cifar10" { 2 } else { 1 };
+                assert_eq!(w, if tc { 2 * convs_over_t } else { 0 }, "{what}: the profile's rows of convolutions per window");
             }
-            let plan = net.memory_plan(5, 1).unwrap();
-            let held = net.allocated_bytes() + GpuOptimizer::device_bytes(&cfg, net.num_params()) + CUBLAS_WORKSPACE_BYTES;
-            assert_eq!(held, plan.total(), "{} --recompute {k:?}: {plan}", spec.name);
-            (stats, bits(&net.params_to_host().unwrap()), plan.total())
-        };
-        let (s_all, p_all, m_all) = go(None);
-        for k in [1, 3] {
-            let (s, p, m) = go(Some(k));
-            assert_eq!(s, s_all, "{} --recompute {k}: losses or accuracies differ", spec.name);
-            assert!(p == p_all, "{} --recompute {k}: parameters after 6 steps differ", spec.name);
-            assert!(m < m_all, "{} --recompute {k}: {m} bytes, not less than {m_all}", spec.name);
         }
     }
 }

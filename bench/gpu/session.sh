@@ -85,7 +85,7 @@ for stage in $stages; do
         run memcheck-layer-versions 80 compute-sanitizer --tool memcheck --error-exitcode 9 .gpu/bin/test-gpu_backei_layer --ignored --test-threads=1 odd_shapes
         run memcheck-ops 80 compute-sanitizer --tool memcheck --error-exitcode 9 .gpu/bin/test-gpu_network --ignored --test-threads=1 conv_ linear_ pool_ dropout_ readout_ fused_adam
         # the training step as one CUDA graph (issue 12): capture, replay, the pipelined read-back
-        run memcheck-step 80 compute-sanitizer --tool memcheck --error-exitcode 9 .gpu/bin/test-gpu_step --ignored --test-threads=1 graph_replay pipelined fused_readout compact_state fused_pooling
+        run memcheck-step 80 compute-sanitizer --tool memcheck --error-exitcode 9 .gpu/bin/test-gpu_step --ignored --test-threads=1 graph_replay pipelined fused_readout compact_state fused_pooling recompute_steps
         [ -x .gpu/bin/test-gpu_backei_unfused ] && run memcheck-unfused 80 compute-sanitizer --tool memcheck --error-exitcode 9 .gpu/bin/test-gpu_backei_unfused --ignored --test-threads=1
       else
         echo "compute-sanitizer not found" > "$out/sanitizer.log"

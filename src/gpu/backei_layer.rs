@@ -167,6 +167,48 @@ pub enum Epilogue<'a, 'b> {
     Pool(&'a mut CudaViewMut<'b, f32>),
 }
 
+/// A spiking layer's input current made one `--recompute` window at a time (v4): the network's
+/// convolution before the layer, recomputed for each window so that its [T][B][N] output is never
+/// stored (`memory::conv_output_window`). The forward fills every window in turn; the backward
+/// refills every window but the last, whose steps the forward left in place (as it left the
+/// layer's own v, g and z of that window).
+pub trait InputWindows {
+    /// Writes steps [t0, t1) of the input current, [t1 − t0][B][N], into the buffer `window` reads.
+    fn fill(&mut self, t0: usize, t1: usize) -> Result<()>;
+    /// Steps [t0, t1) as the last `fill` wrote them.
+    fn window(&self, t0: usize, t1: usize) -> Result<CudaView<'_, f32>>;
+}
+
+/// Where a spiking layer reads its input current.
+pub enum LayerInput<'a, 'b> {
+    /// Every step in memory, [T_in][B][N].
+    Whole(&'a CudaView<'b, f32>),
+    /// One window at a time ([`InputWindows`]): T_in = T, the v4 kernels under `--recompute`.
+    Windows(&'a mut (dyn InputWindows + 'a)),
+}
+
+impl LayerInput<'_, '_> {
+    /// The values the input holds over all its steps (a windowed input's: `t_in`·`bn`, each
+    /// window's length checked when it is read), refusing windows of a T_in = 1 input.
+    fn whole_len(&self, t_in: usize, steps: usize, bn: usize) -> Result<usize> {
+        match self {
+            LayerInput::Whole(x) => Ok(x.len()),
+            LayerInput::Windows(_) if t_in == steps => Ok(t_in * bn),
+            LayerInput::Windows(_) => {
+                Err(config_err("input", format!("T_in = {t_in}: only an input of every T = {steps} steps comes in windows")))
+            }
+        }
+    }
+
+    /// The whole input, for the kernels that have no windows.
+    fn whole(&self) -> Result<&CudaView<'_, f32>> {
+        match self {
+            LayerInput::Whole(x) => Ok(x),
+            LayerInput::Windows(_) => Err(config_err("input", "only the v4 kernels under --recompute read their input window by window")),
+        }
+    }
+}
+
 /// The last layer's kernels with the readout and the loss fused (`cuda/spiking.cu`).
 pub const READOUT_FORWARD: &str = "spiking_readout_forward_v1_f32";
 pub const LOSS_BACKWARD: &str = "spiking_loss_backward_v1_f32";
@@ -1444,7 +1486,7 @@ impl GpuBackEiLayer {
         batch: usize,
         steps: usize,
     ) -> Result<()> {
-        self.forward_with(params, slots, input, t_in, batch, steps, Epilogue::None)
+        self.forward_with(params, slots, LayerInput::Whole(input), t_in, batch, steps, Epilogue::None)
     }
 
     /// Whether this layer's forward at a batch shape can also pool its output
@@ -1460,13 +1502,14 @@ impl GpuBackEiLayer {
         !self.feedback.back && !self.feedback.ei
     }
 
-    /// `forward`, and in the same launch what `epilogue` asks of its spikes.
+    /// `forward` from `input` (every step, or window by window: [`InputWindows`]), and in the
+    /// same launch what `epilogue` asks of its spikes.
     #[allow(clippy::too_many_arguments)]
     pub fn forward_with(
         &mut self,
         params: &CudaSlice<f32>,
         slots: &BackEiSlots,
-        input: &CudaView<f32>,
+        mut input: LayerInput,
         t_in: usize,
         batch: usize,
         steps: usize,
@@ -1493,7 +1536,7 @@ impl GpuBackEiLayer {
             }
         };
         let n = self.neurons();
-        check_forward_input(t_in, batch, steps, n, input.len())?;
+        check_forward_input(t_in, batch, steps, n, input.whole_len(t_in, steps, batch * n)?)?;
         let plan = self.prepare(batch, steps)?.clone();
         check_slots(self.shape, &self.feedback, slots, params.len(), "parameter")?;
         self.t_in = t_in;
@@ -1501,8 +1544,9 @@ impl GpuBackEiLayer {
         if let Some(v4) = &plan.v4 {
             // (a readout passed the check above: a plain layer, whose plan is never v4)
             let dims = self.dims(slots, t_in, false, false)?;
-            return super::backei_v4::forward(self, v4, plan.window, params, input, dims, np, pooled);
+            return super::backei_v4::forward(self, v4, plan.window, params, &mut input, dims, np, pooled);
         }
+        let input = input.whole()?;
         if pooled.is_some() {
             return Err(config_err("pooling", "only the v4 kernels pool their output in the forward (see pools_in_forward)"));
         }
@@ -1593,6 +1637,22 @@ impl GpuBackEiLayer {
         grad_out: &CudaView<f32>,
         grad_in: &mut CudaViewMut<f32>,
     ) -> Result<()> {
+        self.backward_with(params, grads, slots, LayerInput::Whole(input), t_in, grad_out, grad_in)
+    }
+
+    /// `backward` reading the input current from `input` (every step, or window by window:
+    /// [`InputWindows`]).
+    #[allow(clippy::too_many_arguments)]
+    pub fn backward_with(
+        &mut self,
+        params: &CudaSlice<f32>,
+        grads: &mut CudaSlice<f32>,
+        slots: &BackEiSlots,
+        mut input: LayerInput,
+        t_in: usize,
+        grad_out: &CudaView<f32>,
+        grad_in: &mut CudaViewMut<f32>,
+    ) -> Result<()> {
         let plan = self.plan.clone().ok_or_else(|| config_err("backward", "BackEI layer backward called before forward"))?;
         let (batch, steps, n) = (self.batch, self.steps, self.neurons());
         check_backward_args(
@@ -1603,15 +1663,16 @@ impl GpuBackEiLayer {
             self.t_in,
             grad_out.len(),
             grad_in.len(),
-            input.len(),
+            input.whole_len(t_in, steps, batch * n)?,
             (params.len(), grads.len()),
         )?;
         let np = NeuronParams::from_config(&self.neuron);
         if let Some(v4) = &plan.v4 {
             let dims = self.dims(slots, t_in, false, false)?;
             let gi = super::backei_v4::V4GradIn::default();
-            return super::backei_v4::backward(self, v4, plan.window, params, grads, input, grad_out, gi, grad_in, dims, np);
+            return super::backei_v4::backward(self, v4, plan.window, params, grads, &mut input, grad_out, gi, grad_in, dims, np);
         }
+        let input = input.whole()?;
         let stream = self.dev.stream.clone();
         let l = plan.backward;
         let f = self.function(&l)?;
@@ -1731,7 +1792,7 @@ impl GpuBackEiLayer {
         params: &CudaSlice<f32>,
         grads: &mut CudaSlice<f32>,
         slots: &BackEiSlots,
-        input: &CudaView<f32>,
+        mut input: LayerInput,
         t_in: usize,
         dy_pooled: &CudaView<f32>,
         dropout: Option<PoolDropout>,
@@ -1750,7 +1811,8 @@ impl GpuBackEiLayer {
         // the rest as `backward` checks it (∂L/∂s stands in at its full length)
         let sizes = (params.len(), grads.len());
         let (shape, fb) = (self.shape, self.feedback);
-        check_backward_args(shape, &fb, slots, (batch, steps, t_in), self.t_in, steps * batch * n, grad_in.len(), input.len(), sizes)?;
+        let input_len = input.whole_len(t_in, steps, batch * n)?;
+        check_backward_args(shape, &fb, slots, (batch, steps, t_in), self.t_in, steps * batch * n, grad_in.len(), input_len, sizes)?;
         let np = NeuronParams::from_config(&self.neuron);
         let dims = self.dims(slots, t_in, false, false)?;
         let mut gi = super::backei_v4::V4GradIn { pooled: 1, ..Default::default() };
@@ -1763,7 +1825,7 @@ impl GpuBackEiLayer {
             (gi.p, gi.scale, gi.index0, gi.slot) = (d.p, super::dropout::scale(d.p), d.index0, d.slot as i32);
             gi.keys = d.keys.device_ptr(&self.dev.stream).0;
         }
-        super::backei_v4::backward(self, v4, plan.window, params, grads, input, dy_pooled, gi, grad_in, dims, np)
+        super::backei_v4::backward(self, v4, plan.window, params, grads, &mut input, dy_pooled, gi, grad_in, dims, np)
     }
 
     /// The network's last layer, backward from the loss: per-row losses, predictions and

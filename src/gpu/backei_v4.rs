@@ -15,8 +15,8 @@
 //! the largest channel tile (fewer groups: each group stages the same halos again), the whole halo
 //! in one slab (else 64, 32, 16 channels at a time), two m-tiles per warp (256-pixel chunks).
 
-use super::backei_layer::{opt_in_smem, DeviceLimits, GpuBackEiLayer, KernelLaunch, LayerDims, NeuronParams};
-use crate::error::{BackeiError, Result};
+use super::backei_layer::{opt_in_smem, DeviceLimits, GpuBackEiLayer, KernelLaunch, LayerDims, LayerInput, NeuronParams};
+use crate::error::{shape_err, BackeiError, Result};
 use crate::precision::Precision;
 use crate::spec::FeedbackConfig;
 use cudarc::driver::{CudaFunction, CudaSlice, CudaView, CudaViewMut, DeviceRepr, LaunchConfig, PushKernelArg};
@@ -53,12 +53,15 @@ pub struct V4Dims {
 // SAFETY: plain-old-data with the C layout of cuda/backei_v4.cu's V4Dims.
 unsafe impl DeviceRepr for V4Dims {}
 
-/// The device's `V4Window` (`cuda/backei_v4.cu`): the steps [t0, t1) of one launch.
+/// The device's `V4Window` (`cuda/backei_v4.cu`): the steps [t0, t1) of one launch, and the step
+/// the input buffer starts at (`in_t0`: 0, or t0 for an input that holds the window's steps alone:
+/// [`InputWindows`](super::backei_layer::InputWindows)).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct V4Window {
     pub t0: i32,
     pub t1: i32,
+    pub in_t0: i32,
 }
 // SAFETY: plain-old-data with the C layout of cuda/backei_v4.cu's V4Window.
 unsafe impl DeviceRepr for V4Window {}
@@ -89,7 +92,12 @@ impl V4Window {
     /// one shorter when K does not divide T); one window [0, T) without recompute.
     pub fn all(steps: usize, k: Option<usize>) -> Vec<V4Window> {
         let k = k.unwrap_or(steps).clamp(1, steps.max(1));
-        (0..steps.div_ceil(k)).map(|w| V4Window { t0: (w * k) as i32, t1: (steps.min((w + 1) * k)) as i32 }).collect()
+        (0..steps.div_ceil(k)).map(|w| V4Window { t0: (w * k) as i32, t1: (steps.min((w + 1) * k)) as i32, in_t0: 0 }).collect()
+    }
+
+    /// This window reading an input that holds its steps alone ([t1 − t0][B][N]).
+    pub fn own_input(self) -> V4Window {
+        V4Window { in_t0: self.t0, ..self }
     }
 }
 
@@ -460,7 +468,7 @@ pub(crate) fn forward(
     plan: &V4Plan,
     window: Option<usize>,
     params: &CudaSlice<f32>,
-    input: &CudaView<f32>,
+    input: &mut LayerInput,
     dims: LayerDims,
     np: NeuronParams,
     mut pooled: Option<&mut CudaViewMut<f32>>,
@@ -469,9 +477,37 @@ pub(crate) fn forward(
     let last = windows.len() - 1;
     for (w, win) in windows.into_iter().enumerate() {
         let y = pooled.as_deref_mut();
-        launch_forward(layer, plan, params, input, dims, np, win, w.checked_sub(1), (w < last).then_some(w), y)?;
+        on_input(input, win, true, &dims, |x, win| {
+            launch_forward(layer, plan, params, x, dims, np, win, w.checked_sub(1), (w < last).then_some(w), y)
+        })?;
     }
     Ok(())
+}
+
+/// Runs `launch` on window `win`'s input: the whole input, or a windowed input's own steps
+/// (`fill`: written first) with the window reading them from step t0 (`V4Window::own_input`).
+fn on_input(
+    input: &mut LayerInput,
+    win: V4Window,
+    fill: bool,
+    dims: &LayerDims,
+    launch: impl FnOnce(&CudaView<f32>, V4Window) -> Result<()>,
+) -> Result<()> {
+    match input {
+        LayerInput::Whole(x) => launch(x, win),
+        LayerInput::Windows(src) => {
+            let (t0, t1) = (win.t0 as usize, win.t1 as usize);
+            if fill {
+                src.fill(t0, t1)?;
+            }
+            let x = src.window(t0, t1)?;
+            let want = (t1 - t0) * dims.b as usize * dims.c as usize * dims.h as usize * dims.w as usize;
+            if x.len() != want {
+                return Err(shape_err(format!("BackEI layer input, steps {t0}..{t1}"), want.to_string(), x.len().to_string()));
+            }
+            launch(&x, win.own_input())
+        }
+    }
 }
 
 /// The backward: one launch over all T steps, or with `--recompute K` the windows in reverse, each
@@ -483,7 +519,7 @@ pub(crate) fn backward(
     window: Option<usize>,
     params: &CudaSlice<f32>,
     grads: &mut CudaSlice<f32>,
-    input: &CudaView<f32>,
+    input: &mut LayerInput,
     grad_out: &CudaView<f32>,
     grad_in_of: V4GradIn,
     grad_in: &mut CudaViewMut<f32>,
@@ -495,9 +531,13 @@ pub(crate) fn backward(
     for (w, win) in windows.into_iter().enumerate().rev() {
         if w != last {
             // (the pooled output was written by the forward; its buffer may hold other data now)
-            launch_forward(layer, plan, params, input, dims, np, win, w.checked_sub(1), None, None)?;
+            let ckpt = w.checked_sub(1);
+            on_input(input, win, true, &dims, |x, win| launch_forward(layer, plan, params, x, dims, np, win, ckpt, None, None))?;
         }
-        launch_backward(layer, plan, params, grads, input, (grad_out, grad_in_of), grad_in, dims, np, win)?;
+        // (a windowed input still holds this window: the forward's last fill or the one above)
+        on_input(input, win, false, &dims, |x, win| {
+            launch_backward(layer, plan, params, grads, x, (grad_out, grad_in_of), grad_in, dims, np, win)
+        })?;
     }
     Ok(())
 }

@@ -15,7 +15,7 @@ use super::device::GpuDevice;
 use super::gemm_tc::{self, addr, FeedForward, FeedForwardWs};
 use super::util::{check_len, cuda_err, grid, sgemm_rm, GemmShape};
 use crate::cpu::conv::ConvGeom;
-use crate::error::Result;
+use crate::error::{shape_err, BackeiError, Result};
 use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, LaunchConfig, PushKernelArg};
 
 /// The default cap of the conv workspace (column buffer + transposed output), in bytes.
@@ -248,14 +248,42 @@ pub fn forward_with(
     y: &mut CudaViewMut<f32>,
     x_exact: bool,
 ) -> Result<()> {
-    let FeedForward::TensorCore(p) = ff.mode else { return forward(dev, &mut ff.conv, g, samples, w, b, x, y) };
+    let FeedForward::TensorCore(_) = ff.mode else { return forward(dev, &mut ff.conv, g, samples, w, b, x, y) };
+    // (every sample as the part: the GEMM's own plan)
+    forward_part(dev, ff, g, (samples, 0, samples), w, b, x, y, x_exact)
+}
+
+/// `forward_with` over samples [first, first + count) of the input `x` (all `samples` of them)
+/// into `y` ([count][cout][ho][wo]): on the tensor cores, with the plan and scales of the GEMM over
+/// every sample, so each output is the bits `forward_with` over all of them writes
+/// (`gemm_tc::conv_forward_part`). cuBLAS makes no such promise, so the cuBLAS path refuses (the
+/// memory plan recomputes a convolution per window only on the tensor cores:
+/// `memory::conv_output_window`).
+#[allow(clippy::too_many_arguments)]
+pub fn forward_part(
+    dev: &GpuDevice,
+    ff: &mut FeedForwardWs,
+    g: &ConvGeom,
+    (samples, first, count): (usize, usize, usize),
+    w: &CudaView<f32>,
+    b: &CudaView<f32>,
+    x: &CudaView<f32>,
+    y: &mut CudaViewMut<f32>,
+    x_exact: bool,
+) -> Result<()> {
+    let FeedForward::TensorCore(p) = ff.mode else {
+        return Err(BackeiError::Cuda("internal: a convolution over part of its samples needs the tensor-core GEMMs".into()));
+    };
     check_len("conv weight", w.len(), g.weight_len())?;
     check_len("conv bias", b.len(), g.cout)?;
     check_len("conv input", x.len(), samples * g.in_len())?;
-    check_len("conv output", y.len(), samples * g.out_len())?;
+    check_len("conv output", y.len(), count * g.out_len())?;
+    if first + count > samples || count == 0 {
+        return Err(shape_err("conv samples", format!("a non-empty part of {samples}"), format!("{first}..{}", first + count)));
+    }
     let (wa, xa) = (addr(dev, w), addr(dev, x));
-    let d = gemm_tc::conv_forward(g, samples, wa, addr(dev, b), xa, addr(dev, y), x_exact);
-    gemm_tc::run(dev, &mut ff.tc, d, p, [(wa, w.len()), (xa, x.len())], &ff.limits)
+    let (d, plan) = gemm_tc::conv_forward_part(g, samples, first, count, (wa, addr(dev, b), xa, addr(dev, y)), x_exact, &ff.limits);
+    gemm_tc::run_planned(dev, &mut ff.tc, d, &plan, p, [(wa, w.len()), (xa, x.len())])
 }
 
 /// `backward` on the path of `ff` (see `forward_with`): dW += Σ dy ⋆ x and db += Σ dy in one

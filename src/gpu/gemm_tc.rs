@@ -381,6 +381,41 @@ pub fn gemm_plan(m: usize, n_cols: usize, k: usize, limits: &DeviceLimits) -> Ge
     }
 }
 
+/// The plan of a GEMM over some of the columns of a `whole` one (the same M and K): the grid
+/// covers the part's columns, the split-K is the whole's (the same splits of the same k-steps),
+/// so that every element of the part is the very sum — the same products in the same order — that
+/// the whole GEMM computes for it.
+pub fn gemm_plan_like(m: usize, n_cols: usize, whole: &GemmPlan) -> GemmPlan {
+    GemmPlan {
+        grid: (n_cols.div_ceil(TC_BN) as u32, m.div_ceil(TC_BM) as u32, whole.splits as u32),
+        partial: if whole.splits > 1 { whole.splits * m * n_cols } else { 0 },
+        ..*whole
+    }
+}
+
+/// The conv forward of samples [first, first + count) of an input of `samples` samples at `x`
+/// (the whole input), written to `y` ([count][cout][ho][wo]), with the plan that makes every
+/// output the bits `conv_forward` over all the samples gives it ([`gemm_plan_like`]; in fp32
+/// mode pass the whole input as the source of its scale, as the whole GEMM does). This is how a
+/// convolution before a BackEI layer is recomputed per `--recompute` window
+/// (`memory::conv_output_window`).
+#[allow(clippy::too_many_arguments)]
+pub fn conv_forward_part(
+    g: &ConvGeom,
+    samples: usize,
+    first: usize,
+    count: usize,
+    (w, b, x, y): (u64, u64, u64, u64),
+    x_exact: bool,
+    limits: &DeviceLimits,
+) -> (GemmDesc, GemmPlan) {
+    let whole = conv_forward(g, samples, w, b, x, y, x_exact);
+    let whole_plan = gemm_plan(whole.m as usize, whole.cols(), whole.k as usize, limits);
+    let d = conv_forward(g, count, w, b, x + 4 * (first * g.in_len()) as u64, y, x_exact);
+    let plan = gemm_plan_like(d.m as usize, d.cols(), &whole_plan);
+    (d, plan)
+}
+
 /// Whether the input of layer `i` of `spec` is exact in fp16 without scaling: the spikes of a
 /// spiking layer (−1, 0, 1; exact firing only), or their averages by pooling and dropout scalings
 /// that are powers of two (2×2 pooling halves the spacing twice: a few pools stay within fp16's
@@ -541,9 +576,22 @@ pub fn run(
     sources: [(u64, usize); 2],
     limits: &DeviceLimits,
 ) -> Result<()> {
-    use cudarc::driver::DevicePtrMut;
     d.validate()?;
     let plan = gemm_plan(d.m as usize, d.cols(), d.k as usize, limits);
+    run_planned(dev, ws, d, &plan, precision, sources)
+}
+
+/// [`run`] under a given plan (`conv_forward_part`'s).
+pub fn run_planned(
+    dev: &GpuDevice,
+    ws: &mut TcWorkspace,
+    d: GemmDesc,
+    plan: &GemmPlan,
+    precision: Precision,
+    sources: [(u64, usize); 2],
+) -> Result<()> {
+    use cudarc::driver::DevicePtrMut;
+    d.validate()?;
     if plan.partial > 0 && ws.partial.as_ref().is_none_or(|p| p.len() < plan.partial) {
         ws.partial = None;
         ws.partial = Some(dev.stream.alloc_zeros(plan.partial).map_err(cuda_err("allocating the split-K partial sums"))?);
@@ -554,7 +602,7 @@ pub fn run(
     };
     let maxbits = ws.maxbits.device_ptr_mut(&dev.stream).0;
     let helper = |n: u32| LaunchConfig { grid_dim: (n, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
-    for l in launches(d, &plan, precision, sources, maxbits, partial) {
+    for l in launches(d, plan, precision, sources, maxbits, partial) {
         // SAFETY (every launch): the descriptor's addresses and extents come from the callers'
         // checked buffers; the scale words and the partial sums are the workspace's, sized above.
         match l {

@@ -201,6 +201,9 @@ pub struct LayerBuffers {
     /// A dropout layer run fused into the pooling layer after it ([`fuses_into_pool`]): it has no
     /// output, and that pooling layer writes this layer's input gradient.
     pub fused: bool,
+    /// A convolution recomputed per `--recompute` window ([`conv_output_window`]): its output
+    /// holds this many steps, one window of the BackEI layer after it, instead of all T.
+    pub window: Option<usize>,
 }
 
 /// Every buffer of a training step at one batch shape.
@@ -234,6 +237,28 @@ pub struct BufferPlan {
 /// Its input must have all T steps (a T_in = 1 input would be broadcast first).
 pub fn fuses_into_pool(plan: &[LayerPlan], ts: &[(usize, usize)], i: usize) -> bool {
     matches!(plan[i].spec, LayerSpec::Dropout { .. }) && plan.get(i + 1).is_some_and(|l| l.spec == LayerSpec::AvgPool) && ts[i].0 == ts[i].1
+}
+
+/// The window of K steps the output of layer `i` holds when it is a convolution recomputed per
+/// `--recompute` window (FlashAttention's trade: recompute instead of store): a convolution over
+/// every step (T_in = T) whose output only the v4 BackEI layer right after it reads, that layer
+/// keeping windows of K < T steps. The network then runs the convolution for each window just
+/// before the layer's launches of that window — forward, and again for the backward's recompute
+/// of every window but the last — so its [T][B][N] output is never stored: K steps instead of T,
+/// for one more convolution forward over T − K steps. Only on the tensor-core GEMMs, whose
+/// convolution over a window gives the bits of the convolution over every step
+/// (`gemm_tc::conv_forward_part`; cuBLAS makes no such promise), so the gradients stay those of
+/// storing everything.
+pub fn conv_output_window(plan: &[LayerPlan], layers: &[LayerBuffers], i: usize, steps: usize, settings: &StepSettings) -> Option<usize> {
+    if !matches!(plan[i].spec, LayerSpec::Conv { .. }) || !matches!(settings.feedforward, FeedForward::TensorCore(_)) {
+        return None;
+    }
+    if (layers[i].t_in, layers[i].t_out) != (steps, steps) {
+        return None;
+    }
+    let next = layers.get(i + 1)?.spiking.as_ref()?;
+    next.v4.as_ref()?;
+    next.window.filter(|&k| k < steps)
 }
 
 /// Whether layer `i`'s backward reads its input (the output of the layer before it).
@@ -345,7 +370,14 @@ pub fn buffer_plan(spec: &NetworkSpec, batch: usize, steps: usize, t_in: usize, 
                 _ => Place::Own(out_len),
             },
         };
-        layers.push(LayerBuffers { t_in: ti, t_out: to, output, grad_in: Place::None, spiking, fused });
+        layers.push(LayerBuffers { t_in: ti, t_out: to, output, grad_in: Place::None, spiking, fused, window: None });
+    }
+    // convolutions recomputed per window hold one window of their output
+    for i in 0..n {
+        if let Some(k) = conv_output_window(&plan, &layers, i, steps, settings) {
+            layers[i].window = Some(k);
+            layers[i].output = Place::Own(k * batch * plan[i].output.iter().product::<usize>());
+        }
     }
     // the gradients, in the order the backward writes them: the readout's, then the layers' from
     // the last to the first; a layer passes one on when a layer before it has parameters, and a
@@ -391,8 +423,13 @@ pub fn buffer_plan(spec: &NetworkSpec, batch: usize, steps: usize, t_in: usize, 
             let descs = match lp.spec {
                 LayerSpec::Conv { out_channels, kernel, padding } => {
                     let g = ConvGeom::new(c, out_channels, h, w, kernel, padding);
+                    if let Some(k) = lb.window {
+                        // run per window, with the split-K of the whole (conv_forward_part)
+                        let part = gemm_tc::conv_forward_part(&g, rows, 0, k * batch, (0, 0, 0, 0), false, &settings.limits).1;
+                        tc_partial = tc_partial.max(part.partial);
+                    }
                     vec![
-                        Some(gemm_tc::conv_forward(&g, rows, 0, 0, 0, 0, false)),
+                        lb.window.is_none().then(|| gemm_tc::conv_forward(&g, rows, 0, 0, 0, 0, false)),
                         Some(gemm_tc::conv_weight_grad(&g, rows, 0, 0, 0, 0, false)),
                         (!lb.grad_in.is_empty()).then(|| gemm_tc::conv_backward_data(&g, rows, 0, 0, 0)),
                     ]
@@ -788,6 +825,57 @@ mod tests {
             assert_eq!(inside, 3 - (spec.name != "cifar10") as usize, "{}: every BackEI layer is followed by pooling", spec.name);
             assert!(mf.gradients < mk.gradients, "{}: {mf} vs {mk}", spec.name);
             assert_eq!((mf.spiking, mf.activations), (mk.spiking, mk.activations));
+        }
+    }
+
+    /// With `--recompute K` on the tensor-core GEMMs, a convolution that feeds a BackEI layer over
+    /// every step holds one window of K steps (it is run per window: `conv_output_window`), and
+    /// nothing else changes: cifar10's second and third, fashion-mnist's second; never the first
+    /// (direct encoding runs it once), never on cuBLAS, never without a window. This is what
+    /// brings a cifar10 step at B = 100, T = 20 under 4 GiB.
+    #[test]
+    fn recompute_on_the_tensor_cores_keeps_one_window_of_the_convolutions_before_backei_layers() {
+        use crate::gpu::gemm_tc::FeedForward;
+        let tc = StepSettings { feedforward: FeedForward::TensorCore(Precision::Fp32), ..h100() };
+        for (spec, windowed) in [(NetworkSpec::cifar10(), vec![4usize, 8]), (NetworkSpec::fashion_mnist(), vec![3])] {
+            let plan = spec.plan().unwrap();
+            for k in [1usize, 5, 7] {
+                let s = StepSettings { recompute: Some(k), ..tc };
+                let bp = buffer_plan(&spec, 100, 20, 1, &s).unwrap();
+                let cublas = buffer_plan(&spec, 100, 20, 1, &StepSettings { recompute: Some(k), ..h100() }).unwrap();
+                let whole = buffer_plan(&spec, 100, 20, 1, &tc).unwrap();
+                let mut saved = 0;
+                for (i, l) in bp.layers.iter().enumerate() {
+                    let out: usize = plan[i].output.iter().product();
+                    if windowed.contains(&i) {
+                        assert_eq!(l.window, Some(k), "{} layer {i}", spec.name);
+                        assert_eq!(l.output, Place::Own(k * 100 * out), "{} layer {i}", spec.name);
+                        assert_eq!(whole.layers[i].output, Place::Own(20 * 100 * out));
+                        saved += (20 - k) * 100 * out * 4;
+                    } else {
+                        assert_eq!(l.window, None, "{} layer {i}", spec.name);
+                        assert_eq!(l.output.len(), whole.layers[i].output.len(), "{} layer {i}", spec.name);
+                    }
+                    assert_eq!(cublas.layers[i].window, None, "cuBLAS: every step kept");
+                    assert_eq!(whole.layers[i].window, None, "no --recompute: every step kept");
+                }
+                let (m, mw) = (bp.memory(), buffer_plan(&spec, 100, 20, 1, &StepSettings { recompute: Some(20), ..tc }).unwrap().memory());
+                assert_eq!(mw.activations - m.activations, saved, "{} K = {k}: {m} vs {mw}", spec.name);
+            }
+        }
+        // the target: a cifar10 step at B = 100, T = 20 in at most 4 GiB
+        let spec = NetworkSpec::cifar10();
+        for (k, p) in [(4usize, Precision::Fp32), (4, Precision::Tf32), (5, Precision::Bf16)] {
+            let s = StepSettings {
+                recompute: Some(k),
+                version: KernelVersion::V4,
+                feedforward: FeedForward::TensorCore(p),
+                precision: p,
+                ..h100()
+            };
+            let m = memory_plan(&spec, 100, 20, 1, &s).unwrap();
+            println!("cifar10, tensor-core GEMMs, {p}, --recompute {k}: {m}");
+            assert!(m.total() <= 4 << 30, "--recompute {k}, {p}: {m}");
         }
     }
 

@@ -23,7 +23,7 @@
 //! when the step's status words are non-zero, and they stay so (every later step reports the
 //! error too) until parameters are loaded (`load_params`).
 
-use super::backei_layer::{BackEiSlots, Epilogue, GpuBackEiLayer, KernelVersion, PoolDropout};
+use super::backei_layer::{BackEiSlots, Epilogue, GpuBackEiLayer, InputWindows, KernelVersion, LayerInput, PoolDropout};
 use super::conv;
 use super::device::GpuDevice;
 use super::dropout::{DropoutKeys, Mask};
@@ -98,6 +98,10 @@ struct Layer {
     out: Option<CudaSlice<f32>>,
     /// Where ∂L/∂input lives (a gradient slot, or None).
     grad_place: Place,
+    /// A convolution run per `--recompute` window of the BackEI layer after it
+    /// (`memory::conv_output_window`): `out` holds one window of this many steps, and the layer
+    /// after it runs this one ([`ConvWindows`]).
+    window: Option<usize>,
 }
 
 impl Layer {
@@ -278,6 +282,97 @@ fn grad_of_output(after: &[Layer], upstream: Place) -> Place {
     after.iter().find(|l| !matches!(l.op, Op::Flatten)).map_or(upstream, |l| l.grad_place)
 }
 
+/// A convolution run one `--recompute` window at a time for the BackEI layer after it
+/// (`memory::conv_output_window`): each `fill` writes that window's steps of its output into its
+/// one-window buffer, with the bits of the convolution over every step (`conv::forward_part`).
+struct ConvWindows<'a> {
+    dev: &'a GpuDevice,
+    ff: &'a mut FeedForwardWs,
+    geom: &'a ConvGeom,
+    w: CudaView<'a, f32>,
+    b: CudaView<'a, f32>,
+    x_exact: bool,
+    /// The convolution's input, every step.
+    x: CudaView<'a, f32>,
+    y: &'a mut CudaSlice<f32>,
+    batch: usize,
+    steps: usize,
+}
+
+impl<'a> ConvWindows<'a> {
+    fn new(
+        dev: &'a GpuDevice,
+        ff: &'a mut FeedForwardWs,
+        conv: &'a mut Layer,
+        params: &'a CudaSlice<f32>,
+        x: CudaView<'a, f32>,
+        (batch, steps): (usize, usize),
+    ) -> Result<Self> {
+        let Layer { op: Op::Conv { geom, w, b, x_exact }, out, .. } = conv else {
+            return Err(BackeiError::Cuda("internal: a layer run per window that is not a convolution".into()));
+        };
+        let y = out.as_mut().ok_or_else(|| missing("a convolution's window"))?;
+        let (w, b) = (params.slice(w.clone()), params.slice(b.clone()));
+        Ok(ConvWindows { dev, ff, geom, w, b, x_exact: *x_exact, x, y, batch, steps })
+    }
+}
+
+impl InputWindows for ConvWindows<'_> {
+    fn fill(&mut self, t0: usize, t1: usize) -> Result<()> {
+        let (first, count) = (t0 * self.batch, (t1 - t0) * self.batch);
+        let len = count * self.geom.out_len();
+        let have = self.y.len();
+        let mut y =
+            self.y.try_slice_mut(0..len).ok_or_else(|| shape_err("a convolution's window", format!("≥ {len} values"), have.to_string()))?;
+        let samples = (self.steps * self.batch, first, count);
+        conv::forward_part(self.dev, self.ff, self.geom, samples, &self.w, &self.b, &self.x, &mut y, self.x_exact)
+    }
+
+    fn window(&self, t0: usize, t1: usize) -> Result<CudaView<'_, f32>> {
+        view(self.y, (t1 - t0) * self.batch * self.geom.out_len(), "a convolution's window")
+    }
+}
+
+/// Whether the input of spiking layer `layer` comes from a convolution run per window (the layer
+/// right `before` it: [`ConvWindows`]).
+fn input_by_windows(layer: &Layer, before: &[Layer]) -> bool {
+    matches!(layer.op, Op::Spike { .. }) && before.last().is_some_and(|l| l.window.is_some())
+}
+
+/// The output of the pooling `next` (the layer after a spiking layer that pools into it).
+fn pooled_output<'a>(next: &'a mut Layer, slot_out: Option<&'a mut CudaSlice<f32>>) -> Result<CudaViewMut<'a, f32>> {
+    match next.out_place {
+        Place::Own(len) => Ok(next.out.as_mut().ok_or_else(|| missing("a pooling output"))?.slice_mut(0..len)),
+        Place::Slot { len, .. } => Ok(slot_out.ok_or_else(|| missing("a forward slot"))?.slice_mut(0..len)),
+        Place::None => Err(missing("a pooling output")),
+    }
+}
+
+/// A spiking layer's backward from `input`: from the gradient of the pooling it runs inside
+/// (`pools`, with the dropout between drawn from `keys` at sample `offset` when `training`), or
+/// from ∂L/∂s.
+#[allow(clippy::too_many_arguments)]
+fn spike_backward(
+    sl: &mut GpuBackEiLayer,
+    params: &BackEiSlots,
+    (p, g): (&CudaSlice<f32>, &mut CudaSlice<f32>),
+    input: LayerInput,
+    t_in: usize,
+    dy: &CudaView<f32>,
+    pools: Option<(usize, Option<(f32, usize)>)>,
+    (keys, training, offset): (&CudaSlice<u64>, bool, usize),
+    dx: &mut CudaViewMut<f32>,
+) -> Result<()> {
+    let Some((_, dropout)) = pools else { return sl.backward_with(p, g, params, input, t_in, dy, dx) };
+    let [c, h, w] = sl.shape;
+    let index0 = (offset * c * h * w) as u64;
+    let dropout = match dropout {
+        Some((prob, slot)) if training => Some(PoolDropout { keys, slot, p: prob, index0 }),
+        _ => None,
+    };
+    sl.backward_from_pooled(p, g, params, input, t_in, dy, dropout, dx)
+}
+
 /// Turns off the last layer's fused readout and loss (`=0`; the default `1` fuses them).
 pub const FUSED_READOUT_ENV: &str = "BACKEI_FUSED_READOUT";
 
@@ -347,6 +442,7 @@ impl GpuNetwork {
                 out_place: Place::None,
                 out: None,
                 grad_place: Place::None,
+                window: None,
             });
         }
         let params = dev.stream.clone_htod(&cpu.params).map_err(cuda_err("uploading the parameters"))?;
@@ -515,6 +611,7 @@ impl GpuNetwork {
             l.t_out = lb.t_out;
             l.out_place = lb.output;
             l.grad_place = lb.grad_in;
+            l.window = lb.window;
             match &mut l.op {
                 Op::Dropout { p, key_slot, fused, .. } => {
                     *fused = lb.fused;
@@ -731,6 +828,29 @@ impl GpuNetwork {
             let pool_next = pooling_inside(layer, after) == Some((1, None));
             let writes = if pool_next { after[0].out_place } else { layer.out_place };
             let (readable, slot_out) = slot_views(&mut self.out_slots, slot_of(writes));
+            if layer.window.is_some() {
+                // a convolution the BackEI layer after it runs per window (below)
+                continue;
+            }
+            if input_by_windows(layer, before) {
+                let (pre, conv) = before.split_at_mut(i - 1);
+                let x = source(pre, input, &readable, batch)?;
+                let mut cw = ConvWindows::new(&dev, &mut self.ff, &mut conv[0], p, x, (batch, steps))?;
+                let Op::Spike { layer: sl, params } = &mut layer.op else { return Err(missing("a spiking layer")) };
+                let (t_in, by_windows) = (layer.t_in, LayerInput::Windows(&mut cw));
+                if pool_next {
+                    let mut y = pooled_output(&mut after[0], slot_out)?;
+                    sl.forward_with(p, params, by_windows, t_in, batch, steps, Epilogue::Pool(&mut y))?;
+                    pooled_ahead = true;
+                } else {
+                    sl.forward_with(p, params, by_windows, t_in, batch, steps, Epilogue::None)?;
+                }
+                if let Some(t) = self.timer.as_mut() {
+                    let with = if pool_next { " with the pooling" } else { "" };
+                    t.mark(format!("forward {}{with} and layer {}'s convolution per window", op_label(i, &layer.op), i - 1))?;
+                }
+                continue;
+            }
             let src = source(before, input, &readable, batch)?;
             let s8 = source_is_s8(before);
             let (t_in, t_out) = (layer.t_in, layer.t_out);
@@ -739,16 +859,11 @@ impl GpuNetwork {
                 Op::Flatten | Op::Dropout { fused: true, .. } => {}
                 Op::Spike { layer: sl, params } if fused && i == last => {
                     let y = self.readout.as_mut().ok_or_else(|| missing("the readout"))?;
-                    sl.forward_with(p, params, &src, t_in, batch, steps, Epilogue::Readout(&mut y.as_view_mut()))?
+                    sl.forward_with(p, params, LayerInput::Whole(&src), t_in, batch, steps, Epilogue::Readout(&mut y.as_view_mut()))?
                 }
                 Op::Spike { layer: sl, params } if pool_next => {
-                    let next = &mut after[0];
-                    let mut y = match next.out_place {
-                        Place::Own(len) => next.out.as_mut().ok_or_else(|| missing("a pooling output"))?.slice_mut(0..len),
-                        Place::Slot { len, .. } => slot_out.ok_or_else(|| missing("a forward slot"))?.slice_mut(0..len),
-                        Place::None => return Err(missing("a pooling output")),
-                    };
-                    sl.forward_with(p, params, &src, t_in, batch, steps, Epilogue::Pool(&mut y))?;
+                    let mut y = pooled_output(&mut after[0], slot_out)?;
+                    sl.forward_with(p, params, LayerInput::Whole(&src), t_in, batch, steps, Epilogue::Pool(&mut y))?;
                     pooled_ahead = true;
                 }
                 Op::Spike { layer: sl, params } => sl.forward(p, params, &src, t_in, batch, steps)?,
@@ -908,6 +1023,24 @@ impl GpuNetwork {
             let (t_in, t_out) = (layer.t_in, layer.t_out);
             let rows = t_in * batch;
             let need_dx = || missing("a layer's input gradient");
+            let mask = (&self.keys.keys, self.training, self.sample_offset);
+            if input_by_windows(layer, before) {
+                // the input current made per window again by the convolution before (ConvWindows)
+                let (pre, conv) = before.split_at_mut(i - 1);
+                let x = source(pre, input, &out_slots, batch)?;
+                let mut cw = ConvWindows::new(&dev, &mut self.ff, &mut conv[0], p, x, (batch, self.spec.steps))?;
+                let Op::Spike { layer: sl, params } = &mut layer.op else { return Err(missing("a spiking layer")) };
+                let dx = dx.as_mut().ok_or_else(need_dx)?;
+                spike_backward(sl, params, (p, &mut *g), LayerInput::Windows(&mut cw), t_in, &dy, pools, mask, dx)?;
+                if let Some(t) = self.timer.as_mut() {
+                    let with = if pools.is_some() { " with the pooling" } else { "" };
+                    t.mark(format!("backward {}{with} and layer {}'s convolution per window", op_label(i, &layer.op), i - 1))?;
+                }
+                if let (Some(ready), Some(lo)) = (ready.as_mut(), layer.param_start()) {
+                    ready(lo)?;
+                }
+                continue;
+            }
             let reads_input = matches!(layer.op, Op::Conv { .. } | Op::Linear { .. } | Op::Spike { .. });
             let src = if reads_input { Some(source(before, input, &out_slots, batch)?) } else { None };
             let src = || src.as_ref().ok_or_else(|| missing("a layer input"));
@@ -948,17 +1081,10 @@ impl GpuNetwork {
                     let mask = if self.training { Mask::Key { keys: &self.keys.keys, slot: *key_slot, index0 } } else { Mask::Off };
                     dropout::backward(&dev, mask, *prob, batch * layer.in_len, t_out, t_in, &dy, dx.as_mut().ok_or_else(need_dx)?)?
                 }
-                Op::Spike { layer: sl, params } if pools.is_some() => {
-                    let [c, h, w] = sl.shape;
-                    let index0 = (self.sample_offset * c * h * w) as u64;
-                    let keys = &self.keys.keys;
-                    let dropout = match pools {
-                        Some((_, Some((prob, slot)))) if self.training => Some(PoolDropout { keys, slot, p: prob, index0 }),
-                        _ => None,
-                    };
-                    sl.backward_from_pooled(p, g, params, src()?, t_in, &dy, dropout, dx.as_mut().ok_or_else(need_dx)?)?
+                Op::Spike { layer: sl, params } => {
+                    let dx = dx.as_mut().ok_or_else(need_dx)?;
+                    spike_backward(sl, params, (p, &mut *g), LayerInput::Whole(src()?), t_in, &dy, pools, mask, dx)?
                 }
-                Op::Spike { layer: sl, params } => sl.backward(p, g, params, src()?, t_in, &dy, dx.as_mut().ok_or_else(need_dx)?)?,
                 Op::Flatten => {}
             }
             if let Some(t) = self.timer.as_mut() {
@@ -1339,6 +1465,10 @@ impl GpuNetwork {
         }
         if let Op::Dropout { fused: true, .. } = self.layers[i].op {
             return Err(config_err("layer", format!("layer {i} (dropout) runs inside the pooling after it: its output is never stored")));
+        }
+        if let Some(k) = self.layers[i].window {
+            let why = format!("layer {i} (a convolution) is run per --recompute window: it keeps {k} of its steps (drop --recompute or use cuBLAS to keep them all)");
+            return Err(config_err("layer", why));
         }
         let input = self.input.as_ref().ok_or_else(|| missing("the input buffer"))?;
         let slots = [self.out_slots[0].as_ref(), self.out_slots[1].as_ref()];
