@@ -8,7 +8,10 @@
 //! between its ops and prints where its time goes (per layer, forward and backward, loss,
 //! gradient check, optimizer).
 //!
-//! cargo bench --bench train            (BACKEI_BENCH_REPS=N for more GPU repetitions)
+//! cargo bench --bench train            (BACKEI_BENCH_REPS=N for more GPU repetitions;
+//!                                       BACKEI_BENCH_RECOMPUTE=K adds cifar10 and fashion-mnist
+//!                                       rows with --recompute K on the tensor-core GEMMs in fp32:
+//!                                       the per-window convolutions' cost and the memory they save)
 
 use backei::gpu::profile::merge;
 use backei::gpu::{GpuDevice, GpuNetwork, GpuOptimizer};
@@ -46,12 +49,14 @@ fn trim_pool(dev: &GpuDevice) {
 }
 
 /// (seconds per step, bytes held per mem_get_info, memory plan bytes, bytes the network allocated)
-/// `mode`: None for the run's defaults, else (precision, tensor-core GEMMs).
+/// `mode`: None for the run's defaults, else (precision, tensor-core GEMMs); `recompute`:
+/// `--recompute K`.
 fn gpu_step(
     dev: &std::sync::Arc<GpuDevice>,
     spec: &NetworkSpec,
     reps: usize,
     mode: Option<(Precision, bool)>,
+    recompute: Option<usize>,
 ) -> Result<(f64, usize, usize, usize), String> {
     trim_pool(dev);
     let (free0, _) = dev.ctx.mem_get_info().map_err(|e| format!("{e:?}"))?;
@@ -60,6 +65,7 @@ fn gpu_step(
         net.set_precision(p).map_err(|e| e.to_string())?;
         net.set_feedforward(tc).map_err(|e| e.to_string())?;
     }
+    net.set_recompute(recompute).map_err(|e| e.to_string())?;
     let mut opt = GpuOptimizer::new(dev, OptimizerConfig::adam(1e-3), net.num_params()).map_err(|e| e.to_string())?;
     let (x, labels) = batch(spec);
     // the first step allocates the buffers and compiles/loads the kernels, the second captures
@@ -110,27 +116,33 @@ fn main() {
                 Ok(list) => list.split(',').filter_map(|p| p.parse().ok()).map(|p| (p, true)).collect(),
                 Err(_) => Precision::ALL.iter().map(|&p| (p, true)).collect(),
             };
-            let mut runs: Vec<(NetworkSpec, Option<(Precision, bool)>)> = nets.iter().map(|s| (s.clone(), None)).collect();
+            let recompute: Option<usize> = std::env::var("BACKEI_BENCH_RECOMPUTE").ok().and_then(|s| s.parse().ok());
+            type Run = (NetworkSpec, Option<(Precision, bool)>, Option<usize>);
+            let mut runs: Vec<Run> = nets.iter().map(|s| (s.clone(), None, None)).collect();
             for s in nets.iter().filter(|s| s.name == "fashion-mnist" || s.name == "cifar10") {
-                runs.extend(tc_modes.iter().map(|&m| (s.clone(), Some(m))));
+                runs.extend(tc_modes.iter().map(|&m| (s.clone(), Some(m), None)));
+                if let Some(k) = recompute {
+                    runs.push((s.clone(), Some((Precision::Fp32, true)), Some(k)));
+                }
             }
-            for (spec, mode) in runs {
+            for (spec, mode, k) in runs {
                 let mut spec = spec.clone();
                 spec.steps = T;
-                let label = match mode {
-                    None => spec.name.clone(),
-                    Some((p, _)) => format!("{} tc {p}", spec.name),
+                let label = match (mode, k) {
+                    (None, _) => spec.name.clone(),
+                    (Some((p, _)), None) => format!("{} tc {p}", spec.name),
+                    (Some((p, _)), Some(k)) => format!("{} tc {p} recompute {k}", spec.name),
                 };
-                match gpu_step(&dev, &spec, reps, mode) {
+                match gpu_step(&dev, &spec, reps, mode, k) {
                     Ok((secs, held, plan, allocated)) => println!(
-                        "  gpu {label:<22} {:>9.2} ms/step {:>9.1} samples/s   device memory held {:>6.2} GiB (memory_plan {:.2} GiB, allocated {:.2} GiB)",
+                        "  gpu {label:<30} {:>9.2} ms/step {:>9.1} samples/s   device memory held {:>6.2} GiB (memory_plan {:.2} GiB, allocated {:.2} GiB)",
                         secs * 1e3,
                         B as f64 / secs,
                         gib(held),
                         gib(plan),
                         gib(allocated)
                     ),
-                    Err(e) => println!("  gpu {label:<22} failed: {e}"),
+                    Err(e) => println!("  gpu {label:<30} failed: {e}"),
                 }
             }
         }

@@ -270,14 +270,25 @@ fn info_reports_the_memory_of_each_setting() {
     let gib = |args: &[&str]| -> f64 {
         let o = backei().args(["info", "--model", "fashion-mnist", "--steps", "100"]).args(args).output().unwrap();
         assert!(o.status.success(), "{}", text(&o));
-        let t = text(&o);
-        let at = t.find(" GiB of device memory").unwrap_or_else(|| panic!("{t}"));
-        t[..at].rsplit(' ').next().unwrap().parse().unwrap_or_else(|_| panic!("{t}"))
+        gib_of(&text(&o))
     };
     let (all, lean) = (gib(&[]), gib(&["--recompute", "10"]));
     assert!(lean < all && lean <= 8.0, "--recompute 10: {lean} GiB, every step: {all} GiB");
     let o = backei().args(["info", "--model", "fashion-mnist", "--recompute", "10"]).output().unwrap();
     assert!(text(&o).contains("v4 (--recompute 10)"), "{}", text(&o));
+    // on cuBLAS it also says what the tensor-core GEMMs would need (their convolutions run per
+    // window too): for cifar10 at --recompute 4, within issue 12's 4 GiB
+    let o = backei().args(["info", "--model", "cifar10", "--recompute", "4"]).env_remove("BACKEI_FEEDFORWARD").output().unwrap();
+    let t = text(&o);
+    let line = t.lines().find(|l| l.contains("with BACKEI_FEEDFORWARD=tc")).unwrap_or_else(|| panic!("{t}"));
+    let tc: f64 = line.trim_end_matches(" GiB").rsplit(' ').next().unwrap().parse().unwrap_or_else(|_| panic!("{line}"));
+    assert!(tc <= 4.0 && tc < gib_of(&t), "{t}");
+}
+
+/// The figure of `backei info`'s "a training step needs X GiB of device memory" line.
+fn gib_of(t: &str) -> f64 {
+    let at = t.find(" GiB of device memory").unwrap_or_else(|| panic!("{t}"));
+    t[..at].rsplit(' ').next().unwrap().parse().unwrap_or_else(|_| panic!("{t}"))
 }
 
 // ---- the command surface (issue 17) -----------------------------------------------------------
