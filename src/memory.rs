@@ -170,15 +170,44 @@ pub fn check_run(
     } else {
         format!(" ({} for the network's state, {} for the loader's batch buffers)", human(n.plan.total() as u128), human(n.loader))
     };
+    let mut advice = suggestion(batch, steps, &fits);
+    if room.device_free.is_some() {
+        if let Some(r) = recompute_that_fits(settings, steps, &|s: &StepSettings| {
+            run_needs(spec, batch, steps, t_in(steps), prefetch, workers, s).is_ok_and(|n| n.fits(room))
+        }) {
+            advice = format!("{advice}; or keep batch {batch} and T = {steps} with {r}");
+        }
+    }
     Err(config_err(
         "--batch-size/--steps",
         format!(
-            "batch {batch} at T = {steps}: a training step needs {} of {place} memory{loader}, but {} is free; {}",
+            "batch {batch} at T = {steps}: a training step needs {} of {place} memory{loader}, but {} is free; {advice}",
             human(needed),
             human(has as u128),
-            suggestion(batch, steps, &fits)
         ),
     ))
+}
+
+/// On the GPU, the setting that keeps the batch and T and fits: `--recompute K` with the largest K
+/// (the least recomputation) — on the GEMMs asked for, else on the tensor-core GEMMs (fp32 on
+/// cuBLAS otherwise: no column buffer, and their convolutions before the BackEI layers run per
+/// window). None when the run already recomputes or no K fits.
+fn recompute_that_fits(settings: &StepSettings, steps: usize, fits: &dyn Fn(&StepSettings) -> bool) -> Option<String> {
+    use crate::gpu::gemm_tc::FeedForward;
+    if settings.recompute.is_some() {
+        return None;
+    }
+    let largest = |s: &StepSettings| (1..steps).rev().find(|&k| fits(&StepSettings { recompute: Some(k), ..*s }));
+    if let Some(k) = largest(settings) {
+        return Some(format!("--recompute {k} (the same gradients, part of the forward run twice)"));
+    }
+    if settings.feedforward == FeedForward::Cublas {
+        let tc = StepSettings { feedforward: FeedForward::TensorCore(settings.precision), ..*settings };
+        if let Some(k) = largest(&tc) {
+            return Some(format!("--recompute {k} and BACKEI_FEEDFORWARD=tc (the same gradients, part of the forward run twice)"));
+        }
+    }
+    None
 }
 
 /// "the largest batch that fits at T = …", "the largest T that fits at batch …".
@@ -242,5 +271,40 @@ mod tests {
         // sizes past 64 bits are an error, not a wrapped small number
         let e = check_run(&spec, usize::MAX, usize::MAX / 2, true, 4, 2, &room, &settings).unwrap_err().to_string();
         assert!(e.contains("64 bits"), "{e}");
+    }
+
+    /// On the GPU, a run that does not fit also hears which `--recompute K` keeps its batch and T
+    /// (the largest K that fits), and when only the tensor-core GEMMs make it fit, that too: the
+    /// setting named fits, and K + 1 does not.
+    #[test]
+    fn a_run_that_does_not_fit_the_gpu_hears_which_recompute_fits() {
+        use crate::gpu::gemm_tc::FeedForward;
+        let spec = NetworkSpec::cifar10();
+        let v1 = StepSettings::cpu_proxy();
+        let host = Some(64u64 << 30);
+        // (free device memory, whether only the tensor-core GEMMs fit)
+        for (free, tc_only) in [(6u64 << 30, false), (4u64 << 30, true)] {
+            let room = Room { device_free: Some(free), host };
+            let e = check_run(&spec, 100, 20, false, 4, 2, &room, &v1).unwrap_err().to_string();
+            let k: usize = e
+                .split("--recompute ")
+                .nth(1)
+                .unwrap_or_else(|| panic!("{e}"))
+                .split(|c: char| !c.is_ascii_digit())
+                .next()
+                .unwrap()
+                .parse()
+                .unwrap();
+            assert_eq!(e.contains("BACKEI_FEEDFORWARD=tc"), tc_only, "{e}");
+            let ff = if tc_only { FeedForward::TensorCore(crate::Precision::Fp32) } else { FeedForward::Cublas };
+            let with = |k: usize| StepSettings { recompute: Some(k), feedforward: ff, ..v1 };
+            check_run(&spec, 100, 20, false, 4, 2, &room, &with(k)).unwrap_or_else(|e| panic!("K = {k}: {e}"));
+            assert!(k + 1 >= 20 || check_run(&spec, 100, 20, false, 4, 2, &room, &with(k + 1)).is_err(), "K = {k} is the largest");
+            println!("{}: {e}", free >> 20);
+        }
+        // already recomputing: nothing more to say about it
+        let room = Room { device_free: Some(1 << 30), host };
+        let e = check_run(&spec, 100, 20, false, 4, 2, &room, &StepSettings { recompute: Some(2), ..v1 }).unwrap_err().to_string();
+        assert!(!e.contains("keep batch"), "{e}");
     }
 }
