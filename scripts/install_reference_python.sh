@@ -25,7 +25,7 @@ apt-get update -qq
 DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv python3-pip python3-numpy python3-scipy python3-h5py \
   python3-matplotlib python3-tqdm python3-torch python3-torchvision python3-torchaudio >/dev/null
 /usr/bin/python3 -m venv --system-site-packages "$venv"
-pip=("$venv/bin/pip" install -q --disable-pip-version-check)
+pip=("$venv/bin/pip" install -q --disable-pip-version-check --no-cache-dir)
 # keep Debian's numpy: its torch was built against it
 numpy=$(/usr/bin/python3 -c 'import numpy; print(numpy.__version__)')
 "${pip[@]}" "numpy==$numpy" tonic tensorboard
