@@ -281,20 +281,63 @@ __device__ __forceinline__ int halo_rows_of(const Chunk& ch, const LayerDims& d)
     return (ch.q0 + ch.len - 1) / DIM_W - ch.y_first + 1 + 2 * R;
 }
 
+// Staging is latency-bound unless many loads are in flight: a warp that loads one element and
+// converts and stores it at once waits one L2 round trip (~600 cycles) per element — 32 per warp
+// for a fashion-mnist chunk, several times the chunk's GEMM (SASS of the fashion L1 forward before
+// this walk: one load per halo row, used by the next instruction, after a division by the runtime
+// halo height). So every thread issues the loads of STAGE_U elements before it uses any, and the
+// walk over (channel, halo pixel) advances without division. The spike and v/da sources load one
+// word per element; dz (phase 2) loads four (∂L/∂s or the pooled gradient, fb, v, z), so it keeps
+// fewer elements in flight (registers: the backward holds its accumulators across the slabs).
+template <class Src>
+struct StageBatch {
+    static constexpr int U = 8;
+};
+
+// fn(c, e, x) for every element of channels [c0, c0 + nch) of the chunk's halo, x its value
+// (halo_value), c relative to c0 and e = hy·(W + 2r) + hx its pixel within the halo: the block's
+// threads stride over the nch·hr·(W + 2r) elements plane-major (consecutive threads along a halo
+// row: coalesced), each with StageBatch<Src>::U loads in flight. No barrier inside.
+template <class Src, class F>
+__device__ __forceinline__ void for_each_halo_element(const Src& src, const Chunk& ch, const LayerDims& d, int c0, int nch, F fn) {
+    constexpr int U = StageBatch<Src>::U;
+    const int HS = DIM_W + 2 * R, pl = halo_rows_of(ch, d) * HS, total = nch * pl;
+    // the walk's divisions, once: where a thread starts, and a stride of THREADS as whole planes
+    // (dc) and a remainder (de)
+    int c = threadIdx.x / pl, e = threadIdx.x - c * pl;
+    const int dc = THREADS / pl, de = THREADS - dc * pl;
+    for (int j = threadIdx.x; j < total; j += U * THREADS) {
+        float x[U];
+        int cs[U], es[U];
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+            cs[u] = c;
+            es[u] = e;
+            const int hy = e / HS, hx = e - hy * HS;  // HS: a constant in the GPU build
+            x[u] = j + u * THREADS < total ? halo_value(src, ch, d, c0 + c, hy, hx) : 0.0f;
+            e += de;
+            c += dc;
+            if (e >= pl) {  // (a select, not a branch)
+                e -= pl;
+                ++c;
+            }
+        }
+#pragma unroll
+        for (int u = 0; u < U; ++u)
+            if (j + u * THREADS < total) fn(cs[u], es[u], x[u]);
+    }
+}
+
 // The scale of a real operand in fp32 mode: the power of two for the largest |x| of the chunk's
 // whole halo (every channel: one scale for all the slabs one accumulator sums). Returns it, its
 // inverse in `inv`; 1 for exact operands and in the other modes. Block-uniform (barriers inside).
+// (The max is exact and the same in any order: the walk's order does not change the scale.)
 template <bool REAL, class Src>
 __device__ __forceinline__ float halo_scale(const Src& src, const Chunk& ch, const LayerDims& d, float* red, float& inv) {
     inv = 1.0f;
     if (!(REAL && PREC == PREC_FP32)) return 1.0f;
-    const int HS = DIM_W + 2 * R, hr = halo_rows_of(ch, d), rows = DIM_C * hr;
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     float m = 0.0f;
-    for (int rr = warp; rr < rows; rr += WARPS) {
-        const int c = rr / hr, hy = rr - c * hr;
-        for (int hx = lane; hx < HS; hx += 32) m = fmaxf(m, fabsf(halo_value(src, ch, d, c, hy, hx)));
-    }
+    for_each_halo_element(src, ch, d, 0, DIM_C, [&](int, int, float x) { m = fmaxf(m, fabsf(x)); });
     return pow2_scale(block_max(m, red), inv);
 }
 
@@ -304,13 +347,8 @@ __device__ __forceinline__ float halo_scale(const Src& src, const Chunk& ch, con
 template <bool REAL, class Src>
 __device__ __forceinline__ void stage_slab(char* planes, int pstride, int plane_bytes, const Src& src, const Chunk& ch, int c0, int nch,
                                            float scale, const LayerDims& d) {
-    const int HS = DIM_W + 2 * R, hr = halo_rows_of(ch, d), rows = nch * hr;
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    for (int rr = warp; rr < rows; rr += WARPS) {  // (channel, halo row) per warp, lanes along x
-        const int c = rr / hr, hy = rr - c * hr;
-        for (int hx = lane; hx < HS; hx += 32)
-            store_operand<REAL>(planes + (hy * HS + hx) * pstride + c * EB, plane_bytes, halo_value(src, ch, d, c0 + c, hy, hx), scale);
-    }
+    for_each_halo_element(src, ch, d, c0, nch,
+                          [&](int c, int e, float x) { store_operand<REAL>(planes + e * pstride + c * EB, plane_bytes, x, scale); });
 }
 
 // The chunk's convolution GEMM over one staged slab: acc[mi][ni] += A·B over the k² taps × the
@@ -732,6 +770,14 @@ struct V4Dz {
         return ds * fire(np, v[idx] - np.threshold) * saved_sign_grad(np, z[idx]);
     }
 };
+
+// dz loads four words per element (see StageBatch): half the elements in flight.
+namespace v4 {
+template <>
+struct StageBatch<V4Dz> {
+    static constexpr int U = 4;
+};
+}  // namespace v4
 
 // The network's 2×2 average pooling of one step's spikes s_t [B][C][H][W] into y_t [B][C][H/2][W/2]
 // (pool.cu's avgpool2_forward: the same sum in the same order, the same bits; floor on odd sizes),

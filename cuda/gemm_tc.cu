@@ -195,34 +195,52 @@ __device__ __forceinline__ void load_b16(u32 (&b)[2], const unsigned short* c0) 
     b[1] = *reinterpret_cast<const u32*>(c0 + 8);
 }
 
-// One operand's 64×32 tile through the index tables, converted to the precision's operands and
-// stored [mn][k] (fp32 mode: the scaled hi half, and the lo half in the second plane unless exact).
-template <int PREC>
-__device__ __forceinline__ void stage_tile(const Operand& o, const Ent* tmn, const Ent* tk, u32* S32, float sc, bool lo_half, int tid) {
-    unsigned short* S16 = reinterpret_cast<unsigned short*>(S32);
-    const int plane16 = TC_BM * TC_ROW16;
-#pragma unroll 4
+// A thread's 16 elements of an operand's 64×32 tile: element j at (mn, k) of the tile. Consecutive
+// threads along k when k is the contiguous index (k_fast), else along mn: coalesced either way.
+__device__ __forceinline__ void tile_element(const Operand& o, int tid, int j, int& mn, int& k) {
+    if (o.k_fast) {
+        k = tid & (TC_BK - 1);
+        mn = (tid >> 5) + 4 * j;
+    } else {
+        mn = tid & (TC_BM - 1);
+        k = (tid >> 6) + 2 * j;
+    }
+}
+
+// Loads a thread's 16 elements of one operand's tile through the index tables — every load issued
+// before any is used, so that they are in flight together (and, issued before the previous tile's
+// MMAs, behind them: see gemm_tc). Before this split each element was converted and stored as soon
+// as it arrived: one memory round trip per element, 32 per k-tile (SASS of gemm_tc_fp32).
+__device__ __forceinline__ void load_tile(float (&v)[16], const Operand& o, const Ent* tmn, const Ent* tk, int tid) {
+#pragma unroll
     for (int j = 0; j < 16; ++j) {
         int mn, k;
-        if (o.k_fast) {
-            k = tid & (TC_BK - 1);
-            mn = (tid >> 5) + 4 * j;
-        } else {
-            mn = tid & (TC_BM - 1);
-            k = (tid >> 6) + 2 * j;
-        }
-        const float v = operand_at(o, tmn[mn], tk[k]);
+        tile_element(o, tid, j, mn, k);
+        v[j] = operand_at(o, tmn[mn], tk[k]);
+    }
+}
+
+// Stores the loaded elements as the precision's operands, [mn][k] (fp32 mode: the scaled hi half,
+// and the lo half in the second plane unless exact).
+template <int PREC>
+__device__ __forceinline__ void store_tile(const float (&v)[16], const Operand& o, u32* S32, float sc, bool lo_half, int tid) {
+    unsigned short* S16 = reinterpret_cast<unsigned short*>(S32);
+    const int plane16 = TC_BM * TC_ROW16;
+#pragma unroll
+    for (int j = 0; j < 16; ++j) {
+        int mn, k;
+        tile_element(o, tid, j, mn, k);
         if (PREC == PREC_TF32) {
-            S32[mn * TC_ROW32 + k] = f32_to_tf32_bits(v);
+            S32[mn * TC_ROW32 + k] = f32_to_tf32_bits(v[j]);
         } else if (PREC == PREC_BF16) {
-            S16[mn * TC_ROW16 + k] = f32_to_bf16_bits(v);
+            S16[mn * TC_ROW16 + k] = f32_to_bf16_bits(v[j]);
         } else if (lo_half) {
             unsigned short hi, lo;
-            split_f16(v * sc, hi, lo);
+            split_f16(v[j] * sc, hi, lo);
             S16[mn * TC_ROW16 + k] = hi;
             S16[plane16 + mn * TC_ROW16 + k] = lo;
         } else {
-            S16[mn * TC_ROW16 + k] = f32_to_f16_bits(v);
+            S16[mn * TC_ROW16 + k] = f32_to_f16_bits(v[j]);
         }
     }
 }
@@ -262,15 +280,33 @@ __device__ __forceinline__ void gemm_tc(const GemmDesc& d, const u32* __restrict
     unsigned short* B16 = reinterpret_cast<unsigned short*>(Bs);
     const int plane16 = TC_BM * TC_ROW16;  // halves per 16-bit plane
     const bool lo_a = PREC == PREC_FP32 && !d.a.exact, lo_b = PREC == PREC_FP32 && !d.b.exact;
-    for (int kt = kt0; kt < kt1; ++kt) {
-        __syncthreads();  // the last step's fragments are read; its tables may go
+    // Register double buffering: tile kt + 1's elements are loaded (in flight) while tile kt's
+    // MMAs run; the k index tables of a tile are only read by its loads, so they are rebuilt for
+    // the next tile as soon as the current one's loads are issued and stored.
+    auto k_tables = [&](int kt) {
         if (tid < TC_BK) ta_k[tid] = index_entry(d.a.k, kt * TC_BK + tid, 0);
         else if (tid < 2 * TC_BK) tb_k[tid - TC_BK] = index_entry(d.b.k, kt * TC_BK + tid - TC_BK, 0);
+    };
+    float va[16], vb[16];
+    if (kt0 < kt1) {
+        k_tables(kt0);
         __syncthreads();
+        load_tile(va, d.a, ta_m, ta_k, tid);
+        load_tile(vb, d.b, tb_n, tb_k, tid);
+    }
+    for (int kt = kt0; kt < kt1; ++kt) {
+        __syncthreads();  // the last tile's fragments are read
         // stage A and B: 64×32 elements each, 16 per thread, as the precision's operands
-        stage_tile<PREC>(d.a, ta_m, ta_k, As, sa, lo_a, tid);
-        stage_tile<PREC>(d.b, tb_n, tb_k, Bs, sb, lo_b, tid);
-        __syncthreads();
+        store_tile<PREC>(va, d.a, As, sa, lo_a, tid);
+        store_tile<PREC>(vb, d.b, Bs, sb, lo_b, tid);
+        if (kt + 1 < kt1) {
+            k_tables(kt + 1);  // every thread's loads of tile kt were issued before the barrier above
+            __syncthreads();
+            load_tile(va, d.a, ta_m, ta_k, tid);
+            load_tile(vb, d.b, tb_n, tb_k, tid);
+        } else {
+            __syncthreads();
+        }
         // the tile's products
         if (PREC == PREC_TF32) {
 #pragma unroll

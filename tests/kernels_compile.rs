@@ -84,3 +84,22 @@ fn v4_hot_loops_run_on_tensor_cores_without_local_memory_or_division() {
         assert!(c.problems.is_empty(), "{shape:?} {p}: {:?}", c.problems);
     }
 }
+
+/// The feed-forward tensor-core GEMMs (cuda/gemm_tc.cu) as NVRTC builds them for sm_90: the k-tile
+/// loop issues every thread's 16 + 16 loads of the next A and B tiles before it stores any (they
+/// are in flight behind the current tile's MMAs: register double buffering). Converting each
+/// element as it arrived kept one load in flight, a memory round trip per element.
+#[test]
+fn gemm_tc_keeps_its_next_tiles_loads_in_flight_behind_the_mmas() {
+    require_nvrtc();
+    assert!(find_nvdisasm().is_some() && find_cuobjdump().is_some(), "pip install nvidia-cuda-nvdisasm nvidia-cuda-cuobjdump");
+    let kernels = backei::gpu::sass::check_module("gemm_tc", "sm_90", &[]).unwrap_or_else(|e| panic!("{e}"));
+    for name in ["gemm_tc_fp32", "gemm_tc_tf32", "gemm_tc_bf16"] {
+        let k = kernels.iter().find(|k| k.kernel == name).unwrap_or_else(|| panic!("{name} not in the module"));
+        let m = k.hot.unwrap_or_else(|| panic!("{name}: no loop"));
+        println!("{name}: {} registers, hot loop {m:?}, {} loads in flight", k.registers, k.hot_loads);
+        assert!(m.mma >= 8, "{name}: the hot loop is the k-tile loop: {m:?}");
+        assert!(k.hot_loads >= 32, "{name}: {} global loads between shared stores (32 expected: A's and B's 16 each)", k.hot_loads);
+        assert_eq!(k.local_bytes, 0, "{name}");
+    }
+}

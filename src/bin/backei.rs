@@ -952,12 +952,22 @@ fn sass_report(arch: &str) -> anyhow::Result<bool> {
         }
         None => "(no loop)".into(),
     };
-    let head = format!("{:>5} {:>5} {:>5} {:>5} {:>5} {:>5} {:>5} {:>5}", "instr", "HMMA", "FFMA", "LDS", "LDSM", "LDG", "local", "idiv");
-    println!("\nhot loop (the innermost loop with the most HMMA, else FFMA) of every kernel, {arch}, as NVRTC builds it:");
+    // loads in flight (sass::loads_between_shared_stores): the hot loop's, and the fewest of any
+    // staging loop's (the v4 halo walks), "-" where there is none
+    let flight = |k: &backei::gpu::sass::KernelCheck| {
+        let least = k.staging.iter().min().map_or("-".to_string(), |n| n.to_string());
+        format!("{:>6} {:>7}", k.hot_loads, least)
+    };
+    let head = format!(
+        "{:>5} {:>5} {:>5} {:>5} {:>5} {:>5} {:>5} {:>5} {:>6} {:>7}",
+        "instr", "HMMA", "FFMA", "LDS", "LDSM", "LDG", "local", "idiv", "flight", "staging"
+    );
+    println!("\nhot loop (the innermost loop with the most HMMA, else FFMA) of every kernel, {arch}, as NVRTC builds it;");
+    println!("flight: global loads the hot loop issues between shared stores; staging: the fewest of any staging loop:");
     println!("{:<16} {:<40} {:>5} {head}", "module", "kernel", "regs");
     for module in backei::gpu::kernels::module_names() {
         for k in check_module(module, arch, &[])? {
-            println!("{:<16} {:<40} {:>5} {}", module, k.kernel, k.registers, show(&k.hot));
+            println!("{:<16} {:<40} {:>5} {} {}", module, k.kernel, k.registers, show(&k.hot), flight(&k));
         }
     }
     let limits = if arch == "sm_80" { DeviceLimits::A100 } else { DeviceLimits::H100 };
@@ -970,7 +980,16 @@ fn sass_report(arch: &str) -> anyhow::Result<bool> {
                 let c = backei::gpu::backei_v4::check_instance(l.output, &spec.feedback, 100, 20, &limits, p, arch)?;
                 for (k, per_sm) in c.kernels.iter().zip(&c.blocks_per_sm) {
                     let name = format!("{} {:?}", spec.name, l.output);
-                    println!("{:<30} {:<36} {:>5} {:>6} {:>7} {}", name, k.kernel, k.registers, per_sm, c.plan.smem_bytes, show(&k.hot));
+                    println!(
+                        "{:<30} {:<36} {:>5} {:>6} {:>7} {} {}",
+                        name,
+                        k.kernel,
+                        k.registers,
+                        per_sm,
+                        c.plan.smem_bytes,
+                        show(&k.hot),
+                        flight(k)
+                    );
                 }
                 for problem in &c.problems {
                     eprintln!("{} {:?} {p}: {problem}", spec.name, l.output);

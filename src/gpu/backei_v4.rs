@@ -350,9 +350,15 @@ pub struct V4Check {
     /// Resident blocks per SM of each kernel (registers, shared memory, threads).
     pub blocks_per_sm: Vec<u32>,
     /// Empty when the instance passes: a hot loop without HMMA, local memory, an integer
-    /// division in a hot loop, or a grid larger than the blocks that can be co-resident.
+    /// division in a hot loop, a staging loop with fewer than V4_STAGING_LOADS loads in flight,
+    /// or a grid larger than the blocks that can be co-resident.
     pub problems: Vec<String>,
 }
+
+/// The fewest global loads a v4 staging loop may keep in flight (the static check): the halo walk
+/// issues StageBatch = 8 elements' loads (4 for dz, of 4–5 loads each) before storing any; NVRTC
+/// unrolls a walk of one element at a time by 4 by itself, so fewer than 8 means the batch is lost.
+pub const V4_STAGING_LOADS: usize = 8;
 
 /// Compiles the v4 instance of a layer (exact firing, the rectangle surrogate, pooling after it:
 /// the training configuration, so z saved as its one-byte code when ei is on and s as int8) for
@@ -392,6 +398,19 @@ pub fn check_instance(
         }
         if k.local_bytes > 0 {
             problems.push(format!("{}: {} bytes of local memory (spills or an indexed array)", k.kernel, k.local_bytes));
+        }
+        // the halo walks (cuda/backei_v4.cu, for_each_halo_element): StageBatch elements per
+        // thread, one to five loads each, issued before any is stored
+        if let Some(&least) = k.staging.iter().min() {
+            if least < V4_STAGING_LOADS {
+                problems.push(format!(
+                    "{}: a staging loop keeps {least} global load(s) in flight (at least {V4_STAGING_LOADS} expected): its \
+                     elements wait for more memory round trips; staging loops: {:?}",
+                    k.kernel, k.staging
+                ));
+            }
+        } else {
+            problems.push(format!("{}: no staging loop found (a loop that loads global and stores shared memory)", k.kernel));
         }
         match k.hot {
             None => problems.push(format!("{}: no loop found", k.kernel)),

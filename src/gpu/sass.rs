@@ -2,8 +2,9 @@
 //! registry loads, no PTX JIT in between) disassembled by `nvdisasm` (pip `nvidia-cuda-nvdisasm`),
 //! and per kernel the instruction mix of its hot loop and its theoretical occupancy.
 //! `backei kernels --arch sm_90 --sass` prints it; `tests/kernels_compile.rs` fails CI when a v4
-//! hot loop has no HMMA, touches local memory or divides, or when a cooperative plan assumes more
-//! resident blocks than the registers and shared memory allow.
+//! hot loop has no HMMA, touches local memory or divides, when a cooperative plan assumes more
+//! resident blocks than the registers and shared memory allow, or when a staging loop keeps too
+//! few global loads in flight.
 //!
 //! The hot loop is read off the control flow: every backward branch closes a loop (its target
 //! label up to the branch); among the innermost loops (those that contain no other), the one with
@@ -163,10 +164,49 @@ pub fn loops(k: &KernelSass) -> Vec<(usize, usize)> {
 
 /// The hot loop's range and instruction mix: the innermost loop with the most MMAs (else FFMAs).
 pub fn hot_loop(k: &KernelSass) -> Option<((usize, usize), Mix)> {
+    innermost_loops(k).into_iter().map(|r| (r, Mix::of(&k.instrs[r.0..=r.1]))).max_by_key(|(_, m)| (m.mma, m.ffma))
+}
+
+/// The loops that contain no other loop.
+fn innermost_loops(k: &KernelSass) -> Vec<(usize, usize)> {
     let ls = loops(k);
-    let innermost: Vec<(usize, usize)> =
-        ls.iter().copied().filter(|&(a, b)| !ls.iter().any(|&(c, d)| (c, d) != (a, b) && a <= c && d <= b)).collect();
-    innermost.into_iter().map(|r| (r, Mix::of(&k.instrs[r.0..=r.1]))).max_by_key(|(_, m)| (m.mma, m.ffma))
+    ls.iter().copied().filter(|&(a, b)| !ls.iter().any(|&(c, d)| (c, d) != (a, b) && a <= c && d <= b)).collect()
+}
+
+/// Global loads in flight while a stretch of code stages memory into shared memory: the longest
+/// run of global loads (LDG; cp.async's LDGSTS excluded, it waits for nothing) with no shared store
+/// (STS) between them. A staging loop that converts each element as it arrives reads 1 — every
+/// element then waits for its own memory round trip, ~600 cycles from L2 — while one that issues a
+/// batch of loads before it stores any reads the batch (the loads' latencies overlap). A static
+/// count, not a measurement: it says what can overlap, not how long memory takes.
+pub fn loads_between_shared_stores(instrs: &[Instr]) -> usize {
+    let (mut best, mut run) = (0, 0);
+    for i in instrs {
+        let op = i.opcode.as_str();
+        if op.starts_with("STS") {
+            run = 0;
+        } else if (op == "LDG" || op.starts_with("LDG.")) && !op.starts_with("LDGSTS") {
+            run += 1;
+            best = best.max(run);
+        }
+    }
+    best
+}
+
+/// The staging loops of a kernel: the innermost loops that load global memory and store shared
+/// memory and issue no MMA (the halo walks of the v4 kernels), with the loads each keeps in flight
+/// (`loads_between_shared_stores`).
+pub fn staging_loops(k: &KernelSass) -> Vec<((usize, usize), usize)> {
+    innermost_loops(k)
+        .into_iter()
+        .filter_map(|r| {
+            let body = &k.instrs[r.0..=r.1];
+            let m = Mix::of(body);
+            let stores = body.iter().any(|i| i.opcode.starts_with("STS"));
+            let batch = loads_between_shared_stores(body);
+            (stores && batch > 0 && m.mma == 0).then_some((r, batch))
+        })
+        .collect()
 }
 
 /// Resident blocks per SM of a kernel (the theoretical occupancy, as the CUDA occupancy
@@ -240,6 +280,11 @@ pub struct KernelCheck {
     pub local_bytes: u32,
     /// The hot loop's mix (None: the kernel has no loop).
     pub hot: Option<Mix>,
+    /// Global loads the hot loop keeps in flight between its shared stores (a GEMM that stages its
+    /// tiles inside the loop: `loads_between_shared_stores`).
+    pub hot_loads: usize,
+    /// Each staging loop's loads in flight (`staging_loops`), in code order.
+    pub staging: Vec<usize>,
     /// Instructions of the whole kernel.
     pub total: usize,
 }
@@ -262,6 +307,8 @@ pub fn check_module(module: &str, arch: &str, defines: &super::kernels::Defines)
                 static_smem,
                 local_bytes,
                 hot: hot_loop(k).map(|(_, m)| m),
+                hot_loads: hot_loop(k).map_or(0, |((a, b), _)| loads_between_shared_stores(&k.instrs[a..=b])),
+                staging: staging_loops(k).into_iter().map(|(_, n)| n).collect(),
                 total: k.instrs.len(),
             }
         })
@@ -304,6 +351,45 @@ mod tests {
         assert_eq!((m.total, m.mma, m.lds, m.ldsm, m.local, m.idiv), (4, 2, 1, 0, 0, 0));
         let outer = Mix::of(&k.instrs[1..=10]);
         assert_eq!((outer.mma, outer.ffma, outer.ldsm, outer.local, outer.idiv), (3, 1, 1, 1, 1));
+    }
+
+    // two staging loops: one converts each element as it arrives (1 load in flight), one issues
+    // three loads before it stores (3); and a GEMM loop that stages inside (HMMA: not a staging loop)
+    const STAGING: &str = "
+.text.s:
+.L_x_1:
+        /*0000*/                   LDG.E.STRONG.GPU R4, desc[UR4][R2.64] ;
+        /*0010*/                   F2FP.F16.F32.PACK_AB R5, RZ, R4 ;
+        /*0020*/                   STS.U16 [R6], R5 ;
+        /*0030*/                   LDG.E.STRONG.GPU R4, desc[UR4][R2.64+0x4] ;
+        /*0040*/                   STS.U16 [R6+0x2], R4 ;
+        /*0050*/              @P0 BRA `(.L_x_1) ;
+.L_x_2:
+        /*0060*/              @P1 LDG.E.STRONG.GPU R4, desc[UR4][R2.64] ;
+        /*0070*/                   LDG.E.STRONG.GPU R7, desc[UR4][R2.64+0x70] ;
+        /*0080*/                   LDGSTS.E.BYPASS.128 [R9], desc[UR4][R10.64] ;
+        /*0090*/                   LDG.E.S8.STRONG.GPU R8, desc[UR4][R2.64+0xe0] ;
+        /*00a0*/                   STS.U16 [R6], R4 ;
+        /*00b0*/                   STS.U16 [R6+0x2], R7 ;
+        /*00c0*/                   LDG.E R8, desc[UR4][R2.64] ;
+        /*00d0*/              @P0 BRA `(.L_x_2) ;
+.L_x_3:
+        /*00e0*/                   LDG.E R4, desc[UR4][R2.64] ;
+        /*00f0*/                   LDG.E R5, desc[UR4][R2.64] ;
+        /*0100*/                   STS [R6], R4 ;
+        /*0110*/                   HMMA.16816.F32 R88, R48, R92, R88 ;
+        /*0120*/              @P0 BRA `(.L_x_3) ;
+        /*0130*/                   EXIT ;
+";
+
+    #[test]
+    fn counts_the_global_loads_each_staging_loop_keeps_in_flight() {
+        let k = &parse(STAGING)[0];
+        assert_eq!(loads_between_shared_stores(&k.instrs[0..=5]), 1);
+        assert_eq!(loads_between_shared_stores(&k.instrs[6..=13]), 3, "LDGSTS (cp.async) is not a load that waits");
+        assert_eq!(staging_loops(k), vec![((0, 5), 1), ((6, 13), 3)], "the loop with HMMA is the GEMM, not a staging loop");
+        let ((a, b), _) = hot_loop(k).unwrap();
+        assert_eq!(loads_between_shared_stores(&k.instrs[a..=b]), 2);
     }
 
     #[test]
