@@ -619,6 +619,40 @@ __device__ __forceinline__ void for_each_owned(const Chunk& ch, int co0, const L
             }
 }
 
+// for_each_owned with the element's inputs loaded ahead: load(q, c) → X for E elements, then
+// use(mi, ni, i, q, c, x) for each. The epilogues read several global words per element (the
+// input, v_{t−1}, ∂L/∂s, fb, …) and write others; element by element, a load cannot move above
+// the previous element's stores (the compiler cannot prove the buffers apart), so each element
+// waited for its own round trip (SASS of the fashion L1 forward: load, compute, store, per
+// element). E elements' loads are now issued before any store. E divides NT·4.
+template <int E, class L, class U>
+__device__ __forceinline__ void for_each_owned_loaded(const Chunk& ch, int co0, const LayerDims& d, L load, U use) {
+    constexpr int J = NT * 4;  // a thread's elements per m-tile: (n-tile, accumulator register)
+    static_assert(J % E == 0, "E divides NT·4");
+    typedef decltype(load(0, 0)) X;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+#pragma unroll
+    for (int mi = 0; mi < MT; ++mi)
+#pragma unroll
+        for (int j0 = 0; j0 < J; j0 += E) {
+            X x[E];
+            bool ok[E];
+            int qs[E], cs[E];
+#pragma unroll
+            for (int k = 0; k < E; ++k) {
+                const int ni = (j0 + k) >> 2, i = (j0 + k) & 3;
+                const int pm = (warp + WARPS * mi) * 16 + g + 8 * (i >> 1), c = co0 + 8 * ni + 2 * t + (i & 1);
+                ok[k] = pm < ch.len && c < DIM_C;
+                qs[k] = ch.q0 + pm;
+                cs[k] = c;
+                x[k] = ok[k] ? load(qs[k], cs[k]) : X{};
+            }
+#pragma unroll
+            for (int k = 0; k < E; ++k)
+                if (ok[k]) use(mi, (j0 + k) >> 2, (j0 + k) & 3, qs[k], cs[k], x[k]);
+        }
+}
+
 // Phase 0 of a launch: the gate weights in the B-fragment order of every channel group, with
 // their scales (fp32 mode): wfrag [gate][group][wslice_bytes], winv [gate][group] = 1/S. One
 // (gate, group) slice per block (grid-stride), then a grid barrier.
@@ -843,20 +877,25 @@ __device__ __forceinline__ void forward_v4(const float* __restrict__ params, con
                 }
             }
             const float sc_b = winv_b * inv_s;
-            for_each_owned(ch, co0, d, [&](int mi, int ni, int i, int q, int c) {
+            // the input, this thread's own v_{t−1} (the window's previous step, or the checkpoint)
+            // and the gate's bias
+            struct InVp {
+                float in, vp, b;
+            };
+            auto load = [&](int q, int c) {
                 const long long e = sb + (long long)c * HW + q;
-                float cur = in_t[e];
+                return InVp{in_t[e], t == 0 ? 0.0f : (t > win.t0 ? v[wt - BN + e] : v_prev[e]), d.back ? bb[c] : 0.0f};
+            };
+            for_each_owned_loaded<8>(ch, co0, d, load, [&](int mi, int ni, int i, int q, int c, const InVp& x) {
+                const long long e = sb + (long long)c * HW + q;
+                float cur = x.in;
                 if (d.back) {
-                    const float gt = sigmoidf_(bb[c] + acc[mi][ni][i] * sc_b);
+                    const float gt = sigmoidf_(x.b + acc[mi][ni][i] * sc_b);
                     g[wt + e] = gt;
                     cur = gt * cur;
                 }
                 float u = 0.0f;
-                if (t > 0) {
-                    // this thread's own v_{t−1}: the window's previous step, or the checkpoint
-                    const float vp = t > win.t0 ? v[wt - BN + e] : v_prev[e];
-                    u = vp * (1.0f - fire(np, vp - np.threshold));
-                }
+                if (t > 0) u = x.vp * (1.0f - fire(np, x.vp - np.threshold));
                 const float vt = np.leak * u + cur;
                 v[wt + e] = vt;
                 if (v_last && t == win.t1 - 1) v_last[e] = vt;
@@ -874,11 +913,13 @@ __device__ __forceinline__ void forward_v4(const float* __restrict__ params, con
                 const float scale = halo_scale<true>(vt_src, ch, d, sm.red, inv_v);
                 conv_all_slabs<true, PLANES>(acc, sm.halo, sm.we, wg_e, vt_src, scale, ch, d, vd);
                 const float sc = winv_e * inv_v;
-                for_each_owned(ch, co0, d, [&](int mi, int ni, int i, int q, int c) {
+                auto load_v = [&](int q, int c) { return make_float2(v[wt + sb + (long long)c * HW + q], be[c]); };
+                for_each_owned_loaded<8>(ch, co0, d, load_v, [&](int mi, int ni, int i, int q, int c, float2 vb) {
                     const long long e = sb + (long long)c * HW + q;
-                    const float zt = be[c] + acc[mi][ni][i] * sc;
+                    const float vt = vb.x;
+                    const float zt = vb.y + acc[mi][ni][i] * sc;
                     z[wt + e] = save_z(np, zt);
-                    out[ot + e] = (V4S)(sign_(np, zt) * fire(np, v[wt + e] - np.threshold));
+                    out[ot + e] = (V4S)(sign_(np, zt) * fire(np, vt - np.threshold));
                 });
             });
             grid_sync(bar);  // s_t is complete before a later step's gate reads it
@@ -973,17 +1014,38 @@ __device__ __forceinline__ void backward_v4(const float* __restrict__ params, fl
                 conv_all_slabs<true, PLANES>(acc, sm.halo, sm.we, wg_e, dz_src, sc_dz, ch, d, vd);
             }
             const float sc = winv_e * inv_dz;
-            for_each_owned(ch, co0, d, [&](int mi, int ni, int i, int q, int c) {
+            // the element's saved state and carried gradients, loaded ahead (for_each_owned_loaded)
+            struct Saved {
+                float vt, ds, fb, dv_next, gt, in;
+                V4Z zt;
+            };
+            auto load = [&](int q, int c) {
                 const long long e = sb + (long long)c * HW + q;
-                const float vt = v[wt + e];
+                Saved x;
+                x.vt = v[wt + e];
+                x.ds = ds_src(c * HW + q);
+                x.fb = has_fb ? __ldcg(fb_t + e) : 0.0f;
+                x.dv_next = t == d.T - 1 ? 0.0f : dvbuf[e];
+                x.gt = d.back ? g[wt + e] : 1.0f;
+                x.in = d.back ? input[(d.t_in == 1 ? 0 : (long long)(t - win.in_t0) * BN) + e] : 0.0f;
+                x.zt = d.ei ? z[wt + e] : V4Z{};
+                return x;
+            };
+            // two elements' loads ahead (a dozen words) where a thread holds at most 16 accumulators;
+            // one beyond (32 or 64 of them: two spill in the generic build for sm_90, whose epilogue
+            // holds every surrogate's code)
+            constexpr int E = MT * NT * 4 <= 16 ? 2 : 1;
+            auto update = [&](int mi, int ni, int i, int q, int c, const Saved& sv) {
+                const long long e = sb + (long long)c * HW + q;
+                const float vt = sv.vt;
                 const float x = vt - np.threshold;
                 const float o = fire(np, x);
-                float ds = ds_src(c * HW + q);
-                if (has_fb) ds += __ldcg(fb_t + e);
-                const float du = t == d.T - 1 ? 0.0f : np.leak * dvbuf[e];
+                float ds = sv.ds;
+                if (has_fb) ds += sv.fb;
+                const float du = t == d.T - 1 ? 0.0f : np.leak * sv.dv_next;
                 float d_o = ds;
                 if (d.ei) {
-                    const V4Z zt = z[wt + e];
+                    const V4Z zt = sv.zt;
                     d_o = ds * saved_sign(np, zt);
                     db_e[ni][i & 1] += ds * o * saved_sign_grad(np, zt);
                 }
@@ -991,7 +1053,7 @@ __device__ __forceinline__ void backward_v4(const float* __restrict__ params, fl
                 float dv = du * (1.0f - o) + d_o * fire_grad(np, x);
                 if (d.ei) dv += acc[mi][ni][i] * sc;
                 dvbuf[e] = dv;
-                const float gt = d.back ? g[wt + e] : 1.0f;
+                const float gt = sv.gt;
                 const float dcur = dv * gt;
                 if (d.t_in == 1) {
                     if (t == d.T - 1) grad_in[e] = dcur;
@@ -1000,11 +1062,13 @@ __device__ __forceinline__ void backward_v4(const float* __restrict__ params, fl
                     grad_in[ot + e] = dcur;
                 }
                 if (d.back) {
-                    const float a_grad = dv * input[(d.t_in == 1 ? 0 : (long long)(t - win.in_t0) * BN) + e] * gt * (1.0f - gt);
+                    const float a_grad = dv * sv.in * gt * (1.0f - gt);
                     da[e] = a_grad;
                     db_b[ni][i & 1] += a_grad;
                 }
-            });
+            };
+            if (E == 1) for_each_owned(ch, co0, d, [&](int mi, int ni, int i, int q, int c) { update(mi, ni, i, q, c, load(q, c)); });
+            else for_each_owned_loaded<E>(ch, co0, d, load, update);
             if (d.ei) wgrad_all_slabs<true, PLANES>(dw_e, dw_pitch, dz_src, sc_dz, inv_dz, vt_src, sc_v, inv_v, co0, sm, ch, d, vd);
         });
         grid_sync(bar);  // da_t of the whole batch is written; the fb slot of step t is read
