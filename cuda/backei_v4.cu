@@ -818,15 +818,30 @@ struct StageBatch<V4Dz> {
 // by every block over a grid-stride share, after the step's last barrier: nothing later in the
 // launch writes s_t, and y is read only after the launch, so it needs no barrier of its own.
 // The layer's output is then read from L2 while it is hot, and the pooling needs no launch.
+// Four outputs per thread and pass, their 16 loads issued before any sum: one block per SM (8
+// warps) cannot hide a round trip per output (SASS: 4 loads, then the store, per iteration).
 __device__ __forceinline__ void pool_step(const V4S* s_t, float* y_t, const LayerDims& d) {  // (DIM_*: d's or constants)
     const int ho = DIM_H / 2, wo = DIM_W / 2;
-    const long long total = (long long)d.B * DIM_C * ho * wo;
-    for (long long j = (long long)blockIdx.x * THREADS + threadIdx.x; j < total; j += (long long)gridDim.x * THREADS) {
-        const int ox = (int)(j % wo), oy = (int)((j / wo) % ho);
-        const long long m = j / ((long long)wo * ho);
-        const V4S* r0 = s_t + (m * DIM_H + 2 * oy) * DIM_W;
-        const V4S* r1 = r0 + DIM_W;
-        y_t[j] = ((float)__ldcg(r0 + 2 * ox) + (float)__ldcg(r0 + 2 * ox + 1) + (float)__ldcg(r1 + 2 * ox) + (float)__ldcg(r1 + 2 * ox + 1)) * 0.25f;
+    const long long total = (long long)d.B * DIM_C * ho * wo, stride = (long long)gridDim.x * THREADS;
+    constexpr int U = 4;
+    for (long long j0 = (long long)blockIdx.x * THREADS + threadIdx.x; j0 < total; j0 += U * stride) {
+        float x[U][4];
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+            const long long j = j0 + u * stride;
+            if (j >= total) continue;
+            const int ox = (int)(j % wo), oy = (int)((j / wo) % ho);
+            const long long m = j / ((long long)wo * ho);
+            const V4S* r0 = s_t + (m * DIM_H + 2 * oy) * DIM_W + 2 * ox;
+            const V4S* r1 = r0 + DIM_W;
+            x[u][0] = (float)__ldcg(r0);
+            x[u][1] = (float)__ldcg(r0 + 1);
+            x[u][2] = (float)__ldcg(r1);
+            x[u][3] = (float)__ldcg(r1 + 1);
+        }
+#pragma unroll
+        for (int u = 0; u < U; ++u)
+            if (j0 + u * stride < total) y_t[j0 + u * stride] = (x[u][0] + x[u][1] + x[u][2] + x[u][3]) * 0.25f;
     }
 }
 

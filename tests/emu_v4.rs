@@ -425,15 +425,24 @@ fn v4_forward_pools_its_spikes_as_the_pooling_layer_would() {
         (case("5×7×9 back+ei r 1 D 2 T 6", [5, 7, 9], true, true, 1, 2, 2, 6, 6), None, false),
         (case("6×8×6 back r 2 D 1 T 5", [6, 8, 6], true, false, 2, 1, 3, 5, 1), Some(2), true),
         (case("16×6×7 ei r 1 T 4", [16, 6, 7], false, true, 1, 1, 2, 4, 4), Some(3), true),
+        // 5·8·8·8 = 2,560 pooled outputs a step over a grid of 3 blocks (768 threads): every
+        // thread's grid-stride share takes pool_step's 4 outputs per pass, the last pass partly
+        (case("8×16×16 back+ei r 1 B 5 T 2", [8, 16, 16], true, true, 1, 1, 5, 2, 2), None, true),
     ];
     for (i, (c, k, s8)) in cases.iter().enumerate() {
         let x = inputs(c, 660 + i as u64);
+        let [ch, h, w] = c.shape;
+        if i == 3 {
+            let plan = v4_plan(c, &SMALL, Precision::Fp32);
+            let threads = plan.forward.grid.0 as usize * plan.forward.block as usize;
+            let outputs = c.batch * ch * (h / 2) * (w / 2);
+            assert!(outputs > 3 * threads && outputs < 4 * threads, "{}: {outputs} outputs, {threads} threads", c.name);
+        }
         let mut plan = v4_plan(c, &SMALL, Precision::Fp32);
         if let Some(k) = *k {
             apply_recompute(&mut plan, c.shape, &c.fb, k, c.steps).unwrap();
         }
         apply_compact(&mut plan, &c.fb, CompactState { z: true, s: *s8 });
-        let [ch, h, w] = c.shape;
         let planes = c.steps * c.batch * ch;
         let mut y = DevBuf::new("pooled", planes * (h / 2) * (w / 2));
         let plain = emulate_v4(c, &x, &plan, 8);
