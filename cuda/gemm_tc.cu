@@ -211,12 +211,25 @@ __device__ __forceinline__ void tile_element(const Operand& o, int tid, int j, i
 // before any is used, so that they are in flight together (and, issued before the previous tile's
 // MMAs, behind them: see gemm_tc). Before this split each element was converted and stored as soon
 // as it arrived: one memory round trip per element, 32 per k-tile (SASS of gemm_tc_fp32).
+// A thread's k index (k_fast) or mn index (otherwise) is the same for its 16 elements: that
+// table entry is read once, not per element (each entry is three 8-byte shared loads).
 __device__ __forceinline__ void load_tile(float (&v)[16], const Operand& o, const Ent* tmn, const Ent* tk, int tid) {
+    if (o.k_fast) {
+        const Ent ek = tk[tid & (TC_BK - 1)];
 #pragma unroll
-    for (int j = 0; j < 16; ++j) {
-        int mn, k;
-        tile_element(o, tid, j, mn, k);
-        v[j] = operand_at(o, tmn[mn], tk[k]);
+        for (int j = 0; j < 16; ++j) {
+            int mn, k;
+            tile_element(o, tid, j, mn, k);
+            v[j] = operand_at(o, tmn[mn], ek);
+        }
+    } else {
+        const Ent em = tmn[tid & (TC_BM - 1)];
+#pragma unroll
+        for (int j = 0; j < 16; ++j) {
+            int mn, k;
+            tile_element(o, tid, j, mn, k);
+            v[j] = operand_at(o, em, tk[k]);
+        }
     }
 }
 

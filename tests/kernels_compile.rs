@@ -97,7 +97,9 @@ fn gemm_tc_keeps_its_next_tiles_loads_in_flight_behind_the_mmas() {
     for name in ["gemm_tc_fp32", "gemm_tc_tf32", "gemm_tc_bf16"] {
         let k = kernels.iter().find(|k| k.kernel == name).unwrap_or_else(|| panic!("{name} not in the module"));
         let m = k.hot.unwrap_or_else(|| panic!("{name}: no loop"));
-        println!("{name}: {} registers, hot loop {m:?}, {} loads in flight", k.registers, k.hot_loads);
+        // a static count over the loop's code: both operand layouts' gathers (k contiguous or not)
+        // are laid out in it, one of them runs — 32 loads on the path a tile takes
+        println!("{name}: {} registers, hot loop {m:?}, {} global loads between shared stores in its code", k.registers, k.hot_loads);
         assert!(m.mma >= 8, "{name}: the hot loop is the k-tile loop: {m:?}");
         assert!(k.hot_loads >= 32, "{name}: {} global loads between shared stores (32 expected: A's and B's 16 each)", k.hot_loads);
         assert_eq!(k.local_bytes, 0, "{name}");
