@@ -390,13 +390,17 @@ __device__ __forceinline__ void gemm_tc(const GemmDesc& d, const u32* __restrict
             }
 }
 
-extern "C" __global__ void __launch_bounds__(TC_THREADS) gemm_tc_fp32(const GemmDesc d, const u32* __restrict__ maxbits) {
+// At least 3 blocks per SM: the next tile's 32 values in flight take ~160–170 registers a thread
+// (65,536 / (170 · 128) = 3). Without the minimum, ptxas for sm_80 chose 128 registers for the
+// bf16 and tf32 kernels and spilled.
+#define TC_MIN_BLOCKS 3
+extern "C" __global__ void __launch_bounds__(TC_THREADS, TC_MIN_BLOCKS) gemm_tc_fp32(const GemmDesc d, const u32* __restrict__ maxbits) {
     gemm_tc<PREC_FP32>(d, maxbits);
 }
-extern "C" __global__ void __launch_bounds__(TC_THREADS) gemm_tc_tf32(const GemmDesc d, const u32* __restrict__ maxbits) {
+extern "C" __global__ void __launch_bounds__(TC_THREADS, TC_MIN_BLOCKS) gemm_tc_tf32(const GemmDesc d, const u32* __restrict__ maxbits) {
     gemm_tc<PREC_TF32>(d, maxbits);
 }
-extern "C" __global__ void __launch_bounds__(TC_THREADS) gemm_tc_bf16(const GemmDesc d, const u32* __restrict__ maxbits) {
+extern "C" __global__ void __launch_bounds__(TC_THREADS, TC_MIN_BLOCKS) gemm_tc_bf16(const GemmDesc d, const u32* __restrict__ maxbits) {
     gemm_tc<PREC_BF16>(d, maxbits);
 }
 
