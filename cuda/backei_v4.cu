@@ -193,6 +193,7 @@ struct V4Dims {
 struct V4Window {
     int t0, t1;
     int in_t0;
+    int pool_q8;  // the fused pooling writes int8 codes c (the value c · 0.25: gemm_tc.cu's Q8), not f32
 };
 
 namespace v4 {
@@ -820,7 +821,10 @@ struct StageBatch<V4Dz> {
 // The layer's output is then read from L2 while it is hot, and the pooling needs no launch.
 // Four outputs per thread and pass, their 16 loads issued before any sum: one block per SM (8
 // warps) cannot hide a round trip per output (SASS: 4 loads, then the store, per iteration).
-__device__ __forceinline__ void pool_step(const V4S* s_t, float* y_t, const LayerDims& d) {  // (DIM_*: d's or constants)
+// Y = signed char (V4Window::pool_q8, int8 spikes): the int8 code c = the sum of the four spikes,
+// whose value c · 0.25 is the f32 output's exactly (pool.cu's avgpool2_forward_s8_q8).
+template <class Y>
+__device__ __forceinline__ void pool_step(const V4S* s_t, Y* y_t, const LayerDims& d) {  // (DIM_*: d's or constants)
     const int ho = DIM_H / 2, wo = DIM_W / 2;
     const long long total = (long long)d.B * DIM_C * ho * wo, stride = (long long)gridDim.x * THREADS;
     constexpr int U = 4;
@@ -840,8 +844,12 @@ __device__ __forceinline__ void pool_step(const V4S* s_t, float* y_t, const Laye
             x[u][3] = (float)__ldcg(r1 + 1);
         }
 #pragma unroll
-        for (int u = 0; u < U; ++u)
-            if (j0 + u * stride < total) y_t[j0 + u * stride] = (x[u][0] + x[u][1] + x[u][2] + x[u][3]) * 0.25f;
+        for (int u = 0; u < U; ++u) {
+            if (j0 + u * stride >= total) continue;
+            const float sum = x[u][0] + x[u][1] + x[u][2] + x[u][3];  // exact: spikes are −1, 0, 1
+            if (sizeof(Y) == 1) y_t[j0 + u * stride] = (Y)(int)sum;
+            else y_t[j0 + u * stride] = sum * 0.25f;
+        }
     }
 }
 
@@ -849,7 +857,7 @@ __device__ __forceinline__ void pool_step(const V4S* s_t, float* y_t, const Laye
 // bar: one zeroed u32. wfrag/winv: the weight-fragment scratch (rebuilt by every launch).
 // v_prev: v_{t0−1} [B][N] (read when t0 > 0); v_last: where v_{t1−1} is also written (or null).
 // pooled: the 2×2 average pooling of every step's s, [T][B][C][H/2][W/2] (the network's pooling
-// layer after this one, fused), or null (the backward's recomputing launches pass null).
+// layer after this one, fused; f32, or int8 codes with win.pool_q8), or null (the backward's recomputing launches pass null).
 __device__ __forceinline__ void forward_v4(const float* __restrict__ params, const float* __restrict__ input, V4S* out, float* v,
                                            float* __restrict__ g, V4Z* z, const float* __restrict__ v_prev, float* v_last, float* pooled,
                                            unsigned int* bar, char* wfrag, float* winv, const LayerDims& d, const NeuronParams& np,
@@ -939,7 +947,11 @@ __device__ __forceinline__ void forward_v4(const float* __restrict__ params, con
             });
             grid_sync(bar);  // s_t is complete before a later step's gate reads it
         }
-        if (pooled) pool_step(out + ot, pooled + (long long)t * d.B * DIM_C * (DIM_H / 2) * (DIM_W / 2), d);
+        if (pooled) {
+            const long long at = (long long)t * d.B * DIM_C * (DIM_H / 2) * (DIM_W / 2);
+            if (win.pool_q8) pool_step(out + ot, reinterpret_cast<signed char*>(pooled) + at, d);
+            else pool_step(out + ot, pooled + at, d);
+        }
     }
 }
 

@@ -77,8 +77,12 @@ inline float mul_rn(float a, float b) { return a * b; }
 __device__ __forceinline__ float mul_rn(float a, float b) { return __fmul_rn(a, b); }
 #endif
 
-template <class T>
-__device__ __forceinline__ void dropout_avgpool2_forward(const T* __restrict__ x, float* __restrict__ y, const u64* __restrict__ keys, int slot, u64 index0, int apply, float p, float scale, long long planes_per_step, int steps, int h, int w) {
+// Y = float: the pooled value; Y = signed char (int8 spikes in, Q8 out): the code c = the sum of the
+// kept spikes, whose value c · (scale · 0.25) (c · 0.25 when !apply) is the f32 kernel's exactly
+// where scale is a power of two (each kept x·scale and every partial sum exact): gemm_tc.cu's Q8
+// operands; src/gpu/memory.rs pooled_as_codes asks for it only then.
+template <class T, class Y>
+__device__ __forceinline__ void dropout_avgpool2_forward(const T* __restrict__ x, Y* __restrict__ y, const u64* __restrict__ keys, int slot, u64 index0, int apply, float p, float scale, long long planes_per_step, int steps, int h, int w) {
     const int ho = h / 2, wo = w / 2;
     const u64 key = apply ? keys[slot] : 0;  // (evaluation passes no table)
     const long long per_step = planes_per_step * ho * wo, total = per_step * steps;
@@ -89,13 +93,22 @@ __device__ __forceinline__ void dropout_avgpool2_forward(const T* __restrict__ x
         const long long m = r / ((long long)wo * ho);
         const long long i0 = (m * h + 2 * oy) * w + 2 * ox;  // inside the step's block
         const T* xs = x + (long long)t * planes_per_step * h * w;
-        float d[4];
         const long long at[4] = {i0, i0 + 1, i0 + w, i0 + w + 1};
-        for (int q = 0; q < 4; ++q) {
-            const float xq = (float)xs[at[q]];
-            d[q] = !apply ? xq : (keep_(key, t, index0 + (u64)at[q], p) ? mul_rn(xq, scale) : 0.0f);
+        if (sizeof(Y) == 1) {
+            int c = 0;
+            for (int q = 0; q < 4; ++q) {
+                const int xq = (int)xs[at[q]];
+                c += (!apply || keep_(key, t, index0 + (u64)at[q], p)) ? xq : 0;
+            }
+            y[j] = (Y)c;
+        } else {
+            float d[4];
+            for (int q = 0; q < 4; ++q) {
+                const float xq = (float)xs[at[q]];
+                d[q] = !apply ? xq : (keep_(key, t, index0 + (u64)at[q], p) ? mul_rn(xq, scale) : 0.0f);
+            }
+            y[j] = (d[0] + d[1] + d[2] + d[3]) * 0.25f;
         }
-        y[j] = (d[0] + d[1] + d[2] + d[3]) * 0.25f;
     }
 }
 
@@ -106,6 +119,11 @@ extern "C" __global__ void dropout_avgpool2_forward_f32(const float* __restrict_
 // The input as int8 spikes (a BackEI layer's compact output: backei_v4.cu with V4_S8): the same
 // values, so the bits of the f32 kernel.
 extern "C" __global__ void dropout_avgpool2_forward_s8(const signed char* __restrict__ x, float* __restrict__ y, const u64* __restrict__ keys, int slot, u64 index0, int apply, float p, float scale, long long planes_per_step, int steps, int h, int w) {
+    dropout_avgpool2_forward(x, y, keys, slot, index0, apply, p, scale, planes_per_step, steps, h, w);
+}
+
+// int8 spikes in, the pooled spikes as int8 codes out (see the template above).
+extern "C" __global__ void dropout_avgpool2_forward_s8_q8(const signed char* __restrict__ x, signed char* __restrict__ y, const u64* __restrict__ keys, int slot, u64 index0, int apply, float p, float scale, long long planes_per_step, int steps, int h, int w) {
     dropout_avgpool2_forward(x, y, keys, slot, index0, apply, p, scale, planes_per_step, steps, h, w);
 }
 

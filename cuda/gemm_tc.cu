@@ -81,7 +81,18 @@ struct Operand {
     int exact;       // fp32 mode: exact in fp16 unscaled (no lo half, scale 1)
     int k_fast;      // load with consecutive threads along k (k is the contiguous index)
     int scale_slot;  // fp32 mode: maxbits[scale_slot] holds the operand's largest |x| (−1: scale 1)
+    int q8;          // p holds one-byte codes c (int8), the element being c · q8_factor (see Q8 below)
+    float q8_factor;
 };
+
+// Q8 operands: pooled spikes stored as int8 codes (pool.cu, dropout.cu and backei_v4.cu's fused
+// pooling write them; src/gpu/memory.rs decides where). The code of a 2×2 average of spikes s ∈
+// {−1, 0, 1} is c = Σ s (with a dropout between: Σ over the kept ones) and the f32 value the f32
+// kernels write is c · q8_factor exactly (q8_factor = 1/4, or scale/4 with a power-of-two dropout
+// scale), so a GEMM reading the codes gets the bits of one reading f32. A loaded code travels as
+// its int bits in the f32 register (the load sign-extends; nothing to wait for) and is decoded
+// when staged; the ones column as Q8_ONE, a value no code has.
+#define Q8_ONE 0x40000000
 
 struct Output {
     float* p;
@@ -143,15 +154,26 @@ __device__ __forceinline__ Ent index_entry(const IndexMap& im, int i, int ones) 
     return e;
 }
 
-// The operand's element at (mn entry, k entry): 0 outside the valid indices and the padding.
+// The operand's element at (mn entry, k entry): 0 outside the valid indices and the padding. Q8:
+// the code's int bits (Q8_ONE for the ones column), decoded by `decode`.
+template <bool Q8>
 __device__ __forceinline__ float operand_at(const Operand& o, const Ent& em, const Ent& ek) {
     if (ek.what != ENT_AT || em.what == ENT_INVALID) return 0.0f;
-    if (em.what == ENT_ONES) return 1.0f;
+    if (em.what == ENT_ONES) return Q8 ? __int_as_float(Q8_ONE) : 1.0f;
     if (o.sp_h) {
         const int y = em.y + ek.y, x = em.x + ek.x;
         if ((unsigned)y >= (unsigned)o.sp_h || (unsigned)x >= (unsigned)o.sp_w) return 0.0f;
     }
+    if (Q8) return __int_as_float((int)reinterpret_cast<const signed char*>(o.p)[em.off + ek.off]);
     return o.p[em.off + ek.off];
+}
+
+// What operand_at<Q8> loaded, as the operand's f32 value (the bits of the f32 tensor's element).
+template <bool Q8>
+__device__ __forceinline__ float decode(const Operand& o, float v) {
+    if (!Q8) return v;
+    const int c = __float_as_int(v);
+    return c == Q8_ONE ? 1.0f : (float)c * o.q8_factor;
 }
 
 // The power-of-two scale that puts an operand's largest |x| (its f32 bits) in [2^13, 2^14), and
@@ -213,14 +235,15 @@ __device__ __forceinline__ void tile_element(const Operand& o, int tid, int j, i
 // as it arrived: one memory round trip per element, 32 per k-tile (SASS of gemm_tc_fp32).
 // A thread's k index (k_fast) or mn index (otherwise) is the same for its 16 elements: that
 // table entry is read once, not per element (each entry is three 8-byte shared loads).
-__device__ __forceinline__ void load_tile(float (&v)[16], const Operand& o, const Ent* tmn, const Ent* tk, int tid) {
+template <bool Q8>
+__device__ __forceinline__ void load_tile_as(float (&v)[16], const Operand& o, const Ent* tmn, const Ent* tk, int tid) {
     if (o.k_fast) {
         const Ent ek = tk[tid & (TC_BK - 1)];
 #pragma unroll
         for (int j = 0; j < 16; ++j) {
             int mn, k;
             tile_element(o, tid, j, mn, k);
-            v[j] = operand_at(o, tmn[mn], ek);
+            v[j] = operand_at<Q8>(o, tmn[mn], ek);
         }
     } else {
         const Ent em = tmn[tid & (TC_BM - 1)];
@@ -228,34 +251,44 @@ __device__ __forceinline__ void load_tile(float (&v)[16], const Operand& o, cons
         for (int j = 0; j < 16; ++j) {
             int mn, k;
             tile_element(o, tid, j, mn, k);
-            v[j] = operand_at(o, em, tk[k]);
+            v[j] = operand_at<Q8>(o, em, tk[k]);
         }
     }
+}
+__device__ __forceinline__ void load_tile(float (&v)[16], const Operand& o, const Ent* tmn, const Ent* tk, int tid) {
+    if (o.q8) load_tile_as<true>(v, o, tmn, tk, tid);
+    else load_tile_as<false>(v, o, tmn, tk, tid);
 }
 
 // Stores the loaded elements as the precision's operands, [mn][k] (fp32 mode: the scaled hi half,
 // and the lo half in the second plane unless exact).
-template <int PREC>
-__device__ __forceinline__ void store_tile(const float (&v)[16], const Operand& o, u32* S32, float sc, bool lo_half, int tid) {
+template <int PREC, bool Q8>
+__device__ __forceinline__ void store_tile_as(const float (&v)[16], const Operand& o, u32* S32, float sc, bool lo_half, int tid) {
     unsigned short* S16 = reinterpret_cast<unsigned short*>(S32);
     const int plane16 = TC_BM * TC_ROW16;
 #pragma unroll
     for (int j = 0; j < 16; ++j) {
         int mn, k;
         tile_element(o, tid, j, mn, k);
+        const float x = decode<Q8>(o, v[j]);
         if (PREC == PREC_TF32) {
-            S32[mn * TC_ROW32 + k] = f32_to_tf32_bits(v[j]);
+            S32[mn * TC_ROW32 + k] = f32_to_tf32_bits(x);
         } else if (PREC == PREC_BF16) {
-            S16[mn * TC_ROW16 + k] = f32_to_bf16_bits(v[j]);
+            S16[mn * TC_ROW16 + k] = f32_to_bf16_bits(x);
         } else if (lo_half) {
             unsigned short hi, lo;
-            split_f16(v[j] * sc, hi, lo);
+            split_f16(x * sc, hi, lo);
             S16[mn * TC_ROW16 + k] = hi;
             S16[plane16 + mn * TC_ROW16 + k] = lo;
         } else {
-            S16[mn * TC_ROW16 + k] = f32_to_f16_bits(v[j]);
+            S16[mn * TC_ROW16 + k] = f32_to_f16_bits(x);
         }
     }
+}
+template <int PREC>
+__device__ __forceinline__ void store_tile(const float (&v)[16], const Operand& o, u32* S32, float sc, bool lo_half, int tid) {
+    if (o.q8) store_tile_as<PREC, true>(v, o, S32, sc, lo_half, tid);
+    else store_tile_as<PREC, false>(v, o, S32, sc, lo_half, tid);
 }
 
 template <int PREC>
@@ -452,6 +485,7 @@ extern "C" __global__ void gemm_tc_layout(long long* out) {
     out[i++] = reinterpret_cast<const char*>(&d.a.k) - base;
     out[i++] = reinterpret_cast<const char*>(&d.a.sp_h) - base;
     out[i++] = reinterpret_cast<const char*>(&d.a.scale_slot) - base;
+    out[i++] = reinterpret_cast<const char*>(&d.a.q8_factor) - base;
     out[i++] = reinterpret_cast<const char*>(&d.b) - base;
     out[i++] = reinterpret_cast<const char*>(&d.out) - base;
     out[i++] = reinterpret_cast<const char*>(&d.out.n) - base;

@@ -143,7 +143,7 @@ impl FfDevice for Emulated {
 #[test]
 fn gemm_tc_structs_have_the_layout_of_the_kernels() {
     use std::mem::{offset_of, size_of};
-    let mut out = vec![-1i64; 15];
+    let mut out = vec![-1i64; 16];
     let mut a = Args::new();
     a.val(out.as_mut_ptr());
     emu::module("gemm_tc").launch_raw("gemm_tc_layout", (1, 1, 1), (32, 1, 1), 0, false, 1, &mut a).unwrap();
@@ -156,6 +156,7 @@ fn gemm_tc_structs_have_the_layout_of_the_kernels() {
         offset_of!(GemmDesc, a) + offset_of!(gemm_tc::Operand, k),
         offset_of!(GemmDesc, a) + offset_of!(gemm_tc::Operand, sp_h),
         offset_of!(GemmDesc, a) + offset_of!(gemm_tc::Operand, scale_slot),
+        offset_of!(GemmDesc, a) + offset_of!(gemm_tc::Operand, q8_factor),
         offset_of!(GemmDesc, b),
         offset_of!(GemmDesc, out),
         offset_of!(GemmDesc, out) + offset_of!(gemm_tc::Output, n),
@@ -242,6 +243,85 @@ fn emulated_convolution_over_a_window_of_samples_gives_the_bits_of_the_whole_con
                 let differ = got.iter().zip(want).position(|(a, b)| a.to_bits() != b.to_bits());
                 assert_eq!(differ, None, "{p} exact {exact}: samples {first}..{}: the first output that differs", first + count);
             }
+        }
+    }
+}
+
+/// Pooled spikes stored as int8 codes (`XForm::Q8`: c · factor, `memory::pooled_as_codes`) give
+/// every GEMM that reads a layer's input — conv forward (also over a window of samples: the
+/// byte offset), conv weight and bias gradient, linear forward, linear weight and bias gradient —
+/// the bits of reading the same values in f32, in every precision, for the factors of plain
+/// pooling (1/4) and of pooling after a dropout of 0.5 (1/2).
+#[test]
+fn emulated_gemms_reading_int8_codes_of_pooled_spikes_give_the_bits_of_reading_f32() {
+    use backei::gpu::gemm_tc::XForm;
+    let mut rng = common::Rng(57);
+    let g = ConvGeom::new(6, 12, 6, 5, 3, 1);
+    let samples = 5;
+    let (n_in, n_out, rows) = (37usize, 20usize, 9usize);
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<u32>>();
+    // int8 codes c ∈ −4..4 in f32 words (as the pooling kernels leave them), and c · factor in f32
+    let coded = |rng: &mut common::Rng, n: usize, factor: f32| -> (Vec<f32>, Vec<f32>) {
+        let c: Vec<i8> = (0..n).map(|_| rng.below(9) as i8 - 4).collect();
+        let mut bytes: Vec<u8> = c.iter().map(|&x| x as u8).collect();
+        bytes.resize(n.div_ceil(4) * 4, 0x7f);
+        let words = bytes.chunks(4).map(|q| f32::from_le_bytes([q[0], q[1], q[2], q[3]])).collect();
+        (words, c.iter().map(|&x| x as f32 * factor).collect())
+    };
+    for p in Precision::ALL {
+        for factor in [0.25f32, 0.5] {
+            let q8 = XForm::Q8(factor);
+            // conv forward, whole and over samples 2..4
+            let (codes, x) = coded(&mut rng, samples * g.in_len(), factor);
+            let (w, b) = (host(&mut rng, g.weight_len(), false), host(&mut rng, g.cout, false));
+            let want = Emulated.conv_forward(p, &g, samples, &w, &b, &x, true);
+            for (first, count) in [(0, samples), (2, 2)] {
+                let (mut wb, mut bb, mut xb, mut yb) =
+                    (DevBuf::from("w", &w), DevBuf::from("b", &b), DevBuf::from("codes", &codes), DevBuf::new("y", count * g.out_len()));
+                let bufs = (addr(&mut wb), addr(&mut bb), addr(&mut xb), addr(&mut yb));
+                let (d, plan) = gemm_tc::conv_forward_part(&g, samples, first, count, bufs, q8, &SMALL);
+                assert_eq!((d.b.q8, d.b.exact), (1, 1));
+                emulate_planned(d, &plan, p, [(bufs.0, w.len()), (bufs.2, codes.len())], 40);
+                for buf in [&wb, &bb, &xb, &yb] {
+                    buf.check_guards();
+                }
+                let slice = &want[first * g.out_len()..(first + count) * g.out_len()];
+                assert!(bits(&yb.host()) == bits(slice), "{p} factor {factor}: conv forward over samples {first}..{}", first + count);
+            }
+            // conv weight and bias gradient
+            let dy = host(&mut rng, samples * g.out_len(), false);
+            let (dw0, db0) = (host(&mut rng, g.weight_len(), false), host(&mut rng, g.cout, false));
+            let want = Emulated.conv_backward(p, &g, samples, &w, &x, &dy, &dw0, &db0, true);
+            let (mut xb, mut dyb, mut dwb, mut dbb) =
+                (DevBuf::from("codes", &codes), DevBuf::from("dy", &dy), DevBuf::from("dw", &dw0), DevBuf::from("db", &db0));
+            let d = gemm_tc::conv_weight_grad(&g, samples, addr(&mut dyb), addr(&mut xb), addr(&mut dwb), addr(&mut dbb), q8);
+            emulate(d, p, [(addr(&mut dyb), dy.len()), (addr(&mut xb), codes.len())], &SMALL, 41);
+            for buf in [&xb, &dyb, &dwb, &dbb] {
+                buf.check_guards();
+            }
+            assert!(bits(&dwb.host()) == bits(&want.dw), "{p} factor {factor}: conv weight gradient");
+            assert!(bits(&dbb.host()) == bits(&want.db), "{p} factor {factor}: conv bias gradient");
+            // linear forward, weight and bias gradient
+            let (codes, x) = coded(&mut rng, rows * n_in, factor);
+            let (w, b) = (host(&mut rng, n_in * n_out, false), host(&mut rng, n_out, false));
+            let want = Emulated.linear_forward(p, n_in, n_out, rows, &w, &b, &x, true);
+            let (mut wb, mut bb, mut xb, mut yb) =
+                (DevBuf::from("w", &w), DevBuf::from("b", &b), DevBuf::from("codes", &codes), DevBuf::new("y", rows * n_out));
+            let d = gemm_tc::linear_forward(n_in, n_out, rows, addr(&mut xb), addr(&mut wb), addr(&mut bb), addr(&mut yb), q8);
+            assert_eq!(d.a.q8, 1);
+            emulate(d, p, [(addr(&mut xb), codes.len()), (addr(&mut wb), w.len())], &SMALL, 42);
+            assert!(bits(&yb.host()) == bits(&want), "{p} factor {factor}: linear forward");
+            let dy = host(&mut rng, rows * n_out, false);
+            let (dw0, db0) = (host(&mut rng, n_in * n_out, false), host(&mut rng, n_out, false));
+            let want = Emulated.linear_backward(p, n_in, n_out, rows, &w, &x, &dy, &dw0, &db0, true);
+            let (mut dyb, mut dwb, mut dbb) = (DevBuf::from("dy", &dy), DevBuf::from("dw", &dw0), DevBuf::from("db", &db0));
+            let d = gemm_tc::linear_weight_grad(n_in, n_out, rows, addr(&mut dyb), addr(&mut xb), addr(&mut dwb), addr(&mut dbb), q8);
+            emulate(d, p, [(addr(&mut dyb), dy.len()), (addr(&mut xb), codes.len())], &SMALL, 43);
+            for buf in [&wb, &bb, &xb, &yb, &dyb, &dwb, &dbb] {
+                buf.check_guards();
+            }
+            assert!(bits(&dwb.host()) == bits(&want.dw), "{p} factor {factor}: linear weight gradient");
+            assert!(bits(&dbb.host()) == bits(&want.db), "{p} factor {factor}: linear bias gradient (the ones column)");
         }
     }
 }

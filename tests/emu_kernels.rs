@@ -307,17 +307,28 @@ fn emulated_spike_counts_equal_a_plain_count() {
 
 /// The readers of a v4 BackEI layer's int8 spikes (`V4_S8`): pooling, dropout+pooling (training
 /// and evaluation) and the spike statistics give the bits of their f32 kernels on the same spikes.
+/// The pooling kernels writing the pooled spikes as int8 codes (`_s8_q8`: what only the
+/// tensor-core GEMMs read, `memory::pooled_as_codes`) give codes c — the sums of the (kept) spikes,
+/// every one of −4..4 present — whose c · `pool::q8_factor` is the f32 kernel's output bit for bit:
+/// plain pooling (1/4), dropout+pooling in training (scale/4, scale 2) and in evaluation (1/4).
 #[test]
 fn emulated_int8_spike_readers_give_the_bits_of_their_f32_kernels() {
+    use backei::gpu::pool::q8_factor;
     let (pm, dm, sm) = (emu::module("pool"), emu::module("dropout"), emu::module("spiking"));
     let mut rng = common::Rng(29);
-    let (steps, planes, h, w) = (3usize, 5usize, 7usize, 9usize);
+    let (steps, planes, h, w) = (3usize, 6usize, 9usize, 8usize);
     let n = steps * planes * h * w;
-    let mut s8: Vec<i8> = (0..n).map(|_| [-1i8, 0, 0, 1][rng.below(4)]).collect();
+    let mut s8: Vec<i8> = (0..n).map(|_| [-1i8, -1, 0, 1, 1][rng.below(5)]).collect();
     let s: Vec<f32> = s8.iter().map(|&x| x as f32).collect();
     let out_len = steps * planes * (h / 2) * (w / 2);
-    let run_pool = |kernel: &str, x: *mut std::ffi::c_void| {
-        let mut y = DevBuf::new("y", out_len);
+    let decode = |codes: &[f32], factor: f32, all: bool| -> Vec<f32> {
+        let c: Vec<i8> = codes.iter().flat_map(|w| w.to_le_bytes()).take(out_len).map(|b| b as i8).collect();
+        assert!(!all || (-4..=4).all(|k| c.contains(&k)), "not every code −4..4 occurs: {:?}", &c[..16]);
+        c.iter().map(|&k| k as f32 * factor).collect()
+    };
+    // (codes: y as int8 codes in ⌈out_len/4⌉ words)
+    let run_pool = |kernel: &str, x: *mut std::ffi::c_void, codes: bool| {
+        let mut y = DevBuf::new("y", if codes { out_len.div_ceil(4) } else { out_len });
         let mut a = Args::new();
         a.val(x).val(y.ptr()).val((steps * planes) as i64).val(h as i32).val(w as i32);
         pm.launch_raw(kernel, (2, 1, 1), (64, 1, 1), 0, false, 1, &mut a).unwrap();
@@ -325,25 +336,31 @@ fn emulated_int8_spike_readers_give_the_bits_of_their_f32_kernels() {
         y.host()
     };
     let mut sf = DevBuf::from("s", &s);
-    let want = run_pool("avgpool2_forward_f32", sf.ptr().cast());
+    let want = run_pool("avgpool2_forward_f32", sf.ptr().cast(), false);
     assert!(want.iter().any(|&y| y < 0.0) && want.iter().any(|&y| y > 0.0));
-    assert_eq!(bits(&run_pool("avgpool2_forward_s8", s8.as_mut_ptr().cast())), bits(&want), "pooling");
+    assert_eq!(bits(&run_pool("avgpool2_forward_s8", s8.as_mut_ptr().cast(), false)), bits(&want), "pooling");
+    let codes = run_pool("avgpool2_forward_s8_q8", s8.as_mut_ptr().cast(), true);
+    assert_eq!(bits(&decode(&codes, q8_factor(None), true)), bits(&want), "pooling into codes");
     let key = backei::rng::dropout_key(4150, 3, 1);
     let p = 0.5f32;
     let sc = backei::gpu::dropout::scale(p);
     for train in [true, false] {
-        let run = |kernel: &str, x: *mut std::ffi::c_void| {
+        let run = |kernel: &str, x: *mut std::ffi::c_void, codes: bool| {
             let mut keys = vec![7u64, key];
-            let mut y = DevBuf::new("y", out_len);
+            let mut y = DevBuf::new("y", if codes { out_len.div_ceil(4) } else { out_len });
             let mut a = Args::new();
-            a.val(x).val(y.ptr()).val(keys.as_mut_ptr()).val(1i32).val(0u64).val(train as i32).val(p).val(sc);
+            a.val(x).val(y.ptr()).val(keys.as_mut_ptr()).val(1i32).val(99u64).val(train as i32).val(p).val(sc);
             a.val(planes as i64).val(steps as i32).val(h as i32).val(w as i32);
             dm.launch_raw(kernel, (3, 1, 1), (32, 1, 1), 0, false, 2, &mut a).unwrap();
             y.check_guards();
             y.host()
         };
-        let want = run("dropout_avgpool2_forward_f32", sf.ptr().cast());
-        assert_eq!(bits(&run("dropout_avgpool2_forward_s8", s8.as_mut_ptr().cast())), bits(&want), "dropout+pooling, training {train}");
+        let want = run("dropout_avgpool2_forward_f32", sf.ptr().cast(), false);
+        let s8_ptr = s8.as_mut_ptr().cast();
+        assert_eq!(bits(&run("dropout_avgpool2_forward_s8", s8_ptr, false)), bits(&want), "dropout+pooling, training {train}");
+        let codes = run("dropout_avgpool2_forward_s8_q8", s8_ptr, true);
+        let got = decode(&codes, q8_factor(train.then_some(sc)), !train);
+        assert_eq!(bits(&got), bits(&want), "dropout+pooling into codes, training {train}");
     }
     let count = |kernel: &str, x: *mut std::ffi::c_void| {
         let mut counts = [0u64; 2];

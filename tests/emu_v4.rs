@@ -28,7 +28,7 @@ const SMALL: DeviceLimits = DeviceLimits { sm_count: 3, max_smem_per_block: 232_
 /// backward in reverse, every window but the last recomputed first. v, g, z in the result are what
 /// the buffers hold at the end (the whole loop's only without a window).
 fn emulate_v4(c: &Case, x: &Inputs, plan: &LaunchPlan, sched: u64) -> DeviceOut {
-    emulate_v4_pooling(c, x, plan, sched, std::ptr::null_mut(), None, false)
+    emulate_v4_pooling(c, x, plan, sched, (std::ptr::null_mut(), false), None, false)
 }
 
 /// [`emulate_v4`] with the forward also writing the 2×2 average pooling of s into `pooled`
@@ -42,7 +42,7 @@ fn emulate_v4_pooling(
     x: &Inputs,
     plan: &LaunchPlan,
     sched: u64,
-    pooled: *mut f32,
+    (pooled, pool_q8): (*mut f32, bool),
     dy_pooled: Option<(&[f32], V4GradIn)>,
     own_input: bool,
 ) -> DeviceOut {
@@ -103,6 +103,7 @@ fn emulate_v4_pooling(
         }
     };
     for (w, &win) in windows.iter().enumerate() {
+        let win = V4Window { pool_q8: (pool_q8 && !pooled.is_null()) as i32, ..win };
         forward(win, w.checked_sub(1), (w < last).then_some(w), pooled, &mut bar);
     }
     let (pgr, pgo, pgi, pdv, pfb, pda, ppart, pcarry) =
@@ -326,7 +327,7 @@ fn v4_recompute_windows_give_the_bits_of_the_whole_loop() {
             // each window reading an input buffer of its own steps alone (the convolution before
             // the layer recomputed per window: memory::conv_output_window) reads the same values
             if c.t_in == c.steps {
-                let own = emulate_v4_pooling(c, &x, &plan, 60 + k as u64, std::ptr::null_mut(), None, true);
+                let own = emulate_v4_pooling(c, &x, &plan, 60 + k as u64, (std::ptr::null_mut(), false), None, true);
                 assert_eq!(bits(&own.out), bits(&whole.out), "{}: K = {k}, own window input: the spikes", c.name);
                 assert_eq!(bits(&own.gin), bits(&whole.gin), "{}: K = {k}, own window input: ∂L/∂I", c.name);
                 assert_eq!(bits(&own.grads), bits(&whole.grads), "{}: K = {k}, own window input: the gradients", c.name);
@@ -444,9 +445,10 @@ fn v4_forward_pools_its_spikes_as_the_pooling_layer_would() {
         }
         apply_compact(&mut plan, &c.fb, CompactState { z: true, s: *s8 });
         let planes = c.steps * c.batch * ch;
-        let mut y = DevBuf::new("pooled", planes * (h / 2) * (w / 2));
+        let outputs = planes * (h / 2) * (w / 2);
+        let mut y = DevBuf::new("pooled", outputs);
         let plain = emulate_v4(c, &x, &plan, 8);
-        let d = emulate_v4_pooling(c, &x, &plan, 8, y.ptr(), None, false);
+        let d = emulate_v4_pooling(c, &x, &plan, 8, (y.ptr(), false), None, false);
         y.check_guards();
         let bits = |xs: &[f32]| xs.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
         for (name, a, b) in [("s", &d.out, &plain.out), ("∂L/∂I", &d.gin, &plain.gin), ("gradients", &d.grads, &plain.grads)] {
@@ -461,6 +463,21 @@ fn v4_forward_pools_its_spikes_as_the_pooling_layer_would() {
         backei::cpu::pool::forward(planes, h, w, &s, &mut want);
         assert!(want.iter().any(|&v| v != 0.0), "{}: nothing fired", c.name);
         assert_eq!(bits(&y.host()), bits(&want), "{} K {k:?} s8 {s8}: the pooled spikes", c.name);
+        if *s8 {
+            // the pooled spikes as int8 codes (`Epilogue::PoolCodes`): c · 1/4 is the f32 output
+            let mut q = DevBuf::new("pooled codes", outputs.div_ceil(4));
+            let d = emulate_v4_pooling(c, &x, &plan, 8, (q.ptr(), true), None, false);
+            q.check_guards();
+            assert!(bits(&d.out) == bits(&plain.out), "{}: s changed by pooling into codes", c.name);
+            let codes: Vec<f32> = q
+                .host()
+                .iter()
+                .flat_map(|w| w.to_le_bytes())
+                .take(outputs)
+                .map(|b| b as i8 as f32 * backei::gpu::pool::q8_factor(None))
+                .collect();
+            assert_eq!(bits(&codes), bits(&want), "{} K {k:?}: the pooled spikes as int8 codes", c.name);
+        }
     }
 }
 
@@ -509,7 +526,7 @@ fn v4_backward_from_the_pooling_gradient_gives_the_bits_of_the_pooling_backward(
                 }
             };
             let want = emulate_v4(c, &x, &plan, 9);
-            let got = emulate_v4_pooling(c, &x, &plan, 9, std::ptr::null_mut(), Some((&dy, gi)), false);
+            let got = emulate_v4_pooling(c, &x, &plan, 9, (std::ptr::null_mut(), false), Some((&dy, gi)), false);
             for (name, a, b) in
                 [("∂L/∂I", &got.gin, &want.gin), ("the parameter gradients", &got.grads, &want.grads), ("s", &got.out, &want.out)]
             {

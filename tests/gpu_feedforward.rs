@@ -178,7 +178,8 @@ fn dropout_and_pooling_in_one_pass_equal_the_cpu_layers_bit_for_bit() {
         table.stage(d, &[0, key]).unwrap();
         let mask = dropout::Mask::Key { keys: &table.keys, slot: 1, index0 };
         let (xd, dyd, mut yd, mut dxd) = (gpu.up(&x), gpu.up(&dy), gpu.poisoned(y.len()), gpu.poisoned(dx.len()));
-        dropout::forward_pooled(d, mask, p, planes, steps, h, w, &xd.as_view(), false, &mut yd.as_view_mut()).unwrap();
+        dropout::forward_pooled(d, mask, p, planes, steps, h, w, &xd.as_view(), backei::gpu::pool::PoolIo::F32, &mut yd.as_view_mut())
+            .unwrap();
         dropout::backward_pooled(d, mask, p, planes, steps, h, w, &dyd.as_view(), &mut dxd.as_view_mut()).unwrap();
         let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<u32>>();
         assert!(bits(&gpu.down(&yd)) == bits(&y), "p {p}: forward");

@@ -159,7 +159,7 @@ fn pool_matches_the_cpu_on_odd_sizes() {
         cpool::backward(c, h, w, &dy, &mut dx);
         let (xg, dyg) = (up(&d, &x), up(&d, &dy));
         let (mut yg, mut dxg) = (poisoned(&d, y.len()), poisoned(&d, dx.len()));
-        pool::forward(&d, n * c, h, w, &xg.as_view(), false, &mut yg.as_view_mut()).unwrap();
+        pool::forward(&d, n * c, h, w, &xg.as_view(), pool::PoolIo::F32, &mut yg.as_view_mut()).unwrap();
         pool::backward(&d, n * c, h, w, &dyg.as_view(), &mut dxg.as_view_mut()).unwrap();
         // the same four additions and one multiplication: bit for bit
         assert_eq!(down(&d, &yg), y, "pool forward {n}×{c}×{h}×{w}");

@@ -267,9 +267,11 @@ fn fused_readout_and_loss_give_the_bits_of_the_separate_kernels() {
 }
 
 /// The v4 kernels' compact saved state (the default: z as a one-byte code, s as int8 before
-/// pooling) against keeping both in f32 (`set_compact_state(false)`): six Adam steps of
-/// fashion-mnist and cifar10 under CUDA graphs give the same losses and parameters (compared as values: int8 has no
-/// −0, so an exactly-zero sum may change its sign, never its value), and less memory by the plan.
+/// pooling; on the tensor-core GEMMs also the pooled spikes a conv or linear layer reads as int8
+/// codes, `memory::pooled_as_codes`) against keeping all of it in f32 (`set_compact_state(false)`):
+/// six Adam steps of fashion-mnist and cifar10 under CUDA graphs, on cuBLAS and on the tensor
+/// cores, give the same losses and parameters (compared as values: int8 has no −0, so an
+/// exactly-zero sum may change its sign, never its value), and less memory by the plan.
 #[test]
 #[ignore = "needs a CUDA GPU"]
 fn compact_state_steps_equal_f32_state() {
@@ -277,23 +279,30 @@ fn compact_state_steps_equal_f32_state() {
     // (two networks: each new v4 instance costs an NVRTC compile in the GPU session's budget)
     for spec in [NetworkSpec::fashion_mnist(), NetworkSpec::cifar10()] {
         let spec = small(spec);
-        let go = |compact: bool| {
-            let cpu = Network::<f32>::new(&spec, 4150).unwrap();
-            let mut net = GpuNetwork::from_cpu(&d, &cpu).unwrap();
-            net.set_kernel_version(backei::gpu::backei_layer::KernelVersion::V4);
-            net.set_compact_state(compact);
-            let mut o = GpuOptimizer::new(&d, OptimizerConfig::adam(1e-3), net.num_params()).unwrap();
-            let stats: Vec<StepStats> =
-                batches(&spec, 5, 1, 6).iter().map(|(x, l)| net.train_step(x, 1, l, Loss::Ce, &mut o).unwrap()).collect();
-            let rates = net.spike_stats().unwrap();
-            (stats, net.params_to_host().unwrap(), rates, net.memory_plan(5, 1).unwrap().total())
-        };
-        let (s_f, p_f, r_f, m_f) = go(false);
-        let (s_c, p_c, r_c, m_c) = go(true);
-        assert_eq!(s_c, s_f, "{}: losses or accuracies differ", spec.name);
-        assert!(p_c == p_f, "{}: parameters after 6 steps differ", spec.name);
-        assert_eq!(r_c, r_f, "{}: spike statistics differ", spec.name);
-        assert!(m_c < m_f, "{}: {m_c} bytes compact, {m_f} in f32", spec.name);
+        for tc in [false, true] {
+            let go = |compact: bool| {
+                let cpu = Network::<f32>::new(&spec, 4150).unwrap();
+                let mut net = GpuNetwork::from_cpu(&d, &cpu).unwrap();
+                net.set_kernel_version(backei::gpu::backei_layer::KernelVersion::V4);
+                net.set_feedforward(tc).unwrap();
+                net.set_compact_state(compact);
+                let mut o = GpuOptimizer::new(&d, OptimizerConfig::adam(1e-3), net.num_params()).unwrap();
+                let stats: Vec<StepStats> =
+                    batches(&spec, 5, 1, 6).iter().map(|(x, l)| net.train_step(x, 1, l, Loss::Ce, &mut o).unwrap()).collect();
+                let rates = net.spike_stats().unwrap();
+                let (ex, el) = &batches(&spec, 5, 1, 1)[0];
+                let eval = net.evaluate(ex, 1, el, Loss::Ce).unwrap();
+                (stats, net.params_to_host().unwrap(), rates, eval, net.memory_plan(5, 1).unwrap().total())
+            };
+            let (s_f, p_f, r_f, e_f, m_f) = go(false);
+            let (s_c, p_c, r_c, e_c, m_c) = go(true);
+            let what = format!("{} on {}", spec.name, if tc { "the tensor cores" } else { "cuBLAS" });
+            assert_eq!(s_c, s_f, "{what}: losses or accuracies differ");
+            assert!(p_c == p_f, "{what}: parameters after 6 steps differ");
+            assert_eq!(r_c, r_f, "{what}: spike statistics differ");
+            assert!(e_c == e_f, "{what}: an evaluation's outputs differ");
+            assert!(m_c < m_f, "{what}: {m_c} bytes compact, {m_f} in f32");
+        }
     }
 }
 

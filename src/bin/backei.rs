@@ -901,15 +901,18 @@ fn info(a: InfoArgs) -> anyhow::Result<ExitCode> {
                 println!("{what}: a training step needs {:.2} GiB of device memory", plan.total() as f64 / (1u64 << 30) as f64);
                 println!("  {plan}");
                 // on the tensor-core GEMMs, --recompute also runs the convolutions before the
-                // BackEI layers per window (memory::conv_output_window): say what that would need
-                if a.recompute.is_some() && settings.feedforward == backei::gpu::gemm_tc::FeedForward::Cublas {
+                // BackEI layers per window (memory::conv_output_window), and on v4 the pooled
+                // spikes they read are int8 codes (memory::pooled_as_codes): say what that needs
+                if settings.feedforward == backei::gpu::gemm_tc::FeedForward::Cublas {
                     let tc =
                         backei::gpu::StepSettings { feedforward: backei::gpu::gemm_tc::FeedForward::TensorCore(a.precision), ..settings };
                     if let Ok(t) = backei::gpu::memory_plan(&spec, a.batch_size, a.steps, t_in, &tc) {
                         if t.total() < plan.total() {
                             let gib = t.total() as f64 / (1u64 << 30) as f64;
+                            let windows =
+                                if a.recompute.is_some() { ", the convolutions before the BackEI layers run per window" } else { "" };
                             println!(
-                                "  with BACKEI_FEEDFORWARD=tc (the tensor-core GEMMs: no column buffer, and the convolutions before the BackEI layers run per window): {gib:.2} GiB"
+                                "  with BACKEI_FEEDFORWARD=tc (the tensor-core GEMMs: no column buffer{windows}, and on v4 the pooled spikes they read as int8 codes): {gib:.2} GiB"
                             );
                         }
                     }

@@ -165,6 +165,9 @@ pub enum Epilogue<'a, 'b> {
     /// The 2×2 average pooling of s, y [T][B][C][⌊H/2⌋][⌊W/2⌋], as `pool::forward` computes it (the
     /// v4 kernels: `pool_step` in `cuda/backei_v4.cu`; the network's pooling layer after this one).
     Pool(&'a mut CudaViewMut<'b, f32>),
+    /// The same pooling as int8 codes c of the pooled spikes (value c · 0.25; ⌈len/4⌉ f32 words;
+    /// `pool::PoolIo::S8ToQ8`): a layer whose spikes are int8 (compact state) only.
+    PoolCodes(&'a mut CudaViewMut<'b, f32>),
 }
 
 /// A spiking layer's input current made one `--recompute` window at a time (v4): the network's
@@ -1515,6 +1518,7 @@ impl GpuBackEiLayer {
         steps: usize,
         epilogue: Epilogue,
     ) -> Result<()> {
+        let mut pool_q8 = false;
         let (readout, pooled) = match epilogue {
             Epilogue::None => (None, None),
             Epilogue::Readout(y) => {
@@ -1534,17 +1538,29 @@ impl GpuBackEiLayer {
                 }
                 (None, Some(y))
             }
+            Epilogue::PoolCodes(y) => {
+                let [c, h, w] = self.shape;
+                let want = (steps * batch * c * (h / 2) * (w / 2)).div_ceil(4);
+                if y.len() != want {
+                    return Err(shape_err("pooled output (int8 codes, in f32 words)", format!("{want}"), format!("{}", y.len())));
+                }
+                pool_q8 = true;
+                (None, Some(y))
+            }
         };
         let n = self.neurons();
         check_forward_input(t_in, batch, steps, n, input.whole_len(t_in, steps, batch * n)?)?;
         let plan = self.prepare(batch, steps)?.clone();
         check_slots(self.shape, &self.feedback, slots, params.len(), "parameter")?;
+        if pool_q8 && !self.spikes_s8() {
+            return Err(config_err("pooling", "int8 codes of the pooled spikes need the layer's spikes as int8 (compact state)"));
+        }
         self.t_in = t_in;
         let np = NeuronParams::from_config(&self.neuron);
         if let Some(v4) = &plan.v4 {
             // (a readout passed the check above: a plain layer, whose plan is never v4)
             let dims = self.dims(slots, t_in, false, false)?;
-            return super::backei_v4::forward(self, v4, plan.window, params, &mut input, dims, np, pooled);
+            return super::backei_v4::forward(self, v4, plan.window, params, &mut input, dims, np, pooled, pool_q8);
         }
         let input = input.whole()?;
         if pooled.is_some() {

@@ -62,6 +62,8 @@ pub struct V4Window {
     pub t0: i32,
     pub t1: i32,
     pub in_t0: i32,
+    /// The fused pooling writes int8 codes of the pooled spikes (`pool::PoolIo::S8ToQ8`), not f32.
+    pub pool_q8: i32,
 }
 // SAFETY: plain-old-data with the C layout of cuda/backei_v4.cu's V4Window.
 unsafe impl DeviceRepr for V4Window {}
@@ -92,7 +94,7 @@ impl V4Window {
     /// one shorter when K does not divide T); one window [0, T) without recompute.
     pub fn all(steps: usize, k: Option<usize>) -> Vec<V4Window> {
         let k = k.unwrap_or(steps).clamp(1, steps.max(1));
-        (0..steps.div_ceil(k)).map(|w| V4Window { t0: (w * k) as i32, t1: (steps.min((w + 1) * k)) as i32, in_t0: 0 }).collect()
+        (0..steps.div_ceil(k)).map(|w| V4Window { t0: (w * k) as i32, t1: (steps.min((w + 1) * k)) as i32, in_t0: 0, pool_q8: 0 }).collect()
     }
 
     /// This window reading an input that holds its steps alone ([t1 − t0][B][N]).
@@ -480,7 +482,8 @@ fn prepare_launch(
 
 /// The forward: one launch over all T steps, or with `--recompute K` one per window, each keeping
 /// v at its end for the next (`GpuBackEiLayer::forward` checked the buffers); with `pooled`, each
-/// launch also writes its steps' 2×2 average pooling of s there ([T][B][C][H/2][W/2]).
+/// launch also writes its steps' 2×2 average pooling of s there ([T][B][C][H/2][W/2]; f32, or
+/// with `pool_q8` int8 codes of the pooled spikes).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn forward(
     layer: &mut GpuBackEiLayer,
@@ -491,11 +494,13 @@ pub(crate) fn forward(
     dims: LayerDims,
     np: NeuronParams,
     mut pooled: Option<&mut CudaViewMut<f32>>,
+    pool_q8: bool,
 ) -> Result<()> {
     let windows = V4Window::all(dims.t as usize, window);
     let last = windows.len() - 1;
-    for (w, win) in windows.into_iter().enumerate() {
+    for (w, mut win) in windows.into_iter().enumerate() {
         let y = pooled.as_deref_mut();
+        win.pool_q8 = (pool_q8 && y.is_some()) as i32;
         on_input(input, win, true, &dims, |x, win| {
             launch_forward(layer, plan, params, x, dims, np, win, w.checked_sub(1), (w < last).then_some(w), y)
         })?;
@@ -627,7 +632,8 @@ fn launch_forward(
     };
     b.arg(bar).arg(wfrag).arg(winv).arg(&dims).arg(&np).arg(&vd).arg(&win);
     // SAFETY: the argument list matches backei_forward_v4_*; the buffers were sized by the plan
-    // (out: T·B·N; v, g, z: (t1 − t0)·B·N at least; the checkpoints B·N; pooled: T·B·C·⌊H/2⌋·⌊W/2⌋,
+    // (out: T·B·N; v, g, z: (t1 − t0)·B·N at least; the checkpoints B·N; pooled: T·B·C·⌊H/2⌋·⌊W/2⌋
+    // values, f32 or bytes as win.pool_q8 says,
     // checked by GpuBackEiLayer::forward_with; wfrag: 2·groups slices;
     // winv: 2·groups); v_last is written by this launch alone (cudarc's shared view only passes
     // its address); the grid is co-resident (occupancy-clamped above), as the kernel's grid

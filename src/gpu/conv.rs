@@ -12,7 +12,7 @@
 //! cuBLAS functions, or the tensor-core implicit GEMMs of `cuda/gemm_tc.cu` (no column buffer).
 
 use super::device::GpuDevice;
-use super::gemm_tc::{self, addr, FeedForward, FeedForwardWs};
+use super::gemm_tc::{self, addr, FeedForward, FeedForwardWs, XForm};
 use super::util::{check_len, cuda_err, grid, sgemm_rm, GemmShape};
 use crate::cpu::conv::ConvGeom;
 use crate::error::{shape_err, BackeiError, Result};
@@ -234,8 +234,18 @@ pub fn backward(
     Ok(())
 }
 
-/// `forward` on the path of `ff`: cuBLAS, or the tensor-core implicit GEMM (`x_exact`: the input
-/// is spikes or averages of spikes, exact in fp16: one product fewer in fp32 mode).
+/// The cuBLAS path reads f32 inputs only (the memory plan asks for int8 codes only on the tensor
+/// cores: `memory::pooled_as_codes`).
+pub(crate) fn cublas_reads_f32(x_form: XForm) -> Result<()> {
+    match x_form {
+        XForm::Q8(_) => Err(BackeiError::Cuda("internal: int8 codes of pooled spikes need the tensor-core GEMMs".into())),
+        _ => Ok(()),
+    }
+}
+
+/// `forward` on the path of `ff`: cuBLAS, or the tensor-core implicit GEMM (`x_form`: the input
+/// as f32 or int8 codes, and whether it is spikes or averages of spikes, exact in fp16: one product
+/// fewer in fp32 mode; `true` for [`XForm::Exact`]).
 #[allow(clippy::too_many_arguments)]
 pub fn forward_with(
     dev: &GpuDevice,
@@ -246,11 +256,15 @@ pub fn forward_with(
     b: &CudaView<f32>,
     x: &CudaView<f32>,
     y: &mut CudaViewMut<f32>,
-    x_exact: bool,
+    x_form: impl Into<XForm>,
 ) -> Result<()> {
-    let FeedForward::TensorCore(_) = ff.mode else { return forward(dev, &mut ff.conv, g, samples, w, b, x, y) };
+    let x_form = x_form.into();
+    let FeedForward::TensorCore(_) = ff.mode else {
+        cublas_reads_f32(x_form)?;
+        return forward(dev, &mut ff.conv, g, samples, w, b, x, y);
+    };
     // (every sample as the part: the GEMM's own plan)
-    forward_part(dev, ff, g, (samples, 0, samples), w, b, x, y, x_exact)
+    forward_part(dev, ff, g, (samples, 0, samples), w, b, x, y, x_form)
 }
 
 /// `forward_with` over samples [first, first + count) of the input `x` (all `samples` of them)
@@ -269,20 +283,21 @@ pub fn forward_part(
     b: &CudaView<f32>,
     x: &CudaView<f32>,
     y: &mut CudaViewMut<f32>,
-    x_exact: bool,
+    x_form: impl Into<XForm>,
 ) -> Result<()> {
     let FeedForward::TensorCore(p) = ff.mode else {
         return Err(BackeiError::Cuda("internal: a convolution over part of its samples needs the tensor-core GEMMs".into()));
     };
     check_len("conv weight", w.len(), g.weight_len())?;
     check_len("conv bias", b.len(), g.cout)?;
-    check_len("conv input", x.len(), samples * g.in_len())?;
+    let x_form = x_form.into();
+    check_len("conv input (in f32 words)", x.len(), x_form.words(samples * g.in_len()))?;
     check_len("conv output", y.len(), count * g.out_len())?;
     if first + count > samples || count == 0 {
         return Err(shape_err("conv samples", format!("a non-empty part of {samples}"), format!("{first}..{}", first + count)));
     }
     let (wa, xa) = (addr(dev, w), addr(dev, x));
-    let (d, plan) = gemm_tc::conv_forward_part(g, samples, first, count, (wa, addr(dev, b), xa, addr(dev, y)), x_exact, &ff.limits);
+    let (d, plan) = gemm_tc::conv_forward_part(g, samples, first, count, (wa, addr(dev, b), xa, addr(dev, y)), x_form, &ff.limits);
     gemm_tc::run_planned(dev, &mut ff.tc, d, &plan, p, [(wa, w.len()), (xa, x.len())])
 }
 
@@ -300,16 +315,20 @@ pub fn backward_with(
     dw: &mut CudaViewMut<f32>,
     db: &mut CudaViewMut<f32>,
     dx: Option<&mut CudaViewMut<f32>>,
-    x_exact: bool,
+    x_form: impl Into<XForm>,
 ) -> Result<()> {
-    let FeedForward::TensorCore(p) = ff.mode else { return backward(dev, &mut ff.conv, g, samples, w, x, dy, dw, db, dx) };
+    let x_form = x_form.into();
+    let FeedForward::TensorCore(p) = ff.mode else {
+        cublas_reads_f32(x_form)?;
+        return backward(dev, &mut ff.conv, g, samples, w, x, dy, dw, db, dx);
+    };
     check_len("conv weight", w.len(), g.weight_len())?;
     check_len("conv weight gradient", dw.len(), g.weight_len())?;
     check_len("conv bias gradient", db.len(), g.cout)?;
-    check_len("conv input", x.len(), samples * g.in_len())?;
+    check_len("conv input (in f32 words)", x.len(), x_form.words(samples * g.in_len()))?;
     check_len("conv output gradient", dy.len(), samples * g.out_len())?;
     let (wa, xa, dya) = (addr(dev, w), addr(dev, x), addr(dev, dy));
-    let d = gemm_tc::conv_weight_grad(g, samples, dya, xa, addr(dev, dw), addr(dev, db), x_exact);
+    let d = gemm_tc::conv_weight_grad(g, samples, dya, xa, addr(dev, dw), addr(dev, db), x_form);
     gemm_tc::run(dev, &mut ff.tc, d, p, [(dya, dy.len()), (xa, x.len())], &ff.limits)?;
     if let Some(dx) = dx {
         check_len("conv input gradient", dx.len(), samples * g.in_len())?;

@@ -6,6 +6,7 @@
 //! them. Kernels: `cuda/dropout.cu`.
 
 use super::device::GpuDevice;
+use super::pool::PoolIo;
 use super::util::{check_len, cuda_err, grid};
 use crate::error::Result;
 use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, PinnedHostSlice, PushKernelArg};
@@ -150,9 +151,10 @@ fn slot_index(keys: &CudaSlice<u64>, slot: usize) -> Result<i32> {
 
 /// Dropout followed by 2×2 average pooling in one pass (`dropout_avgpool2_forward_f32`): y
 /// [steps][planes][h/2][w/2] from x [steps][planes][h][w] (planes = B·C per step), bit for bit
-/// what `forward` then `pool::forward` give; the dropout's output is never stored. With `x_s8`, x
-/// holds int8 spikes (steps·planes·h·w bytes in its f32 words: a v4 BackEI layer's compact output;
-/// `dropout_avgpool2_forward_s8`), and y is what the same spikes in f32 give.
+/// what `forward` then `pool::forward` give; the dropout's output is never stored. In the types of
+/// `io` ([`PoolIo`]): x as int8 spikes (a v4 BackEI layer's compact output), y what the same spikes
+/// in f32 give; or y as int8 codes of the pooled spikes (`pool::q8_factor`, exact where the
+/// dropout's scale is a power of two).
 #[allow(clippy::too_many_arguments)]
 pub fn forward_pooled(
     dev: &GpuDevice,
@@ -163,17 +165,15 @@ pub fn forward_pooled(
     h: usize,
     w: usize,
     x: &CudaView<f32>,
-    x_s8: bool,
+    io: PoolIo,
     y: &mut CudaViewMut<f32>,
 ) -> Result<()> {
-    let n = steps * planes * h * w;
-    match x_s8 {
-        true => check_len("dropout+pool input (int8 spikes, in f32 words)", x.len(), n.div_ceil(4))?,
-        false => check_len("dropout+pool input", x.len(), n)?,
-    }
-    check_len("dropout+pool output", y.len(), steps * planes * (h / 2) * (w / 2))?;
-    let kernel = if x_s8 { "dropout_avgpool2_forward_s8" } else { "dropout_avgpool2_forward_f32" };
-    pooled(dev, kernel, mask, p, planes, steps, h, w, x, y, y.len())
+    let (n, outs) = (steps * planes * h * w, steps * planes * (h / 2) * (w / 2));
+    let (xw, yw) = io.words(n, outs);
+    check_len("dropout+pool input (in f32 words)", x.len(), xw)?;
+    check_len("dropout+pool output (in f32 words)", y.len(), yw)?;
+    let kernel = io.kernel("dropout_avgpool2_forward");
+    pooled(dev, kernel, mask, p, planes, steps, h, w, x, y, outs)
 }
 
 /// The gradient of `forward_pooled`: dx [steps][planes][h][w] from dy [steps][planes][h/2][w/2].

@@ -79,7 +79,7 @@ pub struct IndexMap {
 
 /// One GEMM operand (`Operand` in the .cu).
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct Operand {
     pub p: u64,
     pub mn: IndexMap,
@@ -90,6 +90,9 @@ pub struct Operand {
     pub exact: i32,
     pub k_fast: i32,
     pub scale_slot: i32,
+    /// `p` holds int8 codes c of pooled spikes, the element being c · `q8_factor` ([`XForm::Q8`]).
+    pub q8: i32,
+    pub q8_factor: f32,
 }
 
 /// Where C goes (`Output` in the .cu).
@@ -107,7 +110,7 @@ pub struct Output {
 
 /// A whole GEMM (`GemmDesc` in the .cu).
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct GemmDesc {
     pub a: Operand,
     pub b: Operand,
@@ -230,9 +233,63 @@ fn k_contiguous(im: &IndexMap) -> bool {
     (im.kind == IDX_LINEAR && im.stride == 1) || (im.kind == IDX_SAMPLE_PIXEL && im.row_stride == im.width)
 }
 
+/// How a layer's input x is stored, and whether its values are exact in fp16 unscaled.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum XForm {
+    /// f32, any values (fp32 mode scales it and splits it into hi + lo).
+    Real,
+    /// f32 spikes or their averages ([`input_exact_in_fp16`]): one fp16 half, no scale.
+    Exact,
+    /// int8 codes c of pooled spikes, the value being c · factor exactly (`memory::pooled_as_codes`;
+    /// exact in fp16 too): a quarter of the bytes, the bits of the f32 tensor.
+    Q8(f32),
+}
+
+impl From<bool> for XForm {
+    /// `exact`: [`XForm::Exact`], else [`XForm::Real`].
+    fn from(exact: bool) -> Self {
+        if exact {
+            XForm::Exact
+        } else {
+            XForm::Real
+        }
+    }
+}
+
+impl XForm {
+    pub fn exact(self) -> bool {
+        self != XForm::Real
+    }
+
+    /// Bytes per element.
+    pub fn bytes(self) -> usize {
+        if matches!(self, XForm::Q8(_)) {
+            1
+        } else {
+            4
+        }
+    }
+
+    /// f32 words holding `len` elements.
+    pub fn words(self, len: usize) -> usize {
+        (len * self.bytes()).div_ceil(4)
+    }
+}
+
+fn x_operand(p: u64, mn: IndexMap, k: IndexMap, spatial: Option<(usize, usize)>, form: XForm, slot: i32) -> Operand {
+    let mut o = operand(p, mn, k, spatial, form.exact(), slot);
+    if let XForm::Q8(factor) = form {
+        o.q8 = 1;
+        o.q8_factor = factor;
+    }
+    o
+}
+
 fn operand(p: u64, mn: IndexMap, k: IndexMap, spatial: Option<(usize, usize)>, exact: bool, slot: i32) -> Operand {
     let (sp_h, sp_w) = spatial.map_or((0, 0), |(h, w)| (h as i32, w as i32));
     Operand {
+        q8: 0,
+        q8_factor: 0.0,
         p,
         mn,
         k,
@@ -247,15 +304,15 @@ fn operand(p: u64, mn: IndexMap, k: IndexMap, spatial: Option<(usize, usize)>, e
 
 /// Conv forward over `samples` samples: C[co][(s,p)] = Σ_(ci,tap) W[co][ci][tap]·X[s][ci][p+tap−pad],
 /// + b[co], written to y [samples][cout][ho][wo].
-pub fn conv_forward(g: &ConvGeom, samples: usize, w: u64, b: u64, x: u64, y: u64, x_exact: bool) -> GemmDesc {
+pub fn conv_forward(g: &ConvGeom, samples: usize, w: u64, b: u64, x: u64, y: u64, x_form: impl Into<XForm>) -> GemmDesc {
     let (kk, p, hw) = (g.col_rows(), g.out_pixels(), g.h * g.w);
     let a = operand(w, IndexMap::linear(g.cout, kk), IndexMap::linear(kk, 1), None, false, 0);
-    let bo = operand(
+    let bo = x_operand(
         x,
         IndexMap::sample_pixel(samples * p, p, g.wo, g.in_len(), g.w),
         IndexMap::channel_tap(kk, g.k, hw, g.w, g.pad, 1),
         Some((g.h, g.w)),
-        x_exact,
+        x_form.into(),
         1,
     );
     let out = Output {
@@ -294,16 +351,16 @@ pub fn conv_backward_data(g: &ConvGeom, samples: usize, w: u64, dy: u64, dx: u64
 
 /// Conv weight gradient: dW[co][(ci,tap)] += Σ_(s,p) dY[s][co][p]·X[s][ci][p+tap−pad], and (the
 /// ones column) db[co] += Σ_(s,p) dY[s][co][p].
-pub fn conv_weight_grad(g: &ConvGeom, samples: usize, dy: u64, x: u64, dw: u64, db: u64, x_exact: bool) -> GemmDesc {
+pub fn conv_weight_grad(g: &ConvGeom, samples: usize, dy: u64, x: u64, dw: u64, db: u64, x_form: impl Into<XForm>) -> GemmDesc {
     let (kk, p, hw) = (g.col_rows(), g.out_pixels(), g.h * g.w);
     let kdim = samples * p;
     let a = operand(dy, IndexMap::linear(g.cout, p), IndexMap::sample_pixel(kdim, p, g.wo, g.out_len(), g.wo), None, false, 0);
-    let mut bo = operand(
+    let mut bo = x_operand(
         x,
         IndexMap::channel_tap(kk, g.k, hw, g.w, g.pad, 1),
         IndexMap::sample_pixel(kdim, p, g.wo, g.in_len(), g.w),
         Some((g.h, g.w)),
-        x_exact,
+        x_form.into(),
         1,
     );
     bo.ones = 1;
@@ -314,8 +371,8 @@ pub fn conv_weight_grad(g: &ConvGeom, samples: usize, dy: u64, x: u64, dw: u64, 
 
 /// Linear forward over `rows` rows: y[r][o] = Σ_i x[r][i]·W[o][i] + b[o].
 #[allow(clippy::too_many_arguments)]
-pub fn linear_forward(n_in: usize, n_out: usize, rows: usize, x: u64, w: u64, b: u64, y: u64, x_exact: bool) -> GemmDesc {
-    let a = operand(x, IndexMap::linear(rows, n_in), IndexMap::linear(n_in, 1), None, x_exact, 0);
+pub fn linear_forward(n_in: usize, n_out: usize, rows: usize, x: u64, w: u64, b: u64, y: u64, x_form: impl Into<XForm>) -> GemmDesc {
+    let a = x_operand(x, IndexMap::linear(rows, n_in), IndexMap::linear(n_in, 1), None, x_form.into(), 0);
     let bo = operand(w, IndexMap::linear(n_out, n_in), IndexMap::linear(n_in, 1), None, false, 1);
     let out = Output { p: y, m: IndexMap::linear(rows, n_out), n: IndexMap::linear(n_out, 1), bias: b, bias_on: 2, ..Default::default() };
     desc(a, bo, out, rows, n_out, n_in)
@@ -331,9 +388,9 @@ pub fn linear_backward_data(n_in: usize, n_out: usize, rows: usize, dy: u64, w: 
 
 /// Linear weight gradient: dW[o][i] += Σ_r dy[r][o]·x[r][i], and db[o] += Σ_r dy[r][o].
 #[allow(clippy::too_many_arguments)]
-pub fn linear_weight_grad(n_in: usize, n_out: usize, rows: usize, dy: u64, x: u64, dw: u64, db: u64, x_exact: bool) -> GemmDesc {
+pub fn linear_weight_grad(n_in: usize, n_out: usize, rows: usize, dy: u64, x: u64, dw: u64, db: u64, x_form: impl Into<XForm>) -> GemmDesc {
     let a = operand(dy, IndexMap::linear(n_out, 1), IndexMap::linear(rows, n_out), None, false, 0);
-    let mut bo = operand(x, IndexMap::linear(n_in, 1), IndexMap::linear(rows, n_in), None, x_exact, 1);
+    let mut bo = x_operand(x, IndexMap::linear(n_in, 1), IndexMap::linear(rows, n_in), None, x_form.into(), 1);
     bo.ones = 1;
     let out =
         Output { p: dw, m: IndexMap::linear(n_out, n_in), n: IndexMap::linear(n_in, 1), ones_out: db, accumulate: 1, ..Default::default() };
@@ -406,12 +463,13 @@ pub fn conv_forward_part(
     first: usize,
     count: usize,
     (w, b, x, y): (u64, u64, u64, u64),
-    x_exact: bool,
+    x_form: impl Into<XForm>,
     limits: &DeviceLimits,
 ) -> (GemmDesc, GemmPlan) {
-    let whole = conv_forward(g, samples, w, b, x, y, x_exact);
+    let x_form = x_form.into();
+    let whole = conv_forward(g, samples, w, b, x, y, x_form);
     let whole_plan = gemm_plan(whole.m as usize, whole.cols(), whole.k as usize, limits);
-    let d = conv_forward(g, count, w, b, x + 4 * (first * g.in_len()) as u64, y, x_exact);
+    let d = conv_forward(g, count, w, b, x + (x_form.bytes() * first * g.in_len()) as u64, y, x_form);
     let plan = gemm_plan_like(d.m as usize, d.cols(), &whole_plan);
     (d, plan)
 }

@@ -3,9 +3,9 @@
 //! `cuda/conv.cu` (bias_fill_f32, bias_grad_f32 with P = 1). `forward_with` / `backward_with`
 //! take the path a run chose: these, or the tensor-core GEMMs of `cuda/gemm_tc.cu`.
 
-use super::conv::bias_grad;
+use super::conv::{bias_grad, cublas_reads_f32};
 use super::device::GpuDevice;
-use super::gemm_tc::{self, addr, FeedForward, FeedForwardWs};
+use super::gemm_tc::{self, addr, FeedForward, FeedForwardWs, XForm};
 use super::util::{check_len, cuda_err, grid, sgemm_rm, GemmShape};
 use crate::error::Result;
 use cudarc::driver::{CudaView, CudaViewMut, PushKernelArg};
@@ -70,7 +70,7 @@ pub fn backward(
     Ok(())
 }
 
-/// `forward` on the path of `ff` (`x_exact`: the input is spikes, exact in fp16).
+/// `forward` on the path of `ff` (`x_form`: as `conv::forward_with`'s).
 #[allow(clippy::too_many_arguments)]
 pub fn forward_with(
     dev: &GpuDevice,
@@ -82,15 +82,19 @@ pub fn forward_with(
     b: &CudaView<f32>,
     x: &CudaView<f32>,
     y: &mut CudaViewMut<f32>,
-    x_exact: bool,
+    x_form: impl Into<XForm>,
 ) -> Result<()> {
-    let FeedForward::TensorCore(p) = ff.mode else { return forward(dev, n_in, n_out, rows, w, b, x, y) };
+    let x_form = x_form.into();
+    let FeedForward::TensorCore(p) = ff.mode else {
+        cublas_reads_f32(x_form)?;
+        return forward(dev, n_in, n_out, rows, w, b, x, y);
+    };
     check_len("linear weight", w.len(), n_in * n_out)?;
     check_len("linear bias", b.len(), n_out)?;
-    check_len("linear input", x.len(), rows * n_in)?;
+    check_len("linear input (in f32 words)", x.len(), x_form.words(rows * n_in))?;
     check_len("linear output", y.len(), rows * n_out)?;
     let (wa, xa) = (addr(dev, w), addr(dev, x));
-    let d = gemm_tc::linear_forward(n_in, n_out, rows, xa, wa, addr(dev, b), addr(dev, y), x_exact);
+    let d = gemm_tc::linear_forward(n_in, n_out, rows, xa, wa, addr(dev, b), addr(dev, y), x_form);
     gemm_tc::run(dev, &mut ff.tc, d, p, [(xa, x.len()), (wa, w.len())], &ff.limits)
 }
 
@@ -109,15 +113,19 @@ pub fn backward_with(
     dw: &mut CudaViewMut<f32>,
     db: &mut CudaViewMut<f32>,
     dx: Option<&mut CudaViewMut<f32>>,
-    x_exact: bool,
+    x_form: impl Into<XForm>,
 ) -> Result<()> {
-    let FeedForward::TensorCore(p) = ff.mode else { return backward(dev, n_in, n_out, rows, w, x, dy, dw, db, dx) };
+    let x_form = x_form.into();
+    let FeedForward::TensorCore(p) = ff.mode else {
+        cublas_reads_f32(x_form)?;
+        return backward(dev, n_in, n_out, rows, w, x, dy, dw, db, dx);
+    };
     check_len("linear weight gradient", dw.len(), n_in * n_out)?;
     check_len("linear bias gradient", db.len(), n_out)?;
-    check_len("linear input", x.len(), rows * n_in)?;
+    check_len("linear input (in f32 words)", x.len(), x_form.words(rows * n_in))?;
     check_len("linear output gradient", dy.len(), rows * n_out)?;
     let (wa, xa, dya) = (addr(dev, w), addr(dev, x), addr(dev, dy));
-    let d = gemm_tc::linear_weight_grad(n_in, n_out, rows, dya, xa, addr(dev, dw), addr(dev, db), x_exact);
+    let d = gemm_tc::linear_weight_grad(n_in, n_out, rows, dya, xa, addr(dev, dw), addr(dev, db), x_form);
     gemm_tc::run(dev, &mut ff.tc, d, p, [(dya, dy.len()), (xa, x.len())], &ff.limits)?;
     if let Some(dx) = dx {
         check_len("linear input gradient", dx.len(), rows * n_in)?;

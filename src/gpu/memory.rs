@@ -162,6 +162,33 @@ pub fn output_read_by_pool(plan: &[LayerPlan], ts: &[(usize, usize)], i: usize) 
     }
 }
 
+/// Whether pooling layer `i` writes its output as int8 codes (`pool::PoolIo::S8ToQ8`): c = the sum
+/// of the four (kept) spikes, whose value c · `pool::q8_factor` is the f32 output's exactly — a
+/// quarter of the bytes (cifar10 at B = 100, T = 20: 0.32 GiB less). Where the input is a v4
+/// layer's int8 spikes (`layers` holds the spiking plans: the compact state), a dropout between
+/// scales by a power of two (else a kept spike's x·scale and the partial sums round, and one code
+/// could not stand for every pattern), and what reads the output — through a flatten — is a
+/// convolution or a linear layer on the tensor-core GEMMs, which read the codes
+/// (`gemm_tc::XForm::Q8`; cuBLAS reads only f32).
+pub fn pooled_as_codes(plan: &[LayerPlan], layers: &[LayerBuffers], i: usize, settings: &StepSettings) -> bool {
+    if plan[i].spec != LayerSpec::AvgPool || !settings.compact || !matches!(settings.feedforward, FeedForward::TensorCore(_)) {
+        return false;
+    }
+    let src = match i.checked_sub(1).map(|j| (&plan[j].spec, layers[j].fused)) {
+        Some((LayerSpec::Dropout { p }, true)) => {
+            if super::dropout::scale(*p as f32).to_bits() & 0x007F_FFFF != 0 {
+                return false;
+            }
+            i - 2
+        }
+        Some(_) => i - 1,
+        None => return false,
+    };
+    let s8 = layers[src].spiking.as_ref().and_then(|p| p.v4.as_ref()).is_some_and(|v| v.s8);
+    let reader = plan[i + 1..].iter().find(|l| l.spec != LayerSpec::Flatten).map(|l| &l.spec);
+    s8 && matches!(reader, Some(LayerSpec::Conv { .. } | LayerSpec::Linear { .. }))
+}
+
 /// Where one buffer of the step lives (lengths in f32 values).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Place {
@@ -204,6 +231,9 @@ pub struct LayerBuffers {
     /// A convolution recomputed per `--recompute` window ([`conv_output_window`]): its output
     /// holds this many steps, one window of the BackEI layer after it, instead of all T.
     pub window: Option<usize>,
+    /// A pooling layer whose output is int8 codes of the pooled spikes ([`pooled_as_codes`]):
+    /// `output` holds them in ⌈len/4⌉ f32 words.
+    pub codes: bool,
 }
 
 /// Every buffer of a training step at one batch shape.
@@ -370,7 +400,16 @@ pub fn buffer_plan(spec: &NetworkSpec, batch: usize, steps: usize, t_in: usize, 
                 _ => Place::Own(out_len),
             },
         };
-        layers.push(LayerBuffers { t_in: ti, t_out: to, output, grad_in: Place::None, spiking, fused, window: None });
+        layers.push(LayerBuffers { t_in: ti, t_out: to, output, grad_in: Place::None, spiking, fused, window: None, codes: false });
+    }
+    // pooled spikes that only the tensor-core GEMMs read, as int8 codes
+    for i in 0..n {
+        if pooled_as_codes(&plan, &layers, i, settings) {
+            if let Place::Own(len) = layers[i].output {
+                layers[i].output = Place::Own(len.div_ceil(4));
+                layers[i].codes = true;
+            }
+        }
     }
     // convolutions recomputed per window hold one window of their output
     for i in 0..n {
@@ -783,6 +822,53 @@ mod tests {
         assert_eq!(full.total() - lean.total(), saved, "the plan counts the bytes saved: {lean} vs {full}");
     }
 
+    /// Pooled spikes as int8 codes (`pooled_as_codes`): on the v4 kernels (int8 spikes) and the
+    /// tensor-core GEMMs, every pooling whose output a convolution or a linear layer reads keeps
+    /// ⌈len/4⌉ words — fashion-mnist's two, cifar10's three (dropout 0.5: scale 2) — and the step
+    /// holds exactly the bytes saved less; cuBLAS, v1 (f32 spikes), `compact: false` and a dropout
+    /// whose scale is not a power of two keep f32.
+    #[test]
+    fn pooled_spikes_are_int8_codes_where_only_the_tensor_core_gemms_read_them() {
+        use crate::gpu::gemm_tc::FeedForward;
+        let tc = StepSettings { version: KernelVersion::V4, feedforward: FeedForward::TensorCore(Precision::Fp32), ..h100() };
+        let coded = |spec: &NetworkSpec, s: &StepSettings| -> Vec<usize> {
+            let bp = buffer_plan(spec, 100, 20, 1, s).unwrap();
+            bp.layers.iter().enumerate().filter(|(_, l)| l.codes).map(|(i, _)| i).collect()
+        };
+        for (spec, pools) in
+            [(NetworkSpec::fashion_mnist(), vec![2usize, 5]), (NetworkSpec::cifar10(), vec![3, 7, 11]), (NetworkSpec::mnist(), vec![2, 5])]
+        {
+            let plan = spec.plan().unwrap();
+            assert_eq!(coded(&spec, &tc), pools, "{}", spec.name);
+            let bp = buffer_plan(&spec, 100, 20, 1, &tc).unwrap();
+            let f32s = buffer_plan(&spec, 100, 20, 1, &StepSettings { feedforward: FeedForward::Cublas, ..tc }).unwrap();
+            let mut saved = 0;
+            for &i in &pools {
+                assert_eq!(plan[i].spec, LayerSpec::AvgPool);
+                let len = 20 * 100 * plan[i].output.iter().product::<usize>();
+                assert_eq!(bp.layers[i].output, Place::Own(len.div_ceil(4)), "{} layer {i}", spec.name);
+                assert_eq!(f32s.layers[i].output, Place::Own(len), "{} layer {i} on cuBLAS", spec.name);
+                saved += 4 * (len - len.div_ceil(4));
+            }
+            let same_gemms_f32 = buffer_plan(&spec, 100, 20, 1, &StepSettings { compact: false, ..tc }).unwrap();
+            assert!(same_gemms_f32.layers.iter().all(|l| !l.codes), "{}: compact off", spec.name);
+            // (compact off also keeps s and z in f32: compare the activations alone)
+            assert_eq!(same_gemms_f32.memory().activations - bp.memory().activations, saved, "{}", spec.name);
+            if spec.name == "cifar10" {
+                println!("cifar10: the pooled spikes as int8 codes save {:.3} GiB", saved as f64 / (1u64 << 30) as f64);
+                assert!(saved > 300 << 20, "{saved}");
+            }
+            assert!(coded(&spec, &StepSettings { version: KernelVersion::V1, ..tc }).is_empty(), "{}: v1", spec.name);
+        }
+        let mut odd = NetworkSpec::cifar10();
+        for l in odd.layers.iter_mut() {
+            if let LayerSpec::Dropout { p } = l {
+                *p = 0.3;
+            }
+        }
+        assert!(coded(&odd, &tc).is_empty(), "a dropout of 0.3 scales by 1/0.7: no exact code");
+    }
+
     /// The pooling after a v4 BackEI layer (directly, or after a dropout fused into it: cifar10)
     /// runs its backward inside the layer: the pooling and the dropout write no input gradient
     /// (∂L/∂s is never stored), the gradient slots alternate over the layers that do, and the plan
@@ -854,7 +940,10 @@ mod tests {
                         saved += (20 - k) * 100 * out * 4;
                     } else {
                         assert_eq!(l.window, None, "{} layer {i}", spec.name);
-                        assert_eq!(l.output.len(), whole.layers[i].output.len(), "{} layer {i}", spec.name);
+                        // (--recompute runs v4, whose int8 spikes the pooling writes as codes; `whole`
+                        // runs v1)
+                        let f32_len = if l.codes { whole.layers[i].output.len().div_ceil(4) } else { whole.layers[i].output.len() };
+                        assert_eq!(l.output.len(), f32_len, "{} layer {i}", spec.name);
                     }
                     assert_eq!(cublas.layers[i].window, None, "cuBLAS: every step kept");
                     assert_eq!(whole.layers[i].window, None, "no --recompute: every step kept");

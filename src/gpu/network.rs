@@ -27,11 +27,12 @@ use super::backei_layer::{BackEiSlots, Epilogue, GpuBackEiLayer, InputWindows, K
 use super::conv;
 use super::device::GpuDevice;
 use super::dropout::{DropoutKeys, Mask};
-use super::gemm_tc::{input_exact_in_fp16, FeedForward, FeedForwardWs};
+use super::gemm_tc::{input_exact_in_fp16, FeedForward, FeedForwardWs, XForm};
 use super::graph::{Action, GraphBook, StepKey};
 use super::loss::{self as gloss, LossBuffers, STATUS_GRADS, STATUS_LOSS, STATUS_PARAMS, STATUS_WORDS};
 use super::memory::{batch_that_fits, buffer_plan, layer_steps, spike_feedback, BufferPlan, Place, StepSettings};
 use super::optim::{count_nonfinite, count_nonfinite_into, GpuOptimizer};
+use super::pool::PoolIo;
 use super::profile::OpTimer;
 use super::util::{cuda_err, is_oom};
 use super::{dropout, linear, pool};
@@ -102,6 +103,10 @@ struct Layer {
     /// (`memory::conv_output_window`): `out` holds one window of this many steps, and the layer
     /// after it runs this one ([`ConvWindows`]).
     window: Option<usize>,
+    /// A pooling layer whose output is int8 codes of the pooled spikes (`memory::pooled_as_codes`:
+    /// `out` holds ⌈len/4⌉ f32 words; the conv or linear layer after it reads them as
+    /// `XForm::Q8`, [`x_form`]).
+    codes: bool,
 }
 
 impl Layer {
@@ -264,6 +269,9 @@ fn source<'a>(
             (Op::Flatten, _) | (Op::Dropout { fused: true, .. }, _) => continue,
             (Op::Spike { layer, .. }, _) if layer.spikes_s8() => return view(layer.output()?, len.div_ceil(4), "int8 spikes"),
             (Op::Spike { layer, .. }, _) => layer.output()?,
+            (_, Place::Own(_)) if l.codes => {
+                return view(l.out.as_ref().ok_or_else(|| missing("a layer output"))?, len.div_ceil(4), "pooled spikes as int8 codes")
+            }
             (_, Place::Own(_)) => l.out.as_ref().ok_or_else(|| missing("a layer output"))?,
             (_, Place::Slot { slot, .. }) => {
                 slots[slot].ok_or_else(|| BackeiError::Cuda("internal: a layer reads the forward slot it writes".into()))?
@@ -273,6 +281,24 @@ fn source<'a>(
         return view(buf, len, "layer output");
     }
     Ok(input.as_view())
+}
+
+/// How a conv or linear layer after `before` reads its input (`exact`: the memory plan's
+/// `input_exact_in_fp16`): int8 codes where the pooling before it writes them, whose value
+/// depends on whether a training step's dropout scaled them (`pool::q8_factor`), else f32.
+fn x_form(before: &[Layer], exact: bool, training: bool) -> XForm {
+    x_codes(before, training).unwrap_or(exact.into())
+}
+
+/// [`x_form`] where the input is int8 codes.
+fn x_codes(before: &[Layer], training: bool) -> Option<XForm> {
+    match before.iter().rev().find(|l| !matches!(l.op, Op::Flatten)) {
+        Some(Layer { op: Op::Pool { dropout, .. }, codes: true, .. }) => {
+            let scale = dropout.filter(|_| training).map(|(p, _)| dropout::scale(p));
+            Some(XForm::Q8(pool::q8_factor(scale)))
+        }
+        _ => None,
+    }
 }
 
 /// Where ∂L/∂(output of the layer before `after`) lives: the grad_in of the next layer that has
@@ -291,7 +317,7 @@ struct ConvWindows<'a> {
     geom: &'a ConvGeom,
     w: CudaView<'a, f32>,
     b: CudaView<'a, f32>,
-    x_exact: bool,
+    x_form: XForm,
     /// The convolution's input, every step.
     x: CudaView<'a, f32>,
     y: &'a mut CudaSlice<f32>,
@@ -306,6 +332,7 @@ impl<'a> ConvWindows<'a> {
         conv: &'a mut Layer,
         params: &'a CudaSlice<f32>,
         x: CudaView<'a, f32>,
+        x_codes: Option<XForm>,
         (batch, steps): (usize, usize),
     ) -> Result<Self> {
         let Layer { op: Op::Conv { geom, w, b, x_exact }, out, .. } = conv else {
@@ -313,7 +340,7 @@ impl<'a> ConvWindows<'a> {
         };
         let y = out.as_mut().ok_or_else(|| missing("a convolution's window"))?;
         let (w, b) = (params.slice(w.clone()), params.slice(b.clone()));
-        Ok(ConvWindows { dev, ff, geom, w, b, x_exact: *x_exact, x, y, batch, steps })
+        Ok(ConvWindows { dev, ff, geom, w, b, x_form: x_codes.unwrap_or((*x_exact).into()), x, y, batch, steps })
     }
 }
 
@@ -325,7 +352,7 @@ impl InputWindows for ConvWindows<'_> {
         let mut y =
             self.y.try_slice_mut(0..len).ok_or_else(|| shape_err("a convolution's window", format!("≥ {len} values"), have.to_string()))?;
         let samples = (self.steps * self.batch, first, count);
-        conv::forward_part(self.dev, self.ff, self.geom, samples, &self.w, &self.b, &self.x, &mut y, self.x_exact)
+        conv::forward_part(self.dev, self.ff, self.geom, samples, &self.w, &self.b, &self.x, &mut y, self.x_form)
     }
 
     fn window(&self, t0: usize, t1: usize) -> Result<CudaView<'_, f32>> {
@@ -337,6 +364,15 @@ impl InputWindows for ConvWindows<'_> {
 /// right `before` it: [`ConvWindows`]).
 fn input_by_windows(layer: &Layer, before: &[Layer]) -> bool {
     matches!(layer.op, Op::Spike { .. }) && before.last().is_some_and(|l| l.window.is_some())
+}
+
+/// The pooling a spiking layer runs into `y`: f32, or int8 codes (`codes`: the pooling layer's).
+fn pool_epilogue<'a, 'b>(y: &'a mut CudaViewMut<'b, f32>, codes: bool) -> Epilogue<'a, 'b> {
+    if codes {
+        Epilogue::PoolCodes(y)
+    } else {
+        Epilogue::Pool(y)
+    }
 }
 
 /// The output of the pooling `next` (the layer after a spiking layer that pools into it).
@@ -443,6 +479,7 @@ impl GpuNetwork {
                 out: None,
                 grad_place: Place::None,
                 window: None,
+                codes: false,
             });
         }
         let params = dev.stream.clone_htod(&cpu.params).map_err(cuda_err("uploading the parameters"))?;
@@ -612,6 +649,7 @@ impl GpuNetwork {
             l.out_place = lb.output;
             l.grad_place = lb.grad_in;
             l.window = lb.window;
+            l.codes = lb.codes;
             match &mut l.op {
                 Op::Dropout { p, key_slot, fused, .. } => {
                     *fused = lb.fused;
@@ -835,12 +873,13 @@ impl GpuNetwork {
             if input_by_windows(layer, before) {
                 let (pre, conv) = before.split_at_mut(i - 1);
                 let x = source(pre, input, &readable, batch)?;
-                let mut cw = ConvWindows::new(&dev, &mut self.ff, &mut conv[0], p, x, (batch, steps))?;
+                let mut cw = ConvWindows::new(&dev, &mut self.ff, &mut conv[0], p, x, x_codes(pre, training), (batch, steps))?;
                 let Op::Spike { layer: sl, params } = &mut layer.op else { return Err(missing("a spiking layer")) };
                 let (t_in, by_windows) = (layer.t_in, LayerInput::Windows(&mut cw));
                 if pool_next {
+                    let codes = after[0].codes;
                     let mut y = pooled_output(&mut after[0], slot_out)?;
-                    sl.forward_with(p, params, by_windows, t_in, batch, steps, Epilogue::Pool(&mut y))?;
+                    sl.forward_with(p, params, by_windows, t_in, batch, steps, pool_epilogue(&mut y, codes))?;
                     pooled_ahead = true;
                 } else {
                     sl.forward_with(p, params, by_windows, t_in, batch, steps, Epilogue::None)?;
@@ -852,7 +891,8 @@ impl GpuNetwork {
                 continue;
             }
             let src = source(before, input, &readable, batch)?;
-            let s8 = source_is_s8(before);
+            let io = PoolIo::from_flags(source_is_s8(before), layer.codes);
+            let xf = |exact: bool| x_form(before, exact, training);
             let (t_in, t_out) = (layer.t_in, layer.t_out);
             let rows = t_in * batch;
             match &mut layer.op {
@@ -862,8 +902,9 @@ impl GpuNetwork {
                     sl.forward_with(p, params, LayerInput::Whole(&src), t_in, batch, steps, Epilogue::Readout(&mut y.as_view_mut()))?
                 }
                 Op::Spike { layer: sl, params } if pool_next => {
+                    let codes = after[0].codes;
                     let mut y = pooled_output(&mut after[0], slot_out)?;
-                    sl.forward_with(p, params, LayerInput::Whole(&src), t_in, batch, steps, Epilogue::Pool(&mut y))?;
+                    sl.forward_with(p, params, LayerInput::Whole(&src), t_in, batch, steps, pool_epilogue(&mut y, codes))?;
                     pooled_ahead = true;
                 }
                 Op::Spike { layer: sl, params } => sl.forward(p, params, &src, t_in, batch, steps)?,
@@ -883,7 +924,7 @@ impl GpuNetwork {
                             &p.slice(b.clone()),
                             &src,
                             &mut y,
-                            *x_exact,
+                            xf(*x_exact),
                         )?,
                         Op::Linear { n_in, n_out, w, b, x_exact } => linear::forward_with(
                             &dev,
@@ -895,15 +936,15 @@ impl GpuNetwork {
                             &p.slice(b.clone()),
                             &src,
                             &mut y,
-                            *x_exact,
+                            xf(*x_exact),
                         )?,
-                        Op::Pool { c, h, w, dropout: None } => pool::forward(&dev, rows * *c, *h, *w, &src, s8, &mut y)?,
+                        Op::Pool { c, h, w, dropout: None } => pool::forward(&dev, rows * *c, *h, *w, &src, io, &mut y)?,
                         Op::Pool { c, h, w, dropout: Some((prob, key_slot)) } => {
                             // the dropout's input: c planes of h·w per sample
                             let index0 = (offset * *c * *h * *w) as u64;
                             let mask = if training { Mask::Key { keys: &self.keys.keys, slot: *key_slot, index0 } } else { Mask::Off };
                             let planes = batch * *c;
-                            dropout::forward_pooled(&dev, mask, *prob, planes, t_out, *h, *w, &src, s8, &mut y)?
+                            dropout::forward_pooled(&dev, mask, *prob, planes, t_out, *h, *w, &src, io, &mut y)?
                         }
                         Op::Dropout { p: prob, key_slot, .. } => {
                             let index0 = (offset * layer.in_len) as u64;
@@ -1024,11 +1065,13 @@ impl GpuNetwork {
             let rows = t_in * batch;
             let need_dx = || missing("a layer's input gradient");
             let mask = (&self.keys.keys, self.training, self.sample_offset);
+            let xf = |exact: bool| x_form(before, exact, self.training);
             if input_by_windows(layer, before) {
                 // the input current made per window again by the convolution before (ConvWindows)
                 let (pre, conv) = before.split_at_mut(i - 1);
                 let x = source(pre, input, &out_slots, batch)?;
-                let mut cw = ConvWindows::new(&dev, &mut self.ff, &mut conv[0], p, x, (batch, self.spec.steps))?;
+                let mut cw =
+                    ConvWindows::new(&dev, &mut self.ff, &mut conv[0], p, x, x_codes(pre, self.training), (batch, self.spec.steps))?;
                 let Op::Spike { layer: sl, params } = &mut layer.op else { return Err(missing("a spiking layer")) };
                 let dx = dx.as_mut().ok_or_else(need_dx)?;
                 spike_backward(sl, params, (p, &mut *g), LayerInput::Windows(&mut cw), t_in, &dy, pools, mask, dx)?;
@@ -1049,7 +1092,7 @@ impl GpuNetwork {
                     let mut gv = g.slice_mut(w.start..b.end);
                     let (mut gw, mut gb) = gv.split_at_mut(w.len());
                     let wv = p.slice(w.clone());
-                    conv::backward_with(&dev, &mut self.ff, geom, rows, &wv, src()?, &dy, &mut gw, &mut gb, dx.as_mut(), *x_exact)?;
+                    conv::backward_with(&dev, &mut self.ff, geom, rows, &wv, src()?, &dy, &mut gw, &mut gb, dx.as_mut(), xf(*x_exact))?;
                 }
                 Op::Linear { n_in, n_out, w, b, x_exact } => {
                     let mut gv = g.slice_mut(w.start..b.end);
@@ -1067,7 +1110,7 @@ impl GpuNetwork {
                         &mut gw,
                         &mut gb,
                         dx.as_mut(),
-                        *x_exact,
+                        xf(*x_exact),
                     )?;
                 }
                 Op::Pool { c, h, w, dropout: None } => pool::backward(&dev, rows * *c, *h, *w, &dy, dx.as_mut().ok_or_else(need_dx)?)?,

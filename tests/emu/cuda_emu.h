@@ -416,6 +416,16 @@ inline unsigned int __float_as_uint(float f) {
     memcpy(&u, &f, 4);
     return u;
 }
+inline float __int_as_float(int i) {
+    float f;
+    memcpy(&f, &i, 4);
+    return f;
+}
+inline int __float_as_int(float f) {
+    int i;
+    memcpy(&i, &f, 4);
+    return i;
+}
 
 // ---- tensor cores: conversions, mma.sync, ldmatrix, cp.async (the wrappers of cuda/mma.cuh) ------
 // Arithmetic: the operands are decoded exactly (fp16, bf16, tf32 are all exact in double), the
