@@ -70,8 +70,17 @@ struct IndexMap {
     int row_stride;    // SAMPLE_PIXEL, CHANNEL_TAP: the memory stride of one row
     int origin;        // CHANNEL_TAP: y = sign·(ky − origin)
     int sign;          // CHANNEL_TAP: +1 or −1
+    unsigned per_mul, per_shr, width_mul, width_shr;  // fast_div's magic numbers of per and width
     int pad_;          // (keeps the size a multiple of 8)
 };
+
+// n / d for 0 ≤ n < 2^31 as a multiply-high and a shift (CUTLASS's FastDivmod; the host computes
+// mul and shr: src/gpu/gemm_tc.rs FastDiv, whose `div` is this function's twin): the index tables
+// are rebuilt every k-step, on the path between two barriers, where an integer division by a
+// run-time value costs a ~20-instruction sequence (the SASS showed 4 of them in the loop).
+__device__ __forceinline__ int fast_div(int n, int d, unsigned mul, unsigned shr) {
+    return d == 1 ? n : (int)(__umulhi((unsigned)n, mul) >> shr);
+}
 
 struct Operand {
     const float* p;
@@ -140,13 +149,13 @@ __device__ __forceinline__ Ent index_entry(const IndexMap& im, int i, int ones) 
     if (im.kind == IDX_LINEAR) {
         e.off = (long long)i * im.stride;
     } else if (im.kind == IDX_SAMPLE_PIXEL) {
-        const int s = i / im.per, p = i - s * im.per;
-        e.y = p / im.width;
+        const int s = fast_div(i, im.per, im.per_mul, im.per_shr), p = i - s * im.per;
+        e.y = fast_div(p, im.width, im.width_mul, im.width_shr);
         e.x = p - e.y * im.width;
         e.off = (long long)s * im.stride + (long long)e.y * im.row_stride + e.x;
     } else {
-        const int c = i / im.per, t = i - c * im.per;
-        const int ky = t / im.width, kx = t - ky * im.width;
+        const int c = fast_div(i, im.per, im.per_mul, im.per_shr), t = i - c * im.per;
+        const int ky = fast_div(t, im.width, im.width_mul, im.width_shr), kx = t - ky * im.width;
         e.y = im.sign * (ky - im.origin);
         e.x = im.sign * (kx - im.origin);
         e.off = (long long)c * im.stride + (long long)e.y * im.row_stride + e.x;
@@ -482,6 +491,7 @@ extern "C" __global__ void gemm_tc_layout(long long* out) {
     out[i++] = sizeof(Output);
     out[i++] = sizeof(GemmDesc);
     out[i++] = reinterpret_cast<const char*>(&d.a.mn.kind) - base;
+    out[i++] = reinterpret_cast<const char*>(&d.a.mn.width_shr) - base;
     out[i++] = reinterpret_cast<const char*>(&d.a.k) - base;
     out[i++] = reinterpret_cast<const char*>(&d.a.sp_h) - base;
     out[i++] = reinterpret_cast<const char*>(&d.a.scale_slot) - base;

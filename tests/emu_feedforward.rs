@@ -143,7 +143,7 @@ impl FfDevice for Emulated {
 #[test]
 fn gemm_tc_structs_have_the_layout_of_the_kernels() {
     use std::mem::{offset_of, size_of};
-    let mut out = vec![-1i64; 16];
+    let mut out = vec![-1i64; 17];
     let mut a = Args::new();
     a.val(out.as_mut_ptr());
     emu::module("gemm_tc").launch_raw("gemm_tc_layout", (1, 1, 1), (32, 1, 1), 0, false, 1, &mut a).unwrap();
@@ -153,6 +153,7 @@ fn gemm_tc_structs_have_the_layout_of_the_kernels() {
         size_of::<gemm_tc::Output>(),
         size_of::<GemmDesc>(),
         offset_of!(GemmDesc, a) + offset_of!(gemm_tc::Operand, mn) + offset_of!(gemm_tc::IndexMap, kind),
+        offset_of!(GemmDesc, a) + offset_of!(gemm_tc::Operand, mn) + offset_of!(gemm_tc::IndexMap, width_shr),
         offset_of!(GemmDesc, a) + offset_of!(gemm_tc::Operand, k),
         offset_of!(GemmDesc, a) + offset_of!(gemm_tc::Operand, sp_h),
         offset_of!(GemmDesc, a) + offset_of!(gemm_tc::Operand, scale_slot),

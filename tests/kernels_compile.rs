@@ -88,7 +88,9 @@ fn v4_hot_loops_run_on_tensor_cores_without_local_memory_or_division() {
 /// The feed-forward tensor-core GEMMs (cuda/gemm_tc.cu) as NVRTC builds them for sm_90: the k-tile
 /// loop issues every thread's 16 + 16 loads of the next A and B tiles before it stores any (they
 /// are in flight behind the current tile's MMAs: register double buffering). Converting each
-/// element as it arrived kept one load in flight, a memory round trip per element.
+/// element as it arrived kept one load in flight, a memory round trip per element. The index
+/// tables rebuilt every k-tile (between two barriers) divide by multiply-high and shift
+/// (`FastDiv`): no integer division in the loop (there were 4).
 #[test]
 fn gemm_tc_keeps_its_next_tiles_loads_in_flight_behind_the_mmas() {
     require_nvrtc();
@@ -103,5 +105,6 @@ fn gemm_tc_keeps_its_next_tiles_loads_in_flight_behind_the_mmas() {
         assert!(m.mma >= 8, "{name}: the hot loop is the k-tile loop: {m:?}");
         assert!(k.hot_loads >= 32, "{name}: {} global loads between shared stores (32 expected: A's and B's 16 each)", k.hot_loads);
         assert_eq!(k.local_bytes, 0, "{name}");
+        assert_eq!(m.idiv, 0, "{name}: an integer division in the k-tile loop: {m:?}");
     }
 }

@@ -74,7 +74,46 @@ pub struct IndexMap {
     pub row_stride: i32,
     pub origin: i32,
     pub sign: i32,
+    /// `per` and `width` as [`FastDiv`] magic numbers: the kernel's index tables divide by a
+    /// multiply-high and a shift, not by an integer division (a ~20-instruction sequence on the
+    /// critical path of every k-step: SASS of gemm_tc showed 4 in its loop).
+    pub per_mul: u32,
+    pub per_shr: u32,
+    pub width_mul: u32,
+    pub width_shr: u32,
     pub pad_: i32,
+}
+
+/// Division of a non-negative `i32` by a fixed divisor d ≥ 1 as q = umulhi(n, mul) >> shr
+/// (CUTLASS's `FastDivmod`; Granlund & Montgomery 1994): mul = ⌈2^(31 + ℓ) / d⌉ with ℓ = ⌈log₂ d⌉,
+/// shr = ℓ − 1, exact for every 0 ≤ n < 2^31; d = 1 is passed through (`fast_div` in gemm_tc.cu).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FastDiv {
+    pub d: u32,
+    pub mul: u32,
+    pub shr: u32,
+}
+
+impl FastDiv {
+    pub fn new(d: u32) -> Self {
+        assert!(d >= 1, "division by zero");
+        if d == 1 {
+            return FastDiv { d, mul: 0, shr: 0 };
+        }
+        let l = 32 - (d - 1).leading_zeros(); // ⌈log₂ d⌉ ≥ 1
+        let p = 31 + l;
+        let mul = (1u64 << p).div_ceil(d as u64);
+        FastDiv { d, mul: mul as u32, shr: p - 32 }
+    }
+
+    /// n / d for 0 ≤ n < 2^31, as the kernel computes it.
+    pub fn div(&self, n: u32) -> u32 {
+        if self.d == 1 {
+            n
+        } else {
+            (((n as u64 * self.mul as u64) >> 32) as u32) >> self.shr
+        }
+    }
 }
 
 /// One GEMM operand (`Operand` in the .cu).
@@ -156,6 +195,29 @@ impl IndexMap {
             row_stride: row_stride as i32,
             ..Default::default()
         }
+        .with_divisors()
+    }
+
+    /// The magic numbers of `per` and `width` (both ≥ 1 where the kind uses them).
+    fn with_divisors(self) -> Self {
+        let (p, w) = (FastDiv::new(self.per.max(1) as u32), FastDiv::new(self.width.max(1) as u32));
+        IndexMap { per_mul: p.mul, per_shr: p.shr, width_mul: w.mul, width_shr: w.shr, ..self }
+    }
+
+    fn per_div(&self) -> FastDiv {
+        FastDiv { d: self.per as u32, mul: self.per_mul, shr: self.per_shr }
+    }
+
+    fn width_div(&self) -> FastDiv {
+        FastDiv { d: self.width as u32, mul: self.width_mul, shr: self.width_shr }
+    }
+
+    /// (i / per, i % per) and (r / width, r % width) as the kernel computes them.
+    fn split(&self, i: i64) -> (i64, i64, i64) {
+        let q = self.per_div().div(i as u32) as i64;
+        let r = i - q * self.per as i64;
+        let y = self.width_div().div(r as u32) as i64;
+        (q, y, r - y * self.width as i64)
     }
 
     /// i = (channel, tap) of a k×k kernel → channel·stride + y·row_stride + x, (y, x) =
@@ -170,8 +232,9 @@ impl IndexMap {
             row_stride: row_stride as i32,
             origin: origin as i32,
             sign,
-            pad_: 0,
+            ..Default::default()
         }
+        .with_divisors()
     }
 
     /// The place of index `i` (`index_entry` in the .cu).
@@ -183,13 +246,11 @@ impl IndexMap {
         match self.kind {
             IDX_LINEAR => Entry::At { off: i * self.stride, y: 0, x: 0 },
             IDX_SAMPLE_PIXEL => {
-                let (s, p) = (i / self.per as i64, i % self.per as i64);
-                let (y, x) = (p / self.width as i64, p % self.width as i64);
+                let (s, y, x) = self.split(i);
                 Entry::At { off: s * self.stride + y * self.row_stride as i64 + x, y: y as i32, x: x as i32 }
             }
             _ => {
-                let (c, t) = (i / self.per as i64, i % self.per as i64);
-                let (ky, kx) = (t / self.width as i64, t % self.width as i64);
+                let (c, ky, kx) = self.split(i);
                 let sign = self.sign as i64;
                 let (y, x) = (sign * (ky - self.origin as i64), sign * (kx - self.origin as i64));
                 Entry::At { off: c * self.stride + y * self.row_stride as i64 + x, y: y as i32, x: x as i32 }
@@ -691,6 +752,34 @@ mod tests {
     use crate::cpu::{conv as cconv, linear as clin};
     use rand::{Rng, SeedableRng};
     use rand_chacha::ChaCha8Rng;
+
+    /// The index tables' multiply-high division equals integer division for every divisor the
+    /// maps use (kernel areas, widths, pixels per sample: 1 up to millions) and every index
+    /// below 2^31: the boundaries around each multiple, the extremes and random indices.
+    #[test]
+    fn fast_division_is_exact_for_every_index_below_2_to_the_31() {
+        let mut rng = ChaCha8Rng::seed_from_u64(7);
+        let mut divisors: Vec<u32> = (1..=4096).collect();
+        divisors.extend([6_272, 65_536, 65_537, 1 << 20, (1 << 24) + 3, (1 << 30) - 1, 1 << 30, (1 << 30) + 1, i32::MAX as u32]);
+        divisors.extend((0..2000).map(|_| rng.random_range(1..=i32::MAX as u32)));
+        for &d in &divisors {
+            let f = FastDiv::new(d);
+            let mut ns = vec![0u32, 1, d - 1, d, d.saturating_add(1), i32::MAX as u32, i32::MAX as u32 - 1];
+            for q in [1u32, 2, 3, 7, 1000, (i32::MAX as u32) / d] {
+                if let Some(m) = d.checked_mul(q).filter(|&m| m <= i32::MAX as u32) {
+                    ns.extend([m - 1, m, m.saturating_add(1).min(i32::MAX as u32)]);
+                }
+            }
+            ns.extend((0..64).map(|_| rng.random_range(0..=i32::MAX as u32)));
+            for n in ns {
+                assert_eq!(f.div(n), n / d, "{n} / {d} ({f:?})");
+            }
+        }
+        // what the index maps carry
+        let m = IndexMap::channel_tap(9 * 64, 3, 196, 14, 1, 1);
+        assert_eq!((FastDiv::new(9).mul, FastDiv::new(9).shr, FastDiv::new(3).mul), (m.per_mul, m.per_shr, m.width_mul));
+        assert_eq!(m.entry(5 * 9 + 7, false), Entry::At { off: 5 * 196 + 14, y: 1, x: 0 });
+    }
 
     /// Fake device addresses: buffer j starts at j << 40, so an offset names the buffer.
     const BUF: u64 = 1 << 40;

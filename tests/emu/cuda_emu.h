@@ -416,6 +416,9 @@ inline unsigned int __float_as_uint(float f) {
     memcpy(&u, &f, 4);
     return u;
 }
+inline unsigned int __umulhi(unsigned int a, unsigned int b) {
+    return (unsigned int)(((unsigned long long)a * b) >> 32);
+}
 inline float __int_as_float(int i) {
     float f;
     memcpy(&f, &i, 4);
