@@ -11,7 +11,7 @@
 
 use backei::cpu::conv::ConvGeom;
 use backei::gpu::backei_layer::DeviceLimits;
-use backei::gpu::gemm_tc::{FeedForward, FeedForwardWs};
+use backei::gpu::gemm_tc::{FeedForward, FeedForwardWs, XForm};
 use backei::gpu::{conv, linear, GpuDevice};
 use backei::{NetworkSpec, Precision};
 use cudarc::driver::CudaSlice;
@@ -61,6 +61,9 @@ struct Buffers {
     dw: CudaSlice<f32>,
     db: CudaSlice<f32>,
     dx: CudaSlice<f32>,
+    /// x as int8 codes (spike inputs only): what the tensor cores read where the network keeps
+    /// pooled spikes as codes (`memory::pooled_as_codes`; here c = x, factor 1).
+    xq: Option<CudaSlice<f32>>,
 }
 
 fn rand(dev: &GpuDevice, rng: &mut ChaCha8Rng, n: usize, spikes: bool) -> Res<CudaSlice<f32>> {
@@ -83,12 +86,18 @@ fn dims(l: &Layer) -> (f64, f64, usize, usize, usize, usize) {
     }
 }
 
-/// Forward (`fwd`) or backward of `l` with `ws`; `exact`: spike inputs.
-fn run(dev: &GpuDevice, ws: &mut FeedForwardWs, l: &Layer, bf: &mut Buffers, fwd: bool, exact: bool) -> Res<()> {
+/// Forward (`fwd`) or backward of `l` with `ws`; `xf`: how the input is stored (spike inputs are
+/// exact; `XForm::Q8` reads `bf.xq`).
+fn run(dev: &GpuDevice, ws: &mut FeedForwardWs, l: &Layer, bf: &mut Buffers, fwd: bool, xf: XForm) -> Res<()> {
+    let x = match (xf, &bf.xq) {
+        (XForm::Q8(_), Some(q)) => q.as_view(),
+        (XForm::Q8(_), None) => return Err("int8 codes of a real input".into()),
+        _ => bf.x.as_view(),
+    };
     match *l {
         Layer::Conv(g) => {
             if fwd {
-                conv::forward_with(dev, ws, &g, SAMPLES, &bf.w.as_view(), &bf.b.as_view(), &bf.x.as_view(), &mut bf.y.as_view_mut(), exact)?
+                conv::forward_with(dev, ws, &g, SAMPLES, &bf.w.as_view(), &bf.b.as_view(), &x, &mut bf.y.as_view_mut(), xf)?
             } else {
                 let mut dx = bf.dx.as_view_mut();
                 conv::backward_with(
@@ -97,29 +106,18 @@ fn run(dev: &GpuDevice, ws: &mut FeedForwardWs, l: &Layer, bf: &mut Buffers, fwd
                     &g,
                     SAMPLES,
                     &bf.w.as_view(),
-                    &bf.x.as_view(),
+                    &x,
                     &bf.dy.as_view(),
                     &mut bf.dw.as_view_mut(),
                     &mut bf.db.as_view_mut(),
                     Some(&mut dx),
-                    exact,
+                    xf,
                 )?
             }
         }
         Layer::Linear { n_in, n_out } => {
             if fwd {
-                linear::forward_with(
-                    dev,
-                    ws,
-                    n_in,
-                    n_out,
-                    SAMPLES,
-                    &bf.w.as_view(),
-                    &bf.b.as_view(),
-                    &bf.x.as_view(),
-                    &mut bf.y.as_view_mut(),
-                    exact,
-                )?
+                linear::forward_with(dev, ws, n_in, n_out, SAMPLES, &bf.w.as_view(), &bf.b.as_view(), &x, &mut bf.y.as_view_mut(), xf)?
             } else {
                 let mut dx = bf.dx.as_view_mut();
                 linear::backward_with(
@@ -129,12 +127,12 @@ fn run(dev: &GpuDevice, ws: &mut FeedForwardWs, l: &Layer, bf: &mut Buffers, fwd
                     n_out,
                     SAMPLES,
                     &bf.w.as_view(),
-                    &bf.x.as_view(),
+                    &x,
                     &bf.dy.as_view(),
                     &mut bf.dw.as_view_mut(),
                     &mut bf.db.as_view_mut(),
                     Some(&mut dx),
-                    exact,
+                    xf,
                 )?
             }
         }
@@ -173,44 +171,74 @@ fn tolerance(p: Precision) -> f64 {
 fn bench_layer(dev: &Arc<GpuDevice>, name: &str, l: &Layer, exact: bool) -> Res<()> {
     let mut rng = ChaCha8Rng::seed_from_u64(7);
     let (mac_f, mac_b, nin, nout, nw, nb) = dims(l);
+    let x = rand(dev, &mut rng, nin, exact)?;
+    // spike inputs also as int8 codes (c = x, factor 1: the same values)
+    let xq = if exact {
+        let host = dev.stream.clone_dtoh(&x)?;
+        let mut bytes: Vec<u8> = host.iter().map(|&v| v as i8 as u8).collect();
+        bytes.resize(host.len().div_ceil(4) * 4, 0);
+        let words: Vec<f32> = bytes.chunks(4).map(|q| f32::from_le_bytes([q[0], q[1], q[2], q[3]])).collect();
+        Some(dev.stream.clone_htod(&words)?)
+    } else {
+        None
+    };
     let mut bf = Buffers {
         w: rand(dev, &mut rng, nw, false)?,
         b: rand(dev, &mut rng, nb, false)?,
-        x: rand(dev, &mut rng, nin, exact)?,
+        x,
         y: dev.stream.alloc_zeros(nout)?,
         dy: rand(dev, &mut rng, nout, false)?,
         dw: dev.stream.alloc_zeros(nw)?,
         db: dev.stream.alloc_zeros(nb)?,
         dx: dev.stream.alloc_zeros(nin)?,
+        xq,
     };
     let limits = DeviceLimits::of(dev)?;
     let mut results: Vec<(String, [Vec<f32>; 3])> = Vec::new();
-    for mode in [
+    let mut modes: Vec<(FeedForward, XForm)> = [
         FeedForward::Cublas,
         FeedForward::TensorCore(Precision::Fp32),
         FeedForward::TensorCore(Precision::Tf32),
         FeedForward::TensorCore(Precision::Bf16),
-    ] {
+    ]
+    .into_iter()
+    .map(|m| (m, exact.into()))
+    .collect();
+    if exact {
+        // reading the codes: must give the bits of "tc fp32" (the emulator checks this in CI)
+        modes.push((FeedForward::TensorCore(Precision::Fp32), XForm::Q8(1.0)));
+    }
+    for (mode, xf) in modes {
         let mut ws = FeedForwardWs::new(dev, mode, limits)?;
-        let label = match mode {
-            FeedForward::Cublas => "cublas fp32".to_string(),
-            FeedForward::TensorCore(p) => format!("tc {p}"),
+        let label = match (mode, xf) {
+            (FeedForward::Cublas, _) => "cublas fp32".to_string(),
+            (FeedForward::TensorCore(p), XForm::Q8(_)) => format!("tc {p} int8"),
+            (FeedForward::TensorCore(p), _) => format!("tc {p}"),
         };
         // one forward and one backward from zeroed gradients, for the check
         dev.stream.memset_zeros(&mut bf.dw)?;
         dev.stream.memset_zeros(&mut bf.db)?;
-        run(dev, &mut ws, l, &mut bf, true, exact)?;
-        run(dev, &mut ws, l, &mut bf, false, exact)?;
+        run(dev, &mut ws, l, &mut bf, true, xf)?;
+        run(dev, &mut ws, l, &mut bf, false, xf)?;
         let out = [dev.stream.clone_dtoh(&bf.y)?, dev.stream.clone_dtoh(&bf.dw)?, dev.stream.clone_dtoh(&bf.dx)?];
-        if let (FeedForward::TensorCore(p), Some((_, reference))) = (mode, results.first()) {
+        if let XForm::Q8(_) = xf {
+            let bits = |v: &[Vec<f32>; 3]| v.iter().flatten().map(|x| x.to_bits()).collect::<Vec<u32>>();
+            match results.iter().find(|(l, _)| l == "tc fp32") {
+                Some((_, f32_run)) if bits(f32_run) == bits(&out) => {}
+                _ => {
+                    println!("  {name:<22} {label:<12} WRONG: not the bits of tc fp32 reading f32");
+                    continue;
+                }
+            }
+        } else if let (FeedForward::TensorCore(p), Some((_, reference))) = (mode, results.first()) {
             let err = (0..3).map(|k| rel(&out[k], &reference[k])).fold(0.0, f64::max);
             if err > tolerance(p) {
                 println!("  {name:<22} {label:<12} WRONG: differs from cuBLAS by {err:.2e} of the scale (tolerance {:.0e})", tolerance(p));
                 continue;
             }
         }
-        let f = median_ms(dev, || run(dev, &mut ws, l, &mut bf, true, exact))?;
-        let b = median_ms(dev, || run(dev, &mut ws, l, &mut bf, false, exact))?;
+        let f = median_ms(dev, || run(dev, &mut ws, l, &mut bf, true, xf))?;
+        let b = median_ms(dev, || run(dev, &mut ws, l, &mut bf, false, xf))?;
         println!(
             "  {name:<22} {label:<12} forward {f:>8.3} ms {:>7.1} TFLOP/s   backward {b:>8.3} ms {:>7.1} TFLOP/s",
             2.0 * mac_f / f / 1e9,
