@@ -1518,7 +1518,7 @@ impl GpuBackEiLayer {
         steps: usize,
         epilogue: Epilogue,
     ) -> Result<()> {
-        let mut pool_q8 = false;
+        let pool_q8 = matches!(epilogue, Epilogue::PoolCodes(_));
         let (readout, pooled) = match epilogue {
             Epilogue::None => (None, None),
             Epilogue::Readout(y) => {
@@ -1530,21 +1530,14 @@ impl GpuBackEiLayer {
                 }
                 (Some(y), None)
             }
-            Epilogue::Pool(y) => {
+            Epilogue::Pool(y) | Epilogue::PoolCodes(y) => {
                 let [c, h, w] = self.shape;
-                let want = steps * batch * c * (h / 2) * (w / 2);
+                let values = steps * batch * c * (h / 2) * (w / 2);
+                let (want, what) =
+                    if pool_q8 { (values.div_ceil(4), "pooled output (int8 codes, in f32 words)") } else { (values, "pooled output") };
                 if y.len() != want {
-                    return Err(shape_err("pooled output", format!("{want}"), format!("{}", y.len())));
+                    return Err(shape_err(what, format!("{want}"), format!("{}", y.len())));
                 }
-                (None, Some(y))
-            }
-            Epilogue::PoolCodes(y) => {
-                let [c, h, w] = self.shape;
-                let want = (steps * batch * c * (h / 2) * (w / 2)).div_ceil(4);
-                if y.len() != want {
-                    return Err(shape_err("pooled output (int8 codes, in f32 words)", format!("{want}"), format!("{}", y.len())));
-                }
-                pool_q8 = true;
                 (None, Some(y))
             }
         };

@@ -77,6 +77,12 @@ pub fn scale(p: f32) -> f32 {
     (1.0 / (1.0 - p as f64)) as f32
 }
 
+/// Whether `scale(p)` is a power of two: every kept x·scale of an exact x, and every sum of such
+/// products, is then exact (no mantissa bits to round).
+pub fn scale_is_power_of_two(p: f32) -> bool {
+    scale(p).to_bits() & 0x007F_FFFF == 0
+}
+
 /// Training: y [steps][len] = mask·x/(1−p), x [t_in][len] with t_in = 1 (broadcast) or steps.
 /// Evaluation (`Mask::Off`): y = x broadcast over the steps.
 #[allow(clippy::too_many_arguments)]
@@ -172,7 +178,7 @@ pub fn forward_pooled(
     let (xw, yw) = io.words(n, outs);
     check_len("dropout+pool input (in f32 words)", x.len(), xw)?;
     check_len("dropout+pool output (in f32 words)", y.len(), yw)?;
-    let kernel = io.kernel("dropout_avgpool2_forward");
+    let kernel = io.pick(["dropout_avgpool2_forward_f32", "dropout_avgpool2_forward_s8", "dropout_avgpool2_forward_s8_q8"]);
     pooled(dev, kernel, mask, p, planes, steps, h, w, x, y, outs)
 }
 

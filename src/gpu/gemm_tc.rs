@@ -547,8 +547,7 @@ pub fn input_exact_in_fp16(spec: &crate::spec::NetworkSpec, plan: &[crate::spec:
             LayerSpec::Flatten => {}
             LayerSpec::AvgPool => pools += 1,
             LayerSpec::Dropout { p } => {
-                let scale = (1.0 / (1.0 - p)) as f32;
-                if scale.to_bits() & 0x007F_FFFF != 0 {
+                if !super::dropout::scale_is_power_of_two(p as f32) {
                     return false;
                 }
             }

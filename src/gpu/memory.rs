@@ -176,7 +176,7 @@ pub fn pooled_as_codes(plan: &[LayerPlan], layers: &[LayerBuffers], i: usize, se
     }
     let src = match i.checked_sub(1).map(|j| (&plan[j].spec, layers[j].fused)) {
         Some((LayerSpec::Dropout { p }, true)) => {
-            if super::dropout::scale(*p as f32).to_bits() & 0x007F_FFFF != 0 {
+            if !super::dropout::scale_is_power_of_two(*p as f32) {
                 return false;
             }
             i - 2

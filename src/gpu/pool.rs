@@ -10,14 +10,14 @@ use cudarc::driver::{CudaView, CudaViewMut, PushKernelArg};
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PoolIo {
     /// f32 in, f32 out.
-    F32,
+    F32 = 0,
     /// int8 spikes in (n bytes in ⌈n/4⌉ f32 words: a v4 BackEI layer's compact output), f32 out:
     /// what the same spikes in f32 give, bit for bit.
-    S8,
+    S8 = 1,
     /// int8 spikes in, the pooled spikes out as int8 codes c (their f32 value c · 0.25 exactly,
     /// with a dropout between c · scale/4: [`q8_factor`]): what only the tensor-core GEMMs read
     /// (`memory::pooled_as_codes`, `gemm_tc::XForm::Q8`).
-    S8ToQ8,
+    S8ToQ8 = 2,
 }
 
 impl PoolIo {
@@ -38,17 +38,10 @@ impl PoolIo {
         }
     }
 
-    /// The name of `base`'s kernel for these types (`base`: avgpool2_forward or
-    /// dropout_avgpool2_forward).
-    pub fn kernel(self, base: &str) -> &'static str {
-        match (base, self) {
-            ("avgpool2_forward", PoolIo::F32) => "avgpool2_forward_f32",
-            ("avgpool2_forward", PoolIo::S8) => "avgpool2_forward_s8",
-            ("avgpool2_forward", PoolIo::S8ToQ8) => "avgpool2_forward_s8_q8",
-            (_, PoolIo::F32) => "dropout_avgpool2_forward_f32",
-            (_, PoolIo::S8) => "dropout_avgpool2_forward_s8",
-            (_, PoolIo::S8ToQ8) => "dropout_avgpool2_forward_s8_q8",
-        }
+    /// The kernel of these types among a kernel family's `[f32, s8, s8_q8]` names (the
+    /// discriminants index it).
+    pub fn pick(self, names: [&'static str; 3]) -> &'static str {
+        names[self as usize]
     }
 }
 
@@ -65,7 +58,7 @@ pub fn forward(dev: &GpuDevice, planes: usize, h: usize, w: usize, x: &CudaView<
     let (xw, yw) = io.words(n, outs);
     check_len("pool input (in f32 words)", x.len(), xw)?;
     check_len("pool output (in f32 words)", y.len(), yw)?;
-    let kernel = io.kernel("avgpool2_forward");
+    let kernel = io.pick(["avgpool2_forward_f32", "avgpool2_forward_s8", "avgpool2_forward_s8_q8"]);
     let f = dev.kernels.function("pool", kernel)?;
     let (pl, hh, ww) = (planes as i64, h as i32, w as i32);
     let cfg = grid(outs);
