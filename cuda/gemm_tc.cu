@@ -122,28 +122,53 @@ struct GemmDesc {
     int pad_;
 };
 
+#ifdef TC_PIN
+// Analysis only (src/gpu/gemm_tc.rs pin_defines, for the static check; never in a module the
+// engine loads): one op's operand modes fixed at compile time — TC_PIN_A and TC_PIN_B are
+// "k_fast, q8, exact, ones, spatial check, mn map kind, k map kind" — so that the k-tile loop's
+// SASS is the path that op runs. The generic kernel's loop holds every path side by side, which
+// a static count cannot tell apart.
+__device__ __forceinline__ void pin(Operand& o, int k_fast, int q8, int exact, int ones, int spatial, int mn_kind, int k_kind) {
+    o.k_fast = k_fast;
+    o.q8 = q8;
+    o.exact = exact;
+    o.ones = ones;
+    if (!spatial) o.sp_h = o.sp_w = 0;
+    o.mn.kind = mn_kind;
+    o.k.kind = k_kind;
+}
+__device__ __forceinline__ GemmDesc pinned(GemmDesc d) {
+    pin(d.a, TC_PIN_A);
+    pin(d.b, TC_PIN_B);
+    return d;
+}
+#define TC_DESC(d) pinned(d)
+#else
+#define TC_DESC(d) (d)
+#endif
+
 // One index's place: its offset (which may be negative: a tap left of or above the centre) and
-// its (y, x), or that it is outside the valid range, or the ones column.
-struct Ent {
+// its (y, x) — 16 bytes, read with one shared load. An index outside [0, count) has y =
+// ENT_INVALID_Y, the ones column x = ENT_ONES_X (off 0 for both): no valid entry comes near either
+// (the host keeps every map's width and height below 2^27: GemmDesc::validate), so each fails the
+// bounds test of `Bounds` on its own (the SASS of the kind-tagged entries this replaced had ~3
+// branches and a convergence barrier per element).
+struct __align__(16) Ent {
     long long off;
     int y, x;
-    int what;  // ENT_*
-    int pad_;
 };
 
-#define ENT_AT 0
-#define ENT_INVALID 1
-#define ENT_ONES 2
+#define ENT_INVALID_Y (-(1 << 29))
+#define ENT_ONES_X (1 << 29)
 
 __device__ __forceinline__ Ent index_entry(const IndexMap& im, int i, int ones) {
     Ent e;
     e.off = 0;
     e.y = 0;
     e.x = 0;
-    e.what = ENT_AT;
-    e.pad_ = 0;
     if (i >= im.count) {
-        e.what = (ones && i == im.count) ? ENT_ONES : ENT_INVALID;
+        if (ones && i == im.count) e.x = ENT_ONES_X;
+        else e.y = ENT_INVALID_Y;
         return e;
     }
     if (im.kind == IDX_LINEAR) {
@@ -163,18 +188,38 @@ __device__ __forceinline__ Ent index_entry(const IndexMap& im, int i, int ones) 
     return e;
 }
 
-// The operand's element at (mn entry, k entry): 0 outside the valid indices and the padding. Q8:
-// the code's int bits (Q8_ONE for the ones column), decoded by `decode`.
 template <bool Q8>
-__device__ __forceinline__ float operand_at(const Operand& o, const Ent& em, const Ent& ek) {
-    if (ek.what != ENT_AT || em.what == ENT_INVALID) return 0.0f;
-    if (em.what == ENT_ONES) return Q8 ? __int_as_float(Q8_ONE) : 1.0f;
-    if (o.sp_h) {
-        const int y = em.y + ek.y, x = em.x + ek.x;
-        if ((unsigned)y >= (unsigned)o.sp_h || (unsigned)x >= (unsigned)o.sp_w) return 0.0f;
-    }
-    if (Q8) return __int_as_float((int)reinterpret_cast<const signed char*>(o.p)[em.off + ek.off]);
-    return o.p[em.off + ek.off];
+__device__ __forceinline__ float load_at(const Operand& o, long long at) {
+    if (Q8) return __int_as_float((int)reinterpret_cast<const signed char*>(o.p)[at]);
+    return o.p[at];
+}
+
+// Where an operand's elements are valid: (unsigned)(y(mn) + y(k) + bias) < span_y, and so for x.
+// With a spatial check: bias 0, spans the map's height and width (the zero padding fails it).
+// Without: bias 2^28, spans 2^29, a window every valid entry's sum lies in (the host keeps each
+// map's width and height below 2^27) and neither sentinel's does — one formula either way, so the
+// test is two 3-input adds and two compares, and the load is predicated, not branched around.
+struct Bounds {
+    int bias;
+    unsigned span_y, span_x;
+};
+__device__ __forceinline__ Bounds bounds_of(const Operand& o) {
+    Bounds b;
+    b.bias = o.sp_h ? 0 : (1 << 28);
+    b.span_y = o.sp_h ? (unsigned)o.sp_h : (1u << 29);
+    b.span_x = o.sp_h ? (unsigned)o.sp_w : (1u << 29);
+    return b;
+}
+
+// The operand's element at (mn entry, k entry): 0 outside the valid indices and the padding, 1 in
+// the ones column (where the k index is valid). Q8: the code's int bits (Q8_ONE for the ones
+// column), decoded by `decode`. The ones column only ever is an mn entry (k tables have none).
+template <bool Q8>
+__device__ __forceinline__ float operand_at(const Operand& o, const Bounds& bd, const Ent& em, const Ent& ek) {
+    const bool ok = (unsigned)(em.y + ek.y + bd.bias) < bd.span_y & (unsigned)(em.x + ek.x + bd.bias) < bd.span_x;
+    float v = ok ? load_at<Q8>(o, em.off + ek.off) : 0.0f;
+    const bool one = (o.ones != 0) & (em.x == ENT_ONES_X) & (ek.y != ENT_INVALID_Y);
+    return one ? (Q8 ? __int_as_float(Q8_ONE) : 1.0f) : v;
 }
 
 // What operand_at<Q8> loaded, as the operand's f32 value (the bits of the f32 tensor's element).
@@ -243,16 +288,17 @@ __device__ __forceinline__ void tile_element(const Operand& o, int tid, int j, i
 // MMAs, behind them: see gemm_tc). Before this split each element was converted and stored as soon
 // as it arrived: one memory round trip per element, 32 per k-tile (SASS of gemm_tc_fp32).
 // A thread's k index (k_fast) or mn index (otherwise) is the same for its 16 elements: that
-// table entry is read once, not per element (each entry is three 8-byte shared loads).
+// table entry is read once, not per element (an entry is one 16-byte shared load).
 template <bool Q8>
 __device__ __forceinline__ void load_tile_as(float (&v)[16], const Operand& o, const Ent* tmn, const Ent* tk, int tid) {
+    const Bounds bd = bounds_of(o);
     if (o.k_fast) {
         const Ent ek = tk[tid & (TC_BK - 1)];
 #pragma unroll
         for (int j = 0; j < 16; ++j) {
             int mn, k;
             tile_element(o, tid, j, mn, k);
-            v[j] = operand_at<Q8>(o, tmn[mn], ek);
+            v[j] = operand_at<Q8>(o, bd, tmn[mn], ek);
         }
     } else {
         const Ent em = tmn[tid & (TC_BM - 1)];
@@ -260,13 +306,73 @@ __device__ __forceinline__ void load_tile_as(float (&v)[16], const Operand& o, c
         for (int j = 0; j < 16; ++j) {
             int mn, k;
             tile_element(o, tid, j, mn, k);
-            v[j] = operand_at<Q8>(o, em, tk[k]);
+            v[j] = operand_at<Q8>(o, bd, em, tk[k]);
         }
     }
 }
-__device__ __forceinline__ void load_tile(float (&v)[16], const Operand& o, const Ent* tmn, const Ent* tk, int tid) {
-    if (o.q8) load_tile_as<true>(v, o, tmn, tk, tid);
-    else load_tile_as<false>(v, o, tmn, tk, tid);
+// An AFFINE operand — both maps LINEAR, no spatial check: every linear layer's operands and a
+// convolution's weights in its forward — has element (mn, k) at p[mn·stride_mn + k·stride_k], so a
+// thread's 16 elements are one base offset plus j times a constant step: no table entries to read
+// (a shared load each, and the validity tests), just an address, a compare and a predicated load
+// per element (the SASS of fc1's forward: 567 instructions per k-tile against 891 through the
+// tables, fp32 mode).
+__device__ __forceinline__ bool affine(const Operand& o) {
+    return o.mn.kind == IDX_LINEAR && o.k.kind == IDX_LINEAR && o.sp_h == 0;
+}
+
+// What an operand's pointer points at: f32 elements, or Q8 codes.
+template <bool Q8>
+struct ElemPtr {
+    typedef const float* T;
+};
+template <>
+struct ElemPtr<true> {
+    typedef const signed char* T;
+};
+
+// The affine operand's 16 elements of the tile at (mn0, k0): the values operand_at<Q8> gives
+// through the tables (0 outside [0, count) on either side, the ones column at mn = count). One
+// pointer walks the elements (a 64-bit add per element: j·step as a 64-bit product per element
+// made ptxas for the fp32 kernel recompute addresses under its register bound).
+template <bool Q8>
+__device__ __forceinline__ void load_tile_affine(float (&v)[16], const Operand& o, int mn0, int k0, int tid) {
+    typedef typename ElemPtr<Q8>::T Ptr;
+    int mn, k;
+    tile_element(o, tid, 0, mn, k);
+    mn += mn0;
+    k += k0;
+    Ptr q = reinterpret_cast<Ptr>(o.p) + ((long long)mn * o.mn.stride + (long long)k * o.k.stride);
+    const float one = Q8 ? __int_as_float(Q8_ONE) : 1.0f;
+    if (o.k_fast) {  // element j at (mn + 4j, k)
+        const bool kin = k < o.k.count;
+        const long long step = 4 * o.mn.stride;
+#pragma unroll
+        for (int j = 0; j < 16; ++j, q += step) v[j] = (kin && mn + 4 * j < o.mn.count) ? (Q8 ? __int_as_float((int)*q) : (float)*q) : 0.0f;
+        if (o.ones && kin) {
+#pragma unroll
+            for (int j = 0; j < 16; ++j)
+                if (mn + 4 * j == o.mn.count) v[j] = one;
+        }
+    } else {  // element j at (mn, k + 2j)
+        const bool mnin = mn < o.mn.count, ones = o.ones && mn == o.mn.count;
+        const long long step = 2 * o.k.stride;
+#pragma unroll
+        for (int j = 0; j < 16; ++j, q += step) {
+            const bool kin = k + 2 * j < o.k.count;
+            v[j] = (kin && mnin) ? (Q8 ? __int_as_float((int)*q) : (float)*q) : ((kin && ones) ? one : 0.0f);
+        }
+    }
+}
+
+__device__ __forceinline__ void load_tile(float (&v)[16], const Operand& o, const Ent* tmn, const Ent* tk, int mn0, int k0, int tid) {
+    if (affine(o)) {
+        if (o.q8) load_tile_affine<true>(v, o, mn0, k0, tid);
+        else load_tile_affine<false>(v, o, mn0, k0, tid);
+    } else if (o.q8) {
+        load_tile_as<true>(v, o, tmn, tk, tid);
+    } else {
+        load_tile_as<false>(v, o, tmn, tk, tid);
+    }
 }
 
 // Stores the loaded elements as the precision's operands, [mn][k] (fp32 mode: the scaled hi half,
@@ -346,8 +452,8 @@ __device__ __forceinline__ void gemm_tc(const GemmDesc& d, const u32* __restrict
     if (kt0 < kt1) {
         k_tables(kt0);
         __syncthreads();
-        load_tile(va, d.a, ta_m, ta_k, tid);
-        load_tile(vb, d.b, tb_n, tb_k, tid);
+        load_tile(va, d.a, ta_m, ta_k, m0, kt0 * TC_BK, tid);
+        load_tile(vb, d.b, tb_n, tb_k, n0, kt0 * TC_BK, tid);
     }
     for (int kt = kt0; kt < kt1; ++kt) {
         __syncthreads();  // the last tile's fragments are read
@@ -357,8 +463,8 @@ __device__ __forceinline__ void gemm_tc(const GemmDesc& d, const u32* __restrict
         if (kt + 1 < kt1) {
             k_tables(kt + 1);  // every thread's loads of tile kt were issued before the barrier above
             __syncthreads();
-            load_tile(va, d.a, ta_m, ta_k, tid);
-            load_tile(vb, d.b, tb_n, tb_k, tid);
+            load_tile(va, d.a, ta_m, ta_k, m0, (kt + 1) * TC_BK, tid);
+            load_tile(vb, d.b, tb_n, tb_k, n0, (kt + 1) * TC_BK, tid);
         } else {
             __syncthreads();
         }
@@ -437,13 +543,13 @@ __device__ __forceinline__ void gemm_tc(const GemmDesc& d, const u32* __restrict
 // bf16 and tf32 kernels and spilled.
 #define TC_MIN_BLOCKS 3
 extern "C" __global__ void __launch_bounds__(TC_THREADS, TC_MIN_BLOCKS) gemm_tc_fp32(const GemmDesc d, const u32* __restrict__ maxbits) {
-    gemm_tc<PREC_FP32>(d, maxbits);
+    gemm_tc<PREC_FP32>(TC_DESC(d), maxbits);
 }
 extern "C" __global__ void __launch_bounds__(TC_THREADS, TC_MIN_BLOCKS) gemm_tc_tf32(const GemmDesc d, const u32* __restrict__ maxbits) {
-    gemm_tc<PREC_TF32>(d, maxbits);
+    gemm_tc<PREC_TF32>(TC_DESC(d), maxbits);
 }
 extern "C" __global__ void __launch_bounds__(TC_THREADS, TC_MIN_BLOCKS) gemm_tc_bf16(const GemmDesc d, const u32* __restrict__ maxbits) {
-    gemm_tc<PREC_BF16>(d, maxbits);
+    gemm_tc<PREC_BF16>(TC_DESC(d), maxbits);
 }
 
 // C = Σ_split partial[split] in ascending split order, into the output (as gemm_tc's epilogue).

@@ -327,6 +327,125 @@ fn emulated_gemms_reading_int8_codes_of_pooled_spikes_give_the_bits_of_reading_f
     }
 }
 
+/// The operand `gemm_tc.cu` reads without index tables (`affine`: both maps LINEAR, no spatial
+/// check — every linear layer's operands, a convolution's weights in its forward) gives the bits
+/// of the table path reading the same elements: each such GEMM is run as built and again with
+/// every LINEAR map rewritten as the SAMPLE_PIXEL map that addresses the same elements
+/// (`gemm_tc::through_tables`), which the kernel reads through its tables, and again as 1×1
+/// CHANNEL_TAP maps whose coordinates are negative (no spatial check: still valid). Every precision; sizes off the tile
+/// grid on every side; real inputs, spikes and int8 codes; the ones column of the bias gradient;
+/// each operand also loaded in the other thread mapping (`k_fast` flipped: along k instead of mn,
+/// or back), which changes which thread loads what, never a value.
+#[test]
+fn emulated_affine_operands_give_the_bits_of_the_table_path() {
+    use backei::gpu::gemm_tc::{is_affine, through_tables, IndexMap, XForm, IDX_CHANNEL_TAP, IDX_LINEAR};
+    let mut rng = common::Rng(71);
+    let (n_in, n_out, rows) = (37usize, 70usize, 67usize);
+    let g = ConvGeom::new(6, 12, 6, 5, 3, 1);
+    let samples = 3;
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<u32>>();
+    let codes = |rng: &mut common::Rng, n: usize| -> Vec<f32> {
+        let mut bytes: Vec<u8> = (0..n).map(|_| (rng.below(9) as i8 - 4) as u8).collect();
+        bytes.resize(n.div_ceil(4) * 4, 0x7f);
+        bytes.chunks(4).map(|q| f32::from_le_bytes([q[0], q[1], q[2], q[3]])).collect()
+    };
+    for p in Precision::ALL {
+        for form in [XForm::Real, XForm::Exact, XForm::Q8(0.25)] {
+            let x_lin = match form {
+                XForm::Q8(_) => codes(&mut rng, rows * n_in),
+                _ => host(&mut rng, rows * n_in, form == XForm::Exact),
+            };
+            let x_conv = match form {
+                XForm::Q8(_) => codes(&mut rng, samples * g.in_len()),
+                _ => host(&mut rng, samples * g.in_len(), form == XForm::Exact),
+            };
+            let w_lin = host(&mut rng, n_in * n_out, false);
+            let w_conv = host(&mut rng, g.weight_len(), false);
+            let b = host(&mut rng, n_out.max(g.cout), false);
+            let dy = host(&mut rng, rows * n_out, false);
+            let (dw0, db0) = (host(&mut rng, n_in * n_out, false), host(&mut rng, n_out, false));
+            // (what, inputs, initial outputs, builder of the descriptor from the buffers' addresses)
+            type Build = Box<dyn Fn(&[u64], &[u64]) -> GemmDesc>;
+            type Case = (&'static str, Vec<Vec<f32>>, Vec<Vec<f32>>, Build);
+            let cases: Vec<Case> = vec![
+                (
+                    "linear forward",
+                    vec![x_lin.clone(), w_lin.clone(), b[..n_out].to_vec()],
+                    vec![vec![0.0; rows * n_out]],
+                    Box::new(move |i: &[u64], o: &[u64]| gemm_tc::linear_forward(n_in, n_out, rows, i[0], i[1], i[2], o[0], form)),
+                ),
+                (
+                    "linear data gradient",
+                    vec![dy.clone(), w_lin.clone()],
+                    vec![vec![0.0; rows * n_in]],
+                    Box::new(move |i: &[u64], o: &[u64]| gemm_tc::linear_backward_data(n_in, n_out, rows, i[0], i[1], o[0])),
+                ),
+                (
+                    "linear weight and bias gradient",
+                    vec![dy.clone(), x_lin.clone()],
+                    vec![dw0.clone(), db0.clone()],
+                    Box::new(move |i: &[u64], o: &[u64]| gemm_tc::linear_weight_grad(n_in, n_out, rows, i[0], i[1], o[0], o[1], form)),
+                ),
+                (
+                    "conv forward",
+                    vec![w_conv.clone(), b[..g.cout].to_vec(), x_conv.clone()],
+                    vec![vec![0.0; samples * g.out_len()]],
+                    Box::new(move |i: &[u64], o: &[u64]| gemm_tc::conv_forward(&g, samples, i[0], i[1], i[2], o[0], form)),
+                ),
+            ];
+            for (what, ins, outs, build) in cases {
+                // tables 1: through_tables; 2: each LINEAR map as a CHANNEL_TAP map of one 1×1 tap
+                // whose (y, x) is (−1, −1), row stride −1: the same addresses, and coordinates
+                // below 0 that an operand without a spatial check must not take for invalid
+                let run = |tables: u8, flip: bool| -> Vec<Vec<f32>> {
+                    let mut ib: Vec<DevBuf> = ins.iter().enumerate().map(|(k, v)| DevBuf::from(["in0", "in1", "in2"][k], v)).collect();
+                    let mut ob: Vec<DevBuf> = outs.iter().enumerate().map(|(k, v)| DevBuf::from(["out0", "out1"][k], v)).collect();
+                    let ia: Vec<u64> = ib.iter_mut().map(addr).collect();
+                    let oa: Vec<u64> = ob.iter_mut().map(addr).collect();
+                    let mut d = build(&ia, &oa);
+                    if flip {
+                        d.a.k_fast ^= 1;
+                        d.b.k_fast ^= 1;
+                    }
+                    if tables > 0 {
+                        assert!(is_affine(&d.a) || is_affine(&d.b), "{what}: no affine operand to compare");
+                        if tables == 1 {
+                            d = through_tables(d);
+                        } else {
+                            let tap = |m: IndexMap| {
+                                if m.kind != IDX_LINEAR {
+                                    return m;
+                                }
+                                let (origin, sign) = (1, 1);
+                                IndexMap { kind: IDX_CHANNEL_TAP, per: 1, width: 1, row_stride: -1, origin, sign, ..m }
+                            };
+                            for o in [&mut d.a, &mut d.b] {
+                                (o.mn, o.k) = (tap(o.mn), tap(o.k));
+                            }
+                        }
+                        assert!(!is_affine(&d.a) && !is_affine(&d.b));
+                    }
+                    let len = |p: u64| ia.iter().zip(&ins).find(|(&a, _)| a == p).map_or(0, |(_, v)| v.len());
+                    emulate(d, p, [(d.a.p, len(d.a.p)), (d.b.p, len(d.b.p))], &SMALL, 7);
+                    for buf in ib.iter().chain(&ob) {
+                        buf.check_guards();
+                    }
+                    ob.iter().map(|b| b.host()).collect()
+                };
+                for flip in [false, true] {
+                    let affine = run(0, flip);
+                    for tables in [1, 2] {
+                        for (k, (a, t)) in affine.iter().zip(&run(tables, flip)).enumerate() {
+                            let why = format!("{p} {form:?} {what} (k_fast flipped: {flip}, tables {tables}): output {k}");
+                            assert!(bits(a) == bits(t), "{why} differs between the affine and the table path");
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
 // ---- dropout fused into the pooling after it: the CPU engine's dropout then pooling, bit for bit ----
 
 #[test]

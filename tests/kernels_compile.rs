@@ -85,6 +85,37 @@ fn v4_hot_loops_run_on_tensor_cores_without_local_memory_or_division() {
     }
 }
 
+/// An affine operand (both maps LINEAR: every linear layer's operands, a convolution's weights) is
+/// loaded without the index tables — a base address plus a constant step per element, a predicated
+/// load, no entry reads and no per-element branches on the entries' kinds. Read off the path one op
+/// runs (gemm_tc.cu compiled with its operand modes pinned, `gemm_tc::pin_defines`): fc1's forward
+/// (both operands affine) must take at most 3/4 of the instructions per k-tile of the same op read
+/// through the tables (`gemm_tc::through_tables`), in every precision (sm_90, 2026-12-03, its input
+/// as int8 codes: fp32 567 against 891, tf32 564 against 905, bf16 444 against 790), and still
+/// issue its 32 loads per tile.
+#[test]
+fn gemm_tc_reads_affine_operands_without_the_index_tables() {
+    use backei::gpu::gemm_tc::{fashion_step_gemms, is_affine, pin_defines, through_tables};
+    use backei::gpu::sass::check_module;
+    require_nvrtc();
+    assert!(find_nvdisasm().is_some() && find_cuobjdump().is_some(), "pip install nvidia-cuda-nvdisasm nvidia-cuda-cuobjdump");
+    let (_, d) = fashion_step_gemms().into_iter().find(|(op, _)| *op == "fc1 forward").expect("fc1 forward");
+    assert!(is_affine(&d.a) && is_affine(&d.b));
+    let path = |d| check_module("gemm_tc", "sm_90", &pin_defines(&d)).unwrap_or_else(|e| panic!("{e}"));
+    let (affine, tables) = (path(d), path(through_tables(d)));
+    for name in ["gemm_tc_fp32", "gemm_tc_tf32", "gemm_tc_bf16"] {
+        let loop_of = |ks: &[backei::gpu::sass::KernelCheck]| {
+            let k = ks.iter().find(|k| k.kernel == name).unwrap_or_else(|| panic!("{name} not in the module"));
+            assert_eq!(k.local_bytes, 0, "{name}");
+            k.hot.unwrap_or_else(|| panic!("{name}: no loop"))
+        };
+        let (a, t) = (loop_of(&affine), loop_of(&tables));
+        println!("{name}: fc1 forward's k-tile loop {} instructions affine, {} through the tables ({a:?})", a.total, t.total);
+        assert!(a.mma >= 8 && a.ldg == 32, "{name}: the k-tile loop with its 32 loads: {a:?}");
+        assert!(4 * a.total <= 3 * t.total, "{name}: affine {} instructions per k-tile, tables {}", a.total, t.total);
+    }
+}
+
 /// The feed-forward tensor-core GEMMs (cuda/gemm_tc.cu) as NVRTC builds them for sm_90: the k-tile
 /// loop issues every thread's 16 + 16 loads of the next A and B tiles before it stores any (they
 /// are in flight behind the current tile's MMAs: register double buffering). Converting each

@@ -973,6 +973,18 @@ fn sass_report(arch: &str) -> anyhow::Result<bool> {
             println!("{:<16} {:<40} {:>5} {} {}", module, k.kernel, k.registers, show(&k.hot), flight(&k));
         }
     }
+    // the path each feed-forward GEMM runs: gemm_tc.cu with the op's operand modes pinned
+    println!("\ngemm_tc: the k-tile loop of each fashion-mnist feed-forward GEMM (B = 100, T = 20, v4 path), its operand modes");
+    println!("pinned at compile time so that the loop is the path the op runs; bound: the issue-bound rate, predicted, not");
+    println!("measured (a warp's 32×32×32 tile per loop pass, one instruction per clock per scheduler, 132 SMs at 1.83 GHz):");
+    println!("{:<24} {:<16} {:>5} {head} {:>12}", "op", "kernel", "regs", "bound TFLOP/s");
+    for (op, d) in backei::gpu::gemm_tc::fashion_step_gemms() {
+        for k in check_module("gemm_tc", arch, &backei::gpu::gemm_tc::pin_defines(&d))? {
+            let Some(m) = k.hot.filter(|m| m.mma > 0) else { continue };
+            let bound = 2.0 * 32.0 * 32.0 * 32.0 * 4.0 * 132.0 * 1.83e9 / m.total as f64 / 1e12;
+            println!("{:<24} {:<16} {:>5} {} {} {:>12.0}", op, k.kernel, k.registers, show(&k.hot), flight(&k), bound);
+        }
+    }
     let limits = if arch == "sm_80" { DeviceLimits::A100 } else { DeviceLimits::H100 };
     println!("\nv4 instances of the BackEI layers (B = 100, T = 20, a device like {limits:?}):");
     println!("{:<30} {:<36} {:>5} {:>6} {:>7} {head}", "layer", "kernel", "regs", "blk/SM", "smem B");

@@ -458,6 +458,54 @@ pub fn linear_weight_grad(n_in: usize, n_out: usize, rows: usize, dy: u64, x: u6
     desc(a, bo, out, n_out, n_in, rows)
 }
 
+/// Whether gemm_tc.cu reads the operand without index tables (`affine` there): both maps LINEAR
+/// and no spatial check — every linear layer's operands, a convolution's weights in its forward.
+pub fn is_affine(o: &Operand) -> bool {
+    o.mn.kind == IDX_LINEAR && o.k.kind == IDX_LINEAR && o.sp_h == 0
+}
+
+/// The same GEMM with every affine operand read through the kernel's index tables: each LINEAR map
+/// rewritten as the SAMPLE_PIXEL map that addresses the same elements (one pixel per sample). For
+/// the checks that the affine path gives the table path's bits (`tests/emu_feedforward.rs`) and
+/// costs fewer instructions (`tests/kernels_compile.rs`).
+pub fn through_tables(mut d: GemmDesc) -> GemmDesc {
+    let tabled = |m: IndexMap| if m.kind == IDX_LINEAR { IndexMap::sample_pixel(m.count as usize, 1, 1, m.stride as usize, 1) } else { m };
+    for o in [&mut d.a, &mut d.b] {
+        o.mn = tabled(o.mn);
+        o.k = tabled(o.k);
+    }
+    d
+}
+
+/// The `-D` constants that compile gemm_tc.cu with `d`'s operand modes fixed (`TC_PIN`), so that
+/// the k-tile loop's SASS is the path this op runs (the generic kernel's loop holds every path
+/// side by side). Analysis only (`backei kernels --sass`, `tests/kernels_compile.rs`): the engine
+/// never loads such an instance.
+pub fn pin_defines(d: &GemmDesc) -> Vec<(String, String)> {
+    let pin = |o: &Operand| format!("{},{},{},{},{},{},{}", o.k_fast, o.q8, o.exact, o.ones, (o.sp_h != 0) as i32, o.mn.kind, o.k.kind);
+    vec![("TC_PIN".into(), "1".into()), ("TC_PIN_A".into(), pin(&d.a)), ("TC_PIN_B".into(), pin(&d.b))]
+}
+
+/// The feed-forward GEMMs of a fashion-mnist training step at B = 100, T = 20 on the v4 path:
+/// conv2 (32 → 64, k 5, pad 2, 14×14) and fc1 (3136 → 1024), each forward, data gradient and
+/// weight gradient, their inputs pooled spikes as int8 codes — ~159 of the step's ~500 GFLOP.
+/// For the static report of the path each op runs (`pin_defines`); the addresses are placeholders,
+/// nothing is launched.
+pub fn fashion_step_gemms() -> Vec<(&'static str, GemmDesc)> {
+    let (s, rows) = (2000, 2000);
+    let g = ConvGeom::new(32, 64, 14, 14, 5, 2);
+    let q8 = XForm::Q8(0.25);
+    let at = |i: u64| 0x1000_0000 * i;
+    vec![
+        ("conv2 forward", conv_forward(&g, s, at(1), at(2), at(3), at(4), q8)),
+        ("conv2 data gradient", conv_backward_data(&g, s, at(1), at(2), at(3))),
+        ("conv2 weight gradient", conv_weight_grad(&g, s, at(1), at(2), at(3), at(4), q8)),
+        ("fc1 forward", linear_forward(3136, 1024, rows, at(1), at(2), at(3), at(4), q8)),
+        ("fc1 data gradient", linear_backward_data(3136, 1024, rows, at(1), at(2), at(3))),
+        ("fc1 weight gradient", linear_weight_grad(3136, 1024, rows, at(1), at(2), at(3), at(4), q8)),
+    ]
+}
+
 fn desc(a: Operand, b: Operand, out: Output, m: usize, n: usize, k: usize) -> GemmDesc {
     GemmDesc {
         a,
@@ -563,16 +611,32 @@ pub fn partial_of(d: &GemmDesc, limits: &DeviceLimits) -> usize {
     gemm_plan(d.m as usize, d.cols(), d.k as usize, limits).partial
 }
 
+/// The bound of every map's width and height (`GemmDesc::validate`).
+const MAP_LIMIT: i32 = 1 << 27;
+
 impl GemmDesc {
     /// Columns of C (N, and the ones column when there is one).
     pub fn cols(&self) -> usize {
         self.n as usize + self.b.ones as usize
     }
 
-    /// Every dimension in the kernels' 32-bit range (the element offsets are 64-bit).
+    /// Every dimension in the kernels' 32-bit range (the element offsets are 64-bit), and every
+    /// map's width and height below 2^27: the kernel's index entries mark an invalid index and
+    /// the ones column by a y or x of ±2^29, and its bounds test tells them from every sum of two
+    /// valid entries' coordinates, which then stays within ±2^28.
     pub fn validate(&self) -> Result<()> {
         if self.m <= 0 || self.n <= 0 || self.k <= 0 {
             return Err(shape_err("tensor-core GEMM", "positive M, N, K within 2^31", format!("M {} N {} K {}", self.m, self.n, self.k)));
+        }
+        for im in [&self.a.mn, &self.a.k, &self.b.mn, &self.b.k, &self.out.m, &self.out.n] {
+            let height = if im.kind == IDX_SAMPLE_PIXEL { im.per / im.width.max(1) } else { im.width };
+            if im.kind != IDX_LINEAR && (im.width >= MAP_LIMIT || height >= MAP_LIMIT) {
+                return Err(shape_err(
+                    "tensor-core GEMM",
+                    "maps below 2^27 pixels wide and high (in fp32 mode BACKEI_FEEDFORWARD=cublas takes any size)",
+                    format!("a map {} wide and {height} high", im.width),
+                ));
+            }
         }
         Ok(())
     }
@@ -755,6 +819,23 @@ mod tests {
     /// The index tables' multiply-high division equals integer division for every divisor the
     /// maps use (kernel areas, widths, pixels per sample: 1 up to millions) and every index
     /// below 2^31: the boundaries around each multiple, the extremes and random indices.
+    /// The kernel marks an invalid index and the ones column by a y or x of ±2^29 in its index
+    /// entries: a map as wide or high as 2^27 is refused with the fix; fashion-mnist's step and a
+    /// map just below the bound are accepted.
+    #[test]
+    fn maps_too_large_for_the_index_entries_sentinels_are_refused() {
+        for (op, d) in fashion_step_gemms() {
+            d.validate().unwrap_or_else(|e| panic!("{op}: {e}"));
+        }
+        let wide = ConvGeom::new(1, 1, 1, 1 << 27, 1, 0);
+        let e = conv_forward(&wide, 1, 1, 2, 3, 4, false).validate().expect_err("a map 2^27 wide");
+        assert!(e.to_string().contains("2^27") && e.to_string().contains("cublas"), "{e}");
+        let high = ConvGeom::new(1, 1, 1 << 27, 1, 1, 0);
+        assert!(conv_forward(&high, 1, 1, 2, 3, 4, false).validate().is_err(), "a map 2^27 high");
+        let fits = ConvGeom::new(1, 1, 3, (1 << 27) - 1, 1, 0);
+        conv_forward(&fits, 1, 1, 2, 3, 4, false).validate().expect("just below the bound");
+    }
+
     #[test]
     fn fast_division_is_exact_for_every_index_below_2_to_the_31() {
         let mut rng = ChaCha8Rng::seed_from_u64(7);

@@ -167,9 +167,11 @@ pub fn hot_loop(k: &KernelSass) -> Option<((usize, usize), Mix)> {
     innermost_loops(k).into_iter().map(|r| (r, Mix::of(&k.instrs[r.0..=r.1]))).max_by_key(|(_, m)| (m.mma, m.ffma))
 }
 
-/// The loops that contain no other loop.
+/// The loops that contain no other loop. A branch to itself is not one: nvdisasm ends every
+/// kernel with `.L_x_N: BRA .L_x_N` after its EXIT (a trap never reached), which made that
+/// one-instruction "loop" the hot loop of every kernel without MMA or FMA in its loops.
 fn innermost_loops(k: &KernelSass) -> Vec<(usize, usize)> {
-    let ls = loops(k);
+    let ls: Vec<(usize, usize)> = loops(k).into_iter().filter(|&(a, b)| b > a).collect();
     ls.iter().copied().filter(|&(a, b)| !ls.iter().any(|&(c, d)| (c, d) != (a, b) && a <= c && d <= b)).collect()
 }
 
@@ -381,6 +383,29 @@ mod tests {
         /*0120*/              @P0 BRA `(.L_x_3) ;
         /*0130*/                   EXIT ;
 ";
+
+    /// An elementwise kernel: a grid-stride loop with no MMA or FMA (here one that divides through
+    /// the 64-bit routine), then nvdisasm's trap after EXIT, a branch to itself — which is no loop.
+    #[test]
+    fn a_kernels_trap_after_exit_is_not_its_hot_loop() {
+        let sass = "
+.text.pool:
+        /*0000*/                   S2R R0, SR_TID.X ;
+.L_x_5:
+        /*0010*/                   LDG.E R4, desc[UR6][R2.64] ;
+        /*0020*/                   CALL.REL.NOINC `($__internal_3_$__cuda_sm20_div_s64) ;
+        /*0030*/                   STG.E desc[UR6][R6.64], R4 ;
+        /*0040*/              @!P0 BRA `(.L_x_5) ;
+        /*0050*/                   EXIT ;
+.L_x_6:
+        /*0060*/                   BRA `(.L_x_6) ;
+";
+        let ks = parse(sass);
+        assert_eq!(loops(&ks[0]), vec![(1, 4), (6, 6)]);
+        let ((a, b), m) = hot_loop(&ks[0]).expect("the grid-stride loop");
+        assert_eq!((a, b), (1, 4));
+        assert_eq!((m.total, m.ldg, m.stg, m.idiv), (4, 1, 1, 1));
+    }
 
     #[test]
     fn counts_the_global_loads_each_staging_loop_keeps_in_flight() {
