@@ -20,9 +20,10 @@
 // may carry a column of ones after its last index ("ones"): the weight gradients' GEMMs then give
 // the bias gradient Σ dY as column N (written to `ones_out`, added).
 //
-// Tiles: a block of 128 threads (4 warps, 2×2) computes a 64×64 tile of C in k-steps of 32; each
-// warp a 32×32 tile (2 m16 × 4 n8 mma tiles). Per k-step the block fills tables of the step's 32
-// k indices (and, once, of its 64 m and 64 n indices) in shared memory, loads its A and B tiles
+// Tiles: a block of 128 threads (4 warps) computes a 64×64 tile of C (2×2 warps), or a 32×128 one
+// (1×4: where M ≤ 32), in k-steps of 32; each warp a 32×32 tile (2 m16 × 4 n8 mma tiles). Per
+// k-step the block fills tables of the step's 32 k indices (and, once, of its m and n indices)
+// in shared memory, loads its A and B tiles
 // from global memory through them (coalesced along the operand's contiguous index: `k_fast`), converts
 // them to the precision's operands and stores them [mn][k] in shared memory, rows padded so that
 // the fragment loads of a warp hit 32 different banks. The weight gradients' K (every pixel of every
@@ -42,15 +43,17 @@
 #include "common.cuh"
 #include "mma.cuh"
 
-#define TC_BM 64
-#define TC_BN 64
+// Block tiles: 4 warps of 32×32, as 2×2 (a 64×64 tile: SQUARE) or 1×4 (32×128: WIDE, for M ≤ 32,
+// where a 64-row tile would issue half its MMAs on padding — fashion-mnist's conv2 data gradient
+// has M = 32 input channels). The host picks the shape (src/gpu/gemm_tc.rs TileShape); the sums
+// are the same either way (each output's products in the same k order), so the bits are too.
 #define TC_BK 32
 #define TC_THREADS 128
 // shared-memory rows: 16-bit operands 32 + 8 halves (20 words), 32-bit ones 32 + 4 words
 #define TC_ROW16 40
 #define TC_ROW32 36
-// words of one operand's tile buffer: two 16-bit planes (hi, lo) of 64 rows, or one 32-bit plane
-#define TC_TILE_WORDS (2 * TC_BM * TC_ROW16 / 2)
+// words of an operand's tile buffer of R rows: two 16-bit planes (hi, lo), or one 32-bit plane
+#define TC_TILE_WORDS(R) ((R) * TC_ROW16)
 
 #define IDX_LINEAR 0
 #define IDX_SAMPLE_PIXEL 1
@@ -271,51 +274,53 @@ __device__ __forceinline__ void load_b16(u32 (&b)[2], const unsigned short* c0) 
     b[1] = *reinterpret_cast<const u32*>(c0 + 8);
 }
 
-// A thread's 16 elements of an operand's 64×32 tile: element j at (mn, k) of the tile. Consecutive
-// threads along k when k is the contiguous index (k_fast), else along mn: coalesced either way.
+// A thread's R/4 elements of an operand's R×32 tile (R = 32, 64 or 128 rows: 128 threads, 32·R
+// elements): element j at (mn, k) of the tile. Consecutive threads along k when k is the contiguous
+// index (k_fast), else along mn: coalesced either way.
+template <int R>
 __device__ __forceinline__ void tile_element(const Operand& o, int tid, int j, int& mn, int& k) {
     if (o.k_fast) {
         k = tid & (TC_BK - 1);
         mn = (tid >> 5) + 4 * j;
     } else {
-        mn = tid & (TC_BM - 1);
-        k = (tid >> 6) + 2 * j;
+        mn = tid & (R - 1);
+        k = tid / R + (TC_THREADS / R) * j;
     }
 }
 
-// Loads a thread's 16 elements of one operand's tile through the index tables — every load issued
+// Loads a thread's R/4 elements of one operand's tile through the index tables — every load issued
 // before any is used, so that they are in flight together (and, issued before the previous tile's
 // MMAs, behind them: see gemm_tc). Before this split each element was converted and stored as soon
 // as it arrived: one memory round trip per element, 32 per k-tile (SASS of gemm_tc_fp32).
 // A thread's k index (k_fast) or mn index (otherwise) is the same for its 16 elements: that
 // table entry is read once, not per element (an entry is one 16-byte shared load).
-template <bool Q8>
-__device__ __forceinline__ void load_tile_as(float (&v)[16], const Operand& o, const Ent* tmn, const Ent* tk, int tid) {
+template <bool Q8, int R>
+__device__ __forceinline__ void load_tile_as(float (&v)[R / 4], const Operand& o, const Ent* tmn, const Ent* tk, int tid) {
     const Bounds bd = bounds_of(o);
     if (o.k_fast) {
         const Ent ek = tk[tid & (TC_BK - 1)];
 #pragma unroll
-        for (int j = 0; j < 16; ++j) {
+        for (int j = 0; j < R / 4; ++j) {
             int mn, k;
-            tile_element(o, tid, j, mn, k);
+            tile_element<R>(o, tid, j, mn, k);
             v[j] = operand_at<Q8>(o, bd, tmn[mn], ek);
         }
     } else {
-        const Ent em = tmn[tid & (TC_BM - 1)];
+        const Ent em = tmn[tid & (R - 1)];
 #pragma unroll
-        for (int j = 0; j < 16; ++j) {
+        for (int j = 0; j < R / 4; ++j) {
             int mn, k;
-            tile_element(o, tid, j, mn, k);
+            tile_element<R>(o, tid, j, mn, k);
             v[j] = operand_at<Q8>(o, bd, em, tk[k]);
         }
     }
 }
 // An AFFINE operand — both maps LINEAR, no spatial check: every linear layer's operands and a
 // convolution's weights in its forward — has element (mn, k) at p[mn·stride_mn + k·stride_k], so a
-// thread's 16 elements are one base offset plus j times a constant step: no table entries to read
+// thread's R/4 elements are one base offset plus j times a constant step: no table entries to read
 // (a shared load each, and the validity tests), just an address, a compare and a predicated load
-// per element (the SASS of fc1's forward: 567 instructions per k-tile against 891 through the
-// tables, fp32 mode).
+// per element (the SASS of fc1's forward in fp32 mode: 857 instructions per k-step before, 559
+// now; the table path, without branches since, 810).
 __device__ __forceinline__ bool affine(const Operand& o) {
     return o.mn.kind == IDX_LINEAR && o.k.kind == IDX_LINEAR && o.sp_h == 0;
 }
@@ -334,11 +339,11 @@ struct ElemPtr<true> {
 // through the tables (0 outside [0, count) on either side, the ones column at mn = count). One
 // pointer walks the elements (a 64-bit add per element: j·step as a 64-bit product per element
 // made ptxas for the fp32 kernel recompute addresses under its register bound).
-template <bool Q8>
-__device__ __forceinline__ void load_tile_affine(float (&v)[16], const Operand& o, int mn0, int k0, int tid) {
+template <bool Q8, int R>
+__device__ __forceinline__ void load_tile_affine(float (&v)[R / 4], const Operand& o, int mn0, int k0, int tid) {
     typedef typename ElemPtr<Q8>::T Ptr;
     int mn, k;
-    tile_element(o, tid, 0, mn, k);
+    tile_element<R>(o, tid, 0, mn, k);
     mn += mn0;
     k += k0;
     Ptr q = reinterpret_cast<Ptr>(o.p) + ((long long)mn * o.mn.stride + (long long)k * o.k.stride);
@@ -347,44 +352,45 @@ __device__ __forceinline__ void load_tile_affine(float (&v)[16], const Operand& 
         const bool kin = k < o.k.count;
         const long long step = 4 * o.mn.stride;
 #pragma unroll
-        for (int j = 0; j < 16; ++j, q += step) v[j] = (kin && mn + 4 * j < o.mn.count) ? (Q8 ? __int_as_float((int)*q) : (float)*q) : 0.0f;
+        for (int j = 0; j < R / 4; ++j, q += step) v[j] = (kin && mn + 4 * j < o.mn.count) ? (Q8 ? __int_as_float((int)*q) : (float)*q) : 0.0f;
         if (o.ones && kin) {
 #pragma unroll
-            for (int j = 0; j < 16; ++j)
+            for (int j = 0; j < R / 4; ++j)
                 if (mn + 4 * j == o.mn.count) v[j] = one;
         }
-    } else {  // element j at (mn, k + 2j)
+    } else {  // element j at (mn, k + (128/R)·j)
         const bool mnin = mn < o.mn.count, ones = o.ones && mn == o.mn.count;
-        const long long step = 2 * o.k.stride;
+        const long long step = (TC_THREADS / R) * o.k.stride;
 #pragma unroll
-        for (int j = 0; j < 16; ++j, q += step) {
-            const bool kin = k + 2 * j < o.k.count;
+        for (int j = 0; j < R / 4; ++j, q += step) {
+            const bool kin = k + (TC_THREADS / R) * j < o.k.count;
             v[j] = (kin && mnin) ? (Q8 ? __int_as_float((int)*q) : (float)*q) : ((kin && ones) ? one : 0.0f);
         }
     }
 }
 
-__device__ __forceinline__ void load_tile(float (&v)[16], const Operand& o, const Ent* tmn, const Ent* tk, int mn0, int k0, int tid) {
+template <int R>
+__device__ __forceinline__ void load_tile(float (&v)[R / 4], const Operand& o, const Ent* tmn, const Ent* tk, int mn0, int k0, int tid) {
     if (affine(o)) {
-        if (o.q8) load_tile_affine<true>(v, o, mn0, k0, tid);
-        else load_tile_affine<false>(v, o, mn0, k0, tid);
+        if (o.q8) load_tile_affine<true, R>(v, o, mn0, k0, tid);
+        else load_tile_affine<false, R>(v, o, mn0, k0, tid);
     } else if (o.q8) {
-        load_tile_as<true>(v, o, tmn, tk, tid);
+        load_tile_as<true, R>(v, o, tmn, tk, tid);
     } else {
-        load_tile_as<false>(v, o, tmn, tk, tid);
+        load_tile_as<false, R>(v, o, tmn, tk, tid);
     }
 }
 
 // Stores the loaded elements as the precision's operands, [mn][k] (fp32 mode: the scaled hi half,
 // and the lo half in the second plane unless exact).
-template <int PREC, bool Q8>
-__device__ __forceinline__ void store_tile_as(const float (&v)[16], const Operand& o, u32* S32, float sc, bool lo_half, int tid) {
+template <int PREC, bool Q8, int R>
+__device__ __forceinline__ void store_tile_as(const float (&v)[R / 4], const Operand& o, u32* S32, float sc, bool lo_half, int tid) {
     unsigned short* S16 = reinterpret_cast<unsigned short*>(S32);
-    const int plane16 = TC_BM * TC_ROW16;
+    const int plane16 = R * TC_ROW16;
 #pragma unroll
-    for (int j = 0; j < 16; ++j) {
+    for (int j = 0; j < R / 4; ++j) {
         int mn, k;
-        tile_element(o, tid, j, mn, k);
+        tile_element<R>(o, tid, j, mn, k);
         const float x = decode<Q8>(o, v[j]);
         if (PREC == PREC_TF32) {
             S32[mn * TC_ROW32 + k] = f32_to_tf32_bits(x);
@@ -400,24 +406,26 @@ __device__ __forceinline__ void store_tile_as(const float (&v)[16], const Operan
         }
     }
 }
-template <int PREC>
-__device__ __forceinline__ void store_tile(const float (&v)[16], const Operand& o, u32* S32, float sc, bool lo_half, int tid) {
-    if (o.q8) store_tile_as<PREC, true>(v, o, S32, sc, lo_half, tid);
-    else store_tile_as<PREC, false>(v, o, S32, sc, lo_half, tid);
+template <int PREC, int R>
+__device__ __forceinline__ void store_tile(const float (&v)[R / 4], const Operand& o, u32* S32, float sc, bool lo_half, int tid) {
+    if (o.q8) store_tile_as<PREC, true, R>(v, o, S32, sc, lo_half, tid);
+    else store_tile_as<PREC, false, R>(v, o, S32, sc, lo_half, tid);
 }
 
-template <int PREC>
+// WM × WN warps of 32×32 (see the tile shapes at the top).
+template <int PREC, int WM, int WN>
 __device__ __forceinline__ void gemm_tc(const GemmDesc& d, const u32* __restrict__ maxbits) {
-    __shared__ Ent ta_m[TC_BM];
-    __shared__ Ent tb_n[TC_BN];
+    constexpr int BM = 32 * WM, BN = 32 * WN;
+    __shared__ Ent ta_m[BM];
+    __shared__ Ent tb_n[BN];
     __shared__ Ent ta_k[TC_BK];
     __shared__ Ent tb_k[TC_BK];
-    __shared__ u32 As[TC_TILE_WORDS];
-    __shared__ u32 Bs[TC_TILE_WORDS];
+    __shared__ u32 As[TC_TILE_WORDS(BM)];
+    __shared__ u32 Bs[TC_TILE_WORDS(BN)];
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int g = lane >> 2, t4 = lane & 3;
-    const int wm = warp >> 1, wn = warp & 1;
-    const int m0 = blockIdx.y * TC_BM, n0 = blockIdx.x * TC_BN;
+    const int wm = warp / WN, wn = warp % WN;
+    const int m0 = blockIdx.y * BM, n0 = blockIdx.x * BN;
     const int ncols = d.N + d.b.ones;
     const int ktiles = (d.K + TC_BK - 1) / TC_BK;
     const int kt0 = blockIdx.z * d.kt_per_split;
@@ -428,8 +436,10 @@ __device__ __forceinline__ void gemm_tc(const GemmDesc& d, const u32* __restrict
         if (!d.a.exact && d.a.scale_slot >= 0) pow2_scale(maxbits[d.a.scale_slot], sa, ia);
         if (!d.b.exact && d.b.scale_slot >= 0) pow2_scale(maxbits[d.b.scale_slot], sb, ib);
     }
-    if (tid < TC_BM) ta_m[tid] = index_entry(d.a.mn, m0 + tid, d.a.ones);
-    else tb_n[tid - TC_BM] = index_entry(d.b.mn, n0 + tid - TC_BM, d.b.ones);
+    for (int i = tid; i < BM + BN; i += TC_THREADS) {
+        if (i < BM) ta_m[i] = index_entry(d.a.mn, m0 + i, d.a.ones);
+        else tb_n[i - BM] = index_entry(d.b.mn, n0 + i - BM, d.b.ones);
+    }
     float acc[2][4][4];
 #pragma unroll
     for (int i = 0; i < 2; ++i)
@@ -439,7 +449,7 @@ __device__ __forceinline__ void gemm_tc(const GemmDesc& d, const u32* __restrict
             for (int r = 0; r < 4; ++r) acc[i][j][r] = 0.0f;
     unsigned short* A16 = reinterpret_cast<unsigned short*>(As);
     unsigned short* B16 = reinterpret_cast<unsigned short*>(Bs);
-    const int plane16 = TC_BM * TC_ROW16;  // halves per 16-bit plane
+    const int plane16_a = BM * TC_ROW16, plane16_b = BN * TC_ROW16;  // halves per 16-bit plane
     const bool lo_a = PREC == PREC_FP32 && !d.a.exact, lo_b = PREC == PREC_FP32 && !d.b.exact;
     // Register double buffering: tile kt + 1's elements are loaded (in flight) while tile kt's
     // MMAs run; the k index tables of a tile are only read by its loads, so they are rebuilt for
@@ -448,23 +458,23 @@ __device__ __forceinline__ void gemm_tc(const GemmDesc& d, const u32* __restrict
         if (tid < TC_BK) ta_k[tid] = index_entry(d.a.k, kt * TC_BK + tid, 0);
         else if (tid < 2 * TC_BK) tb_k[tid - TC_BK] = index_entry(d.b.k, kt * TC_BK + tid - TC_BK, 0);
     };
-    float va[16], vb[16];
+    float va[BM / 4], vb[BN / 4];
     if (kt0 < kt1) {
         k_tables(kt0);
         __syncthreads();
-        load_tile(va, d.a, ta_m, ta_k, m0, kt0 * TC_BK, tid);
-        load_tile(vb, d.b, tb_n, tb_k, n0, kt0 * TC_BK, tid);
+        load_tile<BM>(va, d.a, ta_m, ta_k, m0, kt0 * TC_BK, tid);
+        load_tile<BN>(vb, d.b, tb_n, tb_k, n0, kt0 * TC_BK, tid);
     }
     for (int kt = kt0; kt < kt1; ++kt) {
         __syncthreads();  // the last tile's fragments are read
-        // stage A and B: 64×32 elements each, 16 per thread, as the precision's operands
-        store_tile<PREC>(va, d.a, As, sa, lo_a, tid);
-        store_tile<PREC>(vb, d.b, Bs, sb, lo_b, tid);
+        // stage A and B: BM×32 and BN×32 elements, BM/4 and BN/4 per thread, as the precision's operands
+        store_tile<PREC, BM>(va, d.a, As, sa, lo_a, tid);
+        store_tile<PREC, BN>(vb, d.b, Bs, sb, lo_b, tid);
         if (kt + 1 < kt1) {
             k_tables(kt + 1);  // every thread's loads of tile kt were issued before the barrier above
             __syncthreads();
-            load_tile(va, d.a, ta_m, ta_k, m0, (kt + 1) * TC_BK, tid);
-            load_tile(vb, d.b, tb_n, tb_k, n0, (kt + 1) * TC_BK, tid);
+            load_tile<BM>(va, d.a, ta_m, ta_k, m0, (kt + 1) * TC_BK, tid);
+            load_tile<BN>(vb, d.b, tb_n, tb_k, n0, (kt + 1) * TC_BK, tid);
         } else {
             __syncthreads();
         }
@@ -499,12 +509,12 @@ __device__ __forceinline__ void gemm_tc(const GemmDesc& d, const u32* __restrict
 #pragma unroll
                 for (int mi = 0; mi < 2; ++mi) {
                     load_a16(a[mi], A16 + (wm * 32 + mi * 16 + g) * TC_ROW16 + ks + 2 * t4);
-                    if (lo_a) load_a16(al[mi], A16 + plane16 + (wm * 32 + mi * 16 + g) * TC_ROW16 + ks + 2 * t4);
+                    if (lo_a) load_a16(al[mi], A16 + plane16_a + (wm * 32 + mi * 16 + g) * TC_ROW16 + ks + 2 * t4);
                 }
 #pragma unroll
                 for (int ni = 0; ni < 4; ++ni) {
                     load_b16(b[ni], B16 + (wn * 32 + ni * 8 + g) * TC_ROW16 + ks + 2 * t4);
-                    if (lo_b) load_b16(bl[ni], B16 + plane16 + (wn * 32 + ni * 8 + g) * TC_ROW16 + ks + 2 * t4);
+                    if (lo_b) load_b16(bl[ni], B16 + plane16_b + (wn * 32 + ni * 8 + g) * TC_ROW16 + ks + 2 * t4);
                 }
 #pragma unroll
                 for (int mi = 0; mi < 2; ++mi)
@@ -542,14 +552,27 @@ __device__ __forceinline__ void gemm_tc(const GemmDesc& d, const u32* __restrict
 // (65,536 / (170 · 128) = 3). Without the minimum, ptxas for sm_80 chose 128 registers for the
 // bf16 and tf32 kernels and spilled.
 #define TC_MIN_BLOCKS 3
+// The wide tiles hold 40 values in flight (A's 8 and B's 32): within 168 registers ptxas spilled
+// (sm_80 bf16: 192 bytes), so 2 blocks per SM, up to 255 registers.
+#define TC_MIN_BLOCKS_WIDE 2
+// SQUARE tiles (64×64), then WIDE ones (32×128: _m32)
 extern "C" __global__ void __launch_bounds__(TC_THREADS, TC_MIN_BLOCKS) gemm_tc_fp32(const GemmDesc d, const u32* __restrict__ maxbits) {
-    gemm_tc<PREC_FP32>(TC_DESC(d), maxbits);
+    gemm_tc<PREC_FP32, 2, 2>(TC_DESC(d), maxbits);
 }
 extern "C" __global__ void __launch_bounds__(TC_THREADS, TC_MIN_BLOCKS) gemm_tc_tf32(const GemmDesc d, const u32* __restrict__ maxbits) {
-    gemm_tc<PREC_TF32>(TC_DESC(d), maxbits);
+    gemm_tc<PREC_TF32, 2, 2>(TC_DESC(d), maxbits);
 }
 extern "C" __global__ void __launch_bounds__(TC_THREADS, TC_MIN_BLOCKS) gemm_tc_bf16(const GemmDesc d, const u32* __restrict__ maxbits) {
-    gemm_tc<PREC_BF16>(TC_DESC(d), maxbits);
+    gemm_tc<PREC_BF16, 2, 2>(TC_DESC(d), maxbits);
+}
+extern "C" __global__ void __launch_bounds__(TC_THREADS, TC_MIN_BLOCKS_WIDE) gemm_tc_fp32_m32(const GemmDesc d, const u32* __restrict__ maxbits) {
+    gemm_tc<PREC_FP32, 1, 4>(TC_DESC(d), maxbits);
+}
+extern "C" __global__ void __launch_bounds__(TC_THREADS, TC_MIN_BLOCKS_WIDE) gemm_tc_tf32_m32(const GemmDesc d, const u32* __restrict__ maxbits) {
+    gemm_tc<PREC_TF32, 1, 4>(TC_DESC(d), maxbits);
+}
+extern "C" __global__ void __launch_bounds__(TC_THREADS, TC_MIN_BLOCKS_WIDE) gemm_tc_bf16_m32(const GemmDesc d, const u32* __restrict__ maxbits) {
+    gemm_tc<PREC_BF16, 1, 4>(TC_DESC(d), maxbits);
 }
 
 // C = Σ_split partial[split] in ascending split order, into the output (as gemm_tc's epilogue).

@@ -327,6 +327,72 @@ fn emulated_gemms_reading_int8_codes_of_pooled_spikes_give_the_bits_of_reading_f
     }
 }
 
+/// A GEMM with M ≤ 32 runs on the wide tiles (32×128, `gemm_tc_*_m32`: a 64-row tile would issue
+/// half or more of its MMAs on padding) and gives the bits it gives on the square ones (64×64):
+/// the tile changes which block computes an output, not its sum. Every precision; a conv data
+/// gradient (M = input channels), a conv forward and a linear weight gradient with its ones
+/// column (M = output channels), split-K included; M = 32 exactly and below, N off the tile grid.
+#[test]
+fn emulated_gemms_on_wide_tiles_give_the_bits_of_square_tiles() {
+    use backei::gpu::gemm_tc::TileShape;
+    let mut rng = common::Rng(88);
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<u32>>();
+    for p in Precision::ALL {
+        for (cin, cout) in [(32usize, 12usize), (7, 20)] {
+            let g = ConvGeom::new(cin, cout, 9, 7, 3, 1);
+            let samples = 3;
+            let (w, b) = (host(&mut rng, g.weight_len(), false), host(&mut rng, g.cout, false));
+            let x = host(&mut rng, samples * g.in_len(), false);
+            let dy = host(&mut rng, samples * g.out_len(), false);
+            let (dw0, db0) = (host(&mut rng, g.weight_len(), false), host(&mut rng, g.cout, false));
+            for (what, m) in [("conv data gradient", cin), ("conv forward", cout), ("conv weight gradient", cout)] {
+                let run = |square: bool| -> Vec<Vec<f32>> {
+                    let (mut wb, mut bb, mut xb, mut dyb) =
+                        (DevBuf::from("w", &w), DevBuf::from("b", &b), DevBuf::from("x", &x), DevBuf::from("dy", &dy));
+                    let (mut dwb, mut dbb) = (DevBuf::from("dw", &dw0), DevBuf::from("db", &db0));
+                    let (mut yb, mut dxb) = (DevBuf::new("y", samples * g.out_len()), DevBuf::new("dx", samples * g.in_len()));
+                    let (d, sources) = match what {
+                        "conv data gradient" => (
+                            gemm_tc::conv_backward_data(&g, samples, addr(&mut wb), addr(&mut dyb), addr(&mut dxb)),
+                            [(addr(&mut wb), w.len()), (addr(&mut dyb), dy.len())],
+                        ),
+                        "conv forward" => (
+                            gemm_tc::conv_forward(&g, samples, addr(&mut wb), addr(&mut bb), addr(&mut xb), addr(&mut yb), false),
+                            [(addr(&mut wb), w.len()), (addr(&mut xb), x.len())],
+                        ),
+                        _ => (
+                            gemm_tc::conv_weight_grad(&g, samples, addr(&mut dyb), addr(&mut xb), addr(&mut dwb), addr(&mut dbb), false),
+                            [(addr(&mut dyb), dy.len()), (addr(&mut xb), x.len())],
+                        ),
+                    };
+                    assert_eq!(d.m as usize, m, "{what}");
+                    let plan = gemm_plan(d.m as usize, d.cols(), d.k as usize, &SMALL);
+                    assert_eq!(plan.tile, TileShape::Wide, "{what}: M = {m}");
+                    let plan = if square {
+                        let (rows, cols) = (d.m as usize, d.cols());
+                        GemmPlan {
+                            tile: TileShape::Square,
+                            grid: (cols.div_ceil(64) as u32, rows.div_ceil(64) as u32, plan.grid.2),
+                            ..plan
+                        }
+                    } else {
+                        plan
+                    };
+                    emulate_planned(d, &plan, p, sources, 12);
+                    for buf in [&wb, &bb, &xb, &dyb, &dwb, &dbb, &yb, &dxb] {
+                        buf.check_guards();
+                    }
+                    vec![yb.host(), dxb.host(), dwb.host(), dbb.host()]
+                };
+                let (wide, square) = (run(false), run(true));
+                for (k, (a, q)) in wide.iter().zip(&square).enumerate() {
+                    assert!(bits(a) == bits(q), "{p} {what} {cin}→{cout}: output {k} differs between the wide and the square tiles");
+                }
+            }
+        }
+    }
+}
+
 /// The operand `gemm_tc.cu` reads without index tables (`affine`: both maps LINEAR, no spatial
 /// check — every linear layer's operands, a convolution's weights in its forward) gives the bits
 /// of the table path reading the same elements: each such GEMM is run as built and again with

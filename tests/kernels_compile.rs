@@ -91,7 +91,7 @@ fn v4_hot_loops_run_on_tensor_cores_without_local_memory_or_division() {
 /// runs (gemm_tc.cu compiled with its operand modes pinned, `gemm_tc::pin_defines`): fc1's forward
 /// (both operands affine) must take at most 3/4 of the instructions per k-tile of the same op read
 /// through the tables (`gemm_tc::through_tables`), in every precision (sm_90, 2026-12-03, its input
-/// as int8 codes: fp32 567 against 891, tf32 564 against 905, bf16 444 against 790), and still
+/// as int8 codes: fp32 559 against 810, tf32 542 against 788, bf16 434 against 680), and still
 /// issue its 32 loads per tile.
 #[test]
 fn gemm_tc_reads_affine_operands_without_the_index_tables() {
@@ -127,14 +127,14 @@ fn gemm_tc_keeps_its_next_tiles_loads_in_flight_behind_the_mmas() {
     require_nvrtc();
     assert!(find_nvdisasm().is_some() && find_cuobjdump().is_some(), "pip install nvidia-cuda-nvdisasm nvidia-cuda-cuobjdump");
     let kernels = backei::gpu::sass::check_module("gemm_tc", "sm_90", &[]).unwrap_or_else(|e| panic!("{e}"));
-    for name in ["gemm_tc_fp32", "gemm_tc_tf32", "gemm_tc_bf16"] {
+    for name in ["gemm_tc_fp32", "gemm_tc_tf32", "gemm_tc_bf16", "gemm_tc_fp32_m32", "gemm_tc_tf32_m32", "gemm_tc_bf16_m32"] {
         let k = kernels.iter().find(|k| k.kernel == name).unwrap_or_else(|| panic!("{name} not in the module"));
         let m = k.hot.unwrap_or_else(|| panic!("{name}: no loop"));
         // a static count over the loop's code: both operand layouts' gathers (k contiguous or not)
         // are laid out in it, one of them runs — 32 loads on the path a tile takes
         println!("{name}: {} registers, hot loop {m:?}, {} global loads between shared stores in its code", k.registers, k.hot_loads);
         assert!(m.mma >= 8, "{name}: the hot loop is the k-tile loop: {m:?}");
-        assert!(k.hot_loads >= 32, "{name}: {} global loads between shared stores (32 expected: A's and B's 16 each)", k.hot_loads);
+        assert!(k.hot_loads >= 32, "{name}: {} global loads between shared stores (A's and B's: 32 or 40 expected)", k.hot_loads);
         assert_eq!(k.local_bytes, 0, "{name}");
         assert_eq!(m.idiv, 0, "{name}: an integer division in the k-tile loop: {m:?}");
     }

@@ -979,7 +979,13 @@ fn sass_report(arch: &str) -> anyhow::Result<bool> {
     println!("measured (a warp's 32×32×32 tile per loop pass, one instruction per clock per scheduler, 132 SMs at 1.83 GHz):");
     println!("{:<24} {:<16} {:>5} {head} {:>12}", "op", "kernel", "regs", "bound TFLOP/s");
     for (op, d) in backei::gpu::gemm_tc::fashion_step_gemms() {
+        // the kernels of the op's tile shape (gemm_plan's choice)
+        let tile = backei::gpu::gemm_tc::gemm_plan(d.m as usize, d.cols(), d.k as usize, &DeviceLimits::H100).tile;
+        let used: Vec<&str> = backei::Precision::ALL.iter().map(|&p| tile.kernel(p)).collect();
         for k in check_module("gemm_tc", arch, &backei::gpu::gemm_tc::pin_defines(&d))? {
+            if !used.contains(&k.kernel.as_str()) {
+                continue;
+            }
             let Some(m) = k.hot.filter(|m| m.mma > 0) else { continue };
             let bound = 2.0 * 32.0 * 32.0 * 32.0 * 4.0 * 132.0 * 1.83e9 / m.total as f64 / 1e12;
             println!("{:<24} {:<16} {:>5} {} {} {:>12.0}", op, k.kernel, k.registers, show(&k.hot), flight(&k), bound);

@@ -56,11 +56,48 @@ pub const IDX_LINEAR: i32 = 0;
 pub const IDX_SAMPLE_PIXEL: i32 = 1;
 pub const IDX_CHANNEL_TAP: i32 = 2;
 
-/// Threads of a GEMM block and its tile (`TC_*` in the .cu).
+/// Threads of a GEMM block and its k-step (`TC_*` in the .cu).
 pub const TC_THREADS: u32 = 128;
-pub const TC_BM: usize = 64;
-pub const TC_BN: usize = 64;
 pub const TC_BK: usize = 32;
+
+/// A block's tile of C: 4 warps of 32×32 as 2×2 (64×64) or 1×4 (32×128, the `_m32` kernels).
+/// The shape changes which block computes an output, never its sum (the same products in the same
+/// k order), so a GEMM gives the same bits under either.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TileShape {
+    Square,
+    /// For M ≤ 32 (fashion-mnist's conv2 data gradient: M = 32 input channels; mnist's convs),
+    /// where a 64-row tile would issue half or more of its MMAs on padding.
+    Wide,
+}
+
+impl TileShape {
+    pub fn of(m: usize, n_cols: usize) -> TileShape {
+        if m <= 32 && n_cols > 32 {
+            TileShape::Wide
+        } else {
+            TileShape::Square
+        }
+    }
+    /// (rows, columns) of C per block.
+    pub fn dims(self) -> (usize, usize) {
+        match self {
+            TileShape::Square => (64, 64),
+            TileShape::Wide => (32, 128),
+        }
+    }
+    /// The kernel of a precision with this tile.
+    pub fn kernel(self, precision: Precision) -> &'static str {
+        match (self, precision) {
+            (TileShape::Square, Precision::Fp32) => "gemm_tc_fp32",
+            (TileShape::Square, Precision::Tf32) => "gemm_tc_tf32",
+            (TileShape::Square, Precision::Bf16) => "gemm_tc_bf16",
+            (TileShape::Wide, Precision::Fp32) => "gemm_tc_fp32_m32",
+            (TileShape::Wide, Precision::Tf32) => "gemm_tc_tf32_m32",
+            (TileShape::Wide, Precision::Bf16) => "gemm_tc_bf16_m32",
+        }
+    }
+}
 
 /// How an index maps to a memory offset and a spatial place (`IndexMap` in the .cu).
 #[repr(C)]
@@ -523,6 +560,7 @@ fn desc(a: Operand, b: Operand, out: Output, m: usize, n: usize, k: usize) -> Ge
 /// The grid and split-K of a GEMM on a device.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct GemmPlan {
+    pub tile: TileShape,
     pub grid: (u32, u32, u32),
     pub splits: usize,
     pub kt_per_split: usize,
@@ -533,13 +571,16 @@ pub struct GemmPlan {
 /// Output tiles and k-steps of a GEMM; split-K (fixed-order partial sums) when the tiles alone
 /// would leave most SMs idle: aim for two blocks per SM.
 pub fn gemm_plan(m: usize, n_cols: usize, k: usize, limits: &DeviceLimits) -> GemmPlan {
-    let (tm, tn) = (m.div_ceil(TC_BM), n_cols.div_ceil(TC_BN));
+    let tile = TileShape::of(m, n_cols);
+    let (bm, bn) = tile.dims();
+    let (tm, tn) = (m.div_ceil(bm), n_cols.div_ceil(bn));
     let ktiles = k.div_ceil(TC_BK).max(1);
     let want = 2 * limits.sm_count as usize;
     let mut splits = if tm * tn >= want { 1 } else { want.div_ceil(tm * tn).min(ktiles) };
     let kt_per_split = ktiles.div_ceil(splits.max(1));
     splits = ktiles.div_ceil(kt_per_split);
     GemmPlan {
+        tile,
         grid: (tn as u32, tm as u32, splits as u32),
         splits,
         kt_per_split,
@@ -552,8 +593,9 @@ pub fn gemm_plan(m: usize, n_cols: usize, k: usize, limits: &DeviceLimits) -> Ge
 /// so that every element of the part is the very sum — the same products in the same order — that
 /// the whole GEMM computes for it.
 pub fn gemm_plan_like(m: usize, n_cols: usize, whole: &GemmPlan) -> GemmPlan {
+    let (bm, bn) = whole.tile.dims();
     GemmPlan {
-        grid: (n_cols.div_ceil(TC_BN) as u32, m.div_ceil(TC_BM) as u32, whole.splits as u32),
+        grid: (n_cols.div_ceil(bn) as u32, m.div_ceil(bm) as u32, whole.splits as u32),
         partial: if whole.splits > 1 { whole.splits * m * n_cols } else { 0 },
         ..*whole
     }
@@ -737,12 +779,7 @@ pub fn launches(
             }
         }
     }
-    let kernel = match precision {
-        Precision::Fp32 => "gemm_tc_fp32",
-        Precision::Tf32 => "gemm_tc_tf32",
-        Precision::Bf16 => "gemm_tc_bf16",
-    };
-    out.push(TcLaunch::Gemm { kernel, grid: plan.grid, desc: d });
+    out.push(TcLaunch::Gemm { kernel: plan.tile.kernel(precision), grid: plan.grid, desc: d });
     if plan.splits > 1 {
         out.push(TcLaunch::Reduce { grid: helper_blocks(d.m as usize * d.cols()), desc: d });
     }
