@@ -261,17 +261,27 @@ __device__ __forceinline__ void store_c(const GemmDesc& d, int m, int n, float v
     *p = o.accumulate ? *p + v : v;
 }
 
-// A (16×16) and B (16×8) fragments of 16-bit operands stored [mn][k], rows TC_ROW16 halves apart:
-// `r0` points at (row g, column 2t) of the tile's rows.
-__device__ __forceinline__ void load_a16(u32 (&a)[4], const unsigned short* r0) {
-    a[0] = *reinterpret_cast<const u32*>(r0);
-    a[1] = *reinterpret_cast<const u32*>(r0 + 8 * TC_ROW16);
-    a[2] = *reinterpret_cast<const u32*>(r0 + 8);
-    a[3] = *reinterpret_cast<const u32*>(r0 + 8 * TC_ROW16 + 8);
+// Fragments by ldmatrix (cuda/mma.cuh), from tiles stored [mn][k] with rows `pitch` bytes apart —
+// TC_ROW16 halves (80 B) or TC_ROW32 words (144 B): 16-byte aligned, and 8 consecutive rows fall
+// on 8 different 16-byte bank groups (20 or 36 words apart), so no load conflicts. One instruction
+// per A fragment and one per two B fragments, where 32-bit shared loads took 4 and 2: the same
+// registers, as the PTX ISA lays the fragments out (m16n8k16 for 16-bit operands; m16n8k8 for
+// tf32, whose 32-bit elements ldmatrix moves as pairs of b16).
+// A (rows row0..row0+15, the 16 or 8 k columns from byte col): lanes 0–15 address rows 0–15 at col,
+// lanes 16–31 rows 0–15 at col + 16 bytes: matrices (rows 0–7, col), (8–15, col), (0–7, col + 16),
+// (8–15, col + 16) = a[0], a[1], a[2], a[3].
+__device__ __forceinline__ void frag_a(u32 (&a)[4], const unsigned char* tile, int pitch, int row0, int col, int lane) {
+    ldmatrix_x4(a, tile + (row0 + (lane & 15)) * pitch + col + (lane >> 4) * 16);
 }
-__device__ __forceinline__ void load_b16(u32 (&b)[2], const unsigned short* c0) {
-    b[0] = *reinterpret_cast<const u32*>(c0);
-    b[1] = *reinterpret_cast<const u32*>(c0 + 8);
+// B of two n8 tiles (rows n0..n0+15 of the [n][k] tile): lanes 0–7 address tile 0's rows at col,
+// 8–15 at col + 16 bytes, 16–23 tile 1's at col, 24–31 at col + 16: {b0[0], b0[1], b1[0], b1[1]}.
+__device__ __forceinline__ void frag_b2(u32 (&b0)[2], u32 (&b1)[2], const unsigned char* tile, int pitch, int n0, int col, int lane) {
+    u32 r[4];
+    ldmatrix_x4(r, tile + (n0 + ((lane >> 4) << 3) + (lane & 7)) * pitch + col + ((lane >> 3) & 1) * 16);
+    b0[0] = r[0];
+    b0[1] = r[1];
+    b1[0] = r[2];
+    b1[1] = r[3];
 }
 
 // A thread's R/4 elements of an operand's R×32 tile (R = 32, 64 or 128 rows: 128 threads, 32·R
@@ -420,8 +430,8 @@ __device__ __forceinline__ void gemm_tc(const GemmDesc& d, const u32* __restrict
     __shared__ Ent tb_n[BN];
     __shared__ Ent ta_k[TC_BK];
     __shared__ Ent tb_k[TC_BK];
-    __shared__ u32 As[TC_TILE_WORDS(BM)];
-    __shared__ u32 Bs[TC_TILE_WORDS(BN)];
+    __shared__ __align__(16) u32 As[TC_TILE_WORDS(BM)];
+    __shared__ __align__(16) u32 Bs[TC_TILE_WORDS(BN)];
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int g = lane >> 2, t4 = lane & 3;
     const int wm = warp / WN, wn = warp % WN;
@@ -447,8 +457,6 @@ __device__ __forceinline__ void gemm_tc(const GemmDesc& d, const u32* __restrict
         for (int j = 0; j < 4; ++j)
 #pragma unroll
             for (int r = 0; r < 4; ++r) acc[i][j][r] = 0.0f;
-    unsigned short* A16 = reinterpret_cast<unsigned short*>(As);
-    unsigned short* B16 = reinterpret_cast<unsigned short*>(Bs);
     const int plane16_a = BM * TC_ROW16, plane16_b = BN * TC_ROW16;  // halves per 16-bit plane
     const bool lo_a = PREC == PREC_FP32 && !d.a.exact, lo_b = PREC == PREC_FP32 && !d.b.exact;
     // Register double buffering: tile kt + 1's elements are loaded (in flight) while tile kt's
@@ -479,24 +487,16 @@ __device__ __forceinline__ void gemm_tc(const GemmDesc& d, const u32* __restrict
             __syncthreads();
         }
         // the tile's products
+        const unsigned char* A8 = reinterpret_cast<const unsigned char*>(As);
+        const unsigned char* B8 = reinterpret_cast<const unsigned char*>(Bs);
         if (PREC == PREC_TF32) {
 #pragma unroll
             for (int ks = 0; ks < TC_BK; ks += 8) {
                 u32 a[2][4], b[4][2];
 #pragma unroll
-                for (int mi = 0; mi < 2; ++mi) {
-                    const u32* r0 = As + (wm * 32 + mi * 16 + g) * TC_ROW32 + ks + t4;
-                    a[mi][0] = r0[0];
-                    a[mi][1] = r0[8 * TC_ROW32];
-                    a[mi][2] = r0[4];
-                    a[mi][3] = r0[8 * TC_ROW32 + 4];
-                }
+                for (int mi = 0; mi < 2; ++mi) frag_a(a[mi], A8, 4 * TC_ROW32, wm * 32 + mi * 16, 4 * ks, lane);
 #pragma unroll
-                for (int ni = 0; ni < 4; ++ni) {
-                    const u32* c0 = Bs + (wn * 32 + ni * 8 + g) * TC_ROW32 + ks + t4;
-                    b[ni][0] = c0[0];
-                    b[ni][1] = c0[4];
-                }
+                for (int ni = 0; ni < 4; ni += 2) frag_b2(b[ni], b[ni + 1], B8, 4 * TC_ROW32, wn * 32 + ni * 8, 4 * ks, lane);
 #pragma unroll
                 for (int mi = 0; mi < 2; ++mi)
 #pragma unroll
@@ -508,13 +508,13 @@ __device__ __forceinline__ void gemm_tc(const GemmDesc& d, const u32* __restrict
                 u32 a[2][4], al[2][4], b[4][2], bl[4][2];  // hi and lo halves
 #pragma unroll
                 for (int mi = 0; mi < 2; ++mi) {
-                    load_a16(a[mi], A16 + (wm * 32 + mi * 16 + g) * TC_ROW16 + ks + 2 * t4);
-                    if (lo_a) load_a16(al[mi], A16 + plane16_a + (wm * 32 + mi * 16 + g) * TC_ROW16 + ks + 2 * t4);
+                    frag_a(a[mi], A8, 2 * TC_ROW16, wm * 32 + mi * 16, 2 * ks, lane);
+                    if (lo_a) frag_a(al[mi], A8 + 2 * plane16_a, 2 * TC_ROW16, wm * 32 + mi * 16, 2 * ks, lane);
                 }
 #pragma unroll
-                for (int ni = 0; ni < 4; ++ni) {
-                    load_b16(b[ni], B16 + (wn * 32 + ni * 8 + g) * TC_ROW16 + ks + 2 * t4);
-                    if (lo_b) load_b16(bl[ni], B16 + plane16_b + (wn * 32 + ni * 8 + g) * TC_ROW16 + ks + 2 * t4);
+                for (int ni = 0; ni < 4; ni += 2) {
+                    frag_b2(b[ni], b[ni + 1], B8, 2 * TC_ROW16, wn * 32 + ni * 8, 2 * ks, lane);
+                    if (lo_b) frag_b2(bl[ni], bl[ni + 1], B8 + 2 * plane16_b, 2 * TC_ROW16, wn * 32 + ni * 8, 2 * ks, lane);
                 }
 #pragma unroll
                 for (int mi = 0; mi < 2; ++mi)
