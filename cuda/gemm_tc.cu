@@ -285,16 +285,19 @@ __device__ __forceinline__ void frag_b2(u32 (&b0)[2], u32 (&b1)[2], const unsign
 }
 
 // A thread's R/4 elements of an operand's R×32 tile (R = 32, 64 or 128 rows: 128 threads, 32·R
-// elements): element j at (mn, k) of the tile. Consecutive threads along k when k is the contiguous
-// index (k_fast), else along mn: coalesced either way.
+// elements), in R/8 pairs of neighbours along k: element j = 2p + h at (mn, k + h), k even — so
+// that a pair is stored as one 32-bit word of two 16-bit operands (one conversion instruction
+// packs both), where one element at a time took two 16-bit stores per word. Consecutive threads
+// along k when k is the contiguous index (k_fast: 16 threads cover a row's 32), else along mn:
+// coalesced either way.
 template <int R>
-__device__ __forceinline__ void tile_element(const Operand& o, int tid, int j, int& mn, int& k) {
+__device__ __forceinline__ void tile_pair(const Operand& o, int tid, int p, int& mn, int& k) {
     if (o.k_fast) {
-        k = tid & (TC_BK - 1);
-        mn = (tid >> 5) + 4 * j;
+        k = 2 * (tid & 15);
+        mn = (tid >> 4) + 8 * p;
     } else {
         mn = tid & (R - 1);
-        k = tid / R + (TC_THREADS / R) * j;
+        k = 2 * (tid / R + (TC_THREADS / R) * p);
     }
 }
 
@@ -308,20 +311,23 @@ template <bool Q8, int R>
 __device__ __forceinline__ void load_tile_as(float (&v)[R / 4], const Operand& o, const Ent* tmn, const Ent* tk, int tid) {
     const Bounds bd = bounds_of(o);
     if (o.k_fast) {
-        const Ent ek = tk[tid & (TC_BK - 1)];
+        const Ent ek0 = tk[2 * (tid & 15)], ek1 = tk[2 * (tid & 15) + 1];
 #pragma unroll
-        for (int j = 0; j < R / 4; ++j) {
+        for (int p = 0; p < R / 8; ++p) {
             int mn, k;
-            tile_element<R>(o, tid, j, mn, k);
-            v[j] = operand_at<Q8>(o, bd, tmn[mn], ek);
+            tile_pair<R>(o, tid, p, mn, k);
+            const Ent em = tmn[mn];
+            v[2 * p] = operand_at<Q8>(o, bd, em, ek0);
+            v[2 * p + 1] = operand_at<Q8>(o, bd, em, ek1);
         }
     } else {
         const Ent em = tmn[tid & (R - 1)];
 #pragma unroll
-        for (int j = 0; j < R / 4; ++j) {
+        for (int p = 0; p < R / 8; ++p) {
             int mn, k;
-            tile_element<R>(o, tid, j, mn, k);
-            v[j] = operand_at<Q8>(o, bd, em, tk[k]);
+            tile_pair<R>(o, tid, p, mn, k);
+            v[2 * p] = operand_at<Q8>(o, bd, em, tk[k]);
+            v[2 * p + 1] = operand_at<Q8>(o, bd, em, tk[k + 1]);
         }
     }
 }
@@ -329,8 +335,8 @@ __device__ __forceinline__ void load_tile_as(float (&v)[R / 4], const Operand& o
 // convolution's weights in its forward — has element (mn, k) at p[mn·stride_mn + k·stride_k], so a
 // thread's R/4 elements are one base offset plus j times a constant step: no table entries to read
 // (a shared load each, and the validity tests), just an address, a compare and a predicated load
-// per element (the SASS of fc1's forward in fp32 mode: 857 instructions per k-step before, 559
-// now; the table path, without branches since, 810).
+// per element (the SASS of fc1's forward in fp32 mode: 857 instructions per k-step before, 518
+// now; the table path, without branches since, 732).
 __device__ __forceinline__ bool affine(const Operand& o) {
     return o.mn.kind == IDX_LINEAR && o.k.kind == IDX_LINEAR && o.sp_h == 0;
 }
@@ -345,36 +351,46 @@ struct ElemPtr<true> {
     typedef const signed char* T;
 };
 
-// The affine operand's 16 elements of the tile at (mn0, k0): the values operand_at<Q8> gives
-// through the tables (0 outside [0, count) on either side, the ones column at mn = count). One
-// pointer walks the elements (a 64-bit add per element: j·step as a 64-bit product per element
-// made ptxas for the fp32 kernel recompute addresses under its register bound).
+// The affine operand's R/4 elements of the tile at (mn0, k0): the values operand_at<Q8> gives
+// through the tables (0 outside [0, count) on either side, the ones column at mn = count). Two
+// pointers (a pair's first and second element) walk the pairs (a 64-bit add per pair: a 64-bit
+// product per element made ptxas for the fp32 kernel recompute addresses under its register bound).
 template <bool Q8, int R>
 __device__ __forceinline__ void load_tile_affine(float (&v)[R / 4], const Operand& o, int mn0, int k0, int tid) {
     typedef typename ElemPtr<Q8>::T Ptr;
     int mn, k;
-    tile_element<R>(o, tid, 0, mn, k);
+    tile_pair<R>(o, tid, 0, mn, k);
     mn += mn0;
     k += k0;
-    Ptr q = reinterpret_cast<Ptr>(o.p) + ((long long)mn * o.mn.stride + (long long)k * o.k.stride);
+    Ptr q0 = reinterpret_cast<Ptr>(o.p) + ((long long)mn * o.mn.stride + (long long)k * o.k.stride);
+    Ptr q1 = q0 + o.k.stride;
     const float one = Q8 ? __int_as_float(Q8_ONE) : 1.0f;
-    if (o.k_fast) {  // element j at (mn + 4j, k)
-        const bool kin = k < o.k.count;
-        const long long step = 4 * o.mn.stride;
+    if (o.k_fast) {  // pair p at (mn + 8p, k), (mn + 8p, k + 1)
+        const bool kin0 = k < o.k.count, kin1 = k + 1 < o.k.count;
+        const long long step = 8 * o.mn.stride;
 #pragma unroll
-        for (int j = 0; j < R / 4; ++j, q += step) v[j] = (kin && mn + 4 * j < o.mn.count) ? (Q8 ? __int_as_float((int)*q) : (float)*q) : 0.0f;
-        if (o.ones && kin) {
-#pragma unroll
-            for (int j = 0; j < R / 4; ++j)
-                if (mn + 4 * j == o.mn.count) v[j] = one;
+        for (int p = 0; p < R / 8; ++p, q0 += step, q1 += step) {
+            const bool mnin = mn + 8 * p < o.mn.count;
+            v[2 * p] = (kin0 && mnin) ? (Q8 ? __int_as_float((int)*q0) : (float)*q0) : 0.0f;
+            v[2 * p + 1] = (kin1 && mnin) ? (Q8 ? __int_as_float((int)*q1) : (float)*q1) : 0.0f;
         }
-    } else {  // element j at (mn, k + (128/R)·j)
-        const bool mnin = mn < o.mn.count, ones = o.ones && mn == o.mn.count;
-        const long long step = (TC_THREADS / R) * o.k.stride;
+        if (o.ones) {
 #pragma unroll
-        for (int j = 0; j < R / 4; ++j, q += step) {
-            const bool kin = k + (TC_THREADS / R) * j < o.k.count;
-            v[j] = (kin && mnin) ? (Q8 ? __int_as_float((int)*q) : (float)*q) : ((kin && ones) ? one : 0.0f);
+            for (int p = 0; p < R / 8; ++p)
+                if (mn + 8 * p == o.mn.count) {
+                    if (kin0) v[2 * p] = one;
+                    if (kin1) v[2 * p + 1] = one;
+                }
+        }
+    } else {  // pair p at (mn, k + 2·(128/R)·p) and the next k
+        const bool mnin = mn < o.mn.count, ones = o.ones && mn == o.mn.count;
+        const long long step = 2 * (TC_THREADS / R) * o.k.stride;
+#pragma unroll
+        for (int p = 0; p < R / 8; ++p, q0 += step, q1 += step) {
+            const int kp = k + 2 * (TC_THREADS / R) * p;
+            const bool kin0 = kp < o.k.count, kin1 = kp + 1 < o.k.count;
+            v[2 * p] = (kin0 && mnin) ? (Q8 ? __int_as_float((int)*q0) : (float)*q0) : ((kin0 && ones) ? one : 0.0f);
+            v[2 * p + 1] = (kin1 && mnin) ? (Q8 ? __int_as_float((int)*q1) : (float)*q1) : ((kin1 && ones) ? one : 0.0f);
         }
     }
 }
@@ -391,28 +407,32 @@ __device__ __forceinline__ void load_tile(float (&v)[R / 4], const Operand& o, c
     }
 }
 
-// Stores the loaded elements as the precision's operands, [mn][k] (fp32 mode: the scaled hi half,
-// and the lo half in the second plane unless exact).
+// Stores the loaded elements as the precision's operands, [mn][k], a pair per 32-bit word (fp32
+// mode: the scaled hi halves, and the lo halves in the second plane unless exact; tf32: one
+// 64-bit store of the pair's two words).
 template <int PREC, bool Q8, int R>
 __device__ __forceinline__ void store_tile_as(const float (&v)[R / 4], const Operand& o, u32* S32, float sc, bool lo_half, int tid) {
-    unsigned short* S16 = reinterpret_cast<unsigned short*>(S32);
-    const int plane16 = R * TC_ROW16;
+    const int plane32 = R * TC_ROW16 / 2;  // words per 16-bit plane
 #pragma unroll
-    for (int j = 0; j < R / 4; ++j) {
+    for (int p = 0; p < R / 8; ++p) {
         int mn, k;
-        tile_element<R>(o, tid, j, mn, k);
-        const float x = decode<Q8>(o, v[j]);
+        tile_pair<R>(o, tid, p, mn, k);
+        const float x0 = decode<Q8>(o, v[2 * p]), x1 = decode<Q8>(o, v[2 * p + 1]);
         if (PREC == PREC_TF32) {
-            S32[mn * TC_ROW32 + k] = f32_to_tf32_bits(x);
-        } else if (PREC == PREC_BF16) {
-            S16[mn * TC_ROW16 + k] = f32_to_bf16_bits(x);
-        } else if (lo_half) {
-            unsigned short hi, lo;
-            split_f16(x * sc, hi, lo);
-            S16[mn * TC_ROW16 + k] = hi;
-            S16[plane16 + mn * TC_ROW16 + k] = lo;
+            *reinterpret_cast<uint2*>(S32 + mn * TC_ROW32 + k) = make_uint2(f32_to_tf32_bits(x0), f32_to_tf32_bits(x1));
         } else {
-            S16[mn * TC_ROW16 + k] = f32_to_f16_bits(x);
+            const int w = (mn * TC_ROW16 + k) >> 1;
+            if (PREC == PREC_BF16) {
+                S32[w] = pack2(f32_to_bf16_bits(x0), f32_to_bf16_bits(x1));
+            } else if (lo_half) {
+                unsigned short hi0, lo0, hi1, lo1;
+                split_f16(x0 * sc, hi0, lo0);
+                split_f16(x1 * sc, hi1, lo1);
+                S32[w] = pack2(hi0, hi1);
+                S32[plane32 + w] = pack2(lo0, lo1);
+            } else {
+                S32[w] = pack2(f32_to_f16_bits(x0), f32_to_f16_bits(x1));
+            }
         }
     }
 }

@@ -89,9 +89,9 @@ fn v4_hot_loops_run_on_tensor_cores_without_local_memory_or_division() {
 /// loaded without the index tables — a base address plus a constant step per element, a predicated
 /// load, no entry reads and no per-element branches on the entries' kinds. Read off the path one op
 /// runs (gemm_tc.cu compiled with its operand modes pinned, `gemm_tc::pin_defines`): fc1's forward
-/// (both operands affine) must take at most 3/4 of the instructions per k-tile of the same op read
+/// (both operands affine) must take at most 4/5 of the instructions per k-tile of the same op read
 /// through the tables (`gemm_tc::through_tables`), in every precision (sm_90, 2026-12-03, its input
-/// as int8 codes: fp32 559 against 810, tf32 542 against 788, bf16 434 against 680), and still
+/// as int8 codes: fp32 518 against 732, tf32 499 against 712, bf16 383 against 595), and still
 /// issue its 32 loads per tile.
 #[test]
 fn gemm_tc_reads_affine_operands_without_the_index_tables() {
@@ -112,7 +112,7 @@ fn gemm_tc_reads_affine_operands_without_the_index_tables() {
         let (a, t) = (loop_of(&affine), loop_of(&tables));
         println!("{name}: fc1 forward's k-tile loop {} instructions affine, {} through the tables ({a:?})", a.total, t.total);
         assert!(a.mma >= 8 && a.ldg == 32, "{name}: the k-tile loop with its 32 loads: {a:?}");
-        assert!(4 * a.total <= 3 * t.total, "{name}: affine {} instructions per k-tile, tables {}", a.total, t.total);
+        assert!(5 * a.total <= 4 * t.total, "{name}: affine {} instructions per k-tile, tables {}", a.total, t.total);
     }
 }
 
