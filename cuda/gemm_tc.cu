@@ -191,10 +191,24 @@ __device__ __forceinline__ Ent index_entry(const IndexMap& im, int i, int ones) 
     return e;
 }
 
+// What an operand's pointer points at: f32 elements, or Q8 codes.
+template <bool Q8>
+struct ElemPtr {
+    typedef const float* T;
+};
+template <>
+struct ElemPtr<true> {
+    typedef const signed char* T;
+};
+
+// The element at `q`: its f32 value, or a Q8 code's int bits (decoded by `decode`).
+template <bool Q8>
+__device__ __forceinline__ float load_elem(typename ElemPtr<Q8>::T q) {
+    return Q8 ? __int_as_float((int)*q) : (float)*q;
+}
 template <bool Q8>
 __device__ __forceinline__ float load_at(const Operand& o, long long at) {
-    if (Q8) return __int_as_float((int)reinterpret_cast<const signed char*>(o.p)[at]);
-    return o.p[at];
+    return load_elem<Q8>(reinterpret_cast<typename ElemPtr<Q8>::T>(o.p) + at);
 }
 
 // Where an operand's elements are valid: (unsigned)(y(mn) + y(k) + bias) < span_y, and so for x.
@@ -305,8 +319,9 @@ __device__ __forceinline__ void tile_pair(const Operand& o, int tid, int p, int&
 // before any is used, so that they are in flight together (and, issued before the previous tile's
 // MMAs, behind them: see gemm_tc). Before this split each element was converted and stored as soon
 // as it arrived: one memory round trip per element, 32 per k-tile (SASS of gemm_tc_fp32).
-// A thread's k index (k_fast) or mn index (otherwise) is the same for its 16 elements: that
-// table entry is read once, not per element (an entry is one 16-byte shared load).
+// A thread's k indices (k_fast: the two of its pairs) or mn index (otherwise) are the same for all
+// its elements: those table entries are read once, not per element (an entry is one 16-byte
+// shared load).
 template <bool Q8, int R>
 __device__ __forceinline__ void load_tile_as(float (&v)[R / 4], const Operand& o, const Ent* tmn, const Ent* tk, int tid) {
     const Bounds bd = bounds_of(o);
@@ -341,16 +356,6 @@ __device__ __forceinline__ bool affine(const Operand& o) {
     return o.mn.kind == IDX_LINEAR && o.k.kind == IDX_LINEAR && o.sp_h == 0;
 }
 
-// What an operand's pointer points at: f32 elements, or Q8 codes.
-template <bool Q8>
-struct ElemPtr {
-    typedef const float* T;
-};
-template <>
-struct ElemPtr<true> {
-    typedef const signed char* T;
-};
-
 // The affine operand's R/4 elements of the tile at (mn0, k0): the values operand_at<Q8> gives
 // through the tables (0 outside [0, count) on either side, the ones column at mn = count). Two
 // pointers (a pair's first and second element) walk the pairs (a 64-bit add per pair: a 64-bit
@@ -371,8 +376,8 @@ __device__ __forceinline__ void load_tile_affine(float (&v)[R / 4], const Operan
 #pragma unroll
         for (int p = 0; p < R / 8; ++p, q0 += step, q1 += step) {
             const bool mnin = mn + 8 * p < o.mn.count;
-            v[2 * p] = (kin0 && mnin) ? (Q8 ? __int_as_float((int)*q0) : (float)*q0) : 0.0f;
-            v[2 * p + 1] = (kin1 && mnin) ? (Q8 ? __int_as_float((int)*q1) : (float)*q1) : 0.0f;
+            v[2 * p] = (kin0 && mnin) ? load_elem<Q8>(q0) : 0.0f;
+            v[2 * p + 1] = (kin1 && mnin) ? load_elem<Q8>(q1) : 0.0f;
         }
         if (o.ones) {
 #pragma unroll
@@ -389,8 +394,8 @@ __device__ __forceinline__ void load_tile_affine(float (&v)[R / 4], const Operan
         for (int p = 0; p < R / 8; ++p, q0 += step, q1 += step) {
             const int kp = k + 2 * (TC_THREADS / R) * p;
             const bool kin0 = kp < o.k.count, kin1 = kp + 1 < o.k.count;
-            v[2 * p] = (kin0 && mnin) ? (Q8 ? __int_as_float((int)*q0) : (float)*q0) : ((kin0 && ones) ? one : 0.0f);
-            v[2 * p + 1] = (kin1 && mnin) ? (Q8 ? __int_as_float((int)*q1) : (float)*q1) : ((kin1 && ones) ? one : 0.0f);
+            v[2 * p] = (kin0 && mnin) ? load_elem<Q8>(q0) : ((kin0 && ones) ? one : 0.0f);
+            v[2 * p + 1] = (kin1 && mnin) ? load_elem<Q8>(q1) : ((kin1 && ones) ? one : 0.0f);
         }
     }
 }

@@ -8,7 +8,7 @@ mod common;
 
 use backei::cpu::conv::ConvGeom;
 use backei::gpu::backei_layer::DeviceLimits;
-use backei::gpu::gemm_tc::{self, gemm_plan, launches, GemmDesc, GemmPlan, TcLaunch};
+use backei::gpu::gemm_tc::{self, gemm_plan, gemm_plan_like, launches, GemmDesc, GemmPlan, TcLaunch};
 use backei::Precision;
 use common::emu::{self, Args, DevBuf};
 use common::ff_check::{check_convs, check_linears, host, FfDevice, Grads};
@@ -248,6 +248,18 @@ fn emulated_convolution_over_a_window_of_samples_gives_the_bits_of_the_whole_con
     }
 }
 
+/// `n` int8 codes c ∈ −4..4, as the 2×2 pooling of spikes writes them.
+fn random_codes(rng: &mut common::Rng, n: usize) -> Vec<i8> {
+    (0..n).map(|_| rng.below(9) as i8 - 4).collect()
+}
+
+/// Codes in f32 words, as the pooling kernels leave them (the last word's spare bytes 0x7f).
+fn code_words(c: &[i8]) -> Vec<f32> {
+    let mut bytes: Vec<u8> = c.iter().map(|&x| x as u8).collect();
+    bytes.resize(c.len().div_ceil(4) * 4, 0x7f);
+    bytes.chunks(4).map(|q| f32::from_le_bytes([q[0], q[1], q[2], q[3]])).collect()
+}
+
 /// Pooled spikes stored as int8 codes (`XForm::Q8`: c · factor, `memory::pooled_as_codes`) give
 /// every GEMM that reads a layer's input — conv forward (also over a window of samples: the
 /// byte offset), conv weight and bias gradient, linear forward, linear weight and bias gradient —
@@ -263,11 +275,8 @@ fn emulated_gemms_reading_int8_codes_of_pooled_spikes_give_the_bits_of_reading_f
     let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<u32>>();
     // int8 codes c ∈ −4..4 in f32 words (as the pooling kernels leave them), and c · factor in f32
     let coded = |rng: &mut common::Rng, n: usize, factor: f32| -> (Vec<f32>, Vec<f32>) {
-        let c: Vec<i8> = (0..n).map(|_| rng.below(9) as i8 - 4).collect();
-        let mut bytes: Vec<u8> = c.iter().map(|&x| x as u8).collect();
-        bytes.resize(n.div_ceil(4) * 4, 0x7f);
-        let words = bytes.chunks(4).map(|q| f32::from_le_bytes([q[0], q[1], q[2], q[3]])).collect();
-        (words, c.iter().map(|&x| x as f32 * factor).collect())
+        let c = random_codes(rng, n);
+        (code_words(&c), c.iter().map(|&x| x as f32 * factor).collect())
     };
     for p in Precision::ALL {
         for factor in [0.25f32, 0.5] {
@@ -368,16 +377,9 @@ fn emulated_gemms_on_wide_tiles_give_the_bits_of_square_tiles() {
                     assert_eq!(d.m as usize, m, "{what}");
                     let plan = gemm_plan(d.m as usize, d.cols(), d.k as usize, &SMALL);
                     assert_eq!(plan.tile, TileShape::Wide, "{what}: M = {m}");
-                    let plan = if square {
-                        let (rows, cols) = (d.m as usize, d.cols());
-                        GemmPlan {
-                            tile: TileShape::Square,
-                            grid: (cols.div_ceil(64) as u32, rows.div_ceil(64) as u32, plan.grid.2),
-                            ..plan
-                        }
-                    } else {
-                        plan
-                    };
+                    // the same splits of the same k-steps on square tiles
+                    let plan =
+                        if square { gemm_plan_like(d.m as usize, d.cols(), &GemmPlan { tile: TileShape::Square, ..plan }) } else { plan };
                     emulate_planned(d, &plan, p, sources, 12);
                     for buf in [&wb, &bb, &xb, &dyb, &dwb, &dbb, &yb, &dxb] {
                         buf.check_guards();
@@ -410,11 +412,7 @@ fn emulated_affine_operands_give_the_bits_of_the_table_path() {
     let g = ConvGeom::new(6, 12, 6, 5, 3, 1);
     let samples = 3;
     let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<u32>>();
-    let codes = |rng: &mut common::Rng, n: usize| -> Vec<f32> {
-        let mut bytes: Vec<u8> = (0..n).map(|_| (rng.below(9) as i8 - 4) as u8).collect();
-        bytes.resize(n.div_ceil(4) * 4, 0x7f);
-        bytes.chunks(4).map(|q| f32::from_le_bytes([q[0], q[1], q[2], q[3]])).collect()
-    };
+    let codes = |rng: &mut common::Rng, n: usize| code_words(&random_codes(rng, n));
     for p in Precision::ALL {
         for form in [XForm::Real, XForm::Exact, XForm::Q8(0.25)] {
             let x_lin = match form {

@@ -853,9 +853,6 @@ mod tests {
     use rand::{Rng, SeedableRng};
     use rand_chacha::ChaCha8Rng;
 
-    /// The index tables' multiply-high division equals integer division for every divisor the
-    /// maps use (kernel areas, widths, pixels per sample: 1 up to millions) and every index
-    /// below 2^31: the boundaries around each multiple, the extremes and random indices.
     /// The kernel marks an invalid index and the ones column by a y or x of ±2^29 in its index
     /// entries: a map as wide or high as 2^27 is refused with the fix; fashion-mnist's step and a
     /// map just below the bound are accepted.
@@ -873,6 +870,9 @@ mod tests {
         conv_forward(&fits, 1, 1, 2, 3, 4, false).validate().expect("just below the bound");
     }
 
+    /// The index tables' multiply-high division equals integer division for every divisor the
+    /// maps use (kernel areas, widths, pixels per sample: 1 up to millions) and every index
+    /// below 2^31: the boundaries around each multiple, the extremes and random indices.
     #[test]
     fn fast_division_is_exact_for_every_index_below_2_to_the_31() {
         let mut rng = ChaCha8Rng::seed_from_u64(7);
