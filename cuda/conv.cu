@@ -13,20 +13,19 @@
 //                      P = 1, cout = out_features)
 //   y[i] = bias[(i / P) % cout]                                  (bias_fill_f32, the linear layer's prefill)
 // Layout: every tensor row-major as written above; x [n][cin][h][w], y/dy [n][cout][ho][wo].
-// Work mapping: one thread per output element (grid-stride loops, 64-bit indices); bias_grad_f32
-// is one block per output channel, a fixed-order tree reduction in shared memory (deterministic).
+// Work mapping: one thread per output element (grid-stride loops, 64-bit indices, coordinates
+// advanced without division: grid_digits.cuh); bias_grad_f32 is one block per output channel, a
+// fixed-order tree reduction in shared memory (deterministic).
 #include "common.cuh"
+#include "grid_digits.cuh"
 
 extern "C" __global__ void im2col_f32(const float* __restrict__ x, float* __restrict__ col, int n, int cin, int h, int w, int k, int pad, int ho, int wo) {
     const long long P = (long long)ho * wo;
     const long long total = (long long)cin * k * k * n * P;
-    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total; i += (long long)gridDim.x * blockDim.x) {
-        long long q = i % (n * P);
-        int r = (int)(i / (n * P));
-        int s = (int)(q / P);
-        int p = (int)(q % P);
-        int oy = p / wo, ox = p % wo;
-        int kx = r % k, ky = (r / k) % k, ci = r / (k * k);
+    GRID_STRIDE_START(total);
+    GridDigits<6> g(start, stride, {wo, ho, n, k, k});  // (ox, oy, s, kx, ky, ci)
+    for (long long i = start; i < total; i += stride, g.advance()) {
+        const int ox = (int)g.d[0], oy = (int)g.d[1], s = (int)g.d[2], kx = (int)g.d[3], ky = (int)g.d[4], ci = (int)g.d[5];
         int iy = oy + ky - pad, ix = ox + kx - pad;
         float v = 0.0f;
         if (iy >= 0 && iy < h && ix >= 0 && ix < w) v = x[(((long long)s * cin + ci) * h + iy) * w + ix];
@@ -37,11 +36,11 @@ extern "C" __global__ void im2col_f32(const float* __restrict__ x, float* __rest
 extern "C" __global__ void col2im_f32(const float* __restrict__ col, float* __restrict__ dx, int n, int cin, int h, int w, int k, int pad, int ho, int wo, int accumulate) {
     const long long P = (long long)ho * wo;
     const long long total = (long long)n * cin * h * w;
-    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total; i += (long long)gridDim.x * blockDim.x) {
-        int ix = (int)(i % w);
-        int iy = (int)((i / w) % h);
-        int ci = (int)((i / ((long long)w * h)) % cin);
-        long long s = i / ((long long)w * h * cin);
+    GRID_STRIDE_START(total);
+    GridDigits<4> g(start, stride, {w, h, cin});  // (ix, iy, ci, s)
+    for (long long i = start; i < total; i += stride, g.advance()) {
+        const int ix = (int)g.d[0], iy = (int)g.d[1], ci = (int)g.d[2];
+        const long long s = g.d[3];
         float acc = 0.0f;
         for (int ky = 0; ky < k; ++ky) {
             int oy = iy + pad - ky;
@@ -59,28 +58,28 @@ extern "C" __global__ void col2im_f32(const float* __restrict__ col, float* __re
 
 extern "C" __global__ void conv_out_f32(const float* __restrict__ yt, const float* __restrict__ bias, float* __restrict__ y, int n, int cout, int P) {
     const long long total = (long long)n * cout * P;
-    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total; i += (long long)gridDim.x * blockDim.x) {
-        int p = (int)(i % P);
-        int co = (int)((i / P) % cout);
-        long long s = i / ((long long)P * cout);
-        y[i] = yt[(long long)co * n * P + s * P + p] + bias[co];
+    GRID_STRIDE_START(total);
+    GridDigits<3> g(start, stride, {P, cout});  // (p, co, s)
+    for (long long i = start; i < total; i += stride, g.advance()) {
+        const long long p = g.d[0], co = g.d[1], s = g.d[2];
+        y[i] = yt[co * n * P + s * P + p] + bias[co];
     }
 }
 
 extern "C" __global__ void conv_dy_t_f32(const float* __restrict__ dy, float* __restrict__ dyt, int n, int cout, int P) {
     const long long total = (long long)n * cout * P;
-    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total; i += (long long)gridDim.x * blockDim.x) {
-        int p = (int)(i % P);
-        int co = (int)((i / P) % cout);
-        long long s = i / ((long long)P * cout);
-        dyt[(long long)co * n * P + s * P + p] = dy[i];
+    GRID_STRIDE_START(total);
+    GridDigits<3> g(start, stride, {P, cout});  // (p, co, s)
+    for (long long i = start; i < total; i += stride, g.advance()) {
+        const long long p = g.d[0], co = g.d[1], s = g.d[2];
+        dyt[co * n * P + s * P + p] = dy[i];
     }
 }
 
 extern "C" __global__ void bias_fill_f32(float* __restrict__ y, const float* __restrict__ bias, long long total, int cout, int P) {
-    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total; i += (long long)gridDim.x * blockDim.x) {
-        y[i] = bias[(i / P) % cout];
-    }
+    GRID_STRIDE_START(total);
+    GridDigits<3> g(start, stride, {P, cout});  // (p, co, the rest)
+    for (long long i = start; i < total; i += stride, g.advance()) y[i] = bias[g.d[1]];
 }
 
 // blockDim.x must be 256.
@@ -89,10 +88,9 @@ extern "C" __global__ void bias_grad_f32(const float* __restrict__ dy, float* __
     const int co = blockIdx.x;
     const long long count = (long long)n * P;
     float acc = 0.0f;
-    for (long long j = threadIdx.x; j < count; j += blockDim.x) {
-        long long s = j / P;
-        int p = (int)(j % P);
-        acc += dy[(s * cout + co) * P + p];
+    if (threadIdx.x < count) {
+        GridDigits<2> g(threadIdx.x, blockDim.x, {P});  // (p, s)
+        for (long long j = threadIdx.x; j < count; j += blockDim.x, g.advance()) acc += dy[(g.d[1] * cout + co) * P + g.d[0]];
     }
     part[threadIdx.x] = acc;
     __syncthreads();

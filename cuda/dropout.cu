@@ -12,17 +12,21 @@
 //       ascending order (the CPU's order). The mask is not stored: backward draws it again.
 // Layout: x [T_in][len], y/dy [T][len], len = B·C·H·W (i is the position inside one step's block).
 // Work mapping: forward one thread per output element; backward one thread per input element
-// (T_in = 1: the thread loops over t). Grid-stride loops, 64-bit indices.
+// (T_in = 1: the thread loops over t). Grid-stride loops, 64-bit indices, their coordinates
+// advanced without division (grid_digits.cuh).
 #include "common.cuh"
+#include "grid_digits.cuh"
 
 __device__ __forceinline__ bool keep_(u64 key, u32 t, u64 i, float p) { return uniform24(key, t, i) >= p; }
 
 extern "C" __global__ void dropout_forward_f32(const float* __restrict__ x, float* __restrict__ y, const u64* __restrict__ keys, int slot, u64 i0, float p, float scale, long long len, int steps, int t_in) {
     const u64 key = keys[slot];
     const long long total = len * steps;
-    for (long long j = blockIdx.x * (long long)blockDim.x + threadIdx.x; j < total; j += (long long)gridDim.x * blockDim.x) {
-        u32 t = (u32)(j / len);
-        long long i = j % len;
+    GRID_STRIDE_START(total);
+    GridDigits<2> g(start, stride, {len});  // (i, t)
+    for (long long j = start; j < total; j += stride, g.advance()) {
+        const u32 t = (u32)g.d[1];
+        const long long i = g.d[0];
         float xv = x[(t_in == 1 ? 0 : (long long)t * len) + i];
         y[j] = keep_(key, t, i0 + (u64)i, p) ? xv * scale : 0.0f;
     }
@@ -38,17 +42,19 @@ extern "C" __global__ void dropout_backward_f32(const float* __restrict__ dy, fl
         }
     } else {
         const long long total = len * steps;
-        for (long long j = blockIdx.x * (long long)blockDim.x + threadIdx.x; j < total; j += (long long)gridDim.x * blockDim.x) {
-            u32 t = (u32)(j / len);
-            dx[j] = keep_(key, t, i0 + (u64)(j % len), p) ? dy[j] * scale : 0.0f;
-        }
+        GRID_STRIDE_START(total);
+        GridDigits<2> g(start, stride, {len});  // (i, t)
+        for (long long j = start; j < total; j += stride, g.advance())
+            dx[j] = keep_(key, (u32)g.d[1], i0 + (u64)g.d[0], p) ? dy[j] * scale : 0.0f;
     }
 }
 
 // Evaluation mode (no dropout): y[t] = x[t'], dx = dy (or Σ_t dy[t] with T_in = 1).
 extern "C" __global__ void broadcast_steps_f32(const float* __restrict__ x, float* __restrict__ y, long long len, int steps) {
     const long long total = len * steps;
-    for (long long j = blockIdx.x * (long long)blockDim.x + threadIdx.x; j < total; j += (long long)gridDim.x * blockDim.x) y[j] = x[j % len];
+    GRID_STRIDE_START(total);
+    GridDigits<2> g(start, stride, {len});  // (i, t)
+    for (long long j = start; j < total; j += stride, g.advance()) y[j] = x[g.d[0]];
 }
 
 extern "C" __global__ void sum_steps_f32(const float* __restrict__ dy, float* __restrict__ dx, long long len, int steps) {
@@ -86,11 +92,12 @@ __device__ __forceinline__ void dropout_avgpool2_forward(const T* __restrict__ x
     const int ho = h / 2, wo = w / 2;
     const u64 key = apply ? keys[slot] : 0;  // (evaluation passes no table)
     const long long per_step = planes_per_step * ho * wo, total = per_step * steps;
-    for (long long j = blockIdx.x * (long long)blockDim.x + threadIdx.x; j < total; j += (long long)gridDim.x * blockDim.x) {
-        const u32 t = (u32)(j / per_step);
-        const long long r = j - (long long)t * per_step;
-        const int ox = (int)(r % wo), oy = (int)((r / wo) % ho);
-        const long long m = r / ((long long)wo * ho);
+    GRID_STRIDE_START(total);
+    GridDigits<4> g(start, stride, {wo, ho, planes_per_step});  // (ox, oy, plane, t)
+    for (long long j = start; j < total; j += stride, g.advance()) {
+        const u32 t = (u32)g.d[3];
+        const int ox = (int)g.d[0], oy = (int)g.d[1];
+        const long long m = g.d[2];
         const long long i0 = (m * h + 2 * oy) * w + 2 * ox;  // inside the step's block
         const T* xs = x + (long long)t * planes_per_step * h * w;
         const long long at[4] = {i0, i0 + 1, i0 + w, i0 + w + 1};
@@ -131,12 +138,13 @@ extern "C" __global__ void dropout_avgpool2_backward_f32(const float* __restrict
     const int ho = h / 2, wo = w / 2;
     const u64 key = apply ? keys[slot] : 0;
     const long long per_step = planes_per_step * h * w, total = per_step * steps;
-    for (long long j = blockIdx.x * (long long)blockDim.x + threadIdx.x; j < total; j += (long long)gridDim.x * blockDim.x) {
-        const u32 t = (u32)(j / per_step);
-        const long long i = j - (long long)t * per_step;
-        const int ix = (int)(i % w), iy = (int)((i / w) % h);
-        const long long m = i / ((long long)w * h);
-        const int oy = iy / 2, ox = ix / 2;
+    GRID_STRIDE_START(total);
+    GridDigits<4> g(start, stride, {w, h, planes_per_step});  // (ix, iy, plane, t)
+    for (long long j = start; j < total; j += stride, g.advance()) {
+        const u32 t = (u32)g.d[3];
+        const long long m = g.d[2];
+        const long long i = (m * h + g.d[1]) * w + g.d[0];  // inside the step's block
+        const int oy = (int)g.d[1] >> 1, ox = (int)g.d[0] >> 1;
         float g = 0.0f;
         if (oy < ho && ox < wo) {
             g = mul_rn(dy[((long long)t * planes_per_step + m) * ho * wo + (long long)oy * wo + ox], 0.25f);

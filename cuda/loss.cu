@@ -12,6 +12,7 @@
 // Work mapping: readout one thread per (b, k); the loss one thread per row b (K is small: 10).
 // The row's expressions live in loss_row.cuh, shared with the last spiking layer's fused backward
 // (spiking.cu), which computes the same bits; these kernels serve the paths without that fusion.
+#include "grid_digits.cuh"
 #include "loss_row.cuh"
 
 extern "C" __global__ void readout_f32(const float* __restrict__ s, float* __restrict__ y, int steps, int bk) {
@@ -23,9 +24,11 @@ extern "C" __global__ void readout_f32(const float* __restrict__ s, float* __res
 }
 
 extern "C" __global__ void readout_backward_f32(const float* __restrict__ dy, float* __restrict__ ds, int steps, int bk) {
-    long long total = (long long)steps * bk;
-    float inv = 1.0f / (float)steps;
-    for (long long j = blockIdx.x * (long long)blockDim.x + threadIdx.x; j < total; j += (long long)gridDim.x * blockDim.x) ds[j] = dy[j % bk] * inv;
+    const long long total = (long long)steps * bk;
+    const float inv = 1.0f / (float)steps;
+    GRID_STRIDE_START(total);
+    GridDigits<2> g(start, stride, {bk});  // (row element, t)
+    for (long long j = start; j < total; j += stride, g.advance()) ds[j] = dy[g.d[0]] * inv;
 }
 
 extern "C" __global__ void loss_grad_f32(const float* __restrict__ y, const int* __restrict__ labels, float* __restrict__ dy, float* __restrict__ row_loss, int* __restrict__ pred, int batch, int classes, int kind) {

@@ -7,7 +7,9 @@
 // Layout: x [m][h][w], y [m][ho][wo], m = samples·channels (every plane is independent); x in f32,
 // or int8 spikes (avgpool2_forward_s8); y in f32, or as int8 codes c, y = c · 0.25 (_s8_q8).
 // Work mapping: one thread per output element (forward) / per input element (backward, a gather:
-// no atomics, every element written exactly once); grid-stride loops.
+// no atomics, every element written exactly once); grid-stride loops whose coordinates advance
+// without division (grid_digits.cuh).
+#include "grid_digits.cuh"
 
 // Y = float: the average; Y = signed char (int8 spikes in, Q8 out): the code c = the sum of the
 // four spikes, whose value c · 0.25 is the f32 kernel's exactly (gemm_tc.cu's Q8 operands).
@@ -15,11 +17,11 @@ template <class T, class Y>
 __device__ __forceinline__ void avgpool2_forward(const T* __restrict__ x, Y* __restrict__ y, long long planes, int h, int w) {
     const int ho = h / 2, wo = w / 2;
     const long long total = planes * ho * wo;
-    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total; i += (long long)gridDim.x * blockDim.x) {
-        int ox = (int)(i % wo);
-        int oy = (int)((i / wo) % ho);
-        long long m = i / ((long long)wo * ho);
-        const T* r0 = x + (m * h + 2 * oy) * w;
+    GRID_STRIDE_START(total);
+    GridDigits<3> g(start, stride, {wo, ho});  // (ox, oy, plane)
+    for (long long i = start; i < total; i += stride, g.advance()) {
+        const int ox = (int)g.d[0], oy = (int)g.d[1];
+        const T* r0 = x + (g.d[2] * h + 2 * oy) * w;
         const T* r1 = r0 + w;
         if (sizeof(Y) == 1) {
             y[i] = (Y)((int)r0[2 * ox] + (int)r0[2 * ox + 1] + (int)r1[2 * ox] + (int)r1[2 * ox + 1]);
@@ -48,11 +50,10 @@ extern "C" __global__ void avgpool2_forward_s8_q8(const signed char* __restrict_
 extern "C" __global__ void avgpool2_backward_f32(const float* __restrict__ dy, float* __restrict__ dx, long long planes, int h, int w) {
     const int ho = h / 2, wo = w / 2;
     const long long total = planes * h * w;
-    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total; i += (long long)gridDim.x * blockDim.x) {
-        int ix = (int)(i % w);
-        int iy = (int)((i / w) % h);
-        long long m = i / ((long long)w * h);
-        int oy = iy / 2, ox = ix / 2;
-        dx[i] = (oy < ho && ox < wo) ? dy[(m * ho + oy) * wo + ox] * 0.25f : 0.0f;
+    GRID_STRIDE_START(total);
+    GridDigits<3> g(start, stride, {w, h});  // (ix, iy, plane)
+    for (long long i = start; i < total; i += stride, g.advance()) {
+        const int oy = (int)g.d[1] >> 1, ox = (int)g.d[0] >> 1;
+        dx[i] = (oy < ho && ox < wo) ? dy[(g.d[2] * ho + oy) * wo + ox] * 0.25f : 0.0f;
     }
 }

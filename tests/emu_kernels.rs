@@ -751,3 +751,192 @@ fn emulated_convolution_kernels_compose_to_the_cpu_convolution() {
         assert!(err < 1e-5, "{cin}→{cout} k{k} p{pad}: bias gradient off by {err}");
     }
 }
+
+// ---- grid-stride loops: coordinates advanced without division (cuda/grid_digits.cuh) ---------------
+
+/// A launch's (grid, block) dimensions.
+type LaunchShape = ((u32, u32, u32), (u32, u32, u32));
+
+/// Launch shapes whose thread count — the loop's stride — is 32, 96, 448 (each a multiple of none
+/// of the odd extents below, so the stride carries into every digit) and, last, one thread per
+/// element (8,192 threads: no advance, only the division at the start).
+const STRIDE_GRIDS: [LaunchShape; 4] =
+    [((1, 1, 1), (32, 1, 1)), ((3, 1, 1), (32, 1, 1)), ((7, 1, 1), (64, 1, 1)), ((64, 1, 1), (128, 1, 1))];
+
+/// `run(grid, block)` launches a kernel on fresh outputs of `total` elements and returns them:
+/// every grid must give the bits of one thread per element.
+fn assert_grid_independent(kernel: &str, total: usize, mut run: impl FnMut((u32, u32, u32), (u32, u32, u32)) -> Vec<f32>) {
+    let (one_each, strided) = STRIDE_GRIDS.split_last().unwrap();
+    assert!(total > 448 && total <= 8192, "{kernel}: {total} elements leave a grid without advances or threads without elements");
+    let want = bits(&run(one_each.0, one_each.1));
+    assert!(want.iter().all(|&b| !f32::from_bits(b).is_nan()), "{kernel}: an element left unwritten");
+    for &(grid, block) in strided {
+        assert_eq!(bits(&run(grid, block)), want, "{kernel} on {grid:?} blocks of {block:?}: another element's coordinates");
+    }
+}
+
+/// Every elementwise kernel whose grid-stride loop keeps its coordinates as GridDigits: pooling,
+/// dropout (+ pooling), the convolution's data movement and the readout's gradient give the same
+/// bits on every grid. Extents 5, 7, 11, 13 and 3: a carry that is lost, doubled or taken at the
+/// wrong digit reads another element. (The CPU comparisons of the tests above check the values.)
+#[test]
+fn emulated_grid_stride_loops_give_the_same_bits_on_every_grid() {
+    let mut rng = common::Rng(77);
+    // pooling: 13 planes of 15×11 (pooled 7×5)
+    let pool = emu::module("pool");
+    let (planes, h, w) = (13usize, 15usize, 11usize);
+    let x = host_vec(&mut rng, planes * h * w, -1.0, 1.0);
+    let dy = host_vec(&mut rng, planes * (h / 2) * (w / 2), -1.0, 1.0);
+    let plane_args = |a: &mut Args| {
+        a.val(planes as i64).val(h as i32).val(w as i32);
+    };
+    assert_grid_independent("avgpool2_forward_f32", dy.len(), |g, b| {
+        let (mut xd, mut yd) = (DevBuf::from("x", &x), DevBuf::new("y", dy.len()));
+        let mut a = Args::new();
+        a.val(xd.ptr()).val(yd.ptr());
+        plane_args(&mut a);
+        pool.launch_raw("avgpool2_forward_f32", g, b, 0, false, 1, &mut a).unwrap();
+        yd.check_guards();
+        yd.host()
+    });
+    assert_grid_independent("avgpool2_backward_f32", x.len(), |g, b| {
+        let (mut dyd, mut dxd) = (DevBuf::from("dy", &dy), DevBuf::new("dx", x.len()));
+        let mut a = Args::new();
+        a.val(dyd.ptr()).val(dxd.ptr());
+        plane_args(&mut a);
+        pool.launch_raw("avgpool2_backward_f32", g, b, 0, false, 2, &mut a).unwrap();
+        dxd.check_guards();
+        dxd.host()
+    });
+
+    // dropout and dropout + pooling: 3 steps of 5 planes of 15×11
+    let drop = emu::module("dropout");
+    let key = backei::rng::dropout_key(4150, 5, 1);
+    let (p, sc) = (0.25f32, backei::gpu::dropout::scale(0.25));
+    let (steps, pps) = (3usize, 5usize);
+    let len = pps * h * w;
+    let xs = host_vec(&mut rng, steps * len, -1.0, 1.0);
+    let dys = host_vec(&mut rng, steps * pps * (h / 2) * (w / 2), -1.0, 1.0);
+    let mut keys = vec![key];
+    let keys_ptr = keys.as_mut_ptr();
+    for kernel in ["dropout_forward_f32", "dropout_backward_f32"] {
+        assert_grid_independent(kernel, xs.len(), |g, b| {
+            let (mut src, mut dst) = (DevBuf::from("src", &xs), DevBuf::new("dst", xs.len()));
+            let mut a = Args::new();
+            a.val(src.ptr())
+                .val(dst.ptr())
+                .val(keys_ptr)
+                .val(0i32)
+                .val(7u64)
+                .val(p)
+                .val(sc)
+                .val(len as i64)
+                .val(steps as i32)
+                .val(steps as i32);
+            drop.launch_raw(kernel, g, b, 0, false, 3, &mut a).unwrap();
+            dst.check_guards();
+            dst.host()
+        });
+    }
+    assert_grid_independent("broadcast_steps_f32", xs.len(), |g, b| {
+        let (mut src, mut dst) = (DevBuf::from("x", &xs[..len]), DevBuf::new("y", xs.len()));
+        let mut a = Args::new();
+        a.val(src.ptr()).val(dst.ptr()).val(len as i64).val(steps as i32);
+        drop.launch_raw("broadcast_steps_f32", g, b, 0, false, 4, &mut a).unwrap();
+        dst.check_guards();
+        dst.host()
+    });
+    for (kernel, input, out_len) in [("dropout_avgpool2_forward_f32", &xs, dys.len()), ("dropout_avgpool2_backward_f32", &dys, xs.len())] {
+        assert_grid_independent(kernel, out_len, |g, b| {
+            let (mut src, mut dst) = (DevBuf::from("src", input), DevBuf::new("dst", out_len));
+            let mut a = Args::new();
+            a.val(src.ptr()).val(dst.ptr()).val(keys_ptr).val(0i32).val(11u64).val(1i32).val(p).val(sc);
+            a.val(pps as i64).val(steps as i32).val(h as i32).val(w as i32);
+            drop.launch_raw(kernel, g, b, 0, false, 5, &mut a).unwrap();
+            dst.check_guards();
+            dst.host()
+        });
+    }
+
+    // the convolution's data movement: 7 samples, 2 → 7 channels, 7×5 maps, k 3, pad 1
+    let conv = emu::module("conv");
+    let (n, cin, cout, ch, cw, k, pad) = (7usize, 2usize, 7usize, 7usize, 5usize, 3usize, 1usize);
+    let (ho, wo) = (ch + 2 * pad - k + 1, cw + 2 * pad - k + 1);
+    let pp = ho * wo;
+    let geometry = |a: &mut Args| {
+        for v in [n, cin, ch, cw, k, pad, ho, wo] {
+            a.val(v as i32);
+        }
+    };
+    let cx = host_vec(&mut rng, n * cin * ch * cw, -1.0, 1.0);
+    let cols = host_vec(&mut rng, cin * k * k * n * pp, -1.0, 1.0);
+    assert_grid_independent("im2col_f32", cols.len(), |g, b| {
+        let (mut xd, mut col) = (DevBuf::from("x", &cx), DevBuf::new("col", cols.len()));
+        let mut a = Args::new();
+        a.val(xd.ptr()).val(col.ptr());
+        geometry(&mut a);
+        conv.launch_raw("im2col_f32", g, b, 0, false, 6, &mut a).unwrap();
+        col.check_guards();
+        col.host()
+    });
+    assert_grid_independent("col2im_f32", cx.len(), |g, b| {
+        let (mut col, mut dx) = (DevBuf::from("col", &cols), DevBuf::from("dx", &cx));
+        let mut a = Args::new();
+        a.val(col.ptr()).val(dx.ptr());
+        geometry(&mut a);
+        a.val(1i32);
+        conv.launch_raw("col2im_f32", g, b, 0, false, 7, &mut a).unwrap();
+        dx.check_guards();
+        dx.host()
+    });
+    let ys = host_vec(&mut rng, n * cout * pp, -1.0, 1.0);
+    let bias = host_vec(&mut rng, cout, -1.0, 1.0);
+    for kernel in ["conv_out_f32", "conv_dy_t_f32"] {
+        assert_grid_independent(kernel, ys.len(), |g, b| {
+            let (mut src, mut bd, mut dst) = (DevBuf::from("src", &ys), DevBuf::from("bias", &bias), DevBuf::new("dst", ys.len()));
+            let mut a = Args::new();
+            a.val(src.ptr());
+            if kernel == "conv_out_f32" {
+                a.val(bd.ptr());
+            }
+            a.val(dst.ptr()).val(n as i32).val(cout as i32).val(pp as i32);
+            conv.launch_raw(kernel, g, b, 0, false, 8, &mut a).unwrap();
+            dst.check_guards();
+            dst.host()
+        });
+    }
+    assert_grid_independent("bias_fill_f32", ys.len(), |g, b| {
+        let (mut dst, mut bd) = (DevBuf::new("y", ys.len()), DevBuf::from("bias", &bias));
+        let mut a = Args::new();
+        a.val(dst.ptr()).val(bd.ptr()).val(ys.len() as i64).val(cout as i32).val(pp as i32);
+        conv.launch_raw("bias_fill_f32", g, b, 0, false, 9, &mut a).unwrap();
+        dst.check_guards();
+        dst.host()
+    });
+    // bias_grad_f32 strides by its 256 threads over n·P = 105·k: 5 samples of 19×11 (1,045 > 4·256)
+    let (bn, bp) = (5usize, 19 * 11);
+    let bdy = host_vec(&mut rng, bn * cout * bp, -1.0, 1.0);
+    let mut db = DevBuf::from("db", &vec![0.5f32; cout]);
+    let mut dyd = DevBuf::from("dy", &bdy);
+    let mut a = Args::new();
+    a.val(dyd.ptr()).val(db.ptr()).val(bn as i32).val(cout as i32).val(bp as i32);
+    conv.launch_raw("bias_grad_f32", (cout as u32, 1, 1), (256, 1, 1), 0, false, 10, &mut a).unwrap();
+    db.check_guards();
+    for (co, got) in db.host().into_iter().enumerate() {
+        let want = 0.5 + (0..bn).flat_map(|s| (0..bp).map(move |q| (s, q))).map(|(s, q)| bdy[(s * cout + co) * bp + q] as f64).sum::<f64>();
+        assert!((got as f64 - want).abs() < 1e-4, "bias_grad_f32 channel {co}: {got} vs {want}");
+    }
+
+    // the readout's gradient: 13 steps of 7×5
+    let loss = emu::module("loss");
+    let (t, bk) = (13usize, 35usize);
+    let rdy = host_vec(&mut rng, bk, -1.0, 1.0);
+    assert_grid_independent("readout_backward_f32", t * bk, |g, b| {
+        let (mut dyd, mut ds) = (DevBuf::from("dy", &rdy), DevBuf::new("ds", t * bk));
+        let mut a = Args::new();
+        a.val(dyd.ptr()).val(ds.ptr()).val(t as i32).val(bk as i32);
+        loss.launch_raw("readout_backward_f32", g, b, 0, false, 11, &mut a).unwrap();
+        ds.check_guards();
+        ds.host()
+    });
+}

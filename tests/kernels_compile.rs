@@ -139,3 +139,30 @@ fn gemm_tc_keeps_its_next_tiles_loads_in_flight_behind_the_mmas() {
         assert_eq!(m.idiv, 0, "{name}: an integer division in the k-tile loop: {m:?}");
     }
 }
+
+/// The elementwise kernels' grid-stride loops keep their coordinates as mixed-radix digits
+/// advanced by the stride (`cuda/grid_digits.cuh`): no integer division per element. They had
+/// 2–6 64-bit divisions per element (a ~70-instruction call each; avgpool2_forward_f32's loop was
+/// 513 instructions for 4 elements, now ~230). One exception, named: the fused loss backward's
+/// 32-bit row division (one thread per (row, class) of B·K ≤ a few thousand outputs).
+#[test]
+fn elementwise_grid_stride_loops_do_not_divide() {
+    require_nvrtc();
+    assert!(
+        find_nvdisasm().is_some() && find_cuobjdump().is_some(),
+        "pip install nvidia-cuda-nvdisasm nvidia-cuda-nvcc-cu12 nvidia-cuda-cuobjdump"
+    );
+    let allowed = ["spiking_loss_backward_v1_f32"];
+    let mut checked = 0;
+    for module in ["pool", "dropout", "conv", "loss", "optim", "spiking"] {
+        for k in backei::gpu::sass::check_module(module, "sm_90", &[]).unwrap_or_else(|e| panic!("{module}: {e}")) {
+            let Some(m) = k.hot else { continue };
+            println!("{module}/{}: hot loop {m:?}", k.kernel);
+            if !allowed.contains(&k.kernel.as_str()) {
+                assert_eq!(m.idiv, 0, "{module}/{}: an integer division in its loop: {m:?}", k.kernel);
+                checked += 1;
+            }
+        }
+    }
+    assert!(checked >= 25, "only {checked} kernels with a loop: a module lost its kernels?");
+}

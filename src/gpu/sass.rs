@@ -137,12 +137,18 @@ impl Mix {
             if op.starts_with("I2F.U32.RP") || op.starts_with("I2F.RP") {
                 m.idiv += 1;
             }
-            if base == "CALL" && i.target.as_deref().is_some_and(|t| t.contains("div") || t.contains("rem")) {
+            if base == "CALL" && i.target.as_deref().is_some_and(is_integer_division_routine) {
                 m.idiv += 1;
             }
         }
         m
     }
+}
+
+/// Whether a called routine is an integer division or remainder (`__cuda_sm20_div_s64`,
+/// `…_rem_u64`), not a floating-point one (`…_div_rn_f64_full`, the slow path of an f64 division).
+fn is_integer_division_routine(target: &str) -> bool {
+    (target.contains("div") || target.contains("rem")) && !target.contains("_f64") && !target.contains("_f32")
 }
 
 /// The loops of a kernel: (first instruction, the backward branch) index pairs.
@@ -386,6 +392,24 @@ mod tests {
 
     /// An elementwise kernel: a grid-stride loop with no MMA or FMA (here one that divides through
     /// the 64-bit routine), then nvdisasm's trap after EXIT, a branch to itself — which is no loop.
+    /// adam_f32's f64 division and square root call slow-path routines; they are no integer
+    /// division, and a grid-stride loop's 64-bit remainder is.
+    #[test]
+    fn only_integer_division_routines_count_as_idiv() {
+        let call = |t: &str| format!("        /*0000*/                   CALL.REL.NOINC `({t}) ;\n");
+        let sass = format!(
+            ".text.k:\n{}{}{}{}{}",
+            call("$__internal_2_$__cuda_sm20_div_rn_f64_full"),
+            call("$__internal_4_$__cuda_sm20_dsqrt_rn_f64_mediumpath_v1"),
+            call("$__internal_9_$__cuda_sm20_div_s64"),
+            call("$__internal_11_$__cuda_sm20_rem_u64"),
+            "        /*0010*/                   I2F.U32.RP R5, R3 ;\n"
+        );
+        let ks = parse(&sass);
+        assert_eq!(ks[0].instrs.len(), 5, "{sass}");
+        assert_eq!(Mix::of(&ks[0].instrs).idiv, 3);
+    }
+
     #[test]
     fn a_kernels_trap_after_exit_is_not_its_hot_loop() {
         let sass = "
