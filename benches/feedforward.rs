@@ -6,12 +6,14 @@
 //! with CUDA events (warm-up, the median of 11) and reported as ms and TFLOP/s (2 per
 //! multiply-add). The fastest correct path per precision is what `BACKEI_FEEDFORWARD` should
 //! default to: cuBLAS stays the fp32 default until these rows say otherwise (docs/gpu.md).
+//! Layers with a GEMM that takes the 128×128 tiles (`BACKEI_TC_TILES=big`, opt-in) get `tc <p> big`
+//! rows, which must give the bits of `tc <p>` on the default tiles.
 //!
 //! Without a GPU it says so and exits 0. `cargo bench --bench feedforward [-- FILTER]`.
 
 use backei::cpu::conv::ConvGeom;
 use backei::gpu::backei_layer::DeviceLimits;
-use backei::gpu::gemm_tc::{FeedForward, FeedForwardWs, XForm};
+use backei::gpu::gemm_tc::{self, FeedForward, FeedForwardWs, XForm, TILES_ENV};
 use backei::gpu::{conv, linear, GpuDevice};
 use backei::{NetworkSpec, Precision};
 use cudarc::driver::CudaSlice;
@@ -195,25 +197,34 @@ fn bench_layer(dev: &Arc<GpuDevice>, name: &str, l: &Layer, exact: bool) -> Res<
     };
     let limits = DeviceLimits::of(dev)?;
     let mut results: Vec<(String, [Vec<f32>; 3])> = Vec::new();
-    let mut modes: Vec<(FeedForward, XForm)> = [
+    let mut modes: Vec<(FeedForward, XForm, bool)> = [
         FeedForward::Cublas,
         FeedForward::TensorCore(Precision::Fp32),
         FeedForward::TensorCore(Precision::Tf32),
         FeedForward::TensorCore(Precision::Bf16),
     ]
     .into_iter()
-    .map(|m| (m, exact.into()))
+    .map(|m| (m, exact.into(), false))
     .collect();
     if exact {
         // reading the codes: must give the bits of "tc fp32" (the emulator checks this in CI)
-        modes.push((FeedForward::TensorCore(Precision::Fp32), XForm::Q8(1.0)));
+        modes.push((FeedForward::TensorCore(Precision::Fp32), XForm::Q8(1.0), false));
     }
-    for (mode, xf) in modes {
+    if takes_big_tiles(l, &limits) {
+        // the 128×128 tiles (BACKEI_TC_TILES=big, opt-in): must give the bits of the default tiles
+        for p in Precision::ALL {
+            modes.push((FeedForward::TensorCore(p), exact.into(), true));
+        }
+    }
+    for (mode, xf, big) in modes {
+        // read at each GEMM's plan (gemm_tc::big_tiles_allowed); this bench is single-threaded
+        std::env::set_var(TILES_ENV, if big { "big" } else { "small" });
         let mut ws = FeedForwardWs::new(dev, mode, limits)?;
-        let label = match (mode, xf) {
-            (FeedForward::Cublas, _) => "cublas fp32".to_string(),
-            (FeedForward::TensorCore(p), XForm::Q8(_)) => format!("tc {p} int8"),
-            (FeedForward::TensorCore(p), _) => format!("tc {p}"),
+        let label = match (mode, xf, big) {
+            (FeedForward::Cublas, _, _) => "cublas fp32".to_string(),
+            (FeedForward::TensorCore(p), XForm::Q8(_), _) => format!("tc {p} int8"),
+            (FeedForward::TensorCore(p), _, true) => format!("tc {p} big"),
+            (FeedForward::TensorCore(p), _, false) => format!("tc {p}"),
         };
         // one forward and one backward from zeroed gradients, for the check
         dev.stream.memset_zeros(&mut bf.dw)?;
@@ -221,8 +232,16 @@ fn bench_layer(dev: &Arc<GpuDevice>, name: &str, l: &Layer, exact: bool) -> Res<
         run(dev, &mut ws, l, &mut bf, true, xf)?;
         run(dev, &mut ws, l, &mut bf, false, xf)?;
         let out = [dev.stream.clone_dtoh(&bf.y)?, dev.stream.clone_dtoh(&bf.dw)?, dev.stream.clone_dtoh(&bf.dx)?];
-        if let XForm::Q8(_) = xf {
-            let bits = |v: &[Vec<f32>; 3]| v.iter().flatten().map(|x| x.to_bits()).collect::<Vec<u32>>();
+        let bits = |v: &[Vec<f32>; 3]| v.iter().flatten().map(|x| x.to_bits()).collect::<Vec<u32>>();
+        if let (FeedForward::TensorCore(p), true) = (mode, big) {
+            match results.iter().find(|(l, _)| *l == format!("tc {p}")) {
+                Some((_, small)) if bits(small) == bits(&out) => {}
+                _ => {
+                    println!("  {name:<22} {label:<12} WRONG: not the bits of tc {p} on the default tiles");
+                    continue;
+                }
+            }
+        } else if let XForm::Q8(_) = xf {
             match results.iter().find(|(l, _)| l == "tc fp32") {
                 Some((_, f32_run)) if bits(f32_run) == bits(&out) => {}
                 _ => {
@@ -246,7 +265,25 @@ fn bench_layer(dev: &Arc<GpuDevice>, name: &str, l: &Layer, exact: bool) -> Res<
         );
         results.push((label, out));
     }
+    std::env::remove_var(TILES_ENV);
     Ok(())
+}
+
+/// Whether any GEMM of the layer's forward or backward takes the big tiles when allowed.
+fn takes_big_tiles(l: &Layer, limits: &DeviceLimits) -> bool {
+    let descs = match *l {
+        Layer::Conv(g) => vec![
+            gemm_tc::conv_forward(&g, SAMPLES, 0, 0, 0, 0, false),
+            gemm_tc::conv_backward_data(&g, SAMPLES, 0, 0, 0),
+            gemm_tc::conv_weight_grad(&g, SAMPLES, 0, 0, 0, 0, false),
+        ],
+        Layer::Linear { n_in, n_out } => vec![
+            gemm_tc::linear_forward(n_in, n_out, SAMPLES, 0, 0, 0, 0, false),
+            gemm_tc::linear_backward_data(n_in, n_out, SAMPLES, 0, 0, 0),
+            gemm_tc::linear_weight_grad(n_in, n_out, SAMPLES, 0, 0, 0, 0, false),
+        ],
+    };
+    descs.iter().any(|d| gemm_tc::wants_big_tiles(d.m as usize, d.cols(), d.k as usize, limits))
 }
 
 fn main() {

@@ -21,7 +21,9 @@
 // the bias gradient Σ dY as column N (written to `ones_out`, added).
 //
 // Tiles: a block of 128 threads (4 warps) computes a 64×64 tile of C (2×2 warps), or a 32×128 one
-// (1×4: where M ≤ 32), in k-steps of 32; each warp a 32×32 tile (2 m16 × 4 n8 mma tiles). Per
+// (1×4: where M ≤ 32), in k-steps of 32; each warp a 32×32 tile (2 m16 × 4 n8 mma tiles). Or a
+// block of 256 threads (8 warps as 2×4) a 128×128 tile, each warp 64×32 (4 m16 × 4 n8): each
+// staged element then feeds twice the products (large GEMMs, opt-in: BIG below). Per
 // k-step the block fills tables of the step's 32 k indices (and, once, of its m and n indices)
 // in shared memory, loads its A and B tiles
 // from global memory through them (coalesced along the operand's contiguous index: `k_fast`), converts
@@ -41,14 +43,18 @@
 //   bf16: one m16n8k16 bf16 product (7 mantissa bits, f32's range).
 // Layout: every tensor f32 as the CPU engine's (time-major [T][B][C][H][W], weights [out][in…]).
 #include "common.cuh"
+#include "grid_digits.cuh"
 #include "mma.cuh"
 
 // Block tiles: 4 warps of 32×32, as 2×2 (a 64×64 tile: SQUARE) or 1×4 (32×128: WIDE, for M ≤ 32,
 // where a 64-row tile would issue half its MMAs on padding — fashion-mnist's conv2 data gradient
-// has M = 32 input channels). The host picks the shape (src/gpu/gemm_tc.rs TileShape); the sums
-// are the same either way (each output's products in the same k order), so the bits are too.
+// has M = 32 input channels); or 8 warps of 64×32 as 2×4 (128×128: BIG, for large GEMMs: per
+// k-step a thread stages as many elements as on a square tile — 32 — for twice the MMAs). The host
+// picks the shape (src/gpu/gemm_tc.rs TileShape); the sums are the same in every shape (each
+// output's products in the same k order), so the bits are too.
 #define TC_BK 32
 #define TC_THREADS 128
+#define TC_THREADS_BIG 256
 // shared-memory rows: 16-bit operands 32 + 8 halves (20 words), 32-bit ones 32 + 4 words
 #define TC_ROW16 40
 #define TC_ROW32 36
@@ -298,39 +304,41 @@ __device__ __forceinline__ void frag_b2(u32 (&b0)[2], u32 (&b1)[2], const unsign
     b1[1] = r[3];
 }
 
-// A thread's R/4 elements of an operand's R×32 tile (R = 32, 64 or 128 rows: 128 threads, 32·R
-// elements), in R/8 pairs of neighbours along k: element j = 2p + h at (mn, k + h), k even — so
-// that a pair is stored as one 32-bit word of two 16-bit operands (one conversion instruction
+// A thread's TILE_ELEMS(R, T) elements of an operand's R×32 tile (R = 32, 64 or 128 rows, T = 128
+// or 256 threads, T ≥ R), in pairs of neighbours along k: element j = 2p + h at (mn, k + h), k even —
+// so that a pair is stored as one 32-bit word of two 16-bit operands (one conversion instruction
 // packs both), where one element at a time took two 16-bit stores per word. Consecutive threads
 // along k when k is the contiguous index (k_fast: 16 threads cover a row's 32), else along mn:
 // coalesced either way.
-template <int R>
+#define TILE_ELEMS(R, T) ((R) * TC_BK / (T))
+template <int R, int T>
 __device__ __forceinline__ void tile_pair(const Operand& o, int tid, int p, int& mn, int& k) {
+    static_assert(T >= R && T % R == 0 && T % 16 == 0, "a thread's pairs share one mn (or one k pair)");
     if (o.k_fast) {
         k = 2 * (tid & 15);
-        mn = (tid >> 4) + 8 * p;
+        mn = (tid >> 4) + (T / 16) * p;
     } else {
         mn = tid & (R - 1);
-        k = 2 * (tid / R + (TC_THREADS / R) * p);
+        k = 2 * (tid / R + (T / R) * p);
     }
 }
 
-// Loads a thread's R/4 elements of one operand's tile through the index tables — every load issued
+// Loads a thread's TILE_ELEMS(R, T) elements of one operand's tile through the index tables — every load issued
 // before any is used, so that they are in flight together (and, issued before the previous tile's
 // MMAs, behind them: see gemm_tc). Before this split each element was converted and stored as soon
 // as it arrived: one memory round trip per element, 32 per k-tile (SASS of gemm_tc_fp32).
 // A thread's k indices (k_fast: the two of its pairs) or mn index (otherwise) are the same for all
 // its elements: those table entries are read once, not per element (an entry is one 16-byte
 // shared load).
-template <bool Q8, int R>
-__device__ __forceinline__ void load_tile_as(float (&v)[R / 4], const Operand& o, const Ent* tmn, const Ent* tk, int tid) {
+template <bool Q8, int R, int T>
+__device__ __forceinline__ void load_tile_as(float (&v)[TILE_ELEMS(R, T)], const Operand& o, const Ent* tmn, const Ent* tk, int tid) {
     const Bounds bd = bounds_of(o);
     if (o.k_fast) {
         const Ent ek0 = tk[2 * (tid & 15)], ek1 = tk[2 * (tid & 15) + 1];
 #pragma unroll
-        for (int p = 0; p < R / 8; ++p) {
+        for (int p = 0; p < TILE_ELEMS(R, T) / 2; ++p) {
             int mn, k;
-            tile_pair<R>(o, tid, p, mn, k);
+            tile_pair<R, T>(o, tid, p, mn, k);
             const Ent em = tmn[mn];
             v[2 * p] = operand_at<Q8>(o, bd, em, ek0);
             v[2 * p + 1] = operand_at<Q8>(o, bd, em, ek1);
@@ -338,9 +346,9 @@ __device__ __forceinline__ void load_tile_as(float (&v)[R / 4], const Operand& o
     } else {
         const Ent em = tmn[tid & (R - 1)];
 #pragma unroll
-        for (int p = 0; p < R / 8; ++p) {
+        for (int p = 0; p < TILE_ELEMS(R, T) / 2; ++p) {
             int mn, k;
-            tile_pair<R>(o, tid, p, mn, k);
+            tile_pair<R, T>(o, tid, p, mn, k);
             v[2 * p] = operand_at<Q8>(o, bd, em, tk[k]);
             v[2 * p + 1] = operand_at<Q8>(o, bd, em, tk[k + 1]);
         }
@@ -356,43 +364,44 @@ __device__ __forceinline__ bool affine(const Operand& o) {
     return o.mn.kind == IDX_LINEAR && o.k.kind == IDX_LINEAR && o.sp_h == 0;
 }
 
-// The affine operand's R/4 elements of the tile at (mn0, k0): the values operand_at<Q8> gives
+// The affine operand's TILE_ELEMS(R, T) elements of the tile at (mn0, k0): the values operand_at<Q8> gives
 // through the tables (0 outside [0, count) on either side, the ones column at mn = count). Two
 // pointers (a pair's first and second element) walk the pairs (a 64-bit add per pair: a 64-bit
 // product per element made ptxas for the fp32 kernel recompute addresses under its register bound).
-template <bool Q8, int R>
-__device__ __forceinline__ void load_tile_affine(float (&v)[R / 4], const Operand& o, int mn0, int k0, int tid) {
+template <bool Q8, int R, int T>
+__device__ __forceinline__ void load_tile_affine(float (&v)[TILE_ELEMS(R, T)], const Operand& o, int mn0, int k0, int tid) {
     typedef typename ElemPtr<Q8>::T Ptr;
+    constexpr int PAIRS = TILE_ELEMS(R, T) / 2;
     int mn, k;
-    tile_pair<R>(o, tid, 0, mn, k);
+    tile_pair<R, T>(o, tid, 0, mn, k);
     mn += mn0;
     k += k0;
     Ptr q0 = reinterpret_cast<Ptr>(o.p) + ((long long)mn * o.mn.stride + (long long)k * o.k.stride);
     Ptr q1 = q0 + o.k.stride;
     const float one = Q8 ? __int_as_float(Q8_ONE) : 1.0f;
-    if (o.k_fast) {  // pair p at (mn + 8p, k), (mn + 8p, k + 1)
+    if (o.k_fast) {  // pair p at (mn + (T/16)·p, k), (mn + (T/16)·p, k + 1)
         const bool kin0 = k < o.k.count, kin1 = k + 1 < o.k.count;
-        const long long step = 8 * o.mn.stride;
+        const long long step = (T / 16) * o.mn.stride;
 #pragma unroll
-        for (int p = 0; p < R / 8; ++p, q0 += step, q1 += step) {
-            const bool mnin = mn + 8 * p < o.mn.count;
+        for (int p = 0; p < PAIRS; ++p, q0 += step, q1 += step) {
+            const bool mnin = mn + (T / 16) * p < o.mn.count;
             v[2 * p] = (kin0 && mnin) ? load_elem<Q8>(q0) : 0.0f;
             v[2 * p + 1] = (kin1 && mnin) ? load_elem<Q8>(q1) : 0.0f;
         }
         if (o.ones) {
 #pragma unroll
-            for (int p = 0; p < R / 8; ++p)
-                if (mn + 8 * p == o.mn.count) {
+            for (int p = 0; p < PAIRS; ++p)
+                if (mn + (T / 16) * p == o.mn.count) {
                     if (kin0) v[2 * p] = one;
                     if (kin1) v[2 * p + 1] = one;
                 }
         }
-    } else {  // pair p at (mn, k + 2·(128/R)·p) and the next k
+    } else {  // pair p at (mn, k + 2·(T/R)·p) and the next k
         const bool mnin = mn < o.mn.count, ones = o.ones && mn == o.mn.count;
-        const long long step = 2 * (TC_THREADS / R) * o.k.stride;
+        const long long step = 2 * (T / R) * o.k.stride;
 #pragma unroll
-        for (int p = 0; p < R / 8; ++p, q0 += step, q1 += step) {
-            const int kp = k + 2 * (TC_THREADS / R) * p;
+        for (int p = 0; p < PAIRS; ++p, q0 += step, q1 += step) {
+            const int kp = k + 2 * (T / R) * p;
             const bool kin0 = kp < o.k.count, kin1 = kp + 1 < o.k.count;
             v[2 * p] = (kin0 && mnin) ? load_elem<Q8>(q0) : ((kin0 && ones) ? one : 0.0f);
             v[2 * p + 1] = (kin1 && mnin) ? load_elem<Q8>(q1) : ((kin1 && ones) ? one : 0.0f);
@@ -400,28 +409,28 @@ __device__ __forceinline__ void load_tile_affine(float (&v)[R / 4], const Operan
     }
 }
 
-template <int R>
-__device__ __forceinline__ void load_tile(float (&v)[R / 4], const Operand& o, const Ent* tmn, const Ent* tk, int mn0, int k0, int tid) {
+template <int R, int T>
+__device__ __forceinline__ void load_tile(float (&v)[TILE_ELEMS(R, T)], const Operand& o, const Ent* tmn, const Ent* tk, int mn0, int k0, int tid) {
     if (affine(o)) {
-        if (o.q8) load_tile_affine<true, R>(v, o, mn0, k0, tid);
-        else load_tile_affine<false, R>(v, o, mn0, k0, tid);
+        if (o.q8) load_tile_affine<true, R, T>(v, o, mn0, k0, tid);
+        else load_tile_affine<false, R, T>(v, o, mn0, k0, tid);
     } else if (o.q8) {
-        load_tile_as<true, R>(v, o, tmn, tk, tid);
+        load_tile_as<true, R, T>(v, o, tmn, tk, tid);
     } else {
-        load_tile_as<false, R>(v, o, tmn, tk, tid);
+        load_tile_as<false, R, T>(v, o, tmn, tk, tid);
     }
 }
 
 // Stores the loaded elements as the precision's operands, [mn][k], a pair per 32-bit word (fp32
 // mode: the scaled hi halves, and the lo halves in the second plane unless exact; tf32: one
 // 64-bit store of the pair's two words).
-template <int PREC, bool Q8, int R>
-__device__ __forceinline__ void store_tile_as(const float (&v)[R / 4], const Operand& o, u32* S32, float sc, bool lo_half, int tid) {
+template <int PREC, bool Q8, int R, int T>
+__device__ __forceinline__ void store_tile_as(const float (&v)[TILE_ELEMS(R, T)], const Operand& o, u32* S32, float sc, bool lo_half, int tid) {
     const int plane32 = R * TC_ROW16 / 2;  // words per 16-bit plane
 #pragma unroll
-    for (int p = 0; p < R / 8; ++p) {
+    for (int p = 0; p < TILE_ELEMS(R, T) / 2; ++p) {
         int mn, k;
-        tile_pair<R>(o, tid, p, mn, k);
+        tile_pair<R, T>(o, tid, p, mn, k);
         const float x0 = decode<Q8>(o, v[2 * p]), x1 = decode<Q8>(o, v[2 * p + 1]);
         if (PREC == PREC_TF32) {
             *reinterpret_cast<uint2*>(S32 + mn * TC_ROW32 + k) = make_uint2(f32_to_tf32_bits(x0), f32_to_tf32_bits(x1));
@@ -441,16 +450,17 @@ __device__ __forceinline__ void store_tile_as(const float (&v)[R / 4], const Ope
         }
     }
 }
-template <int PREC, int R>
-__device__ __forceinline__ void store_tile(const float (&v)[R / 4], const Operand& o, u32* S32, float sc, bool lo_half, int tid) {
-    if (o.q8) store_tile_as<PREC, true, R>(v, o, S32, sc, lo_half, tid);
-    else store_tile_as<PREC, false, R>(v, o, S32, sc, lo_half, tid);
+template <int PREC, int R, int T>
+__device__ __forceinline__ void store_tile(const float (&v)[TILE_ELEMS(R, T)], const Operand& o, u32* S32, float sc, bool lo_half, int tid) {
+    if (o.q8) store_tile_as<PREC, true, R, T>(v, o, S32, sc, lo_half, tid);
+    else store_tile_as<PREC, false, R, T>(v, o, S32, sc, lo_half, tid);
 }
 
-// WM × WN warps of 32×32 (see the tile shapes at the top).
-template <int PREC, int WM, int WN>
+// WM × WN warps of (16·MI)×32: MI m16 tiles × 4 n8 tiles each (see the tile shapes at the top).
+template <int PREC, int WM, int WN, int MI>
 __device__ __forceinline__ void gemm_tc(const GemmDesc& d, const u32* __restrict__ maxbits) {
-    constexpr int BM = 32 * WM, BN = 32 * WN;
+    constexpr int T = 32 * WM * WN, WTM = 16 * MI;  // threads; a warp's rows
+    constexpr int BM = WTM * WM, BN = 32 * WN;
     __shared__ Ent ta_m[BM];
     __shared__ Ent tb_n[BN];
     __shared__ Ent ta_k[TC_BK];
@@ -471,13 +481,13 @@ __device__ __forceinline__ void gemm_tc(const GemmDesc& d, const u32* __restrict
         if (!d.a.exact && d.a.scale_slot >= 0) pow2_scale(maxbits[d.a.scale_slot], sa, ia);
         if (!d.b.exact && d.b.scale_slot >= 0) pow2_scale(maxbits[d.b.scale_slot], sb, ib);
     }
-    for (int i = tid; i < BM + BN; i += TC_THREADS) {
+    for (int i = tid; i < BM + BN; i += T) {
         if (i < BM) ta_m[i] = index_entry(d.a.mn, m0 + i, d.a.ones);
         else tb_n[i - BM] = index_entry(d.b.mn, n0 + i - BM, d.b.ones);
     }
-    float acc[2][4][4];
+    float acc[MI][4][4];
 #pragma unroll
-    for (int i = 0; i < 2; ++i)
+    for (int i = 0; i < MI; ++i)
 #pragma unroll
         for (int j = 0; j < 4; ++j)
 #pragma unroll
@@ -491,23 +501,23 @@ __device__ __forceinline__ void gemm_tc(const GemmDesc& d, const u32* __restrict
         if (tid < TC_BK) ta_k[tid] = index_entry(d.a.k, kt * TC_BK + tid, 0);
         else if (tid < 2 * TC_BK) tb_k[tid - TC_BK] = index_entry(d.b.k, kt * TC_BK + tid - TC_BK, 0);
     };
-    float va[BM / 4], vb[BN / 4];
+    float va[TILE_ELEMS(BM, T)], vb[TILE_ELEMS(BN, T)];
     if (kt0 < kt1) {
         k_tables(kt0);
         __syncthreads();
-        load_tile<BM>(va, d.a, ta_m, ta_k, m0, kt0 * TC_BK, tid);
-        load_tile<BN>(vb, d.b, tb_n, tb_k, n0, kt0 * TC_BK, tid);
+        load_tile<BM, T>(va, d.a, ta_m, ta_k, m0, kt0 * TC_BK, tid);
+        load_tile<BN, T>(vb, d.b, tb_n, tb_k, n0, kt0 * TC_BK, tid);
     }
     for (int kt = kt0; kt < kt1; ++kt) {
         __syncthreads();  // the last tile's fragments are read
-        // stage A and B: BM×32 and BN×32 elements, BM/4 and BN/4 per thread, as the precision's operands
-        store_tile<PREC, BM>(va, d.a, As, sa, lo_a, tid);
-        store_tile<PREC, BN>(vb, d.b, Bs, sb, lo_b, tid);
+        // stage A and B: BM×32 and BN×32 elements, 32·BM/T and 32·BN/T per thread, as the precision's operands
+        store_tile<PREC, BM, T>(va, d.a, As, sa, lo_a, tid);
+        store_tile<PREC, BN, T>(vb, d.b, Bs, sb, lo_b, tid);
         if (kt + 1 < kt1) {
             k_tables(kt + 1);  // every thread's loads of tile kt were issued before the barrier above
             __syncthreads();
-            load_tile<BM>(va, d.a, ta_m, ta_k, m0, (kt + 1) * TC_BK, tid);
-            load_tile<BN>(vb, d.b, tb_n, tb_k, n0, (kt + 1) * TC_BK, tid);
+            load_tile<BM, T>(va, d.a, ta_m, ta_k, m0, (kt + 1) * TC_BK, tid);
+            load_tile<BN, T>(vb, d.b, tb_n, tb_k, n0, (kt + 1) * TC_BK, tid);
         } else {
             __syncthreads();
         }
@@ -517,24 +527,24 @@ __device__ __forceinline__ void gemm_tc(const GemmDesc& d, const u32* __restrict
         if (PREC == PREC_TF32) {
 #pragma unroll
             for (int ks = 0; ks < TC_BK; ks += 8) {
-                u32 a[2][4], b[4][2];
+                u32 a[MI][4], b[4][2];
 #pragma unroll
-                for (int mi = 0; mi < 2; ++mi) frag_a(a[mi], A8, 4 * TC_ROW32, wm * 32 + mi * 16, 4 * ks, lane);
+                for (int mi = 0; mi < MI; ++mi) frag_a(a[mi], A8, 4 * TC_ROW32, wm * WTM + mi * 16, 4 * ks, lane);
 #pragma unroll
                 for (int ni = 0; ni < 4; ni += 2) frag_b2(b[ni], b[ni + 1], B8, 4 * TC_ROW32, wn * 32 + ni * 8, 4 * ks, lane);
 #pragma unroll
-                for (int mi = 0; mi < 2; ++mi)
+                for (int mi = 0; mi < MI; ++mi)
 #pragma unroll
                     for (int ni = 0; ni < 4; ++ni) mma_tf32_m16n8k8(acc[mi][ni], a[mi], b[ni]);
             }
         } else {
 #pragma unroll
             for (int ks = 0; ks < TC_BK; ks += 16) {
-                u32 a[2][4], al[2][4], b[4][2], bl[4][2];  // hi and lo halves
+                u32 a[MI][4], al[MI][4], b[4][2], bl[4][2];  // hi and lo halves
 #pragma unroll
-                for (int mi = 0; mi < 2; ++mi) {
-                    frag_a(a[mi], A8, 2 * TC_ROW16, wm * 32 + mi * 16, 2 * ks, lane);
-                    if (lo_a) frag_a(al[mi], A8 + 2 * plane16_a, 2 * TC_ROW16, wm * 32 + mi * 16, 2 * ks, lane);
+                for (int mi = 0; mi < MI; ++mi) {
+                    frag_a(a[mi], A8, 2 * TC_ROW16, wm * WTM + mi * 16, 2 * ks, lane);
+                    if (lo_a) frag_a(al[mi], A8 + 2 * plane16_a, 2 * TC_ROW16, wm * WTM + mi * 16, 2 * ks, lane);
                 }
 #pragma unroll
                 for (int ni = 0; ni < 4; ni += 2) {
@@ -542,7 +552,7 @@ __device__ __forceinline__ void gemm_tc(const GemmDesc& d, const u32* __restrict
                     if (lo_b) frag_b2(bl[ni], bl[ni + 1], B8 + 2 * plane16_b, 2 * TC_ROW16, wn * 32 + ni * 8, 2 * ks, lane);
                 }
 #pragma unroll
-                for (int mi = 0; mi < 2; ++mi)
+                for (int mi = 0; mi < MI; ++mi)
 #pragma unroll
                     for (int ni = 0; ni < 4; ++ni) {
                         if (PREC == PREC_BF16) {
@@ -559,12 +569,12 @@ __device__ __forceinline__ void gemm_tc(const GemmDesc& d, const u32* __restrict
     }
     // epilogue: undo the scales (powers of two: exact), then the split's partial tile or the output
 #pragma unroll
-    for (int mi = 0; mi < 2; ++mi)
+    for (int mi = 0; mi < MI; ++mi)
 #pragma unroll
         for (int ni = 0; ni < 4; ++ni)
 #pragma unroll
             for (int r = 0; r < 4; ++r) {
-                const int m = m0 + wm * 32 + mi * 16 + g + (r >= 2 ? 8 : 0);
+                const int m = m0 + wm * WTM + mi * 16 + g + (r >= 2 ? 8 : 0);
                 const int n = n0 + wn * 32 + ni * 8 + 2 * t4 + (r & 1);
                 if (m >= d.M || n >= ncols) continue;
                 const float v = acc[mi][ni][r] * ia * ib;
@@ -582,33 +592,46 @@ __device__ __forceinline__ void gemm_tc(const GemmDesc& d, const u32* __restrict
 #define TC_MIN_BLOCKS_WIDE 2
 // SQUARE tiles (64×64), then WIDE ones (32×128: _m32)
 extern "C" __global__ void __launch_bounds__(TC_THREADS, TC_MIN_BLOCKS) gemm_tc_fp32(const GemmDesc d, const u32* __restrict__ maxbits) {
-    gemm_tc<PREC_FP32, 2, 2>(TC_DESC(d), maxbits);
+    gemm_tc<PREC_FP32, 2, 2, 2>(TC_DESC(d), maxbits);
 }
 extern "C" __global__ void __launch_bounds__(TC_THREADS, TC_MIN_BLOCKS) gemm_tc_tf32(const GemmDesc d, const u32* __restrict__ maxbits) {
-    gemm_tc<PREC_TF32, 2, 2>(TC_DESC(d), maxbits);
+    gemm_tc<PREC_TF32, 2, 2, 2>(TC_DESC(d), maxbits);
 }
 extern "C" __global__ void __launch_bounds__(TC_THREADS, TC_MIN_BLOCKS) gemm_tc_bf16(const GemmDesc d, const u32* __restrict__ maxbits) {
-    gemm_tc<PREC_BF16, 2, 2>(TC_DESC(d), maxbits);
+    gemm_tc<PREC_BF16, 2, 2, 2>(TC_DESC(d), maxbits);
 }
 extern "C" __global__ void __launch_bounds__(TC_THREADS, TC_MIN_BLOCKS_WIDE) gemm_tc_fp32_m32(const GemmDesc d, const u32* __restrict__ maxbits) {
-    gemm_tc<PREC_FP32, 1, 4>(TC_DESC(d), maxbits);
+    gemm_tc<PREC_FP32, 1, 4, 2>(TC_DESC(d), maxbits);
 }
 extern "C" __global__ void __launch_bounds__(TC_THREADS, TC_MIN_BLOCKS_WIDE) gemm_tc_tf32_m32(const GemmDesc d, const u32* __restrict__ maxbits) {
-    gemm_tc<PREC_TF32, 1, 4>(TC_DESC(d), maxbits);
+    gemm_tc<PREC_TF32, 1, 4, 2>(TC_DESC(d), maxbits);
 }
 extern "C" __global__ void __launch_bounds__(TC_THREADS, TC_MIN_BLOCKS_WIDE) gemm_tc_bf16_m32(const GemmDesc d, const u32* __restrict__ maxbits) {
-    gemm_tc<PREC_BF16, 1, 4>(TC_DESC(d), maxbits);
+    gemm_tc<PREC_BF16, 1, 4, 2>(TC_DESC(d), maxbits);
+}
+// BIG tiles (128×128, 256 threads: _big). One block per SM: 64 accumulators and 32 values in
+// flight a thread, up to 255 registers.
+extern "C" __global__ void __launch_bounds__(TC_THREADS_BIG, 1) gemm_tc_fp32_big(const GemmDesc d, const u32* __restrict__ maxbits) {
+    gemm_tc<PREC_FP32, 2, 4, 4>(TC_DESC(d), maxbits);
+}
+extern "C" __global__ void __launch_bounds__(TC_THREADS_BIG, 1) gemm_tc_tf32_big(const GemmDesc d, const u32* __restrict__ maxbits) {
+    gemm_tc<PREC_TF32, 2, 4, 4>(TC_DESC(d), maxbits);
+}
+extern "C" __global__ void __launch_bounds__(TC_THREADS_BIG, 1) gemm_tc_bf16_big(const GemmDesc d, const u32* __restrict__ maxbits) {
+    gemm_tc<PREC_BF16, 2, 4, 4>(TC_DESC(d), maxbits);
 }
 
 // C = Σ_split partial[split] in ascending split order, into the output (as gemm_tc's epilogue).
-// One thread per element of C, grid-stride.
+// One thread per element of C, grid-stride; (m, n) advanced without division (grid_digits.cuh).
 extern "C" __global__ void gemm_tc_reduce_f32(const GemmDesc d) {
     const int ncols = d.N + d.b.ones;
     const long long total = (long long)d.M * ncols;
-    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total; i += (long long)gridDim.x * blockDim.x) {
+    GRID_STRIDE_START(total);
+    GridDigits<2> g(start, stride, {ncols});  // (n, m)
+    for (long long i = start; i < total; i += stride, g.advance()) {
         float v = 0.0f;
         for (int s = 0; s < d.splits; ++s) v += d.partial[(long long)s * total + i];
-        store_c(d, (int)(i / ncols), (int)(i % ncols), v);
+        store_c(d, (int)g.d[1], (int)g.d[0], v);
     }
 }
 

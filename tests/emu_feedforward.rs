@@ -37,10 +37,10 @@ fn emulate_planned(d: GemmDesc, plan: &GemmPlan, precision: Precision, sources: 
                 a.val(ptr).val(len as i64).val(out);
                 m.launch_raw("absmax_f32", (grid, 1, 1), (256, 1, 1), 0, false, s, &mut a).unwrap();
             }
-            TcLaunch::Gemm { kernel, grid, desc } => {
+            TcLaunch::Gemm { kernel, grid, threads, desc } => {
                 let mut a = Args::new();
                 a.val(desc).val(mb);
-                m.launch_raw(kernel, grid, (gemm_tc::TC_THREADS, 1, 1), 0, false, s, &mut a).unwrap();
+                m.launch_raw(kernel, grid, (threads, 1, 1), 0, false, s, &mut a).unwrap();
             }
             TcLaunch::Reduce { grid, desc } => {
                 let mut a = Args::new();
@@ -389,6 +389,108 @@ fn emulated_gemms_on_wide_tiles_give_the_bits_of_square_tiles() {
                 let (wide, square) = (run(false), run(true));
                 for (k, (a, q)) in wide.iter().zip(&square).enumerate() {
                     assert!(bits(a) == bits(q), "{p} {what} {cin}→{cout}: output {k} differs between the wide and the square tiles");
+                }
+            }
+        }
+    }
+}
+
+/// The big tiles (128×128, 8 warps of 64×32, 256 threads: `TileShape::Big`, opt-in by
+/// `BACKEI_TC_TILES=big`) give the bits of the square tiles: each thread stages other elements
+/// (16 pairs along k, or along mn, at a 256-thread stride) and each warp holds 4 m16 tiles, but every
+/// output is the same products in the same k order. Every precision; a convolution's forward, data
+/// gradient (M = 20: mostly padding rows) and weight gradient with its ones column, split-K as the
+/// whole plan splits; a linear layer's forward (both operands affine) and weight gradient, each
+/// also with its operands' thread mapping flipped (`k_fast`); sizes off the 128 grid on every side.
+#[test]
+fn emulated_gemms_on_big_tiles_give_the_bits_of_square_tiles() {
+    use backei::gpu::gemm_tc::TileShape;
+    let mut rng = common::Rng(89);
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<u32>>();
+    let g = ConvGeom::new(20, 140, 9, 7, 3, 1);
+    let samples = 3;
+    let (n_in, n_out, rows) = (150usize, 133usize, 141usize);
+    for p in Precision::ALL {
+        let (w, b) = (host(&mut rng, g.weight_len(), false), host(&mut rng, g.cout, false));
+        let x = host(&mut rng, samples * g.in_len(), false);
+        let dy = host(&mut rng, samples * g.out_len(), false);
+        let (dw0, db0) = (host(&mut rng, g.weight_len(), false), host(&mut rng, g.cout, false));
+        let (lx, lw, lb) = (host(&mut rng, rows * n_in, false), host(&mut rng, n_out * n_in, false), host(&mut rng, n_out, false));
+        let ldy = host(&mut rng, rows * n_out, false);
+        let (ldw0, ldb0) = (host(&mut rng, n_out * n_in, false), host(&mut rng, n_out, false));
+        for what in ["conv forward", "conv data gradient", "conv weight gradient", "linear forward", "linear weight gradient"] {
+            for flip in [false, true] {
+                if flip && what.starts_with("conv") {
+                    continue;
+                }
+                let run = |tile: TileShape| -> Vec<Vec<f32>> {
+                    let (mut wb, mut bb, mut xb, mut dyb) =
+                        (DevBuf::from("w", &w), DevBuf::from("b", &b), DevBuf::from("x", &x), DevBuf::from("dy", &dy));
+                    let (mut dwb, mut dbb) = (DevBuf::from("dw", &dw0), DevBuf::from("db", &db0));
+                    let (mut yb, mut dxb) = (DevBuf::new("y", samples * g.out_len()), DevBuf::new("dx", samples * g.in_len()));
+                    let (mut lxb, mut lwb, mut lbb, mut ldyb) =
+                        (DevBuf::from("lx", &lx), DevBuf::from("lw", &lw), DevBuf::from("lb", &lb), DevBuf::from("ldy", &ldy));
+                    let (mut lyb, mut ldwb, mut ldbb) =
+                        (DevBuf::new("ly", rows * n_out), DevBuf::from("ldw", &ldw0), DevBuf::from("ldb", &ldb0));
+                    let (mut d, sources) = match what {
+                        "conv forward" => (
+                            gemm_tc::conv_forward(&g, samples, addr(&mut wb), addr(&mut bb), addr(&mut xb), addr(&mut yb), false),
+                            [(addr(&mut wb), w.len()), (addr(&mut xb), x.len())],
+                        ),
+                        "conv data gradient" => (
+                            gemm_tc::conv_backward_data(&g, samples, addr(&mut wb), addr(&mut dyb), addr(&mut dxb)),
+                            [(addr(&mut wb), w.len()), (addr(&mut dyb), dy.len())],
+                        ),
+                        "conv weight gradient" => (
+                            gemm_tc::conv_weight_grad(&g, samples, addr(&mut dyb), addr(&mut xb), addr(&mut dwb), addr(&mut dbb), false),
+                            [(addr(&mut dyb), dy.len()), (addr(&mut xb), x.len())],
+                        ),
+                        "linear forward" => (
+                            gemm_tc::linear_forward(
+                                n_in,
+                                n_out,
+                                rows,
+                                addr(&mut lxb),
+                                addr(&mut lwb),
+                                addr(&mut lbb),
+                                addr(&mut lyb),
+                                false,
+                            ),
+                            [(addr(&mut lxb), lx.len()), (addr(&mut lwb), lw.len())],
+                        ),
+                        _ => (
+                            gemm_tc::linear_weight_grad(
+                                n_in,
+                                n_out,
+                                rows,
+                                addr(&mut ldyb),
+                                addr(&mut lxb),
+                                addr(&mut ldwb),
+                                addr(&mut ldbb),
+                                false,
+                            ),
+                            [(addr(&mut ldyb), ldy.len()), (addr(&mut lxb), lx.len())],
+                        ),
+                    };
+                    if flip {
+                        d.a.k_fast ^= 1;
+                        d.b.k_fast ^= 1;
+                    }
+                    // the same splits of the same k-steps on either tile
+                    let whole = gemm_plan(d.m as usize, d.cols(), d.k as usize, &SMALL);
+                    let plan = gemm_plan_like(d.m as usize, d.cols(), &GemmPlan { tile, ..whole });
+                    emulate_planned(d, &plan, p, sources, 13);
+                    for buf in [&wb, &bb, &xb, &dyb, &dwb, &dbb, &yb, &dxb, &lxb, &lwb, &lbb, &ldyb, &lyb, &ldwb, &ldbb] {
+                        buf.check_guards();
+                    }
+                    vec![yb.host(), dxb.host(), dwb.host(), dbb.host(), lyb.host(), ldwb.host(), ldbb.host()]
+                };
+                let (big, square) = (run(TileShape::Big), run(TileShape::Square));
+                for (k, (a, q)) in big.iter().zip(&square).enumerate() {
+                    assert!(
+                        bits(a) == bits(q),
+                        "{p} {what} (k_fast flipped: {flip}): output {k} differs between the big and the square tiles"
+                    );
                 }
             }
         }

@@ -127,7 +127,17 @@ fn gemm_tc_keeps_its_next_tiles_loads_in_flight_behind_the_mmas() {
     require_nvrtc();
     assert!(find_nvdisasm().is_some() && find_cuobjdump().is_some(), "pip install nvidia-cuda-nvdisasm nvidia-cuda-cuobjdump");
     let kernels = backei::gpu::sass::check_module("gemm_tc", "sm_90", &[]).unwrap_or_else(|e| panic!("{e}"));
-    for name in ["gemm_tc_fp32", "gemm_tc_tf32", "gemm_tc_bf16", "gemm_tc_fp32_m32", "gemm_tc_tf32_m32", "gemm_tc_bf16_m32"] {
+    for name in [
+        "gemm_tc_fp32",
+        "gemm_tc_tf32",
+        "gemm_tc_bf16",
+        "gemm_tc_fp32_m32",
+        "gemm_tc_tf32_m32",
+        "gemm_tc_bf16_m32",
+        "gemm_tc_fp32_big",
+        "gemm_tc_tf32_big",
+        "gemm_tc_bf16_big",
+    ] {
         let k = kernels.iter().find(|k| k.kernel == name).unwrap_or_else(|| panic!("{name} not in the module"));
         let m = k.hot.unwrap_or_else(|| panic!("{name}: no loop"));
         // a static count over the loop's code: both operand layouts' gathers (k contiguous or not)
@@ -154,7 +164,7 @@ fn elementwise_grid_stride_loops_do_not_divide() {
     );
     let allowed = ["spiking_loss_backward_v1_f32"];
     let mut checked = 0;
-    for module in ["pool", "dropout", "conv", "loss", "optim", "spiking"] {
+    for module in ["pool", "dropout", "conv", "loss", "optim", "spiking", "gemm_tc"] {
         for k in backei::gpu::sass::check_module(module, "sm_90", &[]).unwrap_or_else(|e| panic!("{module}: {e}")) {
             let Some(m) = k.hot else { continue };
             println!("{module}/{}: hot loop {m:?}", k.kernel);

@@ -95,7 +95,9 @@ for stage in $stages; do
       run bench-kernels 120 .gpu/bin/bench-kernels ${KERNEL_FILTER:-} ;;
     feedforward)
       # issue 12: the feed-forward layers' tensor-core GEMMs (racecheck: their shared-memory
-      # staging), then cuBLAS against them per precision and layer (validated before timed)
+      # staging), then cuBLAS against them per precision and layer (validated before timed), and
+      # the 128×128 tiles (BACKEI_TC_TILES=big) where a layer takes them: `tc <p> big` rows, which
+      # must give the bits of `tc <p>` (record both: the big tiles become the default if faster)
       if command -v compute-sanitizer >/dev/null; then
         run racecheck-gemm 80 compute-sanitizer --tool racecheck --error-exitcode 9 .gpu/bin/test-gpu_feedforward --ignored --test-threads=1 linear_layers
       fi

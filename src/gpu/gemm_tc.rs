@@ -56,22 +56,50 @@ pub const IDX_LINEAR: i32 = 0;
 pub const IDX_SAMPLE_PIXEL: i32 = 1;
 pub const IDX_CHANNEL_TAP: i32 = 2;
 
-/// Threads of a GEMM block and its k-step (`TC_*` in the .cu).
+/// Threads of a GEMM block of the square and wide tiles, and the k-step (`TC_*` in the .cu).
 pub const TC_THREADS: u32 = 128;
 pub const TC_BK: usize = 32;
 
-/// A block's tile of C: 4 warps of 32×32 as 2×2 (64×64) or 1×4 (32×128, the `_m32` kernels).
-/// The shape changes which block computes an output, never its sum (the same products in the same
-/// k order), so a GEMM gives the same bits under either.
+/// `BACKEI_TC_TILES=big` lets large GEMMs take the 128×128 tiles ([`TileShape::Big`]); unset or
+/// `small`: 64×64 and 32×128 only. Opt-in until a GPU run shows the big tiles correct and faster
+/// (the feedforward and train benches of `bench/gpu/session.sh` time both).
+pub const TILES_ENV: &str = "BACKEI_TC_TILES";
+
+/// Whether `BACKEI_TC_TILES` (its value, None: unset) allows the big tiles.
+pub fn big_tiles_from_env(value: Option<&str>) -> Result<bool> {
+    match value.map(str::trim) {
+        None | Some("") | Some("small") => Ok(false),
+        Some("big") => Ok(true),
+        Some(v) => Err(config_err(TILES_ENV, format!("`{v}`: use big (128×128 tiles for large GEMMs) or small (the default)"))),
+    }
+}
+
+/// `BACKEI_TC_TILES` as it is set (a bad value is refused by `StepSettings::new`, through
+/// [`big_tiles_from_env`], before any plan is made; here it counts as unset). Read at each plan, so
+/// that the feedforward bench can time both tile sets in one process; a step's plans are made
+/// when its CUDA graph is captured.
+pub fn big_tiles_allowed() -> bool {
+    big_tiles_from_env(std::env::var(TILES_ENV).ok().as_deref()).unwrap_or(false)
+}
+
+/// A block's tile of C: 4 warps of 32×32 as 2×2 (64×64) or 1×4 (32×128, the `_m32` kernels), or
+/// 8 warps of 64×32 as 2×4 (128×128, the `_big` kernels). The shape changes which block computes
+/// an output, never its sum (the same products in the same k order), so a GEMM gives the same bits
+/// under any of them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum TileShape {
     Square,
     /// For M ≤ 32 (fashion-mnist's conv2 data gradient: M = 32 input channels; mnist's convs),
     /// where a 64-row tile would issue half or more of its MMAs on padding.
     Wide,
+    /// For large GEMMs (cifar10's convolutions: M ≥ 128 channels, N = B·T·pixels): a thread stages
+    /// the same 32 elements per k-step as on a square tile for twice the MMAs, and a block reads
+    /// half the bytes per product from L2 (16 KB per 1 MFLOP instead of per 0.5). One block per SM.
+    Big,
 }
 
 impl TileShape {
+    /// The shape for an M × n_cols output, without the big tiles (see [`gemm_plan`]).
     pub fn of(m: usize, n_cols: usize) -> TileShape {
         if m <= 32 && n_cols > 32 {
             TileShape::Wide
@@ -84,6 +112,23 @@ impl TileShape {
         match self {
             TileShape::Square => (64, 64),
             TileShape::Wide => (32, 128),
+            TileShape::Big => (128, 128),
+        }
+    }
+    /// Threads of a block.
+    pub fn threads(self) -> u32 {
+        match self {
+            TileShape::Square | TileShape::Wide => TC_THREADS,
+            TileShape::Big => 2 * TC_THREADS,
+        }
+    }
+    /// The blocks per SM the plan aims for: what the kernels' `__launch_bounds__` minimum promises
+    /// (3 for the square tiles, 2 for the wide ones, 1 for the big ones), the square tiles' held at
+    /// 2 so that a third leaves room for the last wave.
+    pub fn blocks_per_sm(self) -> usize {
+        match self {
+            TileShape::Square | TileShape::Wide => 2,
+            TileShape::Big => 1,
         }
     }
     /// The kernel of a precision with this tile.
@@ -95,6 +140,9 @@ impl TileShape {
             (TileShape::Wide, Precision::Fp32) => "gemm_tc_fp32_m32",
             (TileShape::Wide, Precision::Tf32) => "gemm_tc_tf32_m32",
             (TileShape::Wide, Precision::Bf16) => "gemm_tc_bf16_m32",
+            (TileShape::Big, Precision::Fp32) => "gemm_tc_fp32_big",
+            (TileShape::Big, Precision::Tf32) => "gemm_tc_tf32_big",
+            (TileShape::Big, Precision::Bf16) => "gemm_tc_bf16_big",
         }
     }
 }
@@ -543,6 +591,28 @@ pub fn fashion_step_gemms() -> Vec<(&'static str, GemmDesc)> {
     ]
 }
 
+/// The feed-forward GEMMs of a cifar10 training step (B = 100, T = 20: 2,000 sample-steps) that
+/// the big tiles are for: conv2 (128 → 256 on 16×16), conv3 (256 → 512 on 8×8), fc1 (8192 → 1024);
+/// their inputs are pooled spikes read as int8 codes (dropout 0.5: factor 2/4). For
+/// `backei kernels --sass` and the plan tests.
+pub fn cifar10_step_gemms() -> Vec<(&'static str, GemmDesc)> {
+    let (s, rows) = (2000, 2000);
+    let (g2, g3) = (ConvGeom::new(128, 256, 16, 16, 3, 1), ConvGeom::new(256, 512, 8, 8, 3, 1));
+    let q8 = XForm::Q8(0.5);
+    let at = |i: u64| 0x1000_0000 * i;
+    vec![
+        ("conv2 forward", conv_forward(&g2, s, at(1), at(2), at(3), at(4), q8)),
+        ("conv2 data gradient", conv_backward_data(&g2, s, at(1), at(2), at(3))),
+        ("conv2 weight gradient", conv_weight_grad(&g2, s, at(1), at(2), at(3), at(4), q8)),
+        ("conv3 forward", conv_forward(&g3, s, at(1), at(2), at(3), at(4), q8)),
+        ("conv3 data gradient", conv_backward_data(&g3, s, at(1), at(2), at(3))),
+        ("conv3 weight gradient", conv_weight_grad(&g3, s, at(1), at(2), at(3), at(4), q8)),
+        ("fc1 forward", linear_forward(8192, 1024, rows, at(1), at(2), at(3), at(4), q8)),
+        ("fc1 data gradient", linear_backward_data(8192, 1024, rows, at(1), at(2), at(3))),
+        ("fc1 weight gradient", linear_weight_grad(8192, 1024, rows, at(1), at(2), at(3), at(4), q8)),
+    ]
+}
+
 fn desc(a: Operand, b: Operand, out: Output, m: usize, n: usize, k: usize) -> GemmDesc {
     GemmDesc {
         a,
@@ -569,13 +639,27 @@ pub struct GemmPlan {
 }
 
 /// Output tiles and k-steps of a GEMM; split-K (fixed-order partial sums) when the tiles alone
-/// would leave most SMs idle: aim for two blocks per SM.
+/// would leave most SMs idle: aim for two blocks per SM (one of the big tiles). The big tiles
+/// where `BACKEI_TC_TILES=big` allows them ([`gemm_plan_tiles`]).
 pub fn gemm_plan(m: usize, n_cols: usize, k: usize, limits: &DeviceLimits) -> GemmPlan {
-    let tile = TileShape::of(m, n_cols);
+    gemm_plan_tiles(m, n_cols, k, limits, big_tiles_allowed())
+}
+
+/// Whether an M × n_cols × K GEMM takes the big tiles (when allowed): both sides at least one big
+/// tile (a smaller side would be half padding), and enough work for one block per SM — from the
+/// output tiles, or from split-K with at least 8 k-steps per split.
+pub fn wants_big_tiles(m: usize, n_cols: usize, k: usize, limits: &DeviceLimits) -> bool {
+    let tiles = m.div_ceil(128) * n_cols.div_ceil(128);
+    m >= 128 && n_cols >= 128 && tiles * (k.div_ceil(TC_BK) / 8).max(1) >= limits.sm_count as usize
+}
+
+/// [`gemm_plan`] with the big tiles allowed or not.
+pub fn gemm_plan_tiles(m: usize, n_cols: usize, k: usize, limits: &DeviceLimits, big: bool) -> GemmPlan {
+    let tile = if big && wants_big_tiles(m, n_cols, k, limits) { TileShape::Big } else { TileShape::of(m, n_cols) };
     let (bm, bn) = tile.dims();
     let (tm, tn) = (m.div_ceil(bm), n_cols.div_ceil(bn));
     let ktiles = k.div_ceil(TC_BK).max(1);
-    let want = 2 * limits.sm_count as usize;
+    let want = tile.blocks_per_sm() * limits.sm_count as usize;
     let mut splits = if tm * tn >= want { 1 } else { want.div_ceil(tm * tn).min(ktiles) };
     let kt_per_split = ktiles.div_ceil(splits.max(1));
     splits = ktiles.div_ceil(kt_per_split);
@@ -745,7 +829,7 @@ pub enum TcLaunch {
     /// `absmax_f32` of `len` values at `ptr` into the word at `out`.
     Absmax { ptr: u64, len: usize, out: u64, grid: u32 },
     /// `gemm_tc_<precision>` over `grid`.
-    Gemm { kernel: &'static str, grid: (u32, u32, u32), desc: GemmDesc },
+    Gemm { kernel: &'static str, grid: (u32, u32, u32), threads: u32, desc: GemmDesc },
     /// `gemm_tc_reduce_f32`: the splits' fixed-order sum.
     Reduce { grid: u32, desc: GemmDesc },
 }
@@ -779,7 +863,7 @@ pub fn launches(
             }
         }
     }
-    out.push(TcLaunch::Gemm { kernel: plan.tile.kernel(precision), grid: plan.grid, desc: d });
+    out.push(TcLaunch::Gemm { kernel: plan.tile.kernel(precision), grid: plan.grid, threads: plan.tile.threads(), desc: d });
     if plan.splits > 1 {
         out.push(TcLaunch::Reduce { grid: helper_blocks(d.m as usize * d.cols()), desc: d });
     }
@@ -832,9 +916,9 @@ pub fn run_planned(
                 unsafe { dev.stream.launch_builder(&f).arg(&ptr).arg(&n).arg(&out).launch(helper(grid)) }
                     .map_err(cuda_err("absmax_f32"))?;
             }
-            TcLaunch::Gemm { kernel, grid, desc } => {
+            TcLaunch::Gemm { kernel, grid, threads, desc } => {
                 let f = dev.kernels.function("gemm_tc", kernel)?;
-                let cfg = LaunchConfig { grid_dim: grid, block_dim: (TC_THREADS, 1, 1), shared_mem_bytes: 0 };
+                let cfg = LaunchConfig { grid_dim: grid, block_dim: (threads, 1, 1), shared_mem_bytes: 0 };
                 unsafe { dev.stream.launch_builder(&f).arg(&desc).arg(&maxbits).launch(cfg) }.map_err(cuda_err(kernel))?;
             }
             TcLaunch::Reduce { grid, desc } => {
@@ -1050,6 +1134,47 @@ mod tests {
         let tiny = gemm_plan(8, 8, 40, &h100);
         assert_eq!(tiny.splits, 2);
         assert_eq!(tiny.kt_per_split, 1);
+    }
+
+    /// The big tiles only where `BACKEI_TC_TILES=big` allows them, and then for every large GEMM of
+    /// a cifar10 step and fashion-mnist's fc1 (both sides ≥ 128, work for one block per SM), never
+    /// for fashion-mnist's conv2 (64 output channels) or a small GEMM; the plan covers the output
+    /// and every k-step once, with one block per SM at least.
+    #[test]
+    fn big_tiles_are_opt_in_and_taken_by_large_gemms_only() {
+        let h100 = DeviceLimits::H100;
+        let plan = |d: &GemmDesc, big: bool| gemm_plan_tiles(d.m as usize, d.cols(), d.k as usize, &h100, big);
+        for (op, d) in cifar10_step_gemms() {
+            assert_ne!(plan(&d, false).tile, TileShape::Big, "{op}");
+            let p = plan(&d, true);
+            assert_eq!(p.tile, TileShape::Big, "cifar10 {op}: {d:?}");
+            let (m, n, ktiles) = (d.m as usize, d.cols(), (d.k as usize).div_ceil(TC_BK));
+            assert!(p.grid.0 as usize * 128 >= n && (p.grid.0 as usize - 1) * 128 < n, "{op}: {p:?}");
+            assert!(p.grid.1 as usize * 128 >= m && (p.grid.1 as usize - 1) * 128 < m, "{op}: {p:?}");
+            assert!(p.splits * p.kt_per_split >= ktiles && (p.splits - 1) * p.kt_per_split < ktiles, "{op}: {p:?}");
+            assert!(p.grid.0 as usize * p.grid.1 as usize * p.splits >= 132, "{op}: fewer blocks than SMs: {p:?}");
+            assert_eq!(p.partial, if p.splits > 1 { p.splits * m * n } else { 0 }, "{op}");
+        }
+        for (op, d) in fashion_step_gemms() {
+            let big = plan(&d, true).tile == TileShape::Big;
+            assert_eq!(big, op.starts_with("fc1"), "fashion-mnist {op}: {d:?}");
+        }
+        // 200 × 200 × 64: 4 big tiles and 2 k-steps would leave 128 of 132 SMs idle
+        assert_ne!(gemm_plan_tiles(200, 200, 64, &h100, true).tile, TileShape::Big);
+        assert_eq!(gemm_plan_tiles(200, 200, 64 * 1024, &h100, true).tile, TileShape::Big, "split-K fills the device");
+        assert_ne!(gemm_plan_tiles(100, 100_000, 4096, &h100, true).tile, TileShape::Big, "M below one big tile");
+        assert_eq!(TileShape::Big.threads(), 256);
+        assert_eq!(TileShape::Big.kernel(Precision::Bf16), "gemm_tc_bf16_big");
+        // the variable
+        for (v, want) in
+            [(None, Some(false)), (Some(""), Some(false)), (Some("small"), Some(false)), (Some(" big"), Some(true)), (Some("huge"), None)]
+        {
+            match (big_tiles_from_env(v), want) {
+                (Ok(got), Some(want)) => assert_eq!(got, want, "{v:?}"),
+                (Err(e), None) => assert!(e.to_string().contains(TILES_ENV) && e.to_string().contains("big"), "{e}"),
+                (r, _) => panic!("{v:?}: {r:?}"),
+            }
+        }
     }
 
     #[test]

@@ -62,6 +62,8 @@ impl StepSettings {
     /// The defaults (fp32, no recompute, not deterministic, the kernels `$BACKEI_BACKEI_KERNEL`
     /// names) on a device with `limits`.
     pub fn new(limits: DeviceLimits) -> Result<Self> {
+        // refused here, with the fix, rather than read as unset where a plan is made
+        gemm_tc::big_tiles_from_env(std::env::var(gemm_tc::TILES_ENV).ok().as_deref())?;
         StepSettings {
             precision: Precision::Fp32,
             recompute: None,
