@@ -116,6 +116,33 @@ fn gemm_tc_reads_affine_operands_without_the_index_tables() {
     }
 }
 
+/// The big tiles (128×128, `BACKEI_TC_TILES=big`) exist to halve the staging per product: on the
+/// path cifar10's conv2 forward runs (operand modes pinned, its input as int8 codes), a `_big`
+/// loop pass — a warp's 64×32×32 — must take at most 0.6 of two square-tile passes (2 × 32×32×32),
+/// in every precision, with twice the MMAs per pass (sm_90, 2026-12-03: fp32 706 against 2 × 673,
+/// tf32 677 against 2 × 648, bf16 577 against 2 × 532), and no local memory.
+#[test]
+fn gemm_tc_big_tiles_halve_the_instructions_per_product() {
+    use backei::gpu::gemm_tc::{cifar10_step_gemms, pin_defines, TileShape};
+    use backei::gpu::sass::check_module;
+    require_nvrtc();
+    assert!(find_nvdisasm().is_some() && find_cuobjdump().is_some(), "pip install nvidia-cuda-nvdisasm nvidia-cuda-cuobjdump");
+    let (_, d) = cifar10_step_gemms().into_iter().find(|(op, _)| *op == "conv2 forward").expect("conv2 forward");
+    let kernels = check_module("gemm_tc", "sm_90", &pin_defines(&d)).unwrap_or_else(|e| panic!("{e}"));
+    for p in Precision::ALL {
+        let loop_of = |tile: TileShape| {
+            let name = tile.kernel(p);
+            let k = kernels.iter().find(|k| k.kernel == name).unwrap_or_else(|| panic!("{name} not in the module"));
+            assert_eq!(k.local_bytes, 0, "{name}");
+            k.hot.unwrap_or_else(|| panic!("{name}: no loop"))
+        };
+        let (big, square) = (loop_of(TileShape::Big), loop_of(TileShape::Square));
+        println!("{p}: conv2 forward's k-tile loop {} instructions on the big tiles, {} on the square ones", big.total, square.total);
+        assert_eq!(big.mma, 2 * square.mma, "{p}: a big warp tile is two square ones: {big:?} {square:?}");
+        assert!(10 * big.total <= 6 * 2 * square.total, "{p}: big {} instructions per pass, square 2 × {}", big.total, square.total);
+    }
+}
+
 /// The feed-forward tensor-core GEMMs (cuda/gemm_tc.cu) as NVRTC builds them for sm_90: the k-tile
 /// loop issues every thread's 16 + 16 loads of the next A and B tiles before it stores any (they
 /// are in flight behind the current tile's MMAs: register double buffering). Converting each
