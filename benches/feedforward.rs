@@ -6,8 +6,8 @@
 //! with CUDA events (warm-up, the median of 11) and reported as ms and TFLOP/s (2 per
 //! multiply-add). The fastest correct path per precision is what `BACKEI_FEEDFORWARD` should
 //! default to: cuBLAS stays the fp32 default until these rows say otherwise (docs/gpu.md).
-//! Layers with a GEMM that takes the 128×128 tiles (`BACKEI_TC_TILES=big`, opt-in) get `tc <p> big`
-//! rows, which must give the bits of `tc <p>` on the default tiles.
+//! Layers with a GEMM that takes the 256-thread tiles (`BACKEI_TC_TILES=big`, opt-in: 128×128 or
+//! 64×128) get `tc <p> big` rows, which must give the bits of `tc <p>` on the default tiles.
 //!
 //! Without a GPU it says so and exits 0. `cargo bench --bench feedforward [-- FILTER]`.
 
@@ -211,7 +211,7 @@ fn bench_layer(dev: &Arc<GpuDevice>, name: &str, l: &Layer, exact: bool) -> Res<
         modes.push((FeedForward::TensorCore(Precision::Fp32), XForm::Q8(1.0), false));
     }
     if takes_big_tiles(l, &limits) {
-        // the 128×128 tiles (BACKEI_TC_TILES=big, opt-in): must give the bits of the default tiles
+        // the 256-thread tiles (BACKEI_TC_TILES=big, opt-in): must give the bits of the default tiles
         for p in Precision::ALL {
             modes.push((FeedForward::TensorCore(p), exact.into(), true));
         }
@@ -269,7 +269,8 @@ fn bench_layer(dev: &Arc<GpuDevice>, name: &str, l: &Layer, exact: bool) -> Res<
     Ok(())
 }
 
-/// Whether any GEMM of the layer's forward or backward takes the big tiles when allowed.
+/// Whether any GEMM of the layer's forward or backward takes other tiles when the 256-thread ones
+/// are allowed (`BACKEI_TC_TILES=big`: 128×128 or 64×128).
 fn takes_big_tiles(l: &Layer, limits: &DeviceLimits) -> bool {
     let descs = match *l {
         Layer::Conv(g) => vec![
@@ -283,7 +284,8 @@ fn takes_big_tiles(l: &Layer, limits: &DeviceLimits) -> bool {
             gemm_tc::linear_weight_grad(n_in, n_out, SAMPLES, 0, 0, 0, 0, false),
         ],
     };
-    descs.iter().any(|d| gemm_tc::wants_big_tiles(d.m as usize, d.cols(), d.k as usize, limits))
+    let tile = |d: &gemm_tc::GemmDesc, big| gemm_tc::gemm_plan_tiles(d.m as usize, d.cols(), d.k as usize, limits, big).tile;
+    descs.iter().any(|d| tile(d, true) != tile(d, false))
 }
 
 fn main() {

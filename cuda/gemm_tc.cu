@@ -23,7 +23,8 @@
 // Tiles: a block of 128 threads (4 warps) computes a 64×64 tile of C (2×2 warps), or a 32×128 one
 // (1×4: where M ≤ 32), in k-steps of 32; each warp a 32×32 tile (2 m16 × 4 n8 mma tiles). Or a
 // block of 256 threads (8 warps as 2×4) a 128×128 tile, each warp 64×32 (4 m16 × 4 n8): each
-// staged element then feeds twice the products (large GEMMs, opt-in: BIG below). Per
+// staged element then feeds twice the products (large GEMMs), or a 64×128 tile of 32×32 warps
+// (opt-in, both: BIG and MID below). Per
 // k-step the block fills tables of the step's 32 k indices (and, once, of its m and n indices)
 // in shared memory, loads its A and B tiles
 // from global memory through them (coalesced along the operand's contiguous index: `k_fast`), converts
@@ -49,7 +50,8 @@
 // Block tiles: 4 warps of 32×32, as 2×2 (a 64×64 tile: SQUARE) or 1×4 (32×128: WIDE, for M ≤ 32,
 // where a 64-row tile would issue half its MMAs on padding — fashion-mnist's conv2 data gradient
 // has M = 32 input channels); or 8 warps of 64×32 as 2×4 (128×128: BIG, for large GEMMs: per
-// k-step a thread stages as many elements as on a square tile — 32 — for twice the MMAs). The host
+// k-step a thread stages as many elements as on a square tile — 32 — for twice the MMAs), or 8
+// warps of 32×32 as 2×4 (64×128: MID, 24 elements a thread for a square tile's MMAs). The host
 // picks the shape (src/gpu/gemm_tc.rs TileShape); the sums are the same in every shape (each
 // output's products in the same k order), so the bits are too.
 #define TC_BK 32
@@ -619,6 +621,22 @@ extern "C" __global__ void __launch_bounds__(TC_THREADS_BIG, 1) gemm_tc_tf32_big
 }
 extern "C" __global__ void __launch_bounds__(TC_THREADS_BIG, 1) gemm_tc_bf16_big(const GemmDesc d, const u32* __restrict__ maxbits) {
     gemm_tc<PREC_BF16, 2, 4, 4>(TC_DESC(d), maxbits);
+}
+// MID tiles (64×128, 256 threads as 2×4 warps of 32×32: _mid), for the GEMMs with M > 32 and
+// N ≥ 128 that the big tiles do not suit (fashion-mnist's conv2 forward and weight gradient: 64
+// output channels): a thread stages 24 elements per k-step where a square tile's stages 32 for
+// the same MMAs.
+// Within 128 registers (two blocks per SM) ptxas spilled (sm_80 fp32 20 bytes, tf32 4; sm_90 bf16
+// 20), so one block per SM: ~145–160 registers.
+#define TC_MIN_BLOCKS_MID 1
+extern "C" __global__ void __launch_bounds__(TC_THREADS_BIG, TC_MIN_BLOCKS_MID) gemm_tc_fp32_mid(const GemmDesc d, const u32* __restrict__ maxbits) {
+    gemm_tc<PREC_FP32, 2, 4, 2>(TC_DESC(d), maxbits);
+}
+extern "C" __global__ void __launch_bounds__(TC_THREADS_BIG, TC_MIN_BLOCKS_MID) gemm_tc_tf32_mid(const GemmDesc d, const u32* __restrict__ maxbits) {
+    gemm_tc<PREC_TF32, 2, 4, 2>(TC_DESC(d), maxbits);
+}
+extern "C" __global__ void __launch_bounds__(TC_THREADS_BIG, TC_MIN_BLOCKS_MID) gemm_tc_bf16_mid(const GemmDesc d, const u32* __restrict__ maxbits) {
+    gemm_tc<PREC_BF16, 2, 4, 2>(TC_DESC(d), maxbits);
 }
 
 // C = Σ_split partial[split] in ascending split order, into the output (as gemm_tc's epilogue).

@@ -395,15 +395,15 @@ fn emulated_gemms_on_wide_tiles_give_the_bits_of_square_tiles() {
     }
 }
 
-/// The big tiles (128×128, 8 warps of 64×32, 256 threads: `TileShape::Big`, opt-in by
-/// `BACKEI_TC_TILES=big`) give the bits of the square tiles: each thread stages other elements
-/// (16 pairs along k, or along mn, at a 256-thread stride) and each warp holds 4 m16 tiles, but every
-/// output is the same products in the same k order. Every precision; a convolution's forward, data
+/// The 256-thread tiles (opt-in by `BACKEI_TC_TILES=big`) — big, 128×128 of 8 warps of 64×32, and
+/// mid, 64×128 of 8 warps of 32×32 — give the bits of the square tiles: each thread stages other
+/// elements (pairs along k, or along mn, at a 256-thread stride) and a big tile's warp holds 4 m16
+/// tiles, but every output is the same products in the same k order. Every precision; a convolution's forward, data
 /// gradient (M = 20: mostly padding rows) and weight gradient with its ones column, split-K as the
 /// whole plan splits; a linear layer's forward (both operands affine) and weight gradient, each
 /// also with its operands' thread mapping flipped (`k_fast`); sizes off the 128 grid on every side.
 #[test]
-fn emulated_gemms_on_big_tiles_give_the_bits_of_square_tiles() {
+fn emulated_gemms_on_256_thread_tiles_give_the_bits_of_square_tiles() {
     use backei::gpu::gemm_tc::TileShape;
     let mut rng = common::Rng(89);
     let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<u32>>();
@@ -485,12 +485,14 @@ fn emulated_gemms_on_big_tiles_give_the_bits_of_square_tiles() {
                     }
                     vec![yb.host(), dxb.host(), dwb.host(), dbb.host(), lyb.host(), ldwb.host(), ldbb.host()]
                 };
-                let (big, square) = (run(TileShape::Big), run(TileShape::Square));
-                for (k, (a, q)) in big.iter().zip(&square).enumerate() {
-                    assert!(
-                        bits(a) == bits(q),
-                        "{p} {what} (k_fast flipped: {flip}): output {k} differs between the big and the square tiles"
-                    );
+                let square = run(TileShape::Square);
+                for tile in [TileShape::Big, TileShape::Mid] {
+                    for (k, (a, q)) in run(tile).iter().zip(&square).enumerate() {
+                        assert!(
+                            bits(a) == bits(q),
+                            "{p} {what} (k_fast flipped: {flip}): output {k} differs between the {tile:?} and the square tiles"
+                        );
+                    }
                 }
             }
         }

@@ -186,3 +186,69 @@ fn dropout_and_pooling_in_one_pass_equal_the_cpu_layers_bit_for_bit() {
         assert!(bits(&gpu.down(&dxd)) == bits(&dx), "p {p}: backward");
     }
 }
+
+/// Every tile shape of the tensor-core GEMMs gives the bits of the square tiles on the hardware,
+/// as on the emulator (`emu_feedforward::emulated_gemms_on_256_thread_tiles_give_the_bits_of_square_tiles`):
+/// the wide (32×128), big (128×128, 256 threads) and mid (64×128, 256 threads) kernels under the
+/// square plan's split-K, every precision, a convolution's forward, data gradient and weight
+/// gradient (its ones column) at sizes off every tile grid, large enough for many blocks.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn every_tile_shape_gives_the_bits_of_the_square_tiles() {
+    use backei::gpu::gemm_tc::{self, addr, gemm_plan_like, gemm_plan_tiles, run_planned, GemmPlan, TcWorkspace, TileShape};
+    let gpu = Gpu::new();
+    let d = &gpu.0;
+    let limits = DeviceLimits::of(d).unwrap();
+    let mut rng = common::Rng(90);
+    let g = ConvGeom::new(40, 136, 13, 11, 3, 1);
+    let samples = 37;
+    let host = |rng: &mut common::Rng, n| common::ff_check::host(rng, n, false);
+    let (w, b, x, dy) = (
+        host(&mut rng, g.weight_len()),
+        host(&mut rng, g.cout),
+        host(&mut rng, samples * g.in_len()),
+        host(&mut rng, samples * g.out_len()),
+    );
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<u32>>();
+    for p in Precision::ALL {
+        for what in ["forward", "data gradient", "weight gradient"] {
+            let run = |tile: TileShape| -> Vec<Vec<f32>> {
+                let (wd, bd, xd, dyd) = (gpu.up(&w), gpu.up(&b), gpu.up(&x), gpu.up(&dy));
+                let (yd, dxd) = (gpu.poisoned(samples * g.out_len()), gpu.poisoned(samples * g.in_len()));
+                let (dwd, dbd) = (gpu.up(&vec![0.5f32; w.len()]), gpu.up(&vec![0.25f32; b.len()]));
+                let a = |v: &CudaSlice<f32>| addr(d, v);
+                let (desc, sources) = match what {
+                    "forward" => (
+                        gemm_tc::conv_forward(&g, samples, a(&wd), a(&bd), a(&xd), addr(d, &yd), false),
+                        [(a(&wd), w.len()), (a(&xd), x.len())],
+                    ),
+                    "data gradient" => {
+                        (gemm_tc::conv_backward_data(&g, samples, a(&wd), a(&dyd), addr(d, &dxd)), [(a(&wd), w.len()), (a(&dyd), dy.len())])
+                    }
+                    _ => (
+                        gemm_tc::conv_weight_grad(&g, samples, a(&dyd), a(&xd), addr(d, &dwd), addr(d, &dbd), false),
+                        [(a(&dyd), dy.len()), (a(&xd), x.len())],
+                    ),
+                };
+                // the square plan's split-K on every tile: the same sums in the same order
+                let whole = gemm_plan_tiles(desc.m as usize, desc.cols(), desc.k as usize, &limits, false);
+                let plan = gemm_plan_like(desc.m as usize, desc.cols(), &GemmPlan { tile, ..whole });
+                let mut ws = TcWorkspace::new(d).unwrap();
+                run_planned(d, &mut ws, desc, &plan, p, sources).unwrap();
+                d.stream.synchronize().unwrap();
+                match what {
+                    "forward" => vec![gpu.down(&yd)],
+                    "data gradient" => vec![gpu.down(&dxd)],
+                    _ => vec![gpu.down(&dwd), gpu.down(&dbd)],
+                }
+            };
+            let square = run(TileShape::Square);
+            assert!(square.iter().flatten().all(|v| v.is_finite()), "{p} {what}: an output left unwritten");
+            for tile in [TileShape::Wide, TileShape::Big, TileShape::Mid] {
+                for (k, (a, q)) in run(tile).iter().zip(&square).enumerate() {
+                    assert!(bits(a) == bits(q), "{p} conv {what}: output {k} differs between the {tile:?} and the square tiles");
+                }
+            }
+        }
+    }
+}

@@ -164,6 +164,9 @@ fn gemm_tc_keeps_its_next_tiles_loads_in_flight_behind_the_mmas() {
         "gemm_tc_fp32_big",
         "gemm_tc_tf32_big",
         "gemm_tc_bf16_big",
+        "gemm_tc_fp32_mid",
+        "gemm_tc_tf32_mid",
+        "gemm_tc_bf16_mid",
     ] {
         let k = kernels.iter().find(|k| k.kernel == name).unwrap_or_else(|| panic!("{name} not in the module"));
         let m = k.hot.unwrap_or_else(|| panic!("{name}: no loop"));
@@ -171,7 +174,9 @@ fn gemm_tc_keeps_its_next_tiles_loads_in_flight_behind_the_mmas() {
         // are laid out in it, one of them runs — 32 loads on the path a tile takes
         println!("{name}: {} registers, hot loop {m:?}, {} global loads between shared stores in its code", k.registers, k.hot_loads);
         assert!(m.mma >= 8, "{name}: the hot loop is the k-tile loop: {m:?}");
-        assert!(k.hot_loads >= 32, "{name}: {} global loads between shared stores (A's and B's: 32 or 40 expected)", k.hot_loads);
+        // a thread's elements of A's and B's tiles: 32 (square, big), 40 (wide), 24 (mid)
+        let want = if name.ends_with("_mid") { 24 } else { 32 };
+        assert!(k.hot_loads >= want, "{name}: {} global loads between shared stores ({want} expected)", k.hot_loads);
         assert_eq!(k.local_bytes, 0, "{name}");
         assert_eq!(m.idiv, 0, "{name}: an integer division in the k-tile loop: {m:?}");
     }

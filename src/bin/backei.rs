@@ -974,27 +974,27 @@ fn sass_report(arch: &str) -> anyhow::Result<bool> {
         }
     }
     // the path each feed-forward GEMM runs: gemm_tc.cu with the op's operand modes pinned
-    use backei::gpu::gemm_tc::{cifar10_step_gemms, fashion_step_gemms, gemm_plan_tiles, pin_defines, wants_big_tiles, TileShape};
+    use backei::gpu::gemm_tc::{cifar10_step_gemms, fashion_step_gemms, gemm_plan_tiles, pin_defines};
     println!("\ngemm_tc: the k-tile loop of each fashion-mnist and cifar10 feed-forward GEMM (B = 100, T = 20, v4 path), its");
-    println!("operand modes pinned at compile time so that the loop is the path the op runs, on the default tile and, where");
-    println!("BACKEI_TC_TILES=big would take them, the big tiles; bound: the issue-bound rate, predicted, not measured (a warp's");
-    println!("32×32×32 tile per loop pass, 64×32×32 on the big tiles; one instruction per clock per scheduler, 132 SMs at 1.83 GHz):");
+    println!("operand modes pinned at compile time so that the loop is the path the op runs, on the default tile and on the one");
+    println!("BACKEI_TC_TILES=big takes; bound: the issue-bound rate, predicted, not measured (a warp's 32×32×32 tile per loop");
+    println!("pass, 64×32×32 on the big tiles; one instruction per clock per scheduler, 132 SMs at 1.83 GHz):");
     println!("{:<32} {:<18} {:>5} {head} {:>12}", "op", "kernel", "regs", "bound TFLOP/s");
     let ops = fashion_step_gemms().into_iter().map(|(op, d)| (format!("fashion {op}"), d));
     for (op, d) in ops.chain(cifar10_step_gemms().into_iter().map(|(op, d)| (format!("cifar10 {op}"), d))) {
         // the kernels of the op's tile shapes (gemm_plan's choice, with and without the big tiles)
         let (m, n, kk) = (d.m as usize, d.cols(), d.k as usize);
         let mut tiles = vec![gemm_plan_tiles(m, n, kk, &DeviceLimits::H100, false).tile];
-        if wants_big_tiles(m, n, kk, &DeviceLimits::H100) {
-            tiles.push(TileShape::Big);
+        let big = gemm_plan_tiles(m, n, kk, &DeviceLimits::H100, true).tile;
+        if big != tiles[0] {
+            tiles.push(big);
         }
         let kernels = check_module("gemm_tc", arch, &pin_defines(&d))?;
         for tile in tiles {
             for p in backei::Precision::ALL {
                 let Some(k) = kernels.iter().find(|k| k.kernel == tile.kernel(p)) else { continue };
                 let Some(mix) = k.hot.filter(|m| m.mma > 0) else { continue };
-                let warp_rows = if tile == TileShape::Big { 64.0 } else { 32.0 };
-                let bound = 2.0 * warp_rows * 32.0 * 32.0 * 4.0 * 132.0 * 1.83e9 / mix.total as f64 / 1e12;
+                let bound = 2.0 * tile.warp_rows() as f64 * 32.0 * 32.0 * 4.0 * 132.0 * 1.83e9 / mix.total as f64 / 1e12;
                 println!("{:<32} {:<18} {:>5} {} {} {:>12.0}", op, k.kernel, k.registers, show(&k.hot), flight(k), bound);
             }
         }

@@ -60,9 +60,10 @@ pub const IDX_CHANNEL_TAP: i32 = 2;
 pub const TC_THREADS: u32 = 128;
 pub const TC_BK: usize = 32;
 
-/// `BACKEI_TC_TILES=big` lets large GEMMs take the 128×128 tiles ([`TileShape::Big`]); unset or
-/// `small`: 64×64 and 32×128 only. Opt-in until a GPU run shows the big tiles correct and faster
-/// (the feedforward and train benches of `bench/gpu/session.sh` time both).
+/// `BACKEI_TC_TILES=big` lets GEMMs take the 256-thread tiles: 128×128 for large ones
+/// ([`TileShape::Big`]), 64×128 for the others with M > 32 and N ≥ 128 ([`TileShape::Mid`]);
+/// unset or `small`: 64×64 and 32×128 only. Opt-in until a GPU run shows them correct and faster
+/// (the feedforward bench of `bench/gpu/session.sh` times both sets).
 pub const TILES_ENV: &str = "BACKEI_TC_TILES";
 
 /// Whether `BACKEI_TC_TILES` (its value, None: unset) allows the big tiles.
@@ -83,7 +84,7 @@ pub fn big_tiles_allowed() -> bool {
 }
 
 /// A block's tile of C: 4 warps of 32×32 as 2×2 (64×64) or 1×4 (32×128, the `_m32` kernels), or
-/// 8 warps of 64×32 as 2×4 (128×128, the `_big` kernels). The shape changes which block computes
+/// 8 warps as 2×4, of 64×32 (128×128, the `_big` kernels) or of 32×32 (64×128, `_mid`). The shape changes which block computes
 /// an output, never its sum (the same products in the same k order), so a GEMM gives the same bits
 /// under any of them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -96,6 +97,10 @@ pub enum TileShape {
     /// the same 32 elements per k-step as on a square tile for twice the MMAs, and a block reads
     /// half the bytes per product from L2 (16 KB per 1 MFLOP instead of per 0.5). One block per SM.
     Big,
+    /// For the other GEMMs with M > 32 and N ≥ 128 (fashion-mnist's conv2 forward and weight
+    /// gradient): a thread stages 24 elements per k-step where a square tile's stages 32 for the same
+    /// MMAs. One block per SM (within 128 registers ptxas spilled).
+    Mid,
 }
 
 impl TileShape {
@@ -113,22 +118,31 @@ impl TileShape {
             TileShape::Square => (64, 64),
             TileShape::Wide => (32, 128),
             TileShape::Big => (128, 128),
+            TileShape::Mid => (64, 128),
         }
     }
     /// Threads of a block.
     pub fn threads(self) -> u32 {
         match self {
             TileShape::Square | TileShape::Wide => TC_THREADS,
-            TileShape::Big => 2 * TC_THREADS,
+            TileShape::Big | TileShape::Mid => 2 * TC_THREADS,
         }
     }
     /// The blocks per SM the plan aims for: what the kernels' `__launch_bounds__` minimum promises
-    /// (3 for the square tiles, 2 for the wide ones, 1 for the big ones), the square tiles' held at
-    /// 2 so that a third leaves room for the last wave.
+    /// (3 for the square tiles, 2 for the wide ones, 1 for the 256-thread ones), the square
+    /// tiles' held at 2 so that a third leaves room for the last wave.
     pub fn blocks_per_sm(self) -> usize {
         match self {
             TileShape::Square | TileShape::Wide => 2,
-            TileShape::Big => 1,
+            TileShape::Big | TileShape::Mid => 1,
+        }
+    }
+    /// A warp's rows of C (its columns: 32).
+    pub fn warp_rows(self) -> usize {
+        if self == TileShape::Big {
+            64
+        } else {
+            32
         }
     }
     /// The kernel of a precision with this tile.
@@ -143,6 +157,9 @@ impl TileShape {
             (TileShape::Big, Precision::Fp32) => "gemm_tc_fp32_big",
             (TileShape::Big, Precision::Tf32) => "gemm_tc_tf32_big",
             (TileShape::Big, Precision::Bf16) => "gemm_tc_bf16_big",
+            (TileShape::Mid, Precision::Fp32) => "gemm_tc_fp32_mid",
+            (TileShape::Mid, Precision::Tf32) => "gemm_tc_tf32_mid",
+            (TileShape::Mid, Precision::Bf16) => "gemm_tc_bf16_mid",
         }
     }
 }
@@ -639,8 +656,8 @@ pub struct GemmPlan {
 }
 
 /// Output tiles and k-steps of a GEMM; split-K (fixed-order partial sums) when the tiles alone
-/// would leave most SMs idle: aim for two blocks per SM (one of the big tiles). The big tiles
-/// where `BACKEI_TC_TILES=big` allows them ([`gemm_plan_tiles`]).
+/// would leave most SMs idle: aim for two blocks per SM (one of the big tiles). The 256-thread
+/// tiles where `BACKEI_TC_TILES=big` allows them ([`gemm_plan_tiles`]).
 pub fn gemm_plan(m: usize, n_cols: usize, k: usize, limits: &DeviceLimits) -> GemmPlan {
     gemm_plan_tiles(m, n_cols, k, limits, big_tiles_allowed())
 }
@@ -653,9 +670,17 @@ pub fn wants_big_tiles(m: usize, n_cols: usize, k: usize, limits: &DeviceLimits)
     m >= 128 && n_cols >= 128 && tiles * (k.div_ceil(TC_BK) / 8).max(1) >= limits.sm_count as usize
 }
 
-/// [`gemm_plan`] with the big tiles allowed or not.
+/// [`gemm_plan`] with the 256-thread tiles allowed or not: then the big ones where
+/// [`wants_big_tiles`], else the mid ones for M > 32 and N ≥ 128 (split-K fills the device as for
+/// any tile), else the square or wide ones.
 pub fn gemm_plan_tiles(m: usize, n_cols: usize, k: usize, limits: &DeviceLimits, big: bool) -> GemmPlan {
-    let tile = if big && wants_big_tiles(m, n_cols, k, limits) { TileShape::Big } else { TileShape::of(m, n_cols) };
+    let tile = if big && wants_big_tiles(m, n_cols, k, limits) {
+        TileShape::Big
+    } else if big && m > 32 && n_cols >= 128 {
+        TileShape::Mid
+    } else {
+        TileShape::of(m, n_cols)
+    };
     let (bm, bn) = tile.dims();
     let (tm, tn) = (m.div_ceil(bm), n_cols.div_ceil(bn));
     let ktiles = k.div_ceil(TC_BK).max(1);
@@ -1136,10 +1161,11 @@ mod tests {
         assert_eq!(tiny.kt_per_split, 1);
     }
 
-    /// The big tiles only where `BACKEI_TC_TILES=big` allows them, and then for every large GEMM of
-    /// a cifar10 step and fashion-mnist's fc1 (both sides ≥ 128, work for one block per SM), never
-    /// for fashion-mnist's conv2 (64 output channels) or a small GEMM; the plan covers the output
-    /// and every k-step once, with one block per SM at least.
+    /// The 256-thread tiles only where `BACKEI_TC_TILES=big` allows them: then the big ones for
+    /// every large GEMM of a cifar10 step and fashion-mnist's fc1 (both sides ≥ 128, work for one
+    /// block per SM), the mid ones for fashion-mnist's conv2 forward and weight gradient (64 output
+    /// channels) and smaller GEMMs with N ≥ 128; the plan covers the output and every k-step once,
+    /// with one block per SM at least.
     #[test]
     fn big_tiles_are_opt_in_and_taken_by_large_gemms_only() {
         let h100 = DeviceLimits::H100;
@@ -1155,15 +1181,28 @@ mod tests {
             assert!(p.grid.0 as usize * p.grid.1 as usize * p.splits >= 132, "{op}: fewer blocks than SMs: {p:?}");
             assert_eq!(p.partial, if p.splits > 1 { p.splits * m * n } else { 0 }, "{op}");
         }
+        // fashion-mnist: fc1 on the big tiles; conv2's forward and weight gradient (M = 64) on the
+        // mid ones; its data gradient (M = 32) stays on the wide ones
         for (op, d) in fashion_step_gemms() {
-            let big = plan(&d, true).tile == TileShape::Big;
-            assert_eq!(big, op.starts_with("fc1"), "fashion-mnist {op}: {d:?}");
+            let want = match op {
+                _ if op.starts_with("fc1") => TileShape::Big,
+                "conv2 data gradient" => TileShape::Wide,
+                _ => TileShape::Mid,
+            };
+            let p = plan(&d, true);
+            assert_eq!(p.tile, want, "fashion-mnist {op}: {d:?}");
+            let (bm, bn) = p.tile.dims();
+            assert!(p.grid.0 as usize * bn >= d.cols() && p.grid.1 as usize * bm >= d.m as usize, "{op}: {p:?}");
+            assert_eq!(plan(&d, false).tile, if op == "conv2 data gradient" { TileShape::Wide } else { TileShape::Square }, "{op}");
         }
-        // 200 × 200 × 64: 4 big tiles and 2 k-steps would leave 128 of 132 SMs idle
-        assert_ne!(gemm_plan_tiles(200, 200, 64, &h100, true).tile, TileShape::Big);
+        // 200 × 200 × 64: 4 big tiles and 2 k-steps would leave 128 of 132 SMs idle (mid tiles then)
+        assert_eq!(gemm_plan_tiles(200, 200, 64, &h100, true).tile, TileShape::Mid);
         assert_eq!(gemm_plan_tiles(200, 200, 64 * 1024, &h100, true).tile, TileShape::Big, "split-K fills the device");
-        assert_ne!(gemm_plan_tiles(100, 100_000, 4096, &h100, true).tile, TileShape::Big, "M below one big tile");
-        assert_eq!(TileShape::Big.threads(), 256);
+        assert_eq!(gemm_plan_tiles(100, 100_000, 4096, &h100, true).tile, TileShape::Mid, "M below one big tile");
+        assert_eq!(gemm_plan_tiles(100, 100, 4096, &h100, true).tile, TileShape::Square, "N below one mid tile");
+        assert_eq!(gemm_plan_tiles(20, 100_000, 4096, &h100, true).tile, TileShape::Wide, "M ≤ 32");
+        assert_eq!((TileShape::Big.threads(), TileShape::Mid.threads()), (256, 256));
+        assert_eq!(TileShape::Mid.kernel(Precision::Fp32), "gemm_tc_fp32_mid");
         assert_eq!(TileShape::Big.kernel(Precision::Bf16), "gemm_tc_bf16_big");
         // the variable
         for (v, want) in
