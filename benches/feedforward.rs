@@ -13,7 +13,7 @@
 
 use backei::cpu::conv::ConvGeom;
 use backei::gpu::backei_layer::DeviceLimits;
-use backei::gpu::gemm_tc::{self, FeedForward, FeedForwardWs, XForm, TILES_ENV};
+use backei::gpu::gemm_tc::{self, FeedForward, FeedForwardWs, XForm};
 use backei::gpu::{conv, linear, GpuDevice};
 use backei::{NetworkSpec, Precision};
 use cudarc::driver::CudaSlice;
@@ -217,9 +217,7 @@ fn bench_layer(dev: &Arc<GpuDevice>, name: &str, l: &Layer, exact: bool) -> Res<
         }
     }
     for (mode, xf, big) in modes {
-        // read at each GEMM's plan (gemm_tc::big_tiles_allowed); this bench is single-threaded
-        std::env::set_var(TILES_ENV, if big { "big" } else { "small" });
-        let mut ws = FeedForwardWs::new(dev, mode, limits)?;
+        let mut ws = FeedForwardWs::new(dev, mode, limits)?.with_big_tiles(big);
         let label = match (mode, xf, big) {
             (FeedForward::Cublas, _, _) => "cublas fp32".to_string(),
             (FeedForward::TensorCore(p), XForm::Q8(_), _) => format!("tc {p} int8"),
@@ -265,7 +263,6 @@ fn bench_layer(dev: &Arc<GpuDevice>, name: &str, l: &Layer, exact: bool) -> Res<
         );
         results.push((label, out));
     }
-    std::env::remove_var(TILES_ENV);
     Ok(())
 }
 

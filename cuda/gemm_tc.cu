@@ -57,6 +57,9 @@
 #define TC_BK 32
 #define TC_THREADS 128
 #define TC_THREADS_BIG 256
+// blocks per SM the 256-thread kernels (big and mid) are built for: one, so that a thread may hold
+// up to 255 registers (src/gpu/gemm_tc.rs TileShape::blocks_per_sm says the same)
+#define TC_MIN_BLOCKS_256 1
 // shared-memory rows: 16-bit operands 32 + 8 halves (20 words), 32-bit ones 32 + 4 words
 #define TC_ROW16 40
 #define TC_ROW32 36
@@ -613,13 +616,13 @@ extern "C" __global__ void __launch_bounds__(TC_THREADS, TC_MIN_BLOCKS_WIDE) gem
 }
 // BIG tiles (128×128, 256 threads: _big). One block per SM: 64 accumulators and 32 values in
 // flight a thread, up to 255 registers.
-extern "C" __global__ void __launch_bounds__(TC_THREADS_BIG, 1) gemm_tc_fp32_big(const GemmDesc d, const u32* __restrict__ maxbits) {
+extern "C" __global__ void __launch_bounds__(TC_THREADS_BIG, TC_MIN_BLOCKS_256) gemm_tc_fp32_big(const GemmDesc d, const u32* __restrict__ maxbits) {
     gemm_tc<PREC_FP32, 2, 4, 4>(TC_DESC(d), maxbits);
 }
-extern "C" __global__ void __launch_bounds__(TC_THREADS_BIG, 1) gemm_tc_tf32_big(const GemmDesc d, const u32* __restrict__ maxbits) {
+extern "C" __global__ void __launch_bounds__(TC_THREADS_BIG, TC_MIN_BLOCKS_256) gemm_tc_tf32_big(const GemmDesc d, const u32* __restrict__ maxbits) {
     gemm_tc<PREC_TF32, 2, 4, 4>(TC_DESC(d), maxbits);
 }
-extern "C" __global__ void __launch_bounds__(TC_THREADS_BIG, 1) gemm_tc_bf16_big(const GemmDesc d, const u32* __restrict__ maxbits) {
+extern "C" __global__ void __launch_bounds__(TC_THREADS_BIG, TC_MIN_BLOCKS_256) gemm_tc_bf16_big(const GemmDesc d, const u32* __restrict__ maxbits) {
     gemm_tc<PREC_BF16, 2, 4, 4>(TC_DESC(d), maxbits);
 }
 // MID tiles (64×128, 256 threads as 2×4 warps of 32×32: _mid), for the GEMMs with M > 32 and
@@ -627,15 +630,14 @@ extern "C" __global__ void __launch_bounds__(TC_THREADS_BIG, 1) gemm_tc_bf16_big
 // output channels): a thread stages 24 elements per k-step where a square tile's stages 32 for
 // the same MMAs.
 // Within 128 registers (two blocks per SM) ptxas spilled (sm_80 fp32 20 bytes, tf32 4; sm_90 bf16
-// 20), so one block per SM: ~145–160 registers.
-#define TC_MIN_BLOCKS_MID 1
-extern "C" __global__ void __launch_bounds__(TC_THREADS_BIG, TC_MIN_BLOCKS_MID) gemm_tc_fp32_mid(const GemmDesc d, const u32* __restrict__ maxbits) {
+// 20), so one block per SM as the big tiles: ~145–160 registers.
+extern "C" __global__ void __launch_bounds__(TC_THREADS_BIG, TC_MIN_BLOCKS_256) gemm_tc_fp32_mid(const GemmDesc d, const u32* __restrict__ maxbits) {
     gemm_tc<PREC_FP32, 2, 4, 2>(TC_DESC(d), maxbits);
 }
-extern "C" __global__ void __launch_bounds__(TC_THREADS_BIG, TC_MIN_BLOCKS_MID) gemm_tc_tf32_mid(const GemmDesc d, const u32* __restrict__ maxbits) {
+extern "C" __global__ void __launch_bounds__(TC_THREADS_BIG, TC_MIN_BLOCKS_256) gemm_tc_tf32_mid(const GemmDesc d, const u32* __restrict__ maxbits) {
     gemm_tc<PREC_TF32, 2, 4, 2>(TC_DESC(d), maxbits);
 }
-extern "C" __global__ void __launch_bounds__(TC_THREADS_BIG, TC_MIN_BLOCKS_MID) gemm_tc_bf16_mid(const GemmDesc d, const u32* __restrict__ maxbits) {
+extern "C" __global__ void __launch_bounds__(TC_THREADS_BIG, TC_MIN_BLOCKS_256) gemm_tc_bf16_mid(const GemmDesc d, const u32* __restrict__ maxbits) {
     gemm_tc<PREC_BF16, 2, 4, 2>(TC_DESC(d), maxbits);
 }
 

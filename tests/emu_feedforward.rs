@@ -225,7 +225,7 @@ fn emulated_convolution_over_a_window_of_samples_gives_the_bits_of_the_whole_con
                 let (mut wb, mut bb, mut xb, mut yb) =
                     (DevBuf::from("w", &w), DevBuf::from("b", &b), DevBuf::from("x", &x), DevBuf::new("y", count * g.out_len()));
                 let bufs = (addr(&mut wb), addr(&mut bb), addr(&mut xb), addr(&mut yb));
-                let (d, plan) = gemm_tc::conv_forward_part(&g, samples, first, count, bufs, exact, &SMALL);
+                let (d, plan) = gemm_tc::conv_forward_part(&g, samples, first, count, bufs, exact, &SMALL, false);
                 if count == 3 {
                     let own = gemm_plan(d.m as usize, d.cols(), d.k as usize, &SMALL);
                     assert_ne!(
@@ -289,7 +289,7 @@ fn emulated_gemms_reading_int8_codes_of_pooled_spikes_give_the_bits_of_reading_f
                 let (mut wb, mut bb, mut xb, mut yb) =
                     (DevBuf::from("w", &w), DevBuf::from("b", &b), DevBuf::from("codes", &codes), DevBuf::new("y", count * g.out_len()));
                 let bufs = (addr(&mut wb), addr(&mut bb), addr(&mut xb), addr(&mut yb));
-                let (d, plan) = gemm_tc::conv_forward_part(&g, samples, first, count, bufs, q8, &SMALL);
+                let (d, plan) = gemm_tc::conv_forward_part(&g, samples, first, count, bufs, q8, &SMALL, false);
                 assert_eq!((d.b.q8, d.b.exact), (1, 1));
                 emulate_planned(d, &plan, p, [(bufs.0, w.len()), (bufs.2, codes.len())], 40);
                 for buf in [&wb, &bb, &xb, &yb] {

@@ -297,7 +297,8 @@ pub fn forward_part(
         return Err(shape_err("conv samples", format!("a non-empty part of {samples}"), format!("{first}..{}", first + count)));
     }
     let (wa, xa) = (addr(dev, w), addr(dev, x));
-    let (d, plan) = gemm_tc::conv_forward_part(g, samples, first, count, (wa, addr(dev, b), xa, addr(dev, y)), x_form, &ff.limits);
+    let (d, plan) =
+        gemm_tc::conv_forward_part(g, samples, first, count, (wa, addr(dev, b), xa, addr(dev, y)), x_form, &ff.limits, ff.big_tiles);
     gemm_tc::run_planned(dev, &mut ff.tc, d, &plan, p, [(wa, w.len()), (xa, x.len())])
 }
 
@@ -329,11 +330,11 @@ pub fn backward_with(
     check_len("conv output gradient", dy.len(), samples * g.out_len())?;
     let (wa, xa, dya) = (addr(dev, w), addr(dev, x), addr(dev, dy));
     let d = gemm_tc::conv_weight_grad(g, samples, dya, xa, addr(dev, dw), addr(dev, db), x_form);
-    gemm_tc::run(dev, &mut ff.tc, d, p, [(dya, dy.len()), (xa, x.len())], &ff.limits)?;
+    gemm_tc::run(dev, ff, d, p, [(dya, dy.len()), (xa, x.len())])?;
     if let Some(dx) = dx {
         check_len("conv input gradient", dx.len(), samples * g.in_len())?;
         let d = gemm_tc::conv_backward_data(g, samples, wa, dya, addr(dev, &*dx));
-        gemm_tc::run(dev, &mut ff.tc, d, p, [(wa, w.len()), (dya, dy.len())], &ff.limits)?;
+        gemm_tc::run(dev, ff, d, p, [(wa, w.len()), (dya, dy.len())])?;
     }
     Ok(())
 }

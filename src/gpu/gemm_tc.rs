@@ -75,12 +75,10 @@ pub fn big_tiles_from_env(value: Option<&str>) -> Result<bool> {
     }
 }
 
-/// `BACKEI_TC_TILES` as it is set (a bad value is refused by `StepSettings::new`, through
-/// [`big_tiles_from_env`], before any plan is made; here it counts as unset). Read at each plan, so
-/// that the feedforward bench can time both tile sets in one process; a step's plans are made
-/// when its CUDA graph is captured.
-pub fn big_tiles_allowed() -> bool {
-    big_tiles_from_env(std::env::var(TILES_ENV).ok().as_deref()).unwrap_or(false)
+/// `BACKEI_TC_TILES` as the process has it: read once, by `StepSettings::new` (into its
+/// `big_tiles`, which the network's [`FeedForwardWs`] carries to every plan).
+pub fn big_tiles_in_env() -> Result<bool> {
+    big_tiles_from_env(std::env::var(TILES_ENV).ok().as_deref())
 }
 
 /// A block's tile of C: 4 warps of 32×32 as 2×2 (64×64) or 1×4 (32×128, the `_m32` kernels), or
@@ -656,10 +654,10 @@ pub struct GemmPlan {
 }
 
 /// Output tiles and k-steps of a GEMM; split-K (fixed-order partial sums) when the tiles alone
-/// would leave most SMs idle: aim for two blocks per SM (one of the big tiles). The 256-thread
-/// tiles where `BACKEI_TC_TILES=big` allows them ([`gemm_plan_tiles`]).
+/// would leave most SMs idle: aim for two blocks per SM. On the default tiles (64×64, 32×128);
+/// [`gemm_plan_tiles`] with the 256-thread ones allowed.
 pub fn gemm_plan(m: usize, n_cols: usize, k: usize, limits: &DeviceLimits) -> GemmPlan {
-    gemm_plan_tiles(m, n_cols, k, limits, big_tiles_allowed())
+    gemm_plan_tiles(m, n_cols, k, limits, false)
 }
 
 /// Whether an M × n_cols × K GEMM takes the big tiles (when allowed): both sides at least one big
@@ -725,10 +723,11 @@ pub fn conv_forward_part(
     (w, b, x, y): (u64, u64, u64, u64),
     x_form: impl Into<XForm>,
     limits: &DeviceLimits,
+    big_tiles: bool,
 ) -> (GemmDesc, GemmPlan) {
     let x_form = x_form.into();
     let whole = conv_forward(g, samples, w, b, x, y, x_form);
-    let whole_plan = gemm_plan(whole.m as usize, whole.cols(), whole.k as usize, limits);
+    let whole_plan = gemm_plan_tiles(whole.m as usize, whole.cols(), whole.k as usize, limits, big_tiles);
     let d = conv_forward(g, count, w, b, x + (x_form.bytes() * first * g.in_len()) as u64, y, x_form);
     let plan = gemm_plan_like(d.m as usize, d.cols(), &whole_plan);
     (d, plan)
@@ -757,9 +756,10 @@ pub fn input_exact_in_fp16(spec: &crate::spec::NetworkSpec, plan: &[crate::spec:
     false
 }
 
-/// The f32 values of split-K partial sums a GEMM needs on a device (0 without split-K).
-pub fn partial_of(d: &GemmDesc, limits: &DeviceLimits) -> usize {
-    gemm_plan(d.m as usize, d.cols(), d.k as usize, limits).partial
+/// The f32 values of split-K partial sums a GEMM needs on a device (0 without split-K), with the
+/// 256-thread tiles allowed or not.
+pub fn partial_of(d: &GemmDesc, limits: &DeviceLimits, big_tiles: bool) -> usize {
+    gemm_plan_tiles(d.m as usize, d.cols(), d.k as usize, limits, big_tiles).partial
 }
 
 /// The bound of every map's width and height (`GemmDesc::validate`).
@@ -816,23 +816,33 @@ impl TcWorkspace {
     }
 }
 
-/// The feed-forward layers' GEMM state: which path, the device limits its plans need, and each
-/// path's workspace (cuBLAS: the im2col column buffer; tensor cores: scales and split-K sums).
+/// The feed-forward layers' GEMM state: which path, what its plans need (the device limits,
+/// whether the 256-thread tiles are allowed), and each path's workspace (cuBLAS: the im2col
+/// column buffer; tensor cores: scales and split-K sums).
 pub struct FeedForwardWs {
     pub mode: FeedForward,
     pub limits: DeviceLimits,
+    /// The 256-thread tiles allowed ([`gemm_plan_tiles`]); off by default (`with_big_tiles`).
+    pub big_tiles: bool,
     pub conv: super::conv::ConvWorkspace,
     pub tc: TcWorkspace,
 }
 
 impl FeedForwardWs {
+    /// On the default tiles.
     pub fn new(dev: &GpuDevice, mode: FeedForward, limits: DeviceLimits) -> Result<Self> {
         Ok(FeedForwardWs {
             mode,
             limits,
+            big_tiles: false,
             conv: super::conv::ConvWorkspace::new(super::conv::DEFAULT_WORKSPACE_BYTES),
             tc: TcWorkspace::new(dev)?,
         })
+    }
+
+    /// With the 256-thread tiles allowed or not (`StepSettings::big_tiles`).
+    pub fn with_big_tiles(self, big_tiles: bool) -> Self {
+        FeedForwardWs { big_tiles, ..self }
     }
 
     /// Device bytes held.
@@ -896,17 +906,10 @@ pub fn launches(
 }
 
 /// Runs one GEMM on the device (see [`launches`]).
-pub fn run(
-    dev: &GpuDevice,
-    ws: &mut TcWorkspace,
-    d: GemmDesc,
-    precision: Precision,
-    sources: [(u64, usize); 2],
-    limits: &DeviceLimits,
-) -> Result<()> {
+pub fn run(dev: &GpuDevice, ff: &mut FeedForwardWs, d: GemmDesc, precision: Precision, sources: [(u64, usize); 2]) -> Result<()> {
     d.validate()?;
-    let plan = gemm_plan(d.m as usize, d.cols(), d.k as usize, limits);
-    run_planned(dev, ws, d, &plan, precision, sources)
+    let plan = gemm_plan_tiles(d.m as usize, d.cols(), d.k as usize, &ff.limits, ff.big_tiles);
+    run_planned(dev, &mut ff.tc, d, &plan, precision, sources)
 }
 
 /// [`run`] under a given plan (`conv_forward_part`'s).

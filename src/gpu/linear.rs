@@ -95,7 +95,7 @@ pub fn forward_with(
     check_len("linear output", y.len(), rows * n_out)?;
     let (wa, xa) = (addr(dev, w), addr(dev, x));
     let d = gemm_tc::linear_forward(n_in, n_out, rows, xa, wa, addr(dev, b), addr(dev, y), x_form);
-    gemm_tc::run(dev, &mut ff.tc, d, p, [(xa, x.len()), (wa, w.len())], &ff.limits)
+    gemm_tc::run(dev, ff, d, p, [(xa, x.len()), (wa, w.len())])
 }
 
 /// `backward` on the path of `ff`: dW += dyᵀ·x and db += Σ dy in one GEMM (the bias gradient is
@@ -126,11 +126,11 @@ pub fn backward_with(
     check_len("linear output gradient", dy.len(), rows * n_out)?;
     let (wa, xa, dya) = (addr(dev, w), addr(dev, x), addr(dev, dy));
     let d = gemm_tc::linear_weight_grad(n_in, n_out, rows, dya, xa, addr(dev, dw), addr(dev, db), x_form);
-    gemm_tc::run(dev, &mut ff.tc, d, p, [(dya, dy.len()), (xa, x.len())], &ff.limits)?;
+    gemm_tc::run(dev, ff, d, p, [(dya, dy.len()), (xa, x.len())])?;
     if let Some(dx) = dx {
         check_len("linear input gradient", dx.len(), rows * n_in)?;
         let d = gemm_tc::linear_backward_data(n_in, n_out, rows, dya, wa, addr(dev, &*dx));
-        gemm_tc::run(dev, &mut ff.tc, d, p, [(dya, dy.len()), (wa, w.len())], &ff.limits)?;
+        gemm_tc::run(dev, ff, d, p, [(dya, dy.len()), (wa, w.len())])?;
     }
     Ok(())
 }

@@ -48,6 +48,9 @@ pub struct StepSettings {
     /// the layer's forward, its backward in the layer's backward (∂L/∂s never stored). On by
     /// default (`BACKEI_FUSED_POOL=0` turns it off); the same bits either way.
     pub fused_pool: bool,
+    /// The tensor-core GEMMs may take the 256-thread tiles (`BACKEI_TC_TILES=big`, opt-in until a
+    /// GPU run shows them correct and faster; `gemm_tc::gemm_plan_tiles`). The same bits either way.
+    pub big_tiles: bool,
 }
 
 /// Turns off the pooling fused into the v4 BackEI kernels (`=0`; the default `1` fuses it).
@@ -62,8 +65,6 @@ impl StepSettings {
     /// The defaults (fp32, no recompute, not deterministic, the kernels `$BACKEI_BACKEI_KERNEL`
     /// names) on a device with `limits`.
     pub fn new(limits: DeviceLimits) -> Result<Self> {
-        // refused here, with the fix, rather than read as unset where a plan is made
-        gemm_tc::big_tiles_from_env(std::env::var(gemm_tc::TILES_ENV).ok().as_deref())?;
         StepSettings {
             precision: Precision::Fp32,
             recompute: None,
@@ -73,6 +74,7 @@ impl StepSettings {
             feedforward: FeedForward::Cublas,
             compact: true,
             fused_pool: fused_pool_from_env(std::env::var(FUSED_POOL_ENV).ok().as_deref())?,
+            big_tiles: gemm_tc::big_tiles_in_env()?,
         }
         .with_precision(Precision::Fp32)
     }
@@ -94,6 +96,7 @@ impl StepSettings {
             feedforward: FeedForward::Cublas,
             compact: true,
             fused_pool: true,
+            big_tiles: false,
         }
     }
 
@@ -466,7 +469,8 @@ pub fn buffer_plan(spec: &NetworkSpec, batch: usize, steps: usize, t_in: usize, 
                     let g = ConvGeom::new(c, out_channels, h, w, kernel, padding);
                     if let Some(k) = lb.window {
                         // run per window, with the split-K of the whole (conv_forward_part)
-                        let part = gemm_tc::conv_forward_part(&g, rows, 0, k * batch, (0, 0, 0, 0), false, &settings.limits).1;
+                        let part =
+                            gemm_tc::conv_forward_part(&g, rows, 0, k * batch, (0, 0, 0, 0), false, &settings.limits, settings.big_tiles).1;
                         tc_partial = tc_partial.max(part.partial);
                     }
                     vec![
@@ -483,7 +487,7 @@ pub fn buffer_plan(spec: &NetworkSpec, batch: usize, steps: usize, t_in: usize, 
                 _ => Vec::new(),
             };
             for d in descs.into_iter().flatten() {
-                tc_partial = tc_partial.max(gemm_tc::partial_of(&d, &settings.limits));
+                tc_partial = tc_partial.max(gemm_tc::partial_of(&d, &settings.limits, settings.big_tiles));
             }
         }
     }
@@ -968,6 +972,31 @@ mod tests {
             println!("cifar10, tensor-core GEMMs, {p}, --recompute {k}: {m}");
             assert!(m.total() <= 4 << 30, "--recompute {k}, {p}: {m}");
         }
+    }
+
+    /// The split-K sums are sized for the tiles the step's GEMMs take: with the 256-thread tiles
+    /// allowed (`BACKEI_TC_TILES=big`, carried by `StepSettings::big_tiles`) the plans differ, and
+    /// the workspace covers every large GEMM of the step under either set.
+    #[test]
+    fn split_k_sums_are_sized_for_the_tile_set_of_the_settings() {
+        use crate::gpu::gemm_tc::{self, FeedForward};
+        let tc = StepSettings { feedforward: FeedForward::TensorCore(Precision::Fp32), ..h100() };
+        let mut differ = false;
+        for (spec, gemms) in
+            [(NetworkSpec::cifar10(), gemm_tc::cifar10_step_gemms()), (NetworkSpec::fashion_mnist(), gemm_tc::fashion_step_gemms())]
+        {
+            let mut sizes = Vec::new();
+            for big_tiles in [false, true] {
+                let s = StepSettings { big_tiles, ..tc };
+                let bp = buffer_plan(&spec, 100, 20, 1, &s).unwrap();
+                let need = gemms.iter().map(|(_, d)| gemm_tc::partial_of(d, &s.limits, big_tiles)).max().unwrap();
+                println!("{} big tiles {big_tiles}: split-K sums {} values, the named GEMMs need {need}", spec.name, bp.tc_partial);
+                assert!(bp.tc_partial >= need, "{} big tiles {big_tiles}: {} < {need}", spec.name, bp.tc_partial);
+                sizes.push(bp.tc_partial);
+            }
+            differ |= sizes[0] != sizes[1];
+        }
+        assert!(differ, "the tile set changes no split-K plan of cifar10 or fashion-mnist");
     }
 
     /// A BackEI layer v4 cannot run (radius 3) cannot recompute: the error names the layer, why,

@@ -490,7 +490,7 @@ impl GpuNetwork {
         Ok(GpuNetwork {
             dev: dev.clone(),
             classes: spec.classes()?,
-            ff: FeedForwardWs::new(dev, settings.feedforward, limits)?,
+            ff: FeedForwardWs::new(dev, settings.feedforward, limits)?.with_big_tiles(settings.big_tiles),
             settings,
             keys: DropoutKeys::new(dev, dropouts)?,
             spec,
@@ -554,6 +554,7 @@ impl GpuNetwork {
         if settings != self.settings {
             self.settings = settings;
             self.ff.mode = settings.feedforward;
+            self.ff.big_tiles = settings.big_tiles;
             self.plan = None;
             self.invalidate_launches();
         }
