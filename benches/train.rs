@@ -11,7 +11,10 @@
 //! cargo bench --bench train            (BACKEI_BENCH_REPS=N for more GPU repetitions;
 //!                                       BACKEI_BENCH_RECOMPUTE=K adds cifar10 and fashion-mnist
 //!                                       rows with --recompute K on the tensor-core GEMMs in fp32:
-//!                                       the per-window convolutions' cost and the memory they save)
+//!                                       the per-window convolutions' cost and the memory they save;
+//!                                       BACKEI_BENCH_NETWORKS=fashion-mnist,cifar10 narrows the
+//!                                       GPU rows to those networks; BACKEI_BENCH_CPU=0 skips
+//!                                       the CPU rows)
 
 use backei::gpu::profile::merge;
 use backei::gpu::{GpuDevice, GpuNetwork, GpuOptimizer};
@@ -118,8 +121,10 @@ fn main() {
             };
             let recompute: Option<usize> = std::env::var("BACKEI_BENCH_RECOMPUTE").ok().and_then(|s| s.parse().ok());
             type Run = (NetworkSpec, Option<(Precision, bool)>, Option<usize>);
-            let mut runs: Vec<Run> = nets.iter().map(|s| (s.clone(), None, None)).collect();
-            for s in nets.iter().filter(|s| s.name == "fashion-mnist" || s.name == "cifar10") {
+            let chosen = std::env::var("BACKEI_BENCH_NETWORKS").ok();
+            let wanted = |s: &&NetworkSpec| chosen.as_deref().is_none_or(|list| list.split(',').any(|n| n == s.name));
+            let mut runs: Vec<Run> = nets.iter().filter(wanted).map(|s| (s.clone(), None, None)).collect();
+            for s in nets.iter().filter(wanted).filter(|s| s.name == "fashion-mnist" || s.name == "cifar10") {
                 runs.extend(tc_modes.iter().map(|&m| (s.clone(), Some(m), None)));
                 if let Some(k) = recompute {
                     runs.push((s.clone(), Some((Precision::Fp32, true)), Some(k)));
@@ -148,7 +153,9 @@ fn main() {
         }
         Err(e) => println!("GPU part skipped: {e}"),
     }
-    for spec in nets.iter().filter(|s| s.name == "mnist" || s.name == "fashion-mnist") {
+    // BACKEI_BENCH_CPU=0: the GPU rows alone (the device sessions time the CPU rows once)
+    let cpu_rows = std::env::var("BACKEI_BENCH_CPU").map_or(true, |v| v != "0");
+    for spec in nets.iter().filter(|s| cpu_rows && (s.name == "mnist" || s.name == "fashion-mnist")) {
         let mut spec = spec.clone();
         spec.steps = T;
         let mut net = Network::<f32>::new(&spec, 4150).expect("network");

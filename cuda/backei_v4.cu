@@ -405,9 +405,15 @@ __device__ __forceinline__ void conv_gemm(float (&acc)[MT][NT][4], const char* h
                     } else if (PREC == PREC_BF16) {
                         mma_bf16_m16n8k16(acc[mi][ni], a[0][mi], b[0][ni]);
                     } else {
-                        mma_f16_m16n8k16(acc[mi][ni], a[0][mi], b[0][ni]);
-                        mma_f16_m16n8k16(acc[mi][ni], a[0][mi], b[1][ni]);
-                        if (APL == 2) mma_f16_m16n8k16(acc[mi][ni], a[APL - 1][mi], b[0][ni]);
+                        // the split products into a fresh fragment added with round-to-nearest:
+                        // the tensor cores truncate, and a sum kept in their accumulator drifts
+                        // (an H200 put this mode at 2–12× the f32 CPU engine's error, 2026-12-04)
+                        float t[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+                        mma_f16_m16n8k16(t, a[0][mi], b[0][ni]);
+                        mma_f16_m16n8k16(t, a[0][mi], b[1][ni]);
+                        if (APL == 2) mma_f16_m16n8k16(t, a[APL - 1][mi], b[0][ni]);
+#pragma unroll
+                        for (int r = 0; r < 4; ++r) acc[mi][ni][r] += t[r];
                     }
                 }
             }
@@ -519,9 +525,13 @@ __device__ __forceinline__ void wgrad_gemm(float* dw, int pitch, float inv, cons
                     } else if (PREC == PREC_BF16) {
                         mma_bf16_m16n8k16(acc[mw][j], a[0][mw], b[0][j]);
                     } else {
-                        mma_f16_m16n8k16(acc[mw][j], a[0][mw], b[0][j]);
-                        mma_f16_m16n8k16(acc[mw][j], a[YPL - 1][mw], b[0][j]);
-                        if (XPL == 2) mma_f16_m16n8k16(acc[mw][j], a[0][mw], b[XPL - 1][j]);
+                        // as the gate convolutions: a fresh fragment, added with round-to-nearest
+                        float t[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+                        mma_f16_m16n8k16(t, a[0][mw], b[0][j]);
+                        mma_f16_m16n8k16(t, a[YPL - 1][mw], b[0][j]);
+                        if (XPL == 2) mma_f16_m16n8k16(t, a[0][mw], b[XPL - 1][j]);
+#pragma unroll
+                        for (int r = 0; r < 4; ++r) acc[mw][j][r] += t[r];
                     }
                 }
         }

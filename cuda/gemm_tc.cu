@@ -258,20 +258,6 @@ __device__ __forceinline__ float decode(const Operand& o, float v) {
     return c == Q8_ONE ? 1.0f : (float)c * o.q8_factor;
 }
 
-// The power-of-two scale that puts an operand's largest |x| (its f32 bits) in [2^13, 2^14), and
-// its inverse; 1 for an all-zero operand. Both are exact.
-__device__ __forceinline__ void pow2_scale(u32 maxbits, float& s, float& inv) {
-    if (maxbits == 0) {
-        s = inv = 1.0f;
-        return;
-    }
-    int e = (int)(maxbits >> 23) - 127;  // max ∈ [2^e, 2^(e+1))
-    int sh = 13 - e;
-    sh = sh < -120 ? -120 : (sh > 120 ? 120 : sh);
-    s = __uint_as_float((u32)(sh + 127) << 23);
-    inv = __uint_as_float((u32)(127 - sh) << 23);
-}
-
 // Element (m, n) of C into the output: the ones column to ones_out, bias, write or add.
 __device__ __forceinline__ void store_c(const GemmDesc& d, int m, int n, float v) {
     const Output& o = d.out;
@@ -563,10 +549,18 @@ __device__ __forceinline__ void gemm_tc(const GemmDesc& d, const u32* __restrict
                         if (PREC == PREC_BF16) {
                             mma_bf16_m16n8k16(acc[mi][ni], a[mi], b[ni]);
                         } else {
-                            // the small products first: lo·hi, hi·lo, then hi·hi
-                            if (lo_a) mma_f16_m16n8k16(acc[mi][ni], al[mi], b[ni]);
-                            if (lo_b) mma_f16_m16n8k16(acc[mi][ni], a[mi], bl[ni]);
-                            mma_f16_m16n8k16(acc[mi][ni], a[mi], b[ni]);
+                            // the small products first: lo·hi, hi·lo, then hi·hi — into a fresh
+                            // fragment added to the sum with round-to-nearest FADDs: the tensor
+                            // cores align an MMA's terms to the largest and truncate, so a long sum
+                            // kept in their accumulator drifts (an H200 missed the f32 tolerance by
+                            // 10–90× on the step's GEMMs, 2026-12-04); this way each MMA chain's
+                            // truncation is relative to one k-step's 16 products, not to the sum
+                            float t[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+                            if (lo_a) mma_f16_m16n8k16(t, al[mi], b[ni]);
+                            if (lo_b) mma_f16_m16n8k16(t, a[mi], bl[ni]);
+                            mma_f16_m16n8k16(t, a[mi], b[ni]);
+#pragma unroll
+                            for (int r = 0; r < 4; ++r) acc[mi][ni][r] += t[r];
                         }
                     }
             }

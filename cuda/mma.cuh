@@ -125,3 +125,18 @@ __device__ __forceinline__ void split_f16(float x, unsigned short& hi, unsigned 
     hi = f32_to_f16_bits(x);
     lo = f32_to_f16_bits(x - f16_bits_to_f32(hi));
 }
+
+// The power-of-two scale that puts an operand's largest |x| (its f32 bits: absmax_f32 in
+// gemm_tc.cu) in [2^13, 2^14), and its inverse; 1 for an all-zero operand. Both are exact. The
+// tensor-core GEMMs scale an fp32-mode operand by it before split_f16.
+__device__ __forceinline__ void pow2_scale(u32 maxbits, float& s, float& inv) {
+    if (maxbits == 0) {
+        s = inv = 1.0f;
+        return;
+    }
+    int e = (int)(maxbits >> 23) - 127;  // max ∈ [2^e, 2^(e+1))
+    int sh = 13 - e;
+    sh = sh < -120 ? -120 : (sh > 120 ? 120 : sh);
+    s = __uint_as_float((u32)(sh + 127) << 23);
+    inv = __uint_as_float((u32)(127 - sh) << 23);
+}

@@ -83,7 +83,11 @@ fn run_in(dev: &Arc<GpuDevice>, c: &Case, seed: u64, version: KernelVersion, pre
     let cl = &cpu.layer;
     assert!((rate - cl.firing_rate()).abs() <= o.raw as f64 / all as f64 + 1e-12, "{}: firing rate {rate} vs {}", c.name, cl.firing_rate());
     if o.raw == 0 {
-        assert!((inh - cl.inhibitory_fraction()).abs() < 1e-12, "{}: inhibitory fraction {inh} vs {}", c.name, cl.inhibitory_fraction());
+        // the inhibitory fraction counts fired outputs by their sign, which the gate decides: the
+        // f32 kernels give the CPU's signs; tensor-core products round a gate near 0 to the
+        // other side (the first GPU run, tf32: 0.52190 vs 0.52159), within the flips allowed
+        let allowed = if plan.version == KernelVersion::V4 { tol.flip_fraction } else { 1e-12 };
+        assert!((inh - cl.inhibitory_fraction()).abs() <= allowed, "{}: inhibitory fraction {inh} vs {}", c.name, cl.inhibitory_fraction());
     }
     o
 }

@@ -7,18 +7,21 @@ mod common;
 
 use backei::cpu::conv::ConvGeom;
 use backei::gpu::backei_layer::DeviceLimits;
+use backei::gpu::conv_halo::{halo_plan, HaloOp};
 use backei::gpu::gemm_tc::{FeedForward, FeedForwardWs};
 use backei::gpu::{conv, dropout, linear, GpuDevice};
 use backei::Precision;
-use common::ff_check::{check_convs, check_linears, FfDevice, Grads};
+use common::ff_check::{check_convs, check_linears, conv_case, FfDevice, Grads};
 use cudarc::driver::CudaSlice;
 use std::sync::Arc;
 
-struct Gpu(Arc<GpuDevice>);
+/// The device, and whether convolutions take the window-staged kernels where they apply
+/// (`BACKEI_TC_CONV=halo`).
+struct Gpu(Arc<GpuDevice>, bool);
 
 impl Gpu {
     fn new() -> Self {
-        Gpu(GpuDevice::open(0).expect("these tests need a CUDA GPU"))
+        Gpu(GpuDevice::open(0).expect("these tests need a CUDA GPU"), false)
     }
     fn up(&self, x: &[f32]) -> CudaSlice<f32> {
         self.0.stream.clone_htod(x).unwrap()
@@ -31,7 +34,7 @@ impl Gpu {
         self.0.stream.clone_dtoh(x).unwrap()
     }
     fn ws(&self, p: Precision) -> FeedForwardWs {
-        FeedForwardWs::new(&self.0, FeedForward::TensorCore(p), DeviceLimits::of(&self.0).unwrap()).unwrap()
+        FeedForwardWs::new(&self.0, FeedForward::TensorCore(p), DeviceLimits::of(&self.0).unwrap()).unwrap().with_halo_convs(self.1)
     }
 }
 
@@ -145,6 +148,45 @@ fn tensor_core_convolutions_match_the_cpu_in_every_mode() {
     for p in Precision::ALL {
         check_convs(&gpu, p);
     }
+}
+
+/// The window-staged convolutions in `p` on the shapes the emulator checks (every tile, several
+/// chunks and pixel tiles, valid and over-padded) and cifar10's two deep convolutions: the forward
+/// and data gradient on `cuda/conv_halo.cu`, the weight gradient on gemm_tc as before.
+fn check_window_staged(p: Precision) {
+    let gpu = Gpu(GpuDevice::open(0).expect("these tests need a CUDA GPU"), true);
+    let limits = DeviceLimits::of(&gpu.0).unwrap();
+    let mut shapes = common::ff_check::halo_conv_shapes();
+    shapes.push((ConvGeom::new(128, 256, 16, 16, 3, 1), 3));
+    shapes.push((ConvGeom::new(256, 512, 8, 8, 3, 1), 2));
+    for (i, &(g, s)) in shapes.iter().enumerate() {
+        for op in [HaloOp::Forward, HaloOp::BackwardData] {
+            assert!(halo_plan(op, &g, s, p, false, &limits).is_some(), "{op:?} {g:?} {p}: the window-staged kernels must take it");
+        }
+        let seed = 700 + 20 * (p as u64) + i as u64;
+        conv_case(&gpu, g, s, p, false, seed);
+        if p == Precision::Fp32 || i % 2 == 0 {
+            conv_case(&gpu, g, s, p, true, seed + 100);
+        }
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn window_staged_convolutions_match_the_cpu_in_fp32_mode() {
+    check_window_staged(Precision::Fp32);
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn window_staged_convolutions_match_the_cpu_in_tf32_mode() {
+    check_window_staged(Precision::Tf32);
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn window_staged_convolutions_match_the_cpu_in_bf16_mode() {
+    check_window_staged(Precision::Bf16);
 }
 
 #[test]

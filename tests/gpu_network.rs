@@ -507,8 +507,16 @@ fn a_profiled_step_names_every_op_and_changes_nothing() {
     let rows = b.take_profile().unwrap();
     assert!(a.params_to_host().unwrap() == b.params_to_host().unwrap(), "profiling changed the step");
     let labels_seen: Vec<&str> = rows.iter().map(|r| r.0.as_str()).collect();
-    for want in ["forward layer 0 conv", "forward layer 1 backei v1", "backward layer 1 backei v1", "readout and loss", "optimizer"] {
+    for want in ["forward layer 0 conv", "optimizer"] {
         assert!(labels_seen.contains(&want), "no `{want}` in {labels_seen:?}");
+    }
+    // the BackEI layers are labelled with the kernels they run (v3 by default, or a fallback)
+    for want in ["forward layer 1 backei v", "backward layer 1 backei v"] {
+        assert!(labels_seen.iter().any(|l| l.starts_with(want)), "no `{want}…` in {labels_seen:?}");
+    }
+    // the readout and the loss run inside the last spiking layer's launches (fused by default)
+    for want in ["spiking with the readout", "spiking with the loss"] {
+        assert!(labels_seen.iter().any(|l| l.ends_with(want)), "no `… {want}` in {labels_seen:?}");
     }
     assert!(rows.iter().all(|r| r.1 >= 0.0) && rows.iter().map(|r| r.1).sum::<f64>() > 0.0, "{rows:?}");
     b.set_profiling(false).unwrap();

@@ -30,7 +30,22 @@ fn every_kernel_compiles_for_sm80_and_sm90_without_spills() {
                 "{arch} {:<14} {:<36} regs {:>3} smem {:>6} stack {:>4} spills {}/{}",
                 k.module, k.kernel, k.registers, k.shared_bytes, k.stack_bytes, k.spill_stores, k.spill_loads
             );
-            assert_eq!((k.spill_stores, k.spill_loads), (0, 0), "{arch} {}::{} spills registers", k.module, k.kernel);
+            // one named exception: the window-staged fp32 tiles of 256 pixels sit at 255 registers,
+            // and the pip wheel's ptxas spills 4 bytes of the sm_90 ones; NVRTC's own cubin
+            // (what runs) has no local memory
+            // (`window_staged_convolutions_loop_over_taps_on_tensor_cores` reads its SASS)
+            let named = arch == "sm_90" && k.kernel.starts_with("conv_halo_fp32_m") && k.kernel.ends_with("n256");
+            if named {
+                assert!(
+                    k.spill_stores <= 8 && k.spill_loads <= 8,
+                    "{arch} {}: {}/{} bytes spilled",
+                    k.kernel,
+                    k.spill_stores,
+                    k.spill_loads
+                );
+            } else {
+                assert_eq!((k.spill_stores, k.spill_loads), (0, 0), "{arch} {}::{} spills registers", k.module, k.kernel);
+            }
             assert!(k.registers > 0 && k.registers <= 255, "{k:?}");
             // the v2/v3 cooperative plans count on two co-resident blocks of 256 threads per SM
             if k.kernel.contains("_v2_") || k.kernel.contains("_v3_") {
@@ -207,4 +222,35 @@ fn elementwise_grid_stride_loops_do_not_divide() {
         }
     }
     assert!(checked >= 25, "only {checked} kernels with a loop: a module lost its kernels?");
+}
+
+/// The window-staged convolutions (cuda/conv_halo.cu) as NVRTC builds them for sm_90: their hot
+/// loop is the tap loop over the staged window, in which only the weights' slice moves (cp.async)
+/// and the operands come by ldmatrix (sm_90, 2026-12-04: fp32 430 instructions for 96 HMMA on the
+/// n256 tiles — 128 of them the FADDs that add each k-step's fragment to the sum — and 260 for 48
+/// on m128n64; tf32, whose m16n8k8 does half an fp16 HMMA's work, 285 for 64 and 194 for 32; bf16
+/// 165 for 32 and 155 for 16 — the small tile's per-tap overhead), where
+/// the generic kernel's 32-row data gradient spends 993 instructions a k-step in fp32 mode, two
+/// thirds of them gathering its operand per tap. Checked: at most 10 instructions per HMMA, no
+/// local memory, no integer division.
+#[test]
+fn window_staged_convolutions_loop_over_taps_on_tensor_cores() {
+    require_nvrtc();
+    assert!(find_nvdisasm().is_some() && find_cuobjdump().is_some(), "pip install nvidia-cuda-nvdisasm nvidia-cuda-cuobjdump");
+    let kernels = backei::gpu::sass::check_module("conv_halo", "sm_90", &[]).unwrap_or_else(|e| panic!("{e}"));
+    let mut checked = 0;
+    for p in ["fp32", "tf32", "bf16"] {
+        for tile in ["m64n256", "m32n256", "m128n64"] {
+            let name = format!("conv_halo_{p}_{tile}");
+            let k = kernels.iter().find(|k| k.kernel == name).unwrap_or_else(|| panic!("{name} not in the module"));
+            let m = k.hot.unwrap_or_else(|| panic!("{name}: no loop"));
+            println!("{name}: {} registers, hot loop {m:?}", k.registers);
+            assert_eq!(k.local_bytes, 0, "{name}: spills");
+            assert_eq!(m.idiv, 0, "{name}: an integer division in the tap loop: {m:?}");
+            assert!(m.mma >= 16, "{name}: the hot loop is the tap loop: {m:?}");
+            assert!(m.total <= 10 * m.mma, "{name}: {} instructions for {} HMMA", m.total, m.mma);
+            checked += 1;
+        }
+    }
+    assert_eq!(checked, 9);
 }

@@ -11,6 +11,7 @@
 //! `forward_with` / `backward_with` take the path a run chose (`gemm_tc::FeedForward`): these
 //! cuBLAS functions, or the tensor-core implicit GEMMs of `cuda/gemm_tc.cu` (no column buffer).
 
+use super::conv_halo::{self, HaloOp};
 use super::device::GpuDevice;
 use super::gemm_tc::{self, addr, FeedForward, FeedForwardWs, XForm};
 use super::util::{check_len, cuda_err, grid, sgemm_rm, GemmShape};
@@ -297,6 +298,12 @@ pub fn forward_part(
         return Err(shape_err("conv samples", format!("a non-empty part of {samples}"), format!("{first}..{}", first + count)));
     }
     let (wa, xa) = (addr(dev, w), addr(dev, x));
+    if let Some(plan) = ff.halo_convs.then(|| conv_halo::halo_plan(HaloOp::Forward, g, count, p, x_form.exact(), &ff.limits)).flatten() {
+        // per-sample blocks and the whole input's scale: a part's outputs are the whole's bits
+        let part = xa + (x_form.bytes() * first * g.in_len()) as u64;
+        let bufs = (wa, addr(dev, b), part, addr(dev, y));
+        return conv_halo::run(dev, ff, HaloOp::Forward, g, count, &plan, bufs, x_form, p, [(wa, w.len()), (xa, x.len())]);
+    }
     let (d, plan) =
         gemm_tc::conv_forward_part(g, samples, first, count, (wa, addr(dev, b), xa, addr(dev, y)), x_form, &ff.limits, ff.big_tiles);
     gemm_tc::run_planned(dev, &mut ff.tc, d, &plan, p, [(wa, w.len()), (xa, x.len())])
@@ -333,6 +340,21 @@ pub fn backward_with(
     gemm_tc::run(dev, ff, d, p, [(dya, dy.len()), (xa, x.len())])?;
     if let Some(dx) = dx {
         check_len("conv input gradient", dx.len(), samples * g.in_len())?;
+        if let Some(plan) = ff.halo_convs.then(|| conv_halo::halo_plan(HaloOp::BackwardData, g, samples, p, false, &ff.limits)).flatten() {
+            let bufs = (wa, 0, dya, addr(dev, &*dx));
+            return conv_halo::run(
+                dev,
+                ff,
+                HaloOp::BackwardData,
+                g,
+                samples,
+                &plan,
+                bufs,
+                XForm::Real,
+                p,
+                [(wa, w.len()), (dya, dy.len())],
+            );
+        }
         let d = gemm_tc::conv_backward_data(g, samples, wa, dya, addr(dev, &*dx));
         gemm_tc::run(dev, ff, d, p, [(wa, w.len()), (dya, dy.len())])?;
     }

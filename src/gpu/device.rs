@@ -109,7 +109,9 @@ impl GpuDevice {
         let ctx = CudaContext::new(ordinal).map_err(cuda_err("creating the context"))?;
         let capability = ctx.compute_capability().map_err(cuda_err("compute capability"))?;
         let name = ctx.name().unwrap_or_else(|_| "unknown GPU".into());
-        // SAFETY: before any buffer exists, and all work goes to the one stream below.
+        // SAFETY: before any buffer exists, and all work goes to the one stream below. Without
+        // tracking, cudarc's page-locked slices no longer wait for their copies: host buffers
+        // that copies read or fill are `staging::PinnedBuf`s, which keep their own event.
         unsafe { ctx.disable_event_tracking() };
         let stream = ctx.new_stream().map_err(cuda_err("creating the stream"))?;
         let arch = format!("sm_{}{}", capability.0, capability.1);

@@ -7,15 +7,16 @@
 
 use super::device::GpuDevice;
 use super::pool::PoolIo;
+use super::staging::PinnedBuf;
 use super::util::{check_len, cuda_err, grid};
 use crate::error::Result;
-use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, PinnedHostSlice, PushKernelArg};
+use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, PushKernelArg};
 
 /// The dropout keys of a network's layers on the device, one per dropout layer, staged from
 /// page-locked host memory before each step.
 pub struct DropoutKeys {
     pub keys: CudaSlice<u64>,
-    host: PinnedHostSlice<u64>,
+    host: PinnedBuf<u64>,
 }
 
 impl DropoutKeys {
@@ -23,7 +24,7 @@ impl DropoutKeys {
     pub fn new(dev: &GpuDevice, slots: usize) -> Result<Self> {
         let keys = dev.stream.alloc_zeros(slots.max(1)).map_err(cuda_err("allocating the dropout keys"))?;
         // SAFETY: written in full by `stage` before every copy.
-        let host = unsafe { dev.ctx.alloc_pinned_with_flags::<u64>(slots.max(1), 0) }.map_err(cuda_err("allocating page-locked memory"))?;
+        let host = PinnedBuf::new(dev, slots.max(1)).map_err(cuda_err("allocating page-locked memory"))?;
         Ok(DropoutKeys { keys, host })
     }
 
@@ -34,10 +35,10 @@ impl DropoutKeys {
 
     /// Copies `keys` (one per slot) to the device, stream-ordered before the step's kernels.
     pub fn stage(&mut self, dev: &GpuDevice, keys: &[u64]) -> Result<()> {
-        let host = self.host.as_mut_slice().map_err(cuda_err("waiting for the last key upload"))?;
+        let host = self.host.host_mut().map_err(cuda_err("waiting for the last key upload"))?;
         check_len("dropout keys", keys.len().max(1), host.len())?;
         host[..keys.len()].copy_from_slice(keys);
-        dev.stream.memcpy_htod(&self.host, &mut self.keys).map_err(cuda_err("uploading the dropout keys"))
+        self.host.upload(&dev.stream, &mut self.keys).map_err(cuda_err("uploading the dropout keys"))
     }
 }
 

@@ -824,8 +824,12 @@ pub struct FeedForwardWs {
     pub limits: DeviceLimits,
     /// The 256-thread tiles allowed ([`gemm_plan_tiles`]); off by default (`with_big_tiles`).
     pub big_tiles: bool,
+    /// Convolutions' forward and data gradient on the window-staged kernels where they apply
+    /// (`conv_halo`); off by default (`with_halo_convs`).
+    pub halo_convs: bool,
     pub conv: super::conv::ConvWorkspace,
     pub tc: TcWorkspace,
+    pub halo: super::conv_halo::HaloWorkspace,
 }
 
 impl FeedForwardWs {
@@ -835,9 +839,16 @@ impl FeedForwardWs {
             mode,
             limits,
             big_tiles: false,
+            halo_convs: false,
             conv: super::conv::ConvWorkspace::new(super::conv::DEFAULT_WORKSPACE_BYTES),
             tc: TcWorkspace::new(dev)?,
+            halo: Default::default(),
         })
+    }
+
+    /// With the window-staged convolutions or not (`StepSettings::halo_convs`).
+    pub fn with_halo_convs(self, halo_convs: bool) -> Self {
+        FeedForwardWs { halo_convs, ..self }
     }
 
     /// With the 256-thread tiles allowed or not (`StepSettings::big_tiles`).
@@ -847,7 +858,7 @@ impl FeedForwardWs {
 
     /// Device bytes held.
     pub fn bytes(&self) -> usize {
-        self.conv.bytes() + self.tc.bytes()
+        self.conv.bytes() + self.tc.bytes() + self.halo.bytes()
     }
 }
 

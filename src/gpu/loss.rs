@@ -3,10 +3,11 @@
 //! `src/cpu/loss.rs`, `cuda/loss.cu`. Only B losses and B predictions come back to the host.
 
 use super::device::GpuDevice;
+use super::staging::PinnedBuf;
 use super::util::{check_len, cuda_err, grid};
 use crate::cpu::loss::Loss;
 use crate::error::{config_err, Result};
-use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, PinnedHostSlice, PushKernelArg};
+use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, PushKernelArg};
 
 /// The loss's constant factors as the kernels use them (`cuda/loss_row.cuh`): 1/(B·K) for MSE and
 /// 1/B for cross-entropy, each the f32 rounding of the f64 quotient (what `loss_grad_f32`
@@ -72,35 +73,33 @@ pub struct LossBuffers {
     pub batch: usize,
     pub classes: usize,
     pub labels: CudaSlice<i32>,
-    labels_host: PinnedHostSlice<i32>,
+    labels_host: PinnedBuf<i32>,
     /// ∂L/∂readout [B][K].
     pub dy: CudaSlice<f32>,
     pub row_loss: CudaSlice<f32>,
     pub pred: CudaSlice<i32>,
     /// [`STATUS_WORDS`] non-finite counts, cumulative until `clear_status`.
     pub status: CudaSlice<u32>,
-    row_loss_host: PinnedHostSlice<f32>,
-    pred_host: PinnedHostSlice<i32>,
-    status_host: PinnedHostSlice<u32>,
+    row_loss_host: PinnedBuf<f32>,
+    pred_host: PinnedBuf<i32>,
+    status_host: PinnedBuf<u32>,
 }
 
 impl LossBuffers {
     pub fn new(dev: &GpuDevice, batch: usize, classes: usize) -> Result<Self> {
         let a = |what: &str| cuda_err(format!("allocating the loss buffers ({what})"));
-        // SAFETY (the page-locked buffers below): each is written before it is read, by the host
-        // (labels) or by a copy from the device (results).
         Ok(LossBuffers {
             batch,
             classes,
             labels: dev.stream.alloc_zeros(batch).map_err(a("labels"))?,
-            labels_host: unsafe { dev.ctx.alloc_pinned_with_flags::<i32>(batch, 0) }.map_err(a("page-locked labels"))?,
+            labels_host: PinnedBuf::new(dev, batch).map_err(a("page-locked labels"))?,
             dy: dev.stream.alloc_zeros(batch * classes).map_err(a("dy"))?,
             row_loss: dev.stream.alloc_zeros(batch).map_err(a("loss"))?,
             pred: dev.stream.alloc_zeros(batch).map_err(a("predictions"))?,
             status: dev.stream.alloc_zeros(STATUS_WORDS).map_err(a("status"))?,
-            row_loss_host: unsafe { dev.ctx.alloc_pinned_with_flags::<f32>(batch, 0) }.map_err(a("page-locked losses"))?,
-            pred_host: unsafe { dev.ctx.alloc_pinned_with_flags::<i32>(batch, 0) }.map_err(a("page-locked predictions"))?,
-            status_host: unsafe { dev.ctx.alloc_pinned_with_flags::<u32>(STATUS_WORDS, 0) }.map_err(a("page-locked status"))?,
+            row_loss_host: PinnedBuf::new(dev, batch).map_err(a("page-locked losses"))?,
+            pred_host: PinnedBuf::new(dev, batch).map_err(a("page-locked predictions"))?,
+            status_host: PinnedBuf::new(dev, STATUS_WORDS).map_err(a("page-locked status"))?,
         })
     }
 
@@ -117,9 +116,9 @@ impl LossBuffers {
         if let Some((i, l)) = labels.iter().enumerate().find(|(_, &l)| l as usize >= self.classes) {
             return Err(config_err("labels", format!("label {l} of sample {i} is not below the {} classes", self.classes)));
         }
-        let host = self.labels_host.as_mut_slice().map_err(cuda_err("waiting for the last label upload"))?;
+        let host = self.labels_host.host_mut().map_err(cuda_err("waiting for the last label upload"))?;
         host.iter_mut().zip(labels).for_each(|(h, &l)| *h = l as i32);
-        dev.stream.memcpy_htod(&self.labels_host, &mut self.labels).map_err(cuda_err("uploading the labels"))
+        self.labels_host.upload(&dev.stream, &mut self.labels).map_err(cuda_err("uploading the labels"))
     }
 
     /// The loss kernel on readout `y` and the staged labels: ∂L/∂y into `dy`, per-row losses and
@@ -155,18 +154,18 @@ impl LossBuffers {
     /// (asynchronously; `results` waits for them).
     pub fn enqueue_readback(&mut self, dev: &GpuDevice) -> Result<()> {
         let e = || cuda_err("reading back the step's results");
-        dev.stream.memcpy_dtoh(&self.row_loss, &mut self.row_loss_host).map_err(e())?;
-        dev.stream.memcpy_dtoh(&self.pred, &mut self.pred_host).map_err(e())?;
-        dev.stream.memcpy_dtoh(&self.status, &mut self.status_host).map_err(e())
+        self.row_loss_host.download(&dev.stream, &self.row_loss).map_err(e())?;
+        self.pred_host.download(&dev.stream, &self.pred).map_err(e())?;
+        self.status_host.download(&dev.stream, &self.status).map_err(e())
     }
 
     /// The results of the last `enqueue_readback`, once its copies are done.
     pub fn results(&self) -> Result<StepResults> {
         let e = || cuda_err("waiting for the step's results");
-        let status = self.status_host.as_slice().map_err(e())?;
+        let status = self.status_host.host().map_err(e())?;
         Ok(StepResults {
-            row_loss: self.row_loss_host.as_slice().map_err(e())?.to_vec(),
-            pred: self.pred_host.as_slice().map_err(e())?.to_vec(),
+            row_loss: self.row_loss_host.host().map_err(e())?.to_vec(),
+            pred: self.pred_host.host().map_err(e())?.to_vec(),
             status: [status[0], status[1], status[2]],
         })
     }

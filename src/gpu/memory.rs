@@ -14,6 +14,7 @@
 
 use super::backei_layer::{plan_layer, CompactState, DeviceLimits, KernelVersion, LaunchPlan};
 use super::conv::{ConvPlan, DEFAULT_WORKSPACE_BYTES};
+use super::conv_halo::{self, halo_plan, HaloOp};
 use super::device::CUBLAS_WORKSPACE_BYTES;
 use super::dropout::DropoutKeys;
 use super::gemm_tc::{self, FeedForward};
@@ -51,6 +52,10 @@ pub struct StepSettings {
     /// The tensor-core GEMMs may take the 256-thread tiles (`BACKEI_TC_TILES=big`, opt-in until a
     /// GPU run shows them correct and faster; `gemm_tc::gemm_plan_tiles`). The same bits either way.
     pub big_tiles: bool,
+    /// The convolutions' forward and data gradient run on the window-staged kernels where they
+    /// apply (`BACKEI_TC_CONV=halo`, `conv_halo::halo_plan`; opt-in until a GPU run shows them
+    /// correct and faster). Other bits than the generic GEMM's, within the same tolerance.
+    pub halo_convs: bool,
 }
 
 /// Turns off the pooling fused into the v4 BackEI kernels (`=0`; the default `1` fuses it).
@@ -75,6 +80,7 @@ impl StepSettings {
             compact: true,
             fused_pool: fused_pool_from_env(std::env::var(FUSED_POOL_ENV).ok().as_deref())?,
             big_tiles: gemm_tc::big_tiles_in_env()?,
+            halo_convs: conv_halo::halo_from_env(std::env::var(conv_halo::CONV_ENV).ok().as_deref())?,
         }
         .with_precision(Precision::Fp32)
     }
@@ -91,12 +97,13 @@ impl StepSettings {
             precision: Precision::Fp32,
             recompute: None,
             deterministic: false,
-            version: KernelVersion::V1,
+            version: KernelVersion::default(),
             limits: DeviceLimits::H100,
             feedforward: FeedForward::Cublas,
             compact: true,
             fused_pool: true,
             big_tiles: false,
+            halo_convs: false,
         }
     }
 
@@ -265,6 +272,8 @@ pub struct BufferPlan {
     pub dropouts: usize,
     /// The tensor-core GEMMs' split-K partial sums (f32 values; 0 on the cuBLAS path).
     pub tc_partial: usize,
+    /// The window-staged convolutions' prepared weights (u32 words; 0 unless `halo_convs`).
+    pub halo_wprep: usize,
 }
 
 /// Whether layer `i` is a dropout layer that runs fused into the 2×2 pooling right after it
@@ -459,24 +468,34 @@ pub fn buffer_plan(spec: &NetworkSpec, batch: usize, steps: usize, t_in: usize, 
     }
     // the tensor-core GEMMs' split-K partial sums: the largest any GEMM of the step asks for, from
     // the GEMMs' own descriptors (the data gradients only where a gradient flows further up)
-    let mut tc_partial = 0usize;
-    if let FeedForward::TensorCore(_) = settings.feedforward {
+    let (mut tc_partial, mut halo_wprep) = (0usize, 0usize);
+    if let FeedForward::TensorCore(p) = settings.feedforward {
         for (lp, lb) in plan.iter().zip(&layers) {
             let [c, h, w] = lp.input;
             let rows = lb.t_in * batch;
             let descs = match lp.spec {
                 LayerSpec::Conv { out_channels, kernel, padding } => {
                     let g = ConvGeom::new(c, out_channels, h, w, kernel, padding);
-                    if let Some(k) = lb.window {
+                    // the window-staged kernels (conv::forward_part, conv::backward_with): their
+                    // prepared weights, and no split-K of the GEMMs they stand in for
+                    let halo = |op: HaloOp, count: usize| {
+                        settings.halo_convs.then(|| halo_plan(op, &g, count, p, false, &settings.limits)).flatten()
+                    };
+                    let halo_fwd = halo(HaloOp::Forward, lb.window.map_or(rows, |k| k * batch));
+                    let halo_dgrad = if lb.grad_in.is_empty() { None } else { halo(HaloOp::BackwardData, rows) };
+                    for h in [halo_fwd, halo_dgrad].into_iter().flatten() {
+                        halo_wprep = halo_wprep.max(h.wprep_words);
+                    }
+                    if let (Some(k), None) = (lb.window, halo_fwd) {
                         // run per window, with the split-K of the whole (conv_forward_part)
                         let part =
                             gemm_tc::conv_forward_part(&g, rows, 0, k * batch, (0, 0, 0, 0), false, &settings.limits, settings.big_tiles).1;
                         tc_partial = tc_partial.max(part.partial);
                     }
                     vec![
-                        lb.window.is_none().then(|| gemm_tc::conv_forward(&g, rows, 0, 0, 0, 0, false)),
+                        (lb.window.is_none() && halo_fwd.is_none()).then(|| gemm_tc::conv_forward(&g, rows, 0, 0, 0, 0, false)),
                         Some(gemm_tc::conv_weight_grad(&g, rows, 0, 0, 0, 0, false)),
-                        (!lb.grad_in.is_empty()).then(|| gemm_tc::conv_backward_data(&g, rows, 0, 0, 0)),
+                        (!lb.grad_in.is_empty() && halo_dgrad.is_none()).then(|| gemm_tc::conv_backward_data(&g, rows, 0, 0, 0)),
                     ]
                 }
                 LayerSpec::Linear { out_features } => vec![
@@ -499,6 +518,7 @@ pub fn buffer_plan(spec: &NetworkSpec, batch: usize, steps: usize, t_in: usize, 
         params,
         layers,
         tc_partial,
+        halo_wprep,
         input: t_in * batch * spec.input.iter().product::<usize>(),
         upstream,
         out_slots,
@@ -582,6 +602,7 @@ impl BufferPlan {
             gradients: f * self.grad_slots.iter().sum::<usize>(),
             workspaces: f * (self.conv_col + self.conv_t + self.batch * self.classes)
                 + gemm_tc::workspace_bytes(self.tc_partial)
+                + 4 * self.halo_wprep
                 + CUBLAS_WORKSPACE_BYTES
                 + LossBuffers::device_bytes(self.batch, self.classes)
                 + DropoutKeys::device_bytes(self.dropouts)
@@ -997,6 +1018,41 @@ mod tests {
             differ |= sizes[0] != sizes[1];
         }
         assert!(differ, "the tile set changes no split-K plan of cifar10 or fashion-mnist");
+    }
+
+    /// With the window-staged convolutions on, the plan holds their prepared weights (as many
+    /// words as the largest conv's plan asks for) in the workspaces, and drops the split-K sums of
+    /// the GEMMs they stand in for: never more partial sums than without them; off, nothing.
+    #[test]
+    fn window_staged_convolutions_hold_their_weights_and_drop_the_replaced_partials() {
+        let tc = StepSettings { feedforward: FeedForward::TensorCore(Precision::Fp32), ..h100() };
+        for spec in [NetworkSpec::fashion_mnist(), NetworkSpec::cifar10()] {
+            let off = buffer_plan(&spec, 100, 20, 1, &tc).unwrap();
+            let on_settings = StepSettings { halo_convs: true, ..tc };
+            let on = buffer_plan(&spec, 100, 20, 1, &on_settings).unwrap();
+            assert_eq!(off.halo_wprep, 0, "{}", spec.name);
+            // every conv with 16+ input channels has a plan; the largest prepared weights of them
+            let mut largest = 0;
+            for lp in spec.plan().unwrap() {
+                if let LayerSpec::Conv { out_channels, kernel, padding } = lp.spec {
+                    let [c, h, w] = lp.input;
+                    let g = ConvGeom::new(c, out_channels, h, w, kernel, padding);
+                    if let Some(p) = halo_plan(HaloOp::Forward, &g, 2000, Precision::Fp32, false, &tc.limits) {
+                        largest = largest.max(p.wprep_words);
+                    }
+                }
+            }
+            println!(
+                "{}: prepared weights {} words (largest forward plan {largest}), split-K sums {} -> {}",
+                spec.name, on.halo_wprep, off.tc_partial, on.tc_partial
+            );
+            assert!(largest > 0 && on.halo_wprep >= largest, "{}: {} < {largest}", spec.name, on.halo_wprep);
+            assert!(on.tc_partial <= off.tc_partial, "{}: {} > {}", spec.name, on.tc_partial, off.tc_partial);
+            let (m_off, m_on) = (off.memory(), on.memory());
+            let expected =
+                m_off.workspaces - gemm_tc::workspace_bytes(off.tc_partial) + gemm_tc::workspace_bytes(on.tc_partial) + 4 * on.halo_wprep;
+            assert_eq!(m_on.workspaces, expected, "{}", spec.name);
+        }
     }
 
     /// A BackEI layer v4 cannot run (radius 3) cannot recompute: the error names the layer, why,

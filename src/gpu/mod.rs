@@ -5,6 +5,7 @@ pub mod backei_layer;
 pub mod backei_unfused;
 pub mod backei_v4;
 pub mod conv;
+pub mod conv_halo;
 pub mod device;
 pub mod dropout;
 pub mod gemm_tc;
@@ -20,6 +21,7 @@ pub mod pool;
 pub mod profile;
 pub mod ptxas;
 pub mod sass;
+pub mod staging;
 pub mod util;
 pub mod wheels;
 

@@ -490,7 +490,9 @@ impl GpuNetwork {
         Ok(GpuNetwork {
             dev: dev.clone(),
             classes: spec.classes()?,
-            ff: FeedForwardWs::new(dev, settings.feedforward, limits)?.with_big_tiles(settings.big_tiles),
+            ff: FeedForwardWs::new(dev, settings.feedforward, limits)?
+                .with_big_tiles(settings.big_tiles)
+                .with_halo_convs(settings.halo_convs),
             settings,
             keys: DropoutKeys::new(dev, dropouts)?,
             spec,
@@ -555,6 +557,7 @@ impl GpuNetwork {
             self.settings = settings;
             self.ff.mode = settings.feedforward;
             self.ff.big_tiles = settings.big_tiles;
+            self.ff.halo_convs = settings.halo_convs;
             self.plan = None;
             self.invalidate_launches();
         }

@@ -6,10 +6,11 @@
 //! The state converts to and from `optim::Optimizer` (host), which checkpoints save.
 
 use super::device::GpuDevice;
+use super::staging::PinnedBuf;
 use super::util::{check_len, cuda_err, grid};
 use crate::error::Result;
 use crate::optim::{Optimizer, OptimizerConfig};
-use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, PinnedHostSlice, PushKernelArg};
+use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, PushKernelArg};
 use std::sync::Arc;
 
 pub struct GpuOptimizer {
@@ -28,7 +29,7 @@ pub struct GpuOptimizer {
     /// factor 1 − lr·wd, 1 for Adam; SGD: lr and whether it is the first step), staged from
     /// `scalars_host` before each step.
     scalars: CudaSlice<f64>,
-    scalars_host: PinnedHostSlice<f64>,
+    scalars_host: PinnedBuf<f64>,
     /// A zero status word for updates outside a network step (`update`).
     no_status: CudaSlice<u32>,
 }
@@ -43,9 +44,7 @@ impl GpuOptimizer {
         let m = dev.stream.alloc_zeros(len.max(1)).map_err(cuda_err("allocating the optimizer state"))?;
         let v = dev.stream.alloc_zeros(vlen.max(1)).map_err(cuda_err("allocating the optimizer state"))?;
         let scalars = dev.stream.alloc_zeros(SCALARS).map_err(cuda_err("allocating the optimizer's step scalars"))?;
-        // SAFETY: written in full by `stage` before every copy.
-        let scalars_host =
-            unsafe { dev.ctx.alloc_pinned_with_flags::<f64>(SCALARS, 0) }.map_err(cuda_err("allocating page-locked memory"))?;
+        let scalars_host = PinnedBuf::new(dev, SCALARS).map_err(cuda_err("allocating page-locked memory"))?;
         let no_status = dev.stream.alloc_zeros(1).map_err(cuda_err("allocating the optimizer state"))?;
         Ok(GpuOptimizer { dev: dev.clone(), config, lr: config.lr(), step: 0, m, v, len, scalars, scalars_host, no_status })
     }
@@ -119,8 +118,8 @@ impl GpuOptimizer {
             }
             OptimizerConfig::Sgd { .. } => [self.lr, (self.step == 1) as u8 as f64, 1.0],
         };
-        self.scalars_host.as_mut_slice().map_err(cuda_err("waiting for the last scalar upload"))?.copy_from_slice(&values);
-        self.dev.stream.memcpy_htod(&self.scalars_host, &mut self.scalars).map_err(cuda_err("uploading the optimizer's step scalars"))
+        self.scalars_host.host_mut().map_err(cuda_err("waiting for the last scalar upload"))?.copy_from_slice(&values);
+        self.scalars_host.upload(&self.dev.stream, &mut self.scalars).map_err(cuda_err("uploading the optimizer's step scalars"))
     }
 
     /// The update of every parameter with the staged scalars, one launch, skipped on the device

@@ -130,6 +130,20 @@ pub fn conv_shapes() -> Vec<(ConvGeom, usize)> {
     ]
 }
 
+/// Shapes for the window-staged convolutions (`cuda/conv_halo.cu`) that take every tile and every path: several pixel tiles a sample with a tile starting
+/// mid-row, channel counts that pad a chunk and a block, several chunks and channel blocks, valid
+/// (pad 0) and over-padded convolutions, the data gradient's flipped taps, and fashion-mnist's conv2.
+pub fn halo_conv_shapes() -> Vec<(ConvGeom, usize)> {
+    vec![
+        (ConvGeom::new(16, 40, 7, 30, 3, 1), 2),  // fwd m64n256, 210 px; dgrad m32n256, 2 chunks
+        (ConvGeom::new(16, 24, 20, 17, 3, 1), 2), // 340 px: 2 tiles a sample, the second from mid-row
+        (ConvGeom::new(16, 70, 9, 9, 5, 0), 2),   // valid: fwd 5×5 on m128n64; dgrad 9×9 from 5×5
+        (ConvGeom::new(40, 130, 6, 6, 3, 1), 1),  // 2 chunks; fwd 2 channel blocks of 128; dgrad 5 chunks
+        (ConvGeom::new(64, 16, 3, 3, 3, 2), 2),   // over-padded: 5×5 out of 3×3
+        (ConvGeom::new(32, 64, 14, 14, 5, 2), 2), // fashion-mnist's conv2
+    ]
+}
+
 /// One convolution (forward, data gradient, weight and bias gradient) in `p` against the CPU
 /// engine in f64.
 pub fn conv_case(dev: &dyn FfDevice, g: ConvGeom, samples: usize, p: Precision, spikes: bool, seed: u64) {
