@@ -290,16 +290,9 @@ __device__ __forceinline__ void conv_halo(const HaloDesc& d, const u32* __restri
                                     if (PREC == PREC_BF16) {
                                         mma_bf16_m16n8k16(c, a[mi], b[h]);
                                     } else {
-                                        // the small products first: lo·hi, hi·lo, then hi·hi, into a
-                                        // fresh fragment added with round-to-nearest (as gemm_tc: the
-                                        // tensor cores truncate, and a sum kept in them drifts; 128
-                                        // FADDs a tap on the n256 tiles, 303 -> 430 instructions)
-                                        float t[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-                                        mma_f16_m16n8k16(t, al[mi], b[h]);
-                                        if (lo_b) mma_f16_m16n8k16(t, a[mi], bl[h]);
-                                        mma_f16_m16n8k16(t, a[mi], b[h]);
-#pragma unroll
-                                        for (int r2 = 0; r2 < 4; ++r2) c[r2] += t[r2];
+                                        // the weights always have a lo half (128 FADDs a tap on the
+                                        // n256 tiles: 303 -> 430 instructions)
+                                        mma_f16_split_rn(c, a[mi], al[mi], true, b[h], bl[h], lo_b);
                                     }
                                 }
                         }

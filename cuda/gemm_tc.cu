@@ -549,18 +549,7 @@ __device__ __forceinline__ void gemm_tc(const GemmDesc& d, const u32* __restrict
                         if (PREC == PREC_BF16) {
                             mma_bf16_m16n8k16(acc[mi][ni], a[mi], b[ni]);
                         } else {
-                            // the small products first: lo·hi, hi·lo, then hi·hi — into a fresh
-                            // fragment added to the sum with round-to-nearest FADDs: the tensor
-                            // cores align an MMA's terms to the largest and truncate, so a long sum
-                            // kept in their accumulator drifts (an H200 missed the f32 tolerance by
-                            // 10–90× on the step's GEMMs, 2026-12-04); this way each MMA chain's
-                            // truncation is relative to one k-step's 16 products, not to the sum
-                            float t[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-                            if (lo_a) mma_f16_m16n8k16(t, al[mi], b[ni]);
-                            if (lo_b) mma_f16_m16n8k16(t, a[mi], bl[ni]);
-                            mma_f16_m16n8k16(t, a[mi], b[ni]);
-#pragma unroll
-                            for (int r = 0; r < 4; ++r) acc[mi][ni][r] += t[r];
+                            mma_f16_split_rn(acc[mi][ni], a[mi], al[mi], lo_a, b[ni], bl[ni], lo_b);
                         }
                     }
             }

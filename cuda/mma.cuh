@@ -126,6 +126,22 @@ __device__ __forceinline__ void split_f16(float x, unsigned short& hi, unsigned 
     lo = f32_to_f16_bits(x - f16_bits_to_f32(hi));
 }
 
+// The fp32 mode's k-step on split operands (split_f16): the small products first — lo·hi, hi·lo
+// (where an operand has a lo half), then hi·hi — into a fresh fragment that round-to-nearest
+// FADDs add to the sum. The tensor cores align an MMA's terms to the largest and truncate, so a
+// long sum kept in their accumulator drifts (an H200 missed the f32 tolerance by 10–90× on the
+// step's GEMMs, 2026-12-04); this way each chain's truncation is relative to one k-step's 16
+// products, not to the sum (Ootomo & Yokota 2022). 4 registers and 4 FADDs per fragment and k-step.
+__device__ __forceinline__ void mma_f16_split_rn(float (&acc)[4], const u32 (&a)[4], const u32 (&al)[4], bool lo_a,
+                                                 const u32 (&b)[2], const u32 (&bl)[2], bool lo_b) {
+    float t[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    if (lo_a) mma_f16_m16n8k16(t, al, b);
+    if (lo_b) mma_f16_m16n8k16(t, a, bl);
+    mma_f16_m16n8k16(t, a, b);
+#pragma unroll
+    for (int r = 0; r < 4; ++r) acc[r] += t[r];
+}
+
 // The power-of-two scale that puts an operand's largest |x| (its f32 bits: absmax_f32 in
 // gemm_tc.cu) in [2^13, 2^14), and its inverse; 1 for an all-zero operand. Both are exact. The
 // tensor-core GEMMs scale an fp32-mode operand by it before split_f16.

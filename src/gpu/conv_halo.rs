@@ -10,10 +10,10 @@
 
 use super::backei_layer::DeviceLimits;
 use super::device::GpuDevice;
-use super::gemm_tc::{FeedForwardWs, XForm};
+use super::gemm_tc::{helper_blocks, helper_config, launch_absmax, FeedForwardWs, XForm};
 use super::util::cuda_err;
 use crate::cpu::conv::ConvGeom;
-use crate::error::{config_err, Result};
+use crate::error::Result;
 use crate::precision::Precision;
 use cudarc::driver::{CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg};
 
@@ -23,11 +23,7 @@ pub const CONV_ENV: &str = "BACKEI_TC_CONV";
 
 /// Whether `BACKEI_TC_CONV` (its value, None: unset) asks for the window-staged kernels.
 pub fn halo_from_env(value: Option<&str>) -> Result<bool> {
-    match value.map(str::trim) {
-        None | Some("") | Some("gemm") => Ok(false),
-        Some("halo") => Ok(true),
-        Some(v) => Err(config_err(CONV_ENV, format!("`{v}`: use halo (window-staged convolutions) or gemm (the default)"))),
-    }
+    super::util::opt_in_from_env(CONV_ENV, value, "halo", "window-staged convolutions", "gemm")
 }
 
 /// Input channels per staged chunk (`HALO_CC`), and the 16-bit and tf32 shared-memory rows' bytes.
@@ -266,10 +262,6 @@ pub enum HaloLaunch {
     Conv { kernel: &'static str, grid: (u32, u32, u32), threads: u32, smem_bytes: u32, desc: HaloDesc },
 }
 
-fn helper_blocks(n: usize) -> u32 {
-    n.div_ceil(256).clamp(1, 1 << 20) as u32
-}
-
 /// The launches of one op: in fp32 mode the scales (maxbits[0] the weights' largest |w|,
 /// maxbits[1] the input's unless exact; `sources` the buffers they are taken over: the weights,
 /// the whole input — a part of it takes the whole's scale, as gemm_tc's parts do), the weights'
@@ -333,21 +325,15 @@ pub fn run(
     };
     let maxbits = ff.tc.maxbits.device_ptr_mut(&dev.stream).0;
     let desc = descriptor(op, g, samples, plan, (w, bias, input, out, wprep), x_form);
-    let helper = |n: u32| LaunchConfig { grid_dim: (n, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
     for l in launches(desc, plan, precision, sources, maxbits) {
         // SAFETY (every launch): the descriptor's addresses and extents come from the caller's
         // checked buffers; the scale words and the prepared weights are the workspace's, sized above.
         match l {
             HaloLaunch::ClearScales => dev.stream.memset_zeros(&mut ff.tc.maxbits).map_err(cuda_err("clearing the conv scales"))?,
-            HaloLaunch::Absmax { ptr, len, out, grid } => {
-                let f = dev.kernels.function("gemm_tc", "absmax_f32")?;
-                let n = len as i64;
-                unsafe { dev.stream.launch_builder(&f).arg(&ptr).arg(&n).arg(&out).launch(helper(grid)) }
-                    .map_err(cuda_err("absmax_f32"))?;
-            }
+            HaloLaunch::Absmax { ptr, len, out, grid } => launch_absmax(dev, ptr, len, out, grid)?,
             HaloLaunch::Weights { kernel, grid, desc } => {
                 let f = dev.kernels.function("conv_halo", kernel)?;
-                unsafe { dev.stream.launch_builder(&f).arg(&desc).arg(&wprep).arg(&maxbits).launch(helper(grid)) }
+                unsafe { dev.stream.launch_builder(&f).arg(&desc).arg(&wprep).arg(&maxbits).launch(helper_config(grid)) }
                     .map_err(cuda_err(kernel))?;
             }
             HaloLaunch::Conv { kernel, grid, threads, smem_bytes, desc } => {

@@ -23,7 +23,6 @@ impl DropoutKeys {
     /// A table of `slots` keys (at least one).
     pub fn new(dev: &GpuDevice, slots: usize) -> Result<Self> {
         let keys = dev.stream.alloc_zeros(slots.max(1)).map_err(cuda_err("allocating the dropout keys"))?;
-        // SAFETY: written in full by `stage` before every copy.
         let host = PinnedBuf::new(dev, slots.max(1)).map_err(cuda_err("allocating page-locked memory"))?;
         Ok(DropoutKeys { keys, host })
     }

@@ -68,11 +68,7 @@ pub const TILES_ENV: &str = "BACKEI_TC_TILES";
 
 /// Whether `BACKEI_TC_TILES` (its value, None: unset) allows the big tiles.
 pub fn big_tiles_from_env(value: Option<&str>) -> Result<bool> {
-    match value.map(str::trim) {
-        None | Some("") | Some("small") => Ok(false),
-        Some("big") => Ok(true),
-        Some(v) => Err(config_err(TILES_ENV, format!("`{v}`: use big (128×128 tiles for large GEMMs) or small (the default)"))),
-    }
+    super::util::opt_in_from_env(TILES_ENV, value, "big", "128×128 tiles for large GEMMs", "small")
 }
 
 /// `BACKEI_TC_TILES` as the process has it: read once, by `StepSettings::new` (into its
@@ -881,7 +877,8 @@ pub enum TcLaunch {
 }
 
 /// Blocks of the grid-stride helper kernels (256 threads each).
-fn helper_blocks(n: usize) -> u32 {
+/// Blocks of 256 threads for a grid-stride helper kernel over `n` elements (also `conv_halo`'s).
+pub(super) fn helper_blocks(n: usize) -> u32 {
     n.div_ceil(256).clamp(1, 1 << 20) as u32
 }
 
@@ -916,6 +913,21 @@ pub fn launches(
     out
 }
 
+/// The launch shape of a helper kernel of `blocks` blocks ([`helper_blocks`]).
+pub(super) fn helper_config(blocks: u32) -> LaunchConfig {
+    LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }
+}
+
+/// `absmax_f32`: the largest |x| of `len` f32 values at `ptr` (its bits) into the word at `out`
+/// (fp32 mode's scales; also `conv_halo`'s).
+pub(super) fn launch_absmax(dev: &GpuDevice, ptr: u64, len: usize, out: u64, grid: u32) -> Result<()> {
+    let f = dev.kernels.function("gemm_tc", "absmax_f32")?;
+    let n = len as i64;
+    // SAFETY: `ptr` holds `len` values and `out` a word of the caller's workspace.
+    unsafe { dev.stream.launch_builder(&f).arg(&ptr).arg(&n).arg(&out).launch(helper_config(grid)) }.map_err(cuda_err("absmax_f32"))?;
+    Ok(())
+}
+
 /// Runs one GEMM on the device (see [`launches`]).
 pub fn run(dev: &GpuDevice, ff: &mut FeedForwardWs, d: GemmDesc, precision: Precision, sources: [(u64, usize); 2]) -> Result<()> {
     d.validate()?;
@@ -943,18 +955,12 @@ pub fn run_planned(
         None => 0,
     };
     let maxbits = ws.maxbits.device_ptr_mut(&dev.stream).0;
-    let helper = |n: u32| LaunchConfig { grid_dim: (n, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
     for l in launches(d, plan, precision, sources, maxbits, partial) {
         // SAFETY (every launch): the descriptor's addresses and extents come from the callers'
         // checked buffers; the scale words and the partial sums are the workspace's, sized above.
         match l {
             TcLaunch::ClearScales => dev.stream.memset_zeros(&mut ws.maxbits).map_err(cuda_err("clearing the GEMM scales"))?,
-            TcLaunch::Absmax { ptr, len, out, grid } => {
-                let f = dev.kernels.function("gemm_tc", "absmax_f32")?;
-                let n = len as i64;
-                unsafe { dev.stream.launch_builder(&f).arg(&ptr).arg(&n).arg(&out).launch(helper(grid)) }
-                    .map_err(cuda_err("absmax_f32"))?;
-            }
+            TcLaunch::Absmax { ptr, len, out, grid } => launch_absmax(dev, ptr, len, out, grid)?,
             TcLaunch::Gemm { kernel, grid, threads, desc } => {
                 let f = dev.kernels.function("gemm_tc", kernel)?;
                 let cfg = LaunchConfig { grid_dim: grid, block_dim: (threads, 1, 1), shared_mem_bytes: 0 };
@@ -962,7 +968,7 @@ pub fn run_planned(
             }
             TcLaunch::Reduce { grid, desc } => {
                 let f = dev.kernels.function("gemm_tc", "gemm_tc_reduce_f32")?;
-                unsafe { dev.stream.launch_builder(&f).arg(&desc).launch(helper(grid)) }.map_err(cuda_err("gemm_tc_reduce_f32"))?;
+                unsafe { dev.stream.launch_builder(&f).arg(&desc).launch(helper_config(grid)) }.map_err(cuda_err("gemm_tc_reduce_f32"))?;
             }
         }
     }

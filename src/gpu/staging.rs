@@ -28,14 +28,6 @@ impl<T: DeviceRepr + ValidAsZeroBits> PinnedBuf<T> {
         Ok(PinnedBuf { host, copied: dev.ctx.new_event(None)? })
     }
 
-    pub fn len(&self) -> usize {
-        self.host.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.host.len() == 0
-    }
-
     /// The buffer, once its last copy is done (a download landed, an upload has read it).
     pub fn host(&self) -> Result<&[T], DriverError> {
         self.copied.synchronize()?;

@@ -33,6 +33,17 @@ pub fn switch_from_env(name: &str, value: Option<&str>, on: &str, off: &str) -> 
     }
 }
 
+/// An opt-in choice between two named values: `on` (what it means: `on_means`) or `off`, the
+/// default when unset or empty; anything else is an error naming both.
+pub fn opt_in_from_env(name: &str, value: Option<&str>, on: &str, on_means: &str, off: &str) -> Result<bool> {
+    match value.map(str::trim) {
+        None | Some("") => Ok(false),
+        Some(v) if v == off => Ok(false),
+        Some(v) if v == on => Ok(true),
+        Some(v) => Err(config_err(name, format!("`{v}`: use {on} ({on_means}) or {off} (the default)"))),
+    }
+}
+
 /// Whether an error is the device running out of memory.
 pub fn is_oom(e: &BackeiError) -> bool {
     matches!(e, BackeiError::Cuda(m) if m.contains("OUT_OF_MEMORY"))

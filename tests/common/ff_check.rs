@@ -130,9 +130,10 @@ pub fn conv_shapes() -> Vec<(ConvGeom, usize)> {
     ]
 }
 
-/// Shapes for the window-staged convolutions (`cuda/conv_halo.cu`) that take every tile and every path: several pixel tiles a sample with a tile starting
-/// mid-row, channel counts that pad a chunk and a block, several chunks and channel blocks, valid
-/// (pad 0) and over-padded convolutions, the data gradient's flipped taps, and fashion-mnist's conv2.
+/// Shapes for the window-staged convolutions (`cuda/conv_halo.cu`) that take every tile and every
+/// path: several pixel tiles a sample with a tile starting mid-row, channel counts that pad a chunk
+/// and a block, several chunks and channel blocks, valid (pad 0) and over-padded convolutions, the
+/// data gradient's flipped taps, and fashion-mnist's conv2.
 pub fn halo_conv_shapes() -> Vec<(ConvGeom, usize)> {
     vec![
         (ConvGeom::new(16, 40, 7, 30, 3, 1), 2),  // fwd m64n256, 210 px; dgrad m32n256, 2 chunks
