@@ -204,26 +204,48 @@ fn setup(shape: [usize; 3], fb: &FeedbackConfig, seed: u64) -> (Vec<f32>, BackEi
     (uniform(&mut rng, at.max(1), -bound, bound), slots)
 }
 
-/// The CPU reference of a validation: the data and the CPU layer's results.
+/// The CPU reference of a validation: the data, the f64 CPU layer's results (the yardstick, as
+/// f32) and the f32 CPU layer's (whose error against the f64 sets how close an f32 GPU kernel can
+/// be: the tests' criterion, tests/common/layer_check.rs).
 struct Reference {
     params: Vec<f32>,
     slots: BackEiSlots,
     input: Vec<f32>,
     gout: Vec<f32>,
-    out: Vec<f32>,
-    v: Vec<f32>,
-    grads: Vec<f32>,
-    gin: Vec<f32>,
+    /// s, v, ∂L/∂I, the parameter gradients: f64 engine (rounded to f32), then the f32 engine
+    wide: [Vec<f32>; 4],
+    narrow: [Vec<f32>; 4],
 }
 
-/// The CPU layer at (batch, steps) in the smooth mode (T_in = T), forward and backward.
-fn cpu_reference(shape: [usize; 3], fb: FeedbackConfig, batch: usize, steps: usize, neuron: &NeuronConfig) -> Res<Reference> {
-    let n: usize = shape.iter().product();
-    let (params, slots) = setup(shape, &fb, 7);
-    let mut rng = ChaCha8Rng::seed_from_u64(8);
-    let input = uniform(&mut rng, steps * batch * n, -0.6, 1.6);
-    let gout = uniform(&mut rng, steps * batch * n, -1.0, 1.0);
-    let mut cpu = BackEiLayer::<f32>::new(shape, fb, neuron);
+/// A validation's outcome: the device's worst error against the f64 CPU over s, v, ∂I and the
+/// gradients, the f32 CPU's worst, and whether every tensor is within its bound.
+struct Validation {
+    err: f64,
+    cpu_err: f64,
+    ok: bool,
+}
+
+impl Validation {
+    fn label(&self) -> String {
+        let verdict = if self.ok { "valid" } else { "INVALID" };
+        format!("{verdict} (max rel err {:.1e}; f32 CPU {:.1e})", self.err, self.cpu_err)
+    }
+}
+
+/// One CPU engine's layer at (batch, steps) in the smooth mode (T_in = T), forward and backward:
+/// s, v, ∂L/∂I and the parameter gradients, as f32.
+fn cpu_layer<F: backei::Real>(
+    shape: [usize; 3],
+    fb: FeedbackConfig,
+    batch: usize,
+    steps: usize,
+    neuron: &NeuronConfig,
+    (params, slots, input, gout): (&[f32], &BackEiSlots, &[f32], &[f32]),
+) -> Res<[Vec<f32>; 4]> {
+    let wide = |x: &[f32]| x.iter().map(|&v| F::from_f64(v as f64)).collect::<Vec<F>>();
+    let narrow = |x: &[F]| x.iter().map(|&v| v.to_f64() as f32).collect::<Vec<f32>>();
+    let (params, input, gout) = (wide(params), wide(input), wide(gout));
+    let mut cpu = BackEiLayer::<F>::new(shape, fb, neuron);
     let p = BackEiParams {
         w_b: &params[slots[0].clone()],
         b_b: &params[slots[1].clone()],
@@ -231,8 +253,8 @@ fn cpu_reference(shape: [usize; 3], fb: FeedbackConfig, batch: usize, steps: usi
         b_e: &params[slots[3].clone()],
     };
     cpu.forward(&p, &input, steps, batch, steps)?;
-    let mut cg = vec![0f32; params.len()];
-    let mut cgin = vec![0f32; input.len()];
+    let mut cg = vec![F::from_f64(0.0); params.len()];
+    let mut cgin = vec![F::from_f64(0.0); input.len()];
     {
         let (wb, rest) = cg.split_at_mut(slots[0].len());
         let (bb, rest) = rest.split_at_mut(slots[1].len());
@@ -240,17 +262,41 @@ fn cpu_reference(shape: [usize; 3], fb: FeedbackConfig, batch: usize, steps: usi
         let (be, _) = rest.split_at_mut(slots[3].len());
         cpu.backward(&p, &mut BackEiGrads { w_b: wb, b_b: bb, w_e: we, b_e: be }, &input, steps, &gout, &mut cgin)?;
     }
-    let (out, v) = (std::mem::take(&mut cpu.out), std::mem::take(&mut cpu.v));
-    Ok(Reference { params, slots, input, gout, out, v, grads: cg, gin: cgin })
+    Ok([narrow(&cpu.out), narrow(&cpu.v), narrow(&cgin), narrow(&cg)])
 }
 
-/// A device layer vs the CPU reference `r` at (batch, steps): the max relative error over s, v,
-/// ∂I and the gradients.
-fn compare_layer(dev: &Arc<GpuDevice>, layer: &mut impl GpuLayer, r: &Reference, batch: usize, steps: usize) -> Res<f64> {
-    compare_layer_floor(dev, layer, r, batch, steps, 1e-2)
+/// The f64 and f32 CPU layers at (batch, steps) in the smooth mode, on one set of data.
+fn cpu_reference(shape: [usize; 3], fb: FeedbackConfig, batch: usize, steps: usize, neuron: &NeuronConfig) -> Res<Reference> {
+    let n: usize = shape.iter().product();
+    let (params, slots) = setup(shape, &fb, 7);
+    let mut rng = ChaCha8Rng::seed_from_u64(8);
+    let input = uniform(&mut rng, steps * batch * n, -0.6, 1.6);
+    let gout = uniform(&mut rng, steps * batch * n, -1.0, 1.0);
+    let data = (&params[..], &slots, &input[..], &gout[..]);
+    let wide = cpu_layer::<f64>(shape, fb, batch, steps, neuron, data)?;
+    let narrow = cpu_layer::<f32>(shape, fb, batch, steps, neuron, data)?;
+    Ok(Reference { params, slots, input, gout, wide, narrow })
 }
 
-fn compare_layer_floor(dev: &Arc<GpuDevice>, layer: &mut impl GpuLayer, r: &Reference, batch: usize, steps: usize, floor: f64) -> Res<f64> {
+/// A device layer vs the CPU reference `r` at (batch, steps), f32 arithmetic's bound.
+fn compare_layer(dev: &Arc<GpuDevice>, layer: &mut impl GpuLayer, r: &Reference, batch: usize, steps: usize) -> Res<Validation> {
+    compare_layer_floor(dev, layer, r, batch, steps, F32_BOUND)
+}
+
+/// Each of s, v, ∂I and the gradients against the f64 CPU: within `tol` (relative, the
+/// denominator floored at `floor` × the tensor's scale) or 4× the f32 CPU engine's own error,
+/// whichever is larger — a sum in another order than the CPU's is as good as the f32 CPU's,
+/// not equal to it (tests/common/layer_check.rs; at the cifar10 shapes the f32 CPU itself is
+/// 1–2e-4 off, and so was every GPU version in the H200 run of 2026-12-04 that a flat 1e-4
+/// called invalid).
+fn compare_layer_floor(
+    dev: &Arc<GpuDevice>,
+    layer: &mut impl GpuLayer,
+    r: &Reference,
+    batch: usize,
+    steps: usize,
+    (tol, floor): (f64, f64),
+) -> Res<Validation> {
     let max_rel = |a: &[f32], b: &[f32]| max_rel_floor(a, b, floor);
     let (params, slots, input, gout) = (&r.params, &r.slots, &r.input, &r.gout);
     let s = &dev.stream;
@@ -262,14 +308,19 @@ fn compare_layer_floor(dev: &Arc<GpuDevice>, layer: &mut impl GpuLayer, r: &Refe
     layer.forward(&dp, slots, &di.slice(..), steps, batch, steps)?;
     layer.backward(&dp, &mut dg, slots, &di.slice(..), steps, &dgo.slice(..), &mut dgin.slice_mut(..))?;
     let (out, v, _, _) = layer.saved()?;
-    let e = [
-        max_rel(&s.clone_dtoh(out)?, &r.out),
-        max_rel(&s.clone_dtoh(v)?, &r.v),
-        max_rel(&s.clone_dtoh(&dgin)?, &r.gin),
-        max_rel(&s.clone_dtoh(&dg)?, &r.grads),
-    ];
-    Ok(e.into_iter().fold(0.0, f64::max))
+    let got = [s.clone_dtoh(out)?, s.clone_dtoh(v)?, s.clone_dtoh(&dgin)?, s.clone_dtoh(&dg)?];
+    let mut check = Validation { err: 0.0, cpu_err: 0.0, ok: true };
+    for ((got, want), cpu) in got.iter().zip(&r.wide).zip(&r.narrow) {
+        let (e, c) = (max_rel(got, want), max_rel(cpu, want));
+        check.err = check.err.max(e);
+        check.cpu_err = check.cpu_err.max(c);
+        check.ok &= e <= tol.max(4.0 * c);
+    }
+    Ok(check)
 }
+
+/// f32 arithmetic's validation bound: 1e-4 with a 1 % floor (or 4× the f32 CPU's error).
+const F32_BOUND: (f64, f64) = (1e-4, 1e-2);
 
 fn smooth_neuron() -> NeuronConfig {
     NeuronConfig { mode: FiringMode::Smooth { k: 4.0 }, ..Default::default() }
@@ -284,12 +335,12 @@ fn bound((version, p): Version) -> (f64, f64) {
     match (version, p) {
         (KernelVersion::V4, Precision::Tf32) => (2e-3, 1.0),
         (KernelVersion::V4, Precision::Bf16) => (2e-2, 1.0),
-        _ => (1e-4, 1e-2),
+        _ => F32_BOUND,
     }
 }
 
 /// The fused layer (`version`) vs the CPU at (batch, steps) in the smooth mode.
-fn validate(dev: &Arc<GpuDevice>, shape: [usize; 3], fb: FeedbackConfig, batch: usize, steps: usize, version: Version) -> Res<f64> {
+fn validate(dev: &Arc<GpuDevice>, shape: [usize; 3], fb: FeedbackConfig, batch: usize, steps: usize, version: Version) -> Res<Validation> {
     let neuron = smooth_neuron();
     let r = cpu_reference(shape, fb, batch, steps, &neuron)?;
     let mut g = GpuBackEiLayer::new(dev, shape, fb, &neuron)?;
@@ -298,11 +349,11 @@ fn validate(dev: &Arc<GpuDevice>, shape: [usize; 3], fb: FeedbackConfig, batch: 
     if vplan.path == backei::gpu::backei_layer::LayerPath::Fused && vplan.version != version.0 {
         return Err(format!("{shape:?}: {version:?} fell back to {:?}: {:?}", vplan.version, vplan.fallback).into());
     }
-    compare_layer_floor(dev, &mut g, &r, batch, steps, bound(version).1)
+    compare_layer_floor(dev, &mut g, &r, batch, steps, bound(version))
 }
 
 /// The unfused layer vs the CPU, as `validate`.
-fn validate_unfused(dev: &Arc<GpuDevice>, shape: [usize; 3], fb: FeedbackConfig, batch: usize, steps: usize) -> Res<f64> {
+fn validate_unfused(dev: &Arc<GpuDevice>, shape: [usize; 3], fb: FeedbackConfig, batch: usize, steps: usize) -> Res<Validation> {
     let neuron = smooth_neuron();
     let r = cpu_reference(shape, fb, batch, steps, &neuron)?;
     compare_layer(dev, &mut UnfusedBackEiLayer::new(dev, shape, fb, &neuron)?, &r, batch, steps)
@@ -337,9 +388,9 @@ fn unfused_workload(
     vb: usize,
     vt: usize,
 ) -> Res<f64> {
-    let err = validate_unfused(&bench.dev, shape, fb, vb, vt)?;
-    let valid = if err < 1e-4 { format!("valid (max rel err {err:.1e})") } else { format!("INVALID (max rel err {err:.1e})") };
-    if err >= 1e-4 || err.is_nan() {
+    let check = validate_unfused(&bench.dev, shape, fb, vb, vt)?;
+    let valid = check.label();
+    if !check.ok {
         bench.failed.push(format!("{name} unfused"));
     }
     let dev = bench.dev.clone();
@@ -379,10 +430,9 @@ fn layer_workload(
     vt: usize,
     version: Version,
 ) -> Res<f64> {
-    let err = validate(&bench.dev, shape, fb, vb, vt, version)?;
-    let tol = bound(version).0;
-    let valid = if err < tol { format!("valid (max rel err {err:.1e})") } else { format!("INVALID (max rel err {err:.1e})") };
-    if err >= tol || err.is_nan() {
+    let check = validate(&bench.dev, shape, fb, vb, vt, version)?;
+    let valid = check.label();
+    if !check.ok {
         bench.failed.push(format!("{name} {version:?}"));
     }
     let dev = bench.dev.clone();

@@ -116,6 +116,14 @@ struct Operand {
 // its int bits in the f32 register (the load sign-extends; nothing to wait for) and is decoded
 // when staged; the ones column as Q8_ONE, a value no code has.
 #define Q8_ONE 0x40000000
+// The ones column of an f32 operand travels as this NaN (a payload no arithmetic makes: a real NaN
+// in the data reaches the result either way), so that staging can tell it from a real 1: fp32
+// mode stages it unscaled — an exact 1 in fp16 — and the epilogue unscales its column by the other
+// operand's factor alone. (Scaled like the operand, 1 · S overflowed fp16 to inf whenever the
+// operand's largest |x| was below 1/4, S = 2^(13 − e) ≥ 2^16: NaN bias gradients, found on an
+// H200 in a smooth-mode step whose linear layers' inputs stay below 1/4; and for a largest |x|
+// beyond 2^37, 1 · S would have vanished.)
+#define F32_ONE 0x7FC00BE1u
 
 struct Output {
     float* p;
@@ -247,15 +255,20 @@ __device__ __forceinline__ float operand_at(const Operand& o, const Bounds& bd, 
     const bool ok = (unsigned)(em.y + ek.y + bd.bias) < bd.span_y & (unsigned)(em.x + ek.x + bd.bias) < bd.span_x;
     float v = ok ? load_at<Q8>(o, em.off + ek.off) : 0.0f;
     const bool one = (o.ones != 0) & (em.x == ENT_ONES_X) & (ek.y != ENT_INVALID_Y);
-    return one ? (Q8 ? __int_as_float(Q8_ONE) : 1.0f) : v;
+    return one ? (Q8 ? __int_as_float(Q8_ONE) : __uint_as_float(F32_ONE)) : v;
+}
+
+// Whether what operand_at<Q8> loaded is the ones column.
+template <bool Q8>
+__device__ __forceinline__ bool is_one(float v) {
+    return Q8 ? __float_as_int(v) == Q8_ONE : __float_as_uint(v) == F32_ONE;
 }
 
 // What operand_at<Q8> loaded, as the operand's f32 value (the bits of the f32 tensor's element).
 template <bool Q8>
 __device__ __forceinline__ float decode(const Operand& o, float v) {
-    if (!Q8) return v;
-    const int c = __float_as_int(v);
-    return c == Q8_ONE ? 1.0f : (float)c * o.q8_factor;
+    if (is_one<Q8>(v)) return 1.0f;
+    return Q8 ? (float)__float_as_int(v) * o.q8_factor : v;
 }
 
 // Element (m, n) of C into the output: the ones column to ones_out, bias, write or add.
@@ -369,7 +382,7 @@ __device__ __forceinline__ void load_tile_affine(float (&v)[TILE_ELEMS(R, T)], c
     k += k0;
     Ptr q0 = reinterpret_cast<Ptr>(o.p) + ((long long)mn * o.mn.stride + (long long)k * o.k.stride);
     Ptr q1 = q0 + o.k.stride;
-    const float one = Q8 ? __int_as_float(Q8_ONE) : 1.0f;
+    const float one = Q8 ? __int_as_float(Q8_ONE) : __uint_as_float(F32_ONE);
     if (o.k_fast) {  // pair p at (mn + (T/16)·p, k), (mn + (T/16)·p, k + 1)
         const bool kin0 = k < o.k.count, kin1 = k + 1 < o.k.count;
         const long long step = (T / 16) * o.mn.stride;
@@ -431,8 +444,9 @@ __device__ __forceinline__ void store_tile_as(const float (&v)[TILE_ELEMS(R, T)]
                 S32[w] = pack2(f32_to_bf16_bits(x0), f32_to_bf16_bits(x1));
             } else if (lo_half) {
                 unsigned short hi0, lo0, hi1, lo1;
-                split_f16(x0 * sc, hi0, lo0);
-                split_f16(x1 * sc, hi1, lo1);
+                // (the ones column unscaled: see F32_ONE)
+                split_f16(is_one<Q8>(v[2 * p]) ? x0 : x0 * sc, hi0, lo0);
+                split_f16(is_one<Q8>(v[2 * p + 1]) ? x1 : x1 * sc, hi1, lo1);
                 S32[w] = pack2(hi0, hi1);
                 S32[plane32 + w] = pack2(lo0, lo1);
             } else {
@@ -565,7 +579,8 @@ __device__ __forceinline__ void gemm_tc(const GemmDesc& d, const u32* __restrict
                 const int m = m0 + wm * WTM + mi * 16 + g + (r >= 2 ? 8 : 0);
                 const int n = n0 + wn * 32 + ni * 8 + 2 * t4 + (r & 1);
                 if (m >= d.M || n >= ncols) continue;
-                const float v = acc[mi][ni][r] * ia * ib;
+                // (the ones column, n = N, was staged unscaled: see F32_ONE)
+                const float v = acc[mi][ni][r] * ia * (n == d.N ? 1.0f : ib);
                 if (d.splits > 1) d.partial[((long long)blockIdx.z * d.M + m) * ncols + n] = v;
                 else store_c(d, m, n, v);
             }

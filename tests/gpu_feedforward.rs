@@ -164,9 +164,9 @@ fn check_window_staged(p: Precision) {
             assert!(halo_plan(op, &g, s, p, false, &limits).is_some(), "{op:?} {g:?} {p}: the window-staged kernels must take it");
         }
         let seed = 700 + 20 * (p as u64) + i as u64;
-        conv_case(&gpu, g, s, p, false, seed);
+        conv_case(&gpu, g, s, p, false, 1.0, seed);
         if p == Precision::Fp32 || i % 2 == 0 {
-            conv_case(&gpu, g, s, p, true, seed + 100);
+            conv_case(&gpu, g, s, p, true, 1.0, seed + 100);
         }
     }
 }

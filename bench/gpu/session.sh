@@ -5,7 +5,9 @@
 # stage, `bench/reference/fetch_wheels.sh`; for the ffi stage, `bench/gpu/pack_ffi.sh` after pack;
 # for the nccl stage, `bench/gpu/pack_nccl.sh` after pack).
 # STAGES (default all, in this order): tests ffi nccl sanitizer kernels feedforward train-bench
-# reference resume train. Also: tests-parallel (every test binary at once, each into its own log
+# reference resume train. Also: profile (Nsight Compute over the BackEI kernels, PROFILE_CASES),
+# sanitizer-new (memcheck over the window-staged convolutions and v4 only), tests-named (RERUN:
+# named tests of named binaries, all at once), tests-parallel (every test binary at once, each into its own log
 # in results.tgz: the GPU tests' CPU oracles overlap; never beside a timing stage) and train-tc
 # (the training step with the v4 kernels and the tensor-core feed-forward layers, their opt-ins,
 # and v1 beside them, on fashion-mnist and cifar10 only: the short form of train-bench).
@@ -64,7 +66,7 @@ for stage in $stages; do
       # TEST_FILTERS (libtest name filters) narrows a rerun to what failed before
       for t in .gpu/bin/test-*; do
         case $(basename "$t") in test-emu_*) continue ;; esac  # the emulator's long ignored tests need no GPU
-        run "$(basename "$t")" 150 "$t" --ignored --test-threads=1 ${TEST_FILTERS:-}
+        run "$(basename "$t")" 150 "$t" --ignored --test-threads=1 --nocapture ${TEST_FILTERS:-}
       done ;;
     tests-parallel)
       # the same binaries as `tests`, all at once: one stage limit for all, the CPU oracles in
@@ -79,7 +81,9 @@ for stage in $stages; do
           test-emu_*) continue ;;        # the emulator's long ignored tests need no GPU
           test-degenerate_input) continue ;;  # sizes a batch to the free memory: run alone, below
         esac
-        ( t0=$(date +%s); timeout -s INT -k 10 "$limit" "$t" --ignored --test-threads=1 ${TEST_FILTERS:-} > "/tmp/backei-results/tests/$n.log" 2>&1
+        # --nocapture: a failure's message is printed when it happens, not at the end of the
+        # binary's run, which a time limit may cut (two GPU runs of 2026-12-04 lost theirs so)
+        ( t0=$(date +%s); timeout -s INT -k 10 "$limit" "$t" --ignored --test-threads=1 --nocapture ${TEST_FILTERS:-} > "/tmp/backei-results/tests/$n.log" 2>&1
           echo "$n: exit $? after $(( $(date +%s) - t0 ))s" > "/tmp/backei-results/tests/$n.rc" ) &
         pids+=($!)
       done
@@ -92,9 +96,30 @@ for stage in $stages; do
       for t in .gpu/bin/test-*; do
         n=$(basename "$t")
         [ -e "/tmp/backei-results/tests/$n.rc" ] || continue
-        { cat "/tmp/backei-results/tests/$n.rc"; awk '/^test .* (ok|FAILED|ignored)$|^test result|^  left|^ right|error/ {print} after {print; after=0} /panicked/ {print; after=1}' "/tmp/backei-results/tests/$n.log" | head -n 80; } >> "$out/$stage.log"
+        { cat "/tmp/backei-results/tests/$n.rc"; awk '/^test |(ok|FAILED|ignored)$|^test result|^  left|^ right|error/ {print} after {print; after=0} /panicked/ {print; after=1}' "/tmp/backei-results/tests/$n.log" | grep -v "worst relative error\|of the largest element" | head -n 80; } >> "$out/$stage.log"
       done
       grep -h "exit" /tmp/backei-results/tests/*.rc ;;
+    tests-named)
+      # a rerun of named tests, each binary with its own filters, all at once (RERUN="bin=f1,f2
+      # bin2" — bin without test- and without filters runs all of its tests), limit TESTS_LIMIT
+      mkdir -p /tmp/backei-results/tests
+      left=$(( budget - ($(date +%s) - start) )); limit=${TESTS_LIMIT:-200}; (( left < limit )) && limit=$left
+      echo "== tests-named (limit ${limit}s each, all at once): ${RERUN:-}" | tee -a "$out/$stage.log"
+      pids=()
+      for item in ${RERUN:-}; do
+        n=test-${item%%=*}; filters=""
+        [[ $item == *=* ]] && filters=${item#*=} && filters=${filters//,/ }
+        [ -x ".gpu/bin/$n" ] || { echo "$n: not packed" >> "$out/$stage.log"; continue; }
+        ( t0=$(date +%s); timeout -s INT -k 10 "$limit" ".gpu/bin/$n" --ignored --test-threads=1 --nocapture $filters > "/tmp/backei-results/tests/$n.log" 2>&1
+          echo "$n: exit $? after $(( $(date +%s) - t0 ))s" > "/tmp/backei-results/tests/$n.rc" ) &
+        pids+=($!)
+      done
+      wait "${pids[@]}"
+      for item in ${RERUN:-}; do
+        n=test-${item%%=*}
+        [ -e "/tmp/backei-results/tests/$n.rc" ] || continue
+        { cat "/tmp/backei-results/tests/$n.rc"; grep -v "worst relative error\|of the largest element" "/tmp/backei-results/tests/$n.log" | head -n 120; } >> "$out/$stage.log"
+      done ;;
     train-tc)
       # issue 11/12: the step on v4 (fp32 mode) with cuBLAS, then with the tensor-core GEMMs in
       # each precision; then the opt-ins (256-thread tiles, window-staged convolutions); v1 beside
@@ -135,6 +160,43 @@ for stage in $stages; do
         [ -x .gpu/bin/test-gpu_backei_unfused ] && run memcheck-unfused 80 compute-sanitizer --tool memcheck --error-exitcode 9 .gpu/bin/test-gpu_backei_unfused --ignored --test-threads=1
       else
         echo "compute-sanitizer not found" > "$out/sanitizer.log"
+      fi ;;
+    profile)
+      # Nsight Compute over the BackEI kernels that dominate the step (issue 11): one B = 100 launch
+      # each (the bench's first launch of a kind is its B = 2 validation: skipped), the hardware's
+      # own account of where the time goes (stall reasons, pipe use, the SASS lines that stall most).
+      # PROFILE_CASES: version=workload[=kind] items; kind = backward (default) or forward.
+      if ! command -v ncu >/dev/null; then echo "ncu not found" | tee -a "$out/$stage.log"; continue; fi
+      # the reports stay there (too large to bring back); their text pages come back in results.tgz,
+      # with the CUBINs the profiled kernels came from (a kernel cache of the stage's own, so only
+      # those): `python3 bench/gpu/ncu_lines.py ncu/CASE.sass.csv ncu/cubins` puts the samples on
+      # source lines (every module is compiled with -lineinfo)
+      mkdir -p /tmp/backei-results/ncu/cubins /tmp/ncu-reps
+      rm -rf /tmp/ncu-kernels
+      for case in ${PROFILE_CASES:-v3=fashion_L1 v4/bf16=fashion_L1 v4/bf16=fashion_L1=forward v4/fp32=fashion_L2}; do
+        IFS== read -r version workload kind <<< "$case"
+        kind=${kind:-backward}
+        tag=$(echo "${version}_${workload}_${kind}" | tr '/' '-')
+        run "ncu-$tag" 75 env BACKEI_KERNEL_CACHE=/tmp/ncu-kernels BACKEI_BENCH_VERSIONS="$version" BACKEI_BENCH_CSV=/tmp/ncu.csv ncu --clock-control none --set full \
+          -k "regex:backei_${kind}_v" --launch-skip 1 --launch-count 1 -o "/tmp/ncu-reps/$tag" .gpu/bin/bench-kernels "${workload//_/ }"
+        ncu --import "/tmp/ncu-reps/$tag.ncu-rep" --page source --csv --print-source sass \
+          > "/tmp/backei-results/ncu/$tag.sass.csv" 2>&1 || true
+        ncu --import "/tmp/ncu-reps/$tag.ncu-rep" --page details > "/tmp/backei-results/ncu/$tag.txt" 2>&1 || true
+      done
+      # the modules of the profiled kernels (v3's or v4's for the workloads named), not every one
+      # the bench compiled
+      for f in /tmp/ncu-kernels/*.cubin; do
+        grep -q "backei_\(forward\|backward\)_v" "$f" 2>/dev/null && cp "$f" /tmp/backei-results/ncu/cubins/
+      done
+      du -sh /tmp/backei-results/ncu/cubins | tee -a "$out/$stage.log" ;;
+    sanitizer-new)
+      # the short form of `sanitizer` for the kernels that have not yet been under it: the
+      # window-staged convolutions and v4 (odd shapes run v1-v4 on every switch)
+      if command -v compute-sanitizer >/dev/null; then
+        run memcheck-halo 60 compute-sanitizer --tool memcheck --error-exitcode 9 .gpu/bin/test-gpu_feedforward --ignored --test-threads=1 window_staged
+        run memcheck-v4 80 compute-sanitizer --tool memcheck --error-exitcode 9 .gpu/bin/test-gpu_backei_layer --ignored --test-threads=1 odd_shapes
+      else
+        echo "compute-sanitizer not found" > "$out/$stage.log"
       fi ;;
     kernels)
       export BACKEI_BENCH_CSV=/tmp/backei-results/kernels.csv

@@ -287,6 +287,19 @@ pub fn compare_within(c: &Case, label: &str, x: &Inputs, r: &CpuRef, d: &DeviceO
     // smooth mode: s is continuous; compare it against 1e-4 of its scale (the second GPU run
     // found s = tanh(k·z)·σ(k·(v − θ)) off by 1.1e-6 where z ≈ 0.003 had cancelled)
     let s_scale = cpu.out.iter().fold(0f32, |m, x| m.max(x.abs())).max(1e-6);
+    // tf32 and bf16 (tolerances relative to a tensor's scale): v and z are held to rel × their
+    // scales, and s = σ(k·(v − θ))·tanh(k·z) carries those errors through the functions' steepest
+    // slopes, k/4 and k — so s is allowed what they are allowed. (An H200 and the emulator both
+    // gave s = −0.26561 against −0.26810 at tf32 where z = −0.070 sits on tanh's steep part: z's
+    // error, 2^-11 of the magnitudes W_e ⊛ v sums, times k·(1 − tanh²) ≈ 3.7.)
+    let s_tol = match (c.neuron.mode, tol.floor >= 1.0) {
+        (FiringMode::Smooth { k }, true) => {
+            let scale = |x: &[f32]| x.iter().fold(0f32, |m, y| m.max(y.abs()));
+            let z_scale = if c.fb.ei { scale(&cpu.z) } else { 0.0 };
+            tol.rel as f32 * s_scale.max(k as f32 * (scale(&cpu.v) / 4.0 + z_scale))
+        }
+        _ => tol.rel as f32 * s_scale,
+    };
     for tt in 0..t {
         for bb in 0..b {
             for i in 0..n {
@@ -295,7 +308,7 @@ pub fn compare_within(c: &Case, label: &str, x: &Inputs, r: &CpuRef, d: &DeviceO
                     let near = |x: f32| (x.abs() - h).abs() < tol.flip_window / 10.0;
                     kink[bb] |= near(cpu.v[e] - theta) || (c.fb.ei && near(cpu.z[e]));
                 }
-                let differs = if exact { d.out[e] != cpu.out[e] } else { (d.out[e] - cpu.out[e]).abs() > tol.rel as f32 * s_scale };
+                let differs = if exact { d.out[e] != cpu.out[e] } else { (d.out[e] - cpu.out[e]).abs() > s_tol };
                 if differs {
                     raw += 1;
                     if first_flip[bb] == usize::MAX {
