@@ -60,6 +60,25 @@ run() {
   tail -n 4 "$out/$stage.log" | sed 's/^/   /'
 }
 
+# spawn_test BIN LIMIT [FILTERS...]: one test binary in the background (the tests-parallel and
+# tests-named stages), its whole log and exit line under /tmp/backei-results/tests. --nocapture: a
+# failure's message is printed when it happens, not at the end of the binary's run, which a time
+# limit may cut (two GPU runs of 2026-12-04 lost theirs so)
+spawn_test() {
+  local n=$1 limit=$2; shift 2
+  ( t0=$(date +%s); timeout -s INT -k 10 "$limit" ".gpu/bin/$n" --ignored --test-threads=1 --nocapture "$@" > "/tmp/backei-results/tests/$n.log" 2>&1
+    echo "$n: exit $? after $(( $(date +%s) - t0 ))s" > "/tmp/backei-results/tests/$n.rc" ) &
+  pids+=($!)
+}
+# summarize_test BIN: its exit line and the lines that say what passed and failed, into the stage log
+summarize_test() {
+  local n=$1
+  [ -e "/tmp/backei-results/tests/$n.rc" ] || return 0
+  { cat "/tmp/backei-results/tests/$n.rc"
+    awk '/^test |(ok|FAILED|ignored)$|^test result|^  left|^ right|error/ {print} after {print; after=0} /panicked/ {print; after=1}' "/tmp/backei-results/tests/$n.log" \
+      | grep -v "worst relative error\|of the largest element" | head -n 80; } >> "$out/$stage.log"
+}
+
 for stage in $stages; do
   case $stage in
     tests)
@@ -81,23 +100,15 @@ for stage in $stages; do
           test-emu_*) continue ;;        # the emulator's long ignored tests need no GPU
           test-degenerate_input) continue ;;  # sizes a batch to the free memory: run alone, below
         esac
-        # --nocapture: a failure's message is printed when it happens, not at the end of the
-        # binary's run, which a time limit may cut (two GPU runs of 2026-12-04 lost theirs so)
-        ( t0=$(date +%s); timeout -s INT -k 10 "$limit" "$t" --ignored --test-threads=1 --nocapture ${TEST_FILTERS:-} > "/tmp/backei-results/tests/$n.log" 2>&1
-          echo "$n: exit $? after $(( $(date +%s) - t0 ))s" > "/tmp/backei-results/tests/$n.rc" ) &
-        pids+=($!)
+        spawn_test "$n" "$limit" ${TEST_FILTERS:-}
       done
       wait "${pids[@]}"
       if [ -x .gpu/bin/test-degenerate_input ]; then
-        n=test-degenerate_input; t0=$(date +%s)
-        timeout -s INT -k 10 60 .gpu/bin/$n --ignored --test-threads=1 > "/tmp/backei-results/tests/$n.log" 2>&1
-        echo "$n: exit $? after $(( $(date +%s) - t0 ))s" > "/tmp/backei-results/tests/$n.rc"
+        pids=()
+        spawn_test test-degenerate_input 60
+        wait "${pids[@]}"
       fi
-      for t in .gpu/bin/test-*; do
-        n=$(basename "$t")
-        [ -e "/tmp/backei-results/tests/$n.rc" ] || continue
-        { cat "/tmp/backei-results/tests/$n.rc"; awk '/^test |(ok|FAILED|ignored)$|^test result|^  left|^ right|error/ {print} after {print; after=0} /panicked/ {print; after=1}' "/tmp/backei-results/tests/$n.log" | grep -v "worst relative error\|of the largest element" | head -n 80; } >> "$out/$stage.log"
-      done
+      for t in .gpu/bin/test-*; do summarize_test "$(basename "$t")"; done
       grep -h "exit" /tmp/backei-results/tests/*.rc ;;
     tests-named)
       # a rerun of named tests, each binary with its own filters, all at once (RERUN="bin=f1,f2
@@ -110,16 +121,10 @@ for stage in $stages; do
         n=test-${item%%=*}; filters=""
         [[ $item == *=* ]] && filters=${item#*=} && filters=${filters//,/ }
         [ -x ".gpu/bin/$n" ] || { echo "$n: not packed" >> "$out/$stage.log"; continue; }
-        ( t0=$(date +%s); timeout -s INT -k 10 "$limit" ".gpu/bin/$n" --ignored --test-threads=1 --nocapture $filters > "/tmp/backei-results/tests/$n.log" 2>&1
-          echo "$n: exit $? after $(( $(date +%s) - t0 ))s" > "/tmp/backei-results/tests/$n.rc" ) &
-        pids+=($!)
+        spawn_test "$n" "$limit" $filters
       done
       wait "${pids[@]}"
-      for item in ${RERUN:-}; do
-        n=test-${item%%=*}
-        [ -e "/tmp/backei-results/tests/$n.rc" ] || continue
-        { cat "/tmp/backei-results/tests/$n.rc"; grep -v "worst relative error\|of the largest element" "/tmp/backei-results/tests/$n.log" | head -n 120; } >> "$out/$stage.log"
-      done ;;
+      for item in ${RERUN:-}; do summarize_test "test-${item%%=*}"; done ;;
     train-tc)
       # issue 11/12: the step on v4 (fp32 mode) with cuBLAS, then with the tensor-core GEMMs in
       # each precision; then the opt-ins (256-thread tiles, window-staged convolutions); v1 beside
