@@ -184,6 +184,12 @@ fn v4_fp32_gradients_match_in_smooth_mode_beyond_one_chunk_and_one_channel_group
     // spans several 256-pixel chunks and a chunk several rows
     cases.push(smooth(case("40×19×21 back+ei r 1 D 1", [40, 19, 21], true, true, 1, 1, 2, 3, 3)));
     cases.push(smooth(case("17×13×11 back+ei r 2 D 3", [17, 13, 11], true, true, 2, 3, 3, 4, 1)));
+    // halo rows wider than a warp (W + 2r > 32: the flat staging walk, not the row walk), and
+    // rows of 8 and 16 lanes (W + 2r ≤ 8, ≤ 16)
+    cases.push(smooth(case("4×5×33 back+ei r 1 D 1", [4, 5, 33], true, true, 1, 1, 2, 3, 3)));
+    cases.push(smooth(case("3×6×29 back+ei r 2 D 1", [3, 6, 29], true, true, 2, 1, 2, 3, 3)));
+    cases.push(smooth(case("6×5×5 back+ei r 1 D 1", [6, 5, 5], true, true, 1, 1, 2, 3, 3)));
+    cases.push(smooth(case("6×9×14 back+ei r 1 D 1", [6, 9, 14], true, true, 1, 1, 2, 3, 3)));
     assert_eq!(run(&cases, &SMALL, Precision::Fp32), cases.len(), "smooth mode compares every gradient");
 }
 

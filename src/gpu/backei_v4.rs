@@ -362,6 +362,47 @@ pub struct V4Check {
 /// unrolls a walk of one element at a time by 4 by itself, so fewer than 8 means the batch is lost.
 pub const V4_STAGING_LOADS: usize = 8;
 
+/// The plan and module constants of a layer's v4 instance in training (exact firing, the
+/// rectangle surrogate, pooling after it: z saved as its one-byte code when ei is on, s as int8).
+pub fn training_instance(
+    shape: [usize; 3],
+    fb: &FeedbackConfig,
+    batch: usize,
+    steps: usize,
+    limits: &DeviceLimits,
+    precision: Precision,
+) -> Result<(V4Plan, Vec<(String, String)>)> {
+    let mut plan = plan_v4(shape, fb, batch, steps, limits, precision).map_err(|why| BackeiError::Cuda(format!("{shape:?}: {why}")))?;
+    let neuron = crate::spec::NeuronConfig::default();
+    if fb.ei && super::backei_layer::z_code_is_exact(&neuron) {
+        plan.code_z();
+    }
+    // every BackEI layer of the four networks is followed by pooling: s as int8 in training
+    plan.store_s8();
+    let np = NeuronParams::from_config(&neuron);
+    let defines = instance_defines(&plan, &np);
+    Ok((plan, defines))
+}
+
+/// A module instance's label and its `-D` constants.
+pub type LabelledInstance = (&'static str, Vec<(String, String)>);
+
+/// The v4 instances `backei kernels` and CI assemble with ptxas: the module is specialised at
+/// compile time (C, H, W, r, precision), and the build without those constants runs only in the
+/// CPU emulator, so the report reads instances a GPU loads — fashion-mnist's layer 1 (halo rows of
+/// 30 pixels: the row walk) and cifar10's layer 1 (rows of 34: the flat walk), fp32 mode (the
+/// default), B = 100, T = 20 on an H100. (The emulator's build picks the walk at run time and holds
+/// both, 4 registers more than either: the pip ptxas spills 20 bytes of its sm_90 backward.)
+pub fn report_instances() -> Result<Vec<LabelledInstance>> {
+    let fb = FeedbackConfig { back: true, ei: true, radius: 1, delay: 1 };
+    let mut out = Vec::new();
+    for (label, shape) in [("fashion-mnist L1", [32usize, 28, 28]), ("cifar10 L1", [128, 32, 32])] {
+        let (_, defines) = training_instance(shape, &fb, 100, 20, &DeviceLimits::H100, Precision::Fp32)?;
+        out.push((label, defines));
+    }
+    Ok(out)
+}
+
 /// Compiles the v4 instance of a layer (exact firing, the rectangle surrogate, pooling after it:
 /// the training configuration, so z saved as its one-byte code when ei is on and s as int8) for
 /// `arch` on a device like `limits` and checks it statically.
@@ -374,15 +415,8 @@ pub fn check_instance(
     precision: Precision,
     arch: &str,
 ) -> Result<V4Check> {
-    let mut plan = plan_v4(shape, fb, batch, steps, limits, precision).map_err(|why| BackeiError::Cuda(format!("{shape:?}: {why}")))?;
-    let neuron = crate::spec::NeuronConfig::default();
-    if fb.ei && super::backei_layer::z_code_is_exact(&neuron) {
-        plan.code_z();
-    }
-    // every BackEI layer of the four networks is followed by pooling: s as int8 in training
-    plan.store_s8();
-    let np = NeuronParams::from_config(&neuron);
-    let kernels = super::sass::check_module(V4_MODULE, arch, &instance_defines(&plan, &np))?;
+    let (plan, defines) = training_instance(shape, fb, batch, steps, limits, precision)?;
+    let kernels = super::sass::check_module(V4_MODULE, arch, &defines)?;
     let mut problems = Vec::new();
     let mut blocks_per_sm = Vec::new();
     for k in &kernels {

@@ -1,8 +1,10 @@
 //! Resource use of every kernel without a GPU: NVRTC's PTX assembled by `ptxas -v` for an
 //! architecture, its report parsed into registers, shared memory and spills per kernel.
-//! `backei kernels --arch sm_90` prints it; CI fails on any spill.
+//! `backei kernels --arch sm_90` prints it; CI fails on any spill. Modules specialised at compile
+//! time (backei_v4) are reported as the instances a GPU loads (`backei_v4::report_instances`).
 
-use super::kernels::{compile_module, module_names};
+use super::backei_v4::{report_instances, LabelledInstance, V4_MODULE};
+use super::kernels::{compile_module_with, module_names};
 use crate::error::{BackeiError, Result};
 use std::path::PathBuf;
 use std::process::Command;
@@ -70,21 +72,32 @@ pub fn kernel_report(arch: &str) -> Result<Vec<KernelStats>> {
     let dir = std::env::temp_dir().join(format!("backei-ptxas-{}", std::process::id()));
     std::fs::create_dir_all(&dir).map_err(|e| BackeiError::Io { path: dir.display().to_string(), problem: e.to_string() })?;
     let mut all = Vec::new();
+    // each module once, as NVRTC compiles it by itself; v4 as the instances a GPU loads
+    let mut instances: Vec<(String, LabelledInstance)> = Vec::new();
     for module in module_names() {
-        let ptx = compile_module(module, arch)?;
-        let file = dir.join(format!("{module}.ptx"));
+        if module == V4_MODULE {
+            for (label, defines) in report_instances()? {
+                instances.push((format!("{module} ({label})"), (module, defines)));
+            }
+        } else {
+            instances.push((module.to_string(), (module, Vec::new())));
+        }
+    }
+    for (n, (label, (module, defines))) in instances.iter().enumerate() {
+        let ptx = compile_module_with(module, arch, defines)?.ptx;
+        let file = dir.join(format!("{n}.ptx"));
         std::fs::write(&file, ptx).map_err(|e| BackeiError::Io { path: file.display().to_string(), problem: e.to_string() })?;
         let out = Command::new(&ptxas)
             .args(["-v", &format!("-arch={arch}"), "-o"])
-            .arg(dir.join(format!("{module}.cubin")))
+            .arg(dir.join(format!("{n}.cubin")))
             .arg(&file)
             .output()
             .map_err(|e| BackeiError::Io { path: ptxas.display().to_string(), problem: e.to_string() })?;
         let text = String::from_utf8_lossy(&out.stderr).into_owned() + &String::from_utf8_lossy(&out.stdout);
         if !out.status.success() {
-            return Err(BackeiError::Cuda(format!("ptxas failed on module {module} for {arch}:\n{text}")));
+            return Err(BackeiError::Cuda(format!("ptxas failed on module {label} for {arch}:\n{text}")));
         }
-        all.extend(parse_ptxas_report(module, &text));
+        all.extend(parse_ptxas_report(label, &text));
     }
     let _ = std::fs::remove_dir_all(&dir);
     Ok(all)
