@@ -245,11 +245,20 @@ __device__ __forceinline__ void store_operand(char* p0, int plane_bytes, float x
     }
 }
 
+// The row pitch (floats) of the weight-gradient accumulators in shared memory: k²·c_pad + 8. A
+// warp's fold (wgrad_gemm) updates rows g = 0..7 at columns 2t, 2t + 1 of an n-tile; with the
+// pitch unpadded (k²·c_pad ≡ 0 or 16 mod 32: c_pad is a multiple of 16) those rows fall in the same
+// 4 or 8 banks — an 8-way (4-way) conflict on every load and store of the fold, as many shared
+// wavefronts per chunk as the weight gradient's MMAs have cycles (fashion L1: ~4,600 per gate). A
+// pitch ≡ 8 or 24 (mod 32) puts a half-warp's float2 accesses in 32 different banks.
+// Host twin: backei_v4.rs `dw_smem_pitch`.
+#define DW_SMEM_PITCH(n_all) ((n_all) + 8)
+
 // The shared-memory regions of a launch.
 struct V4Smem {
     char* wb;  // W_b's slice (forward or adjoint layout)
     char* we;  // W_e's slice (the same address as wb when the slices are not resident)
-    float* dw; // [2][CO_T][k²·c_pad] accumulators (dw_smem), else null
+    float* dw; // [2][CO_T][DW_SMEM_PITCH(k²·c_pad)] accumulators (dw_smem), else null
     char* halo;      // the slab planes
     char* own;       // the own-channel planes (the weight gradient's dY)
     char* zero_row;  // 16 zero bytes
@@ -614,7 +623,10 @@ __device__ __forceinline__ void wgrad_gemm(float* dw, int pitch, float inv, cons
                     }
                 }
         }
-        // fold: this warp owns these dw elements alone (no race, a fixed order)
+        // fold: this warp owns these dw elements alone (no race, a fixed order). In shared memory
+        // (an even pitch: DW_SMEM_PITCH) as float2 — a lane's two columns — so that a half-warp's
+        // 16 lanes (rows g = 0..3, column pairs t) fall in 32 different banks; in dw_part
+        // (global, pitch n_all + 1: odd) one float at a time.
 #pragma unroll
         for (int j = 0; j < NTG; ++j) {
             if (grp * NTG + j >= ntiles) continue;
@@ -623,9 +635,17 @@ __device__ __forceinline__ void wgrad_gemm(float* dw, int pitch, float inv, cons
 #pragma unroll
             for (int mw = 0; mw < MW; ++mw)
 #pragma unroll
-                for (int i = 0; i < 4; ++i) {
-                    const int row = 16 * mw + g + 8 * (i >> 1);
-                    dw[row * pitch + n + 2 * t + (i & 1)] += acc[mw][j][i] * inv;
+                for (int h = 0; h < 2; ++h) {
+                    float* at = dw + (16 * mw + g + 8 * h) * pitch + n + 2 * t;
+                    if ((pitch & 1) == 0) {
+                        float2 x = *reinterpret_cast<float2*>(at);
+                        x.x += acc[mw][j][2 * h] * inv;
+                        x.y += acc[mw][j][2 * h + 1] * inv;
+                        *reinterpret_cast<float2*>(at) = x;
+                    } else {
+                        at[0] += acc[mw][j][2 * h] * inv;
+                        at[1] += acc[mw][j][2 * h + 1] * inv;
+                    }
                 }
         }
     }
@@ -658,14 +678,25 @@ __device__ __forceinline__ void conv_all_slabs(float (&acc)[MT][NT][4], char* ha
     }
 }
 
+// Whether the backward's convolutions stage their operand (dz, da) into the own planes, where the
+// weight gradient then reads it as dY instead of staging it again: when the block's tile is the
+// whole padded channel range in one slab (CO_T = slab = c_pad, one channel group: fashion-mnist's
+// and mnist's layer 1), the convolution's slab and the weight gradient's own channels are the same
+// channels of the same halo with the same scale, and the two plane sets have one geometry — the
+// same bytes, staged once instead of twice (dz costs 4–5 loads per element). Block-uniform.
+__device__ __forceinline__ bool dy_shares_slab(const V4Dims& vd) {
+    return vd.groups == 1 && vd.slab == DIM_CPAD && vd.own_pstride == vd.pstride && vd.own_plane_bytes == vd.plane_bytes;
+}
+
 // The chunk's weight gradient over every channel slab of X: the block's own dY channels staged once
-// into the own planes, X slab by slab into the slab planes. Block-uniform.
+// into the own planes (unless `y_staged`: the convolution left them there, dy_shares_slab), X slab
+// by slab into the slab planes. Block-uniform.
 template <bool XREAL, int XPL, class YSrc, class XSrc>
-__device__ __forceinline__ void wgrad_all_slabs(float* dw, int pitch, const YSrc& ysrc, float yscale, float yinv, const XSrc& xsrc,
-                                                float xscale, float xinv, int co0, const V4Smem& sm, const Chunk& ch, const LayerDims& d,
-                                                const V4Dims& vd) {
-    __syncthreads();  // the slab and own planes are free
-    stage_slab<true>(sm.own, vd.own_pstride, vd.own_plane_bytes, ysrc, ch, co0, CO_T, yscale, d);
+__device__ __forceinline__ void wgrad_all_slabs(float* dw, int pitch, bool y_staged, const YSrc& ysrc, float yscale, float yinv,
+                                                const XSrc& xsrc, float xscale, float xinv, int co0, const V4Smem& sm, const Chunk& ch,
+                                                const LayerDims& d, const V4Dims& vd) {
+    __syncthreads();  // the slab planes are free (and the own planes, unless they hold dY already)
+    if (!y_staged) stage_slab<true>(sm.own, vd.own_pstride, vd.own_plane_bytes, ysrc, ch, co0, CO_T, yscale, d);
     for (int c0 = 0; c0 < DIM_CPAD; c0 += vd.slab) {
         const int nch = min(vd.slab, DIM_CPAD - c0);
         if (c0 > 0) __syncthreads();
@@ -1067,10 +1098,11 @@ __device__ __forceinline__ void backward_v4(const float* __restrict__ params, fl
     float* part = dw_part + (long long)range * 2 * slab;
     float* dw_b;
     float* dw_e;
-    const int dw_pitch = vd.dw_smem ? n_all : n_all + 1;  // the smem accumulators have no bias column
+    // the smem accumulators have no bias column, and rows padded to DW_SMEM_PITCH (bank spread)
+    const int dw_pitch = vd.dw_smem ? DW_SMEM_PITCH(n_all) : n_all + 1;
     if (vd.dw_smem) {
         dw_b = sm.dw;
-        dw_e = sm.dw + CO_T * n_all;
+        dw_e = sm.dw + CO_T * dw_pitch;
     } else {
         dw_b = part + (long long)co0 * (n_all + 1);
         dw_e = part + slab + (long long)co0 * (n_all + 1);
@@ -1102,6 +1134,9 @@ __device__ __forceinline__ void backward_v4(const float* __restrict__ params, fl
             }
     }
     build_weight_fragments<true>(wfrag, winv, params, d, vd, bar, sm.red);
+    // dz and da staged once, where the weight gradient reads them (dy_shares_slab)
+    const bool y_staged = dy_shares_slab(vd);
+    char* const dy_planes = y_staged ? sm.own : sm.halo;
     const char* wg_b = wfrag + (long long)gi * vd.wslice_bytes;
     const char* wg_e = wfrag + ((long long)vd.groups + gi) * vd.wslice_bytes;
     const float winv_b = d.back ? __ldcg(winv + gi) : 1.0f, winv_e = d.ei ? __ldcg(winv + vd.groups + gi) : 1.0f;
@@ -1127,7 +1162,7 @@ __device__ __forceinline__ void backward_v4(const float* __restrict__ params, fl
             if (d.ei) {
                 sc_dz = halo_scale<true>(dz_src, ch, d, sm.red, inv_dz);
                 sc_v = halo_scale<true>(vt_src, ch, d, sm.red, inv_v);
-                conv_all_slabs<true, PLANES>(acc, sm.halo, sm.we, wg_e, dz_src, sc_dz, ch, d, vd);
+                conv_all_slabs<true, PLANES>(acc, dy_planes, sm.we, wg_e, dz_src, sc_dz, ch, d, vd);
             }
             const float sc = winv_e * inv_dz;
             // the element's saved state and carried gradients, loaded ahead (for_each_owned_loaded)
@@ -1185,7 +1220,7 @@ __device__ __forceinline__ void backward_v4(const float* __restrict__ params, fl
             };
             if (E == 1) for_each_owned(ch, co0, d, [&](int mi, int ni, int i, int q, int c) { update(mi, ni, i, q, c, load(q, c)); });
             else for_each_owned_loaded<E>(ch, co0, d, load, update);
-            if (d.ei) wgrad_all_slabs<true, PLANES>(dw_e, dw_pitch, dz_src, sc_dz, inv_dz, vt_src, sc_v, inv_v, co0, sm, ch, d, vd);
+            if (d.ei) wgrad_all_slabs<true, PLANES>(dw_e, dw_pitch, y_staged, dz_src, sc_dz, inv_dz, vt_src, sc_v, inv_v, co0, sm, ch, d, vd);
         });
         grid_sync(bar);  // da_t of the whole batch is written; the fb slot of step t is read
         if (!(d.back && t >= d.D)) continue;
@@ -1199,11 +1234,11 @@ __device__ __forceinline__ void backward_v4(const float* __restrict__ params, fl
             float inv_da, inv_s = 1.0f;
             const float sc_da = halo_scale<true>(da_src, ch, d, sm.red, inv_da);
             const float sc_s = np.smooth ? halo_scale<true>(s_past, ch, d, sm.red, inv_s) : 1.0f;
-            conv_all_slabs<true, PLANES>(acc, sm.halo, sm.wb, wg_b, da_src, sc_da, ch, d, vd);
+            conv_all_slabs<true, PLANES>(acc, dy_planes, sm.wb, wg_b, da_src, sc_da, ch, d, vd);
             const float sc = winv_b * inv_da;
             for_each_owned(ch, co0, d, [&](int mi, int ni, int i, int q, int c) { fb_slot[sb + (long long)c * HW + q] = acc[mi][ni][i] * sc; });
-            if (np.smooth) wgrad_all_slabs<true, PLANES>(dw_b, dw_pitch, da_src, sc_da, inv_da, s_past, sc_s, inv_s, co0, sm, ch, d, vd);
-            else wgrad_all_slabs<false, 1>(dw_b, dw_pitch, da_src, sc_da, inv_da, s_past, 1.0f, 1.0f, co0, sm, ch, d, vd);
+            if (np.smooth) wgrad_all_slabs<true, PLANES>(dw_b, dw_pitch, y_staged, da_src, sc_da, inv_da, s_past, sc_s, inv_s, co0, sm, ch, d, vd);
+            else wgrad_all_slabs<false, 1>(dw_b, dw_pitch, y_staged, da_src, sc_da, inv_da, s_past, 1.0f, 1.0f, co0, sm, ch, d, vd);
         });
         grid_sync(bar);  // the fb slot is complete before step t − D reads it
     }
@@ -1220,8 +1255,8 @@ __device__ __forceinline__ void backward_v4(const float* __restrict__ params, fl
             __syncthreads();
             for (int j = threadIdx.x; j < CO_T * n_all; j += THREADS) {
                 const int row = j / n_all, n = j - row * n_all;
-                part[(long long)(co0 + row) * (n_all + 1) + n] = dw_b[j];
-                part[slab + (long long)(co0 + row) * (n_all + 1) + n] = dw_e[j];
+                part[(long long)(co0 + row) * (n_all + 1) + n] = dw_b[row * dw_pitch + n];
+                part[slab + (long long)(co0 + row) * (n_all + 1) + n] = dw_e[row * dw_pitch + n];
             }
         }
         return;
@@ -1251,8 +1286,8 @@ __device__ __forceinline__ void backward_v4(const float* __restrict__ params, fl
     if (vd.dw_smem) {
         for (int j = threadIdx.x; j < CO_T * n_all; j += THREADS) {
             const int row = j / n_all, n = j - row * n_all;
-            part[(long long)(co0 + row) * (n_all + 1) + n] = dw_b[j];
-            part[slab + (long long)(co0 + row) * (n_all + 1) + n] = dw_e[j];
+            part[(long long)(co0 + row) * (n_all + 1) + n] = dw_b[row * dw_pitch + n];
+            part[slab + (long long)(co0 + row) * (n_all + 1) + n] = dw_e[row * dw_pitch + n];
         }
     }
     grid_sync(bar);  // every block's partial sums are written

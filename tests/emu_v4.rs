@@ -190,6 +190,10 @@ fn v4_fp32_gradients_match_in_smooth_mode_beyond_one_chunk_and_one_channel_group
     cases.push(smooth(case("3×6×29 back+ei r 2 D 1", [3, 6, 29], true, true, 2, 1, 2, 3, 3)));
     cases.push(smooth(case("6×5×5 back+ei r 1 D 1", [6, 5, 5], true, true, 1, 1, 2, 3, 3)));
     cases.push(smooth(case("6×9×14 back+ei r 1 D 1", [6, 9, 14], true, true, 1, 1, 2, 3, 3)));
+    // both ways of staging the backward's dY: once for the convolution and the weight gradient
+    // (one channel group in one slab), and twice (several groups)
+    let once = cases.iter().filter(|c| v4_plan(c, &SMALL, Precision::Fp32).v4.as_ref().is_some_and(|v| v.stages_dy_once())).count();
+    assert!(once > 0 && once < cases.len(), "{once} of {} cases stage dY once", cases.len());
     assert_eq!(run(&cases, &SMALL, Precision::Fp32), cases.len(), "smooth mode compares every gradient");
 }
 

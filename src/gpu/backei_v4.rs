@@ -149,6 +149,14 @@ impl V4Plan {
         }
     }
 
+    /// Whether the backward stages dz and da once, into the own planes where the weight gradient
+    /// reads them as dY (the kernel's `dy_shares_slab`): one channel group whose tile is the whole
+    /// padded channel range in one slab, so both plane sets have one geometry.
+    pub fn stages_dy_once(&self) -> bool {
+        let d = &self.dims;
+        d.groups == 1 && d.slab == d.c_pad && d.own_pstride == d.pstride && d.own_plane_bytes == d.plane_bytes
+    }
+
     /// The constants without C, H and W: one emulator build serves every shape of a tile.
     pub fn tile_defines(&self) -> Vec<(String, String)> {
         self.defines.iter().filter(|(k, _)| !matches!(k.as_str(), "V4_C" | "V4_H" | "V4_W")).cloned().collect()
@@ -162,6 +170,13 @@ pub fn operand_format(p: Precision) -> (usize, usize) {
         Precision::Tf32 => (4, 1),
         Precision::Bf16 => (2, 1),
     }
+}
+
+/// The row pitch (floats) of the weight-gradient accumulators in shared memory, k²·c_pad + 8: the
+/// kernel's `DW_SMEM_PITCH`, padded so that the fold's float2 updates of 8 rows spread over every
+/// bank (k²·c_pad is a multiple of 16, so the pitch is ≡ 8 or 24 mod 32).
+pub fn dw_smem_pitch(n_all: usize) -> usize {
+    n_all + 8
 }
 
 fn round16(x: usize) -> usize {
@@ -210,7 +225,7 @@ fn layout(
     let gates = fb.back as usize + fb.ei as usize;
     // resident: both gates' whole slices; streamed: one slab's fragments at a time
     let w_bytes = if w_resident { gates * wslice } else { kk * slab * co_t * eb * planes };
-    let dw_bytes = if dw_smem { 2 * co_t * kk * c_pad * 4 } else { 0 };
+    let dw_bytes = if dw_smem { 2 * co_t * dw_smem_pitch(kk * c_pad) * 4 } else { 0 };
     let misc = 16 + 4 * WARPS * co_t;
     let smem_dw = round16(w_bytes);
     let smem_halo = smem_dw + round16(dw_bytes);
@@ -799,6 +814,36 @@ mod tests {
 mod network_tests {
     use super::*;
     use crate::spec::{LayerSpec, NetworkSpec};
+
+    /// The fold of a warp's weight-gradient fragment into the shared accumulators (wgrad_gemm:
+    /// lane (g, t) updates rows g and g + 8 at columns 2t, 2t + 1 of an n-tile, one float2 each) is
+    /// free of bank conflicts with the padded pitch: each half-warp's 16 float2 fall in 32
+    /// different banks, for every k²·c_pad the plans make (c_pad a multiple of 16, r = 1 and 2) —
+    /// and the unpadded pitch puts 4 or 8 lanes on one bank.
+    #[test]
+    fn the_weight_gradient_fold_spreads_over_every_bank() {
+        let banks_hit = |pitch: usize, n0: usize, half: usize| {
+            let mut hit = [0u32; 32];
+            for lane in 16 * half..16 * half + 16 {
+                let (g, t) = (lane / 4, lane % 4);
+                let word = g * pitch + n0 + 2 * t;
+                hit[word % 32] += 1;
+                hit[(word + 1) % 32] += 1;
+            }
+            hit.iter().copied().max().unwrap()
+        };
+        for kk in [9usize, 25] {
+            for c_pad in (16..=512).step_by(16) {
+                let n_all = kk * c_pad;
+                for n0 in (0..n_all).step_by(8).take(8) {
+                    for half in 0..2 {
+                        assert_eq!(banks_hit(dw_smem_pitch(n_all), n0, half), 1, "k² {kk}, c_pad {c_pad}, n-tile at {n0}");
+                    }
+                    assert!(banks_hit(n_all, n0, 0) >= 2, "the unpadded pitch conflicts (k² {kk}, c_pad {c_pad})");
+                }
+            }
+        }
+    }
 
     /// Every BackEI layer of the four networks runs on v4 in every precision on an H100/H200; the
     /// plans (printed) are the ones docs/gpu.md describes.
