@@ -245,6 +245,25 @@ __device__ __forceinline__ void store_operand(char* p0, int plane_bytes, float x
     }
 }
 
+// store_operand for channels c and c + 1 of one pixel (p0 at channel c, c even): one 4-byte store
+// per plane (8 for tf32), channel c in the low half — the bytes two store_operand calls would write.
+template <bool REAL>
+__device__ __forceinline__ void store_operand_pair(char* p0, int plane_bytes, float x0, float x1, float scale) {
+    if (PREC == PREC_TF32) {
+        *reinterpret_cast<uint2*>(p0) = make_uint2(f32_to_tf32_bits(x0), f32_to_tf32_bits(x1));
+    } else if (PREC == PREC_BF16) {
+        *reinterpret_cast<u32*>(p0) = (u32)f32_to_bf16_bits(x0) | (u32)f32_to_bf16_bits(x1) << 16;
+    } else if (REAL) {
+        unsigned short hi0, lo0, hi1, lo1;
+        split_f16(x0 * scale, hi0, lo0);
+        split_f16(x1 * scale, hi1, lo1);
+        *reinterpret_cast<u32*>(p0) = (u32)hi0 | (u32)hi1 << 16;
+        *reinterpret_cast<u32*>(p0 + plane_bytes) = (u32)lo0 | (u32)lo1 << 16;
+    } else {
+        *reinterpret_cast<u32*>(p0) = (u32)f32_to_f16_bits(x0) | (u32)f32_to_f16_bits(x1) << 16;
+    }
+}
+
 // The row pitch (floats) of the weight-gradient accumulators in shared memory: k²·c_pad + 8. A
 // warp's fold (wgrad_gemm) updates rows g = 0..7 at columns 2t, 2t + 1 of an n-tile; with the
 // pitch unpadded (k²·c_pad ≡ 0 or 16 mod 32: c_pad is a multiple of 16) those rows fall in the same
@@ -310,8 +329,8 @@ struct StageBatch {
 // the block's
 // threads stride over the nch·hr·(W + 2r) elements plane-major (consecutive threads along a halo
 // row: coalesced), each with StageBatch<Src>::U loads in flight. No barrier inside.
-// (The general walk, for halo rows wider than a warp; for_each_halo_element takes the row walk
-// below where a row fits in 32 lanes.)
+// (The general walk, for halo rows wider than 32 columns; for_each_halo_element takes the row
+// walk below where a row fits.)
 template <class Src, class F>
 __device__ __forceinline__ void for_each_halo_element_flat(const Src& src, const Chunk& ch, const LayerDims& d, int c0, int nch, int pstride, F fn) {
     constexpr int U = StageBatch<Src>::U;
@@ -342,56 +361,64 @@ __device__ __forceinline__ void for_each_halo_element_flat(const Src& src, const
     }
 }
 
-// The same walk by halo rows, where a row (W + 2r ≤ 32) fits in the lanes of a warp: each thread
-// keeps one halo column hx for the whole walk (lane mod 8, 16 or 32, the smallest that holds the
-// row) and steps over (channel, halo row) pairs, so an element costs a row's bounds test, a load
-// index and a staging offset that advance by adds, the load and the store, where the flat walk
-// divided by the row's width, tested five bounds and multiplied out both addresses per element.
-// SASS (sm_90, NVRTC 12.9), instructions per staged element in the staging loops, both store
-// paths counted: fashion-mnist L1 bf16 backward 41–47 → 32, L2 42 → 32, L1 fp32 53–56 → 46; the
-// fp32 mode's scale passes (no stores) 36–38 → 26–28. A prediction of fewer issue slots, not a
-// measured time (the H200 profile of 2026-12-04: these loops wait on their loads as much as they
-// issue). Same elements, same values, the same fn calls: only the order in which the block's
-// threads make them differs.
-template <class Src, class F>
-__device__ __forceinline__ void for_each_halo_row_element(const Src& src, const Chunk& ch, const LayerDims& d, int c0, int nch, int pstride, F fn) {
-    constexpr int U = StageBatch<Src>::U;
+// The same walk by halo rows, where a row (W + 2r ≤ 32) fits in four warps' lanes (row walk).
+// A warp's 32 lanes take 8 neighbouring halo columns × 4 channel pairs (lane = 8·pair + column):
+// a staging store of the warp then falls in 32 different banks (a pixel's stride, pstride, is an
+// odd multiple of 16 bytes, so 8 neighbouring pixels start in 8 different 4-bank groups, and the
+// 4 pairs take the 4 banks of each), where one lane per column and one channel per warp (the
+// first row walk, and the flat walk) put 4 lanes on each bank: 4 shared wavefronts per store (the
+// 2026-12-04 profile: 80 % of the bf16 backward's shared-store wavefronts were conflicts). The
+// loads stay whole 32-byte sectors (8 columns of one channel). A row of 8 channels takes 1, 2 or
+// 4 warps (8·nb ≥ W + 2r columns); each thread keeps its halo column and channel pair for the
+// whole walk and steps over (channel octet, halo row) items, so an item — two elements, channels
+// c and c + 1 of one pixel — costs a row's bounds test, a load index and a staging offset that
+// advance by adds, two loads and one store per plane, where the flat walk divided by the row's width,
+// tested five bounds and multiplied out both addresses per element. nch is a multiple of 16
+// (slabs, CO_T). Same elements, same values, the same fn calls: only the order in which the
+// block's threads make them differs. pair(off, x0, x1) takes both elements of an item at once
+// (one store per plane: store_operand_pair).
+template <class Src, class G>
+__device__ __forceinline__ void for_each_halo_row_element(const Src& src, const Chunk& ch, const LayerDims& d, int c0, int nch, int pstride, G pair) {
+    constexpr int U = StageBatch<Src>::U / 2;  // items (two elements each) whose loads are in flight
     const int W = DIM_W, H = DIM_H, HS = W + 2 * R, HW = H * W;
-    const int hr = halo_rows_of(ch, d), total = nch * hr;  // (channel, halo row) pairs, channel-major
-    const int lg = HS <= 8 ? 3 : (HS <= 16 ? 4 : 5);       // lanes per row: 8, 16 or 32
-    const int rows_per_pass = THREADS >> lg;
-    const int hx = threadIdx.x & ((1 << lg) - 1), gx = hx - R;
-    const bool lane_on = hx < HS;                             // lanes past the row's end: no element
-    const bool in_x = (unsigned)gx < (unsigned)W;             // else the zero padding's column
-    // this thread's first pair (c, hy), and a step of rows_per_pass pairs as whole channels (dc)
+    const int hr = halo_rows_of(ch, d), total = (nch >> 3) * hr;  // (octet, halo row) items, octet-major
+    const int lnb = HS <= 8 ? 0 : (HS <= 16 ? 1 : 2);              // log2 of the warps per row
+    const int rows_per_pass = WARPS >> lnb;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int hx = (lane & 7) + 8 * (warp & ((1 << lnb) - 1)), gx = hx - R, cp = 2 * (lane >> 3);
+    const bool lane_on = hx < HS;                  // columns past the row's end: no element
+    const bool in_x = (unsigned)gx < (unsigned)W;  // else the zero padding's column
+    // this thread's first item (octet o, hy), and a step of rows_per_pass items as whole octets (dc)
     // and rows (dh): the walk's only divisions
-    const int row0 = threadIdx.x >> lg;
-    int c = row0 / hr, hy = row0 - c * hr;
+    const int row0 = warp >> lnb;
+    int o = row0 / hr, hy = row0 - o * hr;
     const int dc = rows_per_pass / hr, dh = rows_per_pass - dc * hr;
-    // the element's index in the sample's [C][H][W] (gy·W + gx of the row, + c·HW), advanced by adds
+    // channel c = 8·o + cp (and c + 1); its element's index in the sample's [C][H][W], by adds
     const int gy0 = ch.y_first - R;
+    int c = 8 * o + cp;
     int at = (c0 + c) * HW + (gy0 + hy) * W + gx;
-    const int dat = dc * HW + dh * W, wrap = HW - hr * W;
+    const int dat = 8 * dc * HW + dh * W, wrap = 8 * HW - hr * W;
     // and its byte in the staging plane, (hy·HS + hx)·pstride + c·EB, likewise
     const int row_bytes = HS * pstride;
     int off = hy * row_bytes + hx * pstride + c * EB;
-    const int doff = dh * row_bytes + dc * EB, owrap = EB - hr * row_bytes;
+    const int doff = dh * row_bytes + 8 * dc * EB, owrap = 8 * EB - hr * row_bytes;
     for (int j = row0; j < total; j += U * rows_per_pass) {
-        float x[U];
+        float x[U][2];
         int offs[U];
 #pragma unroll
         for (int u = 0; u < U; ++u) {
             offs[u] = off;
             const int gy = gy0 + hy;
-            const bool ok = in_x & (j + u * rows_per_pass < total) & (c0 + c < DIM_C) & ((unsigned)gy < (unsigned)H);
-            x[u] = ok ? src((unsigned)at) : 0.0f;
+            const bool ok = in_x & (j + u * rows_per_pass < total) & ((unsigned)gy < (unsigned)H);
+            x[u][0] = ok & (c0 + c < DIM_C) ? src((unsigned)at) : 0.0f;
+            x[u][1] = ok & (c0 + c + 1 < DIM_C) ? src((unsigned)(at + HW)) : 0.0f;
             hy += dh;
-            c += dc;
+            c += 8 * dc;
             at += dat;
             off += doff;
             if (hy >= hr) {  // (selects, not a branch)
                 hy -= hr;
-                ++c;
+                c += 8;
                 at += wrap;
                 off += owrap;
             }
@@ -399,20 +426,24 @@ __device__ __forceinline__ void for_each_halo_row_element(const Src& src, const 
         if (lane_on) {
             if (j + (U - 1) * rows_per_pass < total) {  // every pass but the last: no tests
 #pragma unroll
-                for (int u = 0; u < U; ++u) fn(offs[u], x[u]);
+                for (int u = 0; u < U; ++u) pair(offs[u], x[u][0], x[u][1]);
             } else {
 #pragma unroll
                 for (int u = 0; u < U; ++u)
-                    if (j + u * rows_per_pass < total) fn(offs[u], x[u]);
+                    if (j + u * rows_per_pass < total) pair(offs[u], x[u][0], x[u][1]);
             }
         }
     }
 }
 
-template <class Src, class F>
-__device__ __forceinline__ void for_each_halo_element(const Src& src, const Chunk& ch, const LayerDims& d, int c0, int nch, int pstride, F fn) {
-    if (DIM_W + 2 * R <= 32) {  // (a constant in the GPU build)
-        for_each_halo_row_element(src, ch, d, c0, nch, pstride, fn);
+// fn(off, x) for every element, or pair(off, x0, x1) for channels c, c + 1 of a pixel at once:
+// the row walk where a halo row fits (W + 2r ≤ 32), else the flat walk.
+template <class Src, class F, class G>
+__device__ __forceinline__ void for_each_halo_element(const Src& src, const Chunk& ch, const LayerDims& d, int c0, int nch, int pstride, F fn,
+                                                      G pair) {
+    // (a constant in the GPU build; every caller's nch is a multiple of 16: a slab, CO_T, c_pad)
+    if (DIM_W + 2 * R <= 32) {
+        for_each_halo_row_element(src, ch, d, c0, nch, pstride, pair);
     } else {
         for_each_halo_element_flat(src, ch, d, c0, nch, pstride, fn);
     }
@@ -427,7 +458,11 @@ __device__ __forceinline__ float halo_scale(const Src& src, const Chunk& ch, con
     inv = 1.0f;
     if (!(REAL && PREC == PREC_FP32)) return 1.0f;
     float m = 0.0f;
-    for_each_halo_element(src, ch, d, 0, DIM_C, 0, [&](int, float x) { m = fmaxf(m, fabsf(x)); });
+    // (c_pad channels: a multiple of 16, as the row walk wants; those past C are zeros)
+    const int cpad = (DIM_C + 15) / 16 * 16;
+    for_each_halo_element(
+        src, ch, d, 0, cpad, 0, [&](int, float x) { m = fmaxf(m, fabsf(x)); },
+        [&](int, float x0, float x1) { m = fmaxf(m, fmaxf(fabsf(x0), fabsf(x1))); });
     return pow2_scale(block_max(m, red), inv);
 }
 
@@ -437,7 +472,9 @@ __device__ __forceinline__ float halo_scale(const Src& src, const Chunk& ch, con
 template <bool REAL, class Src>
 __device__ __forceinline__ void stage_slab(char* planes, int pstride, int plane_bytes, const Src& src, const Chunk& ch, int c0, int nch,
                                            float scale, const LayerDims& d) {
-    for_each_halo_element(src, ch, d, c0, nch, pstride, [&](int off, float x) { store_operand<REAL>(planes + off, plane_bytes, x, scale); });
+    for_each_halo_element(
+        src, ch, d, c0, nch, pstride, [&](int off, float x) { store_operand<REAL>(planes + off, plane_bytes, x, scale); },
+        [&](int off, float x0, float x1) { store_operand_pair<REAL>(planes + off, plane_bytes, x0, x1, scale); });
 }
 
 // The chunk's convolution GEMM over one staged slab: acc[mi][ni] += A·B over the k² taps × the
