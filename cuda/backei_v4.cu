@@ -47,7 +47,8 @@
 //                     B (ei: stage v_t, z = W_e ⊛ v_t, s_t) | sync
 //   backward step t:  2 (stage dz_t = (∂L/∂s + fb)·H(v−θ)·sign′(z), computed on the fly, and v_t;
 //                     dv = … + W_eᵀ ⊛ dz, ∂I, da_t → da; dW_e, db_e, db_b) | sync |
-//                     3 (back, t ≥ D: stage da_t and s_{t−D}; fb_{t−D} = W_bᵀ ⊛ da; dW_b) | sync
+//                     3 (back, t ≥ D: stage da_t and s_{t−D}; fb_{t−D} = W_bᵀ ⊛ da, stored as
+//                     ∂L/∂s_{t−D} + fb_{t−D}, the sum phase 2 of step t − D wants; dW_b) | sync
 // Saved by the forward (the backward's contract with v1–v3): s, v, g (back), z (ei), f32 [T][B][N];
 // z as a one-byte code instead (V4_ZCODE = 1, common.cuh's z_code: sign and surrogate window)
 // where that is exact — exact firing and the rectangle surrogate, which the host decides
@@ -316,7 +317,8 @@ __device__ __forceinline__ int halo_rows_of(const Chunk& ch, const LayerDims& d)
 // this walk: one load per halo row, used by the next instruction, after a division by the runtime
 // halo height). So every thread issues the loads of STAGE_U elements before it uses any, and the
 // walk over (channel, halo pixel) advances without division. The spike and v/da sources load one
-// word per element; dz (phase 2) loads four (∂L/∂s or the pooled gradient, fb, v, z), so it keeps
+// word per element; dz (phase 2) loads three or four (the feedback slot — ∂L/∂s + fb — or ∂L/∂s or
+// the pooled gradient where the step has no slot, v, z), so it keeps
 // fewer elements in flight (registers: the backward holds its accumulators across the slabs).
 template <class Src>
 struct StageBatch {
@@ -952,18 +954,17 @@ __device__ __forceinline__ V4Grad v4_grad(const float* grad_out, const V4GradIn&
 // dz = (∂L/∂s + fb)·H(v − θ)·sign′(z), pointwise from the saved tensors (the backward's phase 2).
 struct V4Dz {
     V4Grad gout;
-    const float* fb;  // this step's feedback slot, or null
+    const float* fb;  // this step's feedback slot (∂L/∂s + fb, phase 3 of step t + D), or null
     const float* v;
     const V4Z* z;
     NeuronParams np;
     __device__ __forceinline__ float operator()(int idx) const {
-        float ds = gout(idx);
-        if (fb) ds += __ldcg(fb + idx);
+        const float ds = fb ? __ldcg(fb + idx) : gout(idx);
         return ds * fire(np, v[idx] - np.threshold) * saved_sign_grad(np, z[idx]);
     }
 };
 
-// dz loads four words per element (see StageBatch): half the elements in flight.
+// dz loads three or four words per element (see StageBatch): half the elements in flight.
 namespace v4 {
 template <>
 struct StageBatch<V4Dz> {
@@ -1112,7 +1113,8 @@ __device__ __forceinline__ void forward_v4(const float* __restrict__ params, con
     }
 }
 
-// Backward (BPTT). Cooperative launch as the forward. Scratch: dvbuf [B][N], fb [min(D,T)][B][N],
+// Backward (BPTT). Cooperative launch as the forward. Scratch: dvbuf [B][N], fb [min(D,T)][B][N]
+// (slot t mod D: ∂L/∂s_t + fb_t, written by phase 3 of step t + D),
 // da [B][N] (one step), dw_part [ranges][2][groups·CO_T][k²·c_pad + 1] (each block's partial
 // weight and bias gradients: its accumulators themselves when dw_smem is 0), db_carry
 // [grid][4·NT][THREADS] (each thread's bias partial sums between the launches of a windowed
@@ -1194,7 +1196,7 @@ __device__ __forceinline__ void backward_v4(const float* __restrict__ params, fl
             float acc[MT][NT][4] = {};
             float inv_dz = 1.0f, inv_v = 1.0f, sc_dz = 1.0f, sc_v = 1.0f;
             const V4Grad ds_src = v4_grad(grad_out, grad_in_of, t, ch.b, d);
-            const V4Dz dz_src{ds_src, has_fb ? fb_t + sb : nullptr, v + wt + sb, z + wt + sb, np};
+            const V4Dz dz_src{ds_src, has_fb ? fb_t + sb : nullptr, v + wt + sb, z + wt + sb, np};  // (ds from the slot when it has one)
             const V4Plain vt_src{v + wt + sb};
             if (d.ei) {
                 sc_dz = halo_scale<true>(dz_src, ch, d, sm.red, inv_dz);
@@ -1204,15 +1206,14 @@ __device__ __forceinline__ void backward_v4(const float* __restrict__ params, fl
             const float sc = winv_e * inv_dz;
             // the element's saved state and carried gradients, loaded ahead (for_each_owned_loaded)
             struct Saved {
-                float vt, ds, fb, dv_next, gt, in;
+                float vt, ds, dv_next, gt, in;
                 V4Z zt;
             };
             auto load = [&](int q, int c) {
                 const long long e = sb + (long long)c * HW + q;
                 Saved x;
                 x.vt = v[wt + e];
-                x.ds = ds_src(c * HW + q);
-                x.fb = has_fb ? __ldcg(fb_t + e) : 0.0f;
+                x.ds = has_fb ? __ldcg(fb_t + e) : ds_src(c * HW + q);  // ∂L/∂s_t (+ fb_t: the slot holds both)
                 x.dv_next = t == d.T - 1 ? 0.0f : dvbuf[e];
                 x.gt = d.back ? g[wt + e] : 1.0f;
                 x.in = d.back ? input[(d.t_in == 1 ? 0 : (long long)(t - win.in_t0) * BN) + e] : 0.0f;
@@ -1228,8 +1229,7 @@ __device__ __forceinline__ void backward_v4(const float* __restrict__ params, fl
                 const float vt = sv.vt;
                 const float x = vt - np.threshold;
                 const float o = fire(np, x);
-                float ds = sv.ds;
-                if (has_fb) ds += sv.fb;
+                const float ds = sv.ds;
                 const float du = t == d.T - 1 ? 0.0f : np.leak * sv.dv_next;
                 float d_o = ds;
                 if (d.ei) {
@@ -1261,10 +1261,12 @@ __device__ __forceinline__ void backward_v4(const float* __restrict__ params, fl
         });
         grid_sync(bar);  // da_t of the whole batch is written; the fb slot of step t is read
         if (!(d.back && t >= d.D)) continue;
-        // phase 3: fb_{t−D} = W_bᵀ ⊛ da_t; dW_b += da_t ⋆ s_{t−D}
+        // phase 3: fb_{t−D} = W_bᵀ ⊛ da_t, stored with ∂L/∂s_{t−D} added (the slot's contract);
+        // dW_b += da_t ⋆ s_{t−D}
         float* fb_slot = fb + (long long)((t - d.D) % d.D) * BN;
         for_each_chunk(d, vd, [&](const Chunk& ch) {
             const long long sb = (long long)ch.b * N;
+            const V4Grad ds_past = v4_grad(grad_out, grad_in_of, t - d.D, ch.b, d);
             float acc[MT][NT][4] = {};
             const V4Plain da_src{da + sb};
             const V4Spikes s_past{out + ot - (long long)d.D * BN + sb};
@@ -1273,7 +1275,15 @@ __device__ __forceinline__ void backward_v4(const float* __restrict__ params, fl
             const float sc_s = np.smooth ? halo_scale<true>(s_past, ch, d, sm.red, inv_s) : 1.0f;
             conv_all_slabs<true, PLANES>(acc, dy_planes, sm.wb, wg_b, da_src, sc_da, ch, d, vd);
             const float sc = winv_b * inv_da;
-            for_each_owned(ch, co0, d, [&](int mi, int ni, int i, int q, int c) { fb_slot[sb + (long long)c * HW + q] = acc[mi][ni][i] * sc; });
+            // ∂L/∂s_{t−D} + fb_{t−D}: the sum phase 2 of step t − D formed from the two (the
+            // product rounded first, as when it was stored: the same bits), formed here once per
+            // element instead of in each of phase 2's passes over the halo (the pooled gradient's
+            // index arithmetic, the dropout's mask) and its epilogue
+            for_each_owned_loaded<4>(
+                ch, co0, d, [&](int q, int c) { return ds_past(c * HW + q); },
+                [&](int mi, int ni, int i, int q, int c, float ds) {
+                    fb_slot[sb + (long long)c * HW + q] = __fadd_rn(ds, __fmul_rn(acc[mi][ni][i], sc));
+                });
             if (np.smooth) wgrad_all_slabs<true, PLANES>(dw_b, dw_pitch, y_staged, da_src, sc_da, inv_da, s_past, sc_s, inv_s, co0, sm, ch, d, vd);
             else wgrad_all_slabs<false, 1>(dw_b, dw_pitch, y_staged, da_src, sc_da, inv_da, s_past, 1.0f, 1.0f, co0, sm, ch, d, vd);
         });
