@@ -54,12 +54,26 @@ fn main() {
     }
     table.push_str("];\n");
     // the original files, for quoting the offending line of a compile error
-    let mut files: Vec<String> = fs::read_dir(dir)
+    // (cuda/ and its sub-folders one level down, named as the #line directives name them: v4/x.cuh)
+    let listing = |sub: &str| -> Vec<String> {
+        fs::read_dir(dir.join(sub))
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.ends_with(".cu") || n.ends_with(".cuh"))
+            .map(|n| if sub.is_empty() { n } else { format!("{sub}/{n}") })
+            .collect()
+    };
+    let subdirs: Vec<String> = fs::read_dir(dir)
         .unwrap()
         .filter_map(|e| e.ok())
+        .filter(|e| e.file_type().map(|t| t.is_dir()).unwrap_or(false))
         .map(|e| e.file_name().to_string_lossy().into_owned())
-        .filter(|n| n.ends_with(".cu") || n.ends_with(".cuh"))
         .collect();
+    let mut files = listing("");
+    for sub in &subdirs {
+        files.extend(listing(sub));
+    }
     files.sort();
     table.push_str("/// (file, original text)\npub const KERNEL_FILES: &[(&str, &str)] = &[\n");
     for f in &files {

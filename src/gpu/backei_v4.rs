@@ -450,7 +450,7 @@ pub fn check_instance(
         if k.local_bytes > 0 {
             problems.push(format!("{}: {} bytes of local memory (spills or an indexed array)", k.kernel, k.local_bytes));
         }
-        // the halo walks (cuda/backei_v4.cu, for_each_halo_element): StageBatch elements per
+        // the halo walks (cuda/v4/halo.cuh, for_each_halo_element): StageBatch elements per
         // thread, one to five loads each, issued before any is stored
         if let Some(&least) = k.staging.iter().min() {
             if least < V4_STAGING_LOADS {

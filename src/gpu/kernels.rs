@@ -304,5 +304,11 @@ mod tests {
         let text = explain_log(log);
         let line24 = KERNEL_FILES.iter().find(|(f, _)| *f == "common.cuh").unwrap().1.lines().nth(23).unwrap();
         assert!(text.contains(&format!("cuda/common.cuh:24 | {}", line24.trim_end())), "{text}");
+        // a part in a sub-folder, named as its #line directives name it
+        let text = explain_log("v4/halo.cuh(1): error: expected a declaration");
+        let line1 = KERNEL_FILES.iter().find(|(f, _)| *f == "v4/halo.cuh").expect("cuda/v4/halo.cuh embedded").1.lines().next().unwrap();
+        assert!(text.contains(&format!("cuda/v4/halo.cuh:1 | {}", line1.trim_end())), "{text}");
+        let v4 = KERNEL_SOURCES.iter().find(|(m, _, _)| *m == "backei_v4").unwrap().2;
+        assert!(v4.contains("#line 1 \"v4/halo.cuh\""), "the part is inlined under its own name");
     }
 }

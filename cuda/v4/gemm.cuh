@@ -1,0 +1,270 @@
+// v4/gemm.cuh — the chunk's GEMMs on mma.sync: the gate convolutions over the staged slabs
+// (conv_gemm, conv_all_slabs) and the weight gradients folded into the block's accumulators
+// (wgrad_gemm, wgrad_all_slabs). Part of backei_v4.cu: included inside its namespace v4, after the
+// module's constants and types (not a header of its own).
+
+// The chunk's convolution GEMM over one staged slab: acc[mi][ni] += A·B over the k² taps × the
+// slab's channels, A from the slab (APL planes: 1 exact, PLANES real), B from the weight fragments
+// at `wsl` (PLANES planes `wplane` bytes apart; the slab's k-step (tap, ks) at ks_base + tap·ks_slab
+// + ks: the slab-major order of build_weight_fragments). Warp-uniform skips of m-tiles past the chunk.
+template <int APL>
+__device__ __forceinline__ void conv_gemm(float (&acc)[MT][NT][4], const char* halo, const char* wsl, int wplane, int ks_base, int nch,
+                                          const Chunk& ch, const LayerDims& d, const V4Dims& vd) {
+    const int W = DIM_W, HS = W + 2 * R;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int ks_slab = nch * EB / 32;  // k-steps: 32 bytes of channels
+    int off[MT];
+    bool live[MT];
+#pragma unroll
+    for (int mi = 0; mi < MT; ++mi) {
+        const int m0 = (warp + WARPS * mi) * 16;
+        live[mi] = m0 < ch.len;
+        const int pm = min(m0 + (lane & 15), ch.len - 1);
+        const int q = ch.q0 + pm, y = q / W - ch.y_first, x = q - (q / W) * W;
+        off[mi] = (y * HS + x) * vd.pstride + (lane >> 4) * 16;
+    }
+    // taps not unrolled: one k-step already holds MT·NT·(1–3) independent MMAs, and unrolling k²
+    // copies of it multiplies the code (and NVRTC's time) for no more parallelism
+#pragma unroll 1
+    for (int tap = 0; tap < KK; ++tap) {
+        const int ky = tap / K, kx = tap - ky * K;
+        const int tap_off = (ky * HS + kx) * vd.pstride;
+        const int ks0 = ks_base + tap * ks_slab;
+        for (int ks = 0; ks < ks_slab; ++ks) {
+            u32 a[APL][MT][4];
+#pragma unroll
+            for (int p = 0; p < APL; ++p)
+#pragma unroll
+                for (int mi = 0; mi < MT; ++mi)
+                    if (live[mi]) ldmatrix_x4(a[p][mi], halo + p * vd.plane_bytes + off[mi] + tap_off + ks * 32);
+            u32 b[PLANES][NT][2];
+#pragma unroll
+            for (int p = 0; p < PLANES; ++p)
+#pragma unroll
+                for (int ni = 0; ni < NT; ++ni) {
+                    const uint2 v = *reinterpret_cast<const uint2*>(wsl + p * wplane + (((ks0 + ks) * NT + ni) * 32 + lane) * 8);
+                    b[p][ni][0] = v.x;
+                    b[p][ni][1] = v.y;
+                }
+#pragma unroll
+            for (int mi = 0; mi < MT; ++mi) {
+                if (!live[mi]) continue;
+#pragma unroll
+                for (int ni = 0; ni < NT; ++ni) {
+                    if (PREC == PREC_TF32) {
+                        mma_tf32_m16n8k8(acc[mi][ni], a[0][mi], b[0][ni]);
+                    } else if (PREC == PREC_BF16) {
+                        mma_bf16_m16n8k16(acc[mi][ni], a[0][mi], b[0][ni]);
+                    } else {
+                        // the split products into a fresh fragment added with round-to-nearest:
+                        // the tensor cores truncate, and a sum kept in their accumulator drifts
+                        // (an H200 put this mode at 2–12× the f32 CPU engine's error, 2026-12-04)
+                        float t[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+                        mma_f16_m16n8k16(t, a[0][mi], b[0][ni]);
+                        mma_f16_m16n8k16(t, a[0][mi], b[1][ni]);
+                        if (APL == 2) mma_f16_m16n8k16(t, a[APL - 1][mi], b[0][ni]);
+#pragma unroll
+                        for (int r = 0; r < 4; ++r) acc[mi][ni][r] += t[r];
+                    }
+                }
+            }
+        }
+    }
+}
+
+// The chunk's weight-gradient GEMM over one staged slab of X (channels [c0, c0 + nch)), folded
+// into dw (f32, CO_T rows of k²·c_pad, `pitch` apart):
+//   dw[co][tap·c_pad + ci] += inv · Σ_p dY[co0 + co][p] · X[ci][p + off(tap)],  ci ∈ the slab
+// dY: the block's own CO_T channels, staged in the own planes (YPL planes, real); X: the slab
+// (XPL planes). Warp w takes the slab's n-tile groups w, w + 8, …; rows of pixels past the chunk
+// read a zero row of dY.
+template <int YPL, int XPL>
+__device__ __forceinline__ void wgrad_gemm(float* dw, int pitch, float inv, const char* dy_own, const char* x_slab, int c0, int nch,
+                                           const char* zero_row, const Chunk& ch, const LayerDims& d, const V4Dims& vd) {
+    const int W = DIM_W, HS = W + 2 * R, CPAD = DIM_CPAD;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    const int per_tap = nch / 8, ntiles = KK * per_tap, groups = (ntiles + NTG - 1) / NTG;
+    const int ksteps = (ch.len + KPIX - 1) / KPIX;
+    static_assert(YPL == PLANES, "dY is a real operand");
+    // pixel p of the chunk at tap (0, 0) of the halo: row y − y_first, column x
+    auto pix = [&](int p) {
+        const int q = ch.q0 + p, y = q / W - ch.y_first, x = q - (q / W) * W;
+        return y * HS + x;
+    };
+    const int interior = R * HS + R;  // dY is read at the pixel itself: + r rows, + r columns
+    // n-tile j of the slab → (the halo offset of its tap, its first channel within the slab, its column of dw)
+    auto ntile = [&](int j, int& toff, int& ci, int& n) {
+        const int tap = j / per_tap;
+        ci = (j - tap * per_tap) * 8;
+        toff = (tap / K) * HS + tap % K;
+        n = tap * CPAD + c0 + ci;
+    };
+    for (int grp = warp; grp < groups; grp += WARPS) {
+        float acc[MW][NTG][4];
+#pragma unroll
+        for (int mw = 0; mw < MW; ++mw)
+#pragma unroll
+            for (int j = 0; j < NTG; ++j)
+#pragma unroll
+                for (int i = 0; i < 4; ++i) acc[mw][j][i] = 0.0f;
+        // the group's n-tiles (divisions here, once per group, not in the k-loop): the halo offsets
+        // and first channels of the tiles this lane reads
+        int x_off[NTG];  // tf32: tile j's (tap offset, channel g); else: the ldmatrix pair's, for this lane
+#pragma unroll
+        for (int j = 0; j < NTG; ++j) {
+            int toff, ci, n;
+            if (PREC == PREC_TF32) {
+                ntile(min(grp * NTG + j, ntiles - 1), toff, ci, n);
+                x_off[j] = toff * vd.pstride + (ci + g) * EB;
+            } else {
+                ntile(min(grp * NTG + 2 * (j / 2) + (lane >> 4), ntiles - 1), toff, ci, n);
+                x_off[j] = toff * vd.pstride + ci * EB;
+            }
+        }
+        for (int kst = 0; kst < ksteps; ++kst) {
+            const int p0 = kst * KPIX;
+            u32 a[YPL][MW][4];
+            u32 b[XPL][NTG][2];
+            if (PREC == PREC_TF32) {
+                // scalar fragments: a = dY[co g (+8)][pixel t (+4)], b = X[pixel t (+4) + tap][ci g]
+#pragma unroll
+                for (int mw = 0; mw < MW; ++mw)
+#pragma unroll
+                    for (int j = 0; j < 4; ++j) {
+                        const int p = p0 + t + 4 * (j >> 1), co = 16 * mw + g + 8 * (j & 1);
+                        a[0][mw][j] = p < ch.len ? *reinterpret_cast<const u32*>(dy_own + (pix(p) + interior) * vd.own_pstride + co * EB) : 0u;
+                    }
+#pragma unroll
+                for (int h = 0; h < 2; ++h) {
+                    const int pp = pix(min(p0 + t + 4 * h, ch.len - 1)) * vd.pstride;
+#pragma unroll
+                    for (int j = 0; j < NTG; ++j) b[0][j][h] = *reinterpret_cast<const u32*>(x_slab + pp + x_off[j]);
+                }
+            } else {
+                // ldmatrix.trans: matrix j of A = pixels 8·(j/2) + 0..7, channels 8·(j%2) + 0..7
+                const int pa = p0 + (lane & 7) + 8 * (lane >> 4);
+                const int ca = 8 * ((lane >> 3) & 1);
+#pragma unroll
+                for (int p = 0; p < YPL; ++p)
+#pragma unroll
+                    for (int mw = 0; mw < MW; ++mw) {
+                        const char* row = pa < ch.len ? dy_own + p * vd.own_plane_bytes + (pix(pa) + interior) * vd.own_pstride + (ca + 16 * mw) * EB
+                                                      : zero_row;
+                        ldmatrix_x4_trans(a[p][mw], row);
+                    }
+                // matrix j of B (two n-tiles per ldmatrix.x4): pixels 8·(j%2) + 0..7, n-tile 2·pair + j/2
+                const int pb = pix(min(p0 + (lane & 7) + 8 * ((lane >> 3) & 1), ch.len - 1));
+#pragma unroll
+                for (int pair = 0; pair < NTG / 2; ++pair) {
+#pragma unroll
+                    for (int p = 0; p < XPL; ++p) {
+                        u32 r4[4];
+                        ldmatrix_x4_trans(r4, x_slab + p * vd.plane_bytes + pb * vd.pstride + x_off[2 * pair]);
+                        b[p][2 * pair][0] = r4[0];
+                        b[p][2 * pair][1] = r4[1];
+                        b[p][2 * pair + 1][0] = r4[2];
+                        b[p][2 * pair + 1][1] = r4[3];
+                    }
+                }
+            }
+#pragma unroll
+            for (int mw = 0; mw < MW; ++mw)
+#pragma unroll
+                for (int j = 0; j < NTG; ++j) {
+                    if (PREC == PREC_TF32) {
+                        mma_tf32_m16n8k8(acc[mw][j], a[0][mw], b[0][j]);
+                    } else if (PREC == PREC_BF16) {
+                        mma_bf16_m16n8k16(acc[mw][j], a[0][mw], b[0][j]);
+                    } else {
+                        // as the gate convolutions: a fresh fragment, added with round-to-nearest
+                        float t[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+                        mma_f16_m16n8k16(t, a[0][mw], b[0][j]);
+                        mma_f16_m16n8k16(t, a[YPL - 1][mw], b[0][j]);
+                        if (XPL == 2) mma_f16_m16n8k16(t, a[0][mw], b[XPL - 1][j]);
+#pragma unroll
+                        for (int r = 0; r < 4; ++r) acc[mw][j][r] += t[r];
+                    }
+                }
+        }
+        // fold: this warp owns these dw elements alone (no race, a fixed order). In shared memory
+        // (an even pitch: DW_SMEM_PITCH) as float2 — a lane's two columns — so that a half-warp's
+        // 16 lanes (rows g = 0..3, column pairs t) fall in 32 different banks; in dw_part
+        // (global, pitch n_all + 1: odd) one float at a time.
+#pragma unroll
+        for (int j = 0; j < NTG; ++j) {
+            if (grp * NTG + j >= ntiles) continue;
+            int toff, ci, n;
+            ntile(grp * NTG + j, toff, ci, n);
+#pragma unroll
+            for (int mw = 0; mw < MW; ++mw)
+#pragma unroll
+                for (int h = 0; h < 2; ++h) {
+                    float* at = dw + (16 * mw + g + 8 * h) * pitch + n + 2 * t;
+                    if ((pitch & 1) == 0) {
+                        float2 x = *reinterpret_cast<float2*>(at);
+                        x.x += acc[mw][j][2 * h] * inv;
+                        x.y += acc[mw][j][2 * h + 1] * inv;
+                        *reinterpret_cast<float2*>(at) = x;
+                    } else {
+                        at[0] += acc[mw][j][2 * h] * inv;
+                        at[1] += acc[mw][j][2 * h + 1] * inv;
+                    }
+                }
+        }
+    }
+}
+
+// A convolution of the chunk over every channel slab: acc += W ⊛ X, X staged slab by slab into the
+// slab planes with one scale (`scale`; REAL operands). The weights: `w_smem` holds this block's
+// whole slice of the gate (resident), or receives each slab's fragments from `w_global` (the
+// slice in wfrag) by cp.async while the slab is staged (streamed from L2). Block-uniform.
+template <bool REAL, int APL, class Src>
+__device__ __forceinline__ void conv_all_slabs(float (&acc)[MT][NT][4], char* halo, char* w_smem, const char* w_global, const Src& src,
+                                               float scale, const Chunk& ch, const LayerDims& d, const V4Dims& vd) {
+    const int full_plane = vd.wslice_bytes / PLANES;
+    for (int c0 = 0; c0 < DIM_CPAD; c0 += vd.slab) {
+        const int nch = min(vd.slab, DIM_CPAD - c0);
+        const int ks_c0 = c0 * EB / 32, slab_plane = KK * (nch * EB / 32) * NT * 256;  // bytes per plane of the slab's fragments
+        __syncthreads();  // the previous slab (or chunk) is consumed: its planes and weights
+        if (!vd.w_resident) {
+            for (int p = 0; p < PLANES; ++p) {
+                const char* from = w_global + p * full_plane + KK * ks_c0 * NT * 256;
+                for (int j = threadIdx.x * 16; j < slab_plane; j += THREADS * 16) cp_async16(w_smem + p * slab_plane + j, from + j);
+            }
+            cp_async_commit();
+        }
+        stage_slab<REAL>(halo, vd.pstride, vd.plane_bytes, src, ch, c0, nch, scale, d);
+        if (!vd.w_resident) cp_async_wait_all();
+        __syncthreads();
+        if (vd.w_resident) conv_gemm<APL>(acc, halo, w_smem, full_plane, KK * ks_c0, nch, ch, d, vd);
+        else conv_gemm<APL>(acc, halo, w_smem, slab_plane, 0, nch, ch, d, vd);
+    }
+}
+
+// Whether the backward's convolutions stage their operand (dz, da) into the own planes, where the
+// weight gradient then reads it as dY instead of staging it again: when the block's tile is the
+// whole padded channel range in one slab (CO_T = slab = c_pad, one channel group: fashion-mnist's
+// and mnist's layer 1), the convolution's slab and the weight gradient's own channels are the same
+// channels of the same halo with the same scale, and the two plane sets have one geometry — the
+// same bytes, staged once instead of twice (dz costs 4–5 loads per element). Block-uniform.
+__device__ __forceinline__ bool dy_shares_slab(const V4Dims& vd) {
+    return vd.groups == 1 && vd.slab == DIM_CPAD && vd.own_pstride == vd.pstride && vd.own_plane_bytes == vd.plane_bytes;
+}
+
+// The chunk's weight gradient over every channel slab of X: the block's own dY channels staged once
+// into the own planes (unless `y_staged`: the convolution left them there, dy_shares_slab), X slab
+// by slab into the slab planes. Block-uniform.
+template <bool XREAL, int XPL, class YSrc, class XSrc>
+__device__ __forceinline__ void wgrad_all_slabs(float* dw, int pitch, bool y_staged, const YSrc& ysrc, float yscale, float yinv,
+                                                const XSrc& xsrc, float xscale, float xinv, int co0, const V4Smem& sm, const Chunk& ch,
+                                                const LayerDims& d, const V4Dims& vd) {
+    __syncthreads();  // the slab planes are free (and the own planes, unless they hold dY already)
+    if (!y_staged) stage_slab<true>(sm.own, vd.own_pstride, vd.own_plane_bytes, ysrc, ch, co0, CO_T, yscale, d);
+    for (int c0 = 0; c0 < DIM_CPAD; c0 += vd.slab) {
+        const int nch = min(vd.slab, DIM_CPAD - c0);
+        if (c0 > 0) __syncthreads();
+        stage_slab<XREAL>(sm.halo, vd.pstride, vd.plane_bytes, xsrc, ch, c0, nch, xscale, d);
+        __syncthreads();
+        wgrad_gemm<PLANES, XPL>(dw, pitch, yinv * xinv, sm.own, sm.halo, c0, nch, sm.zero_row, ch, d, vd);
+    }
+}

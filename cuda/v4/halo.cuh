@@ -1,0 +1,186 @@
+// v4/halo.cuh — the chunk's halo staged channel-last in shared memory: the walks over its
+// elements (the row walk where a halo row fits in 32 columns, else the flat walk), the fp32 mode's
+// scale pass, the slab staging. Part of backei_v4.cu: included inside its namespace v4, after the
+// module's constants and types (not a header of its own).
+
+// The chunk's halo: rows y_first − r … y_last + r, columns −r … W + r − 1 (zero outside the image
+// and beyond C). src(idx) reads element idx of the sample's [C][H][W].
+template <class Src>
+__device__ __forceinline__ float halo_value(const Src& src, const Chunk& ch, const LayerDims& d, int c, int hy, int hx) {
+    const int W = DIM_W, H = DIM_H;
+    const int gy = ch.y_first + hy - R, gx = hx - R;
+    if (c >= DIM_C || gy < 0 || gy >= H || gx < 0 || gx >= W) return 0.0f;
+    return src(c * (H * W) + gy * W + gx);
+}
+
+__device__ __forceinline__ int halo_rows_of(const Chunk& ch, const LayerDims& d) {
+    return (ch.q0 + ch.len - 1) / DIM_W - ch.y_first + 1 + 2 * R;
+}
+
+// Staging is latency-bound unless many loads are in flight: a warp that loads one element and
+// converts and stores it at once waits one L2 round trip (~600 cycles) per element — 32 per warp
+// for a fashion-mnist chunk, several times the chunk's GEMM (SASS of the fashion L1 forward before
+// this walk: one load per halo row, used by the next instruction, after a division by the runtime
+// halo height). So every thread issues the loads of STAGE_U elements before it uses any, and the
+// walk over (channel, halo pixel) advances without division. The spike and v/da sources load one
+// word per element; dz (phase 2) loads three or four (the feedback slot — ∂L/∂s + fb — or ∂L/∂s or
+// the pooled gradient where the step has no slot, v, z), so it keeps
+// fewer elements in flight (registers: the backward holds its accumulators across the slabs).
+template <class Src>
+struct StageBatch {
+    static constexpr int U = 8;
+};
+
+// fn(off, x) for every element of channels [c0, c0 + nch) of the chunk's halo, x its value
+// (halo_value) and off = e·pstride + c·EB its byte in a channel-last staging plane (c relative to
+// c0, e = hy·(W + 2r) + hx its pixel within the halo; pstride 0 where the caller needs no place):
+// the block's
+// threads stride over the nch·hr·(W + 2r) elements plane-major (consecutive threads along a halo
+// row: coalesced), each with StageBatch<Src>::U loads in flight. No barrier inside.
+// (The general walk, for halo rows wider than 32 columns; for_each_halo_element takes the row
+// walk below where a row fits.)
+template <class Src, class F>
+__device__ __forceinline__ void for_each_halo_element_flat(const Src& src, const Chunk& ch, const LayerDims& d, int c0, int nch, int pstride, F fn) {
+    constexpr int U = StageBatch<Src>::U;
+    const int HS = DIM_W + 2 * R, pl = halo_rows_of(ch, d) * HS, total = nch * pl;
+    // the walk's divisions, once: where a thread starts, and a stride of THREADS as whole planes
+    // (dc) and a remainder (de)
+    int c = threadIdx.x / pl, e = threadIdx.x - c * pl;
+    const int dc = THREADS / pl, de = THREADS - dc * pl;
+    for (int j = threadIdx.x; j < total; j += U * THREADS) {
+        float x[U];
+        int cs[U], es[U];
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+            cs[u] = c;
+            es[u] = e;
+            const int hy = e / HS, hx = e - hy * HS;  // HS: a constant in the GPU build
+            x[u] = j + u * THREADS < total ? halo_value(src, ch, d, c0 + c, hy, hx) : 0.0f;
+            e += de;
+            c += dc;
+            if (e >= pl) {  // (a select, not a branch)
+                e -= pl;
+                ++c;
+            }
+        }
+#pragma unroll
+        for (int u = 0; u < U; ++u)
+            if (j + u * THREADS < total) fn(es[u] * pstride + cs[u] * EB, x[u]);
+    }
+}
+
+// The same walk by halo rows, where a row (W + 2r ≤ 32) fits in four warps' lanes (row walk).
+// A warp's 32 lanes take 8 neighbouring halo columns × 4 channel pairs (lane = 8·pair + column):
+// a staging store of the warp then falls in 32 different banks (a pixel's stride, pstride, is an
+// odd multiple of 16 bytes, so 8 neighbouring pixels start in 8 different 4-bank groups, and the
+// 4 pairs take the 4 banks of each), where one lane per column and one channel per warp (the
+// first row walk, and the flat walk) put 4 lanes on each bank: 4 shared wavefronts per store (the
+// 2026-12-04 profile: 80 % of the bf16 backward's shared-store wavefronts were conflicts). The
+// loads stay whole 32-byte sectors (8 columns of one channel). A row of 8 channels takes 1, 2 or
+// 4 warps (8·nb ≥ W + 2r columns); each thread keeps its halo column and channel pair for the
+// whole walk and steps over (channel octet, halo row) items, so an item — two elements, channels
+// c and c + 1 of one pixel — costs a row's bounds test, a load index and a staging offset that
+// advance by adds, two loads and one store per plane, where the flat walk divided by the row's width,
+// tested five bounds and multiplied out both addresses per element. nch is a multiple of 16
+// (slabs, CO_T). Same elements, same values, the same fn calls: only the order in which the
+// block's threads make them differs. pair(off, x0, x1) takes both elements of an item at once
+// (one store per plane: store_operand_pair).
+template <class Src, class G>
+__device__ __forceinline__ void for_each_halo_row_element(const Src& src, const Chunk& ch, const LayerDims& d, int c0, int nch, int pstride, G pair) {
+    constexpr int U = StageBatch<Src>::U / 2;  // items (two elements each) whose loads are in flight
+    const int W = DIM_W, H = DIM_H, HS = W + 2 * R, HW = H * W;
+    const int hr = halo_rows_of(ch, d), total = (nch >> 3) * hr;  // (octet, halo row) items, octet-major
+    const int lnb = HS <= 8 ? 0 : (HS <= 16 ? 1 : 2);              // log2 of the warps per row
+    const int rows_per_pass = WARPS >> lnb;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int hx = (lane & 7) + 8 * (warp & ((1 << lnb) - 1)), gx = hx - R, cp = 2 * (lane >> 3);
+    const bool lane_on = hx < HS;                  // columns past the row's end: no element
+    const bool in_x = (unsigned)gx < (unsigned)W;  // else the zero padding's column
+    // this thread's first item (octet o, hy), and a step of rows_per_pass items as whole octets (dc)
+    // and rows (dh): the walk's only divisions
+    const int row0 = warp >> lnb;
+    int o = row0 / hr, hy = row0 - o * hr;
+    const int dc = rows_per_pass / hr, dh = rows_per_pass - dc * hr;
+    // channel c = 8·o + cp (and c + 1); its element's index in the sample's [C][H][W], by adds
+    const int gy0 = ch.y_first - R;
+    int c = 8 * o + cp;
+    int at = (c0 + c) * HW + (gy0 + hy) * W + gx;
+    const int dat = 8 * dc * HW + dh * W, wrap = 8 * HW - hr * W;
+    // and its byte in the staging plane, (hy·HS + hx)·pstride + c·EB, likewise
+    const int row_bytes = HS * pstride;
+    int off = hy * row_bytes + hx * pstride + c * EB;
+    const int doff = dh * row_bytes + 8 * dc * EB, owrap = 8 * EB - hr * row_bytes;
+    for (int j = row0; j < total; j += U * rows_per_pass) {
+        float x[U][2];
+        int offs[U];
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+            offs[u] = off;
+            const int gy = gy0 + hy;
+            const bool ok = in_x & (j + u * rows_per_pass < total) & ((unsigned)gy < (unsigned)H);
+            x[u][0] = ok & (c0 + c < DIM_C) ? src((unsigned)at) : 0.0f;
+            x[u][1] = ok & (c0 + c + 1 < DIM_C) ? src((unsigned)(at + HW)) : 0.0f;
+            hy += dh;
+            c += 8 * dc;
+            at += dat;
+            off += doff;
+            if (hy >= hr) {  // (selects, not a branch)
+                hy -= hr;
+                c += 8;
+                at += wrap;
+                off += owrap;
+            }
+        }
+        if (lane_on) {
+            if (j + (U - 1) * rows_per_pass < total) {  // every pass but the last: no tests
+#pragma unroll
+                for (int u = 0; u < U; ++u) pair(offs[u], x[u][0], x[u][1]);
+            } else {
+#pragma unroll
+                for (int u = 0; u < U; ++u)
+                    if (j + u * rows_per_pass < total) pair(offs[u], x[u][0], x[u][1]);
+            }
+        }
+    }
+}
+
+// fn(off, x) for every element, or pair(off, x0, x1) for channels c, c + 1 of a pixel at once:
+// the row walk where a halo row fits (W + 2r ≤ 32), else the flat walk.
+template <class Src, class F, class G>
+__device__ __forceinline__ void for_each_halo_element(const Src& src, const Chunk& ch, const LayerDims& d, int c0, int nch, int pstride, F fn,
+                                                      G pair) {
+    // (a constant in the GPU build; every caller's nch is a multiple of 16: a slab, CO_T, c_pad)
+    if (DIM_W + 2 * R <= 32) {
+        for_each_halo_row_element(src, ch, d, c0, nch, pstride, pair);
+    } else {
+        for_each_halo_element_flat(src, ch, d, c0, nch, pstride, fn);
+    }
+}
+
+// The scale of a real operand in fp32 mode: the power of two for the largest |x| of the chunk's
+// whole halo (every channel: one scale for all the slabs one accumulator sums). Returns it, its
+// inverse in `inv`; 1 for exact operands and in the other modes. Block-uniform (barriers inside).
+// (The max is exact and the same in any order: the walk's order does not change the scale.)
+template <bool REAL, class Src>
+__device__ __forceinline__ float halo_scale(const Src& src, const Chunk& ch, const LayerDims& d, float* red, float& inv) {
+    inv = 1.0f;
+    if (!(REAL && PREC == PREC_FP32)) return 1.0f;
+    float m = 0.0f;
+    // (c_pad channels: a multiple of 16, as the row walk wants; those past C are zeros)
+    const int cpad = (DIM_C + 15) / 16 * 16;
+    for_each_halo_element(
+        src, ch, d, 0, cpad, 0, [&](int, float x) { m = fmaxf(m, fabsf(x)); },
+        [&](int, float x0, float x1) { m = fmaxf(m, fmaxf(fabsf(x0), fabsf(x1))); });
+    return pow2_scale(block_max(m, red), inv);
+}
+
+// Stages channels [c0, c0 + nch) of the chunk's halo channel-last into `planes` (channel c0 at
+// byte 0 of a pixel's row of `pstride` bytes; REAL operands in fp32 mode as hi and lo planes
+// `plane_bytes` apart, scaled by `scale`). The caller syncs before the planes are read.
+template <bool REAL, class Src>
+__device__ __forceinline__ void stage_slab(char* planes, int pstride, int plane_bytes, const Src& src, const Chunk& ch, int c0, int nch,
+                                           float scale, const LayerDims& d) {
+    for_each_halo_element(
+        src, ch, d, c0, nch, pstride, [&](int off, float x) { store_operand<REAL>(planes + off, plane_bytes, x, scale); },
+        [&](int off, float x0, float x1) { store_operand_pair<REAL>(planes + off, plane_bytes, x0, x1, scale); });
+}
