@@ -934,7 +934,9 @@ fn kernels(arch: &str, sass: bool) -> anyhow::Result<ExitCode> {
             k.module, k.kernel, k.registers, k.shared_bytes, k.stack_bytes, k.spill_stores, k.spill_loads
         );
     }
-    let spills = stats.iter().filter(|k| k.spill_stores + k.spill_loads > 0).count();
+    // (the named exception of KernelStats::spills, the pip ptxas's 8 bytes of the sm_90 256-pixel
+    // window-staged tiles, is printed above but does not fail the command)
+    let spills = stats.iter().filter(|k| k.spills(arch)).count();
     let mut failed = spills > 0;
     if spills > 0 {
         eprintln!("{spills} kernel(s) spill registers on {arch}");

@@ -65,6 +65,22 @@ pub fn parse_ptxas_report(module: &str, text: &str) -> Vec<KernelStats> {
     out
 }
 
+impl KernelStats {
+    /// Whether the kernel spills registers, but for the one named exception: the window-staged fp32
+    /// tiles of 256 pixels (`conv_halo_fp32_m*n256`) sit at 255 registers, and the pip wheel's
+    /// ptxas spills up to 8 bytes of the sm_90 ones, while NVRTC's own CUBIN (what runs) has no
+    /// local memory (`tests/kernels_compile.rs`
+    /// `window_staged_convolutions_loop_over_taps_on_tensor_cores` reads its SASS).
+    pub fn spills(&self, arch: &str) -> bool {
+        let named = arch == "sm_90" && self.kernel.starts_with("conv_halo_fp32_m") && self.kernel.ends_with("n256");
+        if named {
+            self.spill_stores > 8 || self.spill_loads > 8
+        } else {
+            self.spill_stores + self.spill_loads > 0
+        }
+    }
+}
+
 /// Compiles every module for `arch` and reports each kernel's resources.
 pub fn kernel_report(arch: &str) -> Result<Vec<KernelStats>> {
     let ptxas = find_ptxas()
@@ -106,6 +122,25 @@ pub fn kernel_report(arch: &str) -> Result<Vec<KernelStats>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_spill_fails_but_for_the_named_exception_within_its_bytes() {
+        let k = |kernel: &str, st, ld| KernelStats {
+            module: "m".into(),
+            kernel: kernel.into(),
+            registers: 255,
+            shared_bytes: 0,
+            stack_bytes: 8,
+            spill_stores: st,
+            spill_loads: ld,
+        };
+        assert!(!k("conv_halo_fp32_m32n256", 4, 4).spills("sm_90"));
+        assert!(k("conv_halo_fp32_m32n256", 12, 4).spills("sm_90"), "more than the named 8 bytes");
+        assert!(k("conv_halo_fp32_m32n256", 4, 4).spills("sm_80"), "the exception is sm_90's");
+        assert!(k("conv_halo_fp32_m32n128", 4, 0).spills("sm_90"), "another tile is no exception");
+        assert!(k("backei_backward_v4_r1_fp32", 0, 4).spills("sm_90"));
+        assert!(!k("backei_backward_v4_r1_fp32", 0, 0).spills("sm_90"));
+    }
 
     #[test]
     fn parses_ptxas_verbose_output() {
