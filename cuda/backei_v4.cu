@@ -232,21 +232,41 @@ __device__ __forceinline__ float block_max(float x, float* red) {
     return m;
 }
 
-// One element into the staged planes (EB bytes each): exact operands (spikes) in one plane; real
-// ones scaled and split (fp32 mode) or rounded (tf32, bf16).
+// An element's operand bits: exact operands (spikes) as fp16 in one plane; real ones scaled and
+// split into hi and lo fp16 halves (fp32 mode) or rounded (tf32, bf16: hi alone).
+template <bool REAL>
+__device__ __forceinline__ void operand_bits(float x, float scale, u32& hi, u32& lo) {
+    lo = 0u;
+    if (PREC == PREC_TF32) {
+        hi = f32_to_tf32_bits(x);
+    } else if (PREC == PREC_BF16) {
+        hi = f32_to_bf16_bits(x);
+    } else if (REAL) {
+        unsigned short h, l;
+        split_f16(x * scale, h, l);
+        hi = h;
+        lo = l;
+    } else {
+        hi = f32_to_f16_bits(x);
+    }
+}
+
+// Whether an operand fills a second (lo) plane: a real one in fp32 mode.
+template <bool REAL>
+__device__ __forceinline__ constexpr bool has_lo_plane() {
+    return REAL && PREC == PREC_FP32;
+}
+
+// One element into the staged planes (EB bytes each, the lo plane `plane_bytes` after the hi one).
 template <bool REAL>
 __device__ __forceinline__ void store_operand(char* p0, int plane_bytes, float x, float scale) {
+    u32 hi, lo;
+    operand_bits<REAL>(x, scale, hi, lo);
     if (PREC == PREC_TF32) {
-        *reinterpret_cast<u32*>(p0) = f32_to_tf32_bits(x);
-    } else if (PREC == PREC_BF16) {
-        *reinterpret_cast<unsigned short*>(p0) = f32_to_bf16_bits(x);
-    } else if (REAL) {
-        unsigned short hi, lo;
-        split_f16(x * scale, hi, lo);
-        *reinterpret_cast<unsigned short*>(p0) = hi;
-        *reinterpret_cast<unsigned short*>(p0 + plane_bytes) = lo;
+        *reinterpret_cast<u32*>(p0) = hi;
     } else {
-        *reinterpret_cast<unsigned short*>(p0) = f32_to_f16_bits(x);
+        *reinterpret_cast<unsigned short*>(p0) = (unsigned short)hi;
+        if (has_lo_plane<REAL>()) *reinterpret_cast<unsigned short*>(p0 + plane_bytes) = (unsigned short)lo;
     }
 }
 
@@ -254,18 +274,14 @@ __device__ __forceinline__ void store_operand(char* p0, int plane_bytes, float x
 // per plane (8 for tf32), channel c in the low half — the bytes two store_operand calls would write.
 template <bool REAL>
 __device__ __forceinline__ void store_operand_pair(char* p0, int plane_bytes, float x0, float x1, float scale) {
+    u32 hi0, lo0, hi1, lo1;
+    operand_bits<REAL>(x0, scale, hi0, lo0);
+    operand_bits<REAL>(x1, scale, hi1, lo1);
     if (PREC == PREC_TF32) {
-        *reinterpret_cast<uint2*>(p0) = make_uint2(f32_to_tf32_bits(x0), f32_to_tf32_bits(x1));
-    } else if (PREC == PREC_BF16) {
-        *reinterpret_cast<u32*>(p0) = (u32)f32_to_bf16_bits(x0) | (u32)f32_to_bf16_bits(x1) << 16;
-    } else if (REAL) {
-        unsigned short hi0, lo0, hi1, lo1;
-        split_f16(x0 * scale, hi0, lo0);
-        split_f16(x1 * scale, hi1, lo1);
-        *reinterpret_cast<u32*>(p0) = (u32)hi0 | (u32)hi1 << 16;
-        *reinterpret_cast<u32*>(p0 + plane_bytes) = (u32)lo0 | (u32)lo1 << 16;
+        *reinterpret_cast<uint2*>(p0) = make_uint2(hi0, hi1);
     } else {
-        *reinterpret_cast<u32*>(p0) = (u32)f32_to_f16_bits(x0) | (u32)f32_to_f16_bits(x1) << 16;
+        *reinterpret_cast<u32*>(p0) = hi0 | hi1 << 16;
+        if (has_lo_plane<REAL>()) *reinterpret_cast<u32*>(p0 + plane_bytes) = lo0 | lo1 << 16;
     }
 }
 

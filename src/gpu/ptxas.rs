@@ -3,7 +3,7 @@
 //! `backei kernels --arch sm_90` prints it; CI fails on any spill. Modules specialised at compile
 //! time (backei_v4) are reported as the instances a GPU loads (`backei_v4::report_instances`).
 
-use super::backei_v4::{report_instances, LabelledInstance, V4_MODULE};
+use super::backei_v4::{report_instances, V4_MODULE};
 use super::kernels::{compile_module_with, module_names};
 use crate::error::{BackeiError, Result};
 use std::path::PathBuf;
@@ -88,18 +88,10 @@ pub fn kernel_report(arch: &str) -> Result<Vec<KernelStats>> {
     let dir = std::env::temp_dir().join(format!("backei-ptxas-{}", std::process::id()));
     std::fs::create_dir_all(&dir).map_err(|e| BackeiError::Io { path: dir.display().to_string(), problem: e.to_string() })?;
     let mut all = Vec::new();
-    // each module once, as NVRTC compiles it by itself; v4 as the instances a GPU loads
-    let mut instances: Vec<(String, LabelledInstance)> = Vec::new();
-    for module in module_names() {
-        if module == V4_MODULE {
-            for (label, defines) in report_instances()? {
-                instances.push((format!("{module} ({label})"), (module, defines)));
-            }
-        } else {
-            instances.push((module.to_string(), (module, Vec::new())));
-        }
-    }
-    for (n, (label, (module, defines))) in instances.iter().enumerate() {
+    // assembles one module instance (the n-th: its file names) and adds its kernels under `label`
+    let mut n = 0;
+    let mut assemble = |label: &str, module: &str, defines: &[(String, String)]| -> Result<()> {
+        n += 1;
         let ptx = compile_module_with(module, arch, defines)?.ptx;
         let file = dir.join(format!("{n}.ptx"));
         std::fs::write(&file, ptx).map_err(|e| BackeiError::Io { path: file.display().to_string(), problem: e.to_string() })?;
@@ -114,6 +106,17 @@ pub fn kernel_report(arch: &str) -> Result<Vec<KernelStats>> {
             return Err(BackeiError::Cuda(format!("ptxas failed on module {label} for {arch}:\n{text}")));
         }
         all.extend(parse_ptxas_report(label, &text));
+        Ok(())
+    };
+    // each module once, as NVRTC compiles it by itself; v4 as the instances a GPU loads
+    for module in module_names() {
+        if module == V4_MODULE {
+            for (label, defines) in report_instances()? {
+                assemble(&format!("{module} ({label})"), module, &defines)?;
+            }
+        } else {
+            assemble(module, module, &[])?;
+        }
     }
     let _ = std::fs::remove_dir_all(&dir);
     Ok(all)
