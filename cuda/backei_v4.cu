@@ -3,7 +3,7 @@
 // (v1, whose header gives the equations) and of the CPU twin src/cpu/backei_layer.rs. Its parts,
 // included below: v4/halo.cuh (staging a chunk's halo into shared memory), v4/gemm.cuh (the
 // convolution and weight-gradient GEMMs on mma.sync), v4/chunks.cuh (the work mapping),
-// v4/weights.cuh (the weight fragments); here: the constants, the element readers, the forward and
+// v4/weights.cuh (the weight fragments), v4/rowmax.cuh (the fp32 mode's scales from row maxima); here: the constants, the element readers, the forward and
 // backward time loops and the kernels.
 //
 // What v4 changes. Every gate convolution of a step — W_b ⊛ s_{t−D} and W_e ⊛ v_t forward, their
@@ -319,6 +319,7 @@ __device__ __forceinline__ V4Smem v4_smem(char* base, const LayerDims& d, const 
 
 // the parts, in order (each uses those before it)
 #include "v4/halo.cuh"
+#include "v4/rowmax.cuh"
 #include "v4/gemm.cuh"
 #include "v4/chunks.cuh"
 #include "v4/weights.cuh"
@@ -459,8 +460,8 @@ __device__ __forceinline__ void pool_step(const V4S* s_t, Y* y_t, const LayerDim
 // layer after this one, fused; f32, or int8 codes with win.pool_q8), or null (the backward's recomputing launches pass null).
 __device__ __forceinline__ void forward_v4(const float* __restrict__ params, const float* __restrict__ input, V4S* out, float* v,
                                            float* __restrict__ g, V4Z* z, const float* __restrict__ v_prev, float* v_last, float* pooled,
-                                           unsigned int* bar, char* wfrag, float* winv, const LayerDims& d, const NeuronParams& np,
-                                           const V4Dims& vd, const V4Window& win) {
+                                           unsigned int* rowmax, unsigned int* bar, char* wfrag, float* winv, const LayerDims& d,
+                                           const NeuronParams& np, const V4Dims& vd, const V4Window& win) {
     extern __shared__ float4 smem4[];
     const V4Smem sm = v4_smem(reinterpret_cast<char*>(smem4), d, vd);
     const int HW = DIM_H * DIM_W, N = DIM_C * HW;
@@ -468,6 +469,9 @@ __device__ __forceinline__ void forward_v4(const float* __restrict__ params, con
     const int gi = blockIdx.x % vd.groups, co0 = gi * CO_T;
     const float* bb = params + d.off_bb;
     const float* be = params + d.off_be;
+    // the window's slots of v's row maxima start at zero (build_weight_fragments' grid barrier
+    // orders this before phase A's atomics)
+    if (ROWMAX && d.ei) rowmax_zero(rowmax_v(rowmax, d, win.t0), win.t1 - win.t0, d);
     build_weight_fragments<false>(wfrag, winv, params, d, vd, bar, sm.red);
     const char* wg_b = wfrag + (long long)gi * vd.wslice_bytes;  // this block's slices in wfrag
     const char* wg_e = wfrag + ((long long)vd.groups + gi) * vd.wslice_bytes;
@@ -508,6 +512,7 @@ __device__ __forceinline__ void forward_v4(const float* __restrict__ params, con
                 const long long e = sb + (long long)c * HW + q;
                 return InVp{in_t[e], t == 0 ? 0.0f : (t > win.t0 ? v[wt - BN + e] : v_prev[e]), d.back ? bb[c] : 0.0f};
             };
+            PixelMax vmax;  // (fp32 mode with ei: v_t's row maxima, for phase B's and the backward's scales)
             for_each_owned_loaded<8>(ch, co0, d, load, [&](int mi, int ni, int i, int q, int c, const InVp& x) {
                 const long long e = sb + (long long)c * HW + q;
                 float cur = x.in;
@@ -520,9 +525,11 @@ __device__ __forceinline__ void forward_v4(const float* __restrict__ params, con
                 if (t > 0) u = x.vp * (1.0f - fire(np, x.vp - np.threshold));
                 const float vt = np.leak * u + cur;
                 v[wt + e] = vt;
+                if (ROWMAX) vmax.add(mi, i, vt);
                 if (v_last && t == win.t1 - 1) v_last[e] = vt;
                 if (!d.ei) out[ot + e] = (V4S)fire(np, vt - np.threshold);
             });
+            if (ROWMAX && d.ei) vmax.commit(rowmax_v(rowmax, d, t) + ch.b * DIM_H, ch, d);
         });
         grid_sync(bar);  // v_t (and s_t) of the whole batch are written
         if (d.ei) {
@@ -532,7 +539,8 @@ __device__ __forceinline__ void forward_v4(const float* __restrict__ params, con
                 float acc[MT][NT][4] = {};
                 const V4Plain vt_src{v + wt + sb};
                 float inv_v;
-                const float scale = halo_scale<true>(vt_src, ch, d, sm.red, inv_v);
+                const float scale = ROWMAX ? rowmax_scale(rowmax_v(rowmax, d, t) + ch.b * DIM_H, ch, d, inv_v)
+                                           : halo_scale<true>(vt_src, ch, d, sm.red, inv_v);
                 conv_all_slabs<true, PLANES>(acc, sm.halo, sm.we, wg_e, vt_src, scale, ch, d, vd);
                 const float sc = winv_e * inv_v;
                 auto load_v = [&](int q, int c) { return make_float2(v[wt + sb + (long long)c * HW + q], be[c]); };
@@ -563,8 +571,8 @@ __device__ __forceinline__ void forward_v4(const float* __restrict__ params, con
 __device__ __forceinline__ void backward_v4(const float* __restrict__ params, float* grads, const float* __restrict__ input,
                                             const V4S* __restrict__ out, const float* __restrict__ v, const float* __restrict__ g,
                                             const V4Z* __restrict__ z, const float* __restrict__ grad_out, const V4GradIn& grad_in_of, float* grad_in, float* dvbuf,
-                                            float* fb, float* da, float* dw_part, float* db_carry, unsigned int* bar, char* wfrag,
-                                            float* winv, const LayerDims& d, const NeuronParams& np, const V4Dims& vd,
+                                            float* fb, float* da, float* dw_part, float* db_carry, unsigned int* rowmax, unsigned int* bar,
+                                            char* wfrag, float* winv, const LayerDims& d, const NeuronParams& np, const V4Dims& vd,
                                             const V4Window& win) {
     extern __shared__ float4 smem4[];
     const V4Smem sm = v4_smem(reinterpret_cast<char*>(smem4), d, vd);
@@ -603,8 +611,11 @@ __device__ __forceinline__ void backward_v4(const float* __restrict__ params, fl
     }
     if (threadIdx.x < 4) reinterpret_cast<u32*>(sm.zero_row)[threadIdx.x] = 0u;
     float db_b[NT][2] = {}, db_e[NT][2] = {};
-    float* carry = db_carry + (long long)blockIdx.x * 4 * NT * THREADS + threadIdx.x;
+    // (formed where it is used, at both ends of the loop: an address held across the loop took
+    // two of the fashion L1 fp32 backward's 255 registers)
+    auto thread_carry = [&]() { return db_carry + (long long)blockIdx.x * 4 * NT * THREADS + threadIdx.x; };
     if (!first_launch) {
+        const float* carry = thread_carry();
 #pragma unroll
         for (int ni = 0; ni < NT; ++ni)
 #pragma unroll
@@ -613,6 +624,9 @@ __device__ __forceinline__ void backward_v4(const float* __restrict__ params, fl
                 db_e[ni][h] = carry[(2 * NT + 2 * ni + h) * THREADS];
             }
     }
+    // da's two slots of row maxima start at zero (ordered before phase 2's atomics by the barrier
+    // in build_weight_fragments); dz's are zeroed in the loop, each before phase 3 fills it
+    if (ROWMAX && d.back) rowmax_zero(rowmax_da(rowmax, d, 0), 2, d);
     build_weight_fragments<true>(wfrag, winv, params, d, vd, bar, sm.red);
     // dz and da staged once, where the weight gradient reads them (dy_shares_slab)
     const bool y_staged = dy_shares_slab(vd);
@@ -631,6 +645,16 @@ __device__ __forceinline__ void backward_v4(const float* __restrict__ params, fl
         const long long wt = (long long)(t - win.t0) * BN;  // v, g, z: the window's steps
         const bool has_fb = d.back && t + d.D < d.T;
         const float* fb_t = has_fb ? fb + (long long)(t % d.D) * BN : nullptr;
+        // the row maxima this step reads and fills (v4/rowmax.cuh): dz_t's exist where phase 3 of
+        // step t + D ran in this launch; phase 3 of this step fills dz_{t−D}'s (its v and z in the
+        // window) and reads da_t's, filled by this phase
+        const bool dz_rows = ROWMAX && d.ei && has_fb && t + d.D < win.t1;
+        const bool fill_dz_rows = ROWMAX && d.back && d.ei && t - d.D >= win.t0;
+        const bool fill_da_rows = ROWMAX && d.back && t >= d.D;
+        if (ROWMAX && d.back) {
+            rowmax_zero(rowmax_da(rowmax, d, t + 1), 1, d);  // read by phase 3 of step t + 1, filled by phase 2 of step t − 1
+            if (fill_dz_rows) rowmax_zero(rowmax_dz(rowmax, d, t - d.D), 1, d);
+        }
         // phase 2: dz (staged on the fly), dv = … + W_eᵀ ⊛ dz, ∂I, da; dW_e += dz ⋆ v_t
         for_each_chunk(d, vd, [&](const Chunk& ch) {
             const long long sb = (long long)ch.b * N;
@@ -640,8 +664,9 @@ __device__ __forceinline__ void backward_v4(const float* __restrict__ params, fl
             const V4Dz dz_src{ds_src, has_fb ? fb_t + sb : nullptr, v + wt + sb, z + wt + sb, np};  // (ds from the slot when it has one)
             const V4Plain vt_src{v + wt + sb};
             if (d.ei) {
-                sc_dz = halo_scale<true>(dz_src, ch, d, sm.red, inv_dz);
-                sc_v = halo_scale<true>(vt_src, ch, d, sm.red, inv_v);
+                sc_dz = dz_rows ? rowmax_scale(rowmax_dz(rowmax, d, t) + ch.b * DIM_H, ch, d, inv_dz)
+                                : halo_scale<true>(dz_src, ch, d, sm.red, inv_dz);
+                sc_v = ROWMAX ? rowmax_scale(rowmax_v(rowmax, d, t) + ch.b * DIM_H, ch, d, inv_v) : halo_scale<true>(vt_src, ch, d, sm.red, inv_v);
                 conv_all_slabs<true, PLANES>(acc, dy_planes, sm.we, wg_e, dz_src, sc_dz, ch, d, vd);
             }
             const float sc = winv_e * inv_dz;
@@ -665,6 +690,7 @@ __device__ __forceinline__ void backward_v4(const float* __restrict__ params, fl
             // one beyond (32 or 64 of them: two spill in the generic build for sm_90, whose epilogue
             // holds every surrogate's code)
             constexpr int E = MT * NT * 4 <= 16 ? 2 : 1;
+            PixelMax damax;  // (fp32 mode, back: da_t's row maxima, phase 3's scale)
             auto update = [&](int mi, int ni, int i, int q, int c, const Saved& sv) {
                 const long long e = sb + (long long)c * HW + q;
                 const float vt = sv.vt;
@@ -693,11 +719,13 @@ __device__ __forceinline__ void backward_v4(const float* __restrict__ params, fl
                 if (d.back) {
                     const float a_grad = dv * sv.in * gt * (1.0f - gt);
                     da[e] = a_grad;
+                    if (ROWMAX) damax.add(mi, i, a_grad);
                     db_b[ni][i & 1] += a_grad;
                 }
             };
             if (E == 1) for_each_owned(ch, co0, d, [&](int mi, int ni, int i, int q, int c) { update(mi, ni, i, q, c, load(q, c)); });
             else for_each_owned_loaded<E>(ch, co0, d, load, update);
+            if (fill_da_rows) damax.commit(rowmax_da(rowmax, d, t) + ch.b * DIM_H, ch, d);
             if (d.ei) wgrad_all_slabs<true, PLANES>(dw_e, dw_pitch, y_staged, dz_src, sc_dz, inv_dz, vt_src, sc_v, inv_v, co0, sm, ch, d, vd);
         });
         grid_sync(bar);  // da_t of the whole batch is written; the fb slot of step t is read
@@ -712,7 +740,8 @@ __device__ __forceinline__ void backward_v4(const float* __restrict__ params, fl
             const V4Plain da_src{da + sb};
             const V4Spikes s_past{out + ot - (long long)d.D * BN + sb};
             float inv_da, inv_s = 1.0f;
-            const float sc_da = halo_scale<true>(da_src, ch, d, sm.red, inv_da);
+            const float sc_da = ROWMAX ? rowmax_scale(rowmax_da(rowmax, d, t) + ch.b * DIM_H, ch, d, inv_da)
+                                       : halo_scale<true>(da_src, ch, d, sm.red, inv_da);
             const float sc_s = np.smooth ? halo_scale<true>(s_past, ch, d, sm.red, inv_s) : 1.0f;
             conv_all_slabs<true, PLANES>(acc, dy_planes, sm.wb, wg_b, da_src, sc_da, ch, d, vd);
             const float sc = winv_b * inv_da;
@@ -720,11 +749,33 @@ __device__ __forceinline__ void backward_v4(const float* __restrict__ params, fl
             // product rounded first, as when it was stored: the same bits), formed here once per
             // element instead of in each of phase 2's passes over the halo (the pooled gradient's
             // index arithmetic, the dropout's mask) and its epilogue
-            for_each_owned_loaded<4>(
-                ch, co0, d, [&](int q, int c) { return ds_past(c * HW + q); },
-                [&](int mi, int ni, int i, int q, int c, float ds) {
-                    fb_slot[sb + (long long)c * HW + q] = __fadd_rn(ds, __fmul_rn(acc[mi][ni][i], sc));
-                });
+            if (fill_dz_rows) {
+                // and dz_{t−D}'s row maxima: dz = (∂L/∂s + fb)·H(v − θ)·sign′(z), V4Dz's product
+                const long long wp = (long long)(t - d.D - win.t0) * BN + sb;  // v, z of step t − D
+                struct DsVz {
+                    float ds, v;
+                    V4Z z;
+                };
+                PixelMax dzmax;
+                for_each_owned_loaded<4>(
+                    ch, co0, d,
+                    [&](int q, int c) {
+                        const int e = c * HW + q;
+                        return DsVz{ds_past(e), v[wp + e], z[wp + e]};
+                    },
+                    [&](int mi, int ni, int i, int q, int c, const DsVz& x) {
+                        const float sum = __fadd_rn(x.ds, __fmul_rn(acc[mi][ni][i], sc));
+                        fb_slot[sb + (long long)c * HW + q] = sum;
+                        dzmax.add(mi, i, sum * fire(np, x.v - np.threshold) * saved_sign_grad(np, x.z));
+                    });
+                dzmax.commit(rowmax_dz(rowmax, d, t - d.D) + ch.b * DIM_H, ch, d);
+            } else {
+                for_each_owned_loaded<4>(
+                    ch, co0, d, [&](int q, int c) { return ds_past(c * HW + q); },
+                    [&](int mi, int ni, int i, int q, int c, float ds) {
+                        fb_slot[sb + (long long)c * HW + q] = __fadd_rn(ds, __fmul_rn(acc[mi][ni][i], sc));
+                    });
+            }
             if (np.smooth) wgrad_all_slabs<true, PLANES>(dw_b, dw_pitch, y_staged, da_src, sc_da, inv_da, s_past, sc_s, inv_s, co0, sm, ch, d, vd);
             else wgrad_all_slabs<false, 1>(dw_b, dw_pitch, y_staged, da_src, sc_da, inv_da, s_past, 1.0f, 1.0f, co0, sm, ch, d, vd);
         });
@@ -732,6 +783,7 @@ __device__ __forceinline__ void backward_v4(const float* __restrict__ params, fl
     }
     if (!last_launch) {
         // an earlier window follows: keep the sums as they are (no reduction yet)
+        float* carry = thread_carry();
 #pragma unroll
         for (int ni = 0; ni < NT; ++ni)
 #pragma unroll
@@ -826,18 +878,18 @@ __device__ __forceinline__ void backward_v4(const float* __restrict__ params, fl
 
 extern "C" __global__ void __launch_bounds__(256, 1)
 V4_FORWARD(const float* __restrict__ params, const float* __restrict__ input, float* out, float* v, float* __restrict__ g, float* z,
-           const float* __restrict__ v_prev, float* v_last, float* pooled, unsigned int* bar, char* wfrag, float* winv, LayerDims d, NeuronParams np,
-           V4Dims vd, V4Window win) {
+           const float* __restrict__ v_prev, float* v_last, float* pooled, unsigned int* rowmax, unsigned int* bar, char* wfrag, float* winv,
+           LayerDims d, NeuronParams np, V4Dims vd, V4Window win) {
     // z: f32 words, or (V4_ZCODE) the same buffer as bytes
     // s and z: f32 words, or (V4_S8, V4_ZCODE) the same buffers as bytes
-    forward_v4(params, input, reinterpret_cast<V4S*>(out), v, g, reinterpret_cast<V4Z*>(z), v_prev, v_last, pooled, bar, wfrag, winv, d, v4_neuron(np), vd, win);
+    forward_v4(params, input, reinterpret_cast<V4S*>(out), v, g, reinterpret_cast<V4Z*>(z), v_prev, v_last, pooled, rowmax, bar, wfrag, winv, d, v4_neuron(np), vd, win);
 }
 
 extern "C" __global__ void __launch_bounds__(256, 1)
 V4_BACKWARD(const float* __restrict__ params, float* grads, const float* __restrict__ input, const float* __restrict__ out,
             const float* __restrict__ v, const float* __restrict__ g, const float* __restrict__ z, const float* __restrict__ grad_out, V4GradIn grad_in_of,
-            float* grad_in, float* dvbuf, float* fb, float* da, float* dw_part, float* db_carry, unsigned int* bar, char* wfrag,
-            float* winv, LayerDims d, NeuronParams np, V4Dims vd, V4Window win) {
-    backward_v4(params, grads, input, reinterpret_cast<const V4S*>(out), v, g, reinterpret_cast<const V4Z*>(z), grad_out, grad_in_of, grad_in, dvbuf, fb, da, dw_part, db_carry, bar, wfrag, winv, d,
+            float* grad_in, float* dvbuf, float* fb, float* da, float* dw_part, float* db_carry, unsigned int* rowmax, unsigned int* bar,
+            char* wfrag, float* winv, LayerDims d, NeuronParams np, V4Dims vd, V4Window win) {
+    backward_v4(params, grads, input, reinterpret_cast<const V4S*>(out), v, g, reinterpret_cast<const V4Z*>(z), grad_out, grad_in_of, grad_in, dvbuf, fb, da, dw_part, db_carry, rowmax, bar, wfrag, winv, d,
                 v4_neuron(np), vd, win);
 }

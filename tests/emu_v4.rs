@@ -70,6 +70,7 @@ fn emulate_v4_pooling(
     let mut part = DevBuf::new("dw_part", bs.v4_dw_part);
     let mut ckpt = DevBuf::new("v_ckpt", bs.v_ckpt);
     let mut carry = DevBuf::new("db_carry", bs.v4_db_carry);
+    let mut rowmax = DevBuf::new("rowmax", bs.v4_rowmax);
     let mut bar = vec![0u32; 1];
     let dims = layer_dims(c.shape, &c.fb, b, t, &x.slots, c.t_in, false, false).unwrap();
     let ck = ckpt.ptr();
@@ -77,7 +78,7 @@ fn emulate_v4_pooling(
     let windows = V4Window::all(t, plan.window);
     let last = windows.len() - 1;
     let (pp, pi, po, pv, pg, pz) = (params.ptr(), input.ptr(), out.ptr(), v.ptr(), g.ptr(), z.ptr());
-    let (pwf, pwi) = (wfrag.ptr(), winv.ptr());
+    let (pwf, pwi, prm) = (wfrag.ptr(), winv.ptr(), rowmax.ptr());
     let mut launches = 0u64;
     // the input of a window's launches: the whole buffer, or (own_input) a buffer of the window's
     // steps alone, exactly as long (its guards and NaN tail catch a read of another step)
@@ -94,7 +95,7 @@ fn emulate_v4_pooling(
         bar[0] = 0;
         let (win, pi, window_buf) = window_input(win);
         let mut a = Args::new();
-        a.val(pp).val(pi).val(po).val(pv).val(pg).val(pz).val(slot(ckpt_in)).val(slot(ckpt_out)).val(pooled);
+        a.val(pp).val(pi).val(po).val(pv).val(pg).val(pz).val(slot(ckpt_in)).val(slot(ckpt_out)).val(pooled).val(prm);
         a.buf_u32(bar).val(pwf).val(pwi).val(dims).val(np).val(v4.dims).val(win);
         m.launch(&plan.forward, sched + launches, &mut a).unwrap_or_else(|e| panic!("{} forward {win:?}: {e}", c.name));
         launches += 1;
@@ -116,14 +117,14 @@ fn emulate_v4_pooling(
         let (win, pi, window_buf) = window_input(win);
         let mut a = Args::new();
         a.val(pp).val(pgr).val(pi).val(po).val(pv).val(pg).val(pz);
-        a.val(pgo).val(grad_in_of).val(pgi).val(pdv).val(pfb).val(pda).val(ppart).val(pcarry);
+        a.val(pgo).val(grad_in_of).val(pgi).val(pdv).val(pfb).val(pda).val(ppart).val(pcarry).val(prm);
         a.buf_u32(&mut bar).val(pwf).val(pwi).val(dims).val(np).val(v4.dims).val(win);
         m.launch(&plan.backward, sched + 1000 + w as u64, &mut a).unwrap_or_else(|e| panic!("{} backward {win:?}: {e}", c.name));
         if let Some(w) = window_buf {
             w.check_guards();
         }
     }
-    for buf in [&params, &grads, &input, &gout, &gin, &out, &v, &g, &z, &dv, &fbuf, &da, &wfrag, &winv, &part, &ckpt, &carry] {
+    for buf in [&params, &grads, &input, &gout, &gin, &out, &v, &g, &z, &dv, &fbuf, &da, &wfrag, &winv, &part, &ckpt, &carry, &rowmax] {
         buf.check_guards();
     }
     assert_eq!(params.host(), x.params, "{}: the parameters were written", c.name);
@@ -557,5 +558,52 @@ fn v4_tf32_and_bf16_on_the_gpu_tests_smooth_cases() {
     let cases: Vec<Case> = common::layer_check::smooth_wgrad_cases().into_iter().filter(|c| c.smem_limit.is_none()).collect();
     for p in [Precision::Tf32, Precision::Bf16] {
         assert_eq!(run(&cases, &DeviceLimits::H100, p), cases.len(), "{p}: smooth mode compares every gradient");
+    }
+}
+
+/// The fp32 mode's scales from row maxima (`cuda/v4/rowmax.cuh`: the writer of v, da and the
+/// feedback slot also keeps each (sample, image row)'s largest |x|, and a chunk's scale reads its
+/// halo's rows instead of walking the halo) give the bits of walking the halo (`V4_ROWMAX=0`) —
+/// the spikes, v, g, z, ∂L/∂I and every gradient: exact and smooth firing, back+ei, ei alone and
+/// back alone, D = 1..3, r = 1 and 2, chunks spanning rows and several channel groups (one row's
+/// maximum merged from several blocks), halo rows wider than a warp, and `--recompute` windows,
+/// whose edges leave dz without maxima (those steps walk).
+#[test]
+fn v4_scales_from_row_maxima_give_the_bits_of_walking_the_halo() {
+    let cases = [
+        (smooth(case("5×7×9 back+ei r 1 D 2 T 6", [5, 7, 9], true, true, 1, 2, 2, 6, 6)), &[None, Some(1), Some(4)][..]),
+        (case("40×19×21 back+ei r 1 D 1", [40, 19, 21], true, true, 1, 1, 2, 3, 3), &[None, Some(2)]),
+        (case("17×13×11 back+ei r 2 D 3 T_in 1", [17, 13, 11], true, true, 2, 3, 3, 4, 1), &[None]),
+        (smooth(case("4×5×33 back+ei r 1 D 1", [4, 5, 33], true, true, 1, 1, 2, 3, 3)), &[None]),
+        (case("40×9×11 ei r 1 T 4", [40, 9, 11], false, true, 1, 1, 2, 4, 4), &[None]),
+        (case("6×5×7 back r 2 D 3 T 5", [6, 5, 7], true, false, 2, 3, 2, 5, 5), &[None, Some(2)]),
+    ];
+    let bits = |xs: &[f32]| xs.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    for (i, (c, ks)) in cases.iter().enumerate() {
+        let x = inputs(c, 990 + i as u64);
+        assert_eq!(v4_plan(c, &SMALL, Precision::Bf16).buffers.v4_rowmax, 0, "{}: bf16 scales nothing", c.name);
+        for &k in *ks {
+            let mut plan = v4_plan(c, &SMALL, Precision::Fp32);
+            let h = c.shape[1];
+            assert_eq!(plan.buffers.v4_rowmax, (c.steps + 2 + 2 * c.fb.delay) * c.batch * h, "{}", c.name);
+            if let Some(k) = k {
+                apply_recompute(&mut plan, c.shape, &c.fb, k, c.steps).unwrap();
+            }
+            let mut walk = plan.clone();
+            walk.v4.as_mut().unwrap().defines.push(("V4_ROWMAX".to_string(), "0".to_string()));
+            let rows = emulate_v4(c, &x, &plan, 8);
+            let walked = emulate_v4(c, &x, &walk, 9);
+            let what = format!("{} K {k:?}", c.name);
+            assert_eq!(bits(&rows.out), bits(&walked.out), "{what}: the spikes");
+            assert_eq!(bits(&rows.v), bits(&walked.v), "{what}: v");
+            assert_eq!(rows.g.as_deref().map(bits), walked.g.as_deref().map(bits), "{what}: g");
+            assert_eq!(rows.z.as_deref().map(bits), walked.z.as_deref().map(bits), "{what}: z");
+            assert_eq!(bits(&rows.gin), bits(&walked.gin), "{what}: ∂L/∂I");
+            assert_eq!(bits(&rows.grads), bits(&walked.grads), "{what}: the parameter gradients");
+            if k.is_none() {
+                // and both are right (equal bits of a wrong kernel would prove nothing)
+                compare_within(c, "v4/fp32 row maxima", &x, &cpu_reference(c, &x), &rows, Tolerance::F32);
+            }
+        }
     }
 }

@@ -62,9 +62,18 @@ fn run_in(dev: &Arc<GpuDevice>, c: &Case, seed: u64, version: KernelVersion, pre
         assert_eq!(plan.version, version, "{}: {version:?} fell back: {:?}", c.name, plan.fallback);
         assert_eq!(plan.wgrad, WgradPath::Tiled);
     }
-    for buf in [&mut layer.dv, &mut layer.fb, &mut layer.dz, &mut layer.da, &mut layer.v4_wfrag, &mut layer.v4_winv, &mut layer.v4_dw_part]
-        .into_iter()
-        .flatten()
+    for buf in [
+        &mut layer.dv,
+        &mut layer.fb,
+        &mut layer.dz,
+        &mut layer.da,
+        &mut layer.v4_wfrag,
+        &mut layer.v4_winv,
+        &mut layer.v4_dw_part,
+        &mut layer.v4_rowmax,
+    ]
+    .into_iter()
+    .flatten()
     {
         nan_fill(dev, buf);
     }

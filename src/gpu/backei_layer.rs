@@ -371,6 +371,9 @@ pub struct BufferSizes {
     /// `--recompute K` (v4): each thread's bias partial sums between the backward's launches,
     /// [grid][CO_T/2][256]
     pub v4_db_carry: usize,
+    /// v4 in fp32 mode: the operands' row maxima, whence every staged chunk's scale
+    /// ([`super::backei_v4::rowmax_words`]: v_t for every step, da and dz for a few; u32 words)
+    pub v4_rowmax: usize,
 }
 
 impl BufferSizes {
@@ -389,7 +392,8 @@ impl BufferSizes {
             + self.v4_winv
             + self.v4_dw_part
             + self.v_ckpt
-            + self.v4_db_carry)
+            + self.v4_db_carry
+            + self.v4_rowmax)
     }
 }
 
@@ -691,6 +695,7 @@ fn plan_with(
             v4_dw_part: 0,
             v_ckpt: 0,
             v4_db_carry: 0,
+            v4_rowmax: 0,
         },
         version: KernelVersion::V1,
         tile: None,
@@ -1041,6 +1046,7 @@ pub fn plan_tensor_cores(
     p.buffers.v4_wfrag = v.wfrag_bytes / 4;
     p.buffers.v4_winv = v.winv;
     p.buffers.v4_dw_part = v.dw_part;
+    p.buffers.v4_rowmax = v.rowmax;
     p.version = KernelVersion::V4;
     p.tile = None;
     p.v4 = Some(v);
@@ -1278,6 +1284,8 @@ pub struct GpuBackEiLayer {
     /// partial sums (`BufferSizes::v_ckpt`, `v4_db_carry`).
     pub v_ckpt: Option<CudaSlice<f32>>,
     pub v4_db_carry: Option<CudaSlice<f32>>,
+    /// v4 in fp32 mode: the row maxima of the staged operands (`BufferSizes::v4_rowmax`).
+    pub v4_rowmax: Option<CudaSlice<f32>>,
 }
 
 impl GpuBackEiLayer {
@@ -1325,6 +1333,7 @@ impl GpuBackEiLayer {
             planned_compact_s: false,
             v_ckpt: None,
             v4_db_carry: None,
+            v4_rowmax: None,
         })
     }
 
@@ -1405,6 +1414,7 @@ impl GpuBackEiLayer {
             &mut self.v4_dw_part,
             &mut self.v_ckpt,
             &mut self.v4_db_carry,
+            &mut self.v4_rowmax,
         ];
         self.plan = None;
         (floats.into_iter().filter_map(Option::take).collect(), self.bar.take())
@@ -1418,7 +1428,8 @@ impl GpuBackEiLayer {
         (self.out, self.v, self.g, self.z, self.dv, self.fb, self.dz, self.da) = (None, None, None, None, None, None, None, None);
         self.wg_partials = None;
         self.staged_weights = None;
-        (self.v4_wfrag, self.v4_winv, self.v4_dw_part, self.v_ckpt, self.v4_db_carry) = (None, None, None, None, None);
+        (self.v4_wfrag, self.v4_winv, self.v4_dw_part, self.v_ckpt, self.v4_db_carry, self.v4_rowmax) =
+            (None, None, None, None, None, None);
         self.out = source.floats("out", b.out)?;
         self.v = source.floats("v", b.v)?;
         self.g = source.floats("g", b.g)?;
@@ -1434,6 +1445,7 @@ impl GpuBackEiLayer {
         self.v4_dw_part = source.floats("v4_dw_part", b.v4_dw_part)?;
         self.v_ckpt = source.floats("v_ckpt", b.v_ckpt)?;
         self.v4_db_carry = source.floats("v4_db_carry", b.v4_db_carry)?;
+        self.v4_rowmax = source.floats("v4_rowmax", b.v4_rowmax)?;
         if (p.version.is_tiled() || p.version == KernelVersion::V4) && self.bar.is_none() {
             self.bar = Some(source.barrier()?);
         }

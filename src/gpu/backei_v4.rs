@@ -123,6 +123,8 @@ pub struct V4Plan {
     pub wfrag_bytes: usize,
     pub winv: usize,
     pub dw_part: usize,
+    /// The fp32 mode's row maxima (u32 words; [`rowmax_words`]).
+    pub rowmax: usize,
     /// z is saved as a one-byte code (`V4_ZCODE`; `backei_layer::apply_compact`).
     pub z_code: bool,
     /// s (the layer's output) is saved as int8 (`V4_S8`; `backei_layer::apply_compact`).
@@ -177,6 +179,17 @@ pub fn operand_format(p: Precision) -> (usize, usize) {
 /// bank (k²·c_pad is a multiple of 16, so the pitch is ≡ 8 or 24 mod 32).
 pub fn dw_smem_pitch(n_all: usize) -> usize {
     n_all + 8
+}
+
+/// Words of the row maxima an fp32-mode launch keeps (the kernel's v4/rowmax.cuh): the largest
+/// |x| of every (sample, image row) of v_t for every step, of da for two steps and of dz for 2D
+/// (whence each staged chunk's scale, instead of a walk over its halo) — [T + 2 + 2D][B][H]. The
+/// other modes scale nothing: none.
+pub fn rowmax_words(precision: Precision, fb: &FeedbackConfig, batch: usize, steps: usize, h: usize) -> usize {
+    if precision != Precision::Fp32 || !(fb.back || fb.ei) {
+        return 0;
+    }
+    (steps + 2 + 2 * fb.delay) * batch * h
 }
 
 fn round16(x: usize) -> usize {
@@ -327,7 +340,7 @@ pub fn plan_v4(
         .into_iter()
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .collect();
-    let _ = steps;
+    let rowmax = rowmax_words(precision, fb, batch, steps, h);
     Ok(V4Plan {
         precision,
         co_t,
@@ -340,6 +353,7 @@ pub fn plan_v4(
         wfrag_bytes: 2 * groups * dims.wslice_bytes as usize,
         winv: 2 * groups,
         dw_part,
+        rowmax,
         dims,
         z_code: false,
         s8: false,
@@ -640,6 +654,15 @@ fn saved(layer: &GpuBackEiLayer) -> Result<Saved<'_>> {
     })
 }
 
+/// The row maxima (fp32 mode: `plan.rowmax` words), else the dummy word (the other modes' kernels
+/// never touch it).
+fn rowmax<'a>(layer: &'a GpuBackEiLayer, plan: &V4Plan) -> Result<&'a CudaSlice<f32>> {
+    if plan.rowmax == 0 {
+        return Ok(&layer.dummy);
+    }
+    layer.v4_rowmax.as_ref().filter(|r| r.len() >= plan.rowmax).ok_or_else(|| missing("the row maxima"))
+}
+
 /// One forward launch over the steps of `win`: v_{t0−1} from checkpoint `ckpt_in`, v_{t1−1} also
 /// into checkpoint `ckpt_out` (slots of `v_ckpt`, [B][N] each).
 #[allow(clippy::too_many_arguments)]
@@ -658,6 +681,7 @@ fn launch_forward(
     let (f, cfg, vd) = prepare_launch(layer, plan, plan.forward, &np)?;
     let stream = layer.dev.stream.clone();
     let Saved { out, v, g, z, bar, wfrag, winv } = saved(layer)?;
+    let rowmax = rowmax(layer, plan)?;
     let bn = dims.b as usize * dims.c as usize * dims.h as usize * dims.w as usize;
     let ckpt = |slot: Option<usize>| -> Result<Option<CudaView<f32>>> {
         let Some(i) = slot else { return Ok(None) };
@@ -679,12 +703,12 @@ fn launch_forward(
         Some(y) => b.arg(y),
         None => b.arg(&null),
     };
-    b.arg(bar).arg(wfrag).arg(winv).arg(&dims).arg(&np).arg(&vd).arg(&win);
+    b.arg(rowmax).arg(bar).arg(wfrag).arg(winv).arg(&dims).arg(&np).arg(&vd).arg(&win);
     // SAFETY: the argument list matches backei_forward_v4_*; the buffers were sized by the plan
     // (out: T·B·N; v, g, z: (t1 − t0)·B·N at least; the checkpoints B·N; pooled: T·B·C·⌊H/2⌋·⌊W/2⌋
     // values, f32 or bytes as win.pool_q8 says,
     // checked by GpuBackEiLayer::forward_with; wfrag: 2·groups slices;
-    // winv: 2·groups); v_last is written by this launch alone (cudarc's shared view only passes
+    // winv: 2·groups; rowmax: rowmax_words, written by the launch alone); v_last is written by this launch alone (cudarc's shared view only passes
     // its address); the grid is co-resident (occupancy-clamped above), as the kernel's grid
     // barrier requires.
     unsafe { b.launch_cooperative(cfg) }.map_err(cuda_err(plan.forward))?;
@@ -709,6 +733,7 @@ fn launch_backward(
     let (f, cfg, vd) = prepare_launch(layer, plan, plan.backward, &np)?;
     let stream = layer.dev.stream.clone();
     let Saved { out, v, g, z, bar, wfrag, winv } = saved(layer)?;
+    let rowmax = rowmax(layer, plan)?;
     let d = &layer.dummy;
     let dv = layer.dv.as_ref().ok_or_else(|| missing("dv"))?;
     let fb = layer.fb.as_ref().unwrap_or(d);
@@ -718,11 +743,12 @@ fn launch_backward(
     let carry = if whole { d } else { layer.v4_db_carry.as_ref().ok_or_else(|| missing("the carried bias sums"))? };
     let mut b = stream.launch_builder(&f);
     b.arg(params).arg(&mut *grads).arg(input).arg(out).arg(v).arg(g).arg(z).arg(grad_out).arg(&grad_in_of).arg(&mut *grad_in);
-    b.arg(dv).arg(fb).arg(da).arg(part).arg(carry).arg(bar).arg(wfrag).arg(winv).arg(&dims).arg(&np).arg(&vd).arg(&win);
+    b.arg(dv).arg(fb).arg(da).arg(part).arg(carry).arg(rowmax).arg(bar).arg(wfrag).arg(winv).arg(&dims).arg(&np).arg(&vd).arg(&win);
     // SAFETY: the argument list matches backei_backward_v4_*; grad_out: T·B·N, or when pooled
     // T·B·C·⌊H/2⌋·⌊W/2⌋ (checked by the layer), and the keys the step's key table (slot checked); dv, da: B·N, fb: min(D, T)·B·N,
     // dw_part: ranges·2·groups·CO_T·(k²·c_pad + 1) for the plan's ranges (≥ vd.ranges);
     // db_carry: grid·CO_T/2·256 (read and written only when the window is not the whole loop);
+    // rowmax: rowmax_words (fp32 mode; the other modes never touch it);
     // the scratch buffers are written by the kernel alone; the grid is co-resident.
     unsafe { b.launch_cooperative(cfg) }.map_err(cuda_err(plan.backward))?;
     Ok(())

@@ -723,6 +723,7 @@ impl GpuNetwork {
                     &layer.v4_dw_part,
                     &layer.v_ckpt,
                     &layer.v4_db_carry,
+                    &layer.v4_rowmax,
                 ] {
                     n += f(b);
                 }
