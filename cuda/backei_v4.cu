@@ -115,6 +115,13 @@ typedef float V4S;
 #ifndef V4_MT
 #define V4_MT 2
 #endif
+// The backward's bias partial sums in db_carry between phase 2's epilogues instead of registers
+// across the whole loop (the host sets it for tiles of 64 accumulators per thread, where ptxas
+// otherwise kept them in local memory with a load and a store per element: backei_v4.rs
+// `db_carried`); the same additions in the same order, so the same bits.
+#ifndef V4_DB_CARRIED
+#define V4_DB_CARRIED 0
+#endif
 #ifdef V4_C
 #define DIM_C V4_C
 #define DIM_CPAD ((V4_C + 15) / 16 * 16)
@@ -152,6 +159,7 @@ constexpr int PREC = V4_PREC;
 constexpr int CO_T = V4_CO_T;  // output channels of a block: 16, 32 or 64
 constexpr int MT = V4_MT;      // m-tiles (16 pixels) per warp: a chunk is 128·MT pixels
 constexpr int NT = CO_T / 8;   // n-tiles of the convolution GEMMs
+constexpr bool DB_CARRIED = V4_DB_CARRIED;
 constexpr int MW = CO_T / 16;  // m-tiles of the weight-gradient GEMM
 constexpr int WARPS = 8, THREADS = 32 * WARPS;
 constexpr int P_CH = 16 * WARPS * MT;
@@ -610,11 +618,13 @@ __device__ __forceinline__ void backward_v4(const float* __restrict__ params, fl
         }
     }
     if (threadIdx.x < 4) reinterpret_cast<u32*>(sm.zero_row)[threadIdx.x] = 0u;
+    // the thread's bias partial sums, per (n-tile, column pair half): in registers across the whole
+    // loop, or (DB_CARRIED) in db_carry between phase 2's epilogues
     float db_b[NT][2] = {}, db_e[NT][2] = {};
     // (formed where it is used, at both ends of the loop: an address held across the loop took
     // two of the fashion L1 fp32 backward's 255 registers)
     auto thread_carry = [&]() { return db_carry + (long long)blockIdx.x * 4 * NT * THREADS + threadIdx.x; };
-    if (!first_launch) {
+    auto load_db = [&]() {
         const float* carry = thread_carry();
 #pragma unroll
         for (int ni = 0; ni < NT; ++ni)
@@ -623,7 +633,19 @@ __device__ __forceinline__ void backward_v4(const float* __restrict__ params, fl
                 db_b[ni][h] = carry[(2 * ni + h) * THREADS];
                 db_e[ni][h] = carry[(2 * NT + 2 * ni + h) * THREADS];
             }
-    }
+    };
+    auto store_db = [&]() {
+        float* carry = thread_carry();
+#pragma unroll
+        for (int ni = 0; ni < NT; ++ni)
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                carry[(2 * ni + h) * THREADS] = db_b[ni][h];
+                carry[(2 * NT + 2 * ni + h) * THREADS] = db_e[ni][h];
+            }
+    };
+    if (DB_CARRIED && first_launch) store_db();  // the sums start at zero in db_carry
+    else if (!DB_CARRIED && !first_launch) load_db();
     // da's two slots of row maxima start at zero (ordered before phase 2's atomics by the barrier
     // in build_weight_fragments); dz's are zeroed in the loop, each before phase 3 fills it
     if (ROWMAX && d.back) rowmax_zero(rowmax_da(rowmax, d, 0), 2, d);
@@ -648,8 +670,8 @@ __device__ __forceinline__ void backward_v4(const float* __restrict__ params, fl
         // the row maxima this step reads and fills (v4/rowmax.cuh): dz_t's exist where phase 3 of
         // step t + D ran in this launch; phase 3 of this step fills dz_{t−D}'s (its v and z in the
         // window) and reads da_t's, filled by this phase
-        const bool dz_rows = ROWMAX && d.ei && has_fb && t + d.D < win.t1;
-        const bool fill_dz_rows = ROWMAX && d.back && d.ei && t - d.D >= win.t0;
+        const bool dz_rows = DZ_ROWMAX && d.ei && has_fb && t + d.D < win.t1;
+        const bool fill_dz_rows = DZ_ROWMAX && d.back && d.ei && t - d.D >= win.t0;
         const bool fill_da_rows = ROWMAX && d.back && t >= d.D;
         if (ROWMAX && d.back) {
             rowmax_zero(rowmax_da(rowmax, d, t + 1), 1, d);  // read by phase 3 of step t + 1, filled by phase 2 of step t − 1
@@ -723,8 +745,10 @@ __device__ __forceinline__ void backward_v4(const float* __restrict__ params, fl
                     db_b[ni][i & 1] += a_grad;
                 }
             };
+            if (DB_CARRIED) load_db();
             if (E == 1) for_each_owned(ch, co0, d, [&](int mi, int ni, int i, int q, int c) { update(mi, ni, i, q, c, load(q, c)); });
             else for_each_owned_loaded<E>(ch, co0, d, load, update);
+            if (DB_CARRIED) store_db();
             if (fill_da_rows) damax.commit(rowmax_da(rowmax, d, t) + ch.b * DIM_H, ch, d);
             if (d.ei) wgrad_all_slabs<true, PLANES>(dw_e, dw_pitch, y_staged, dz_src, sc_dz, inv_dz, vt_src, sc_v, inv_v, co0, sm, ch, d, vd);
         });
@@ -783,14 +807,7 @@ __device__ __forceinline__ void backward_v4(const float* __restrict__ params, fl
     }
     if (!last_launch) {
         // an earlier window follows: keep the sums as they are (no reduction yet)
-        float* carry = thread_carry();
-#pragma unroll
-        for (int ni = 0; ni < NT; ++ni)
-#pragma unroll
-            for (int h = 0; h < 2; ++h) {
-                carry[(2 * ni + h) * THREADS] = db_b[ni][h];
-                carry[(2 * NT + 2 * ni + h) * THREADS] = db_e[ni][h];
-            }
+        if (!DB_CARRIED) store_db();
         if (vd.dw_smem) {
             __syncthreads();
             for (int j = threadIdx.x; j < CO_T * n_all; j += THREADS) {
@@ -802,6 +819,7 @@ __device__ __forceinline__ void backward_v4(const float* __restrict__ params, fl
         return;
     }
     // the bias partials: lanes of one t share channels (xor over g), then the warps in order
+    if (DB_CARRIED) load_db();
     __syncthreads();
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
 #pragma unroll

@@ -607,3 +607,49 @@ fn v4_scales_from_row_maxima_give_the_bits_of_walking_the_halo() {
         }
     }
 }
+
+/// The backward's bias partial sums kept in `db_carry` between phase 2's epilogues
+/// (`V4Plan::carry_bias_sums`, `V4_DB_CARRIED`: what the plan picks for tiles of 64 accumulators
+/// per thread) give the bits of keeping them in registers across the loop — the same additions
+/// in the same order — with and without `--recompute` windows: a small tile made to carry them,
+/// and cifar10's widest tile (mt 2, co_t 64), which carries them by itself, made not to.
+#[test]
+fn v4_bias_sums_carried_in_memory_give_the_bits_of_registers() {
+    let small = smooth(case("5×7×9 back+ei r 1 D 2 T 6", [5, 7, 9], true, true, 1, 2, 2, 6, 6));
+    let wide = case("72×5×6 back+ei r 1 D 1 T 3", [72, 5, 6], true, true, 1, 1, 2, 3, 3);
+    let wide_lim = limits_where(&wide, Precision::Fp32, |v| v.co_t == 64 && v.mt == 2);
+    let bits = |xs: &[f32]| xs.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    for (i, (c, lim, ks)) in [(&small, SMALL, &[None, Some(2)][..]), (&wide, wide_lim, &[None, Some(2)])].into_iter().enumerate() {
+        let x = inputs(c, 1210 + i as u64);
+        for &k in ks {
+            let mut plan = v4_plan(c, &lim, Precision::Fp32);
+            let v4 = plan.v4.as_ref().unwrap();
+            // the plan's own choice: carried exactly for the 64-accumulator tile
+            assert_eq!(v4.db_carry > 0, v4.mt * v4.co_t > 64, "{}: mt {} co_t {}", c.name, v4.mt, v4.co_t);
+            assert_eq!(plan.buffers.v4_db_carry, v4.db_carry, "{}", c.name);
+            if let Some(k) = k {
+                apply_recompute(&mut plan, c.shape, &c.fb, k, c.steps).unwrap();
+            }
+            let mut other = plan.clone();
+            let o = other.v4.as_mut().unwrap();
+            if o.db_carry > 0 {
+                o.db_carry = 0;
+                o.defines.retain(|(name, _)| name != "V4_DB_CARRIED");
+                if k.is_none() {
+                    other.buffers.v4_db_carry = 0;
+                }
+            } else {
+                o.carry_bias_sums();
+                other.buffers.v4_db_carry = o.db_carry;
+            }
+            let (a, b) = (emulate_v4(c, &x, &plan, 12), emulate_v4(c, &x, &other, 13));
+            let what = format!("{} K {k:?}", c.name);
+            assert_eq!(bits(&a.out), bits(&b.out), "{what}: the spikes");
+            assert_eq!(bits(&a.gin), bits(&b.gin), "{what}: ∂L/∂I");
+            assert_eq!(bits(&a.grads), bits(&b.grads), "{what}: the parameter gradients");
+            if k.is_none() {
+                compare_within(c, "v4/fp32 bias sums", &x, &cpu_reference(c, &x), &a, Tolerance::F32);
+            }
+        }
+    }
+}

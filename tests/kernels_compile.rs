@@ -56,7 +56,7 @@ fn a_compile_error_names_file_line_and_source() {
 /// of each forward and backward issues HMMA, touches no local memory and divides no integers, no
 /// kernel uses local memory, and the cooperative plan's grid fits the blocks that registers and
 /// shared memory leave resident. The fashion-mnist layers in every precision, mnist's layer 1
-/// (r = 2), cifar10's layer 2 (the widest tile).
+/// (r = 2), cifar10's layers 2 and 3 (the widest tile).
 #[test]
 fn v4_hot_loops_run_on_tensor_cores_without_local_memory_or_division() {
     require_nvrtc();
@@ -71,15 +71,20 @@ fn v4_hot_loops_run_on_tensor_cores_without_local_memory_or_division() {
         ([15, 24, 24], 2, Precision::Fp32),
         ([32, 28, 28], 1, Precision::Tf32),
         ([32, 28, 28], 1, Precision::Bf16),
-        // 64-channel tiles, channel slabs, weights streamed from L2 (cifar10's layer 2)
+        // 64-channel tiles, channel slabs, weights streamed from L2 (cifar10's layers 2 and 3: the
+        // backward's bias sums carried in memory, and its named spill exception)
         ([256, 16, 16], 1, Precision::Fp32),
+        ([512, 8, 8], 1, Precision::Fp32),
     ];
     for (shape, r, p) in cases {
         let c = check_instance(shape, &fb(r), 100, 20, &DeviceLimits::H100, p, "sm_90").unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(c.kernels.len(), 2, "{shape:?} {p}: {:?}", c.kernels);
         for (k, per_sm) in c.kernels.iter().zip(&c.blocks_per_sm) {
             let m = k.hot.expect("a hot loop");
-            println!("{shape:?} {p} {}: {} registers, {per_sm} block(s)/SM, hot loop {m:?}", k.kernel, k.registers);
+            println!(
+                "{shape:?} {p} {}: {} registers, local memory {} B in {} instructions, {per_sm} block(s)/SM, hot loop {m:?}",
+                k.kernel, k.registers, k.local_bytes, k.local_ops
+            );
             // one HMMA per product of a k-step: at least one per m-tile and n-tile
             assert!(m.mma >= 4 && m.ldsm > 0, "{shape:?} {p} {}: {m:?}", k.kernel);
         }
@@ -232,7 +237,11 @@ fn window_staged_convolutions_loop_over_taps_on_tensor_cores() {
             let k = kernels.iter().find(|k| k.kernel == name).unwrap_or_else(|| panic!("{name} not in the module"));
             let m = k.hot.unwrap_or_else(|| panic!("{name}: no loop"));
             println!("{name}: {} registers, hot loop {m:?}", k.registers);
-            assert_eq!(k.local_bytes, 0, "{name}: spills");
+            // the named exception (KernelStats::spills): the fp32 256-pixel tiles' 4 bytes of spill
+            // (an 8-byte stack frame), never inside the tap loop
+            let allowed = if p == "fp32" && tile.ends_with("n256") { 8 } else { 0 };
+            assert!(k.local_bytes <= allowed, "{name}: {} bytes of local memory (spills)", k.local_bytes);
+            assert_eq!(m.local, 0, "{name}: the tap loop touches local memory: {m:?}");
             assert_eq!(m.idiv, 0, "{name}: an integer division in the tap loop: {m:?}");
             assert!(m.mma >= 16, "{name}: the hot loop is the tap loop: {m:?}");
             assert!(m.total <= 10 * m.mma, "{name}: {} instructions for {} HMMA", m.total, m.mma);

@@ -29,13 +29,17 @@
 //                            delay step: the one being read and the one being filled differ)
 // dz_t's maxima exist only where phase 3 of step t + D ran in the same launch (t + D < t1, and
 // t ≥ t0 for its v and z): a step without them (the last D steps, back off, a window's edge)
-// walks its halo as before.
+// walks its halo as before. Nor do they exist where a thread's tile holds 64 accumulators (MT·NT·4
+// > 32: cifar10 L2/L3): forming them keeps each element's ∂L/∂s, v and z in flight beside the tile
+// in phase 3's epilogue, and ptxas then spilled per element (sm_90 fp32 backward, stack frame 72 B
+// with them against 32 B without, 2026-12-05); those tiles walk dz's halo and keep v's and da's maxima.
 
 #ifndef V4_ROWMAX
 #define V4_ROWMAX 1
 #endif
 // (V4_ROWMAX = 0: every scale from the walk — what the emulator compares the maxima with)
 constexpr bool ROWMAX = V4_ROWMAX && PREC == PREC_FP32;
+constexpr bool DZ_ROWMAX = ROWMAX && MT * NT * 4 <= 32;  // dz's maxima (above)
 
 // The [B][H] words of a tensor-step's row maxima.
 __device__ __forceinline__ unsigned int* rowmax_v(unsigned int* base, const LayerDims& d, int t) {

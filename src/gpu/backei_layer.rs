@@ -945,7 +945,7 @@ pub fn apply_recompute(p: &mut LaunchPlan, shape: [usize; 3], fb: &FeedbackConfi
     b.g = if fb.back { k * bn } else { 0 };
     b.z = if fb.ei { k * bn } else { 0 };
     b.v_ckpt = (steps.div_ceil(k) - 1) * bn;
-    b.v4_db_carry = v4.grid as usize * v4.co_t / 2 * super::backei_v4::V4_THREADS as usize;
+    b.v4_db_carry = super::backei_v4::db_carry_floats(v4.grid, v4.co_t);
     p.window = Some(k);
     Ok(())
 }
@@ -1047,6 +1047,7 @@ pub fn plan_tensor_cores(
     p.buffers.v4_winv = v.winv;
     p.buffers.v4_dw_part = v.dw_part;
     p.buffers.v4_rowmax = v.rowmax;
+    p.buffers.v4_db_carry = v.db_carry;
     p.version = KernelVersion::V4;
     p.tile = None;
     p.v4 = Some(v);

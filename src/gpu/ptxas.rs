@@ -67,10 +67,12 @@ pub fn parse_ptxas_report(module: &str, text: &str) -> Vec<KernelStats> {
 
 impl KernelStats {
     /// Whether the kernel spills registers, but for the one named exception: the window-staged fp32
-    /// tiles of 256 pixels (`conv_halo_fp32_m*n256`) sit at 255 registers, and the pip wheel's
-    /// ptxas spills up to 8 bytes of the sm_90 ones, while NVRTC's own CUBIN (what runs) has no
-    /// local memory (`tests/kernels_compile.rs`
-    /// `window_staged_convolutions_loop_over_taps_on_tensor_cores` reads its SASS).
+    /// tiles of 256 pixels (`conv_halo_fp32_m*n256`) sit at 255 registers, and ptxas spills 4
+    /// bytes of the sm_90 ones (an 8-byte stack frame) — the pip wheel's ptxas and NVRTC's own
+    /// CUBIN (what runs) alike, outside the tap loop (`tests/kernels_compile.rs`
+    /// `window_staged_convolutions_loop_over_taps_on_tensor_cores` reads its SASS: the loop has no
+    /// local access). (Until 2026-12-05 that test read cuobjdump's LOCAL, which leaves spills out,
+    /// and this comment said NVRTC's CUBIN had none.)
     pub fn spills(&self, arch: &str) -> bool {
         let named = arch == "sm_90" && self.kernel.starts_with("conv_halo_fp32_m") && self.kernel.ends_with("n256");
         if named {
