@@ -118,7 +118,7 @@ typedef float V4S;
 // The backward's bias partial sums in db_carry between phase 2's epilogues instead of registers
 // across the whole loop (the host sets it for tiles of 64 accumulators per thread, where ptxas
 // otherwise kept them in local memory with a load and a store per element: backei_v4.rs
-// `db_carried`); the same additions in the same order, so the same bits.
+// `V4Plan::carry_bias_sums`); the same additions in the same order, so the same bits.
 #ifndef V4_DB_CARRIED
 #define V4_DB_CARRIED 0
 #endif

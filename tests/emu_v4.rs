@@ -138,6 +138,11 @@ fn emulate_v4_pooling(
     }
 }
 
+/// A buffer's bits, for the comparisons that must be exact.
+fn bits(xs: &[f32]) -> Vec<u32> {
+    xs.iter().map(|x| x.to_bits()).collect()
+}
+
 fn v4_plan(c: &Case, limits: &DeviceLimits, p: Precision) -> LaunchPlan {
     let plan = plan_tensor_cores(c.shape, &c.fb, c.batch, c.steps, limits, p).unwrap();
     assert_eq!(plan.version, KernelVersion::V4, "{}: fell back: {:?}", c.name, plan.fallback);
@@ -329,7 +334,6 @@ fn v4_recompute_windows_give_the_bits_of_the_whole_loop() {
             let bn = c.batch * c.shape.iter().product::<usize>();
             assert_eq!((plan.buffers.v, plan.buffers.v_ckpt), (k * bn, (c.steps.div_ceil(k) - 1) * bn), "{}: K = {k}", c.name);
             let win = emulate_v4(c, &x, &plan, 40 + k as u64);
-            let bits = |xs: &[f32]| xs.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
             assert_eq!(bits(&win.out), bits(&whole.out), "{}: K = {k}: the spikes", c.name);
             assert_eq!(bits(&win.gin), bits(&whole.gin), "{}: K = {k}: ∂L/∂I", c.name);
             assert_eq!(bits(&win.grads), bits(&whole.grads), "{}: K = {k}: the parameter gradients", c.name);
@@ -461,7 +465,6 @@ fn v4_forward_pools_its_spikes_as_the_pooling_layer_would() {
         let plain = emulate_v4(c, &x, &plan, 8);
         let d = emulate_v4_pooling(c, &x, &plan, 8, (y.ptr(), false), None, false);
         y.check_guards();
-        let bits = |xs: &[f32]| xs.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
         for (name, a, b) in [("s", &d.out, &plain.out), ("∂L/∂I", &d.gin, &plain.gin), ("gradients", &d.grads, &plain.grads)] {
             assert!(bits(a) == bits(b), "{} K {k:?}: {name} changed by pooling", c.name);
         }
@@ -506,7 +509,6 @@ fn v4_backward_from_the_pooling_gradient_gives_the_bits_of_the_pooling_backward(
         (case("6×8×6 back r 2 D 1 T 5 T_in 1", [6, 8, 6], true, false, 2, 1, 3, 5, 1), Some(2), true),
         (case("16×6×7 ei r 1 T 4", [16, 6, 7], false, true, 1, 1, 2, 4, 4), Some(3), true),
     ];
-    let bits = |xs: &[f32]| xs.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
     for (i, (c, k, s8)) in cases.iter().enumerate() {
         let mut plan = v4_plan(c, &SMALL, Precision::Fp32);
         if let Some(k) = *k {
@@ -578,7 +580,6 @@ fn v4_scales_from_row_maxima_give_the_bits_of_walking_the_halo() {
         (case("40×9×11 ei r 1 T 4", [40, 9, 11], false, true, 1, 1, 2, 4, 4), &[None]),
         (case("6×5×7 back r 2 D 3 T 5", [6, 5, 7], true, false, 2, 3, 2, 5, 5), &[None, Some(2)]),
     ];
-    let bits = |xs: &[f32]| xs.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
     for (i, (c, ks)) in cases.iter().enumerate() {
         let x = inputs(c, 990 + i as u64);
         assert_eq!(v4_plan(c, &SMALL, Precision::Bf16).buffers.v4_rowmax, 0, "{}: bf16 scales nothing", c.name);
@@ -618,7 +619,6 @@ fn v4_bias_sums_carried_in_memory_give_the_bits_of_registers() {
     let small = smooth(case("5×7×9 back+ei r 1 D 2 T 6", [5, 7, 9], true, true, 1, 2, 2, 6, 6));
     let wide = case("72×5×6 back+ei r 1 D 1 T 3", [72, 5, 6], true, true, 1, 1, 2, 3, 3);
     let wide_lim = limits_where(&wide, Precision::Fp32, |v| v.co_t == 64 && v.mt == 2);
-    let bits = |xs: &[f32]| xs.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
     for (i, (c, lim, ks)) in [(&small, SMALL, &[None, Some(2)][..]), (&wide, wide_lim, &[None, Some(2)])].into_iter().enumerate() {
         let x = inputs(c, 1210 + i as u64);
         for &k in ks {

@@ -144,6 +144,13 @@ impl V4Plan {
         }
     }
 
+    /// Whether a thread's tile holds 64 accumulators (mt = 2, co_t = 64: cifar10 L2/L3), the tiles
+    /// whose backward carries its bias sums in memory and skips dz's row maxima (the kernel's
+    /// `DZ_ROWMAX`: MT·NT·4 > 32) to stay clear of per-element spills.
+    pub fn wide_tile(&self) -> bool {
+        self.mt * self.co_t > 64
+    }
+
     /// Builds the backward to keep each thread's bias partial sums in the `db_carry` buffer between
     /// phase 2's epilogues (`V4_DB_CARRIED`) instead of registers across the whole loop: what
     /// `plan_v4` picks for tiles of 64 accumulators per thread (mt = 2, co_t = 64: cifar10 L2/L3),
@@ -388,7 +395,7 @@ pub fn plan_v4(
         s8: false,
         db_carry: 0,
     };
-    if mt * co_t > 64 {
+    if plan.wide_tile() {
         plan.carry_bias_sums();
     }
     Ok(plan)
@@ -495,7 +502,7 @@ pub fn check_instance(
                 per_sm * limits.sm_count
             ));
         }
-        if k.local_bytes > 0 && !(plan.db_carry > 0 && k.kernel == plan.backward && k.local_ops <= V4_WIDE_TILE_LOCAL_OPS) {
+        if k.local_bytes > 0 && !(plan.wide_tile() && k.kernel == plan.backward && k.local_ops <= V4_WIDE_TILE_LOCAL_OPS) {
             problems.push(format!(
                 "{}: {} bytes of local memory (spills or an indexed array), {} instructions touching it",
                 k.kernel, k.local_bytes, k.local_ops
