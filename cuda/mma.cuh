@@ -73,6 +73,15 @@ __device__ __forceinline__ void ldmatrix_x4_trans(u32 (&r)[4], const void* row) 
                  : "r"(smem_u32(row)));
 }
 
+// The same at a 32-bit shared-memory address (smem_u32): where a hot loop forms its row addresses
+// as 32-bit offsets, instead of 64-bit generic pointers converted per instruction (two adds, a
+// sign extension and a move per address in the weight-gradient k-loop's SASS).
+__device__ __forceinline__ void ldmatrix_x4_trans_at(u32 (&r)[4], u32 row) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(row));
+}
+
 // cp.async: an asynchronous global → shared copy of 16 bytes (both 16-byte aligned), completed by
 // cp_async_wait<N>() (all but the newest N committed groups) or cp_async_wait_all(). The
 // destination must not be read before the wait (and, by other threads, a barrier after it).

@@ -72,146 +72,250 @@ __device__ __forceinline__ void conv_gemm(float (&acc)[MT][NT][4], const char* h
     }
 }
 
+// A pixel of the chunk walked STEP pixels at a time without division: its column x in the image
+// and its index h = (y − y_first)·(W + 2r) + x in the halo (at tap (0, 0)). Advancing by STEP
+// pixels adds STEP / W rows and STEP % W columns, and one row more (2r halo columns) where the
+// column wraps (STEP % W < W: one test); the two steps are constants in the GPU build (W is), and
+// formed once per walk in the emulator's (PixelWalk::steps). The weight gradient's k-loop walked
+// its pixels by a division by W per lane and operand (SASS of the fashion L1 bf16 backward: 4
+// per two k-steps; ~70 of the loop's 132 instructions per 16 HMMA were address arithmetic).
+template <int STEP>
+struct PixelWalk {
+    int x, h;
+    struct Steps {
+        int dx, dh;  // STEP % W, and the halo index's step without a wrap
+    };
+    __device__ __forceinline__ static Steps steps(const LayerDims& d) {
+        const int W = DIM_W;
+        return Steps{STEP % W, (STEP / W) * (W + 2 * R) + STEP % W};
+    }
+    __device__ __forceinline__ void start(const Chunk& ch, int p, const LayerDims& d) {
+        const int W = DIM_W, q = ch.q0 + p, y = q / W;
+        x = q - y * W;
+        h = (y - ch.y_first) * (W + 2 * R) + x;
+    }
+    __device__ __forceinline__ void advance(const Steps& st, const LayerDims& d) {
+        x += st.dx;
+        h += st.dh;
+        if (x >= DIM_W) {  // (selects, not a branch)
+            x -= DIM_W;
+            h += 2 * R;
+        }
+    }
+};
+
+// An n-tile of a slab's weight gradient: its tap (ky, kx) and first channel ci within the slab
+// (n-tile j: tap j / (nch/8), channels 8·(j % (nch/8)) + 0..7).
+struct NTileAt {
+    int ky, kx, ci;
+    __device__ __forceinline__ void start(int j, int nch) {
+        const int per_tap = nch >> 3, tap = (int)((unsigned)j / (unsigned)per_tap);
+        ci = (j - tap * per_tap) * 8;
+        ky = tap / K;
+        kx = tap - ky * K;
+    }
+    // the n-tile after this one
+    __device__ __forceinline__ NTileAt next(int nch) const {
+        NTileAt n = *this;
+        n.ci += 8;
+        if (n.ci == nch) {
+            n.ci = 0;
+            if (++n.kx == K) {
+                n.kx = 0;
+                ++n.ky;
+            }
+        }
+        return n;
+    }
+    // the tap's offset in the halo (pixels)
+    __device__ __forceinline__ int halo_offset(const LayerDims& d) const { return ky * (DIM_W + 2 * R) + kx; }
+    // its column of dw: tap·c_pad + c0 + ci
+    __device__ __forceinline__ int column(int c0, int cpad) const { return (ky * K + kx) * cpad + c0 + ci; }
+};
+
+// The weight-gradient register tile of a warp: NTG_ n-tiles (NTG_ / 2 pairs) from tile `tile0` of
+// the slab, MW m-tiles, accumulated over the chunk's pixels and folded into dw (see wgrad_gemm).
+template <int YPL, int XPL, int NTG_>
+__device__ __forceinline__ void wgrad_tile(float* dw, int pitch, float inv, const char* dy_own, const char* x_slab, int c0, int nch, int tile0,
+                                           const char* zero_row, const Chunk& ch, const LayerDims& d, const V4Dims& vd) {
+    const int W = DIM_W, HS = W + 2 * R, CPAD = DIM_CPAD;
+    const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    const int ksteps = (ch.len + KPIX - 1) / KPIX;
+    static_assert(YPL == PLANES, "dY is a real operand");
+    static_assert(NTG_ % 2 == 0, "n-tiles come in ldmatrix pairs");
+    const int interior = R * HS + R;  // dY is read at the pixel itself: + r rows, + r columns
+    float acc[MW][NTG_][4];
+#pragma unroll
+    for (int mw = 0; mw < MW; ++mw)
+#pragma unroll
+        for (int j = 0; j < NTG_; ++j)
+#pragma unroll
+            for (int i = 0; i < 4; ++i) acc[mw][j][i] = 0.0f;
+    // the halo offsets and first channels of the tiles this lane reads — tf32: tile j's (tap
+    // offset, channel g); else: the ldmatrix pair's (tile 2·(j/2) + lane/16), for this lane. The
+    // tiles' taps and channels: tile0's by one division, the next ones by steps (NTileAt)
+    int x_off[NTG_];
+    {
+        NTileAt at;
+        at.start(tile0, nch);
+#pragma unroll
+        for (int j = 0; j < NTG_; ++j) {
+            const int xo = at.halo_offset(d) * vd.pstride + at.ci * EB;
+            if (PREC == PREC_TF32) {
+                x_off[j] = xo + g * EB;
+            } else if (j % 2 == 0) {
+                x_off[j] = xo;  // the pair's first tile; its second replaces it on lanes 16..31
+            } else {
+                if (lane >> 4) x_off[j - 1] = xo;
+                x_off[j] = x_off[j - 1];
+            }
+            at = at.next(nch);
+        }
+    }
+    if (PREC == PREC_TF32) {
+        // scalar fragments: a = dY[co g (+8)][pixel t (+4)], b = X[pixel t (+4) + tap][ci g]. The
+        // pixels p0 + t + 4h walked by PixelWalk while they stay in the chunk: dY is read only
+        // there (else 0), and X of a pixel past it (never staged) is replaced by the walk's last
+        // staged pixel, whose product with the zero dY is zero all the same
+        PixelWalk<KPIX> pw[2];
+        const auto steps = PixelWalk<KPIX>::steps(d);
+#pragma unroll
+        for (int h = 0; h < 2; ++h) pw[h].start(ch, min(t + 4 * h, ch.len - 1), d);
+        for (int kst = 0; kst < ksteps; ++kst) {
+            const int p0 = kst * KPIX;
+            u32 a[MW][4];
+            u32 b[NTG_][2];
+#pragma unroll
+            for (int mw = 0; mw < MW; ++mw)
+#pragma unroll
+                for (int j = 0; j < 4; ++j) {
+                    const int h = j >> 1, co = 16 * mw + g + 8 * (j & 1);
+                    a[mw][j] = p0 + t + 4 * h < ch.len ? *reinterpret_cast<const u32*>(dy_own + (pw[h].h + interior) * vd.own_pstride + co * EB) : 0u;
+                }
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                const int pp = pw[h].h * vd.pstride;
+#pragma unroll
+                for (int j = 0; j < NTG_; ++j) b[j][h] = *reinterpret_cast<const u32*>(x_slab + pp + x_off[j]);
+            }
+#pragma unroll
+            for (int mw = 0; mw < MW; ++mw)
+#pragma unroll
+                for (int j = 0; j < NTG_; ++j) mma_tf32_m16n8k8(acc[mw][j], a[mw], b[j]);
+#pragma unroll
+            for (int h = 0; h < 2; ++h)
+                if (p0 + KPIX + t + 4 * h < ch.len) pw[h].advance(steps, d);
+        }
+    } else {
+        // ldmatrix.trans, lane l addressing one row (pixel) of matrix l/8. A: matrix j = pixels
+        // 8·(j/2) + 0..7, channels 8·(j%2) + 0..7; B (two n-tiles per ldmatrix.x4): matrix j =
+        // pixels 8·(j%2) + 0..7 of n-tile 2·pair + j/2. (One pixel per lane for both would need A's
+        // registers 1 and 2 swapped, and HMMA takes a fragment in consecutive registers: 4 moves
+        // per fragment in the SASS, more than a second walk costs.) Each lane's pixel is walked
+        // while it stays in the chunk: dY is read only there (else the zero row), and X of a pixel
+        // past it (never staged) is replaced by the walk's last staged pixel, whose product with
+        // the zero dY is zero all the same
+        const int pa_lane = (lane & 7) + 8 * (lane >> 4), pb_lane = (lane & 7) + 8 * ((lane >> 3) & 1);
+        const int ca = 8 * ((lane >> 3) & 1);
+        PixelWalk<KPIX> pa, pb;
+        const auto steps = PixelWalk<KPIX>::steps(d);
+        pa.start(ch, min(pa_lane, ch.len - 1), d);
+        pb.start(ch, min(pb_lane, ch.len - 1), d);
+        // 32-bit shared addresses (ldmatrix_x4_trans_at)
+        const u32 a_base = smem_u32(dy_own) + interior * vd.own_pstride + ca * EB, zero_at = smem_u32(zero_row);
+        const u32 b_base = smem_u32(x_slab);
+        for (int kst = 0; kst < ksteps; ++kst) {
+            const int p0 = kst * KPIX;
+            u32 a[YPL][MW][4];
+            u32 b[XPL][NTG_][2];
+            const bool a_in = p0 + pa_lane < ch.len;
+            const u32 arow = a_base + pa.h * vd.own_pstride;
+#pragma unroll
+            for (int p = 0; p < YPL; ++p)
+#pragma unroll
+                for (int mw = 0; mw < MW; ++mw) ldmatrix_x4_trans_at(a[p][mw], a_in ? arow + p * vd.own_plane_bytes + 16 * mw * EB : zero_at);
+            const u32 brow = b_base + pb.h * vd.pstride;
+#pragma unroll
+            for (int pair = 0; pair < NTG_ / 2; ++pair) {
+#pragma unroll
+                for (int p = 0; p < XPL; ++p) {
+                    u32 r4[4];
+                    ldmatrix_x4_trans_at(r4, brow + p * vd.plane_bytes + x_off[2 * pair]);
+                    b[p][2 * pair][0] = r4[0];
+                    b[p][2 * pair][1] = r4[1];
+                    b[p][2 * pair + 1][0] = r4[2];
+                    b[p][2 * pair + 1][1] = r4[3];
+                }
+            }
+#pragma unroll
+            for (int mw = 0; mw < MW; ++mw)
+#pragma unroll
+                for (int j = 0; j < NTG_; ++j) {
+                    if (PREC == PREC_BF16) {
+                        mma_bf16_m16n8k16(acc[mw][j], a[0][mw], b[0][j]);
+                    } else {
+                        // as the gate convolutions: a fresh fragment, added with round-to-nearest
+                        float tt[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+                        mma_f16_m16n8k16(tt, a[0][mw], b[0][j]);
+                        mma_f16_m16n8k16(tt, a[YPL - 1][mw], b[0][j]);
+                        if (XPL == 2) mma_f16_m16n8k16(tt, a[0][mw], b[XPL - 1][j]);
+#pragma unroll
+                        for (int r = 0; r < 4; ++r) acc[mw][j][r] += tt[r];
+                    }
+                }
+            pa.advance(steps, d);
+            if (p0 + KPIX + pb_lane < ch.len) pb.advance(steps, d);
+        }
+    }
+    // fold: this warp owns these dw elements alone (no race, a fixed order). In shared memory
+    // (an even pitch: DW_SMEM_PITCH) as float2 — a lane's two columns — so that a half-warp's
+    // 16 lanes (rows g = 0..3, column pairs t) fall in 32 different banks; in dw_part
+    // (global, pitch n_all + 1: odd) one float at a time.
+    NTileAt at;
+    at.start(tile0, nch);
+#pragma unroll
+    for (int j = 0; j < NTG_; ++j, at = at.next(nch)) {
+        float* const col = dw + g * pitch + at.column(c0, CPAD) + 2 * t;
+#pragma unroll
+        for (int mw = 0; mw < MW; ++mw)
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                float* at = col + (16 * mw + 8 * h) * pitch;
+                if ((pitch & 1) == 0) {
+                    float2 x = *reinterpret_cast<float2*>(at);
+                    x.x += acc[mw][j][2 * h] * inv;
+                    x.y += acc[mw][j][2 * h + 1] * inv;
+                    *reinterpret_cast<float2*>(at) = x;
+                } else {
+                    at[0] += acc[mw][j][2 * h] * inv;
+                    at[1] += acc[mw][j][2 * h + 1] * inv;
+                }
+            }
+    }
+}
+
 // The chunk's weight-gradient GEMM over one staged slab of X (channels [c0, c0 + nch)), folded
 // into dw (f32, CO_T rows of k²·c_pad, `pitch` apart):
 //   dw[co][tap·c_pad + ci] += inv · Σ_p dY[co0 + co][p] · X[ci][p + off(tap)],  ci ∈ the slab
 // dY: the block's own CO_T channels, staged in the own planes (YPL planes, real); X: the slab
-// (XPL planes). Warp w takes the slab's n-tile groups w, w + 8, …; rows of pixels past the chunk
-// read a zero row of dY.
+// (XPL planes). The slab's k²·nch/8 n-tiles (an even number: nch is a multiple of 16) are split
+// into pairs, and warp w takes the balanced contiguous run of pairs [w·P/8, (w+1)·P/8), as register
+// tiles of NTG n-tiles (two pairs) and, where the run is odd, one of a single pair. The warps
+// finish together: where every warp took whole NTG-tile groups in turn (w, w + 8, …), 9 groups
+// (fashion-mnist L1: 36 n-tiles) gave warp 0 twice the work of the others, and the block waited
+// for it (8 tiles on the critical path instead of 6). Rows of pixels past the chunk read a zero
+// row of dY. Each dw element's sum (its k-steps in order, then one fold) is the same as before,
+// whichever warp makes it: the same bits.
 template <int YPL, int XPL>
 __device__ __forceinline__ void wgrad_gemm(float* dw, int pitch, float inv, const char* dy_own, const char* x_slab, int c0, int nch,
                                            const char* zero_row, const Chunk& ch, const LayerDims& d, const V4Dims& vd) {
-    const int W = DIM_W, HS = W + 2 * R, CPAD = DIM_CPAD;
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-    const int per_tap = nch / 8, ntiles = KK * per_tap, groups = (ntiles + NTG - 1) / NTG;
-    const int ksteps = (ch.len + KPIX - 1) / KPIX;
-    static_assert(YPL == PLANES, "dY is a real operand");
-    // pixel p of the chunk at tap (0, 0) of the halo: row y − y_first, column x
-    auto pix = [&](int p) {
-        const int q = ch.q0 + p, y = q / W - ch.y_first, x = q - (q / W) * W;
-        return y * HS + x;
-    };
-    const int interior = R * HS + R;  // dY is read at the pixel itself: + r rows, + r columns
-    // n-tile j of the slab → (the halo offset of its tap, its first channel within the slab, its column of dw)
-    auto ntile = [&](int j, int& toff, int& ci, int& n) {
-        const int tap = j / per_tap;
-        ci = (j - tap * per_tap) * 8;
-        toff = (tap / K) * HS + tap % K;
-        n = tap * CPAD + c0 + ci;
-    };
-    for (int grp = warp; grp < groups; grp += WARPS) {
-        float acc[MW][NTG][4];
-#pragma unroll
-        for (int mw = 0; mw < MW; ++mw)
-#pragma unroll
-            for (int j = 0; j < NTG; ++j)
-#pragma unroll
-                for (int i = 0; i < 4; ++i) acc[mw][j][i] = 0.0f;
-        // the group's n-tiles (divisions here, once per group, not in the k-loop): the halo offsets
-        // and first channels of the tiles this lane reads
-        int x_off[NTG];  // tf32: tile j's (tap offset, channel g); else: the ldmatrix pair's, for this lane
-#pragma unroll
-        for (int j = 0; j < NTG; ++j) {
-            int toff, ci, n;
-            if (PREC == PREC_TF32) {
-                ntile(min(grp * NTG + j, ntiles - 1), toff, ci, n);
-                x_off[j] = toff * vd.pstride + (ci + g) * EB;
-            } else {
-                ntile(min(grp * NTG + 2 * (j / 2) + (lane >> 4), ntiles - 1), toff, ci, n);
-                x_off[j] = toff * vd.pstride + ci * EB;
-            }
-        }
-        for (int kst = 0; kst < ksteps; ++kst) {
-            const int p0 = kst * KPIX;
-            u32 a[YPL][MW][4];
-            u32 b[XPL][NTG][2];
-            if (PREC == PREC_TF32) {
-                // scalar fragments: a = dY[co g (+8)][pixel t (+4)], b = X[pixel t (+4) + tap][ci g]
-#pragma unroll
-                for (int mw = 0; mw < MW; ++mw)
-#pragma unroll
-                    for (int j = 0; j < 4; ++j) {
-                        const int p = p0 + t + 4 * (j >> 1), co = 16 * mw + g + 8 * (j & 1);
-                        a[0][mw][j] = p < ch.len ? *reinterpret_cast<const u32*>(dy_own + (pix(p) + interior) * vd.own_pstride + co * EB) : 0u;
-                    }
-#pragma unroll
-                for (int h = 0; h < 2; ++h) {
-                    const int pp = pix(min(p0 + t + 4 * h, ch.len - 1)) * vd.pstride;
-#pragma unroll
-                    for (int j = 0; j < NTG; ++j) b[0][j][h] = *reinterpret_cast<const u32*>(x_slab + pp + x_off[j]);
-                }
-            } else {
-                // ldmatrix.trans: matrix j of A = pixels 8·(j/2) + 0..7, channels 8·(j%2) + 0..7
-                const int pa = p0 + (lane & 7) + 8 * (lane >> 4);
-                const int ca = 8 * ((lane >> 3) & 1);
-#pragma unroll
-                for (int p = 0; p < YPL; ++p)
-#pragma unroll
-                    for (int mw = 0; mw < MW; ++mw) {
-                        const char* row = pa < ch.len ? dy_own + p * vd.own_plane_bytes + (pix(pa) + interior) * vd.own_pstride + (ca + 16 * mw) * EB
-                                                      : zero_row;
-                        ldmatrix_x4_trans(a[p][mw], row);
-                    }
-                // matrix j of B (two n-tiles per ldmatrix.x4): pixels 8·(j%2) + 0..7, n-tile 2·pair + j/2
-                const int pb = pix(min(p0 + (lane & 7) + 8 * ((lane >> 3) & 1), ch.len - 1));
-#pragma unroll
-                for (int pair = 0; pair < NTG / 2; ++pair) {
-#pragma unroll
-                    for (int p = 0; p < XPL; ++p) {
-                        u32 r4[4];
-                        ldmatrix_x4_trans(r4, x_slab + p * vd.plane_bytes + pb * vd.pstride + x_off[2 * pair]);
-                        b[p][2 * pair][0] = r4[0];
-                        b[p][2 * pair][1] = r4[1];
-                        b[p][2 * pair + 1][0] = r4[2];
-                        b[p][2 * pair + 1][1] = r4[3];
-                    }
-                }
-            }
-#pragma unroll
-            for (int mw = 0; mw < MW; ++mw)
-#pragma unroll
-                for (int j = 0; j < NTG; ++j) {
-                    if (PREC == PREC_TF32) {
-                        mma_tf32_m16n8k8(acc[mw][j], a[0][mw], b[0][j]);
-                    } else if (PREC == PREC_BF16) {
-                        mma_bf16_m16n8k16(acc[mw][j], a[0][mw], b[0][j]);
-                    } else {
-                        // as the gate convolutions: a fresh fragment, added with round-to-nearest
-                        float t[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-                        mma_f16_m16n8k16(t, a[0][mw], b[0][j]);
-                        mma_f16_m16n8k16(t, a[YPL - 1][mw], b[0][j]);
-                        if (XPL == 2) mma_f16_m16n8k16(t, a[0][mw], b[XPL - 1][j]);
-#pragma unroll
-                        for (int r = 0; r < 4; ++r) acc[mw][j][r] += t[r];
-                    }
-                }
-        }
-        // fold: this warp owns these dw elements alone (no race, a fixed order). In shared memory
-        // (an even pitch: DW_SMEM_PITCH) as float2 — a lane's two columns — so that a half-warp's
-        // 16 lanes (rows g = 0..3, column pairs t) fall in 32 different banks; in dw_part
-        // (global, pitch n_all + 1: odd) one float at a time.
-#pragma unroll
-        for (int j = 0; j < NTG; ++j) {
-            if (grp * NTG + j >= ntiles) continue;
-            int toff, ci, n;
-            ntile(grp * NTG + j, toff, ci, n);
-#pragma unroll
-            for (int mw = 0; mw < MW; ++mw)
-#pragma unroll
-                for (int h = 0; h < 2; ++h) {
-                    float* at = dw + (16 * mw + g + 8 * h) * pitch + n + 2 * t;
-                    if ((pitch & 1) == 0) {
-                        float2 x = *reinterpret_cast<float2*>(at);
-                        x.x += acc[mw][j][2 * h] * inv;
-                        x.y += acc[mw][j][2 * h + 1] * inv;
-                        *reinterpret_cast<float2*>(at) = x;
-                    } else {
-                        at[0] += acc[mw][j][2 * h] * inv;
-                        at[1] += acc[mw][j][2 * h + 1] * inv;
-                    }
-                }
-        }
-    }
+    static_assert(NTG == 4, "a run's odd pair is one tile of 2");
+    const int warp = threadIdx.x >> 5;
+    const int pairs = KK * nch / 16;
+    const int first = warp * pairs / WARPS, last = (warp + 1) * pairs / WARPS;
+    int pr = first;
+    for (; pr + NTG / 2 <= last; pr += NTG / 2) wgrad_tile<YPL, XPL, NTG>(dw, pitch, inv, dy_own, x_slab, c0, nch, 2 * pr, zero_row, ch, d, vd);
+    if (pr < last) wgrad_tile<YPL, XPL, 2>(dw, pitch, inv, dy_own, x_slab, c0, nch, 2 * pr, zero_row, ch, d, vd);
 }
 
 // A convolution of the chunk over every channel slab: acc += W ⊛ X, X staged slab by slab into the

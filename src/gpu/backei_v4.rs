@@ -151,6 +151,16 @@ impl V4Plan {
         self.mt * self.co_t > 64
     }
 
+    /// Whether `plan_v4` builds the backward to carry its bias sums in memory (`carry_bias_sums`):
+    /// for the tiles of 64 accumulators per thread, and in fp32 mode, whose weight-gradient k-loop
+    /// holds both planes' fragments of dY and X (fashion-mnist L1's backward, 16 accumulators per
+    /// thread, spilled 24 bytes at 255 registers with its sums in registers since that loop forms
+    /// its addresses by walks instead of divisions; 244 registers with them carried, sm_90,
+    /// 2026-12-06). The cost: 2 × 4·NT words per thread and chunk of phase 2, in L1.
+    pub fn carries_bias_sums(&self) -> bool {
+        self.wide_tile() || self.precision == Precision::Fp32
+    }
+
     /// Builds the backward to keep each thread's bias partial sums in the `db_carry` buffer between
     /// phase 2's epilogues (`V4_DB_CARRIED`) instead of registers across the whole loop: what
     /// `plan_v4` picks for tiles of 64 accumulators per thread (mt = 2, co_t = 64: cifar10 L2/L3),
@@ -395,7 +405,7 @@ pub fn plan_v4(
         s8: false,
         db_carry: 0,
     };
-    if plan.wide_tile() {
+    if plan.carries_bias_sums() {
         plan.carry_bias_sums();
     }
     Ok(plan)
@@ -924,18 +934,24 @@ mod network_tests {
             for l in spec.plan().unwrap().iter().filter(|l| l.spec == LayerSpec::BackEi) {
                 for p in Precision::ALL {
                     match plan_v4(l.output, &spec.feedback, 100, 20, &DeviceLimits::H100, p) {
-                        Ok(v) => println!(
-                            "{:<14} {:?} {p}: co_t {} mt {} groups {} ranges {} smem {} resident weights {} dW on chip {}",
-                            spec.name,
-                            l.output,
-                            v.co_t,
-                            v.mt,
-                            v.dims.groups,
-                            v.dims.ranges,
-                            v.smem_bytes,
-                            v.dims.w_resident,
-                            v.dims.dw_smem
-                        ),
+                        Ok(v) => {
+                            // the backward carries its bias sums in memory in fp32 mode and for
+                            // the 64-accumulator tiles, in registers otherwise
+                            assert_eq!(v.db_carry > 0, p == Precision::Fp32 || v.wide_tile(), "{} {:?} {p}", spec.name, l.output);
+                            assert_eq!(v.defines.iter().any(|(k, _)| k == "V4_DB_CARRIED"), v.db_carry > 0);
+                            println!(
+                                "{:<14} {:?} {p}: co_t {} mt {} groups {} ranges {} smem {} resident weights {} dW on chip {}",
+                                spec.name,
+                                l.output,
+                                v.co_t,
+                                v.mt,
+                                v.dims.groups,
+                                v.dims.ranges,
+                                v.smem_bytes,
+                                v.dims.w_resident,
+                                v.dims.dw_smem
+                            )
+                        }
                         Err(why) => panic!("{} {:?} {p}: {why}", spec.name, l.output),
                     }
                 }

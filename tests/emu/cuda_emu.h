@@ -664,6 +664,20 @@ inline void ldmatrix_x4(u32 (&r)[4], const void* row) { emu::ldmatrix<4, false>(
 inline void ldmatrix_x2_trans(u32 (&r)[2], const void* row) { emu::ldmatrix<2, true>(r, row); }
 inline void ldmatrix_x4_trans(u32 (&r)[4], const void* row) { emu::ldmatrix<4, true>(r, row); }
 
+// 32-bit shared-memory addresses (cuda/mma.cuh smem_u32, ldmatrix_*_at): here the byte offset in
+// the block's dynamic shared memory (what the v4 kernels address this way), so that an address
+// formed by 32-bit arithmetic maps back to the same byte; anything else is a fault.
+inline u32 smem_u32(const void* p) {
+    const char* c = static_cast<const char*>(p);
+    const char* d = reinterpret_cast<const char*>(emu::g->cur->block->dyn.data());
+    const size_t n = emu::g->cur->block->dyn.size() * sizeof(float4);
+    if (c < d || c > d + n) emu::fault("smem_u32: not an address in the block's dynamic shared memory");
+    return (u32)(c - d);
+}
+inline void ldmatrix_x4_trans_at(u32 (&r)[4], u32 row) {
+    emu::ldmatrix<4, true>(r, reinterpret_cast<const char*>(emu::g->cur->block->dyn.data()) + row);
+}
+
 // cp.async: the destination is poisoned (NaN bytes) at issue and written only at the wait that
 // covers the copy, so reading it early — a missing wait, or a missing barrier after another
 // thread's wait — shows as NaN in the result.
