@@ -314,6 +314,13 @@ __device__ __forceinline__ void wgrad_gemm(float* dw, int pitch, float inv, cons
     const int pairs = KK * nch / 16;
     const int first = warp * pairs / WARPS, last = (warp + 1) * pairs / WARPS;
     int pr = first;
+    if (MW * NTG * 4 > 32 && PLANES == 2) {
+        // the 64-channel tiles in fp32 mode (cifar10 L2/L3): 2-n-tile register tiles only — with
+        // 4, the tile's 64 accumulators and both planes' fragments pushed ptxas past 255 registers
+        // into 31 local-memory instructions of spilled set-up values (48-byte frame; 12 with these)
+        for (; pr < last; ++pr) wgrad_tile<YPL, XPL, 2>(dw, pitch, inv, dy_own, x_slab, c0, nch, 2 * pr, zero_row, ch, d, vd);
+        return;
+    }
     for (; pr + NTG / 2 <= last; pr += NTG / 2) wgrad_tile<YPL, XPL, NTG>(dw, pitch, inv, dy_own, x_slab, c0, nch, 2 * pr, zero_row, ch, d, vd);
     if (pr < last) wgrad_tile<YPL, XPL, 2>(dw, pitch, inv, dy_own, x_slab, c0, nch, 2 * pr, zero_row, ch, d, vd);
 }
