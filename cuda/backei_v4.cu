@@ -122,6 +122,15 @@ typedef float V4S;
 #ifndef V4_DB_CARRIED
 #define V4_DB_CARRIED 0
 #endif
+// dz_t stored once, by phase 3 of step t + D (which forms it for dz's row maxima anyway), in a ring
+// of min(D, T) [B][N] slots beside the feedback slot (dzr, slot t mod D), and staged by phase 2 with
+// one load per element instead of the slot, v and z and their product (V4Dz) per halo element. The
+// host sets it where dz's row maxima are formed (backei_v4.rs `V4Plan::stores_dz`); steps whose
+// phase 3 of t + D did not run in the launch (t + D ≥ T, or past the window) keep V4Dz. The same
+// product of the same f32 values: the same bits.
+#ifndef V4_DZ_RING
+#define V4_DZ_RING 0
+#endif
 #ifdef V4_C
 #define DIM_C V4_C
 #define DIM_CPAD ((V4_C + 15) / 16 * 16)
@@ -160,6 +169,7 @@ constexpr int CO_T = V4_CO_T;  // output channels of a block: 16, 32 or 64
 constexpr int MT = V4_MT;      // m-tiles (16 pixels) per warp: a chunk is 128·MT pixels
 constexpr int NT = CO_T / 8;   // n-tiles of the convolution GEMMs
 constexpr bool DB_CARRIED = V4_DB_CARRIED;
+constexpr bool DZ_RING = V4_DZ_RING;
 constexpr int MW = CO_T / 16;  // m-tiles of the weight-gradient GEMM
 constexpr int WARPS = 8, THREADS = 32 * WARPS;
 constexpr int P_CH = 16 * WARPS * MT;
@@ -579,7 +589,7 @@ __device__ __forceinline__ void forward_v4(const float* __restrict__ params, con
 __device__ __forceinline__ void backward_v4(const float* __restrict__ params, float* grads, const float* __restrict__ input,
                                             const V4S* __restrict__ out, const float* __restrict__ v, const float* __restrict__ g,
                                             const V4Z* __restrict__ z, const float* __restrict__ grad_out, const V4GradIn& grad_in_of, float* grad_in, float* dvbuf,
-                                            float* fb, float* da, float* dw_part, float* db_carry, unsigned int* rowmax, unsigned int* bar,
+                                            float* fb, float* dzr, float* da, float* dw_part, float* db_carry, unsigned int* rowmax, unsigned int* bar,
                                             char* wfrag, float* winv, const LayerDims& d, const NeuronParams& np, const V4Dims& vd,
                                             const V4Window& win) {
     extern __shared__ float4 smem4[];
@@ -673,6 +683,10 @@ __device__ __forceinline__ void backward_v4(const float* __restrict__ params, fl
         const bool dz_rows = DZ_ROWMAX && d.ei && has_fb && t + d.D < win.t1;
         const bool fill_dz_rows = DZ_ROWMAX && d.back && d.ei && t - d.D >= win.t0;
         const bool fill_da_rows = ROWMAX && d.back && t >= d.D;
+        // dz_t in the ring (V4_DZ_RING): stored by phase 3 of step t + D in this launch; phase 3
+        // of this step stores dz_{t−D} where its v and z are in the window
+        const bool dz_saved = DZ_RING && d.ei && has_fb && t + d.D < win.t1;
+        const bool store_dz = DZ_RING && d.back && d.ei && t - d.D >= win.t0;
         if (ROWMAX && d.back) {
             rowmax_zero(rowmax_da(rowmax, d, t + 1), 1, d);  // read by phase 3 of step t + 1, filled by phase 2 of step t − 1
             if (fill_dz_rows) rowmax_zero(rowmax_dz(rowmax, d, t - d.D), 1, d);
@@ -685,11 +699,13 @@ __device__ __forceinline__ void backward_v4(const float* __restrict__ params, fl
             const V4Grad ds_src = v4_grad(grad_out, grad_in_of, t, ch.b, d);
             const V4Dz dz_src{ds_src, has_fb ? fb_t + sb : nullptr, v + wt + sb, z + wt + sb, np};  // (ds from the slot when it has one)
             const V4Plain vt_src{v + wt + sb};
+            const V4Plain dz_ring{dz_saved ? dzr + (long long)(t % d.D) * BN + sb : nullptr};  // (dz_t stored: V4_DZ_RING)
             if (d.ei) {
                 sc_dz = dz_rows ? rowmax_scale(rowmax_dz(rowmax, d, t) + ch.b * DIM_H, ch, d, inv_dz)
                                 : halo_scale<true>(dz_src, ch, d, sm.red, inv_dz);
                 sc_v = ROWMAX ? rowmax_scale(rowmax_v(rowmax, d, t) + ch.b * DIM_H, ch, d, inv_v) : halo_scale<true>(vt_src, ch, d, sm.red, inv_v);
-                conv_all_slabs<true, PLANES>(acc, dy_planes, sm.we, wg_e, dz_src, sc_dz, ch, d, vd);
+                if (dz_saved) conv_all_slabs<true, PLANES>(acc, dy_planes, sm.we, wg_e, dz_ring, sc_dz, ch, d, vd);
+                else conv_all_slabs<true, PLANES>(acc, dy_planes, sm.we, wg_e, dz_src, sc_dz, ch, d, vd);
             }
             const float sc = winv_e * inv_dz;
             // the element's saved state and carried gradients, loaded ahead (for_each_owned_loaded)
@@ -750,13 +766,17 @@ __device__ __forceinline__ void backward_v4(const float* __restrict__ params, fl
             else for_each_owned_loaded<E>(ch, co0, d, load, update);
             if (DB_CARRIED) store_db();
             if (fill_da_rows) damax.commit(rowmax_da(rowmax, d, t) + ch.b * DIM_H, ch, d);
-            if (d.ei) wgrad_all_slabs<true, PLANES>(dw_e, dw_pitch, y_staged, dz_src, sc_dz, inv_dz, vt_src, sc_v, inv_v, co0, sm, ch, d, vd);
+            if (d.ei) {
+                if (dz_saved) wgrad_all_slabs<true, PLANES>(dw_e, dw_pitch, y_staged, dz_ring, sc_dz, inv_dz, vt_src, sc_v, inv_v, co0, sm, ch, d, vd);
+                else wgrad_all_slabs<true, PLANES>(dw_e, dw_pitch, y_staged, dz_src, sc_dz, inv_dz, vt_src, sc_v, inv_v, co0, sm, ch, d, vd);
+            }
         });
         grid_sync(bar);  // da_t of the whole batch is written; the fb slot of step t is read
         if (!(d.back && t >= d.D)) continue;
         // phase 3: fb_{t−D} = W_bᵀ ⊛ da_t, stored with ∂L/∂s_{t−D} added (the slot's contract);
         // dW_b += da_t ⋆ s_{t−D}
         float* fb_slot = fb + (long long)((t - d.D) % d.D) * BN;
+        float* dz_slot = store_dz ? dzr + (long long)((t - d.D) % d.D) * BN : nullptr;  // (the same ring index)
         for_each_chunk(d, vd, [&](const Chunk& ch) {
             const long long sb = (long long)ch.b * N;
             const V4Grad ds_past = v4_grad(grad_out, grad_in_of, t - d.D, ch.b, d);
@@ -773,8 +793,9 @@ __device__ __forceinline__ void backward_v4(const float* __restrict__ params, fl
             // product rounded first, as when it was stored: the same bits), formed here once per
             // element instead of in each of phase 2's passes over the halo (the pooled gradient's
             // index arithmetic, the dropout's mask) and its epilogue
-            if (fill_dz_rows) {
-                // and dz_{t−D}'s row maxima: dz = (∂L/∂s + fb)·H(v − θ)·sign′(z), V4Dz's product
+            if (fill_dz_rows || store_dz) {
+                // and dz_{t−D} = (∂L/∂s + fb)·H(v − θ)·sign′(z), V4Dz's product: its row maxima,
+                // and (V4_DZ_RING) the value itself in the ring
                 const long long wp = (long long)(t - d.D - win.t0) * BN + sb;  // v, z of step t − D
                 struct DsVz {
                     float ds, v;
@@ -790,9 +811,11 @@ __device__ __forceinline__ void backward_v4(const float* __restrict__ params, fl
                     [&](int mi, int ni, int i, int q, int c, const DsVz& x) {
                         const float sum = __fadd_rn(x.ds, __fmul_rn(acc[mi][ni][i], sc));
                         fb_slot[sb + (long long)c * HW + q] = sum;
-                        dzmax.add(mi, i, sum * fire(np, x.v - np.threshold) * saved_sign_grad(np, x.z));
+                        const float dzv = sum * fire(np, x.v - np.threshold) * saved_sign_grad(np, x.z);
+                        if (store_dz) dz_slot[sb + (long long)c * HW + q] = dzv;
+                        if (fill_dz_rows) dzmax.add(mi, i, dzv);
                     });
-                dzmax.commit(rowmax_dz(rowmax, d, t - d.D) + ch.b * DIM_H, ch, d);
+                if (fill_dz_rows) dzmax.commit(rowmax_dz(rowmax, d, t - d.D) + ch.b * DIM_H, ch, d);
             } else {
                 for_each_owned_loaded<4>(
                     ch, co0, d, [&](int q, int c) { return ds_past(c * HW + q); },
@@ -906,8 +929,8 @@ V4_FORWARD(const float* __restrict__ params, const float* __restrict__ input, fl
 extern "C" __global__ void __launch_bounds__(256, 1)
 V4_BACKWARD(const float* __restrict__ params, float* grads, const float* __restrict__ input, const float* __restrict__ out,
             const float* __restrict__ v, const float* __restrict__ g, const float* __restrict__ z, const float* __restrict__ grad_out, V4GradIn grad_in_of,
-            float* grad_in, float* dvbuf, float* fb, float* da, float* dw_part, float* db_carry, unsigned int* rowmax, unsigned int* bar,
+            float* grad_in, float* dvbuf, float* fb, float* dzr, float* da, float* dw_part, float* db_carry, unsigned int* rowmax, unsigned int* bar,
             char* wfrag, float* winv, LayerDims d, NeuronParams np, V4Dims vd, V4Window win) {
-    backward_v4(params, grads, input, reinterpret_cast<const V4S*>(out), v, g, reinterpret_cast<const V4Z*>(z), grad_out, grad_in_of, grad_in, dvbuf, fb, da, dw_part, db_carry, rowmax, bar, wfrag, winv, d,
+    backward_v4(params, grads, input, reinterpret_cast<const V4S*>(out), v, g, reinterpret_cast<const V4Z*>(z), grad_out, grad_in_of, grad_in, dvbuf, fb, dzr, da, dw_part, db_carry, rowmax, bar, wfrag, winv, d,
                 v4_neuron(np), vd, win);
 }

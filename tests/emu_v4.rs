@@ -64,6 +64,7 @@ fn emulate_v4_pooling(
     let mut z = DevBuf::new("z", bs.z);
     let mut dv = DevBuf::new("dv", bs.dv);
     let mut fbuf = DevBuf::new("fb", bs.fb);
+    let mut dzr = DevBuf::new("dz ring", bs.dz);
     let mut da = DevBuf::new("da", bs.da);
     let mut wfrag = DevBuf::new("wfrag", bs.v4_wfrag);
     let mut winv = DevBuf::new("winv", bs.v4_winv);
@@ -107,8 +108,8 @@ fn emulate_v4_pooling(
         let win = V4Window { pool_q8: (pool_q8 && !pooled.is_null()) as i32, ..win };
         forward(win, w.checked_sub(1), (w < last).then_some(w), pooled, &mut bar);
     }
-    let (pgr, pgo, pgi, pdv, pfb, pda, ppart, pcarry) =
-        (grads.ptr(), gout.ptr(), gin.ptr(), dv.ptr(), fbuf.ptr(), da.ptr(), part.ptr(), carry.ptr());
+    let (pgr, pgo, pgi, pdv, pfb, pdz, pda, ppart, pcarry) =
+        (grads.ptr(), gout.ptr(), gin.ptr(), dv.ptr(), fbuf.ptr(), dzr.ptr(), da.ptr(), part.ptr(), carry.ptr());
     for (w, &win) in windows.iter().enumerate().rev() {
         if w != last {
             forward(win, w.checked_sub(1), None, std::ptr::null_mut(), &mut bar);
@@ -117,14 +118,14 @@ fn emulate_v4_pooling(
         let (win, pi, window_buf) = window_input(win);
         let mut a = Args::new();
         a.val(pp).val(pgr).val(pi).val(po).val(pv).val(pg).val(pz);
-        a.val(pgo).val(grad_in_of).val(pgi).val(pdv).val(pfb).val(pda).val(ppart).val(pcarry).val(prm);
+        a.val(pgo).val(grad_in_of).val(pgi).val(pdv).val(pfb).val(pdz).val(pda).val(ppart).val(pcarry).val(prm);
         a.buf_u32(&mut bar).val(pwf).val(pwi).val(dims).val(np).val(v4.dims).val(win);
         m.launch(&plan.backward, sched + 1000 + w as u64, &mut a).unwrap_or_else(|e| panic!("{} backward {win:?}: {e}", c.name));
         if let Some(w) = window_buf {
             w.check_guards();
         }
     }
-    for buf in [&params, &grads, &input, &gout, &gin, &out, &v, &g, &z, &dv, &fbuf, &da, &wfrag, &winv, &part, &ckpt, &carry, &rowmax] {
+    for buf in [&params, &grads, &input, &gout, &gin, &out, &v, &g, &z, &dv, &fbuf, &dzr, &da, &wfrag, &winv, &part, &ckpt, &carry, &rowmax] {
         buf.check_guards();
     }
     assert_eq!(params.host(), x.params, "{}: the parameters were written", c.name);
@@ -649,6 +650,45 @@ fn v4_bias_sums_carried_in_memory_give_the_bits_of_registers() {
             assert_eq!(bits(&a.grads), bits(&b.grads), "{what}: the parameter gradients");
             if k.is_none() {
                 compare_within(c, "v4/fp32 bias sums", &x, &cpu_reference(c, &x), &a, Tolerance::F32);
+            }
+        }
+    }
+}
+
+/// dz_t stored once by phase 3 of step t + D in the ring (`V4_DZ_RING`, `V4Plan::stores_dz`) and
+/// staged from there by phase 2 gives the bits of forming it on the fly from the feedback slot, v
+/// and z per halo element: the same product of the same f32 values. In each precision (the ring
+/// exists in every mode; fp32 also forms dz's row maxima from it), exact and smooth, D = 1 and 2,
+/// with and without --recompute windows (steps whose t + D lies past the window take the
+/// on-the-fly form, which the comparison covers too).
+#[test]
+fn v4_dz_stored_once_gives_the_bits_of_staging_it_on_the_fly() {
+    let exact = case("6×7×9 back+ei r 1 D 2 T 6", [6, 7, 9], true, true, 1, 2, 2, 6, 6);
+    let smooth_d1 = smooth(case("5×6×5 back+ei r 1 D 1 T 5", [5, 6, 5], true, true, 1, 1, 2, 5, 5));
+    for (i, c) in [&exact, &smooth_d1].into_iter().enumerate() {
+        let x = inputs(c, 1310 + i as u64);
+        for p in Precision::ALL {
+            for k in [None, Some(2)] {
+                let mut plan = v4_plan(c, &SMALL, p);
+                let v4 = plan.v4.as_ref().unwrap();
+                assert!(v4.dz_ring && v4.stores_dz(&c.fb, c.steps), "{}: the plan stores dz", c.name);
+                assert_eq!(plan.buffers.dz, c.fb.delay * c.batch * c.shape.iter().product::<usize>(), "{}: the ring", c.name);
+                if let Some(k) = k {
+                    apply_recompute(&mut plan, c.shape, &c.fb, k, c.steps).unwrap();
+                }
+                let mut other = plan.clone();
+                let o = other.v4.as_mut().unwrap();
+                o.dz_ring = false;
+                o.defines.retain(|(name, _)| name != "V4_DZ_RING");
+                other.buffers.dz = 0;
+                let (a, b) = (emulate_v4(c, &x, &plan, 22), emulate_v4(c, &x, &other, 23));
+                let what = format!("{} {p} K {k:?}", c.name);
+                assert_eq!(bits(&a.out), bits(&b.out), "{what}: the spikes");
+                assert_eq!(bits(&a.gin), bits(&b.gin), "{what}: ∂L/∂I");
+                assert_eq!(bits(&a.grads), bits(&b.grads), "{what}: the parameter gradients");
+                if k.is_none() {
+                    compare_within(c, &format!("v4/{p} dz ring"), &x, &cpu_reference(c, &x), &a, Tolerance::of(p));
+                }
             }
         }
     }

@@ -352,7 +352,8 @@ pub struct BufferSizes {
     pub dv: usize,
     /// backward scratch: the feedback ring [min(D, T)][B][N] (back, D < T)
     pub fb: usize,
-    /// backward scratch: dz, [B][N] (OnChip) or [T][B][N] (Separate)
+    /// backward scratch: dz, [B][N] (OnChip) or [T][B][N] (Separate); v4: the ring of dz stored
+    /// once, [min(D, T)][B][N] (`V4Plan::dz_ring`), else none
     pub dz: usize,
     /// backward scratch: da, [B][N] (OnChip) or [T][B][N] (Separate)
     pub da: usize,
@@ -1041,7 +1042,8 @@ pub fn plan_tensor_cores(
     p.weights_in_smem_forward = v.dims.w_resident == 1;
     p.weights_in_smem_backward = v.dims.w_resident == 1;
     let bn = p.buffers.dv;
-    p.buffers.dz = 0;
+    // (v4 keeps no per-step dz; where it stores dz once, the ring of min(D, T) steps: D < T)
+    p.buffers.dz = if v.dz_ring { fb.delay * bn } else { 0 };
     p.buffers.da = if fb.back { bn } else { 0 };
     p.buffers.v4_wfrag = v.wfrag_bytes / 4;
     p.buffers.v4_winv = v.winv;

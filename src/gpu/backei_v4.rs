@@ -132,9 +132,22 @@ pub struct V4Plan {
     /// The backward's bias partial sums live in `db_carry` between its epilogues (floats; 0: in
     /// registers across the loop, the buffer only carrying them between `--recompute` windows).
     pub db_carry: usize,
+    /// The backward stores dz_t once (phase 3 of step t + D) in a ring of min(D, T) [B][N] slots,
+    /// the layer's `dz` buffer, and stages it from there (`V4_DZ_RING`; [`V4Plan::stores_dz`]).
+    pub dz_ring: bool,
 }
 
 impl V4Plan {
+    /// Whether `plan_v4` builds the backward to store dz in a ring (`dz_ring`): with both gates
+    /// (phase 3 forms dz only where there is a feedback slot) and D < T, on tiles of at most 32
+    /// accumulators per thread (the 64-accumulator tiles keep phase 3's epilogue lean: per-element
+    /// spills, `rowmax.cuh`'s DZ_ROWMAX). Phase 2 then stages dz_t with one load per halo element
+    /// instead of the feedback slot, v, z and their product (the SASS of the fashion L1 backward,
+    /// 2026-12-06: its largest loop of code per element).
+    pub fn stores_dz(&self, fb: &FeedbackConfig, steps: usize) -> bool {
+        fb.back && fb.ei && fb.delay < steps && !self.wide_tile()
+    }
+
     /// Builds the kernels to save z as a one-byte code (`V4_ZCODE`); the caller has checked that
     /// the code is exact and sizes the z buffer (`backei_layer::apply_compact`).
     pub fn code_z(&mut self) {
@@ -404,9 +417,14 @@ pub fn plan_v4(
         z_code: false,
         s8: false,
         db_carry: 0,
+        dz_ring: false,
     };
     if plan.carries_bias_sums() {
         plan.carry_bias_sums();
+    }
+    if plan.stores_dz(fb, steps) {
+        plan.dz_ring = true;
+        plan.defines.push(("V4_DZ_RING".to_string(), "1".to_string()));
     }
     Ok(plan)
 }
@@ -791,15 +809,16 @@ fn launch_backward(
     let d = &layer.dummy;
     let dv = layer.dv.as_ref().ok_or_else(|| missing("dv"))?;
     let fb = layer.fb.as_ref().unwrap_or(d);
+    let dzr = if plan.dz_ring { layer.dz.as_ref().ok_or_else(|| missing("the dz ring"))? } else { d };
     let da = layer.da.as_ref().unwrap_or(d);
     let part = layer.v4_dw_part.as_ref().ok_or_else(|| missing("the partial weight gradients"))?;
     let whole = win.t0 == 0 && win.t1 == dims.t;
     let carry = if whole && plan.db_carry == 0 { d } else { layer.v4_db_carry.as_ref().ok_or_else(|| missing("the carried bias sums"))? };
     let mut b = stream.launch_builder(&f);
     b.arg(params).arg(&mut *grads).arg(input).arg(out).arg(v).arg(g).arg(z).arg(grad_out).arg(&grad_in_of).arg(&mut *grad_in);
-    b.arg(dv).arg(fb).arg(da).arg(part).arg(carry).arg(rowmax).arg(bar).arg(wfrag).arg(winv).arg(&dims).arg(&np).arg(&vd).arg(&win);
+    b.arg(dv).arg(fb).arg(dzr).arg(da).arg(part).arg(carry).arg(rowmax).arg(bar).arg(wfrag).arg(winv).arg(&dims).arg(&np).arg(&vd).arg(&win);
     // SAFETY: the argument list matches backei_backward_v4_*; grad_out: T·B·N, or when pooled
-    // T·B·C·⌊H/2⌋·⌊W/2⌋ (checked by the layer), and the keys the step's key table (slot checked); dv, da: B·N, fb: min(D, T)·B·N,
+    // T·B·C·⌊H/2⌋·⌊W/2⌋ (checked by the layer), and the keys the step's key table (slot checked); dv, da: B·N, fb and (dz_ring) the dz ring: min(D, T)·B·N,
     // dw_part: ranges·2·groups·CO_T·(k²·c_pad + 1) for the plan's ranges (≥ vd.ranges);
     // db_carry: grid·CO_T/2·256 (read and written only when the window is not the whole loop or
     // the plan carries the bias sums in it);
