@@ -125,7 +125,8 @@ fn emulate_v4_pooling(
             w.check_guards();
         }
     }
-    for buf in [&params, &grads, &input, &gout, &gin, &out, &v, &g, &z, &dv, &fbuf, &dzr, &da, &wfrag, &winv, &part, &ckpt, &carry, &rowmax] {
+    for buf in [&params, &grads, &input, &gout, &gin, &out, &v, &g, &z, &dv, &fbuf, &dzr, &da, &wfrag, &winv, &part, &ckpt, &carry, &rowmax]
+    {
         buf.check_guards();
     }
     assert_eq!(params.host(), x.params, "{}: the parameters were written", c.name);
