@@ -49,10 +49,12 @@
 // need no barrier). Phases are separated by grid_sync (backei_common.cuh):
 //   forward  step t:  A (back: stage s_{t−D}, a = W_b ⊛ s; every t: g, v_t, and s_t when ei is off) | sync |
 //                     B (ei: stage v_t, z = W_e ⊛ v_t, s_t) | sync
-//   backward step t:  2 (stage dz_t = (∂L/∂s + fb)·H(v−θ)·sign′(z), computed on the fly, and v_t;
+//   backward step t:  2 (stage dz_t = (∂L/∂s + fb)·H(v−θ)·sign′(z) — from the ring phase 3 of step
+//                     t + D filled (V4_DZ_RING), else computed on the fly — and v_t;
 //                     dv = … + W_eᵀ ⊛ dz, ∂I, da_t → da; dW_e, db_e, db_b) | sync |
 //                     3 (back, t ≥ D: stage da_t and s_{t−D}; fb_{t−D} = W_bᵀ ⊛ da, stored as
-//                     ∂L/∂s_{t−D} + fb_{t−D}, the sum phase 2 of step t − D wants; dW_b) | sync
+//                     ∂L/∂s_{t−D} + fb_{t−D}, the sum phase 2 of step t − D wants, and with it
+//                     (V4_DZ_RING) dz_{t−D}; dW_b) | sync
 // Saved by the forward (the backward's contract with v1–v3): s, v, g (back), z (ei), f32 [T][B][N];
 // z as a one-byte code instead (V4_ZCODE = 1, common.cuh's z_code: sign and surrogate window)
 // where that is exact — exact firing and the rectangle surrogate, which the host decides
