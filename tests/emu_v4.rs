@@ -145,6 +145,13 @@ fn bits(xs: &[f32]) -> Vec<u32> {
     xs.iter().map(|x| x.to_bits()).collect()
 }
 
+/// Two runs that must agree bit for bit: the spikes, ∂L/∂I and every parameter gradient.
+fn assert_same_bits(a: &DeviceOut, b: &DeviceOut, what: &str) {
+    assert_eq!(bits(&a.out), bits(&b.out), "{what}: the spikes");
+    assert_eq!(bits(&a.gin), bits(&b.gin), "{what}: ∂L/∂I");
+    assert_eq!(bits(&a.grads), bits(&b.grads), "{what}: the parameter gradients");
+}
+
 fn v4_plan(c: &Case, limits: &DeviceLimits, p: Precision) -> LaunchPlan {
     let plan = plan_tensor_cores(c.shape, &c.fb, c.batch, c.steps, limits, p).unwrap();
     assert_eq!(plan.version, KernelVersion::V4, "{}: fell back: {:?}", c.name, plan.fallback);
@@ -645,10 +652,7 @@ fn v4_bias_sums_carried_in_memory_give_the_bits_of_registers() {
                 other.buffers.v4_db_carry = o.db_carry;
             }
             let (a, b) = (emulate_v4(c, &x, &plan, 12), emulate_v4(c, &x, &other, 13));
-            let what = format!("{} K {k:?}", c.name);
-            assert_eq!(bits(&a.out), bits(&b.out), "{what}: the spikes");
-            assert_eq!(bits(&a.gin), bits(&b.gin), "{what}: ∂L/∂I");
-            assert_eq!(bits(&a.grads), bits(&b.grads), "{what}: the parameter gradients");
+            assert_same_bits(&a, &b, &format!("{} K {k:?}", c.name));
             if k.is_none() {
                 compare_within(c, "v4/fp32 bias sums", &x, &cpu_reference(c, &x), &a, Tolerance::F32);
             }
@@ -683,10 +687,7 @@ fn v4_dz_stored_once_gives_the_bits_of_staging_it_on_the_fly() {
                 o.defines.retain(|(name, _)| name != "V4_DZ_RING");
                 other.buffers.dz = 0;
                 let (a, b) = (emulate_v4(c, &x, &plan, 22), emulate_v4(c, &x, &other, 23));
-                let what = format!("{} {p} K {k:?}", c.name);
-                assert_eq!(bits(&a.out), bits(&b.out), "{what}: the spikes");
-                assert_eq!(bits(&a.gin), bits(&b.gin), "{what}: ∂L/∂I");
-                assert_eq!(bits(&a.grads), bits(&b.grads), "{what}: the parameter gradients");
+                assert_same_bits(&a, &b, &format!("{} {p} K {k:?}", c.name));
                 if k.is_none() {
                     compare_within(c, &format!("v4/{p} dz ring"), &x, &cpu_reference(c, &x), &a, Tolerance::of(p));
                 }

@@ -816,20 +816,8 @@ fn launch_backward(
     let carry = if whole && plan.db_carry == 0 { d } else { layer.v4_db_carry.as_ref().ok_or_else(|| missing("the carried bias sums"))? };
     let mut b = stream.launch_builder(&f);
     b.arg(params).arg(&mut *grads).arg(input).arg(out).arg(v).arg(g).arg(z).arg(grad_out).arg(&grad_in_of).arg(&mut *grad_in);
-    b.arg(dv)
-        .arg(fb)
-        .arg(dzr)
-        .arg(da)
-        .arg(part)
-        .arg(carry)
-        .arg(rowmax)
-        .arg(bar)
-        .arg(wfrag)
-        .arg(winv)
-        .arg(&dims)
-        .arg(&np)
-        .arg(&vd)
-        .arg(&win);
+    b.arg(dv).arg(fb).arg(dzr).arg(da).arg(part).arg(carry).arg(rowmax);
+    b.arg(bar).arg(wfrag).arg(winv).arg(&dims).arg(&np).arg(&vd).arg(&win);
     // SAFETY: the argument list matches backei_backward_v4_*; grad_out: T·B·N, or when pooled
     // T·B·C·⌊H/2⌋·⌊W/2⌋ (checked by the layer), and the keys the step's key table (slot checked); dv, da: B·N, fb and (dz_ring) the dz ring: min(D, T)·B·N,
     // dw_part: ranges·2·groups·CO_T·(k²·c_pad + 1) for the plan's ranges (≥ vd.ranges);
