@@ -456,9 +456,11 @@ fn layer_workload(
     let fwd_bytes = 4.0 * all * if plain { 3.0 } else { 3.0 + gates as f64 + 1.0 };
     let ms = bench.time(|| Ok(layer.forward(&dp, &slots, &input.slice(..), steps, batch, steps)?))?;
     let fwd_ms = ms;
+    // v4 with its phases ordered by neighbour flags (BACKEI_V4_SYNC=neighbours): rows `…@v4/<p>+flags`
+    let flags = if plan.v4.as_ref().is_some_and(|v| v.neighbour_sync) { "+flags" } else { "" };
     let kname = match (plain, plan.version) {
         (true, _) => "plain".to_string(),
-        (false, KernelVersion::V4) => format!("fused-v4/{}", version.1),
+        (false, KernelVersion::V4) => format!("fused-v4/{}{flags}", version.1),
         (false, v) => format!("fused-{}", format!("{v:?}").to_lowercase()),
     };
     let kname = kname.as_str();
@@ -474,7 +476,7 @@ fn layer_workload(
         KernelVersion::V1 => ref_name.to_string(),
         KernelVersion::V2 => format!("{ref_name}@v2"),
         KernelVersion::V3 => format!("{ref_name}@v3"),
-        KernelVersion::V4 => format!("{ref_name}@v4/{}", version.1),
+        KernelVersion::V4 => format!("{ref_name}@v4/{}{flags}", version.1),
     };
     let useful = 3.0 * gates as f64 * conv_flops;
     bench.report(&row, "fwd+bwd", fwd_ms + ms, fwd_bytes + bwd_bytes, useful, &valid);

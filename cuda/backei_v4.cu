@@ -3,8 +3,9 @@
 // (v1, whose header gives the equations) and of the CPU twin src/cpu/backei_layer.rs. Its parts,
 // included below: v4/halo.cuh (staging a chunk's halo into shared memory), v4/gemm.cuh (the
 // convolution and weight-gradient GEMMs on mma.sync), v4/chunks.cuh (the work mapping),
-// v4/weights.cuh (the weight fragments), v4/rowmax.cuh (the fp32 mode's scales from row maxima); here: the constants, the element readers, the forward and
-// backward time loops and the kernels.
+// v4/weights.cuh (the weight fragments), v4/rowmax.cuh (the fp32 mode's scales from row maxima),
+// v4/sync.cuh (the phases' order across blocks: grid barriers or neighbour flags); here: the
+// constants, the element readers, the forward and backward time loops and the kernels.
 //
 // What v4 changes. Every gate convolution of a step — W_b ⊛ s_{t−D} and W_e ⊛ v_t forward, their
 // adjoints W_eᵀ ⊛ dz_t and W_bᵀ ⊛ da_t backward — is an implicit GEMM on mma.sync, and the weight
@@ -46,7 +47,8 @@
 // (sample, pixel) space — a balanced contiguous range — for the whole launch, in chunks that do not
 // cross samples. 256 threads = 8 warps; warp w owns the chunk's m-tiles w, w+8, … (MT of them) and
 // all CO_T channels, so a thread owns the same neurons at every step (its own dv, grad_in, u chains
-// need no barrier). Phases are separated by grid_sync (backei_common.cuh):
+// need no barrier). Phases are separated by phase_done (v4/sync.cuh: a grid barrier, or with
+// V4_SYNC a wait for the blocks whose pixels lie within R rows):
 //   forward  step t:  A (back: stage s_{t−D}, a = W_b ⊛ s; every t: g, v_t, and s_t when ei is off) | sync |
 //                     B (ei: stage v_t, z = W_e ⊛ v_t, s_t) | sync
 //   backward step t:  2 (stage dz_t = (∂L/∂s + fb)·H(v−θ)·sign′(z) — from the ring phase 3 of step
@@ -199,7 +201,7 @@ struct V4Dims {
     int smem_dw;       // byte offsets in dynamic shared memory: dW accumulators,
     int smem_halo;     //   the slab planes (PLANES),
     int smem_own;      //   the own-channel planes (PLANES),
-    int smem_misc;     //   the zero row and the reduction scratch
+    int smem_misc;     //   the zero row, the reduction scratch and the BlockShare (v4/sync.cuh)
 };
 
 // Host twin: V4Window in src/gpu/backei_v4.rs. The steps [t0, t1) a launch runs (0 and T: the
@@ -314,6 +316,8 @@ __device__ __forceinline__ void store_operand_pair(char* p0, int plane_bytes, fl
 // Host twin: backei_v4.rs `dw_smem_pitch`.
 #define DW_SMEM_PITCH(n_all) ((n_all) + 8)
 
+struct BlockShare;  // (v4/sync.cuh)
+
 // The shared-memory regions of a launch.
 struct V4Smem {
     char* wb;  // W_b's slice (forward or adjoint layout)
@@ -323,6 +327,7 @@ struct V4Smem {
     char* own;       // the own-channel planes (the weight gradient's dY)
     char* zero_row;  // 16 zero bytes
     float* red;      // reduction scratch: WARPS·CO_T floats
+    BlockShare* share;  // the block's pixel range and partner blocks (v4/sync.cuh), 32 bytes
 };
 
 __device__ __forceinline__ V4Smem v4_smem(char* base, const LayerDims& d, const V4Dims& vd) {
@@ -334,6 +339,7 @@ __device__ __forceinline__ V4Smem v4_smem(char* base, const LayerDims& d, const 
     s.own = base + vd.smem_own;
     s.zero_row = base + vd.smem_misc;
     s.red = reinterpret_cast<float*>(base + vd.smem_misc + 16);
+    s.share = reinterpret_cast<BlockShare*>(base + vd.smem_misc + 16 + 4 * WARPS * CO_T);
     return s;
 }
 
@@ -342,6 +348,7 @@ __device__ __forceinline__ V4Smem v4_smem(char* base, const LayerDims& d, const 
 #include "v4/rowmax.cuh"
 #include "v4/gemm.cuh"
 #include "v4/chunks.cuh"
+#include "v4/sync.cuh"
 #include "v4/weights.cuh"
 
 }  // namespace v4
@@ -436,39 +443,50 @@ struct StageBatch<V4Dz> {
 
 // The network's 2×2 average pooling of one step's spikes s_t [B][C][H][W] into y_t [B][C][H/2][W/2]
 // (pool.cu's avgpool2_forward: the same sum in the same order, the same bits; floor on odd sizes),
-// by every block over a grid-stride share, after the step's last barrier: nothing later in the
-// launch writes s_t, and y is read only after the launch, so it needs no barrier of its own.
-// The layer's output is then read from L2 while it is hot, and the pooling needs no launch.
-// Four outputs per thread and pass, their 16 loads issued before any sum: one block per SM (8
-// warps) cannot hide a round trip per output (SASS: 4 loads, then the store, per iteration).
-// Y = signed char (V4Window::pool_q8, int8 spikes): the int8 code c = the sum of the four spikes,
-// whose value c · 0.25 is the f32 output's exactly (pool.cu's avgpool2_forward_s8_q8).
+// after the step's last phase: nothing later in the launch writes s_t, and y is read only after the
+// launch, so it needs no ordering of its own. The layer's output is then read from L2 while it is
+// hot, and the pooling needs no launch. A block pools the outputs it owns (v4/sync.cuh): those of
+// its channels whose top-left pixel lies in its range; the row below belongs to it or to the next
+// range, a partner (R ≥ 1), which has completed the step. Four outputs per thread and pass, their
+// 16 loads issued before any sum: one block per SM (8 warps) cannot hide a round trip per output
+// (SASS: 4 loads, then the store, per iteration). Y = signed char (V4Window::pool_q8, int8
+// spikes): the int8 code c = the sum of the four spikes, whose value c · 0.25 is the f32 output's
+// exactly (pool.cu's avgpool2_forward_s8_q8).
 template <class Y>
-__device__ __forceinline__ void pool_step(const V4S* s_t, Y* y_t, const LayerDims& d) {  // (DIM_*: d's or constants)
+__device__ __forceinline__ void pool_owned(const V4S* s_t, Y* y_t, const LayerDims& d, const V4Dims& vd, const BlockShare* sh) {  // (DIM_*: d's or constants)
     const int ho = DIM_H / 2, wo = DIM_W / 2;
-    const long long total = (long long)d.B * DIM_C * ho * wo, stride = (long long)gridDim.x * THREADS;
+    const int co0 = (blockIdx.x % vd.groups) * CO_T;
+    const long long start = sh->start, end = sh->end;
+    if (start >= end || wo == 0) return;
+    // items (channel of the group, image row of the range, pooled column): the even rows' pixels 2·ox
+    const long long row0 = start / DIM_W, rows = (end - 1) / DIM_W - row0 + 1, total = CO_T * rows * wo;
     constexpr int U = 4;
-    for (long long j0 = (long long)blockIdx.x * THREADS + threadIdx.x; j0 < total; j0 += U * stride) {
+    for (long long j0 = threadIdx.x; j0 < total; j0 += U * THREADS) {
         float x[U][4];
+        long long at[U];  // the output's index, or −1 (not this block's, or past the map)
 #pragma unroll
         for (int u = 0; u < U; ++u) {
-            const long long j = j0 + u * stride;
+            const long long j = j0 + u * THREADS;
+            at[u] = -1;
             if (j >= total) continue;
-            const int ox = (int)(j % wo), oy = (int)((j / wo) % ho);
-            const long long m = j / ((long long)wo * ho);
-            const V4S* r0 = s_t + (m * DIM_H + 2 * oy) * DIM_W + 2 * ox;
+            const long long k = j / wo, cl = k / rows, gr = row0 + (k - cl * rows);
+            const int ox = (int)(j - k * wo), c = co0 + (int)cl, b = (int)(gr / DIM_H), y = (int)(gr - (long long)b * DIM_H);
+            const long long q = gr * DIM_W + 2 * ox;
+            if (c >= DIM_C || (y & 1) || y / 2 >= ho || q < start || q >= end) continue;
+            const V4S* r0 = s_t + ((long long)b * DIM_C + c) * DIM_H * DIM_W + (long long)y * DIM_W + 2 * ox;
             const V4S* r1 = r0 + DIM_W;
             x[u][0] = (float)__ldcg(r0);
             x[u][1] = (float)__ldcg(r0 + 1);
             x[u][2] = (float)__ldcg(r1);
             x[u][3] = (float)__ldcg(r1 + 1);
+            at[u] = (((long long)b * DIM_C + c) * ho + y / 2) * wo + ox;
         }
 #pragma unroll
         for (int u = 0; u < U; ++u) {
-            if (j0 + u * stride >= total) continue;
+            if (at[u] < 0) continue;
             const float sum = x[u][0] + x[u][1] + x[u][2] + x[u][3];  // exact: spikes are −1, 0, 1
-            if (sizeof(Y) == 1) y_t[j0 + u * stride] = (Y)(int)sum;
-            else y_t[j0 + u * stride] = sum * 0.25f;
+            if (sizeof(Y) == 1) y_t[at[u]] = (Y)(int)sum;
+            else y_t[at[u]] = sum * 0.25f;
         }
     }
 }
@@ -493,6 +511,8 @@ __device__ __forceinline__ void forward_v4(const float* __restrict__ params, con
     // orders this before phase A's atomics)
     if (ROWMAX && d.ei) rowmax_zero(rowmax_v(rowmax, d, win.t0), win.t1 - win.t0, d);
     build_weight_fragments<false>(wfrag, winv, params, d, vd, bar, sm.red);
+    block_share_init(sm.share, d, vd);  // (the phases' order and the owned work: v4/sync.cuh)
+    unsigned int phase = 0;             // phases completed (V4_SYNC)
     const char* wg_b = wfrag + (long long)gi * vd.wslice_bytes;  // this block's slices in wfrag
     const char* wg_e = wfrag + ((long long)vd.groups + gi) * vd.wslice_bytes;
     const float winv_b = d.back ? __ldcg(winv + gi) : 1.0f, winv_e = d.ei ? __ldcg(winv + vd.groups + gi) : 1.0f;
@@ -551,7 +571,7 @@ __device__ __forceinline__ void forward_v4(const float* __restrict__ params, con
             });
             if (ROWMAX && d.ei) vmax.commit(rowmax_v(rowmax, d, t) + ch.b * DIM_H, ch, d);
         });
-        grid_sync(bar);  // v_t (and s_t) of the whole batch are written
+        phase_done(bar, sm.share, phase);  // v_t (and s_t) are written
         if (d.ei) {
             // phase B: z = W_e ⊛ v_t + b_e, s_t = sign(z)·H(v_t − θ)
             for_each_chunk(d, vd, [&](const Chunk& ch) {
@@ -572,12 +592,12 @@ __device__ __forceinline__ void forward_v4(const float* __restrict__ params, con
                     out[ot + e] = (V4S)(sign_(np, zt) * fire(np, vt - np.threshold));
                 });
             });
-            grid_sync(bar);  // s_t is complete before a later step's gate reads it
+            phase_done(bar, sm.share, phase);  // s_t is written before a later step's gate and the pooling read it
         }
         if (pooled) {
             const long long at = (long long)t * d.B * DIM_C * (DIM_H / 2) * (DIM_W / 2);
-            if (win.pool_q8) pool_step(out + ot, reinterpret_cast<signed char*>(pooled) + at, d);
-            else pool_step(out + ot, pooled + at, d);
+            if (win.pool_q8) pool_owned(out + ot, reinterpret_cast<signed char*>(pooled) + at, d, vd, sm.share);
+            else pool_owned(out + ot, pooled + at, d, vd, sm.share);
         }
     }
 }
@@ -662,6 +682,8 @@ __device__ __forceinline__ void backward_v4(const float* __restrict__ params, fl
     // in build_weight_fragments); dz's are zeroed in the loop, each before phase 3 fills it
     if (ROWMAX && d.back) rowmax_zero(rowmax_da(rowmax, d, 0), 2, d);
     build_weight_fragments<true>(wfrag, winv, params, d, vd, bar, sm.red);
+    block_share_init(sm.share, d, vd);  // (the phases' order and the owned work: v4/sync.cuh)
+    unsigned int phase = 0;             // phases completed (V4_SYNC)
     // dz and da staged once, where the weight gradient reads them (dy_shares_slab)
     const bool y_staged = dy_shares_slab(vd);
     char* const dy_planes = y_staged ? sm.own : sm.halo;
@@ -679,19 +701,18 @@ __device__ __forceinline__ void backward_v4(const float* __restrict__ params, fl
         const long long wt = (long long)(t - win.t0) * BN;  // v, g, z: the window's steps
         const bool has_fb = d.back && t + d.D < d.T;
         const float* fb_t = has_fb ? fb + (long long)(t % d.D) * BN : nullptr;
-        // the row maxima this step reads and fills (v4/rowmax.cuh): dz_t's exist where phase 3 of
-        // step t + D ran in this launch; phase 3 of this step fills dz_{t−D}'s (its v and z in the
-        // window) and reads da_t's, filled by this phase
-        const bool dz_rows = DZ_ROWMAX && d.ei && has_fb && t + d.D < win.t1;
-        const bool fill_dz_rows = DZ_ROWMAX && d.back && d.ei && t - d.D >= win.t0;
+        // dz_t was formed by phase 3 of step t + D in this launch (the step ran: t + D < t1, and it
+        // had the slot); this step's phase 3 forms dz_{t−D} (its v and z are in the window). Where
+        // dz is formed, the kernel keeps its row maxima (DZ_ROWMAX, v4/rowmax.cuh) and stores it in
+        // the ring (DZ_RING); da_t's maxima are filled by this phase and read by phase 3
+        const bool dz_formed = d.ei && has_fb && t + d.D < win.t1;
+        const bool forms_dz = d.back && d.ei && t - d.D >= win.t0;
+        const bool dz_rows = DZ_ROWMAX && dz_formed, fill_dz_rows = DZ_ROWMAX && forms_dz;
+        const bool dz_saved = DZ_RING && dz_formed, store_dz = DZ_RING && forms_dz;
         const bool fill_da_rows = ROWMAX && d.back && t >= d.D;
-        // dz_t in the ring (V4_DZ_RING): stored by phase 3 of step t + D in this launch; phase 3
-        // of this step stores dz_{t−D} where its v and z are in the window
-        const bool dz_saved = DZ_RING && d.ei && has_fb && t + d.D < win.t1;
-        const bool store_dz = DZ_RING && d.back && d.ei && t - d.D >= win.t0;
         if (ROWMAX && d.back) {
-            rowmax_zero(rowmax_da(rowmax, d, t + 1), 1, d);  // read by phase 3 of step t + 1, filled by phase 2 of step t − 1
-            if (fill_dz_rows) rowmax_zero(rowmax_dz(rowmax, d, t - d.D), 1, d);
+            zero_owned_rows(rowmax_da(rowmax, d, t + 1), sm.share, d, vd);  // read by phase 3 of step t + 1, filled by phase 2 of step t − 1
+            if (fill_dz_rows) zero_owned_rows(rowmax_dz(rowmax, d, t - d.D), sm.share, d, vd);
         }
         // phase 2: dz (staged on the fly), dv = … + W_eᵀ ⊛ dz, ∂I, da; dW_e += dz ⋆ v_t
         for_each_chunk(d, vd, [&](const Chunk& ch) {
@@ -706,6 +727,7 @@ __device__ __forceinline__ void backward_v4(const float* __restrict__ params, fl
                 sc_dz = dz_rows ? rowmax_scale(rowmax_dz(rowmax, d, t) + ch.b * DIM_H, ch, d, inv_dz)
                                 : halo_scale<true>(dz_src, ch, d, sm.red, inv_dz);
                 sc_v = ROWMAX ? rowmax_scale(rowmax_v(rowmax, d, t) + ch.b * DIM_H, ch, d, inv_v) : halo_scale<true>(vt_src, ch, d, sm.red, inv_v);
+                // dz_t from the ring where phase 3 stored it, else formed on the fly (two readers)
                 if (dz_saved) conv_all_slabs<true, PLANES>(acc, dy_planes, sm.we, wg_e, dz_ring, sc_dz, ch, d, vd);
                 else conv_all_slabs<true, PLANES>(acc, dy_planes, sm.we, wg_e, dz_src, sc_dz, ch, d, vd);
             }
@@ -773,7 +795,7 @@ __device__ __forceinline__ void backward_v4(const float* __restrict__ params, fl
                 else wgrad_all_slabs<true, PLANES>(dw_e, dw_pitch, y_staged, dz_src, sc_dz, inv_dz, vt_src, sc_v, inv_v, co0, sm, ch, d, vd);
             }
         });
-        grid_sync(bar);  // da_t of the whole batch is written; the fb slot of step t is read
+        phase_done(bar, sm.share, phase);  // da_t is written; the fb and dz slots of step t are read
         if (!(d.back && t >= d.D)) continue;
         // phase 3: fb_{t−D} = W_bᵀ ⊛ da_t, stored with ∂L/∂s_{t−D} added (the slot's contract);
         // dW_b += da_t ⋆ s_{t−D}
@@ -828,7 +850,7 @@ __device__ __forceinline__ void backward_v4(const float* __restrict__ params, fl
             if (np.smooth) wgrad_all_slabs<true, PLANES>(dw_b, dw_pitch, y_staged, da_src, sc_da, inv_da, s_past, sc_s, inv_s, co0, sm, ch, d, vd);
             else wgrad_all_slabs<false, 1>(dw_b, dw_pitch, y_staged, da_src, sc_da, inv_da, s_past, 1.0f, 1.0f, co0, sm, ch, d, vd);
         });
-        grid_sync(bar);  // the fb slot is complete before step t − D reads it
+        phase_done(bar, sm.share, phase);  // the fb slot is written before step t − D reads it; da_t is read
     }
     if (!last_launch) {
         // an earlier window follows: keep the sums as they are (no reduction yet)

@@ -72,7 +72,8 @@ fn emulate_v4_pooling(
     let mut ckpt = DevBuf::new("v_ckpt", bs.v_ckpt);
     let mut carry = DevBuf::new("db_carry", bs.v4_db_carry);
     let mut rowmax = DevBuf::new("rowmax", bs.v4_rowmax);
-    let mut bar = vec![0u32; 1];
+    // the grid barrier and the blocks' phase counts (neighbour flags), zeroed before every launch
+    let mut bar = vec![0u32; plan.sync_words()];
     let dims = layer_dims(c.shape, &c.fb, b, t, &x.slots, c.t_in, false, false).unwrap();
     let ck = ckpt.ptr();
     let slot = |i: Option<usize>| i.map_or(std::ptr::null_mut(), |i| ck.wrapping_add(i * b * n));
@@ -93,7 +94,7 @@ fn emulate_v4_pooling(
         (win.own_input(), buf.ptr(), Some(buf))
     };
     let mut forward = |win: V4Window, ckpt_in: Option<usize>, ckpt_out: Option<usize>, pooled: *mut f32, bar: &mut Vec<u32>| {
-        bar[0] = 0;
+        bar.fill(0);
         let (win, pi, window_buf) = window_input(win);
         let mut a = Args::new();
         a.val(pp).val(pi).val(po).val(pv).val(pg).val(pz).val(slot(ckpt_in)).val(slot(ckpt_out)).val(pooled).val(prm);
@@ -114,7 +115,7 @@ fn emulate_v4_pooling(
         if w != last {
             forward(win, w.checked_sub(1), None, std::ptr::null_mut(), &mut bar);
         }
-        bar[0] = 0;
+        bar.fill(0);
         let (win, pi, window_buf) = window_input(win);
         let mut a = Args::new();
         a.val(pp).val(pgr).val(pi).val(po).val(pv).val(pg).val(pz);
@@ -450,8 +451,9 @@ fn v4_forward_pools_its_spikes_as_the_pooling_layer_would() {
         (case("5×7×9 back+ei r 1 D 2 T 6", [5, 7, 9], true, true, 1, 2, 2, 6, 6), None, false),
         (case("6×8×6 back r 2 D 1 T 5", [6, 8, 6], true, false, 2, 1, 3, 5, 1), Some(2), true),
         (case("16×6×7 ei r 1 T 4", [16, 6, 7], false, true, 1, 1, 2, 4, 4), Some(3), true),
-        // 5·8·8·8 = 2,560 pooled outputs a step over a grid of 3 blocks (768 threads): every
-        // thread's grid-stride share takes pool_step's 4 outputs per pass, the last pass partly
+        // 5·16·16 pixels over 3 blocks: each block's items (its 16 channels × the ≥ 26 image rows
+        // its range touches × 8 pooled columns) take pool_owned's 4 outputs per thread and pass
+        // over more than three passes, the last partly
         (case("8×16×16 back+ei r 1 B 5 T 2", [8, 16, 16], true, true, 1, 1, 5, 2, 2), None, true),
     ];
     for (i, (c, k, s8)) in cases.iter().enumerate() {
@@ -459,9 +461,13 @@ fn v4_forward_pools_its_spikes_as_the_pooling_layer_would() {
         let [ch, h, w] = c.shape;
         if i == 3 {
             let plan = v4_plan(c, &SMALL, Precision::Fp32);
-            let threads = plan.forward.grid.0 as usize * plan.forward.block as usize;
-            let outputs = c.batch * ch * (h / 2) * (w / 2);
-            assert!(outputs > 3 * threads && outputs < 4 * threads, "{}: {outputs} outputs, {threads} threads", c.name);
+            let v4 = plan.v4.as_ref().unwrap();
+            let (ranges, pass) = (v4.dims.ranges as usize, 4 * plan.forward.block as usize);
+            for r in 0..ranges {
+                let (start, end) = (c.batch * h * w * r / ranges, c.batch * h * w * (r + 1) / ranges);
+                let items = v4.co_t * ((end - 1) / w - start / w + 1) * (w / 2);
+                assert!(items > 3 * pass && !items.is_multiple_of(pass), "{}: range {r}: {items} items, {pass} a pass", c.name);
+            }
         }
         let mut plan = v4_plan(c, &SMALL, Precision::Fp32);
         if let Some(k) = *k {
@@ -694,4 +700,98 @@ fn v4_dz_stored_once_gives_the_bits_of_staging_it_on_the_fly() {
             }
         }
     }
+}
+
+/// Devices of 8 and 12 SMs: 8 pixel ranges of one channel group, 4 of three, so that most pairs of
+/// blocks own no pixels within r rows of each other and neighbour flags let them drift apart.
+const EIGHT: DeviceLimits = DeviceLimits { sm_count: 8, ..SMALL };
+const TWELVE: DeviceLimits = DeviceLimits { sm_count: 12, ..SMALL };
+
+/// `plan` with the emulator's stalled blocks (EMU_BLOCK_STALLS: each block runs a round with a
+/// probability of its own, redrawn every few thousand rounds), and the phases ordered by
+/// neighbour flags (`V4_SYNC`) or, with `unordered`, by nothing at all (`V4_SYNC_UNORDERED`).
+fn stalled(plan: &LaunchPlan, neighbours: bool, unordered: bool) -> LaunchPlan {
+    let mut p = plan.clone();
+    let v4 = p.v4.as_mut().unwrap();
+    v4.defines.push(("EMU_BLOCK_STALLS".to_string(), "1".to_string()));
+    if neighbours {
+        v4.order_by_neighbours();
+    }
+    if unordered {
+        v4.defines.push(("V4_SYNC_UNORDERED".to_string(), "1".to_string()));
+    }
+    p
+}
+
+/// Everything a run writes that a stale read could change: the spikes, v, g, z, ∂L/∂I, every
+/// gradient, and the fused pooling's outputs.
+fn assert_all_bits(a: &DeviceOut, b: &DeviceOut, what: &str) {
+    assert_same_bits(a, b, what);
+    assert_eq!(bits(&a.v), bits(&b.v), "{what}: v");
+    assert_eq!(a.g.as_deref().map(bits), b.g.as_deref().map(bits), "{what}: g");
+    assert_eq!(a.z.as_deref().map(bits), b.z.as_deref().map(bits), "{what}: z");
+}
+
+/// One run with the forward's fused pooling (f32) into a fresh buffer: the run and the pooled bits.
+fn emulate_pooled(c: &Case, x: &Inputs, plan: &LaunchPlan, sched: u64) -> (DeviceOut, Vec<u32>) {
+    let [ch, h, w] = c.shape;
+    let mut y = DevBuf::new("pooled", c.steps * c.batch * ch * (h / 2) * (w / 2));
+    let d = emulate_v4_pooling(c, x, plan, sched, (y.ptr(), false), None, false);
+    y.check_guards();
+    (d, bits(&y.host()))
+}
+
+/// The phases ordered by neighbour flags (`V4Plan::order_by_neighbours`, cuda/v4/sync.cuh: a block
+/// waits only for the blocks owning pixels within r rows of its own; the row-max slots zeroed and
+/// the pooling done by their owners) give the bits of grid barriers — with the emulator's blocks
+/// running at different paces, so that blocks far apart drift by several phases: 8 ranges of a
+/// few rows (r = 1: two partners), several channel groups (every group of a partner range),
+/// ranges shorter than r rows that span samples (partners beyond the next range), ei and back
+/// alone, D = 1..3, each precision, `--recompute` windows, the fused pooling.
+#[test]
+fn v4_neighbour_flags_give_the_bits_of_grid_barriers_with_blocks_drifting_apart() {
+    let cases = [
+        (case("6×16×8 back+ei r 1 D 2 T 5", [6, 16, 8], true, true, 1, 2, 2, 5, 5), Precision::Fp32, EIGHT, &[None, Some(2)][..]),
+        (case("40×12×6 back+ei r 2 D 1 T 3", [40, 12, 6], true, true, 2, 1, 2, 3, 3), Precision::Fp32, TWELVE, &[None]),
+        (smooth(case("5×6×5 back+ei r 2 D 1 T 4 B 3", [5, 6, 5], true, true, 2, 1, 3, 4, 4)), Precision::Tf32, EIGHT, &[None]),
+        (case("16×10×6 ei r 1 T 4", [16, 10, 6], false, true, 1, 1, 2, 4, 4), Precision::Fp32, EIGHT, &[None]),
+        (case("6×10×7 back r 2 D 3 T 5", [6, 10, 7], true, false, 2, 3, 2, 5, 1), Precision::Bf16, EIGHT, &[None, Some(3)]),
+    ];
+    for (i, (c, p, lim, ks)) in cases.iter().enumerate() {
+        let x = inputs(c, 1410 + i as u64);
+        for &k in *ks {
+            let mut plan = v4_plan(c, lim, *p);
+            let v4 = plan.v4.as_ref().unwrap();
+            assert!(v4.dims.ranges >= 4, "{}: groups {} ranges {}", c.name, v4.dims.groups, v4.dims.ranges);
+            if let Some(k) = k {
+                apply_recompute(&mut plan, c.shape, &c.fb, k, c.steps).unwrap();
+            }
+            let what = format!("{} {p} K {k:?}", c.name);
+            let (grid, grid_pooled) = emulate_pooled(c, &x, &stalled(&plan, false, false), 31 + i as u64);
+            let (flags, flags_pooled) = emulate_pooled(c, &x, &stalled(&plan, true, false), 41 + i as u64);
+            assert_all_bits(&grid, &flags, &what);
+            assert_eq!(grid_pooled, flags_pooled, "{what}: the pooled spikes");
+            if k.is_none() {
+                compare_within(c, &format!("v4/{p} neighbour flags"), &x, &cpu_reference(c, &x), &flags, Tolerance::of(*p));
+            }
+        }
+    }
+}
+
+/// The stalled blocks of the emulator expose a missing wait: the same kernels publishing their
+/// phase counts but never waiting (`V4_SYNC_UNORDERED`) read stale halos and slots and give other
+/// bits than grid barriers — so the equality above is evidence, not a schedule that happens to
+/// keep the blocks in step.
+#[test]
+fn v4_without_waits_the_stalled_blocks_read_stale_data() {
+    let c = case("6×16×8 back+ei r 1 D 2 T 5", [6, 16, 8], true, true, 1, 2, 2, 5, 5);
+    let x = inputs(&c, 1410);
+    let plan = v4_plan(&c, &EIGHT, Precision::Fp32);
+    let grid = emulate_v4(&c, &x, &stalled(&plan, false, false), 31);
+    let unordered = emulate_v4(&c, &x, &stalled(&plan, true, true), 41);
+    let same = bits(&grid.out) == bits(&unordered.out)
+        && bits(&grid.v) == bits(&unordered.v)
+        && bits(&grid.gin) == bits(&unordered.gin)
+        && bits(&grid.grads) == bits(&unordered.grads);
+    assert!(!same, "{}: without waits the drifting blocks gave the bits of grid barriers", c.name);
 }

@@ -5,7 +5,7 @@
 //! Without them these tests fail and say why.
 
 use backei::gpu::backei_layer::{DeviceLimits, V2_BLOCKS_PER_SM};
-use backei::gpu::backei_v4::check_instance;
+use backei::gpu::backei_v4::{check_instance, check_planned, instance_defines, training_instance};
 use backei::gpu::kernels::{compile_module, module_names, nvrtc_present};
 use backei::gpu::ptxas::kernel_report;
 use backei::gpu::sass::{blocks_per_sm, find_cuobjdump, find_nvdisasm};
@@ -87,6 +87,32 @@ fn v4_hot_loops_run_on_tensor_cores_without_local_memory_or_division() {
             );
             // one HMMA per product of a k-step: at least one per m-tile and n-tile
             assert!(m.mma >= 4 && m.ldsm > 0, "{shape:?} {p} {}: {m:?}", k.kernel);
+        }
+        assert!(c.problems.is_empty(), "{shape:?} {p}: {:?}", c.problems);
+    }
+}
+
+/// The v4 instances with their phases ordered by neighbour flags (`BACKEI_V4_SYNC=neighbours`,
+/// opt-in: `V4_SYNC`, cuda/v4/sync.cuh) pass the same static check as the grid-barrier build:
+/// fashion-mnist L1 in fp32 and bf16, cifar10 L2 (the widest tile, its named spill exception).
+#[test]
+fn v4_with_neighbour_flags_passes_the_same_static_check() {
+    use backei::gpu::backei_layer::NeuronParams;
+    require_nvrtc();
+    assert!(find_nvdisasm().is_some() && find_cuobjdump().is_some(), "pip install nvidia-cuda-nvdisasm nvidia-cuda-cuobjdump");
+    let fb = FeedbackConfig { back: true, ei: true, radius: 1, delay: 1 };
+    let np = NeuronParams::from_config(&backei::spec::NeuronConfig::default());
+    for (shape, p) in [([32usize, 28, 28], Precision::Fp32), ([32, 28, 28], Precision::Bf16), ([256, 16, 16], Precision::Fp32)] {
+        let (mut plan, _) = training_instance(shape, &fb, 100, 20, &DeviceLimits::H100, p).unwrap_or_else(|e| panic!("{e}"));
+        plan.order_by_neighbours();
+        let defines = instance_defines(&plan, &np);
+        assert!(defines.iter().any(|(k, v)| k == "V4_SYNC" && v == "1"), "{defines:?}");
+        let c = check_planned(plan, &defines, &DeviceLimits::H100, "sm_90").unwrap_or_else(|e| panic!("{e}"));
+        for k in &c.kernels {
+            println!(
+                "{shape:?} {p} {} (neighbour flags): {} registers, local {} B in {} instructions, hot loop {:?}",
+                k.kernel, k.registers, k.local_bytes, k.local_ops, k.hot
+            );
         }
         assert!(c.problems.is_empty(), "{shape:?} {p}: {:?}", c.problems);
     }

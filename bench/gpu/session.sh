@@ -10,7 +10,8 @@
 # named tests of named binaries, all at once), tests-parallel (every test binary at once, each into its own log
 # in results.tgz: the GPU tests' CPU oracles overlap; never beside a timing stage) and train-tc
 # (the training step with the v4 kernels and the tensor-core feed-forward layers, their opt-ins,
-# and v1 beside them, on fashion-mnist and cifar10 only: the short form of train-bench).
+# and v1 beside them, on fashion-mnist and cifar10 only: the short form of train-bench) and v4-flags
+# (v4 with neighbour flags instead of grid barriers: its layer tests, kernel bench and step).
 # Every stage has its own time limit and the whole run a deadline ($BUDGET seconds, default
 # 420), so one hung kernel cannot eat the device time.
 # Narrowing env: TEST_FILTERS (test names; tests/gpu_step.rs holds the step-graph, pipelining
@@ -125,6 +126,16 @@ for stage in $stages; do
       done
       wait "${pids[@]}"
       for item in ${RERUN:-}; do summarize_test "test-${item%%=*}"; done ;;
+    v4-flags)
+      # issue 11: v4 with its phases ordered by neighbour flags (BACKEI_V4_SYNC=neighbours,
+      # cuda/v4/sync.cuh) — correct on the hardware (the layer tests' v4 cases against the CPU),
+      # then timed beside grid barriers in one run of each bench (`…@v4/<p>+flags` rows), then the step
+      run test-v4-flags 150 env BACKEI_V4_SYNC=neighbours .gpu/bin/test-gpu_backei_layer --ignored --test-threads=1 --nocapture v4_
+      export BACKEI_BENCH_CSV=/tmp/backei-results/kernels-flags.csv
+      run bench-kernels-v4-grid 60 env BACKEI_BENCH_VERSIONS=v4/fp32,v4/bf16 .gpu/bin/bench-kernels ${KERNEL_FILTER:-fashion}
+      run bench-kernels-v4-flags 60 env BACKEI_V4_SYNC=neighbours BACKEI_BENCH_VERSIONS=v4/fp32,v4/bf16 .gpu/bin/bench-kernels ${KERNEL_FILTER:-fashion}
+      unset BACKEI_BENCH_CSV
+      run train-v4-flags 60 env BACKEI_BENCH_CPU=0 BACKEI_BACKEI_KERNEL=v4 BACKEI_V4_SYNC=neighbours BACKEI_BENCH_PRECISIONS=fp32 BACKEI_BENCH_NETWORKS=fashion-mnist .gpu/bin/bench-train ;;
     train-tc)
       # issue 11/12: the step on v4 (fp32 mode) with cuBLAS, then with the tensor-core GEMMs in
       # each precision; then the opt-ins (256-thread tiles, window-staged convolutions); v1 beside

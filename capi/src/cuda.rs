@@ -17,7 +17,7 @@
 
 use crate::error::{invalid, CapiError, Result};
 use crate::layer::{check_ptr, BatchShape, LayerConfig, Sizes, Workspace};
-use backei::gpu::backei_layer::{BufferSizes, BufferSource, GpuBackEiLayer, KernelVersion, LaunchPlan};
+use backei::gpu::backei_layer::{BufferSizes, BufferSource, GpuBackEiLayer, LaunchPlan};
 use backei::gpu::GpuDevice;
 use backei::BackeiError;
 use cudarc::driver::sys::{CUdeviceptr, CUstream};
@@ -146,8 +146,8 @@ fn workspace_bytes(plan: &LaunchPlan) -> Result<(usize, usize)> {
             Home::Scratch => _ = scratch.carve(bytes)?,
         }
     }
-    if plan.version.is_tiled() || plan.version == KernelVersion::V4 {
-        scratch.carve(4)?; // the grid barrier
+    if plan.sync_words() > 0 {
+        scratch.carve(4 * plan.sync_words())?; // the grid barrier (v4: and the blocks' phase counts)
     }
     Ok((saved.used, scratch.used))
 }
@@ -200,11 +200,11 @@ impl BufferSource for Lender<'_> {
         Ok(Some(unsafe { self.stream.upgrade_device_ptr(ptr, n) }))
     }
 
-    fn barrier(&mut self) -> backei::Result<CudaSlice<u32>> {
+    fn barrier(&mut self, words: usize) -> backei::Result<CudaSlice<u32>> {
         let to_backei = |e: CapiError| BackeiError::Config { field: "workspace".into(), problem: e.to_string() };
-        let ptr = self.region(Home::Scratch, 4).map_err(to_backei)?;
+        let ptr = self.region(Home::Scratch, 4 * words).map_err(to_backei)?;
         // SAFETY: inside the caller's scratch workspace.
-        Ok(unsafe { self.stream.upgrade_device_ptr(ptr, 1) })
+        Ok(unsafe { self.stream.upgrade_device_ptr(ptr, words) })
     }
 }
 
@@ -361,7 +361,7 @@ unsafe fn lent_params(stream: &Arc<CudaStream>, ptr: u64, len: usize) -> Result<
 #[cfg(test)]
 mod tests {
     use super::*;
-    use backei::gpu::backei_layer::{plan_tensor_cores, plan_version, DeviceLimits};
+    use backei::gpu::backei_layer::{plan_tensor_cores, plan_version, DeviceLimits, KernelVersion};
     use backei::spec::FeedbackConfig;
     use backei::Precision;
 
@@ -387,6 +387,8 @@ mod tests {
         let p = plan.buffers;
         let (saved, scratch) = workspace_bytes(&plan).unwrap();
         assert!(saved >= 4 * (p.v + p.g + p.z + p.v4_wfrag + p.v4_winv), "{p:?}");
-        assert!(scratch >= 4 * (p.dv + p.fb + p.dz + p.da + p.v4_dw_part) + 4, "{p:?}");
+        // (the sync buffer: the grid barrier and one phase count per block)
+        assert_eq!(plan.sync_words(), 1 + plan.v4.as_ref().unwrap().grid as usize);
+        assert!(scratch >= 4 * (p.dv + p.fb + p.dz + p.da + p.v4_dw_part + plan.sync_words()), "{p:?}");
     }
 }

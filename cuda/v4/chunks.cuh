@@ -10,7 +10,7 @@ __device__ __forceinline__ void for_each_chunk(const LayerDims& d, const V4Dims&
     const int HW = DIM_H * DIM_W;
     const long long total = (long long)d.B * HW;
     const int range = blockIdx.x / vd.groups;
-    const long long start = total * range / vd.ranges, end = total * (range + 1) / vd.ranges;
+    const long long start = total * range / vd.ranges, end = total * (range + 1) / vd.ranges;  // (sync.cuh's range_start)
     for (long long p = start; p < end;) {
         Chunk ch;
         ch.b = (int)(p / HW);

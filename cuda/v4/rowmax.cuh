@@ -53,8 +53,9 @@ __device__ __forceinline__ unsigned int* rowmax_dz(unsigned int* base, const Lay
     return base + ((long long)d.T + 2 + ((t % slots) + slots) % slots) * d.B * DIM_H;
 }
 
-// Zeroes `slots` consecutive [B][H] slots from p, by every block (grid-stride; the caller's next
-// grid barrier orders it before the atomics).
+// Zeroes `slots` consecutive [B][H] slots from p, by every block (grid-stride), at a launch's
+// start: phase 0's grid barrier orders it before the atomics. (Inside the time loop a slot is
+// zeroed by its rows' owners: sync.cuh's zero_owned_rows.)
 __device__ __forceinline__ void rowmax_zero(unsigned int* p, int slots, const LayerDims& d) {
     const long long n = (long long)slots * d.B * DIM_H;
     for (long long j = (long long)blockIdx.x * THREADS + threadIdx.x; j < n; j += (long long)gridDim.x * THREADS) p[j] = 0u;

@@ -163,7 +163,7 @@ pub enum Epilogue<'a, 'b> {
     /// (`spiking_readout_forward_v1_f32`; a plain layer: the network's last).
     Readout(&'a mut CudaViewMut<'b, f32>),
     /// The 2×2 average pooling of s, y [T][B][C][⌊H/2⌋][⌊W/2⌋], as `pool::forward` computes it (the
-    /// v4 kernels: `pool_step` in `cuda/backei_v4.cu`; the network's pooling layer after this one).
+    /// v4 kernels: `pool_owned` in `cuda/backei_v4.cu`; the network's pooling layer after this one).
     Pool(&'a mut CudaViewMut<'b, f32>),
     /// The same pooling as int8 codes c of the pooled spikes (value c · 0.25; ⌈len/4⌉ f32 words;
     /// `pool::PoolIo::S8ToQ8`): a layer whose spikes are int8 (compact state) only.
@@ -425,6 +425,19 @@ pub struct LaunchPlan {
     /// are kept for one window, v at every window's end, and the backward recomputes each
     /// earlier window before its BPTT ([`apply_recompute`]). None: every step is kept.
     pub window: Option<usize>,
+}
+
+impl LaunchPlan {
+    /// u32 words of the cooperative kernels' sync buffer (the layer's `bar`, zeroed before every
+    /// launch): v2/v3's grid barrier; v4's barrier and one phase count per block
+    /// ([`super::backei_v4::V4Plan::sync_words`]); none for v1.
+    pub fn sync_words(&self) -> usize {
+        match &self.v4 {
+            Some(v) if self.version == KernelVersion::V4 => v.sync_words(),
+            _ if self.version.is_tiled() => 1,
+            _ => 0,
+        }
+    }
 }
 
 const FUSED_MAX_THREADS: usize = 1024;
@@ -1143,8 +1156,9 @@ fn alloc(dev: &GpuDevice, n: usize) -> Result<Option<CudaSlice<f32>>> {
 pub trait BufferSource {
     /// `n` floats for the buffer `which` (a field name of [`BufferSizes`]); None for n = 0.
     fn floats(&mut self, which: &'static str, n: usize) -> Result<Option<CudaSlice<f32>>>;
-    /// The tiled kernels' grid-barrier word (zeroed before every launch that uses it).
-    fn barrier(&mut self) -> Result<CudaSlice<u32>>;
+    /// The cooperative kernels' sync buffer, `words` u32 ([`LaunchPlan::sync_words`]; zeroed
+    /// before every launch that uses it).
+    fn barrier(&mut self, words: usize) -> Result<CudaSlice<u32>>;
 }
 
 /// The layer's own buffers, allocated on its device's stream.
@@ -1154,8 +1168,8 @@ impl BufferSource for OwnAllocations<'_> {
     fn floats(&mut self, _which: &'static str, n: usize) -> Result<Option<CudaSlice<f32>>> {
         alloc(self.0, n)
     }
-    fn barrier(&mut self) -> Result<CudaSlice<u32>> {
-        self.0.stream.alloc_zeros::<u32>(1).map_err(cuda_err("allocating the grid barrier"))
+    fn barrier(&mut self, words: usize) -> Result<CudaSlice<u32>> {
+        self.0.stream.alloc_zeros::<u32>(words).map_err(cuda_err("allocating the grid barrier"))
     }
 }
 
@@ -1261,8 +1275,13 @@ pub struct GpuBackEiLayer {
     pub version: KernelVersion,
     /// The version the current plan was made for.
     planned_version: KernelVersion,
-    /// v2's grid barrier word (zeroed before every cooperative launch).
+    /// The cooperative kernels' sync buffer: v2/v3's grid barrier word, v4's barrier and phase
+    /// counts ([`LaunchPlan::sync_words`]; zeroed before every cooperative launch).
     pub(crate) bar: Option<CudaSlice<u32>>,
+    /// v4: order the kernels' phases by neighbour flags instead of grid barriers
+    /// (`$BACKEI_V4_SYNC=neighbours` at construction; [`super::backei_v4::V4Plan::order_by_neighbours`]).
+    pub neighbour_sync: bool,
+    planned_neighbour_sync: bool,
     /// The tensor-core products' precision (v4; the other versions compute in f32).
     pub precision: Precision,
     planned_precision: Precision,
@@ -1295,6 +1314,7 @@ impl GpuBackEiLayer {
     pub fn new(dev: &Arc<GpuDevice>, shape: [usize; 3], feedback: FeedbackConfig, neuron: &NeuronConfig) -> Result<Self> {
         validate(shape, &feedback, 1, 1)?;
         let version = KernelVersion::from_env()?;
+        let neighbour_sync = super::backei_v4::neighbour_sync_from_env(std::env::var(super::backei_v4::SYNC_ENV).ok().as_deref())?;
         let limits = DeviceLimits::of(dev)?;
         let dummy = dev.stream.alloc_zeros::<f32>(1).map_err(cuda_err("allocating"))?;
         Ok(GpuBackEiLayer {
@@ -1323,6 +1343,8 @@ impl GpuBackEiLayer {
             deterministic: false,
             planned_deterministic: false,
             bar: None,
+            neighbour_sync,
+            planned_neighbour_sync: neighbour_sync,
             precision: Precision::Fp32,
             planned_precision: Precision::Fp32,
             v4_wfrag: None,
@@ -1362,6 +1384,7 @@ impl GpuBackEiLayer {
             || self.planned_recompute != self.recompute
             || self.planned_compact_z != self.compact_z
             || self.planned_compact_s != self.compact_s
+            || self.planned_neighbour_sync != self.neighbour_sync
         {
             let dev = self.dev.clone();
             self.install(batch, steps, &mut OwnAllocations(&dev))?;
@@ -1373,7 +1396,7 @@ impl GpuBackEiLayer {
     /// device limits (nothing is allocated).
     pub fn plan_for(&self, batch: usize, steps: usize) -> Result<LaunchPlan> {
         let compact = CompactState::of(&self.neuron, self.compact_z, self.compact_s);
-        plan_layer(
+        let mut p = plan_layer(
             self.shape,
             &self.feedback,
             batch,
@@ -1384,7 +1407,13 @@ impl GpuBackEiLayer {
             self.deterministic,
             self.recompute,
             compact,
-        )
+        )?;
+        if self.neighbour_sync {
+            if let Some(v) = p.v4.as_mut() {
+                v.order_by_neighbours();
+            }
+        }
+        Ok(p)
     }
 
     /// `prepare` with every buffer lent by `source` for one call (the C ABI and the PyTorch
@@ -1449,8 +1478,10 @@ impl GpuBackEiLayer {
         self.v_ckpt = source.floats("v_ckpt", b.v_ckpt)?;
         self.v4_db_carry = source.floats("v4_db_carry", b.v4_db_carry)?;
         self.v4_rowmax = source.floats("v4_rowmax", b.v4_rowmax)?;
-        if (p.version.is_tiled() || p.version == KernelVersion::V4) && self.bar.is_none() {
-            self.bar = Some(source.barrier()?);
+        let words = p.sync_words();
+        if words > 0 && self.bar.as_ref().is_none_or(|b| b.len() < words) {
+            self.bar = None;
+            self.bar = Some(source.barrier(words)?);
         }
         self.plan = Some(p);
         self.batch = batch;
@@ -1458,6 +1489,7 @@ impl GpuBackEiLayer {
         self.planned_version = self.version;
         self.planned_deterministic = self.deterministic;
         self.planned_precision = self.precision;
+        self.planned_neighbour_sync = self.neighbour_sync;
         self.planned_recompute = self.recompute;
         self.planned_compact_z = self.compact_z;
         self.planned_compact_s = self.compact_s;

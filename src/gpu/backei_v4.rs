@@ -9,7 +9,7 @@
 //!   [weights: both gates' slices (resident), or one channel slab's fragments at a time, streamed
 //!   from L2 by cp.async][dW accumulators, both gates, f32 CO_T × k²·c_pad (or in the global
 //!   dw_part)][slab planes: the halo of `slab` channels][own planes: the halo of the block's CO_T
-//!   channels (the weight gradient's dY)][zero row (16 B), reduction scratch]
+//!   channels (the weight gradient's dY)][zero row (16 B), reduction scratch, the block's range and partners (32 B)]
 //! The plan prefers, in order: resident weights and on-chip dW (no traffic but the halos), on-chip
 //! dW with streamed weights, resident weights with dW in global memory (L2), both off chip; then
 //! the largest channel tile (fewer groups: each group stages the same halos again), the whole halo
@@ -25,6 +25,17 @@ use cudarc::driver::{CudaFunction, CudaSlice, CudaView, CudaViewMut, DeviceRepr,
 pub const V4_MODULE: &str = "backei_v4";
 /// Threads per block (`WARPS` · 32 in the .cu).
 pub const V4_THREADS: u32 = 256;
+
+/// `BACKEI_V4_SYNC=neighbours` orders the v4 kernels' phases by neighbour flags (`V4_SYNC`,
+/// cuda/v4/sync.cuh: a block waits only for the blocks whose pixels lie within r rows of its own);
+/// unset or `grid`: a grid barrier after every phase. Opt-in until a GPU run shows it correct and
+/// faster (`bench/gpu/session.sh` times both).
+pub const SYNC_ENV: &str = "BACKEI_V4_SYNC";
+
+/// `BACKEI_V4_SYNC`'s value: neighbour flags (`neighbours`) or grid barriers (unset, `grid`).
+pub fn neighbour_sync_from_env(value: Option<&str>) -> Result<bool> {
+    super::util::opt_in_from_env(SYNC_ENV, value, "neighbours", "neighbour flags between the v4 kernels' phases", "grid")
+}
 const WARPS: usize = 8;
 /// Shared memory the driver reserves per resident block (1 KiB on sm_80 / sm_90).
 const SMEM_RESERVED_PER_BLOCK: usize = 1024;
@@ -135,6 +146,9 @@ pub struct V4Plan {
     /// The backward stores dz_t once (phase 3 of step t + D) in a ring of min(D, T) [B][N] slots,
     /// the layer's `dz` buffer, and stages it from there (`V4_DZ_RING`; [`V4Plan::stores_dz`]).
     pub dz_ring: bool,
+    /// The phases are ordered by neighbour flags instead of grid barriers (`V4_SYNC`;
+    /// [`V4Plan::order_by_neighbours`], cuda/v4/sync.cuh).
+    pub neighbour_sync: bool,
 }
 
 impl V4Plan {
@@ -146,6 +160,23 @@ impl V4Plan {
     /// 2026-12-06: its largest loop of code per element).
     pub fn stores_dz(&self, fb: &FeedbackConfig, steps: usize) -> bool {
         fb.back && fb.ei && fb.delay < steps && !self.wide_tile()
+    }
+
+    /// Builds the kernels to order their phases by neighbour flags (`V4_SYNC`, cuda/v4/sync.cuh):
+    /// each block publishes its completed phases and waits only for the blocks that own pixels
+    /// within r rows of its own, instead of a grid barrier after every phase. The same arithmetic
+    /// in the same order: the same bits (`tests/emu_v4.rs`).
+    pub fn order_by_neighbours(&mut self) {
+        if !self.neighbour_sync {
+            self.neighbour_sync = true;
+            self.defines.push(("V4_SYNC".to_string(), "1".to_string()));
+        }
+    }
+
+    /// u32 words of the launches' sync buffer (`bar`, zeroed before every launch): the grid
+    /// barrier, then one phase count per block (read only under neighbour flags).
+    pub fn sync_words(&self) -> usize {
+        1 + self.grid as usize
     }
 
     /// Builds the kernels to save z as a one-byte code (`V4_ZCODE`); the caller has checked that
@@ -298,7 +329,8 @@ fn layout(
     // resident: both gates' whole slices; streamed: one slab's fragments at a time
     let w_bytes = if w_resident { gates * wslice } else { kk * slab * co_t * eb * planes };
     let dw_bytes = if dw_smem { 2 * co_t * dw_smem_pitch(kk * c_pad) * 4 } else { 0 };
-    let misc = 16 + 4 * WARPS * co_t;
+    // the zero row, the reduction scratch, the block's range and partners (sync.cuh's BlockShare)
+    let misc = 16 + 4 * WARPS * co_t + 32;
     let smem_dw = round16(w_bytes);
     let smem_halo = smem_dw + round16(dw_bytes);
     // a real operand takes `planes` planes (hi and lo in fp32 mode); the smooth firing mode of the
@@ -418,6 +450,7 @@ pub fn plan_v4(
         s8: false,
         db_carry: 0,
         dz_ring: false,
+        neighbour_sync: false,
     };
     if plan.carries_bias_sums() {
         plan.carry_bias_sums();
@@ -514,7 +547,13 @@ pub fn check_instance(
     arch: &str,
 ) -> Result<V4Check> {
     let (plan, defines) = training_instance(shape, fb, batch, steps, limits, precision)?;
-    let kernels = super::sass::check_module(V4_MODULE, arch, &defines)?;
+    check_planned(plan, &defines, limits, arch)
+}
+
+/// [`check_instance`] of a plan and its module constants (a training instance changed by the
+/// caller: `V4Plan::order_by_neighbours`, say; `instance_defines` gives the constants).
+pub fn check_planned(plan: V4Plan, defines: &[(String, String)], limits: &DeviceLimits, arch: &str) -> Result<V4Check> {
+    let kernels = super::sass::check_module(V4_MODULE, arch, defines)?;
     let mut problems = Vec::new();
     let mut blocks_per_sm = Vec::new();
     for k in &kernels {
@@ -908,6 +947,30 @@ mod tests {
         assert_eq!(grid as i32, d.groups * d.ranges);
         assert!(grid <= 50 && d.ranges <= p.dims.ranges);
         assert!(dims_for_resident(&p, p.dims.groups as u32 - 1).is_none());
+    }
+
+    #[test]
+    fn neighbour_flags_are_opt_in_build_the_kernels_once_and_size_the_sync_buffer() {
+        assert!(!neighbour_sync_from_env(None).unwrap());
+        assert!(!neighbour_sync_from_env(Some("grid")).unwrap());
+        assert!(neighbour_sync_from_env(Some(" neighbours ")).unwrap());
+        let e = neighbour_sync_from_env(Some("flags")).unwrap_err().to_string();
+        assert!(e.contains(SYNC_ENV) && e.contains("neighbours") && e.contains("grid"), "{e}");
+        let mut p = plan_v4([32, 28, 28], &fb(1), 100, 20, &DeviceLimits::H100, Precision::Fp32).unwrap();
+        assert!(!p.neighbour_sync && !p.defines.iter().any(|(k, _)| k == "V4_SYNC"));
+        let grid_smem = p.smem_bytes;
+        p.order_by_neighbours();
+        p.order_by_neighbours();
+        assert!(p.neighbour_sync);
+        assert_eq!(p.defines.iter().filter(|(k, v)| k == "V4_SYNC" && v == "1").count(), 1, "{:?}", p.defines);
+        // the grid barrier and one phase count per block; the same shared memory either way
+        assert_eq!(p.sync_words(), 1 + 132);
+        assert_eq!(p.smem_bytes, grid_smem);
+        let lp =
+            super::super::backei_layer::plan_tensor_cores([32, 28, 28], &fb(1), 100, 20, &DeviceLimits::H100, Precision::Fp32).unwrap();
+        assert_eq!(lp.sync_words(), 1 + lp.v4.as_ref().unwrap().grid as usize);
+        let v1 = super::super::backei_layer::plan([32, 28, 28], &fb(1), 100, 20, &DeviceLimits::H100).unwrap();
+        assert_eq!(v1.sync_words(), 0, "v1 launches nothing cooperative");
     }
 }
 

@@ -111,6 +111,8 @@ fn translate(cuda: &str, defines: &[(String, String)]) -> (String, Vec<String>) 
     }
     // EMU_MMA_TRUNCATE (a define): this module's mma.sync follows the truncating model (cuda_emu.h)
     out.push_str("\n#line 1 \"emu_model\"\n#ifdef EMU_MMA_TRUNCATE\nstatic const bool emu_truncate_set = (emu::mma_truncate_model = true);\n#endif\n");
+    // EMU_BLOCK_STALLS (a define): this module's cooperative launches run their blocks at different paces
+    out.push_str("#ifdef EMU_BLOCK_STALLS\nstatic const bool emu_stalls_set = (emu::block_stalls_model = true);\n#endif\n");
     out.push_str("\n#line 1 \"emu_dispatch\"\nstatic bool emu_dispatch(const char* name, void** args) {\n");
     for k in &kernels {
         out.push_str(&format!("    if (!strcmp(name, EMU_XSTR({k}))) {{ emu::bind_kernel({k}, args); return true; }}\n"));

@@ -11,7 +11,8 @@
 // every live lane of the warp has. Ordinary launches run their blocks one at a time, in a shuffled
 // order; cooperative launches run all blocks together (the grid barrier needs them co-resident).
 // Between barriers the threads run in a new shuffled order every round (seeded), so a read that a
-// missing __syncthreads() leaves unordered against a write sees the wrong value in some runs.
+// missing __syncthreads() leaves unordered against a write sees the wrong value in some runs;
+// with EMU_BLOCK_STALLS the blocks of a cooperative launch also run at different, changing paces.
 // Shared memory (dynamic and static) starts as NaN bytes (0xFF), so reading an element nobody
 // wrote poisons the result. Not modelled: memory-model subtleties (fences are no-ops: one OS
 // thread is sequentially consistent), FMA contraction, warp-synchronous code without __syncwarp
@@ -150,6 +151,14 @@ inline thread_local Launch* g = nullptr;
 constexpr size_t STACK = 128 * 1024;
 constexpr size_t PAGE = 4096;
 
+// Stalled blocks (a module built with EMU_BLOCK_STALLS): in a launch of several co-resident blocks
+// each block runs a round only with a probability of its own (1, 0.7, 0.4 or 0.1, drawn again every
+// STALL_EPOCH rounds), so blocks drift apart as far as the kernel's own waits let them — as SMs do
+// on a GPU — instead of advancing in near lockstep. A kernel that orders its blocks by anything
+// weaker than a grid barrier (v4's neighbour flags) then shows a missing wait as a stale read.
+static bool block_stalls_model = false;  // set at load by a module built with EMU_BLOCK_STALLS
+constexpr unsigned long long STALL_EPOCH = 4096;
+
 inline unsigned long long next_rand() {
     unsigned long long z = (g->rng += 0x9E3779B97F4A7C15ull);
     z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
@@ -254,13 +263,25 @@ inline bool run_blocks(const std::vector<int>& blocks) {
     std::vector<int> order(L->fibers.size());
     for (size_t i = 0; i < order.size(); ++i) order[i] = (int)i;
     unsigned long long rounds = 0;
+    const bool stalls = block_stalls_model && blocks.size() > 1;
+    std::vector<unsigned> pace(blocks.size(), 1000);  // per mille: a block's chance to run a round
+    std::vector<char> runs(blocks.size(), 1);
     for (;;) {
-        // one round: every runnable fiber once, in a fresh order
+        // one round: every runnable fiber once, in a fresh order (of the blocks that run it)
         for (size_t i = order.size(); i > 1; --i) std::swap(order[i - 1], order[next_rand() % i]);
+        bool stalled = false;
+        if (stalls) {
+            if (rounds % STALL_EPOCH == 0)
+                for (auto& p : pace) p = 1000 - 300 * (unsigned)(next_rand() % 4);
+            for (size_t bi = 0; bi < blocks.size(); ++bi) {
+                runs[bi] = next_rand() % 1000 < pace[bi];
+                stalled |= !runs[bi];
+            }
+        }
         bool ran = false;
         for (int i : order) {
             Fiber& f = L->fibers[i];
-            if (f.state != RUNNABLE) continue;
+            if (f.state != RUNNABLE || !runs[i / T]) continue;
             L->cur = &f;
             if (!_setjmp(L->sched_jb)) {
                 if (!f.started) {
@@ -302,7 +323,7 @@ inline bool run_blocks(const std::vector<int>& blocks) {
             }
         }
         if (all_done) return true;
-        if (!ran && !opened) {
+        if (!ran && !opened && !stalled) {
             char msg[256];
             int ab = 0, aw = 0, dn = 0;
             for (auto& f : L->fibers) {
