@@ -25,12 +25,18 @@
 //! the reference row `<workload>@unfused`; the speed ratio fused/unfused (unfused time over
 //! fused time, > 1 when fusion wins) is printed per fused version.
 //!
+//! With `$BACKEI_BENCH_V4_TILINGS` (`sweep`, `all` or `BACKEI_V4_TILING` requests separated by
+//! `;`: `backei_v4::bench_tilings`) every v4 row is followed by the tilings it names, each
+//! validated and timed as its own row (`<workload>@v4/<precision>[co_t=…,mt=…,…]`), then printed
+//! fastest first beside the planner's choice.
+//!
 //! Writes a CSV to `$BACKEI_BENCH_CSV` or `bench/kernels.csv`. Without a GPU it says the GPU part
 //! was skipped and exits 0. `cargo bench --bench kernels [-- FILTER]`.
 
 use backei::cpu::backei_layer::{BackEiGrads, BackEiLayer, BackEiParams};
-use backei::gpu::backei_layer::{BackEiSlots, GpuBackEiLayer, GpuLayer, KernelVersion};
+use backei::gpu::backei_layer::{BackEiSlots, DeviceLimits, GpuBackEiLayer, GpuLayer, KernelVersion};
 use backei::gpu::backei_unfused::UnfusedBackEiLayer;
+use backei::gpu::backei_v4::{bench_tilings, V4Tiling};
 use backei::gpu::GpuDevice;
 use backei::spec::{FeedbackConfig, FiringMode, NeuronConfig};
 use backei::Precision;
@@ -340,11 +346,22 @@ fn bound((version, p): Version) -> (f64, f64) {
 }
 
 /// The fused layer (`version`) vs the CPU at (batch, steps) in the smooth mode.
-fn validate(dev: &Arc<GpuDevice>, shape: [usize; 3], fb: FeedbackConfig, batch: usize, steps: usize, version: Version) -> Res<Validation> {
+fn validate(
+    dev: &Arc<GpuDevice>,
+    shape: [usize; 3],
+    fb: FeedbackConfig,
+    batch: usize,
+    steps: usize,
+    version: Version,
+    tiling: Option<V4Tiling>,
+) -> Res<Validation> {
     let neuron = smooth_neuron();
     let r = cpu_reference(shape, fb, batch, steps, &neuron)?;
     let mut g = GpuBackEiLayer::new(dev, shape, fb, &neuron)?;
     (g.version, g.precision) = version;
+    if let Some(t) = tiling {
+        g.v4_choices.tiling = Some(t.into());
+    }
     let vplan = g.prepare(batch, steps)?.clone();
     if vplan.path == backei::gpu::backei_layer::LayerPath::Fused && vplan.version != version.0 {
         return Err(format!("{shape:?}: {version:?} fell back to {:?}: {:?}", vplan.version, vplan.fallback).into());
@@ -429,8 +446,9 @@ fn layer_workload(
     vb: usize,
     vt: usize,
     version: Version,
+    tiling: Option<V4Tiling>,
 ) -> Res<f64> {
-    let check = validate(&bench.dev, shape, fb, vb, vt, version)?;
+    let check = validate(&bench.dev, shape, fb, vb, vt, version, tiling)?;
     let valid = check.label();
     if !check.ok {
         bench.failed.push(format!("{name} {version:?}"));
@@ -448,6 +466,9 @@ fn layer_workload(
     let mut gin = s.alloc_zeros::<f32>(steps * batch * n)?;
     let mut layer = GpuBackEiLayer::new(&dev, shape, fb, &NeuronConfig::default())?;
     (layer.version, layer.precision) = version;
+    if let Some(t) = tiling {
+        layer.v4_choices.tiling = Some(t.into());
+    }
     let plan = layer.prepare(batch, steps)?.clone();
     let gates = fb.back as usize + fb.ei as usize;
     let k = 2 * fb.radius + 1;
@@ -457,7 +478,11 @@ fn layer_workload(
     let ms = bench.time(|| Ok(layer.forward(&dp, &slots, &input.slice(..), steps, batch, steps)?))?;
     let fwd_ms = ms;
     // v4 with its phases ordered by neighbour flags (BACKEI_V4_SYNC=neighbours): rows `…@v4/<p>+flags`
-    let flags = if plan.v4.as_ref().is_some_and(|v| v.neighbour_sync) { "+flags" } else { "" };
+    // and a tiling other than the planner's (BACKEI_BENCH_V4_TILINGS): rows `…@v4/<p>[co_t=…,mt=…]`
+    let mut flags = if plan.v4.as_ref().is_some_and(|v| v.neighbour_sync) { "+flags" } else { "" }.to_string();
+    if let Some(t) = tiling {
+        flags.push_str(&format!("[{t}]"));
+    }
     let kname = match (plain, plan.version) {
         (true, _) => "plain".to_string(),
         (false, KernelVersion::V4) => format!("fused-v4/{}{flags}", version.1),
@@ -490,6 +515,49 @@ fn layer_workload(
         );
     }
     Ok(fwd_ms + ms)
+}
+
+/// A workload as `layer_workload` takes it: name, reference name, shape, switches, B, T and the
+/// validation's B and T.
+type LayerCase<'a> = (&'a str, &'a str, [usize; 3], FeedbackConfig, usize, usize, usize, usize);
+
+/// Times the v4 tilings `which` names (`bench_tilings`) of one workload and precision, each
+/// validated against the CPU first, and prints them fastest first beside the planner's choice
+/// (the first of the list): what `BACKEI_V4_TILING` should say if the planner's is not the fastest.
+fn tiling_sweep(bench: &mut Bench, which: &str, case: LayerCase, version: Version) {
+    let (name, ref_name, shape, f, b, t, vb, vt) = case;
+    let list = match DeviceLimits::of(&bench.dev).and_then(|limits| bench_tilings(which, shape, &f, b, t, &limits, version.1)) {
+        Ok(l) => l,
+        Err(e) => {
+            println!("{name} {version:?}: tilings: {e}");
+            bench.failed.push(format!("{name} {version:?} tilings: {e}"));
+            return;
+        }
+    };
+    let mut timed: Vec<(f64, V4Tiling)> = Vec::new();
+    for (i, tiling) in list.iter().enumerate() {
+        match layer_workload(bench, name, ref_name, shape, f, b, t, vb, vt, version, Some(*tiling)) {
+            Ok(ms) => timed.push((ms, *tiling)),
+            Err(e) => {
+                println!("{name} {version:?} [{tiling}]: FAILED: {e}");
+                bench.failed.push(format!("{name} {version:?} [{tiling}]: {e}"));
+            }
+        }
+        if i == 0 {
+            println!("{name} v4/{}: the planner's tiling is {tiling}", version.1);
+        }
+    }
+    let planner = timed.iter().find(|x| Some(&x.1) == list.first()).map(|x| x.0);
+    timed.sort_by(|a, b| a.0.total_cmp(&b.0));
+    for (ms, tiling) in &timed {
+        let vs = planner.map_or(String::new(), |p| format!(" ({:.2}x the planner's)", p / ms));
+        println!("{name} v4/{} tiling {tiling}: {ms:.3} ms fwd+bwd{vs}", version.1);
+    }
+    if let (Some((ms, best)), Some(p)) = (timed.first(), planner) {
+        if Some(best) != list.first() {
+            println!("{name} v4/{}: fastest tiling {best} ({ms:.3} ms, planner's {p:.3} ms): BACKEI_V4_TILING={best}", version.1);
+        }
+    }
 }
 
 fn main() {
@@ -590,6 +658,9 @@ fn run(dev: Arc<GpuDevice>, filter: Option<String>) -> Res<()> {
         },
         Err(_) => all_versions(),
     };
+    // v4's other tilings beside the planner's ($BACKEI_BENCH_V4_TILINGS: sweep, all, or requests
+    // separated by `;`), each validated and timed as its own row
+    let tilings = std::env::var("BACKEI_BENCH_V4_TILINGS").ok().filter(|x| !x.trim().is_empty());
     for (name, shape, f, b, t, vb, vt, ref_name) in workloads {
         if filter.as_deref().is_some_and(|x| !name.contains(x)) {
             continue;
@@ -599,12 +670,17 @@ fn run(dev: Arc<GpuDevice>, filter: Option<String>) -> Res<()> {
         let versions: Vec<Version> = if f.back || f.ei { fused_versions.clone() } else { vec![(KernelVersion::V1, Precision::Fp32)] };
         let mut fused_ms = Vec::new();
         for &version in &versions {
-            match layer_workload(&mut bench, name, ref_name, shape, f, b, t, vb, vt, version) {
+            match layer_workload(&mut bench, name, ref_name, shape, f, b, t, vb, vt, version, None) {
                 Ok(ms) => fused_ms.push((version, ms)),
                 Err(e) => {
                     // one version failing (e.g. a v2 launch error) must not hide the other's timings
                     println!("{name} {version:?}: FAILED: {e}");
                     bench.failed.push(format!("{name} {version:?}: {e}"));
+                }
+            }
+            if version.0 == KernelVersion::V4 {
+                if let Some(which) = &tilings {
+                    tiling_sweep(&mut bench, which, (name, ref_name, shape, f, b, t, vb, vt), version);
                 }
             }
         }

@@ -795,3 +795,30 @@ fn v4_without_waits_the_stalled_blocks_read_stale_data() {
         && bits(&grid.grads) == bits(&unordered.grads);
     assert!(!same, "{}: without waits the drifting blocks gave the bits of grid barriers", c.name);
 }
+
+/// Every tile shape the kernel bench sweeps (`BACKEI_BENCH_V4_TILINGS=sweep`: each channel tile
+/// and m-tiles per warp with the planner's slab and placement for it), and dW in L2 with two
+/// m-tiles, run through the layer's planner with the tiling asked for (`BACKEI_V4_TILING`'s path,
+/// `plan_tensor_cores_with`) and match the CPU engine: whatever tiling a GPU run finds fastest
+/// computes the layer. 20 channels (c_pad 32: tiles of 32 and 16), a sample over several chunks.
+#[test]
+fn v4_every_tiling_the_bench_sweeps_matches_the_cpu() {
+    use backei::gpu::backei_layer::plan_tensor_cores_with;
+    use backei::gpu::backei_v4::{bench_tilings, V4Choices};
+    let c = smooth(case("20×17×15 back+ei r 1 D 1", [20, 17, 15], true, true, 1, 1, 2, 3, 3));
+    for p in [Precision::Fp32, Precision::Bf16] {
+        let list = bench_tilings("sweep; co_t=32,mt=2,dw=l2", c.shape, &c.fb, c.batch, c.steps, &SMALL, p).unwrap();
+        let shapes: std::collections::HashSet<(usize, usize)> = list.iter().map(|t| (t.co_t, t.mt)).collect();
+        assert_eq!(shapes.len(), 4, "{p}: {list:?}");
+        assert!(list.iter().any(|t| !t.dw_on_chip), "{p}: {list:?}");
+        let x = inputs(&c, 771);
+        let cpu = cpu_reference(&c, &x);
+        for (i, t) in list.iter().enumerate() {
+            let choices = V4Choices { tiling: Some((*t).into()), neighbour_sync: false };
+            let plan = plan_tensor_cores_with(c.shape, &c.fb, c.batch, c.steps, &SMALL, p, &choices).unwrap();
+            assert_eq!(plan.v4.as_ref().unwrap().tiling, *t);
+            let d = emulate_v4(&c, &x, &plan, 31 + i as u64);
+            assert!(compare_within(&c, &format!("v4/{p} {t}"), &x, &cpu, &d, Tolerance::of(p)).strict_grads || p != Precision::Fp32);
+        }
+    }
+}

@@ -10,8 +10,11 @@
 # named tests of named binaries, all at once), tests-parallel (every test binary at once, each into its own log
 # in results.tgz: the GPU tests' CPU oracles overlap; never beside a timing stage) and train-tc
 # (the training step with the v4 kernels and the tensor-core feed-forward layers, their opt-ins,
-# and v1 beside them, on fashion-mnist and cifar10 only: the short form of train-bench) and v4-flags
-# (v4 with neighbour flags instead of grid barriers: its layer tests, kernel bench and step).
+# and v1 beside them, on fashion-mnist and cifar10 only: the short form of train-bench), v4-flags
+# (v4 with neighbour flags instead of grid barriers: its layer tests, kernel bench and step) and
+# v4-tune (every tile shape of v4 beside the planner's, V4_TILINGS=sweep|all|requests;
+# KERNEL_FILTER picks the workloads, fashion by default: the fastest is printed with the
+# BACKEI_V4_TILING that selects it).
 # Every stage has its own time limit and the whole run a deadline ($BUDGET seconds, default
 # 420), so one hung kernel cannot eat the device time.
 # Narrowing env: TEST_FILTERS (test names; tests/gpu_step.rs holds the step-graph, pipelining
@@ -136,6 +139,12 @@ for stage in $stages; do
       run bench-kernels-v4-flags 60 env BACKEI_V4_SYNC=neighbours BACKEI_BENCH_VERSIONS=v4/fp32,v4/bf16 .gpu/bin/bench-kernels ${KERNEL_FILTER:-fashion}
       unset BACKEI_BENCH_CSV
       run train-v4-flags 60 env BACKEI_BENCH_CPU=0 BACKEI_BACKEI_KERNEL=v4 BACKEI_V4_SYNC=neighbours BACKEI_BENCH_PRECISIONS=fp32 BACKEI_BENCH_NETWORKS=fashion-mnist .gpu/bin/bench-train ;;
+    v4-tune)
+      # issue 11: the v4 tilings beside the planner's (`…@v4/<p>[co_t=…]` rows), each validated
+      # against the CPU and timed in one run (the fastest printed with its BACKEI_V4_TILING)
+      export BACKEI_BENCH_CSV=/tmp/backei-results/kernels-tilings.csv
+      run bench-kernels-v4-tilings 240 env BACKEI_BENCH_VERSIONS=${V4_TUNE_VERSIONS:-v4/fp32,v4/bf16} BACKEI_BENCH_V4_TILINGS="${V4_TILINGS:-sweep}" .gpu/bin/bench-kernels ${KERNEL_FILTER:-fashion}
+      unset BACKEI_BENCH_CSV ;;
     train-tc)
       # issue 11/12: the step on v4 (fp32 mode) with cuBLAS, then with the tensor-core GEMMs in
       # each precision; then the opt-ins (256-thread tiles, window-staged convolutions); v1 beside

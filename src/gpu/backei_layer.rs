@@ -51,7 +51,7 @@
 //! Buffers are sized once per (batch, steps) and reused; all settings and shapes are validated
 //! and returned as errors, never panics.
 
-use super::backei_v4::{plan_v4, V4_MODULE, V4_THREADS};
+use super::backei_v4::{plan_v4, plan_v4_tiled, V4Choices, TILING_ENV, V4_MODULE, V4_THREADS};
 use super::device::GpuDevice;
 use super::loss::{LossBuffers, LossScales};
 use crate::cpu::loss::Loss;
@@ -916,15 +916,16 @@ pub fn plan_layer(
     deterministic: bool,
     recompute: Option<usize>,
     compact: CompactState,
+    v4: &V4Choices,
 ) -> Result<LaunchPlan> {
     let mut p = if let Some(k) = recompute {
         // only v4's launches start from a checkpoint: --recompute takes them, whatever was asked
-        let mut p = plan_tensor_cores(shape, fb, batch, steps, limits, precision)?;
+        let mut p = plan_tensor_cores_with(shape, fb, batch, steps, limits, precision, v4)?;
         apply_recompute(&mut p, shape, fb, k, steps)?;
         p
     } else if version == KernelVersion::V4 {
         // deterministic by construction
-        plan_tensor_cores(shape, fb, batch, steps, limits, precision)?
+        plan_tensor_cores_with(shape, fb, batch, steps, limits, precision, v4)?
     } else if deterministic {
         plan_deterministic(shape, fb, batch, steps, limits, version)?
     } else {
@@ -1024,12 +1025,35 @@ pub fn plan_tensor_cores(
     limits: &DeviceLimits,
     precision: Precision,
 ) -> Result<LaunchPlan> {
+    plan_tensor_cores_with(shape, fb, batch, steps, limits, precision, &V4Choices::default())
+}
+
+/// [`plan_tensor_cores`] with the run's v4 choices: the tiling asked for (an error, naming
+/// `BACKEI_V4_TILING` and the feasible tilings, where v4 runs the shape but no tiling meets the
+/// request) and the phases' order.
+pub fn plan_tensor_cores_with(
+    shape: [usize; 3],
+    fb: &FeedbackConfig,
+    batch: usize,
+    steps: usize,
+    limits: &DeviceLimits,
+    precision: Precision,
+    choices: &V4Choices,
+) -> Result<LaunchPlan> {
     let mut p = plan(shape, fb, batch, steps, limits)?;
     if p.path == LayerPath::Plain {
         return Ok(p);
     }
-    let v = match plan_v4(shape, fb, batch, steps, limits, precision) {
-        Ok(v) => v,
+    let v = match plan_v4_tiled(shape, fb, batch, steps, limits, precision, choices.tiling.as_ref()) {
+        Ok(mut v) => {
+            if choices.neighbour_sync {
+                v.order_by_neighbours();
+            }
+            v
+        }
+        Err(why) if choices.tiling.is_some() && plan_v4(shape, fb, batch, steps, limits, precision).is_ok() => {
+            return Err(config_err(TILING_ENV, why));
+        }
         Err(why) => {
             let mut q = plan_version(shape, fb, batch, steps, limits, KernelVersion::V3)?;
             q.fallback = Some(match q.fallback {
@@ -1278,10 +1302,10 @@ pub struct GpuBackEiLayer {
     /// The cooperative kernels' sync buffer: v2/v3's grid barrier word, v4's barrier and phase
     /// counts ([`LaunchPlan::sync_words`]; zeroed before every cooperative launch).
     pub(crate) bar: Option<CudaSlice<u32>>,
-    /// v4: order the kernels' phases by neighbour flags instead of grid barriers
-    /// (`$BACKEI_V4_SYNC=neighbours` at construction; [`super::backei_v4::V4Plan::order_by_neighbours`]).
-    pub neighbour_sync: bool,
-    planned_neighbour_sync: bool,
+    /// v4: the tiling asked for and the phases' order (`$BACKEI_V4_TILING`, `$BACKEI_V4_SYNC` at
+    /// construction; a network sets its step's, which its memory plan counted).
+    pub v4_choices: V4Choices,
+    planned_v4_choices: V4Choices,
     /// The tensor-core products' precision (v4; the other versions compute in f32).
     pub precision: Precision,
     planned_precision: Precision,
@@ -1314,7 +1338,7 @@ impl GpuBackEiLayer {
     pub fn new(dev: &Arc<GpuDevice>, shape: [usize; 3], feedback: FeedbackConfig, neuron: &NeuronConfig) -> Result<Self> {
         validate(shape, &feedback, 1, 1)?;
         let version = KernelVersion::from_env()?;
-        let neighbour_sync = super::backei_v4::neighbour_sync_from_env(std::env::var(super::backei_v4::SYNC_ENV).ok().as_deref())?;
+        let v4_choices = V4Choices::from_env()?;
         let limits = DeviceLimits::of(dev)?;
         let dummy = dev.stream.alloc_zeros::<f32>(1).map_err(cuda_err("allocating"))?;
         Ok(GpuBackEiLayer {
@@ -1343,8 +1367,8 @@ impl GpuBackEiLayer {
             deterministic: false,
             planned_deterministic: false,
             bar: None,
-            neighbour_sync,
-            planned_neighbour_sync: neighbour_sync,
+            v4_choices,
+            planned_v4_choices: v4_choices,
             precision: Precision::Fp32,
             planned_precision: Precision::Fp32,
             v4_wfrag: None,
@@ -1384,7 +1408,7 @@ impl GpuBackEiLayer {
             || self.planned_recompute != self.recompute
             || self.planned_compact_z != self.compact_z
             || self.planned_compact_s != self.compact_s
-            || self.planned_neighbour_sync != self.neighbour_sync
+            || self.planned_v4_choices != self.v4_choices
         {
             let dev = self.dev.clone();
             self.install(batch, steps, &mut OwnAllocations(&dev))?;
@@ -1396,7 +1420,7 @@ impl GpuBackEiLayer {
     /// device limits (nothing is allocated).
     pub fn plan_for(&self, batch: usize, steps: usize) -> Result<LaunchPlan> {
         let compact = CompactState::of(&self.neuron, self.compact_z, self.compact_s);
-        let mut p = plan_layer(
+        plan_layer(
             self.shape,
             &self.feedback,
             batch,
@@ -1407,13 +1431,8 @@ impl GpuBackEiLayer {
             self.deterministic,
             self.recompute,
             compact,
-        )?;
-        if self.neighbour_sync {
-            if let Some(v) = p.v4.as_mut() {
-                v.order_by_neighbours();
-            }
-        }
-        Ok(p)
+            &self.v4_choices,
+        )
     }
 
     /// `prepare` with every buffer lent by `source` for one call (the C ABI and the PyTorch
@@ -1489,7 +1508,7 @@ impl GpuBackEiLayer {
         self.planned_version = self.version;
         self.planned_deterministic = self.deterministic;
         self.planned_precision = self.precision;
-        self.planned_neighbour_sync = self.neighbour_sync;
+        self.planned_v4_choices = self.v4_choices;
         self.planned_recompute = self.recompute;
         self.planned_compact_z = self.compact_z;
         self.planned_compact_s = self.compact_s;

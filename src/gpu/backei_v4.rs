@@ -16,6 +16,7 @@
 //! in one slab (else 64, 32, 16 channels at a time), two m-tiles per warp (256-pixel chunks).
 
 use super::backei_layer::{opt_in_smem, DeviceLimits, GpuBackEiLayer, KernelLaunch, LayerDims, LayerInput, NeuronParams};
+pub use super::backei_v4_tiling::{V4Choices, V4Tiling, V4TilingRequest, TILING_ENV};
 use crate::error::{shape_err, BackeiError, Result};
 use crate::precision::Precision;
 use crate::spec::FeedbackConfig;
@@ -149,6 +150,9 @@ pub struct V4Plan {
     /// The phases are ordered by neighbour flags instead of grid barriers (`V4_SYNC`;
     /// [`V4Plan::order_by_neighbours`], cuda/v4/sync.cuh).
     pub neighbour_sync: bool,
+    /// The tile and placement (`co_t`, `mt`, `dims.slab`, `dims.w_resident`, `dims.dw_smem` say
+    /// the same): the planner's first feasible choice or the one `BACKEI_V4_TILING` asked for.
+    pub tiling: V4Tiling,
 }
 
 impl V4Plan {
@@ -363,6 +367,93 @@ fn layout(
     Some((dims, total))
 }
 
+/// Every tiling of a layer that fits the device's shared memory, with its layout, in the planner's
+/// order of preference: weights and dW on chip, dW on chip with the weights streamed, weights on
+/// chip with dW in L2, both in L2; then the widest channel tile (each channel group stages the same
+/// halos again), the whole halo in one slab (else 64, 32, 16 channels at a time), two m-tiles per
+/// warp. [`plan_v4`] takes the first; `BACKEI_V4_TILING` and the kernel bench any other.
+pub fn v4_tilings(shape: [usize; 3], fb: &FeedbackConfig, limits: &DeviceLimits, precision: Precision) -> Vec<(V4Tiling, V4Dims, usize)> {
+    let budget = limits.max_smem_per_block as usize;
+    let c_pad = shape[0].div_ceil(16) * 16;
+    let slabs: Vec<usize> = std::iter::once(c_pad).chain([64, 32, 16].into_iter().filter(|&s| s < c_pad)).collect();
+    let mut out = Vec::new();
+    for (weights_on_chip, dw_on_chip) in [(true, true), (false, true), (true, false), (false, false)] {
+        for co_t in [64usize, 32, 16] {
+            // a tile wider than the padded channels only adds zero columns
+            if co_t > 16 && co_t > c_pad {
+                continue;
+            }
+            for &slab in &slabs {
+                for mt in [2usize, 1] {
+                    if let Some((dims, smem)) = layout(shape, fb, precision, co_t, mt, slab, weights_on_chip, dw_on_chip, budget) {
+                        out.push((V4Tiling { co_t, mt, slab, weights_on_chip, dw_on_chip }, dims, smem));
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+/// The tilings the kernel bench times for a layer (`BACKEI_BENCH_V4_TILINGS`), items separated by
+/// `;`: `sweep` — for each (channel tile, m-tiles per warp), the first feasible tiling with it in
+/// the planner's order (its slab and placement as the planner would take them: the choices that
+/// change the work per MMA and per staged element); `all` — every feasible tiling; a request
+/// (`BACKEI_V4_TILING`'s form) — the first feasible tiling that meets it. Each tiling once, only
+/// those a launch can take (the grid fits the device), the planner's own choice first where listed.
+pub fn bench_tilings(
+    which: &str,
+    shape: [usize; 3],
+    fb: &FeedbackConfig,
+    batch: usize,
+    steps: usize,
+    limits: &DeviceLimits,
+    precision: Precision,
+) -> Result<Vec<V4Tiling>> {
+    let plans = |t: &V4Tiling| plan_v4_tiled(shape, fb, batch, steps, limits, precision, Some(&V4TilingRequest::from(*t))).is_ok();
+    let feasible: Vec<V4Tiling> = v4_tilings(shape, fb, limits, precision).into_iter().map(|x| x.0).filter(plans).collect();
+    let mut out: Vec<V4Tiling> = Vec::new();
+    fn add(out: &mut Vec<V4Tiling>, t: V4Tiling) {
+        if !out.contains(&t) {
+            out.push(t);
+        }
+    }
+    for item in which.split(';').map(str::trim).filter(|x| !x.is_empty()) {
+        match item {
+            "sweep" => {
+                let mut shapes: Vec<(usize, usize)> = Vec::new();
+                for t in &feasible {
+                    if !shapes.contains(&(t.co_t, t.mt)) {
+                        shapes.push((t.co_t, t.mt));
+                        add(&mut out, *t);
+                    }
+                }
+            }
+            "all" => feasible.iter().for_each(|t| add(&mut out, *t)),
+            request => {
+                let q = V4TilingRequest::parse(request)?;
+                match feasible.iter().find(|t| q.matches(t)) {
+                    Some(t) => add(&mut out, *t),
+                    None => {
+                        return Err(crate::error::config_err(
+                            "BACKEI_BENCH_V4_TILINGS",
+                            format!(
+                                "`{request}`: no feasible tiling of {shape:?} ({precision}) meets it; use sweep, all, or requests, separated by ;"
+                            ),
+                        ))
+                    }
+                }
+            }
+        }
+    }
+    if let Some(first) = feasible.first() {
+        if let Some(i) = out.iter().position(|t| t == first) {
+            out[..=i].rotate_right(1);
+        }
+    }
+    Ok(out)
+}
+
 /// The v4 plan of a layer on a device, or why v4 cannot run it (the layer then falls back).
 pub fn plan_v4(
     shape: [usize; 3],
@@ -371,6 +462,21 @@ pub fn plan_v4(
     steps: usize,
     limits: &DeviceLimits,
     precision: Precision,
+) -> std::result::Result<V4Plan, String> {
+    plan_v4_tiled(shape, fb, batch, steps, limits, precision, None)
+}
+
+/// [`plan_v4`] with the first feasible tiling that meets `request` (None: the first feasible one);
+/// where v4 can run the shape but no tiling meets the request, the error says so and lists the
+/// feasible tilings.
+pub fn plan_v4_tiled(
+    shape: [usize; 3],
+    fb: &FeedbackConfig,
+    batch: usize,
+    steps: usize,
+    limits: &DeviceLimits,
+    precision: Precision,
+    request: Option<&V4TilingRequest>,
 ) -> std::result::Result<V4Plan, String> {
     let [c, h, w] = shape;
     let r = fb.radius;
@@ -384,32 +490,23 @@ pub fn plan_v4(
         return Err(format!("a {h}×{w} map is smaller than the {0}×{0} gate", 2 * r + 1));
     }
     let budget = limits.max_smem_per_block as usize;
-    let c_pad = c.div_ceil(16) * 16;
-    // the whole halo in one slab first, else 64, 32, 16 channels at a time
-    let slabs: Vec<usize> = std::iter::once(c_pad).chain([64, 32, 16].into_iter().filter(|&s| s < c_pad)).collect();
-    let mut chosen = None;
-    'search: for (w_resident, dw_smem) in [(true, true), (false, true), (true, false), (false, false)] {
-        for co_t in [64usize, 32, 16] {
-            // a tile wider than the padded channels only adds zero columns
-            if co_t > 16 && co_t > c_pad {
-                continue;
-            }
-            for &slab in &slabs {
-                for mt in [2usize, 1] {
-                    if let Some(l) = layout(shape, fb, precision, co_t, mt, slab, w_resident, dw_smem, budget) {
-                        chosen = Some((co_t, mt, l));
-                        break 'search;
-                    }
-                }
-            }
-        }
-    }
-    let Some((co_t, mt, (mut dims, smem))) = chosen else {
+    let tilings = v4_tilings(shape, fb, limits, precision);
+    if tilings.is_empty() {
         return Err(format!(
             "no channel tile of 16 or more fits {budget} B of shared memory (C = {c}, r = {r}, {precision}), even with the weights \
              and weight gradients in L2 and the halo staged 16 channels at a time"
         ));
+    }
+    let Some(&(tiling, mut dims, smem)) = tilings.iter().find(|(t, _, _)| request.is_none_or(|q| q.matches(t))) else {
+        let feasible: Vec<String> = tilings.iter().map(|(t, _, _)| t.to_string()).collect();
+        return Err(format!(
+            "{TILING_ENV}={}: no tiling of {shape:?} ({precision}) that fits {budget} B of shared memory has these values; the feasible \
+             ones, the planner's first choice first: {}",
+            request.map(|q| q.to_string()).unwrap_or_default(),
+            feasible.join("; ")
+        ));
     };
+    let (co_t, mt) = (tiling.co_t, tiling.mt);
     let groups = dims.groups as usize;
     let per_sm = (limits.max_smem_per_sm as usize / (smem + SMEM_RESERVED_PER_BLOCK)).min(1);
     let resident = per_sm * limits.sm_count as usize;
@@ -451,6 +548,7 @@ pub fn plan_v4(
         db_carry: 0,
         dz_ring: false,
         neighbour_sync: false,
+        tiling,
     };
     if plan.carries_bias_sums() {
         plan.carry_bias_sums();
@@ -984,6 +1082,96 @@ mod network_tests {
     /// free of bank conflicts with the padded pitch: each half-warp's 16 float2 fall in 32
     /// different banks, for every k²·c_pad the plans make (c_pad a multiple of 16, r = 1 and 2) —
     /// and the unpadded pitch puts 4 or 8 lanes on one bank.
+    #[test]
+    fn the_planner_takes_the_first_feasible_tiling_and_a_request_any_other() {
+        use super::super::backei_layer::{plan_tensor_cores, plan_tensor_cores_with, KernelVersion};
+        let fb = |r| FeedbackConfig { back: true, ei: true, radius: r, delay: 1 };
+        let h100 = &DeviceLimits::H100;
+        for (shape, r) in [([32usize, 28, 28], 1), ([64, 14, 14], 1), ([15, 24, 24], 2), ([256, 16, 16], 1)] {
+            for p in Precision::ALL {
+                let all = v4_tilings(shape, &fb(r), h100, p);
+                let first = plan_v4(shape, &fb(r), 100, 20, h100, p).unwrap();
+                assert_eq!(first.tiling, all[0].0, "{shape:?} {p}");
+                // every feasible tiling plans, says itself in its fields and fits the device
+                for (t, dims, smem) in &all {
+                    let q = plan_v4_tiled(shape, &fb(r), 100, 20, h100, p, Some(&V4TilingRequest::from(*t))).unwrap();
+                    assert_eq!(q.tiling, *t);
+                    assert_eq!((q.co_t, q.mt, q.dims.slab as usize), (t.co_t, t.mt, t.slab));
+                    assert_eq!((q.dims.w_resident == 1, q.dims.dw_smem == 1), (t.weights_on_chip, t.dw_on_chip));
+                    assert_eq!((q.dims.smem_own, q.smem_bytes as usize), (dims.smem_own, *smem));
+                    assert!(*smem <= h100.max_smem_per_block as usize, "{t}: {smem} B");
+                }
+                let distinct: std::collections::HashSet<_> = all.iter().map(|x| x.0).collect();
+                assert_eq!(distinct.len(), all.len(), "{shape:?} {p}: a tiling listed twice");
+            }
+        }
+        // fashion-mnist L1 in fp32 mode: one m-tile per warp with dW on chip first; two m-tiles
+        // fit with dW in L2, and the request finds them
+        let l1 = [32usize, 28, 28];
+        let first = plan_v4(l1, &fb(1), 100, 20, h100, Precision::Fp32).unwrap();
+        assert_eq!((first.tiling.mt, first.tiling.dw_on_chip, first.tiling.weights_on_chip), (1, true, true));
+        // (two m-tiles with both on chip take 16-channel tiles: two groups stage every halo twice)
+        let mt2 = V4TilingRequest::parse("mt=2").unwrap();
+        let q = plan_v4_tiled(l1, &fb(1), 100, 20, h100, Precision::Fp32, Some(&mt2)).unwrap();
+        assert_eq!((q.mt, q.co_t, q.dims.groups), (2, 16, 2), "{}", q.tiling);
+        let mt2 = V4TilingRequest::parse("co_t=32,mt=2").unwrap();
+        let q = plan_v4_tiled(l1, &fb(1), 100, 20, h100, Precision::Fp32, Some(&mt2)).unwrap();
+        assert_eq!((q.mt, q.co_t), (2, 32));
+        assert!(!q.tiling.dw_on_chip || !q.tiling.weights_on_chip, "{}", q.tiling);
+        // dW in L2: each range's partial sums in dw_part, sized the same either way
+        assert_eq!(q.dw_part, first.dw_part * q.grid as usize / first.grid as usize);
+        // no tiling of 32 channels is 64 wide: an error naming the variable and the feasible ones
+        let wide = V4TilingRequest::parse("co_t=64").unwrap();
+        let e = plan_v4_tiled(l1, &fb(1), 100, 20, h100, Precision::Fp32, Some(&wide)).unwrap_err();
+        assert!(e.contains(TILING_ENV) && e.contains("co_t=64") && e.contains(&first.tiling.to_string()), "{e}");
+        // through the layer's planner: that request is a configuration error, not a fallback to
+        // v3; where v4 cannot run the shape at all, the layer falls back as without a request
+        let ask = |t: &str| V4Choices { tiling: Some(V4TilingRequest::parse(t).unwrap()), neighbour_sync: false };
+        let e = plan_tensor_cores_with(l1, &fb(1), 100, 20, h100, Precision::Fp32, &ask("co_t=64")).unwrap_err().to_string();
+        assert!(e.contains(TILING_ENV), "{e}");
+        let r3 = plan_tensor_cores_with(l1, &fb(3), 100, 20, h100, Precision::Fp32, &ask("co_t=64")).unwrap();
+        assert_ne!(r3.version, KernelVersion::V4);
+        assert!(r3.fallback.as_deref().is_some_and(|f| f.contains("radius 3")), "{:?}", r3.fallback);
+        // the choices reach the plan: the tiling, the phases' order and the buffers they size
+        let both = V4Choices { neighbour_sync: true, ..ask("mt=2") };
+        let lp = plan_tensor_cores_with(l1, &fb(1), 100, 20, h100, Precision::Fp32, &both).unwrap();
+        let v = lp.v4.as_ref().unwrap();
+        assert!(v.neighbour_sync && v.mt == 2);
+        assert_eq!(lp.buffers.v4_dw_part, v.dw_part);
+        assert_eq!(
+            plan_tensor_cores_with(l1, &fb(1), 100, 20, h100, Precision::Fp32, &V4Choices::default()).unwrap(),
+            plan_tensor_cores(l1, &fb(1), 100, 20, h100, Precision::Fp32).unwrap()
+        );
+    }
+
+    #[test]
+    fn the_bench_sweeps_each_tile_shape_once_the_planners_choice_first() {
+        let fb = FeedbackConfig { back: true, ei: true, radius: 1, delay: 1 };
+        let h100 = &DeviceLimits::H100;
+        let l1 = [32usize, 28, 28];
+        let first = plan_v4(l1, &fb, 100, 20, h100, Precision::Fp32).unwrap().tiling;
+        let sweep = bench_tilings("sweep", l1, &fb, 100, 20, h100, Precision::Fp32).unwrap();
+        let shapes: Vec<(usize, usize)> = sweep.iter().map(|t| (t.co_t, t.mt)).collect();
+        // c_pad 32: tiles of 32 and 16 channels, one and two m-tiles each
+        assert_eq!(sweep[0], first);
+        assert_eq!(shapes.len(), 4, "{shapes:?}");
+        for s in [(32, 1), (32, 2), (16, 1), (16, 2)] {
+            assert!(shapes.contains(&s), "{shapes:?}");
+        }
+        let all = bench_tilings("all", l1, &fb, 100, 20, h100, Precision::Fp32).unwrap();
+        assert_eq!(all.len(), v4_tilings(l1, &fb, h100, Precision::Fp32).len());
+        assert_eq!(all[0], first);
+        // a list: each request's first feasible tiling, no repeats; the planner's choice first
+        // where the list names it
+        let two = bench_tilings("co_t=32,mt=2 ; mt=1 ; co_t=32,mt=1", l1, &fb, 100, 20, h100, Precision::Fp32).unwrap();
+        assert_eq!(two.len(), 2, "{two:?}");
+        assert_eq!(two[0], first);
+        assert_eq!((two[1].co_t, two[1].mt), (32, 2));
+        let e = bench_tilings("co_t=64", l1, &fb, 100, 20, h100, Precision::Fp32).unwrap_err().to_string();
+        assert!(e.contains("BACKEI_BENCH_V4_TILINGS") && e.contains("co_t=64"), "{e}");
+        assert!(bench_tilings("mt=7", l1, &fb, 100, 20, h100, Precision::Fp32).unwrap_err().to_string().contains(TILING_ENV));
+    }
+
     #[test]
     fn the_weight_gradient_fold_spreads_over_every_bank() {
         let banks_hit = |pitch: usize, n0: usize, half: usize| {

@@ -13,6 +13,7 @@
 //!   `GpuBackEiLayer::prepare` allocates from), never a second formula.
 
 use super::backei_layer::{plan_layer, CompactState, DeviceLimits, KernelVersion, LaunchPlan};
+use super::backei_v4::V4Choices;
 use super::conv::{ConvPlan, DEFAULT_WORKSPACE_BYTES};
 use super::conv_halo::{self, halo_plan, HaloOp};
 use super::device::CUBLAS_WORKSPACE_BYTES;
@@ -56,6 +57,9 @@ pub struct StepSettings {
     /// apply (`BACKEI_TC_CONV=halo`, `conv_halo::halo_plan`; opt-in until a GPU run shows them
     /// correct and faster). Other bits than the generic GEMM's, within the same tolerance.
     pub halo_convs: bool,
+    /// The v4 BackEI layers' tiling and phase order (`BACKEI_V4_TILING`, `BACKEI_V4_SYNC`): every
+    /// layer plans with these, so that its plan is the one this memory plan counts.
+    pub v4: V4Choices,
 }
 
 /// Turns off the pooling fused into the v4 BackEI kernels (`=0`; the default `1` fuses it).
@@ -81,6 +85,7 @@ impl StepSettings {
             fused_pool: fused_pool_from_env(std::env::var(FUSED_POOL_ENV).ok().as_deref())?,
             big_tiles: gemm_tc::big_tiles_in_env()?,
             halo_convs: conv_halo::halo_from_env(std::env::var(conv_halo::CONV_ENV).ok().as_deref())?,
+            v4: V4Choices::from_env()?,
         }
         .with_precision(Precision::Fp32)
     }
@@ -104,6 +109,7 @@ impl StepSettings {
             fused_pool: true,
             big_tiles: false,
             halo_convs: false,
+            v4: V4Choices::default(),
         }
     }
 
@@ -154,7 +160,7 @@ pub fn spiking_plan(
     pooled: bool,
 ) -> Result<LaunchPlan> {
     let compact = CompactState::of(neuron, s.compact, s.compact && pooled);
-    plan_layer(shape, fb, batch, steps, &s.limits, s.version, s.precision, s.deterministic, s.recompute, compact)
+    plan_layer(shape, fb, batch, steps, &s.limits, s.version, s.precision, s.deterministic, s.recompute, compact, &s.v4)
 }
 
 /// Whether the 2×2 pooling after a spiking layer with buffers `before` runs inside that layer's
@@ -894,6 +900,34 @@ mod tests {
             }
         }
         assert!(coded(&odd, &tc).is_empty(), "a dropout of 0.3 scales by 1/0.7: no exact code");
+    }
+
+    /// The v4 choices of a step (`BACKEI_V4_TILING`, `BACKEI_V4_SYNC`) reach every BackEI layer's
+    /// plan in the memory plan — the plan each layer then makes with the same settings, which the
+    /// network requires to be equal — and the memory they change is counted (the layers' scratch
+    /// follows the tile: bias-sum carries, the dz ring); neighbour flags change only the kernels.
+    #[test]
+    fn the_v4_choices_reach_every_backei_layers_plan_and_its_memory() {
+        use crate::gpu::backei_v4::{V4Choices, V4TilingRequest};
+        let spec = NetworkSpec::fashion_mnist();
+        let v4 = StepSettings { version: KernelVersion::V4, ..h100() };
+        let ask = V4Choices { tiling: Some(V4TilingRequest::parse("mt=2,dw=l2").unwrap()), neighbour_sync: true };
+        let asked = StepSettings { v4: ask, ..v4 };
+        let layers = |s: &StepSettings| -> Vec<crate::gpu::backei_v4::V4Plan> {
+            buffer_plan(&spec, 100, 20, 1, s).unwrap().layers.iter().filter_map(|l| l.spiking.as_ref()?.v4.clone()).collect()
+        };
+        let (plain, chosen) = (layers(&v4), layers(&asked));
+        assert_eq!(plain.len(), 2);
+        assert_eq!(chosen.len(), 2);
+        for (a, b) in plain.iter().zip(&chosen) {
+            assert!(!a.neighbour_sync && b.neighbour_sync);
+            assert!(a.tiling.dw_on_chip && a.mt == 1, "{}", a.tiling);
+            assert!(!b.tiling.dw_on_chip && b.mt == 2, "{}", b.tiling);
+        }
+        let (m0, m1) = (memory_plan(&spec, 100, 20, 1, &v4).unwrap(), memory_plan(&spec, 100, 20, 1, &asked).unwrap());
+        assert_ne!(m0.spiking, m1.spiking, "the layers' scratch follows the tiling: {m0} vs {m1}");
+        let only_sync = StepSettings { v4: V4Choices { tiling: None, neighbour_sync: true }, ..v4 };
+        assert_eq!(memory_plan(&spec, 100, 20, 1, &only_sync).unwrap().total(), m0.total());
     }
 
     /// The pooling after a v4 BackEI layer (directly, or after a dropout fused into it: cifar10)

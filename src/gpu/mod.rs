@@ -4,6 +4,7 @@
 pub mod backei_layer;
 pub mod backei_unfused;
 pub mod backei_v4;
+pub mod backei_v4_tiling;
 pub mod conv;
 pub mod conv_halo;
 pub mod device;

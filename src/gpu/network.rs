@@ -671,6 +671,7 @@ impl GpuNetwork {
                 layer.precision = self.settings.precision;
                 layer.version = self.settings.version;
                 layer.recompute = self.settings.recompute;
+                layer.v4_choices = self.settings.v4;
                 // the memory plan decided whether s is written as int8 (read by pooling only)
                 layer.compact_z = self.settings.compact;
                 layer.compact_s = lb.spiking.as_ref().and_then(|p| p.v4.as_ref()).is_some_and(|v| v.s8);
