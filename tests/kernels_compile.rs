@@ -118,6 +118,37 @@ fn v4_with_neighbour_flags_passes_the_same_static_check() {
     }
 }
 
+/// Every tiling the kernel bench sweeps at the fashion-mnist shapes (`BACKEI_BENCH_V4_TILINGS=sweep`:
+/// each channel tile and m-tile count, the planner's slab and placement for it), in fp32 and bf16,
+/// passes the static check the planner's own instances pass — so whichever a GPU run finds fastest
+/// (and `BACKEI_V4_TILING` then selects) has tensor-core hot loops without local memory or
+/// division and a grid that fits.
+#[test]
+fn v4_every_swept_tiling_of_the_fashion_layers_passes_the_static_check() {
+    use backei::gpu::backei_v4::{bench_tilings, training_instance_tiled, V4TilingRequest};
+    require_nvrtc();
+    assert!(find_nvdisasm().is_some() && find_cuobjdump().is_some(), "pip install nvidia-cuda-nvdisasm nvidia-cuda-cuobjdump");
+    let fb = FeedbackConfig { back: true, ei: true, radius: 1, delay: 1 };
+    let h100 = DeviceLimits::H100;
+    for shape in [[32usize, 28, 28], [64, 14, 14]] {
+        for p in [Precision::Fp32, Precision::Bf16] {
+            // the planner's choice is checked by v4_hot_loops_…: the others here
+            for t in bench_tilings("sweep", shape, &fb, 100, 20, &h100, p).unwrap().into_iter().skip(1) {
+                let (plan, defines) = training_instance_tiled(shape, &fb, 100, 20, &h100, p, Some(&V4TilingRequest::from(t)))
+                    .unwrap_or_else(|e| panic!("{e}"));
+                let c = check_planned(plan, &defines, &h100, "sm_90").unwrap_or_else(|e| panic!("{e}"));
+                for k in &c.kernels {
+                    println!(
+                        "{shape:?} {p} [{t}] {}: {} registers, local {} B in {} instructions, hot loop {:?}",
+                        k.kernel, k.registers, k.local_bytes, k.local_ops, k.hot
+                    );
+                }
+                assert!(c.problems.is_empty(), "{shape:?} {p} [{t}]: {:?}", c.problems);
+            }
+        }
+    }
+}
+
 /// An affine operand (both maps LINEAR: every linear layer's operands, a convolution's weights) is
 /// loaded without the index tables — a base address plus a constant step per element, a predicated
 /// load, no entry reads and no per-element branches on the entries' kinds. Read off the path one op
