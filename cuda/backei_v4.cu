@@ -368,6 +368,16 @@ struct V4Spikes {
     __device__ __forceinline__ float operator()(unsigned idx) const { return (float)__ldcg(p + idx); }
 };
 
+// src_pair (v4/halo.cuh) of one array: the pixel's address once, channel c + 1 at a constant offset.
+__device__ __forceinline__ float2 src_pair(const V4Plain& src, unsigned at, int HW, bool ok0, bool ok1) {
+    const float* q = src.p + at;
+    return make_float2(ok0 ? __ldcg(q) : 0.0f, ok1 ? __ldcg(q + HW) : 0.0f);
+}
+__device__ __forceinline__ float2 src_pair(const V4Spikes& src, unsigned at, int HW, bool ok0, bool ok1) {
+    const V4S* q = src.p + at;
+    return make_float2(ok0 ? (float)__ldcg(q) : 0.0f, ok1 ? (float)__ldcg(q + HW) : 0.0f);
+}
+
 // How the backward reads ∂L/∂s (host twin: V4GradIn in src/gpu/backei_v4.rs).
 struct V4GradIn {
     int pooled;   // 0: grad_out is ∂L/∂s [T][B][N]; 1: the output gradient of the network's 2×2

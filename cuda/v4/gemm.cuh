@@ -344,7 +344,7 @@ __device__ __forceinline__ void conv_all_slabs(float (&acc)[MT][NT][4], char* ha
             }
             cp_async_commit();
         }
-        stage_slab<REAL>(halo, vd.pstride, vd.plane_bytes, src, ch, c0, nch, scale, d);
+        stage_slab<REAL>(halo, vd.pstride, vd.plane_bytes, src, ch, c0, nch, slabs_pass_c(d), scale, d);
         if (!vd.w_resident) cp_async_wait_all();
         __syncthreads();
         if (vd.w_resident) conv_gemm<APL>(acc, halo, w_smem, full_plane, KK * ks_c0, nch, ch, d, vd);
@@ -370,11 +370,11 @@ __device__ __forceinline__ void wgrad_all_slabs(float* dw, int pitch, bool y_sta
                                                 const XSrc& xsrc, float xscale, float xinv, int co0, const V4Smem& sm, const Chunk& ch,
                                                 const LayerDims& d, const V4Dims& vd) {
     __syncthreads();  // the slab planes are free (and the own planes, unless they hold dY already)
-    if (!y_staged) stage_slab<true>(sm.own, vd.own_pstride, vd.own_plane_bytes, ysrc, ch, co0, CO_T, yscale, d);
+    if (!y_staged) stage_slab<true>(sm.own, vd.own_pstride, vd.own_plane_bytes, ysrc, ch, co0, CO_T, walk_passes_c(d, co0, CO_T), yscale, d);
     for (int c0 = 0; c0 < DIM_CPAD; c0 += vd.slab) {
         const int nch = min(vd.slab, DIM_CPAD - c0);
         if (c0 > 0) __syncthreads();
-        stage_slab<XREAL>(sm.halo, vd.pstride, vd.plane_bytes, xsrc, ch, c0, nch, xscale, d);
+        stage_slab<XREAL>(sm.halo, vd.pstride, vd.plane_bytes, xsrc, ch, c0, nch, slabs_pass_c(d), xscale, d);
         __syncthreads();
         wgrad_gemm<PLANES, XPL>(dw, pitch, yinv * xinv, sm.own, sm.halo, c0, nch, sm.zero_row, ch, d, vd);
     }

@@ -69,6 +69,26 @@ __device__ __forceinline__ void for_each_halo_element_flat(const Src& src, const
     }
 }
 
+// Whether a walk over channels [c0, c0 + nch) meets channels at and past C (zeros, never loaded):
+// an own-plane walk of a channel group wider than the channels left, or any walk where C is not a
+// multiple of 16. Slab walks and the scale pass end at c_pad, which is C where C is a multiple of
+// 16 (slabs_pass_c: a constant in the GPU build, so the row walk drops its channel tests there).
+__device__ __forceinline__ bool slabs_pass_c(const LayerDims& d) {
+    return DIM_C % 16 != 0;
+}
+__device__ __forceinline__ bool walk_passes_c(const LayerDims& d, int c0, int nch) {
+    return slabs_pass_c(d) || c0 + nch > DIM_C;
+}
+
+// Both elements of a row-walk item, channels c and c + 1 of one pixel (element `at` of the sample's
+// [C][H][W] and the one HW words on), each where its flag says, else 0. Readers of one array
+// (V4Plain, V4Spikes, beside them in backei_v4.cu) load both from one address; this general form
+// calls src twice.
+template <class Src>
+__device__ __forceinline__ float2 src_pair(const Src& src, unsigned at, int HW, bool ok0, bool ok1) {
+    return make_float2(ok0 ? src(at) : 0.0f, ok1 ? src(at + (unsigned)HW) : 0.0f);
+}
+
 // The same walk by halo rows, where a row (W + 2r ≤ 32) fits in four warps' lanes (row walk).
 // A warp's 32 lanes take 8 neighbouring halo columns × 4 channel pairs (lane = 8·pair + column):
 // a staging store of the warp then falls in 32 different banks (a pixel's stride, pstride, is an
@@ -85,8 +105,15 @@ __device__ __forceinline__ void for_each_halo_element_flat(const Src& src, const
 // (slabs, CO_T). Same elements, same values, the same fn calls: only the order in which the
 // block's threads make them differs. pair(off, x0, x1) takes both elements of an item at once
 // (one store per plane: store_operand_pair).
+//
+// check_c: whether channels at or past C can occur (a walk that ends past C: an own-plane walk of a
+// channel group wider than the channels left, or any walk where C is not a multiple of 16); where
+// the GPU build knows it cannot (a constant false after inlining) the channel index and its tests
+// drop out of the loop, and both elements of an item load under one predicate — from one address
+// (src_pair: the second a constant offset away, HW words, folded into the load instruction).
 template <class Src, class G>
-__device__ __forceinline__ void for_each_halo_row_element(const Src& src, const Chunk& ch, const LayerDims& d, int c0, int nch, int pstride, G pair) {
+__device__ __forceinline__ void for_each_halo_row_element(const Src& src, const Chunk& ch, const LayerDims& d, int c0, int nch, int pstride,
+                                                          bool check_c, G pair) {
     constexpr int U = StageBatch<Src>::U / 2;  // items (two elements each) whose loads are in flight
     const int W = DIM_W, H = DIM_H, HS = W + 2 * R, HW = H * W;
     const int hr = halo_rows_of(ch, d), total = (nch >> 3) * hr;  // (octet, halo row) items, octet-major
@@ -118,8 +145,9 @@ __device__ __forceinline__ void for_each_halo_row_element(const Src& src, const 
             offs[u] = off;
             const int gy = gy0 + hy;
             const bool ok = in_x & (j + u * rows_per_pass < total) & ((unsigned)gy < (unsigned)H);
-            x[u][0] = ok & (c0 + c < DIM_C) ? src((unsigned)at) : 0.0f;
-            x[u][1] = ok & (c0 + c + 1 < DIM_C) ? src((unsigned)(at + HW)) : 0.0f;
+            const float2 xy = src_pair(src, (unsigned)at, HW, ok & (!check_c | (c0 + c < DIM_C)), ok & (!check_c | (c0 + c + 1 < DIM_C)));
+            x[u][0] = xy.x;
+            x[u][1] = xy.y;
             hy += dh;
             c += 8 * dc;
             at += dat;
@@ -146,12 +174,13 @@ __device__ __forceinline__ void for_each_halo_row_element(const Src& src, const 
 
 // fn(off, x) for every element, or pair(off, x0, x1) for channels c, c + 1 of a pixel at once:
 // the row walk where a halo row fits (W + 2r ≤ 32), else the flat walk.
+// check_c: the walk may meet channels past C (walk_passes_c, slabs_pass_c).
 template <class Src, class F, class G>
-__device__ __forceinline__ void for_each_halo_element(const Src& src, const Chunk& ch, const LayerDims& d, int c0, int nch, int pstride, F fn,
-                                                      G pair) {
+__device__ __forceinline__ void for_each_halo_element(const Src& src, const Chunk& ch, const LayerDims& d, int c0, int nch, int pstride,
+                                                      bool check_c, F fn, G pair) {
     // (a constant in the GPU build; every caller's nch is a multiple of 16: a slab, CO_T, c_pad)
     if (DIM_W + 2 * R <= 32) {
-        for_each_halo_row_element(src, ch, d, c0, nch, pstride, pair);
+        for_each_halo_row_element(src, ch, d, c0, nch, pstride, check_c, pair);
     } else {
         for_each_halo_element_flat(src, ch, d, c0, nch, pstride, fn);
     }
@@ -169,18 +198,19 @@ __device__ __forceinline__ float halo_scale(const Src& src, const Chunk& ch, con
     // (c_pad channels: a multiple of 16, as the row walk wants; those past C are zeros)
     const int cpad = (DIM_C + 15) / 16 * 16;
     for_each_halo_element(
-        src, ch, d, 0, cpad, 0, [&](int, float x) { m = fmaxf(m, fabsf(x)); },
+        src, ch, d, 0, cpad, 0, slabs_pass_c(d), [&](int, float x) { m = fmaxf(m, fabsf(x)); },
         [&](int, float x0, float x1) { m = fmaxf(m, fmaxf(fabsf(x0), fabsf(x1))); });
     return pow2_scale(block_max(m, red), inv);
 }
 
 // Stages channels [c0, c0 + nch) of the chunk's halo channel-last into `planes` (channel c0 at
 // byte 0 of a pixel's row of `pstride` bytes; REAL operands in fp32 mode as hi and lo planes
-// `plane_bytes` apart, scaled by `scale`). The caller syncs before the planes are read.
+// `plane_bytes` apart, scaled by `scale`). The caller syncs before the planes are read. check_c:
+// the walk may meet channels past C (walk_passes_c; slabs_pass_c for a slab of c_pad's).
 template <bool REAL, class Src>
 __device__ __forceinline__ void stage_slab(char* planes, int pstride, int plane_bytes, const Src& src, const Chunk& ch, int c0, int nch,
-                                           float scale, const LayerDims& d) {
+                                           bool check_c, float scale, const LayerDims& d) {
     for_each_halo_element(
-        src, ch, d, c0, nch, pstride, [&](int off, float x) { store_operand<REAL>(planes + off, plane_bytes, x, scale); },
+        src, ch, d, c0, nch, pstride, check_c, [&](int off, float x) { store_operand<REAL>(planes + off, plane_bytes, x, scale); },
         [&](int off, float x0, float x1) { store_operand_pair<REAL>(planes + off, plane_bytes, x0, x1, scale); });
 }
