@@ -20,8 +20,8 @@
 // p0 + l%16, channels k0 + 8·(l/16)); a pixel's stride is c_pad·EB + 16 bytes, which puts the 8 rows
 // of every ldmatrix matrix in 8 different 4-bank groups (conflict-free). B = the weights,
 // pre-arranged in global memory at the start of each launch in the mma B-fragment order
-// [plane][k-step][n-tile][lane][2 × u32] (one 8-byte shared load per lane per fragment) and copied
-// into shared memory with cp.async.
+// [plane][k-step][n-tile pair][lane][2 n-tiles × 2 × u32] (one 16-byte shared load per lane for two
+// n-tiles' fragments) and copied into shared memory with cp.async.
 //   forward:   Wt[tap·c_pad + ci][n] = W[co0 + n][ci][tap]
 //   backward:  Wt[tap·c_pad + co][n] = W[co][ci0 + n][k² − 1 − tap]   (the adjoint: transposed, flipped)
 // Weight gradient of a chunk (M = the block's CO_T channels of dY, N = k²·c_pad (tap, ci), K = P pixels):

@@ -37,14 +37,18 @@ __device__ __forceinline__ void conv_gemm(float (&acc)[MT][NT][4], const char* h
 #pragma unroll
                 for (int mi = 0; mi < MT; ++mi)
                     if (live[mi]) ldmatrix_x4(a[p][mi], halo + p * vd.plane_bytes + off[mi] + tap_off + ks * 32);
+            // B fragments of n-tiles ni, ni + 1 in one 16-byte load (build_weight_fragments' pair
+            // order: a warp reads 512 contiguous bytes, the 4 wavefronts of two 8-byte loads)
             u32 b[PLANES][NT][2];
 #pragma unroll
             for (int p = 0; p < PLANES; ++p)
 #pragma unroll
-                for (int ni = 0; ni < NT; ++ni) {
-                    const uint2 v = *reinterpret_cast<const uint2*>(wsl + p * wplane + (((ks0 + ks) * NT + ni) * 32 + lane) * 8);
+                for (int ni = 0; ni < NT; ni += 2) {
+                    const uint4 v = *reinterpret_cast<const uint4*>(wsl + p * wplane + (((ks0 + ks) * NT + ni) * 32 + 2 * lane) * 8);
                     b[p][ni][0] = v.x;
                     b[p][ni][1] = v.y;
+                    b[p][ni + 1][0] = v.z;
+                    b[p][ni + 1][1] = v.w;
                 }
 #pragma unroll
             for (int mi = 0; mi < MT; ++mi) {

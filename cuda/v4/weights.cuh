@@ -10,7 +10,9 @@ __device__ __forceinline__ void build_weight_fragments(char* wfrag, float* winv,
                                                        const V4Dims& vd, unsigned int* bar, float* red) {
     const int C = DIM_C, CPAD = DIM_CPAD;
     const int ks_all = KK * CPAD / (PREC == PREC_TF32 ? 8 : 16);
-    const int words = ks_all * NT * 64;  // u32 per plane: [k-step][n-tile][lane][2]
+    // u32 per plane: [k-step][n-tile pair][lane][n-tile of the pair][2] — a lane's fragments of two
+    // neighbouring n-tiles are 16 contiguous bytes, one 16-byte shared load for both (conv_gemm)
+    const int words = ks_all * NT * 64;
     const int wplane = vd.wslice_bytes / PLANES;
     for (int job = blockIdx.x; job < 2 * vd.groups; job += gridDim.x) {
         const int gate = job / vd.groups, gi = job - gate * vd.groups;
@@ -34,7 +36,7 @@ __device__ __forceinline__ void build_weight_fragments(char* wfrag, float* winv,
         // streamed mode copies): position = k²·(c0·EB/32) + tap·(nch·EB/32) + ks for slab [c0, c0 + nch)
         const int ks_tap = CPAD * EB / 32, slab_ks = vd.slab * EB / 32, slabs = (ks_tap + slab_ks - 1) / slab_ks;
         for (int j = threadIdx.x; j < words; j += THREADS) {
-            const int reg = j & 1, lane = (j >> 1) & 31, ni = (j >> 6) % NT, pos = (j >> 6) / NT;
+            const int reg = j & 1, lane = (j >> 2) & 31, ni = 2 * ((j >> 7) % (NT / 2)) + ((j >> 1) & 1), pos = (j >> 6) / NT;
             const int sl = min(pos / (KK * slab_ks), slabs - 1), c0ks = sl * slab_ks, nks = min(slab_ks, ks_tap - c0ks);
             const int rem = pos - KK * c0ks, tap = rem / nks, ks = rem - tap * nks;
             const int kbase = tap * CPAD + (c0ks + ks) * (32 / EB);  // the k-step's first K index
