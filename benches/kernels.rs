@@ -345,6 +345,24 @@ fn bound((version, p): Version) -> (f64, f64) {
     }
 }
 
+/// The fused layer of `version` (and for v4 the tiling asked for, else the planner's), as the
+/// validation and the timing both build it.
+fn fused_layer(
+    dev: &Arc<GpuDevice>,
+    shape: [usize; 3],
+    fb: FeedbackConfig,
+    neuron: &NeuronConfig,
+    version: Version,
+    tiling: Option<V4Tiling>,
+) -> Res<GpuBackEiLayer> {
+    let mut layer = GpuBackEiLayer::new(dev, shape, fb, neuron)?;
+    (layer.version, layer.precision) = version;
+    if let Some(t) = tiling {
+        layer.v4_choices.tiling = Some(t.into());
+    }
+    Ok(layer)
+}
+
 /// The fused layer (`version`) vs the CPU at (batch, steps) in the smooth mode.
 fn validate(
     dev: &Arc<GpuDevice>,
@@ -357,11 +375,7 @@ fn validate(
 ) -> Res<Validation> {
     let neuron = smooth_neuron();
     let r = cpu_reference(shape, fb, batch, steps, &neuron)?;
-    let mut g = GpuBackEiLayer::new(dev, shape, fb, &neuron)?;
-    (g.version, g.precision) = version;
-    if let Some(t) = tiling {
-        g.v4_choices.tiling = Some(t.into());
-    }
+    let mut g = fused_layer(dev, shape, fb, &neuron, version, tiling)?;
     let vplan = g.prepare(batch, steps)?.clone();
     if vplan.path == backei::gpu::backei_layer::LayerPath::Fused && vplan.version != version.0 {
         return Err(format!("{shape:?}: {version:?} fell back to {:?}: {:?}", vplan.version, vplan.fallback).into());
@@ -464,11 +478,7 @@ fn layer_workload(
     let dp = s.clone_htod(&params)?;
     let mut dg = s.alloc_zeros::<f32>(params.len())?;
     let mut gin = s.alloc_zeros::<f32>(steps * batch * n)?;
-    let mut layer = GpuBackEiLayer::new(&dev, shape, fb, &NeuronConfig::default())?;
-    (layer.version, layer.precision) = version;
-    if let Some(t) = tiling {
-        layer.v4_choices.tiling = Some(t.into());
-    }
+    let mut layer = fused_layer(&dev, shape, fb, &NeuronConfig::default(), version, tiling)?;
     let plan = layer.prepare(batch, steps)?.clone();
     let gates = fb.back as usize + fb.ei as usize;
     let k = 2 * fb.radius + 1;

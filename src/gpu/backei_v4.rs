@@ -1095,11 +1095,6 @@ mod network_tests {
     use super::*;
     use crate::spec::{LayerSpec, NetworkSpec};
 
-    /// The fold of a warp's weight-gradient fragment into the shared accumulators (wgrad_gemm:
-    /// lane (g, t) updates rows g and g + 8 at columns 2t, 2t + 1 of an n-tile, one float2 each) is
-    /// free of bank conflicts with the padded pitch: each half-warp's 16 float2 fall in 32
-    /// different banks, for every k²·c_pad the plans make (c_pad a multiple of 16, r = 1 and 2) —
-    /// and the unpadded pitch puts 4 or 8 lanes on one bank.
     #[test]
     fn the_planner_takes_the_first_feasible_tiling_and_a_request_any_other() {
         use super::super::backei_layer::{plan_tensor_cores, plan_tensor_cores_with, KernelVersion};
@@ -1190,6 +1185,11 @@ mod network_tests {
         assert!(bench_tilings("mt=7", l1, &fb, 100, 20, h100, Precision::Fp32).unwrap_err().to_string().contains(TILING_ENV));
     }
 
+    /// The fold of a warp's weight-gradient fragment into the shared accumulators (wgrad_gemm:
+    /// lane (g, t) updates rows g and g + 8 at columns 2t, 2t + 1 of an n-tile, one float2 each) is
+    /// free of bank conflicts with the padded pitch: each half-warp's 16 float2 fall in 32
+    /// different banks, for every k²·c_pad the plans make (c_pad a multiple of 16, r = 1 and 2) —
+    /// and the unpadded pitch puts 4 or 8 lanes on one bank.
     #[test]
     fn the_weight_gradient_fold_spreads_over_every_bank() {
         let banks_hit = |pitch: usize, n0: usize, half: usize| {
