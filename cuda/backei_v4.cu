@@ -296,6 +296,14 @@ __device__ __forceinline__ void store_operand(char* p0, int plane_bytes, float x
 // per plane (8 for tf32), channel c in the low half — the bytes two store_operand calls would write.
 template <bool REAL>
 __device__ __forceinline__ void store_operand_pair(char* p0, int plane_bytes, float x0, float x1, float scale) {
+    if (PREC == PREC_FP32) {  // both halves of both elements packed by two conversions each (split_f16_pair)
+        u32 hi, lo = 0u;
+        if (REAL) split_f16_pair(x0 * scale, x1 * scale, hi, lo);
+        else hi = f32x2_to_f16x2_bits(x0, x1);
+        *reinterpret_cast<u32*>(p0) = hi;
+        if (has_lo_plane<REAL>()) *reinterpret_cast<u32*>(p0 + plane_bytes) = lo;
+        return;
+    }
     u32 hi0, lo0, hi1, lo1;
     operand_bits<REAL>(x0, scale, hi0, lo0);
     operand_bits<REAL>(x1, scale, hi1, lo1);
@@ -376,6 +384,13 @@ __device__ __forceinline__ float2 src_pair(const V4Plain& src, unsigned at, int 
 __device__ __forceinline__ float2 src_pair(const V4Spikes& src, unsigned at, int HW, bool ok0, bool ok1) {
     const V4S* q = src.p + at;
     return make_float2(ok0 ? (float)__ldcg(q) : 0.0f, ok1 ? (float)__ldcg(q + HW) : 0.0f);
+}
+// The row walk's position in one array: a pointer (ArrayCursor, v4/halo.cuh).
+__device__ __forceinline__ ArrayCursor<float> halo_cursor(const V4Plain& src, int at) {
+    return ArrayCursor<float>{src.p + at};
+}
+__device__ __forceinline__ ArrayCursor<V4S> halo_cursor(const V4Spikes& src, int at) {
+    return ArrayCursor<V4S>{src.p + at};
 }
 
 // How the backward reads ∂L/∂s (host twin: V4GradIn in src/gpu/backei_v4.rs).

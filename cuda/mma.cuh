@@ -117,6 +117,13 @@ __device__ __forceinline__ u32 f32_to_tf32_bits(float x) {
     asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(r) : "f"(x));
     return r;
 }
+// Two f32 → fp16 in one instruction (cvt.rn.f16x2.f32 puts its first source in the upper half):
+// x_lo's bits in the low half, each rounded as f32_to_f16_bits.
+__device__ __forceinline__ u32 f32x2_to_f16x2_bits(float x_lo, float x_hi) {
+    u32 r;
+    asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(x_hi), "f"(x_lo));
+    return r;
+}
 
 #endif  // BACKEI_EMU
 
@@ -133,6 +140,14 @@ __device__ __forceinline__ u32 pack2(unsigned short lo, unsigned short hi) { ret
 __device__ __forceinline__ void split_f16(float x, unsigned short& hi, unsigned short& lo) {
     hi = f32_to_f16_bits(x);
     lo = f32_to_f16_bits(x - f16_bits_to_f32(hi));
+}
+
+// split_f16 of two elements at once, packed as a staged pair is stored (x0 in the low halves): one
+// conversion instruction for both hi halves and one for both lo, where two split_f16 and the
+// packing take four and a permute (SASS of the v4 staging loops, 2026-12-06). The same bits.
+__device__ __forceinline__ void split_f16_pair(float x0, float x1, u32& hi, u32& lo) {
+    hi = f32x2_to_f16x2_bits(x0, x1);
+    lo = f32x2_to_f16x2_bits(x0 - f16_bits_to_f32((unsigned short)(hi & 0xFFFFu)), x1 - f16_bits_to_f32((unsigned short)(hi >> 16)));
 }
 
 // The fp32 mode's k-step on split operands (split_f16): the small products first — lo·hi, hi·lo

@@ -97,8 +97,9 @@ extern "C" __global__ void ldmatrix_probe(const unsigned short* __restrict__ src
     }
 }
 
-// The conversions and the fp16 split, element-wise: out[5][n] = f16 bits, bf16 bits, tf32 bits,
-// split hi, split lo (each as a u32).
+// The conversions and the fp16 split, element-wise: out[7][n] = f16 bits, bf16 bits, tf32 bits,
+// split hi, split lo (each as a u32), and the packed split of the pair (x[i], x[(i + 1) % n]):
+// hi, lo (split_f16_pair, x[i] in the low halves).
 extern "C" __global__ void convert_probe(const float* __restrict__ x, u32* __restrict__ out, int n) {
     for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) {
         unsigned short hi, lo;
@@ -108,6 +109,10 @@ extern "C" __global__ void convert_probe(const float* __restrict__ x, u32* __res
         out[2 * n + i] = f32_to_tf32_bits(x[i]);
         out[3 * n + i] = hi;
         out[4 * n + i] = lo;
+        u32 hi2, lo2;
+        split_f16_pair(x[i], x[i + 1 < n ? i + 1 : 0], hi2, lo2);
+        out[5 * n + i] = hi2;
+        out[6 * n + i] = lo2;
     }
 }
 

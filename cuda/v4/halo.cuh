@@ -21,14 +21,17 @@ __device__ __forceinline__ int halo_rows_of(const Chunk& ch, const LayerDims& d)
 // converts and stores it at once waits one L2 round trip (~600 cycles) per element — 32 per warp
 // for a fashion-mnist chunk, several times the chunk's GEMM (SASS of the fashion L1 forward before
 // this walk: one load per halo row, used by the next instruction, after a division by the runtime
-// halo height). So every thread issues the loads of STAGE_U elements before it uses any, and the
+// halo height). So every thread issues the loads of U elements before it uses any, and the
 // walk over (channel, halo pixel) advances without division. The spike and v/da sources load one
 // word per element; dz (phase 2) loads three or four (the feedback slot — ∂L/∂s + fb — or ∂L/∂s or
 // the pooled gradient where the step has no slot, v, z), so it keeps
 // fewer elements in flight (registers: the backward holds its accumulators across the slabs).
+// U = 16 (8 until 2026-12-06, fourth session): with one block of 8 warps per SM, 16 KB in flight
+// per SM instead of 8; the registers it takes stay below 255 without spills in every instance (the
+// v4 kernels run one block per SM, so registers up to 255 cost no occupancy).
 template <class Src>
 struct StageBatch {
-    static constexpr int U = 8;
+    static constexpr int U = 16;
 };
 
 // fn(off, x) for every element of channels [c0, c0 + nch) of the chunk's halo, x its value
@@ -89,6 +92,36 @@ __device__ __forceinline__ float2 src_pair(const Src& src, unsigned at, int HW, 
     return make_float2(ok0 ? src(at) : 0.0f, ok1 ? src(at + (unsigned)HW) : 0.0f);
 }
 
+// Where the row walk reads a batch of items: a position in the sample's [C][H][W] and the items'
+// offsets from it (compile-time constants in the GPU build: rows rpp·W words apart, channel
+// octets 8·HW). The general form keeps the element index and reads through src_pair; readers of one
+// array (V4Plain, V4Spikes: halo_cursor's overloads beside them in backei_v4.cu) keep a pointer,
+// so that an item's loads take their offsets as the load instruction's immediate (ArrayCursor),
+// where the walk of 2026-12-06 formed each item's address from the source's base: the kernel
+// parameter reloaded, the sample's 64-bit offset added, then scaled — five instructions per item.
+template <class Src>
+struct IndexCursor {
+    const Src& src;
+    unsigned at;
+    __device__ __forceinline__ float2 pair(int delta, int HW, bool ok0, bool ok1) const {
+        return src_pair(src, at + (unsigned)delta, HW, ok0, ok1);
+    }
+};
+template <class Src>
+__device__ __forceinline__ IndexCursor<Src> halo_cursor(const Src& src, int at) {
+    return IndexCursor<Src>{src, (unsigned)at};
+}
+// A pointer into one array of T (f32, or the int8 spikes), read with __ldcg (L2: the layer's own
+// writes of this launch, never a stale L1 line).
+template <class T>
+struct ArrayCursor {
+    const T* q;
+    __device__ __forceinline__ float2 pair(int delta, int HW, bool ok0, bool ok1) const {
+        const T* p = q + delta;
+        return make_float2(ok0 ? (float)__ldcg(p) : 0.0f, ok1 ? (float)__ldcg(p + HW) : 0.0f);
+    }
+};
+
 // The same walk by halo rows, where a row (W + 2r ≤ 32) fits in four warps' lanes (row walk).
 // A warp's 32 lanes take 8 neighbouring halo columns × 4 channel pairs (lane = 8·pair + column):
 // a staging store of the warp then falls in 32 different banks (a pixel's stride, pstride, is an
@@ -114,59 +147,55 @@ __device__ __forceinline__ float2 src_pair(const Src& src, unsigned at, int HW, 
 template <class Src, class G>
 __device__ __forceinline__ void for_each_halo_row_element(const Src& src, const Chunk& ch, const LayerDims& d, int c0, int nch, int pstride,
                                                           bool check_c, G pair) {
-    constexpr int U = StageBatch<Src>::U / 2;  // items (two elements each) whose loads are in flight
+    // halo rows per batch: 2·RB items (two channel octets of each row), 4·RB elements in flight
+    constexpr int RB = StageBatch<Src>::U / 4 > 0 ? StageBatch<Src>::U / 4 : 1;
     const int W = DIM_W, H = DIM_H, HS = W + 2 * R, HW = H * W;
-    const int hr = halo_rows_of(ch, d), total = (nch >> 3) * hr;  // (octet, halo row) items, octet-major
-    const int lnb = HS <= 8 ? 0 : (HS <= 16 ? 1 : 2);              // log2 of the warps per row
-    const int rows_per_pass = WARPS >> lnb;
+    const int hr = halo_rows_of(ch, d);
+    const int lnb = HS <= 8 ? 0 : (HS <= 16 ? 1 : 2);  // log2 of the warps per row
+    const int rpp = WARPS >> lnb;                      // rows the block covers at once: a thread's rows are rpp apart
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int hx = (lane & 7) + 8 * (warp & ((1 << lnb) - 1)), gx = hx - R, cp = 2 * (lane >> 3);
     const bool lane_on = hx < HS;                  // columns past the row's end: no element
     const bool in_x = (unsigned)gx < (unsigned)W;  // else the zero padding's column
-    // this thread's first item (octet o, hy), and a step of rows_per_pass items as whole octets (dc)
-    // and rows (dh): the walk's only divisions
+    // this thread's halo rows row0, row0 + rpp, … below hr (rpp: a power of two, a constant in the
+    // GPU build: the walk's only division is a shift)
     const int row0 = warp >> lnb;
-    int o = row0 / hr, hy = row0 - o * hr;
-    const int dc = rows_per_pass / hr, dh = rows_per_pass - dc * hr;
-    // channel c = 8·o + cp (and c + 1); its element's index in the sample's [C][H][W], by adds
-    const int gy0 = ch.y_first - R;
-    int c = 8 * o + cp;
-    int at = (c0 + c) * HW + (gy0 + hy) * W + gx;
-    const int dat = 8 * dc * HW + dh * W, wrap = 8 * HW - hr * W;
-    // and its byte in the staging plane, (hy·HS + hx)·pstride + c·EB, likewise
-    const int row_bytes = HS * pstride;
-    int off = hy * row_bytes + hx * pstride + c * EB;
-    const int doff = dh * row_bytes + 8 * dc * EB, owrap = 8 * EB - hr * row_bytes;
-    for (int j = row0; j < total; j += U * rows_per_pass) {
-        float x[U][2];
-        int offs[U];
+    const int mine = row0 < hr ? (hr - row0 + rpp - 1) / rpp : 0;
+    const int gy0 = ch.y_first - R + row0;  // the image row of its first
+    // an item's byte in the staging plane, (hy·HS + hx)·pstride + c·EB
+    const int row_bytes = HS * pstride, drow = rpp * row_bytes;
+    const int off0 = row0 * row_bytes + hx * pstride + cp * EB;
+    for (int c16 = 0; c16 < nch; c16 += 16) {
+        for (int i = 0; i < mine; i += RB) {
+            // channel c0 + c16 + cp (+ 8 for the second octet), image row gy0 + (i + u)·rpp
+            const auto cur = halo_cursor(src, (c0 + c16 + cp) * HW + (gy0 + i * rpp) * W + gx);
+            float x[RB][2][2];
 #pragma unroll
-        for (int u = 0; u < U; ++u) {
-            offs[u] = off;
-            const int gy = gy0 + hy;
-            const bool ok = in_x & (j + u * rows_per_pass < total) & ((unsigned)gy < (unsigned)H);
-            const float2 xy = src_pair(src, (unsigned)at, HW, ok & (!check_c | (c0 + c < DIM_C)), ok & (!check_c | (c0 + c + 1 < DIM_C)));
-            x[u][0] = xy.x;
-            x[u][1] = xy.y;
-            hy += dh;
-            c += 8 * dc;
-            at += dat;
-            off += doff;
-            if (hy >= hr) {  // (selects, not a branch)
-                hy -= hr;
-                c += 8;
-                at += wrap;
-                off += owrap;
+            for (int u = 0; u < RB; ++u) {
+                const int gy = gy0 + (i + u) * rpp;
+                const bool ok = in_x & (i + u < mine) & ((unsigned)gy < (unsigned)H);
+#pragma unroll
+                for (int o = 0; o < 2; ++o) {
+                    const int c = c0 + c16 + 8 * o + cp;
+                    const float2 xy = cur.pair(u * rpp * W + 8 * o * HW, HW, ok & (!check_c | (c < DIM_C)), ok & (!check_c | (c + 1 < DIM_C)));
+                    x[u][o][0] = xy.x;
+                    x[u][o][1] = xy.y;
+                }
             }
-        }
-        if (lane_on) {
-            if (j + (U - 1) * rows_per_pass < total) {  // every pass but the last: no tests
+            if (lane_on) {
+                const int off = off0 + i * drow + c16 * EB;
+                if (i + RB <= mine) {  // a whole batch: no tests
 #pragma unroll
-                for (int u = 0; u < U; ++u) pair(offs[u], x[u][0], x[u][1]);
-            } else {
+                    for (int u = 0; u < RB; ++u)
 #pragma unroll
-                for (int u = 0; u < U; ++u)
-                    if (j + u * rows_per_pass < total) pair(offs[u], x[u][0], x[u][1]);
+                        for (int o = 0; o < 2; ++o) pair(off + u * drow + 8 * o * EB, x[u][o][0], x[u][o][1]);
+                } else {
+#pragma unroll
+                    for (int u = 0; u < RB; ++u)
+                        if (i + u < mine)
+#pragma unroll
+                            for (int o = 0; o < 2; ++o) pair(off + u * drow + 8 * o * EB, x[u][o][0], x[u][o][1]);
+                }
             }
         }
     }

@@ -590,9 +590,10 @@ pub struct V4Check {
 }
 
 /// The fewest global loads a v4 staging loop may keep in flight (the static check): the halo walk
-/// issues StageBatch = 8 elements' loads (4 for dz, of 4–5 loads each) before storing any; NVRTC
-/// unrolls a walk of one element at a time by 4 by itself, so fewer than 8 means the batch is lost.
-pub const V4_STAGING_LOADS: usize = 8;
+/// issues StageBatch = 16 elements' loads (4 for dz, of 4–5 loads each) before storing any; NVRTC
+/// unrolls a walk of one element at a time by 4 by itself, so fewer than 16 means the batch is
+/// lost or shrunk (8 until 2026-12-06, fourth session).
+pub const V4_STAGING_LOADS: usize = 16;
 
 /// The plan and module constants of a layer's v4 instance in training (exact firing, the
 /// rectangle surrogate, pooling after it: z saved as its one-byte code when ei is on, s as int8).

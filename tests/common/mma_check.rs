@@ -18,7 +18,8 @@ pub trait ProbeDevice {
     fn mma(&self, a: &[f32], b: &[f32], c: &[f32], kind: i32) -> Vec<f32>;
     /// `ldmatrix_probe`: the source rows (32 × 8 u16) and each lane's row; returns [5][32][4] u32.
     fn ldmatrix(&self, src: &[u16], rows: &[i32]) -> Vec<u32>;
-    /// `convert_probe`: [5][n] u32 (f16, bf16, tf32 bits, split hi, split lo).
+    /// `convert_probe`: [7][n] u32 (f16, bf16, tf32 bits, split hi, split lo; the packed split of
+    /// (x[i], x[(i + 1) % n]): hi, lo).
     fn convert(&self, x: &[f32]) -> Vec<u32>;
 }
 
@@ -139,7 +140,7 @@ pub fn check_convert(dev: &dyn ProbeDevice) {
     }
     let n = x.len();
     let out = dev.convert(&x);
-    assert_eq!(out.len(), 5 * n);
+    assert_eq!(out.len(), 7 * n);
     let same = |got: u32, want: u32, nan_mask: (u32, u32), what: &str, v: f32| {
         if v.is_nan() {
             let (exp, man) = nan_mask;
@@ -161,6 +162,14 @@ pub fn check_convert(dev: &dyn ProbeDevice) {
             let lo = f16::from_f32(v - hi.to_f32());
             assert_eq!(out[3 * n + i], hi.to_bits() as u32, "split hi({v:e})");
             assert_eq!(out[4 * n + i], lo.to_bits() as u32, "split lo({v:e})");
+        }
+        // the packed split of a pair: each half the split of its element, x[i] in the low half
+        let w = x[(i + 1) % n];
+        if v.is_finite() && v.abs() < 65504.0 && w.is_finite() && w.abs() < 65504.0 {
+            let (h0, h1) = (f16::from_f32(v), f16::from_f32(w));
+            let (l0, l1) = (f16::from_f32(v - h0.to_f32()), f16::from_f32(w - h1.to_f32()));
+            assert_eq!(out[5 * n + i], h0.to_bits() as u32 | (h1.to_bits() as u32) << 16, "split_f16_pair hi({v:e}, {w:e})");
+            assert_eq!(out[6 * n + i], l0.to_bits() as u32 | (l1.to_bits() as u32) << 16, "split_f16_pair lo({v:e}, {w:e})");
         }
     }
 }

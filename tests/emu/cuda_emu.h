@@ -494,6 +494,10 @@ inline unsigned short f32_to_f16_bits(float x) {
     if (rem > 0x1000u || (rem == 0x1000u && (h & 1u))) ++h;  // may carry into the exponent: correct
     return (unsigned short)(sign | h);
 }
+// cvt.rn.f16x2.f32: x_lo's bits in the low half (cuda/mma.cuh's wrapper takes them in this order).
+inline u32 f32x2_to_f16x2_bits(float x_lo, float x_hi) {
+    return (u32)f32_to_f16_bits(x_lo) | ((u32)f32_to_f16_bits(x_hi) << 16);
+}
 inline float f16_bits_to_f32(unsigned short h) {
     const u32 sign = (u32)(h & 0x8000u) << 16;
     const u32 exp = (h >> 10) & 0x1Fu, man = h & 0x3FFu;
