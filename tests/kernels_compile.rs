@@ -94,7 +94,8 @@ fn v4_hot_loops_run_on_tensor_cores_without_local_memory_or_division() {
 
 /// The v4 instances with their phases ordered by neighbour flags (`BACKEI_V4_SYNC=neighbours`,
 /// opt-in: `V4_SYNC`, cuda/v4/sync.cuh) pass the same static check as the grid-barrier build:
-/// fashion-mnist L1 in fp32 and bf16, cifar10 L2 (the widest tile, its named spill exception).
+/// fashion-mnist L1 in fp32 and bf16, cifar10 L2 (the widest tile, its named spill exception);
+/// and their PTX releases every flag it publishes and acquires every flag it polls.
 #[test]
 fn v4_with_neighbour_flags_passes_the_same_static_check() {
     use backei::gpu::backei_layer::NeuronParams;
@@ -113,6 +114,13 @@ fn v4_with_neighbour_flags_passes_the_same_static_check() {
                 "{shape:?} {p} {} (neighbour flags): {} registers, local {} B in {} instructions, hot loop {:?}",
                 k.kernel, k.registers, k.local_bytes, k.local_ops, k.hot
             );
+        }
+        // the flags' fences, read off the PTX (sync_order): each of a kernel's phase ends (two per
+        // step, forward and backward) publishes its flag after a release and polls its partners'
+        // before an acquire
+        for s in &c.sync {
+            println!("{shape:?} {p} {}: {} flag exchanges, {} barrier arrivals, {} polls", s.kernel, s.exchanges, s.adds, s.polls);
+            assert!(s.exchanges >= 2 && s.polls >= 2 * s.exchanges, "{shape:?} {p}: {s:?}");
         }
         assert!(c.problems.is_empty(), "{shape:?} {p}: {:?}", c.problems);
     }

@@ -583,9 +583,12 @@ pub struct V4Check {
     pub kernels: Vec<super::sass::KernelCheck>,
     /// Resident blocks per SM of each kernel (registers, shared memory, threads).
     pub blocks_per_sm: Vec<u32>,
+    /// Each kernel's cross-block synchronisation as its PTX orders it (`sync_order`).
+    pub sync: Vec<super::sync_order::KernelSync>,
     /// Empty when the instance passes: a hot loop without HMMA, local memory, an integer
     /// division in a hot loop, a staging loop with fewer than V4_STAGING_LOADS loads in flight,
-    /// or a grid larger than the blocks that can be co-resident.
+    /// a grid larger than the blocks that can be co-resident, or a grid barrier or neighbour flag
+    /// without its fences (a release before each arrival, an acquire after each poll).
     pub problems: Vec<String>,
 }
 
@@ -670,8 +673,20 @@ pub fn check_instance(
 /// [`check_instance`] of a plan and its module constants (a training instance changed by the
 /// caller: `V4Plan::order_by_neighbours`, say; `instance_defines` gives the constants).
 pub fn check_planned(plan: V4Plan, defines: &[(String, String)], limits: &DeviceLimits, arch: &str) -> Result<V4Check> {
-    let kernels = super::sass::check_module(V4_MODULE, arch, defines)?;
+    let (kernels, ptx) = super::sass::check_module_and_ptx(V4_MODULE, arch, defines)?;
     let mut problems = Vec::new();
+    // the phases' ordering across blocks (cuda/v4/sync.cuh): grid barriers in every kernel (phase
+    // 0, the final reduction), and with neighbour flags the flags — each released and acquired
+    let sync = super::sync_order::kernel_sync(&ptx);
+    for s in &sync {
+        problems.extend(s.problems.iter().cloned());
+        if s.adds == 0 || s.polls == 0 {
+            problems.push(format!("{}: no grid barrier found in its PTX (atom.global.add, then polls)", s.kernel));
+        }
+        if plan.neighbour_sync != (s.exchanges > 0) {
+            problems.push(format!("{}: {} flag exchanges in its PTX with neighbour_sync {}", s.kernel, s.exchanges, plan.neighbour_sync));
+        }
+    }
     let mut blocks_per_sm = Vec::new();
     for k in &kernels {
         let per_sm = super::sass::blocks_per_sm(k.registers, V4_THREADS, plan.smem_bytes + k.static_smem, limits.max_smem_per_sm);
@@ -720,7 +735,7 @@ pub fn check_planned(plan: V4Plan, defines: &[(String, String)], limits: &Device
             }
         }
     }
-    Ok(V4Check { plan, kernels, blocks_per_sm, problems })
+    Ok(V4Check { plan, kernels, blocks_per_sm, sync, problems })
 }
 
 fn cuda_err(what: &'static str) -> impl Fn(cudarc::driver::DriverError) -> BackeiError {

@@ -23,6 +23,7 @@ pub mod profile;
 pub mod ptxas;
 pub mod sass;
 pub mod staging;
+pub mod sync_order;
 pub mod util;
 pub mod wheels;
 

@@ -307,12 +307,18 @@ pub struct KernelCheck {
 /// Compiles a module instance for `arch` (a real architecture), disassembles its CUBIN and
 /// reads every kernel's resources and hot loop.
 pub fn check_module(module: &str, arch: &str, defines: &super::kernels::Defines) -> Result<Vec<KernelCheck>> {
+    Ok(check_module_and_ptx(module, arch, defines)?.0)
+}
+
+/// [`check_module`], and the PTX the CUBIN was assembled from (for checks that read PTX:
+/// `sync_order`).
+pub fn check_module_and_ptx(module: &str, arch: &str, defines: &super::kernels::Defines) -> Result<(Vec<KernelCheck>, String)> {
     let c = super::kernels::compile_module_with(module, arch, defines)?;
     let cubin =
         c.cubin.ok_or_else(|| BackeiError::Cuda(format!("NVRTC gave no CUBIN for {arch} (a real architecture, sm_XX, is needed)")))?;
     let res = resource_usage(&cubin)?;
     let sass = parse(&disassemble(&cubin)?);
-    Ok(sass
+    let checks = sass
         .iter()
         .map(|k| {
             let (_, registers, static_smem, local_bytes) = res.iter().find(|r| r.0 == k.name).cloned().unwrap_or_default();
@@ -328,7 +334,8 @@ pub fn check_module(module: &str, arch: &str, defines: &super::kernels::Defines)
                 total: k.instrs.len(),
             }
         })
-        .collect())
+        .collect();
+    Ok((checks, c.ptx))
 }
 
 #[cfg(test)]
