@@ -753,8 +753,10 @@ __device__ __forceinline__ void backward_v4(const float* __restrict__ params, fl
                                 : halo_scale<true>(dz_src, ch, d, sm.red, inv_dz);
                 sc_v = ROWMAX ? rowmax_scale(rowmax_v(rowmax, d, t) + ch.b * DIM_H, ch, d, inv_v) : halo_scale<true>(vt_src, ch, d, sm.red, inv_v);
                 // dz_t from the ring where phase 3 stored it, else formed on the fly (two readers)
-                if (dz_saved) conv_all_slabs<true, PLANES>(acc, dy_planes, sm.we, wg_e, dz_ring, sc_dz, ch, d, vd);
-                else conv_all_slabs<true, PLANES>(acc, dy_planes, sm.we, wg_e, dz_src, sc_dz, ch, d, vd);
+                // (and v_t, the weight gradient's X, in the same walk where dz is its dY: y_staged)
+                char* const x_planes = y_staged ? sm.halo : nullptr;
+                if (dz_saved) conv_all_slabs<true, PLANES, V4Plain, true>(acc, dy_planes, sm.we, wg_e, dz_ring, sc_dz, ch, d, vd, x_planes, vt_src, sc_v);
+                else conv_all_slabs<true, PLANES, V4Dz, true>(acc, dy_planes, sm.we, wg_e, dz_src, sc_dz, ch, d, vd, x_planes, vt_src, sc_v);
             }
             const float sc = winv_e * inv_dz;
             // the element's saved state and carried gradients, loaded ahead (for_each_owned_loaded)
@@ -816,8 +818,8 @@ __device__ __forceinline__ void backward_v4(const float* __restrict__ params, fl
             if (DB_CARRIED) store_db();
             if (fill_da_rows) damax.commit(rowmax_da(rowmax, d, t) + ch.b * DIM_H, ch, d);
             if (d.ei) {
-                if (dz_saved) wgrad_all_slabs<true, PLANES>(dw_e, dw_pitch, y_staged, dz_ring, sc_dz, inv_dz, vt_src, sc_v, inv_v, co0, sm, ch, d, vd);
-                else wgrad_all_slabs<true, PLANES>(dw_e, dw_pitch, y_staged, dz_src, sc_dz, inv_dz, vt_src, sc_v, inv_v, co0, sm, ch, d, vd);
+                if (dz_saved) wgrad_all_slabs<true, PLANES>(dw_e, dw_pitch, y_staged, y_staged, dz_ring, sc_dz, inv_dz, vt_src, sc_v, inv_v, co0, sm, ch, d, vd);
+                else wgrad_all_slabs<true, PLANES>(dw_e, dw_pitch, y_staged, y_staged, dz_src, sc_dz, inv_dz, vt_src, sc_v, inv_v, co0, sm, ch, d, vd);
             }
         });
         phase_done(bar, sm.share, phase);  // da_t is written; the fb and dz slots of step t are read
@@ -836,7 +838,10 @@ __device__ __forceinline__ void backward_v4(const float* __restrict__ params, fl
             const float sc_da = ROWMAX ? rowmax_scale(rowmax_da(rowmax, d, t) + ch.b * DIM_H, ch, d, inv_da)
                                        : halo_scale<true>(da_src, ch, d, sm.red, inv_da);
             const float sc_s = np.smooth ? halo_scale<true>(s_past, ch, d, sm.red, inv_s) : 1.0f;
-            conv_all_slabs<true, PLANES>(acc, dy_planes, sm.wb, wg_b, da_src, sc_da, ch, d, vd);
+            // (and s_{t−D}, the weight gradient's X, in the same walk where da is its dY: y_staged)
+            char* const x_planes = y_staged ? sm.halo : nullptr;
+            if (np.smooth) conv_all_slabs<true, PLANES, V4Plain, true>(acc, dy_planes, sm.wb, wg_b, da_src, sc_da, ch, d, vd, x_planes, s_past, sc_s);
+            else conv_all_slabs<true, PLANES, V4Plain, false>(acc, dy_planes, sm.wb, wg_b, da_src, sc_da, ch, d, vd, x_planes, s_past, 1.0f);
             const float sc = winv_b * inv_da;
             // ∂L/∂s_{t−D} + fb_{t−D}: the sum phase 2 of step t − D formed from the two (the
             // product rounded first, as when it was stored: the same bits), formed here once per
@@ -872,8 +877,8 @@ __device__ __forceinline__ void backward_v4(const float* __restrict__ params, fl
                         fb_slot[sb + (long long)c * HW + q] = __fadd_rn(ds, __fmul_rn(acc[mi][ni][i], sc));
                     });
             }
-            if (np.smooth) wgrad_all_slabs<true, PLANES>(dw_b, dw_pitch, y_staged, da_src, sc_da, inv_da, s_past, sc_s, inv_s, co0, sm, ch, d, vd);
-            else wgrad_all_slabs<false, 1>(dw_b, dw_pitch, y_staged, da_src, sc_da, inv_da, s_past, 1.0f, 1.0f, co0, sm, ch, d, vd);
+            if (np.smooth) wgrad_all_slabs<true, PLANES>(dw_b, dw_pitch, y_staged, y_staged, da_src, sc_da, inv_da, s_past, sc_s, inv_s, co0, sm, ch, d, vd);
+            else wgrad_all_slabs<false, 1>(dw_b, dw_pitch, y_staged, y_staged, da_src, sc_da, inv_da, s_past, 1.0f, 1.0f, co0, sm, ch, d, vd);
         });
         phase_done(bar, sm.share, phase);  // the fb slot is written before step t − D reads it; da_t is read
     }

@@ -122,6 +122,26 @@ struct ArrayCursor {
     }
 };
 
+// No second operand: the one-source walks' partner in for_each_halo_row_items (loads nothing;
+// the compiler drops it).
+struct NoSrc {};
+struct NoCursor {
+    __device__ __forceinline__ float2 pair(int, int, bool, bool) const { return make_float2(0.0f, 0.0f); }
+};
+__device__ __forceinline__ NoCursor halo_cursor(const NoSrc&, int) { return NoCursor{}; }
+template <>
+struct StageBatch<NoSrc> {
+    static constexpr int U = 16;
+};
+template <class S>
+struct IsNoSrc {
+    static constexpr bool value = false;
+};
+template <>
+struct IsNoSrc<NoSrc> {
+    static constexpr bool value = true;
+};
+
 // The same walk by halo rows, where a row (W + 2r ≤ 32) fits in four warps' lanes (row walk).
 // A warp's 32 lanes take 8 neighbouring halo columns × 4 channel pairs (lane = 8·pair + column):
 // a staging store of the warp then falls in 32 different banks (a pixel's stride, pstride, is an
@@ -131,24 +151,31 @@ struct ArrayCursor {
 // 2026-12-04 profile: 80 % of the bf16 backward's shared-store wavefronts were conflicts). The
 // loads stay whole 32-byte sectors (8 columns of one channel). A row of 8 channels takes 1, 2 or
 // 4 warps (8·nb ≥ W + 2r columns); each thread keeps its halo column and channel pair for the
-// whole walk and steps over (channel octet, halo row) items, so an item — two elements, channels
-// c and c + 1 of one pixel — costs a row's bounds test, a load index and a staging offset that
-// advance by adds, two loads and one store per plane, where the flat walk divided by the row's width,
-// tested five bounds and multiplied out both addresses per element. nch is a multiple of 16
-// (slabs, CO_T). Same elements, same values, the same fn calls: only the order in which the
-// block's threads make them differs. pair(off, x0, x1) takes both elements of an item at once
-// (one store per plane: store_operand_pair).
+// whole walk and takes its halo rows (rpp apart: the rows the block covers at once) and, in each,
+// the two channel octets of a 16-channel group, RB rows per batch: an item — two elements, channels
+// c and c + 1 of one pixel — costs two loads at constant offsets from the batch's pointer (the
+// loads' immediates), a share of its row's bounds test, and one store per plane, where the flat
+// walk divides by the row's width, tests five bounds and multiplies out both addresses per
+// element. nch is a multiple of 16 (slabs, CO_T). Same elements, same values, the same pair calls:
+// only the order in which the block's threads make them differs. pair(off, x0, x1) takes both
+// elements of an item at once (one store per plane: store_operand_pair); with a second source b
+// (not NoSrc) of the same halo geometry, pair(off, a0, a1, b0, b1) takes both sources' items and
+// both sources' loads of a batch are in flight together — the backward's convolution operand and
+// its weight gradient's X, staged before one barrier (stage_slab_pair).
 //
 // check_c: whether channels at or past C can occur (a walk that ends past C: an own-plane walk of a
 // channel group wider than the channels left, or any walk where C is not a multiple of 16); where
 // the GPU build knows it cannot (a constant false after inlining) the channel index and its tests
 // drop out of the loop, and both elements of an item load under one predicate — from one address
-// (src_pair: the second a constant offset away, HW words, folded into the load instruction).
-template <class Src, class G>
-__device__ __forceinline__ void for_each_halo_row_element(const Src& src, const Chunk& ch, const LayerDims& d, int c0, int nch, int pstride,
-                                                          bool check_c, G pair) {
-    // halo rows per batch: 2·RB items (two channel octets of each row), 4·RB elements in flight
-    constexpr int RB = StageBatch<Src>::U / 4 > 0 ? StageBatch<Src>::U / 4 : 1;
+// (the second a constant offset away, HW words, folded into the load instruction).
+template <class SrcA, class SrcB, class G>
+__device__ __forceinline__ void for_each_halo_row_items(const SrcA& a, const SrcB& b, const Chunk& ch, const LayerDims& d, int c0, int nch,
+                                                        int pstride, bool check_c, G pair) {
+    // halo rows per batch: 2·RB items (two channel octets of each row) of each source
+    constexpr int RA = StageBatch<SrcA>::U / 4 > 0 ? StageBatch<SrcA>::U / 4 : 1;
+    constexpr int RBB = StageBatch<SrcB>::U / 4 > 0 ? StageBatch<SrcB>::U / 4 : 1;
+    constexpr int RB = RA < RBB ? RA : RBB;
+    constexpr bool TWO = !IsNoSrc<SrcB>::value;
     const int W = DIM_W, H = DIM_H, HS = W + 2 * R, HW = H * W;
     const int hr = halo_rows_of(ch, d);
     const int lnb = HS <= 8 ? 0 : (HS <= 16 ? 1 : 2);  // log2 of the warps per row
@@ -168,8 +195,10 @@ __device__ __forceinline__ void for_each_halo_row_element(const Src& src, const 
     for (int c16 = 0; c16 < nch; c16 += 16) {
         for (int i = 0; i < mine; i += RB) {
             // channel c0 + c16 + cp (+ 8 for the second octet), image row gy0 + (i + u)·rpp
-            const auto cur = halo_cursor(src, (c0 + c16 + cp) * HW + (gy0 + i * rpp) * W + gx);
-            float x[RB][2][2];
+            const int at = (c0 + c16 + cp) * HW + (gy0 + i * rpp) * W + gx;
+            const auto ca = halo_cursor(a, at);
+            const auto cb = halo_cursor(b, at);
+            float x[RB][2][2], y[RB][2][2];
 #pragma unroll
             for (int u = 0; u < RB; ++u) {
                 const int gy = gy0 + (i + u) * rpp;
@@ -177,9 +206,13 @@ __device__ __forceinline__ void for_each_halo_row_element(const Src& src, const 
 #pragma unroll
                 for (int o = 0; o < 2; ++o) {
                     const int c = c0 + c16 + 8 * o + cp;
-                    const float2 xy = cur.pair(u * rpp * W + 8 * o * HW, HW, ok & (!check_c | (c < DIM_C)), ok & (!check_c | (c + 1 < DIM_C)));
-                    x[u][o][0] = xy.x;
-                    x[u][o][1] = xy.y;
+                    const bool ok0 = ok & (!check_c | (c < DIM_C)), ok1 = ok & (!check_c | (c + 1 < DIM_C));
+                    const float2 xa = ca.pair(u * rpp * W + 8 * o * HW, HW, ok0, ok1);
+                    x[u][o][0] = xa.x;
+                    x[u][o][1] = xa.y;
+                    const float2 xb = TWO ? cb.pair(u * rpp * W + 8 * o * HW, HW, ok0, ok1) : make_float2(0.0f, 0.0f);
+                    y[u][o][0] = xb.x;
+                    y[u][o][1] = xb.y;
                 }
             }
             if (lane_on) {
@@ -188,17 +221,24 @@ __device__ __forceinline__ void for_each_halo_row_element(const Src& src, const 
 #pragma unroll
                     for (int u = 0; u < RB; ++u)
 #pragma unroll
-                        for (int o = 0; o < 2; ++o) pair(off + u * drow + 8 * o * EB, x[u][o][0], x[u][o][1]);
+                        for (int o = 0; o < 2; ++o) pair(off + u * drow + 8 * o * EB, x[u][o][0], x[u][o][1], y[u][o][0], y[u][o][1]);
                 } else {
 #pragma unroll
                     for (int u = 0; u < RB; ++u)
                         if (i + u < mine)
 #pragma unroll
-                            for (int o = 0; o < 2; ++o) pair(off + u * drow + 8 * o * EB, x[u][o][0], x[u][o][1]);
+                            for (int o = 0; o < 2; ++o) pair(off + u * drow + 8 * o * EB, x[u][o][0], x[u][o][1], y[u][o][0], y[u][o][1]);
                 }
             }
         }
     }
+}
+
+// The row walk over one source: pair(off, x0, x1).
+template <class Src, class G>
+__device__ __forceinline__ void for_each_halo_row_element(const Src& src, const Chunk& ch, const LayerDims& d, int c0, int nch, int pstride,
+                                                          bool check_c, G pair) {
+    for_each_halo_row_items(src, NoSrc{}, ch, d, c0, nch, pstride, check_c, [&](int off, float x0, float x1, float, float) { pair(off, x0, x1); });
 }
 
 // fn(off, x) for every element, or pair(off, x0, x1) for channels c, c + 1 of a pixel at once:
@@ -242,4 +282,26 @@ __device__ __forceinline__ void stage_slab(char* planes, int pstride, int plane_
     for_each_halo_element(
         src, ch, d, c0, nch, pstride, check_c, [&](int off, float x) { store_operand<REAL>(planes + off, plane_bytes, x, scale); },
         [&](int off, float x0, float x1) { store_operand_pair<REAL>(planes + off, plane_bytes, x0, x1, scale); });
+}
+
+// Stages two operands of the chunk's halo, channels [c0, c0 + nch) of each, in one walk: A into
+// `planes_a`, B into `planes_b`, with one geometry (pstride, plane_bytes; hi and lo planes where
+// an operand is REAL in fp32 mode), both loads of a batch in flight together. The backward stages
+// its convolution's operand (dz, da: the weight gradient's dY too, dy_shares_slab) and the weight
+// gradient's X (v_t, s_{t−D}) so, before one barrier, where it staged them a GEMM and an epilogue
+// apart, each walk waiting on its own loads. Where a halo row is wider than 32 columns (the flat
+// walk) the two walks run one after the other. The caller syncs before the planes are read.
+template <bool AREAL, bool BREAL, class SrcA, class SrcB>
+__device__ __forceinline__ void stage_slab_pair(char* planes_a, char* planes_b, int pstride, int plane_bytes, const SrcA& a, float scale_a,
+                                                const SrcB& b, float scale_b, const Chunk& ch, int c0, int nch, bool check_c,
+                                                const LayerDims& d) {
+    if (DIM_W + 2 * R <= 32) {
+        for_each_halo_row_items(a, b, ch, d, c0, nch, pstride, check_c, [&](int off, float a0, float a1, float b0, float b1) {
+            store_operand_pair<AREAL>(planes_a + off, plane_bytes, a0, a1, scale_a);
+            store_operand_pair<BREAL>(planes_b + off, plane_bytes, b0, b1, scale_b);
+        });
+    } else {
+        stage_slab<AREAL>(planes_a, pstride, plane_bytes, a, ch, c0, nch, check_c, scale_a, d);
+        stage_slab<BREAL>(planes_b, pstride, plane_bytes, b, ch, c0, nch, check_c, scale_b, d);
+    }
 }

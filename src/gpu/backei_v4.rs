@@ -240,9 +240,10 @@ impl V4Plan {
         d.groups == 1 && d.slab == d.c_pad && d.own_pstride == d.pstride && d.own_plane_bytes == d.plane_bytes
     }
 
-    /// The constants without C, H and W: one emulator build serves every shape of a tile.
+    /// The constants without C, H and W (and what follows from them, V4_DY_ONCE): one emulator
+    /// build serves every shape of a tile.
     pub fn tile_defines(&self) -> Vec<(String, String)> {
-        self.defines.iter().filter(|(k, _)| !matches!(k.as_str(), "V4_C" | "V4_H" | "V4_W")).cloned().collect()
+        self.defines.iter().filter(|(k, _)| !matches!(k.as_str(), "V4_C" | "V4_H" | "V4_W" | "V4_DY_ONCE")).cloned().collect()
     }
 }
 
@@ -560,6 +561,11 @@ pub fn plan_v4_tiled(
         plan.dz_ring = true;
         plan.defines.push(("V4_DZ_RING".to_string(), "1".to_string()));
     }
+    // whether the backward stages its convolution operand once as dY (and the weight gradient's X
+    // beside it): a constant of the instance, so that the GPU build drops the path it never takes
+    // (cuda/v4/gemm.cuh dy_shares_slab; the emulator's build without shape constants decides at run
+    // time, tile_defines leaves it out)
+    plan.defines.push(("V4_DY_ONCE".to_string(), (plan.stages_dy_once() as u8).to_string()));
     Ok(plan)
 }
 
