@@ -376,16 +376,8 @@ struct V4Spikes {
     __device__ __forceinline__ float operator()(unsigned idx) const { return (float)__ldcg(p + idx); }
 };
 
-// src_pair (v4/halo.cuh) of one array: the pixel's address once, channel c + 1 at a constant offset.
-__device__ __forceinline__ float2 src_pair(const V4Plain& src, unsigned at, int HW, bool ok0, bool ok1) {
-    const float* q = src.p + at;
-    return make_float2(ok0 ? __ldcg(q) : 0.0f, ok1 ? __ldcg(q + HW) : 0.0f);
-}
-__device__ __forceinline__ float2 src_pair(const V4Spikes& src, unsigned at, int HW, bool ok0, bool ok1) {
-    const V4S* q = src.p + at;
-    return make_float2(ok0 ? (float)__ldcg(q) : 0.0f, ok1 ? (float)__ldcg(q + HW) : 0.0f);
-}
-// The row walk's position in one array: a pointer (ArrayCursor, v4/halo.cuh).
+// The row walk's position in one array: a pointer (ArrayCursor, v4/halo.cuh), the pixel's address
+// once per batch, channel c + 1 and the batch's other items at constant offsets.
 __device__ __forceinline__ ArrayCursor<float> halo_cursor(const V4Plain& src, int at) {
     return ArrayCursor<float>{src.p + at};
 }

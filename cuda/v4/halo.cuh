@@ -84,9 +84,9 @@ __device__ __forceinline__ bool walk_passes_c(const LayerDims& d, int c0, int nc
 }
 
 // Both elements of a row-walk item, channels c and c + 1 of one pixel (element `at` of the sample's
-// [C][H][W] and the one HW words on), each where its flag says, else 0. Readers of one array
-// (V4Plain, V4Spikes, beside them in backei_v4.cu) load both from one address; this general form
-// calls src twice.
+// [C][H][W] and the one HW words on), each where its flag says, else 0: the general form
+// (IndexCursor's), which calls src twice; readers of one array (V4Plain, V4Spikes) read through
+// ArrayCursor instead.
 template <class Src>
 __device__ __forceinline__ float2 src_pair(const Src& src, unsigned at, int HW, bool ok0, bool ok1) {
     return make_float2(ok0 ? src(at) : 0.0f, ok1 ? src(at + (unsigned)HW) : 0.0f);
