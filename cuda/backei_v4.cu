@@ -701,9 +701,11 @@ __device__ __forceinline__ void backward_v4(const float* __restrict__ params, fl
     build_weight_fragments<true>(wfrag, winv, params, d, vd, bar, sm.red);
     block_share_init(sm.share, d, vd);  // (the phases' order and the owned work: v4/sync.cuh)
     unsigned int phase = 0;             // phases completed (V4_SYNC)
-    // dz and da staged once, where the weight gradient reads them (dy_shares_slab)
+    // dz and da staged once, where the weight gradient reads them (dy_shares_slab), and then the
+    // weight gradient's X (v_t, s_{t−D}) staged in the same walk, into x_planes
     const bool y_staged = dy_shares_slab(vd);
     char* const dy_planes = y_staged ? sm.own : sm.halo;
+    char* const x_planes = y_staged ? sm.halo : nullptr;
     const char* wg_b = wfrag + (long long)gi * vd.wslice_bytes;
     const char* wg_e = wfrag + ((long long)vd.groups + gi) * vd.wslice_bytes;
     const float winv_b = d.back ? __ldcg(winv + gi) : 1.0f, winv_e = d.ei ? __ldcg(winv + vd.groups + gi) : 1.0f;
@@ -745,8 +747,7 @@ __device__ __forceinline__ void backward_v4(const float* __restrict__ params, fl
                                 : halo_scale<true>(dz_src, ch, d, sm.red, inv_dz);
                 sc_v = ROWMAX ? rowmax_scale(rowmax_v(rowmax, d, t) + ch.b * DIM_H, ch, d, inv_v) : halo_scale<true>(vt_src, ch, d, sm.red, inv_v);
                 // dz_t from the ring where phase 3 stored it, else formed on the fly (two readers)
-                // (and v_t, the weight gradient's X, in the same walk where dz is its dY: y_staged)
-                char* const x_planes = y_staged ? sm.halo : nullptr;
+                // (and v_t, the weight gradient's X, in the same walk where dz is its dY: x_planes)
                 if (dz_saved) conv_all_slabs<true, PLANES, V4Plain, true>(acc, dy_planes, sm.we, wg_e, dz_ring, sc_dz, ch, d, vd, x_planes, vt_src, sc_v);
                 else conv_all_slabs<true, PLANES, V4Dz, true>(acc, dy_planes, sm.we, wg_e, dz_src, sc_dz, ch, d, vd, x_planes, vt_src, sc_v);
             }
@@ -810,8 +811,8 @@ __device__ __forceinline__ void backward_v4(const float* __restrict__ params, fl
             if (DB_CARRIED) store_db();
             if (fill_da_rows) damax.commit(rowmax_da(rowmax, d, t) + ch.b * DIM_H, ch, d);
             if (d.ei) {
-                if (dz_saved) wgrad_all_slabs<true, PLANES>(dw_e, dw_pitch, y_staged, y_staged, dz_ring, sc_dz, inv_dz, vt_src, sc_v, inv_v, co0, sm, ch, d, vd);
-                else wgrad_all_slabs<true, PLANES>(dw_e, dw_pitch, y_staged, y_staged, dz_src, sc_dz, inv_dz, vt_src, sc_v, inv_v, co0, sm, ch, d, vd);
+                if (dz_saved) wgrad_all_slabs<true, PLANES>(dw_e, dw_pitch, y_staged, dz_ring, sc_dz, inv_dz, vt_src, sc_v, inv_v, co0, sm, ch, d, vd);
+                else wgrad_all_slabs<true, PLANES>(dw_e, dw_pitch, y_staged, dz_src, sc_dz, inv_dz, vt_src, sc_v, inv_v, co0, sm, ch, d, vd);
             }
         });
         phase_done(bar, sm.share, phase);  // da_t is written; the fb and dz slots of step t are read
@@ -830,8 +831,7 @@ __device__ __forceinline__ void backward_v4(const float* __restrict__ params, fl
             const float sc_da = ROWMAX ? rowmax_scale(rowmax_da(rowmax, d, t) + ch.b * DIM_H, ch, d, inv_da)
                                        : halo_scale<true>(da_src, ch, d, sm.red, inv_da);
             const float sc_s = np.smooth ? halo_scale<true>(s_past, ch, d, sm.red, inv_s) : 1.0f;
-            // (and s_{t−D}, the weight gradient's X, in the same walk where da is its dY: y_staged)
-            char* const x_planes = y_staged ? sm.halo : nullptr;
+            // (and s_{t−D}, the weight gradient's X, in the same walk where da is its dY: x_planes)
             if (np.smooth) conv_all_slabs<true, PLANES, V4Plain, true>(acc, dy_planes, sm.wb, wg_b, da_src, sc_da, ch, d, vd, x_planes, s_past, sc_s);
             else conv_all_slabs<true, PLANES, V4Plain, false>(acc, dy_planes, sm.wb, wg_b, da_src, sc_da, ch, d, vd, x_planes, s_past, 1.0f);
             const float sc = winv_b * inv_da;
@@ -869,8 +869,8 @@ __device__ __forceinline__ void backward_v4(const float* __restrict__ params, fl
                         fb_slot[sb + (long long)c * HW + q] = __fadd_rn(ds, __fmul_rn(acc[mi][ni][i], sc));
                     });
             }
-            if (np.smooth) wgrad_all_slabs<true, PLANES>(dw_b, dw_pitch, y_staged, y_staged, da_src, sc_da, inv_da, s_past, sc_s, inv_s, co0, sm, ch, d, vd);
-            else wgrad_all_slabs<false, 1>(dw_b, dw_pitch, y_staged, y_staged, da_src, sc_da, inv_da, s_past, 1.0f, 1.0f, co0, sm, ch, d, vd);
+            if (np.smooth) wgrad_all_slabs<true, PLANES>(dw_b, dw_pitch, y_staged, da_src, sc_da, inv_da, s_past, sc_s, inv_s, co0, sm, ch, d, vd);
+            else wgrad_all_slabs<false, 1>(dw_b, dw_pitch, y_staged, da_src, sc_da, inv_da, s_past, 1.0f, 1.0f, co0, sm, ch, d, vd);
         });
         phase_done(bar, sm.share, phase);  // the fb slot is written before step t − D reads it; da_t is read
     }

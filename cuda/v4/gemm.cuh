@@ -335,7 +335,7 @@ __device__ __forceinline__ void wgrad_gemm(float* dw, int pitch, float inv, cons
 // slice in wfrag) by cp.async while the slab is staged (streamed from L2). With `x_planes` (the
 // backward where dy_shares_slab: one slab, staged into the own planes) the weight gradient's X
 // (`xsrc`, scaled by `xscale`) is staged into x_planes in the same walk (stage_slab_pair), and the
-// weight gradient then finds both its operands staged (wgrad_all_slabs' x_staged). Block-uniform.
+// weight gradient then finds both its operands staged (wgrad_all_slabs' staged). Block-uniform.
 template <bool REAL, int APL, class Src, bool XREAL = false, class XSrc = NoSrc>
 __device__ __forceinline__ void conv_all_slabs(float (&acc)[MT][NT][4], char* halo, char* w_smem, const char* w_global, const Src& src,
                                                float scale, const Chunk& ch, const LayerDims& d, const V4Dims& vd, char* x_planes = nullptr,
@@ -352,14 +352,10 @@ __device__ __forceinline__ void conv_all_slabs(float (&acc)[MT][NT][4], char* ha
             }
             cp_async_commit();
         }
-        bool staged = false;
-        if constexpr (!IsNoSrc<XSrc>::value) {
-            if (x_planes) {
-                stage_slab_pair<REAL, XREAL>(halo, x_planes, vd.pstride, vd.plane_bytes, src, scale, xsrc, xscale, ch, c0, nch, slabs_pass_c(d), d);
-                staged = true;
-            }
-        }
-        if (!staged) stage_slab<REAL>(halo, vd.pstride, vd.plane_bytes, src, ch, c0, nch, slabs_pass_c(d), scale, d);
+        if constexpr (IsNoSrc<XSrc>::value) stage_slab<REAL>(halo, vd.pstride, vd.plane_bytes, src, ch, c0, nch, slabs_pass_c(d), scale, d);
+        else if (x_planes)
+            stage_slab_pair<REAL, XREAL>(halo, x_planes, vd.pstride, vd.plane_bytes, src, scale, xsrc, xscale, ch, c0, nch, slabs_pass_c(d), d);
+        else stage_slab<REAL>(halo, vd.pstride, vd.plane_bytes, src, ch, c0, nch, slabs_pass_c(d), scale, d);
         if (!vd.w_resident) cp_async_wait_all();
         __syncthreads();
         if (vd.w_resident) conv_gemm<APL>(acc, halo, w_smem, full_plane, KK * ks_c0, nch, ch, d, vd);
@@ -385,20 +381,20 @@ __device__ __forceinline__ bool dy_shares_slab(const V4Dims& vd) {
 }
 
 // The chunk's weight gradient over every channel slab of X: the block's own dY channels staged once
-// into the own planes (unless `y_staged`: the convolution left them there, dy_shares_slab), X slab
-// by slab into the slab planes (unless `x_staged`: the convolution staged X, its one slab, beside
-// dY — conv_all_slabs' x_planes — and synced; nothing has written the planes since, so the GEMM
-// reads them at once). Block-uniform.
+// into the own planes, X slab by slab into the slab planes — unless `staged`: where dy_shares_slab,
+// the convolution staged dY into the own planes and X, its one slab, into the slab planes beside it
+// (conv_all_slabs' x_planes) and synced; nothing has written the planes since, so the GEMM reads
+// them at once. Block-uniform.
 template <bool XREAL, int XPL, class YSrc, class XSrc>
-__device__ __forceinline__ void wgrad_all_slabs(float* dw, int pitch, bool y_staged, bool x_staged, const YSrc& ysrc, float yscale,
-                                                float yinv, const XSrc& xsrc, float xscale, float xinv, int co0, const V4Smem& sm,
-                                                const Chunk& ch, const LayerDims& d, const V4Dims& vd) {
-    if (x_staged) {
+__device__ __forceinline__ void wgrad_all_slabs(float* dw, int pitch, bool staged, const YSrc& ysrc, float yscale, float yinv,
+                                                const XSrc& xsrc, float xscale, float xinv, int co0, const V4Smem& sm, const Chunk& ch,
+                                                const LayerDims& d, const V4Dims& vd) {
+    if (staged) {
         wgrad_gemm<PLANES, XPL>(dw, pitch, yinv * xinv, sm.own, sm.halo, 0, DIM_CPAD, sm.zero_row, ch, d, vd);
         return;
     }
-    __syncthreads();  // the slab planes are free (and the own planes, unless they hold dY already)
-    if (!y_staged) stage_slab<true>(sm.own, vd.own_pstride, vd.own_plane_bytes, ysrc, ch, co0, CO_T, walk_passes_c(d, co0, CO_T), yscale, d);
+    __syncthreads();  // the slab and own planes are free
+    stage_slab<true>(sm.own, vd.own_pstride, vd.own_plane_bytes, ysrc, ch, co0, CO_T, walk_passes_c(d, co0, CO_T), yscale, d);
     for (int c0 = 0; c0 < DIM_CPAD; c0 += vd.slab) {
         const int nch = min(vd.slab, DIM_CPAD - c0);
         if (c0 > 0) __syncthreads();

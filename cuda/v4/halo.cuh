@@ -129,10 +129,6 @@ struct NoCursor {
     __device__ __forceinline__ float2 pair(int, int, bool, bool) const { return make_float2(0.0f, 0.0f); }
 };
 __device__ __forceinline__ NoCursor halo_cursor(const NoSrc&, int) { return NoCursor{}; }
-template <>
-struct StageBatch<NoSrc> {
-    static constexpr int U = 16;
-};
 template <class S>
 struct IsNoSrc {
     static constexpr bool value = false;
@@ -174,8 +170,7 @@ __device__ __forceinline__ void for_each_halo_row_items(const SrcA& a, const Src
     // halo rows per batch: 2·RB items (two channel octets of each row) of each source
     constexpr int RA = StageBatch<SrcA>::U / 4 > 0 ? StageBatch<SrcA>::U / 4 : 1;
     constexpr int RBB = StageBatch<SrcB>::U / 4 > 0 ? StageBatch<SrcB>::U / 4 : 1;
-    constexpr int RB = RA < RBB ? RA : RBB;
-    constexpr bool TWO = !IsNoSrc<SrcB>::value;
+    constexpr int RB = IsNoSrc<SrcB>::value || RA < RBB ? RA : RBB;
     const int W = DIM_W, H = DIM_H, HS = W + 2 * R, HW = H * W;
     const int hr = halo_rows_of(ch, d);
     const int lnb = HS <= 8 ? 0 : (HS <= 16 ? 1 : 2);  // log2 of the warps per row
@@ -210,7 +205,7 @@ __device__ __forceinline__ void for_each_halo_row_items(const SrcA& a, const Src
                     const float2 xa = ca.pair(u * rpp * W + 8 * o * HW, HW, ok0, ok1);
                     x[u][o][0] = xa.x;
                     x[u][o][1] = xa.y;
-                    const float2 xb = TWO ? cb.pair(u * rpp * W + 8 * o * HW, HW, ok0, ok1) : make_float2(0.0f, 0.0f);
+                    const float2 xb = cb.pair(u * rpp * W + 8 * o * HW, HW, ok0, ok1);  // (NoCursor: zeros)
                     y[u][o][0] = xb.x;
                     y[u][o][1] = xb.y;
                 }
@@ -241,14 +236,20 @@ __device__ __forceinline__ void for_each_halo_row_element(const Src& src, const 
     for_each_halo_row_items(src, NoSrc{}, ch, d, c0, nch, pstride, check_c, [&](int off, float x0, float x1, float, float) { pair(off, x0, x1); });
 }
 
+// Whether a halo row fits the row walk's four warps of lanes (W + 2r ≤ 32; a constant in the GPU
+// build), else the flat walk.
+__device__ __forceinline__ bool row_walk_fits(const LayerDims& d) {
+    return DIM_W + 2 * R <= 32;
+}
+
 // fn(off, x) for every element, or pair(off, x0, x1) for channels c, c + 1 of a pixel at once:
-// the row walk where a halo row fits (W + 2r ≤ 32), else the flat walk.
+// the row walk where a halo row fits (row_walk_fits), else the flat walk.
 // check_c: the walk may meet channels past C (walk_passes_c, slabs_pass_c).
 template <class Src, class F, class G>
 __device__ __forceinline__ void for_each_halo_element(const Src& src, const Chunk& ch, const LayerDims& d, int c0, int nch, int pstride,
                                                       bool check_c, F fn, G pair) {
-    // (a constant in the GPU build; every caller's nch is a multiple of 16: a slab, CO_T, c_pad)
-    if (DIM_W + 2 * R <= 32) {
+    // (every caller's nch is a multiple of 16: a slab, CO_T, c_pad)
+    if (row_walk_fits(d)) {
         for_each_halo_row_element(src, ch, d, c0, nch, pstride, check_c, pair);
     } else {
         for_each_halo_element_flat(src, ch, d, c0, nch, pstride, fn);
@@ -295,7 +296,7 @@ template <bool AREAL, bool BREAL, class SrcA, class SrcB>
 __device__ __forceinline__ void stage_slab_pair(char* planes_a, char* planes_b, int pstride, int plane_bytes, const SrcA& a, float scale_a,
                                                 const SrcB& b, float scale_b, const Chunk& ch, int c0, int nch, bool check_c,
                                                 const LayerDims& d) {
-    if (DIM_W + 2 * R <= 32) {
+    if (row_walk_fits(d)) {
         for_each_halo_row_items(a, b, ch, d, c0, nch, pstride, check_c, [&](int off, float a0, float a1, float b0, float b1) {
             store_operand_pair<AREAL>(planes_a + off, plane_bytes, a0, a1, scale_a);
             store_operand_pair<BREAL>(planes_b + off, plane_bytes, b0, b1, scale_b);
