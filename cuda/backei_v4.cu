@@ -201,7 +201,7 @@ struct V4Dims {
     int smem_dw;       // byte offsets in dynamic shared memory: dW accumulators,
     int smem_halo;     //   the slab planes (PLANES),
     int smem_own;      //   the own-channel planes (PLANES),
-    int smem_misc;     //   the zero row, the reduction scratch and the BlockShare (v4/sync.cuh)
+    int smem_misc;     //   the reduction scratch, the BlockShare (v4/sync.cuh), the pixel rows (v4/gemm.cuh)
 };
 
 // Host twin: V4Window in src/gpu/backei_v4.rs. The steps [t0, t1) a launch runs (0 and T: the
@@ -333,9 +333,9 @@ struct V4Smem {
     float* dw; // [2][CO_T][DW_SMEM_PITCH(k²·c_pad)] accumulators (dw_smem), else null
     char* halo;      // the slab planes
     char* own;       // the own-channel planes (the weight gradient's dY)
-    char* zero_row;  // 16 zero bytes
     float* red;      // reduction scratch: WARPS·CO_T floats
     BlockShare* share;  // the block's pixel range and partner blocks (v4/sync.cuh), 32 bytes
+    u32* pix;           // the chunk's pixel rows for the weight gradient: 2·P_CH words (v4/gemm.cuh fill_pixel_rows)
 };
 
 __device__ __forceinline__ V4Smem v4_smem(char* base, const LayerDims& d, const V4Dims& vd) {
@@ -345,9 +345,9 @@ __device__ __forceinline__ V4Smem v4_smem(char* base, const LayerDims& d, const 
     s.dw = vd.dw_smem ? reinterpret_cast<float*>(base + vd.smem_dw) : nullptr;
     s.halo = base + vd.smem_halo;
     s.own = base + vd.smem_own;
-    s.zero_row = base + vd.smem_misc;
-    s.red = reinterpret_cast<float*>(base + vd.smem_misc + 16);
-    s.share = reinterpret_cast<BlockShare*>(base + vd.smem_misc + 16 + 4 * WARPS * CO_T);
+    s.red = reinterpret_cast<float*>(base + vd.smem_misc);
+    s.share = reinterpret_cast<BlockShare*>(base + vd.smem_misc + 4 * WARPS * CO_T);
+    s.pix = reinterpret_cast<u32*>(base + vd.smem_misc + 4 * WARPS * CO_T + 32);
     return s;
 }
 
@@ -666,7 +666,6 @@ __device__ __forceinline__ void backward_v4(const float* __restrict__ params, fl
             dw_e[row * dw_pitch + n] = __ldcg(part + slab + (long long)(co0 + row) * (n_all + 1) + n);
         }
     }
-    if (threadIdx.x < 4) reinterpret_cast<u32*>(sm.zero_row)[threadIdx.x] = 0u;
     // the thread's bias partial sums, per (n-tile, column pair half): in registers across the whole
     // loop, or (DB_CARRIED) in db_carry between phase 2's epilogues
     float db_b[NT][2] = {}, db_e[NT][2] = {};
@@ -748,8 +747,8 @@ __device__ __forceinline__ void backward_v4(const float* __restrict__ params, fl
                 sc_v = ROWMAX ? rowmax_scale(rowmax_v(rowmax, d, t) + ch.b * DIM_H, ch, d, inv_v) : halo_scale<true>(vt_src, ch, d, sm.red, inv_v);
                 // dz_t from the ring where phase 3 stored it, else formed on the fly (two readers)
                 // (and v_t, the weight gradient's X, in the same walk where dz is its dY: x_planes)
-                if (dz_saved) conv_all_slabs<true, PLANES, V4Plain, true>(acc, dy_planes, sm.we, wg_e, dz_ring, sc_dz, ch, d, vd, x_planes, vt_src, sc_v);
-                else conv_all_slabs<true, PLANES, V4Dz, true>(acc, dy_planes, sm.we, wg_e, dz_src, sc_dz, ch, d, vd, x_planes, vt_src, sc_v);
+                if (dz_saved) conv_all_slabs<true, PLANES, V4Plain, true>(acc, dy_planes, sm.we, wg_e, dz_ring, sc_dz, ch, d, vd, x_planes, vt_src, sc_v, sm.pix);
+                else conv_all_slabs<true, PLANES, V4Dz, true>(acc, dy_planes, sm.we, wg_e, dz_src, sc_dz, ch, d, vd, x_planes, vt_src, sc_v, sm.pix);
             }
             const float sc = winv_e * inv_dz;
             // the element's saved state and carried gradients, loaded ahead (for_each_owned_loaded)
@@ -832,8 +831,8 @@ __device__ __forceinline__ void backward_v4(const float* __restrict__ params, fl
                                        : halo_scale<true>(da_src, ch, d, sm.red, inv_da);
             const float sc_s = np.smooth ? halo_scale<true>(s_past, ch, d, sm.red, inv_s) : 1.0f;
             // (and s_{t−D}, the weight gradient's X, in the same walk where da is its dY: x_planes)
-            if (np.smooth) conv_all_slabs<true, PLANES, V4Plain, true>(acc, dy_planes, sm.wb, wg_b, da_src, sc_da, ch, d, vd, x_planes, s_past, sc_s);
-            else conv_all_slabs<true, PLANES, V4Plain, false>(acc, dy_planes, sm.wb, wg_b, da_src, sc_da, ch, d, vd, x_planes, s_past, 1.0f);
+            if (np.smooth) conv_all_slabs<true, PLANES, V4Plain, true>(acc, dy_planes, sm.wb, wg_b, da_src, sc_da, ch, d, vd, x_planes, s_past, sc_s, sm.pix);
+            else conv_all_slabs<true, PLANES, V4Plain, false>(acc, dy_planes, sm.wb, wg_b, da_src, sc_da, ch, d, vd, x_planes, s_past, 1.0f, sm.pix);
             const float sc = winv_b * inv_da;
             // ∂L/∂s_{t−D} + fb_{t−D}: the sum phase 2 of step t − D formed from the two (the
             // product rounded first, as when it was stored: the same bits), formed here once per

@@ -81,6 +81,23 @@ __device__ __forceinline__ void ldmatrix_x4_trans_at(u32 (&r)[4], u32 row) {
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                  : "r"(row));
 }
+__device__ __forceinline__ void ldmatrix_x4_at(u32 (&r)[4], u32 row) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(row));
+}
+// 4 bytes of shared memory at a 32-bit address (4-byte aligned): one LDS.
+__device__ __forceinline__ u32 lds32_at(u32 addr) {
+    u32 v;
+    asm volatile("ld.shared.u32 %0, [%1];" : "=r"(v) : "r"(addr));
+    return v;
+}
+// 16 bytes of shared memory at a 32-bit address (16-byte aligned): one LDS.128.
+__device__ __forceinline__ uint4 lds128_at(u32 addr) {
+    uint4 v;
+    asm volatile("ld.shared.v4.u32 {%0,%1,%2,%3}, [%4];" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "r"(addr));
+    return v;
+}
 
 // cp.async: an asynchronous global → shared copy of 16 bytes (both 16-byte aligned), completed by
 // cp_async_wait<N>() (all but the newest N committed groups) or cp_async_wait_all(). The
@@ -164,6 +181,22 @@ __device__ __forceinline__ void mma_f16_split_rn(float (&acc)[4], const u32 (&a)
     mma_f16_m16n8k16(t, a, b);
 #pragma unroll
     for (int r = 0; r < 4; ++r) acc[r] += t[r];
+}
+
+// The k-step of mma_f16_split_rn without its fresh fragment and add: its products (the small ones
+// first, then hi·hi) into `t`, a fragment the caller started at zero and adds to its sum with
+// round-to-nearest after a group of k-steps. Two k-steps per group halve the FADDs, and keep the
+// accuracy under the truncating model of the tensor cores (tests/emu/cuda_emu.h, after Fasi et al.
+// 2021): a simulation of that model (K = 288 and 1,024, sums of positive products, 40 draws) put
+// two such k-steps per fragment at 0.98× and 0.91× the mean error of one k-step per fragment with
+// hi·hi first (v4's order until 2026-12-07), and one k-step with the small products first at 0.60×
+// and 0.82×. (Both k-steps' small products before both hi·hi: 0.74× and 0.83×, but it holds two
+// k-steps' fragments at once — 928 bytes of spills in the fashion-mnist L1 fp32 backward.)
+__device__ __forceinline__ void mma_f16_split_into(float (&t)[4], const u32 (&a)[4], const u32 (&al)[4], bool lo_a, const u32 (&b)[2],
+                                                   const u32 (&bl)[2], bool lo_b) {
+    if (lo_a) mma_f16_m16n8k16(t, al, b);
+    if (lo_b) mma_f16_m16n8k16(t, a, bl);
+    mma_f16_m16n8k16(t, a, b);
 }
 
 // The power-of-two scale that puts an operand's largest |x| (its f32 bits: absmax_f32 in

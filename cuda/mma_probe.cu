@@ -50,10 +50,14 @@ extern "C" __global__ void mma_probe(const float* __restrict__ a, const float* _
 }
 
 // ldmatrix: shared memory holds the 16-bit values 0, 1, 2, … (32 rows of 8, 16 bytes each); lane l
-// addresses row rows[l]. out: [5][32][4] u32 — x1, x2, x4, x2.trans, x4.trans, the registers of every lane
-// (unused registers 0). cp.async stages the rows (with a wait and a barrier) first.
+// addresses row rows[l]. out: [9][32][4] u32 — x1, x2, x4, x2.trans, x4.trans, then at 32-bit
+// shared addresses (smem_u32): x4, x4.trans, ld.shared.v4 of the lane's row and ld.shared.u32 of
+// its word l % 4 — the registers of every lane (unused registers 0). cp.async stages the rows (with
+// a wait and a barrier) first. The tile is dynamic shared memory (512 bytes at launch), where the
+// v4 kernels' 32-bit addresses point (the emulator maps those to the dynamic segment).
 extern "C" __global__ void ldmatrix_probe(const unsigned short* __restrict__ src, const int* __restrict__ rows, u32* __restrict__ out) {
-    __shared__ __align__(16) unsigned short tile[32 * 8];
+    extern __shared__ float4 tile4[];
+    unsigned short* tile = reinterpret_cast<unsigned short*>(tile4);
     const int lane = threadIdx.x & 31;
     cp_async16(tile + 8 * lane, src + 8 * lane);
     cp_async_commit();
@@ -95,6 +99,30 @@ extern "C" __global__ void ldmatrix_probe(const unsigned short* __restrict__ src
         ldmatrix_x4_trans(r, row);
         for (int j = 0; j < 4; ++j) o[j] = r[j];
     }
+    const u32 row_at = smem_u32(row);
+    o += 128;
+    {
+        u32 r[4];
+        ldmatrix_x4_at(r, row_at);
+        for (int j = 0; j < 4; ++j) o[j] = r[j];
+    }
+    o += 128;
+    {
+        u32 r[4];
+        ldmatrix_x4_trans_at(r, row_at);
+        for (int j = 0; j < 4; ++j) o[j] = r[j];
+    }
+    o += 128;
+    {
+        const uint4 v = lds128_at(row_at);
+        o[0] = v.x;
+        o[1] = v.y;
+        o[2] = v.z;
+        o[3] = v.w;
+    }
+    o += 128;
+    o[0] = lds32_at(row_at + 4 * (lane % 4));
+    o[1] = o[2] = o[3] = 0;
 }
 
 // The conversions and the fp16 split, element-wise: out[7][n] = f16 bits, bf16 bits, tf32 bits,

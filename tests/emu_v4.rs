@@ -16,11 +16,29 @@ use backei::gpu::backei_v4::{V4GradIn, V4Window};
 use backei::precision::Precision;
 use backei::spec::{LayerSpec, NetworkSpec};
 use common::emu::{self, Args, DevBuf};
-use common::layer_check::{case, compare_within, cpu_reference, inputs, odd_shape_cases, smooth, Case, DeviceOut, Inputs, Tolerance};
+use common::layer_check::{
+    case, compare_within, cpu_reference, err_vs_exact_floor, inputs, odd_shape_cases, smooth, Case, DeviceOut, Inputs, Tolerance,
+};
 
 /// A device with few SMs, so that several pixel ranges (blocks) meet at every grid barrier and a
 /// block owns several chunks, without emulating 132 blocks of 256 threads.
 const SMALL: DeviceLimits = DeviceLimits { sm_count: 3, max_smem_per_block: 232_448, max_smem_per_sm: 233_472 };
+
+thread_local! {
+    /// Whether this test thread's emulated v4 modules follow the truncating model of the tensor
+    /// cores (cuda_emu.h's EMU_MMA_TRUNCATE) instead of the exact one.
+    static TRUNCATING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// The defines of the plan's emulated module: its tile's, and EMU_MMA_TRUNCATE where the thread
+/// asks for the truncating model.
+fn module_defines(v4: &backei::gpu::backei_v4::V4Plan) -> Vec<(String, String)> {
+    let mut d = v4.tile_defines();
+    if TRUNCATING.with(|t| t.get()) {
+        d.push(("EMU_MMA_TRUNCATE".into(), "1".into()));
+    }
+    d
+}
 
 /// One forward and backward of the plan's v4 kernels on the emulator, launched as
 /// `gpu::backei_v4::{forward, backward}` launch them: one window over all T, or with the plan's
@@ -51,7 +69,7 @@ fn emulate_v4_pooling(
     let (b, t) = (c.batch, c.steps);
     let bs = plan.buffers;
     let np = NeuronParams::from_config(&c.neuron);
-    let m = emu::module_with("backei_v4", &v4.tile_defines());
+    let m = emu::module_with("backei_v4", &module_defines(v4));
     let mut params = DevBuf::from("params", &x.params);
     let mut grads = DevBuf::from("grads", &x.grads0);
     let mut input = DevBuf::from("input", &x.input);
@@ -211,6 +229,49 @@ fn v4_fp32_gradients_match_in_smooth_mode_beyond_one_chunk_and_one_channel_group
     let once = cases.iter().filter(|c| v4_plan(c, &SMALL, Precision::Fp32).v4.as_ref().is_some_and(|v| v.stages_dy_once())).count();
     assert!(once > 0 && once < cases.len(), "{once} of {} cases stage dY once", cases.len());
     assert_eq!(run(&cases, &SMALL, Precision::Fp32), cases.len(), "smooth mode compares every gradient");
+}
+
+/// The fp32 mode's sums when the tensor cores cut their terms (cuda_emu.h's truncating model,
+/// after Fasi et al. 2021): every GEMM adds the split products of two k-steps in a fresh fragment
+/// (the small products of each k-step before its hi·hi) and that fragment to its f32 sum with
+/// round-to-nearest (mma.cuh's mma_f16_split_into), so the cut stays relative to two k-steps'
+/// products, never to the sum: under the truncating model every tensor stays within 1.5× the f32
+/// CPU engine's own error (against the f64 run; the fresh fragments measure 0.3–1.0×, a sum kept
+/// in the tensor cores' accumulator 1.0–3.4×, most tensors above 2×), and within the f32
+/// tolerance under either model. Shapes: fashion-mnist L1's channels and row length (dY staged
+/// once, 9·32-long convolution sums) and one like L2's with 48 channels (432-long sums, three
+/// channel groups — SMALL holds three blocks — and slabs of three k-steps: a pair and an odd one),
+/// with enough pixels for several chunks.
+#[test]
+fn v4_fp32_stays_within_the_f32_tolerance_when_the_tensor_cores_truncate() {
+    let cases = [
+        smooth(case("32×6×28 back+ei r 1 D 1", [32, 6, 28], true, true, 1, 1, 2, 3, 3)),
+        smooth(case("48×7×14 back+ei r 1 D 2", [48, 7, 14], true, true, 1, 2, 2, 3, 1)),
+    ];
+    assert_eq!(run(&cases, &SMALL, Precision::Fp32), cases.len(), "smooth mode compares every gradient");
+    TRUNCATING.with(|t| t.set(true));
+    for (i, c) in cases.iter().enumerate() {
+        let x = inputs(c, 4150 + i as u64);
+        let cpu = cpu_reference(c, &x);
+        let plan = v4_plan(c, &SMALL, Precision::Fp32);
+        let d = emulate_v4(c, &x, &plan, 17 + i as u64);
+        assert!(compare_within(c, "v4/fp32, truncating tensor cores", &x, &cpu, &d, Tolerance::of(Precision::Fp32)).strict_grads);
+        let floor = Tolerance::of(Precision::Fp32).floor;
+        let mut tensors: Vec<(String, &[f32], &[f32], &[f64])> =
+            vec![("v".into(), &d.v, &cpu.layer.v, &cpu.exact.v), ("∂I".into(), &d.gin, &cpu.gin, &cpu.exact.gin)];
+        for (j, s) in x.slots.iter().enumerate() {
+            tensors.push((format!("parameter gradient {j}"), &d.grads[s.clone()], &cpu.grads[s.clone()], &cpu.exact.grads[s.clone()]));
+        }
+        for (what, dev, c32, c64) in tensors {
+            let (e, e32) = (err_vs_exact_floor(dev, c64, floor, |_| true), err_vs_exact_floor(c32, c64, floor, |_| true));
+            assert!(
+                e <= 1.5 * e32,
+                "{}: {what} is {e:.2e} from the f64 run, the f32 CPU engine {e32:.2e}: the sum drifts in the tensor cores",
+                c.name
+            );
+        }
+    }
+    TRUNCATING.with(|t| t.set(false));
 }
 
 /// The largest shared-memory budget (scanned down from SMALL's in 1 KB steps) whose v4 plan for

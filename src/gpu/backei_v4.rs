@@ -9,7 +9,8 @@
 //!   [weights: both gates' slices (resident), or one channel slab's fragments at a time, streamed
 //!   from L2 by cp.async][dW accumulators, both gates, f32 CO_T × k²·c_pad (or in the global
 //!   dw_part)][slab planes: the halo of `slab` channels][own planes: the halo of the block's CO_T
-//!   channels (the weight gradient's dY)][zero row (16 B), reduction scratch, the block's range and partners (32 B)]
+//!   channels (the weight gradient's dY)][reduction scratch, the block's range and partners (32 B),
+//!   the chunk's pixel rows for the weight gradient (2 × 128·mt words)]
 //! The plan prefers, in order: resident weights and on-chip dW (no traffic but the halos), on-chip
 //! dW with streamed weights, resident weights with dW in global memory (L2), both off chip; then
 //! the largest channel tile (fewer groups: each group stages the same halos again), the whole halo
@@ -265,8 +266,10 @@ pub fn dw_smem_pitch(n_all: usize) -> usize {
 
 /// The one named exception to "no local memory" in the v4 kernels: the backward of the tiles of 64
 /// accumulators per thread (mt = 2, co_t = 64; cifar10 L2/L3, fp32 mode, 255 registers) spills a
-/// few set-up values — 36 bytes, 12 instructions on sm_90 (2026-12-05), none per element and none
-/// in the hot loop (checked apart) — and may touch local memory in at most this many instructions:
+/// few set-up values — 36 bytes, 12 instructions on sm_90 (2026-12-05); 16 bytes, 6 instructions
+/// since the GEMMs' 32-bit shared addresses (2026-12-07: three words stored at the step's start
+/// and reloaded once per chunk), none per element and none in the hot loop (checked apart) — and
+/// may touch local memory in at most this many instructions:
 /// a per-element spill, unrolled over the 64 elements of the epilogues, takes dozens (it took 128
 /// before the bias sums left the registers). The forward of the same tiles falls under it too:
 /// at fashion-mnist L2's shape (64 channels, a tiling only the bench's sweep takes) it keeps two
@@ -337,8 +340,9 @@ fn layout(
     // resident: both gates' whole slices; streamed: one slab's fragments at a time
     let w_bytes = if w_resident { gates * wslice } else { kk * slab * co_t * eb * planes };
     let dw_bytes = if dw_smem { 2 * co_t * dw_smem_pitch(kk * c_pad) * 4 } else { 0 };
-    // the zero row, the reduction scratch, the block's range and partners (sync.cuh's BlockShare)
-    let misc = 16 + 4 * WARPS * co_t + 32;
+    // the reduction scratch, the block's range and partners (sync.cuh's BlockShare), the chunk's
+    // pixel rows for the weight gradient (gemm.cuh's fill_pixel_rows: 2·p_ch words)
+    let misc = 4 * WARPS * co_t + 32 + 2 * p_ch * 4;
     let smem_dw = round16(w_bytes);
     let smem_halo = smem_dw + round16(dw_bytes);
     // a real operand takes `planes` planes (hi and lo in fp32 mode); the smooth firing mode of the

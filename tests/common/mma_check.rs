@@ -16,7 +16,7 @@ pub const TF32: i32 = 2;
 pub trait ProbeDevice {
     /// D = A·B + C: a [16][K], b [K][8], c [16][8], all row-major; K = 16, or 8 for TF32.
     fn mma(&self, a: &[f32], b: &[f32], c: &[f32], kind: i32) -> Vec<f32>;
-    /// `ldmatrix_probe`: the source rows (32 × 8 u16) and each lane's row; returns [5][32][4] u32.
+    /// `ldmatrix_probe`: the source rows (32 × 8 u16) and each lane's row; returns [9][32][4] u32.
     fn ldmatrix(&self, src: &[u16], rows: &[i32]) -> Vec<u32>;
     /// `convert_probe`: [7][n] u32 (f16, bf16, tf32 bits, split hi, split lo; the packed split of
     /// (x[i], x[(i + 1) % n]): hi, lo).
@@ -71,7 +71,9 @@ pub fn check_mma(dev: &dyn ProbeDevice, rel: f64) {
     }
 }
 
-/// ldmatrix x1, x2, x4 and x2/x4 .trans with every lane pointing at a scrambled row.
+/// ldmatrix x1, x2, x4 and x2/x4 .trans with every lane pointing at a scrambled row; then x4 and
+/// x4.trans at 32-bit shared addresses, and the 16- and 4-byte shared loads at them (`lds128_at`:
+/// the lane's row, `lds32_at`: word lane % 4 of it).
 pub fn check_ldmatrix(dev: &dyn ProbeDevice) {
     let src: Vec<u16> = (0..32 * 8).map(|i| i as u16).collect();
     let mut rng = Rng(0x1d1d);
@@ -80,11 +82,13 @@ pub fn check_ldmatrix(dev: &dyn ProbeDevice) {
         rows.swap(i, rng.below(i + 1));
     }
     let out = dev.ldmatrix(&src, &rows);
-    assert_eq!(out.len(), 5 * 32 * 4);
+    assert_eq!(out.len(), 9 * 32 * 4);
     // the PTX ISA: lanes 8j..8j+7 address matrix j's rows; register j of lane l holds row l/4,
     // elements 2(l%4), 2(l%4)+1 (low half first); transposed: element l/4 of rows 2(l%4), 2(l%4)+1
     let elem = |matrix: usize, row: usize, col: usize| src[rows[8 * matrix + row] as usize * 8 + col] as u32;
-    for (variant, (n, trans)) in [(1usize, false), (2, false), (4, false), (2, true), (4, true)].into_iter().enumerate() {
+    for (variant, (n, trans)) in
+        [(1usize, false), (2, false), (4, false), (2, true), (4, true), (4, false), (4, true)].into_iter().enumerate()
+    {
         for lane in 0..32 {
             for j in 0..4 {
                 let got = out[(variant * 32 + lane) * 4 + j];
@@ -95,8 +99,19 @@ pub fn check_ldmatrix(dev: &dyn ProbeDevice) {
                 } else {
                     elem(j, lane / 4, 2 * (lane % 4)) | elem(j, lane / 4, 2 * (lane % 4) + 1) << 16
                 };
-                assert_eq!(got, want, "ldmatrix x{n}{} lane {lane} register {j}", if trans { ".trans" } else { "" });
+                let at = if variant >= 5 { " at a 32-bit address" } else { "" };
+                assert_eq!(got, want, "ldmatrix x{n}{}{at} lane {lane} register {j}", if trans { ".trans" } else { "" });
             }
+        }
+    }
+    // a word of a lane's row: its elements 2w and 2w + 1, the lower in the low half
+    let word =
+        |lane: usize, w: usize| src[rows[lane] as usize * 8 + 2 * w] as u32 | (src[rows[lane] as usize * 8 + 2 * w + 1] as u32) << 16;
+    for lane in 0..32 {
+        for j in 0..4 {
+            assert_eq!(out[(7 * 32 + lane) * 4 + j], word(lane, j), "ld.shared.v4 lane {lane} word {j}");
+            let want = if j == 0 { word(lane, lane % 4) } else { 0 };
+            assert_eq!(out[(8 * 32 + lane) * 4 + j], want, "ld.shared.u32 lane {lane} register {j}");
         }
     }
 }

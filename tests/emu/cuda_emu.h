@@ -699,9 +699,23 @@ inline u32 smem_u32(const void* p) {
     if (c < d || c > d + n) emu::fault("smem_u32: not an address in the block's dynamic shared memory");
     return (u32)(c - d);
 }
-inline void ldmatrix_x4_trans_at(u32 (&r)[4], u32 row) {
-    emu::ldmatrix<4, true>(r, reinterpret_cast<const char*>(emu::g->cur->block->dyn.data()) + row);
+namespace emu {
+// The byte at a 32-bit shared address (an offset in the block's dynamic shared memory).
+inline const char* smem_at(u32 addr) { return reinterpret_cast<const char*>(g->cur->block->dyn.data()) + addr; }
+// ld.shared of a T at a 32-bit address: aligned to its size and inside the block's shared memory.
+template <class T>
+inline T lds_at(u32 addr) {
+    if (addr % sizeof(T)) fault(sizeof(T) == 16 ? "ld.shared.v4: the address is not 16-byte aligned" : "ld.shared: the address is not aligned to its size");
+    if (!in_smem(smem_at(addr), sizeof(T))) fault("ld.shared: the address is outside the block's shared memory");
+    T v;
+    memcpy(&v, smem_at(addr), sizeof(T));
+    return v;
 }
+}  // namespace emu
+inline void ldmatrix_x4_trans_at(u32 (&r)[4], u32 row) { emu::ldmatrix<4, true>(r, emu::smem_at(row)); }
+inline void ldmatrix_x4_at(u32 (&r)[4], u32 row) { emu::ldmatrix<4, false>(r, emu::smem_at(row)); }
+inline u32 lds32_at(u32 addr) { return emu::lds_at<u32>(addr); }
+inline uint4 lds128_at(u32 addr) { return emu::lds_at<uint4>(addr); }
 
 // cp.async: the destination is poisoned (NaN bytes) at issue and written only at the wait that
 // covers the copy, so reading it early — a missing wait, or a missing barrier after another
