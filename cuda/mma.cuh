@@ -167,25 +167,9 @@ __device__ __forceinline__ void split_f16_pair(float x0, float x1, u32& hi, u32&
     lo = f32x2_to_f16x2_bits(x0 - f16_bits_to_f32((unsigned short)(hi & 0xFFFFu)), x1 - f16_bits_to_f32((unsigned short)(hi >> 16)));
 }
 
-// The fp32 mode's k-step on split operands (split_f16): the small products first — lo·hi, hi·lo
-// (where an operand has a lo half), then hi·hi — into a fresh fragment that round-to-nearest
-// FADDs add to the sum. The tensor cores align an MMA's terms to the largest and truncate, so a
-// long sum kept in their accumulator drifts (an H200 missed the f32 tolerance by 10–90× on the
-// step's GEMMs, 2026-12-04); this way each chain's truncation is relative to one k-step's 16
-// products, not to the sum (Ootomo & Yokota 2022). 4 registers and 4 FADDs per fragment and k-step.
-__device__ __forceinline__ void mma_f16_split_rn(float (&acc)[4], const u32 (&a)[4], const u32 (&al)[4], bool lo_a,
-                                                 const u32 (&b)[2], const u32 (&bl)[2], bool lo_b) {
-    float t[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-    if (lo_a) mma_f16_m16n8k16(t, al, b);
-    if (lo_b) mma_f16_m16n8k16(t, a, bl);
-    mma_f16_m16n8k16(t, a, b);
-#pragma unroll
-    for (int r = 0; r < 4; ++r) acc[r] += t[r];
-}
-
-// The k-step of mma_f16_split_rn without its fresh fragment and add: its products (the small ones
-// first, then hi·hi) into `t`, a fragment the caller started at zero and adds to its sum with
-// round-to-nearest after a group of k-steps. Two k-steps per group halve the FADDs, and keep the
+// The products of mma_f16_split_rn's k-step (the small ones first, then hi·hi) into `t`, a
+// fragment the caller started at zero and adds to its sum with round-to-nearest after a group of
+// k-steps. Two k-steps per group halve the FADDs, and keep the
 // accuracy under the truncating model of the tensor cores (tests/emu/cuda_emu.h, after Fasi et al.
 // 2021): a simulation of that model (K = 288 and 1,024, sums of positive products, 40 draws) put
 // two such k-steps per fragment at 0.98× and 0.91× the mean error of one k-step per fragment with
@@ -197,6 +181,20 @@ __device__ __forceinline__ void mma_f16_split_into(float (&t)[4], const u32 (&a)
     if (lo_a) mma_f16_m16n8k16(t, al, b);
     if (lo_b) mma_f16_m16n8k16(t, a, bl);
     mma_f16_m16n8k16(t, a, b);
+}
+
+// The fp32 mode's k-step on split operands (split_f16): the small products first — lo·hi, hi·lo
+// (where an operand has a lo half), then hi·hi — into a fresh fragment that round-to-nearest
+// FADDs add to the sum. The tensor cores align an MMA's terms to the largest and truncate, so a
+// long sum kept in their accumulator drifts (an H200 missed the f32 tolerance by 10–90× on the
+// step's GEMMs, 2026-12-04); this way each chain's truncation is relative to one k-step's 16
+// products, not to the sum (Ootomo & Yokota 2022). 4 registers and 4 FADDs per fragment and k-step.
+__device__ __forceinline__ void mma_f16_split_rn(float (&acc)[4], const u32 (&a)[4], const u32 (&al)[4], bool lo_a,
+                                                 const u32 (&b)[2], const u32 (&bl)[2], bool lo_b) {
+    float t[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    mma_f16_split_into(t, a, al, lo_a, b, bl, lo_b);
+#pragma unroll
+    for (int r = 0; r < 4; ++r) acc[r] += t[r];
 }
 
 // The power-of-two scale that puts an operand's largest |x| (its f32 bits: absmax_f32 in

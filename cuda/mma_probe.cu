@@ -49,6 +49,11 @@ extern "C" __global__ void mma_probe(const float* __restrict__ a, const float* _
     d[(g + 8) * 8 + 2 * t + 1] = acc[3];
 }
 
+// A lane's n registers of a probe into out (o[0..3]), the unused ones 0.
+__device__ __forceinline__ void probe_put(u32* o, const u32 (&r)[4], int n) {
+    for (int j = 0; j < 4; ++j) o[j] = j < n ? r[j] : 0u;
+}
+
 // ldmatrix: shared memory holds the 16-bit values 0, 1, 2, … (32 rows of 8, 16 bytes each); lane l
 // addresses row rows[l]. out: [9][32][4] u32 — x1, x2, x4, x2.trans, x4.trans, then at 32-bit
 // shared addresses (smem_u32): x4, x4.trans, ld.shared.v4 of the lane's row and ld.shared.u32 of
@@ -64,65 +69,31 @@ extern "C" __global__ void ldmatrix_probe(const unsigned short* __restrict__ src
     cp_async_wait<0>();
     __syncwarp();
     const unsigned short* row = tile + 8 * rows[lane];
-    u32* o = out + lane * 4;
-    {
-        u32 r[1];
-        ldmatrix_x1(r, row);
-        o[0] = r[0];
-        o[1] = o[2] = o[3] = 0;
-    }
-    o += 128;
-    {
-        u32 r[2];
-        ldmatrix_x2(r, row);
-        o[0] = r[0];
-        o[1] = r[1];
-        o[2] = o[3] = 0;
-    }
-    o += 128;
-    {
-        u32 r[4];
-        ldmatrix_x4(r, row);
-        for (int j = 0; j < 4; ++j) o[j] = r[j];
-    }
-    o += 128;
-    {
-        u32 r[2];
-        ldmatrix_x2_trans(r, row);
-        o[0] = r[0];
-        o[1] = r[1];
-        o[2] = o[3] = 0;
-    }
-    o += 128;
-    {
-        u32 r[4];
-        ldmatrix_x4_trans(r, row);
-        for (int j = 0; j < 4; ++j) o[j] = r[j];
-    }
     const u32 row_at = smem_u32(row);
-    o += 128;
-    {
-        u32 r[4];
-        ldmatrix_x4_at(r, row_at);
-        for (int j = 0; j < 4; ++j) o[j] = r[j];
-    }
-    o += 128;
-    {
-        u32 r[4];
-        ldmatrix_x4_trans_at(r, row_at);
-        for (int j = 0; j < 4; ++j) o[j] = r[j];
-    }
-    o += 128;
-    {
-        const uint4 v = lds128_at(row_at);
-        o[0] = v.x;
-        o[1] = v.y;
-        o[2] = v.z;
-        o[3] = v.w;
-    }
-    o += 128;
-    o[0] = lds32_at(row_at + 4 * (lane % 4));
-    o[1] = o[2] = o[3] = 0;
+    u32* o = out + lane * 4;
+    u32 r[4];
+    ldmatrix_x1(reinterpret_cast<u32(&)[1]>(r), row);
+    probe_put(o, r, 1);
+    ldmatrix_x2(reinterpret_cast<u32(&)[2]>(r), row);
+    probe_put(o + 128, r, 2);
+    ldmatrix_x4(r, row);
+    probe_put(o + 2 * 128, r, 4);
+    ldmatrix_x2_trans(reinterpret_cast<u32(&)[2]>(r), row);
+    probe_put(o + 3 * 128, r, 2);
+    ldmatrix_x4_trans(r, row);
+    probe_put(o + 4 * 128, r, 4);
+    ldmatrix_x4_at(r, row_at);
+    probe_put(o + 5 * 128, r, 4);
+    ldmatrix_x4_trans_at(r, row_at);
+    probe_put(o + 6 * 128, r, 4);
+    const uint4 v = lds128_at(row_at);
+    r[0] = v.x;
+    r[1] = v.y;
+    r[2] = v.z;
+    r[3] = v.w;
+    probe_put(o + 7 * 128, r, 4);
+    r[0] = lds32_at(row_at + 4 * (lane % 4));
+    probe_put(o + 8 * 128, r, 1);
 }
 
 // The conversions and the fp16 split, element-wise: out[7][n] = f16 bits, bf16 bits, tf32 bits,
