@@ -135,6 +135,12 @@ typedef float V4S;
 #ifndef V4_DZ_RING
 #define V4_DZ_RING 0
 #endif
+// Each chunk's epilogue inputs prefetched into L2 before the chunk's GEMMs (v4/chunks.cuh
+// prefetch_owned_l2; the host sets it for BACKEI_V4_PREFETCH=l2): a hint that changes no value.
+// Opt-in until a GPU run shows it faster.
+#ifndef V4_PREFETCH
+#define V4_PREFETCH 0
+#endif
 #ifdef V4_C
 #define DIM_C V4_C
 #define DIM_CPAD ((V4_C + 15) / 16 * 16)
@@ -228,6 +234,7 @@ namespace v4 {
 struct Chunk {
     int b, q0, len;  // sample, first pixel (within the sample), pixels
     int y_first;     // first image row of the chunk
+    int next_len;    // pixels of the block's next chunk (0: this is its last; v4/chunks.cuh next_chunk)
 };
 
 // Inverse of the power of two that puts max|x| at [2^13, 2^14) (1 when max is 0 or not finite).
@@ -338,11 +345,25 @@ struct V4Smem {
     u32* pix;           // the chunk's pixel rows for the weight gradient: 2·P_CH words (v4/gemm.cuh fill_pixel_rows)
 };
 
+// Whether the weight-gradient accumulators live in shared memory (else in dw_part): the plan's
+// placement (V4Plan: dw=smem|l2) as a constant of the GPU build (V4_DW_SMEM), so that the fold
+// of every weight-gradient tile reads and writes them with shared loads and stores at a constant
+// pitch — with the placement read at run time it took generic 64-bit loads and stores, and both
+// pitch parities' code (SASS of the fashion L1 fp32 backward, 2026-12-07); the emulator's build
+// (tile_defines leaves it out) reads it at run time and runs both placements.
+__device__ __forceinline__ bool dw_on_chip(const V4Dims& vd) {
+#ifdef V4_DW_SMEM
+    return V4_DW_SMEM;
+#else
+    return vd.dw_smem;
+#endif
+}
+
 __device__ __forceinline__ V4Smem v4_smem(char* base, const LayerDims& d, const V4Dims& vd) {
     V4Smem s;
     s.wb = base;
     s.we = base + (vd.w_resident && d.back ? vd.wslice_bytes : 0);
-    s.dw = vd.dw_smem ? reinterpret_cast<float*>(base + vd.smem_dw) : nullptr;
+    s.dw = dw_on_chip(vd) ? reinterpret_cast<float*>(base + vd.smem_dw) : nullptr;
     s.halo = base + vd.smem_halo;
     s.own = base + vd.smem_own;
     s.red = reinterpret_cast<float*>(base + vd.smem_misc);
@@ -368,12 +389,14 @@ using namespace v4;
 struct V4Plain {
     const float* p;
     __device__ __forceinline__ float operator()(unsigned idx) const { return __ldcg(p + idx); }
+    __device__ __forceinline__ void prefetch(int idx) const { prefetch_l2(p + idx); }  // (V4_PREFETCH)
 };
 
 // The same for the saved spikes (f32, or int8 under V4_S8).
 struct V4Spikes {
     const V4S* p;
     __device__ __forceinline__ float operator()(unsigned idx) const { return (float)__ldcg(p + idx); }
+    __device__ __forceinline__ void prefetch(int idx) const { prefetch_l2(p + idx); }
 };
 
 // The row walk's position in one array: a pointer (ArrayCursor, v4/halo.cuh), the pixel's address
@@ -549,6 +572,10 @@ __device__ __forceinline__ void forward_v4(const float* __restrict__ params, con
             const long long sb = (long long)ch.b * N;
             float acc[MT][NT][4] = {};
             float inv_s = 1.0f;
+            if (V4_PREFETCH) {
+                prefetch_owned_l2(in_t + sb, ch, co0, d);
+                if (t > 0) prefetch_owned_l2((t > win.t0 ? v + wt - BN : v_prev) + sb, ch, co0, d);
+            }
             if (conv_b) {
                 // spikes are exact in every format; the smooth mode's s (gradient checks) is real
                 const V4Spikes s_past{out + ot - (long long)d.D * BN + sb};
@@ -644,8 +671,8 @@ __device__ __forceinline__ void backward_v4(const float* __restrict__ params, fl
     float* dw_b;
     float* dw_e;
     // the smem accumulators have no bias column, and rows padded to DW_SMEM_PITCH (bank spread)
-    const int dw_pitch = vd.dw_smem ? DW_SMEM_PITCH(n_all) : n_all + 1;
-    if (vd.dw_smem) {
+    const int dw_pitch = dw_on_chip(vd) ? DW_SMEM_PITCH(n_all) : n_all + 1;
+    if (dw_on_chip(vd)) {
         dw_b = sm.dw;
         dw_e = sm.dw + CO_T * dw_pitch;
     } else {
@@ -656,15 +683,23 @@ __device__ __forceinline__ void backward_v4(const float* __restrict__ params, fl
     // launch continues the sums where the previous one left them (dw_part, db_carry): the same
     // additions in the same order as one launch over the whole loop
     const bool first_launch = win.t1 == d.T, last_launch = win.t0 == 0;
-    for (int j = threadIdx.x; j < CO_T * n_all; j += THREADS) {
-        const int row = j / n_all, n = j - row * n_all;
-        if (first_launch) {
+    if (first_launch) {
+        for (int j = threadIdx.x; j < CO_T * n_all; j += THREADS) {
+            const int row = j / n_all, n = j - row * n_all;
             dw_b[row * dw_pitch + n] = 0.0f;
             dw_e[row * dw_pitch + n] = 0.0f;
-        } else if (vd.dw_smem) {
-            dw_b[row * dw_pitch + n] = __ldcg(part + (long long)(co0 + row) * (n_all + 1) + n);
-            dw_e[row * dw_pitch + n] = __ldcg(part + slab + (long long)(co0 + row) * (n_all + 1) + n);
         }
+    } else if (dw_on_chip(vd)) {
+        // a later window's launch takes the sums up from dw_part by cp.async, 4 bytes each (the
+        // rows' pitches differ: n_all + 1 there, DW_SMEM_PITCH here): every element's copy in
+        // flight at once and no registers held; waited for here, before the barrier that precedes
+        // the first fold (build_weight_fragments)
+        for (int j = threadIdx.x; j < CO_T * n_all; j += THREADS) {
+            const int row = j / n_all, n = j - row * n_all;
+            cp_async4(dw_b + row * dw_pitch + n, part + (long long)(co0 + row) * (n_all + 1) + n);
+            cp_async4(dw_e + row * dw_pitch + n, part + slab + (long long)(co0 + row) * (n_all + 1) + n);
+        }
+        cp_async_wait_all();
     }
     // the thread's bias partial sums, per (n-tile, column pair half): in registers across the whole
     // loop, or (DB_CARRIED) in db_carry between phase 2's epilogues
@@ -741,6 +776,27 @@ __device__ __forceinline__ void backward_v4(const float* __restrict__ params, fl
             const V4Dz dz_src{ds_src, has_fb ? fb_t + sb : nullptr, v + wt + sb, z + wt + sb, np};  // (ds from the slot when it has one)
             const V4Plain vt_src{v + wt + sb};
             const V4Plain dz_ring{dz_saved ? dzr + (long long)(t % d.D) * BN + sb : nullptr};  // (dz_t stored: V4_DZ_RING)
+            if (V4_PREFETCH) {
+                // the epilogue's inputs but v, which the halo walk stages (fb and z are staged too
+                // where dz is formed on the fly: prefetched anyway, a line each)
+                if (has_fb) prefetch_owned_l2(fb_t + sb, ch, co0, d);
+                else if (!ds_src.pooled) prefetch_owned_l2(ds_src.g, ch, co0, d);
+                if (t != d.T - 1) prefetch_owned_l2(dvbuf + sb, ch, co0, d);
+                if (d.back) {
+                    prefetch_owned_l2(g + wt + sb, ch, co0, d);
+                    prefetch_owned_l2(input + (d.t_in == 1 ? 0 : (long long)(t - win.in_t0) * BN) + sb, ch, co0, d);
+                }
+                if (d.ei) prefetch_owned_l2(z + wt + sb, ch, co0, d);
+                if (d.t_in == 1 && t != d.T - 1) prefetch_owned_l2(grad_in + sb, ch, co0, d);  // (added to)
+                // and the next chunk's halo: v_t (the weight gradient's X, and V4Dz's v) and dz_t
+                // from the ring (the steps that form dz on the fly — the last D of a window — leave
+                // the slot and z out: prefetching V4Dz's arrays took the fashion L1 fp32 backward
+                // to 928 bytes of spills)
+                if (d.ei) {
+                    prefetch_next_halo_l2(vt_src, ch, d);
+                    if (dz_saved) prefetch_next_halo_l2(dz_ring, ch, d);
+                }
+            }
             if (d.ei) {
                 sc_dz = dz_rows ? rowmax_scale(rowmax_dz(rowmax, d, t) + ch.b * DIM_H, ch, d, inv_dz)
                                 : halo_scale<true>(dz_src, ch, d, sm.red, inv_dz);
@@ -826,6 +882,15 @@ __device__ __forceinline__ void backward_v4(const float* __restrict__ params, fl
             float acc[MT][NT][4] = {};
             const V4Plain da_src{da + sb};
             const V4Spikes s_past{out + ot - (long long)d.D * BN + sb};
+            if (V4_PREFETCH) {
+                prefetch_next_halo_l2(s_past, ch, d);  // (da_t was written by phase 2 just before: in L2)
+                if (!ds_past.pooled) prefetch_owned_l2(ds_past.g, ch, co0, d);
+                if (fill_dz_rows || store_dz) {
+                    const long long wp = (long long)(t - d.D - win.t0) * BN + sb;  // v, z of step t − D
+                    prefetch_owned_l2(v + wp, ch, co0, d);
+                    prefetch_owned_l2(z + wp, ch, co0, d);
+                }
+            }
             float inv_da, inv_s = 1.0f;
             const float sc_da = ROWMAX ? rowmax_scale(rowmax_da(rowmax, d, t) + ch.b * DIM_H, ch, d, inv_da)
                                        : halo_scale<true>(da_src, ch, d, sm.red, inv_da);
@@ -876,7 +941,7 @@ __device__ __forceinline__ void backward_v4(const float* __restrict__ params, fl
     if (!last_launch) {
         // an earlier window follows: keep the sums as they are (no reduction yet)
         if (!DB_CARRIED) store_db();
-        if (vd.dw_smem) {
+        if (dw_on_chip(vd)) {
             __syncthreads();
             for (int j = threadIdx.x; j < CO_T * n_all; j += THREADS) {
                 const int row = j / n_all, n = j - row * n_all;
@@ -909,7 +974,7 @@ __device__ __forceinline__ void backward_v4(const float* __restrict__ params, fl
         }
         __syncthreads();
     }
-    if (vd.dw_smem) {
+    if (dw_on_chip(vd)) {
         for (int j = threadIdx.x; j < CO_T * n_all; j += THREADS) {
             const int row = j / n_all, n = j - row * n_all;
             part[(long long)(co0 + row) * (n_all + 1) + n] = dw_b[row * dw_pitch + n];

@@ -105,12 +105,24 @@ __device__ __forceinline__ uint4 lds128_at(u32 addr) {
 __device__ __forceinline__ void cp_async16(void* smem_dst, const void* gmem_src) {
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(smem_u32(smem_dst)), "l"(gmem_src));
 }
+// 4 bytes (both 4-byte aligned; .ca: only .ca takes sizes under 16) for copies whose rows change
+// pitch on the way, element by element.
+__device__ __forceinline__ void cp_async4(void* smem_dst, const void* gmem_src) {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" ::"r"(smem_u32(smem_dst)), "l"(gmem_src));
+}
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;"); }
 template <int N>
 __device__ __forceinline__ void cp_async_wait() {
     asm volatile("cp.async.wait_group %0;" ::"n"(N));
 }
 __device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_all;"); }
+
+// prefetch.global.L2: a hint that brings the 128-byte line holding *p into L2 (no register, no
+// wait); p points at an element of a global array.
+template <class T>
+__device__ __forceinline__ void prefetch_l2(const T* p) {
+    asm volatile("prefetch.global.L2 [%0];" ::"l"(p));
+}
 
 // Conversions (bit patterns: fp16 and bf16 in a u16, tf32 in a u32), round to nearest even
 // (tf32: nearest, ties away from zero, as cvt.rna.tf32.f32).

@@ -55,11 +55,13 @@ __device__ __forceinline__ void probe_put(u32* o, const u32 (&r)[4], int n) {
 }
 
 // ldmatrix: shared memory holds the 16-bit values 0, 1, 2, … (32 rows of 8, 16 bytes each); lane l
-// addresses row rows[l]. out: [9][32][4] u32 — x1, x2, x4, x2.trans, x4.trans, then at 32-bit
+// addresses row rows[l]. out: [10][32][4] u32 — x1, x2, x4, x2.trans, x4.trans, then at 32-bit
 // shared addresses (smem_u32): x4, x4.trans, ld.shared.v4 of the lane's row and ld.shared.u32 of
-// its word l % 4 — the registers of every lane (unused registers 0). cp.async stages the rows (with
-// a wait and a barrier) first. The tile is dynamic shared memory (512 bytes at launch), where the
-// v4 kernels' 32-bit addresses point (the emulator maps those to the dynamic segment).
+// its word l % 4, then the lane's row copied word by word by 4-byte cp.async in reverse order —
+// the registers of every lane (unused registers 0). 16-byte cp.async stages the rows (with a wait
+// and a barrier) first. The tile is dynamic shared memory (1,024 bytes at launch: the rows, then
+// the 4-byte copies), where the v4 kernels' 32-bit addresses point (the emulator maps those to the
+// dynamic segment).
 extern "C" __global__ void ldmatrix_probe(const unsigned short* __restrict__ src, const int* __restrict__ rows, u32* __restrict__ out) {
     extern __shared__ float4 tile4[];
     unsigned short* tile = reinterpret_cast<unsigned short*>(tile4);
@@ -94,6 +96,15 @@ extern "C" __global__ void ldmatrix_probe(const unsigned short* __restrict__ src
     probe_put(o + 7 * 128, r, 4);
     r[0] = lds32_at(row_at + 4 * (lane % 4));
     probe_put(o + 8 * 128, r, 1);
+    // cp.async of 4 bytes: the lane's row, words reversed, into the tile's second half (words
+    // 128 + 4·lane …), read back after the wait
+    u32* gather = reinterpret_cast<u32*>(tile4) + 128 + 4 * lane;
+    for (int k = 0; k < 4; ++k) cp_async4(gather + k, src + 8 * rows[lane] + 2 * (3 - k));
+    cp_async_commit();
+    cp_async_wait<0>();
+    __syncwarp();
+    for (int k = 0; k < 4; ++k) r[k] = gather[k];
+    probe_put(o + 9 * 128, r, 4);
 }
 
 // The conversions and the fp16 split, element-wise: out[7][n] = f16 bits, bf16 bits, tf32 bits,

@@ -25,10 +25,10 @@ impl ProbeDevice for Emulated {
             packed[i / 8] |= (x as u128) << (16 * (i % 8));
         }
         let mut rows = rows.to_vec();
-        let mut out = vec![0xDEAD_BEEFu32; 9 * 32 * 4];
+        let mut out = vec![0xDEAD_BEEFu32; 10 * 32 * 4];
         let mut args = Args::new();
         args.val(packed.as_mut_ptr() as *mut u16).val(rows.as_mut_ptr()).val(out.as_mut_ptr());
-        emu::module("mma_probe").launch_raw("ldmatrix_probe", (1, 1, 1), (32, 1, 1), 512, false, 8, &mut args).unwrap();
+        emu::module("mma_probe").launch_raw("ldmatrix_probe", (1, 1, 1), (32, 1, 1), 1024, false, 8, &mut args).unwrap();
         out
     }
     fn convert(&self, x: &[f32]) -> Vec<u32> {

@@ -875,11 +875,49 @@ fn v4_every_tiling_the_bench_sweeps_matches_the_cpu() {
         let x = inputs(&c, 771);
         let cpu = cpu_reference(&c, &x);
         for (i, t) in list.iter().enumerate() {
-            let choices = V4Choices { tiling: Some((*t).into()), neighbour_sync: false };
+            let choices = V4Choices { tiling: Some((*t).into()), ..Default::default() };
             let plan = plan_tensor_cores_with(c.shape, &c.fb, c.batch, c.steps, &SMALL, p, &choices).unwrap();
             assert_eq!(plan.v4.as_ref().unwrap().tiling, *t);
             let d = emulate_v4(&c, &x, &plan, 31 + i as u64);
             assert!(compare_within(&c, &format!("v4/{p} {t}"), &x, &cpu, &d, Tolerance::of(p)).strict_grads || p != Precision::Fp32);
+        }
+    }
+}
+
+/// L2 prefetches of the epilogue inputs and of the next chunk's halo (`BACKEI_V4_PREFETCH=l2`:
+/// `V4Plan::prefetch_epilogue_inputs`, cuda/v4/chunks.cuh prefetch_owned_l2, prefetch_next_halo_l2)
+/// change no bit, and every prefetch addresses an element of its buffer (the emulator's prefetch
+/// faults on a guard element: a run past the end of the last sample's last channel shows):
+/// back+ei, back and ei alone, each precision, `--recompute` windows with a window's own input,
+/// ∂L/∂s from the pooling's gradient, several chunks per block with a short last chunk, chunks
+/// that end a sample (the next one in the next sample).
+#[test]
+fn v4_l2_prefetches_change_no_bit_and_stay_inside_their_buffers() {
+    let cases = [
+        (case("5×7×9 back+ei r 1 D 2 T 6", [5, 7, 9], true, true, 1, 2, 2, 6, 6), Precision::Fp32, None, false),
+        (case("6×8×6 back r 2 D 1 T 5 T_in 1", [6, 8, 6], true, false, 2, 1, 3, 5, 1), Precision::Bf16, Some(2), false),
+        (case("16×6×7 ei r 1 T 4", [16, 6, 7], false, true, 1, 1, 2, 4, 4), Precision::Tf32, Some(3), true),
+        (smooth(case("20×17×15 back+ei r 1 D 1", [20, 17, 15], true, true, 1, 1, 2, 3, 3)), Precision::Fp32, None, false),
+    ];
+    for (i, (c, p, k, own_input)) in cases.iter().enumerate() {
+        let mut plan = v4_plan(c, &SMALL, *p);
+        if let Some(k) = *k {
+            apply_recompute(&mut plan, c.shape, &c.fb, k, c.steps).unwrap();
+        }
+        let mut with = plan.clone();
+        with.v4.as_mut().unwrap().prefetch_epilogue_inputs();
+        let x = inputs(c, 1210 + i as u64);
+        let what = format!("{} {p} K {k:?}", c.name);
+        let run = |pl: &LaunchPlan| emulate_v4_pooling(c, &x, pl, 9, (std::ptr::null_mut(), false), None, *own_input);
+        assert_all_bits(&run(&plan), &run(&with), &what);
+        if i == 0 {
+            // ∂L/∂s through the pooling's backward (V4Grad pooled: its reads are not prefetched)
+            let [ch, h, w] = c.shape;
+            let mut rng = common::Rng(78);
+            let dy: Vec<f32> = (0..c.steps * c.batch * ch * (h / 2) * (w / 2)).map(|_| rng.below(2001) as f32 / 1000.0 - 1.0).collect();
+            let gi = V4GradIn { pooled: 1, ..Default::default() };
+            let run = |pl: &LaunchPlan| emulate_v4_pooling(c, &x, pl, 9, (std::ptr::null_mut(), false), Some((&dy, gi)), false);
+            assert_all_bits(&run(&plan), &run(&with), &format!("{what} pooled"));
         }
     }
 }

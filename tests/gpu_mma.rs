@@ -33,9 +33,9 @@ impl ProbeDevice for Gpu {
         let s = &self.0.stream;
         let f = self.0.kernels.function("mma_probe", "ldmatrix_probe").unwrap();
         let (src, rows) = (s.clone_htod(src).unwrap(), s.clone_htod(rows).unwrap());
-        let mut out = s.alloc_zeros::<u32>(9 * 32 * 4).unwrap();
-        // the 32 rows in dynamic shared memory (512 bytes)
-        let cfg = LaunchConfig { shared_mem_bytes: 512, ..Self::one_warp() };
+        let mut out = s.alloc_zeros::<u32>(10 * 32 * 4).unwrap();
+        // the 32 rows and the 4-byte copies in dynamic shared memory (1,024 bytes)
+        let cfg = LaunchConfig { shared_mem_bytes: 1024, ..Self::one_warp() };
         // SAFETY: the argument list matches ldmatrix_probe (cudaMalloc memory is 256-byte aligned).
         unsafe { s.launch_builder(&f).arg(&src).arg(&rows).arg(&mut out).launch(cfg).unwrap() };
         s.clone_dtoh(&out).unwrap()

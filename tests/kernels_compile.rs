@@ -126,6 +126,35 @@ fn v4_with_neighbour_flags_passes_the_same_static_check() {
     }
 }
 
+/// The v4 instances that prefetch their epilogue inputs into L2 (`BACKEI_V4_PREFETCH=l2`, opt-in:
+/// `V4_PREFETCH`, cuda/v4/chunks.cuh) pass the same static check as the default build — fashion
+/// L1 in fp32, cifar10 L2 (the widest tile, the most registers) — and hold the prefetches
+/// (CCTL.E.PF2: the check fails a build that asked for them without any, and one with any that
+/// did not ask).
+#[test]
+fn v4_with_l2_prefetches_passes_the_same_static_check() {
+    use backei::gpu::backei_layer::NeuronParams;
+    require_nvrtc();
+    assert!(find_nvdisasm().is_some() && find_cuobjdump().is_some(), "pip install nvidia-cuda-nvdisasm nvidia-cuda-cuobjdump");
+    let fb = FeedbackConfig { back: true, ei: true, radius: 1, delay: 1 };
+    let np = NeuronParams::from_config(&backei::spec::NeuronConfig::default());
+    for shape in [[32usize, 28, 28], [256, 16, 16]] {
+        let (mut plan, _) = training_instance(shape, &fb, 100, 20, &DeviceLimits::H100, Precision::Fp32).unwrap_or_else(|e| panic!("{e}"));
+        plan.prefetch_epilogue_inputs();
+        let defines = instance_defines(&plan, &np);
+        assert!(defines.iter().any(|(k, v)| k == "V4_PREFETCH" && v == "1"), "{defines:?}");
+        let c = check_planned(plan, &defines, &DeviceLimits::H100, "sm_90").unwrap_or_else(|e| panic!("{e}"));
+        for k in &c.kernels {
+            println!(
+                "{shape:?} {} (L2 prefetches): {} registers, local {} B in {} instructions, hot loop {:?}, {} prefetches, {} instructions",
+                k.kernel, k.registers, k.local_bytes, k.local_ops, k.hot, k.l2_prefetches, k.total
+            );
+            assert!(k.l2_prefetches > 0, "{shape:?} {}", k.kernel);
+        }
+        assert!(c.problems.is_empty(), "{shape:?}: {:?}", c.problems);
+    }
+}
+
 /// Every tiling the kernel bench sweeps at the fashion-mnist shapes (`BACKEI_BENCH_V4_TILINGS=sweep`:
 /// each channel tile and m-tile count, the planner's slab and placement for it), in fp32 and bf16,
 /// passes the static check the planner's own instances pass — so whichever a GPU run finds fastest

@@ -4,22 +4,45 @@
 // header of its own).
 
 
+// The chunk that starts at pixel p of the batch (p < end, the end of the block's range): up to
+// P_CH pixels within one sample, and the length of the chunk after it (0: none).
+__device__ __forceinline__ Chunk chunk_at(long long p, long long end, const LayerDims& d) {
+    const int HW = DIM_H * DIM_W;
+    auto len_at = [&](long long at, int q) { return (int)min((long long)P_CH, min(end - at, (long long)(HW - q))); };
+    Chunk ch;
+    ch.b = (int)(p / HW);
+    ch.q0 = (int)(p - (long long)ch.b * HW);
+    ch.len = len_at(p, ch.q0);
+    ch.y_first = ch.q0 / DIM_W;
+    const long long p_next = p + ch.len;
+    ch.next_len = p_next < end ? len_at(p_next, ch.q0 + ch.len == HW ? 0 : ch.q0 + ch.len) : 0;
+    return ch;
+}
+
 // The chunks of this block's pixel range, in order: fn(chunk) for each.
 template <class F>
 __device__ __forceinline__ void for_each_chunk(const LayerDims& d, const V4Dims& vd, F fn) {
-    const int HW = DIM_H * DIM_W;
-    const long long total = (long long)d.B * HW;
+    const long long total = (long long)d.B * DIM_H * DIM_W;
     const int range = blockIdx.x / vd.groups;
     const long long start = total * range / vd.ranges, end = total * (range + 1) / vd.ranges;  // (sync.cuh's range_start)
     for (long long p = start; p < end;) {
-        Chunk ch;
-        ch.b = (int)(p / HW);
-        ch.q0 = (int)(p - (long long)ch.b * HW);
-        ch.len = (int)min((long long)P_CH, min(end - p, (long long)(HW - ch.q0)));
-        ch.y_first = ch.q0 / DIM_W;
+        const Chunk ch = chunk_at(p, end, d);
         fn(ch);
         p += ch.len;
     }
+}
+
+// The chunk after `ch` in this block's range, if there is one (the L2 prefetch of its halo): from
+// the chunk's own fields (no division by the range count where the caller holds its registers).
+__device__ __forceinline__ bool next_chunk(const Chunk& ch, const LayerDims& d, Chunk& next) {
+    if (ch.next_len == 0) return false;
+    const bool new_sample = ch.q0 + ch.len == DIM_H * DIM_W;
+    next.b = ch.b + new_sample;
+    next.q0 = new_sample ? 0 : ch.q0 + ch.len;
+    next.len = ch.next_len;
+    next.y_first = next.q0 / DIM_W;
+    next.next_len = 0;  // (not known here)
+    return true;
 }
 
 // fn(mi, ni, i, pixel within the sample, channel) for every accumulator element this thread owns
@@ -70,4 +93,46 @@ __device__ __forceinline__ void for_each_owned_loaded(const Chunk& ch, int co0, 
             for (int k = 0; k < E; ++k)
                 if (ok[k]) use(mi, (j0 + k) >> 2, (j0 + k) & 3, qs[k], cs[k], x[k]);
         }
+}
+
+// The L2 prefetch of a chunk's epilogue inputs (V4_PREFETCH): the 128-byte lines that hold pixels
+// q0 … q0 + len − 1 of this block's channels co0 … co0 + CO_T − 1 in a sample's [C][HW] planes at
+// `sample`, requested before the chunk's GEMMs so that the epilogue's loads — one or two elements
+// ahead, each waiting on device memory otherwise (Nsight, 2026-12-04: global-load stalls 29–40 %
+// of the v4 kernels' samples) — find them in L2. A run of len elements from any start touches at
+// most ⌈len / per line⌉ + 1 lines; element l·(per line) lies in the run's l-th line, and the
+// run's last element in its last: one prefetch each, always at an element of the run (never an
+// address outside the array). A hint: no register held past it, nothing waits for it.
+template <class T>
+__device__ __forceinline__ void prefetch_owned_l2(const T* sample, const Chunk& ch, int co0, const LayerDims& d) {
+    if (!V4_PREFETCH) return;
+    constexpr int PER_LINE = 128 / sizeof(T);
+    constexpr int LINES = (P_CH + PER_LINE - 1) / PER_LINE + 1;
+    const int HW = DIM_H * DIM_W;
+    const int runs = min(CO_T, DIM_C - co0);
+    for (int j = threadIdx.x; j < runs * LINES; j += THREADS) {
+        const int cc = j / LINES, l = j - cc * LINES;
+        if (l * PER_LINE < ch.len + PER_LINE - 1) prefetch_l2(sample + (long long)(co0 + cc) * HW + ch.q0 + min(l * PER_LINE, ch.len - 1));
+    }
+}
+
+// The L2 prefetch of the halo that the chunk after `ch` will stage from `src` (V4_PREFETCH): rows
+// y_first − R … y_last + R (inside the image) of every channel of the next chunk's sample, one
+// prefetch per 128 bytes of f32 (src.prefetch: each of its arrays' lines at that element; the
+// byte-wide arrays get up to four per line), requested before this chunk's GEMMs so that the next
+// chunk's staging walk — 16 loads in flight per thread, each a trip to device memory for the state
+// the forward saved long before — finds them in L2. `src` addresses ch's sample; the next chunk's
+// elements lie (next.b − ch.b)·C·H·W further. A warp per channel, a lane per line: no division.
+template <class S>
+__device__ __forceinline__ void prefetch_next_halo_l2(const S& src, const Chunk& ch, const LayerDims& d) {
+    if (!V4_PREFETCH) return;
+    Chunk nx;
+    if (!next_chunk(ch, d, nx)) return;
+    const int HW = DIM_H * DIM_W;
+    const int y0 = max(nx.y_first - R, 0), y1 = min((nx.q0 + nx.len - 1) / DIM_W + R, DIM_H - 1);
+    const int run = (y1 - y0 + 1) * DIM_W;
+    const int at = (nx.b - ch.b) * DIM_C * HW + y0 * DIM_W;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    for (int c = warp; c < DIM_C; c += WARPS)
+        for (int l = lane; l * 32 < run + 31; l += 32) src.prefetch(at + c * HW + min(l * 32, run - 1));
 }

@@ -1049,6 +1049,9 @@ pub fn plan_tensor_cores_with(
             if choices.neighbour_sync {
                 v.order_by_neighbours();
             }
+            if choices.prefetch_l2 {
+                v.prefetch_epilogue_inputs();
+            }
             v
         }
         Err(why) if choices.tiling.is_some() && plan_v4(shape, fb, batch, steps, limits, precision).is_ok() => {

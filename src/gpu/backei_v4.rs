@@ -38,6 +38,18 @@ pub const SYNC_ENV: &str = "BACKEI_V4_SYNC";
 pub fn neighbour_sync_from_env(value: Option<&str>) -> Result<bool> {
     super::util::opt_in_from_env(SYNC_ENV, value, "neighbours", "neighbour flags between the v4 kernels' phases", "grid")
 }
+
+/// `BACKEI_V4_PREFETCH=l2` has the v4 kernels prefetch each chunk's epilogue inputs into L2 before
+/// the chunk's GEMMs (`V4_PREFETCH`, cuda/v4/chunks.cuh prefetch_owned_l2: the saved state and
+/// carried gradients the epilogue loads one or two elements ahead); unset or `off`: none. A hint
+/// that changes no value; opt-in until a GPU run shows it faster (`bench/gpu/session.sh v4-flags`
+/// times both).
+pub const PREFETCH_ENV: &str = "BACKEI_V4_PREFETCH";
+
+/// `BACKEI_V4_PREFETCH`'s value: L2 prefetches (`l2`) or none (unset, `off`).
+pub fn prefetch_l2_from_env(value: Option<&str>) -> Result<bool> {
+    super::util::opt_in_from_env(PREFETCH_ENV, value, "l2", "the epilogue inputs prefetched into L2", "off")
+}
 const WARPS: usize = 8;
 /// Shared memory the driver reserves per resident block (1 KiB on sm_80 / sm_90).
 const SMEM_RESERVED_PER_BLOCK: usize = 1024;
@@ -151,6 +163,9 @@ pub struct V4Plan {
     /// The phases are ordered by neighbour flags instead of grid barriers (`V4_SYNC`;
     /// [`V4Plan::order_by_neighbours`], cuda/v4/sync.cuh).
     pub neighbour_sync: bool,
+    /// Each chunk's epilogue inputs are prefetched into L2 (`V4_PREFETCH`;
+    /// [`V4Plan::prefetch_epilogue_inputs`], cuda/v4/chunks.cuh).
+    pub prefetch_l2: bool,
     /// The tile and placement (`co_t`, `mt`, `dims.slab`, `dims.w_resident`, `dims.dw_smem` say
     /// the same): the planner's first feasible choice or the one `BACKEI_V4_TILING` asked for.
     pub tiling: V4Tiling,
@@ -175,6 +190,16 @@ impl V4Plan {
         if !self.neighbour_sync {
             self.neighbour_sync = true;
             self.defines.push(("V4_SYNC".to_string(), "1".to_string()));
+        }
+    }
+
+    /// Builds the kernels to prefetch each chunk's epilogue inputs into L2 before the chunk's
+    /// GEMMs (`V4_PREFETCH`, cuda/v4/chunks.cuh prefetch_owned_l2). A hint: the same bits
+    /// (`tests/emu_v4.rs`).
+    pub fn prefetch_epilogue_inputs(&mut self) {
+        if !self.prefetch_l2 {
+            self.prefetch_l2 = true;
+            self.defines.push(("V4_PREFETCH".to_string(), "1".to_string()));
         }
     }
 
@@ -241,10 +266,15 @@ impl V4Plan {
         d.groups == 1 && d.slab == d.c_pad && d.own_pstride == d.pstride && d.own_plane_bytes == d.plane_bytes
     }
 
-    /// The constants without C, H and W (and what follows from them, V4_DY_ONCE): one emulator
-    /// build serves every shape of a tile.
+    /// The constants without C, H and W (and what follows from them, V4_DY_ONCE), and without the
+    /// weight gradients' placement (V4_DW_SMEM): one emulator build serves every shape and
+    /// placement of a tile, and decides both at run time.
     pub fn tile_defines(&self) -> Vec<(String, String)> {
-        self.defines.iter().filter(|(k, _)| !matches!(k.as_str(), "V4_C" | "V4_H" | "V4_W" | "V4_DY_ONCE")).cloned().collect()
+        self.defines
+            .iter()
+            .filter(|(k, _)| !matches!(k.as_str(), "V4_C" | "V4_H" | "V4_W" | "V4_DY_ONCE" | "V4_DW_SMEM"))
+            .cloned()
+            .collect()
     }
 }
 
@@ -556,6 +586,7 @@ pub fn plan_v4_tiled(
         db_carry: 0,
         dz_ring: false,
         neighbour_sync: false,
+        prefetch_l2: false,
         tiling,
     };
     if plan.carries_bias_sums() {
@@ -570,6 +601,9 @@ pub fn plan_v4_tiled(
     // (cuda/v4/gemm.cuh dy_shares_slab; the emulator's build without shape constants decides at run
     // time, tile_defines leaves it out)
     plan.defines.push(("V4_DY_ONCE".to_string(), (plan.stages_dy_once() as u8).to_string()));
+    // the weight gradients' placement likewise (cuda/backei_v4.cu dw_on_chip): the fold's shared
+    // loads and stores at a constant pitch where they are on chip
+    plan.defines.push(("V4_DW_SMEM".to_string(), plan.dims.dw_smem.to_string()));
     Ok(plan)
 }
 
@@ -597,8 +631,9 @@ pub struct V4Check {
     pub sync: Vec<super::sync_order::KernelSync>,
     /// Empty when the instance passes: a hot loop without HMMA, local memory, an integer
     /// division in a hot loop, a staging loop with fewer than V4_STAGING_LOADS loads in flight,
-    /// a grid larger than the blocks that can be co-resident, or a grid barrier or neighbour flag
-    /// without its fences (a release before each arrival, an acquire after each poll).
+    /// a grid larger than the blocks that can be co-resident, a grid barrier or neighbour flag
+    /// without its fences (a release before each arrival, an acquire after each poll), or L2
+    /// prefetches in a build that did not ask for them (or none in one that did).
     pub problems: Vec<String>,
 }
 
@@ -699,6 +734,10 @@ pub fn check_planned(plan: V4Plan, defines: &[(String, String)], limits: &Device
     }
     let mut blocks_per_sm = Vec::new();
     for k in &kernels {
+        // the L2 prefetches (V4_PREFETCH) are in the build that asked for them, and only there
+        if plan.prefetch_l2 != (k.l2_prefetches > 0) {
+            problems.push(format!("{}: {} L2 prefetches (CCTL.E.PF2) with prefetch_l2 {}", k.kernel, k.l2_prefetches, plan.prefetch_l2));
+        }
         let per_sm = super::sass::blocks_per_sm(k.registers, V4_THREADS, plan.smem_bytes + k.static_smem, limits.max_smem_per_sm);
         blocks_per_sm.push(per_sm);
         if per_sm * limits.sm_count < plan.grid {
@@ -1092,6 +1131,25 @@ mod tests {
     }
 
     #[test]
+    fn l2_prefetches_are_opt_in_and_build_the_kernels_once_without_changing_the_plan() {
+        assert!(!prefetch_l2_from_env(None).unwrap());
+        assert!(!prefetch_l2_from_env(Some("off")).unwrap());
+        assert!(prefetch_l2_from_env(Some(" l2 ")).unwrap());
+        let e = prefetch_l2_from_env(Some("on")).unwrap_err().to_string();
+        assert!(e.contains(PREFETCH_ENV) && e.contains("l2") && e.contains("off"), "{e}");
+        let plain = plan_v4([32, 28, 28], &fb(1), 100, 20, &DeviceLimits::H100, Precision::Fp32).unwrap();
+        assert!(!plain.prefetch_l2 && !plain.defines.iter().any(|(k, _)| k == "V4_PREFETCH"));
+        let mut p = plain.clone();
+        p.prefetch_epilogue_inputs();
+        p.prefetch_epilogue_inputs();
+        assert!(p.prefetch_l2);
+        assert_eq!(p.defines.iter().filter(|(k, v)| k == "V4_PREFETCH" && v == "1").count(), 1, "{:?}", p.defines);
+        // the emulator's build varies with it (tile_defines keeps it); nothing else changes
+        assert!(p.tile_defines().iter().any(|(k, _)| k == "V4_PREFETCH"));
+        assert_eq!((p.grid, p.smem_bytes, p.dw_part, p.tiling), (plain.grid, plain.smem_bytes, plain.dw_part, plain.tiling));
+    }
+
+    #[test]
     fn neighbour_flags_are_opt_in_build_the_kernels_once_and_size_the_sync_buffer() {
         assert!(!neighbour_sync_from_env(None).unwrap());
         assert!(!neighbour_sync_from_env(Some("grid")).unwrap());
@@ -1165,17 +1223,18 @@ mod network_tests {
         assert!(e.contains(TILING_ENV) && e.contains("co_t=64") && e.contains(&first.tiling.to_string()), "{e}");
         // through the layer's planner: that request is a configuration error, not a fallback to
         // v3; where v4 cannot run the shape at all, the layer falls back as without a request
-        let ask = |t: &str| V4Choices { tiling: Some(V4TilingRequest::parse(t).unwrap()), neighbour_sync: false };
+        let ask = |t: &str| V4Choices { tiling: Some(V4TilingRequest::parse(t).unwrap()), ..Default::default() };
         let e = plan_tensor_cores_with(l1, &fb(1), 100, 20, h100, Precision::Fp32, &ask("co_t=64")).unwrap_err().to_string();
         assert!(e.contains(TILING_ENV), "{e}");
         let r3 = plan_tensor_cores_with(l1, &fb(3), 100, 20, h100, Precision::Fp32, &ask("co_t=64")).unwrap();
         assert_ne!(r3.version, KernelVersion::V4);
         assert!(r3.fallback.as_deref().is_some_and(|f| f.contains("radius 3")), "{:?}", r3.fallback);
         // the choices reach the plan: the tiling, the phases' order and the buffers they size
-        let both = V4Choices { neighbour_sync: true, ..ask("mt=2") };
-        let lp = plan_tensor_cores_with(l1, &fb(1), 100, 20, h100, Precision::Fp32, &both).unwrap();
+        let all = V4Choices { neighbour_sync: true, prefetch_l2: true, ..ask("mt=2") };
+        let lp = plan_tensor_cores_with(l1, &fb(1), 100, 20, h100, Precision::Fp32, &all).unwrap();
         let v = lp.v4.as_ref().unwrap();
-        assert!(v.neighbour_sync && v.mt == 2);
+        assert!(v.neighbour_sync && v.prefetch_l2 && v.mt == 2);
+        assert_eq!(v.defines.iter().filter(|(k, v)| k == "V4_PREFETCH" && v == "1").count(), 1, "{:?}", v.defines);
         assert_eq!(lp.buffers.v4_dw_part, v.dw_part);
         assert_eq!(
             plan_tensor_cores_with(l1, &fb(1), 100, 20, h100, Precision::Fp32, &V4Choices::default()).unwrap(),

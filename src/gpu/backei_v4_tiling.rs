@@ -11,7 +11,7 @@
 //! bench times every feasible tiling of a workload (`BACKEI_BENCH_V4_TILINGS=all`), each validated
 //! against the CPU engine, and this variable runs the one it finds fastest.
 
-use super::backei_v4::SYNC_ENV;
+use super::backei_v4::{PREFETCH_ENV, SYNC_ENV};
 use crate::error::{config_err, Result};
 use std::fmt;
 
@@ -178,17 +178,24 @@ pub struct V4Choices {
     pub tiling: Option<V4TilingRequest>,
     /// Phases ordered by neighbour flags instead of grid barriers (`BACKEI_V4_SYNC=neighbours`).
     pub neighbour_sync: bool,
+    /// Each chunk's epilogue inputs prefetched into L2 before its GEMMs (`BACKEI_V4_PREFETCH=l2`).
+    pub prefetch_l2: bool,
 }
 
 impl V4Choices {
-    /// The choices the environment makes (`BACKEI_V4_TILING`, `BACKEI_V4_SYNC`).
+    /// The choices the environment makes (`BACKEI_V4_TILING`, `BACKEI_V4_SYNC`, `BACKEI_V4_PREFETCH`).
     pub fn from_env() -> Result<Self> {
-        Self::from_values(std::env::var(TILING_ENV).ok().as_deref(), std::env::var(SYNC_ENV).ok().as_deref())
+        let var = |name: &str| std::env::var(name).ok();
+        Self::from_values(var(TILING_ENV).as_deref(), var(SYNC_ENV).as_deref(), var(PREFETCH_ENV).as_deref())
     }
 
-    /// The choices of the two variables' values.
-    pub fn from_values(tiling: Option<&str>, sync: Option<&str>) -> Result<Self> {
-        Ok(V4Choices { tiling: tiling_from_env(tiling)?, neighbour_sync: super::backei_v4::neighbour_sync_from_env(sync)? })
+    /// The choices of the three variables' values.
+    pub fn from_values(tiling: Option<&str>, sync: Option<&str>, prefetch: Option<&str>) -> Result<Self> {
+        Ok(V4Choices {
+            tiling: tiling_from_env(tiling)?,
+            neighbour_sync: super::backei_v4::neighbour_sync_from_env(sync)?,
+            prefetch_l2: super::backei_v4::prefetch_l2_from_env(prefetch)?,
+        })
     }
 }
 
@@ -240,11 +247,12 @@ mod tests {
     }
 
     #[test]
-    fn the_choices_read_both_variables() {
-        let c = V4Choices::from_values(Some("co_t=16"), Some("neighbours")).unwrap();
+    fn the_choices_read_the_three_variables() {
+        let c = V4Choices::from_values(Some("co_t=16"), Some("neighbours"), Some("l2")).unwrap();
         assert_eq!(c.tiling, Some(V4TilingRequest { co_t: Some(16), ..Default::default() }));
-        assert!(c.neighbour_sync);
-        assert_eq!(V4Choices::from_values(None, None).unwrap(), V4Choices::default());
-        assert!(V4Choices::from_values(None, Some("sometimes")).is_err());
+        assert!(c.neighbour_sync && c.prefetch_l2);
+        assert_eq!(V4Choices::from_values(None, None, None).unwrap(), V4Choices::default());
+        assert!(V4Choices::from_values(None, Some("sometimes"), None).is_err());
+        assert!(V4Choices::from_values(None, None, Some("l1")).unwrap_err().to_string().contains(PREFETCH_ENV));
     }
 }

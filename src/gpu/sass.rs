@@ -302,6 +302,8 @@ pub struct KernelCheck {
     pub staging: Vec<usize>,
     /// Instructions of the whole kernel.
     pub total: usize,
+    /// L2 prefetches (`prefetch.global.L2`: CCTL.E.PF2) in the whole kernel.
+    pub l2_prefetches: usize,
 }
 
 /// Compiles a module instance for `arch` (a real architecture), disassembles its CUBIN and
@@ -332,6 +334,7 @@ pub fn check_module_and_ptx(module: &str, arch: &str, defines: &super::kernels::
                 hot_loads: hot_loop(k).map_or(0, |((a, b), _)| loads_between_shared_stores(&k.instrs[a..=b])),
                 staging: staging_loops(k).into_iter().map(|(_, n)| n).collect(),
                 total: k.instrs.len(),
+                l2_prefetches: k.instrs.iter().filter(|i| i.opcode.starts_with("CCTL") && i.opcode.contains(".PF2")).count(),
             }
         })
         .collect();

@@ -73,7 +73,8 @@ pub fn check_mma(dev: &dyn ProbeDevice, rel: f64) {
 
 /// ldmatrix x1, x2, x4 and x2/x4 .trans with every lane pointing at a scrambled row; then x4 and
 /// x4.trans at 32-bit shared addresses, and the 16- and 4-byte shared loads at them (`lds128_at`:
-/// the lane's row, `lds32_at`: word lane % 4 of it).
+/// the lane's row, `lds32_at`: word lane % 4 of it); then the lane's row copied by 4-byte cp.async,
+/// words reversed.
 pub fn check_ldmatrix(dev: &dyn ProbeDevice) {
     let src: Vec<u16> = (0..32 * 8).map(|i| i as u16).collect();
     let mut rng = Rng(0x1d1d);
@@ -82,7 +83,7 @@ pub fn check_ldmatrix(dev: &dyn ProbeDevice) {
         rows.swap(i, rng.below(i + 1));
     }
     let out = dev.ldmatrix(&src, &rows);
-    assert_eq!(out.len(), 9 * 32 * 4);
+    assert_eq!(out.len(), 10 * 32 * 4);
     // the PTX ISA: lanes 8j..8j+7 address matrix j's rows; register j of lane l holds row l/4,
     // elements 2(l%4), 2(l%4)+1 (low half first); transposed: element l/4 of rows 2(l%4), 2(l%4)+1
     let elem = |matrix: usize, row: usize, col: usize| src[rows[8 * matrix + row] as usize * 8 + col] as u32;
@@ -112,6 +113,7 @@ pub fn check_ldmatrix(dev: &dyn ProbeDevice) {
             assert_eq!(out[(7 * 32 + lane) * 4 + j], word(lane, j), "ld.shared.v4 lane {lane} word {j}");
             let want = if j == 0 { word(lane, lane % 4) } else { 0 };
             assert_eq!(out[(8 * 32 + lane) * 4 + j], want, "ld.shared.u32 lane {lane} register {j}");
+            assert_eq!(out[(9 * 32 + lane) * 4 + j], word(lane, 3 - j), "cp.async 4 bytes lane {lane} word {j}");
         }
     }
 }

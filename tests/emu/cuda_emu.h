@@ -720,12 +720,29 @@ inline uint4 lds128_at(u32 addr) { return emu::lds_at<uint4>(addr); }
 // cp.async: the destination is poisoned (NaN bytes) at issue and written only at the wait that
 // covers the copy, so reading it early — a missing wait, or a missing barrier after another
 // thread's wait — shows as NaN in the result.
-inline void cp_async16(void* dst, const void* src) {
-    if (reinterpret_cast<uintptr_t>(dst) % 16 || reinterpret_cast<uintptr_t>(src) % 16) emu::fault("cp.async: an address is not 16-byte aligned");
-    if (!emu::in_smem(dst, 16)) emu::fault("cp.async: the destination is outside the block's shared memory");
-    memset(dst, 0xFF, 16);
-    emu::g->cur->cp_open.push_back(emu::AsyncCopy{dst, src, 16});
+namespace emu {
+template <int BYTES>
+inline void cp_async(void* dst, const void* src) {
+    if (reinterpret_cast<uintptr_t>(dst) % BYTES || reinterpret_cast<uintptr_t>(src) % BYTES)
+        fault(BYTES == 16 ? "cp.async: an address is not 16-byte aligned" : "cp.async: an address is not aligned to the copy's size");
+    if (!in_smem(dst, BYTES)) fault("cp.async: the destination is outside the block's shared memory");
+    memset(dst, 0xFF, BYTES);
+    g->cur->cp_open.push_back(AsyncCopy{dst, src, BYTES});
 }
+}  // namespace emu
+// prefetch.global.L2: changes nothing; the address must be an element of a buffer — an f32
+// element holding the test buffers' guard value (tests/common/emu.rs GUARD_VALUE) is outside one.
+template <class T>
+inline void prefetch_l2(const T* p) {
+    if (!p) emu::fault("prefetch: a null address");
+    if constexpr (sizeof(T) == 4) {
+        float x;
+        memcpy(&x, p, 4);
+        if (x == -7.25e30f) emu::fault("prefetch: the address is outside its buffer (a guard element)");
+    }
+}
+inline void cp_async16(void* dst, const void* src) { emu::cp_async<16>(dst, src); }
+inline void cp_async4(void* dst, const void* src) { emu::cp_async<4>(dst, src); }
 inline void cp_async_commit() {
     auto* f = emu::g->cur;
     f->cp_groups.push_back(std::move(f->cp_open));
