@@ -135,6 +135,12 @@ typedef float V4S;
 #ifndef V4_DZ_RING
 #define V4_DZ_RING 0
 #endif
+// The phase lambdas (a chunk's staging, GEMMs and epilogue, the body of for_each_chunk) forced
+// inline: NVRTC outlines a lambda it finds too big, and the call's ABI then spills what is live
+// across it (phase 2 of the fashion L1 fp32 backward grew by a prefetch: a CALL to the lambda, a
+// 928-byte stack frame, 690 local-memory instructions, 2026-12-07). GCC (the emulator's build)
+// takes the same attribute.
+#define V4_INLINE_LAMBDA __attribute__((always_inline))
 // Each chunk's epilogue inputs prefetched into L2 before the chunk's GEMMs (v4/chunks.cuh
 // prefetch_owned_l2; the host sets it for BACKEI_V4_PREFETCH=l2): a hint that changes no value.
 // Opt-in until a GPU run shows it faster.
@@ -471,6 +477,13 @@ struct V4Dz {
         const float ds = fb ? __ldcg(fb + idx) : gout(idx);
         return ds * fire(np, v[idx] - np.threshold) * saved_sign_grad(np, z[idx]);
     }
+    // (V4_PREFETCH: the slot or ∂L/∂s, and z; v is vt_src's array, prefetched as the weight
+    // gradient's X; ∂L/∂s through the pooling's backward is not prefetched)
+    __device__ __forceinline__ void prefetch(int idx) const {
+        if (fb) prefetch_l2(fb + idx);
+        else if (!gout.pooled) prefetch_l2(gout.g + idx);
+        prefetch_l2(z + idx);
+    }
 };
 
 // dz loads three or four words per element (see StageBatch): half the elements in flight.
@@ -568,7 +581,7 @@ __device__ __forceinline__ void forward_v4(const float* __restrict__ params, con
         const float* in_t = input + (d.t_in == 1 ? 0 : (long long)(t - win.in_t0) * BN);
         // phase A: a = W_b ⊛ s_{t−D} + b_b, g, v_t (and s_t when ei is off)
         const bool conv_b = d.back && t >= d.D;
-        for_each_chunk(d, vd, [&](const Chunk& ch) {
+        for_each_chunk(d, vd, [&](const Chunk& ch) V4_INLINE_LAMBDA {
             const long long sb = (long long)ch.b * N;
             float acc[MT][NT][4] = {};
             float inv_s = 1.0f;
@@ -618,7 +631,7 @@ __device__ __forceinline__ void forward_v4(const float* __restrict__ params, con
         phase_done(bar, sm.share, phase);  // v_t (and s_t) are written
         if (d.ei) {
             // phase B: z = W_e ⊛ v_t + b_e, s_t = sign(z)·H(v_t − θ)
-            for_each_chunk(d, vd, [&](const Chunk& ch) {
+            for_each_chunk(d, vd, [&](const Chunk& ch) V4_INLINE_LAMBDA {
                 const long long sb = (long long)ch.b * N;
                 float acc[MT][NT][4] = {};
                 const V4Plain vt_src{v + wt + sb};
@@ -768,7 +781,7 @@ __device__ __forceinline__ void backward_v4(const float* __restrict__ params, fl
             if (fill_dz_rows) zero_owned_rows(rowmax_dz(rowmax, d, t - d.D), sm.share, d, vd);
         }
         // phase 2: dz (staged on the fly), dv = … + W_eᵀ ⊛ dz, ∂I, da; dW_e += dz ⋆ v_t
-        for_each_chunk(d, vd, [&](const Chunk& ch) {
+        for_each_chunk(d, vd, [&](const Chunk& ch) V4_INLINE_LAMBDA {
             const long long sb = (long long)ch.b * N;
             float acc[MT][NT][4] = {};
             float inv_dz = 1.0f, inv_v = 1.0f, sc_dz = 1.0f, sc_v = 1.0f;
@@ -788,13 +801,12 @@ __device__ __forceinline__ void backward_v4(const float* __restrict__ params, fl
                 }
                 if (d.ei) prefetch_owned_l2(z + wt + sb, ch, co0, d);
                 if (d.t_in == 1 && t != d.T - 1) prefetch_owned_l2(grad_in + sb, ch, co0, d);  // (added to)
-                // and the next chunk's halo: v_t (the weight gradient's X, and V4Dz's v) and dz_t
-                // from the ring (the steps that form dz on the fly — the last D of a window — leave
-                // the slot and z out: prefetching V4Dz's arrays took the fashion L1 fp32 backward
-                // to 928 bytes of spills)
+                // and the next chunk's halo: v_t (the weight gradient's X, and V4Dz's v) and dz_t's
+                // sources (the ring, or the slot and z where dz is formed on the fly)
                 if (d.ei) {
                     prefetch_next_halo_l2(vt_src, ch, d);
                     if (dz_saved) prefetch_next_halo_l2(dz_ring, ch, d);
+                    else prefetch_next_halo_l2(dz_src, ch, d);
                 }
             }
             if (d.ei) {
@@ -876,7 +888,7 @@ __device__ __forceinline__ void backward_v4(const float* __restrict__ params, fl
         // dW_b += da_t ⋆ s_{t−D}
         float* fb_slot = fb + (long long)((t - d.D) % d.D) * BN;
         float* dz_slot = store_dz ? dzr + (long long)((t - d.D) % d.D) * BN : nullptr;  // (the same ring index)
-        for_each_chunk(d, vd, [&](const Chunk& ch) {
+        for_each_chunk(d, vd, [&](const Chunk& ch) V4_INLINE_LAMBDA {
             const long long sb = (long long)ch.b * N;
             const V4Grad ds_past = v4_grad(grad_out, grad_in_of, t - d.D, ch.b, d);
             float acc[MT][NT][4] = {};

@@ -266,6 +266,21 @@ impl V4Plan {
         d.groups == 1 && d.slab == d.c_pad && d.own_pstride == d.pstride && d.own_plane_bytes == d.plane_bytes
     }
 
+    /// The build constants that repeat a run-time dim (`V4_DW_SMEM`: `dims.dw_smem`) agree with it:
+    /// the GPU build trusts the constant (cuda/backei_v4.cu `dw_on_chip`), so a plan changed after
+    /// `plan_v4_tiled` made its constants would have its kernels use shared memory it did not size.
+    pub fn check_build_constants(&self) -> Result<()> {
+        let dw = self.defines.iter().find(|(k, _)| k == "V4_DW_SMEM").map(|(_, v)| v.as_str());
+        if dw == Some(self.dims.dw_smem.to_string().as_str()) {
+            Ok(())
+        } else {
+            Err(BackeiError::Cuda(format!(
+                "internal: the v4 plan's build constant V4_DW_SMEM is {dw:?}, its dims.dw_smem {}",
+                self.dims.dw_smem
+            )))
+        }
+    }
+
     /// The constants without C, H and W (and what follows from them, V4_DY_ONCE), and without the
     /// weight gradients' placement (V4_DW_SMEM): one emulator build serves every shape and
     /// placement of a tile, and decides both at run time.
@@ -632,8 +647,9 @@ pub struct V4Check {
     /// Empty when the instance passes: a hot loop without HMMA, local memory, an integer
     /// division in a hot loop, a staging loop with fewer than V4_STAGING_LOADS loads in flight,
     /// a grid larger than the blocks that can be co-resident, a grid barrier or neighbour flag
-    /// without its fences (a release before each arrival, an acquire after each poll), or L2
-    /// prefetches in a build that did not ask for them (or none in one that did).
+    /// without its fences (a release before each arrival, an acquire after each poll), L2
+    /// prefetches in a build that did not ask for them (or none in one that did), or a call to
+    /// outlined code.
     pub problems: Vec<String>,
 }
 
@@ -734,6 +750,10 @@ pub fn check_planned(plan: V4Plan, defines: &[(String, String)], limits: &Device
     }
     let mut blocks_per_sm = Vec::new();
     for k in &kernels {
+        // every phase inlined (V4_INLINE_LAMBDA): an outlined phase spills across its call
+        if !k.outlined.is_empty() {
+            problems.push(format!("{}: calls outlined code (its caller spills across the call): {:?}", k.kernel, k.outlined));
+        }
         // the L2 prefetches (V4_PREFETCH) are in the build that asked for them, and only there
         if plan.prefetch_l2 != (k.l2_prefetches > 0) {
             problems.push(format!("{}: {} L2 prefetches (CCTL.E.PF2) with prefetch_l2 {}", k.kernel, k.l2_prefetches, plan.prefetch_l2));
@@ -812,6 +832,7 @@ fn prepare_launch(
     kernel: &'static str,
     np: &NeuronParams,
 ) -> Result<(CudaFunction, LaunchConfig, V4Dims)> {
+    plan.check_build_constants()?;
     let f = layer.dev.kernels.function_with(V4_MODULE, &instance_defines(plan, np), kernel)?;
     let l = KernelLaunch {
         module: V4_MODULE,
@@ -1128,6 +1149,24 @@ mod tests {
         assert_eq!(grid as i32, d.groups * d.ranges);
         assert!(grid <= 50 && d.ranges <= p.dims.ranges);
         assert!(dims_for_resident(&p, p.dims.groups as u32 - 1).is_none());
+    }
+
+    /// Every feasible tiling of the fashion shapes carries the weight gradients' placement as the
+    /// build constant its dims say (`V4_DW_SMEM`), and a plan whose dims changed after it fails
+    /// the launch's check instead of running kernels built for the other placement.
+    #[test]
+    fn the_weight_gradient_placement_constant_follows_the_plan() {
+        for shape in [[32usize, 28, 28], [64, 14, 14]] {
+            for (t, _, _) in v4_tilings(shape, &fb(1), &DeviceLimits::H100, Precision::Fp32) {
+                let q = plan_v4_tiled(shape, &fb(1), 100, 20, &DeviceLimits::H100, Precision::Fp32, Some(&t.into())).unwrap();
+                q.check_build_constants().unwrap_or_else(|e| panic!("{shape:?} {t}: {e}"));
+                assert_eq!(q.defines.iter().filter(|(k, _)| k == "V4_DW_SMEM").count(), 1);
+                let mut changed = q.clone();
+                changed.dims.dw_smem = 1 - changed.dims.dw_smem;
+                let e = changed.check_build_constants().unwrap_err().to_string();
+                assert!(e.contains("V4_DW_SMEM"), "{e}");
+            }
+        }
     }
 
     #[test]

@@ -217,6 +217,19 @@ pub fn staging_loops(k: &KernelSass) -> Vec<((usize, usize), usize)> {
         .collect()
 }
 
+/// The functions a kernel calls that are not CUDA's own routines (`$__internal_…`: the 64-bit
+/// division, the float division's and reciprocal's slow paths): code NVRTC outlined — a lambda or
+/// function it found too big to inline — whose call spills what is live across it (2026-12-07:
+/// phase 2 of the v4 backward outlined, a 928-byte stack frame). The targets, in code order.
+pub fn outlined_calls(k: &KernelSass) -> Vec<String> {
+    k.instrs
+        .iter()
+        .filter(|i| i.opcode.starts_with("CALL"))
+        .filter_map(|i| i.target.clone())
+        .filter(|t| !t.starts_with("$__internal_"))
+        .collect()
+}
+
 /// Resident blocks per SM of a kernel (the theoretical occupancy, as the CUDA occupancy
 /// calculator computes it for sm_80/sm_90: registers allocated per warp in units of 256, 64 K
 /// registers, 2048 threads, 32 blocks, and `smem_per_sm` bytes of shared memory with 1 KiB reserved
@@ -304,6 +317,8 @@ pub struct KernelCheck {
     pub total: usize,
     /// L2 prefetches (`prefetch.global.L2`: CCTL.E.PF2) in the whole kernel.
     pub l2_prefetches: usize,
+    /// Calls to outlined code (`outlined_calls`).
+    pub outlined: Vec<String>,
 }
 
 /// Compiles a module instance for `arch` (a real architecture), disassembles its CUBIN and
@@ -335,6 +350,7 @@ pub fn check_module_and_ptx(module: &str, arch: &str, defines: &super::kernels::
                 staging: staging_loops(k).into_iter().map(|(_, n)| n).collect(),
                 total: k.instrs.len(),
                 l2_prefetches: k.instrs.iter().filter(|i| i.opcode.starts_with("CCTL") && i.opcode.contains(".PF2")).count(),
+                outlined: outlined_calls(k),
             }
         })
         .collect();
@@ -426,6 +442,20 @@ mod tests {
         let ks = parse(&sass);
         assert_eq!(ks[0].instrs.len(), 5, "{sass}");
         assert_eq!(Mix::of(&ks[0].instrs).idiv, 3);
+    }
+
+    #[test]
+    fn calls_to_outlined_code_are_told_from_cudas_routines() {
+        let sass = "
+.text.k:
+        /*0000*/                   CALL.REL.NOINC `($__internal_0_$__cuda_sm20_div_s64) ;
+        /*0010*/                   CALL.REL.NOINC `($k$_ZZ11backward_v4ENKUlRKN2v45ChunkEE_clESQ_) ;
+        /*0020*/              @!P0 CALL.REL.NOINC `($__internal_2_$__cuda_sm20_rcp_rn_f32_slowpath) ;
+        /*0030*/                   EXIT ;
+";
+        let ks = parse(sass);
+        assert_eq!(outlined_calls(&ks[0]), vec!["$k$_ZZ11backward_v4ENKUlRKN2v45ChunkEE_clESQ_".to_string()]);
+        assert!(outlined_calls(&parse(SAMPLE)[0]).is_empty());
     }
 
     #[test]
