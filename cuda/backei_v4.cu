@@ -765,6 +765,7 @@ __device__ __forceinline__ void backward_v4(const float* __restrict__ params, fl
     for (int t = win.t1 - 1; t >= win.t0; --t) {
         const long long ot = (long long)t * BN;            // s, ∂L/∂s, ∂L/∂I, the input: every step
         const long long wt = (long long)(t - win.t0) * BN;  // v, g, z: the window's steps
+        const float* in_t = input + (d.t_in == 1 ? 0 : (long long)(t - win.in_t0) * BN);
         const bool has_fb = d.back && t + d.D < d.T;
         const float* fb_t = has_fb ? fb + (long long)(t % d.D) * BN : nullptr;
         // dz_t was formed by phase 3 of step t + D in this launch (the step ran: t + D < t1, and it
@@ -797,7 +798,7 @@ __device__ __forceinline__ void backward_v4(const float* __restrict__ params, fl
                 if (t != d.T - 1) prefetch_owned_l2(dvbuf + sb, ch, co0, d);
                 if (d.back) {
                     prefetch_owned_l2(g + wt + sb, ch, co0, d);
-                    prefetch_owned_l2(input + (d.t_in == 1 ? 0 : (long long)(t - win.in_t0) * BN) + sb, ch, co0, d);
+                    prefetch_owned_l2(in_t + sb, ch, co0, d);
                 }
                 if (d.ei) prefetch_owned_l2(z + wt + sb, ch, co0, d);
                 if (d.t_in == 1 && t != d.T - 1) prefetch_owned_l2(grad_in + sb, ch, co0, d);  // (added to)
@@ -831,7 +832,7 @@ __device__ __forceinline__ void backward_v4(const float* __restrict__ params, fl
                 x.ds = has_fb ? __ldcg(fb_t + e) : ds_src(c * HW + q);  // ∂L/∂s_t (+ fb_t: the slot holds both)
                 x.dv_next = t == d.T - 1 ? 0.0f : dvbuf[e];
                 x.gt = d.back ? g[wt + e] : 1.0f;
-                x.in = d.back ? input[(d.t_in == 1 ? 0 : (long long)(t - win.in_t0) * BN) + e] : 0.0f;
+                x.in = d.back ? in_t[e] : 0.0f;
                 x.zt = d.ei ? z[wt + e] : V4Z{};
                 return x;
             };

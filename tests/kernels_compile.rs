@@ -5,7 +5,7 @@
 //! Without them these tests fail and say why.
 
 use backei::gpu::backei_layer::{DeviceLimits, V2_BLOCKS_PER_SM};
-use backei::gpu::backei_v4::{check_instance, check_planned, instance_defines, training_instance};
+use backei::gpu::backei_v4::{check_instance, check_planned, instance_defines, training_instance, V4Check, V4Plan};
 use backei::gpu::kernels::{compile_module, module_names, nvrtc_present};
 use backei::gpu::ptxas::kernel_report;
 use backei::gpu::sass::{blocks_per_sm, find_cuobjdump, find_nvdisasm};
@@ -92,29 +92,37 @@ fn v4_hot_loops_run_on_tensor_cores_without_local_memory_or_division() {
     }
 }
 
+/// The static check (sm_90, an H100) of a layer's v4 training instance with an opt-in applied
+/// (`opt_in`, whose build constant `define` = 1 is asserted), each kernel's reading printed under
+/// `label`.
+fn check_opt_in(shape: [usize; 3], p: Precision, label: &str, define: &str, opt_in: impl Fn(&mut V4Plan)) -> V4Check {
+    use backei::gpu::backei_layer::NeuronParams;
+    require_nvrtc();
+    assert!(find_nvdisasm().is_some() && find_cuobjdump().is_some(), "pip install nvidia-cuda-nvdisasm nvidia-cuda-cuobjdump");
+    let fb = FeedbackConfig { back: true, ei: true, radius: 1, delay: 1 };
+    let np = NeuronParams::from_config(&backei::spec::NeuronConfig::default());
+    let (mut plan, _) = training_instance(shape, &fb, 100, 20, &DeviceLimits::H100, p).unwrap_or_else(|e| panic!("{e}"));
+    opt_in(&mut plan);
+    let defines = instance_defines(&plan, &np);
+    assert!(defines.iter().any(|(k, v)| k == define && v == "1"), "{defines:?}");
+    let c = check_planned(plan, &defines, &DeviceLimits::H100, "sm_90").unwrap_or_else(|e| panic!("{e}"));
+    for k in &c.kernels {
+        println!(
+            "{shape:?} {p} {} ({label}): {} registers, local {} B in {} instructions, hot loop {:?}, {} prefetches, {} instructions",
+            k.kernel, k.registers, k.local_bytes, k.local_ops, k.hot, k.l2_prefetches, k.total
+        );
+    }
+    c
+}
+
 /// The v4 instances with their phases ordered by neighbour flags (`BACKEI_V4_SYNC=neighbours`,
 /// opt-in: `V4_SYNC`, cuda/v4/sync.cuh) pass the same static check as the grid-barrier build:
 /// fashion-mnist L1 in fp32 and bf16, cifar10 L2 (the widest tile, its named spill exception);
 /// and their PTX releases every flag it publishes and acquires every flag it polls.
 #[test]
 fn v4_with_neighbour_flags_passes_the_same_static_check() {
-    use backei::gpu::backei_layer::NeuronParams;
-    require_nvrtc();
-    assert!(find_nvdisasm().is_some() && find_cuobjdump().is_some(), "pip install nvidia-cuda-nvdisasm nvidia-cuda-cuobjdump");
-    let fb = FeedbackConfig { back: true, ei: true, radius: 1, delay: 1 };
-    let np = NeuronParams::from_config(&backei::spec::NeuronConfig::default());
     for (shape, p) in [([32usize, 28, 28], Precision::Fp32), ([32, 28, 28], Precision::Bf16), ([256, 16, 16], Precision::Fp32)] {
-        let (mut plan, _) = training_instance(shape, &fb, 100, 20, &DeviceLimits::H100, p).unwrap_or_else(|e| panic!("{e}"));
-        plan.order_by_neighbours();
-        let defines = instance_defines(&plan, &np);
-        assert!(defines.iter().any(|(k, v)| k == "V4_SYNC" && v == "1"), "{defines:?}");
-        let c = check_planned(plan, &defines, &DeviceLimits::H100, "sm_90").unwrap_or_else(|e| panic!("{e}"));
-        for k in &c.kernels {
-            println!(
-                "{shape:?} {p} {} (neighbour flags): {} registers, local {} B in {} instructions, hot loop {:?}",
-                k.kernel, k.registers, k.local_bytes, k.local_ops, k.hot
-            );
-        }
+        let c = check_opt_in(shape, p, "neighbour flags", "V4_SYNC", V4Plan::order_by_neighbours);
         // the flags' fences, read off the PTX (sync_order): each of a kernel's phase ends (two per
         // step, forward and backward) publishes its flag after a release and polls its partners'
         // before an acquire
@@ -133,22 +141,9 @@ fn v4_with_neighbour_flags_passes_the_same_static_check() {
 /// did not ask).
 #[test]
 fn v4_with_l2_prefetches_passes_the_same_static_check() {
-    use backei::gpu::backei_layer::NeuronParams;
-    require_nvrtc();
-    assert!(find_nvdisasm().is_some() && find_cuobjdump().is_some(), "pip install nvidia-cuda-nvdisasm nvidia-cuda-cuobjdump");
-    let fb = FeedbackConfig { back: true, ei: true, radius: 1, delay: 1 };
-    let np = NeuronParams::from_config(&backei::spec::NeuronConfig::default());
     for shape in [[32usize, 28, 28], [256, 16, 16]] {
-        let (mut plan, _) = training_instance(shape, &fb, 100, 20, &DeviceLimits::H100, Precision::Fp32).unwrap_or_else(|e| panic!("{e}"));
-        plan.prefetch_epilogue_inputs();
-        let defines = instance_defines(&plan, &np);
-        assert!(defines.iter().any(|(k, v)| k == "V4_PREFETCH" && v == "1"), "{defines:?}");
-        let c = check_planned(plan, &defines, &DeviceLimits::H100, "sm_90").unwrap_or_else(|e| panic!("{e}"));
+        let c = check_opt_in(shape, Precision::Fp32, "L2 prefetches", "V4_PREFETCH", V4Plan::prefetch_epilogue_inputs);
         for k in &c.kernels {
-            println!(
-                "{shape:?} {} (L2 prefetches): {} registers, local {} B in {} instructions, hot loop {:?}, {} prefetches, {} instructions",
-                k.kernel, k.registers, k.local_bytes, k.local_ops, k.hot, k.l2_prefetches, k.total
-            );
             assert!(k.l2_prefetches > 0, "{shape:?} {}", k.kernel);
         }
         assert!(c.problems.is_empty(), "{shape:?}: {:?}", c.problems);

@@ -42,8 +42,8 @@ pub fn neighbour_sync_from_env(value: Option<&str>) -> Result<bool> {
 /// `BACKEI_V4_PREFETCH=l2` has the v4 kernels prefetch each chunk's epilogue inputs into L2 before
 /// the chunk's GEMMs (`V4_PREFETCH`, cuda/v4/chunks.cuh prefetch_owned_l2: the saved state and
 /// carried gradients the epilogue loads one or two elements ahead); unset or `off`: none. A hint
-/// that changes no value; opt-in until a GPU run shows it faster (`bench/gpu/session.sh v4-flags`
-/// times both).
+/// that changes no value; opt-in until a GPU run shows it faster (`bench/gpu/session.sh
+/// v4-prefetch` times both).
 pub const PREFETCH_ENV: &str = "BACKEI_V4_PREFETCH";
 
 /// `BACKEI_V4_PREFETCH`'s value: L2 prefetches (`l2`) or none (unset, `off`).
@@ -271,7 +271,7 @@ impl V4Plan {
     /// `plan_v4_tiled` made its constants would have its kernels use shared memory it did not size.
     pub fn check_build_constants(&self) -> Result<()> {
         let dw = self.defines.iter().find(|(k, _)| k == "V4_DW_SMEM").map(|(_, v)| v.as_str());
-        if dw == Some(self.dims.dw_smem.to_string().as_str()) {
+        if dw.and_then(|v| v.parse::<i32>().ok()) == Some(self.dims.dw_smem) {
             Ok(())
         } else {
             Err(BackeiError::Cuda(format!(
