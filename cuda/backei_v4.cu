@@ -441,12 +441,23 @@ struct V4Grad {
     unsigned int t;
     __device__ __forceinline__ float operator()(int idx) const {
         if (!pooled) return g[idx];
+#ifdef V4_H
+        const int hw = V4_H * V4_W;
+#else
+        const int hw = H * W;
+#endif
+        const int c = idx / hw;
+        return at(c, idx - c * hw);
+    }
+    // The same for channel c, pixel q (the epilogues, which know both: no division by H·W)
+    __device__ __forceinline__ float at(int c, int q) const {
 #ifdef V4_H  // (the GPU build: divisions by constants, which compile to multiplications)
         const int h = V4_H, w = V4_W;
 #else
         const int h = H, w = W;
 #endif
-        const int hw = h * w, c = idx / hw, q = idx - c * hw, y = q / w, x = q - y * w;
+        if (!pooled) return g[c * (h * w) + q];
+        const int idx = c * (h * w) + q, y = q / w, x = q - y * w;
         const int ho = h / 2, wo = w / 2;
         if (y / 2 >= ho || x / 2 >= wo) return 0.0f;
         // __fmul_rn: the products the pooling kernels store, never contracted into a later add
@@ -610,7 +621,7 @@ __device__ __forceinline__ void forward_v4(const float* __restrict__ params, con
                 return InVp{in_t[e], t == 0 ? 0.0f : (t > win.t0 ? v[wt - BN + e] : v_prev[e]), d.back ? bb[c] : 0.0f};
             };
             PixelMax vmax;  // (fp32 mode with ei: v_t's row maxima, for phase B's and the backward's scales)
-            for_each_owned_loaded<8>(ch, co0, d, load, [&](int mi, int ni, int i, int q, int c, const InVp& x) {
+            for_each_owned_loaded<LOADS_AHEAD>(ch, co0, d, load, [&](int mi, int ni, int i, int q, int c, const InVp& x) {
                 const long long e = sb + (long long)c * HW + q;
                 float cur = x.in;
                 if (d.back) {
@@ -641,7 +652,7 @@ __device__ __forceinline__ void forward_v4(const float* __restrict__ params, con
                 conv_all_slabs<true, PLANES>(acc, sm.halo, sm.we, wg_e, vt_src, scale, ch, d, vd);
                 const float sc = winv_e * inv_v;
                 auto load_v = [&](int q, int c) { return make_float2(v[wt + sb + (long long)c * HW + q], be[c]); };
-                for_each_owned_loaded<8>(ch, co0, d, load_v, [&](int mi, int ni, int i, int q, int c, float2 vb) {
+                for_each_owned_loaded<LOADS_AHEAD>(ch, co0, d, load_v, [&](int mi, int ni, int i, int q, int c, float2 vb) {
                     const long long e = sb + (long long)c * HW + q;
                     const float vt = vb.x;
                     const float zt = vb.y + acc[mi][ni][i] * sc;
@@ -811,9 +822,12 @@ __device__ __forceinline__ void backward_v4(const float* __restrict__ params, fl
                 }
             }
             if (d.ei) {
-                sc_dz = dz_rows ? rowmax_scale(rowmax_dz(rowmax, d, t) + ch.b * DIM_H, ch, d, inv_dz)
-                                : halo_scale<true>(dz_src, ch, d, sm.red, inv_dz);
-                sc_v = ROWMAX ? rowmax_scale(rowmax_v(rowmax, d, t) + ch.b * DIM_H, ch, d, inv_v) : halo_scale<true>(vt_src, ch, d, sm.red, inv_v);
+                if (dz_rows) {  // (both scales from row maxima: one walk over the rows)
+                    sc_dz = rowmax_scale_pair(rowmax_dz(rowmax, d, t) + ch.b * DIM_H, rowmax_v(rowmax, d, t) + ch.b * DIM_H, ch, d, inv_dz, sc_v, inv_v);
+                } else {
+                    sc_dz = halo_scale<true>(dz_src, ch, d, sm.red, inv_dz);
+                    sc_v = ROWMAX ? rowmax_scale(rowmax_v(rowmax, d, t) + ch.b * DIM_H, ch, d, inv_v) : halo_scale<true>(vt_src, ch, d, sm.red, inv_v);
+                }
                 // dz_t from the ring where phase 3 stored it, else formed on the fly (two readers)
                 // (and v_t, the weight gradient's X, in the same walk where dz is its dY: x_planes)
                 if (dz_saved) conv_all_slabs<true, PLANES, V4Plain, true>(acc, dy_planes, sm.we, wg_e, dz_ring, sc_dz, ch, d, vd, x_planes, vt_src, sc_v, sm.pix);
@@ -821,25 +835,29 @@ __device__ __forceinline__ void backward_v4(const float* __restrict__ params, fl
             }
             const float sc = winv_e * inv_dz;
             // the element's saved state and carried gradients, loaded ahead (for_each_owned_loaded)
+            // (gin: ∂L/∂I's sum over the later steps where one input serves every step (t_in = 1),
+            // loaded with the rest: added to in the update, its load came after the element's first
+            // stores, which it could not move above — a round trip per element, none in flight)
             struct Saved {
-                float vt, ds, dv_next, gt, in;
+                float vt, ds, dv_next, gt, in, gin;
                 V4Z zt;
             };
             auto load = [&](int q, int c) {
                 const long long e = sb + (long long)c * HW + q;
                 Saved x;
                 x.vt = v[wt + e];
-                x.ds = has_fb ? __ldcg(fb_t + e) : ds_src(c * HW + q);  // ∂L/∂s_t (+ fb_t: the slot holds both)
+                x.ds = has_fb ? __ldcg(fb_t + e) : ds_src.at(c, q);  // ∂L/∂s_t (+ fb_t: the slot holds both)
                 x.dv_next = t == d.T - 1 ? 0.0f : dvbuf[e];
                 x.gt = d.back ? g[wt + e] : 1.0f;
                 x.in = d.back ? in_t[e] : 0.0f;
                 x.zt = d.ei ? z[wt + e] : V4Z{};
+                x.gin = d.t_in == 1 && t != d.T - 1 ? grad_in[e] : 0.0f;
                 return x;
             };
-            // two elements' loads ahead (a dozen words) where a thread holds at most 16 accumulators;
-            // one beyond (32 or 64 of them: two spill in the generic build for sm_90, whose epilogue
-            // holds every surrogate's code)
-            constexpr int E = MT * NT * 4 <= 16 ? 2 : 1;
+            // 8, 4 or 2 elements' loads ahead by the tile's accumulators (v4/chunks.cuh
+            // LOADS_AHEAD_PHASE2; 2 and 1 until 2026-12-07: 12 words in flight per thread, none
+            // beyond the element at hand on the 32- and 64-accumulator tiles)
+            constexpr int E = LOADS_AHEAD_PHASE2;
             PixelMax damax;  // (fp32 mode, back: da_t's row maxima, phase 3's scale)
             auto update = [&](int mi, int ni, int i, int q, int c, const Saved& sv) {
                 const long long e = sb + (long long)c * HW + q;
@@ -861,8 +879,7 @@ __device__ __forceinline__ void backward_v4(const float* __restrict__ params, fl
                 const float gt = sv.gt;
                 const float dcur = dv * gt;
                 if (d.t_in == 1) {
-                    if (t == d.T - 1) grad_in[e] = dcur;
-                    else grad_in[e] += dcur;
+                    grad_in[e] = t == d.T - 1 ? dcur : sv.gin + dcur;
                 } else {
                     grad_in[ot + e] = dcur;
                 }
@@ -874,8 +891,7 @@ __device__ __forceinline__ void backward_v4(const float* __restrict__ params, fl
                 }
             };
             if (DB_CARRIED) load_db();
-            if (E == 1) for_each_owned(ch, co0, d, [&](int mi, int ni, int i, int q, int c) { update(mi, ni, i, q, c, load(q, c)); });
-            else for_each_owned_loaded<E>(ch, co0, d, load, update);
+            for_each_owned_loaded<E>(ch, co0, d, load, update);
             if (DB_CARRIED) store_db();
             if (fill_da_rows) damax.commit(rowmax_da(rowmax, d, t) + ch.b * DIM_H, ch, d);
             if (d.ei) {
@@ -925,11 +941,11 @@ __device__ __forceinline__ void backward_v4(const float* __restrict__ params, fl
                     V4Z z;
                 };
                 PixelMax dzmax;
-                for_each_owned_loaded<4>(
+                for_each_owned_loaded<LOADS_AHEAD_PHASE3>(
                     ch, co0, d,
                     [&](int q, int c) {
                         const int e = c * HW + q;
-                        return DsVz{ds_past(e), v[wp + e], z[wp + e]};
+                        return DsVz{ds_past.at(c, q), v[wp + e], z[wp + e]};
                     },
                     [&](int mi, int ni, int i, int q, int c, const DsVz& x) {
                         const float sum = __fadd_rn(x.ds, __fmul_rn(acc[mi][ni][i], sc));
@@ -940,8 +956,8 @@ __device__ __forceinline__ void backward_v4(const float* __restrict__ params, fl
                     });
                 if (fill_dz_rows) dzmax.commit(rowmax_dz(rowmax, d, t - d.D) + ch.b * DIM_H, ch, d);
             } else {
-                for_each_owned_loaded<4>(
-                    ch, co0, d, [&](int q, int c) { return ds_past(c * HW + q); },
+                for_each_owned_loaded<LOADS_AHEAD_PHASE3>(
+                    ch, co0, d, [&](int q, int c) { return ds_past.at(c, q); },
                     [&](int mi, int ni, int i, int q, int c, float ds) {
                         fb_slot[sb + (long long)c * HW + q] = __fadd_rn(ds, __fmul_rn(acc[mi][ni][i], sc));
                     });

@@ -67,6 +67,18 @@ __device__ __forceinline__ void for_each_owned(const Chunk& ch, int co0, const L
 // the previous element's stores (the compiler cannot prove the buffers apart), so each element
 // waited for its own round trip (SASS of the fashion L1 forward: load, compute, store, per
 // element). E elements' loads are now issued before any store. E divides NT·4.
+//
+// How many: with one block of 8 warps per SM, the loads a thread has in flight are all that hides
+// a trip to L2 or device memory (Nsight, 2026-12-04: global loads 29–40 % of the v4 kernels'
+// stall samples). The epilogues take LOADS_AHEAD elements — 8 or 16, an m-tile's elements where it
+// has fewer: 16–48 words in flight per thread — and the backward's phase 2, with six or seven words
+// per element and the tile's accumulators live beside them, LOADS_AHEAD_PHASE2. SASS (sm_90,
+// 2026-12-07, third session): no register spilled, no instance above 255 registers; whether it
+// is faster is for a GPU run.
+constexpr int LOADS_AHEAD = NT * 4 < 16 ? NT * 4 : 16;  // the forward's two epilogues (3 and 2 words per element)
+constexpr int LOADS_AHEAD_PHASE3 = 8;                   // the backward's phase 3 (1 or 3 words per element)
+// phase 2's: 8 elements (48–56 words) for tiles of up to 16 accumulators per thread, 4 for 32, 2 for 64
+constexpr int LOADS_AHEAD_PHASE2 = MT * NT * 4 <= 16 ? 8 : (MT * NT * 4 <= 32 ? 4 : 2);
 template <int E, class L, class U>
 __device__ __forceinline__ void for_each_owned_loaded(const Chunk& ch, int co0, const LayerDims& d, L load, U use) {
     constexpr int J = NT * 4;  // a thread's elements per m-tile: (n-tile, accumulator register)
@@ -97,8 +109,8 @@ __device__ __forceinline__ void for_each_owned_loaded(const Chunk& ch, int co0, 
 
 // The L2 prefetch of a chunk's epilogue inputs (V4_PREFETCH): the 128-byte lines that hold pixels
 // q0 … q0 + len − 1 of this block's channels co0 … co0 + CO_T − 1 in a sample's [C][HW] planes at
-// `sample`, requested before the chunk's GEMMs so that the epilogue's loads — one or two elements
-// ahead, each waiting on device memory otherwise (Nsight, 2026-12-04: global-load stalls 29–40 %
+// `sample`, requested before the chunk's GEMMs so that the epilogue's loads — a few elements
+// ahead (LOADS_AHEAD…), each batch waiting on device memory otherwise (Nsight, 2026-12-04: global-load stalls 29–40 %
 // of the v4 kernels' samples) — find them in L2. A run of len elements from any start touches at
 // most ⌈len / per line⌉ + 1 lines; element l·(per line) lies in the run's l-th line, and the
 // run's last element in its last: one prefetch each, always at an element of the run (never an

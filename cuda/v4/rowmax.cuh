@@ -87,11 +87,48 @@ struct PixelMax {
     }
 };
 
-// halo_scale from the rows of the chunk's halo (rows: the sample's [H] words, complete: written
-// before the last grid barrier). No barrier inside: every thread reads the few words itself.
+// The largest row maximum of the chunk's halo rows (rows [y0, y0 + halo rows) inside the image) in
+// each of N row arrays (rows[i]: a sample's [H] words, complete: written before the last grid
+// barrier), with RB rows' loads per array in flight at once: a chunk's halo spans at most
+// ⌈128·MT / W⌉ + 1 + 2R rows (8 at fashion-mnist L1), one batch, where the loop of one load per row
+// took three round trips (NVRTC unrolled it by 4 after a remainder of up to 3, each remainder load
+// waited for: SASS of the fashion L1 fp32 backward, 2026-12-07). Rows past the halo read as 0, which
+// no maximum of magnitudes changes: the same maxima as one row at a time.
+template <int N>
+__device__ __forceinline__ void halo_rows_max(const unsigned int* const (&rows)[N], const Chunk& ch, const LayerDims& d, float (&m)[N]) {
+    constexpr int RB = 8;
+    const int y0 = ch.y_first - R, lo = max(0, -y0), hi = min(halo_rows_of(ch, d), DIM_H - y0);
+#pragma unroll
+    for (int i = 0; i < N; ++i) m[i] = 0.0f;
+    for (int hy0 = lo; hy0 < hi; hy0 += RB) {
+        unsigned int u[N][RB];
+#pragma unroll
+        for (int k = 0; k < RB; ++k)
+#pragma unroll
+            for (int i = 0; i < N; ++i) u[i][k] = hy0 + k < hi ? __ldcg(rows[i] + y0 + hy0 + k) : 0u;
+#pragma unroll
+        for (int k = 0; k < RB; ++k)
+#pragma unroll
+            for (int i = 0; i < N; ++i) m[i] = fmaxf(m[i], __uint_as_float(u[i][k]));
+    }
+}
+
+// halo_scale from the rows of the chunk's halo. No barrier inside: every thread reads the few
+// words itself.
 __device__ __forceinline__ float rowmax_scale(const unsigned int* rows, const Chunk& ch, const LayerDims& d, float& inv) {
-    const int hr = halo_rows_of(ch, d), y0 = ch.y_first - R;
-    float m = 0.0f;
-    for (int hy = max(0, -y0); hy < hr && y0 + hy < DIM_H; ++hy) m = fmaxf(m, __uint_as_float(__ldcg(rows + y0 + hy)));
-    return pow2_scale(m, inv);
+    const unsigned int* r[1] = {rows};
+    float m[1];
+    halo_rows_max<1>(r, ch, d, m);
+    return pow2_scale(m[0], inv);
+}
+
+// Two tensors' rowmax_scale in one walk (phase 2: dz_t's and v_t's): the scale of a, and b's in
+// sc_b, inv_b.
+__device__ __forceinline__ float rowmax_scale_pair(const unsigned int* rows_a, const unsigned int* rows_b, const Chunk& ch, const LayerDims& d,
+                                                   float& inv_a, float& sc_b, float& inv_b) {
+    const unsigned int* r[2] = {rows_a, rows_b};
+    float m[2];
+    halo_rows_max<2>(r, ch, d, m);
+    sc_b = pow2_scale(m[1], inv_b);
+    return pow2_scale(m[0], inv_a);
 }

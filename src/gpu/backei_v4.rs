@@ -41,7 +41,7 @@ pub fn neighbour_sync_from_env(value: Option<&str>) -> Result<bool> {
 
 /// `BACKEI_V4_PREFETCH=l2` has the v4 kernels prefetch each chunk's epilogue inputs into L2 before
 /// the chunk's GEMMs (`V4_PREFETCH`, cuda/v4/chunks.cuh prefetch_owned_l2: the saved state and
-/// carried gradients the epilogue loads one or two elements ahead); unset or `off`: none. A hint
+/// carried gradients the epilogue loads a few elements ahead); unset or `off`: none. A hint
 /// that changes no value; opt-in until a GPU run shows it faster (`bench/gpu/session.sh
 /// v4-prefetch` times both).
 pub const PREFETCH_ENV: &str = "BACKEI_V4_PREFETCH";
