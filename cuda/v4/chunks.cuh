@@ -109,9 +109,9 @@ __device__ __forceinline__ void for_each_owned_loaded(const Chunk& ch, int co0, 
 
 // The L2 prefetch of a chunk's epilogue inputs (V4_PREFETCH): the 128-byte lines that hold pixels
 // q0 … q0 + len − 1 of this block's channels co0 … co0 + CO_T − 1 in a sample's [C][HW] planes at
-// `sample`, requested before the chunk's GEMMs so that the epilogue's loads — a few elements
-// ahead (LOADS_AHEAD…), each batch waiting on device memory otherwise (Nsight, 2026-12-04: global-load stalls 29–40 %
-// of the v4 kernels' samples) — find them in L2. A run of len elements from any start touches at
+// `sample`, requested before the chunk's GEMMs so that the epilogue's loads — a batch of
+// elements at a time (LOADS_AHEAD…), each batch waiting on device memory otherwise (Nsight,
+// 2026-12-04: global-load stalls 29–40 % of the v4 kernels' samples) — find them in L2. A run of len elements from any start touches at
 // most ⌈len / per line⌉ + 1 lines; element l·(per line) lies in the run's l-th line, and the
 // run's last element in its last: one prefetch each, always at an element of the run (never an
 // address outside the array). A hint: no register held past it, nothing waits for it.
