@@ -439,23 +439,29 @@ struct V4Grad {
     float p, scale;
     unsigned long long key, i0;  // the mask's key; the sample's first element in the step's block
     unsigned int t;
+    // the layer's map: constants in the GPU build (divisions by them compile to multiplications)
+    __device__ __forceinline__ int height() const {
+#ifdef V4_H
+        return V4_H;
+#else
+        return H;
+#endif
+    }
+    __device__ __forceinline__ int width() const {
+#ifdef V4_W
+        return V4_W;
+#else
+        return W;
+#endif
+    }
     __device__ __forceinline__ float operator()(int idx) const {
         if (!pooled) return g[idx];
-#ifdef V4_H
-        const int hw = V4_H * V4_W;
-#else
-        const int hw = H * W;
-#endif
-        const int c = idx / hw;
+        const int hw = height() * width(), c = idx / hw;
         return at(c, idx - c * hw);
     }
     // The same for channel c, pixel q (the epilogues, which know both: no division by H·W)
     __device__ __forceinline__ float at(int c, int q) const {
-#ifdef V4_H  // (the GPU build: divisions by constants, which compile to multiplications)
-        const int h = V4_H, w = V4_W;
-#else
-        const int h = H, w = W;
-#endif
+        const int h = height(), w = width();
         if (!pooled) return g[c * (h * w) + q];
         const int idx = c * (h * w) + q, y = q / w, x = q - y * w;
         const int ho = h / 2, wo = w / 2;

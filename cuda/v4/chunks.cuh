@@ -45,40 +45,13 @@ __device__ __forceinline__ bool next_chunk(const Chunk& ch, const LayerDims& d, 
     return true;
 }
 
-// fn(mi, ni, i, pixel within the sample, channel) for every accumulator element this thread owns
-// in the chunk (pixels past the chunk and channels past C skipped).
-template <class F>
-__device__ __forceinline__ void for_each_owned(const Chunk& ch, int co0, const LayerDims& d, F fn) {
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-#pragma unroll
-    for (int mi = 0; mi < MT; ++mi)
-#pragma unroll
-        for (int ni = 0; ni < NT; ++ni)
-#pragma unroll
-            for (int i = 0; i < 4; ++i) {
-                const int pm = (warp + WARPS * mi) * 16 + g + 8 * (i >> 1), c = co0 + 8 * ni + 2 * t + (i & 1);
-                if (pm < ch.len && c < DIM_C) fn(mi, ni, i, ch.q0 + pm, c);
-            }
-}
-
-// for_each_owned with the element's inputs loaded ahead: load(q, c) → X for E elements, then
-// use(mi, ni, i, q, c, x) for each. The epilogues read several global words per element (the
-// input, v_{t−1}, ∂L/∂s, fb, …) and write others; element by element, a load cannot move above
-// the previous element's stores (the compiler cannot prove the buffers apart), so each element
-// waited for its own round trip (SASS of the fashion L1 forward: load, compute, store, per
-// element). E elements' loads are now issued before any store. E divides NT·4.
-//
-// How many: with one block of 8 warps per SM, the loads a thread has in flight are all that hides
-// a trip to L2 or device memory (Nsight, 2026-12-04: global loads 29–40 % of the v4 kernels'
-// stall samples). The epilogues take LOADS_AHEAD elements — 8 or 16, an m-tile's elements where it
-// has fewer: 16–48 words in flight per thread — and the backward's phase 2, with six or seven words
-// per element and the tile's accumulators live beside them, LOADS_AHEAD_PHASE2. SASS (sm_90,
-// 2026-12-07, third session): no register spilled, no instance above 255 registers; whether it
-// is faster is for a GPU run.
-constexpr int LOADS_AHEAD = NT * 4 < 16 ? NT * 4 : 16;  // the forward's two epilogues (3 and 2 words per element)
-constexpr int LOADS_AHEAD_PHASE3 = 8;                   // the backward's phase 3 (1 or 3 words per element)
-// phase 2's: 8 elements (48–56 words) for tiles of up to 16 accumulators per thread, 4 for 32, 2 for 64
-constexpr int LOADS_AHEAD_PHASE2 = MT * NT * 4 <= 16 ? 8 : (MT * NT * 4 <= 32 ? 4 : 2);
+// The accumulator elements this thread owns in the chunk (mi, ni, i; pixel q within the sample,
+// channel c; pixels past the chunk and channels past C skipped), with their inputs loaded ahead:
+// load(q, c) → X for E elements, then use(mi, ni, i, q, c, x) for each. The epilogues read several
+// global words per element (the input, v_{t−1}, ∂L/∂s, fb, …) and write others; element by element,
+// a load cannot move above the previous element's stores (the compiler cannot prove the buffers
+// apart), so each element waited for its own round trip (SASS of the fashion L1 forward: load,
+// compute, store, per element). E elements' loads are now issued before any store. E divides NT·4.
 template <int E, class L, class U>
 __device__ __forceinline__ void for_each_owned_loaded(const Chunk& ch, int co0, const LayerDims& d, L load, U use) {
     constexpr int J = NT * 4;  // a thread's elements per m-tile: (n-tile, accumulator register)
@@ -107,14 +80,26 @@ __device__ __forceinline__ void for_each_owned_loaded(const Chunk& ch, int co0, 
         }
 }
 
+// How many elements the epilogues load ahead (for_each_owned_loaded's E). With one block of 8 warps
+// per SM, the loads a thread has in flight are all that hides a trip to L2 or device memory
+// (Nsight, 2026-12-04: global loads 29–40 % of the v4 kernels' stall samples). The epilogues take
+// LOADS_AHEAD elements — 8 or 16, an m-tile's elements where it has fewer: 16–48 words in flight
+// per thread — and the backward's phase 2, with six or seven words per element and the tile's
+// accumulators live beside them, LOADS_AHEAD_PHASE2. SASS (sm_90, 2026-12-07, third session): no
+// register spilled, no instance above 255 registers; whether it is faster is for a GPU run.
+constexpr int LOADS_AHEAD = NT * 4 < 16 ? NT * 4 : 16;  // the forward's two epilogues (3 and 2 words per element)
+constexpr int LOADS_AHEAD_PHASE3 = 8;                   // the backward's phase 3 (1 or 3 words per element)
+// phase 2's: 8 elements (48–56 words) for tiles of up to 16 accumulators per thread, 4 for 32, 2 for 64
+constexpr int LOADS_AHEAD_PHASE2 = MT * NT * 4 <= 16 ? 8 : (MT * NT * 4 <= 32 ? 4 : 2);
+
 // The L2 prefetch of a chunk's epilogue inputs (V4_PREFETCH): the 128-byte lines that hold pixels
 // q0 … q0 + len − 1 of this block's channels co0 … co0 + CO_T − 1 in a sample's [C][HW] planes at
-// `sample`, requested before the chunk's GEMMs so that the epilogue's loads — a batch of
-// elements at a time (LOADS_AHEAD…), each batch waiting on device memory otherwise (Nsight,
-// 2026-12-04: global-load stalls 29–40 % of the v4 kernels' samples) — find them in L2. A run of len elements from any start touches at
-// most ⌈len / per line⌉ + 1 lines; element l·(per line) lies in the run's l-th line, and the
-// run's last element in its last: one prefetch each, always at an element of the run (never an
-// address outside the array). A hint: no register held past it, nothing waits for it.
+// `sample`, requested before the chunk's GEMMs so that the epilogue's loads — a batch of elements
+// at a time (LOADS_AHEAD…), each batch waiting on device memory otherwise (Nsight, 2026-12-04:
+// global-load stalls 29–40 % of the v4 kernels' samples) — find them in L2. A run of len elements
+// from any start touches at most ⌈len / per line⌉ + 1 lines; element l·(per line) lies in the run's
+// l-th line, and the run's last element in its last: one prefetch each, always at an element of the
+// run (never an address outside the array). A hint: no register held past it, nothing waits for it.
 template <class T>
 __device__ __forceinline__ void prefetch_owned_l2(const T* sample, const Chunk& ch, int co0, const LayerDims& d) {
     if (!V4_PREFETCH) return;

@@ -62,7 +62,7 @@ __device__ __forceinline__ void rowmax_zero(unsigned int* p, int slots, const La
 }
 
 // A thread's running max |x| of its owned elements in a chunk, per owned pixel: the accumulator
-// layout gives lane (g, t) pixels g and g + 8 of each of its m-tiles (for_each_owned's i >> 1).
+// layout gives lane (g, t) pixels g and g + 8 of each of its m-tiles (for_each_owned_loaded's i >> 1).
 struct PixelMax {
     float m[MT][2];
     __device__ __forceinline__ PixelMax() {
