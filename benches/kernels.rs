@@ -488,11 +488,15 @@ fn layer_workload(
     let ms = bench.time(|| Ok(layer.forward(&dp, &slots, &input.slice(..), steps, batch, steps)?))?;
     let fwd_ms = ms;
     // v4 with its phases ordered by neighbour flags (BACKEI_V4_SYNC=neighbours): rows `…@v4/<p>+flags`,
-    // with L2 prefetches (BACKEI_V4_PREFETCH=l2): `…+pf`, and a tiling other than the planner's
+    // with L2 prefetches (BACKEI_V4_PREFETCH=l2): `…+pf`, with chunks spanning samples
+    // (BACKEI_V4_CHUNKS=span): `…+span`, and a tiling other than the planner's
     // (BACKEI_BENCH_V4_TILINGS): rows `…@v4/<p>[co_t=…,mt=…]`
     let mut flags = if plan.v4.as_ref().is_some_and(|v| v.neighbour_sync) { "+flags" } else { "" }.to_string();
     if plan.v4.as_ref().is_some_and(|v| v.prefetch_l2) {
         flags.push_str("+pf");
+    }
+    if plan.v4.as_ref().is_some_and(|v| v.span_samples) {
+        flags.push_str("+span");
     }
     if let Some(t) = tiling {
         flags.push_str(&format!("[{t}]"));

@@ -45,7 +45,7 @@
 // block (range r, group gi) = blockIdx.x (r · groups + gi)): the block owns output channels
 // [gi·CO_T, (gi+1)·CO_T) and the pixels [r·B·HW/ranges, (r+1)·B·HW/ranges) of the flattened
 // (sample, pixel) space — a balanced contiguous range — for the whole launch, in chunks that do not
-// cross samples. 256 threads = 8 warps; warp w owns the chunk's m-tiles w, w+8, … (MT of them) and
+// cross samples (or, with V4_CROSS, span two: v4/chunks.cuh chunk_len). 256 threads = 8 warps; warp w owns the chunk's m-tiles w, w+8, … (MT of them) and
 // all CO_T channels, so a thread owns the same neurons at every step (its own dv, grad_in, u chains
 // need no barrier). Phases are separated by phase_done (v4/sync.cuh: a grid barrier, or with
 // V4_SYNC a wait for the blocks whose pixels lie within R rows):
@@ -147,6 +147,13 @@ typedef float V4S;
 #ifndef V4_PREFETCH
 #define V4_PREFETCH 0
 #endif
+// Chunks that span two samples (v4/chunks.cuh chunk_len; the host sets it for
+// BACKEI_V4_CHUNKS=span): a block's chunks run on across a sample's end instead of stopping there,
+// so that a range of ~4.6 chunks' pixels takes 5 chunks instead of 6 (fashion-mnist L1) or 7 (L2).
+// Opt-in until a GPU run shows it faster.
+#ifndef V4_CROSS
+#define V4_CROSS 0
+#endif
 #ifdef V4_C
 #define DIM_C V4_C
 #define DIM_CPAD ((V4_C + 15) / 16 * 16)
@@ -186,6 +193,7 @@ constexpr int MT = V4_MT;      // m-tiles (16 pixels) per warp: a chunk is 128·
 constexpr int NT = CO_T / 8;   // n-tiles of the convolution GEMMs
 constexpr bool DB_CARRIED = V4_DB_CARRIED;
 constexpr bool DZ_RING = V4_DZ_RING;
+constexpr bool CROSS = V4_CROSS;  // chunks may span two samples (v4/chunks.cuh)
 constexpr int MW = CO_T / 16;  // m-tiles of the weight-gradient GEMM
 constexpr int WARPS = 8, THREADS = 32 * WARPS;
 constexpr int P_CH = 16 * WARPS * MT;
@@ -237,11 +245,33 @@ struct V4Window {
 
 namespace v4 {
 
+// A chunk: pixels q0 … q0 + len − 1 counted from sample b's first pixel — under CROSS those from
+// H·W on are sample b + 1's (pixel q − H·W there), its first len − len_a pixels. Every per-sample
+// array is [B][…] with the sample's words contiguous, so a pixel index past H·W reaches sample
+// b + 1 from sample b's base where the sample's stride is H·W (the row maxima: row q / W), and a
+// [C][H][W] element offset (the state) needs the pixel as elem_q gives it. The halo is staged
+// as one "virtual image": sample b's rows, its R padding rows below, sample b + 1's R padding rows
+// above and its rows — virtual row H + 2R + y is sample b + 1's row y (chunk_vq).
 struct Chunk {
     int b, q0, len;  // sample, first pixel (within the sample), pixels
     int y_first;     // first image row of the chunk
     int next_len;    // pixels of the block's next chunk (0: this is its last; v4/chunks.cuh next_chunk)
+    int len_a;       // pixels in sample b (len unless the chunk spans into sample b + 1)
 };
+
+// The chunk's pixel pm in the virtual image (its column is q % W, its virtual row q / W): q0 + pm,
+// 2R rows further for sample b + 1's pixels.
+__device__ __forceinline__ int chunk_vq(const Chunk& ch, int pm, const LayerDims& d) {
+    const int q = ch.q0 + pm;
+    return CROSS && pm >= ch.len_a ? q + 2 * R * DIM_W : q;
+}
+
+// The chunk's pixel q = q0 + pm as an offset in sample b's [C][H][W] (channel c's element at
+// c·H·W + elem_q): q itself in sample b, C·H·W − H·W further for sample b + 1's.
+__device__ __forceinline__ int elem_q(int q, const LayerDims& d) {
+    const int HW = DIM_H * DIM_W;
+    return CROSS && q >= HW ? q + (DIM_C - 1) * HW : q;
+}
 
 // Inverse of the power of two that puts max|x| at [2^13, 2^14) (1 when max is 0 or not finite).
 __device__ __forceinline__ float pow2_scale(float maxabs, float& inv) {
@@ -457,12 +487,21 @@ struct V4Grad {
     __device__ __forceinline__ float operator()(int idx) const {
         if (!pooled) return g[idx];
         const int hw = height() * width(), c = idx / hw;
-        return at(c, idx - c * hw);
+        return pooled_at(c, idx - c * hw);
     }
-    // The same for channel c, pixel q (the epilogues, which know both: no division by H·W)
+    // The same for channel c, pixel q (the epilogues, which know both: no division by H·W; q an
+    // offset from the sample's [C][H][W] as elem_q gives it — past H·W, the next sample's pixel,
+    // whose channel and pixel the element index's division finds: channel c + C, counted from
+    // this sample, which the pooled map's and the mask's indices take as the next sample's)
     __device__ __forceinline__ float at(int c, int q) const {
+        const int hw = height() * width();
+        if (!pooled) return g[c * hw + q];
+        if (CROSS && q >= hw) return (*this)(c * hw + q);
+        return pooled_at(c, q);
+    }
+    // (pooled) channel c, pixel q < H·W
+    __device__ __forceinline__ float pooled_at(int c, int q) const {
         const int h = height(), w = width();
-        if (!pooled) return g[c * (h * w) + q];
         const int idx = c * (h * w) + q, y = q / w, x = q - y * w;
         const int ho = h / 2, wo = w / 2;
         if (y / 2 >= ho || x / 2 >= wo) return 0.0f;

@@ -670,13 +670,7 @@ fn v4_scales_from_row_maxima_give_the_bits_of_walking_the_halo() {
             walk.v4.as_mut().unwrap().defines.push(("V4_ROWMAX".to_string(), "0".to_string()));
             let rows = emulate_v4(c, &x, &plan, 8);
             let walked = emulate_v4(c, &x, &walk, 9);
-            let what = format!("{} K {k:?}", c.name);
-            assert_eq!(bits(&rows.out), bits(&walked.out), "{what}: the spikes");
-            assert_eq!(bits(&rows.v), bits(&walked.v), "{what}: v");
-            assert_eq!(rows.g.as_deref().map(bits), walked.g.as_deref().map(bits), "{what}: g");
-            assert_eq!(rows.z.as_deref().map(bits), walked.z.as_deref().map(bits), "{what}: z");
-            assert_eq!(bits(&rows.gin), bits(&walked.gin), "{what}: ∂L/∂I");
-            assert_eq!(bits(&rows.grads), bits(&walked.grads), "{what}: the parameter gradients");
+            assert_all_bits(&rows, &walked, &format!("{} K {k:?}", c.name));
             if k.is_none() {
                 // and both are right (equal bits of a wrong kernel would prove nothing)
                 compare_within(c, "v4/fp32 row maxima", &x, &cpu_reference(c, &x), &rows, Tolerance::F32);
@@ -787,10 +781,17 @@ fn stalled(plan: &LaunchPlan, neighbours: bool, unordered: bool) -> LaunchPlan {
 /// Everything a run writes that a stale read could change: the spikes, v, g, z, ∂L/∂I, every
 /// gradient, and the fused pooling's outputs.
 fn assert_all_bits(a: &DeviceOut, b: &DeviceOut, what: &str) {
-    assert_same_bits(a, b, what);
+    assert_state_bits(a, b, what);
+    assert_eq!(bits(&a.grads), bits(&b.grads), "{what}: the parameter gradients");
+}
+
+/// The same but the parameter gradients: the spikes, v, g, z and ∂L/∂I.
+fn assert_state_bits(a: &DeviceOut, b: &DeviceOut, what: &str) {
+    assert_eq!(bits(&a.out), bits(&b.out), "{what}: the spikes");
     assert_eq!(bits(&a.v), bits(&b.v), "{what}: v");
     assert_eq!(a.g.as_deref().map(bits), b.g.as_deref().map(bits), "{what}: g");
     assert_eq!(a.z.as_deref().map(bits), b.z.as_deref().map(bits), "{what}: z");
+    assert_eq!(bits(&a.gin), bits(&b.gin), "{what}: ∂L/∂I");
 }
 
 /// One run with the forward's fused pooling (f32) into a fresh buffer: the run and the pooled bits.
@@ -918,6 +919,120 @@ fn v4_l2_prefetches_change_no_bit_and_stay_inside_their_buffers() {
             let gi = V4GradIn { pooled: 1, ..Default::default() };
             let run = |pl: &LaunchPlan| emulate_v4_pooling(c, &x, pl, 9, (std::ptr::null_mut(), false), Some((&dy, gi)), false);
             assert_all_bits(&run(&plan), &run(&with), &format!("{what} pooled"));
+        }
+    }
+}
+
+/// How many of the plan's chunks span two samples (`V4Plan::chunks`, the host twin of the
+/// kernel's chunk_len).
+fn spanning_chunks(c: &Case, plan: &LaunchPlan) -> usize {
+    let hw = c.shape[1] * c.shape[2];
+    let v4 = plan.v4.as_ref().unwrap();
+    v4.chunks(c.shape, c.batch).iter().flatten().filter(|&&(p, len)| p / hw != (p + len - 1) / hw).count()
+}
+
+/// Chunks that span two samples (`BACKEI_V4_CHUNKS=span`: `V4Plan::span_samples`, `V4_CROSS`; the
+/// halo staged as one virtual image of sample b's rows, 2r padding rows and sample b + 1's) match
+/// the CPU engine in every precision — and in tf32 and bf16, which scale nothing per chunk, the
+/// forward and ∂L/∂I give the bits of chunks that stop at each sample's end (each output's sum is
+/// the same; only the weight gradients' per-chunk sums fold in another grouping). r = 1 and 2,
+/// back+ei, back and ei alone, T_in 1 and T, D 1 and 3, both halo walks (rows wider than 32
+/// columns take the flat walk), a chunk whose halo takes every row of the planes; with ∂L/∂s
+/// through the pooling's backward and a dropout, and with L2 prefetches (inside their buffers) and
+/// neighbour flags over drifting blocks, the bits of the plain span run.
+#[test]
+fn v4_chunks_that_span_samples_match_the_cpu_and_give_the_bits_of_chunks_per_sample() {
+    let exact = [
+        case("16×12×12 back+ei r 1 D 1 B 2", [16, 12, 12], true, true, 1, 1, 2, 4, 4),
+        case("6×14×10 back r 2 D 3 B 2 T_in 1", [6, 14, 10], true, false, 2, 3, 2, 5, 1),
+        case("20×13×11 ei r 1 B 2", [20, 13, 11], false, true, 1, 1, 2, 3, 3),
+        case("5×9×34 back+ei r 1 D 2 B 2 (flat walk)", [5, 9, 34], true, true, 1, 2, 2, 3, 3),
+    ];
+    // the smooth firing mode (no spike can flip): every weight gradient compared strictly
+    let cases: Vec<Case> = exact.iter().cloned().chain(exact.iter().cloned().map(smooth)).collect();
+    // fp32 mode: sample 1's input 4× sample 0's, its rows' maxima two binades up, so that a
+    // spanning chunk's scale depends on both samples' rows (a scale from one sample's would differ)
+    let input = |c: &Case, seed: u64, p: Precision| {
+        let mut x = inputs(c, seed);
+        let n: usize = c.shape.iter().product();
+        if p == Precision::Fp32 {
+            x.input.chunks_mut(n).enumerate().filter(|(j, _)| j % c.batch == 1).for_each(|(_, s)| s.iter_mut().for_each(|v| *v *= 4.0));
+        }
+        x
+    };
+    for (i, c) in cases.iter().enumerate() {
+        for p in [Precision::Fp32, Precision::Tf32, Precision::Bf16] {
+            let x = input(c, 1610 + i as u64, p);
+            let cpu = cpu_reference(c, &x);
+            let plan = v4_plan(c, &SMALL, p);
+            let mut span = plan.clone();
+            span.v4.as_mut().unwrap().span_samples();
+            assert_eq!(spanning_chunks(c, &plan), 0, "{}", c.name);
+            assert!(
+                spanning_chunks(c, &span) > 0,
+                "{} {p}: no chunk spans two samples: {:?}",
+                c.name,
+                span.v4.as_ref().unwrap().chunks(c.shape, c.batch)
+            );
+            let got = emulate_v4(c, &x, &span, 51 + i as u64);
+            let strict = compare_within(c, &format!("v4/{p} span"), &x, &cpu, &got, Tolerance::of(p)).strict_grads;
+            assert!(strict || i < exact.len(), "{} {p}: the weight gradients were not compared", c.name);
+            if p == Precision::Fp32 {
+                // the scales from the row maxima of both samples' rows give the bits of walking
+                // the spanning halo (v4/rowmax.cuh halo_rows_max), with --recompute windows too
+                for k in [None, Some(2)].into_iter().take(if i == 0 { 2 } else { 1 }) {
+                    let mut rows = span.clone();
+                    if let Some(k) = k {
+                        apply_recompute(&mut rows, c.shape, &c.fb, k, c.steps).unwrap();
+                    }
+                    let mut walk = rows.clone();
+                    walk.v4.as_mut().unwrap().defines.push(("V4_ROWMAX".to_string(), "0".to_string()));
+                    let what = format!("{} span K {k:?}", c.name);
+                    let (a, b) = (if k.is_none() { None } else { Some(emulate_v4(c, &x, &rows, 8)) }, emulate_v4(c, &x, &walk, 9));
+                    assert_all_bits(a.as_ref().unwrap_or(&got), &b, &format!("{what}: row maxima vs the walk"));
+                }
+            } else {
+                let per_sample = emulate_v4(c, &x, &plan, 51 + i as u64);
+                assert_state_bits(&got, &per_sample, &format!("{} {p}", c.name));
+            }
+            if i == 0 && p != Precision::Tf32 {
+                // ∂L/∂s through the pooling's backward with a dropout (V4Grad::at past the sample)
+                use backei::cpu::{dropout as cdrop, pool as cpool};
+                let [ch, h, w] = c.shape;
+                let planes = c.steps * c.batch * ch;
+                let mut rng = common::Rng(79);
+                let dy: Vec<f32> = (0..planes * (h / 2) * (w / 2)).map(|_| rng.below(2001) as f32 / 1000.0 - 1.0).collect();
+                let mut pooled = vec![0f32; planes * h * w];
+                cpool::backward(planes, h, w, &dy, &mut pooled);
+                let key = backei::rng::dropout_key(4150, 12, 3);
+                let mut keys = vec![3u64, 5, key];
+                let len = c.batch * ch * h * w;
+                let mut xd = input(c, 1610 + i as u64, p);
+                let mut full = vec![0f32; c.steps * len];
+                cdrop::backward(key, 0.5, len, 777, &pooled, &mut full);
+                xd.grad_out = full;
+                let gi = V4GradIn {
+                    pooled: 1,
+                    dropout: 1,
+                    p: 0.5,
+                    scale: backei::gpu::dropout::scale(0.5),
+                    index0: 777,
+                    keys: keys.as_mut_ptr() as u64,
+                    slot: 2,
+                    _pad: 0,
+                };
+                let want = emulate_v4(c, &xd, &span, 9);
+                let got = emulate_v4_pooling(c, &xd, &span, 9, (std::ptr::null_mut(), false), Some((&dy, gi)), false);
+                assert_same_bits(&got, &want, &format!("{} {p} span, pooled gradient with dropout", c.name));
+                // prefetches and neighbour flags change no bit
+                let mut flagged = stalled(&span, true, false);
+                flagged.v4.as_mut().unwrap().prefetch_epilogue_inputs();
+                assert_all_bits(
+                    &emulate_v4(c, &x, &flagged, 61),
+                    &emulate_v4(c, &x, &span, 62),
+                    &format!("{} {p} span + flags + pf", c.name),
+                );
+            }
         }
     }
 }

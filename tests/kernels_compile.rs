@@ -150,6 +150,23 @@ fn v4_with_l2_prefetches_passes_the_same_static_check() {
     }
 }
 
+/// The v4 instances whose chunks span samples (`BACKEI_V4_CHUNKS=span`, opt-in: `V4_CROSS`,
+/// cuda/v4/chunks.cuh chunk_len) pass the same static check as the default build: fashion-mnist
+/// L1 and L2 in fp32 (the layers whose chunk counts it lowers, 6 -> 5 and 7 -> 5) and bf16, and
+/// cifar10 L2 (the widest tile, the most registers).
+#[test]
+fn v4_with_chunks_spanning_samples_passes_the_same_static_check() {
+    for (shape, p) in [
+        ([32usize, 28, 28], Precision::Fp32),
+        ([64, 14, 14], Precision::Fp32),
+        ([32, 28, 28], Precision::Bf16),
+        ([256, 16, 16], Precision::Fp32),
+    ] {
+        let c = check_opt_in(shape, p, "chunks spanning samples", "V4_CROSS", V4Plan::span_samples);
+        assert!(c.problems.is_empty(), "{shape:?} {p}: {:?}", c.problems);
+    }
+}
+
 /// Every tiling the kernel bench sweeps at the fashion-mnist shapes (`BACKEI_BENCH_V4_TILINGS=sweep`:
 /// each channel tile and m-tile count, the planner's slab and placement for it), in fp32 and bf16,
 /// passes the static check the planner's own instances pass — so whichever a GPU run finds fastest

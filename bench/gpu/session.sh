@@ -12,8 +12,9 @@
 # (the training step with the v4 kernels and the tensor-core feed-forward layers, their opt-ins,
 # and v1 beside them, on fashion-mnist and cifar10 only: the short form of train-bench), v4-flags
 # (v4 with neighbour flags instead of grid barriers: its layer tests, kernel bench and step),
-# v4-prefetch (v4 with its epilogue inputs and next halo prefetched into L2: the same three;
-# V4_OPT_TESTS=0 skips the two stages' layer tests) and v4-tune (every tile shape of v4 beside the planner's, V4_TILINGS=sweep|all|requests;
+# v4-prefetch (v4 with its epilogue inputs and next halo prefetched into L2: the same three),
+# v4-span (v4 with chunks that run on across a sample's end: the same three;
+# V4_OPT_TESTS=0 skips the three stages' layer tests) and v4-tune (every tile shape of v4 beside the planner's, V4_TILINGS=sweep|all|requests;
 # KERNEL_FILTER picks the workloads, fashion by default: the fastest is printed with the
 # BACKEI_V4_TILING that selects it).
 # Every stage has its own time limit and the whole run a deadline ($BUDGET seconds, default
@@ -130,15 +131,21 @@ for stage in $stages; do
       done
       wait "${pids[@]}"
       for item in ${RERUN:-}; do summarize_test "test-${item%%=*}"; done ;;
-    v4-flags|v4-prefetch)
+    v4-flags|v4-prefetch|v4-span)
       # issue 11: an opt-in of v4 — its phases ordered by neighbour flags (v4-flags:
-      # BACKEI_V4_SYNC=neighbours, cuda/v4/sync.cuh) or each chunk's epilogue inputs and the next
-      # chunk's halo prefetched into L2 (v4-prefetch: BACKEI_V4_PREFETCH=l2, cuda/v4/chunks.cuh) —
-      # correct on the hardware (the layer tests' v4 cases against the CPU; V4_OPT_TESTS=0 skips
-      # them), then timed beside the default build in one run of each bench (`…@v4/<p>+flags` or
-      # `…+pf` rows), then the step
+      # BACKEI_V4_SYNC=neighbours, cuda/v4/sync.cuh), each chunk's epilogue inputs and the next
+      # chunk's halo prefetched into L2 (v4-prefetch: BACKEI_V4_PREFETCH=l2, cuda/v4/chunks.cuh)
+      # or chunks that run on across a sample's end (v4-span: BACKEI_V4_CHUNKS=span, chunks.cuh
+      # chunk_len: fashion L1 6 -> 5 chunks per block, L2 7 -> 5) — correct on the hardware (the
+      # layer tests' v4 cases against the CPU; V4_OPT_TESTS=0 skips them), then timed beside the
+      # default build in one run of each bench (`…@v4/<p>+flags`, `…+pf` or `…+span` rows), then
+      # the step
       name=${stage#v4-}
-      if [ "$stage" = v4-flags ]; then opt=BACKEI_V4_SYNC=neighbours; base=grid; else opt=BACKEI_V4_PREFETCH=l2; base=plain; fi
+      case $stage in
+        v4-flags) opt=BACKEI_V4_SYNC=neighbours; base=grid ;;
+        v4-prefetch) opt=BACKEI_V4_PREFETCH=l2; base=plain ;;
+        *) opt=BACKEI_V4_CHUNKS=span; base=per-sample ;;
+      esac
       [ "${V4_OPT_TESTS:-1}" = 0 ] || run test-v4-$name 150 env $opt .gpu/bin/test-gpu_backei_layer --ignored --test-threads=1 --nocapture v4_
       export BACKEI_BENCH_CSV=/tmp/backei-results/kernels-$name.csv
       run bench-kernels-v4-$base 60 env BACKEI_BENCH_VERSIONS=v4/fp32,v4/bf16 .gpu/bin/bench-kernels ${KERNEL_FILTER:-fashion}

@@ -4,18 +4,34 @@
 // header of its own).
 
 
-// The chunk that starts at pixel p of the batch (p < end, the end of the block's range): up to
-// P_CH pixels within one sample, and the length of the chunk after it (0: none).
-__device__ __forceinline__ Chunk chunk_at(long long p, long long end, const LayerDims& d) {
+// The pixels of a chunk that starts at pixel q of its sample (at = its index in the batch, end the
+// end of the block's range): up to P_CH, within the range, and within the sample — or, under
+// CROSS, on into the next sample as far as the chunk's halo fits the planes' vd.halo_rows rows
+// (its virtual rows y_first … last, R more either side; chunk_vq). The tallest halo is a chunk's
+// within one sample, which the planes are sized for; a chunk that spans two adds 2R rows of
+// padding between them, so it ends early where its pixels would need more rows than that.
+__device__ __forceinline__ int chunk_len(long long at, long long end, int q, const LayerDims& d, const V4Dims& vd) {
+    const int HW = DIM_H * DIM_W, left = HW - q;
+    const int n = (int)min((long long)P_CH, end - at);
+    if (n <= left) return n;
+    if (!CROSS) return left;
+    // virtual pixels below (y_first + halo_rows − 2R)·W: sample b + 1's pixel j at q + j + 2R·W
+    const int fit = (q / DIM_W + vd.halo_rows - 2 * R) * DIM_W - 2 * R * DIM_W - q;
+    return max(left, min(n, fit));
+}
+
+// The chunk that starts at pixel p of the batch (p < end, the end of the block's range).
+__device__ __forceinline__ Chunk chunk_at(long long p, long long end, const LayerDims& d, const V4Dims& vd) {
     const int HW = DIM_H * DIM_W;
-    auto len_at = [&](long long at, int q) { return (int)min((long long)P_CH, min(end - at, (long long)(HW - q))); };
     Chunk ch;
     ch.b = (int)(p / HW);
     ch.q0 = (int)(p - (long long)ch.b * HW);
-    ch.len = len_at(p, ch.q0);
+    ch.len = chunk_len(p, end, ch.q0, d, vd);
+    ch.len_a = min(ch.len, HW - ch.q0);
     ch.y_first = ch.q0 / DIM_W;
     const long long p_next = p + ch.len;
-    ch.next_len = p_next < end ? len_at(p_next, ch.q0 + ch.len == HW ? 0 : ch.q0 + ch.len) : 0;
+    const int q_next = ch.q0 + ch.len >= HW ? ch.q0 + ch.len - HW : ch.q0 + ch.len;
+    ch.next_len = p_next < end ? chunk_len(p_next, end, q_next, d, vd) : 0;
     return ch;
 }
 
@@ -26,7 +42,7 @@ __device__ __forceinline__ void for_each_chunk(const LayerDims& d, const V4Dims&
     const int range = blockIdx.x / vd.groups;
     const long long start = total * range / vd.ranges, end = total * (range + 1) / vd.ranges;  // (sync.cuh's range_start)
     for (long long p = start; p < end;) {
-        const Chunk ch = chunk_at(p, end, d);
+        const Chunk ch = chunk_at(p, end, d, vd);
         fn(ch);
         p += ch.len;
     }
@@ -36,17 +52,20 @@ __device__ __forceinline__ void for_each_chunk(const LayerDims& d, const V4Dims&
 // the chunk's own fields (no division by the range count where the caller holds its registers).
 __device__ __forceinline__ bool next_chunk(const Chunk& ch, const LayerDims& d, Chunk& next) {
     if (ch.next_len == 0) return false;
-    const bool new_sample = ch.q0 + ch.len == DIM_H * DIM_W;
+    const int HW = DIM_H * DIM_W, q = ch.q0 + ch.len;  // (past HW: in sample b + 1, or its start)
+    const bool new_sample = q >= HW;
     next.b = ch.b + new_sample;
-    next.q0 = new_sample ? 0 : ch.q0 + ch.len;
+    next.q0 = new_sample ? q - HW : q;
     next.len = ch.next_len;
+    next.len_a = min(next.len, HW - next.q0);
     next.y_first = next.q0 / DIM_W;
     next.next_len = 0;  // (not known here)
     return true;
 }
 
-// The accumulator elements this thread owns in the chunk (mi, ni, i; pixel q within the sample,
-// channel c; pixels past the chunk and channels past C skipped), with their inputs loaded ahead:
+// The accumulator elements this thread owns in the chunk (mi, ni, i; pixel q — as an offset in
+// sample b's [C][H][W]: elem_q — and channel c, the element at c·H·W + q from sample b's words;
+// pixels past the chunk and channels past C skipped), with their inputs loaded ahead:
 // load(q, c) → X for E elements, then use(mi, ni, i, q, c, x) for each. The epilogues read several
 // global words per element (the input, v_{t−1}, ∂L/∂s, fb, …) and write others; element by element,
 // a load cannot move above the previous element's stores (the compiler cannot prove the buffers
@@ -70,7 +89,7 @@ __device__ __forceinline__ void for_each_owned_loaded(const Chunk& ch, int co0, 
                 const int ni = (j0 + k) >> 2, i = (j0 + k) & 3;
                 const int pm = (warp + WARPS * mi) * 16 + g + 8 * (i >> 1), c = co0 + 8 * ni + 2 * t + (i & 1);
                 ok[k] = pm < ch.len && c < DIM_C;
-                qs[k] = ch.q0 + pm;
+                qs[k] = elem_q(ch.q0 + pm, d);
                 cs[k] = c;
                 x[k] = ok[k] ? load(qs[k], cs[k]) : X{};
             }
@@ -107,10 +126,15 @@ __device__ __forceinline__ void prefetch_owned_l2(const T* sample, const Chunk& 
     constexpr int LINES = (P_CH + PER_LINE - 1) / PER_LINE + 1;
     const int HW = DIM_H * DIM_W;
     const int runs = min(CO_T, DIM_C - co0);
-    for (int j = threadIdx.x; j < runs * LINES; j += THREADS) {
-        const int cc = j / LINES, l = j - cc * LINES;
-        if (l * PER_LINE < ch.len + PER_LINE - 1) prefetch_l2(sample + (long long)(co0 + cc) * HW + ch.q0 + min(l * PER_LINE, ch.len - 1));
-    }
+    // the run of n pixels from pixel q in each channel plane of `base`
+    auto lines = [&](const T* base, int q, int n) {
+        for (int j = threadIdx.x; j < runs * LINES; j += THREADS) {
+            const int cc = j / LINES, l = j - cc * LINES;
+            if (l * PER_LINE < n + PER_LINE - 1) prefetch_l2(base + (long long)(co0 + cc) * HW + q + min(l * PER_LINE, n - 1));
+        }
+    };
+    lines(sample, ch.q0, ch.len_a);
+    if (CROSS && ch.len > ch.len_a) lines(sample + (long long)DIM_C * HW, 0, ch.len - ch.len_a);  // (sample b + 1's pixels)
 }
 
 // The L2 prefetch of the halo that the chunk after `ch` will stage from `src` (V4_PREFETCH): rows
@@ -119,17 +143,23 @@ __device__ __forceinline__ void prefetch_owned_l2(const T* sample, const Chunk& 
 // byte-wide arrays get up to four per line), requested before this chunk's GEMMs so that the next
 // chunk's staging walk — 16 loads in flight per thread, each a trip to device memory for the state
 // the forward saved long before — finds them in L2. `src` addresses ch's sample; the next chunk's
-// elements lie (next.b − ch.b)·C·H·W further. A warp per channel, a lane per line: no division.
+// elements lie (next.b − ch.b)·C·H·W further (and, where it spans two samples, its second sample's
+// rows 0 … y_last + R one sample further still). A warp per channel, a lane per line: no division.
 template <class S>
 __device__ __forceinline__ void prefetch_next_halo_l2(const S& src, const Chunk& ch, const LayerDims& d) {
     if (!V4_PREFETCH) return;
     Chunk nx;
     if (!next_chunk(ch, d, nx)) return;
-    const int HW = DIM_H * DIM_W;
-    const int y0 = max(nx.y_first - R, 0), y1 = min((nx.q0 + nx.len - 1) / DIM_W + R, DIM_H - 1);
-    const int run = (y1 - y0 + 1) * DIM_W;
-    const int at = (nx.b - ch.b) * DIM_C * HW + y0 * DIM_W;
+    const int HW = DIM_H * DIM_W, N = DIM_C * HW;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    for (int c = warp; c < DIM_C; c += WARPS)
-        for (int l = lane; l * 32 < run + 31; l += 32) src.prefetch(at + c * HW + min(l * 32, run - 1));
+    // image rows y0 … y1 of every channel of the sample `at` elements from ch's
+    auto rows = [&](int at, int y0, int y1) {
+        const int run = (y1 - y0 + 1) * DIM_W;
+        at += y0 * DIM_W;
+        for (int c = warp; c < DIM_C; c += WARPS)
+            for (int l = lane; l * 32 < run + 31; l += 32) src.prefetch(at + c * HW + min(l * 32, run - 1));
+    };
+    const int at = (nx.b - ch.b) * N;
+    rows(at, max(nx.y_first - R, 0), min((nx.q0 + nx.len_a - 1) / DIM_W + R, DIM_H - 1));
+    if (CROSS && nx.len > nx.len_a) rows(at + N, 0, min((nx.len - nx.len_a - 1) / DIM_W + R, DIM_H - 1));
 }

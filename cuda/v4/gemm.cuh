@@ -56,7 +56,7 @@ __device__ __forceinline__ void conv_gemm(float (&acc)[MT][NT][4], const char* h
     for (int mi = 0; mi < MT; ++mi) {
         const int m0 = (warp + WARPS * mi) * 16;
         const int pm = min(m0 + (lane & 15), ch.len - 1);
-        const int q = ch.q0 + pm, y = q / W - ch.y_first, x = q - (q / W) * W;
+        const int q = chunk_vq(ch, pm, d), y = q / W - ch.y_first, x = q - (q / W) * W;
         a_at[mi] = halo_at + (y * HS + x) * vd.pstride + (lane >> 4) * 16;
     }
     // B of k-step s, n-tile pair (ni, ni + 1), plane p: b_at + s·NT·256 + ni·256 + p·wplane
@@ -124,38 +124,6 @@ __device__ __forceinline__ void conv_gemm(float (&acc)[MT][NT][4], const char* h
     }
 }
 
-// A pixel of the chunk walked STEP pixels at a time without division: its column x in the image
-// and its index h = (y − y_first)·(W + 2r) + x in the halo (at tap (0, 0)). Advancing by STEP
-// pixels adds STEP / W rows and STEP % W columns, and one row more (2r halo columns) where the
-// column wraps (STEP % W < W: one test); the two steps are constants in the GPU build (W is), and
-// formed once per walk in the emulator's (PixelWalk::steps). The weight gradient's k-loop walked
-// its pixels by a division by W per lane and operand (SASS of the fashion L1 bf16 backward: 4
-// per two k-steps; ~70 of the loop's 132 instructions per 16 HMMA were address arithmetic).
-template <int STEP>
-struct PixelWalk {
-    int x, h;
-    struct Steps {
-        int dx, dh;  // STEP % W, and the halo index's step without a wrap
-    };
-    __device__ __forceinline__ static Steps steps(const LayerDims& d) {
-        const int W = DIM_W;
-        return Steps{STEP % W, (STEP / W) * (W + 2 * R) + STEP % W};
-    }
-    __device__ __forceinline__ void start(const Chunk& ch, int p, const LayerDims& d) {
-        const int W = DIM_W, q = ch.q0 + p, y = q / W;
-        x = q - y * W;
-        h = (y - ch.y_first) * (W + 2 * R) + x;
-    }
-    __device__ __forceinline__ void advance(const Steps& st, const LayerDims& d) {
-        x += st.dx;
-        h += st.dh;
-        if (x >= DIM_W) {  // (selects, not a branch)
-            x -= DIM_W;
-            h += 2 * R;
-        }
-    }
-};
-
 // An n-tile of a slab's weight gradient: its tap (ky, kx) and first channel ci within the slab
 // (n-tile j: tap j / (nch/8), channels 8·(j % (nch/8)) + 0..7).
 struct NTileAt {
@@ -198,7 +166,7 @@ struct NTileAt {
 __device__ __forceinline__ void fill_pixel_rows(u32* rows, const Chunk& ch, const LayerDims& d, const V4Dims& vd) {
     const int W = DIM_W, HS = W + 2 * R;
     for (int p = threadIdx.x; p < P_CH; p += THREADS) {
-        const int q = ch.q0 + min(p, ch.len - 1), y = q / W;
+        const int q = chunk_vq(ch, min(p, ch.len - 1), d), y = q / W;
         const int h = (y - ch.y_first) * HS + (q - y * W);
         rows[p] = (u32)((p < ch.len ? h + R * HS + R : R * HS) * vd.own_pstride);
         rows[P_CH + p] = (u32)(h * vd.pstride);
@@ -234,12 +202,11 @@ __device__ __forceinline__ void wgrad_load_step(u32 (&a)[YPL][MW][4], u32 (&b)[X
 template <int YPL, int XPL, int NTG_>
 __device__ __forceinline__ void wgrad_tile(float* dw, int pitch, float inv, const char* dy_own, const char* x_slab, int c0, int nch, int tile0,
                                            const u32* pix_rows, const Chunk& ch, const LayerDims& d, const V4Dims& vd) {
-    const int W = DIM_W, HS = W + 2 * R, CPAD = DIM_CPAD;
+    const int CPAD = DIM_CPAD;
     const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
     const int ksteps = (ch.len + KPIX - 1) / KPIX;
     static_assert(YPL == PLANES, "dY is a real operand");
     static_assert(NTG_ % 2 == 0, "n-tiles come in ldmatrix pairs");
-    const int interior = R * HS + R;  // dY is read at the pixel itself: + r rows, + r columns
     float acc[MW][NTG_][4];
 #pragma unroll
     for (int mw = 0; mw < MW; ++mw)
@@ -269,38 +236,36 @@ __device__ __forceinline__ void wgrad_tile(float* dw, int pitch, float inv, cons
         }
     }
     if (PREC == PREC_TF32) {
-        // scalar fragments: a = dY[co g (+8)][pixel t (+4)], b = X[pixel t (+4) + tap][ci g]. The
-        // pixels p0 + t + 4h walked by PixelWalk while they stay in the chunk: dY is read only
-        // there (else 0), and X of a pixel past it (never staged) is replaced by the walk's last
-        // staged pixel, whose product with the zero dY is zero all the same
-        PixelWalk<KPIX> pw[2];
-        const auto steps = PixelWalk<KPIX>::steps(d);
-#pragma unroll
-        for (int h = 0; h < 2; ++h) pw[h].start(ch, min(t + 4 * h, ch.len - 1), d);
+        // scalar fragments: a = dY[co g (+8)][pixel t (+4)], b = X[pixel t (+4) + tap][ci g], the
+        // pixels' rows from the chunk's table (fill_pixel_rows): past the chunk, dY's is a zero
+        // padding pixel and X's the chunk's last, whose product with that zero is zero
+        const u32* rows_y = pix_rows;
+        const u32* rows_x = pix_rows + P_CH;
         for (int kst = 0; kst < ksteps; ++kst) {
             const int p0 = kst * KPIX;
             u32 a[MW][4];
             u32 b[NTG_][2];
+            u32 ry[2], rx[2];
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                ry[h] = rows_y[p0 + t + 4 * h];
+                rx[h] = rows_x[p0 + t + 4 * h];
+            }
 #pragma unroll
             for (int mw = 0; mw < MW; ++mw)
 #pragma unroll
                 for (int j = 0; j < 4; ++j) {
                     const int h = j >> 1, co = 16 * mw + g + 8 * (j & 1);
-                    a[mw][j] = p0 + t + 4 * h < ch.len ? *reinterpret_cast<const u32*>(dy_own + (pw[h].h + interior) * vd.own_pstride + co * EB) : 0u;
+                    a[mw][j] = *reinterpret_cast<const u32*>(dy_own + ry[h] + co * EB);
                 }
 #pragma unroll
-            for (int h = 0; h < 2; ++h) {
-                const int pp = pw[h].h * vd.pstride;
+            for (int h = 0; h < 2; ++h)
 #pragma unroll
-                for (int j = 0; j < NTG_; ++j) b[j][h] = *reinterpret_cast<const u32*>(x_slab + pp + x_off[j]);
-            }
+                for (int j = 0; j < NTG_; ++j) b[j][h] = *reinterpret_cast<const u32*>(x_slab + rx[h] + x_off[j]);
 #pragma unroll
             for (int mw = 0; mw < MW; ++mw)
 #pragma unroll
                 for (int j = 0; j < NTG_; ++j) mma_tf32_m16n8k8(acc[mw][j], a[mw], b[j]);
-#pragma unroll
-            for (int h = 0; h < 2; ++h)
-                if (p0 + KPIX + t + 4 * h < ch.len) pw[h].advance(steps, d);
         }
     } else {
         // ldmatrix.trans, lane l addressing one row (pixel) of matrix l/8. A: matrix j = pixels

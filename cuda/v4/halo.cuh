@@ -4,17 +4,24 @@
 // module's constants and types (not a header of its own).
 
 // The chunk's halo: rows y_first − r … y_last + r, columns −r … W + r − 1 (zero outside the image
-// and beyond C). src(idx) reads element idx of the sample's [C][H][W].
+// and beyond C). src(idx) reads element idx of the sample's [C][H][W] (idx past C·H·W: the next
+// sample's, where a chunk spans two — CROSS: the halo's rows are the virtual image's, chunk_vq).
 template <class Src>
 __device__ __forceinline__ float halo_value(const Src& src, const Chunk& ch, const LayerDims& d, int c, int hy, int hx) {
     const int W = DIM_W, H = DIM_H;
-    const int gy = ch.y_first + hy - R, gx = hx - R;
+    int gy = ch.y_first + hy - R, at = 0;
+    const int gx = hx - R;
+    if (CROSS && gy >= H + R) {  // sample b + 1's rows (and its top padding), H + 2R virtual rows on
+        gy -= H + 2 * R;
+        at = DIM_C * H * W;
+    }
     if (c >= DIM_C || gy < 0 || gy >= H || gx < 0 || gx >= W) return 0.0f;
-    return src(c * (H * W) + gy * W + gx);
+    return src(at + c * (H * W) + gy * W + gx);
 }
 
+// The rows of the chunk's halo (virtual rows, chunk_vq: 2R more where it spans two samples).
 __device__ __forceinline__ int halo_rows_of(const Chunk& ch, const LayerDims& d) {
-    return (ch.q0 + ch.len - 1) / DIM_W - ch.y_first + 1 + 2 * R;
+    return chunk_vq(ch, ch.len - 1, d) / DIM_W - ch.y_first + 1 + 2 * R;
 }
 
 // Staging is latency-bound unless many loads are in flight: a warp that loads one element and
@@ -196,16 +203,22 @@ __device__ __forceinline__ void for_each_halo_row_items(const SrcA& a, const Src
             float x[RB][2][2], y[RB][2][2];
 #pragma unroll
             for (int u = 0; u < RB; ++u) {
-                const int gy = gy0 + (i + u) * rpp;
+                // image row gy of sample b, or (CROSS: virtual rows H + 2R on) row gy − H − 2R of
+                // sample b + 1, whose words lie C·H·W − (H + 2R)·W further than gy's would
+                int gy = gy0 + (i + u) * rpp, next = 0;
+                if (CROSS && gy >= H + R) {
+                    gy -= H + 2 * R;
+                    next = DIM_C * HW - (H + 2 * R) * W;
+                }
                 const bool ok = in_x & (i + u < mine) & ((unsigned)gy < (unsigned)H);
 #pragma unroll
                 for (int o = 0; o < 2; ++o) {
                     const int c = c0 + c16 + 8 * o + cp;
                     const bool ok0 = ok & (!check_c | (c < DIM_C)), ok1 = ok & (!check_c | (c + 1 < DIM_C));
-                    const float2 xa = ca.pair(u * rpp * W + 8 * o * HW, HW, ok0, ok1);
+                    const float2 xa = ca.pair(u * rpp * W + 8 * o * HW + next, HW, ok0, ok1);
                     x[u][o][0] = xa.x;
                     x[u][o][1] = xa.y;
-                    const float2 xb = cb.pair(u * rpp * W + 8 * o * HW, HW, ok0, ok1);  // (NoCursor: zeros)
+                    const float2 xb = cb.pair(u * rpp * W + 8 * o * HW + next, HW, ok0, ok1);  // (NoCursor: zeros)
                     y[u][o][0] = xb.x;
                     y[u][o][1] = xb.y;
                 }

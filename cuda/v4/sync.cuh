@@ -12,8 +12,9 @@
 //   1  neighbour flags: after each phase a block publishes how many phases it has completed
 //      (bar[1 + b], after a fence: a release) and starts its next phase once every block it
 //      exchanges data with has published as many (each flag read, then a fence: an acquire).
-// Who exchanges data. A chunk reads its halo — whole image rows of its sample, from R rows above
-// the rows its pixels lie on to R rows below, every channel — and those rows' maxima; it writes its
+// Who exchanges data. A chunk reads its halo — whole image rows of its sample (of its two samples
+// where it spans them, V4_CROSS), from R rows above the rows its pixels lie on to R rows below,
+// every channel — and those rows' maxima; it writes its
 // own pixels' elements (in its channel group) and merges into its own rows' maxima. Two blocks
 // therefore exchange data only if they own pixels within R rows of each other in one sample: a
 // symmetric relation. Waiting for those partners' previous phase orders every read after the write

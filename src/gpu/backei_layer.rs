@@ -1052,6 +1052,9 @@ pub fn plan_tensor_cores_with(
             if choices.prefetch_l2 {
                 v.prefetch_epilogue_inputs();
             }
+            if choices.span_samples {
+                v.span_samples();
+            }
             v
         }
         Err(why) if choices.tiling.is_some() && plan_v4(shape, fb, batch, steps, limits, precision).is_ok() => {

@@ -50,6 +50,18 @@ pub const PREFETCH_ENV: &str = "BACKEI_V4_PREFETCH";
 pub fn prefetch_l2_from_env(value: Option<&str>) -> Result<bool> {
     super::util::opt_in_from_env(PREFETCH_ENV, value, "l2", "the epilogue inputs prefetched into L2", "off")
 }
+/// `BACKEI_V4_CHUNKS=span` lets a v4 block's chunks run on across a sample's end (`V4_CROSS`,
+/// cuda/v4/chunks.cuh `chunk_len`: as far as the chunk's halo fits the planes), where they stop at
+/// every sample's end (unset or `sample`): fewer chunks per block where a sample's pixels are not
+/// a multiple of the chunk ([`V4Plan::chunk_counts`]: fashion-mnist L1 6 -> 5, L2 7 -> 5 on an
+/// H100/H200). Opt-in until a GPU run shows it faster (`bench/gpu/session.sh v4-span` times both).
+pub const CHUNKS_ENV: &str = "BACKEI_V4_CHUNKS";
+
+/// `BACKEI_V4_CHUNKS`'s value: chunks that span samples (`span`) or stop at each sample's end
+/// (unset, `sample`).
+pub fn span_samples_from_env(value: Option<&str>) -> Result<bool> {
+    super::util::opt_in_from_env(CHUNKS_ENV, value, "span", "chunks that run on across a sample's end", "sample")
+}
 const WARPS: usize = 8;
 /// Shared memory the driver reserves per resident block (1 KiB on sm_80 / sm_90).
 const SMEM_RESERVED_PER_BLOCK: usize = 1024;
@@ -166,6 +178,10 @@ pub struct V4Plan {
     /// Each chunk's epilogue inputs are prefetched into L2 (`V4_PREFETCH`;
     /// [`V4Plan::prefetch_epilogue_inputs`], cuda/v4/chunks.cuh).
     pub prefetch_l2: bool,
+    /// A block's chunks run on across a sample's end (`V4_CROSS`; [`V4Plan::span_samples`]).
+    pub span_samples: bool,
+    /// The gates' radius r (`V4_R`).
+    pub radius: usize,
     /// The tile and placement (`co_t`, `mt`, `dims.slab`, `dims.w_resident`, `dims.dw_smem` say
     /// the same): the planner's first feasible choice or the one `BACKEI_V4_TILING` asked for.
     pub tiling: V4Tiling,
@@ -201,6 +217,59 @@ impl V4Plan {
             self.prefetch_l2 = true;
             self.defines.push(("V4_PREFETCH".to_string(), "1".to_string()));
         }
+    }
+
+    /// Builds the kernels to let a chunk span two samples (`V4_CROSS`, cuda/v4/chunks.cuh
+    /// `chunk_len`): a block's chunks run on across a sample's end as far as the chunk's halo —
+    /// sample b's rows, 2r padding rows, sample b + 1's rows — fits the planes' `halo_rows`. The
+    /// same sums per output element; the fp32 mode's per-chunk scales and the order in which the
+    /// weight gradients' per-chunk sums are folded follow the chunks (`tests/emu_v4.rs`).
+    pub fn span_samples(&mut self) {
+        if !self.span_samples {
+            self.span_samples = true;
+            self.defines.push(("V4_CROSS".to_string(), "1".to_string()));
+        }
+    }
+
+    /// The chunks of each pixel range (the kernel's `for_each_chunk` and `chunk_at`): for range r,
+    /// the (first pixel of the batch, pixels) of each chunk, in order. Chunks hold up to 128·mt
+    /// pixels, stop at the range's end and — unless `span_samples` — at each sample's end.
+    pub fn chunks(&self, shape: [usize; 3], batch: usize) -> Vec<Vec<(usize, usize)>> {
+        let (h, w) = (shape[1], shape[2]);
+        let hw = h * w;
+        let p_ch = 16 * WARPS * self.mt;
+        let (r, halo_rows) = (self.radius, self.dims.halo_rows as usize);
+        let total = batch * hw;
+        let ranges = self.dims.ranges.max(1) as usize;
+        (0..ranges)
+            .map(|range| {
+                let (start, end) = (total * range / ranges, total * (range + 1) / ranges);
+                let mut out = Vec::new();
+                let mut p = start;
+                while p < end {
+                    let q = p % hw;
+                    let (left, n) = (hw - q, p_ch.min(end - p));
+                    let len = if n <= left {
+                        n
+                    } else if !self.span_samples {
+                        left
+                    } else {
+                        // virtual pixels below (y_first + halo_rows − 2r)·w (chunks.cuh chunk_len)
+                        let fit = ((q / w + halo_rows) * w).saturating_sub(4 * r * w + q);
+                        left.max(n.min(fit))
+                    };
+                    out.push((p, len));
+                    p += len;
+                }
+                out
+            })
+            .collect()
+    }
+
+    /// The most chunks any block runs per phase, and the mean over the blocks ([`V4Plan::chunks`]).
+    pub fn chunk_counts(&self, shape: [usize; 3], batch: usize) -> (usize, f64) {
+        let per: Vec<usize> = self.chunks(shape, batch).iter().map(Vec::len).collect();
+        (per.iter().copied().max().unwrap_or(0), per.iter().sum::<usize>() as f64 / per.len().max(1) as f64)
     }
 
     /// u32 words of the launches' sync buffer (`bar`, zeroed before every launch): the grid
@@ -602,6 +671,8 @@ pub fn plan_v4_tiled(
         dz_ring: false,
         neighbour_sync: false,
         prefetch_l2: false,
+        span_samples: false,
+        radius: r,
         tiling,
     };
     if plan.carries_bias_sums() {
@@ -1176,16 +1247,96 @@ mod tests {
         assert!(prefetch_l2_from_env(Some(" l2 ")).unwrap());
         let e = prefetch_l2_from_env(Some("on")).unwrap_err().to_string();
         assert!(e.contains(PREFETCH_ENV) && e.contains("l2") && e.contains("off"), "{e}");
-        let plain = plan_v4([32, 28, 28], &fb(1), 100, 20, &DeviceLimits::H100, Precision::Fp32).unwrap();
-        assert!(!plain.prefetch_l2 && !plain.defines.iter().any(|(k, _)| k == "V4_PREFETCH"));
-        let mut p = plain.clone();
-        p.prefetch_epilogue_inputs();
-        p.prefetch_epilogue_inputs();
+        let p = opt_in_builds_once("V4_PREFETCH", V4Plan::prefetch_epilogue_inputs);
         assert!(p.prefetch_l2);
-        assert_eq!(p.defines.iter().filter(|(k, v)| k == "V4_PREFETCH" && v == "1").count(), 1, "{:?}", p.defines);
-        // the emulator's build varies with it (tile_defines keeps it); nothing else changes
-        assert!(p.tile_defines().iter().any(|(k, _)| k == "V4_PREFETCH"));
+    }
+
+    /// A build opt-in of the fashion L1 plan: off by default, its define once however often it is
+    /// applied, kept by the emulator's build (tile_defines), and nothing else of the plan changed.
+    fn opt_in_builds_once(define: &str, apply: fn(&mut V4Plan)) -> V4Plan {
+        let plain = plan_v4([32, 28, 28], &fb(1), 100, 20, &DeviceLimits::H100, Precision::Fp32).unwrap();
+        assert!(!plain.defines.iter().any(|(k, _)| k == define));
+        let mut p = plain.clone();
+        apply(&mut p);
+        apply(&mut p);
+        assert_eq!(p.defines.iter().filter(|(k, v)| k == define && v == "1").count(), 1, "{:?}", p.defines);
+        assert!(p.tile_defines().iter().any(|(k, _)| k == define));
         assert_eq!((p.grid, p.smem_bytes, p.dw_part, p.tiling), (plain.grid, plain.smem_bytes, plain.dw_part, plain.tiling));
+        p
+    }
+
+    /// `BACKEI_V4_CHUNKS=span`: opt-in, one define, the plan's sizes unchanged; and the chunks it
+    /// makes (the host twin of the kernel's chunk_len) cover each range in order, hold at most
+    /// 128·mt pixels, span at most two samples, and keep their halo — virtual rows, 2r padding
+    /// rows between the samples — within the planes' rows, on every BackEI shape of the four
+    /// networks in every precision; and they are fewer where a sample is not a whole number of
+    /// chunks (the numbers docs/gpu.md quotes).
+    #[test]
+    fn chunks_that_span_samples_are_opt_in_fit_the_halo_planes_and_are_fewer() {
+        assert!(!span_samples_from_env(None).unwrap());
+        assert!(!span_samples_from_env(Some("sample")).unwrap());
+        assert!(span_samples_from_env(Some(" span ")).unwrap());
+        let e = span_samples_from_env(Some("yes")).unwrap_err().to_string();
+        assert!(e.contains(CHUNKS_ENV) && e.contains("span") && e.contains("sample"), "{e}");
+        assert!(opt_in_builds_once("V4_CROSS", V4Plan::span_samples).span_samples);
+        assert!(!plan_v4([32, 28, 28], &fb(1), 100, 20, &DeviceLimits::H100, Precision::Fp32).unwrap().span_samples);
+
+        let shapes: [([usize; 3], usize); 9] = [
+            ([15, 24, 24], 2),
+            ([40, 8, 8], 2),
+            ([32, 28, 28], 1),
+            ([64, 14, 14], 1),
+            ([15, 30, 30], 2),
+            ([40, 11, 11], 2),
+            ([128, 32, 32], 1),
+            ([256, 16, 16], 1),
+            ([512, 8, 8], 1),
+        ];
+        for (shape, r) in shapes {
+            for precision in [Precision::Fp32, Precision::Tf32, Precision::Bf16] {
+                let Ok(sample) = plan_v4(shape, &fb(r), 100, 20, &DeviceLimits::H100, precision) else { continue };
+                let mut span = sample.clone();
+                span.span_samples();
+                let (h, w) = (shape[1], shape[2]);
+                let hw = h * w;
+                let p_ch = 128 * span.mt;
+                for plan in [&sample, &span] {
+                    let ranges = plan.chunks(shape, 100);
+                    assert_eq!(ranges.len(), plan.dims.ranges as usize);
+                    let mut next = 0;
+                    for chunks in &ranges {
+                        for &(p, len) in chunks {
+                            assert_eq!(p, next, "{shape:?} {precision}: the chunks cover the batch in order");
+                            assert!(len >= 1 && len <= p_ch, "{shape:?}: a chunk of {len}");
+                            next = p + len;
+                            let (q, last) = (p % hw, (p + len - 1) - p / hw * hw);
+                            assert!(last < 2 * hw, "{shape:?}: a chunk spans three samples");
+                            assert!(plan.span_samples || last < hw, "{shape:?}: only span crosses a sample's end");
+                            // virtual rows: y_first − r … the last pixel's row (2r further in the next sample) + r
+                            let last_row = if last < hw { last / w } else { last / w + 2 * r };
+                            let rows = last_row - q / w + 1 + 2 * r;
+                            assert!(rows <= plan.dims.halo_rows as usize, "{shape:?} {precision}: a halo of {rows} rows");
+                        }
+                    }
+                    assert_eq!(next, 100 * hw);
+                }
+                let ((most0, mean0), (most1, mean1)) = (sample.chunk_counts(shape, 100), span.chunk_counts(shape, 100));
+                assert!(most1 <= most0 && mean1 <= mean0, "{shape:?} {precision}: {most0} {mean0} -> {most1} {mean1}");
+                if precision == Precision::Fp32 && shape == [32, 28, 28] {
+                    assert_eq!((most0, most1), (6, 5), "fashion-mnist L1");
+                }
+                if precision == Precision::Fp32 && shape == [64, 14, 14] {
+                    assert_eq!((most0, most1), (7, 5), "fashion-mnist L2");
+                }
+                if hw % p_ch == 0 {
+                    assert_eq!(most1, most0, "{shape:?} {precision}: whole chunks per sample");
+                }
+                println!(
+                    "{shape:?} r {r} {precision} mt {}: chunks per block, most {most0} -> {most1}, mean {mean0:.2} -> {mean1:.2}",
+                    span.mt
+                );
+            }
+        }
     }
 
     #[test]

@@ -11,7 +11,7 @@
 //! bench times every feasible tiling of a workload (`BACKEI_BENCH_V4_TILINGS=all`), each validated
 //! against the CPU engine, and this variable runs the one it finds fastest.
 
-use super::backei_v4::{PREFETCH_ENV, SYNC_ENV};
+use super::backei_v4::{CHUNKS_ENV, PREFETCH_ENV, SYNC_ENV};
 use crate::error::{config_err, Result};
 use std::fmt;
 
@@ -180,21 +180,25 @@ pub struct V4Choices {
     pub neighbour_sync: bool,
     /// Each chunk's epilogue inputs prefetched into L2 before its GEMMs (`BACKEI_V4_PREFETCH=l2`).
     pub prefetch_l2: bool,
+    /// A block's chunks run on across a sample's end (`BACKEI_V4_CHUNKS=span`).
+    pub span_samples: bool,
 }
 
 impl V4Choices {
-    /// The choices the environment makes (`BACKEI_V4_TILING`, `BACKEI_V4_SYNC`, `BACKEI_V4_PREFETCH`).
+    /// The choices the environment makes (`BACKEI_V4_TILING`, `BACKEI_V4_SYNC`, `BACKEI_V4_PREFETCH`,
+    /// `BACKEI_V4_CHUNKS`).
     pub fn from_env() -> Result<Self> {
         let var = |name: &str| std::env::var(name).ok();
-        Self::from_values(var(TILING_ENV).as_deref(), var(SYNC_ENV).as_deref(), var(PREFETCH_ENV).as_deref())
+        Self::from_values(var(TILING_ENV).as_deref(), var(SYNC_ENV).as_deref(), var(PREFETCH_ENV).as_deref(), var(CHUNKS_ENV).as_deref())
     }
 
-    /// The choices of the three variables' values.
-    pub fn from_values(tiling: Option<&str>, sync: Option<&str>, prefetch: Option<&str>) -> Result<Self> {
+    /// The choices of the four variables' values.
+    pub fn from_values(tiling: Option<&str>, sync: Option<&str>, prefetch: Option<&str>, chunks: Option<&str>) -> Result<Self> {
         Ok(V4Choices {
             tiling: tiling_from_env(tiling)?,
             neighbour_sync: super::backei_v4::neighbour_sync_from_env(sync)?,
             prefetch_l2: super::backei_v4::prefetch_l2_from_env(prefetch)?,
+            span_samples: super::backei_v4::span_samples_from_env(chunks)?,
         })
     }
 }
@@ -247,12 +251,15 @@ mod tests {
     }
 
     #[test]
-    fn the_choices_read_the_three_variables() {
-        let c = V4Choices::from_values(Some("co_t=16"), Some("neighbours"), Some("l2")).unwrap();
+    fn the_choices_read_the_four_variables() {
+        let c = V4Choices::from_values(Some("co_t=16"), Some("neighbours"), Some("l2"), Some("span")).unwrap();
         assert_eq!(c.tiling, Some(V4TilingRequest { co_t: Some(16), ..Default::default() }));
-        assert!(c.neighbour_sync && c.prefetch_l2);
-        assert_eq!(V4Choices::from_values(None, None, None).unwrap(), V4Choices::default());
-        assert!(V4Choices::from_values(None, Some("sometimes"), None).is_err());
-        assert!(V4Choices::from_values(None, None, Some("l1")).unwrap_err().to_string().contains(PREFETCH_ENV));
+        assert!(c.neighbour_sync && c.prefetch_l2 && c.span_samples);
+        assert_eq!(V4Choices::from_values(None, None, None, None).unwrap(), V4Choices::default());
+        assert_eq!(V4Choices::from_values(None, None, None, Some("sample")).unwrap(), V4Choices::default());
+        assert!(V4Choices::from_values(None, Some("sometimes"), None, None).is_err());
+        assert!(V4Choices::from_values(None, None, Some("l1"), None).unwrap_err().to_string().contains(PREFETCH_ENV));
+        let e = V4Choices::from_values(None, None, None, Some("cross")).unwrap_err().to_string();
+        assert!(e.contains(CHUNKS_ENV) && e.contains("span") && e.contains("sample"), "{e}");
     }
 }

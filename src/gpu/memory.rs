@@ -902,16 +902,22 @@ mod tests {
         assert!(coded(&odd, &tc).is_empty(), "a dropout of 0.3 scales by 1/0.7: no exact code");
     }
 
-    /// The v4 choices of a step (`BACKEI_V4_TILING`, `BACKEI_V4_SYNC`, `BACKEI_V4_PREFETCH`) reach every BackEI layer's
-    /// plan in the memory plan — the plan each layer then makes with the same settings, which the
-    /// network requires to be equal — and the memory they change is counted (the layers' scratch
-    /// follows the tile: bias-sum carries, the dz ring); neighbour flags and prefetches change only the kernels.
+    /// The v4 choices of a step (`BACKEI_V4_TILING`, `BACKEI_V4_SYNC`, `BACKEI_V4_PREFETCH`,
+    /// `BACKEI_V4_CHUNKS`) reach every BackEI layer's plan in the memory plan — the plan each layer
+    /// then makes with the same settings, which the network requires to be equal — and the memory
+    /// they change is counted (the layers' scratch follows the tile: bias-sum carries, the dz
+    /// ring); neighbour flags, prefetches and chunks that span samples change only the kernels.
     #[test]
     fn the_v4_choices_reach_every_backei_layers_plan_and_its_memory() {
         use crate::gpu::backei_v4::{V4Choices, V4TilingRequest};
         let spec = NetworkSpec::fashion_mnist();
         let v4 = StepSettings { version: KernelVersion::V4, ..h100() };
-        let ask = V4Choices { tiling: Some(V4TilingRequest::parse("mt=2,dw=l2").unwrap()), neighbour_sync: true, prefetch_l2: true };
+        let ask = V4Choices {
+            tiling: Some(V4TilingRequest::parse("mt=2,dw=l2").unwrap()),
+            neighbour_sync: true,
+            prefetch_l2: true,
+            span_samples: true,
+        };
         let asked = StepSettings { v4: ask, ..v4 };
         let layers = |s: &StepSettings| -> Vec<crate::gpu::backei_v4::V4Plan> {
             buffer_plan(&spec, 100, 20, 1, s).unwrap().layers.iter().filter_map(|l| l.spiking.as_ref()?.v4.clone()).collect()
@@ -922,12 +928,13 @@ mod tests {
         for (a, b) in plain.iter().zip(&chosen) {
             assert!(!a.neighbour_sync && b.neighbour_sync);
             assert!(!a.prefetch_l2 && b.prefetch_l2);
+            assert!(!a.span_samples && b.span_samples);
             assert!(a.tiling.dw_on_chip && a.mt == 1, "{}", a.tiling);
             assert!(!b.tiling.dw_on_chip && b.mt == 2, "{}", b.tiling);
         }
         let (m0, m1) = (memory_plan(&spec, 100, 20, 1, &v4).unwrap(), memory_plan(&spec, 100, 20, 1, &asked).unwrap());
         assert_ne!(m0.spiking, m1.spiking, "the layers' scratch follows the tiling: {m0} vs {m1}");
-        let flags = StepSettings { v4: V4Choices { tiling: None, neighbour_sync: true, prefetch_l2: true }, ..v4 };
+        let flags = StepSettings { v4: V4Choices { tiling: None, neighbour_sync: true, prefetch_l2: true, span_samples: true }, ..v4 };
         assert_eq!(memory_plan(&spec, 100, 20, 1, &flags).unwrap().total(), m0.total());
     }
 
