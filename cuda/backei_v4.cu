@@ -45,9 +45,9 @@
 // block (range r, group gi) = blockIdx.x (r · groups + gi)): the block owns output channels
 // [gi·CO_T, (gi+1)·CO_T) and the pixels [r·B·HW/ranges, (r+1)·B·HW/ranges) of the flattened
 // (sample, pixel) space — a balanced contiguous range — for the whole launch, in chunks that do not
-// cross samples (or, with V4_CROSS, span two: v4/chunks.cuh chunk_len). 256 threads = 8 warps; warp w owns the chunk's m-tiles w, w+8, … (MT of them) and
-// all CO_T channels, so a thread owns the same neurons at every step (its own dv, grad_in, u chains
-// need no barrier). Phases are separated by phase_done (v4/sync.cuh: a grid barrier, or with
+// cross samples (or, with V4_CROSS, span them: v4/chunks.cuh chunk_len). 256 threads = 8 warps;
+// warp w owns the chunk's m-tiles w, w+8, … (MT of them) and all CO_T channels, so a thread owns
+// the same neurons at every step (its own dv, grad_in, u chains need no barrier). Phases are separated by phase_done (v4/sync.cuh: a grid barrier, or with
 // V4_SYNC a wait for the blocks whose pixels lie within R rows):
 //   forward  step t:  A (back: stage s_{t−D}, a = W_b ⊛ s; every t: g, v_t, and s_t when ei is off) | sync |
 //                     B (ei: stage v_t, z = W_e ⊛ v_t, s_t) | sync
@@ -147,10 +147,10 @@ typedef float V4S;
 #ifndef V4_PREFETCH
 #define V4_PREFETCH 0
 #endif
-// Chunks that span two samples (v4/chunks.cuh chunk_len; the host sets it for
-// BACKEI_V4_CHUNKS=span): a block's chunks run on across a sample's end instead of stopping there,
-// so that a range of ~4.6 chunks' pixels takes 5 chunks instead of 6 (fashion-mnist L1) or 7 (L2).
-// Opt-in until a GPU run shows it faster.
+// Chunks that span samples (v4/chunks.cuh chunk_len; the host sets it for BACKEI_V4_CHUNKS=span):
+// a block's chunks run on across a sample's end instead of stopping there, so that a range of
+// ~4.6 chunks' pixels takes 5 chunks instead of 6 (fashion-mnist L1) or 7 (L2), and maps smaller
+// than a chunk fill it with several samples. Opt-in until a GPU run shows it faster.
 #ifndef V4_CROSS
 #define V4_CROSS 0
 #endif
@@ -193,7 +193,7 @@ constexpr int MT = V4_MT;      // m-tiles (16 pixels) per warp: a chunk is 128·
 constexpr int NT = CO_T / 8;   // n-tiles of the convolution GEMMs
 constexpr bool DB_CARRIED = V4_DB_CARRIED;
 constexpr bool DZ_RING = V4_DZ_RING;
-constexpr bool CROSS = V4_CROSS;  // chunks may span two samples (v4/chunks.cuh)
+constexpr bool CROSS = V4_CROSS;  // chunks may span samples (v4/chunks.cuh)
 constexpr int MW = CO_T / 16;  // m-tiles of the weight-gradient GEMM
 constexpr int WARPS = 8, THREADS = 32 * WARPS;
 constexpr int P_CH = 16 * WARPS * MT;
@@ -246,31 +246,45 @@ struct V4Window {
 namespace v4 {
 
 // A chunk: pixels q0 … q0 + len − 1 counted from sample b's first pixel — under CROSS those from
-// H·W on are sample b + 1's (pixel q − H·W there), its first len − len_a pixels. Every per-sample
-// array is [B][…] with the sample's words contiguous, so a pixel index past H·W reaches sample
-// b + 1 from sample b's base where the sample's stride is H·W (the row maxima: row q / W), and a
-// [C][H][W] element offset (the state) needs the pixel as elem_q gives it. The halo is staged
-// as one "virtual image": sample b's rows, its R padding rows below, sample b + 1's R padding rows
-// above and its rows — virtual row H + 2R + y is sample b + 1's row y (chunk_vq).
+// j·H·W on are sample b + j's (pixel q − j·H·W there: chunk_sample). Every per-sample array is
+// [B][…] with the sample's words contiguous, so a pixel index past H·W reaches the next samples
+// from sample b's base where the sample's stride is H·W (the row maxima: row q / W), and a
+// [C][H][W] element offset (the state) needs the pixel as elem_q gives it. The halo is staged as
+// one "virtual image": each sample's rows with R padding rows above and below — virtual row
+// j·(H + 2R) + y is sample b + j's row y (chunk_vq).
 struct Chunk {
     int b, q0, len;  // sample, first pixel (within the sample), pixels
     int y_first;     // first image row of the chunk
     int next_len;    // pixels of the block's next chunk (0: this is its last; v4/chunks.cuh next_chunk)
-    int len_a;       // pixels in sample b (len unless the chunk spans into sample b + 1)
 };
 
+// The sample, counted from the chunk's first, of its relative pixel q (q0 + pm): 0 unless CROSS.
+__device__ __forceinline__ int chunk_sample(int q, const LayerDims& d) {
+    return CROSS ? q / (DIM_H * DIM_W) : 0;
+}
+
 // The chunk's pixel pm in the virtual image (its column is q % W, its virtual row q / W): q0 + pm,
-// 2R rows further for sample b + 1's pixels.
+// 2R rows further per sample boundary before it.
 __device__ __forceinline__ int chunk_vq(const Chunk& ch, int pm, const LayerDims& d) {
     const int q = ch.q0 + pm;
-    return CROSS && pm >= ch.len_a ? q + 2 * R * DIM_W : q;
+    return q + chunk_sample(q, d) * (2 * R * DIM_W);
 }
 
 // The chunk's pixel q = q0 + pm as an offset in sample b's [C][H][W] (channel c's element at
-// c·H·W + elem_q): q itself in sample b, C·H·W − H·W further for sample b + 1's.
+// c·H·W + elem_q): q itself in sample b, (C − 1)·H·W further per sample after it.
 __device__ __forceinline__ int elem_q(int q, const LayerDims& d) {
-    const int HW = DIM_H * DIM_W;
-    return CROSS && q >= HW ? q + (DIM_C - 1) * HW : q;
+    return q + chunk_sample(q, d) * ((DIM_C - 1) * DIM_H * DIM_W);
+}
+
+// A virtual row gy of the halo (counted from sample b's row 0: R padding rows between samples) as
+// sample b + j's image row y, and the words from gy's place in sample b's [C][H][W] to y's in
+// sample b + j's (j·C·H·W − j·(H + 2R)·W): the row's load offset. y outside [0, H): padding.
+__device__ __forceinline__ int virtual_row(int gy, int& shift, const LayerDims& d) {
+    shift = 0;
+    if (!CROSS) return gy;
+    const int H = DIM_H, j = (gy + R) / (H + 2 * R);  // (gy ≥ −R)
+    shift = j * (DIM_C * H * DIM_W - (H + 2 * R) * DIM_W);
+    return gy - j * (H + 2 * R);
 }
 
 // Inverse of the power of two that puts max|x| at [2^13, 2^14) (1 when max is 0 or not finite).

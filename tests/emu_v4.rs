@@ -65,6 +65,8 @@ fn emulate_v4_pooling(
     own_input: bool,
 ) -> DeviceOut {
     let v4 = plan.v4.as_ref().unwrap_or_else(|| panic!("{}: not a v4 plan: {:?}", c.name, plan.fallback));
+    // (a plan changed after the layer's planner made its launches would launch with other sizes)
+    assert_eq!((plan.forward.smem_bytes, plan.backward.smem_bytes), (v4.smem_bytes, v4.smem_bytes), "{}", c.name);
     let n: usize = c.shape.iter().product();
     let (b, t) = (c.batch, c.steps);
     let bs = plan.buffers;
@@ -923,30 +925,36 @@ fn v4_l2_prefetches_change_no_bit_and_stay_inside_their_buffers() {
     }
 }
 
-/// How many of the plan's chunks span two samples (`V4Plan::chunks`, the host twin of the
-/// kernel's chunk_len).
+/// How many of the plan's chunks span samples (`V4Plan::chunks`, the host twin of the kernel's
+/// chunk_len).
 fn spanning_chunks(c: &Case, plan: &LaunchPlan) -> usize {
     let hw = c.shape[1] * c.shape[2];
     let v4 = plan.v4.as_ref().unwrap();
     v4.chunks(c.shape, c.batch).iter().flatten().filter(|&&(p, len)| p / hw != (p + len - 1) / hw).count()
 }
 
-/// Chunks that span two samples (`BACKEI_V4_CHUNKS=span`: `V4Plan::span_samples`, `V4_CROSS`; the
-/// halo staged as one virtual image of sample b's rows, 2r padding rows and sample b + 1's) match
+/// Chunks that span samples (`BACKEI_V4_CHUNKS=span`: `V4Plan::span_samples_in`, `V4_CROSS`; the
+/// halo staged as one virtual image of the samples' rows with 2r padding rows between them, in
+/// planes grown where shared memory allows — maps smaller than a chunk take several samples) match
 /// the CPU engine in every precision — and in tf32 and bf16, which scale nothing per chunk, the
 /// forward and ∂L/∂I give the bits of chunks that stop at each sample's end (each output's sum is
 /// the same; only the weight gradients' per-chunk sums fold in another grouping). r = 1 and 2,
-/// back+ei, back and ei alone, T_in 1 and T, D 1 and 3, both halo walks (rows wider than 32
-/// columns take the flat walk), a chunk whose halo takes every row of the planes; with ∂L/∂s
+/// back+ei, back and ei alone, T_in 1 and T, D 1 to 3, both halo walks (rows wider than 32
+/// columns take the flat walk), a chunk whose halo takes every row of the planes, chunks of three
+/// samples and more; with ∂L/∂s
 /// through the pooling's backward and a dropout, and with L2 prefetches (inside their buffers) and
 /// neighbour flags over drifting blocks, the bits of the plain span run.
 #[test]
 fn v4_chunks_that_span_samples_match_the_cpu_and_give_the_bits_of_chunks_per_sample() {
+    use backei::gpu::backei_layer::plan_tensor_cores_with;
+    use backei::gpu::backei_v4::V4Choices;
     let exact = [
         case("16×12×12 back+ei r 1 D 1 B 2", [16, 12, 12], true, true, 1, 1, 2, 4, 4),
         case("6×14×10 back r 2 D 3 B 2 T_in 1", [6, 14, 10], true, false, 2, 3, 2, 5, 1),
         case("20×13×11 ei r 1 B 2", [20, 13, 11], false, true, 1, 1, 2, 3, 3),
         case("5×9×34 back+ei r 1 D 2 B 2 (flat walk)", [5, 9, 34], true, true, 1, 2, 2, 3, 3),
+        case("7×5×6 back+ei r 1 D 1 B 9 (several samples per chunk)", [7, 5, 6], true, true, 1, 1, 9, 3, 3),
+        case("6×6×5 back r 2 D 2 B 7 T_in 1 (several samples per chunk)", [6, 6, 5], true, false, 2, 2, 7, 4, 1),
     ];
     // the smooth firing mode (no spike can flip): every weight gradient compared strictly
     let cases: Vec<Case> = exact.iter().cloned().chain(exact.iter().cloned().map(smooth)).collect();
@@ -965,15 +973,19 @@ fn v4_chunks_that_span_samples_match_the_cpu_and_give_the_bits_of_chunks_per_sam
             let x = input(c, 1610 + i as u64, p);
             let cpu = cpu_reference(c, &x);
             let plan = v4_plan(c, &SMALL, p);
-            let mut span = plan.clone();
-            span.v4.as_mut().unwrap().span_samples();
+            // through the layer's planner, as BACKEI_V4_CHUNKS=span plans it (the launches' shared
+            // memory follows the grown planes)
+            let choices = V4Choices { span_samples: true, ..Default::default() };
+            let span = plan_tensor_cores_with(c.shape, &c.fb, c.batch, c.steps, &SMALL, p, &choices).unwrap();
+            assert!(span.v4.as_ref().unwrap().span_samples);
             assert_eq!(spanning_chunks(c, &plan), 0, "{}", c.name);
-            assert!(
-                spanning_chunks(c, &span) > 0,
-                "{} {p}: no chunk spans two samples: {:?}",
-                c.name,
-                span.v4.as_ref().unwrap().chunks(c.shape, c.batch)
-            );
+            let chunks = span.v4.as_ref().unwrap().chunks(c.shape, c.batch);
+            assert!(spanning_chunks(c, &span) > 0, "{} {p}: no chunk spans two samples: {chunks:?}", c.name);
+            if c.name.contains("several") {
+                let hw = c.shape[1] * c.shape[2];
+                let most = chunks.iter().flatten().map(|&(q, len)| (q + len - 1) / hw - q / hw + 1).max();
+                assert!(most >= Some(3), "{} {p}: at most {most:?} samples per chunk: {chunks:?}", c.name);
+            }
             let got = emulate_v4(c, &x, &span, 51 + i as u64);
             let strict = compare_within(c, &format!("v4/{p} span"), &x, &cpu, &got, Tolerance::of(p)).strict_grads;
             assert!(strict || i < exact.len(), "{} {p}: the weight gradients were not compared", c.name);
@@ -995,7 +1007,8 @@ fn v4_chunks_that_span_samples_match_the_cpu_and_give_the_bits_of_chunks_per_sam
                 let per_sample = emulate_v4(c, &x, &plan, 51 + i as u64);
                 assert_state_bits(&got, &per_sample, &format!("{} {p}", c.name));
             }
-            if i == 0 && p != Precision::Tf32 {
+            if (i == 0 || i == 4) && p != Precision::Tf32 {
+                // (two samples per chunk, and several)
                 // ∂L/∂s through the pooling's backward with a dropout (V4Grad::at past the sample)
                 use backei::cpu::{dropout as cdrop, pool as cpool};
                 let [ch, h, w] = c.shape;

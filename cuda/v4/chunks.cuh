@@ -6,18 +6,20 @@
 
 // The pixels of a chunk that starts at pixel q of its sample (at = its index in the batch, end the
 // end of the block's range): up to P_CH, within the range, and within the sample — or, under
-// CROSS, on into the next sample as far as the chunk's halo fits the planes' vd.halo_rows rows
-// (its virtual rows y_first … last, R more either side; chunk_vq). The tallest halo is a chunk's
-// within one sample, which the planes are sized for; a chunk that spans two adds 2R rows of
-// padding between them, so it ends early where its pixels would need more rows than that.
+// CROSS, on into the next samples as far as the chunk's halo fits the planes' vd.halo_rows rows:
+// its virtual rows (chunk_vq: R padding rows below each sample and above the next), from R above
+// its first row to R below its last. A chunk within one sample always fits (the planes are sized
+// for the tallest); one that spans samples ends early where its pixels would need more rows.
 __device__ __forceinline__ int chunk_len(long long at, long long end, int q, const LayerDims& d, const V4Dims& vd) {
     const int HW = DIM_H * DIM_W, left = HW - q;
     const int n = (int)min((long long)P_CH, end - at);
     if (n <= left) return n;
     if (!CROSS) return left;
-    // virtual pixels below (y_first + halo_rows − 2R)·W: sample b + 1's pixel j at q + j + 2R·W
-    const int fit = (q / DIM_W + vd.halo_rows - 2 * R) * DIM_W - 2 * R * DIM_W - q;
-    return max(left, min(n, fit));
+    // the virtual pixels below lim (rows y_first … y_first + halo_rows − 2R − 1) end in sample j,
+    // at its pixel o (a virtual sample is (H + 2R)·W pixels, its first H·W its image's)
+    const int lim = (q / DIM_W + vd.halo_rows - 2 * R) * DIM_W, vs = (DIM_H + 2 * R) * DIM_W;
+    const int j = lim / vs, o = min(lim - j * vs, HW);
+    return max(left, min(n, j * HW + o - q));
 }
 
 // The chunk that starts at pixel p of the batch (p < end, the end of the block's range).
@@ -27,11 +29,10 @@ __device__ __forceinline__ Chunk chunk_at(long long p, long long end, const Laye
     ch.b = (int)(p / HW);
     ch.q0 = (int)(p - (long long)ch.b * HW);
     ch.len = chunk_len(p, end, ch.q0, d, vd);
-    ch.len_a = min(ch.len, HW - ch.q0);
     ch.y_first = ch.q0 / DIM_W;
     const long long p_next = p + ch.len;
-    const int q_next = ch.q0 + ch.len >= HW ? ch.q0 + ch.len - HW : ch.q0 + ch.len;
-    ch.next_len = p_next < end ? chunk_len(p_next, end, q_next, d, vd) : 0;
+    const int q_next = ch.q0 + ch.len, j = CROSS ? chunk_sample(q_next, d) : (q_next == HW);
+    ch.next_len = p_next < end ? chunk_len(p_next, end, q_next - j * HW, d, vd) : 0;
     return ch;
 }
 
@@ -52,12 +53,11 @@ __device__ __forceinline__ void for_each_chunk(const LayerDims& d, const V4Dims&
 // the chunk's own fields (no division by the range count where the caller holds its registers).
 __device__ __forceinline__ bool next_chunk(const Chunk& ch, const LayerDims& d, Chunk& next) {
     if (ch.next_len == 0) return false;
-    const int HW = DIM_H * DIM_W, q = ch.q0 + ch.len;  // (past HW: in sample b + 1, or its start)
-    const bool new_sample = q >= HW;
-    next.b = ch.b + new_sample;
-    next.q0 = new_sample ? q - HW : q;
+    const int HW = DIM_H * DIM_W, q = ch.q0 + ch.len;  // (past HW: in a later sample, or its start)
+    const int j = CROSS ? chunk_sample(q, d) : (q == HW);
+    next.b = ch.b + j;
+    next.q0 = q - j * HW;
     next.len = ch.next_len;
-    next.len_a = min(next.len, HW - next.q0);
     next.y_first = next.q0 / DIM_W;
     next.next_len = 0;  // (not known here)
     return true;
@@ -133,8 +133,12 @@ __device__ __forceinline__ void prefetch_owned_l2(const T* sample, const Chunk& 
             if (l * PER_LINE < n + PER_LINE - 1) prefetch_l2(base + (long long)(co0 + cc) * HW + q + min(l * PER_LINE, n - 1));
         }
     };
-    lines(sample, ch.q0, ch.len_a);
-    if (CROSS && ch.len > ch.len_a) lines(sample + (long long)DIM_C * HW, 0, ch.len - ch.len_a);  // (sample b + 1's pixels)
+    // sample j's share of the chunk's pixels (one sample unless CROSS)
+    const int last_j = chunk_sample(ch.q0 + ch.len - 1, d);
+    for (int j = 0; j <= last_j; ++j) {
+        const int lo = max(ch.q0, j * HW), hi = min(ch.q0 + ch.len, (j + 1) * HW);
+        lines(sample + (long long)j * DIM_C * HW, lo - j * HW, hi - lo);
+    }
 }
 
 // The L2 prefetch of the halo that the chunk after `ch` will stage from `src` (V4_PREFETCH): rows
@@ -143,8 +147,8 @@ __device__ __forceinline__ void prefetch_owned_l2(const T* sample, const Chunk& 
 // byte-wide arrays get up to four per line), requested before this chunk's GEMMs so that the next
 // chunk's staging walk — 16 loads in flight per thread, each a trip to device memory for the state
 // the forward saved long before — finds them in L2. `src` addresses ch's sample; the next chunk's
-// elements lie (next.b − ch.b)·C·H·W further (and, where it spans two samples, its second sample's
-// rows 0 … y_last + R one sample further still). A warp per channel, a lane per line: no division.
+// elements lie (next.b − ch.b)·C·H·W further (and, where it spans samples, the later samples'
+// rows a sample further each). A warp per channel, a lane per line: no division.
 template <class S>
 __device__ __forceinline__ void prefetch_next_halo_l2(const S& src, const Chunk& ch, const LayerDims& d) {
     if (!V4_PREFETCH) return;
@@ -159,7 +163,12 @@ __device__ __forceinline__ void prefetch_next_halo_l2(const S& src, const Chunk&
         for (int c = warp; c < DIM_C; c += WARPS)
             for (int l = lane; l * 32 < run + 31; l += 32) src.prefetch(at + c * HW + min(l * 32, run - 1));
     };
-    const int at = (nx.b - ch.b) * N;
-    rows(at, max(nx.y_first - R, 0), min((nx.q0 + nx.len_a - 1) / DIM_W + R, DIM_H - 1));
-    if (CROSS && nx.len > nx.len_a) rows(at + N, 0, min((nx.len - nx.len_a - 1) / DIM_W + R, DIM_H - 1));
+    // sample j's rows of the halo: from R above the chunk's first row (j = 0) or the top, to R
+    // below its last (in its last sample) or the bottom
+    const int at = (nx.b - ch.b) * N, q_last = nx.q0 + nx.len - 1, last_j = chunk_sample(q_last, d);
+    for (int j = 0; j <= last_j; ++j) {
+        const int y0 = j == 0 ? max(nx.y_first - R, 0) : 0;
+        const int y1 = j == last_j ? min((q_last - j * HW) / DIM_W + R, DIM_H - 1) : DIM_H - 1;
+        rows(at + j * N, y0, y1);
+    }
 }

@@ -4,19 +4,15 @@
 // module's constants and types (not a header of its own).
 
 // The chunk's halo: rows y_first − r … y_last + r, columns −r … W + r − 1 (zero outside the image
-// and beyond C). src(idx) reads element idx of the sample's [C][H][W] (idx past C·H·W: the next
-// sample's, where a chunk spans two — CROSS: the halo's rows are the virtual image's, chunk_vq).
+// and beyond C). src(idx) reads element idx of the sample's [C][H][W] (idx past C·H·W: a later
+// sample's, where a chunk spans samples — CROSS: the halo's rows are the virtual image's, chunk_vq).
 template <class Src>
 __device__ __forceinline__ float halo_value(const Src& src, const Chunk& ch, const LayerDims& d, int c, int hy, int hx) {
     const int W = DIM_W, H = DIM_H;
-    int gy = ch.y_first + hy - R, at = 0;
-    const int gx = hx - R;
-    if (CROSS && gy >= H + R) {  // sample b + 1's rows (and its top padding), H + 2R virtual rows on
-        gy -= H + 2 * R;
-        at = DIM_C * H * W;
-    }
+    int shift;
+    const int gy = virtual_row(ch.y_first + hy - R, shift, d), gx = hx - R;
     if (c >= DIM_C || gy < 0 || gy >= H || gx < 0 || gx >= W) return 0.0f;
-    return src(at + c * (H * W) + gy * W + gx);
+    return src(c * (H * W) + (ch.y_first + hy - R) * W + gx + shift);
 }
 
 // The rows of the chunk's halo (virtual rows, chunk_vq: 2R more where it spans two samples).
@@ -203,13 +199,10 @@ __device__ __forceinline__ void for_each_halo_row_items(const SrcA& a, const Src
             float x[RB][2][2], y[RB][2][2];
 #pragma unroll
             for (int u = 0; u < RB; ++u) {
-                // image row gy of sample b, or (CROSS: virtual rows H + 2R on) row gy − H − 2R of
-                // sample b + 1, whose words lie C·H·W − (H + 2R)·W further than gy's would
-                int gy = gy0 + (i + u) * rpp, next = 0;
-                if (CROSS && gy >= H + R) {
-                    gy -= H + 2 * R;
-                    next = DIM_C * HW - (H + 2 * R) * W;
-                }
+                // image row gy of sample b, or (CROSS) virtual row gy: an image row of a later
+                // sample, whose words lie `next` further than gy's would in sample b's
+                int next;
+                const int gy = virtual_row(gy0 + (i + u) * rpp, next, d);
                 const bool ok = in_x & (i + u < mine) & ((unsigned)gy < (unsigned)H);
 #pragma unroll
                 for (int o = 0; o < 2; ++o) {

@@ -70,8 +70,8 @@ struct PixelMax {
         for (int mi = 0; mi < MT; ++mi) m[mi][0] = m[mi][1] = 0.0f;
     }
     __device__ __forceinline__ void add(int mi, int i, float x) { m[mi][i >> 1] = fmaxf(m[mi][i >> 1], fabsf(x)); }
-    // Merges into the rows of the chunk's sample (rows: its [H] words; a chunk that spans two
-    // samples (CROSS) counts on into the next sample's, row (q0 + pm) / W): the 4 lanes of a pixel
+    // Merges into the rows of the chunk's sample (rows: its [H] words; a chunk that spans samples
+    // (CROSS) counts on into the later samples' rows, row (q0 + pm) / W): the 4 lanes of a pixel
     // (t = 0..3: its channels) first, then one atomicMax per pixel. Every lane of the warp calls it.
     __device__ __forceinline__ void commit(unsigned int* rows, const Chunk& ch, const LayerDims& d) const {
         const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2;
@@ -95,14 +95,14 @@ struct PixelMax {
 // took three round trips (NVRTC unrolled it by 4 after a remainder of up to 3, each remainder load
 // waited for: SASS of the fashion L1 fp32 backward, 2026-12-07). Rows past the halo read as 0, which
 // no maximum of magnitudes changes: the same maxima as one row at a time.
-// A chunk that spans two samples (CROSS) reads sample b's rows from y_first − R to its last and
-// sample b + 1's from its first to y_last + R: one run of the [B][H] words, which hold no padding
-// rows (row q / W of the chunk's pixel q counts on into sample b + 1's rows).
+// A chunk that spans samples (CROSS) reads sample b's rows from y_first − R to its last, the next
+// samples' rows, and its last sample's to y_last + R: one run of the [B][H] words, which hold no
+// padding rows (row q / W of the chunk's pixel q counts on into the later samples' rows).
 template <int N>
 __device__ __forceinline__ void halo_rows_max(const unsigned int* const (&rows)[N], const Chunk& ch, const LayerDims& d, float (&m)[N]) {
     constexpr int RB = 8;
-    const int H = DIM_H, last = (ch.q0 + ch.len - 1) / DIM_W;  // (≥ H: a row of sample b + 1)
-    const int y0 = max(ch.y_first - R, 0), hi = min(last < H ? H : 2 * H, last + R + 1) - y0;
+    const int H = DIM_H, last = (ch.q0 + ch.len - 1) / DIM_W;  // (≥ H: a row of a later sample)
+    const int y0 = max(ch.y_first - R, 0), hi = min((CROSS ? last / H + 1 : 1) * H, last + R + 1) - y0;
 #pragma unroll
     for (int i = 0; i < N; ++i) m[i] = 0.0f;
     for (int hy0 = 0; hy0 < hi; hy0 += RB) {

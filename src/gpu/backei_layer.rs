@@ -1053,7 +1053,7 @@ pub fn plan_tensor_cores_with(
                 v.prefetch_epilogue_inputs();
             }
             if choices.span_samples {
-                v.span_samples();
+                v.span_samples_in(shape, fb, limits, batch);
             }
             v
         }

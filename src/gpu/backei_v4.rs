@@ -231,14 +231,69 @@ impl V4Plan {
         }
     }
 
+    /// Builds the kernels to let chunks span samples ([`V4Plan::span_samples`]) and gives them
+    /// taller halo planes where the device's shared memory holds them beside the plan's tiling
+    /// (whose choice does not change): up to the rows the tallest chunk that spans samples needs
+    /// ([`V4Plan::span_rows_needed`]) — on maps smaller than a chunk, several samples' rows with
+    /// their padding, so that a chunk fills its m-tiles with several samples' pixels.
+    pub fn span_samples_in(&mut self, shape: [usize; 3], fb: &FeedbackConfig, limits: &DeviceLimits, batch: usize) {
+        self.span_samples();
+        let t = self.tiling;
+        let budget = limits.max_smem_per_block as usize;
+        let now = self.dims.halo_rows as usize;
+        for rows in (now + 1..=self.span_rows_needed(shape, batch)).rev() {
+            if let Some((dims, smem)) =
+                layout(shape, fb, self.precision, t.co_t, t.mt, t.slab, t.weights_on_chip, t.dw_on_chip, budget, Some(rows))
+            {
+                self.dims = V4Dims { ranges: self.dims.ranges, ..dims };
+                self.smem_bytes = smem as u32;
+                return;
+            }
+        }
+    }
+
+    /// The halo rows of the tallest chunk this plan's ranges would make if the planes had rows
+    /// enough for any: r rows above its first row and below its last, 2r padding rows between two
+    /// samples ([`V4Plan::span_samples_in`] grows the planes to it where shared memory allows).
+    pub fn span_rows_needed(&self, shape: [usize; 3], batch: usize) -> usize {
+        let (w, hw, r) = (shape[2], shape[1] * shape[2], self.radius);
+        let rows = |&(p, len): &(usize, usize)| {
+            let (q, last) = (p % hw, p % hw + len - 1);
+            (last / w + last / hw * 2 * r) - q / w + 1 + 2 * r
+        };
+        self.chunks_within(shape, batch, usize::MAX / 4).iter().flatten().map(rows).max().unwrap_or(0)
+    }
+
+    /// The pixels of the chunk that starts at pixel q of its sample with n pixels left in its range
+    /// (the kernel's `chunk_len`): up to 128·mt, within the range, and within the sample — or,
+    /// spanning samples, as far as its virtual rows fit planes of `halo_rows` rows.
+    fn chunk_len(&self, shape: [usize; 3], q: usize, n: usize, halo_rows: usize) -> usize {
+        let (h, w) = (shape[1], shape[2]);
+        let (hw, r) = (h * w, self.radius);
+        let (left, n) = (hw - q, n.min(16 * WARPS * self.mt));
+        if n <= left {
+            return n;
+        }
+        if !self.span_samples {
+            return left;
+        }
+        // the virtual pixels below lim end in sample j at its pixel o (a virtual sample: (h + 2r)·w)
+        let lim = (q / w + halo_rows).saturating_sub(2 * r).saturating_mul(w);
+        let vs = (h + 2 * r) * w;
+        let (j, o) = (lim / vs, (lim % vs).min(hw));
+        left.max(n.min(j.saturating_mul(hw).saturating_add(o).saturating_sub(q)))
+    }
+
     /// The chunks of each pixel range (the kernel's `for_each_chunk` and `chunk_at`): for range r,
     /// the (first pixel of the batch, pixels) of each chunk, in order. Chunks hold up to 128·mt
     /// pixels, stop at the range's end and — unless `span_samples` — at each sample's end.
     pub fn chunks(&self, shape: [usize; 3], batch: usize) -> Vec<Vec<(usize, usize)>> {
-        let (h, w) = (shape[1], shape[2]);
-        let hw = h * w;
-        let p_ch = 16 * WARPS * self.mt;
-        let (r, halo_rows) = (self.radius, self.dims.halo_rows as usize);
+        self.chunks_within(shape, batch, self.dims.halo_rows as usize)
+    }
+
+    /// [`V4Plan::chunks`] with planes of `halo_rows` rows.
+    fn chunks_within(&self, shape: [usize; 3], batch: usize, halo_rows: usize) -> Vec<Vec<(usize, usize)>> {
+        let hw = shape[1] * shape[2];
         let total = batch * hw;
         let ranges = self.dims.ranges.max(1) as usize;
         (0..ranges)
@@ -247,17 +302,7 @@ impl V4Plan {
                 let mut out = Vec::new();
                 let mut p = start;
                 while p < end {
-                    let q = p % hw;
-                    let (left, n) = (hw - q, p_ch.min(end - p));
-                    let len = if n <= left {
-                        n
-                    } else if !self.span_samples {
-                        left
-                    } else {
-                        // virtual pixels below (y_first + halo_rows − 2r)·w (chunks.cuh chunk_len)
-                        let fit = ((q / w + halo_rows) * w).saturating_sub(4 * r * w + q);
-                        left.max(n.min(fit))
-                    };
+                    let len = self.chunk_len(shape, p % hw, end - p, halo_rows);
                     out.push((p, len));
                     p += len;
                 }
@@ -436,6 +481,7 @@ fn layout(
     w_resident: bool,
     dw_smem: bool,
     budget: usize,
+    rows: Option<usize>,
 ) -> Option<(V4Dims, usize)> {
     let [c, h, w] = shape;
     let r = fb.radius;
@@ -444,7 +490,9 @@ fn layout(
     let c_pad = c.div_ceil(16) * 16;
     let groups = c.div_ceil(co_t);
     let p_ch = 16 * WARPS * mt;
-    let halo_rows = h.min((p_ch - 1) / w + 2) + 2 * r;
+    // the tallest halo of a chunk within one sample, or (rows) taller planes for chunks that span
+    // samples (V4Plan::span_samples_in)
+    let halo_rows = rows.unwrap_or(h.min((p_ch - 1) / w + 2) + 2 * r);
     let pstride = slab * eb + 16;
     let plane = round16(halo_rows * (w + 2 * r) * pstride);
     let own_pstride = co_t * eb + 16;
@@ -507,7 +555,7 @@ pub fn v4_tilings(shape: [usize; 3], fb: &FeedbackConfig, limits: &DeviceLimits,
             }
             for &slab in &slabs {
                 for mt in [2usize, 1] {
-                    if let Some((dims, smem)) = layout(shape, fb, precision, co_t, mt, slab, weights_on_chip, dw_on_chip, budget) {
+                    if let Some((dims, smem)) = layout(shape, fb, precision, co_t, mt, slab, weights_on_chip, dw_on_chip, budget, None) {
                         out.push((V4Tiling { co_t, mt, slab, weights_on_chip, dw_on_chip }, dims, smem));
                     }
                 }
@@ -1265,12 +1313,13 @@ mod tests {
         p
     }
 
-    /// `BACKEI_V4_CHUNKS=span`: opt-in, one define, the plan's sizes unchanged; and the chunks it
-    /// makes (the host twin of the kernel's chunk_len) cover each range in order, hold at most
-    /// 128·mt pixels, span at most two samples, and keep their halo — virtual rows, 2r padding
-    /// rows between the samples — within the planes' rows, on every BackEI shape of the four
-    /// networks in every precision; and they are fewer where a sample is not a whole number of
-    /// chunks (the numbers docs/gpu.md quotes).
+    /// `BACKEI_V4_CHUNKS=span`: opt-in, one define; the planes grow only within the device's
+    /// shared memory beside the plan's tiling (none at fashion-mnist L1 in fp32, which fills it);
+    /// and the chunks it makes (the host twin of the kernel's chunk_len) cover each range in
+    /// order, hold at most 128·mt pixels, and keep their halo — virtual rows, 2r padding rows
+    /// between samples — within the planes' rows, on every BackEI shape of the four networks in
+    /// every precision; and they are fewer where a sample is not a whole number of chunks or a
+    /// chunk holds several samples (the numbers docs/gpu.md quotes).
     #[test]
     fn chunks_that_span_samples_are_opt_in_fit_the_halo_planes_and_are_fewer() {
         assert!(!span_samples_from_env(None).unwrap());
@@ -1279,7 +1328,13 @@ mod tests {
         let e = span_samples_from_env(Some("yes")).unwrap_err().to_string();
         assert!(e.contains(CHUNKS_ENV) && e.contains("span") && e.contains("sample"), "{e}");
         assert!(opt_in_builds_once("V4_CROSS", V4Plan::span_samples).span_samples);
-        assert!(!plan_v4([32, 28, 28], &fb(1), 100, 20, &DeviceLimits::H100, Precision::Fp32).unwrap().span_samples);
+        let h100 = DeviceLimits::H100;
+        let full = plan_v4([32, 28, 28], &fb(1), 100, 20, &h100, Precision::Fp32).unwrap();
+        assert!(!full.span_samples);
+        let mut grown = full.clone();
+        grown.span_samples_in([32, 28, 28], &fb(1), &h100, 100);
+        assert!(grown.span_samples && grown.span_rows_needed([32, 28, 28], 100) > full.dims.halo_rows as usize);
+        assert_eq!((grown.dims, grown.smem_bytes), (full.dims, full.smem_bytes), "fashion L1 fp32 fills the shared memory");
 
         let shapes: [([usize; 3], usize); 9] = [
             ([15, 24, 24], 2),
@@ -1294,12 +1349,15 @@ mod tests {
         ];
         for (shape, r) in shapes {
             for precision in [Precision::Fp32, Precision::Tf32, Precision::Bf16] {
-                let Ok(sample) = plan_v4(shape, &fb(r), 100, 20, &DeviceLimits::H100, precision) else { continue };
+                let Ok(sample) = plan_v4(shape, &fb(r), 100, 20, &h100, precision) else { continue };
                 let mut span = sample.clone();
-                span.span_samples();
+                span.span_samples_in(shape, &fb(r), &h100, 100);
+                assert!(span.smem_bytes <= h100.max_smem_per_block && span.dims.halo_rows >= sample.dims.halo_rows);
+                assert_eq!((span.tiling, span.grid, span.dims.ranges), (sample.tiling, sample.grid, sample.dims.ranges));
                 let (h, w) = (shape[1], shape[2]);
                 let hw = h * w;
                 let p_ch = 128 * span.mt;
+                let mut most_samples = 1;
                 for plan in [&sample, &span] {
                     let ranges = plan.chunks(shape, 100);
                     assert_eq!(ranges.len(), plan.dims.ranges as usize);
@@ -1310,11 +1368,10 @@ mod tests {
                             assert!(len >= 1 && len <= p_ch, "{shape:?}: a chunk of {len}");
                             next = p + len;
                             let (q, last) = (p % hw, (p + len - 1) - p / hw * hw);
-                            assert!(last < 2 * hw, "{shape:?}: a chunk spans three samples");
                             assert!(plan.span_samples || last < hw, "{shape:?}: only span crosses a sample's end");
-                            // virtual rows: y_first − r … the last pixel's row (2r further in the next sample) + r
-                            let last_row = if last < hw { last / w } else { last / w + 2 * r };
-                            let rows = last_row - q / w + 1 + 2 * r;
+                            most_samples = most_samples.max(last / hw + 1);
+                            // virtual rows: y_first − r … the last pixel's row (2r further per sample boundary) + r
+                            let rows = (last / w + last / hw * 2 * r) - q / w + 1 + 2 * r;
                             assert!(rows <= plan.dims.halo_rows as usize, "{shape:?} {precision}: a halo of {rows} rows");
                         }
                     }
@@ -1332,8 +1389,9 @@ mod tests {
                     assert_eq!(most1, most0, "{shape:?} {precision}: whole chunks per sample");
                 }
                 println!(
-                    "{shape:?} r {r} {precision} mt {}: chunks per block, most {most0} -> {most1}, mean {mean0:.2} -> {mean1:.2}",
-                    span.mt
+                    "{shape:?} r {r} {precision} mt {}: chunks per block, most {most0} -> {most1}, mean {mean0:.2} -> {mean1:.2}; \
+                     halo rows {} -> {} (smem {} -> {} B), up to {most_samples} samples per chunk",
+                    span.mt, sample.dims.halo_rows, span.dims.halo_rows, sample.smem_bytes, span.smem_bytes
                 );
             }
         }
