@@ -47,8 +47,9 @@
 // (sample, pixel) space — a balanced contiguous range — for the whole launch, in chunks that do not
 // cross samples (or, with V4_CROSS, span them: v4/chunks.cuh chunk_len). 256 threads = 8 warps;
 // warp w owns the chunk's m-tiles w, w+8, … (MT of them) and all CO_T channels, so a thread owns
-// the same neurons at every step (its own dv, grad_in, u chains need no barrier). Phases are separated by phase_done (v4/sync.cuh: a grid barrier, or with
-// V4_SYNC a wait for the blocks whose pixels lie within R rows):
+// the same neurons at every step (its own dv, grad_in, u chains need no barrier). Phases are
+// separated by phase_done (v4/sync.cuh: a grid barrier, or with V4_SYNC a wait for the blocks
+// whose pixels lie within R rows):
 //   forward  step t:  A (back: stage s_{t−D}, a = W_b ⊛ s; every t: g, v_t, and s_t when ei is off) | sync |
 //                     B (ei: stage v_t, z = W_e ⊛ v_t, s_t) | sync
 //   backward step t:  2 (stage dz_t = (∂L/∂s + fb)·H(v−θ)·sign′(z) — from the ring phase 3 of step

@@ -31,7 +31,7 @@ __device__ __forceinline__ Chunk chunk_at(long long p, long long end, const Laye
     ch.len = chunk_len(p, end, ch.q0, d, vd);
     ch.y_first = ch.q0 / DIM_W;
     const long long p_next = p + ch.len;
-    const int q_next = ch.q0 + ch.len, j = CROSS ? chunk_sample(q_next, d) : (q_next == HW);
+    const int q_next = ch.q0 + ch.len, j = q_next / HW;  // (the samples it passed: 0, or 1 at a sample's end unless CROSS)
     ch.next_len = p_next < end ? chunk_len(p_next, end, q_next - j * HW, d, vd) : 0;
     return ch;
 }
@@ -54,7 +54,7 @@ __device__ __forceinline__ void for_each_chunk(const LayerDims& d, const V4Dims&
 __device__ __forceinline__ bool next_chunk(const Chunk& ch, const LayerDims& d, Chunk& next) {
     if (ch.next_len == 0) return false;
     const int HW = DIM_H * DIM_W, q = ch.q0 + ch.len;  // (past HW: in a later sample, or its start)
-    const int j = CROSS ? chunk_sample(q, d) : (q == HW);
+    const int j = q / HW;
     next.b = ch.b + j;
     next.q0 = q - j * HW;
     next.len = ch.next_len;
@@ -111,6 +111,14 @@ constexpr int LOADS_AHEAD_PHASE3 = 8;                   // the backward's phase 
 // phase 2's: 8 elements (48–56 words) for tiles of up to 16 accumulators per thread, 4 for 32, 2 for 64
 constexpr int LOADS_AHEAD_PHASE2 = MT * NT * 4 <= 16 ? 8 : (MT * NT * 4 <= 32 ? 4 : 2);
 
+// fn(j, lo, hi) for each sample the chunk touches: its j-th (from sample b), pixels [lo, hi) of
+// it (one sample unless CROSS).
+template <class F>
+__device__ __forceinline__ void for_each_sample_part(const Chunk& ch, const LayerDims& d, F fn) {
+    const int HW = DIM_H * DIM_W, last_j = chunk_sample(ch.q0 + ch.len - 1, d);
+    for (int j = 0; j <= last_j; ++j) fn(j, max(ch.q0 - j * HW, 0), min(ch.q0 + ch.len - j * HW, HW));
+}
+
 // The L2 prefetch of a chunk's epilogue inputs (V4_PREFETCH): the 128-byte lines that hold pixels
 // q0 … q0 + len − 1 of this block's channels co0 … co0 + CO_T − 1 in a sample's [C][HW] planes at
 // `sample`, requested before the chunk's GEMMs so that the epilogue's loads — a batch of elements
@@ -133,12 +141,7 @@ __device__ __forceinline__ void prefetch_owned_l2(const T* sample, const Chunk& 
             if (l * PER_LINE < n + PER_LINE - 1) prefetch_l2(base + (long long)(co0 + cc) * HW + q + min(l * PER_LINE, n - 1));
         }
     };
-    // sample j's share of the chunk's pixels (one sample unless CROSS)
-    const int last_j = chunk_sample(ch.q0 + ch.len - 1, d);
-    for (int j = 0; j <= last_j; ++j) {
-        const int lo = max(ch.q0, j * HW), hi = min(ch.q0 + ch.len, (j + 1) * HW);
-        lines(sample + (long long)j * DIM_C * HW, lo - j * HW, hi - lo);
-    }
+    for_each_sample_part(ch, d, [&](int j, int lo, int hi) { lines(sample + (long long)j * DIM_C * HW, lo, hi - lo); });
 }
 
 // The L2 prefetch of the halo that the chunk after `ch` will stage from `src` (V4_PREFETCH): rows
@@ -163,12 +166,9 @@ __device__ __forceinline__ void prefetch_next_halo_l2(const S& src, const Chunk&
         for (int c = warp; c < DIM_C; c += WARPS)
             for (int l = lane; l * 32 < run + 31; l += 32) src.prefetch(at + c * HW + min(l * 32, run - 1));
     };
-    // sample j's rows of the halo: from R above the chunk's first row (j = 0) or the top, to R
-    // below its last (in its last sample) or the bottom
-    const int at = (nx.b - ch.b) * N, q_last = nx.q0 + nx.len - 1, last_j = chunk_sample(q_last, d);
-    for (int j = 0; j <= last_j; ++j) {
-        const int y0 = j == 0 ? max(nx.y_first - R, 0) : 0;
-        const int y1 = j == last_j ? min((q_last - j * HW) / DIM_W + R, DIM_H - 1) : DIM_H - 1;
-        rows(at + j * N, y0, y1);
-    }
+    // each sample's rows of the halo: R above and below the rows of its pixels, inside the image
+    const int at = (nx.b - ch.b) * N;
+    for_each_sample_part(nx, d, [&](int j, int lo, int hi) {
+        rows(at + j * N, max(lo / DIM_W - R, 0), min((hi - 1) / DIM_W + R, DIM_H - 1));
+    });
 }

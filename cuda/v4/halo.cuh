@@ -10,12 +10,12 @@ template <class Src>
 __device__ __forceinline__ float halo_value(const Src& src, const Chunk& ch, const LayerDims& d, int c, int hy, int hx) {
     const int W = DIM_W, H = DIM_H;
     int shift;
-    const int gy = virtual_row(ch.y_first + hy - R, shift, d), gx = hx - R;
+    const int vy = ch.y_first + hy - R, gy = virtual_row(vy, shift, d), gx = hx - R;
     if (c >= DIM_C || gy < 0 || gy >= H || gx < 0 || gx >= W) return 0.0f;
-    return src(c * (H * W) + (ch.y_first + hy - R) * W + gx + shift);
+    return src(c * (H * W) + vy * W + gx + shift);
 }
 
-// The rows of the chunk's halo (virtual rows, chunk_vq: 2R more where it spans two samples).
+// The rows of the chunk's halo (virtual rows, chunk_vq: 2R more per sample boundary it spans).
 __device__ __forceinline__ int halo_rows_of(const Chunk& ch, const LayerDims& d) {
     return chunk_vq(ch, ch.len - 1, d) / DIM_W - ch.y_first + 1 + 2 * R;
 }

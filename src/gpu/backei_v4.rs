@@ -219,9 +219,9 @@ impl V4Plan {
         }
     }
 
-    /// Builds the kernels to let a chunk span two samples (`V4_CROSS`, cuda/v4/chunks.cuh
+    /// Builds the kernels to let a chunk span samples (`V4_CROSS`, cuda/v4/chunks.cuh
     /// `chunk_len`): a block's chunks run on across a sample's end as far as the chunk's halo —
-    /// sample b's rows, 2r padding rows, sample b + 1's rows — fits the planes' `halo_rows`. The
+    /// the samples' rows with 2r padding rows between them — fits the planes' `halo_rows`. The
     /// same sums per output element; the fp32 mode's per-chunk scales and the order in which the
     /// weight gradients' per-chunk sums are folded follow the chunks (`tests/emu_v4.rs`).
     pub fn span_samples(&mut self) {
@@ -1290,13 +1290,19 @@ mod tests {
 
     #[test]
     fn l2_prefetches_are_opt_in_and_build_the_kernels_once_without_changing_the_plan() {
-        assert!(!prefetch_l2_from_env(None).unwrap());
-        assert!(!prefetch_l2_from_env(Some("off")).unwrap());
-        assert!(prefetch_l2_from_env(Some(" l2 ")).unwrap());
-        let e = prefetch_l2_from_env(Some("on")).unwrap_err().to_string();
-        assert!(e.contains(PREFETCH_ENV) && e.contains("l2") && e.contains("off"), "{e}");
+        env_opt_in(prefetch_l2_from_env, PREFETCH_ENV, "l2", "off", "on");
         let p = opt_in_builds_once("V4_PREFETCH", V4Plan::prefetch_epilogue_inputs);
         assert!(p.prefetch_l2);
+    }
+
+    /// An opt-in variable's parser: unset and `off` give false, `on` (blanks around it allowed)
+    /// true, and `bad` an error naming the variable and both values.
+    fn env_opt_in(parse: fn(Option<&str>) -> Result<bool>, var: &str, on: &str, off: &str, bad: &str) {
+        assert!(!parse(None).unwrap());
+        assert!(!parse(Some(off)).unwrap());
+        assert!(parse(Some(&format!(" {on} "))).unwrap());
+        let e = parse(Some(bad)).unwrap_err().to_string();
+        assert!(e.contains(var) && e.contains(on) && e.contains(off), "{e}");
     }
 
     /// A build opt-in of the fashion L1 plan: off by default, its define once however often it is
@@ -1322,11 +1328,7 @@ mod tests {
     /// chunk holds several samples (the numbers docs/gpu.md quotes).
     #[test]
     fn chunks_that_span_samples_are_opt_in_fit_the_halo_planes_and_are_fewer() {
-        assert!(!span_samples_from_env(None).unwrap());
-        assert!(!span_samples_from_env(Some("sample")).unwrap());
-        assert!(span_samples_from_env(Some(" span ")).unwrap());
-        let e = span_samples_from_env(Some("yes")).unwrap_err().to_string();
-        assert!(e.contains(CHUNKS_ENV) && e.contains("span") && e.contains("sample"), "{e}");
+        env_opt_in(span_samples_from_env, CHUNKS_ENV, "span", "sample", "yes");
         assert!(opt_in_builds_once("V4_CROSS", V4Plan::span_samples).span_samples);
         let h100 = DeviceLimits::H100;
         let full = plan_v4([32, 28, 28], &fb(1), 100, 20, &h100, Precision::Fp32).unwrap();
@@ -1399,11 +1401,7 @@ mod tests {
 
     #[test]
     fn neighbour_flags_are_opt_in_build_the_kernels_once_and_size_the_sync_buffer() {
-        assert!(!neighbour_sync_from_env(None).unwrap());
-        assert!(!neighbour_sync_from_env(Some("grid")).unwrap());
-        assert!(neighbour_sync_from_env(Some(" neighbours ")).unwrap());
-        let e = neighbour_sync_from_env(Some("flags")).unwrap_err().to_string();
-        assert!(e.contains(SYNC_ENV) && e.contains("neighbours") && e.contains("grid"), "{e}");
+        env_opt_in(neighbour_sync_from_env, SYNC_ENV, "neighbours", "grid", "flags");
         let mut p = plan_v4([32, 28, 28], &fb(1), 100, 20, &DeviceLimits::H100, Precision::Fp32).unwrap();
         assert!(!p.neighbour_sync && !p.defines.iter().any(|(k, _)| k == "V4_SYNC"));
         let grid_smem = p.smem_bytes;
