@@ -172,6 +172,19 @@ typedef float V4S;
 #else
 #define DIM_W d.W
 #endif
+// The layer's feedback paths (the back gate, the E/I sign), constants in the GPU build like the
+// shape: every epilogue then holds only its layer's code, without a branch per element around
+// each path's loads, stores and sums (SASS of the fashion L1 backward, 2026-12-07, fifth session).
+#ifdef V4_BACK
+#define DIM_BACK V4_BACK
+#else
+#define DIM_BACK d.back
+#endif
+#ifdef V4_EI
+#define DIM_EI V4_EI
+#else
+#define DIM_EI d.ei
+#endif
 
 // The neuron's firing mode and surrogate (NeuronParams.smooth, .surrogate) as compile-time
 // constants when the host knows them (the GPU build: every epilogue then holds one surrogate's
@@ -413,7 +426,7 @@ __device__ __forceinline__ bool dw_on_chip(const V4Dims& vd) {
 __device__ __forceinline__ V4Smem v4_smem(char* base, const LayerDims& d, const V4Dims& vd) {
     V4Smem s;
     s.wb = base;
-    s.we = base + (vd.w_resident && d.back ? vd.wslice_bytes : 0);
+    s.we = base + (vd.w_resident && DIM_BACK ? vd.wslice_bytes : 0);
     s.dw = dw_on_chip(vd) ? reinterpret_cast<float*>(base + vd.smem_dw) : nullptr;
     s.halo = base + vd.smem_halo;
     s.own = base + vd.smem_own;
@@ -633,16 +646,16 @@ __device__ __forceinline__ void forward_v4(const float* __restrict__ params, con
     const float* be = params + d.off_be;
     // the window's slots of v's row maxima start at zero (build_weight_fragments' grid barrier
     // orders this before phase A's atomics)
-    if (ROWMAX && d.ei) rowmax_zero(rowmax_v(rowmax, d, win.t0), win.t1 - win.t0, d);
+    if (ROWMAX && DIM_EI) rowmax_zero(rowmax_v(rowmax, d, win.t0), win.t1 - win.t0, d);
     build_weight_fragments<false>(wfrag, winv, params, d, vd, bar, sm.red);
     block_share_init(sm.share, d, vd);  // (the phases' order and the owned work: v4/sync.cuh)
     unsigned int phase = 0;             // phases completed (V4_SYNC)
     const char* wg_b = wfrag + (long long)gi * vd.wslice_bytes;  // this block's slices in wfrag
     const char* wg_e = wfrag + ((long long)vd.groups + gi) * vd.wslice_bytes;
-    const float winv_b = d.back ? __ldcg(winv + gi) : 1.0f, winv_e = d.ei ? __ldcg(winv + vd.groups + gi) : 1.0f;
+    const float winv_b = DIM_BACK ? __ldcg(winv + gi) : 1.0f, winv_e = DIM_EI ? __ldcg(winv + vd.groups + gi) : 1.0f;
     if (vd.w_resident) {
-        if (d.back) load_weight_slice(sm.wb, wfrag, 0, vd);
-        if (d.ei) load_weight_slice(sm.we, wfrag, 1, vd);
+        if (DIM_BACK) load_weight_slice(sm.wb, wfrag, 0, vd);
+        if (DIM_EI) load_weight_slice(sm.we, wfrag, 1, vd);
         cp_async_wait_all();
         __syncthreads();
     }
@@ -651,7 +664,7 @@ __device__ __forceinline__ void forward_v4(const float* __restrict__ params, con
         const long long wt = (long long)(t - win.t0) * BN;  // v, g, z: the window's steps
         const float* in_t = input + (d.t_in == 1 ? 0 : (long long)(t - win.in_t0) * BN);
         // phase A: a = W_b ⊛ s_{t−D} + b_b, g, v_t (and s_t when ei is off)
-        const bool conv_b = d.back && t >= d.D;
+        const bool conv_b = DIM_BACK && t >= d.D;
         for_each_chunk(d, vd, [&](const Chunk& ch) V4_INLINE_LAMBDA {
             const long long sb = (long long)ch.b * N;
             float acc[MT][NT][4] = {};
@@ -672,35 +685,36 @@ __device__ __forceinline__ void forward_v4(const float* __restrict__ params, con
             }
             const float sc_b = winv_b * inv_s;
             // the input, this thread's own v_{t−1} (the window's previous step, or the checkpoint)
-            // and the gate's bias
+            // and the gate's bias; the chunk's sample's words of each array (Owned::o from here)
             struct InVp {
                 float in, vp, b;
             };
-            auto load = [&](int q, int c) {
-                const long long e = sb + (long long)c * HW + q;
-                return InVp{in_t[e], t == 0 ? 0.0f : (t > win.t0 ? v[wt - BN + e] : v_prev[e]), d.back ? bb[c] : 0.0f};
-            };
+            const float* in_c = in_t + sb;
+            const float* vp_c = t == 0 ? nullptr : (t > win.t0 ? v + wt - BN : v_prev) + sb;  // (v_prev: null when t0 = 0)
+            float* g_c = g + wt + sb;
+            float* v_c = v + wt + sb;
+            V4S* out_c = out + ot + sb;
+            auto load = [&](const Owned& e) { return InVp{in_c[e.o], t == 0 ? 0.0f : vp_c[e.o], DIM_BACK ? bb[e.c] : 0.0f}; };
             PixelMax vmax;  // (fp32 mode with ei: v_t's row maxima, for phase B's and the backward's scales)
-            for_each_owned_loaded<LOADS_AHEAD>(ch, co0, d, load, [&](int mi, int ni, int i, int q, int c, const InVp& x) {
-                const long long e = sb + (long long)c * HW + q;
+            for_each_owned_loaded<LOADS_AHEAD>(ch, co0, d, load, [&](const Owned& e, const InVp& x) {
                 float cur = x.in;
-                if (d.back) {
-                    const float gt = sigmoidf_(x.b + acc[mi][ni][i] * sc_b);
-                    g[wt + e] = gt;
+                if (DIM_BACK) {
+                    const float gt = sigmoidf_(x.b + acc[e.mi][e.ni][e.i] * sc_b);
+                    g_c[e.o] = gt;
                     cur = gt * cur;
                 }
                 float u = 0.0f;
                 if (t > 0) u = x.vp * (1.0f - fire(np, x.vp - np.threshold));
                 const float vt = np.leak * u + cur;
-                v[wt + e] = vt;
-                if (ROWMAX) vmax.add(mi, i, vt);
-                if (v_last && t == win.t1 - 1) v_last[e] = vt;
-                if (!d.ei) out[ot + e] = (V4S)fire(np, vt - np.threshold);
+                v_c[e.o] = vt;
+                if (ROWMAX) vmax.add(e.mi, e.i, vt);
+                if (v_last && t == win.t1 - 1) v_last[sb + e.o] = vt;
+                if (!DIM_EI) out_c[e.o] = (V4S)fire(np, vt - np.threshold);
             });
-            if (ROWMAX && d.ei) vmax.commit(rowmax_v(rowmax, d, t) + ch.b * DIM_H, ch, d);
+            if (ROWMAX && DIM_EI) vmax.commit(rowmax_v(rowmax, d, t) + ch.b * DIM_H, ch, d);
         });
         phase_done(bar, sm.share, phase);  // v_t (and s_t) are written
-        if (d.ei) {
+        if (DIM_EI) {
             // phase B: z = W_e ⊛ v_t + b_e, s_t = sign(z)·H(v_t − θ)
             for_each_chunk(d, vd, [&](const Chunk& ch) V4_INLINE_LAMBDA {
                 const long long sb = (long long)ch.b * N;
@@ -711,13 +725,15 @@ __device__ __forceinline__ void forward_v4(const float* __restrict__ params, con
                                            : halo_scale<true>(vt_src, ch, d, sm.red, inv_v);
                 conv_all_slabs<true, PLANES>(acc, sm.halo, sm.we, wg_e, vt_src, scale, ch, d, vd);
                 const float sc = winv_e * inv_v;
-                auto load_v = [&](int q, int c) { return make_float2(v[wt + sb + (long long)c * HW + q], be[c]); };
-                for_each_owned_loaded<LOADS_AHEAD>(ch, co0, d, load_v, [&](int mi, int ni, int i, int q, int c, float2 vb) {
-                    const long long e = sb + (long long)c * HW + q;
+                const float* v_c = v + wt + sb;
+                V4Z* z_c = z + wt + sb;
+                V4S* out_c = out + ot + sb;
+                auto load_v = [&](const Owned& e) { return make_float2(v_c[e.o], be[e.c]); };
+                for_each_owned_loaded<LOADS_AHEAD>(ch, co0, d, load_v, [&](const Owned& e, float2 vb) {
                     const float vt = vb.x;
-                    const float zt = vb.y + acc[mi][ni][i] * sc;
-                    z[wt + e] = save_z(np, zt);
-                    out[ot + e] = (V4S)(sign_(np, zt) * fire(np, vt - np.threshold));
+                    const float zt = vb.y + acc[e.mi][e.ni][e.i] * sc;
+                    z_c[e.o] = save_z(np, zt);
+                    out_c[e.o] = (V4S)(sign_(np, zt) * fire(np, vt - np.threshold));
                 });
             });
             phase_done(bar, sm.share, phase);  // s_t is written before a later step's gate and the pooling read it
@@ -815,7 +831,7 @@ __device__ __forceinline__ void backward_v4(const float* __restrict__ params, fl
     else if (!DB_CARRIED && !first_launch) load_db();
     // da's two slots of row maxima start at zero (ordered before phase 2's atomics by the barrier
     // in build_weight_fragments); dz's are zeroed in the loop, each before phase 3 fills it
-    if (ROWMAX && d.back) rowmax_zero(rowmax_da(rowmax, d, 0), 2, d);
+    if (ROWMAX && DIM_BACK) rowmax_zero(rowmax_da(rowmax, d, 0), 2, d);
     build_weight_fragments<true>(wfrag, winv, params, d, vd, bar, sm.red);
     block_share_init(sm.share, d, vd);  // (the phases' order and the owned work: v4/sync.cuh)
     unsigned int phase = 0;             // phases completed (V4_SYNC)
@@ -826,10 +842,10 @@ __device__ __forceinline__ void backward_v4(const float* __restrict__ params, fl
     char* const x_planes = y_staged ? sm.halo : nullptr;
     const char* wg_b = wfrag + (long long)gi * vd.wslice_bytes;
     const char* wg_e = wfrag + ((long long)vd.groups + gi) * vd.wslice_bytes;
-    const float winv_b = d.back ? __ldcg(winv + gi) : 1.0f, winv_e = d.ei ? __ldcg(winv + vd.groups + gi) : 1.0f;
+    const float winv_b = DIM_BACK ? __ldcg(winv + gi) : 1.0f, winv_e = DIM_EI ? __ldcg(winv + vd.groups + gi) : 1.0f;
     if (vd.w_resident) {
-        if (d.back) load_weight_slice(sm.wb, wfrag, 0, vd);
-        if (d.ei) load_weight_slice(sm.we, wfrag, 1, vd);
+        if (DIM_BACK) load_weight_slice(sm.wb, wfrag, 0, vd);
+        if (DIM_EI) load_weight_slice(sm.we, wfrag, 1, vd);
         cp_async_wait_all();
     }
     __syncthreads();
@@ -837,18 +853,18 @@ __device__ __forceinline__ void backward_v4(const float* __restrict__ params, fl
         const long long ot = (long long)t * BN;            // s, ∂L/∂s, ∂L/∂I, the input: every step
         const long long wt = (long long)(t - win.t0) * BN;  // v, g, z: the window's steps
         const float* in_t = input + (d.t_in == 1 ? 0 : (long long)(t - win.in_t0) * BN);
-        const bool has_fb = d.back && t + d.D < d.T;
+        const bool has_fb = DIM_BACK && t + d.D < d.T;
         const float* fb_t = has_fb ? fb + (long long)(t % d.D) * BN : nullptr;
         // dz_t was formed by phase 3 of step t + D in this launch (the step ran: t + D < t1, and it
         // had the slot); this step's phase 3 forms dz_{t−D} (its v and z are in the window). Where
         // dz is formed, the kernel keeps its row maxima (DZ_ROWMAX, v4/rowmax.cuh) and stores it in
         // the ring (DZ_RING); da_t's maxima are filled by this phase and read by phase 3
-        const bool dz_formed = d.ei && has_fb && t + d.D < win.t1;
-        const bool forms_dz = d.back && d.ei && t - d.D >= win.t0;
+        const bool dz_formed = DIM_EI && has_fb && t + d.D < win.t1;
+        const bool forms_dz = DIM_BACK && DIM_EI && t - d.D >= win.t0;
         const bool dz_rows = DZ_ROWMAX && dz_formed, fill_dz_rows = DZ_ROWMAX && forms_dz;
         const bool dz_saved = DZ_RING && dz_formed, store_dz = DZ_RING && forms_dz;
-        const bool fill_da_rows = ROWMAX && d.back && t >= d.D;
-        if (ROWMAX && d.back) {
+        const bool fill_da_rows = ROWMAX && DIM_BACK && t >= d.D;
+        if (ROWMAX && DIM_BACK) {
             zero_owned_rows(rowmax_da(rowmax, d, t + 1), sm.share, d, vd);  // read by phase 3 of step t + 1, filled by phase 2 of step t − 1
             if (fill_dz_rows) zero_owned_rows(rowmax_dz(rowmax, d, t - d.D), sm.share, d, vd);
         }
@@ -867,21 +883,21 @@ __device__ __forceinline__ void backward_v4(const float* __restrict__ params, fl
                 if (has_fb) prefetch_owned_l2(fb_t + sb, ch, co0, d);
                 else if (!ds_src.pooled) prefetch_owned_l2(ds_src.g, ch, co0, d);
                 if (t != d.T - 1) prefetch_owned_l2(dvbuf + sb, ch, co0, d);
-                if (d.back) {
+                if (DIM_BACK) {
                     prefetch_owned_l2(g + wt + sb, ch, co0, d);
                     prefetch_owned_l2(in_t + sb, ch, co0, d);
                 }
-                if (d.ei) prefetch_owned_l2(z + wt + sb, ch, co0, d);
+                if (DIM_EI) prefetch_owned_l2(z + wt + sb, ch, co0, d);
                 if (d.t_in == 1 && t != d.T - 1) prefetch_owned_l2(grad_in + sb, ch, co0, d);  // (added to)
                 // and the next chunk's halo: v_t (the weight gradient's X, and V4Dz's v) and dz_t's
                 // sources (the ring, or the slot and z where dz is formed on the fly)
-                if (d.ei) {
+                if (DIM_EI) {
                     prefetch_next_halo_l2(vt_src, ch, d);
                     if (dz_saved) prefetch_next_halo_l2(dz_ring, ch, d);
                     else prefetch_next_halo_l2(dz_src, ch, d);
                 }
             }
-            if (d.ei) {
+            if (DIM_EI) {
                 if (dz_rows) {  // (both scales from row maxima: one walk over the rows)
                     sc_dz = rowmax_scale_pair(rowmax_dz(rowmax, d, t) + ch.b * DIM_H, rowmax_v(rowmax, d, t) + ch.b * DIM_H, ch, d, inv_dz, sc_v, inv_v);
                 } else {
@@ -902,65 +918,78 @@ __device__ __forceinline__ void backward_v4(const float* __restrict__ params, fl
                 float vt, ds, dv_next, gt, in, gin;
                 V4Z zt;
             };
-            auto load = [&](int q, int c) {
-                const long long e = sb + (long long)c * HW + q;
+            // the chunk's sample's words of each array (Owned::o from here); ∂L/∂s_t (+ fb_t: the
+            // slot holds both) from one array where it is one (the slot, or ∂L/∂s not through the
+            // pooling's backward): then whole m-tiles read it with no branch (ds_c)
+            const float* v_c = v + wt + sb;
+            const float* fb_c = has_fb ? fb_t + sb : nullptr;
+            const float* ds_c = has_fb ? fb_c : (ds_src.pooled ? nullptr : ds_src.g);
+            float* dv_c = dvbuf + sb;
+            const float* g_c = g + wt + sb;
+            const float* in_c = in_t + sb;
+            const V4Z* z_c = z + wt + sb;
+            float* gin_c = grad_in + (d.t_in == 1 ? 0 : ot) + sb;
+            float* da_c = da + sb;
+            auto load_rest = [&](const Owned& e, float ds) {
                 Saved x;
-                x.vt = v[wt + e];
-                x.ds = has_fb ? __ldcg(fb_t + e) : ds_src.at(c, q);  // ∂L/∂s_t (+ fb_t: the slot holds both)
-                x.dv_next = t == d.T - 1 ? 0.0f : dvbuf[e];
-                x.gt = d.back ? g[wt + e] : 1.0f;
-                x.in = d.back ? in_t[e] : 0.0f;
-                x.zt = d.ei ? z[wt + e] : V4Z{};
-                x.gin = d.t_in == 1 && t != d.T - 1 ? grad_in[e] : 0.0f;
+                x.vt = v_c[e.o];
+                x.ds = ds;
+                x.dv_next = t == d.T - 1 ? 0.0f : dv_c[e.o];
+                x.gt = DIM_BACK ? g_c[e.o] : 1.0f;
+                x.in = DIM_BACK ? in_c[e.o] : 0.0f;
+                x.zt = DIM_EI ? z_c[e.o] : V4Z{};
+                x.gin = d.t_in == 1 && t != d.T - 1 ? gin_c[e.o] : 0.0f;
                 return x;
             };
+            auto load = [&](const Owned& e) { return load_rest(e, has_fb ? __ldcg(fb_c + e.o) : ds_src.at(e.c, e.q)); };
+            auto load_whole = [&](const Owned& e) { return load_rest(e, __ldcg(ds_c + e.o)); };
             // 8, 4 or 2 elements' loads ahead by the tile's accumulators (v4/chunks.cuh
             // LOADS_AHEAD_PHASE2; 2 and 1 until 2026-12-07: 12 words in flight per thread, none
             // beyond the element at hand on the 32- and 64-accumulator tiles)
             constexpr int E = LOADS_AHEAD_PHASE2;
             PixelMax damax;  // (fp32 mode, back: da_t's row maxima, phase 3's scale)
-            auto update = [&](int mi, int ni, int i, int q, int c, const Saved& sv) {
-                const long long e = sb + (long long)c * HW + q;
+            auto update = [&](const Owned& e, const Saved& sv) {
+                const int mi = e.mi, ni = e.ni, i = e.i;
                 const float vt = sv.vt;
                 const float x = vt - np.threshold;
                 const float o = fire(np, x);
                 const float ds = sv.ds;
                 const float du = t == d.T - 1 ? 0.0f : np.leak * sv.dv_next;
                 float d_o = ds;
-                if (d.ei) {
+                if (DIM_EI) {
                     const V4Z zt = sv.zt;
                     d_o = ds * saved_sign(np, zt);
                     db_e[ni][i & 1] += ds * o * saved_sign_grad(np, zt);
                 }
                 d_o -= du * vt;
                 float dv = du * (1.0f - o) + d_o * fire_grad(np, x);
-                if (d.ei) dv += acc[mi][ni][i] * sc;
-                dvbuf[e] = dv;
+                if (DIM_EI) dv += acc[mi][ni][i] * sc;
+                dv_c[e.o] = dv;
                 const float gt = sv.gt;
                 const float dcur = dv * gt;
                 if (d.t_in == 1) {
-                    grad_in[e] = t == d.T - 1 ? dcur : sv.gin + dcur;
+                    gin_c[e.o] = t == d.T - 1 ? dcur : sv.gin + dcur;
                 } else {
-                    grad_in[ot + e] = dcur;
+                    gin_c[e.o] = dcur;
                 }
-                if (d.back) {
+                if (DIM_BACK) {
                     const float a_grad = dv * sv.in * gt * (1.0f - gt);
-                    da[e] = a_grad;
+                    da_c[e.o] = a_grad;
                     if (ROWMAX) damax.add(mi, i, a_grad);
                     db_b[ni][i & 1] += a_grad;
                 }
             };
             if (DB_CARRIED) load_db();
-            for_each_owned_loaded<E>(ch, co0, d, load, update);
+            for_each_owned_loaded<E>(ch, co0, d, ds_c != nullptr, load_whole, load, update);
             if (DB_CARRIED) store_db();
             if (fill_da_rows) damax.commit(rowmax_da(rowmax, d, t) + ch.b * DIM_H, ch, d);
-            if (d.ei) {
+            if (DIM_EI) {
                 if (dz_saved) wgrad_all_slabs<true, PLANES>(dw_e, dw_pitch, y_staged, dz_ring, sc_dz, inv_dz, vt_src, sc_v, inv_v, co0, sm, ch, d, vd);
                 else wgrad_all_slabs<true, PLANES>(dw_e, dw_pitch, y_staged, dz_src, sc_dz, inv_dz, vt_src, sc_v, inv_v, co0, sm, ch, d, vd);
             }
         });
         phase_done(bar, sm.share, phase);  // da_t is written; the fb and dz slots of step t are read
-        if (!(d.back && t >= d.D)) continue;
+        if (!(DIM_BACK && t >= d.D)) continue;
         // phase 3: fb_{t−D} = W_bᵀ ⊛ da_t, stored with ∂L/∂s_{t−D} added (the slot's contract);
         // dW_b += da_t ⋆ s_{t−D}
         float* fb_slot = fb + (long long)((t - d.D) % d.D) * BN;
@@ -988,6 +1017,8 @@ __device__ __forceinline__ void backward_v4(const float* __restrict__ params, fl
             if (np.smooth) conv_all_slabs<true, PLANES, V4Plain, true>(acc, dy_planes, sm.wb, wg_b, da_src, sc_da, ch, d, vd, x_planes, s_past, sc_s, sm.pix);
             else conv_all_slabs<true, PLANES, V4Plain, false>(acc, dy_planes, sm.wb, wg_b, da_src, sc_da, ch, d, vd, x_planes, s_past, 1.0f, sm.pix);
             const float sc = winv_b * inv_da;
+            float* fb_c = fb_slot + sb;  // (Owned::o from the chunk's sample's words)
+            float* dz_c = store_dz ? dz_slot + sb : nullptr;
             // ∂L/∂s_{t−D} + fb_{t−D}: the sum phase 2 of step t − D formed from the two (the
             // product rounded first, as when it was stored: the same bits), formed here once per
             // element instead of in each of phase 2's passes over the halo (the pooled gradient's
@@ -1001,26 +1032,22 @@ __device__ __forceinline__ void backward_v4(const float* __restrict__ params, fl
                     V4Z z;
                 };
                 PixelMax dzmax;
+                const float* v_p = v + wp;
+                const V4Z* z_p = z + wp;
                 for_each_owned_loaded<LOADS_AHEAD_PHASE3>(
-                    ch, co0, d,
-                    [&](int q, int c) {
-                        const int e = c * HW + q;
-                        return DsVz{ds_past.at(c, q), v[wp + e], z[wp + e]};
-                    },
-                    [&](int mi, int ni, int i, int q, int c, const DsVz& x) {
-                        const float sum = __fadd_rn(x.ds, __fmul_rn(acc[mi][ni][i], sc));
-                        fb_slot[sb + (long long)c * HW + q] = sum;
+                    ch, co0, d, [&](const Owned& e) { return DsVz{ds_past.at(e.c, e.q), v_p[e.o], z_p[e.o]}; },
+                    [&](const Owned& e, const DsVz& x) {
+                        const float sum = __fadd_rn(x.ds, __fmul_rn(acc[e.mi][e.ni][e.i], sc));
+                        fb_c[e.o] = sum;
                         const float dzv = sum * fire(np, x.v - np.threshold) * saved_sign_grad(np, x.z);
-                        if (store_dz) dz_slot[sb + (long long)c * HW + q] = dzv;
-                        if (fill_dz_rows) dzmax.add(mi, i, dzv);
+                        if (store_dz) dz_c[e.o] = dzv;
+                        if (fill_dz_rows) dzmax.add(e.mi, e.i, dzv);
                     });
                 if (fill_dz_rows) dzmax.commit(rowmax_dz(rowmax, d, t - d.D) + ch.b * DIM_H, ch, d);
             } else {
                 for_each_owned_loaded<LOADS_AHEAD_PHASE3>(
-                    ch, co0, d, [&](int q, int c) { return ds_past.at(c, q); },
-                    [&](int mi, int ni, int i, int q, int c, float ds) {
-                        fb_slot[sb + (long long)c * HW + q] = __fadd_rn(ds, __fmul_rn(acc[mi][ni][i], sc));
-                    });
+                    ch, co0, d, [&](const Owned& e) { return ds_past.at(e.c, e.q); },
+                    [&](const Owned& e, float ds) { fb_c[e.o] = __fadd_rn(ds, __fmul_rn(acc[e.mi][e.ni][e.i], sc)); });
             }
             if (np.smooth) wgrad_all_slabs<true, PLANES>(dw_b, dw_pitch, y_staged, da_src, sc_da, inv_da, s_past, sc_s, inv_s, co0, sm, ch, d, vd);
             else wgrad_all_slabs<false, 1>(dw_b, dw_pitch, y_staged, da_src, sc_da, inv_da, s_past, 1.0f, 1.0f, co0, sm, ch, d, vd);
@@ -1075,7 +1102,7 @@ __device__ __forceinline__ void backward_v4(const float* __restrict__ params, fl
     const int C = DIM_C;
     for (long long j = blockIdx.x * (long long)THREADS + threadIdx.x; j < 2 * slab; j += (long long)gridDim.x * THREADS) {
         const int gate = (int)(j / slab);
-        if (gate == 0 ? !d.back : !d.ei) continue;
+        if (gate == 0 ? !DIM_BACK : !DIM_EI) continue;
         const long long e = j - gate * slab;
         const int co = (int)(e / (n_all + 1)), n = (int)(e - (long long)co * (n_all + 1));
         if (co >= C) continue;

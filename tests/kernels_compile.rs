@@ -82,8 +82,8 @@ fn v4_hot_loops_run_on_tensor_cores_without_local_memory_or_division() {
         for (k, per_sm) in c.kernels.iter().zip(&c.blocks_per_sm) {
             let m = k.hot.expect("a hot loop");
             println!(
-                "{shape:?} {p} {}: {} registers, local memory {} B in {} instructions, {per_sm} block(s)/SM, hot loop {m:?}",
-                k.kernel, k.registers, k.local_bytes, k.local_ops
+                "{shape:?} {p} {}: {} registers, local memory {} B in {} instructions (loop depth {}), {per_sm} block(s)/SM, hot loop {m:?}",
+                k.kernel, k.registers, k.local_bytes, k.local_ops, k.local_depth
             );
             // one HMMA per product of a k-step: at least one per m-tile and n-tile
             assert!(m.mma >= 4 && m.ldsm > 0, "{shape:?} {p} {}: {m:?}", k.kernel);

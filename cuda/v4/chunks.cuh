@@ -63,40 +63,94 @@ __device__ __forceinline__ bool next_chunk(const Chunk& ch, const LayerDims& d, 
     return true;
 }
 
-// The accumulator elements this thread owns in the chunk (mi, ni, i; pixel q — as an offset in
-// sample b's [C][H][W]: elem_q — and channel c, the element at c·H·W + q from sample b's words;
-// pixels past the chunk and channels past C skipped), with their inputs loaded ahead:
-// load(q, c) → X for E elements, then use(mi, ni, i, q, c, x) for each. The epilogues read several
-// global words per element (the input, v_{t−1}, ∂L/∂s, fb, …) and write others; element by element,
-// a load cannot move above the previous element's stores (the compiler cannot prove the buffers
-// apart), so each element waited for its own round trip (SASS of the fashion L1 forward: load,
-// compute, store, per element). E elements' loads are now issued before any store. E divides NT·4.
-template <int E, class L, class U>
-__device__ __forceinline__ void for_each_owned_loaded(const Chunk& ch, int co0, const LayerDims& d, L load, U use) {
+// One accumulator element a thread owns in a chunk: its accumulator (acc[mi][ni][i]), its pixel q
+// — an offset in sample b's [C][H][W] as elem_q gives it — and channel c, and o = c·H·W + q, its
+// word in every [C][H][W] array from the chunk's sample's base (sb): the epilogues index their
+// arrays by o from pointers formed once per chunk.
+struct Owned {
+    int mi, ni, i, q, c, o;
+};
+
+// The accumulator elements this thread owns in the chunk (pixels past the chunk and channels past
+// C skipped), with their inputs loaded ahead: load(e) → X for E elements, then use(e, x) for each.
+// The epilogues read several global words per element (the input, v_{t−1}, ∂L/∂s, fb, …) and write
+// others; element by element, a load cannot move above the previous element's stores (the compiler
+// cannot prove the buffers apart), so each element waited for its own round trip (SASS of the
+// fashion L1 forward: load, compute, store, per element). E elements' loads are now issued before
+// any store. E divides NT·4.
+//
+// Whole m-tiles (its 16 pixels inside the chunk, the block's channels inside C) take a path with no
+// test per element, where `plain` allows (the caller's block-uniform choice; load_whole there, the
+// same values as load without the caller's per-element branches): an element's o is one of the
+// thread's two pixel rows' offsets (h = i >> 1) plus a constant, (8·ni + (i & 1))·H·W, so each
+// array's address is formed once per pixel row and every element's load and store takes its
+// offset as an immediate. (SASS of the fashion L1 bf16 backward, 2026-12-07, fifth session: phase
+// 2's epilogue formed a 64-bit address per element and array — IMAD.WIDE, shifts, carries, the
+// array's base reloaded — and branched around each element for its bounds and its ∂L/∂s source:
+// ~100 instructions per element, more than the chunk's GEMMs and staging together.) Partial tiles
+// (a chunk's last, C not a multiple of the channel tile) keep the tests.
+template <int E, class LW, class L, class U>
+__device__ __forceinline__ void for_each_owned_loaded(const Chunk& ch, int co0, const LayerDims& d, bool plain, LW load_whole, L load, U use) {
     constexpr int J = NT * 4;  // a thread's elements per m-tile: (n-tile, accumulator register)
     static_assert(J % E == 0, "E divides NT·4");
-    typedef decltype(load(0, 0)) X;
+    typedef decltype(load(Owned{})) X;
+    const int HW = DIM_H * DIM_W;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    const bool whole_channels = co0 + CO_T <= DIM_C;
+    // (not for tiles of 64 accumulators per thread — cifar10's 64-channel tiles: their backward
+    // holds 249–255 registers already, and the whole path's per-row addresses spilled there)
+    constexpr bool WHOLE_PATH = MT * NT * 4 <= 32;
 #pragma unroll
-    for (int mi = 0; mi < MT; ++mi)
+    for (int mi = 0; mi < MT; ++mi) {
+        const int pm0 = (warp + WARPS * mi) * 16 + g;  // the thread's pixels pm0 (h = 0) and pm0 + 8 (h = 1)
+        const int cb = co0 + 2 * t;                    // its channels cb + 8·ni + (i & 1)
+        if (WHOLE_PATH && plain && whole_channels && pm0 - g + 16 <= ch.len) {
+            const int q0 = elem_q(ch.q0 + pm0, d), q1 = elem_q(ch.q0 + pm0 + 8, d);
+            const int o0 = cb * HW + q0, o1 = cb * HW + q1;
+            // pixel row by pixel row (element k: h = k / 2·NT, n-tile (k / 2) mod NT, i & 1 = k & 1),
+            // so that a batch's addresses are one row's (the other row's not yet live: registers);
+            // each (ni, i & 1)'s elements still come in the order (mi, h) — the bias sums' order
+#pragma unroll
+            for (int j0 = 0; j0 < J; j0 += E) {
+                X x[E];
+#pragma unroll
+                for (int k = 0; k < E; ++k) {
+                    const int h = (j0 + k) / (2 * NT), ni = ((j0 + k) >> 1) % NT, lo = (j0 + k) & 1, dc = 8 * ni + lo;
+                    x[k] = load_whole(Owned{mi, ni, 2 * h + lo, h ? q1 : q0, cb + dc, (h ? o1 : o0) + dc * HW});
+                }
+#pragma unroll
+                for (int k = 0; k < E; ++k) {
+                    const int h = (j0 + k) / (2 * NT), ni = ((j0 + k) >> 1) % NT, lo = (j0 + k) & 1, dc = 8 * ni + lo;
+                    use(Owned{mi, ni, 2 * h + lo, h ? q1 : q0, cb + dc, (h ? o1 : o0) + dc * HW}, x[k]);
+                }
+            }
+            continue;
+        }
 #pragma unroll
         for (int j0 = 0; j0 < J; j0 += E) {
             X x[E];
             bool ok[E];
-            int qs[E], cs[E];
+            Owned es[E];
 #pragma unroll
             for (int k = 0; k < E; ++k) {
                 const int ni = (j0 + k) >> 2, i = (j0 + k) & 3;
-                const int pm = (warp + WARPS * mi) * 16 + g + 8 * (i >> 1), c = co0 + 8 * ni + 2 * t + (i & 1);
+                const int pm = pm0 + 8 * (i >> 1), c = cb + 8 * ni + (i & 1);
                 ok[k] = pm < ch.len && c < DIM_C;
-                qs[k] = elem_q(ch.q0 + pm, d);
-                cs[k] = c;
-                x[k] = ok[k] ? load(qs[k], cs[k]) : X{};
+                const int q = elem_q(ch.q0 + pm, d);
+                es[k] = Owned{mi, ni, i, q, c, c * HW + q};
+                x[k] = ok[k] ? load(es[k]) : X{};
             }
 #pragma unroll
             for (int k = 0; k < E; ++k)
-                if (ok[k]) use(mi, (j0 + k) >> 2, (j0 + k) & 3, qs[k], cs[k], x[k]);
+                if (ok[k]) use(es[k], x[k]);
         }
+    }
+}
+
+// The same where the whole tiles load as the others do (every epilogue but phase 2's).
+template <int E, class L, class U>
+__device__ __forceinline__ void for_each_owned_loaded(const Chunk& ch, int co0, const LayerDims& d, L load, U use) {
+    for_each_owned_loaded<E>(ch, co0, d, true, load, load, use);
 }
 
 // How many elements the epilogues load ahead (for_each_owned_loaded's E). With one block of 8 warps

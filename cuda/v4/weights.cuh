@@ -16,7 +16,7 @@ __device__ __forceinline__ void build_weight_fragments(char* wfrag, float* winv,
     const int wplane = vd.wslice_bytes / PLANES;
     for (int job = blockIdx.x; job < 2 * vd.groups; job += gridDim.x) {
         const int gate = job / vd.groups, gi = job - gate * vd.groups;
-        if (gate == 0 ? !d.back : !d.ei) continue;  // block-uniform
+        if (gate == 0 ? !DIM_BACK : !DIM_EI) continue;  // block-uniform
         const float* w = params + (gate == 0 ? d.off_wb : d.off_we);
         const int n0 = gi * CO_T;
         // B[k][n]: k = tap·c_pad + c (c: the convolution's input channel), n < CO_T

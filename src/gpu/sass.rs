@@ -181,6 +181,20 @@ fn innermost_loops(k: &KernelSass) -> Vec<(usize, usize)> {
     ls.iter().copied().filter(|&(a, b)| !ls.iter().any(|&(c, d)| (c, d) != (a, b) && a <= c && d <= b)).collect()
 }
 
+/// The deepest loop nesting of any local-memory instruction (LDL, STL): 0 where none lies in a
+/// loop (or the kernel touches no local memory), 1 where the deepest lies in an outermost loop
+/// only — in the v4 kernels the time loop: once per step, never per chunk or per element.
+pub fn local_depth(k: &KernelSass) -> usize {
+    let ls: Vec<(usize, usize)> = loops(k).into_iter().filter(|&(a, b)| b > a).collect();
+    k.instrs
+        .iter()
+        .enumerate()
+        .filter(|(_, i)| matches!(i.opcode.split('.').next(), Some("LDL" | "STL")))
+        .map(|(j, _)| ls.iter().filter(|&&(a, b)| a <= j && j <= b).count())
+        .max()
+        .unwrap_or(0)
+}
+
 /// Global loads in flight while a stretch of code stages memory into shared memory: the longest
 /// run of global loads (LDG; cp.async's LDGSTS excluded, it waits for nothing) with no shared store
 /// (STS) between them. A staging loop that converts each element as it arrives reads 1 — every
@@ -306,6 +320,8 @@ pub struct KernelCheck {
     /// Instructions of the whole kernel that touch local memory (LDL, STL): a spill of a value
     /// used per element shows as dozens (unrolled epilogues), one of a set-up value as a few.
     pub local_ops: usize,
+    /// The deepest loop nesting of those instructions (`local_depth`).
+    pub local_depth: usize,
     /// The hot loop's mix (None: the kernel has no loop).
     pub hot: Option<Mix>,
     /// Global loads the hot loop keeps in flight between its shared stores (a GEMM that stages its
@@ -345,6 +361,7 @@ pub fn check_module_and_ptx(module: &str, arch: &str, defines: &super::kernels::
                 static_smem,
                 local_bytes,
                 local_ops: Mix::of(&k.instrs).local,
+                local_depth: local_depth(k),
                 hot: hot_loop(k).map(|(_, m)| m),
                 hot_loads: hot_loop(k).map_or(0, |((a, b), _)| loads_between_shared_stores(&k.instrs[a..=b])),
                 staging: staging_loops(k).into_iter().map(|(_, n)| n).collect(),
@@ -393,6 +410,25 @@ mod tests {
         assert_eq!((m.total, m.mma, m.lds, m.ldsm, m.local, m.idiv), (4, 2, 1, 0, 0, 0));
         let outer = Mix::of(&k.instrs[1..=10]);
         assert_eq!((outer.mma, outer.ffma, outer.ldsm, outer.local, outer.idiv), (3, 1, 1, 1, 1));
+        // the LDL lies in the outer loop, after the inner one
+        assert_eq!(local_depth(k), 1);
+    }
+
+    #[test]
+    fn local_depth_counts_the_loops_around_the_deepest_spill() {
+        let at = |inner: bool| {
+            let spill = "        /*0000*/                   STL [R1], R36 ;\n";
+            format!(
+                ".text.k:\n{}.L_x_1:\n{}.L_x_2:\n{}        /*0000*/              @P0 BRA `(.L_x_2) ;\n        /*0000*/              @P1 BRA `(.L_x_1) ;\n        /*0000*/                   EXIT ;\n.L_x_9:\n        /*0000*/                   BRA `(.L_x_9) ;\n",
+                spill,
+                if inner { "" } else { spill },
+                if inner { spill } else { "" }
+            )
+        };
+        assert_eq!(local_depth(&parse(&at(false))[0]), 1, "{}", at(false));
+        assert_eq!(local_depth(&parse(&at(true))[0]), 2, "{}", at(true));
+        // no local memory: 0, whatever the loops (the trap after EXIT, a branch to itself, is none)
+        assert_eq!(local_depth(&parse(STAGING)[0]), 0);
     }
 
     // two staging loops: one converts each element as it arrives (1 load in flight), one issues
