@@ -967,11 +967,9 @@ __device__ __forceinline__ void backward_v4(const float* __restrict__ params, fl
                 dv_c[e.o] = dv;
                 const float gt = sv.gt;
                 const float dcur = dv * gt;
-                if (d.t_in == 1) {
-                    gin_c[e.o] = t == d.T - 1 ? dcur : sv.gin + dcur;
-                } else {
-                    gin_c[e.o] = dcur;
-                }
+                // (one store of a selected value: two stores, one per case, each formed its own
+                // address, and the element branched between them)
+                gin_c[e.o] = d.t_in == 1 && t != d.T - 1 ? sv.gin + dcur : dcur;
                 if (DIM_BACK) {
                     const float a_grad = dv * sv.in * gt * (1.0f - gt);
                     da_c[e.o] = a_grad;
