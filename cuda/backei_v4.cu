@@ -527,6 +527,22 @@ struct V4Grad {
         if (CROSS && q >= hw) return (*this)(c * hw + q);
         return pooled_at(c, q);
     }
+    // at(c, q) where o = c·H·W + q is the element's offset (the epilogues' whole m-tiles, where q
+    // is one of the thread's two pixel rows'): no branch but the dropout's — the pooled word's row,
+    // column and bounds are the pixel's alone (the same for the thread's elements of a pixel row,
+    // formed once for them), both words' addresses formed and one loaded, where at() branched on
+    // `pooled` around a per-element division. The same value: dy·0.25 inside the pooled rows and
+    // columns, 0 outside, the mask's scale or 0. (Not CROSS: q past H·W there is a later sample's.)
+    __device__ __forceinline__ float at_row(int c, int q, int o) const {
+        const int h = height(), w = width(), ho = h / 2, wo = w / 2;
+        const int y = q / w, x = q - y * w;
+        const bool ok = !pooled || (y / 2 < ho && x / 2 < wo);
+        const float* src = pooled ? g + ((long long)c * ho + y / 2) * wo + x / 2 : g + o;
+        float ds = ok ? *src : 0.0f;
+        if (pooled) ds = __fmul_rn(ds, 0.25f);
+        if (dropout) ds = uniform24(key, t, i0 + (unsigned long long)o) >= p ? __fmul_rn(ds, scale) : 0.0f;
+        return ds;
+    }
     // (pooled) channel c, pixel q < H·W
     __device__ __forceinline__ float pooled_at(int c, int q) const {
         const int h = height(), w = width();
@@ -1017,6 +1033,9 @@ __device__ __forceinline__ void backward_v4(const float* __restrict__ params, fl
             const float sc = winv_b * inv_da;
             float* fb_c = fb_slot + sb;  // (Owned::o from the chunk's sample's words)
             float* dz_c = store_dz ? dz_slot + sb : nullptr;
+            // ∂L/∂s_{t−D} on the whole m-tiles (at_row; under CROSS a pixel row may lie in a later
+            // sample: at)
+            auto ds_whole = [&](const Owned& e) { return CROSS ? ds_past.at(e.c, e.q) : ds_past.at_row(e.c, e.q, e.o); };
             // ∂L/∂s_{t−D} + fb_{t−D}: the sum phase 2 of step t − D formed from the two (the
             // product rounded first, as when it was stored: the same bits), formed here once per
             // element instead of in each of phase 2's passes over the halo (the pooled gradient's
@@ -1033,7 +1052,8 @@ __device__ __forceinline__ void backward_v4(const float* __restrict__ params, fl
                 const float* v_p = v + wp;
                 const V4Z* z_p = z + wp;
                 for_each_owned_loaded<LOADS_AHEAD_PHASE3>(
-                    ch, co0, d, [&](const Owned& e) { return DsVz{ds_past.at(e.c, e.q), v_p[e.o], z_p[e.o]}; },
+                    ch, co0, d, true, [&](const Owned& e) { return DsVz{ds_whole(e), v_p[e.o], z_p[e.o]}; },
+                    [&](const Owned& e) { return DsVz{ds_past.at(e.c, e.q), v_p[e.o], z_p[e.o]}; },
                     [&](const Owned& e, const DsVz& x) {
                         const float sum = __fadd_rn(x.ds, __fmul_rn(acc[e.mi][e.ni][e.i], sc));
                         fb_c[e.o] = sum;
@@ -1044,7 +1064,7 @@ __device__ __forceinline__ void backward_v4(const float* __restrict__ params, fl
                 if (fill_dz_rows) dzmax.commit(rowmax_dz(rowmax, d, t - d.D) + ch.b * DIM_H, ch, d);
             } else {
                 for_each_owned_loaded<LOADS_AHEAD_PHASE3>(
-                    ch, co0, d, [&](const Owned& e) { return ds_past.at(e.c, e.q); },
+                    ch, co0, d, true, ds_whole, [&](const Owned& e) { return ds_past.at(e.c, e.q); },
                     [&](const Owned& e, float ds) { fb_c[e.o] = __fadd_rn(ds, __fmul_rn(acc[e.mi][e.ni][e.i], sc)); });
             }
             if (np.smooth) wgrad_all_slabs<true, PLANES>(dw_b, dw_pitch, y_staged, da_src, sc_da, inv_da, s_past, sc_s, inv_s, co0, sm, ch, d, vd);

@@ -587,9 +587,9 @@ fn v4_backward_from_the_pooling_gradient_gives_the_bits_of_the_pooling_backward(
         (case("6×8×6 back r 2 D 1 T 5 T_in 1", [6, 8, 6], true, false, 2, 1, 3, 5, 1), Some(2), true),
         (case("16×6×7 ei r 1 T 4", [16, 6, 7], false, true, 1, 1, 2, 4, 4), Some(3), true),
         // whole m-tiles of whole channel tiles (for_each_owned_loaded's path without tests): phase
-        // 3 reads the pooled gradient there, phase 2 the slot, and at t ≥ T − D the pooled gradient
-        // through the tested path
-        (case("16×8×8 back+ei r 1 D 1 T 4", [16, 8, 8], true, true, 1, 1, 2, 4, 4), None, true),
+        // 3 reads the pooled gradient there (V4Grad::at_row; odd sizes: the floor's last row and
+        // column), phase 2 the slot, and at t ≥ T − D the pooled gradient through the tested path
+        (case("16×9×7 back+ei r 1 D 1 T 4", [16, 9, 7], true, true, 1, 1, 2, 4, 4), None, true),
     ];
     for (i, (c, k, s8)) in cases.iter().enumerate() {
         let mut plan = v4_plan(c, &SMALL, Precision::Fp32);
