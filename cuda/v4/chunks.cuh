@@ -79,16 +79,17 @@ struct Owned {
 // fashion L1 forward: load, compute, store, per element). E elements' loads are now issued before
 // any store. E divides NT·4.
 //
-// Whole m-tiles (its 16 pixels inside the chunk, the block's channels inside C) take a path with no
-// test per element, where `plain` allows (the caller's block-uniform choice; load_whole there, the
-// same values as load without the caller's per-element branches): an element's o is one of the
-// thread's two pixel rows' offsets (h = i >> 1) plus a constant, (8·ni + (i & 1))·H·W, so each
-// array's address is formed once per pixel row and every element's load and store takes its
-// offset as an immediate. (SASS of the fashion L1 bf16 backward, 2026-12-07, fifth session: phase
-// 2's epilogue formed a 64-bit address per element and array — IMAD.WIDE, shifts, carries, the
-// array's base reloaded — and branched around each element for its bounds and its ∂L/∂s source:
-// ~100 instructions per element, more than the chunk's GEMMs and staging together.) Partial tiles
-// (a chunk's last, C not a multiple of the channel tile) keep the tests.
+// Whole m-tiles (the tile's 16 pixels inside the chunk) take a path with no pixel test per element
+// (and no channel test where C is a multiple of the channel tile), where `plain` allows (the
+// caller's block-uniform choice; load_whole there: the same values as load without the caller's
+// per-element branches): an element's o is one of the thread's two pixel rows' offsets plus a
+// constant, (8·ni + (i & 1))·H·W, so each array's address is formed once per pixel row and every
+// element's load and store takes its offset as an immediate. (SASS of the fashion L1 bf16
+// backward, 2026-12-07, fifth session: phase 2's epilogue formed a 64-bit address per element and
+// array — a wide multiply, shifts, carries, the array's base reloaded — and branched around each
+// element for its bounds and its ∂L/∂s source: ~170 instructions per element, more than the
+// chunk's GEMMs and staging together; docs/gpu.md "(i)".) A chunk's last, partial tile keeps the
+// tests.
 template <int E, class LW, class L, class U>
 __device__ __forceinline__ void for_each_owned_loaded(const Chunk& ch, int co0, const LayerDims& d, bool plain, LW load_whole, L load, U use) {
     constexpr int J = NT * 4;  // a thread's elements per m-tile: (n-tile, accumulator register)
@@ -96,15 +97,18 @@ __device__ __forceinline__ void for_each_owned_loaded(const Chunk& ch, int co0, 
     typedef decltype(load(Owned{})) X;
     const int HW = DIM_H * DIM_W;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-    const bool whole_channels = co0 + CO_T <= DIM_C;
     // (not for tiles of 64 accumulators per thread — cifar10's 64-channel tiles: their backward
     // holds 249–255 registers already, and the whole path's per-row addresses spilled there)
     constexpr bool WHOLE_PATH = MT * NT * 4 <= 32;
+    // Where C is not a multiple of the channel tile (mnist's 15 and 40 channels in 16-channel
+    // tiles; a constant in the GPU build), the whole path tests each element's channel — a test
+    // per (n-tile, column), no pixel test — and nowhere else.
+    const bool check_c = DIM_C % CO_T != 0;
 #pragma unroll
     for (int mi = 0; mi < MT; ++mi) {
         const int pm0 = (warp + WARPS * mi) * 16 + g;  // the thread's pixels pm0 (h = 0) and pm0 + 8 (h = 1)
         const int cb = co0 + 2 * t;                    // its channels cb + 8·ni + (i & 1)
-        if (WHOLE_PATH && plain && whole_channels && pm0 - g + 16 <= ch.len) {
+        if (WHOLE_PATH && plain && pm0 - g + 16 <= ch.len) {
             const int q0 = elem_q(ch.q0 + pm0, d), q1 = elem_q(ch.q0 + pm0 + 8, d);
             const int o0 = cb * HW + q0, o1 = cb * HW + q1;
             // pixel row by pixel row (element k: h = k / 2·NT, n-tile (k / 2) mod NT, i & 1 = k & 1),
@@ -116,12 +120,13 @@ __device__ __forceinline__ void for_each_owned_loaded(const Chunk& ch, int co0, 
 #pragma unroll
                 for (int k = 0; k < E; ++k) {
                     const int h = (j0 + k) / (2 * NT), ni = ((j0 + k) >> 1) % NT, lo = (j0 + k) & 1, dc = 8 * ni + lo;
-                    x[k] = load_whole(Owned{mi, ni, 2 * h + lo, h ? q1 : q0, cb + dc, (h ? o1 : o0) + dc * HW});
+                    const bool ok = !check_c || cb + dc < DIM_C;
+                    x[k] = ok ? load_whole(Owned{mi, ni, 2 * h + lo, h ? q1 : q0, cb + dc, (h ? o1 : o0) + dc * HW}) : X{};
                 }
 #pragma unroll
                 for (int k = 0; k < E; ++k) {
                     const int h = (j0 + k) / (2 * NT), ni = ((j0 + k) >> 1) % NT, lo = (j0 + k) & 1, dc = 8 * ni + lo;
-                    use(Owned{mi, ni, 2 * h + lo, h ? q1 : q0, cb + dc, (h ? o1 : o0) + dc * HW}, x[k]);
+                    if (!check_c || cb + dc < DIM_C) use(Owned{mi, ni, 2 * h + lo, h ? q1 : q0, cb + dc, (h ? o1 : o0) + dc * HW}, x[k]);
                 }
             }
             continue;
