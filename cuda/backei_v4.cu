@@ -983,9 +983,16 @@ __device__ __forceinline__ void backward_v4(const float* __restrict__ params, fl
                 dv_c[e.o] = dv;
                 const float gt = sv.gt;
                 const float dcur = dv * gt;
-                // (one store of a selected value: two stores, one per case, each formed its own
-                // address, and the element branched between them)
-                gin_c[e.o] = d.t_in == 1 && t != d.T - 1 ? sv.gin + dcur : dcur;
+                // (one store of a selected value where the epilogue takes the whole-tile path: two
+                // stores, one per case, each formed its own address, and the element branched
+                // between them; the 64-accumulator tiles keep the two, which spilled less)
+                if (WHOLE_TILES) {
+                    gin_c[e.o] = d.t_in == 1 && t != d.T - 1 ? sv.gin + dcur : dcur;
+                } else if (d.t_in == 1) {
+                    gin_c[e.o] = t == d.T - 1 ? dcur : sv.gin + dcur;
+                } else {
+                    gin_c[e.o] = dcur;
+                }
                 if (DIM_BACK) {
                     const float a_grad = dv * sv.in * gt * (1.0f - gt);
                     da_c[e.o] = a_grad;

@@ -63,6 +63,12 @@ __device__ __forceinline__ bool next_chunk(const Chunk& ch, const LayerDims& d, 
     return true;
 }
 
+// Whether the epilogues take the whole-tile path (for_each_owned_loaded): not for tiles of 64
+// accumulators per thread — cifar10's 64-channel tiles, whose backward holds 249–255 registers
+// already: the path's per-row addresses spilled there, and so did phase 2's ∂L/∂I select in the
+// build with chunks that span samples (32 bytes, 17 instructions inside the chunk loop).
+constexpr bool WHOLE_TILES = MT * NT * 4 <= 32;
+
 // One accumulator element a thread owns in a chunk: its accumulator (acc[mi][ni][i]), its pixel q
 // — an offset in sample b's [C][H][W] as elem_q gives it — and channel c, and o = c·H·W + q, its
 // word in every [C][H][W] array from the chunk's sample's base (sb): the epilogues index their
@@ -97,9 +103,6 @@ __device__ __forceinline__ void for_each_owned_loaded(const Chunk& ch, int co0, 
     typedef decltype(load(Owned{})) X;
     const int HW = DIM_H * DIM_W;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-    // (not for tiles of 64 accumulators per thread — cifar10's 64-channel tiles: their backward
-    // holds 249–255 registers already, and the whole path's per-row addresses spilled there)
-    constexpr bool WHOLE_PATH = MT * NT * 4 <= 32;
     // Where C is not a multiple of the channel tile (mnist's 15 and 40 channels in 16-channel
     // tiles; a constant in the GPU build), the whole path tests each element's channel — a test
     // per (n-tile, column), no pixel test — and nowhere else.
@@ -108,7 +111,7 @@ __device__ __forceinline__ void for_each_owned_loaded(const Chunk& ch, int co0, 
     for (int mi = 0; mi < MT; ++mi) {
         const int pm0 = (warp + WARPS * mi) * 16 + g;  // the thread's pixels pm0 (h = 0) and pm0 + 8 (h = 1)
         const int cb = co0 + 2 * t;                    // its channels cb + 8·ni + (i & 1)
-        if (WHOLE_PATH && plain && pm0 - g + 16 <= ch.len) {
+        if (WHOLE_TILES && plain && pm0 - g + 16 <= ch.len) {
             const int q0 = elem_q(ch.q0 + pm0, d), q1 = elem_q(ch.q0 + pm0 + 8, d);
             const int o0 = cb * HW + q0, o1 = cb * HW + q1;
             // pixel row by pixel row (element k: h = k / 2·NT, n-tile (k / 2) mod NT, i & 1 = k & 1),
