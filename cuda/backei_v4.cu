@@ -534,25 +534,33 @@ struct V4Grad {
     // `pooled` around a per-element division. The same value: dy·0.25 inside the pooled rows and
     // columns, 0 outside, the mask's scale or 0. (Not CROSS: q past H·W there is a later sample's.)
     __device__ __forceinline__ float at_row(int c, int q, int o) const {
-        const int h = height(), w = width(), ho = h / 2, wo = w / 2;
-        const int y = q / w, x = q - y * w;
-        const bool ok = !pooled || (y / 2 < ho && x / 2 < wo);
-        const float* src = pooled ? g + ((long long)c * ho + y / 2) * wo + x / 2 : g + o;
-        float ds = ok ? *src : 0.0f;
+        bool inside;
+        const float* pw = pooled_word(c, q, inside);
+        const float* src = pooled ? pw : g + o;
+        float ds = !pooled || inside ? *src : 0.0f;
         if (pooled) ds = __fmul_rn(ds, 0.25f);
-        if (dropout) ds = uniform24(key, t, i0 + (unsigned long long)o) >= p ? __fmul_rn(ds, scale) : 0.0f;
-        return ds;
+        return masked(ds, o);
     }
     // (pooled) channel c, pixel q < H·W
     __device__ __forceinline__ float pooled_at(int c, int q) const {
-        const int h = height(), w = width();
-        const int idx = c * (h * w) + q, y = q / w, x = q - y * w;
-        const int ho = h / 2, wo = w / 2;
-        if (y / 2 >= ho || x / 2 >= wo) return 0.0f;
+        bool inside;
+        const float* pw = pooled_word(c, q, inside);
+        if (!inside) return 0.0f;
         // __fmul_rn: the products the pooling kernels store, never contracted into a later add
-        float ds = __fmul_rn(g[((long long)c * ho + y / 2) * wo + x / 2], 0.25f);
-        if (dropout) ds = uniform24(key, t, i0 + (unsigned long long)idx) >= p ? __fmul_rn(ds, scale) : 0.0f;
-        return ds;
+        return masked(__fmul_rn(*pw, 0.25f), c * (height() * width()) + q);
+    }
+    // The pooled word of channel c, pixel q < H·W, and whether the pooling's floor kept its row and
+    // column (`inside`; the word's address is formed either way, never read outside).
+    __device__ __forceinline__ const float* pooled_word(int c, int q, bool& inside) const {
+        const int h = height(), w = width(), ho = h / 2, wo = w / 2;
+        const int y = q / w, x = q - y * w;
+        inside = y / 2 < ho && x / 2 < wo;
+        return g + ((long long)c * ho + y / 2) * wo + x / 2;
+    }
+    // The dropout's mask on element idx of the sample (·scale where the step's mask keeps it, else 0).
+    __device__ __forceinline__ float masked(float ds, int idx) const {
+        if (!dropout) return ds;
+        return uniform24(key, t, i0 + (unsigned long long)idx) >= p ? __fmul_rn(ds, scale) : 0.0f;
     }
 };
 
