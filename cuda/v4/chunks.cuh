@@ -114,22 +114,25 @@ __device__ __forceinline__ void for_each_owned_loaded(const Chunk& ch, int co0, 
         if (WHOLE_TILES && plain && pm0 - g + 16 <= ch.len) {
             const int q0 = elem_q(ch.q0 + pm0, d), q1 = elem_q(ch.q0 + pm0 + 8, d);
             const int o0 = cb * HW + q0, o1 = cb * HW + q1;
-            // pixel row by pixel row (element k: h = k / 2·NT, n-tile (k / 2) mod NT, i & 1 = k & 1),
+            // pixel row by pixel row (element j: h = j / 2·NT, n-tile (j / 2) mod NT, i & 1 = j & 1),
             // so that a batch's addresses are one row's (the other row's not yet live: registers);
             // each (ni, i & 1)'s elements still come in the order (mi, h) — the bias sums' order
+            auto whole = [&](int j) V4_INLINE_LAMBDA {
+                const int h = j / (2 * NT), ni = (j >> 1) % NT, lo = j & 1, dc = 8 * ni + lo;
+                return Owned{mi, ni, 2 * h + lo, h ? q1 : q0, cb + dc, (h ? o1 : o0) + dc * HW};
+            };
 #pragma unroll
             for (int j0 = 0; j0 < J; j0 += E) {
                 X x[E];
 #pragma unroll
                 for (int k = 0; k < E; ++k) {
-                    const int h = (j0 + k) / (2 * NT), ni = ((j0 + k) >> 1) % NT, lo = (j0 + k) & 1, dc = 8 * ni + lo;
-                    const bool ok = !check_c || cb + dc < DIM_C;
-                    x[k] = ok ? load_whole(Owned{mi, ni, 2 * h + lo, h ? q1 : q0, cb + dc, (h ? o1 : o0) + dc * HW}) : X{};
+                    const Owned e = whole(j0 + k);
+                    x[k] = !check_c || e.c < DIM_C ? load_whole(e) : X{};
                 }
 #pragma unroll
                 for (int k = 0; k < E; ++k) {
-                    const int h = (j0 + k) / (2 * NT), ni = ((j0 + k) >> 1) % NT, lo = (j0 + k) & 1, dc = 8 * ni + lo;
-                    if (!check_c || cb + dc < DIM_C) use(Owned{mi, ni, 2 * h + lo, h ? q1 : q0, cb + dc, (h ? o1 : o0) + dc * HW}, x[k]);
+                    const Owned e = whole(j0 + k);
+                    if (!check_c || e.c < DIM_C) use(e, x[k]);
                 }
             }
             continue;
