@@ -31,7 +31,8 @@
 //! fastest first beside the planner's choice.
 //!
 //! Writes a CSV to `$BACKEI_BENCH_CSV` or `bench/kernels.csv`. Without a GPU it says the GPU part
-//! was skipped and exits 0. `cargo bench --bench kernels [-- FILTER]`.
+//! was skipped and exits 0. `cargo bench --bench kernels [-- FILTER]`: FILTER keeps the workloads
+//! whose name contains it, or any of its `,`-separated parts (`fashion,cifar10 L1`).
 
 use backei::cpu::backei_layer::{BackEiGrads, BackEiLayer, BackEiParams};
 use backei::gpu::backei_layer::{BackEiSlots, DeviceLimits, GpuBackEiLayer, GpuLayer, KernelVersion};
@@ -594,6 +595,13 @@ fn main() {
     }
 }
 
+/// Whether the bench's FILTER argument keeps a workload: no filter, or a name that contains one
+/// of its `,`-separated parts (empty parts ignored; a filter of none keeps every workload).
+fn selected(filter: Option<&str>, name: &str) -> bool {
+    let mut parts = filter.into_iter().flat_map(|f| f.split(',')).map(str::trim).filter(|x| !x.is_empty()).peekable();
+    parts.peek().is_none() || parts.any(|x| name.contains(x))
+}
+
 /// Without a GPU: the CPU engine's BackEI layer, forward + backward, on the same layer shapes at
 /// B = 2, T = 20 (one run each, its random setup included), so the bench still says something.
 fn cpu_figures(filter: Option<&str>) {
@@ -609,7 +617,7 @@ fn cpu_figures(filter: Option<&str>) {
     let (b, t) = (2, 20);
     println!("CPU engine ({} threads), BackEI layer forward + backward, B = {b}, T = {t}, back + ei:", rayon::current_num_threads());
     for (name, shape, r) in shapes {
-        if filter.is_some_and(|f| !name.contains(f)) {
+        if !selected(filter, name) {
             continue;
         }
         let t0 = std::time::Instant::now();
@@ -680,7 +688,7 @@ fn run(dev: Arc<GpuDevice>, filter: Option<String>) -> Res<()> {
     // separated by `;`), each validated and timed as its own row
     let tilings = std::env::var("BACKEI_BENCH_V4_TILINGS").ok().filter(|x| !x.trim().is_empty());
     for (name, shape, f, b, t, vb, vt, ref_name) in workloads {
-        if filter.as_deref().is_some_and(|x| !name.contains(x)) {
+        if !selected(filter.as_deref(), name) {
             continue;
         }
         // v1, v2 and v3 side by side (each validated against the CPU first; $BACKEI_BENCH_VERSIONS,

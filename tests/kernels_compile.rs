@@ -169,31 +169,39 @@ fn v4_with_chunks_spanning_samples_passes_the_same_static_check() {
 
 /// Every tiling the kernel bench sweeps at the fashion-mnist shapes (`BACKEI_BENCH_V4_TILINGS=sweep`:
 /// each channel tile and m-tile count, the planner's slab and placement for it), in fp32 and bf16,
-/// passes the static check the planner's own instances pass — so whichever a GPU run finds fastest
-/// (and `BACKEI_V4_TILING` then selects) has tensor-core hot loops without local memory or
-/// division and a grid that fits.
+/// and the cifar10 L1 tilings of the `v4-tune-cifar` stage (fp32: `CIFAR10_L1_TUNING`) pass the
+/// static check the planner's own instances pass — so whichever a GPU run finds fastest (and
+/// `BACKEI_V4_TILING` then selects) has tensor-core hot loops without local memory or division
+/// and a grid that fits.
 #[test]
-fn v4_every_swept_tiling_of_the_fashion_layers_passes_the_static_check() {
-    use backei::gpu::backei_v4::{bench_tilings, training_instance_tiled, V4TilingRequest};
+fn v4_every_tiling_the_bench_tunes_passes_the_static_check() {
+    use backei::gpu::backei_v4::{bench_tilings, training_instance_tiled, V4TilingRequest, CIFAR10_L1_TUNING};
     require_nvrtc();
     assert!(find_nvdisasm().is_some() && find_cuobjdump().is_some(), "pip install nvidia-cuda-nvdisasm nvidia-cuda-cuobjdump");
     let fb = FeedbackConfig { back: true, ei: true, radius: 1, delay: 1 };
     let h100 = DeviceLimits::H100;
-    for shape in [[32usize, 28, 28], [64, 14, 14]] {
-        for p in [Precision::Fp32, Precision::Bf16] {
-            // the planner's choice is checked by v4_hot_loops_…: the others here
-            for t in bench_tilings("sweep", shape, &fb, 100, 20, &h100, p).unwrap().into_iter().skip(1) {
-                let (plan, defines) = training_instance_tiled(shape, &fb, 100, 20, &h100, p, Some(&V4TilingRequest::from(t)))
-                    .unwrap_or_else(|e| panic!("{e}"));
-                let c = check_planned(plan, &defines, &h100, "sm_90").unwrap_or_else(|e| panic!("{e}"));
-                for k in &c.kernels {
-                    println!(
-                        "{shape:?} {p} [{t}] {}: {} registers, local {} B in {} instructions, hot loop {:?}",
-                        k.kernel, k.registers, k.local_bytes, k.local_ops, k.hot
-                    );
-                }
-                assert!(c.problems.is_empty(), "{shape:?} {p} [{t}]: {:?}", c.problems);
+    let cases = [
+        ([32usize, 28, 28], Precision::Fp32, "sweep"),
+        ([32, 28, 28], Precision::Bf16, "sweep"),
+        ([64, 14, 14], Precision::Fp32, "sweep"),
+        ([64, 14, 14], Precision::Bf16, "sweep"),
+        ([128, 32, 32], Precision::Fp32, CIFAR10_L1_TUNING),
+    ];
+    for (shape, p, which) in cases {
+        // the planner's choice is checked by v4_hot_loops_…: the others here (a list of
+        // requests names none of the planner's)
+        let skip = usize::from(which == "sweep");
+        for t in bench_tilings(which, shape, &fb, 100, 20, &h100, p).unwrap().into_iter().skip(skip) {
+            let (plan, defines) =
+                training_instance_tiled(shape, &fb, 100, 20, &h100, p, Some(&V4TilingRequest::from(t))).unwrap_or_else(|e| panic!("{e}"));
+            let c = check_planned(plan, &defines, &h100, "sm_90").unwrap_or_else(|e| panic!("{e}"));
+            for k in &c.kernels {
+                println!(
+                    "{shape:?} {p} [{t}] {}: {} registers, local {} B in {} instructions, hot loop {:?}",
+                    k.kernel, k.registers, k.local_bytes, k.local_ops, k.hot
+                );
             }
+            assert!(c.problems.is_empty(), "{shape:?} {p} [{t}]: {:?}", c.problems);
         }
     }
 }

@@ -16,7 +16,8 @@
 # v4-span (v4 with chunks that run on across a sample's end: the same three;
 # V4_OPT_TESTS=0 skips the three stages' layer tests) and v4-tune (every tile shape of v4 beside the planner's, V4_TILINGS=sweep|all|requests;
 # KERNEL_FILTER picks the workloads, fashion by default: the fastest is printed with the
-# BACKEI_V4_TILING that selects it).
+# BACKEI_V4_TILING that selects it), v4-tune-cifar (cifar10 L1's planner's tiling beside wider
+# channel tiles, V4_CIFAR_TILINGS).
 # Every stage has its own time limit and the whole run a deadline ($BUDGET seconds, default
 # 420), so one hung kernel cannot eat the device time.
 # Narrowing env: TEST_FILTERS (test names; tests/gpu_step.rs holds the step-graph, pipelining
@@ -157,6 +158,14 @@ for stage in $stages; do
       # against the CPU and timed in one run (the fastest printed with its BACKEI_V4_TILING)
       export BACKEI_BENCH_CSV=/tmp/backei-results/kernels-tilings.csv
       run bench-kernels-v4-tilings 240 env BACKEI_BENCH_VERSIONS=${V4_TUNE_VERSIONS:-v4/fp32,v4/bf16} BACKEI_BENCH_V4_TILINGS="${V4_TILINGS:-sweep}" .gpu/bin/bench-kernels ${KERNEL_FILTER:-fashion}
+      unset BACKEI_BENCH_CSV ;;
+    v4-tune-cifar)
+      # issue 11: cifar10 L1, whose planner's tiling (8 channel groups of 16, each staging the whole
+      # 128-channel halo: v4 fp32 305 ms against v3's 210 on 2026-12-04) beside 2 groups of 64 and
+      # 4 of 32 with dW in L2 — the tiling of cifar10 L2, which has the same products per step and
+      # ran in 133 ms; fp32 mode only (V4_TUNE_VERSIONS), the requests in V4_CIFAR_TILINGS
+      export BACKEI_BENCH_CSV=/tmp/backei-results/kernels-tilings-cifar10.csv
+      run bench-kernels-v4-tilings-cifar10 150 env BACKEI_BENCH_VERSIONS=${V4_TUNE_VERSIONS:-v4/fp32} BACKEI_BENCH_V4_TILINGS="${V4_CIFAR_TILINGS:-co_t=64,mt=2;co_t=64,mt=1;co_t=32,mt=2}" .gpu/bin/bench-kernels "cifar10 L1"
       unset BACKEI_BENCH_CSV ;;
     train-tc)
       # issue 11/12: the step on v4 (fp32 mode) with cuBLAS, then with the tensor-core GEMMs in

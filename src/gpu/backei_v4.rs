@@ -632,6 +632,13 @@ pub fn bench_tilings(
     Ok(out)
 }
 
+/// The tilings of cifar10 L1 that `bench/gpu/session.sh v4-tune-cifar` times beside the planner's
+/// (its V4_CIFAR_TILINGS default, `bench_tilings` requests): 2 channel groups of 64 with two and
+/// one m-tiles, 4 of 32, where the planner takes 8 groups of 16 (each group stages the whole
+/// 128-channel halo again; on 2026-12-04 v4 fp32 took 305 ms there against v3's 210, while cifar10
+/// L2 — the same products per step in 64-channel tiles — took 133).
+pub const CIFAR10_L1_TUNING: &str = "co_t=64,mt=2;co_t=64,mt=1;co_t=32,mt=2";
+
 /// The v4 plan of a layer on a device, or why v4 cannot run it (the layer then falls back).
 pub fn plan_v4(
     shape: [usize; 3],
@@ -1533,6 +1540,34 @@ mod network_tests {
         let e = bench_tilings("co_t=64", l1, &fb, 100, 20, h100, Precision::Fp32).unwrap_err().to_string();
         assert!(e.contains("BACKEI_BENCH_V4_TILINGS") && e.contains("co_t=64"), "{e}");
         assert!(bench_tilings("mt=7", l1, &fb, 100, 20, h100, Precision::Fp32).unwrap_err().to_string().contains(TILING_ENV));
+    }
+
+    /// The `v4-tune-cifar` stage's default requests (bench/gpu/session.sh V4_CIFAR_TILINGS, the
+    /// same as CIFAR10_L1_TUNING, which CI's static check compiles) name three tilings of cifar10
+    /// L1 other than the planner's, with fewer channel groups: 2 groups of 64 channels with two and
+    /// one m-tiles, 4 of 32 — so that the lease's minutes time what the stage says, not a tiling
+    /// found by accident (a request resolves to the first feasible tiling that meets it).
+    #[test]
+    fn the_cifar10_tuning_requests_name_wider_channel_tiles_than_the_planners() {
+        let fb = FeedbackConfig { back: true, ei: true, radius: 1, delay: 1 };
+        let l1 = [128usize, 32, 32];
+        let session = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/bench/gpu/session.sh")).unwrap();
+        let requests = session.split("V4_CIFAR_TILINGS:-").nth(1).and_then(|x| x.split('}').next()).expect("the stage's default requests");
+        assert_eq!(requests, CIFAR10_L1_TUNING);
+        // (the H100's and H200's limits; on an A100's 163 KB the planner takes 64 channels already)
+        let limits = &DeviceLimits::H100;
+        let planner = plan_v4(l1, &fb, 100, 20, limits, Precision::Fp32).unwrap();
+        assert_eq!((planner.co_t, planner.dims.groups), (16, 8), "{}", planner.tiling);
+        let list = bench_tilings(requests, l1, &fb, 100, 20, limits, Precision::Fp32).unwrap();
+        let got: Vec<(usize, usize, i32)> = list
+            .iter()
+            .map(|t| {
+                let q = plan_v4_tiled(l1, &fb, 100, 20, limits, Precision::Fp32, Some(&V4TilingRequest::from(*t))).unwrap();
+                (t.co_t, t.mt, q.dims.groups)
+            })
+            .collect();
+        assert_eq!(got, [(64, 2, 2), (64, 1, 2), (32, 2, 4)], "{requests}: {list:?}");
+        assert!(!list.contains(&planner.tiling));
     }
 
     /// The fold of a warp's weight-gradient fragment into the shared accumulators (wgrad_gemm:
