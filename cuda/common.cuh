@@ -20,7 +20,28 @@ struct NeuronParams {
     float k;          // steepness of the smooth mode
 };
 
-__device__ __forceinline__ float sigmoidf_(float x) { return 1.0f / (1.0f + expf(-x)); }
+// 1/y for y ≥ 1 (or NaN), rounded to nearest wherever y < 2^126, 0 from there on (where 1/y is
+// below 2^−126: subnormal or 0): the first three instructions of CUDA's own rcp.rn.f32 — the
+// approximate reciprocal and one Newton step, r + r·(1 − y·r), which that routine takes for every
+// y of this range and which rounds correctly there (tests/gpu_mma.rs compares it with 1/y on the
+// hardware) — without its branch to the outlined slow path for the other exponents. That branch
+// cut each element's epilogue into blocks of its own (a branch, a CALL and two convergence
+// barriers per sigmoid: the v4 forward's 16 sigmoids of a thread could not overlap their MUFU
+// latencies). NaN stays NaN (the comparison fails for it, the approximation passes it on).
+// The CPU emulator's twin (tests/emu/cuda_emu.h) divides.
+#ifndef BACKEI_EMU
+__device__ __forceinline__ float rcp_rn_unit(float y) {
+    float r;
+    asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(y));
+    const float e = fmaf(y, r, -1.0f);
+    r = fmaf(r, -e, r);
+    return y >= 0x1p126f ? 0.0f : r;
+}
+#endif
+
+// 1 / (1 + e^−x): the rounded quotient of the division it replaces for every x above −87.3
+// (1 + e^−x < 2^126), and 0 below, where that quotient is a subnormal.
+__device__ __forceinline__ float sigmoidf_(float x) { return rcp_rn_unit(1.0f + expf(-x)); }
 
 // o = H(x), x = v − θ; strictly greater than zero fires.
 __device__ __forceinline__ float fire(const NeuronParams& p, float x) {

@@ -107,9 +107,10 @@ extern "C" __global__ void ldmatrix_probe(const unsigned short* __restrict__ src
     probe_put(o + 9 * 128, r, 4);
 }
 
-// The conversions and the fp16 split, element-wise: out[7][n] = f16 bits, bf16 bits, tf32 bits,
-// split hi, split lo (each as a u32), and the packed split of the pair (x[i], x[(i + 1) % n]):
-// hi, lo (split_f16_pair, x[i] in the low halves).
+// The conversions and the fp16 split, element-wise: out[8][n] = f16 bits, bf16 bits, tf32 bits,
+// split hi, split lo (each as a u32), the packed split of the pair (x[i], x[(i + 1) % n]):
+// hi, lo (split_f16_pair, x[i] in the low halves), and the bits of rcp_rn_unit(x[i]) (common.cuh:
+// the sigmoid's reciprocal, meant for x ≥ 1).
 extern "C" __global__ void convert_probe(const float* __restrict__ x, u32* __restrict__ out, int n) {
     for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) {
         unsigned short hi, lo;
@@ -123,6 +124,7 @@ extern "C" __global__ void convert_probe(const float* __restrict__ x, u32* __res
         split_f16_pair(x[i], x[i + 1 < n ? i + 1 : 0], hi2, lo2);
         out[5 * n + i] = hi2;
         out[6 * n + i] = lo2;
+        out[7 * n + i] = __float_as_uint(rcp_rn_unit(x[i]));
     }
 }
 

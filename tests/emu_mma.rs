@@ -5,7 +5,7 @@
 mod common;
 
 use common::emu::{self, Args};
-use common::mma_check::{check_convert, check_ldmatrix, check_mma, ProbeDevice};
+use common::mma_check::{check_convert, check_ldmatrix, check_mma, ProbeDevice, CONVERT_ROWS};
 
 struct Emulated;
 
@@ -34,7 +34,7 @@ impl ProbeDevice for Emulated {
     fn convert(&self, x: &[f32]) -> Vec<u32> {
         let mut x = x.to_vec();
         let n = x.len();
-        let mut out = vec![0xDEAD_BEEFu32; 7 * n];
+        let mut out = vec![0xDEAD_BEEFu32; CONVERT_ROWS * n];
         let mut args = Args::new();
         args.buf_mut(&mut x).val(out.as_mut_ptr()).val(n as i32);
         emu::module("mma_probe").launch_raw("convert_probe", (2, 1, 1), (64, 1, 1), 0, false, 9, &mut args).unwrap();

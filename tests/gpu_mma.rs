@@ -7,7 +7,7 @@
 mod common;
 
 use backei::gpu::GpuDevice;
-use common::mma_check::{check_convert, check_ldmatrix, check_mma, ProbeDevice};
+use common::mma_check::{check_convert, check_ldmatrix, check_mma, ProbeDevice, CONVERT_ROWS};
 use cudarc::driver::{LaunchConfig, PushKernelArg};
 use std::sync::Arc;
 
@@ -45,7 +45,7 @@ impl ProbeDevice for Gpu {
         let f = self.0.kernels.function("mma_probe", "convert_probe").unwrap();
         let n = x.len() as i32;
         let x = s.clone_htod(x).unwrap();
-        let mut out = s.alloc_zeros::<u32>(7 * x.len()).unwrap();
+        let mut out = s.alloc_zeros::<u32>(CONVERT_ROWS * x.len()).unwrap();
         // SAFETY: the argument list matches convert_probe.
         unsafe { s.launch_builder(&f).arg(&x).arg(&mut out).arg(&n).launch(LaunchConfig::for_num_elems(n as u32)).unwrap() };
         s.clone_dtoh(&out).unwrap()

@@ -797,6 +797,10 @@ pub struct V4Check {
     pub problems: Vec<String>,
 }
 
+/// The most calls to the float division's slow path a v4 kernel may hold (`sass::float_division_calls`):
+/// set-up divisions outside the time loop, never one per element (sm_90, 2026-12-07: one each).
+pub const V4_FLOAT_DIVISIONS: usize = 2;
+
 /// The fewest global loads a v4 staging loop may keep in flight (the static check): the halo walk
 /// issues StageBatch = 16 elements' loads (4 for dz, of 4–5 loads each) before storing any; NVRTC
 /// unrolls a walk of one element at a time by 4 by itself, so fewer than 16 means the batch is
@@ -897,6 +901,15 @@ pub fn check_planned(plan: V4Plan, defines: &[(String, String)], limits: &Device
         // every phase inlined (V4_INLINE_LAMBDA): an outlined phase spills across its call
         if !k.outlined.is_empty() {
             problems.push(format!("{}: calls outlined code (its caller spills across the call): {:?}", k.kernel, k.outlined));
+        }
+        // no float division per element (common.cuh rcp_rn_unit: the sigmoid's reciprocal without
+        // the branch to the slow path, which split each element's epilogue into blocks of its own);
+        // a hoisted set-up division or two (the rectangle's 1/width) are allowed
+        if k.float_divisions > V4_FLOAT_DIVISIONS {
+            problems.push(format!(
+                "{}: {} calls to the float division's slow path (at most {V4_FLOAT_DIVISIONS}: a division per element in an epilogue?)",
+                k.kernel, k.float_divisions
+            ));
         }
         // the L2 prefetches (V4_PREFETCH) are in the build that asked for them, and only there
         if plan.prefetch_l2 != (k.l2_prefetches > 0) {

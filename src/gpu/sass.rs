@@ -244,6 +244,19 @@ pub fn outlined_calls(k: &KernelSass) -> Vec<String> {
         .collect()
 }
 
+/// Calls to the slow paths of CUDA's correctly rounded float division and reciprocal
+/// (`$__internal_…_rcp_rn_f32_slowpath`, `…_div_rn_…`): each such division in the code branches
+/// to one, so an unrolled epilogue that divides per element holds one per element (the v4
+/// forward's sigmoid did, 16–64 per kernel, until 2026-12-07), a hoisted set-up division one.
+pub fn float_division_calls(k: &KernelSass) -> usize {
+    k.instrs
+        .iter()
+        .filter(|i| i.opcode.starts_with("CALL"))
+        .filter_map(|i| i.target.as_deref())
+        .filter(|t| t.starts_with("$__internal_") && (t.contains("rcp_rn_f32") || t.contains("div_rn") || t.contains("fdiv")))
+        .count()
+}
+
 /// Resident blocks per SM of a kernel (the theoretical occupancy, as the CUDA occupancy
 /// calculator computes it for sm_80/sm_90: registers allocated per warp in units of 256, 64 K
 /// registers, 2048 threads, 32 blocks, and `smem_per_sm` bytes of shared memory with 1 KiB reserved
@@ -335,6 +348,8 @@ pub struct KernelCheck {
     pub l2_prefetches: usize,
     /// Calls to outlined code (`outlined_calls`).
     pub outlined: Vec<String>,
+    /// Calls to the float division's and reciprocal's slow paths (`float_division_calls`).
+    pub float_divisions: usize,
 }
 
 /// Compiles a module instance for `arch` (a real architecture), disassembles its CUBIN and
@@ -368,6 +383,7 @@ pub fn check_module_and_ptx(module: &str, arch: &str, defines: &super::kernels::
                 total: k.instrs.len(),
                 l2_prefetches: k.instrs.iter().filter(|i| i.opcode.starts_with("CCTL") && i.opcode.contains(".PF2")).count(),
                 outlined: outlined_calls(k),
+                float_divisions: float_division_calls(k),
             }
         })
         .collect();
@@ -491,6 +507,8 @@ mod tests {
 ";
         let ks = parse(sass);
         assert_eq!(outlined_calls(&ks[0]), vec!["$k$_ZZ11backward_v4ENKUlRKN2v45ChunkEE_clESQ_".to_string()]);
+        // the reciprocal's slow path is a float division; the 64-bit integer division is not
+        assert_eq!(float_division_calls(&ks[0]), 1);
         assert!(outlined_calls(&parse(SAMPLE)[0]).is_empty());
     }
 

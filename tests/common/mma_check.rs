@@ -120,6 +120,9 @@ pub fn check_ldmatrix(dev: &dyn ProbeDevice) {
 
 /// The conversions bit for bit (NaN: NaN-ness only), including ties, subnormals and overflow;
 /// the split: hi = fp16(x), lo = fp16(x − hi).
+/// The rows of convert_probe's output (cuda/mma_probe.cu), n words each.
+pub const CONVERT_ROWS: usize = 8;
+
 pub fn check_convert(dev: &dyn ProbeDevice) {
     let mut x: Vec<f32> = vec![
         0.0,
@@ -155,9 +158,29 @@ pub fn check_convert(dev: &dyn ProbeDevice) {
         let s = if rng.below(2) == 0 { 1.0 } else { -1.0 };
         x.push((s * rng.uniform(1.0, 2.0) * 2f64.powf(e.floor())) as f32);
     }
+    // the sigmoid's reciprocal (rcp_rn_unit, y ≥ 1): 1, its neighbours, the ends of the range
+    // where it rounds (2^126 and the float below it), beyond it, and y = 1 + e^−x over the
+    // sigmoid's arguments
+    let below_2_126 = f32::from_bits((2f32.powi(126)).to_bits() - 1);
+    x.extend([1.0, f32::from_bits(0x3F80_0001), 1.5, 3.0, 7.0, below_2_126, 2f32.powi(126), 2f32.powi(127), 3e38]);
+    for _ in 0..300 {
+        let a = rng.uniform(-88.0, 30.0) as f32;
+        x.push(1.0 + (-a).exp());
+        x.push(rng.uniform(1.0, 2.0) as f32 * 2f32.powi(rng.below(126) as i32));
+    }
     let n = x.len();
     let out = dev.convert(&x);
-    assert_eq!(out.len(), 7 * n);
+    assert_eq!(out.len(), CONVERT_ROWS * n);
+    for (i, &y) in x.iter().enumerate() {
+        let got = f32::from_bits(out[7 * n + i]);
+        if y.is_nan() {
+            assert!(got.is_nan(), "rcp_rn_unit(NaN) = {got:e}: NaN expected");
+        } else if y >= 1.0 {
+            // rounded to nearest below 2^126, 0 from there (and for infinity)
+            let want = if y < 2f32.powi(126) { 1.0 / y } else { 0.0 };
+            assert_eq!(got.to_bits(), want.to_bits(), "rcp_rn_unit({y:e} = {:#010x}) = {got:e}, want {want:e}", y.to_bits());
+        }
+    }
     let same = |got: u32, want: u32, nan_mask: (u32, u32), what: &str, v: f32| {
         if v.is_nan() {
             let (exp, man) = nan_mask;

@@ -86,6 +86,8 @@ inline float max(float a, float b) { return fmaxf(a, b); }
 inline float __fmul_rn(float a, float b) { return a * b; }
 inline float __fadd_rn(float a, float b) { return a + b; }
 inline float __frcp_rn(float a) { return 1.0f / a; }
+// cuda/common.cuh's branch-free reciprocal for y ≥ 1: the rounded quotient below 2^126, 0 from there
+inline float rcp_rn_unit(float y) { return y >= 0x1p126f ? 0.0f : 1.0f / y; }
 inline double min(double a, double b) { return fmin(a, b); }
 inline double max(double a, double b) { return fmax(a, b); }
 
