@@ -954,15 +954,22 @@ __device__ __forceinline__ void backward_v4(const float* __restrict__ params, fl
             const V4Z* z_c = z + wt + sb;
             float* gin_c = grad_in + (d.t_in == 1 ? 0 : ot) + sb;
             float* da_c = da + sb;
+            // dv_{t+1} and ∂L/∂I's running sum are loaded whatever the step and selected away where
+            // it has none (their words are always inside their buffers): a load under the step's
+            // condition formed its address per element (the buffer's base reloaded from the
+            // kernel's parameters, a 64-bit add and shift: five instructions each), where an
+            // unconditional one takes its offset from the pixel row's pointer as an immediate
+            const bool has_dv_next = t != d.T - 1, has_gin = d.t_in == 1 && t != d.T - 1;
             auto load_rest = [&](const Owned& e, float ds) {
                 Saved x;
                 x.vt = v_c[e.o];
                 x.ds = ds;
-                x.dv_next = t == d.T - 1 ? 0.0f : dv_c[e.o];
+                const float dvn = dv_c[e.o], gin = gin_c[e.o];
+                x.dv_next = has_dv_next ? dvn : 0.0f;
                 x.gt = DIM_BACK ? g_c[e.o] : 1.0f;
                 x.in = DIM_BACK ? in_c[e.o] : 0.0f;
                 x.zt = DIM_EI ? z_c[e.o] : V4Z{};
-                x.gin = d.t_in == 1 && t != d.T - 1 ? gin_c[e.o] : 0.0f;
+                x.gin = has_gin ? gin : 0.0f;
                 return x;
             };
             auto load = [&](const Owned& e) { return load_rest(e, has_fb ? __ldcg(fb_c + e.o) : ds_src.at(e.c, e.q)); };
@@ -995,7 +1002,7 @@ __device__ __forceinline__ void backward_v4(const float* __restrict__ params, fl
                 // stores, one per case, each formed its own address, and the element branched
                 // between them; the 64-accumulator tiles keep the two, which spilled less)
                 if (WHOLE_TILES) {
-                    gin_c[e.o] = d.t_in == 1 && t != d.T - 1 ? sv.gin + dcur : dcur;
+                    gin_c[e.o] = has_gin ? sv.gin + dcur : dcur;
                 } else if (d.t_in == 1) {
                     gin_c[e.o] = t == d.T - 1 ? dcur : sv.gin + dcur;
                 } else {
