@@ -21,10 +21,10 @@ struct NeuronParams {
 };
 
 // 1/y for y ≥ 1 (or NaN), rounded to nearest wherever y < 2^126, 0 from there on (where 1/y is
-// below 2^−126: subnormal or 0): the first three instructions of CUDA's own rcp.rn.f32 — the
-// approximate reciprocal and one Newton step, r + r·(1 − y·r), which that routine takes for every
-// y of this range and which rounds correctly there (tests/gpu_mma.rs compares it with 1/y on the
-// hardware) — without its branch to the outlined slow path for the other exponents. That branch
+// below 2^−126: subnormal or 0): the fast path of CUDA's own rcp.rn.f32 — the approximate
+// reciprocal and one Newton step, r + r·(1 − y·r), which that routine takes for every y of this
+// range and which rounds correctly there (tests/gpu_mma.rs compares it with 1/y on the
+// hardware) — without its exponent test and branch to the outlined slow path. That branch
 // cut each element's epilogue into blocks of its own (a branch, a CALL and two convergence
 // barriers per sigmoid: the v4 forward's 16 sigmoids of a thread could not overlap their MUFU
 // latencies). NaN stays NaN (the comparison fails for it, the approximation passes it on).
