@@ -955,16 +955,21 @@ __device__ __forceinline__ void backward_v4(const float* __restrict__ params, fl
             float* gin_c = grad_in + (d.t_in == 1 ? 0 : ot) + sb;
             float* da_c = da + sb;
             // dv_{t+1} and ∂L/∂I's running sum are loaded whatever the step and selected away where
-            // it has none (their words are always inside their buffers): a load under the step's
-            // condition formed its address per element (the buffer's base reloaded from the
-            // kernel's parameters, a 64-bit add and shift: five instructions each), where an
-            // unconditional one takes its offset from the pixel row's pointer as an immediate
+            // it has none: a load under the step's condition formed its address per element (the
+            // buffer's base reloaded from the kernel's parameters, a 64-bit add and shift: five
+            // instructions each), where an unconditional one takes its offset from the pixel row's
+            // pointer as an immediate. Where the step has no running sum (with T_in = T, every
+            // step) the sum's load reads dv's word again, already on its way, rather than a word of
+            // grad_in that the store below overwrites (a device-memory read per element). The
+            // 64-accumulator tiles, which form every element's addresses anyway (no whole-tile
+            // path), keep the sum's load under the condition: the second pointer spilled there
             const bool has_dv_next = t != d.T - 1, has_gin = d.t_in == 1 && t != d.T - 1;
+            const float* gin_ld = has_gin ? gin_c : dv_c;
             auto load_rest = [&](const Owned& e, float ds) {
                 Saved x;
                 x.vt = v_c[e.o];
                 x.ds = ds;
-                const float dvn = dv_c[e.o], gin = gin_c[e.o];
+                const float dvn = dv_c[e.o], gin = WHOLE_TILES ? gin_ld[e.o] : (has_gin ? gin_c[e.o] : 0.0f);
                 x.dv_next = has_dv_next ? dvn : 0.0f;
                 x.gt = DIM_BACK ? g_c[e.o] : 1.0f;
                 x.in = DIM_BACK ? in_c[e.o] : 0.0f;
@@ -998,16 +1003,11 @@ __device__ __forceinline__ void backward_v4(const float* __restrict__ params, fl
                 dv_c[e.o] = dv;
                 const float gt = sv.gt;
                 const float dcur = dv * gt;
-                // (one store of a selected value where the epilogue takes the whole-tile path: two
-                // stores, one per case, each formed its own address, and the element branched
-                // between them; the 64-accumulator tiles keep the two, which spilled less)
-                if (WHOLE_TILES) {
-                    gin_c[e.o] = has_gin ? sv.gin + dcur : dcur;
-                } else if (d.t_in == 1) {
-                    gin_c[e.o] = t == d.T - 1 ? dcur : sv.gin + dcur;
-                } else {
-                    gin_c[e.o] = dcur;
-                }
+                // (one store of a selected value: two stores, one per case, each formed its own
+                // address, and the element branched between them; the 64-accumulator tiles branch
+                // on T_in first, where the select alone spilled in the span build)
+                if (WHOLE_TILES || d.t_in == 1) gin_c[e.o] = has_gin ? sv.gin + dcur : dcur;
+                else gin_c[e.o] = dcur;
                 if (DIM_BACK) {
                     const float a_grad = dv * sv.in * gt * (1.0f - gt);
                     da_c[e.o] = a_grad;

@@ -253,7 +253,7 @@ pub fn float_division_calls(k: &KernelSass) -> usize {
         .iter()
         .filter(|i| i.opcode.starts_with("CALL"))
         .filter_map(|i| i.target.as_deref())
-        .filter(|t| t.starts_with("$__internal_") && (t.contains("rcp_rn_f32") || t.contains("div_rn") || t.contains("fdiv")))
+        .filter(|t| t.starts_with("$__internal_") && (t.contains("rcp_rn_f32") || t.contains("div_rn")))
         .count()
 }
 
